@@ -8,7 +8,6 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 namespace sp {
 
@@ -46,8 +45,6 @@ std::string concat(const Args&... args) {
   throw Error(concat("check failed: ", cond, " at ", file, ":", line, ": ", msg));
 }
 }  // namespace detail
-
-std::string shape_str(const std::vector<long long>& dims);
 
 }  // namespace sp
 

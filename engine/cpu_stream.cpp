@@ -1,0 +1,205 @@
+// CPU emulation of streams and events (see stream.h for the semantics kept from CUDA).
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <exception>
+#include <mutex>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "engine/stream_impl.h"
+#include "kernels/common/error.h"
+
+namespace sp {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Shared by the event object and the closures that complete it, which may outlive it.
+struct CpuEventState {
+  std::mutex mu;
+  std::condition_variable cv;
+  uint64_t recorded = 0;          // generation of the most recent record() call
+  std::set<uint64_t> pending;     // generations recorded but not yet reached by their stream
+  Clock::time_point completed_at;  // time the most recent record completed
+
+  bool done(uint64_t gen) const { return gen == 0 || pending.count(gen) == 0; }
+};
+
+class CpuEvent final : public Event {
+ public:
+  explicit CpuEvent(bool timing) : timing_(timing), state_(std::make_shared<CpuEventState>()) {}
+  Device device() const override { return Device::cpu(); }
+  bool query() override {
+    std::lock_guard<std::mutex> lk(state_->mu);
+    return state_->done(state_->recorded);
+  }
+  void synchronize() override {
+    std::unique_lock<std::mutex> lk(state_->mu);
+    const uint64_t gen = state_->recorded;
+    state_->cv.wait(lk, [&] { return state_->done(gen); });
+  }
+  float elapsed_ms_since(Event& start) override {
+    auto* s = dynamic_cast<CpuEvent*>(&start);
+    SP_CHECK(s != nullptr, "elapsed_ms_since: events of different devices");
+    SP_CHECK(timing_ && s->timing_, "elapsed_ms_since: both events must be created with timing = true");
+    SP_CHECK(query() && s->query(), "elapsed_ms_since: both events must have completed");
+    Clock::time_point a, b;
+    {
+      std::lock_guard<std::mutex> lk(s->state_->mu);
+      a = s->state_->completed_at;
+    }
+    {
+      std::lock_guard<std::mutex> lk(state_->mu);
+      b = state_->completed_at;
+    }
+    return std::chrono::duration<float, std::milli>(b - a).count();
+  }
+  const std::shared_ptr<CpuEventState>& state() const { return state_; }
+
+ private:
+  bool timing_;
+  std::shared_ptr<CpuEventState> state_;
+};
+
+CpuEvent& as_cpu_event(Event& e) {
+  auto* ce = dynamic_cast<CpuEvent*>(&e);
+  SP_CHECK(ce != nullptr, "a CPU stream can only record or wait on CPU events, got an event of ",
+           e.device().str());
+  return *ce;
+}
+
+class CpuStream final : public Stream {
+ public:
+  explicit CpuStream(const StreamOptions& opt) : jitter_us_(opt.jitter_max_us), rng_(opt.seed) {
+    if (jitter_us_ == 0)
+      if (const char* env = std::getenv("STALEPROP_CPU_STREAM_JITTER_US")) jitter_us_ = std::max(0, std::atoi(env));
+    worker_ = std::thread([this] { loop(); });
+  }
+  ~CpuStream() override {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    worker_.join();  // like cudaStreamDestroy, pending work still completes
+  }
+
+  Device device() const override { return Device::cpu(); }
+
+  void enqueue_host(std::function<void()> fn) override {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      queue_.push_back(std::move(fn));
+      ++enqueued_;
+    }
+    cv_.notify_all();
+  }
+
+  void record(Event& event) override {
+    auto state = as_cpu_event(event).state();
+    uint64_t gen;
+    {
+      std::lock_guard<std::mutex> lk(state->mu);
+      gen = ++state->recorded;
+      state->pending.insert(gen);
+    }
+    enqueue_host([state, gen] {
+      {
+        std::lock_guard<std::mutex> lk(state->mu);
+        state->pending.erase(gen);
+        state->completed_at = Clock::now();
+      }
+      state->cv.notify_all();
+    });
+  }
+
+  void wait(Event& event) override {
+    auto state = as_cpu_event(event).state();
+    uint64_t gen;
+    {
+      std::lock_guard<std::mutex> lk(state->mu);
+      gen = state->recorded;  // the wait refers to the record made before this call
+    }
+    if (gen == 0) return;
+    enqueue_host([state, gen] {
+      std::unique_lock<std::mutex> lk(state->mu);
+      state->cv.wait(lk, [&] { return state->done(gen); });
+    });
+  }
+
+  void synchronize() override {
+    std::unique_lock<std::mutex> lk(mu_);
+    const uint64_t target = enqueued_;
+    idle_.wait(lk, [&] { return completed_ >= target; });
+    if (error_) {
+      std::exception_ptr e = error_;
+      error_ = nullptr;
+      std::rethrow_exception(e);
+    }
+  }
+
+  bool query() override {
+    std::lock_guard<std::mutex> lk(mu_);
+    return completed_ == enqueued_;
+  }
+
+ private:
+  void loop() {
+    for (;;) {
+      std::function<void()> fn;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;  // stop_ and drained
+        fn = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      if (jitter_us_ > 0)
+        std::this_thread::sleep_for(std::chrono::microseconds(
+            std::uniform_int_distribution<int>(0, jitter_us_)(rng_)));
+      std::exception_ptr err;
+      try {
+        fn();
+      } catch (...) {
+        err = std::current_exception();
+      }
+      fn = nullptr;  // release captured tensors before reporting completion
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        if (err && !error_) error_ = err;
+        ++completed_;
+      }
+      idle_.notify_all();
+    }
+  }
+
+  int jitter_us_;
+  std::mt19937_64 rng_;  // used only by the worker thread
+  std::mutex mu_;
+  std::condition_variable cv_, idle_;
+  std::deque<std::function<void()>> queue_;
+  uint64_t enqueued_ = 0, completed_ = 0;
+  std::exception_ptr error_;
+  bool stop_ = false;
+  std::thread worker_;
+};
+
+}  // namespace
+
+std::unique_ptr<Stream> make_cpu_stream(const StreamOptions& options) { return std::make_unique<CpuStream>(options); }
+std::unique_ptr<Event> make_cpu_event(bool timing) { return std::make_unique<CpuEvent>(timing); }
+
+std::unique_ptr<Stream> make_stream(Device device, const StreamOptions& options) {
+  if (device.is_cpu()) return make_cpu_stream(options);
+  return make_cuda_stream(device);
+}
+
+std::unique_ptr<Event> make_event(Device device, bool timing) {
+  if (device.is_cpu()) return make_cpu_event(timing);
+  return make_cuda_event(device, timing);
+}
+
+}  // namespace sp

@@ -1,0 +1,57 @@
+#include "engine/device.h"
+
+#include "kernels/common/error.h"
+
+#if STALEPROP_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace sp {
+
+std::string Device::str() const { return is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(index); }
+
+Device Device::parse(const std::string& s) {
+  if (s == "cpu") return cpu();
+  if (s == "cuda") return cuda(0);
+  if (s.rfind("cuda:", 0) == 0 && s.size() > 5 && s.find_first_not_of("0123456789", 5) == std::string::npos)
+    return cuda(std::stoi(s.substr(5)));
+  throw Error("unknown device '" + s + "' (expected cpu, cuda or cuda:N)");
+}
+
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::BF16: return 2;
+    case DType::U8: return 1;
+    case DType::I32: return 4;
+  }
+  return 0;
+}
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "f32";
+    case DType::BF16: return "bf16";
+    case DType::U8: return "u8";
+    case DType::I32: return "i32";
+  }
+  return "?";
+}
+
+bool cuda_built() { return STALEPROP_WITH_CUDA != 0; }
+
+int cuda_device_count() {
+#if STALEPROP_WITH_CUDA
+  int n = 0;
+  // No driver or no device is a normal answer here ("no GPU"), not an error.
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+#else
+  return 0;
+#endif
+}
+
+}  // namespace sp

@@ -1,0 +1,89 @@
+// The op contract at the tensor level: every op of the engine, as a function over tensors and
+// a stream, dispatched by device.
+//
+//   CPU tensors  -> kernels/cpu (fp32), enqueued on the CPU stream (runs asynchronously;
+//                   call stream.synchronize() before reading results on the host)
+//   CUDA tensors -> kernels/cuda on the stream's cudaStream_t (ops without a CUDA kernel in
+//                   this build throw sp::NotSupportedError)
+//
+// Every op checks that its tensors live on the stream's device, have the expected dtype and
+// mutually consistent shapes, and throws sp::ShapeError naming the shapes involved otherwise.
+// Optional tensor arguments are passed as an undefined Tensor().
+// Shapes: activations NHWC [N, H, W, C]; conv weights KRSC [K, R, S, C]; linear weight
+// [out, in]; batch-norm parameters [C]; labels i32 [N].
+#pragma once
+
+#include <vector>
+
+#include "engine/stream.h"
+#include "engine/tensor.h"
+#include "kernels/common/shapes.h"
+
+namespace sp::ops {
+
+using kernels::SgdParams;
+
+// C = alpha * op(A) * op(B) + beta * C for 2-D tensors (row-major).
+void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b, float beta,
+          const Tensor& c);
+
+// ---- Convolution ---------------------------------------------------------------------------
+void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, int stride,
+                    int pad);
+void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Tensor& dx, int stride, int pad);
+void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dw, const Tensor& dbias,
+                            int stride, int pad);
+// The output shape [N, P, Q, K] of a convolution of x by w.
+Shape conv2d_output_shape(const Shape& x, const Shape& w, int stride, int pad);
+
+// ---- Batch normalisation (NHWC; statistics over N, H, W) --------------------------------------
+void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
+                                const Tensor& running_mean, const Tensor& running_var, const Tensor& y,
+                                const Tensor& save_mean, const Tensor& save_invstd, float eps, float momentum);
+void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
+                                 const Tensor& running_mean, const Tensor& running_var, const Tensor& y, float eps);
+void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& save_mean,
+                        const Tensor& save_invstd, const Tensor& dx, const Tensor& dgamma, const Tensor& dbeta);
+
+// ---- Elementwise ---------------------------------------------------------------------------
+void relu_forward(Stream& s, const Tensor& x, const Tensor& y);
+void relu_backward(Stream& s, const Tensor& y, const Tensor& dy, const Tensor& dx);
+void add(Stream& s, const Tensor& a, const Tensor& b, const Tensor& y);
+void scale(Stream& s, float alpha, const Tensor& x, const Tensor& y);
+void fill(Stream& s, const Tensor& t, float value);  // f32 tensors
+// Copies between any two devices (same dtype, same element count); a copy that involves a
+// CUDA tensor must be issued on a CUDA stream.
+void copy(Stream& s, const Tensor& src, const Tensor& dst);
+// f32 <-> bf16 (round to nearest even)
+void cast(Stream& s, const Tensor& src, const Tensor& dst);
+
+// ---- Option-A shortcut: x [N,H,W,Cin] -> y [N,ceil(H/stride),ceil(W/stride),Cout] ----------
+void shortcut_a_forward(Stream& s, const Tensor& x, const Tensor& y, int stride);
+void shortcut_a_backward(Stream& s, const Tensor& dy, const Tensor& dx, int stride);
+
+// ---- Pooling -------------------------------------------------------------------------------
+void maxpool2d_forward(Stream& s, const Tensor& x, const Tensor& y, int window, int stride, int pad);
+void maxpool2d_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dx, int window, int stride,
+                        int pad);
+// x [N,H,W,C] -> y [N,C]
+void global_avgpool_forward(Stream& s, const Tensor& x, const Tensor& y);
+void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx);
+
+// ---- Linear --------------------------------------------------------------------------------
+void linear_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y);
+void linear_backward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor& dx,
+                     const Tensor& dw, const Tensor& db);
+
+// ---- Loss ----------------------------------------------------------------------------------
+// logits f32 [N, classes], labels i32 [N] -> loss f32 [1] (batch mean), dlogits f32 [N, classes]
+// (gradient of the mean loss), correct i32 [1] (top-1 hits).
+void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels, float smoothing, const Tensor& loss,
+                           const Tensor& dlogits, const Tensor& correct);
+
+// ---- Optimiser -----------------------------------------------------------------------------
+// One launch updates every (param, grad, momentum) triple; momentum tensors may be undefined
+// when p.momentum == 0.
+void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
+              const std::vector<Tensor>& momenta, const SgdParams& p);
+
+}  // namespace sp::ops

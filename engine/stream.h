@@ -1,0 +1,79 @@
+// Streams and events: one API, two implementations.
+//
+//   CUDA:  a cudaStream_t / cudaEvent_t.
+//   CPU:   a stream is a worker thread running its FIFO of closures in order; an event keeps
+//          CUDA's meaning: record() captures "all work enqueued on this stream so far",
+//          wait() makes a stream block (in stream order, not on the host) until the most recent
+//          record made before the wait() call has completed; waiting on a never-recorded event
+//          is a no-op; query()/synchronize() look at the most recent record.
+//
+// Everything above the runtime (scheduler, trainer) uses only this API, so the code that
+// drives the GPU is the code tested on the CPU. CPU streams can inject random delays before
+// each closure (StreamOptions::jitter_max_us, or $STALEPROP_CPU_STREAM_JITTER_US) so that a
+// missing wait shows up as a wrong result in tests rather than as a rare race on a GPU.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "engine/device.h"
+
+namespace sp {
+
+class Event;
+
+struct StreamOptions {
+  int jitter_max_us = 0;  // CPU only: sleep a random 0..jitter_max_us before each closure
+  uint64_t seed = 0;      // CPU only: seed of the jitter generator
+};
+
+class Stream {
+ public:
+  virtual ~Stream() = default;
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+
+  virtual Device device() const = 0;
+  // Runs fn on the host after all work enqueued before it (CPU: on the worker thread; CUDA:
+  // cudaLaunchHostFunc, so fn must not call CUDA). CPU kernels are dispatched this way.
+  virtual void enqueue_host(std::function<void()> fn) = 0;
+  virtual void record(Event& event) = 0;
+  virtual void wait(Event& event) = 0;
+  // Blocks the calling thread until all enqueued work is done. On the CPU an exception thrown
+  // by an enqueued closure is rethrown here (the first one, once).
+  virtual void synchronize() = 0;
+  // True when all enqueued work is done.
+  virtual bool query() = 0;
+  // The cudaStream_t for CUDA streams, nullptr for CPU streams.
+  virtual void* native_handle() const { return nullptr; }
+
+ protected:
+  Stream() = default;
+};
+
+class Event {
+ public:
+  virtual ~Event() = default;
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+
+  virtual Device device() const = 0;
+  // True when the most recent record has completed (or the event was never recorded).
+  virtual bool query() = 0;
+  // Blocks the calling thread until the most recent record has completed.
+  virtual void synchronize() = 0;
+  // Milliseconds from `start`'s completion to this event's completion; both must be timing
+  // events of the same device whose most recent records have completed.
+  virtual float elapsed_ms_since(Event& start) = 0;
+  virtual void* native_handle() const { return nullptr; }
+
+ protected:
+  Event() = default;
+};
+
+std::unique_ptr<Stream> make_stream(Device device, const StreamOptions& options = {});
+// timing == false is cheaper on CUDA (cudaEventDisableTiming); elapsed_ms_since needs true.
+std::unique_ptr<Event> make_event(Device device, bool timing = false);
+
+}  // namespace sp

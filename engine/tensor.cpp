@@ -1,0 +1,102 @@
+#include "engine/tensor.h"
+
+#include "engine/allocator.h"
+#include "kernels/common/error.h"
+
+namespace sp {
+
+struct Tensor::Storage {
+  void* data = nullptr;
+  size_t bytes = 0;
+  CachingAllocator* allocator = nullptr;  // null: caller-owned memory (from_blob)
+  ~Storage() {
+    if (allocator) allocator->deallocate(data);
+  }
+};
+
+std::string shape_str(const Shape& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+int64_t shape_numel(const Shape& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+namespace {
+void check_shape(const Shape& shape) {
+  for (int64_t d : shape) SP_CHECK(d >= 0, "negative dimension in shape ", shape_str(shape));
+}
+}  // namespace
+
+Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, const Stream* stream) {
+  check_shape(shape);
+  Tensor t;
+  t.storage_ = std::make_shared<Storage>();
+  t.storage_->bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
+  t.storage_->allocator = &device_allocator(device);
+  t.storage_->data = t.storage_->allocator->allocate(t.storage_->bytes, stream);
+  t.shape_ = shape;
+  t.dtype_ = dtype;
+  t.device_ = device;
+  return t;
+}
+
+Tensor Tensor::from_blob(void* data, const Shape& shape, DType dtype, Device device) {
+  check_shape(shape);
+  SP_CHECK(data != nullptr || shape_numel(shape) == 0, "from_blob: null data for shape ", shape_str(shape));
+  Tensor t;
+  t.storage_ = std::make_shared<Storage>();
+  t.storage_->data = data;
+  t.storage_->bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
+  t.shape_ = shape;
+  t.dtype_ = dtype;
+  t.device_ = device;
+  return t;
+}
+
+int64_t Tensor::size(int64_t i) const {
+  const int64_t d = dim();
+  if (i < 0) i += d;
+  SP_CHECK(i >= 0 && i < d, "dimension ", i, " out of range for ", str());
+  return shape_[size_t(i)];
+}
+
+bool Tensor::owns_memory() const { return storage_ && storage_->allocator != nullptr; }
+
+void* Tensor::raw_data() const {
+  SP_CHECK(defined(), "access to an undefined tensor");
+  return static_cast<char*>(storage_->data) + offset_;
+}
+
+void Tensor::check_dtype(DType expected) const {
+  if (dtype_ != expected)
+    throw ShapeError(detail::concat("tensor ", str(), " accessed as ", dtype_name(expected)));
+}
+
+Tensor Tensor::view(const Shape& shape) const {
+  check_shape(shape);
+  SP_SHAPE_CHECK(shape_numel(shape) == numel(), "view: cannot view ", str(), " as ", shape_str(shape));
+  Tensor t = *this;
+  t.shape_ = shape;
+  return t;
+}
+
+Tensor Tensor::slice(int64_t start, int64_t length) const {
+  SP_SHAPE_CHECK(dim() >= 1 && start >= 0 && length >= 0 && start + length <= shape_[0], "slice [", start, ", ",
+                 start + length, ") out of range for ", str());
+  Tensor t = *this;
+  t.shape_[0] = length;
+  t.offset_ += size_t(start) * (shape_[0] ? nbytes() / size_t(shape_[0]) : 0);
+  return t;
+}
+
+std::string Tensor::str() const {
+  if (!defined()) return "undefined tensor";
+  return detail::concat(dtype_name(dtype_), shape_str(shape_), " on ", device_.str());
+}
+
+}  // namespace sp

@@ -1,0 +1,143 @@
+// Cache-blocked GEMM (Goto/BLIS structure) for the CPU reference.
+//
+//   for each K block (kGemmKc deep):            partial sums of at most kGemmKc terms
+//     for each N panel (kNc wide):  pack B      lives in L2/L3, shared by all threads
+//       tasks = M blocks (kMc) x N sub-panels:  each task packs its own A block (L2)
+//         micro-tiles kMr x kNr                 registers
+// Tasks partition C, so every output element is written by one thread in a fixed order:
+// the result does not depend on the number of threads.
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <vector>
+
+#include "kernels/cpu/gemm_micro.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cpu/parallel.h"
+
+namespace sp::kernels::cpu {
+namespace {
+
+using gemm_detail::MicroKernel;
+using gemm_detail::MicroTile;
+
+constexpr int64_t kMc = 96;    // rows of A per packed block (multiple of kMr)
+constexpr int64_t kNc = 1024;  // columns of B per packed panel (multiple of kNr)
+
+template <typename T>
+MicroKernel<T> select_micro_kernel() {
+#if defined(STALEPROP_X86_DISPATCH)
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return static_cast<MicroKernel<T>>(&gemm_detail::avx2::micro_kernel);
+#endif
+  return static_cast<MicroKernel<T>>(&gemm_detail::generic::micro_kernel);
+}
+
+// 64-byte aligned scratch that grows as needed; one per thread so tasks never share it.
+template <typename T>
+T* scratch(std::vector<T, std::allocator<T>>& buf, size_t n) {
+  if (buf.size() < n + 64 / sizeof(T)) buf.resize(n + 64 / sizeof(T));
+  auto addr = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<T*>((addr + 63) & ~uintptr_t(63));
+}
+
+template <typename T>
+void pack_a(bool trans, const T* a, int64_t lda, int64_t i0, int64_t mc, int64_t p0, int64_t kc, T* ap) {
+  constexpr int MR = MicroTile<T>::kMr;
+  for (int64_t is = 0; is < mc; is += MR) {
+    const int64_t rows = std::min<int64_t>(MR, mc - is);
+    T* dst = ap + is * kc;
+    for (int64_t k = 0; k < kc; ++k) {
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = i0 + is + i, col = p0 + k;
+        dst[k * MR + i] = trans ? a[col * lda + r] : a[r * lda + col];
+      }
+      for (int64_t i = rows; i < MR; ++i) dst[k * MR + i] = T(0);
+    }
+  }
+}
+
+template <typename T>
+void pack_b_strip(bool trans, const T* b, int64_t ldb, int64_t p0, int64_t kc, int64_t j0, int64_t cols, T* bp) {
+  constexpr int NR = MicroTile<T>::kNr;
+  for (int64_t k = 0; k < kc; ++k) {
+    T* dst = bp + k * NR;
+    const int64_t row = p0 + k;
+    if (!trans) {
+      const T* src = b + row * ldb + j0;
+      for (int64_t j = 0; j < cols; ++j) dst[j] = src[j];
+    } else {
+      for (int64_t j = 0; j < cols; ++j) dst[j] = b[(j0 + j) * ldb + row];
+    }
+    for (int64_t j = cols; j < NR; ++j) dst[j] = T(0);
+  }
+}
+
+template <typename T>
+void scale_c(int64_t m, int64_t n, T beta, T* c, int64_t ldc) {
+  parallel_for(m, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      T* row = c + i * ldc;
+      if (beta == T(0))
+        std::fill(row, row + n, T(0));  // beta == 0 must not propagate NaN from C
+      else
+        for (int64_t j = 0; j < n; ++j) row[j] *= beta;
+    }
+  });
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (beta != T(1)) scale_c(m, n, beta, c, ldc);
+  if (k <= 0 || alpha == T(0)) return;
+
+  constexpr int MR = MicroTile<T>::kMr, NR = MicroTile<T>::kNr;
+  static const MicroKernel<T> micro = select_micro_kernel<T>();
+  static thread_local std::vector<T> a_buf;
+  std::vector<T> b_buf;
+
+  const int64_t m_blocks = (m + kMc - 1) / kMc;
+  for (int64_t p0 = 0; p0 < k; p0 += kGemmKc) {
+    const int64_t kc = std::min(kGemmKc, k - p0);
+    for (int64_t j0 = 0; j0 < n; j0 += kNc) {
+      const int64_t nc = std::min(kNc, n - j0);
+      const int64_t strips = (nc + NR - 1) / NR;
+      T* bp = scratch(b_buf, size_t(strips * NR * kc));
+      parallel_for(strips, 4, [&](int64_t sb, int64_t se) {
+        for (int64_t s = sb; s < se; ++s)
+          pack_b_strip(trans_b, b, ldb, p0, kc, j0 + s * NR, std::min<int64_t>(NR, nc - s * NR), bp + s * NR * kc);
+      });
+      // Split the N panel too when there are too few M blocks to keep every thread busy.
+      const int64_t want = 2 * int64_t(num_threads());
+      const int64_t n_split = m_blocks >= want ? 1 : std::min(strips, (want + m_blocks - 1) / m_blocks);
+      const int64_t strips_per_task = (strips + n_split - 1) / n_split;
+      parallel_for(m_blocks * n_split, 1, [&](int64_t tb, int64_t te) {
+        for (int64_t t = tb; t < te; ++t) {
+          const int64_t ib = t / n_split, sb = (t % n_split) * strips_per_task;
+          const int64_t se = std::min(strips, sb + strips_per_task);
+          const int64_t i0 = ib * kMc, mc = std::min(kMc, m - i0);
+          T* ap = scratch(a_buf, size_t(((mc + MR - 1) / MR) * MR * kc));
+          pack_a(trans_a, a, lda, i0, mc, p0, kc, ap);
+          for (int64_t s = sb; s < se; ++s) {
+            const int64_t jj = j0 + s * NR;
+            const int nr = int(std::min<int64_t>(NR, n - jj));
+            for (int64_t is = 0; is < mc; is += MR)
+              micro(kc, ap + is * kc, bp + s * NR * kc, c + (i0 + is) * ldc + jj, ldc, alpha,
+                    int(std::min<int64_t>(MR, mc - is)), nr);
+          }
+        }
+      });
+    }
+  }
+}
+
+template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,
+                          float, float*, int64_t);
+template void gemm<double>(bool, bool, int64_t, int64_t, int64_t, double, const double*, int64_t, const double*,
+                           int64_t, double, double*, int64_t);
+
+}  // namespace sp::kernels::cpu

@@ -1,0 +1,205 @@
+// The CPU emulation of streams and events: in-order execution, CUDA's record/wait meaning,
+// query/synchronize, error propagation, and a double-buffered producer/consumer pipeline like
+// the scheduler's queues, with random delays injected into the workers.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <future>
+#include <thread>
+#include <vector>
+
+#include "engine/stream.h"
+#include "kernels/common/error.h"
+
+using namespace sp;
+using namespace std::chrono_literals;
+
+namespace {
+
+StreamOptions jitter(int us, uint64_t seed) {
+  StreamOptions o;
+  o.jitter_max_us = us;
+  o.seed = seed;
+  return o;
+}
+
+class CpuStreams : public ::testing::TestWithParam<int> {};  // parameter: jitter in microseconds
+
+TEST_P(CpuStreams, RunsClosuresInEnqueueOrder) {
+  auto s = make_stream(Device::cpu(), jitter(GetParam(), 1));
+  std::vector<int> seen;
+  for (int i = 0; i < 300; ++i) s->enqueue_host([&seen, i] { seen.push_back(i); });
+  s->synchronize();
+  ASSERT_EQ(seen.size(), 300u);
+  for (int i = 0; i < 300; ++i) EXPECT_EQ(seen[size_t(i)], i);
+}
+
+TEST_P(CpuStreams, WaitOrdersWorkAcrossStreams) {
+  auto a = make_stream(Device::cpu(), jitter(GetParam(), 2));
+  auto b = make_stream(Device::cpu(), jitter(GetParam(), 3));
+  auto ev = make_event(Device::cpu());
+  for (int round = 0; round < 50; ++round) {
+    int value = 0, observed = -1;
+    a->enqueue_host([&] {
+      std::this_thread::sleep_for(200us);
+      value = round + 1;
+    });
+    a->record(*ev);
+    b->wait(*ev);
+    b->enqueue_host([&] { observed = value; });
+    b->synchronize();
+    EXPECT_EQ(observed, round + 1);
+    a->synchronize();
+  }
+}
+
+TEST(CpuStreamEvents, WaitOnNeverRecordedEventIsNoOp) {
+  auto s = make_stream(Device::cpu());
+  auto ev = make_event(Device::cpu());
+  EXPECT_TRUE(ev->query());
+  bool ran = false;
+  s->wait(*ev);
+  s->enqueue_host([&] { ran = true; });
+  s->synchronize();
+  EXPECT_TRUE(ran);
+  ev->synchronize();  // returns at once
+}
+
+TEST(CpuStreamEvents, WaitRefersToTheRecordBeforeTheWaitCall) {
+  auto a = make_stream(Device::cpu());
+  auto b = make_stream(Device::cpu());
+  auto ev = make_event(Device::cpu());
+  std::promise<void> gate;
+  std::shared_future<void> opened = gate.get_future().share();
+  std::atomic<int> x{0};
+  a->enqueue_host([&] { x = 1; });
+  a->record(*ev);                                  // record #1: completes soon
+  b->wait(*ev);                                    // refers to record #1
+  b->enqueue_host([&] { EXPECT_EQ(x.load(), 1); });
+  a->enqueue_host([opened] { opened.wait(); });   // a blocks until the gate opens
+  a->record(*ev);                                  // record #2: pending until then
+  b->synchronize();                                // must not depend on record #2
+  EXPECT_FALSE(ev->query());                       // query looks at record #2
+  EXPECT_FALSE(a->query());
+  gate.set_value();
+  ev->synchronize();
+  EXPECT_TRUE(ev->query());
+  a->synchronize();
+  EXPECT_TRUE(a->query());
+}
+
+TEST(CpuStreamEvents, QueryAndSynchronizeFollowTheWork) {
+  auto s = make_stream(Device::cpu());
+  auto ev = make_event(Device::cpu());
+  std::promise<void> gate;
+  std::shared_future<void> opened = gate.get_future().share();
+  s->enqueue_host([opened] { opened.wait(); });
+  s->record(*ev);
+  EXPECT_FALSE(s->query());
+  EXPECT_FALSE(ev->query());
+  gate.set_value();
+  ev->synchronize();
+  EXPECT_TRUE(ev->query());
+  s->synchronize();
+  EXPECT_TRUE(s->query());
+}
+
+TEST(CpuStreamEvents, SynchronizeRethrowsTheFirstErrorOnce) {
+  auto s = make_stream(Device::cpu());
+  bool later_ran = false;
+  s->enqueue_host([] { throw std::runtime_error("first"); });
+  s->enqueue_host([] { throw std::runtime_error("second"); });
+  s->enqueue_host([&] { later_ran = true; });
+  try {
+    s->synchronize();
+    FAIL() << "synchronize did not rethrow";
+  } catch (const std::runtime_error& e) {
+    EXPECT_STREQ(e.what(), "first");
+  }
+  EXPECT_TRUE(later_ran);
+  EXPECT_NO_THROW(s->synchronize());
+}
+
+TEST(CpuStreamEvents, TimingEventsMeasureElapsedTime) {
+  auto s = make_stream(Device::cpu());
+  auto start = make_event(Device::cpu(), true), stop = make_event(Device::cpu(), true);
+  s->record(*start);
+  s->enqueue_host([] { std::this_thread::sleep_for(20ms); });
+  s->record(*stop);
+  s->synchronize();
+  const float ms = stop->elapsed_ms_since(*start);
+  EXPECT_GE(ms, 19.0f);
+  EXPECT_LT(ms, 2000.0f);
+  auto untimed = make_event(Device::cpu());
+  s->record(*untimed);
+  s->synchronize();
+  EXPECT_THROW(untimed->elapsed_ms_since(*start), Error);
+}
+
+TEST(CpuStreamEvents, DestructionDrainsPendingWork) {
+  std::atomic<int> done{0};
+  {
+    auto s = make_stream(Device::cpu());
+    for (int i = 0; i < 20; ++i)
+      s->enqueue_host([&] {
+        std::this_thread::sleep_for(100us);
+        ++done;
+      });
+  }
+  EXPECT_EQ(done.load(), 20);
+}
+
+TEST(CpuStreamEvents, CpuStreamRejectsForeignEvents) {
+  // An event of another implementation cannot be waited on by a CPU stream.
+  class FakeEvent final : public Event {
+   public:
+    Device device() const override { return Device::cuda(0); }
+    bool query() override { return true; }
+    void synchronize() override {}
+    float elapsed_ms_since(Event&) override { return 0; }
+  } fake;
+  auto s = make_stream(Device::cpu());
+  EXPECT_THROW(s->wait(fake), Error);
+  EXPECT_THROW(s->record(fake), Error);
+}
+
+// The scheduler's queue pattern: a double-buffered slot array between a producer and a
+// consumer stream, each slot with a ready event (recorded by the producer) and a free event
+// (recorded by the consumer). With the waits in place every tick's value arrives intact even
+// with random delays on both workers.
+TEST_P(CpuStreams, DoubleBufferedQueueDeliversEveryTickIntact) {
+  auto producer = make_stream(Device::cpu(), jitter(GetParam(), 11));
+  auto consumer = make_stream(Device::cpu(), jitter(GetParam(), 12));
+  constexpr int kTicks = 200, kWidth = 64;
+  std::vector<int> slots[2] = {std::vector<int>(kWidth), std::vector<int>(kWidth)};
+  std::unique_ptr<Event> ready[2] = {make_event(Device::cpu()), make_event(Device::cpu())};
+  std::unique_ptr<Event> freed[2] = {make_event(Device::cpu()), make_event(Device::cpu())};
+  std::vector<int> received;
+  int torn = 0;
+  for (int t = 0; t < kTicks; ++t) {
+    const int slot = t % 2;
+    producer->wait(*freed[slot]);
+    producer->enqueue_host([&, t, slot] {
+      for (int i = 0; i < kWidth; ++i) slots[slot][size_t(i)] = t;
+    });
+    producer->record(*ready[slot]);
+    consumer->wait(*ready[slot]);
+    consumer->enqueue_host([&, slot] {
+      const int first = slots[slot][0];
+      for (int i = 0; i < kWidth; ++i) torn += slots[slot][size_t(i)] != first;
+      received.push_back(first);
+    });
+    consumer->record(*freed[slot]);
+  }
+  consumer->synchronize();
+  producer->synchronize();
+  EXPECT_EQ(torn, 0);
+  ASSERT_EQ(received.size(), size_t(kTicks));
+  for (int t = 0; t < kTicks; ++t) EXPECT_EQ(received[size_t(t)], t);
+}
+
+INSTANTIATE_TEST_SUITE_P(Jitter, CpuStreams, ::testing::Values(0, 50, 300),
+                         [](const auto& info) { return "jitter" + std::to_string(info.param) + "us"; });
+
+}  // namespace

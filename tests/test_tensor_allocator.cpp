@@ -1,0 +1,212 @@
+// Tensors (owning and view forms) and the caching allocator.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <map>
+
+#include "engine/allocator.h"
+#include "engine/stream.h"
+#include "engine/tensor.h"
+#include "kernels/common/error.h"
+
+using namespace sp;
+
+namespace {
+
+// A backend that counts calls and can be given a capacity, to observe the cache.
+struct CountingBackend {
+  size_t capacity = SIZE_MAX, in_use = 0;
+  std::map<void*, size_t> live;
+  CachingAllocator make() {
+    return CachingAllocator(
+        "test allocator",
+        [this](size_t n) -> void* {
+          if (in_use + n > capacity) return nullptr;
+          in_use += n;
+          void* p = std::malloc(n);
+          live[p] = n;
+          return p;
+        },
+        [this](void* p) {
+          in_use -= live.at(p);
+          live.erase(p);
+          std::free(p);
+        });
+  }
+};
+
+TEST(CachingAllocator, RoundsToSizeClasses) {
+  EXPECT_EQ(CachingAllocator::round_size(0), 512u);
+  EXPECT_EQ(CachingAllocator::round_size(1), 512u);
+  EXPECT_EQ(CachingAllocator::round_size(512), 512u);
+  EXPECT_EQ(CachingAllocator::round_size(513), 1024u);
+  EXPECT_EQ(CachingAllocator::round_size(1 << 20), size_t(1) << 20);
+  // Above 1 MiB: steps of 1/8 of the enclosing power of two.
+  EXPECT_EQ(CachingAllocator::round_size((1 << 20) + 1), (size_t(1) << 20) + (size_t(1) << 17));
+  for (size_t n : {size_t(3), size_t(4097), size_t(5 << 20), size_t(123456789)}) {
+    const size_t r = CachingAllocator::round_size(n);
+    EXPECT_GE(r, n);
+    EXPECT_LE(r, n + n / 4 + 512);
+  }
+}
+
+TEST(CachingAllocator, SteadyStateMakesNoBackendCalls) {
+  CountingBackend backend;
+  auto alloc = backend.make();
+  const size_t sizes[] = {1000, 4096, 300000, 3 << 20, 1000};
+  for (int step = 0; step < 5; ++step) {
+    std::vector<void*> ptrs;
+    for (size_t s : sizes) ptrs.push_back(alloc.allocate(s));
+    for (void* p : ptrs) alloc.deallocate(p);
+    if (step == 0) EXPECT_EQ(alloc.stats().backend_allocs, 5u);
+  }
+  const AllocatorStats st = alloc.stats();
+  EXPECT_EQ(st.backend_allocs, 5u) << "warm-up allocations must be reused";
+  EXPECT_EQ(st.allocs, 25u);
+  EXPECT_EQ(st.allocated_bytes, 0u);
+  EXPECT_GE(st.peak_allocated_bytes, 1000u + 4096 + 300000 + (3 << 20) + 1000);
+  EXPECT_EQ(st.reserved_bytes, st.peak_reserved_bytes);
+  alloc.empty_cache();
+  EXPECT_EQ(alloc.stats().reserved_bytes, 0u);
+  EXPECT_TRUE(backend.live.empty());
+}
+
+TEST(CachingAllocator, BlocksAreReusedOnlyUnderTheirStreamKey) {
+  CountingBackend backend;
+  auto alloc = backend.make();
+  int stream_a = 0, stream_b = 0;
+  void* p = alloc.allocate(4096, &stream_a);
+  alloc.deallocate(p);
+  void* q = alloc.allocate(4096, &stream_b);
+  EXPECT_NE(p, q) << "a block freed on stream A must not go to stream B";
+  void* r = alloc.allocate(4096, &stream_a);
+  EXPECT_EQ(p, r);
+  alloc.deallocate(q);
+  alloc.deallocate(r);
+  EXPECT_EQ(alloc.stats().backend_allocs, 2u);
+}
+
+TEST(CachingAllocator, PeakTracksHighWaterMarkAndResets) {
+  CountingBackend backend;
+  auto alloc = backend.make();
+  void* a = alloc.allocate(512 * 10);
+  void* b = alloc.allocate(512 * 20);
+  alloc.deallocate(a);
+  EXPECT_EQ(alloc.stats().allocated_bytes, 512u * 20);
+  EXPECT_EQ(alloc.stats().peak_allocated_bytes, 512u * 30);
+  alloc.reset_peak();
+  EXPECT_EQ(alloc.stats().peak_allocated_bytes, 512u * 20);
+  alloc.deallocate(b);
+}
+
+TEST(CachingAllocator, OutOfMemoryFreesTheCacheThenThrows) {
+  CountingBackend backend;
+  backend.capacity = 3 << 20;
+  auto alloc = backend.make();
+  void* big = alloc.allocate(2 << 20);
+  alloc.deallocate(big);  // cached, still held from the backend
+  // 2 MiB more does not fit beside the cached block, but fits once the cache is returned.
+  void* other = alloc.allocate((2 << 20) + 4096);
+  EXPECT_NE(other, nullptr);
+  EXPECT_EQ(alloc.stats().backend_frees, 1u);
+  try {
+    alloc.allocate(8 << 20);
+    FAIL() << "expected an out-of-memory error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("out of memory"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("test allocator"), std::string::npos) << e.what();
+  }
+  alloc.deallocate(other);
+}
+
+TEST(CachingAllocator, RejectsForeignPointers) {
+  CountingBackend backend;
+  auto alloc = backend.make();
+  int x;
+  EXPECT_THROW(alloc.deallocate(&x), Error);
+}
+
+TEST(Tensor, OwningTensorsComeFromTheDeviceAllocator) {
+  auto& alloc = device_allocator(Device::cpu());
+  const size_t before = alloc.stats().allocated_bytes;
+  {
+    Tensor t = Tensor::empty({2, 3, 4, 5}, DType::F32);
+    EXPECT_TRUE(t.owns_memory());
+    EXPECT_EQ(t.numel(), 120);
+    EXPECT_EQ(t.nbytes(), 480u);
+    EXPECT_EQ(t.dim(), 4);
+    EXPECT_EQ(t.size(-1), 5);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(t.raw_data()) % 64, 0u);
+    EXPECT_GT(alloc.stats().allocated_bytes, before);
+    Tensor copy = t;  // shallow: storage shared
+    EXPECT_EQ(copy.raw_data(), t.raw_data());
+  }
+  EXPECT_EQ(alloc.stats().allocated_bytes, before) << "storage returns when the last reference goes";
+}
+
+TEST(Tensor, ViewsShareStorage) {
+  Tensor t = Tensor::empty({4, 6}, DType::F32);
+  for (int i = 0; i < 24; ++i) t.at<float>(i) = float(i);
+  Tensor v = t.view({2, 12});
+  EXPECT_EQ(v.raw_data(), t.raw_data());
+  EXPECT_EQ(v.at<float>(13), 13.f);
+  Tensor rows = t.slice(1, 2);
+  EXPECT_EQ(rows.shape(), (Shape{2, 6}));
+  EXPECT_EQ(rows.at<float>(0), 6.f);
+  rows.at<float>(0) = -1.f;
+  EXPECT_EQ(t.at<float>(6), -1.f);
+  Tensor tail = rows.slice(1, 1);
+  EXPECT_EQ(tail.at<float>(0), 12.f);
+}
+
+TEST(Tensor, FromBlobWrapsCallerMemoryWithoutOwningIt) {
+  std::vector<int32_t> mem(10, 7);
+  Tensor t = Tensor::from_blob(mem.data(), {10}, DType::I32);
+  EXPECT_FALSE(t.owns_memory());
+  EXPECT_EQ(t.data<int32_t>(), mem.data());
+  t.at<int32_t>(3) = 9;
+  EXPECT_EQ(mem[3], 9);
+}
+
+TEST(Tensor, MisuseThrowsWithShapesInTheMessage) {
+  Tensor t = Tensor::empty({3, 5}, DType::F32);
+  try {
+    t.view({4, 4});
+    FAIL();
+  } catch (const ShapeError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("[3, 5]"), std::string::npos) << m;
+    EXPECT_NE(m.find("[4, 4]"), std::string::npos) << m;
+  }
+  EXPECT_THROW(t.data<int32_t>(), ShapeError);
+  EXPECT_THROW(t.slice(2, 2), ShapeError);
+  EXPECT_THROW(t.size(2), Error);
+  EXPECT_THROW(Tensor::empty({-1}, DType::F32), Error);
+  EXPECT_THROW(Tensor().raw_data(), Error);
+}
+
+TEST(Tensor, DtypesAndDevices) {
+  EXPECT_EQ(dtype_size(DType::F32), 4u);
+  EXPECT_EQ(dtype_size(DType::BF16), 2u);
+  EXPECT_EQ(dtype_size(DType::U8), 1u);
+  EXPECT_EQ(dtype_size(DType::I32), 4u);
+  EXPECT_EQ(Tensor::empty({2}, DType::BF16).nbytes(), 4u);
+  EXPECT_EQ(Device::parse("cpu"), Device::cpu());
+  EXPECT_EQ(Device::parse("cuda:1"), Device::cuda(1));
+  EXPECT_EQ(Device::parse("cuda"), Device::cuda(0));
+  EXPECT_EQ(Device::cuda(2).str(), "cuda:2");
+  EXPECT_THROW(Device::parse("gpu"), Error);
+  EXPECT_THROW(Device::parse("cuda:x"), Error);
+}
+
+TEST(PinnedBuffer, ProvidesUsableHostMemory) {
+  PinnedBuffer buf(1 << 16);
+  ASSERT_NE(buf.data(), nullptr);
+  EXPECT_EQ(buf.size(), size_t(1) << 16);
+  static_cast<char*>(buf.data())[(1 << 16) - 1] = 1;
+  PinnedBuffer moved = std::move(buf);
+  EXPECT_EQ(buf.data(), nullptr);
+  EXPECT_EQ(moved.pinned(), cuda_device_count() > 0);
+}
+
+}  // namespace

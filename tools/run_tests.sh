@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds everything (CUDA sources included when a CUDA toolkit is present) and runs every test:
+# the GoogleTest suites through ctest, then the stream tests again under ThreadSanitizer.
+# GPU tests skip with their reason on a machine without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. tools/deps.sh
+staleprop_deps
+
+echo "== build (build/)"
+staleprop_build build
+echo "== tests"
+(cd build && ctest --output-on-failure -j "$(nproc)")
+
+echo "== ThreadSanitizer build of the concurrency tests (build-tsan/)"
+if [ ! -f build-tsan/build.ninja ]; then
+  cmake -S . -B build-tsan -G Ninja -DSTALEPROP_CUDA=OFF -DSTALEPROP_TSAN=ON -DSTALEPROP_BUILD_BENCH=OFF \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo
+fi
+TSAN_TESTS=(test_streams)
+cmake --build build-tsan -j "$(nproc)" --target "${TSAN_TESTS[@]}"
+for t in "${TSAN_TESTS[@]}"; do
+  TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" "build-tsan/tests/$t"
+done
+echo "== all tests passed"
