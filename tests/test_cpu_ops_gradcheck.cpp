@@ -1,0 +1,424 @@
+// Backward CPU ops against central finite differences of their forward ops, in double.
+//
+// For an op y = f(x) and a fixed random dy, the scalar L(x) = sum(dy * f(x)) has gradient
+// dL/dx = (df/dx)^T dy, which is exactly what the backward op returns given dy. Each test also
+// runs the float instantiation of the op and compares it with the double one, loosely, so the
+// float path the engine uses is exercised on the same shapes.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <ostream>
+#include <tuple>
+#include <vector>
+
+#include "kernels/cpu/ops.h"
+#include "tests/gradcheck.h"
+
+namespace {
+
+namespace cpu = sp::kernels::cpu;
+using sp::kernels::Conv2dShape;
+using sp::kernels::Pool2dShape;
+using sp::kernels::ShortcutAShape;
+using sp::testing::dot;
+using sp::testing::expect_all_near;
+using sp::testing::expect_gradient_matches;
+using sp::testing::random_uniform;
+using sp::testing::to_float;
+
+// Float against double: float rounding in sums of a few dozen O(1) terms.
+constexpr double kFloatRtol = 1e-4, kFloatAtol = 1e-5;
+
+// ---- Convolution -------------------------------------------------------------------------
+
+// Direct evaluation of the convolution sum, independent of im2col: calls
+// fn(y index, x index, w index) for every product that does not touch the padding.
+template <typename Fn>
+void for_each_conv_term(const Conv2dShape& sh, const Fn& fn) {
+  for (int n = 0; n < sh.n; ++n)
+    for (int p = 0; p < sh.p(); ++p)
+      for (int q = 0; q < sh.q(); ++q)
+        for (int k = 0; k < sh.k; ++k)
+          for (int r = 0; r < sh.r; ++r)
+            for (int s = 0; s < sh.s; ++s) {
+              const int ih = p * sh.stride - sh.pad + r, iw = q * sh.stride - sh.pad + s;
+              if (ih < 0 || ih >= sh.h || iw < 0 || iw >= sh.w) continue;
+              const int64_t yi = ((int64_t(n) * sh.p() + p) * sh.q() + q) * sh.k + k;
+              const int64_t xi = ((int64_t(n) * sh.h + ih) * sh.w + iw) * sh.c;
+              const int64_t wi = ((int64_t(k) * sh.r + r) * sh.s + s) * sh.c;
+              for (int c = 0; c < sh.c; ++c) fn(yi, xi + c, wi + c);
+            }
+}
+
+std::vector<double> direct_conv(const Conv2dShape& sh, const std::vector<double>& x, const std::vector<double>& w) {
+  std::vector<double> y(sh.y_size(), 0.0);
+  for_each_conv_term(sh, [&](int64_t yi, int64_t xi, int64_t wi) { y[yi] += x[xi] * w[wi]; });
+  return y;
+}
+
+struct ConvCase {
+  int n, h, w, c, k, r, s, stride, pad;
+  Conv2dShape shape() const {
+    Conv2dShape sh;
+    sh.n = n, sh.h = h, sh.w = w, sh.c = c, sh.k = k, sh.r = r, sh.s = s, sh.stride = stride, sh.pad = pad;
+    return sh;
+  }
+};
+std::ostream& operator<<(std::ostream& os, const ConvCase& c) {
+  return os << "n" << c.n << " " << c.h << "x" << c.w << "x" << c.c << " k" << c.k << " " << c.r << "x" << c.s
+            << " stride " << c.stride << " pad " << c.pad;
+}
+
+class CpuConvGrad : public ::testing::TestWithParam<ConvCase> {};
+
+TEST_P(CpuConvGrad, MatchesFiniteDifferences) {
+  const Conv2dShape sh = GetParam().shape();
+  ASSERT_TRUE(sh.valid());
+  std::vector<double> x = random_uniform(sh.x_size(), -1, 1, 1), w = random_uniform(sh.w_size(), -1, 1, 2),
+                      b = random_uniform(sh.k, -1, 1, 3);
+  const std::vector<double> dy = random_uniform(sh.y_size(), -1, 1, 4);
+
+  std::vector<double> y(sh.y_size());
+  cpu::conv2d_forward(sh, x.data(), w.data(), b.data(), y.data());
+  std::vector<double> expect_y = direct_conv(sh, x, w);
+  for (size_t i = 0; i < expect_y.size(); ++i) expect_y[i] += b[i % sh.k];
+  expect_all_near(y, expect_y, 1e-12, 1e-12, "y vs direct");
+
+  std::vector<double> dx(sh.x_size()), dw(sh.w_size()), db(sh.k);
+  cpu::conv2d_backward_data(sh, dy.data(), w.data(), dx.data());
+  cpu::conv2d_backward_weight(sh, x.data(), dy.data(), dw.data(), db.data());
+  auto loss = [&] {
+    std::vector<double> out(sh.y_size());
+    cpu::conv2d_forward(sh, x.data(), w.data(), b.data(), out.data());
+    return dot(dy, out);
+  };
+  expect_gradient_matches(dx, x, loss, "dx");
+  expect_gradient_matches(dw, w, loss, "dw");
+  expect_gradient_matches(db, b, loss, "dbias");
+
+  // Without a bias the weight gradient is unchanged.
+  std::vector<double> dw_only(sh.w_size());
+  cpu::conv2d_backward_weight<double>(sh, x.data(), dy.data(), dw_only.data(), nullptr);
+  expect_all_near(dw_only, dw, 0, 0, "dw without dbias");
+
+  const std::vector<float> xf = to_float(x), wf = to_float(w), bf = to_float(b), dyf = to_float(dy);
+  std::vector<float> yf(sh.y_size()), dxf(sh.x_size()), dwf(sh.w_size()), dbf(sh.k);
+  cpu::conv2d_forward(sh, xf.data(), wf.data(), bf.data(), yf.data());
+  cpu::conv2d_backward_data(sh, dyf.data(), wf.data(), dxf.data());
+  cpu::conv2d_backward_weight(sh, xf.data(), dyf.data(), dwf.data(), dbf.data());
+  expect_all_near(yf, y, kFloatRtol, kFloatAtol, "float y");
+  expect_all_near(dxf, dx, kFloatRtol, kFloatAtol, "float dx");
+  expect_all_near(dwf, dw, kFloatRtol, kFloatAtol, "float dw");
+  expect_all_near(dbf, db, kFloatRtol, kFloatAtol, "float dbias");
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CpuConvGrad,
+                         ::testing::Values(ConvCase{2, 5, 5, 3, 4, 3, 3, 1, 1},     // 3x3 same padding
+                                           ConvCase{1, 7, 6, 3, 10, 3, 3, 2, 1},    // batch 1, stride 2, odd size
+                                           ConvCase{2, 5, 7, 3, 10, 3, 3, 2, 0},    // stride 2 without padding
+                                           ConvCase{3, 4, 5, 10, 3, 1, 1, 1, 0},    // 1x1: the no-im2col path
+                                           ConvCase{2, 5, 5, 3, 10, 1, 1, 2, 0},    // 1x1 stride 2 (projection)
+                                           ConvCase{1, 6, 5, 2, 3, 3, 2, 1, 1},     // non-square filter
+                                           ConvCase{2, 3, 3, 4, 5, 3, 3, 1, 2}));  // padding wider than needed
+
+// Shapes large enough that the column buffer is split over several chunks of images (in double,
+// one image's columns take ~5.9 MB: two images per chunk, then a remainder of one), checked against
+// the direct sums rather than finite differences.
+TEST(CpuConvChunks, ManyChunksMatchDirectSums) {
+  Conv2dShape sh;
+  sh.n = 5, sh.h = sh.w = 32, sh.c = 80, sh.k = 2, sh.r = sh.s = 3, sh.pad = 1;
+  const std::vector<double> x = random_uniform(sh.x_size(), -1, 1, 5), w = random_uniform(sh.w_size(), -1, 1, 6),
+                            dy = random_uniform(sh.y_size(), -1, 1, 7);
+  std::vector<double> expect_dx(sh.x_size(), 0.0), expect_dw(sh.w_size(), 0.0);
+  for_each_conv_term(sh, [&](int64_t yi, int64_t xi, int64_t wi) {
+    expect_dx[xi] += dy[yi] * w[wi];
+    expect_dw[wi] += dy[yi] * x[xi];
+  });
+
+  std::vector<double> y(sh.y_size()), dx(sh.x_size()), dw(sh.w_size());
+  cpu::conv2d_forward<double>(sh, x.data(), w.data(), nullptr, y.data());
+  cpu::conv2d_backward_data(sh, dy.data(), w.data(), dx.data());
+  cpu::conv2d_backward_weight<double>(sh, x.data(), dy.data(), dw.data(), nullptr);
+  expect_all_near(y, direct_conv(sh, x, w), 1e-12, 1e-12, "y");
+  expect_all_near(dx, expect_dx, 1e-12, 1e-12, "dx");
+  expect_all_near(dw, expect_dw, 1e-12, 1e-10, "dw");
+}
+
+// ---- Batch normalisation -----------------------------------------------------------------
+
+struct BnCase {
+  int64_t m, c;
+};
+std::ostream& operator<<(std::ostream& os, const BnCase& b) { return os << "m" << b.m << " c" << b.c; }
+
+class CpuBatchNormGrad : public ::testing::TestWithParam<BnCase> {};
+
+TEST_P(CpuBatchNormGrad, MatchesFiniteDifferences) {
+  const int64_t m = GetParam().m, c = GetParam().c;
+  std::vector<double> x = random_uniform(m * c, -2, 3, 11), gamma = random_uniform(c, 0.5, 2, 12),
+                      beta = random_uniform(c, -1, 1, 13);
+  const std::vector<double> dy = random_uniform(m * c, -1, 1, 14);
+  const double eps = 1e-3, momentum = 0.1;
+
+  // Runs the training forward on scratch running statistics (the loss must not depend on them).
+  auto forward = [&](std::vector<double>& y, std::vector<double>& mean, std::vector<double>& invstd) {
+    std::vector<double> rm(c, 0.0), rv(c, 1.0);
+    cpu::batchnorm_forward_training(m, c, x.data(), gamma.data(), beta.data(), eps, momentum, rm.data(), rv.data(),
+                                    y.data(), mean.data(), invstd.data());
+  };
+  std::vector<double> y(m * c), mean(c), invstd(c);
+  forward(y, mean, invstd);
+  std::vector<double> dx(m * c), dgamma(c), dbeta(c);
+  cpu::batchnorm_backward(m, c, x.data(), dy.data(), gamma.data(), mean.data(), invstd.data(), dx.data(),
+                          dgamma.data(), dbeta.data());
+  auto loss = [&] {
+    std::vector<double> out(m * c), mu(c), is(c);
+    forward(out, mu, is);
+    return dot(dy, out);
+  };
+  expect_gradient_matches(dx, x, loss, "dx");
+  expect_gradient_matches(dgamma, gamma, loss, "dgamma");
+  expect_gradient_matches(dbeta, beta, loss, "dbeta");
+
+  const std::vector<float> xf = to_float(x), gf = to_float(gamma), bf = to_float(beta), dyf = to_float(dy);
+  std::vector<float> rm(c, 0.0f), rv(c, 1.0f), yf(m * c), meanf(c), invstdf(c), dxf(m * c), dgf(c), dbf(c);
+  cpu::batchnorm_forward_training(m, c, xf.data(), gf.data(), bf.data(), float(eps), float(momentum), rm.data(),
+                                  rv.data(), yf.data(), meanf.data(), invstdf.data());
+  cpu::batchnorm_backward(m, c, xf.data(), dyf.data(), gf.data(), meanf.data(), invstdf.data(), dxf.data(),
+                          dgf.data(), dbf.data());
+  expect_all_near(yf, y, kFloatRtol, kFloatAtol, "float y");
+  expect_all_near(dxf, dx, kFloatRtol, kFloatAtol, "float dx");
+  expect_all_near(dgf, dgamma, kFloatRtol, kFloatAtol, "float dgamma");
+  expect_all_near(dbf, dbeta, kFloatRtol, kFloatAtol, "float dbeta");
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CpuBatchNormGrad,
+                         ::testing::Values(BnCase{7, 3}, BnCase{12, 10}, BnCase{2, 1}, BnCase{1, 3}));
+
+// Enough rows for several reduction blocks; the statistics are compared with plain sums.
+TEST(CpuBatchNormLarge, StatisticsOverManyBlocks) {
+  const int64_t m = 9000, c = 16;
+  const std::vector<double> x = random_uniform(m * c, 5, 7, 15), gamma(c, 1.0), beta(c, 0.0);
+  std::vector<double> rm(c, 0.0), rv(c, 0.0), y(m * c), mean(c), invstd(c);
+  cpu::batchnorm_forward_training(m, c, x.data(), gamma.data(), beta.data(), 0.0, 1.0, rm.data(), rv.data(), y.data(),
+                                  mean.data(), invstd.data());
+  std::vector<double> expect_mean(c, 0.0), expect_var(c, 0.0);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < c; ++j) expect_mean[j] += x[i * c + j] / m;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < c; ++j) expect_var[j] += (x[i * c + j] - expect_mean[j]) * (x[i * c + j] - expect_mean[j]);
+  std::vector<double> expect_invstd(c), expect_unbiased(c);
+  for (int64_t j = 0; j < c; ++j) {
+    expect_invstd[j] = 1 / std::sqrt(expect_var[j] / m);
+    expect_unbiased[j] = expect_var[j] / (m - 1);
+  }
+  expect_all_near(mean, expect_mean, 1e-12, 0, "mean");
+  expect_all_near(rm, expect_mean, 1e-12, 0, "running_mean (momentum 1)");
+  expect_all_near(invstd, expect_invstd, 1e-10, 0, "invstd");
+  expect_all_near(rv, expect_unbiased, 1e-10, 0, "running_var (momentum 1)");
+
+  // Float statistics of data with |mean| >> std: the two-pass variance must stay accurate.
+  const std::vector<float> xf = to_float(x), gf = to_float(gamma), bf = to_float(beta);
+  std::vector<float> rmf(c, 0.0f), rvf(c, 0.0f), yf(m * c), meanf(c), invstdf(c);
+  cpu::batchnorm_forward_training(m, c, xf.data(), gf.data(), bf.data(), 0.0f, 1.0f, rmf.data(), rvf.data(), yf.data(),
+                                  meanf.data(), invstdf.data());
+  expect_all_near(invstdf, invstd, 1e-5, 0, "float invstd");
+  expect_all_near(yf, y, kFloatRtol, 1e-4, "float y");
+}
+
+// ---- Elementwise and shortcut ------------------------------------------------------------
+
+TEST(CpuReluGrad, MatchesFiniteDifferences) {
+  const int64_t n = 37;
+  std::vector<double> x = sp::testing::random_away_from_zero(n, 0.1, 2, 21);
+  const std::vector<double> dy = random_uniform(n, -1, 1, 22);
+  std::vector<double> y(n), dx(n);
+  cpu::relu_forward(n, x.data(), y.data());
+  cpu::relu_backward(n, y.data(), dy.data(), dx.data());
+  auto loss = [&] {
+    std::vector<double> out(n);
+    cpu::relu_forward(n, x.data(), out.data());
+    return dot(dy, out);
+  };
+  expect_gradient_matches(dx, x, loss, "dx");
+
+  // In-place backward (dx aliases dy), as the engine uses it.
+  std::vector<double> inplace = dy;
+  cpu::relu_backward(n, y.data(), inplace.data(), inplace.data());
+  expect_all_near(inplace, dx, 0, 0, "in-place dx");
+
+  const std::vector<float> xf = to_float(x);
+  std::vector<float> yf(n);
+  cpu::relu_forward(n, xf.data(), yf.data());
+  expect_all_near(yf, y, 1e-7, 0, "float y");
+}
+
+struct ShortcutCase {
+  int n, h, w, c_in, c_out, stride;
+};
+std::ostream& operator<<(std::ostream& os, const ShortcutCase& s) {
+  return os << "n" << s.n << " " << s.h << "x" << s.w << " " << s.c_in << "->" << s.c_out << " stride " << s.stride;
+}
+
+class CpuShortcutAGrad : public ::testing::TestWithParam<ShortcutCase> {};
+
+TEST_P(CpuShortcutAGrad, MatchesFiniteDifferences) {
+  const ShortcutCase p = GetParam();
+  ShortcutAShape sh;
+  sh.n = p.n, sh.h = p.h, sh.w = p.w, sh.c_in = p.c_in, sh.c_out = p.c_out, sh.stride = p.stride;
+  std::vector<double> x = random_uniform(sh.x_size(), -1, 1, 31);
+  const std::vector<double> dy = random_uniform(sh.y_size(), -1, 1, 32);
+  std::vector<double> dx(sh.x_size());
+  cpu::shortcut_a_backward(sh, dy.data(), dx.data());
+  std::vector<double> y(sh.y_size());
+  auto loss = [&] {
+    cpu::shortcut_a_forward(sh, x.data(), y.data());
+    return dot(dy, y);
+  };
+  expect_gradient_matches(dx, x, loss, "dx");
+
+  const std::vector<float> xf = to_float(x);
+  std::vector<float> yf(sh.y_size());
+  cpu::shortcut_a_forward(sh, xf.data(), yf.data());
+  cpu::shortcut_a_forward(sh, x.data(), y.data());
+  expect_all_near(yf, y, 1e-7, 0, "float y");
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CpuShortcutAGrad,
+                         ::testing::Values(ShortcutCase{2, 5, 5, 3, 6, 2},   // odd size, CIFAR-style doubling
+                                           ShortcutCase{1, 4, 3, 3, 3, 1},   // identity
+                                           ShortcutCase{2, 3, 4, 2, 5, 2}));  // odd channel padding
+
+// ---- Pooling -----------------------------------------------------------------------------
+
+struct PoolCase {
+  int n, h, w, c, window, stride, pad;
+};
+std::ostream& operator<<(std::ostream& os, const PoolCase& p) {
+  return os << "n" << p.n << " " << p.h << "x" << p.w << "x" << p.c << " window " << p.window << " stride "
+            << p.stride << " pad " << p.pad;
+}
+
+class CpuMaxPoolGrad : public ::testing::TestWithParam<PoolCase> {};
+
+TEST_P(CpuMaxPoolGrad, MatchesFiniteDifferences) {
+  const PoolCase p = GetParam();
+  Pool2dShape sh;
+  sh.n = p.n, sh.h = p.h, sh.w = p.w, sh.c = p.c, sh.window = p.window, sh.stride = p.stride, sh.pad = p.pad;
+  ASSERT_TRUE(sh.valid());
+  // Distinct values 0.01 apart: no ties, so the maximum cannot switch within a step.
+  std::vector<double> x = sp::testing::random_distinct(sh.x_size(), 0.01, 41);
+  const std::vector<double> dy = random_uniform(sh.y_size(), -1, 1, 42);
+  std::vector<double> dx(sh.x_size()), y(sh.y_size());
+  cpu::maxpool2d_backward(sh, x.data(), dy.data(), dx.data());
+  auto loss = [&] {
+    cpu::maxpool2d_forward(sh, x.data(), y.data());
+    return dot(dy, y);
+  };
+  expect_gradient_matches(dx, x, loss, "dx");
+
+  const std::vector<float> xf = to_float(x), dyf = to_float(dy);
+  std::vector<float> yf(sh.y_size()), dxf(sh.x_size());
+  cpu::maxpool2d_forward(sh, xf.data(), yf.data());
+  cpu::maxpool2d_backward(sh, xf.data(), dyf.data(), dxf.data());
+  cpu::maxpool2d_forward(sh, x.data(), y.data());
+  expect_all_near(yf, y, 1e-7, 0, "float y");
+  expect_all_near(dxf, dx, kFloatRtol, kFloatAtol, "float dx");
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CpuMaxPoolGrad,
+                         ::testing::Values(PoolCase{2, 5, 5, 3, 2, 2, 0},   // odd size drops the last row
+                                           PoolCase{1, 7, 6, 3, 3, 2, 1},   // overlapping, padded
+                                           PoolCase{2, 4, 4, 2, 3, 1, 1}));  // stride 1, heavy overlap
+
+TEST(CpuGlobalAvgPoolGrad, MatchesFiniteDifferences) {
+  for (const auto& shape : {std::tuple<int64_t, int64_t, int64_t>{3, 5, 4}, {1, 1, 10}, {2, 49, 3}}) {
+    const int64_t n = std::get<0>(shape), hw = std::get<1>(shape), c = std::get<2>(shape);
+    SCOPED_TRACE(::testing::Message() << "n " << n << " hw " << hw << " c " << c);
+    std::vector<double> x = random_uniform(n * hw * c, -1, 1, 51);
+    const std::vector<double> dy = random_uniform(n * c, -1, 1, 52);
+    std::vector<double> dx(n * hw * c), y(n * c);
+    cpu::global_avgpool_backward(n, hw, c, dy.data(), dx.data());
+    auto loss = [&] {
+      cpu::global_avgpool_forward(n, hw, c, x.data(), y.data());
+      return dot(dy, y);
+    };
+    expect_gradient_matches(dx, x, loss, "dx");
+
+    const std::vector<float> xf = to_float(x);
+    std::vector<float> yf(n * c);
+    cpu::global_avgpool_forward(n, hw, c, xf.data(), yf.data());
+    cpu::global_avgpool_forward(n, hw, c, x.data(), y.data());
+    expect_all_near(yf, y, kFloatRtol, kFloatAtol, "float y");
+  }
+}
+
+// ---- Linear ------------------------------------------------------------------------------
+
+TEST(CpuLinearGrad, MatchesFiniteDifferences) {
+  for (const auto& shape : {std::tuple<int64_t, int64_t, int64_t>{5, 7, 10}, {1, 3, 1}, {4, 64, 10}}) {
+    const int64_t n = std::get<0>(shape), in = std::get<1>(shape), out = std::get<2>(shape);
+    SCOPED_TRACE(::testing::Message() << "n " << n << " in " << in << " out " << out);
+    std::vector<double> x = random_uniform(n * in, -1, 1, 61), w = random_uniform(out * in, -1, 1, 62),
+                        b = random_uniform(out, -1, 1, 63);
+    const std::vector<double> dy = random_uniform(n * out, -1, 1, 64);
+    std::vector<double> dx(n * in), dw(out * in), db(out), y(n * out);
+    cpu::linear_backward(n, in, out, x.data(), w.data(), dy.data(), dx.data(), dw.data(), db.data());
+    auto loss = [&] {
+      cpu::linear_forward(n, in, out, x.data(), w.data(), b.data(), y.data());
+      return dot(dy, y);
+    };
+    expect_gradient_matches(dx, x, loss, "dx");
+    expect_gradient_matches(dw, w, loss, "dw");
+    expect_gradient_matches(db, b, loss, "db");
+
+    // Each output may be skipped independently.
+    std::vector<double> dw_only(out * in);
+    cpu::linear_backward<double>(n, in, out, x.data(), w.data(), dy.data(), nullptr, dw_only.data(), nullptr);
+    expect_all_near(dw_only, dw, 0, 0, "dw alone");
+
+    const std::vector<float> xf = to_float(x), wf = to_float(w), bf = to_float(b), dyf = to_float(dy);
+    std::vector<float> yf(n * out), dxf(n * in), dwf(out * in), dbf(out);
+    cpu::linear_forward(n, in, out, xf.data(), wf.data(), bf.data(), yf.data());
+    cpu::linear_backward(n, in, out, xf.data(), wf.data(), dyf.data(), dxf.data(), dwf.data(), dbf.data());
+    cpu::linear_forward(n, in, out, x.data(), w.data(), b.data(), y.data());
+    expect_all_near(yf, y, kFloatRtol, kFloatAtol, "float y");
+    expect_all_near(dxf, dx, kFloatRtol, kFloatAtol, "float dx");
+    expect_all_near(dwf, dw, kFloatRtol, kFloatAtol, "float dw");
+    expect_all_near(dbf, db, kFloatRtol, kFloatAtol, "float db");
+  }
+}
+
+// ---- Loss --------------------------------------------------------------------------------
+
+TEST(CpuSoftmaxCrossEntropyGrad, MatchesFiniteDifferences) {
+  const int64_t n = 6, classes = 10;
+  const std::vector<int32_t> labels = {3, 0, 9, 3, 7, 1};
+  for (double smoothing : {0.0, 0.1}) {
+    SCOPED_TRACE(::testing::Message() << "smoothing " << smoothing);
+    std::vector<double> logits = random_uniform(n * classes, -3, 3, 71);
+    std::vector<double> dlogits(n * classes), scratch(n * classes);
+    double loss = 0;
+    int64_t correct = 0;
+    cpu::softmax_cross_entropy(n, classes, logits.data(), labels.data(), smoothing, &loss, dlogits.data(), &correct);
+    auto loss_fn = [&] {
+      double l = 0;
+      int64_t hits = 0;
+      cpu::softmax_cross_entropy(n, classes, logits.data(), labels.data(), smoothing, &l, scratch.data(), &hits);
+      return l;
+    };
+    expect_gradient_matches(dlogits, logits, loss_fn, "dlogits");
+
+    const std::vector<float> lf = to_float(logits);
+    std::vector<float> dlf(n * classes);
+    float lossf = 0;
+    int64_t correctf = -1;
+    cpu::softmax_cross_entropy(n, classes, lf.data(), labels.data(), float(smoothing), &lossf, dlf.data(), &correctf);
+    EXPECT_NEAR(lossf, loss, 1e-5);
+    EXPECT_EQ(correctf, correct);
+    expect_all_near(dlf, dlogits, kFloatRtol, 1e-7, "float dlogits");
+  }
+}
+
+}  // namespace
