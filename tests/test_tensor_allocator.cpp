@@ -58,7 +58,9 @@ TEST(CachingAllocator, SteadyStateMakesNoBackendCalls) {
     std::vector<void*> ptrs;
     for (size_t s : sizes) ptrs.push_back(alloc.allocate(s));
     for (void* p : ptrs) alloc.deallocate(p);
-    if (step == 0) EXPECT_EQ(alloc.stats().backend_allocs, 5u);
+    if (step == 0) {
+      EXPECT_EQ(alloc.stats().backend_allocs, 5u);
+    }
   }
   const AllocatorStats st = alloc.stats();
   EXPECT_EQ(st.backend_allocs, 5u) << "warm-up allocations must be reused";
