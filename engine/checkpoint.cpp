@@ -1,0 +1,122 @@
+#include "engine/checkpoint.h"
+
+#include <cstring>
+
+#include "engine/ops.h"
+#include "engine/safetensors.h"
+#include "kernels/common/error.h"
+
+namespace sp {
+namespace {
+
+const char* kMomentumPrefix = "_optim.momentum.";
+
+// A host copy of t (t itself when it is already on the CPU); s orders the copy.
+Tensor to_host(const Tensor& t, Stream& s) {
+  if (t.device().is_cpu()) return t;
+  Tensor h = Tensor::empty(t.shape(), t.dtype());
+  ops::copy(s, t, h);
+  return h;
+}
+
+// KRSC <-> KCRS for a [K, R, S, C] tensor (to_pytorch) or a [K, C, R, S] one (back).
+Tensor permute_conv(const Tensor& t, bool to_pytorch) {
+  const Shape& sh = t.shape();
+  const int64_t k = sh[0];
+  const int64_t r = to_pytorch ? sh[1] : sh[2], s = to_pytorch ? sh[2] : sh[3], c = to_pytorch ? sh[3] : sh[1];
+  Tensor out = Tensor::empty(to_pytorch ? Shape{k, c, r, s} : Shape{k, r, s, c}, DType::F32);
+  const float* src = t.data<float>();
+  float* dst = out.data<float>();
+  for (int64_t ki = 0; ki < k; ++ki)
+    for (int64_t ri = 0; ri < r; ++ri)
+      for (int64_t si = 0; si < s; ++si)
+        for (int64_t ci = 0; ci < c; ++ci) {
+          const int64_t krsc = ((ki * r + ri) * s + si) * c + ci, kcrs = ((ki * c + ci) * r + ri) * s + si;
+          if (to_pytorch)
+            dst[kcrs] = src[krsc];
+          else
+            dst[krsc] = src[kcrs];
+        }
+  return out;
+}
+
+Shape pytorch_shape(const Tensor& t, ParamLayout layout) {
+  const Shape& sh = t.shape();
+  return layout == ParamLayout::KRSC ? Shape{sh[0], sh[3], sh[1], sh[2]} : sh;
+}
+
+// The layout of the parameter a momentum buffer belongs to (buffers are named after it).
+ParamLayout layout_of(const ModuleState& st, const std::string& param_name) {
+  for (auto& [name, p] : st.params)
+    if (name == param_name) return p->layout;
+  throw Error("optimizer state for '" + param_name + "', which is not a parameter of the network");
+}
+
+}  // namespace
+
+void save_checkpoint(const std::string& path, const Network& net, const Sgd* opt,
+                     const std::map<std::string, std::string>& metadata, Stream& s) {
+  const ModuleState st = net.state();
+  // Gather host copies first (one synchronisation), then convert layouts.
+  std::vector<std::pair<std::string, Tensor>> host;
+  std::vector<ParamLayout> layouts;
+  for (auto& [name, p] : st.params) host.emplace_back(name, to_host(p->value, s)), layouts.push_back(p->layout);
+  for (auto& [name, b] : st.buffers) host.emplace_back(name, to_host(*b, s)), layouts.push_back(ParamLayout::Same);
+  if (opt) {
+    for (auto& [name, m] : opt->momentum_buffers()) {
+      host.emplace_back(kMomentumPrefix + name, to_host(m, s));
+      layouts.push_back(layout_of(st, name));
+    }
+  }
+  s.synchronize();
+  std::vector<io::TensorRecord> records;
+  for (size_t i = 0; i < host.size(); ++i) {
+    const Tensor& t = layouts[i] == ParamLayout::KRSC ? permute_conv(host[i].second, true) : host[i].second;
+    records.push_back(io::tensor_record(host[i].first, t));
+  }
+  for (auto& [name, counter] : st.counters) {
+    io::TensorRecord r{name, "I64", {}, std::vector<uint8_t>(8)};
+    std::memcpy(r.data.data(), counter, 8);
+    records.push_back(std::move(r));
+  }
+  io::write_safetensors(path, records, metadata);
+}
+
+std::map<std::string, std::string> load_checkpoint(const std::string& path, const Network& net, Sgd* opt,
+                                                   Stream& s) {
+  const io::SafetensorsFile file = io::read_safetensors(path);
+  const ModuleState st = net.state();
+  auto find = [&](const std::string& name) -> const io::TensorRecord& {
+    const io::TensorRecord* r = file.find(name);
+    SP_CHECK(r != nullptr, path, ": checkpoint has no tensor '", name, "' (was it saved from another model?)");
+    return *r;
+  };
+  // Host staging tensors stay alive until the copies to the device have completed.
+  std::vector<Tensor> staging;
+  auto restore = [&](const std::string& name, const Tensor& dst, ParamLayout layout) {
+    const io::TensorRecord& r = find(name);
+    Tensor host = Tensor::empty(pytorch_shape(dst, layout), dst.dtype());
+    io::copy_record_to_tensor(r, host);
+    if (layout == ParamLayout::KRSC) host = permute_conv(host, false);
+    if (dst.device().is_cpu()) {
+      std::memcpy(dst.raw_data(), host.raw_data(), host.nbytes());
+    } else {
+      ops::copy(s, host, dst);
+      staging.push_back(host);
+    }
+  };
+  s.synchronize();  // nothing may still be using the tensors we overwrite from the host
+  for (auto& [name, p] : st.params) restore(name, p->value, p->layout);
+  for (auto& [name, b] : st.buffers) restore(name, *b, ParamLayout::Same);
+  for (auto& [name, counter] : st.counters) {
+    const io::TensorRecord& r = find(name);
+    SP_CHECK(r.dtype == "I64" && r.data.size() == 8, path, ": '", name, "' must be an int64 scalar");
+    std::memcpy(counter, r.data.data(), 8);
+  }
+  if (opt)
+    for (auto& [name, m] : opt->momentum_buffers()) restore(kMomentumPrefix + name, m, layout_of(st, name));
+  s.synchronize();
+  return file.metadata;
+}
+
+}  // namespace sp

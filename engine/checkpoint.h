@@ -1,0 +1,31 @@
+// Checkpoints as safetensors files that PyTorch users can load.
+//
+// Model state is stored under the PyTorch names of the network (conv1.weight, bn1.running_var,
+// bn1.num_batches_tracked, layer1.0.conv1.weight, ..., linear.weight) in PyTorch's layouts:
+// conv weights are converted from KRSC to KCRS (OIHW), counters are int64. The optimizer's
+// momentum buffers are stored under "_optim.momentum.<param name>" in the same layouts, and
+// the training position in the metadata, so a run can resume exactly. A PyTorch user loads the
+// weights with
+//     sd = {k: v for k, v in safetensors.torch.load_file(path).items() if not k.startswith("_optim.")}
+//     model.load_state_dict(sd)
+// Files are written atomically (temporary file, fsync, rename).
+#pragma once
+
+#include <map>
+#include <string>
+
+#include "engine/network.h"
+#include "engine/optimizer.h"
+#include "engine/stream.h"
+
+namespace sp {
+
+// `s` is a stream of the network's device; the call returns once the file is written.
+void save_checkpoint(const std::string& path, const Network& net, const Sgd* opt,
+                     const std::map<std::string, std::string>& metadata, Stream& s);
+// Restores every tensor of the network (and of opt when given); throws sp::Error naming the
+// file and the tensor when one is missing or has another shape. Returns the metadata.
+std::map<std::string, std::string> load_checkpoint(const std::string& path, const Network& net, Sgd* opt,
+                                                   Stream& s);
+
+}  // namespace sp

@@ -1,0 +1,50 @@
+#include "engine/module.h"
+
+#include <set>
+
+#include "engine/ops.h"
+#include "kernels/common/error.h"
+
+namespace sp {
+
+namespace {
+void add_storage(const Context& ctx, std::set<const void*>& seen, size_t& bytes) {
+  for (const Tensor& t : ctx.saved)
+    if (t.defined() && seen.insert(t.raw_data()).second) bytes += t.nbytes();
+  for (const Context& c : ctx.children) add_storage(c, seen, bytes);
+}
+}  // namespace
+
+size_t Context::saved_bytes() const {
+  std::set<const void*> seen;
+  size_t bytes = 0;
+  add_storage(*this, seen, bytes);
+  return bytes;
+}
+
+std::string join_name(const std::string& prefix, const std::string& name) {
+  return prefix.empty() ? name : prefix + "." + name;
+}
+
+Tensor new_activation(Stream& s, const Shape& shape, DType dtype) {
+  return Tensor::empty(shape, dtype, s.device(), &s);
+}
+
+void Module::to(Device device, Stream& s) {
+  ModuleState st;
+  collect("", st);
+  auto move = [&](Tensor& t) {
+    if (!t.defined() || t.device() == device) return;
+    Tensor moved = Tensor::empty(t.shape(), t.dtype(), device);
+    ops::copy(s, t, moved);
+    t = moved;
+  };
+  for (auto& [name, p] : st.params) {
+    move(p->value);
+    move(p->grad);
+  }
+  for (auto& [name, b] : st.buffers) move(*b);
+  s.synchronize();  // the host copies may be released once this returns
+}
+
+}  // namespace sp

@@ -1,0 +1,89 @@
+// The module interface: what the trainer and the decoupled scheduler know of a layer.
+//
+// A module maps x to y on a stream. Everything its backward needs is left in a Context that
+// the caller owns, one per forward call, so that several batches can be in flight through the
+// same module at once (FDG keeps one context per batch between a module's forward and its
+// delayed backward). backward() overwrites the parameter gradients (it does not accumulate)
+// and returns dx. Modules allocate outputs from the caching allocator keyed by the stream.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/stream.h"
+#include "engine/tensor.h"
+
+namespace sp {
+
+// How a parameter is laid out here versus in PyTorch (for checkpoints).
+enum class ParamLayout {
+  Same,  // identical layout (BN, linear [out, in], biases)
+  KRSC,  // conv weight: KRSC here, KCRS (OIHW) in PyTorch
+};
+
+struct Parameter {
+  Tensor value;  // fp32 master weights
+  Tensor grad;   // same shape; overwritten by each backward
+  ParamLayout layout = ParamLayout::Same;
+  bool decay = true;  // subject to weight decay
+};
+
+// Named references to a module tree's state, with PyTorch-style dotted names.
+struct ModuleState {
+  std::vector<std::pair<std::string, Parameter*>> params;
+  std::vector<std::pair<std::string, Tensor*>> buffers;   // e.g. BN running statistics
+  std::vector<std::pair<std::string, int64_t*>> counters;  // e.g. BN num_batches_tracked
+};
+
+// What one forward call leaves for its backward.
+struct Context {
+  std::vector<Tensor> saved;
+  Shape shape;  // an input shape, for ops whose backward needs no tensor
+  std::vector<Context> children;
+
+  void clear() {
+    saved.clear();
+    shape.clear();
+    children.clear();
+  }
+  // Bytes of distinct tensor storage referenced (an upper bound on the activation memory
+  // this batch keeps alive).
+  size_t saved_bytes() const;
+};
+
+class Module {
+ public:
+  virtual ~Module() = default;
+  Module() = default;
+  Module(const Module&) = delete;
+  Module& operator=(const Module&) = delete;
+
+  virtual std::string type() const = 0;
+  // y = f(x); in training mode fills ctx (cleared first) with what backward needs.
+  virtual Tensor forward(Stream& s, const Tensor& x, Context& ctx) = 0;
+  // Writes the parameter gradients for the forward that filled ctx and returns dx (an
+  // undefined tensor when need_dx is false). dy may be consumed (overwritten).
+  virtual Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) = 0;
+  // Adds this module's state to st, names prefixed with `prefix` ("" at the top).
+  virtual void collect(const std::string& prefix, ModuleState& st) = 0;
+  // Moves parameters, gradients and buffers to `device` (copies issued on s, which must be a
+  // stream of the destination device or of the CPU for a CPU destination).
+  void to(Device device, Stream& s);
+
+  virtual void set_training(bool training) { training_ = training; }
+  bool training() const { return training_; }
+
+ protected:
+  bool training_ = true;
+};
+
+// "prefix.name", or "name" when prefix is empty.
+std::string join_name(const std::string& prefix, const std::string& name);
+
+// A tensor of `shape` on the stream's device, allocated for use on that stream.
+Tensor new_activation(Stream& s, const Shape& shape, DType dtype = DType::F32);
+
+}  // namespace sp

@@ -1,0 +1,68 @@
+#include "engine/trainer.h"
+
+#include "engine/ops.h"
+#include "kernels/common/error.h"
+
+namespace sp {
+
+BackpropTrainer::BackpropTrainer(Network& net, Sgd& opt, Stream& s, float label_smoothing)
+    : net_(net),
+      opt_(opt),
+      s_(s),
+      smoothing_(label_smoothing),
+      contexts_(net.size()),
+      input_consumed_(make_event(s.device())) {}
+
+Tensor BackpropTrainer::input_copy(const Tensor& t) {
+  Tensor d = new_activation(s_, t.shape(), t.dtype());
+  ops::copy(s_, t, d);
+  return d;
+}
+
+Tensor BackpropTrainer::forward_loss(const Tensor& x, const Tensor& labels, bool training) {
+  net_.set_training(training);
+  Tensor h = input_copy(x), y = input_copy(labels);
+  s_.record(*input_consumed_);
+  for (size_t i = 0; i < net_.size(); ++i) h = net_.block(i).forward(s_, h, contexts_[i]);
+  SP_CHECK(h.dim() == 2, "the network must end in [N, classes] logits, got ", h.str());
+  Pending p{new_activation(s_, {1}), new_activation(s_, {1}, DType::I32), h.size(0)};
+  Tensor dlogits = new_activation(s_, h.shape());
+  ops::softmax_cross_entropy(s_, h, y, smoothing_, p.loss, dlogits, p.correct);
+  pending_.push_back(p);
+  return dlogits;
+}
+
+void BackpropTrainer::train_step(const Tensor& x, const Tensor& labels, float lr) {
+  Tensor g = forward_loss(x, labels, true);
+  for (size_t i = net_.size(); i-- > 0;) g = net_.block(i).backward(s_, g, contexts_[i], i > 0);
+  for (Context& c : contexts_) c.clear();
+  opt_.step(s_, lr);
+}
+
+void BackpropTrainer::eval_step(const Tensor& x, const Tensor& labels) { forward_loss(x, labels, false); }
+
+StepStats BackpropTrainer::drain_stats() {
+  StepStats st;
+  std::vector<Tensor> host_loss, host_correct;
+  for (const Pending& p : pending_) {
+    Tensor l = p.loss, c = p.correct;
+    if (!l.device().is_cpu()) {
+      l = Tensor::empty({1}, DType::F32);
+      c = Tensor::empty({1}, DType::I32);
+      ops::copy(s_, p.loss, l);
+      ops::copy(s_, p.correct, c);
+    }
+    host_loss.push_back(l);
+    host_correct.push_back(c);
+  }
+  s_.synchronize();
+  for (size_t i = 0; i < pending_.size(); ++i) {
+    st.loss_sum += double(host_loss[i].at<float>(0)) * double(pending_[i].samples);
+    st.correct += host_correct[i].at<int32_t>(0);
+    st.samples += pending_[i].samples;
+  }
+  pending_.clear();
+  return st;
+}
+
+}  // namespace sp

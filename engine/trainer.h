@@ -1,0 +1,60 @@
+// Standard backpropagation (the locked baseline): forward through every block, loss, backward
+// through every block in reverse, one optimizer step; all on one stream.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "engine/network.h"
+#include "engine/optimizer.h"
+
+namespace sp {
+
+struct StepStats {
+  double loss_sum = 0;  // sum over batches of (mean batch loss * batch size)
+  int64_t correct = 0;
+  int64_t samples = 0;
+  double mean_loss() const { return samples ? loss_sum / double(samples) : 0.0; }
+  double accuracy() const { return samples ? double(correct) / double(samples) : 0.0; }
+  StepStats& operator+=(const StepStats& o) {
+    loss_sum += o.loss_sum, correct += o.correct, samples += o.samples;
+    return *this;
+  }
+};
+
+class BackpropTrainer {
+ public:
+  BackpropTrainer(Network& net, Sgd& opt, Stream& s, float label_smoothing);
+
+  // Enqueues one training step on the batch (x f32 [B,H,W,C], labels i32 [B], on the host or
+  // on the stream's device). Statistics are read back by drain_stats().
+  void train_step(const Tensor& x, const Tensor& labels, float lr);
+  // Enqueues an eval-mode forward and loss on the batch.
+  void eval_step(const Tensor& x, const Tensor& labels);
+  // Waits for the enqueued steps and returns their statistics since the last call.
+  StepStats drain_stats();
+  // Blocks the host until the last step has copied its inputs, after which the caller may
+  // reuse their memory.
+  void wait_input_consumed() { input_consumed_->synchronize(); }
+
+ private:
+  struct Pending {
+    Tensor loss, correct;  // on the device
+    int64_t samples;
+  };
+  // A copy of t on the stream's device, owned by the step (inputs may live in reused buffers).
+  Tensor input_copy(const Tensor& t);
+  // Forward through all blocks (contexts filled in training mode), then loss and dlogits.
+  Tensor forward_loss(const Tensor& x, const Tensor& labels, bool training);
+
+  Network& net_;
+  Sgd& opt_;
+  Stream& s_;
+  float smoothing_;
+  std::vector<Context> contexts_;
+  std::vector<Pending> pending_;
+  std::unique_ptr<Event> input_consumed_;
+};
+
+}  // namespace sp

@@ -1,0 +1,132 @@
+// Layers of the CIFAR ResNets, implementing engine/module.h.
+//
+// Parameters are created on the CPU, initialised as in He et al. (Kaiming normal for conv and
+// linear weights with fan-in, BN gamma = 1 and beta = 0, biases 0), and moved with Module::to.
+#pragma once
+
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/module.h"
+
+namespace sp::layers {
+
+using Rng = std::mt19937_64;
+
+class Conv2d final : public Module {
+ public:
+  Conv2d(int in_channels, int out_channels, int kernel, int stride, int pad, bool bias, Rng& rng);
+  std::string type() const override { return "Conv2d"; }
+  Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
+  Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
+  void collect(const std::string& prefix, ModuleState& st) override;
+  Parameter weight, bias;  // weight KRSC; bias undefined when disabled
+  int stride, pad;
+};
+
+class BatchNorm2d final : public Module {
+ public:
+  explicit BatchNorm2d(int channels, float eps = 1e-5f, float momentum = 0.1f);
+  std::string type() const override { return "BatchNorm2d"; }
+  Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
+  Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
+  void collect(const std::string& prefix, ModuleState& st) override;
+  Parameter gamma, beta;
+  Tensor running_mean, running_var;
+  int64_t num_batches_tracked = 0;
+  float eps, momentum;
+};
+
+class ReLU final : public Module {
+ public:
+  std::string type() const override { return "ReLU"; }
+  Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
+  Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
+  void collect(const std::string&, ModuleState&) override {}
+};
+
+class MaxPool2d final : public Module {
+ public:
+  MaxPool2d(int window, int stride, int pad) : window(window), stride(stride), pad(pad) {}
+  std::string type() const override { return "MaxPool2d"; }
+  Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
+  Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
+  void collect(const std::string&, ModuleState&) override {}
+  int window, stride, pad;
+};
+
+// [N, H, W, C] -> [N, C]
+class GlobalAvgPool final : public Module {
+ public:
+  std::string type() const override { return "GlobalAvgPool"; }
+  Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
+  Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
+  void collect(const std::string&, ModuleState&) override {}
+};
+
+class Linear final : public Module {
+ public:
+  Linear(int in_features, int out_features, Rng& rng);
+  std::string type() const override { return "Linear"; }
+  Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
+  Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
+  void collect(const std::string& prefix, ModuleState& st) override;
+  Parameter weight, bias;  // weight [out, in]
+};
+
+// Named children run in order; names become the PyTorch-style state names.
+class Sequential : public Module {
+ public:
+  std::string type() const override { return "Sequential"; }
+  Sequential& add(std::string name, std::unique_ptr<Module> m);
+  Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
+  Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
+  void collect(const std::string& prefix, ModuleState& st) override;
+  void set_training(bool training) override;
+  size_t size() const { return children_.size(); }
+
+ private:
+  std::vector<std::pair<std::string, std::unique_ptr<Module>>> children_;
+};
+
+enum class Shortcut {
+  A,  // parameter-free: stride-2 subsampling plus zero channel padding (CIFAR ResNet-20..110)
+  B,  // 1x1 convolution + BN projection where the shape changes (ResNet-18)
+};
+
+// The residual pattern shared by BasicBlock and Bottleneck: relu(main(x) + shortcut(x)),
+// where the shortcut is the identity when the shape is kept, else option A or a projection.
+class ResidualBlock : public Module {
+ public:
+  Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
+  Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
+  void collect(const std::string& prefix, ModuleState& st) override;
+  void set_training(bool training) override;
+
+ protected:
+  // Derived constructors fill main_ and call this once.
+  void make_shortcut(int in_channels, int out_channels, int stride, Shortcut shortcut, Rng& rng);
+  Sequential main_;
+  std::unique_ptr<Sequential> proj_;  // option B projection ("shortcut.0", "shortcut.1"), or null
+  bool option_a_ = false;             // option A with a shape change
+  int stride_ = 1, out_channels_ = 0;
+};
+
+// main = conv3x3(stride) bn relu conv3x3 bn; names conv1 bn1 conv2 bn2 as in PyTorch.
+class BasicBlock final : public ResidualBlock {
+ public:
+  BasicBlock(int in_channels, int out_channels, int stride, Shortcut shortcut, Rng& rng);
+  std::string type() const override { return "BasicBlock"; }
+};
+
+// main = conv1x1 bn relu conv3x3(stride) bn relu conv1x1 bn, expansion 4, projection shortcut.
+class Bottleneck final : public ResidualBlock {
+ public:
+  static constexpr int kExpansion = 4;
+  Bottleneck(int in_channels, int mid_channels, int stride, Rng& rng);
+  std::string type() const override { return "Bottleneck"; }
+};
+
+}  // namespace sp::layers

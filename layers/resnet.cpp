@@ -1,0 +1,76 @@
+#include "layers/resnet.h"
+
+#include <memory>
+
+#include "kernels/common/error.h"
+#include "layers/layers.h"
+
+namespace sp::layers {
+namespace {
+
+std::unique_ptr<Sequential> stem(int channels, Rng& rng) {
+  auto s = std::make_unique<Sequential>();
+  s->add("conv1", std::make_unique<Conv2d>(3, channels, 3, 1, 1, false, rng));
+  s->add("bn1", std::make_unique<BatchNorm2d>(channels));
+  s->add("relu", std::make_unique<ReLU>());
+  return s;
+}
+
+std::unique_ptr<Sequential> head(int features, int classes, Rng& rng) {
+  auto h = std::make_unique<Sequential>();
+  h->add("avgpool", std::make_unique<GlobalAvgPool>());
+  h->add("linear", std::make_unique<Linear>(features, classes, rng));
+  return h;
+}
+
+Network cifar_resnet(const std::string& name, int blocks_per_stage, int classes, Rng& rng) {
+  Network net(name);
+  net.add("", stem(16, rng));
+  int in = 16;
+  const int widths[3] = {16, 32, 64};
+  for (int stage = 0; stage < 3; ++stage)
+    for (int b = 0; b < blocks_per_stage; ++b) {
+      const int stride = (stage > 0 && b == 0) ? 2 : 1;
+      net.add("layer" + std::to_string(stage + 1) + "." + std::to_string(b),
+              std::make_unique<BasicBlock>(in, widths[stage], stride, Shortcut::A, rng));
+      in = widths[stage];
+    }
+  net.add("", head(64, classes, rng));
+  return net;
+}
+
+Network resnet18(int classes, Rng& rng) {
+  Network net("resnet18");
+  net.add("", stem(64, rng));
+  int in = 64;
+  const int widths[4] = {64, 128, 256, 512};
+  for (int stage = 0; stage < 4; ++stage)
+    for (int b = 0; b < 2; ++b) {
+      const int stride = (stage > 0 && b == 0) ? 2 : 1;
+      net.add("layer" + std::to_string(stage + 1) + "." + std::to_string(b),
+              std::make_unique<BasicBlock>(in, widths[stage], stride, Shortcut::B, rng));
+      in = widths[stage];
+    }
+  net.add("", head(512, classes, rng));
+  return net;
+}
+
+}  // namespace
+
+const std::vector<std::string>& resnet_names() {
+  static const std::vector<std::string> names = {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+                                                 "resnet18"};
+  return names;
+}
+
+Network build_resnet(const std::string& name, int num_classes, uint64_t seed) {
+  Rng rng(seed);
+  if (name == "resnet18") return resnet18(num_classes, rng);
+  for (int depth : {20, 32, 44, 56, 110})
+    if (name == "resnet" + std::to_string(depth)) return cifar_resnet(name, (depth - 2) / 6, num_classes, rng);
+  std::string known;
+  for (auto& n : resnet_names()) known += (known.empty() ? "" : ", ") + n;
+  throw Error("unknown model '" + name + "' (known: " + known + ")");
+}
+
+}  // namespace sp::layers
