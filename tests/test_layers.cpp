@@ -1,0 +1,339 @@
+// Layers and ResNet builders: module backward against finite differences, parameter counts
+// and names, and a whole ResNet-20 step against a plain composition of the reference kernels.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <random>
+
+#include "engine/network.h"
+#include "kernels/common/error.h"
+#include "kernels/cpu/ops.h"
+#include "layers/layers.h"
+#include "layers/resnet.h"
+
+using namespace sp;
+using namespace sp::layers;
+namespace kc = sp::kernels::cpu;
+
+namespace {
+
+Tensor random_tensor(const Shape& shape, std::mt19937_64& rng, float scale = 1.f) {
+  Tensor t = Tensor::empty(shape, DType::F32);
+  std::normal_distribution<float> n(0.f, scale);
+  for (int64_t i = 0; i < t.numel(); ++i) t.at<float>(i) = n(rng);
+  return t;
+}
+
+double dot(const Tensor& a, const Tensor& b) {
+  double s = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) s += double(a.at<float>(i)) * double(b.at<float>(i));
+  return s;
+}
+
+Tensor clone(const Tensor& t) {
+  Tensor c = Tensor::empty(t.shape(), t.dtype());
+  std::memcpy(c.raw_data(), t.raw_data(), t.nbytes());
+  return c;
+}
+
+// Checks a module's backward against central finite differences of L(x, theta) = <w, f(x, theta)>
+// on sampled coordinates of the input and of every parameter. The modules compute in fp32 and
+// ReLU/max-pool are not smooth, so each coordinate is tried with h = 1e-2, 1e-3 and 1e-4 and
+// passes when one of them agrees: a kink within h of the point spoils the larger steps, fp32
+// noise the smallest. All data are seeded, so the outcome is the same on every run.
+void check_module_gradients(Module& m, const Shape& x_shape, uint64_t seed, double tol = 2e-2) {
+  auto s = make_stream(Device::cpu());
+  std::mt19937_64 rng(seed);
+  Tensor x = random_tensor(x_shape, rng);
+  m.set_training(true);
+  Context ctx;
+  Tensor y = m.forward(*s, x, ctx);
+  s->synchronize();
+  Tensor w = random_tensor(y.shape(), rng);
+  Tensor dx = m.backward(*s, clone(w), ctx, true);
+  s->synchronize();
+  ModuleState st;
+  m.collect("", st);
+
+  auto loss = [&]() {
+    Context c;
+    Tensor out = m.forward(*s, x, c);
+    s->synchronize();
+    return dot(w, out);
+  };
+  auto check = [&](Tensor& z, const Tensor& grad, const std::string& what) {
+    const int64_t n = z.numel(), samples = std::min<int64_t>(n, 16);
+    for (int64_t j = 0; j < samples; ++j) {
+      const int64_t i = samples == n ? j : int64_t(rng() % uint64_t(n));
+      const float z0 = z.at<float>(i);
+      const double analytic = grad.at<float>(i);
+      double best = INFINITY;
+      for (float h : {1e-2f, 1e-3f, 1e-4f}) {
+        z.at<float>(i) = z0 + h;
+        const double plus = loss();
+        z.at<float>(i) = z0 - h;
+        const double minus = loss();
+        z.at<float>(i) = z0;
+        best = std::min(best, std::abs((plus - minus) / (2.0 * double(h)) - analytic));
+      }
+      EXPECT_LE(best, tol * (1.0 + std::abs(analytic)))
+          << m.type() << ": d/d " << what << "[" << i << "] = " << analytic << " disagrees with finite differences";
+    }
+  };
+  check(x, dx, "input");
+  for (auto& [name, p] : st.params) check(p->value, p->grad, name);
+}
+
+TEST(ModuleGradients, Conv2d) {
+  Rng rng(1);
+  Conv2d conv(3, 10, 3, 2, 1, true, rng);
+  check_module_gradients(conv, {2, 7, 6, 3}, 11);
+  Conv2d pointwise(5, 4, 1, 1, 0, false, rng);
+  check_module_gradients(pointwise, {1, 4, 4, 5}, 12);
+}
+
+TEST(ModuleGradients, BatchNorm2d) {
+  BatchNorm2d bn(6);
+  check_module_gradients(bn, {3, 4, 5, 6}, 13);
+}
+
+TEST(ModuleGradients, ReluPoolingLinear) {
+  ReLU relu;
+  check_module_gradients(relu, {2, 3, 3, 4}, 14);
+  MaxPool2d pool(3, 2, 1);
+  check_module_gradients(pool, {2, 7, 7, 3}, 15);
+  GlobalAvgPool gap;
+  check_module_gradients(gap, {3, 4, 4, 5}, 16);
+  Rng rng(2);
+  Linear fc(7, 10, rng);
+  check_module_gradients(fc, {5, 7}, 17);
+}
+
+TEST(ModuleGradients, ResidualBlocks) {
+  Rng rng(3);
+  BasicBlock identity(8, 8, 1, Shortcut::A, rng);
+  check_module_gradients(identity, {2, 6, 6, 8}, 18);
+  BasicBlock option_a(4, 8, 2, Shortcut::A, rng);
+  check_module_gradients(option_a, {2, 6, 6, 4}, 19);
+  BasicBlock option_b(4, 8, 2, Shortcut::B, rng);
+  check_module_gradients(option_b, {2, 5, 5, 4}, 20);
+  Bottleneck bottleneck(8, 4, 2, rng);
+  check_module_gradients(bottleneck, {2, 6, 6, 8}, 21);
+}
+
+TEST(ResNets, ParameterCountsMatchThePublishedModels) {
+  // He et al. 2016 (CIFAR, option A: 0.27M ... 1.7M) and the CIFAR ResNet-18, as the common
+  // PyTorch implementations count them.
+  const std::map<std::string, int64_t> expected = {{"resnet20", 269722}, {"resnet32", 464154},
+                                                   {"resnet44", 658586}, {"resnet56", 853018},
+                                                   {"resnet110", 1727962}, {"resnet18", 11173962}};
+  for (auto& [name, count] : expected) EXPECT_EQ(build_resnet(name).num_parameters(), count) << name;
+  EXPECT_THROW(build_resnet("resnet21"), Error);
+}
+
+TEST(ResNets, BlocksAndPyTorchStateNames) {
+  Network r20 = build_resnet("resnet20");
+  EXPECT_EQ(r20.size(), 11u);  // stem, 9 blocks, head: the cut points of the decoupled trainer
+  std::map<std::string, Shape> names;
+  for (auto& [n, p] : r20.state().params) names[n] = p->value.shape();
+  EXPECT_EQ(names.at("conv1.weight"), (Shape{16, 3, 3, 3}));
+  EXPECT_EQ(names.at("layer2.0.conv1.weight"), (Shape{32, 3, 3, 16}));
+  EXPECT_EQ(names.at("layer3.2.bn2.bias"), (Shape{64}));
+  EXPECT_EQ(names.at("linear.weight"), (Shape{10, 64}));
+  EXPECT_EQ(r20.state().buffers.size(), 2u * 19);  // 19 BNs, running mean and var each
+  EXPECT_EQ(r20.state().counters.size(), 19u);
+  Network r18 = build_resnet("resnet18");
+  std::map<std::string, Shape> n18;
+  for (auto& [n, p] : r18.state().params) n18[n] = p->value.shape();
+  EXPECT_EQ(n18.at("layer2.0.shortcut.0.weight"), (Shape{128, 1, 1, 64}));
+  EXPECT_EQ(n18.count("layer2.0.shortcut.1.weight"), 1u);
+  EXPECT_EQ(n18.count("layer1.0.shortcut.0.weight"), 0u);  // identity where the shape is kept
+  // The same seed gives the same initial weights; another seed does not.
+  Network a = build_resnet("resnet20", 10, 7), b = build_resnet("resnet20", 10, 7), c = build_resnet("resnet20", 10, 8);
+  const Tensor& wa = a.state().params[0].second->value;
+  EXPECT_EQ(std::memcmp(wa.raw_data(), b.state().params[0].second->value.raw_data(), wa.nbytes()), 0);
+  EXPECT_NE(std::memcmp(wa.raw_data(), c.state().params[0].second->value.raw_data(), wa.nbytes()), 0);
+}
+
+// ---- ResNet-20 against the reference kernels, composed by hand -----------------------------
+
+using Vec = std::vector<float>;
+
+struct Ref {
+  std::map<std::string, Parameter*> p;
+  std::map<std::string, Tensor*> b;
+  const float* w(const std::string& n) { return p.at(n)->value.data<float>(); }
+};
+
+struct ConvSave {
+  kernels::Conv2dShape sh;
+  Vec x;
+};
+struct BnSave {
+  Vec x, mean, invstd;
+  int64_t m, c;
+};
+
+Vec conv_f(Ref& r, const std::string& name, const Vec& x, int n, int h, int w, int c, int k, int stride,
+           ConvSave& save) {
+  save.sh = {n, h, w, c, k, 3, 3, stride, 1};
+  save.x = x;
+  Vec y(size_t(save.sh.y_size()));
+  kc::conv2d_forward<float>(save.sh, x.data(), r.w(name), nullptr, y.data());
+  return y;
+}
+Vec bn_f(Ref& r, const std::string& name, const Vec& x, int64_t c, BnSave& save) {
+  save = {x, Vec(size_t(c)), Vec(size_t(c)), int64_t(x.size()) / c, c};
+  Vec y(x.size());
+  kc::batchnorm_forward_training<float>(save.m, c, x.data(), r.w(name + ".weight"), r.w(name + ".bias"), 1e-5f, 0.1f,
+                                        r.b.at(name + ".running_mean")->data<float>(),
+                                        r.b.at(name + ".running_var")->data<float>(), y.data(), save.mean.data(),
+                                        save.invstd.data());
+  return y;
+}
+Vec conv_b(Ref& r, const std::string& name, const Vec& dy, const ConvSave& save, std::map<std::string, Vec>& grads) {
+  Vec dw(size_t(save.sh.w_size())), dx(size_t(save.sh.x_size()));
+  kc::conv2d_backward_weight<float>(save.sh, save.x.data(), dy.data(), dw.data(), nullptr);
+  kc::conv2d_backward_data<float>(save.sh, dy.data(), r.w(name), dx.data());
+  grads[name] = dw;
+  return dx;
+}
+Vec bn_b(Ref& r, const std::string& name, const Vec& dy, const BnSave& s, std::map<std::string, Vec>& grads) {
+  Vec dx(dy.size()), dg(size_t(s.c)), db(size_t(s.c));
+  kc::batchnorm_backward<float>(s.m, s.c, s.x.data(), dy.data(), r.w(name + ".weight"), s.mean.data(),
+                                s.invstd.data(), dx.data(), dg.data(), db.data());
+  grads[name + ".weight"] = dg;
+  grads[name + ".bias"] = db;
+  return dx;
+}
+Vec relu(const Vec& x) {
+  Vec y(x.size());
+  kc::relu_forward<float>(int64_t(x.size()), x.data(), y.data());
+  return y;
+}
+Vec relu_b(const Vec& y, const Vec& dy) {
+  Vec dx(y.size());
+  kc::relu_backward<float>(int64_t(y.size()), y.data(), dy.data(), dx.data());
+  return dx;
+}
+Vec add(const Vec& a, const Vec& b) {
+  Vec y(a.size());
+  kc::add<float>(int64_t(a.size()), a.data(), b.data(), y.data());
+  return y;
+}
+
+TEST(ResNets, ResNet20StepMatchesTheReferenceOpsComposedByHand) {
+  const int N = 2, H = 16, W = 16, classes = 10;
+  Network net = build_resnet("resnet20", classes, 5);
+  Network twin = build_resnet("resnet20", classes, 5);  // same weights, driven by hand
+  Ref r;
+  for (auto& [n, p] : twin.state().params) r.p[n] = p;
+  for (auto& [n, b] : twin.state().buffers) r.b[n] = b;
+  std::mt19937_64 rng(9);
+  Tensor x = random_tensor({N, H, W, 3}, rng);
+  Tensor labels = Tensor::empty({N}, DType::I32);
+  labels.at<int32_t>(0) = 3;
+  labels.at<int32_t>(1) = 8;
+
+  // The network through the Module interface.
+  auto s = make_stream(Device::cpu());
+  std::vector<Context> ctx(net.size());
+  Tensor h = x;
+  for (size_t i = 0; i < net.size(); ++i) h = net.block(i).forward(*s, h, ctx[i]);
+  s->synchronize();
+  Vec logits(h.data<float>(), h.data<float>() + h.numel());
+  Vec dlogits(logits.size());
+  float loss = 0;
+  int64_t correct = 0;
+  kc::softmax_cross_entropy<float>(N, classes, logits.data(), labels.data<int32_t>(), 0.f, &loss, dlogits.data(),
+                                   &correct);
+  Tensor g = Tensor::empty(h.shape(), DType::F32);
+  std::memcpy(g.raw_data(), dlogits.data(), dlogits.size() * 4);
+  for (size_t i = net.size(); i-- > 0;) g = net.block(i).backward(*s, g, ctx[i], i > 0);
+  s->synchronize();
+
+  // The same computation written out layer by layer.
+  std::map<std::string, Vec> grads;
+  Vec a(x.data<float>(), x.data<float>() + x.numel());
+  ConvSave c0;
+  BnSave b0;
+  Vec stem_y = relu(bn_f(r, "bn1", conv_f(r, "conv1.weight", a, N, H, W, 3, 16, 1, c0), 16, b0));
+  struct BlockSave {
+    ConvSave c1, c2;
+    BnSave b1, b2;
+    Vec r1, out;
+    int in_c, out_c, stride, h, w;
+  };
+  std::vector<BlockSave> saves;
+  Vec cur = stem_y;
+  int cur_c = 16, cur_h = H, cur_w = W;
+  for (int stage = 0; stage < 3; ++stage)
+    for (int b = 0; b < 3; ++b) {
+      const std::string p = "layer" + std::to_string(stage + 1) + "." + std::to_string(b);
+      const int out_c = 16 << stage, stride = (stage > 0 && b == 0) ? 2 : 1;
+      BlockSave bs;
+      bs.in_c = cur_c, bs.out_c = out_c, bs.stride = stride, bs.h = cur_h, bs.w = cur_w;
+      Vec t = conv_f(r, p + ".conv1.weight", cur, N, cur_h, cur_w, cur_c, out_c, stride, bs.c1);
+      const int oh = bs.c1.sh.p(), ow = bs.c1.sh.q();
+      bs.r1 = relu(bn_f(r, p + ".bn1", t, out_c, bs.b1));
+      t = bn_f(r, p + ".bn2", conv_f(r, p + ".conv2.weight", bs.r1, N, oh, ow, out_c, out_c, 1, bs.c2), out_c, bs.b2);
+      Vec sc = cur;
+      if (stride != 1 || cur_c != out_c) {
+        kernels::ShortcutAShape ssh{N, cur_h, cur_w, cur_c, out_c, stride};
+        sc.assign(size_t(ssh.y_size()), 0.f);
+        kc::shortcut_a_forward<float>(ssh, cur.data(), sc.data());
+      }
+      bs.out = relu(add(t, sc));
+      cur = bs.out, cur_c = out_c, cur_h = oh, cur_w = ow;
+      saves.push_back(bs);
+    }
+  Vec pooled(size_t(N * 64));
+  kc::global_avgpool_forward<float>(N, cur_h * cur_w, 64, cur.data(), pooled.data());
+  Vec ref_logits(size_t(N * classes));
+  kc::linear_forward<float>(N, 64, classes, pooled.data(), r.w("linear.weight"), r.w("linear.bias"), ref_logits.data());
+  EXPECT_EQ(logits, ref_logits);
+
+  Vec dpooled(pooled.size()), dw(static_cast<size_t>(classes * 64)), db(static_cast<size_t>(classes));
+  kc::linear_backward<float>(N, 64, classes, pooled.data(), r.w("linear.weight"), dlogits.data(), dpooled.data(),
+                             dw.data(), db.data());
+  grads["linear.weight"] = dw, grads["linear.bias"] = db;
+  Vec dcur(cur.size());
+  kc::global_avgpool_backward<float>(N, cur_h * cur_w, 64, dpooled.data(), dcur.data());
+  for (int i = 8; i >= 0; --i) {
+    const BlockSave& bs = saves[size_t(i)];
+    const std::string p = "layer" + std::to_string(i / 3 + 1) + "." + std::to_string(i % 3);
+    Vec dsum = relu_b(bs.out, dcur);
+    Vec t = bn_b(r, p + ".bn2", dsum, bs.b2, grads);
+    t = conv_b(r, p + ".conv2.weight", t, bs.c2, grads);
+    t = bn_b(r, p + ".bn1", relu_b(bs.r1, t), bs.b1, grads);
+    t = conv_b(r, p + ".conv1.weight", t, bs.c1, grads);
+    if (bs.stride != 1 || bs.in_c != bs.out_c) {
+      kernels::ShortcutAShape ssh{N, bs.h, bs.w, bs.in_c, bs.out_c, bs.stride};
+      Vec dsc(size_t(ssh.x_size()));
+      kc::shortcut_a_backward<float>(ssh, dsum.data(), dsc.data());
+      dcur = add(t, dsc);
+    } else {
+      dcur = add(t, dsum);
+    }
+  }
+  Vec t = bn_b(r, "bn1", relu_b(stem_y, dcur), b0, grads);
+  Vec dw0(size_t(c0.sh.w_size()));
+  kc::conv2d_backward_weight<float>(c0.sh, c0.x.data(), t.data(), dw0.data(), nullptr);
+  grads["conv1.weight"] = dw0;
+
+  size_t checked = 0;
+  for (auto& [name, p] : net.state().params) {
+    ASSERT_TRUE(grads.count(name)) << name;
+    EXPECT_EQ(Vec(p->grad.data<float>(), p->grad.data<float>() + p->grad.numel()), grads[name]) << name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, 59u);  // 19 conv weights, 19 BN (weight, bias) pairs, linear weight and bias
+  for (auto& [name, buf] : net.state().buffers) {
+    const Tensor* twin_buf = r.b.at(name);
+    EXPECT_EQ(std::memcmp(buf->raw_data(), twin_buf->raw_data(), buf->nbytes()), 0) << name;
+  }
+}
+
+}  // namespace

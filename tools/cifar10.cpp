@@ -1,0 +1,349 @@
+#include "tools/cifar10.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "kernels/common/error.h"
+#include "kernels/cpu/parallel.h"
+
+namespace sp::data {
+
+namespace {
+
+constexpr int64_t kFileBytes = kCifarRecordsPerFile * kCifarRecordBytes;
+constexpr int64_t kPlane = kCifarSide * kCifarSide;
+
+// SplitMix64's output function: a bijective 64-bit mixer. Randomness is derived from hashes of
+// (seed, epoch, position) rather than from one long generator so that any batch can be made
+// without making the ones before it (prefetching, resuming, parallel augmentation).
+uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Distinct streams for the two uses, so an epoch's order and its augmentations are independent.
+constexpr uint64_t kOrderStream = 0x6f72646572ull;  // "order"
+constexpr uint64_t kAugmentStream = 0x617567ull;    // "aug"
+
+uint64_t key(uint64_t seed, uint64_t stream, uint64_t a, uint64_t b) {
+  return mix64(mix64(mix64(seed ^ mix64(stream)) + a) + b);
+}
+
+// SplitMix64 generator with an unbiased bounded draw. std::uniform_int_distribution is not
+// used because its output differs between standard libraries, and runs must be reproducible.
+class Rng {
+ public:
+  explicit Rng(uint64_t state) : state_(state) {}
+  uint64_t next() {
+    state_ += 0x9e3779b97f4a7c15ull;
+    return mix64(state_);
+  }
+  // Uniform in [0, bound), by rejecting the top partial range of 64-bit values.
+  uint64_t below(uint64_t bound) {
+    const uint64_t limit = UINT64_MAX - UINT64_MAX % bound;
+    uint64_t r;
+    do r = next();
+    while (r >= limit);
+    return r % bound;
+  }
+
+ private:
+  uint64_t state_;
+};
+
+bool is_regular_file(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+std::string join_path(const std::string& dir, const std::string& name) {
+  if (dir.empty() || dir.back() == '/') return dir + name;
+  return dir + "/" + name;
+}
+
+}  // namespace
+
+std::vector<std::string> cifar10_file_names(Split split) {
+  if (split == Split::Test) return {"test_batch.bin"};
+  return {"data_batch_1.bin", "data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin"};
+}
+
+Dataset read_cifar10_batch_file(const std::string& path) {
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
+  if (!f) throw Error("CIFAR-10 file '" + path + "': cannot open: " + std::strerror(errno));
+  struct stat st;
+  if (::fstat(::fileno(f.get()), &st) != 0 || !S_ISREG(st.st_mode))
+    throw Error("CIFAR-10 file '" + path + "': not a regular file");
+  if (int64_t(st.st_size) != kFileBytes)
+    throw Error(detail::concat("CIFAR-10 file '", path, "': ", int64_t(st.st_size), " bytes, expected ", kFileBytes,
+                               " (", kCifarRecordsPerFile, " records of ", kCifarRecordBytes,
+                               " bytes); the file is truncated or not a CIFAR-10 binary batch"));
+  std::vector<uint8_t> raw(static_cast<size_t>(kFileBytes));
+  if (std::fread(raw.data(), 1, raw.size(), f.get()) != raw.size())
+    throw Error("CIFAR-10 file '" + path + "': read error: " + std::strerror(errno));
+
+  Dataset d;
+  d.labels.resize(size_t(kCifarRecordsPerFile));
+  d.images.resize(size_t(kCifarRecordsPerFile * kCifarImageBytes));
+  for (int64_t r = 0; r < kCifarRecordsPerFile; ++r) {
+    const uint8_t* rec = raw.data() + r * kCifarRecordBytes;
+    if (rec[0] >= kCifarClasses)
+      throw Error(detail::concat("CIFAR-10 file '", path, "': record ", r, " has label ", int(rec[0]), ", expected 0-",
+                                 kCifarClasses - 1));
+    d.labels[size_t(r)] = rec[0];
+    // Planar (R plane, G plane, B plane) to interleaved NHWC.
+    const uint8_t* planes = rec + 1;
+    uint8_t* img = d.images.data() + r * kCifarImageBytes;
+    for (int64_t i = 0; i < kPlane; ++i)
+      for (int64_t c = 0; c < kCifarChannels; ++c) img[i * kCifarChannels + c] = planes[c * kPlane + i];
+  }
+  return d;
+}
+
+Dataset load_cifar10(const std::string& dir, Split split, int64_t limit) {
+  Dataset out;
+  for (const std::string& name : cifar10_file_names(split)) {
+    if (limit >= 0 && out.size() >= limit) break;
+    Dataset part = read_cifar10_batch_file(join_path(dir, name));
+    out.labels.insert(out.labels.end(), part.labels.begin(), part.labels.end());
+    out.images.insert(out.images.end(), part.images.begin(), part.images.end());
+  }
+  if (limit >= 0 && out.size() > limit) {
+    out.labels.resize(size_t(limit));
+    out.images.resize(size_t(limit * kCifarImageBytes));
+  }
+  return out;
+}
+
+std::string resolve_cifar10_dir(const std::string& flag_value) {
+  std::string dir, source;
+  const char* env = std::getenv("CIFAR10_DIR");
+  if (!flag_value.empty()) {
+    dir = flag_value, source = "given on the command line";
+  } else if (env && *env) {
+    dir = env, source = "from $CIFAR10_DIR";
+  } else {
+    dir = "./data/cifar-10-batches-bin", source = "the default; set $CIFAR10_DIR or pass a directory to change it";
+  }
+  std::string missing;
+  for (Split split : {Split::Train, Split::Test})
+    for (const std::string& name : cifar10_file_names(split))
+      if (!is_regular_file(join_path(dir, name))) missing += (missing.empty() ? "" : ", ") + name;
+  if (!missing.empty())
+    throw Error("CIFAR-10 binary files not found in '" + dir + "' (" + source + "): missing " + missing +
+                ". Fetch them with: tools/fetch_cifar10.sh " + dir);
+  return dir;
+}
+
+Normalization compute_normalization(const Dataset& data) {
+  SP_CHECK(data.size() > 0 && int64_t(data.images.size()) == data.size() * kCifarImageBytes,
+           "compute_normalization: need a non-empty data set with ", kCifarImageBytes, " bytes per image");
+  // Exact integer sums: 60000 images * 1024 pixels * 255^2 is far below 2^64.
+  uint64_t sum[3] = {0, 0, 0}, sum_sq[3] = {0, 0, 0};
+  for (size_t i = 0; i < data.images.size(); ++i) {
+    const uint64_t p = data.images[i];
+    sum[i % 3] += p;
+    sum_sq[i % 3] += p * p;
+  }
+  const double count = double(data.size()) * double(kPlane);
+  Normalization n{};
+  for (int c = 0; c < 3; ++c) {
+    const double mean = double(sum[c]) / count / 255.0;
+    const double var = double(sum_sq[c]) / count / (255.0 * 255.0) - mean * mean;
+    n.mean[size_t(c)] = float(mean);
+    n.std[size_t(c)] = float(std::sqrt(std::max(var, 0.0)));
+  }
+  return n;
+}
+
+Augmentation sample_augmentation(uint64_t seed, int64_t epoch, int64_t position) {
+  Rng rng(key(seed, kAugmentStream, uint64_t(epoch), uint64_t(position)));
+  Augmentation a;
+  a.crop_y = int(rng.below(2 * kCifarPad + 1));
+  a.crop_x = int(rng.below(2 * kCifarPad + 1));
+  a.flip = rng.below(2) == 1;
+  return a;
+}
+
+void augment_normalize(const uint8_t* src, const Augmentation& aug, const Normalization& norm, float* dst) {
+  SP_CHECK(aug.crop_y >= 0 && aug.crop_y <= 2 * kCifarPad && aug.crop_x >= 0 && aug.crop_x <= 2 * kCifarPad,
+           "crop offset (", aug.crop_y, ", ", aug.crop_x, ") outside 0..", 2 * kCifarPad);
+  // (p / 255 - mean) / std as one multiply-add per value.
+  float scale[3], bias[3];
+  for (int c = 0; c < 3; ++c) {
+    scale[c] = 1.f / (255.f * norm.std[size_t(c)]);
+    bias[c] = -norm.mean[size_t(c)] / norm.std[size_t(c)];
+  }
+  constexpr int S = kCifarSide;
+  for (int y = 0; y < S; ++y) {
+    const int sy = y + aug.crop_y - kCifarPad;
+    float* out_row = dst + y * S * 3;
+    for (int x = 0; x < S; ++x) {
+      // Crop, then mirror the crop: output column x comes from crop column 31 - x.
+      const int sx = (aug.flip ? S - 1 - x : x) + aug.crop_x - kCifarPad;
+      float* o = out_row + x * 3;
+      if (sy < 0 || sy >= S || sx < 0 || sx >= S) {
+        for (int c = 0; c < 3; ++c) o[c] = bias[c];
+      } else {
+        const uint8_t* p = src + (sy * S + sx) * 3;
+        for (int c = 0; c < 3; ++c) o[c] = float(p[c]) * scale[c] + bias[c];
+      }
+    }
+  }
+}
+
+std::vector<int64_t> epoch_order(int64_t n, bool shuffle, uint64_t seed, int64_t epoch) {
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[size_t(i)] = i;
+  if (!shuffle) return order;
+  Rng rng(key(seed, kOrderStream, uint64_t(epoch), 0));
+  for (int64_t i = n - 1; i > 0; --i) std::swap(order[size_t(i)], order[rng.below(uint64_t(i) + 1)]);
+  return order;
+}
+
+int64_t batches_per_epoch(int64_t n, int64_t batch_size, bool drop_last) {
+  SP_CHECK(batch_size > 0, "batch size must be positive, got ", batch_size);
+  return drop_last ? n / batch_size : (n + batch_size - 1) / batch_size;
+}
+
+void fill_batch(const Dataset& data, const std::vector<int64_t>& order, const LoaderOptions& opts, int64_t epoch,
+                int64_t index, float* images, int32_t* labels, int64_t* sample_ids) {
+  const int64_t n = data.size();
+  SP_CHECK(int64_t(order.size()) == n, "fill_batch: order has ", order.size(), " entries for ", n, " samples");
+  SP_CHECK(index >= 0 && index < batches_per_epoch(n, opts.batch_size, opts.drop_last), "fill_batch: batch ", index,
+           " out of range");
+  const int64_t start = index * opts.batch_size, count = std::min(opts.batch_size, n - start);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t id = order[size_t(start + i)];
+    sample_ids[i] = id;
+    labels[i] = data.labels[size_t(id)];
+  }
+  kernels::cpu::parallel_for(count, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const Augmentation aug = opts.augment ? sample_augmentation(opts.seed, epoch, start + i) : Augmentation{};
+      augment_normalize(data.images.data() + sample_ids[i] * kCifarImageBytes, aug, opts.norm,
+                        images + i * kCifarImageBytes);
+    }
+  });
+}
+
+BatchLoader::BatchLoader(const Dataset& data, const LoaderOptions& opts)
+    : data_(data),
+      opts_(opts),
+      batches_per_epoch_(data::batches_per_epoch(data.size(), opts.batch_size, opts.drop_last)) {
+  SP_CHECK(int64_t(data.images.size()) == data.size() * kCifarImageBytes, "BatchLoader: data set has ",
+           data.images.size(), " image bytes for ", data.size(), " labels");
+  SP_CHECK(batches_per_epoch_ > 0, "BatchLoader: ", data.size(), " samples make no batch of ", opts.batch_size,
+           opts.drop_last ? " with drop_last" : "");
+  SP_CHECK(opts.prefetch >= 1, "BatchLoader: prefetch must be at least 1, got ", opts.prefetch);
+  // One slot more than the prefetch depth: the consumer holds one while the producer fills the rest.
+  slots_.resize(size_t(opts.prefetch) + 1);
+  const size_t image_bytes = size_t(opts.batch_size * kCifarImageBytes) * sizeof(float);
+  for (size_t s = 0; s < slots_.size(); ++s) {
+    slots_[s].memory = PinnedBuffer(image_bytes + size_t(opts.batch_size) * sizeof(int32_t));
+    free_slots_.push_back(int(s));
+  }
+  producer_ = std::thread([this] { produce(); });
+}
+
+BatchLoader::~BatchLoader() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  producer_.join();
+}
+
+void BatchLoader::produce() {
+  // The order of the epoch being produced, kept across batches (epochs change rarely).
+  std::vector<int64_t> order;
+  int64_t order_epoch = -1;
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    cv_.wait(lk, [&] { return stop_ || (!free_slots_.empty() && !error_); });
+    if (stop_) return;
+    const int s = free_slots_.back();
+    free_slots_.pop_back();
+    const int64_t epoch = produce_epoch_, index = produce_index_;
+    const uint64_t generation = generation_;
+    if (++produce_index_ == batches_per_epoch_) produce_index_ = 0, ++produce_epoch_;
+    lk.unlock();
+
+    std::exception_ptr error;
+    try {
+      if (order_epoch != epoch) {
+        order = epoch_order(data_.size(), opts_.shuffle, opts_.seed, epoch);
+        order_epoch = epoch;
+      }
+      Slot& slot = slots_[size_t(s)];
+      const int64_t b = std::min(opts_.batch_size, data_.size() - index * opts_.batch_size);
+      auto* base = static_cast<char*>(slot.memory.data());
+      auto* labels = base + size_t(opts_.batch_size * kCifarImageBytes) * sizeof(float);
+      slot.batch.images = Tensor::from_blob(base, {b, kCifarSide, kCifarSide, kCifarChannels}, DType::F32);
+      slot.batch.labels = Tensor::from_blob(labels, {b}, DType::I32);
+      slot.batch.epoch = epoch;
+      slot.batch.index_in_epoch = index;
+      slot.batch.sample_ids.resize(size_t(b));
+      fill_batch(data_, order, opts_, epoch, index, slot.batch.images.data<float>(), slot.batch.labels.data<int32_t>(),
+                 slot.batch.sample_ids.data());
+    } catch (...) {
+      error = std::current_exception();
+    }
+
+    lk.lock();
+    if (generation != generation_) {
+      free_slots_.push_back(s);  // a seek() happened meanwhile: this batch is no longer wanted
+    } else if (error) {
+      error_ = error;
+      free_slots_.push_back(s);
+    } else {
+      ready_.push_back(s);
+    }
+    cv_.notify_all();
+  }
+}
+
+void BatchLoader::release_held_locked() {
+  if (held_ >= 0) free_slots_.push_back(held_);
+  held_ = -1;
+}
+
+const Batch& BatchLoader::next() {
+  std::unique_lock<std::mutex> lk(mu_);
+  release_held_locked();
+  cv_.notify_all();
+  cv_.wait(lk, [&] { return !ready_.empty() || error_; });
+  // Batches finished before a failure are still handed out in order.
+  if (ready_.empty()) std::rethrow_exception(error_);
+  held_ = ready_.front();
+  ready_.pop_front();
+  return slots_[size_t(held_)].batch;
+}
+
+void BatchLoader::seek(int64_t epoch, int64_t batch_index) {
+  SP_CHECK(epoch >= 0 && batch_index >= 0 && batch_index < batches_per_epoch_, "BatchLoader::seek(", epoch, ", ",
+           batch_index, "): position outside epochs >= 0 and batches 0..", batches_per_epoch_ - 1);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    release_held_locked();
+    for (int s : ready_) free_slots_.push_back(s);
+    ready_.clear();
+    produce_epoch_ = epoch;
+    produce_index_ = batch_index;
+    ++generation_;
+    error_ = nullptr;  // a failure at the old position says nothing about the new one
+  }
+  cv_.notify_all();
+}
+
+}  // namespace sp::data

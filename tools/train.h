@@ -1,0 +1,65 @@
+// The training run behind `staleprop train` (and `staleprop eval`), as a library so the tests
+// can drive it: data, model, optimiser, schedule, per-epoch evaluation, metrics, progress,
+// checkpoints and exact resumption.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "tools/cifar10.h"
+
+namespace sp::train {
+
+struct TrainConfig {
+  std::string model = "resnet20";
+  int epochs = 1;
+  int64_t batch_size = 128;
+  float lr = 0.1f;
+  float momentum = 0.9f;
+  bool nesterov = false;
+  float weight_decay = 5e-4f;
+  std::string schedule = "multistep";              // constant | multistep | cosine | onecycle
+  std::vector<double> milestones = {0.5, 0.75};    // multistep, as fractions of the run
+  float gamma = 0.1f;
+  double warmup_epochs = 0;
+  float label_smoothing = 0.f;
+  std::string precision = "fp32";                  // fp32 | bf16 (GPU)
+  std::string kernels = "custom";                  // custom | vendor (GPU)
+  uint64_t seed = 0;
+  bool deterministic = false;
+  std::string device = "cpu";
+  bool augment = true;
+  int64_t eval_batch_size = 500;
+  std::string checkpoint;                          // written after every epoch when set
+  int64_t checkpoint_every = 0;                    // also every N steps when > 0
+  std::string resume;                              // checkpoint to resume from
+  std::string metrics;                             // JSON-lines file (appended) when set
+  std::string progress = "auto";                   // auto | bar | plain | none
+  int64_t stop_after_steps = -1;                   // end the run early after this global step
+};
+
+struct EpochResult {
+  int epoch;
+  double train_loss, train_acc, test_loss, test_acc, images_per_s, elapsed_s;
+};
+
+struct TrainResult {
+  std::vector<EpochResult> epochs;
+  int64_t steps = 0;
+};
+
+// Trains on `train_set`, evaluating on `test_set` (may be empty) after each epoch.
+TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set);
+
+// Test-set accuracy and mean loss of the model in a checkpoint; an empty `model` takes the
+// name stored in the checkpoint's metadata.
+struct EvalResult {
+  double loss, accuracy;
+  int64_t samples;
+};
+EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model, const std::string& device,
+                               const data::Dataset& test_set, int64_t batch_size);
+
+}  // namespace sp::train
