@@ -67,7 +67,7 @@ TEST_P(CpuGemm, MatchesTripleLoopForEveryTransposeCombination) {
 INSTANTIATE_TEST_SUITE_P(Shapes, CpuGemm,
                          ::testing::Values(Case{1, 1, 1}, Case{1, 17, 5}, Case{7, 1, 3}, Case{6, 16, 8},
                                            Case{13, 33, 29}, Case{97, 50, 257}, Case{200, 40, 600},
-                                           Case{5, 1100, 3}, Case{64, 64, 0}));
+                                           Case{5, 1100, 3}, Case{64, 64, 0}, Case{5, 7, 9000}));  // the last takes the split-K path
 
 TEST(CpuGemmScaling, AlphaBetaAndStrides) {
   EXPECT_LT(max_rel_error<double>(false, false, 37, 45, 70, 0.5, 2.0, 3, false), 1e-12);

@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# The main job: builds staleprop and trains. Until the CIFAR-10 trainer lands this trains a
-# tiny CNN on synthetic data on the CPU (staleprop demo) and prints its falling loss.
+# The main job: builds staleprop, fetches CIFAR-10 into ./data (from ../shared/data when it is
+# there, else the official archive), and trains a CIFAR ResNet-20 with standard backprop.
+#
+# The default is sized for a 2-core machine without a GPU (about 7 minutes of training): 3
+# epochs over the first 10,000 training images, evaluated on 5,000 test images. Any extra
+# arguments are passed to `staleprop train` and override the defaults, for example
+#   tools/quickstart.sh --train-limit 50000 --test-limit 10000 --epochs 30      (all data)
+# (see README.md for the full recipes, and `build/tools/staleprop train --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . tools/deps.sh
 staleprop_deps
 staleprop_build build
-exec build/tools/staleprop demo "$@"
+tools/fetch_cifar10.sh data/cifar-10-batches-bin
+exec build/tools/staleprop train --data data/cifar-10-batches-bin --model resnet20 --epochs 3 \
+  --train-limit 10000 --test-limit 5000 --batch-size 128 --lr 0.1 --schedule onecycle --warmup-epochs 0.5 \
+  --metrics data/quickstart-metrics.jsonl "$@"

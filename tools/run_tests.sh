@@ -9,6 +9,9 @@ staleprop_deps
 
 echo "== build (build/)"
 staleprop_build build
+# The real-data tests use CIFAR-10 in ./data when it can be had (from ../shared/data or the
+# network); without it they skip, saying so.
+tools/fetch_cifar10.sh data/cifar-10-batches-bin || echo "note: CIFAR-10 unavailable; real-data tests will skip"
 echo "== tests"
 (cd build && ctest --output-on-failure -j "$(nproc)")
 

@@ -6,6 +6,11 @@
 //         micro-tiles kMr x kNr                 registers
 // Tasks partition C, so every output element is written by one thread in a fixed order:
 // the result does not depend on the number of threads.
+//
+// Small outputs with a long K (convolution weight gradients: C is K x RSC, K = N*P*Q) would
+// leave most threads idle, so K is cut into fixed chunks of kSplitK whose partial products
+// are computed in parallel and then summed in chunk order (deterministic, and independent of
+// the thread count since the chunking depends only on k).
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
@@ -23,6 +28,8 @@ using gemm_detail::MicroTile;
 
 constexpr int64_t kMc = 96;    // rows of A per packed block (multiple of kMr)
 constexpr int64_t kNc = 1024;  // columns of B per packed panel (multiple of kNr)
+constexpr int64_t kSplitK = 4096;            // K chunk of the split-K path
+constexpr int64_t kSplitKMaxOutput = 1 << 16;  // outputs (m * n) small enough for split-K
 
 template <typename T>
 MicroKernel<T> select_micro_kernel() {
@@ -86,14 +93,10 @@ void scale_c(int64_t m, int64_t n, T beta, T* c, int64_t ldc) {
   });
 }
 
-}  // namespace
-
+// C += alpha * op(A) * op(B) (C already scaled by beta).
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T beta, T* c, int64_t ldc) {
-  if (m <= 0 || n <= 0) return;
-  if (beta != T(1)) scale_c(m, n, beta, c, ldc);
-  if (k <= 0 || alpha == T(0)) return;
+void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                     const T* b, int64_t ldb, T* c, int64_t ldc) {
 
   constexpr int MR = MicroTile<T>::kMr, NR = MicroTile<T>::kNr;
   static const MicroKernel<T> micro = select_micro_kernel<T>();
@@ -133,6 +136,38 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
       });
     }
   }
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (beta != T(1)) scale_c(m, n, beta, c, ldc);
+  if (k <= 0 || alpha == T(0)) return;
+  if (k < 2 * kSplitK || m * n > kSplitKMaxOutput) {
+    gemm_accumulate(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    return;
+  }
+  const int64_t chunks = (k + kSplitK - 1) / kSplitK;
+  std::vector<T> partial(size_t(chunks * m * n), T(0));
+  parallel_for(chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      const int64_t p0 = ch * kSplitK, kc = std::min(kSplitK, k - p0);
+      const T* a_chunk = trans_a ? a + p0 * lda : a + p0;
+      const T* b_chunk = trans_b ? b + p0 : b + p0 * ldb;
+      gemm_accumulate(trans_a, trans_b, m, n, kc, T(1), a_chunk, lda, b_chunk, ldb, partial.data() + ch * m * n, n);
+    }
+  });
+  parallel_for(m, 1, [&](int64_t rb, int64_t re) {
+    for (int64_t i = rb; i < re; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        T sum = T(0);
+        for (int64_t ch = 0; ch < chunks; ++ch) sum += partial[size_t((ch * m + i) * n + j)];
+        c[i * ldc + j] += alpha * sum;
+      }
+  });
 }
 
 template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,

@@ -1,0 +1,239 @@
+// End-to-end training runs on the CPU: checkpoints in PyTorch's names and layouts, exact
+// resumption, determinism, evaluation, and loss that falls on synthetic and on real images.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <array>
+#include <algorithm>
+#include <filesystem>
+#include <random>
+
+#include "engine/checkpoint.h"
+#include "engine/safetensors.h"
+#include "engine/trainer.h"
+#include "kernels/common/error.h"
+#include "layers/resnet.h"
+#include "tools/train.h"
+
+using namespace sp;
+namespace fs = std::filesystem;
+
+namespace {
+
+// A learnable 10-class set: each class is a fixed random colour pattern on a coarse 4x4 grid
+// plus per-image noise, as uint8 NHWC images.
+data::Dataset synthetic_set(int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> level(40, 215), noise(-30, 30);
+  std::vector<std::array<uint8_t, 48>> patterns(10);
+  for (auto& p : patterns)
+    for (auto& v : p) v = uint8_t(level(rng));
+  data::Dataset d;
+  d.images.resize(size_t(n * data::kCifarImageBytes));
+  for (int64_t i = 0; i < n; ++i) {
+    const int label = int(i % 10);
+    d.labels.push_back(label);
+    for (int y = 0; y < 32; ++y)
+      for (int x = 0; x < 32; ++x)
+        for (int c = 0; c < 3; ++c) {
+          const int v = patterns[size_t(label)][size_t(((y / 8) * 4 + x / 8) * 3 + c)] + noise(rng);
+          d.images[size_t(((i * 32 + y) * 32 + x) * 3 + c)] = uint8_t(std::clamp(v, 0, 255));
+        }
+  }
+  return d;
+}
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    char tmpl[] = "/tmp/staleprop-train-XXXXXX";
+    path = mkdtemp(tmpl);
+  }
+  ~TempDir() { fs::remove_all(path); }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+train::TrainConfig small_config() {
+  train::TrainConfig c;
+  c.model = "resnet20";
+  c.batch_size = 32;
+  c.epochs = 2;
+  c.lr = 0.05f;
+  c.schedule = "cosine";
+  c.warmup_epochs = 0.5;
+  c.progress = "none";
+  c.seed = 3;
+  return c;
+}
+
+void expect_same_tensors(const std::string& a, const std::string& b) {
+  const io::SafetensorsFile fa = io::read_safetensors(a), fb = io::read_safetensors(b);
+  ASSERT_EQ(fa.tensors.size(), fb.tensors.size());
+  for (const io::TensorRecord& r : fa.tensors) {
+    const io::TensorRecord* o = fb.find(r.name);
+    ASSERT_NE(o, nullptr) << r.name;
+    EXPECT_EQ(r.shape, o->shape) << r.name;
+    EXPECT_TRUE(r.data == o->data) << r.name << " differs";
+  }
+}
+
+TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
+  const data::Dataset train = synthetic_set(128, 1), test = synthetic_set(40, 2);
+  TempDir dir;
+  train::TrainConfig full = small_config();  // 2 epochs of 4 steps
+  full.checkpoint = dir.file("full.safetensors");
+  const train::TrainResult whole = train::run_training(full, train, test);
+  ASSERT_EQ(whole.steps, 8);
+
+  train::TrainConfig first = small_config();  // stops in the middle of epoch 2
+  first.checkpoint = dir.file("part.safetensors");
+  first.checkpoint_every = 6;
+  first.stop_after_steps = 6;
+  EXPECT_EQ(train::run_training(first, train, test).steps, 6);
+  EXPECT_EQ(io::read_safetensors(first.checkpoint).metadata.at("step"), "6");
+
+  train::TrainConfig rest = small_config();
+  rest.resume = first.checkpoint;
+  rest.checkpoint = dir.file("resumed.safetensors");
+  const train::TrainResult resumed = train::run_training(rest, train, test);
+  EXPECT_EQ(resumed.steps, 8);
+  expect_same_tensors(full.checkpoint, rest.checkpoint);
+  ASSERT_EQ(resumed.epochs.size(), 1u);
+  EXPECT_EQ(resumed.epochs[0].test_acc, whole.epochs[1].test_acc);
+  EXPECT_EQ(resumed.epochs[0].test_loss, whole.epochs[1].test_loss);
+
+  // Resuming with other settings is refused with a reason.
+  train::TrainConfig wrong = small_config();
+  wrong.resume = first.checkpoint;
+  wrong.batch_size = 16;
+  EXPECT_THROW(train::run_training(wrong, train, test), Error);
+  wrong = small_config();
+  wrong.resume = first.checkpoint;
+  wrong.model = "resnet32";
+  EXPECT_THROW(train::run_training(wrong, train, test), Error);
+}
+
+TEST(Training, CheckpointHoldsPyTorchNamesAndLayouts) {
+  const data::Dataset train = synthetic_set(64, 4);
+  TempDir dir;
+  train::TrainConfig c = small_config();
+  c.epochs = 1;
+  c.checkpoint = dir.file("ckpt.safetensors");
+  train::run_training(c, train, data::Dataset{});
+
+  // Loading into a differently initialised network restores every tensor exactly.
+  Network net = layers::build_resnet("resnet20", 10, 99);
+  auto s = make_stream(Device::cpu());
+  Sgd opt(net.state().params, SgdConfig{}, *s);
+  const auto meta = load_checkpoint(c.checkpoint, net, &opt, *s);
+  EXPECT_EQ(meta.at("model"), "resnet20");
+  EXPECT_EQ(meta.at("step"), "2");
+  const io::SafetensorsFile f = io::read_safetensors(c.checkpoint);
+  const io::TensorRecord* conv = f.find("layer2.0.conv1.weight");
+  ASSERT_NE(conv, nullptr);
+  EXPECT_EQ(conv->dtype, "F32");
+  EXPECT_EQ(conv->shape, (std::vector<int64_t>{32, 16, 3, 3}));  // OIHW, as PyTorch stores it
+  const Tensor* ours = nullptr;
+  for (auto& [n, p] : net.state().params)
+    if (n == "layer2.0.conv1.weight") ours = &p->value;
+  ASSERT_NE(ours, nullptr);
+  const float* pt = reinterpret_cast<const float*>(conv->data.data());
+  for (int k : {0, 7, 31})
+    for (int ch : {0, 5, 15})
+      for (int r : {0, 2})
+        for (int col : {1, 2}) EXPECT_EQ(pt[((k * 16 + ch) * 3 + r) * 3 + col], ours->at<float>(((k * 3 + r) * 3 + col) * 16 + ch));
+  const io::TensorRecord* tracked = f.find("bn1.num_batches_tracked");
+  ASSERT_NE(tracked, nullptr);
+  EXPECT_EQ(tracked->dtype, "I64");
+  int64_t batches = 0;
+  std::memcpy(&batches, tracked->data.data(), 8);
+  EXPECT_EQ(batches, 2);
+  EXPECT_NE(f.find("bn1.running_var"), nullptr);
+  EXPECT_NE(f.find("linear.bias"), nullptr);
+  EXPECT_NE(f.find("_optim.momentum.layer3.2.conv2.weight"), nullptr);
+  // Saving the restored network reproduces the file's tensors.
+  save_checkpoint(dir.file("again.safetensors"), net, &opt, meta, *s);
+  expect_same_tensors(c.checkpoint, dir.file("again.safetensors"));
+  // A checkpoint of another architecture is rejected, naming the missing tensor.
+  Network other = layers::build_resnet("resnet32", 10, 0);
+  try {
+    load_checkpoint(c.checkpoint, other, nullptr, *s);
+    FAIL() << "loaded a resnet20 checkpoint into a resnet32";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("layer1.3"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Training, EvaluationOfACheckpointMatchesTheRun) {
+  const data::Dataset train = synthetic_set(64, 5), test = synthetic_set(50, 6);
+  TempDir dir;
+  train::TrainConfig c = small_config();
+  c.epochs = 1;
+  c.eval_batch_size = 16;  // a smaller last batch too
+  c.checkpoint = dir.file("ckpt.safetensors");
+  const train::TrainResult r = train::run_training(c, train, test);
+  const train::EvalResult e = train::evaluate_checkpoint(c.checkpoint, "", "cpu", test, 16);
+  EXPECT_EQ(e.samples, 50);
+  EXPECT_EQ(e.accuracy, r.epochs.back().test_acc);
+  EXPECT_DOUBLE_EQ(e.loss, r.epochs.back().test_loss);
+}
+
+TEST(Training, LossFallsOnSyntheticImages) {
+  const data::Dataset train = synthetic_set(320, 7);
+  train::TrainConfig c = small_config();
+  c.epochs = 3;
+  c.augment = false;
+  c.schedule = "constant";
+  c.warmup_epochs = 0;
+  const train::TrainResult r = train::run_training(c, train, data::Dataset{});
+  ASSERT_EQ(r.epochs.size(), 3u);
+  EXPECT_LT(r.epochs[2].train_loss, 0.5 * r.epochs[0].train_loss)
+      << "loss " << r.epochs[0].train_loss << " -> " << r.epochs[2].train_loss;
+  EXPECT_GT(r.epochs[2].train_acc, 0.8);
+}
+
+std::string real_data_dir() {
+  std::vector<std::string> candidates;
+  if (const char* env = std::getenv("CIFAR10_DIR"); env && *env) candidates.push_back(env);
+  candidates.push_back(std::string(STALEPROP_SOURCE_DIR) + "/data/cifar-10-batches-bin");
+  for (const std::string& d : candidates)
+    if (fs::exists(fs::path(d) / "data_batch_1.bin") && fs::exists(fs::path(d) / "test_batch.bin")) return d;
+  return "";
+}
+
+TEST(Training, LossFallsOnAFewHundredRealImages) {
+  const std::string dir = real_data_dir();
+  if (dir.empty()) GTEST_SKIP() << "CIFAR-10 not found in $CIFAR10_DIR or " STALEPROP_SOURCE_DIR "/data (see tools/fetch_cifar10.sh)";
+  const data::Dataset train = data::load_cifar10(dir, data::Split::Train, 512);
+  train::TrainConfig c = small_config();
+  c.batch_size = 64;
+  c.epochs = 4;
+  c.augment = false;
+  c.schedule = "constant";
+  c.warmup_epochs = 0;
+  const train::TrainResult r = train::run_training(c, train, data::Dataset{});
+  ASSERT_EQ(r.epochs.size(), 4u);
+  EXPECT_LT(r.epochs[3].train_loss, 0.8 * r.epochs[0].train_loss)
+      << "loss " << r.epochs[0].train_loss << " -> " << r.epochs[3].train_loss;
+}
+
+TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
+  const data::Dataset train = synthetic_set(32, 8);
+  train::TrainConfig c = small_config();
+  c.precision = "bf16";
+  EXPECT_THROW(train::run_training(c, train, {}), Error);
+  c = small_config();
+  c.kernels = "vendor";
+  EXPECT_THROW(train::run_training(c, train, {}), Error);
+  c = small_config();
+  c.schedule = "linear";
+  EXPECT_THROW(train::run_training(c, train, {}), Error);
+  c = small_config();
+  c.milestones = {1.5};
+  c.schedule = "multistep";
+  EXPECT_THROW(train::run_training(c, train, {}), Error);
+}
+
+}  // namespace
