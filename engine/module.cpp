@@ -15,10 +15,10 @@ void add_storage(const Context& ctx, std::set<const void*>& seen, size_t& bytes)
 }
 }  // namespace
 
-size_t Context::saved_bytes() const {
-  std::set<const void*> seen;
+size_t Context::saved_bytes(std::set<const void*>* seen) const {
+  std::set<const void*> local;
   size_t bytes = 0;
-  add_storage(*this, seen, bytes);
+  add_storage(*this, seen ? *seen : local, bytes);
   return bytes;
 }
 

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -50,8 +51,9 @@ struct Context {
     children.clear();
   }
   // Bytes of distinct tensor storage referenced (an upper bound on the activation memory
-  // this batch keeps alive).
-  size_t saved_bytes() const;
+  // this batch keeps alive). Storage already in `seen` is not counted again, so one set can
+  // be passed over several contexts.
+  size_t saved_bytes(std::set<const void*>* seen = nullptr) const;
 };
 
 class Module {

@@ -1,0 +1,364 @@
+#include "engine/pipeline.h"
+
+#include <algorithm>
+#include <chrono>
+#include <deque>
+#include <numeric>
+#include <set>
+
+#include "engine/ops.h"
+#include "kernels/common/error.h"
+
+namespace sp {
+
+PipelineMethod parse_pipeline_method(const std::string& s) {
+  if (s == "bp") return PipelineMethod::BP;
+  if (s == "ddg") return PipelineMethod::DDG;
+  if (s == "fdg") return PipelineMethod::FDG;
+  throw Error("unknown method '" + s + "' (expected bp, ddg or fdg)");
+}
+
+const char* pipeline_method_name(PipelineMethod m) {
+  switch (m) {
+    case PipelineMethod::BP: return "bp";
+    case PipelineMethod::DDG: return "ddg";
+    case PipelineMethod::FDG: return "fdg";
+  }
+  return "?";
+}
+
+// One slot of a double-buffered queue. Buffers are persistent (allocated at the first write,
+// grown only after the slot's last read has completed); the host-side fields describe the
+// message of the most recent write.
+struct PipelineTrainer::Slot {
+  Tensor data, labels;
+  std::unique_ptr<Event> ready, freed;
+  int64_t tick = -1, batch = -1;
+  Shape shape;
+};
+
+struct PipelineTrainer::Queue {
+  Slot slots[2];
+  explicit Queue(Device producer) {
+    for (Slot& s : slots) s.ready = make_event(producer), s.freed = make_event(producer);
+  }
+};
+
+namespace {
+
+struct InFlight {
+  int64_t batch, tick;
+  std::vector<Context> contexts;  // one per block of the module
+};
+
+struct TimedStage {
+  std::unique_ptr<Event> start, end;
+  int64_t tick, batch;
+  const char* stage;
+};
+
+struct PendingLoss {
+  Tensor loss, correct;
+  int64_t samples;
+};
+
+struct Message {
+  Tensor data, labels;
+  int64_t batch = -1;
+};
+
+}  // namespace
+
+struct PipelineTrainer::Stage {
+  int index = 0;
+  Device device;
+  std::unique_ptr<Stream> stream;
+  size_t first = 0, last = 0;
+  std::unique_ptr<Sgd> opt;
+  std::deque<InFlight> inflight;
+  int64_t steps = 0;
+  std::unique_ptr<Event> tick_end[2];
+  std::unique_ptr<Event> input_copied;  // module 1: the source's views may be reused after it
+  std::unique_ptr<Event> epoch_start;
+  std::vector<TimedStage> timed;
+  std::vector<PendingLoss> pending;  // module K
+};
+
+namespace {
+
+// The first numel(shape) elements of a slot buffer, viewed as `shape`.
+Tensor slot_view(const Tensor& buffer, const Shape& shape) {
+  return buffer.view({buffer.numel()}).slice(0, shape_numel(shape)).view(shape);
+}
+
+}  // namespace
+
+PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : net_(net), cfg_(config) {
+  const size_t blocks = net.size();
+  SP_CHECK(blocks > 0, "pipeline: the network has no blocks");
+  std::vector<size_t> starts = {0};
+  for (size_t c : cfg_.cuts) {
+    SP_CHECK(c > starts.back() && c < blocks, "pipeline: cut points must be ascending block indices in (0, ",
+             blocks, "), got ", c);
+    starts.push_back(c);
+  }
+  const int k_modules = int(starts.size());
+  const Device home = net.state().params.empty() ? Device::cpu() : net.state().params[0].second->value.device();
+  SP_CHECK(cfg_.devices.empty() || cfg_.devices.size() == 1 || int(cfg_.devices.size()) == k_modules,
+           "pipeline: give one device for all modules or one per module (", k_modules, " modules, ",
+           cfg_.devices.size(), " devices)");
+  switch (cfg_.method) {
+    case PipelineMethod::BP: activation_latency_ = 0, gradient_latency_ = 0; break;
+    case PipelineMethod::DDG: activation_latency_ = 0, gradient_latency_ = 1; break;
+    case PipelineMethod::FDG: activation_latency_ = 1, gradient_latency_ = 1; break;
+  }
+  for (int k = 0; k < k_modules; ++k) {
+    auto st = std::make_unique<Stage>();
+    st->index = k;
+    st->device = cfg_.devices.empty() ? home : cfg_.devices[cfg_.devices.size() == 1 ? 0 : size_t(k)];
+    st->stream = make_stream(st->device, cfg_.stream_options);
+    st->first = starts[size_t(k)];
+    st->last = k + 1 < k_modules ? starts[size_t(k) + 1] : blocks;
+    for (size_t b = st->first; b < st->last; ++b) net.block(b).to(st->device, *st->stream);
+    st->opt = std::make_unique<Sgd>(net.state(st->first, st->last).params, cfg_.sgd, *st->stream);
+    for (auto& e : st->tick_end) e = make_event(st->device);
+    st->input_copied = make_event(st->device);
+    st->epoch_start = make_event(st->device, true);
+    stages_.push_back(std::move(st));
+  }
+  for (int k = 0; k + 1 < k_modules; ++k) {
+    act_.push_back(std::make_unique<Queue>(stages_[size_t(k)]->device));
+    grad_.push_back(std::make_unique<Queue>(stages_[size_t(k) + 1]->device));
+  }
+}
+
+PipelineTrainer::~PipelineTrainer() {
+  for (auto& st : stages_) st->stream->synchronize();
+}
+
+int PipelineTrainer::delay(int module) const {
+  return (activation_latency_ + gradient_latency_) * (num_modules() - 1 - module);
+}
+
+std::pair<size_t, size_t> PipelineTrainer::blocks(int module) const {
+  return {stages_[size_t(module)]->first, stages_[size_t(module)]->last};
+}
+
+int64_t PipelineTrainer::steps(int module) const { return stages_[size_t(module)]->steps; }
+
+std::vector<Sgd*> PipelineTrainer::optimizers() {
+  std::vector<Sgd*> out;
+  for (auto& st : stages_) out.push_back(st->opt.get());
+  return out;
+}
+
+void PipelineTrainer::send(Stage& st, Slot& slot, int64_t tick, int64_t batch, const Tensor& data,
+                           const Tensor& labels) {
+  Stream& s = *st.stream;
+  s.wait(*slot.freed);  // the consumer has copied out the message of two ticks ago
+  const bool grow = !slot.data.defined() || slot.data.numel() < data.numel() ||
+                    (labels.defined() && (!slot.labels.defined() || slot.labels.numel() < labels.numel()));
+  if (grow) {
+    slot.freed->synchronize();  // the old buffers' last read is done before they are released
+    slot.data = Tensor::empty(data.shape(), data.dtype(), s.device());
+    if (labels.defined()) slot.labels = Tensor::empty(labels.shape(), labels.dtype(), s.device());
+  }
+  ops::copy(s, data, slot_view(slot.data, data.shape()));
+  if (labels.defined()) ops::copy(s, labels, slot.labels.slice(0, labels.numel()));
+  s.record(*slot.ready);
+  slot.tick = tick, slot.batch = batch, slot.shape = data.shape();
+}
+
+bool PipelineTrainer::receive(Stage& st, Slot& slot, int64_t written_tick, bool with_labels, Tensor* data,
+                              Tensor* labels, int64_t* batch) {
+  if (slot.tick != written_tick) return false;  // nothing was sent at that tick
+  Stream& s = *st.stream;
+  s.wait(*slot.ready);
+  *data = new_activation(s, slot.shape);
+  ops::copy(s, slot_view(slot.data, slot.shape), *data);
+  if (with_labels) {
+    *labels = new_activation(s, {slot.shape[0]}, DType::I32);
+    ops::copy(s, slot.labels.slice(0, slot.shape[0]), *labels);
+  }
+  s.record(*slot.freed);
+  *batch = slot.batch;
+  return true;
+}
+
+void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& source, bool& source_done,
+                                    const LrAt& lr, PipelineEpochStats& stats) {
+  Stage& st = *stages_[size_t(k)];
+  Stream& s = *st.stream;
+  const int last = num_modules() - 1;
+  Message in;
+  if (k == 0) {
+    if (source_done) return;
+    st.input_copied->synchronize();  // the previous batch's views are no longer needed
+    Tensor xs, ys;
+    if (!source(&xs, &ys)) {
+      source_done = true;
+      return;
+    }
+    in.data = new_activation(s, xs.shape());
+    in.labels = new_activation(s, ys.shape(), DType::I32);
+    ops::copy(s, xs, in.data);
+    ops::copy(s, ys, in.labels);
+    s.record(*st.input_copied);
+    in.batch = next_batch_++;
+  } else {
+    const int64_t sent = tick - activation_latency_;
+    if (!receive(st, act_[size_t(k) - 1]->slots[sent % 2], sent, true, &in.data, &in.labels, &in.batch)) return;
+  }
+  TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, in.batch,
+                   k == last ? "fwd+loss+bwd" : "fwd"};
+  s.record(*timed.start);
+  InFlight f{in.batch, tick, std::vector<Context>(st.last - st.first)};
+  Tensor h = in.data;
+  for (size_t b = st.first; b < st.last; ++b) h = net_.block(b).forward(s, h, f.contexts[b - st.first]);
+  ledger_.push_back({tick, k, in.batch, false});
+  st.inflight.push_back(std::move(f));
+  if (k < last) {
+    send(st, act_[size_t(k)]->slots[tick % 2], tick, in.batch, h, in.labels);
+    s.record(*timed.end);
+    st.timed.push_back(std::move(timed));
+    return;
+  }
+  // Module K: the loss and its gradient, then the backward of the same batch at once.
+  SP_CHECK(h.dim() == 2, "pipeline: the last module must produce [N, classes] logits, got ", h.str());
+  PendingLoss pl{new_activation(s, {1}), new_activation(s, {1}, DType::I32), h.size(0)};
+  Tensor dlogits = new_activation(s, h.shape());
+  ops::softmax_cross_entropy(s, h, in.labels, cfg_.label_smoothing, pl.loss, dlogits, pl.correct);
+  st.pending.push_back(pl);
+  backward_and_step(k, tick, dlogits, lr, stats);
+  s.record(*timed.end);
+  st.timed.push_back(std::move(timed));
+}
+
+void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr, PipelineEpochStats& stats) {
+  Stage& st = *stages_[size_t(k)];
+  Stream& s = *st.stream;
+  const int64_t sent = tick - gradient_latency_;
+  Tensor dy, unused;
+  int64_t batch = -1;
+  if (!receive(st, grad_[size_t(k)]->slots[sent % 2], sent, false, &dy, &unused, &batch)) return;
+  SP_CHECK(!st.inflight.empty() && st.inflight.front().batch == batch, "pipeline: module ", k + 1,
+           " received the gradient of batch ", batch, " but its oldest batch in flight is ",
+           st.inflight.empty() ? -1 : st.inflight.front().batch);
+  if (cfg_.shrink != 1.f) ops::scale(s, cfg_.shrink, dy, dy);
+  TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, batch, "bwd"};
+  s.record(*timed.start);
+  backward_and_step(k, tick, dy, lr, stats);
+  s.record(*timed.end);
+  st.timed.push_back(std::move(timed));
+}
+
+void PipelineTrainer::backward_and_step(int k, int64_t tick, Tensor dy, const LrAt& lr, PipelineEpochStats&) {
+  Stage& st = *stages_[size_t(k)];
+  Stream& s = *st.stream;
+  InFlight f = std::move(st.inflight.front());
+  st.inflight.pop_front();
+  SP_CHECK(tick - f.tick == delay(k), "pipeline: module ", k + 1, " back-propagates batch ", f.batch, " ",
+           tick - f.tick, " ticks after its forward, expected ", delay(k));
+  Tensor g = dy;
+  for (size_t b = st.last; b-- > st.first;)
+    g = net_.block(b).backward(s, g, f.contexts[b - st.first], b > st.first || k > 0);
+  if (k > 0) {
+    send(st, grad_[size_t(k) - 1]->slots[tick % 2], tick, f.batch, g, Tensor());
+  }
+  st.opt->step(s, lr(st.steps));
+  ++st.steps;
+  ledger_.push_back({tick, k, f.batch, true});
+}
+
+PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const LrAt& lr) {
+  PipelineEpochStats stats;
+  const int K = num_modules();
+  stats.busy_ms.assign(size_t(K), 0.0);
+  net_.set_training(true);
+  for (auto& st : stages_) {
+    st->stream->record(*st->epoch_start);
+    st->timed.clear();
+    st->pending.clear();
+  }
+  next_batch_ = 0;
+  const auto wall_start = std::chrono::steady_clock::now();
+  // Activation memory held for batches in flight, measured when it peaks within a tick: after
+  // the forwards.
+  auto measure_saved = [&] {
+    std::set<const void*> seen;
+    size_t saved = 0;
+    for (auto& st : stages_)
+      for (const InFlight& f : st->inflight)
+        for (const Context& c : f.contexts) saved += c.saved_bytes(&seen);
+    stats.peak_saved_bytes = std::max(stats.peak_saved_bytes, saved);
+  };
+  bool source_done = false;
+  int64_t last_active_tick = -1;
+  for (int64_t tick = 0; !(source_done && stages_[0]->inflight.empty()); ++tick) {
+    // At most two ticks of work are queued ahead of each stream.
+    for (auto& st : stages_) st->tick_end[tick % 2]->synchronize();
+    const size_t events_before = ledger_.size();
+    if (cfg_.method == PipelineMethod::FDG) {
+      for (int k = 0; k + 1 < K; ++k) backward_phase(k, tick, lr, stats);
+      for (int k = 0; k < K; ++k) forward_phase(k, tick, source, source_done, lr, stats);
+      measure_saved();
+    } else {
+      for (int k = 0; k < K; ++k) forward_phase(k, tick, source, source_done, lr, stats);
+      measure_saved();
+      for (int k = K - 2; k >= 0; --k) backward_phase(k, tick, lr, stats);
+    }
+    for (auto& st : stages_) st->stream->record(*st->tick_end[tick % 2]);
+    if (ledger_.size() > events_before) last_active_tick = tick;
+  }
+  stats.ticks = last_active_tick + 1;
+
+  // Read back the losses and the stage timings.
+  Stage& last = *stages_.back();
+  std::vector<std::pair<Tensor, Tensor>> host;
+  for (const PendingLoss& p : last.pending) {
+    Tensor l = p.loss, c = p.correct;
+    if (!l.device().is_cpu()) {
+      l = Tensor::empty({1}, DType::F32), c = Tensor::empty({1}, DType::I32);
+      ops::copy(*last.stream, p.loss, l);
+      ops::copy(*last.stream, p.correct, c);
+    }
+    host.emplace_back(l, c);
+  }
+  for (auto& st : stages_) st->stream->synchronize();
+  stats.wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - wall_start).count();
+  for (size_t i = 0; i < host.size(); ++i) {
+    stats.train.loss_sum += double(host[i].first.at<float>(0)) * double(last.pending[i].samples);
+    stats.train.correct += host[i].second.at<int32_t>(0);
+    stats.train.samples += last.pending[i].samples;
+  }
+  for (auto& st : stages_) {
+    for (const TimedStage& t : st->timed) {
+      const double start = t.start->elapsed_ms_since(*st->epoch_start), dur = t.end->elapsed_ms_since(*t.start);
+      stats.busy_ms[size_t(st->index)] += dur;
+      stats.stages.push_back({st->index, t.tick, t.batch, t.stage, start, dur});
+    }
+    st->timed.clear();
+    st->pending.clear();
+  }
+  return stats;
+}
+
+std::vector<size_t> balanced_cuts(const std::vector<double>& block_cost, int k) {
+  const size_t n = block_cost.size();
+  SP_CHECK(k >= 1 && size_t(k) <= n, "cannot cut ", n, " blocks into ", k, " modules");
+  // Greedy on prefix sums: cut i goes where the running cost first reaches i/k of the total,
+  // keeping at least one block per module.
+  const double total = std::accumulate(block_cost.begin(), block_cost.end(), 0.0);
+  std::vector<size_t> cuts;
+  double run = 0;
+  for (size_t b = 0; b < n && int(cuts.size()) < k - 1; ++b) {
+    run += block_cost[b];
+    const size_t next = cuts.size() + 1;
+    const size_t remaining_blocks = n - (b + 1), remaining_cuts = size_t(k - 1) - cuts.size();
+    if ((run >= total * double(next) / k && b + 1 < n) || remaining_blocks == remaining_cuts)
+      if (cuts.empty() || b + 1 > cuts.back()) cuts.push_back(b + 1);
+  }
+  return cuts;
+}
+
+}  // namespace sp

@@ -1,0 +1,134 @@
+// Decoupled pipeline training: the network cut into K modules that all work every tick.
+//
+// Methods (d_k: how many ticks module k's backward of a batch trails its forward, k = 1..K):
+//   bp   the locked baseline: each tick forwards one batch through all modules, then
+//        back-propagates it through all of them (d_k = 0)
+//   ddg  forward-locked (Huo et al. 2018): the forward of a batch still runs through all
+//        modules in one tick, but module k back-propagates with the gradient module k+1 sent
+//        the tick before (d_k = K - k)
+//   fdg  fully decoupled (Zhuang et al., arXiv 1906.09108): activations and gradients both
+//        move one module per tick, so every module works on a different batch at once
+//        (d_k = 2(K - k))
+// Every tick, module k (k < K): backward of its oldest batch in flight with the gradient just
+// received from module k+1 multiplied by the shrink factor beta, then its optimizer step, then
+// the forward of the activation just received (ddg and bp: forward first). Module K forwards,
+// computes the loss and back-propagates the same batch at once, then steps. A module's
+// optimizer uses the learning rate of its own step count, so every module sees the schedule
+// in the same order of batches.
+//
+// Between modules k and k+1: a double-buffered activation queue (k -> k+1, with the labels)
+// and a gradient queue (k+1 -> k). Each slot has a ready event (recorded by the producer after
+// writing) and a free event (recorded by the consumer after copying out), so the producer
+// writes tick t while the consumer reads tick t-1. Each module runs on its own stream (and
+// device, if several are given). Only the engine's Stream/Event API is used: the same code
+// runs on CUDA streams and on the CPU emulation.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/network.h"
+#include "engine/optimizer.h"
+#include "engine/stream.h"
+#include "engine/trainer.h"
+
+namespace sp {
+
+enum class PipelineMethod { BP, DDG, FDG };
+PipelineMethod parse_pipeline_method(const std::string& s);  // bp | ddg | fdg
+const char* pipeline_method_name(PipelineMethod m);
+
+struct PipelineConfig {
+  PipelineMethod method = PipelineMethod::FDG;
+  std::vector<size_t> cuts;     // first block of modules 2..K (ascending); empty: K = 1
+  std::vector<Device> devices;  // one per module, or one for all; empty: the network's device
+  float shrink = 1.f;           // beta, applied to the gradient each module k < K receives
+  float label_smoothing = 0.f;
+  SgdConfig sgd;
+  StreamOptions stream_options;  // CPU emulation: injected jitter
+};
+
+// What a tick did, for tests and for traces: module m (0-based) forwarded or back-propagated
+// batch b (0-based, in source order) at tick t.
+struct PipelineEvent {
+  int64_t tick;
+  int module;
+  int64_t batch;
+  bool backward;
+};
+
+struct StageTiming {
+  int module;
+  int64_t tick, batch;
+  std::string stage;  // "fwd", "bwd" (module K: "fwd+loss+bwd"), with the step inside bwd
+  double start_ms, duration_ms;  // relative to the epoch start on the module's stream
+};
+
+struct PipelineEpochStats {
+  StepStats train;
+  int64_t ticks = 0;
+  double wall_ms = 0;
+  std::vector<double> busy_ms;  // per module: time spent computing (queues' waits excluded)
+  std::vector<StageTiming> stages;
+  size_t peak_saved_bytes = 0;  // most activation memory held for in-flight batches at once
+};
+
+class PipelineTrainer {
+ public:
+  // The source yields the next batch (images f32 [B,H,W,C], labels i32 [B], views valid until
+  // the next call) or returns false at the end of the epoch.
+  using BatchSource = std::function<bool(Tensor* images, Tensor* labels)>;
+  using LrAt = std::function<float(int64_t step)>;
+
+  PipelineTrainer(Network& net, const PipelineConfig& config);
+  ~PipelineTrainer();
+
+  int num_modules() const { return int(stages_.size()); }
+  int delay(int module) const;  // d_k of the 0-based module
+  // The blocks [first, last) of the 0-based module.
+  std::pair<size_t, size_t> blocks(int module) const;
+  // Optimizer steps taken so far by the 0-based module.
+  int64_t steps(int module) const;
+
+  // Runs one epoch: fills the pipeline, feeds every batch of the source once, drains. Blocks
+  // until all work is done.
+  PipelineEpochStats run_epoch(const BatchSource& source, const LrAt& lr);
+
+  const std::vector<PipelineEvent>& ledger() const { return ledger_; }
+  void clear_ledger() { ledger_.clear(); }
+  // Optimizer state of every module (for checkpoints).
+  std::vector<Sgd*> optimizers();
+
+ private:
+  struct Stage;
+  struct Slot;
+  struct Queue;
+  Network& net_;
+  PipelineConfig cfg_;
+  std::vector<std::unique_ptr<Stage>> stages_;
+  std::vector<std::unique_ptr<Queue>> act_, grad_;  // act_[k]: k -> k+1; grad_[k]: k+1 -> k
+  std::vector<PipelineEvent> ledger_;
+  int activation_latency_ = 1, gradient_latency_ = 1;  // ticks an activation / gradient takes per hop
+  int64_t next_batch_ = 0;
+
+  // Producer side of a queue: waits until the consumer has copied out the slot's previous
+  // message, writes this one and records the slot's ready event.
+  void send(Stage& st, Slot& slot, int64_t tick, int64_t batch, const Tensor& data, const Tensor& labels);
+  // Consumer side: if a message was written into the slot at `written_tick`, waits for it,
+  // copies it into tensors of this stage, records the slot's free event and returns true.
+  bool receive(Stage& st, Slot& slot, int64_t written_tick, bool with_labels, Tensor* data, Tensor* labels,
+               int64_t* batch);
+  void forward_phase(int k, int64_t tick, const BatchSource& source, bool& source_done, const LrAt& lr,
+                     PipelineEpochStats& stats);
+  void backward_phase(int k, int64_t tick, const LrAt& lr, PipelineEpochStats& stats);
+  void backward_and_step(int k, int64_t tick, Tensor dy, const LrAt& lr, PipelineEpochStats& stats);
+};
+
+// Cut points that balance the per-block cost (e.g. FLOPs or measured time) over K modules:
+// the first block of modules 2..K.
+std::vector<size_t> balanced_cuts(const std::vector<double>& block_cost, int k);
+
+}  // namespace sp

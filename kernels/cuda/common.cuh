@@ -1,0 +1,86 @@
+// Internals shared by the CUDA kernels (not part of the op contract in ops.h): launch-size
+// helpers, stream-ordered scratch memory, deterministic warp reductions, and the entry points
+// one kernel file offers another.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/error.h"
+
+namespace sp::kernels::cuda::detail {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+// ---- Grid-stride element kernels -----------------------------------------------------------
+// Threads per block of the one-thread-per-element kernels.
+constexpr int kElementThreads = 256;
+// Grid cap of those kernels: enough blocks to fill any current GPU several times over; a
+// larger tensor is covered by the grid-stride loop.
+constexpr int64_t kMaxElementBlocks = 8192;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks for a grid-stride kernel over n > 0 elements with kElementThreads threads each.
+inline unsigned element_blocks(int64_t n) {
+  return unsigned(std::min(ceil_div(n, kElementThreads), kMaxElementBlocks));
+}
+
+__device__ __forceinline__ int64_t global_thread_index() {
+  return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ int64_t grid_stride() { return int64_t(gridDim.x) * blockDim.x; }
+
+// ---- Stream-ordered scratch memory ---------------------------------------------------------
+// Device scratch allocated and freed in stream order (cudaMallocAsync / cudaFreeAsync), so it
+// is valid for every kernel enqueued on `stream` between construction and destruction, needs
+// no host synchronisation, and is safe when several streams run the same op concurrently.
+// The free is enqueued by the destructor, i.e. after the kernels that use the memory.
+class Workspace {
+ public:
+  Workspace(size_t bytes, cudaStream_t stream) : stream_(stream) {
+    if (bytes > 0) SP_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
+  }
+  // A destructor cannot throw: a failing free leaves its status for the next checked call.
+  ~Workspace() {
+    if (ptr_) cudaFreeAsync(ptr_, stream_);
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+// ---- Deterministic warp reductions ---------------------------------------------------------
+// A fixed xor butterfly: the order of the additions depends only on the lane numbers, and
+// every lane ends with the same value (at each step both partners add the same two numbers,
+// and floating-point addition is commutative). All 32 lanes must call it.
+template <typename T>
+__device__ __forceinline__ T warp_allreduce_sum(T v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullWarp, v, offset);
+  return v;
+}
+
+// ---- Entry points between kernel files -----------------------------------------------------
+// gemm.cu: the GEMM of ops.h with an optional per-column bias added in the epilogue,
+// C = alpha * op(A) * op(B) + beta * C + bias[j] (linear layers).
+void gemm_bias(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const float* bias /*nullable*/,
+               cudaStream_t stream);
+
+// reduce.cu: out[j] = sum over the m rows of x[i * c + j] (bias gradients), accumulated in
+// double in a fixed order (column_reduce.cuh) and rounded once.
+void column_sums(int64_t m, int64_t c, const float* x, float* out, cudaStream_t stream);
+
+}  // namespace sp::kernels::cuda::detail

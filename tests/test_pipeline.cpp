@@ -1,0 +1,291 @@
+// The decoupled pipeline scheduler on the CPU emulation of streams and events:
+//  (a) K = 1 equals plain backprop bit for bit, in every method;
+//  (b) for K = 2, 3, 4 and each method, the parameters after an epoch equal a plainly written
+//      sequential simulation of the delayed-gradient recurrence (same data order);
+//  (c) random delays injected into the CPU streams do not change a single bit;
+//  (e) every batch of an epoch is forwarded once and back-propagated once by every module,
+//      d_k ticks apart, across several epochs (fill and drain included).
+// (d), ThreadSanitizer, runs this file in the TSan build of tools/run_tests.sh.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <random>
+#include <tuple>
+
+#include "engine/ops.h"
+#include "engine/pipeline.h"
+#include "engine/trainer.h"
+#include "kernels/common/error.h"
+#include "layers/layers.h"
+
+using namespace sp;
+using namespace sp::layers;
+
+namespace {
+
+constexpr int kClasses = 10;
+
+// Five blocks (stem, three residual blocks with both shortcut kinds, head): cut points 1..4.
+Network mini_resnet(uint64_t seed) {
+  Rng rng(seed);
+  Network net("mini");
+  auto stem = std::make_unique<Sequential>();
+  stem->add("conv1", std::make_unique<Conv2d>(3, 8, 3, 1, 1, false, rng));
+  stem->add("bn1", std::make_unique<BatchNorm2d>(8));
+  stem->add("relu", std::make_unique<ReLU>());
+  net.add("", std::move(stem));
+  net.add("layer1.0", std::make_unique<BasicBlock>(8, 8, 1, Shortcut::A, rng));
+  net.add("layer2.0", std::make_unique<BasicBlock>(8, 16, 2, Shortcut::A, rng));
+  net.add("layer3.0", std::make_unique<BasicBlock>(16, 16, 2, Shortcut::B, rng));
+  auto head = std::make_unique<Sequential>();
+  head->add("avgpool", std::make_unique<GlobalAvgPool>());
+  head->add("linear", std::make_unique<Linear>(16, kClasses, rng));
+  net.add("", std::move(head));
+  return net;
+}
+
+struct Batches {
+  std::vector<Tensor> images, labels;
+};
+
+// n batches of `rows` 8x8 images (the last one smaller when `last_rows` > 0).
+Batches make_batches(int n, int rows, int last_rows, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> g(0.f, 1.f);
+  Batches b;
+  for (int i = 0; i < n; ++i) {
+    const int r = (i == n - 1 && last_rows > 0) ? last_rows : rows;
+    Tensor x = Tensor::empty({r, 8, 8, 3}, DType::F32), y = Tensor::empty({r}, DType::I32);
+    for (int64_t j = 0; j < x.numel(); ++j) x.at<float>(j) = g(rng);
+    for (int j = 0; j < r; ++j) y.at<int32_t>(j) = int32_t(rng() % kClasses);
+    b.images.push_back(x);
+    b.labels.push_back(y);
+  }
+  return b;
+}
+
+PipelineTrainer::BatchSource source_of(const Batches& b) {
+  auto next = std::make_shared<size_t>(0);
+  return [&b, next](Tensor* x, Tensor* y) {
+    if (*next >= b.images.size()) return false;
+    *x = b.images[*next];
+    *y = b.labels[*next];
+    ++*next;
+    return true;
+  };
+}
+
+float lr_at(int64_t step) { return 0.05f * (1.f + 0.1f * float(step)); }
+
+std::vector<float> flat_params(const Network& net) {
+  std::vector<float> out;
+  for (auto& [name, p] : net.state().params)
+    out.insert(out.end(), p->value.data<float>(), p->value.data<float>() + p->value.numel());
+  for (auto& [name, b] : net.state().buffers) out.insert(out.end(), b->data<float>(), b->data<float>() + b->numel());
+  return out;
+}
+
+PipelineConfig config(PipelineMethod m, std::vector<size_t> cuts, float shrink = 1.f) {
+  PipelineConfig c;
+  c.method = m;
+  c.cuts = std::move(cuts);
+  c.shrink = shrink;
+  c.sgd = SgdConfig{0.9f, 5e-4f, false};
+  return c;
+}
+
+std::vector<float> run_pipeline(const PipelineConfig& c, const Batches& b, int epochs = 1, uint64_t seed = 1) {
+  Network net = mini_resnet(seed);
+  PipelineTrainer p(net, c);
+  for (int e = 0; e < epochs; ++e) p.run_epoch(source_of(b), lr_at);
+  return flat_params(net);
+}
+
+// ---- The plainly written sequential simulation ---------------------------------------------
+// Module k (0-based) forwards batch b at tick b + a*k and back-propagates it d_k = (a+g)(K-1-k)
+// ticks later, a / g being the ticks an activation / a gradient takes per hop (bp 0/0,
+// ddg 0/1, fdg 1/1). Within a tick: fdg runs the backward events (and steps) before the
+// forward events; ddg and bp run forwards (ascending k) before backwards (descending k). The
+// last module back-propagates right after its forward and loss. Everything runs in that order
+// on one stream, with no queues or events.
+std::vector<float> simulate(PipelineMethod m, const std::vector<size_t>& cuts, const Batches& data, float shrink) {
+  Network net = mini_resnet(1);
+  const int K = int(cuts.size()) + 1;
+  const int a = m == PipelineMethod::FDG ? 1 : 0, g = m == PipelineMethod::BP ? 0 : 1;
+  std::vector<size_t> first = {0}, last;
+  for (size_t c : cuts) first.push_back(c);
+  for (int k = 0; k < K; ++k) last.push_back(k + 1 < K ? first[size_t(k) + 1] : net.size());
+  auto s = make_stream(Device::cpu());
+  std::vector<std::unique_ptr<Sgd>> opt;
+  std::vector<int64_t> steps(size_t(K), 0);
+  for (int k = 0; k < K; ++k)
+    opt.push_back(std::make_unique<Sgd>(net.state(first[size_t(k)], last[size_t(k)]).params,
+                                        SgdConfig{0.9f, 5e-4f, false}, *s));
+  const int nb = int(data.images.size());
+  // (tick, phase, order within the phase, module, batch, is_backward)
+  std::vector<std::tuple<int64_t, int, int, int, int, bool>> events;
+  for (int b = 0; b < nb; ++b)
+    for (int k = 0; k < K; ++k) {
+      const int64_t f = b + a * k, d = int64_t(a + g) * (K - 1 - k);
+      const int fwd_phase = m == PipelineMethod::FDG ? 1 : 0, bwd_phase = 1 - fwd_phase;
+      events.emplace_back(f, fwd_phase, k, k, b, false);
+      if (k < K - 1) events.emplace_back(f + d, bwd_phase, m == PipelineMethod::FDG ? k : K - k, k, b, true);
+    }
+  std::sort(events.begin(), events.end());
+  std::map<std::pair<int, int>, Tensor> act, grad;  // (module, batch) -> output / input gradient
+  std::map<std::pair<int, int>, std::vector<Context>> ctx;
+  net.set_training(true);
+  auto backward = [&](int k, int b, Tensor dy) {
+    auto& c = ctx[{k, b}];
+    for (size_t i = last[size_t(k)]; i-- > first[size_t(k)];)
+      dy = net.block(i).backward(*s, dy, c[i - first[size_t(k)]], i > first[size_t(k)] || k > 0);
+    if (k > 0) grad[{k - 1, b}] = dy;
+    opt[size_t(k)]->step(*s, lr_at(steps[size_t(k)]++));
+  };
+  for (auto& [tick, phase, order, k, b, is_bwd] : events) {
+    if (is_bwd) {
+      Tensor dy = grad.at({k, b});
+      ops::scale(*s, shrink, dy, dy);
+      backward(k, b, dy);
+      continue;
+    }
+    Tensor h = k == 0 ? data.images[size_t(b)] : act.at({k - 1, b});
+    auto& c = ctx[{k, b}];
+    c.resize(last[size_t(k)] - first[size_t(k)]);
+    for (size_t i = first[size_t(k)]; i < last[size_t(k)]; ++i) h = net.block(i).forward(*s, h, c[i - first[size_t(k)]]);
+    act[{k, b}] = h;
+    if (k == K - 1) {
+      Tensor loss = Tensor::empty({1}, DType::F32), correct = Tensor::empty({1}, DType::I32);
+      Tensor dlogits = Tensor::empty(h.shape(), DType::F32);
+      ops::softmax_cross_entropy(*s, h, data.labels[size_t(b)], 0.f, loss, dlogits, correct);
+      backward(k, b, dlogits);
+    }
+  }
+  s->synchronize();
+  return flat_params(net);
+}
+
+double max_rel_diff(const std::vector<float>& x, const std::vector<float>& y) {
+  double worst = 0;
+  for (size_t i = 0; i < x.size(); ++i)
+    worst = std::max(worst, std::abs(double(x[i]) - double(y[i])) / (1.0 + std::abs(double(y[i]))));
+  return worst;
+}
+
+const PipelineMethod kMethods[] = {PipelineMethod::BP, PipelineMethod::DDG, PipelineMethod::FDG};
+
+TEST(Pipeline, OneModuleIsPlainBackpropBitForBit) {
+  const Batches data = make_batches(5, 4, 3, 21);
+  // Plain backprop with the same learning rates.
+  Network ref = mini_resnet(1);
+  auto s = make_stream(Device::cpu());
+  Sgd opt(ref.state().params, SgdConfig{0.9f, 5e-4f, false}, *s);
+  BackpropTrainer bp(ref, opt, *s, 0.f);
+  for (size_t i = 0; i < data.images.size(); ++i) bp.train_step(data.images[i], data.labels[i], lr_at(int64_t(i)));
+  bp.drain_stats();
+  const std::vector<float> expected = flat_params(ref);
+  for (PipelineMethod m : kMethods) {
+    const std::vector<float> got = run_pipeline(config(m, {}), data);
+    ASSERT_EQ(got.size(), expected.size());
+    EXPECT_EQ(std::memcmp(got.data(), expected.data(), got.size() * sizeof(float)), 0) << pipeline_method_name(m);
+  }
+}
+
+class PipelineVsSimulation : public ::testing::TestWithParam<std::tuple<PipelineMethod, int>> {};
+
+TEST_P(PipelineVsSimulation, ParametersMatchTheSequentialRecurrence) {
+  const auto [method, K] = GetParam();
+  const std::vector<size_t> cuts = K == 2 ? std::vector<size_t>{2} : K == 3 ? std::vector<size_t>{1, 3}
+                                                                            : std::vector<size_t>{1, 2, 4};
+  const Batches data = make_batches(7, 4, 2, 22);
+  const float beta = 0.5f;
+  const std::vector<float> got = run_pipeline(config(method, cuts, beta), data);
+  const std::vector<float> want = simulate(method, cuts, data, beta);
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_LE(max_rel_diff(got, want), 1e-6) << pipeline_method_name(method) << " K=" << K;
+  // The staleness matters: decoupled training differs from plain backprop (so this test can
+  // tell the methods apart).
+  if (method != PipelineMethod::BP) {
+    EXPECT_GT(max_rel_diff(got, simulate(PipelineMethod::BP, cuts, data, 1.f)), 1e-4);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(MethodsAndDepths, PipelineVsSimulation,
+                         ::testing::Combine(::testing::ValuesIn(kMethods), ::testing::Values(2, 3, 4)),
+                         [](const auto& info) {
+                           return std::string(pipeline_method_name(std::get<0>(info.param))) + "_K" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
+
+TEST(Pipeline, InjectedStreamDelaysChangeNoBit) {
+  const Batches data = make_batches(6, 4, 0, 23);
+  for (PipelineMethod m : kMethods) {
+    PipelineConfig quiet = config(m, {1, 2, 4}, 0.5f);
+    PipelineConfig noisy = quiet;
+    noisy.stream_options.jitter_max_us = 300;
+    noisy.stream_options.seed = 77;
+    const std::vector<float> a = run_pipeline(quiet, data, 2), b = run_pipeline(noisy, data, 2);
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << pipeline_method_name(m);
+  }
+}
+
+TEST(Pipeline, EveryBatchIsForwardedAndBackpropagatedOncePerModulePerEpoch) {
+  const Batches data = make_batches(6, 4, 1, 24);
+  for (PipelineMethod m : kMethods) {
+    Network net = mini_resnet(1);
+    PipelineTrainer p(net, config(m, {1, 2, 4}));
+    const int K = p.num_modules();
+    for (int epoch = 0; epoch < 2; ++epoch) {
+      p.clear_ledger();
+      const PipelineEpochStats st = p.run_epoch(source_of(data), lr_at);
+      EXPECT_EQ(st.train.samples, 4 * 5 + 1);
+      // Fill and drain: the last batch enters at tick 5 and leaves module 1 d_1 ticks later.
+      EXPECT_EQ(st.ticks, 6 + p.delay(0)) << pipeline_method_name(m);
+      std::map<std::tuple<int, int64_t, bool>, std::vector<int64_t>> seen;  // (module, batch, bwd) -> ticks
+      for (const PipelineEvent& e : p.ledger()) seen[{e.module, e.batch, e.backward}].push_back(e.tick);
+      for (int k = 0; k < K; ++k)
+        for (int64_t b = 0; b < 6; ++b) {
+          const auto& f = seen[{k, b, false}];
+          const auto& g = seen[{k, b, true}];
+          ASSERT_EQ(f.size(), 1u) << "module " << k << " batch " << b;
+          ASSERT_EQ(g.size(), 1u) << "module " << k << " batch " << b;
+          EXPECT_EQ(g[0] - f[0], p.delay(k));
+        }
+      EXPECT_EQ(p.ledger().size(), size_t(2 * K * 6));
+      EXPECT_EQ(st.busy_ms.size(), size_t(K));
+      EXPECT_GT(st.peak_saved_bytes, 0u);
+    }
+    for (int k = 0; k < K; ++k) EXPECT_EQ(p.steps(k), 12);
+  }
+}
+
+TEST(Pipeline, DelaysFollowTheMethod) {
+  Network net = mini_resnet(1);
+  PipelineTrainer fdg(net, config(PipelineMethod::FDG, {1, 2, 4}));
+  EXPECT_EQ(fdg.delay(0), 6);
+  EXPECT_EQ(fdg.delay(1), 4);
+  EXPECT_EQ(fdg.delay(3), 0);
+  Network net2 = mini_resnet(1);
+  PipelineTrainer ddg(net2, config(PipelineMethod::DDG, {1, 2, 4}));
+  EXPECT_EQ(ddg.delay(0), 3);
+  EXPECT_EQ(ddg.delay(2), 1);
+  EXPECT_EQ(ddg.blocks(1), (std::pair<size_t, size_t>{1, 2}));
+  EXPECT_EQ(ddg.blocks(3), (std::pair<size_t, size_t>{4, 5}));
+  Network net3 = mini_resnet(1);
+  EXPECT_THROW(PipelineTrainer(net3, config(PipelineMethod::FDG, {2, 2})), Error);
+  EXPECT_THROW(PipelineTrainer(net3, config(PipelineMethod::FDG, {5})), Error);
+}
+
+TEST(Pipeline, BalancedCutsSplitTheCost) {
+  EXPECT_EQ(balanced_cuts({1, 1, 1, 1}, 2), (std::vector<size_t>{2}));
+  EXPECT_EQ(balanced_cuts({1, 1, 1, 1, 1, 1}, 3), (std::vector<size_t>{2, 4}));
+  EXPECT_EQ(balanced_cuts({10, 1, 1, 1}, 2), (std::vector<size_t>{1}));
+  EXPECT_EQ(balanced_cuts({1, 1, 1}, 3), (std::vector<size_t>{1, 2}));
+  EXPECT_EQ(balanced_cuts({5}, 1), (std::vector<size_t>{}));
+  EXPECT_THROW(balanced_cuts({1, 1}, 3), Error);
+}
+
+}  // namespace
