@@ -54,7 +54,7 @@ ParamLayout layout_of(const ModuleState& st, const std::string& param_name) {
 
 }  // namespace
 
-void save_checkpoint(const std::string& path, const Network& net, const Sgd* opt,
+void save_checkpoint(const std::string& path, const Network& net, const std::vector<const Sgd*>& opts,
                      const std::map<std::string, std::string>& metadata, Stream& s) {
   const ModuleState st = net.state();
   // Gather host copies first (one synchronisation), then convert layouts.
@@ -62,12 +62,11 @@ void save_checkpoint(const std::string& path, const Network& net, const Sgd* opt
   std::vector<ParamLayout> layouts;
   for (auto& [name, p] : st.params) host.emplace_back(name, to_host(p->value, s)), layouts.push_back(p->layout);
   for (auto& [name, b] : st.buffers) host.emplace_back(name, to_host(*b, s)), layouts.push_back(ParamLayout::Same);
-  if (opt) {
+  for (const Sgd* opt : opts)
     for (auto& [name, m] : opt->momentum_buffers()) {
       host.emplace_back(kMomentumPrefix + name, to_host(m, s));
       layouts.push_back(layout_of(st, name));
     }
-  }
   s.synchronize();
   std::vector<io::TensorRecord> records;
   for (size_t i = 0; i < host.size(); ++i) {
@@ -82,8 +81,8 @@ void save_checkpoint(const std::string& path, const Network& net, const Sgd* opt
   io::write_safetensors(path, records, metadata);
 }
 
-std::map<std::string, std::string> load_checkpoint(const std::string& path, const Network& net, Sgd* opt,
-                                                   Stream& s) {
+std::map<std::string, std::string> load_checkpoint(const std::string& path, const Network& net,
+                                                   const std::vector<Sgd*>& opts, Stream& s) {
   const io::SafetensorsFile file = io::read_safetensors(path);
   const ModuleState st = net.state();
   auto find = [&](const std::string& name) -> const io::TensorRecord& {
@@ -113,7 +112,7 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
     SP_CHECK(r.dtype == "I64" && r.data.size() == 8, path, ": '", name, "' must be an int64 scalar");
     std::memcpy(counter, r.data.data(), 8);
   }
-  if (opt)
+  for (Sgd* opt : opts)
     for (auto& [name, m] : opt->momentum_buffers()) restore(kMomentumPrefix + name, m, layout_of(st, name));
   s.synchronize();
   return file.metadata;

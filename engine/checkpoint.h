@@ -20,12 +20,14 @@
 
 namespace sp {
 
-// `s` is a stream of the network's device; the call returns once the file is written.
-void save_checkpoint(const std::string& path, const Network& net, const Sgd* opt,
+// `s` issues the copies (a stream of the network's device; with several devices no stream may
+// be using the tensors); the call returns once the file is written. `opts` are the optimizers
+// whose momentum buffers are saved (one per pipeline module; none to save weights only).
+void save_checkpoint(const std::string& path, const Network& net, const std::vector<const Sgd*>& opts,
                      const std::map<std::string, std::string>& metadata, Stream& s);
-// Restores every tensor of the network (and of opt when given); throws sp::Error naming the
-// file and the tensor when one is missing or has another shape. Returns the metadata.
-std::map<std::string, std::string> load_checkpoint(const std::string& path, const Network& net, Sgd* opt,
-                                                   Stream& s);
+// Restores every tensor of the network (and of the optimizers given); throws sp::Error naming
+// the file and the tensor when one is missing or has another shape. Returns the metadata.
+std::map<std::string, std::string> load_checkpoint(const std::string& path, const Network& net,
+                                                   const std::vector<Sgd*>& opts, Stream& s);
 
 }  // namespace sp

@@ -9,6 +9,10 @@
 #include "engine/ops.h"
 #include "kernels/common/error.h"
 
+#if STALEPROP_WITH_CUDA
+#include <nvtx3/nvToolsExt.h>
+#endif
+
 namespace sp {
 
 PipelineMethod parse_pipeline_method(const std::string& s) {
@@ -57,11 +61,6 @@ struct TimedStage {
   const char* stage;
 };
 
-struct PendingLoss {
-  Tensor loss, correct;
-  int64_t samples;
-};
-
 struct Message {
   Tensor data, labels;
   int64_t batch = -1;
@@ -85,6 +84,25 @@ struct PipelineTrainer::Stage {
 };
 
 namespace {
+
+// An NVTX range around the host's enqueueing of a stage (visible in Nsight Systems).
+class NvtxRange {
+ public:
+  explicit NvtxRange(const std::string& name) {
+#if STALEPROP_WITH_CUDA
+    nvtxRangePushA(name.c_str());
+#else
+    (void)name;
+#endif
+  }
+  ~NvtxRange() {
+#if STALEPROP_WITH_CUDA
+    nvtxRangePop();
+#endif
+  }
+  NvtxRange(const NvtxRange&) = delete;
+  NvtxRange& operator=(const NvtxRange&) = delete;
+};
 
 // The first numel(shape) elements of a slot buffer, viewed as `shape`.
 Tensor slot_view(const Tensor& buffer, const Shape& shape) {
@@ -130,6 +148,9 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
     act_.push_back(std::make_unique<Queue>(stages_[size_t(k)]->device));
     grad_.push_back(std::make_unique<Queue>(stages_[size_t(k) + 1]->device));
   }
+  // The optimizers' zeroed momentum must be in place before anyone (e.g. a checkpoint being
+  // restored from the host) touches it.
+  for (auto& st : stages_) st->stream->synchronize();
 }
 
 PipelineTrainer::~PipelineTrainer() {
@@ -211,6 +232,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   }
   TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, in.batch,
                    k == last ? "fwd+loss+bwd" : "fwd"};
+  NvtxRange range("module " + std::to_string(k + 1) + " " + timed.stage + " batch " + std::to_string(in.batch));
   s.record(*timed.start);
   InFlight f{in.batch, tick, std::vector<Context>(st.last - st.first)};
   Tensor h = in.data;
@@ -246,6 +268,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr, Pipeli
            st.inflight.empty() ? -1 : st.inflight.front().batch);
   if (cfg_.shrink != 1.f) ops::scale(s, cfg_.shrink, dy, dy);
   TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, batch, "bwd"};
+  NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(batch));
   s.record(*timed.start);
   backward_and_step(k, tick, dy, lr, stats);
   s.record(*timed.end);
@@ -314,23 +337,9 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
 
   // Read back the losses and the stage timings.
   Stage& last = *stages_.back();
-  std::vector<std::pair<Tensor, Tensor>> host;
-  for (const PendingLoss& p : last.pending) {
-    Tensor l = p.loss, c = p.correct;
-    if (!l.device().is_cpu()) {
-      l = Tensor::empty({1}, DType::F32), c = Tensor::empty({1}, DType::I32);
-      ops::copy(*last.stream, p.loss, l);
-      ops::copy(*last.stream, p.correct, c);
-    }
-    host.emplace_back(l, c);
-  }
+  stats.train = collect_losses(*last.stream, last.pending);
   for (auto& st : stages_) st->stream->synchronize();
   stats.wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - wall_start).count();
-  for (size_t i = 0; i < host.size(); ++i) {
-    stats.train.loss_sum += double(host[i].first.at<float>(0)) * double(last.pending[i].samples);
-    stats.train.correct += host[i].second.at<int32_t>(0);
-    stats.train.samples += last.pending[i].samples;
-  }
   for (auto& st : stages_) {
     for (const TimedStage& t : st->timed) {
       const double start = t.start->elapsed_ms_since(*st->epoch_start), dur = t.end->elapsed_ms_since(*t.start);
@@ -341,6 +350,51 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
     st->pending.clear();
   }
   return stats;
+}
+
+StepStats PipelineTrainer::evaluate(const BatchSource& source) {
+  net_.set_training(false);
+  // One stream for all modules when they share a device; otherwise each module's stream, with
+  // the host waiting at every hand-over so no buffer is read by one stream while another
+  // stream's allocator may reuse it.
+  bool one_device = true;
+  for (auto& st : stages_) one_device = one_device && st->device == stages_[0]->device;
+  Stage& first = *stages_[0];
+  Stage& last = *stages_.back();
+  std::vector<PendingLoss> pending;
+  std::vector<Context> scratch(net_.size());
+  Tensor xs, ys;
+  for (;;) {
+    first.input_copied->synchronize();
+    if (!source(&xs, &ys)) break;
+    Stream* s = first.stream.get();
+    Tensor h = new_activation(*s, xs.shape()), labels = new_activation(*s, ys.shape(), DType::I32);
+    ops::copy(*s, xs, h);
+    ops::copy(*s, ys, labels);
+    s->record(*first.input_copied);
+    for (auto& st : stages_) {
+      if (!one_device && st->index > 0) {
+        s->synchronize();
+        s = st->stream.get();
+        Tensor moved = new_activation(*s, h.shape()), moved_labels = new_activation(*s, labels.shape(), DType::I32);
+        ops::copy(*s, h, moved);
+        ops::copy(*s, labels, moved_labels);
+        h = moved, labels = moved_labels;
+      }
+      for (size_t b = st->first; b < st->last; ++b) h = net_.block(b).forward(*s, h, scratch[b]);
+    }
+    PendingLoss pl{new_activation(*s, {1}), new_activation(*s, {1}, DType::I32), h.size(0)};
+    Tensor dlogits = new_activation(*s, h.shape());
+    ops::softmax_cross_entropy(*s, h, labels, 0.f, pl.loss, dlogits, pl.correct);
+    pending.push_back(pl);
+  }
+  StepStats st = collect_losses(one_device ? *first.stream : *last.stream, pending);
+  net_.set_training(true);
+  return st;
+}
+
+void PipelineTrainer::set_steps(int64_t steps) {
+  for (auto& st : stages_) st->steps = steps;
 }
 
 std::vector<size_t> balanced_cuts(const std::vector<double>& block_cost, int k) {

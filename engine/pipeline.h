@@ -97,6 +97,12 @@ class PipelineTrainer {
   // until all work is done.
   PipelineEpochStats run_epoch(const BatchSource& source, const LrAt& lr);
 
+  // Eval-mode forward and loss over every batch of the source, module after module.
+  StepStats evaluate(const BatchSource& source);
+
+  // Sets every module's optimizer step count (resuming at an epoch boundary).
+  void set_steps(int64_t steps);
+
   const std::vector<PipelineEvent>& ledger() const { return ledger_; }
   void clear_ledger() { ledger_.clear(); }
   // Optimizer state of every module (for checkpoints).

@@ -25,7 +25,7 @@ Tensor BackpropTrainer::forward_loss(const Tensor& x, const Tensor& labels, bool
   s_.record(*input_consumed_);
   for (size_t i = 0; i < net_.size(); ++i) h = net_.block(i).forward(s_, h, contexts_[i]);
   SP_CHECK(h.dim() == 2, "the network must end in [N, classes] logits, got ", h.str());
-  Pending p{new_activation(s_, {1}), new_activation(s_, {1}, DType::I32), h.size(0)};
+  PendingLoss p{new_activation(s_, {1}), new_activation(s_, {1}, DType::I32), h.size(0)};
   Tensor dlogits = new_activation(s_, h.shape());
   ops::softmax_cross_entropy(s_, h, y, smoothing_, p.loss, dlogits, p.correct);
   pending_.push_back(p);
@@ -41,27 +41,28 @@ void BackpropTrainer::train_step(const Tensor& x, const Tensor& labels, float lr
 
 void BackpropTrainer::eval_step(const Tensor& x, const Tensor& labels) { forward_loss(x, labels, false); }
 
-StepStats BackpropTrainer::drain_stats() {
-  StepStats st;
-  std::vector<Tensor> host_loss, host_correct;
-  for (const Pending& p : pending_) {
+StepStats BackpropTrainer::drain_stats() { return collect_losses(s_, pending_); }
+
+StepStats collect_losses(Stream& s, std::vector<PendingLoss>& pending) {
+  std::vector<std::pair<Tensor, Tensor>> host;
+  for (const PendingLoss& p : pending) {
     Tensor l = p.loss, c = p.correct;
     if (!l.device().is_cpu()) {
       l = Tensor::empty({1}, DType::F32);
       c = Tensor::empty({1}, DType::I32);
-      ops::copy(s_, p.loss, l);
-      ops::copy(s_, p.correct, c);
+      ops::copy(s, p.loss, l);
+      ops::copy(s, p.correct, c);
     }
-    host_loss.push_back(l);
-    host_correct.push_back(c);
+    host.emplace_back(l, c);
   }
-  s_.synchronize();
-  for (size_t i = 0; i < pending_.size(); ++i) {
-    st.loss_sum += double(host_loss[i].at<float>(0)) * double(pending_[i].samples);
-    st.correct += host_correct[i].at<int32_t>(0);
-    st.samples += pending_[i].samples;
+  s.synchronize();
+  StepStats st;
+  for (size_t i = 0; i < pending.size(); ++i) {
+    st.loss_sum += double(host[i].first.at<float>(0)) * double(pending[i].samples);
+    st.correct += host[i].second.at<int32_t>(0);
+    st.samples += pending[i].samples;
   }
-  pending_.clear();
+  pending.clear();
   return st;
 }
 

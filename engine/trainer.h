@@ -23,6 +23,16 @@ struct StepStats {
   }
 };
 
+// The loss and hit count of one batch, still on the device where the loss was computed.
+struct PendingLoss {
+  Tensor loss, correct;  // f32 [1] (batch mean), i32 [1]
+  int64_t samples;
+};
+
+// Copies the pending results to the host (copies issued on s, which must be able to read
+// them), waits for s, and sums them up. `pending` is left empty.
+StepStats collect_losses(Stream& s, std::vector<PendingLoss>& pending);
+
 class BackpropTrainer {
  public:
   BackpropTrainer(Network& net, Sgd& opt, Stream& s, float label_smoothing);
@@ -39,10 +49,6 @@ class BackpropTrainer {
   void wait_input_consumed() { input_consumed_->synchronize(); }
 
  private:
-  struct Pending {
-    Tensor loss, correct;  // on the device
-    int64_t samples;
-  };
   // A copy of t on the stream's device, owned by the step (inputs may live in reused buffers).
   Tensor input_copy(const Tensor& t);
   // Forward through all blocks (contexts filled in training mode), then loss and dlogits.
@@ -53,7 +59,7 @@ class BackpropTrainer {
   Stream& s_;
   float smoothing_;
   std::vector<Context> contexts_;
-  std::vector<Pending> pending_;
+  std::vector<PendingLoss> pending_;
   std::unique_ptr<Event> input_consumed_;
 };
 

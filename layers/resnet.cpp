@@ -1,5 +1,6 @@
 #include "layers/resnet.h"
 
+#include <map>
 #include <memory>
 
 #include "kernels/common/error.h"
@@ -61,6 +62,30 @@ const std::vector<std::string>& resnet_names() {
   static const std::vector<std::string> names = {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                                                  "resnet18"};
   return names;
+}
+
+std::vector<size_t> fdg_preset_cuts(const std::string& model, int k) {
+  // Block 0 is the stem; a CIFAR ResNet with n blocks per stage has layer1.i at 1 + i,
+  // layer2.i at 1 + n + i and layer3.i at 1 + 2n + i; ResNet-18 has layer s.i at 1 + 2(s-1) + i.
+  // FDG's modules end with the pooling and linear layers, which is our head block.
+  static const std::map<std::pair<std::string, int>, std::vector<size_t>> presets = {
+      {{"resnet20", 2}, {5}},            // layer2[1:]
+      {{"resnet20", 3}, {4, 7}},         // layer2 | layer3
+      {{"resnet56", 2}, {14}},           // layer2[4:]
+      {{"resnet56", 3}, {10, 19}},       // layer2 | layer3
+      {{"resnet56", 4}, {7, 14, 21}},    // layer1[6:] | layer2[4:] | layer3[2:]
+      {{"resnet110", 2}, {28}},          // layer2[9:]
+      {{"resnet110", 3}, {19, 37}},      // layer2 | layer3
+      {{"resnet110", 4}, {14, 28, 42}},  // layer1[13:] | layer2[9:] | layer3[5:]
+      {{"resnet110", 5}, {11, 22, 33, 44}},
+      {{"resnet18", 2}, {5}},            // layer3
+      {{"resnet18", 3}, {3, 6}},         // layer2 | layer3[1:]
+  };
+  auto it = presets.find({model, k});
+  if (it == presets.end())
+    throw Error("no FDG preset split of " + model + " into " + std::to_string(k) +
+                " modules (presets: resnet20 K=2,3; resnet56 K=2-4; resnet110 K=2-5; resnet18 K=2,3)");
+  return it->second;
 }
 
 Network build_resnet(const std::string& name, int num_classes, uint64_t seed) {

@@ -19,6 +19,11 @@
 
 namespace sp::layers {
 
+// The cut points FDG's reference code uses (Zhuang et al., arXiv 1906.09108) for `k` modules,
+// as first-block indices of modules 2..k in the networks built here: resnet20 (k = 2, 3),
+// resnet56 (2-4), resnet110 (2-5), resnet18 (2, 3). Throws sp::Error when there is none.
+std::vector<size_t> fdg_preset_cuts(const std::string& model, int k);
+
 // Throws sp::Error listing the known names for an unknown one.
 Network build_resnet(const std::string& name, int num_classes = 10, uint64_t seed = 0);
 const std::vector<std::string>& resnet_names();

@@ -8,6 +8,7 @@
 #include <array>
 #include <algorithm>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "engine/checkpoint.h"
@@ -127,7 +128,7 @@ TEST(Training, CheckpointHoldsPyTorchNamesAndLayouts) {
   Network net = layers::build_resnet("resnet20", 10, 99);
   auto s = make_stream(Device::cpu());
   Sgd opt(net.state().params, SgdConfig{}, *s);
-  const auto meta = load_checkpoint(c.checkpoint, net, &opt, *s);
+  const auto meta = load_checkpoint(c.checkpoint, net, {&opt}, *s);
   EXPECT_EQ(meta.at("model"), "resnet20");
   EXPECT_EQ(meta.at("step"), "2");
   const io::SafetensorsFile f = io::read_safetensors(c.checkpoint);
@@ -154,12 +155,12 @@ TEST(Training, CheckpointHoldsPyTorchNamesAndLayouts) {
   EXPECT_NE(f.find("linear.bias"), nullptr);
   EXPECT_NE(f.find("_optim.momentum.layer3.2.conv2.weight"), nullptr);
   // Saving the restored network reproduces the file's tensors.
-  save_checkpoint(dir.file("again.safetensors"), net, &opt, meta, *s);
+  save_checkpoint(dir.file("again.safetensors"), net, {&opt}, meta, *s);
   expect_same_tensors(c.checkpoint, dir.file("again.safetensors"));
   // A checkpoint of another architecture is rejected, naming the missing tensor.
   Network other = layers::build_resnet("resnet32", 10, 0);
   try {
-    load_checkpoint(c.checkpoint, other, nullptr, *s);
+    load_checkpoint(c.checkpoint, other, {}, *s);
     FAIL() << "loaded a resnet20 checkpoint into a resnet32";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("layer1.3"), std::string::npos) << e.what();
@@ -217,6 +218,44 @@ TEST(Training, LossFallsOnAFewHundredRealImages) {
   ASSERT_EQ(r.epochs.size(), 4u);
   EXPECT_LT(r.epochs[3].train_loss, 0.8 * r.epochs[0].train_loss)
       << "loss " << r.epochs[0].train_loss << " -> " << r.epochs[3].train_loss;
+}
+
+TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
+  const data::Dataset train = synthetic_set(96, 9), test = synthetic_set(30, 10);
+  TempDir dir;
+  train::TrainConfig full = small_config();
+  full.method = "fdg";
+  full.split = 3;  // cuts from measured block times, kept in the checkpoint for the resume
+  full.shrink = 0.5f;
+  full.epochs = 2;
+  full.checkpoint = dir.file("full-{epoch}.safetensors");
+  full.trace = dir.file("trace.json");
+  const train::TrainResult whole = train::run_training(full, train, test);
+  ASSERT_EQ(whole.epochs.size(), 2u);
+  const auto meta = io::read_safetensors(dir.file("full-1.safetensors")).metadata;
+  EXPECT_EQ(meta.at("step"), "3");
+  EXPECT_EQ(std::count(meta.at("cuts").begin(), meta.at("cuts").end(), ','), 1) << meta.at("cuts");
+
+  train::TrainConfig rest = full;
+  rest.resume = dir.file("full-1.safetensors");
+  rest.checkpoint = dir.file("rest-{epoch}.safetensors");
+  rest.trace.clear();
+  const train::TrainResult resumed = train::run_training(rest, train, test);
+  ASSERT_EQ(resumed.epochs.size(), 1u);
+  EXPECT_EQ(resumed.epochs[0].test_acc, whole.epochs[1].test_acc);
+  expect_same_tensors(dir.file("full-2.safetensors"), dir.file("rest-2.safetensors"));
+
+  std::ifstream trace(full.trace);
+  const std::string json((std::istreambuf_iterator<char>(trace)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(json.rfind("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[", 0), 0u);
+  EXPECT_NE(json.find("\"module 3\""), std::string::npos);
+  EXPECT_NE(json.find("fwd+loss+bwd"), std::string::npos);
+  EXPECT_NE(json.find("\"bwd b0\""), std::string::npos);
+
+  // Mid-epoch checkpoints need a drained pipeline, so they are refused with a reason.
+  train::TrainConfig mid = full;
+  mid.checkpoint_every = 2;
+  EXPECT_THROW(train::run_training(mid, train, test), Error);
 }
 
 TEST(Training, RejectsOptionsTheDeviceCannotHonour) {

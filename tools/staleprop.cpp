@@ -92,7 +92,7 @@ std::string model_list() {
 const char* kTopUsage = R"(usage: staleprop <command> [options]
 
 commands:
-  train     train a CIFAR ResNet on CIFAR-10 (standard backprop)
+  train     train a CIFAR ResNet on CIFAR-10 (backprop, DDG or FDG over K modules)
   eval      report the test accuracy of a checkpoint
   demo      train a tiny CNN on synthetic data on the CPU (no data set needed)
   help      show this text
@@ -260,15 +260,21 @@ int train_main(int argc, char** argv) {
       {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { test_limit = positive("test-limit", std::stoll(v)); }},
       {"no-augment", "", "disable random crop and flip", [&](const std::string&) { c.augment = false; }},
       {"eval-batch-size", "B", "batch size of the test-set evaluation (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", std::stoll(v)); }},
-      {"checkpoint", "FILE", "safetensors checkpoint written after every epoch", [&](const std::string& v) { c.checkpoint = v; }},
+      {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} in FILE: one per epoch)", [&](const std::string& v) { c.checkpoint = v; }},
       {"checkpoint-every", "N", "also write it every N steps", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", std::stoll(v)); }},
       {"resume", "FILE", "resume exactly from a checkpoint of the same run", [&](const std::string& v) { c.resume = v; }},
       {"metrics", "FILE", "append metrics as JSON lines to FILE", [&](const std::string& v) { c.metrics = v; }},
       {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines)", [&](const std::string& v) { c.progress = v; }},
       {"stop-after", "STEPS", "end the run after this many steps in total", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", std::stoll(v)); }},
+      {"method", "M", "bp|ddg|fdg: locked backprop, forward-locked DDG, fully decoupled FDG (default bp)", [&](const std::string& v) { c.method = v; }},
+      {"split", "K", "cut the network into K modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
+      {"split-at", "CUTS", "explicit cuts: first block of modules 2..K (\"i,j,..\"), or fdg for FDG's published splits", [&](const std::string& v) { c.split_at = v; }},
+      {"shrink", "BETA", "gradient shrink factor applied by each module k < K (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
+      {"devices", "D,D", "one device per module (default: --device for all)", [&](const std::string& v) { std::stringstream ss(v); for (std::string d; std::getline(ss, d, ',');) c.devices.push_back(d); }},
+      {"trace", "FILE", "Chrome-trace/Perfetto JSON of the first epoch's module stages", [&](const std::string& v) { c.trace = v; }},
       {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
   };
-  if (!parse_flags("train", "Trains a CIFAR ResNet on CIFAR-10 with standard backpropagation, evaluating on the\ntest set after every epoch.", flags, argc, argv)) return 0;
+  if (!parse_flags("train", "Trains a CIFAR ResNet on CIFAR-10, evaluating on the test set after every epoch: standard\nbackprop, or decoupled training over K modules (--method ddg|fdg --split K).", flags, argc, argv)) return 0;
   if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
   const std::string dir = sp::data::resolve_cifar10_dir(data_dir);
   const sp::data::Dataset train = sp::data::load_cifar10(dir, sp::data::Split::Train, train_limit);

@@ -6,9 +6,13 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
 #include <sstream>
 
 #include "engine/checkpoint.h"
+#include "engine/pipeline.h"
 #include "engine/ops.h"
 #include "engine/safetensors.h"
 #include "engine/schedule.h"
@@ -49,18 +53,20 @@ class Progress {
     if (quiet_) return false;
     return bar_ || (index_in_epoch + 1) % plain_every_ == 0 || index_in_epoch + 1 == spe_;
   }
-  void update(int epoch, int64_t index_in_epoch, const StepStats& st, float lr, double ips, double eta_s) {
+  // `st` may be null when the statistics are not known yet (pipelined runs read them at the
+  // end of the epoch).
+  void update(int epoch, int64_t index_in_epoch, const StepStats* st, float lr, double ips, double eta_s) {
     if (quiet_) return;
+    char stats[64] = "";
+    if (st) std::snprintf(stats, sizeof stats, " loss %.4f acc %5.1f%%", st->mean_loss(), 100 * st->accuracy());
     if (bar_) {
       const int width = 24, filled = int(width * (index_in_epoch + 1) / std::max<int64_t>(1, spe_));
-      std::printf("\repoch %d/%d [%s%s] %lld/%lld loss %.4f acc %5.1f%% lr %.4g %.0f img/s ETA %s   ", epoch + 1,
-                  epochs_, std::string(size_t(filled), '#').c_str(), std::string(size_t(width - filled), '.').c_str(),
-                  (long long)(index_in_epoch + 1), (long long)spe_, st.mean_loss(), 100 * st.accuracy(), lr, ips,
-                  fmt_duration(eta_s).c_str());
+      std::printf("\repoch %d/%d [%s%s] %lld/%lld%s lr %.4g %.0f img/s ETA %s   ", epoch + 1, epochs_,
+                  std::string(size_t(filled), '#').c_str(), std::string(size_t(width - filled), '.').c_str(),
+                  (long long)(index_in_epoch + 1), (long long)spe_, stats, lr, ips, fmt_duration(eta_s).c_str());
     } else {
-      std::printf("epoch %d/%d step %lld/%lld loss %.4f acc %.1f%% lr %.4g %.0f img/s ETA %s\n", epoch + 1, epochs_,
-                  (long long)(index_in_epoch + 1), (long long)spe_, st.mean_loss(), 100 * st.accuracy(), lr, ips,
-                  fmt_duration(eta_s).c_str());
+      std::printf("epoch %d/%d step %lld/%lld%s lr %.4g %.0f img/s ETA %s\n", epoch + 1, epochs_,
+                  (long long)(index_in_epoch + 1), (long long)spe_, stats, lr, ips, fmt_duration(eta_s).c_str());
     }
     std::fflush(stdout);
   }
@@ -130,6 +136,14 @@ void check_device_options(const TrainConfig& cfg, Device dev) {
   }
 }
 
+// The checkpoint path of an epoch: "{epoch}" in the flag's value becomes the epoch number.
+std::string checkpoint_path(const std::string& pattern, int64_t epoch) {
+  std::string p = pattern;
+  const size_t at = p.find("{epoch}");
+  if (at != std::string::npos) p.replace(at, 7, std::to_string(epoch));
+  return p;
+}
+
 std::map<std::string, std::string> run_metadata(const TrainConfig& cfg, int64_t step, int64_t steps_per_epoch) {
   return {{"format", "staleprop-checkpoint-1"},
           {"model", cfg.model},
@@ -157,111 +171,358 @@ StepStats evaluate(BackpropTrainer& trainer, const data::Dataset& set, int64_t b
   return trainer.drain_stats();
 }
 
-}  // namespace
+// What both training paths share: the run's setup, the epoch report, metrics and checkpoints.
+struct Run {
+  const TrainConfig& cfg;
+  const data::Dataset& train_set;
+  const data::Dataset& test_set;
+  Device device;
+  std::unique_ptr<Stream> stream;
+  Network net;
+  std::unique_ptr<data::BatchLoader> loader;
+  int64_t spe = 0;
+  LrSchedule sched;
+  Progress progress;
+  MetricsLog metrics;
+  Clock::time_point start = Clock::now();
+  TrainResult result;
 
-TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set) {
-  const Device dev = Device::parse(cfg.device);
-  check_device_options(cfg, dev);
-  SP_CHECK(cfg.epochs > 0 && cfg.batch_size > 0, "--epochs and --batch-size must be positive");
-  SP_CHECK(train_set.size() > 0, "the training set is empty");
-  auto stream = make_stream(dev);
-  Stream& s = *stream;
-
-  Network net = layers::build_resnet(cfg.model, data::kCifarClasses, cfg.seed);
-  net.to(dev, s);
-  Sgd opt(net.state().params, SgdConfig{cfg.momentum, cfg.weight_decay, cfg.nesterov}, s);
-
-  data::LoaderOptions lo;
-  lo.batch_size = cfg.batch_size;
-  lo.shuffle = true;
-  lo.augment = cfg.augment;
-  lo.seed = cfg.seed;
-  data::BatchLoader loader(train_set, lo);
-  const int64_t spe = loader.batches_per_epoch();
-  const LrSchedule sched = make_schedule(cfg, spe);
-
-  int64_t step = 0;
-  if (!cfg.resume.empty()) {
-    auto meta = load_checkpoint(cfg.resume, net, &opt, s);
-    SP_CHECK(meta["model"] == cfg.model, "--resume: ", cfg.resume, " holds a ", meta["model"], ", not a ", cfg.model);
-    SP_CHECK(meta["steps_per_epoch"] == std::to_string(spe) && meta["seed"] == std::to_string(cfg.seed),
-             "--resume: ", cfg.resume, " was written with other data, batch size or seed (steps/epoch ",
-             meta["steps_per_epoch"], ", seed ", meta["seed"], "); resume with the same settings");
-    step = std::stoll(meta["step"]);
-    loader.seek(step / spe, step % spe);
+  Run(const TrainConfig& c, const data::Dataset& train, const data::Dataset& test)
+      : cfg(c),
+        train_set(train),
+        test_set(test),
+        device(Device::parse(c.device)),
+        stream(make_stream(device)),
+        net(layers::build_resnet(c.model, data::kCifarClasses, c.seed)),
+        loader(make_loader(c, train)),
+        spe(loader->batches_per_epoch()),
+        sched(make_schedule(c, spe)),
+        progress(c.progress, spe, c.epochs),
+        metrics(c.metrics) {
+    net.to(device, *stream);
   }
 
-  BackpropTrainer trainer(net, opt, s, cfg.label_smoothing);
-  Progress progress(cfg.progress, spe, cfg.epochs);
-  MetricsLog metrics(cfg.metrics);
-  if (!progress.quiet())
-    std::printf("staleprop train: %s (%.2fM parameters) on %s, %lld train / %lld test images, batch %lld, "
-                "%d epochs of %lld steps%s\n",
-                cfg.model.c_str(), double(net.num_parameters()) / 1e6, dev.str().c_str(), (long long)train_set.size(),
-                (long long)test_set.size(), (long long)cfg.batch_size, cfg.epochs, (long long)spe,
-                dev.is_cpu() ? (", " + std::to_string(kernels::cpu::num_threads()) + " CPU threads").c_str() : "");
+  static std::unique_ptr<data::BatchLoader> make_loader(const TrainConfig& c, const data::Dataset& train) {
+    data::LoaderOptions lo;
+    lo.batch_size = c.batch_size;
+    lo.shuffle = true;
+    lo.augment = c.augment;
+    lo.seed = c.seed;
+    return std::make_unique<data::BatchLoader>(train, lo);
+  }
 
-  TrainResult result;
-  const auto run_start = Clock::now();
-  for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
-    const auto epoch_start = Clock::now();
-    StepStats epoch_stats, window;
-    int64_t epoch_images = 0;
-    const int64_t first_index = step % spe;
-    for (int64_t i = first_index; i < spe; ++i) {
-      const data::Batch& b = loader.next();
-      SP_CHECK(b.epoch == epoch && b.index_in_epoch == i, "loader out of step");
-      const float lr = sched.at(step);
-      trainer.train_step(b.images, b.labels, lr);
-      trainer.wait_input_consumed();
-      ++step;
-      epoch_images += b.images.size(0);
-      if (progress.wants_update(i) || i + 1 == spe) {
-        window = trainer.drain_stats();
-        epoch_stats += window;
-        const double el = seconds_since(epoch_start), ips = double(epoch_images) / el;
-        const double per_step = el / double(i + 1 - first_index);
-        const double eta = per_step * double(spe - i - 1 + int64_t(cfg.epochs - epoch - 1) * spe);
-        progress.update(epoch, i, epoch_stats, lr, ips, eta);
-        metrics.write("{\"event\":\"step\",\"epoch\":" + std::to_string(epoch + 1) + ",\"step\":" +
-                      std::to_string(step) + ",\"loss\":" + json_number(window.mean_loss()) + ",\"train_acc\":" +
-                      json_number(window.accuracy()) + ",\"lr\":" + json_number(lr) + ",\"images_per_s\":" +
-                      json_number(ips) + ",\"elapsed_s\":" + json_number(seconds_since(run_start)) + "}");
-      }
-      if (!cfg.checkpoint.empty() && cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0)
-        save_checkpoint(cfg.checkpoint, net, &opt, run_metadata(cfg, step, spe), s);
-      if (cfg.stop_after_steps >= 0 && step >= cfg.stop_after_steps) break;
-    }
-    epoch_stats += trainer.drain_stats();
-    const double train_secs = seconds_since(epoch_start);
-    progress.end_epoch();
-    if (cfg.stop_after_steps >= 0 && step >= cfg.stop_after_steps && step % spe != 0) {
-      result.steps = step;
-      return result;
-    }
-    EpochResult er{epoch + 1, epoch_stats.mean_loss(), epoch_stats.accuracy(), NAN, NAN,
-                   double(epoch_images) / train_secs, 0};
+  void banner(const std::string& method) const {
+    if (progress.quiet()) return;
+    std::printf("staleprop train: %s (%.2fM parameters) on %s, %s, %lld train / %lld test images, batch %lld, "
+                "%d epochs of %lld steps%s\n",
+                cfg.model.c_str(), double(net.num_parameters()) / 1e6, device.str().c_str(), method.c_str(),
+                (long long)train_set.size(), (long long)test_set.size(), (long long)cfg.batch_size, cfg.epochs,
+                (long long)spe,
+                device.is_cpu() ? (", " + std::to_string(kernels::cpu::num_threads()) + " CPU threads").c_str() : "");
+  }
+
+  // Checks a checkpoint against this run and returns the global step it was written at.
+  int64_t check_resume(std::map<std::string, std::string>& meta) const {
+    SP_CHECK(meta["model"] == cfg.model, "--resume: ", cfg.resume, " holds a ", meta["model"], ", not a ",
+             cfg.model);
+    SP_CHECK(meta["steps_per_epoch"] == std::to_string(spe) && meta["seed"] == std::to_string(cfg.seed), "--resume: ",
+             cfg.resume, " was written with other data, batch size or seed (steps/epoch ", meta["steps_per_epoch"],
+             ", seed ", meta["seed"], "); resume with the same settings");
+    return std::stoll(meta["step"]);
+  }
+
+  std::map<std::string, std::string> metadata(int64_t step, const std::string& extra_key = "",
+                                              const std::string& extra_value = "") const {
+    auto m = run_metadata(cfg, step, spe);
+    if (!extra_key.empty()) m[extra_key] = extra_value;
+    return m;
+  }
+
+  // Evaluates (when there is a test set), prints and logs the epoch; `extra` is appended to
+  // the printed line and `extra_json` to the JSON record.
+  void end_epoch(int epoch, int64_t step, const StepStats& train, double train_secs, int64_t images,
+                 const std::function<StepStats()>& eval, const std::string& extra = "",
+                 const std::string& extra_json = "") {
+    EpochResult er{epoch + 1, train.mean_loss(), train.accuracy(), NAN, NAN, double(images) / train_secs, 0};
     if (test_set.size() > 0) {
-      const StepStats t = evaluate(trainer, test_set, cfg.eval_batch_size);
+      const StepStats t = eval();
       er.test_loss = t.mean_loss();
       er.test_acc = t.accuracy();
     }
-    er.elapsed_s = seconds_since(run_start);
+    er.elapsed_s = seconds_since(start);
     result.epochs.push_back(er);
     if (!progress.quiet())
-      std::printf("epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s | %s elapsed\n",
+      std::printf("epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s%s | %s elapsed\n",
                   epoch + 1, cfg.epochs, er.train_loss, 100 * er.train_acc, er.test_loss, 100 * er.test_acc,
-                  er.images_per_s, fmt_duration(er.elapsed_s).c_str());
+                  er.images_per_s, extra.c_str(), fmt_duration(er.elapsed_s).c_str());
     metrics.write("{\"event\":\"epoch\",\"epoch\":" + std::to_string(epoch + 1) + ",\"step\":" +
                   std::to_string(step) + ",\"loss\":" + json_number(er.train_loss) + ",\"train_acc\":" +
                   json_number(er.train_acc) + ",\"test_loss\":" + json_number(er.test_loss) + ",\"test_acc\":" +
                   json_number(er.test_acc) + ",\"lr\":" + json_number(sched.at(step - 1)) + ",\"images_per_s\":" +
-                  json_number(er.images_per_s) + ",\"elapsed_s\":" + json_number(er.elapsed_s) + "}");
-    if (!cfg.checkpoint.empty()) save_checkpoint(cfg.checkpoint, net, &opt, run_metadata(cfg, step, spe), s);
-    if (cfg.stop_after_steps >= 0 && step >= cfg.stop_after_steps) break;
+                  json_number(er.images_per_s) + ",\"elapsed_s\":" + json_number(er.elapsed_s) + extra_json + "}");
   }
-  result.steps = step;
-  return result;
+};
+
+TrainResult run_backprop(Run& run) {
+  const TrainConfig& cfg = run.cfg;
+  Stream& s = *run.stream;
+  Sgd opt(run.net.state().params, SgdConfig{cfg.momentum, cfg.weight_decay, cfg.nesterov}, s);
+  const int64_t spe = run.spe;
+  int64_t step = 0;
+  if (!cfg.resume.empty()) {
+    auto meta = load_checkpoint(cfg.resume, run.net, {&opt}, s);
+    step = run.check_resume(meta);
+    run.loader->seek(step / spe, step % spe);
+  }
+  BackpropTrainer trainer(run.net, opt, s, cfg.label_smoothing);
+  run.banner("standard backprop");
+  for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
+    const auto epoch_start = Clock::now();
+    StepStats epoch_stats;
+    int64_t epoch_images = 0;
+    const int64_t first_index = step % spe;
+    bool stopped = false;
+    for (int64_t i = first_index; i < spe && !stopped; ++i) {
+      const data::Batch& b = run.loader->next();
+      SP_CHECK(b.epoch == epoch && b.index_in_epoch == i, "loader out of step");
+      const float lr = run.sched.at(step);
+      trainer.train_step(b.images, b.labels, lr);
+      trainer.wait_input_consumed();
+      ++step;
+      epoch_images += b.images.size(0);
+      if (run.progress.wants_update(i) || i + 1 == spe) {
+        const StepStats window = trainer.drain_stats();
+        epoch_stats += window;
+        const double el = seconds_since(epoch_start), ips = double(epoch_images) / el;
+        const double per_step = el / double(i + 1 - first_index);
+        run.progress.update(epoch, i, &epoch_stats, lr, ips,
+                            per_step * double(spe - i - 1 + int64_t(cfg.epochs - epoch - 1) * spe));
+        run.metrics.write("{\"event\":\"step\",\"epoch\":" + std::to_string(epoch + 1) + ",\"step\":" +
+                          std::to_string(step) + ",\"loss\":" + json_number(window.mean_loss()) +
+                          ",\"train_acc\":" + json_number(window.accuracy()) + ",\"lr\":" + json_number(lr) +
+                          ",\"images_per_s\":" + json_number(ips) + ",\"elapsed_s\":" +
+                          json_number(seconds_since(run.start)) + "}");
+      }
+      if (!cfg.checkpoint.empty() && cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0)
+        save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
+      stopped = cfg.stop_after_steps >= 0 && step >= cfg.stop_after_steps;
+    }
+    epoch_stats += trainer.drain_stats();
+    run.progress.end_epoch();
+    if (stopped && step % spe != 0) break;  // stopped inside an epoch: no epoch report
+    run.end_epoch(epoch, step, epoch_stats, seconds_since(epoch_start), epoch_images,
+                  [&] { return evaluate(trainer, run.test_set, cfg.eval_batch_size); });
+    if (!cfg.checkpoint.empty())
+      save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
+    if (stopped) break;
+  }
+  run.result.steps = step;
+  return run.result;
+}
+
+std::vector<size_t> parse_cuts(const std::string& text) {
+  std::vector<size_t> cuts;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    SP_CHECK(!item.empty() && item.find_first_not_of("0123456789") == std::string::npos,
+             "--split-at expects comma-separated block indices (or 'fdg'), got '", text, "'");
+    cuts.push_back(size_t(std::stoul(item)));
+  }
+  return cuts;
+}
+
+std::string cuts_str(const std::vector<size_t>& cuts) {
+  std::string s;
+  for (size_t c : cuts) s += (s.empty() ? "" : ",") + std::to_string(c);
+  return s;
+}
+
+// Per-block cost (forward + backward milliseconds) of one training batch, measured on the run's
+// device. BN running statistics are restored afterwards, so measuring leaves no trace.
+std::vector<double> measure_block_costs(Run& run) {
+  Stream& s = *run.stream;
+  ModuleState st = run.net.state();
+  std::vector<Tensor> saved_buffers;
+  for (auto& [name, b] : st.buffers) {
+    Tensor copy = Tensor::empty(b->shape(), b->dtype(), b->device());
+    ops::copy(s, *b, copy);
+    saved_buffers.push_back(copy);
+  }
+  std::vector<int64_t> saved_counters;
+  for (auto& [name, c] : st.counters) saved_counters.push_back(*c);
+
+  const data::Batch& batch = run.loader->next();
+  Tensor x = new_activation(s, batch.images.shape());
+  ops::copy(s, batch.images, x);
+  s.synchronize();
+  run.loader->seek(0, 0);
+  run.net.set_training(true);
+  const size_t n = run.net.size();
+  std::vector<double> cost(n, 0.0);
+  std::vector<Context> ctx(n);
+  for (int rep = 0; rep < 2; ++rep) {  // the first pass warms up caches and the allocator
+    std::vector<std::unique_ptr<Event>> ev;
+    for (size_t i = 0; i < 2 * n + 2; ++i) ev.push_back(make_event(run.device, true));
+    Tensor h = x;
+    s.record(*ev[0]);
+    for (size_t i = 0; i < n; ++i) {
+      h = run.net.block(i).forward(s, h, ctx[i]);
+      s.record(*ev[i + 1]);
+    }
+    Tensor g = new_activation(s, h.shape());
+    ops::fill(s, g, 1.f / float(h.numel()));
+    s.record(*ev[n + 1]);
+    for (size_t i = n; i-- > 0;) {
+      g = run.net.block(i).backward(s, g, ctx[i], i > 0);
+      s.record(*ev[2 * n + 1 - i]);
+    }
+    s.synchronize();
+    if (rep == 1)
+      for (size_t i = 0; i < n; ++i)
+        cost[i] = ev[i + 1]->elapsed_ms_since(*ev[i]) + ev[2 * n + 1 - i]->elapsed_ms_since(*ev[2 * n - i]);
+  }
+  for (size_t i = 0; i < st.buffers.size(); ++i) ops::copy(s, saved_buffers[i], *st.buffers[i].second);
+  for (size_t i = 0; i < st.counters.size(); ++i) *st.counters[i].second = saved_counters[i];
+  s.synchronize();
+  return cost;
+}
+
+std::vector<size_t> resolve_cuts(Run& run) {
+  const TrainConfig& cfg = run.cfg;
+  if (cfg.split_at == "fdg") return layers::fdg_preset_cuts(cfg.model, cfg.split);
+  if (!cfg.split_at.empty()) {
+    std::vector<size_t> cuts = parse_cuts(cfg.split_at);
+    SP_CHECK(cfg.split == 1 || int(cuts.size()) + 1 == cfg.split, "--split ", cfg.split, " and --split-at ",
+             cfg.split_at, " disagree (", cuts.size() + 1, " modules)");
+    return cuts;
+  }
+  if (cfg.split <= 1) return {};
+  return balanced_cuts(measure_block_costs(run), cfg.split);
+}
+
+// Chrome-trace / Perfetto JSON of one epoch's stages: one track per module.
+void write_trace(const std::string& path, const PipelineEpochStats& stats, int modules, int epoch) {
+  std::ofstream out(path);
+  SP_CHECK(out.good(), "cannot write the trace file '", path, "'");
+  out << "{\"displayTimeUnit\":\"ms\",\"traceEvents\":[";
+  for (int k = 0; k < modules; ++k)
+    out << (k ? "," : "") << "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":" << k + 1
+        << ",\"args\":{\"name\":\"module " << k + 1 << "\"}}";
+  for (const StageTiming& t : stats.stages)
+    out << ",{\"name\":\"" << t.stage << " b" << t.batch << "\",\"cat\":\"epoch " << epoch + 1
+        << "\",\"ph\":\"X\",\"pid\":1,\"tid\":" << t.module + 1 << ",\"ts\":" << json_number(t.start_ms * 1e3)
+        << ",\"dur\":" << json_number(t.duration_ms * 1e3) << ",\"args\":{\"tick\":" << t.tick << "}}";
+  out << "]}\n";
+  SP_CHECK(out.good(), "error writing the trace file '", path, "'");
+}
+
+TrainResult run_pipelined(Run& run) {
+  const TrainConfig& cfg = run.cfg;
+  SP_CHECK(cfg.checkpoint_every == 0 && cfg.stop_after_steps < 0,
+           "--checkpoint-every and --stop-after need --method bp with one module: a decoupled pipeline is "
+           "checkpointed at epoch boundaries, when it has drained");
+  std::map<std::string, std::string> resume_meta;
+  if (!cfg.resume.empty()) resume_meta = io::read_safetensors(cfg.resume).metadata;
+  PipelineConfig pc;
+  pc.method = parse_pipeline_method(cfg.method);
+  // A resumed run keeps the cut points it started with (measured cuts may differ run to run).
+  pc.cuts = resume_meta.count("cuts") ? parse_cuts(resume_meta["cuts"]) : resolve_cuts(run);
+  for (const std::string& d : cfg.devices) pc.devices.push_back(Device::parse(d));
+  pc.shrink = cfg.shrink;
+  pc.label_smoothing = cfg.label_smoothing;
+  pc.sgd = SgdConfig{cfg.momentum, cfg.weight_decay, cfg.nesterov};
+  PipelineTrainer pipe(run.net, pc);
+  const int K = pipe.num_modules();
+  auto opts = pipe.optimizers();
+  const std::vector<const Sgd*> const_opts(opts.begin(), opts.end());
+  const int64_t spe = run.spe;
+  int64_t step = 0;
+  if (!cfg.resume.empty()) {
+    auto meta = load_checkpoint(cfg.resume, run.net, opts, *run.stream);
+    step = run.check_resume(meta);
+    SP_CHECK(step % spe == 0, "--resume: ", cfg.resume, " was written inside an epoch; pipelined runs resume at "
+             "epoch boundaries");
+    pipe.set_steps(step);
+    run.loader->seek(step / spe, 0);
+  }
+  std::string layout;
+  for (int k = 0; k < K; ++k)
+    layout += (k ? " | " : "") + std::to_string(pipe.blocks(k).second - pipe.blocks(k).first) + " blocks (d=" +
+              std::to_string(pipe.delay(k)) + ")";
+  run.banner(std::string(pipeline_method_name(pc.method)) + " over " + std::to_string(K) + " modules [" + layout +
+             "], shrink " + json_number(cfg.shrink));
+
+  for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
+    const auto epoch_start = Clock::now();
+    int64_t fed = 0, images = 0;
+    const PipelineTrainer::BatchSource source = [&](Tensor* x, Tensor* y) {
+      if (fed == spe) return false;
+      const data::Batch& b = run.loader->next();
+      *x = b.images;
+      *y = b.labels;
+      images += b.images.size(0);
+      if (run.progress.wants_update(fed)) {
+        const double el = seconds_since(epoch_start);
+        const double per_batch = el / double(std::max<int64_t>(1, fed));
+        run.progress.update(epoch, fed, nullptr, run.sched.at(step + fed), double(images) / el,
+                            per_batch * double(spe - fed - 1 + int64_t(cfg.epochs - epoch - 1) * spe));
+      }
+      ++fed;
+      return true;
+    };
+    const PipelineEpochStats st = pipe.run_epoch(source, [&](int64_t s) { return run.sched.at(s); });
+    step += spe;
+    run.progress.end_epoch();
+    std::string busy, busy_json = ",\"modules\":[";
+    for (int k = 0; k < K; ++k) {
+      const double pct = 100.0 * st.busy_ms[size_t(k)] / st.wall_ms;
+      char buf[96];
+      std::snprintf(buf, sizeof buf, "%s%.0f%%", k ? "/" : "", pct);
+      busy += buf;
+      busy_json += std::string(k ? "," : "") + "{\"busy_pct\":" + json_number(pct) + ",\"idle_ms\":" +
+                   json_number(st.wall_ms - st.busy_ms[size_t(k)]) + "}";
+    }
+    busy_json += "],\"ticks\":" + std::to_string(st.ticks) + ",\"activation_bytes\":" +
+                 std::to_string(st.peak_saved_bytes);
+    const std::string extra = " | busy " + busy + " | activations " +
+                              json_number(double(st.peak_saved_bytes) / (1 << 20)) + " MiB";
+    run.end_epoch(epoch, step, st.train, seconds_since(epoch_start), images,
+                  [&] {
+                    data::LoaderOptions lo;
+                    lo.batch_size = cfg.eval_batch_size;
+                    lo.shuffle = false;
+                    data::BatchLoader test(run.test_set, lo);
+                    int64_t given = 0;
+                    return pipe.evaluate([&](Tensor* x, Tensor* y) {
+                      if (given == test.batches_per_epoch()) return false;
+                      const data::Batch& b = test.next();
+                      *x = b.images, *y = b.labels;
+                      ++given;
+                      return true;
+                    });
+                  },
+                  extra, busy_json);
+    if (!cfg.trace.empty() && run.result.epochs.size() == 1)  // the first epoch of this process
+      write_trace(cfg.trace, st, K, epoch);
+    if (!cfg.checkpoint.empty())
+      save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, const_opts,
+                      run.metadata(step, "cuts", cuts_str(pc.cuts)), *run.stream);
+  }
+  run.result.steps = step;
+  return run.result;
+}
+
+}  // namespace
+
+TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set) {
+  check_device_options(cfg, Device::parse(cfg.device));
+  SP_CHECK(cfg.epochs > 0 && cfg.batch_size > 0, "--epochs and --batch-size must be positive");
+  SP_CHECK(cfg.split >= 1, "--split must be at least 1");
+  SP_CHECK(train_set.size() > 0, "the training set is empty");
+  parse_pipeline_method(cfg.method);  // reject unknown methods before any work
+  Run run(cfg, train_set, test_set);
+  const bool pipelined = cfg.method != "bp" || cfg.split > 1 || !cfg.split_at.empty() || cfg.devices.size() > 1;
+  return pipelined ? run_pipelined(run) : run_backprop(run);
 }
 
 EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model, const std::string& device,
@@ -274,7 +535,7 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model,
   auto stream = make_stream(dev);
   Network net = layers::build_resnet(model, data::kCifarClasses, 0);
   net.to(dev, *stream);
-  load_checkpoint(checkpoint, net, nullptr, *stream);
+  load_checkpoint(checkpoint, net, {}, *stream);
   Sgd unused(net.state().params, SgdConfig{}, *stream);
   BackpropTrainer trainer(net, unused, *stream, 0.f);
   const StepStats st = evaluate(trainer, test_set, batch_size);

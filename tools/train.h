@@ -32,12 +32,19 @@ struct TrainConfig {
   std::string device = "cpu";
   bool augment = true;
   int64_t eval_batch_size = 500;
-  std::string checkpoint;                          // written after every epoch when set
+  std::string checkpoint;                          // written after every epoch; "{epoch}" -> number
   int64_t checkpoint_every = 0;                    // also every N steps when > 0
   std::string resume;                              // checkpoint to resume from
   std::string metrics;                             // JSON-lines file (appended) when set
   std::string progress = "auto";                   // auto | bar | plain | none
   int64_t stop_after_steps = -1;                   // end the run early after this global step
+  // Decoupled training (engine/pipeline.h): bp with one module is plain backprop.
+  std::string method = "bp";                       // bp | ddg | fdg
+  int split = 1;                                   // K modules, balanced by measured block time
+  std::string split_at;                            // explicit cut points "i,j,..." or "fdg" (presets)
+  float shrink = 1.f;                              // beta: gradient shrink factor
+  std::vector<std::string> devices;                // one per module (default: --device for all)
+  std::string trace;                               // Chrome-trace JSON of the first epoch's stages
 };
 
 struct EpochResult {
