@@ -173,8 +173,9 @@ std::vector<Sgd*> PipelineTrainer::optimizers() {
   return out;
 }
 
-void PipelineTrainer::send(Stage& st, Slot& slot, int64_t tick, int64_t batch, const Tensor& data,
+void PipelineTrainer::send(Stage& st, Queue& q, int64_t tick, int64_t batch, const Tensor& data,
                            const Tensor& labels) {
+  Slot& slot = q.slots[tick % 2];
   Stream& s = *st.stream;
   s.wait(*slot.freed);  // the consumer has copied out the message of two ticks ago
   const bool grow = !slot.data.defined() || slot.data.numel() < data.numel() ||
@@ -190,8 +191,10 @@ void PipelineTrainer::send(Stage& st, Slot& slot, int64_t tick, int64_t batch, c
   slot.tick = tick, slot.batch = batch, slot.shape = data.shape();
 }
 
-bool PipelineTrainer::receive(Stage& st, Slot& slot, int64_t written_tick, bool with_labels, Tensor* data,
+bool PipelineTrainer::receive(Stage& st, Queue& q, int64_t written_tick, bool with_labels, Tensor* data,
                               Tensor* labels, int64_t* batch) {
+  if (written_tick < 0) return false;  // before the first tick
+  Slot& slot = q.slots[written_tick % 2];
   if (slot.tick != written_tick) return false;  // nothing was sent at that tick
   Stream& s = *st.stream;
   s.wait(*slot.ready);
@@ -228,7 +231,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     in.batch = next_batch_++;
   } else {
     const int64_t sent = tick - activation_latency_;
-    if (!receive(st, act_[size_t(k) - 1]->slots[sent % 2], sent, true, &in.data, &in.labels, &in.batch)) return;
+    if (!receive(st, *act_[size_t(k) - 1], sent, true, &in.data, &in.labels, &in.batch)) return;
   }
   TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, in.batch,
                    k == last ? "fwd+loss+bwd" : "fwd"};
@@ -240,7 +243,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   ledger_.push_back({tick, k, in.batch, false});
   st.inflight.push_back(std::move(f));
   if (k < last) {
-    send(st, act_[size_t(k)]->slots[tick % 2], tick, in.batch, h, in.labels);
+    send(st, *act_[size_t(k)], tick, in.batch, h, in.labels);
     s.record(*timed.end);
     st.timed.push_back(std::move(timed));
     return;
@@ -262,7 +265,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr, Pipeli
   const int64_t sent = tick - gradient_latency_;
   Tensor dy, unused;
   int64_t batch = -1;
-  if (!receive(st, grad_[size_t(k)]->slots[sent % 2], sent, false, &dy, &unused, &batch)) return;
+  if (!receive(st, *grad_[size_t(k)], sent, false, &dy, &unused, &batch)) return;
   SP_CHECK(!st.inflight.empty() && st.inflight.front().batch == batch, "pipeline: module ", k + 1,
            " received the gradient of batch ", batch, " but its oldest batch in flight is ",
            st.inflight.empty() ? -1 : st.inflight.front().batch);
@@ -286,7 +289,7 @@ void PipelineTrainer::backward_and_step(int k, int64_t tick, Tensor dy, const Lr
   for (size_t b = st.last; b-- > st.first;)
     g = net_.block(b).backward(s, g, f.contexts[b - st.first], b > st.first || k > 0);
   if (k > 0) {
-    send(st, grad_[size_t(k) - 1]->slots[tick % 2], tick, f.batch, g, Tensor());
+    send(st, *grad_[size_t(k) - 1], tick, f.batch, g, Tensor());
   }
   st.opt->step(s, lr(st.steps));
   ++st.steps;

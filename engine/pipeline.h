@@ -122,10 +122,10 @@ class PipelineTrainer {
 
   // Producer side of a queue: waits until the consumer has copied out the slot's previous
   // message, writes this one and records the slot's ready event.
-  void send(Stage& st, Slot& slot, int64_t tick, int64_t batch, const Tensor& data, const Tensor& labels);
-  // Consumer side: if a message was written into the slot at `written_tick`, waits for it,
+  void send(Stage& st, Queue& q, int64_t tick, int64_t batch, const Tensor& data, const Tensor& labels);
+  // Consumer side: if a message was written into the queue at `written_tick`, waits for it,
   // copies it into tensors of this stage, records the slot's free event and returns true.
-  bool receive(Stage& st, Slot& slot, int64_t written_tick, bool with_labels, Tensor* data, Tensor* labels,
+  bool receive(Stage& st, Queue& q, int64_t written_tick, bool with_labels, Tensor* data, Tensor* labels,
                int64_t* batch);
   void forward_phase(int k, int64_t tick, const BatchSource& source, bool& source_done, const LrAt& lr,
                      PipelineEpochStats& stats);
