@@ -4,6 +4,7 @@
 #include <chrono>
 #include <deque>
 #include <numeric>
+#include <random>
 #include <set>
 
 #include "engine/ops.h"
@@ -50,9 +51,11 @@ struct PipelineTrainer::Queue {
 
 namespace {
 
-struct InFlight {
-  int64_t batch, tick;
-  std::vector<Context> contexts;  // one per block of the module
+// A gradient taken out of its queue, waiting for its tick (later than its arrival under
+// staleness jitter).
+struct ReceivedGradient {
+  int64_t batch, ready_tick;
+  Tensor dy;
 };
 
 struct TimedStage {
@@ -68,6 +71,13 @@ struct Message {
 
 }  // namespace
 
+struct PipelineTrainer::InFlight {
+  int64_t batch, tick;
+  std::vector<Context> contexts;  // one per block of the module (cleared with --recompute)
+  Tensor input;                   // the module's input, kept for --recompute
+  std::vector<Tensor> stash;      // the module's weights at the forward, for --weight-stash
+};
+
 struct PipelineTrainer::Stage {
   int index = 0;
   Device device;
@@ -81,6 +91,9 @@ struct PipelineTrainer::Stage {
   std::unique_ptr<Event> epoch_start;
   std::vector<TimedStage> timed;
   std::vector<PendingLoss> pending;  // module K
+  std::vector<Parameter*> params;     // this module's parameters
+  std::deque<ReceivedGradient> gradients;
+  std::mt19937_64 jitter_rng;
 };
 
 namespace {
@@ -139,6 +152,8 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
     st->last = k + 1 < k_modules ? starts[size_t(k) + 1] : blocks;
     for (size_t b = st->first; b < st->last; ++b) net.block(b).to(st->device, *st->stream);
     st->opt = std::make_unique<Sgd>(net.state(st->first, st->last).params, cfg_.sgd, *st->stream);
+    for (auto& [name, p] : net.state(st->first, st->last).params) st->params.push_back(p);
+    st->jitter_rng.seed(cfg_.jitter_seed * 1000003u + uint64_t(k));
     for (auto& e : st->tick_end) e = make_event(st->device);
     st->input_copied = make_event(st->device);
     st->epoch_start = make_event(st->device, true);
@@ -237,9 +252,19 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
                    k == last ? "fwd+loss+bwd" : "fwd"};
   NvtxRange range("module " + std::to_string(k + 1) + " " + timed.stage + " batch " + std::to_string(in.batch));
   s.record(*timed.start);
-  InFlight f{in.batch, tick, std::vector<Context>(st.last - st.first)};
+  InFlight f{in.batch, tick, std::vector<Context>(st.last - st.first), Tensor(), {}};
+  if (k < last && cfg_.weight_stash)
+    for (Parameter* p : st.params) {
+      f.stash.push_back(new_activation(s, p->value.shape()));
+      ops::copy(s, p->value, f.stash.back());
+    }
   Tensor h = in.data;
   for (size_t b = st.first; b < st.last; ++b) h = net_.block(b).forward(s, h, f.contexts[b - st.first]);
+  if (k < last && cfg_.recompute) {
+    // Keep only the input; the backward rebuilds the contexts.
+    f.input = in.data;
+    for (Context& c : f.contexts) c.clear();
+  }
   ledger_.push_back({tick, k, in.batch, false});
   st.inflight.push_back(std::move(f));
   if (k < last) {
@@ -262,18 +287,27 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
 void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr, PipelineEpochStats& stats) {
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
-  const int64_t sent = tick - gradient_latency_;
-  Tensor dy, unused;
-  int64_t batch = -1;
-  if (!receive(st, *grad_[size_t(k)], sent, false, &dy, &unused, &batch)) return;
-  SP_CHECK(!st.inflight.empty() && st.inflight.front().batch == batch, "pipeline: module ", k + 1,
-           " received the gradient of batch ", batch, " but its oldest batch in flight is ",
+  // Take delivery of the gradient sent to this module (freeing its slot at once) ...
+  ReceivedGradient g;
+  Tensor unused;
+  if (receive(st, *grad_[size_t(k)], tick - gradient_latency_, false, &g.dy, &unused, &g.batch)) {
+    if (cfg_.shrink != 1.f) ops::scale(s, cfg_.shrink, g.dy, g.dy);
+    const int64_t extra =
+        cfg_.staleness_jitter > 0 ? std::uniform_int_distribution<int64_t>(0, cfg_.staleness_jitter)(st.jitter_rng) : 0;
+    g.ready_tick = tick + extra;
+    st.gradients.push_back(std::move(g));
+  }
+  // ... and back-propagate the oldest one once its tick has come (in order, one per tick).
+  if (st.gradients.empty() || st.gradients.front().ready_tick > tick) return;
+  ReceivedGradient ready = std::move(st.gradients.front());
+  st.gradients.pop_front();
+  SP_CHECK(!st.inflight.empty() && st.inflight.front().batch == ready.batch, "pipeline: module ", k + 1,
+           " received the gradient of batch ", ready.batch, " but its oldest batch in flight is ",
            st.inflight.empty() ? -1 : st.inflight.front().batch);
-  if (cfg_.shrink != 1.f) ops::scale(s, cfg_.shrink, dy, dy);
-  TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, batch, "bwd"};
-  NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(batch));
+  TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, ready.batch, "bwd"};
+  NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(ready.batch));
   s.record(*timed.start);
-  backward_and_step(k, tick, dy, lr, stats);
+  backward_and_step(k, tick, ready.dy, lr, stats);
   s.record(*timed.end);
   st.timed.push_back(std::move(timed));
 }
@@ -283,17 +317,39 @@ void PipelineTrainer::backward_and_step(int k, int64_t tick, Tensor dy, const Lr
   Stream& s = *st.stream;
   InFlight f = std::move(st.inflight.front());
   st.inflight.pop_front();
-  SP_CHECK(tick - f.tick == delay(k), "pipeline: module ", k + 1, " back-propagates batch ", f.batch, " ",
-           tick - f.tick, " ticks after its forward, expected ", delay(k));
+  const int64_t late = tick - f.tick;
+  SP_CHECK(cfg_.staleness_jitter > 0 ? late >= delay(k) : late == delay(k), "pipeline: module ", k + 1,
+           " back-propagates batch ", f.batch, " ", late, " ticks after its forward, expected ", delay(k));
+  // Weight stashing: back-propagate through the weights this batch's forward used.
+  for (size_t i = 0; i < f.stash.size(); ++i) std::swap(st.params[i]->value, f.stash[i]);
+  if (f.input.defined()) recompute_forward(st, f);
   Tensor g = dy;
   for (size_t b = st.last; b-- > st.first;)
     g = net_.block(b).backward(s, g, f.contexts[b - st.first], b > st.first || k > 0);
+  for (size_t i = 0; i < f.stash.size(); ++i) std::swap(st.params[i]->value, f.stash[i]);
   if (k > 0) {
     send(st, *grad_[size_t(k) - 1], tick, f.batch, g, Tensor());
   }
   st.opt->step(s, lr(st.steps));
   ++st.steps;
   ledger_.push_back({tick, k, f.batch, true});
+}
+
+void PipelineTrainer::recompute_forward(Stage& st, InFlight& f) {
+  Stream& s = *st.stream;
+  // The repeated forward must not count twice in the BN running statistics: save and restore.
+  const ModuleState state = net_.state(st.first, st.last);
+  std::vector<Tensor> buffers;
+  for (auto& [name, b] : state.buffers) {
+    buffers.push_back(new_activation(s, b->shape(), b->dtype()));
+    ops::copy(s, *b, buffers.back());
+  }
+  std::vector<int64_t> counters;
+  for (auto& [name, c] : state.counters) counters.push_back(*c);
+  Tensor h = f.input;
+  for (size_t b = st.first; b < st.last; ++b) h = net_.block(b).forward(s, h, f.contexts[b - st.first]);
+  for (size_t i = 0; i < buffers.size(); ++i) ops::copy(s, buffers[i], *state.buffers[i].second);
+  for (size_t i = 0; i < counters.size(); ++i) *state.counters[i].second = counters[i];
 }
 
 PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const LrAt& lr) {
@@ -314,8 +370,10 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
     std::set<const void*> seen;
     size_t saved = 0;
     for (auto& st : stages_)
-      for (const InFlight& f : st->inflight)
+      for (const InFlight& f : st->inflight) {
         for (const Context& c : f.contexts) saved += c.saved_bytes(&seen);
+        if (f.input.defined() && seen.insert(f.input.raw_data()).second) saved += f.input.nbytes();
+      }
     stats.peak_saved_bytes = std::max(stats.peak_saved_bytes, saved);
   };
   bool source_done = false;

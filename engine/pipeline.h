@@ -49,6 +49,16 @@ struct PipelineConfig {
   float label_smoothing = 0.f;
   SgdConfig sgd;
   StreamOptions stream_options;  // CPU emulation: injected jitter
+  // Stochastic staleness: each gradient a module k < K receives waits a further 0..J ticks
+  // (uniform, seeded) before its backward; gradients stay in order, one backward per tick.
+  int staleness_jitter = 0;
+  uint64_t jitter_seed = 0;
+  // Keep only each in-flight batch's module input and rebuild the saved activations by a
+  // second forward just before the backward (with the weights of that moment, or the stashed
+  // ones with weight_stash); BN running statistics are not updated twice.
+  bool recompute = false;
+  // PipeDream-style: back-propagate each batch through the weights its forward used.
+  bool weight_stash = false;
 };
 
 // What a tick did, for tests and for traces: module m (0-based) forwarded or back-propagated
@@ -112,6 +122,7 @@ class PipelineTrainer {
   struct Stage;
   struct Slot;
   struct Queue;
+  struct InFlight;
   Network& net_;
   PipelineConfig cfg_;
   std::vector<std::unique_ptr<Stage>> stages_;
@@ -131,6 +142,7 @@ class PipelineTrainer {
                      PipelineEpochStats& stats);
   void backward_phase(int k, int64_t tick, const LrAt& lr, PipelineEpochStats& stats);
   void backward_and_step(int k, int64_t tick, Tensor dy, const LrAt& lr, PipelineEpochStats& stats);
+  void recompute_forward(Stage& st, InFlight& f);
 };
 
 // Cut points that balance the per-block cost (e.g. FLOPs or measured time) over K modules:

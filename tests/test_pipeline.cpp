@@ -97,10 +97,14 @@ PipelineConfig config(PipelineMethod m, std::vector<size_t> cuts, float shrink =
   return c;
 }
 
-std::vector<float> run_pipeline(const PipelineConfig& c, const Batches& b, int epochs = 1, uint64_t seed = 1) {
+std::vector<float> run_pipeline(const PipelineConfig& c, const Batches& b, int epochs = 1, uint64_t seed = 1,
+                                size_t* peak_saved_bytes = nullptr) {
   Network net = mini_resnet(seed);
   PipelineTrainer p(net, c);
-  for (int e = 0; e < epochs; ++e) p.run_epoch(source_of(b), lr_at);
+  for (int e = 0; e < epochs; ++e) {
+    const PipelineEpochStats st = p.run_epoch(source_of(b), lr_at);
+    if (peak_saved_bytes) *peak_saved_bytes = st.peak_saved_bytes;
+  }
   return flat_params(net);
 }
 
@@ -111,7 +115,10 @@ std::vector<float> run_pipeline(const PipelineConfig& c, const Batches& b, int e
 // forward events; ddg and bp run forwards (ascending k) before backwards (descending k). The
 // last module back-propagates right after its forward and loss. Everything runs in that order
 // on one stream, with no queues or events.
-std::vector<float> simulate(PipelineMethod m, const std::vector<size_t>& cuts, const Batches& data, float shrink) {
+// With `stash`, a module k < K back-propagates through a copy of the weights it had at the
+// batch's forward (then steps its current weights).
+std::vector<float> simulate(PipelineMethod m, const std::vector<size_t>& cuts, const Batches& data, float shrink,
+                            bool stash = false) {
   Network net = mini_resnet(1);
   const int K = int(cuts.size()) + 1;
   const int a = m == PipelineMethod::FDG ? 1 : 0, g = m == PipelineMethod::BP ? 0 : 1;
@@ -137,11 +144,21 @@ std::vector<float> simulate(PipelineMethod m, const std::vector<size_t>& cuts, c
   std::sort(events.begin(), events.end());
   std::map<std::pair<int, int>, Tensor> act, grad;  // (module, batch) -> output / input gradient
   std::map<std::pair<int, int>, std::vector<Context>> ctx;
+  std::map<std::pair<int, int>, std::vector<Tensor>> stashed;
+  auto module_params = [&](int k) {
+    std::vector<Parameter*> ps;
+    for (auto& [name, p] : net.state(first[size_t(k)], last[size_t(k)]).params) ps.push_back(p);
+    return ps;
+  };
   net.set_training(true);
   auto backward = [&](int k, int b, Tensor dy) {
     auto& c = ctx[{k, b}];
+    std::vector<Tensor>& w = stashed[{k, b}];
+    std::vector<Parameter*> ps = module_params(k);
+    for (size_t i = 0; i < w.size(); ++i) std::swap(ps[i]->value, w[i]);
     for (size_t i = last[size_t(k)]; i-- > first[size_t(k)];)
       dy = net.block(i).backward(*s, dy, c[i - first[size_t(k)]], i > first[size_t(k)] || k > 0);
+    for (size_t i = 0; i < w.size(); ++i) std::swap(ps[i]->value, w[i]);
     if (k > 0) grad[{k - 1, b}] = dy;
     opt[size_t(k)]->step(*s, lr_at(steps[size_t(k)]++));
   };
@@ -153,6 +170,12 @@ std::vector<float> simulate(PipelineMethod m, const std::vector<size_t>& cuts, c
       continue;
     }
     Tensor h = k == 0 ? data.images[size_t(b)] : act.at({k - 1, b});
+    if (stash && k < K - 1)
+      for (Parameter* p : module_params(k)) {
+        Tensor copy = Tensor::empty(p->value.shape(), DType::F32);
+        ops::copy(*s, p->value, copy);
+        stashed[{k, b}].push_back(copy);
+      }
     auto& c = ctx[{k, b}];
     c.resize(last[size_t(k)] - first[size_t(k)]);
     for (size_t i = first[size_t(k)]; i < last[size_t(k)]; ++i) h = net.block(i).forward(*s, h, c[i - first[size_t(k)]]);
@@ -277,6 +300,67 @@ TEST(Pipeline, DelaysFollowTheMethod) {
   Network net3 = mini_resnet(1);
   EXPECT_THROW(PipelineTrainer(net3, config(PipelineMethod::FDG, {2, 2})), Error);
   EXPECT_THROW(PipelineTrainer(net3, config(PipelineMethod::FDG, {5})), Error);
+}
+
+TEST(Pipeline, WeightStashingMatchesTheSequentialRecurrence) {
+  const Batches data = make_batches(7, 4, 3, 25);
+  for (PipelineMethod m : {PipelineMethod::DDG, PipelineMethod::FDG}) {
+    PipelineConfig c = config(m, {1, 3}, 0.5f);
+    c.weight_stash = true;
+    const std::vector<float> got = run_pipeline(c, data);
+    EXPECT_LE(max_rel_diff(got, simulate(m, {1, 3}, data, 0.5f, true)), 1e-6) << pipeline_method_name(m);
+    EXPECT_GT(max_rel_diff(got, simulate(m, {1, 3}, data, 0.5f, false)), 1e-5) << "stashing changed nothing";
+  }
+}
+
+TEST(Pipeline, RecomputeSavesActivationMemoryAndRebuildsTheSameActivations) {
+  const Batches data = make_batches(6, 4, 0, 26);
+  PipelineConfig stash = config(PipelineMethod::FDG, {1, 2, 4}, 0.5f);
+  stash.weight_stash = true;
+  PipelineConfig both = stash;
+  both.recompute = true;
+  size_t kept = 0, recomputed = 0;
+  const std::vector<float> a = run_pipeline(stash, data, 1, 1, &kept), b = run_pipeline(both, data, 1, 1, &recomputed);
+  // With the forward's weights, recomputation reproduces the saved activations exactly, and
+  // BN running statistics (part of the compared state) are not updated twice.
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  EXPECT_LT(recomputed * 2, kept) << "kept " << kept << " bytes, recompute " << recomputed;
+  // Without stashing, recomputation uses the weights of the backward's moment: it trains, but
+  // differently.
+  PipelineConfig only = config(PipelineMethod::FDG, {1, 2, 4}, 0.5f);
+  only.recompute = true;
+  EXPECT_GT(max_rel_diff(run_pipeline(only, data), run_pipeline(config(PipelineMethod::FDG, {1, 2, 4}, 0.5f), data)),
+            1e-6);
+}
+
+TEST(Pipeline, StalenessJitterDelaysGradientsWithinBoundsAndInOrder) {
+  const Batches data = make_batches(8, 4, 0, 27);
+  PipelineConfig c = config(PipelineMethod::FDG, {1, 2, 4}, 0.5f);
+  c.staleness_jitter = 2;
+  c.jitter_seed = 5;
+  Network net = mini_resnet(1);
+  PipelineTrainer p(net, c);
+  const PipelineEpochStats st = p.run_epoch(source_of(data), lr_at);
+  EXPECT_EQ(st.train.samples, 32);
+  std::map<std::tuple<int, int64_t, bool>, int64_t> tick_of;
+  for (const PipelineEvent& e : p.ledger()) {
+    EXPECT_EQ(tick_of.count({e.module, e.batch, e.backward}), 0u) << "twice: module " << e.module << " batch " << e.batch;
+    tick_of[{e.module, e.batch, e.backward}] = e.tick;
+  }
+  int64_t extra = 0;
+  for (int k = 0; k < p.num_modules(); ++k) {
+    int64_t previous = -1;
+    for (int64_t b = 0; b < 8; ++b) {
+      const int64_t late = tick_of.at({k, b, true}) - tick_of.at({k, b, false});
+      EXPECT_GE(late, p.delay(k));
+      extra += late - p.delay(k);
+      EXPECT_GT(tick_of.at({k, b, true}), previous) << "backwards out of order";
+      previous = tick_of.at({k, b, true});
+    }
+  }
+  EXPECT_GT(extra, 0) << "the jitter added no delay";
+  // Seeded: the same run again is bit-identical.
+  EXPECT_EQ(flat_params(net), run_pipeline(c, data));
 }
 
 TEST(Pipeline, BalancedCutsSplitTheCost) {

@@ -272,6 +272,9 @@ int train_main(int argc, char** argv) {
       {"shrink", "BETA", "gradient shrink factor applied by each module k < K (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
       {"devices", "D,D", "one device per module (default: --device for all)", [&](const std::string& v) { std::stringstream ss(v); for (std::string d; std::getline(ss, d, ',');) c.devices.push_back(d); }},
       {"trace", "FILE", "Chrome-trace/Perfetto JSON of the first epoch's module stages", [&](const std::string& v) { c.trace = v; }},
+      {"staleness-jitter", "J", "each received gradient waits 0..J extra ticks (random, seeded; default 0)", [&](const std::string& v) { c.staleness_jitter = int(std::stoll(v)); }},
+      {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
+      {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
       {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
   };
   if (!parse_flags("train", "Trains a CIFAR ResNet on CIFAR-10, evaluating on the test set after every epoch: standard\nbackprop, or decoupled training over K modules (--method ddg|fdg --split K).", flags, argc, argv)) return 0;

@@ -430,6 +430,10 @@ TrainResult run_pipelined(Run& run) {
   for (const std::string& d : cfg.devices) pc.devices.push_back(Device::parse(d));
   pc.shrink = cfg.shrink;
   pc.label_smoothing = cfg.label_smoothing;
+  pc.staleness_jitter = cfg.staleness_jitter;
+  pc.jitter_seed = cfg.seed;
+  pc.recompute = cfg.recompute;
+  pc.weight_stash = cfg.weight_stash;
   pc.sgd = SgdConfig{cfg.momentum, cfg.weight_decay, cfg.nesterov};
   PipelineTrainer pipe(run.net, pc);
   const int K = pipe.num_modules();
@@ -450,7 +454,9 @@ TrainResult run_pipelined(Run& run) {
     layout += (k ? " | " : "") + std::to_string(pipe.blocks(k).second - pipe.blocks(k).first) + " blocks (d=" +
               std::to_string(pipe.delay(k)) + ")";
   run.banner(std::string(pipeline_method_name(pc.method)) + " over " + std::to_string(K) + " modules [" + layout +
-             "], shrink " + json_number(cfg.shrink));
+             "], shrink " + json_number(cfg.shrink) +
+             (cfg.staleness_jitter ? ", staleness jitter " + std::to_string(cfg.staleness_jitter) : "") +
+             (cfg.recompute ? ", recompute" : "") + (cfg.weight_stash ? ", weight stashing" : ""));
 
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
@@ -521,7 +527,9 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   SP_CHECK(train_set.size() > 0, "the training set is empty");
   parse_pipeline_method(cfg.method);  // reject unknown methods before any work
   Run run(cfg, train_set, test_set);
-  const bool pipelined = cfg.method != "bp" || cfg.split > 1 || !cfg.split_at.empty() || cfg.devices.size() > 1;
+  SP_CHECK(cfg.staleness_jitter >= 0, "--staleness-jitter must not be negative");
+  const bool pipelined = cfg.method != "bp" || cfg.split > 1 || !cfg.split_at.empty() || cfg.devices.size() > 1 ||
+                         cfg.staleness_jitter > 0 || cfg.recompute || cfg.weight_stash;
   return pipelined ? run_pipelined(run) : run_backprop(run);
 }
 
