@@ -1,0 +1,116 @@
+// The CUDA implementations of streams, events, the caching allocator, pinned buffers and
+// copies. Every test skips, saying why, on a machine without a GPU.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <vector>
+
+#include "engine/allocator.h"
+#include "engine/ops.h"
+#include "engine/stream.h"
+#include "kernels/common/error.h"
+
+using namespace sp;
+
+namespace {
+
+#define REQUIRE_GPU()                                                                                 \
+  do {                                                                                                \
+    if (!cuda_built()) GTEST_SKIP() << "this build has no CUDA backend (STALEPROP_CUDA=OFF)";         \
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible: the GPU tests need one"; \
+  } while (0)
+
+std::vector<float> iota(size_t n, float start) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = start + float(i);
+  return v;
+}
+
+TEST(CudaRuntime, CopiesRoundTripThroughTheDevice) {
+  REQUIRE_GPU();
+  auto s = make_stream(Device::cuda(0));
+  std::vector<float> host = iota(1 << 16, 1.f), back(host.size(), 0.f);
+  Tensor h = Tensor::from_blob(host.data(), {int64_t(host.size())}, DType::F32);
+  Tensor b = Tensor::from_blob(back.data(), {int64_t(back.size())}, DType::F32);
+  Tensor d1 = Tensor::empty(h.shape(), DType::F32, Device::cuda(0), s.get());
+  Tensor d2 = Tensor::empty(h.shape(), DType::F32, Device::cuda(0), s.get());
+  ops::copy(*s, h, d1);
+  ops::copy(*s, d1, d2);
+  ops::copy(*s, d2, b);
+  s->synchronize();
+  EXPECT_EQ(host, back);
+}
+
+TEST(CudaRuntime, HostWorkRunsInStreamOrderAndEventsOrderStreams) {
+  REQUIRE_GPU();
+  auto a = make_stream(Device::cuda(0)), b = make_stream(Device::cuda(0));
+  auto ev = make_event(Device::cuda(0));
+  EXPECT_TRUE(ev->query()) << "a never-recorded event counts as complete";
+  std::vector<int> order;
+  std::atomic<int> value{0};
+  a->enqueue_host([&] { order.push_back(1); });
+  a->enqueue_host([&] {
+    order.push_back(2);
+    value = 42;
+  });
+  a->record(*ev);
+  b->wait(*ev);
+  int seen = -1;
+  b->enqueue_host([&] { seen = value.load(); });
+  b->synchronize();
+  a->synchronize();
+  EXPECT_EQ(order, (std::vector<int>{1, 2}));
+  EXPECT_EQ(seen, 42);
+  EXPECT_TRUE(ev->query());
+  EXPECT_TRUE(a->query());
+}
+
+TEST(CudaRuntime, TimingEventsMeasureDeviceWork) {
+  REQUIRE_GPU();
+  auto s = make_stream(Device::cuda(0));
+  auto start = make_event(Device::cuda(0), true), stop = make_event(Device::cuda(0), true);
+  Tensor big = Tensor::empty({64 << 20}, DType::F32, Device::cuda(0), s.get());
+  Tensor other = Tensor::empty({64 << 20}, DType::F32, Device::cuda(0), s.get());
+  s->record(*start);
+  for (int i = 0; i < 4; ++i) ops::copy(*s, big, other);
+  s->record(*stop);
+  stop->synchronize();
+  const float ms = stop->elapsed_ms_since(*start);
+  EXPECT_GT(ms, 0.f);
+  EXPECT_LT(ms, 10000.f);
+}
+
+TEST(CudaRuntime, CachingAllocatorStopsCallingCudaMallocAfterWarmUp) {
+  REQUIRE_GPU();
+  auto s = make_stream(Device::cuda(0));
+  CachingAllocator& alloc = device_allocator(Device::cuda(0));
+  auto step = [&] {
+    std::vector<Tensor> live;
+    for (int64_t n : {1000, 4096, 1 << 20, 3 << 20, 17})
+      live.push_back(Tensor::empty({n}, DType::F32, Device::cuda(0), s.get()));
+  };
+  step();
+  const uint64_t warm = alloc.stats().backend_allocs;
+  for (int i = 0; i < 10; ++i) step();
+  EXPECT_EQ(alloc.stats().backend_allocs, warm);
+  EXPECT_GE(alloc.stats().peak_allocated_bytes, size_t(4) * ((3 << 20) + (1 << 20)));
+}
+
+TEST(CudaRuntime, PinnedBuffersArePageLocked) {
+  REQUIRE_GPU();
+  PinnedBuffer p(1 << 20);
+  EXPECT_TRUE(p.pinned());
+  ASSERT_NE(p.data(), nullptr);
+}
+
+TEST(CudaRuntime, CpuAndCudaObjectsDoNotMix) {
+  REQUIRE_GPU();
+  auto gpu = make_stream(Device::cuda(0));
+  auto cpu_event = make_event(Device::cpu());
+  EXPECT_THROW(gpu->wait(*cpu_event), Error);
+  auto cpu = make_stream(Device::cpu());
+  auto gpu_event = make_event(Device::cuda(0));
+  EXPECT_THROW(cpu->wait(*gpu_event), Error);
+}
+
+}  // namespace
