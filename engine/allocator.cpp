@@ -46,13 +46,7 @@ void* CachingAllocator::allocate(size_t bytes, const void* stream_key) {
     ptr = raw_alloc_(size);
     if (!ptr) {
       // Out of memory: give every cached block back and try once more.
-      for (auto& [key, blocks] : free_)
-        for (auto& [sz, p] : blocks) {
-          raw_free_(p);
-          ++stats_.backend_frees;
-          stats_.reserved_bytes -= sz;
-        }
-      free_.clear();
+      release_cached_locked();
       ptr = raw_alloc_(size);
       SP_CHECK(ptr != nullptr, name_, ": out of memory allocating ", bytes, " bytes (", stats_.allocated_bytes,
                " bytes in use, ", stats_.reserved_bytes, " reserved)");
@@ -79,6 +73,10 @@ void CachingAllocator::deallocate(void* ptr) {
 
 void CachingAllocator::empty_cache() {
   std::lock_guard<std::mutex> lk(mu_);
+  release_cached_locked();
+}
+
+void CachingAllocator::release_cached_locked() {
   for (auto& [key, blocks] : free_)
     for (auto& [sz, p] : blocks) {
       raw_free_(p);

@@ -53,6 +53,7 @@ class CachingAllocator {
   static size_t round_size(size_t bytes);
 
  private:
+  void release_cached_locked();  // empty_cache() with mu_ held
   struct Block {
     size_t size;
     const void* key;
