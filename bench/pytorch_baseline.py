@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Training-throughput baseline: the same CIFAR ResNets in PyTorch eager mode.
+
+A measuring stick for `staleprop train`, run on the same GPU in the same session; nothing in
+the engine depends on it. It builds the model staleprop builds (CIFAR ResNet-20..110 with
+option-A shortcuts, or the CIFAR ResNet-18), trains it with SGD (momentum 0.9, weight decay
+5e-4) on random CIFAR-shaped batches resident on the GPU, and reports images/s timed with
+CUDA events after a warm-up, plus peak GPU memory. JSON on stdout, one object per run.
+
+    python3 bench/pytorch_baseline.py --model resnet56 --batch-size 128
+    python3 bench/pytorch_baseline.py --model resnet18 --batch-size 512 --channels-last --bf16
+"""
+import argparse
+import json
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride, option):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.option = option
+        self.pad = (cout - cin) // 2
+        self.stride = stride
+        self.shortcut = None
+        if (stride != 1 or cin != cout) and option == "B":
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.reshape = stride != 1 or cin != cout
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if not self.reshape:
+            sc = x
+        elif self.shortcut is not None:
+            sc = self.shortcut(x)
+        else:  # option A: subsample and zero-pad channels
+            sc = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, self.pad, self.pad))
+        return F.relu(out + sc)
+
+
+class ResNet(nn.Module):
+    def __init__(self, widths, blocks, option, classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers, cin = [], widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            stage = []
+            for b in range(n):
+                stage.append(BasicBlock(cin, w, 2 if i > 0 and b == 0 else 1, option))
+                cin = w
+            layers.append(nn.Sequential(*stage))
+        self.layers = nn.Sequential(*layers)
+        self.linear = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)
+        return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build(name):
+    if name == "resnet18":
+        return ResNet([64, 128, 256, 512], [2, 2, 2, 2], "B")
+    depth = int(name.removeprefix("resnet"))
+    n = (depth - 2) // 6
+    return ResNet([16, 32, 64], [n, n, n], "A")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet56")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=200, help="timed steps (default 200)")
+    ap.add_argument("--warmup", type=int, default=30, help="untimed steps first (default 30)")
+    ap.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    args = ap.parse_args()
+
+    assert torch.cuda.is_available(), "the baseline needs a GPU"
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    model = build(args.model).to(dev)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    # A pool of random batches on the GPU, rotated so no step sees the same input twice in a row.
+    pool = [torch.randn(args.batch_size, 3, 32, 32, device=dev).to(memory_format=fmt) for _ in range(4)]
+    labels = [torch.randint(0, 10, (args.batch_size,), device=dev) for _ in range(4)]
+
+    def step(i):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = F.cross_entropy(model(pool[i % 4]), labels[i % 4])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(args.warmup):
+        step(i)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for i in range(args.steps):
+        step(i)
+    stop.record()
+    torch.cuda.synchronize()
+    ms = start.elapsed_time(stop)
+    print(json.dumps({
+        "framework": "pytorch-eager", "torch": torch.__version__, "device": torch.cuda.get_device_name(),
+        "model": args.model, "batch_size": args.batch_size, "channels_last": args.channels_last,
+        "bf16": args.bf16, "steps": args.steps, "images_per_s": args.steps * args.batch_size / (ms / 1e3),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(), "date": time.strftime("%Y-%m-%d"),
+    }))
+
+
+if __name__ == "__main__":
+    main()
