@@ -10,10 +10,14 @@
 #include <cuda_runtime_api.h>
 
 #include "kernels/common/cuda_check.h"
+#include "kernels/cuda/ops.h"
 #endif
 
 namespace sp::ops {
 namespace kc = kernels::cpu;
+#if STALEPROP_WITH_CUDA
+namespace kcu = kernels::cuda;
+#endif
 using kernels::Conv2dShape;
 using kernels::Pool2dShape;
 using kernels::ShortcutAShape;
@@ -63,7 +67,12 @@ class OpCheck {
 bool on_cpu(const Stream& s) { return s.device().is_cpu(); }
 
 #if STALEPROP_WITH_CUDA
-cudaStream_t cuda_stream(const Stream& s) { return static_cast<cudaStream_t>(s.native_handle()); }
+// The stream's cudaStream_t, with the stream's device made current for this host thread:
+// kernels launch on the current device, which must be the stream's.
+cudaStream_t cuda_stream(const Stream& s) {
+  SP_CUDA_CHECK(cudaSetDevice(s.device().index));
+  return static_cast<cudaStream_t>(s.native_handle());
+}
 #endif
 
 template <typename T>
@@ -103,7 +112,12 @@ void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, c
     });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::gemm(trans_a, trans_b, m, n, k, alpha, a.data<float>(), a.size(1), b.data<float>(), b.size(1), beta,
+            c.data<float>(), n, cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 Shape conv2d_output_shape(const Shape& x, const Shape& w, int stride, int pad) {
@@ -129,7 +143,11 @@ void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
                                                    y.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::conv2d_forward(sh, x.data<float>(), w.data<float>(), ptr_or_null<float>(bias), y.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Tensor& dx, int stride, int pad) {
@@ -144,7 +162,11 @@ void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Te
     s.enqueue_host([=] { kc::conv2d_backward_data<float>(sh, dy.data<float>(), w.data<float>(), dx.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::conv2d_backward_data(sh, dy.data<float>(), w.data<float>(), dx.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dw, const Tensor& dbias,
@@ -162,7 +184,12 @@ void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const 
                                                            ptr_or_null<float>(dbias)); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::conv2d_backward_weight(sh, x.data<float>(), dy.data<float>(), dw.data<float>(), ptr_or_null<float>(dbias),
+                              cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 namespace {
@@ -195,7 +222,13 @@ void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma,
     });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::batchnorm_forward_training(m, c, x.data<float>(), gamma.data<float>(), beta.data<float>(), eps, momentum,
+                                  running_mean.data<float>(), running_var.data<float>(), y.data<float>(),
+                                  save_mean.data<float>(), save_invstd.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
@@ -213,7 +246,13 @@ void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma
     });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::batchnorm_forward_inference(m, c, x.data<float>(), gamma.data<float>(), beta.data<float>(),
+                                   running_mean.data<float>(), running_var.data<float>(), eps, y.data<float>(),
+                                   cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& save_mean,
@@ -233,7 +272,13 @@ void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tens
     });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::batchnorm_backward(m, c, x.data<float>(), dy.data<float>(), gamma.data<float>(), save_mean.data<float>(),
+                          save_invstd.data<float>(), dx.data<float>(), dgamma.data<float>(), dbeta.data<float>(),
+                          cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void relu_forward(Stream& s, const Tensor& x, const Tensor& y) {
@@ -245,7 +290,11 @@ void relu_forward(Stream& s, const Tensor& x, const Tensor& y) {
     s.enqueue_host([=] { kc::relu_forward<float>(x.numel(), x.data<float>(), y.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::relu_forward(x.numel(), x.data<float>(), y.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void relu_backward(Stream& s, const Tensor& y, const Tensor& dy, const Tensor& dx) {
@@ -259,7 +308,11 @@ void relu_backward(Stream& s, const Tensor& y, const Tensor& dy, const Tensor& d
     s.enqueue_host([=] { kc::relu_backward<float>(y.numel(), y.data<float>(), dy.data<float>(), dx.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::relu_backward(y.numel(), y.data<float>(), dy.data<float>(), dx.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void add(Stream& s, const Tensor& a, const Tensor& b, const Tensor& y) {
@@ -273,7 +326,11 @@ void add(Stream& s, const Tensor& a, const Tensor& b, const Tensor& y) {
     s.enqueue_host([=] { kc::add<float>(a.numel(), a.data<float>(), b.data<float>(), y.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::add(a.numel(), a.data<float>(), b.data<float>(), y.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void scale(Stream& s, float alpha, const Tensor& x, const Tensor& y) {
@@ -285,7 +342,11 @@ void scale(Stream& s, float alpha, const Tensor& x, const Tensor& y) {
     s.enqueue_host([=] { kc::scale<float>(x.numel(), alpha, x.data<float>(), y.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::scale(x.numel(), alpha, x.data<float>(), y.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void fill(Stream& s, const Tensor& t, float value) {
@@ -298,7 +359,11 @@ void fill(Stream& s, const Tensor& t, float value) {
     });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::fill(t.numel(), value, t.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void copy(Stream& s, const Tensor& src, const Tensor& dst) {
@@ -339,7 +404,14 @@ void cast(Stream& s, const Tensor& src, const Tensor& dst) {
     });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  if (to_bf16)
+    kcu::f32_to_bf16(src.numel(), src.data<float>(), dst.data<uint16_t>(), cuda_stream(s));
+  else
+    kcu::bf16_to_f32(src.numel(), src.data<uint16_t>(), dst.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void shortcut_a_forward(Stream& s, const Tensor& x, const Tensor& y, int stride) {
@@ -354,7 +426,11 @@ void shortcut_a_forward(Stream& s, const Tensor& x, const Tensor& y, int stride)
     s.enqueue_host([=] { kc::shortcut_a_forward<float>(sh, x.data<float>(), y.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::shortcut_a_forward(sh, x.data<float>(), y.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void shortcut_a_backward(Stream& s, const Tensor& dy, const Tensor& dx, int stride) {
@@ -369,7 +445,11 @@ void shortcut_a_backward(Stream& s, const Tensor& dy, const Tensor& dx, int stri
     s.enqueue_host([=] { kc::shortcut_a_backward<float>(sh, dy.data<float>(), dx.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::shortcut_a_backward(sh, dy.data<float>(), dx.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 namespace {
@@ -391,7 +471,11 @@ void maxpool2d_forward(Stream& s, const Tensor& x, const Tensor& y, int window, 
     s.enqueue_host([=] { kc::maxpool2d_forward<float>(sh, x.data<float>(), y.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::maxpool2d_forward(sh, x.data<float>(), y.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void maxpool2d_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dx, int window, int stride,
@@ -407,7 +491,11 @@ void maxpool2d_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tens
     s.enqueue_host([=] { kc::maxpool2d_backward<float>(sh, x.data<float>(), dy.data<float>(), dx.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::maxpool2d_backward(sh, x.data<float>(), dy.data<float>(), dx.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void global_avgpool_forward(Stream& s, const Tensor& x, const Tensor& y) {
@@ -420,7 +508,11 @@ void global_avgpool_forward(Stream& s, const Tensor& x, const Tensor& y) {
     s.enqueue_host([=] { kc::global_avgpool_forward<float>(n, hw, c, x.data<float>(), y.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::global_avgpool_forward(n, hw, c, x.data<float>(), y.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx) {
@@ -433,7 +525,11 @@ void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx) {
     s.enqueue_host([=] { kc::global_avgpool_backward<float>(n, hw, c, dy.data<float>(), dx.data<float>()); });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::global_avgpool_backward(n, hw, c, dy.data<float>(), dx.data<float>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void linear_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y) {
@@ -453,7 +549,12 @@ void linear_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
     });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::linear_forward(n, in, out, x.data<float>(), w.data<float>(), ptr_or_null<float>(b), y.data<float>(),
+                      cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void linear_backward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor& dx,
@@ -475,7 +576,12 @@ void linear_backward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& 
     });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::linear_backward(n, in, out, x.data<float>(), w.data<float>(), dy.data<float>(), ptr_or_null<float>(dx),
+                       ptr_or_null<float>(dw), ptr_or_null<float>(db), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels, float smoothing, const Tensor& loss,
@@ -501,7 +607,12 @@ void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels
     });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  kcu::softmax_cross_entropy(n, classes, logits.data<float>(), labels.data<int32_t>(), smoothing, loss.data<float>(),
+                             dlogits.data<float>(), correct.data<int32_t>(), cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
@@ -529,7 +640,17 @@ void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Te
     });
     return;
   }
+#if STALEPROP_WITH_CUDA
+  // The pointer table is copied into the launch. As for every CUDA op, the tensors are not
+  // captured: their storage is stream-ordered (allocator.h), and memory used by several
+  // streams is kept alive by its owner until an event orders the uses.
+  std::vector<kcu::SgdTensor> cuda_list;
+  cuda_list.reserve(list.size());
+  for (const kc::SgdTensor<float>& t : list) cuda_list.push_back({t.param, t.grad, t.momentum, t.size});
+  kcu::sgd_step(cuda_list, p, cuda_stream(s));
+#else
   chk.no_cuda_kernel();
+#endif
 }
 
 }  // namespace sp::ops

@@ -30,9 +30,7 @@ inline unsigned element_blocks(int64_t n) {
   return unsigned(std::min(ceil_div(n, kElementThreads), kMaxElementBlocks));
 }
 
-__device__ __forceinline__ int64_t global_thread_index() {
-  return int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-}
+__device__ __forceinline__ int64_t global_thread_index() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t grid_stride() { return int64_t(gridDim.x) * blockDim.x; }
 
 // ---- Stream-ordered scratch memory ---------------------------------------------------------

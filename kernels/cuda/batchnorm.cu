@@ -1,0 +1,194 @@
+// Batch normalisation over NHWC activations viewed as [m = N*H*W, c], following the CPU
+// reference formula by formula (kernels/cpu/batchnorm.cpp):
+//   training forward   two passes over x for the statistics (mean, then the centred sum of
+//                      squares, which does not cancel when |mean| >> std), each a
+//                      deterministic double column reduction (column_reduce.cuh); a warp per
+//                      channel finalises the statistics and the running-stat update; then an
+//                      element pass normalises.
+//   inference forward  one element pass.
+//   backward           one double reduction pass for sum(dy) and sum(dy * xhat), a warp per
+//                      channel for dgamma, dbeta and the per-channel coefficients, one element pass.
+#include "kernels/cuda/column_reduce.cuh"
+#include "kernels/cuda/ops.h"
+
+namespace sp::kernels::cuda {
+namespace {
+
+using namespace detail;
+
+// Grid-stride loop over the elements of a row-major [rows, c] matrix (total elements),
+// calling fn(i, j) with j = i % c tracked incrementally: one 64-bit division per thread
+// instead of one per element.
+template <class Fn>
+__device__ __forceinline__ void for_each_with_channel(int64_t total, int c, const Fn& fn) {
+  const int64_t stride = grid_stride();
+  const int step = int(stride % c);
+  int64_t i = global_thread_index();
+  int j = int(i % c);
+  for (; i < total; i += stride) {
+    fn(i, j);
+    j += step;
+    if (j >= c) j -= c;
+  }
+}
+
+// ---- Reduction terms -------------------------------------------------------------------------
+struct SumTerm {
+  const float* x;
+  int c;
+  __device__ void operator()(int64_t i, int j, double* acc) const { acc[0] += x[i * c + j]; }
+};
+
+struct CentredSquareTerm {
+  const float* x;
+  const double* mean;
+  int c;
+  __device__ void operator()(int64_t i, int j, double* acc) const {
+    const double d = double(x[i * c + j]) - mean[j];
+    acc[0] += d * d;
+  }
+};
+
+// acc[0] += dy, acc[1] += dy * xhat
+struct GradTerm {
+  const float* x;
+  const float* dy;
+  const float* mean;
+  const float* invstd;
+  int c;
+  __device__ void operator()(int64_t i, int j, double* acc) const {
+    const double g = dy[i * c + j];
+    const double xhat = (double(x[i * c + j]) - double(mean[j])) * double(invstd[j]);
+    acc[0] += g;
+    acc[1] += g * xhat;
+  }
+};
+
+// ---- Per-channel finalisation: one warp per channel, lane 0 writes -------------------------
+__global__ void __launch_bounds__(kFinalizeThreads)
+    bn_mean_kernel(const double* partial, int chunks, int64_t m, int c, double* mean) {
+  const int j = warp_column();
+  if (j >= c) return;  // the whole warp leaves together
+  const double sum = warp_sum_chunks(partial, chunks, c, j);
+  if (threadIdx.x % kWarpSize == 0) mean[j] = sum / double(m);
+}
+
+__global__ void __launch_bounds__(kFinalizeThreads)
+    bn_statistics_kernel(const double* partial, int chunks, int64_t m, int c, const double* mean, float eps,
+                         float momentum, float* running_mean, float* running_var, float* save_mean,
+                         float* save_invstd) {
+  const int j = warp_column();
+  if (j >= c) return;
+  const double sum_sq = warp_sum_chunks(partial, chunks, c, j);
+  if (threadIdx.x % kWarpSize != 0) return;
+  const double biased = sum_sq / double(m);
+  // A single sample has no unbiased estimate; its (zero) biased variance stands in.
+  const double unbiased = m > 1 ? biased * double(m) / double(m - 1) : biased;
+  const double mom = double(momentum);
+  running_mean[j] = float((1.0 - mom) * double(running_mean[j]) + mom * mean[j]);
+  running_var[j] = float((1.0 - mom) * double(running_var[j]) + mom * unbiased);
+  save_mean[j] = float(mean[j]);
+  save_invstd[j] = float(1.0 / sqrt(biased + double(eps)));
+}
+
+// coef = [gain = gamma * invstd | mean(dy) | mean(dy * xhat)], each c floats.
+__global__ void __launch_bounds__(kFinalizeThreads)
+    bn_backward_finalize_kernel(const double* partial, int chunks, int64_t m, int c, const float* gamma,
+                                const float* save_invstd, float* dgamma, float* dbeta, float* coef) {
+  const int j = warp_column();
+  if (j >= c) return;
+  const double sum_dy = warp_sum_chunks(partial, chunks, 2 * c, j);
+  const double sum_dy_xhat = warp_sum_chunks(partial, chunks, 2 * c, c + j);
+  if (threadIdx.x % kWarpSize != 0) return;
+  dbeta[j] = float(sum_dy);
+  dgamma[j] = float(sum_dy_xhat);
+  coef[j] = gamma[j] * save_invstd[j];
+  coef[c + j] = float(sum_dy / double(m));
+  coef[2 * c + j] = float(sum_dy_xhat / double(m));
+}
+
+// ---- Element passes --------------------------------------------------------------------------
+__global__ void bn_normalize_kernel(int64_t total, int c, const float* x, const float* mean, const float* invstd,
+                                    const float* gamma, const float* beta, float* y) {
+  for_each_with_channel(total, c, [&](int64_t i, int j) {
+    const float gain = gamma[j] * invstd[j];
+    y[i] = (x[i] - mean[j]) * gain + beta[j];
+  });
+}
+
+__global__ void bn_inference_kernel(int64_t total, int c, const float* x, const float* gamma, const float* beta,
+                                    const float* running_mean, const float* running_var, float eps, float* y) {
+  for_each_with_channel(total, c, [&](int64_t i, int j) {
+    const float invstd = float(1.0 / sqrt(double(running_var[j]) + double(eps)));
+    const float gain = gamma[j] * invstd;
+    y[i] = (x[i] - running_mean[j]) * gain + beta[j];
+  });
+}
+
+__global__ void bn_backward_dx_kernel(int64_t total, int c, const float* x, const float* dy, const float* save_mean,
+                                      const float* save_invstd, const float* coef, float* dx) {
+  for_each_with_channel(total, c, [&](int64_t i, int j) {
+    const float xhat = (x[i] - save_mean[j]) * save_invstd[j];
+    dx[i] = coef[j] * (dy[i] - coef[c + j] - xhat * coef[2 * c + j]);
+  });
+}
+
+}  // namespace
+
+void batchnorm_forward_training(int64_t m, int64_t c64, const float* x, const float* gamma, const float* beta,
+                                float eps, float momentum, float* running_mean, float* running_var, float* y,
+                                float* save_mean, float* save_invstd, cudaStream_t stream) {
+  const int c = checked_columns("batchnorm_forward_training", c64);
+  const ReducePlan plan = plan_column_reduce(m);
+  const size_t partial_doubles = size_t(plan.chunks) * size_t(c);
+  Workspace ws(sizeof(double) * (partial_doubles + size_t(c)), stream);
+  double* partial = ws.as<double>();
+  double* mean = partial + partial_doubles;
+
+  column_partials<1>(m, c, plan, SumTerm{x, c}, partial, stream);
+  bn_mean_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(partial, plan.chunks, m, c, mean);
+  SP_CUDA_CHECK_LAUNCH();
+  column_partials<1>(m, c, plan, CentredSquareTerm{x, mean, c}, partial, stream);
+  bn_statistics_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(
+      partial, plan.chunks, m, c, mean, eps, momentum, running_mean, running_var, save_mean, save_invstd);
+  SP_CUDA_CHECK_LAUNCH();
+  const int64_t total = m * c;
+  if (total == 0) return;
+  bn_normalize_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, save_mean, save_invstd, gamma,
+                                                                             beta, y);
+  SP_CUDA_CHECK_LAUNCH();
+}
+
+void batchnorm_forward_inference(int64_t m, int64_t c64, const float* x, const float* gamma, const float* beta,
+                                 const float* running_mean, const float* running_var, float eps, float* y,
+                                 cudaStream_t stream) {
+  const int c = checked_columns("batchnorm_forward_inference", c64);
+  const int64_t total = m * c;
+  if (total == 0) return;
+  bn_inference_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, gamma, beta, running_mean,
+                                                                             running_var, eps, y);
+  SP_CUDA_CHECK_LAUNCH();
+}
+
+void batchnorm_backward(int64_t m, int64_t c64, const float* x, const float* dy, const float* gamma,
+                        const float* save_mean, const float* save_invstd, float* dx, float* dgamma, float* dbeta,
+                        cudaStream_t stream) {
+  const int c = checked_columns("batchnorm_backward", c64);
+  const ReducePlan plan = plan_column_reduce(m);
+  const size_t partial_doubles = size_t(plan.chunks) * 2 * size_t(c);
+  Workspace ws(sizeof(double) * partial_doubles + sizeof(float) * 3 * size_t(c), stream);
+  double* partial = ws.as<double>();
+  float* coef = reinterpret_cast<float*>(partial + partial_doubles);
+
+  column_partials<2>(m, c, plan, GradTerm{x, dy, save_mean, save_invstd, c}, partial, stream);
+  bn_backward_finalize_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(partial, plan.chunks, m, c, gamma,
+                                                                                   save_invstd, dgamma, dbeta, coef);
+  SP_CUDA_CHECK_LAUNCH();
+  const int64_t total = m * c;
+  if (total == 0) return;
+  bn_backward_dx_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, dy, save_mean, save_invstd,
+                                                                               coef, dx);
+  SP_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace sp::kernels::cuda

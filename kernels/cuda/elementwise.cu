@@ -1,0 +1,487 @@
+// Everything that is not a GEMM, a convolution or a batch norm: pointwise ops (fp32 and
+// bf16), precision casts, the option-A shortcut, pooling, linear layers (GEMM + bias),
+// softmax cross-entropy and the multi-tensor SGD step.
+//
+// Pointwise kernels are grid-stride loops with one thread per element: each output element
+// has one writer, so in-place use (y aliasing x) is safe and results are deterministic.
+// Where the CPU reference computes an element in a particular order (pooling, the average
+// pool's double sum), the kernel uses the same order and matches it bit for bit.
+#include <cmath>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/ops.h"
+
+namespace sp::kernels::cuda {
+namespace {
+
+using namespace detail;
+
+// ---- bf16 <-> f32, bit-identical to kernels/cpu/elementwise.cpp -----------------------------
+__device__ __forceinline__ uint16_t bf16_from_f32(float f) {
+  uint32_t bits = __float_as_uint(f);
+  // A NaN keeps its sign and top payload bits and gets the quiet bit, so it cannot round to infinity.
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x0040u);
+  // Round to nearest, ties to even; a carry into the exponent is the correct rounding.
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return uint16_t(bits >> 16);
+}
+__device__ __forceinline__ float f32_from_bf16(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
+
+// Element storage: an fp32 op on bf16 data widens on load and rounds on store.
+struct F32 {
+  using Storage = float;
+  __device__ static float load(float v) { return v; }
+  __device__ static float store(float v) { return v; }
+};
+struct BF16 {
+  using Storage = uint16_t;
+  __device__ static float load(uint16_t v) { return f32_from_bf16(v); }
+  __device__ static uint16_t store(float v) { return bf16_from_f32(v); }
+};
+
+// ---- Pointwise -------------------------------------------------------------------------------
+// relu as "x < 0 ? 0 : x", like the CPU reference: a NaN passes through (and shows up in the loss).
+template <class S>
+__global__ void relu_forward_kernel(int64_t n, const typename S::Storage* x, typename S::Storage* y) {
+  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) {
+    const float v = S::load(x[i]);
+    y[i] = S::store(v < 0.f ? 0.f : v);
+  }
+}
+
+template <class S>
+__global__ void relu_backward_kernel(int64_t n, const typename S::Storage* y, const typename S::Storage* dy,
+                                     typename S::Storage* dx) {
+  for (int64_t i = global_thread_index(); i < n; i += grid_stride())
+    dx[i] = S::store(S::load(y[i]) > 0.f ? S::load(dy[i]) : 0.f);
+}
+
+template <class S>
+__global__ void add_kernel(int64_t n, const typename S::Storage* a, const typename S::Storage* b,
+                           typename S::Storage* y) {
+  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) y[i] = S::store(S::load(a[i]) + S::load(b[i]));
+}
+
+template <class S>
+__global__ void scale_kernel(int64_t n, float alpha, const typename S::Storage* x, typename S::Storage* y) {
+  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) y[i] = S::store(alpha * S::load(x[i]));
+}
+
+__global__ void fill_kernel(int64_t n, float value, float* y) {
+  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) y[i] = value;
+}
+
+__global__ void f32_to_bf16_kernel(int64_t n, const float* x, uint16_t* y) {
+  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) y[i] = bf16_from_f32(x[i]);
+}
+
+__global__ void bf16_to_f32_kernel(int64_t n, const uint16_t* x, float* y) {
+  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) y[i] = f32_from_bf16(x[i]);
+}
+
+// Launches a grid-stride kernel over n elements (nothing for n == 0).
+template <class... Params, class... Args>
+void launch_elements(void (*kernel)(int64_t, Params...), int64_t n, cudaStream_t stream, Args... args) {
+  SP_CHECK(n >= 0, "negative element count ", n);
+  if (n == 0) return;
+  kernel<<<element_blocks(n), kElementThreads, 0, stream>>>(n, args...);
+  SP_CUDA_CHECK_LAUNCH();
+}
+
+// ---- Option-A shortcut -----------------------------------------------------------------------
+// Forward gathers each y element from x (or zero in the padded channels); backward gathers
+// each dx element from dy (zero at the pixels the stride skips).
+// (ShortcutAShape's helpers are host code: the output size and pad_lo come as arguments.)
+__global__ void shortcut_a_forward_kernel(int64_t total, ShortcutAShape sh, int p_out, int q_out, int lo,
+                                          const float* x, float* y) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
+    const int ch = int(idx % sh.c_out);
+    int64_t rest = idx / sh.c_out;
+    const int j = int(rest % q_out);
+    rest /= q_out;
+    const int i = int(rest % p_out);
+    const int64_t img = rest / p_out;
+    const int src = ch - lo;
+    y[idx] = src >= 0 && src < sh.c_in
+                 ? x[((img * sh.h + int64_t(i) * sh.stride) * sh.w + int64_t(j) * sh.stride) * sh.c_in + src]
+                 : 0.f;
+  }
+}
+
+__global__ void shortcut_a_backward_kernel(int64_t total, ShortcutAShape sh, int p_out, int q_out, int lo,
+                                           const float* dy, float* dx) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
+    const int c = int(idx % sh.c_in);
+    int64_t rest = idx / sh.c_in;
+    const int w = int(rest % sh.w);
+    rest /= sh.w;
+    const int h = int(rest % sh.h);
+    const int64_t img = rest / sh.h;
+    dx[idx] = h % sh.stride == 0 && w % sh.stride == 0
+                  ? dy[((img * p_out + h / sh.stride) * q_out + w / sh.stride) * sh.c_out + lo + c]
+                  : 0.f;
+  }
+}
+
+// ---- Max pooling -----------------------------------------------------------------------------
+// Padding acts as -infinity: taps outside the image are skipped (pad < window, so every
+// window has a tap). The maximum is the first one in row-major window order (strictly
+// greater replaces), and the backward routes to the same element, as on the CPU.
+struct PoolGeom {
+  int h, w, c, window, stride, pad, p, q;
+};
+
+// Pixel index (ih * W + iw) of the first maximum of window (p, q), channel ch, of image xi.
+__device__ int window_argmax(const PoolGeom& g, const float* xi, int p, int q, int ch) {
+  int arg = -1;
+  float best = 0.f;
+  for (int r = 0; r < g.window; ++r) {
+    const int ih = p * g.stride - g.pad + r;
+    if (ih < 0 || ih >= g.h) continue;
+    for (int s = 0; s < g.window; ++s) {
+      const int iw = q * g.stride - g.pad + s;
+      if (iw < 0 || iw >= g.w) continue;
+      const float v = xi[(int64_t(ih) * g.w + iw) * g.c + ch];
+      if (arg < 0 || v > best) {
+        best = v;
+        arg = ih * g.w + iw;
+      }
+    }
+  }
+  return arg;
+}
+
+__global__ void maxpool_forward_kernel(int64_t total, PoolGeom g, const float* x, float* y) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
+    const int ch = int(idx % g.c);
+    int64_t rest = idx / g.c;
+    const int q = int(rest % g.q);
+    rest /= g.q;
+    const int p = int(rest % g.p);
+    const int64_t img = rest / g.p;
+    const float* xi = x + img * g.h * g.w * g.c;
+    y[idx] = xi[int64_t(window_argmax(g, xi, p, q, ch)) * g.c + ch];
+  }
+}
+
+// dx at input (h, w) = sum of dy over the windows that contain (h, w) and have their maximum
+// there, in row-major window order (the order the CPU accumulates in).
+__global__ void maxpool_backward_kernel(int64_t total, PoolGeom g, const float* x, const float* dy, float* dx) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
+    const int ch = int(idx % g.c);
+    int64_t rest = idx / g.c;
+    const int w = int(rest % g.w);
+    rest /= g.w;
+    const int h = int(rest % g.h);
+    const int64_t img = rest / g.h;
+    const float* xi = x + img * g.h * g.w * g.c;
+    const float* dyi = dy + img * g.p * g.q * g.c;
+    // Windows p with p * stride - pad <= h <= p * stride - pad + window - 1.
+    const int h_lo = h + g.pad - g.window + 1, w_lo = w + g.pad - g.window + 1;
+    const int p_begin = h_lo <= 0 ? 0 : (h_lo + g.stride - 1) / g.stride;
+    const int q_begin = w_lo <= 0 ? 0 : (w_lo + g.stride - 1) / g.stride;
+    const int p_end = min(g.p - 1, (h + g.pad) / g.stride), q_end = min(g.q - 1, (w + g.pad) / g.stride);
+    const int self = h * g.w + w;
+    float sum = 0.f;
+    for (int p = p_begin; p <= p_end; ++p)
+      for (int q = q_begin; q <= q_end; ++q)
+        if (window_argmax(g, xi, p, q, ch) == self) sum += dyi[(int64_t(p) * g.q + q) * g.c + ch];
+    dx[idx] = sum;
+  }
+}
+
+// ---- Global average pooling ------------------------------------------------------------------
+// One thread per (image, channel), summing the hw pixels in order in double: the CPU's order.
+__global__ void global_avgpool_forward_kernel(int64_t total, int64_t hw, int64_t c, const float* x, float* y) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
+    const int64_t img = idx / c, j = idx % c;
+    const float* xi = x + img * hw * c + j;
+    double acc = 0.0;
+    for (int64_t i = 0; i < hw; ++i) acc += xi[i * c];
+    y[idx] = float(acc / double(hw));
+  }
+}
+
+__global__ void global_avgpool_backward_kernel(int64_t total, int64_t hw, int64_t c, const float* dy, float* dx) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
+    dx[idx] = dy[idx / (hw * c) * c + idx % c] / float(hw);
+}
+
+// ---- Softmax cross-entropy -------------------------------------------------------------------
+// A warp per sample (kLossWarps samples per block), then one block adds the per-sample losses
+// and hits in a fixed tree order. Per sample, with z' = z - z[argmax] and S = sum exp(z'):
+// loss = log S - sum_j q_j z'_j, dlogits = (exp(z') / S - q) / n, all in double (CPU formulas).
+constexpr int kLossThreads = 256;
+constexpr int kLossWarps = kLossThreads / kWarpSize;
+
+__device__ __forceinline__ float nan_f32() { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ double nan_f64() { return __longlong_as_double(0x7ff8000000000000LL); }
+
+// Reduction state of the argmax: the largest non-NaN logit, ties to the smaller index
+// (index -1: none seen). The combination is associative and commutative, so the butterfly
+// gives every lane the same answer.
+struct ArgMax {
+  float value;
+  int index;
+  __device__ void take(float v, int i) {
+    if (!isnan(v) && (index < 0 || v > value || (v == value && i < index))) {
+      value = v;
+      index = i;
+    }
+  }
+};
+
+__global__ void __launch_bounds__(kLossThreads)
+    softmax_xent_rows_kernel(int n, int classes, const float* logits, const int32_t* labels, double q_on, double q_off,
+                             double* sample_loss, int* hit, float* dlogits) {
+  const int row = int(blockIdx.x) * kLossWarps + int(threadIdx.x) / kWarpSize;
+  const int lane = int(threadIdx.x) % kWarpSize;
+  if (row >= n) return;  // the whole warp leaves together
+  const float* z = logits + int64_t(row) * classes;
+  float* dz = dlogits + int64_t(row) * classes;
+  const int label = labels[row];
+  if (label < 0 || label >= classes) {  // cannot throw from a kernel: poison this sample instead
+    for (int j = lane; j < classes; j += kWarpSize) dz[j] = nan_f32();
+    if (lane == 0) {
+      sample_loss[row] = nan_f64();
+      hit[row] = 0;
+    }
+    return;
+  }
+
+  // The CPU scans left to right with "z[j] > z[argmax]": that is the first largest non-NaN
+  // logit, except that a NaN z[0] stays the argmax (and makes the loss NaN).
+  ArgMax am{0.f, -1};
+  for (int j = lane; j < classes; j += kWarpSize) am.take(z[j], j);
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const float v = __shfl_xor_sync(kFullWarp, am.value, offset);
+    const int i = __shfl_xor_sync(kFullWarp, am.index, offset);
+    if (i >= 0) am.take(v, i);
+  }
+  const float z0 = z[0];
+  const int argmax = isnan(z0) || am.index < 0 ? 0 : am.index;
+  const double zmax = z[argmax];
+
+  double sum_exp = 0.0, target_dot = 0.0;
+  for (int j = lane; j < classes; j += kWarpSize) {
+    const double zj = double(z[j]) - zmax;
+    sum_exp += exp(zj);
+    target_dot += (j == label ? q_on : q_off) * zj;
+  }
+  sum_exp = warp_allreduce_sum(sum_exp);
+  target_dot = warp_allreduce_sum(target_dot);
+  for (int j = lane; j < classes; j += kWarpSize) {
+    const double p = exp(double(z[j]) - zmax) / sum_exp;
+    dz[j] = float((p - (j == label ? q_on : q_off)) / double(n));
+  }
+  if (lane == 0) {
+    sample_loss[row] = log(sum_exp) - target_dot;
+    hit[row] = argmax == label;
+  }
+}
+
+__global__ void __launch_bounds__(kLossThreads)
+    softmax_xent_mean_kernel(int n, const double* sample_loss, const int* hit, float* loss, int32_t* correct) {
+  __shared__ double losses[kLossThreads];
+  __shared__ int hits[kLossThreads];
+  const int t = int(threadIdx.x);
+  double l = 0.0;
+  int h = 0;
+  for (int i = t; i < n; i += kLossThreads) {
+    l += sample_loss[i];
+    h += hit[i];
+  }
+  losses[t] = l;
+  hits[t] = h;
+  __syncthreads();
+  for (int half = kLossThreads / 2; half > 0; half /= 2) {
+    if (t < half) {
+      losses[t] += losses[t + half];
+      hits[t] += hits[t + half];
+    }
+    __syncthreads();
+  }
+  if (t == 0) {
+    *loss = float(losses[0] / double(n));
+    *correct = hits[0];
+  }
+}
+
+// ---- SGD -------------------------------------------------------------------------------------
+// The whole tensor list travels in the kernel's parameter block (__grid_constant__: read in
+// place, never copied to local memory). Each tensor owns a run of consecutive blocks of
+// kSgdElementsPerBlock elements; a block finds its tensor by binary search over the runs.
+constexpr int kSgdThreads = 256;
+constexpr int64_t kSgdElementsPerBlock = 4096;
+
+struct SgdEntry {
+  float* param;
+  const float* grad;
+  float* momentum;
+  int64_t size;
+  int64_t first_block;
+};
+
+struct SgdLaunch {
+  float lr, momentum, weight_decay, grad_scale;
+  int nesterov;
+  int count;
+  SgdEntry tensors[kSgdMaxTensors];
+};
+// Kernel parameters are limited to 32764 bytes (sm_70+, CUDA 12.1+).
+static_assert(sizeof(SgdLaunch) <= 32764, "the SGD table must fit the kernel parameter limit");
+
+__global__ void __launch_bounds__(kSgdThreads) sgd_kernel(const __grid_constant__ SgdLaunch launch) {
+  const int64_t block = blockIdx.x;
+  int lo = 0, hi = launch.count - 1;  // the last tensor whose run starts at or before this block
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (launch.tensors[mid].first_block <= block)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  const SgdEntry& t = launch.tensors[lo];
+  const int64_t begin = (block - t.first_block) * kSgdElementsPerBlock;
+  const int64_t end = t.size < begin + kSgdElementsPerBlock ? t.size : begin + kSgdElementsPerBlock;
+  const float lr = launch.lr, mu = launch.momentum, wd = launch.weight_decay, gs = launch.grad_scale;
+  for (int64_t i = begin + threadIdx.x; i < end; i += kSgdThreads) {
+    const float g = gs * t.grad[i] + wd * t.param[i];
+    if (mu == 0.f) {
+      t.param[i] -= lr * g;
+      continue;
+    }
+    const float v = mu * t.momentum[i] + g;
+    t.momentum[i] = v;
+    t.param[i] -= lr * (launch.nesterov ? g + mu * v : v);
+  }
+}
+
+}  // namespace
+
+// ---- Pointwise -------------------------------------------------------------------------------
+void relu_forward(int64_t n, const float* x, float* y, cudaStream_t stream) {
+  launch_elements(relu_forward_kernel<F32>, n, stream, x, y);
+}
+void relu_backward(int64_t n, const float* y, const float* dy, float* dx, cudaStream_t stream) {
+  launch_elements(relu_backward_kernel<F32>, n, stream, y, dy, dx);
+}
+void add(int64_t n, const float* a, const float* b, float* y, cudaStream_t stream) {
+  launch_elements(add_kernel<F32>, n, stream, a, b, y);
+}
+void scale(int64_t n, float alpha, const float* x, float* y, cudaStream_t stream) {
+  launch_elements(scale_kernel<F32>, n, stream, alpha, x, y);
+}
+void fill(int64_t n, float value, float* y, cudaStream_t stream) { launch_elements(fill_kernel, n, stream, value, y); }
+
+void relu_forward_bf16(int64_t n, const uint16_t* x, uint16_t* y, cudaStream_t stream) {
+  launch_elements(relu_forward_kernel<BF16>, n, stream, x, y);
+}
+void relu_backward_bf16(int64_t n, const uint16_t* y, const uint16_t* dy, uint16_t* dx, cudaStream_t stream) {
+  launch_elements(relu_backward_kernel<BF16>, n, stream, y, dy, dx);
+}
+void add_bf16(int64_t n, const uint16_t* a, const uint16_t* b, uint16_t* y, cudaStream_t stream) {
+  launch_elements(add_kernel<BF16>, n, stream, a, b, y);
+}
+void scale_bf16(int64_t n, float alpha, const uint16_t* x, uint16_t* y, cudaStream_t stream) {
+  launch_elements(scale_kernel<BF16>, n, stream, alpha, x, y);
+}
+
+void f32_to_bf16(int64_t n, const float* x, uint16_t* y, cudaStream_t stream) {
+  launch_elements(f32_to_bf16_kernel, n, stream, x, y);
+}
+void bf16_to_f32(int64_t n, const uint16_t* x, float* y, cudaStream_t stream) {
+  launch_elements(bf16_to_f32_kernel, n, stream, x, y);
+}
+
+// ---- Shortcut and pooling --------------------------------------------------------------------
+void shortcut_a_forward(const ShortcutAShape& sh, const float* x, float* y, cudaStream_t stream) {
+  SP_CHECK(sh.valid(), "shortcut_a_forward: invalid shape");
+  launch_elements(shortcut_a_forward_kernel, sh.y_size(), stream, sh, sh.p(), sh.q(), sh.pad_lo(), x, y);
+}
+void shortcut_a_backward(const ShortcutAShape& sh, const float* dy, float* dx, cudaStream_t stream) {
+  SP_CHECK(sh.valid(), "shortcut_a_backward: invalid shape");
+  launch_elements(shortcut_a_backward_kernel, sh.x_size(), stream, sh, sh.p(), sh.q(), sh.pad_lo(), dy, dx);
+}
+
+namespace {
+PoolGeom pool_geom(const Pool2dShape& sh) {
+  SP_CHECK(sh.valid(), "maxpool2d: invalid shape");
+  return PoolGeom{sh.h, sh.w, sh.c, sh.window, sh.stride, sh.pad, sh.p(), sh.q()};
+}
+}  // namespace
+
+void maxpool2d_forward(const Pool2dShape& sh, const float* x, float* y, cudaStream_t stream) {
+  launch_elements(maxpool_forward_kernel, sh.y_size(), stream, pool_geom(sh), x, y);
+}
+void maxpool2d_backward(const Pool2dShape& sh, const float* x, const float* dy, float* dx, cudaStream_t stream) {
+  launch_elements(maxpool_backward_kernel, sh.x_size(), stream, pool_geom(sh), x, dy, dx);
+}
+
+void global_avgpool_forward(int64_t n, int64_t hw, int64_t c, const float* x, float* y, cudaStream_t stream) {
+  launch_elements(global_avgpool_forward_kernel, n * c, stream, hw, c, x, y);
+}
+void global_avgpool_backward(int64_t n, int64_t hw, int64_t c, const float* dy, float* dx, cudaStream_t stream) {
+  launch_elements(global_avgpool_backward_kernel, n * hw * c, stream, hw, c, dy, dx);
+}
+
+// ---- Linear: the GEMMs of the CPU reference, bias in the GEMM's epilogue ---------------------
+void linear_forward(int64_t n, int64_t in, int64_t out, const float* x, const float* w, const float* b, float* y,
+                    cudaStream_t stream) {
+  gemm_bias(false, true, n, out, in, 1.f, x, in, w, in, 0.f, y, out, b, stream);
+}
+
+void linear_backward(int64_t n, int64_t in, int64_t out, const float* x, const float* w, const float* dy, float* dx,
+                     float* dw, float* db, cudaStream_t stream) {
+  if (dx) gemm_bias(false, false, n, in, out, 1.f, dy, out, w, in, 0.f, dx, in, nullptr, stream);
+  if (dw) gemm_bias(true, false, out, in, n, 1.f, dy, out, x, in, 0.f, dw, in, nullptr, stream);
+  if (db) column_sums(n, out, dy, db, stream);
+}
+
+// ---- Loss ------------------------------------------------------------------------------------
+void softmax_cross_entropy(int64_t n, int64_t classes, const float* logits, const int32_t* labels, float smoothing,
+                           float* loss, float* dlogits, int32_t* correct, cudaStream_t stream) {
+  SP_CHECK(n >= 0 && n <= (int64_t(1) << 30) && classes > 0 && classes <= (int64_t(1) << 30),
+           "softmax_cross_entropy: unsupported size ", n, " x ", classes);
+  const double eps = double(smoothing);
+  const double q_off = eps / double(classes);  // target mass of every class
+  const double q_on = 1.0 - eps + q_off;       // target mass of the labelled class
+  Workspace ws((sizeof(double) + sizeof(int)) * size_t(n), stream);
+  double* sample_loss = ws.as<double>();
+  int* hit = reinterpret_cast<int*>(sample_loss + n);
+  if (n > 0) {
+    softmax_xent_rows_kernel<<<unsigned(ceil_div(n, kLossWarps)), kLossThreads, 0, stream>>>(
+        int(n), int(classes), logits, labels, q_on, q_off, sample_loss, hit, dlogits);
+    SP_CUDA_CHECK_LAUNCH();
+  }
+  // With n == 0 the mean is 0 / 0 = NaN, as on the CPU.
+  softmax_xent_mean_kernel<<<1, kLossThreads, 0, stream>>>(int(n), sample_loss, hit, loss, correct);
+  SP_CUDA_CHECK_LAUNCH();
+}
+
+// ---- SGD -------------------------------------------------------------------------------------
+void sgd_step(const std::vector<SgdTensor>& tensors, const SgdParams& p, cudaStream_t stream) {
+  SgdLaunch launch{};
+  launch.lr = p.lr, launch.momentum = p.momentum, launch.weight_decay = p.weight_decay;
+  launch.grad_scale = p.grad_scale, launch.nesterov = p.nesterov;
+  auto flush = [&](int64_t blocks) {
+    if (launch.count == 0) return;
+    sgd_kernel<<<unsigned(blocks), kSgdThreads, 0, stream>>>(launch);
+    SP_CUDA_CHECK_LAUNCH();
+    launch.count = 0;
+  };
+  int64_t blocks = 0;
+  for (const SgdTensor& t : tensors) {
+    SP_CHECK(t.size >= 0, "sgd_step: negative tensor size ", t.size);
+    SP_CHECK(p.momentum == 0.f || t.momentum != nullptr, "sgd_step: momentum ", p.momentum,
+             " needs a momentum buffer for every tensor");
+    if (t.size == 0) continue;  // owns no block: the search must never land on it
+    if (launch.count == kSgdMaxTensors) flush(blocks), blocks = 0;
+    launch.tensors[launch.count++] = SgdEntry{t.param, t.grad, t.momentum, t.size, blocks};
+    blocks += ceil_div(t.size, kSgdElementsPerBlock);
+    SP_CHECK(blocks < (int64_t(1) << 31), "sgd_step: too many elements for one launch");
+  }
+  flush(blocks);
+}
+
+}  // namespace sp::kernels::cuda

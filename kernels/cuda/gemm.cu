@@ -1,0 +1,64 @@
+// fp32 GEMM on CUDA cores: the strided-matrix instance of the main loop in gemm_mainloop.cuh,
+// plus the split-K plan and reduction that the convolutions share.
+#include "kernels/cuda/gemm_mainloop.cuh"
+#include "kernels/cuda/ops.h"
+
+namespace sp::kernels::cuda {
+namespace detail {
+namespace {
+
+// Split K only while the output has fewer block tiles than this: about two blocks per SM on
+// an H100 (132 SMs). A constant rather than the device's SM count so that the summation
+// order, and with it the result, is the same on every GPU.
+constexpr int64_t kSplitTargetBlocks = 256;
+// Each K slice is at least this deep, so the round trip of its partial tile through memory
+// stays small next to its FMAs.
+constexpr int kMinSliceDepth = 256;
+
+__global__ void splitk_reduce_kernel(const float* partials, int splits, int m, int n, Epilogue ep) {
+  const int64_t total = int64_t(m) * n;
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
+    float sum = 0.f;
+    for (int z = 0; z < splits; ++z) sum += partials[z * total + idx];
+    ep.apply(int(idx / n), int(idx % n), sum);
+  }
+}
+
+}  // namespace
+
+SplitPlan plan_split_k(int64_t tiles, int k, int k_step) {
+  const int k_steps = int(ceil_div(k, k_step));
+  int splits = 1;
+  if (tiles < kSplitTargetBlocks)
+    splits = int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(kSplitTargetBlocks, tiles), k / kMinSliceDepth)));
+  const int steps_per_split = int(ceil_div(k_steps, splits));
+  // Recount so that no slice is empty (e.g. 10 steps in 4 slices of 3 leave 4 slices, 3 + 3 + 3 + 1).
+  return SplitPlan{int(ceil_div(k_steps, steps_per_split)), steps_per_split * k_step};
+}
+
+void splitk_reduce(const float* partials, int splits, int m, int n, const Epilogue& ep, cudaStream_t stream) {
+  const int64_t total = int64_t(m) * n;
+  if (total == 0) return;
+  splitk_reduce_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(partials, splits, m, n, ep);
+  SP_CUDA_CHECK_LAUNCH();
+}
+
+void gemm_bias(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const float* bias, cudaStream_t stream) {
+  check_gemm_dims("gemm", m, n, k);
+  // op(A)(i, k): A is M x K (contiguous along K) or, transposed, K x M (contiguous along M).
+  const MatrixLoader la{a, lda, int(m), int(k), !trans_a, float4_ok(a, lda)};
+  // op(B)(k, j): B is K x N (contiguous along N) or, transposed, N x K (contiguous along K).
+  const MatrixLoader lb{b, ldb, int(n), int(k), trans_b, float4_ok(b, ldb)};
+  const Epilogue ep = row_major_epilogue(c, ldc, alpha, beta, bias);
+  with_tile_for(int(n), [&](auto tile) { run_gemm_tiles<decltype(tile)>(la, lb, int(m), int(n), int(k), ep, stream); });
+}
+
+}  // namespace detail
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc, cudaStream_t stream) {
+  detail::gemm_bias(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, nullptr, stream);
+}
+
+}  // namespace sp::kernels::cuda

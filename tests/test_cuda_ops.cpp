@@ -1,0 +1,858 @@
+// The CUDA kernels (kernels/cuda) against the CPU reference (kernels/cpu), op by op, on fresh
+// random data, on CIFAR ResNet shapes and on awkward ones (C = 3, K = 10, batch 1, sizes that
+// are no multiple of any tile, M/N/K = 1, transposes, unaligned strides).
+//
+//   * Ops whose CUDA kernel computes each element exactly as the CPU does (pointwise ops,
+//     casts, shortcut, pooling) must match the fp32 reference bit for bit.
+//   * Ops that sum in a different order (GEMM, convolutions, batch norm, linear, loss, SGD's
+//     contracted multiply-adds) are compared with the reference run in double, by relative
+//     Frobenius error ||out - ref|| / ||ref|| <= 1e-5.
+// Every output buffer is filled with NaN (bytes 0xFF) before the kernel runs, so an element
+// the kernel fails to write fails the comparison; after each op the device is synchronised
+// and checked for errors. Determinism: repeated runs must be bit-identical.
+// Without a GPU (or in a CPU-only build) every test skips and says why.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <iterator>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/device.h"
+#include "engine/ops.h"
+#include "engine/stream.h"
+#include "engine/tensor.h"
+#include "kernels/cpu/ops.h"
+
+#if STALEPROP_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "kernels/common/cuda_check.h"
+#include "kernels/cuda/ops.h"
+#endif
+
+using namespace sp;
+namespace kc = sp::kernels::cpu;
+
+#if !STALEPROP_WITH_CUDA
+
+TEST(CudaOps, RequiresCudaBuild) { GTEST_SKIP() << "no CUDA device: this build has no CUDA backend"; }
+
+#else
+
+namespace kcu = sp::kernels::cuda;
+using kernels::Conv2dShape;
+using kernels::Pool2dShape;
+using kernels::ShortcutAShape;
+
+namespace {
+
+constexpr double kTol = 1e-5;  // relative Frobenius error of fp32 results against double
+
+// ---- Host data ---------------------------------------------------------------------------
+std::vector<float> random_vector(size_t n, uint32_t seed, float lo = -1.f, float hi = 1.f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+std::vector<double> to_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+// ||got - ref|| / ||ref|| (the absolute error when ref is zero); NaN when got has a NaN.
+double rel_error(const std::vector<float>& got, const std::vector<double>& ref) {
+  EXPECT_EQ(got.size(), ref.size());
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < got.size() && i < ref.size(); ++i) {
+    const double d = double(got[i]) - ref[i];
+    num += d * d;
+    den += ref[i] * ref[i];
+  }
+  return std::sqrt(num) / (den > 0.0 ? std::sqrt(den) : 1.0);
+}
+
+template <typename T>
+void expect_bits_equal(const std::vector<T>& got, const std::vector<T>& ref, const std::string& what) {
+  ASSERT_EQ(got.size(), ref.size()) << what;
+  for (size_t i = 0; i < got.size(); ++i)
+    if (std::memcmp(&got[i], &ref[i], sizeof(T)) != 0) {
+      ADD_FAILURE() << what << ": element " << i << " of " << got.size() << " is " << +got[i] << ", expected "
+                    << +ref[i];
+      return;
+    }
+}
+
+// ---- Device data -------------------------------------------------------------------------
+// A cudaMalloc'ed array, filled with 0xFF bytes (NaN as floats) on creation. An empty array
+// still gets a (one-element) allocation, so that get() is a valid device pointer.
+template <typename T>
+class DeviceArray {
+ public:
+  explicit DeviceArray(size_t n) : n_(n) {
+    SP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), std::max(bytes(), sizeof(T))));
+    poison();
+  }
+  explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) { upload(host); }
+  ~DeviceArray() { cudaFree(p_); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+
+  T* get() const { return p_; }
+  void poison() { SP_CUDA_CHECK(cudaMemset(p_, 0xFF, bytes())); }
+  void upload(const std::vector<T>& host) {
+    ASSERT_EQ(host.size(), n_);
+    SP_CUDA_CHECK(cudaMemcpy(p_, host.data(), bytes(), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    SP_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<T> host(n_);
+    SP_CUDA_CHECK(cudaMemcpy(host.data(), p_, bytes(), cudaMemcpyDeviceToHost));
+    return host;
+  }
+
+ private:
+  size_t bytes() const { return n_ * sizeof(T); }
+  size_t n_;
+  T* p_ = nullptr;
+};
+
+// After every op: the kernels ran to completion without a (sticky or launch) error.
+void sync_and_check() {
+  SP_CUDA_CHECK(cudaDeviceSynchronize());
+  SP_CUDA_CHECK(cudaGetLastError());
+}
+
+class CudaOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: the CUDA kernels need a GPU to run";
+    SP_CUDA_CHECK(cudaStreamCreate(&stream_));
+  }
+  void TearDown() override {
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+  cudaStream_t stream_ = nullptr;
+};
+
+std::string conv_str(const Conv2dShape& s) {
+  return "conv n" + std::to_string(s.n) + " " + std::to_string(s.h) + "x" + std::to_string(s.w) + "x" +
+         std::to_string(s.c) + " k" + std::to_string(s.k) + " " + std::to_string(s.r) + "x" + std::to_string(s.s) +
+         " stride " + std::to_string(s.stride) + " pad " + std::to_string(s.pad);
+}
+
+// ---- GEMM --------------------------------------------------------------------------------
+
+struct GemmCase {
+  int64_t m, n, k;
+};
+
+// Runs one GEMM on the device and against the double reference. pad adds to every leading
+// dimension (pad % 4 != 0 forces the unaligned, element-wise paths); C's padding columns must
+// come back untouched.
+void check_gemm(cudaStream_t stream, const GemmCase& g, bool ta, bool tb, float alpha, float beta, int64_t pad,
+                uint32_t seed) {
+  const int64_t a_rows = ta ? g.k : g.m, a_cols = ta ? g.m : g.k;
+  const int64_t b_rows = tb ? g.n : g.k, b_cols = tb ? g.k : g.n;
+  const int64_t lda = a_cols + pad, ldb = b_cols + pad, ldc = g.n + pad;
+  const std::vector<float> a = random_vector(size_t(a_rows * lda), seed);
+  const std::vector<float> b = random_vector(size_t(b_rows * ldb), seed + 1);
+  std::vector<float> c = random_vector(size_t(g.m * ldc), seed + 2);
+  DeviceArray<float> da(a), db(b), dc(c.size());
+  if (beta != 0.f) dc.upload(c);  // beta == 0: C stays NaN, which must not leak into the result
+  kcu::gemm(ta, tb, g.m, g.n, g.k, alpha, da.get(), lda, db.get(), ldb, beta, dc.get(), ldc, stream);
+  sync_and_check();
+  const std::vector<float> got = dc.download();
+
+  std::vector<double> ref = to_double(c);
+  kc::gemm<double>(ta, tb, g.m, g.n, g.k, alpha, to_double(a).data(), lda, to_double(b).data(), ldb, beta, ref.data(),
+                   ldc);
+  std::vector<float> got_core, got_pad;
+  std::vector<double> ref_core;
+  for (int64_t i = 0; i < g.m; ++i)
+    for (int64_t j = 0; j < ldc; ++j) {
+      const size_t idx = size_t(i * ldc + j);
+      if (j < g.n) {
+        got_core.push_back(got[idx]);
+        ref_core.push_back(ref[idx]);
+      } else {
+        got_pad.push_back(got[idx]);
+      }
+    }
+  const std::string what = "gemm " + std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k) +
+                           (ta ? " A^T" : "") + (tb ? " B^T" : "") + " alpha " + std::to_string(alpha) + " beta " +
+                           std::to_string(beta) + " pad " + std::to_string(pad);
+  EXPECT_LE(rel_error(got_core, ref_core), kTol) << what;
+  // Untouched padding: NaN bytes when beta == 0 (C was never uploaded), C's values otherwise.
+  for (size_t i = 0; i < got_pad.size(); ++i) {
+    if (beta == 0.f) {
+      ASSERT_TRUE(std::isnan(got_pad[i])) << what << ": wrote outside the M x N block";
+    } else {
+      ASSERT_EQ(got_pad[i], c[size_t(i / size_t(pad)) * size_t(ldc) + size_t(g.n) + i % size_t(pad)])
+          << what << ": wrote outside the M x N block";
+    }
+  }
+}
+
+TEST_F(CudaOps, GemmAllTransposesOnAwkwardShapes) {
+  const GemmCase cases[] = {{1, 1, 1},       {1, 127, 257}, {257, 1, 127}, {127, 257, 1},  {127, 127, 127},
+                            {257, 257, 257}, {128, 128, 8}, {513, 33, 77}, {300, 64, 200}, {65, 65, 65}};
+  uint32_t seed = 100;
+  for (const GemmCase& g : cases)
+    for (int t = 0; t < 4; ++t) {
+      // Each transpose pair runs once with tight (float4-aligned) and once with padded leading
+      // dimensions, one of them with beta == 0 over a NaN C.
+      const bool ta = t & 1, tb = t & 2;
+      check_gemm(stream_, g, ta, tb, 1.f, 0.f, ta ? 5 : 0, seed += 3);
+      check_gemm(stream_, g, ta, tb, 0.5f, -1.5f, ta ? 0 : 3, seed += 3);
+    }
+}
+
+TEST_F(CudaOps, GemmSplitKOnLongReductions) {
+  // Few output tiles and a long K: the K dimension is split across blocks and summed after.
+  // {144, 16, K} is a stage-1 weight gradient (taps x channels, K = pixels).
+  const GemmCase cases[] = {{16, 144, 8192}, {144, 16, 8192}, {10, 64, 4099}, {3, 5, 20000}};
+  uint32_t seed = 200;
+  for (const GemmCase& g : cases)
+    for (int t = 0; t < 4; ++t) check_gemm(stream_, g, t & 1, t & 2, 1.f, 0.f, 0, seed += 3);
+  check_gemm(stream_, {37, 29, 5000}, true, false, -2.f, 0.25f, 1, seed += 3);
+}
+
+TEST_F(CudaOps, GemmDegenerateAlphaAndK) {
+  // alpha == 0 or K == 0: C = beta * C without reading A or B (null here).
+  const std::vector<float> c = random_vector(35, 7);
+  DeviceArray<float> dc(c);
+  kcu::gemm(false, false, 5, 7, 3, 0.f, nullptr, 3, nullptr, 7, 2.f, dc.get(), 7, stream_);
+  sync_and_check();
+  std::vector<float> want(c);
+  for (float& v : want) v *= 2.f;
+  expect_bits_equal(dc.download(), want, "alpha == 0");
+  kcu::gemm(false, false, 5, 7, 0, 1.f, nullptr, 1, nullptr, 7, 0.f, dc.get(), 7, stream_);
+  sync_and_check();
+  expect_bits_equal(dc.download(), std::vector<float>(35, 0.f), "K == 0, beta == 0");
+}
+
+TEST_F(CudaOps, GemmUnalignedPointers) {
+  // Operands starting one float into their allocation: 16-byte alignment fails, the kernels
+  // must take the element-wise paths.
+  const int64_t m = 70, n = 90, k = 50;
+  const std::vector<float> a = random_vector(size_t(m * k), 31), b = random_vector(size_t(k * n), 32);
+  DeviceArray<float> da(a.size() + 1), db(b.size() + 1), dc(size_t(m * n) + 1);
+  SP_CUDA_CHECK(cudaMemcpy(da.get() + 1, a.data(), a.size() * sizeof(float), cudaMemcpyHostToDevice));
+  SP_CUDA_CHECK(cudaMemcpy(db.get() + 1, b.data(), b.size() * sizeof(float), cudaMemcpyHostToDevice));
+  kcu::gemm(false, false, m, n, k, 1.f, da.get() + 1, k, db.get() + 1, n, 0.f, dc.get() + 1, n, stream_);
+  sync_and_check();
+  std::vector<float> got = dc.download();
+  got.erase(got.begin());
+  std::vector<double> ref(size_t(m * n));
+  kc::gemm<double>(false, false, m, n, k, 1.0, to_double(a).data(), k, to_double(b).data(), n, 0.0, ref.data(), n);
+  EXPECT_LE(rel_error(got, ref), kTol);
+}
+
+// ---- Convolution -------------------------------------------------------------------------
+
+Conv2dShape conv(int n, int h, int w, int c, int k, int r, int stride, int pad) {
+  Conv2dShape s;
+  s.n = n, s.h = h, s.w = w, s.c = c, s.k = k, s.r = r, s.s = r, s.stride = stride, s.pad = pad;
+  return s;
+}
+
+void check_conv(cudaStream_t stream, const Conv2dShape& sh, bool with_bias, uint32_t seed) {
+  const std::string what = conv_str(sh);
+  const std::vector<float> x = random_vector(size_t(sh.x_size()), seed),
+                           w = random_vector(size_t(sh.w_size()), seed + 1);
+  const std::vector<float> bias = random_vector(size_t(sh.k), seed + 2),
+                           dy = random_vector(size_t(sh.y_size()), seed + 3);
+  DeviceArray<float> dx_in(x), dw_in(w), dbias_in(bias), ddy(dy);
+  DeviceArray<float> dy_out(size_t(sh.y_size())), ddx(size_t(sh.x_size())), ddw(size_t(sh.w_size())), ddb(size_t(sh.k));
+
+  kcu::conv2d_forward(sh, dx_in.get(), dw_in.get(), with_bias ? dbias_in.get() : nullptr, dy_out.get(), stream);
+  sync_and_check();
+  kcu::conv2d_backward_data(sh, ddy.get(), dw_in.get(), ddx.get(), stream);
+  sync_and_check();
+  kcu::conv2d_backward_weight(sh, dx_in.get(), ddy.get(), ddw.get(), with_bias ? ddb.get() : nullptr, stream);
+  sync_and_check();
+
+  const std::vector<double> xd = to_double(x), wd = to_double(w), bd = to_double(bias), dyd = to_double(dy);
+  std::vector<double> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size())), rdw(size_t(sh.w_size())), rdb(size_t(sh.k));
+  kc::conv2d_forward<double>(sh, xd.data(), wd.data(), with_bias ? bd.data() : nullptr, ry.data());
+  kc::conv2d_backward_data<double>(sh, dyd.data(), wd.data(), rdx.data());
+  kc::conv2d_backward_weight<double>(sh, xd.data(), dyd.data(), rdw.data(), rdb.data());
+  EXPECT_LE(rel_error(dy_out.download(), ry), kTol) << what << " forward";
+  EXPECT_LE(rel_error(ddx.download(), rdx), kTol) << what << " backward data";
+  EXPECT_LE(rel_error(ddw.download(), rdw), kTol) << what << " backward weight";
+  if (with_bias) {
+    EXPECT_LE(rel_error(ddb.download(), rdb), kTol) << what << " backward bias";
+  }
+}
+
+TEST_F(CudaOps, ConvolutionOnResNetAndAwkwardShapes) {
+  const Conv2dShape shapes[] = {
+      conv(4, 32, 32, 3, 16, 3, 1, 1),   // CIFAR stem: C = 3 (element-wise loads)
+      conv(4, 32, 32, 16, 16, 3, 1, 1),  // stage 1
+      conv(4, 32, 32, 16, 32, 3, 2, 1),  // downsampling into stage 2
+      conv(4, 8, 8, 64, 64, 3, 1, 1),    // stage 3
+      conv(2, 16, 16, 32, 64, 1, 2, 0),  // 1x1 stride-2 projection
+      conv(1, 7, 5, 3, 10, 3, 2, 0),     // batch 1, K = 10, unpadded, odd sizes
+      conv(1, 1, 1, 5, 3, 1, 1, 0),      // a single pixel
+      conv(2, 9, 9, 5, 10, 1, 1, 0),     // 1x1 with C, K no multiple of 4
+      conv(2, 5, 6, 8, 96, 3, 1, 1),     // K > 64: the large tile
+      conv(3, 6, 7, 12, 7, 3, 2, 1),     // C % 4 == 0 but K odd (dy element-wise, x vectorised)
+      conv(1, 4, 4, 4, 4, 4, 3, 2),      // 4x4 filter, stride 3, pad 2
+  };
+  uint32_t seed = 300;
+  bool bias = false;
+  for (const Conv2dShape& sh : shapes) check_conv(stream_, sh, bias = !bias, seed += 5);
+}
+
+TEST_F(CudaOps, ConvolutionFullCifarBatch) {
+  // Batch 128 at 32x32: the weight gradient reduces over 131072 pixels (split K).
+  check_conv(stream_, conv(128, 32, 32, 16, 16, 3, 1, 1), true, 400);
+}
+
+// ---- Batch normalisation -----------------------------------------------------------------
+
+void check_batchnorm(cudaStream_t stream, int64_t m, int64_t c, float x_offset, uint32_t seed) {
+  const std::string what = "batchnorm m " + std::to_string(m) + " c " + std::to_string(c);
+  std::vector<float> x = random_vector(size_t(m * c), seed, x_offset - 2.f, x_offset + 2.f);
+  const std::vector<float> gamma = random_vector(size_t(c), seed + 1, 0.5f, 1.5f),
+                           beta = random_vector(size_t(c), seed + 2);
+  const std::vector<float> rm = random_vector(size_t(c), seed + 3), rv = random_vector(size_t(c), seed + 4, 0.5f, 2.f);
+  const std::vector<float> dy = random_vector(size_t(m * c), seed + 5);
+  const float eps = 1e-5f, momentum = 0.1f;
+  DeviceArray<float> dx_in(x), dgamma_in(gamma), dbeta_in(beta), drm(rm), drv(rv), ddy(dy);
+  const size_t nc = gamma.size();
+  DeviceArray<float> dy_out(x.size()), dsm(nc), dsi(nc), dyi(x.size()), ddx(x.size()), ddg(nc), ddb(nc);
+  kcu::batchnorm_forward_training(m, c, dx_in.get(), dgamma_in.get(), dbeta_in.get(), eps, momentum, drm.get(),
+                                  drv.get(), dy_out.get(), dsm.get(), dsi.get(), stream);
+  sync_and_check();
+  kcu::batchnorm_forward_inference(m, c, dx_in.get(), dgamma_in.get(), dbeta_in.get(), drm.get(), drv.get(), eps,
+                                   dyi.get(), stream);
+  sync_and_check();
+  kcu::batchnorm_backward(m, c, dx_in.get(), ddy.get(), dgamma_in.get(), dsm.get(), dsi.get(), ddx.get(), ddg.get(),
+                          ddb.get(), stream);
+  sync_and_check();
+
+  const std::vector<double> xd = to_double(x), gd = to_double(gamma), bd = to_double(beta), dyd = to_double(dy);
+  std::vector<double> rrm = to_double(rm), rrv = to_double(rv), ry(x.size()), rsm(nc), rsi(nc);
+  kc::batchnorm_forward_training<double>(m, c, xd.data(), gd.data(), bd.data(), eps, momentum, rrm.data(), rrv.data(),
+                                         ry.data(), rsm.data(), rsi.data());
+  EXPECT_LE(rel_error(dsm.download(), rsm), kTol) << what << " save_mean";
+  EXPECT_LE(rel_error(dsi.download(), rsi), kTol) << what << " save_invstd";
+  EXPECT_LE(rel_error(drm.download(), rrm), kTol) << what << " running_mean";
+  EXPECT_LE(rel_error(drv.download(), rrv), kTol) << what << " running_var";
+
+  // Everything downstream of the statistics is checked on the device's own fp32 statistics,
+  // as the engine uses them: the double reference's y would charge the kernel with rounding
+  // the mean to fp32 before x - mean, which no fp32 implementation avoids when |mean| >> std.
+  const std::vector<double> rm1 = to_double(drm.download()), rv1 = to_double(drv.download());
+  const std::vector<double> sm1 = to_double(dsm.download()), si1 = to_double(dsi.download());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const size_t j = i % nc;
+    ry[i] = (xd[i] - sm1[j]) * (gd[j] * si1[j]) + bd[j];
+  }
+  EXPECT_LE(rel_error(dy_out.download(), ry), kTol) << what << " y";
+  std::vector<double> ryi(x.size()), rdx(x.size()), rdg(nc), rdb(nc);
+  kc::batchnorm_forward_inference<double>(m, c, xd.data(), gd.data(), bd.data(), rm1.data(), rv1.data(), eps,
+                                          ryi.data());
+  kc::batchnorm_backward<double>(m, c, xd.data(), dyd.data(), gd.data(), sm1.data(), si1.data(), rdx.data(), rdg.data(),
+                                 rdb.data());
+  EXPECT_LE(rel_error(dyi.download(), ryi), kTol) << what << " inference y";
+  EXPECT_LE(rel_error(ddx.download(), rdx), kTol) << what << " dx";
+  EXPECT_LE(rel_error(ddg.download(), rdg), kTol) << what << " dgamma";
+  EXPECT_LE(rel_error(ddb.download(), rdb), kTol) << what << " dbeta";
+}
+
+TEST_F(CudaOps, BatchNormOnResNetAndAwkwardShapes) {
+  check_batchnorm(stream_, 8 * 32 * 32, 16, 0.f, 500);  // stage 1, c < one warp of columns
+  check_batchnorm(stream_, 16 * 8 * 8, 64, 0.f, 510);   // stage 3
+  check_batchnorm(stream_, 1, 3, 0.f, 520);             // a single sample: unbiased variance falls back
+  // (Not m = 2: both samples normalise to -1 and +1 whatever x is, so dx is zero up to eps and
+  // a relative error would measure rounding noise only.)
+  check_batchnorm(stream_, 3, 5, 0.f, 530);
+  check_batchnorm(stream_, 7, 37, 0.f, 540);        // c past one column group, not a multiple of 32
+  check_batchnorm(stream_, 300001, 3, 0.f, 550);    // many row chunks (more than the chunk cap)
+  check_batchnorm(stream_, 4096, 10, 1000.f, 560);  // |mean| >> std: the two-pass variance
+}
+
+// ---- Pointwise ops and casts -------------------------------------------------------------
+
+// Random values plus the special ones: NaN, infinities, signed zeros.
+std::vector<float> with_specials(std::vector<float> v) {
+  const float specials[] = {std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(),
+                            0.f,
+                            -0.f,
+                            1e-40f,
+                            -1e-40f};
+  for (size_t i = 0; i < std::size(specials) && i < v.size(); ++i) v[i * 37 % v.size()] = specials[i];
+  return v;
+}
+
+TEST_F(CudaOps, PointwiseOpsMatchBitForBit) {
+  for (int64_t n : {int64_t(1), int64_t(1000), int64_t(3) * 1024 * 1024 + 7}) {
+    const std::string what = " n = " + std::to_string(n);
+    const std::vector<float> a = with_specials(random_vector(size_t(n), 600)), b = random_vector(size_t(n), 601);
+    DeviceArray<float> da(a), db(b), dout(a.size());
+    std::vector<float> ref(a.size());
+
+    kcu::relu_forward(n, da.get(), dout.get(), stream_);
+    sync_and_check();
+    kc::relu_forward<float>(n, a.data(), ref.data());
+    expect_bits_equal(dout.download(), ref, "relu_forward" + what);
+
+    dout.poison();
+    kcu::relu_backward(n, da.get(), db.get(), dout.get(), stream_);
+    sync_and_check();
+    kc::relu_backward<float>(n, a.data(), b.data(), ref.data());
+    expect_bits_equal(dout.download(), ref, "relu_backward" + what);
+
+    dout.poison();
+    kcu::add(n, da.get(), db.get(), dout.get(), stream_);
+    sync_and_check();
+    kc::add<float>(n, a.data(), b.data(), ref.data());
+    expect_bits_equal(dout.download(), ref, "add" + what);
+
+    dout.poison();
+    kcu::scale(n, -0.375f, da.get(), dout.get(), stream_);
+    sync_and_check();
+    kc::scale<float>(n, -0.375f, a.data(), ref.data());
+    expect_bits_equal(dout.download(), ref, "scale" + what);
+
+    kcu::fill(n, 2.5f, dout.get(), stream_);
+    sync_and_check();
+    expect_bits_equal(dout.download(), std::vector<float>(size_t(n), 2.5f), "fill" + what);
+
+    // In place: y aliases an input.
+    DeviceArray<float> inplace(a);
+    kcu::add(n, inplace.get(), db.get(), inplace.get(), stream_);
+    sync_and_check();
+    kc::add<float>(n, a.data(), b.data(), ref.data());
+    expect_bits_equal(inplace.download(), ref, "add in place" + what);
+  }
+}
+
+TEST_F(CudaOps, Bf16ConversionsMatchBitForBit) {
+  // Every bf16 bit pattern widens exactly.
+  std::vector<uint16_t> all(65536);
+  for (size_t i = 0; i < all.size(); ++i) all[i] = uint16_t(i);
+  DeviceArray<uint16_t> dall(all);
+  DeviceArray<float> wide(all.size());
+  kcu::bf16_to_f32(int64_t(all.size()), dall.get(), wide.get(), stream_);
+  sync_and_check();
+  std::vector<float> ref_wide(all.size());
+  kc::bf16_to_f32(int64_t(all.size()), all.data(), ref_wide.data());
+  expect_bits_equal(wide.download(), ref_wide, "bf16_to_f32");
+
+  // Rounding: random values, specials, and by bit pattern: ties to even downwards and upwards,
+  // +-FLT_MAX and a tie just below it (rounding into infinity), a subnormal tie, a signalling NaN.
+  std::vector<float> f = with_specials(random_vector(100000, 610, -1e4f, 1e4f));
+  for (uint32_t bits : {0x3f808000u, 0x3f818000u, 0x7f7fffffu, 0xff7fffffu, 0x7f7f8000u, 0x00008000u, 0x7fa00000u}) {
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    f.push_back(v);
+  }
+  DeviceArray<float> df(f);
+  DeviceArray<uint16_t> narrow(f.size());
+  kcu::f32_to_bf16(int64_t(f.size()), df.get(), narrow.get(), stream_);
+  sync_and_check();
+  std::vector<uint16_t> ref_narrow(f.size());
+  kc::f32_to_bf16(int64_t(f.size()), f.data(), ref_narrow.data());
+  expect_bits_equal(narrow.download(), ref_narrow, "f32_to_bf16");
+}
+
+TEST_F(CudaOps, Bf16PointwiseOpsRoundLikeTheComposedReference) {
+  const int64_t n = 5000;
+  const std::vector<float> fa = with_specials(random_vector(size_t(n), 620, -8.f, 8.f));
+  const std::vector<float> fb = random_vector(size_t(n), 621, -8.f, 8.f);
+  const size_t count = size_t(n);
+  std::vector<uint16_t> a(count), b(count);
+  kc::f32_to_bf16(n, fa.data(), a.data());
+  kc::f32_to_bf16(n, fb.data(), b.data());
+  // Reference: widen, run the fp32 reference op, round.
+  std::vector<float> wa(count), wb(count), wr(count);
+  kc::bf16_to_f32(n, a.data(), wa.data());
+  kc::bf16_to_f32(n, b.data(), wb.data());
+  std::vector<uint16_t> ref(count);
+  auto round = [&] { kc::f32_to_bf16(n, wr.data(), ref.data()); };
+  DeviceArray<uint16_t> da(a), db(b), dout(count);
+
+  kcu::relu_forward_bf16(n, da.get(), dout.get(), stream_);
+  sync_and_check();
+  kc::relu_forward<float>(n, wa.data(), wr.data());
+  round();
+  expect_bits_equal(dout.download(), ref, "relu_forward_bf16");
+
+  dout.poison();
+  kcu::relu_backward_bf16(n, da.get(), db.get(), dout.get(), stream_);
+  sync_and_check();
+  kc::relu_backward<float>(n, wa.data(), wb.data(), wr.data());
+  round();
+  expect_bits_equal(dout.download(), ref, "relu_backward_bf16");
+
+  dout.poison();
+  kcu::add_bf16(n, da.get(), db.get(), dout.get(), stream_);
+  sync_and_check();
+  kc::add<float>(n, wa.data(), wb.data(), wr.data());
+  round();
+  expect_bits_equal(dout.download(), ref, "add_bf16");
+
+  dout.poison();
+  kcu::scale_bf16(n, 0.3f, da.get(), dout.get(), stream_);
+  sync_and_check();
+  kc::scale<float>(n, 0.3f, wa.data(), wr.data());
+  round();
+  expect_bits_equal(dout.download(), ref, "scale_bf16");
+}
+
+// ---- Shortcut and pooling ----------------------------------------------------------------
+
+TEST_F(CudaOps, ShortcutMatchesBitForBit) {
+  const ShortcutAShape shapes[] = {{8, 32, 32, 16, 32, 2}, {1, 5, 7, 3, 8, 2}, {2, 4, 4, 6, 6, 1}, {3, 9, 6, 5, 11, 3}};
+  uint32_t seed = 700;
+  for (const ShortcutAShape& sh : shapes) {
+    const std::string what = "shortcut " + std::to_string(sh.c_in) + "->" + std::to_string(sh.c_out);
+    const std::vector<float> x = random_vector(size_t(sh.x_size()), ++seed),
+                             dy = random_vector(size_t(sh.y_size()), ++seed);
+    DeviceArray<float> dxin(x), ddy(dy), dyout(size_t(sh.y_size())), ddx(size_t(sh.x_size()));
+    kcu::shortcut_a_forward(sh, dxin.get(), dyout.get(), stream_);
+    sync_and_check();
+    kcu::shortcut_a_backward(sh, ddy.get(), ddx.get(), stream_);
+    sync_and_check();
+    std::vector<float> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size()));
+    kc::shortcut_a_forward<float>(sh, x.data(), ry.data());
+    kc::shortcut_a_backward<float>(sh, dy.data(), rdx.data());
+    expect_bits_equal(dyout.download(), ry, what + " forward");
+    expect_bits_equal(ddx.download(), rdx, what + " backward");
+  }
+}
+
+TEST_F(CudaOps, MaxPoolMatchesBitForBitIncludingTiesAndOverlap) {
+  const Pool2dShape shapes[] = {{2, 9, 9, 5, 3, 2, 1},    {1, 8, 8, 3, 2, 2, 0}, {2, 7, 6, 4, 3, 1, 1},
+                                {4, 32, 32, 16, 3, 2, 1}, {1, 1, 1, 2, 1, 1, 0}, {1, 5, 5, 3, 4, 3, 2}};
+  uint32_t seed = 800;
+  for (const Pool2dShape& sh : shapes) {
+    const std::string what = "maxpool " + std::to_string(sh.h) + "x" + std::to_string(sh.w) + " window " +
+                             std::to_string(sh.window) + " stride " + std::to_string(sh.stride);
+    // Values from a small set, so windows often hold several equal maxima (the first wins).
+    std::vector<float> x = random_vector(size_t(sh.x_size()), ++seed, 0.f, 4.f);
+    for (float& v : x) v = std::floor(v);
+    const std::vector<float> dy = random_vector(size_t(sh.y_size()), ++seed);
+    DeviceArray<float> dxin(x), ddy(dy), dyout(size_t(sh.y_size())), ddx(size_t(sh.x_size()));
+    kcu::maxpool2d_forward(sh, dxin.get(), dyout.get(), stream_);
+    sync_and_check();
+    kcu::maxpool2d_backward(sh, dxin.get(), ddy.get(), ddx.get(), stream_);
+    sync_and_check();
+    std::vector<float> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size()));
+    kc::maxpool2d_forward<float>(sh, x.data(), ry.data());
+    kc::maxpool2d_backward<float>(sh, x.data(), dy.data(), rdx.data());
+    expect_bits_equal(dyout.download(), ry, what + " forward");
+    expect_bits_equal(ddx.download(), rdx, what + " backward");
+  }
+}
+
+TEST_F(CudaOps, GlobalAvgPoolMatchesBitForBit) {
+  const int64_t cases[][3] = {{128, 64, 64}, {1, 1, 10}, {2, 49, 3}};
+  uint32_t seed = 900;
+  for (const auto& cs : cases) {
+    const int64_t n = cs[0], hw = cs[1], c = cs[2];
+    const std::vector<float> x = random_vector(size_t(n * hw * c), ++seed), dy = random_vector(size_t(n * c), ++seed);
+    DeviceArray<float> dxin(x), ddy(dy), dyout(size_t(n * c)), ddx(x.size());
+    kcu::global_avgpool_forward(n, hw, c, dxin.get(), dyout.get(), stream_);
+    sync_and_check();
+    kcu::global_avgpool_backward(n, hw, c, ddy.get(), ddx.get(), stream_);
+    sync_and_check();
+    std::vector<float> ry(size_t(n * c)), rdx(x.size());
+    kc::global_avgpool_forward<float>(n, hw, c, x.data(), ry.data());
+    kc::global_avgpool_backward<float>(n, hw, c, dy.data(), rdx.data());
+    expect_bits_equal(dyout.download(), ry, "global_avgpool_forward");
+    expect_bits_equal(ddx.download(), rdx, "global_avgpool_backward");
+  }
+}
+
+// ---- Linear ------------------------------------------------------------------------------
+
+TEST_F(CudaOps, LinearForwardBackward) {
+  const int64_t cases[][3] = {{128, 64, 10}, {1, 3, 1}, {5, 257, 127}, {33, 100, 100}};
+  uint32_t seed = 1000;
+  bool bias = true;
+  for (const auto& cs : cases) {
+    const int64_t n = cs[0], in = cs[1], out = cs[2];
+    const std::string what = "linear " + std::to_string(n) + "x" + std::to_string(in) + "->" + std::to_string(out);
+    const std::vector<float> x = random_vector(size_t(n * in), ++seed), w = random_vector(size_t(out * in), ++seed);
+    const std::vector<float> b = random_vector(size_t(out), ++seed), dy = random_vector(size_t(n * out), ++seed);
+    DeviceArray<float> dxin(x), dwin(w), dbin(b), ddy(dy);
+    DeviceArray<float> dyout(size_t(n * out)), ddx(x.size()), ddw(w.size()), ddb(b.size());
+    kcu::linear_forward(n, in, out, dxin.get(), dwin.get(), bias ? dbin.get() : nullptr, dyout.get(), stream_);
+    sync_and_check();
+    kcu::linear_backward(n, in, out, dxin.get(), dwin.get(), ddy.get(), ddx.get(), ddw.get(), ddb.get(), stream_);
+    sync_and_check();
+    const std::vector<double> xd = to_double(x), wd = to_double(w), bd = to_double(b), dyd = to_double(dy);
+    std::vector<double> ry(size_t(n * out)), rdx(x.size()), rdw(w.size()), rdb(b.size());
+    kc::linear_forward<double>(n, in, out, xd.data(), wd.data(), bias ? bd.data() : nullptr, ry.data());
+    kc::linear_backward<double>(n, in, out, xd.data(), wd.data(), dyd.data(), rdx.data(), rdw.data(), rdb.data());
+    EXPECT_LE(rel_error(dyout.download(), ry), kTol) << what << " y";
+    EXPECT_LE(rel_error(ddx.download(), rdx), kTol) << what << " dx";
+    EXPECT_LE(rel_error(ddw.download(), rdw), kTol) << what << " dw";
+    EXPECT_LE(rel_error(ddb.download(), rdb), kTol) << what << " db";
+    bias = !bias;
+  }
+  // Null outputs are skipped.
+  DeviceArray<float> x(std::vector<float>(6, 1.f)), w(std::vector<float>(6, 1.f)), dy(std::vector<float>(4, 1.f));
+  DeviceArray<float> db(2);
+  kcu::linear_backward(2, 3, 2, x.get(), w.get(), dy.get(), nullptr, nullptr, db.get(), stream_);
+  sync_and_check();
+  expect_bits_equal(db.download(), std::vector<float>{2.f, 2.f}, "linear db only");
+}
+
+// ---- Loss --------------------------------------------------------------------------------
+
+void check_softmax_xent(cudaStream_t stream, int64_t n, int64_t classes, float smoothing, float spread, uint32_t seed) {
+  const std::string what = "softmax_cross_entropy " + std::to_string(n) + "x" + std::to_string(classes);
+  std::vector<float> logits = random_vector(size_t(n * classes), seed, -spread, spread);
+  std::vector<int32_t> labels(logits.size() / size_t(classes));
+  std::mt19937 rng(seed + 1);
+  for (int32_t& l : labels) l = int32_t(rng() % uint32_t(classes));
+  // A row of equal logits (argmax: the first), and a row whose maximum sits at the label.
+  if (n > 2) {
+    for (int64_t j = 0; j < classes; ++j) logits[size_t(classes + j)] = 0.5f;
+    logits[size_t(2 * classes + labels[2])] = 2 * spread;
+  }
+  DeviceArray<float> dlogits_in(logits), dloss(1), ddl(logits.size());
+  DeviceArray<int32_t> dlabels(labels), dcorrect(1);
+  kcu::softmax_cross_entropy(n, classes, dlogits_in.get(), dlabels.get(), smoothing, dloss.get(), ddl.get(),
+                             dcorrect.get(), stream);
+  sync_and_check();
+  double rloss = 0.0;
+  int64_t rcorrect = 0;
+  std::vector<double> rdl(logits.size());
+  kc::softmax_cross_entropy<double>(n, classes, to_double(logits).data(), labels.data(), smoothing, &rloss, rdl.data(),
+                                    &rcorrect);
+  float floss = 0.f;  // the fp32 reference decides the argmax on the same fp32 logits
+  int64_t fcorrect = 0;
+  std::vector<float> fdl(logits.size());
+  kc::softmax_cross_entropy<float>(n, classes, logits.data(), labels.data(), smoothing, &floss, fdl.data(), &fcorrect);
+  EXPECT_EQ(rcorrect, fcorrect);
+  EXPECT_LE(rel_error(dloss.download(), {rloss}), kTol) << what << " loss";
+  EXPECT_LE(rel_error(ddl.download(), rdl), kTol) << what << " dlogits";
+  EXPECT_EQ(dcorrect.download()[0], fcorrect) << what << " correct";
+}
+
+TEST_F(CudaOps, SoftmaxCrossEntropy) {
+  check_softmax_xent(stream_, 128, 10, 0.1f, 4.f, 1100);
+  check_softmax_xent(stream_, 1, 1, 0.f, 1.f, 1110);
+  check_softmax_xent(stream_, 37, 100, 0.f, 30.f, 1120);  // wide logits: the max shift matters
+  check_softmax_xent(stream_, 3, 1000, 0.2f, 2.f, 1130);
+  check_softmax_xent(stream_, 1000, 33, 0.05f, 1.f, 1140);
+}
+
+TEST_F(CudaOps, SoftmaxCrossEntropyBadLabelPoisonsTheLoss) {
+  const std::vector<float> logits = random_vector(3 * 4, 1150);
+  DeviceArray<float> dlogits_in(logits), dloss(1), ddl(logits.size());
+  DeviceArray<int32_t> dlabels(std::vector<int32_t>{1, 4, 0}), dcorrect(1);
+  kcu::softmax_cross_entropy(3, 4, dlogits_in.get(), dlabels.get(), 0.f, dloss.get(), ddl.get(), dcorrect.get(),
+                             stream_);
+  sync_and_check();
+  EXPECT_TRUE(std::isnan(dloss.download()[0]));
+  const std::vector<float> dl = ddl.download();
+  for (int j = 0; j < 4; ++j) {
+    EXPECT_TRUE(std::isnan(dl[size_t(4 + j)])) << "row of the bad label";
+    EXPECT_FALSE(std::isnan(dl[size_t(j)])) << "rows of good labels";
+  }
+  // The good rows count as usual (first maximum == label), the bad one as a miss.
+  int hits = 0;
+  for (int row : {0, 2}) {
+    const auto first = logits.begin() + 4 * row;
+    hits += std::max_element(first, first + 4) - first == (row == 0 ? 1 : 0);
+  }
+  EXPECT_EQ(dcorrect.download()[0], hits);
+}
+
+// ---- SGD ---------------------------------------------------------------------------------
+
+void check_sgd(cudaStream_t stream, const std::vector<int64_t>& sizes, const kernels::SgdParams& p, uint32_t seed) {
+  std::vector<std::vector<float>> params, grads, moms;
+  std::vector<std::unique_ptr<DeviceArray<float>>> dparams, dgrads, dmoms;
+  std::vector<kcu::SgdTensor> list;
+  for (int64_t size : sizes) {
+    params.push_back(random_vector(size_t(size), ++seed));
+    grads.push_back(random_vector(size_t(size), ++seed));
+    moms.push_back(random_vector(size_t(size), ++seed));
+    dparams.push_back(std::make_unique<DeviceArray<float>>(params.back()));
+    dgrads.push_back(std::make_unique<DeviceArray<float>>(grads.back()));
+    dmoms.push_back(std::make_unique<DeviceArray<float>>(moms.back()));
+    list.push_back(
+        {dparams.back()->get(), dgrads.back()->get(), p.momentum != 0.f ? dmoms.back()->get() : nullptr, size});
+  }
+  kcu::sgd_step(list, p, stream);
+  list.clear();  // the list was copied into the launch
+  sync_and_check();
+
+  std::vector<kc::SgdTensor<double>> ref;
+  std::vector<std::vector<double>> rp, rg, rm;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    rp.push_back(to_double(params[i]));
+    rg.push_back(to_double(grads[i]));
+    rm.push_back(to_double(moms[i]));
+  }
+  for (size_t i = 0; i < sizes.size(); ++i) ref.push_back({rp[i].data(), rg[i].data(), rm[i].data(), sizes[i]});
+  kc::sgd_step<double>(ref, p);
+  std::vector<float> got_p, got_m;
+  std::vector<double> want_p, want_m;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const std::vector<float> gp = dparams[i]->download(), gm = dmoms[i]->download();
+    got_p.insert(got_p.end(), gp.begin(), gp.end());
+    got_m.insert(got_m.end(), gm.begin(), gm.end());
+    want_p.insert(want_p.end(), rp[i].begin(), rp[i].end());
+    want_m.insert(want_m.end(), rm[i].begin(), rm[i].end());
+  }
+  const std::string what = "sgd over " + std::to_string(sizes.size()) + " tensors, momentum " +
+                           std::to_string(p.momentum) + (p.nesterov ? " nesterov" : "");
+  EXPECT_LE(rel_error(got_p, want_p), kTol) << what << " params";
+  if (p.momentum != 0.f)
+    EXPECT_LE(rel_error(got_m, want_m), kTol) << what << " momenta";
+  else
+    expect_bits_equal(
+        got_m,
+        [&] {  // untouched
+          std::vector<float> all;
+          for (const auto& m : moms) all.insert(all.end(), m.begin(), m.end());
+          return all;
+        }(),
+        what + " momenta untouched");
+}
+
+TEST_F(CudaOps, SgdUpdatesEveryTensorInOneCall) {
+  const std::vector<int64_t> sizes = {1, 7, 4096, 4097, 0, 16 * 16 * 9, 100000, 10};
+  kernels::SgdParams p;
+  p.lr = 0.1f, p.momentum = 0.9f, p.weight_decay = 5e-4f, p.nesterov = false, p.grad_scale = 0.5f;
+  check_sgd(stream_, sizes, p, 1200);
+  p.nesterov = true;
+  check_sgd(stream_, sizes, p, 1300);
+  p.momentum = 0.f, p.nesterov = false;
+  check_sgd(stream_, sizes, p, 1400);
+  // More tensors than one launch's table holds.
+  p.momentum = 0.9f;
+  check_sgd(stream_, std::vector<int64_t>(size_t(kcu::kSgdMaxTensors) + 50, 3), p, 1500);
+}
+
+// ---- Determinism -------------------------------------------------------------------------
+
+TEST_F(CudaOps, RepeatedRunsAreBitIdentical) {
+  const Conv2dShape sh = conv(32, 16, 16, 16, 32, 3, 1, 1);  // split-K weight gradient
+  const std::vector<float> x = random_vector(size_t(sh.x_size()), 1600), dy = random_vector(size_t(sh.y_size()), 1601);
+  DeviceArray<float> dx(x), ddy(dy), dw(size_t(sh.w_size())), db(size_t(sh.k));
+  DeviceArray<float> g(std::vector<float>(size_t(sh.c), 1.f)), b(std::vector<float>(size_t(sh.c), 0.f));
+  DeviceArray<float> rm(size_t(sh.c)), rv(size_t(sh.c)), y(x.size()), sm(size_t(sh.c)), si(size_t(sh.c));
+  DeviceArray<float> bdx(x.size()), bdg(size_t(sh.c)), bdb(size_t(sh.c));
+  const int64_t m = int64_t(sh.n) * sh.h * sh.w;
+  auto run = [&] {
+    kcu::fill(sh.c, 0.f, rm.get(), stream_);
+    kcu::fill(sh.c, 1.f, rv.get(), stream_);
+    kcu::conv2d_backward_weight(sh, dx.get(), ddy.get(), dw.get(), db.get(), stream_);
+    kcu::batchnorm_forward_training(m, sh.c, dx.get(), g.get(), b.get(), 1e-5f, 0.1f, rm.get(), rv.get(), y.get(),
+                                    sm.get(), si.get(), stream_);
+    kcu::batchnorm_backward(m, sh.c, dx.get(), ddy.get(), g.get(), sm.get(), si.get(), bdx.get(), bdg.get(), bdb.get(),
+                            stream_);
+    sync_and_check();
+    std::vector<std::vector<float>> out = {dw.download(), db.download(), y.download(),   sm.download(),
+                                           si.download(), rv.download(), bdx.download(), bdg.download()};
+    for (auto* a : {&dw, &db, &y, &sm, &si, &bdx, &bdg}) a->poison();
+    return out;
+  };
+  const auto first = run(), second = run();
+  for (size_t i = 0; i < first.size(); ++i) expect_bits_equal(second[i], first[i], "output " + std::to_string(i));
+}
+
+// ---- Through the engine's ops:: API on a CUDA stream ---------------------------------------
+
+Tensor host_tensor(const Shape& shape, uint32_t seed) {
+  Tensor t = Tensor::empty(shape, DType::F32);
+  const std::vector<float> v = random_vector(size_t(t.numel()), seed);
+  std::memcpy(t.data<float>(), v.data(), v.size() * sizeof(float));
+  return t;
+}
+
+std::vector<float> host_values(const Tensor& t) { return {t.data<float>(), t.data<float>() + t.numel()}; }
+
+TEST_F(CudaOps, EngineOpsOnACudaStream) {
+  auto cs = make_stream(Device::cuda(0));
+  auto hs = make_stream(Device::cpu());
+  const Device gpu = Device::cuda(0);
+  auto to_gpu = [&](const Tensor& t) {
+    Tensor d = Tensor::empty(t.shape(), t.dtype(), gpu);
+    ops::copy(*cs, t, d);
+    return d;
+  };
+  auto to_host = [&](const Tensor& d) {
+    Tensor t = Tensor::empty(d.shape(), d.dtype());
+    ops::copy(*cs, d, t);
+    cs->synchronize();
+    return t;
+  };
+
+  // Convolution with bias, then a training-mode batch norm, on both devices.
+  const Tensor x = host_tensor({4, 9, 9, 8}, 1700), w = host_tensor({12, 3, 3, 8}, 1701),
+               bias = host_tensor({12}, 1702);
+  const Shape yshape = ops::conv2d_output_shape(x.shape(), w.shape(), 2, 1);
+  Tensor y_cpu = Tensor::empty(yshape, DType::F32), bn_cpu = Tensor::empty(yshape, DType::F32);
+  Tensor gamma = host_tensor({12}, 1703), beta = host_tensor({12}, 1704);
+  Tensor rm_cpu = Tensor::empty({12}, DType::F32), rv_cpu = Tensor::empty({12}, DType::F32);
+  Tensor sm_cpu = Tensor::empty({12}, DType::F32), si_cpu = Tensor::empty({12}, DType::F32);
+  ops::fill(*hs, rm_cpu, 0.f);
+  ops::fill(*hs, rv_cpu, 1.f);
+  ops::conv2d_forward(*hs, x, w, bias, y_cpu, 2, 1);
+  ops::batchnorm_forward_training(*hs, y_cpu, gamma, beta, rm_cpu, rv_cpu, bn_cpu, sm_cpu, si_cpu, 1e-5f, 0.1f);
+  hs->synchronize();
+
+  const Tensor xg = to_gpu(x), wg = to_gpu(w), bg = to_gpu(bias), gg = to_gpu(gamma), beg = to_gpu(beta);
+  Tensor yg = Tensor::empty(yshape, DType::F32, gpu), bng = Tensor::empty(yshape, DType::F32, gpu);
+  Tensor rmg = Tensor::empty({12}, DType::F32, gpu), rvg = Tensor::empty({12}, DType::F32, gpu);
+  Tensor smg = Tensor::empty({12}, DType::F32, gpu), sig = Tensor::empty({12}, DType::F32, gpu);
+  ops::fill(*cs, rmg, 0.f);
+  ops::fill(*cs, rvg, 1.f);
+  ops::conv2d_forward(*cs, xg, wg, bg, yg, 2, 1);
+  ops::batchnorm_forward_training(*cs, yg, gg, beg, rmg, rvg, bng, smg, sig, 1e-5f, 0.1f);
+  sync_and_check();
+  EXPECT_LE(rel_error(host_values(to_host(yg)), to_double(host_values(y_cpu))), kTol) << "conv2d_forward";
+  EXPECT_LE(rel_error(host_values(to_host(bng)), to_double(host_values(bn_cpu))), kTol) << "batchnorm y";
+  EXPECT_LE(rel_error(host_values(to_host(rvg)), to_double(host_values(rv_cpu))), kTol) << "running_var";
+
+  // bf16 round trip through ops::cast is exact on both devices.
+  Tensor h16 = Tensor::empty(yshape, DType::BF16), g16 = Tensor::empty(yshape, DType::BF16, gpu);
+  ops::cast(*hs, y_cpu, h16);
+  hs->synchronize();
+  ops::cast(*cs, to_gpu(y_cpu), g16);
+  const Tensor g16_host = to_host(g16);
+  EXPECT_EQ(0, std::memcmp(g16_host.raw_data(), h16.raw_data(), h16.nbytes())) << "cast f32 -> bf16";
+
+  // sgd_step over two tensors in one call.
+  kernels::SgdParams p;
+  p.lr = 0.05f, p.momentum = 0.9f, p.nesterov = true, p.weight_decay = 1e-4f;
+  std::vector<Tensor> params_cpu = {host_tensor({3, 5}, 1710), host_tensor({7}, 1711)};
+  std::vector<Tensor> grads_cpu = {host_tensor({3, 5}, 1712), host_tensor({7}, 1713)};
+  std::vector<Tensor> moms_cpu = {host_tensor({3, 5}, 1714), host_tensor({7}, 1715)};
+  std::vector<Tensor> params_gpu, grads_gpu, moms_gpu;
+  for (size_t i = 0; i < 2; ++i) {
+    params_gpu.push_back(to_gpu(params_cpu[i]));
+    grads_gpu.push_back(to_gpu(grads_cpu[i]));
+    moms_gpu.push_back(to_gpu(moms_cpu[i]));
+  }
+  ops::sgd_step(*hs, params_cpu, grads_cpu, moms_cpu, p);
+  hs->synchronize();
+  ops::sgd_step(*cs, params_gpu, grads_gpu, moms_gpu, p);
+  sync_and_check();
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_LE(rel_error(host_values(to_host(params_gpu[i])), to_double(host_values(params_cpu[i]))), kTol);
+    EXPECT_LE(rel_error(host_values(to_host(moms_gpu[i])), to_double(host_values(moms_cpu[i]))), kTol);
+  }
+}
+
+}  // namespace
+
+#endif  // STALEPROP_WITH_CUDA
