@@ -128,11 +128,15 @@ void check_device_options(const TrainConfig& cfg, Device dev) {
            cfg.precision, "'");
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
            cfg.kernels, "'");
+  SP_CHECK(!(cfg.deterministic && cfg.kernels == "vendor"),
+           "--deterministic needs --kernels custom: vendor convolutions may choose non-deterministic algorithms");
   if (dev.is_cpu()) {
     SP_CHECK(cfg.precision == "fp32", "--precision bf16 needs a GPU (--device cuda); the CPU reference is fp32");
     SP_CHECK(cfg.kernels == "custom", "--kernels vendor selects cuBLAS/cuDNN and needs a GPU (--device cuda)");
   } else if (cfg.precision == "bf16") {
     throw NotSupportedError("--precision bf16: the bf16 GPU path is not built yet");
+  } else if (cfg.kernels == "vendor") {
+    throw NotSupportedError("--kernels vendor: the cuBLAS/cuDNN baselines are not built yet");
   }
 }
 

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <set>
 
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/error.h"
@@ -38,10 +40,28 @@ __device__ __forceinline__ int64_t grid_stride() { return int64_t(gridDim.x) * b
 // is valid for every kernel enqueued on `stream` between construction and destruction, needs
 // no host synchronisation, and is safe when several streams run the same op concurrently.
 // The free is enqueued by the destructor, i.e. after the kernels that use the memory.
+// The current device's default pool is told to keep freed memory (its release threshold is
+// raised once per device), so after the first steps these allocations no longer reach the
+// driver: a training step then makes no device allocations of its own.
+inline void retain_default_pool_memory() {
+  static std::mutex mu;
+  static std::set<int> done;
+  int device = 0;
+  SP_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lk(mu);
+  if (!done.insert(device).second) return;
+  cudaMemPool_t pool;
+  SP_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  uint64_t keep_all = UINT64_MAX;
+  SP_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+}
+
 class Workspace {
  public:
   Workspace(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    if (bytes > 0) SP_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
+    if (bytes == 0) return;
+    retain_default_pool_memory();
+    SP_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
   }
   // A destructor cannot throw: a failing free leaves its status for the next checked call.
   ~Workspace() {
