@@ -225,7 +225,7 @@ bool PipelineTrainer::receive(Stage& st, Queue& q, int64_t written_tick, bool wi
 }
 
 void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& source, bool& source_done,
-                                    const LrAt& lr, PipelineEpochStats& stats) {
+                                    const LrAt& lr) {
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
   const int last = num_modules() - 1;
@@ -279,12 +279,12 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   Tensor dlogits = new_activation(s, h.shape());
   ops::softmax_cross_entropy(s, h, in.labels, cfg_.label_smoothing, pl.loss, dlogits, pl.correct);
   st.pending.push_back(pl);
-  backward_and_step(k, tick, dlogits, lr, stats);
+  backward_and_step(k, tick, dlogits, lr);
   s.record(*timed.end);
   st.timed.push_back(std::move(timed));
 }
 
-void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr, PipelineEpochStats& stats) {
+void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
   // Take delivery of the gradient sent to this module (freeing its slot at once) ...
@@ -307,12 +307,12 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr, Pipeli
   TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, ready.batch, "bwd"};
   NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(ready.batch));
   s.record(*timed.start);
-  backward_and_step(k, tick, ready.dy, lr, stats);
+  backward_and_step(k, tick, ready.dy, lr);
   s.record(*timed.end);
   st.timed.push_back(std::move(timed));
 }
 
-void PipelineTrainer::backward_and_step(int k, int64_t tick, Tensor dy, const LrAt& lr, PipelineEpochStats&) {
+void PipelineTrainer::backward_and_step(int k, int64_t tick, Tensor dy, const LrAt& lr) {
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
   InFlight f = std::move(st.inflight.front());
@@ -383,13 +383,13 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
     for (auto& st : stages_) st->tick_end[tick % 2]->synchronize();
     const size_t events_before = ledger_.size();
     if (cfg_.method == PipelineMethod::FDG) {
-      for (int k = 0; k + 1 < K; ++k) backward_phase(k, tick, lr, stats);
-      for (int k = 0; k < K; ++k) forward_phase(k, tick, source, source_done, lr, stats);
+      for (int k = 0; k + 1 < K; ++k) backward_phase(k, tick, lr);
+      for (int k = 0; k < K; ++k) forward_phase(k, tick, source, source_done, lr);
       measure_saved();
     } else {
-      for (int k = 0; k < K; ++k) forward_phase(k, tick, source, source_done, lr, stats);
+      for (int k = 0; k < K; ++k) forward_phase(k, tick, source, source_done, lr);
       measure_saved();
-      for (int k = K - 2; k >= 0; --k) backward_phase(k, tick, lr, stats);
+      for (int k = K - 2; k >= 0; --k) backward_phase(k, tick, lr);
     }
     for (auto& st : stages_) st->stream->record(*st->tick_end[tick % 2]);
     if (ledger_.size() > events_before) last_active_tick = tick;

@@ -138,10 +138,9 @@ class PipelineTrainer {
   // copies it into tensors of this stage, records the slot's free event and returns true.
   bool receive(Stage& st, Queue& q, int64_t written_tick, bool with_labels, Tensor* data, Tensor* labels,
                int64_t* batch);
-  void forward_phase(int k, int64_t tick, const BatchSource& source, bool& source_done, const LrAt& lr,
-                     PipelineEpochStats& stats);
-  void backward_phase(int k, int64_t tick, const LrAt& lr, PipelineEpochStats& stats);
-  void backward_and_step(int k, int64_t tick, Tensor dy, const LrAt& lr, PipelineEpochStats& stats);
+  void forward_phase(int k, int64_t tick, const BatchSource& source, bool& source_done, const LrAt& lr);
+  void backward_phase(int k, int64_t tick, const LrAt& lr);
+  void backward_and_step(int k, int64_t tick, Tensor dy, const LrAt& lr);
   void recompute_forward(Stage& st, InFlight& f);
 };
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run on the development machine before sending the tree to the lent GPU machine: fills the
+# git-ignored .carry/ with what the GPU machine lacks (name `.carry` in the device call's carry):
+#   .carry/googletest   GoogleTest's sources (built there by the top-level CMakeLists.txt)
+#   .carry/benchmark    Google Benchmark's headers and shared library
+#   .carry/data         the CIFAR-10 pack and its unpack script (for accuracy runs)
+#   .carry/commit       the commit being tested (the GPU machine gets no .git)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .carry && mkdir -p .carry/benchmark/lib .carry/benchmark/include .carry/data
+cp -r /usr/src/googletest .carry/googletest
+cp -r /usr/include/benchmark .carry/benchmark/include/
+for f in /usr/lib/x86_64-linux-gnu/libbenchmark.so.*; do cp -L "$f" .carry/benchmark/lib/; done
+if [ -f ../shared/data/cifar10-jpeg.pack.gz ]; then
+  cp ../shared/data/cifar10-jpeg.pack.gz ../shared/data/unpack_cifar10.py .carry/data/
+fi
+git rev-parse HEAD > .carry/commit
+du -sh .carry
