@@ -188,11 +188,26 @@ TEST(Training, LossFallsOnSyntheticImages) {
   c.augment = false;
   c.schedule = "constant";
   c.warmup_epochs = 0;
+  TempDir dir;
+  c.metrics = dir.file("metrics.jsonl");
   const train::TrainResult r = train::run_training(c, train, data::Dataset{});
   ASSERT_EQ(r.epochs.size(), 3u);
   EXPECT_LT(r.epochs[2].train_loss, 0.5 * r.epochs[0].train_loss)
       << "loss " << r.epochs[0].train_loss << " -> " << r.epochs[2].train_loss;
   EXPECT_GT(r.epochs[2].train_acc, 0.8);
+  // Metrics: one JSON object per line, step records and one epoch record per epoch.
+  std::ifstream in(c.metrics);
+  int steps = 0, epochs = 0;
+  for (std::string line; std::getline(in, line);) {
+    ASSERT_TRUE(line.front() == '{' && line.back() == '}') << line;
+    for (const char* key : {"\"epoch\":", "\"step\":", "\"loss\":", "\"train_acc\":", "\"lr\":",
+                            "\"images_per_s\":", "\"elapsed_s\":"})
+      EXPECT_NE(line.find(key), std::string::npos) << key << " missing in " << line;
+    steps += line.find("\"event\":\"step\"") != std::string::npos;
+    epochs += line.find("\"event\":\"epoch\"") != std::string::npos;
+  }
+  EXPECT_EQ(epochs, 3);
+  EXPECT_GE(steps, 3);
 }
 
 std::string real_data_dir() {

@@ -216,6 +216,10 @@ int run_demo(const DemoOptions& o) {
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("loss %.4f -> %.4f in %.1f s (%.0f images/s)\n", first, last, secs, o.steps * double(B) / secs);
+  if (o.steps >= 20 && !(last < 0.5 * first)) {
+    std::fprintf(stderr, "staleprop demo: the loss did not fall by half; something is wrong\n");
+    return 1;
+  }
   return 0;
 }
 
@@ -228,7 +232,7 @@ int demo_main(int argc, char** argv) {
       {"lr", "LR", "SGD learning rate, momentum 0.9 (default 0.05)", [&](const std::string& v) { o.lr = std::stof(v); }},
       {"seed", "S", "seed of the data and the initial weights (default 1)", [&](const std::string& v) { o.seed = std::stoull(v); }},
   };
-  if (!parse_flags("demo", "Trains a tiny CNN on a synthetic 10-class problem with the engine's ops on a CPU stream\nand prints the falling loss.", flags, argc, argv)) return 0;
+  if (!parse_flags("demo", "Trains a tiny CNN on a synthetic 10-class problem with the engine's ops on a CPU stream\nand prints the falling loss; exits 1 if, after 20 or more steps, it has not halved.", flags, argc, argv)) return 0;
   return run_demo(o);
 }
 
