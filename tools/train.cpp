@@ -11,6 +11,7 @@
 #include <memory>
 #include <sstream>
 
+#include "engine/allocator.h"
 #include "engine/checkpoint.h"
 #include "engine/pipeline.h"
 #include "engine/ops.h"
@@ -255,15 +256,21 @@ struct Run {
     }
     er.elapsed_s = seconds_since(start);
     result.epochs.push_back(er);
+    // Peak memory of the device's caching allocator: tensors in use, and held from the backend.
+    const AllocatorStats mem = device_allocator(device).stats();
     if (!progress.quiet())
-      std::printf("epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s%s | %s elapsed\n",
+      std::printf("epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s%s | peak mem "
+                  "%.0f MiB | %s elapsed\n",
                   epoch + 1, cfg.epochs, er.train_loss, 100 * er.train_acc, er.test_loss, 100 * er.test_acc,
-                  er.images_per_s, extra.c_str(), fmt_duration(er.elapsed_s).c_str());
+                  er.images_per_s, extra.c_str(), double(mem.peak_allocated_bytes) / (1 << 20),
+                  fmt_duration(er.elapsed_s).c_str());
     metrics.write("{\"event\":\"epoch\",\"epoch\":" + std::to_string(epoch + 1) + ",\"step\":" +
                   std::to_string(step) + ",\"loss\":" + json_number(er.train_loss) + ",\"train_acc\":" +
                   json_number(er.train_acc) + ",\"test_loss\":" + json_number(er.test_loss) + ",\"test_acc\":" +
                   json_number(er.test_acc) + ",\"lr\":" + json_number(sched.at(step - 1)) + ",\"images_per_s\":" +
-                  json_number(er.images_per_s) + ",\"elapsed_s\":" + json_number(er.elapsed_s) + extra_json + "}");
+                  json_number(er.images_per_s) + ",\"elapsed_s\":" + json_number(er.elapsed_s) +
+                  ",\"peak_allocated_bytes\":" + std::to_string(mem.peak_allocated_bytes) +
+                  ",\"peak_reserved_bytes\":" + std::to_string(mem.peak_reserved_bytes) + extra_json + "}");
   }
 };
 
