@@ -1,0 +1,780 @@
+// Our hand-written CUDA kernels (kernels/cuda/ops.h) against their vendor twins, measured in
+// the same run on the same GPU:
+//   * fp32 GEMM vs cuBLAS SGEMM (pure fp32 math, no TF32),
+//   * convolution forward / backward-data / backward-weight (NHWC activations, KRSC weights) vs
+//     cuDNN on the same NHWC layouts, restricted to FMA math (no TF32) like our kernels,
+//   * bandwidth-bound ops (batch-norm training forward/backward, relu, add, sgd_step) vs a
+//     device-to-device cudaMemcpyAsync moving the same number of bytes.
+//
+// How a benchmark is timed:
+//   * Each iteration times a block of `inner` back-to-back custom calls and a block of `inner`
+//     vendor calls with CUDA events (GPU time, not host time), and reports custom_time / inner
+//     through State::SetIterationTime (the benchmarks use UseManualTime). `inner` is chosen once
+//     per benchmark so a block lasts >= ~0.3 ms: a single tiny kernel would otherwise be timed
+//     mostly as launch latency, while back-to-back launches pipeline as they do in training.
+//   * The two blocks alternate which one runs first, so neither always follows the other.
+//   * Custom and vendor times are summed over the iterations; the counters are
+//       TFLOP/s  (custom)  and vendor_TFLOP/s,  vs_vendor = vendor_time / custom_time, or
+//       GB/s     (custom)  and copy_GB/s,       vs_copy   = copy_time / custom_time,
+//     so a ratio > 1 means our kernel is faster than its twin (for vs_copy, the fraction of
+//     memcpy bandwidth our kernel achieves). Repetitions(5) + median aggregate damp noise.
+//   * Every call takes its operands from the next of `slots` buffer sets, with all sets
+//     together > 2.5x the L2 cache (50 MB on an H100): consecutive calls (custom or vendor)
+//     never find their inputs left in L2 by the previous call, as in a real training step where
+//     other layers run in between. Tiny operands (the Linear GEMMs) are capped at 64 sets.
+//   * Each benchmark's buffers, cuDNN algorithm choice and calibration are built on its first
+//     call and kept while its repetitions run (Google Benchmark runs them back to back), then
+//     freed when the next benchmark starts; warm-up calls run before anything is timed.
+//
+// Without a CUDA device the program prints a message and exits 0 before registering anything.
+// Suggested run (the full set takes ~15 min at the default min_time):
+//   bench_gpu_kernels --benchmark_min_time=0.1 --benchmark_out=gpu.json
+//                     --benchmark_out_format=json [--benchmark_filter=conv_fwd]
+#include <benchmark/benchmark.h>
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#include <cudnn.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/device.h"
+#include "kernels/common/cuda_check.h"
+#include "kernels/common/shapes.h"
+#include "kernels/cuda/ops.h"
+
+namespace {
+
+namespace kc = sp::kernels::cuda;
+using sp::kernels::Conv2dShape;
+
+// ---- Process-wide GPU state ------------------------------------------------------------------
+struct Env {
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  cudnnHandle_t cudnn = nullptr;
+  cudaEvent_t ev[3] = {nullptr, nullptr, nullptr};
+  size_t l2_bytes = 50u << 20;
+};
+Env g_env;
+
+void env_init() {
+  SP_CUDA_CHECK(cudaSetDevice(0));
+  int l2 = 0;
+  SP_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
+  if (l2 > 0) g_env.l2_bytes = size_t(l2);
+  SP_CUDA_CHECK(cudaStreamCreateWithFlags(&g_env.stream, cudaStreamNonBlocking));
+  for (auto& e : g_env.ev) SP_CUDA_CHECK(cudaEventCreate(&e));
+  SP_CUBLAS_CHECK(cublasCreate(&g_env.cublas));
+  SP_CUBLAS_CHECK(cublasSetStream(g_env.cublas, g_env.stream));
+  // Plain fp32 SGEMM: our GEMM is fp32 FMA, so TF32 tensor cores would not be a like-for-like
+  // twin. (NVIDIA_TF32_OVERRIDE=1 in the environment could still force TF32.)
+  SP_CUBLAS_CHECK(cublasSetMathMode(g_env.cublas, CUBLAS_DEFAULT_MATH));
+  SP_CUDNN_CHECK(cudnnCreate(&g_env.cudnn));
+  SP_CUDNN_CHECK(cudnnSetStream(g_env.cudnn, g_env.stream));
+
+  cudaDeviceProp prop{};
+  SP_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  benchmark::AddCustomContext("gpu", prop.name);
+  benchmark::AddCustomContext("gpu_l2_bytes", std::to_string(g_env.l2_bytes));
+  benchmark::AddCustomContext("cudnn_version", std::to_string(cudnnGetVersion()));
+}
+
+void env_destroy() {
+  SP_CUDNN_CHECK(cudnnDestroy(g_env.cudnn));
+  SP_CUBLAS_CHECK(cublasDestroy(g_env.cublas));
+  for (auto& e : g_env.ev) SP_CUDA_CHECK(cudaEventDestroy(e));
+  SP_CUDA_CHECK(cudaStreamDestroy(g_env.stream));
+}
+
+// Destructors must not throw: a failed release is reported, not raised.
+void warn_cuda(cudaError_t s, const char* what) {
+  if (s != cudaSuccess) std::fprintf(stderr, "bench_gpu_kernels: %s: %s\n", what, cudaGetErrorString(s));
+}
+void warn_cudnn(cudnnStatus_t s, const char* what) {
+  if (s != CUDNN_STATUS_SUCCESS) std::fprintf(stderr, "bench_gpu_kernels: %s: %s\n", what, cudnnGetErrorString(s));
+}
+
+// ---- Device buffers --------------------------------------------------------------------------
+class DevBuf {
+ public:
+  DevBuf() = default;
+  explicit DevBuf(size_t bytes) : bytes_(bytes) {
+    if (bytes_ > 0) SP_CUDA_CHECK(cudaMalloc(&p_, bytes_));
+  }
+  DevBuf(DevBuf&& o) noexcept : p_(std::exchange(o.p_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+  DevBuf& operator=(DevBuf&& o) noexcept {
+    if (this != &o) {
+      release();
+      p_ = std::exchange(o.p_, nullptr);
+      bytes_ = std::exchange(o.bytes_, 0);
+    }
+    return *this;
+  }
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  ~DevBuf() { release(); }
+  float* f() const { return static_cast<float*>(p_); }
+  void* get() const { return p_; }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void release() {
+    if (p_) warn_cuda(cudaFree(p_), "cudaFree");
+    p_ = nullptr;
+  }
+  void* p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Fills a device float buffer with uniform values in [-scale, scale): a 1 Mi-float random host
+// block tiled over the buffer (cheap even for the 8192^2 GEMM operands, and realistic enough:
+// no all-zero data, relu sees half negatives).
+void fill_random(float* d, size_t count, float scale) {
+  static const std::vector<float> pattern = [] {
+    std::vector<float> v(size_t(1) << 20);
+    std::mt19937 rng(12345);
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    for (float& x : v) x = u(rng);
+    return v;
+  }();
+  std::vector<float> host(std::min(count, pattern.size()));
+  for (size_t i = 0; i < host.size(); ++i) host[i] = pattern[i] * scale;
+  for (size_t off = 0; off < count; off += host.size()) {
+    const size_t len = std::min(host.size(), count - off);
+    SP_CUDA_CHECK(cudaMemcpy(d + off, host.data(), len * sizeof(float), cudaMemcpyHostToDevice));
+  }
+}
+
+DevBuf random_buf(size_t count, float scale = 1.f) {
+  DevBuf b(count * sizeof(float));
+  fill_random(b.f(), count, scale);
+  return b;
+}
+
+// Buffer sets so that all sets together exceed 2.5x L2 (see the header comment).
+int slots_for(size_t bytes_per_slot) {
+  const double want = 2.5 * double(g_env.l2_bytes) / double(std::max<size_t>(bytes_per_slot, 1));
+  return int(std::clamp(std::ceil(want), 2.0, 64.0));
+}
+
+// ---- A custom kernel and its vendor twin -----------------------------------------------------
+class Pair {
+ public:
+  virtual ~Pair() = default;
+  virtual void custom(int slot) = 0;
+  virtual void vendor(int slot) = 0;
+  int slots = 2;
+  int inner = 1;
+  double vendor_algo = -1;  // cuDNN algorithm enum chosen by Find (convolutions only)
+  double vendor_tf32 = 0;   // 1 if cuDNN's chosen math type was not pure FMA
+  int take() {
+    const int s = next_;
+    next_ = (next_ + 1) % slots;
+    return s;
+  }
+
+ private:
+  int next_ = 0;
+};
+
+enum class Unit { Flops, Bytes };
+
+// Enqueues `inner` calls of one side, each on the next buffer set.
+void run_block(Pair& p, bool custom) {
+  for (int i = 0; i < p.inner; ++i) {
+    if (custom)
+      p.custom(p.take());
+    else
+      p.vendor(p.take());
+  }
+}
+
+// GPU milliseconds of one block of each side: {custom, vendor}.
+std::pair<float, float> time_blocks(Pair& p, bool custom_first) {
+  SP_CUDA_CHECK(cudaEventRecord(g_env.ev[0], g_env.stream));
+  run_block(p, custom_first);
+  SP_CUDA_CHECK(cudaEventRecord(g_env.ev[1], g_env.stream));
+  run_block(p, !custom_first);
+  SP_CUDA_CHECK(cudaEventRecord(g_env.ev[2], g_env.stream));
+  SP_CUDA_CHECK(cudaEventSynchronize(g_env.ev[2]));
+  float first = 0.f, second = 0.f;
+  SP_CUDA_CHECK(cudaEventElapsedTime(&first, g_env.ev[0], g_env.ev[1]));
+  SP_CUDA_CHECK(cudaEventElapsedTime(&second, g_env.ev[1], g_env.ev[2]));
+  return custom_first ? std::make_pair(first, second) : std::make_pair(second, first);
+}
+
+// The benchmark being run and its state, kept across its repetitions.
+std::string g_key;
+std::unique_ptr<Pair> g_pair;
+
+Pair& cached_pair(const std::string& key, const std::function<std::unique_ptr<Pair>()>& make) {
+  if (g_pair && g_key == key) return *g_pair;
+  g_pair.reset();  // free the previous benchmark's buffers before allocating these
+  g_key.clear();
+  std::unique_ptr<Pair> p = make();
+  // Warm-up: first-call costs (module loading, cuDNN/cuBLAS kernel selection, the stream
+  // allocator's pool growing for our kernels' scratch) stay out of the timed loop.
+  p->inner = 1;
+  for (int i = 0; i < 3; ++i) time_blocks(*p, i % 2 == 0);
+  const auto t = time_blocks(*p, true);
+  const double shortest_ms = std::max(1e-4, double(std::min(t.first, t.second)));
+  p->inner = int(std::clamp(std::ceil(0.3 / shortest_ms), 1.0, 100.0));
+  time_blocks(*p, false);  // one warm block at the final `inner`
+  g_pair = std::move(p);
+  g_key = key;
+  return *g_pair;
+}
+
+void run_pair(benchmark::State& st, const std::string& key, const std::function<std::unique_ptr<Pair>()>& make,
+              double work, Unit unit) {
+  try {
+    Pair& p = cached_pair(key, make);
+    double custom_ms = 0, vendor_ms = 0;
+    int64_t calls = 0;
+    bool custom_first = true;
+    for (auto _ : st) {
+      const auto t = time_blocks(p, custom_first);
+      custom_first = !custom_first;
+      st.SetIterationTime(double(t.first) * 1e-3 / p.inner);
+      custom_ms += t.first;
+      vendor_ms += t.second;
+      calls += p.inner;
+    }
+    if (calls == 0 || custom_ms <= 0 || vendor_ms <= 0) return;
+    // Rates from the summed GPU times: work per call * calls / seconds.
+    const double scale = unit == Unit::Flops ? 1e-12 : 1e-9;
+    const double custom_rate = work * double(calls) / (custom_ms * 1e-3) * scale;
+    const double vendor_rate = work * double(calls) / (vendor_ms * 1e-3) * scale;
+    if (unit == Unit::Flops) {
+      st.counters["TFLOP/s"] = custom_rate;
+      st.counters["vendor_TFLOP/s"] = vendor_rate;
+      st.counters["vs_vendor"] = vendor_ms / custom_ms;
+    } else {
+      st.counters["GB/s"] = custom_rate;
+      st.counters["copy_GB/s"] = vendor_rate;
+      st.counters["vs_copy"] = vendor_ms / custom_ms;
+    }
+    if (p.vendor_algo >= 0) {
+      st.counters["cudnn_algo"] = p.vendor_algo;
+      st.counters["cudnn_not_fma"] = p.vendor_tf32;
+    }
+    st.counters["inner"] = p.inner;
+    st.counters["slots"] = p.slots;
+  } catch (const std::exception& e) {
+    st.SkipWithError(e.what());
+  }
+}
+
+void register_pair(const std::string& name, std::function<std::unique_ptr<Pair>()> make, double work, Unit unit) {
+  benchmark::RegisterBenchmark(name.c_str(),
+                               [name, make, work, unit](benchmark::State& st) { run_pair(st, name, make, work, unit); })
+      ->UseManualTime()
+      ->Unit(benchmark::kMicrosecond)
+      ->Repetitions(5)
+      ->ReportAggregatesOnly(true);
+}
+
+// ---- GEMM vs cuBLAS --------------------------------------------------------------------------
+class GemmPair : public Pair {
+ public:
+  GemmPair(bool ta, bool tb, int64_t m, int64_t n, int64_t k) : ta_(ta), tb_(tb), m_(m), n_(n), k_(k) {
+    slots = slots_for(size_t(m * k + k * n + m * n) * sizeof(float));
+    for (int s = 0; s < slots; ++s) {
+      a_.push_back(random_buf(size_t(m * k)));
+      b_.push_back(random_buf(size_t(k * n)));
+      c_.push_back(random_buf(size_t(m * n)));
+    }
+  }
+  // Row-major: A is [m,k] (lda = k), or [k,m] (lda = m) when transposed; B likewise.
+  int64_t lda() const { return ta_ ? m_ : k_; }
+  int64_t ldb() const { return tb_ ? k_ : n_; }
+  void custom(int s) override {
+    kc::gemm(ta_, tb_, m_, n_, k_, 1.f, a_[s].f(), lda(), b_[s].f(), ldb(), 0.f, c_[s].f(), n_, g_env.stream);
+  }
+  // cuBLAS is column-major, and a row-major matrix read column-major is its transpose. So the
+  // row-major C = op(A) op(B) is computed as the column-major C^T = op(B)^T op(A)^T: pass B
+  // first, A second, swap m and n, and keep each operand's own transpose flag.
+  void vendor(int s) override {
+    const float alpha = 1.f, beta = 0.f;
+    SP_CUBLAS_CHECK(cublasSgemm(g_env.cublas, tb_ ? CUBLAS_OP_T : CUBLAS_OP_N, ta_ ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                int(n_), int(m_), int(k_), &alpha, b_[s].f(), int(ldb()), a_[s].f(), int(lda()),
+                                &beta, c_[s].f(), int(n_)));
+  }
+
+ private:
+  bool ta_, tb_;
+  int64_t m_, n_, k_;
+  std::vector<DevBuf> a_, b_, c_;
+};
+
+void register_gemm(const std::string& label, bool ta, bool tb, int64_t m, int64_t n, int64_t k) {
+  const std::string name = "gemm/" + label + "/m" + std::to_string(m) + "_n" + std::to_string(n) + "_k" +
+                           std::to_string(k) + (ta ? "_tA" : "") + (tb ? "_tB" : "");
+  register_pair(
+      name, [=] { return std::unique_ptr<Pair>(new GemmPair(ta, tb, m, n, k)); }, 2.0 * double(m) * n * k,
+      Unit::Flops);
+}
+
+void register_gemms() {
+  register_gemm("square", false, false, 4096, 4096, 4096);
+  register_gemm("square", false, false, 8192, 8192, 8192);
+  // Linear (weight [out, in]) with 10 classes, features 64 (ResNet-20/56) or 512 (ResNet-18):
+  //   forward  y[n,10]   = x[n,in] W^T          -> m=n,   n=10, k=in, B transposed
+  //   dgrad    dx[n,in]  = dy[n,10] W[10,in]    -> m=n,   n=in, k=10
+  //   wgrad    dW[10,in] = dy^T x               -> m=10,  n=in, k=n,  A transposed
+  for (int64_t batch : {128, 512}) {
+    for (int64_t in : {64, 512}) {
+      register_gemm("linear_fwd", false, true, batch, 10, in);
+      register_gemm("linear_dgrad", false, false, batch, in, 10);
+      register_gemm("linear_wgrad", true, false, 10, in, batch);
+    }
+  }
+}
+
+// ---- Convolutions vs cuDNN -------------------------------------------------------------------
+enum class ConvDir { Fwd, BwdData, BwdWeight };
+
+class ConvPair : public Pair {
+ public:
+  ConvPair(const Conv2dShape& sh, ConvDir dir) : sh_(sh), dir_(dir) {
+    // Every set holds x, w and y; which are inputs and which the output depends on the
+    // direction (backward-data: y is dy, x is dx; backward-weight: w is dw).
+    slots = slots_for(size_t(sh.x_size() + sh.w_size() + sh.y_size()) * sizeof(float));
+    for (int s = 0; s < slots; ++s) {
+      x_.push_back(random_buf(size_t(sh.x_size())));
+      w_.push_back(random_buf(size_t(sh.w_size()), 0.1f));
+      y_.push_back(random_buf(size_t(sh.y_size())));
+    }
+    SP_CUDNN_CHECK(cudnnCreateTensorDescriptor(&xd_));
+    SP_CUDNN_CHECK(cudnnCreateTensorDescriptor(&yd_));
+    SP_CUDNN_CHECK(cudnnCreateFilterDescriptor(&wd_));
+    SP_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(&cd_));
+    SP_CUDNN_CHECK(cudnnSetTensor4dDescriptor(xd_, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, sh.n, sh.c, sh.h, sh.w));
+    SP_CUDNN_CHECK(cudnnSetTensor4dDescriptor(yd_, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, sh.n, sh.k, sh.p(), sh.q()));
+    // A filter in NHWC format is K x R x S x C: exactly our KRSC weights.
+    SP_CUDNN_CHECK(cudnnSetFilter4dDescriptor(wd_, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NHWC, sh.k, sh.c, sh.r, sh.s));
+    SP_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(cd_, sh.pad, sh.pad, sh.stride, sh.stride, 1, 1,
+                                                   CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
+    // FMA math only: fp32 against fp32 (the default would let cuDNN use TF32 tensor cores).
+    SP_CUDNN_CHECK(cudnnSetConvolutionMathType(cd_, CUDNN_FMA_MATH));
+    find_algorithm();
+  }
+  ~ConvPair() override {
+    warn_cudnn(cudnnDestroyConvolutionDescriptor(cd_), "cudnnDestroyConvolutionDescriptor");
+    warn_cudnn(cudnnDestroyFilterDescriptor(wd_), "cudnnDestroyFilterDescriptor");
+    warn_cudnn(cudnnDestroyTensorDescriptor(yd_), "cudnnDestroyTensorDescriptor");
+    warn_cudnn(cudnnDestroyTensorDescriptor(xd_), "cudnnDestroyTensorDescriptor");
+  }
+
+  void custom(int s) override {
+    switch (dir_) {
+      case ConvDir::Fwd:
+        kc::conv2d_forward(sh_, x_[s].f(), w_[s].f(), nullptr, y_[s].f(), g_env.stream);
+        break;
+      case ConvDir::BwdData:
+        kc::conv2d_backward_data(sh_, y_[s].f(), w_[s].f(), x_[s].f(), g_env.stream);
+        break;
+      case ConvDir::BwdWeight:
+        kc::conv2d_backward_weight(sh_, x_[s].f(), y_[s].f(), w_[s].f(), nullptr, g_env.stream);
+        break;
+    }
+  }
+  void vendor(int s) override {
+    const float alpha = 1.f, beta = 0.f;
+    void* ws = ws_.get();
+    const size_t wsb = ws_.bytes();
+    switch (dir_) {
+      case ConvDir::Fwd:
+        SP_CUDNN_CHECK(cudnnConvolutionForward(g_env.cudnn, &alpha, xd_, x_[s].f(), wd_, w_[s].f(), cd_, fwd_, ws,
+                                               wsb, &beta, yd_, y_[s].f()));
+        break;
+      case ConvDir::BwdData:
+        SP_CUDNN_CHECK(cudnnConvolutionBackwardData(g_env.cudnn, &alpha, wd_, w_[s].f(), yd_, y_[s].f(), cd_, bwd_,
+                                                    ws, wsb, &beta, xd_, x_[s].f()));
+        break;
+      case ConvDir::BwdWeight:
+        SP_CUDNN_CHECK(cudnnConvolutionBackwardFilter(g_env.cudnn, &alpha, xd_, x_[s].f(), yd_, y_[s].f(), cd_,
+                                                      bwf_, ws, wsb, &beta, wd_, w_[s].f()));
+        break;
+    }
+  }
+
+ private:
+  // Once per shape, outside the timed loop: cudnnFind*Ex runs every applicable algorithm on
+  // our buffers with a generous workspace and ranks them by measured time; we keep the fastest
+  // that succeeded (regardless of determinism: the vendor's best) and allocate exactly its
+  // workspace.
+  void find_algorithm() {
+    size_t free_b = 0, total_b = 0;
+    SP_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    DevBuf search_ws(std::min<size_t>(size_t(1) << 30, free_b / 4));
+    int max_count = 0, got = 0;
+    size_t need = 0;
+    cudnnMathType_t math = CUDNN_FMA_MATH;
+    bool found = false;
+    switch (dir_) {
+      case ConvDir::Fwd: {
+        SP_CUDNN_CHECK(cudnnGetConvolutionForwardAlgorithmMaxCount(g_env.cudnn, &max_count));
+        std::vector<cudnnConvolutionFwdAlgoPerf_t> perf(size_t(std::max(max_count, 1)));
+        SP_CUDNN_CHECK(cudnnFindConvolutionForwardAlgorithmEx(g_env.cudnn, xd_, x_[0].f(), wd_, w_[0].f(), cd_, yd_,
+                                                              y_[0].f(), int(perf.size()), &got, perf.data(),
+                                                              search_ws.get(), search_ws.bytes()));
+        for (int i = 0; i < got && !found; ++i)
+          if (perf[size_t(i)].status == CUDNN_STATUS_SUCCESS) {
+            fwd_ = perf[size_t(i)].algo, need = perf[size_t(i)].memory, math = perf[size_t(i)].mathType;
+            found = true;
+          }
+        break;
+      }
+      case ConvDir::BwdData: {
+        SP_CUDNN_CHECK(cudnnGetConvolutionBackwardDataAlgorithmMaxCount(g_env.cudnn, &max_count));
+        std::vector<cudnnConvolutionBwdDataAlgoPerf_t> perf(size_t(std::max(max_count, 1)));
+        SP_CUDNN_CHECK(cudnnFindConvolutionBackwardDataAlgorithmEx(g_env.cudnn, wd_, w_[0].f(), yd_, y_[0].f(), cd_,
+                                                                   xd_, x_[0].f(), int(perf.size()), &got,
+                                                                   perf.data(), search_ws.get(), search_ws.bytes()));
+        for (int i = 0; i < got && !found; ++i)
+          if (perf[size_t(i)].status == CUDNN_STATUS_SUCCESS) {
+            bwd_ = perf[size_t(i)].algo, need = perf[size_t(i)].memory, math = perf[size_t(i)].mathType;
+            found = true;
+          }
+        break;
+      }
+      case ConvDir::BwdWeight: {
+        SP_CUDNN_CHECK(cudnnGetConvolutionBackwardFilterAlgorithmMaxCount(g_env.cudnn, &max_count));
+        std::vector<cudnnConvolutionBwdFilterAlgoPerf_t> perf(size_t(std::max(max_count, 1)));
+        SP_CUDNN_CHECK(cudnnFindConvolutionBackwardFilterAlgorithmEx(g_env.cudnn, xd_, x_[0].f(), yd_, y_[0].f(),
+                                                                     cd_, wd_, w_[0].f(), int(perf.size()), &got,
+                                                                     perf.data(), search_ws.get(),
+                                                                     search_ws.bytes()));
+        for (int i = 0; i < got && !found; ++i)
+          if (perf[size_t(i)].status == CUDNN_STATUS_SUCCESS) {
+            bwf_ = perf[size_t(i)].algo, need = perf[size_t(i)].memory, math = perf[size_t(i)].mathType;
+            found = true;
+          }
+        break;
+      }
+    }
+    if (!found) throw std::runtime_error("cuDNN found no working algorithm for this NHWC fp32 convolution");
+    // The perf entry's math type is what its time was measured with (FMA, as requested);
+    // set it explicitly so the timed calls use exactly the measured configuration.
+    SP_CUDNN_CHECK(cudnnSetConvolutionMathType(cd_, math));
+    vendor_algo = double(dir_ == ConvDir::Fwd ? int(fwd_) : dir_ == ConvDir::BwdData ? int(bwd_) : int(bwf_));
+    vendor_tf32 = math == CUDNN_FMA_MATH ? 0.0 : 1.0;
+    search_ws = DevBuf();
+    ws_ = DevBuf(need);
+  }
+
+  Conv2dShape sh_;
+  ConvDir dir_;
+  std::vector<DevBuf> x_, w_, y_;
+  DevBuf ws_;
+  cudnnTensorDescriptor_t xd_ = nullptr, yd_ = nullptr;
+  cudnnFilterDescriptor_t wd_ = nullptr;
+  cudnnConvolutionDescriptor_t cd_ = nullptr;
+  cudnnConvolutionFwdAlgo_t fwd_ = CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
+  cudnnConvolutionBwdDataAlgo_t bwd_ = CUDNN_CONVOLUTION_BWD_DATA_ALGO_1;
+  cudnnConvolutionBwdFilterAlgo_t bwf_ = CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1;
+};
+
+struct ConvSpec {
+  const char* net;
+  int hw, c, k, r, stride;
+};
+
+void register_convs() {
+  // Every distinct convolution of the CIFAR ResNets (pad = r / 2).
+  const ConvSpec specs[] = {
+      // ResNet-20/56 (option-A shortcuts: no 1x1 convolutions)
+      {"r20", 32, 3, 16, 3, 1},
+      {"r20", 32, 16, 16, 3, 1},
+      {"r20", 32, 16, 32, 3, 2},
+      {"r20", 16, 32, 32, 3, 1},
+      {"r20", 16, 32, 64, 3, 2},
+      {"r20", 8, 64, 64, 3, 1},
+      // ResNet-18 (CIFAR stem: 3x3 at 32x32, no max-pool)
+      {"r18", 32, 3, 64, 3, 1},
+      {"r18", 32, 64, 64, 3, 1},
+      {"r18", 32, 64, 128, 3, 2},
+      {"r18", 16, 128, 128, 3, 1},
+      {"r18", 16, 128, 256, 3, 2},
+      {"r18", 8, 256, 256, 3, 1},
+      {"r18", 8, 256, 512, 3, 2},
+      {"r18", 4, 512, 512, 3, 1},
+      {"r18", 32, 64, 128, 1, 2},  // 1x1 stride-2 projections
+      {"r18", 16, 128, 256, 1, 2},
+      {"r18", 8, 256, 512, 1, 2},
+  };
+  const std::pair<ConvDir, const char*> dirs[] = {
+      {ConvDir::Fwd, "conv_fwd"}, {ConvDir::BwdData, "conv_bwd_data"}, {ConvDir::BwdWeight, "conv_bwd_weight"}};
+  for (const auto& d : dirs) {
+    for (int batch : {128, 512}) {
+      for (const ConvSpec& cs : specs) {
+        Conv2dShape sh;
+        sh.n = batch, sh.h = cs.hw, sh.w = cs.hw, sh.c = cs.c;
+        sh.k = cs.k, sh.r = cs.r, sh.s = cs.r, sh.stride = cs.stride, sh.pad = cs.r / 2;
+        const std::string name = std::string(d.second) + "/" + cs.net + "_" + std::to_string(cs.c) + "to" +
+                                 std::to_string(cs.k) + "_" + std::to_string(cs.r) + "x" + std::to_string(cs.r) +
+                                 "_s" + std::to_string(cs.stride) + "_" + std::to_string(cs.hw) + "px/n" +
+                                 std::to_string(batch);
+        const ConvDir dir = d.first;
+        register_pair(
+            name, [sh, dir] { return std::unique_ptr<Pair>(new ConvPair(sh, dir)); }, sh.flops(), Unit::Flops);
+      }
+    }
+  }
+}
+
+// ---- Bandwidth-bound ops vs cudaMemcpyAsync --------------------------------------------------
+// `traffic` is the op's minimal DRAM traffic per call (each operand read once, each output
+// written once, in bytes). A copy of traffic/2 bytes reads and writes traffic bytes, so the
+// two rates are directly comparable.
+class BandwidthPair : public Pair {
+ public:
+  explicit BandwidthPair(size_t traffic) : copy_bytes_(std::max<size_t>(traffic / 2, 4)) {}
+  void vendor(int s) override {
+    SP_CUDA_CHECK(cudaMemcpyAsync(dst_[size_t(s)].get(), src_[size_t(s)].get(), copy_bytes_, cudaMemcpyDeviceToDevice,
+                                  g_env.stream));
+  }
+
+ protected:
+  // Call once `slots` is set: one copy source/destination per set, rotated like the op's.
+  void make_copy_slots() {
+    for (int s = 0; s < slots; ++s) {
+      src_.push_back(random_buf(copy_bytes_ / sizeof(float)));
+      dst_.emplace_back(copy_bytes_);
+    }
+  }
+
+ private:
+  size_t copy_bytes_;
+  std::vector<DevBuf> src_, dst_;
+};
+
+class BatchNormPair : public BandwidthPair {
+ public:
+  // forward: reads x, writes y; backward: reads x and dy, writes dx (per-channel vectors are
+  // negligible next to m*c).
+  static size_t traffic(int64_t m, int64_t c, bool fwd) { return size_t(m * c) * sizeof(float) * (fwd ? 2 : 3); }
+  BatchNormPair(int64_t m, int64_t c, bool fwd) : BandwidthPair(traffic(m, c, fwd)), m_(m), c_(c), fwd_(fwd) {
+    slots = slots_for(traffic(m, c, fwd));
+    for (int s = 0; s < slots; ++s) {
+      x_.push_back(random_buf(size_t(m * c)));
+      y_.push_back(random_buf(size_t(m * c)));
+      if (!fwd) dx_.emplace_back(size_t(m * c) * sizeof(float));
+    }
+    make_copy_slots();
+    gamma_ = random_buf(size_t(c), 0.5f);
+    beta_ = random_buf(size_t(c), 0.5f);
+    rmean_ = random_buf(size_t(c), 0.1f);
+    rvar_ = DevBuf(size_t(c) * sizeof(float));
+    kc::fill(c, 1.f, rvar_.f(), g_env.stream);
+    smean_ = DevBuf(size_t(c) * sizeof(float));
+    sinv_ = DevBuf(size_t(c) * sizeof(float));
+    dgamma_ = DevBuf(size_t(c) * sizeof(float));
+    dbeta_ = DevBuf(size_t(c) * sizeof(float));
+    // Backward needs real saved statistics: one forward pass over set 0 provides them.
+    fwd_call(0);
+    SP_CUDA_CHECK(cudaStreamSynchronize(g_env.stream));
+  }
+  void custom(int s) override {
+    if (fwd_)
+      fwd_call(s);
+    else
+      kc::batchnorm_backward(m_, c_, x_[size_t(s)].f(), y_[size_t(s)].f(), gamma_.f(), smean_.f(), sinv_.f(),
+                             dx_[size_t(s)].f(), dgamma_.f(), dbeta_.f(), g_env.stream);
+  }
+
+ private:
+  void fwd_call(int s) {
+    kc::batchnorm_forward_training(m_, c_, x_[size_t(s)].f(), gamma_.f(), beta_.f(), 1e-5f, 0.1f, rmean_.f(),
+                                   rvar_.f(), y_[size_t(s)].f(), smean_.f(), sinv_.f(), g_env.stream);
+  }
+  int64_t m_, c_;
+  bool fwd_;
+  std::vector<DevBuf> x_, y_, dx_;
+  DevBuf gamma_, beta_, rmean_, rvar_, smean_, sinv_, dgamma_, dbeta_;
+};
+
+enum class Ew { ReluFwd, ReluBwd, Add };
+
+class ElementwisePair : public BandwidthPair {
+ public:
+  static size_t traffic(int64_t n, Ew op) { return size_t(n) * sizeof(float) * (op == Ew::ReluFwd ? 2 : 3); }
+  ElementwisePair(int64_t n, Ew op) : BandwidthPair(traffic(n, op)), n_(n), op_(op) {
+    slots = slots_for(traffic(n, op));
+    for (int s = 0; s < slots; ++s) {
+      a_.push_back(random_buf(size_t(n)));
+      if (op != Ew::ReluFwd) b_.push_back(random_buf(size_t(n)));
+      out_.emplace_back(size_t(n) * sizeof(float));
+    }
+    make_copy_slots();
+  }
+  void custom(int s) override {
+    const size_t i = size_t(s);
+    switch (op_) {
+      case Ew::ReluFwd:
+        kc::relu_forward(n_, a_[i].f(), out_[i].f(), g_env.stream);
+        break;
+      case Ew::ReluBwd:
+        kc::relu_backward(n_, a_[i].f(), b_[i].f(), out_[i].f(), g_env.stream);
+        break;
+      case Ew::Add:
+        kc::add(n_, a_[i].f(), b_[i].f(), out_[i].f(), g_env.stream);
+        break;
+    }
+  }
+
+ private:
+  int64_t n_;
+  Ew op_;
+  std::vector<DevBuf> a_, b_, out_;
+};
+
+// Parameter tensor sizes of the CIFAR ResNet-18 (conv KRSC weights, BN gamma/beta, Linear).
+std::vector<int64_t> resnet18_param_sizes() {
+  std::vector<int64_t> sizes;
+  auto conv_bn = [&](int64_t c, int64_t k, int64_t r) {
+    sizes.push_back(k * r * r * c);
+    sizes.push_back(k);
+    sizes.push_back(k);
+  };
+  conv_bn(3, 64, 3);
+  int64_t c = 64;
+  for (int64_t k : {64, 128, 256, 512}) {
+    for (int block = 0; block < 2; ++block) {
+      const bool down = block == 0 && k != c;
+      conv_bn(c, k, 3);
+      conv_bn(k, k, 3);
+      if (down) conv_bn(c, k, 1);
+      c = k;
+    }
+  }
+  sizes.push_back(10 * 512);
+  sizes.push_back(10);
+  return sizes;
+}
+
+class SgdPair : public BandwidthPair {
+ public:
+  static int64_t total(const std::vector<int64_t>& sizes) {
+    int64_t t = 0;
+    for (int64_t s : sizes) t += s;
+    return t;
+  }
+  // Per element: param read + write, momentum read + write, grad read.
+  static size_t traffic(const std::vector<int64_t>& sizes) { return size_t(total(sizes)) * sizeof(float) * 5; }
+  explicit SgdPair(const std::vector<int64_t>& sizes) : BandwidthPair(traffic(sizes)) {
+    p_.lr = 0.1f;
+    p_.momentum = 0.9f;
+    p_.weight_decay = 5e-4f;
+    slots = slots_for(traffic(sizes));
+    const int64_t t = total(sizes);
+    lists_.resize(size_t(slots));
+    for (int s = 0; s < slots; ++s) {
+      // One arena per role and set; the tensors are consecutive slices, like a flat allocator.
+      param_.push_back(random_buf(size_t(t), 0.1f));
+      grad_.push_back(random_buf(size_t(t), 1e-3f));
+      mom_.emplace_back(size_t(t) * sizeof(float));
+      kc::fill(t, 0.f, mom_.back().f(), g_env.stream);
+      int64_t off = 0;
+      for (int64_t sz : sizes) {
+        lists_[size_t(s)].push_back({param_.back().f() + off, grad_.back().f() + off, mom_.back().f() + off, sz});
+        off += sz;
+      }
+    }
+    make_copy_slots();
+    SP_CUDA_CHECK(cudaStreamSynchronize(g_env.stream));
+  }
+  void custom(int s) override { kc::sgd_step(lists_[size_t(s)], p_, g_env.stream); }
+
+ private:
+  sp::kernels::SgdParams p_;
+  std::vector<DevBuf> param_, grad_, mom_;
+  std::vector<std::vector<kc::SgdTensor>> lists_;
+};
+
+void register_bandwidth() {
+  // Batch-norm over NHWC viewed as [m = N*H*W, c], at every BN shape of the CIFAR ResNets.
+  struct BnShape {
+    const char* net;
+    int hw, c;
+  };
+  const BnShape bn[] = {{"r20", 32, 16},  {"r20", 16, 32}, {"r20", 8, 64}, {"r18", 32, 64},
+                        {"r18", 16, 128}, {"r18", 8, 256}, {"r18", 4, 512}};
+  for (bool fwd : {true, false}) {
+    for (int batch : {128, 512}) {
+      for (const BnShape& b : bn) {
+        const int64_t m = int64_t(batch) * b.hw * b.hw, c = b.c;
+        const std::string name = std::string(fwd ? "bn_fwd_train/" : "bn_bwd/") + b.net + "_c" + std::to_string(c) +
+                                 "_" + std::to_string(b.hw) + "px/n" + std::to_string(batch);
+        register_pair(
+            name, [m, c, fwd] { return std::unique_ptr<Pair>(new BatchNormPair(m, c, fwd)); },
+            double(BatchNormPair::traffic(m, c, fwd)), Unit::Bytes);
+      }
+    }
+  }
+  // Elementwise ops at ResNet activation sizes (N x 32 x 32 x C).
+  const std::pair<Ew, const char*> ews[] = {{Ew::ReluFwd, "relu_fwd"}, {Ew::ReluBwd, "relu_bwd"}, {Ew::Add, "add"}};
+  for (const auto& e : ews) {
+    for (int batch : {128, 512}) {
+      for (int c : {16, 64}) {
+        const int64_t n = int64_t(batch) * 32 * 32 * c;
+        const std::string name = std::string(e.second) + "/n" + std::to_string(batch) + "_32px_c" + std::to_string(c);
+        const Ew op = e.first;
+        register_pair(
+            name, [n, op] { return std::unique_ptr<Pair>(new ElementwisePair(n, op)); },
+            double(ElementwisePair::traffic(n, op)), Unit::Bytes);
+      }
+    }
+  }
+  const std::vector<int64_t> sizes = resnet18_param_sizes();
+  register_pair(
+      "sgd_step/resnet18_" + std::to_string(sizes.size()) + "_tensors_" + std::to_string(SgdPair::total(sizes)) +
+          "_params",
+      [sizes] { return std::unique_ptr<Pair>(new SgdPair(sizes)); }, double(SgdPair::traffic(sizes)), Unit::Bytes);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Decide before touching the benchmark library: no GPU means nothing is registered or run.
+  if (sp::cuda_device_count() == 0) {
+    std::printf("bench_gpu_kernels: no CUDA device; nothing to measure\n");
+    return 0;
+  }
+  try {
+    env_init();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_gpu_kernels: GPU setup failed: %s\n", e.what());
+    return 1;
+  }
+  register_gemms();
+  register_convs();
+  register_bandwidth();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  int rc = 0;
+  try {
+    g_pair.reset();
+    g_key.clear();
+    SP_CUDA_CHECK(cudaDeviceSynchronize());
+    env_destroy();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_gpu_kernels: teardown failed: %s\n", e.what());
+    rc = 1;
+  }
+  return rc;
+}
