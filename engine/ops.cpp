@@ -1,6 +1,7 @@
 // Validation and device dispatch of the tensor-level ops (see ops.h).
 #include "engine/ops.h"
 
+#include <atomic>
 #include <cstring>
 
 #include "kernels/common/error.h"
@@ -11,12 +12,14 @@
 
 #include "kernels/common/cuda_check.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/vendor/vendor.h"
 #endif
 
 namespace sp::ops {
 namespace kc = kernels::cpu;
 #if STALEPROP_WITH_CUDA
 namespace kcu = kernels::cuda;
+namespace kvd = kernels::vendor;
 #endif
 using kernels::Conv2dShape;
 using kernels::Pool2dShape;
@@ -66,6 +69,11 @@ class OpCheck {
 
 bool on_cpu(const Stream& s) { return s.device().is_cpu(); }
 
+std::atomic<KernelBackend> g_backend{KernelBackend::Custom};
+#if STALEPROP_WITH_CUDA
+bool use_vendor() { return g_backend.load(std::memory_order_relaxed) == KernelBackend::Vendor; }
+#endif
+
 #if STALEPROP_WITH_CUDA
 // The stream's cudaStream_t, with the stream's device made current for this host thread:
 // kernels launch on the current device, which must be the stream's.
@@ -94,6 +102,9 @@ Conv2dShape conv_shape(const OpCheck& c, const Shape& x, const Shape& w, int str
 
 }  // namespace
 
+void set_kernel_backend(KernelBackend backend) { g_backend.store(backend); }
+KernelBackend kernel_backend() { return g_backend.load(); }
+
 void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b, float beta,
           const Tensor& c) {
   OpCheck chk("gemm", s);
@@ -113,8 +124,9 @@ void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, c
     return;
   }
 #if STALEPROP_WITH_CUDA
-  kcu::gemm(trans_a, trans_b, m, n, k, alpha, a.data<float>(), a.size(1), b.data<float>(), b.size(1), beta,
-            c.data<float>(), n, cuda_stream(s));
+  const auto run = use_vendor() ? kvd::gemm : kcu::gemm;
+  run(trans_a, trans_b, m, n, k, alpha, a.data<float>(), a.size(1), b.data<float>(), b.size(1), beta, c.data<float>(),
+      n, cuda_stream(s));
 #else
   chk.no_cuda_kernel();
 #endif
@@ -144,7 +156,8 @@ void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
     return;
   }
 #if STALEPROP_WITH_CUDA
-  kcu::conv2d_forward(sh, x.data<float>(), w.data<float>(), ptr_or_null<float>(bias), y.data<float>(), cuda_stream(s));
+  const auto run = use_vendor() ? kvd::conv2d_forward : kcu::conv2d_forward;
+  run(sh, x.data<float>(), w.data<float>(), ptr_or_null<float>(bias), y.data<float>(), cuda_stream(s));
 #else
   chk.no_cuda_kernel();
 #endif
@@ -163,7 +176,8 @@ void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Te
     return;
   }
 #if STALEPROP_WITH_CUDA
-  kcu::conv2d_backward_data(sh, dy.data<float>(), w.data<float>(), dx.data<float>(), cuda_stream(s));
+  const auto run = use_vendor() ? kvd::conv2d_backward_data : kcu::conv2d_backward_data;
+  run(sh, dy.data<float>(), w.data<float>(), dx.data<float>(), cuda_stream(s));
 #else
   chk.no_cuda_kernel();
 #endif
@@ -185,8 +199,8 @@ void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const 
     return;
   }
 #if STALEPROP_WITH_CUDA
-  kcu::conv2d_backward_weight(sh, x.data<float>(), dy.data<float>(), dw.data<float>(), ptr_or_null<float>(dbias),
-                              cuda_stream(s));
+  const auto run = use_vendor() ? kvd::conv2d_backward_weight : kcu::conv2d_backward_weight;
+  run(sh, x.data<float>(), dy.data<float>(), dw.data<float>(), ptr_or_null<float>(dbias), cuda_stream(s));
 #else
   chk.no_cuda_kernel();
 #endif

@@ -4,7 +4,8 @@
 //   CPU tensors  -> kernels/cpu (fp32), enqueued on the CPU stream (runs asynchronously;
 //                   call stream.synchronize() before reading results on the host)
 //   CUDA tensors -> kernels/cuda on the stream's cudaStream_t (ops without a CUDA kernel in
-//                   this build throw sp::NotSupportedError)
+//                   this build throw sp::NotSupportedError), or kernels/vendor for gemm and
+//                   convolutions when set_kernel_backend(KernelBackend::Vendor)
 //
 // Every op checks that its tensors live on the stream's device, have the expected dtype and
 // mutually consistent shapes, and throws sp::ShapeError naming the shapes involved otherwise.
@@ -22,6 +23,14 @@
 namespace sp::ops {
 
 using kernels::SgdParams;
+
+// ---- Kernel backend for CUDA tensors (process-wide; default Custom) --------------------------
+// Custom: our kernels (kernels/cuda). Vendor: the cuBLASLt / cuDNN baselines (kernels/vendor)
+// for gemm and the three convolutions; every other op stays on our kernels. CPU tensors always
+// use the CPU reference. Takes effect for ops issued after the call.
+enum class KernelBackend { Custom, Vendor };
+void set_kernel_backend(KernelBackend backend);
+KernelBackend kernel_backend();
 
 // C = alpha * op(A) * op(B) + beta * C for 2-D tensors (row-major).
 void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b, float beta,

@@ -22,6 +22,10 @@
 #include "kernels/cpu/parallel.h"
 #include "layers/resnet.h"
 
+#if STALEPROP_WITH_CUDA
+#include "kernels/vendor/vendor.h"
+#endif
+
 namespace sp::train {
 namespace {
 
@@ -129,15 +133,11 @@ void check_device_options(const TrainConfig& cfg, Device dev) {
            cfg.precision, "'");
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
            cfg.kernels, "'");
-  SP_CHECK(!(cfg.deterministic && cfg.kernels == "vendor"),
-           "--deterministic needs --kernels custom: vendor convolutions may choose non-deterministic algorithms");
   if (dev.is_cpu()) {
     SP_CHECK(cfg.precision == "fp32", "--precision bf16 needs a GPU (--device cuda); the CPU reference is fp32");
     SP_CHECK(cfg.kernels == "custom", "--kernels vendor selects cuBLAS/cuDNN and needs a GPU (--device cuda)");
   } else if (cfg.precision == "bf16") {
     throw NotSupportedError("--precision bf16: the bf16 GPU path is not built yet");
-  } else if (cfg.kernels == "vendor") {
-    throw NotSupportedError("--kernels vendor: the cuBLAS/cuDNN baselines are not built yet");
   }
 }
 
@@ -533,6 +533,13 @@ TrainResult run_pipelined(Run& run) {
 
 TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set) {
   check_device_options(cfg, Device::parse(cfg.device));
+  // Process-wide: gemm and convolutions on CUDA tensors go to cuBLASLt/cuDNN with --kernels
+  // vendor (check_device_options admits vendor only on a GPU, so only in a CUDA build).
+  const bool vendor = cfg.kernels == "vendor";
+  ops::set_kernel_backend(vendor ? ops::KernelBackend::Vendor : ops::KernelBackend::Custom);
+#if STALEPROP_WITH_CUDA
+  if (vendor) kernels::vendor::set_deterministic(cfg.deterministic);
+#endif
   SP_CHECK(cfg.epochs > 0 && cfg.batch_size > 0, "--epochs and --batch-size must be positive");
   SP_CHECK(cfg.split >= 1, "--split must be at least 1");
   SP_CHECK(train_set.size() > 0, "the training set is empty");

@@ -1,0 +1,446 @@
+// The vendor baselines (kernels/vendor: cuBLASLt GEMM, cuDNN convolutions) against the CPU
+// reference run in double and against our CUDA kernels, on CIFAR ResNet shapes and awkward
+// ones (C = 3, K = 10, batch 1, stride 2, 1x1 filters, odd sizes, GEMM 127/257 with every
+// transpose, padded and unaligned operands).
+//
+//   * Accuracy: relative Frobenius error ||out - ref|| / ||ref|| <= 1e-5 against double, for
+//     both the vendor and the custom result. This needs full fp32 in the libraries: the
+//     baselines use CUBLAS_COMPUTE_32F and CUDNN_FMA_MATH (TF32 would miss 1e-5 by ~100x).
+//   * Every output buffer starts as NaN (bytes 0xFF), so an unwritten element, or a beta == 0
+//     that reads C, fails the comparison.
+//   * Deterministic mode (vendor::set_deterministic) gives bit-identical repeated runs.
+//   * ops::set_kernel_backend routes CUDA gemm/convolutions to the vendor baselines (bit-identical
+//     to calling them directly) and leaves CPU tensors on the CPU reference.
+// Without a GPU (or in a CPU-only build) the GPU tests skip and say why.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "engine/device.h"
+#include "engine/ops.h"
+#include "engine/stream.h"
+#include "engine/tensor.h"
+#include "kernels/cpu/ops.h"
+
+#if STALEPROP_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "kernels/common/cuda_check.h"
+#include "kernels/cuda/ops.h"
+#include "kernels/vendor/vendor.h"
+#endif
+
+using namespace sp;
+namespace kc = sp::kernels::cpu;
+using kernels::Conv2dShape;
+
+namespace {
+
+std::vector<float> random_vector(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+std::vector<double> to_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+template <typename Ref>
+double rel_error(const std::vector<float>& got, const std::vector<Ref>& ref) {
+  EXPECT_EQ(got.size(), ref.size());
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < got.size() && i < ref.size(); ++i) {
+    const double d = double(got[i]) - double(ref[i]);
+    num += d * d;
+    den += double(ref[i]) * double(ref[i]);
+  }
+  return std::sqrt(num) / (den > 0.0 ? std::sqrt(den) : 1.0);
+}
+
+bool bits_equal(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+Tensor host_tensor(const Shape& shape, uint32_t seed) {
+  Tensor t = Tensor::empty(shape, DType::F32);
+  const std::vector<float> v = random_vector(size_t(t.numel()), seed);
+  std::memcpy(t.data<float>(), v.data(), v.size() * sizeof(float));
+  return t;
+}
+
+std::vector<float> host_values(const Tensor& t) { return {t.data<float>(), t.data<float>() + t.numel()}; }
+
+// Restores the process-wide backend whatever the test does.
+struct BackendGuard {
+  ~BackendGuard() { ops::set_kernel_backend(ops::KernelBackend::Custom); }
+};
+
+}  // namespace
+
+// Runs everywhere: the switch itself, and CPU tensors staying on the CPU reference.
+TEST(VendorBackend, SwitchLeavesCpuTensorsOnTheReference) {
+  BackendGuard guard;
+  EXPECT_EQ(ops::kernel_backend(), ops::KernelBackend::Custom);
+  auto hs = make_stream(Device::cpu());
+  const Tensor a = host_tensor({13, 7}, 1), b = host_tensor({7, 9}, 2);
+  Tensor c_custom = Tensor::empty({13, 9}, DType::F32), c_vendor = Tensor::empty({13, 9}, DType::F32);
+  ops::gemm(*hs, false, false, 1.f, a, b, 0.f, c_custom);
+  ops::set_kernel_backend(ops::KernelBackend::Vendor);
+  EXPECT_EQ(ops::kernel_backend(), ops::KernelBackend::Vendor);
+  ops::gemm(*hs, false, false, 1.f, a, b, 0.f, c_vendor);
+  const Tensor x = host_tensor({2, 5, 5, 3}, 3), w = host_tensor({4, 3, 3, 3}, 4);
+  Tensor y = Tensor::empty(ops::conv2d_output_shape(x.shape(), w.shape(), 1, 1), DType::F32);
+  ops::conv2d_forward(*hs, x, w, Tensor(), y, 1, 1);
+  hs->synchronize();
+  EXPECT_TRUE(bits_equal(host_values(c_custom), host_values(c_vendor)));
+  Conv2dShape sh;
+  sh.n = 2, sh.h = 5, sh.w = 5, sh.c = 3, sh.k = 4, sh.r = 3, sh.s = 3, sh.stride = 1, sh.pad = 1;
+  std::vector<float> want(size_t(sh.y_size()));
+  kc::conv2d_forward<float>(sh, x.data<float>(), w.data<float>(), nullptr, want.data());
+  EXPECT_TRUE(bits_equal(host_values(y), want));
+  ops::set_kernel_backend(ops::KernelBackend::Custom);
+  EXPECT_EQ(ops::kernel_backend(), ops::KernelBackend::Custom);
+}
+
+#if !STALEPROP_WITH_CUDA
+
+TEST(VendorOps, RequiresCudaBuild) { GTEST_SKIP() << "no CUDA device: this build has no CUDA backend"; }
+
+#else
+
+namespace kcu = sp::kernels::cuda;
+namespace kvd = sp::kernels::vendor;
+
+namespace {
+
+constexpr double kTol = 1e-5;
+
+// A cudaMalloc'ed float array, NaN (0xFF bytes) on creation; never a null pointer.
+class DeviceArray {
+ public:
+  explicit DeviceArray(size_t n) : n_(n) {
+    SP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), std::max<size_t>(n, 1) * sizeof(float)));
+    poison();
+  }
+  explicit DeviceArray(const std::vector<float>& host) : DeviceArray(host.size()) { upload(host); }
+  ~DeviceArray() { cudaFree(p_); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  float* get() const { return p_; }
+  void poison() { SP_CUDA_CHECK(cudaMemset(p_, 0xFF, n_ * sizeof(float))); }
+  void upload(const std::vector<float>& host) {
+    SP_CUDA_CHECK(cudaMemcpy(p_, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+  std::vector<float> download() const {
+    SP_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<float> host(n_);
+    SP_CUDA_CHECK(cudaMemcpy(host.data(), p_, n_ * sizeof(float), cudaMemcpyDeviceToHost));
+    return host;
+  }
+
+ private:
+  size_t n_;
+  float* p_ = nullptr;
+};
+
+void sync_and_check() {
+  SP_CUDA_CHECK(cudaDeviceSynchronize());
+  SP_CUDA_CHECK(cudaGetLastError());
+}
+
+struct DeterministicGuard {
+  explicit DeterministicGuard(bool on) { kvd::set_deterministic(on); }
+  ~DeterministicGuard() { kvd::set_deterministic(false); }
+};
+
+class VendorOps : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: cuBLASLt and cuDNN need a GPU to run";
+    SP_CUDA_CHECK(cudaStreamCreate(&stream_));
+  }
+  void TearDown() override {
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+  cudaStream_t stream_ = nullptr;
+};
+
+std::string conv_str(const Conv2dShape& s) {
+  return "conv n" + std::to_string(s.n) + " " + std::to_string(s.h) + "x" + std::to_string(s.w) + "x" +
+         std::to_string(s.c) + " k" + std::to_string(s.k) + " " + std::to_string(s.r) + "x" + std::to_string(s.s) +
+         " stride " + std::to_string(s.stride) + " pad " + std::to_string(s.pad);
+}
+
+Conv2dShape conv(int n, int h, int w, int c, int k, int r, int s, int stride, int pad) {
+  Conv2dShape sh;
+  sh.n = n, sh.h = h, sh.w = w, sh.c = c, sh.k = k, sh.r = r, sh.s = s, sh.stride = stride, sh.pad = pad;
+  return sh;
+}
+
+// ---- GEMM --------------------------------------------------------------------------------
+
+using GemmFn = void (*)(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,
+                        float, float*, int64_t, cudaStream_t);
+
+// One GEMM through `fn`, checked against double; pad adds to every leading dimension, and C's
+// padding columns must come back untouched. Returns the M x ldc result.
+std::vector<float> check_gemm(GemmFn fn, const char* name, cudaStream_t stream, int64_t m, int64_t n, int64_t k,
+                              bool ta, bool tb, float alpha, float beta, int64_t pad, uint32_t seed) {
+  const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+  const int64_t lda = a_cols + pad, ldb = b_cols + pad, ldc = n + pad;
+  const std::vector<float> a = random_vector(size_t(a_rows * lda), seed), b = random_vector(size_t(b_rows * ldb), seed + 1);
+  const std::vector<float> c = random_vector(size_t(m * ldc), seed + 2);
+  DeviceArray da(a), db(b), dc(c.size());
+  if (beta != 0.f) dc.upload(c);  // beta == 0: C stays NaN and must not leak into the result
+  fn(ta, tb, m, n, k, alpha, da.get(), lda, db.get(), ldb, beta, dc.get(), ldc, stream);
+  sync_and_check();
+  const std::vector<float> got = dc.download();
+  std::vector<double> ref = to_double(c);
+  kc::gemm<double>(ta, tb, m, n, k, alpha, to_double(a).data(), lda, to_double(b).data(), ldb, beta, ref.data(), ldc);
+  std::vector<float> core;
+  std::vector<double> ref_core;
+  const std::string what = std::string(name) + " gemm " + std::to_string(m) + "x" + std::to_string(n) + "x" +
+                           std::to_string(k) + (ta ? " A^T" : "") + (tb ? " B^T" : "") + " beta " +
+                           std::to_string(beta) + " pad " + std::to_string(pad);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < ldc; ++j) {
+      const size_t idx = size_t(i * ldc + j);
+      if (j < n) {
+        core.push_back(got[idx]);
+        ref_core.push_back(ref[idx]);
+      } else if (beta == 0.f) {
+        EXPECT_TRUE(std::isnan(got[idx])) << what << ": wrote outside the M x N block";
+      } else {
+        EXPECT_EQ(got[idx], c[idx]) << what << ": wrote outside the M x N block";
+      }
+    }
+  EXPECT_LE(rel_error(core, ref_core), kTol) << what;
+  return got;
+}
+
+TEST_F(VendorOps, GemmMatchesReferenceAndCustomOnAwkwardShapes) {
+  struct Case {
+    int64_t m, n, k;
+  };
+  const Case cases[] = {{1, 1, 1},     {1, 127, 257}, {257, 1, 127}, {127, 257, 1},   {127, 127, 127},
+                        {257, 257, 257}, {513, 33, 77}, {10, 64, 4099}, {144, 16, 8192}};
+  uint32_t seed = 500;
+  for (const Case& g : cases)
+    for (int t = 0; t < 4; ++t) {
+      const bool ta = t & 1, tb = t & 2;
+      seed += 3;
+      // Tight leading dimensions: vendor and custom also agree with each other.
+      const auto v = check_gemm(kvd::gemm, "vendor", stream_, g.m, g.n, g.k, ta, tb, 1.f, 0.f, 0, seed);
+      const auto c = check_gemm(kcu::gemm, "custom", stream_, g.m, g.n, g.k, ta, tb, 1.f, 0.f, 0, seed);
+      EXPECT_LE(rel_error(v, c), 2 * kTol) << "vendor vs custom " << g.m << "x" << g.n << "x" << g.k;
+      // Padded (unaligned) leading dimensions, over a NaN C and with alpha/beta.
+      check_gemm(kvd::gemm, "vendor", stream_, g.m, g.n, g.k, ta, tb, 1.f, 0.f, 5, seed += 3);
+      check_gemm(kvd::gemm, "vendor", stream_, g.m, g.n, g.k, ta, tb, 0.5f, -1.5f, ta ? 0 : 3, seed += 3);
+    }
+}
+
+TEST_F(VendorOps, GemmDegenerateAlphaAndK) {
+  // alpha == 0 or K == 0: C = beta * C without reading A or B (null here); padding untouched.
+  const std::vector<float> c = random_vector(5 * 9, 7);
+  DeviceArray dc(c);
+  kvd::gemm(false, false, 5, 7, 3, 0.f, nullptr, 3, nullptr, 7, 2.f, dc.get(), 9, stream_);
+  sync_and_check();
+  std::vector<float> want(c);
+  for (size_t i = 0; i < want.size(); ++i)
+    if (i % 9 < 7) want[i] *= 2.f;
+  EXPECT_TRUE(bits_equal(dc.download(), want)) << "alpha == 0, beta == 2";
+  kvd::gemm(false, false, 5, 7, 0, 1.f, nullptr, 1, nullptr, 7, 0.f, dc.get(), 9, stream_);
+  sync_and_check();
+  for (size_t i = 0; i < want.size(); ++i)
+    if (i % 9 < 7) want[i] = 0.f;
+  EXPECT_TRUE(bits_equal(dc.download(), want)) << "K == 0, beta == 0";
+}
+
+TEST_F(VendorOps, GemmUnalignedPointers) {
+  // Operands one float into their allocation: the heuristic must be told the alignment.
+  const int64_t m = 70, n = 90, k = 50;
+  const std::vector<float> a = random_vector(size_t(m * k), 31), b = random_vector(size_t(k * n), 32);
+  DeviceArray da(a.size() + 1), db(b.size() + 1), dc(size_t(m * n) + 1);
+  SP_CUDA_CHECK(cudaMemcpy(da.get() + 1, a.data(), a.size() * sizeof(float), cudaMemcpyHostToDevice));
+  SP_CUDA_CHECK(cudaMemcpy(db.get() + 1, b.data(), b.size() * sizeof(float), cudaMemcpyHostToDevice));
+  kvd::gemm(false, false, m, n, k, 1.f, da.get() + 1, k, db.get() + 1, n, 0.f, dc.get() + 1, n, stream_);
+  sync_and_check();
+  std::vector<float> got = dc.download();
+  got.erase(got.begin());
+  std::vector<double> ref(size_t(m * n));
+  kc::gemm<double>(false, false, m, n, k, 1.f, to_double(a).data(), k, to_double(b).data(), n, 0.f, ref.data(), n);
+  EXPECT_LE(rel_error(got, ref), kTol);
+}
+
+// ---- Convolutions ------------------------------------------------------------------------
+
+const Conv2dShape kConvCases[] = {
+    conv(16, 32, 32, 16, 16, 3, 3, 1, 1),  // ResNet stage 1
+    conv(16, 32, 32, 16, 32, 3, 3, 2, 1),  // stage 1 -> 2 downsampling
+    conv(16, 16, 16, 32, 64, 3, 3, 2, 1),  // stage 2 -> 3
+    conv(8, 8, 8, 64, 64, 3, 3, 1, 1),     // stage 3
+    conv(8, 32, 32, 3, 16, 3, 3, 1, 1),    // the stem: C = 3
+    conv(4, 16, 16, 16, 32, 1, 1, 2, 0),   // 1x1 projection, stride 2
+    conv(1, 7, 5, 3, 10, 3, 3, 2, 1),      // batch 1, odd sizes, K = 10
+    conv(2, 11, 13, 5, 10, 5, 3, 1, 2),    // non-square filter
+    conv(3, 9, 9, 7, 10, 3, 3, 3, 0),      // stride 3, no padding
+};
+
+struct ConvResults {
+  std::vector<float> y, dx, dw, db;
+};
+
+// Runs the three convolution ops through one implementation, outputs poisoned with NaN first.
+template <typename Fwd, typename BwdData, typename BwdWeight>
+ConvResults run_conv(const Conv2dShape& sh, Fwd fwd, BwdData bwd_data, BwdWeight bwd_weight,
+                     const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& bias,
+                     const std::vector<float>& dy, cudaStream_t stream) {
+  DeviceArray dx_in(x), dw_in(w), dbias_in(bias), ddy(dy);
+  DeviceArray y(size_t(sh.y_size())), dx(size_t(sh.x_size())), dw(size_t(sh.w_size())), db(size_t(sh.k));
+  fwd(sh, dx_in.get(), dw_in.get(), dbias_in.get(), y.get(), stream);
+  sync_and_check();
+  bwd_data(sh, ddy.get(), dw_in.get(), dx.get(), stream);
+  sync_and_check();
+  bwd_weight(sh, dx_in.get(), ddy.get(), dw.get(), db.get(), stream);
+  sync_and_check();
+  return {y.download(), dx.download(), dw.download(), db.download()};
+}
+
+ConvResults run_vendor(const Conv2dShape& sh, const std::vector<float>& x, const std::vector<float>& w,
+                       const std::vector<float>& b, const std::vector<float>& dy, cudaStream_t stream) {
+  return run_conv(sh, kvd::conv2d_forward, kvd::conv2d_backward_data, kvd::conv2d_backward_weight, x, w, b, dy,
+                  stream);
+}
+
+TEST_F(VendorOps, ConvolutionsMatchReferenceAndCustom) {
+  uint32_t seed = 900;
+  for (const Conv2dShape& sh : kConvCases) {
+    const std::string what = conv_str(sh);
+    const std::vector<float> x = random_vector(size_t(sh.x_size()), seed++), w = random_vector(size_t(sh.w_size()), seed++);
+    const std::vector<float> b = random_vector(size_t(sh.k), seed++), dy = random_vector(size_t(sh.y_size()), seed++);
+    const ConvResults v = run_vendor(sh, x, w, b, dy, stream_);
+    const ConvResults c = run_conv(sh, kcu::conv2d_forward, kcu::conv2d_backward_data, kcu::conv2d_backward_weight, x,
+                                   w, b, dy, stream_);
+
+    std::vector<double> y(size_t(sh.y_size())), dx(size_t(sh.x_size())), dw(size_t(sh.w_size())), db(size_t(sh.k));
+    const std::vector<double> xd = to_double(x), wd = to_double(w), bd = to_double(b), dyd = to_double(dy);
+    kc::conv2d_forward<double>(sh, xd.data(), wd.data(), bd.data(), y.data());
+    kc::conv2d_backward_data<double>(sh, dyd.data(), wd.data(), dx.data());
+    kc::conv2d_backward_weight<double>(sh, xd.data(), dyd.data(), dw.data(), db.data());
+
+    EXPECT_LE(rel_error(v.y, y), kTol) << "vendor forward " << what;
+    EXPECT_LE(rel_error(v.dx, dx), kTol) << "vendor backward data " << what;
+    EXPECT_LE(rel_error(v.dw, dw), kTol) << "vendor backward weight " << what;
+    EXPECT_LE(rel_error(v.db, db), kTol) << "vendor bias gradient " << what;
+    EXPECT_LE(rel_error(c.y, y), kTol) << "custom forward " << what;
+    EXPECT_LE(rel_error(c.dx, dx), kTol) << "custom backward data " << what;
+    EXPECT_LE(rel_error(c.dw, dw), kTol) << "custom backward weight " << what;
+    EXPECT_LE(rel_error(v.y, c.y), 2 * kTol) << "vendor vs custom forward " << what;
+    EXPECT_LE(rel_error(v.dw, c.dw), 2 * kTol) << "vendor vs custom backward weight " << what;
+  }
+}
+
+TEST_F(VendorOps, ConvolutionWithoutBias) {
+  const Conv2dShape sh = conv(2, 9, 9, 8, 12, 3, 3, 2, 1);
+  const std::vector<float> x = random_vector(size_t(sh.x_size()), 71), w = random_vector(size_t(sh.w_size()), 72);
+  const std::vector<float> dy = random_vector(size_t(sh.y_size()), 73);
+  DeviceArray dx_in(x), dw_in(w), ddy(dy), y(size_t(sh.y_size())), dw(size_t(sh.w_size()));
+  kvd::conv2d_forward(sh, dx_in.get(), dw_in.get(), nullptr, y.get(), stream_);
+  kvd::conv2d_backward_weight(sh, dx_in.get(), ddy.get(), dw.get(), nullptr, stream_);
+  sync_and_check();
+  std::vector<double> yr(size_t(sh.y_size())), dwr(size_t(sh.w_size()));
+  const std::vector<double> xd = to_double(x), wd = to_double(w), dyd = to_double(dy);
+  kc::conv2d_forward<double>(sh, xd.data(), wd.data(), nullptr, yr.data());
+  kc::conv2d_backward_weight<double>(sh, xd.data(), dyd.data(), dwr.data(), nullptr);
+  EXPECT_LE(rel_error(y.download(), yr), kTol);
+  EXPECT_LE(rel_error(dw.download(), dwr), kTol);
+}
+
+// ---- Determinism -------------------------------------------------------------------------
+
+TEST_F(VendorOps, DeterministicModeIsBitReproducible) {
+  DeterministicGuard det(true);
+  EXPECT_TRUE(kvd::deterministic());
+  for (const Conv2dShape& sh : {kConvCases[0], kConvCases[2], kConvCases[6]}) {
+    const std::vector<float> x = random_vector(size_t(sh.x_size()), 11), w = random_vector(size_t(sh.w_size()), 12);
+    const std::vector<float> b = random_vector(size_t(sh.k), 13), dy = random_vector(size_t(sh.y_size()), 14);
+    const ConvResults r1 = run_vendor(sh, x, w, b, dy, stream_);
+    const ConvResults r2 = run_vendor(sh, x, w, b, dy, stream_);
+    const std::string what = conv_str(sh);
+    EXPECT_TRUE(bits_equal(r1.y, r2.y)) << "forward " << what;
+    EXPECT_TRUE(bits_equal(r1.dx, r2.dx)) << "backward data " << what;
+    EXPECT_TRUE(bits_equal(r1.dw, r2.dw)) << "backward weight " << what;
+    EXPECT_TRUE(bits_equal(r1.db, r2.db)) << "bias gradient " << what;
+  }
+  const auto g1 = check_gemm(kvd::gemm, "vendor", stream_, 144, 16, 8192, true, false, 1.f, 0.f, 0, 21);
+  const auto g2 = check_gemm(kvd::gemm, "vendor", stream_, 144, 16, 8192, true, false, 1.f, 0.f, 0, 21);
+  EXPECT_TRUE(bits_equal(g1, g2)) << "gemm";
+}
+
+// ---- The engine-level switch ---------------------------------------------------------------
+
+TEST_F(VendorOps, EngineSwitchRoutesCudaOps) {
+  BackendGuard guard;
+  auto cs = make_stream(Device::cuda(0));
+  const Device gpu = Device::cuda(0);
+  auto to_gpu = [&](const Tensor& t) {
+    Tensor d = Tensor::empty(t.shape(), t.dtype(), gpu);
+    ops::copy(*cs, t, d);
+    return d;
+  };
+  auto values = [&](const Tensor& d) {
+    Tensor t = Tensor::empty(d.shape(), d.dtype());
+    ops::copy(*cs, d, t);
+    cs->synchronize();
+    return host_values(t);
+  };
+  auto stream = [&] { return static_cast<cudaStream_t>(cs->native_handle()); };
+
+  // GEMM with a long K, where the two implementations almost surely round differently, so each
+  // backend's result identifies the implementation that produced it.
+  const Tensor a = to_gpu(host_tensor({10, 4099}, 41)), b = to_gpu(host_tensor({4099, 64}, 42));
+  Tensor c = Tensor::empty({10, 64}, DType::F32, gpu);
+  DeviceArray direct_v(640), direct_c(640);
+  kvd::gemm(false, false, 10, 64, 4099, 1.f, a.data<float>(), 4099, b.data<float>(), 64, 0.f, direct_v.get(), 64,
+            stream());
+  kcu::gemm(false, false, 10, 64, 4099, 1.f, a.data<float>(), 4099, b.data<float>(), 64, 0.f, direct_c.get(), 64,
+            stream());
+  ops::set_kernel_backend(ops::KernelBackend::Vendor);
+  ops::gemm(*cs, false, false, 1.f, a, b, 0.f, c);
+  const std::vector<float> via_vendor = values(c);
+  ops::set_kernel_backend(ops::KernelBackend::Custom);
+  ops::gemm(*cs, false, false, 1.f, a, b, 0.f, c);
+  const std::vector<float> via_custom = values(c);
+  EXPECT_TRUE(bits_equal(via_vendor, direct_v.download())) << "Vendor backend: gemm is cuBLASLt's";
+  EXPECT_TRUE(bits_equal(via_custom, direct_c.download())) << "Custom backend: gemm is ours";
+
+  // The three convolution ops.
+  const Conv2dShape sh = conv(4, 16, 16, 16, 32, 3, 3, 2, 1);
+  const Tensor x = to_gpu(host_tensor({4, 16, 16, 16}, 43)), w = to_gpu(host_tensor({32, 3, 3, 16}, 44));
+  const Tensor bias = to_gpu(host_tensor({32}, 45)), dy = to_gpu(host_tensor({4, 8, 8, 32}, 46));
+  Tensor y = Tensor::empty({4, 8, 8, 32}, DType::F32, gpu), dx = Tensor::empty(x.shape(), DType::F32, gpu);
+  Tensor dw = Tensor::empty(w.shape(), DType::F32, gpu), db = Tensor::empty({32}, DType::F32, gpu);
+  ops::set_kernel_backend(ops::KernelBackend::Vendor);
+  ops::conv2d_forward(*cs, x, w, bias, y, 2, 1);
+  ops::conv2d_backward_data(*cs, dy, w, dx, 2, 1);
+  ops::conv2d_backward_weight(*cs, x, dy, dw, db, 2, 1);
+  const std::vector<float> ey = values(y), edx = values(dx), edw = values(dw), edb = values(db);
+  DeviceArray vy(size_t(sh.y_size())), vdx(size_t(sh.x_size())), vdw(size_t(sh.w_size())), vdb(32);
+  kvd::conv2d_forward(sh, x.data<float>(), w.data<float>(), bias.data<float>(), vy.get(), stream());
+  kvd::conv2d_backward_data(sh, dy.data<float>(), w.data<float>(), vdx.get(), stream());
+  kvd::conv2d_backward_weight(sh, x.data<float>(), dy.data<float>(), vdw.get(), vdb.get(), stream());
+  EXPECT_TRUE(bits_equal(ey, vy.download())) << "conv2d_forward";
+  EXPECT_TRUE(bits_equal(edx, vdx.download())) << "conv2d_backward_data";
+  EXPECT_TRUE(bits_equal(edw, vdw.download())) << "conv2d_backward_weight";
+  EXPECT_TRUE(bits_equal(edb, vdb.download())) << "bias gradient";
+}
+
+}  // namespace
+
+#endif  // STALEPROP_WITH_CUDA
