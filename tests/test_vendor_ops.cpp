@@ -49,8 +49,6 @@ std::vector<float> random_vector(size_t n, uint32_t seed) {
   return v;
 }
 
-std::vector<double> to_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
-
 template <typename Ref>
 double rel_error(const std::vector<float>& got, const std::vector<Ref>& ref) {
   EXPECT_EQ(got.size(), ref.size());
@@ -116,6 +114,10 @@ TEST(VendorOps, RequiresCudaBuild) { GTEST_SKIP() << "no CUDA device: this build
 
 namespace kcu = sp::kernels::cuda;
 namespace kvd = sp::kernels::vendor;
+
+namespace {
+std::vector<double> to_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+}  // namespace
 
 namespace {
 
