@@ -249,6 +249,9 @@ struct Run {
                  const std::function<StepStats()>& eval, const std::string& extra = "",
                  const std::string& extra_json = "") {
     EpochResult er{epoch + 1, train.mean_loss(), train.accuracy(), NAN, NAN, double(images) / train_secs, 0};
+    // Peak memory of the device's caching allocator during the epoch's training (the caller
+    // resets the peak when the epoch starts): tensors in use, and blocks held from the backend.
+    const AllocatorStats mem = device_allocator(device).stats();
     if (test_set.size() > 0) {
       const StepStats t = eval();
       er.test_loss = t.mean_loss();
@@ -256,10 +259,8 @@ struct Run {
     }
     er.elapsed_s = seconds_since(start);
     result.epochs.push_back(er);
-    // Peak memory of the device's caching allocator: tensors in use, and held from the backend.
-    const AllocatorStats mem = device_allocator(device).stats();
     if (!progress.quiet())
-      std::printf("epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s%s | peak mem "
+      std::printf("epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s%s | train peak mem "
                   "%.0f MiB | %s elapsed\n",
                   epoch + 1, cfg.epochs, er.train_loss, 100 * er.train_acc, er.test_loss, 100 * er.test_acc,
                   er.images_per_s, extra.c_str(), double(mem.peak_allocated_bytes) / (1 << 20),
@@ -289,6 +290,7 @@ TrainResult run_backprop(Run& run) {
   run.banner("standard backprop");
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
+    device_allocator(run.device).reset_peak();  // the epoch's training peak, evaluation excluded
     StepStats epoch_stats;
     int64_t epoch_images = 0;
     const int64_t first_index = step % spe;
@@ -471,6 +473,7 @@ TrainResult run_pipelined(Run& run) {
 
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
+    device_allocator(run.device).reset_peak();  // the epoch's training peak, evaluation excluded
     int64_t fed = 0, images = 0;
     const PipelineTrainer::BatchSource source = [&](Tensor* x, Tensor* y) {
       if (fed == spe) return false;
@@ -501,8 +504,9 @@ TrainResult run_pipelined(Run& run) {
     }
     busy_json += "],\"ticks\":" + std::to_string(st.ticks) + ",\"activation_bytes\":" +
                  std::to_string(st.peak_saved_bytes);
-    const std::string extra = " | busy " + busy + " | activations " +
-                              json_number(double(st.peak_saved_bytes) / (1 << 20)) + " MiB";
+    char activations[48];
+    std::snprintf(activations, sizeof activations, " | activations %.0f MiB", double(st.peak_saved_bytes) / (1 << 20));
+    const std::string extra = " | busy " + busy + activations;
     run.end_epoch(epoch, step, st.train, seconds_since(epoch_start), images,
                   [&] {
                     data::LoaderOptions lo;
