@@ -34,6 +34,7 @@
 #include "kernels/common/cuda_check.h"
 #include "kernels/cuda/ops.h"
 #endif
+#include "tests/gpu_testing.h"
 
 using namespace sp;
 namespace kc = sp::kernels::cpu;
@@ -45,36 +46,12 @@ TEST(CudaOps, RequiresCudaBuild) { GTEST_SKIP() << "no CUDA device: this build h
 #else
 
 namespace kcu = sp::kernels::cuda;
+using namespace sp::test;
 using kernels::Conv2dShape;
 using kernels::Pool2dShape;
 using kernels::ShortcutAShape;
 
 namespace {
-
-constexpr double kTol = 1e-5;  // relative Frobenius error of fp32 results against double
-
-// ---- Host data ---------------------------------------------------------------------------
-std::vector<float> random_vector(size_t n, uint32_t seed, float lo = -1.f, float hi = 1.f) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = u(rng);
-  return v;
-}
-
-std::vector<double> to_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
-
-// ||got - ref|| / ||ref|| (the absolute error when ref is zero); NaN when got has a NaN.
-double rel_error(const std::vector<float>& got, const std::vector<double>& ref) {
-  EXPECT_EQ(got.size(), ref.size());
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < got.size() && i < ref.size(); ++i) {
-    const double d = double(got[i]) - ref[i];
-    num += d * d;
-    den += ref[i] * ref[i];
-  }
-  return std::sqrt(num) / (den > 0.0 ? std::sqrt(den) : 1.0);
-}
 
 template <typename T>
 void expect_bits_equal(const std::vector<T>& got, const std::vector<T>& ref, const std::string& what) {
@@ -87,63 +64,7 @@ void expect_bits_equal(const std::vector<T>& got, const std::vector<T>& ref, con
     }
 }
 
-// ---- Device data -------------------------------------------------------------------------
-// A cudaMalloc'ed array, filled with 0xFF bytes (NaN as floats) on creation. An empty array
-// still gets a (one-element) allocation, so that get() is a valid device pointer.
-template <typename T>
-class DeviceArray {
- public:
-  explicit DeviceArray(size_t n) : n_(n) {
-    SP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), std::max(bytes(), sizeof(T))));
-    poison();
-  }
-  explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) { upload(host); }
-  ~DeviceArray() { cudaFree(p_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-
-  T* get() const { return p_; }
-  void poison() { SP_CUDA_CHECK(cudaMemset(p_, 0xFF, bytes())); }
-  void upload(const std::vector<T>& host) {
-    ASSERT_EQ(host.size(), n_);
-    SP_CUDA_CHECK(cudaMemcpy(p_, host.data(), bytes(), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    SP_CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<T> host(n_);
-    SP_CUDA_CHECK(cudaMemcpy(host.data(), p_, bytes(), cudaMemcpyDeviceToHost));
-    return host;
-  }
-
- private:
-  size_t bytes() const { return n_ * sizeof(T); }
-  size_t n_;
-  T* p_ = nullptr;
-};
-
-// After every op: the kernels ran to completion without a (sticky or launch) error.
-void sync_and_check() {
-  SP_CUDA_CHECK(cudaDeviceSynchronize());
-  SP_CUDA_CHECK(cudaGetLastError());
-}
-
-class CudaOps : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: the CUDA kernels need a GPU to run";
-    SP_CUDA_CHECK(cudaStreamCreate(&stream_));
-  }
-  void TearDown() override {
-    if (stream_) cudaStreamDestroy(stream_);
-  }
-  cudaStream_t stream_ = nullptr;
-};
-
-std::string conv_str(const Conv2dShape& s) {
-  return "conv n" + std::to_string(s.n) + " " + std::to_string(s.h) + "x" + std::to_string(s.w) + "x" +
-         std::to_string(s.c) + " k" + std::to_string(s.k) + " " + std::to_string(s.r) + "x" + std::to_string(s.s) +
-         " stride " + std::to_string(s.stride) + " pad " + std::to_string(s.pad);
-}
+using CudaOps = GpuTest;
 
 // ---- GEMM --------------------------------------------------------------------------------
 
@@ -638,7 +559,7 @@ void check_softmax_xent(cudaStream_t stream, int64_t n, int64_t classes, float s
   std::vector<float> fdl(logits.size());
   kc::softmax_cross_entropy<float>(n, classes, logits.data(), labels.data(), smoothing, &floss, fdl.data(), &fcorrect);
   EXPECT_EQ(rcorrect, fcorrect);
-  EXPECT_LE(rel_error(dloss.download(), {rloss}), kTol) << what << " loss";
+  EXPECT_LE(rel_error(dloss.download(), std::vector<double>{rloss}), kTol) << what << " loss";
   EXPECT_LE(rel_error(ddl.download(), rdl), kTol) << what << " dlogits";
   EXPECT_EQ(dcorrect.download()[0], fcorrect) << what << " correct";
 }

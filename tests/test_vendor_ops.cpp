@@ -34,32 +34,14 @@
 #include "kernels/cuda/ops.h"
 #include "kernels/vendor/vendor.h"
 #endif
+#include "tests/gpu_testing.h"
 
 using namespace sp;
 namespace kc = sp::kernels::cpu;
 using kernels::Conv2dShape;
+using namespace sp::test;
 
 namespace {
-
-std::vector<float> random_vector(size_t n, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> u(-1.f, 1.f);
-  std::vector<float> v(n);
-  for (float& x : v) x = u(rng);
-  return v;
-}
-
-template <typename Ref>
-double rel_error(const std::vector<float>& got, const std::vector<Ref>& ref) {
-  EXPECT_EQ(got.size(), ref.size());
-  double num = 0.0, den = 0.0;
-  for (size_t i = 0; i < got.size() && i < ref.size(); ++i) {
-    const double d = double(got[i]) - double(ref[i]);
-    num += d * d;
-    den += double(ref[i]) * double(ref[i]);
-  }
-  return std::sqrt(num) / (den > 0.0 ? std::sqrt(den) : 1.0);
-}
 
 bool bits_equal(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
@@ -115,69 +97,18 @@ TEST(VendorOps, RequiresCudaBuild) { GTEST_SKIP() << "no CUDA device: this build
 namespace kcu = sp::kernels::cuda;
 namespace kvd = sp::kernels::vendor;
 
-namespace {
-std::vector<double> to_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
-}  // namespace
+
 
 namespace {
 
 constexpr double kTol = 1e-5;
-
-// A cudaMalloc'ed float array, NaN (0xFF bytes) on creation; never a null pointer.
-class DeviceArray {
- public:
-  explicit DeviceArray(size_t n) : n_(n) {
-    SP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), std::max<size_t>(n, 1) * sizeof(float)));
-    poison();
-  }
-  explicit DeviceArray(const std::vector<float>& host) : DeviceArray(host.size()) { upload(host); }
-  ~DeviceArray() { cudaFree(p_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  float* get() const { return p_; }
-  void poison() { SP_CUDA_CHECK(cudaMemset(p_, 0xFF, n_ * sizeof(float))); }
-  void upload(const std::vector<float>& host) {
-    SP_CUDA_CHECK(cudaMemcpy(p_, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
-  }
-  std::vector<float> download() const {
-    SP_CUDA_CHECK(cudaDeviceSynchronize());
-    std::vector<float> host(n_);
-    SP_CUDA_CHECK(cudaMemcpy(host.data(), p_, n_ * sizeof(float), cudaMemcpyDeviceToHost));
-    return host;
-  }
-
- private:
-  size_t n_;
-  float* p_ = nullptr;
-};
-
-void sync_and_check() {
-  SP_CUDA_CHECK(cudaDeviceSynchronize());
-  SP_CUDA_CHECK(cudaGetLastError());
-}
 
 struct DeterministicGuard {
   explicit DeterministicGuard(bool on) { kvd::set_deterministic(on); }
   ~DeterministicGuard() { kvd::set_deterministic(false); }
 };
 
-class VendorOps : public ::testing::Test {
- protected:
-  void SetUp() override {
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: cuBLASLt and cuDNN need a GPU to run";
-    SP_CUDA_CHECK(cudaStreamCreate(&stream_));
-  }
-  void TearDown() override {
-    if (stream_) cudaStreamDestroy(stream_);
-  }
-  cudaStream_t stream_ = nullptr;
-};
-
-std::string conv_str(const Conv2dShape& s) {
-  return "conv n" + std::to_string(s.n) + " " + std::to_string(s.h) + "x" + std::to_string(s.w) + "x" +
-         std::to_string(s.c) + " k" + std::to_string(s.k) + " " + std::to_string(s.r) + "x" + std::to_string(s.s) +
-         " stride " + std::to_string(s.stride) + " pad " + std::to_string(s.pad);
-}
+using VendorOps = GpuTest;
 
 Conv2dShape conv(int n, int h, int w, int c, int k, int r, int s, int stride, int pad) {
   Conv2dShape sh;
@@ -198,7 +129,7 @@ std::vector<float> check_gemm(GemmFn fn, const char* name, cudaStream_t stream, 
   const int64_t lda = a_cols + pad, ldb = b_cols + pad, ldc = n + pad;
   const std::vector<float> a = random_vector(size_t(a_rows * lda), seed), b = random_vector(size_t(b_rows * ldb), seed + 1);
   const std::vector<float> c = random_vector(size_t(m * ldc), seed + 2);
-  DeviceArray da(a), db(b), dc(c.size());
+  DeviceArray<float> da(a), db(b), dc(c.size());
   if (beta != 0.f) dc.upload(c);  // beta == 0: C stays NaN and must not leak into the result
   fn(ta, tb, m, n, k, alpha, da.get(), lda, db.get(), ldb, beta, dc.get(), ldc, stream);
   sync_and_check();
@@ -250,7 +181,7 @@ TEST_F(VendorOps, GemmMatchesReferenceAndCustomOnAwkwardShapes) {
 TEST_F(VendorOps, GemmDegenerateAlphaAndK) {
   // alpha == 0 or K == 0: C = beta * C without reading A or B (null here); padding untouched.
   const std::vector<float> c = random_vector(5 * 9, 7);
-  DeviceArray dc(c);
+  DeviceArray<float> dc(c);
   kvd::gemm(false, false, 5, 7, 3, 0.f, nullptr, 3, nullptr, 7, 2.f, dc.get(), 9, stream_);
   sync_and_check();
   std::vector<float> want(c);
@@ -268,7 +199,7 @@ TEST_F(VendorOps, GemmUnalignedPointers) {
   // Operands one float into their allocation: the heuristic must be told the alignment.
   const int64_t m = 70, n = 90, k = 50;
   const std::vector<float> a = random_vector(size_t(m * k), 31), b = random_vector(size_t(k * n), 32);
-  DeviceArray da(a.size() + 1), db(b.size() + 1), dc(size_t(m * n) + 1);
+  DeviceArray<float> da(a.size() + 1), db(b.size() + 1), dc(size_t(m * n) + 1);
   SP_CUDA_CHECK(cudaMemcpy(da.get() + 1, a.data(), a.size() * sizeof(float), cudaMemcpyHostToDevice));
   SP_CUDA_CHECK(cudaMemcpy(db.get() + 1, b.data(), b.size() * sizeof(float), cudaMemcpyHostToDevice));
   kvd::gemm(false, false, m, n, k, 1.f, da.get() + 1, k, db.get() + 1, n, 0.f, dc.get() + 1, n, stream_);
@@ -303,8 +234,8 @@ template <typename Fwd, typename BwdData, typename BwdWeight>
 ConvResults run_conv(const Conv2dShape& sh, Fwd fwd, BwdData bwd_data, BwdWeight bwd_weight,
                      const std::vector<float>& x, const std::vector<float>& w, const std::vector<float>& bias,
                      const std::vector<float>& dy, cudaStream_t stream) {
-  DeviceArray dx_in(x), dw_in(w), dbias_in(bias), ddy(dy);
-  DeviceArray y(size_t(sh.y_size())), dx(size_t(sh.x_size())), dw(size_t(sh.w_size())), db(size_t(sh.k));
+  DeviceArray<float> dx_in(x), dw_in(w), dbias_in(bias), ddy(dy);
+  DeviceArray<float> y(size_t(sh.y_size())), dx(size_t(sh.x_size())), dw(size_t(sh.w_size())), db(size_t(sh.k));
   fwd(sh, dx_in.get(), dw_in.get(), dbias_in.get(), y.get(), stream);
   sync_and_check();
   bwd_data(sh, ddy.get(), dw_in.get(), dx.get(), stream);
@@ -352,7 +283,7 @@ TEST_F(VendorOps, ConvolutionWithoutBias) {
   const Conv2dShape sh = conv(2, 9, 9, 8, 12, 3, 3, 2, 1);
   const std::vector<float> x = random_vector(size_t(sh.x_size()), 71), w = random_vector(size_t(sh.w_size()), 72);
   const std::vector<float> dy = random_vector(size_t(sh.y_size()), 73);
-  DeviceArray dx_in(x), dw_in(w), ddy(dy), y(size_t(sh.y_size())), dw(size_t(sh.w_size()));
+  DeviceArray<float> dx_in(x), dw_in(w), ddy(dy), y(size_t(sh.y_size())), dw(size_t(sh.w_size()));
   kvd::conv2d_forward(sh, dx_in.get(), dw_in.get(), nullptr, y.get(), stream_);
   kvd::conv2d_backward_weight(sh, dx_in.get(), ddy.get(), dw.get(), nullptr, stream_);
   sync_and_check();
@@ -408,7 +339,7 @@ TEST_F(VendorOps, EngineSwitchRoutesCudaOps) {
   // backend's result identifies the implementation that produced it.
   const Tensor a = to_gpu(host_tensor({10, 4099}, 41)), b = to_gpu(host_tensor({4099, 64}, 42));
   Tensor c = Tensor::empty({10, 64}, DType::F32, gpu);
-  DeviceArray direct_v(640), direct_c(640);
+  DeviceArray<float> direct_v(640), direct_c(640);
   kvd::gemm(false, false, 10, 64, 4099, 1.f, a.data<float>(), 4099, b.data<float>(), 64, 0.f, direct_v.get(), 64,
             stream());
   kcu::gemm(false, false, 10, 64, 4099, 1.f, a.data<float>(), 4099, b.data<float>(), 64, 0.f, direct_c.get(), 64,
@@ -433,7 +364,7 @@ TEST_F(VendorOps, EngineSwitchRoutesCudaOps) {
   ops::conv2d_backward_data(*cs, dy, w, dx, 2, 1);
   ops::conv2d_backward_weight(*cs, x, dy, dw, db, 2, 1);
   const std::vector<float> ey = values(y), edx = values(dx), edw = values(dw), edb = values(db);
-  DeviceArray vy(size_t(sh.y_size())), vdx(size_t(sh.x_size())), vdw(size_t(sh.w_size())), vdb(32);
+  DeviceArray<float> vy(size_t(sh.y_size())), vdx(size_t(sh.x_size())), vdw(size_t(sh.w_size())), vdb(32);
   kvd::conv2d_forward(sh, x.data<float>(), w.data<float>(), bias.data<float>(), vy.get(), stream());
   kvd::conv2d_backward_data(sh, dy.data<float>(), w.data<float>(), vdx.get(), stream());
   kvd::conv2d_backward_weight(sh, x.data<float>(), dy.data<float>(), vdw.get(), vdb.get(), stream());

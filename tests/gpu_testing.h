@@ -1,0 +1,120 @@
+// Helpers shared by the GPU test files (test_cuda_ops, test_vendor_ops): seeded host data, the
+// relative-error metric, NaN-poisoned device arrays, and a fixture that skips without a GPU.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/common/shapes.h"
+
+#if STALEPROP_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "engine/device.h"
+#include "kernels/common/cuda_check.h"
+#endif
+
+namespace sp::test {
+
+constexpr double kTol = 1e-5;  // relative Frobenius error of fp32 results against double
+
+inline std::vector<float> random_vector(size_t n, uint32_t seed, float lo = -1.f, float hi = 1.f) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = u(rng);
+  return v;
+}
+
+inline std::vector<double> to_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+// ||got - ref|| / ||ref|| (the absolute error when ref is zero); NaN when got has a NaN.
+// Overloads rather than a template, so a braced list converts to a double reference.
+template <typename Ref>
+double relative_error(const std::vector<float>& got, const std::vector<Ref>& ref) {
+  EXPECT_EQ(got.size(), ref.size());
+  double num = 0.0, den = 0.0;
+  for (size_t i = 0; i < got.size() && i < ref.size(); ++i) {
+    const double d = double(got[i]) - double(ref[i]);
+    num += d * d;
+    den += double(ref[i]) * double(ref[i]);
+  }
+  return std::sqrt(num) / (den > 0.0 ? std::sqrt(den) : 1.0);
+}
+inline double rel_error(const std::vector<float>& got, const std::vector<double>& ref) {
+  return relative_error(got, ref);
+}
+inline double rel_error(const std::vector<float>& got, const std::vector<float>& ref) {
+  return relative_error(got, ref);
+}
+
+inline std::string conv_str(const kernels::Conv2dShape& s) {
+  return "conv n" + std::to_string(s.n) + " " + std::to_string(s.h) + "x" + std::to_string(s.w) + "x" +
+         std::to_string(s.c) + " k" + std::to_string(s.k) + " " + std::to_string(s.r) + "x" + std::to_string(s.s) +
+         " stride " + std::to_string(s.stride) + " pad " + std::to_string(s.pad);
+}
+
+#if STALEPROP_WITH_CUDA
+
+// A cudaMalloc'ed array, filled with 0xFF bytes (NaN as floats) on creation, so an element a
+// kernel fails to write shows up. An empty array still gets a one-element allocation, so that
+// get() is a valid device pointer.
+template <typename T>
+class DeviceArray {
+ public:
+  explicit DeviceArray(size_t n) : n_(n) {
+    SP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p_), std::max(bytes(), sizeof(T))));
+    poison();
+  }
+  explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) { upload(host); }
+  ~DeviceArray() { cudaFree(p_); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+
+  T* get() const { return p_; }
+  void poison() { SP_CUDA_CHECK(cudaMemset(p_, 0xFF, bytes())); }
+  void upload(const std::vector<T>& host) {
+    ASSERT_EQ(host.size(), n_);
+    SP_CUDA_CHECK(cudaMemcpy(p_, host.data(), bytes(), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    SP_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<T> host(n_);
+    SP_CUDA_CHECK(cudaMemcpy(host.data(), p_, bytes(), cudaMemcpyDeviceToHost));
+    return host;
+  }
+
+ private:
+  size_t bytes() const { return n_ * sizeof(T); }
+  size_t n_;
+  T* p_ = nullptr;
+};
+
+// After every op: the kernels ran to completion without a (sticky or launch) error.
+inline void sync_and_check() {
+  SP_CUDA_CHECK(cudaDeviceSynchronize());
+  SP_CUDA_CHECK(cudaGetLastError());
+}
+
+// Skips, saying why, without a GPU; otherwise gives each test its own stream.
+class GpuTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device: these kernels need a GPU to run";
+    SP_CUDA_CHECK(cudaStreamCreate(&stream_));
+  }
+  void TearDown() override {
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+  cudaStream_t stream_ = nullptr;
+};
+
+#endif  // STALEPROP_WITH_CUDA
+
+}  // namespace sp::test
