@@ -1,0 +1,84 @@
+// bf16 tensor-core convolutions (tensor_core.h) on NHWC activations and KRSC weights: the
+// main loop of mma_mainloop.cuh with the implicit-GEMM loaders defined there, which gather the
+// activations through the filter window on the fly (zero in the padding), so no im2col
+// buffer is ever formed. The GEMM views are those of conv.cu:
+//
+//   forward          y[pix, k]    = sum_{tap}      x(pix, tap)      * w[k, tap]   (+ bias[k])
+//                    M = N*P*Q, N = K, K_gemm = R*S*C                 -> bf16 y
+//   backward data    dx[pix, c]   = sum_{r, s, k}  dy(pix, r, s, k) * w[k, r, s, c]
+//                    M = N*H*W, N = C, K_gemm = R*S*K                 -> bf16 dx
+//   backward weight  dw^T[tap, k] = sum_{pix}      x(pix, tap)      * dy[pix, k]
+//                    M = R*S*C, N = K, K_gemm = N*P*Q (split K)       -> fp32 dw, written
+//                    transposed into dw[k, tap]
+// The cp.async path needs 16-byte chunks of one filter tap: C % 8 == 0 for the activations
+// and the weights of the data gradient, K % 8 == 0 for dy (every ResNet layer but the first,
+// C = 3, whose activations take the register-staged gather). The bias gradient is the
+// deterministic double-precision column sum of dy widened to fp32 (reduce_bf16.cu).
+#include "kernels/cuda/mma_launch.cuh"
+#include "kernels/cuda/tensor_core.h"
+
+namespace sp::kernels::cuda {
+namespace {
+
+using namespace detail::mma;
+
+ConvGeom conv_geom(const Conv2dShape& sh) {
+  SP_CHECK(sh.valid(), "conv2d (bf16): invalid shape");
+  const int64_t npq = int64_t(sh.n) * sh.p() * sh.q(), nhw = int64_t(sh.n) * sh.h * sh.w;
+  const int64_t taps = int64_t(sh.r) * sh.s * sh.c, rsk = int64_t(sh.r) * sh.s * sh.k;
+  for (int64_t d : {npq, nhw, taps, rsk, int64_t(sh.k), int64_t(sh.c)})
+    SP_CHECK(d <= detail::kMaxGemmDim, "conv2d (bf16): dimension ", d, " too large for the implicit GEMM");
+  ConvGeom g;
+  g.n = sh.n, g.h = sh.h, g.w = sh.w, g.c = sh.c, g.k = sh.k, g.r = sh.r, g.s = sh.s;
+  g.p = sh.p(), g.q = sh.q(), g.stride = sh.stride, g.pad = sh.pad;
+  g.npq = int(npq), g.nhw = int(nhw), g.taps = int(taps), g.rsk = int(rsk);
+  return g;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The tile for an output N columns wide: narrow tiles for ResNet's 16/32 and 64 channels.
+template <class LoaderA, class LoaderB, typename T>
+void run(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream) {
+  if (n <= 32)
+    run_mma_tiles<MmaTileNarrow>(a, b, m, n, k, ep, stream);
+  else if (n <= 64)
+    run_mma_tiles<MmaTileMedium>(a, b, m, n, k, ep, stream);
+  else
+    run_mma_tiles<MmaTileLarge>(a, b, m, n, k, ep, stream);
+}
+
+}  // namespace
+
+void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* y,
+                         cudaStream_t stream) {
+  const ConvGeom g = conv_geom(sh);
+  const FwdInputLoader a{{x, aligned16(x) && g.c % 8 == 0}, g};
+  // w[k, tap]: element (k, tap) of a K x taps matrix, contiguous along the taps.
+  const MatrixLoader<true> b{w, g.taps, g.k, g.taps, chunk_ok(w, g.taps)};
+  const MmaEpilogue<uint16_t> ep{y, g.k, 1, 1.f, 0.f, bias, false};
+  run(a, b, g.npq, g.k, g.taps, ep, stream);
+}
+
+void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const uint16_t* w, uint16_t* dx,
+                               cudaStream_t stream) {
+  const ConvGeom g = conv_geom(sh);
+  const BwdDataGradLoader a{{dy, aligned16(dy) && g.k % 8 == 0}, g};
+  const BwdDataWeightLoader b{{w, aligned16(w) && g.c % 8 == 0}, g};
+  const MmaEpilogue<uint16_t> ep{dx, g.c, 1, 1.f, 0.f, nullptr, false};
+  run(a, b, g.nhw, g.c, g.rsk, ep, stream);
+}
+
+void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* dy, float* dw,
+                                 float* dbias, cudaStream_t stream) {
+  const ConvGeom g = conv_geom(sh);
+  const BwdWeightInputLoader a{{x, aligned16(x) && g.c % 8 == 0}, g};
+  // dy[pix, k]: element (k, pix), contiguous along k.
+  const MatrixLoader<false> b{dy, g.k, g.k, g.npq, chunk_ok(dy, g.k)};
+  // Result (tap, k) goes to dw[k * taps + tap].
+  const MmaEpilogue<float> ep{dw, 1, g.taps, 1.f, 0.f, nullptr, false};
+  run(a, b, g.taps, g.k, g.npq, ep, stream);
+  if (dbias) column_sums_bf16(g.npq, g.k, dy, dbias, stream);
+}
+
+}  // namespace sp::kernels::cuda

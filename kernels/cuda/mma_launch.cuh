@@ -1,0 +1,69 @@
+// Host side of the bf16 tensor-core main loop (mma_mainloop.cuh): the deterministic split-K
+// plan (the fp32 GEMM's, gemm.cu), the launch, the kernel that adds the split-K partials in
+// slice order and applies the epilogue, and the entry points the bf16 kernel files share.
+// Everything that launches a kernel lives here or in a .cu file, none of it in
+// mma_mainloop.cuh, whose device code is plain enough to compile for a host emulation.
+#pragma once
+
+#include "kernels/cuda/gemm_mainloop.cuh"
+#include "kernels/cuda/mma_mainloop.cuh"
+
+namespace sp::kernels::cuda::detail::mma {
+
+// C = epilogue(sum over z < splits of partials[z][M][N]), the slices added in order; with
+// splits == 0 it writes epilogue(0) (alpha == 0 or K == 0).
+template <typename T>
+__global__ void mma_splitk_reduce_kernel(const float* partials, int splits, int m, int n, MmaEpilogue<T> ep) {
+  const int64_t total = int64_t(m) * n;
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
+    float sum = 0.f;
+    for (int z = 0; z < splits; ++z) sum += partials[z * total + idx];
+    ep.apply(int(idx / n), int(idx % n), sum);
+  }
+}
+
+template <typename T>
+void mma_splitk_reduce(const float* partials, int splits, int m, int n, const MmaEpilogue<T>& ep,
+                       cudaStream_t stream) {
+  const int64_t total = int64_t(m) * n;
+  if (total == 0) return;
+  mma_splitk_reduce_kernel<T><<<element_blocks(total), kElementThreads, 0, stream>>>(partials, splits, m, n, ep);
+  SP_CUDA_CHECK_LAUNCH();
+}
+
+// reduce_bf16.cu: out[j] = sum over the m rows of x[i * c + j] widened to fp32, in double in
+// a fixed order, rounded once (the bias gradient of the bf16 convolutions).
+void column_sums_bf16(int64_t m, int64_t c, const uint16_t* x, float* out, cudaStream_t stream);
+
+// Whether the cp.async path may read rows of ld bf16 starting at p: p 16-byte aligned, ld % 8 == 0.
+inline bool chunk_ok(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 8 == 0; }
+
+// Runs C = epilogue(A * B) for M x N x K through loaders a and b with tile shape Tile.
+template <class Tile, class LoaderA, class LoaderB, typename T>
+void run_mma_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep,
+                   cudaStream_t stream) {
+  if (m == 0 || n == 0) return;
+  if (k == 0 || ep.alpha == 0.f) {
+    mma_splitk_reduce<T>(nullptr, 0, m, n, ep, stream);
+    return;
+  }
+  const int64_t m_tiles = ceil_div(m, Tile::kBM), n_tiles = ceil_div(n, Tile::kBN);
+  SP_CHECK(n_tiles <= 65535, "gemm_bf16: N = ", n, " needs ", n_tiles, " column tiles, more than grid.y allows");
+  const SplitPlan plan = plan_split_k(m_tiles * n_tiles, k, kBK);
+  const dim3 grid(unsigned(m_tiles), unsigned(n_tiles), unsigned(plan.splits));
+  const MmaGeometry g{m, n, k, plan.k_per_split};
+  auto* kernel = &mma_gemm_kernel<Tile, LoaderA, LoaderB, T>;
+  // More than the 48 KiB of static shared memory: opt in (per device; cheap to repeat).
+  SP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  if (plan.splits == 1) {
+    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(a, b, g, ep, nullptr);
+    SP_CUDA_CHECK_LAUNCH();
+    return;
+  }
+  Workspace partials(sizeof(float) * size_t(plan.splits) * size_t(m) * size_t(n), stream);
+  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(a, b, g, ep, partials.as<float>());
+  SP_CUDA_CHECK_LAUNCH();
+  mma_splitk_reduce<T>(partials.as<float>(), plan.splits, m, n, ep, stream);
+}
+
+}  // namespace sp::kernels::cuda::detail::mma

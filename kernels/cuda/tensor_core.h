@@ -1,0 +1,56 @@
+// Tensor-core bf16 kernels (hand-written PTX: mma.sync m16n8k16 bf16 -> fp32, ldmatrix, a
+// 3-stage cp.async pipeline; see kernels/cuda/mma_mainloop.cuh), for mixed-precision training.
+//
+// Contract: every function is the fp32 op of kernels/cuda/ops.h (and of the CPU reference,
+// kernels/cpu/ops.h) applied to the bf16 inputs widened to fp32, with fp32 accumulation, and
+// bf16 outputs rounded to nearest even once, after the fp32 epilogue. bf16 values are bit
+// patterns in uint16_t. All pointers are device pointers; each call only enqueues work on
+// `stream` (launch-configuration errors throw sp::CudaError at the call site). Results agree
+// with the reference to rounding, not bit for bit: the tensor cores add in their own order.
+// Any shape is supported: operands with 16-byte aligned rows whose leading dimension (for the
+// convolutions: C, or K for the gradient operand) is a multiple of 8 take the cp.async path,
+// all others a register-staged element-wise gather with the same pipeline and arithmetic.
+//
+// Determinism: no float atomics. The split-K of small outputs with long reductions (weight
+// gradients above all) writes fp32 partials to stream-ordered scratch (cudaMallocAsync) and
+// adds them in slice order, the split depending on the shape alone: the same inputs give
+// bit-identical outputs on every run and every GPU of the same architecture.
+//
+// Built for sm_80 and newer (mma.sync bf16, ldmatrix, cp.async). cuobjdump -sass of the built
+// objects shows HMMA.16816.F32.BF16, LDSM.16.M88.4 / LDSM.16.MT88.4 and LDGSTS.E.BYPASS.128 in
+// the main-loop kernels. ptxas (sm_90, -O3): the 128x128 GEMM kernels use at most ~160
+// registers and 61,440 B of dynamic shared memory, with no spills (see gemm_bf16.cu for the
+// measured numbers).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/common/shapes.h"
+
+namespace sp::kernels::cuda {
+
+// ---- GEMM ------------------------------------------------------------------------------------
+// Row-major C[M,N] = relu?( alpha * op(A) * op(B) + beta * C + bias[j] ); beta == 0 never reads
+// C; alpha == 0 or K == 0 never reads A or B; bias may be null; relu optional. lda/ldb/ldc are
+// the row strides of A, B, C as stored.
+void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+               int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc,
+               const float* bias /*nullable*/, bool relu, cudaStream_t stream);
+// Same, C stored as bf16 (beta reads C widened; the result is rounded once).
+void gemm_bf16_out_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+                        int64_t lda, const uint16_t* b, int64_t ldb, float beta, uint16_t* c, int64_t ldc,
+                        const float* bias /*nullable*/, bool relu, cudaStream_t stream);
+
+// ---- Convolutions (NHWC activations, KRSC weights), implicit GEMM ------------------------------
+// Same semantics as the fp32 twins in ops.h; fp32 accumulation, no im2col buffer.
+void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* w, const float* bias /*nullable*/,
+                         uint16_t* y, cudaStream_t stream);
+void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const uint16_t* w, uint16_t* dx,
+                               cudaStream_t stream);
+// dw (and dbias) are fp32: they feed fp32 master weights.
+void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* dy, float* dw,
+                                 float* dbias /*nullable*/, cudaStream_t stream);
+
+}  // namespace sp::kernels::cuda
