@@ -8,10 +8,18 @@
 // reading A or B; NHWC activations, KRSC weights, cross-correlation; outputs fully
 // overwritten). Every call only enqueues work on `stream` on the current device.
 //
-// Precision: full fp32. cuBLASLt runs with CUBLAS_COMPUTE_32F (never the TF32 "fast" compute
+// Precision (fp32 ops): full fp32. cuBLASLt runs with CUBLAS_COMPUTE_32F (never the TF32 "fast" compute
 // type); cuDNN convolutions are restricted to CUDNN_FMA_MATH algorithms (no tensor-core TF32).
 // Should no FMA-only algorithm exist for a shape, the best remaining one is used and a
 // one-line warning goes to stderr (set NVIDIA_TF32_OVERRIDE=0 to rule out TF32 entirely).
+//
+// bf16 ops (the baselines of kernels/cuda/tensor_core.h, same contract): bf16 data, fp32
+// compute. cuBLASLt: bf16 A/B, CUBLAS_COMPUTE_32F, fp32 or bf16 C/D, bias (fp32) and ReLU fused
+// in its epilogue. cuDNN: the bf16 configuration (x, w, y bf16, fp32 compute), tensor-core
+// math allowed. Where cuDNN's types differ from the contract the result is converted with our
+// own f32<->bf16 kernels, which costs extra rounding (see vendor.cpp): the forward bias is
+// rounded to bf16 and added after y was rounded; dw and dbias come out of cuDNN as bf16 and
+// are widened to fp32. The GEMM with alpha == 0 or K == 0 runs our epilogue kernel.
 //
 // Algorithms: chosen once per (device, shape) by the libraries' heuristics
 // (cublasLtMatmulAlgoGetHeuristic, cudnnGetConvolution*Algorithm_v7) and cached together with
@@ -52,5 +60,19 @@ void conv2d_forward(const Conv2dShape& sh, const float* x, const float* w, const
 void conv2d_backward_data(const Conv2dShape& sh, const float* dy, const float* w, float* dx, cudaStream_t stream);
 void conv2d_backward_weight(const Conv2dShape& sh, const float* x, const float* dy, float* dw,
                             float* dbias /*nullable*/, cudaStream_t stream);
+
+// ---- bf16 (cuBLASLt / cuDNN, fp32 compute): same signatures as kernels/cuda/tensor_core.h ------
+void gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+               int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc,
+               const float* bias /*nullable*/, bool relu, cudaStream_t stream);
+void gemm_bf16_out_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+                        int64_t lda, const uint16_t* b, int64_t ldb, float beta, uint16_t* c, int64_t ldc,
+                        const float* bias /*nullable*/, bool relu, cudaStream_t stream);
+void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* w, const float* bias /*nullable*/,
+                         uint16_t* y, cudaStream_t stream);
+void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const uint16_t* w, uint16_t* dx,
+                               cudaStream_t stream);
+void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* dy, float* dw,
+                                 float* dbias /*nullable*/, cudaStream_t stream);
 
 }  // namespace sp::kernels::vendor
