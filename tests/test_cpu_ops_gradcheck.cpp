@@ -196,6 +196,97 @@ TEST_P(CpuBatchNormGrad, MatchesFiniteDifferences) {
 INSTANTIATE_TEST_SUITE_P(Shapes, CpuBatchNormGrad,
                          ::testing::Values(BnCase{7, 3}, BnCase{12, 10}, BnCase{2, 1}, BnCase{1, 3}));
 
+// Fused y = relu(bn(x) + residual) (and BN+ReLU without a residual) against finite
+// differences, for x, residual, gamma and beta.
+class CpuBatchNormAddReluGrad : public ::testing::TestWithParam<std::tuple<BnCase, bool>> {};
+
+TEST_P(CpuBatchNormAddReluGrad, MatchesFiniteDifferences) {
+  const int64_t m = std::get<0>(GetParam()).m, c = std::get<0>(GetParam()).c;
+  const bool with_residual = std::get<1>(GetParam());
+  std::vector<double> x = random_uniform(m * c, -2, 3, 31), gamma = random_uniform(c, 0.5, 2, 32),
+                      beta = random_uniform(c, -1, 1, 33), residual = random_uniform(m * c, -1, 1, 34);
+  const std::vector<double> dy = random_uniform(m * c, -1, 1, 35);
+  const double eps = 1e-3, momentum = 0.1;
+  const double* res = with_residual ? residual.data() : nullptr;
+
+  auto forward = [&](std::vector<double>& y, std::vector<double>& mean, std::vector<double>& invstd) {
+    std::vector<double> rm(c, 0.0), rv(c, 1.0);
+    cpu::batchnorm_add_relu_forward_training(m, c, x.data(), res, gamma.data(), beta.data(), eps, momentum, rm.data(),
+                                             rv.data(), y.data(), mean.data(), invstd.data());
+  };
+  std::vector<double> y(m * c), mean(c), invstd(c);
+  forward(y, mean, invstd);
+  int active = 0;
+  for (double v : y) active += v > 0;
+  ASSERT_GT(active, 0);
+  ASSERT_LT(active, m * c) << "the ReLU must cut somewhere for the test to mean anything";
+
+  std::vector<double> dx(m * c), dres(m * c), dgamma(c), dbeta(c);
+  cpu::batchnorm_add_relu_backward(m, c, x.data(), y.data(), dy.data(), gamma.data(), mean.data(), invstd.data(),
+                                   dx.data(), dres.data(), dgamma.data(), dbeta.data());
+  auto loss = [&] {
+    std::vector<double> out(m * c), mu(c), is(c);
+    forward(out, mu, is);
+    return dot(dy, out);
+  };
+  expect_gradient_matches(dx, x, loss, "dx");
+  expect_gradient_matches(dgamma, gamma, loss, "dgamma");
+  expect_gradient_matches(dbeta, beta, loss, "dbeta");
+  if (with_residual) expect_gradient_matches(dres, residual, loss, "dresidual");
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, CpuBatchNormAddReluGrad,
+                         ::testing::Combine(::testing::Values(BnCase{7, 3}, BnCase{12, 10}, BnCase{5, 1}),
+                                            ::testing::Bool()));
+
+// In float, the fused ops are bit-identical to the composition they replace (batchnorm,
+// add, relu forward; relu backward, batchnorm backward), including dresidual written over dy.
+TEST(CpuBatchNormAddRelu, BitIdenticalToTheComposedOps) {
+  const int64_t m = 300, c = 24;
+  const std::vector<float> x = to_float(random_uniform(m * c, -2, 3, 41)), gamma = to_float(random_uniform(c, 0.5, 2, 42)),
+                           beta = to_float(random_uniform(c, -1, 1, 43)),
+                           residual = to_float(random_uniform(m * c, -1, 1, 44)),
+                           dy = to_float(random_uniform(m * c, -1, 1, 45));
+  for (const bool with_residual : {false, true}) {
+    SCOPED_TRACE(with_residual ? "BN+add+ReLU" : "BN+ReLU");
+    // Composed.
+    std::vector<float> rm1(c, 0.f), rv1(c, 1.f), y1(m * c), mean1(c), invstd1(c);
+    cpu::batchnorm_forward_training(m, c, x.data(), gamma.data(), beta.data(), 1e-5f, 0.1f, rm1.data(), rv1.data(),
+                                    y1.data(), mean1.data(), invstd1.data());
+    if (with_residual) cpu::add(m * c, y1.data(), residual.data(), y1.data());
+    cpu::relu_forward(m * c, y1.data(), y1.data());
+    std::vector<float> g1 = dy, dx1(m * c), dg1(c), db1(c);
+    cpu::relu_backward(m * c, y1.data(), g1.data(), g1.data());
+    cpu::batchnorm_backward(m, c, x.data(), g1.data(), gamma.data(), mean1.data(), invstd1.data(), dx1.data(),
+                            dg1.data(), db1.data());
+    // Fused.
+    std::vector<float> rm2(c, 0.f), rv2(c, 1.f), y2(m * c), mean2(c), invstd2(c);
+    cpu::batchnorm_add_relu_forward_training(m, c, x.data(), with_residual ? residual.data() : nullptr, gamma.data(),
+                                             beta.data(), 1e-5f, 0.1f, rm2.data(), rv2.data(), y2.data(), mean2.data(),
+                                             invstd2.data());
+    std::vector<float> g2 = dy, dx2(m * c), dg2(c), db2(c);
+    cpu::batchnorm_add_relu_backward(m, c, x.data(), y2.data(), g2.data(), gamma.data(), mean2.data(), invstd2.data(),
+                                     dx2.data(), g2.data(), dg2.data(), db2.data());
+    EXPECT_EQ(y2, y1);
+    EXPECT_EQ(rm2, rm1);
+    EXPECT_EQ(rv2, rv1);
+    EXPECT_EQ(g2, g1) << "dresidual";
+    EXPECT_EQ(dx2, dx1);
+    EXPECT_EQ(dg2, dg1);
+    EXPECT_EQ(db2, db1);
+
+    // Inference forward, with and without the ReLU.
+    std::vector<float> yi1(m * c), yi2(m * c);
+    cpu::batchnorm_forward_inference(m, c, x.data(), gamma.data(), beta.data(), rm1.data(), rv1.data(), 1e-5f,
+                                     yi1.data());
+    if (with_residual) cpu::add(m * c, yi1.data(), residual.data(), yi1.data());
+    cpu::relu_forward(m * c, yi1.data(), yi1.data());
+    cpu::batchnorm_add_relu_forward_inference(m, c, x.data(), with_residual ? residual.data() : nullptr, gamma.data(),
+                                              beta.data(), rm1.data(), rv1.data(), 1e-5f, true, yi2.data());
+    EXPECT_EQ(yi2, yi1);
+  }
+}
+
 // Enough rows for several reduction blocks; the statistics are compared with plain sums.
 TEST(CpuBatchNormLarge, StatisticsOverManyBlocks) {
   const int64_t m = 9000, c = 16;

@@ -53,6 +53,8 @@ using kernels::ShortcutAShape;
 
 namespace {
 
+std::vector<float> to_float_vector(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
+
 template <typename T>
 void expect_bits_equal(const std::vector<T>& got, const std::vector<T>& ref, const std::string& what) {
   ASSERT_EQ(got.size(), ref.size()) << what;
@@ -298,6 +300,67 @@ TEST_F(CudaOps, BatchNormOnResNetAndAwkwardShapes) {
   check_batchnorm(stream_, 7, 37, 0.f, 540);        // c past one column group, not a multiple of 32
   check_batchnorm(stream_, 300001, 3, 0.f, 550);    // many row chunks (more than the chunk cap)
   check_batchnorm(stream_, 4096, 10, 1000.f, 560);  // |mean| >> std: the two-pass variance
+}
+
+// Fused BN+ReLU and BN+add+ReLU. Statistics are the plain BN's (checked above); the output
+// and the gradients are checked against the double reference on the device's own statistics
+// and ReLU mask (its fp32 output y), with dresidual written over dy as the engine does.
+void check_batchnorm_add_relu(cudaStream_t stream, int64_t m, int64_t c, bool with_residual, uint32_t seed) {
+  const std::string what = std::string(with_residual ? "bn+add+relu" : "bn+relu") + " m " + std::to_string(m) +
+                           " c " + std::to_string(c);
+  const std::vector<float> x = random_vector(size_t(m * c), seed, -2.f, 2.f),
+                           res = random_vector(size_t(m * c), seed + 6),
+                           gamma = random_vector(size_t(c), seed + 1, 0.5f, 1.5f),
+                           beta = random_vector(size_t(c), seed + 2), dy = random_vector(size_t(m * c), seed + 5);
+  const std::vector<float> rm(size_t(c), 0.f), rv(size_t(c), 1.f);
+  const float eps = 1e-5f, momentum = 0.1f;
+  const size_t nc = size_t(c);
+  DeviceArray<float> dx_in(x), dres(res), dgamma(gamma), dbeta(beta), drm(rm), drv(rv), ddy(dy);
+  DeviceArray<float> dy_out(x.size()), dsm(nc), dsi(nc), dyi(x.size()), ddx(x.size()), ddg(nc), ddb(nc);
+  const float* r = with_residual ? dres.get() : nullptr;
+  kcu::batchnorm_add_relu_forward_training(m, c, dx_in.get(), r, dgamma.get(), dbeta.get(), eps, momentum, drm.get(),
+                                           drv.get(), dy_out.get(), dsm.get(), dsi.get(), stream);
+  sync_and_check();
+  kcu::batchnorm_add_relu_forward_inference(m, c, dx_in.get(), r, dgamma.get(), dbeta.get(), drm.get(), drv.get(), eps,
+                                            true, dyi.get(), stream);
+  sync_and_check();
+  // dresidual over dy (in place), as ResidualBlock::backward uses it; without a residual, none.
+  kcu::batchnorm_add_relu_backward(m, c, dx_in.get(), dy_out.get(), ddy.get(), dgamma.get(), dsm.get(), dsi.get(),
+                                   ddx.get(), with_residual ? ddy.get() : nullptr, ddg.get(), ddb.get(), stream);
+  sync_and_check();
+
+  const std::vector<double> xd = to_double(x), rd = to_double(res), gd = to_double(gamma), bd = to_double(beta),
+                            dyd = to_double(dy);
+  const std::vector<double> sm = to_double(dsm.download()), si = to_double(dsi.download());
+  const std::vector<double> rm1 = to_double(drm.download()), rv1 = to_double(drv.download());
+  const std::vector<double> y_dev = to_double(dy_out.download());
+  std::vector<double> ry(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    const size_t j = i % nc;
+    const double v = (xd[i] - sm[j]) * (gd[j] * si[j]) + bd[j] + (with_residual ? rd[i] : 0.0);
+    ry[i] = v < 0 ? 0 : v;
+  }
+  EXPECT_LE(rel_error(dy_out.download(), ry), kTol) << what << " y";
+  std::vector<double> ryi(x.size()), rdx(x.size()), rdres(x.size()), rdg(nc), rdb(nc);
+  kc::batchnorm_add_relu_forward_inference<double>(m, c, xd.data(), with_residual ? rd.data() : nullptr, gd.data(),
+                                                   bd.data(), rm1.data(), rv1.data(), eps, true, ryi.data());
+  kc::batchnorm_add_relu_backward<double>(m, c, xd.data(), y_dev.data(), dyd.data(), gd.data(), sm.data(), si.data(),
+                                          rdx.data(), rdres.data(), rdg.data(), rdb.data());
+  EXPECT_LE(rel_error(dyi.download(), ryi), kTol) << what << " inference y";
+  EXPECT_LE(rel_error(ddx.download(), rdx), kTol) << what << " dx";
+  EXPECT_LE(rel_error(ddg.download(), rdg), kTol) << what << " dgamma";
+  EXPECT_LE(rel_error(ddb.download(), rdb), kTol) << what << " dbeta";
+  if (with_residual) EXPECT_EQ(ddy.download(), to_float_vector(rdres)) << what << " dresidual (a mask: exact)";
+}
+
+TEST_F(CudaOps, FusedBatchNormReluOnResNetAndAwkwardShapes) {
+  for (const bool with_residual : {false, true}) {
+    check_batchnorm_add_relu(stream_, 8 * 32 * 32, 16, with_residual, 600);
+    check_batchnorm_add_relu(stream_, 16 * 8 * 8, 64, with_residual, 610);
+    check_batchnorm_add_relu(stream_, 3, 5, with_residual, 620);
+    check_batchnorm_add_relu(stream_, 7, 37, with_residual, 630);
+    check_batchnorm_add_relu(stream_, 300001, 3, with_residual, 640);
+  }
 }
 
 // ---- Pointwise ops and casts -------------------------------------------------------------

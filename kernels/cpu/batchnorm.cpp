@@ -14,22 +14,30 @@
 namespace sp::kernels::cpu {
 namespace {
 
-// y = (x - mean) * (gamma * invstd) + beta, per channel.
+// y = (x - mean) * (gamma * invstd) + beta, per channel; then, for the fused variants,
+// y += residual (when non-null) and y = relu(y) (when relu). Each step is the same
+// floating-point operation as the unfused op it replaces (add, relu_forward), so fused and
+// composed results are bit-identical.
 template <typename T>
-void normalize(int64_t m, int64_t c, const T* x, const T* mean, const T* invstd, const T* gamma, const T* beta, T* y) {
+void normalize(int64_t m, int64_t c, const T* x, const T* mean, const T* invstd, const T* gamma, const T* beta,
+               const T* residual, bool relu, T* y) {
   std::vector<T> gain(c);
   for (int64_t j = 0; j < c; ++j) gain[j] = gamma[j] * invstd[j];
   parallel_for(m, detail::row_grain(c), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
-      for (int64_t j = 0; j < c; ++j) y[i * c + j] = (x[i * c + j] - mean[j]) * gain[j] + beta[j];
+      for (int64_t j = 0; j < c; ++j) {
+        T v = (x[i * c + j] - mean[j]) * gain[j] + beta[j];
+        if (residual) v = v + residual[i * c + j];
+        if (relu) v = v < T(0) ? T(0) : v;  // relu_forward's form: NaN passes through
+        y[i * c + j] = v;
+      }
   });
 }
 
-}  // namespace
-
+// The batch statistics of the training forward (see batchnorm_forward_training).
 template <typename T>
-void batchnorm_forward_training(int64_t m, int64_t c, const T* x, const T* gamma, const T* beta, T eps, T momentum,
-                                T* running_mean, T* running_var, T* y, T* save_mean, T* save_invstd) {
+void training_statistics(int64_t m, int64_t c, const T* x, T eps, T momentum, T* running_mean, T* running_var,
+                         T* save_mean, T* save_invstd) {
   std::vector<double> mean(c), var(c);
   detail::column_sums(
       m, c, 1,
@@ -60,30 +68,23 @@ void batchnorm_forward_training(int64_t m, int64_t c, const T* x, const T* gamma
     save_mean[j] = T(mean[j]);
     save_invstd[j] = T(1.0 / std::sqrt(biased + double(eps)));
   }
-  normalize(m, c, x, save_mean, save_invstd, gamma, beta, y);
 }
 
+// The backward pass shared by the plain and fused variants. The gradient reaching the
+// normalisation is g = dy, or for the fused variants g = dy where y > 0 else 0
+// (relu_backward's form), computed on the fly from the forward output y. dresidual (when
+// non-null) receives g; it may alias dy.
 template <typename T>
-void batchnorm_forward_inference(int64_t m, int64_t c, const T* x, const T* gamma, const T* beta,
-                                 const T* running_mean, const T* running_var, T eps, T* y) {
-  std::vector<T> invstd(c);
-  for (int64_t j = 0; j < c; ++j) invstd[j] = T(1.0 / std::sqrt(double(running_var[j]) + double(eps)));
-  normalize(m, c, x, running_mean, invstd.data(), gamma, beta, y);
-}
-
-// With xhat = (x - mean) * invstd and sums over the m rows of each channel:
-//   dbeta = sum(dy), dgamma = sum(dy * xhat),
-//   dx = gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat)).
-template <typename T>
-void batchnorm_backward(int64_t m, int64_t c, const T* x, const T* dy, const T* gamma, const T* save_mean,
-                        const T* save_invstd, T* dx, T* dgamma, T* dbeta) {
-  std::vector<double> sums(2 * c);  // [sum(dy) | sum(dy * xhat)]
+void backward_impl(int64_t m, int64_t c, const T* x, const T* y /*nullable*/, const T* dy, const T* gamma,
+                   const T* save_mean, const T* save_invstd, T* dx, T* dresidual, T* dgamma, T* dbeta) {
+  auto grad = [&](int64_t i) { return y == nullptr || y[i] > T(0) ? dy[i] : T(0); };
+  std::vector<double> sums(2 * c);  // [sum(g) | sum(g * xhat)]
   detail::column_sums(
       m, c, 2,
       [&](int64_t b, int64_t e, double* acc) {
         for (int64_t i = b; i < e; ++i)
           for (int64_t j = 0; j < c; ++j) {
-            const double g = dy[i * c + j];
+            const double g = grad(i * c + j);
             const double xhat = (double(x[i * c + j]) - double(save_mean[j])) * double(save_invstd[j]);
             acc[j] += g;
             acc[c + j] += g * xhat;
@@ -102,10 +103,59 @@ void batchnorm_backward(int64_t m, int64_t c, const T* x, const T* dy, const T* 
   parallel_for(m, detail::row_grain(c), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i)
       for (int64_t j = 0; j < c; ++j) {
+        const T g = grad(i * c + j);
         const T xhat = (x[i * c + j] - save_mean[j]) * save_invstd[j];
-        dx[i * c + j] = gain[j] * (dy[i * c + j] - mean_dy[j] - xhat * mean_dy_xhat[j]);
+        dx[i * c + j] = gain[j] * (g - mean_dy[j] - xhat * mean_dy_xhat[j]);
+        if (dresidual) dresidual[i * c + j] = g;
       }
   });
+}
+
+}  // namespace
+
+template <typename T>
+void batchnorm_forward_training(int64_t m, int64_t c, const T* x, const T* gamma, const T* beta, T eps, T momentum,
+                                T* running_mean, T* running_var, T* y, T* save_mean, T* save_invstd) {
+  training_statistics(m, c, x, eps, momentum, running_mean, running_var, save_mean, save_invstd);
+  normalize(m, c, x, save_mean, save_invstd, gamma, beta, static_cast<const T*>(nullptr), false, y);
+}
+
+template <typename T>
+void batchnorm_forward_inference(int64_t m, int64_t c, const T* x, const T* gamma, const T* beta,
+                                 const T* running_mean, const T* running_var, T eps, T* y) {
+  batchnorm_add_relu_forward_inference<T>(m, c, x, nullptr, gamma, beta, running_mean, running_var, eps, false, y);
+}
+
+// With xhat = (x - mean) * invstd and sums over the m rows of each channel:
+//   dbeta = sum(dy), dgamma = sum(dy * xhat),
+//   dx = gamma * invstd / m * (m * dy - sum(dy) - xhat * sum(dy * xhat)).
+template <typename T>
+void batchnorm_backward(int64_t m, int64_t c, const T* x, const T* dy, const T* gamma, const T* save_mean,
+                        const T* save_invstd, T* dx, T* dgamma, T* dbeta) {
+  backward_impl<T>(m, c, x, nullptr, dy, gamma, save_mean, save_invstd, dx, nullptr, dgamma, dbeta);
+}
+
+template <typename T>
+void batchnorm_add_relu_forward_training(int64_t m, int64_t c, const T* x, const T* residual, const T* gamma,
+                                         const T* beta, T eps, T momentum, T* running_mean, T* running_var, T* y,
+                                         T* save_mean, T* save_invstd) {
+  training_statistics(m, c, x, eps, momentum, running_mean, running_var, save_mean, save_invstd);
+  normalize(m, c, x, save_mean, save_invstd, gamma, beta, residual, true, y);
+}
+
+template <typename T>
+void batchnorm_add_relu_forward_inference(int64_t m, int64_t c, const T* x, const T* residual, const T* gamma,
+                                          const T* beta, const T* running_mean, const T* running_var, T eps, bool relu,
+                                          T* y) {
+  std::vector<T> invstd(c);
+  for (int64_t j = 0; j < c; ++j) invstd[j] = T(1.0 / std::sqrt(double(running_var[j]) + double(eps)));
+  normalize(m, c, x, running_mean, invstd.data(), gamma, beta, residual, relu, y);
+}
+
+template <typename T>
+void batchnorm_add_relu_backward(int64_t m, int64_t c, const T* x, const T* y, const T* dy, const T* gamma,
+                                 const T* save_mean, const T* save_invstd, T* dx, T* dresidual, T* dgamma, T* dbeta) {
+  backward_impl<T>(m, c, x, y, dy, gamma, save_mean, save_invstd, dx, dresidual, dgamma, dbeta);
 }
 
 #define SP_INSTANTIATE_BATCHNORM(T)                                                                                  \
@@ -113,7 +163,13 @@ void batchnorm_backward(int64_t m, int64_t c, const T* x, const T* dy, const T* 
                                               T*);                                                                   \
   template void batchnorm_forward_inference<T>(int64_t, int64_t, const T*, const T*, const T*, const T*, const T*,  \
                                                T, T*);                                                               \
-  template void batchnorm_backward<T>(int64_t, int64_t, const T*, const T*, const T*, const T*, const T*, T*, T*, T*);
+  template void batchnorm_backward<T>(int64_t, int64_t, const T*, const T*, const T*, const T*, const T*, T*, T*, T*); \
+  template void batchnorm_add_relu_forward_training<T>(int64_t, int64_t, const T*, const T*, const T*, const T*, T, \
+                                                       T, T*, T*, T*, T*, T*);                                       \
+  template void batchnorm_add_relu_forward_inference<T>(int64_t, int64_t, const T*, const T*, const T*, const T*,   \
+                                                        const T*, const T*, T, bool, T*);                            \
+  template void batchnorm_add_relu_backward<T>(int64_t, int64_t, const T*, const T*, const T*, const T*, const T*,  \
+                                               const T*, T*, T*, T*, T*);
 SP_INSTANTIATE_BATCHNORM(float)
 SP_INSTANTIATE_BATCHNORM(double)
 #undef SP_INSTANTIATE_BATCHNORM

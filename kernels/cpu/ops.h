@@ -49,6 +49,24 @@ template <typename T>
 void batchnorm_backward(int64_t m, int64_t c, const T* x, const T* dy, const T* gamma, const T* save_mean,
                         const T* save_invstd, T* dx, T* dgamma, T* dbeta);
 
+// Fused variants: y = relu(bn(x) + residual), residual nullable (then BN+ReLU). Bit-identical
+// to composing the unfused ops (batchnorm, add, relu_forward). The inference form makes the
+// ReLU optional so that it also serves the plain batchnorm_forward_inference.
+template <typename T>
+void batchnorm_add_relu_forward_training(int64_t m, int64_t c, const T* x, const T* residual /*nullable*/,
+                                         const T* gamma, const T* beta, T eps, T momentum, T* running_mean,
+                                         T* running_var, T* y, T* save_mean, T* save_invstd);
+template <typename T>
+void batchnorm_add_relu_forward_inference(int64_t m, int64_t c, const T* x, const T* residual /*nullable*/,
+                                          const T* gamma, const T* beta, const T* running_mean, const T* running_var,
+                                          T eps, bool relu, T* y);
+// Backward of the fused forward given its output y: g = dy where y > 0 else 0, then the
+// batchnorm_backward formulas with g for dy; dresidual = g (nullable; may alias dy).
+template <typename T>
+void batchnorm_add_relu_backward(int64_t m, int64_t c, const T* x, const T* y, const T* dy, const T* gamma,
+                                 const T* save_mean, const T* save_invstd, T* dx, T* dresidual /*nullable*/,
+                                 T* dgamma, T* dbeta);
+
 // ---- Elementwise -------------------------------------------------------------------------
 template <typename T>
 void relu_forward(int64_t n, const T* x, T* y);

@@ -8,6 +8,10 @@
 //   inference forward  one element pass.
 //   backward           one double reduction pass for sum(dy) and sum(dy * xhat), a warp per
 //                      channel for dgamma, dbeta and the per-channel coefficients, one element pass.
+// The fused BN+ReLU and BN+add+ReLU variants run the same passes: the residual add and the
+// ReLU happen in the forward's element pass, and the backward recomputes the ReLU mask from
+// the saved output y inside its reduction and element passes (which also write dresidual), so
+// fusion removes the separate add/relu passes and their round trips through memory.
 #include "kernels/cuda/column_reduce.cuh"
 #include "kernels/cuda/ops.h"
 
@@ -49,15 +53,22 @@ struct CentredSquareTerm {
   }
 };
 
-// acc[0] += dy, acc[1] += dy * xhat
+// The gradient reaching the normalisation: dy, or for the fused variants dy where the
+// forward output y > 0 else 0 (relu_backward's form).
+__device__ __forceinline__ float masked_grad(const float* y, const float* dy, int64_t i) {
+  return y == nullptr || y[i] > 0.f ? dy[i] : 0.f;
+}
+
+// acc[0] += g, acc[1] += g * xhat
 struct GradTerm {
   const float* x;
+  const float* y;  // null for the plain backward
   const float* dy;
   const float* mean;
   const float* invstd;
   int c;
   __device__ void operator()(int64_t i, int j, double* acc) const {
-    const double g = dy[i * c + j];
+    const double g = masked_grad(y, dy, i * c + j);
     const double xhat = (double(x[i * c + j]) - double(mean[j])) * double(invstd[j]);
     acc[0] += g;
     acc[1] += g * xhat;
@@ -108,37 +119,56 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 // ---- Element passes --------------------------------------------------------------------------
-__global__ void bn_normalize_kernel(int64_t total, int c, const float* x, const float* mean, const float* invstd,
-                                    const float* gamma, const float* beta, float* y) {
+// y = (x - mean) * gain + beta, then + residual (when non-null), then relu (when relu), in the
+// CPU reference's order; the branches are uniform across the grid.
+__device__ __forceinline__ float bn_output(float x, float mean, float gain, float beta, const float* residual,
+                                           int64_t i, bool relu) {
+  float v = (x - mean) * gain + beta;
+  if (residual != nullptr) v = v + residual[i];
+  if (relu) v = v < 0.f ? 0.f : v;  // NaN passes through, as in relu_forward
+  return v;
+}
+
+__global__ void bn_normalize_kernel(int64_t total, int c, const float* x, const float* residual, bool relu,
+                                    const float* mean, const float* invstd, const float* gamma, const float* beta,
+                                    float* y) {
   for_each_with_channel(total, c, [&](int64_t i, int j) {
     const float gain = gamma[j] * invstd[j];
-    y[i] = (x[i] - mean[j]) * gain + beta[j];
+    y[i] = bn_output(x[i], mean[j], gain, beta[j], residual, i, relu);
   });
 }
 
-__global__ void bn_inference_kernel(int64_t total, int c, const float* x, const float* gamma, const float* beta,
-                                    const float* running_mean, const float* running_var, float eps, float* y) {
+__global__ void bn_inference_kernel(int64_t total, int c, const float* x, const float* residual, bool relu,
+                                    const float* gamma, const float* beta, const float* running_mean,
+                                    const float* running_var, float eps, float* y) {
   for_each_with_channel(total, c, [&](int64_t i, int j) {
     const float invstd = float(1.0 / sqrt(double(running_var[j]) + double(eps)));
     const float gain = gamma[j] * invstd;
-    y[i] = (x[i] - running_mean[j]) * gain + beta[j];
+    y[i] = bn_output(x[i], running_mean[j], gain, beta[j], residual, i, relu);
   });
 }
 
-__global__ void bn_backward_dx_kernel(int64_t total, int c, const float* x, const float* dy, const float* save_mean,
-                                      const float* save_invstd, const float* coef, float* dx) {
+// dresidual (nullable) receives the masked gradient; it may alias dy (each element is read
+// before it is written, by the same thread).
+__global__ void bn_backward_dx_kernel(int64_t total, int c, const float* x, const float* y, const float* dy,
+                                      const float* save_mean, const float* save_invstd, const float* coef, float* dx,
+                                      float* dresidual) {
   for_each_with_channel(total, c, [&](int64_t i, int j) {
+    const float g = masked_grad(y, dy, i);
     const float xhat = (x[i] - save_mean[j]) * save_invstd[j];
-    dx[i] = coef[j] * (dy[i] - coef[c + j] - xhat * coef[2 * c + j]);
+    dx[i] = coef[j] * (g - coef[c + j] - xhat * coef[2 * c + j]);
+    if (dresidual != nullptr) dresidual[i] = g;
   });
 }
 
 }  // namespace
 
-void batchnorm_forward_training(int64_t m, int64_t c64, const float* x, const float* gamma, const float* beta,
-                                float eps, float momentum, float* running_mean, float* running_var, float* y,
-                                float* save_mean, float* save_invstd, cudaStream_t stream) {
-  const int c = checked_columns("batchnorm_forward_training", c64);
+namespace {
+
+void forward_training_impl(const char* op, int64_t m, int64_t c64, const float* x, const float* residual, bool relu,
+                           const float* gamma, const float* beta, float eps, float momentum, float* running_mean,
+                           float* running_var, float* y, float* save_mean, float* save_invstd, cudaStream_t stream) {
+  const int c = checked_columns(op, c64);
   const ReducePlan plan = plan_column_reduce(m);
   const size_t partial_doubles = size_t(plan.chunks) * size_t(c);
   Workspace ws(sizeof(double) * (partial_doubles + size_t(c)), stream);
@@ -154,41 +184,87 @@ void batchnorm_forward_training(int64_t m, int64_t c64, const float* x, const fl
   SP_CUDA_CHECK_LAUNCH();
   const int64_t total = m * c;
   if (total == 0) return;
-  bn_normalize_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, save_mean, save_invstd, gamma,
-                                                                             beta, y);
+  bn_normalize_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, residual, relu, save_mean,
+                                                                             save_invstd, gamma, beta, y);
   SP_CUDA_CHECK_LAUNCH();
 }
 
-void batchnorm_forward_inference(int64_t m, int64_t c64, const float* x, const float* gamma, const float* beta,
-                                 const float* running_mean, const float* running_var, float eps, float* y,
-                                 cudaStream_t stream) {
-  const int c = checked_columns("batchnorm_forward_inference", c64);
+void forward_inference_impl(const char* op, int64_t m, int64_t c64, const float* x, const float* residual, bool relu,
+                            const float* gamma, const float* beta, const float* running_mean, const float* running_var,
+                            float eps, float* y, cudaStream_t stream) {
+  const int c = checked_columns(op, c64);
   const int64_t total = m * c;
   if (total == 0) return;
-  bn_inference_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, gamma, beta, running_mean,
-                                                                             running_var, eps, y);
+  bn_inference_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, residual, relu, gamma, beta,
+                                                                             running_mean, running_var, eps, y);
   SP_CUDA_CHECK_LAUNCH();
 }
 
-void batchnorm_backward(int64_t m, int64_t c64, const float* x, const float* dy, const float* gamma,
-                        const float* save_mean, const float* save_invstd, float* dx, float* dgamma, float* dbeta,
-                        cudaStream_t stream) {
-  const int c = checked_columns("batchnorm_backward", c64);
+void backward_impl(const char* op, int64_t m, int64_t c64, const float* x, const float* y, const float* dy,
+                   const float* gamma, const float* save_mean, const float* save_invstd, float* dx, float* dresidual,
+                   float* dgamma, float* dbeta, cudaStream_t stream) {
+  const int c = checked_columns(op, c64);
   const ReducePlan plan = plan_column_reduce(m);
   const size_t partial_doubles = size_t(plan.chunks) * 2 * size_t(c);
   Workspace ws(sizeof(double) * partial_doubles + sizeof(float) * 3 * size_t(c), stream);
   double* partial = ws.as<double>();
   float* coef = reinterpret_cast<float*>(partial + partial_doubles);
 
-  column_partials<2>(m, c, plan, GradTerm{x, dy, save_mean, save_invstd, c}, partial, stream);
+  column_partials<2>(m, c, plan, GradTerm{x, y, dy, save_mean, save_invstd, c}, partial, stream);
   bn_backward_finalize_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(partial, plan.chunks, m, c, gamma,
                                                                                    save_invstd, dgamma, dbeta, coef);
   SP_CUDA_CHECK_LAUNCH();
   const int64_t total = m * c;
   if (total == 0) return;
-  bn_backward_dx_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, dy, save_mean, save_invstd,
-                                                                               coef, dx);
+  bn_backward_dx_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, y, dy, save_mean,
+                                                                               save_invstd, coef, dx, dresidual);
   SP_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void batchnorm_forward_training(int64_t m, int64_t c, const float* x, const float* gamma, const float* beta, float eps,
+                                float momentum, float* running_mean, float* running_var, float* y, float* save_mean,
+                                float* save_invstd, cudaStream_t stream) {
+  forward_training_impl("batchnorm_forward_training", m, c, x, nullptr, false, gamma, beta, eps, momentum,
+                        running_mean, running_var, y, save_mean, save_invstd, stream);
+}
+
+void batchnorm_forward_inference(int64_t m, int64_t c, const float* x, const float* gamma, const float* beta,
+                                 const float* running_mean, const float* running_var, float eps, float* y,
+                                 cudaStream_t stream) {
+  forward_inference_impl("batchnorm_forward_inference", m, c, x, nullptr, false, gamma, beta, running_mean,
+                         running_var, eps, y, stream);
+}
+
+void batchnorm_backward(int64_t m, int64_t c, const float* x, const float* dy, const float* gamma,
+                        const float* save_mean, const float* save_invstd, float* dx, float* dgamma, float* dbeta,
+                        cudaStream_t stream) {
+  backward_impl("batchnorm_backward", m, c, x, nullptr, dy, gamma, save_mean, save_invstd, dx, nullptr, dgamma, dbeta,
+                stream);
+}
+
+void batchnorm_add_relu_forward_training(int64_t m, int64_t c, const float* x, const float* residual,
+                                         const float* gamma, const float* beta, float eps, float momentum,
+                                         float* running_mean, float* running_var, float* y, float* save_mean,
+                                         float* save_invstd, cudaStream_t stream) {
+  forward_training_impl("batchnorm_add_relu_forward_training", m, c, x, residual, true, gamma, beta, eps, momentum,
+                        running_mean, running_var, y, save_mean, save_invstd, stream);
+}
+
+void batchnorm_add_relu_forward_inference(int64_t m, int64_t c, const float* x, const float* residual,
+                                          const float* gamma, const float* beta, const float* running_mean,
+                                          const float* running_var, float eps, bool relu, float* y,
+                                          cudaStream_t stream) {
+  forward_inference_impl("batchnorm_add_relu_forward_inference", m, c, x, residual, relu, gamma, beta, running_mean,
+                         running_var, eps, y, stream);
+}
+
+void batchnorm_add_relu_backward(int64_t m, int64_t c, const float* x, const float* y, const float* dy,
+                                 const float* gamma, const float* save_mean, const float* save_invstd, float* dx,
+                                 float* dresidual, float* dgamma, float* dbeta, cudaStream_t stream) {
+  backward_impl("batchnorm_add_relu_backward", m, c, x, y, dy, gamma, save_mean, save_invstd, dx, dresidual, dgamma,
+                dbeta, stream);
 }
 
 }  // namespace sp::kernels::cuda

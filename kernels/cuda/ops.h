@@ -53,6 +53,19 @@ void batchnorm_backward(int64_t m, int64_t c, const float* x, const float* dy, c
                         const float* save_mean, const float* save_invstd, float* dx, float* dgamma, float* dbeta,
                         cudaStream_t stream);
 
+// Fused BN+ReLU / BN+add+ReLU (residual nullable), as in the CPU reference.
+void batchnorm_add_relu_forward_training(int64_t m, int64_t c, const float* x, const float* residual,
+                                         const float* gamma, const float* beta, float eps, float momentum,
+                                         float* running_mean, float* running_var, float* y, float* save_mean,
+                                         float* save_invstd, cudaStream_t stream);
+void batchnorm_add_relu_forward_inference(int64_t m, int64_t c, const float* x, const float* residual,
+                                          const float* gamma, const float* beta, const float* running_mean,
+                                          const float* running_var, float eps, bool relu, float* y,
+                                          cudaStream_t stream);
+void batchnorm_add_relu_backward(int64_t m, int64_t c, const float* x, const float* y, const float* dy,
+                                 const float* gamma, const float* save_mean, const float* save_invstd, float* dx,
+                                 float* dresidual, float* dgamma, float* dbeta, cudaStream_t stream);
+
 // ---- Elementwise -------------------------------------------------------------------------
 void relu_forward(int64_t n, const float* x, float* y, cudaStream_t stream);
 void relu_backward(int64_t n, const float* y, const float* dy, float* dx, cudaStream_t stream);
