@@ -100,6 +100,71 @@ Conv2dShape conv_shape(const OpCheck& c, const Shape& x, const Shape& w, int str
   return sh;
 }
 
+
+bool is_bf16(const Tensor& t) { return t.defined() && t.dtype() == DType::BF16; }
+bool any_bf16(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (is_bf16(*t)) return true;
+  return false;
+}
+
+// The elementwise ops have CUDA kernels for bf16 (kernels/cuda/ops.h: *_bf16) when every
+// tensor is bf16.
+bool native_bf16_elementwise(const Stream& s, std::initializer_list<const Tensor*> ts) {
+  if (!s.device().is_cuda()) return false;
+  for (const Tensor* t : ts)
+    if (!is_bf16(*t)) return false;
+  return STALEPROP_WITH_CUDA != 0;
+}
+
+// The reference semantics of an op on bf16 tensors, for ops without a native bf16 kernel:
+// each bf16 argument is widened to an fp32 temporary (a cast on the stream), the fp32 op runs
+// on the temporaries, and each bf16 output is rounded back to nearest even (another cast).
+// An output that shares storage with an input (in-place ops) shares its temporary, in
+// whichever order in() and out() are called. Everything is ordered on the op's stream, and
+// the temporaries come from the caching allocator for that stream.
+class Bf16Widening {
+ public:
+  explicit Bf16Widening(Stream& s) : s_(s) {}
+  // An input: t itself unless bf16, else its widened copy.
+  Tensor in(const Tensor& t) {
+    if (!is_bf16(t)) return t;
+    Temp& tmp = temp_for(t);
+    if (!tmp.widened) {
+      cast(s_, t, tmp.f32);
+      tmp.widened = true;
+    }
+    return tmp.f32;
+  }
+  // An output (overwritten by the op): t itself unless bf16, else a temporary rounded into t
+  // by finish().
+  Tensor out(const Tensor& t) {
+    if (!is_bf16(t)) return t;
+    Temp& tmp = temp_for(t);
+    tmp.output = true;
+    return tmp.f32;
+  }
+  // Rounds every output back into its bf16 tensor; call after the fp32 op.
+  void finish() {
+    for (Temp& tmp : temps_)
+      if (tmp.output) cast(s_, tmp.f32, tmp.bf16);
+  }
+
+ private:
+  struct Temp {
+    Tensor bf16, f32;
+    bool widened = false, output = false;
+  };
+  Temp& temp_for(const Tensor& t) {
+    for (Temp& tmp : temps_)
+      if (tmp.bf16.raw_data() == t.raw_data() && tmp.bf16.shape() == t.shape()) return tmp;
+    temps_.push_back({t, Tensor::empty(t.shape(), DType::F32, t.device(), &s_)});
+    return temps_.back();
+  }
+  Stream& s_;
+  std::vector<Temp> temps_;
+};
+
 }  // namespace
 
 void set_kernel_backend(KernelBackend backend) { g_backend.store(backend); }
@@ -107,6 +172,16 @@ KernelBackend kernel_backend() { return g_backend.load(); }
 
 void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b, float beta,
           const Tensor& c) {
+  if (any_bf16({&a, &b, &c})) {
+    Bf16Widening wide(s);
+    const Tensor a32 = wide.in(a);
+    const Tensor b32 = wide.in(b);
+    const Tensor c32 = wide.in(c);
+    wide.out(c);
+    gemm(s, trans_a, trans_b, alpha, a32, b32, beta, c32);
+    wide.finish();
+    return;
+  }
   OpCheck chk("gemm", s);
   chk.tensor(a, "A", DType::F32, 2);
   chk.tensor(b, "B", DType::F32, 2);
@@ -142,6 +217,16 @@ Shape conv2d_output_shape(const Shape& x, const Shape& w, int stride, int pad) {
 
 void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, int stride,
                     int pad) {
+  if (any_bf16({&x, &w, &bias, &y})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor w32 = wide.in(w);
+    const Tensor bias32 = wide.in(bias);
+    const Tensor y32 = wide.out(y);
+    conv2d_forward(s, x32, w32, bias32, y32, stride, pad);
+    wide.finish();
+    return;
+  }
   OpCheck chk("conv2d_forward", s);
   chk.tensor(x, "x", DType::F32, 4);
   chk.tensor(w, "w", DType::F32, 4);
@@ -164,6 +249,15 @@ void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
 }
 
 void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Tensor& dx, int stride, int pad) {
+  if (any_bf16({&dy, &w, &dx})) {
+    Bf16Widening wide(s);
+    const Tensor dy32 = wide.in(dy);
+    const Tensor w32 = wide.in(w);
+    const Tensor dx32 = wide.out(dx);
+    conv2d_backward_data(s, dy32, w32, dx32, stride, pad);
+    wide.finish();
+    return;
+  }
   OpCheck chk("conv2d_backward_data", s);
   chk.tensor(dy, "dy", DType::F32, 4);
   chk.tensor(w, "w", DType::F32, 4);
@@ -185,6 +279,16 @@ void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Te
 
 void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dw, const Tensor& dbias,
                             int stride, int pad) {
+  if (any_bf16({&x, &dy, &dw, &dbias})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor dy32 = wide.in(dy);
+    const Tensor dw32 = wide.out(dw);
+    const Tensor dbias32 = wide.out(dbias);
+    conv2d_backward_weight(s, x32, dy32, dw32, dbias32, stride, pad);
+    wide.finish();
+    return;
+  }
   OpCheck chk("conv2d_backward_weight", s);
   chk.tensor(x, "x", DType::F32, 4);
   chk.tensor(dy, "dy", DType::F32, 4);
@@ -222,6 +326,22 @@ std::pair<int64_t, int64_t> bn_dims(const OpCheck& chk, const Tensor& x, std::in
 void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                                 const Tensor& running_mean, const Tensor& running_var, const Tensor& y,
                                 const Tensor& save_mean, const Tensor& save_invstd, float eps, float momentum) {
+  if (any_bf16({&x, &gamma, &beta, &running_mean, &running_var, &y, &save_mean, &save_invstd})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor gamma32 = wide.in(gamma);
+    const Tensor beta32 = wide.in(beta);
+    const Tensor running_mean32 = wide.in(running_mean);
+    wide.out(running_mean);
+    const Tensor running_var32 = wide.in(running_var);
+    wide.out(running_var);
+    const Tensor y32 = wide.out(y);
+    const Tensor save_mean32 = wide.out(save_mean);
+    const Tensor save_invstd32 = wide.out(save_invstd);
+    batchnorm_forward_training(s, x32, gamma32, beta32, running_mean32, running_var32, y32, save_mean32, save_invstd32, eps, momentum);
+    wide.finish();
+    return;
+  }
   OpCheck chk("batchnorm_forward_training", s);
   const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
                                        {&running_var, "running_var"}, {&save_mean, "save_mean"},
@@ -247,6 +367,18 @@ void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma,
 
 void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                                  const Tensor& running_mean, const Tensor& running_var, const Tensor& y, float eps) {
+  if (any_bf16({&x, &gamma, &beta, &running_mean, &running_var, &y})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor gamma32 = wide.in(gamma);
+    const Tensor beta32 = wide.in(beta);
+    const Tensor running_mean32 = wide.in(running_mean);
+    const Tensor running_var32 = wide.in(running_var);
+    const Tensor y32 = wide.out(y);
+    batchnorm_forward_inference(s, x32, gamma32, beta32, running_mean32, running_var32, y32, eps);
+    wide.finish();
+    return;
+  }
   OpCheck chk("batchnorm_forward_inference", s);
   const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
                                        {&running_var, "running_var"}});
@@ -271,6 +403,20 @@ void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma
 
 void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& save_mean,
                         const Tensor& save_invstd, const Tensor& dx, const Tensor& dgamma, const Tensor& dbeta) {
+  if (any_bf16({&x, &dy, &gamma, &save_mean, &save_invstd, &dx, &dgamma, &dbeta})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor dy32 = wide.in(dy);
+    const Tensor gamma32 = wide.in(gamma);
+    const Tensor save_mean32 = wide.in(save_mean);
+    const Tensor save_invstd32 = wide.in(save_invstd);
+    const Tensor dx32 = wide.out(dx);
+    const Tensor dgamma32 = wide.out(dgamma);
+    const Tensor dbeta32 = wide.out(dbeta);
+    batchnorm_backward(s, x32, dy32, gamma32, save_mean32, save_invstd32, dx32, dgamma32, dbeta32);
+    wide.finish();
+    return;
+  }
   OpCheck chk("batchnorm_backward", s);
   const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&save_mean, "save_mean"}, {&save_invstd, "save_invstd"},
                                        {&dgamma, "dgamma"}, {&dbeta, "dbeta"}});
@@ -295,27 +441,184 @@ void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tens
 #endif
 }
 
-void relu_forward(Stream& s, const Tensor& x, const Tensor& y) {
-  OpCheck chk("relu_forward", s);
-  chk.tensor(x, "x", DType::F32);
+void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tensor& residual, const Tensor& gamma,
+                                         const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
+                                         const Tensor& y, const Tensor& save_mean, const Tensor& save_invstd,
+                                         float eps, float momentum) {
+  if (any_bf16({&x, &residual, &gamma, &beta, &running_mean, &running_var, &y, &save_mean, &save_invstd})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor residual32 = wide.in(residual);
+    const Tensor gamma32 = wide.in(gamma);
+    const Tensor beta32 = wide.in(beta);
+    const Tensor running_mean32 = wide.in(running_mean);
+    wide.out(running_mean);
+    const Tensor running_var32 = wide.in(running_var);
+    wide.out(running_var);
+    const Tensor y32 = wide.out(y);
+    const Tensor save_mean32 = wide.out(save_mean);
+    const Tensor save_invstd32 = wide.out(save_invstd);
+    batchnorm_add_relu_forward_training(s, x32, residual32, gamma32, beta32, running_mean32, running_var32, y32, save_mean32, save_invstd32, eps, momentum);
+    wide.finish();
+    return;
+  }
+  OpCheck chk("batchnorm_add_relu_forward_training", s);
+  const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
+                                       {&running_var, "running_var"}, {&save_mean, "save_mean"},
+                                       {&save_invstd, "save_invstd"}});
+  chk.optional(residual, "residual", DType::F32, x.shape(), "x");
   chk.tensor(y, "y", DType::F32);
+  chk.shape(y, "y", x.shape(), "x");
+  if (on_cpu(s)) {
+    s.enqueue_host([=, m = m, c = c] {
+      kc::batchnorm_add_relu_forward_training<float>(
+          m, c, x.data<float>(), ptr_or_null<float>(residual), gamma.data<float>(), beta.data<float>(), eps, momentum,
+          running_mean.data<float>(), running_var.data<float>(), y.data<float>(), save_mean.data<float>(),
+          save_invstd.data<float>());
+    });
+    return;
+  }
+#if STALEPROP_WITH_CUDA
+  kcu::batchnorm_add_relu_forward_training(m, c, x.data<float>(), ptr_or_null<float>(residual), gamma.data<float>(),
+                                           beta.data<float>(), eps, momentum, running_mean.data<float>(),
+                                           running_var.data<float>(), y.data<float>(), save_mean.data<float>(),
+                                           save_invstd.data<float>(), cuda_stream(s));
+#else
+  chk.no_cuda_kernel();
+#endif
+}
+
+void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tensor& residual, const Tensor& gamma,
+                                          const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
+                                          const Tensor& y, float eps) {
+  if (any_bf16({&x, &residual, &gamma, &beta, &running_mean, &running_var, &y})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor residual32 = wide.in(residual);
+    const Tensor gamma32 = wide.in(gamma);
+    const Tensor beta32 = wide.in(beta);
+    const Tensor running_mean32 = wide.in(running_mean);
+    const Tensor running_var32 = wide.in(running_var);
+    const Tensor y32 = wide.out(y);
+    batchnorm_add_relu_forward_inference(s, x32, residual32, gamma32, beta32, running_mean32, running_var32, y32, eps);
+    wide.finish();
+    return;
+  }
+  OpCheck chk("batchnorm_add_relu_forward_inference", s);
+  const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
+                                       {&running_var, "running_var"}});
+  chk.optional(residual, "residual", DType::F32, x.shape(), "x");
+  chk.tensor(y, "y", DType::F32);
+  chk.shape(y, "y", x.shape(), "x");
+  if (on_cpu(s)) {
+    s.enqueue_host([=, m = m, c = c] {
+      kc::batchnorm_add_relu_forward_inference<float>(m, c, x.data<float>(), ptr_or_null<float>(residual),
+                                                      gamma.data<float>(), beta.data<float>(),
+                                                      running_mean.data<float>(), running_var.data<float>(), eps,
+                                                      true, y.data<float>());
+    });
+    return;
+  }
+#if STALEPROP_WITH_CUDA
+  kcu::batchnorm_add_relu_forward_inference(m, c, x.data<float>(), ptr_or_null<float>(residual), gamma.data<float>(),
+                                            beta.data<float>(), running_mean.data<float>(), running_var.data<float>(),
+                                            eps, true, y.data<float>(), cuda_stream(s));
+#else
+  chk.no_cuda_kernel();
+#endif
+}
+
+void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, const Tensor& dy, const Tensor& gamma,
+                                 const Tensor& save_mean, const Tensor& save_invstd, const Tensor& dx,
+                                 const Tensor& dresidual, const Tensor& dgamma, const Tensor& dbeta) {
+  if (any_bf16({&x, &y, &dy, &gamma, &save_mean, &save_invstd, &dx, &dresidual, &dgamma, &dbeta})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor y32 = wide.in(y);
+    const Tensor dy32 = wide.in(dy);
+    const Tensor gamma32 = wide.in(gamma);
+    const Tensor save_mean32 = wide.in(save_mean);
+    const Tensor save_invstd32 = wide.in(save_invstd);
+    const Tensor dx32 = wide.out(dx);
+    const Tensor dresidual32 = wide.out(dresidual);
+    const Tensor dgamma32 = wide.out(dgamma);
+    const Tensor dbeta32 = wide.out(dbeta);
+    batchnorm_add_relu_backward(s, x32, y32, dy32, gamma32, save_mean32, save_invstd32, dx32, dresidual32, dgamma32, dbeta32);
+    wide.finish();
+    return;
+  }
+  OpCheck chk("batchnorm_add_relu_backward", s);
+  const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&save_mean, "save_mean"}, {&save_invstd, "save_invstd"},
+                                       {&dgamma, "dgamma"}, {&dbeta, "dbeta"}});
+  for (auto [t, name] : {std::pair{&y, "y"}, {&dy, "dy"}, {&dx, "dx"}}) {
+    chk.tensor(*t, name, DType::F32);
+    chk.shape(*t, name, x.shape(), "x");
+  }
+  chk.optional(dresidual, "dresidual", DType::F32, x.shape(), "x");
+  if (on_cpu(s)) {
+    s.enqueue_host([=, m = m, c = c] {
+      kc::batchnorm_add_relu_backward<float>(m, c, x.data<float>(), y.data<float>(), dy.data<float>(),
+                                             gamma.data<float>(), save_mean.data<float>(), save_invstd.data<float>(),
+                                             dx.data<float>(), ptr_or_null<float>(dresidual), dgamma.data<float>(),
+                                             dbeta.data<float>());
+    });
+    return;
+  }
+#if STALEPROP_WITH_CUDA
+  kcu::batchnorm_add_relu_backward(m, c, x.data<float>(), y.data<float>(), dy.data<float>(), gamma.data<float>(),
+                                   save_mean.data<float>(), save_invstd.data<float>(), dx.data<float>(),
+                                   ptr_or_null<float>(dresidual), dgamma.data<float>(), dbeta.data<float>(),
+                                   cuda_stream(s));
+#else
+  chk.no_cuda_kernel();
+#endif
+}
+
+void relu_forward(Stream& s, const Tensor& x, const Tensor& y) {
+  if (any_bf16({&x, &y}) && !native_bf16_elementwise(s, {&x, &y})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor y32 = wide.out(y);
+    relu_forward(s, x32, y32);
+    wide.finish();
+    return;
+  }
+  OpCheck chk("relu_forward", s);
+  // f32 everywhere, or (native_bf16_elementwise) bf16 everywhere on a CUDA stream.
+  const DType dt = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
+  chk.tensor(x, "x", dt);
+  chk.tensor(y, "y", dt);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
     s.enqueue_host([=] { kc::relu_forward<float>(x.numel(), x.data<float>(), y.data<float>()); });
     return;
   }
 #if STALEPROP_WITH_CUDA
-  kcu::relu_forward(x.numel(), x.data<float>(), y.data<float>(), cuda_stream(s));
+  if (dt == DType::BF16)
+    kcu::relu_forward_bf16(x.numel(), x.data<uint16_t>(), y.data<uint16_t>(), cuda_stream(s));
+  else
+    kcu::relu_forward(x.numel(), x.data<float>(), y.data<float>(), cuda_stream(s));
 #else
   chk.no_cuda_kernel();
 #endif
 }
 
 void relu_backward(Stream& s, const Tensor& y, const Tensor& dy, const Tensor& dx) {
+  if (any_bf16({&y, &dy, &dx}) && !native_bf16_elementwise(s, {&y, &dy, &dx})) {
+    Bf16Widening wide(s);
+    const Tensor y32 = wide.in(y);
+    const Tensor dy32 = wide.in(dy);
+    const Tensor dx32 = wide.out(dx);
+    relu_backward(s, y32, dy32, dx32);
+    wide.finish();
+    return;
+  }
   OpCheck chk("relu_backward", s);
-  chk.tensor(y, "y", DType::F32);
-  chk.tensor(dy, "dy", DType::F32);
-  chk.tensor(dx, "dx", DType::F32);
+  // f32 everywhere, or (native_bf16_elementwise) bf16 everywhere on a CUDA stream.
+  const DType dt = y.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
+  chk.tensor(y, "y", dt);
+  chk.tensor(dy, "dy", dt);
+  chk.tensor(dx, "dx", dt);
   chk.shape(dy, "dy", y.shape(), "y");
   chk.shape(dx, "dx", y.shape(), "y");
   if (on_cpu(s)) {
@@ -323,17 +626,31 @@ void relu_backward(Stream& s, const Tensor& y, const Tensor& dy, const Tensor& d
     return;
   }
 #if STALEPROP_WITH_CUDA
-  kcu::relu_backward(y.numel(), y.data<float>(), dy.data<float>(), dx.data<float>(), cuda_stream(s));
+  if (dt == DType::BF16)
+    kcu::relu_backward_bf16(y.numel(), y.data<uint16_t>(), dy.data<uint16_t>(), dx.data<uint16_t>(), cuda_stream(s));
+  else
+    kcu::relu_backward(y.numel(), y.data<float>(), dy.data<float>(), dx.data<float>(), cuda_stream(s));
 #else
   chk.no_cuda_kernel();
 #endif
 }
 
 void add(Stream& s, const Tensor& a, const Tensor& b, const Tensor& y) {
+  if (any_bf16({&a, &b, &y}) && !native_bf16_elementwise(s, {&a, &b, &y})) {
+    Bf16Widening wide(s);
+    const Tensor a32 = wide.in(a);
+    const Tensor b32 = wide.in(b);
+    const Tensor y32 = wide.out(y);
+    add(s, a32, b32, y32);
+    wide.finish();
+    return;
+  }
   OpCheck chk("add", s);
-  chk.tensor(a, "a", DType::F32);
-  chk.tensor(b, "b", DType::F32);
-  chk.tensor(y, "y", DType::F32);
+  // f32 everywhere, or (native_bf16_elementwise) bf16 everywhere on a CUDA stream.
+  const DType dt = a.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
+  chk.tensor(a, "a", dt);
+  chk.tensor(b, "b", dt);
+  chk.tensor(y, "y", dt);
   chk.shape(b, "b", a.shape(), "a");
   chk.shape(y, "y", a.shape(), "a");
   if (on_cpu(s)) {
@@ -341,23 +658,39 @@ void add(Stream& s, const Tensor& a, const Tensor& b, const Tensor& y) {
     return;
   }
 #if STALEPROP_WITH_CUDA
-  kcu::add(a.numel(), a.data<float>(), b.data<float>(), y.data<float>(), cuda_stream(s));
+  if (dt == DType::BF16)
+    kcu::add_bf16(a.numel(), a.data<uint16_t>(), b.data<uint16_t>(), y.data<uint16_t>(), cuda_stream(s));
+  else
+    kcu::add(a.numel(), a.data<float>(), b.data<float>(), y.data<float>(), cuda_stream(s));
 #else
   chk.no_cuda_kernel();
 #endif
 }
 
 void scale(Stream& s, float alpha, const Tensor& x, const Tensor& y) {
+  if (any_bf16({&x, &y}) && !native_bf16_elementwise(s, {&x, &y})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor y32 = wide.out(y);
+    scale(s, alpha, x32, y32);
+    wide.finish();
+    return;
+  }
   OpCheck chk("scale", s);
-  chk.tensor(x, "x", DType::F32);
-  chk.tensor(y, "y", DType::F32);
+  // f32 everywhere, or (native_bf16_elementwise) bf16 everywhere on a CUDA stream.
+  const DType dt = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
+  chk.tensor(x, "x", dt);
+  chk.tensor(y, "y", dt);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
     s.enqueue_host([=] { kc::scale<float>(x.numel(), alpha, x.data<float>(), y.data<float>()); });
     return;
   }
 #if STALEPROP_WITH_CUDA
-  kcu::scale(x.numel(), alpha, x.data<float>(), y.data<float>(), cuda_stream(s));
+  if (dt == DType::BF16)
+    kcu::scale_bf16(x.numel(), alpha, x.data<uint16_t>(), y.data<uint16_t>(), cuda_stream(s));
+  else
+    kcu::scale(x.numel(), alpha, x.data<float>(), y.data<float>(), cuda_stream(s));
 #else
   chk.no_cuda_kernel();
 #endif
@@ -429,6 +762,14 @@ void cast(Stream& s, const Tensor& src, const Tensor& dst) {
 }
 
 void shortcut_a_forward(Stream& s, const Tensor& x, const Tensor& y, int stride) {
+  if (any_bf16({&x, &y})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor y32 = wide.out(y);
+    shortcut_a_forward(s, x32, y32, stride);
+    wide.finish();
+    return;
+  }
   OpCheck chk("shortcut_a_forward", s);
   chk.tensor(x, "x", DType::F32, 4);
   chk.tensor(y, "y", DType::F32, 4);
@@ -448,6 +789,14 @@ void shortcut_a_forward(Stream& s, const Tensor& x, const Tensor& y, int stride)
 }
 
 void shortcut_a_backward(Stream& s, const Tensor& dy, const Tensor& dx, int stride) {
+  if (any_bf16({&dy, &dx})) {
+    Bf16Widening wide(s);
+    const Tensor dy32 = wide.in(dy);
+    const Tensor dx32 = wide.out(dx);
+    shortcut_a_backward(s, dy32, dx32, stride);
+    wide.finish();
+    return;
+  }
   OpCheck chk("shortcut_a_backward", s);
   chk.tensor(dy, "dy", DType::F32, 4);
   chk.tensor(dx, "dx", DType::F32, 4);
@@ -476,6 +825,14 @@ Pool2dShape pool_shape(const OpCheck& chk, const Tensor& x, int window, int stri
 }  // namespace
 
 void maxpool2d_forward(Stream& s, const Tensor& x, const Tensor& y, int window, int stride, int pad) {
+  if (any_bf16({&x, &y})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor y32 = wide.out(y);
+    maxpool2d_forward(s, x32, y32, window, stride, pad);
+    wide.finish();
+    return;
+  }
   OpCheck chk("maxpool2d_forward", s);
   chk.tensor(x, "x", DType::F32, 4);
   chk.tensor(y, "y", DType::F32, 4);
@@ -494,6 +851,15 @@ void maxpool2d_forward(Stream& s, const Tensor& x, const Tensor& y, int window, 
 
 void maxpool2d_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dx, int window, int stride,
                         int pad) {
+  if (any_bf16({&x, &dy, &dx})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor dy32 = wide.in(dy);
+    const Tensor dx32 = wide.out(dx);
+    maxpool2d_backward(s, x32, dy32, dx32, window, stride, pad);
+    wide.finish();
+    return;
+  }
   OpCheck chk("maxpool2d_backward", s);
   chk.tensor(x, "x", DType::F32, 4);
   chk.tensor(dy, "dy", DType::F32, 4);
@@ -513,6 +879,14 @@ void maxpool2d_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tens
 }
 
 void global_avgpool_forward(Stream& s, const Tensor& x, const Tensor& y) {
+  if (any_bf16({&x, &y})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor y32 = wide.out(y);
+    global_avgpool_forward(s, x32, y32);
+    wide.finish();
+    return;
+  }
   OpCheck chk("global_avgpool_forward", s);
   chk.tensor(x, "x", DType::F32, 4);
   chk.tensor(y, "y", DType::F32, 2);
@@ -530,6 +904,14 @@ void global_avgpool_forward(Stream& s, const Tensor& x, const Tensor& y) {
 }
 
 void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx) {
+  if (any_bf16({&dy, &dx})) {
+    Bf16Widening wide(s);
+    const Tensor dy32 = wide.in(dy);
+    const Tensor dx32 = wide.out(dx);
+    global_avgpool_backward(s, dy32, dx32);
+    wide.finish();
+    return;
+  }
   OpCheck chk("global_avgpool_backward", s);
   chk.tensor(dy, "dy", DType::F32, 2);
   chk.tensor(dx, "dx", DType::F32, 4);
@@ -547,6 +929,16 @@ void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx) {
 }
 
 void linear_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y) {
+  if (any_bf16({&x, &w, &b, &y})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor w32 = wide.in(w);
+    const Tensor b32 = wide.in(b);
+    const Tensor y32 = wide.out(y);
+    linear_forward(s, x32, w32, b32, y32);
+    wide.finish();
+    return;
+  }
   OpCheck chk("linear_forward", s);
   chk.tensor(x, "x", DType::F32, 2);
   chk.tensor(w, "w", DType::F32, 2);
@@ -573,6 +965,18 @@ void linear_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
 
 void linear_backward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor& dx,
                      const Tensor& dw, const Tensor& db) {
+  if (any_bf16({&x, &w, &dy, &dx, &dw, &db})) {
+    Bf16Widening wide(s);
+    const Tensor x32 = wide.in(x);
+    const Tensor w32 = wide.in(w);
+    const Tensor dy32 = wide.in(dy);
+    const Tensor dx32 = wide.out(dx);
+    const Tensor dw32 = wide.out(dw);
+    const Tensor db32 = wide.out(db);
+    linear_backward(s, x32, w32, dy32, dx32, dw32, db32);
+    wide.finish();
+    return;
+  }
   OpCheck chk("linear_backward", s);
   chk.tensor(x, "x", DType::F32, 2);
   chk.tensor(w, "w", DType::F32, 2);
@@ -600,6 +1004,15 @@ void linear_backward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& 
 
 void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels, float smoothing, const Tensor& loss,
                            const Tensor& dlogits, const Tensor& correct) {
+  if (any_bf16({&logits, &loss, &dlogits})) {
+    Bf16Widening wide(s);
+    const Tensor logits32 = wide.in(logits);
+    const Tensor loss32 = wide.out(loss);
+    const Tensor dlogits32 = wide.out(dlogits);
+    softmax_cross_entropy(s, logits32, labels, smoothing, loss32, dlogits32, correct);
+    wide.finish();
+    return;
+  }
   OpCheck chk("softmax_cross_entropy", s);
   chk.tensor(logits, "logits", DType::F32, 2);
   chk.tensor(labels, "labels", DType::I32, 1);

@@ -54,6 +54,21 @@ void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma
 void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& save_mean,
                         const Tensor& save_invstd, const Tensor& dx, const Tensor& dgamma, const Tensor& dbeta);
 
+// Fused BN+ReLU and BN+add+ReLU: y = relu(bn(x) + residual), residual optional (undefined:
+// BN+ReLU). Results are bit-identical to composing batchnorm_*, add and relu_* on the CPU.
+void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tensor& residual, const Tensor& gamma,
+                                         const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
+                                         const Tensor& y, const Tensor& save_mean, const Tensor& save_invstd,
+                                         float eps, float momentum);
+void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tensor& residual, const Tensor& gamma,
+                                          const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
+                                          const Tensor& y, float eps);
+// Backward from the fused forward's output y: dx, dgamma, dbeta, and dresidual (optional; the
+// gradient of the residual input, which may be dy itself: dy is then consumed).
+void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, const Tensor& dy, const Tensor& gamma,
+                                 const Tensor& save_mean, const Tensor& save_invstd, const Tensor& dx,
+                                 const Tensor& dresidual, const Tensor& dgamma, const Tensor& dbeta);
+
 // ---- Elementwise ---------------------------------------------------------------------------
 void relu_forward(Stream& s, const Tensor& x, const Tensor& y);
 void relu_backward(Stream& s, const Tensor& y, const Tensor& dy, const Tensor& dx);

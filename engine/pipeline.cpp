@@ -193,7 +193,7 @@ void PipelineTrainer::send(Stage& st, Queue& q, int64_t tick, int64_t batch, con
   Slot& slot = q.slots[tick % 2];
   Stream& s = *st.stream;
   s.wait(*slot.freed);  // the consumer has copied out the message of two ticks ago
-  const bool grow = !slot.data.defined() || slot.data.numel() < data.numel() ||
+  const bool grow = !slot.data.defined() || slot.data.numel() < data.numel() || slot.data.dtype() != data.dtype() ||
                     (labels.defined() && (!slot.labels.defined() || slot.labels.numel() < labels.numel()));
   if (grow) {
     slot.freed->synchronize();  // the old buffers' last read is done before they are released
@@ -213,7 +213,7 @@ bool PipelineTrainer::receive(Stage& st, Queue& q, int64_t written_tick, bool wi
   if (slot.tick != written_tick) return false;  // nothing was sent at that tick
   Stream& s = *st.stream;
   s.wait(*slot.ready);
-  *data = new_activation(s, slot.shape);
+  *data = new_activation(s, slot.shape, slot.data.dtype());
   ops::copy(s, slot_view(slot.data, slot.shape), *data);
   if (with_labels) {
     *labels = new_activation(s, {slot.shape[0]}, DType::I32);
@@ -238,9 +238,8 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
       source_done = true;
       return;
     }
-    in.data = new_activation(s, xs.shape());
+    in.data = network_input(s, xs, cfg_.activation_dtype);
     in.labels = new_activation(s, ys.shape(), DType::I32);
-    ops::copy(s, xs, in.data);
     ops::copy(s, ys, in.labels);
     s.record(*st.input_copied);
     in.batch = next_batch_++;
@@ -276,7 +275,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   // Module K: the loss and its gradient, then the backward of the same batch at once.
   SP_CHECK(h.dim() == 2, "pipeline: the last module must produce [N, classes] logits, got ", h.str());
   PendingLoss pl{new_activation(s, {1}), new_activation(s, {1}, DType::I32), h.size(0)};
-  Tensor dlogits = new_activation(s, h.shape());
+  Tensor dlogits = new_activation(s, h.shape(), h.dtype());
   ops::softmax_cross_entropy(s, h, in.labels, cfg_.label_smoothing, pl.loss, dlogits, pl.correct);
   st.pending.push_back(pl);
   backward_and_step(k, tick, dlogits, lr);
@@ -429,15 +428,14 @@ StepStats PipelineTrainer::evaluate(const BatchSource& source) {
     first.input_copied->synchronize();
     if (!source(&xs, &ys)) break;
     Stream* s = first.stream.get();
-    Tensor h = new_activation(*s, xs.shape()), labels = new_activation(*s, ys.shape(), DType::I32);
-    ops::copy(*s, xs, h);
+    Tensor h = network_input(*s, xs, cfg_.activation_dtype), labels = new_activation(*s, ys.shape(), DType::I32);
     ops::copy(*s, ys, labels);
     s->record(*first.input_copied);
     for (auto& st : stages_) {
       if (!one_device && st->index > 0) {
         s->synchronize();
         s = st->stream.get();
-        Tensor moved = new_activation(*s, h.shape()), moved_labels = new_activation(*s, labels.shape(), DType::I32);
+        Tensor moved = new_activation(*s, h.shape(), h.dtype()), moved_labels = new_activation(*s, labels.shape(), DType::I32);
         ops::copy(*s, h, moved);
         ops::copy(*s, labels, moved_labels);
         h = moved, labels = moved_labels;
@@ -445,7 +443,7 @@ StepStats PipelineTrainer::evaluate(const BatchSource& source) {
       for (size_t b = st->first; b < st->last; ++b) h = net_.block(b).forward(*s, h, scratch[b]);
     }
     PendingLoss pl{new_activation(*s, {1}), new_activation(*s, {1}, DType::I32), h.size(0)};
-    Tensor dlogits = new_activation(*s, h.shape());
+    Tensor dlogits = new_activation(*s, h.shape(), h.dtype());
     ops::softmax_cross_entropy(*s, h, labels, 0.f, pl.loss, dlogits, pl.correct);
     pending.push_back(pl);
   }

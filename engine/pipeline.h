@@ -59,6 +59,9 @@ struct PipelineConfig {
   bool recompute = false;
   // PipeDream-style: back-propagate each batch through the weights its forward used.
   bool weight_stash = false;
+  // F32, or BF16 for mixed precision: bf16 activations and gradients (also in the queues),
+  // bf16 weight copies, fp32 master weights.
+  DType activation_dtype = DType::F32;
 };
 
 // What a tick did, for tests and for traces: module m (0-based) forwarded or back-propagated

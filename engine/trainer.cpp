@@ -5,11 +5,23 @@
 
 namespace sp {
 
-BackpropTrainer::BackpropTrainer(Network& net, Sgd& opt, Stream& s, float label_smoothing)
+Tensor network_input(Stream& s, const Tensor& x, DType activation_dtype) {
+  SP_CHECK(activation_dtype == DType::F32 || activation_dtype == DType::BF16,
+           "activations must be f32 or bf16, got ", dtype_name(activation_dtype));
+  Tensor d = new_activation(s, x.shape(), x.dtype());
+  ops::copy(s, x, d);
+  if (activation_dtype == x.dtype()) return d;
+  Tensor r = new_activation(s, x.shape(), activation_dtype);
+  ops::cast(s, d, r);
+  return r;
+}
+
+BackpropTrainer::BackpropTrainer(Network& net, Sgd& opt, Stream& s, float label_smoothing, DType activation_dtype)
     : net_(net),
       opt_(opt),
       s_(s),
       smoothing_(label_smoothing),
+      dtype_(activation_dtype),
       contexts_(net.size()),
       input_consumed_(make_event(s.device())) {}
 
@@ -21,12 +33,12 @@ Tensor BackpropTrainer::input_copy(const Tensor& t) {
 
 Tensor BackpropTrainer::forward_loss(const Tensor& x, const Tensor& labels, bool training) {
   net_.set_training(training);
-  Tensor h = input_copy(x), y = input_copy(labels);
+  Tensor h = network_input(s_, x, dtype_), y = input_copy(labels);
   s_.record(*input_consumed_);
   for (size_t i = 0; i < net_.size(); ++i) h = net_.block(i).forward(s_, h, contexts_[i]);
   SP_CHECK(h.dim() == 2, "the network must end in [N, classes] logits, got ", h.str());
   PendingLoss p{new_activation(s_, {1}), new_activation(s_, {1}, DType::I32), h.size(0)};
-  Tensor dlogits = new_activation(s_, h.shape());
+  Tensor dlogits = new_activation(s_, h.shape(), h.dtype());
   ops::softmax_cross_entropy(s_, h, y, smoothing_, p.loss, dlogits, p.correct);
   pending_.push_back(p);
   return dlogits;

@@ -33,9 +33,15 @@ struct PendingLoss {
 // them), waits for s, and sums them up. `pending` is left empty.
 StepStats collect_losses(Stream& s, std::vector<PendingLoss>& pending);
 
+// x (f32, on any device) as the network's input on s's device, in the activation dtype:
+// f32, or bf16 for mixed precision (rounded to nearest even).
+Tensor network_input(Stream& s, const Tensor& x, DType activation_dtype);
+
 class BackpropTrainer {
  public:
-  BackpropTrainer(Network& net, Sgd& opt, Stream& s, float label_smoothing);
+  // activation_dtype: F32, or BF16 for mixed precision (bf16 activations and gradients, bf16
+  // weight copies, fp32 master weights, statistics and reductions).
+  BackpropTrainer(Network& net, Sgd& opt, Stream& s, float label_smoothing, DType activation_dtype = DType::F32);
 
   // Enqueues one training step on the batch (x f32 [B,H,W,C], labels i32 [B], on the host or
   // on the stream's device). Statistics are read back by drain_stats().
@@ -58,6 +64,7 @@ class BackpropTrainer {
   Sgd& opt_;
   Stream& s_;
   float smoothing_;
+  DType dtype_;
   std::vector<Context> contexts_;
   std::vector<PendingLoss> pending_;
   std::unique_ptr<Event> input_consumed_;

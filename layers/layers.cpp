@@ -27,6 +27,15 @@ void kaiming_normal(Tensor& t, int64_t fan_in, Rng& rng) {
   for (int64_t i = 0; i < t.numel(); ++i) t.at<float>(i) = n(rng);
 }
 
+// The weight in the activations' dtype: the fp32 master itself, or a bf16 copy rounded on s
+// (mixed precision: bf16 weight copies, fp32 master weights and gradients).
+Tensor weight_for(Stream& s, const Tensor& master, DType activation_dtype) {
+  if (master.dtype() == activation_dtype) return master;
+  Tensor w = new_activation(s, master.shape(), activation_dtype);
+  ops::cast(s, master, w);
+  return w;
+}
+
 }  // namespace
 
 // ---- Conv2d ---------------------------------------------------------------------------------
@@ -43,8 +52,8 @@ Conv2d::Conv2d(int in_channels, int out_channels, int kernel, int stride, int pa
 
 Tensor Conv2d::forward(Stream& s, const Tensor& x, Context& ctx) {
   ctx.clear();
-  Tensor y = new_activation(s, ops::conv2d_output_shape(x.shape(), weight.value.shape(), stride, pad));
-  ops::conv2d_forward(s, x, weight.value, bias.value, y, stride, pad);
+  Tensor y = new_activation(s, ops::conv2d_output_shape(x.shape(), weight.value.shape(), stride, pad), x.dtype());
+  ops::conv2d_forward(s, x, weight_for(s, weight.value, x.dtype()), bias.value, y, stride, pad);
   if (training_) ctx.saved = {x};
   return y;
 }
@@ -55,8 +64,8 @@ Tensor Conv2d::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx)
   ops::conv2d_backward_weight(s, x, dy, weight.grad, bias.grad, stride, pad);
   Tensor dx;
   if (need_dx) {
-    dx = new_activation(s, x.shape());
-    ops::conv2d_backward_data(s, dy, weight.value, dx, stride, pad);
+    dx = new_activation(s, x.shape(), dy.dtype());
+    ops::conv2d_backward_data(s, dy, weight_for(s, weight.value, dy.dtype()), dx, stride, pad);
   }
   return dx;
 }
@@ -68,7 +77,8 @@ void Conv2d::collect(const std::string& prefix, ModuleState& st) {
 
 // ---- BatchNorm2d ----------------------------------------------------------------------------
 
-BatchNorm2d::BatchNorm2d(int channels, float eps, float momentum) : eps(eps), momentum(momentum) {
+BatchNorm2d::BatchNorm2d(int channels, bool fuse_relu, float eps, float momentum)
+    : fuse_relu(fuse_relu), eps(eps), momentum(momentum) {
   gamma = make_param({channels});
   beta = make_param({channels});
   fill_constant(gamma.value, 1.f);
@@ -80,26 +90,59 @@ BatchNorm2d::BatchNorm2d(int channels, float eps, float momentum) : eps(eps), mo
 }
 
 Tensor BatchNorm2d::forward(Stream& s, const Tensor& x, Context& ctx) {
+  return forward_impl(s, x, Tensor(), fuse_relu, ctx);
+}
+
+Tensor BatchNorm2d::forward_add_relu(Stream& s, const Tensor& x, const Tensor& residual, Context& ctx) {
+  return forward_impl(s, x, residual, true, ctx);
+}
+
+// Saves {x, mean, invstd} for the plain BN and {x, mean, invstd, y} for the fused variants,
+// whose backward recomputes the ReLU mask from y.
+Tensor BatchNorm2d::forward_impl(Stream& s, const Tensor& x, const Tensor& residual, bool relu, Context& ctx) {
   ctx.clear();
-  Tensor y = new_activation(s, x.shape());
+  Tensor y = new_activation(s, x.shape(), x.dtype());
+  const bool fused = relu || residual.defined();
   if (!training_) {
-    ops::batchnorm_forward_inference(s, x, gamma.value, beta.value, running_mean, running_var, y, eps);
+    if (fused)
+      ops::batchnorm_add_relu_forward_inference(s, x, residual, gamma.value, beta.value, running_mean, running_var, y,
+                                                eps);
+    else
+      ops::batchnorm_forward_inference(s, x, gamma.value, beta.value, running_mean, running_var, y, eps);
     return y;
   }
   const Shape c = {x.size(3)};
   Tensor mean = new_activation(s, c), invstd = new_activation(s, c);
-  ops::batchnorm_forward_training(s, x, gamma.value, beta.value, running_mean, running_var, y, mean, invstd, eps,
-                                  momentum);
+  if (fused) {
+    ops::batchnorm_add_relu_forward_training(s, x, residual, gamma.value, beta.value, running_mean, running_var, y,
+                                             mean, invstd, eps, momentum);
+    ctx.saved = {x, mean, invstd, y};
+  } else {
+    ops::batchnorm_forward_training(s, x, gamma.value, beta.value, running_mean, running_var, y, mean, invstd, eps,
+                                    momentum);
+    ctx.saved = {x, mean, invstd};
+  }
   ++num_batches_tracked;
-  ctx.saved = {x, mean, invstd};
   return y;
 }
 
 Tensor BatchNorm2d::backward(Stream& s, const Tensor& dy, Context& ctx, bool /*need_dx*/) {
-  SP_CHECK(ctx.saved.size() == 3, "BatchNorm2d::backward without a training-mode forward");
+  SP_CHECK(ctx.saved.size() == 3 || ctx.saved.size() == 4, "BatchNorm2d::backward without a training-mode forward");
   // dx comes out of the same pass as dgamma/dbeta, so it is always computed.
-  Tensor dx = new_activation(s, dy.shape());
-  ops::batchnorm_backward(s, ctx.saved[0], dy, gamma.value, ctx.saved[1], ctx.saved[2], dx, gamma.grad, beta.grad);
+  Tensor dx = new_activation(s, dy.shape(), dy.dtype());
+  if (ctx.saved.size() == 4)
+    ops::batchnorm_add_relu_backward(s, ctx.saved[0], ctx.saved[3], dy, gamma.value, ctx.saved[1], ctx.saved[2], dx,
+                                     Tensor(), gamma.grad, beta.grad);
+  else
+    ops::batchnorm_backward(s, ctx.saved[0], dy, gamma.value, ctx.saved[1], ctx.saved[2], dx, gamma.grad, beta.grad);
+  return dx;
+}
+
+Tensor BatchNorm2d::backward_add_relu(Stream& s, const Tensor& dy, Context& ctx) {
+  SP_CHECK(ctx.saved.size() == 4, "BatchNorm2d::backward_add_relu without a training-mode forward_add_relu");
+  Tensor dx = new_activation(s, dy.shape(), dy.dtype());
+  ops::batchnorm_add_relu_backward(s, ctx.saved[0], ctx.saved[3], dy, gamma.value, ctx.saved[1], ctx.saved[2], dx, dy,
+                                   gamma.grad, beta.grad);
   return dx;
 }
 
@@ -115,7 +158,7 @@ void BatchNorm2d::collect(const std::string& prefix, ModuleState& st) {
 
 Tensor ReLU::forward(Stream& s, const Tensor& x, Context& ctx) {
   ctx.clear();
-  Tensor y = new_activation(s, x.shape());
+  Tensor y = new_activation(s, x.shape(), x.dtype());
   ops::relu_forward(s, x, y);
   if (training_) ctx.saved = {y};
   return y;
@@ -130,7 +173,7 @@ Tensor ReLU::backward(Stream& s, const Tensor& dy, Context& ctx, bool /*need_dx*
 Tensor MaxPool2d::forward(Stream& s, const Tensor& x, Context& ctx) {
   ctx.clear();
   kernels::Pool2dShape sh{int(x.size(0)), int(x.size(1)), int(x.size(2)), int(x.size(3)), window, stride, pad};
-  Tensor y = new_activation(s, {sh.n, sh.p(), sh.q(), sh.c});
+  Tensor y = new_activation(s, {sh.n, sh.p(), sh.q(), sh.c}, x.dtype());
   ops::maxpool2d_forward(s, x, y, window, stride, pad);
   if (training_) ctx.saved = {x};
   return y;
@@ -139,14 +182,14 @@ Tensor MaxPool2d::forward(Stream& s, const Tensor& x, Context& ctx) {
 Tensor MaxPool2d::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) {
   SP_CHECK(ctx.saved.size() == 1, "MaxPool2d::backward without a training-mode forward");
   if (!need_dx) return Tensor();
-  Tensor dx = new_activation(s, ctx.saved[0].shape());
+  Tensor dx = new_activation(s, ctx.saved[0].shape(), dy.dtype());
   ops::maxpool2d_backward(s, ctx.saved[0], dy, dx, window, stride, pad);
   return dx;
 }
 
 Tensor GlobalAvgPool::forward(Stream& s, const Tensor& x, Context& ctx) {
   ctx.clear();
-  Tensor y = new_activation(s, {x.size(0), x.size(3)});
+  Tensor y = new_activation(s, {x.size(0), x.size(3)}, x.dtype());
   ops::global_avgpool_forward(s, x, y);
   if (training_) ctx.shape = x.shape();
   return y;
@@ -155,7 +198,7 @@ Tensor GlobalAvgPool::forward(Stream& s, const Tensor& x, Context& ctx) {
 Tensor GlobalAvgPool::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) {
   SP_CHECK(ctx.shape.size() == 4, "GlobalAvgPool::backward without a training-mode forward");
   if (!need_dx) return Tensor();
-  Tensor dx = new_activation(s, ctx.shape);
+  Tensor dx = new_activation(s, ctx.shape, dy.dtype());
   ops::global_avgpool_backward(s, dy, dx);
   return dx;
 }
@@ -171,16 +214,16 @@ Linear::Linear(int in_features, int out_features, Rng& rng) {
 
 Tensor Linear::forward(Stream& s, const Tensor& x, Context& ctx) {
   ctx.clear();
-  Tensor y = new_activation(s, {x.size(0), weight.value.size(0)});
-  ops::linear_forward(s, x, weight.value, bias.value, y);
+  Tensor y = new_activation(s, {x.size(0), weight.value.size(0)}, x.dtype());
+  ops::linear_forward(s, x, weight_for(s, weight.value, x.dtype()), bias.value, y);
   if (training_) ctx.saved = {x};
   return y;
 }
 
 Tensor Linear::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) {
   SP_CHECK(ctx.saved.size() == 1, "Linear::backward without a training-mode forward");
-  Tensor dx = need_dx ? new_activation(s, ctx.saved[0].shape()) : Tensor();
-  ops::linear_backward(s, ctx.saved[0], weight.value, dy, dx, weight.grad, bias.grad);
+  Tensor dx = need_dx ? new_activation(s, ctx.saved[0].shape(), dy.dtype()) : Tensor();
+  ops::linear_backward(s, ctx.saved[0], weight_for(s, weight.value, dy.dtype()), dy, dx, weight.grad, bias.grad);
   return dx;
 }
 
@@ -239,34 +282,29 @@ void ResidualBlock::make_shortcut(int in_channels, int out_channels, int stride,
 
 Tensor ResidualBlock::forward(Stream& s, const Tensor& x, Context& ctx) {
   ctx.clear();
-  ctx.children.resize(2);
-  Tensor y = main_.forward(s, x, ctx.children[0]);  // ends in BN, whose output nothing saves
+  ctx.children.resize(3);  // main, shortcut projection, output BN
+  Tensor h = main_.forward(s, x, ctx.children[0]);
+  Tensor sc = x;
   if (proj_) {
-    ops::add(s, y, proj_->forward(s, x, ctx.children[1]), y);
+    sc = proj_->forward(s, x, ctx.children[1]);
   } else if (option_a_) {
-    Tensor sc = new_activation(s, y.shape());
+    sc = new_activation(s, h.shape(), h.dtype());
     ops::shortcut_a_forward(s, x, sc, stride_);
-    ops::add(s, y, sc, y);
     ctx.shape = x.shape();
-  } else {
-    ops::add(s, y, x, y);
   }
-  ops::relu_forward(s, y, y);
-  if (training_) ctx.saved = {y};
-  return y;
+  return bn_out_->forward_add_relu(s, h, sc, ctx.children[2]);
 }
 
 Tensor ResidualBlock::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) {
-  SP_CHECK(ctx.saved.size() == 1 && ctx.children.size() == 2,
-           "residual block backward without a training-mode forward");
-  ops::relu_backward(s, ctx.saved[0], dy, dy);  // dy now holds the gradient of the sum
-  // Both branches read dy without modifying it (each begins its reverse pass with a BN).
-  Tensor dx = main_.backward(s, dy, ctx.children[0], need_dx);
+  SP_CHECK(ctx.children.size() == 3, "residual block backward without a training-mode forward");
+  // After this, dy holds the gradient of the sum (the shortcut's gradient).
+  Tensor dh = bn_out_->backward_add_relu(s, dy, ctx.children[2]);
+  Tensor dx = main_.backward(s, dh, ctx.children[0], need_dx);
   if (proj_) {
     Tensor dsc = proj_->backward(s, dy, ctx.children[1], need_dx);
     if (need_dx) ops::add(s, dx, dsc, dx);
   } else if (need_dx && option_a_) {
-    Tensor dsc = new_activation(s, ctx.shape);
+    Tensor dsc = new_activation(s, ctx.shape, dy.dtype());
     ops::shortcut_a_backward(s, dy, dsc, stride_);
     ops::add(s, dx, dsc, dx);
   } else if (need_dx) {
@@ -277,34 +315,35 @@ Tensor ResidualBlock::backward(Stream& s, const Tensor& dy, Context& ctx, bool n
 
 void ResidualBlock::collect(const std::string& prefix, ModuleState& st) {
   main_.collect(prefix, st);
+  bn_out_->collect(join_name(prefix, bn_out_name_), st);
   if (proj_) proj_->collect(join_name(prefix, "shortcut"), st);
 }
 
 void ResidualBlock::set_training(bool training) {
   Module::set_training(training);
   main_.set_training(training);
+  bn_out_->set_training(training);
   if (proj_) proj_->set_training(training);
 }
 
 BasicBlock::BasicBlock(int in_channels, int out_channels, int stride, Shortcut shortcut, Rng& rng) {
   main_.add("conv1", std::make_unique<Conv2d>(in_channels, out_channels, 3, stride, 1, false, rng));
-  main_.add("bn1", std::make_unique<BatchNorm2d>(out_channels));
-  main_.add("relu1", std::make_unique<ReLU>());
+  main_.add("bn1", std::make_unique<BatchNorm2d>(out_channels, /*fuse_relu=*/true));
   main_.add("conv2", std::make_unique<Conv2d>(out_channels, out_channels, 3, 1, 1, false, rng));
-  main_.add("bn2", std::make_unique<BatchNorm2d>(out_channels));
+  bn_out_ = std::make_unique<BatchNorm2d>(out_channels);
+  bn_out_name_ = "bn2";
   make_shortcut(in_channels, out_channels, stride, shortcut, rng);
 }
 
 Bottleneck::Bottleneck(int in_channels, int mid_channels, int stride, Rng& rng) {
   const int out_channels = mid_channels * kExpansion;
   main_.add("conv1", std::make_unique<Conv2d>(in_channels, mid_channels, 1, 1, 0, false, rng));
-  main_.add("bn1", std::make_unique<BatchNorm2d>(mid_channels));
-  main_.add("relu1", std::make_unique<ReLU>());
+  main_.add("bn1", std::make_unique<BatchNorm2d>(mid_channels, /*fuse_relu=*/true));
   main_.add("conv2", std::make_unique<Conv2d>(mid_channels, mid_channels, 3, stride, 1, false, rng));
-  main_.add("bn2", std::make_unique<BatchNorm2d>(mid_channels));
-  main_.add("relu2", std::make_unique<ReLU>());
+  main_.add("bn2", std::make_unique<BatchNorm2d>(mid_channels, /*fuse_relu=*/true));
   main_.add("conv3", std::make_unique<Conv2d>(mid_channels, out_channels, 1, 1, 0, false, rng));
-  main_.add("bn3", std::make_unique<BatchNorm2d>(out_channels));
+  bn_out_ = std::make_unique<BatchNorm2d>(out_channels);
+  bn_out_name_ = "bn3";
   make_shortcut(in_channels, out_channels, stride, Shortcut::B, rng);
 }
 

@@ -26,17 +26,29 @@ class Conv2d final : public Module {
   int stride, pad;
 };
 
+// Batch normalisation; with fuse_relu the module computes relu(bn(x)) with the fused kernels
+// (one module where PyTorch has BatchNorm2d followed by ReLU; ReLU has no state, so the state
+// names are unchanged). forward_add_relu is the residual block's tail relu(bn(x) + residual).
 class BatchNorm2d final : public Module {
  public:
-  explicit BatchNorm2d(int channels, float eps = 1e-5f, float momentum = 0.1f);
-  std::string type() const override { return "BatchNorm2d"; }
+  explicit BatchNorm2d(int channels, bool fuse_relu = false, float eps = 1e-5f, float momentum = 0.1f);
+  std::string type() const override { return fuse_relu ? "BatchNorm2d+ReLU" : "BatchNorm2d"; }
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
   void collect(const std::string& prefix, ModuleState& st) override;
+  // relu(bn(x) + residual), fused, whatever fuse_relu says.
+  Tensor forward_add_relu(Stream& s, const Tensor& x, const Tensor& residual, Context& ctx);
+  // Backward of forward_add_relu: returns dx and leaves the residual's gradient in dy
+  // (which is consumed).
+  Tensor backward_add_relu(Stream& s, const Tensor& dy, Context& ctx);
   Parameter gamma, beta;
   Tensor running_mean, running_var;
   int64_t num_batches_tracked = 0;
+  bool fuse_relu;
   float eps, momentum;
+
+ private:
+  Tensor forward_impl(Stream& s, const Tensor& x, const Tensor& residual, bool relu, Context& ctx);
 };
 
 class ReLU final : public Module {
@@ -96,8 +108,9 @@ enum class Shortcut {
   B,  // 1x1 convolution + BN projection where the shape changes (ResNet-18)
 };
 
-// The residual pattern shared by BasicBlock and Bottleneck: relu(main(x) + shortcut(x)),
+// The residual pattern shared by BasicBlock and Bottleneck: relu(bn_out(main(x)) + shortcut(x)),
 // where the shortcut is the identity when the shape is kept, else option A or a projection.
+// The final BN, the add and the ReLU run as one fused op (BatchNorm2d::forward_add_relu).
 class ResidualBlock : public Module {
  public:
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
@@ -106,15 +119,19 @@ class ResidualBlock : public Module {
   void set_training(bool training) override;
 
  protected:
-  // Derived constructors fill main_ and call this once.
+  // Derived constructors fill main_ (all but the last BN), set bn_out_ and its name, and
+  // call this once.
   void make_shortcut(int in_channels, int out_channels, int stride, Shortcut shortcut, Rng& rng);
   Sequential main_;
+  std::unique_ptr<BatchNorm2d> bn_out_;
+  std::string bn_out_name_;
   std::unique_ptr<Sequential> proj_;  // option B projection ("shortcut.0", "shortcut.1"), or null
   bool option_a_ = false;             // option A with a shape change
   int stride_ = 1, out_channels_ = 0;
 };
 
-// main = conv3x3(stride) bn relu conv3x3 bn; names conv1 bn1 conv2 bn2 as in PyTorch.
+// main = conv3x3(stride) bn relu conv3x3 bn; names conv1 bn1 conv2 bn2 as in PyTorch
+// (bn1 fused with its ReLU; bn2 fused with the add and the block's ReLU).
 class BasicBlock final : public ResidualBlock {
  public:
   BasicBlock(int in_channels, int out_channels, int stride, Shortcut shortcut, Rng& rng);

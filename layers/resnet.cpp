@@ -12,8 +12,7 @@ namespace {
 std::unique_ptr<Sequential> stem(int channels, Rng& rng) {
   auto s = std::make_unique<Sequential>();
   s->add("conv1", std::make_unique<Conv2d>(3, channels, 3, 1, 1, false, rng));
-  s->add("bn1", std::make_unique<BatchNorm2d>(channels));
-  s->add("relu", std::make_unique<ReLU>());
+  s->add("bn1", std::make_unique<BatchNorm2d>(channels, /*fuse_relu=*/true));  // BN + ReLU, fused
   return s;
 }
 

@@ -55,6 +55,100 @@ TEST_F(OpsDispatch, ConvolutionThreeWays) {
   EXPECT_EQ(values(db), rdb);
 }
 
+// ---- bf16 tensors: the reference semantics (widen, fp32 op, round) -------------------------
+
+Tensor to_bf16(const Tensor& f) {
+  Tensor b = Tensor::empty(f.shape(), DType::BF16);
+  kc::f32_to_bf16(f.numel(), f.data<float>(), b.data<uint16_t>());
+  return b;
+}
+std::vector<float> widened(const Tensor& b) {
+  std::vector<float> v(size_t(b.numel()));
+  kc::bf16_to_f32(b.numel(), b.data<uint16_t>(), v.data());
+  return v;
+}
+std::vector<float> rounded(const std::vector<float>& v) {
+  std::vector<uint16_t> b(v.size());
+  kc::f32_to_bf16(int64_t(v.size()), v.data(), b.data());
+  std::vector<float> r(v.size());
+  kc::bf16_to_f32(int64_t(v.size()), b.data(), r.data());
+  return r;
+}
+
+TEST_F(OpsDispatch, Bf16TensorsAreWidenedComputedInFp32AndRounded) {
+  kernels::Conv2dShape sh;
+  sh.n = 2, sh.h = 6, sh.w = 5, sh.c = 4, sh.k = 3, sh.r = 3, sh.s = 3, sh.stride = 1, sh.pad = 1;
+  const Tensor x = to_bf16(random_tensor({2, 6, 5, 4}, 31)), w = to_bf16(random_tensor({3, 3, 3, 4}, 32));
+  const Tensor dy = to_bf16(random_tensor({2, 6, 5, 3}, 33));
+  Tensor y = Tensor::empty({2, 6, 5, 3}, DType::BF16), dx = Tensor::empty(x.shape(), DType::BF16);
+  Tensor dw = Tensor::empty(w.shape(), DType::F32);  // fp32 gradient for the fp32 master weight
+  ops::conv2d_forward(*s, x, w, Tensor(), y, 1, 1);
+  ops::conv2d_backward_data(*s, dy, w, dx, 1, 1);
+  ops::conv2d_backward_weight(*s, x, dy, dw, Tensor(), 1, 1);
+  s->synchronize();
+  const std::vector<float> xf = widened(x), wf = widened(w), dyf = widened(dy);
+  std::vector<float> ry(size_t(y.numel())), rdx(size_t(x.numel())), rdw(size_t(w.numel()));
+  kc::conv2d_forward<float>(sh, xf.data(), wf.data(), nullptr, ry.data());
+  kc::conv2d_backward_data<float>(sh, dyf.data(), wf.data(), rdx.data());
+  kc::conv2d_backward_weight<float>(sh, xf.data(), dyf.data(), rdw.data(), nullptr);
+  EXPECT_EQ(widened(y), rounded(ry));
+  EXPECT_EQ(widened(dx), rounded(rdx));
+  EXPECT_EQ(values(dw), rdw);
+  EXPECT_NE(widened(y), ry) << "the output must really be rounded to bf16";
+
+  // Fused BN+add+ReLU with bf16 activations and fp32 parameters and statistics; its backward
+  // writes dresidual over dy in place (one temporary shared by input and output).
+  const int64_t m = 2 * 6 * 5, c = 3;
+  const Tensor res = to_bf16(random_tensor(y.shape(), 34));
+  Tensor g = random_tensor({c}, 35, 0.5f, 1.5f), be = random_tensor({c}, 36);
+  Tensor rm = random_tensor({c}, 37), rv = random_tensor({c}, 38, 0.5f, 2.f);
+  const std::vector<float> rm0 = values(rm), rv0 = values(rv);
+  Tensor out = Tensor::empty(y.shape(), DType::BF16), sm = Tensor::empty({c}, DType::F32),
+         si = Tensor::empty({c}, DType::F32);
+  ops::batchnorm_add_relu_forward_training(*s, y, res, g, be, rm, rv, out, sm, si, 1e-5f, 0.1f);
+  Tensor gy = to_bf16(random_tensor(y.shape(), 39)), gx = Tensor::empty(y.shape(), DType::BF16);
+  const std::vector<float> gyf = widened(gy);
+  Tensor dg = Tensor::empty({c}, DType::F32), db = Tensor::empty({c}, DType::F32);
+  ops::batchnorm_add_relu_backward(*s, y, out, gy, g, sm, si, gx, gy, dg, db);
+  s->synchronize();
+  const std::vector<float> yf = widened(y), resf = widened(res);
+  std::vector<float> rrm = rm0, rrv = rv0, rout(size_t(m * c)), rsm(c), rsi(c);
+  kc::batchnorm_add_relu_forward_training<float>(m, c, yf.data(), resf.data(), g.data<float>(), be.data<float>(),
+                                                 1e-5f, 0.1f, rrm.data(), rrv.data(), rout.data(), rsm.data(),
+                                                 rsi.data());
+  EXPECT_EQ(widened(out), rounded(rout));
+  EXPECT_EQ(values(rm), rrm);
+  EXPECT_EQ(values(sm), rsm);
+  const std::vector<float> outf = widened(out);
+  std::vector<float> rgx(size_t(m * c)), rgres(size_t(m * c)), rdg(c), rdb(c);
+  kc::batchnorm_add_relu_backward<float>(m, c, yf.data(), outf.data(), gyf.data(), g.data<float>(), rsm.data(),
+                                         rsi.data(), rgx.data(), rgres.data(), rdg.data(), rdb.data());
+  EXPECT_EQ(widened(gx), rounded(rgx));
+  EXPECT_EQ(widened(gy), rounded(rgres)) << "dresidual in place over dy";
+  EXPECT_EQ(values(dg), rdg);
+
+  // In-place elementwise op on bf16, and the loss on bf16 logits (fp32 loss, bf16 dlogits).
+  Tensor a = to_bf16(random_tensor({7, 10}, 40, -3.f, 3.f));
+  const std::vector<float> af = widened(a);
+  ops::relu_forward(*s, a, a);
+  Tensor labels = Tensor::empty({7}, DType::I32);
+  for (int i = 0; i < 7; ++i) labels.at<int32_t>(i) = (3 * i) % 10;
+  Tensor loss = Tensor::empty({1}, DType::F32), dlogits = Tensor::empty({7, 10}, DType::BF16),
+         hits = Tensor::empty({1}, DType::I32);
+  ops::softmax_cross_entropy(*s, a, labels, 0.1f, loss, dlogits, hits);
+  s->synchronize();
+  std::vector<float> ra(af.size());
+  kc::relu_forward<float>(int64_t(af.size()), af.data(), ra.data());
+  EXPECT_EQ(widened(a), ra);  // relu of bf16 values is exact
+  float rloss = 0;
+  std::vector<float> rdl(ra.size());
+  int64_t rhits = 0;
+  kc::softmax_cross_entropy<float>(7, 10, ra.data(), labels.data<int32_t>(), 0.1f, &rloss, rdl.data(), &rhits);
+  EXPECT_EQ(loss.at<float>(0), rloss);
+  EXPECT_EQ(widened(dlogits), rounded(rdl));
+  EXPECT_EQ(hits.at<int32_t>(0), rhits);
+}
+
 TEST_F(OpsDispatch, BatchNormTrainingInferenceBackward) {
   const int64_t m = 2 * 3 * 4, c = 5;
   Tensor x = random_tensor({2, 3, 4, 5}, 5), g = random_tensor({5}, 6, 0.5f, 1.5f), be = random_tensor({5}, 7);

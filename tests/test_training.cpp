@@ -276,7 +276,7 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
 TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
   const data::Dataset train = synthetic_set(32, 8);
   train::TrainConfig c = small_config();
-  c.precision = "bf16";
+  c.precision = "fp16";
   EXPECT_THROW(train::run_training(c, train, {}), Error);
   c = small_config();
   c.kernels = "vendor";

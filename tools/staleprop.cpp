@@ -254,7 +254,7 @@ int train_main(int argc, char** argv) {
       {"gamma", "G", "multistep decay factor (default 0.1)", [&](const std::string& v) { c.gamma = std::stof(v); }},
       {"warmup-epochs", "E", "linear warm-up from 0 over E epochs (default 0)", [&](const std::string& v) { c.warmup_epochs = std::stod(v); }},
       {"label-smoothing", "EPS", "label smoothing in [0, 1) (default 0)", [&](const std::string& v) { c.label_smoothing = std::stof(v); }},
-      {"precision", "P", "fp32|bf16 (bf16: GPU only; default fp32)", [&](const std::string& v) { c.precision = v; }},
+      {"precision", "P", "fp32|bf16: bf16 = mixed precision (bf16 activations and weight copies, fp32 master weights and reductions; on the CPU it is emulated by rounding); default fp32", [&](const std::string& v) { c.precision = v; }},
       {"kernels", "K", "custom|vendor: our kernels, or the cuBLASLt/cuDNN baselines for GEMM and convolutions (GPU only; default custom)", [&](const std::string& v) { c.kernels = v; }},
       {"seed", "S", "seed of initialisation, order and augmentation (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
       {"deterministic", "", "require bit-identical runs for a seed (the CPU reference and the custom CUDA kernels always are: fixed reduction orders, no float atomics; with --kernels vendor it restricts cuDNN to deterministic algorithms)", [&](const std::string&) { c.deterministic = true; }},

@@ -133,13 +133,13 @@ void check_device_options(const TrainConfig& cfg, Device dev) {
            cfg.precision, "'");
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
            cfg.kernels, "'");
-  if (dev.is_cpu()) {
-    SP_CHECK(cfg.precision == "fp32", "--precision bf16 needs a GPU (--device cuda); the CPU reference is fp32");
+  if (dev.is_cpu())
     SP_CHECK(cfg.kernels == "custom", "--kernels vendor selects cuBLAS/cuDNN and needs a GPU (--device cuda)");
-  } else if (cfg.precision == "bf16") {
-    throw NotSupportedError("--precision bf16: the bf16 GPU path is not built yet");
-  }
 }
+
+// The activation dtype of --precision: bf16 is mixed precision (bf16 activations, gradients
+// and weight copies; fp32 master weights, optimizer state and reductions).
+DType activation_dtype(const TrainConfig& cfg) { return cfg.precision == "bf16" ? DType::BF16 : DType::F32; }
 
 // The checkpoint path of an epoch: "{epoch}" in the flag's value becomes the epoch number.
 std::string checkpoint_path(const std::string& pattern, int64_t epoch) {
@@ -220,7 +220,8 @@ struct Run {
     if (progress.quiet()) return;
     std::printf("staleprop train: %s (%.2fM parameters) on %s, %s, %lld train / %lld test images, batch %lld, "
                 "%d epochs of %lld steps%s\n",
-                cfg.model.c_str(), double(net.num_parameters()) / 1e6, device.str().c_str(), method.c_str(),
+                cfg.model.c_str(), double(net.num_parameters()) / 1e6, device.str().c_str(),
+                (method + (cfg.precision == "bf16" ? ", bf16 mixed precision" : "")).c_str(),
                 (long long)train_set.size(), (long long)test_set.size(), (long long)cfg.batch_size, cfg.epochs,
                 (long long)spe,
                 device.is_cpu() ? (", " + std::to_string(kernels::cpu::num_threads()) + " CPU threads").c_str() : "");
@@ -286,7 +287,7 @@ TrainResult run_backprop(Run& run) {
     step = run.check_resume(meta);
     run.loader->seek(step / spe, step % spe);
   }
-  BackpropTrainer trainer(run.net, opt, s, cfg.label_smoothing);
+  BackpropTrainer trainer(run.net, opt, s, cfg.label_smoothing, activation_dtype(cfg));
   run.banner("standard backprop");
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
@@ -447,6 +448,7 @@ TrainResult run_pipelined(Run& run) {
   pc.jitter_seed = cfg.seed;
   pc.recompute = cfg.recompute;
   pc.weight_stash = cfg.weight_stash;
+  pc.activation_dtype = activation_dtype(cfg);
   pc.sgd = SgdConfig{cfg.momentum, cfg.weight_decay, cfg.nesterov};
   PipelineTrainer pipe(run.net, pc);
   const int K = pipe.num_modules();

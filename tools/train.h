@@ -25,7 +25,7 @@ struct TrainConfig {
   float gamma = 0.1f;
   double warmup_epochs = 0;
   float label_smoothing = 0.f;
-  std::string precision = "fp32";                  // fp32 | bf16 (GPU)
+  std::string precision = "fp32";                  // fp32 | bf16 (mixed precision)
   std::string kernels = "custom";                  // custom | vendor (GPU)
   uint64_t seed = 0;
   bool deterministic = false;
