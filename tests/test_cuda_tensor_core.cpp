@@ -1,0 +1,385 @@
+// The bf16 tensor-core kernels (kernels/cuda/tensor_core.h) and their cuBLASLt / cuDNN bf16
+// twins (kernels/vendor/vendor.h) against the CPU reference (kernels/cpu), on CIFAR ResNet-20/18
+// shapes and awkward ones (M/N/K = 1, sizes that are no multiple of any tile, every transpose,
+// unaligned leading dimensions and pointers, C = 3, K = 10, batch 1, 5x7 images, stride 2,
+// 1x1 stride 2 pad 0).
+//
+//   * Inputs are random values already rounded to bf16; the reference is the CPU reference
+//     run in double on the widened inputs, so the only errors measured are the kernels' own.
+//   * Metric: relative Frobenius error ||out - ref|| / ||ref||. fp32 outputs (GEMM C, dw,
+//     dbias) only carry fp32 accumulation-order rounding: <= 1e-5. bf16 outputs carry one
+//     rounding to 8 significant bits (relative rms ~2^-9 / sqrt(3) ~ 1.1e-3): <= 8e-3. The
+//     vendor's dw passes through bf16 (vendor.h), so it gets the bf16 bound.
+//   * Every output buffer is NaN (bytes 0xFF) before the kernel runs, so an element the kernel
+//     fails to write, or a beta == 0 that reads C, fails the comparison; padding columns of C
+//     must come back untouched.
+//   * Determinism: two runs of our kernels are bit-identical (split-K included).
+// Without a GPU (or in a CPU-only build) every test skips and says why.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "kernels/cpu/ops.h"
+
+#if STALEPROP_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "kernels/common/cuda_check.h"
+#include "kernels/cuda/tensor_core.h"
+#include "kernels/vendor/vendor.h"
+#endif
+#include "tests/gpu_testing.h"
+
+using namespace sp;
+namespace kc = sp::kernels::cpu;
+using kernels::Conv2dShape;
+
+#if !STALEPROP_WITH_CUDA
+
+TEST(TensorCore, RequiresCudaBuild) { GTEST_SKIP() << "no CUDA device: this build has no CUDA backend"; }
+
+#else
+
+namespace kcu = sp::kernels::cuda;
+namespace kvd = sp::kernels::vendor;
+using namespace sp::test;
+
+namespace {
+
+constexpr double kTolF32 = 1e-5;   // fp32 outputs
+constexpr double kTolBf16 = 8e-3;  // bf16 outputs (and the vendor's bf16-rounded dw)
+
+using TensorCore = GpuTest;
+
+std::vector<uint16_t> random_bf16(size_t n, uint32_t seed) {
+  const std::vector<float> f = random_vector(n, seed);
+  std::vector<uint16_t> h(n);
+  kc::f32_to_bf16(int64_t(n), f.data(), h.data());
+  return h;
+}
+std::vector<float> widen(const std::vector<uint16_t>& h) {
+  std::vector<float> f(h.size());
+  kc::bf16_to_f32(int64_t(h.size()), h.data(), f.data());
+  return f;
+}
+std::vector<double> widen_d(const std::vector<uint16_t>& h) { return to_double(widen(h)); }
+std::vector<float> as_float(const std::vector<float>& v) { return v; }
+std::vector<float> as_float(const std::vector<uint16_t>& v) { return widen(v); }
+
+template <typename T>
+bool bits_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// ---- GEMM --------------------------------------------------------------------------------
+template <typename T>
+using GemmFn = void (*)(bool, bool, int64_t, int64_t, int64_t, float, const uint16_t*, int64_t, const uint16_t*,
+                        int64_t, float, T*, int64_t, const float*, bool, cudaStream_t);
+
+struct GemmCase {
+  int64_t m, n, k;
+  bool ta = false, tb = false;
+  float alpha = 1.f, beta = 0.f;
+  int64_t pad = 0;  // added to every leading dimension (pad % 8 != 0: the element-wise path)
+  bool bias = false, relu = false;
+  int offset = 0;  // operands start this many elements into their allocation (unaligned pointers)
+};
+
+std::string gemm_str(const GemmCase& g, const char* fn) {
+  return std::string(fn) + " " + std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k) +
+         (g.ta ? " A^T" : "") + (g.tb ? " B^T" : "") + " alpha " + std::to_string(g.alpha) + " beta " +
+         std::to_string(g.beta) + " pad " + std::to_string(g.pad) + (g.bias ? " bias" : "") + (g.relu ? " relu" : "") +
+         " offset " + std::to_string(g.offset);
+}
+
+// Runs one GEMM through fn and checks it against the double reference (tolerance tol) and
+// C's padding. Returns the whole M x ldc result (for determinism and vendor comparisons).
+template <typename T>
+std::vector<T> check_gemm(GemmFn<T> fn, const char* name, cudaStream_t stream, const GemmCase& g, uint32_t seed,
+                          double tol) {
+  const int64_t a_rows = g.ta ? g.k : g.m, a_cols = g.ta ? g.m : g.k;
+  const int64_t b_rows = g.tb ? g.n : g.k, b_cols = g.tb ? g.k : g.n;
+  const int64_t lda = a_cols + g.pad, ldb = b_cols + g.pad, ldc = g.n + g.pad;
+  const size_t off = size_t(g.offset);
+  const std::vector<uint16_t> a = random_bf16(size_t(a_rows * lda), seed), b = random_bf16(size_t(b_rows * ldb), seed + 1);
+  const std::vector<float> bias = random_vector(size_t(g.n), seed + 2);
+  std::vector<T> c(size_t(g.m * ldc));
+  if constexpr (std::is_same_v<T, float>)
+    c = random_vector(c.size(), seed + 3);
+  else
+    c = random_bf16(c.size(), seed + 3);
+
+  DeviceArray<uint16_t> da(a.size() + off), db(b.size() + off);
+  DeviceArray<T> dc(c.size() + off);
+  DeviceArray<float> dbias(bias);
+  SP_CUDA_CHECK(cudaMemcpy(da.get() + off, a.data(), a.size() * 2, cudaMemcpyHostToDevice));
+  SP_CUDA_CHECK(cudaMemcpy(db.get() + off, b.data(), b.size() * 2, cudaMemcpyHostToDevice));
+  if (g.beta != 0.f)  // beta == 0: C stays NaN, which must not leak into the result
+    SP_CUDA_CHECK(cudaMemcpy(dc.get() + off, c.data(), c.size() * sizeof(T), cudaMemcpyHostToDevice));
+  fn(g.ta, g.tb, g.m, g.n, g.k, g.alpha, da.get() + off, lda, db.get() + off, ldb, g.beta, dc.get() + off, ldc,
+     g.bias ? dbias.get() : nullptr, g.relu, stream);
+  sync_and_check();
+  std::vector<T> got = dc.download();
+  got.erase(got.begin(), got.begin() + std::ptrdiff_t(off));
+
+  std::vector<double> ref = to_double(as_float(c));
+  if (g.beta == 0.f) std::fill(ref.begin(), ref.end(), 0.0);
+  kc::gemm<double>(g.ta, g.tb, g.m, g.n, g.k, g.alpha, widen_d(a).data(), lda, widen_d(b).data(), ldb, g.beta,
+                   ref.data(), ldc);
+  const std::vector<float> gotf = as_float(got);
+  std::vector<float> got_core;
+  std::vector<double> ref_core;
+  const std::string what = gemm_str(g, name);
+  for (int64_t i = 0; i < g.m; ++i)
+    for (int64_t j = 0; j < ldc; ++j) {
+      const size_t idx = size_t(i * ldc + j);
+      if (j < g.n) {
+        double v = ref[idx] + (g.bias ? double(bias[size_t(j)]) : 0.0);
+        if (g.relu) v = std::max(v, 0.0);
+        got_core.push_back(gotf[idx]);
+        ref_core.push_back(v);
+      } else if (g.beta == 0.f) {
+        EXPECT_TRUE(std::isnan(gotf[idx])) << what << ": wrote outside the M x N block";
+      } else {
+        EXPECT_EQ(std::memcmp(&got[idx], &c[idx], sizeof(T)), 0) << what << ": wrote outside the M x N block";
+      }
+    }
+  EXPECT_LE(rel_error(got_core, ref_core), tol) << what;
+  return got;
+}
+
+std::vector<float> check_f32(GemmFn<float> fn, cudaStream_t s, const GemmCase& g, uint32_t seed) {
+  return check_gemm<float>(fn, "gemm_bf16", s, g, seed, kTolF32);
+}
+std::vector<uint16_t> check_b16(GemmFn<uint16_t> fn, cudaStream_t s, const GemmCase& g, uint32_t seed) {
+  return check_gemm<uint16_t>(fn, "gemm_bf16_out_bf16", s, g, seed, kTolBf16);
+}
+
+TEST_F(TensorCore, GemmAllTransposesAndEpilogues) {
+  const int64_t shapes[][3] = {{1, 1, 1}, {17, 33, 65}, {128, 128, 128}, {256, 512, 1024}, {130, 72, 96}};
+  uint32_t seed = 100;
+  for (const auto& s : shapes)
+    for (int t = 0; t < 4; ++t) {
+      GemmCase g{s[0], s[1], s[2]};
+      g.ta = t & 1, g.tb = t & 2;
+      check_f32(&kcu::gemm_bf16, stream_, g, seed += 5);  // plain, beta == 0 over a NaN C
+      GemmCase e = g;
+      e.alpha = 0.5f, e.beta = -1.5f, e.pad = 3, e.bias = true, e.relu = true;  // unaligned ld: element-wise path
+      check_f32(&kcu::gemm_bf16, stream_, e, seed += 5);
+      GemmCase b = g;
+      b.bias = true;
+      check_b16(&kcu::gemm_bf16_out_bf16, stream_, b, seed += 5);
+      b.alpha = 2.f, b.beta = 1.f, b.pad = 8, b.relu = true, b.bias = false;  // padded but aligned
+      check_b16(&kcu::gemm_bf16_out_bf16, stream_, b, seed += 5);
+    }
+}
+
+TEST_F(TensorCore, GemmSplitKOnLongReductions) {
+  // Few output tiles and a long K: K is split across blocks and the slices summed in order.
+  const int64_t shapes[][3] = {{16, 144, 8192}, {144, 16, 8192}, {10, 64, 4099}, {3, 5, 20000}};
+  uint32_t seed = 200;
+  for (const auto& s : shapes)
+    for (int t = 0; t < 4; ++t) {
+      GemmCase g{s[0], s[1], s[2]};
+      g.ta = t & 1, g.tb = t & 2;
+      check_f32(&kcu::gemm_bf16, stream_, g, seed += 5);
+      g.bias = g.relu = true;
+      check_b16(&kcu::gemm_bf16_out_bf16, stream_, g, seed += 5);
+    }
+}
+
+TEST_F(TensorCore, GemmUnalignedPointers) {
+  // Operands one element (2 bytes) into their allocation: not 16-byte aligned, so the loads
+  // take the element-wise path.
+  uint32_t seed = 300;
+  for (int t = 0; t < 4; ++t) {
+    GemmCase g{70, 90, 50};
+    g.ta = t & 1, g.tb = t & 2, g.offset = 1, g.bias = true;
+    check_f32(&kcu::gemm_bf16, stream_, g, seed += 5);
+    check_b16(&kcu::gemm_bf16_out_bf16, stream_, g, seed += 5);
+  }
+}
+
+TEST_F(TensorCore, GemmDegenerateAlphaAndK) {
+  // alpha == 0 or K == 0: C = relu?(beta * C + bias) without reading A or B (null here).
+  const std::vector<float> c = random_vector(35, 7), bias = random_vector(7, 8);
+  DeviceArray<float> dc(c), dbias(bias);
+  kcu::gemm_bf16(false, false, 5, 7, 3, 0.f, nullptr, 3, nullptr, 7, 2.f, dc.get(), 7, dbias.get(), true, stream_);
+  sync_and_check();
+  std::vector<float> want(c);
+  for (size_t i = 0; i < want.size(); ++i) want[i] = std::max(2.f * c[i] + bias[i % 7], 0.f);
+  EXPECT_TRUE(bits_equal(dc.download(), want)) << "alpha == 0";
+  kcu::gemm_bf16(false, false, 5, 7, 0, 1.f, nullptr, 1, nullptr, 7, 0.f, dc.get(), 7, nullptr, false, stream_);
+  sync_and_check();
+  EXPECT_TRUE(bits_equal(dc.download(), std::vector<float>(35, 0.f))) << "K == 0, beta == 0";
+}
+
+TEST_F(TensorCore, GemmIsDeterministic) {
+  GemmCase split{48, 40, 6000};  // split K
+  GemmCase plain{300, 260, 300};
+  plain.tb = true;
+  for (const GemmCase& g : {split, plain}) {
+    const std::vector<float> r1 = check_f32(&kcu::gemm_bf16, stream_, g, 400);
+    const std::vector<float> r2 = check_f32(&kcu::gemm_bf16, stream_, g, 400);
+    EXPECT_TRUE(bits_equal(r1, r2)) << gemm_str(g, "gemm_bf16") << ": repeated runs differ";
+    const std::vector<uint16_t> h1 = check_b16(&kcu::gemm_bf16_out_bf16, stream_, g, 401);
+    const std::vector<uint16_t> h2 = check_b16(&kcu::gemm_bf16_out_bf16, stream_, g, 401);
+    EXPECT_TRUE(bits_equal(h1, h2)) << gemm_str(g, "gemm_bf16_out_bf16") << ": repeated runs differ";
+  }
+}
+
+TEST_F(TensorCore, GemmVendorBaselineAgrees) {
+  const int64_t shapes[][3] = {{1, 1, 1}, {17, 33, 65}, {128, 128, 128}, {256, 512, 1024}, {10, 64, 4099}};
+  uint32_t seed = 500;
+  for (const auto& s : shapes)
+    for (int t = 0; t < 4; ++t) {
+      GemmCase g{s[0], s[1], s[2]};
+      g.ta = t & 1, g.tb = t & 2, g.bias = t != 1, g.relu = t >= 2, g.beta = t == 3 ? 0.5f : 0.f;
+      const std::vector<float> ours = check_f32(&kcu::gemm_bf16, stream_, g, seed);
+      const std::vector<float> theirs = check_f32(&kvd::gemm_bf16, stream_, g, seed);
+      EXPECT_LE(rel_error(ours, theirs), 2 * kTolF32) << gemm_str(g, "custom vs vendor");
+      const std::vector<uint16_t> ours16 = check_b16(&kcu::gemm_bf16_out_bf16, stream_, g, seed + 1);
+      const std::vector<uint16_t> theirs16 = check_b16(&kvd::gemm_bf16_out_bf16, stream_, g, seed + 1);
+      EXPECT_LE(rel_error(widen(ours16), widen(theirs16)), 2 * kTolBf16) << gemm_str(g, "custom vs vendor (bf16)");
+      seed += 5;
+    }
+}
+
+// ---- Convolutions ----------------------------------------------------------------------------
+Conv2dShape conv(int n, int h, int w, int c, int k, int r, int stride, int pad) {
+  Conv2dShape s;
+  s.n = n, s.h = h, s.w = w, s.c = c, s.k = k, s.r = r, s.s = r, s.stride = stride, s.pad = pad;
+  return s;
+}
+
+// Every distinct convolution of the CIFAR ResNet-20 (option A: no projection) and ResNet-18
+// (option B: 1x1 stride-2 projections) at batch 2, then awkward ones.
+std::vector<Conv2dShape> conv_cases() {
+  return {
+      // ResNet-20
+      conv(2, 32, 32, 3, 16, 3, 1, 1), conv(2, 32, 32, 16, 16, 3, 1, 1), conv(2, 32, 32, 16, 32, 3, 2, 1),
+      conv(2, 16, 16, 32, 32, 3, 1, 1), conv(2, 16, 16, 32, 64, 3, 2, 1), conv(2, 8, 8, 64, 64, 3, 1, 1),
+      // ResNet-18
+      conv(2, 32, 32, 3, 64, 3, 1, 1), conv(2, 32, 32, 64, 64, 3, 1, 1), conv(2, 32, 32, 64, 128, 3, 2, 1),
+      conv(2, 32, 32, 64, 128, 1, 2, 0), conv(2, 16, 16, 128, 128, 3, 1, 1), conv(2, 16, 16, 128, 256, 3, 2, 1),
+      conv(2, 16, 16, 128, 256, 1, 2, 0), conv(2, 8, 8, 256, 256, 3, 1, 1), conv(2, 8, 8, 256, 512, 3, 2, 1),
+      conv(2, 8, 8, 256, 512, 1, 2, 0), conv(2, 4, 4, 512, 512, 3, 1, 1),
+      // awkward: C = 3, K = 10, batch 1, 5x7, stride 2, 1x1 stride 2 pad 0 on odd sizes,
+      // C = 12 (no 16-byte chunks), K = 10 gradients (no chunks for dy), a 5x5 filter
+      conv(1, 5, 7, 3, 10, 3, 1, 1), conv(1, 5, 7, 12, 10, 3, 2, 1), conv(1, 7, 5, 16, 10, 1, 2, 0),
+      conv(3, 9, 9, 8, 24, 3, 2, 0), conv(1, 6, 6, 16, 8, 5, 1, 2), conv(1, 1, 1, 1, 1, 1, 1, 0),
+  };
+}
+
+struct ConvResult {
+  std::vector<uint16_t> y, dx;
+  std::vector<float> dw, db;
+};
+
+using ConvFwd = void (*)(const Conv2dShape&, const uint16_t*, const uint16_t*, const float*, uint16_t*, cudaStream_t);
+using ConvBwdData = void (*)(const Conv2dShape&, const uint16_t*, const uint16_t*, uint16_t*, cudaStream_t);
+using ConvBwdWeight = void (*)(const Conv2dShape&, const uint16_t*, const uint16_t*, float*, float*, cudaStream_t);
+
+struct ConvFns {
+  const char* name;
+  ConvFwd fwd;
+  ConvBwdData bwd_data;
+  ConvBwdWeight bwd_weight;
+  double dw_tol;
+};
+const ConvFns kCustomConv{"custom", &kcu::conv2d_forward_bf16, &kcu::conv2d_backward_data_bf16,
+                          &kcu::conv2d_backward_weight_bf16, kTolF32};
+const ConvFns kVendorConv{"vendor", &kvd::conv2d_forward_bf16, &kvd::conv2d_backward_data_bf16,
+                          &kvd::conv2d_backward_weight_bf16, kTolBf16};
+
+// All three passes of one shape through fns, checked against the double reference. offset
+// shifts every tensor by that many elements (unaligned pointers).
+ConvResult check_conv(const ConvFns& fns, cudaStream_t stream, const Conv2dShape& sh, uint32_t seed, int offset = 0) {
+  const std::string what = std::string(fns.name) + " " + conv_str(sh) + " offset " + std::to_string(offset);
+  const size_t off = size_t(offset);
+  const std::vector<uint16_t> x = random_bf16(size_t(sh.x_size()), seed), w = random_bf16(size_t(sh.w_size()), seed + 1);
+  const std::vector<uint16_t> dy = random_bf16(size_t(sh.y_size()), seed + 2);
+  const std::vector<float> bias = random_vector(size_t(sh.k), seed + 3);
+  auto upload = [&](const std::vector<uint16_t>& h) {
+    auto d = std::make_unique<DeviceArray<uint16_t>>(h.size() + off);
+    SP_CUDA_CHECK(cudaMemcpy(d->get() + off, h.data(), h.size() * 2, cudaMemcpyHostToDevice));
+    return d;
+  };
+  const auto dx_in = upload(x), dw_in = upload(w), ddy = upload(dy);
+  DeviceArray<float> dbias(bias);
+  DeviceArray<uint16_t> dy_out(size_t(sh.y_size()) + off), ddx(size_t(sh.x_size()) + off);
+  DeviceArray<float> ddw(size_t(sh.w_size()) + off), ddb(size_t(sh.k));
+
+  fns.fwd(sh, dx_in->get() + off, dw_in->get() + off, dbias.get(), dy_out.get() + off, stream);
+  sync_and_check();
+  fns.bwd_data(sh, ddy->get() + off, dw_in->get() + off, ddx.get() + off, stream);
+  sync_and_check();
+  fns.bwd_weight(sh, dx_in->get() + off, ddy->get() + off, ddw.get() + off, ddb.get(), stream);
+  sync_and_check();
+  auto strip = [off](auto v) {
+    v.erase(v.begin(), v.begin() + std::ptrdiff_t(off));
+    return v;
+  };
+  ConvResult r{strip(dy_out.download()), strip(ddx.download()), strip(ddw.download()), ddb.download()};
+
+  const std::vector<double> xd = widen_d(x), wd = widen_d(w), dyd = widen_d(dy), bd = to_double(bias);
+  std::vector<double> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size())), rdw(size_t(sh.w_size())), rdb(size_t(sh.k));
+  kc::conv2d_forward<double>(sh, xd.data(), wd.data(), bd.data(), ry.data());
+  kc::conv2d_backward_data<double>(sh, dyd.data(), wd.data(), rdx.data());
+  kc::conv2d_backward_weight<double>(sh, xd.data(), dyd.data(), rdw.data(), rdb.data());
+  EXPECT_LE(rel_error(widen(r.y), ry), kTolBf16) << what << " forward";
+  EXPECT_LE(rel_error(widen(r.dx), rdx), kTolBf16) << what << " backward data";
+  EXPECT_LE(rel_error(r.dw, rdw), fns.dw_tol) << what << " backward weight";
+  EXPECT_LE(rel_error(r.db, rdb), fns.dw_tol) << what << " backward bias";
+  return r;
+}
+
+TEST_F(TensorCore, ConvolutionsOnResNetAndAwkwardShapes) {
+  uint32_t seed = 600;
+  for (const Conv2dShape& sh : conv_cases()) check_conv(kCustomConv, stream_, sh, seed += 5);
+}
+
+TEST_F(TensorCore, ConvolutionsOnUnalignedTensors) {
+  // Tensors one element into their allocation: every loader takes the element-wise path.
+  uint32_t seed = 700;
+  for (const Conv2dShape& sh : {conv(2, 8, 8, 16, 32, 3, 1, 1), conv(2, 8, 8, 16, 32, 1, 2, 0)})
+    check_conv(kCustomConv, stream_, sh, seed += 5, 1);
+}
+
+TEST_F(TensorCore, ConvolutionsAtLargerBatchSplitTheWeightGradient) {
+  // Batch 32: the weight gradient's K (N*P*Q pixels) is long and its output small (split K).
+  uint32_t seed = 800;
+  for (const Conv2dShape& sh : {conv(32, 32, 32, 16, 16, 3, 1, 1), conv(32, 8, 8, 64, 64, 3, 1, 1)})
+    check_conv(kCustomConv, stream_, sh, seed += 5);
+}
+
+TEST_F(TensorCore, ConvolutionsAreDeterministic) {
+  for (const Conv2dShape& sh : {conv(8, 16, 16, 32, 32, 3, 1, 1), conv(2, 5, 7, 3, 10, 3, 1, 1)}) {
+    const ConvResult a = check_conv(kCustomConv, stream_, sh, 900), b = check_conv(kCustomConv, stream_, sh, 900);
+    EXPECT_TRUE(bits_equal(a.y, b.y) && bits_equal(a.dx, b.dx) && bits_equal(a.dw, b.dw) && bits_equal(a.db, b.db))
+        << conv_str(sh) << ": repeated runs differ";
+  }
+}
+
+TEST_F(TensorCore, ConvolutionVendorBaselineAgrees) {
+  uint32_t seed = 1000;
+  for (const Conv2dShape& sh : conv_cases()) {
+    seed += 5;
+    const ConvResult ours = check_conv(kCustomConv, stream_, sh, seed);
+    const ConvResult theirs = check_conv(kVendorConv, stream_, sh, seed);
+    const std::string what = conv_str(sh) + ": custom vs vendor";
+    EXPECT_LE(rel_error(widen(ours.y), widen(theirs.y)), 2 * kTolBf16) << what << " forward";
+    EXPECT_LE(rel_error(widen(ours.dx), widen(theirs.dx)), 2 * kTolBf16) << what << " backward data";
+    EXPECT_LE(rel_error(ours.dw, theirs.dw), 2 * kTolBf16) << what << " backward weight";
+  }
+}
+
+}  // namespace
+
+#endif  // STALEPROP_WITH_CUDA
