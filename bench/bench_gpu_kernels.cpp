@@ -3,6 +3,12 @@
 //   * fp32 GEMM vs cuBLAS SGEMM (pure fp32 math, no TF32),
 //   * convolution forward / backward-data / backward-weight (NHWC activations, KRSC weights) vs
 //     cuDNN on the same NHWC layouts, restricted to FMA math (no TF32) like our kernels,
+//   * bf16 tensor-core GEMM (kernels/cuda/tensor_core.h) vs cuBLASLt bf16 (kernels/vendor: bf16
+//     A/B/C, CUBLAS_COMPUTE_32F), and bf16 convolutions vs cuDNN on bf16 NHWC tensors with fp32
+//     compute, tensor-core math allowed (cudnn_not_fma = 1 then says cuDNN used tensor cores);
+//     conv_*_bf16/r18_all_layers sums every convolution of a ResNet-18 (each shape times its
+//     count in the network; the stem's backward-data left out, as training never computes
+//     it), and conv_train_bf16/r18_all_layers all three directions together,
 //   * bandwidth-bound ops (batch-norm training forward/backward, relu, add, sgd_step) vs a
 //     device-to-device cudaMemcpyAsync moving the same number of bytes.
 //
@@ -52,10 +58,13 @@
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/shapes.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/tensor_core.h"
+#include "kernels/vendor/vendor.h"
 
 namespace {
 
 namespace kc = sp::kernels::cuda;
+namespace kvd = sp::kernels::vendor;
 using sp::kernels::Conv2dShape;
 
 // ---- Process-wide GPU state ------------------------------------------------------------------
@@ -159,6 +168,15 @@ void fill_random(float* d, size_t count, float scale) {
 DevBuf random_buf(size_t count, float scale = 1.f) {
   DevBuf b(count * sizeof(float));
   fill_random(b.f(), count, scale);
+  return b;
+}
+
+// count bf16 values (the fill_random pattern rounded to nearest even) in a new device buffer.
+DevBuf random_bf16_buf(size_t count, float scale = 1.f) {
+  DevBuf f = random_buf(count, scale);
+  DevBuf b(count * sizeof(uint16_t));
+  kc::f32_to_bf16(int64_t(count), f.f(), static_cast<uint16_t*>(b.get()), nullptr);
+  SP_CUDA_CHECK(cudaDeviceSynchronize());
   return b;
 }
 
@@ -326,9 +344,42 @@ void register_gemm(const std::string& label, bool ta, bool tb, int64_t m, int64_
       Unit::Flops);
 }
 
+// ---- bf16 GEMM vs cuBLASLt bf16 ----------------------------------------------------------------
+// C = A B, row-major, bf16 A, B and C, fp32 accumulation on both sides.
+class Bf16GemmPair : public Pair {
+ public:
+  Bf16GemmPair(int64_t m, int64_t n, int64_t k) : m_(m), n_(n), k_(k) {
+    slots = slots_for(size_t(m * k + k * n + m * n) * sizeof(uint16_t));
+    for (int s = 0; s < slots; ++s) {
+      a_.push_back(random_bf16_buf(size_t(m * k)));
+      b_.push_back(random_bf16_buf(size_t(k * n)));
+      c_.push_back(random_bf16_buf(size_t(m * n)));
+    }
+  }
+  static const uint16_t* p(const DevBuf& d) { return static_cast<const uint16_t*>(d.get()); }
+  static uint16_t* out(const DevBuf& d) { return static_cast<uint16_t*>(d.get()); }
+  void custom(int s) override {
+    kc::gemm_bf16_out_bf16(false, false, m_, n_, k_, 1.f, p(a_[s]), k_, p(b_[s]), n_, 0.f, out(c_[s]), n_, nullptr,
+                           false, g_env.stream);
+  }
+  void vendor(int s) override {
+    kvd::gemm_bf16_out_bf16(false, false, m_, n_, k_, 1.f, p(a_[s]), k_, p(b_[s]), n_, 0.f, out(c_[s]), n_, nullptr,
+                            false, g_env.stream);
+  }
+
+ private:
+  int64_t m_, n_, k_;
+  std::vector<DevBuf> a_, b_, c_;
+};
+
 void register_gemms() {
   register_gemm("square", false, false, 4096, 4096, 4096);
   register_gemm("square", false, false, 8192, 8192, 8192);
+  for (int64_t size : {4096, 8192})
+    register_pair(
+        "gemm_bf16/square/m" + std::to_string(size) + "_n" + std::to_string(size) + "_k" + std::to_string(size),
+        [size] { return std::unique_ptr<Pair>(new Bf16GemmPair(size, size, size)); }, 2.0 * double(size) * size * size,
+        Unit::Flops);
   // Linear (weight [out, in]) with 10 classes, features 64 (ResNet-20/56) or 512 (ResNet-18):
   //   forward  y[n,10]   = x[n,in] W^T          -> m=n,   n=10, k=in, B transposed
   //   dgrad    dx[n,in]  = dy[n,10] W[10,in]    -> m=n,   n=in, k=10
@@ -347,27 +398,41 @@ enum class ConvDir { Fwd, BwdData, BwdWeight };
 
 class ConvPair : public Pair {
  public:
-  ConvPair(const Conv2dShape& sh, ConvDir dir) : sh_(sh), dir_(dir) {
+  // bf16: x, y and (for cuDNN) w are bf16, computed in fp32; our weight gradient is fp32, so
+  // w is allocated with room for fp32 elements and holds bf16 weights in its first half.
+  ConvPair(const Conv2dShape& sh, ConvDir dir, bool bf16 = false) : sh_(sh), dir_(dir), bf16_(bf16) {
     // Every set holds x, w and y; which are inputs and which the output depends on the
     // direction (backward-data: y is dy, x is dx; backward-weight: w is dw).
-    slots = slots_for(size_t(sh.x_size() + sh.w_size() + sh.y_size()) * sizeof(float));
+    const size_t elem = bf16 ? sizeof(uint16_t) : sizeof(float);
+    slots = slots_for(size_t(sh.x_size() + sh.y_size()) * elem + size_t(sh.w_size()) * sizeof(float));
     for (int s = 0; s < slots; ++s) {
-      x_.push_back(random_buf(size_t(sh.x_size())));
-      w_.push_back(random_buf(size_t(sh.w_size()), 0.1f));
-      y_.push_back(random_buf(size_t(sh.y_size())));
+      if (bf16) {
+        x_.push_back(random_bf16_buf(size_t(sh.x_size())));
+        DevBuf w(size_t(sh.w_size()) * sizeof(float));
+        DevBuf w16 = random_bf16_buf(size_t(sh.w_size()), 0.1f);
+        SP_CUDA_CHECK(cudaMemcpy(w.get(), w16.get(), w16.bytes(), cudaMemcpyDeviceToDevice));
+        w_.push_back(std::move(w));
+        y_.push_back(random_bf16_buf(size_t(sh.y_size())));
+      } else {
+        x_.push_back(random_buf(size_t(sh.x_size())));
+        w_.push_back(random_buf(size_t(sh.w_size()), 0.1f));
+        y_.push_back(random_buf(size_t(sh.y_size())));
+      }
     }
+    const cudnnDataType_t dt = bf16 ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_FLOAT;
     SP_CUDNN_CHECK(cudnnCreateTensorDescriptor(&xd_));
     SP_CUDNN_CHECK(cudnnCreateTensorDescriptor(&yd_));
     SP_CUDNN_CHECK(cudnnCreateFilterDescriptor(&wd_));
     SP_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(&cd_));
-    SP_CUDNN_CHECK(cudnnSetTensor4dDescriptor(xd_, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, sh.n, sh.c, sh.h, sh.w));
-    SP_CUDNN_CHECK(cudnnSetTensor4dDescriptor(yd_, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, sh.n, sh.k, sh.p(), sh.q()));
+    SP_CUDNN_CHECK(cudnnSetTensor4dDescriptor(xd_, CUDNN_TENSOR_NHWC, dt, sh.n, sh.c, sh.h, sh.w));
+    SP_CUDNN_CHECK(cudnnSetTensor4dDescriptor(yd_, CUDNN_TENSOR_NHWC, dt, sh.n, sh.k, sh.p(), sh.q()));
     // A filter in NHWC format is K x R x S x C: exactly our KRSC weights.
-    SP_CUDNN_CHECK(cudnnSetFilter4dDescriptor(wd_, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NHWC, sh.k, sh.c, sh.r, sh.s));
+    SP_CUDNN_CHECK(cudnnSetFilter4dDescriptor(wd_, dt, CUDNN_TENSOR_NHWC, sh.k, sh.c, sh.r, sh.s));
     SP_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(cd_, sh.pad, sh.pad, sh.stride, sh.stride, 1, 1,
                                                    CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
-    // FMA math only: fp32 against fp32 (the default would let cuDNN use TF32 tensor cores).
-    SP_CUDNN_CHECK(cudnnSetConvolutionMathType(cd_, CUDNN_FMA_MATH));
+    // fp32: FMA math only, fp32 against fp32 (the default would let cuDNN use TF32 tensor
+    // cores). bf16: tensor cores, like ours.
+    SP_CUDNN_CHECK(cudnnSetConvolutionMathType(cd_, bf16 ? CUDNN_TENSOR_OP_MATH : CUDNN_FMA_MATH));
     find_algorithm();
   }
   ~ConvPair() override {
@@ -378,6 +443,23 @@ class ConvPair : public Pair {
   }
 
   void custom(int s) override {
+    if (bf16_) {
+      auto* x = static_cast<uint16_t*>(x_[s].get());
+      auto* w = static_cast<uint16_t*>(w_[s].get());
+      auto* y = static_cast<uint16_t*>(y_[s].get());
+      switch (dir_) {
+        case ConvDir::Fwd:
+          kc::conv2d_forward_bf16(sh_, x, w, nullptr, y, g_env.stream);
+          break;
+        case ConvDir::BwdData:
+          kc::conv2d_backward_data_bf16(sh_, y, w, x, g_env.stream);
+          break;
+        case ConvDir::BwdWeight:
+          kc::conv2d_backward_weight_bf16(sh_, x, y, w_[s].f(), nullptr, g_env.stream);
+          break;
+      }
+      return;
+    }
     switch (dir_) {
       case ConvDir::Fwd:
         kc::conv2d_forward(sh_, x_[s].f(), w_[s].f(), nullptr, y_[s].f(), g_env.stream);
@@ -465,7 +547,7 @@ class ConvPair : public Pair {
         break;
       }
     }
-    if (!found) throw std::runtime_error("cuDNN found no working algorithm for this NHWC fp32 convolution");
+    if (!found) throw std::runtime_error("cuDNN found no working algorithm for this NHWC convolution");
     // The perf entry's math type is what its time was measured with (FMA, as requested);
     // set it explicitly so the timed calls use exactly the measured configuration.
     SP_CUDNN_CHECK(cudnnSetConvolutionMathType(cd_, math));
@@ -477,6 +559,7 @@ class ConvPair : public Pair {
 
   Conv2dShape sh_;
   ConvDir dir_;
+  bool bf16_;
   std::vector<DevBuf> x_, w_, y_;
   DevBuf ws_;
   cudnnTensorDescriptor_t xd_ = nullptr, yd_ = nullptr;
@@ -491,6 +574,90 @@ struct ConvSpec {
   const char* net;
   int hw, c, k, r, stride;
 };
+
+Conv2dShape conv_shape(const ConvSpec& cs, int batch) {
+  Conv2dShape sh;
+  sh.n = batch, sh.h = cs.hw, sh.w = cs.hw, sh.c = cs.c;
+  sh.k = cs.k, sh.r = cs.r, sh.s = cs.r, sh.stride = cs.stride, sh.pad = cs.r / 2;
+  return sh;
+}
+
+// Several convolutions timed as one: each call runs every member `count` times (each call on
+// the member's next buffer set), custom or vendor alike.
+class ConvSetPair : public Pair {
+ public:
+  struct Member {
+    std::unique_ptr<ConvPair> pair;
+    int count;
+  };
+  explicit ConvSetPair(std::vector<Member> members) : members_(std::move(members)) { slots = 1; }
+  void custom(int) override {
+    for (Member& m : members_)
+      for (int i = 0; i < m.count; ++i) m.pair->custom(m.pair->take());
+  }
+  void vendor(int) override {
+    for (Member& m : members_)
+      for (int i = 0; i < m.count; ++i) m.pair->vendor(m.pair->take());
+  }
+
+ private:
+  std::vector<Member> members_;
+};
+
+// ResNet-18 (CIFAR) convolutions with their count in the network: stem, 4 in layer1, then per
+// later stage a stride-2 3x3, three 3x3 at the stage's width and a 1x1 stride-2 projection.
+struct CountedSpec {
+  ConvSpec spec;
+  int count;
+};
+const CountedSpec kResNet18Convs[] = {
+    {{"r18", 32, 3, 64, 3, 1}, 1},    {{"r18", 32, 64, 64, 3, 1}, 4},    {{"r18", 32, 64, 128, 3, 2}, 1},
+    {{"r18", 16, 128, 128, 3, 1}, 3}, {{"r18", 32, 64, 128, 1, 2}, 1},   {{"r18", 16, 128, 256, 3, 2}, 1},
+    {{"r18", 8, 256, 256, 3, 1}, 3},  {{"r18", 16, 128, 256, 1, 2}, 1},  {{"r18", 8, 256, 512, 3, 2}, 1},
+    {{"r18", 4, 512, 512, 3, 1}, 3},  {{"r18", 8, 256, 512, 1, 2}, 1},
+};
+
+constexpr int kBatch = 512;  // of the bf16 convolution benchmarks
+
+void register_bf16_convs() {
+  const std::pair<ConvDir, const char*> dirs[] = {{ConvDir::Fwd, "conv_fwd_bf16"},
+                                                  {ConvDir::BwdData, "conv_bwd_data_bf16"},
+                                                  {ConvDir::BwdWeight, "conv_bwd_weight_bf16"}};
+  for (const auto& d : dirs) {
+    for (const CountedSpec& c : kResNet18Convs) {
+      const ConvSpec& cs = c.spec;
+      const Conv2dShape sh = conv_shape(cs, kBatch);
+      const std::string name = std::string(d.second) + "/" + cs.net + "_" + std::to_string(cs.c) + "to" +
+                               std::to_string(cs.k) + "_" + std::to_string(cs.r) + "x" + std::to_string(cs.r) + "_s" +
+                               std::to_string(cs.stride) + "_" + std::to_string(cs.hw) + "px/n" +
+                               std::to_string(kBatch);
+      const ConvDir dir = d.first;
+      register_pair(
+          name, [sh, dir] { return std::unique_ptr<Pair>(new ConvPair(sh, dir, true)); }, sh.flops(), Unit::Flops);
+    }
+  }
+  // Sums over the network: each direction alone, then a training step's worth of all three.
+  auto register_set = [&](const std::string& name, std::vector<ConvDir> set_dirs) {
+    double flops = 0;
+    for (const CountedSpec& c : kResNet18Convs)
+      for (ConvDir dir : set_dirs)
+        if (!(dir == ConvDir::BwdData && c.spec.c == 3)) flops += c.count * conv_shape(c.spec, kBatch).flops();
+    register_pair(
+        name,
+        [set_dirs] {
+          std::vector<ConvSetPair::Member> members;
+          for (const CountedSpec& c : kResNet18Convs)
+            for (ConvDir dir : set_dirs)
+              if (!(dir == ConvDir::BwdData && c.spec.c == 3))
+                members.push_back({std::make_unique<ConvPair>(conv_shape(c.spec, kBatch), dir, true), c.count});
+          return std::unique_ptr<Pair>(new ConvSetPair(std::move(members)));
+        },
+        flops, Unit::Flops);
+  };
+  const std::string suffix = "/r18_all_layers/n" + std::to_string(kBatch);
+  for (const auto& d : dirs) register_set(d.second + suffix, {d.first});
+  register_set("conv_train_bf16" + suffix, {ConvDir::Fwd, ConvDir::BwdData, ConvDir::BwdWeight});
+}
 
 void register_convs() {
   // Every distinct convolution of the CIFAR ResNets (pad = r / 2).
@@ -761,6 +928,7 @@ int main(int argc, char** argv) {
   }
   register_gemms();
   register_convs();
+  register_bf16_convs();
   register_bandwidth();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
