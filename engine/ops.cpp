@@ -117,6 +117,18 @@ bool native_bf16_elementwise(const Stream& s, std::initializer_list<const Tensor
   return STALEPROP_WITH_CUDA != 0;
 }
 
+// Batch norm has CUDA kernels for bf16 activations (every defined activation tensor bf16)
+// with fp32 parameters and statistics.
+bool native_bf16_batchnorm(const Stream& s, std::initializer_list<const Tensor*> activations,
+                           std::initializer_list<const Tensor*> per_channel) {
+  if (!s.device().is_cuda()) return false;
+  for (const Tensor* t : activations)
+    if (t->defined() && !is_bf16(*t)) return false;
+  for (const Tensor* t : per_channel)
+    if (is_bf16(*t)) return false;
+  return STALEPROP_WITH_CUDA != 0;
+}
+
 // The reference semantics of an op on bf16 tensors, for ops without a native bf16 kernel:
 // each bf16 argument is widened to an fp32 temporary (a cast on the stream), the fp32 op runs
 // on the temporaries, and each bf16 output is rounded back to nearest even (another cast).
@@ -312,8 +324,10 @@ void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const 
 
 namespace {
 // Checks an NHWC activation and C-sized per-channel tensors; returns {m = N*H*W, c}.
-std::pair<int64_t, int64_t> bn_dims(const OpCheck& chk, const Tensor& x, std::initializer_list<std::pair<const Tensor*, const char*>> per_channel) {
-  chk.tensor(x, "x", DType::F32, 4);
+// x has the activation dtype `at`; the per-channel tensors are f32.
+std::pair<int64_t, int64_t> bn_dims(const OpCheck& chk, const Tensor& x, DType at,
+                                    std::initializer_list<std::pair<const Tensor*, const char*>> per_channel) {
+  chk.tensor(x, "x", at, 4);
   const int64_t c = x.size(3);
   for (auto& [t, name] : per_channel) {
     chk.tensor(*t, name, DType::F32, 1);
@@ -326,7 +340,9 @@ std::pair<int64_t, int64_t> bn_dims(const OpCheck& chk, const Tensor& x, std::in
 void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                                 const Tensor& running_mean, const Tensor& running_var, const Tensor& y,
                                 const Tensor& save_mean, const Tensor& save_invstd, float eps, float momentum) {
-  if (any_bf16({&x, &gamma, &beta, &running_mean, &running_var, &y, &save_mean, &save_invstd})) {
+  if (any_bf16({&x, &gamma, &beta, &running_mean, &running_var, &y, &save_mean,
+      &save_invstd}) && !native_bf16_batchnorm(s, {&x, &y}, {&gamma, &beta, &running_mean, &running_var, &save_mean,
+      &save_invstd})) {
     Bf16Widening wide(s);
     const Tensor x32 = wide.in(x);
     const Tensor gamma32 = wide.in(gamma);
@@ -338,15 +354,18 @@ void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma,
     const Tensor y32 = wide.out(y);
     const Tensor save_mean32 = wide.out(save_mean);
     const Tensor save_invstd32 = wide.out(save_invstd);
-    batchnorm_forward_training(s, x32, gamma32, beta32, running_mean32, running_var32, y32, save_mean32, save_invstd32, eps, momentum);
+    batchnorm_forward_training(s, x32, gamma32, beta32, running_mean32, running_var32, y32, save_mean32,
+        save_invstd32, eps, momentum);
     wide.finish();
     return;
   }
   OpCheck chk("batchnorm_forward_training", s);
-  const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
+  // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
+  const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
+  const auto [m, c] = bn_dims(chk, x, at, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
                                        {&running_var, "running_var"}, {&save_mean, "save_mean"},
                                        {&save_invstd, "save_invstd"}});
-  chk.tensor(y, "y", DType::F32);
+  chk.tensor(y, "y", at);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
     s.enqueue_host([=, m = m, c = c] {
@@ -357,6 +376,13 @@ void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma,
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (at == DType::BF16) {
+    kcu::batchnorm_forward_training_bf16(m, c, x.data<uint16_t>(), nullptr, false, gamma.data<float>(),
+                                         beta.data<float>(), eps, momentum, running_mean.data<float>(),
+                                         running_var.data<float>(), y.data<uint16_t>(), save_mean.data<float>(),
+                                         save_invstd.data<float>(), cuda_stream(s));
+    return;
+  }
   kcu::batchnorm_forward_training(m, c, x.data<float>(), gamma.data<float>(), beta.data<float>(), eps, momentum,
                                   running_mean.data<float>(), running_var.data<float>(), y.data<float>(),
                                   save_mean.data<float>(), save_invstd.data<float>(), cuda_stream(s));
@@ -367,7 +393,8 @@ void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma,
 
 void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                                  const Tensor& running_mean, const Tensor& running_var, const Tensor& y, float eps) {
-  if (any_bf16({&x, &gamma, &beta, &running_mean, &running_var, &y})) {
+  if (any_bf16({&x, &gamma, &beta, &running_mean, &running_var, &y}) && !native_bf16_batchnorm(s, {&x, &y}, {&gamma,
+      &beta, &running_mean, &running_var})) {
     Bf16Widening wide(s);
     const Tensor x32 = wide.in(x);
     const Tensor gamma32 = wide.in(gamma);
@@ -380,9 +407,11 @@ void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma
     return;
   }
   OpCheck chk("batchnorm_forward_inference", s);
-  const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
+  // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
+  const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
+  const auto [m, c] = bn_dims(chk, x, at, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
                                        {&running_var, "running_var"}});
-  chk.tensor(y, "y", DType::F32);
+  chk.tensor(y, "y", at);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
     s.enqueue_host([=, m = m, c = c] {
@@ -393,6 +422,12 @@ void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (at == DType::BF16) {
+    kcu::batchnorm_forward_inference_bf16(m, c, x.data<uint16_t>(), nullptr, false, gamma.data<float>(),
+                                          beta.data<float>(), running_mean.data<float>(), running_var.data<float>(),
+                                          eps, y.data<uint16_t>(), cuda_stream(s));
+    return;
+  }
   kcu::batchnorm_forward_inference(m, c, x.data<float>(), gamma.data<float>(), beta.data<float>(),
                                    running_mean.data<float>(), running_var.data<float>(), eps, y.data<float>(),
                                    cuda_stream(s));
@@ -403,7 +438,8 @@ void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma
 
 void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& save_mean,
                         const Tensor& save_invstd, const Tensor& dx, const Tensor& dgamma, const Tensor& dbeta) {
-  if (any_bf16({&x, &dy, &gamma, &save_mean, &save_invstd, &dx, &dgamma, &dbeta})) {
+  if (any_bf16({&x, &dy, &gamma, &save_mean, &save_invstd, &dx, &dgamma, &dbeta}) && !native_bf16_batchnorm(s, {&x,
+      &dy, &dx}, {&gamma, &save_mean, &save_invstd, &dgamma, &dbeta})) {
     Bf16Widening wide(s);
     const Tensor x32 = wide.in(x);
     const Tensor dy32 = wide.in(dy);
@@ -418,11 +454,13 @@ void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tens
     return;
   }
   OpCheck chk("batchnorm_backward", s);
-  const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&save_mean, "save_mean"}, {&save_invstd, "save_invstd"},
+  // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
+  const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
+  const auto [m, c] = bn_dims(chk, x, at, {{&gamma, "gamma"}, {&save_mean, "save_mean"}, {&save_invstd, "save_invstd"},
                                        {&dgamma, "dgamma"}, {&dbeta, "dbeta"}});
-  chk.tensor(dy, "dy", DType::F32);
+  chk.tensor(dy, "dy", at);
   chk.shape(dy, "dy", x.shape(), "x");
-  chk.tensor(dx, "dx", DType::F32);
+  chk.tensor(dx, "dx", at);
   chk.shape(dx, "dx", x.shape(), "x");
   if (on_cpu(s)) {
     s.enqueue_host([=, m = m, c = c] {
@@ -433,6 +471,12 @@ void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tens
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (at == DType::BF16) {
+    kcu::batchnorm_backward_bf16(m, c, x.data<uint16_t>(), nullptr, dy.data<uint16_t>(), gamma.data<float>(),
+                                 save_mean.data<float>(), save_invstd.data<float>(), dx.data<uint16_t>(), nullptr,
+                                 dgamma.data<float>(), dbeta.data<float>(), cuda_stream(s));
+    return;
+  }
   kcu::batchnorm_backward(m, c, x.data<float>(), dy.data<float>(), gamma.data<float>(), save_mean.data<float>(),
                           save_invstd.data<float>(), dx.data<float>(), dgamma.data<float>(), dbeta.data<float>(),
                           cuda_stream(s));
@@ -445,7 +489,9 @@ void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tenso
                                          const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
                                          const Tensor& y, const Tensor& save_mean, const Tensor& save_invstd,
                                          float eps, float momentum) {
-  if (any_bf16({&x, &residual, &gamma, &beta, &running_mean, &running_var, &y, &save_mean, &save_invstd})) {
+  if (any_bf16({&x, &residual, &gamma, &beta, &running_mean, &running_var, &y, &save_mean,
+      &save_invstd}) && !native_bf16_batchnorm(s, {&x, &residual, &y}, {&gamma, &beta, &running_mean, &running_var,
+      &save_mean, &save_invstd})) {
     Bf16Widening wide(s);
     const Tensor x32 = wide.in(x);
     const Tensor residual32 = wide.in(residual);
@@ -458,16 +504,19 @@ void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tenso
     const Tensor y32 = wide.out(y);
     const Tensor save_mean32 = wide.out(save_mean);
     const Tensor save_invstd32 = wide.out(save_invstd);
-    batchnorm_add_relu_forward_training(s, x32, residual32, gamma32, beta32, running_mean32, running_var32, y32, save_mean32, save_invstd32, eps, momentum);
+    batchnorm_add_relu_forward_training(s, x32, residual32, gamma32, beta32, running_mean32, running_var32, y32,
+        save_mean32, save_invstd32, eps, momentum);
     wide.finish();
     return;
   }
   OpCheck chk("batchnorm_add_relu_forward_training", s);
-  const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
+  // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
+  const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
+  const auto [m, c] = bn_dims(chk, x, at, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
                                        {&running_var, "running_var"}, {&save_mean, "save_mean"},
                                        {&save_invstd, "save_invstd"}});
-  chk.optional(residual, "residual", DType::F32, x.shape(), "x");
-  chk.tensor(y, "y", DType::F32);
+  chk.optional(residual, "residual", at, x.shape(), "x");
+  chk.tensor(y, "y", at);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
     s.enqueue_host([=, m = m, c = c] {
@@ -479,6 +528,13 @@ void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tenso
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (at == DType::BF16) {
+    kcu::batchnorm_forward_training_bf16(m, c, x.data<uint16_t>(), ptr_or_null<uint16_t>(residual), true,
+                                         gamma.data<float>(), beta.data<float>(), eps, momentum,
+                                         running_mean.data<float>(), running_var.data<float>(), y.data<uint16_t>(),
+                                         save_mean.data<float>(), save_invstd.data<float>(), cuda_stream(s));
+    return;
+  }
   kcu::batchnorm_add_relu_forward_training(m, c, x.data<float>(), ptr_or_null<float>(residual), gamma.data<float>(),
                                            beta.data<float>(), eps, momentum, running_mean.data<float>(),
                                            running_var.data<float>(), y.data<float>(), save_mean.data<float>(),
@@ -491,7 +547,8 @@ void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tenso
 void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tensor& residual, const Tensor& gamma,
                                           const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
                                           const Tensor& y, float eps) {
-  if (any_bf16({&x, &residual, &gamma, &beta, &running_mean, &running_var, &y})) {
+  if (any_bf16({&x, &residual, &gamma, &beta, &running_mean, &running_var, &y}) && !native_bf16_batchnorm(s, {&x,
+      &residual, &y}, {&gamma, &beta, &running_mean, &running_var})) {
     Bf16Widening wide(s);
     const Tensor x32 = wide.in(x);
     const Tensor residual32 = wide.in(residual);
@@ -505,10 +562,12 @@ void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tens
     return;
   }
   OpCheck chk("batchnorm_add_relu_forward_inference", s);
-  const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
+  // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
+  const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
+  const auto [m, c] = bn_dims(chk, x, at, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
                                        {&running_var, "running_var"}});
-  chk.optional(residual, "residual", DType::F32, x.shape(), "x");
-  chk.tensor(y, "y", DType::F32);
+  chk.optional(residual, "residual", at, x.shape(), "x");
+  chk.tensor(y, "y", at);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
     s.enqueue_host([=, m = m, c = c] {
@@ -520,6 +579,12 @@ void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tens
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (at == DType::BF16) {
+    kcu::batchnorm_forward_inference_bf16(m, c, x.data<uint16_t>(), ptr_or_null<uint16_t>(residual), true,
+                                          gamma.data<float>(), beta.data<float>(), running_mean.data<float>(),
+                                          running_var.data<float>(), eps, y.data<uint16_t>(), cuda_stream(s));
+    return;
+  }
   kcu::batchnorm_add_relu_forward_inference(m, c, x.data<float>(), ptr_or_null<float>(residual), gamma.data<float>(),
                                             beta.data<float>(), running_mean.data<float>(), running_var.data<float>(),
                                             eps, true, y.data<float>(), cuda_stream(s));
@@ -531,7 +596,9 @@ void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tens
 void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, const Tensor& dy, const Tensor& gamma,
                                  const Tensor& save_mean, const Tensor& save_invstd, const Tensor& dx,
                                  const Tensor& dresidual, const Tensor& dgamma, const Tensor& dbeta) {
-  if (any_bf16({&x, &y, &dy, &gamma, &save_mean, &save_invstd, &dx, &dresidual, &dgamma, &dbeta})) {
+  if (any_bf16({&x, &y, &dy, &gamma, &save_mean, &save_invstd, &dx, &dresidual, &dgamma,
+      &dbeta}) && !native_bf16_batchnorm(s, {&x, &y, &dy, &dx, &dresidual}, {&gamma, &save_mean, &save_invstd,
+      &dgamma, &dbeta})) {
     Bf16Widening wide(s);
     const Tensor x32 = wide.in(x);
     const Tensor y32 = wide.in(y);
@@ -543,18 +610,21 @@ void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, co
     const Tensor dresidual32 = wide.out(dresidual);
     const Tensor dgamma32 = wide.out(dgamma);
     const Tensor dbeta32 = wide.out(dbeta);
-    batchnorm_add_relu_backward(s, x32, y32, dy32, gamma32, save_mean32, save_invstd32, dx32, dresidual32, dgamma32, dbeta32);
+    batchnorm_add_relu_backward(s, x32, y32, dy32, gamma32, save_mean32, save_invstd32, dx32, dresidual32, dgamma32,
+        dbeta32);
     wide.finish();
     return;
   }
   OpCheck chk("batchnorm_add_relu_backward", s);
-  const auto [m, c] = bn_dims(chk, x, {{&gamma, "gamma"}, {&save_mean, "save_mean"}, {&save_invstd, "save_invstd"},
+  // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
+  const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
+  const auto [m, c] = bn_dims(chk, x, at, {{&gamma, "gamma"}, {&save_mean, "save_mean"}, {&save_invstd, "save_invstd"},
                                        {&dgamma, "dgamma"}, {&dbeta, "dbeta"}});
   for (auto [t, name] : {std::pair{&y, "y"}, {&dy, "dy"}, {&dx, "dx"}}) {
-    chk.tensor(*t, name, DType::F32);
+    chk.tensor(*t, name, at);
     chk.shape(*t, name, x.shape(), "x");
   }
-  chk.optional(dresidual, "dresidual", DType::F32, x.shape(), "x");
+  chk.optional(dresidual, "dresidual", at, x.shape(), "x");
   if (on_cpu(s)) {
     s.enqueue_host([=, m = m, c = c] {
       kc::batchnorm_add_relu_backward<float>(m, c, x.data<float>(), y.data<float>(), dy.data<float>(),
@@ -565,6 +635,13 @@ void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, co
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (at == DType::BF16) {
+    kcu::batchnorm_backward_bf16(m, c, x.data<uint16_t>(), y.data<uint16_t>(), dy.data<uint16_t>(), gamma.data<float>(),
+                                 save_mean.data<float>(), save_invstd.data<float>(), dx.data<uint16_t>(),
+                                 ptr_or_null<uint16_t>(dresidual), dgamma.data<float>(), dbeta.data<float>(),
+                                 cuda_stream(s));
+    return;
+  }
   kcu::batchnorm_add_relu_backward(m, c, x.data<float>(), y.data<float>(), dy.data<float>(), gamma.data<float>(),
                                    save_mean.data<float>(), save_invstd.data<float>(), dx.data<float>(),
                                    ptr_or_null<float>(dresidual), dgamma.data<float>(), dbeta.data<float>(),

@@ -350,7 +350,9 @@ void check_batchnorm_add_relu(cudaStream_t stream, int64_t m, int64_t c, bool wi
   EXPECT_LE(rel_error(ddx.download(), rdx), kTol) << what << " dx";
   EXPECT_LE(rel_error(ddg.download(), rdg), kTol) << what << " dgamma";
   EXPECT_LE(rel_error(ddb.download(), rdb), kTol) << what << " dbeta";
-  if (with_residual) EXPECT_EQ(ddy.download(), to_float_vector(rdres)) << what << " dresidual (a mask: exact)";
+  if (with_residual) {
+    EXPECT_EQ(ddy.download(), to_float_vector(rdres)) << what << " dresidual (a mask: exact)";
+  }
 }
 
 TEST_F(CudaOps, FusedBatchNormReluOnResNetAndAwkwardShapes) {
@@ -360,6 +362,86 @@ TEST_F(CudaOps, FusedBatchNormReluOnResNetAndAwkwardShapes) {
     check_batchnorm_add_relu(stream_, 3, 5, with_residual, 620);
     check_batchnorm_add_relu(stream_, 7, 37, with_residual, 630);
     check_batchnorm_add_relu(stream_, 300001, 3, with_residual, 640);
+  }
+}
+
+// bf16 activations: the native bf16 batch-norm kernels give bit for bit what widening the
+// activations, running the fp32 kernels and rounding the outputs gives (same fp32 arithmetic,
+// one pass fewer each way), for the plain and the fused forms.
+std::vector<uint16_t> to_bf16_bits(const std::vector<float>& v) {
+  std::vector<uint16_t> b(v.size());
+  kc::f32_to_bf16(int64_t(v.size()), v.data(), b.data());
+  return b;
+}
+std::vector<float> from_bf16_bits(const std::vector<uint16_t>& b) {
+  std::vector<float> v(b.size());
+  kc::bf16_to_f32(int64_t(b.size()), b.data(), v.data());
+  return v;
+}
+
+void check_batchnorm_bf16(cudaStream_t stream, int64_t m, int64_t c, bool fused, uint32_t seed) {
+  const std::string what = std::string(fused ? "bf16 bn+add+relu" : "bf16 bn") + " m " + std::to_string(m) + " c " +
+                           std::to_string(c);
+  const size_t n = size_t(m * c), nc = size_t(c);
+  const std::vector<uint16_t> xb = to_bf16_bits(random_vector(n, seed, -2.f, 2.f)),
+                              rb = to_bf16_bits(random_vector(n, seed + 1)),
+                              dyb = to_bf16_bits(random_vector(n, seed + 2));
+  const std::vector<float> gamma = random_vector(nc, seed + 3, 0.5f, 1.5f), beta = random_vector(nc, seed + 4);
+  const std::vector<float> zeros(nc, 0.f), ones(nc, 1.f);
+  const float eps = 1e-5f, momentum = 0.1f;
+
+  // Native bf16.
+  DeviceArray<uint16_t> x(xb), r(rb), y(n), yi(n), dy(dyb), dx(n);
+  DeviceArray<float> g(gamma), b(beta), rm(zeros), rv(ones), sm(nc), si(nc), dg(nc), db(nc);
+  const uint16_t* res = fused ? r.get() : nullptr;
+  kcu::batchnorm_forward_training_bf16(m, c, x.get(), res, fused, g.get(), b.get(), eps, momentum, rm.get(), rv.get(),
+                                       y.get(), sm.get(), si.get(), stream);
+  kcu::batchnorm_forward_inference_bf16(m, c, x.get(), res, fused, g.get(), b.get(), rm.get(), rv.get(), eps, yi.get(),
+                                        stream);
+  kcu::batchnorm_backward_bf16(m, c, x.get(), fused ? y.get() : nullptr, dy.get(), g.get(), sm.get(), si.get(),
+                               dx.get(), fused ? dy.get() : nullptr, dg.get(), db.get(), stream);
+  sync_and_check();
+
+  // Widened fp32 kernels on the same values.
+  DeviceArray<float> xf(from_bf16_bits(xb)), rf(from_bf16_bits(rb)), yf(n), yif(n), dyf(from_bf16_bits(dyb)), dxf(n);
+  DeviceArray<float> rm2(zeros), rv2(ones), sm2(nc), si2(nc), dg2(nc), db2(nc);
+  if (fused) {
+    kcu::batchnorm_add_relu_forward_training(m, c, xf.get(), rf.get(), g.get(), b.get(), eps, momentum, rm2.get(),
+                                             rv2.get(), yf.get(), sm2.get(), si2.get(), stream);
+    kcu::batchnorm_add_relu_forward_inference(m, c, xf.get(), rf.get(), g.get(), b.get(), rm2.get(), rv2.get(), eps,
+                                              true, yif.get(), stream);
+  } else {
+    kcu::batchnorm_forward_training(m, c, xf.get(), g.get(), b.get(), eps, momentum, rm2.get(), rv2.get(), yf.get(),
+                                    sm2.get(), si2.get(), stream);
+    kcu::batchnorm_forward_inference(m, c, xf.get(), g.get(), b.get(), rm2.get(), rv2.get(), eps, yif.get(), stream);
+  }
+  sync_and_check();
+  // The fused backward's mask comes from the bf16 output, as in the engine's widened path.
+  DeviceArray<float> ymask(from_bf16_bits(y.download()));
+  if (fused)
+    kcu::batchnorm_add_relu_backward(m, c, xf.get(), ymask.get(), dyf.get(), g.get(), sm2.get(), si2.get(), dxf.get(),
+                                     dyf.get(), dg2.get(), db2.get(), stream);
+  else
+    kcu::batchnorm_backward(m, c, xf.get(), dyf.get(), g.get(), sm2.get(), si2.get(), dxf.get(), dg2.get(), db2.get(),
+                            stream);
+  sync_and_check();
+
+  expect_bits_equal(sm.download(), sm2.download(), what + " save_mean");
+  expect_bits_equal(si.download(), si2.download(), what + " save_invstd");
+  expect_bits_equal(rm.download(), rm2.download(), what + " running_mean");
+  expect_bits_equal(y.download(), to_bf16_bits(yf.download()), what + " y");
+  expect_bits_equal(yi.download(), to_bf16_bits(yif.download()), what + " inference y");
+  expect_bits_equal(dx.download(), to_bf16_bits(dxf.download()), what + " dx");
+  expect_bits_equal(dg.download(), dg2.download(), what + " dgamma");
+  expect_bits_equal(db.download(), db2.download(), what + " dbeta");
+  if (fused) expect_bits_equal(dy.download(), to_bf16_bits(dyf.download()), what + " dresidual");
+}
+
+TEST_F(CudaOps, Bf16BatchNormMatchesTheWidenedFp32KernelsBitForBit) {
+  for (const bool fused : {false, true}) {
+    check_batchnorm_bf16(stream_, 8 * 32 * 32, 16, fused, 700);
+    check_batchnorm_bf16(stream_, 7, 37, fused, 710);
+    check_batchnorm_bf16(stream_, 300001, 3, fused, 720);
   }
 }
 

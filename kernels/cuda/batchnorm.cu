@@ -14,6 +14,7 @@
 // fusion removes the separate add/relu passes and their round trips through memory.
 #include "kernels/cuda/column_reduce.cuh"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/storage.cuh"
 
 namespace sp::kernels::cuda {
 namespace {
@@ -36,40 +37,47 @@ __device__ __forceinline__ void for_each_with_channel(int64_t total, int c, cons
   }
 }
 
+// Activations (x, residual, y, dy, dx, dresidual) are stored as S::Storage (fp32 or bf16) and
+// computed on in fp32; parameters, statistics and reductions are fp32/double in both cases.
+
 // ---- Reduction terms -------------------------------------------------------------------------
+template <class S>
 struct SumTerm {
-  const float* x;
+  const typename S::Storage* x;
   int c;
-  __device__ void operator()(int64_t i, int j, double* acc) const { acc[0] += x[i * c + j]; }
+  __device__ void operator()(int64_t i, int j, double* acc) const { acc[0] += S::load(x[i * c + j]); }
 };
 
+template <class S>
 struct CentredSquareTerm {
-  const float* x;
+  const typename S::Storage* x;
   const double* mean;
   int c;
   __device__ void operator()(int64_t i, int j, double* acc) const {
-    const double d = double(x[i * c + j]) - mean[j];
+    const double d = double(S::load(x[i * c + j])) - mean[j];
     acc[0] += d * d;
   }
 };
 
 // The gradient reaching the normalisation: dy, or for the fused variants dy where the
 // forward output y > 0 else 0 (relu_backward's form).
-__device__ __forceinline__ float masked_grad(const float* y, const float* dy, int64_t i) {
-  return y == nullptr || y[i] > 0.f ? dy[i] : 0.f;
+template <class S>
+__device__ __forceinline__ float masked_grad(const typename S::Storage* y, const typename S::Storage* dy, int64_t i) {
+  return y == nullptr || S::load(y[i]) > 0.f ? S::load(dy[i]) : 0.f;
 }
 
 // acc[0] += g, acc[1] += g * xhat
+template <class S>
 struct GradTerm {
-  const float* x;
-  const float* y;  // null for the plain backward
-  const float* dy;
+  const typename S::Storage* x;
+  const typename S::Storage* y;  // null for the plain backward
+  const typename S::Storage* dy;
   const float* mean;
   const float* invstd;
   int c;
   __device__ void operator()(int64_t i, int j, double* acc) const {
-    const double g = masked_grad(y, dy, i * c + j);
-    const double xhat = (double(x[i * c + j]) - double(mean[j])) * double(invstd[j]);
+    const double g = masked_grad<S>(y, dy, i * c + j);
+    const double xhat = (double(S::load(x[i * c + j])) - double(mean[j])) * double(invstd[j]);
     acc[0] += g;
     acc[1] += g * xhat;
   }
@@ -121,43 +129,50 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 // ---- Element passes --------------------------------------------------------------------------
 // y = (x - mean) * gain + beta, then + residual (when non-null), then relu (when relu), in the
 // CPU reference's order; the branches are uniform across the grid.
-__device__ __forceinline__ float bn_output(float x, float mean, float gain, float beta, const float* residual,
-                                           int64_t i, bool relu) {
+template <class S>
+__device__ __forceinline__ typename S::Storage bn_output(float x, float mean, float gain, float beta,
+                                                         const typename S::Storage* residual, int64_t i, bool relu) {
   float v = (x - mean) * gain + beta;
-  if (residual != nullptr) v = v + residual[i];
+  if (residual != nullptr) v = v + S::load(residual[i]);
   if (relu) v = v < 0.f ? 0.f : v;  // NaN passes through, as in relu_forward
-  return v;
+  return S::store(v);
 }
 
-__global__ void bn_normalize_kernel(int64_t total, int c, const float* x, const float* residual, bool relu,
-                                    const float* mean, const float* invstd, const float* gamma, const float* beta,
-                                    float* y) {
+template <class S>
+__global__ void bn_normalize_kernel(int64_t total, int c, const typename S::Storage* x,
+                                    const typename S::Storage* residual, bool relu, const float* mean,
+                                    const float* invstd, const float* gamma, const float* beta,
+                                    typename S::Storage* y) {
   for_each_with_channel(total, c, [&](int64_t i, int j) {
     const float gain = gamma[j] * invstd[j];
-    y[i] = bn_output(x[i], mean[j], gain, beta[j], residual, i, relu);
+    y[i] = bn_output<S>(S::load(x[i]), mean[j], gain, beta[j], residual, i, relu);
   });
 }
 
-__global__ void bn_inference_kernel(int64_t total, int c, const float* x, const float* residual, bool relu,
-                                    const float* gamma, const float* beta, const float* running_mean,
-                                    const float* running_var, float eps, float* y) {
+template <class S>
+__global__ void bn_inference_kernel(int64_t total, int c, const typename S::Storage* x,
+                                    const typename S::Storage* residual, bool relu, const float* gamma,
+                                    const float* beta, const float* running_mean, const float* running_var, float eps,
+                                    typename S::Storage* y) {
   for_each_with_channel(total, c, [&](int64_t i, int j) {
     const float invstd = float(1.0 / sqrt(double(running_var[j]) + double(eps)));
     const float gain = gamma[j] * invstd;
-    y[i] = bn_output(x[i], running_mean[j], gain, beta[j], residual, i, relu);
+    y[i] = bn_output<S>(S::load(x[i]), running_mean[j], gain, beta[j], residual, i, relu);
   });
 }
 
 // dresidual (nullable) receives the masked gradient; it may alias dy (each element is read
 // before it is written, by the same thread).
-__global__ void bn_backward_dx_kernel(int64_t total, int c, const float* x, const float* y, const float* dy,
-                                      const float* save_mean, const float* save_invstd, const float* coef, float* dx,
-                                      float* dresidual) {
+template <class S>
+__global__ void bn_backward_dx_kernel(int64_t total, int c, const typename S::Storage* x,
+                                      const typename S::Storage* y, const typename S::Storage* dy,
+                                      const float* save_mean, const float* save_invstd, const float* coef,
+                                      typename S::Storage* dx, typename S::Storage* dresidual) {
   for_each_with_channel(total, c, [&](int64_t i, int j) {
-    const float g = masked_grad(y, dy, i);
-    const float xhat = (x[i] - save_mean[j]) * save_invstd[j];
-    dx[i] = coef[j] * (g - coef[c + j] - xhat * coef[2 * c + j]);
-    if (dresidual != nullptr) dresidual[i] = g;
+    const float g = masked_grad<S>(y, dy, i);
+    const float xhat = (S::load(x[i]) - save_mean[j]) * save_invstd[j];
+    dx[i] = S::store(coef[j] * (g - coef[c + j] - xhat * coef[2 * c + j]));
+    if (dresidual != nullptr) dresidual[i] = S::store(g);
   });
 }
 
@@ -165,9 +180,11 @@ __global__ void bn_backward_dx_kernel(int64_t total, int c, const float* x, cons
 
 namespace {
 
-void forward_training_impl(const char* op, int64_t m, int64_t c64, const float* x, const float* residual, bool relu,
-                           const float* gamma, const float* beta, float eps, float momentum, float* running_mean,
-                           float* running_var, float* y, float* save_mean, float* save_invstd, cudaStream_t stream) {
+template <class S>
+void forward_training_impl(const char* op, int64_t m, int64_t c64, const typename S::Storage* x,
+                           const typename S::Storage* residual, bool relu, const float* gamma, const float* beta,
+                           float eps, float momentum, float* running_mean, float* running_var,
+                           typename S::Storage* y, float* save_mean, float* save_invstd, cudaStream_t stream) {
   const int c = checked_columns(op, c64);
   const ReducePlan plan = plan_column_reduce(m);
   const size_t partial_doubles = size_t(plan.chunks) * size_t(c);
@@ -175,34 +192,38 @@ void forward_training_impl(const char* op, int64_t m, int64_t c64, const float* 
   double* partial = ws.as<double>();
   double* mean = partial + partial_doubles;
 
-  column_partials<1>(m, c, plan, SumTerm{x, c}, partial, stream);
+  column_partials<1>(m, c, plan, SumTerm<S>{x, c}, partial, stream);
   bn_mean_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(partial, plan.chunks, m, c, mean);
   SP_CUDA_CHECK_LAUNCH();
-  column_partials<1>(m, c, plan, CentredSquareTerm{x, mean, c}, partial, stream);
+  column_partials<1>(m, c, plan, CentredSquareTerm<S>{x, mean, c}, partial, stream);
   bn_statistics_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(
       partial, plan.chunks, m, c, mean, eps, momentum, running_mean, running_var, save_mean, save_invstd);
   SP_CUDA_CHECK_LAUNCH();
   const int64_t total = m * c;
   if (total == 0) return;
-  bn_normalize_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, residual, relu, save_mean,
-                                                                             save_invstd, gamma, beta, y);
+  bn_normalize_kernel<S><<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, residual, relu,
+                                                                                save_mean, save_invstd, gamma, beta, y);
   SP_CUDA_CHECK_LAUNCH();
 }
 
-void forward_inference_impl(const char* op, int64_t m, int64_t c64, const float* x, const float* residual, bool relu,
-                            const float* gamma, const float* beta, const float* running_mean, const float* running_var,
-                            float eps, float* y, cudaStream_t stream) {
+template <class S>
+void forward_inference_impl(const char* op, int64_t m, int64_t c64, const typename S::Storage* x,
+                            const typename S::Storage* residual, bool relu, const float* gamma, const float* beta,
+                            const float* running_mean, const float* running_var, float eps, typename S::Storage* y,
+                            cudaStream_t stream) {
   const int c = checked_columns(op, c64);
   const int64_t total = m * c;
   if (total == 0) return;
-  bn_inference_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, residual, relu, gamma, beta,
-                                                                             running_mean, running_var, eps, y);
+  bn_inference_kernel<S><<<element_blocks(total), kElementThreads, 0, stream>>>(
+      total, c, x, residual, relu, gamma, beta, running_mean, running_var, eps, y);
   SP_CUDA_CHECK_LAUNCH();
 }
 
-void backward_impl(const char* op, int64_t m, int64_t c64, const float* x, const float* y, const float* dy,
-                   const float* gamma, const float* save_mean, const float* save_invstd, float* dx, float* dresidual,
-                   float* dgamma, float* dbeta, cudaStream_t stream) {
+template <class S>
+void backward_impl(const char* op, int64_t m, int64_t c64, const typename S::Storage* x,
+                   const typename S::Storage* y, const typename S::Storage* dy, const float* gamma,
+                   const float* save_mean, const float* save_invstd, typename S::Storage* dx,
+                   typename S::Storage* dresidual, float* dgamma, float* dbeta, cudaStream_t stream) {
   const int c = checked_columns(op, c64);
   const ReducePlan plan = plan_column_reduce(m);
   const size_t partial_doubles = size_t(plan.chunks) * 2 * size_t(c);
@@ -210,14 +231,14 @@ void backward_impl(const char* op, int64_t m, int64_t c64, const float* x, const
   double* partial = ws.as<double>();
   float* coef = reinterpret_cast<float*>(partial + partial_doubles);
 
-  column_partials<2>(m, c, plan, GradTerm{x, y, dy, save_mean, save_invstd, c}, partial, stream);
+  column_partials<2>(m, c, plan, GradTerm<S>{x, y, dy, save_mean, save_invstd, c}, partial, stream);
   bn_backward_finalize_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(partial, plan.chunks, m, c, gamma,
                                                                                    save_invstd, dgamma, dbeta, coef);
   SP_CUDA_CHECK_LAUNCH();
   const int64_t total = m * c;
   if (total == 0) return;
-  bn_backward_dx_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, y, dy, save_mean,
-                                                                               save_invstd, coef, dx, dresidual);
+  bn_backward_dx_kernel<S><<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, y, dy, save_mean,
+                                                                                  save_invstd, coef, dx, dresidual);
   SP_CUDA_CHECK_LAUNCH();
 }
 
@@ -226,45 +247,67 @@ void backward_impl(const char* op, int64_t m, int64_t c64, const float* x, const
 void batchnorm_forward_training(int64_t m, int64_t c, const float* x, const float* gamma, const float* beta, float eps,
                                 float momentum, float* running_mean, float* running_var, float* y, float* save_mean,
                                 float* save_invstd, cudaStream_t stream) {
-  forward_training_impl("batchnorm_forward_training", m, c, x, nullptr, false, gamma, beta, eps, momentum,
-                        running_mean, running_var, y, save_mean, save_invstd, stream);
+  forward_training_impl<F32>("batchnorm_forward_training", m, c, x, nullptr, false, gamma, beta, eps, momentum,
+                             running_mean, running_var, y, save_mean, save_invstd, stream);
 }
 
 void batchnorm_forward_inference(int64_t m, int64_t c, const float* x, const float* gamma, const float* beta,
                                  const float* running_mean, const float* running_var, float eps, float* y,
                                  cudaStream_t stream) {
-  forward_inference_impl("batchnorm_forward_inference", m, c, x, nullptr, false, gamma, beta, running_mean,
-                         running_var, eps, y, stream);
+  forward_inference_impl<F32>("batchnorm_forward_inference", m, c, x, nullptr, false, gamma, beta, running_mean,
+                              running_var, eps, y, stream);
 }
 
 void batchnorm_backward(int64_t m, int64_t c, const float* x, const float* dy, const float* gamma,
                         const float* save_mean, const float* save_invstd, float* dx, float* dgamma, float* dbeta,
                         cudaStream_t stream) {
-  backward_impl("batchnorm_backward", m, c, x, nullptr, dy, gamma, save_mean, save_invstd, dx, nullptr, dgamma, dbeta,
-                stream);
+  backward_impl<F32>("batchnorm_backward", m, c, x, nullptr, dy, gamma, save_mean, save_invstd, dx, nullptr, dgamma,
+                     dbeta, stream);
 }
 
 void batchnorm_add_relu_forward_training(int64_t m, int64_t c, const float* x, const float* residual,
                                          const float* gamma, const float* beta, float eps, float momentum,
                                          float* running_mean, float* running_var, float* y, float* save_mean,
                                          float* save_invstd, cudaStream_t stream) {
-  forward_training_impl("batchnorm_add_relu_forward_training", m, c, x, residual, true, gamma, beta, eps, momentum,
-                        running_mean, running_var, y, save_mean, save_invstd, stream);
+  forward_training_impl<F32>("batchnorm_add_relu_forward_training", m, c, x, residual, true, gamma, beta, eps,
+                             momentum, running_mean, running_var, y, save_mean, save_invstd, stream);
 }
 
 void batchnorm_add_relu_forward_inference(int64_t m, int64_t c, const float* x, const float* residual,
                                           const float* gamma, const float* beta, const float* running_mean,
                                           const float* running_var, float eps, bool relu, float* y,
                                           cudaStream_t stream) {
-  forward_inference_impl("batchnorm_add_relu_forward_inference", m, c, x, residual, relu, gamma, beta, running_mean,
-                         running_var, eps, y, stream);
+  forward_inference_impl<F32>("batchnorm_add_relu_forward_inference", m, c, x, residual, relu, gamma, beta,
+                              running_mean, running_var, eps, y, stream);
 }
 
 void batchnorm_add_relu_backward(int64_t m, int64_t c, const float* x, const float* y, const float* dy,
                                  const float* gamma, const float* save_mean, const float* save_invstd, float* dx,
                                  float* dresidual, float* dgamma, float* dbeta, cudaStream_t stream) {
-  backward_impl("batchnorm_add_relu_backward", m, c, x, y, dy, gamma, save_mean, save_invstd, dx, dresidual, dgamma,
-                dbeta, stream);
+  backward_impl<F32>("batchnorm_add_relu_backward", m, c, x, y, dy, gamma, save_mean, save_invstd, dx, dresidual,
+                     dgamma, dbeta, stream);
+}
+
+void batchnorm_forward_training_bf16(int64_t m, int64_t c, const uint16_t* x, const uint16_t* residual, bool relu,
+                                     const float* gamma, const float* beta, float eps, float momentum,
+                                     float* running_mean, float* running_var, uint16_t* y, float* save_mean,
+                                     float* save_invstd, cudaStream_t stream) {
+  forward_training_impl<BF16>("batchnorm_forward_training_bf16", m, c, x, residual, relu, gamma, beta, eps, momentum,
+                              running_mean, running_var, y, save_mean, save_invstd, stream);
+}
+
+void batchnorm_forward_inference_bf16(int64_t m, int64_t c, const uint16_t* x, const uint16_t* residual, bool relu,
+                                      const float* gamma, const float* beta, const float* running_mean,
+                                      const float* running_var, float eps, uint16_t* y, cudaStream_t stream) {
+  forward_inference_impl<BF16>("batchnorm_forward_inference_bf16", m, c, x, residual, relu, gamma, beta, running_mean,
+                               running_var, eps, y, stream);
+}
+
+void batchnorm_backward_bf16(int64_t m, int64_t c, const uint16_t* x, const uint16_t* y, const uint16_t* dy,
+                             const float* gamma, const float* save_mean, const float* save_invstd, uint16_t* dx,
+                             uint16_t* dresidual, float* dgamma, float* dbeta, cudaStream_t stream) {
+  backward_impl<BF16>("batchnorm_backward_bf16", m, c, x, y, dy, gamma, save_mean, save_invstd, dx, dresidual, dgamma,
+                      dbeta, stream);
 }
 
 }  // namespace sp::kernels::cuda

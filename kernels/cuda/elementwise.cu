@@ -10,34 +10,12 @@
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/storage.cuh"
 
 namespace sp::kernels::cuda {
 namespace {
 
 using namespace detail;
-
-// ---- bf16 <-> f32, bit-identical to kernels/cpu/elementwise.cpp -----------------------------
-__device__ __forceinline__ uint16_t bf16_from_f32(float f) {
-  uint32_t bits = __float_as_uint(f);
-  // A NaN keeps its sign and top payload bits and gets the quiet bit, so it cannot round to infinity.
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x0040u);
-  // Round to nearest, ties to even; a carry into the exponent is the correct rounding.
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return uint16_t(bits >> 16);
-}
-__device__ __forceinline__ float f32_from_bf16(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
-
-// Element storage: an fp32 op on bf16 data widens on load and rounds on store.
-struct F32 {
-  using Storage = float;
-  __device__ static float load(float v) { return v; }
-  __device__ static float store(float v) { return v; }
-};
-struct BF16 {
-  using Storage = uint16_t;
-  __device__ static float load(uint16_t v) { return f32_from_bf16(v); }
-  __device__ static uint16_t store(float v) { return bf16_from_f32(v); }
-};
 
 // ---- Pointwise -------------------------------------------------------------------------------
 // relu as "x < 0 ? 0 : x", like the CPU reference: a NaN passes through (and shows up in the loss).

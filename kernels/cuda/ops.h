@@ -66,6 +66,22 @@ void batchnorm_add_relu_backward(int64_t m, int64_t c, const float* x, const flo
                                  const float* gamma, const float* save_mean, const float* save_invstd, float* dx,
                                  float* dresidual, float* dgamma, float* dbeta, cudaStream_t stream);
 
+// bf16 activations (x, residual, y, dy, dx, dresidual: bf16 bit patterns) with fp32
+// parameters, statistics and reductions, covering the plain and the fused forms (residual
+// nullable, relu a flag; the backward's y is null for the plain form and then no ReLU mask
+// applies). Bit-identical to widening the activations, running the fp32 kernels above and
+// rounding the outputs, in one pass fewer each way.
+void batchnorm_forward_training_bf16(int64_t m, int64_t c, const uint16_t* x, const uint16_t* residual, bool relu,
+                                     const float* gamma, const float* beta, float eps, float momentum,
+                                     float* running_mean, float* running_var, uint16_t* y, float* save_mean,
+                                     float* save_invstd, cudaStream_t stream);
+void batchnorm_forward_inference_bf16(int64_t m, int64_t c, const uint16_t* x, const uint16_t* residual, bool relu,
+                                      const float* gamma, const float* beta, const float* running_mean,
+                                      const float* running_var, float eps, uint16_t* y, cudaStream_t stream);
+void batchnorm_backward_bf16(int64_t m, int64_t c, const uint16_t* x, const uint16_t* y, const uint16_t* dy,
+                             const float* gamma, const float* save_mean, const float* save_invstd, uint16_t* dx,
+                             uint16_t* dresidual, float* dgamma, float* dbeta, cudaStream_t stream);
+
 // ---- Elementwise -------------------------------------------------------------------------
 void relu_forward(int64_t n, const float* x, float* y, cudaStream_t stream);
 void relu_backward(int64_t n, const float* y, const float* dy, float* dx, cudaStream_t stream);
