@@ -12,6 +12,7 @@
 
 #include "kernels/common/cuda_check.h"
 #include "kernels/cuda/ops.h"
+#include "kernels/cuda/tensor_core.h"
 #include "kernels/vendor/vendor.h"
 #endif
 
@@ -117,6 +118,19 @@ bool native_bf16_elementwise(const Stream& s, std::initializer_list<const Tensor
   return STALEPROP_WITH_CUDA != 0;
 }
 
+// The GEMM and the convolutions have tensor-core kernels (kernels/cuda/tensor_core.h, and
+// vendor twins) for bf16 operands: every tensor of `bf16` is bf16, every defined one of `f32`
+// is f32, on a CUDA stream.
+bool native_bf16_tensor_core(const Stream& s, std::initializer_list<const Tensor*> bf16,
+                             std::initializer_list<const Tensor*> f32) {
+  if (!s.device().is_cuda()) return false;
+  for (const Tensor* t : bf16)
+    if (!is_bf16(*t)) return false;
+  for (const Tensor* t : f32)
+    if (t->defined() && t->dtype() != DType::F32) return false;
+  return STALEPROP_WITH_CUDA != 0;
+}
+
 // Batch norm has CUDA kernels for bf16 activations (every defined activation tensor bf16)
 // with fp32 parameters and statistics.
 bool native_bf16_batchnorm(const Stream& s, std::initializer_list<const Tensor*> activations,
@@ -184,7 +198,10 @@ KernelBackend kernel_backend() { return g_backend.load(); }
 
 void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b, float beta,
           const Tensor& c) {
-  if (any_bf16({&a, &b, &c})) {
+  // Tensor cores for bf16 A and B, with C in f32 or bf16.
+  const bool tc = native_bf16_tensor_core(s, {&a, &b}, {}) && c.defined() &&
+                  (c.dtype() == DType::F32 || c.dtype() == DType::BF16);
+  if (any_bf16({&a, &b, &c}) && !tc) {
     Bf16Widening wide(s);
     const Tensor a32 = wide.in(a);
     const Tensor b32 = wide.in(b);
@@ -195,9 +212,9 @@ void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, c
     return;
   }
   OpCheck chk("gemm", s);
-  chk.tensor(a, "A", DType::F32, 2);
-  chk.tensor(b, "B", DType::F32, 2);
-  chk.tensor(c, "C", DType::F32, 2);
+  chk.tensor(a, "A", tc ? DType::BF16 : DType::F32, 2);
+  chk.tensor(b, "B", tc ? DType::BF16 : DType::F32, 2);
+  chk.tensor(c, "C", tc ? c.dtype() : DType::F32, 2);
   const int64_t m = trans_a ? a.size(1) : a.size(0), k = trans_a ? a.size(0) : a.size(1);
   const int64_t kb = trans_b ? b.size(1) : b.size(0), n = trans_b ? b.size(0) : b.size(1);
   chk.require(k == kb, detail::concat("inner dimensions differ: A ", shape_str(a.shape()), (trans_a ? "^T" : ""),
@@ -211,6 +228,18 @@ void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, c
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (tc && c.dtype() == DType::F32) {
+    const auto run_bf16 = use_vendor() ? kvd::gemm_bf16 : kcu::gemm_bf16;
+    run_bf16(trans_a, trans_b, m, n, k, alpha, a.data<uint16_t>(), a.size(1), b.data<uint16_t>(), b.size(1), beta,
+             c.data<float>(), n, nullptr, false, cuda_stream(s));
+    return;
+  }
+  if (tc) {
+    const auto run_bf16 = use_vendor() ? kvd::gemm_bf16_out_bf16 : kcu::gemm_bf16_out_bf16;
+    run_bf16(trans_a, trans_b, m, n, k, alpha, a.data<uint16_t>(), a.size(1), b.data<uint16_t>(), b.size(1), beta,
+             c.data<uint16_t>(), n, nullptr, false, cuda_stream(s));
+    return;
+  }
   const auto run = use_vendor() ? kvd::gemm : kcu::gemm;
   run(trans_a, trans_b, m, n, k, alpha, a.data<float>(), a.size(1), b.data<float>(), b.size(1), beta, c.data<float>(),
       n, cuda_stream(s));
@@ -229,7 +258,8 @@ Shape conv2d_output_shape(const Shape& x, const Shape& w, int stride, int pad) {
 
 void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, int stride,
                     int pad) {
-  if (any_bf16({&x, &w, &bias, &y})) {
+  const bool tc = native_bf16_tensor_core(s, {&x, &w, &y}, {&bias});
+  if (any_bf16({&x, &w, &bias, &y}) && !tc) {
     Bf16Widening wide(s);
     const Tensor x32 = wide.in(x);
     const Tensor w32 = wide.in(w);
@@ -240,9 +270,10 @@ void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
     return;
   }
   OpCheck chk("conv2d_forward", s);
-  chk.tensor(x, "x", DType::F32, 4);
-  chk.tensor(w, "w", DType::F32, 4);
-  chk.tensor(y, "y", DType::F32, 4);
+  const DType at = tc ? DType::BF16 : DType::F32;  // x, w, y
+  chk.tensor(x, "x", at, 4);
+  chk.tensor(w, "w", at, 4);
+  chk.tensor(y, "y", at, 4);
   const Conv2dShape sh = conv_shape(chk, x.shape(), w.shape(), stride, pad);
   chk.optional(bias, "bias", DType::F32, {sh.k}, "weight " + shape_str(w.shape()));
   chk.shape(y, "y", conv2d_output_shape(x.shape(), w.shape(), stride, pad),
@@ -253,6 +284,12 @@ void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (tc) {
+    const auto run_bf16 = use_vendor() ? kvd::conv2d_forward_bf16 : kcu::conv2d_forward_bf16;
+    run_bf16(sh, x.data<uint16_t>(), w.data<uint16_t>(), ptr_or_null<float>(bias), y.data<uint16_t>(),
+             cuda_stream(s));
+    return;
+  }
   const auto run = use_vendor() ? kvd::conv2d_forward : kcu::conv2d_forward;
   run(sh, x.data<float>(), w.data<float>(), ptr_or_null<float>(bias), y.data<float>(), cuda_stream(s));
 #else
@@ -261,7 +298,8 @@ void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
 }
 
 void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Tensor& dx, int stride, int pad) {
-  if (any_bf16({&dy, &w, &dx})) {
+  const bool tc = native_bf16_tensor_core(s, {&dy, &w, &dx}, {});
+  if (any_bf16({&dy, &w, &dx}) && !tc) {
     Bf16Widening wide(s);
     const Tensor dy32 = wide.in(dy);
     const Tensor w32 = wide.in(w);
@@ -271,9 +309,10 @@ void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Te
     return;
   }
   OpCheck chk("conv2d_backward_data", s);
-  chk.tensor(dy, "dy", DType::F32, 4);
-  chk.tensor(w, "w", DType::F32, 4);
-  chk.tensor(dx, "dx", DType::F32, 4);
+  const DType at = tc ? DType::BF16 : DType::F32;  // dy, w, dx
+  chk.tensor(dy, "dy", at, 4);
+  chk.tensor(w, "w", at, 4);
+  chk.tensor(dx, "dx", at, 4);
   const Conv2dShape sh = conv_shape(chk, dx.shape(), w.shape(), stride, pad);
   chk.shape(dy, "dy", conv2d_output_shape(dx.shape(), w.shape(), stride, pad),
             "dx " + shape_str(dx.shape()) + " convolved with w " + shape_str(w.shape()));
@@ -282,6 +321,11 @@ void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Te
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (tc) {
+    const auto run_bf16 = use_vendor() ? kvd::conv2d_backward_data_bf16 : kcu::conv2d_backward_data_bf16;
+    run_bf16(sh, dy.data<uint16_t>(), w.data<uint16_t>(), dx.data<uint16_t>(), cuda_stream(s));
+    return;
+  }
   const auto run = use_vendor() ? kvd::conv2d_backward_data : kcu::conv2d_backward_data;
   run(sh, dy.data<float>(), w.data<float>(), dx.data<float>(), cuda_stream(s));
 #else
@@ -291,7 +335,8 @@ void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Te
 
 void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dw, const Tensor& dbias,
                             int stride, int pad) {
-  if (any_bf16({&x, &dy, &dw, &dbias})) {
+  const bool tc = native_bf16_tensor_core(s, {&x, &dy}, {&dw, &dbias});
+  if (any_bf16({&x, &dy, &dw, &dbias}) && !tc) {
     Bf16Widening wide(s);
     const Tensor x32 = wide.in(x);
     const Tensor dy32 = wide.in(dy);
@@ -302,8 +347,9 @@ void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const 
     return;
   }
   OpCheck chk("conv2d_backward_weight", s);
-  chk.tensor(x, "x", DType::F32, 4);
-  chk.tensor(dy, "dy", DType::F32, 4);
+  const DType at = tc ? DType::BF16 : DType::F32;  // x, dy (dw and dbias are f32)
+  chk.tensor(x, "x", at, 4);
+  chk.tensor(dy, "dy", at, 4);
   chk.tensor(dw, "dw", DType::F32, 4);
   const Conv2dShape sh = conv_shape(chk, x.shape(), dw.shape(), stride, pad);
   chk.optional(dbias, "dbias", DType::F32, {sh.k}, "weight " + shape_str(dw.shape()));
@@ -315,6 +361,12 @@ void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const 
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (tc) {
+    const auto run_bf16 = use_vendor() ? kvd::conv2d_backward_weight_bf16 : kcu::conv2d_backward_weight_bf16;
+    run_bf16(sh, x.data<uint16_t>(), dy.data<uint16_t>(), dw.data<float>(), ptr_or_null<float>(dbias),
+             cuda_stream(s));
+    return;
+  }
   const auto run = use_vendor() ? kvd::conv2d_backward_weight : kcu::conv2d_backward_weight;
   run(sh, x.data<float>(), dy.data<float>(), dw.data<float>(), ptr_or_null<float>(dbias), cuda_stream(s));
 #else

@@ -7,6 +7,14 @@
 //                   this build throw sp::NotSupportedError), or kernels/vendor for gemm and
 //                   convolutions when set_kernel_backend(KernelBackend::Vendor)
 //
+// bf16 (mixed precision): any f32 tensor argument of the ops below except sgd_step and fill
+// may be bf16. The result is what widening every bf16 input to fp32, running the fp32 op and
+// rounding every bf16 output to nearest even gives (on the CPU, and on CUDA for ops without a
+// bf16 kernel, that is literally how it runs). CUDA has native bf16 kernels for gemm and the
+// convolutions (tensor cores: bf16 operands, fp32 accumulation; fp32 weight gradients), batch
+// norm (bf16 activations, fp32 parameters and statistics), relu, add and scale; these agree
+// with the widened reference to rounding (the tensor cores sum in their own order).
+//
 // Every op checks that its tensors live on the stream's device, have the expected dtype and
 // mutually consistent shapes, and throws sp::ShapeError naming the shapes involved otherwise.
 // Optional tensor arguments are passed as an undefined Tensor().
