@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine (see tools/gpu_prepare.sh): builds for sm_90, runs every test
 # (the GPU tests included), compute-sanitizer memcheck and racecheck on the CUDA kernel tests,
-# and a short CUDA training run; logs go to $OUT (default ./gpu-out), a summary to stdout.
+# and short CUDA training runs in fp32 and bf16; logs go to $OUT (default ./gpu-out), a summary to stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -19,12 +19,17 @@ echo "== tests"
 (cd build-gpu && ctest --output-on-failure -j 4) > "$OUT/ctest.log" 2>&1
 echo "ctest exit $?: $(grep -E 'tests passed' "$OUT/ctest.log")"
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 1 build-gpu/tests/test_cuda_ops > "$OUT/sanitizer-$tool.log" 2>&1
-  echo "compute-sanitizer $tool exit $?"
+  for t in test_cuda_ops test_cuda_tensor_core; do
+    compute-sanitizer --tool "$tool" --error-exitcode 1 "build-gpu/tests/$t" > "$OUT/sanitizer-$tool-$t.log" 2>&1
+    echo "compute-sanitizer $tool $t exit $?"
+  done
 done
 if [ -f .carry/data/cifar10-jpeg.pack.gz ]; then
   python3 .carry/data/unpack_cifar10.py .carry/data/cifar10-jpeg.pack.gz data/cifar-10-batches-bin > /dev/null &&
     build-gpu/tools/staleprop train --device cuda --model resnet20 --epochs 1 --progress plain \
       --metrics "$OUT/train-metrics.jsonl" > "$OUT/train.log" 2>&1
   echo "training smoke run exit $?: $(tail -1 "$OUT/train.log")"
+  build-gpu/tools/staleprop train --device cuda --model resnet20 --epochs 1 --precision bf16 --progress plain \
+    --metrics "$OUT/train-bf16-metrics.jsonl" > "$OUT/train-bf16.log" 2>&1
+  echo "bf16 training smoke run exit $?: $(tail -1 "$OUT/train-bf16.log")"
 fi
