@@ -1,6 +1,9 @@
 #include "engine/device.h"
 
+#include <cstdio>
+
 #include "kernels/common/error.h"
+#include "kernels/cpu/parallel.h"
 
 #if STALEPROP_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -52,6 +55,21 @@ int cuda_device_count() {
 #else
   return 0;
 #endif
+}
+
+std::string device_description(Device d) {
+  if (d.is_cpu()) return "cpu (" + std::to_string(kernels::cpu::num_threads()) + " threads)";
+#if STALEPROP_WITH_CUDA
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, d.index) == cudaSuccess) {
+    char buf[320];
+    std::snprintf(buf, sizeof buf, "%s (sm_%d%d, %.1f GiB)", p.name, p.major, p.minor,
+                  double(p.totalGlobalMem) / double(1ull << 30));
+    return buf;
+  }
+  cudaGetLastError();
+#endif
+  return d.str();
 }
 
 }  // namespace sp

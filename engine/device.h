@@ -33,5 +33,8 @@ const char* dtype_name(DType t);
 bool cuda_built();
 // Number of CUDA devices visible now; 0 without a GPU or without the CUDA backend.
 int cuda_device_count();
+// A device in words, for logs and results: "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)", or for the
+// CPU "cpu (N threads)".
+std::string device_description(Device d);
 
 }  // namespace sp

@@ -16,6 +16,7 @@
 #include "engine/trainer.h"
 #include "kernels/common/error.h"
 #include "layers/resnet.h"
+#include "tools/bench.h"
 #include "tools/train.h"
 
 using namespace sp;
@@ -271,6 +272,50 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
   train::TrainConfig mid = full;
   mid.checkpoint_every = 2;
   EXPECT_THROW(train::run_training(mid, train, test), Error);
+}
+
+// staleprop bench / study: throughput on synthetic data, per-module busy shares, memory.
+TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
+  train::BenchConfig c;
+  c.model = "resnet20";
+  c.batch_size = 8;
+  c.steps = 3;
+  c.warmup = 1;
+  const train::BenchResult bp = train::run_bench(c);
+  EXPECT_EQ(bp.modules, 1);
+  EXPECT_GT(bp.images_per_s, 0);
+  EXPECT_NEAR(bp.ms_per_step * bp.images_per_s, 1e3 * double(c.batch_size), 1e-6 * bp.ms_per_step * bp.images_per_s);
+  EXPECT_GT(bp.peak_allocated_bytes, 0u);
+  EXPECT_TRUE(bp.busy_pct.empty());
+
+  c.method = "fdg";
+  c.split = 3;
+  const train::BenchResult fdg = train::run_bench(c);
+  EXPECT_EQ(fdg.modules, 3);
+  ASSERT_EQ(fdg.cuts.size(), 2u);
+  ASSERT_EQ(fdg.busy_pct.size(), 3u);
+  for (double b : fdg.busy_pct) {
+    EXPECT_GT(b, 0.0);
+    EXPECT_LE(b, 100.0 + 1e-9);
+  }
+  EXPECT_EQ(fdg.ticks, c.steps + 2 * (3 - 1));  // the last batch enters module 3 after 2 hops of one tick each
+  EXPECT_GT(fdg.peak_activation_bytes, 0u);
+  // bf16 mixed precision halves the activations kept for batches in flight.
+  c.precision = "bf16";
+  const train::BenchResult half = train::run_bench(c);
+  EXPECT_LT(double(half.peak_activation_bytes), 0.6 * double(fdg.peak_activation_bytes));
+  EXPECT_GT(double(half.peak_activation_bytes), 0.4 * double(fdg.peak_activation_bytes));
+
+  const std::string j = fdg.json();
+  for (const char* key : {"\"model\":\"resnet20\"", "\"method\":\"fdg\"", "\"modules\":3", "\"images_per_s\":",
+                          "\"busy_pct\":[", "\"peak_activation_bytes\":"})
+    EXPECT_NE(j.find(key), std::string::npos) << key << " in " << j;
+
+  c.method = "pipedream";
+  EXPECT_THROW(train::run_bench(c), Error);
+  c.method = "backprop";
+  c.split = 2;
+  EXPECT_THROW(train::run_bench(c), Error);  // a split needs a decoupled method
 }
 
 TEST(Training, RejectsOptionsTheDeviceCannotHonour) {

@@ -1,4 +1,4 @@
-// The staleprop command line: train, eval and demo.
+// The staleprop command line: train, eval, bench, study and demo.
 //
 // Every flag is declared once in a table (name, value name, help, setter); --help is generated
 // from the same tables, so it cannot drift from what is parsed.
@@ -14,9 +14,11 @@
 #include <vector>
 
 #include "engine/ops.h"
+#include "engine/pipeline.h"
 #include "kernels/common/error.h"
 #include "kernels/cpu/parallel.h"
 #include "layers/resnet.h"
+#include "tools/bench.h"
 #include "tools/train.h"
 
 namespace {
@@ -94,6 +96,8 @@ const char* kTopUsage = R"(usage: staleprop <command> [options]
 commands:
   train     train a CIFAR ResNet on CIFAR-10 (backprop, DDG or FDG over K modules)
   eval      report the test accuracy of a checkpoint
+  bench     training throughput of one configuration on synthetic device-resident data
+  study     locking study: throughput, busy time and memory of bp/ddg/fdg over K modules
   demo      train a tiny CNN on synthetic data on the CPU (no data set needed)
   help      show this text
 
@@ -293,6 +297,147 @@ int train_main(int argc, char** argv) {
   return 0;
 }
 
+// Flags shared by bench and study (everything but the method and the cuts).
+std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int& threads) {
+  return {
+      {"model", "NAME", model_list() + " (default resnet20)", [&](const std::string& v) { c.model = v; }},
+      {"batch-size", "B", "images per step (default 128)", [&](const std::string& v) { c.batch_size = positive("batch-size", std::stoll(v)); }},
+      {"steps", "N", "timed steps (default 50)", [&](const std::string& v) { c.steps = positive("steps", std::stoll(v)); }},
+      {"warmup", "N", "untimed steps before them (default 10)", [&](const std::string& v) { c.warmup = std::stoll(v); }},
+      {"device", "D", "cpu|cuda|cuda:N (default cpu)", [&](const std::string& v) { c.device = v; }},
+      {"precision", "P", "fp32|bf16 (default fp32)", [&](const std::string& v) { c.precision = v; }},
+      {"kernels", "K", "custom|vendor (vendor: cuBLASLt/cuDNN for GEMM and convolutions; GPU only; default custom)", [&](const std::string& v) { c.kernels = v; }},
+      {"seed", "S", "seed of the weights and the synthetic data (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
+      {"json", "FILE", "append each result as a JSON line to FILE (- for stdout)", [&](const std::string& v) { json = v; }},
+      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
+  };
+}
+
+void emit_json(const std::string& target, const sp::train::BenchResult& r) {
+  if (target.empty()) return;
+  if (target == "-") {
+    std::printf("%s\n", r.json().c_str());
+    return;
+  }
+  FILE* f = std::fopen(target.c_str(), "a");
+  SP_CHECK(f, "cannot open --json file ", target);
+  std::fprintf(f, "%s\n", r.json().c_str());
+  std::fclose(f);
+}
+
+std::string mib(size_t bytes) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.0f", double(bytes) / double(1 << 20));
+  return b;
+}
+
+std::string busy_str(const std::vector<double>& busy) {
+  std::string out;
+  char b[16];
+  for (double v : busy) {
+    std::snprintf(b, sizeof b, "%.0f", v);
+    out += (out.empty() ? "" : "/") + std::string(b);
+  }
+  return out.empty() ? "-" : out + "%";
+}
+
+std::string method_str(const sp::train::BenchResult& r) {
+  if (r.config.method == "backprop") return "backprop";
+  std::string cuts;
+  for (size_t c : r.cuts) cuts += (cuts.empty() ? "" : ",") + std::to_string(c);
+  return r.config.method + " K=" + std::to_string(r.modules) + (cuts.empty() ? "" : " [" + cuts + "]");
+}
+
+int bench_main(int argc, char** argv) {
+  sp::train::BenchConfig c;
+  std::string json;
+  int threads = 0;
+  std::vector<Flag> flags = bench_flags(c, json, threads);
+  const std::vector<Flag> more = {
+      {"method", "M", "backprop (one stream, BackpropTrainer) or bp|ddg|fdg over --split modules (default backprop)", [&](const std::string& v) { c.method = v; }},
+      {"split", "K", "modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
+      {"split-at", "CUTS", "explicit cuts \"i,j,..\", or fdg for FDG's published splits", [&](const std::string& v) { c.split_at = v; }},
+      {"shrink", "BETA", "gradient shrink factor (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
+      {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
+      {"weight-stash", "", "back-propagate through the weights the batch's forward used", [&](const std::string&) { c.weight_stash = true; }},
+  };
+  flags.insert(flags.end(), more.begin(), more.end());
+  if (!parse_flags("bench", "Measures training throughput (images/s), peak device memory and, for the decoupled methods,\nper-module busy time, on random CIFAR-shaped batches resident on the device (as\nbench/pytorch_baseline.py does), after untimed warm-up steps.", flags, argc, argv)) return 0;
+  if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
+  const sp::train::BenchResult r = sp::train::run_bench(c);
+  std::printf("%s batch %lld %s %s %s on %s: %.1f img/s, %.2f ms/step, peak memory %s MiB", c.model.c_str(),
+              (long long)c.batch_size, c.precision.c_str(), c.kernels.c_str(), method_str(r).c_str(),
+              r.device_name.c_str(), r.images_per_s, r.ms_per_step, mib(r.peak_allocated_bytes).c_str());
+  if (c.method != "backprop")
+    std::printf(", busy %s, activations %s MiB", busy_str(r.busy_pct).c_str(), mib(r.peak_activation_bytes).c_str());
+  std::printf("\n");
+  emit_json(json, r);
+  return 0;
+}
+
+int study_main(int argc, char** argv) {
+  sp::train::BenchConfig c;
+  std::string json, methods = "bp,ddg,fdg", splits = "1,2,3,4";
+  int threads = 0;
+  bool fdg_cuts = false;
+  std::vector<Flag> flags = bench_flags(c, json, threads);
+  const std::vector<Flag> more = {
+      {"methods", "M,M", "decoupled methods to run for every K > 1 (default bp,ddg,fdg)", [&](const std::string& v) { methods = v; }},
+      {"splits", "K,K", "module counts (default 1,2,3,4; K = 1 is plain backprop, run once)", [&](const std::string& v) { splits = v; }},
+      {"split-at-fdg", "", "use FDG's published cuts where it has them (else balanced by measured block time)", [&](const std::string&) { fdg_cuts = true; }},
+      {"shrink", "BETA", "gradient shrink factor (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
+      {"recompute", "", "recompute activations before the backward (memory for time)", [&](const std::string&) { c.recompute = true; }},
+  };
+  flags.insert(flags.end(), more.begin(), more.end());
+  if (!parse_flags("study", "The locking study: for K = 1 (plain backprop) and every K > 1 and method given, measures\nthroughput, per-module busy share and memory on synthetic device-resident data (as\nstaleprop bench does) and prints a table; --json keeps every run.", flags, argc, argv)) return 0;
+  if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
+  std::vector<std::string> method_list;
+  {
+    std::stringstream ss(methods);
+    for (std::string m; std::getline(ss, m, ',');)
+      if (!m.empty()) method_list.push_back(m);
+  }
+  std::vector<int> k_list;
+  for (double k : parse_list(splits)) k_list.push_back(int(positive("splits", int64_t(k))));
+  for (const std::string& m : method_list) sp::parse_pipeline_method(m);  // reject typos before any run
+
+  std::vector<sp::train::BenchResult> results;
+  double base = 0;
+  for (int k : k_list) {
+    std::vector<std::string> ms = k == 1 ? std::vector<std::string>{"backprop"} : method_list;
+    for (const std::string& m : ms) {
+      sp::train::BenchConfig run = c;
+      run.method = m;
+      run.split = k;
+      if (k > 1 && fdg_cuts) {
+        try {
+          (void)sp::layers::fdg_preset_cuts(c.model, k);
+          run.split_at = "fdg";
+        } catch (const sp::Error&) {
+          // no published cuts for this model and K: balanced ones instead
+        }
+      }
+      if (run.method == "backprop") run.recompute = false;
+      results.push_back(sp::train::run_bench(run));
+      const auto& r = results.back();
+      if (m == "backprop") base = r.images_per_s;
+      std::fprintf(stderr, "study: %s: %.1f img/s\n", method_str(r).c_str(), r.images_per_s);
+      emit_json(json, r);
+    }
+  }
+  std::printf("\n%s, batch %d, %s, %s kernels, on %s; %lld timed steps after %lld warm-up steps\n\n", c.model.c_str(),
+              int(c.batch_size), c.precision.c_str(), c.kernels.c_str(), results.front().device_name.c_str(),
+              (long long)c.steps, (long long)c.warmup);
+  std::printf("| method | img/s | vs backprop | ms/step | busy per module | peak MiB | activations MiB |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
+  for (const auto& r : results)
+    std::printf("| %s | %.1f | %.2fx | %.2f | %s | %s | %s |\n", method_str(r).c_str(), r.images_per_s,
+                base > 0 ? r.images_per_s / base : 0.0, r.ms_per_step, busy_str(r.busy_pct).c_str(),
+                mib(r.peak_allocated_bytes).c_str(),
+                r.config.method == "backprop" ? "-" : mib(r.peak_activation_bytes).c_str());
+  return 0;
+}
+
 int eval_main(int argc, char** argv) {
   std::string checkpoint, model, device = "cpu", data_dir;
   int64_t limit = -1, batch = 500;
@@ -325,6 +470,8 @@ int main(int argc, char** argv) {
     if (cmd == "train") return train_main(argc - 2, argv + 2);
     if (cmd == "eval") return eval_main(argc - 2, argv + 2);
     if (cmd == "demo") return demo_main(argc - 2, argv + 2);
+    if (cmd == "bench") return bench_main(argc - 2, argv + 2);
+    if (cmd == "study") return study_main(argc - 2, argv + 2);
     std::fprintf(stderr, "staleprop: unknown command '%s'\n\n%s", cmd.c_str(), kTopUsage);
     return 2;
   } catch (const std::exception& e) {

@@ -139,7 +139,7 @@ void check_device_options(const TrainConfig& cfg, Device dev) {
 
 // The activation dtype of --precision: bf16 is mixed precision (bf16 activations, gradients
 // and weight copies; fp32 master weights, optimizer state and reductions).
-DType activation_dtype(const TrainConfig& cfg) { return cfg.precision == "bf16" ? DType::BF16 : DType::F32; }
+DType activation_dtype(const TrainConfig& cfg) { return train::activation_dtype(cfg.precision); }
 
 // The checkpoint path of an epoch: "{epoch}" in the flag's value becomes the epoch number.
 std::string checkpoint_path(const std::string& pattern, int64_t epoch) {
@@ -334,16 +334,6 @@ TrainResult run_backprop(Run& run) {
   return run.result;
 }
 
-std::vector<size_t> parse_cuts(const std::string& text) {
-  std::vector<size_t> cuts;
-  std::stringstream ss(text);
-  for (std::string item; std::getline(ss, item, ',');) {
-    SP_CHECK(!item.empty() && item.find_first_not_of("0123456789") == std::string::npos,
-             "--split-at expects comma-separated block indices (or 'fdg'), got '", text, "'");
-    cuts.push_back(size_t(std::stoul(item)));
-  }
-  return cuts;
-}
 
 std::string cuts_str(const std::vector<size_t>& cuts) {
   std::string s;
@@ -351,54 +341,13 @@ std::string cuts_str(const std::vector<size_t>& cuts) {
   return s;
 }
 
-// Per-block cost (forward + backward milliseconds) of one training batch, measured on the run's
-// device. BN running statistics are restored afterwards, so measuring leaves no trace.
 std::vector<double> measure_block_costs(Run& run) {
-  Stream& s = *run.stream;
-  ModuleState st = run.net.state();
-  std::vector<Tensor> saved_buffers;
-  for (auto& [name, b] : st.buffers) {
-    Tensor copy = Tensor::empty(b->shape(), b->dtype(), b->device());
-    ops::copy(s, *b, copy);
-    saved_buffers.push_back(copy);
-  }
-  std::vector<int64_t> saved_counters;
-  for (auto& [name, c] : st.counters) saved_counters.push_back(*c);
-
   const data::Batch& batch = run.loader->next();
-  Tensor x = new_activation(s, batch.images.shape());
-  ops::copy(s, batch.images, x);
-  s.synchronize();
+  Tensor x = new_activation(*run.stream, batch.images.shape());
+  ops::copy(*run.stream, batch.images, x);
+  run.stream->synchronize();
   run.loader->seek(0, 0);
-  run.net.set_training(true);
-  const size_t n = run.net.size();
-  std::vector<double> cost(n, 0.0);
-  std::vector<Context> ctx(n);
-  for (int rep = 0; rep < 2; ++rep) {  // the first pass warms up caches and the allocator
-    std::vector<std::unique_ptr<Event>> ev;
-    for (size_t i = 0; i < 2 * n + 2; ++i) ev.push_back(make_event(run.device, true));
-    Tensor h = x;
-    s.record(*ev[0]);
-    for (size_t i = 0; i < n; ++i) {
-      h = run.net.block(i).forward(s, h, ctx[i]);
-      s.record(*ev[i + 1]);
-    }
-    Tensor g = new_activation(s, h.shape());
-    ops::fill(s, g, 1.f / float(h.numel()));
-    s.record(*ev[n + 1]);
-    for (size_t i = n; i-- > 0;) {
-      g = run.net.block(i).backward(s, g, ctx[i], i > 0);
-      s.record(*ev[2 * n + 1 - i]);
-    }
-    s.synchronize();
-    if (rep == 1)
-      for (size_t i = 0; i < n; ++i)
-        cost[i] = ev[i + 1]->elapsed_ms_since(*ev[i]) + ev[2 * n + 1 - i]->elapsed_ms_since(*ev[2 * n - i]);
-  }
-  for (size_t i = 0; i < st.buffers.size(); ++i) ops::copy(s, saved_buffers[i], *st.buffers[i].second);
-  for (size_t i = 0; i < st.counters.size(); ++i) *st.counters[i].second = saved_counters[i];
-  s.synchronize();
-  return cost;
+  return train::measure_block_costs(run.net, *run.stream, x, activation_dtype(run.cfg));
 }
 
 std::vector<size_t> resolve_cuts(Run& run) {
@@ -536,6 +485,67 @@ TrainResult run_pipelined(Run& run) {
 }
 
 }  // namespace
+
+std::vector<size_t> parse_cuts(const std::string& text) {
+  std::vector<size_t> cuts;
+  std::stringstream ss(text);
+  for (std::string item; std::getline(ss, item, ',');) {
+    SP_CHECK(!item.empty() && item.find_first_not_of("0123456789") == std::string::npos,
+             "--split-at expects comma-separated block indices (or 'fdg'), got '", text, "'");
+    cuts.push_back(size_t(std::stoul(item)));
+  }
+  return cuts;
+}
+
+DType activation_dtype(const std::string& precision) {
+  SP_CHECK(precision == "fp32" || precision == "bf16", "--precision must be fp32 or bf16, got '", precision, "'");
+  return precision == "bf16" ? DType::BF16 : DType::F32;
+}
+
+// Per-block cost (forward + backward milliseconds) of one training batch, measured on s's
+// device. BN running statistics are restored afterwards, so measuring leaves no trace.
+std::vector<double> measure_block_costs(Network& net, Stream& s, const Tensor& images, DType activation_dtype) {
+  ModuleState st = net.state();
+  std::vector<Tensor> saved_buffers;
+  for (auto& [name, b] : st.buffers) {
+    Tensor copy = Tensor::empty(b->shape(), b->dtype(), b->device());
+    ops::copy(s, *b, copy);
+    saved_buffers.push_back(copy);
+  }
+  std::vector<int64_t> saved_counters;
+  for (auto& [name, c] : st.counters) saved_counters.push_back(*c);
+
+  const Tensor x = network_input(s, images, activation_dtype);
+  net.set_training(true);
+  const size_t n = net.size();
+  std::vector<double> cost(n, 0.0);
+  std::vector<Context> ctx(n);
+  for (int rep = 0; rep < 2; ++rep) {  // the first pass warms up caches and the allocator
+    std::vector<std::unique_ptr<Event>> ev;
+    for (size_t i = 0; i < 2 * n + 2; ++i) ev.push_back(make_event(s.device(), true));
+    Tensor h = x;
+    s.record(*ev[0]);
+    for (size_t i = 0; i < n; ++i) {
+      h = net.block(i).forward(s, h, ctx[i]);
+      s.record(*ev[i + 1]);
+    }
+    Tensor g = new_activation(s, h.shape(), h.dtype());
+    ops::scale(s, 1.f / float(h.numel()), h, g);  // any gradient will do; this one has h's dtype
+    s.record(*ev[n + 1]);
+    for (size_t i = n; i-- > 0;) {
+      g = net.block(i).backward(s, g, ctx[i], i > 0);
+      s.record(*ev[2 * n + 1 - i]);
+    }
+    s.synchronize();
+    if (rep == 1)
+      for (size_t i = 0; i < n; ++i)
+        cost[i] = ev[i + 1]->elapsed_ms_since(*ev[i]) + ev[2 * n + 1 - i]->elapsed_ms_since(*ev[2 * n - i]);
+  }
+  for (size_t i = 0; i < st.buffers.size(); ++i) ops::copy(s, saved_buffers[i], *st.buffers[i].second);
+  for (size_t i = 0; i < st.counters.size(); ++i) *st.counters[i].second = saved_counters[i];
+  s.synchronize();
+  return cost;
+}
 
 TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set) {
   check_device_options(cfg, Device::parse(cfg.device));

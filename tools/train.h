@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/network.h"
 #include "tools/cifar10.h"
 
 namespace sp::train {
@@ -71,5 +72,16 @@ struct EvalResult {
 };
 EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model, const std::string& device,
                                const data::Dataset& test_set, int64_t batch_size);
+
+// Per-block cost (forward + backward milliseconds) of one training step on `images` (f32
+// [B,H,W,C], any device), measured with events on s; the network's BN statistics are left
+// as they were. The basis of --split K's balanced cuts.
+std::vector<double> measure_block_costs(Network& net, Stream& s, const Tensor& images, DType activation_dtype);
+
+// The cut points of --split-at "i,j,..." (first block of modules 2..K).
+std::vector<size_t> parse_cuts(const std::string& text);
+
+// The activation dtype of TrainConfig::precision ("fp32" or "bf16").
+DType activation_dtype(const std::string& precision);
 
 }  // namespace sp::train

@@ -1,0 +1,160 @@
+#include "tools/bench.h"
+
+#include <chrono>
+#include <cstdio>
+#include <random>
+
+#include "engine/allocator.h"
+#include "engine/ops.h"
+#include "engine/pipeline.h"
+#include "engine/trainer.h"
+#include "kernels/common/error.h"
+#include "layers/resnet.h"
+#include "tools/cifar10.h"
+#include "tools/train.h"
+
+namespace sp::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+constexpr int kPoolBatches = 4;  // distinct synthetic batches, used in turn
+
+// Random N(0, 1) images and uniform labels, resident on the device.
+struct SyntheticBatches {
+  std::vector<Tensor> images, labels;
+  SyntheticBatches(Stream& s, int64_t batch, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::normal_distribution<float> normal(0.f, 1.f);
+    std::uniform_int_distribution<int32_t> label(0, data::kCifarClasses - 1);
+    for (int b = 0; b < kPoolBatches; ++b) {
+      Tensor x = Tensor::empty({batch, data::kCifarSide, data::kCifarSide, data::kCifarChannels}, DType::F32);
+      Tensor y = Tensor::empty({batch}, DType::I32);
+      for (int64_t i = 0; i < x.numel(); ++i) x.at<float>(i) = normal(rng);
+      for (int64_t i = 0; i < batch; ++i) y.at<int32_t>(i) = label(rng);
+      Tensor xd = Tensor::empty(x.shape(), DType::F32, s.device()), yd = Tensor::empty(y.shape(), DType::I32, s.device());
+      ops::copy(s, x, xd);
+      ops::copy(s, y, yd);
+      images.push_back(xd);
+      labels.push_back(yd);
+    }
+    s.synchronize();
+  }
+};
+
+std::string json_str(const std::string& v) { return "\"" + v + "\""; }
+std::string json_num(double v) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.6g", v);
+  return b;
+}
+
+}  // namespace
+
+std::string BenchResult::json() const {
+  const BenchConfig& c = config;
+  std::string busy = "[", cut_list = "[";
+  for (size_t i = 0; i < busy_pct.size(); ++i) busy += (i ? "," : "") + json_num(busy_pct[i]);
+  for (size_t i = 0; i < cuts.size(); ++i) cut_list += (i ? "," : "") + std::to_string(cuts[i]);
+  return "{\"model\":" + json_str(c.model) + ",\"batch_size\":" + std::to_string(c.batch_size) +
+         ",\"method\":" + json_str(c.method) + ",\"modules\":" + std::to_string(modules) + ",\"cuts\":" + cut_list +
+         "],\"precision\":" + json_str(c.precision) + ",\"kernels\":" + json_str(c.kernels) +
+         ",\"device\":" + json_str(device_name) + ",\"steps\":" + std::to_string(c.steps) +
+         ",\"warmup\":" + std::to_string(c.warmup) + ",\"images_per_s\":" + json_num(images_per_s) +
+         ",\"ms_per_step\":" + json_num(ms_per_step) + ",\"ticks\":" + std::to_string(ticks) +
+         ",\"busy_pct\":" + busy + "],\"peak_allocated_bytes\":" + std::to_string(peak_allocated_bytes) +
+         ",\"peak_reserved_bytes\":" + std::to_string(peak_reserved_bytes) +
+         ",\"peak_activation_bytes\":" + std::to_string(peak_activation_bytes) +
+         ",\"shrink\":" + json_num(c.shrink) + ",\"recompute\":" + (c.recompute ? "true" : "false") +
+         ",\"weight_stash\":" + (c.weight_stash ? "true" : "false") + "}";
+}
+
+BenchResult run_bench(const BenchConfig& cfg) {
+  SP_CHECK(cfg.batch_size > 0 && cfg.steps > 0 && cfg.warmup >= 0, "bench: --batch-size and --steps must be positive "
+           "and --warmup not negative");
+  SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
+           cfg.kernels, "'");
+  const Device dev = Device::parse(cfg.device);
+  SP_CHECK(cfg.kernels == "custom" || dev.is_cuda(), "--kernels vendor selects cuBLAS/cuDNN and needs --device cuda");
+  const DType dt = activation_dtype(cfg.precision);
+  const bool backprop = cfg.method == "backprop";
+  if (!backprop) parse_pipeline_method(cfg.method);  // rejects unknown methods
+  ops::set_kernel_backend(cfg.kernels == "vendor" ? ops::KernelBackend::Vendor : ops::KernelBackend::Custom);
+
+  BenchResult r;
+  r.config = cfg;
+  r.device_name = device_description(dev);
+  auto s = make_stream(dev);
+  Network net = layers::build_resnet(cfg.model, data::kCifarClasses, cfg.seed);
+  net.to(dev, *s);
+  SyntheticBatches data(*s, cfg.batch_size, cfg.seed + 1);
+  const SgdConfig sgd{0.9f, 5e-4f, false};
+  const auto lr = [](int64_t) { return 0.01f; };  // small and constant: random labels, stable weights
+  CachingAllocator& alloc = device_allocator(dev);
+
+  if (backprop) {
+    SP_CHECK(cfg.split == 1 && cfg.split_at.empty() && !cfg.recompute && !cfg.weight_stash,
+             "bench: --split, --split-at, --recompute and --weight-stash need --method bp|ddg|fdg");
+    Sgd opt(net.state().params, sgd, *s);
+    BackpropTrainer trainer(net, opt, *s, 0.f, dt);
+    int64_t step = 0;
+    auto run = [&](int64_t n) {
+      for (int64_t i = 0; i < n; ++i, ++step)
+        trainer.train_step(data.images[size_t(step % kPoolBatches)], data.labels[size_t(step % kPoolBatches)],
+                           lr(step));
+      trainer.drain_stats();  // waits for the stream
+    };
+    run(cfg.warmup);
+    alloc.reset_peak();
+    const auto t0 = Clock::now();
+    run(cfg.steps);
+    const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+    r.images_per_s = double(cfg.steps * cfg.batch_size) / (ms / 1e3);
+    r.ms_per_step = ms / double(cfg.steps);
+  } else {
+    PipelineConfig pc;
+    pc.method = parse_pipeline_method(cfg.method);
+    if (cfg.split_at == "fdg") {
+      pc.cuts = layers::fdg_preset_cuts(cfg.model, cfg.split);
+    } else if (!cfg.split_at.empty()) {
+      pc.cuts = parse_cuts(cfg.split_at);
+    } else if (cfg.split > 1) {
+      pc.cuts = balanced_cuts(measure_block_costs(net, *s, data.images[0], dt), cfg.split);
+    }
+    pc.shrink = cfg.shrink;
+    pc.recompute = cfg.recompute;
+    pc.weight_stash = cfg.weight_stash;
+    pc.sgd = sgd;
+    pc.activation_dtype = dt;
+    PipelineTrainer pipe(net, pc);
+    r.modules = pipe.num_modules();
+    r.cuts = pc.cuts;
+    int64_t next = 0;
+    auto epoch = [&](int64_t n) {
+      int64_t left = n;
+      return pipe.run_epoch(
+          [&](Tensor* x, Tensor* y) {
+            if (left-- <= 0) return false;
+            *x = data.images[size_t(next % kPoolBatches)];
+            *y = data.labels[size_t(next++ % kPoolBatches)];
+            return true;
+          },
+          lr);
+    };
+    if (cfg.warmup > 0) epoch(cfg.warmup);
+    alloc.reset_peak();
+    const PipelineEpochStats st = epoch(cfg.steps);
+    r.images_per_s = double(st.train.samples) / (st.wall_ms / 1e3);
+    r.ms_per_step = st.wall_ms / double(cfg.steps);
+    r.ticks = st.ticks;
+    for (double b : st.busy_ms) r.busy_pct.push_back(100.0 * b / st.wall_ms);
+    r.peak_activation_bytes = st.peak_saved_bytes;
+  }
+  const AllocatorStats mem = alloc.stats();
+  r.peak_allocated_bytes = mem.peak_allocated_bytes;
+  r.peak_reserved_bytes = mem.peak_reserved_bytes;
+  ops::set_kernel_backend(ops::KernelBackend::Custom);
+  return r;
+}
+
+}  // namespace sp::train

@@ -1,0 +1,53 @@
+// Training throughput on synthetic data: what `staleprop bench` and `staleprop study` run.
+//
+// The data are a few random CIFAR-shaped batches resident on the device (the same setting as
+// bench/pytorch_baseline.py), so the figure measures the engine, not the loader. A run is
+// `warmup` untimed steps, then `steps` timed ones: images/s over the timed steps, the peak
+// device memory they reached, and for the decoupled methods each module's busy share of the
+// wall time (time its stream spent computing, from device events) and the activation memory
+// kept for batches in flight.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace sp::train {
+
+struct BenchConfig {
+  std::string model = "resnet20";
+  int64_t batch_size = 128;
+  int64_t steps = 50;   // timed steps
+  int64_t warmup = 10;  // untimed steps before
+  std::string device = "cpu";
+  std::string precision = "fp32";  // fp32 | bf16
+  std::string kernels = "custom";  // custom | vendor
+  // "backprop": the one-stream BackpropTrainer; "bp" | "ddg" | "fdg": the PipelineTrainer
+  // over `split` modules (or the cuts of `split_at`, as for `staleprop train`).
+  std::string method = "backprop";
+  int split = 1;
+  std::string split_at;
+  float shrink = 1.f;
+  bool recompute = false;
+  bool weight_stash = false;
+  uint64_t seed = 0;
+};
+
+struct BenchResult {
+  BenchConfig config;
+  int modules = 1;
+  std::vector<size_t> cuts;
+  double images_per_s = 0, ms_per_step = 0;
+  int64_t ticks = 0;                   // decoupled methods: ticks of the timed epoch (fill and drain included)
+  std::vector<double> busy_pct;        // decoupled methods: per module, busy share of the wall time
+  size_t peak_allocated_bytes = 0;     // device memory in tensors at the peak of the timed steps
+  size_t peak_reserved_bytes = 0;      // ... and held by the caching allocator
+  size_t peak_activation_bytes = 0;    // decoupled methods: activations kept for batches in flight
+  std::string device_name;
+
+  std::string json() const;  // one line, no newline
+};
+
+BenchResult run_bench(const BenchConfig& cfg);
+
+}  // namespace sp::train
