@@ -83,11 +83,16 @@ def main():
     ap.add_argument("--warmup", type=int, default=30, help="untimed steps first (default 30)")
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    ap.add_argument("--tf32", action="store_true",
+                    help="let cuDNN/cuBLAS use TF32 for fp32 (PyTorch's cuDNN default); off by default so fp32 "
+                         "means fp32, as in staleprop")
     args = ap.parse_args()
 
     assert torch.cuda.is_available(), "the baseline needs a GPU"
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     model = build(args.model).to(dev)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -117,7 +122,7 @@ def main():
     print(json.dumps({
         "framework": "pytorch-eager", "torch": torch.__version__, "device": torch.cuda.get_device_name(),
         "model": args.model, "batch_size": args.batch_size, "channels_last": args.channels_last,
-        "bf16": args.bf16, "steps": args.steps, "images_per_s": args.steps * args.batch_size / (ms / 1e3),
+        "bf16": args.bf16, "tf32": args.tf32, "steps": args.steps, "images_per_s": args.steps * args.batch_size / (ms / 1e3),
         "peak_memory_bytes": torch.cuda.max_memory_allocated(), "date": time.strftime("%Y-%m-%d"),
     }))
 

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Run on the lent GPU machine after tools/gpu_check.sh has built build-gpu/ (it builds it when
+# missing): the measurements the issues ask for, sized to fit one device call of ~10 minutes.
+#   1. kernel benchmarks (bench_gpu_kernels) against cuBLAS/cuDNN and the copy ceiling, JSON;
+#   2. training throughput of staleprop (bench) beside PyTorch eager (bench/pytorch_baseline.py)
+#      for ResNet-56 at batch 128 and ResNet-18 at batch 512, fp32 and bf16;
+#   3. the locking study of ResNet-56: backprop and bp/ddg/fdg over K = 2..4 modules.
+# Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3" picks stages
+# and MIN_TIME the benchmarks' --benchmark_min_time (default 0.05s).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+STAGES=${STAGES:-"1 2 3"}
+MIN_TIME=${MIN_TIME:-0.05}
+mkdir -p "$OUT"
+prefix_of() { python3 -c "import nvidia.$1 as m; print(list(m.__path__)[0])" 2>/dev/null; }
+CUDNN=$(prefix_of cudnn) NCCL=$(prefix_of nccl)
+export LD_LIBRARY_PATH="${CUDNN:+$CUDNN/lib:}${NCCL:+$NCCL/lib:}$PWD/.carry/benchmark/lib:${LD_LIBRARY_PATH:-}"
+{ date -u; echo "commit $(cat .carry/commit 2>/dev/null || git rev-parse HEAD)"; nvidia-smi; nvcc --version;
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1; } \
+  > "$OUT/env-bench.txt" 2>&1
+if [ ! -x build-gpu/tools/staleprop ]; then
+  echo "== build (build-gpu/)"
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSTALEPROP_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DCMAKE_PREFIX_PATH="${CUDNN};${NCCL}" > "$OUT/build.log" 2>&1 &&
+    cmake --build build-gpu -j "$(nproc)" >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+fi
+SP=build-gpu/tools/staleprop
+
+for stage in $STAGES; do
+  case $stage in
+  1)
+    echo "== kernel benchmarks"
+    build-gpu/bench/bench_gpu_kernels --benchmark_min_time="${MIN_TIME}s" --benchmark_repetitions=3 \
+      --benchmark_report_aggregates_only=true --benchmark_out="$OUT/bench_gpu_kernels.json" \
+      --benchmark_out_format=json > "$OUT/bench_gpu_kernels.txt" 2>&1
+    echo "bench_gpu_kernels exit $?"
+    ;;
+  2)
+    echo "== training throughput: staleprop vs PyTorch eager"
+    for cfg in "resnet56 128" "resnet18 512"; do
+      set -- $cfg
+      for prec in fp32 bf16; do
+        for kern in custom vendor; do
+          $SP bench --device cuda --model "$1" --batch-size "$2" --precision $prec --kernels $kern --steps 50 \
+            --warmup 10 --json "$OUT/throughput.jsonl" 2>&1 | tee -a "$OUT/throughput.txt"
+        done
+        flags=""
+        [ $prec = bf16 ] && flags="--bf16 --channels-last"
+        python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" --steps 50 --warmup 10 $flags \
+          >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" && tail -1 "$OUT/pytorch.jsonl"
+        if [ $prec = fp32 ]; then  # also PyTorch's default fp32 (cuDNN TF32 on), for reference
+          python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" --steps 50 --warmup 10 --tf32 \
+            >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" && tail -1 "$OUT/pytorch.jsonl"
+        fi
+      done
+    done
+    ;;
+  3)
+    echo "== locking study (ResNet-56, batch 128)"
+    $SP study --device cuda --model resnet56 --batch-size 128 --steps 60 --warmup 10 --split-at-fdg \
+      --json "$OUT/study.jsonl" > "$OUT/study.md" 2> "$OUT/study.err"
+    echo "study exit $?"; cat "$OUT/study.md"
+    ;;
+  esac
+done
