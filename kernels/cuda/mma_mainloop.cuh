@@ -48,9 +48,10 @@ constexpr int kPadX = 8;    // elements of padding per row, X-contiguous layout
 
 constexpr int max_int(int a, int b) { return a > b ? a : b; }
 
-template <int BM, int BN, int WarpsM, int WarpsN>
+template <int BM, int BN, int WarpsM, int WarpsN, int MinBlocks>
 struct MmaTile {
   static constexpr int kBM = BM, kBN = BN;
+  static constexpr int kMinBlocks = MinBlocks;  // per SM, for __launch_bounds__ (caps the registers)
   static constexpr int kWarpsM = WarpsM, kWarpsN = WarpsN;
   static constexpr int kThreads = kWarpSize * WarpsM * WarpsN;
   static constexpr int kWM = BM / WarpsM, kWN = BN / WarpsN;  // warp tile
@@ -65,12 +66,15 @@ struct MmaTile {
                 "every thread copies the same number of chunks");
 };
 
-// 128 x 128, 8 warps (2 x 4) of 64 x 32: 64 fp32 accumulators per thread. 61,440 B of shared memory.
-using MmaTileLarge = MmaTile<128, 128, 2, 4>;
-// 128 x 64, 4 warps (2 x 2) of 64 x 32: N <= 64 (ResNet stages of 64 channels). 46,080 B.
-using MmaTileMedium = MmaTile<128, 64, 2, 2>;
-// 128 x 32, 4 warps (4 x 1) of 32 x 32: N <= 32 (ResNet-20's 16 and 32 channels). 38,400 B.
-using MmaTileNarrow = MmaTile<128, 32, 4, 1>;
+// 128 x 128, 8 warps (2 x 4) of 64 x 32: 64 fp32 accumulators per thread. 61,440 B of shared
+// memory; capped at 128 registers so that 2 blocks (16 warps) share an SM.
+using MmaTileLarge = MmaTile<128, 128, 2, 4, 2>;
+// 128 x 64, 4 warps (2 x 2) of 64 x 32: N <= 64 (ResNet stages of 64 channels). 46,080 B;
+// left uncapped: up to ~200 registers, 2 blocks per SM (a cap of 168 for 3 blocks spilled).
+using MmaTileMedium = MmaTile<128, 64, 2, 2, 1>;
+// 128 x 32, 4 warps (4 x 1) of 32 x 32: N <= 32 (ResNet-20's 16 and 32 channels). 38,400 B,
+// at most 128 registers (4 blocks per SM).
+using MmaTileNarrow = MmaTile<128, 32, 4, 1, 4>;
 
 // ---- bf16 <-> fp32, bit-identical to kernels/cpu/elementwise.cpp ------------------------------
 __device__ __forceinline__ uint16_t bf16_round(float f) {
@@ -83,16 +87,25 @@ __device__ __forceinline__ float bf16_widen(uint16_t h) { return __uint_as_float
 
 // ---- Operand loaders -------------------------------------------------------------------------
 // A loader presents an operand as elements (x, k), x along M for A and along N for B, with
-//   static constexpr bool kContigK;       8 consecutive elements along K (true) or X (false)
-//                                         are adjacent in memory
-//   bool vec;                             the cp.async chunk path may be used
-//   __device__ const uint16_t* chunk(int x, int k, int& bytes) const;
-//       the chunk starting at (x, k) (its contiguous coordinate a multiple of 8): the address
-//       of its first element, 16-byte aligned, and how many of its 16 bytes are real (0..16,
-//       the rest is zero); with bytes == 0 the address is any valid one (nothing is read)
+//   static constexpr bool kContigK;     8 consecutive elements along K (true) or X (false) are
+//                                       adjacent in memory
+//   bool vec;                           the cp.async chunk path may be used
+//   struct Row, struct Col;             the index arithmetic of a coordinate x, and of a k
+//   __device__ Row row(int x) const;    (x and k any coordinates, also past the operand's end)
+//   __device__ Col col(int k) const;
+//   __device__ const uint16_t* chunk(const Row&, const Col&, int& bytes) const;
+//       the chunk of 8 elements starting at (x, k) along the contiguous dimension (whose
+//       coordinate is then a multiple of 8): its address, 16-byte aligned, and how many of its
+//       16 bytes are real (0..16, the rest is zero); with bytes == 0 the address is any valid
+//       one (nothing is read)
 //   __device__ uint16_t elem(int x, int k) const;   one element, 0 outside the operand
+// The split into row() and col() lets every thread work out its chunks' rows once per kernel
+// (a thread's chunks keep their x from one K step to the next) and their K coordinates once
+// per step, instead of decomposing both for every chunk of every step.
 
-// A strided matrix: element (x, k) at p[x * ld + k] (kContigK) or p[k * ld + x].
+// A strided matrix: element (x, k) at p[x * ld + k] (kContigK) or p[k * ld + x]. A row or a
+// column is an offset and how many bytes of a chunk it allows (16 inside, less at the edge of
+// the contiguous dimension, 0 outside).
 template <bool ContigK>
 struct MatrixLoader {
   static constexpr bool kContigK = ContigK;
@@ -101,15 +114,20 @@ struct MatrixLoader {
   int x_extent, k_extent;
   bool vec;  // p 16-byte aligned and ld % 8 == 0 (checked at launch)
 
-  __device__ const uint16_t* chunk(int x, int k, int& bytes) const {
-    const int outer = kContigK ? x : k, inner = kContigK ? k : x;
-    const int outer_extent = kContigK ? x_extent : k_extent, inner_extent = kContigK ? k_extent : x_extent;
-    if (outer >= outer_extent || inner >= inner_extent) {
-      bytes = 0;
-      return p;
-    }
-    bytes = 2 * min(kChunk, inner_extent - inner);
-    return p + int64_t(outer) * ld + inner;
+  struct Row {
+    int64_t off;
+    int bytes;
+  };
+  using Col = Row;
+  __device__ static Row line(int i, int extent, int64_t stride, bool contiguous) {
+    if (i >= extent) return {0, 0};
+    return {int64_t(i) * stride, contiguous ? 2 * min(kChunk, extent - i) : 16};
+  }
+  __device__ Row row(int x) const { return line(x, x_extent, kContigK ? ld : 1, !kContigK); }
+  __device__ Col col(int k) const { return line(k, k_extent, kContigK ? 1 : ld, kContigK); }
+  __device__ const uint16_t* chunk(const Row& r, const Col& c, int& bytes) const {
+    bytes = min(r.bytes, c.bytes);
+    return bytes ? p + r.off + c.off : p;
   }
   __device__ uint16_t elem(int x, int k) const {
     if (x >= x_extent || k >= k_extent) return 0;
@@ -151,38 +169,60 @@ struct MmaGeometry {
 // ---- Stage fill: global -> shared ------------------------------------------------------------
 // The kX x kBK tile of one K step, as kX * kBK / 8 chunks; thread t takes chunks t,
 // t + kThreads, ...  Chunk c is (x = c / 4, k = 8 (c % 4)) K-contiguous, or
-// (k = c / (kX / 8), x = 8 (c % (kX / 8))) X-contiguous.
+// (k = c / (kX / 8), x = 8 (c % (kX / 8))) X-contiguous. Either way a thread's chunks keep
+// their x (and, K-contiguous, their k within the step) from one step to the next.
 template <class Loader, int kX, int kThreads>
-__device__ __forceinline__ void fill_stage(const Loader& ld, uint16_t* stage, int x0, int k0) {
-  constexpr int kChunks = kX * kBK / kChunk, kPerThread = kChunks / kThreads;
-  constexpr int kRowsPerK = kBK / kChunk, kRowsPerX = kX / kChunk;
-#pragma unroll
-  for (int i = 0; i < kPerThread; ++i) {
+struct StageFill {
+  static constexpr int kChunks = kX * kBK / kChunk, kPerThread = kChunks / kThreads;
+  static constexpr int kRowsPerK = kBK / kChunk, kRowsPerX = kX / kChunk;
+  static_assert(kThreads % kRowsPerK == 0 && kThreads % kRowsPerX == 0, "a thread's chunks keep their x");
+
+  typename Loader::Row rows[kPerThread];  // the row() of each of this thread's chunks
+
+  __device__ static int chunk_x(int i) {
     const int c = int(threadIdx.x) + i * kThreads;
-    int x, k, offset;
-    if (Loader::kContigK) {
-      x = c / kRowsPerK, k = c % kRowsPerK * kChunk;
-      offset = x * (kBK + kPadK) + k;
-    } else {
-      k = c / kRowsPerX, x = c % kRowsPerX * kChunk;
-      offset = k * (kX + kPadX) + x;
-    }
+    return Loader::kContigK ? c / kRowsPerK : c % kRowsPerX * kChunk;
+  }
+  __device__ static int chunk_k(int i) {
+    const int c = int(threadIdx.x) + i * kThreads;
+    return Loader::kContigK ? c % kRowsPerK * kChunk : c / kRowsPerX;
+  }
+  __device__ static int smem_offset(int i) {
+    return Loader::kContigK ? chunk_x(i) * (kBK + kPadK) + chunk_k(i) : chunk_k(i) * (kX + kPadX) + chunk_x(i);
+  }
+
+  __device__ void init(const Loader& ld, int x0) {
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) rows[i] = ld.row(x0 + chunk_x(i));
+  }
+
+  __device__ void fill(const Loader& ld, uint16_t* stage, int x0, int k0) const {
     if (ld.vec) {
-      int bytes;
-      const uint16_t* src = ld.chunk(x0 + x, k0 + k, bytes);
-      ptx::cp_async_16(stage + offset, src, bytes);
-    } else {
+      // K-contiguous, every chunk of the thread has the same k: one col() per step.
+      const typename Loader::Col shared_col = ld.col(k0 + chunk_k(0));
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        const typename Loader::Col col = Loader::kContigK ? shared_col : ld.col(k0 + chunk_k(i));
+        int bytes;
+        const uint16_t* src = ld.chunk(rows[i], col, bytes);
+        ptx::cp_async_16(stage + smem_offset(i), src, bytes);
+      }
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      const int x = x0 + chunk_x(i), k = k0 + chunk_k(i);
       uint32_t w[4];
 #pragma unroll
       for (int e = 0; e < kChunk; e += 2) {
-        const uint16_t lo = Loader::kContigK ? ld.elem(x0 + x, k0 + k + e) : ld.elem(x0 + x + e, k0 + k);
-        const uint16_t hi = Loader::kContigK ? ld.elem(x0 + x, k0 + k + e + 1) : ld.elem(x0 + x + e + 1, k0 + k);
+        const uint16_t lo = Loader::kContigK ? ld.elem(x, k + e) : ld.elem(x + e, k);
+        const uint16_t hi = Loader::kContigK ? ld.elem(x, k + e + 1) : ld.elem(x + e + 1, k);
         w[e / 2] = uint32_t(lo) | (uint32_t(hi) << 16);
       }
-      *reinterpret_cast<uint4*>(stage + offset) = make_uint4(w[0], w[1], w[2], w[3]);
+      *reinterpret_cast<uint4*>(stage + smem_offset(i)) = make_uint4(w[0], w[1], w[2], w[3]);
     }
   }
-}
+};
 
 // ---- Fragments: shared -> registers ------------------------------------------------------------
 // A fragments of the 16 x 16 piece at (rows x0.., k kk..) of an A stage.
@@ -214,7 +254,7 @@ __device__ __forceinline__ void load_b_frags(uint32_t (&b0)[2], uint32_t (&b1)[2
 // partials == nullptr (one slice) the epilogue writes C; otherwise slice z writes its raw sums
 // to partials[z][M][N] (row-major).
 template <class Tile, class LoaderA, class LoaderB, typename T>
-__global__ void __launch_bounds__(Tile::kThreads)
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     mma_gemm_kernel(LoaderA a, LoaderB b, MmaGeometry g, MmaEpilogue<T> ep, float* partials) {
   uint16_t* const a_smem = reinterpret_cast<uint16_t*>(ptx::dynamic_smem());
   uint16_t* const b_smem = a_smem + kStages * Tile::kAStage;
@@ -227,12 +267,16 @@ __global__ void __launch_bounds__(Tile::kThreads)
   const int warp = int(threadIdx.x) / kWarpSize, lane = int(threadIdx.x) % kWarpSize;
   const int wm0 = warp / Tile::kWarpsN * Tile::kWM, wn0 = warp % Tile::kWarpsN * Tile::kWN;
 
+  StageFill<LoaderA, Tile::kBM, Tile::kThreads> fill_a;
+  StageFill<LoaderB, Tile::kBN, Tile::kThreads> fill_b;
+  fill_a.init(a, m0);
+  fill_b.init(b, n0);
   // The K step `step` into stage `step % kStages`. Past the slice's end the loaders' bounds
   // checks cannot help (the next slice's K is inside the operand), so those steps are skipped.
   auto fill = [&](int step) {
     const int s = step % kStages, k0 = k_begin + step * kBK;
-    fill_stage<LoaderA, Tile::kBM, Tile::kThreads>(a, a_smem + s * Tile::kAStage, m0, k0);
-    fill_stage<LoaderB, Tile::kBN, Tile::kThreads>(b, b_smem + s * Tile::kBStage, n0, k0);
+    fill_a.fill(a, a_smem + s * Tile::kAStage, m0, k0);
+    fill_b.fill(b, b_smem + s * Tile::kBStage, n0, k0);
   };
 
   float acc[Tile::kMI][Tile::kNI][4];
@@ -264,17 +308,19 @@ __global__ void __launch_bounds__(Tile::kThreads)
     const uint16_t* bs = b_smem + step % kStages * Tile::kBStage;
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
-      uint32_t af[Tile::kMI][4], bf[Tile::kNI][2];
-#pragma unroll
-      for (int i = 0; i < Tile::kMI; ++i)
-        load_a_frag<LoaderA::kContigK, Tile::kBM>(af[i], as, wm0 + i * 16, kk, lane);
+      // All B fragments, then one A fragment at a time: 4 live A registers instead of 4 kMI
+      // (the unrolled loop still lets the compiler issue the next ldmatrix early).
+      uint32_t bf[Tile::kNI][2];
 #pragma unroll
       for (int j = 0; j < Tile::kNI; j += 2)
         load_b_frags<LoaderB::kContigK, Tile::kBN>(bf[j], bf[j + 1], bs, wn0 + j * 8, kk, lane);
 #pragma unroll
-      for (int i = 0; i < Tile::kMI; ++i)
+      for (int i = 0; i < Tile::kMI; ++i) {
+        uint32_t af[4];
+        load_a_frag<LoaderA::kContigK, Tile::kBM>(af, as, wm0 + i * 16, kk, lane);
 #pragma unroll
-        for (int j = 0; j < Tile::kNI; ++j) ptx::mma_bf16_16816(acc[i][j], af[i], bf[j]);
+        for (int j = 0; j < Tile::kNI; ++j) ptx::mma_bf16_16816(acc[i][j], af, bf[j]);
+      }
     }
   }
   ptx::cp_async_wait<0>();  // only empty groups remain; leave none behind
@@ -305,26 +351,39 @@ __global__ void __launch_bounds__(Tile::kThreads)
 // ---- Implicit-GEMM convolution loaders (NHWC activations, KRSC weights) -----------------------
 // The GEMM views of conv.cu: forward M = N*P*Q, N = K, K = R*S*C; backward data M = N*H*W,
 // N = C, K = R*S*K; backward weight M = R*S*C, N = K, K = N*P*Q.
+
+// n / d and n % d for 0 <= n < 2^31 by a multiply-high and a shift (Granlund-Montgomery, as
+// in CUTLASS's FastDivmod), for the index arithmetic of the gathers: a hardware integer
+// division is a long instruction sequence.
+struct FastDivmod {
+  int d;
+  uint32_t mul, shr;
+
+  static FastDivmod make(int divisor) {  // host
+    FastDivmod f{divisor, 0u, 0u};
+    if (divisor != 1) {
+      int log2_ceil = 0;
+      while ((int64_t(1) << log2_ceil) < divisor) ++log2_ceil;
+      const int p = 31 + log2_ceil;
+      f.mul = uint32_t(((uint64_t(1) << p) + uint64_t(divisor) - 1) / uint64_t(divisor));
+      f.shr = uint32_t(p - 32);
+    }
+    return f;
+  }
+  __device__ int div(int n) const { return d == 1 ? n : int(__umulhi(uint32_t(n), mul) >> shr); }
+  __device__ int mod(int n, int q) const { return n - q * d; }  // with q = div(n)
+};
+
 struct ConvGeom {
   int n, h, w, c, k, r, s, p, q, stride, pad;
   int npq;   // output pixels
   int nhw;   // input pixels
   int taps;  // R*S*C, the length of a filter
   int rsk;   // R*S*K, the backward-data reduction
+  FastDivmod div_c, div_s, div_k, div_p, div_q, div_h, div_w, div_stride;
 };
 
-// Index in x of element (pix, tap) of the implicit column matrix, or -1 when the tap falls in
-// the padding or the coordinates are outside the matrix.
-__device__ __forceinline__ int64_t conv_input_offset(const ConvGeom& g, int pix, int tap) {
-  if (pix >= g.npq || tap >= g.taps) return -1;
-  const int q = pix % g.q, np = pix / g.q, p = np % g.p, img = np / g.p;
-  const int c = tap % g.c, rs = tap / g.c, s = rs % g.s, r = rs / g.s;
-  const int h = p * g.stride - g.pad + r, w = q * g.stride - g.pad + s;
-  if (h < 0 || h >= g.h || w < 0 || w >= g.w) return -1;
-  return ((int64_t(img) * g.h + h) * g.w + w) * g.c + c;
-}
-
-// A loader over a gather: Derived::offset(x, k) is the index of element (x, k) in base, or -1
+// A loader over a gather: Derived::offset(row, col) is the index of the element in base, or -1
 // for a zero. With vec, the layout guarantees (see each loader) that the 8 elements of a chunk
 // are adjacent, start 16-byte aligned and are all present or all zero, so the first element's
 // offset decides for the whole chunk.
@@ -334,36 +393,97 @@ struct GatherLoader {
   const uint16_t* base;
   bool vec;
 
-  __device__ const uint16_t* chunk(int x, int k, int& bytes) const {
-    const int64_t o = static_cast<const Derived&>(*this).offset(x, k);
+  __device__ const Derived& self() const { return static_cast<const Derived&>(*this); }
+  template <class Row, class Col>
+  __device__ const uint16_t* chunk(const Row& r, const Col& c, int& bytes) const {
+    const int64_t o = self().offset(r, c);
     bytes = o < 0 ? 0 : 16;
     return o < 0 ? base : base + o;
   }
   __device__ uint16_t elem(int x, int k) const {
-    const int64_t o = static_cast<const Derived&>(*this).offset(x, k);
+    const int64_t o = self().offset(self().row(x), self().col(k));
     return o < 0 ? uint16_t(0) : base[o];
   }
 };
 
+// An output pixel as the top-left input coordinate of its window, and a filter tap.
+struct OutPixel {
+  int img;     // -1 past the last pixel
+  int h0, w0;  // p * stride - pad, q * stride - pad
+};
+struct FilterTap {
+  int r, s, c;
+  bool valid;
+};
+__device__ __forceinline__ OutPixel out_pixel(const ConvGeom& g, int pix) {
+  const int np = g.div_q.div(pix), q = g.div_q.mod(pix, np);
+  const int img = g.div_p.div(np), p = g.div_p.mod(np, img);
+  return {pix < g.npq ? img : -1, p * g.stride - g.pad, q * g.stride - g.pad};
+}
+__device__ __forceinline__ FilterTap filter_tap(const ConvGeom& g, int tap) {
+  const int rs = g.div_c.div(tap), c = g.div_c.mod(tap, rs);
+  const int r = g.div_s.div(rs), s = g.div_s.mod(rs, r);
+  return {r, s, c, tap < g.taps};
+}
+// Index in x of element (pixel, tap) of the implicit column matrix, -1 in the padding or
+// outside the matrix.
+__device__ __forceinline__ int64_t conv_input_offset(const ConvGeom& g, const OutPixel& px, const FilterTap& t) {
+  const int h = px.h0 + t.r, w = px.w0 + t.s;
+  if (px.img < 0 || !t.valid || h < 0 || h >= g.h || w < 0 || w >= g.w) return -1;
+  return ((int64_t(px.img) * g.h + h) * g.w + w) * g.c + t.c;
+}
+
 // Forward A: x(pix, tap). vec needs C % 8 == 0: a chunk is c..c+7 (c % 8 == 0) of one tap.
 struct FwdInputLoader : GatherLoader<FwdInputLoader, true> {
   ConvGeom g;
-  __device__ int64_t offset(int pix, int tap) const { return conv_input_offset(g, pix, tap); }
+  using Row = OutPixel;
+  using Col = FilterTap;
+  __device__ Row row(int pix) const { return out_pixel(g, pix); }
+  __device__ Col col(int tap) const { return filter_tap(g, tap); }
+  __device__ int64_t offset(const Row& px, const Col& t) const { return conv_input_offset(g, px, t); }
 };
 
-// Backward-data A: dy(pix, t), t = (r * S + s) * K + k, the output pixel whose window puts
-// tap (r, s) on input pixel pix (zero when there is none). vec needs K % 8 == 0.
+// Backward-weight A: x(pix, tap) as element (tap, pix), contiguous along the taps' c.
+// vec needs C % 8 == 0.
+struct BwdWeightInputLoader : GatherLoader<BwdWeightInputLoader, false> {
+  ConvGeom g;
+  using Row = FilterTap;
+  using Col = OutPixel;
+  __device__ Row row(int tap) const { return filter_tap(g, tap); }
+  __device__ Col col(int pix) const { return out_pixel(g, pix); }
+  __device__ int64_t offset(const Row& t, const Col& px) const { return conv_input_offset(g, px, t); }
+};
+
+// Backward-data A: dy(pix, t), t = (r * S + s) * K + k: dy at the output pixel whose window
+// puts tap (r, s) on input pixel pix, zero when there is none. vec needs K % 8 == 0: a chunk
+// is k..k+7 (k % 8 == 0) of one output pixel.
 struct BwdDataGradLoader : GatherLoader<BwdDataGradLoader, true> {
   ConvGeom g;
-  __device__ int64_t offset(int pix, int t) const {
-    if (pix >= g.nhw || t >= g.rsk) return -1;
-    const int w = pix % g.w, nh = pix / g.w, h = nh % g.h, img = nh / g.h;
-    const int k = t % g.k, rs = t / g.k, s = rs % g.s, r = rs / g.s;
-    const int ph = h + g.pad - r, pw = w + g.pad - s;
-    if (ph < 0 || pw < 0 || ph % g.stride != 0 || pw % g.stride != 0) return -1;
-    const int p = ph / g.stride, q = pw / g.stride;
-    if (p >= g.p || q >= g.q) return -1;
-    return ((int64_t(img) * g.p + p) * g.q + q) * g.k + k;
+  struct Row {
+    int img;     // -1 past the last pixel
+    int hp, wp;  // h + pad, w + pad
+  };
+  struct Col {
+    int r, s, k;
+    bool valid;
+  };
+  __device__ Row row(int pix) const {
+    const int nh = g.div_w.div(pix), w = g.div_w.mod(pix, nh);
+    const int img = g.div_h.div(nh), h = g.div_h.mod(nh, img);
+    return {pix < g.nhw ? img : -1, h + g.pad, w + g.pad};
+  }
+  __device__ Col col(int t) const {
+    const int rs = g.div_k.div(t), k = g.div_k.mod(t, rs);
+    const int r = g.div_s.div(rs), s = g.div_s.mod(rs, r);
+    return {r, s, k, t < g.rsk};
+  }
+  // Output pixel (p, q) reaches input (h, w) through tap (r, s) when p * stride - pad + r == h.
+  __device__ int64_t offset(const Row& px, const Col& t) const {
+    const int ph = px.hp - t.r, pw = px.wp - t.s;
+    if (px.img < 0 || !t.valid || ph < 0 || pw < 0) return -1;
+    const int p = g.div_stride.div(ph), q = g.div_stride.div(pw);
+    if (g.div_stride.mod(ph, p) != 0 || g.div_stride.mod(pw, q) != 0 || p >= g.p || q >= g.q) return -1;
+    return ((int64_t(px.img) * g.p + p) * g.q + q) * g.k + t.k;
   }
 };
 
@@ -371,18 +491,19 @@ struct BwdDataGradLoader : GatherLoader<BwdDataGradLoader, true> {
 // c. vec needs C % 8 == 0.
 struct BwdDataWeightLoader : GatherLoader<BwdDataWeightLoader, false> {
   ConvGeom g;
-  __device__ int64_t offset(int c, int t) const {
-    if (c >= g.c || t >= g.rsk) return -1;
-    const int k = t % g.k, rs = t / g.k;
-    return (int64_t(k) * g.r * g.s + rs) * g.c + c;
+  struct Row {
+    int c;
+  };
+  struct Col {
+    int64_t off;  // of w[k, r, s, 0]
+    bool valid;
+  };
+  __device__ Row row(int c) const { return {c}; }
+  __device__ Col col(int t) const {
+    const int rs = g.div_k.div(t), k = g.div_k.mod(t, rs);
+    return {(int64_t(k) * g.r * g.s + rs) * g.c, t < g.rsk};
   }
-};
-
-// Backward-weight A: x(pix, tap) as element (tap, pix), contiguous along the taps' c.
-// vec needs C % 8 == 0.
-struct BwdWeightInputLoader : GatherLoader<BwdWeightInputLoader, false> {
-  ConvGeom g;
-  __device__ int64_t offset(int tap, int pix) const { return conv_input_offset(g, pix, tap); }
+  __device__ int64_t offset(const Row& r, const Col& t) const { return r.c < g.c && t.valid ? t.off + r.c : -1; }
 };
 
 }  // namespace sp::kernels::cuda::detail::mma
