@@ -5,6 +5,8 @@
 // mma_mainloop.cuh, whose device code is plain enough to compile for a host emulation.
 #pragma once
 
+#include <atomic>
+
 #include "kernels/cuda/gemm_mainloop.cuh"
 #include "kernels/cuda/mma_mainloop.cuh"
 
@@ -53,8 +55,15 @@ void run_mma_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, cons
   const dim3 grid(unsigned(m_tiles), unsigned(n_tiles), unsigned(plan.splits));
   const MmaGeometry g{m, n, k, plan.k_per_split};
   auto* kernel = &mma_gemm_kernel<Tile, LoaderA, LoaderB, T>;
-  // More than the 48 KiB of static shared memory: opt in (per device; cheap to repeat).
-  SP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+  // More than 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device.
+  static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (devices >= 64 always ask)
+  int device = 0;
+  SP_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if ((opted_in.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
+    SP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
   if (plan.splits == 1) {
     kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(a, b, g, ep, nullptr);
     SP_CUDA_CHECK_LAUNCH();
