@@ -177,6 +177,9 @@ TEST_F(TensorCore, GemmAllTransposesAndEpilogues) {
       check_b16(&kcu::gemm_bf16_out_bf16, stream_, b, seed += 5);
       b.alpha = 2.f, b.beta = 1.f, b.pad = 8, b.relu = true, b.bias = false;  // padded but aligned
       check_b16(&kcu::gemm_bf16_out_bf16, stream_, b, seed += 5);
+      GemmCase r = g;
+      r.pad = 7, r.bias = true;  // ld % 8 == 0 only where the extent is 1 mod 8: cp.async of ragged chunks
+      check_f32(&kcu::gemm_bf16, stream_, r, seed += 5);
     }
 }
 
