@@ -25,8 +25,9 @@
 // Loads: a loader with `vec` set takes the cp.async path (16 B chunks, zero-filled past the
 // operand's edge); otherwise every element is gathered one by one through registers and the
 // chunk is stored with one 16 B shared store (unaligned pointers, leading dimensions that are
-// not a multiple of 8, convolutions with C % 8 != 0). Both paths fill the same stages, so the
-// pipeline and the arithmetic are identical.
+// not a multiple of 8, convolutions with C % 8 != 0). Both paths fill the same stages and the
+// arithmetic is identical; the element-wise loads are synchronous, so that path hides less
+// memory latency (it serves the odd shapes, and the C = 3 stem, not the bulk of the work).
 //
 // Split K: for an output of few block tiles and a long K, grid.z cuts K into slices of whole
 // K steps; slice z writes its raw fp32 partial tile to partials[z][M][N] and a second kernel
