@@ -9,8 +9,9 @@
 //     conv_*_bf16/r18_all_layers sums every convolution of a ResNet-18 (each shape times its
 //     count in the network; the stem's backward-data left out, as training never computes
 //     it), and conv_train_bf16/r18_all_layers all three directions together,
-//   * bandwidth-bound ops (batch-norm training forward/backward, relu, add, sgd_step) vs a
-//     device-to-device cudaMemcpyAsync moving the same number of bytes.
+//   * bandwidth-bound ops (batch-norm training forward/backward, the fused BN+add+ReLU with fp32
+//     and bf16 activations, relu, add, sgd_step) vs a device-to-device cudaMemcpyAsync moving
+//     the same number of bytes.
 //
 // How a benchmark is timed:
 //   * Each iteration times a block of `inner` back-to-back custom calls and a block of `inner`
@@ -773,6 +774,72 @@ class BatchNormPair : public BandwidthPair {
   DevBuf gamma_, beta_, rmean_, rvar_, smean_, sinv_, dgamma_, dbeta_;
 };
 
+// The residual block's tail, y = relu(bn(x) + residual), as one fused op (what the layers run),
+// with fp32 or bf16 activations. Minimal traffic: forward reads x and the residual and writes
+// y; backward reads x, y (the ReLU mask) and dy and writes dx and dresidual (over dy).
+class FusedBatchNormPair : public BandwidthPair {
+ public:
+  static size_t traffic(int64_t m, int64_t c, bool fwd, bool bf16) {
+    return size_t(m * c) * (bf16 ? 2 : 4) * (fwd ? 3 : 5);
+  }
+  FusedBatchNormPair(int64_t m, int64_t c, bool fwd, bool bf16)
+      : BandwidthPair(traffic(m, c, fwd, bf16)), m_(m), c_(c), fwd_(fwd), bf16_(bf16) {
+    slots = slots_for(traffic(m, c, fwd, bf16));
+    const size_t n = size_t(m * c), elt = bf16 ? 2 : 4;
+    auto act = [&] { return bf16 ? random_bf16_buf(n) : random_buf(n); };
+    for (int s = 0; s < slots; ++s) {
+      x_.push_back(act());
+      r_.push_back(act());
+      y_.push_back(act());
+      if (!fwd) {
+        dy_.push_back(act());
+        dx_.emplace_back(n * elt);
+      }
+    }
+    make_copy_slots();
+    gamma_ = random_buf(size_t(c), 0.5f);
+    beta_ = random_buf(size_t(c), 0.5f);
+    rmean_ = random_buf(size_t(c), 0.1f);
+    rvar_ = DevBuf(size_t(c) * sizeof(float));
+    kc::fill(c, 1.f, rvar_.f(), g_env.stream);
+    smean_ = DevBuf(size_t(c) * sizeof(float));
+    sinv_ = DevBuf(size_t(c) * sizeof(float));
+    dgamma_ = DevBuf(size_t(c) * sizeof(float));
+    dbeta_ = DevBuf(size_t(c) * sizeof(float));
+    for (int s = 0; s < slots; ++s) fwd_call(s);  // real statistics and ReLU masks for the backward
+    SP_CUDA_CHECK(cudaStreamSynchronize(g_env.stream));
+  }
+  void custom(int s) override {
+    if (fwd_) {
+      fwd_call(s);
+      return;
+    }
+    const size_t i = size_t(s);
+    if (bf16_)
+      kc::batchnorm_backward_bf16(m_, c_, u16(x_[i]), u16(y_[i]), u16(dy_[i]), gamma_.f(), smean_.f(), sinv_.f(),
+                                  u16(dx_[i]), u16(dy_[i]), dgamma_.f(), dbeta_.f(), g_env.stream);
+    else
+      kc::batchnorm_add_relu_backward(m_, c_, x_[i].f(), y_[i].f(), dy_[i].f(), gamma_.f(), smean_.f(), sinv_.f(),
+                                      dx_[i].f(), dy_[i].f(), dgamma_.f(), dbeta_.f(), g_env.stream);
+  }
+
+ private:
+  static uint16_t* u16(const DevBuf& b) { return static_cast<uint16_t*>(b.get()); }
+  void fwd_call(int s) {
+    const size_t i = size_t(s);
+    if (bf16_)
+      kc::batchnorm_forward_training_bf16(m_, c_, u16(x_[i]), u16(r_[i]), true, gamma_.f(), beta_.f(), 1e-5f, 0.1f,
+                                          rmean_.f(), rvar_.f(), u16(y_[i]), smean_.f(), sinv_.f(), g_env.stream);
+    else
+      kc::batchnorm_add_relu_forward_training(m_, c_, x_[i].f(), r_[i].f(), gamma_.f(), beta_.f(), 1e-5f, 0.1f,
+                                              rmean_.f(), rvar_.f(), y_[i].f(), smean_.f(), sinv_.f(), g_env.stream);
+  }
+  int64_t m_, c_;
+  bool fwd_, bf16_;
+  std::vector<DevBuf> x_, r_, y_, dy_, dx_;
+  DevBuf gamma_, beta_, rmean_, rvar_, smean_, sinv_, dgamma_, dbeta_;
+};
+
 enum class Ew { ReluFwd, ReluBwd, Add };
 
 class ElementwisePair : public BandwidthPair {
@@ -888,6 +955,22 @@ void register_bandwidth() {
         register_pair(
             name, [m, c, fwd] { return std::unique_ptr<Pair>(new BatchNormPair(m, c, fwd)); },
             double(BatchNormPair::traffic(m, c, fwd)), Unit::Bytes);
+      }
+    }
+  }
+  // The fused BN+add+ReLU of every block's tail, fp32 and bf16 activations.
+  for (bool bf16 : {false, true}) {
+    for (bool fwd : {true, false}) {
+      for (int batch : {128, 512}) {
+        for (const BnShape& b : bn) {
+          const int64_t m = int64_t(batch) * b.hw * b.hw, c = b.c;
+          const std::string name = std::string(fwd ? "bn_add_relu_fwd_train" : "bn_add_relu_bwd") +
+                                   (bf16 ? "_bf16/" : "/") + b.net + "_c" + std::to_string(c) + "_" +
+                                   std::to_string(b.hw) + "px/n" + std::to_string(batch);
+          register_pair(
+              name, [m, c, fwd, bf16] { return std::unique_ptr<Pair>(new FusedBatchNormPair(m, c, fwd, bf16)); },
+              double(FusedBatchNormPair::traffic(m, c, fwd, bf16)), Unit::Bytes);
+        }
       }
     }
   }
