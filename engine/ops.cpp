@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstring>
+#include <deque>
 
 #include "kernels/common/error.h"
 #include "kernels/cpu/ops.h"
@@ -103,11 +104,6 @@ Conv2dShape conv_shape(const OpCheck& c, const Shape& x, const Shape& w, int str
 
 
 bool is_bf16(const Tensor& t) { return t.defined() && t.dtype() == DType::BF16; }
-bool any_bf16(std::initializer_list<const Tensor*> ts) {
-  for (const Tensor* t : ts)
-    if (is_bf16(*t)) return true;
-  return false;
-}
 
 // The elementwise ops have CUDA kernels for bf16 (kernels/cuda/ops.h: *_bf16) when every
 // tensor is bf16.
@@ -170,6 +166,13 @@ class Bf16Widening {
     tmp.output = true;
     return tmp.f32;
   }
+  // What the fp32 op gets for t: its temporary when t was passed to in() or out(), else t.
+  const Tensor& get(const Tensor& t) const {
+    if (!is_bf16(t)) return t;
+    for (const Temp& tmp : temps_)
+      if (tmp.bf16.raw_data() == t.raw_data() && tmp.bf16.shape() == t.shape()) return tmp.f32;
+    return t;
+  }
   // Rounds every output back into its bf16 tensor; call after the fp32 op.
   void finish() {
     for (Temp& tmp : temps_)
@@ -188,8 +191,27 @@ class Bf16Widening {
     return temps_.back();
   }
   Stream& s_;
-  std::vector<Temp> temps_;
+  std::deque<Temp> temps_;  // stable references: get() hands them out
 };
+
+// When any of `inputs` or `outputs` is bf16: runs the fp32 op by the reference semantics
+// above and returns true. `op` is called with f32, the map from an argument to what the fp32
+// op must get (a tensor in both lists is read and written, in place). Otherwise returns false
+// and does nothing.
+template <class Op>
+bool via_fp32(Stream& s, std::initializer_list<const Tensor*> inputs, std::initializer_list<const Tensor*> outputs,
+              const Op& op) {
+  bool any = false;
+  for (const Tensor* t : inputs) any = any || is_bf16(*t);
+  for (const Tensor* t : outputs) any = any || is_bf16(*t);
+  if (!any) return false;
+  Bf16Widening wide(s);
+  for (const Tensor* t : inputs) wide.in(*t);
+  for (const Tensor* t : outputs) wide.out(*t);
+  op([&](const Tensor& t) -> const Tensor& { return wide.get(t); });
+  wide.finish();
+  return true;
+}
 
 }  // namespace
 
@@ -201,16 +223,10 @@ void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, c
   // Tensor cores for bf16 A and B, with C in f32 or bf16.
   const bool tc = native_bf16_tensor_core(s, {&a, &b}, {}) && c.defined() &&
                   (c.dtype() == DType::F32 || c.dtype() == DType::BF16);
-  if (any_bf16({&a, &b, &c}) && !tc) {
-    Bf16Widening wide(s);
-    const Tensor a32 = wide.in(a);
-    const Tensor b32 = wide.in(b);
-    const Tensor c32 = wide.in(c);
-    wide.out(c);
-    gemm(s, trans_a, trans_b, alpha, a32, b32, beta, c32);
-    wide.finish();
+  if (!tc && via_fp32(s, {&a, &b, &c}, {&c}, [&](const auto& f32) {
+        gemm(s, trans_a, trans_b, alpha, f32(a), f32(b), beta, f32(c));
+      }))
     return;
-  }
   OpCheck chk("gemm", s);
   chk.tensor(a, "A", tc ? DType::BF16 : DType::F32, 2);
   chk.tensor(b, "B", tc ? DType::BF16 : DType::F32, 2);
@@ -259,16 +275,10 @@ Shape conv2d_output_shape(const Shape& x, const Shape& w, int stride, int pad) {
 void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, int stride,
                     int pad) {
   const bool tc = native_bf16_tensor_core(s, {&x, &w, &y}, {&bias});
-  if (any_bf16({&x, &w, &bias, &y}) && !tc) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor w32 = wide.in(w);
-    const Tensor bias32 = wide.in(bias);
-    const Tensor y32 = wide.out(y);
-    conv2d_forward(s, x32, w32, bias32, y32, stride, pad);
-    wide.finish();
+  if (!tc && via_fp32(s, {&x, &w, &bias}, {&y}, [&](const auto& f32) {
+        conv2d_forward(s, f32(x), f32(w), f32(bias), f32(y), stride, pad);
+      }))
     return;
-  }
   OpCheck chk("conv2d_forward", s);
   const DType at = tc ? DType::BF16 : DType::F32;  // x, w, y
   chk.tensor(x, "x", at, 4);
@@ -299,15 +309,10 @@ void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
 
 void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Tensor& dx, int stride, int pad) {
   const bool tc = native_bf16_tensor_core(s, {&dy, &w, &dx}, {});
-  if (any_bf16({&dy, &w, &dx}) && !tc) {
-    Bf16Widening wide(s);
-    const Tensor dy32 = wide.in(dy);
-    const Tensor w32 = wide.in(w);
-    const Tensor dx32 = wide.out(dx);
-    conv2d_backward_data(s, dy32, w32, dx32, stride, pad);
-    wide.finish();
+  if (!tc && via_fp32(s, {&dy, &w}, {&dx}, [&](const auto& f32) {
+        conv2d_backward_data(s, f32(dy), f32(w), f32(dx), stride, pad);
+      }))
     return;
-  }
   OpCheck chk("conv2d_backward_data", s);
   const DType at = tc ? DType::BF16 : DType::F32;  // dy, w, dx
   chk.tensor(dy, "dy", at, 4);
@@ -336,16 +341,10 @@ void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Te
 void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dw, const Tensor& dbias,
                             int stride, int pad) {
   const bool tc = native_bf16_tensor_core(s, {&x, &dy}, {&dw, &dbias});
-  if (any_bf16({&x, &dy, &dw, &dbias}) && !tc) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor dy32 = wide.in(dy);
-    const Tensor dw32 = wide.out(dw);
-    const Tensor dbias32 = wide.out(dbias);
-    conv2d_backward_weight(s, x32, dy32, dw32, dbias32, stride, pad);
-    wide.finish();
+  if (!tc && via_fp32(s, {&x, &dy}, {&dw, &dbias}, [&](const auto& f32) {
+        conv2d_backward_weight(s, f32(x), f32(dy), f32(dw), f32(dbias), stride, pad);
+      }))
     return;
-  }
   OpCheck chk("conv2d_backward_weight", s);
   const DType at = tc ? DType::BF16 : DType::F32;  // x, dy (dw and dbias are f32)
   chk.tensor(x, "x", at, 4);
@@ -392,25 +391,13 @@ std::pair<int64_t, int64_t> bn_dims(const OpCheck& chk, const Tensor& x, DType a
 void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                                 const Tensor& running_mean, const Tensor& running_var, const Tensor& y,
                                 const Tensor& save_mean, const Tensor& save_invstd, float eps, float momentum) {
-  if (any_bf16({&x, &gamma, &beta, &running_mean, &running_var, &y, &save_mean,
-      &save_invstd}) && !native_bf16_batchnorm(s, {&x, &y}, {&gamma, &beta, &running_mean, &running_var, &save_mean,
-      &save_invstd})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor gamma32 = wide.in(gamma);
-    const Tensor beta32 = wide.in(beta);
-    const Tensor running_mean32 = wide.in(running_mean);
-    wide.out(running_mean);
-    const Tensor running_var32 = wide.in(running_var);
-    wide.out(running_var);
-    const Tensor y32 = wide.out(y);
-    const Tensor save_mean32 = wide.out(save_mean);
-    const Tensor save_invstd32 = wide.out(save_invstd);
-    batchnorm_forward_training(s, x32, gamma32, beta32, running_mean32, running_var32, y32, save_mean32,
-        save_invstd32, eps, momentum);
-    wide.finish();
+  if (!native_bf16_batchnorm(s, {&x, &y}, {&gamma, &beta, &running_mean, &running_var, &save_mean, &save_invstd}) &&
+      via_fp32(s, {&x, &gamma, &beta, &running_mean, &running_var},
+               {&running_mean, &running_var, &y, &save_mean, &save_invstd}, [&](const auto& f32) {
+        batchnorm_forward_training(s, f32(x), f32(gamma), f32(beta), f32(running_mean), f32(running_var), f32(y),
+            f32(save_mean), f32(save_invstd), eps, momentum);
+      }))
     return;
-  }
   OpCheck chk("batchnorm_forward_training", s);
   // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
   const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
@@ -445,19 +432,11 @@ void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma,
 
 void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                                  const Tensor& running_mean, const Tensor& running_var, const Tensor& y, float eps) {
-  if (any_bf16({&x, &gamma, &beta, &running_mean, &running_var, &y}) && !native_bf16_batchnorm(s, {&x, &y}, {&gamma,
-      &beta, &running_mean, &running_var})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor gamma32 = wide.in(gamma);
-    const Tensor beta32 = wide.in(beta);
-    const Tensor running_mean32 = wide.in(running_mean);
-    const Tensor running_var32 = wide.in(running_var);
-    const Tensor y32 = wide.out(y);
-    batchnorm_forward_inference(s, x32, gamma32, beta32, running_mean32, running_var32, y32, eps);
-    wide.finish();
+  if (!native_bf16_batchnorm(s, {&x, &y}, {&gamma, &beta, &running_mean, &running_var}) &&
+      via_fp32(s, {&x, &gamma, &beta, &running_mean, &running_var}, {&y}, [&](const auto& f32) {
+        batchnorm_forward_inference(s, f32(x), f32(gamma), f32(beta), f32(running_mean), f32(running_var), f32(y), eps);
+      }))
     return;
-  }
   OpCheck chk("batchnorm_forward_inference", s);
   // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
   const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
@@ -490,21 +469,12 @@ void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma
 
 void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& save_mean,
                         const Tensor& save_invstd, const Tensor& dx, const Tensor& dgamma, const Tensor& dbeta) {
-  if (any_bf16({&x, &dy, &gamma, &save_mean, &save_invstd, &dx, &dgamma, &dbeta}) && !native_bf16_batchnorm(s, {&x,
-      &dy, &dx}, {&gamma, &save_mean, &save_invstd, &dgamma, &dbeta})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor dy32 = wide.in(dy);
-    const Tensor gamma32 = wide.in(gamma);
-    const Tensor save_mean32 = wide.in(save_mean);
-    const Tensor save_invstd32 = wide.in(save_invstd);
-    const Tensor dx32 = wide.out(dx);
-    const Tensor dgamma32 = wide.out(dgamma);
-    const Tensor dbeta32 = wide.out(dbeta);
-    batchnorm_backward(s, x32, dy32, gamma32, save_mean32, save_invstd32, dx32, dgamma32, dbeta32);
-    wide.finish();
+  if (!native_bf16_batchnorm(s, {&x, &dy, &dx}, {&gamma, &save_mean, &save_invstd, &dgamma, &dbeta}) &&
+      via_fp32(s, {&x, &dy, &gamma, &save_mean, &save_invstd}, {&dx, &dgamma, &dbeta}, [&](const auto& f32) {
+        batchnorm_backward(s, f32(x), f32(dy), f32(gamma), f32(save_mean), f32(save_invstd), f32(dx), f32(dgamma),
+            f32(dbeta));
+      }))
     return;
-  }
   OpCheck chk("batchnorm_backward", s);
   // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
   const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
@@ -541,26 +511,14 @@ void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tenso
                                          const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
                                          const Tensor& y, const Tensor& save_mean, const Tensor& save_invstd,
                                          float eps, float momentum) {
-  if (any_bf16({&x, &residual, &gamma, &beta, &running_mean, &running_var, &y, &save_mean,
-      &save_invstd}) && !native_bf16_batchnorm(s, {&x, &residual, &y}, {&gamma, &beta, &running_mean, &running_var,
-      &save_mean, &save_invstd})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor residual32 = wide.in(residual);
-    const Tensor gamma32 = wide.in(gamma);
-    const Tensor beta32 = wide.in(beta);
-    const Tensor running_mean32 = wide.in(running_mean);
-    wide.out(running_mean);
-    const Tensor running_var32 = wide.in(running_var);
-    wide.out(running_var);
-    const Tensor y32 = wide.out(y);
-    const Tensor save_mean32 = wide.out(save_mean);
-    const Tensor save_invstd32 = wide.out(save_invstd);
-    batchnorm_add_relu_forward_training(s, x32, residual32, gamma32, beta32, running_mean32, running_var32, y32,
-        save_mean32, save_invstd32, eps, momentum);
-    wide.finish();
+  if (!native_bf16_batchnorm(s, {&x, &residual, &y}, {&gamma, &beta, &running_mean, &running_var, &save_mean,
+      &save_invstd}) &&
+      via_fp32(s, {&x, &residual, &gamma, &beta, &running_mean, &running_var},
+               {&running_mean, &running_var, &y, &save_mean, &save_invstd}, [&](const auto& f32) {
+        batchnorm_add_relu_forward_training(s, f32(x), f32(residual), f32(gamma), f32(beta), f32(running_mean),
+            f32(running_var), f32(y), f32(save_mean), f32(save_invstd), eps, momentum);
+      }))
     return;
-  }
   OpCheck chk("batchnorm_add_relu_forward_training", s);
   // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
   const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
@@ -599,20 +557,12 @@ void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tenso
 void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tensor& residual, const Tensor& gamma,
                                           const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
                                           const Tensor& y, float eps) {
-  if (any_bf16({&x, &residual, &gamma, &beta, &running_mean, &running_var, &y}) && !native_bf16_batchnorm(s, {&x,
-      &residual, &y}, {&gamma, &beta, &running_mean, &running_var})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor residual32 = wide.in(residual);
-    const Tensor gamma32 = wide.in(gamma);
-    const Tensor beta32 = wide.in(beta);
-    const Tensor running_mean32 = wide.in(running_mean);
-    const Tensor running_var32 = wide.in(running_var);
-    const Tensor y32 = wide.out(y);
-    batchnorm_add_relu_forward_inference(s, x32, residual32, gamma32, beta32, running_mean32, running_var32, y32, eps);
-    wide.finish();
+  if (!native_bf16_batchnorm(s, {&x, &residual, &y}, {&gamma, &beta, &running_mean, &running_var}) &&
+      via_fp32(s, {&x, &residual, &gamma, &beta, &running_mean, &running_var}, {&y}, [&](const auto& f32) {
+        batchnorm_add_relu_forward_inference(s, f32(x), f32(residual), f32(gamma), f32(beta), f32(running_mean),
+            f32(running_var), f32(y), eps);
+      }))
     return;
-  }
   OpCheck chk("batchnorm_add_relu_forward_inference", s);
   // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
   const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
@@ -648,25 +598,13 @@ void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tens
 void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, const Tensor& dy, const Tensor& gamma,
                                  const Tensor& save_mean, const Tensor& save_invstd, const Tensor& dx,
                                  const Tensor& dresidual, const Tensor& dgamma, const Tensor& dbeta) {
-  if (any_bf16({&x, &y, &dy, &gamma, &save_mean, &save_invstd, &dx, &dresidual, &dgamma,
-      &dbeta}) && !native_bf16_batchnorm(s, {&x, &y, &dy, &dx, &dresidual}, {&gamma, &save_mean, &save_invstd,
-      &dgamma, &dbeta})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor y32 = wide.in(y);
-    const Tensor dy32 = wide.in(dy);
-    const Tensor gamma32 = wide.in(gamma);
-    const Tensor save_mean32 = wide.in(save_mean);
-    const Tensor save_invstd32 = wide.in(save_invstd);
-    const Tensor dx32 = wide.out(dx);
-    const Tensor dresidual32 = wide.out(dresidual);
-    const Tensor dgamma32 = wide.out(dgamma);
-    const Tensor dbeta32 = wide.out(dbeta);
-    batchnorm_add_relu_backward(s, x32, y32, dy32, gamma32, save_mean32, save_invstd32, dx32, dresidual32, dgamma32,
-        dbeta32);
-    wide.finish();
+  if (!native_bf16_batchnorm(s, {&x, &y, &dy, &dx, &dresidual}, {&gamma, &save_mean, &save_invstd, &dgamma, &dbeta}) &&
+      via_fp32(s, {&x, &y, &dy, &gamma, &save_mean, &save_invstd},
+               {&dx, &dresidual, &dgamma, &dbeta}, [&](const auto& f32) {
+        batchnorm_add_relu_backward(s, f32(x), f32(y), f32(dy), f32(gamma), f32(save_mean), f32(save_invstd), f32(dx),
+            f32(dresidual), f32(dgamma), f32(dbeta));
+      }))
     return;
-  }
   OpCheck chk("batchnorm_add_relu_backward", s);
   // Activations f32, or (native_bf16_batchnorm) bf16 on a CUDA stream.
   const DType at = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
@@ -704,14 +642,10 @@ void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, co
 }
 
 void relu_forward(Stream& s, const Tensor& x, const Tensor& y) {
-  if (any_bf16({&x, &y}) && !native_bf16_elementwise(s, {&x, &y})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor y32 = wide.out(y);
-    relu_forward(s, x32, y32);
-    wide.finish();
+  if (!native_bf16_elementwise(s, {&x, &y}) && via_fp32(s, {&x}, {&y}, [&](const auto& f32) {
+        relu_forward(s, f32(x), f32(y));
+      }))
     return;
-  }
   OpCheck chk("relu_forward", s);
   // f32 everywhere, or (native_bf16_elementwise) bf16 everywhere on a CUDA stream.
   const DType dt = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
@@ -733,15 +667,10 @@ void relu_forward(Stream& s, const Tensor& x, const Tensor& y) {
 }
 
 void relu_backward(Stream& s, const Tensor& y, const Tensor& dy, const Tensor& dx) {
-  if (any_bf16({&y, &dy, &dx}) && !native_bf16_elementwise(s, {&y, &dy, &dx})) {
-    Bf16Widening wide(s);
-    const Tensor y32 = wide.in(y);
-    const Tensor dy32 = wide.in(dy);
-    const Tensor dx32 = wide.out(dx);
-    relu_backward(s, y32, dy32, dx32);
-    wide.finish();
+  if (!native_bf16_elementwise(s, {&y, &dy, &dx}) && via_fp32(s, {&y, &dy}, {&dx}, [&](const auto& f32) {
+        relu_backward(s, f32(y), f32(dy), f32(dx));
+      }))
     return;
-  }
   OpCheck chk("relu_backward", s);
   // f32 everywhere, or (native_bf16_elementwise) bf16 everywhere on a CUDA stream.
   const DType dt = y.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
@@ -765,15 +694,10 @@ void relu_backward(Stream& s, const Tensor& y, const Tensor& dy, const Tensor& d
 }
 
 void add(Stream& s, const Tensor& a, const Tensor& b, const Tensor& y) {
-  if (any_bf16({&a, &b, &y}) && !native_bf16_elementwise(s, {&a, &b, &y})) {
-    Bf16Widening wide(s);
-    const Tensor a32 = wide.in(a);
-    const Tensor b32 = wide.in(b);
-    const Tensor y32 = wide.out(y);
-    add(s, a32, b32, y32);
-    wide.finish();
+  if (!native_bf16_elementwise(s, {&a, &b, &y}) && via_fp32(s, {&a, &b}, {&y}, [&](const auto& f32) {
+        add(s, f32(a), f32(b), f32(y));
+      }))
     return;
-  }
   OpCheck chk("add", s);
   // f32 everywhere, or (native_bf16_elementwise) bf16 everywhere on a CUDA stream.
   const DType dt = a.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
@@ -797,14 +721,10 @@ void add(Stream& s, const Tensor& a, const Tensor& b, const Tensor& y) {
 }
 
 void scale(Stream& s, float alpha, const Tensor& x, const Tensor& y) {
-  if (any_bf16({&x, &y}) && !native_bf16_elementwise(s, {&x, &y})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor y32 = wide.out(y);
-    scale(s, alpha, x32, y32);
-    wide.finish();
+  if (!native_bf16_elementwise(s, {&x, &y}) && via_fp32(s, {&x}, {&y}, [&](const auto& f32) {
+        scale(s, alpha, f32(x), f32(y));
+      }))
     return;
-  }
   OpCheck chk("scale", s);
   // f32 everywhere, or (native_bf16_elementwise) bf16 everywhere on a CUDA stream.
   const DType dt = x.dtype() == DType::BF16 ? DType::BF16 : DType::F32;
@@ -891,14 +811,10 @@ void cast(Stream& s, const Tensor& src, const Tensor& dst) {
 }
 
 void shortcut_a_forward(Stream& s, const Tensor& x, const Tensor& y, int stride) {
-  if (any_bf16({&x, &y})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor y32 = wide.out(y);
-    shortcut_a_forward(s, x32, y32, stride);
-    wide.finish();
+  if (via_fp32(s, {&x}, {&y}, [&](const auto& f32) {
+        shortcut_a_forward(s, f32(x), f32(y), stride);
+      }))
     return;
-  }
   OpCheck chk("shortcut_a_forward", s);
   chk.tensor(x, "x", DType::F32, 4);
   chk.tensor(y, "y", DType::F32, 4);
@@ -918,14 +834,10 @@ void shortcut_a_forward(Stream& s, const Tensor& x, const Tensor& y, int stride)
 }
 
 void shortcut_a_backward(Stream& s, const Tensor& dy, const Tensor& dx, int stride) {
-  if (any_bf16({&dy, &dx})) {
-    Bf16Widening wide(s);
-    const Tensor dy32 = wide.in(dy);
-    const Tensor dx32 = wide.out(dx);
-    shortcut_a_backward(s, dy32, dx32, stride);
-    wide.finish();
+  if (via_fp32(s, {&dy}, {&dx}, [&](const auto& f32) {
+        shortcut_a_backward(s, f32(dy), f32(dx), stride);
+      }))
     return;
-  }
   OpCheck chk("shortcut_a_backward", s);
   chk.tensor(dy, "dy", DType::F32, 4);
   chk.tensor(dx, "dx", DType::F32, 4);
@@ -954,14 +866,10 @@ Pool2dShape pool_shape(const OpCheck& chk, const Tensor& x, int window, int stri
 }  // namespace
 
 void maxpool2d_forward(Stream& s, const Tensor& x, const Tensor& y, int window, int stride, int pad) {
-  if (any_bf16({&x, &y})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor y32 = wide.out(y);
-    maxpool2d_forward(s, x32, y32, window, stride, pad);
-    wide.finish();
+  if (via_fp32(s, {&x}, {&y}, [&](const auto& f32) {
+        maxpool2d_forward(s, f32(x), f32(y), window, stride, pad);
+      }))
     return;
-  }
   OpCheck chk("maxpool2d_forward", s);
   chk.tensor(x, "x", DType::F32, 4);
   chk.tensor(y, "y", DType::F32, 4);
@@ -980,15 +888,10 @@ void maxpool2d_forward(Stream& s, const Tensor& x, const Tensor& y, int window, 
 
 void maxpool2d_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dx, int window, int stride,
                         int pad) {
-  if (any_bf16({&x, &dy, &dx})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor dy32 = wide.in(dy);
-    const Tensor dx32 = wide.out(dx);
-    maxpool2d_backward(s, x32, dy32, dx32, window, stride, pad);
-    wide.finish();
+  if (via_fp32(s, {&x, &dy}, {&dx}, [&](const auto& f32) {
+        maxpool2d_backward(s, f32(x), f32(dy), f32(dx), window, stride, pad);
+      }))
     return;
-  }
   OpCheck chk("maxpool2d_backward", s);
   chk.tensor(x, "x", DType::F32, 4);
   chk.tensor(dy, "dy", DType::F32, 4);
@@ -1008,14 +911,10 @@ void maxpool2d_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tens
 }
 
 void global_avgpool_forward(Stream& s, const Tensor& x, const Tensor& y) {
-  if (any_bf16({&x, &y})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor y32 = wide.out(y);
-    global_avgpool_forward(s, x32, y32);
-    wide.finish();
+  if (via_fp32(s, {&x}, {&y}, [&](const auto& f32) {
+        global_avgpool_forward(s, f32(x), f32(y));
+      }))
     return;
-  }
   OpCheck chk("global_avgpool_forward", s);
   chk.tensor(x, "x", DType::F32, 4);
   chk.tensor(y, "y", DType::F32, 2);
@@ -1033,14 +932,10 @@ void global_avgpool_forward(Stream& s, const Tensor& x, const Tensor& y) {
 }
 
 void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx) {
-  if (any_bf16({&dy, &dx})) {
-    Bf16Widening wide(s);
-    const Tensor dy32 = wide.in(dy);
-    const Tensor dx32 = wide.out(dx);
-    global_avgpool_backward(s, dy32, dx32);
-    wide.finish();
+  if (via_fp32(s, {&dy}, {&dx}, [&](const auto& f32) {
+        global_avgpool_backward(s, f32(dy), f32(dx));
+      }))
     return;
-  }
   OpCheck chk("global_avgpool_backward", s);
   chk.tensor(dy, "dy", DType::F32, 2);
   chk.tensor(dx, "dx", DType::F32, 4);
@@ -1058,16 +953,10 @@ void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx) {
 }
 
 void linear_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y) {
-  if (any_bf16({&x, &w, &b, &y})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor w32 = wide.in(w);
-    const Tensor b32 = wide.in(b);
-    const Tensor y32 = wide.out(y);
-    linear_forward(s, x32, w32, b32, y32);
-    wide.finish();
+  if (via_fp32(s, {&x, &w, &b}, {&y}, [&](const auto& f32) {
+        linear_forward(s, f32(x), f32(w), f32(b), f32(y));
+      }))
     return;
-  }
   OpCheck chk("linear_forward", s);
   chk.tensor(x, "x", DType::F32, 2);
   chk.tensor(w, "w", DType::F32, 2);
@@ -1094,18 +983,10 @@ void linear_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
 
 void linear_backward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor& dx,
                      const Tensor& dw, const Tensor& db) {
-  if (any_bf16({&x, &w, &dy, &dx, &dw, &db})) {
-    Bf16Widening wide(s);
-    const Tensor x32 = wide.in(x);
-    const Tensor w32 = wide.in(w);
-    const Tensor dy32 = wide.in(dy);
-    const Tensor dx32 = wide.out(dx);
-    const Tensor dw32 = wide.out(dw);
-    const Tensor db32 = wide.out(db);
-    linear_backward(s, x32, w32, dy32, dx32, dw32, db32);
-    wide.finish();
+  if (via_fp32(s, {&x, &w, &dy}, {&dx, &dw, &db}, [&](const auto& f32) {
+        linear_backward(s, f32(x), f32(w), f32(dy), f32(dx), f32(dw), f32(db));
+      }))
     return;
-  }
   OpCheck chk("linear_backward", s);
   chk.tensor(x, "x", DType::F32, 2);
   chk.tensor(w, "w", DType::F32, 2);
@@ -1133,15 +1014,10 @@ void linear_backward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& 
 
 void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels, float smoothing, const Tensor& loss,
                            const Tensor& dlogits, const Tensor& correct) {
-  if (any_bf16({&logits, &loss, &dlogits})) {
-    Bf16Widening wide(s);
-    const Tensor logits32 = wide.in(logits);
-    const Tensor loss32 = wide.out(loss);
-    const Tensor dlogits32 = wide.out(dlogits);
-    softmax_cross_entropy(s, logits32, labels, smoothing, loss32, dlogits32, correct);
-    wide.finish();
+  if (via_fp32(s, {&logits}, {&loss, &dlogits}, [&](const auto& f32) {
+        softmax_cross_entropy(s, f32(logits), labels, smoothing, f32(loss), f32(dlogits), correct);
+      }))
     return;
-  }
   OpCheck chk("softmax_cross_entropy", s);
   chk.tensor(logits, "logits", DType::F32, 2);
   chk.tensor(labels, "labels", DType::I32, 1);
