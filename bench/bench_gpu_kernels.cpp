@@ -729,12 +729,29 @@ class BandwidthPair : public Pair {
   std::vector<DevBuf> src_, dst_;
 };
 
+// Per-channel parameters, running and saved statistics and parameter gradients of a BN over c
+// channels.
+struct BnVectors {
+  explicit BnVectors(int64_t c)
+      : gamma(random_buf(size_t(c), 0.5f)),
+        beta(random_buf(size_t(c), 0.5f)),
+        rmean(random_buf(size_t(c), 0.1f)),
+        rvar(size_t(c) * sizeof(float)),
+        smean(size_t(c) * sizeof(float)),
+        sinv(size_t(c) * sizeof(float)),
+        dgamma(size_t(c) * sizeof(float)),
+        dbeta(size_t(c) * sizeof(float)) {
+    kc::fill(c, 1.f, rvar.f(), g_env.stream);
+  }
+  DevBuf gamma, beta, rmean, rvar, smean, sinv, dgamma, dbeta;
+};
+
 class BatchNormPair : public BandwidthPair {
  public:
   // forward: reads x, writes y; backward: reads x and dy, writes dx (per-channel vectors are
   // negligible next to m*c).
   static size_t traffic(int64_t m, int64_t c, bool fwd) { return size_t(m * c) * sizeof(float) * (fwd ? 2 : 3); }
-  BatchNormPair(int64_t m, int64_t c, bool fwd) : BandwidthPair(traffic(m, c, fwd)), m_(m), c_(c), fwd_(fwd) {
+  BatchNormPair(int64_t m, int64_t c, bool fwd) : BandwidthPair(traffic(m, c, fwd)), m_(m), c_(c), fwd_(fwd), v_(c) {
     slots = slots_for(traffic(m, c, fwd));
     for (int s = 0; s < slots; ++s) {
       x_.push_back(random_buf(size_t(m * c)));
@@ -742,15 +759,6 @@ class BatchNormPair : public BandwidthPair {
       if (!fwd) dx_.emplace_back(size_t(m * c) * sizeof(float));
     }
     make_copy_slots();
-    gamma_ = random_buf(size_t(c), 0.5f);
-    beta_ = random_buf(size_t(c), 0.5f);
-    rmean_ = random_buf(size_t(c), 0.1f);
-    rvar_ = DevBuf(size_t(c) * sizeof(float));
-    kc::fill(c, 1.f, rvar_.f(), g_env.stream);
-    smean_ = DevBuf(size_t(c) * sizeof(float));
-    sinv_ = DevBuf(size_t(c) * sizeof(float));
-    dgamma_ = DevBuf(size_t(c) * sizeof(float));
-    dbeta_ = DevBuf(size_t(c) * sizeof(float));
     // Backward needs real saved statistics: one forward pass over set 0 provides them.
     fwd_call(0);
     SP_CUDA_CHECK(cudaStreamSynchronize(g_env.stream));
@@ -759,19 +767,19 @@ class BatchNormPair : public BandwidthPair {
     if (fwd_)
       fwd_call(s);
     else
-      kc::batchnorm_backward(m_, c_, x_[size_t(s)].f(), y_[size_t(s)].f(), gamma_.f(), smean_.f(), sinv_.f(),
-                             dx_[size_t(s)].f(), dgamma_.f(), dbeta_.f(), g_env.stream);
+      kc::batchnorm_backward(m_, c_, x_[size_t(s)].f(), y_[size_t(s)].f(), v_.gamma.f(), v_.smean.f(), v_.sinv.f(),
+                             dx_[size_t(s)].f(), v_.dgamma.f(), v_.dbeta.f(), g_env.stream);
   }
 
  private:
   void fwd_call(int s) {
-    kc::batchnorm_forward_training(m_, c_, x_[size_t(s)].f(), gamma_.f(), beta_.f(), 1e-5f, 0.1f, rmean_.f(),
-                                   rvar_.f(), y_[size_t(s)].f(), smean_.f(), sinv_.f(), g_env.stream);
+    kc::batchnorm_forward_training(m_, c_, x_[size_t(s)].f(), v_.gamma.f(), v_.beta.f(), 1e-5f, 0.1f, v_.rmean.f(),
+                                   v_.rvar.f(), y_[size_t(s)].f(), v_.smean.f(), v_.sinv.f(), g_env.stream);
   }
   int64_t m_, c_;
   bool fwd_;
+  BnVectors v_;
   std::vector<DevBuf> x_, y_, dx_;
-  DevBuf gamma_, beta_, rmean_, rvar_, smean_, sinv_, dgamma_, dbeta_;
 };
 
 // The residual block's tail, y = relu(bn(x) + residual), as one fused op (what the layers run),
@@ -783,7 +791,7 @@ class FusedBatchNormPair : public BandwidthPair {
     return size_t(m * c) * (bf16 ? 2 : 4) * (fwd ? 3 : 5);
   }
   FusedBatchNormPair(int64_t m, int64_t c, bool fwd, bool bf16)
-      : BandwidthPair(traffic(m, c, fwd, bf16)), m_(m), c_(c), fwd_(fwd), bf16_(bf16) {
+      : BandwidthPair(traffic(m, c, fwd, bf16)), m_(m), c_(c), fwd_(fwd), bf16_(bf16), v_(c) {
     slots = slots_for(traffic(m, c, fwd, bf16));
     const size_t n = size_t(m * c), elt = bf16 ? 2 : 4;
     auto act = [&] { return bf16 ? random_bf16_buf(n) : random_buf(n); };
@@ -797,15 +805,6 @@ class FusedBatchNormPair : public BandwidthPair {
       }
     }
     make_copy_slots();
-    gamma_ = random_buf(size_t(c), 0.5f);
-    beta_ = random_buf(size_t(c), 0.5f);
-    rmean_ = random_buf(size_t(c), 0.1f);
-    rvar_ = DevBuf(size_t(c) * sizeof(float));
-    kc::fill(c, 1.f, rvar_.f(), g_env.stream);
-    smean_ = DevBuf(size_t(c) * sizeof(float));
-    sinv_ = DevBuf(size_t(c) * sizeof(float));
-    dgamma_ = DevBuf(size_t(c) * sizeof(float));
-    dbeta_ = DevBuf(size_t(c) * sizeof(float));
     for (int s = 0; s < slots; ++s) fwd_call(s);  // real statistics and ReLU masks for the backward
     SP_CUDA_CHECK(cudaStreamSynchronize(g_env.stream));
   }
@@ -816,11 +815,11 @@ class FusedBatchNormPair : public BandwidthPair {
     }
     const size_t i = size_t(s);
     if (bf16_)
-      kc::batchnorm_backward_bf16(m_, c_, u16(x_[i]), u16(y_[i]), u16(dy_[i]), gamma_.f(), smean_.f(), sinv_.f(),
-                                  u16(dx_[i]), u16(dy_[i]), dgamma_.f(), dbeta_.f(), g_env.stream);
+      kc::batchnorm_backward_bf16(m_, c_, u16(x_[i]), u16(y_[i]), u16(dy_[i]), v_.gamma.f(), v_.smean.f(), v_.sinv.f(),
+                                  u16(dx_[i]), u16(dy_[i]), v_.dgamma.f(), v_.dbeta.f(), g_env.stream);
     else
-      kc::batchnorm_add_relu_backward(m_, c_, x_[i].f(), y_[i].f(), dy_[i].f(), gamma_.f(), smean_.f(), sinv_.f(),
-                                      dx_[i].f(), dy_[i].f(), dgamma_.f(), dbeta_.f(), g_env.stream);
+      kc::batchnorm_add_relu_backward(m_, c_, x_[i].f(), y_[i].f(), dy_[i].f(), v_.gamma.f(), v_.smean.f(), v_.sinv.f(),
+                                      dx_[i].f(), dy_[i].f(), v_.dgamma.f(), v_.dbeta.f(), g_env.stream);
   }
 
  private:
@@ -828,16 +827,18 @@ class FusedBatchNormPair : public BandwidthPair {
   void fwd_call(int s) {
     const size_t i = size_t(s);
     if (bf16_)
-      kc::batchnorm_forward_training_bf16(m_, c_, u16(x_[i]), u16(r_[i]), true, gamma_.f(), beta_.f(), 1e-5f, 0.1f,
-                                          rmean_.f(), rvar_.f(), u16(y_[i]), smean_.f(), sinv_.f(), g_env.stream);
+      kc::batchnorm_forward_training_bf16(m_, c_, u16(x_[i]), u16(r_[i]), true, v_.gamma.f(), v_.beta.f(), 1e-5f,
+                                          0.1f, v_.rmean.f(), v_.rvar.f(), u16(y_[i]), v_.smean.f(), v_.sinv.f(),
+                                          g_env.stream);
     else
-      kc::batchnorm_add_relu_forward_training(m_, c_, x_[i].f(), r_[i].f(), gamma_.f(), beta_.f(), 1e-5f, 0.1f,
-                                              rmean_.f(), rvar_.f(), y_[i].f(), smean_.f(), sinv_.f(), g_env.stream);
+      kc::batchnorm_add_relu_forward_training(m_, c_, x_[i].f(), r_[i].f(), v_.gamma.f(), v_.beta.f(), 1e-5f,
+                                              0.1f, v_.rmean.f(), v_.rvar.f(), y_[i].f(), v_.smean.f(), v_.sinv.f(),
+                                              g_env.stream);
   }
   int64_t m_, c_;
   bool fwd_, bf16_;
+  BnVectors v_;
   std::vector<DevBuf> x_, r_, y_, dy_, dx_;
-  DevBuf gamma_, beta_, rmean_, rvar_, smean_, sinv_, dgamma_, dbeta_;
 };
 
 enum class Ew { ReluFwd, ReluBwd, Add };
