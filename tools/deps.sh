@@ -21,12 +21,15 @@ staleprop_deps() {
   fi
 }
 
-# Configure (once) and build the main tree in $1 with all cores.
+# staleprop_build DIR [TARGET...]: configures DIR (Release, Ninja) once and builds the targets
+# (default: everything).
 staleprop_build() {
   local dir=$1
   shift
   if [ ! -f "$dir/build.ninja" ]; then
-    cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@"
+    cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release
   fi
-  cmake --build "$dir" -j "$(nproc)"
+  local targets=()
+  for t in "$@"; do targets+=(--target "$t"); done
+  cmake --build "$dir" -j "$(nproc)" "${targets[@]}"
 }

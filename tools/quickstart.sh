@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . tools/deps.sh
 staleprop_deps
-staleprop_build build
+staleprop_build build staleprop  # the command line only; tools/run_tests.sh builds the rest
 tools/fetch_cifar10.sh data/cifar-10-batches-bin
 exec build/tools/staleprop train --data data/cifar-10-batches-bin --model resnet20 --epochs 3 \
   --train-limit 15000 --batch-size 128 --lr 0.1 --schedule onecycle --warmup-epochs 0.5 \
