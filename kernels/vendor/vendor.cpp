@@ -342,6 +342,7 @@ using Bf16GemmKey = std::tuple<int, bool, bool, int64_t, int64_t, int64_t, int64
 // run under the plan's mutex (cublasLtMatmul reads the descriptor before it returns).
 struct Bf16GemmPlan : GemmPlan {
   std::mutex mu;
+  bool bias_bf16 = false;  // cuBLASLt took no fp32 bias with this C: the bias goes in as bf16
 };
 
 // bf16 A and B, fp32 compute (CUBLAS_COMPUTE_32F) and scale type, C/D fp32 or bf16, the bias
@@ -360,10 +361,13 @@ std::unique_ptr<Bf16GemmPlan> make_bf16_gemm_plan(cublasLtHandle_t lt, const Bf1
   const cublasLtEpilogue_t epi = has_bias ? (relu ? CUBLASLT_EPILOGUE_RELU_BIAS : CUBLASLT_EPILOGUE_BIAS)
                                           : (relu ? CUBLASLT_EPILOGUE_RELU : CUBLASLT_EPILOGUE_DEFAULT);
   SP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
-  if (has_bias) {
-    const int32_t bias_type = CUDA_R_32F;  // our bias is fp32 whatever C's type
+  auto set_bias_type = [&](cudaDataType_t t) {
+    const int32_t bias_type = t;
     SP_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type, sizeof(bias_type)));
+  };
+  if (has_bias) {
+    set_bias_type(CUDA_R_32F);  // our bias is fp32 whatever C's type
     // The heuristic reads the pointer's alignment (part of the key); calls set their own.
     SP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
   }
@@ -388,9 +392,22 @@ std::unique_ptr<Bf16GemmPlan> make_bf16_gemm_plan(cublasLtHandle_t lt, const Bf1
 
   cublasLtMatmulHeuristicResult_t result{};
   int returned = 0;
-  SP_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt, plan->op, plan->a, plan->b, plan->c, plan->c, pref.p, 1, &result,
-                                                 &returned));
-  if (returned < 1 || result.state != CUBLAS_STATUS_SUCCESS)
+  auto heuristic = [&] {
+    returned = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt, plan->op, plan->a, plan->b, plan->c, plan->c, pref.p,
+                                                             1, &result, &returned);
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED) SP_CUBLAS_CHECK(st);
+    return st == CUBLAS_STATUS_SUCCESS && returned >= 1 && result.state == CUBLAS_STATUS_SUCCESS;
+  };
+  bool found = heuristic();
+  if (!found && has_bias && c_bf16) {
+    // Whether cuBLASLt fuses an fp32 bias into a bf16 D is not documented for every version:
+    // fall back to a bf16 bias (the baseline then rounds the bias once more than our kernel).
+    set_bias_type(CUDA_R_16BF);
+    plan->bias_bf16 = true;
+    found = heuristic();
+  }
+  if (!found)
     throw CudaError(detail::concat("vendor gemm_bf16: cuBLASLt has no algorithm for ", m, "x", n, "x", k,
                                    ta ? " A^T" : "", tb ? " B^T" : "", " lda ", lda, " ldb ", ldb, " ldc ", ldc,
                                    c_bf16 ? " bf16 C" : " fp32 C", has_bias ? " bias" : "", relu ? " relu" : ""));
@@ -447,8 +464,15 @@ void lt_gemm_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, f
   Bf16GemmPlan& plan = bf16_gemm_plan(lt, key, bias);
   Workspace ws(dev, plan.workspace, stream);
   std::lock_guard<std::mutex> lk(plan.mu);
+  const void* bias_ptr = bias;
+  Workspace bias16(dev, plan.bias_bf16 ? size_t(n) * sizeof(uint16_t) : 0, stream);
+  if (plan.bias_bf16) {
+    cuda::f32_to_bf16(n, bias, static_cast<uint16_t*>(bias16.get()), stream);
+    bias_ptr = bias16.get();
+  }
   if (bias)
-    SP_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    SP_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)));
   SP_CUBLAS_CHECK(cublasLtMatmul(lt, plan.op, &alpha, b, plan.a, a, plan.b, &beta, c, plan.c, c, plan.c, &plan.algo,
                                  ws.get(), ws.size(), stream));
 }
