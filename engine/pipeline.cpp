@@ -435,7 +435,8 @@ StepStats PipelineTrainer::evaluate(const BatchSource& source) {
       if (!one_device && st->index > 0) {
         s->synchronize();
         s = st->stream.get();
-        Tensor moved = new_activation(*s, h.shape(), h.dtype()), moved_labels = new_activation(*s, labels.shape(), DType::I32);
+        Tensor moved = new_activation(*s, h.shape(), h.dtype());
+        Tensor moved_labels = new_activation(*s, labels.shape(), DType::I32);
         ops::copy(*s, h, moved);
         ops::copy(*s, labels, moved_labels);
         h = moved, labels = moved_labels;

@@ -334,7 +334,6 @@ TrainResult run_backprop(Run& run) {
   return run.result;
 }
 
-
 std::string cuts_str(const std::vector<size_t>& cuts) {
   std::string s;
   for (size_t c : cuts) s += (s.empty() ? "" : ",") + std::to_string(c);
