@@ -2,7 +2,7 @@
 # The main job: builds staleprop, fetches CIFAR-10 into ./data (from ../shared/data when it is
 # there, else the official archive), and trains a CIFAR ResNet-20 with standard backprop.
 #
-# The default is sized for a 2-core machine without a GPU (about 7 minutes of training): 3
+# The default is sized for a 2-core machine without a GPU (about 5.5 minutes of training): 3
 # epochs over the first 15,000 training images, evaluated on all 10,000 test images. Any extra
 # arguments are passed to `staleprop train` and override the defaults, for example
 #   tools/quickstart.sh --train-limit 50000 --test-limit 10000 --epochs 30      (all data)
