@@ -57,6 +57,16 @@ int cuda_device_count() {
 #endif
 }
 
+void require_device(Device d) {
+  if (d.is_cpu()) return;
+  if (!cuda_built()) throw Error("device " + d.str() + ": this build has no CUDA backend (configure with a CUDA toolkit)");
+  const int n = cuda_device_count();
+  if (n == 0) throw Error("device " + d.str() + ": no CUDA device is visible (no GPU, or no usable driver)");
+  if (d.index >= n)
+    throw Error("device " + d.str() + ": only " + std::to_string(n) + " CUDA device" + (n == 1 ? " is" : "s are") +
+                " visible");
+}
+
 std::string device_description(Device d) {
   if (d.is_cpu()) return "cpu (" + std::to_string(kernels::cpu::num_threads()) + " threads)";
 #if STALEPROP_WITH_CUDA

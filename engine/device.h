@@ -33,6 +33,9 @@ const char* dtype_name(DType t);
 bool cuda_built();
 // Number of CUDA devices visible now; 0 without a GPU or without the CUDA backend.
 int cuda_device_count();
+// Throws sp::Error, saying why, unless `d` can be used here: the CPU always; cuda:N when this
+// build has the CUDA backend and GPU N is visible.
+void require_device(Device d);
 // A device in words, for logs and results: "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)", or for the
 // CPU "cpu (N threads)".
 std::string device_description(Device d);

@@ -75,6 +75,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
            cfg.kernels, "'");
   const Device dev = Device::parse(cfg.device);
+  require_device(dev);
   SP_CHECK(cfg.kernels == "custom" || dev.is_cuda(), "--kernels vendor selects cuBLAS/cuDNN and needs --device cuda");
   const DType dt = activation_dtype(cfg.precision);
   const bool backprop = cfg.method == "backprop";

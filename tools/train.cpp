@@ -129,6 +129,8 @@ LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch) {
 }
 
 void check_device_options(const TrainConfig& cfg, Device dev) {
+  require_device(dev);
+  for (const std::string& d : cfg.devices) require_device(Device::parse(d));
   SP_CHECK(cfg.precision == "fp32" || cfg.precision == "bf16", "--precision must be fp32 or bf16, got '",
            cfg.precision, "'");
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
@@ -573,6 +575,7 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model,
     SP_CHECK(!model.empty(), checkpoint, ": no model name in the metadata; pass --model");
   }
   const Device dev = Device::parse(device);
+  require_device(dev);
   auto stream = make_stream(dev);
   Network net = layers::build_resnet(model, data::kCifarClasses, 0);
   net.to(dev, *stream);
