@@ -102,7 +102,6 @@ Conv2dShape conv_shape(const OpCheck& c, const Shape& x, const Shape& w, int str
   return sh;
 }
 
-
 bool is_bf16(const Tensor& t) { return t.defined() && t.dtype() == DType::BF16; }
 
 // The elementwise ops have CUDA kernels for bf16 (kernels/cuda/ops.h: *_bf16) when every
@@ -140,38 +139,28 @@ bool native_bf16_batchnorm(const Stream& s, std::initializer_list<const Tensor*>
 }
 
 // The reference semantics of an op on bf16 tensors, for ops without a native bf16 kernel:
-// each bf16 argument is widened to an fp32 temporary (a cast on the stream), the fp32 op runs
-// on the temporaries, and each bf16 output is rounded back to nearest even (another cast).
-// An output that shares storage with an input (in-place ops) shares its temporary, in
-// whichever order in() and out() are called. Everything is ordered on the op's stream, and
-// the temporaries come from the caching allocator for that stream.
+// each bf16 input is widened to an fp32 temporary (a cast on the stream), the fp32 op runs on
+// the temporaries, and each bf16 output is rounded back to nearest even (another cast). An
+// output that shares storage with an input (in-place ops) shares its temporary. Everything is
+// ordered on the op's stream; the temporaries come from the caching allocator for that stream.
 class Bf16Widening {
  public:
   explicit Bf16Widening(Stream& s) : s_(s) {}
-  // An input: t itself unless bf16, else its widened copy.
-  Tensor in(const Tensor& t) {
-    if (!is_bf16(t)) return t;
+  // Registers an input: a bf16 tensor is widened into its temporary.
+  void in(const Tensor& t) {
+    if (!is_bf16(t)) return;
     Temp& tmp = temp_for(t);
-    if (!tmp.widened) {
-      cast(s_, t, tmp.f32);
-      tmp.widened = true;
-    }
-    return tmp.f32;
+    if (!tmp.widened) cast(s_, t, tmp.f32);
+    tmp.widened = true;
   }
-  // An output (overwritten by the op): t itself unless bf16, else a temporary rounded into t
-  // by finish().
-  Tensor out(const Tensor& t) {
-    if (!is_bf16(t)) return t;
-    Temp& tmp = temp_for(t);
-    tmp.output = true;
-    return tmp.f32;
+  // Registers an output: a bf16 tensor gets a temporary that finish() rounds back into it.
+  void out(const Tensor& t) {
+    if (is_bf16(t)) temp_for(t).output = true;
   }
-  // What the fp32 op gets for t: its temporary when t was passed to in() or out(), else t.
+  // What the fp32 op gets for t: its temporary when t is a registered bf16 tensor, else t.
   const Tensor& get(const Tensor& t) const {
-    if (!is_bf16(t)) return t;
-    for (const Temp& tmp : temps_)
-      if (tmp.bf16.raw_data() == t.raw_data() && tmp.bf16.shape() == t.shape()) return tmp.f32;
-    return t;
+    const Temp* tmp = is_bf16(t) ? find(t) : nullptr;
+    return tmp ? tmp->f32 : t;
   }
   // Rounds every output back into its bf16 tensor; call after the fp32 op.
   void finish() {
@@ -184,14 +173,18 @@ class Bf16Widening {
     Tensor bf16, f32;
     bool widened = false, output = false;
   };
+  const Temp* find(const Tensor& t) const {
+    for (const Temp& tmp : temps_)
+      if (tmp.bf16.raw_data() == t.raw_data() && tmp.bf16.shape() == t.shape()) return &tmp;
+    return nullptr;
+  }
   Temp& temp_for(const Tensor& t) {
-    for (Temp& tmp : temps_)
-      if (tmp.bf16.raw_data() == t.raw_data() && tmp.bf16.shape() == t.shape()) return tmp;
+    if (const Temp* tmp = find(t)) return const_cast<Temp&>(*tmp);
     temps_.push_back({t, Tensor::empty(t.shape(), DType::F32, t.device(), &s_)});
     return temps_.back();
   }
   Stream& s_;
-  std::deque<Temp> temps_;  // stable references: get() hands them out
+  std::deque<Temp> temps_;  // stable addresses: get() hands out references
 };
 
 // When any of `inputs` or `outputs` is bf16: runs the fp32 op by the reference semantics
