@@ -6,7 +6,8 @@
 #      for ResNet-56 at batch 128 and ResNet-18 at batch 512, fp32 and bf16;
 #   3. the locking study of ResNet-56: backprop and bp/ddg/fdg over K = 2..4 modules.
 # Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3" picks stages
-# and MIN_TIME the benchmarks' --benchmark_min_time in seconds (default 0.05).
+# and MIN_TIME the benchmarks' --benchmark_min_time in seconds (default 0.05), BENCH_FILTER their
+# --benchmark_filter (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -32,6 +33,7 @@ for stage in $STAGES; do
   1)
     echo "== kernel benchmarks"
     build-gpu/bench/bench_gpu_kernels --benchmark_min_time="${MIN_TIME}" --benchmark_repetitions=3 \
+      --benchmark_filter="${BENCH_FILTER:-.}" \
       --benchmark_report_aggregates_only=true --benchmark_out="$OUT/bench_gpu_kernels.json" \
       --benchmark_out_format=json > "$OUT/bench_gpu_kernels.txt" 2>&1
     echo "bench_gpu_kernels exit $?"

@@ -33,10 +33,6 @@ void mma_splitk_reduce(const float* partials, int splits, int m, int n, const Mm
   SP_CUDA_CHECK_LAUNCH();
 }
 
-// reduce_bf16.cu: out[j] = sum over the m rows of x[i * c + j] widened to fp32, in double in
-// a fixed order, rounded once (the bias gradient of the bf16 convolutions).
-void column_sums_bf16(int64_t m, int64_t c, const uint16_t* x, float* out, cudaStream_t stream);
-
 // Whether the cp.async path may read rows of ld bf16 starting at p: p 16-byte aligned, ld % 8 == 0.
 inline bool chunk_ok(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 8 == 0; }
 

@@ -3,6 +3,7 @@
 // elements widened to fp32, accumulated in double and rounded once.
 #include "kernels/cuda/column_reduce.cuh"
 #include "kernels/cuda/mma_launch.cuh"
+#include "kernels/cuda/tensor_core.h"
 
 namespace sp::kernels::cuda::detail::mma {
 namespace {
@@ -22,6 +23,12 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 }  // namespace
+}  // namespace sp::kernels::cuda::detail::mma
+
+namespace sp::kernels::cuda {
+
+using namespace detail;
+using namespace detail::mma;
 
 void column_sums_bf16(int64_t m, int64_t c64, const uint16_t* x, float* out, cudaStream_t stream) {
   const int c = checked_columns("column_sums_bf16", c64);
@@ -33,4 +40,4 @@ void column_sums_bf16(int64_t m, int64_t c64, const uint16_t* x, float* out, cud
   SP_CUDA_CHECK_LAUNCH();
 }
 
-}  // namespace sp::kernels::cuda::detail::mma
+}  // namespace sp::kernels::cuda

@@ -53,4 +53,8 @@ void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const 
 void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* dy, float* dw,
                                  float* dbias /*nullable*/, cudaStream_t stream);
 
+// out[j] = sum over the m rows of the bf16 [m, c] matrix x (widened; summed in double in a fixed
+// order, rounded once): the bias gradient of the bf16 convolutions.
+void column_sums_bf16(int64_t m, int64_t c, const uint16_t* x, float* out, cudaStream_t stream);
+
 }  // namespace sp::kernels::cuda

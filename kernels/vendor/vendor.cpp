@@ -396,13 +396,15 @@ std::unique_ptr<Bf16GemmPlan> make_bf16_gemm_plan(cublasLtHandle_t lt, const Bf1
     returned = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(lt, plan->op, plan->a, plan->b, plan->c, plan->c, pref.p,
                                                              1, &result, &returned);
-    if (st != CUBLAS_STATUS_NOT_SUPPORTED) SP_CUBLAS_CHECK(st);
+    // No algorithm for the combination shows up as NOT_SUPPORTED or (seen on H200, CUDA 13,
+    // fp32 bias with a bf16 D) INVALID_VALUE.
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) SP_CUBLAS_CHECK(st);
     return st == CUBLAS_STATUS_SUCCESS && returned >= 1 && result.state == CUBLAS_STATUS_SUCCESS;
   };
   bool found = heuristic();
   if (!found && has_bias && c_bf16) {
-    // Whether cuBLASLt fuses an fp32 bias into a bf16 D is not documented for every version:
-    // fall back to a bf16 bias (the baseline then rounds the bias once more than our kernel).
+    // cuBLASLt may refuse an fp32 bias with a bf16 D: fall back to a bf16 bias (the baseline
+    // then rounds the bias once more than our kernel).
     set_bias_type(CUDA_R_16BF);
     plan->bias_bf16 = true;
     found = heuristic();
@@ -608,11 +610,9 @@ void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const
   SP_CUDNN_CHECK(cudnnConvolutionBackwardFilter(cc.h, &kOne, p.x, x, p.y, dy, p.bwd_filter_conv, p.bwd_filter_algo,
                                                 ws.get(), ws.size(), &kZero, p.w, dw16.get()));
   cuda::bf16_to_f32(sh.w_size(), static_cast<const uint16_t*>(dw16.get()), dw, stream);
-  if (dbias) {
-    Workspace db16(cc.dev, sizeof(uint16_t) * size_t(sh.k), stream);
-    SP_CUDNN_CHECK(cudnnConvolutionBackwardBias(cc.h, &kOne, p.y, dy, &kZero, p.bias, db16.get()));
-    cuda::bf16_to_f32(sh.k, static_cast<const uint16_t*>(db16.get()), dbias, stream);
-  }
+  // cuDNN has no bf16 backward-bias (CUDNN_STATUS_NOT_SUPPORTED, cuDNN 9 on an H200): the bias
+  // gradient, a plain column sum of dy, comes from our reduction instead.
+  if (dbias) cuda::column_sums_bf16(int64_t(sh.n) * sh.p() * sh.q(), sh.k, dy, dbias, stream);
 }
 
 }  // namespace sp::kernels::vendor
