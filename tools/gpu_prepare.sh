@@ -12,7 +12,7 @@ cp -r /usr/src/googletest .carry/googletest
 cp -r /usr/include/benchmark .carry/benchmark/include/
 for f in /usr/lib/x86_64-linux-gnu/libbenchmark.so.*; do cp -L "$f" .carry/benchmark/lib/; done
 if [ -f ../shared/data/cifar10-jpeg.pack.gz ]; then
-  cp ../shared/data/cifar10-jpeg.pack.gz ../shared/data/unpack_cifar10.py .carry/data/
+  cp ../shared/data/cifar10-jpeg.pack.gz ../shared/data/unpack_cifar10.py ../shared/data/SHA256SUMS .carry/data/
 fi
 git rev-parse HEAD > .carry/commit
 du -sh .carry
