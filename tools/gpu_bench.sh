@@ -6,8 +6,11 @@
 #      for ResNet-56 at batch 128 and ResNet-18 at batch 512, fp32 and bf16;
 #   3. the locking study of ResNet-56: backprop and bp/ddg/fdg over K = 2..4 modules.
 # Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3" picks stages
-# and MIN_TIME the benchmarks' --benchmark_min_time in seconds (default 0.05), BENCH_FILTER their
-# --benchmark_filter (default: all).
+# MIN_TIME the benchmarks' --benchmark_min_time in seconds (default 0.05), BENCH_FAMILIES the
+# benchmark families to run (default: all, one JSON each: gemm_bf16 conv_bf16 gemm conv_fwd
+# conv_bwd_data conv_bwd_weight bn bn_add_relu elementwise sgd) and BENCH_FILTER a regex that
+# further narrows the names within each family. TAR=1 packs $OUT into $OUT/results.tgz at the end (the
+# device tool brings back at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -31,12 +34,21 @@ SP=build-gpu/tools/staleprop
 for stage in $STAGES; do
   case $stage in
   1)
+    # One run per family, each with its own JSON, so a run cut short by a timeout keeps what it
+    # finished (Google Benchmark writes --benchmark_out only at the end of a run).
     echo "== kernel benchmarks"
-    build-gpu/bench/bench_gpu_kernels --benchmark_min_time="${MIN_TIME}" --benchmark_repetitions=3 \
-      --benchmark_filter="${BENCH_FILTER:-.}" \
-      --benchmark_report_aggregates_only=true --benchmark_out="$OUT/bench_gpu_kernels.json" \
-      --benchmark_out_format=json > "$OUT/bench_gpu_kernels.txt" 2>&1
-    echo "bench_gpu_kernels exit $?"
+    declare -A FAM=([gemm]='^gemm/' [gemm_bf16]='^gemm_bf16/' [conv_fwd]='^conv_fwd/' [conv_bwd_data]='^conv_bwd_data/'
+      [conv_bwd_weight]='^conv_bwd_weight/' [conv_bf16]='^conv_(fwd|bwd_data|bwd_weight|train)_bf16/'
+      [bn]='^bn_(fwd_train|bwd)/' [bn_add_relu]='^bn_add_relu_' [elementwise]='^(relu_fwd|relu_bwd|add)/'
+      [sgd]='^sgd_step/')
+    for fam in ${BENCH_FAMILIES:-gemm_bf16 conv_bf16 gemm conv_fwd conv_bwd_data conv_bwd_weight bn bn_add_relu \
+        elementwise sgd}; do
+      build-gpu/bench/bench_gpu_kernels --benchmark_min_time="${MIN_TIME}" --benchmark_repetitions=3 \
+        --benchmark_filter="${FAM[$fam]}${BENCH_FILTER:+.*(${BENCH_FILTER})}" \
+        --benchmark_report_aggregates_only=true --benchmark_out="$OUT/kernels-$fam.json" \
+        --benchmark_out_format=json >> "$OUT/bench_gpu_kernels.txt" 2>&1
+      echo "bench_gpu_kernels $fam exit $?"
+    done
     ;;
   2)
     echo "== training throughput: staleprop vs PyTorch eager"
@@ -66,3 +78,6 @@ for stage in $STAGES; do
     ;;
   esac
 done
+if [ "${TAR:-0}" = 1 ]; then
+  tar czf "/tmp/results.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
+fi
