@@ -15,6 +15,7 @@
 // Every loader runs along a dimension that is contiguous in memory: with C (or K) a multiple
 // of 4 and 16-byte aligned tensors, a chunk of 4 elements is one float4 load (all ResNet
 // layers but the first, C = 3, which takes the element-wise path).
+#include "kernels/cuda/conv_geom.cuh"
 #include "kernels/cuda/gemm_mainloop.cuh"
 #include "kernels/cuda/ops.h"
 
@@ -24,26 +25,9 @@ namespace {
 using detail::Epilogue;
 using detail::MatrixLoader;
 
-struct ConvGeom {
-  int n, h, w, c, k, r, s, p, q, stride, pad;
-  int npq;   // output pixels
-  int nhw;   // input pixels
-  int taps;  // R*S*C, the length of a filter
-  int rsk;   // R*S*K, the backward-data reduction
-};
+using ConvGeom = detail::ConvDims;
 
-ConvGeom conv_geom(const Conv2dShape& sh) {
-  SP_CHECK(sh.valid(), "conv2d: invalid shape");
-  const int64_t npq = int64_t(sh.n) * sh.p() * sh.q(), nhw = int64_t(sh.n) * sh.h * sh.w;
-  const int64_t taps = int64_t(sh.r) * sh.s * sh.c, rsk = int64_t(sh.r) * sh.s * sh.k;
-  for (int64_t d : {npq, nhw, taps, rsk, int64_t(sh.k), int64_t(sh.c)})
-    SP_CHECK(d <= detail::kMaxGemmDim, "conv2d: dimension ", d, " too large for the implicit GEMM");
-  ConvGeom g;
-  g.n = sh.n, g.h = sh.h, g.w = sh.w, g.c = sh.c, g.k = sh.k, g.r = sh.r, g.s = sh.s;
-  g.p = sh.p(), g.q = sh.q(), g.stride = sh.stride, g.pad = sh.pad;
-  g.npq = int(npq), g.nhw = int(nhw), g.taps = int(taps), g.rsk = int(rsk);
-  return g;
-}
+ConvGeom conv_geom(const Conv2dShape& sh) { return detail::conv_dims(sh, "conv2d"); }
 
 // Index in x of input element (pix, tap) of the convolution's implicit column matrix, or -1
 // when the tap falls in the padding or the coordinates are outside the matrix.

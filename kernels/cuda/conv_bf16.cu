@@ -27,15 +27,8 @@ namespace {
 using namespace detail::mma;
 
 ConvGeom conv_geom(const Conv2dShape& sh) {
-  SP_CHECK(sh.valid(), "conv2d (bf16): invalid shape");
-  const int64_t npq = int64_t(sh.n) * sh.p() * sh.q(), nhw = int64_t(sh.n) * sh.h * sh.w;
-  const int64_t taps = int64_t(sh.r) * sh.s * sh.c, rsk = int64_t(sh.r) * sh.s * sh.k;
-  for (int64_t d : {npq, nhw, taps, rsk, int64_t(sh.k), int64_t(sh.c)})
-    SP_CHECK(d <= detail::kMaxGemmDim, "conv2d (bf16): dimension ", d, " too large for the implicit GEMM");
   ConvGeom g;
-  g.n = sh.n, g.h = sh.h, g.w = sh.w, g.c = sh.c, g.k = sh.k, g.r = sh.r, g.s = sh.s;
-  g.p = sh.p(), g.q = sh.q(), g.stride = sh.stride, g.pad = sh.pad;
-  g.npq = int(npq), g.nhw = int(nhw), g.taps = int(taps), g.rsk = int(rsk);
+  static_cast<detail::ConvDims&>(g) = detail::conv_dims(sh, "conv2d (bf16)");
   g.div_c = FastDivmod::make(g.c), g.div_s = FastDivmod::make(g.s), g.div_k = FastDivmod::make(g.k);
   g.div_p = FastDivmod::make(g.p), g.div_q = FastDivmod::make(g.q), g.div_h = FastDivmod::make(g.h);
   g.div_w = FastDivmod::make(g.w), g.div_stride = FastDivmod::make(g.stride);

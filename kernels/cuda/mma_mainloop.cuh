@@ -37,6 +37,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/conv_geom.cuh"
 #include "kernels/cuda/ptx.cuh"
 
 namespace sp::kernels::cuda::detail::mma {
@@ -375,12 +376,8 @@ struct FastDivmod {
   __device__ int mod(int n, int q) const { return n - q * d; }  // with q = div(n)
 };
 
-struct ConvGeom {
-  int n, h, w, c, k, r, s, p, q, stride, pad;
-  int npq;   // output pixels
-  int nhw;   // input pixels
-  int taps;  // R*S*C, the length of a filter
-  int rsk;   // R*S*K, the backward-data reduction
+// The convolution's sizes (conv_geom.cuh) and fast divisors for the loaders' index arithmetic.
+struct ConvGeom : ConvDims {
   FastDivmod div_c, div_s, div_k, div_p, div_q, div_h, div_w, div_stride;
 };
 
