@@ -13,7 +13,7 @@
 // The cp.async path needs 16-byte chunks of one filter tap: C % 8 == 0 for the activations
 // and the weights of the data gradient, K % 8 == 0 for dy (every ResNet layer but the first,
 // C = 3, whose activations take the register-staged gather). The bias gradient is the
-// deterministic double-precision column sum of dy widened to fp32 (reduce_bf16.cu).
+// deterministic double-precision column sum of dy widened to fp32 (reduce.cu).
 //
 // ptxas -v (CUDA 13.0, sm_90, -O3), no spills: 128 x 128 tile 128 registers, 128 x 64 tile
 // 168-197, 128 x 32 tile 123-128; shared memory as in mma_mainloop.cuh. The gathers' index

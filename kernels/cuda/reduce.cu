@@ -1,14 +1,18 @@
 // Column sums of a row-major [m, c] matrix: the bias gradients of convolutions and linear
-// layers (column_reduce.cuh has the deterministic two-stage scheme).
+// layers, from fp32 or bf16 elements (column_reduce.cuh has the deterministic two-stage scheme;
+// the sums run in double and are rounded to fp32 once).
 #include "kernels/cuda/column_reduce.cuh"
+#include "kernels/cuda/storage.cuh"
+#include "kernels/cuda/tensor_core.h"
 
 namespace sp::kernels::cuda::detail {
 namespace {
 
-struct PlainTerm {
-  const float* x;
+template <class S>
+struct SumTerm {
+  const typename S::Storage* x;
   int c;
-  __device__ void operator()(int64_t i, int j, double* acc) const { acc[0] += x[i * c + j]; }
+  __device__ void operator()(int64_t i, int j, double* acc) const { acc[0] += S::load(x[i * c + j]); }
 };
 
 __global__ void __launch_bounds__(kFinalizeThreads)
@@ -19,16 +23,30 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   if (threadIdx.x % kWarpSize == 0) out[j] = float(total);
 }
 
-}  // namespace
-
-void column_sums(int64_t m, int64_t c64, const float* x, float* out, cudaStream_t stream) {
-  const int c = checked_columns("column_sums", c64);
+template <class S>
+void column_sums_impl(const char* op, int64_t m, int64_t c64, const typename S::Storage* x, float* out,
+                      cudaStream_t stream) {
+  const int c = checked_columns(op, c64);
   const ReducePlan plan = plan_column_reduce(m);
   Workspace partial(sizeof(double) * size_t(plan.chunks) * size_t(c), stream);
-  column_partials<1>(m, c, plan, PlainTerm{x, c}, partial.as<double>(), stream);
+  column_partials<1>(m, c, plan, SumTerm<S>{x, c}, partial.as<double>(), stream);
   column_sums_finalize_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(partial.as<double>(), plan.chunks, c,
                                                                                    out);
   SP_CUDA_CHECK_LAUNCH();
 }
 
+}  // namespace
+
+void column_sums(int64_t m, int64_t c, const float* x, float* out, cudaStream_t stream) {
+  column_sums_impl<F32>("column_sums", m, c, x, out, stream);
+}
+
 }  // namespace sp::kernels::cuda::detail
+
+namespace sp::kernels::cuda {
+
+void column_sums_bf16(int64_t m, int64_t c, const uint16_t* x, float* out, cudaStream_t stream) {
+  detail::column_sums_impl<detail::BF16>("column_sums_bf16", m, c, x, out, stream);
+}
+
+}  // namespace sp::kernels::cuda
