@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/common/shapes.h"
+#include "kernels/cpu/ops.h"
 
 #if STALEPROP_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -114,6 +115,25 @@ class GpuTest : public ::testing::Test {
   }
   cudaStream_t stream_ = nullptr;
 };
+
+// Runs `gemm` (the signature of kernels::cuda::gemm) on operands that start one float into their
+// allocations, so 16-byte alignment fails, and checks C against the double reference.
+template <class Gemm>
+void check_gemm_on_unaligned_pointers(const Gemm& gemm, cudaStream_t stream) {
+  const int64_t m = 70, n = 90, k = 50;
+  const std::vector<float> a = random_vector(size_t(m * k), 31), b = random_vector(size_t(k * n), 32);
+  DeviceArray<float> da(a.size() + 1), db(b.size() + 1), dc(size_t(m * n) + 1);
+  SP_CUDA_CHECK(cudaMemcpy(da.get() + 1, a.data(), a.size() * sizeof(float), cudaMemcpyHostToDevice));
+  SP_CUDA_CHECK(cudaMemcpy(db.get() + 1, b.data(), b.size() * sizeof(float), cudaMemcpyHostToDevice));
+  gemm(false, false, m, n, k, 1.f, da.get() + 1, k, db.get() + 1, n, 0.f, dc.get() + 1, n, stream);
+  sync_and_check();
+  std::vector<float> got = dc.download();
+  got.erase(got.begin());
+  std::vector<double> ref(size_t(m * n));
+  kernels::cpu::gemm<double>(false, false, m, n, k, 1.0, to_double(a).data(), k, to_double(b).data(), n, 0.0,
+                             ref.data(), n);
+  EXPECT_LE(rel_error(got, ref), kTol);
+}
 
 #endif  // STALEPROP_WITH_CUDA
 

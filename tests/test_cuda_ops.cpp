@@ -175,18 +175,7 @@ TEST_F(CudaOps, GemmDegenerateAlphaAndK) {
 TEST_F(CudaOps, GemmUnalignedPointers) {
   // Operands starting one float into their allocation: 16-byte alignment fails, the kernels
   // must take the element-wise paths.
-  const int64_t m = 70, n = 90, k = 50;
-  const std::vector<float> a = random_vector(size_t(m * k), 31), b = random_vector(size_t(k * n), 32);
-  DeviceArray<float> da(a.size() + 1), db(b.size() + 1), dc(size_t(m * n) + 1);
-  SP_CUDA_CHECK(cudaMemcpy(da.get() + 1, a.data(), a.size() * sizeof(float), cudaMemcpyHostToDevice));
-  SP_CUDA_CHECK(cudaMemcpy(db.get() + 1, b.data(), b.size() * sizeof(float), cudaMemcpyHostToDevice));
-  kcu::gemm(false, false, m, n, k, 1.f, da.get() + 1, k, db.get() + 1, n, 0.f, dc.get() + 1, n, stream_);
-  sync_and_check();
-  std::vector<float> got = dc.download();
-  got.erase(got.begin());
-  std::vector<double> ref(size_t(m * n));
-  kc::gemm<double>(false, false, m, n, k, 1.0, to_double(a).data(), k, to_double(b).data(), n, 0.0, ref.data(), n);
-  EXPECT_LE(rel_error(got, ref), kTol);
+  check_gemm_on_unaligned_pointers(kcu::gemm, stream_);
 }
 
 // ---- Convolution -------------------------------------------------------------------------

@@ -197,18 +197,7 @@ TEST_F(VendorOps, GemmDegenerateAlphaAndK) {
 
 TEST_F(VendorOps, GemmUnalignedPointers) {
   // Operands one float into their allocation: the heuristic must be told the alignment.
-  const int64_t m = 70, n = 90, k = 50;
-  const std::vector<float> a = random_vector(size_t(m * k), 31), b = random_vector(size_t(k * n), 32);
-  DeviceArray<float> da(a.size() + 1), db(b.size() + 1), dc(size_t(m * n) + 1);
-  SP_CUDA_CHECK(cudaMemcpy(da.get() + 1, a.data(), a.size() * sizeof(float), cudaMemcpyHostToDevice));
-  SP_CUDA_CHECK(cudaMemcpy(db.get() + 1, b.data(), b.size() * sizeof(float), cudaMemcpyHostToDevice));
-  kvd::gemm(false, false, m, n, k, 1.f, da.get() + 1, k, db.get() + 1, n, 0.f, dc.get() + 1, n, stream_);
-  sync_and_check();
-  std::vector<float> got = dc.download();
-  got.erase(got.begin());
-  std::vector<double> ref(size_t(m * n));
-  kc::gemm<double>(false, false, m, n, k, 1.f, to_double(a).data(), k, to_double(b).data(), n, 0.f, ref.data(), n);
-  EXPECT_LE(rel_error(got, ref), kTol);
+  check_gemm_on_unaligned_pointers(kvd::gemm, stream_);
 }
 
 // ---- Convolutions ------------------------------------------------------------------------
