@@ -1,9 +1,11 @@
 #include "engine/allocator.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <memory>
 #include <vector>
 
+#include "engine/stream.h"
 #include "kernels/common/error.h"
 
 #if STALEPROP_WITH_CUDA
@@ -139,6 +141,47 @@ CachingAllocator& device_allocator(Device device) {
   if (!slot) slot = make_device_allocator(device);
   return *slot;
 }
+
+Arena::Arena(Device device, size_t chunk_bytes) : device_(device), chunk_bytes_(std::max<size_t>(chunk_bytes, 256)) {}
+
+Arena::~Arena() {
+  CachingAllocator& backend = device_allocator(device_);
+  for (const Chunk& c : chunks_) backend.deallocate(c.data);
+}
+
+void* Arena::allocate(size_t bytes) {
+  constexpr size_t kAlign = 256;
+  const size_t size = std::max<size_t>(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
+  // The first chunk from the current one on with room at its end; the sequence of chunks
+  // visited depends only on the sequence of sizes since reset(), so addresses repeat.
+  while (chunk_ < chunks_.size() && offset_ + size > chunks_[chunk_].size) ++chunk_, offset_ = 0;
+  if (chunk_ == chunks_.size()) {
+    const size_t chunk_size = std::max(chunk_bytes_, size);
+    chunks_.push_back({device_allocator(device_).allocate(chunk_size), chunk_size});
+    offset_ = 0;
+  }
+  void* ptr = static_cast<char*>(chunks_[chunk_].data) + offset_;
+  offset_ += size;
+  used_ += size;
+  peak_used_ = std::max(peak_used_, used_);
+  return ptr;
+}
+
+void Arena::reset() { chunk_ = 0, offset_ = 0, used_ = 0; }
+
+size_t Arena::reserved_bytes() const {
+  size_t n = 0;
+  for (const Chunk& c : chunks_) n += c.size;
+  return n;
+}
+
+ArenaScope::ArenaScope(Stream& s, Arena* arena) : s_(s), previous_(s.arena()) {
+  SP_CHECK(arena == nullptr || arena->device() == s.device(), "an arena of ", arena ? arena->device().str() : "",
+           " cannot serve a stream of ", s.device().str());
+  s_.set_arena(arena);
+}
+
+ArenaScope::~ArenaScope() { s_.set_arena(previous_); }
 
 PinnedBuffer::PinnedBuffer(size_t bytes) : bytes_(bytes) {
 #if STALEPROP_WITH_CUDA

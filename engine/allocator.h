@@ -16,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #include "engine/device.h"
 
@@ -70,6 +71,56 @@ class CachingAllocator {
 
 // The process-wide allocator of a device (CPU memory is 64-byte aligned).
 CachingAllocator& device_allocator(Device device);
+
+// A bump allocator for memory whose addresses must repeat: allocate() hands out consecutive
+// pieces of chunks taken from a device's caching allocator, at offsets that are multiples of
+// 256 bytes (so aligned as the chunks are: 256 bytes on CUDA, 64 on the CPU), and reset()
+// starts again from the first chunk, so the same sequence of sizes after each reset() gets
+// the same addresses. This is what lets a captured graph be replayed: the scheduler resets a
+// module's arena where its captured work begins, so eager runs, the capture and every replay
+// of that work place their tensors at the same addresses. Nothing is freed before the arena
+// is destroyed; a chunk is added when the current ones are full. The owner makes sure that
+// work reading memory handed out before a reset() is ordered before work writing it after
+// (the scheduler: one stream per arena).
+class Arena {
+ public:
+  explicit Arena(Device device, size_t chunk_bytes = size_t(4) << 20);
+  ~Arena();
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+
+  Device device() const { return device_; }
+  void* allocate(size_t bytes);
+  void reset();
+  size_t used_bytes() const { return used_; }          // handed out since the last reset()
+  size_t peak_used_bytes() const { return peak_used_; }  // most handed out between resets
+  size_t reserved_bytes() const;                          // held in chunks
+
+ private:
+  struct Chunk {
+    void* data;
+    size_t size;
+  };
+  Device device_;
+  size_t chunk_bytes_;
+  std::vector<Chunk> chunks_;
+  size_t chunk_ = 0, offset_ = 0, used_ = 0, peak_used_ = 0;
+};
+
+class Stream;
+
+// Routes the allocations keyed to `s` to `arena` (nullptr: none) for the scope's lifetime.
+class ArenaScope {
+ public:
+  ArenaScope(Stream& s, Arena* arena);
+  ~ArenaScope();
+  ArenaScope(const ArenaScope&) = delete;
+  ArenaScope& operator=(const ArenaScope&) = delete;
+
+ private:
+  Stream& s_;
+  Arena* previous_;
+};
 
 // Page-locked host memory for asynchronous host<->device copies; ordinary aligned memory in a
 // build without CUDA or on a machine without a GPU.

@@ -8,6 +8,7 @@
 #include <random>
 #include <set>
 #include <thread>
+#include <vector>
 
 #include "engine/stream_impl.h"
 #include "kernels/common/error.h"
@@ -71,6 +72,22 @@ CpuEvent& as_cpu_event(Event& e) {
   return *ce;
 }
 
+class CpuStream;
+
+// A captured list of closures and event operations, re-enqueued by each launch.
+class CpuGraph final : public Graph {
+ public:
+  enum class Kind { Host, Record, Wait };
+  struct Node {
+    Kind kind;
+    std::function<void()> fn;              // Host
+    std::shared_ptr<CpuEventState> event;  // Record, Wait
+  };
+  void launch(Stream& s) override;
+  size_t size() const override { return nodes.size(); }
+  std::vector<Node> nodes;
+};
+
 class CpuStream final : public Stream {
  public:
   explicit CpuStream(const StreamOptions& opt) : jitter_us_(opt.jitter_max_us), rng_(opt.seed) {
@@ -90,6 +107,10 @@ class CpuStream final : public Stream {
   Device device() const override { return Device::cpu(); }
 
   void enqueue_host(std::function<void()> fn) override {
+    if (capture_) {
+      capture_->nodes.push_back({CpuGraph::Kind::Host, std::move(fn), nullptr});
+      return;
+    }
     {
       std::lock_guard<std::mutex> lk(mu_);
       queue_.push_back(std::move(fn));
@@ -100,6 +121,35 @@ class CpuStream final : public Stream {
 
   void record(Event& event) override {
     auto state = as_cpu_event(event).state();
+    if (capture_) {
+      capture_->nodes.push_back({CpuGraph::Kind::Record, nullptr, state});
+      return;
+    }
+    record_state(state);
+  }
+
+  void wait(Event& event) override {
+    auto state = as_cpu_event(event).state();
+    if (capture_) {
+      capture_->nodes.push_back({CpuGraph::Kind::Wait, nullptr, state});
+      return;
+    }
+    wait_state(state);
+  }
+
+  void begin_capture() override {
+    SP_CHECK(!capture_, "begin_capture: the stream is already capturing");
+    capture_ = std::make_unique<CpuGraph>();
+    capturing_ = true;
+  }
+
+  std::unique_ptr<Graph> end_capture() override {
+    SP_CHECK(capture_ != nullptr, "end_capture: the stream is not capturing");
+    capturing_ = false;
+    return std::move(capture_);
+  }
+
+  void record_state(const std::shared_ptr<CpuEventState>& state) {
     uint64_t gen;
     {
       std::lock_guard<std::mutex> lk(state->mu);
@@ -116,8 +166,7 @@ class CpuStream final : public Stream {
     });
   }
 
-  void wait(Event& event) override {
-    auto state = as_cpu_event(event).state();
+  void wait_state(const std::shared_ptr<CpuEventState>& state) {
     uint64_t gen;
     {
       std::lock_guard<std::mutex> lk(state->mu);
@@ -131,6 +180,7 @@ class CpuStream final : public Stream {
   }
 
   void synchronize() override {
+    SP_CHECK(!capture_, "synchronize: the stream is capturing a graph");
     std::unique_lock<std::mutex> lk(mu_);
     const uint64_t target = enqueued_;
     idle_.wait(lk, [&] { return completed_ >= target; });
@@ -142,6 +192,7 @@ class CpuStream final : public Stream {
   }
 
   bool query() override {
+    SP_CHECK(!capture_, "query: the stream is capturing a graph");
     std::lock_guard<std::mutex> lk(mu_);
     return completed_ == enqueued_;
   }
@@ -184,8 +235,22 @@ class CpuStream final : public Stream {
   uint64_t enqueued_ = 0, completed_ = 0;
   std::exception_ptr error_;
   bool stop_ = false;
+  std::unique_ptr<CpuGraph> capture_;  // set while capturing (touched by the host thread only)
   std::thread worker_;
 };
+
+void CpuGraph::launch(Stream& s) {
+  auto* cs = dynamic_cast<CpuStream*>(&s);
+  SP_CHECK(cs != nullptr, "a CPU graph can only be launched on a CPU stream, not on ", s.device().str());
+  SP_CHECK(!cs->capturing(), "launching a graph into a capturing stream is not supported");
+  for (const Node& n : nodes) {
+    switch (n.kind) {
+      case Kind::Host: cs->enqueue_host(n.fn); break;
+      case Kind::Record: cs->record_state(n.event); break;
+      case Kind::Wait: cs->wait_state(n.event); break;
+    }
+  }
+}
 
 }  // namespace
 

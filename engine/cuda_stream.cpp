@@ -5,6 +5,10 @@
 #if STALEPROP_WITH_CUDA
 #include <cuda_runtime_api.h>
 
+#include <functional>
+#include <memory>
+#include <vector>
+
 #include "kernels/common/cuda_check.h"
 #endif
 
@@ -40,6 +44,33 @@ class CudaEvent final : public Event {
   cudaEvent_t event_ = nullptr;
 };
 
+// An instantiated CUDA graph. Host functions captured into it are owned here (each launch
+// calls them; none deletes them).
+class CudaGraph final : public Graph {
+ public:
+  CudaGraph(Device d, cudaGraph_t graph, std::vector<std::unique_ptr<std::function<void()>>> host_fns)
+      : device_(d), graph_(graph), host_fns_(std::move(host_fns)) {
+    SP_CUDA_CHECK(cudaGraphGetNodes(graph_, nullptr, &nodes_));
+    SP_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
+  }
+  ~CudaGraph() override {
+    if (exec_) cudaGraphExecDestroy(exec_);
+    if (graph_) cudaGraphDestroy(graph_);
+  }
+  void launch(Stream& s) override {
+    SP_CHECK(s.device() == device_, "a graph captured on ", device_.str(), " launched on ", s.device().str());
+    SP_CUDA_CHECK(cudaGraphLaunch(exec_, static_cast<cudaStream_t>(s.native_handle())));
+  }
+  size_t size() const override { return nodes_; }
+
+ private:
+  Device device_;
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+  size_t nodes_ = 0;
+  std::vector<std::unique_ptr<std::function<void()>>> host_fns_;
+};
+
 class CudaStream final : public Stream {
  public:
   explicit CudaStream(Device d) : device_(d) {
@@ -50,6 +81,13 @@ class CudaStream final : public Stream {
   Device device() const override { return device_; }
 
   void enqueue_host(std::function<void()> fn) override {
+    if (capturing_) {
+      // A host node runs at every launch: the graph keeps the closure.
+      captured_fns_.push_back(std::make_unique<std::function<void()>>(std::move(fn)));
+      SP_CUDA_CHECK(cudaLaunchHostFunc(
+          stream_, [](void* p) { (*static_cast<std::function<void()>*>(p))(); }, captured_fns_.back().get()));
+      return;
+    }
     auto* heap = new std::function<void()>(std::move(fn));
     const cudaError_t st = cudaLaunchHostFunc(
         stream_,
@@ -64,14 +102,36 @@ class CudaStream final : public Stream {
   }
   void record(Event& e) override {
     SP_CHECK(e.device() == device_, "record: event on ", e.device().str(), ", stream on ", device_.str());
-    SP_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(e.native_handle()), stream_));
+    // While capturing: an event record node, so that other streams and the host can wait on it.
+    SP_CUDA_CHECK(cudaEventRecordWithFlags(static_cast<cudaEvent_t>(e.native_handle()), stream_,
+                                           capturing_ ? cudaEventRecordExternal : cudaEventRecordDefault));
   }
   void wait(Event& e) override {
     SP_CHECK(e.device().is_cuda(), "a CUDA stream can only wait on CUDA events, got ", e.device().str());
-    SP_CUDA_CHECK(cudaStreamWaitEvent(stream_, static_cast<cudaEvent_t>(e.native_handle()), 0));
+    SP_CUDA_CHECK(cudaStreamWaitEvent(stream_, static_cast<cudaEvent_t>(e.native_handle()),
+                                      capturing_ ? cudaEventWaitExternal : cudaEventWaitDefault));
   }
-  void synchronize() override { SP_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void begin_capture() override {
+    SP_CHECK(!capturing_, "begin_capture: the stream is already capturing");
+    SP_CUDA_CHECK(cudaSetDevice(device_.index));
+    // Thread-local: other threads' unsafe calls (e.g. a producer thread's synchronous copies)
+    // do not invalidate this capture.
+    SP_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    capturing_ = true;
+  }
+  std::unique_ptr<Graph> end_capture() override {
+    SP_CHECK(capturing_, "end_capture: the stream is not capturing");
+    capturing_ = false;
+    cudaGraph_t graph = nullptr;
+    SP_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    return std::make_unique<CudaGraph>(device_, graph, std::move(captured_fns_));
+  }
+  void synchronize() override {
+    SP_CHECK(!capturing_, "synchronize: the stream is capturing a graph");
+    SP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
   bool query() override {
+    SP_CHECK(!capturing_, "query: the stream is capturing a graph");
     const cudaError_t st = cudaStreamQuery(stream_);
     if (st == cudaErrorNotReady) return false;
     SP_CUDA_CHECK(st);
@@ -82,6 +142,7 @@ class CudaStream final : public Stream {
  private:
   Device device_;
   cudaStream_t stream_ = nullptr;
+  std::vector<std::unique_ptr<std::function<void()>>> captured_fns_;
 };
 
 }  // namespace

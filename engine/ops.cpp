@@ -1041,8 +1041,14 @@ void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels
 }
 
 void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-              const std::vector<Tensor>& momenta, const SgdParams& p) {
+              const std::vector<Tensor>& momenta, const SgdParams& config, const Tensor& lr) {
   OpCheck chk("sgd_step", s);
+  SgdParams p = config;
+  if (lr.defined()) {
+    chk.tensor(lr, "lr", DType::F32);
+    chk.require(lr.numel() == 1, "lr must have one element, got " + lr.str());
+    p.lr_device = lr.data<float>();
+  }
   chk.require(grads.size() == params.size() && momenta.size() == params.size(),
               detail::concat(params.size(), " params, ", grads.size(), " grads and ", momenta.size(),
                              " momentum buffers"));
@@ -1060,7 +1066,7 @@ void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Te
   }
   if (on_cpu(s)) {
     // The tensors are captured so their storage outlives the queued update.
-    s.enqueue_host([list, p, keep = std::vector<std::vector<Tensor>>{params, grads, momenta}] {
+    s.enqueue_host([list, p, keep = std::vector<std::vector<Tensor>>{params, grads, momenta, {lr}}] {
       kc::sgd_step<float>(list, p);
     });
     return;

@@ -114,8 +114,10 @@ void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels
 
 // ---- Optimiser -----------------------------------------------------------------------------
 // One launch updates every (param, grad, momentum) triple; momentum tensors may be undefined
-// when p.momentum == 0.
+// when p.momentum == 0. When `lr` is given (a one-element f32 tensor on the stream's device),
+// the update reads the learning rate from it as it runs and p.lr is ignored: a replayed graph
+// then uses the rate written into `lr` before the launch.
 void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-              const std::vector<Tensor>& momenta, const SgdParams& p);
+              const std::vector<Tensor>& momenta, const SgdParams& p, const Tensor& lr = Tensor());
 
 }  // namespace sp::ops

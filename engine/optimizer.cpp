@@ -13,7 +13,11 @@ Sgd::Sgd(std::vector<std::pair<std::string, Parameter*>> params, const SgdConfig
   }
 }
 
-void Sgd::step(Stream& s, float lr, float grad_scale) {
+void Sgd::step(Stream& s, float lr, float grad_scale) { step(s, lr, Tensor(), grad_scale); }
+
+void Sgd::step(Stream& s, const Tensor& lr, float grad_scale) { step(s, 0.f, lr, grad_scale); }
+
+void Sgd::step(Stream& s, float lr, const Tensor& lr_device, float grad_scale) {
   // Two groups: parameters with and without weight decay.
   for (bool decay : {true, false}) {
     std::vector<Tensor> values, grads, moms;
@@ -30,7 +34,7 @@ void Sgd::step(Stream& s, float lr, float grad_scale) {
     p.weight_decay = decay ? config_.weight_decay : 0.f;
     p.nesterov = config_.nesterov;
     p.grad_scale = grad_scale;
-    ops::sgd_step(s, values, grads, moms, p);
+    ops::sgd_step(s, values, grads, moms, p, lr_device);
   }
 }
 

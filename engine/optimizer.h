@@ -24,11 +24,15 @@ class Sgd {
   // p -= lr * update(grad * grad_scale); grad_scale folds in FDG's shrink factor and the 1/N
   // of data-parallel averaging.
   void step(Stream& s, float lr, float grad_scale = 1.f);
+  // The same, reading the learning rate from a one-element f32 tensor on the stream's device
+  // as the update runs (for graph replays; see ops::sgd_step).
+  void step(Stream& s, const Tensor& lr, float grad_scale = 1.f);
   // Named momentum buffers (for checkpoints): "<param name>".
   const std::vector<std::pair<std::string, Tensor>>& momentum_buffers() const { return momenta_; }
   const SgdConfig& config() const { return config_; }
 
  private:
+  void step(Stream& s, float lr, const Tensor& lr_device, float grad_scale);
   SgdConfig config_;
   std::vector<std::pair<std::string, Parameter*>> params_;
   std::vector<std::pair<std::string, Tensor>> momenta_;

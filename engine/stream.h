@@ -11,6 +11,16 @@
 // drives the GPU is the code tested on the CPU. CPU streams can inject random delays before
 // each closure (StreamOptions::jitter_max_us, or $STALEPROP_CPU_STREAM_JITTER_US) so that a
 // missing wait shows up as a wrong result in tests rather than as a rare race on a GPU.
+//
+// Graphs (CUDA graphs; a list of recorded closures on the CPU): between begin_capture() and
+// end_capture() the work enqueued on a stream is recorded instead of run, and end_capture()
+// returns it as a Graph that launch() enqueues again, as often as wanted, with the same
+// addresses and arguments. Event records and waits made while capturing become event nodes
+// (CUDA: cudaEventRecordExternal / cudaEventWaitExternal) that act at each launch as the
+// captured call would have acted there: a wait node waits on the most recent record made
+// before that launch, a record node records the event anew. Memory that the captured work
+// uses must keep its address until the graph's last launch has run: allocations keyed to a
+// capturing stream must come from an Arena (allocator.h), and anything else is an error.
 #pragma once
 
 #include <cstdint>
@@ -21,7 +31,9 @@
 
 namespace sp {
 
+class Arena;
 class Event;
+class Graph;
 
 struct StreamOptions {
   int jitter_max_us = 0;  // CPU only: sleep a random 0..jitter_max_us before each closure
@@ -48,8 +60,39 @@ class Stream {
   // The cudaStream_t for CUDA streams, nullptr for CPU streams.
   virtual void* native_handle() const { return nullptr; }
 
+  // Starts recording this stream's work into a graph (see above). Only one stream of a thread
+  // may capture at a time; the stream must not be synchronized or queried while it captures.
+  virtual void begin_capture() = 0;
+  // Ends the capture and returns the graph, instantiated and ready to launch.
+  virtual std::unique_ptr<Graph> end_capture() = 0;
+  bool capturing() const { return capturing_; }
+
+  // Allocations keyed to this stream (Tensor::empty with this stream, new_activation) come
+  // from `arena` while it is set (nullptr: from the caching allocator). See ArenaScope.
+  void set_arena(Arena* arena) { arena_ = arena; }
+  Arena* arena() const { return arena_; }
+
  protected:
   Stream() = default;
+  bool capturing_ = false;
+
+ private:
+  Arena* arena_ = nullptr;
+};
+
+// Work captured from a stream, replayed by launch().
+class Graph {
+ public:
+  virtual ~Graph() = default;
+  Graph(const Graph&) = delete;
+  Graph& operator=(const Graph&) = delete;
+  // Enqueues one run of the captured work on s (a stream of the device it was captured on).
+  virtual void launch(Stream& s) = 0;
+  // How many operations (closures, kernels, copies, event nodes) one launch runs.
+  virtual size_t size() const = 0;
+
+ protected:
+  Graph() = default;
 };
 
 class Event {

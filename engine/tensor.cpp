@@ -1,6 +1,7 @@
 #include "engine/tensor.h"
 
 #include "engine/allocator.h"
+#include "engine/stream.h"
 #include "kernels/common/error.h"
 
 namespace sp {
@@ -37,8 +38,18 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, const Strea
   Tensor t;
   t.storage_ = std::make_shared<Storage>();
   t.storage_->bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
-  t.storage_->allocator = &device_allocator(device);
-  t.storage_->data = t.storage_->allocator->allocate(t.storage_->bytes, stream);
+  if (Arena* arena = stream ? stream->arena() : nullptr) {
+    // Graph-safe memory (allocator.h): the arena owns it, the tensor only views it.
+    SP_CHECK(arena->device() == device, "Tensor::empty on ", device.str(), " with a stream whose arena is on ",
+             arena->device().str());
+    t.storage_->data = arena->allocate(t.storage_->bytes);
+  } else {
+    SP_CHECK(stream == nullptr || !stream->capturing(), "Tensor::empty ", shape_str(shape),
+             ": allocation on a capturing stream outside an arena; the address would not stay valid when the "
+             "graph is replayed");
+    t.storage_->allocator = &device_allocator(device);
+    t.storage_->data = t.storage_->allocator->allocate(t.storage_->bytes, stream);
+  }
   t.shape_ = shape;
   t.dtype_ = dtype;
   t.device_ = device;

@@ -49,6 +49,7 @@ class Tensor {
 
   // Uninitialised memory from the device's caching allocator. `stream` is the stream on which
   // the memory will be used (see allocator.h on stream ordering); nullptr for long-lived data.
+  // While the stream has an arena (ArenaScope), the memory comes from the arena instead.
   static Tensor empty(const Shape& shape, DType dtype, Device device = Device::cpu(), const Stream* stream = nullptr);
   // A non-owning view of caller-owned memory.
   static Tensor from_blob(void* data, const Shape& shape, DType dtype, Device device = Device::cpu());
@@ -61,7 +62,7 @@ class Tensor {
   size_t nbytes() const { return size_t(numel()) * dtype_size(dtype_); }
   DType dtype() const { return dtype_; }
   Device device() const { return device_; }
-  // True when this tensor's storage came from an allocator (not from_blob).
+  // True when this tensor's storage came from the caching allocator (not from_blob or an arena).
   bool owns_memory() const;
 
   void* raw_data() const;

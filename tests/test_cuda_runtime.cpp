@@ -8,6 +8,7 @@
 #include "engine/allocator.h"
 #include "engine/ops.h"
 #include "engine/stream.h"
+#include "graph_testing.h"
 #include "kernels/common/error.h"
 
 using namespace sp;
@@ -101,6 +102,53 @@ TEST(CudaRuntime, PinnedBuffersArePageLocked) {
   PinnedBuffer p(1 << 20);
   EXPECT_TRUE(p.pinned());
   ASSERT_NE(p.data(), nullptr);
+}
+
+TEST(CudaRuntime, GraphsReplayKernelsHostFunctionsAndEventNodes) {
+  REQUIRE_GPU();
+  test::check_sgd_graph_replays(Device::cuda(0));
+}
+
+// Two streams, each replaying its own captured work, ordered by external event nodes as the
+// pipeline's queues are: the producer adds one to a slot, the consumer adds the slot to a sum.
+// Each consumer launch must see exactly the value of the producer launch just before it.
+TEST(CudaRuntime, GraphEventNodesOrderReplaysAcrossStreams) {
+  REQUIRE_GPU();
+  const Device d = Device::cuda(0);
+  auto producer = make_stream(d), consumer = make_stream(d);
+  auto ready = make_event(d), freed = make_event(d);
+  const int64_t n = int64_t(1) << 22;
+  Tensor slot = Tensor::empty({n}, DType::F32, d), ones = Tensor::empty({n}, DType::F32, d);
+  Tensor seen = Tensor::empty({n}, DType::F32, d), sum = Tensor::empty({n}, DType::F32, d);
+  ops::fill(*producer, slot, 0.f);
+  ops::fill(*producer, ones, 1.f);
+  ops::fill(*producer, sum, 0.f);
+  producer->synchronize();
+  producer->begin_capture();
+  producer->wait(*freed);
+  ops::add(*producer, slot, ones, slot);
+  producer->record(*ready);
+  std::unique_ptr<Graph> produce = producer->end_capture();
+  consumer->begin_capture();
+  consumer->wait(*ready);
+  ops::copy(*consumer, slot, seen);
+  consumer->record(*freed);
+  ops::add(*consumer, sum, seen, sum);
+  std::unique_ptr<Graph> consume = consumer->end_capture();
+  const int launches = 20;
+  for (int i = 0; i < launches; ++i) {
+    produce->launch(*producer);
+    consume->launch(*consumer);
+  }
+  consumer->synchronize();
+  producer->synchronize();
+  std::vector<float> got(static_cast<size_t>(n));
+  ops::copy(*consumer, sum, Tensor::from_blob(got.data(), {n}, DType::F32));
+  consumer->synchronize();
+  const float want = float(launches * (launches + 1) / 2);
+  size_t wrong = 0;
+  for (float v : got) wrong += v != want;
+  EXPECT_EQ(wrong, 0u) << "e.g. " << got[0] << " instead of " << want;
 }
 
 TEST(CudaRuntime, CpuAndCudaObjectsDoNotMix) {

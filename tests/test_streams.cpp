@@ -1,6 +1,7 @@
 // The CPU emulation of streams and events: in-order execution, CUDA's record/wait meaning,
 // query/synchronize, error propagation, and a double-buffered producer/consumer pipeline like
-// the scheduler's queues, with random delays injected into the workers.
+// the scheduler's queues, with random delays injected into the workers; graphs (capture and
+// replay) with their event nodes.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -10,6 +11,7 @@
 #include <vector>
 
 #include "engine/stream.h"
+#include "graph_testing.h"
 #include "kernels/common/error.h"
 
 using namespace sp;
@@ -201,5 +203,83 @@ TEST_P(CpuStreams, DoubleBufferedQueueDeliversEveryTickIntact) {
 
 INSTANTIATE_TEST_SUITE_P(Jitter, CpuStreams, ::testing::Values(0, 50, 300),
                          [](const auto& info) { return "jitter" + std::to_string(info.param) + "us"; });
+
+// ---- Graphs ---------------------------------------------------------------------------------
+
+TEST_P(CpuStreams, CapturedWorkRunsOnlyWhenLaunchedAndAsOftenAsLaunched) {
+  auto s = make_stream(Device::cpu(), jitter(GetParam(), 5));
+  std::vector<int> seen;
+  int value = 1;
+  s->begin_capture();
+  EXPECT_TRUE(s->capturing());
+  s->enqueue_host([&] { seen.push_back(value); });
+  s->enqueue_host([&] { value *= 3; });
+  std::unique_ptr<Graph> g = s->end_capture();
+  EXPECT_FALSE(s->capturing());
+  EXPECT_EQ(g->size(), 2u);
+  s->synchronize();
+  EXPECT_TRUE(seen.empty()) << "captured work ran at capture";
+  for (int i = 0; i < 4; ++i) {
+    g->launch(*s);
+    s->enqueue_host([&] { value += 1; });  // eager work between launches keeps its place
+  }
+  s->synchronize();
+  // 1 -> 3 +1 = 4 -> 12 +1 = 13 -> 39 +1 = 40 -> 120 +1 = 121
+  EXPECT_EQ(seen, (std::vector<int>{1, 4, 13, 40}));
+  EXPECT_EQ(value, 121);
+}
+
+// The scheduler's pattern: a producer's captured tick records "ready", a consumer's captured
+// tick waits on it; each launch's wait refers to the record made by the latest launch before
+// it, as an eager wait would.
+TEST_P(CpuStreams, EventNodesActAtEachLaunchAsTheCapturedCallsWould) {
+  auto producer = make_stream(Device::cpu(), jitter(GetParam(), 6));
+  auto consumer = make_stream(Device::cpu(), jitter(GetParam(), 7));
+  auto ready = make_event(Device::cpu()), freed = make_event(Device::cpu());
+  int slot = -1, tick = 0;
+  std::vector<int> got;
+  producer->begin_capture();
+  producer->wait(*freed);  // never recorded at capture: still a node, resolved at launch
+  producer->enqueue_host([&] {
+    std::this_thread::sleep_for(100us);
+    slot = tick;
+  });
+  producer->record(*ready);
+  std::unique_ptr<Graph> produce = producer->end_capture();
+  consumer->begin_capture();
+  consumer->wait(*ready);
+  consumer->enqueue_host([&] {
+    got.push_back(slot);
+    ++tick;
+  });
+  consumer->record(*freed);
+  std::unique_ptr<Graph> consume = consumer->end_capture();
+  EXPECT_TRUE(ready->query());  // capturing recorded nothing
+  for (int i = 0; i < 40; ++i) {
+    produce->launch(*producer);
+    consume->launch(*consumer);
+  }
+  consumer->synchronize();
+  producer->synchronize();
+  ASSERT_EQ(got.size(), 40u);
+  for (int i = 0; i < 40; ++i) EXPECT_EQ(got[size_t(i)], i) << "launch " << i;
+}
+
+TEST(CpuStreamGraphs, ReplayedSgdReadsTheLearningRateWrittenBeforeEachLaunch) {
+  test::check_sgd_graph_replays(Device::cpu());
+}
+
+TEST(CpuStreamGraphs, MisuseDuringCaptureIsAnError) {
+  auto s = make_stream(Device::cpu());
+  s->begin_capture();
+  EXPECT_THROW(s->begin_capture(), Error);
+  EXPECT_THROW(s->synchronize(), Error);
+  EXPECT_THROW(s->query(), Error);
+  std::unique_ptr<Graph> g = s->end_capture();
+  EXPECT_THROW(s->end_capture(), Error);
+  EXPECT_EQ(g->size(), 0u);
+  g->launch(*s);  // an empty graph does nothing
+  s->synchronize();
+}
 
 }  // namespace

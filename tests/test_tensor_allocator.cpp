@@ -211,4 +211,70 @@ TEST(PinnedBuffer, ProvidesUsableHostMemory) {
   EXPECT_EQ(moved.pinned(), cuda_device_count() > 0);
 }
 
+// ---- Arenas (graph-safe memory) ---------------------------------------------------------------
+
+TEST(Arena, TheSameSequenceAfterResetGetsTheSameAddresses) {
+  Arena a(Device::cpu(), 4096);
+  std::vector<void*> first;
+  for (size_t bytes : {100, 3000, 1, 5000, 256, 700}) first.push_back(a.allocate(bytes));
+  // Aligned as the backend aligns chunks (64 bytes on the CPU, 256 on CUDA) at offsets that are
+  // multiples of 256, disjoint, and a request larger than a chunk gets a chunk of its own.
+  for (size_t i = 0; i < first.size(); ++i) EXPECT_EQ(reinterpret_cast<uintptr_t>(first[i]) % 64, 0u);
+  EXPECT_EQ(static_cast<char*>(first[1]) - static_cast<char*>(first[0]), 256);
+  const size_t reserved = a.reserved_bytes();
+  EXPECT_GE(reserved, 5000u + 4096u);
+  for (int round = 0; round < 3; ++round) {
+    a.reset();
+    EXPECT_EQ(a.used_bytes(), 0u);
+    std::vector<void*> again;
+    for (size_t bytes : {100, 3000, 1, 5000, 256, 700}) again.push_back(a.allocate(bytes));
+    EXPECT_EQ(again, first) << "round " << round;
+    EXPECT_EQ(a.reserved_bytes(), reserved) << "the arena grew on a repeated sequence";
+  }
+  // A shorter sequence reuses the same first addresses.
+  a.reset();
+  EXPECT_EQ(a.allocate(100), first[0]);
+  EXPECT_EQ(a.peak_used_bytes(), 256u + 3072u + 256u + 5120u + 256u + 768u);
+}
+
+TEST(Arena, StreamScopedTensorsComeFromTheArenaAndOthersDoNot) {
+  auto s = make_stream(Device::cpu());
+  Arena a(Device::cpu());
+  Tensor t;
+  {
+    ArenaScope scope(*s, &a);
+    EXPECT_EQ(s->arena(), &a);
+    t = Tensor::empty({4, 8}, DType::F32, Device::cpu(), s.get());
+    EXPECT_FALSE(t.owns_memory());  // the arena owns it
+    const Tensor persistent = Tensor::empty({4}, DType::F32);  // not keyed to the stream
+    EXPECT_TRUE(persistent.owns_memory());
+    {
+      ArenaScope none(*s, nullptr);
+      EXPECT_TRUE(Tensor::empty({4}, DType::F32, Device::cpu(), s.get()).owns_memory());
+    }
+    EXPECT_EQ(s->arena(), &a);  // scopes nest
+  }
+  EXPECT_EQ(s->arena(), nullptr);
+  a.reset();
+  ArenaScope scope(*s, &a);
+  EXPECT_EQ(Tensor::empty({4, 8}, DType::F32, Device::cpu(), s.get()).raw_data(), t.raw_data());
+}
+
+TEST(Arena, AllocatingOnACapturingStreamOutsideAnArenaIsAnError) {
+  auto s = make_stream(Device::cpu());
+  s->begin_capture();
+  try {
+    Tensor::empty({2, 3}, DType::F32, Device::cpu(), s.get());
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("outside an arena"), std::string::npos) << e.what();
+  }
+  Arena a(Device::cpu());
+  {
+    ArenaScope scope(*s, &a);
+    EXPECT_NO_THROW(Tensor::empty({2, 3}, DType::F32, Device::cpu(), s.get()));
+  }
+  s->end_capture();
+}
+
 }  // namespace

@@ -65,6 +65,9 @@ struct SgdParams {
   float weight_decay = 0.0f;
   bool nesterov = false;
   float grad_scale = 1.0f;
+  // When set, the learning rate is read from here as the update runs (device memory for the
+  // CUDA kernel), so a captured graph replays with the current rate; lr is then unused.
+  const float* lr_device = nullptr;
 };
 
 }  // namespace sp::kernels

@@ -9,7 +9,7 @@ namespace sp::kernels::cpu {
 
 template <typename T>
 void sgd_step(const std::vector<SgdTensor<T>>& tensors, const SgdParams& p) {
-  const T lr = T(p.lr), mu = T(p.momentum), wd = T(p.weight_decay), gs = T(p.grad_scale);
+  const T lr = T(p.lr_device ? *p.lr_device : p.lr), mu = T(p.momentum), wd = T(p.weight_decay), gs = T(p.grad_scale);
   for (const SgdTensor<T>& t : tensors) {
     parallel_for(t.size, 16384, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {

@@ -301,6 +301,7 @@ struct SgdEntry {
 };
 
 struct SgdLaunch {
+  const float* lr_device;  // read in the kernel when set (graph replays), else lr
   float lr, momentum, weight_decay, grad_scale;
   int nesterov;
   int count;
@@ -322,7 +323,7 @@ __global__ void __launch_bounds__(kSgdThreads) sgd_kernel(const __grid_constant_
   const SgdEntry& t = launch.tensors[lo];
   const int64_t begin = (block - t.first_block) * kSgdElementsPerBlock;
   const int64_t end = t.size < begin + kSgdElementsPerBlock ? t.size : begin + kSgdElementsPerBlock;
-  const float lr = launch.lr, mu = launch.momentum, wd = launch.weight_decay, gs = launch.grad_scale;
+  const float lr = launch.lr_device ? *launch.lr_device : launch.lr, mu = launch.momentum, wd = launch.weight_decay, gs = launch.grad_scale;
   for (int64_t i = begin + threadIdx.x; i < end; i += kSgdThreads) {
     const float g = gs * t.grad[i] + wd * t.param[i];
     if (mu == 0.f) {
@@ -440,6 +441,7 @@ void softmax_cross_entropy(int64_t n, int64_t classes, const float* logits, cons
 // ---- SGD -------------------------------------------------------------------------------------
 void sgd_step(const std::vector<SgdTensor>& tensors, const SgdParams& p, cudaStream_t stream) {
   SgdLaunch launch{};
+  launch.lr_device = p.lr_device;
   launch.lr = p.lr, launch.momentum = p.momentum, launch.weight_decay = p.weight_decay;
   launch.grad_scale = p.grad_scale, launch.nesterov = p.nesterov;
   auto flush = [&](int64_t blocks) {
