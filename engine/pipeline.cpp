@@ -7,6 +7,7 @@
 #include <random>
 #include <set>
 
+#include "engine/allocator.h"
 #include "engine/ops.h"
 #include "kernels/common/error.h"
 
@@ -64,18 +65,28 @@ struct TimedStage {
   const char* stage;
 };
 
-struct Message {
+}  // namespace
+
+struct PipelineTrainer::Message {
   Tensor data, labels;
   int64_t batch = -1;
 };
 
-}  // namespace
+// A captured unit of one phase (see "Graphs" in pipeline.h).
+struct PipelineTrainer::Unit {
+  std::unique_ptr<Graph> graph;
+  std::vector<Context> contexts;  // forward units of k < K: what the captured forward left
+  Shape sent;                     // the shape of the message the unit sends (empty: none)
+  PendingLoss loss;               // module K: where each run leaves the loss and the hits
+  std::vector<int64_t> counters;  // forward units: how far one run advances each counter
+};
 
 struct PipelineTrainer::InFlight {
   int64_t batch, tick;
   std::vector<Context> contexts;  // one per block of the module (cleared with --recompute)
   Tensor input;                   // the module's input, kept for --recompute
   std::vector<Tensor> stash;      // the module's weights at the forward, for --weight-stash
+  bool steady = false;            // --graphs: a full-size batch (its backward may be replayed)
 };
 
 struct PipelineTrainer::Stage {
@@ -94,6 +105,14 @@ struct PipelineTrainer::Stage {
   std::vector<Parameter*> params;     // this module's parameters
   std::deque<ReceivedGradient> gradients;
   std::mt19937_64 jitter_rng;
+  // --graphs
+  int period = 1;                                  // P_k
+  std::vector<std::unique_ptr<Arena>> fwd_arenas;  // one per phase
+  std::unique_ptr<Arena> bwd_arena;
+  std::vector<Unit> fwd_units, bwd_units;  // one per phase
+  int fwd_warm = 0, bwd_warm = 0;          // steady units run eagerly so far
+  Shape full_input;                        // the module's input shape for a full batch
+  Tensor lr;                               // the learning rate the optimizer reads
 };
 
 namespace {
@@ -138,6 +157,9 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
   SP_CHECK(cfg_.devices.empty() || cfg_.devices.size() == 1 || int(cfg_.devices.size()) == k_modules,
            "pipeline: give one device for all modules or one per module (", k_modules, " modules, ",
            cfg_.devices.size(), " devices)");
+  SP_CHECK(!cfg_.graphs || (cfg_.staleness_jitter == 0 && !cfg_.recompute && !cfg_.weight_stash),
+           "pipeline: graphs cannot be combined with staleness jitter, recompute or weight stashing, whose work "
+           "changes from tick to tick");
   switch (cfg_.method) {
     case PipelineMethod::BP: activation_latency_ = 0, gradient_latency_ = 0; break;
     case PipelineMethod::DDG: activation_latency_ = 0, gradient_latency_ = 1; break;
@@ -159,6 +181,16 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
     st->epoch_start = make_event(st->device, true);
     stages_.push_back(std::move(st));
   }
+  if (cfg_.graphs)
+    for (auto& st : stages_) {
+      st->period = (delay(st->index) + 2) / 2 * 2;  // d_k + 1 rounded up to even
+      for (int j = 0; j < st->period; ++j) st->fwd_arenas.push_back(std::make_unique<Arena>(st->device));
+      st->bwd_arena = std::make_unique<Arena>(st->device);
+      st->fwd_units.resize(size_t(st->period));
+      st->bwd_units.resize(size_t(st->period));
+      st->lr = Tensor::empty({1}, DType::F32, st->device);
+      ops::fill(*st->stream, st->lr, 0.f);
+    }
   for (int k = 0; k + 1 < k_modules; ++k) {
     act_.push_back(std::make_unique<Queue>(stages_[size_t(k)]->device));
     grad_.push_back(std::make_unique<Queue>(stages_[size_t(k) + 1]->device));
@@ -182,6 +214,18 @@ std::pair<size_t, size_t> PipelineTrainer::blocks(int module) const {
 
 int64_t PipelineTrainer::steps(int module) const { return stages_[size_t(module)]->steps; }
 
+int PipelineTrainer::graph_period(int module) const { return stages_[size_t(module)]->period; }
+
+PipelineGraphStats PipelineTrainer::graph_stats() const {
+  PipelineGraphStats g = graph_stats_;
+  for (const auto& st : stages_) {
+    for (const auto& a : st->fwd_arenas) g.arena_bytes += a->reserved_bytes(), g.arena_peak_used += a->peak_used_bytes();
+    if (st->bwd_arena)
+      g.arena_bytes += st->bwd_arena->reserved_bytes(), g.arena_peak_used += st->bwd_arena->peak_used_bytes();
+  }
+  return g;
+}
+
 std::vector<Sgd*> PipelineTrainer::optimizers() {
   std::vector<Sgd*> out;
   for (auto& st : stages_) out.push_back(st->opt.get());
@@ -196,6 +240,8 @@ void PipelineTrainer::send(Stage& st, Queue& q, int64_t tick, int64_t batch, con
   const bool grow = !slot.data.defined() || slot.data.numel() < data.numel() || slot.data.dtype() != data.dtype() ||
                     (labels.defined() && (!slot.labels.defined() || slot.labels.numel() < labels.numel()));
   if (grow) {
+    SP_CHECK(!s.capturing(), "pipeline: a queue slot grew while a graph was being captured");
+    if (slot.data.defined()) drop_graphs();  // captured copies may address the old buffers
     slot.freed->synchronize();  // the old buffers' last read is done before they are released
     slot.data = Tensor::empty(data.shape(), data.dtype(), s.device());
     if (labels.defined()) slot.labels = Tensor::empty(labels.shape(), labels.dtype(), s.device());
@@ -206,11 +252,16 @@ void PipelineTrainer::send(Stage& st, Queue& q, int64_t tick, int64_t batch, con
   slot.tick = tick, slot.batch = batch, slot.shape = data.shape();
 }
 
+const PipelineTrainer::Slot* PipelineTrainer::incoming(const Queue& q, int64_t written_tick) {
+  if (written_tick < 0) return nullptr;  // before the first tick
+  const Slot& slot = q.slots[written_tick % 2];
+  return slot.tick == written_tick ? &slot : nullptr;  // nullptr: nothing was sent at that tick
+}
+
 bool PipelineTrainer::receive(Stage& st, Queue& q, int64_t written_tick, bool with_labels, Tensor* data,
                               Tensor* labels, int64_t* batch) {
-  if (written_tick < 0) return false;  // before the first tick
+  if (!incoming(q, written_tick)) return false;
   Slot& slot = q.slots[written_tick % 2];
-  if (slot.tick != written_tick) return false;  // nothing was sent at that tick
   Stream& s = *st.stream;
   s.wait(*slot.ready);
   *data = new_activation(s, slot.shape, slot.data.dtype());
@@ -229,7 +280,10 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
   const int last = num_modules() - 1;
+  const size_t phase = size_t(tick % st.period);
+  Arena* arena = cfg_.graphs ? st.fwd_arenas[phase].get() : nullptr;
   Message in;
+  Shape in_shape;
   if (k == 0) {
     if (source_done) return;
     st.input_copied->synchronize();  // the previous batch's views are no longer needed
@@ -238,20 +292,78 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
       source_done = true;
       return;
     }
+    // Staged into the phase's arena, where a replayed forward expects its input.
+    if (arena) arena->reset();
+    ArenaScope scope(s, arena);
     in.data = network_input(s, xs, cfg_.activation_dtype);
     in.labels = new_activation(s, ys.shape(), DType::I32);
     ops::copy(s, ys, in.labels);
     s.record(*st.input_copied);
     in.batch = next_batch_++;
+    in_shape = in.data.shape();
   } else {
-    const int64_t sent = tick - activation_latency_;
-    if (!receive(st, *act_[size_t(k) - 1], sent, true, &in.data, &in.labels, &in.batch)) return;
+    const Slot* slot = incoming(*act_[size_t(k) - 1], tick - activation_latency_);
+    if (!slot) return;
+    in.batch = slot->batch;
+    in_shape = slot->shape;
   }
+  if (cfg_.graphs && st.full_input.empty()) st.full_input = in_shape;
+  Unit* unit = cfg_.graphs && in_shape == st.full_input ? &st.fwd_units[phase] : nullptr;
   TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, in.batch,
                    k == last ? "fwd+loss+bwd" : "fwd"};
   NvtxRange range("module " + std::to_string(k + 1) + " " + timed.stage + " batch " + std::to_string(in.batch));
   s.record(*timed.start);
-  InFlight f{in.batch, tick, std::vector<Context>(st.last - st.first), Tensor(), {}};
+  if (cfg_.graphs && k == last) ops::fill(s, st.lr, lr(st.steps));  // module K steps in this unit
+  if (unit && unit->graph) {
+    unit->graph->launch(s);
+    replayed_forward(k, tick, in.batch, *unit);
+    ++graph_stats_.replays;
+  } else {
+    const bool capture = unit && st.fwd_warm >= st.period;
+    if (arena && k > 0) arena->reset();
+    ArenaScope scope(s, arena);
+    const ModuleState state = net_.state(st.first, st.last);
+    std::vector<int64_t> before;
+    for (auto& [name, c] : state.counters) before.push_back(*c);
+    if (capture) s.begin_capture();
+    enqueue_forward(k, tick, in, unit != nullptr, lr);
+    if (capture) {
+      unit->graph = s.end_capture();
+      if (k < last) unit->contexts = st.inflight.back().contexts;
+      const Queue* out = k < last ? act_[size_t(k)].get() : k > 0 ? grad_[size_t(k) - 1].get() : nullptr;
+      unit->sent = out ? out->slots[tick % 2].shape : Shape();
+      if (k == last) unit->loss = st.pending.back();
+      unit->counters.clear();
+      for (size_t i = 0; i < before.size(); ++i) unit->counters.push_back(*state.counters[i].second - before[i]);
+      unit->graph->launch(s);
+      ++graph_stats_.captured;
+    } else {
+      if (unit) ++st.fwd_warm;
+      ++graph_stats_.eager;
+    }
+  }
+  if (cfg_.graphs && k == last) {
+    // The loss lives in the arena until the phase comes round again: keep a copy.
+    PendingLoss& in_arena = st.pending.back();
+    PendingLoss kept{new_activation(s, {1}), new_activation(s, {1}, DType::I32), in_arena.samples};
+    ops::copy(s, in_arena.loss, kept.loss);
+    ops::copy(s, in_arena.correct, kept.correct);
+    in_arena = kept;
+  }
+  s.record(*timed.end);
+  st.timed.push_back(std::move(timed));
+}
+
+void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr) {
+  Stage& st = *stages_[size_t(k)];
+  Stream& s = *st.stream;
+  const int last = num_modules() - 1;
+  if (k > 0) {
+    const bool received = receive(st, *act_[size_t(k) - 1], tick - activation_latency_, true, &in.data, &in.labels,
+                                  &in.batch);
+    SP_CHECK(received, "pipeline: module ", k + 1, " lost its input at tick ", tick);
+  }
+  InFlight f{in.batch, tick, std::vector<Context>(st.last - st.first), Tensor(), {}, steady};
   if (k < last && cfg_.weight_stash)
     for (Parameter* p : st.params) {
       f.stash.push_back(new_activation(s, p->value.shape()));
@@ -268,8 +380,6 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   st.inflight.push_back(std::move(f));
   if (k < last) {
     send(st, *act_[size_t(k)], tick, in.batch, h, in.labels);
-    s.record(*timed.end);
-    st.timed.push_back(std::move(timed));
     return;
   }
   // Module K: the loss and its gradient, then the backward of the same batch at once.
@@ -279,13 +389,91 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   ops::softmax_cross_entropy(s, h, in.labels, cfg_.label_smoothing, pl.loss, dlogits, pl.correct);
   st.pending.push_back(pl);
   backward_and_step(k, tick, dlogits, lr);
-  s.record(*timed.end);
-  st.timed.push_back(std::move(timed));
+}
+
+void PipelineTrainer::replayed_forward(int k, int64_t tick, int64_t batch, const Unit& u) {
+  Stage& st = *stages_[size_t(k)];
+  const ModuleState state = net_.state(st.first, st.last);
+  for (size_t i = 0; i < u.counters.size(); ++i) *state.counters[i].second += u.counters[i];
+  ledger_.push_back({tick, k, batch, false});
+  st.inflight.push_back(InFlight{batch, tick, u.contexts, Tensor(), {}, true});
+  if (k + 1 < num_modules()) {
+    Slot& out = act_[size_t(k)]->slots[tick % 2];
+    out.tick = tick, out.batch = batch, out.shape = u.sent;
+    return;
+  }
+  st.pending.push_back(u.loss);
+  replayed_backward(k, tick, batch, u.sent);
+}
+
+void PipelineTrainer::replayed_backward(int k, int64_t tick, int64_t batch, const Shape& sent) {
+  Stage& st = *stages_[size_t(k)];
+  take_inflight(k, tick, batch);
+  if (k > 0) {
+    Slot& out = grad_[size_t(k) - 1]->slots[tick % 2];
+    out.tick = tick, out.batch = batch, out.shape = sent;
+  }
+  ++st.steps;
+  ledger_.push_back({tick, k, batch, true});
+}
+
+PipelineTrainer::InFlight PipelineTrainer::take_inflight(int k, int64_t tick, int64_t batch) {
+  Stage& st = *stages_[size_t(k)];
+  SP_CHECK(!st.inflight.empty() && st.inflight.front().batch == batch, "pipeline: module ", k + 1,
+           " received the gradient of batch ", batch, " but its oldest batch in flight is ",
+           st.inflight.empty() ? -1 : st.inflight.front().batch);
+  InFlight f = std::move(st.inflight.front());
+  st.inflight.pop_front();
+  const int64_t late = tick - f.tick;
+  SP_CHECK(cfg_.staleness_jitter > 0 ? late >= delay(k) : late == delay(k), "pipeline: module ", k + 1,
+           " back-propagates batch ", f.batch, " ", late, " ticks after its forward, expected ", delay(k));
+  return f;
 }
 
 void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
+  if (cfg_.graphs) {
+    // No jitter here: the gradient that arrives is back-propagated at once.
+    const Slot* slot = incoming(*grad_[size_t(k)], tick - gradient_latency_);
+    if (!slot) return;
+    const int64_t batch = slot->batch;
+    SP_CHECK(!st.inflight.empty() && st.inflight.front().batch == batch, "pipeline: module ", k + 1,
+             " received the gradient of batch ", batch, " but its oldest batch in flight is ",
+             st.inflight.empty() ? -1 : st.inflight.front().batch);
+    Unit* unit = st.inflight.front().steady ? &st.bwd_units[size_t(tick % st.period)] : nullptr;
+    TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, batch, "bwd"};
+    NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(batch));
+    s.record(*timed.start);
+    ops::fill(s, st.lr, lr(st.steps));
+    if (unit && unit->graph) {
+      unit->graph->launch(s);
+      replayed_backward(k, tick, batch, unit->sent);
+      ++graph_stats_.replays;
+    } else {
+      const bool capture = unit && st.bwd_warm >= st.period;
+      st.bwd_arena->reset();
+      ArenaScope scope(s, st.bwd_arena.get());
+      if (capture) s.begin_capture();
+      Tensor dy, unused;
+      int64_t received = -1;
+      receive(st, *grad_[size_t(k)], tick - gradient_latency_, false, &dy, &unused, &received);
+      if (cfg_.shrink != 1.f) ops::scale(s, cfg_.shrink, dy, dy);
+      backward_and_step(k, tick, dy, lr);
+      if (capture) {
+        unit->graph = s.end_capture();
+        unit->sent = k > 0 ? grad_[size_t(k) - 1]->slots[tick % 2].shape : Shape();
+        unit->graph->launch(s);
+        ++graph_stats_.captured;
+      } else {
+        if (unit) ++st.bwd_warm;
+        ++graph_stats_.eager;
+      }
+    }
+    s.record(*timed.end);
+    st.timed.push_back(std::move(timed));
+    return;
+  }
   // Take delivery of the gradient sent to this module (freeing its slot at once) ...
   ReceivedGradient g;
   Tensor unused;
@@ -309,16 +497,14 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
   backward_and_step(k, tick, ready.dy, lr);
   s.record(*timed.end);
   st.timed.push_back(std::move(timed));
+  ++graph_stats_.eager;
 }
 
 void PipelineTrainer::backward_and_step(int k, int64_t tick, Tensor dy, const LrAt& lr) {
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
-  InFlight f = std::move(st.inflight.front());
-  st.inflight.pop_front();
-  const int64_t late = tick - f.tick;
-  SP_CHECK(cfg_.staleness_jitter > 0 ? late >= delay(k) : late == delay(k), "pipeline: module ", k + 1,
-           " back-propagates batch ", f.batch, " ", late, " ticks after its forward, expected ", delay(k));
+  const int64_t batch = st.inflight.empty() ? -1 : st.inflight.front().batch;
+  InFlight f = take_inflight(k, tick, batch);
   // Weight stashing: back-propagate through the weights this batch's forward used.
   for (size_t i = 0; i < f.stash.size(); ++i) std::swap(st.params[i]->value, f.stash[i]);
   if (f.input.defined()) recompute_forward(st, f);
@@ -329,9 +515,27 @@ void PipelineTrainer::backward_and_step(int k, int64_t tick, Tensor dy, const Lr
   if (k > 0) {
     send(st, *grad_[size_t(k) - 1], tick, f.batch, g, Tensor());
   }
-  st.opt->step(s, lr(st.steps));
+  if (cfg_.graphs)
+    st.opt->step(s, st.lr);  // the rate written into st.lr before the unit
+  else
+    st.opt->step(s, lr(st.steps));
   ++st.steps;
   ledger_.push_back({tick, k, f.batch, true});
+}
+
+void PipelineTrainer::drop_graphs() {
+  bool any = false;
+  for (auto& st : stages_)
+    for (const Unit& u : st->fwd_units) any = any || u.graph;
+  for (auto& st : stages_)
+    for (const Unit& u : st->bwd_units) any = any || u.graph;
+  if (!any) return;
+  for (auto& st : stages_) st->stream->synchronize();  // no launch of a graph is pending
+  for (auto& st : stages_) {
+    for (Unit& u : st->fwd_units) u = Unit();
+    for (Unit& u : st->bwd_units) u = Unit();
+    st->fwd_warm = st->bwd_warm = 0;
+  }
 }
 
 void PipelineTrainer::recompute_forward(Stage& st, InFlight& f) {

@@ -62,6 +62,38 @@ struct PipelineConfig {
   // F32, or BF16 for mixed precision: bf16 activations and gradients (also in the queues),
   // bf16 weight copies, fp32 master weights.
   DType activation_dtype = DType::F32;
+  // Launch overhead: replay each module's steady-state work from graphs (CUDA graphs on a GPU)
+  // instead of enqueueing it op by op. See "Graphs" below. Not with staleness_jitter,
+  // recompute or weight_stash, whose work changes from tick to tick.
+  bool graphs = false;
+};
+
+// Graphs. A module's work in a tick is two units: its forward (module K: forward, loss,
+// backward and step) and its backward with the optimizer step (modules k < K). Each unit is
+// captured once per phase, tick mod P_k with P_k = d_k + 1 rounded up to an even number, and
+// replayed at every later tick of that phase, so a replay always finds the queue slots of its
+// tick's parity and the saved activations of the batch it back-propagates at the addresses the
+// capture used:
+//   * every forward unit of phase j allocates from its own arena (Arena, allocator.h), reset
+//     at the unit's start, so its tensors (the saved activations among them) sit at the same
+//     addresses in eager runs, the capture and every replay, and live until the same phase
+//     comes round again, after their backward (at most d_k ticks later);
+//   * every backward unit allocates from one per-module arena, reset at the unit's start;
+//   * the learning rate is written into a device scalar before each unit (outside the graph)
+//     and read by the optimizer kernel; module 1's input is staged into its arena before the
+//     launch; module K's loss is copied out after it; queue events become event nodes;
+//   * the host keeps its bookkeeping (ledger, batches in flight, queue slots, step counts,
+//     BN batch counters) as if it had enqueued the work itself.
+// A unit runs eagerly while its module warms up (its first P_k steady runs: the arenas reach
+// their size and lazily built kernel state exists before any capture), and whenever its batch
+// is not of the full size (the epoch's last, partial batch) or the pipeline fills or drains.
+
+struct PipelineGraphStats {
+  int64_t captured = 0;  // graphs captured so far (all modules, all phases)
+  int64_t replays = 0;   // units replayed from a graph
+  int64_t eager = 0;     // units enqueued op by op
+  size_t arena_bytes = 0;       // memory the arenas hold now
+  size_t arena_peak_used = 0;   // sum over the arenas of the most each handed out between resets
 };
 
 // What a tick did, for tests and for traces: module m (0-based) forwarded or back-propagated
@@ -116,6 +148,10 @@ class PipelineTrainer {
   // Sets every module's optimizer step count (resuming at an epoch boundary).
   void set_steps(int64_t steps);
 
+  // The phases P_k of the 0-based module's captured work (with --graphs).
+  int graph_period(int module) const;
+  PipelineGraphStats graph_stats() const;
+
   const std::vector<PipelineEvent>& ledger() const { return ledger_; }
   void clear_ledger() { ledger_.clear(); }
   // Optimizer state of every module (for checkpoints).
@@ -125,7 +161,9 @@ class PipelineTrainer {
   struct Stage;
   struct Slot;
   struct Queue;
+  struct Message;
   struct InFlight;
+  struct Unit;
   Network& net_;
   PipelineConfig cfg_;
   std::vector<std::unique_ptr<Stage>> stages_;
@@ -133,6 +171,7 @@ class PipelineTrainer {
   std::vector<PipelineEvent> ledger_;
   int activation_latency_ = 1, gradient_latency_ = 1;  // ticks an activation / gradient takes per hop
   int64_t next_batch_ = 0;
+  PipelineGraphStats graph_stats_;
 
   // Producer side of a queue: waits until the consumer has copied out the slot's previous
   // message, writes this one and records the slot's ready event.
@@ -141,9 +180,18 @@ class PipelineTrainer {
   // copies it into tensors of this stage, records the slot's free event and returns true.
   bool receive(Stage& st, Queue& q, int64_t written_tick, bool with_labels, Tensor* data, Tensor* labels,
                int64_t* batch);
+  // The slot holding the message written into q at `written_tick`, or nullptr.
+  static const Slot* incoming(const Queue& q, int64_t written_tick);
   void forward_phase(int k, int64_t tick, const BatchSource& source, bool& source_done, const LrAt& lr);
+  // The forward unit's work after the input is at hand (module 1: staged; others: received).
+  void enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr);
   void backward_phase(int k, int64_t tick, const LrAt& lr);
   void backward_and_step(int k, int64_t tick, Tensor dy, const LrAt& lr);
+  // Host bookkeeping of a replayed unit (what the enqueueing code would have recorded).
+  void replayed_forward(int k, int64_t tick, int64_t batch, const Unit& u);
+  void replayed_backward(int k, int64_t tick, int64_t batch, const Shape& sent);
+  InFlight take_inflight(int k, int64_t tick, int64_t batch);
+  void drop_graphs();
   void recompute_forward(Stage& st, InFlight& f);
 };
 

@@ -4,7 +4,10 @@
 //      sequential simulation of the delayed-gradient recurrence (same data order);
 //  (c) random delays injected into the CPU streams do not change a single bit;
 //  (e) every batch of an epoch is forwarded once and back-propagated once by every module,
-//      d_k ticks apart, across several epochs (fill and drain included).
+//      d_k ticks apart, across several epochs (fill and drain included);
+//  graphs: replaying captured ticks (the CPU emulation of CUDA graphs: the same closures on the
+//      same arena addresses) changes no bit against enqueueing every op, in every method and
+//      K, with and without injected delays.
 // (d), ThreadSanitizer, runs this file in the TSan build of tools/run_tests.sh.
 #include <gtest/gtest.h>
 
@@ -391,6 +394,111 @@ TEST(Pipeline, StalenessJitterDelaysGradientsWithinBoundsAndInOrder) {
   EXPECT_GT(extra, 0) << "the jitter added no delay";
   // Seeded: the same run again is bit-identical.
   EXPECT_EQ(flat_params(net), run_pipeline(c, data));
+}
+
+std::vector<int64_t> counters(const Network& net) {
+  std::vector<int64_t> out;
+  for (auto& [name, c] : net.state().counters) out.push_back(*c);
+  return out;
+}
+
+// Graph replay against op-by-op enqueueing, over three epochs with a partial last batch: the
+// first epoch warms up and captures, the later ones replay from their first full batch. A
+// replay that read a stale address, missed a learning-rate change, a queue event or a BN
+// counter would change the result.
+class PipelineGraphs : public ::testing::TestWithParam<std::tuple<PipelineMethod, int>> {};
+
+TEST_P(PipelineGraphs, ReplayingCapturedTicksChangesNoBit) {
+  const auto [method, K] = GetParam();
+  const std::vector<size_t> cuts = K == 1   ? std::vector<size_t>{}
+                                   : K == 2 ? std::vector<size_t>{2}
+                                   : K == 3 ? std::vector<size_t>{1, 3}
+                                            : std::vector<size_t>{1, 2, 4};
+  const Batches data = make_batches(21, 4, 3, 31);
+  const PipelineConfig eager = config(method, cuts, 0.5f);
+  PipelineConfig graphs = eager;
+  graphs.graphs = true;
+  for (int jitter : {0, 200}) {
+    graphs.stream_options.jitter_max_us = jitter;
+    graphs.stream_options.seed = 3;
+    Network a = mini_resnet(1), b = mini_resnet(1);
+    PipelineTrainer pa(a, eager), pb(b, graphs);
+    PipelineGraphStats after_two;
+    for (int epoch = 0; epoch < 3; ++epoch) {
+      // The arenas stop growing once every phase has run: their addresses repeat.
+      if (epoch == 2) after_two = pb.graph_stats();
+      const PipelineEpochStats sa = pa.run_epoch(source_of(data), lr_at), sb = pb.run_epoch(source_of(data), lr_at);
+      EXPECT_EQ(sa.train.loss_sum, sb.train.loss_sum) << "epoch " << epoch;
+      EXPECT_EQ(sa.train.correct, sb.train.correct);
+      EXPECT_EQ(sa.train.samples, sb.train.samples);
+      EXPECT_EQ(sa.ticks, sb.ticks);
+    }
+    const std::vector<float> want = flat_params(a), got = flat_params(b);
+    ASSERT_EQ(got.size(), want.size());
+    EXPECT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0)
+        << pipeline_method_name(method) << " K=" << K << " jitter " << jitter;
+    EXPECT_EQ(counters(a), counters(b)) << "BN batch counters";
+    EXPECT_EQ(pa.ledger().size(), pb.ledger().size());
+    for (size_t i = 0; i < pa.ledger().size() && i < pb.ledger().size(); ++i) {
+      const PipelineEvent &x = pa.ledger()[i], &y = pb.ledger()[i];
+      ASSERT_TRUE(x.tick == y.tick && x.module == y.module && x.batch == y.batch && x.backward == y.backward)
+          << "ledger entry " << i;
+    }
+    const PipelineGraphStats g = pb.graph_stats();
+    EXPECT_GT(after_two.arena_peak_used, 0u);
+    EXPECT_EQ(g.arena_peak_used, after_two.arena_peak_used);
+    EXPECT_EQ(g.arena_bytes, after_two.arena_bytes);
+    // Every module's units were captured (K forward units + K-1 backward units, P_k phases
+    // each) and most units of the later epochs were replays.
+    int64_t phases = 0;
+    for (int k = 0; k < K; ++k) phases += (k + 1 < K ? 2 : 1) * pb.graph_period(k);
+    EXPECT_EQ(g.captured, phases);
+    const int64_t units = 3 * 21 * (2 * K - 1);
+    EXPECT_EQ(g.captured + g.replays + g.eager, units);
+    EXPECT_GT(g.replays, units / 2) << "captured " << g.captured << ", eager " << g.eager;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(MethodsAndDepths, PipelineGraphs,
+                         ::testing::Combine(::testing::ValuesIn(kMethods), ::testing::Values(1, 2, 4)),
+                         [](const auto& info) {
+                           return std::string(pipeline_method_name(std::get<0>(info.param))) + "_K" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
+
+TEST(Pipeline, GraphPeriodsCoverTheDelays) {
+  Network net = mini_resnet(1);
+  PipelineConfig c = config(PipelineMethod::FDG, {1, 2, 4});
+  c.graphs = true;
+  PipelineTrainer fdg(net, c);
+  // d_k + 1 rounded up to even: 6 -> 8, 4 -> 6, 2 -> 4, 0 -> 2.
+  EXPECT_EQ(fdg.graph_period(0), 8);
+  EXPECT_EQ(fdg.graph_period(1), 6);
+  EXPECT_EQ(fdg.graph_period(3), 2);
+  Network net2 = mini_resnet(1);
+  c.method = PipelineMethod::DDG;  // delays 3, 2, 1, 0
+  PipelineTrainer ddg(net2, c);
+  EXPECT_EQ(ddg.graph_period(0), 4);
+  EXPECT_EQ(ddg.graph_period(1), 4);
+  EXPECT_EQ(ddg.graph_period(2), 2);
+}
+
+TEST(Pipeline, GraphsRejectWorkThatChangesFromTickToTick) {
+  Network net = mini_resnet(1);
+  PipelineConfig c = config(PipelineMethod::FDG, {1, 3});
+  c.graphs = true;
+  for (int which = 0; which < 3; ++which) {
+    PipelineConfig bad = c;
+    if (which == 0) bad.staleness_jitter = 1;
+    if (which == 1) bad.recompute = true;
+    if (which == 2) bad.weight_stash = true;
+    try {
+      PipelineTrainer p(net, bad);
+      ADD_FAILURE() << "accepted case " << which;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("graphs cannot be combined"), std::string::npos) << e.what();
+    }
+  }
 }
 
 TEST(Pipeline, BalancedCutsSplitTheCost) {
