@@ -274,6 +274,32 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
   EXPECT_THROW(train::run_training(mid, train, test), Error);
 }
 
+// --graphs replays the steady-state ticks; the run (evaluation between epochs included) is the
+// same bit for bit.
+TEST(Training, GraphsChangeNoBitOfADecoupledRun) {
+  const data::Dataset train = synthetic_set(96, 11), test = synthetic_set(30, 12);
+  TempDir dir;
+  train::TrainConfig c = small_config();
+  c.batch_size = 16;  // 6 steps per epoch
+  c.epochs = 3;
+  c.method = "fdg";
+  c.split_at = "4";  // fixed cuts (measured ones may differ between the two runs)
+  c.shrink = 0.5f;
+  c.checkpoint = dir.file("eager.safetensors");
+  const train::TrainResult eager = train::run_training(c, train, test);
+  EXPECT_EQ(eager.graph_replays, 0);
+  c.graphs = true;
+  c.checkpoint = dir.file("graphs.safetensors");
+  const train::TrainResult graphs = train::run_training(c, train, test);
+  EXPECT_GT(graphs.graph_replays, 6) << "the last epoch should replay most units";
+  ASSERT_EQ(graphs.epochs.size(), eager.epochs.size());
+  for (size_t e = 0; e < eager.epochs.size(); ++e) {
+    EXPECT_EQ(graphs.epochs[e].train_loss, eager.epochs[e].train_loss) << "epoch " << e;
+    EXPECT_EQ(graphs.epochs[e].test_acc, eager.epochs[e].test_acc) << "epoch " << e;
+  }
+  expect_same_tensors(dir.file("eager.safetensors"), dir.file("graphs.safetensors"));
+}
+
 // staleprop bench / study: throughput on synthetic data, per-module busy shares, memory.
 TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   train::BenchConfig c;
@@ -310,6 +336,17 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   for (const char* key : {"\"model\":\"resnet20\"", "\"method\":\"fdg\"", "\"modules\":3", "\"images_per_s\":",
                           "\"busy_pct\":[", "\"peak_activation_bytes\":"})
     EXPECT_NE(j.find(key), std::string::npos) << key << " in " << j;
+
+  // Graphs: the warm-up grows until every phase is captured, then every unit of the timed
+  // steps (fill and drain included) is a replay.
+  c.precision = "fp32";
+  c.split = 2;
+  c.graphs = true;
+  const train::BenchResult replayed = train::run_bench(c);
+  EXPECT_GE(replayed.warmup, 2 * 4 + 2 + 1);  // module 1: d = 2, P = 4
+  EXPECT_EQ(replayed.units, c.steps * 3);     // per batch: 2 forward units, 1 backward unit
+  EXPECT_EQ(replayed.replayed_units, replayed.units);
+  c.graphs = false;
 
   c.method = "pipedream";
   EXPECT_THROW(train::run_bench(c), Error);

@@ -1,5 +1,6 @@
 #include "tools/bench.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <random>
@@ -66,7 +67,9 @@ std::string BenchResult::json() const {
          ",\"peak_reserved_bytes\":" + std::to_string(peak_reserved_bytes) +
          ",\"peak_activation_bytes\":" + std::to_string(peak_activation_bytes) +
          ",\"shrink\":" + json_num(c.shrink) + ",\"recompute\":" + (c.recompute ? "true" : "false") +
-         ",\"weight_stash\":" + (c.weight_stash ? "true" : "false") + "}";
+         ",\"weight_stash\":" + (c.weight_stash ? "true" : "false") + ",\"graphs\":" + (c.graphs ? "true" : "false") +
+         ",\"warmup_run\":" + std::to_string(warmup) + ",\"units\":" + std::to_string(units) +
+         ",\"replayed_units\":" + std::to_string(replayed_units) + "}";
 }
 
 BenchResult run_bench(const BenchConfig& cfg) {
@@ -78,8 +81,9 @@ BenchResult run_bench(const BenchConfig& cfg) {
   require_device(dev);
   SP_CHECK(cfg.kernels == "custom" || dev.is_cuda(), "--kernels vendor selects cuBLAS/cuDNN and needs --device cuda");
   const DType dt = activation_dtype(cfg.precision);
-  const bool backprop = cfg.method == "backprop";
-  if (!backprop) parse_pipeline_method(cfg.method);  // rejects unknown methods
+  const bool backprop = cfg.method == "backprop" && !cfg.graphs;
+  const std::string method = cfg.method == "backprop" ? "bp" : cfg.method;
+  parse_pipeline_method(method);  // rejects unknown methods
   ops::set_kernel_backend(cfg.kernels == "vendor" ? ops::KernelBackend::Vendor : ops::KernelBackend::Custom);
 
   BenchResult r;
@@ -106,6 +110,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
       trainer.drain_stats();  // waits for the stream
     };
     run(cfg.warmup);
+    r.warmup = cfg.warmup;
     alloc.reset_peak();
     const auto t0 = Clock::now();
     run(cfg.steps);
@@ -114,7 +119,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
     r.ms_per_step = ms / double(cfg.steps);
   } else {
     PipelineConfig pc;
-    pc.method = parse_pipeline_method(cfg.method);
+    pc.method = parse_pipeline_method(method);
     if (cfg.split_at == "fdg") {
       pc.cuts = layers::fdg_preset_cuts(cfg.model, cfg.split);
     } else if (!cfg.split_at.empty()) {
@@ -127,6 +132,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
     pc.weight_stash = cfg.weight_stash;
     pc.sgd = sgd;
     pc.activation_dtype = dt;
+    pc.graphs = cfg.graphs;
     PipelineTrainer pipe(net, pc);
     r.modules = pipe.num_modules();
     r.cuts = pc.cuts;
@@ -142,9 +148,23 @@ BenchResult run_bench(const BenchConfig& cfg) {
           },
           lr);
     };
-    if (cfg.warmup > 0) epoch(cfg.warmup);
+    // With graphs, every unit runs P_k times eagerly and is then captured once per phase;
+    // the module with the longest delay starts last: that many batches make sure all is
+    // captured before the timed steps.
+    int64_t warmup = cfg.warmup;
+    if (cfg.graphs) {
+      int most = 0;
+      for (int k = 0; k < pipe.num_modules(); ++k) most = std::max(most, pipe.graph_period(k));
+      warmup = std::max<int64_t>(warmup, 2 * most + pipe.delay(0) + 1);
+    }
+    if (warmup > 0) epoch(warmup);
+    r.warmup = warmup;
+    const PipelineGraphStats before = pipe.graph_stats();
     alloc.reset_peak();
     const PipelineEpochStats st = epoch(cfg.steps);
+    const PipelineGraphStats after = pipe.graph_stats();
+    r.units = (after.eager + after.captured + after.replays) - (before.eager + before.captured + before.replays);
+    r.replayed_units = after.replays - before.replays;
     r.images_per_s = double(st.train.samples) / (st.wall_ms / 1e3);
     r.ms_per_step = st.wall_ms / double(cfg.steps);
     r.ticks = st.ticks;

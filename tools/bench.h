@@ -30,6 +30,10 @@ struct BenchConfig {
   float shrink = 1.f;
   bool recompute = false;
   bool weight_stash = false;
+  // Replay each module's steady-state work from graphs (PipelineConfig::graphs). With method
+  // "backprop" this runs the pipeline's bp over one module. The warm-up is lengthened where
+  // needed so that every phase is captured before the timed steps.
+  bool graphs = false;
   uint64_t seed = 0;
 };
 
@@ -43,6 +47,8 @@ struct BenchResult {
   size_t peak_allocated_bytes = 0;     // device memory in tensors at the peak of the timed steps
   size_t peak_reserved_bytes = 0;      // ... and held by the caching allocator
   size_t peak_activation_bytes = 0;    // decoupled methods: activations kept for batches in flight
+  int64_t warmup = 0;                  // the warm-up steps actually run
+  int64_t units = 0, replayed_units = 0;  // --graphs: module units of the timed steps, and how many were replays
   std::string device_name;
 
   std::string json() const;  // one line, no newline

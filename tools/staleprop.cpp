@@ -283,6 +283,7 @@ int train_main(int argc, char** argv) {
       {"staleness-jitter", "J", "each received gradient waits 0..J extra ticks (random, seeded; default 0)", [&](const std::string& v) { c.staleness_jitter = int(std::stoll(v)); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
+      {"graphs", "", "replay each module's steady-state tick from CUDA graphs (CPU: recorded closures); not with --staleness-jitter, --recompute, --weight-stash", [&](const std::string&) { c.graphs = true; }},
       {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
   };
   if (!parse_flags("train", "Trains a CIFAR ResNet on CIFAR-10, evaluating on the test set after every epoch: standard\nbackprop, or decoupled training over K modules (--method ddg|fdg --split K).", flags, argc, argv)) return 0;
@@ -309,6 +310,7 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
       {"kernels", "K", "custom|vendor (vendor: cuBLASLt/cuDNN for GEMM and convolutions; GPU only; default custom)", [&](const std::string& v) { c.kernels = v; }},
       {"seed", "S", "seed of the weights and the synthetic data (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
       {"json", "FILE", "append each result as a JSON line to FILE (- for stdout)", [&](const std::string& v) { json = v; }},
+      {"graphs", "", "replay steady-state ticks from CUDA graphs (backprop then runs as bp over one module); the warm-up grows until every phase is captured", [&](const std::string&) { c.graphs = true; }},
       {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
   };
 }
@@ -342,10 +344,11 @@ std::string busy_str(const std::vector<double>& busy) {
 }
 
 std::string method_str(const sp::train::BenchResult& r) {
-  if (r.config.method == "backprop") return "backprop";
+  const std::string graphs = r.config.graphs ? " graphs" : "";
+  if (r.config.method == "backprop") return "backprop" + graphs;
   std::string cuts;
   for (size_t c : r.cuts) cuts += (cuts.empty() ? "" : ",") + std::to_string(c);
-  return r.config.method + " K=" + std::to_string(r.modules) + (cuts.empty() ? "" : " [" + cuts + "]");
+  return r.config.method + " K=" + std::to_string(r.modules) + (cuts.empty() ? "" : " [" + cuts + "]") + graphs;
 }
 
 int bench_main(int argc, char** argv) {
@@ -370,6 +373,9 @@ int bench_main(int argc, char** argv) {
               r.device_name.c_str(), r.images_per_s, r.ms_per_step, mib(r.peak_allocated_bytes).c_str());
   if (c.method != "backprop")
     std::printf(", busy %s, activations %s MiB", busy_str(r.busy_pct).c_str(), mib(r.peak_activation_bytes).c_str());
+  if (c.graphs)
+    std::printf(", %lld of %lld module units replayed from graphs (%lld warm-up steps)", (long long)r.replayed_units,
+                (long long)r.units, (long long)r.warmup);
   std::printf("\n");
   emit_json(json, r);
   return 0;

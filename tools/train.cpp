@@ -383,7 +383,7 @@ void write_trace(const std::string& path, const PipelineEpochStats& stats, int m
 TrainResult run_pipelined(Run& run) {
   const TrainConfig& cfg = run.cfg;
   SP_CHECK(cfg.checkpoint_every == 0 && cfg.stop_after_steps < 0,
-           "--checkpoint-every and --stop-after need --method bp with one module: a decoupled pipeline is "
+           "--checkpoint-every and --stop-after need --method bp with one module and no --graphs: a pipeline is "
            "checkpointed at epoch boundaries, when it has drained");
   std::map<std::string, std::string> resume_meta;
   if (!cfg.resume.empty()) resume_meta = io::read_safetensors(cfg.resume).metadata;
@@ -398,6 +398,7 @@ TrainResult run_pipelined(Run& run) {
   pc.jitter_seed = cfg.seed;
   pc.recompute = cfg.recompute;
   pc.weight_stash = cfg.weight_stash;
+  pc.graphs = cfg.graphs;
   pc.activation_dtype = activation_dtype(cfg);
   pc.sgd = SgdConfig{cfg.momentum, cfg.weight_decay, cfg.nesterov};
   PipelineTrainer pipe(run.net, pc);
@@ -421,7 +422,8 @@ TrainResult run_pipelined(Run& run) {
   run.banner(std::string(pipeline_method_name(pc.method)) + " over " + std::to_string(K) + " modules [" + layout +
              "], shrink " + json_number(cfg.shrink) +
              (cfg.staleness_jitter ? ", staleness jitter " + std::to_string(cfg.staleness_jitter) : "") +
-             (cfg.recompute ? ", recompute" : "") + (cfg.weight_stash ? ", weight stashing" : ""));
+             (cfg.recompute ? ", recompute" : "") + (cfg.weight_stash ? ", weight stashing" : "") +
+             (cfg.graphs ? ", graphs" : ""));
 
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
@@ -442,7 +444,9 @@ TrainResult run_pipelined(Run& run) {
       ++fed;
       return true;
     };
+    const PipelineGraphStats graphs_before = pipe.graph_stats();
     const PipelineEpochStats st = pipe.run_epoch(source, [&](int64_t s) { return run.sched.at(s); });
+    const PipelineGraphStats graphs_after = pipe.graph_stats();
     step += spe;
     run.progress.end_epoch();
     std::string busy, busy_json = ",\"modules\":[";
@@ -458,7 +462,16 @@ TrainResult run_pipelined(Run& run) {
                  std::to_string(st.peak_saved_bytes);
     char activations[48];
     std::snprintf(activations, sizeof activations, " | activations %.0f MiB", double(st.peak_saved_bytes) / (1 << 20));
-    const std::string extra = " | busy " + busy + activations;
+    std::string extra = " | busy " + busy + activations;
+    if (cfg.graphs) {
+      const int64_t replays = graphs_after.replays - graphs_before.replays;
+      const int64_t units = replays + (graphs_after.eager - graphs_before.eager) +
+                            (graphs_after.captured - graphs_before.captured);
+      run.result.graph_replays += replays;
+      extra += " | " + std::to_string(replays) + "/" + std::to_string(units) + " units from graphs";
+      busy_json += ",\"graph_units\":" + std::to_string(units) + ",\"graph_replays\":" + std::to_string(replays) +
+                   ",\"graph_arena_bytes\":" + std::to_string(graphs_after.arena_bytes);
+    }
     run.end_epoch(epoch, step, st.train, seconds_since(epoch_start), images,
                   [&] {
                     data::LoaderOptions lo;
@@ -564,7 +577,7 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   Run run(cfg, train_set, test_set);
   SP_CHECK(cfg.staleness_jitter >= 0, "--staleness-jitter must not be negative");
   const bool pipelined = cfg.method != "bp" || cfg.split > 1 || !cfg.split_at.empty() || cfg.devices.size() > 1 ||
-                         cfg.staleness_jitter > 0 || cfg.recompute || cfg.weight_stash;
+                         cfg.staleness_jitter > 0 || cfg.recompute || cfg.weight_stash || cfg.graphs;
   return pipelined ? run_pipelined(run) : run_backprop(run);
 }
 

@@ -49,6 +49,7 @@ struct TrainConfig {
   int staleness_jitter = 0;                        // J: extra random delay 0..J ticks per gradient
   bool recompute = false;                          // rebuild saved activations before the backward
   bool weight_stash = false;                       // backward through the forward's weights
+  bool graphs = false;                             // replay steady-state ticks from graphs (pipeline)
 };
 
 struct EpochResult {
@@ -59,6 +60,7 @@ struct EpochResult {
 struct TrainResult {
   std::vector<EpochResult> epochs;
   int64_t steps = 0;
+  int64_t graph_replays = 0;  // --graphs: module units replayed from graphs over the run
 };
 
 // Trains on `train_set`, evaluating on `test_set` (may be empty) after each epoch.
