@@ -4,8 +4,10 @@
 #   1. kernel benchmarks (bench_gpu_kernels) against cuBLAS/cuDNN and the copy ceiling, JSON;
 #   2. training throughput of staleprop (bench) beside PyTorch eager (bench/pytorch_baseline.py)
 #      for ResNet-56 at batch 128 and ResNet-18 at batch 512, fp32 and bf16;
-#   3. the locking study of ResNet-56: backprop and bp/ddg/fdg over K = 2..4 modules.
-# Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3" picks stages
+#   3. the locking study of ResNet-56: backprop and bp/ddg/fdg over K = 2..4 modules;
+#   4. launch overhead: ResNet-20/56 at batch 128 (bf16 and fp32), one module and FDG over 4
+#      modules, op by op and replayed from CUDA graphs (--graphs), each pair in the same call.
+# Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3 4" picks stages
 # MIN_TIME the benchmarks' --benchmark_min_time in seconds (default 0.05), BENCH_FAMILIES the
 # benchmark families to run (default: all, one JSON each: gemm_bf16 conv_bf16 gemm conv_fwd
 # conv_bwd_data conv_bwd_weight bn bn_add_relu elementwise sgd) and BENCH_FILTER a regex that
@@ -14,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
-STAGES=${STAGES:-"1 2 3"}
+STAGES=${STAGES:-"1 2 3 4"}
 MIN_TIME=${MIN_TIME:-0.05}
 mkdir -p "$OUT"
 prefix_of() { python3 -c "import nvidia.$1 as m; print(list(m.__path__)[0])" 2>/dev/null; }
@@ -75,6 +77,19 @@ for stage in $STAGES; do
     $SP study --device cuda --model resnet56 --batch-size 128 --steps 60 --warmup 10 --split-at-fdg \
       --json "$OUT/study.jsonl" > "$OUT/study.md" 2> "$OUT/study.err"
     echo "study exit $?"; cat "$OUT/study.md"
+    ;;
+  4)
+    echo "== launch overhead: op by op vs CUDA graphs"
+    for model in resnet20 resnet56; do
+      for prec in bf16 fp32; do
+        for run in "--method bp" "--method fdg --split 4 --split-at fdg"; do
+          for g in "" "--graphs"; do
+            timeout 120 $SP bench --device cuda --model $model --batch-size 128 --precision $prec $run $g \
+              --steps 100 --warmup 20 --json "$OUT/graphs.jsonl" 2>&1 | tee -a "$OUT/graphs.txt"
+          done
+        done
+      done
+    done
     ;;
   esac
 done
