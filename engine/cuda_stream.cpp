@@ -44,12 +44,23 @@ class CudaEvent final : public Event {
   cudaEvent_t event_ = nullptr;
 };
 
-// An instantiated CUDA graph. Host functions captured into it are owned here (each launch
-// calls them; none deletes them).
+using HostFns = std::vector<std::unique_ptr<std::function<void()>>>;
+
+// An instantiated CUDA graph. The host functions captured into it run at every launch; they
+// are owned by a CUDA user object retained by the graph, so CUDA deletes them only after the
+// last launch that may call them has completed, even if this object is destroyed earlier.
 class CudaGraph final : public Graph {
  public:
-  CudaGraph(Device d, cudaGraph_t graph, std::vector<std::unique_ptr<std::function<void()>>> host_fns)
-      : device_(d), graph_(graph), host_fns_(std::move(host_fns)) {
+  CudaGraph(Device d, cudaGraph_t graph, HostFns host_fns) : device_(d), graph_(graph) {
+    if (!host_fns.empty()) {
+      auto* owned = new HostFns(std::move(host_fns));
+      cudaUserObject_t object = nullptr;
+      const cudaError_t st = cudaUserObjectCreate(
+          &object, owned, [](void* p) { delete static_cast<HostFns*>(p); }, 1, cudaUserObjectNoDestructorSync);
+      if (st != cudaSuccess) delete owned;
+      SP_CUDA_CHECK(st);
+      SP_CUDA_CHECK(cudaGraphRetainUserObject(graph_, object, 1, cudaGraphUserObjectMove));
+    }
     SP_CUDA_CHECK(cudaGraphGetNodes(graph_, nullptr, &nodes_));
     SP_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
   }
@@ -68,7 +79,6 @@ class CudaGraph final : public Graph {
   cudaGraph_t graph_ = nullptr;
   cudaGraphExec_t exec_ = nullptr;
   size_t nodes_ = 0;
-  std::vector<std::unique_ptr<std::function<void()>>> host_fns_;
 };
 
 class CudaStream final : public Stream {
@@ -142,7 +152,7 @@ class CudaStream final : public Stream {
  private:
   Device device_;
   cudaStream_t stream_ = nullptr;
-  std::vector<std::unique_ptr<std::function<void()>>> captured_fns_;
+  HostFns captured_fns_;
 };
 
 }  // namespace

@@ -79,6 +79,7 @@ struct PipelineTrainer::Unit {
   Shape sent;                     // the shape of the message the unit sends (empty: none)
   PendingLoss loss;               // module K: where each run leaves the loss and the hits
   std::vector<int64_t> counters;  // forward units: how far one run advances each counter
+  int warm = 0;                   // eager steady runs of this phase (its arena has seen the work)
 };
 
 struct PipelineTrainer::InFlight {
@@ -134,6 +135,27 @@ class NvtxRange {
   }
   NvtxRange(const NvtxRange&) = delete;
   NvtxRange& operator=(const NvtxRange&) = delete;
+};
+
+// Begins a capture on s when asked; if the enqueueing throws before end_capture(), ends the
+// capture and drops it, so the stream is usable again.
+class CaptureGuard {
+ public:
+  CaptureGuard(Stream& s, bool capture) : s_(s) {
+    if (capture) s_.begin_capture();
+  }
+  ~CaptureGuard() {
+    if (!s_.capturing()) return;
+    try {
+      s_.end_capture();
+    } catch (...) {  // already failing: keep the first error
+    }
+  }
+  CaptureGuard(const CaptureGuard&) = delete;
+  CaptureGuard& operator=(const CaptureGuard&) = delete;
+
+ private:
+  Stream& s_;
 };
 
 // The first numel(shape) elements of a slot buffer, viewed as `shape`.
@@ -312,6 +334,9 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, in.batch,
                    k == last ? "fwd+loss+bwd" : "fwd"};
   NvtxRange range("module " + std::to_string(k + 1) + " " + timed.stage + " batch " + std::to_string(in.batch));
+  // The wait for the input comes before the start event, so busy time excludes it (the wait
+  // in the receive, or in a replayed graph, then finds the message there).
+  if (k > 0) s.wait(*act_[size_t(k) - 1]->slots[(tick - activation_latency_) % 2].ready);
   s.record(*timed.start);
   if (cfg_.graphs && k == last) ops::fill(s, st.lr, lr(st.steps));  // module K steps in this unit
   if (unit && unit->graph) {
@@ -319,13 +344,13 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     replayed_forward(k, tick, in.batch, *unit);
     ++graph_stats_.replays;
   } else {
-    const bool capture = unit && st.fwd_warm >= st.period;
+    const bool capture = unit && unit->warm > 0 && st.fwd_warm >= st.period;
     if (arena && k > 0) arena->reset();
     ArenaScope scope(s, arena);
     const ModuleState state = net_.state(st.first, st.last);
     std::vector<int64_t> before;
     for (auto& [name, c] : state.counters) before.push_back(*c);
-    if (capture) s.begin_capture();
+    CaptureGuard guard(s, capture);
     enqueue_forward(k, tick, in, unit != nullptr, lr);
     if (capture) {
       unit->graph = s.end_capture();
@@ -338,7 +363,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
       unit->graph->launch(s);
       ++graph_stats_.captured;
     } else {
-      if (unit) ++st.fwd_warm;
+      if (unit) ++st.fwd_warm, ++unit->warm;
       ++graph_stats_.eager;
     }
   }
@@ -444,6 +469,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
     Unit* unit = st.inflight.front().steady ? &st.bwd_units[size_t(tick % st.period)] : nullptr;
     TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, batch, "bwd"};
     NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(batch));
+    s.wait(*grad_[size_t(k)]->slots[(tick - gradient_latency_) % 2].ready);  // not counted as busy
     s.record(*timed.start);
     ops::fill(s, st.lr, lr(st.steps));
     if (unit && unit->graph) {
@@ -451,10 +477,10 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
       replayed_backward(k, tick, batch, unit->sent);
       ++graph_stats_.replays;
     } else {
-      const bool capture = unit && st.bwd_warm >= st.period;
+      const bool capture = unit && unit->warm > 0 && st.bwd_warm >= st.period;
       st.bwd_arena->reset();
       ArenaScope scope(s, st.bwd_arena.get());
-      if (capture) s.begin_capture();
+      CaptureGuard guard(s, capture);
       Tensor dy, unused;
       int64_t received = -1;
       receive(st, *grad_[size_t(k)], tick - gradient_latency_, false, &dy, &unused, &received);
@@ -466,7 +492,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
         unit->graph->launch(s);
         ++graph_stats_.captured;
       } else {
-        if (unit) ++st.bwd_warm;
+        if (unit) ++st.bwd_warm, ++unit->warm;
         ++graph_stats_.eager;
       }
     }
