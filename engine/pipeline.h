@@ -85,8 +85,11 @@ struct PipelineConfig {
 //   * the host keeps its bookkeeping (ledger, batches in flight, queue slots, step counts,
 //     BN batch counters) as if it had enqueued the work itself.
 // A unit runs eagerly while its module warms up (its first P_k steady runs: the arenas reach
-// their size and lazily built kernel state exists before any capture), and whenever its batch
-// is not of the full size (the epoch's last, partial batch) or the pipeline fills or drains.
+// their size and lazily built kernel state exists before any capture; a phase is captured only
+// after it ran once) and whenever its batch is not of the full size (the epoch's last, partial
+// batch); fill and drain replay like any other tick. On CUDA, the scratch some kernels take
+// from cudaMallocAsync inside a captured unit becomes graph-owned memory (CUDA's graph memory
+// pool), which the allocator statistics and arena_bytes do not count.
 
 struct PipelineGraphStats {
   int64_t captured = 0;  // graphs captured so far (all modules, all phases)
