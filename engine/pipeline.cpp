@@ -413,7 +413,7 @@ void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool ste
   Tensor dlogits = new_activation(s, h.shape(), h.dtype());
   ops::softmax_cross_entropy(s, h, in.labels, cfg_.label_smoothing, pl.loss, dlogits, pl.correct);
   st.pending.push_back(pl);
-  backward_and_step(k, tick, dlogits, lr);
+  backward_and_step(k, tick, in.batch, dlogits, lr);
 }
 
 void PipelineTrainer::replayed_forward(int k, int64_t tick, int64_t batch, const Unit& u) {
@@ -442,12 +442,17 @@ void PipelineTrainer::replayed_backward(int k, int64_t tick, int64_t batch, cons
   ledger_.push_back({tick, k, batch, true});
 }
 
-PipelineTrainer::InFlight PipelineTrainer::take_inflight(int k, int64_t tick, int64_t batch) {
+PipelineTrainer::InFlight& PipelineTrainer::oldest_inflight(int k, int64_t batch) {
   Stage& st = *stages_[size_t(k)];
   SP_CHECK(!st.inflight.empty() && st.inflight.front().batch == batch, "pipeline: module ", k + 1,
            " received the gradient of batch ", batch, " but its oldest batch in flight is ",
            st.inflight.empty() ? -1 : st.inflight.front().batch);
-  InFlight f = std::move(st.inflight.front());
+  return st.inflight.front();
+}
+
+PipelineTrainer::InFlight PipelineTrainer::take_inflight(int k, int64_t tick, int64_t batch) {
+  Stage& st = *stages_[size_t(k)];
+  InFlight f = std::move(oldest_inflight(k, batch));
   st.inflight.pop_front();
   const int64_t late = tick - f.tick;
   SP_CHECK(cfg_.staleness_jitter > 0 ? late >= delay(k) : late == delay(k), "pipeline: module ", k + 1,
@@ -463,10 +468,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
     const Slot* slot = incoming(*grad_[size_t(k)], tick - gradient_latency_);
     if (!slot) return;
     const int64_t batch = slot->batch;
-    SP_CHECK(!st.inflight.empty() && st.inflight.front().batch == batch, "pipeline: module ", k + 1,
-             " received the gradient of batch ", batch, " but its oldest batch in flight is ",
-             st.inflight.empty() ? -1 : st.inflight.front().batch);
-    Unit* unit = st.inflight.front().steady ? &st.bwd_units[size_t(tick % st.period)] : nullptr;
+    Unit* unit = oldest_inflight(k, batch).steady ? &st.bwd_units[size_t(tick % st.period)] : nullptr;
     TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, batch, "bwd"};
     NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(batch));
     s.wait(*grad_[size_t(k)]->slots[(tick - gradient_latency_) % 2].ready);  // not counted as busy
@@ -485,7 +487,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
       int64_t received = -1;
       receive(st, *grad_[size_t(k)], tick - gradient_latency_, false, &dy, &unused, &received);
       if (cfg_.shrink != 1.f) ops::scale(s, cfg_.shrink, dy, dy);
-      backward_and_step(k, tick, dy, lr);
+      backward_and_step(k, tick, received, dy, lr);
       if (capture) {
         unit->graph = s.end_capture();
         unit->sent = k > 0 ? grad_[size_t(k) - 1]->slots[tick % 2].shape : Shape();
@@ -514,22 +516,19 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
   if (st.gradients.empty() || st.gradients.front().ready_tick > tick) return;
   ReceivedGradient ready = std::move(st.gradients.front());
   st.gradients.pop_front();
-  SP_CHECK(!st.inflight.empty() && st.inflight.front().batch == ready.batch, "pipeline: module ", k + 1,
-           " received the gradient of batch ", ready.batch, " but its oldest batch in flight is ",
-           st.inflight.empty() ? -1 : st.inflight.front().batch);
+  oldest_inflight(k, ready.batch);  // checked before any work is enqueued
   TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, ready.batch, "bwd"};
   NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(ready.batch));
   s.record(*timed.start);
-  backward_and_step(k, tick, ready.dy, lr);
+  backward_and_step(k, tick, ready.batch, ready.dy, lr);
   s.record(*timed.end);
   st.timed.push_back(std::move(timed));
   ++graph_stats_.eager;
 }
 
-void PipelineTrainer::backward_and_step(int k, int64_t tick, Tensor dy, const LrAt& lr) {
+void PipelineTrainer::backward_and_step(int k, int64_t tick, int64_t batch, Tensor dy, const LrAt& lr) {
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
-  const int64_t batch = st.inflight.empty() ? -1 : st.inflight.front().batch;
   InFlight f = take_inflight(k, tick, batch);
   // Weight stashing: back-propagate through the weights this batch's forward used.
   for (size_t i = 0; i < f.stash.size(); ++i) std::swap(st.params[i]->value, f.stash[i]);

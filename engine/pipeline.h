@@ -189,10 +189,14 @@ class PipelineTrainer {
   // The forward unit's work after the input is at hand (module 1: staged; others: received).
   void enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr);
   void backward_phase(int k, int64_t tick, const LrAt& lr);
-  void backward_and_step(int k, int64_t tick, Tensor dy, const LrAt& lr);
+  // Back-propagates `batch` (which must be the module's oldest in flight) and steps.
+  void backward_and_step(int k, int64_t tick, int64_t batch, Tensor dy, const LrAt& lr);
   // Host bookkeeping of a replayed unit (what the enqueueing code would have recorded).
   void replayed_forward(int k, int64_t tick, int64_t batch, const Unit& u);
   void replayed_backward(int k, int64_t tick, int64_t batch, const Shape& sent);
+  // The module's oldest batch in flight, checked to be `batch`; take_inflight() also removes
+  // it and checks its delay.
+  InFlight& oldest_inflight(int k, int64_t batch);
   InFlight take_inflight(int k, int64_t tick, int64_t batch);
   void drop_graphs();
   void recompute_forward(Stage& st, InFlight& f);
