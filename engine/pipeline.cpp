@@ -104,6 +104,7 @@ struct PipelineTrainer::Stage {
   std::vector<TimedStage> timed;
   std::vector<PendingLoss> pending;  // module K
   std::vector<Parameter*> params;     // this module's parameters
+  std::vector<int64_t*> counters;     // ... and host-side counters (BN num_batches_tracked)
   std::deque<ReceivedGradient> gradients;
   std::mt19937_64 jitter_rng;
   // --graphs
@@ -197,6 +198,7 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
     for (size_t b = st->first; b < st->last; ++b) net.block(b).to(st->device, *st->stream);
     st->opt = std::make_unique<Sgd>(net.state(st->first, st->last).params, cfg_.sgd, *st->stream);
     for (auto& [name, p] : net.state(st->first, st->last).params) st->params.push_back(p);
+    for (auto& [name, c] : net.state(st->first, st->last).counters) st->counters.push_back(c);
     st->jitter_rng.seed(cfg_.jitter_seed * 1000003u + uint64_t(k));
     for (auto& e : st->tick_end) e = make_event(st->device);
     st->input_copied = make_event(st->device);
@@ -347,9 +349,9 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     const bool capture = unit && unit->warm > 0 && st.fwd_warm >= st.period;
     if (arena && k > 0) arena->reset();
     ArenaScope scope(s, arena);
-    const ModuleState state = net_.state(st.first, st.last);
     std::vector<int64_t> before;
-    for (auto& [name, c] : state.counters) before.push_back(*c);
+    if (capture)
+      for (const int64_t* c : st.counters) before.push_back(*c);
     CaptureGuard guard(s, capture);
     enqueue_forward(k, tick, in, unit != nullptr, lr);
     if (capture) {
@@ -359,7 +361,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
       unit->sent = out ? out->slots[tick % 2].shape : Shape();
       if (k == last) unit->loss = st.pending.back();
       unit->counters.clear();
-      for (size_t i = 0; i < before.size(); ++i) unit->counters.push_back(*state.counters[i].second - before[i]);
+      for (size_t i = 0; i < before.size(); ++i) unit->counters.push_back(*st.counters[i] - before[i]);
       unit->graph->launch(s);
       ++graph_stats_.captured;
     } else {
@@ -418,8 +420,7 @@ void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool ste
 
 void PipelineTrainer::replayed_forward(int k, int64_t tick, int64_t batch, const Unit& u) {
   Stage& st = *stages_[size_t(k)];
-  const ModuleState state = net_.state(st.first, st.last);
-  for (size_t i = 0; i < u.counters.size(); ++i) *state.counters[i].second += u.counters[i];
+  for (size_t i = 0; i < u.counters.size(); ++i) *st.counters[i] += u.counters[i];
   ledger_.push_back({tick, k, batch, false});
   st.inflight.push_back(InFlight{batch, tick, u.contexts, Tensor(), {}, true});
   if (k + 1 < num_modules()) {
