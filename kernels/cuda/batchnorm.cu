@@ -1,10 +1,14 @@
 // Batch normalisation over NHWC activations viewed as [m = N*H*W, c], following the CPU
 // reference formula by formula (kernels/cpu/batchnorm.cpp):
-//   training forward   two passes over x for the statistics (mean, then the centred sum of
-//                      squares, which does not cancel when |mean| >> std), each a
-//                      deterministic double column reduction (column_reduce.cuh); a warp per
+//   training forward   one pass over x for the statistics: the deterministic double column
+//                      reduction (column_reduce.cuh) of the shifted moments sum(x - s) and
+//                      sum((x - s)^2), with the shift s the channel's first element. A shift
+//                      near the mean keeps the variance sum/m - mean^2 from cancelling when
+//                      |mean| >> std: the relative error grows with ((mean - s) / std)^2 * 2^-53
+//                      in double, and s is a sample of the channel, so that stays far below
+//                      fp32 rounding (the CPU reference's two passes agree to it). A warp per
 //                      channel finalises the statistics and the running-stat update; then an
-//                      element pass normalises.
+//                      element pass normalises: x is read twice, not three times.
 //   inference forward  one element pass.
 //   backward           one double reduction pass for sum(dy) and sum(dy * xhat), a warp per
 //                      channel for dgamma, dbeta and the per-channel coefficients, one element pass.
@@ -41,21 +45,15 @@ __device__ __forceinline__ void for_each_with_channel(int64_t total, int c, cons
 // computed on in fp32; parameters, statistics and reductions are fp32/double in both cases.
 
 // ---- Reduction terms -------------------------------------------------------------------------
+// acc[0] += x - s, acc[1] += (x - s)^2 with the shift s = x[0, j] (only read when m > 0).
 template <class S>
-struct SumTerm {
+struct ShiftedMomentsTerm {
   const typename S::Storage* x;
-  int c;
-  __device__ void operator()(int64_t i, int j, double* acc) const { acc[0] += S::load(x[i * c + j]); }
-};
-
-template <class S>
-struct CentredSquareTerm {
-  const typename S::Storage* x;
-  const double* mean;
   int c;
   __device__ void operator()(int64_t i, int j, double* acc) const {
-    const double d = double(S::load(x[i * c + j])) - mean[j];
-    acc[0] += d * d;
+    const double d = double(S::load(x[i * c + j])) - double(S::load(x[j]));
+    acc[0] += d;
+    acc[1] += d * d;
   }
 };
 
@@ -84,29 +82,28 @@ struct GradTerm {
 };
 
 // ---- Per-channel finalisation: one warp per channel, lane 0 writes -------------------------
+template <class S>
 __global__ void __launch_bounds__(kFinalizeThreads)
-    bn_mean_kernel(const double* partial, int chunks, int64_t m, int c, double* mean) {
-  const int j = warp_column();
-  if (j >= c) return;  // the whole warp leaves together
-  const double sum = warp_sum_chunks(partial, chunks, c, j);
-  if (threadIdx.x % kWarpSize == 0) mean[j] = sum / double(m);
-}
-
-__global__ void __launch_bounds__(kFinalizeThreads)
-    bn_statistics_kernel(const double* partial, int chunks, int64_t m, int c, const double* mean, float eps,
-                         float momentum, float* running_mean, float* running_var, float* save_mean,
+    bn_statistics_kernel(const double* partial, int chunks, int64_t m, int c, const typename S::Storage* x,
+                         float eps, float momentum, float* running_mean, float* running_var, float* save_mean,
                          float* save_invstd) {
   const int j = warp_column();
-  if (j >= c) return;
-  const double sum_sq = warp_sum_chunks(partial, chunks, c, j);
+  if (j >= c) return;  // the whole warp leaves together
+  const double sum_d = warp_sum_chunks(partial, chunks, 2 * c, j);
+  const double sum_d2 = warp_sum_chunks(partial, chunks, 2 * c, c + j);
   if (threadIdx.x % kWarpSize != 0) return;
-  const double biased = sum_sq / double(m);
+  // With m == 0 the statistics are NaN (0 / 0), as in the reference; x is not read.
+  const double shift = m > 0 ? double(S::load(x[j])) : 0.0;
+  const double mean_d = sum_d / double(m);
+  const double mean = shift + mean_d;
+  const double centred = sum_d2 / double(m) - mean_d * mean_d;
+  const double biased = centred > 0.0 ? centred : (centred == centred ? 0.0 : centred);  // rounding, not NaN
   // A single sample has no unbiased estimate; its (zero) biased variance stands in.
   const double unbiased = m > 1 ? biased * double(m) / double(m - 1) : biased;
   const double mom = double(momentum);
-  running_mean[j] = float((1.0 - mom) * double(running_mean[j]) + mom * mean[j]);
+  running_mean[j] = float((1.0 - mom) * double(running_mean[j]) + mom * mean);
   running_var[j] = float((1.0 - mom) * double(running_var[j]) + mom * unbiased);
-  save_mean[j] = float(mean[j]);
+  save_mean[j] = float(mean);
   save_invstd[j] = float(1.0 / sqrt(biased + double(eps)));
 }
 
@@ -187,17 +184,12 @@ void forward_training_impl(const char* op, int64_t m, int64_t c64, const typenam
                            typename S::Storage* y, float* save_mean, float* save_invstd, cudaStream_t stream) {
   const int c = checked_columns(op, c64);
   const ReducePlan plan = plan_column_reduce(m);
-  const size_t partial_doubles = size_t(plan.chunks) * size_t(c);
-  Workspace ws(sizeof(double) * (partial_doubles + size_t(c)), stream);
+  Workspace ws(sizeof(double) * size_t(plan.chunks) * 2 * size_t(c), stream);
   double* partial = ws.as<double>();
-  double* mean = partial + partial_doubles;
 
-  column_partials<1>(m, c, plan, SumTerm<S>{x, c}, partial, stream);
-  bn_mean_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(partial, plan.chunks, m, c, mean);
-  SP_CUDA_CHECK_LAUNCH();
-  column_partials<1>(m, c, plan, CentredSquareTerm<S>{x, mean, c}, partial, stream);
-  bn_statistics_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(
-      partial, plan.chunks, m, c, mean, eps, momentum, running_mean, running_var, save_mean, save_invstd);
+  column_partials<2>(m, c, plan, ShiftedMomentsTerm<S>{x, c}, partial, stream);
+  bn_statistics_kernel<S><<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(
+      partial, plan.chunks, m, c, x, eps, momentum, running_mean, running_var, save_mean, save_invstd);
   SP_CUDA_CHECK_LAUNCH();
   const int64_t total = m * c;
   if (total == 0) return;
