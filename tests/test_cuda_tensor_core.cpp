@@ -55,7 +55,31 @@ namespace {
 constexpr double kTolF32 = 1e-5;   // fp32 outputs
 constexpr double kTolBf16 = 8e-3;  // bf16 outputs (and the vendor's bf16-rounded dw)
 
-using TensorCore = GpuTest;
+// Every test runs once per main loop (tensor_core.h): mma.sync, and wgmma where the build and
+// the GPU have it (sm_90a code on a compute capability 9.0 device), skipping with the reason
+// elsewhere.
+class TensorCore : public GpuTest, public ::testing::WithParamInterface<kcu::MmaMainloop> {
+ protected:
+  void SetUp() override {
+    GpuTest::SetUp();
+    if (IsSkipped()) return;
+    previous_ = kcu::mma_mainloop();
+    if (GetParam() == kcu::MmaMainloop::kWgmma && !kcu::wgmma_available())
+      GTEST_SKIP() << "the wgmma main loop needs an sm_90a build (CMAKE_CUDA_ARCHITECTURES=90a) and a compute "
+                      "capability 9.0 GPU (H100/H200)";
+    kcu::set_mma_mainloop(GetParam());
+  }
+  void TearDown() override {
+    kcu::set_mma_mainloop(previous_);
+    GpuTest::TearDown();
+  }
+  kcu::MmaMainloop previous_ = kcu::MmaMainloop::kMmaSync;
+};
+
+INSTANTIATE_TEST_SUITE_P(Mainloops, TensorCore, ::testing::Values(kcu::MmaMainloop::kMmaSync, kcu::MmaMainloop::kWgmma),
+                         [](const ::testing::TestParamInfo<kcu::MmaMainloop>& info) {
+                           return std::string(kcu::mainloop_name(info.param));
+                         });
 
 std::vector<uint16_t> random_bf16(size_t n, uint32_t seed) {
   const std::vector<float> f = random_vector(n, seed);
@@ -161,7 +185,7 @@ std::vector<uint16_t> check_b16(GemmFn<uint16_t> fn, cudaStream_t s, const GemmC
   return check_gemm<uint16_t>(fn, "gemm_bf16_out_bf16", s, g, seed, kTolBf16);
 }
 
-TEST_F(TensorCore, GemmAllTransposesAndEpilogues) {
+TEST_P(TensorCore, GemmAllTransposesAndEpilogues) {
   const int64_t shapes[][3] = {{1, 1, 1}, {17, 33, 65}, {128, 128, 128}, {256, 512, 1024}, {130, 72, 96}};
   uint32_t seed = 100;
   for (const auto& s : shapes)
@@ -183,7 +207,7 @@ TEST_F(TensorCore, GemmAllTransposesAndEpilogues) {
     }
 }
 
-TEST_F(TensorCore, GemmSplitKOnLongReductions) {
+TEST_P(TensorCore, GemmSplitKOnLongReductions) {
   // Few output tiles and a long K: K is split across blocks and the slices summed in order.
   const int64_t shapes[][3] = {{16, 144, 8192}, {144, 16, 8192}, {10, 64, 4099}, {3, 5, 20000}};
   uint32_t seed = 200;
@@ -197,7 +221,7 @@ TEST_F(TensorCore, GemmSplitKOnLongReductions) {
     }
 }
 
-TEST_F(TensorCore, GemmUnalignedPointers) {
+TEST_P(TensorCore, GemmUnalignedPointers) {
   // Operands one element (2 bytes) into their allocation: not 16-byte aligned, so the loads
   // take the element-wise path.
   uint32_t seed = 300;
@@ -209,7 +233,7 @@ TEST_F(TensorCore, GemmUnalignedPointers) {
   }
 }
 
-TEST_F(TensorCore, GemmDegenerateAlphaAndK) {
+TEST_P(TensorCore, GemmDegenerateAlphaAndK) {
   // alpha == 0 or K == 0: C = relu?(beta * C + bias) without reading A or B (null here).
   const std::vector<float> c = random_vector(35, 7), bias = random_vector(7, 8);
   DeviceArray<float> dc(c), dbias(bias);
@@ -223,7 +247,7 @@ TEST_F(TensorCore, GemmDegenerateAlphaAndK) {
   EXPECT_TRUE(bits_equal(dc.download(), std::vector<float>(35, 0.f))) << "K == 0, beta == 0";
 }
 
-TEST_F(TensorCore, GemmIsDeterministic) {
+TEST_P(TensorCore, GemmIsDeterministic) {
   GemmCase split{48, 40, 6000};  // split K
   GemmCase plain{300, 260, 300};
   plain.tb = true;
@@ -237,7 +261,7 @@ TEST_F(TensorCore, GemmIsDeterministic) {
   }
 }
 
-TEST_F(TensorCore, GemmVendorBaselineAgrees) {
+TEST_P(TensorCore, GemmVendorBaselineAgrees) {
   const int64_t shapes[][3] = {{1, 1, 1}, {17, 33, 65}, {128, 128, 128}, {256, 512, 1024}, {10, 64, 4099}};
   uint32_t seed = 500;
   for (const auto& s : shapes)
@@ -343,26 +367,26 @@ ConvResult check_conv(const ConvFns& fns, cudaStream_t stream, const Conv2dShape
   return r;
 }
 
-TEST_F(TensorCore, ConvolutionsOnResNetAndAwkwardShapes) {
+TEST_P(TensorCore, ConvolutionsOnResNetAndAwkwardShapes) {
   uint32_t seed = 600;
   for (const Conv2dShape& sh : conv_cases()) check_conv(kCustomConv, stream_, sh, seed += 5);
 }
 
-TEST_F(TensorCore, ConvolutionsOnUnalignedTensors) {
+TEST_P(TensorCore, ConvolutionsOnUnalignedTensors) {
   // Tensors one element into their allocation: every loader takes the element-wise path.
   uint32_t seed = 700;
   for (const Conv2dShape& sh : {conv(2, 8, 8, 16, 32, 3, 1, 1), conv(2, 8, 8, 16, 32, 1, 2, 0)})
     check_conv(kCustomConv, stream_, sh, seed += 5, 1);
 }
 
-TEST_F(TensorCore, ConvolutionsAtLargerBatchSplitTheWeightGradient) {
+TEST_P(TensorCore, ConvolutionsAtLargerBatchSplitTheWeightGradient) {
   // Batch 32: the weight gradient's K (N*P*Q pixels) is long and its output small (split K).
   uint32_t seed = 800;
   for (const Conv2dShape& sh : {conv(32, 32, 32, 16, 16, 3, 1, 1), conv(32, 8, 8, 64, 64, 3, 1, 1)})
     check_conv(kCustomConv, stream_, sh, seed += 5);
 }
 
-TEST_F(TensorCore, ConvolutionsAreDeterministic) {
+TEST_P(TensorCore, ConvolutionsAreDeterministic) {
   for (const Conv2dShape& sh : {conv(8, 16, 16, 32, 32, 3, 1, 1), conv(2, 5, 7, 3, 10, 3, 1, 1)}) {
     const ConvResult a = check_conv(kCustomConv, stream_, sh, 900), b = check_conv(kCustomConv, stream_, sh, 900);
     EXPECT_TRUE(bits_equal(a.y, b.y) && bits_equal(a.dx, b.dx) && bits_equal(a.dw, b.dw) && bits_equal(a.db, b.db))
@@ -370,7 +394,7 @@ TEST_F(TensorCore, ConvolutionsAreDeterministic) {
   }
 }
 
-TEST_F(TensorCore, ConvolutionVendorBaselineAgrees) {
+TEST_P(TensorCore, ConvolutionVendorBaselineAgrees) {
   uint32_t seed = 1000;
   for (const Conv2dShape& sh : conv_cases()) {
     seed += 5;

@@ -37,15 +37,17 @@ ConvGeom conv_geom(const Conv2dShape& sh) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The tile for an output N columns wide: narrow tiles for ResNet's 16/32 and 64 channels.
+// The selected main loop; mma.sync on narrow tiles for ResNet's 16/32 and 64 channels.
 template <class LoaderA, class LoaderB, typename T>
 void run(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream) {
-  if (n <= 32)
-    run_mma_tiles<MmaTileNarrow>(a, b, m, n, k, ep, stream);
-  else if (n <= 64)
-    run_mma_tiles<MmaTileMedium>(a, b, m, n, k, ep, stream);
-  else
-    run_mma_tiles<MmaTileLarge>(a, b, m, n, k, ep, stream);
+  run_tensor_core(a, b, m, n, k, ep, stream, [](int cols, const auto& launch) {
+    if (cols <= 32)
+      launch(MmaTileNarrow{});
+    else if (cols <= 64)
+      launch(MmaTileMedium{});
+    else
+      launch(MmaTileLarge{});
+  });
 }
 
 }  // namespace

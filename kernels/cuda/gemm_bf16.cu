@@ -26,10 +26,12 @@ void gemm_bf16_any(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
   // op(B)(k, j): B is K x N (contiguous along N) or, transposed, N x K (contiguous along K).
   auto with_b = [&](const auto& la) {
     auto go = [&](const auto& lb) {
-      if (n <= 64)
-        run_mma_tiles<MmaTileMedium>(la, lb, mi, ni, ki, ep, stream);
-      else
-        run_mma_tiles<MmaTileLarge>(la, lb, mi, ni, ki, ep, stream);
+      run_tensor_core(la, lb, mi, ni, ki, ep, stream, [](int cols, const auto& launch) {
+        if (cols <= 64)
+          launch(MmaTileMedium{});
+        else
+          launch(MmaTileLarge{});
+      });
     };
     if (trans_b)
       go(MatrixLoader<true>{b, ldb, ni, ki, chunk_ok(b, ldb)});

@@ -1,6 +1,7 @@
-// Host side of the bf16 tensor-core main loop (mma_mainloop.cuh): the deterministic split-K
-// plan (the fp32 GEMM's, gemm.cu), the launch, the kernel that adds the split-K partials in
-// slice order and applies the epilogue, and the entry points the bf16 kernel files share.
+// Host side of the bf16 tensor-core main loops (mma_mainloop.cuh, wgmma_mainloop.cuh): the
+// deterministic split-K plan (the fp32 GEMM's, gemm.cu), the launch, the choice of main loop,
+// the kernel that adds the split-K partials in slice order and applies the epilogue, and the
+// entry points the bf16 kernel files share.
 // Everything that launches a kernel lives here or in a .cu file, none of it in
 // mma_mainloop.cuh, whose device code is plain enough to compile for a host emulation.
 #pragma once
@@ -9,6 +10,8 @@
 
 #include "kernels/cuda/gemm_mainloop.cuh"
 #include "kernels/cuda/mma_mainloop.cuh"
+#include "kernels/cuda/tensor_core.h"
+#include "kernels/cuda/wgmma_mainloop.cuh"
 
 namespace sp::kernels::cuda::detail::mma {
 
@@ -33,13 +36,19 @@ void mma_splitk_reduce(const float* partials, int splits, int m, int n, const Mm
   SP_CUDA_CHECK_LAUNCH();
 }
 
+// Whether the wgmma main loop is selected (tensor_core.h); throws where it was selected but
+// cannot run. Defined in tensor_core_select.cu.
+bool use_wgmma();
+
 // Whether the cp.async path may read rows of ld bf16 starting at p: p 16-byte aligned, ld % 8 == 0.
 inline bool chunk_ok(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 8 == 0; }
 
-// Runs C = epilogue(A * B) for M x N x K through loaders a and b with tile shape Tile.
-template <class Tile, class LoaderA, class LoaderB, typename T>
-void run_mma_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep,
-                   cudaStream_t stream) {
+// Runs C = epilogue(A * B) for M x N x K through loaders a and b: Kernel (mma_gemm_kernel or
+// wgmma::wgmma_gemm_kernel, instantiated for Tile and the loaders) on Tile::kBM x Tile::kBN
+// tiles, K split in multiples of Tile::kBK where the output has few tiles.
+template <class Tile, auto Kernel, class LoaderA, class LoaderB, typename T>
+void launch_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep,
+                  cudaStream_t stream) {
   if (m == 0 || n == 0) return;
   if (k == 0 || ep.alpha == 0.f) {
     mma_splitk_reduce<T>(nullptr, 0, m, n, ep, stream);
@@ -47,28 +56,52 @@ void run_mma_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, cons
   }
   const int64_t m_tiles = ceil_div(m, Tile::kBM), n_tiles = ceil_div(n, Tile::kBN);
   SP_CHECK(n_tiles <= 65535, "gemm_bf16: N = ", n, " needs ", n_tiles, " column tiles, more than grid.y allows");
-  const SplitPlan plan = plan_split_k(m_tiles * n_tiles, k, kBK);
+  const SplitPlan plan = plan_split_k(m_tiles * n_tiles, k, Tile::kBK);
   const dim3 grid(unsigned(m_tiles), unsigned(n_tiles), unsigned(plan.splits));
   const MmaGeometry g{m, n, k, plan.k_per_split};
-  auto* kernel = &mma_gemm_kernel<Tile, LoaderA, LoaderB, T>;
   // More than 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device.
   static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (devices >= 64 always ask)
   int device = 0;
   SP_CUDA_CHECK(cudaGetDevice(&device));
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
   if ((opted_in.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
-    SP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+    SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
   if (plan.splits == 1) {
-    kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(a, b, g, ep, nullptr);
+    Kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(a, b, g, ep, nullptr);
     SP_CUDA_CHECK_LAUNCH();
     return;
   }
   Workspace partials(sizeof(float) * size_t(plan.splits) * size_t(m) * size_t(n), stream);
-  kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(a, b, g, ep, partials.as<float>());
+  Kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(a, b, g, ep, partials.as<float>());
   SP_CUDA_CHECK_LAUNCH();
   mma_splitk_reduce<T>(partials.as<float>(), plan.splits, m, n, ep, stream);
+}
+
+// The mma.sync main loop on Tile.
+template <class Tile, class LoaderA, class LoaderB, typename T>
+void run_mma_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep,
+                   cudaStream_t stream) {
+  launch_tiles<Tile, &mma_gemm_kernel<Tile, LoaderA, LoaderB, T>>(a, b, m, n, k, ep, stream);
+}
+
+// The bf16 GEMM view C = epilogue(A * B) on the main loop tensor_core.h selects: wgmma where it
+// was chosen (its tile by N), otherwise mma.sync on the tile `mma_tile` gives for N
+// (a callable taking a tile tag and the launch).
+template <class LoaderA, class LoaderB, typename T, class MmaTileFor>
+void run_tensor_core(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep,
+                     cudaStream_t stream, const MmaTileFor& mma_tile) {
+  if (use_wgmma()) {
+    if (n <= 64)
+      launch_tiles<wgmma::WgTileNarrow, &wgmma::wgmma_gemm_kernel<wgmma::WgTileNarrow, LoaderA, LoaderB, T>>(
+          a, b, m, n, k, ep, stream);
+    else
+      launch_tiles<wgmma::WgTileWide, &wgmma::wgmma_gemm_kernel<wgmma::WgTileWide, LoaderA, LoaderB, T>>(
+          a, b, m, n, k, ep, stream);
+    return;
+  }
+  mma_tile(n, [&](auto tile) { run_mma_tiles<decltype(tile)>(a, b, m, n, k, ep, stream); });
 }
 
 }  // namespace sp::kernels::cuda::detail::mma

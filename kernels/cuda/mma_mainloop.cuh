@@ -52,7 +52,7 @@ constexpr int max_int(int a, int b) { return a > b ? a : b; }
 
 template <int BM, int BN, int WarpsM, int WarpsN, int MinBlocks>
 struct MmaTile {
-  static constexpr int kBM = BM, kBN = BN;
+  static constexpr int kBM = BM, kBN = BN, kBK = mma::kBK;
   static constexpr int kMinBlocks = MinBlocks;  // per SM, for __launch_bounds__ (caps the registers)
   static constexpr int kWarpsM = WarpsM, kWarpsN = WarpsN;
   static constexpr int kThreads = kWarpSize * WarpsM * WarpsN;
@@ -169,14 +169,30 @@ struct MmaGeometry {
 };
 
 // ---- Stage fill: global -> shared ------------------------------------------------------------
-// The kX x kBK tile of one K step, as kX * kBK / 8 chunks; thread t takes chunks t,
-// t + kThreads, ...  Chunk c is (x = c / 4, k = 8 (c % 4)) K-contiguous, or
+// Where element (x, k) of a stage lives (in elements from the stage's start), for an operand
+// stored K-contiguous or X-contiguous: Layout::offset<ContigK>(x, k), called for chunk starts
+// (k, or x, a multiple of 8) only; Layout::kBK is the K step. The mma.sync main loop's layout
+// pads every row by 16 bytes (see the top of this file); the wgmma main loop's swizzles
+// (wgmma_mainloop.cuh).
+template <int kX>
+struct PaddedLayout {
+  static constexpr int kBK = mma::kBK;
+  template <bool ContigK>
+  __device__ static int offset(int x, int k) {
+    return ContigK ? x * (kBK + kPadK) + k : k * (kX + kPadX) + x;
+  }
+};
+
+// The kX x BK tile of one K step, as kX * BK / 8 chunks; thread t takes chunks t,
+// t + kThreads, ...  Chunk c is (x = c / (BK / 8), k = 8 (c % (BK / 8))) K-contiguous, or
 // (k = c / (kX / 8), x = 8 (c % (kX / 8))) X-contiguous. Either way a thread's chunks keep
 // their x (and, K-contiguous, their k within the step) from one step to the next.
-template <class Loader, int kX, int kThreads>
+template <class Loader, int kX, int kThreads, class Layout = PaddedLayout<kX>>
 struct StageFill {
-  static constexpr int kChunks = kX * kBK / kChunk, kPerThread = kChunks / kThreads;
-  static constexpr int kRowsPerK = kBK / kChunk, kRowsPerX = kX / kChunk;
+  static constexpr int kStepK = Layout::kBK;
+  static constexpr int kChunks = kX * kStepK / kChunk, kPerThread = kChunks / kThreads;
+  static constexpr int kRowsPerK = kStepK / kChunk, kRowsPerX = kX / kChunk;
+  static_assert(kChunks % kThreads == 0, "every thread copies the same number of chunks");
   static_assert(kThreads % kRowsPerK == 0 && kThreads % kRowsPerX == 0, "a thread's chunks keep their x");
 
   typename Loader::Row rows[kPerThread];  // the row() of each of this thread's chunks
@@ -190,7 +206,7 @@ struct StageFill {
     return Loader::kContigK ? c % kRowsPerK * kChunk : c / kRowsPerX;
   }
   __device__ static int smem_offset(int i) {
-    return Loader::kContigK ? chunk_x(i) * (kBK + kPadK) + chunk_k(i) : chunk_k(i) * (kX + kPadX) + chunk_x(i);
+    return Layout::template offset<Loader::kContigK>(chunk_x(i), chunk_k(i));
   }
 
   __device__ void init(const Loader& ld, int x0) {
@@ -205,7 +221,7 @@ struct StageFill {
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
         const typename Loader::Col col = Loader::kContigK ? shared_col : ld.col(k0 + chunk_k(i));
-        int bytes;
+        int bytes = 0;
         const uint16_t* src = ld.chunk(rows[i], col, bytes);
         ptx::cp_async_16(stage + smem_offset(i), src, bytes);
       }

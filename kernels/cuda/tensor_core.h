@@ -1,5 +1,10 @@
-// Tensor-core bf16 kernels (hand-written PTX: mma.sync m16n8k16 bf16 -> fp32, ldmatrix, a
-// 3-stage cp.async pipeline; see kernels/cuda/mma_mainloop.cuh), for mixed-precision training.
+// Tensor-core bf16 kernels for mixed-precision training, hand-written PTX with two main loops
+// behind the same contract (selected below, MmaMainloop):
+//   mma_sync  mma.sync m16n8k16 bf16 -> fp32 fed by ldmatrix, a 3-stage cp.async pipeline
+//             (kernels/cuda/mma_mainloop.cuh); any GPU from sm_80;
+//   wgmma     Hopper warpgroup wgmma.mma_async m64n{64,128}k16 reading 128-byte-swizzled
+//             shared memory, a 4-stage cp.async pipeline (kernels/cuda/wgmma_mainloop.cuh);
+//             sm_90a builds (CMAKE_CUDA_ARCHITECTURES 90a) on compute capability 9.0 only.
 //
 // Contract: every function is the fp32 op of kernels/cuda/ops.h (and of the CPU reference,
 // kernels/cpu/ops.h) applied to the bf16 inputs widened to fp32, with fp32 accumulation, and
@@ -26,10 +31,25 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <string>
 
 #include "kernels/common/shapes.h"
 
 namespace sp::kernels::cuda {
+
+// ---- Main loop -------------------------------------------------------------------------------
+enum class MmaMainloop { kMmaSync, kWgmma };
+const char* mainloop_name(MmaMainloop m);  // "mma_sync", "wgmma"
+// "mma_sync" or "wgmma"; anything else throws sp::Error naming the accepted values.
+MmaMainloop parse_mainloop(const std::string& name);
+// Whether this build holds wgmma code (built for sm_90a) and the current device can run it
+// (compute capability 9.0).
+bool wgmma_available();
+// The main loop of every later bf16 GEMM and convolution in this process. The default is the
+// environment variable STALEPROP_MAINLOOP (mma_sync or wgmma) when set, else mma_sync. A call
+// with wgmma selected where wgmma_available() is false throws sp::Error saying why.
+void set_mma_mainloop(MmaMainloop m);
+MmaMainloop mma_mainloop();
 
 // ---- GEMM ------------------------------------------------------------------------------------
 // Row-major C[M,N] = relu?( alpha * op(A) * op(B) + beta * C + bias[j] ); beta == 0 never reads

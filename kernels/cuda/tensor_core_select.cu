@@ -1,0 +1,64 @@
+// The choice of bf16 tensor-core main loop (tensor_core.h, MmaMainloop).
+#include <atomic>
+#include <cstdlib>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/tensor_core.h"
+
+namespace sp::kernels::cuda {
+namespace {
+
+// -1: not chosen yet (the environment decides at first use), else an MmaMainloop.
+std::atomic<int> g_mainloop{-1};
+
+}  // namespace
+
+const char* mainloop_name(MmaMainloop m) { return m == MmaMainloop::kWgmma ? "wgmma" : "mma_sync"; }
+
+MmaMainloop parse_mainloop(const std::string& name) {
+  if (name == "mma_sync") return MmaMainloop::kMmaSync;
+  if (name == "wgmma") return MmaMainloop::kWgmma;
+  throw Error("unknown tensor-core main loop '" + name + "': use mma_sync or wgmma");
+}
+
+bool wgmma_available() {
+#if STALEPROP_HAVE_SM90A
+  int device = 0, major = 0, minor = 0;
+  SP_CUDA_CHECK(cudaGetDevice(&device));
+  SP_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  SP_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+#else
+  return false;
+#endif
+}
+
+void set_mma_mainloop(MmaMainloop m) { g_mainloop.store(int(m), std::memory_order_relaxed); }
+
+MmaMainloop mma_mainloop() {
+  int m = g_mainloop.load(std::memory_order_relaxed);
+  if (m < 0) {
+    const char* env = std::getenv("STALEPROP_MAINLOOP");
+    m = int(env && *env ? parse_mainloop(env) : MmaMainloop::kMmaSync);
+    int expected = -1;
+    if (!g_mainloop.compare_exchange_strong(expected, m, std::memory_order_relaxed)) m = expected;
+  }
+  return MmaMainloop(m);
+}
+
+namespace detail::mma {
+
+bool use_wgmma() {
+  if (mma_mainloop() != MmaMainloop::kWgmma) return false;
+#if STALEPROP_HAVE_SM90A
+  SP_CHECK(wgmma_available(), "the wgmma main loop needs a compute capability 9.0 GPU (H100/H200); "
+                              "this device is not one: select mma_sync (STALEPROP_MAINLOOP=mma_sync)");
+#else
+  SP_CHECK(false, "the wgmma main loop is not in this build: configure with CMAKE_CUDA_ARCHITECTURES=90a, "
+                  "or select mma_sync (STALEPROP_MAINLOOP=mma_sync)");
+#endif
+  return true;
+}
+
+}  // namespace detail::mma
+}  // namespace sp::kernels::cuda
