@@ -33,10 +33,13 @@
 //     call and kept while its repetitions run (Google Benchmark runs them back to back), then
 //     freed when the next benchmark starts; warm-up calls run before anything is timed.
 //
+// The bf16 tensor-core kernels run on the main loop --mainloop=mma_sync|wgmma selects (default:
+// $STALEPROP_MAINLOOP, else mma_sync); the JSON context records it as tensor_core_mainloop.
+//
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):
 //   bench_gpu_kernels --benchmark_min_time=0.1 --benchmark_out=gpu.json
-//                     --benchmark_out_format=json [--benchmark_filter=conv_fwd]
+//                     --benchmark_out_format=json [--benchmark_filter=conv_fwd] [--mainloop=wgmma]
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
@@ -98,6 +101,7 @@ void env_init() {
   benchmark::AddCustomContext("gpu", prop.name);
   benchmark::AddCustomContext("gpu_l2_bytes", std::to_string(g_env.l2_bytes));
   benchmark::AddCustomContext("cudnn_version", std::to_string(cudnnGetVersion()));
+  benchmark::AddCustomContext("tensor_core_mainloop", kc::mainloop_name(kc::mma_mainloop()));
 }
 
 void env_destroy() {
@@ -1004,6 +1008,22 @@ int main(int argc, char** argv) {
     std::printf("bench_gpu_kernels: no CUDA device; nothing to measure\n");
     return 0;
   }
+  // Our own flag, taken out of argv before Google Benchmark parses the rest.
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--mainloop=", 0) == 0) {
+      try {
+        kc::set_mma_mainloop(kc::parse_mainloop(arg.substr(11)));
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "bench_gpu_kernels: %s\n", e.what());
+        return 2;
+      }
+    } else {
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
   try {
     env_init();
   } catch (const std::exception& e) {

@@ -211,6 +211,30 @@ bool via_fp32(Stream& s, std::initializer_list<const Tensor*> inputs, std::initi
 void set_kernel_backend(KernelBackend backend) { g_backend.store(backend); }
 KernelBackend kernel_backend() { return g_backend.load(); }
 
+void set_tensor_core_mainloop(const std::string& name) {
+#if STALEPROP_WITH_CUDA
+  kernels::cuda::set_mma_mainloop(kernels::cuda::parse_mainloop(name));
+#else
+  throw Error("tensor-core main loop '" + name + "': this build has no CUDA backend");
+#endif
+}
+
+std::string tensor_core_mainloop() {
+#if STALEPROP_WITH_CUDA
+  return kernels::cuda::mainloop_name(kernels::cuda::mma_mainloop());
+#else
+  return "none";
+#endif
+}
+
+bool wgmma_available() {
+#if STALEPROP_WITH_CUDA
+  return cuda_device_count() > 0 && kernels::cuda::wgmma_available();
+#else
+  return false;
+#endif
+}
+
 void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b, float beta,
           const Tensor& c) {
   // Tensor cores for bf16 A and B, with C in f32 or bf16.

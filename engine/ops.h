@@ -22,6 +22,7 @@
 // [out, in]; batch-norm parameters [C]; labels i32 [N].
 #pragma once
 
+#include <string>
 #include <vector>
 
 #include "engine/stream.h"
@@ -39,6 +40,15 @@ using kernels::SgdParams;
 enum class KernelBackend { Custom, Vendor };
 void set_kernel_backend(KernelBackend backend);
 KernelBackend kernel_backend();
+
+// ---- Main loop of our bf16 tensor-core kernels (process-wide) ---------------------------------
+// "mma_sync" (any GPU from sm_80) or "wgmma" (Hopper: an sm_90a build on a compute capability
+// 9.0 GPU); see kernels/cuda/tensor_core.h. The default is $STALEPROP_MAINLOOP when set, else
+// mma_sync. Without CUDA, tensor_core_mainloop() is "none" and setting one throws; an unknown
+// name throws; selecting wgmma where it cannot run throws at the first bf16 GEMM/convolution.
+void set_tensor_core_mainloop(const std::string& name);
+std::string tensor_core_mainloop();
+bool wgmma_available();  // this build has sm_90a code and the current GPU is compute capability 9.0
 
 // C = alpha * op(A) * op(B) + beta * C for 2-D tensors (row-major).
 void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b, float beta,

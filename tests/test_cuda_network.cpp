@@ -14,6 +14,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
@@ -117,10 +118,25 @@ TEST_F(CudaNetwork, Bf16StepTracksTheFp32Step) {
   const StepResult f32 = resnet20_step(Device::cpu(), DType::F32);
   const StepResult nudged = resnet20_step(Device::cpu(), DType::F32, /*round_input=*/true);
   const double sensitivity = rel(nudged.grads, f32.grads);
-  for (auto backend : {ops::KernelBackend::Custom, ops::KernelBackend::Vendor}) {
-    ops::set_kernel_backend(backend);
+  // Our kernels on each tensor-core main loop the GPU has, then cuBLASLt/cuDNN.
+  struct Variant {
+    ops::KernelBackend backend;
+    const char* loop;
+    const char* which;
+  };
+  std::vector<Variant> variants = {{ops::KernelBackend::Custom, "mma_sync", "custom mma_sync"}};
+  if (ops::wgmma_available())
+    variants.push_back({ops::KernelBackend::Custom, "wgmma", "custom wgmma"});
+  else
+    std::printf("[ NOTE     ] no wgmma run: it needs an sm_90a build on a compute capability 9.0 GPU\n");
+  variants.push_back({ops::KernelBackend::Vendor, "mma_sync", "vendor"});
+  const std::string previous = ops::tensor_core_mainloop();
+  for (const Variant& v : variants) {
+    ops::set_kernel_backend(v.backend);
+    ops::set_tensor_core_mainloop(v.loop);
     const StepResult gpu = resnet20_step(Device::cuda(0), DType::BF16);
-    const char* which = backend == ops::KernelBackend::Custom ? "custom" : "vendor";
+    ops::set_tensor_core_mainloop(previous);
+    const char* which = v.which;
     const double logit_err = rel(gpu.logits, f32.logits), grad_err = rel(gpu.grads, f32.grads);
     EXPECT_GT(logit_err, 0.0) << which;
     EXPECT_LE(logit_err, 2e-2) << which;

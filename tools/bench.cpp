@@ -60,7 +60,7 @@ std::string BenchResult::json() const {
   return "{\"model\":" + json_str(c.model) + ",\"batch_size\":" + std::to_string(c.batch_size) +
          ",\"method\":" + json_str(c.method) + ",\"modules\":" + std::to_string(modules) + ",\"cuts\":" + cut_list +
          "],\"precision\":" + json_str(c.precision) + ",\"kernels\":" + json_str(c.kernels) +
-         ",\"device\":" + json_str(device_name) + ",\"steps\":" + std::to_string(c.steps) +
+         ",\"mainloop\":" + json_str(mainloop) + ",\"device\":" + json_str(device_name) + ",\"steps\":" + std::to_string(c.steps) +
          ",\"warmup\":" + std::to_string(c.warmup) + ",\"images_per_s\":" + json_num(images_per_s) +
          ",\"ms_per_step\":" + json_num(ms_per_step) + ",\"ticks\":" + std::to_string(ticks) +
          ",\"busy_pct\":" + busy + "],\"peak_allocated_bytes\":" + std::to_string(peak_allocated_bytes) +
@@ -85,10 +85,15 @@ BenchResult run_bench(const BenchConfig& cfg) {
   const std::string method = cfg.method == "backprop" ? "bp" : cfg.method;
   parse_pipeline_method(method);  // rejects unknown methods
   ops::set_kernel_backend(cfg.kernels == "vendor" ? ops::KernelBackend::Vendor : ops::KernelBackend::Custom);
+  if (!cfg.mainloop.empty()) {
+    SP_CHECK(dev.is_cuda(), "--mainloop selects the main loop of the bf16 tensor-core kernels and needs --device cuda");
+    ops::set_tensor_core_mainloop(cfg.mainloop);
+  }
 
   BenchResult r;
   r.config = cfg;
   r.device_name = device_description(dev);
+  r.mainloop = ops::tensor_core_mainloop();
   auto s = make_stream(dev);
   Network net = layers::build_resnet(cfg.model, data::kCifarClasses, cfg.seed);
   net.to(dev, *s);

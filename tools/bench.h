@@ -22,6 +22,7 @@ struct BenchConfig {
   std::string device = "cpu";
   std::string precision = "fp32";  // fp32 | bf16
   std::string kernels = "custom";  // custom | vendor
+  std::string mainloop;            // mma_sync | wgmma (GPU); empty: $STALEPROP_MAINLOOP, else mma_sync
   // "backprop": the one-stream BackpropTrainer; "bp" | "ddg" | "fdg": the PipelineTrainer
   // over `split` modules (or the cuts of `split_at`, as for `staleprop train`).
   std::string method = "backprop";
@@ -50,6 +51,7 @@ struct BenchResult {
   int64_t warmup = 0;                  // the warm-up steps actually run
   int64_t units = 0, replayed_units = 0;  // --graphs: module units of the timed steps, and how many were replays
   std::string device_name;
+  std::string mainloop;  // the bf16 tensor-core main loop in effect (ops::tensor_core_mainloop())
 
   std::string json() const;  // one line, no newline
 };

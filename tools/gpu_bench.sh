@@ -6,7 +6,10 @@
 #      for ResNet-56 at batch 128 and ResNet-18 at batch 512, fp32 and bf16;
 #   3. the locking study of ResNet-56: backprop and bp/ddg/fdg over K = 2..4 modules;
 #   4. launch overhead: ResNet-20/56 at batch 128 (bf16 and fp32), one module and FDG over 4
-#      modules, op by op and replayed from CUDA graphs (--graphs), each pair in the same call.
+#      modules, op by op and replayed from CUDA graphs (--graphs), each pair in the same call;
+#   5. the two tensor-core main loops (mma_sync, wgmma) side by side: the bf16 GEMM and
+#      ResNet-18 convolution benchmarks (each against cuBLASLt/cuDNN in the same run, one JSON
+#      per main loop) and bf16 training throughput of ResNet-18 (batch 512) and ResNet-56 (128).
 # Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3 4" picks stages
 # MIN_TIME the benchmarks' --benchmark_min_time in seconds (default 0.05), BENCH_FAMILIES the
 # benchmark families to run (default: all, one JSON each: gemm_bf16 conv_bf16 gemm conv_fwd
@@ -16,7 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
-STAGES=${STAGES:-"1 2 3 4"}
+STAGES=${STAGES:-"1 2 3 4 5"}
 MIN_TIME=${MIN_TIME:-0.05}
 mkdir -p "$OUT"
 prefix_of() { python3 -c "import nvidia.$1 as m; print(list(m.__path__)[0])" 2>/dev/null; }
@@ -27,7 +30,7 @@ export LD_LIBRARY_PATH="${CUDNN:+$CUDNN/lib:}${NCCL:+$NCCL/lib:}$PWD/.carry/benc
   > "$OUT/env-bench.txt" 2>&1
 if [ ! -x build-gpu/tools/staleprop ]; then
   echo "== build (build-gpu/)"
-  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSTALEPROP_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSTALEPROP_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
     -DCMAKE_PREFIX_PATH="${CUDNN};${NCCL}" > "$OUT/build.log" 2>&1 &&
     cmake --build build-gpu -j "$(nproc)" >> "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 fi
@@ -88,6 +91,23 @@ for stage in $STAGES; do
               --steps 100 --warmup 20 --json "$OUT/graphs.jsonl" 2>&1 | tee -a "$OUT/graphs.txt"
           done
         done
+      done
+    done
+    ;;
+  5)
+    echo "== tensor-core main loops: mma_sync vs wgmma"
+    for loop in mma_sync wgmma; do
+      build-gpu/bench/bench_gpu_kernels --mainloop=$loop --benchmark_min_time="${MIN_TIME}" \
+        --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+        --benchmark_filter="^gemm_bf16/|^conv_(fwd|bwd_data|bwd_weight|train)_bf16/r18_all_layers${BENCH_FILTER:+.*(${BENCH_FILTER})}" \
+        --benchmark_out="$OUT/mainloop-$loop.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
+      echo "bench_gpu_kernels --mainloop=$loop exit $?"
+    done
+    for cfg in "resnet18 512" "resnet56 128"; do
+      set -- $cfg
+      for loop in mma_sync wgmma; do
+        timeout 120 $SP bench --device cuda --model "$1" --batch-size "$2" --precision bf16 --mainloop $loop \
+          --steps 50 --warmup 10 --json "$OUT/mainloop-throughput.jsonl" 2>&1 | tee -a "$OUT/mainloop.txt"
       done
     done
     ;;

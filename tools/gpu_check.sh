@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run on the lent GPU machine (see tools/gpu_prepare.sh): builds for sm_90 and checks the GPU
+# Run on the lent GPU machine (see tools/gpu_prepare.sh): builds for sm_90a and checks the GPU
 # code. Stages (STAGES, default all, in this order), each bounded by its own timeout so that the
 # whole script fits one device call:
 #   build     configure and build build-gpu/                               (T_BUILD, 240 s)
@@ -26,7 +26,7 @@ for stage in $STAGES; do
   case $stage in
   build)
     timeout "${T_BUILD:-240}" bash -c "cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DSTALEPROP_CUDA=ON \
-      -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_PREFIX_PATH='${CUDNN};${NCCL}' && cmake --build build-gpu -j $(nproc)" \
+      -DCMAKE_CUDA_ARCHITECTURES=90a -DCMAKE_PREFIX_PATH='${CUDNN};${NCCL}' && cmake --build build-gpu -j $(nproc)" \
       > "$OUT/build.log" 2>&1
     rc=$?
     echo "build exit $rc"

@@ -135,8 +135,11 @@ void check_device_options(const TrainConfig& cfg, Device dev) {
            cfg.precision, "'");
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
            cfg.kernels, "'");
-  if (dev.is_cpu())
+  if (dev.is_cpu()) {
     SP_CHECK(cfg.kernels == "custom", "--kernels vendor selects cuBLAS/cuDNN and needs a GPU (--device cuda)");
+    SP_CHECK(cfg.mainloop.empty(), "--mainloop selects the main loop of the bf16 tensor-core kernels and needs a GPU "
+             "(--device cuda)");
+  }
 }
 
 // The activation dtype of --precision: bf16 is mixed precision (bf16 activations, gradients
@@ -567,6 +570,7 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   // vendor (check_device_options admits vendor only on a GPU, so only in a CUDA build).
   const bool vendor = cfg.kernels == "vendor";
   ops::set_kernel_backend(vendor ? ops::KernelBackend::Vendor : ops::KernelBackend::Custom);
+  if (!cfg.mainloop.empty()) ops::set_tensor_core_mainloop(cfg.mainloop);
 #if STALEPROP_WITH_CUDA
   if (vendor) kernels::vendor::set_deterministic(cfg.deterministic);
 #endif
