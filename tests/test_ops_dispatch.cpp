@@ -10,6 +10,7 @@
 
 #include "engine/allocator.h"
 #include "engine/ops.h"
+#include "kernels/common/error.h"
 #include "kernels/cpu/ops.h"
 
 using namespace sp;
@@ -311,3 +312,33 @@ TEST_F(OpsDispatch, QueuedWorkKeepsItsTensorsAlive) {
 }
 
 }  // namespace
+
+// The tensor-core main loop switch (engine/ops.h): names round-trip, a wrong name is refused
+// with the accepted ones, and a build without CUDA says it has none.
+TEST(TensorCoreMainloop, SelectionRoundTripsAndRefusesBadNames) {
+  const std::string before = ops::tensor_core_mainloop();
+  if (!STALEPROP_WITH_CUDA) {
+    EXPECT_EQ(before, "none");
+    EXPECT_FALSE(ops::wgmma_available());
+    try {
+      ops::set_tensor_core_mainloop("wgmma");
+      ADD_FAILURE() << "selecting a main loop without CUDA must throw";
+    } catch (const sp::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("no CUDA backend"), std::string::npos) << e.what();
+    }
+    return;
+  }
+  EXPECT_TRUE(before == "mma_sync" || before == "wgmma") << before;
+  for (const char* name : {"wgmma", "mma_sync"}) {  // selecting is allowed anywhere; running needs sm_90a
+    ops::set_tensor_core_mainloop(name);
+    EXPECT_EQ(ops::tensor_core_mainloop(), name);
+  }
+  try {
+    ops::set_tensor_core_mainloop("hgmma");
+    ADD_FAILURE() << "an unknown main loop must throw";
+  } catch (const sp::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("use mma_sync or wgmma"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(ops::tensor_core_mainloop(), "mma_sync") << "a refused name leaves the selection as it was";
+  ops::set_tensor_core_mainloop(before);
+}

@@ -93,7 +93,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
   BenchResult r;
   r.config = cfg;
   r.device_name = device_description(dev);
-  r.mainloop = ops::tensor_core_mainloop();
+  r.mainloop = dev.is_cuda() ? ops::tensor_core_mainloop() : "none";
   auto s = make_stream(dev);
   Network net = layers::build_resnet(cfg.model, data::kCifarClasses, cfg.seed);
   net.to(dev, *s);

@@ -51,7 +51,7 @@ struct BenchResult {
   int64_t warmup = 0;                  // the warm-up steps actually run
   int64_t units = 0, replayed_units = 0;  // --graphs: module units of the timed steps, and how many were replays
   std::string device_name;
-  std::string mainloop;  // the bf16 tensor-core main loop in effect (ops::tensor_core_mainloop())
+  std::string mainloop;  // the bf16 tensor-core main loop in effect on a GPU, "none" on the CPU
 
   std::string json() const;  // one line, no newline
 };

@@ -433,8 +433,12 @@ int study_main(int argc, char** argv) {
       emit_json(json, r);
     }
   }
-  std::printf("\n%s, batch %d, %s, %s kernels, on %s; %lld timed steps after %lld warm-up steps\n\n", c.model.c_str(),
-              int(c.batch_size), c.precision.c_str(), c.kernels.c_str(), results.front().device_name.c_str(),
+  // The tensor-core main loop matters only for our bf16 kernels on a GPU.
+  const std::string loop = results.front().mainloop;
+  const std::string kernels =
+      c.kernels + " kernels" + (c.kernels == "custom" && c.precision == "bf16" && loop != "none" ? " (" + loop + ")" : "");
+  std::printf("\n%s, batch %d, %s, %s, on %s; %lld timed steps after %lld warm-up steps\n\n", c.model.c_str(),
+              int(c.batch_size), c.precision.c_str(), kernels.c_str(), results.front().device_name.c_str(),
               (long long)c.steps, (long long)c.warmup);
   std::printf("| method | img/s | vs backprop | ms/step | busy per module | peak MiB | activations MiB |\n");
   std::printf("|---|---|---|---|---|---|---|\n");

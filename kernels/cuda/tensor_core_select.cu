@@ -39,7 +39,11 @@ MmaMainloop mma_mainloop() {
   int m = g_mainloop.load(std::memory_order_relaxed);
   if (m < 0) {
     const char* env = std::getenv("STALEPROP_MAINLOOP");
-    m = int(env && *env ? parse_mainloop(env) : MmaMainloop::kMmaSync);
+    try {
+      m = int(env && *env ? parse_mainloop(env) : MmaMainloop::kMmaSync);
+    } catch (const Error& e) {
+      throw Error(std::string("$STALEPROP_MAINLOOP: ") + e.what());
+    }
     int expected = -1;
     if (!g_mainloop.compare_exchange_strong(expected, m, std::memory_order_relaxed)) m = expected;
   }
