@@ -66,6 +66,9 @@ void launch_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, const
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
   if ((opted_in.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
     SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
+    // All of L1 as shared memory where it helps, so the tiles' blocks per SM (kMinBlocks) fit.
+    SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       int(cudaSharedmemCarveoutMaxShared)));
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
   if (plan.splits == 1) {

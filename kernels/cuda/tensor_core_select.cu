@@ -23,11 +23,20 @@ MmaMainloop parse_mainloop(const std::string& name) {
 
 bool wgmma_available() {
 #if STALEPROP_HAVE_SM90A
-  int device = 0, major = 0, minor = 0;
+  // Per device: 0 not asked yet, 1 no, 2 yes (devices past the table are asked every time).
+  static std::atomic<int8_t> known[64] = {};
+  int device = 0;
   SP_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= 0 && device < 64) {
+    const int8_t k = known[device].load(std::memory_order_relaxed);
+    if (k != 0) return k == 2;
+  }
+  int major = 0, minor = 0;
   SP_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   SP_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major == 9 && minor == 0;
+  const bool yes = major == 9 && minor == 0;
+  if (device >= 0 && device < 64) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
+  return yes;
 #else
   return false;
 #endif

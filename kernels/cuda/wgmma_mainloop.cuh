@@ -141,6 +141,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     const int s = step % kS;
     const uint32_t as = ptx::smem_u32(a_smem + s * Tile::kAStage) + LayoutA::x_offset(wg * kWarpgroupRows);
     const uint32_t bs = ptx::smem_u32(b_smem + s * Tile::kBStage);
+    ptx::fence_accumulators(acc);  // no compiler-made access to acc between here and the wait
     ptx::wgmma_fence();
 #pragma unroll
     for (int j = 0; j < kBK / 16; ++j) {
@@ -154,6 +155,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     }
     ptx::wgmma_commit();
     ptx::wgmma_wait<1>();
+    ptx::fence_accumulators(acc);
   }
   ptx::wgmma_wait<0>();
   ptx::fence_accumulators(acc);  // the epilogue reads the accumulators only after the wait
