@@ -8,7 +8,8 @@
 #   throughput  staleprop bench beside bench/pytorch_baseline.py, ResNet-56 at batch 128, fp32 and
 #             bf16, custom and vendor kernels, a short run of each           (T_THROUGHPUT, 150 s)
 #   smoke     short CUDA training runs in fp32 and bf16 on CIFAR-10          (T_SMOKE, 240 s)
-# SANITIZE_TOOLS (memcheck racecheck) and SANITIZE_TESTS (test_cuda_ops test_cuda_tensor_core)
+# SANITIZE_TOOLS (memcheck racecheck) and SANITIZE_TESTS (test_cuda_ops test_cuda_tensor_core);
+# SANITIZE_FILTER, a --gtest_filter for them (e.g. '*/wgmma' for the wgmma main loop's tests)
 # narrow the sanitizer stage. tools/gpu_bench.sh takes the full measurements.
 # Logs go to $OUT (default ./gpu-out), one line per stage to stdout.
 set -uo pipefail
@@ -41,7 +42,7 @@ for stage in $STAGES; do
     for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
       for t in ${SANITIZE_TESTS:-test_cuda_ops test_cuda_tensor_core}; do
         timeout "${T_SANITIZE:-300}" compute-sanitizer --tool "$tool" --error-exitcode 1 "build-gpu/tests/$t" \
-          >> "$OUT/sanitizer.log" 2>&1
+          ${SANITIZE_FILTER:+--gtest_filter="$SANITIZE_FILTER"} >> "$OUT/sanitizer.log" 2>&1
         echo "compute-sanitizer $tool $t exit $?"
       done
     done
