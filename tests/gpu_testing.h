@@ -1,5 +1,6 @@
-// Helpers shared by the GPU test files (test_cuda_ops, test_vendor_ops): seeded host data, the
-// relative-error metric, NaN-poisoned device arrays, and a fixture that skips without a GPU.
+// Helpers shared by the GPU test files (test_cuda_ops, test_vendor_ops, test_cuda_tensor_core):
+// seeded host data, the relative-error metric, NaN-poisoned device arrays, a fixture that skips
+// without a GPU, and engine tensors copied to and from the device.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -7,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -20,6 +22,9 @@
 #include "engine/device.h"
 #include "kernels/common/cuda_check.h"
 #endif
+#include "engine/ops.h"
+#include "engine/stream.h"
+#include "engine/tensor.h"
 
 namespace sp::test {
 
@@ -60,6 +65,29 @@ inline std::string conv_str(const kernels::Conv2dShape& s) {
          std::to_string(s.c) + " k" + std::to_string(s.k) + " " + std::to_string(s.r) + "x" + std::to_string(s.s) +
          " stride " + std::to_string(s.stride) + " pad " + std::to_string(s.pad);
 }
+
+// An fp32 host tensor of seeded values in [-1, 1).
+inline Tensor host_tensor(const Shape& shape, uint32_t seed) {
+  Tensor t = Tensor::empty(shape, DType::F32);
+  const std::vector<float> v = random_vector(size_t(t.numel()), seed);
+  std::memcpy(t.data<float>(), v.data(), v.size() * sizeof(float));
+  return t;
+}
+
+// Engine tensors across the PCIe bus on stream s: a copy of host tensor t on device d
+// (enqueued), and a host copy of device tensor t (waits for it); the values of an fp32 host tensor.
+inline Tensor to_device(Stream& s, const Tensor& t, Device d) {
+  Tensor out = Tensor::empty(t.shape(), t.dtype(), d);
+  ops::copy(s, t, out);
+  return out;
+}
+inline Tensor to_host(Stream& s, const Tensor& t) {
+  Tensor out = Tensor::empty(t.shape(), t.dtype());
+  ops::copy(s, t, out);
+  s.synchronize();
+  return out;
+}
+inline std::vector<float> host_values(const Tensor& t) { return {t.data<float>(), t.data<float>() + t.numel()}; }
 
 #if STALEPROP_WITH_CUDA
 

@@ -843,30 +843,12 @@ TEST_F(CudaOps, RepeatedRunsAreBitIdentical) {
 
 // ---- Through the engine's ops:: API on a CUDA stream ---------------------------------------
 
-Tensor host_tensor(const Shape& shape, uint32_t seed) {
-  Tensor t = Tensor::empty(shape, DType::F32);
-  const std::vector<float> v = random_vector(size_t(t.numel()), seed);
-  std::memcpy(t.data<float>(), v.data(), v.size() * sizeof(float));
-  return t;
-}
-
-std::vector<float> host_values(const Tensor& t) { return {t.data<float>(), t.data<float>() + t.numel()}; }
-
 TEST_F(CudaOps, EngineOpsOnACudaStream) {
   auto cs = make_stream(Device::cuda(0));
   auto hs = make_stream(Device::cpu());
   const Device gpu = Device::cuda(0);
-  auto to_gpu = [&](const Tensor& t) {
-    Tensor d = Tensor::empty(t.shape(), t.dtype(), gpu);
-    ops::copy(*cs, t, d);
-    return d;
-  };
-  auto to_host = [&](const Tensor& d) {
-    Tensor t = Tensor::empty(d.shape(), d.dtype());
-    ops::copy(*cs, d, t);
-    cs->synchronize();
-    return t;
-  };
+  auto to_gpu = [&](const Tensor& t) { return to_device(*cs, t, gpu); };
+  auto to_host = [&](const Tensor& d) { return test::to_host(*cs, d); };
 
   // Convolution with bias, then a training-mode batch norm, on both devices.
   const Tensor x = host_tensor({4, 9, 9, 8}, 1700), w = host_tensor({12, 3, 3, 8}, 1701),

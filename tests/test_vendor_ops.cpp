@@ -47,15 +47,6 @@ bool bits_equal(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
-Tensor host_tensor(const Shape& shape, uint32_t seed) {
-  Tensor t = Tensor::empty(shape, DType::F32);
-  const std::vector<float> v = random_vector(size_t(t.numel()), seed);
-  std::memcpy(t.data<float>(), v.data(), v.size() * sizeof(float));
-  return t;
-}
-
-std::vector<float> host_values(const Tensor& t) { return {t.data<float>(), t.data<float>() + t.numel()}; }
-
 // Restores the process-wide backend whatever the test does.
 struct BackendGuard {
   ~BackendGuard() { ops::set_kernel_backend(ops::KernelBackend::Custom); }
@@ -311,17 +302,8 @@ TEST_F(VendorOps, EngineSwitchRoutesCudaOps) {
   BackendGuard guard;
   auto cs = make_stream(Device::cuda(0));
   const Device gpu = Device::cuda(0);
-  auto to_gpu = [&](const Tensor& t) {
-    Tensor d = Tensor::empty(t.shape(), t.dtype(), gpu);
-    ops::copy(*cs, t, d);
-    return d;
-  };
-  auto values = [&](const Tensor& d) {
-    Tensor t = Tensor::empty(d.shape(), d.dtype());
-    ops::copy(*cs, d, t);
-    cs->synchronize();
-    return host_values(t);
-  };
+  auto to_gpu = [&](const Tensor& t) { return to_device(*cs, t, gpu); };
+  auto values = [&](const Tensor& d) { return host_values(to_host(*cs, d)); };
   auto stream = [&] { return static_cast<cudaStream_t>(cs->native_handle()); };
 
   // GEMM with a long K, where the two implementations almost surely round differently, so each
