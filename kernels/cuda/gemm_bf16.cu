@@ -1,9 +1,10 @@
 // bf16 tensor-core GEMM (tensor_core.h): the strided-matrix instance of the main loop in
 // mma_mainloop.cuh, one kernel per (transpose pair, tile, C type).
 //
-// Measured with ptxas -v (CUDA 13.0, sm_90, -O3), no spill stores or loads in any instance:
+// Measured with cuobjdump --dump-resource-usage (CUDA 13.0, sm_90a, -O3), no stack in any
+// instance, mma.sync main loop:
 //   128 x 128 tile (N > 64)    127-128 registers (capped: 2 blocks per SM), 61,440 B dynamic smem
-//   128 x 64 tile  (N <= 64)   171-199 registers,                           46,080 B dynamic smem
+//   128 x 64 tile  (N <= 64)   171-198 registers,                           46,080 B dynamic smem
 // and cuobjdump -sass shows the main loop as HMMA.16816.F32.BF16, LDSM.16.M88.4 (ldmatrix),
 // LDSM.16.MT88.4 (ldmatrix .trans), LDGSTS.E.BYPASS.128.ZFILL (cp.async.cg 16 B, zero fill)
 // with LDGDEPBAR / DEPBAR.LE (commit_group / wait_group).

@@ -52,7 +52,7 @@ constexpr int max_int(int a, int b) { return a > b ? a : b; }
 
 template <int BM, int BN, int WarpsM, int WarpsN, int MinBlocks>
 struct MmaTile {
-  static constexpr int kBM = BM, kBN = BN, kBK = mma::kBK;
+  static constexpr int kBM = BM, kBN = BN, kBK = mma::kBK, kStages = mma::kStages;
   static constexpr int kMinBlocks = MinBlocks;  // per SM, for __launch_bounds__ (caps the registers)
   static constexpr int kWarpsM = WarpsM, kWarpsN = WarpsN;
   static constexpr int kThreads = kWarpSize * WarpsM * WarpsN;
@@ -72,7 +72,7 @@ struct MmaTile {
 // memory; capped at 128 registers so that 2 blocks (16 warps) share an SM.
 using MmaTileLarge = MmaTile<128, 128, 2, 4, 2>;
 // 128 x 64, 4 warps (2 x 2) of 64 x 32: N <= 64 (ResNet stages of 64 channels). 46,080 B;
-// left uncapped: up to ~200 registers, 2 blocks per SM (a cap of 168 for 3 blocks spilled).
+// left uncapped: up to ~220 registers, 2 blocks per SM (a cap of 168 for 3 blocks spilled).
 using MmaTileMedium = MmaTile<128, 64, 2, 2, 1>;
 // 128 x 32, 4 warps (4 x 1) of 32 x 32: N <= 32 (ResNet-20's 16 and 32 channels). 38,400 B,
 // at most 128 registers (4 blocks per SM).
@@ -242,6 +242,33 @@ struct StageFill {
   }
 };
 
+// Both operands of a block tile at (m0, n0), K from k_begin: fill(step) issues the copies of K
+// step `step` into stage step % Tile::kStages of the A and B rings (Tile::kAStage and
+// Tile::kBStage elements per stage), each thread its share (StageFill). Past the slice's end
+// the loaders' bounds checks cannot help (the next slice's K is inside the operand), so the
+// callers skip those steps.
+template <class Tile, class LoaderA, class LoaderB, class LayoutA, class LayoutB>
+struct BlockFill {
+  const LoaderA& a;
+  const LoaderB& b;
+  uint16_t* a_smem;
+  uint16_t* b_smem;
+  int m0, n0, k_begin;
+  StageFill<LoaderA, Tile::kBM, Tile::kThreads, LayoutA> fill_a;
+  StageFill<LoaderB, Tile::kBN, Tile::kThreads, LayoutB> fill_b;
+
+  __device__ BlockFill(const LoaderA& la, const LoaderB& lb, uint16_t* as, uint16_t* bs, int m, int n, int k)
+      : a(la), b(lb), a_smem(as), b_smem(bs), m0(m), n0(n), k_begin(k) {
+    fill_a.init(a, m0);
+    fill_b.init(b, n0);
+  }
+  __device__ void fill(int step) const {
+    const int s = step % Tile::kStages, k0 = k_begin + step * Tile::kBK;
+    fill_a.fill(a, a_smem + s * Tile::kAStage, m0, k0);
+    fill_b.fill(b, b_smem + s * Tile::kBStage, n0, k0);
+  }
+};
+
 // ---- Fragments: shared -> registers ------------------------------------------------------------
 // A fragments of the 16 x 16 piece at (rows x0.., k kk..) of an A stage.
 template <bool ContigK, int kX>
@@ -285,17 +312,8 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const int warp = int(threadIdx.x) / kWarpSize, lane = int(threadIdx.x) % kWarpSize;
   const int wm0 = warp / Tile::kWarpsN * Tile::kWM, wn0 = warp % Tile::kWarpsN * Tile::kWN;
 
-  StageFill<LoaderA, Tile::kBM, Tile::kThreads> fill_a;
-  StageFill<LoaderB, Tile::kBN, Tile::kThreads> fill_b;
-  fill_a.init(a, m0);
-  fill_b.init(b, n0);
-  // The K step `step` into stage `step % kStages`. Past the slice's end the loaders' bounds
-  // checks cannot help (the next slice's K is inside the operand), so those steps are skipped.
-  auto fill = [&](int step) {
-    const int s = step % kStages, k0 = k_begin + step * kBK;
-    fill_a.fill(a, a_smem + s * Tile::kAStage, m0, k0);
-    fill_b.fill(b, b_smem + s * Tile::kBStage, n0, k0);
-  };
+  const BlockFill<Tile, LoaderA, LoaderB, PaddedLayout<Tile::kBM>, PaddedLayout<Tile::kBN>> stages(
+      a, b, a_smem, b_smem, m0, n0, k_begin);
 
   float acc[Tile::kMI][Tile::kNI][4];
 #pragma unroll
@@ -309,7 +327,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   // so that the group count, and with it wait_group's meaning, is the same for every step).
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < k_steps) fill(s);
+    if (s < k_steps) stages.fill(s);
     ptx::cp_async_commit();
   }
 
@@ -319,7 +337,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     // which the fill below overwrites.
     ptx::cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (step + kStages - 1 < k_steps) fill(step + kStages - 1);
+    if (step + kStages - 1 < k_steps) stages.fill(step + kStages - 1);
     ptx::cp_async_commit();
 
     const uint16_t* as = a_smem + step % kStages * Tile::kAStage;

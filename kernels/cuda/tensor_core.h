@@ -21,11 +21,11 @@
 // adds them in slice order, the split depending on the shape alone: the same inputs give
 // bit-identical outputs on every run and every GPU of the same architecture.
 //
-// Built for sm_80 and newer (mma.sync bf16, ldmatrix, cp.async). cuobjdump -sass of the built
-// objects shows HMMA.16816.F32.BF16, LDSM.16.M88.4 / LDSM.16.MT88.4 and
-// LDGSTS.E.BYPASS.128.ZFILL in the main-loop kernels. ptxas (sm_90, -O3): no spills; 128 x 128
-// tiles 128 registers and 61,440 B of dynamic shared memory, narrower tiles up to 199
-// registers (gemm_bf16.cu and conv_bf16.cu list the measured numbers).
+// mma_sync is built for sm_80 and newer (mma.sync bf16, ldmatrix, cp.async); cuobjdump -sass
+// of the built objects shows HMMA.16816.F32.BF16, LDSM.16.M88.4 / LDSM.16.MT88.4 and
+// LDGSTS.E.BYPASS.128.ZFILL in its main-loop kernels; (sm_90a, -O3) no spills, 128 x 128 tiles
+// 128 registers and 61,440 B of dynamic shared memory, narrower tiles up to 221 registers
+// (gemm_bf16.cu and conv_bf16.cu list the measured numbers).
 #pragma once
 
 #include <cuda_runtime_api.h>

@@ -35,8 +35,8 @@
 // Measured with cuobjdump (CUDA 13.0, sm_90a, -O3): the main loop is HGMMA.64x128x16.F32.BF16
 // (or 64x64x16) on gdesc operands (.tnspA/.tnspB for MN-major ones), WARPGROUP.ARRIVE,
 // WARPGROUP.DEPBAR.LE gsb0 0x1, FENCE.VIEW.ASYNC.S and LDGSTS.E.BYPASS.128.ZFILL; registers:
-// 128 x 128 tiles 172-191, 128 x 64 tiles 117-128 with no stack, except the 128 x 64
-// backward-weight instance (capped at 128 registers for two blocks per SM: 48 bytes of stack).
+// 128 x 128 tiles 168-191, 128 x 64 tiles 118-128 (capped for two blocks per SM), no stack in
+// any instance.
 // It has not yet run on a GPU: the CPU tests check its shared-memory layout and descriptors
 // against the canonical layouts (tests/test_wgmma_layout.cpp); the GPU tests run every
 // tensor-core test on both main loops (tests/test_cuda_tensor_core.cpp).
@@ -56,7 +56,6 @@ namespace sp::kernels::cuda::detail::wgmma {
 
 using mma::MmaEpilogue;
 using mma::MmaGeometry;
-using mma::StageFill;
 
 template <int BN, int Stages, int MinBlocks>
 struct WgTile {
@@ -108,15 +107,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const int k_steps = (k_end - k_begin + kBK - 1) / kBK;  // >= 1: the host never launches an empty slice
   const int wg = int(threadIdx.x) / kWarpgroupThreads;
 
-  StageFill<LoaderA, Tile::kBM, Tile::kThreads, LayoutA> fill_a;
-  StageFill<LoaderB, Tile::kBN, Tile::kThreads, LayoutB> fill_b;
-  fill_a.init(a, m0);
-  fill_b.init(b, n0);
-  auto fill = [&](int step) {
-    const int s = step % kS, k0 = k_begin + step * kBK;
-    fill_a.fill(a, a_smem + s * Tile::kAStage, m0, k0);
-    fill_b.fill(b, b_smem + s * Tile::kBStage, n0, k0);
-  };
+  const mma::BlockFill<Tile, LoaderA, LoaderB, LayoutA, LayoutB> stages(a, b, a_smem, b_smem, m0, n0, k_begin);
 
   float acc[Tile::kAcc];
 #pragma unroll
@@ -126,7 +117,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   // wait_group means the same at every step).
 #pragma unroll
   for (int s = 0; s < kAhead; ++s) {
-    if (s < k_steps) fill(s);
+    if (s < k_steps) stages.fill(s);
     ptx::cp_async_commit();
   }
 
@@ -135,7 +126,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     ptx::cp_async_wait<kAhead - 1>();  // this thread's copies of `step` have landed
     ptx::fence_proxy_async_shared();   // ... and are ordered before the async proxy's reads
     __syncthreads();                   // everyone's; and step - 2's stage is free (see the top)
-    if (step + kAhead < k_steps) fill(step + kAhead);
+    if (step + kAhead < k_steps) stages.fill(step + kAhead);
     ptx::cp_async_commit();
 
     const int s = step % kS;
