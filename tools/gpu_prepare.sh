@@ -4,6 +4,8 @@
 #   .carry/googletest   GoogleTest's sources (built there by the top-level CMakeLists.txt)
 #   .carry/benchmark    Google Benchmark's headers and shared library
 #   .carry/data         the CIFAR-10 pack and its unpack script (for accuracy runs)
+#   .carry/bin          build-cuda/tools/staleprop when that build is current (tools/gpu_session.sh
+#                       starts its accuracy run on it while the GPU machine builds)
 #   .carry/commit       the commit being tested (the GPU machine gets no .git)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,10 @@ cp -r /usr/include/benchmark .carry/benchmark/include/
 for f in /usr/lib/x86_64-linux-gnu/libbenchmark.so.*; do cp -L "$f" .carry/benchmark/lib/; done
 if [ -f ../shared/data/cifar10-jpeg.pack.gz ]; then
   cp ../shared/data/cifar10-jpeg.pack.gz ../shared/data/unpack_cifar10.py ../shared/data/SHA256SUMS .carry/data/
+fi
+if [ -x build-cuda/tools/staleprop ] && [ -z "$(git status --porcelain --untracked-files=no)" ] &&
+   ! ninja -C build-cuda -n tools/staleprop 2>/dev/null | grep -qE 'Building|Linking'; then
+  mkdir -p .carry/bin && cp build-cuda/tools/staleprop .carry/bin/
 fi
 git rev-parse HEAD > .carry/commit
 du -sh .carry

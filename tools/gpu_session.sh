@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# A whole GPU session in one device call (the lease is short: see ../shared/guide/gpu.md). Run
+# tools/gpu_prepare.sh here first; it also copies a current build-cuda/tools/staleprop into
+# .carry/bin/ when there is one, so the accuracy run starts at once instead of after the build.
+# Order, each step bounded so that the results are packed before DEADLINE seconds (default 560):
+#   1. unpack CIFAR-10; start the accuracy run (TRAIN_ARGS) in the background, on the carried
+#      binary when present (else after the build), its metrics in train.jsonl;
+#   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test (ctest);
+#   3. compute-sanitizer memcheck and racecheck on the wgmma main loop's tests, memcheck on the
+#      batch-norm kernels (SAN_CAP seconds each, default 55);
+#   4. wait for the accuracy run, so that nothing shares the GPU with the measurements;
+#   5. gpu_bench.sh stage 5 (mma_sync vs wgmma), then stage 4 (CUDA graphs) as time allows;
+#   6. Nsight Compute sections of our bf16 GEMM on each main loop, when ncu is there and time is left.
+# Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+export OUT
+mkdir -p "$OUT"
+DEADLINE=${DEADLINE:-560}
+SAN_CAP=${SAN_CAP:-55}
+TRAIN_ARGS=${TRAIN_ARGS:-"--model resnet20 --precision bf16 --epochs 160 --batch-size 128 --lr 0.2 \
+--schedule onecycle --warmup-epochs 3 --weight-decay 5e-4 --nesterov"}
+left() { echo $((DEADLINE - SECONDS)); }
+log() { echo "[$(printf '%3d' $SECONDS) s] $*" | tee -a "$OUT/session.txt"; }
+prefix_of() { python3 -c "import nvidia.$1 as m; print(list(m.__path__)[0])" 2>/dev/null; }
+CUDNN=$(prefix_of cudnn) NCCL=$(prefix_of nccl)
+export LD_LIBRARY_PATH="${CUDNN:+$CUDNN/lib:}${NCCL:+$NCCL/lib:}$PWD/.carry/benchmark/lib:${LD_LIBRARY_PATH:-}"
+
+TRAIN_PID=
+start_train() {
+  log "accuracy run on $1: staleprop train $TRAIN_ARGS"
+  (
+    timeout "${T_TRAIN:-400}" "$1" train --device cuda $TRAIN_ARGS --progress plain --metrics "$OUT/train.jsonl" \
+      > "$OUT/train.log" 2>&1
+    echo "train exit $?" >> "$OUT/train.log"
+  ) &
+  TRAIN_PID=$!
+}
+if [ -f .carry/data/cifar10-jpeg.pack.gz ]; then
+  python3 .carry/data/unpack_cifar10.py .carry/data/cifar10-jpeg.pack.gz data/cifar-10-batches-bin > /dev/null
+  [ -x .carry/bin/staleprop ] && start_train .carry/bin/staleprop
+fi
+
+log "build"
+STAGES=build nice -n 10 tools/gpu_check.sh | tee -a "$OUT/session.txt" || exit 1
+[ -z "$TRAIN_PID" ] && [ -d data/cifar-10-batches-bin ] && start_train build-gpu/tools/staleprop
+log "ctest"
+STAGES=test tools/gpu_check.sh | tee -a "$OUT/session.txt"
+
+log "compute-sanitizer"
+san() {  # tool test filter
+  timeout "$SAN_CAP" compute-sanitizer --tool "$1" --error-exitcode 1 "build-gpu/tests/$2" --gtest_filter="$3" \
+    > "$OUT/sanitizer-$1-$2.log" 2>&1
+  local rc=$?
+  log "compute-sanitizer $1 $2 '$3' exit $rc ($(grep -c '\[       OK \]' "$OUT/sanitizer-$1-$2.log") tests passed" \
+    "before the end or the ${SAN_CAP} s cap; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer-$1-$2.log"))"
+}
+san memcheck test_cuda_tensor_core '*/wgmma'
+san racecheck test_cuda_tensor_core '*/wgmma'
+san memcheck test_cuda_ops '*BatchNorm*'
+
+if [ -n "$TRAIN_PID" ]; then
+  log "waiting for the accuracy run"
+  wait "$TRAIN_PID"
+  log "$(tail -1 "$OUT/train.log")"
+fi
+
+log "gpu_bench stage 5"
+STAGES=5 MIN_TIME=0.02 timeout $(( $(left) - 40 )) tools/gpu_bench.sh | tee -a "$OUT/session.txt"
+log "gpu_bench stage 4"
+STAGES=4 timeout $(( $(left) - 40 )) tools/gpu_bench.sh | tee -a "$OUT/session.txt"
+
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  for loop in mma_sync wgmma; do
+    [ "$(left)" -gt 15 ] || break
+    log "ncu bf16 GEMM 4096^3 on $loop"
+    timeout $(( $(left) - 10 )) "$NCU" --kernel-name regex:'mma_gemm_kernel|wgmma_gemm_kernel' --launch-skip 2 \
+      --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section Occupancy --section WarpStateStats --section LaunchStats \
+      build-gpu/bench/bench_gpu_kernels --mainloop=$loop --benchmark_filter='^gemm_bf16/square/m4096' \
+      --benchmark_min_time=0.001 > "$OUT/ncu-$loop.txt" 2>&1
+    log "ncu exit $?"
+  done
+else
+  log "no ncu on this machine"
+fi
+log "done"
+tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
