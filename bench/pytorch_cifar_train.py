@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Accuracy baseline: train the same CIFAR ResNet in PyTorch eager mode on the same files.
+
+A measuring stick for `staleprop train`'s test accuracy, not part of the engine. It reads the
+CIFAR-10 binary files staleprop reads, normalises with the per-channel mean and standard
+deviation of the training images (as staleprop does), augments by a random 32x32 crop of the
+image zero-padded by 4 (black, before normalising) and a horizontal flip, reshuffles every
+epoch, and trains with SGD and staleprop's learning-rate schedules (per step: linear warm-up,
+then constant, multistep at fractions of the run, cosine, or onecycle's linear decay). The
+model is bench/pytorch_baseline.py's. The dataset lives on the GPU. One JSON line per epoch:
+
+    python3 bench/pytorch_cifar_train.py --model resnet20 --epochs 30 --schedule cosine --bf16
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pytorch_baseline import build  # noqa: E402
+
+
+def read_batches(directory, names):
+    raw = b"".join(open(os.path.join(directory, n), "rb").read() for n in names)
+    rec = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3073)
+    labels = rec[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise SystemExit(f"label {labels.max()} outside 0-9 in {directory}")
+    return rec[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+def lr_at(step, a, total, warmup):
+    if warmup > 0 and step < warmup:
+        return a.lr * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    if a.schedule == "constant":
+        return a.lr
+    if a.schedule == "multistep":
+        return a.lr * a.gamma ** sum(step >= round(f * total) for f in a.milestones)
+    if a.schedule == "cosine":
+        return a.lr * 0.5 * (1 + math.cos(math.pi * t))
+    return a.lr * (1 - t)  # onecycle
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="resnet20")
+    ap.add_argument("--data", default=os.environ.get("CIFAR10_DIR", "data/cifar-10-batches-bin"))
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--nesterov", action="store_true")
+    ap.add_argument("--weight-decay", type=float, default=5e-4)
+    ap.add_argument("--schedule", default="multistep", choices=["constant", "multistep", "cosine", "onecycle"])
+    ap.add_argument("--milestones", type=lambda s: [float(f) for f in s.split(",")], default=[0.5, 0.75])
+    ap.add_argument("--gamma", type=float, default=0.1)
+    ap.add_argument("--warmup-epochs", type=float, default=0)
+    ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--metrics", help="append the JSON lines to this file too")
+    a = ap.parse_args()
+
+    torch.manual_seed(a.seed)
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    xtr, ytr = read_batches(a.data, [f"data_batch_{i}.bin" for i in range(1, 6)])
+    xte, yte = read_batches(a.data, ["test_batch.bin"])
+    mean = torch.tensor(xtr.mean(axis=(0, 2, 3)) / 255.0, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(xtr.astype(np.float64).std(axis=(0, 2, 3)) / 255.0, dtype=torch.float32,
+                       device=dev).view(1, 3, 1, 1)
+    xtr, ytr = torch.from_numpy(xtr.copy()).to(dev), torch.from_numpy(ytr).to(dev)
+    xte, yte = torch.from_numpy(xte.copy()).to(dev), torch.from_numpy(yte).to(dev)
+    fmt = torch.channels_last if a.channels_last else torch.contiguous_format
+
+    def prep(x):
+        return ((x.float() / 255.0 - mean) / std).contiguous(memory_format=fmt)
+
+    ar = torch.arange(32, device=dev)
+
+    def augment(x):  # x: uint8 [B,3,32,32]
+        b = x.shape[0]
+        xp = F.pad(x, (4, 4, 4, 4))
+        oy = torch.randint(0, 9, (b,), device=dev)
+        ox = torch.randint(0, 9, (b,), device=dev)
+        iy = (oy[:, None] + ar)[:, None, :, None]
+        ix = (ox[:, None] + ar)[:, None, None, :]
+        out = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
+                 iy, ix]
+        flip = torch.rand(b, device=dev) < 0.5
+        return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+    model = build(a.model).to(dev).to(memory_format=fmt)
+    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
+                          weight_decay=a.weight_decay)
+    n = xtr.shape[0]
+    steps_per_epoch = n // a.batch_size + (n % a.batch_size != 0)
+    total = steps_per_epoch * a.epochs
+    warmup = round(a.warmup_epochs * steps_per_epoch)
+    step, t0 = 0, time.time()
+    out = open(a.metrics, "a") if a.metrics else None
+    for epoch in range(1, a.epochs + 1):
+        model.train()
+        perm = torch.randperm(n, device=dev)
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev, dtype=torch.int64)
+        for i in range(steps_per_epoch):
+            idx = perm[i * a.batch_size:(i + 1) * a.batch_size]
+            x, y = prep(augment(xtr[idx])), ytr[idx]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, a, total, warmup)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.bf16):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * y.shape[0]
+            correct += (logits.argmax(1) == y).sum()
+            step += 1
+        model.eval()
+        test_correct, test_loss = 0, 0.0
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.bf16):
+            for i in range(0, xte.shape[0], 500):
+                logits = model(prep(xte[i:i + 500])).float()
+                test_loss += F.cross_entropy(logits, yte[i:i + 500], reduction="sum").item()
+                test_correct += (logits.argmax(1) == yte[i:i + 500]).sum().item()
+        line = json.dumps({
+            "framework": "pytorch-eager", "torch": torch.__version__, "model": a.model, "bf16": a.bf16,
+            "event": "epoch", "epoch": epoch, "step": step, "loss": loss_sum.item() / n,
+            "train_acc": correct.item() / n, "test_loss": test_loss / xte.shape[0],
+            "test_acc": test_correct / xte.shape[0], "lr": lr_at(step - 1, a, total, warmup),
+            "elapsed_s": time.time() - t0})
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
+
+
+if __name__ == "__main__":
+    main()
