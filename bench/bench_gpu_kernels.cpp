@@ -33,8 +33,9 @@
 //     call and kept while its repetitions run (Google Benchmark runs them back to back), then
 //     freed when the next benchmark starts; warm-up calls run before anything is timed.
 //
-// The bf16 tensor-core kernels run on the main loop --mainloop=mma_sync|wgmma selects (default:
-// $STALEPROP_MAINLOOP, else mma_sync); the JSON context records it as tensor_core_mainloop.
+// The bf16 tensor-core kernels run on the main loop --mainloop=auto|mma_sync|wgmma selects
+// (default: $STALEPROP_MAINLOOP, else auto: wgmma where it can run, else mma_sync); the JSON
+// context records the one in use as tensor_core_mainloop.
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):
@@ -101,7 +102,7 @@ void env_init() {
   benchmark::AddCustomContext("gpu", prop.name);
   benchmark::AddCustomContext("gpu_l2_bytes", std::to_string(g_env.l2_bytes));
   benchmark::AddCustomContext("cudnn_version", std::to_string(cudnnGetVersion()));
-  benchmark::AddCustomContext("tensor_core_mainloop", kc::mainloop_name(kc::mma_mainloop()));
+  benchmark::AddCustomContext("tensor_core_mainloop", kc::mainloop_name(kc::effective_mma_mainloop()));
 }
 
 void env_destroy() {

@@ -227,6 +227,15 @@ std::string tensor_core_mainloop() {
 #endif
 }
 
+std::string tensor_core_mainloop_in_use() {
+#if STALEPROP_WITH_CUDA
+  if (cuda_device_count() == 0) return "none";
+  return kernels::cuda::mainloop_name(kernels::cuda::effective_mma_mainloop());
+#else
+  return "none";
+#endif
+}
+
 bool wgmma_available() {
 #if STALEPROP_WITH_CUDA
   return cuda_device_count() > 0 && kernels::cuda::wgmma_available();

@@ -42,12 +42,16 @@ void set_kernel_backend(KernelBackend backend);
 KernelBackend kernel_backend();
 
 // ---- Main loop of our bf16 tensor-core kernels (process-wide) ---------------------------------
-// "mma_sync" (any GPU from sm_80) or "wgmma" (Hopper: an sm_90a build on a compute capability
-// 9.0 GPU); see kernels/cuda/tensor_core.h. The default is $STALEPROP_MAINLOOP when set, else
-// mma_sync. Without CUDA, tensor_core_mainloop() is "none" and setting one throws; an unknown
-// name throws; selecting wgmma where it cannot run throws at the first bf16 GEMM/convolution.
+// "mma_sync" (any GPU from sm_80), "wgmma" (Hopper: an sm_90a build on a compute capability 9.0
+// GPU) or "auto" (wgmma where it can run, else mma_sync; decided per device); see
+// kernels/cuda/tensor_core.h. The default is $STALEPROP_MAINLOOP when set, else auto.
+// tensor_core_mainloop() is the selection, tensor_core_mainloop_in_use() what the kernels run on
+// the current device ("none" without a CUDA device). Without CUDA both are "none" and setting one
+// throws; an unknown name throws; selecting wgmma where it cannot run throws at the first bf16
+// GEMM/convolution.
 void set_tensor_core_mainloop(const std::string& name);
 std::string tensor_core_mainloop();
+std::string tensor_core_mainloop_in_use();
 bool wgmma_available();  // this build has sm_90a code and the current GPU is compute capability 9.0
 
 // C = alpha * op(A) * op(B) + beta * C for 2-D tensors (row-major).

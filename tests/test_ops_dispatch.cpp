@@ -9,6 +9,7 @@
 #include <random>
 
 #include "engine/allocator.h"
+#include "engine/device.h"
 #include "engine/ops.h"
 #include "kernels/common/error.h"
 #include "kernels/cpu/ops.h"
@@ -319,6 +320,7 @@ TEST(TensorCoreMainloop, SelectionRoundTripsAndRefusesBadNames) {
   const std::string before = ops::tensor_core_mainloop();
   if (!STALEPROP_WITH_CUDA) {
     EXPECT_EQ(before, "none");
+    EXPECT_EQ(ops::tensor_core_mainloop_in_use(), "none");
     EXPECT_FALSE(ops::wgmma_available());
     try {
       ops::set_tensor_core_mainloop("wgmma");
@@ -328,16 +330,25 @@ TEST(TensorCoreMainloop, SelectionRoundTripsAndRefusesBadNames) {
     }
     return;
   }
-  EXPECT_TRUE(before == "mma_sync" || before == "wgmma") << before;
-  for (const char* name : {"wgmma", "mma_sync"}) {  // selecting is allowed anywhere; running needs sm_90a
+  EXPECT_TRUE(before == "auto" || before == "mma_sync" || before == "wgmma") << before;
+  for (const char* name : {"wgmma", "auto", "mma_sync"}) {  // selecting is allowed anywhere; running needs sm_90a
     ops::set_tensor_core_mainloop(name);
     EXPECT_EQ(ops::tensor_core_mainloop(), name);
+  }
+  // An explicit choice is what runs; auto resolves per device, and without a GPU nothing runs.
+  if (cuda_device_count() == 0) {
+    EXPECT_EQ(ops::tensor_core_mainloop_in_use(), "none");
+  } else {
+    EXPECT_EQ(ops::tensor_core_mainloop_in_use(), "mma_sync");
+    ops::set_tensor_core_mainloop("auto");
+    EXPECT_EQ(ops::tensor_core_mainloop_in_use(), ops::wgmma_available() ? "wgmma" : "mma_sync");
+    ops::set_tensor_core_mainloop("mma_sync");
   }
   try {
     ops::set_tensor_core_mainloop("hgmma");
     ADD_FAILURE() << "an unknown main loop must throw";
   } catch (const sp::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("use mma_sync or wgmma"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("use auto, mma_sync or wgmma"), std::string::npos) << e.what();
   }
   EXPECT_EQ(ops::tensor_core_mainloop(), "mma_sync") << "a refused name leaves the selection as it was";
   ops::set_tensor_core_mainloop(before);

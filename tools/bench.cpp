@@ -93,7 +93,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
   BenchResult r;
   r.config = cfg;
   r.device_name = device_description(dev);
-  r.mainloop = dev.is_cuda() ? ops::tensor_core_mainloop() : "none";
+  r.mainloop = dev.is_cuda() ? ops::tensor_core_mainloop_in_use() : "none";
   auto s = make_stream(dev);
   Network net = layers::build_resnet(cfg.model, data::kCifarClasses, cfg.seed);
   net.to(dev, *s);

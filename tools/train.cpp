@@ -223,10 +223,13 @@ struct Run {
 
   void banner(const std::string& method) const {
     if (progress.quiet()) return;
+    std::string precision = cfg.precision == "bf16" ? ", bf16 mixed precision" : "";
+    if (cfg.precision == "bf16" && device.is_cuda() && cfg.kernels != "vendor")
+      precision += " (" + ops::tensor_core_mainloop_in_use() + " main loop)";
     std::printf("staleprop train: %s (%.2fM parameters) on %s, %s, %lld train / %lld test images, batch %lld, "
                 "%d epochs of %lld steps%s\n",
                 cfg.model.c_str(), double(net.num_parameters()) / 1e6, device.str().c_str(),
-                (method + (cfg.precision == "bf16" ? ", bf16 mixed precision" : "")).c_str(),
+                (method + precision).c_str(),
                 (long long)train_set.size(), (long long)test_set.size(), (long long)cfg.batch_size, cfg.epochs,
                 (long long)spe,
                 device.is_cpu() ? (", " + std::to_string(kernels::cpu::num_threads()) + " CPU threads").c_str() : "");

@@ -38,18 +38,22 @@
 namespace sp::kernels::cuda {
 
 // ---- Main loop -------------------------------------------------------------------------------
-enum class MmaMainloop { kMmaSync, kWgmma };
-const char* mainloop_name(MmaMainloop m);  // "mma_sync", "wgmma"
-// "mma_sync" or "wgmma"; anything else throws sp::Error naming the accepted values.
+// kAuto: wgmma where wgmma_available() (faster there: bench/results/nvidia-h200/
+// 2026-11-26-mainloops.md), else mma_sync; decided per device at each launch.
+enum class MmaMainloop { kAuto, kMmaSync, kWgmma };
+const char* mainloop_name(MmaMainloop m);  // "auto", "mma_sync", "wgmma"
+// "auto", "mma_sync" or "wgmma"; anything else throws sp::Error naming the accepted values.
 MmaMainloop parse_mainloop(const std::string& name);
 // Whether this build holds wgmma code (built for sm_90a) and the current device can run it
 // (compute capability 9.0).
 bool wgmma_available();
-// The main loop of every later bf16 GEMM and convolution in this process. The default is the
-// environment variable STALEPROP_MAINLOOP (mma_sync or wgmma) when set, else mma_sync. A call
-// with wgmma selected where wgmma_available() is false throws sp::Error saying why.
+// The main loop selected for every later bf16 GEMM and convolution in this process. The default
+// is the environment variable STALEPROP_MAINLOOP (auto, mma_sync or wgmma) when set, else auto.
+// A call with wgmma selected where wgmma_available() is false throws sp::Error saying why.
 void set_mma_mainloop(MmaMainloop m);
 MmaMainloop mma_mainloop();
+// The main loop the kernels run on the current device: the selection with auto resolved.
+MmaMainloop effective_mma_mainloop();
 
 // ---- GEMM ------------------------------------------------------------------------------------
 // Row-major C[M,N] = relu?( alpha * op(A) * op(B) + beta * C + bias[j] ); beta == 0 never reads

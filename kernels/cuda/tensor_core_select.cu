@@ -13,12 +13,20 @@ std::atomic<int> g_mainloop{-1};
 
 }  // namespace
 
-const char* mainloop_name(MmaMainloop m) { return m == MmaMainloop::kWgmma ? "wgmma" : "mma_sync"; }
+const char* mainloop_name(MmaMainloop m) {
+  switch (m) {
+    case MmaMainloop::kAuto: return "auto";
+    case MmaMainloop::kMmaSync: return "mma_sync";
+    case MmaMainloop::kWgmma: return "wgmma";
+  }
+  return "?";
+}
 
 MmaMainloop parse_mainloop(const std::string& name) {
+  if (name == "auto") return MmaMainloop::kAuto;
   if (name == "mma_sync") return MmaMainloop::kMmaSync;
   if (name == "wgmma") return MmaMainloop::kWgmma;
-  throw Error("unknown tensor-core main loop '" + name + "': use mma_sync or wgmma");
+  throw Error("unknown tensor-core main loop '" + name + "': use auto, mma_sync or wgmma");
 }
 
 bool wgmma_available() {
@@ -49,7 +57,7 @@ MmaMainloop mma_mainloop() {
   if (m < 0) {
     const char* env = std::getenv("STALEPROP_MAINLOOP");
     try {
-      m = int(env && *env ? parse_mainloop(env) : MmaMainloop::kMmaSync);
+      m = int(env && *env ? parse_mainloop(env) : MmaMainloop::kAuto);
     } catch (const Error& e) {
       throw Error(std::string("$STALEPROP_MAINLOOP: ") + e.what());
     }
@@ -59,10 +67,18 @@ MmaMainloop mma_mainloop() {
   return MmaMainloop(m);
 }
 
+MmaMainloop effective_mma_mainloop() {
+  const MmaMainloop m = mma_mainloop();
+  if (m != MmaMainloop::kAuto) return m;
+  return wgmma_available() ? MmaMainloop::kWgmma : MmaMainloop::kMmaSync;
+}
+
 namespace detail::mma {
 
 bool use_wgmma() {
-  if (mma_mainloop() != MmaMainloop::kWgmma) return false;
+  const MmaMainloop m = mma_mainloop();
+  if (m == MmaMainloop::kAuto) return wgmma_available();
+  if (m != MmaMainloop::kWgmma) return false;
 #if STALEPROP_HAVE_SM90A
   SP_CHECK(wgmma_available(), "the wgmma main loop needs a compute capability 9.0 GPU (H100/H200); "
                               "this device is not one: select mma_sync (STALEPROP_MAINLOOP=mma_sync)");
