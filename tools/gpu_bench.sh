@@ -5,8 +5,8 @@
 #   2. training throughput of staleprop (bench) beside PyTorch eager (bench/pytorch_baseline.py)
 #      for ResNet-56 at batch 128 and ResNet-18 at batch 512, fp32 and bf16;
 #   3. the locking study of ResNet-56: backprop and bp/ddg/fdg over K = 2..4 modules;
-#   4. launch overhead: ResNet-20/56 at batch 128 (bf16 and fp32), one module and FDG over 4
-#      modules, op by op and replayed from CUDA graphs (--graphs), each pair in the same call;
+#   4. launch overhead: ResNet-20/56 at batch 128 (bf16 and fp32), one module and FDG over 3
+#      (ResNet-20) or 4 (ResNet-56) modules, op by op and replayed from CUDA graphs (--graphs), each pair in the same call;
 #   5. the two tensor-core main loops (mma_sync, wgmma) side by side: the bf16 GEMM and
 #      ResNet-18 convolution benchmarks (each against cuBLASLt/cuDNN in the same run, one JSON
 #      per main loop) and bf16 training throughput of ResNet-18 (batch 512) and ResNet-56 (128).
@@ -84,8 +84,9 @@ for stage in $STAGES; do
   4)
     echo "== launch overhead: op by op vs CUDA graphs"
     for model in resnet20 resnet56; do
+      k=4; [ $model = resnet20 ] && k=3  # FDG's published splits: resnet20 K=2,3; resnet56 K=2-4
       for prec in bf16 fp32; do
-        for run in "--method bp" "--method fdg --split 4 --split-at fdg"; do
+        for run in "--method bp" "--method fdg --split $k --split-at fdg"; do
           for g in "" "--graphs"; do
             timeout 120 $SP bench --device cuda --model $model --batch-size 128 --precision $prec $run $g \
               --steps 100 --warmup 20 --json "$OUT/graphs.jsonl" 2>&1 | tee -a "$OUT/graphs.txt"
