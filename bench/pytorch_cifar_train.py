@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Accuracy baseline: train the same CIFAR ResNet in PyTorch eager mode on the same files.
+"""Accuracy baseline: train the same CIFAR ResNet in PyTorch on the same files (eager mode;
+--compile for torch.compile with CUDA graphs, which has not been run on a GPU yet).
 
 A measuring stick for `staleprop train`'s test accuracy, not part of the engine. It reads the
 CIFAR-10 binary files staleprop reads, normalises with the per-channel mean and standard
@@ -64,6 +65,8 @@ def main():
     ap.add_argument("--warmup-epochs", type=float, default=0)
     ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile(mode='reduce-overhead'): CUDA graphs, so a long run is not launch-bound")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--metrics", help="append the JSON lines to this file too")
     a = ap.parse_args()
@@ -100,6 +103,7 @@ def main():
         return torch.where(flip[:, None, None, None], out.flip(3), out)
 
     model = build(a.model).to(dev).to(memory_format=fmt)
+    net = torch.compile(model, mode="reduce-overhead") if a.compile else model
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
                           weight_decay=a.weight_decay)
     n = xtr.shape[0]
@@ -119,7 +123,9 @@ def main():
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, a, total, warmup)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.bf16):
-                logits = model(x)
+                if a.compile:
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = net(x)
                 loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -131,11 +137,12 @@ def main():
         test_correct, test_loss = 0, 0.0
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.bf16):
             for i in range(0, xte.shape[0], 500):
-                logits = model(prep(xte[i:i + 500])).float()
+                logits = net(prep(xte[i:i + 500])).float()
                 test_loss += F.cross_entropy(logits, yte[i:i + 500], reduction="sum").item()
                 test_correct += (logits.argmax(1) == yte[i:i + 500]).sum().item()
         line = json.dumps({
-            "framework": "pytorch-eager", "torch": torch.__version__, "model": a.model, "bf16": a.bf16,
+            "framework": "pytorch-compiled" if a.compile else "pytorch-eager", "torch": torch.__version__,
+            "model": a.model, "bf16": a.bf16,
             "event": "epoch", "epoch": epoch, "step": step, "loss": loss_sum.item() / n,
             "train_acc": correct.item() / n, "test_loss": test_loss / xte.shape[0],
             "test_acc": test_correct / xte.shape[0], "lr": lr_at(step - 1, a, total, warmup),

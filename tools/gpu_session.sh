@@ -12,6 +12,9 @@
 #   5. gpu_bench.sh stage 5 (mma_sync vs wgmma), then stage 4 (CUDA graphs) as time allows;
 #   6. Nsight Compute sections of our bf16 GEMM on each main loop, when ncu is there and time is left.
 # Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
+# Separate processes on one GPU time-slice it (no MPS): the accuracy run shares it only with the
+# build, ctest and the sanitizers, never with a measurement; two training runs at once each get
+# about half (four got a quarter each: bench/results/nvidia-h200/2026-11-26-mainloops.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
