@@ -33,7 +33,7 @@
 //     call and kept while its repetitions run (Google Benchmark runs them back to back), then
 //     freed when the next benchmark starts; warm-up calls run before anything is timed.
 //
-// The bf16 tensor-core kernels run on the main loop --mainloop=auto|mma_sync|wgmma selects
+// The bf16 tensor-core kernels run on the main loop --mainloop=auto|mma_sync|wgmma|wgmma_tma selects
 // (default: $STALEPROP_MAINLOOP, else auto: wgmma where it can run, else mma_sync); the JSON
 // context records the one in use as tensor_core_mainloop.
 //

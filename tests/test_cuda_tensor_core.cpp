@@ -55,17 +55,17 @@ namespace {
 constexpr double kTolF32 = 1e-5;   // fp32 outputs
 constexpr double kTolBf16 = 8e-3;  // bf16 outputs (and the vendor's bf16-rounded dw)
 
-// Every test runs once per main loop (tensor_core.h): mma.sync, and wgmma where the build and
-// the GPU have it (sm_90a code on a compute capability 9.0 device), skipping with the reason
-// elsewhere.
+// Every test runs once per main loop (tensor_core.h): mma.sync, and wgmma and wgmma_tma (TMA
+// for the GEMM's plain matrices with N > 64) where the build and the GPU have them (sm_90a code
+// on a compute capability 9.0 device), skipping with the reason elsewhere.
 class TensorCore : public GpuTest, public ::testing::WithParamInterface<kcu::MmaMainloop> {
  protected:
   void SetUp() override {
     GpuTest::SetUp();
     if (IsSkipped()) return;
     previous_ = kcu::mma_mainloop();
-    if (GetParam() == kcu::MmaMainloop::kWgmma && !kcu::wgmma_available())
-      GTEST_SKIP() << "the wgmma main loop needs an sm_90a build (CMAKE_CUDA_ARCHITECTURES=90a) and a compute "
+    if (GetParam() != kcu::MmaMainloop::kMmaSync && !kcu::wgmma_available())
+      GTEST_SKIP() << "the " << kcu::mainloop_name(GetParam()) << " main loop needs an sm_90a build (CMAKE_CUDA_ARCHITECTURES=90a) and a compute "
                       "capability 9.0 GPU (H100/H200)";
     kcu::set_mma_mainloop(GetParam());
   }
@@ -76,7 +76,9 @@ class TensorCore : public GpuTest, public ::testing::WithParamInterface<kcu::Mma
   kcu::MmaMainloop previous_ = kcu::MmaMainloop::kMmaSync;
 };
 
-INSTANTIATE_TEST_SUITE_P(Mainloops, TensorCore, ::testing::Values(kcu::MmaMainloop::kMmaSync, kcu::MmaMainloop::kWgmma),
+INSTANTIATE_TEST_SUITE_P(Mainloops, TensorCore,
+                         ::testing::Values(kcu::MmaMainloop::kMmaSync, kcu::MmaMainloop::kWgmma,
+                                           kcu::MmaMainloop::kWgmmaTma),
                          [](const ::testing::TestParamInfo<kcu::MmaMainloop>& info) {
                            return std::string(kcu::mainloop_name(info.param));
                          });

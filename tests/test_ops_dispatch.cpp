@@ -330,8 +330,8 @@ TEST(TensorCoreMainloop, SelectionRoundTripsAndRefusesBadNames) {
     }
     return;
   }
-  EXPECT_TRUE(before == "auto" || before == "mma_sync" || before == "wgmma") << before;
-  for (const char* name : {"wgmma", "auto", "mma_sync"}) {  // selecting is allowed anywhere; running needs sm_90a
+  EXPECT_TRUE(before == "auto" || before == "mma_sync" || before == "wgmma" || before == "wgmma_tma") << before;
+  for (const char* name : {"wgmma", "wgmma_tma", "auto", "mma_sync"}) {  // selecting is allowed anywhere; running needs sm_90a
     ops::set_tensor_core_mainloop(name);
     EXPECT_EQ(ops::tensor_core_mainloop(), name);
   }
@@ -348,7 +348,7 @@ TEST(TensorCoreMainloop, SelectionRoundTripsAndRefusesBadNames) {
     ops::set_tensor_core_mainloop("hgmma");
     ADD_FAILURE() << "an unknown main loop must throw";
   } catch (const sp::Error& e) {
-    EXPECT_NE(std::string(e.what()).find("use auto, mma_sync or wgmma"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("use auto, mma_sync, wgmma or wgmma_tma"), std::string::npos) << e.what();
   }
   EXPECT_EQ(ops::tensor_core_mainloop(), "mma_sync") << "a refused name leaves the selection as it was";
   ops::set_tensor_core_mainloop(before);

@@ -130,4 +130,63 @@ TEST(WgmmaLayout, ChunksStayWholeAndBankConflictFree) {
   }
 }
 
+// What TMA writes for one stage of an operand kX wide (TmaStage): every element of every box,
+// placed densely (dimension 0 fastest, rows of 128 bytes) at the box's offset in a
+// 1024-byte-aligned stage, then 128-byte swizzled. Each element of the stage must arrive
+// exactly once, at the byte the stage fill of the cp.async loop would have stored it (so the
+// descriptors checked above read it), and the map must describe the operand's memory.
+template <int kX, bool ContigK>
+void check_tma_stage(const std::string& what) {
+  using S = TmaStage<kX>;
+  const int x0 = 3 * kX, k0 = 5 * kBK;  // any tile: coordinates only shift
+  std::set<uint32_t> written;
+  int elements = 0;
+  for (int j = 0; j < S::template boxes<ContigK>(); ++j) {
+    int c0 = 0, c1 = 0;
+    S::template box_coords<ContigK>(j, x0, k0, c0, c1);
+    const TmaMapShape m = S::template map_shape<ContigK>(1 << 20, 1 << 20, 1 << 20);
+    for (uint32_t o = 0; o < m.box[1]; ++o)
+      for (uint32_t i = 0; i < m.box[0]; ++i) {
+        const int d0 = c0 + int(i), d1 = c1 + int(o);  // the element's tensor-map coordinates
+        const int x = (ContigK ? d1 : d0) - x0, k = (ContigK ? d0 : d1) - k0;
+        ASSERT_TRUE(x >= 0 && x < kX && k >= 0 && k < kBK) << what << ": box " << j << " leaves the stage";
+        const uint32_t at = swizzle128(S::template box_offset<ContigK>(j) + o * m.box[0] * 2 + i * 2);
+        EXPECT_EQ(at, (fill_stores<kX, ContigK>(0, x, k))) << what << ": element (" << x << ", " << k << ")";
+        EXPECT_TRUE(written.insert(at).second) << what << ": byte " << at << " written twice";
+        ++elements;
+      }
+  }
+  EXPECT_EQ(elements, kX * kBK) << what;
+  EXPECT_EQ(S::kBytes, uint32_t(elements) * 2) << what << ": the expect-tx byte count";
+}
+
+TEST(WgmmaLayout, TmaBoxesFillTheStagesTheDescriptorsRead) {
+  check_tma_stage<128, true>("128 wide, K-contiguous");
+  check_tma_stage<128, false>("128 wide, X-contiguous");
+  check_tma_stage<64, true>("64 wide, K-contiguous");
+  check_tma_stage<64, false>("64 wide, X-contiguous");
+}
+
+TEST(WgmmaLayout, TmaMapsDescribeTheOperandsMemory) {
+  // Row-major 300 x 200 (ld 208) read K-contiguous: dimension 0 is k; read X-contiguous
+  // (the same memory as a K x X operand), dimension 0 is x. Strides in bytes, boxes within the
+  // driver's limits (inner box 128 bytes for the 128-byte swizzle, at most 256 per dimension).
+  const TmaMapShape k_major = TmaStage<128>::map_shape<true>(300, 200, 208);
+  EXPECT_EQ(k_major.dim[0], 200u);
+  EXPECT_EQ(k_major.dim[1], 300u);
+  EXPECT_EQ(k_major.stride_bytes, 416u);
+  EXPECT_EQ(k_major.box[0] * 2, 128u);
+  EXPECT_EQ(k_major.box[1], 128u);
+  const TmaMapShape mn_major = TmaStage<128>::map_shape<false>(200, 300, 208);
+  EXPECT_EQ(mn_major.dim[0], 200u);
+  EXPECT_EQ(mn_major.dim[1], 300u);
+  EXPECT_EQ(mn_major.stride_bytes, 416u);
+  EXPECT_EQ(mn_major.box[0] * 2, 128u);
+  EXPECT_EQ(mn_major.box[1], uint32_t(kBK));
+  for (const TmaMapShape& m : {k_major, mn_major}) {
+    EXPECT_EQ(m.stride_bytes % 16, 0u);
+    EXPECT_LE(m.box[1], 256u);
+  }
+}
+
 }  // namespace

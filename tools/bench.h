@@ -22,7 +22,7 @@ struct BenchConfig {
   std::string device = "cpu";
   std::string precision = "fp32";  // fp32 | bf16
   std::string kernels = "custom";  // custom | vendor
-  std::string mainloop;            // auto | mma_sync | wgmma (GPU); empty: $STALEPROP_MAINLOOP, else auto
+  std::string mainloop;            // auto | mma_sync | wgmma | wgmma_tma (GPU); empty: $STALEPROP_MAINLOOP, else auto
   // "backprop": the one-stream BackpropTrainer; "bp" | "ddg" | "fdg": the PipelineTrainer
   // over `split` modules (or the cuts of `split_at`, as for `staleprop train`).
   std::string method = "backprop";

@@ -28,7 +28,7 @@ struct TrainConfig {
   float label_smoothing = 0.f;
   std::string precision = "fp32";                  // fp32 | bf16 (mixed precision)
   std::string kernels = "custom";                  // custom | vendor (GPU)
-  std::string mainloop;  // auto | mma_sync | wgmma (GPU); empty: $STALEPROP_MAINLOOP, else auto
+  std::string mainloop;  // auto | mma_sync | wgmma | wgmma_tma (GPU); empty: $STALEPROP_MAINLOOP, else auto
   uint64_t seed = 0;
   bool deterministic = false;
   std::string device = "cpu";

@@ -7,11 +7,13 @@
 #pragma once
 
 #include <atomic>
+#include <type_traits>
 
 #include "kernels/cuda/gemm_mainloop.cuh"
 #include "kernels/cuda/mma_mainloop.cuh"
 #include "kernels/cuda/tensor_core.h"
 #include "kernels/cuda/wgmma_mainloop.cuh"
+#include "kernels/cuda/wgmma_tma_mainloop.cuh"
 
 namespace sp::kernels::cuda::detail::mma {
 
@@ -37,18 +39,24 @@ void mma_splitk_reduce(const float* partials, int splits, int m, int n, const Mm
 }
 
 // Whether the wgmma main loop is selected (tensor_core.h); throws where it was selected but
-// cannot run. Defined in tensor_core_select.cu.
+// cannot run. use_wgmma_tma(): the wgmma_tma main loop is selected (and can run). Defined in
+// tensor_core_select.cu.
 bool use_wgmma();
+bool use_wgmma_tma();
+// The TMA descriptor of a bf16 matrix at p (16-byte aligned) shaped as `shape` says, with the
+// 128-byte swizzle and zero fill outside it. Throws sp::Error where the driver refuses.
+CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shape);
 
 // Whether the cp.async path may read rows of ld bf16 starting at p: p 16-byte aligned, ld % 8 == 0.
 inline bool chunk_ok(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 8 == 0; }
 
-// Runs C = epilogue(A * B) for M x N x K through loaders a and b: Kernel (mma_gemm_kernel or
-// wgmma::wgmma_gemm_kernel, instantiated for Tile and the loaders) on Tile::kBM x Tile::kBN
-// tiles, K split in multiples of Tile::kBK where the output has few tiles.
-template <class Tile, auto Kernel, class LoaderA, class LoaderB, typename T>
-void launch_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep,
-                  cudaStream_t stream) {
+// Runs C = epilogue(A * B) for M x N x K: Kernel(operands..., geometry, ep, partials) on
+// Tile::kBM x Tile::kBN tiles, K split in multiples of Tile::kBK where the output has few tiles.
+// The operands are the loaders (mma_gemm_kernel, wgmma::wgmma_gemm_kernel) or the TMA maps
+// (wgmma::wgmma_tma_gemm_kernel).
+template <class Tile, auto Kernel, typename T, class... Operands>
+void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream,
+                     const Operands&... operands) {
   if (m == 0 || n == 0) return;
   if (k == 0 || ep.alpha == 0.f) {
     mma_splitk_reduce<T>(nullptr, 0, m, n, ep, stream);
@@ -72,14 +80,38 @@ void launch_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, const
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
   if (plan.splits == 1) {
-    Kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(a, b, g, ep, nullptr);
+    Kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(operands..., g, ep, nullptr);
     SP_CUDA_CHECK_LAUNCH();
     return;
   }
   Workspace partials(sizeof(float) * size_t(plan.splits) * size_t(m) * size_t(n), stream);
-  Kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(a, b, g, ep, partials.as<float>());
+  Kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(operands..., g, ep, partials.as<float>());
   SP_CUDA_CHECK_LAUNCH();
   mma_splitk_reduce<T>(partials.as<float>(), plan.splits, m, n, ep, stream);
+}
+
+// launch_tiles_of with the loaders as the operands.
+template <class Tile, auto Kernel, class LoaderA, class LoaderB, typename T>
+void launch_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep,
+                  cudaStream_t stream) {
+  launch_tiles_of<Tile, Kernel>(m, n, k, ep, stream, a, b);
+}
+
+template <class Loader>
+struct IsMatrixLoader : std::false_type {};
+template <bool ContigK>
+struct IsMatrixLoader<MatrixLoader<ContigK>> : std::true_type {};
+
+// The wgmma_tma kernel on two plain matrices (both with vec set: TMA-addressable), M, N, K > 0.
+template <bool ContigA, bool ContigB, typename T>
+void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& b, int m, int n, int k,
+                   const MmaEpilogue<T>& ep, cudaStream_t stream) {
+  using Tile = wgmma::WgTmaTile;
+  const CUtensorMap map_a = encode_tensor_map_bf16(
+      a.p, wgmma::TmaStage<Tile::kBM>::map_shape<ContigA>(a.x_extent, a.k_extent, a.ld));
+  const CUtensorMap map_b = encode_tensor_map_bf16(
+      b.p, wgmma::TmaStage<Tile::kBN>::map_shape<ContigB>(b.x_extent, b.k_extent, b.ld));
+  launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<ContigA, ContigB, T>>(m, n, k, ep, stream, map_a, map_b);
 }
 
 // The mma.sync main loop on Tile.
@@ -90,12 +122,19 @@ void run_mma_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, cons
 }
 
 // The bf16 GEMM view C = epilogue(A * B) on the main loop tensor_core.h selects: wgmma where it
-// was chosen (its tile by N), otherwise mma.sync on the tile `mma_tile` gives for N
-// (a callable taking a tile tag and the launch).
+// was chosen (its tile by N; with wgmma_tma, the TMA kernel for two plain matrices TMA can
+// address and N > 64), otherwise mma.sync on the tile `mma_tile` gives for N (a callable taking
+// a tile tag and the launch).
 template <class LoaderA, class LoaderB, typename T, class MmaTileFor>
 void run_tensor_core(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep,
                      cudaStream_t stream, const MmaTileFor& mma_tile) {
   if (use_wgmma()) {
+    if constexpr (IsMatrixLoader<LoaderA>::value && IsMatrixLoader<LoaderB>::value) {
+      if (use_wgmma_tma() && n > 64 && m > 0 && k > 0 && ep.alpha != 0.f && a.vec && b.vec) {
+        run_wgmma_tma(a, b, m, n, k, ep, stream);
+        return;
+      }
+    }
     if (n <= 64)
       launch_tiles<wgmma::WgTileNarrow, &wgmma::wgmma_gemm_kernel<wgmma::WgTileNarrow, LoaderA, LoaderB, T>>(
           a, b, m, n, k, ep, stream);

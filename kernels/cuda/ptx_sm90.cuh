@@ -1,7 +1,7 @@
-// The inline PTX of the Hopper warpgroup main loop (wgmma_mainloop.cuh), and nothing else:
-// wgmma.mma_async on shared-memory descriptors, its fences and groups, and the proxy fence
-// that orders generic-proxy writes to shared memory (cp.async, st.shared) before the async
-// proxy's reads (wgmma). Everything here needs sm_90a (compute_90a): the callers compile it
+// The inline PTX of the Hopper warpgroup main loops (wgmma_mainloop.cuh, wgmma_tma_mainloop.cuh),
+// and nothing else: wgmma.mma_async on shared-memory descriptors, its fences and groups, the
+// proxy fence that orders generic-proxy writes to shared memory (cp.async, st.shared) before
+// the async proxy's reads (wgmma), and the mbarriers and TMA loads of the warp-specialised loop. Everything here needs sm_90a (compute_90a): the callers compile it
 // only under __CUDA_ARCH_FEAT_SM90_ALL.
 //
 // The shared-memory matrix descriptors and the swizzled layouts are in wgmma_layout.h.
@@ -78,6 +78,52 @@ template <int N>
 __device__ __forceinline__ void fence_accumulators(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// ---- mbarriers and TMA (the wgmma_tma main loop) ---------------------------------------------
+// An mbarrier is 8 bytes of shared memory. Its phase completes when `count` arrivals have been
+// made and every byte announced with expect_tx has landed; the phases alternate parity 0, 1,
+// 0, ... starting at 0. Waiting on a parity returns once the phase of that parity has
+// completed, so on a fresh barrier a wait on parity 1 (the phase "before" the first) returns
+// at once: that is how a producer finds every stage free in its first round.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+// Orders the barriers' initialisation (release, cluster scope) before the other threads' and
+// the hardware's later use of them once they synchronize with this thread; the caller adds
+// fence_proxy_async_shared for the async proxy (TMA's complete_tx).
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// One arrival that also announces `bytes` more to land before the phase may complete.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// TMA: the box at coordinates (c0, c1) of the 2-D tensor map `map` (a __grid_constant__ kernel
+// parameter) into shared memory at dst, completing `bar`'s transaction bytes when it lands.
+// Elements outside the tensor arrive as zeros.
+__device__ __forceinline__ void tma_load_2d(void* dst, const void* map, uint64_t* bar, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::
+          "r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+      : "memory");
 }
 
 }  // namespace sp::kernels::cuda::ptx

@@ -4,7 +4,10 @@
 //             (kernels/cuda/mma_mainloop.cuh); any GPU from sm_80;
 //   wgmma     Hopper warpgroup wgmma.mma_async m64n{64,128}k16 reading 128-byte-swizzled
 //             shared memory, a 4-stage cp.async pipeline (kernels/cuda/wgmma_mainloop.cuh);
-//             sm_90a builds (CMAKE_CUDA_ARCHITECTURES 90a) on compute capability 9.0 only.
+//             sm_90a builds (CMAKE_CUDA_ARCHITECTURES 90a) on compute capability 9.0 only;
+//   wgmma_tma the same multiply in a warp-specialised kernel whose stages TMA fills
+//             (kernels/cuda/wgmma_tma_mainloop.cuh), for the GEMM on plain matrices; the
+//             rest runs the wgmma loop.
 //
 // Contract: every function is the fp32 op of kernels/cuda/ops.h (and of the CPU reference,
 // kernels/cpu/ops.h) applied to the bf16 inputs widened to fp32, with fp32 accumulation, and
@@ -40,16 +43,20 @@ namespace sp::kernels::cuda {
 // ---- Main loop -------------------------------------------------------------------------------
 // kAuto: wgmma where wgmma_available() (faster there: bench/results/nvidia-h200/
 // 2026-11-26-mainloops.md), else mma_sync; decided per device at each launch.
-enum class MmaMainloop { kAuto, kMmaSync, kWgmma };
-const char* mainloop_name(MmaMainloop m);  // "auto", "mma_sync", "wgmma"
-// "auto", "mma_sync" or "wgmma"; anything else throws sp::Error naming the accepted values.
+// kWgmmaTma: wgmma with the GEMM's plain-matrix operands loaded by TMA in a warp-specialised
+// kernel (wgmma_tma_mainloop.cuh); the convolutions and operands TMA cannot address run the
+// wgmma loop. Same availability as wgmma.
+enum class MmaMainloop { kAuto, kMmaSync, kWgmma, kWgmmaTma };
+const char* mainloop_name(MmaMainloop m);  // "auto", "mma_sync", "wgmma", "wgmma_tma"
+// "auto", "mma_sync", "wgmma" or "wgmma_tma"; anything else throws sp::Error naming the
+// accepted values.
 MmaMainloop parse_mainloop(const std::string& name);
 // Whether this build holds wgmma code (built for sm_90a) and the current device can run it
 // (compute capability 9.0).
 bool wgmma_available();
 // The main loop selected for every later bf16 GEMM and convolution in this process. The default
-// is the environment variable STALEPROP_MAINLOOP (auto, mma_sync or wgmma) when set, else auto.
-// A call with wgmma selected where wgmma_available() is false throws sp::Error saying why.
+// is the environment variable STALEPROP_MAINLOOP (a name above) when set, else auto. A call
+// with wgmma or wgmma_tma selected where wgmma_available() is false throws sp::Error saying why.
 void set_mma_mainloop(MmaMainloop m);
 MmaMainloop mma_mainloop();
 // The main loop the kernels run on the current device: the selection with auto resolved.

@@ -1,8 +1,11 @@
 // The choice of bf16 tensor-core main loop (tensor_core.h, MmaMainloop).
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
 #include <atomic>
 #include <cstdlib>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mma_launch.cuh"
 #include "kernels/cuda/tensor_core.h"
 
 namespace sp::kernels::cuda {
@@ -18,6 +21,7 @@ const char* mainloop_name(MmaMainloop m) {
     case MmaMainloop::kAuto: return "auto";
     case MmaMainloop::kMmaSync: return "mma_sync";
     case MmaMainloop::kWgmma: return "wgmma";
+    case MmaMainloop::kWgmmaTma: return "wgmma_tma";
   }
   return "?";
 }
@@ -26,7 +30,8 @@ MmaMainloop parse_mainloop(const std::string& name) {
   if (name == "auto") return MmaMainloop::kAuto;
   if (name == "mma_sync") return MmaMainloop::kMmaSync;
   if (name == "wgmma") return MmaMainloop::kWgmma;
-  throw Error("unknown tensor-core main loop '" + name + "': use auto, mma_sync or wgmma");
+  if (name == "wgmma_tma") return MmaMainloop::kWgmmaTma;
+  throw Error("unknown tensor-core main loop '" + name + "': use auto, mma_sync, wgmma or wgmma_tma");
 }
 
 bool wgmma_available() {
@@ -78,15 +83,41 @@ namespace detail::mma {
 bool use_wgmma() {
   const MmaMainloop m = mma_mainloop();
   if (m == MmaMainloop::kAuto) return wgmma_available();
-  if (m != MmaMainloop::kWgmma) return false;
+  if (m != MmaMainloop::kWgmma && m != MmaMainloop::kWgmmaTma) return false;
 #if STALEPROP_HAVE_SM90A
-  SP_CHECK(wgmma_available(), "the wgmma main loop needs a compute capability 9.0 GPU (H100/H200); "
-                              "this device is not one: select mma_sync (STALEPROP_MAINLOOP=mma_sync)");
+  SP_CHECK(wgmma_available(), "the ", mainloop_name(m), " main loop needs a compute capability 9.0 GPU (H100/H200); "
+           "this device is not one: select mma_sync (STALEPROP_MAINLOOP=mma_sync)");
 #else
-  SP_CHECK(false, "the wgmma main loop is not in this build: configure with CMAKE_CUDA_ARCHITECTURES=90a, "
-                  "or select mma_sync (STALEPROP_MAINLOOP=mma_sync)");
+  SP_CHECK(false, "the ", mainloop_name(m), " main loop is not in this build: configure with "
+           "CMAKE_CUDA_ARCHITECTURES=90a, or select mma_sync (STALEPROP_MAINLOOP=mma_sync)");
 #endif
   return true;
+}
+
+bool use_wgmma_tma() { return use_wgmma() && mma_mainloop() == MmaMainloop::kWgmmaTma; }
+
+CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shape) {
+  // The driver's encoder through the runtime, so nothing links libcuda directly.
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    SP_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    SP_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+             "the CUDA driver has no cuTensorMapEncodeTiled (TMA needs a CUDA 12 driver or newer): "
+             "select the wgmma or mma_sync main loop");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {shape.dim[0], shape.dim[1]};
+  const cuuint64_t strides[1] = {shape.stride_bytes};
+  const cuuint32_t box[2] = {shape.box[0], shape.box[1]};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(p), dims, strides, box,
+                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  SP_CHECK(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (CUresult ", int(r), ") for a bf16 ", shape.dim[0], " x ",
+           shape.dim[1], " matrix, row stride ", shape.stride_bytes, " bytes, box ", shape.box[0], " x ", shape.box[1]);
+  return map;
 }
 
 }  // namespace detail::mma

@@ -75,4 +75,48 @@ struct SwizzledLayout {
   SP_WGMMA_HD static constexpr uint32_t x_offset(int x0) { return uint32_t(x0) * kBK * 2; }
 };
 
+// ---- TMA (the wgmma_tma main loop, wgmma_tma_mainloop.cuh) --------------------------------
+// A plain bf16 matrix operand as a 2-D tensor map, dimension 0 the contiguous one, and the
+// boxes that fill one stage of SwizzledLayout<kX> with CU_TENSOR_MAP_SWIZZLE_128B. TMA writes a
+// box densely, dimension 0 fastest, into a 1024-byte-aligned destination and swizzles like
+// wgmma: byte address bits 4-6 ^= bits 7-9. So:
+//   K-contiguous operand  one box {64 (k), kX (x)}: row x at x * 128 B, chunk k / 8 at
+//                         (k / 8) ^ (x % 8), the K-major layout;
+//   X-contiguous operand  kX / 64 boxes {64 (x), 64 (k)}, box j at j * 8 KiB: row k at k * 128 B,
+//                         chunk (x % 64) / 8 at that ^ (k % 8), the MN-major layout.
+// Elements outside the matrix arrive as zeros, so the M, N and K tails need no code.
+struct TmaMapShape {
+  uint64_t dim[2];       // elements, dimension 0 contiguous
+  uint64_t stride_bytes;  // between consecutive indices of dimension 1
+  uint32_t box[2];
+};
+
+template <int kX>
+struct TmaStage {
+  static_assert(kX % 64 == 0 && kX <= 256, "whole 64-wide boxes, at most 256 rows per box");
+  static constexpr uint32_t kBytes = uint32_t(kX) * kBK * 2;  // one stage of the operand
+  // The map of an operand with x_extent x k_extent elements, ld elements between consecutive
+  // rows (x for K-contiguous, k for X-contiguous).
+  template <bool ContigK>
+  static constexpr TmaMapShape map_shape(int64_t x_extent, int64_t k_extent, int64_t ld) {
+    if (ContigK) return {{uint64_t(k_extent), uint64_t(x_extent)}, uint64_t(ld) * 2, {uint32_t(kBK), uint32_t(kX)}};
+    return {{uint64_t(x_extent), uint64_t(k_extent)}, uint64_t(ld) * 2, {64u, uint32_t(kBK)}};
+  }
+  template <bool ContigK>
+  SP_WGMMA_HD static constexpr int boxes() {
+    return ContigK ? 1 : kX / 64;
+  }
+  // Box j of the stage at (x0, k0): its coordinates (dimension 0, 1) and its byte offset in
+  // the stage.
+  template <bool ContigK>
+  SP_WGMMA_HD static constexpr void box_coords(int j, int x0, int k0, int& c0, int& c1) {
+    c0 = ContigK ? k0 : x0 + 64 * j;
+    c1 = ContigK ? x0 : k0;
+  }
+  template <bool ContigK>
+  SP_WGMMA_HD static constexpr uint32_t box_offset(int j) {
+    return ContigK ? 0u : uint32_t(j) * 64 * kBK * 2;
+  }
+};
+
 }  // namespace sp::kernels::cuda::detail::wgmma

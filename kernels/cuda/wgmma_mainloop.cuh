@@ -37,9 +37,10 @@
 // WARPGROUP.DEPBAR.LE gsb0 0x1, FENCE.VIEW.ASYNC.S and LDGSTS.E.BYPASS.128.ZFILL; registers:
 // 128 x 128 tiles 168-191, 128 x 64 tiles 118-128 (capped for two blocks per SM), no stack in
 // any instance.
-// It has not yet run on a GPU: the CPU tests check its shared-memory layout and descriptors
-// against the canonical layouts (tests/test_wgmma_layout.cpp); the GPU tests run every
-// tensor-core test on both main loops (tests/test_cuda_tensor_core.cpp).
+// The CPU tests check its shared-memory layout and descriptors against the canonical layouts
+// (tests/test_wgmma_layout.cpp); the GPU tests run every tensor-core test on each main loop
+// (tests/test_cuda_tensor_core.cpp), and passed on an H200 (bench/results/nvidia-h200/
+// 2026-11-26-mainloops.md).
 //
 // Built only for sm_90a (compute_90a, the architecture-specific Hopper target: wgmma does not
 // exist in the portable sm_90); the host picks this main loop only where it was built and the
@@ -85,6 +86,34 @@ __device__ __forceinline__ void wgmma_k16(float (&d)[BN / 2], uint64_t desc_a, u
     ptx::wgmma_m64n64k16<TransA, TransB>(d, desc_a, desc_b, 1);
 }
 #endif
+
+// The epilogue of a warpgroup's 64 x BN accumulators, whose first row is `row_base`:
+// acc[4i + 2h + e] = D(16 warp + lane / 4 + 8h, 8i + 2 (lane % 4) + e). Applies ep, or with
+// split K stores the fp32 partial of slice blockIdx.z.
+template <int BN, typename T>
+__device__ __forceinline__ void store_accumulators(const float (&acc)[BN / 2], int row_base, int n0,
+                                                   const MmaGeometry& g, const MmaEpilogue<T>& ep,
+                                                   float* partials) {
+  const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
+  const int row0 = row_base + warp * 16 + lane / 4, col0 = n0 + lane % 4 * 2;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + 8 * h;
+    if (row >= g.m) continue;
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = col0 + 8 * i + e;
+        if (col >= g.n) continue;
+        const float v = acc[4 * i + 2 * h + e];
+        if (partials == nullptr)
+          ep.apply(row, col, v);
+        else
+          partials[(int64_t(blockIdx.z) * g.m + row) * g.n + col] = v;
+      }
+  }
+}
 
 // grid = (M tiles, N tiles, K slices), Tile::kThreads threads, Tile::kSmemBytes of dynamic
 // shared memory. partials as in mma::mma_gemm_kernel.
@@ -152,26 +181,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   ptx::fence_accumulators(acc);  // the epilogue reads the accumulators only after the wait
   ptx::cp_async_wait<0>();       // only empty groups remain; leave none behind
 
-  // acc[4i + 2h + e] = D(16 warp + lane / 4 + 8h, 8i + 2 (lane % 4) + e) of the warpgroup's 64 rows.
-  const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
-  const int row0 = m0 + wg * kWarpgroupRows + warp * 16 + lane / 4, col0 = n0 + lane % 4 * 2;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = row0 + 8 * h;
-    if (row >= g.m) continue;
-#pragma unroll
-    for (int i = 0; i < Tile::kBN / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = col0 + 8 * i + e;
-        if (col >= g.n) continue;
-        const float v = acc[4 * i + 2 * h + e];
-        if (partials == nullptr)
-          ep.apply(row, col, v);
-        else
-          partials[(int64_t(blockIdx.z) * g.m + row) * g.n + col] = v;
-      }
-  }
+  store_accumulators<Tile::kBN>(acc, m0 + wg * kWarpgroupRows, n0, g, ep, partials);
 #else
   // Not built for sm_90a: the host never launches this (wgmma_available() is false).
   __trap();

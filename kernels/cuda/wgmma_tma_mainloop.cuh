@@ -1,0 +1,153 @@
+// The warp-specialised Hopper (sm_90a) main loop of the bf16 GEMM on plain matrices: the wgmma
+// multiply of wgmma_mainloop.cuh, its shared-memory layouts and its epilogue, with the stages
+// filled by TMA (cp.async.bulk.tensor) instead of every thread's cp.async.
+//
+// Why: Nsight Compute on the cp.async wgmma loop (bench/results/nvidia-h200/
+// 2026-11-26-mainloops.md) shows the tensor cores waiting on instruction issue, the integer ALU
+// the busiest pipe. That is the address arithmetic of 256 threads' 16-byte copies. Here one
+// thread issues 2-3 bulk copies per K step, and the hardware does the addressing, the 128-byte
+// swizzle and the zero fill past the matrix's edges.
+//
+// Block: 128 x 128 tile, three warpgroups (384 threads):
+//   warpgroup 0   producer: one thread runs ahead through a ring of kStages stages. For each K
+//                 step it waits until the stage is free ("empty" mbarrier), announces the
+//                 stage's bytes on its "full" mbarrier, and issues the TMA boxes (TmaStage in
+//                 wgmma_layout.h). The other 127 threads exit at once.
+//   warpgroups 1, 2  consumers: rows 64 (w - 1) .. + 63, all 128 columns, as in
+//                 wgmma_mainloop.cuh. Per K step: wait for "full", 4 wgmma.m64n128k16, commit,
+//                 wait until only this step's group is pending, then release the previous
+//                 step's stage (lane 0 of every consumer warp arrives on its "empty").
+// TMA writes and wgmma reads both go through the async proxy, and the mbarrier wait orders
+// them, so no proxy fence is needed. Split K, the epilogue and the partials are those of
+// wgmma_gemm_kernel.
+//
+// Used for the bf16 GEMM when the wgmma_tma main loop is selected (tensor_core.h), both
+// operands are plain matrices TMA can address (16-byte-aligned base, rows a multiple of 16
+// bytes apart) and N > 64. Everything else falls back to the cp.async wgmma loop.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda.h>  // CUtensorMap (a type only: the maps are encoded through the runtime's driver entry point)
+
+#include "kernels/cuda/mma_mainloop.cuh"
+#include "kernels/cuda/ptx_sm90.cuh"
+#include "kernels/cuda/wgmma_layout.h"
+#include "kernels/cuda/wgmma_mainloop.cuh"
+
+namespace sp::kernels::cuda::detail::wgmma {
+
+struct WgTmaTile {
+  static constexpr int kBM = 128, kBN = 128, kBK = wgmma::kBK, kStages = 5;
+  static constexpr int kConsumerThreads = 2 * kWarpgroupThreads, kConsumerWarps = kConsumerThreads / kWarpSize;
+  static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;
+  static constexpr int kAStage = kBM * kBK, kBStage = kBN * kBK;  // elements
+  static constexpr int kAcc = kBN / 2;
+  // The stages (1024-byte aligned), the 2 x kStages mbarriers after them, and the slack to
+  // round the start up to 1024 bytes: 161 KiB, one block per SM.
+  static constexpr int kSmemBytes = kStages * (kAStage + kBStage) * 2 + 2 * kStages * 8 + kAtomBytes;
+};
+
+// grid = (M tiles, N tiles, K slices), WgTmaTile::kThreads threads, kSmemBytes of dynamic
+// shared memory; map_a / map_b describe A (x = M) and B (x = N) as TmaStage's map_shape does,
+// ContigA / ContigB whether each is K-contiguous. partials as in mma::mma_gemm_kernel.
+template <bool ContigA, bool ContigB, typename T>
+__global__ void __launch_bounds__(WgTmaTile::kThreads, 1)
+    wgmma_tma_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                          MmaGeometry g, MmaEpilogue<T> ep, float* partials) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Tile = WgTmaTile;
+  using LayoutA = SwizzledLayout<Tile::kBM>;
+  using LayoutB = SwizzledLayout<Tile::kBN>;
+  using StageA = TmaStage<Tile::kBM>;
+  using StageB = TmaStage<Tile::kBN>;
+  constexpr int kS = Tile::kStages;
+
+  unsigned char* const raw = ptx::dynamic_smem();
+  const uint32_t misalign = ptx::smem_u32(raw) % kAtomBytes;
+  uint16_t* const a_smem = reinterpret_cast<uint16_t*>(raw + (misalign ? kAtomBytes - misalign : 0));
+  uint16_t* const b_smem = a_smem + kS * Tile::kAStage;
+  uint64_t* const full = reinterpret_cast<uint64_t*>(b_smem + kS * Tile::kBStage);
+  uint64_t* const empty = full + kS;
+
+  const int m0 = int(blockIdx.x) * Tile::kBM, n0 = int(blockIdx.y) * Tile::kBN;
+  const int k_begin = int(blockIdx.z) * g.k_per_split;
+  const int k_end = min(g.k, k_begin + g.k_per_split);
+  const int k_steps = (k_end - k_begin + kBK - 1) / kBK;  // >= 1: the host never launches an empty slice
+  const int wg = int(threadIdx.x) / kWarpgroupThreads;
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kS; ++s) {
+      ptx::mbarrier_init(&full[s], 1);                         // the producer's arrive (+ bytes)
+      ptx::mbarrier_init(&empty[s], Tile::kConsumerWarps);  // each consumer warp's release
+    }
+    ptx::fence_mbarrier_init();
+    ptx::fence_proxy_async_shared();  // the initialised barriers, seen by TMA too
+  }
+  __syncthreads();  // the last block-wide barrier: the warpgroups go their own ways below
+
+  if (wg == 0) {
+    if (threadIdx.x != 0) return;
+    for (int step = 0; step < k_steps; ++step) {
+      const int s = step % kS;
+      ptx::mbarrier_wait(&empty[s], ((step / kS) & 1) ^ 1);  // round 0 finds every stage free
+      ptx::mbarrier_arrive_expect_tx(&full[s], StageA::kBytes + StageB::kBytes);
+      const int k0 = k_begin + step * kBK;
+      int c0 = 0, c1 = 0;
+#pragma unroll
+      for (int j = 0; j < StageA::template boxes<ContigA>(); ++j) {
+        StageA::template box_coords<ContigA>(j, m0, k0, c0, c1);
+        ptx::tma_load_2d(reinterpret_cast<unsigned char*>(a_smem + s * Tile::kAStage) +
+                             StageA::template box_offset<ContigA>(j),
+                         &map_a, &full[s], c0, c1);
+      }
+#pragma unroll
+      for (int j = 0; j < StageB::template boxes<ContigB>(); ++j) {
+        StageB::template box_coords<ContigB>(j, n0, k0, c0, c1);
+        ptx::tma_load_2d(reinterpret_cast<unsigned char*>(b_smem + s * Tile::kBStage) +
+                             StageB::template box_offset<ContigB>(j),
+                         &map_b, &full[s], c0, c1);
+      }
+    }
+    return;
+  }
+
+  const int cw = wg - 1;  // the consumer warpgroup: rows 64 cw .. 64 cw + 63 of the tile
+  float acc[Tile::kAcc];
+#pragma unroll
+  for (int i = 0; i < Tile::kAcc; ++i) acc[i] = 0.f;
+
+  constexpr int kTransA = ContigA ? 0 : 1, kTransB = ContigB ? 0 : 1;
+  for (int step = 0; step < k_steps; ++step) {
+    const int s = step % kS;
+    ptx::mbarrier_wait(&full[s], (step / kS) & 1);
+    const uint32_t as = ptx::smem_u32(a_smem + s * Tile::kAStage) + LayoutA::x_offset(cw * kWarpgroupRows);
+    const uint32_t bs = ptx::smem_u32(b_smem + s * Tile::kBStage);
+    ptx::fence_accumulators(acc);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < kBK / 16; ++j) {
+      const uint64_t da = smem_desc_sw128(as + LayoutA::template k16_offset<ContigA>(j),
+                                          LayoutA::template lbo<ContigA>(), LayoutA::kSbo);
+      const uint64_t db = smem_desc_sw128(bs + LayoutB::template k16_offset<ContigB>(j),
+                                          LayoutB::template lbo<ContigB>(), LayoutB::kSbo);
+      wgmma_k16<Tile::kBN, kTransA, kTransB>(acc, da, db);
+    }
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<1>();  // step - 1's multiplies are done: its stage may be refilled
+    ptx::fence_accumulators(acc);
+    // wait_group is warp-wide: once lane 0 is past it, the whole warp's reads of step - 1 are done.
+    if (step > 0 && threadIdx.x % kWarpSize == 0) ptx::mbarrier_arrive(&empty[(step - 1) % kS]);
+  }
+  ptx::wgmma_wait<0>();
+  ptx::fence_accumulators(acc);
+
+  store_accumulators<Tile::kBN>(acc, m0 + cw * kWarpgroupRows, n0, g, ep, partials);
+#else
+  // Not built for sm_90a: the host never launches this (wgmma_available() is false).
+  __trap();
+#endif
+}
+
+}  // namespace sp::kernels::cuda::detail::wgmma
