@@ -7,7 +7,7 @@
 #   3. the locking study of ResNet-56: backprop and bp/ddg/fdg over K = 2..4 modules;
 #   4. launch overhead: ResNet-20/56 at batch 128 (bf16 and fp32), one module and FDG over 3
 #      (ResNet-20) or 4 (ResNet-56) modules, op by op and replayed from CUDA graphs (--graphs), each pair in the same call;
-#   5. the two tensor-core main loops (mma_sync, wgmma) side by side: the bf16 GEMM and
+#   5. the tensor-core main loops (MAINLOOPS, default mma_sync wgmma wgmma_tma) side by side: the bf16 GEMM and
 #      ResNet-18 convolution benchmarks (each against cuBLASLt/cuDNN in the same run, one JSON
 #      per main loop) and bf16 training throughput of ResNet-18 (batch 512) and ResNet-56 (128).
 # Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3 4" picks stages
@@ -97,8 +97,9 @@ for stage in $STAGES; do
     ;;
   5)
     echo "== tensor-core main loops: mma_sync vs wgmma"
-    for loop in mma_sync wgmma; do
-      build-gpu/bench/bench_gpu_kernels --mainloop=$loop --benchmark_min_time="${MIN_TIME}" \
+    for loop in ${MAINLOOPS:-mma_sync wgmma wgmma_tma}; do
+      # Bounded per main loop, so that one that hangs costs its own time only.
+      timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=$loop --benchmark_min_time="${MIN_TIME}" \
         --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
         --benchmark_filter="^gemm_bf16/|^conv_(fwd|bwd_data|bwd_weight|train)_bf16/r18_all_layers${BENCH_FILTER:+.*(${BENCH_FILTER})}" \
         --benchmark_out="$OUT/mainloop-$loop.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
@@ -106,7 +107,7 @@ for stage in $STAGES; do
     done
     for cfg in "resnet18 512" "resnet56 128"; do
       set -- $cfg
-      for loop in mma_sync wgmma; do
+      for loop in ${MAINLOOPS:-mma_sync wgmma wgmma_tma}; do
         timeout 120 $SP bench --device cuda --model "$1" --batch-size "$2" --precision bf16 --mainloop $loop \
           --steps 50 --warmup 10 --json "$OUT/mainloop-throughput.jsonl" 2>&1 | tee -a "$OUT/mainloop.txt"
       done

@@ -34,7 +34,8 @@ for stage in $STAGES; do
     [ $rc = 0 ] || { tail -40 "$OUT/build.log"; exit 1; }
     ;;
   test)
-    (cd build-gpu && timeout "${T_TEST:-240}" ctest --output-on-failure -j 8) > "$OUT/ctest.log" 2>&1
+    # --timeout: a test that hangs (a GPU kernel waiting forever) fails alone after 120 s.
+    (cd build-gpu && timeout "${T_TEST:-240}" ctest --output-on-failure -j 8 --timeout 120) > "$OUT/ctest.log" 2>&1
     echo "ctest exit $?: $(grep -E 'tests passed|tests failed' "$OUT/ctest.log")"
     grep -E '^\s+[0-9]+ - .*\((Failed|Timeout|SEGFAULT|Subprocess aborted)\)' "$OUT/ctest.log" | head -20
     ;;
