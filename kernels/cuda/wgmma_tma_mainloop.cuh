@@ -21,6 +21,10 @@
 // them, so no proxy fence is needed. Split K, the epilogue and the partials are those of
 // wgmma_gemm_kernel.
 //
+// cuobjdump (CUDA 13.0, sm_90a): 90-92 registers, no stack; the SASS holds UTMALDG.2D (the TMA
+// loads), SYNCS.ARRIVE.TRANS64 / SYNCS.PHASECHK.TRANS64.TRYWAIT (the mbarriers) and
+// HGMMA.64x128x16.F32.BF16. It has not run on a GPU yet.
+//
 // Used for the bf16 GEMM when the wgmma_tma main loop is selected (tensor_core.h), both
 // operands are plain matrices TMA can address (16-byte-aligned base, rows a multiple of 16
 // bytes apart) and N > 64. Everything else falls back to the cp.async wgmma loop.
