@@ -374,6 +374,18 @@ TEST_P(TensorCore, ConvolutionsOnResNetAndAwkwardShapes) {
   for (const Conv2dShape& sh : conv_cases()) check_conv(kCustomConv, stream_, sh, seed += 5);
 }
 
+TEST_P(TensorCore, ConvolutionsByStrideClass) {
+  // The data gradient of a strided convolution runs per stride class of the input pixels
+  // (kernels/common/conv_stride_classes.h): stride 3 with a filter smaller than the stride
+  // (classes no tap reaches, whose dx must be zeros), stride 3 with a 5x5 filter and pad 2 on
+  // odd sizes, a single input row under stride 2 (empty classes), and C = 12 / K = 10 (the
+  // element-wise gathers) under stride 2.
+  uint32_t seed = 650;
+  for (const Conv2dShape& sh : {conv(2, 10, 11, 16, 24, 2, 3, 0), conv(1, 7, 8, 8, 16, 5, 3, 2),
+                                conv(2, 1, 3, 8, 8, 1, 2, 0), conv(2, 9, 7, 12, 10, 3, 2, 1)})
+    check_conv(kCustomConv, stream_, sh, seed += 5);
+}
+
 TEST_P(TensorCore, ConvolutionsOnUnalignedTensors) {
   // Tensors one element into their allocation: every loader takes the element-wise path.
   uint32_t seed = 700;

@@ -7,6 +7,9 @@
 //                    M = N*P*Q, N = K, K_gemm = R*S*C                 -> bf16 y
 //   backward data    dx[pix, c]   = sum_{r, s, k}  dy(pix, r, s, k) * w[k, r, s, c]
 //                    M = N*H*W, N = C, K_gemm = R*S*K                 -> bf16 dx
+//                    (stride > 1: per stride class of the input pixels, only the taps that
+//                    reach them, into a scratch matrix scattered into dx; see
+//                    kernels/common/conv_stride_classes.h)
 //   backward weight  dw^T[tap, k] = sum_{pix}      x(pix, tap)      * dy[pix, k]
 //                    M = R*S*C, N = K, K_gemm = N*P*Q (split K)       -> fp32 dw, written
 //                    transposed into dw[k, tap]
@@ -18,12 +21,21 @@
 // cuobjdump --dump-resource-usage (CUDA 13.0, sm_90a, -O3), no stack in any instance, mma.sync
 // main loop: 128 x 128 tile 128 registers, 128 x 64 tile 168-221, 128 x 32 tile 128; shared memory as in mma_mainloop.cuh. The gathers' index
 // arithmetic uses FastDivmod (IMAD.HI in the SASS, no integer-division calls).
+#include <algorithm>
+#include <vector>
+
+#include "kernels/common/conv_stride_classes.h"
 #include "kernels/cuda/mma_launch.cuh"
 #include "kernels/cuda/tensor_core.h"
 
 namespace sp::kernels::cuda {
 namespace {
 
+using detail::element_blocks;
+using detail::global_thread_index;
+using detail::grid_stride;
+using detail::kElementThreads;
+using detail::Workspace;
 using namespace detail::mma;
 
 ConvGeom conv_geom(const Conv2dShape& sh) {
@@ -50,6 +62,50 @@ void run(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilo
   });
 }
 
+// dx at the pixels of one stride class (a, b) from the class's dense result src, rows
+// (img * hc + i) * wc + j of C values; src == nullptr writes zeros (a class no tap reaches).
+__global__ void scatter_class_kernel(const uint16_t* src, uint16_t* dx, int64_t total, int c, int h, int w,
+                                     int stride, int a, int b, int hc, int wc) {
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
+    const int64_t pix = idx / c, ni = pix / wc, img = ni / hc;
+    const int ch = int(idx - pix * c), j = int(pix - ni * wc), i = int(ni - img * hc);
+    dx[((img * h + a + int64_t(stride) * i) * w + b + int64_t(stride) * j) * c + ch] = src ? src[idx] : uint16_t(0);
+  }
+}
+
+// Backward data of a strided convolution by stride class (kernels/common/conv_stride_classes.h):
+// per class, the dense implicit GEMM of its pixels and taps into a scratch matrix, then the
+// scatter of its rows into dx. Only the products that are not structural zeros are computed:
+// a quarter of the direct form's for a 3x3 stride-2 layer.
+void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint16_t* dy, const uint16_t* w,
+                            uint16_t* dx, cudaStream_t stream) {
+  const std::vector<StrideClass> classes = stride_classes(sh);
+  int64_t scratch_rows = 0;
+  for (const StrideClass& c : classes)
+    if (c.rc * c.sc > 0) scratch_rows = std::max(scratch_rows, int64_t(g.n) * c.hc * c.wc);
+  Workspace scratch(size_t(scratch_rows) * size_t(g.c) * sizeof(uint16_t), stream);
+  for (const StrideClass& c : classes) {
+    const int64_t rows = int64_t(g.n) * c.hc * c.wc;
+    if (rows == 0) continue;
+    const bool taps = c.rc * c.sc > 0;
+    if (taps) {
+      ClassGeom cg;
+      cg.g = g;
+      cg.hc = c.hc, cg.wc = c.wc, cg.r0 = c.r0, cg.s0 = c.s0, cg.rc = c.rc, cg.sc = c.sc, cg.dh = c.dh, cg.dw = c.dw;
+      cg.m = int(rows), cg.kc = c.rc * c.sc * g.k;
+      cg.div_hc = FastDivmod::make(c.hc), cg.div_wc = FastDivmod::make(c.wc), cg.div_sc = FastDivmod::make(c.sc);
+      const BwdDataClassGradLoader a{{dy, aligned16(dy) && g.k % 8 == 0}, cg};
+      const BwdDataClassWeightLoader b{{w, aligned16(w) && g.c % 8 == 0}, cg};
+      const MmaEpilogue<uint16_t> ep{scratch.as<uint16_t>(), g.c, 1, 1.f, 0.f, nullptr, false};
+      run(a, b, cg.m, g.c, cg.kc, ep, stream);
+    }
+    const int64_t total = rows * g.c;
+    scatter_class_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(
+        taps ? scratch.as<uint16_t>() : nullptr, dx, total, g.c, g.h, g.w, g.stride, c.a, c.b, c.hc, c.wc);
+    SP_CUDA_CHECK_LAUNCH();
+  }
+}
+
 }  // namespace
 
 void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* y,
@@ -65,6 +121,10 @@ void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_
 void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const uint16_t* w, uint16_t* dx,
                                cudaStream_t stream) {
   const ConvGeom g = conv_geom(sh);
+  if (g.stride > 1) {
+    backward_data_by_class(sh, g, dy, w, dx, stream);
+    return;
+  }
   const BwdDataGradLoader a{{dy, aligned16(dy) && g.k % 8 == 0}, g};
   const BwdDataWeightLoader b{{w, aligned16(w) && g.c % 8 == 0}, g};
   const MmaEpilogue<uint16_t> ep{dx, g.c, 1, 1.f, 0.f, nullptr, false};

@@ -538,4 +538,66 @@ struct BwdDataWeightLoader : GatherLoader<BwdDataWeightLoader, false> {
   __device__ int64_t offset(const Row& r, const Col& t) const { return r.c < g.c && t.valid ? t.off + r.c : -1; }
 };
 
+// ---- Backward data by stride class (kernels/common/conv_stride_classes.h) ---------------------
+// One class (a, b) of a strided convolution's input pixels, h = a + stride * i,
+// w = b + stride * j, as a dense implicit GEMM: rows pix = (img * hc + i) * wc + j, columns
+// t = (rr * sc + ss) * K + k over the class's taps r = r0 + stride * rr, s = s0 + stride * ss.
+struct ClassGeom {
+  ConvGeom g;
+  int hc, wc, r0, s0, rc, sc, dh, dw;
+  int m;   // N * hc * wc
+  int kc;  // rc * sc * K
+  FastDivmod div_hc, div_wc, div_sc;
+};
+
+// A: dy(pix, t) at output pixel (i + dh - rr, j + dw - ss), zero outside the output. vec as
+// BwdDataGradLoader's (K % 8 == 0).
+struct BwdDataClassGradLoader : GatherLoader<BwdDataClassGradLoader, true> {
+  ClassGeom cg;
+  struct Row {
+    int img;  // -1 past the class's last pixel
+    int i, j;
+  };
+  struct Col {
+    int rr, ss, k;
+    bool valid;
+  };
+  __device__ Row row(int pix) const {
+    const int ni = cg.div_wc.div(pix), j = cg.div_wc.mod(pix, ni);
+    const int img = cg.div_hc.div(ni), i = cg.div_hc.mod(ni, img);
+    return {pix < cg.m ? img : -1, i, j};
+  }
+  __device__ Col col(int t) const {
+    const int rs = cg.g.div_k.div(t), k = cg.g.div_k.mod(t, rs);
+    const int rr = cg.div_sc.div(rs), ss = cg.div_sc.mod(rs, rr);
+    return {rr, ss, k, t < cg.kc};
+  }
+  __device__ int64_t offset(const Row& px, const Col& t) const {
+    const int p = px.i + cg.dh - t.rr, q = px.j + cg.dw - t.ss;
+    if (px.img < 0 || !t.valid || p < 0 || p >= cg.g.p || q < 0 || q >= cg.g.q) return -1;
+    return ((int64_t(px.img) * cg.g.p + p) * cg.g.q + q) * cg.g.k + t.k;
+  }
+};
+
+// B: w[k, r0 + stride * rr, s0 + stride * ss, c] as element (c, t), contiguous along c. vec as
+// BwdDataWeightLoader's (C % 8 == 0).
+struct BwdDataClassWeightLoader : GatherLoader<BwdDataClassWeightLoader, false> {
+  ClassGeom cg;
+  struct Row {
+    int c;
+  };
+  struct Col {
+    int64_t off;  // of w[k, r, s, 0]
+    bool valid;
+  };
+  __device__ Row row(int c) const { return {c}; }
+  __device__ Col col(int t) const {
+    const int rs = cg.g.div_k.div(t), k = cg.g.div_k.mod(t, rs);
+    const int rr = cg.div_sc.div(rs), ss = cg.div_sc.mod(rs, rr);
+    const int r = cg.r0 + cg.g.stride * rr, s = cg.s0 + cg.g.stride * ss;
+    return {((int64_t(k) * cg.g.r + r) * cg.g.s + s) * cg.g.c, t < cg.kc};
+  }
+  __device__ int64_t offset(const Row& r, const Col& t) const { return r.c < cg.g.c && t.valid ? t.off + r.c : -1; }
+};
+
 }  // namespace sp::kernels::cuda::detail::mma
