@@ -35,7 +35,9 @@
 //
 // The bf16 tensor-core kernels run on the main loop --mainloop=auto|mma_sync|wgmma|wgmma_tma selects
 // (default: $STALEPROP_MAINLOOP, else auto: wgmma where it can run, else mma_sync); the JSON
-// context records the one in use as tensor_core_mainloop.
+// context records the one in use as tensor_core_mainloop. --dgrad-classes runs the bf16 data
+// gradient of strided convolutions by stride class (tensor_core.h; context
+// dgrad_by_stride_class).
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):
@@ -103,6 +105,7 @@ void env_init() {
   benchmark::AddCustomContext("gpu_l2_bytes", std::to_string(g_env.l2_bytes));
   benchmark::AddCustomContext("cudnn_version", std::to_string(cudnnGetVersion()));
   benchmark::AddCustomContext("tensor_core_mainloop", kc::mainloop_name(kc::effective_mma_mainloop()));
+  benchmark::AddCustomContext("dgrad_by_stride_class", kc::dgrad_by_stride_class() ? "yes" : "no");
 }
 
 void env_destroy() {
@@ -1009,7 +1012,7 @@ int main(int argc, char** argv) {
     std::printf("bench_gpu_kernels: no CUDA device; nothing to measure\n");
     return 0;
   }
-  // Our own flag, taken out of argv before Google Benchmark parses the rest.
+  // Our own flags, taken out of argv before Google Benchmark parses the rest.
   int kept = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -1020,6 +1023,8 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "bench_gpu_kernels: %s\n", e.what());
         return 2;
       }
+    } else if (arg == "--dgrad-classes") {
+      kc::set_dgrad_by_stride_class(true);
     } else {
       argv[kept++] = argv[i];
     }

@@ -7,7 +7,8 @@
 #   3. the locking study of ResNet-56: backprop and bp/ddg/fdg over K = 2..4 modules;
 #   4. launch overhead: ResNet-20/56 at batch 128 (bf16 and fp32), one module and FDG over 3
 #      (ResNet-20) or 4 (ResNet-56) modules, op by op and replayed from CUDA graphs (--graphs), each pair in the same call;
-#   5. the tensor-core main loops (MAINLOOPS, default mma_sync wgmma wgmma_tma) side by side: the bf16 GEMM and
+#   5. the tensor-core main loops (MAINLOOPS, default mma_sync wgmma wgmma_tma) side by side, and
+#      the data gradient by stride class (--dgrad-classes) beside the direct form: the bf16 GEMM and
 #      ResNet-18 convolution benchmarks (each against cuBLASLt/cuDNN in the same run, one JSON
 #      per main loop) and bf16 training throughput of ResNet-18 (batch 512) and ResNet-56 (128).
 # Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3 4" picks stages
@@ -105,6 +106,12 @@ for stage in $STAGES; do
         --benchmark_out="$OUT/mainloop-$loop.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
       echo "bench_gpu_kernels --mainloop=$loop exit $?"
     done
+    # The data gradient by stride class against the direct form above (same main loop).
+    timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=wgmma --dgrad-classes \
+      --benchmark_min_time="${MIN_TIME}" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+      --benchmark_filter="^conv_(bwd_data|train)_bf16/r18_all_layers" \
+      --benchmark_out="$OUT/mainloop-wgmma-dgrad-classes.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
+    echo "bench_gpu_kernels --mainloop=wgmma --dgrad-classes exit $?"
     for cfg in "resnet18 512" "resnet56 128"; do
       set -- $cfg
       for loop in ${MAINLOOPS:-mma_sync wgmma wgmma_tma}; do

@@ -6,10 +6,12 @@
 #   1. unpack CIFAR-10; start the accuracy run (TRAIN_ARGS) in the background, on the carried
 #      binary when present (else after the build), its metrics in train.jsonl;
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test (ctest);
-#   3. compute-sanitizer memcheck and racecheck on the wgmma main loop's tests, memcheck on the
-#      batch-norm kernels (SAN_CAP seconds each, default 55);
+#   3. compute-sanitizer memcheck and racecheck on the wgmma and wgmma_tma main loops' tests
+#      (memcheck also on the stride-class data gradient), memcheck on the batch-norm kernels
+#      (SAN_CAP seconds each, default 55);
 #   4. wait for the accuracy run, so that nothing shares the GPU with the measurements;
-#   5. gpu_bench.sh stage 5 (mma_sync vs wgmma), then stage 4 (CUDA graphs) as time allows;
+#   5. gpu_bench.sh stage 5 (the main loops, and the data gradient by stride class), then
+#      stage 4 (CUDA graphs) as time allows;
 #   6. Nsight Compute sections of our bf16 GEMM on each main loop, when ncu is there and time is left.
 # Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
 # Separate processes on one GPU time-slice it (no MPS): the accuracy run shares it only with the
@@ -61,7 +63,7 @@ san() {  # tool test filter
   log "compute-sanitizer $1 $2 '$3' exit $rc ($(grep -c '\[       OK \]' "$OUT/sanitizer-$1-$2.log") tests passed" \
     "before the end or the ${SAN_CAP} s cap; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer-$1-$2.log"))"
 }
-san memcheck test_cuda_tensor_core '*/wgmma*'
+san memcheck test_cuda_tensor_core '*/wgmma*:*StrideClass*'
 san racecheck test_cuda_tensor_core '*/wgmma*'
 san memcheck test_cuda_ops '*BatchNorm*'
 

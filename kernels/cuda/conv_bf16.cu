@@ -7,9 +7,9 @@
 //                    M = N*P*Q, N = K, K_gemm = R*S*C                 -> bf16 y
 //   backward data    dx[pix, c]   = sum_{r, s, k}  dy(pix, r, s, k) * w[k, r, s, c]
 //                    M = N*H*W, N = C, K_gemm = R*S*K                 -> bf16 dx
-//                    (stride > 1: per stride class of the input pixels, only the taps that
-//                    reach them, into a scratch matrix scattered into dx; see
-//                    kernels/common/conv_stride_classes.h)
+//                    (stride > 1 with dgrad_by_stride_class(): per stride class of the input
+//                    pixels, only the taps that reach them, into a scratch matrix scattered
+//                    into dx; see kernels/common/conv_stride_classes.h)
 //   backward weight  dw^T[tap, k] = sum_{pix}      x(pix, tap)      * dy[pix, k]
 //                    M = R*S*C, N = K, K_gemm = N*P*Q (split K)       -> fp32 dw, written
 //                    transposed into dw[k, tap]
@@ -121,7 +121,7 @@ void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_
 void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const uint16_t* w, uint16_t* dx,
                                cudaStream_t stream) {
   const ConvGeom g = conv_geom(sh);
-  if (g.stride > 1) {
+  if (g.stride > 1 && dgrad_by_stride_class()) {
     backward_data_by_class(sh, g, dy, w, dx, stream);
     return;
   }

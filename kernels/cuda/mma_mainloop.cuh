@@ -519,17 +519,21 @@ struct BwdDataGradLoader : GatherLoader<BwdDataGradLoader, true> {
   }
 };
 
+// The rows and columns of a backward-data B operand (the weights as element (c, t)).
+struct WeightChannel {
+  int c;
+};
+struct WeightTap {
+  int64_t off;  // of w[k, r, s, 0]
+  bool valid;
+};
+
 // Backward-data B: w[k, r, s, c] as element (c, t), t = (r * S + s) * K + k, contiguous along
 // c. vec needs C % 8 == 0.
 struct BwdDataWeightLoader : GatherLoader<BwdDataWeightLoader, false> {
   ConvGeom g;
-  struct Row {
-    int c;
-  };
-  struct Col {
-    int64_t off;  // of w[k, r, s, 0]
-    bool valid;
-  };
+  using Row = WeightChannel;
+  using Col = WeightTap;
   __device__ Row row(int c) const { return {c}; }
   __device__ Col col(int t) const {
     const int rs = g.div_k.div(t), k = g.div_k.mod(t, rs);
@@ -583,13 +587,8 @@ struct BwdDataClassGradLoader : GatherLoader<BwdDataClassGradLoader, true> {
 // BwdDataWeightLoader's (C % 8 == 0).
 struct BwdDataClassWeightLoader : GatherLoader<BwdDataClassWeightLoader, false> {
   ClassGeom cg;
-  struct Row {
-    int c;
-  };
-  struct Col {
-    int64_t off;  // of w[k, r, s, 0]
-    bool valid;
-  };
+  using Row = WeightChannel;
+  using Col = WeightTap;
   __device__ Row row(int c) const { return {c}; }
   __device__ Col col(int t) const {
     const int rs = cg.g.div_k.div(t), k = cg.g.div_k.mod(t, rs);

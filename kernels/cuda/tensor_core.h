@@ -59,6 +59,12 @@ bool wgmma_available();
 // with wgmma or wgmma_tma selected where wgmma_available() is false throws sp::Error saying why.
 void set_mma_mainloop(MmaMainloop m);
 MmaMainloop mma_mainloop();
+
+// The data gradient of strided convolutions by stride class (kernels/common/conv_stride_classes.h):
+// only the products that are not structural zeros. Off until a GPU run has verified it: the
+// default is on only where the environment variable STALEPROP_DGRAD_CLASSES is 1.
+void set_dgrad_by_stride_class(bool on);
+bool dgrad_by_stride_class();
 // The main loop the kernels run on the current device: the selection with auto resolved.
 MmaMainloop effective_mma_mainloop();
 

@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mma_launch.cuh"
@@ -70,6 +71,23 @@ MmaMainloop mma_mainloop() {
     if (!g_mainloop.compare_exchange_strong(expected, m, std::memory_order_relaxed)) m = expected;
   }
   return MmaMainloop(m);
+}
+
+namespace {
+std::atomic<int> g_dgrad_classes{-1};  // -1: the environment decides at first use
+}  // namespace
+
+void set_dgrad_by_stride_class(bool on) { g_dgrad_classes.store(on ? 1 : 0, std::memory_order_relaxed); }
+
+bool dgrad_by_stride_class() {
+  int v = g_dgrad_classes.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("STALEPROP_DGRAD_CLASSES");
+    v = env && std::string(env) == "1" ? 1 : 0;
+    int expected = -1;
+    if (!g_dgrad_classes.compare_exchange_strong(expected, v, std::memory_order_relaxed)) v = expected;
+  }
+  return v == 1;
 }
 
 MmaMainloop effective_mma_mainloop() {
