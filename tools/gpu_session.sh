@@ -12,7 +12,8 @@
 #   4. wait for the accuracy run, so that nothing shares the GPU with the measurements;
 #   5. gpu_bench.sh stage 5 (the main loops, and the data gradient by stride class), then
 #      stage 4 (CUDA graphs) as time allows;
-#   6. Nsight Compute sections of our bf16 GEMM on each main loop, when ncu is there and time is left.
+#   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace);
+#   7. Nsight Compute sections of our bf16 GEMM on each main loop, when ncu is there and time is left.
 # Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
 # Separate processes on one GPU time-slice it (no MPS): the accuracy run shares it only with the
 # build, ctest and the sanitizers, never with a measurement; two training runs at once each get
@@ -77,6 +78,19 @@ log "gpu_bench stage 5"
 STAGES=5 MIN_TIME=0.02 timeout $(( $(left) - 40 )) tools/gpu_bench.sh | tee -a "$OUT/session.txt"
 log "gpu_bench stage 4"
 STAGES=4 timeout $(( $(left) - 40 )) tools/gpu_bench.sh | tee -a "$OUT/session.txt"
+
+# Timelines of the locking study (#5): ResNet-56, bf16, 4 modules, locked bp against fdg, 40
+# steps of real data each (Chrome-trace/Perfetto JSON of the module stages, device-timed).
+if [ -d data/cifar-10-batches-bin ]; then
+  for method in bp fdg; do
+    [ "$(left)" -gt 60 ] || break
+    log "trace: resnet56 $method K=4"
+    timeout 60 build-gpu/tools/staleprop train --device cuda --model resnet56 --precision bf16 --method $method \
+      --split 4 --split-at fdg --epochs 1 --train-limit 5120 --test-limit 1000 --progress none \
+      --trace "$OUT/trace-resnet56-$method-K4.json" > "$OUT/trace-resnet56-$method-K4.log" 2>&1
+    log "trace exit $?"
+  done
+fi
 
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
