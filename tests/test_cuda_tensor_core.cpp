@@ -374,18 +374,25 @@ TEST_P(TensorCore, ConvolutionsOnResNetAndAwkwardShapes) {
   for (const Conv2dShape& sh : conv_cases()) check_conv(kCustomConv, stream_, sh, seed += 5);
 }
 
+// Turns the stride-class data gradient on for a scope, restoring the setting however it ends.
+struct DgradByStrideClass {
+  bool before = kcu::dgrad_by_stride_class();
+  DgradByStrideClass() { kcu::set_dgrad_by_stride_class(true); }
+  ~DgradByStrideClass() { kcu::set_dgrad_by_stride_class(before); }
+};
+
 TEST_P(TensorCore, ConvolutionsByStrideClass) {
   // The data gradient of a strided convolution runs per stride class of the input pixels
   // (kernels/common/conv_stride_classes.h): stride 3 with a filter smaller than the stride
   // (classes no tap reaches, whose dx must be zeros), stride 3 with a 5x5 filter and pad 2 on
   // odd sizes, a single input row under stride 2 (empty classes), and C = 12 / K = 10 (the
-  // element-wise gathers) under stride 2.
+  // element-wise gathers) under stride 2, also with chunked dy beside gathered weights.
   // Off by default until verified on a GPU (tensor_core.h): on here, and for every strided
-  // shape of conv_cases() too; the other tests run the direct form.
-  const bool before = kcu::dgrad_by_stride_class();
-  kcu::set_dgrad_by_stride_class(true);
+  // shape of conv_cases() and on unaligned tensors too; the other tests run the direct form.
+  const DgradByStrideClass on;
   std::vector<Conv2dShape> shapes = {conv(2, 10, 11, 16, 24, 2, 3, 0), conv(1, 7, 8, 8, 16, 5, 3, 2),
-                                     conv(2, 1, 3, 8, 8, 1, 2, 0), conv(2, 9, 7, 12, 10, 3, 2, 1)};
+                                     conv(2, 1, 3, 8, 8, 1, 2, 0), conv(2, 9, 7, 12, 10, 3, 2, 1),
+                                     conv(2, 9, 9, 12, 16, 3, 2, 1)};
   for (const Conv2dShape& sh : conv_cases())
     if (sh.stride > 1) shapes.push_back(sh);
   uint32_t seed = 650;
@@ -393,7 +400,7 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
   const ConvResult a = check_conv(kCustomConv, stream_, shapes.back(), 660);
   const ConvResult b = check_conv(kCustomConv, stream_, shapes.back(), 660);
   EXPECT_TRUE(bits_equal(a.dx, b.dx)) << "repeated runs differ";
-  kcu::set_dgrad_by_stride_class(before);
+  check_conv(kCustomConv, stream_, conv(2, 8, 8, 16, 32, 3, 2, 1), 670, 1);  // unaligned: element-wise gathers
 }
 
 TEST_P(TensorCore, ConvolutionsOnUnalignedTensors) {

@@ -396,6 +396,7 @@ struct FastDivmod {
   uint32_t mul, shr;
 
   static FastDivmod make(int divisor) {  // host
+    SP_CHECK(divisor > 0, "FastDivmod: divisor ", divisor, " is not positive");
     FastDivmod f{divisor, 0u, 0u};
     if (divisor != 1) {
       int log2_ceil = 0;

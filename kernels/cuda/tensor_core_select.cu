@@ -14,6 +14,20 @@ namespace {
 
 // -1: not chosen yet (the environment decides at first use), else an MmaMainloop.
 std::atomic<int> g_mainloop{-1};
+// -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class).
+std::atomic<int> g_dgrad_classes{-1};
+
+// A process-wide switch's value: what was set, else at first use from_env(the environment
+// variable `var`, nullptr when unset or empty), kept from then on.
+template <class FromEnv>
+int setting(std::atomic<int>& slot, const char* var, const FromEnv& from_env) {
+  const int v = slot.load(std::memory_order_relaxed);
+  if (v >= 0) return v;
+  const char* env = std::getenv(var);
+  int chosen = from_env(env && *env ? env : nullptr);
+  int expected = -1;
+  return slot.compare_exchange_strong(expected, chosen, std::memory_order_relaxed) ? chosen : expected;
+}
 
 }  // namespace
 
@@ -59,35 +73,20 @@ bool wgmma_available() {
 void set_mma_mainloop(MmaMainloop m) { g_mainloop.store(int(m), std::memory_order_relaxed); }
 
 MmaMainloop mma_mainloop() {
-  int m = g_mainloop.load(std::memory_order_relaxed);
-  if (m < 0) {
-    const char* env = std::getenv("STALEPROP_MAINLOOP");
+  return MmaMainloop(setting(g_mainloop, "STALEPROP_MAINLOOP", [](const char* env) {
     try {
-      m = int(env && *env ? parse_mainloop(env) : MmaMainloop::kAuto);
+      return int(env ? parse_mainloop(env) : MmaMainloop::kAuto);
     } catch (const Error& e) {
       throw Error(std::string("$STALEPROP_MAINLOOP: ") + e.what());
     }
-    int expected = -1;
-    if (!g_mainloop.compare_exchange_strong(expected, m, std::memory_order_relaxed)) m = expected;
-  }
-  return MmaMainloop(m);
+  }));
 }
-
-namespace {
-std::atomic<int> g_dgrad_classes{-1};  // -1: the environment decides at first use
-}  // namespace
 
 void set_dgrad_by_stride_class(bool on) { g_dgrad_classes.store(on ? 1 : 0, std::memory_order_relaxed); }
 
 bool dgrad_by_stride_class() {
-  int v = g_dgrad_classes.load(std::memory_order_relaxed);
-  if (v < 0) {
-    const char* env = std::getenv("STALEPROP_DGRAD_CLASSES");
-    v = env && std::string(env) == "1" ? 1 : 0;
-    int expected = -1;
-    if (!g_dgrad_classes.compare_exchange_strong(expected, v, std::memory_order_relaxed)) v = expected;
-  }
-  return v == 1;
+  return setting(g_dgrad_classes, "STALEPROP_DGRAD_CLASSES",
+                 [](const char* env) { return env && std::string(env) == "1" ? 1 : 0; }) == 1;
 }
 
 MmaMainloop effective_mma_mainloop() {
@@ -112,7 +111,7 @@ bool use_wgmma() {
   return true;
 }
 
-bool use_wgmma_tma() { return use_wgmma() && mma_mainloop() == MmaMainloop::kWgmmaTma; }
+bool use_wgmma_tma() { return mma_mainloop() == MmaMainloop::kWgmmaTma; }
 
 CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shape) {
   // The driver's encoder through the runtime, so nothing links libcuda directly.
