@@ -90,6 +90,7 @@ if [ -d data/cifar-10-batches-bin ]; then
       --trace "$OUT/trace-resnet56-$method-K4.json" > "$OUT/trace-resnet56-$method-K4.log" 2>&1
     log "trace exit $?"
   done
+  python3 tools/trace_overlap.py "$OUT"/trace-resnet56-*-K4.json | tee -a "$OUT/session.txt"
 fi
 
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""How much the modules of a decoupled run overlap, from `staleprop train --trace` timelines.
+
+Reads Chrome-trace JSON files (one thread per module, an "X" event per module stage, timed
+with device events) and prints, per file, as a Markdown table row:
+  - the span of the trace and each module's busy share of it;
+  - the share of the span during which exactly 0, 1, 2, ... modules were busy;
+  - the concurrency: the modules' summed busy time over the span. 1.0 means the modules take
+    turns (the locked pipeline); K means all K run at once all the time.
+
+    python3 tools/trace_overlap.py trace-resnet56-bp-K4.json trace-resnet56-fdg-K4.json
+"""
+import json
+import sys
+
+
+def module_intervals(path):
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    spans = {}
+    for e in events:
+        if e.get("ph") == "X":
+            spans.setdefault(e["tid"], []).append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+    return {tid: sorted(iv) for tid, iv in spans.items()}, names
+
+
+def overlap(intervals):
+    """Returns (span, busy per module, time with exactly n modules busy for n = 0..K)."""
+    edges = []
+    busy = {}
+    for tid, ivs in intervals.items():
+        merged = []
+        for start, end in ivs:  # a module's own stages never overlap, but merge to be safe
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        busy[tid] = sum(end - start for start, end in merged)
+        for start, end in merged:
+            edges += [(start, 1), (end, -1)]
+    if not edges:
+        return 0.0, busy, [0.0]
+    edges.sort()
+    first, last = edges[0][0], edges[-1][0]
+    levels = [0.0] * (len(intervals) + 1)
+    active, at = 0, first
+    for t, step in edges:
+        levels[active] += t - at
+        active += step
+        at = t
+    return last - first, busy, levels
+
+
+def main(paths):
+    if not paths:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    rows = []
+    width = 0
+    for path in paths:
+        intervals, names = module_intervals(path)
+        span, busy, levels = overlap(intervals)
+        if span <= 0:
+            print(f"{path}: no module stages in the trace", file=sys.stderr)
+            return 1
+        width = max(width, len(levels))
+        shares = "/".join(f"{100 * busy[t] / span:.0f}" for t in sorted(busy))
+        rows.append((path, span, shares, [100 * x / span for x in levels], sum(busy.values()) / span))
+    head = ["trace", "span ms", "busy % per module"] + [f"{n} busy %" for n in range(width)] + ["concurrency"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for path, span, shares, levels, conc in rows:
+        levels += [0.0] * (width - len(levels))
+        print(f"| {path} | {span / 1e3:.1f} | {shares} | " + " | ".join(f"{x:.0f}" for x in levels) + f" | {conc:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
