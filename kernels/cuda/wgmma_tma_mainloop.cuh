@@ -52,6 +52,21 @@ struct WgTmaTile {
   static constexpr int kSmemBytes = kStages * (kAStage + kBStage) * 2 + 2 * kStages * 8 + kAtomBytes;
 };
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The TMA boxes of one operand's stage at (x0, k0) into `stage`, completing on `bar`.
+template <class Stage, bool ContigK>
+__device__ __forceinline__ void tma_load_stage(const CUtensorMap* map, uint16_t* stage, uint64_t* bar, int x0,
+                                               int k0) {
+#pragma unroll
+  for (int j = 0; j < Stage::template boxes<ContigK>(); ++j) {
+    int c0 = 0, c1 = 0;
+    Stage::template box_coords<ContigK>(j, x0, k0, c0, c1);
+    ptx::tma_load_2d(reinterpret_cast<unsigned char*>(stage) + Stage::template box_offset<ContigK>(j), map, bar, c0,
+                     c1);
+  }
+}
+#endif
+
 // grid = (M tiles, N tiles, K slices), WgTmaTile::kThreads threads, kSmemBytes of dynamic
 // shared memory; map_a / map_b describe A (x = M) and B (x = N) as TmaStage's map_shape does,
 // ContigA / ContigB whether each is K-contiguous. partials as in mma::mma_gemm_kernel.
@@ -98,21 +113,8 @@ __global__ void __launch_bounds__(WgTmaTile::kThreads, 1)
       ptx::mbarrier_wait(&empty[s], ((step / kS) & 1) ^ 1);  // round 0 finds every stage free
       ptx::mbarrier_arrive_expect_tx(&full[s], StageA::kBytes + StageB::kBytes);
       const int k0 = k_begin + step * kBK;
-      int c0 = 0, c1 = 0;
-#pragma unroll
-      for (int j = 0; j < StageA::template boxes<ContigA>(); ++j) {
-        StageA::template box_coords<ContigA>(j, m0, k0, c0, c1);
-        ptx::tma_load_2d(reinterpret_cast<unsigned char*>(a_smem + s * Tile::kAStage) +
-                             StageA::template box_offset<ContigA>(j),
-                         &map_a, &full[s], c0, c1);
-      }
-#pragma unroll
-      for (int j = 0; j < StageB::template boxes<ContigB>(); ++j) {
-        StageB::template box_coords<ContigB>(j, n0, k0, c0, c1);
-        ptx::tma_load_2d(reinterpret_cast<unsigned char*>(b_smem + s * Tile::kBStage) +
-                             StageB::template box_offset<ContigB>(j),
-                         &map_b, &full[s], c0, c1);
-      }
+      tma_load_stage<StageA, ContigA>(&map_a, a_smem + s * Tile::kAStage, &full[s], m0, k0);
+      tma_load_stage<StageB, ContigB>(&map_b, b_smem + s * Tile::kBStage, &full[s], n0, k0);
     }
     return;
   }
