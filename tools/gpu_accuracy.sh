@@ -15,9 +15,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT/table"
 DEADLINE=${DEADLINE:-540}
-prefix_of() { python3 -c "import nvidia.$1 as m; print(list(m.__path__)[0])" 2>/dev/null; }
-CUDNN=$(prefix_of cudnn)
-export LD_LIBRARY_PATH="${CUDNN:+$CUDNN/lib:}${LD_LIBRARY_PATH:-}"
+source tools/gpu_env.sh
 if [ -z "${DATA_DIR:-}" ]; then
   DATA_DIR=data/cifar-10-batches-bin
   python3 .carry/data/unpack_cifar10.py .carry/data/cifar10-jpeg.pack.gz "$DATA_DIR" > /dev/null || exit 1

@@ -23,9 +23,7 @@ OUT=${OUT:-$PWD/gpu-out}
 STAGES=${STAGES:-"1 2 3 4 5"}
 MIN_TIME=${MIN_TIME:-0.05}
 mkdir -p "$OUT"
-prefix_of() { python3 -c "import nvidia.$1 as m; print(list(m.__path__)[0])" 2>/dev/null; }
-CUDNN=$(prefix_of cudnn) NCCL=$(prefix_of nccl)
-export LD_LIBRARY_PATH="${CUDNN:+$CUDNN/lib:}${NCCL:+$NCCL/lib:}$PWD/.carry/benchmark/lib:${LD_LIBRARY_PATH:-}"
+source tools/gpu_env.sh
 { date -u; echo "commit $(cat .carry/commit 2>/dev/null || git rev-parse HEAD)"; nvidia-smi; nvcc --version;
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1; } \
   > "$OUT/env-bench.txt" 2>&1

@@ -18,9 +18,7 @@ OUT=${OUT:-$PWD/gpu-out}
 export OUT
 STAGES=${STAGES:-"build test sanitize throughput smoke"}
 mkdir -p "$OUT"
-prefix_of() { python3 -c "import nvidia.$1 as m; print(list(m.__path__)[0])" 2>/dev/null; }
-CUDNN=$(prefix_of cudnn) NCCL=$(prefix_of nccl)
-export LD_LIBRARY_PATH="${CUDNN:+$CUDNN/lib:}${NCCL:+$NCCL/lib:}$PWD/.carry/benchmark/lib:${LD_LIBRARY_PATH:-}"
+source tools/gpu_env.sh
 { date -u; echo "commit $(cat .carry/commit 2>/dev/null || git rev-parse HEAD)"; nvidia-smi; nvcc --version; } \
   > "$OUT/env.txt" 2>&1
 for stage in $STAGES; do

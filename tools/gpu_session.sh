@@ -31,9 +31,7 @@ TRAIN_ARGS=${TRAIN_ARGS:-"--model resnet20 --precision bf16 --epochs 164 --batch
 --momentum 0.9 --weight-decay 1e-4 --schedule multistep --milestones 0.5,0.75 --graphs"}
 left() { echo $((DEADLINE - SECONDS)); }
 log() { echo "[$(printf '%3d' $SECONDS) s] $*" | tee -a "$OUT/session.txt"; }
-prefix_of() { python3 -c "import nvidia.$1 as m; print(list(m.__path__)[0])" 2>/dev/null; }
-CUDNN=$(prefix_of cudnn) NCCL=$(prefix_of nccl)
-export LD_LIBRARY_PATH="${CUDNN:+$CUDNN/lib:}${NCCL:+$NCCL/lib:}$PWD/.carry/benchmark/lib:${LD_LIBRARY_PATH:-}"
+source tools/gpu_env.sh
 
 TRAIN_PID=
 start_train() {
