@@ -1,7 +1,9 @@
 #include "engine/allocator.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <string>
 #include <memory>
 #include <vector>
 
@@ -142,16 +144,64 @@ CachingAllocator& device_allocator(Device device) {
   return *slot;
 }
 
-Arena::Arena(Device device, size_t chunk_bytes) : device_(device), chunk_bytes_(std::max<size_t>(chunk_bytes, 256)) {}
+ArenaPlan plan_arena(const std::vector<size_t>& sizes, const std::vector<size_t>& released) {
+  const size_t n = sizes.size();
+  SP_CHECK(released.size() == n, "plan_arena: ", n, " sizes but ", released.size(), " release points");
+  for (size_t i = 0; i < n; ++i)
+    SP_CHECK(released[i] > i && released[i] <= n, "plan_arena: allocation ", i, " released after ", released[i],
+             " of ", n, " allocations");
+  std::vector<size_t> order(n);
+  for (size_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return sizes[a] > sizes[b]; });
+  ArenaPlan plan;
+  plan.offsets.assign(n, 0);
+  std::vector<size_t> placed;
+  std::vector<std::pair<size_t, size_t>> busy;  // [begin, end) of the placed ones live with i
+  for (const size_t i : order) {
+    busy.clear();
+    for (const size_t j : placed) {
+      const size_t first = std::min(i, j), second = std::max(i, j);
+      if (second < released[first]) busy.push_back({plan.offsets[j], plan.offsets[j] + sizes[j]});
+    }
+    std::sort(busy.begin(), busy.end());
+    // The smallest gap that holds sizes[i]; else above everything.
+    size_t best = SIZE_MAX, best_gap = SIZE_MAX, cursor = 0;
+    for (const auto& [begin, end] : busy) {
+      if (begin > cursor && begin - cursor >= sizes[i] && begin - cursor < best_gap)
+        best = cursor, best_gap = begin - cursor;
+      cursor = std::max(cursor, end);
+    }
+    plan.offsets[i] = best != SIZE_MAX ? best : cursor;
+    plan.bytes = std::max(plan.bytes, plan.offsets[i] + sizes[i]);
+    placed.push_back(i);
+  }
+  return plan;
+}
+
+// What a recording cycle notes; leases write to it from whichever thread drops a tensor.
+struct Arena::Trace {
+  std::mutex mu;
+  uint64_t cycle = 1;
+  std::vector<size_t> sizes, released;  // released: SIZE_MAX while live
+};
+
+ArenaLease::~ArenaLease() {
+  std::lock_guard<std::mutex> lk(trace_->mu);
+  if (trace_->cycle == cycle_ && trace_->released[index_] == SIZE_MAX) trace_->released[index_] = trace_->sizes.size();
+}
+
+Arena::Arena(Device device, size_t chunk_bytes, Policy policy)
+    : device_(device), chunk_bytes_(std::max<size_t>(chunk_bytes, 256)), policy_(policy) {
+  if (policy_ == Policy::Planned) trace_ = std::make_shared<Trace>();
+}
 
 Arena::~Arena() {
   CachingAllocator& backend = device_allocator(device_);
   for (const Chunk& c : chunks_) backend.deallocate(c.data);
+  if (block_) backend.deallocate(block_);
 }
 
-void* Arena::allocate(size_t bytes) {
-  constexpr size_t kAlign = 256;
-  const size_t size = std::max<size_t>(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
+void* Arena::bump(size_t size) {
   // The first chunk from the current one on with room at its end; the sequence of chunks
   // visited depends only on the sequence of sizes since reset(), so addresses repeat.
   while (chunk_ < chunks_.size() && offset_ + size > chunks_[chunk_].size) ++chunk_, offset_ = 0;
@@ -167,21 +217,85 @@ void* Arena::allocate(size_t bytes) {
   return ptr;
 }
 
-void Arena::reset() { chunk_ = 0, offset_ = 0, used_ = 0; }
+ArenaAllocation Arena::allocate(size_t bytes, const void* stream_key) {
+  constexpr size_t kAlign = 256;
+  const size_t size = std::max<size_t>(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
+  ArenaAllocation a;
+  if (policy_ == Policy::Bump) {
+    a.data = bump(size);
+  } else if (planned_) {
+    const size_t i = next_++;
+    SP_CHECK(i < plan_sizes_.size() && plan_sizes_[i] == size, "arena: allocation ", i, " of this cycle asks for ",
+             size, " bytes but the plan recorded ",
+             i < plan_sizes_.size() ? std::to_string(plan_sizes_[i]) + " bytes"
+                                    : std::to_string(plan_sizes_.size()) + " allocations",
+             ": the work between two resets changed after the arena planned it");
+    a.data = static_cast<char*>(block_) + plan_.offsets[i];
+    used_ += size;
+  } else {
+    CachingAllocator& backend = device_allocator(device_);
+    a.data = backend.allocate(size, stream_key);
+    a.owner = &backend;
+    std::lock_guard<std::mutex> lk(trace_->mu);
+    a.lease = std::make_unique<ArenaLease>(trace_, trace_->cycle, trace_->sizes.size());
+    trace_->sizes.push_back(size);
+    trace_->released.push_back(SIZE_MAX);
+  }
+  return a;
+}
+
+void Arena::reset() {
+  chunk_ = 0, offset_ = 0, used_ = 0, next_ = 0;
+  if (!recording()) return;
+  std::vector<size_t> sizes, released;
+  {
+    std::lock_guard<std::mutex> lk(trace_->mu);
+    if (!begun_) {  // the first reset() starts the first cycle (unless work came before it)
+      begun_ = true;
+      if (trace_->sizes.empty()) return;
+    }
+    sizes.swap(trace_->sizes);
+    released.swap(trace_->released);
+    ++trace_->cycle;  // releases of the finished cycle's tensors are not noted any more
+  }
+  for (size_t& r : released) r = std::min(r, sizes.size());  // live at the end
+  ++recordings_;
+  if (recordings_ >= 2 && sizes == previous_sizes_ && released == previous_released_) {
+    plan_ = plan_arena(sizes, released);
+    plan_sizes_ = std::move(sizes);
+    if (plan_.bytes > 0) block_ = device_allocator(device_).allocate(plan_.bytes);
+    peak_used_ = plan_.bytes;
+    planned_ = true;
+    trace_.reset();
+    return;
+  }
+  if (recordings_ >= kMaxRecordings) {
+    policy_ = Policy::Bump;  // the work does not repeat exactly: keep everything instead
+    trace_.reset();
+    return;
+  }
+  previous_sizes_ = std::move(sizes);
+  previous_released_ = std::move(released);
+}
 
 size_t Arena::reserved_bytes() const {
-  size_t n = 0;
+  size_t n = planned_ ? plan_.bytes : 0;
   for (const Chunk& c : chunks_) n += c.size;
   return n;
 }
 
-ArenaScope::ArenaScope(Stream& s, Arena* arena) : s_(s), previous_(s.arena()) {
+ArenaScope::ArenaScope(Stream& s, Arena* arena)
+    : s_(s), previous_(s.arena()), previous_synchronous_(s.synchronous()) {
   SP_CHECK(arena == nullptr || arena->device() == s.device(), "an arena of ", arena ? arena->device().str() : "",
            " cannot serve a stream of ", s.device().str());
   s_.set_arena(arena);
+  if (arena && arena->recording()) s_.set_synchronous(true);
 }
 
-ArenaScope::~ArenaScope() { s_.set_arena(previous_); }
+ArenaScope::~ArenaScope() {
+  s_.set_arena(previous_);
+  if (s_.synchronous() != previous_synchronous_) s_.set_synchronous(previous_synchronous_);
+}
 
 PinnedBuffer::PinnedBuffer(size_t bytes) : bytes_(bytes) {
 #if STALEPROP_WITH_CUDA

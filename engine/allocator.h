@@ -14,7 +14,9 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <vector>
 
@@ -72,44 +74,122 @@ class CachingAllocator {
 // The process-wide allocator of a device (CPU memory is 64-byte aligned).
 CachingAllocator& device_allocator(Device device);
 
-// A bump allocator for memory whose addresses must repeat: allocate() hands out consecutive
-// pieces of chunks taken from a device's caching allocator, at offsets that are multiples of
-// 256 bytes (so aligned as the chunks are: 256 bytes on CUDA, 64 on the CPU), and reset()
-// starts again from the first chunk, so the same sequence of sizes after each reset() gets
-// the same addresses. This is what lets a captured graph be replayed: the scheduler resets a
-// module's arena where its captured work begins, so eager runs, the capture and every replay
-// of that work place their tensors at the same addresses. Nothing is freed before the arena
-// is destroyed; a chunk is added when the current ones are full. The owner makes sure that
-// work reading memory handed out before a reset() is ordered before work writing it after
-// (the scheduler: one stream per arena).
+// Memory whose addresses must repeat, for captured graphs. The scheduler resets a module's
+// arena where a captured unit of work begins, so eager runs, the capture and every replay of
+// that work place their tensors at the same addresses. The owner makes sure that work reading
+// memory handed out before a reset() is ordered before work writing it after (the scheduler:
+// one stream per arena, and every user of the memory on that stream).
+//
+// Two policies:
+//   * Bump: allocate() hands out consecutive pieces of chunks taken from the device's caching
+//     allocator at offsets that are multiples of 256 bytes (so aligned as the chunks are: 256
+//     bytes on CUDA, 64 on the CPU); reset() starts again from the first chunk, so the same
+//     sequence of sizes after each reset() gets the same addresses. Nothing is reused within a
+//     cycle (reset to reset): a cycle holds the sum of everything it allocated.
+//   * Planned: the arena first records cycles. A recording cycle hands out ordinary blocks of
+//     the caching allocator (keyed to the stream, as eager work gets them) and notes each
+//     allocation's size and when its memory was released: how many allocations of the cycle
+//     had been made when its last tensor died. Once two consecutive cycles record the same
+//     trace, the arena plans it (plan_arena: offsets in one block such that allocations whose
+//     lifetimes overlap get disjoint bytes) and from then on hands allocation i of every cycle
+//     the planned address, checking that its size is the recorded one (a cycle that departs
+//     from the plan is an error: the work of a captured unit does not change). A released
+//     tensor's bytes are reused only by allocations made after the host let go of it, which
+//     the same stream orders after all the work that used it: the caching allocator's rule.
+//     Releases are only seen as the host's own while tensors are not held by queued work:
+//     ArenaScope makes a CPU stream run its closures inline while its arena records (CUDA
+//     kernels hold no tensors). If the traces do not settle within kMaxRecordings cycles the
+//     arena falls back to Bump.
+class ArenaLease;
+
+struct ArenaAllocation {
+  void* data = nullptr;
+  CachingAllocator* owner = nullptr;  // set: the caller gives `data` back to it (a recording cycle)
+  std::unique_ptr<ArenaLease> lease;  // set: destroy it when the memory's last user is gone
+};
+
+// Offsets for a cycle of allocations: allocation i takes sizes[i] bytes and stays live until
+// released[i] allocations of the cycle have been made (i < released[i] <= n; n: live at the
+// end). Allocations i < j overlap in time when j < released[i]; those get disjoint byte
+// ranges, others may share. Greedy by size (largest first, each at the best-fitting gap among
+// the ranges of the placed allocations it overlaps). bytes: the end of the highest range.
+struct ArenaPlan {
+  std::vector<size_t> offsets;
+  size_t bytes = 0;
+};
+ArenaPlan plan_arena(const std::vector<size_t>& sizes, const std::vector<size_t>& released);
+
 class Arena {
  public:
-  explicit Arena(Device device, size_t chunk_bytes = size_t(4) << 20);
+  enum class Policy { Bump, Planned };
+  static constexpr int kMaxRecordings = 6;
+
+  explicit Arena(Device device, size_t chunk_bytes = size_t(4) << 20, Policy policy = Policy::Bump);
   ~Arena();
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
 
   Device device() const { return device_; }
-  void* allocate(size_t bytes);
+  // `stream_key`: the stream whose work uses the memory (for a recording cycle's blocks).
+  ArenaAllocation allocate(size_t bytes, const void* stream_key = nullptr);
+  // Ends the current cycle (Planned: its trace may complete the recording) and starts one.
   void reset();
-  size_t used_bytes() const { return used_; }          // handed out since the last reset()
-  size_t peak_used_bytes() const { return peak_used_; }  // most handed out between resets
-  size_t reserved_bytes() const;                          // held in chunks
+
+  Policy policy() const { return policy_; }  // Bump after a Planned arena gave up
+  // Planned and still recording: allocations are the caching allocator's, addresses vary.
+  bool recording() const { return policy_ == Policy::Planned && !planned_; }
+  // Addresses of a repeated sequence of sizes repeat from now on (Bump, or a Planned arena
+  // whose plan is made).
+  bool stable() const { return !recording(); }
+  size_t used_bytes() const { return used_; }            // of the arena's own memory, since the last reset()
+  size_t peak_used_bytes() const { return peak_used_; }  // most of it in use at once (Planned: the plan's size)
+  size_t reserved_bytes() const;                         // held in chunks and in the planned block
+  int recorded_cycles() const { return recordings_; }
+
+  struct Trace;  // shared with the leases, which may outlive the arena
 
  private:
+  void* bump(size_t size);
   struct Chunk {
     void* data;
     size_t size;
   };
   Device device_;
   size_t chunk_bytes_;
+  Policy policy_;
   std::vector<Chunk> chunks_;
   size_t chunk_ = 0, offset_ = 0, used_ = 0, peak_used_ = 0;
+  // Planned
+  std::shared_ptr<Trace> trace_;
+  std::vector<size_t> previous_sizes_, previous_released_;
+  int recordings_ = 0;
+  bool begun_ = false, planned_ = false;
+  ArenaPlan plan_;
+  std::vector<size_t> plan_sizes_;
+  void* block_ = nullptr;
+  size_t next_ = 0;
+};
+
+// Reports the release of a recorded allocation to its arena's trace (from any thread).
+class ArenaLease {
+ public:
+  ArenaLease(std::shared_ptr<Arena::Trace> trace, uint64_t cycle, size_t index)
+      : trace_(std::move(trace)), cycle_(cycle), index_(index) {}
+  ~ArenaLease();
+  ArenaLease(const ArenaLease&) = delete;
+  ArenaLease& operator=(const ArenaLease&) = delete;
+
+ private:
+  std::shared_ptr<Arena::Trace> trace_;
+  uint64_t cycle_;
+  size_t index_;
 };
 
 class Stream;
 
-// Routes the allocations keyed to `s` to `arena` (nullptr: none) for the scope's lifetime.
+// Routes the allocations keyed to `s` to `arena` (nullptr: none) for the scope's lifetime; while
+// the arena records (Planned), `s` runs synchronously (Stream::set_synchronous), so that the
+// releases the arena notes are those of the host.
 class ArenaScope {
  public:
   ArenaScope(Stream& s, Arena* arena);
@@ -120,6 +200,7 @@ class ArenaScope {
  private:
   Stream& s_;
   Arena* previous_;
+  bool previous_synchronous_;
 };
 
 // Page-locked host memory for asynchronous host<->device copies; ordinary aligned memory in a

@@ -111,6 +111,10 @@ class CpuStream final : public Stream {
       capture_->nodes.push_back({CpuGraph::Kind::Host, std::move(fn), nullptr});
       return;
     }
+    if (synchronous_) {
+      run_inline(std::move(fn));
+      return;
+    }
     {
       std::lock_guard<std::mutex> lk(mu_);
       queue_.push_back(std::move(fn));
@@ -198,6 +202,31 @@ class CpuStream final : public Stream {
   }
 
  private:
+  // enqueue_host() of a synchronous stream: after the queued work, on the calling thread, in
+  // stream order as far as anyone can tell (an error is kept for synchronize() as the worker
+  // keeps it).
+  void run_inline(std::function<void()> fn) {
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      const uint64_t target = enqueued_;
+      idle_.wait(lk, [&] { return completed_ >= target; });
+      ++enqueued_;
+    }
+    std::exception_ptr err;
+    try {
+      fn();
+    } catch (...) {
+      err = std::current_exception();
+    }
+    fn = nullptr;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (err && !error_) error_ = err;
+      ++completed_;
+    }
+    idle_.notify_all();
+  }
+
   void loop() {
     for (;;) {
       std::function<void()> fn;

@@ -88,6 +88,7 @@ struct PipelineTrainer::InFlight {
   Tensor input;                   // the module's input, kept for --recompute
   std::vector<Tensor> stash;      // the module's weights at the forward, for --weight-stash
   bool steady = false;            // --graphs: a full-size batch (its backward may be replayed)
+  bool from_graph = false;        // --graphs: its forward was captured or replayed (addresses final)
 };
 
 struct PipelineTrainer::Stage {
@@ -207,9 +208,12 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
   }
   if (cfg_.graphs)
     for (auto& st : stages_) {
-      st->period = (delay(st->index) + 2) / 2 * 2;  // d_k + 1 rounded up to even
-      for (int j = 0; j < st->period; ++j) st->fwd_arenas.push_back(std::make_unique<Arena>(st->device));
-      st->bwd_arena = std::make_unique<Arena>(st->device);
+      // d_k + 1 rounded up to even (the parity of the queue slots); one module has no queues.
+      st->period = k_modules == 1 ? 1 : (delay(st->index) + 2) / 2 * 2;
+      const Arena::Policy policy = cfg_.plan_graph_memory ? Arena::Policy::Planned : Arena::Policy::Bump;
+      for (int j = 0; j < st->period; ++j)
+        st->fwd_arenas.push_back(std::make_unique<Arena>(st->device, size_t(4) << 20, policy));
+      st->bwd_arena = std::make_unique<Arena>(st->device, size_t(4) << 20, policy);
       st->fwd_units.resize(size_t(st->period));
       st->bwd_units.resize(size_t(st->period));
       st->lr = Tensor::empty({1}, DType::F32, st->device);
@@ -305,7 +309,8 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   Stream& s = *st.stream;
   const int last = num_modules() - 1;
   const size_t phase = size_t(tick % st.period);
-  Arena* arena = cfg_.graphs ? st.fwd_arenas[phase].get() : nullptr;
+  // Only full-size batches use the phase's arena (a partial one is never captured).
+  Arena* arena = nullptr;
   Message in;
   Shape in_shape;
   if (k == 0) {
@@ -316,8 +321,11 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
       source_done = true;
       return;
     }
+    if (cfg_.graphs && (st.full_input.empty() || xs.size(0) == st.full_input[0])) {
+      arena = st.fwd_arenas[phase].get();
+      arena->reset();
+    }
     // Staged into the phase's arena, where a replayed forward expects its input.
-    if (arena) arena->reset();
     ArenaScope scope(s, arena);
     in.data = network_input(s, xs, cfg_.activation_dtype);
     in.labels = new_activation(s, ys.shape(), DType::I32);
@@ -333,6 +341,10 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   }
   if (cfg_.graphs && st.full_input.empty()) st.full_input = in_shape;
   Unit* unit = cfg_.graphs && in_shape == st.full_input ? &st.fwd_units[phase] : nullptr;
+  if (unit && k > 0) {
+    arena = st.fwd_arenas[phase].get();
+    if (!unit->graph) arena->reset();
+  }
   TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, in.batch,
                    k == last ? "fwd+loss+bwd" : "fwd"};
   NvtxRange range("module " + std::to_string(k + 1) + " " + timed.stage + " batch " + std::to_string(in.batch));
@@ -346,8 +358,8 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     replayed_forward(k, tick, in.batch, *unit);
     ++graph_stats_.replays;
   } else {
-    const bool capture = unit && unit->warm > 0 && st.fwd_warm >= st.period;
-    if (arena && k > 0) arena->reset();
+    // Captured once the phase ran eagerly and its arena's addresses are settled.
+    const bool capture = unit && unit->warm > 0 && st.fwd_warm >= st.period && arena->stable();
     ArenaScope scope(s, arena);
     std::vector<int64_t> before;
     if (capture)
@@ -356,7 +368,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     enqueue_forward(k, tick, in, unit != nullptr, lr);
     if (capture) {
       unit->graph = s.end_capture();
-      if (k < last) unit->contexts = st.inflight.back().contexts;
+      if (k < last) st.inflight.back().from_graph = true, unit->contexts = st.inflight.back().contexts;
       const Queue* out = k < last ? act_[size_t(k)].get() : k > 0 ? grad_[size_t(k) - 1].get() : nullptr;
       unit->sent = out ? out->slots[tick % 2].shape : Shape();
       if (k == last) unit->loss = st.pending.back();
@@ -422,7 +434,7 @@ void PipelineTrainer::replayed_forward(int k, int64_t tick, int64_t batch, const
   Stage& st = *stages_[size_t(k)];
   for (size_t i = 0; i < u.counters.size(); ++i) *st.counters[i] += u.counters[i];
   ledger_.push_back({tick, k, batch, false});
-  st.inflight.push_back(InFlight{batch, tick, u.contexts, Tensor(), {}, true});
+  st.inflight.push_back(InFlight{batch, tick, u.contexts, Tensor(), {}, true, true});
   if (k + 1 < num_modules()) {
     Slot& out = act_[size_t(k)]->slots[tick % 2];
     out.tick = tick, out.batch = batch, out.shape = u.sent;
@@ -469,7 +481,8 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
     const Slot* slot = incoming(*grad_[size_t(k)], tick - gradient_latency_);
     if (!slot) return;
     const int64_t batch = slot->batch;
-    Unit* unit = oldest_inflight(k, batch).steady ? &st.bwd_units[size_t(tick % st.period)] : nullptr;
+    const InFlight& f = oldest_inflight(k, batch);
+    Unit* unit = f.steady ? &st.bwd_units[size_t(tick % st.period)] : nullptr;
     TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, batch, "bwd"};
     NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(batch));
     s.wait(*grad_[size_t(k)]->slots[(tick - gradient_latency_) % 2].ready);  // not counted as busy
@@ -480,9 +493,12 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
       replayed_backward(k, tick, batch, unit->sent);
       ++graph_stats_.replays;
     } else {
-      const bool capture = unit && unit->warm > 0 && st.bwd_warm >= st.period;
-      st.bwd_arena->reset();
-      ArenaScope scope(s, st.bwd_arena.get());
+      // Captured once the arena's addresses are settled and the saved activations it reads
+      // sit where every later forward of their phase puts them (that forward is a graph).
+      Arena* arena = unit ? st.bwd_arena.get() : nullptr;
+      if (arena) arena->reset();
+      const bool capture = unit && unit->warm > 0 && st.bwd_warm >= st.period && arena->stable() && f.from_graph;
+      ArenaScope scope(s, arena);
       CaptureGuard guard(s, capture);
       Tensor dy, unused;
       int64_t received = -1;

@@ -66,27 +66,38 @@ struct PipelineConfig {
   // instead of enqueueing it op by op. See "Graphs" below. Not with staleness_jitter,
   // recompute or weight_stash, whose work changes from tick to tick.
   bool graphs = false;
+  // With graphs: plan each arena's memory from recorded lifetimes (Arena::Policy::Planned), so
+  // a captured unit holds about what its eager run holds; false: bump arenas, which keep every
+  // tensor of a unit until the unit comes round again.
+  bool plan_graph_memory = true;
 };
 
 // Graphs. A module's work in a tick is two units: its forward (module K: forward, loss,
 // backward and step) and its backward with the optimizer step (modules k < K). Each unit is
-// captured once per phase, tick mod P_k with P_k = d_k + 1 rounded up to an even number, and
-// replayed at every later tick of that phase, so a replay always finds the queue slots of its
-// tick's parity and the saved activations of the batch it back-propagates at the addresses the
-// capture used:
+// captured once per phase, tick mod P_k with P_k = d_k + 1 rounded up to an even number (1 for
+// a single module, which has no queues), and replayed at every later tick of that phase, so a
+// replay always finds the queue slots of its tick's parity and the saved activations of the
+// batch it back-propagates at the addresses the capture used:
 //   * every forward unit of phase j allocates from its own arena (Arena, allocator.h), reset
 //     at the unit's start, so its tensors (the saved activations among them) sit at the same
 //     addresses in eager runs, the capture and every replay, and live until the same phase
 //     comes round again, after their backward (at most d_k ticks later);
 //   * every backward unit allocates from one per-module arena, reset at the unit's start;
+//   * the arenas are Planned (plan_graph_memory): a unit's first runs record its allocations
+//     and their lifetimes, and once two runs agree the arena lays them out in one block,
+//     reusing the bytes of tensors the unit has let go. A unit is captured only once its arena
+//     is settled, and a backward only when the batch it reads was forwarded by a graph, so
+//     every replay finds the saved activations where the capture found them. Partial batches
+//     use no arena;
 //   * the learning rate is written into a device scalar before each unit (outside the graph)
 //     and read by the optimizer kernel; module 1's input is staged into its arena before the
 //     launch; module K's loss is copied out after it; queue events become event nodes;
 //   * the host keeps its bookkeeping (ledger, batches in flight, queue slots, step counts,
 //     BN batch counters) as if it had enqueued the work itself.
-// A unit runs eagerly while its module warms up (its first P_k steady runs: the arenas reach
-// their size and lazily built kernel state exists before any capture; a phase is captured only
-// after it ran once) and whenever its batch is not of the full size (the epoch's last, partial
+// A unit runs eagerly while its module warms up (at least its first P_k steady runs: lazily
+// built kernel state exists before any capture; a phase is captured only after it ran once and
+// its arena settled, which a Planned arena does after two recorded runs) and whenever its
+// batch is not of the full size (the epoch's last, partial
 // batch); fill and drain replay like any other tick. On CUDA, the scratch some kernels take
 // from cudaMallocAsync inside a captured unit becomes graph-owned memory (CUDA's graph memory
 // pool), which the allocator statistics and arena_bytes do not count.

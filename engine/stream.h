@@ -72,9 +72,17 @@ class Stream {
   void set_arena(Arena* arena) { arena_ = arena; }
   Arena* arena() const { return arena_; }
 
+  // CPU: while set, enqueue_host() waits for the queued work and runs the closure on the
+  // calling thread (event waits block it), so the tensors a closure holds are released before
+  // enqueue_host() returns, as they are on CUDA, where kernels hold none. CUDA: no effect.
+  // A recording Arena asks for it (ArenaScope).
+  virtual void set_synchronous(bool on) { synchronous_ = on; }
+  bool synchronous() const { return synchronous_; }
+
  protected:
   Stream() = default;
   bool capturing_ = false;
+  bool synchronous_ = false;
 
  private:
   Arena* arena_ = nullptr;

@@ -9,7 +9,8 @@ namespace sp {
 struct Tensor::Storage {
   void* data = nullptr;
   size_t bytes = 0;
-  CachingAllocator* allocator = nullptr;  // null: caller-owned memory (from_blob)
+  CachingAllocator* allocator = nullptr;  // null: caller-owned memory (from_blob) or an arena's
+  std::unique_ptr<ArenaLease> lease;      // a recording arena's: notes the release
   ~Storage() {
     if (allocator) allocator->deallocate(data);
   }
@@ -39,10 +40,17 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, const Strea
   t.storage_ = std::make_shared<Storage>();
   t.storage_->bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
   if (Arena* arena = stream ? stream->arena() : nullptr) {
-    // Graph-safe memory (allocator.h): the arena owns it, the tensor only views it.
+    // Graph-safe memory (allocator.h): the arena owns it and the tensor views it, or, while a
+    // Planned arena records, the tensor owns a block and tells the arena when it is let go.
     SP_CHECK(arena->device() == device, "Tensor::empty on ", device.str(), " with a stream whose arena is on ",
              arena->device().str());
-    t.storage_->data = arena->allocate(t.storage_->bytes);
+    SP_CHECK(!stream->capturing() || arena->stable(), "Tensor::empty ", shape_str(shape),
+             ": allocation on a capturing stream from an arena that is still recording; its addresses are not "
+             "settled yet");
+    ArenaAllocation a = arena->allocate(t.storage_->bytes, stream);
+    t.storage_->data = a.data;
+    t.storage_->allocator = a.owner;
+    t.storage_->lease = std::move(a.lease);
   } else {
     SP_CHECK(stream == nullptr || !stream->capturing(), "Tensor::empty ", shape_str(shape),
              ": allocation on a capturing stream outside an arena; the address would not stay valid when the "

@@ -145,9 +145,11 @@ TEST_F(CudaNetwork, Bf16StepTracksTheFp32Step) {
   }
 }
 
-// FDG over three modules of ResNet-20 on one GPU, two epochs of 15 batches (the last one
-// partial): the first epoch warms up and captures, the second replays.
-std::vector<float> pipeline_params(bool graphs, DType dt, int64_t* replays) {
+// FDG over three modules of ResNet-20 on one GPU, three epochs of 15 batches (the last one
+// partial): the first epoch warms up (planned arenas record two runs of each phase) and
+// captures, the later ones replay.
+std::vector<float> pipeline_params(bool graphs, DType dt, int64_t* replays, bool planned = true,
+                                   size_t* arena_bytes = nullptr) {
   const Device d = Device::cuda(0);
   const int batches = 15, N = 8, H = 16, classes = 10;
   std::mt19937_64 rng(23);
@@ -170,8 +172,9 @@ std::vector<float> pipeline_params(bool graphs, DType dt, int64_t* replays) {
   c.shrink = 0.5f;
   c.activation_dtype = dt;
   c.graphs = graphs;
+  c.plan_graph_memory = planned;
   PipelineTrainer p(net, c);
-  for (int epoch = 0; epoch < 2; ++epoch) {
+  for (int epoch = 0; epoch < 3; ++epoch) {
     size_t next = 0;
     p.run_epoch(
         [&](Tensor* x, Tensor* y) {
@@ -182,6 +185,7 @@ std::vector<float> pipeline_params(bool graphs, DType dt, int64_t* replays) {
         [](int64_t step) { return 0.05f + 0.001f * float(step); });
   }
   *replays = p.graph_stats().replays;
+  if (arena_bytes) *arena_bytes = p.graph_stats().arena_bytes;
   std::vector<float> out;
   for (auto& [name, prm] : net.state().params) {
     const Tensor h = host_copy(*s, prm->value);
@@ -191,17 +195,25 @@ std::vector<float> pipeline_params(bool graphs, DType dt, int64_t* replays) {
   return out;
 }
 
+// Replays from planned arenas (the default) and from bump arenas against op-by-op enqueueing.
 TEST_F(CudaNetwork, PipelineGraphReplayChangesNoBit) {
   for (DType dt : {DType::F32, DType::BF16}) {
-    int64_t eager_replays = 0, graph_replays = 0;
+    int64_t eager_replays = 0, graph_replays = 0, bump_replays = 0;
+    size_t planned_bytes = 0, bump_bytes = 0;
     const std::vector<float> eager = pipeline_params(false, dt, &eager_replays);
-    const std::vector<float> replayed = pipeline_params(true, dt, &graph_replays);
+    const std::vector<float> replayed = pipeline_params(true, dt, &graph_replays, true, &planned_bytes);
+    const std::vector<float> bump = pipeline_params(true, dt, &bump_replays, false, &bump_bytes);
     EXPECT_EQ(eager_replays, 0);
-    EXPECT_GT(graph_replays, 30) << "the second epoch should mostly replay";
-    ASSERT_EQ(eager.size(), replayed.size());
-    size_t differ = 0;
-    for (size_t i = 0; i < eager.size(); ++i) differ += eager[i] != replayed[i];
-    EXPECT_EQ(differ, 0u) << dtype_name(dt) << ": " << differ << " of " << eager.size() << " parameters differ";
+    EXPECT_GT(graph_replays, 60) << "the later epochs should mostly replay";
+    EXPECT_GT(bump_replays, 60);
+    EXPECT_LT(planned_bytes, bump_bytes) << "planned arenas should reuse what bump arenas keep";
+    for (const auto* got : {&replayed, &bump}) {
+      ASSERT_EQ(eager.size(), got->size());
+      size_t differ = 0;
+      for (size_t i = 0; i < eager.size(); ++i) differ += eager[i] != (*got)[i];
+      EXPECT_EQ(differ, 0u) << dtype_name(dt) << (got == &bump ? " bump" : " planned") << ": " << differ << " of "
+                            << eager.size() << " parameters differ";
+    }
   }
 }
 

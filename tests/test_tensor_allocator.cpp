@@ -1,10 +1,14 @@
 // Tensors (owning and view forms) and the caching allocator.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <map>
+#include <random>
 
 #include "engine/allocator.h"
+#include "engine/ops.h"
 #include "engine/stream.h"
 #include "engine/tensor.h"
 #include "kernels/common/error.h"
@@ -216,7 +220,7 @@ TEST(PinnedBuffer, ProvidesUsableHostMemory) {
 TEST(Arena, TheSameSequenceAfterResetGetsTheSameAddresses) {
   Arena a(Device::cpu(), 4096);
   std::vector<void*> first;
-  for (size_t bytes : {100, 3000, 1, 5000, 256, 700}) first.push_back(a.allocate(bytes));
+  for (size_t bytes : {100, 3000, 1, 5000, 256, 700}) first.push_back(a.allocate(bytes).data);
   // Aligned as the backend aligns chunks (64 bytes on the CPU, 256 on CUDA) at offsets that are
   // multiples of 256, disjoint, and a request larger than a chunk gets a chunk of its own.
   for (size_t i = 0; i < first.size(); ++i) EXPECT_EQ(reinterpret_cast<uintptr_t>(first[i]) % 64, 0u);
@@ -227,13 +231,13 @@ TEST(Arena, TheSameSequenceAfterResetGetsTheSameAddresses) {
     a.reset();
     EXPECT_EQ(a.used_bytes(), 0u);
     std::vector<void*> again;
-    for (size_t bytes : {100, 3000, 1, 5000, 256, 700}) again.push_back(a.allocate(bytes));
+    for (size_t bytes : {100, 3000, 1, 5000, 256, 700}) again.push_back(a.allocate(bytes).data);
     EXPECT_EQ(again, first) << "round " << round;
     EXPECT_EQ(a.reserved_bytes(), reserved) << "the arena grew on a repeated sequence";
   }
   // A shorter sequence reuses the same first addresses.
   a.reset();
-  EXPECT_EQ(a.allocate(100), first[0]);
+  EXPECT_EQ(a.allocate(100).data, first[0]);
   EXPECT_EQ(a.peak_used_bytes(), 256u + 3072u + 256u + 5120u + 256u + 768u);
 }
 
@@ -275,6 +279,169 @@ TEST(Arena, AllocatingOnACapturingStreamOutsideAnArenaIsAnError) {
     EXPECT_NO_THROW(Tensor::empty({2, 3}, DType::F32, Device::cpu(), s.get()));
   }
   s->end_capture();
+}
+
+// ---- Planned arenas ---------------------------------------------------------------------------
+
+// Checks a plan against its trace: allocations live at once never share a byte, and the block
+// is no smaller than the most ever live at once nor larger than everything side by side.
+void check_plan(const std::vector<size_t>& sizes, const std::vector<size_t>& released, const ArenaPlan& plan,
+                const std::string& what) {
+  const size_t n = sizes.size();
+  ASSERT_EQ(plan.offsets.size(), n) << what;
+  size_t end = 0, total = 0, most_live = 0;
+  for (size_t i = 0; i < n; ++i) {
+    end = std::max(end, plan.offsets[i] + sizes[i]);
+    total += sizes[i];
+    size_t live = 0;  // just after allocation i
+    for (size_t j = 0; j <= i; ++j)
+      if (released[j] > i) live += sizes[j];
+    most_live = std::max(most_live, live);
+    for (size_t j = i + 1; j < n && j < released[i]; ++j) {
+      const bool disjoint = plan.offsets[i] + sizes[i] <= plan.offsets[j] || plan.offsets[j] + sizes[j] <= plan.offsets[i];
+      ASSERT_TRUE(disjoint) << what << ": allocations " << i << " and " << j << " are live together and overlap";
+    }
+  }
+  EXPECT_EQ(plan.bytes, end) << what;
+  EXPECT_GE(plan.bytes, most_live) << what;
+  EXPECT_LE(plan.bytes, total) << what;
+}
+
+TEST(ArenaPlan, AllocationsLiveTogetherNeverShareAByte) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 300; ++trial) {
+    const size_t n = 1 + rng() % 60;
+    std::vector<size_t> sizes(n), released(n);
+    for (size_t i = 0; i < n; ++i) {
+      sizes[i] = 256 * (1 + rng() % 16);
+      // Mostly short lives (a layer's temporaries), some to the end (saved activations).
+      released[i] = rng() % 4 == 0 ? n : std::min(n, i + 1 + rng() % 5);
+    }
+    check_plan(sizes, released, plan_arena(sizes, released), "trial " + std::to_string(trial));
+  }
+}
+
+TEST(ArenaPlan, ReusesWhatIsReleasedAndKeepsWhatIsNot) {
+  // A chain: each tensor dies once the next exists (x -> y -> z -> w): two slots suffice.
+  const ArenaPlan chain = plan_arena({1024, 1024, 1024, 1024}, {2, 3, 4, 4});
+  EXPECT_EQ(chain.bytes, 2048u);
+  EXPECT_EQ(chain.offsets[0], chain.offsets[2]);
+  EXPECT_EQ(chain.offsets[1], chain.offsets[3]);
+  // Nothing released before the end: everything side by side.
+  EXPECT_EQ(plan_arena({256, 512, 768}, {3, 3, 3}).bytes, 1536u);
+  // A small tensor goes into the hole a dead large one left, not above the live ones.
+  const ArenaPlan hole = plan_arena({4096, 1024, 1024}, {2, 3, 3});
+  EXPECT_EQ(hole.bytes, 5120u);
+  EXPECT_EQ(hole.offsets[2], hole.offsets[0]);
+  EXPECT_EQ(plan_arena({}, {}).bytes, 0u);
+  EXPECT_THROW(plan_arena({256, 256}, {1, 1}), Error);  // released before it was allocated
+  EXPECT_THROW(plan_arena({256}, {2}), Error);
+}
+
+// One cycle of a small unit of work: a (1 KiB) is let go once b (2 KiB) exists, then c (1 KiB)
+// is made; b and c are kept (like saved activations). The fill holds a in a queued closure.
+struct Cycle {
+  Tensor b, c;
+  const void* a_data = nullptr;
+};
+Cycle run_cycle(Stream& s, Arena& arena) {
+  arena.reset();
+  ArenaScope scope(s, &arena);
+  Cycle out;
+  Tensor a = Tensor::empty({256}, DType::F32, Device::cpu(), &s);
+  ops::fill(s, a, 1.f);
+  out.a_data = a.raw_data();
+  out.b = Tensor::empty({512}, DType::F32, Device::cpu(), &s);
+  ops::copy(s, a.slice(0, 256), out.b.slice(0, 256));
+  a = Tensor();
+  out.c = Tensor::empty({256}, DType::F32, Device::cpu(), &s);
+  ops::fill(s, out.c, 2.f);
+  return out;
+}
+
+TEST(Arena, PlannedRecordsUntilTwoCyclesAgreeThenReusesWhatWasLetGo) {
+  // Jitter makes queued closures outlive the host's references: a recording must not see it.
+  auto s = make_stream(Device::cpu(), {3000, 5});
+  Arena arena(Device::cpu(), 4096, Arena::Policy::Planned);
+  EXPECT_TRUE(arena.recording());
+  for (int cycle = 0; cycle < 2; ++cycle) {
+    const Cycle c = run_cycle(*s, arena);
+    EXPECT_TRUE(c.b.owns_memory()) << "a recording cycle hands out the caching allocator's blocks";
+    EXPECT_TRUE(arena.recording());
+  }
+  EXPECT_FALSE(s->synchronous());
+  Cycle first = run_cycle(*s, arena);  // its reset() made the plan
+  EXPECT_TRUE(arena.stable());
+  EXPECT_EQ(arena.recorded_cycles(), 2);
+  EXPECT_FALSE(first.b.owns_memory());
+  EXPECT_EQ(first.c.raw_data(), first.a_data) << "c takes the bytes a left";
+  EXPECT_EQ(arena.reserved_bytes(), 3072u);
+  EXPECT_EQ(arena.peak_used_bytes(), 3072u);
+  s->synchronize();
+  std::vector<float> host(256);
+  std::memcpy(host.data(), first.b.raw_data(), sizeof(float) * 256);
+  EXPECT_EQ(host[0], 1.f) << "b got a's contents before c overwrote them";
+  EXPECT_EQ(host[255], 1.f);
+  for (int round = 0; round < 3; ++round) {
+    const Cycle again = run_cycle(*s, arena);
+    EXPECT_EQ(again.b.raw_data(), first.b.raw_data()) << "round " << round;
+    EXPECT_EQ(again.c.raw_data(), first.c.raw_data());
+  }
+  s->synchronize();
+  // A cycle that departs from the plan is an error, not a silent overlap.
+  arena.reset();
+  ArenaScope scope(*s, &arena);
+  try {
+    Tensor::empty({1000}, DType::F32, Device::cpu(), s.get());
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("changed after the arena planned it"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Arena, ARecordingArenaMakesItsStreamSynchronousAndCannotServeACapture) {
+  auto s = make_stream(Device::cpu());
+  Arena planned(Device::cpu(), 4096, Arena::Policy::Planned), bump(Device::cpu());
+  {
+    ArenaScope scope(*s, &planned);
+    EXPECT_TRUE(s->synchronous());
+    {
+      ArenaScope inner(*s, &bump);
+      EXPECT_TRUE(s->synchronous()) << "nested scopes keep the outer one's mode";
+    }
+    // Inline: the closure has run when enqueue_host returns.
+    bool ran = false;
+    s->enqueue_host([&] { ran = true; });
+    EXPECT_TRUE(ran);
+  }
+  EXPECT_FALSE(s->synchronous());
+  s->begin_capture();
+  {
+    ArenaScope scope(*s, &planned);
+    try {
+      Tensor::empty({4}, DType::F32, Device::cpu(), s.get());
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("still recording"), std::string::npos) << e.what();
+    }
+  }
+  s->end_capture();
+}
+
+TEST(Arena, TracesThatNeverSettleFallBackToBump) {
+  auto s = make_stream(Device::cpu());
+  Arena arena(Device::cpu(), 4096, Arena::Policy::Planned);
+  for (int cycle = 0; cycle < Arena::kMaxRecordings; ++cycle) {
+    EXPECT_TRUE(arena.recording()) << cycle;
+    arena.reset();
+    ArenaScope scope(*s, &arena);
+    Tensor t = Tensor::empty({64 * (cycle + 1)}, DType::F32, Device::cpu(), s.get());  // a new size each time
+  }
+  arena.reset();
+  EXPECT_EQ(arena.policy(), Arena::Policy::Bump);
+  EXPECT_TRUE(arena.stable());
+  ArenaScope scope(*s, &arena);
+  EXPECT_FALSE(Tensor::empty({64}, DType::F32, Device::cpu(), s.get()).owns_memory());
 }
 
 }  // namespace

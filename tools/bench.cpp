@@ -68,6 +68,7 @@ std::string BenchResult::json() const {
          ",\"peak_activation_bytes\":" + std::to_string(peak_activation_bytes) +
          ",\"shrink\":" + json_num(c.shrink) + ",\"recompute\":" + (c.recompute ? "true" : "false") +
          ",\"weight_stash\":" + (c.weight_stash ? "true" : "false") + ",\"graphs\":" + (c.graphs ? "true" : "false") +
+         ",\"graph_memory\":" + json_str(c.graphs ? c.graph_memory : "") +
          ",\"warmup_run\":" + std::to_string(warmup) + ",\"units\":" + std::to_string(units) +
          ",\"replayed_units\":" + std::to_string(replayed_units) + "}";
 }
@@ -75,6 +76,8 @@ std::string BenchResult::json() const {
 BenchResult run_bench(const BenchConfig& cfg) {
   SP_CHECK(cfg.batch_size > 0 && cfg.steps > 0 && cfg.warmup >= 0, "bench: --batch-size and --steps must be positive "
            "and --warmup not negative");
+  SP_CHECK(cfg.graph_memory == "planned" || cfg.graph_memory == "bump", "--graph-memory must be planned or bump, got '",
+           cfg.graph_memory, "'");
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
            cfg.kernels, "'");
   const Device dev = Device::parse(cfg.device);
@@ -138,6 +141,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
     pc.sgd = sgd;
     pc.activation_dtype = dt;
     pc.graphs = cfg.graphs;
+    pc.plan_graph_memory = cfg.graph_memory == "planned";
     PipelineTrainer pipe(net, pc);
     r.modules = pipe.num_modules();
     r.cuts = pc.cuts;
@@ -153,14 +157,15 @@ BenchResult run_bench(const BenchConfig& cfg) {
           },
           lr);
     };
-    // With graphs, every unit runs P_k times eagerly and is then captured once per phase;
-    // the module with the longest delay starts last: that many batches make sure all is
-    // captured before the timed steps.
+    // With graphs, every phase of a unit runs eagerly (twice while a planned arena records)
+    // and is then captured; a backward waits until the forward of its batch was a graph, d_k
+    // ticks earlier, and module k starts up to k ticks late: that many batches make sure all
+    // is captured before the timed steps.
     int64_t warmup = cfg.warmup;
     if (cfg.graphs) {
       int most = 0;
       for (int k = 0; k < pipe.num_modules(); ++k) most = std::max(most, pipe.graph_period(k));
-      warmup = std::max<int64_t>(warmup, 2 * most + pipe.delay(0) + 1);
+      warmup = std::max<int64_t>(warmup, 3 * most + pipe.delay(0) + pipe.num_modules());
     }
     if (warmup > 0) epoch(warmup);
     r.warmup = warmup;

@@ -35,6 +35,9 @@ struct BenchConfig {
   // "backprop" this runs the pipeline's bp over one module. The warm-up is lengthened where
   // needed so that every phase is captured before the timed steps.
   bool graphs = false;
+  // With graphs: "planned" (arenas laid out from recorded lifetimes) or "bump" (every tensor of a
+  // captured unit kept until it runs again); PipelineConfig::plan_graph_memory.
+  std::string graph_memory = "planned";
   uint64_t seed = 0;
 };
 

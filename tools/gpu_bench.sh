@@ -6,7 +6,8 @@
 #      for ResNet-56 at batch 128 and ResNet-18 at batch 512, fp32 and bf16;
 #   3. the locking study of ResNet-56: backprop and bp/ddg/fdg over K = 2..4 modules;
 #   4. launch overhead: ResNet-20/56 at batch 128 (bf16 and fp32), one module and FDG over 3
-#      (ResNet-20) or 4 (ResNet-56) modules, op by op and replayed from CUDA graphs (--graphs), each pair in the same call;
+#      (ResNet-20) or 4 (ResNet-56) modules, op by op and replayed from CUDA graphs (--graphs) with
+#      planned and with bump arenas (--graph-memory), each triple in the same call;
 #   5. the tensor-core main loops (MAINLOOPS, default mma_sync wgmma wgmma_tma) side by side, and
 #      the data gradient by stride class (--dgrad-classes) beside the direct form: the bf16 GEMM and
 #      ResNet-18 convolution benchmarks (each against cuBLASLt/cuDNN in the same run, one JSON
@@ -86,7 +87,7 @@ for stage in $STAGES; do
       k=4; [ $model = resnet20 ] && k=3  # FDG's published splits: resnet20 K=2,3; resnet56 K=2-4
       for prec in bf16 fp32; do
         for run in "--method bp" "--method fdg --split $k --split-at fdg"; do
-          for g in "" "--graphs"; do
+          for g in "" "--graphs" "--graphs --graph-memory bump"; do
             timeout 120 $SP bench --device cuda --model $model --batch-size 128 --precision $prec $run $g \
               --steps 100 --warmup 20 --json "$OUT/graphs.jsonl" 2>&1 | tee -a "$OUT/graphs.txt"
           done

@@ -285,6 +285,7 @@ int train_main(int argc, char** argv) {
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
       {"graphs", "", "replay each module's steady-state tick from CUDA graphs (CPU: recorded closures); not with --staleness-jitter, --recompute, --weight-stash", [&](const std::string&) { c.graphs = true; }},
+      {"graph-memory", "M", "planned|bump: memory of captured ticks, laid out from recorded tensor lifetimes (about the eager peak) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
       {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
   };
   if (!parse_flags("train", "Trains a CIFAR ResNet on CIFAR-10, evaluating on the test set after every epoch: standard\nbackprop, or decoupled training over K modules (--method ddg|fdg --split K).", flags, argc, argv)) return 0;
@@ -313,6 +314,7 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
       {"seed", "S", "seed of the weights and the synthetic data (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
       {"json", "FILE", "append each result as a JSON line to FILE (- for stdout)", [&](const std::string& v) { json = v; }},
       {"graphs", "", "replay steady-state ticks from CUDA graphs (backprop then runs as bp over one module); the warm-up grows until every phase is captured", [&](const std::string&) { c.graphs = true; }},
+      {"graph-memory", "M", "planned|bump: memory of captured ticks (see train --help; default planned)", [&](const std::string& v) { c.graph_memory = v; }},
       {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
   };
 }
@@ -346,7 +348,8 @@ std::string busy_str(const std::vector<double>& busy) {
 }
 
 std::string method_str(const sp::train::BenchResult& r) {
-  const std::string graphs = r.config.graphs ? " graphs" : "";
+  const std::string graphs =
+      !r.config.graphs ? "" : r.config.graph_memory == "planned" ? " graphs" : " graphs (" + r.config.graph_memory + " arenas)";
   if (r.config.method == "backprop") return "backprop" + graphs;
   std::string cuts;
   for (size_t c : r.cuts) cuts += (cuts.empty() ? "" : ",") + std::to_string(c);

@@ -405,6 +405,7 @@ TrainResult run_pipelined(Run& run) {
   pc.recompute = cfg.recompute;
   pc.weight_stash = cfg.weight_stash;
   pc.graphs = cfg.graphs;
+  pc.plan_graph_memory = cfg.graph_memory == "planned";
   pc.activation_dtype = activation_dtype(cfg);
   pc.sgd = SgdConfig{cfg.momentum, cfg.weight_decay, cfg.nesterov};
   PipelineTrainer pipe(run.net, pc);
@@ -583,6 +584,8 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   parse_pipeline_method(cfg.method);  // reject unknown methods before any work
   Run run(cfg, train_set, test_set);
   SP_CHECK(cfg.staleness_jitter >= 0, "--staleness-jitter must not be negative");
+  SP_CHECK(cfg.graph_memory == "planned" || cfg.graph_memory == "bump", "--graph-memory must be planned or bump, got '",
+           cfg.graph_memory, "'");
   const bool pipelined = cfg.method != "bp" || cfg.split > 1 || !cfg.split_at.empty() || cfg.devices.size() > 1 ||
                          cfg.staleness_jitter > 0 || cfg.recompute || cfg.weight_stash || cfg.graphs;
   return pipelined ? run_pipelined(run) : run_backprop(run);

@@ -51,6 +51,7 @@ struct TrainConfig {
   bool recompute = false;                          // rebuild saved activations before the backward
   bool weight_stash = false;                       // backward through the forward's weights
   bool graphs = false;                             // replay steady-state ticks from graphs (pipeline)
+  std::string graph_memory = "planned";            // with graphs: planned | bump arenas
 };
 
 struct EpochResult {
