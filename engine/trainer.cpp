@@ -23,7 +23,8 @@ BackpropTrainer::BackpropTrainer(Network& net, Sgd& opt, Stream& s, float label_
       smoothing_(label_smoothing),
       dtype_(activation_dtype),
       contexts_(net.size()),
-      input_consumed_(make_event(s.device())) {}
+      input_consumed_(make_event(s.device())),
+      step_end_{make_event(s.device()), make_event(s.device())} {}
 
 Tensor BackpropTrainer::input_copy(const Tensor& t) {
   Tensor d = new_activation(s_, t.shape(), t.dtype());
@@ -45,13 +46,20 @@ Tensor BackpropTrainer::forward_loss(const Tensor& x, const Tensor& labels, bool
 }
 
 void BackpropTrainer::train_step(const Tensor& x, const Tensor& labels, float lr) {
+  begin_step();
   Tensor g = forward_loss(x, labels, true);
   for (size_t i = net_.size(); i-- > 0;) g = net_.block(i).backward(s_, g, contexts_[i], i > 0);
   for (Context& c : contexts_) c.clear();
   opt_.step(s_, lr);
+  end_step();
 }
 
-void BackpropTrainer::eval_step(const Tensor& x, const Tensor& labels) { forward_loss(x, labels, false); }
+void BackpropTrainer::eval_step(const Tensor& x, const Tensor& labels) {
+  begin_step();
+  forward_loss(x, labels, false);
+  for (Context& c : contexts_) c.clear();
+  end_step();
+}
 
 StepStats BackpropTrainer::drain_stats() { return collect_losses(s_, pending_); }
 

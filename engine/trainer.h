@@ -44,7 +44,10 @@ class BackpropTrainer {
   BackpropTrainer(Network& net, Sgd& opt, Stream& s, float label_smoothing, DType activation_dtype = DType::F32);
 
   // Enqueues one training step on the batch (x f32 [B,H,W,C], labels i32 [B], on the host or
-  // on the stream's device). Statistics are read back by drain_stats().
+  // on the stream's device). Statistics are read back by drain_stats(). The host stays at most
+  // two steps (training or eval) ahead of the stream: it waits for the end of the step before
+  // the previous one, so that queued work (whose closures hold their tensors on the CPU) cannot
+  // pile up memory.
   void train_step(const Tensor& x, const Tensor& labels, float lr);
   // Enqueues an eval-mode forward and loss on the batch.
   void eval_step(const Tensor& x, const Tensor& labels);
@@ -68,6 +71,10 @@ class BackpropTrainer {
   std::vector<Context> contexts_;
   std::vector<PendingLoss> pending_;
   std::unique_ptr<Event> input_consumed_;
+  std::unique_ptr<Event> step_end_[2];  // the last two steps' ends
+  int64_t steps_ = 0;                   // steps enqueued
+  void begin_step() { step_end_[steps_ % 2]->synchronize(); }
+  void end_step() { s_.record(*step_end_[steps_++ % 2]); }
 };
 
 }  // namespace sp

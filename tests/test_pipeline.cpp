@@ -221,6 +221,31 @@ TEST(Pipeline, OneModuleIsPlainBackpropBitForBit) {
   }
 }
 
+// A slow stream (injected delays) lets the host run far ahead unless the trainer holds it back;
+// on the CPU every queued closure keeps its tensors, so run-ahead would show as memory.
+TEST(Pipeline, PlainBackpropKeepsTheHostAtMostTwoStepsAhead) {
+  const Batches data = make_batches(10, 32, 0, 5);
+  Network net = mini_resnet(1);
+  auto s = make_stream(Device::cpu(), {1500, 2});
+  Sgd opt(net.state().params, SgdConfig{0.9f, 0.f, false}, *s);
+  BackpropTrainer bp(net, opt, *s, 0.f);
+  CachingAllocator& alloc = device_allocator(Device::cpu());
+  bp.train_step(data.images[0], data.labels[0], 0.01f);  // momentum and caches in place
+  bp.drain_stats();
+  const size_t base = alloc.stats().allocated_bytes;
+  alloc.reset_peak();
+  bp.train_step(data.images[1], data.labels[1], 0.01f);
+  bp.drain_stats();
+  const size_t one = alloc.stats().peak_allocated_bytes - base;
+  alloc.reset_peak();
+  for (size_t i = 2; i < data.images.size(); ++i) bp.train_step(data.images[i], data.labels[i], 0.01f);
+  EXPECT_FALSE(s->query()) << "the stream should still be busy: the test needs a host that could run ahead";
+  const size_t many = alloc.stats().peak_allocated_bytes - base;
+  EXPECT_EQ(bp.drain_stats().samples, 8 * 32);
+  EXPECT_GT(one, 0u);
+  EXPECT_LE(many, 3 * one) << "8 steps enqueued at once held " << many << " bytes, one step " << one;
+}
+
 // Mixed precision through the pipeline: bf16 activations and gradients travel through the
 // queues. One module is bf16 backprop bit for bit; K = 3 decoupled training in bf16 stays
 // close to fp32 but is not the fp32 run.
