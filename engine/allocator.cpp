@@ -217,25 +217,33 @@ void* Arena::bump(size_t size) {
   return ptr;
 }
 
-ArenaAllocation Arena::allocate(size_t bytes, const void* stream_key) {
+ArenaAllocation Arena::allocate(size_t bytes, const void* stream_key, bool capturing) {
   constexpr size_t kAlign = 256;
   const size_t size = std::max<size_t>(kAlign, (bytes + kAlign - 1) / kAlign * kAlign);
   ArenaAllocation a;
-  if (policy_ == Policy::Bump) {
-    a.data = bump(size);
-  } else if (planned_) {
+  if (policy_ == Policy::Planned && planned_) {
     const size_t i = next_++;
-    SP_CHECK(i < plan_sizes_.size() && plan_sizes_[i] == size, "arena: allocation ", i, " of this cycle asks for ",
-             size, " bytes but the plan recorded ",
+    if (i < plan_sizes_.size() && plan_sizes_[i] == size) {
+      a.data = static_cast<char*>(block_) + plan_.offsets[i];
+      used_ = std::max(used_, plan_.offsets[i] + size);
+      return a;
+    }
+    SP_CHECK(!capturing, "arena: allocation ", i, " of a captured cycle asks for ", size, " bytes but the plan recorded ",
              i < plan_sizes_.size() ? std::to_string(plan_sizes_[i]) + " bytes"
                                     : std::to_string(plan_sizes_.size()) + " allocations",
-             ": the work between two resets changed after the arena planned it");
-    a.data = static_cast<char*>(block_) + plan_.offsets[i];
-    used_ += size;
+             ": the captured work is not the work the arena planned");
+    // The work changed: keep everything from here on (the block stays, with what the cycle
+    // placed in it and what captured graphs use).
+    policy_ = Policy::Bump;
+    used_ = 0;
+  }
+  if (policy_ == Policy::Bump) {
+    a.data = bump(size);
   } else {
     CachingAllocator& backend = device_allocator(device_);
     a.data = backend.allocate(size, stream_key);
     a.owner = &backend;
+    key_ = stream_key;
     std::lock_guard<std::mutex> lk(trace_->mu);
     a.lease = std::make_unique<ArenaLease>(trace_, trace_->cycle, trace_->sizes.size());
     trace_->sizes.push_back(size);
@@ -263,7 +271,7 @@ void Arena::reset() {
   if (recordings_ >= 2 && sizes == previous_sizes_ && released == previous_released_) {
     plan_ = plan_arena(sizes, released);
     plan_sizes_ = std::move(sizes);
-    if (plan_.bytes > 0) block_ = device_allocator(device_).allocate(plan_.bytes);
+    if (plan_.bytes > 0) block_ = device_allocator(device_).allocate(plan_.bytes, key_);
     peak_used_ = plan_.bytes;
     planned_ = true;
     trace_.reset();
@@ -279,7 +287,7 @@ void Arena::reset() {
 }
 
 size_t Arena::reserved_bytes() const {
-  size_t n = planned_ ? plan_.bytes : 0;
+  size_t n = block_ ? plan_.bytes : 0;
   for (const Chunk& c : chunks_) n += c.size;
   return n;
 }

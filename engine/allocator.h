@@ -92,8 +92,10 @@ CachingAllocator& device_allocator(Device device);
 //     had been made when its last tensor died. Once two consecutive cycles record the same
 //     trace, the arena plans it (plan_arena: offsets in one block such that allocations whose
 //     lifetimes overlap get disjoint bytes) and from then on hands allocation i of every cycle
-//     the planned address, checking that its size is the recorded one (a cycle that departs
-//     from the plan is an error: the work of a captured unit does not change). A released
+//     the planned address, checking that its size is the recorded one. A cycle that departs
+//     from the plan turns the arena into a Bump one (what was planned keeps its block, for
+//     graphs already captured from it), unless a capture is running: a captured unit's work
+//     must be the work the arena planned, and anything else is an error. A released
 //     tensor's bytes are reused only by allocations made after the host let go of it, which
 //     the same stream orders after all the work that used it: the caching allocator's rule.
 //     Releases are only seen as the host's own while tensors are not held by queued work:
@@ -130,8 +132,9 @@ class Arena {
   Arena& operator=(const Arena&) = delete;
 
   Device device() const { return device_; }
-  // `stream_key`: the stream whose work uses the memory (for a recording cycle's blocks).
-  ArenaAllocation allocate(size_t bytes, const void* stream_key = nullptr);
+  // `stream_key`: the stream whose work uses the memory (the key of the caching allocator's
+  // blocks the arena takes). `capturing`: a graph capture is running on that stream.
+  ArenaAllocation allocate(size_t bytes, const void* stream_key = nullptr, bool capturing = false);
   // Ends the current cycle (Planned: its trace may complete the recording) and starts one.
   void reset();
 
@@ -141,9 +144,12 @@ class Arena {
   // Addresses of a repeated sequence of sizes repeat from now on (Bump, or a Planned arena
   // whose plan is made).
   bool stable() const { return !recording(); }
-  size_t used_bytes() const { return used_; }            // of the arena's own memory, since the last reset()
-  size_t peak_used_bytes() const { return peak_used_; }  // most of it in use at once (Planned: the plan's size)
-  size_t reserved_bytes() const;                         // held in chunks and in the planned block
+  // The arena's own memory (chunks, planned block; not a recording cycle's blocks, which the
+  // caching allocator counts): the end of what this cycle was handed, the most any cycle was
+  // (Planned: the plan's size), and what the arena holds.
+  size_t used_bytes() const { return used_; }
+  size_t peak_used_bytes() const { return peak_used_; }
+  size_t reserved_bytes() const;
   int recorded_cycles() const { return recordings_; }
 
   struct Trace;  // shared with the leases, which may outlive the arena
@@ -167,6 +173,7 @@ class Arena {
   ArenaPlan plan_;
   std::vector<size_t> plan_sizes_;
   void* block_ = nullptr;
+  const void* key_ = nullptr;  // the stream key of the recorded allocations
   size_t next_ = 0;
 };
 

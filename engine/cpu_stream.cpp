@@ -112,6 +112,8 @@ class CpuStream final : public Stream {
       return;
     }
     if (synchronous_) {
+      SP_CHECK(!inline_running_, "a closure running inline on a synchronous CPU stream enqueued work on the same "
+               "stream: it would wait for itself");
       run_inline(std::move(fn));
       return;
     }
@@ -213,11 +215,13 @@ class CpuStream final : public Stream {
       ++enqueued_;
     }
     std::exception_ptr err;
+    inline_running_ = true;
     try {
       fn();
     } catch (...) {
       err = std::current_exception();
     }
+    inline_running_ = false;
     fn = nullptr;
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -265,6 +269,7 @@ class CpuStream final : public Stream {
   std::exception_ptr error_;
   bool stop_ = false;
   std::unique_ptr<CpuGraph> capture_;  // set while capturing (touched by the host thread only)
+  bool inline_running_ = false;        // run_inline is inside a closure (host thread only)
   std::thread worker_;
 };
 

@@ -247,9 +247,14 @@ int PipelineTrainer::graph_period(int module) const { return stages_[size_t(modu
 PipelineGraphStats PipelineTrainer::graph_stats() const {
   PipelineGraphStats g = graph_stats_;
   for (const auto& st : stages_) {
-    for (const auto& a : st->fwd_arenas) g.arena_bytes += a->reserved_bytes(), g.arena_peak_used += a->peak_used_bytes();
-    if (st->bwd_arena)
-      g.arena_bytes += st->bwd_arena->reserved_bytes(), g.arena_peak_used += st->bwd_arena->peak_used_bytes();
+    std::vector<const Arena*> arenas;
+    for (const auto& a : st->fwd_arenas) arenas.push_back(a.get());
+    if (st->bwd_arena && st->index + 1 < num_modules()) arenas.push_back(st->bwd_arena.get());  // K's is unused
+    for (const Arena* a : arenas) {
+      g.arena_bytes += a->reserved_bytes(), g.arena_peak_used += a->peak_used_bytes();
+      ++g.arenas;
+      g.planned_arenas += a->policy() == Arena::Policy::Planned && a->stable();
+    }
   }
   return g;
 }
@@ -489,6 +494,9 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
     s.record(*timed.start);
     ops::fill(s, st.lr, lr(st.steps));
     if (unit && unit->graph) {
+      // The batch's forward phase was captured before this unit was, and replays ever since.
+      SP_CHECK(f.from_graph, "pipeline: module ", k + 1, " would replay the backward of batch ", batch,
+               " whose forward did not come from a graph");
       unit->graph->launch(s);
       replayed_backward(k, tick, batch, unit->sent);
       ++graph_stats_.replays;

@@ -106,8 +106,10 @@ struct PipelineGraphStats {
   int64_t captured = 0;  // graphs captured so far (all modules, all phases)
   int64_t replays = 0;   // units replayed from a graph
   int64_t eager = 0;     // units enqueued op by op
-  size_t arena_bytes = 0;       // memory the arenas hold now
+  size_t arena_bytes = 0;       // memory the arenas hold now (a recording arena holds none)
   size_t arena_peak_used = 0;   // sum over the arenas of the most each handed out between resets
+  int arenas = 0;               // forward arenas (one per module and phase) and backward arenas
+  int planned_arenas = 0;       // ... of which laid out from a settled plan
 };
 
 // What a tick did, for tests and for traces: module m (0-based) forwarded or back-propagated

@@ -47,7 +47,7 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, const Strea
     SP_CHECK(!stream->capturing() || arena->stable(), "Tensor::empty ", shape_str(shape),
              ": allocation on a capturing stream from an arena that is still recording; its addresses are not "
              "settled yet");
-    ArenaAllocation a = arena->allocate(t.storage_->bytes, stream);
+    ArenaAllocation a = arena->allocate(t.storage_->bytes, stream, stream->capturing());
     t.storage_->data = a.data;
     t.storage_->allocator = a.owner;
     t.storage_->lease = std::move(a.lease);

@@ -62,7 +62,8 @@ class Tensor {
   size_t nbytes() const { return size_t(numel()) * dtype_size(dtype_); }
   DType dtype() const { return dtype_; }
   Device device() const { return device_; }
-  // True when this tensor's storage came from the caching allocator (not from_blob or an arena).
+  // True when this tensor's storage came from the caching allocator (not from_blob or an arena's
+  // own memory; a recording arena hands out the caching allocator's blocks, see allocator.h).
   bool owns_memory() const;
 
   void* raw_data() const;

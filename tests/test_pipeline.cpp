@@ -429,7 +429,8 @@ std::vector<int64_t> counters(const Network& net) {
 }
 
 // Graph replay against op-by-op enqueueing, over three epochs with a partial last batch: the
-// first epoch warms up and captures, the later ones replay from their first full batch. A
+// first epoch warms up and captures (planned arenas record each phase twice first, so some
+// phases are captured in the second epoch), the later ones mostly replay. A
 // replay that read a stale address, missed a learning-rate change, a queue event or a BN
 // counter would change the result.
 class PipelineGraphs : public ::testing::TestWithParam<std::tuple<PipelineMethod, int>> {};
@@ -474,6 +475,7 @@ TEST_P(PipelineGraphs, ReplayingCapturedTicksChangesNoBit) {
     EXPECT_GT(after_two.arena_peak_used, 0u);
     EXPECT_EQ(g.arena_peak_used, after_two.arena_peak_used);
     EXPECT_EQ(g.arena_bytes, after_two.arena_bytes);
+    EXPECT_EQ(g.planned_arenas, g.arenas) << "every arena settled on a plan";
     // Every module's units were captured (K forward units + K-1 backward units, P_k phases
     // each) and most units of the later epochs were replays.
     int64_t phases = 0;
@@ -516,7 +518,10 @@ TEST(Pipeline, PlannedGraphMemoryChangesNoBitAndHoldsLessThanBumpArenas) {
       arena.push_back(p.graph_stats().arena_bytes);
       params.push_back(flat_params(net));
       if (c->graphs) {
-        EXPECT_GT(p.graph_stats().replays, 2 * 24) << what;
+        const PipelineGraphStats g = p.graph_stats();
+        EXPECT_GT(g.replays, 2 * 24) << what;
+        EXPECT_EQ(g.arenas, cuts.empty() ? 1 : 8 + 6 + 4 + 2 + 3) << what;  // P_k forward arenas, K-1 backward ones
+        EXPECT_EQ(g.planned_arenas, c->plan_graph_memory ? g.arenas : 0) << what;
       }
     }
     EXPECT_EQ(params[1], params[0]) << what << ": bump arenas";

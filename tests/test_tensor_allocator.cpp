@@ -388,15 +388,33 @@ TEST(Arena, PlannedRecordsUntilTwoCyclesAgreeThenReusesWhatWasLetGo) {
     EXPECT_EQ(again.c.raw_data(), first.c.raw_data());
   }
   s->synchronize();
-  // A cycle that departs from the plan is an error, not a silent overlap.
+  // A captured cycle that departs from the plan is an error, not a silent overlap ...
+  {
+    arena.reset();
+    ArenaScope scope(*s, &arena);
+    s->begin_capture();
+    Tensor a = Tensor::empty({256}, DType::F32, Device::cpu(), s.get());
+    EXPECT_EQ(a.raw_data(), first.a_data);
+    try {
+      Tensor::empty({1000}, DType::F32, Device::cpu(), s.get());
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("not the work the arena planned"), std::string::npos) << e.what();
+    }
+    s->end_capture();
+  }
+  // ... and an eager one keeps everything from there on: bump chunks, apart from the block.
   arena.reset();
   ArenaScope scope(*s, &arena);
-  try {
-    Tensor::empty({1000}, DType::F32, Device::cpu(), s.get());
-    ADD_FAILURE() << "no error";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("changed after the arena planned it"), std::string::npos) << e.what();
-  }
+  Tensor a = Tensor::empty({256}, DType::F32, Device::cpu(), s.get());
+  EXPECT_EQ(a.raw_data(), first.a_data);
+  Tensor big = Tensor::empty({1000}, DType::F32, Device::cpu(), s.get());
+  EXPECT_EQ(arena.policy(), Arena::Policy::Bump);
+  const char* block = static_cast<const char*>(first.a_data);
+  const char* p = static_cast<const char*>(big.raw_data());
+  EXPECT_TRUE(p + 4000 <= block || p >= block + 3072) << "the bump memory overlaps the planned block";
+  EXPECT_FALSE(big.owns_memory());
+  EXPECT_EQ(arena.reserved_bytes(), 3072u + 4096u);
 }
 
 TEST(Arena, ARecordingArenaMakesItsStreamSynchronousAndCannotServeACapture) {

@@ -582,10 +582,10 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   SP_CHECK(cfg.split >= 1, "--split must be at least 1");
   SP_CHECK(train_set.size() > 0, "the training set is empty");
   parse_pipeline_method(cfg.method);  // reject unknown methods before any work
-  Run run(cfg, train_set, test_set);
-  SP_CHECK(cfg.staleness_jitter >= 0, "--staleness-jitter must not be negative");
   SP_CHECK(cfg.graph_memory == "planned" || cfg.graph_memory == "bump", "--graph-memory must be planned or bump, got '",
            cfg.graph_memory, "'");
+  Run run(cfg, train_set, test_set);
+  SP_CHECK(cfg.staleness_jitter >= 0, "--staleness-jitter must not be negative");
   const bool pipelined = cfg.method != "bp" || cfg.split > 1 || !cfg.split_at.empty() || cfg.devices.size() > 1 ||
                          cfg.staleness_jitter > 0 || cfg.recompute || cfg.weight_stash || cfg.graphs;
   return pipelined ? run_pipelined(run) : run_backprop(run);
