@@ -13,7 +13,8 @@
 #   5. gpu_bench.sh stage 5 (the main loops, and the data gradient by stride class), then
 #      stage 4 (CUDA graphs) as time allows;
 #   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace);
-#   7. Nsight Compute sections of our bf16 GEMM on each main loop, when ncu is there and time is left.
+#   7. Nsight Compute sections, when ncu is there and time is left: the bf16 GEMM on wgmma_tma, a
+#      ResNet-18 layer's forward and data gradient on the default loop, then the GEMM on the others.
 # Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
 # Separate processes on one GPU time-slice it (no MPS): the accuracy run shares it only with the
 # build, ctest and the sanitizers, never with a measurement; two training runs at once each get
@@ -93,14 +94,21 @@ fi
 
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ]; then
-  for loop in mma_sync wgmma wgmma_tma; do
+  SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+    --section Occupancy --section WarpStateStats --section LaunchStats)
+  # The TMA GEMM (mma_sync and wgmma were profiled on 2026-11-26), then one ResNet-18 layer's
+  # forward against its data gradient on the default loop: the data gradient runs at half the
+  # forward's ratio to cuDNN over the network, and this says why.
+  for what in gemm:wgmma_tma conv_fwd:auto conv_bwd_data:auto gemm:mma_sync gemm:wgmma; do
     [ "$(left)" -gt 15 ] || break
-    log "ncu bf16 GEMM 4096^3 on $loop"
-    timeout $(( $(left) - 10 )) "$NCU" --kernel-name regex:'mma_gemm_kernel|wgmma_gemm_kernel|wgmma_tma_gemm_kernel' --launch-skip 2 \
-      --launch-count 1 --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-      --section Occupancy --section WarpStateStats --section LaunchStats \
-      build-gpu/bench/bench_gpu_kernels --mainloop=$loop --benchmark_filter='^gemm_bf16/square/m4096' \
-      --benchmark_min_time=0.001 > "$OUT/ncu-$loop.txt" 2>&1
+    kind=${what%%:*} loop=${what#*:}
+    filter='^gemm_bf16/square/m4096'
+    [ "$kind" = gemm ] || filter="^${kind}_bf16/r18_64to64_3x3_s1_32px/"
+    log "ncu $kind ($filter) on $loop"
+    timeout $(( $(left) - 10 )) "$NCU" --kernel-name regex:'mma_gemm_kernel|wgmma_gemm_kernel|wgmma_tma_gemm_kernel' \
+      --launch-skip 2 --launch-count 1 "${SECTIONS[@]}" \
+      build-gpu/bench/bench_gpu_kernels --mainloop=$loop --benchmark_filter="$filter" \
+      --benchmark_min_time=0.001 > "$OUT/ncu-$kind-$loop.txt" 2>&1
     log "ncu exit $?"
   done
 else
