@@ -37,7 +37,8 @@
 // (default: $STALEPROP_MAINLOOP, else auto: wgmma where it can run, else mma_sync); the JSON
 // context records the one in use as tensor_core_mainloop. --dgrad-classes runs the bf16 data
 // gradient of strided convolutions by stride class (tensor_core.h; context
-// dgrad_by_stride_class).
+// dgrad_by_stride_class), --dgrad-wt the bf16 data gradient on the transposed filter (context
+// dgrad_transposed_filter).
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):
@@ -106,6 +107,7 @@ void env_init() {
   benchmark::AddCustomContext("cudnn_version", std::to_string(cudnnGetVersion()));
   benchmark::AddCustomContext("tensor_core_mainloop", kc::mainloop_name(kc::effective_mma_mainloop()));
   benchmark::AddCustomContext("dgrad_by_stride_class", kc::dgrad_by_stride_class() ? "yes" : "no");
+  benchmark::AddCustomContext("dgrad_transposed_filter", kc::dgrad_transposed_filter() ? "yes" : "no");
 }
 
 void env_destroy() {
@@ -1025,6 +1027,8 @@ int main(int argc, char** argv) {
       }
     } else if (arg == "--dgrad-classes") {
       kc::set_dgrad_by_stride_class(true);
+    } else if (arg == "--dgrad-wt") {
+      kc::set_dgrad_transposed_filter(true);
     } else {
       argv[kept++] = argv[i];
     }

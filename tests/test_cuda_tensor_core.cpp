@@ -403,6 +403,30 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
   check_conv(kCustomConv, stream_, conv(2, 8, 8, 16, 32, 3, 2, 1), 670, 1);  // unaligned: element-wise gathers
 }
 
+// Turns the transposed-filter data gradient on for a scope (tensor_core.h).
+struct DgradTransposedFilter {
+  bool before = kcu::dgrad_transposed_filter();
+  DgradTransposedFilter() { kcu::set_dgrad_transposed_filter(true); }
+  ~DgradTransposedFilter() { kcu::set_dgrad_transposed_filter(before); }
+};
+
+TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
+  // The data gradient reading the filter transposed into wt[c, r, s, k] as a plain matrix: every
+  // shape of conv_cases() (C = 3, K = 10, channels past one 32 x 32 transpose tile, 1x1 and
+  // 5x5 filters, strides 1 and 2), C and K not multiples of 32, and unaligned tensors (the
+  // element-wise gather of dy beside the transposed filter, which is always aligned).
+  const DgradTransposedFilter on;
+  std::vector<Conv2dShape> shapes = conv_cases();
+  shapes.push_back(conv(2, 7, 9, 40, 48, 3, 1, 1));
+  shapes.push_back(conv(1, 6, 6, 72, 24, 5, 3, 2));
+  uint32_t seed = 680;
+  for (const Conv2dShape& sh : shapes) check_conv(kCustomConv, stream_, sh, seed += 5);
+  check_conv(kCustomConv, stream_, conv(2, 8, 8, 16, 32, 3, 1, 1), 690, 1);
+  const ConvResult a = check_conv(kCustomConv, stream_, shapes.back(), 695);
+  const ConvResult b = check_conv(kCustomConv, stream_, shapes.back(), 695);
+  EXPECT_TRUE(bits_equal(a.dx, b.dx)) << "repeated runs differ";
+}
+
 TEST_P(TensorCore, ConvolutionsOnUnalignedTensors) {
   // Tensors one element into their allocation: every loader takes the element-wise path.
   uint32_t seed = 700;

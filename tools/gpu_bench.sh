@@ -9,7 +9,8 @@
 #      (ResNet-20) or 4 (ResNet-56) modules, op by op and replayed from CUDA graphs (--graphs) with
 #      planned and with bump arenas (--graph-memory), each triple in the same call;
 #   5. the tensor-core main loops (MAINLOOPS, default mma_sync wgmma wgmma_tma) side by side, and
-#      the data gradient by stride class (--dgrad-classes) beside the direct form: the bf16 GEMM and
+#      the data gradient by stride class (--dgrad-classes) and on the transposed filter (--dgrad-wt,
+#      per layer) beside the direct form: the bf16 GEMM and
 #      ResNet-18 convolution benchmarks (each against cuBLASLt/cuDNN in the same run, one JSON
 #      per main loop) and bf16 training throughput of ResNet-18 (batch 512) and ResNet-56 (128).
 # Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3 4" picks stages
@@ -111,6 +112,15 @@ for stage in $STAGES; do
       --benchmark_filter="^conv_(bwd_data|train)_bf16/r18_all_layers" \
       --benchmark_out="$OUT/mainloop-wgmma-dgrad-classes.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
     echo "bench_gpu_kernels --mainloop=wgmma --dgrad-classes exit $?"
+    # The data gradient on the transposed filter, per layer and over the network, against the
+    # direct form in the same run.
+    for form in "" "--dgrad-wt"; do
+      timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=wgmma $form \
+        --benchmark_min_time="${MIN_TIME}" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+        --benchmark_filter="^conv_(bwd_data|train)_bf16/" \
+        --benchmark_out="$OUT/mainloop-wgmma-dgrad${form:+-wt}.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
+      echo "bench_gpu_kernels --mainloop=wgmma $form (data gradient per layer) exit $?"
+    done
     for cfg in "resnet18 512" "resnet56 128"; do
       set -- $cfg
       for loop in ${MAINLOOPS:-mma_sync wgmma wgmma_tma}; do

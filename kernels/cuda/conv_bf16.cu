@@ -9,7 +9,9 @@
 //                    M = N*H*W, N = C, K_gemm = R*S*K                 -> bf16 dx
 //                    (stride > 1 with dgrad_by_stride_class(): per stride class of the input
 //                    pixels, only the taps that reach them, into a scratch matrix scattered
-//                    into dx; see kernels/common/conv_stride_classes.h)
+//                    into dx; see kernels/common/conv_stride_classes.h. Otherwise, with
+//                    dgrad_transposed_filter(), B is the filter transposed into wt[c, r, s, k],
+//                    read as a plain C x R*S*K matrix.)
 //   backward weight  dw^T[tap, k] = sum_{pix}      x(pix, tap)      * dy[pix, k]
 //                    M = R*S*C, N = K, K_gemm = N*P*Q (split K)       -> fp32 dw, written
 //                    transposed into dw[k, tap]
@@ -106,6 +108,24 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
   }
 }
 
+// w[k, r, s, c] -> wt[c, r, s, k]: per tap (blockIdx.z), the K x C slice transposed through a
+// 32 x 32 tile of shared memory, so that both the reads (along c) and the writes (along k)
+// are coalesced. 32 x 8 threads, grid (ceil(C/32), ceil(K/32), R*S).
+__global__ void transpose_filter_kernel(const uint16_t* w, uint16_t* wt, int k, int taps, int c) {
+  __shared__ uint16_t tile[32][34];
+  const int tap = int(blockIdx.z), c0 = int(blockIdx.x) * 32, k0 = int(blockIdx.y) * 32;
+  const int tx = int(threadIdx.x);
+  for (int i = int(threadIdx.y); i < 32; i += int(blockDim.y)) {
+    const int kk = k0 + i, cc = c0 + tx;
+    if (kk < k && cc < c) tile[i][tx] = w[(int64_t(kk) * taps + tap) * c + cc];
+  }
+  __syncthreads();
+  for (int i = int(threadIdx.y); i < 32; i += int(blockDim.y)) {
+    const int cc = c0 + i, kk = k0 + tx;
+    if (kk < k && cc < c) wt[(int64_t(cc) * taps + tap) * k + kk] = tile[tx][i];
+  }
+}
+
 }  // namespace
 
 void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* y,
@@ -126,8 +146,19 @@ void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const 
     return;
   }
   const BwdDataGradLoader a{{dy, aligned16(dy) && g.k % 8 == 0}, g};
-  const BwdDataWeightLoader b{{w, aligned16(w) && g.c % 8 == 0}, g};
   const MmaEpilogue<uint16_t> ep{dx, g.c, 1, 1.f, 0.f, nullptr, false};
+  if (dgrad_transposed_filter()) {
+    const int taps = g.r * g.s;
+    Workspace wt(size_t(g.c) * size_t(g.rsk) * sizeof(uint16_t), stream);
+    const dim3 grid(unsigned(g.c + 31) / 32, unsigned(g.k + 31) / 32, unsigned(taps));
+    transpose_filter_kernel<<<grid, dim3(32, 8), 0, stream>>>(w, wt.as<uint16_t>(), g.k, taps, g.c);
+    SP_CUDA_CHECK_LAUNCH();
+    // wt[c, t], t = (r * S + s) * K + k: element (c, t) of a C x R*S*K matrix, contiguous along t.
+    const MatrixLoader<true> b{wt.as<uint16_t>(), g.rsk, g.c, g.rsk, chunk_ok(wt.as<uint16_t>(), g.rsk)};
+    run(a, b, g.nhw, g.c, g.rsk, ep, stream);
+    return;
+  }
+  const BwdDataWeightLoader b{{w, aligned16(w) && g.c % 8 == 0}, g};
   run(a, b, g.nhw, g.c, g.rsk, ep, stream);
 }
 

@@ -14,8 +14,8 @@ namespace {
 
 // -1: not chosen yet (the environment decides at first use), else an MmaMainloop.
 std::atomic<int> g_mainloop{-1};
-// -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class).
-std::atomic<int> g_dgrad_classes{-1};
+// -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class, dgrad_transposed_filter).
+std::atomic<int> g_dgrad_classes{-1}, g_dgrad_wt{-1};
 
 // A process-wide switch's value: what was set, else at first use from_env(the environment
 // variable `var`, nullptr when unset or empty), kept from then on.
@@ -86,6 +86,13 @@ void set_dgrad_by_stride_class(bool on) { g_dgrad_classes.store(on ? 1 : 0, std:
 
 bool dgrad_by_stride_class() {
   return setting(g_dgrad_classes, "STALEPROP_DGRAD_CLASSES",
+                 [](const char* env) { return env && std::string(env) == "1" ? 1 : 0; }) == 1;
+}
+
+void set_dgrad_transposed_filter(bool on) { g_dgrad_wt.store(on ? 1 : 0, std::memory_order_relaxed); }
+
+bool dgrad_transposed_filter() {
+  return setting(g_dgrad_wt, "STALEPROP_DGRAD_WT",
                  [](const char* env) { return env && std::string(env) == "1" ? 1 : 0; }) == 1;
 }
 
