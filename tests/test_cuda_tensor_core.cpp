@@ -374,11 +374,18 @@ TEST_P(TensorCore, ConvolutionsOnResNetAndAwkwardShapes) {
   for (const Conv2dShape& sh : conv_cases()) check_conv(kCustomConv, stream_, sh, seed += 5);
 }
 
-// Turns the stride-class data gradient on for a scope, restoring the setting however it ends.
-struct DgradByStrideClass {
-  bool before = kcu::dgrad_by_stride_class();
-  DgradByStrideClass() { kcu::set_dgrad_by_stride_class(true); }
-  ~DgradByStrideClass() { kcu::set_dgrad_by_stride_class(before); }
+// Turns a process-wide kernel switch (tensor_core.h) on for a scope, restoring it however the
+// scope ends.
+class SwitchOn {
+ public:
+  SwitchOn(bool (*get)(), void (*set)(bool)) : set_(set), before_(get()) { set_(true); }
+  ~SwitchOn() { set_(before_); }
+  SwitchOn(const SwitchOn&) = delete;
+  SwitchOn& operator=(const SwitchOn&) = delete;
+
+ private:
+  void (*set_)(bool);
+  bool before_;
 };
 
 TEST_P(TensorCore, ConvolutionsByStrideClass) {
@@ -389,7 +396,7 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
   // element-wise gathers) under stride 2, also with chunked dy beside gathered weights.
   // Off by default until verified on a GPU (tensor_core.h): on here, and for every strided
   // shape of conv_cases() and on unaligned tensors too; the other tests run the direct form.
-  const DgradByStrideClass on;
+  const SwitchOn on(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class);
   std::vector<Conv2dShape> shapes = {conv(2, 10, 11, 16, 24, 2, 3, 0), conv(1, 7, 8, 8, 16, 5, 3, 2),
                                      conv(2, 1, 3, 8, 8, 1, 2, 0), conv(2, 9, 7, 12, 10, 3, 2, 1),
                                      conv(2, 9, 9, 12, 16, 3, 2, 1)};
@@ -403,19 +410,12 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
   check_conv(kCustomConv, stream_, conv(2, 8, 8, 16, 32, 3, 2, 1), 670, 1);  // unaligned: element-wise gathers
 }
 
-// Turns the transposed-filter data gradient on for a scope (tensor_core.h).
-struct DgradTransposedFilter {
-  bool before = kcu::dgrad_transposed_filter();
-  DgradTransposedFilter() { kcu::set_dgrad_transposed_filter(true); }
-  ~DgradTransposedFilter() { kcu::set_dgrad_transposed_filter(before); }
-};
-
 TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
   // The data gradient reading the filter transposed into wt[c, r, s, k] as a plain matrix: every
   // shape of conv_cases() (C = 3, K = 10, channels past one 32 x 32 transpose tile, 1x1 and
   // 5x5 filters, strides 1 and 2), C and K not multiples of 32, and unaligned tensors (the
   // element-wise gather of dy beside the transposed filter, which is always aligned).
-  const DgradTransposedFilter on;
+  const SwitchOn on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
   std::vector<Conv2dShape> shapes = conv_cases();
   shapes.push_back(conv(2, 7, 9, 40, 48, 3, 1, 1));
   shapes.push_back(conv(1, 6, 6, 72, 24, 5, 3, 2));
