@@ -374,11 +374,11 @@ TEST_P(TensorCore, ConvolutionsOnResNetAndAwkwardShapes) {
   for (const Conv2dShape& sh : conv_cases()) check_conv(kCustomConv, stream_, sh, seed += 5);
 }
 
-// Turns a process-wide kernel switch (tensor_core.h) on for a scope, restoring it however the
-// scope ends.
+// Sets a process-wide kernel switch (tensor_core.h) for a scope (on unless told otherwise),
+// restoring it however the scope ends.
 class SwitchOn {
  public:
-  SwitchOn(bool (*get)(), void (*set)(bool)) : set_(set), before_(get()) { set_(true); }
+  SwitchOn(bool (*get)(), void (*set)(bool), bool value = true) : set_(set), before_(get()) { set_(value); }
   ~SwitchOn() { set_(before_); }
   SwitchOn(const SwitchOn&) = delete;
   SwitchOn& operator=(const SwitchOn&) = delete;
@@ -413,14 +413,39 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
 TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
   // The data gradient reading the filter transposed into wt[c, r, s, k] as a plain matrix: every
   // shape of conv_cases() (C = 3, K = 10, channels past one 32 x 32 transpose tile, 1x1 and
-  // 5x5 filters, strides 1 and 2), C and K not multiples of 32, and unaligned tensors (the
-  // element-wise gather of dy beside the transposed filter, which is always aligned).
-  const SwitchOn on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+  // 5x5 filters, strides 1 and 2), C and K not multiples of 32, a 5x5 filter over one channel
+  // (R*S*K = 250: the filter read element-wise), and unaligned tensors (the element-wise gather
+  // of dy beside the transposed filter, which is always aligned). Stride classes stay off, so
+  // every shape takes this path. Against the reference (check_conv) and against the direct
+  // form: the same products summed in the same order, so the same dx up to the rounding of
+  // the tensor cores' transposed operand reads: within one bf16 ulp everywhere. A wrong or
+  // missing filter element changes a whole channel of dx by far more (about one term of its
+  // sums, a few percent).
+  const SwitchOn classes_off(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
   std::vector<Conv2dShape> shapes = conv_cases();
   shapes.push_back(conv(2, 7, 9, 40, 48, 3, 1, 1));
   shapes.push_back(conv(1, 6, 6, 72, 24, 5, 3, 2));
+  shapes.push_back(conv(1, 5, 5, 1, 10, 5, 1, 2));
   uint32_t seed = 680;
-  for (const Conv2dShape& sh : shapes) check_conv(kCustomConv, stream_, sh, seed += 5);
+  for (const Conv2dShape& sh : shapes) {
+    seed += 5;
+    const ConvResult direct = check_conv(kCustomConv, stream_, sh, seed);
+    ConvResult wt;
+    {
+      const SwitchOn on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+      wt = check_conv(kCustomConv, stream_, sh, seed);
+    }
+    const std::vector<float> a = widen(wt.dx), b = widen(direct.dx);
+    ASSERT_EQ(a.size(), b.size());
+    float largest = 0.f;
+    for (float v : b) largest = std::max(largest, std::fabs(v));
+    const float floor = std::ldexp(largest, -17);  // sums that cancel to almost nothing
+    size_t off_by_more = 0;
+    for (size_t i = 0; i < a.size(); ++i)
+      off_by_more += std::fabs(a[i] - b[i]) > std::max(std::ldexp(std::fabs(b[i]), -7), floor);
+    EXPECT_EQ(off_by_more, 0u) << conv_str(sh) << ": elements of dx beyond one bf16 ulp of the direct form";
+  }
+  const SwitchOn on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
   check_conv(kCustomConv, stream_, conv(2, 8, 8, 16, 32, 3, 1, 1), 690, 1);
   const ConvResult a = check_conv(kCustomConv, stream_, shapes.back(), 695);
   const ConvResult b = check_conv(kCustomConv, stream_, shapes.back(), 695);

@@ -112,14 +112,14 @@ for stage in $STAGES; do
       --benchmark_filter="^conv_(bwd_data|train)_bf16/r18_all_layers" \
       --benchmark_out="$OUT/mainloop-wgmma-dgrad-classes.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
     echo "bench_gpu_kernels --mainloop=wgmma --dgrad-classes exit $?"
-    # The data gradient on the transposed filter, per layer and over the network, against the
-    # direct form in the same run.
-    for form in "" "--dgrad-wt"; do
-      timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=wgmma $form \
+    # The data gradient per layer and over the network, direct and on the transposed filter:
+    # two runs, each layer's vs_vendor comparing them (cuDNN timed in both).
+    for form in direct wt; do
+      timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=wgmma $([ $form = wt ] && echo --dgrad-wt) \
         --benchmark_min_time="${MIN_TIME}" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
-        --benchmark_filter="^conv_(bwd_data|train)_bf16/" \
-        --benchmark_out="$OUT/mainloop-wgmma-dgrad${form:+-wt}.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
-      echo "bench_gpu_kernels --mainloop=wgmma $form (data gradient per layer) exit $?"
+        --benchmark_filter="^conv_bwd_data_bf16/${BENCH_FILTER:+.*(${BENCH_FILTER})}" \
+        --benchmark_out="$OUT/dgrad-$form.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
+      echo "bench_gpu_kernels --mainloop=wgmma data gradient per layer, $form: exit $?"
     done
     for cfg in "resnet18 512" "resnet56 128"; do
       set -- $cfg

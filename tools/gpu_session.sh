@@ -7,10 +7,11 @@
 #      binary when present (else after the build), its metrics in train.jsonl;
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test (ctest);
 #   3. compute-sanitizer memcheck and racecheck on the wgmma and wgmma_tma main loops' tests
-#      (memcheck also on the stride-class data gradient), memcheck on the batch-norm kernels
-#      (SAN_CAP seconds each, default 55);
+#      (memcheck also on the stride-class and transposed-filter data gradients), memcheck on the
+#      batch-norm kernels (SAN_CAP seconds each, default 55);
 #   4. wait for the accuracy run, so that nothing shares the GPU with the measurements;
-#   5. gpu_bench.sh stage 5 (the main loops, and the data gradient by stride class), then
+#   5. gpu_bench.sh stage 5 (the main loops, the data gradient by stride class and per layer on
+#      the transposed filter), then
 #      stage 4 (CUDA graphs) as time allows;
 #   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace);
 #   7. Nsight Compute sections, when ncu is there and time is left: the bf16 GEMM on wgmma_tma, a
@@ -64,6 +65,7 @@ san() {  # tool test filter
     "before the end or the ${SAN_CAP} s cap; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer-$1-$2.log"))"
 }
 san memcheck test_cuda_tensor_core '*/wgmma*:*StrideClass*'
+san memcheck test_cuda_tensor_core '*TransposedFilter/wgmma'
 san racecheck test_cuda_tensor_core '*/wgmma*'
 san memcheck test_cuda_ops '*BatchNorm*'
 

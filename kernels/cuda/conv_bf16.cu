@@ -16,7 +16,7 @@
 //                    M = R*S*C, N = K, K_gemm = N*P*Q (split K)       -> fp32 dw, written
 //                    transposed into dw[k, tap]
 // The cp.async path needs 16-byte chunks of one filter tap: C % 8 == 0 for the activations
-// and the weights of the data gradient, K % 8 == 0 for dy (every ResNet layer but the first,
+// and the weights of the data gradient (R*S*K % 8 == 0 for its transposed filter), K % 8 == 0 for dy (every ResNet layer but the first,
 // C = 3, whose activations take the register-staged gather). The bias gradient is the
 // deterministic double-precision column sum of dy widened to fp32 (reduce.cu).
 //
@@ -111,18 +111,18 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
 // w[k, r, s, c] -> wt[c, r, s, k]: per tap (blockIdx.z), the K x C slice transposed through a
 // 32 x 32 tile of shared memory, so that both the reads (along c) and the writes (along k)
 // are coalesced. 32 x 8 threads, grid (ceil(C/32), ceil(K/32), R*S).
-__global__ void transpose_filter_kernel(const uint16_t* w, uint16_t* wt, int k, int taps, int c) {
-  __shared__ uint16_t tile[32][34];
+__global__ void transpose_filter_kernel(const uint16_t* w, uint16_t* wt, int k, int rs, int c) {
+  __shared__ uint16_t tile[32][34];  // rows of 68 bytes: a column's 32 reads hit 32 banks
   const int tap = int(blockIdx.z), c0 = int(blockIdx.x) * 32, k0 = int(blockIdx.y) * 32;
   const int tx = int(threadIdx.x);
   for (int i = int(threadIdx.y); i < 32; i += int(blockDim.y)) {
     const int kk = k0 + i, cc = c0 + tx;
-    if (kk < k && cc < c) tile[i][tx] = w[(int64_t(kk) * taps + tap) * c + cc];
+    if (kk < k && cc < c) tile[i][tx] = w[(int64_t(kk) * rs + tap) * c + cc];
   }
   __syncthreads();
   for (int i = int(threadIdx.y); i < 32; i += int(blockDim.y)) {
     const int cc = c0 + i, kk = k0 + tx;
-    if (kk < k && cc < c) wt[(int64_t(cc) * taps + tap) * k + kk] = tile[tx][i];
+    if (kk < k && cc < c) wt[(int64_t(cc) * rs + tap) * k + kk] = tile[tx][i];
   }
 }
 
@@ -148,10 +148,12 @@ void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const 
   const BwdDataGradLoader a{{dy, aligned16(dy) && g.k % 8 == 0}, g};
   const MmaEpilogue<uint16_t> ep{dx, g.c, 1, 1.f, 0.f, nullptr, false};
   if (dgrad_transposed_filter()) {
-    const int taps = g.r * g.s;
+    const int rs = g.r * g.s;
+    SP_CHECK((g.k + 31) / 32 <= 65535 && rs <= 65535, "conv2d backward data (bf16): a filter of ", g.k, " x ", g.r,
+             " x ", g.s, " is past the transpose kernel's grid");
     Workspace wt(size_t(g.c) * size_t(g.rsk) * sizeof(uint16_t), stream);
-    const dim3 grid(unsigned(g.c + 31) / 32, unsigned(g.k + 31) / 32, unsigned(taps));
-    transpose_filter_kernel<<<grid, dim3(32, 8), 0, stream>>>(w, wt.as<uint16_t>(), g.k, taps, g.c);
+    const dim3 grid(unsigned(g.c + 31) / 32, unsigned(g.k + 31) / 32, unsigned(rs));
+    transpose_filter_kernel<<<grid, dim3(32, 8), 0, stream>>>(w, wt.as<uint16_t>(), g.k, rs, g.c);
     SP_CUDA_CHECK_LAUNCH();
     // wt[c, t], t = (r * S + s) * K + k: element (c, t) of a C x R*S*K matrix, contiguous along t.
     const MatrixLoader<true> b{wt.as<uint16_t>(), g.rsk, g.c, g.rsk, chunk_ok(wt.as<uint16_t>(), g.rsk)};
