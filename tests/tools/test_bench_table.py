@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""tools/bench_table.py: usage `test_bench_table.py STALEPROP`.
+
+kernels: on two hand-made Google Benchmark files (one with median aggregates, one with plain
+iterations; TFLOP/s and GB/s rows; a benchmark only one file has) the rows, ratios, labels and
+the speedup column must come out as written. train: on real `staleprop bench --json` lines of
+the CPU emulation, run op by op, with --graphs and with --graphs --graph-memory bump, the one
+configuration must fill all three column groups, with planned graphs holding less memory than
+bump ones.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "..", "..", "tools", "bench_table.py")
+sys.path.insert(0, HERE)
+from test_accuracy_table import check  # noqa: E402
+
+
+def table(*args):
+    p = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True)
+    check(p.returncode == 0, f"bench_table {args[0]} succeeds", p.stdout + p.stderr)
+    lines = [l for l in p.stdout.splitlines() if l.startswith("| ")]
+    return lines[0], [[c.strip() for c in r.strip("|").split("|")] for r in lines[1:]]
+
+
+def bench(name, agg, **counters):
+    b = {"name": name + ("/repeats:3/manual_time_" + agg if agg else "/manual_time"),
+         "run_type": "aggregate" if agg else "iteration"}
+    if agg:
+        b["aggregate_name"] = agg
+    b.update(counters)
+    return b
+
+
+def main():
+    staleprop = os.path.abspath(sys.argv[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        direct, wt = os.path.join(tmp, "direct.json"), os.path.join(tmp, "wt.json")
+        with open(direct, "w") as f:
+            json.dump({"context": {"tensor_core_mainloop": "wgmma", "dgrad_transposed_filter": "no"}, "benchmarks": [
+                bench("conv_bwd_data_bf16/a", "mean", **{"TFLOP/s": 90.0, "vs_vendor": 0.2}),
+                bench("conv_bwd_data_bf16/a", "median", **{"TFLOP/s": 100.0, "vs_vendor": 0.25}),
+                bench("bn/x", "median", **{"GB/s": 2000.0, "vs_copy": 0.5}),
+                bench("only/direct", "median", **{"TFLOP/s": 1.0, "vs_vendor": 0.1}),
+            ]}, f)
+        with open(wt, "w") as f:
+            json.dump({"context": {"tensor_core_mainloop": "wgmma", "dgrad_transposed_filter": "yes"}, "benchmarks": [
+                bench("conv_bwd_data_bf16/a", None, **{"TFLOP/s": 150.0, "vs_vendor": 0.375}),
+                bench("bn/x", None, **{"GB/s": 2200.0, "vs_copy": 0.55}),
+            ]}, f)
+        head, rows = table("kernels", direct, wt)
+        check("wgmma: rate" in head and "wgmma, transposed filter: rate" in head, f"labels from the context: {head}")
+        by_name = {r[0]: r for r in rows}
+        check(by_name.get("conv_bwd_data_bf16/a") == ["conv_bwd_data_bf16/a", "100.0 TFLOP/s", "0.25",
+                                                      "150.0 TFLOP/s", "0.38", "1.50x"],
+              f"the median row, the iteration row and the speedup: {rows}")
+        check(by_name.get("bn/x") == ["bn/x", "2000.0 GB/s", "0.50", "2200.0 GB/s", "0.55", "1.10x"],
+              f"a bandwidth row: {rows}")
+        check(by_name.get("only/direct") == ["only/direct", "1.0 TFLOP/s", "0.10", "—", "—", "—"],
+              f"a row one file lacks: {rows}")
+
+        runs = os.path.join(tmp, "graphs.jsonl")
+        base = [staleprop, "bench", "--model", "resnet20", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+                "--method", "fdg", "--split", "2", "--json", runs]
+        for extra in ([], ["--graphs"], ["--graphs", "--graph-memory", "bump"]):
+            p = subprocess.run(base + extra, capture_output=True, text=True)
+            check(p.returncode == 0, f"staleprop bench {extra}", p.stdout + p.stderr)
+        head, rows = table("train", runs)
+        check(len(rows) == 1, f"one configuration: {rows}")
+        row = rows[0]
+        check(row[:5] == ["resnet20", "4", "fp32", "fdg", "2"], f"the configuration: {row}")
+        check("—" not in row[5:11], f"every way of running it is there: {row}")
+        planned_mib, bump_mib = float(row[8]), float(row[10])
+        check(planned_mib < bump_mib, f"planned arenas hold less than bump arenas: {row}")
+    print("bench_table: all checks passed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""Markdown tables from benchmark output, for the results files under bench/results/.
+
+  kernels A.json B.json ...
+      Google Benchmark JSON files of bench/bench_gpu_kernels (e.g. one per main loop, or the
+      data gradient direct and on the transposed filter). One row per benchmark (the median
+      of its repetitions where the file has aggregates), one column group per file: our rate
+      (TFLOP/s or GB/s) and its ratio to the vendor kernel (vs_vendor) or to the copy
+      (vs_copy) measured in the same run. The column heading is the file's main-loop and
+      data-gradient settings (its JSON context), else its name. With several files, a last
+      column gives the last file's speed against the first's, from their ratios to the vendor
+      kernel timed in each run (so the vendor's run-to-run variation cancels): last vs_vendor
+      / first vs_vendor.
+
+  train F.jsonl ...
+      JSON lines of `staleprop bench --json`. One row per configuration (model, batch,
+      precision, method, modules), one column group per way of running it: op by op,
+      --graphs (planned arenas) and --graphs --graph-memory bump. Images/s and peak allocated
+      MiB each, and the graphs' gain and memory against op by op. Lines without graph_memory
+      (written before planned arenas existed) count as bump.
+
+    python3 tools/bench_table.py kernels gpu-out/dgrad-direct.json gpu-out/dgrad-wt.json
+    python3 tools/bench_table.py train gpu-out/graphs.jsonl
+"""
+import json
+import re
+import sys
+
+
+def strip_name(name):
+    """The benchmark's name without the repetition and aggregate suffixes."""
+    return re.sub(r"/repeats:\d+.*$", "", re.sub(r"/manual_time.*$", "", name))
+
+
+def kernel_rows(path):
+    """{name: (rate, unit, ratio, ratio_name)} of one bench_gpu_kernels JSON, and its label."""
+    with open(path) as f:
+        doc = json.load(f)
+    benches = doc.get("benchmarks", [])
+    medians = [b for b in benches if b.get("aggregate_name") == "median"]
+    rows = {}
+    for b in medians or [b for b in benches if b.get("run_type", "iteration") == "iteration"]:
+        if "TFLOP/s" in b:
+            rows[strip_name(b["name"])] = (b["TFLOP/s"], "TFLOP/s", b.get("vs_vendor"), "vs_vendor")
+        elif "GB/s" in b:
+            rows[strip_name(b["name"])] = (b["GB/s"], "GB/s", b.get("vs_copy"), "vs_copy")
+    ctx = doc.get("context", {})
+    parts = [ctx[k] for k in ("tensor_core_mainloop",) if k in ctx]
+    if ctx.get("dgrad_by_stride_class") == "yes":
+        parts.append("stride classes")
+    if ctx.get("dgrad_transposed_filter") == "yes":
+        parts.append("transposed filter")
+    label = ", ".join(parts) if parts else path.rsplit("/", 1)[-1]
+    return rows, label
+
+
+def fmt(v, digits):
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def kernels_table(paths):
+    tables = [kernel_rows(p) for p in paths]
+    names = []
+    for rows, _ in tables:
+        names += [n for n in rows if n not in names]
+    labels = [label for _, label in tables]
+    if len(set(labels)) < len(labels):  # settings alike: tell the files apart by name
+        labels = [p.rsplit("/", 1)[-1] for p in paths]
+    head = "| benchmark | " + " | ".join(f"{l}: rate | {l}: ratio" for l in labels)
+    sep = "|---|" + "---|---|" * len(tables)
+    if len(tables) > 1:
+        head += f" | {labels[-1]} vs {labels[0]}"
+        sep += "---|"
+    out = [head + " |", sep]
+    for n in names:
+        cells = []
+        for rows, _ in tables:
+            rate, unit, ratio, _ = rows.get(n, (None, "", None, ""))
+            cells += [f"{fmt(rate, 1)} {unit}".strip(), fmt(ratio, 2)]
+        line = f"| {n} | " + " | ".join(cells)
+        if len(tables) > 1:
+            first, last = tables[0][0].get(n), tables[-1][0].get(n)
+            speedup = last[2] / first[2] if first and last and first[2] and last[2] else None
+            line += " | " + (fmt(speedup, 2) + "x" if speedup else "—")
+        out.append(line + " |")
+    return "\n".join(out)
+
+
+def train_table(paths):
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            runs += [json.loads(line) for line in f if line.strip().startswith("{")]
+    # Lines written before planned arenas existed have no graph_memory: their graphs were bump.
+    modes = [("op by op", lambda r: not r.get("graphs")),
+             ("graphs, planned", lambda r: r.get("graphs") and r.get("graph_memory") == "planned"),
+             ("graphs, bump", lambda r: r.get("graphs") and r.get("graph_memory", "bump") == "bump")]
+    configs = {}
+    for r in runs:
+        key = (r["model"], r["batch_size"], r["precision"], r["method"], r["modules"])
+        for mode, match in modes:
+            if match(r):
+                configs.setdefault(key, {})[mode] = r  # a later run of the same configuration wins
+    head = ("| model | batch | precision | method | K | "
+            + " | ".join(f"{m}: img/s | {m}: peak MiB" for m, _ in modes)
+            + " | planned vs op by op: speed, memory | bump vs op by op: speed, memory |")
+    out = [head, "|---|---|---|---|---|" + "---|---|" * len(modes) + "---|---|"]
+    for key, by_mode in configs.items():
+        cells = []
+        for mode, _ in modes:
+            r = by_mode.get(mode)
+            cells += [fmt(r["images_per_s"], 0) if r else "—",
+                      fmt(r["peak_allocated_bytes"] / 2**20, 0) if r else "—"]
+        base, planned, bump = (by_mode.get(m) for m, _ in modes)
+
+        def ratio(a, b, field):
+            return f"{a[field] / b[field]:.2f}x" if a and b and b[field] else "—"
+
+        cells.append(ratio(planned, base, "images_per_s") + ", " + ratio(planned, base, "peak_allocated_bytes"))
+        cells.append(ratio(bump, base, "images_per_s") + ", " + ratio(bump, base, "peak_allocated_bytes"))
+        out.append("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv):
+    if len(argv) < 3 or argv[1] not in ("kernels", "train"):
+        sys.stderr.write(__doc__)
+        return 2
+    print(kernels_table(argv[2:]) if argv[1] == "kernels" else train_table(argv[2:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
