@@ -415,36 +415,46 @@ TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
   // shape of conv_cases() (C = 3, K = 10, channels past one 32 x 32 transpose tile, 1x1 and
   // 5x5 filters, strides 1 and 2), C and K not multiples of 32, a 5x5 filter over one channel
   // (R*S*K = 250: the filter read element-wise), and unaligned tensors (the element-wise gather
-  // of dy beside the transposed filter, which is always aligned). Stride classes stay off, so
-  // every shape takes this path. Against the reference (check_conv) and against the direct
-  // form: the same products summed in the same order, so the same dx up to the rounding of
+  // of dy beside the transposed filter, which is always aligned), with stride classes off, so
+  // that every shape takes this path; then the strided shapes by stride class. Against the
+  // reference (check_conv) and against the gathered filter of the same path: the same
+  // products summed in the same order, so the same dx up to the rounding of
   // the tensor cores' transposed operand reads: within one bf16 ulp everywhere. A wrong or
   // missing filter element changes a whole channel of dx by far more (about one term of its
   // sums, a few percent).
-  const SwitchOn classes_off(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
   std::vector<Conv2dShape> shapes = conv_cases();
   shapes.push_back(conv(2, 7, 9, 40, 48, 3, 1, 1));
   shapes.push_back(conv(1, 6, 6, 72, 24, 5, 3, 2));
   shapes.push_back(conv(1, 5, 5, 1, 10, 5, 1, 2));
+  // Then the strided shapes again by stride class, each class's taps transposed (against the
+  // class path's own gather): stride 3 with a filter smaller than the stride, and 5x5 stride 3.
+  std::vector<Conv2dShape> strided = {conv(2, 10, 11, 16, 24, 2, 3, 0), conv(1, 7, 8, 8, 16, 5, 3, 2)};
+  for (const Conv2dShape& sh : shapes)
+    if (sh.stride > 1) strided.push_back(sh);
   uint32_t seed = 680;
-  for (const Conv2dShape& sh : shapes) {
-    seed += 5;
-    const ConvResult direct = check_conv(kCustomConv, stream_, sh, seed);
-    ConvResult wt;
-    {
-      const SwitchOn on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
-      wt = check_conv(kCustomConv, stream_, sh, seed);
+  for (const bool classes : {false, true}) {
+    const SwitchOn by_class(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, classes);
+    for (const Conv2dShape& sh : classes ? strided : shapes) {
+      seed += 5;
+      const ConvResult gathered = check_conv(kCustomConv, stream_, sh, seed);
+      ConvResult wt;
+      {
+        const SwitchOn on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+        wt = check_conv(kCustomConv, stream_, sh, seed);
+      }
+      const std::vector<float> a = widen(wt.dx), b = widen(gathered.dx);
+      ASSERT_EQ(a.size(), b.size());
+      float largest = 0.f;
+      for (float v : b) largest = std::max(largest, std::fabs(v));
+      const float floor = std::ldexp(largest, -17);  // sums that cancel to almost nothing
+      size_t off_by_more = 0;
+      for (size_t i = 0; i < a.size(); ++i)
+        off_by_more += std::fabs(a[i] - b[i]) > std::max(std::ldexp(std::fabs(b[i]), -7), floor);
+      EXPECT_EQ(off_by_more, 0u) << conv_str(sh) << (classes ? " by stride class" : "")
+                                 << ": elements of dx beyond one bf16 ulp of the gathered filter's";
     }
-    const std::vector<float> a = widen(wt.dx), b = widen(direct.dx);
-    ASSERT_EQ(a.size(), b.size());
-    float largest = 0.f;
-    for (float v : b) largest = std::max(largest, std::fabs(v));
-    const float floor = std::ldexp(largest, -17);  // sums that cancel to almost nothing
-    size_t off_by_more = 0;
-    for (size_t i = 0; i < a.size(); ++i)
-      off_by_more += std::fabs(a[i] - b[i]) > std::max(std::ldexp(std::fabs(b[i]), -7), floor);
-    EXPECT_EQ(off_by_more, 0u) << conv_str(sh) << ": elements of dx beyond one bf16 ulp of the direct form";
   }
+  const SwitchOn classes_off(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
   const SwitchOn on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
   check_conv(kCustomConv, stream_, conv(2, 8, 8, 16, 32, 3, 1, 1), 690, 1);
   const ConvResult a = check_conv(kCustomConv, stream_, shapes.back(), 695);

@@ -9,9 +9,9 @@
 //                    M = N*H*W, N = C, K_gemm = R*S*K                 -> bf16 dx
 //                    (stride > 1 with dgrad_by_stride_class(): per stride class of the input
 //                    pixels, only the taps that reach them, into a scratch matrix scattered
-//                    into dx; see kernels/common/conv_stride_classes.h. Otherwise, with
+//                    into dx; see kernels/common/conv_stride_classes.h. With
 //                    dgrad_transposed_filter(), B is the filter transposed into wt[c, r, s, k],
-//                    read as a plain C x R*S*K matrix.)
+//                    read as a plain C x R*S*K matrix, or per class the class's taps.)
 //   backward weight  dw^T[tap, k] = sum_{pix}      x(pix, tap)      * dy[pix, k]
 //                    M = R*S*C, N = K, K_gemm = N*P*Q (split K)       -> fp32 dw, written
 //                    transposed into dw[k, tap]
@@ -64,6 +64,46 @@ void run(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilo
   });
 }
 
+// The taps a transposed filter takes: tap z of the result is the filter's tap
+// (r0 + step * (z / sc)) * S + s0 + step * (z % sc). All taps in order: r0 = s0 = 0, step = 1,
+// sc = S; a stride class's (conv_stride_classes.h): its r0, s0, sc and step = the stride.
+struct FilterTaps {
+  int r0, s0, step, sc;
+  int s;  // the filter's S
+  int count;
+};
+
+// w[k, r, s, c] -> wt[c, z, k] over the taps z of `taps`: per tap (blockIdx.z), the K x C slice
+// transposed through a 32 x 32 tile of shared memory, so that both the reads (along c) and
+// the writes (along k) are coalesced. 32 x 8 threads, grid (ceil(C/32), ceil(K/32), taps).
+__global__ void transpose_filter_kernel(const uint16_t* w, uint16_t* wt, int k, int rs, int c, FilterTaps taps) {
+  __shared__ uint16_t tile[32][34];  // rows of 68 bytes: a column's 32 reads hit 32 banks
+  const int z = int(blockIdx.z), c0 = int(blockIdx.x) * 32, k0 = int(blockIdx.y) * 32;
+  const int tap = (taps.r0 + taps.step * (z / taps.sc)) * taps.s + taps.s0 + taps.step * (z % taps.sc);
+  const int tx = int(threadIdx.x);
+  for (int i = int(threadIdx.y); i < 32; i += int(blockDim.y)) {
+    const int kk = k0 + i, cc = c0 + tx;
+    if (kk < k && cc < c) tile[i][tx] = w[(int64_t(kk) * rs + tap) * c + cc];
+  }
+  __syncthreads();
+  for (int i = int(threadIdx.y); i < 32; i += int(blockDim.y)) {
+    const int cc = c0 + i, kk = k0 + tx;
+    if (kk < k && cc < c) wt[(int64_t(cc) * taps.count + z) * k + kk] = tile[tx][i];
+  }
+}
+
+// The filter transposed over `taps` into a new workspace: element (c, z * K + k) of a
+// C x taps.count*K matrix, contiguous along its second index.
+Workspace transposed_filter(const ConvGeom& g, const uint16_t* w, const FilterTaps& taps, cudaStream_t stream) {
+  SP_CHECK((g.k + 31) / 32 <= 65535 && taps.count <= 65535, "conv2d backward data (bf16): a filter of ", g.k, " x ",
+           g.r, " x ", g.s, " is past the transpose kernel's grid");
+  Workspace wt(size_t(g.c) * size_t(taps.count) * size_t(g.k) * sizeof(uint16_t), stream);
+  const dim3 grid(unsigned(g.c + 31) / 32, unsigned(g.k + 31) / 32, unsigned(taps.count));
+  transpose_filter_kernel<<<grid, dim3(32, 8), 0, stream>>>(w, wt.as<uint16_t>(), g.k, g.r * g.s, g.c, taps);
+  SP_CUDA_CHECK_LAUNCH();
+  return wt;
+}
+
 // dx at the pixels of one stride class (a, b) from the class's dense result src, rows
 // (img * hc + i) * wc + j of C values; src == nullptr writes zeros (a class no tap reaches).
 __global__ void scatter_class_kernel(const uint16_t* src, uint16_t* dx, int64_t total, int c, int h, int w,
@@ -97,32 +137,21 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
       cg.m = int(rows), cg.kc = c.rc * c.sc * g.k;
       cg.div_hc = FastDivmod::make(c.hc), cg.div_wc = FastDivmod::make(c.wc), cg.div_sc = FastDivmod::make(c.sc);
       const BwdDataClassGradLoader a{{dy, aligned16(dy) && g.k % 8 == 0}, cg};
-      const BwdDataClassWeightLoader b{{w, aligned16(w) && g.c % 8 == 0}, cg};
       const MmaEpilogue<uint16_t> ep{scratch.as<uint16_t>(), g.c, 1, 1.f, 0.f, nullptr, false};
-      run(a, b, cg.m, g.c, cg.kc, ep, stream);
+      if (dgrad_transposed_filter()) {
+        // The class's taps of the filter as a plain C x kc matrix (see conv2d_backward_data_bf16).
+        const Workspace wt = transposed_filter(g, w, {c.r0, c.s0, g.stride, c.sc, g.s, c.rc * c.sc}, stream);
+        run(a, MatrixLoader<true>{wt.as<uint16_t>(), cg.kc, g.c, cg.kc, chunk_ok(wt.as<uint16_t>(), cg.kc)}, cg.m,
+            g.c, cg.kc, ep, stream);
+      } else {
+        const BwdDataClassWeightLoader b{{w, aligned16(w) && g.c % 8 == 0}, cg};
+        run(a, b, cg.m, g.c, cg.kc, ep, stream);
+      }
     }
     const int64_t total = rows * g.c;
     scatter_class_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(
         taps ? scratch.as<uint16_t>() : nullptr, dx, total, g.c, g.h, g.w, g.stride, c.a, c.b, c.hc, c.wc);
     SP_CUDA_CHECK_LAUNCH();
-  }
-}
-
-// w[k, r, s, c] -> wt[c, r, s, k]: per tap (blockIdx.z), the K x C slice transposed through a
-// 32 x 32 tile of shared memory, so that both the reads (along c) and the writes (along k)
-// are coalesced. 32 x 8 threads, grid (ceil(C/32), ceil(K/32), R*S).
-__global__ void transpose_filter_kernel(const uint16_t* w, uint16_t* wt, int k, int rs, int c) {
-  __shared__ uint16_t tile[32][34];  // rows of 68 bytes: a column's 32 reads hit 32 banks
-  const int tap = int(blockIdx.z), c0 = int(blockIdx.x) * 32, k0 = int(blockIdx.y) * 32;
-  const int tx = int(threadIdx.x);
-  for (int i = int(threadIdx.y); i < 32; i += int(blockDim.y)) {
-    const int kk = k0 + i, cc = c0 + tx;
-    if (kk < k && cc < c) tile[i][tx] = w[(int64_t(kk) * rs + tap) * c + cc];
-  }
-  __syncthreads();
-  for (int i = int(threadIdx.y); i < 32; i += int(blockDim.y)) {
-    const int cc = c0 + i, kk = k0 + tx;
-    if (kk < k && cc < c) wt[(int64_t(cc) * rs + tap) * k + kk] = tile[tx][i];
   }
 }
 
@@ -148,13 +177,7 @@ void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const 
   const BwdDataGradLoader a{{dy, aligned16(dy) && g.k % 8 == 0}, g};
   const MmaEpilogue<uint16_t> ep{dx, g.c, 1, 1.f, 0.f, nullptr, false};
   if (dgrad_transposed_filter()) {
-    const int rs = g.r * g.s;
-    SP_CHECK((g.k + 31) / 32 <= 65535 && rs <= 65535, "conv2d backward data (bf16): a filter of ", g.k, " x ", g.r,
-             " x ", g.s, " is past the transpose kernel's grid");
-    Workspace wt(size_t(g.c) * size_t(g.rsk) * sizeof(uint16_t), stream);
-    const dim3 grid(unsigned(g.c + 31) / 32, unsigned(g.k + 31) / 32, unsigned(rs));
-    transpose_filter_kernel<<<grid, dim3(32, 8), 0, stream>>>(w, wt.as<uint16_t>(), g.k, rs, g.c);
-    SP_CUDA_CHECK_LAUNCH();
+    const Workspace wt = transposed_filter(g, w, {0, 0, 1, g.s, g.s, g.r * g.s}, stream);
     // wt[c, t], t = (r * S + s) * K + k: element (c, t) of a C x R*S*K matrix, contiguous along t.
     const MatrixLoader<true> b{wt.as<uint16_t>(), g.rsk, g.c, g.rsk, chunk_ok(wt.as<uint16_t>(), g.rsk)};
     run(a, b, g.nhw, g.c, g.rsk, ep, stream);

@@ -68,7 +68,7 @@ bool dgrad_by_stride_class();
 // The data gradient's filter operand as a plain matrix: the filter is first transposed, per
 // tap, into wt[c, r, s, k] (a small tiled-transpose kernel), so that the main loop reads it as
 // the forward reads its filter instead of gathering w[k, r, s, c] through per-chunk index
-// arithmetic (the direct form; stride classes keep their own gather). Off until a GPU run has
+// arithmetic (with stride classes: per class, its taps). Off until a GPU run has
 // verified it: the default is on only where the environment variable STALEPROP_DGRAD_WT is 1.
 void set_dgrad_transposed_filter(bool on);
 bool dgrad_transposed_filter();
