@@ -9,8 +9,8 @@
 #      (ResNet-20) or 4 (ResNet-56) modules, op by op and replayed from CUDA graphs (--graphs) with
 #      planned and with bump arenas (--graph-memory), each triple in the same call;
 #   5. the tensor-core main loops (MAINLOOPS, default mma_sync wgmma wgmma_tma) side by side, and
-#      the data gradient by stride class (--dgrad-classes) and on the transposed filter (--dgrad-wt,
-#      per layer) beside the direct form: the bf16 GEMM and
+#      the data gradient per layer in its four forms (direct or by stride class, --dgrad-classes;
+#      the filter gathered or transposed, --dgrad-wt): the bf16 GEMM and
 #      ResNet-18 convolution benchmarks (each against cuBLASLt/cuDNN in the same run, one JSON
 #      per main loop) and bf16 training throughput of ResNet-18 (batch 512) and ResNet-56 (128).
 # Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3 4" picks stages
@@ -106,16 +106,14 @@ for stage in $STAGES; do
         --benchmark_out="$OUT/mainloop-$loop.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
       echo "bench_gpu_kernels --mainloop=$loop exit $?"
     done
-    # The data gradient by stride class against the direct form above (same main loop).
-    timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=wgmma --dgrad-classes \
-      --benchmark_min_time="${MIN_TIME}" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
-      --benchmark_filter="^conv_(bwd_data|train)_bf16/r18_all_layers" \
-      --benchmark_out="$OUT/mainloop-wgmma-dgrad-classes.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
-    echo "bench_gpu_kernels --mainloop=wgmma --dgrad-classes exit $?"
-    # The data gradient per layer and over the network, direct and on the transposed filter:
-    # two runs, each layer's vs_vendor comparing them (cuDNN timed in both).
-    for form in direct wt; do
-      timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=wgmma $([ $form = wt ] && echo --dgrad-wt) \
+    # The data gradient per layer and over the network in its four forms (direct or by stride
+    # class, the filter gathered or transposed): one run each, each layer's vs_vendor comparing
+    # them (cuDNN timed in every run; tools/bench_table.py kernels puts them side by side).
+    for form in direct wt classes classes-wt; do
+      flags=""
+      case $form in *classes*) flags="--dgrad-classes" ;; esac
+      case $form in *wt) flags="$flags --dgrad-wt" ;; esac
+      timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=wgmma $flags \
         --benchmark_min_time="${MIN_TIME}" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
         --benchmark_filter="^conv_bwd_data_bf16/${BENCH_FILTER:+.*(${BENCH_FILTER})}" \
         --benchmark_out="$OUT/dgrad-$form.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
