@@ -40,14 +40,7 @@ using detail::kElementThreads;
 using detail::Workspace;
 using namespace detail::mma;
 
-ConvGeom conv_geom(const Conv2dShape& sh) {
-  ConvGeom g;
-  static_cast<detail::ConvDims&>(g) = detail::conv_dims(sh, "conv2d (bf16)");
-  g.div_c = FastDivmod::make(g.c), g.div_s = FastDivmod::make(g.s), g.div_k = FastDivmod::make(g.k);
-  g.div_p = FastDivmod::make(g.p), g.div_q = FastDivmod::make(g.q), g.div_h = FastDivmod::make(g.h);
-  g.div_w = FastDivmod::make(g.w), g.div_stride = FastDivmod::make(g.stride);
-  return g;
-}
+ConvGeom conv_geom(const Conv2dShape& sh) { return make_conv_geom(detail::conv_dims(sh, "conv2d (bf16)")); }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
@@ -64,22 +57,14 @@ void run(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilo
   });
 }
 
-// The taps a transposed filter takes: tap z of the result is the filter's tap
-// (r0 + step * (z / sc)) * S + s0 + step * (z % sc). All taps in order: r0 = s0 = 0, step = 1,
-// sc = S; a stride class's (conv_stride_classes.h): its r0, s0, sc and step = the stride.
-struct FilterTaps {
-  int r0, s0, step, sc;
-  int s;  // the filter's S
-  int count;
-};
-
-// w[k, r, s, c] -> wt[c, z, k] over the taps z of `taps`: per tap (blockIdx.z), the K x C slice
+// w[k, r, s, c] -> wt[c, z, k] over the taps z of `taps` (FilterTaps, conv_loaders.h): per tap
+// (blockIdx.z), the K x C slice
 // transposed through a 32 x 32 tile of shared memory, so that both the reads (along c) and
 // the writes (along k) are coalesced. 32 x 8 threads, grid (ceil(C/32), ceil(K/32), taps).
 __global__ void transpose_filter_kernel(const uint16_t* w, uint16_t* wt, int k, int rs, int c, FilterTaps taps) {
   __shared__ uint16_t tile[32][34];  // rows of 68 bytes: a column's 32 reads hit 32 banks
   const int z = int(blockIdx.z), c0 = int(blockIdx.x) * 32, k0 = int(blockIdx.y) * 32;
-  const int tap = (taps.r0 + taps.step * (z / taps.sc)) * taps.s + taps.s0 + taps.step * (z % taps.sc);
+  const int tap = taps.tap(z);
   const int tx = int(threadIdx.x);
   for (int i = int(threadIdx.y); i < 32; i += int(blockDim.y)) {
     const int kk = k0 + i, cc = c0 + tx;
@@ -131,16 +116,12 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
     if (rows == 0) continue;
     const bool taps = c.rc * c.sc > 0;
     if (taps) {
-      ClassGeom cg;
-      cg.g = g;
-      cg.hc = c.hc, cg.wc = c.wc, cg.r0 = c.r0, cg.s0 = c.s0, cg.rc = c.rc, cg.sc = c.sc, cg.dh = c.dh, cg.dw = c.dw;
-      cg.m = int(rows), cg.kc = c.rc * c.sc * g.k;
-      cg.div_hc = FastDivmod::make(c.hc), cg.div_wc = FastDivmod::make(c.wc), cg.div_sc = FastDivmod::make(c.sc);
+      const ClassGeom cg = make_class_geom(g, c);
       const BwdDataClassGradLoader a{{dy, aligned16(dy) && g.k % 8 == 0}, cg};
       const MmaEpilogue<uint16_t> ep{scratch.as<uint16_t>(), g.c, 1, 1.f, 0.f, nullptr, false};
       if (dgrad_transposed_filter()) {
         // The class's taps of the filter as a plain C x kc matrix (see conv2d_backward_data_bf16).
-        const Workspace wt = transposed_filter(g, w, {c.r0, c.s0, g.stride, c.sc, g.s, c.rc * c.sc}, stream);
+        const Workspace wt = transposed_filter(g, w, FilterTaps::of_class(g, c), stream);
         run(a, MatrixLoader<true>{wt.as<uint16_t>(), cg.kc, g.c, cg.kc, chunk_ok(wt.as<uint16_t>(), cg.kc)}, cg.m,
             g.c, cg.kc, ep, stream);
       } else {
@@ -177,7 +158,7 @@ void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const 
   const BwdDataGradLoader a{{dy, aligned16(dy) && g.k % 8 == 0}, g};
   const MmaEpilogue<uint16_t> ep{dx, g.c, 1, 1.f, 0.f, nullptr, false};
   if (dgrad_transposed_filter()) {
-    const Workspace wt = transposed_filter(g, w, {0, 0, 1, g.s, g.s, g.r * g.s}, stream);
+    const Workspace wt = transposed_filter(g, w, FilterTaps::all(g), stream);
     // wt[c, t], t = (r * S + s) * K + k: element (c, t) of a C x R*S*K matrix, contiguous along t.
     const MatrixLoader<true> b{wt.as<uint16_t>(), g.rsk, g.c, g.rsk, chunk_ok(wt.as<uint16_t>(), g.rsk)};
     run(a, b, g.nhw, g.c, g.rsk, ep, stream);

@@ -6,17 +6,12 @@
 
 #include "kernels/common/error.h"
 #include "kernels/common/shapes.h"
+#include "kernels/cuda/conv_loaders.h"
 #include "kernels/cuda/gemm_mainloop.cuh"
 
 namespace sp::kernels::cuda::detail {
 
-struct ConvDims {
-  int n, h, w, c, k, r, s, p, q, stride, pad;
-  int npq;   // output pixels
-  int nhw;   // input pixels
-  int taps;  // R*S*C, the length of a filter
-  int rsk;   // R*S*K, the backward-data reduction
-};
+// ConvDims (the sizes) is in conv_loaders.h, with the loaders that use them.
 
 // Throws sp::Error naming `op` for an invalid shape or a dimension beyond the GEMM's reach.
 inline ConvDims conv_dims(const Conv2dShape& sh, const char* op) {
@@ -25,11 +20,7 @@ inline ConvDims conv_dims(const Conv2dShape& sh, const char* op) {
   const int64_t taps = int64_t(sh.r) * sh.s * sh.c, rsk = int64_t(sh.r) * sh.s * sh.k;
   for (int64_t d : {npq, nhw, taps, rsk, int64_t(sh.k), int64_t(sh.c)})
     SP_CHECK(d <= kMaxGemmDim, op, ": dimension ", d, " too large for the implicit GEMM");
-  ConvDims g;
-  g.n = sh.n, g.h = sh.h, g.w = sh.w, g.c = sh.c, g.k = sh.k, g.r = sh.r, g.s = sh.s;
-  g.p = sh.p(), g.q = sh.q(), g.stride = sh.stride, g.pad = sh.pad;
-  g.npq = int(npq), g.nhw = int(nhw), g.taps = int(taps), g.rsk = int(rsk);
-  return g;
+  return conv_sizes(sh);
 }
 
 }  // namespace sp::kernels::cuda::detail
