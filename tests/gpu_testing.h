@@ -1,5 +1,6 @@
 // Helpers shared by the GPU test files (test_cuda_ops, test_vendor_ops, test_cuda_tensor_core):
-// seeded host data, the relative-error metric, NaN-poisoned device arrays, a fixture that skips
+// seeded host data, the relative-error metric, the convolution shapes every convolution test
+// covers (also test_conv_loaders, on the CPU), NaN-poisoned device arrays, a fixture that skips
 // without a GPU, and engine tensors copied to and from the device.
 #pragma once
 
@@ -64,6 +65,32 @@ inline std::string conv_str(const kernels::Conv2dShape& s) {
   return "conv n" + std::to_string(s.n) + " " + std::to_string(s.h) + "x" + std::to_string(s.w) + "x" +
          std::to_string(s.c) + " k" + std::to_string(s.k) + " " + std::to_string(s.r) + "x" + std::to_string(s.s) +
          " stride " + std::to_string(s.stride) + " pad " + std::to_string(s.pad);
+}
+
+// A square-filter convolution (pad = pad on both sides).
+inline kernels::Conv2dShape conv(int n, int h, int w, int c, int k, int r, int stride, int pad) {
+  kernels::Conv2dShape s;
+  s.n = n, s.h = h, s.w = w, s.c = c, s.k = k, s.r = r, s.s = r, s.stride = stride, s.pad = pad;
+  return s;
+}
+
+// Every distinct convolution of the CIFAR ResNet-20 (option A: no projection) and ResNet-18
+// (option B: 1x1 stride-2 projections) at batch 2, then awkward ones.
+inline std::vector<kernels::Conv2dShape> conv_cases() {
+  return {
+      // ResNet-20
+      conv(2, 32, 32, 3, 16, 3, 1, 1), conv(2, 32, 32, 16, 16, 3, 1, 1), conv(2, 32, 32, 16, 32, 3, 2, 1),
+      conv(2, 16, 16, 32, 32, 3, 1, 1), conv(2, 16, 16, 32, 64, 3, 2, 1), conv(2, 8, 8, 64, 64, 3, 1, 1),
+      // ResNet-18
+      conv(2, 32, 32, 3, 64, 3, 1, 1), conv(2, 32, 32, 64, 64, 3, 1, 1), conv(2, 32, 32, 64, 128, 3, 2, 1),
+      conv(2, 32, 32, 64, 128, 1, 2, 0), conv(2, 16, 16, 128, 128, 3, 1, 1), conv(2, 16, 16, 128, 256, 3, 2, 1),
+      conv(2, 16, 16, 128, 256, 1, 2, 0), conv(2, 8, 8, 256, 256, 3, 1, 1), conv(2, 8, 8, 256, 512, 3, 2, 1),
+      conv(2, 8, 8, 256, 512, 1, 2, 0), conv(2, 4, 4, 512, 512, 3, 1, 1),
+      // awkward: C = 3, K = 10, batch 1, 5x7, stride 2, 1x1 stride 2 pad 0 on odd sizes,
+      // C = 12 (no 16-byte chunks), K = 10 gradients (no chunks for dy), a 5x5 filter
+      conv(1, 5, 7, 3, 10, 3, 1, 1), conv(1, 5, 7, 12, 10, 3, 2, 1), conv(1, 7, 5, 16, 10, 1, 2, 0),
+      conv(3, 9, 9, 8, 24, 3, 2, 0), conv(1, 6, 6, 16, 8, 5, 1, 2), conv(1, 1, 1, 1, 1, 1, 1, 0),
+  };
 }
 
 // An fp32 host tensor of seeded values in [-1, 1).

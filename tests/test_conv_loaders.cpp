@@ -1,6 +1,6 @@
 // The implicit-GEMM gathers of the bf16 tensor-core convolutions (kernels/cuda/conv_loaders.h),
 // compiled for the host: every index they compute, against the convolution's definition, on
-// ResNet and awkward shapes, without a GPU. For each loader and every element (x, k) of its
+// the shapes of the GPU convolution tests and more, without a GPU. For each loader and every element (x, k) of its
 // implicit matrix (and a few past its edges): the element of the NHWC activations or the KRSC
 // filter it reads, or -1 for a zero. Then the promise the 16-byte cp.async path rests on: with
 // the loader's vec condition, the 8 elements of an aligned chunk along the contiguous
@@ -15,37 +15,25 @@
 #include "kernels/common/conv_stride_classes.h"
 #include "kernels/common/shapes.h"
 #include "kernels/cuda/conv_loaders.h"
+#include "tests/gpu_testing.h"
 
 namespace {
 
 using namespace sp::kernels::cuda::detail::mma;
 using sp::kernels::Conv2dShape;
 using sp::kernels::StrideClass;
+using sp::test::conv;
+using sp::test::conv_cases;
+using sp::test::conv_str;
 
-Conv2dShape conv(int n, int h, int w, int c, int k, int r, int stride, int pad) {
-  Conv2dShape s;
-  s.n = n, s.h = h, s.w = w, s.c = c, s.k = k, s.r = r, s.s = r, s.stride = stride, s.pad = pad;
-  return s;
-}
-
-std::string str(const Conv2dShape& s) {
-  return "N" + std::to_string(s.n) + " " + std::to_string(s.h) + "x" + std::to_string(s.w) + " C" +
-         std::to_string(s.c) + " K" + std::to_string(s.k) + " " + std::to_string(s.r) + "x" + std::to_string(s.s) +
-         " stride " + std::to_string(s.stride) + " pad " + std::to_string(s.pad);
-}
-
+// The shapes of the GPU convolution tests (conv_cases(), tests/gpu_testing.h), then stride 3
+// with a filter smaller than the stride, 5x5 stride 3, and a single input row under stride 2.
 std::vector<Conv2dShape> shapes() {
-  return {
-      // ResNet-20/56 and ResNet-18 layers at batch 2, smaller spatially where the index
-      // pattern does not depend on the size
-      conv(2, 8, 8, 3, 16, 3, 1, 1), conv(2, 8, 8, 16, 16, 3, 1, 1), conv(2, 8, 8, 16, 32, 3, 2, 1),
-      conv(2, 8, 8, 64, 128, 1, 2, 0), conv(2, 4, 4, 32, 64, 3, 2, 1), conv(1, 4, 4, 64, 16, 3, 1, 1),
-      // awkward: C = 3 / 12, K = 10, odd sizes, 5x5 pad 2, stride 3 with a filter smaller than
-      // the stride, a single row, 1x1x1
-      conv(1, 5, 7, 3, 10, 3, 1, 1), conv(1, 5, 7, 12, 10, 3, 2, 1), conv(1, 7, 5, 16, 10, 1, 2, 0),
-      conv(3, 9, 9, 8, 24, 3, 2, 0), conv(1, 6, 6, 16, 8, 5, 1, 2), conv(2, 10, 11, 16, 24, 2, 3, 0),
-      conv(1, 7, 8, 8, 16, 5, 3, 2), conv(2, 1, 3, 8, 8, 1, 2, 0), conv(1, 1, 1, 1, 1, 1, 1, 0),
-  };
+  std::vector<Conv2dShape> all = conv_cases();
+  for (const Conv2dShape& s :
+       {conv(2, 10, 11, 16, 24, 2, 3, 0), conv(1, 7, 8, 8, 16, 5, 3, 2), conv(2, 1, 3, 8, 8, 1, 2, 0)})
+    all.push_back(s);
+  return all;
 }
 
 // Index of x[n, h, w, c] (-1 outside the image), of dy[n, p, q, k], of w[k, r, s, c].
@@ -113,10 +101,10 @@ TEST(ConvLoaders, ForwardAndWeightGradientGatherTheWindow) {
     const bool vec = s.c % 8 == 0;
     const FwdInputLoader fwd{{nullptr, vec}, g};
     check_loader(fwd, g.npq, g.taps, [&](int pix, int tap) { return ref_input(s, pix, tap); }, vec,
-                 str(s) + " forward A");
+                 conv_str(s) + " forward A");
     const BwdWeightInputLoader bww{{nullptr, vec}, g};
     check_loader(bww, g.taps, g.npq, [&](int tap, int pix) { return ref_input(s, pix, tap); }, vec,
-                 str(s) + " weight-gradient A");
+                 conv_str(s) + " weight-gradient A");
   }
 }
 
@@ -125,13 +113,13 @@ TEST(ConvLoaders, DataGradientGathersTheOutputsThatReachEachPixel) {
     const ConvGeom g = make_conv_geom(sp::kernels::cuda::detail::conv_sizes(s));
     const BwdDataGradLoader a{{nullptr, s.k % 8 == 0}, g};
     check_loader(a, g.nhw, g.rsk, [&](int pix, int t) { return ref_grad(s, pix, t); }, s.k % 8 == 0,
-                 str(s) + " data-gradient A");
+                 conv_str(s) + " data-gradient A");
     const BwdDataWeightLoader b{{nullptr, s.c % 8 == 0}, g};
     const auto ref_w = [&](int c, int t) -> int64_t {
       if (c >= s.c || t >= g.rsk) return -1;
       return w_index(s, t % s.k, t / s.k / s.s, t / s.k % s.s, c);
     };
-    check_loader(b, g.c, g.rsk, ref_w, s.c % 8 == 0, str(s) + " data-gradient B");
+    check_loader(b, g.c, g.rsk, ref_w, s.c % 8 == 0, conv_str(s) + " data-gradient B");
   }
 }
 
@@ -144,7 +132,7 @@ TEST(ConvLoaders, StrideClassesGatherTheirPixelsAndTaps) {
       if (c.hc * c.wc == 0 || c.rc * c.sc == 0) continue;
       ++classes_seen;
       const ClassGeom cg = make_class_geom(g, c);
-      const std::string what = str(s) + " class (" + std::to_string(c.a) + ", " + std::to_string(c.b) + ")";
+      const std::string what = conv_str(s) + " class (" + std::to_string(c.a) + ", " + std::to_string(c.b) + ")";
       // Row (img, i, j) is input pixel (img, a + stride i, b + stride j); column (rr, ss, k) is
       // tap (r0 + stride rr, s0 + stride ss) of filter k: the direct form's element there.
       const auto pixel = [&](int row) {
@@ -187,7 +175,7 @@ TEST(ConvLoaders, TheTransposedFilterHoldsWhatTheGathersRead) {
     EXPECT_EQ(all.count * s.k, g.rsk);
     const BwdDataWeightLoader b{{nullptr, false}, g};
     check_loader(b, g.c, g.rsk, [&](int c, int t) { return transposed(all, c, t); }, false,
-                 str(s) + " transposed filter");
+                 conv_str(s) + " transposed filter");
     if (s.stride == 1) continue;
     for (const StrideClass& c : sp::kernels::stride_classes(s)) {
       if (c.hc * c.wc == 0 || c.rc * c.sc == 0) continue;
@@ -196,7 +184,7 @@ TEST(ConvLoaders, TheTransposedFilterHoldsWhatTheGathersRead) {
       EXPECT_EQ(taps.count * s.k, cg.kc);
       const BwdDataClassWeightLoader cb{{nullptr, false}, cg};
       check_loader(cb, g.c, cg.kc, [&](int ch, int t) { return transposed(taps, ch, t); }, false,
-                   str(s) + " class (" + std::to_string(c.a) + ", " + std::to_string(c.b) + ") transposed filter");
+                   conv_str(s) + " class (" + std::to_string(c.a) + ", " + std::to_string(c.b) + ") transposed filter");
     }
   }
 }
