@@ -96,11 +96,11 @@ struct PipelineConfig {
 //     BN batch counters) as if it had enqueued the work itself.
 // A unit runs eagerly while its module warms up (at least its first P_k steady runs: lazily
 // built kernel state exists before any capture; a phase is captured only after it ran once and
-// its arena settled, which a Planned arena does after two recorded runs) and whenever its
-// batch is not of the full size (the epoch's last, partial
-// batch); fill and drain replay like any other tick. On CUDA, the scratch some kernels take
-// from cudaMallocAsync inside a captured unit becomes graph-owned memory (CUDA's graph memory
-// pool), which the allocator statistics and arena_bytes do not count.
+// its arena settled, which a Planned arena does once two consecutive recorded runs agree) and
+// whenever its batch is not of the full size (the epoch's last, partial batch); fill and drain
+// replay like any other tick. On CUDA, the scratch some kernels take from cudaMallocAsync inside
+// a captured unit becomes graph-owned memory (CUDA's graph memory pool), which the allocator
+// statistics and arena_bytes do not count.
 
 struct PipelineGraphStats {
   int64_t captured = 0;  // graphs captured so far (all modules, all phases)
@@ -108,7 +108,7 @@ struct PipelineGraphStats {
   int64_t eager = 0;     // units enqueued op by op
   size_t arena_bytes = 0;       // memory the arenas hold now (a recording arena holds none)
   size_t arena_peak_used = 0;   // sum over the arenas of the most each handed out between resets
-  int arenas = 0;               // forward arenas (one per module and phase) and backward arenas
+  int arenas = 0;               // forward arenas (one per module and phase), modules 1..K-1's backward ones
   int planned_arenas = 0;       // ... of which laid out from a settled plan
 };
 

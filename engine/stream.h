@@ -3,7 +3,8 @@
 //   CUDA:  a cudaStream_t / cudaEvent_t.
 //   CPU:   a stream is a worker thread running its FIFO of closures in order; an event keeps
 //          CUDA's meaning: record() captures "all work enqueued on this stream so far",
-//          wait() makes a stream block (in stream order, not on the host) until the most recent
+//          wait() makes a stream block (in stream order, not on the host; a synchronous CPU
+//          stream, see set_synchronous, blocks the host) until the most recent
 //          record made before the wait() call has completed; waiting on a never-recorded event
 //          is a no-op; query()/synchronize() look at the most recent record.
 //
@@ -47,7 +48,8 @@ class Stream {
   Stream& operator=(const Stream&) = delete;
 
   virtual Device device() const = 0;
-  // Runs fn on the host after all work enqueued before it (CPU: on the worker thread; CUDA:
+  // Runs fn on the host after all work enqueued before it (CPU: on the worker thread, or inline
+  // on the calling thread while set_synchronous(true); CUDA:
   // cudaLaunchHostFunc, so fn must not call CUDA). CPU kernels are dispatched this way.
   virtual void enqueue_host(std::function<void()> fn) = 0;
   virtual void record(Event& event) = 0;

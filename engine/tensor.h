@@ -49,7 +49,8 @@ class Tensor {
 
   // Uninitialised memory from the device's caching allocator. `stream` is the stream on which
   // the memory will be used (see allocator.h on stream ordering); nullptr for long-lived data.
-  // While the stream has an arena (ArenaScope), the memory comes from the arena instead.
+  // While the stream has an arena (ArenaScope), the memory comes from the arena instead (while a
+  // Planned arena records: a caching-allocator block whose release the arena traces).
   static Tensor empty(const Shape& shape, DType dtype, Device device = Device::cpu(), const Stream* stream = nullptr);
   // A non-owning view of caller-owned memory.
   static Tensor from_blob(void* data, const Shape& shape, DType dtype, Device device = Device::cpu());

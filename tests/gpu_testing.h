@@ -1,6 +1,6 @@
 // Helpers shared by the GPU test files (test_cuda_ops, test_vendor_ops, test_cuda_tensor_core):
-// seeded host data, the relative-error metric, the convolution shapes every convolution test
-// covers (also test_conv_loaders, on the CPU), NaN-poisoned device arrays, a fixture that skips
+// seeded host data, the relative-error metric, the convolution shapes of the bf16 tensor-core
+// tests (also test_conv_loaders, on the CPU), NaN-poisoned device arrays, a fixture that skips
 // without a GPU, and engine tensors copied to and from the device.
 #pragma once
 

@@ -1,6 +1,7 @@
 // The implicit-GEMM gathers of the bf16 tensor-core convolutions (kernels/cuda/conv_loaders.h),
 // compiled for the host: every index they compute, against the convolution's definition, on
-// the shapes of the GPU convolution tests and more, without a GPU. For each loader and every element (x, k) of its
+// conv_cases() (tests/gpu_testing.h) and three more strided shapes, without a GPU. For each
+// loader and every element (x, k) of its
 // implicit matrix (and a few past its edges): the element of the NHWC activations or the KRSC
 // filter it reads, or -1 for a zero. Then the promise the 16-byte cp.async path rests on: with
 // the loader's vec condition, the 8 elements of an aligned chunk along the contiguous

@@ -97,7 +97,7 @@ for stage in $STAGES; do
     done
     ;;
   5)
-    echo "== tensor-core main loops: mma_sync vs wgmma"
+    echo "== tensor-core main loops (${MAINLOOPS:-mma_sync wgmma wgmma_tma}) and the data gradient in four forms"
     for loop in ${MAINLOOPS:-mma_sync wgmma wgmma_tma}; do
       # Bounded per main loop, so that one that hangs costs its own time only.
       timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=$loop --benchmark_min_time="${MIN_TIME}" \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds everything (CUDA sources included when a CUDA toolkit is present) and runs every test:
-# the GoogleTest suites through ctest, then the stream tests again under ThreadSanitizer.
+# the GoogleTest suites through ctest, then the concurrency tests (streams, pipeline, allocator and
+# arenas) again under ThreadSanitizer.
 # GPU tests skip with their reason on a machine without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."

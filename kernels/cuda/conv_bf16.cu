@@ -1,5 +1,5 @@
 // bf16 tensor-core convolutions (tensor_core.h) on NHWC activations and KRSC weights: the
-// main loop of mma_mainloop.cuh with the implicit-GEMM loaders defined there, which gather the
+// main loop of mma_mainloop.cuh with the implicit-GEMM loaders of conv_loaders.h, which gather the
 // activations through the filter window on the fly (zero in the padding), so no im2col
 // buffer is ever formed. The GEMM views are those of conv.cu:
 //
@@ -16,7 +16,8 @@
 //                    M = R*S*C, N = K, K_gemm = N*P*Q (split K)       -> fp32 dw, written
 //                    transposed into dw[k, tap]
 // The cp.async path needs 16-byte chunks of one filter tap: C % 8 == 0 for the activations
-// and the weights of the data gradient (R*S*K % 8 == 0 for its transposed filter), K % 8 == 0 for dy (every ResNet layer but the first,
+// and the weights of the data gradient (for its transposed filter R*S*K % 8 == 0, or per stride
+// class rc*sc*K % 8 == 0), K % 8 == 0 for dy (every ResNet layer but the first,
 // C = 3, whose activations take the register-staged gather). The bias gradient is the
 // deterministic double-precision column sum of dy widened to fp32 (reduce.cu).
 //

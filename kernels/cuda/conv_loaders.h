@@ -1,7 +1,8 @@
 // The implicit-GEMM convolution loaders of the bf16 tensor-core main loops (mma_mainloop.cuh,
-// wgmma_mainloop.cuh): for each operand of a convolution's forward, data gradient and weight
-// gradient, where element (x, k) of the implicit matrix lives in the NHWC activations or the
-// KRSC filter, or that it is a zero (padding, stride holes, past the edges). Plain C++ that
+// wgmma_mainloop.cuh): for each gathered operand (forward A, weight-gradient A, data-gradient A
+// and B, and their stride-class forms), where element (x, k) of the implicit matrix lives in the
+// NHWC activations or the KRSC filter, or that it is a zero (padding, stride holes, past the
+// edges). The other operands are plain matrices (MatrixLoader, mma_mainloop.cuh). Plain C++ that
 // compiles for the host as well (SP_LOADER_HD), so the CPU tests (tests/test_conv_loaders.cpp)
 // check every index these gathers compute against the convolution's definition without a GPU.
 // The main loops add the copying: StageFill reads a loader's chunk() (16-byte cp.async) or
@@ -79,7 +80,8 @@ struct FastDivmod {
   SP_LOADER_HD int mod(int n, int q) const { return n - q * d; }  // with q = div(n)
 };
 
-// The convolution's sizes (conv_geom.cuh) and fast divisors for the loaders' index arithmetic.
+// The convolution's sizes (ConvDims above; conv_geom.cuh's conv_dims checks them) and fast
+// divisors for the loaders' index arithmetic.
 struct ConvGeom : ConvDims {
   FastDivmod div_c, div_s, div_k, div_p, div_q, div_h, div_w, div_stride;
 };
