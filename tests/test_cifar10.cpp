@@ -15,10 +15,12 @@
 #include <vector>
 
 #include "kernels/common/error.h"
+#include "tests/error_testing.h"
 #include "tools/cifar10.h"
 
 using namespace sp;
 using namespace sp::data;
+using sp::test::expect_error;
 namespace fs = std::filesystem;
 
 namespace {
@@ -65,16 +67,6 @@ void write_all_files(const TempDir& dir) {
   std::vector<std::string> names = cifar10_file_names(Split::Train);
   names.push_back("test_batch.bin");
   for (size_t k = 0; k < names.size(); ++k) write_bytes(dir.file(names[k]), gen_batch_bytes(int(k)));
-}
-
-// Runs fn, expecting an sp::Error whose message contains every one of `parts`.
-void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning " << parts[0];
-  } catch (const Error& e) {
-    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
-  }
 }
 
 float normalized(uint8_t p, int c, const Normalization& n = kCifar10Normalization) {

@@ -14,9 +14,11 @@
 
 #include "engine/safetensors.h"
 #include "kernels/common/error.h"
+#include "tests/error_testing.h"
 
 using namespace sp;
 using namespace sp::io;
+using sp::test::expect_error;
 namespace fs = std::filesystem;
 
 namespace {
@@ -73,17 +75,6 @@ void expect_same(const TensorRecord& a, const TensorRecord& b) {
   EXPECT_EQ(a.dtype, b.dtype);
   EXPECT_EQ(a.shape, b.shape);
   EXPECT_EQ(a.data, b.data);
-}
-
-// Runs fn, expecting an exception of type E whose message contains every one of `parts`.
-template <typename E = Error>
-void expect_error(const std::function<void()>& fn, const std::vector<std::string>& parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "no exception; expected one mentioning '" << parts.back() << "'";
-  } catch (const E& e) {
-    for (const std::string& p : parts) EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
-  }
 }
 
 TEST(Safetensors, RoundTripsDtypesShapesAndMetadata) {
