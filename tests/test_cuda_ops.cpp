@@ -18,8 +18,11 @@
 #include <cstring>
 #include <iterator>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "engine/device.h"
@@ -301,6 +304,9 @@ TEST_F(CudaOps, BatchNormOnResNetAndAwkwardShapes) {
   check_batchnorm(stream_, 3, 5, 0.f, 530);
   check_batchnorm(stream_, 7, 37, 0.f, 540);        // c past one column group, not a multiple of 32
   check_batchnorm(stream_, 300001, 3, 0.f, 550);    // many row chunks (more than the chunk cap)
+  check_batchnorm(stream_, 200003, 64, 0.f, 555);   // 16-byte chunks, rows past the chunk cap
+  check_batchnorm(stream_, 1000, 24, 0.f, 556);     // 16-byte chunks, a column lane idle
+  check_batchnorm(stream_, 5, 264, 0.f, 557);       // two column blocks, the second nearly empty
   // |mean| >> std: the kernel's one-pass variance is of moments shifted by the channel's first
   // element, which must not cancel. At 3e4 the unshifted sum of squares in double would keep
   // only ~24 of its 53 bits.
@@ -368,6 +374,7 @@ TEST_F(CudaOps, FusedBatchNormReluOnResNetAndAwkwardShapes) {
     check_batchnorm_add_relu(stream_, 3, 5, with_residual, 620);
     check_batchnorm_add_relu(stream_, 7, 37, with_residual, 630);
     check_batchnorm_add_relu(stream_, 300001, 3, with_residual, 640);
+    check_batchnorm_add_relu(stream_, 1000, 24, with_residual, 650);
   }
 }
 
@@ -448,6 +455,8 @@ TEST_F(CudaOps, Bf16BatchNormMatchesTheWidenedFp32KernelsBitForBit) {
     check_batchnorm_bf16(stream_, 8 * 32 * 32, 16, fused, 700);
     check_batchnorm_bf16(stream_, 7, 37, fused, 710);
     check_batchnorm_bf16(stream_, 300001, 3, fused, 720);
+    check_batchnorm_bf16(stream_, 1000, 24, fused, 730);
+    check_batchnorm_bf16(stream_, 4096, 64, fused, 740);
   }
 }
 
@@ -580,6 +589,201 @@ TEST_F(CudaOps, Bf16PointwiseOpsRoundLikeTheComposedReference) {
   kc::scale<float>(n, 0.3f, wa.data(), wr.data());
   round();
   expect_bits_equal(dout.download(), ref, "scale_bf16", NanPayload::Any);
+}
+
+// ---- The single-element paths ------------------------------------------------------------
+// The bandwidth-bound kernels move 16-byte chunks when every pointer is 16-byte aligned and c
+// is a multiple of 8 (kernels/cuda/column_plan.h), else single elements. Both paths add in
+// the same order, so they must give the same bits: the same data, once at cudaMalloc's
+// alignment and once one element past it, goes through both.
+
+// Device data starting one element past a cudaMalloc'ed (256-byte aligned) address.
+template <typename T>
+class Unaligned {
+ public:
+  explicit Unaligned(size_t n) : a_(n + 1) {}
+  explicit Unaligned(const std::vector<T>& host) : a_(host.size() + 1) {
+    std::vector<T> padded(1, T{});
+    padded.insert(padded.end(), host.begin(), host.end());
+    a_.upload(padded);
+  }
+  T* get() const { return a_.get() + 1; }
+  std::vector<T> download() const {
+    std::vector<T> v = a_.download();
+    v.erase(v.begin());
+    return v;
+  }
+
+ private:
+  DeviceArray<T> a_;
+};
+
+template <typename T>
+std::vector<T> activations(const std::vector<float>& v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    std::vector<uint16_t> b(v.size());
+    kc::f32_to_bf16(int64_t(v.size()), v.data(), b.data());
+    return b;
+  }
+}
+
+// Everything a batch norm (plain or fused with residual add and ReLU) writes in a training
+// forward, an inference forward and a backward.
+template <typename T>
+struct BnOutputs {
+  std::vector<T> y, yi, dx, dres;
+  std::vector<float> sm, si, rm, rv, dg, db;
+};
+
+template <template <class> class Buf, typename T>
+BnOutputs<T> run_batchnorm(cudaStream_t stream, int64_t m, int64_t c, bool fused, uint32_t seed) {
+  const size_t n = size_t(m * c), nc = size_t(c);
+  const float eps = 1e-5f, momentum = 0.1f;
+  Buf<T> x(activations<T>(random_vector(n, seed, -2.f, 2.f))), res(activations<T>(random_vector(n, seed + 1)));
+  Buf<T> dy(activations<T>(random_vector(n, seed + 2))), y(n), yi(n), dx(n), dres(n);
+  DeviceArray<float> g(random_vector(nc, seed + 3, 0.5f, 1.5f)), b(random_vector(nc, seed + 4));
+  DeviceArray<float> rm(random_vector(nc, seed + 5)), rv(random_vector(nc, seed + 6, 0.5f, 2.f));
+  DeviceArray<float> sm(nc), si(nc), dg(nc), db(nc);
+  T* r = fused ? res.get() : nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    if (fused) {
+      kcu::batchnorm_add_relu_forward_training(m, c, x.get(), r, g.get(), b.get(), eps, momentum, rm.get(), rv.get(),
+                                               y.get(), sm.get(), si.get(), stream);
+      kcu::batchnorm_add_relu_forward_inference(m, c, x.get(), r, g.get(), b.get(), rm.get(), rv.get(), eps, true,
+                                                yi.get(), stream);
+      kcu::batchnorm_add_relu_backward(m, c, x.get(), y.get(), dy.get(), g.get(), sm.get(), si.get(), dx.get(),
+                                       dres.get(), dg.get(), db.get(), stream);
+    } else {
+      kcu::batchnorm_forward_training(m, c, x.get(), g.get(), b.get(), eps, momentum, rm.get(), rv.get(), y.get(),
+                                      sm.get(), si.get(), stream);
+      kcu::batchnorm_forward_inference(m, c, x.get(), g.get(), b.get(), rm.get(), rv.get(), eps, yi.get(), stream);
+      kcu::batchnorm_backward(m, c, x.get(), dy.get(), g.get(), sm.get(), si.get(), dx.get(), dg.get(), db.get(),
+                              stream);
+    }
+  } else {
+    kcu::batchnorm_forward_training_bf16(m, c, x.get(), r, fused, g.get(), b.get(), eps, momentum, rm.get(), rv.get(),
+                                         y.get(), sm.get(), si.get(), stream);
+    kcu::batchnorm_forward_inference_bf16(m, c, x.get(), r, fused, g.get(), b.get(), rm.get(), rv.get(), eps, yi.get(),
+                                          stream);
+    kcu::batchnorm_backward_bf16(m, c, x.get(), fused ? y.get() : nullptr, dy.get(), g.get(), sm.get(), si.get(),
+                                 dx.get(), fused ? dres.get() : nullptr, dg.get(), db.get(), stream);
+  }
+  sync_and_check();
+  return {y.download(),  yi.download(), dx.download(), dres.download(), sm.download(), si.download(),
+          rm.download(), rv.download(), dg.download(), db.download()};
+}
+
+template <typename T>
+void expect_same_batchnorm(const BnOutputs<T>& a, const BnOutputs<T>& u, const std::string& what) {
+  expect_bits_equal(u.y, a.y, what + " y");
+  expect_bits_equal(u.yi, a.yi, what + " inference y");
+  expect_bits_equal(u.dx, a.dx, what + " dx");
+  expect_bits_equal(u.dres, a.dres, what + " dresidual");
+  expect_bits_equal(u.sm, a.sm, what + " save_mean");
+  expect_bits_equal(u.si, a.si, what + " save_invstd");
+  expect_bits_equal(u.rm, a.rm, what + " running_mean");
+  expect_bits_equal(u.rv, a.rv, what + " running_var");
+  expect_bits_equal(u.dg, a.dg, what + " dgamma");
+  expect_bits_equal(u.db, a.db, what + " dbeta");
+}
+
+TEST_F(CudaOps, BatchNormGivesTheSameBitsFromUnalignedActivations) {
+  for (const bool fused : {false, true})
+    for (const auto& [m, c] : {std::pair<int64_t, int64_t>{4096, 64}, {1000, 24}, {131072, 16}}) {
+      const std::string what = std::string(fused ? "fused " : "") + "batchnorm m " + std::to_string(m) + " c " +
+                               std::to_string(c) + ", unaligned vs aligned:";
+      expect_same_batchnorm(run_batchnorm<Unaligned, float>(stream_, m, c, fused, 800),
+                            run_batchnorm<DeviceArray, float>(stream_, m, c, fused, 800), what + " fp32");
+      expect_same_batchnorm(run_batchnorm<Unaligned, uint16_t>(stream_, m, c, fused, 810),
+                            run_batchnorm<DeviceArray, uint16_t>(stream_, m, c, fused, 810), what + " bf16");
+    }
+}
+
+// The pointwise ops and casts over n elements (8k + 5: chunks and a tail), in fp32 and bf16.
+template <template <class> class Buf>
+std::vector<std::vector<uint32_t>> run_pointwise(cudaStream_t stream, int64_t n) {
+  const size_t count = size_t(n);
+  const std::vector<float> fa = with_specials(random_vector(count, 900, -4.f, 4.f)), fb = random_vector(count, 901);
+  Buf<float> a(fa), b(fb), out(count), inplace(fa);
+  Buf<uint16_t> ha(activations<uint16_t>(fa)), hb(activations<uint16_t>(fb)), hout(count);
+  std::vector<std::vector<uint32_t>> results;
+  auto keep = [&](const auto& buf) {
+    sync_and_check();
+    const auto v = buf.download();
+    results.emplace_back(v.begin(), v.end());  // the bit patterns, widened to 32 bits
+  };
+  auto bits = [](const std::vector<float>& v) {
+    std::vector<uint32_t> u(v.size());
+    std::memcpy(u.data(), v.data(), v.size() * sizeof(float));
+    return u;
+  };
+  auto keep_f32 = [&](const Buf<float>& buf) {
+    sync_and_check();
+    results.push_back(bits(buf.download()));
+  };
+  kcu::relu_forward(n, a.get(), out.get(), stream), keep_f32(out);
+  kcu::relu_backward(n, a.get(), b.get(), out.get(), stream), keep_f32(out);
+  kcu::add(n, a.get(), b.get(), out.get(), stream), keep_f32(out);
+  kcu::scale(n, -0.375f, a.get(), out.get(), stream), keep_f32(out);
+  kcu::fill(n, 2.5f, out.get(), stream), keep_f32(out);
+  kcu::add(n, inplace.get(), b.get(), inplace.get(), stream), keep_f32(inplace);
+  kcu::f32_to_bf16(n, a.get(), hout.get(), stream), keep(hout);
+  kcu::bf16_to_f32(n, ha.get(), out.get(), stream), keep_f32(out);
+  kcu::relu_forward_bf16(n, ha.get(), hout.get(), stream), keep(hout);
+  kcu::relu_backward_bf16(n, ha.get(), hb.get(), hout.get(), stream), keep(hout);
+  kcu::add_bf16(n, ha.get(), hb.get(), hout.get(), stream), keep(hout);
+  kcu::scale_bf16(n, 0.3f, ha.get(), hout.get(), stream), keep(hout);
+  return results;
+}
+
+TEST_F(CudaOps, PointwiseOpsGiveTheSameBitsFromUnalignedPointers) {
+  const char* names[] = {"relu_forward",      "relu_backward",      "add",      "scale",     "fill",
+                         "add in place",      "f32_to_bf16",        "bf16_to_f32",
+                         "relu_forward_bf16", "relu_backward_bf16", "add_bf16", "scale_bf16"};
+  const auto u = run_pointwise<Unaligned>(stream_, 8 * 1000 + 5), a = run_pointwise<DeviceArray>(stream_, 8 * 1000 + 5);
+  ASSERT_EQ(u.size(), std::size(names));
+  ASSERT_EQ(a.size(), u.size());
+  for (size_t k = 0; k < u.size(); ++k)
+    expect_bits_equal(u[k], a[k], std::string(names[k]) + ", unaligned vs aligned");
+}
+
+// One SGD step over tensors of 4096 + 3, 100 and 7 elements; params and momenta after it.
+template <template <class> class Buf>
+std::vector<std::vector<float>> run_sgd(cudaStream_t stream, const kernels::SgdParams& p) {
+  std::vector<std::unique_ptr<Buf<float>>> bufs;
+  std::vector<kcu::SgdTensor> list;
+  uint32_t seed = 950;
+  for (const int64_t size : {int64_t(4096 + 3), int64_t(100), int64_t(7)}) {
+    for (int k = 0; k < 3; ++k) bufs.push_back(std::make_unique<Buf<float>>(random_vector(size_t(size), ++seed)));
+    const size_t at = bufs.size() - 3;
+    list.push_back({bufs[at]->get(), bufs[at + 1]->get(), p.momentum != 0.f ? bufs[at + 2]->get() : nullptr, size});
+  }
+  kcu::sgd_step(list, p, stream);
+  sync_and_check();
+  std::vector<std::vector<float>> out;
+  for (size_t at = 0; at < bufs.size(); at += 3) {
+    out.push_back(bufs[at]->download());
+    out.push_back(bufs[at + 2]->download());
+  }
+  return out;
+}
+
+TEST_F(CudaOps, SgdGivesTheSameBitsFromUnalignedTensors) {
+  kernels::SgdParams p;
+  p.lr = 0.1f, p.momentum = 0.9f, p.weight_decay = 5e-4f, p.grad_scale = 0.5f;
+  for (const bool nesterov : {false, true})
+    for (const float momentum : {0.9f, 0.f}) {
+      p.nesterov = nesterov, p.momentum = momentum;
+      const auto u = run_sgd<Unaligned>(stream_, p), a = run_sgd<DeviceArray>(stream_, p);
+      ASSERT_EQ(u.size(), a.size());
+      for (size_t k = 0; k < u.size(); ++k)
+        expect_bits_equal(u[k], a[k],
+                          "sgd tensor " + std::to_string(k / 2) + (k % 2 ? " momentum" : " param") +
+                              (nesterov ? " nesterov" : "") + " momentum " + std::to_string(momentum) +
+                              ", unaligned vs aligned");
+    }
 }
 
 // ---- Shortcut and pooling ----------------------------------------------------------------

@@ -8,9 +8,10 @@
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test (ctest);
 #   3. compute-sanitizer memcheck and racecheck on the wgmma and wgmma_tma main loops' tests
 #      (memcheck also on the stride-class and transposed-filter data gradients), memcheck on the
-#      batch-norm kernels (SAN_CAP seconds each, default 55);
+#      batch-norm, pointwise and SGD kernels (SAN_CAP seconds each, default 55);
 #   4. wait for the accuracy run, so that nothing shares the GPU with the measurements;
-#   5. gpu_bench.sh stage 5 (the main loops, and the bf16 data gradient per layer in four forms:
+#   5. gpu_bench.sh stage 1 for the bandwidth-bound kernels (batch norm, pointwise, SGD against
+#      the copy), then stage 5 (the main loops, and the bf16 data gradient per layer in four forms:
 #      direct or by stride class, the filter gathered or transposed), then
 #      stage 4 (CUDA graphs) as time allows;
 #   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace);
@@ -69,7 +70,7 @@ san memcheck test_cuda_tensor_core '*/wgmma*:*StrideClass*'
 # The first filter reaches the transposed-filter test only if it gets that far within the cap.
 san memcheck test_cuda_tensor_core '*TransposedFilter/wgmma' transposed-filter
 san racecheck test_cuda_tensor_core '*/wgmma*'
-san memcheck test_cuda_ops '*BatchNorm*'
+san memcheck test_cuda_ops '*BatchNorm*:*Pointwise*:*Sgd*'
 
 if [ -n "$TRAIN_PID" ]; then
   log "waiting for the accuracy run"
@@ -77,6 +78,9 @@ if [ -n "$TRAIN_PID" ]; then
   log "$(tail -1 "$OUT/train.log")"
 fi
 
+log "gpu_bench stage 1: the bandwidth-bound kernels against the copy"
+STAGES=1 BENCH_FAMILIES="bn bn_add_relu elementwise sgd" MIN_TIME=0.02 timeout $(( $(left) - 60 )) tools/gpu_bench.sh |
+  tee -a "$OUT/session.txt"
 log "gpu_bench stage 5"
 STAGES=5 MIN_TIME=0.02 timeout $(( $(left) - 40 )) tools/gpu_bench.sh | tee -a "$OUT/session.txt"
 log "gpu_bench stage 4"

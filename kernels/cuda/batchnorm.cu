@@ -7,15 +7,18 @@
 //                      |mean| >> std: the relative error grows with ((mean - s) / std)^2 * 2^-53
 //                      in double, and s is a sample of the channel, so that stays far below
 //                      fp32 rounding (the CPU reference's two passes agree to it). A warp per
-//                      channel finalises the statistics and the running-stat update; then an
-//                      element pass normalises: x is read twice, not three times.
-//   inference forward  one element pass.
+//                      channel finalises the statistics, the running-stat update and the gain
+//                      gamma * invstd; then an element pass normalises: x is read twice.
+//   inference forward  the gain from the running variance, a thread per channel; one element pass.
 //   backward           one double reduction pass for sum(dy) and sum(dy * xhat), a warp per
 //                      channel for dgamma, dbeta and the per-channel coefficients, one element pass.
 // The fused BN+ReLU and BN+add+ReLU variants run the same passes: the residual add and the
 // ReLU happen in the forward's element pass, and the backward recomputes the ReLU mask from
 // the saved output y inside its reduction and element passes (which also write dresidual), so
 // fusion removes the separate add/relu passes and their round trips through memory.
+// Every pass moves 16-byte chunks of eight elements per thread when c % 8 == 0 and the pointers
+// are 16-byte aligned (column_plan.h), else single elements; the reductions add in the same
+// order either way, so both give the same bits.
 #include "kernels/cuda/column_reduce.cuh"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/storage.cuh"
@@ -25,46 +28,63 @@ namespace {
 
 using namespace detail;
 
-// Grid-stride loop over the elements of a row-major [rows, c] matrix (total elements),
-// calling fn(i, j) with j = i % c tracked incrementally: one 64-bit division per thread
-// instead of one per element.
-template <class Fn>
+// Grid-stride loop over the elements of a row-major [rows, c] matrix (total elements), calling
+// fn(i, j, Width<W>) for the W elements i .. i + W - 1 of row-major column j .. j + W - 1:
+// chunks of kChunkElems (kVec: c % kChunkElems == 0, pointers 16-byte aligned) or single
+// elements. j is tracked incrementally: one 64-bit division per thread instead of one per element.
+template <bool kVec, class Fn>
 __device__ __forceinline__ void for_each_with_channel(int64_t total, int c, const Fn& fn) {
-  const int64_t stride = grid_stride();
-  const int step = int(stride % c);
-  int64_t i = global_thread_index();
-  int j = int(i % c);
-  for (; i < total; i += stride) {
-    fn(i, j);
-    j += step;
-    if (j >= c) j -= c;
+  if constexpr (kVec) {
+    for (ChunkCursor k = chunk_cursor(global_thread_index(), grid_stride(), c); k.i < total; advance(k, c))
+      fn(k.i, k.j, Width<kChunkElems>{});
+  } else {
+    const int64_t stride = grid_stride();
+    const int step = int(stride % c);
+    int64_t i = global_thread_index();
+    int j = int(i % c);
+    for (; i < total; i += stride) {
+      fn(i, j, Width<1>{});
+      j += step;
+      if (j >= c) j -= c;
+    }
   }
 }
+
+// Blocks of a for_each_with_channel kernel over total > 0 elements.
+unsigned channel_blocks(int64_t total, bool vec) { return element_blocks(vec ? total / kChunkElems : total); }
 
 // Activations (x, residual, y, dy, dx, dresidual) are stored as S::Storage (fp32 or bf16) and
 // computed on in fp32; parameters, statistics and reductions are fp32/double in both cases.
 
-// ---- Reduction terms -------------------------------------------------------------------------
-// acc[0] += x - s, acc[1] += (x - s)^2 with the shift s = x[0, j] (only read when m > 0).
+// ---- Reduction terms (column_reduce.cuh's Term) ---------------------------------------------
+// acc[0] += x - s, acc[1] += (x - s)^2 with the shift s = x[0, j] (read only when rows exist).
 template <class S>
 struct ShiftedMomentsTerm {
   const typename S::Storage* x;
   int c;
-  __device__ void operator()(int64_t i, int j, double* acc) const {
-    const double d = double(S::load(x[i * c + j])) - double(S::load(x[j]));
-    acc[0] += d;
-    acc[1] += d * d;
+  struct Cols {
+    float shift[kChunkElems];
+  };
+  __device__ Cols columns(int j0, int ncols) const {
+    Cols k;
+    load_elems_partial<S>(x + j0, ncols, k.shift);
+    return k;
+  }
+  template <bool kVec>
+  __device__ void operator()(int64_t i, int j0, int ncols, const Cols& k, double (&acc)[2][kChunkElems]) const {
+    float v[kChunkElems];
+    load_row<S, kVec>(x, i, c, j0, ncols, v);
+#pragma unroll
+    for (int e = 0; e < kChunkElems; ++e) {
+      const double d = double(v[e]) - double(k.shift[e]);
+      acc[0][e] += d;
+      acc[1][e] += d * d;
+    }
   }
 };
 
-// The gradient reaching the normalisation: dy, or for the fused variants dy where the
-// forward output y > 0 else 0 (relu_backward's form).
-template <class S>
-__device__ __forceinline__ float masked_grad(const typename S::Storage* y, const typename S::Storage* dy, int64_t i) {
-  return y == nullptr || S::load(y[i]) > 0.f ? S::load(dy[i]) : 0.f;
-}
-
-// acc[0] += g, acc[1] += g * xhat
+// acc[0] += g, acc[1] += g * xhat, with g the gradient reaching the normalisation: dy, or for
+// the fused variants dy where the forward output y > 0 else 0 (relu_backward's form).
 template <class S>
 struct GradTerm {
   const typename S::Storage* x;
@@ -73,11 +93,35 @@ struct GradTerm {
   const float* mean;
   const float* invstd;
   int c;
-  __device__ void operator()(int64_t i, int j, double* acc) const {
-    const double g = masked_grad<S>(y, dy, i * c + j);
-    const double xhat = (double(S::load(x[i * c + j])) - double(mean[j])) * double(invstd[j]);
-    acc[0] += g;
-    acc[1] += g * xhat;
+  struct Cols {
+    float mean[kChunkElems], invstd[kChunkElems];
+  };
+  __device__ Cols columns(int j0, int ncols) const {
+    Cols k;
+#pragma unroll
+    for (int e = 0; e < kChunkElems; ++e) {
+      k.mean[e] = e < ncols ? mean[j0 + e] : 0.f;
+      k.invstd[e] = e < ncols ? invstd[j0 + e] : 0.f;
+    }
+    return k;
+  }
+  template <bool kVec>
+  __device__ void operator()(int64_t i, int j0, int ncols, const Cols& k, double (&acc)[2][kChunkElems]) const {
+    float xv[kChunkElems], g[kChunkElems];
+    load_row<S, kVec>(x, i, c, j0, ncols, xv);
+    load_row<S, kVec>(dy, i, c, j0, ncols, g);
+    if (y != nullptr) {
+      float yv[kChunkElems];
+      load_row<S, kVec>(y, i, c, j0, ncols, yv);
+#pragma unroll
+      for (int e = 0; e < kChunkElems; ++e) g[e] = yv[e] > 0.f ? g[e] : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < kChunkElems; ++e) {
+      const double xhat = (double(xv[e]) - double(k.mean[e])) * double(k.invstd[e]);
+      acc[0][e] += double(g[e]);
+      acc[1][e] += double(g[e]) * xhat;
+    }
   }
 };
 
@@ -85,8 +129,8 @@ struct GradTerm {
 template <class S>
 __global__ void __launch_bounds__(kFinalizeThreads)
     bn_statistics_kernel(const double* partial, int chunks, int64_t m, int c, const typename S::Storage* x,
-                         float eps, float momentum, float* running_mean, float* running_var, float* save_mean,
-                         float* save_invstd) {
+                         const float* gamma, float eps, float momentum, float* running_mean, float* running_var,
+                         float* save_mean, float* save_invstd, float* gain) {
   const int j = warp_column();
   if (j >= c) return;  // the whole warp leaves together
   const double sum_d = warp_sum_chunks(partial, chunks, 2 * c, j);
@@ -104,7 +148,18 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   running_mean[j] = float((1.0 - mom) * double(running_mean[j]) + mom * mean);
   running_var[j] = float((1.0 - mom) * double(running_var[j]) + mom * unbiased);
   save_mean[j] = float(mean);
-  save_invstd[j] = float(1.0 / sqrt(biased + double(eps)));
+  const float invstd = float(1.0 / sqrt(biased + double(eps)));
+  save_invstd[j] = invstd;
+  gain[j] = gamma[j] * invstd;
+}
+
+// gain = gamma * invstd from the running variance, for inference.
+__global__ void __launch_bounds__(kElementThreads)
+    bn_inference_gain_kernel(int c, const float* gamma, const float* running_var, float eps, float* gain) {
+  const int j = int(global_thread_index());
+  if (j >= c) return;
+  const float invstd = float(1.0 / sqrt(double(running_var[j]) + double(eps)));
+  gain[j] = gamma[j] * invstd;
 }
 
 // coef = [gain = gamma * invstd | mean(dy) | mean(dy * xhat)], each c floats.
@@ -124,52 +179,77 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 }
 
 // ---- Element passes --------------------------------------------------------------------------
-// y = (x - mean) * gain + beta, then + residual (when non-null), then relu (when relu), in the
-// CPU reference's order; the branches are uniform across the grid.
-template <class S>
-__device__ __forceinline__ typename S::Storage bn_output(float x, float mean, float gain, float beta,
-                                                         const typename S::Storage* residual, int64_t i, bool relu) {
+// y = (x - mean) * gain + beta, then + residual (when add), then relu (when relu), in the CPU
+// reference's order; the branches are uniform across the grid.
+__device__ __forceinline__ float bn_value(float x, float mean, float gain, float beta, bool add, float residual,
+                                          bool relu) {
   float v = (x - mean) * gain + beta;
-  if (residual != nullptr) v = v + S::load(residual[i]);
+  if (add) v = v + residual;
   if (relu) v = v < 0.f ? 0.f : v;  // NaN passes through, as in relu_forward
-  return S::store(v);
+  return v;
 }
 
-template <class S>
+// The forward's element pass, training and inference alike: gain is gamma * invstd per channel.
+template <class S, bool kVec>
 __global__ void bn_normalize_kernel(int64_t total, int c, const typename S::Storage* x,
                                     const typename S::Storage* residual, bool relu, const float* mean,
-                                    const float* invstd, const float* gamma, const float* beta,
-                                    typename S::Storage* y) {
-  for_each_with_channel(total, c, [&](int64_t i, int j) {
-    const float gain = gamma[j] * invstd[j];
-    y[i] = bn_output<S>(S::load(x[i]), mean[j], gain, beta[j], residual, i, relu);
+                                    const float* gain, const float* beta, typename S::Storage* y) {
+  for_each_with_channel<kVec>(total, c, [&](int64_t i, int j, auto width) {
+    constexpr int W = decltype(width)::value;
+    float v[W], r[W] = {}, mu[W], ga[W], be[W];
+    load_elems<S, W>(x + i, v);
+    if (residual != nullptr) load_elems<S, W>(residual + i, r);
+    load_elems<F32, W>(mean + j, mu);
+    load_elems<F32, W>(gain + j, ga);
+    load_elems<F32, W>(beta + j, be);
+#pragma unroll
+    for (int e = 0; e < W; ++e) v[e] = bn_value(v[e], mu[e], ga[e], be[e], residual != nullptr, r[e], relu);
+    store_elems<S, W>(y + i, v);
   });
 }
 
 template <class S>
-__global__ void bn_inference_kernel(int64_t total, int c, const typename S::Storage* x,
-                                    const typename S::Storage* residual, bool relu, const float* gamma,
-                                    const float* beta, const float* running_mean, const float* running_var, float eps,
-                                    typename S::Storage* y) {
-  for_each_with_channel(total, c, [&](int64_t i, int j) {
-    const float invstd = float(1.0 / sqrt(double(running_var[j]) + double(eps)));
-    const float gain = gamma[j] * invstd;
-    y[i] = bn_output<S>(S::load(x[i]), running_mean[j], gain, beta[j], residual, i, relu);
-  });
+void launch_normalize(int64_t total, int c, const typename S::Storage* x, const typename S::Storage* residual,
+                      bool relu, const float* mean, const float* gain, const float* beta, typename S::Storage* y,
+                      cudaStream_t stream) {
+  if (total == 0) return;
+  const bool vec = chunk_loads_ok(c, x, residual, y) && all_aligned16(mean, gain, beta);
+  auto* kernel = vec ? &bn_normalize_kernel<S, true> : &bn_normalize_kernel<S, false>;
+  kernel<<<channel_blocks(total, vec), kElementThreads, 0, stream>>>(total, c, x, residual, relu, mean, gain, beta, y);
+  SP_CUDA_CHECK_LAUNCH();
 }
 
-// dresidual (nullable) receives the masked gradient; it may alias dy (each element is read
-// before it is written, by the same thread).
-template <class S>
+// dresidual (nullable) receives the masked gradient; it may alias dy (a thread reads its
+// elements of dy before it writes the same elements of dresidual).
+template <class S, bool kVec>
 __global__ void bn_backward_dx_kernel(int64_t total, int c, const typename S::Storage* x,
                                       const typename S::Storage* y, const typename S::Storage* dy,
                                       const float* save_mean, const float* save_invstd, const float* coef,
                                       typename S::Storage* dx, typename S::Storage* dresidual) {
-  for_each_with_channel(total, c, [&](int64_t i, int j) {
-    const float g = masked_grad<S>(y, dy, i);
-    const float xhat = (S::load(x[i]) - save_mean[j]) * save_invstd[j];
-    dx[i] = S::store(coef[j] * (g - coef[c + j] - xhat * coef[2 * c + j]));
-    if (dresidual != nullptr) dresidual[i] = S::store(g);
+  for_each_with_channel<kVec>(total, c, [&](int64_t i, int j, auto width) {
+    constexpr int W = decltype(width)::value;
+    float xv[W], g[W], mu[W], is[W], gain[W], mdy[W], mdyx[W];
+    load_elems<S, W>(x + i, xv);
+    load_elems<S, W>(dy + i, g);
+    if (y != nullptr) {
+      float yv[W];
+      load_elems<S, W>(y + i, yv);
+#pragma unroll
+      for (int e = 0; e < W; ++e) g[e] = yv[e] > 0.f ? g[e] : 0.f;
+    }
+    load_elems<F32, W>(save_mean + j, mu);
+    load_elems<F32, W>(save_invstd + j, is);
+    load_elems<F32, W>(coef + j, gain);
+    load_elems<F32, W>(coef + c + j, mdy);
+    load_elems<F32, W>(coef + 2 * c + j, mdyx);
+    float out[W];
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      const float xhat = (xv[e] - mu[e]) * is[e];
+      out[e] = gain[e] * (g[e] - mdy[e] - xhat * mdyx[e]);
+    }
+    store_elems<S, W>(dx + i, out);
+    if (dresidual != nullptr) store_elems<S, W>(dresidual + i, g);
   });
 }
 
@@ -183,19 +263,18 @@ void forward_training_impl(const char* op, int64_t m, int64_t c64, const typenam
                            float eps, float momentum, float* running_mean, float* running_var,
                            typename S::Storage* y, float* save_mean, float* save_invstd, cudaStream_t stream) {
   const int c = checked_columns(op, c64);
-  const ReducePlan plan = plan_column_reduce(m);
-  Workspace ws(sizeof(double) * size_t(plan.chunks) * 2 * size_t(c), stream);
+  const ColumnReducePlan plan = plan_column_reduce(m, c);
+  const size_t partial_doubles = size_t(plan.chunks) * 2 * size_t(c);
+  // gain follows the partials, at a multiple of 16 bytes.
+  Workspace ws(sizeof(double) * partial_doubles + sizeof(float) * size_t(c), stream);
   double* partial = ws.as<double>();
+  float* gain = reinterpret_cast<float*>(partial + partial_doubles);
 
-  column_partials<2>(m, c, plan, ShiftedMomentsTerm<S>{x, c}, partial, stream);
+  column_partials<2>(m, plan, ShiftedMomentsTerm<S>{x, c}, chunk_loads_ok(c, x), partial, stream);
   bn_statistics_kernel<S><<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(
-      partial, plan.chunks, m, c, x, eps, momentum, running_mean, running_var, save_mean, save_invstd);
+      partial, plan.chunks, m, c, x, gamma, eps, momentum, running_mean, running_var, save_mean, save_invstd, gain);
   SP_CUDA_CHECK_LAUNCH();
-  const int64_t total = m * c;
-  if (total == 0) return;
-  bn_normalize_kernel<S><<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, residual, relu,
-                                                                                save_mean, save_invstd, gamma, beta, y);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_normalize<S>(m * c, c, x, residual, relu, save_mean, gain, beta, y, stream);
 }
 
 template <class S>
@@ -206,9 +285,12 @@ void forward_inference_impl(const char* op, int64_t m, int64_t c64, const typena
   const int c = checked_columns(op, c64);
   const int64_t total = m * c;
   if (total == 0) return;
-  bn_inference_kernel<S><<<element_blocks(total), kElementThreads, 0, stream>>>(
-      total, c, x, residual, relu, gamma, beta, running_mean, running_var, eps, y);
+  Workspace ws(sizeof(float) * size_t(c), stream);
+  float* gain = ws.as<float>();
+  bn_inference_gain_kernel<<<unsigned(ceil_div(c, kElementThreads)), kElementThreads, 0, stream>>>(
+      c, gamma, running_var, eps, gain);
   SP_CUDA_CHECK_LAUNCH();
+  launch_normalize<S>(total, c, x, residual, relu, running_mean, gain, beta, y, stream);
 }
 
 template <class S>
@@ -217,20 +299,23 @@ void backward_impl(const char* op, int64_t m, int64_t c64, const typename S::Sto
                    const float* save_mean, const float* save_invstd, typename S::Storage* dx,
                    typename S::Storage* dresidual, float* dgamma, float* dbeta, cudaStream_t stream) {
   const int c = checked_columns(op, c64);
-  const ReducePlan plan = plan_column_reduce(m);
+  const ColumnReducePlan plan = plan_column_reduce(m, c);
   const size_t partial_doubles = size_t(plan.chunks) * 2 * size_t(c);
+  // coef follows the partials: at a multiple of 16 bytes, and so is coef + c when c % 4 == 0.
   Workspace ws(sizeof(double) * partial_doubles + sizeof(float) * 3 * size_t(c), stream);
   double* partial = ws.as<double>();
   float* coef = reinterpret_cast<float*>(partial + partial_doubles);
+  const bool vec = chunk_loads_ok(c, x, y, dy, dx, dresidual) && all_aligned16(save_mean, save_invstd, coef);
 
-  column_partials<2>(m, c, plan, GradTerm<S>{x, y, dy, save_mean, save_invstd, c}, partial, stream);
+  column_partials<2>(m, plan, GradTerm<S>{x, y, dy, save_mean, save_invstd, c}, vec, partial, stream);
   bn_backward_finalize_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(partial, plan.chunks, m, c, gamma,
                                                                                    save_invstd, dgamma, dbeta, coef);
   SP_CUDA_CHECK_LAUNCH();
   const int64_t total = m * c;
   if (total == 0) return;
-  bn_backward_dx_kernel<S><<<element_blocks(total), kElementThreads, 0, stream>>>(total, c, x, y, dy, save_mean,
-                                                                                  save_invstd, coef, dx, dresidual);
+  auto* kernel = vec ? &bn_backward_dx_kernel<S, true> : &bn_backward_dx_kernel<S, false>;
+  kernel<<<channel_blocks(total, vec), kElementThreads, 0, stream>>>(total, c, x, y, dy, save_mean, save_invstd, coef,
+                                                                     dx, dresidual);
   SP_CUDA_CHECK_LAUNCH();
 }
 

@@ -1,67 +1,99 @@
 // Deterministic column reductions of a row-major [m, c] matrix in double (batch-norm
 // statistics, bias gradients), with no atomics, in two stages:
-//   1. column_partials_kernel: the rows are cut into chunks of chunk_rows rows; block
-//      (column group, chunk) gives each column kReduceRowLanes threads that sum every
-//      kReduceRowLanes-th row of the chunk, adds the lanes in lane order and writes
-//      partial[chunk][s * c + j] for each of the kSums sums s;
+//   1. column_partials_kernel: block (bx, by) of plan_column_reduce's grid (column_plan.h)
+//      sums rows [by * chunk_rows, ...) of its columns. Each thread adds its rows of its
+//      kChunkElems columns in row order; the row lanes of a warp are added by an xor butterfly,
+//      then the block's warps in warp order, and the block writes partial[by][s * c + j] for
+//      each of the kSums sums s;
 //   2. the caller's finalize kernel gives each column a warp, which adds that column's chunk
 //      partials with warp_sum_chunks and then computes whatever the op needs.
-// The chunking depends on m only, so the summation order is fixed by the shape.
+// The plan depends on (m, c) only, and the chunk loads (kVec) change how elements are read,
+// not the order they are added in: the sums are fixed by the shape.
 #pragma once
 
 #include <cstdint>
 
+#include "kernels/cuda/column_plan.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/storage.cuh"
 
 namespace sp::kernels::cuda::detail {
 
-constexpr int kReduceCols = 32;     // columns per block, one per lane: a warp reads 128 B of a row
-constexpr int kReduceRowLanes = 8;  // threads per column, each summing every 8th row
-constexpr int64_t kMinChunkRows = 256;
-constexpr int64_t kMaxChunks = 1024;  // bounds the finalize's work (32 chunks per lane)
-
-struct ReducePlan {
-  int64_t chunk_rows;
-  int chunks;
-};
-
-inline ReducePlan plan_column_reduce(int64_t m) {
-  const int64_t rows = std::max(kMinChunkRows, ceil_div(m, kMaxChunks));
-  return ReducePlan{rows, int(std::max<int64_t>(1, ceil_div(m, rows)))};
+// Row i's columns j0 .. j0 + kChunkElems - 1 of a row-major [., c] matrix: one chunk load
+// (kVec), or the first ncols one at a time and zeros after them.
+template <class S, bool kVec>
+__device__ __forceinline__ void load_row(const typename S::Storage* base, int64_t i, int c, int j0, int ncols,
+                                         float (&v)[kChunkElems]) {
+  const typename S::Storage* p = base + i * c + j0;
+  if constexpr (kVec)
+    S::load8(p, v);
+  else
+    load_elems_partial<S>(p, ncols, v);
 }
 
-// Term: __device__ void operator()(int64_t i, int j, double* acc) const, adding the
-// contributions of element (i, j) to acc[0..kSums).
-// (No __launch_bounds__: with it ptxas squeezes the two-sum instance into 32 registers and spills.)
-template <int kSums, class Term>
-__global__ void column_partials_kernel(int64_t m, int c, int64_t chunk_rows, Term term, double* partial) {
-  __shared__ double lanes[kSums][kReduceRowLanes][kReduceCols];
-  const int tx = int(threadIdx.x), ty = int(threadIdx.y);
-  const int j = int(blockIdx.x) * kReduceCols + tx;
-  const int64_t begin = int64_t(blockIdx.y) * chunk_rows;
-  const int64_t end = m < begin + chunk_rows ? m : begin + chunk_rows;
-  double acc[kSums] = {};
-  if (j < c)
-    for (int64_t i = begin + ty; i < end; i += kReduceRowLanes) term(i, j, acc);
+// Term: a reduction's reads and arithmetic.
+//   using Cols = ...;                                         per-thread column constants
+//   __device__ Cols columns(int j0, int ncols) const;          read once per thread (rows exist)
+//   template <bool kVec> __device__ void operator()(int64_t i, int j0, int ncols, const Cols&,
+//                                                   double (&acc)[kSums][kChunkElems]) const;
+// adds row i's contributions for columns j0 + e, e < ncols (kVec: ncols == kChunkElems and the
+// rows may be read with chunk loads); the entries e >= ncols must stay zero.
+template <int kSums, bool kVec, class Term>
+__global__ void __launch_bounds__(kReduceThreads)
+    column_partials_kernel(int64_t m, ColumnReducePlan plan, Term term, double* partial) {
+  __shared__ double warp_sums[kSums][kReduceWarps][kMaxColLanes * kChunkElems];
+  const int tid = int(threadIdx.x);
+  const ReduceSlice sl = reduce_slice(plan, m, int(blockIdx.x), int(blockIdx.y), tid);
+  double acc[kSums][kChunkElems];
 #pragma unroll
-  for (int s = 0; s < kSums; ++s) lanes[s][ty][tx] = acc[s];
+  for (int s = 0; s < kSums; ++s)
+#pragma unroll
+    for (int e = 0; e < kChunkElems; ++e) acc[s][e] = 0.0;
+  if (sl.ncols > 0 && sl.row_begin < sl.row_end) {
+    const typename Term::Cols cols = term.columns(sl.j0, sl.ncols);
+    for (int64_t i = sl.row_begin; i < sl.row_end; i += sl.row_step)
+      term.template operator()<kVec>(i, sl.j0, sl.ncols, cols, acc);
+  }
+  // Lanes l and l ^ o (o a multiple of col_lanes) hold the same columns: add them.
+  for (int o = plan.col_lanes; o < kWarpSize; o *= 2)
+#pragma unroll
+    for (int s = 0; s < kSums; ++s)
+#pragma unroll
+      for (int e = 0; e < kChunkElems; ++e) acc[s][e] += __shfl_xor_sync(kFullWarp, acc[s][e], o);
+  const int lane = tid % kWarpSize, warp = tid / kWarpSize;
+  if (lane < plan.col_lanes)
+#pragma unroll
+    for (int s = 0; s < kSums; ++s)
+#pragma unroll
+      for (int e = 0; e < kChunkElems; ++e) warp_sums[s][warp][lane * kChunkElems + e] = acc[s][e];
   __syncthreads();
-  if (ty != 0 || j >= c) return;
-#pragma unroll
-  for (int s = 0; s < kSums; ++s) {
+  const int cols = plan.cols_per_block();
+  for (int idx = tid; idx < kSums * cols; idx += kReduceThreads) {
+    const int s = idx / cols, col = idx % cols;
+    const int j = int(blockIdx.x) * cols + col;
+    if (j >= plan.c) continue;
     double total = 0.0;
-    for (int l = 0; l < kReduceRowLanes; ++l) total += lanes[s][l][tx];
-    partial[int64_t(blockIdx.y) * kSums * c + int64_t(s) * c + j] = total;
+#pragma unroll
+    for (int w = 0; w < kReduceWarps; ++w) total += warp_sums[s][w][col];
+    partial[int64_t(blockIdx.y) * kSums * plan.c + int64_t(s) * plan.c + j] = total;
   }
 }
 
+// Launches stage 1; vec: every row may be read in chunks (c % kChunkElems == 0 and the term's
+// pointers 16-byte aligned). partial holds plan.chunks * kSums * c doubles.
 template <int kSums, class Term>
-void column_partials(int64_t m, int c, const ReducePlan& plan, const Term& term, double* partial, cudaStream_t stream) {
-  const dim3 grid(unsigned(ceil_div(c, kReduceCols)), unsigned(plan.chunks));
-  const dim3 block(kReduceCols, kReduceRowLanes);
-  auto* kernel = &column_partials_kernel<kSums, Term>;
-  kernel<<<grid, block, 0, stream>>>(m, c, plan.chunk_rows, term, partial);
+void column_partials(int64_t m, const ColumnReducePlan& plan, const Term& term, bool vec, double* partial,
+                     cudaStream_t stream) {
+  const dim3 grid(unsigned(plan.col_blocks), unsigned(plan.chunks));
+  auto* kernel = vec ? &column_partials_kernel<kSums, true, Term> : &column_partials_kernel<kSums, false, Term>;
+  kernel<<<grid, kReduceThreads, 0, stream>>>(m, plan, term, partial);
   SP_CUDA_CHECK_LAUNCH();
+}
+
+// Whether rows of c columns can be read in chunks from these (16-byte aligned) pointers.
+template <class... P>
+inline bool chunk_loads_ok(int64_t c, const P*... p) {
+  return c % kChunkElems == 0 && all_aligned16(p...);
 }
 
 // ---- Finalize kernels: one warp per column ---------------------------------------------------

@@ -2,12 +2,15 @@
 // bf16), precision casts, the option-A shortcut, pooling, linear layers (GEMM + bias),
 // softmax cross-entropy and the multi-tensor SGD step.
 //
-// Pointwise kernels are grid-stride loops with one thread per element: each output element
-// has one writer, so in-place use (y aliasing x) is safe and results are deterministic.
+// Pointwise kernels are grid-stride loops in which a thread reads and writes eight elements at
+// a time with 16-byte accesses (single elements where a pointer is not 16-byte aligned): each
+// output element has one writer, which reads its inputs before writing it, so in-place use
+// (y aliasing x) is safe and results are deterministic.
 // Where the CPU reference computes an element in a particular order (pooling, the average
 // pool's double sum), the kernel uses the same order and matches it bit for bit.
 #include <cmath>
 
+#include "kernels/cuda/column_plan.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/storage.cuh"
@@ -18,51 +21,117 @@ namespace {
 using namespace detail;
 
 // ---- Pointwise -------------------------------------------------------------------------------
-// relu as "x < 0 ? 0 : x", like the CPU reference: a NaN passes through (and shows up in the loss).
-template <class S>
-__global__ void relu_forward_kernel(int64_t n, const typename S::Storage* x, typename S::Storage* y) {
-  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) {
-    const float v = S::load(x[i]);
-    y[i] = S::store(v < 0.f ? 0.f : v);
+// Each pointwise op comes as a pair of instances: kVec moves 16-byte chunks of kChunkElems
+// elements (every pointer 16-byte aligned), the other single elements. Both compute every element
+// with the same expression, so they give the same bits.
+
+// Grid-stride loop over n elements calling fn(i, Width<W>{}) for elements i .. i + W - 1: the
+// chunks, then the last n % kChunkElems elements one at a time (kVec); or every element alone.
+template <bool kVec, class Fn>
+__device__ __forceinline__ void for_each_element(int64_t n, const Fn& fn) {
+  int64_t rest = 0;
+  if constexpr (kVec) {
+    rest = n / kChunkElems * kChunkElems;
+    for (int64_t i = global_thread_index() * kChunkElems; i < rest; i += grid_stride() * kChunkElems)
+      fn(i, Width<kChunkElems>{});
   }
+  for (int64_t i = rest + global_thread_index(); i < n; i += grid_stride()) fn(i, Width<1>{});
 }
 
-template <class S>
+// relu as "x < 0 ? 0 : x", like the CPU reference: a NaN passes through (and shows up in the loss).
+template <class S, bool kVec>
+__global__ void relu_forward_kernel(int64_t n, const typename S::Storage* x, typename S::Storage* y) {
+  for_each_element<kVec>(n, [&](int64_t i, auto width) {
+    constexpr int W = decltype(width)::value;
+    float v[W];
+    load_elems<S, W>(x + i, v);
+#pragma unroll
+    for (int e = 0; e < W; ++e) v[e] = v[e] < 0.f ? 0.f : v[e];
+    store_elems<S, W>(y + i, v);
+  });
+}
+
+template <class S, bool kVec>
 __global__ void relu_backward_kernel(int64_t n, const typename S::Storage* y, const typename S::Storage* dy,
                                      typename S::Storage* dx) {
-  for (int64_t i = global_thread_index(); i < n; i += grid_stride())
-    dx[i] = S::store(S::load(y[i]) > 0.f ? S::load(dy[i]) : 0.f);
+  for_each_element<kVec>(n, [&](int64_t i, auto width) {
+    constexpr int W = decltype(width)::value;
+    float yv[W], g[W];
+    load_elems<S, W>(y + i, yv);
+    load_elems<S, W>(dy + i, g);
+#pragma unroll
+    for (int e = 0; e < W; ++e) g[e] = yv[e] > 0.f ? g[e] : 0.f;
+    store_elems<S, W>(dx + i, g);
+  });
 }
 
-template <class S>
+template <class S, bool kVec>
 __global__ void add_kernel(int64_t n, const typename S::Storage* a, const typename S::Storage* b,
                            typename S::Storage* y) {
-  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) y[i] = S::store(S::load(a[i]) + S::load(b[i]));
+  for_each_element<kVec>(n, [&](int64_t i, auto width) {
+    constexpr int W = decltype(width)::value;
+    float u[W], v[W];
+    load_elems<S, W>(a + i, u);
+    load_elems<S, W>(b + i, v);
+#pragma unroll
+    for (int e = 0; e < W; ++e) u[e] = u[e] + v[e];
+    store_elems<S, W>(y + i, u);
+  });
 }
 
-template <class S>
+template <class S, bool kVec>
 __global__ void scale_kernel(int64_t n, float alpha, const typename S::Storage* x, typename S::Storage* y) {
-  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) y[i] = S::store(alpha * S::load(x[i]));
+  for_each_element<kVec>(n, [&](int64_t i, auto width) {
+    constexpr int W = decltype(width)::value;
+    float v[W];
+    load_elems<S, W>(x + i, v);
+#pragma unroll
+    for (int e = 0; e < W; ++e) v[e] = alpha * v[e];
+    store_elems<S, W>(y + i, v);
+  });
 }
 
+template <bool kVec>
 __global__ void fill_kernel(int64_t n, float value, float* y) {
-  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) y[i] = value;
+  for_each_element<kVec>(n, [&](int64_t i, auto width) {
+    constexpr int W = decltype(width)::value;
+    float v[W];
+#pragma unroll
+    for (int e = 0; e < W; ++e) v[e] = value;
+    store_elems<F32, W>(y + i, v);
+  });
 }
 
-__global__ void f32_to_bf16_kernel(int64_t n, const float* x, uint16_t* y) {
-  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) y[i] = bf16_from_f32(x[i]);
+// Precision casts: S::load widens, S::store rounds (storage.cuh).
+template <class From, class To, bool kVec>
+__global__ void cast_kernel(int64_t n, const typename From::Storage* x, typename To::Storage* y) {
+  for_each_element<kVec>(n, [&](int64_t i, auto width) {
+    constexpr int W = decltype(width)::value;
+    float v[W];
+    load_elems<From, W>(x + i, v);
+    store_elems<To, W>(y + i, v);
+  });
 }
 
-__global__ void bf16_to_f32_kernel(int64_t n, const uint16_t* x, float* y) {
-  for (int64_t i = global_thread_index(); i < n; i += grid_stride()) y[i] = f32_from_bf16(x[i]);
-}
-
-// Launches a grid-stride kernel over n elements (nothing for n == 0).
+// Launches a grid-stride kernel over n elements (nothing for n == 0), one thread per element.
 template <class... Params, class... Args>
 void launch_elements(void (*kernel)(int64_t, Params...), int64_t n, cudaStream_t stream, Args... args) {
   SP_CHECK(n >= 0, "negative element count ", n);
   if (n == 0) return;
   kernel<<<element_blocks(n), kElementThreads, 0, stream>>>(n, args...);
+  SP_CUDA_CHECK_LAUNCH();
+}
+
+// Launches the chunked instance of a pointwise op when aligned, else the single-element one.
+template <class... Params, class... Args>
+void launch_pointwise(void (*chunked)(int64_t, Params...), void (*single)(int64_t, Params...), bool aligned,
+                      int64_t n, cudaStream_t stream, Args... args) {
+  SP_CHECK(n >= 0, "negative element count ", n);
+  if (n == 0) return;
+  if (aligned)
+    chunked<<<element_blocks(ceil_div(n, kChunkElems)), kElementThreads, 0, stream>>>(n, args...);
+  else
+    single<<<element_blocks(n), kElementThreads, 0, stream>>>(n, args...);
   SP_CUDA_CHECK_LAUNCH();
 }
 
@@ -310,6 +379,19 @@ struct SgdLaunch {
 // Kernel parameters are limited to 32764 bytes (sm_70+, CUDA 12.1+).
 static_assert(sizeof(SgdLaunch) <= 32764, "the SGD table must fit the kernel parameter limit");
 
+// One element's update, in the CPU reference's order (kernels/cpu/optim.cpp).
+__device__ __forceinline__ void sgd_update(float& param, float& mom, float grad, float lr, float mu, float wd, float gs,
+                                           bool nesterov) {
+  const float g = gs * grad + wd * param;
+  if (mu == 0.f) {
+    param -= lr * g;
+    return;
+  }
+  const float v = mu * mom + g;
+  mom = v;
+  param -= lr * (nesterov ? g + mu * v : v);
+}
+
 __global__ void __launch_bounds__(kSgdThreads) sgd_kernel(const __grid_constant__ SgdLaunch launch) {
   const int64_t block = blockIdx.x;
   int lo = 0, hi = launch.count - 1;  // the last tensor whose run starts at or before this block
@@ -323,16 +405,32 @@ __global__ void __launch_bounds__(kSgdThreads) sgd_kernel(const __grid_constant_
   const SgdEntry& t = launch.tensors[lo];
   const int64_t begin = (block - t.first_block) * kSgdElementsPerBlock;
   const int64_t end = t.size < begin + kSgdElementsPerBlock ? t.size : begin + kSgdElementsPerBlock;
-  const float lr = launch.lr_device ? *launch.lr_device : launch.lr, mu = launch.momentum, wd = launch.weight_decay, gs = launch.grad_scale;
-  for (int64_t i = begin + threadIdx.x; i < end; i += kSgdThreads) {
-    const float g = gs * t.grad[i] + wd * t.param[i];
-    if (mu == 0.f) {
-      t.param[i] -= lr * g;
-      continue;
+  const float lr = launch.lr_device ? *launch.lr_device : launch.lr, mu = launch.momentum,
+              wd = launch.weight_decay, gs = launch.grad_scale;
+  const bool nesterov = launch.nesterov != 0;
+  // 16-byte accesses where the tensor's arrays are aligned (begin is a multiple of 4 elements),
+  // then the last (end - begin) % 4 elements one at a time. momentum is not read when mu == 0.
+  int64_t rest = begin;
+  const uintptr_t bases = reinterpret_cast<uintptr_t>(t.param) | reinterpret_cast<uintptr_t>(t.grad) |
+                          (mu != 0.f ? reinterpret_cast<uintptr_t>(t.momentum) : 0);
+  if (bases % 16 == 0) {
+    rest = begin + (end - begin) / 4 * 4;
+    for (int64_t i = begin + 4 * int64_t(threadIdx.x); i < rest; i += 4 * kSgdThreads) {
+      float4 p = *reinterpret_cast<const float4*>(t.param + i);
+      const float4 g = *reinterpret_cast<const float4*>(t.grad + i);
+      float4 m = mu != 0.f ? *reinterpret_cast<const float4*>(t.momentum + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+      sgd_update(p.x, m.x, g.x, lr, mu, wd, gs, nesterov);
+      sgd_update(p.y, m.y, g.y, lr, mu, wd, gs, nesterov);
+      sgd_update(p.z, m.z, g.z, lr, mu, wd, gs, nesterov);
+      sgd_update(p.w, m.w, g.w, lr, mu, wd, gs, nesterov);
+      *reinterpret_cast<float4*>(t.param + i) = p;
+      if (mu != 0.f) *reinterpret_cast<float4*>(t.momentum + i) = m;
     }
-    const float v = mu * t.momentum[i] + g;
-    t.momentum[i] = v;
-    t.param[i] -= lr * (launch.nesterov ? g + mu * v : v);
+  }
+  for (int64_t i = rest + threadIdx.x; i < end; i += kSgdThreads) {
+    float m = mu != 0.f ? t.momentum[i] : 0.f;
+    sgd_update(t.param[i], m, t.grad[i], lr, mu, wd, gs, nesterov);
+    if (mu != 0.f) t.momentum[i] = m;
   }
 }
 
@@ -340,37 +438,43 @@ __global__ void __launch_bounds__(kSgdThreads) sgd_kernel(const __grid_constant_
 
 // ---- Pointwise -------------------------------------------------------------------------------
 void relu_forward(int64_t n, const float* x, float* y, cudaStream_t stream) {
-  launch_elements(relu_forward_kernel<F32>, n, stream, x, y);
+  launch_pointwise(relu_forward_kernel<F32, true>, relu_forward_kernel<F32, false>, all_aligned16(x, y), n, stream, x,
+                   y);
 }
 void relu_backward(int64_t n, const float* y, const float* dy, float* dx, cudaStream_t stream) {
-  launch_elements(relu_backward_kernel<F32>, n, stream, y, dy, dx);
+  launch_pointwise(relu_backward_kernel<F32, true>, relu_backward_kernel<F32, false>, all_aligned16(y, dy, dx), n,
+                   stream, y, dy, dx);
 }
 void add(int64_t n, const float* a, const float* b, float* y, cudaStream_t stream) {
-  launch_elements(add_kernel<F32>, n, stream, a, b, y);
+  launch_pointwise(add_kernel<F32, true>, add_kernel<F32, false>, all_aligned16(a, b, y), n, stream, a, b, y);
 }
 void scale(int64_t n, float alpha, const float* x, float* y, cudaStream_t stream) {
-  launch_elements(scale_kernel<F32>, n, stream, alpha, x, y);
+  launch_pointwise(scale_kernel<F32, true>, scale_kernel<F32, false>, all_aligned16(x, y), n, stream, alpha, x, y);
 }
-void fill(int64_t n, float value, float* y, cudaStream_t stream) { launch_elements(fill_kernel, n, stream, value, y); }
+void fill(int64_t n, float value, float* y, cudaStream_t stream) {
+  launch_pointwise(fill_kernel<true>, fill_kernel<false>, all_aligned16(y), n, stream, value, y);
+}
 
 void relu_forward_bf16(int64_t n, const uint16_t* x, uint16_t* y, cudaStream_t stream) {
-  launch_elements(relu_forward_kernel<BF16>, n, stream, x, y);
+  launch_pointwise(relu_forward_kernel<BF16, true>, relu_forward_kernel<BF16, false>, all_aligned16(x, y), n, stream,
+                   x, y);
 }
 void relu_backward_bf16(int64_t n, const uint16_t* y, const uint16_t* dy, uint16_t* dx, cudaStream_t stream) {
-  launch_elements(relu_backward_kernel<BF16>, n, stream, y, dy, dx);
+  launch_pointwise(relu_backward_kernel<BF16, true>, relu_backward_kernel<BF16, false>, all_aligned16(y, dy, dx), n,
+                   stream, y, dy, dx);
 }
 void add_bf16(int64_t n, const uint16_t* a, const uint16_t* b, uint16_t* y, cudaStream_t stream) {
-  launch_elements(add_kernel<BF16>, n, stream, a, b, y);
+  launch_pointwise(add_kernel<BF16, true>, add_kernel<BF16, false>, all_aligned16(a, b, y), n, stream, a, b, y);
 }
 void scale_bf16(int64_t n, float alpha, const uint16_t* x, uint16_t* y, cudaStream_t stream) {
-  launch_elements(scale_kernel<BF16>, n, stream, alpha, x, y);
+  launch_pointwise(scale_kernel<BF16, true>, scale_kernel<BF16, false>, all_aligned16(x, y), n, stream, alpha, x, y);
 }
 
 void f32_to_bf16(int64_t n, const float* x, uint16_t* y, cudaStream_t stream) {
-  launch_elements(f32_to_bf16_kernel, n, stream, x, y);
+  launch_pointwise(cast_kernel<F32, BF16, true>, cast_kernel<F32, BF16, false>, all_aligned16(x, y), n, stream, x, y);
 }
 void bf16_to_f32(int64_t n, const uint16_t* x, float* y, cudaStream_t stream) {
-  launch_elements(bf16_to_f32_kernel, n, stream, x, y);
+  launch_pointwise(cast_kernel<BF16, F32, true>, cast_kernel<BF16, F32, false>, all_aligned16(x, y), n, stream, x, y);
 }
 
 // ---- Shortcut and pooling --------------------------------------------------------------------

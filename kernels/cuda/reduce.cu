@@ -12,7 +12,15 @@ template <class S>
 struct SumTerm {
   const typename S::Storage* x;
   int c;
-  __device__ void operator()(int64_t i, int j, double* acc) const { acc[0] += S::load(x[i * c + j]); }
+  struct Cols {};
+  __device__ Cols columns(int, int) const { return {}; }
+  template <bool kVec>
+  __device__ void operator()(int64_t i, int j0, int ncols, const Cols&, double (&acc)[1][kChunkElems]) const {
+    float v[kChunkElems];
+    load_row<S, kVec>(x, i, c, j0, ncols, v);
+#pragma unroll
+    for (int e = 0; e < kChunkElems; ++e) acc[0][e] += double(v[e]);
+  }
 };
 
 __global__ void __launch_bounds__(kFinalizeThreads)
@@ -27,9 +35,9 @@ template <class S>
 void column_sums_impl(const char* op, int64_t m, int64_t c64, const typename S::Storage* x, float* out,
                       cudaStream_t stream) {
   const int c = checked_columns(op, c64);
-  const ReducePlan plan = plan_column_reduce(m);
+  const ColumnReducePlan plan = plan_column_reduce(m, c);
   Workspace partial(sizeof(double) * size_t(plan.chunks) * size_t(c), stream);
-  column_partials<1>(m, c, plan, SumTerm<S>{x, c}, partial.as<double>(), stream);
+  column_partials<1>(m, plan, SumTerm<S>{x, c}, chunk_loads_ok(c, x), partial.as<double>(), stream);
   column_sums_finalize_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(partial.as<double>(), plan.chunks, c,
                                                                                    out);
   SP_CUDA_CHECK_LAUNCH();
