@@ -5,6 +5,7 @@
 #include <cstring>
 #include <deque>
 
+#include "engine/op_profile.h"
 #include "kernels/common/error.h"
 #include "kernels/cpu/ops.h"
 
@@ -246,6 +247,7 @@ bool wgmma_available() {
 
 void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b, float beta,
           const Tensor& c) {
+  OpScope scope(s, "gemm", {&a, &b, &c});
   // Tensor cores for bf16 A and B, with C in f32 or bf16.
   const bool tc = native_bf16_tensor_core(s, {&a, &b}, {}) && c.defined() &&
                   (c.dtype() == DType::F32 || c.dtype() == DType::BF16);
@@ -300,6 +302,7 @@ Shape conv2d_output_shape(const Shape& x, const Shape& w, int stride, int pad) {
 
 void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, int stride,
                     int pad) {
+  OpScope scope(s, "conv2d_forward", {&x, &w});
   const bool tc = native_bf16_tensor_core(s, {&x, &w, &y}, {&bias});
   if (!tc && via_fp32(s, {&x, &w, &bias}, {&y}, [&](const auto& f32) {
         conv2d_forward(s, f32(x), f32(w), f32(bias), f32(y), stride, pad);
@@ -334,6 +337,7 @@ void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
 }
 
 void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Tensor& dx, int stride, int pad) {
+  OpScope scope(s, "conv2d_backward_data", {&dy, &w});
   const bool tc = native_bf16_tensor_core(s, {&dy, &w, &dx}, {});
   if (!tc && via_fp32(s, {&dy, &w}, {&dx}, [&](const auto& f32) {
         conv2d_backward_data(s, f32(dy), f32(w), f32(dx), stride, pad);
@@ -366,6 +370,7 @@ void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Te
 
 void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dw, const Tensor& dbias,
                             int stride, int pad) {
+  OpScope scope(s, "conv2d_backward_weight", {&x, &dy});
   const bool tc = native_bf16_tensor_core(s, {&x, &dy}, {&dw, &dbias});
   if (!tc && via_fp32(s, {&x, &dy}, {&dw, &dbias}, [&](const auto& f32) {
         conv2d_backward_weight(s, f32(x), f32(dy), f32(dw), f32(dbias), stride, pad);
@@ -417,6 +422,7 @@ std::pair<int64_t, int64_t> bn_dims(const OpCheck& chk, const Tensor& x, DType a
 void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                                 const Tensor& running_mean, const Tensor& running_var, const Tensor& y,
                                 const Tensor& save_mean, const Tensor& save_invstd, float eps, float momentum) {
+  OpScope scope(s, "batchnorm_forward_training", {&x});
   if (!native_bf16_batchnorm(s, {&x, &y}, {&gamma, &beta, &running_mean, &running_var, &save_mean, &save_invstd}) &&
       via_fp32(s, {&x, &gamma, &beta, &running_mean, &running_var},
                {&running_mean, &running_var, &y, &save_mean, &save_invstd}, [&](const auto& f32) {
@@ -458,6 +464,7 @@ void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma,
 
 void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                                  const Tensor& running_mean, const Tensor& running_var, const Tensor& y, float eps) {
+  OpScope scope(s, "batchnorm_forward_inference", {&x});
   if (!native_bf16_batchnorm(s, {&x, &y}, {&gamma, &beta, &running_mean, &running_var}) &&
       via_fp32(s, {&x, &gamma, &beta, &running_mean, &running_var}, {&y}, [&](const auto& f32) {
         batchnorm_forward_inference(s, f32(x), f32(gamma), f32(beta), f32(running_mean), f32(running_var), f32(y), eps);
@@ -495,6 +502,7 @@ void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma
 
 void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& gamma, const Tensor& save_mean,
                         const Tensor& save_invstd, const Tensor& dx, const Tensor& dgamma, const Tensor& dbeta) {
+  OpScope scope(s, "batchnorm_backward", {&x});
   if (!native_bf16_batchnorm(s, {&x, &dy, &dx}, {&gamma, &save_mean, &save_invstd, &dgamma, &dbeta}) &&
       via_fp32(s, {&x, &dy, &gamma, &save_mean, &save_invstd}, {&dx, &dgamma, &dbeta}, [&](const auto& f32) {
         batchnorm_backward(s, f32(x), f32(dy), f32(gamma), f32(save_mean), f32(save_invstd), f32(dx), f32(dgamma),
@@ -537,6 +545,7 @@ void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tenso
                                          const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
                                          const Tensor& y, const Tensor& save_mean, const Tensor& save_invstd,
                                          float eps, float momentum) {
+  OpScope scope(s, "batchnorm_add_relu_forward_training", {&x, &residual});
   if (!native_bf16_batchnorm(s, {&x, &residual, &y}, {&gamma, &beta, &running_mean, &running_var, &save_mean,
       &save_invstd}) &&
       via_fp32(s, {&x, &residual, &gamma, &beta, &running_mean, &running_var},
@@ -583,6 +592,7 @@ void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tenso
 void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tensor& residual, const Tensor& gamma,
                                           const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
                                           const Tensor& y, float eps) {
+  OpScope scope(s, "batchnorm_add_relu_forward_inference", {&x, &residual});
   if (!native_bf16_batchnorm(s, {&x, &residual, &y}, {&gamma, &beta, &running_mean, &running_var}) &&
       via_fp32(s, {&x, &residual, &gamma, &beta, &running_mean, &running_var}, {&y}, [&](const auto& f32) {
         batchnorm_add_relu_forward_inference(s, f32(x), f32(residual), f32(gamma), f32(beta), f32(running_mean),
@@ -624,6 +634,7 @@ void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tens
 void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, const Tensor& dy, const Tensor& gamma,
                                  const Tensor& save_mean, const Tensor& save_invstd, const Tensor& dx,
                                  const Tensor& dresidual, const Tensor& dgamma, const Tensor& dbeta) {
+  OpScope scope(s, "batchnorm_add_relu_backward", {&x, &dresidual});
   if (!native_bf16_batchnorm(s, {&x, &y, &dy, &dx, &dresidual}, {&gamma, &save_mean, &save_invstd, &dgamma, &dbeta}) &&
       via_fp32(s, {&x, &y, &dy, &gamma, &save_mean, &save_invstd},
                {&dx, &dresidual, &dgamma, &dbeta}, [&](const auto& f32) {
@@ -668,6 +679,7 @@ void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, co
 }
 
 void relu_forward(Stream& s, const Tensor& x, const Tensor& y) {
+  OpScope scope(s, "relu_forward", {&x});
   if (!native_bf16_elementwise(s, {&x, &y}) && via_fp32(s, {&x}, {&y}, [&](const auto& f32) {
         relu_forward(s, f32(x), f32(y));
       }))
@@ -693,6 +705,7 @@ void relu_forward(Stream& s, const Tensor& x, const Tensor& y) {
 }
 
 void relu_backward(Stream& s, const Tensor& y, const Tensor& dy, const Tensor& dx) {
+  OpScope scope(s, "relu_backward", {&dy});
   if (!native_bf16_elementwise(s, {&y, &dy, &dx}) && via_fp32(s, {&y, &dy}, {&dx}, [&](const auto& f32) {
         relu_backward(s, f32(y), f32(dy), f32(dx));
       }))
@@ -720,6 +733,7 @@ void relu_backward(Stream& s, const Tensor& y, const Tensor& dy, const Tensor& d
 }
 
 void add(Stream& s, const Tensor& a, const Tensor& b, const Tensor& y) {
+  OpScope scope(s, "add", {&a});
   if (!native_bf16_elementwise(s, {&a, &b, &y}) && via_fp32(s, {&a, &b}, {&y}, [&](const auto& f32) {
         add(s, f32(a), f32(b), f32(y));
       }))
@@ -747,6 +761,7 @@ void add(Stream& s, const Tensor& a, const Tensor& b, const Tensor& y) {
 }
 
 void scale(Stream& s, float alpha, const Tensor& x, const Tensor& y) {
+  OpScope scope(s, "scale", {&x});
   if (!native_bf16_elementwise(s, {&x, &y}) && via_fp32(s, {&x}, {&y}, [&](const auto& f32) {
         scale(s, alpha, f32(x), f32(y));
       }))
@@ -772,6 +787,7 @@ void scale(Stream& s, float alpha, const Tensor& x, const Tensor& y) {
 }
 
 void fill(Stream& s, const Tensor& t, float value) {
+  OpScope scope(s, "fill", {&t});
   OpCheck chk("fill", s);
   chk.tensor(t, "t", DType::F32);
   if (on_cpu(s)) {
@@ -789,6 +805,7 @@ void fill(Stream& s, const Tensor& t, float value) {
 }
 
 void copy(Stream& s, const Tensor& src, const Tensor& dst) {
+  OpScope scope(s, "copy", {&src, &dst});
   OpCheck chk("copy", s);
   chk.require(src.defined() && dst.defined(), "src and dst must be defined");
   chk.require(src.dtype() == dst.dtype() && src.numel() == dst.numel(),
@@ -809,6 +826,7 @@ void copy(Stream& s, const Tensor& src, const Tensor& dst) {
 }
 
 void cast(Stream& s, const Tensor& src, const Tensor& dst) {
+  OpScope scope(s, "cast", {&src, &dst});
   OpCheck chk("cast", s);
   chk.require(src.defined() && dst.defined(), "src and dst must be defined");
   chk.require(src.device() == s.device() && dst.device() == s.device(),
@@ -837,6 +855,7 @@ void cast(Stream& s, const Tensor& src, const Tensor& dst) {
 }
 
 void shortcut_a_forward(Stream& s, const Tensor& x, const Tensor& y, int stride) {
+  OpScope scope(s, "shortcut_a_forward", {&x, &y});
   if (via_fp32(s, {&x}, {&y}, [&](const auto& f32) {
         shortcut_a_forward(s, f32(x), f32(y), stride);
       }))
@@ -860,6 +879,7 @@ void shortcut_a_forward(Stream& s, const Tensor& x, const Tensor& y, int stride)
 }
 
 void shortcut_a_backward(Stream& s, const Tensor& dy, const Tensor& dx, int stride) {
+  OpScope scope(s, "shortcut_a_backward", {&dy, &dx});
   if (via_fp32(s, {&dy}, {&dx}, [&](const auto& f32) {
         shortcut_a_backward(s, f32(dy), f32(dx), stride);
       }))
@@ -892,6 +912,7 @@ Pool2dShape pool_shape(const OpCheck& chk, const Tensor& x, int window, int stri
 }  // namespace
 
 void maxpool2d_forward(Stream& s, const Tensor& x, const Tensor& y, int window, int stride, int pad) {
+  OpScope scope(s, "maxpool2d_forward", {&x, &y});
   if (via_fp32(s, {&x}, {&y}, [&](const auto& f32) {
         maxpool2d_forward(s, f32(x), f32(y), window, stride, pad);
       }))
@@ -914,6 +935,7 @@ void maxpool2d_forward(Stream& s, const Tensor& x, const Tensor& y, int window, 
 
 void maxpool2d_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dx, int window, int stride,
                         int pad) {
+  OpScope scope(s, "maxpool2d_backward", {&x, &dx});
   if (via_fp32(s, {&x, &dy}, {&dx}, [&](const auto& f32) {
         maxpool2d_backward(s, f32(x), f32(dy), f32(dx), window, stride, pad);
       }))
@@ -937,6 +959,7 @@ void maxpool2d_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tens
 }
 
 void global_avgpool_forward(Stream& s, const Tensor& x, const Tensor& y) {
+  OpScope scope(s, "global_avgpool_forward", {&x});
   if (via_fp32(s, {&x}, {&y}, [&](const auto& f32) {
         global_avgpool_forward(s, f32(x), f32(y));
       }))
@@ -958,6 +981,7 @@ void global_avgpool_forward(Stream& s, const Tensor& x, const Tensor& y) {
 }
 
 void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx) {
+  OpScope scope(s, "global_avgpool_backward", {&dx});
   if (via_fp32(s, {&dy}, {&dx}, [&](const auto& f32) {
         global_avgpool_backward(s, f32(dy), f32(dx));
       }))
@@ -979,6 +1003,7 @@ void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx) {
 }
 
 void linear_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y) {
+  OpScope scope(s, "linear_forward", {&x, &w});
   if (via_fp32(s, {&x, &w, &b}, {&y}, [&](const auto& f32) {
         linear_forward(s, f32(x), f32(w), f32(b), f32(y));
       }))
@@ -1009,6 +1034,7 @@ void linear_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
 
 void linear_backward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& dy, const Tensor& dx,
                      const Tensor& dw, const Tensor& db) {
+  OpScope scope(s, "linear_backward", {&x, &w});
   if (via_fp32(s, {&x, &w, &dy}, {&dx, &dw, &db}, [&](const auto& f32) {
         linear_backward(s, f32(x), f32(w), f32(dy), f32(dx), f32(dw), f32(db));
       }))
@@ -1040,6 +1066,7 @@ void linear_backward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& 
 
 void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels, float smoothing, const Tensor& loss,
                            const Tensor& dlogits, const Tensor& correct) {
+  OpScope scope(s, "softmax_cross_entropy", {&logits});
   if (via_fp32(s, {&logits}, {&loss, &dlogits}, [&](const auto& f32) {
         softmax_cross_entropy(s, f32(logits), labels, smoothing, f32(loss), f32(dlogits), correct);
       }))
@@ -1075,6 +1102,7 @@ void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels
 
 void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
               const std::vector<Tensor>& momenta, const SgdParams& config, const Tensor& lr) {
+  OpScope scope(s, "sgd_step", {});
   OpCheck chk("sgd_step", s);
   SgdParams p = config;
   if (lr.defined()) {

@@ -348,6 +348,29 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   EXPECT_EQ(replayed.replayed_units, replayed.units);
   c.graphs = false;
 
+  // --profile-ops: the device time of every op over one more step, beside the timed ones.
+  c.method = "backprop";
+  c.split = 1;
+  c.profile_ops = 2;
+  const train::BenchResult profiled = train::run_bench(c);
+  EXPECT_GT(profiled.profiled_wall_ms, 0);
+  int64_t convs = 0, sgd_steps = 0;
+  double op_ms = 0;
+  for (const OpTime& t : profiled.op_times) {
+    if (t.op == "conv2d_forward") convs += t.calls;
+    if (t.op == "sgd_step") sgd_steps += t.calls;
+    op_ms += t.ms;
+  }
+  EXPECT_EQ(convs, 19 * c.profile_ops);  // ResNet-20: the stem and 18 block convolutions (option-A shortcuts)
+  EXPECT_EQ(sgd_steps, c.profile_ops);   // one multi-tensor launch per step
+  EXPECT_LE(op_ms, profiled.profiled_wall_ms * 1.001);
+  EXPECT_NE(profiled.json().find("\"op_profile\":[{\"op\":"), std::string::npos);
+  EXPECT_EQ(bp.json().find("op_profile"), std::string::npos);
+  c.graphs = true;
+  EXPECT_THROW(train::run_bench(c), Error);  // replays issue no ops to time
+  c.graphs = false;
+  c.profile_ops = 0;
+
   c.method = "pipedream";
   EXPECT_THROW(train::run_bench(c), Error);
   c.method = "backprop";

@@ -52,6 +52,20 @@ std::string json_num(double v) {
 
 }  // namespace
 
+// ,"profile_steps":N,"profile_wall_ms":W,"op_profile":[{"op":..,"shapes":..,"calls":..,"ms":..},..]
+// when ops were profiled, else nothing.
+std::string BenchResult::op_profile_json() const {
+  if (config.profile_ops <= 0) return "";
+  std::string out = ",\"profile_steps\":" + std::to_string(config.profile_ops) +
+                    ",\"profile_wall_ms\":" + json_num(profiled_wall_ms) + ",\"op_profile\":[";
+  for (size_t i = 0; i < op_times.size(); ++i) {
+    const OpTime& t = op_times[i];
+    out += std::string(i ? "," : "") + "{\"op\":" + json_str(t.op) + ",\"shapes\":" + json_str(t.shapes) +
+           ",\"calls\":" + std::to_string(t.calls) + ",\"ms\":" + json_num(t.ms) + "}";
+  }
+  return out + "]";
+}
+
 std::string BenchResult::json() const {
   const BenchConfig& c = config;
   std::string busy = "[", cut_list = "[";
@@ -70,7 +84,7 @@ std::string BenchResult::json() const {
          ",\"weight_stash\":" + (c.weight_stash ? "true" : "false") + ",\"graphs\":" + (c.graphs ? "true" : "false") +
          ",\"graph_memory\":" + json_str(c.graphs ? c.graph_memory : "") +
          ",\"warmup_run\":" + std::to_string(warmup) + ",\"units\":" + std::to_string(units) +
-         ",\"replayed_units\":" + std::to_string(replayed_units) + "}";
+         ",\"replayed_units\":" + std::to_string(replayed_units) + op_profile_json() + "}";
 }
 
 BenchResult run_bench(const BenchConfig& cfg) {
@@ -80,6 +94,9 @@ BenchResult run_bench(const BenchConfig& cfg) {
            cfg.graph_memory, "'");
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
            cfg.kernels, "'");
+  SP_CHECK(cfg.profile_ops >= 0, "--profile-ops must not be negative");
+  SP_CHECK(cfg.profile_ops == 0 || !cfg.graphs,
+           "--profile-ops times the ops issued one by one, and graph replays issue none: drop --graphs");
   const Device dev = Device::parse(cfg.device);
   require_device(dev);
   SP_CHECK(cfg.kernels == "custom" || dev.is_cuda(), "--kernels vendor selects cuBLAS/cuDNN and needs --device cuda");
@@ -125,6 +142,13 @@ BenchResult run_bench(const BenchConfig& cfg) {
     const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
     r.images_per_s = double(cfg.steps * cfg.batch_size) / (ms / 1e3);
     r.ms_per_step = ms / double(cfg.steps);
+    if (cfg.profile_ops > 0) {
+      OpProfile profile;
+      const auto p0 = Clock::now();
+      run(cfg.profile_ops);
+      r.profiled_wall_ms = std::chrono::duration<double, std::milli>(Clock::now() - p0).count();
+      r.op_times = profile.collect();
+    }
   } else {
     PipelineConfig pc;
     pc.method = parse_pipeline_method(method);
@@ -180,6 +204,11 @@ BenchResult run_bench(const BenchConfig& cfg) {
     r.ticks = st.ticks;
     for (double b : st.busy_ms) r.busy_pct.push_back(100.0 * b / st.wall_ms);
     r.peak_activation_bytes = st.peak_saved_bytes;
+    if (cfg.profile_ops > 0) {
+      OpProfile profile;
+      r.profiled_wall_ms = epoch(cfg.profile_ops).wall_ms;
+      r.op_times = profile.collect();
+    }
   }
   const AllocatorStats mem = alloc.stats();
   r.peak_allocated_bytes = mem.peak_allocated_bytes;

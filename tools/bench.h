@@ -5,12 +5,15 @@
 // `warmup` untimed steps, then `steps` timed ones: images/s over the timed steps, the peak
 // device memory they reached, and for the decoupled methods each module's busy share of the
 // wall time (time its stream spent computing, from device events) and the activation memory
-// kept for batches in flight.
+// kept for batches in flight. Optionally, more steps after the timed ones with the device time
+// of every op recorded (--profile-ops).
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <vector>
+
+#include "engine/op_profile.h"
 
 namespace sp::train {
 
@@ -39,6 +42,9 @@ struct BenchConfig {
   // captured unit kept until it runs again); PipelineConfig::plan_graph_memory.
   std::string graph_memory = "planned";
   uint64_t seed = 0;
+  // After the timed steps, this many more with every op timed by device events (OpProfile,
+  // engine/op_profile.h); 0: none. Not with graphs (replays run no ops one by one).
+  int64_t profile_ops = 0;
 };
 
 struct BenchResult {
@@ -55,8 +61,13 @@ struct BenchResult {
   int64_t units = 0, replayed_units = 0;  // --graphs: module units of the timed steps, and how many were replays
   std::string device_name;
   std::string mainloop;  // the bf16 tensor-core main loop in effect on a GPU, "none" on the CPU
+  // profile_ops > 0: the device time of each (op, shapes) summed over the profiled steps, most
+  // expensive first, and the wall time of those steps.
+  std::vector<OpTime> op_times;
+  double profiled_wall_ms = 0;
 
   std::string json() const;  // one line, no newline
+  std::string op_profile_json() const;
 };
 
 BenchResult run_bench(const BenchConfig& cfg);

@@ -11,7 +11,8 @@
 #      batch-norm, pointwise and SGD kernels (SAN_CAP seconds each, default 55);
 #   4. wait for the accuracy run, so that nothing shares the GPU with the measurements;
 #   5. gpu_bench.sh stage 1 for the bandwidth-bound kernels (batch norm, pointwise, SGD against
-#      the copy), then stage 5 (the main loops, and the bf16 data gradient per layer in four forms:
+#      the copy), the device time per op of ResNet-56 and ResNet-18 training steps
+#      (staleprop bench --profile-ops), then stage 5 (the main loops, and the bf16 data gradient per layer in four forms:
 #      direct or by stride class, the filter gathered or transposed), then
 #      stage 4 (CUDA graphs) as time allows;
 #   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace);
@@ -81,6 +82,16 @@ fi
 log "gpu_bench stage 1: the bandwidth-bound kernels against the copy"
 STAGES=1 BENCH_FAMILIES="bn bn_add_relu elementwise sgd" MIN_TIME=0.02 timeout $(( $(left) - 60 )) tools/gpu_bench.sh |
   tee -a "$OUT/session.txt"
+# Where the training step's time goes (#4's missed throughput targets): the device time of every
+# op over 5 steps (--profile-ops), ResNet-56 at batch 128 and ResNet-18 at batch 512.
+for cfg in "resnet56 128 fp32" "resnet56 128 bf16" "resnet18 512 bf16"; do
+  set -- $cfg
+  [ "$(left)" -gt 120 ] || break
+  log "op profile: $1 batch $2 $3"
+  timeout 60 build-gpu/tools/staleprop bench --device cuda --model "$1" --batch-size "$2" --precision "$3" \
+    --steps 10 --warmup 5 --profile-ops 5 --json "$OUT/op-profile.jsonl" >> "$OUT/op-profile.txt" 2>&1
+  log "op profile exit $?"
+done
 log "gpu_bench stage 5"
 STAGES=5 MIN_TIME=0.02 timeout $(( $(left) - 40 )) tools/gpu_bench.sh | tee -a "$OUT/session.txt"
 log "gpu_bench stage 4"

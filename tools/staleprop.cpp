@@ -368,6 +368,7 @@ int bench_main(int argc, char** argv) {
       {"shrink", "BETA", "gradient shrink factor (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used", [&](const std::string&) { c.weight_stash = true; }},
+      {"profile-ops", "N", "after the timed steps, run N more with each op timed by device events and print the time per op and per shape (slower: two event records per op; not with --graphs; default 0)", [&](const std::string& v) { c.profile_ops = std::stoll(v); }},
   };
   flags.insert(flags.end(), more.begin(), more.end());
   if (!parse_flags("bench", "Measures training throughput (images/s), peak device memory and, for the decoupled methods,\nper-module busy time, on random CIFAR-shaped batches resident on the device (as\nbench/pytorch_baseline.py does), after untimed warm-up steps.", flags, argc, argv)) return 0;
@@ -382,6 +383,11 @@ int bench_main(int argc, char** argv) {
     std::printf(", %lld of %lld module units replayed from graphs (%lld warm-up steps)", (long long)r.replayed_units,
                 (long long)r.units, (long long)r.warmup);
   std::printf("\n");
+  if (c.profile_ops > 0) {
+    std::printf("%lld profiled steps: %.3f ms per step of wall time; ", (long long)c.profile_ops,
+                r.profiled_wall_ms / double(c.profile_ops));
+    std::fputs(sp::format_op_profile(r.op_times, c.profile_ops).c_str(), stdout);
+  }
   emit_json(json, r);
   return 0;
 }

@@ -1,0 +1,126 @@
+// The per-op device-time profile (engine/op_profile.h) on the CPU emulation: which calls it
+// records and how it attributes time. (On a GPU the same code records CUDA events.)
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "engine/op_profile.h"
+#include "engine/ops.h"
+#include "engine/stream.h"
+#include "engine/tensor.h"
+#include "kernels/common/error.h"
+#include "tests/gpu_testing.h"
+
+using namespace sp;
+
+namespace {
+
+const OpTime* find(const std::vector<OpTime>& times, const std::string& op, const std::string& shapes = "") {
+  for (const OpTime& t : times)
+    if (t.op == op && (shapes.empty() || t.shapes == shapes)) return &t;
+  return nullptr;
+}
+
+double total_ms(const std::vector<OpTime>& times) {
+  double ms = 0;
+  for (const OpTime& t : times) ms += t.ms;
+  return ms;
+}
+
+TEST(OpProfile, CountsEachOpPerShapeAndTimesItOnItsStream) {
+  auto s = make_stream(Device::cpu());
+  const Tensor x = test::host_tensor({8, 32, 32, 64}, 1), w = test::host_tensor({64, 3, 3, 64}, 2);
+  const Tensor y = Tensor::empty({8, 32, 32, 64}, DType::F32), small = Tensor::empty({10}, DType::F32);
+  const Tensor x2 = test::host_tensor({2, 8, 8, 64}, 3), y2 = Tensor::empty({2, 8, 8, 64}, DType::F32);
+
+  ops::fill(*s, small, 1.f);  // before the profile: not recorded
+  OpProfile profile;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < 3; ++i) {
+    ops::conv2d_forward(*s, x, w, Tensor(), y, 1, 1);
+    ops::fill(*s, small, 2.f);
+  }
+  ops::conv2d_forward(*s, x2, w, Tensor(), y2, 1, 1);
+  const std::vector<OpTime> times = profile.collect();
+  const double wall = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+
+  ASSERT_EQ(times.size(), 3u);  // two conv shapes and the fill
+  const OpTime* big = find(times, "conv2d_forward", "f32 [8,32,32,64] [64,3,3,64]");
+  const OpTime* little = find(times, "conv2d_forward", "f32 [2,8,8,64] [64,3,3,64]");
+  const OpTime* fill = find(times, "fill");
+  ASSERT_NE(big, nullptr);
+  ASSERT_NE(little, nullptr);
+  ASSERT_NE(fill, nullptr);
+  EXPECT_EQ(big->calls, 3);
+  EXPECT_EQ(little->calls, 1);
+  EXPECT_EQ(fill->calls, 3);
+  EXPECT_EQ(fill->shapes, "f32 [10]");
+  // Most expensive first; the 1.2 GFLOP convolutions dwarf a 10-element fill and the 16x
+  // smaller convolution.
+  EXPECT_EQ(&times[0], big);
+  EXPECT_GT(big->ms, 20 * fill->ms);
+  EXPECT_GT(big->ms / 3, 4 * little->ms);
+  // One stream runs one op at a time: the op times fit in the wall time of the work.
+  EXPECT_LE(total_ms(times), wall * 1.001 + 0.01);
+  EXPECT_GT(total_ms(times), 0.5 * wall) << "the stream was busy with the convolutions most of the time";
+  // collect() consumed the calls.
+  EXPECT_TRUE(profile.collect().empty());
+}
+
+TEST(OpProfile, TimesOnlyTheOutermostOpAndNothingWithoutAProfile) {
+  auto s = make_stream(Device::cpu());
+  // bf16 relu on the CPU runs the fp32 kernel between widening and rounding casts: one call.
+  const Tensor a = Tensor::empty({4, 8}, DType::BF16), b = Tensor::empty({4, 8}, DType::BF16);
+  ops::fill(*s, Tensor::empty({1}, DType::F32), 0.f);
+  {
+    OpProfile profile;
+    ops::relu_forward(*s, a, b);
+    const std::vector<OpTime> times = profile.collect();
+    ASSERT_EQ(times.size(), 1u);
+    EXPECT_EQ(times[0].op, "relu_forward");
+    EXPECT_EQ(times[0].shapes, "bf16 [4,8]");
+    EXPECT_EQ(times[0].calls, 1);
+  }
+  // After the profile: nothing is recorded, and a new profile starts empty.
+  ops::relu_forward(*s, a, b);
+  OpProfile again;
+  EXPECT_TRUE(again.collect().empty());
+  // Only one profile at a time.
+  EXPECT_THROW({ OpProfile second; }, Error);
+}
+
+TEST(OpProfile, RecordsNothingWhileAStreamCaptures) {
+  auto s = make_stream(Device::cpu());
+  const Tensor t = Tensor::empty({16}, DType::F32);
+  OpProfile profile;
+  s->begin_capture();
+  ops::fill(*s, t, 3.f);
+  std::unique_ptr<Graph> g = s->end_capture();
+  g->launch(*s);
+  ops::scale(*s, 2.f, t, t);
+  const std::vector<OpTime> times = profile.collect();
+  s->synchronize();
+  ASSERT_EQ(times.size(), 1u);
+  EXPECT_EQ(times[0].op, "scale");
+  EXPECT_EQ(test::host_values(t)[0], 6.f);
+}
+
+TEST(OpProfile, FormatsTotalsPerOpAndTheMostExpensiveShapes) {
+  const std::vector<OpTime> times = {{"conv2d_forward", "f32 [8,32,32,16] [16,3,3,16]", 6, 30.0},
+                                     {"batchnorm_backward", "f32 [8,32,32,16]", 4, 12.0},
+                                     {"conv2d_forward", "f32 [8,8,8,64] [64,3,3,64]", 2, 6.0},
+                                     {"fill", "f32 [10]", 2, 2.0}};
+  const std::string text = format_op_profile(times, 2, 2);
+  // Per op: 36 ms over 2 steps is 18 ms per step, 72% of the 50 ms summed.
+  EXPECT_NE(text.find("op time: 25.000 ms per step over 2 steps"), std::string::npos) << text;
+  EXPECT_NE(text.find("   18.000   72.0%       4.0  conv2d_forward\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("    6.000   24.0%       2.0  batchnorm_backward\n"), std::string::npos) << text;
+  // The top 2 shapes only.
+  EXPECT_NE(text.find("conv2d_forward f32 [8,32,32,16] [16,3,3,16]"), std::string::npos) << text;
+  EXPECT_NE(text.find("batchnorm_backward f32 [8,32,32,16]"), std::string::npos) << text;
+  EXPECT_EQ(text.find("[8,8,8,64]"), std::string::npos) << text;
+}
+
+}  // namespace
