@@ -305,6 +305,7 @@ TEST_F(CudaOps, BatchNormOnResNetAndAwkwardShapes) {
   check_batchnorm(stream_, 7, 37, 0.f, 540);        // c past one column group, not a multiple of 32
   check_batchnorm(stream_, 300001, 3, 0.f, 550);    // many row chunks (more than the chunk cap)
   check_batchnorm(stream_, 200003, 64, 0.f, 555);   // 16-byte chunks, rows past the chunk cap
+  check_batchnorm(stream_, 300001, 64, 0.f, 558);   // more chunks than one pass of the largest grid
   check_batchnorm(stream_, 1000, 24, 0.f, 556);     // 16-byte chunks, a column lane idle
   check_batchnorm(stream_, 5, 264, 0.f, 557);       // two column blocks, the second nearly empty
   // |mean| >> std: the kernel's one-pass variance is of moments shifted by the channel's first
@@ -476,7 +477,8 @@ std::vector<float> with_specials(std::vector<float> v) {
 }
 
 TEST_F(CudaOps, PointwiseOpsMatchBitForBit) {
-  for (int64_t n : {int64_t(1), int64_t(1000), int64_t(3) * 1024 * 1024 + 7}) {
+  // The last size takes the chunked kernels' grid-stride loop round more than once.
+  for (int64_t n : {int64_t(1), int64_t(1000), int64_t(3) * 1024 * 1024 + 7, (int64_t(1) << 24) + 8 * 1000 + 5}) {
     const std::string what = " n = " + std::to_string(n);
     const std::vector<float> a = with_specials(random_vector(size_t(n), 600)), b = random_vector(size_t(n), 601);
     DeviceArray<float> da(a), db(b), dout(a.size());

@@ -84,7 +84,8 @@ __device__ __forceinline__ void store_elems(typename S::Storage* p, const float 
   }
 }
 
-// The first n < 8 elements of a chunk one at a time, the rest zero (a chunk cut at the row end).
+// The first n <= 8 elements of a chunk one at a time and zeros after them (a chunk cut at the
+// row end, or any chunk on the single-element path).
 template <class S>
 __device__ __forceinline__ void load_elems_partial(const typename S::Storage* p, int n, float (&v)[8]) {
 #pragma unroll
