@@ -5,7 +5,8 @@
 A measuring stick for `staleprop train`'s test accuracy, not part of the engine. It reads the
 CIFAR-10 binary files staleprop reads, normalises with the per-channel mean and standard
 deviation of the training images (as staleprop does), augments by a random 32x32 crop of the
-image zero-padded by 4 (black, before normalising) and a horizontal flip, reshuffles every
+image zero-padded by 4 (black, before normalising) and a horizontal flip (and --cutout's square,
+zeroed after normalising), reshuffles every
 epoch, and trains with SGD and staleprop's learning-rate schedules (per step: linear warm-up,
 then constant, multistep at fractions of the run, cosine, or onecycle's linear decay). The
 model is bench/pytorch_baseline.py's. The dataset lives on the GPU. One JSON line per epoch:
@@ -67,6 +68,8 @@ def main():
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile(mode='reduce-overhead'): CUDA graphs, so a long run is not launch-bound")
+    ap.add_argument("--cutout", type=int, default=0,
+                    help="zero a square of this side centred on a random pixel after normalising (as staleprop)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--metrics", help="append the JSON lines to this file too")
     a = ap.parse_args()
@@ -102,6 +105,14 @@ def main():
         flip = torch.rand(b, device=dev) < 0.5
         return torch.where(flip[:, None, None, None], out.flip(3), out)
 
+    def cutout(x, side):  # x: normalised [B,3,32,32]; rows/cols c - side // 2 .. c - side // 2 + side - 1
+        b = x.shape[0]
+        cy = torch.randint(0, 32, (b,), device=dev)[:, None]
+        cx = torch.randint(0, 32, (b,), device=dev)[:, None]
+        ry = (ar[None, :] >= cy - side // 2) & (ar[None, :] < cy - side // 2 + side)
+        rx = (ar[None, :] >= cx - side // 2) & (ar[None, :] < cx - side // 2 + side)
+        return x.masked_fill((ry[:, :, None] & rx[:, None, :])[:, None], 0.0)
+
     model = build(a.model).to(dev).to(memory_format=fmt)
     net = torch.compile(model, mode="reduce-overhead") if a.compile else model
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
@@ -120,6 +131,8 @@ def main():
         for i in range(steps_per_epoch):
             idx = perm[i * a.batch_size:(i + 1) * a.batch_size]
             x, y = prep(augment(xtr[idx])), ytr[idx]
+            if a.cutout > 0:
+                x = cutout(x, a.cutout)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, a, total, warmup)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.bf16):

@@ -332,6 +332,61 @@ TEST(Cifar10Augment, SampledParametersCoverThePaddingUniformly) {
   EXPECT_LT(same_as_epoch1, n / 50);  // chance agreement is 1/162
 }
 
+TEST(Cifar10Augment, CutoutZeroesTheClippedSquareAfterNormalisation) {
+  std::vector<uint8_t> img(3072);
+  for (size_t i = 0; i < img.size(); ++i) img[i] = uint8_t(i * 7 % 251 + 1);
+  const auto& nm = kCifar10Normalization;
+  std::vector<float> plain(3072), cut(3072);
+  // Every side (odd and even) and centre, against the square spelled out: rows and columns
+  // centre - side / 2 .. centre - side / 2 + side - 1, clipped; everything else as without it.
+  for (int side : {1, 8, 16, 17, 32})
+    for (int cy : {0, 5, 16, 31})
+      for (int cx : {0, 2, 15, 31}) {
+        Augmentation a{2, 6, true};
+        augment_normalize(img.data(), a, nm, plain.data());
+        a.cutout = side, a.cutout_y = cy, a.cutout_x = cx;
+        augment_normalize(img.data(), a, nm, cut.data());
+        int zeroed = 0;
+        for (int y = 0; y < 32; ++y)
+          for (int x = 0; x < 32; ++x) {
+            const bool inside = y >= cy - side / 2 && y < cy - side / 2 + side && x >= cx - side / 2 &&
+                                x < cx - side / 2 + side;
+            zeroed += inside;
+            for (int c = 0; c < 3; ++c) {
+              const size_t i = size_t((y * 32 + x) * 3 + c);
+              ASSERT_EQ(cut[i], inside ? 0.f : plain[i]) << side << " at " << cy << "," << cx << ": " << y << " " << x;
+            }
+          }
+        const int rows = std::min(32, cy - side / 2 + side) - std::max(0, cy - side / 2);
+        const int cols = std::min(32, cx - side / 2 + side) - std::max(0, cx - side / 2);
+        EXPECT_EQ(zeroed, rows * cols);
+      }
+  Augmentation bad{4, 4, false};
+  bad.cutout = 33;
+  EXPECT_THROW(augment_normalize(img.data(), bad, nm, cut.data()), Error);
+  bad.cutout = 8, bad.cutout_y = 32;
+  EXPECT_THROW(augment_normalize(img.data(), bad, nm, cut.data()), Error);
+}
+
+TEST(Cifar10Augment, CutoutCentresAreUniformAndLeaveTheCropAndFlipAlone) {
+  std::vector<int> ys(32), xs(32);
+  const int n = 32000;
+  for (int i = 0; i < n; ++i) {
+    const Augmentation a = sample_augmentation(3, 2, i, 16), b = sample_augmentation(3, 2, i);
+    ASSERT_EQ(a.cutout, 16);
+    ASSERT_EQ(b.cutout, 0);
+    ASSERT_TRUE(a.crop_y == b.crop_y && a.crop_x == b.crop_x && a.flip == b.flip) << i;
+    ASSERT_TRUE(a.cutout_y >= 0 && a.cutout_y < 32 && a.cutout_x >= 0 && a.cutout_x < 32);
+    ++ys[size_t(a.cutout_y)], ++xs[size_t(a.cutout_x)];
+  }
+  for (int v = 0; v < 32; ++v) {  // expected n / 32 = 1000 each
+    EXPECT_NEAR(ys[size_t(v)], n / 32, 150) << v;
+    EXPECT_NEAR(xs[size_t(v)], n / 32, 150) << v;
+  }
+  EXPECT_THROW(sample_augmentation(3, 2, 0, -1), Error);
+  EXPECT_THROW(sample_augmentation(3, 2, 0, 33), Error);
+}
+
 // ---------------------------------------------------------------- batch loader
 
 TEST(Cifar10Loader, EverySampleOncePerEpochInAFreshOrder) {
@@ -454,6 +509,22 @@ TEST(Cifar10Loader, AugmentationChangesImagesButNotLabels) {
     }
   }
   EXPECT_GT(changed, 50);
+
+  // With cutout, each image is the augmented one with its square zeroed.
+  LoaderOptions cut = aug;
+  cut.cutout = 12;
+  BatchLoader lc(d, cut);
+  const BatchCopy c = copy_of(lc.next());
+  EXPECT_EQ(c.ids, a.ids);
+  std::vector<float> want(3072);
+  for (int64_t j = 0; j < 64; ++j) {
+    augment_normalize(d.images.data() + c.ids[size_t(j)] * 3072, sample_augmentation(cut.seed, 0, j, 12),
+                      cut.norm, want.data());
+    ASSERT_TRUE(std::equal(want.begin(), want.end(), c.images.begin() + j * 3072)) << j;
+    int zeros = 0;
+    for (int64_t i = 0; i < 3072; ++i) zeros += c.images[size_t(j * 3072 + i)] == 0.f;
+    EXPECT_GE(zeros, 6 * 6 * 3) << j;  // a 12 x 12 square keeps at least a 6 x 6 corner inside
+  }
 }
 
 TEST(Cifar10Loader, SeekResumesTheExactSequence) {

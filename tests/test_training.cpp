@@ -18,6 +18,7 @@
 #include "layers/resnet.h"
 #include "tools/bench.h"
 #include "tools/train.h"
+#include "tests/error_testing.h"
 
 using namespace sp;
 namespace fs = std::filesystem;
@@ -393,6 +394,12 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
   c.milestones = {1.5};
   c.schedule = "multistep";
   EXPECT_THROW(train::run_training(c, train, {}), Error);
+  c = small_config();
+  c.cutout = 33;
+  sp::test::expect_error<Error>([&] { train::run_training(c, train, {}); }, {"--cutout must be in 0..32"});
+  c.cutout = 8;
+  c.augment = false;
+  sp::test::expect_error<Error>([&] { train::run_training(c, train, {}); }, {"does not go with --no-augment"});
 }
 
 }  // namespace

@@ -165,12 +165,18 @@ Normalization compute_normalization(const Dataset& data) {
   return n;
 }
 
-Augmentation sample_augmentation(uint64_t seed, int64_t epoch, int64_t position) {
+Augmentation sample_augmentation(uint64_t seed, int64_t epoch, int64_t position, int cutout) {
+  SP_CHECK(cutout >= 0 && cutout <= kCifarSide, "cutout ", cutout, " outside 0..", kCifarSide);
   Rng rng(key(seed, kAugmentStream, uint64_t(epoch), uint64_t(position)));
   Augmentation a;
   a.crop_y = int(rng.below(2 * kCifarPad + 1));
   a.crop_x = int(rng.below(2 * kCifarPad + 1));
   a.flip = rng.below(2) == 1;
+  if (cutout > 0) {  // drawn after the crop and flip, which therefore stay as they were
+    a.cutout = cutout;
+    a.cutout_y = int(rng.below(kCifarSide));
+    a.cutout_x = int(rng.below(kCifarSide));
+  }
   return a;
 }
 
@@ -198,6 +204,15 @@ void augment_normalize(const uint8_t* src, const Augmentation& aug, const Normal
         for (int c = 0; c < 3; ++c) o[c] = float(p[c]) * scale[c] + bias[c];
       }
     }
+  }
+  if (aug.cutout > 0) {
+    SP_CHECK(aug.cutout <= S && aug.cutout_y >= 0 && aug.cutout_y < S && aug.cutout_x >= 0 && aug.cutout_x < S,
+             "cutout of side ", aug.cutout, " at (", aug.cutout_y, ", ", aug.cutout_x, ") outside the image");
+    const int y0 = std::max(0, aug.cutout_y - aug.cutout / 2), y1 = std::min(S, aug.cutout_y - aug.cutout / 2 + aug.cutout);
+    const int x0 = std::max(0, aug.cutout_x - aug.cutout / 2), x1 = std::min(S, aug.cutout_x - aug.cutout / 2 + aug.cutout);
+    for (int y = y0; y < y1; ++y)
+      for (int x = x0; x < x1; ++x)
+        for (int c = 0; c < 3; ++c) dst[(y * S + x) * 3 + c] = 0.f;
   }
 }
 
@@ -229,7 +244,8 @@ void fill_batch(const Dataset& data, const std::vector<int64_t>& order, const Lo
   }
   kernels::cpu::parallel_for(count, 16, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const Augmentation aug = opts.augment ? sample_augmentation(opts.seed, epoch, start + i) : Augmentation{};
+      const Augmentation aug =
+          opts.augment ? sample_augmentation(opts.seed, epoch, start + i, opts.cutout) : Augmentation{};
       augment_normalize(data.images.data() + sample_ids[i] * kCifarImageBytes, aug, opts.norm,
                         images + i * kCifarImageBytes);
     }

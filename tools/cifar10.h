@@ -71,28 +71,37 @@ constexpr Normalization kCifar10Normalization{{0.4914f, 0.4822f, 0.4465f}, {0.24
 // Mean and population standard deviation of each channel over every pixel of `data`.
 Normalization compute_normalization(const Dataset& data);
 
-// Where a sample is cropped from the image zero-padded by kCifarPad pixels on each side, and
-// whether it is then mirrored; {kCifarPad, kCifarPad, false} is the identity.
+// Where a sample is cropped from the image zero-padded by kCifarPad pixels on each side,
+// whether it is then mirrored, and the square cut out of the result (Cutout, DeVries & Taylor
+// 2017); {kCifarPad, kCifarPad, false, 0} is the identity.
 struct Augmentation {
   int crop_y = kCifarPad;  // top row of the crop in the padded 40x40 image, 0..8
   int crop_x = kCifarPad;  // left column, 0..8
   bool flip = false;
+  int cutout = 0;                    // side of the square, 0..32 (0: none)
+  int cutout_y = 0, cutout_x = 0;    // its centre in the 32x32 result, 0..31
 };
 
 // The augmentation of the sample at `position` of epoch `epoch` of a run seeded with `seed`:
 // crop offsets uniform in 0..8 and a flip with probability 1/2, as torchvision's
-// RandomCrop(32, padding=4) followed by RandomHorizontalFlip().
-Augmentation sample_augmentation(uint64_t seed, int64_t epoch, int64_t position);
+// RandomCrop(32, padding=4) followed by RandomHorizontalFlip(); with cutout > 0, then a
+// cutout x cutout square centred on a pixel drawn uniformly from the image, as in DeVries &
+// Taylor's code (the centre may lie near the border, where the square is clipped). The crop and
+// flip do not depend on cutout.
+Augmentation sample_augmentation(uint64_t seed, int64_t epoch, int64_t position, int cutout = 0);
 
 // Writes the float NHWC image (32 x 32 x 3) of uint8 image `src` cropped, flipped and
 // normalised as described by `aug` and `norm`. Padding pixels have value 0 before
-// normalisation, so they become -mean / std.
+// normalisation, so they become -mean / std. The cutout square, rows and columns
+// [centre - cutout / 2, centre - cutout / 2 + cutout) clipped to the image, is set to 0 after
+// normalisation (the channel means), as DeVries & Taylor mask the normalised image.
 void augment_normalize(const uint8_t* src, const Augmentation& aug, const Normalization& norm, float* dst);
 
 struct LoaderOptions {
   int64_t batch_size = 128;
   bool shuffle = true;
   bool augment = false;
+  int cutout = 0;  // with augment: the side of the square Cutout removes (0: none)
   uint64_t seed = 0;
   bool drop_last = false;  // false: the last batch of an epoch may be smaller
   int prefetch = 2;        // batches the producer thread prepares ahead of the consumer (>= 1)

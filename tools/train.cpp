@@ -217,6 +217,7 @@ struct Run {
     lo.batch_size = c.batch_size;
     lo.shuffle = true;
     lo.augment = c.augment;
+    lo.cutout = c.cutout;
     lo.seed = c.seed;
     return std::make_unique<data::BatchLoader>(train, lo);
   }
@@ -580,6 +581,9 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
 #endif
   SP_CHECK(cfg.epochs > 0 && cfg.batch_size > 0, "--epochs and --batch-size must be positive");
   SP_CHECK(cfg.split >= 1, "--split must be at least 1");
+  SP_CHECK(cfg.cutout >= 0 && cfg.cutout <= data::kCifarSide, "--cutout must be in 0..", data::kCifarSide, ", got ",
+           cfg.cutout);
+  SP_CHECK(cfg.cutout == 0 || cfg.augment, "--cutout is an augmentation: it does not go with --no-augment");
   SP_CHECK(train_set.size() > 0, "the training set is empty");
   parse_pipeline_method(cfg.method);  // reject unknown methods before any work
   SP_CHECK(cfg.graph_memory == "planned" || cfg.graph_memory == "bump", "--graph-memory must be planned or bump, got '",

@@ -32,7 +32,8 @@ struct TrainConfig {
   uint64_t seed = 0;
   bool deterministic = false;
   std::string device = "cpu";
-  bool augment = true;
+  bool augment = true;                             // random crop (4-pixel padding) and flip
+  int cutout = 0;                                  // with augment: Cutout square side (0: none)
   int64_t eval_batch_size = 500;
   std::string checkpoint;                          // written after every epoch; "{epoch}" -> number
   int64_t checkpoint_every = 0;                    // also every N steps when > 0
