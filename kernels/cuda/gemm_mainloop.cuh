@@ -15,9 +15,10 @@
 //               buffer afterwards, so one __syncthreads per K step suffices;
 //   warp tile   kWM x kWN, a kWarpsM x kWarpsN grid of warps covers the block tile;
 //   thread tile kTM x kTN accumulators in registers, made of 4x4 fragments. The 32 lanes of
-//               a warp form a 4 x 8 grid; fragment f of a lane sits f * 16 rows (f * 32
-//               columns) further on, so at each step the lanes of a warp read 16 (32)
-//               consecutive floats of a shared-memory row as float4s: no bank conflicts.
+//               a warp form a 4 x 8 grid (8 x 4 for the slim tile); fragment f of a lane sits
+//               f * 16 rows (f * 32 columns) further on (32 and 16 on the slim tile), so at
+//               each step the lanes of a warp read 16 (32) consecutive floats of a
+//               shared-memory row as float4s: no bank conflicts.
 // Shared memory holds both operand tiles K-major (tile[k][x]), so the inner loop reads a
 // column of A and a row of B as float4s. Rows are padded by kPad floats: this keeps float4
 // alignment and spreads the transposing stores of K-contiguous operands over the banks.
@@ -34,18 +35,18 @@
 
 namespace sp::kernels::cuda::detail {
 
-template <int BM, int BN, int BK, int WarpsM, int WarpsN, int FragsM, int FragsN>
+template <int BM, int BN, int BK, int WarpsM, int WarpsN, int FragsM, int FragsN, int LanesM = 4, int LanesN = 8>
 struct TileShape {
   static constexpr int kBM = BM, kBN = BN, kBK = BK;  // block tile and K step
   static constexpr int kWarpsM = WarpsM, kWarpsN = WarpsN;
   static constexpr int kThreads = kWarpSize * kWarpsM * kWarpsN;
-  static constexpr int kLanesM = 4, kLanesN = 8;  // a warp's lanes as a 4 x 8 grid
+  static constexpr int kLanesM = LanesM, kLanesN = LanesN;  // a warp's lanes as a grid (4 x 8 or 8 x 4)
   static constexpr int kFrag = 4;                 // fragments are 4 x 4
   static constexpr int kFragsM = FragsM, kFragsN = FragsN;
   static constexpr int kTM = kFrag * kFragsM, kTN = kFrag * kFragsN;  // thread tile
   static constexpr int kWM = kLanesM * kTM, kWN = kLanesN * kTN;      // warp tile
-  static constexpr int kFragStrideM = kLanesM * kFrag;                // 16 rows between fragments
-  static constexpr int kFragStrideN = kLanesN * kFrag;                // 32 columns between fragments
+  static constexpr int kFragStrideM = kLanesM * kFrag;                // rows between fragments
+  static constexpr int kFragStrideN = kLanesN * kFrag;                // columns between fragments
   static constexpr int kPad = 4;  // floats of padding per shared-memory row (keeps float4 alignment)
 
   static_assert(kLanesM * kLanesN == kWarpSize, "a warp is 32 lanes");
@@ -60,6 +61,11 @@ using TileLarge = TileShape<128, 128, 8, 4, 2, 2, 2>;
 // 128 x 32 block, 4 warps of 32 x 32, 8 x 4 per thread: for N <= 64, where a 128-wide tile
 // would mostly compute padding (CIFAR ResNets have 16, 32 and 64 channels).
 using TileNarrow = TileShape<128, 32, 8, 4, 1, 2, 1>;
+// 256 x 16 block, 4 warps of 64 x 16 with the lanes as an 8 x 4 grid, 8 x 4 per thread: for
+// N <= 16 (ResNet-20/56's first stage, the classifier's 10 outputs), where a 32-wide tile would
+// spend half its multiply-adds on padding. A warp reads 32 consecutive floats of A's row and
+// 16 of B's per fragment step, each float4 shared by the lanes of a row or column: no conflicts.
+using TileSlim = TileShape<256, 16, 8, 4, 1, 2, 1, 8, 4>;
 
 // ---- Operand loaders -----------------------------------------------------------------------
 // A loader presents an operand as elements (x, k): x runs along M for A and along N for B.
@@ -327,7 +333,9 @@ void run_gemm_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, con
 // The tile shape for an output N columns wide.
 template <class Fn>
 void with_tile_for(int n, const Fn& fn) {
-  if (n <= 64)
+  if (n <= 16)
+    fn(TileSlim{});
+  else if (n <= 64)
     fn(TileNarrow{});
   else
     fn(TileLarge{});
