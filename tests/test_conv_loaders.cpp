@@ -28,11 +28,13 @@ using sp::test::conv_cases;
 using sp::test::conv_str;
 
 // The shapes of the GPU convolution tests (conv_cases(), tests/gpu_testing.h), then stride 3
-// with a filter smaller than the stride, 5x5 stride 3, and a single input row under stride 2.
+// with a filter smaller than the stride, 5x5 stride 3, a single input row under stride 2, and
+// channel counts that are multiples of 4 but not of 8 (the fp32 float4 chunks only).
 std::vector<Conv2dShape> shapes() {
   std::vector<Conv2dShape> all = conv_cases();
   for (const Conv2dShape& s :
-       {conv(2, 10, 11, 16, 24, 2, 3, 0), conv(1, 7, 8, 8, 16, 5, 3, 2), conv(2, 1, 3, 8, 8, 1, 2, 0)})
+       {conv(2, 10, 11, 16, 24, 2, 3, 0), conv(1, 7, 8, 8, 16, 5, 3, 2), conv(2, 1, 3, 8, 8, 1, 2, 0),
+        conv(2, 5, 7, 4, 12, 3, 2, 1), conv(1, 4, 4, 12, 4, 3, 1, 1)})
     all.push_back(s);
   return all;
 }
@@ -70,30 +72,52 @@ int64_t ref_grad(const Conv2dShape& s, int pix, int t) {
   return dy_index(s, n, p, q, k);
 }
 
-// Checks that loader.offset(row(x), col(k)) == ref(x, k) over [0, xs + 2) x [0, ks + 2), and
-// the chunk promise along the contiguous dimension (k with kContigK, else x) when vec.
+// The chunk widths whose promise a gather along a run (C or K) of `run` elements must keep: 8
+// elements (16 bytes of bf16, the tensor-core loaders) when run % 8 == 0, and 4 (a float4, the
+// fp32 convolutions of conv.cu) when run % 4 == 0.
+std::vector<int> chunk_widths(int run) {
+  std::vector<int> w;
+  if (run % 8 == 0) w.push_back(8);
+  if (run % 4 == 0) w.push_back(4);
+  return w;
+}
+
+// The stride-class gathers serve the bf16 tensor-core kernels only: 8-element chunks.
+std::vector<int> bf16_chunks(int run) { return run % 8 == 0 ? std::vector<int>{8} : std::vector<int>{}; }
+
+// Checks that loader.offset(row(x), col(k)) == ref(x, k) over [0, xs + 2) x [0, ks + 2) and at
+// coordinates up to a whole tile past the edges (the GEMMs load up to 255 rows past M and 7
+// columns past K), and the chunk promise along the contiguous dimension (k with kContigK, else
+// x) for each of `widths`: the elements of an aligned chunk are adjacent or all zero.
 template <class Loader, class Ref>
-void check_loader(const Loader& ld, int xs, int ks, const Ref& ref, bool vec, const std::string& what) {
+void check_loader(const Loader& ld, int xs, int ks, const Ref& ref, const std::vector<int>& widths,
+                  const std::string& what) {
+  std::vector<int> xv, kv;
+  for (int x = 0; x < xs + 2; ++x) xv.push_back(x);
+  for (int k = 0; k < ks + 2; ++k) kv.push_back(k);
+  xv.insert(xv.end(), {xs + 7, xs + 63, xs + 255});
+  kv.insert(kv.end(), {ks + 7, ks + 63, ks + 255});
   int64_t wrong = 0;
-  for (int x = 0; x < xs + 2; ++x)
-    for (int k = 0; k < ks + 2; ++k) {
+  for (int x : xv)
+    for (int k : kv) {
       const int64_t got = ld.offset(ld.row(x), ld.col(k)), want = ref(x, k);
       if (got != want && wrong++ < 3) ADD_FAILURE() << what << ": element (" << x << ", " << k << ") at " << got
                                                     << ", the definition says " << want;
     }
   EXPECT_EQ(wrong, 0) << what << ": elements at the wrong index";
-  if (!vec) return;
-  int64_t broken = 0;
   const bool along_k = Loader::kContigK;
-  for (int x = 0; x < xs; x += along_k ? 1 : 8)
-    for (int k = 0; k < ks; k += along_k ? 8 : 1) {
-      const int64_t first = ref(x, k);
-      for (int e = 1; e < 8; ++e) {
-        const int64_t o = along_k ? ref(x, k + e) : ref(x + e, k);
-        if (first < 0 ? o >= 0 : o != first + e) ++broken;
+  for (const int width : widths) {
+    int64_t broken = 0;
+    for (int x = 0; x < xs; x += along_k ? 1 : width)
+      for (int k = 0; k < ks; k += along_k ? width : 1) {
+        const int64_t first = ref(x, k);
+        for (int e = 1; e < width; ++e) {
+          const int64_t o = along_k ? ref(x, k + e) : ref(x + e, k);
+          if (first < 0 ? o >= 0 : o != first + e) ++broken;
+        }
       }
-    }
-  EXPECT_EQ(broken, 0) << what << ": chunks that are neither adjacent nor all zero";
+    EXPECT_EQ(broken, 0) << what << ": chunks of " << width << " that are neither adjacent nor all zero";
+  }
 }
 
 TEST(ConvLoaders, ForwardAndWeightGradientGatherTheWindow) {
@@ -101,10 +125,10 @@ TEST(ConvLoaders, ForwardAndWeightGradientGatherTheWindow) {
     const ConvGeom g = make_conv_geom(sp::kernels::cuda::detail::conv_sizes(s));
     const bool vec = s.c % 8 == 0;
     const FwdInputLoader fwd{{nullptr, vec}, g};
-    check_loader(fwd, g.npq, g.taps, [&](int pix, int tap) { return ref_input(s, pix, tap); }, vec,
+    check_loader(fwd, g.npq, g.taps, [&](int pix, int tap) { return ref_input(s, pix, tap); }, chunk_widths(s.c),
                  conv_str(s) + " forward A");
     const BwdWeightInputLoader bww{{nullptr, vec}, g};
-    check_loader(bww, g.taps, g.npq, [&](int tap, int pix) { return ref_input(s, pix, tap); }, vec,
+    check_loader(bww, g.taps, g.npq, [&](int tap, int pix) { return ref_input(s, pix, tap); }, chunk_widths(s.c),
                  conv_str(s) + " weight-gradient A");
   }
 }
@@ -113,14 +137,14 @@ TEST(ConvLoaders, DataGradientGathersTheOutputsThatReachEachPixel) {
   for (const Conv2dShape& s : shapes()) {
     const ConvGeom g = make_conv_geom(sp::kernels::cuda::detail::conv_sizes(s));
     const BwdDataGradLoader a{{nullptr, s.k % 8 == 0}, g};
-    check_loader(a, g.nhw, g.rsk, [&](int pix, int t) { return ref_grad(s, pix, t); }, s.k % 8 == 0,
+    check_loader(a, g.nhw, g.rsk, [&](int pix, int t) { return ref_grad(s, pix, t); }, chunk_widths(s.k),
                  conv_str(s) + " data-gradient A");
     const BwdDataWeightLoader b{{nullptr, s.c % 8 == 0}, g};
     const auto ref_w = [&](int c, int t) -> int64_t {
       if (c >= s.c || t >= g.rsk) return -1;
       return w_index(s, t % s.k, t / s.k / s.s, t / s.k % s.s, c);
     };
-    check_loader(b, g.c, g.rsk, ref_w, s.c % 8 == 0, conv_str(s) + " data-gradient B");
+    check_loader(b, g.c, g.rsk, ref_w, chunk_widths(s.c), conv_str(s) + " data-gradient B");
   }
 }
 
@@ -148,7 +172,7 @@ TEST(ConvLoaders, StrideClassesGatherTheirPixelsAndTaps) {
       check_loader(
           a, cg.m, cg.kc,
           [&](int row, int t) { return row >= cg.m || t >= cg.kc ? -1 : ref_grad(s, pixel(row), column(t)); },
-          s.k % 8 == 0, what + " A");
+          bf16_chunks(s.k), what + " A");
       const BwdDataClassWeightLoader b{{nullptr, s.c % 8 == 0}, cg};
       check_loader(
           b, g.c, cg.kc,
@@ -157,7 +181,7 @@ TEST(ConvLoaders, StrideClassesGatherTheirPixelsAndTaps) {
             const int full = column(t);  // (r * S + s) * K + k
             return w_index(s, full % s.k, full / s.k / s.s, full / s.k % s.s, ch);
           },
-          s.c % 8 == 0, what + " B");
+          bf16_chunks(s.c), what + " B");
     }
   }
   EXPECT_GT(classes_seen, 20);
@@ -175,7 +199,7 @@ TEST(ConvLoaders, TheTransposedFilterHoldsWhatTheGathersRead) {
     const FilterTaps all = FilterTaps::all(g);
     EXPECT_EQ(all.count * s.k, g.rsk);
     const BwdDataWeightLoader b{{nullptr, false}, g};
-    check_loader(b, g.c, g.rsk, [&](int c, int t) { return transposed(all, c, t); }, false,
+    check_loader(b, g.c, g.rsk, [&](int c, int t) { return transposed(all, c, t); }, {},
                  conv_str(s) + " transposed filter");
     if (s.stride == 1) continue;
     for (const StrideClass& c : sp::kernels::stride_classes(s)) {
@@ -184,7 +208,7 @@ TEST(ConvLoaders, TheTransposedFilterHoldsWhatTheGathersRead) {
       const FilterTaps taps = FilterTaps::of_class(g, c);
       EXPECT_EQ(taps.count * s.k, cg.kc);
       const BwdDataClassWeightLoader cb{{nullptr, false}, cg};
-      check_loader(cb, g.c, cg.kc, [&](int ch, int t) { return transposed(taps, ch, t); }, false,
+      check_loader(cb, g.c, cg.kc, [&](int ch, int t) { return transposed(taps, ch, t); }, {},
                    conv_str(s) + " class (" + std::to_string(c.a) + ", " + std::to_string(c.b) + ") transposed filter");
     }
   }

@@ -98,7 +98,9 @@ inline ConvGeom make_conv_geom(const ConvDims& d) {
 // A loader over a gather: Derived::offset(row, col) is the index of the element in base, or -1
 // for a zero. With vec, the layout guarantees (see each loader) that the 8 elements of a chunk
 // are adjacent, start 16-byte aligned and are all present or all zero, so the first element's
-// offset decides for the whole chunk.
+// offset decides for the whole chunk. The fp32 convolutions (conv.cu) use the index arithmetic
+// of the four direct gathers with 4-element chunks (a float4), which needs the run (C or K) to
+// be a multiple of 4 instead of 8; test_conv_loaders checks both chunk widths.
 template <class Derived, bool ContigK>
 struct GatherLoader {
   static constexpr bool kContigK = ContigK;

@@ -17,8 +17,8 @@
 //   thread tile kTM x kTN accumulators in registers, made of 4x4 fragments. The 32 lanes of
 //               a warp form a 4 x 8 grid (8 x 4 for the slim tile); fragment f of a lane sits
 //               f * 16 rows (f * 32 columns) further on (32 and 16 on the slim tile), so at
-//               each step the lanes of a warp read 16 (32) consecutive floats of a
-//               shared-memory row as float4s: no bank conflicts.
+//               each step the lanes of a warp read 16 consecutive floats of A's shared-memory
+//               row and 32 of B's (32 and 16 on the slim tile) as float4s: no bank conflicts.
 // Shared memory holds both operand tiles K-major (tile[k][x]), so the inner loop reads a
 // column of A and a row of B as float4s. Rows are padded by kPad floats: this keeps float4
 // alignment and spreads the transposing stores of K-contiguous operands over the banks.
