@@ -8,7 +8,8 @@
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test (ctest);
 #   3. compute-sanitizer memcheck and racecheck on the wgmma and wgmma_tma main loops' tests
 #      (memcheck also on the stride-class and transposed-filter data gradients), memcheck on the
-#      batch-norm, pointwise and SGD kernels (SAN_CAP seconds each, default 55);
+#      batch-norm, pointwise and SGD kernels (their unaligned paths on their own) and on the fp32
+#      GEMM and convolutions (SAN_CAP seconds each, default 55);
 #   4. wait for the accuracy run, so that nothing shares the GPU with the measurements;
 #   5. gpu_bench.sh stage 1 for the bandwidth-bound kernels (batch norm, pointwise, SGD against
 #      the copy) and ResNet-20/56's fp32 convolutions (against cuDNN), the device time per op of ResNet-56 and ResNet-18 training steps
@@ -77,6 +78,7 @@ san memcheck test_cuda_tensor_core '*/wgmma*:*StrideClass*'
 san memcheck test_cuda_tensor_core '*TransposedFilter/wgmma' transposed-filter
 san racecheck test_cuda_tensor_core '*/wgmma*'
 san memcheck test_cuda_ops '*Unaligned*' unaligned
+san memcheck test_cuda_ops '*Gemm*:*ConvolutionOnResNet*' fp32-gemm-conv
 san memcheck test_cuda_ops '*BatchNorm*:*Pointwise*:*Sgd*'
 
 if [ -n "$TRAIN_PID" ]; then
