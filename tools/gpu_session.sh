@@ -12,10 +12,10 @@
 #      GEMM and convolutions (SAN_CAP seconds each, default 55);
 #   4. wait for the accuracy run, so that nothing shares the GPU with the measurements;
 #   5. gpu_bench.sh stage 1 for the bandwidth-bound kernels (batch norm, pointwise, SGD against
-#      the copy) and ResNet-20/56's fp32 convolutions (against cuDNN), the device time per op of ResNet-56 and ResNet-18 training steps
-#      (staleprop bench --profile-ops), then stage 5 (the main loops, and the bf16 data gradient per layer in four forms:
-#      direct or by stride class, the filter gathered or transposed), then
-#      stage 4 (CUDA graphs) as time allows;
+#      the copy) and ResNet-20/56's fp32 convolutions (against cuDNN); the device time per op
+#      of ResNet-56 and ResNet-18 training steps (staleprop bench --profile-ops); then stage 5
+#      (the main loops, and the bf16 data gradient per layer in four forms: direct or by stride
+#      class, the filter gathered or transposed), then stage 4 (CUDA graphs) as time allows;
 #   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace);
 #   7. Nsight Compute sections, when ncu is there and time is left: the bf16 GEMM on wgmma_tma, a
 #      ResNet-18 layer's forward and data gradient on the default loop, then the GEMM on the others.
