@@ -50,6 +50,8 @@ struct WgTmaTile {
   // The stages (1024-byte aligned), the 2 x kStages mbarriers after them, and the slack to
   // round the start up to 1024 bytes: 161 KiB, one block per SM.
   static constexpr int kSmemBytes = kStages * (kAStage + kBStage) * 2 + 2 * kStages * 8 + kAtomBytes;
+  static_assert(kAStage * 2 % kAtomBytes == 0 && kBStage * 2 % kAtomBytes == 0,
+                "stages stay 1024-byte aligned (the 128-byte swizzle's atom)");
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
