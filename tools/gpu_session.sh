@@ -8,8 +8,8 @@
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test (ctest);
 #   3. compute-sanitizer memcheck and racecheck on the wgmma and wgmma_tma main loops' tests
 #      (memcheck also on the stride-class and transposed-filter data gradients), memcheck on the
-#      batch-norm, pointwise and SGD kernels (their unaligned paths on their own) and on the fp32
-#      GEMM and convolutions (SAN_CAP seconds each, default 55);
+#      batch-norm, pointwise and SGD kernels (both paths, through the unaligned-path tests) and
+#      on the fp32 GEMM and convolutions (SAN_CAP seconds each, default 55);
 #   4. wait for the accuracy run, so that nothing shares the GPU with the measurements;
 #   5. gpu_bench.sh stage 1 for the bandwidth-bound kernels (batch norm, pointwise, SGD against
 #      the copy) and ResNet-20/56's fp32 convolutions (against cuDNN); the device time per op
@@ -77,9 +77,10 @@ san memcheck test_cuda_tensor_core '*/wgmma*:*StrideClass*'
 # The first filter reaches the transposed-filter test only if it gets that far within the cap.
 san memcheck test_cuda_tensor_core '*TransposedFilter/wgmma' transposed-filter
 san racecheck test_cuda_tensor_core '*/wgmma*'
+# The unaligned-path tests run batch norm, the pointwise ops and SGD on both their chunked and
+# single-element paths, on medium sizes (the reference tests' large ones are slow under memcheck).
 san memcheck test_cuda_ops '*Unaligned*' unaligned
-san memcheck test_cuda_ops '*Gemm*:*ConvolutionOnResNet*' fp32-gemm-conv
-san memcheck test_cuda_ops '*BatchNorm*:*Pointwise*:*Sgd*'
+san memcheck test_cuda_ops '*GemmAllTransposes*:*ConvolutionOnResNet*' fp32-gemm-conv
 
 if [ -n "$TRAIN_PID" ]; then
   log "waiting for the accuracy run"
