@@ -38,58 +38,48 @@ __device__ __forceinline__ void for_each_element(int64_t n, const Fn& fn) {
   for (int64_t i = rest + global_thread_index(); i < n; i += grid_stride()) fn(i, Width<1>{});
 }
 
-// relu as "x < 0 ? 0 : x", like the CPU reference: a NaN passes through (and shows up in the loss).
-template <class S, bool kVec>
-__global__ void relu_forward_kernel(int64_t n, const typename S::Storage* x, typename S::Storage* y) {
+// y = op(x) and y = op(a, b), element by element.
+template <class S, bool kVec, class Op>
+__global__ void unary_kernel(int64_t n, Op op, const typename S::Storage* x, typename S::Storage* y) {
   for_each_element<kVec>(n, [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
     float v[W];
     load_elems<S, W>(x + i, v);
 #pragma unroll
-    for (int e = 0; e < W; ++e) v[e] = v[e] < 0.f ? 0.f : v[e];
+    for (int e = 0; e < W; ++e) v[e] = op(v[e]);
     store_elems<S, W>(y + i, v);
   });
 }
 
-template <class S, bool kVec>
-__global__ void relu_backward_kernel(int64_t n, const typename S::Storage* y, const typename S::Storage* dy,
-                                     typename S::Storage* dx) {
-  for_each_element<kVec>(n, [&](int64_t i, auto width) {
-    constexpr int W = decltype(width)::value;
-    float yv[W], g[W];
-    load_elems<S, W>(y + i, yv);
-    load_elems<S, W>(dy + i, g);
-#pragma unroll
-    for (int e = 0; e < W; ++e) g[e] = yv[e] > 0.f ? g[e] : 0.f;
-    store_elems<S, W>(dx + i, g);
-  });
-}
-
-template <class S, bool kVec>
-__global__ void add_kernel(int64_t n, const typename S::Storage* a, const typename S::Storage* b,
-                           typename S::Storage* y) {
+template <class S, bool kVec, class Op>
+__global__ void binary_kernel(int64_t n, Op op, const typename S::Storage* a, const typename S::Storage* b,
+                              typename S::Storage* y) {
   for_each_element<kVec>(n, [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
     float u[W], v[W];
     load_elems<S, W>(a + i, u);
     load_elems<S, W>(b + i, v);
 #pragma unroll
-    for (int e = 0; e < W; ++e) u[e] = u[e] + v[e];
+    for (int e = 0; e < W; ++e) u[e] = op(u[e], v[e]);
     store_elems<S, W>(y + i, u);
   });
 }
 
-template <class S, bool kVec>
-__global__ void scale_kernel(int64_t n, float alpha, const typename S::Storage* x, typename S::Storage* y) {
-  for_each_element<kVec>(n, [&](int64_t i, auto width) {
-    constexpr int W = decltype(width)::value;
-    float v[W];
-    load_elems<S, W>(x + i, v);
-#pragma unroll
-    for (int e = 0; e < W; ++e) v[e] = alpha * v[e];
-    store_elems<S, W>(y + i, v);
-  });
-}
+// relu as "x < 0 ? 0 : x", like the CPU reference: a NaN passes through (and shows up in the loss).
+struct Relu {
+  __device__ float operator()(float v) const { return v < 0.f ? 0.f : v; }
+};
+// dx = dy where the forward output y > 0, else 0.
+struct ReluGrad {
+  __device__ float operator()(float y, float dy) const { return y > 0.f ? dy : 0.f; }
+};
+struct Add {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct Scale {
+  float alpha;
+  __device__ float operator()(float v) const { return alpha * v; }
+};
 
 template <bool kVec>
 __global__ void fill_kernel(int64_t n, float value, float* y) {
@@ -437,37 +427,44 @@ __global__ void __launch_bounds__(kSgdThreads) sgd_kernel(const __grid_constant_
 }  // namespace
 
 // ---- Pointwise -------------------------------------------------------------------------------
-void relu_forward(int64_t n, const float* x, float* y, cudaStream_t stream) {
-  launch_pointwise(relu_forward_kernel<F32, true>, relu_forward_kernel<F32, false>, all_aligned16(x, y), n, stream, x,
-                   y);
+namespace {
+template <class S, class Op>
+void unary(int64_t n, Op op, const typename S::Storage* x, typename S::Storage* y, cudaStream_t stream) {
+  launch_pointwise(unary_kernel<S, true, Op>, unary_kernel<S, false, Op>, all_aligned16(x, y), n, stream, op, x, y);
 }
+template <class S, class Op>
+void binary(int64_t n, Op op, const typename S::Storage* a, const typename S::Storage* b, typename S::Storage* y,
+            cudaStream_t stream) {
+  launch_pointwise(binary_kernel<S, true, Op>, binary_kernel<S, false, Op>, all_aligned16(a, b, y), n, stream, op, a,
+                   b, y);
+}
+}  // namespace
+
+void relu_forward(int64_t n, const float* x, float* y, cudaStream_t stream) { unary<F32>(n, Relu{}, x, y, stream); }
 void relu_backward(int64_t n, const float* y, const float* dy, float* dx, cudaStream_t stream) {
-  launch_pointwise(relu_backward_kernel<F32, true>, relu_backward_kernel<F32, false>, all_aligned16(y, dy, dx), n,
-                   stream, y, dy, dx);
+  binary<F32>(n, ReluGrad{}, y, dy, dx, stream);
 }
 void add(int64_t n, const float* a, const float* b, float* y, cudaStream_t stream) {
-  launch_pointwise(add_kernel<F32, true>, add_kernel<F32, false>, all_aligned16(a, b, y), n, stream, a, b, y);
+  binary<F32>(n, Add{}, a, b, y, stream);
 }
 void scale(int64_t n, float alpha, const float* x, float* y, cudaStream_t stream) {
-  launch_pointwise(scale_kernel<F32, true>, scale_kernel<F32, false>, all_aligned16(x, y), n, stream, alpha, x, y);
+  unary<F32>(n, Scale{alpha}, x, y, stream);
 }
 void fill(int64_t n, float value, float* y, cudaStream_t stream) {
   launch_pointwise(fill_kernel<true>, fill_kernel<false>, all_aligned16(y), n, stream, value, y);
 }
 
 void relu_forward_bf16(int64_t n, const uint16_t* x, uint16_t* y, cudaStream_t stream) {
-  launch_pointwise(relu_forward_kernel<BF16, true>, relu_forward_kernel<BF16, false>, all_aligned16(x, y), n, stream,
-                   x, y);
+  unary<BF16>(n, Relu{}, x, y, stream);
 }
 void relu_backward_bf16(int64_t n, const uint16_t* y, const uint16_t* dy, uint16_t* dx, cudaStream_t stream) {
-  launch_pointwise(relu_backward_kernel<BF16, true>, relu_backward_kernel<BF16, false>, all_aligned16(y, dy, dx), n,
-                   stream, y, dy, dx);
+  binary<BF16>(n, ReluGrad{}, y, dy, dx, stream);
 }
 void add_bf16(int64_t n, const uint16_t* a, const uint16_t* b, uint16_t* y, cudaStream_t stream) {
-  launch_pointwise(add_kernel<BF16, true>, add_kernel<BF16, false>, all_aligned16(a, b, y), n, stream, a, b, y);
+  binary<BF16>(n, Add{}, a, b, y, stream);
 }
 void scale_bf16(int64_t n, float alpha, const uint16_t* x, uint16_t* y, cudaStream_t stream) {
-  launch_pointwise(scale_kernel<BF16, true>, scale_kernel<BF16, false>, all_aligned16(x, y), n, stream, alpha, x, y);
+  unary<BF16>(n, Scale{alpha}, x, y, stream);
 }
 
 void f32_to_bf16(int64_t n, const float* x, uint16_t* y, cudaStream_t stream) {
