@@ -8,6 +8,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <ostream>
 #include <tuple>
 #include <vector>
@@ -284,6 +286,27 @@ TEST(CpuBatchNormAddRelu, BitIdenticalToTheComposedOps) {
     cpu::batchnorm_add_relu_forward_inference(m, c, x.data(), with_residual ? residual.data() : nullptr, gamma.data(),
                                               beta.data(), rm1.data(), rv1.data(), 1e-5f, true, yi2.data());
     EXPECT_EQ(yi2, yi1);
+  }
+}
+
+// The fused backward's mask is relu_backward's to the bit, special values included: dy where
+// y > 0 (its NaN payload and infinities too), +0 where y <= 0 or y is NaN, whatever dy is there.
+TEST(CpuBatchNormAddRelu, TheMaskIsReluBackwardBitForBit) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> y = {1.f, -1.f, 0.f, -0.f, nan, 2.f, 3.f, -2.f, 1e-40f, -1e-40f, inf, -inf};
+  const std::vector<float> dy = {nan, nan, inf, -inf, 5.f, -inf, -0.f, -0.f, 7.f, nan, nan, 3.f};
+  const int64_t m = int64_t(y.size()), c = 1;
+  const std::vector<float> x(y.size(), 0.5f), gamma = {1.f}, mean = {0.f}, invstd = {1.f};
+  const size_t n = y.size();
+  std::vector<float> dx(n), dres(n), dgamma(1), dbeta(1), want(n);
+  cpu::batchnorm_add_relu_backward(m, c, x.data(), y.data(), dy.data(), gamma.data(), mean.data(), invstd.data(),
+                                   dx.data(), dres.data(), dgamma.data(), dbeta.data());
+  cpu::relu_backward(m, y.data(), dy.data(), want.data());
+  for (int64_t i = 0; i < m; ++i) {
+    uint32_t got_bits, want_bits;
+    std::memcpy(&got_bits, &dres[size_t(i)], 4);
+    std::memcpy(&want_bits, &want[size_t(i)], 4);
+    EXPECT_EQ(got_bits, want_bits) << "element " << i << ": y " << y[size_t(i)] << ", dy " << dy[size_t(i)];
   }
 }
 

@@ -5,6 +5,8 @@
 // values instead of E[x^2] - E[x]^2, which cancels catastrophically when |mean| >> std.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cpu/ops.h"
@@ -74,10 +76,32 @@ void training_statistics(int64_t m, int64_t c, const T* x, T eps, T momentum, T*
 // normalisation is g = dy, or for the fused variants g = dy where y > 0 else 0
 // (relu_backward's form), computed on the fly from the forward output y. dresidual (when
 // non-null) receives g; it may alias dy.
+// v when y > 0, else +0 (also for a NaN y or v), by masking v's bits: no branch, and exactly
+// relu_backward's value.
 template <typename T>
-void backward_impl(int64_t m, int64_t c, const T* x, const T* y /*nullable*/, const T* dy, const T* gamma,
-                   const T* save_mean, const T* save_invstd, T* dx, T* dresidual, T* dgamma, T* dbeta) {
-  auto grad = [&](int64_t i) { return y == nullptr || y[i] > T(0) ? dy[i] : T(0); };
+inline T select_positive(T y, T v) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  Bits b;
+  std::memcpy(&b, &v, sizeof b);
+  b &= Bits(0) - Bits(y > T(0));
+  std::memcpy(&v, &b, sizeof b);
+  return v;
+}
+
+// The body is compiled once with the mask and once without, and the mask selects by bits
+// (select_positive): a branch on the sign of y, which is random, mispredicts half the time
+// (it made the fused backward 5x slower than the plain one).
+template <bool kMasked, typename T>
+void backward_body(int64_t m, int64_t c, const T* x, const T* y, const T* dy, const T* gamma, const T* save_mean,
+                   const T* save_invstd, T* dx, T* dresidual, T* dgamma, T* dbeta) {
+  auto grad = [&](int64_t i) {
+    const T d = dy[i];
+    if constexpr (kMasked) {
+      return select_positive(y[i], d);
+    } else {
+      return d;
+    }
+  };
   std::vector<double> sums(2 * c);  // [sum(g) | sum(g * xhat)]
   detail::column_sums(
       m, c, 2,
@@ -109,6 +133,15 @@ void backward_impl(int64_t m, int64_t c, const T* x, const T* y /*nullable*/, co
         if (dresidual) dresidual[i * c + j] = g;
       }
   });
+}
+
+template <typename T>
+void backward_impl(int64_t m, int64_t c, const T* x, const T* y /*nullable*/, const T* dy, const T* gamma,
+                   const T* save_mean, const T* save_invstd, T* dx, T* dresidual, T* dgamma, T* dbeta) {
+  if (y != nullptr)
+    backward_body<true>(m, c, x, y, dy, gamma, save_mean, save_invstd, dx, dresidual, dgamma, dbeta);
+  else
+    backward_body<false>(m, c, x, y, dy, gamma, save_mean, save_invstd, dx, dresidual, dgamma, dbeta);
 }
 
 }  // namespace
