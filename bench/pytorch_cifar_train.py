@@ -73,6 +73,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--metrics", help="append the JSON lines to this file too")
     a = ap.parse_args()
+    if not 0 <= a.cutout <= 32:
+        ap.error("--cutout must be in 0..32")
 
     torch.manual_seed(a.seed)
     dev = torch.device("cuda")

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <sstream>
@@ -15,14 +16,19 @@
 
 namespace sp {
 
+// A timed call: both events are made before the start is recorded, so that making the end
+// event costs the op nothing; `state` says whether the end was recorded.
+struct OpRecord {
+  enum : int { kIssuing = 0, kEnded = 1, kAbandoned = 2 };
+  const char* op;
+  std::string shapes;
+  std::unique_ptr<Event> start, end;
+  std::atomic<int> state{kIssuing};
+};
+
 struct OpProfile::State {
-  struct Record {
-    const char* op;
-    std::string shapes;
-    std::unique_ptr<Event> start, end;
-  };
   std::mutex mu;
-  std::vector<Record> records;
+  std::vector<std::shared_ptr<OpRecord>> records;
 };
 
 namespace {
@@ -55,20 +61,28 @@ OpProfile::~OpProfile() {
 }
 
 std::vector<OpTime> OpProfile::collect() {
-  std::vector<State::Record> records;
+  // Take the ended calls and drop the abandoned ones; calls still being issued stay.
+  std::vector<std::shared_ptr<OpRecord>> done;
   {
     std::lock_guard<std::mutex> lk(state_->mu);
-    records.swap(state_->records);
+    std::vector<std::shared_ptr<OpRecord>> keep;
+    for (std::shared_ptr<OpRecord>& r : state_->records) {
+      const int st = r->state.load();
+      if (st == OpRecord::kEnded)
+        done.push_back(std::move(r));
+      else if (st == OpRecord::kIssuing)
+        keep.push_back(std::move(r));
+    }
+    state_->records.swap(keep);
   }
   std::map<std::pair<std::string, std::string>, OpTime> totals;
-  for (State::Record& r : records) {
-    SP_CHECK(r.end != nullptr, "OpProfile::collect: op ", r.op, " has not finished being issued");
-    r.end->synchronize();
-    OpTime& t = totals[{r.op, r.shapes}];
-    t.op = r.op;
-    t.shapes = r.shapes;
+  for (const std::shared_ptr<OpRecord>& r : done) {
+    r->end->synchronize();
+    OpTime& t = totals[{r->op, r->shapes}];
+    t.op = r->op;
+    t.shapes = r->shapes;
     ++t.calls;
-    t.ms += double(r.end->elapsed_ms_since(*r.start));
+    t.ms += double(r->end->elapsed_ms_since(*r->start));
   }
   std::vector<OpTime> out;
   out.reserve(totals.size());
@@ -78,26 +92,39 @@ std::vector<OpTime> OpProfile::collect() {
 }
 
 OpScope::OpScope(Stream& s, const char* op, std::initializer_list<const Tensor*> operands) {
-  if (t_depth++ > 0) return;
-  OpProfile::State* st = g_active.load();
-  if (st == nullptr || s.capturing()) return;
-  OpProfile::State::Record r{op, describe(operands), make_event(s.device(), true), nullptr};
-  s.record(*r.start);
-  std::lock_guard<std::mutex> lk(st->mu);
-  record_ = st->records.size();
-  st->records.push_back(std::move(r));
-  stream_ = &s;
+  OpProfile::State* st = t_depth == 0 ? g_active.load() : nullptr;
+  if (st != nullptr && !s.capturing()) {
+    auto r = std::make_shared<OpRecord>();
+    r->op = op;
+    r->shapes = describe(operands);
+    r->start = make_event(s.device(), true);
+    r->end = make_event(s.device(), true);
+    s.record(*r->start);
+    {
+      std::lock_guard<std::mutex> lk(st->mu);
+      st->records.push_back(r);
+    }
+    record_ = std::move(r);
+    stream_ = &s;
+    exceptions_ = std::uncaught_exceptions();
+  }
+  ++t_depth;  // after everything that may throw: a constructor that throws runs no destructor
 }
 
 OpScope::~OpScope() {
   --t_depth;
-  if (stream_ == nullptr) return;
-  OpProfile::State* st = g_active.load();
-  if (st == nullptr) return;  // the profile ended while the op ran
-  auto end = make_event(stream_->device(), true);
-  stream_->record(*end);
-  std::lock_guard<std::mutex> lk(st->mu);
-  if (record_ < st->records.size()) st->records[record_].end = std::move(end);
+  if (!record_) return;
+  // An op that throws is not timed; and a destructor must not throw (a CUDA error while
+  // recording abandons the call).
+  int outcome = OpRecord::kAbandoned;
+  if (std::uncaught_exceptions() == exceptions_) {
+    try {
+      stream_->record(*record_->end);
+      outcome = OpRecord::kEnded;
+    } catch (...) {
+    }
+  }
+  record_->state.store(outcome);
 }
 
 std::string format_op_profile(const std::vector<OpTime>& times, int64_t steps, size_t top) {

@@ -1,18 +1,20 @@
 // Device time per op: while an OpProfile is alive, every op of the op contract (ops.h) issued
-// on a stream is bracketed by two timing events recorded on that stream, and collect() gives
-// the time between them, summed over the calls of each op on each set of operand shapes.
+// on a stream is bracketed by two timing events recorded on that stream (the start before the
+// op issues anything, the end after its last work), and collect() gives the time between them,
+// summed over the calls of each op on each set of operand shapes.
 //
-// The events time what the device (CUDA) or the stream's worker thread (CPU emulation) spent
-// from the op's first work to its last, so the time of an op includes any gap its kernels
-// leave between them but not the gaps before or after it: on one stream, wall time minus the
-// summed op time is the time the device waited for the host (launch overhead). Ops on several
-// streams may overlap, and then their times add up to more than the wall time.
+// An op's time runs from when the device (CUDA) or the stream's worker thread (CPU emulation)
+// reached its start to when it finished the op's work. When the device was already busy as the
+// op was issued, that is the op's own work; when it was idle, it also includes the host's time
+// issuing the op's kernels. So on one stream, wall time minus the summed op time is time the
+// device certainly waited for the host between ops, a lower bound on launch overhead. Ops on
+// several streams may overlap, and then their times add up to more than the wall time.
 //
 // Only the outermost op is timed: an op that runs others (bf16 through the fp32 kernels with
-// widening casts) is timed as a whole. Nothing is recorded on a stream that is capturing a
-// graph, so graph replays are not seen; profile eager work. Recording costs host time (two
-// event records per op), so a profiled run is slower than an unprofiled one: time throughput
-// without it.
+// widening casts) is timed as a whole. An op that throws is not timed. Nothing is recorded on
+// a stream that is capturing a graph, so graph replays are not seen; profile eager work.
+// Recording costs host time (two events per op), so a profiled run is slower than an
+// unprofiled one: time throughput without it.
 #pragma once
 
 #include <cstdint>
@@ -41,8 +43,9 @@ class OpProfile {
   OpProfile(const OpProfile&) = delete;
   OpProfile& operator=(const OpProfile&) = delete;
 
-  // Waits for every recorded event and returns the totals per (op, shapes), largest time
-  // first. The recorded calls are consumed: a second collect() sees only later ones.
+  // Waits for the events of every call whose issue has ended and returns the totals per (op,
+  // shapes), largest time first. Those calls are consumed: a second collect() sees only later
+  // ones (and calls still being issued on another thread, once they end).
   std::vector<OpTime> collect();
 
   struct State;
@@ -54,6 +57,8 @@ class OpProfile {
 // Used by the ops (ops.cpp): records the start event when a profile is alive, the stream is
 // not capturing and no enclosing op is being timed on this thread, and the end event on
 // destruction. `operands` name the shapes (an undefined tensor is left out).
+struct OpRecord;
+
 class OpScope {
  public:
   OpScope(Stream& s, const char* op, std::initializer_list<const Tensor*> operands);
@@ -62,8 +67,9 @@ class OpScope {
   OpScope& operator=(const OpScope&) = delete;
 
  private:
-  Stream* stream_ = nullptr;  // null: not timing
-  size_t record_ = 0;
+  std::shared_ptr<OpRecord> record_;  // null: not timing
+  Stream* stream_ = nullptr;
+  int exceptions_ = 0;  // std::uncaught_exceptions() at construction
 };
 
 // The totals of several ops as text: one line per op (all shapes together), then the `top`

@@ -77,13 +77,13 @@ int64_t ref_grad(const Conv2dShape& s, int pix, int t) {
 // fp32 convolutions of conv.cu) when run % 4 == 0.
 std::vector<int> chunk_widths(int run) {
   std::vector<int> w;
-  if (run % 8 == 0) w.push_back(8);
-  if (run % 4 == 0) w.push_back(4);
+  for (int width : {8, 4})
+    if (run_allows_chunks(run, width)) w.push_back(width);
   return w;
 }
 
 // The stride-class gathers serve the bf16 tensor-core kernels only: 8-element chunks.
-std::vector<int> bf16_chunks(int run) { return run % 8 == 0 ? std::vector<int>{8} : std::vector<int>{}; }
+std::vector<int> bf16_chunks(int run) { return run_allows_chunks(run, 8) ? std::vector<int>{8} : std::vector<int>{}; }
 
 // Checks that loader.offset(row(x), col(k)) == ref(x, k) over [0, xs + 2) x [0, ks + 2) and at
 // coordinates up to a whole tile past the edges (the GEMMs load up to 255 rows past M and 7

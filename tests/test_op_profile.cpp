@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -57,11 +58,13 @@ TEST(OpProfile, CountsEachOpPerShapeAndTimesItOnItsStream) {
   EXPECT_EQ(little->calls, 1);
   EXPECT_EQ(fill->calls, 3);
   EXPECT_EQ(fill->shapes, "f32 [10]");
-  // Most expensive first; the 1.2 GFLOP convolutions dwarf a 10-element fill and the 16x
-  // smaller convolution.
+  // Most expensive first; the 0.6 GFLOP convolutions dwarf a 10-element fill and the 64x
+  // smaller convolution. (Not with the race-hunting stream jitter, which sleeps inside ops.)
   EXPECT_EQ(&times[0], big);
-  EXPECT_GT(big->ms, 20 * fill->ms);
-  EXPECT_GT(big->ms / 3, 4 * little->ms);
+  if (std::getenv("STALEPROP_CPU_STREAM_JITTER_US") == nullptr) {
+    EXPECT_GT(big->ms, 20 * fill->ms);
+    EXPECT_GT(big->ms / 3, 4 * little->ms);
+  }
   // One stream runs one op at a time: the op times fit in the wall time of the work.
   EXPECT_LE(total_ms(times), wall * 1.001 + 0.01);
   EXPECT_GT(total_ms(times), 0.5 * wall) << "the stream was busy with the convolutions most of the time";
@@ -89,6 +92,22 @@ TEST(OpProfile, TimesOnlyTheOutermostOpAndNothingWithoutAProfile) {
   EXPECT_TRUE(again.collect().empty());
   // Only one profile at a time.
   EXPECT_THROW({ OpProfile second; }, Error);
+}
+
+TEST(OpProfile, AnOpThatThrowsIsNotTimedAndTheNextOnesAre) {
+  auto s = make_stream(Device::cpu());
+  const Tensor f = Tensor::empty({8}, DType::F32), wrong = Tensor::empty({8}, DType::I32);
+  OpProfile profile;
+  EXPECT_THROW(ops::fill(*s, wrong, 1.f), Error);  // fill takes f32 only
+  ops::fill(*s, f, 1.f);
+  ops::scale(*s, 2.f, f, f);
+  const std::vector<OpTime> times = profile.collect();
+  ASSERT_EQ(times.size(), 2u);
+  const OpTime* fill = find(times, "fill");
+  ASSERT_NE(fill, nullptr);
+  EXPECT_EQ(fill->calls, 1);
+  EXPECT_EQ(fill->shapes, "f32 [8]");
+  ASSERT_NE(find(times, "scale"), nullptr);
 }
 
 TEST(OpProfile, RecordsNothingWhileAStreamCaptures) {

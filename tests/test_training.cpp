@@ -349,7 +349,7 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   EXPECT_EQ(replayed.replayed_units, replayed.units);
   c.graphs = false;
 
-  // --profile-ops: the device time of every op over one more step, beside the timed ones.
+  // --profile-ops: the device time of every op over more steps, beside the timed ones.
   c.method = "backprop";
   c.split = 1;
   c.profile_ops = 2;
@@ -367,9 +367,19 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   EXPECT_LE(op_ms, profiled.profiled_wall_ms * 1.001);
   EXPECT_NE(profiled.json().find("\"op_profile\":[{\"op\":"), std::string::npos);
   EXPECT_EQ(bp.json().find("op_profile"), std::string::npos);
+  // The decoupled methods profile one more epoch: every module's ops, fill and drain included.
+  c.method = "fdg";
+  c.split = 2;
+  const train::BenchResult fdg_profiled = train::run_bench(c);
+  int64_t fdg_convs = 0;
+  for (const OpTime& t : fdg_profiled.op_times)
+    if (t.op == "conv2d_forward") fdg_convs += t.calls;
+  EXPECT_EQ(fdg_convs, 19 * c.profile_ops);  // each batch forwarded once through both modules
   c.graphs = true;
   EXPECT_THROW(train::run_bench(c), Error);  // replays issue no ops to time
   c.graphs = false;
+  c.method = "backprop";
+  c.split = 1;
   c.profile_ops = 0;
 
   c.method = "pipedream";

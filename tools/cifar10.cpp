@@ -261,6 +261,8 @@ BatchLoader::BatchLoader(const Dataset& data, const LoaderOptions& opts)
   SP_CHECK(batches_per_epoch_ > 0, "BatchLoader: ", data.size(), " samples make no batch of ", opts.batch_size,
            opts.drop_last ? " with drop_last" : "");
   SP_CHECK(opts.prefetch >= 1, "BatchLoader: prefetch must be at least 1, got ", opts.prefetch);
+  SP_CHECK(opts.cutout >= 0 && opts.cutout <= kCifarSide, "BatchLoader: cutout ", opts.cutout, " outside 0..",
+           kCifarSide);
   // One slot more than the prefetch depth: the consumer holds one while the producer fills the rest.
   slots_.resize(size_t(opts.prefetch) + 1);
   const size_t image_bytes = size_t(opts.batch_size * kCifarImageBytes) * sizeof(float);

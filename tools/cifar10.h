@@ -86,8 +86,8 @@ struct Augmentation {
 // crop offsets uniform in 0..8 and a flip with probability 1/2, as torchvision's
 // RandomCrop(32, padding=4) followed by RandomHorizontalFlip(); with cutout > 0, then a
 // cutout x cutout square centred on a pixel drawn uniformly from the image, as in DeVries &
-// Taylor's code (the centre may lie near the border, where the square is clipped). The crop and
-// flip do not depend on cutout.
+// Taylor's code (the centre may lie near the border, where the square is clipped; for an odd
+// side their code cuts one row and column less). The crop and flip do not depend on cutout.
 Augmentation sample_augmentation(uint64_t seed, int64_t epoch, int64_t position, int cutout = 0);
 
 // Writes the float NHWC image (32 x 32 x 3) of uint8 image `src` cropped, flipped and

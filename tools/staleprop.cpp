@@ -4,6 +4,7 @@
 // from the same tables, so it cannot drift from what is parsed.
 #include <chrono>
 #include <cmath>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -268,7 +269,7 @@ int train_main(int argc, char** argv) {
       {"train-limit", "N", "use only the first N training images (default all)", [&](const std::string& v) { train_limit = positive("train-limit", std::stoll(v)); }},
       {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { test_limit = positive("test-limit", std::stoll(v)); }},
       {"no-augment", "", "disable random crop and flip", [&](const std::string&) { c.augment = false; }},
-      {"cutout", "N", "after crop and flip, zero an N x N square (clipped at the border) centred on a random pixel of each training image (Cutout, DeVries & Taylor 2017; they use 16 on CIFAR-10; default 0: none)", [&](const std::string& v) { c.cutout = int(std::stoll(v)); }},
+      {"cutout", "N", "after crop and flip, zero an N x N square (clipped at the border) centred on a random pixel of each training image (Cutout, DeVries & Taylor 2017; they use 16 on CIFAR-10; default 0: none)", [&](const std::string& v) { c.cutout = int(std::clamp<long long>(std::stoll(v), -1, 33)); }},
       {"eval-batch-size", "B", "batch size of the test-set evaluation (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", std::stoll(v)); }},
       {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} in FILE: one per epoch)", [&](const std::string& v) { c.checkpoint = v; }},
       {"checkpoint-every", "N", "also write it every N steps", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", std::stoll(v)); }},

@@ -163,7 +163,8 @@ std::map<std::string, std::string> run_metadata(const TrainConfig& cfg, int64_t 
           {"seed", std::to_string(cfg.seed)},
           {"epochs", std::to_string(cfg.epochs)},
           {"schedule", cfg.schedule},
-          {"lr", json_number(cfg.lr)}};
+          {"lr", json_number(cfg.lr)},
+          {"augment", !cfg.augment ? "none" : cfg.cutout > 0 ? "crop,flip,cutout" + std::to_string(cfg.cutout) : "crop,flip"}};
 }
 
 // Runs the eval-mode forward over a whole data set.

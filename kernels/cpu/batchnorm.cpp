@@ -80,6 +80,7 @@ void training_statistics(int64_t m, int64_t c, const T* x, T eps, T momentum, T*
 // relu_backward's value.
 template <typename T>
 inline T select_positive(T y, T v) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "float or double");
   using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   Bits b;
   std::memcpy(&b, &v, sizeof b);

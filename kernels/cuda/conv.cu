@@ -73,7 +73,8 @@ struct F32GatherLoader {
 // element (tap, pix), run C.
 template <class Index>
 F32GatherLoader<Index> gather(const float* base, int64_t run, const ConvGeom& g) {
-  return F32GatherLoader<Index>{base, detail::float4_ok(base, run), Index{{nullptr, false}, g}};
+  const bool vec = reinterpret_cast<uintptr_t>(base) % 16 == 0 && detail::mma::run_allows_chunks(run, 4);
+  return F32GatherLoader<Index>{base, vec, Index{{nullptr, false}, g}};
 }
 
 template <class LoaderA, class LoaderB>

@@ -118,7 +118,7 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
     const bool taps = c.rc * c.sc > 0;
     if (taps) {
       const ClassGeom cg = make_class_geom(g, c);
-      const BwdDataClassGradLoader a{{dy, aligned16(dy) && g.k % 8 == 0}, cg};
+      const BwdDataClassGradLoader a{{dy, aligned16(dy) && run_allows_chunks(g.k, 8)}, cg};
       const MmaEpilogue<uint16_t> ep{scratch.as<uint16_t>(), g.c, 1, 1.f, 0.f, nullptr, false};
       if (dgrad_transposed_filter()) {
         // The class's taps of the filter as a plain C x kc matrix (see conv2d_backward_data_bf16).
@@ -126,7 +126,7 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
         run(a, MatrixLoader<true>{wt.as<uint16_t>(), cg.kc, g.c, cg.kc, chunk_ok(wt.as<uint16_t>(), cg.kc)}, cg.m,
             g.c, cg.kc, ep, stream);
       } else {
-        const BwdDataClassWeightLoader b{{w, aligned16(w) && g.c % 8 == 0}, cg};
+        const BwdDataClassWeightLoader b{{w, aligned16(w) && run_allows_chunks(g.c, 8)}, cg};
         run(a, b, cg.m, g.c, cg.kc, ep, stream);
       }
     }
@@ -142,7 +142,7 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
 void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* y,
                          cudaStream_t stream) {
   const ConvGeom g = conv_geom(sh);
-  const FwdInputLoader a{{x, aligned16(x) && g.c % 8 == 0}, g};
+  const FwdInputLoader a{{x, aligned16(x) && run_allows_chunks(g.c, 8)}, g};
   // w[k, tap]: element (k, tap) of a K x taps matrix, contiguous along the taps.
   const MatrixLoader<true> b{w, g.taps, g.k, g.taps, chunk_ok(w, g.taps)};
   const MmaEpilogue<uint16_t> ep{y, g.k, 1, 1.f, 0.f, bias, false};
@@ -156,7 +156,7 @@ void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const 
     backward_data_by_class(sh, g, dy, w, dx, stream);
     return;
   }
-  const BwdDataGradLoader a{{dy, aligned16(dy) && g.k % 8 == 0}, g};
+  const BwdDataGradLoader a{{dy, aligned16(dy) && run_allows_chunks(g.k, 8)}, g};
   const MmaEpilogue<uint16_t> ep{dx, g.c, 1, 1.f, 0.f, nullptr, false};
   if (dgrad_transposed_filter()) {
     const Workspace wt = transposed_filter(g, w, FilterTaps::all(g), stream);
@@ -165,14 +165,14 @@ void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const 
     run(a, b, g.nhw, g.c, g.rsk, ep, stream);
     return;
   }
-  const BwdDataWeightLoader b{{w, aligned16(w) && g.c % 8 == 0}, g};
+  const BwdDataWeightLoader b{{w, aligned16(w) && run_allows_chunks(g.c, 8)}, g};
   run(a, b, g.nhw, g.c, g.rsk, ep, stream);
 }
 
 void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* dy, float* dw,
                                  float* dbias, cudaStream_t stream) {
   const ConvGeom g = conv_geom(sh);
-  const BwdWeightInputLoader a{{x, aligned16(x) && g.c % 8 == 0}, g};
+  const BwdWeightInputLoader a{{x, aligned16(x) && run_allows_chunks(g.c, 8)}, g};
   // dy[pix, k]: element (k, pix), contiguous along k.
   const MatrixLoader<false> b{dy, g.k, g.k, g.npq, chunk_ok(dy, g.k)};
   // Result (tap, k) goes to dw[k * taps + tap].

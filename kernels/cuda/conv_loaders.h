@@ -95,6 +95,13 @@ inline ConvGeom make_conv_geom(const ConvDims& d) {
   return g;
 }
 
+// Whether a gather along a run (C or K) of `run` elements keeps the chunk promise below for
+// chunks of `width` elements: 8 for the bf16 loaders' 16 bytes, 4 for the fp32 float4s of
+// conv.cu. (A chunk starts at a multiple of its width along the run, so it stays within one
+// filter tap and one pixel exactly when the run is a multiple of the width.) The kernels and
+// test_conv_loaders share it.
+constexpr bool run_allows_chunks(int64_t run, int width) { return run % width == 0; }
+
 // A loader over a gather: Derived::offset(row, col) is the index of the element in base, or -1
 // for a zero. With vec, the layout guarantees (see each loader) that the 8 elements of a chunk
 // are adjacent, start 16-byte aligned and are all present or all zero, so the first element's
