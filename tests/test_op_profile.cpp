@@ -2,9 +2,11 @@
 // records and how it attributes time. (On a GPU the same code records CUDA events.)
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/op_profile.h"
@@ -108,6 +110,38 @@ TEST(OpProfile, AnOpThatThrowsIsNotTimedAndTheNextOnesAre) {
   EXPECT_EQ(fill->calls, 1);
   EXPECT_EQ(fill->shapes, "f32 [8]");
   ASSERT_NE(find(times, "scale"), nullptr);
+}
+
+TEST(OpProfile, CountsEveryCallIssuedFromSeveralThreadsWhileAnotherCollects) {
+  // Two host threads issue ops on their own streams while the main thread collects: every call
+  // is counted exactly once, in one collect() or the last (ThreadSanitizer runs this too).
+  constexpr int kCalls = 200;
+  OpProfile profile;
+  std::atomic<int> running{2};
+  auto issue = [&](float v) {
+    auto s = make_stream(Device::cpu());
+    const Tensor t = Tensor::empty({64}, DType::F32);
+    for (int i = 0; i < kCalls; ++i) {
+      ops::fill(*s, t, v);
+      ops::scale(*s, 2.f, t, t);
+    }
+    s->synchronize();
+    --running;
+  };
+  std::thread a(issue, 1.f), b(issue, 2.f);
+  int64_t fills = 0, scales = 0;
+  auto count = [&](const std::vector<OpTime>& times) {
+    for (const OpTime& t : times) {
+      EXPECT_GE(t.ms, 0.0);
+      (t.op == "fill" ? fills : scales) += t.calls;
+    }
+  };
+  while (running.load() > 0) count(profile.collect());
+  a.join();
+  b.join();
+  count(profile.collect());
+  EXPECT_EQ(fills, 2 * kCalls);
+  EXPECT_EQ(scales, 2 * kCalls);
 }
 
 TEST(OpProfile, RecordsNothingWhileAStreamCaptures) {

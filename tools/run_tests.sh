@@ -21,7 +21,7 @@ if [ ! -f build-tsan/build.ninja ]; then
   cmake -S . -B build-tsan -G Ninja -DSTALEPROP_CUDA=OFF -DSTALEPROP_TSAN=ON -DSTALEPROP_BUILD_BENCH=OFF \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo
 fi
-TSAN_TESTS=(test_streams test_pipeline test_tensor_allocator)
+TSAN_TESTS=(test_streams test_pipeline test_tensor_allocator test_op_profile)
 cmake --build build-tsan -j "$(nproc)" --target "${TSAN_TESTS[@]}"
 for t in "${TSAN_TESTS[@]}"; do
   TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" "build-tsan/tests/$t"
