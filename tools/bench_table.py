@@ -19,8 +19,16 @@
       MiB each, and the graphs' gain and memory against op by op. Lines without graph_memory
       (written before planned arenas existed) count as bump.
 
+  ops F.jsonl ...
+      JSON lines of `staleprop bench --profile-ops N --json`. One column group per profiled
+      run (model, batch, precision, kernels, method), one row per op: its device time per step
+      and its share of the summed op time; then, per run, the wall time per profiled step and
+      the time the device certainly waited for the host (wall minus op time, meaningful on one
+      stream).
+
     python3 tools/bench_table.py kernels gpu-out/dgrad-direct.json gpu-out/dgrad-wt.json
     python3 tools/bench_table.py train gpu-out/graphs.jsonl
+    python3 tools/bench_table.py ops gpu-out/op-profile.jsonl
 """
 import json
 import re
@@ -122,11 +130,43 @@ def train_table(paths):
     return "\n".join(out)
 
 
+def ops_table(paths):
+    runs = []
+    for p in paths:
+        with open(p) as f:
+            runs += [r for r in (json.loads(line) for line in f if line.strip().startswith("{")) if "op_profile" in r]
+    labels, per_op, totals = [], [], []
+    for r in runs:
+        steps = r["profile_steps"]
+        by_op = {}
+        for t in r["op_profile"]:
+            by_op[t["op"]] = by_op.get(t["op"], 0.0) + t["ms"] / steps
+        labels.append(f'{r["model"]} b{r["batch_size"]} {r["precision"]} {r["kernels"]} {r["method"]}')
+        per_op.append(by_op)
+        totals.append((sum(by_op.values()), r["profile_wall_ms"] / steps))
+    ops = sorted({op for by_op in per_op for op in by_op}, key=lambda op: -max(b.get(op, 0.0) for b in per_op))
+    out = ["| op | " + " | ".join(f"{l}: ms/step | {l}: share" for l in labels) + " |",
+           "|---|" + "---|---|" * len(labels)]
+    for op in ops:
+        cells = []
+        for by_op, (total, _) in zip(per_op, totals):
+            ms = by_op.get(op)
+            cells += [fmt(ms, 3), f"{100 * ms / total:.1f}%" if ms is not None and total else "—"]
+        out.append(f"| {op} | " + " | ".join(cells) + " |")
+    out.append("| **op time** | " + " | ".join(f"{fmt(t, 3)} | 100%" for t, _ in totals) + " |")
+    out.append("| **wall time** | " + " | ".join(f"{fmt(w, 3)} | " for _, w in totals) + " |")
+    out.append("| **device waiting for the host** | " +
+               " | ".join(f"{fmt(max(w - t, 0.0), 3)} | {100 * max(w - t, 0.0) / w:.1f}% of wall" if w else "— | —"
+                          for t, w in totals) + " |")
+    return "\n".join(out)
+
+
 def main(argv):
-    if len(argv) < 3 or argv[1] not in ("kernels", "train"):
+    tables = {"kernels": kernels_table, "train": train_table, "ops": ops_table}
+    if len(argv) < 3 or argv[1] not in tables:
         sys.stderr.write(__doc__)
         return 2
-    print(kernels_table(argv[2:]) if argv[1] == "kernels" else train_table(argv[2:]))
+    print(tables[argv[1]](argv[2:]))
     return 0
 
 

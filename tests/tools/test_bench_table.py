@@ -6,7 +6,9 @@ iterations; TFLOP/s and GB/s rows; a benchmark only one file has) the rows, rati
 the speedup column must come out as written. train: on real `staleprop bench --json` lines of
 the CPU emulation, run op by op, with --graphs and with --graphs --graph-memory bump, the one
 configuration must fill all three column groups, with planned graphs holding less memory than
-bump ones.
+bump ones. ops: on real `staleprop bench --profile-ops` lines (backprop and fdg), one column
+group per run, convolutions timed in both, a run's shares adding up to 100%, and the host
+waiting time equal to wall minus op time.
 """
 import json
 import os
@@ -76,6 +78,24 @@ def main():
         check("—" not in row[5:11], f"every way of running it is there: {row}")
         planned_mib, bump_mib = float(row[8]), float(row[10])
         check(planned_mib < bump_mib, f"planned arenas hold less than bump arenas: {row}")
+
+        profiles = os.path.join(tmp, "ops.jsonl")
+        for method in (["--method", "backprop"], ["--method", "fdg", "--split", "2"]):
+            p = subprocess.run([staleprop, "bench", "--model", "resnet20", "--batch-size", "4", "--steps", "1",
+                                "--warmup", "1", "--profile-ops", "2", "--json", profiles] + method,
+                               capture_output=True, text=True)
+            check(p.returncode == 0, f"staleprop bench --profile-ops {method}", p.stdout + p.stderr)
+        head, rows = table("ops", profiles)
+        check("resnet20 b4 fp32 custom backprop: ms/step" in head and "resnet20 b4 fp32 custom fdg: ms/step" in head,
+              f"one column group per run: {head}")
+        by_op = {r[0]: r for r in rows}
+        conv = by_op.get("conv2d_forward")
+        check(conv is not None and float(conv[1]) > 0 and float(conv[3]) > 0, f"convolutions timed in both: {rows}")
+        shares = [float(r[2].rstrip("%")) for r in rows if not r[0].startswith("**") and r[2] != "—"]
+        check(abs(sum(shares) - 100.0) < 0.5, f"the shares of one run add up to 100%: {shares}")
+        op_time, wall = float(by_op["**op time**"][1]), float(by_op["**wall time**"][1])
+        waiting = float(by_op["**device waiting for the host**"][1])
+        check(abs(waiting - max(wall - op_time, 0.0)) < 0.002, f"waiting = wall - op time: {rows[-3:]}")
     print("bench_table: all checks passed")
 
 
