@@ -4,7 +4,8 @@
 # .carry/bin/ when there is one, so the accuracy run starts at once instead of after the build.
 # Order, each step bounded so that the results are packed before DEADLINE seconds (default 560):
 #   1. unpack CIFAR-10; start the accuracy run (TRAIN_ARGS) in the background, on the carried
-#      binary when present (else after the build), its metrics in train.jsonl;
+#      binary when present (else after the build), its metrics in train.jsonl and its last
+#      epoch's checkpoint in train.safetensors;
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test (ctest);
 #   3. compute-sanitizer memcheck and racecheck on the wgmma and wgmma_tma main loops' tests
 #      (memcheck also on the stride-class and transposed-filter data gradients), memcheck on the
@@ -49,8 +50,10 @@ TRAIN_PID=
 start_train() {
   log "accuracy run on $1: staleprop train $TRAIN_ARGS"
   (
+    # The checkpoint of the last finished epoch comes back too: a run cut by T_TRAIN can be
+    # resumed in a later session (--resume), and a finished one evaluated (staleprop eval).
     timeout "${T_TRAIN:-420}" "$1" train --device cuda $TRAIN_ARGS --progress plain --metrics "$OUT/train.jsonl" \
-      > "$OUT/train.log" 2>&1
+      --checkpoint "$OUT/train.safetensors" > "$OUT/train.log" 2>&1
     echo "train exit $?" >> "$OUT/train.log"
   ) &
   TRAIN_PID=$!
