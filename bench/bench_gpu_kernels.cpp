@@ -10,8 +10,8 @@
 //     count in the network; the stem's backward-data left out, as training never computes
 //     it), and conv_train_bf16/r18_all_layers all three directions together,
 //   * bandwidth-bound ops (batch-norm training forward/backward, the fused BN+add+ReLU with fp32
-//     and bf16 activations, relu, add, sgd_step) vs a device-to-device cudaMemcpyAsync moving
-//     the same number of bytes.
+//     and bf16 activations, relu, add, global average and max pooling, the option-A shortcut,
+//     sgd_step) vs a device-to-device cudaMemcpyAsync moving the same number of bytes.
 //
 // How a benchmark is timed:
 //   * Each iteration times a block of `inner` back-to-back custom calls and a block of `inner`
@@ -886,6 +886,112 @@ class ElementwisePair : public BandwidthPair {
   std::vector<DevBuf> a_, b_, out_;
 };
 
+// Pooling and the option-A shortcut, whose minimal traffic is each operand's bytes read once
+// and each output's written once:
+//   global average pool  forward reads x [N, HW, C] and writes y [N, C]; backward reads dy
+//                        [N, C] and writes dx [N, HW, C];
+//   max pool             forward reads x and writes y; backward reads x and dy, writes dx;
+//   option-A shortcut    forward reads the sampled pixels of x (every stride-th row and column)
+//                        and writes y [N, P, Q, C_out]; backward reads dy's C_in channels
+//                        there and writes dx [N, H, W, C_in].
+enum class PoolOp { AvgFwd, AvgBwd, MaxFwd, MaxBwd, ShortcutFwd, ShortcutBwd };
+
+class PoolPair : public BandwidthPair {
+ public:
+  struct Shape {
+    int n, hw, c;      // input N, H = W, C
+    int c_out = 0;     // shortcut: output channels
+  };
+  static sp::kernels::Pool2dShape max_shape(const Shape& s) {
+    sp::kernels::Pool2dShape p;
+    p.n = s.n, p.h = s.hw, p.w = s.hw, p.c = s.c, p.window = 3, p.stride = 2, p.pad = 1;
+    return p;
+  }
+  static sp::kernels::ShortcutAShape shortcut_shape(const Shape& s) {
+    sp::kernels::ShortcutAShape sh;
+    sh.n = s.n, sh.h = s.hw, sh.w = s.hw, sh.c_in = s.c, sh.c_out = s.c_out, sh.stride = 2;
+    return sh;
+  }
+  static size_t traffic(const Shape& s, PoolOp op) {
+    const size_t f = sizeof(float), in = size_t(s.n) * s.hw * s.hw * s.c;
+    switch (op) {
+      case PoolOp::AvgFwd:
+      case PoolOp::AvgBwd:
+        return (in + size_t(s.n) * s.c) * f;
+      case PoolOp::MaxFwd:
+        return (in + size_t(max_shape(s).y_size())) * f;
+      case PoolOp::MaxBwd:
+        return (2 * in + size_t(max_shape(s).y_size())) * f;
+      case PoolOp::ShortcutFwd: {
+        const auto sh = shortcut_shape(s);
+        return (size_t(s.n) * sh.p() * sh.q() * s.c + size_t(sh.y_size())) * f;
+      }
+      case PoolOp::ShortcutBwd: {
+        const auto sh = shortcut_shape(s);
+        return (size_t(s.n) * sh.p() * sh.q() * s.c + size_t(sh.x_size())) * f;
+      }
+    }
+    return 0;
+  }
+  // The element counts of the op's input and output.
+  static std::pair<size_t, size_t> sizes(const Shape& s, PoolOp op) {
+    const size_t in = size_t(s.n) * s.hw * s.hw * s.c, pooled = size_t(s.n) * s.c;
+    switch (op) {
+      case PoolOp::AvgFwd:
+        return {in, pooled};
+      case PoolOp::AvgBwd:
+        return {pooled, in};
+      case PoolOp::MaxFwd:
+      case PoolOp::MaxBwd:
+        return {in, size_t(max_shape(s).y_size())};
+      case PoolOp::ShortcutFwd:
+        return {in, size_t(shortcut_shape(s).y_size())};
+      case PoolOp::ShortcutBwd:
+        return {size_t(shortcut_shape(s).y_size()), in};
+    }
+    return {0, 0};
+  }
+  PoolPair(const Shape& s, PoolOp op) : BandwidthPair(traffic(s, op)), s_(s), op_(op) {
+    slots = slots_for(traffic(s, op));
+    const auto [in, out] = sizes(s, op);
+    for (int k = 0; k < slots; ++k) {
+      a_.push_back(random_buf(in));
+      if (op == PoolOp::MaxBwd) dy_.push_back(random_buf(out));
+      out_.emplace_back((op == PoolOp::MaxBwd ? in : out) * sizeof(float));
+    }
+    make_copy_slots();
+    SP_CUDA_CHECK(cudaStreamSynchronize(g_env.stream));
+  }
+  void custom(int k) override {
+    const size_t i = size_t(k);
+    switch (op_) {
+      case PoolOp::AvgFwd:
+        kc::global_avgpool_forward(s_.n, int64_t(s_.hw) * s_.hw, s_.c, a_[i].f(), out_[i].f(), g_env.stream);
+        break;
+      case PoolOp::AvgBwd:
+        kc::global_avgpool_backward(s_.n, int64_t(s_.hw) * s_.hw, s_.c, a_[i].f(), out_[i].f(), g_env.stream);
+        break;
+      case PoolOp::MaxFwd:
+        kc::maxpool2d_forward(max_shape(s_), a_[i].f(), out_[i].f(), g_env.stream);
+        break;
+      case PoolOp::MaxBwd:
+        kc::maxpool2d_backward(max_shape(s_), a_[i].f(), dy_[i].f(), out_[i].f(), g_env.stream);
+        break;
+      case PoolOp::ShortcutFwd:
+        kc::shortcut_a_forward(shortcut_shape(s_), a_[i].f(), out_[i].f(), g_env.stream);
+        break;
+      case PoolOp::ShortcutBwd:
+        kc::shortcut_a_backward(shortcut_shape(s_), a_[i].f(), out_[i].f(), g_env.stream);
+        break;
+    }
+  }
+
+ private:
+  Shape s_;
+  PoolOp op_;
+  std::vector<DevBuf> a_, dy_, out_;
+};
+
 // Parameter tensor sizes of the CIFAR ResNet-18 (conv KRSC weights, BN gamma/beta, Linear).
 std::vector<int64_t> resnet18_param_sizes() {
   std::vector<int64_t> sizes;
@@ -999,6 +1105,38 @@ void register_bandwidth() {
       }
     }
   }
+  // Pooling and the option-A shortcut at the CIFAR ResNets' shapes: the global average pool of
+  // ResNet-20/56 (8x8x64) and ResNet-18 (4x4x512), the shortcuts between ResNet-20/56's stages,
+  // and a 3x3 stride-2 max pool (an ImageNet-style stem; the CIFAR models use none) at 32x32x64.
+  struct PoolCase {
+    PoolOp op;
+    const char* name;
+    PoolPair::Shape shape;  // at batch 1; n set below
+  };
+  const PoolCase pools[] = {
+      {PoolOp::AvgFwd, "avgpool_fwd/r20_c64_8px", {1, 8, 64}},
+      {PoolOp::AvgBwd, "avgpool_bwd/r20_c64_8px", {1, 8, 64}},
+      {PoolOp::AvgFwd, "avgpool_fwd/r18_c512_4px", {1, 4, 512}},
+      {PoolOp::AvgBwd, "avgpool_bwd/r18_c512_4px", {1, 4, 512}},
+      {PoolOp::ShortcutFwd, "shortcut_fwd/r20_16to32_32px", {1, 32, 16, 32}},
+      {PoolOp::ShortcutBwd, "shortcut_bwd/r20_16to32_32px", {1, 32, 16, 32}},
+      {PoolOp::ShortcutFwd, "shortcut_fwd/r20_32to64_16px", {1, 16, 32, 64}},
+      {PoolOp::ShortcutBwd, "shortcut_bwd/r20_32to64_16px", {1, 16, 32, 64}},
+      {PoolOp::MaxFwd, "maxpool_fwd/3x3_s2_c64_32px", {1, 32, 64}},
+      {PoolOp::MaxBwd, "maxpool_bwd/3x3_s2_c64_32px", {1, 32, 64}},
+  };
+  for (const PoolCase& pc : pools) {
+    for (int batch : {128, 512}) {
+      PoolPair::Shape shape = pc.shape;
+      shape.n = batch;
+      const PoolOp op = pc.op;
+      register_pair(
+          std::string(pc.name) + "/n" + std::to_string(batch),
+          [shape, op] { return std::unique_ptr<Pair>(new PoolPair(shape, op)); },
+          double(PoolPair::traffic(shape, op)), Unit::Bytes);
+    }
+  }
+
   const std::vector<int64_t> sizes = resnet18_param_sizes();
   register_pair(
       "sgd_step/resnet18_" + std::to_string(sizes.size()) + "_tensors_" + std::to_string(SgdPair::total(sizes)) +

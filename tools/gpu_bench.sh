@@ -16,7 +16,7 @@
 # Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3 4" picks stages
 # MIN_TIME the benchmarks' --benchmark_min_time in seconds (default 0.05), BENCH_FAMILIES the
 # benchmark families to run (default: all, one JSON each: gemm_bf16 conv_bf16 gemm conv_fwd
-# conv_bwd_data conv_bwd_weight bn bn_add_relu elementwise sgd) and BENCH_FILTER a regex that
+# conv_bwd_data conv_bwd_weight bn bn_add_relu elementwise pool sgd) and BENCH_FILTER a regex that
 # further narrows the names within each family. TAR=1 packs $OUT into $OUT/results.tgz at the end (the
 # device tool brings back at most 8 files).
 set -uo pipefail
@@ -46,9 +46,9 @@ for stage in $STAGES; do
     declare -A FAM=([gemm]='^gemm/' [gemm_bf16]='^gemm_bf16/' [conv_fwd]='^conv_fwd/' [conv_bwd_data]='^conv_bwd_data/'
       [conv_bwd_weight]='^conv_bwd_weight/' [conv_bf16]='^conv_(fwd|bwd_data|bwd_weight|train)_bf16/'
       [bn]='^bn_(fwd_train|bwd)/' [bn_add_relu]='^bn_add_relu_' [elementwise]='^(relu_fwd|relu_bwd|add)/'
-      [sgd]='^sgd_step/')
+      [pool]='^(avgpool|maxpool|shortcut)_' [sgd]='^sgd_step/')
     for fam in ${BENCH_FAMILIES:-gemm_bf16 conv_bf16 gemm conv_fwd conv_bwd_data conv_bwd_weight bn bn_add_relu \
-        elementwise sgd}; do
+        elementwise pool sgd}; do
       build-gpu/bench/bench_gpu_kernels --benchmark_min_time="${MIN_TIME}" --benchmark_repetitions=3 \
         --benchmark_filter="${FAM[$fam]}${BENCH_FILTER:+.*(${BENCH_FILTER})}" \
         --benchmark_report_aggregates_only=true --benchmark_out="$OUT/kernels-$fam.json" \

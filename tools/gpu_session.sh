@@ -12,8 +12,8 @@
 #      batch-norm, pointwise and SGD kernels (both paths, through the unaligned-path tests) and
 #      on the fp32 GEMM and convolutions (SAN_CAP seconds each, default 55);
 #   4. wait for the accuracy run, so that nothing shares the GPU with the measurements;
-#   5. gpu_bench.sh stage 1 for the bandwidth-bound kernels (batch norm, pointwise, SGD against
-#      the copy) and ResNet-20/56's fp32 convolutions (against cuDNN); the device time per op
+#   5. gpu_bench.sh stage 1 for the bandwidth-bound kernels (batch norm, pointwise, pooling,
+#      shortcut, SGD against the copy) and ResNet-20/56's fp32 convolutions (against cuDNN); the device time per op
 #      of ResNet-56 and ResNet-18 training steps (staleprop bench --profile-ops); then stage 5
 #      (the main loops, and the bf16 data gradient per layer in four forms: direct or by stride
 #      class, the filter gathered or transposed), then stage 4 (CUDA graphs) as time allows;
@@ -95,7 +95,7 @@ fi
 
 log "gpu_bench stage 1: the bandwidth-bound kernels against the copy"
 [ "$(left)" -gt 120 ] &&
-  STAGES=1 BENCH_FAMILIES="bn bn_add_relu elementwise sgd" MIN_TIME=0.02 timeout $(( $(left) - 60 )) tools/gpu_bench.sh |
+  STAGES=1 BENCH_FAMILIES="bn bn_add_relu elementwise pool sgd" MIN_TIME=0.02 timeout $(( $(left) - 60 )) tools/gpu_bench.sh |
   tee -a "$OUT/session.txt"
 # The fp32 convolutions of ResNet-20/56 at batch 128 against cuDNN (#4's fp32 ResNet-56 target).
 [ "$(left)" -gt 120 ] &&
