@@ -57,6 +57,16 @@ void keep_peak(BenchResult& r, CachingAllocator& alloc) {
   r.peak_reserved_bytes = mem.peak_reserved_bytes;
 }
 
+// With --profile-ops: runs the profiled steps (run_ms runs them and returns their wall time in
+// ms) with every op timed, after the timed steps.
+template <class RunMs>
+void profile_ops(const BenchConfig& cfg, BenchResult& r, const RunMs& run_ms) {
+  if (cfg.profile_ops <= 0) return;
+  OpProfile profile;
+  r.profiled_wall_ms = run_ms();
+  r.op_times = profile.collect();
+}
+
 }  // namespace
 
 // ,"profile_steps":N,"profile_wall_ms":W,"op_profile":[{"op":..,"shapes":..,"calls":..,"ms":..},..]
@@ -150,13 +160,11 @@ BenchResult run_bench(const BenchConfig& cfg) {
     r.images_per_s = double(cfg.steps * cfg.batch_size) / (ms / 1e3);
     r.ms_per_step = ms / double(cfg.steps);
     keep_peak(r, alloc);
-    if (cfg.profile_ops > 0) {
-      OpProfile profile;
+    profile_ops(cfg, r, [&] {
       const auto p0 = Clock::now();
       run(cfg.profile_ops);
-      r.profiled_wall_ms = std::chrono::duration<double, std::milli>(Clock::now() - p0).count();
-      r.op_times = profile.collect();
-    }
+      return std::chrono::duration<double, std::milli>(Clock::now() - p0).count();
+    });
   } else {
     PipelineConfig pc;
     pc.method = parse_pipeline_method(method);
@@ -213,11 +221,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
     for (double b : st.busy_ms) r.busy_pct.push_back(100.0 * b / st.wall_ms);
     r.peak_activation_bytes = st.peak_saved_bytes;
     keep_peak(r, alloc);
-    if (cfg.profile_ops > 0) {
-      OpProfile profile;
-      r.profiled_wall_ms = epoch(cfg.profile_ops).wall_ms;
-      r.op_times = profile.collect();
-    }
+    profile_ops(cfg, r, [&] { return epoch(cfg.profile_ops).wall_ms; });
   }
   ops::set_kernel_backend(ops::KernelBackend::Custom);
   return r;
