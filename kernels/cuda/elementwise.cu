@@ -369,17 +369,20 @@ struct SgdLaunch {
 // Kernel parameters are limited to 32764 bytes (sm_70+, CUDA 12.1+).
 static_assert(sizeof(SgdLaunch) <= 32764, "the SGD table must fit the kernel parameter limit");
 
-// One element's update, in the CPU reference's order (kernels/cpu/optim.cpp).
+// One element's update, in the CPU reference's order (kernels/cpu/optim.cpp). Every product and
+// sum is rounded on its own (the _rn intrinsics are never contracted into FMAs): left to itself,
+// nvcc fused different pairs in the float4 loop and in the single-element loop, and the two paths
+// differed in the last bit (H100, 2026-11-26: SgdGivesTheSameBitsFromUnalignedTensors).
 __device__ __forceinline__ void sgd_update(float& param, float& mom, float grad, float lr, float mu, float wd, float gs,
                                            bool nesterov) {
-  const float g = gs * grad + wd * param;
+  const float g = __fadd_rn(__fmul_rn(gs, grad), __fmul_rn(wd, param));
   if (mu == 0.f) {
-    param -= lr * g;
+    param = __fsub_rn(param, __fmul_rn(lr, g));
     return;
   }
-  const float v = mu * mom + g;
+  const float v = __fadd_rn(__fmul_rn(mu, mom), g);
   mom = v;
-  param -= lr * (nesterov ? g + mu * v : v);
+  param = __fsub_rn(param, __fmul_rn(lr, nesterov ? __fadd_rn(g, __fmul_rn(mu, v)) : v));
 }
 
 __global__ void __launch_bounds__(kSgdThreads) sgd_kernel(const __grid_constant__ SgdLaunch launch) {
