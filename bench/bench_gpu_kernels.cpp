@@ -34,11 +34,11 @@
 //     freed when the next benchmark starts; warm-up calls run before anything is timed.
 //
 // The bf16 tensor-core kernels run on the main loop --mainloop=auto|mma_sync|wgmma|wgmma_tma selects
-// (default: $STALEPROP_MAINLOOP, else auto: wgmma where it can run, else mma_sync); the JSON
-// context records the one in use as tensor_core_mainloop. --dgrad-classes runs the bf16 data
-// gradient of strided convolutions by stride class (tensor_core.h; context
-// dgrad_by_stride_class), --dgrad-wt the bf16 data gradient on the transposed filter (context
-// dgrad_transposed_filter).
+// (default: $STALEPROP_MAINLOOP, else auto: wgmma_tma where wgmma can run, else mma_sync); the
+// JSON context records the one in use as tensor_core_mainloop. --dgrad-classes[=0|1] runs the
+// bf16 data gradient of strided convolutions by stride class or not (tensor_core.h; default
+// off; context dgrad_by_stride_class), --dgrad-wt[=0|1] the bf16 data gradient on the transposed
+// filter or on the gathered one (default on; context dgrad_transposed_filter).
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):
@@ -1163,10 +1163,10 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "bench_gpu_kernels: %s\n", e.what());
         return 2;
       }
-    } else if (arg == "--dgrad-classes") {
-      kc::set_dgrad_by_stride_class(true);
-    } else if (arg == "--dgrad-wt") {
-      kc::set_dgrad_transposed_filter(true);
+    } else if (arg == "--dgrad-classes" || arg == "--dgrad-classes=1" || arg == "--dgrad-classes=0") {
+      kc::set_dgrad_by_stride_class(arg != "--dgrad-classes=0");
+    } else if (arg == "--dgrad-wt" || arg == "--dgrad-wt=1" || arg == "--dgrad-wt=0") {
+      kc::set_dgrad_transposed_filter(arg != "--dgrad-wt=0");
     } else {
       argv[kept++] = argv[i];
     }

@@ -43,8 +43,8 @@ KernelBackend kernel_backend();
 
 // ---- Main loop of our bf16 tensor-core kernels (process-wide) ---------------------------------
 // "mma_sync" (any GPU from sm_80), "wgmma" (Hopper: an sm_90a build on a compute capability 9.0
-// GPU), "wgmma_tma" (wgmma, the GEMM's plain matrices loaded by TMA) or "auto" (wgmma where it
-// can run, else mma_sync; decided per device); see
+// GPU), "wgmma_tma" (wgmma, the GEMM's plain matrices loaded by TMA) or "auto" (wgmma_tma where
+// wgmma can run, else mma_sync; decided per device); see
 // kernels/cuda/tensor_core.h. The default is $STALEPROP_MAINLOOP when set, else auto.
 // tensor_core_mainloop() is the selection, tensor_core_mainloop_in_use() what the kernels run on
 // the current device ("none" without a CUDA device). Without CUDA both are "none" and setting one

@@ -369,8 +369,9 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
   // (classes no tap reaches, whose dx must be zeros), stride 3 with a 5x5 filter and pad 2 on
   // odd sizes, a single input row under stride 2 (empty classes), and C = 12 / K = 10 (the
   // element-wise gathers) under stride 2, also with chunked dy beside gathered weights.
-  // Off by default until verified on a GPU (tensor_core.h): on here, and for every strided
-  // shape of conv_cases() and on unaligned tensors too; the other tests run the direct form.
+  // Off by default (tensor_core.h): on here, and for every strided shape of conv_cases() and on
+  // unaligned tensors too, with the default filter form (transposed); the other tests run the
+  // direct form, and ConvolutionsWithTheTransposedFilter the classes on the gathered filter.
   const SwitchOn on(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class);
   std::vector<Conv2dShape> shapes = {conv(2, 10, 11, 16, 24, 2, 3, 0), conv(1, 7, 8, 8, 16, 5, 3, 2),
                                      conv(2, 1, 3, 8, 8, 1, 2, 0), conv(2, 9, 7, 12, 10, 3, 2, 1),
@@ -411,7 +412,11 @@ TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
     const SwitchOn by_class(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, classes);
     for (const Conv2dShape& sh : classes ? strided : shapes) {
       seed += 5;
-      const ConvResult gathered = check_conv(kCustomConv, stream_, sh, seed);
+      ConvResult gathered;
+      {
+        const SwitchOn off(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter, false);
+        gathered = check_conv(kCustomConv, stream_, sh, seed);
+      }
       ConvResult wt;
       {
         const SwitchOn on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);

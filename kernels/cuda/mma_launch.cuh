@@ -40,7 +40,8 @@ void mma_splitk_reduce(const float* partials, int splits, int m, int n, const Mm
 
 // Whether the wgmma main loop is selected (tensor_core.h); throws where it was selected but
 // cannot run. use_wgmma_tma(), asked only after use_wgmma() said yes: whether the selection is
-// wgmma_tma. Defined in tensor_core_select.cu.
+// wgmma_tma or auto (the GEMM of two TMA-addressable matrices then takes the TMA kernel).
+// Defined in tensor_core_select.cu.
 bool use_wgmma();
 bool use_wgmma_tma();
 // The TMA descriptor of a bf16 matrix at p (16-byte aligned) shaped as `shape` says, with the

@@ -41,7 +41,9 @@
 namespace sp::kernels::cuda {
 
 // ---- Main loop -------------------------------------------------------------------------------
-// kAuto: wgmma where wgmma_available() (faster there: bench/results/nvidia-h200/
+// kAuto: where wgmma_available(), wgmma, with the GEMM of plain matrices on the TMA kernel as
+// kWgmmaTma below (faster there: bf16 GEMM 4096^3 at 0.62 of cuBLASLt against wgmma's 0.46 and
+// mma_sync's 0.34, bench/results/nvidia-h100/2026-11-26-summary.md and nvidia-h200/
 // 2026-11-26-mainloops.md), else mma_sync; decided per device at each launch.
 // kWgmmaTma: wgmma with the GEMM's plain-matrix operands loaded by TMA in a warp-specialised
 // kernel (wgmma_tma_mainloop.cuh); the convolutions and operands TMA cannot address run the
@@ -61,15 +63,18 @@ void set_mma_mainloop(MmaMainloop m);
 MmaMainloop mma_mainloop();
 
 // The data gradient of strided convolutions by stride class (kernels/common/conv_stride_classes.h):
-// only the products that are not structural zeros. Off until a GPU run has verified it: the
-// default is on only where the environment variable STALEPROP_DGRAD_CLASSES is 1.
+// only the products that are not structural zeros. Verified on an H100 (tests and memcheck),
+// but off by default: on ResNet-18 (bf16, batch 512) it gains 1.5% over the direct form on the
+// gathered filter and loses 1% beside the transposed filter (bench/results/nvidia-h100/
+// 2026-11-26-summary.md). On where the environment variable STALEPROP_DGRAD_CLASSES is 1.
 void set_dgrad_by_stride_class(bool on);
 bool dgrad_by_stride_class();
 // The data gradient's filter operand as a plain matrix: the filter is first transposed, per
 // tap, into wt[c, r, s, k] (a small tiled-transpose kernel), so that the main loop reads it as
 // the forward reads its filter instead of gathering w[k, r, s, c] through per-chunk index
-// arithmetic (with stride classes: per class, its taps). Off until a GPU run has
-// verified it: the default is on only where the environment variable STALEPROP_DGRAD_WT is 1.
+// arithmetic (with stride classes: per class, its taps). On by default (ResNet-18's data
+// gradients, bf16, batch 512, on an H100: 8% faster than the gathered filter; bench/results/
+// nvidia-h100/2026-11-26-summary.md); the environment variable STALEPROP_DGRAD_WT=0 turns it off.
 void set_dgrad_transposed_filter(bool on);
 bool dgrad_transposed_filter();
 // The main loop the kernels run on the current device: the selection with auto resolved.

@@ -93,13 +93,13 @@ void set_dgrad_transposed_filter(bool on) { g_dgrad_wt.store(on ? 1 : 0, std::me
 
 bool dgrad_transposed_filter() {
   return setting(g_dgrad_wt, "STALEPROP_DGRAD_WT",
-                 [](const char* env) { return env && std::string(env) == "1" ? 1 : 0; }) == 1;
+                 [](const char* env) { return env && std::string(env) == "0" ? 0 : 1; }) == 1;
 }
 
 MmaMainloop effective_mma_mainloop() {
   const MmaMainloop m = mma_mainloop();
   if (m != MmaMainloop::kAuto) return m;
-  return wgmma_available() ? MmaMainloop::kWgmma : MmaMainloop::kMmaSync;
+  return wgmma_available() ? MmaMainloop::kWgmmaTma : MmaMainloop::kMmaSync;
 }
 
 namespace detail::mma {
@@ -118,7 +118,11 @@ bool use_wgmma() {
   return true;
 }
 
-bool use_wgmma_tma() { return mma_mainloop() == MmaMainloop::kWgmmaTma; }
+// Asked only after use_wgmma() said yes, so auto here means wgmma_available().
+bool use_wgmma_tma() {
+  const MmaMainloop m = mma_mainloop();
+  return m == MmaMainloop::kWgmmaTma || m == MmaMainloop::kAuto;
+}
 
 CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shape) {
   // The driver's encoder through the runtime, so nothing links libcuda directly.
