@@ -14,8 +14,13 @@
 #      ResNet-18 convolution benchmarks (each against cuBLASLt/cuDNN in the same run, one JSON
 #      per main loop) and bf16 training throughput of ResNet-18 (batch 512) and ResNet-56 (128).
 # Everything goes to $OUT (default ./gpu-out) with the environment; STAGES="1 2 3 4" picks stages
-# MIN_TIME the benchmarks' --benchmark_min_time in seconds (default 0.05), BENCH_FAMILIES the
-# benchmark families to run (default: all, one JSON each: gemm_bf16 conv_bf16 gemm conv_fwd
+# MIN_TIME the benchmarks' --benchmark_min_time in seconds (default 0.005; a plain number: the
+# carried Google Benchmark (Debian's) rejects the "0.005s" form). It counts the time per call that
+# bench_gpu_kernels reports, while each iteration runs a block of `inner` calls (up to 100) of
+# ours and as many of the twin: a repetition lasts about 2 x inner x MIN_TIME, and every
+# benchmark fixes 5 repetitions. At 0.02 the batch-norm family alone took 282 s on an H100
+# (2026-11-26); at 0.002 the 28 bn_add_relu entries took 9 s, with spreads under 1%.
+# BENCH_FAMILIES the benchmark families to run (default: all, one JSON each: gemm_bf16 conv_bf16 gemm conv_fwd
 # conv_bwd_data conv_bwd_weight bn bn_add_relu elementwise pool sgd) and BENCH_FILTER a regex that
 # further narrows the names within each family. TAR=1 packs $OUT into $OUT/results.tgz at the end (the
 # device tool brings back at most 8 files).
@@ -23,7 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
 STAGES=${STAGES:-"1 2 3 4 5"}
-MIN_TIME=${MIN_TIME:-0.05}
+MIN_TIME=${MIN_TIME:-0.005}
 mkdir -p "$OUT"
 source tools/gpu_env.sh
 { date -u; echo "commit $(cat .carry/commit 2>/dev/null || git rev-parse HEAD)"; nvidia-smi; nvcc --version;
@@ -49,7 +54,7 @@ for stage in $STAGES; do
       [pool]='^(avgpool|maxpool|shortcut)_' [sgd]='^sgd_step/')
     for fam in ${BENCH_FAMILIES:-gemm_bf16 conv_bf16 gemm conv_fwd conv_bwd_data conv_bwd_weight bn bn_add_relu \
         elementwise pool sgd}; do
-      build-gpu/bench/bench_gpu_kernels --benchmark_min_time="${MIN_TIME}" --benchmark_repetitions=3 \
+      build-gpu/bench/bench_gpu_kernels --benchmark_min_time="${MIN_TIME}" \
         --benchmark_filter="${FAM[$fam]}${BENCH_FILTER:+.*(${BENCH_FILTER})}" \
         --benchmark_report_aggregates_only=true --benchmark_out="$OUT/kernels-$fam.json" \
         --benchmark_out_format=json >> "$OUT/bench_gpu_kernels.txt" 2>&1
@@ -101,7 +106,7 @@ for stage in $STAGES; do
     for loop in ${MAINLOOPS:-mma_sync wgmma wgmma_tma}; do
       # Bounded per main loop, so that one that hangs costs its own time only.
       timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=$loop --benchmark_min_time="${MIN_TIME}" \
-        --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+        --benchmark_report_aggregates_only=true \
         --benchmark_filter="^gemm_bf16/|^conv_(fwd|bwd_data|bwd_weight|train)_bf16/r18_all_layers${BENCH_FILTER:+.*(${BENCH_FILTER})}" \
         --benchmark_out="$OUT/mainloop-$loop.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
       echo "bench_gpu_kernels --mainloop=$loop exit $?"
@@ -110,11 +115,11 @@ for stage in $STAGES; do
     # class, the filter gathered or transposed): one run each, each layer's vs_vendor comparing
     # them (cuDNN timed in every run; tools/bench_table.py kernels puts them side by side).
     for form in direct wt classes classes-wt; do
-      flags=""
-      case $form in *classes*) flags="--dgrad-classes" ;; esac
-      case $form in *wt) flags="$flags --dgrad-wt" ;; esac
+      flags="--dgrad-classes=0 --dgrad-wt=0"  # explicit: the defaults are classes off, wt on
+      case $form in *classes*) flags="--dgrad-classes=1 --dgrad-wt=0" ;; esac
+      case $form in *wt) flags="${flags% --dgrad-wt=0} --dgrad-wt=1" ;; esac
       timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=wgmma $flags \
-        --benchmark_min_time="${MIN_TIME}" --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \
+        --benchmark_min_time="${MIN_TIME}" --benchmark_report_aggregates_only=true \
         --benchmark_filter="^conv_bwd_data_bf16/${BENCH_FILTER:+.*(${BENCH_FILTER})}" \
         --benchmark_out="$OUT/dgrad-$form.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
       echo "bench_gpu_kernels --mainloop=wgmma data gradient per layer, $form: exit $?"

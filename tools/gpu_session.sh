@@ -95,11 +95,11 @@ fi
 
 log "gpu_bench stage 1: the bandwidth-bound kernels against the copy"
 [ "$(left)" -gt 120 ] &&
-  STAGES=1 BENCH_FAMILIES="bn bn_add_relu elementwise pool sgd" MIN_TIME=0.02 timeout $(( $(left) - 60 )) tools/gpu_bench.sh |
+  STAGES=1 BENCH_FAMILIES="bn bn_add_relu elementwise pool sgd" MIN_TIME=0.002 timeout $(( $(left) - 60 )) tools/gpu_bench.sh |
   tee -a "$OUT/session.txt"
 # The fp32 convolutions of ResNet-20/56 at batch 128 against cuDNN (#4's fp32 ResNet-56 target).
 [ "$(left)" -gt 120 ] &&
-  STAGES=1 BENCH_FAMILIES="conv_fwd conv_bwd_data conv_bwd_weight" BENCH_FILTER='r20_.*n128' MIN_TIME=0.02 \
+  STAGES=1 BENCH_FAMILIES="conv_fwd conv_bwd_data conv_bwd_weight" BENCH_FILTER='r20_.*n128' MIN_TIME=0.002 \
     timeout $(( $(left) - 60 )) tools/gpu_bench.sh | tee -a "$OUT/session.txt"
 # Where the training step's time goes (#4's missed throughput targets): the device time of every
 # op over 5 steps (--profile-ops), ResNet-56 at batch 128 and ResNet-18 at batch 512.
@@ -112,7 +112,7 @@ for cfg in "resnet56 128 fp32" "resnet56 128 bf16" "resnet18 512 bf16"; do
   log "op profile exit $?"
 done
 log "gpu_bench stage 5"
-[ "$(left)" -gt 60 ] && STAGES=5 MIN_TIME=0.02 timeout $(( $(left) - 40 )) tools/gpu_bench.sh | tee -a "$OUT/session.txt"
+[ "$(left)" -gt 60 ] && STAGES=5 MIN_TIME=0.002 timeout $(( $(left) - 40 )) tools/gpu_bench.sh | tee -a "$OUT/session.txt"
 log "gpu_bench stage 4"
 [ "$(left)" -gt 60 ] && STAGES=4 timeout $(( $(left) - 40 )) tools/gpu_bench.sh | tee -a "$OUT/session.txt"
 
