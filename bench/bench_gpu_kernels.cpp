@@ -38,7 +38,9 @@
 // JSON context records the one in use as tensor_core_mainloop. --dgrad-classes[=0|1] runs the
 // bf16 data gradient of strided convolutions by stride class or not (tensor_core.h; default
 // off; context dgrad_by_stride_class), --dgrad-wt[=0|1] the bf16 data gradient on the transposed
-// filter or on the gathered one (default on; context dgrad_transposed_filter).
+// filter or on the gathered one (default on; context dgrad_transposed_filter), --conv-tma[=0|1]
+// the convolutions' A operand loaded by TMA where the main loop is wgmma_tma (conv_tma.h; default
+// off until verified on a GPU; context conv_tma).
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):
@@ -108,6 +110,7 @@ void env_init() {
   benchmark::AddCustomContext("tensor_core_mainloop", kc::mainloop_name(kc::effective_mma_mainloop()));
   benchmark::AddCustomContext("dgrad_by_stride_class", kc::dgrad_by_stride_class() ? "yes" : "no");
   benchmark::AddCustomContext("dgrad_transposed_filter", kc::dgrad_transposed_filter() ? "yes" : "no");
+  benchmark::AddCustomContext("conv_tma", kc::conv_tma() ? "yes" : "no");
 }
 
 void env_destroy() {
@@ -1167,6 +1170,8 @@ int main(int argc, char** argv) {
       kc::set_dgrad_by_stride_class(arg != "--dgrad-classes=0");
     } else if (arg == "--dgrad-wt" || arg == "--dgrad-wt=1" || arg == "--dgrad-wt=0") {
       kc::set_dgrad_transposed_filter(arg != "--dgrad-wt=0");
+    } else if (arg == "--conv-tma" || arg == "--conv-tma=1" || arg == "--conv-tma=0") {
+      kc::set_conv_tma(arg != "--conv-tma=0");
     } else {
       argv[kept++] = argv[i];
     }

@@ -442,6 +442,47 @@ TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
   EXPECT_TRUE(bits_equal(a.dx, b.dx)) << "repeated runs differ";
 }
 
+TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
+  // The convolutions' A operand loaded by TMA, one 4-D box of the NHWC source per tap and 64
+  // channels (conv_tma.h), with conv_tma() on: on the wgmma_tma main loop the forward of every
+  // shape below whose input has C % 64 == 0 and the stride-1 data gradients whose dy has
+  // K % 64 == 0 take it (narrow 128 x 64 and wide 128 x 128 tiles); the other main loops, and
+  // the other shapes, fall back to the cp.async paths. Every ResNet-18 shape but the stem, then:
+  // batches that leave the last tile part empty (3 images of 8 x 8, 5 of 4 x 4: the boxes past
+  // N arrive as zeros and the epilogue drops those rows), a long reduction that splits K, a
+  // 5 x 5 filter with pad 2, and shapes the plan refuses (C = 96, Q = 6, Q = 12).
+  // Against the reference (check_conv), and against the cp.async wgmma path bit for bit: both
+  // run the same wgmma instructions on the same K steps in the same order, only the loads differ.
+  std::vector<Conv2dShape> shapes;
+  for (const Conv2dShape& sh : conv_cases())
+    if (sh.c % 64 == 0) shapes.push_back(sh);
+  shapes.push_back(conv(3, 8, 8, 64, 64, 3, 1, 1));
+  shapes.push_back(conv(5, 4, 4, 128, 128, 3, 1, 1));
+  shapes.push_back(conv(5, 8, 8, 128, 64, 3, 2, 1));
+  shapes.push_back(conv(1, 4, 4, 512, 128, 3, 1, 1));
+  shapes.push_back(conv(2, 8, 8, 64, 128, 5, 1, 2));
+  shapes.push_back(conv(2, 6, 6, 96, 64, 3, 1, 1));
+  shapes.push_back(conv(2, 6, 6, 64, 64, 3, 1, 1));
+  shapes.push_back(conv(3, 4, 12, 64, 64, 3, 1, 1));
+  uint32_t seed = 720;
+  for (const Conv2dShape& sh : shapes) {
+    seed += 5;
+    ConvResult tma;
+    {
+      const SwitchOn on(kcu::conv_tma, kcu::set_conv_tma);
+      tma = check_conv(kCustomConv, stream_, sh, seed);
+    }
+    if (GetParam() == kcu::MmaMainloop::kMmaSync) continue;
+    ConvResult cp_async;
+    {
+      const SwitchOn off(kcu::conv_tma, kcu::set_conv_tma, false);
+      cp_async = check_conv(kCustomConv, stream_, sh, seed);
+    }
+    EXPECT_TRUE(bits_equal(tma.y, cp_async.y)) << conv_str(sh) << ": forward with TMA loads vs cp.async";
+    EXPECT_TRUE(bits_equal(tma.dx, cp_async.dx)) << conv_str(sh) << ": backward data with TMA loads vs cp.async";
+  }
+}
+
 TEST_P(TensorCore, ConvolutionsOnUnalignedTensors) {
   // Tensors one element into their allocation: every loader takes the element-wise path.
   uint32_t seed = 700;

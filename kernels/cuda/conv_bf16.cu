@@ -45,6 +45,14 @@ ConvGeom conv_geom(const Conv2dShape& sh) { return make_conv_geom(detail::conv_d
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// The TMA plan of a convolution's A operand when the TMA convolutions run (conv_tma() on, the
+// wgmma_tma kernel selected, the source 16-byte aligned); not ok otherwise.
+detail::wgmma::ConvTmaPlan tma_plan(const void* src, int n, int p, int q, int src_h, int src_w, int src_c, int r, int s,
+                            int step, int dir, int pad) {
+  if (!conv_tma() || !use_wgmma() || !use_wgmma_tma() || !aligned16(src)) return {};
+  return detail::wgmma::plan_conv_tma(n, p, q, src_h, src_w, src_c, r, s, step, dir, pad, detail::wgmma::WgTmaTile::kBM);
+}
+
 // The selected main loop; mma.sync on narrow tiles for ResNet's 16/32 and 64 channels.
 template <class LoaderA, class LoaderB, typename T>
 void run(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream) {
@@ -146,6 +154,13 @@ void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_
   // w[k, tap]: element (k, tap) of a K x taps matrix, contiguous along the taps.
   const MatrixLoader<true> b{w, g.taps, g.k, g.taps, chunk_ok(w, g.taps)};
   const MmaEpilogue<uint16_t> ep{y, g.k, 1, 1.f, 0.f, bias, false};
+  if (b.vec && g.npq > 0 && g.k > 0) {
+    const detail::wgmma::ConvTmaPlan plan = tma_plan(x, g.n, g.p, g.q, g.h, g.w, g.c, g.r, g.s, g.stride, 1, g.pad);
+    if (plan.ok) {
+      run_wgmma_tma_conv(plan, x, b, g.npq, g.k, g.taps, ep, stream);
+      return;
+    }
+  }
   run(a, b, g.npq, g.k, g.taps, ep, stream);
 }
 
@@ -162,6 +177,14 @@ void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const 
     const Workspace wt = transposed_filter(g, w, FilterTaps::all(g), stream);
     // wt[c, t], t = (r * S + s) * K + k: element (c, t) of a C x R*S*K matrix, contiguous along t.
     const MatrixLoader<true> b{wt.as<uint16_t>(), g.rsk, g.c, g.rsk, chunk_ok(wt.as<uint16_t>(), g.rsk)};
+    // Stride 1: dx(h, w) gathers dy(h + pad - r, w + pad - s), one box per tap (conv_tma.h).
+    if (g.stride == 1 && b.vec && g.nhw > 0 && g.c > 0) {
+      const detail::wgmma::ConvTmaPlan plan = tma_plan(dy, g.n, g.h, g.w, g.p, g.q, g.k, g.r, g.s, 1, -1, g.pad);
+      if (plan.ok) {
+        run_wgmma_tma_conv(plan, dy, b, g.nhw, g.c, g.rsk, ep, stream);
+        return;
+      }
+    }
     run(a, b, g.nhw, g.c, g.rsk, ep, stream);
     return;
   }

@@ -47,6 +47,8 @@ bool use_wgmma_tma();
 // The TMA descriptor of a bf16 matrix at p (16-byte aligned) shaped as `shape` says, with the
 // 128-byte swizzle and zero fill outside it. Throws sp::Error where the driver refuses.
 CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shape);
+// The same for a 4-D map (a convolution's NHWC source, conv_tma.h).
+CUtensorMap encode_tensor_map_4d_bf16(const void* p, const wgmma::TmaMap4d& shape);
 
 // Whether the cp.async path may read rows of ld bf16 starting at p: p 16-byte aligned, ld % 8 == 0.
 inline bool chunk_ok(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 8 == 0; }
@@ -112,7 +114,29 @@ void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& 
       a.p, wgmma::TmaStage<Tile::kBM>::map_shape<ContigA>(a.x_extent, a.k_extent, a.ld));
   const CUtensorMap map_b = encode_tensor_map_bf16(
       b.p, wgmma::TmaStage<Tile::kBN>::map_shape<ContigB>(b.x_extent, b.k_extent, b.ld));
-  launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<ContigA, ContigB, T>>(m, n, k, ep, stream, map_a, map_b);
+  launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::PlainSource<ContigA>, ContigB, T>>(
+      m, n, k, ep, stream, map_a, map_b, wgmma::PlainSource<ContigA>{});
+}
+
+// A convolution's implicit GEMM on the wgmma_tma kernel: A from `src` (16-byte aligned) as
+// `plan` says (conv_tma.h; plan.ok), B a K-contiguous plain matrix with vec set. M, N, K > 0,
+// K a multiple of kBK. The 128 x 64 tile where N <= 64, else 128 x 128.
+template <typename T>
+void run_wgmma_tma_conv(const wgmma::ConvTmaPlan& plan, const uint16_t* src, const MatrixLoader<true>& b, int m, int n,
+                        int k, const MmaEpilogue<T>& ep, cudaStream_t stream) {
+  const CUtensorMap map_a = encode_tensor_map_4d_bf16(src, plan.map);
+  const wgmma::ConvSource source{plan.src};
+  const auto launch = [&](auto tile) {
+    using Tile = decltype(tile);
+    const CUtensorMap map_b =
+        encode_tensor_map_bf16(b.p, wgmma::TmaStage<Tile::kBN>::template map_shape<true>(b.x_extent, b.k_extent, b.ld));
+    launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::ConvSource, true, T>>(m, n, k, ep, stream, map_a,
+                                                                                         map_b, source);
+  };
+  if (n <= 64)
+    launch(wgmma::WgTmaTileNarrow{});
+  else
+    launch(wgmma::WgTmaTile{});
 }
 
 // The mma.sync main loop on Tile.

@@ -77,6 +77,13 @@ bool dgrad_by_stride_class();
 // nvidia-h100/2026-11-26-summary.md); the environment variable STALEPROP_DGRAD_WT=0 turns it off.
 void set_dgrad_transposed_filter(bool on);
 bool dgrad_transposed_filter();
+// The convolutions' A operand loaded by TMA (conv_tma.h) on the wgmma_tma kernel where the main
+// loop is wgmma_tma (or auto on Hopper): the forward where the source has C % 64 == 0 and the
+// output rows tile by 128 (every ResNet layer but the stem), and the stride-1 data gradient on
+// the transposed filter. Written but not yet run on a GPU: off unless set, or the environment
+// variable STALEPROP_CONV_TMA is 1. Other shapes take the cp.async wgmma loop.
+void set_conv_tma(bool on);
+bool conv_tma();
 // The main loop the kernels run on the current device: the selection with auto resolved.
 MmaMainloop effective_mma_mainloop();
 

@@ -15,7 +15,7 @@ namespace {
 // -1: not chosen yet (the environment decides at first use), else an MmaMainloop.
 std::atomic<int> g_mainloop{-1};
 // -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class, dgrad_transposed_filter).
-std::atomic<int> g_dgrad_classes{-1}, g_dgrad_wt{-1};
+std::atomic<int> g_dgrad_classes{-1}, g_dgrad_wt{-1}, g_conv_tma{-1};
 
 // A process-wide switch's value: what was set, else at first use from_env(the environment
 // variable `var`, nullptr when unset or empty), kept from then on.
@@ -96,6 +96,13 @@ bool dgrad_transposed_filter() {
                  [](const char* env) { return env && std::string(env) == "0" ? 0 : 1; }) == 1;
 }
 
+void set_conv_tma(bool on) { g_conv_tma.store(on ? 1 : 0, std::memory_order_relaxed); }
+
+bool conv_tma() {
+  return setting(g_conv_tma, "STALEPROP_CONV_TMA",
+                 [](const char* env) { return env && std::string(env) == "1" ? 1 : 0; }) == 1;
+}
+
 MmaMainloop effective_mma_mainloop() {
   const MmaMainloop m = mma_mainloop();
   if (m != MmaMainloop::kAuto) return m;
@@ -124,8 +131,9 @@ bool use_wgmma_tma() {
   return m == MmaMainloop::kWgmmaTma || m == MmaMainloop::kAuto;
 }
 
-CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shape) {
-  // The driver's encoder through the runtime, so nothing links libcuda directly.
+namespace {
+// The driver's encoder through the runtime, so nothing links libcuda directly.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
@@ -135,16 +143,40 @@ CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shap
              "select the wgmma or mma_sync main loop");
     return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   }();
+  return encode;
+}
+}  // namespace
+
+CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shape) {
   CUtensorMap map;
   const cuuint64_t dims[2] = {shape.dim[0], shape.dim[1]};
   const cuuint64_t strides[1] = {shape.stride_bytes};
   const cuuint32_t box[2] = {shape.box[0], shape.box[1]};
   const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(p), dims, strides, box,
-                            element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(p), dims,
+                                          strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   SP_CHECK(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (CUresult ", int(r), ") for a bf16 ", shape.dim[0], " x ",
            shape.dim[1], " matrix, row stride ", shape.stride_bytes, " bytes, box ", shape.box[0], " x ", shape.box[1]);
+  return map;
+}
+
+CUtensorMap encode_tensor_map_4d_bf16(const void* p, const wgmma::TmaMap4d& shape) {
+  CUtensorMap map;
+  const cuuint64_t dims[4] = {shape.dim[0], shape.dim[1], shape.dim[2], shape.dim[3]};
+  const cuuint64_t strides[3] = {shape.stride_bytes[0], shape.stride_bytes[1], shape.stride_bytes[2]};
+  const cuuint32_t box[4] = {shape.box[0], shape.box[1], shape.box[2], shape.box[3]};
+  const cuuint32_t element_strides[4] = {shape.element_stride[0], shape.element_stride[1], shape.element_stride[2],
+                                         shape.element_stride[3]};
+  const CUresult r = tensor_map_encoder()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<void*>(p), dims,
+                                          strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                          CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  SP_CHECK(r == CUDA_SUCCESS, "cuTensorMapEncodeTiled failed (CUresult ", int(r), ") for a bf16 NHWC tensor {C, W, H, N} = {",
+           shape.dim[0], ", ", shape.dim[1], ", ", shape.dim[2], ", ", shape.dim[3], "}, box {", shape.box[0], ", ",
+           shape.box[1], ", ", shape.box[2], ", ", shape.box[3], "}, element strides {1, ", shape.element_stride[1], ", ",
+           shape.element_stride[2], ", 1}");
   return map;
 }
 

@@ -8,13 +8,14 @@
 // thread issues 2-3 bulk copies per K step, and the hardware does the addressing, the 128-byte
 // swizzle and the zero fill past the matrix's edges.
 //
-// Block: 128 x 128 tile, three warpgroups (384 threads):
+// Block: 128 x kBN tile (kBN 128, or 64 for the convolutions with 64 output columns), three
+// warpgroups (384 threads):
 //   warpgroup 0   producer: one thread runs ahead through a ring of kStages stages. For each K
 //                 step it waits until the stage is free ("empty" mbarrier), announces the
 //                 stage's bytes on its "full" mbarrier, and issues the TMA boxes (TmaStage in
 //                 wgmma_layout.h). The other 127 threads exit at once.
-//   warpgroups 1, 2  consumers: rows 64 (w - 1) .. + 63, all 128 columns, as in
-//                 wgmma_mainloop.cuh. Per K step: wait for "full", 4 wgmma.m64n128k16, commit,
+//   warpgroups 1, 2  consumers: rows 64 (w - 1) .. + 63, all kBN columns, as in
+//                 wgmma_mainloop.cuh. Per K step: wait for "full", 4 wgmma.m64n{kBN}k16, commit,
 //                 wait until only this step's group is pending, then release the previous
 //                 step's stage (lane 0 of every consumer warp arrives on its "empty").
 // TMA writes and wgmma reads both go through the async proxy, and the mbarrier wait orders
@@ -28,12 +29,16 @@
 // Used for the bf16 GEMM when the wgmma_tma main loop is selected (tensor_core.h), both
 // operands are plain matrices TMA can address (16-byte-aligned base, rows a multiple of 16
 // bytes apart) and N > 64. Everything else falls back to the cp.async wgmma loop.
+// The A operand comes from a source (PlainSource: a plain matrix; ConvSource: a convolution's
+// implicit-GEMM rows as 4-D boxes of its NHWC input, conv_tma.h). The convolution form runs
+// only where conv_tma() is on (tensor_core.h); it has not run on a GPU yet.
 #pragma once
 
 #include <cstdint>
 
 #include <cuda.h>  // CUtensorMap (a type only: the maps are encoded through the runtime's driver entry point)
 
+#include "kernels/cuda/conv_tma.h"
 #include "kernels/cuda/mma_mainloop.cuh"
 #include "kernels/cuda/ptx_sm90.cuh"
 #include "kernels/cuda/wgmma_layout.h"
@@ -41,18 +46,22 @@
 
 namespace sp::kernels::cuda::detail::wgmma {
 
-struct WgTmaTile {
-  static constexpr int kBM = 128, kBN = 128, kBK = wgmma::kBK, kStages = 5;
+template <int BN, int Stages>
+struct WgTmaTileOf {
+  static constexpr int kBM = 128, kBN = BN, kBK = wgmma::kBK, kStages = Stages;
   static constexpr int kConsumerThreads = 2 * kWarpgroupThreads, kConsumerWarps = kConsumerThreads / kWarpSize;
   static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;
   static constexpr int kAStage = kBM * kBK, kBStage = kBN * kBK;  // elements
   static constexpr int kAcc = kBN / 2;
   // The stages (1024-byte aligned), the 2 x kStages mbarriers after them, and the slack to
-  // round the start up to 1024 bytes: 161 KiB, one block per SM.
+  // round the start up to 1024 bytes: 161 KiB (kBN 128) or 169 KiB (kBN 64), one block per SM.
   static constexpr int kSmemBytes = kStages * (kAStage + kBStage) * 2 + 2 * kStages * 8 + kAtomBytes;
   static_assert(kAStage * 2 % kAtomBytes == 0 && kBStage * 2 % kAtomBytes == 0,
                 "stages stay 1024-byte aligned (the 128-byte swizzle's atom)");
+  static_assert(kSmemBytes <= 227 * 1024, "the stages fit an sm_90 block's shared memory");
 };
+using WgTmaTile = WgTmaTileOf<128, 5>;
+using WgTmaTileNarrow = WgTmaTileOf<64, 7>;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The TMA boxes of one operand's stage at (x0, k0) into `stage`, completing on `bar`.
@@ -69,15 +78,42 @@ __device__ __forceinline__ void tma_load_stage(const CUtensorMap* map, uint16_t*
 }
 #endif
 
-// grid = (M tiles, N tiles, K slices), WgTmaTile::kThreads threads, kSmemBytes of dynamic
-// shared memory; map_a / map_b describe A (x = M) and B (x = N) as TmaStage's map_shape does,
-// ContigA / ContigB whether each is K-contiguous. partials as in mma::mma_gemm_kernel.
-template <bool ContigA, bool ContigB, typename T>
-__global__ void __launch_bounds__(WgTmaTile::kThreads, 1)
-    wgmma_tma_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                          MmaGeometry g, MmaEpilogue<T> ep, float* partials) {
+// The A operand of the kernel below: load() issues the TMA boxes of A's stage for rows x0..
+// and K index k0 on `map`, completing on `bar` with TmaStage<kX>::kBytes in all.
+template <bool ContigK>
+struct PlainSource {  // a plain matrix, TmaStage's boxes of a 2-D map
+  static constexpr bool kContigK = ContigK;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Tile = WgTmaTile;
+  template <int kX>
+  __device__ __forceinline__ void load(const CUtensorMap* map, uint16_t* stage, uint64_t* bar, int x0, int k0) const {
+    tma_load_stage<TmaStage<kX>, ContigK>(map, stage, bar, x0, k0);
+  }
+#endif
+};
+struct ConvSource {  // a convolution's implicit-GEMM rows: one 4-D box per stage (conv_tma.h)
+  static constexpr bool kContigK = true;
+  ConvTmaSource src;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  template <int kX>
+  __device__ __forceinline__ void load(const CUtensorMap* map, uint16_t* stage, uint64_t* bar, int x0, int k0) const {
+    static_assert(kX == 128, "the plan's boxes are 128 rows");
+    int co[4];
+    src.coords(x0, k0, co);
+    ptx::tma_load_4d(stage, map, bar, co[0], co[1], co[2], co[3]);
+  }
+#endif
+};
+
+// grid = (M tiles, N tiles, K slices), Tile::kThreads threads, kSmemBytes of dynamic shared
+// memory; map_a / map_b describe A (x = M) and B (x = N): map_b as TmaStage's map_shape does,
+// map_a as SourceA's load reads it. ContigB whether B is K-contiguous. partials as in
+// mma::mma_gemm_kernel.
+template <class Tile, class SourceA, bool ContigB, typename T>
+__global__ void __launch_bounds__(Tile::kThreads, 1)
+    wgmma_tma_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                          const SourceA source_a, MmaGeometry g, MmaEpilogue<T> ep, float* partials) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool ContigA = SourceA::kContigK;
   using LayoutA = SwizzledLayout<Tile::kBM>;
   using LayoutB = SwizzledLayout<Tile::kBN>;
   using StageA = TmaStage<Tile::kBM>;
@@ -115,7 +151,7 @@ __global__ void __launch_bounds__(WgTmaTile::kThreads, 1)
       ptx::mbarrier_wait(&empty[s], ((step / kS) & 1) ^ 1);  // round 0 finds every stage free
       ptx::mbarrier_arrive_expect_tx(&full[s], StageA::kBytes + StageB::kBytes);
       const int k0 = k_begin + step * kBK;
-      tma_load_stage<StageA, ContigA>(&map_a, a_smem + s * Tile::kAStage, &full[s], m0, k0);
+      source_a.template load<Tile::kBM>(&map_a, a_smem + s * Tile::kAStage, &full[s], m0, k0);
       tma_load_stage<StageB, ContigB>(&map_b, b_smem + s * Tile::kBStage, &full[s], n0, k0);
     }
     return;

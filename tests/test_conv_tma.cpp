@@ -1,0 +1,156 @@
+// The TMA plan of the convolutions' A operand (kernels/cuda/conv_tma.h) against a model of the
+// TMA's tiled mode, without a GPU. The model loads a box as cuTensorMapEncodeTiled documents it:
+// box[i] / element_stride[i] elements along dimension i from the box's start coordinates, each
+// element_stride[i] apart, dimension 0 fastest, written densely; coordinates outside the tensor
+// give zeros. For every tile and K step of each shape, the stage the model fills from the
+// plan's map and coordinates must hold, row by row, the implicit GEMM's A operand written out
+// independently here: forward x(pixel, tap, channel), backward data dy(pixel, tap, channel) on
+// the stride-1 mirror image of the window, zero in the padding and past the last image.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/conv_tma.h"
+
+namespace {
+
+using namespace sp::kernels::cuda::detail::wgmma;
+
+constexpr int kTileM = 128;
+
+struct Case {
+  int n, h, w, c, k, r, stride, pad;
+  bool data_gradient;  // the A operand of the backward data (source dy, stride 1)
+};
+
+std::string name(const Case& t) {
+  return std::string(t.data_gradient ? "backward data" : "forward") + " n" + std::to_string(t.n) + " " +
+         std::to_string(t.h) + "x" + std::to_string(t.w) + "x" + std::to_string(t.c) + " k" + std::to_string(t.k) +
+         " " + std::to_string(t.r) + "x" + std::to_string(t.r) + " stride " + std::to_string(t.stride) + " pad " +
+         std::to_string(t.pad);
+}
+
+int out_size(int in, int r, int stride, int pad) { return (in + 2 * pad - r) / stride + 1; }
+
+// The TMA model: the box of `map` at `co` over the tensor `t` (dimension 0 contiguous).
+std::vector<int> tma_box(const TmaMap4d& map, const std::vector<int>& t, const int (&co)[4]) {
+  int loaded[4];
+  for (int i = 0; i < 4; ++i) loaded[i] = int((map.box[i] + map.element_stride[i] - 1) / map.element_stride[i]);
+  std::vector<int> box;
+  for (int i3 = 0; i3 < loaded[3]; ++i3)
+    for (int i2 = 0; i2 < loaded[2]; ++i2)
+      for (int i1 = 0; i1 < loaded[1]; ++i1)
+        for (int i0 = 0; i0 < loaded[0]; ++i0) {
+          // Dimension 0 has no traversal stride (the documentation: its element stride is ignored).
+          const int64_t x[4] = {int64_t(co[0]) + i0, int64_t(co[1]) + int64_t(i1) * map.element_stride[1],
+                                int64_t(co[2]) + int64_t(i2) * map.element_stride[2],
+                                int64_t(co[3]) + int64_t(i3) * map.element_stride[3]};
+          bool inside = true;
+          for (int d = 0; d < 4; ++d) inside = inside && x[d] >= 0 && x[d] < int64_t(map.dim[d]);
+          int64_t off = x[0];
+          for (int d = 1; d < 4; ++d) off += x[d] * int64_t(map.stride_bytes[d - 1] / 2);
+          box.push_back(inside ? t[size_t(off)] : 0);
+        }
+  return box;
+}
+
+// The A operand written out: element (m, kk) of the implicit GEMM.
+int a_element(const Case& t, const std::vector<int>& src, int m, int kk) {
+  const int p = out_size(t.h, t.r, t.stride, t.pad), q = out_size(t.w, t.r, t.stride, t.pad);
+  // Rows: forward the output pixels [n, p, q]; backward data the input pixels [n, h, w].
+  const int rows_p = t.data_gradient ? t.h : p, rows_q = t.data_gradient ? t.w : q;
+  const int src_h = t.data_gradient ? p : t.h, src_w = t.data_gradient ? q : t.w, src_c = t.data_gradient ? t.k : t.c;
+  const int img = m / (rows_p * rows_q), pi = m / rows_q % rows_p, qi = m % rows_q;
+  const int tap = kk / src_c, ch = kk % src_c, r = tap / t.r, s = tap % t.r;
+  if (img >= t.n) return 0;
+  const int hh = t.data_gradient ? pi + t.pad - r : pi * t.stride - t.pad + r;
+  const int ww = t.data_gradient ? qi + t.pad - s : qi * t.stride - t.pad + s;
+  if (hh < 0 || hh >= src_h || ww < 0 || ww >= src_w) return 0;
+  return src[((size_t(img) * src_h + hh) * src_w + ww) * src_c + ch];
+}
+
+ConvTmaPlan plan_of(const Case& t) {
+  const int p = out_size(t.h, t.r, t.stride, t.pad), q = out_size(t.w, t.r, t.stride, t.pad);
+  if (t.data_gradient) return plan_conv_tma(t.n, t.h, t.w, p, q, t.k, t.r, t.r, 1, -1, t.pad, kTileM);
+  return plan_conv_tma(t.n, p, q, t.h, t.w, t.c, t.r, t.r, t.stride, 1, t.pad, kTileM);
+}
+
+void check_case(const Case& t) {
+  SCOPED_TRACE(name(t));
+  const ConvTmaPlan plan = plan_of(t);
+  ASSERT_TRUE(plan.ok) << plan.why;
+  const int p = out_size(t.h, t.r, t.stride, t.pad), q = out_size(t.w, t.r, t.stride, t.pad);
+  const int src_h = t.data_gradient ? p : t.h, src_w = t.data_gradient ? q : t.w, src_c = t.data_gradient ? t.k : t.c;
+  const int rows = t.data_gradient ? t.n * t.h * t.w : t.n * p * q;
+  const int depth = t.r * t.r * src_c;
+  // Distinct nonzero values, so a wrong element (or a zero where a value belongs) shows.
+  std::vector<int> src(size_t(t.n) * src_h * src_w * src_c);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = int(i) + 1;
+  // Each stage is exactly one tile of A: 128 rows of 64 channels, what the K-major stage holds.
+  const uint32_t loaded = plan.map.box[0] * (plan.map.box[1] / plan.map.element_stride[1]) *
+                          (plan.map.box[2] / plan.map.element_stride[2]) * plan.map.box[3];
+  ASSERT_EQ(loaded, uint32_t(kTileM * kBK)) << "a box is not one stage";
+  ASSERT_EQ(plan.map.box[1] % plan.map.element_stride[1], 0u);
+  ASSERT_EQ(plan.map.box[2] % plan.map.element_stride[2], 0u);
+  int wrong = 0;
+  for (int m0 = 0; m0 < rows; m0 += kTileM)
+    for (int k0 = 0; k0 < depth; k0 += kBK) {
+      int co[4];
+      plan.src.coords(m0, k0, co);
+      const std::vector<int> box = tma_box(plan.map, src, co);
+      for (int row = 0; row < kTileM; ++row)
+        for (int ch = 0; ch < kBK; ++ch) {
+          const int expect = a_element(t, src, m0 + row, k0 + ch);
+          if (box[size_t(row) * kBK + ch] != expect && ++wrong <= 5)
+            ADD_FAILURE() << "tile m0 " << m0 << " k0 " << k0 << ": row " << row << " channel " << ch << " holds "
+                          << box[size_t(row) * kBK + ch] << ", A has " << expect;
+        }
+    }
+  EXPECT_EQ(wrong, 0);
+}
+
+TEST(ConvTma, BoxesHoldTheImplicitGemmRowsOfEveryResNetLayer) {
+  // ResNet-18's convolutions but the stem (C = 3), forward, and their stride-1 data gradients,
+  // at batch 2, then batches that leave the last tile part empty (boxes past the last image).
+  const Case cases[] = {
+      {2, 32, 32, 64, 64, 3, 1, 1, false},   {2, 32, 32, 64, 128, 3, 2, 1, false}, {2, 32, 32, 64, 128, 1, 2, 0, false},
+      {2, 16, 16, 128, 128, 3, 1, 1, false}, {2, 16, 16, 128, 256, 3, 2, 1, false}, {2, 8, 8, 256, 256, 3, 1, 1, false},
+      {2, 8, 8, 256, 512, 1, 2, 0, false},   {2, 4, 4, 512, 512, 3, 1, 1, false},   {3, 8, 8, 64, 64, 3, 1, 1, false},
+      {5, 4, 4, 128, 128, 3, 1, 1, false},   {5, 8, 8, 128, 64, 3, 2, 1, false},    {2, 8, 8, 64, 128, 5, 1, 2, false},
+      {2, 32, 32, 64, 64, 3, 1, 1, true},    {2, 16, 16, 128, 128, 3, 1, 1, true},  {2, 8, 8, 256, 256, 3, 1, 1, true},
+      {2, 4, 4, 512, 512, 3, 1, 1, true},    {3, 8, 8, 128, 64, 3, 1, 1, true},     {5, 4, 4, 64, 128, 3, 1, 1, true},
+      {2, 8, 8, 64, 128, 5, 1, 2, true},
+  };
+  for (const Case& t : cases) check_case(t);
+}
+
+TEST(ConvTma, ThePlanRefusesWhatOneBoxCannotLoad) {
+  const int n = 2, tile = kTileM;
+  // C not a multiple of 64 (the stem's 3, 96); Q not dividing the tile; P * Q neither a
+  // multiple nor a divisor of the tile; a box dimension past 256; steps TMA cannot traverse; a
+  // strided data gradient.
+  EXPECT_FALSE(plan_conv_tma(n, 32, 32, 32, 32, 3, 3, 3, 1, 1, 1, tile).ok);
+  EXPECT_FALSE(plan_conv_tma(n, 8, 8, 8, 8, 96, 3, 3, 1, 1, 1, tile).ok);
+  EXPECT_FALSE(plan_conv_tma(n, 6, 6, 6, 6, 64, 3, 3, 1, 1, 1, tile).ok);
+  EXPECT_FALSE(plan_conv_tma(n, 12, 4, 12, 4, 64, 3, 3, 1, 1, 1, tile).ok);  // P * Q = 48
+  EXPECT_FALSE(plan_conv_tma(n, 1, 128, 1, 512, 64, 1, 1, 4, 1, 0, tile).ok);  // box W 512
+  EXPECT_TRUE(plan_conv_tma(n, 1, 128, 1, 256, 64, 1, 1, 2, 1, 0, tile).ok);   // box W 256: the limit
+  EXPECT_FALSE(plan_conv_tma(n, 4, 4, 4, 4, 64, 3, 3, 9, 1, 1, tile).ok);
+  EXPECT_FALSE(plan_conv_tma(n, 8, 8, 4, 4, 64, 3, 3, 2, -1, 1, tile).ok);
+  EXPECT_FALSE(plan_conv_tma(0, 8, 8, 8, 8, 64, 3, 3, 1, 1, 1, tile).ok);
+  // And what it takes: a band of rows of one image, and several whole images per tile.
+  const ConvTmaPlan band = plan_conv_tma(n, 32, 32, 32, 32, 64, 3, 3, 1, 1, 1, tile);
+  ASSERT_TRUE(band.ok);
+  EXPECT_EQ(band.map.box[1], 32u);
+  EXPECT_EQ(band.map.box[2], 4u);
+  EXPECT_EQ(band.map.box[3], 1u);
+  const ConvTmaPlan images = plan_conv_tma(n, 4, 4, 8, 8, 64, 3, 3, 2, 1, 1, tile);
+  ASSERT_TRUE(images.ok);
+  EXPECT_EQ(images.map.box[1], 8u);  // 4 pixels, each 2 apart
+  EXPECT_EQ(images.map.element_stride[1], 2u);
+  EXPECT_EQ(images.map.box[3], 8u);  // 8 images of 4 x 4
+}
+
+}  // namespace
