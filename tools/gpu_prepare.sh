@@ -7,6 +7,8 @@
 #   .carry/bin          build-cuda/tools/staleprop when that build is current (tools/gpu_session.sh
 #                       starts its accuracy run on it while the GPU machine builds)
 #   .carry/commit       the commit being tested (the GPU machine gets no .git)
+#   .carry/resume       with RESUME=FILE: that checkpoint, which tools/gpu_session.sh's accuracy
+#                       run resumes (a train.safetensors an earlier session brought back)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .carry && mkdir -p .carry/benchmark/lib .carry/benchmark/include .carry/data
@@ -19,6 +21,9 @@ fi
 if [ -x build-cuda/tools/staleprop ] && [ -z "$(git status --porcelain --untracked-files=no)" ] &&
    ! ninja -C build-cuda -n tools/staleprop 2>/dev/null | grep -qE 'Building|Linking'; then
   mkdir -p .carry/bin && cp build-cuda/tools/staleprop .carry/bin/
+fi
+if [ -n "${RESUME:-}" ]; then
+  mkdir -p .carry/resume && cp "$RESUME" .carry/resume/train.safetensors
 fi
 git rev-parse HEAD > .carry/commit
 du -sh .carry
