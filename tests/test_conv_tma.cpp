@@ -126,6 +126,56 @@ TEST(ConvTma, BoxesHoldTheImplicitGemmRowsOfEveryResNetLayer) {
   for (const Case& t : cases) check_case(t);
 }
 
+// The weight gradient's A: element (tap * C + c, pixel) = x at the pixel's window tap, stored
+// MN-major per box (64 channels of a pixel in a 128-byte row); the stage of kX = 128 rows is
+// two boxes, 8 KiB apart.
+void check_wgrad_case(const Case& t) {
+  SCOPED_TRACE("weight gradient " + name(t));
+  const int p = out_size(t.h, t.r, t.stride, t.pad), q = out_size(t.w, t.r, t.stride, t.pad);
+  const ConvWgradTmaPlan plan = plan_conv_wgrad_tma(t.n, p, q, t.h, t.w, t.c, t.r, t.r, t.stride, t.pad);
+  ASSERT_TRUE(plan.ok) << plan.why;
+  std::vector<int> x(size_t(t.n) * t.h * t.w * t.c);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = int(i) + 1;
+  const int rows = t.r * t.r * t.c, pixels = t.n * p * q;
+  const uint32_t loaded = plan.map.box[0] * (plan.map.box[1] / plan.map.element_stride[1]) *
+                          (plan.map.box[2] / plan.map.element_stride[2]) * plan.map.box[3];
+  ASSERT_EQ(loaded, uint32_t(64 * kBK)) << "a box is not 64 channels x 64 pixels";
+  Case fwd = t;
+  fwd.data_gradient = false;
+  int wrong = 0;
+  for (int x0 = 0; x0 < rows; x0 += 128)
+    for (int k0 = 0; k0 < pixels; k0 += kBK)
+      for (int j = 0; j < 2; ++j) {
+        if (x0 + 64 * j >= rows) continue;  // rows past the filter: dropped by the epilogue
+        int co[4];
+        plan.src.coords(x0 + 64 * j, k0, co);
+        const std::vector<int> box = tma_box(plan.map, x, co);
+        for (int pix = 0; pix < kBK; ++pix)
+          for (int ch = 0; ch < 64; ++ch) {
+            const int row = x0 + 64 * j + ch, tap = row / t.c, c = row % t.c;
+            // The forward's A at (pixel, tap * C + c) is the weight gradient's at (row, pixel).
+            const int expect = k0 + pix < pixels ? a_element(fwd, x, k0 + pix, tap * t.c + c) : 0;
+            if (box[size_t(pix) * 64 + ch] != expect && ++wrong <= 5)
+              ADD_FAILURE() << "rows " << x0 + 64 * j << " pixels " << k0 << ": pixel " << pix << " channel " << ch
+                            << " holds " << box[size_t(pix) * 64 + ch] << ", A has " << expect;
+          }
+      }
+  EXPECT_EQ(wrong, 0);
+}
+
+TEST(ConvTma, WeightGradientBoxesHoldTheFilterTapRows) {
+  const Case cases[] = {
+      {2, 32, 32, 64, 64, 3, 1, 1, false},   {2, 32, 32, 64, 128, 3, 2, 1, false}, {2, 32, 32, 64, 128, 1, 2, 0, false},
+      {2, 16, 16, 128, 128, 3, 1, 1, false}, {2, 16, 16, 128, 256, 3, 2, 1, false}, {2, 8, 8, 256, 256, 3, 1, 1, false},
+      {3, 8, 8, 256, 512, 1, 2, 0, false},   {5, 4, 4, 512, 512, 3, 1, 1, false},   {3, 8, 8, 64, 64, 3, 1, 1, false},
+      {2, 8, 8, 64, 128, 5, 1, 2, false},
+  };
+  for (const Case& t : cases) check_wgrad_case(t);
+  // 64 pixels per step: Q = 32 with 2 rows, not 4; Q = 128 does not divide 64.
+  EXPECT_EQ(plan_conv_wgrad_tma(2, 32, 32, 32, 32, 64, 3, 3, 1, 1).map.box[2], 2u);
+  EXPECT_FALSE(plan_conv_wgrad_tma(2, 1, 128, 1, 128, 64, 1, 1, 1, 0).ok);
+}
+
 TEST(ConvTma, ThePlanRefusesWhatOneBoxCannotLoad) {
   const int n = 2, tile = kTileM;
   // C not a multiple of 64 (the stem's 3, 96); Q not dividing the tile; P * Q neither a

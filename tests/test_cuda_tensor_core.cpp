@@ -444,10 +444,11 @@ TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
 
 TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
   // The convolutions' A operand loaded by TMA, one 4-D box of the NHWC source per tap and 64
-  // channels (conv_tma.h), with conv_tma() on: on the wgmma_tma main loop the forward of every
-  // shape below whose input has C % 64 == 0 and the stride-1 data gradients whose dy has
-  // K % 64 == 0 take it (narrow 128 x 64 and wide 128 x 128 tiles); the other main loops, and
-  // the other shapes, fall back to the cp.async paths. Every ResNet-18 shape but the stem, then:
+  // channels (conv_tma.h), with conv_tma() on: on the wgmma_tma main loop the forward and the
+  // weight gradient of every shape below whose input has C % 64 == 0, and the stride-1 data
+  // gradients whose dy has K % 64 == 0, take it (narrow 128 x 64 and wide 128 x 128 tiles; the
+  // weight gradient, with few tiles, splits K); the other main loops, and the other shapes, fall
+  // back to the cp.async paths. Every ResNet-18 shape but the stem, then:
   // batches that leave the last tile part empty (3 images of 8 x 8, 5 of 4 x 4: the boxes past
   // N arrive as zeros and the epilogue drops those rows), a long reduction that splits K, a
   // 5 x 5 filter with pad 2, and shapes the plan refuses (C = 96, Q = 6, Q = 12).
@@ -480,6 +481,7 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
     }
     EXPECT_TRUE(bits_equal(tma.y, cp_async.y)) << conv_str(sh) << ": forward with TMA loads vs cp.async";
     EXPECT_TRUE(bits_equal(tma.dx, cp_async.dx)) << conv_str(sh) << ": backward data with TMA loads vs cp.async";
+    EXPECT_TRUE(bits_equal(tma.dw, cp_async.dw)) << conv_str(sh) << ": backward weight with TMA loads vs cp.async";
   }
 }
 

@@ -15,6 +15,9 @@
 //   backward weight  dw^T[tap, k] = sum_{pix}      x(pix, tap)      * dy[pix, k]
 //                    M = R*S*C, N = K, K_gemm = N*P*Q (split K)       -> fp32 dw, written
 //                    transposed into dw[k, tap]
+// With conv_tma() (tensor_core.h) on the wgmma_tma main loop, the forward, the stride-1 data
+// gradient (transposed filter) and the weight gradient load A by TMA instead where the shape
+// allows (conv_tma.h), B as a plain matrix.
 // The cp.async path needs 16-byte chunks of one filter tap: C % 8 == 0 for the activations
 // and the weights of the data gradient (for its transposed filter R*S*K % 8 == 0, or per stride
 // class rc*sc*K % 8 == 0), K % 8 == 0 for dy (every ResNet layer but the first,
@@ -157,7 +160,7 @@ void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_
   if (b.vec && g.npq > 0 && g.k > 0) {
     const detail::wgmma::ConvTmaPlan plan = tma_plan(x, g.n, g.p, g.q, g.h, g.w, g.c, g.r, g.s, g.stride, 1, g.pad);
     if (plan.ok) {
-      run_wgmma_tma_conv(plan, x, b, g.npq, g.k, g.taps, ep, stream);
+      run_wgmma_tma_conv(detail::wgmma::ConvSource{plan.src}, plan.map, x, b, g.npq, g.k, g.taps, ep, stream);
       return;
     }
   }
@@ -181,7 +184,7 @@ void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const 
     if (g.stride == 1 && b.vec && g.nhw > 0 && g.c > 0) {
       const detail::wgmma::ConvTmaPlan plan = tma_plan(dy, g.n, g.h, g.w, g.p, g.q, g.k, g.r, g.s, 1, -1, g.pad);
       if (plan.ok) {
-        run_wgmma_tma_conv(plan, dy, b, g.nhw, g.c, g.rsk, ep, stream);
+        run_wgmma_tma_conv(detail::wgmma::ConvSource{plan.src}, plan.map, dy, b, g.nhw, g.c, g.rsk, ep, stream);
         return;
       }
     }
@@ -200,6 +203,15 @@ void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const
   const MatrixLoader<false> b{dy, g.k, g.k, g.npq, chunk_ok(dy, g.k)};
   // Result (tap, k) goes to dw[k * taps + tap].
   const MmaEpilogue<float> ep{dw, 1, g.taps, 1.f, 0.f, nullptr, false};
+  if (b.vec && g.taps > 0 && g.k > 0 && g.npq > 0 && conv_tma() && use_wgmma() && use_wgmma_tma() && aligned16(x)) {
+    const auto plan =
+        detail::wgmma::plan_conv_wgrad_tma(g.n, g.p, g.q, g.h, g.w, g.c, g.r, g.s, g.stride, g.pad);
+    if (plan.ok) {
+      run_wgmma_tma_conv(detail::wgmma::ConvWgradSource{plan.src}, plan.map, x, b, g.taps, g.k, g.npq, ep, stream);
+      if (dbias) column_sums_bf16(g.npq, g.k, dy, dbias, stream);
+      return;
+    }
+  }
   run(a, b, g.taps, g.k, g.npq, ep, stream);
   if (dbias) column_sums_bf16(g.npq, g.k, dy, dbias, stream);
 }

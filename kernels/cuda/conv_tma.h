@@ -112,4 +112,49 @@ constexpr ConvTmaPlan plan_conv_tma(int n, int p, int q, int src_h, int src_w, i
   return plan;
 }
 
+// The weight gradient's A operand, dw^T[tap * C + c, k] = sum over pixels of x(pixel, tap, c) *
+// dy[pixel, k]: rows (tap, channel), K index the output pixels [N, P, Q] of the grid, so the
+// operand is X-contiguous (channels adjacent) and a stage is kX / 64 boxes of 64 channels x 64
+// pixels (the MN-major layout: pixel row k at k * 128 B). The pixels of a 64-deep K step are
+// whole rows of the grid as above (Q divides 64, and the step is a band of 64 / Q rows of one
+// image or 64 / (P * Q) whole images); box j of the stage holds rows x0 + 64 j.., one tap and
+// 64 channels (C % 64 == 0), at
+//   {c0, q0 * stride - pad + s, p0 * stride - pad + r, n0}, q0 = 0.
+// Rows past R * S * C (the last tile's) read whatever their coordinates give: the epilogue
+// drops them, and no other row depends on them.
+struct ConvWgradTmaSource {
+  int pq, q, c, s, step, pad;
+  SP_WGMMA_HD void coords(int x0, int k0, int (&co)[4]) const {
+    const int tap = x0 / c, c0 = x0 - tap * c, r = tap / s, sx = tap - r * s;
+    const int n0 = k0 / pq, p0 = (k0 - n0 * pq) / q;
+    co[0] = c0;
+    co[1] = sx - pad;
+    co[2] = p0 * step + r - pad;
+    co[3] = n0;
+  }
+};
+
+struct ConvWgradTmaPlan {
+  bool ok = false;
+  const char* why = "";
+  ConvWgradTmaSource src{};
+  TmaMap4d map{};
+};
+
+// The weight gradient's plan: output grid [n, p, q], input [n, h, w, c], an r x s filter.
+constexpr ConvWgradTmaPlan plan_conv_wgrad_tma(int n, int p, int q, int h, int w, int c, int r, int s, int stride,
+                                               int pad) {
+  ConvWgradTmaPlan plan;
+  // The same box as the forward's, for K steps of kBK pixels instead of tiles of 128 rows.
+  const ConvTmaPlan f = plan_conv_tma(n, p, q, h, w, c, r, s, stride, 1, pad, kBK);
+  if (!f.ok) {
+    plan.why = f.why;
+    return plan;
+  }
+  plan.ok = true;
+  plan.src = {f.src.pq, f.src.q, c, s, stride, pad};
+  plan.map = f.map;
+  return plan;
+}
+
 }  // namespace sp::kernels::cuda::detail::wgmma

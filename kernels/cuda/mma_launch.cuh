@@ -118,20 +118,21 @@ void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& 
       m, n, k, ep, stream, map_a, map_b, wgmma::PlainSource<ContigA>{});
 }
 
-// A convolution's implicit GEMM on the wgmma_tma kernel: A from `src` (16-byte aligned) as
-// `plan` says (conv_tma.h; plan.ok), B a K-contiguous plain matrix with vec set. M, N, K > 0,
-// K a multiple of kBK. The 128 x 64 tile where N <= 64, else 128 x 128.
-template <typename T>
-void run_wgmma_tma_conv(const wgmma::ConvTmaPlan& plan, const uint16_t* src, const MatrixLoader<true>& b, int m, int n,
-                        int k, const MmaEpilogue<T>& ep, cudaStream_t stream) {
-  const CUtensorMap map_a = encode_tensor_map_4d_bf16(src, plan.map);
-  const wgmma::ConvSource source{plan.src};
+// A convolution's implicit GEMM on the wgmma_tma kernel: A from `src` (16-byte aligned) through
+// `source` (wgmma::ConvSource or ConvWgradSource) on the 4-D `map` (conv_tma.h), B a plain
+// matrix with vec set. M, N, K > 0 (ConvSource: K a multiple of kBK, one tap per step). The
+// 128 x 64 tile where N <= 64, else 128 x 128.
+template <class Source, bool ContigB, typename T>
+void run_wgmma_tma_conv(const Source& source, const wgmma::TmaMap4d& map, const uint16_t* src,
+                        const MatrixLoader<ContigB>& b, int m, int n, int k, const MmaEpilogue<T>& ep,
+                        cudaStream_t stream) {
+  const CUtensorMap map_a = encode_tensor_map_4d_bf16(src, map);
   const auto launch = [&](auto tile) {
     using Tile = decltype(tile);
-    const CUtensorMap map_b =
-        encode_tensor_map_bf16(b.p, wgmma::TmaStage<Tile::kBN>::template map_shape<true>(b.x_extent, b.k_extent, b.ld));
-    launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::ConvSource, true, T>>(m, n, k, ep, stream, map_a,
-                                                                                         map_b, source);
+    const CUtensorMap map_b = encode_tensor_map_bf16(
+        b.p, wgmma::TmaStage<Tile::kBN>::template map_shape<ContigB>(b.x_extent, b.k_extent, b.ld));
+    launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, Source, ContigB, T>>(m, n, k, ep, stream, map_a, map_b,
+                                                                                 source);
   };
   if (n <= 64)
     launch(wgmma::WgTmaTileNarrow{});

@@ -30,7 +30,8 @@
 // operands are plain matrices TMA can address (16-byte-aligned base, rows a multiple of 16
 // bytes apart) and N > 64. Everything else falls back to the cp.async wgmma loop.
 // The A operand comes from a source (PlainSource: a plain matrix; ConvSource: a convolution's
-// implicit-GEMM rows as 4-D boxes of its NHWC input, conv_tma.h). The convolution form runs
+// implicit-GEMM rows as 4-D boxes of its NHWC input; ConvWgradSource: the weight gradient's
+// filter-tap rows, likewise; conv_tma.h). The convolution form runs
 // only where conv_tma() is on (tensor_core.h); it has not run on a GPU yet.
 #pragma once
 
@@ -100,6 +101,23 @@ struct ConvSource {  // a convolution's implicit-GEMM rows: one 4-D box per stag
     int co[4];
     src.coords(x0, k0, co);
     ptx::tma_load_4d(stage, map, bar, co[0], co[1], co[2], co[3]);
+  }
+#endif
+};
+
+struct ConvWgradSource {  // the weight gradient's rows (tap, channel): kX / 64 boxes per stage
+  static constexpr bool kContigK = false;
+  ConvWgradTmaSource src;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  template <int kX>
+  __device__ __forceinline__ void load(const CUtensorMap* map, uint16_t* stage, uint64_t* bar, int x0, int k0) const {
+#pragma unroll
+    for (int j = 0; j < kX / 64; ++j) {
+      int co[4];
+      src.coords(x0 + 64 * j, k0, co);
+      ptx::tma_load_4d(reinterpret_cast<unsigned char*>(stage) + TmaStage<kX>::template box_offset<false>(j), map, bar,
+                       co[0], co[1], co[2], co[3]);
+    }
   }
 #endif
 };
