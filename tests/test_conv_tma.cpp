@@ -121,7 +121,7 @@ TEST(ConvTma, BoxesHoldTheImplicitGemmRowsOfEveryResNetLayer) {
       {5, 4, 4, 128, 128, 3, 1, 1, false},   {5, 8, 8, 128, 64, 3, 2, 1, false},    {2, 8, 8, 64, 128, 5, 1, 2, false},
       {2, 32, 32, 64, 64, 3, 1, 1, true},    {2, 16, 16, 128, 128, 3, 1, 1, true},  {2, 8, 8, 256, 256, 3, 1, 1, true},
       {2, 4, 4, 512, 512, 3, 1, 1, true},    {3, 8, 8, 128, 64, 3, 1, 1, true},     {5, 4, 4, 64, 128, 3, 1, 1, true},
-      {2, 8, 8, 64, 128, 5, 1, 2, true},
+      {2, 8, 8, 64, 128, 5, 1, 2, true},     {2, 8, 8, 64, 64, 3, 1, 0, true},      {2, 8, 8, 64, 64, 3, 1, 2, true},
   };
   for (const Case& t : cases) check_case(t);
 }

@@ -31,6 +31,7 @@
 #include <cuda_runtime_api.h>
 
 #include "kernels/common/cuda_check.h"
+#include "kernels/cuda/conv_tma.h"
 #include "kernels/cuda/tensor_core.h"
 #include "kernels/vendor/vendor.h"
 #endif
@@ -456,7 +457,22 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
   // run the same wgmma instructions on the same K steps in the same order, only the loads differ.
   std::vector<Conv2dShape> shapes;
   for (const Conv2dShape& sh : conv_cases())
-    if (sh.c % 64 == 0) shapes.push_back(sh);
+    if (sh.c % 64 == 0) {
+      shapes.push_back(sh);
+      // These take the TMA path (so that the comparisons below are not of the cp.async path with
+      // itself): the plans the kernels ask for accept them.
+      namespace wg = kcu::detail::wgmma;
+      EXPECT_TRUE(wg::plan_conv_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, 1, sh.pad,
+                                    wg::kConvTmaTileM)
+                      .ok)
+          << conv_str(sh) << ": forward";
+      EXPECT_TRUE(wg::plan_conv_wgrad_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, sh.pad).ok)
+          << conv_str(sh) << ": weight gradient";
+      if (sh.stride == 1)
+        EXPECT_TRUE(
+            wg::plan_conv_tma(sh.n, sh.h, sh.w, sh.p(), sh.q(), sh.k, sh.r, sh.s, 1, -1, sh.pad, wg::kConvTmaTileM).ok)
+            << conv_str(sh) << ": backward data";
+    }
   shapes.push_back(conv(3, 8, 8, 64, 64, 3, 1, 1));
   shapes.push_back(conv(5, 4, 4, 128, 128, 3, 1, 1));
   shapes.push_back(conv(5, 8, 8, 128, 64, 3, 2, 1));

@@ -53,7 +53,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 detail::wgmma::ConvTmaPlan tma_plan(const void* src, int n, int p, int q, int src_h, int src_w, int src_c, int r, int s,
                             int step, int dir, int pad) {
   if (!conv_tma() || !use_wgmma() || !use_wgmma_tma() || !aligned16(src)) return {};
-  return detail::wgmma::plan_conv_tma(n, p, q, src_h, src_w, src_c, r, s, step, dir, pad, detail::wgmma::WgTmaTile::kBM);
+  return detail::wgmma::plan_conv_tma(n, p, q, src_h, src_w, src_c, r, s, step, dir, pad, detail::wgmma::kConvTmaTileM);
 }
 
 // The selected main loop; mma.sync on narrow tiles for ResNet's 16/32 and 64 channels.

@@ -31,6 +31,9 @@
 
 namespace sp::kernels::cuda::detail::wgmma {
 
+// The rows of a tile of the wgmma_tma kernel (WgTmaTileOf::kBM, which asserts it).
+constexpr int kConvTmaTileM = 128;
+
 // A 4-D tensor map of a bf16 tensor, dimension 0 contiguous (cuTensorMapEncodeTiled's order).
 struct TmaMap4d {
   uint64_t dim[4];

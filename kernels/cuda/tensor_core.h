@@ -79,7 +79,8 @@ void set_dgrad_transposed_filter(bool on);
 bool dgrad_transposed_filter();
 // The convolutions' A operand loaded by TMA (conv_tma.h) on the wgmma_tma kernel where the main
 // loop is wgmma_tma (or auto on Hopper): the forward where the source has C % 64 == 0 and the
-// output rows tile by 128 (every ResNet layer but the stem), the stride-1 data gradient on the
+// output rows tile by 128 (every CIFAR ResNet layer but the stem; not ImageNet's 56/28/14/7
+// pixel rows, which would need TMA's im2col mode), the stride-1 data gradient on the
 // transposed filter, and the weight gradient where the output pixels tile by 64. Written but not yet run on a GPU: off unless set, or the environment
 // variable STALEPROP_CONV_TMA is 1. Other shapes take the cp.async wgmma loop.
 void set_conv_tma(bool on);

@@ -60,6 +60,7 @@ struct WgTmaTileOf {
   static_assert(kAStage * 2 % kAtomBytes == 0 && kBStage * 2 % kAtomBytes == 0,
                 "stages stay 1024-byte aligned (the 128-byte swizzle's atom)");
   static_assert(kSmemBytes <= 227 * 1024, "the stages fit an sm_90 block's shared memory");
+  static_assert(kBM == kConvTmaTileM, "the convolutions' TMA plans are for this tile");
 };
 using WgTmaTile = WgTmaTileOf<128, 5>;
 using WgTmaTileNarrow = WgTmaTileOf<64, 7>;
@@ -129,7 +130,8 @@ struct ConvWgradSource {  // the weight gradient's rows (tap, channel): kX / 64 
 template <class Tile, class SourceA, bool ContigB, typename T>
 __global__ void __launch_bounds__(Tile::kThreads, 1)
     wgmma_tma_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                          const SourceA source_a, MmaGeometry g, MmaEpilogue<T> ep, float* partials) {
+                          const __grid_constant__ SourceA source_a, MmaGeometry g, MmaEpilogue<T> ep,
+                          float* partials) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool ContigA = SourceA::kContigK;
   using LayoutA = SwizzledLayout<Tile::kBM>;
