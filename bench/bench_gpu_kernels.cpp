@@ -40,7 +40,8 @@
 // off; context dgrad_by_stride_class), --dgrad-wt[=0|1] the bf16 data gradient on the transposed
 // filter or on the gathered one (default on; context dgrad_transposed_filter), --conv-tma[=0|1]
 // the convolutions' A operand loaded by TMA where the main loop is wgmma_tma (conv_tma.h; default
-// off until verified on a GPU; context conv_tma).
+// off until verified on a GPU; context conv_tma), --tma-wide[=0|1] the 128 x 256 tile of the
+// wgmma_tma GEMM for N >= 256 (default off until verified; context tma_wide_tile).
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):
@@ -111,6 +112,7 @@ void env_init() {
   benchmark::AddCustomContext("dgrad_by_stride_class", kc::dgrad_by_stride_class() ? "yes" : "no");
   benchmark::AddCustomContext("dgrad_transposed_filter", kc::dgrad_transposed_filter() ? "yes" : "no");
   benchmark::AddCustomContext("conv_tma", kc::conv_tma() ? "yes" : "no");
+  benchmark::AddCustomContext("tma_wide_tile", kc::tma_wide_tile() ? "yes" : "no");
 }
 
 void env_destroy() {
@@ -1172,6 +1174,8 @@ int main(int argc, char** argv) {
       kc::set_dgrad_transposed_filter(arg != "--dgrad-wt=0");
     } else if (arg == "--conv-tma" || arg == "--conv-tma=1" || arg == "--conv-tma=0") {
       kc::set_conv_tma(arg != "--conv-tma=0");
+    } else if (arg == "--tma-wide" || arg == "--tma-wide=1" || arg == "--tma-wide=0") {
+      kc::set_tma_wide_tile(arg != "--tma-wide=0");
     } else {
       argv[kept++] = argv[i];
     }

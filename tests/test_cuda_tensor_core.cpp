@@ -364,6 +364,33 @@ class SwitchOn {
   bool before_;
 };
 
+TEST_P(TensorCore, GemmOnTheWideTmaTile) {
+  // The 128 x 256 tile of the wgmma_tma GEMM (tma_wide_tile(), tensor_core.h) for N >= 256, its
+  // warpgroups' registers rebalanced by setmaxnreg: whole tiles, tails in M, N and K, all four
+  // transposes (every row stride here a multiple of 8 elements, so all take TMA), epilogues, bf16
+  // output, a split K, and a repeated run. Against the reference; on the other main loops the
+  // switch changes nothing.
+  const SwitchOn wide(kcu::tma_wide_tile, kcu::set_tma_wide_tile);
+  const int64_t shapes[][3] = {{256, 512, 1024}, {200, 304, 136}, {136, 264, 72}, {16, 288, 8192}};
+  uint32_t seed = 560;
+  for (const auto& s : shapes)
+    for (int t = 0; t < 4; ++t) {
+      GemmCase g{s[0], s[1], s[2]};
+      g.ta = t & 1, g.tb = t & 2;
+      check_f32(&kcu::gemm_bf16, stream_, g, seed += 5);
+      GemmCase e = g;
+      e.alpha = 0.5f, e.beta = -1.5f, e.bias = true, e.relu = true;
+      check_f32(&kcu::gemm_bf16, stream_, e, seed += 5);
+      GemmCase b = g;
+      b.bias = true;
+      check_b16(&kcu::gemm_bf16_out_bf16, stream_, b, seed += 5);
+    }
+  const GemmCase d{300, 260, 300};
+  const std::vector<float> r1 = check_f32(&kcu::gemm_bf16, stream_, d, 590);
+  const std::vector<float> r2 = check_f32(&kcu::gemm_bf16, stream_, d, 590);
+  EXPECT_TRUE(bits_equal(r1, r2)) << "repeated runs differ";
+}
+
 TEST_P(TensorCore, ConvolutionsByStrideClass) {
   // The data gradient of a strided convolution runs per stride class of the input pixels
   // (kernels/common/conv_stride_classes.h): stride 3 with a filter smaller than the stride

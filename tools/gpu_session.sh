@@ -8,20 +8,20 @@
 #      finished epoch's checkpoint in train.safetensors. With .carry/resume/train.safetensors
 #      (a checkpoint an earlier session brought back, copied there by hand) it resumes that run;
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test (ctest);
-#   3. compute-sanitizer memcheck and racecheck on the TMA convolutions' and the wgmma_tma main
-#      loop's tests, memcheck on the wgmma loop and the data-gradient forms (SAN_CAP seconds
-#      each, default 45);
+#   3. compute-sanitizer memcheck and racecheck on the TMA convolutions' and the wide TMA GEMM
+#      tile's tests (SAN_CAP seconds each, default 45);
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330), so that
 #      nothing shares the GPU with the measurements;
 #   5. the TMA convolutions against the cp.async ones: ResNet-18's bf16 convolutions at batch 512
-#      against cuDNN with --conv-tma=0 and =1, then bf16 training throughput of ResNet-18 (batch
-#      512) and ResNet-56 (128) with STALEPROP_CONV_TMA=0 and 1 beside PyTorch eager, and the
-#      op profile of a ResNet-18 step with them;
+#      against cuDNN with --conv-tma=0 and =1; the bf16 GEMM with the 128 x 256 TMA tile against
+#      the 128 x 128 one (--tma-wide), against cuBLASLt; then bf16 training throughput of
+#      ResNet-18 (batch 512) and ResNet-56 (128) with STALEPROP_CONV_TMA=0 and 1 beside PyTorch
+#      eager, and the op profile of a ResNet-18 step with them;
 #   6. gpu_bench stage 1 for the batch-norm, pooling and shortcut kernels against the copy, then
 #      stage 4 (CUDA graphs) as time allows;
 #   7. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace);
 #   8. Nsight Compute sections, when ncu is there and time is left: one ResNet-18 layer's forward
-#      and data gradient with TMA loads, then the bf16 GEMM on wgmma_tma.
+#      and data gradient with TMA loads, then the bf16 GEMM on the wide TMA tile.
 # Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
 # Separate processes on one GPU time-slice it (no MPS): the accuracy run shares it only with the
 # build, ctest and the sanitizers, never with a measurement; two training runs at once each get
@@ -80,10 +80,11 @@ san() {  # tool test filter [log-name tag]
   log "compute-sanitizer $1 $2 '$3' exit $rc ($(grep -c '\[       OK \]' "$log") tests passed" \
     "before the end or the ${SAN_CAP} s cap; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log"))"
 }
+# The wgmma and wgmma_tma loops' other tests, the stride classes and the transposed filter
+# passed both tools on an H100 (bench/results/nvidia-h100/2026-11-26-sanitizers.log).
+san memcheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
 san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
-san racecheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
-san racecheck test_cuda_tensor_core '*/wgmma_tma' wgmma_tma
-san memcheck test_cuda_tensor_core '*/wgmma:*StrideClass*:*TransposedFilter*'
+san racecheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma:*ConvolutionsWithTmaLoads/wgmma_tma' tma
 
 if [ -n "$TRAIN_PID" ]; then
   log "waiting for the accuracy run"
@@ -98,6 +99,14 @@ for tma in 0 1; do
     --benchmark_filter='_bf16/r18_all_layers' --benchmark_report_aggregates_only=true \
     --benchmark_out="$OUT/r18-convs-tma$tma.json" --benchmark_out_format=json >> "$OUT/conv-tma.txt" 2>&1
   log "bench_gpu_kernels r18 convolutions --conv-tma=$tma exit $?"
+done
+# The 128 x 256 TMA GEMM tile against the 128 x 128 one (each against cuBLASLt in its run).
+for wide in 0 1; do
+  [ "$(left)" -gt 60 ] || break
+  timeout 30 build-gpu/bench/bench_gpu_kernels --tma-wide=$wide --benchmark_min_time=0.002 \
+    --benchmark_filter='^gemm_bf16/square' --benchmark_report_aggregates_only=true \
+    --benchmark_out="$OUT/gemm-bf16-wide$wide.json" --benchmark_out_format=json >> "$OUT/conv-tma.txt" 2>&1
+  log "bench_gpu_kernels bf16 GEMM --tma-wide=$wide exit $?"
 done
 for cfg in "resnet18 512" "resnet56 128"; do
   set -- $cfg
@@ -150,7 +159,7 @@ if [ -n "$NCU" ]; then
     [ "$what" = gemm ] || filter="^${what}_bf16/r18_64to64_3x3_s1_32px/"
     log "ncu $what ($filter) with TMA loads"
     timeout $(( $(left) - 10 )) "$NCU" --kernel-name regex:'wgmma_tma_gemm_kernel' --launch-skip 2 --launch-count 1 \
-      "${SECTIONS[@]}" build-gpu/bench/bench_gpu_kernels --conv-tma=1 --benchmark_filter="$filter" \
+      "${SECTIONS[@]}" build-gpu/bench/bench_gpu_kernels --conv-tma=1 --tma-wide=1 --benchmark_filter="$filter" \
       --benchmark_min_time=0.001 > "$OUT/ncu-$what-tma.txt" 2>&1
     log "ncu exit $?"
   done

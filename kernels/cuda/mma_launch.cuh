@@ -106,16 +106,23 @@ template <bool ContigK>
 struct IsMatrixLoader<MatrixLoader<ContigK>> : std::true_type {};
 
 // The wgmma_tma kernel on two plain matrices (both with vec set: TMA-addressable), M, N, K > 0.
+// The 128 x 256 tile where N >= 256 and tma_wide_tile() (tensor_core.h), else 128 x 128.
 template <bool ContigA, bool ContigB, typename T>
 void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& b, int m, int n, int k,
                    const MmaEpilogue<T>& ep, cudaStream_t stream) {
-  using Tile = wgmma::WgTmaTile;
-  const CUtensorMap map_a = encode_tensor_map_bf16(
-      a.p, wgmma::TmaStage<Tile::kBM>::map_shape<ContigA>(a.x_extent, a.k_extent, a.ld));
-  const CUtensorMap map_b = encode_tensor_map_bf16(
-      b.p, wgmma::TmaStage<Tile::kBN>::map_shape<ContigB>(b.x_extent, b.k_extent, b.ld));
-  launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::PlainSource<ContigA>, ContigB, T>>(
-      m, n, k, ep, stream, map_a, map_b, wgmma::PlainSource<ContigA>{});
+  const auto launch = [&](auto tile) {
+    using Tile = decltype(tile);
+    const CUtensorMap map_a = encode_tensor_map_bf16(
+        a.p, wgmma::TmaStage<Tile::kBM>::template map_shape<ContigA>(a.x_extent, a.k_extent, a.ld));
+    const CUtensorMap map_b = encode_tensor_map_bf16(
+        b.p, wgmma::TmaStage<Tile::kBN>::template map_shape<ContigB>(b.x_extent, b.k_extent, b.ld));
+    launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::PlainSource<ContigA>, ContigB, T>>(
+        m, n, k, ep, stream, map_a, map_b, wgmma::PlainSource<ContigA>{});
+  };
+  if (n >= 256 && tma_wide_tile())
+    launch(wgmma::WgTmaTileWide{});
+  else
+    launch(wgmma::WgTmaTile{});
 }
 
 // A convolution's implicit GEMM on the wgmma_tma kernel: A from `src` (16-byte aligned) through

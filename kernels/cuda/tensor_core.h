@@ -85,6 +85,11 @@ bool dgrad_transposed_filter();
 // variable STALEPROP_CONV_TMA is 1. Other shapes take the cp.async wgmma loop.
 void set_conv_tma(bool on);
 bool conv_tma();
+// The 128 x 256 tile of the wgmma_tma GEMM (wgmma_tma_mainloop.cuh, WgTmaTileWide) for N >= 256,
+// instead of 128 x 128. Written but not yet run on a GPU: off unless set, or the environment
+// variable STALEPROP_TMA_WIDE is 1.
+void set_tma_wide_tile(bool on);
+bool tma_wide_tile();
 // The main loop the kernels run on the current device: the selection with auto resolved.
 MmaMainloop effective_mma_mainloop();
 

@@ -15,7 +15,7 @@ namespace {
 // -1: not chosen yet (the environment decides at first use), else an MmaMainloop.
 std::atomic<int> g_mainloop{-1};
 // -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class, dgrad_transposed_filter).
-std::atomic<int> g_dgrad_classes{-1}, g_dgrad_wt{-1}, g_conv_tma{-1};
+std::atomic<int> g_dgrad_classes{-1}, g_dgrad_wt{-1}, g_conv_tma{-1}, g_tma_wide{-1};
 
 // A process-wide switch's value: what was set, else at first use from_env(the environment
 // variable `var`, nullptr when unset or empty), kept from then on.
@@ -100,6 +100,13 @@ void set_conv_tma(bool on) { g_conv_tma.store(on ? 1 : 0, std::memory_order_rela
 
 bool conv_tma() {
   return setting(g_conv_tma, "STALEPROP_CONV_TMA",
+                 [](const char* env) { return env && std::string(env) == "1" ? 1 : 0; }) == 1;
+}
+
+void set_tma_wide_tile(bool on) { g_tma_wide.store(on ? 1 : 0, std::memory_order_relaxed); }
+
+bool tma_wide_tile() {
+  return setting(g_tma_wide, "STALEPROP_TMA_WIDE",
                  [](const char* env) { return env && std::string(env) == "1" ? 1 : 0; }) == 1;
 }
 

@@ -80,7 +80,9 @@ using WgTileNarrow = WgTile<64, 4, 2>;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 template <int BN, int TransA, int TransB>
 __device__ __forceinline__ void wgmma_k16(float (&d)[BN / 2], uint64_t desc_a, uint64_t desc_b) {
-  if constexpr (BN == 128)
+  if constexpr (BN == 256)
+    ptx::wgmma_m64n256k16<TransA, TransB>(d, desc_a, desc_b, 1);
+  else if constexpr (BN == 128)
     ptx::wgmma_m64n128k16<TransA, TransB>(d, desc_a, desc_b, 1);
   else
     ptx::wgmma_m64n64k16<TransA, TransB>(d, desc_a, desc_b, 1);

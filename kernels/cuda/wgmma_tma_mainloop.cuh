@@ -24,7 +24,10 @@
 //
 // cuobjdump (CUDA 13.0, sm_90a): 90-92 registers, no stack; the SASS holds UTMALDG.2D (the TMA
 // loads), SYNCS.ARRIVE.TRANS64 / SYNCS.PHASECHK.TRANS64.TRYWAIT (the mbarriers) and
-// HGMMA.64x128x16.F32.BF16. It has not run on a GPU yet.
+// HGMMA.64x128x16.F32.BF16. The 128 x 128 form passed its GPU tests and compute-sanitizer on an
+// H100 (bench/results/nvidia-h100/2026-11-26-summary.md). The 128 x 256 form (WgTmaTileWide,
+// GEMMs with N >= 256 where tma_wide_tile() is on) has not run yet: 168 registers at launch, USETMAXREG to 40 in the
+// producer and 232 in the consumers, whose code reaches R152; no stack, no local memory.
 //
 // Used for the bf16 GEMM when the wgmma_tma main loop is selected (tensor_core.h), both
 // operands are plain matrices TMA can address (16-byte-aligned base, rows a multiple of 16
@@ -47,9 +50,15 @@
 
 namespace sp::kernels::cuda::detail::wgmma {
 
-template <int BN, int Stages>
+// ProducerRegs > 0: the warpgroups rebalance the registers at the start (setmaxnreg), the
+// producer down to ProducerRegs and the consumers up to ConsumerRegs. The block is launched
+// with 65536 / 384 = 168 per thread; 40 + 2 x 232 = 3 x 168, so the consumers' increase is
+// exactly what the producer hands back.
+template <int BN, int Stages, int ProducerRegs = 0, int ConsumerRegs = 0>
 struct WgTmaTileOf {
   static constexpr int kBM = 128, kBN = BN, kBK = wgmma::kBK, kStages = Stages;
+  static constexpr int kProducerRegs = ProducerRegs, kConsumerRegs = ConsumerRegs;
+  static_assert(ProducerRegs == 0 || ProducerRegs + 2 * ConsumerRegs <= 3 * 168, "the block's registers");
   static constexpr int kConsumerThreads = 2 * kWarpgroupThreads, kConsumerWarps = kConsumerThreads / kWarpSize;
   static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;
   static constexpr int kAStage = kBM * kBK, kBStage = kBN * kBK;  // elements
@@ -64,6 +73,10 @@ struct WgTmaTileOf {
 };
 using WgTmaTile = WgTmaTileOf<128, 5>;
 using WgTmaTileNarrow = WgTmaTileOf<64, 7>;
+// 128 x 256 for the GEMM with N >= 256: half the tiles of 128 x 128, and each consumer's
+// wgmma.m64n256k16 reads 10 KiB of shared memory per 64 x 256 x 16 product instead of 2 x 6 KiB
+// for two m64n128k16. 128 accumulators per consumer thread: the registers are rebalanced.
+using WgTmaTileWide = WgTmaTileOf<256, 4, 40, 232>;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The TMA boxes of one operand's stage at (x0, k0) into `stage`, completing on `bar`.
@@ -165,6 +178,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   __syncthreads();  // the last block-wide barrier: the warpgroups go their own ways below
 
   if (wg == 0) {
+    if constexpr (Tile::kProducerRegs > 0) ptx::setmaxnreg_dec<Tile::kProducerRegs>();  // the whole warpgroup
     if (threadIdx.x != 0) return;
     for (int step = 0; step < k_steps; ++step) {
       const int s = step % kS;
@@ -177,6 +191,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     return;
   }
 
+  if constexpr (Tile::kConsumerRegs > 0) ptx::setmaxnreg_inc<Tile::kConsumerRegs>();
   const int cw = wg - 1;  // the consumer warpgroup: rows 64 cw .. 64 cw + 63 of the tile
   float acc[Tile::kAcc];
 #pragma unroll
