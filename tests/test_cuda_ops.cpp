@@ -794,23 +794,35 @@ TEST_F(CudaOps, SgdGivesTheSameBitsFromUnalignedTensors) {
 // ---- Shortcut and pooling ----------------------------------------------------------------
 
 TEST_F(CudaOps, ShortcutMatchesBitForBit) {
-  const ShortcutAShape shapes[] = {{8, 32, 32, 16, 32, 2}, {1, 5, 7, 3, 8, 2}, {2, 4, 4, 6, 6, 1}, {3, 9, 6, 5, 11, 3}};
+  // 16 -> 32 and 8 -> 16 (padding of 8 and 4 channels) move 4 channels at a time; 4 -> 16 pads
+  // 6 (not a multiple of 4), the others have odd channel counts: element by element. Each shape
+  // also runs one element into its allocations (unaligned: element by element).
+  const ShortcutAShape shapes[] = {{8, 32, 32, 16, 32, 2}, {2, 8, 8, 8, 16, 2}, {2, 8, 8, 4, 16, 2},
+                                   {1, 5, 7, 3, 8, 2},     {2, 4, 4, 6, 6, 1},  {3, 9, 6, 5, 11, 3}};
   uint32_t seed = 700;
-  for (const ShortcutAShape& sh : shapes) {
-    const std::string what = "shortcut " + std::to_string(sh.c_in) + "->" + std::to_string(sh.c_out);
-    const std::vector<float> x = random_vector(size_t(sh.x_size()), ++seed),
-                             dy = random_vector(size_t(sh.y_size()), ++seed);
-    DeviceArray<float> dxin(x), ddy(dy), dyout(size_t(sh.y_size())), ddx(size_t(sh.x_size()));
-    kcu::shortcut_a_forward(sh, dxin.get(), dyout.get(), stream_);
-    sync_and_check();
-    kcu::shortcut_a_backward(sh, ddy.get(), ddx.get(), stream_);
-    sync_and_check();
-    std::vector<float> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size()));
-    kc::shortcut_a_forward<float>(sh, x.data(), ry.data());
-    kc::shortcut_a_backward<float>(sh, dy.data(), rdx.data());
-    expect_bits_equal(dyout.download(), ry, what + " forward");
-    expect_bits_equal(ddx.download(), rdx, what + " backward");
-  }
+  for (const ShortcutAShape& sh : shapes)
+    for (const size_t off : {size_t(0), size_t(1)}) {
+      const std::string what = "shortcut " + std::to_string(sh.c_in) + "->" + std::to_string(sh.c_out) + " offset " +
+                               std::to_string(off);
+      const std::vector<float> x = random_vector(size_t(sh.x_size()), ++seed),
+                               dy = random_vector(size_t(sh.y_size()), ++seed);
+      DeviceArray<float> dxin(x.size() + off), ddy(dy.size() + off), dyout(size_t(sh.y_size()) + off),
+          ddx(size_t(sh.x_size()) + off);
+      SP_CUDA_CHECK(cudaMemcpy(dxin.get() + off, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+      SP_CUDA_CHECK(cudaMemcpy(ddy.get() + off, dy.data(), dy.size() * 4, cudaMemcpyHostToDevice));
+      kcu::shortcut_a_forward(sh, dxin.get() + off, dyout.get() + off, stream_);
+      sync_and_check();
+      kcu::shortcut_a_backward(sh, ddy.get() + off, ddx.get() + off, stream_);
+      sync_and_check();
+      std::vector<float> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size()));
+      kc::shortcut_a_forward<float>(sh, x.data(), ry.data());
+      kc::shortcut_a_backward<float>(sh, dy.data(), rdx.data());
+      std::vector<float> gy = dyout.download(), gdx = ddx.download();
+      gy.erase(gy.begin(), gy.begin() + std::ptrdiff_t(off));
+      gdx.erase(gdx.begin(), gdx.begin() + std::ptrdiff_t(off));
+      expect_bits_equal(gy, ry, what + " forward");
+      expect_bits_equal(gdx, rdx, what + " backward");
+    }
 }
 
 TEST_F(CudaOps, MaxPoolMatchesBitForBitIncludingTiesAndOverlap) {
@@ -838,22 +850,31 @@ TEST_F(CudaOps, MaxPoolMatchesBitForBitIncludingTiesAndOverlap) {
 }
 
 TEST_F(CudaOps, GlobalAvgPoolMatchesBitForBit) {
-  const int64_t cases[][3] = {{128, 64, 64}, {1, 1, 10}, {2, 49, 3}};
+  // c % 4 == 0 and aligned: the backward moves 4 channels at a time; the other cases, and every
+  // case one element into its allocations, element by element.
+  const int64_t cases[][3] = {{128, 64, 64}, {3, 16, 512}, {1, 1, 10}, {2, 49, 3}};
   uint32_t seed = 900;
-  for (const auto& cs : cases) {
-    const int64_t n = cs[0], hw = cs[1], c = cs[2];
-    const std::vector<float> x = random_vector(size_t(n * hw * c), ++seed), dy = random_vector(size_t(n * c), ++seed);
-    DeviceArray<float> dxin(x), ddy(dy), dyout(size_t(n * c)), ddx(x.size());
-    kcu::global_avgpool_forward(n, hw, c, dxin.get(), dyout.get(), stream_);
-    sync_and_check();
-    kcu::global_avgpool_backward(n, hw, c, ddy.get(), ddx.get(), stream_);
-    sync_and_check();
-    std::vector<float> ry(size_t(n * c)), rdx(x.size());
-    kc::global_avgpool_forward<float>(n, hw, c, x.data(), ry.data());
-    kc::global_avgpool_backward<float>(n, hw, c, dy.data(), rdx.data());
-    expect_bits_equal(dyout.download(), ry, "global_avgpool_forward");
-    expect_bits_equal(ddx.download(), rdx, "global_avgpool_backward");
-  }
+  for (const auto& cs : cases)
+    for (const size_t off : {size_t(0), size_t(1)}) {
+      const int64_t n = cs[0], hw = cs[1], c = cs[2];
+      const std::string what = "global_avgpool c " + std::to_string(c) + " offset " + std::to_string(off);
+      const std::vector<float> x = random_vector(size_t(n * hw * c), ++seed), dy = random_vector(size_t(n * c), ++seed);
+      DeviceArray<float> dxin(x.size() + off), ddy(dy.size() + off), dyout(size_t(n * c) + off), ddx(x.size() + off);
+      SP_CUDA_CHECK(cudaMemcpy(dxin.get() + off, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+      SP_CUDA_CHECK(cudaMemcpy(ddy.get() + off, dy.data(), dy.size() * 4, cudaMemcpyHostToDevice));
+      kcu::global_avgpool_forward(n, hw, c, dxin.get() + off, dyout.get() + off, stream_);
+      sync_and_check();
+      kcu::global_avgpool_backward(n, hw, c, ddy.get() + off, ddx.get() + off, stream_);
+      sync_and_check();
+      std::vector<float> ry(size_t(n * c)), rdx(x.size());
+      kc::global_avgpool_forward<float>(n, hw, c, x.data(), ry.data());
+      kc::global_avgpool_backward<float>(n, hw, c, dy.data(), rdx.data());
+      std::vector<float> gy = dyout.download(), gdx = ddx.download();
+      gy.erase(gy.begin(), gy.begin() + std::ptrdiff_t(off));
+      gdx.erase(gdx.begin(), gdx.begin() + std::ptrdiff_t(off));
+      expect_bits_equal(gy, ry, what + " forward");
+      expect_bits_equal(gdx, rdx, what + " backward");
+    }
 }
 
 // ---- Linear ------------------------------------------------------------------------------
