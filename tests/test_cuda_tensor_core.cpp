@@ -368,10 +368,12 @@ TEST_P(TensorCore, GemmOnTheWideTmaTile) {
   // The 128 x 256 tile of the wgmma_tma GEMM (tma_wide_tile(), tensor_core.h) for N >= 256, its
   // warpgroups' registers rebalanced by setmaxnreg: whole tiles, tails in M, N and K, all four
   // transposes (every row stride here a multiple of 8 elements, so all take TMA), epilogues, bf16
-  // output, a split K, and a repeated run. Against the reference; on the other main loops the
-  // switch changes nothing.
+  // output, split K, blocks that go round the 4-stage ring more than once ({136, 448, 488}: 8
+  // steps; {200, 512, 1000}: slices of 6, 6 and 4), and a repeated run. Every N here takes the
+  // wide tile (N % 256 is 0 or more than 128). Against the reference; on the other main loops
+  // the switch changes nothing.
   const SwitchOn wide(kcu::tma_wide_tile, kcu::set_tma_wide_tile);
-  const int64_t shapes[][3] = {{256, 512, 1024}, {200, 304, 136}, {136, 264, 72}, {16, 288, 8192}};
+  const int64_t shapes[][3] = {{256, 512, 1024}, {200, 400, 136}, {136, 448, 488}, {200, 512, 1000}, {16, 512, 8192}};
   uint32_t seed = 560;
   for (const auto& s : shapes)
     for (int t = 0; t < 4; ++t) {
@@ -385,7 +387,7 @@ TEST_P(TensorCore, GemmOnTheWideTmaTile) {
       b.bias = true;
       check_b16(&kcu::gemm_bf16_out_bf16, stream_, b, seed += 5);
     }
-  const GemmCase d{300, 260, 300};
+  const GemmCase d{300, 256, 304};  // every row stride a multiple of 8: the TMA kernel, 5 steps
   const std::vector<float> r1 = check_f32(&kcu::gemm_bf16, stream_, d, 590);
   const std::vector<float> r2 = check_f32(&kcu::gemm_bf16, stream_, d, 590);
   EXPECT_TRUE(bits_equal(r1, r2)) << "repeated runs differ";
@@ -495,10 +497,11 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
           << conv_str(sh) << ": forward";
       EXPECT_TRUE(wg::plan_conv_wgrad_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, sh.pad).ok)
           << conv_str(sh) << ": weight gradient";
-      if (sh.stride == 1)
+      if (sh.stride == 1) {
         EXPECT_TRUE(
             wg::plan_conv_tma(sh.n, sh.h, sh.w, sh.p(), sh.q(), sh.k, sh.r, sh.s, 1, -1, sh.pad, wg::kConvTmaTileM).ok)
             << conv_str(sh) << ": backward data";
+      }
     }
   shapes.push_back(conv(3, 8, 8, 64, 64, 3, 1, 1));
   shapes.push_back(conv(5, 4, 4, 128, 128, 3, 1, 1));

@@ -103,10 +103,12 @@ TEST(WgmmaLayout, DescriptorPacksTheFieldsThePtxIsaNames) {
 TEST(WgmmaLayout, AOperandsKMajorMatchWhatWgmmaReads) { check_stage<128, true>(kWarpgroupRows, "A K-major"); }
 TEST(WgmmaLayout, AOperandsMNMajorMatchWhatWgmmaReads) { check_stage<128, false>(kWarpgroupRows, "A MN-major"); }
 TEST(WgmmaLayout, BOperandsKMajorMatchWhatWgmmaReads) {
+  check_stage<256, true>(256, "B K-major, N = 256");
   check_stage<128, true>(128, "B K-major, N = 128");
   check_stage<64, true>(64, "B K-major, N = 64");
 }
 TEST(WgmmaLayout, BOperandsMNMajorMatchWhatWgmmaReads) {
+  check_stage<256, false>(256, "B MN-major, N = 256");
   check_stage<128, false>(128, "B MN-major, N = 128");
   check_stage<64, false>(64, "B MN-major, N = 64");
 }
@@ -161,6 +163,8 @@ void check_tma_stage(const std::string& what) {
 }
 
 TEST(WgmmaLayout, TmaBoxesFillTheStagesTheDescriptorsRead) {
+  check_tma_stage<256, true>("256 wide, K-contiguous");
+  check_tma_stage<256, false>("256 wide, X-contiguous");
   check_tma_stage<128, true>("128 wide, K-contiguous");
   check_tma_stage<128, false>("128 wide, X-contiguous");
   check_tma_stage<64, true>("64 wide, K-contiguous");

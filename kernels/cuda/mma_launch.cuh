@@ -106,7 +106,9 @@ template <bool ContigK>
 struct IsMatrixLoader<MatrixLoader<ContigK>> : std::true_type {};
 
 // The wgmma_tma kernel on two plain matrices (both with vec set: TMA-addressable), M, N, K > 0.
-// The 128 x 256 tile where N >= 256 and tma_wide_tile() (tensor_core.h), else 128 x 128.
+// The 128 x 256 tile where tma_wide_tile() (tensor_core.h) and N >= 256 fills its last column
+// tile more than half (N = 264 would compute 512 columns where 128-wide tiles compute 384),
+// else 128 x 128.
 template <bool ContigA, bool ContigB, typename T>
 void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& b, int m, int n, int k,
                    const MmaEpilogue<T>& ep, cudaStream_t stream) {
@@ -119,7 +121,7 @@ void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& 
     launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::PlainSource<ContigA>, ContigB, T>>(
         m, n, k, ep, stream, map_a, map_b, wgmma::PlainSource<ContigA>{});
   };
-  if (n >= 256 && tma_wide_tile())
+  if (n >= 256 && (n % 256 == 0 || n % 256 > 128) && tma_wide_tile())
     launch(wgmma::WgTmaTileWide{});
   else
     launch(wgmma::WgTmaTile{});

@@ -8,8 +8,8 @@
 // thread issues 2-3 bulk copies per K step, and the hardware does the addressing, the 128-byte
 // swizzle and the zero fill past the matrix's edges.
 //
-// Block: 128 x kBN tile (kBN 128, or 64 for the convolutions with 64 output columns), three
-// warpgroups (384 threads):
+// Block: 128 x kBN tile (kBN 128; 256 for GEMMs with N >= 256 where enabled; 64 for the
+// convolutions with 64 output columns), three warpgroups (384 threads):
 //   warpgroup 0   producer: one thread runs ahead through a ring of kStages stages. For each K
 //                 step it waits until the stage is free ("empty" mbarrier), announces the
 //                 stage's bytes on its "full" mbarrier, and issues the TMA boxes (TmaStage in
@@ -54,29 +54,38 @@ namespace sp::kernels::cuda::detail::wgmma {
 // producer down to ProducerRegs and the consumers up to ConsumerRegs. The block is launched
 // with 65536 / 384 = 168 per thread; 40 + 2 x 232 = 3 x 168, so the consumers' increase is
 // exactly what the producer hands back.
-template <int BN, int Stages, int ProducerRegs = 0, int ConsumerRegs = 0>
+template <int BN, int Stages, int MinBlocks = 1, int ProducerRegs = 0, int ConsumerRegs = 0>
 struct WgTmaTileOf {
   static constexpr int kBM = 128, kBN = BN, kBK = wgmma::kBK, kStages = Stages;
+  static constexpr int kMinBlocks = MinBlocks;  // per SM, for __launch_bounds__
   static constexpr int kProducerRegs = ProducerRegs, kConsumerRegs = ConsumerRegs;
-  static_assert(ProducerRegs == 0 || ProducerRegs + 2 * ConsumerRegs <= 3 * 168, "the block's registers");
+  // 168 = 65536 / 384 rounded down to 8: what __launch_bounds__(384, 1) gives every thread.
+  static_assert(ProducerRegs == 0 || (MinBlocks == 1 && ProducerRegs % 8 == 0 && ConsumerRegs % 8 == 0 &&
+                                      ProducerRegs >= 24 && ProducerRegs <= 168 && ConsumerRegs >= 168 &&
+                                      ConsumerRegs <= 256 && ProducerRegs + 2 * ConsumerRegs <= 3 * 168),
+                "setmaxnreg: multiples of 8 in 24..256 that rebalance the block's 3 x 168 per thread");
   static constexpr int kConsumerThreads = 2 * kWarpgroupThreads, kConsumerWarps = kConsumerThreads / kWarpSize;
   static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;
   static constexpr int kAStage = kBM * kBK, kBStage = kBN * kBK;  // elements
   static constexpr int kAcc = kBN / 2;
   // The stages (1024-byte aligned), the 2 x kStages mbarriers after them, and the slack to
-  // round the start up to 1024 bytes: 161 KiB (kBN 128) or 169 KiB (kBN 64), one block per SM.
+  // round the start up to 1024 bytes: 161 KiB (kBN 128, one block per SM), 95 KiB (kBN 64, two)
+  // or 193 KiB (kBN 256, one).
   static constexpr int kSmemBytes = kStages * (kAStage + kBStage) * 2 + 2 * kStages * 8 + kAtomBytes;
   static_assert(kAStage * 2 % kAtomBytes == 0 && kBStage * 2 % kAtomBytes == 0,
                 "stages stay 1024-byte aligned (the 128-byte swizzle's atom)");
-  static_assert(kSmemBytes <= 227 * 1024, "the stages fit an sm_90 block's shared memory");
+  static_assert(kSmemBytes * kMinBlocks <= 227 * 1024, "the stages of kMinBlocks blocks fit an SM's shared memory");
   static_assert(kBM == kConvTmaTileM, "the convolutions' TMA plans are for this tile");
 };
 using WgTmaTile = WgTmaTileOf<128, 5>;
-using WgTmaTileNarrow = WgTmaTileOf<64, 7>;
+// 128 x 64 (the convolutions with 64 output columns): two blocks per SM, as the cp.async loop's
+// narrow tile runs, so that one block's epilogue and pipeline fill overlap the other's main
+// loop; its consumers need about 60 registers (of the 85 two blocks allow).
+using WgTmaTileNarrow = WgTmaTileOf<64, 4, 2>;
 // 128 x 256 for the GEMM with N >= 256: half the tiles of 128 x 128, and each consumer's
 // wgmma.m64n256k16 reads 10 KiB of shared memory per 64 x 256 x 16 product instead of 2 x 6 KiB
 // for two m64n128k16. 128 accumulators per consumer thread: the registers are rebalanced.
-using WgTmaTileWide = WgTmaTileOf<256, 4, 40, 232>;
+using WgTmaTileWide = WgTmaTileOf<256, 4, 1, 40, 232>;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The TMA boxes of one operand's stage at (x0, k0) into `stage`, completing on `bar`.
@@ -141,7 +150,7 @@ struct ConvWgradSource {  // the weight gradient's rows (tap, channel): kX / 64 
 // map_a as SourceA's load reads it. ContigB whether B is K-contiguous. partials as in
 // mma::mma_gemm_kernel.
 template <class Tile, class SourceA, bool ContigB, typename T>
-__global__ void __launch_bounds__(Tile::kThreads, 1)
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     wgmma_tma_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                           const __grid_constant__ SourceA source_a, MmaGeometry g, MmaEpilogue<T> ep,
                           float* partials) {
