@@ -92,22 +92,21 @@ if [ -n "$TRAIN_PID" ]; then
   log "$(tail -1 "$OUT/train.log")"
 fi
 
-# The TMA convolutions (conv_tma.h) against the cp.async ones, each against cuDNN in its run.
-for tma in 0 1; do
-  [ "$(left)" -gt 60 ] || break
-  timeout 40 build-gpu/bench/bench_gpu_kernels --conv-tma=$tma --benchmark_min_time=0.002 \
-    --benchmark_filter='_bf16/r18_all_layers' --benchmark_report_aggregates_only=true \
-    --benchmark_out="$OUT/r18-convs-tma$tma.json" --benchmark_out_format=json >> "$OUT/conv-tma.txt" 2>&1
-  log "bench_gpu_kernels r18 convolutions --conv-tma=$tma exit $?"
-done
-# The 128 x 256 TMA GEMM tile against the 128 x 128 one (each against cuBLASLt in its run).
-for wide in 0 1; do
-  [ "$(left)" -gt 60 ] || break
-  timeout 30 build-gpu/bench/bench_gpu_kernels --tma-wide=$wide --benchmark_min_time=0.002 \
-    --benchmark_filter='^gemm_bf16/square' --benchmark_report_aggregates_only=true \
-    --benchmark_out="$OUT/gemm-bf16-wide$wide.json" --benchmark_out_format=json >> "$OUT/conv-tma.txt" 2>&1
-  log "bench_gpu_kernels bf16 GEMM --tma-wide=$wide exit $?"
-done
+# A switch of bench_gpu_kernels off and on, the benchmarks matching a filter, each run against
+# its vendor twin in that run: ab NAME FLAG SECONDS FILTER (JSON in $OUT/NAME-0.json, -1.json).
+ab() {
+  for v in 0 1; do
+    [ "$(left)" -gt 60 ] || break
+    timeout "$3" build-gpu/bench/bench_gpu_kernels "--$2=$v" --benchmark_min_time=0.002 --benchmark_filter="$4" \
+      --benchmark_report_aggregates_only=true --benchmark_out="$OUT/$1-$v.json" --benchmark_out_format=json \
+      >> "$OUT/ab.txt" 2>&1
+    log "bench_gpu_kernels $1 --$2=$v exit $?"
+  done
+}
+# The TMA convolutions (conv_tma.h) against the cp.async ones, against cuDNN; the 128 x 256 TMA
+# GEMM tile against the 128 x 128 one, against cuBLASLt.
+ab r18-convs-tma conv-tma 40 '_bf16/r18_all_layers'
+ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
 for cfg in "resnet18 512" "resnet56 128"; do
   set -- $cfg
   for tma in 0 1; do

@@ -125,6 +125,23 @@ void launch_pointwise(void (*chunked)(int64_t, Params...), void (*single)(int64_
   SP_CUDA_CHECK_LAUNCH();
 }
 
+// The coordinates of element idx of an NHWC tensor [.., rows, cols, c]: its channel, column,
+// row and image.
+struct NhwcIndex {
+  int ch, col, row;
+  int64_t img;
+};
+__device__ __forceinline__ NhwcIndex nhwc_index(int64_t idx, int c, int cols, int rows) {
+  NhwcIndex x;
+  x.ch = int(idx % c);
+  int64_t rest = idx / c;
+  x.col = int(rest % cols);
+  rest /= cols;
+  x.row = int(rest % rows);
+  x.img = rest / rows;
+  return x;
+}
+
 // ---- Option-A shortcut -----------------------------------------------------------------------
 // Forward gathers each y element from x (or zero in the padded channels); backward gathers
 // each dx element from dy (zero at the pixels the stride skips).
@@ -132,15 +149,10 @@ void launch_pointwise(void (*chunked)(int64_t, Params...), void (*single)(int64_
 __global__ void shortcut_a_forward_kernel(int64_t total, ShortcutAShape sh, int p_out, int q_out, int lo,
                                           const float* x, float* y) {
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const int ch = int(idx % sh.c_out);
-    int64_t rest = idx / sh.c_out;
-    const int j = int(rest % q_out);
-    rest /= q_out;
-    const int i = int(rest % p_out);
-    const int64_t img = rest / p_out;
-    const int src = ch - lo;
+    const NhwcIndex o = nhwc_index(idx, sh.c_out, q_out, p_out);
+    const int src = o.ch - lo;
     y[idx] = src >= 0 && src < sh.c_in
-                 ? x[((img * sh.h + int64_t(i) * sh.stride) * sh.w + int64_t(j) * sh.stride) * sh.c_in + src]
+                 ? x[((o.img * sh.h + int64_t(o.row) * sh.stride) * sh.w + int64_t(o.col) * sh.stride) * sh.c_in + src]
                  : 0.f;
   }
 }
@@ -152,17 +164,12 @@ __global__ void shortcut_a_forward4_kernel(int64_t total4, ShortcutAShape sh, in
                                            const float* x, float* y) {
   const int c4 = sh.c_out / 4;
   for (int64_t idx = global_thread_index(); idx < total4; idx += grid_stride()) {
-    const int ch = int(idx % c4) * 4;
-    int64_t rest = idx / c4;
-    const int j = int(rest % q_out);
-    rest /= q_out;
-    const int i = int(rest % p_out);
-    const int64_t img = rest / p_out;
-    const int src = ch - lo;
+    const NhwcIndex o = nhwc_index(idx, c4, q_out, p_out);
+    const int src = o.ch * 4 - lo;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
     if (src >= 0 && src < sh.c_in)
       v = *reinterpret_cast<const float4*>(
-          x + ((img * sh.h + int64_t(i) * sh.stride) * sh.w + int64_t(j) * sh.stride) * sh.c_in + src);
+          x + ((o.img * sh.h + int64_t(o.row) * sh.stride) * sh.w + int64_t(o.col) * sh.stride) * sh.c_in + src);
     reinterpret_cast<float4*>(y)[idx] = v;
   }
 }
@@ -171,16 +178,11 @@ __global__ void shortcut_a_backward4_kernel(int64_t total4, ShortcutAShape sh, i
                                             const float* dy, float* dx) {
   const int c4 = sh.c_in / 4;
   for (int64_t idx = global_thread_index(); idx < total4; idx += grid_stride()) {
-    const int c = int(idx % c4) * 4;
-    int64_t rest = idx / c4;
-    const int w = int(rest % sh.w);
-    rest /= sh.w;
-    const int h = int(rest % sh.h);
-    const int64_t img = rest / sh.h;
+    const NhwcIndex i = nhwc_index(idx, c4, sh.w, sh.h);
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (h % sh.stride == 0 && w % sh.stride == 0)
-      v = *reinterpret_cast<const float4*>(dy + ((img * p_out + h / sh.stride) * q_out + w / sh.stride) * sh.c_out +
-                                           lo + c);
+    if (i.row % sh.stride == 0 && i.col % sh.stride == 0)
+      v = *reinterpret_cast<const float4*>(
+          dy + ((i.img * p_out + i.row / sh.stride) * q_out + i.col / sh.stride) * sh.c_out + lo + i.ch * 4);
     reinterpret_cast<float4*>(dx)[idx] = v;
   }
 }
@@ -188,14 +190,9 @@ __global__ void shortcut_a_backward4_kernel(int64_t total4, ShortcutAShape sh, i
 __global__ void shortcut_a_backward_kernel(int64_t total, ShortcutAShape sh, int p_out, int q_out, int lo,
                                            const float* dy, float* dx) {
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const int c = int(idx % sh.c_in);
-    int64_t rest = idx / sh.c_in;
-    const int w = int(rest % sh.w);
-    rest /= sh.w;
-    const int h = int(rest % sh.h);
-    const int64_t img = rest / sh.h;
-    dx[idx] = h % sh.stride == 0 && w % sh.stride == 0
-                  ? dy[((img * p_out + h / sh.stride) * q_out + w / sh.stride) * sh.c_out + lo + c]
+    const NhwcIndex i = nhwc_index(idx, sh.c_in, sh.w, sh.h);
+    dx[idx] = i.row % sh.stride == 0 && i.col % sh.stride == 0
+                  ? dy[((i.img * p_out + i.row / sh.stride) * q_out + i.col / sh.stride) * sh.c_out + lo + i.ch]
                   : 0.f;
   }
 }
@@ -230,14 +227,9 @@ __device__ int window_argmax(const PoolGeom& g, const float* xi, int p, int q, i
 
 __global__ void maxpool_forward_kernel(int64_t total, PoolGeom g, const float* x, float* y) {
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const int ch = int(idx % g.c);
-    int64_t rest = idx / g.c;
-    const int q = int(rest % g.q);
-    rest /= g.q;
-    const int p = int(rest % g.p);
-    const int64_t img = rest / g.p;
-    const float* xi = x + img * g.h * g.w * g.c;
-    y[idx] = xi[int64_t(window_argmax(g, xi, p, q, ch)) * g.c + ch];
+    const NhwcIndex o = nhwc_index(idx, g.c, g.q, g.p);
+    const float* xi = x + o.img * g.h * g.w * g.c;
+    y[idx] = xi[int64_t(window_argmax(g, xi, o.row, o.col, o.ch)) * g.c + o.ch];
   }
 }
 
@@ -248,25 +240,16 @@ __global__ void maxpool_forward_kernel(int64_t total, PoolGeom g, const float* x
 // one-pass form ran at 0.07 of the copy on an H100).
 __global__ void maxpool_argmax_kernel(int64_t total, PoolGeom g, const float* x, int* arg) {
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const int ch = int(idx % g.c);
-    int64_t rest = idx / g.c;
-    const int q = int(rest % g.q);
-    rest /= g.q;
-    const int p = int(rest % g.p);
-    const int64_t img = rest / g.p;
-    arg[idx] = window_argmax(g, x + img * g.h * g.w * g.c, p, q, ch);
+    const NhwcIndex o = nhwc_index(idx, g.c, g.q, g.p);
+    arg[idx] = window_argmax(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch);
   }
 }
 
 __global__ void maxpool_backward_gather_kernel(int64_t total, PoolGeom g, const int* arg, const float* dy, float* dx) {
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const int ch = int(idx % g.c);
-    int64_t rest = idx / g.c;
-    const int w = int(rest % g.w);
-    rest /= g.w;
-    const int h = int(rest % g.h);
-    const int64_t img = rest / g.h;
-    const int64_t out0 = img * g.p * g.q * g.c;
+    const NhwcIndex i = nhwc_index(idx, g.c, g.w, g.h);
+    const int ch = i.ch, w = i.col, h = i.row;
+    const int64_t out0 = i.img * g.p * g.q * g.c;
     const int h_lo = h + g.pad - g.window + 1, w_lo = w + g.pad - g.window + 1;
     const int p_begin = h_lo <= 0 ? 0 : (h_lo + g.stride - 1) / g.stride;
     const int q_begin = w_lo <= 0 ? 0 : (w_lo + g.stride - 1) / g.stride;
