@@ -103,7 +103,11 @@ commands:
   help      show this text
 
 staleprop <command> --help lists the command's options.
-Environment: CIFAR10_DIR (data directory), STALEPROP_NUM_THREADS (CPU threads).
+Environment: CIFAR10_DIR (data directory), STALEPROP_NUM_THREADS (CPU threads); for our bf16
+GPU kernels: STALEPROP_MAINLOOP (the default of --mainloop), STALEPROP_DGRAD_WT=0 (data gradient
+on the gathered filter instead of the transposed one), STALEPROP_DGRAD_CLASSES=1 (strided data
+gradients by stride class), STALEPROP_CONV_TMA=1 (convolutions' operands loaded by TMA) and
+STALEPROP_TMA_WIDE=1 (128x256 tile for the TMA GEMM); the last two not yet run on a GPU.
 )";
 
 struct DemoOptions {
