@@ -8,7 +8,8 @@
 #                       starts its accuracy run on it while the GPU machine builds)
 #   .carry/commit       the commit being tested (the GPU machine gets no .git)
 #   .carry/resume       with RESUME=FILE: that checkpoint, which tools/gpu_session.sh's accuracy
-#                       run resumes (a train.safetensors an earlier session brought back)
+#                       run resumes (a train.safetensors an earlier session brought back; keep
+#                       such files in the git-ignored gpu-state/, never in the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .carry && mkdir -p .carry/benchmark/lib .carry/benchmark/include .carry/data
