@@ -22,6 +22,9 @@ fi
 if [ -x build-cuda/tools/staleprop ] && [ -z "$(git status --porcelain --untracked-files=no)" ] &&
    ! ninja -C build-cuda -n tools/staleprop 2>/dev/null | grep -qE 'Building|Linking'; then
   mkdir -p .carry/bin && cp build-cuda/tools/staleprop .carry/bin/
+else
+  echo "gpu_prepare.sh: WARNING: no current build-cuda/tools/staleprop to carry (uncommitted changes, or" \
+    "the build is stale: ninja -C build-cuda tools/staleprop): the accuracy run starts only after the build" >&2
 fi
 if [ -n "${RESUME:-}" ]; then
   mkdir -p .carry/resume && cp "$RESUME" .carry/resume/train.safetensors

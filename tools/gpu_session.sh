@@ -5,24 +5,27 @@
 # Order, each step bounded so that the results are packed before DEADLINE seconds (default 560):
 #   1. unpack CIFAR-10; start the accuracy run (TRAIN_ARGS) in the background, on the carried
 #      binary when present (else after the build), its metrics in train.jsonl and its last
-#      finished epoch's checkpoint in train.safetensors. With .carry/resume/train.safetensors
-#      (a checkpoint an earlier session brought back, copied there by hand) it resumes that run;
+#      finished epoch's checkpoint in train.safetensors (returned beside the archive). With
+#      .carry/resume/train.safetensors (RESUME=FILE tools/gpu_prepare.sh) it resumes that run;
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test (ctest);
 #   3. compute-sanitizer memcheck and racecheck on the TMA convolutions' and the wide TMA GEMM
-#      tile's tests (SAN_CAP seconds each, default 45);
-#   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330), so that
-#      nothing shares the GPU with the measurements;
+#      tile's tests (SAN_CAP seconds each, default 55);
+#   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
+#      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
+#      the measurements;
 #   5. the TMA convolutions against the cp.async ones: ResNet-18's bf16 convolutions at batch 512
 #      against cuDNN with --conv-tma=0 and =1; the bf16 GEMM with the 128 x 256 TMA tile against
 #      the 128 x 128 one (--tma-wide), against cuBLASLt; then bf16 training throughput of
 #      ResNet-18 (batch 512) and ResNet-56 (128) with STALEPROP_CONV_TMA=0 and 1 beside PyTorch
-#      eager, and the op profile of a ResNet-18 step with them;
-#   6. gpu_bench stage 1 for the batch-norm, pooling and shortcut kernels against the copy, then
-#      stage 4 (CUDA graphs) as time allows;
-#   7. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace);
+#      eager, and the op profile of a ResNet-18 step with them. Each switch is measured only where
+#      ctest passed its GPU test (a hang there would burn every later timeout);
+#   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace);
+#   7. gpu_bench stage 1 for the pooling and shortcut kernels (rewritten since their last
+#      measurement), then the fused batch norm, against the copy;
 #   8. Nsight Compute sections, when ncu is there and time is left: one ResNet-18 layer's forward
 #      and data gradient with TMA loads, then the bf16 GEMM on the wide TMA tile.
-# Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files).
+# Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files), with the
+# accuracy run's checkpoint beside it, also when the script stops early (a trap packs them).
 # Separate processes on one GPU time-slice it (no MPS): the accuracy run shares it only with the
 # build, ctest and the sanitizers, never with a measurement; two training runs at once each get
 # about half (four got a quarter each: bench/results/nvidia-h200/2026-11-26-mainloops.md).
@@ -32,14 +35,15 @@ OUT=${OUT:-$PWD/gpu-out}
 export OUT
 mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-560}
-SAN_CAP=${SAN_CAP:-45}
+SAN_CAP=${SAN_CAP:-55}
 # Default: ResNet-56 towards #4's 93% (and the bp cell of #5's table), on this project's
 # JPEG-derived CIFAR-10, whose README expects 1-2 points below published figures: 160 epochs of
 # cosine decay after 2 warm-up epochs, Nesterov, weight decay 5e-4, Cutout 16 (the recipe that
 # took ResNet-20 to 90.22% on an H100: bench/results/nvidia-h100/2026-11-26-summary.md), replayed
-# from CUDA graphs (planned arenas; bit-identical to op by op on the H100). ResNet-56 trains at
-# about 23k img/s alone there, so 8M images take about 6 minutes: more than one call leaves. The
-# checkpoint of every finished epoch comes back, and the next call resumes it (see 1. above).
+# from CUDA graphs (planned arenas; bit-identical to op by op on the H100). `bench --graphs` ran
+# ResNet-56 at 23k img/s there; training shares the GPU with the build and the tests at first,
+# so 160 epochs (8M images) take more than one call. The checkpoint of every finished epoch
+# comes back, and the next call resumes it (see 1. above).
 TRAIN_ARGS=${TRAIN_ARGS:-"--model resnet56 --precision bf16 --epochs 160 --batch-size 128 --lr 0.1 \
 --momentum 0.9 --nesterov --weight-decay 5e-4 --schedule cosine --warmup-epochs 2 --cutout 16 --graphs"}
 left() { echo $((DEADLINE - SECONDS)); }
@@ -48,18 +52,36 @@ source tools/gpu_env.sh
 
 TRAIN_PID=
 start_train() {
-  local resume=()
+  local resume=() limit=$((DEADLINE - 230 - SECONDS))
+  [ "$limit" -gt "${T_TRAIN:-330}" ] && limit=${T_TRAIN:-330}
+  [ "$limit" -gt 30 ] || { log "no time left for the accuracy run"; return; }
   [ -f .carry/resume/train.safetensors ] && resume=(--resume .carry/resume/train.safetensors)
-  log "accuracy run on $1: staleprop train $TRAIN_ARGS ${resume[*]}"
+  log "accuracy run on $1 for at most $limit s: staleprop train $TRAIN_ARGS ${resume[*]}"
   (
-    # The checkpoint of the last finished epoch comes back too: a run cut by T_TRAIN can be
+    # The checkpoint of the last finished epoch comes back too: a run cut by the limit can be
     # resumed in a later session (--resume), and a finished one evaluated (staleprop eval).
-    timeout "${T_TRAIN:-330}" "$1" train --device cuda $TRAIN_ARGS "${resume[@]}" --progress plain \
+    timeout "$limit" "$1" train --device cuda $TRAIN_ARGS "${resume[@]}" --progress plain \
       --metrics "$OUT/train.jsonl" --checkpoint "$OUT/train.safetensors" > "$OUT/train.log" 2>&1
     echo "train exit $?" >> "$OUT/train.log"
   ) &
   TRAIN_PID=$!
 }
+# Packs $OUT into results.tgz, the checkpoint beside it (the device tool returns 8 files of at
+# most 16 MiB), whether the script ends or is stopped.
+pack() {
+  trap - EXIT TERM INT
+  if [ -n "$TRAIN_PID" ] && kill -0 "$TRAIN_PID" 2> /dev/null; then
+    pkill -TERM -P "$TRAIN_PID" 2> /dev/null
+    wait "$TRAIN_PID" 2> /dev/null
+  fi
+  rm -f "$OUT"/*.tmp.*
+  mkdir -p /tmp/pack && rm -rf /tmp/pack/*
+  [ -f "$OUT/train.safetensors" ] && mv "$OUT/train.safetensors" /tmp/pack/
+  tar czf /tmp/pack/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/pack/* "$OUT/"
+}
+trap pack EXIT
+trap 'pack; exit 143' TERM INT
+
 if [ -f .carry/data/cifar10-jpeg.pack.gz ]; then
   python3 .carry/data/unpack_cifar10.py .carry/data/cifar10-jpeg.pack.gz data/cifar-10-batches-bin > /dev/null
   [ -x .carry/bin/staleprop ] && [ -z "${NO_TRAIN:-}" ] && start_train .carry/bin/staleprop
@@ -70,9 +92,16 @@ STAGES=build nice -n 10 tools/gpu_check.sh | tee -a "$OUT/session.txt" || exit 1
 [ -z "$TRAIN_PID" ] && [ -z "${NO_TRAIN:-}" ] && [ -d data/cifar-10-batches-bin ] && start_train build-gpu/tools/staleprop
 log "ctest"
 STAGES=test tools/gpu_check.sh | tee -a "$OUT/session.txt"
+# A switch is measured only where its GPU test passed in ctest.
+passed() { grep -qE "$1 \.+ +Passed" "$OUT/ctest.log" 2> /dev/null; }
+CONV_TMA_OK=; passed 'ConvolutionsWithTmaLoads/wgmma_tma' && CONV_TMA_OK=1
+TMA_WIDE_OK=; passed 'GemmOnTheWideTmaTile/wgmma_tma' && TMA_WIDE_OK=1
+verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
+log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict "$TMA_WIDE_OK")"
 
 log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]
+  [ "$(left)" -gt $((SAN_CAP + 200)) ] || { log "no time for compute-sanitizer $1 '$3'"; return; }
   local log="$OUT/sanitizer-$1-$2${4:+-$4}.log"
   timeout "$SAN_CAP" compute-sanitizer --tool "$1" --error-exitcode 1 "build-gpu/tests/$2" --gtest_filter="$3" \
     > "$log" 2>&1
@@ -80,8 +109,8 @@ san() {  # tool test filter [log-name tag]
   log "compute-sanitizer $1 $2 '$3' exit $rc ($(grep -c '\[       OK \]' "$log") tests passed" \
     "before the end or the ${SAN_CAP} s cap; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log"))"
 }
-# The wgmma and wgmma_tma loops' other tests, the stride classes and the transposed filter
-# passed both tools on an H100 (bench/results/nvidia-h100/2026-11-26-sanitizers.log).
+# The other wgmma and wgmma_tma tests ran under memcheck on an H100, and racecheck finished 16 of
+# them, every GEMM test among them (bench/results/nvidia-h100/2026-11-26-sanitizers.log).
 san memcheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
 san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
 san racecheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma:*ConvolutionsWithTmaLoads/wgmma_tma' tma
@@ -105,37 +134,34 @@ ab() {
 }
 # The TMA convolutions (conv_tma.h) against the cp.async ones, against cuDNN; the 128 x 256 TMA
 # GEMM tile against the 128 x 128 one, against cuBLASLt.
-ab r18-convs-tma conv-tma 40 '_bf16/r18_all_layers'
-ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
-for cfg in "resnet18 512" "resnet56 128"; do
-  set -- $cfg
-  for tma in 0 1; do
-    [ "$(left)" -gt 60 ] || break
-    STALEPROP_CONV_TMA=$tma timeout 40 build-gpu/tools/staleprop bench --device cuda --model "$1" --batch-size "$2" \
-      --precision bf16 --steps 50 --warmup 10 --json "$OUT/throughput.jsonl" 2>&1 | tee -a "$OUT/session.txt"
+[ -n "$CONV_TMA_OK" ] && ab r18-convs-tma conv-tma 40 '_bf16/r18_all_layers'
+[ -n "$TMA_WIDE_OK" ] && ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
+if [ -n "$CONV_TMA_OK" ]; then
+  for cfg in "resnet18 512" "resnet56 128"; do
+    set -- $cfg
+    for tma in 0 1; do
+      [ "$(left)" -gt 60 ] || break
+      STALEPROP_CONV_TMA=$tma timeout 40 build-gpu/tools/staleprop bench --device cuda --model "$1" \
+        --batch-size "$2" --precision bf16 --steps 50 --warmup 10 --json "$OUT/throughput-tma$tma.jsonl" 2>&1 |
+        tee -a "$OUT/session.txt"
+      log "bench $1 STALEPROP_CONV_TMA=$tma exit ${PIPESTATUS[0]}"
+    done
+    [ "$(left)" -gt 90 ] && timeout 60 python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" --steps 50 \
+      --warmup 10 --bf16 --channels-last >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" && tail -1 "$OUT/pytorch.jsonl"
   done
-  [ "$(left)" -gt 60 ] && timeout 60 python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" --steps 50 \
-    --warmup 10 --bf16 --channels-last >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" && tail -1 "$OUT/pytorch.jsonl"
-done
-if [ "$(left)" -gt 60 ]; then
-  log "op profile: resnet18 batch 512 bf16, TMA convolutions"
-  STALEPROP_CONV_TMA=1 timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet18 --batch-size 512 \
-    --precision bf16 --steps 10 --warmup 5 --profile-ops 5 --json "$OUT/op-profile.jsonl" >> "$OUT/op-profile.txt" 2>&1
-  log "op profile exit $?"
+  if [ "$(left)" -gt 60 ]; then
+    log "op profile: resnet18 batch 512 bf16, TMA convolutions"
+    STALEPROP_CONV_TMA=1 timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet18 --batch-size 512 \
+      --precision bf16 --steps 10 --warmup 5 --profile-ops 5 --json "$OUT/op-profile.jsonl" >> "$OUT/op-profile.txt" 2>&1
+    log "op profile exit $?"
+  fi
 fi
-
-log "gpu_bench stage 1: batch norm, pooling and the shortcut against the copy"
-[ "$(left)" -gt 90 ] &&
-  STAGES=1 BENCH_FAMILIES="bn bn_add_relu pool" MIN_TIME=0.002 timeout $(( $(left) - 60 )) tools/gpu_bench.sh |
-  tee -a "$OUT/session.txt"
-log "gpu_bench stage 4"
-[ "$(left)" -gt 90 ] && STAGES=4 timeout $(( $(left) - 50 )) tools/gpu_bench.sh | tee -a "$OUT/session.txt"
 
 # Timelines of the locking study (#5): ResNet-56, bf16, 4 modules, locked bp against fdg, 40
 # steps of real data each (Chrome-trace/Perfetto JSON of the module stages, device-timed).
 if [ -d data/cifar-10-batches-bin ]; then
   for method in bp fdg; do
-    [ "$(left)" -gt 50 ] || break
+    [ "$(left)" -gt 60 ] || break
     log "trace: resnet56 $method K=4"
     timeout 40 build-gpu/tools/staleprop train --device cuda --model resnet56 --precision bf16 --method $method \
       --split 4 --split-at fdg --epochs 1 --train-limit 5120 --test-limit 1000 --progress none \
@@ -146,24 +172,29 @@ if [ -d data/cifar-10-batches-bin ]; then
     python3 tools/trace_overlap.py "$OUT"/trace-resnet56-*-K4.json | tee -a "$OUT/session.txt"
 fi
 
+log "gpu_bench stage 1: pooling and the shortcut, then the fused batch norm, against the copy"
+[ "$(left)" -gt 60 ] &&
+  STAGES=1 BENCH_FAMILIES="pool bn_add_relu" MIN_TIME=0.002 timeout $(( $(left) - 40 )) tools/gpu_bench.sh |
+  tee -a "$OUT/session.txt"
+
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-if [ -n "$NCU" ]; then
+if [ -n "$NCU" ] && [ -n "$CONV_TMA_OK" ]; then
   SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
-    --section Occupancy --section WarpStateStats --section LaunchStats)
+    --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats
+    --section SchedulerStats)
   # One ResNet-18 layer's forward and data gradient with TMA loads (the cp.async forms were
-  # profiled on 2026-11-26: ALU-bound), then the TMA GEMM again.
+  # profiled on 2026-11-26: the ALU their busiest pipe), then the TMA GEMM on the wide tile.
   for what in conv_fwd conv_bwd_data gemm; do
     [ "$(left)" -gt 15 ] || break
     filter='^gemm_bf16/square/m4096'
     [ "$what" = gemm ] || filter="^${what}_bf16/r18_64to64_3x3_s1_32px/"
     log "ncu $what ($filter) with TMA loads"
     timeout $(( $(left) - 10 )) "$NCU" --kernel-name regex:'wgmma_tma_gemm_kernel' --launch-skip 2 --launch-count 1 \
-      "${SECTIONS[@]}" build-gpu/bench/bench_gpu_kernels --conv-tma=1 --tma-wide=1 --benchmark_filter="$filter" \
-      --benchmark_min_time=0.001 > "$OUT/ncu-$what-tma.txt" 2>&1
+      "${SECTIONS[@]}" build-gpu/bench/bench_gpu_kernels --conv-tma=1 --tma-wide=${TMA_WIDE_OK:-0} \
+      --benchmark_filter="$filter" --benchmark_min_time=0.001 > "$OUT/ncu-$what-tma.txt" 2>&1
     log "ncu exit $?"
   done
 else
-  log "no ncu on this machine"
+  log "no ncu on this machine, or no TMA convolutions to profile"
 fi
 log "done"
-tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
