@@ -237,6 +237,17 @@ std::string tensor_core_mainloop_in_use() {
 #endif
 }
 
+std::string tensor_core_switches() {
+#if STALEPROP_WITH_CUDA
+  namespace kc = kernels::cuda;
+  const auto bit = [](bool on) { return on ? "1" : "0"; };
+  return std::string("dgrad_wt=") + bit(kc::dgrad_transposed_filter()) + ",dgrad_classes=" +
+         bit(kc::dgrad_by_stride_class()) + ",conv_tma=" + bit(kc::conv_tma()) + ",tma_wide=" + bit(kc::tma_wide_tile());
+#else
+  return "none";
+#endif
+}
+
 bool wgmma_available() {
 #if STALEPROP_WITH_CUDA
   return cuda_device_count() > 0 && kernels::cuda::wgmma_available();

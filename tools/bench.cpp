@@ -91,7 +91,7 @@ std::string BenchResult::json() const {
   return "{\"model\":" + json_str(c.model) + ",\"batch_size\":" + std::to_string(c.batch_size) +
          ",\"method\":" + json_str(c.method) + ",\"modules\":" + std::to_string(modules) + ",\"cuts\":" + cut_list +
          "],\"precision\":" + json_str(c.precision) + ",\"kernels\":" + json_str(c.kernels) +
-         ",\"mainloop\":" + json_str(mainloop) + ",\"device\":" + json_str(device_name) + ",\"steps\":" + std::to_string(c.steps) +
+         ",\"mainloop\":" + json_str(mainloop) + ",\"kernel_switches\":" + json_str(switches) + ",\"device\":" + json_str(device_name) + ",\"steps\":" + std::to_string(c.steps) +
          ",\"warmup\":" + std::to_string(c.warmup) + ",\"images_per_s\":" + json_num(images_per_s) +
          ",\"ms_per_step\":" + json_num(ms_per_step) + ",\"ticks\":" + std::to_string(ticks) +
          ",\"busy_pct\":" + busy + "],\"peak_allocated_bytes\":" + std::to_string(peak_allocated_bytes) +
@@ -131,6 +131,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
   r.config = cfg;
   r.device_name = device_description(dev);
   r.mainloop = dev.is_cuda() ? ops::tensor_core_mainloop_in_use() : "none";
+  r.switches = dev.is_cuda() ? ops::tensor_core_switches() : "none";
   auto s = make_stream(dev);
   Network net = layers::build_resnet(cfg.model, data::kCifarClasses, cfg.seed);
   net.to(dev, *s);

@@ -7,7 +7,7 @@
       of its repetitions where the file has aggregates), one column group per file: our rate
       (TFLOP/s or GB/s) and its ratio to the vendor kernel (vs_vendor) or to the copy
       (vs_copy) measured in the same run. The column heading is the file's main-loop,
-      data-gradient and TMA-convolution settings (its JSON context), else its name. With
+      data-gradient and TMA settings (its JSON context), else its name. With
       several files, a last column gives the last file's speed against the first's, from
       their ratios to the vendor kernel timed in each run (so the vendor's run-to-run
       variation cancels): last vs_vendor / first vs_vendor.
@@ -60,6 +60,8 @@ def kernel_rows(path):
         parts.append("transposed filter")
     if ctx.get("conv_tma") == "yes":
         parts.append("TMA convolutions")
+    if ctx.get("tma_wide_tile") == "yes":
+        parts.append("wide TMA tile")
     label = ", ".join(parts) if parts else path.rsplit("/", 1)[-1]
     return rows, label
 
