@@ -374,12 +374,15 @@ TEST_P(TensorCore, GemmOnTheWideTmaTile) {
   // the switch changes nothing.
   const SwitchOn wide(kcu::tma_wide_tile, kcu::set_tma_wide_tile);
   const int64_t shapes[][3] = {{256, 512, 1024}, {200, 400, 136}, {136, 448, 488}, {200, 512, 1000}, {16, 512, 8192}};
+  const int64_t expect_wide = GetParam() == kcu::MmaMainloop::kWgmmaTma ? 1 : 0;
   uint32_t seed = 560;
   for (const auto& s : shapes)
     for (int t = 0; t < 4; ++t) {
       GemmCase g{s[0], s[1], s[2]};
       g.ta = t & 1, g.tb = t & 2;
+      const int64_t before = kcu::tma_launches().wide_gemm;
       check_f32(&kcu::gemm_bf16, stream_, g, seed += 5);
+      EXPECT_EQ(kcu::tma_launches().wide_gemm - before, expect_wide) << gemm_str(g, "gemm_bf16") << ": wide tile launches";
       GemmCase e = g;
       e.alpha = 0.5f, e.beta = -1.5f, e.bias = true, e.relu = true;
       check_f32(&kcu::gemm_bf16, stream_, e, seed += 5);
@@ -511,13 +514,29 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
   shapes.push_back(conv(2, 6, 6, 96, 64, 3, 1, 1));
   shapes.push_back(conv(2, 6, 6, 64, 64, 3, 1, 1));
   shapes.push_back(conv(3, 4, 12, 64, 64, 3, 1, 1));
+  // The passes of a shape that take TMA on the wgmma_tma main loop: the plans say which (the
+  // tensors here are aligned and their row strides multiples of 8), and the launch counter must
+  // grow by that many.
+  const auto tma_passes = [&](const Conv2dShape& sh) {
+    if (GetParam() != kcu::MmaMainloop::kWgmmaTma) return int64_t(0);
+    namespace wg = kcu::detail::wgmma;
+    return int64_t(wg::plan_conv_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, 1, sh.pad,
+                                     wg::kConvTmaTileM)
+                       .ok) +
+           int64_t(wg::plan_conv_wgrad_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, sh.pad).ok) +
+           int64_t(sh.stride == 1 &&
+                   wg::plan_conv_tma(sh.n, sh.h, sh.w, sh.p(), sh.q(), sh.k, sh.r, sh.s, 1, -1, sh.pad, wg::kConvTmaTileM)
+                       .ok);
+  };
   uint32_t seed = 720;
   for (const Conv2dShape& sh : shapes) {
     seed += 5;
     ConvResult tma;
     {
       const SwitchOn on(kcu::conv_tma, kcu::set_conv_tma);
+      const int64_t before = kcu::tma_launches().conv;
       tma = check_conv(kCustomConv, stream_, sh, seed);
+      EXPECT_EQ(kcu::tma_launches().conv - before, tma_passes(sh)) << conv_str(sh) << ": passes launched with TMA";
     }
     if (GetParam() == kcu::MmaMainloop::kMmaSync) continue;
     ConvResult cp_async;

@@ -44,6 +44,9 @@ void mma_splitk_reduce(const float* partials, int splits, int m, int n, const Mm
 // Defined in tensor_core_select.cu.
 bool use_wgmma();
 bool use_wgmma_tma();
+// tma_launches()'s counters (tensor_core.h).
+void count_conv_tma_launch();
+void count_wide_tma_launch();
 // The TMA descriptor of a bf16 matrix at p (16-byte aligned) shaped as `shape` says, with the
 // 128-byte swizzle and zero fill outside it. Throws sp::Error where the driver refuses.
 CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shape);
@@ -121,10 +124,12 @@ void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& 
     launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::PlainSource<ContigA>, ContigB, T>>(
         m, n, k, ep, stream, map_a, map_b, wgmma::PlainSource<ContigA>{});
   };
-  if (n >= 256 && (n % 256 == 0 || n % 256 > 128) && tma_wide_tile())
+  if (n >= 256 && (n % 256 == 0 || n % 256 > 128) && tma_wide_tile()) {
     launch(wgmma::WgTmaTileWide{});
-  else
+    count_wide_tma_launch();
+  } else {
     launch(wgmma::WgTmaTile{});
+  }
 }
 
 // A convolution's implicit GEMM on the wgmma_tma kernel: A from `src` (16-byte aligned) through
@@ -147,6 +152,7 @@ void run_wgmma_tma_conv(const Source& source, const wgmma::TmaMap4d& map, const 
     launch(wgmma::WgTmaTileNarrow{});
   else
     launch(wgmma::WgTmaTile{});
+  count_conv_tma_launch();
 }
 
 // The mma.sync main loop on Tile.

@@ -90,6 +90,12 @@ bool conv_tma();
 // variable STALEPROP_TMA_WIDE is 1.
 void set_tma_wide_tile(bool on);
 bool tma_wide_tile();
+// How many kernels the TMA convolutions and the wide TMA GEMM tile have launched in this process,
+// so that a test can tell that the path it means to cover ran (rather than a fallback).
+struct TmaLaunches {
+  int64_t conv = 0, wide_gemm = 0;
+};
+TmaLaunches tma_launches();
 // The main loop the kernels run on the current device: the selection with auto resolved.
 MmaMainloop effective_mma_mainloop();
 

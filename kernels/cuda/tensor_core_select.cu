@@ -16,6 +16,7 @@ namespace {
 std::atomic<int> g_mainloop{-1};
 // -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class, dgrad_transposed_filter).
 std::atomic<int> g_dgrad_classes{-1}, g_dgrad_wt{-1}, g_conv_tma{-1}, g_tma_wide{-1};
+std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0};
 
 // A process-wide switch's value: what was set, else at first use from_env(the environment
 // variable `var`, nullptr when unset or empty), kept from then on.
@@ -110,6 +111,13 @@ bool tma_wide_tile() {
                  [](const char* env) { return env && std::string(env) == "1" ? 1 : 0; }) == 1;
 }
 
+TmaLaunches tma_launches() {
+  TmaLaunches t;
+  t.conv = g_conv_tma_launches.load(std::memory_order_relaxed);
+  t.wide_gemm = g_wide_launches.load(std::memory_order_relaxed);
+  return t;
+}
+
 MmaMainloop effective_mma_mainloop() {
   const MmaMainloop m = mma_mainloop();
   if (m != MmaMainloop::kAuto) return m;
@@ -133,6 +141,9 @@ bool use_wgmma() {
 }
 
 // Asked only after use_wgmma() said yes, so auto here means wgmma_available().
+void count_conv_tma_launch() { g_conv_tma_launches.fetch_add(1, std::memory_order_relaxed); }
+void count_wide_tma_launch() { g_wide_launches.fetch_add(1, std::memory_order_relaxed); }
+
 bool use_wgmma_tma() {
   const MmaMainloop m = mma_mainloop();
   return m == MmaMainloop::kWgmmaTma || m == MmaMainloop::kAuto;
