@@ -41,7 +41,8 @@
 // filter or on the gathered one (default on; context dgrad_transposed_filter), --conv-tma[=0|1]
 // the convolutions' A operand loaded by TMA where the main loop is wgmma_tma (conv_tma.h; default
 // off until verified on a GPU; context conv_tma), --tma-wide[=0|1] the 128 x 256 tile of the
-// wgmma_tma GEMM for N >= 256 (default off until verified; context tma_wide_tile).
+// wgmma_tma GEMM for N >= 256 with N % 256 0 or over 128 (default off until verified; context
+// tma_wide_tile).
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):

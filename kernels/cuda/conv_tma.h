@@ -2,10 +2,11 @@
 // wgmma_tma_mainloop.cuh), as plain C++ so that tests/test_conv_tma.cpp checks it on the CPU
 // against a model of the TMA's tiled mode.
 //
-// Why: on the cp.async wgmma loop the convolutions issue mostly address arithmetic for their
-// gathers (Nsight Compute, bench/results/nvidia-h100/2026-11-26-summary.md: the ALU is the
-// busiest pipe; the tensor cores wait). With TMA one thread issues one box per K step and the
-// hardware does the addressing, the zero fill of the padding and the 128-byte swizzle.
+// Why: on the cp.async wgmma loop the convolutions issue on 61-63% of cycles with the integer
+// ALU, the gathers' address arithmetic, their busiest pipe (Nsight Compute, bench/results/
+// nvidia-h100/2026-11-26-summary.md); the same change in the GEMM took it from 0.46 to 0.62 of
+// cuBLASLt. With TMA one thread issues one box per K step and the hardware does the
+// addressing, the zero fill of the padding and the 128-byte swizzle.
 //
 // How: the A operand's rows are the pixels of an output grid [N, P, Q] (m = (n * P + p) * Q + q)
 // and its K index is (tap, channel), the tap (r, s) major, so a 64-deep K step (C % 64 == 0) is

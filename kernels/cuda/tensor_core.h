@@ -79,14 +79,14 @@ void set_dgrad_transposed_filter(bool on);
 bool dgrad_transposed_filter();
 // The convolutions' A operand loaded by TMA (conv_tma.h) on the wgmma_tma kernel where the main
 // loop is wgmma_tma (or auto on Hopper): the forward where the source has C % 64 == 0 and the
-// output rows tile by 128 (every CIFAR ResNet layer but the stem; not ImageNet's 56/28/14/7
-// pixel rows, which would need TMA's im2col mode), the stride-1 data gradient on the
+// output rows tile by 128 (every ResNet-18 layer but the stem, ResNet-20/56/110's 64-channel
+// stage; not ImageNet's 56/28/14/7 pixel rows, which would need TMA's im2col mode), the stride-1 data gradient on the
 // transposed filter, and the weight gradient where the output pixels tile by 64. Written but not yet run on a GPU: off unless set, or the environment
 // variable STALEPROP_CONV_TMA is 1. Other shapes take the cp.async wgmma loop.
 void set_conv_tma(bool on);
 bool conv_tma();
-// The 128 x 256 tile of the wgmma_tma GEMM (wgmma_tma_mainloop.cuh, WgTmaTileWide) for N >= 256,
-// instead of 128 x 128. Written but not yet run on a GPU: off unless set, or the environment
+// The 128 x 256 tile of the wgmma_tma GEMM (wgmma_tma_mainloop.cuh, WgTmaTileWide) for N >= 256
+// where N % 256 is 0 or more than 128, instead of 128 x 128. Written but not yet run on a GPU: off unless set, or the environment
 // variable STALEPROP_TMA_WIDE is 1.
 void set_tma_wide_tile(bool on);
 bool tma_wide_tile();

@@ -29,7 +29,8 @@
 // GEMMs with N >= 256 where tma_wide_tile() is on) has not run yet: 168 registers at launch, USETMAXREG to 40 in the
 // producer and 232 in the consumers, whose code reaches R152; no stack, no local memory.
 //
-// Used for the bf16 GEMM when the wgmma_tma main loop is selected (tensor_core.h), both
+// Used for the bf16 GEMM when the wgmma_tma main loop is selected (tensor_core.h; auto selects it
+// on Hopper), both
 // operands are plain matrices TMA can address (16-byte-aligned base, rows a multiple of 16
 // bytes apart) and N > 64. Everything else falls back to the cp.async wgmma loop.
 // The A operand comes from a source (PlainSource: a plain matrix; ConvSource: a convolution's
@@ -69,7 +70,7 @@ struct WgTmaTileOf {
   static constexpr int kAStage = kBM * kBK, kBStage = kBN * kBK;  // elements
   static constexpr int kAcc = kBN / 2;
   // The stages (1024-byte aligned), the 2 x kStages mbarriers after them, and the slack to
-  // round the start up to 1024 bytes: 161 KiB (kBN 128, one block per SM), 95 KiB (kBN 64, two)
+  // round the start up to 1024 bytes: 161 KiB (kBN 128, one block per SM), 97 KiB (kBN 64, two)
   // or 193 KiB (kBN 256, one).
   static constexpr int kSmemBytes = kStages * (kAStage + kBStage) * 2 + 2 * kStages * 8 + kAtomBytes;
   static_assert(kAStage * 2 % kAtomBytes == 0 && kBStage * 2 % kAtomBytes == 0,
