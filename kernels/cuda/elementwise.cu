@@ -9,6 +9,7 @@
 // Where the CPU reference computes an element in a particular order (pooling, the average
 // pool's double sum), the kernel uses the same order and matches it bit for bit.
 #include <cmath>
+#include <cstdint>
 
 #include "kernels/cuda/column_plan.h"
 #include "kernels/cuda/common.cuh"
@@ -133,6 +134,16 @@ struct NhwcIndex {
 };
 __device__ __forceinline__ NhwcIndex nhwc_index(int64_t idx, int c, int cols, int rows) {
   NhwcIndex x;
+  if (idx <= INT32_MAX) {  // 32-bit divisions (a 64-bit one is a long call sequence)
+    uint32_t rest = uint32_t(idx) / uint32_t(c);
+    x.ch = int(uint32_t(idx) - rest * uint32_t(c));
+    uint32_t next = rest / uint32_t(cols);
+    x.col = int(rest - next * uint32_t(cols));
+    rest = next / uint32_t(rows);
+    x.row = int(next - rest * uint32_t(rows));
+    x.img = int64_t(rest);
+    return x;
+  }
   x.ch = int(idx % c);
   int64_t rest = idx / c;
   x.col = int(rest % cols);
