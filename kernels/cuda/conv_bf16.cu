@@ -48,11 +48,14 @@ ConvGeom conv_geom(const Conv2dShape& sh) { return make_conv_geom(detail::conv_d
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The TMA plan of a convolution's A operand when the TMA convolutions run (conv_tma() on, the
-// wgmma_tma kernel selected, the source 16-byte aligned); not ok otherwise.
+// Whether the TMA convolutions run for an A operand read from src: conv_tma() on, the wgmma_tma
+// kernel selected, src 16-byte aligned.
+bool tma_on(const void* src) { return conv_tma() && use_wgmma() && use_wgmma_tma() && aligned16(src); }
+
+// The TMA plan of a convolution's A operand where tma_on(src); not ok otherwise.
 detail::wgmma::ConvTmaPlan tma_plan(const void* src, int n, int p, int q, int src_h, int src_w, int src_c, int r, int s,
-                            int step, int dir, int pad) {
-  if (!conv_tma() || !use_wgmma() || !use_wgmma_tma() || !aligned16(src)) return {};
+                                    int step, int dir, int pad) {
+  if (!tma_on(src)) return {};
   return detail::wgmma::plan_conv_tma(n, p, q, src_h, src_w, src_c, r, s, step, dir, pad, detail::wgmma::kConvTmaTileM);
 }
 
@@ -203,16 +206,14 @@ void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const
   const MatrixLoader<false> b{dy, g.k, g.k, g.npq, chunk_ok(dy, g.k)};
   // Result (tap, k) goes to dw[k * taps + tap].
   const MmaEpilogue<float> ep{dw, 1, g.taps, 1.f, 0.f, nullptr, false};
-  if (b.vec && g.taps > 0 && g.k > 0 && g.npq > 0 && conv_tma() && use_wgmma() && use_wgmma_tma() && aligned16(x)) {
-    const auto plan =
-        detail::wgmma::plan_conv_wgrad_tma(g.n, g.p, g.q, g.h, g.w, g.c, g.r, g.s, g.stride, g.pad);
-    if (plan.ok) {
-      run_wgmma_tma_conv(detail::wgmma::ConvWgradSource{plan.src}, plan.map, x, b, g.taps, g.k, g.npq, ep, stream);
-      if (dbias) column_sums_bf16(g.npq, g.k, dy, dbias, stream);
-      return;
-    }
-  }
-  run(a, b, g.taps, g.k, g.npq, ep, stream);
+  const detail::wgmma::ConvWgradTmaPlan plan =
+      b.vec && g.taps > 0 && g.k > 0 && g.npq > 0 && tma_on(x)
+          ? detail::wgmma::plan_conv_wgrad_tma(g.n, g.p, g.q, g.h, g.w, g.c, g.r, g.s, g.stride, g.pad)
+          : detail::wgmma::ConvWgradTmaPlan{};
+  if (plan.ok)
+    run_wgmma_tma_conv(detail::wgmma::ConvWgradSource{plan.src}, plan.map, x, b, g.taps, g.k, g.npq, ep, stream);
+  else
+    run(a, b, g.taps, g.k, g.npq, ep, stream);
   if (dbias) column_sums_bf16(g.npq, g.k, dy, dbias, stream);
 }
 
