@@ -83,33 +83,25 @@ MmaMainloop mma_mainloop() {
   }));
 }
 
-void set_dgrad_by_stride_class(bool on) { g_dgrad_classes.store(on ? 1 : 0, std::memory_order_relaxed); }
-
-bool dgrad_by_stride_class() {
-  return setting(g_dgrad_classes, "STALEPROP_DGRAD_CLASSES",
-                 [](const char* env) { return env && std::string(env) == "1" ? 1 : 0; }) == 1;
+// An on/off switch: what was set, else at first use from `var` ("1" on, "0" off, otherwise
+// the default).
+static bool flag(std::atomic<int>& slot, const char* var, bool default_on) {
+  return setting(slot, var, [default_on](const char* env) {
+           if (env && std::string(env) == "1") return 1;
+           if (env && std::string(env) == "0") return 0;
+           return default_on ? 1 : 0;
+         }) == 1;
 }
+static void set_flag(std::atomic<int>& slot, bool on) { slot.store(on ? 1 : 0, std::memory_order_relaxed); }
 
-void set_dgrad_transposed_filter(bool on) { g_dgrad_wt.store(on ? 1 : 0, std::memory_order_relaxed); }
-
-bool dgrad_transposed_filter() {
-  return setting(g_dgrad_wt, "STALEPROP_DGRAD_WT",
-                 [](const char* env) { return env && std::string(env) == "0" ? 0 : 1; }) == 1;
-}
-
-void set_conv_tma(bool on) { g_conv_tma.store(on ? 1 : 0, std::memory_order_relaxed); }
-
-bool conv_tma() {
-  return setting(g_conv_tma, "STALEPROP_CONV_TMA",
-                 [](const char* env) { return env && std::string(env) == "1" ? 1 : 0; }) == 1;
-}
-
-void set_tma_wide_tile(bool on) { g_tma_wide.store(on ? 1 : 0, std::memory_order_relaxed); }
-
-bool tma_wide_tile() {
-  return setting(g_tma_wide, "STALEPROP_TMA_WIDE",
-                 [](const char* env) { return env && std::string(env) == "1" ? 1 : 0; }) == 1;
-}
+void set_dgrad_by_stride_class(bool on) { set_flag(g_dgrad_classes, on); }
+bool dgrad_by_stride_class() { return flag(g_dgrad_classes, "STALEPROP_DGRAD_CLASSES", false); }
+void set_dgrad_transposed_filter(bool on) { set_flag(g_dgrad_wt, on); }
+bool dgrad_transposed_filter() { return flag(g_dgrad_wt, "STALEPROP_DGRAD_WT", true); }
+void set_conv_tma(bool on) { set_flag(g_conv_tma, on); }
+bool conv_tma() { return flag(g_conv_tma, "STALEPROP_CONV_TMA", false); }
+void set_tma_wide_tile(bool on) { set_flag(g_tma_wide, on); }
+bool tma_wide_tile() { return flag(g_tma_wide, "STALEPROP_TMA_WIDE", false); }
 
 TmaLaunches tma_launches() {
   TmaLaunches t;
