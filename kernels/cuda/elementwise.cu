@@ -153,58 +153,60 @@ __device__ __forceinline__ NhwcIndex nhwc_index(int64_t idx, int c, int cols, in
   return x;
 }
 
+// W consecutive floats at p (one float4 when W is 4: p 16-byte aligned), or zeros where p is null.
+template <int W>
+__device__ __forceinline__ void load_w(const float* p, float (&v)[W]) {
+  if constexpr (W == 4) {
+    const float4 t = p ? *reinterpret_cast<const float4*>(p) : make_float4(0.f, 0.f, 0.f, 0.f);
+    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) v[e] = p ? p[e] : 0.f;
+  }
+}
+template <int W>
+__device__ __forceinline__ void store_w(float* p, const float (&v)[W]) {
+  if constexpr (W == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+#pragma unroll
+    for (int e = 0; e < W; ++e) p[e] = v[e];
+  }
+}
+
 // ---- Option-A shortcut -----------------------------------------------------------------------
 // Forward gathers each y element from x (or zero in the padded channels); backward gathers
-// each dx element from dy (zero at the pixels the stride skips).
+// each dx element from dy (zero at the pixels the stride skips). W channels at a time: 1, or 4
+// (float4) where c_in, c_out and lo are multiples of 4 and the pointers 16-byte aligned, so a
+// chunk of y is all from x or all padding and a chunk of dx all from dy or all zero. total
+// counts chunks of y (forward) or of dx (backward).
 // (ShortcutAShape's helpers are host code: the output size and pad_lo come as arguments.)
+template <int W>
 __global__ void shortcut_a_forward_kernel(int64_t total, ShortcutAShape sh, int p_out, int q_out, int lo,
                                           const float* x, float* y) {
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const NhwcIndex o = nhwc_index(idx, sh.c_out, q_out, p_out);
-    const int src = o.ch - lo;
-    y[idx] = src >= 0 && src < sh.c_in
-                 ? x[((o.img * sh.h + int64_t(o.row) * sh.stride) * sh.w + int64_t(o.col) * sh.stride) * sh.c_in + src]
-                 : 0.f;
+    const NhwcIndex o = nhwc_index(idx, sh.c_out / W, q_out, p_out);
+    const int src = o.ch * W - lo;
+    float v[W];
+    load_w<W>(src >= 0 && src < sh.c_in
+                  ? x + ((o.img * sh.h + int64_t(o.row) * sh.stride) * sh.w + int64_t(o.col) * sh.stride) * sh.c_in + src
+                  : nullptr,
+              v);
+    store_w<W>(y + idx * W, v);
   }
 }
 
-// The same on 4 channels at a time (float4), where c_in, c_out and lo are multiples of 4 and
-// the pointers 16-byte aligned: a chunk of y is then all from x or all padding, a chunk of dx
-// all from dy or all zero. total4 counts chunks of the output (forward) or of dx (backward).
-__global__ void shortcut_a_forward4_kernel(int64_t total4, ShortcutAShape sh, int p_out, int q_out, int lo,
-                                           const float* x, float* y) {
-  const int c4 = sh.c_out / 4;
-  for (int64_t idx = global_thread_index(); idx < total4; idx += grid_stride()) {
-    const NhwcIndex o = nhwc_index(idx, c4, q_out, p_out);
-    const int src = o.ch * 4 - lo;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (src >= 0 && src < sh.c_in)
-      v = *reinterpret_cast<const float4*>(
-          x + ((o.img * sh.h + int64_t(o.row) * sh.stride) * sh.w + int64_t(o.col) * sh.stride) * sh.c_in + src);
-    reinterpret_cast<float4*>(y)[idx] = v;
-  }
-}
-
-__global__ void shortcut_a_backward4_kernel(int64_t total4, ShortcutAShape sh, int p_out, int q_out, int lo,
-                                            const float* dy, float* dx) {
-  const int c4 = sh.c_in / 4;
-  for (int64_t idx = global_thread_index(); idx < total4; idx += grid_stride()) {
-    const NhwcIndex i = nhwc_index(idx, c4, sh.w, sh.h);
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (i.row % sh.stride == 0 && i.col % sh.stride == 0)
-      v = *reinterpret_cast<const float4*>(
-          dy + ((i.img * p_out + i.row / sh.stride) * q_out + i.col / sh.stride) * sh.c_out + lo + i.ch * 4);
-    reinterpret_cast<float4*>(dx)[idx] = v;
-  }
-}
-
+template <int W>
 __global__ void shortcut_a_backward_kernel(int64_t total, ShortcutAShape sh, int p_out, int q_out, int lo,
                                            const float* dy, float* dx) {
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const NhwcIndex i = nhwc_index(idx, sh.c_in, sh.w, sh.h);
-    dx[idx] = i.row % sh.stride == 0 && i.col % sh.stride == 0
-                  ? dy[((i.img * p_out + i.row / sh.stride) * q_out + i.col / sh.stride) * sh.c_out + lo + i.ch]
-                  : 0.f;
+    const NhwcIndex i = nhwc_index(idx, sh.c_in / W, sh.w, sh.h);
+    float v[W];
+    load_w<W>(i.row % sh.stride == 0 && i.col % sh.stride == 0
+                  ? dy + ((i.img * p_out + i.row / sh.stride) * q_out + i.col / sh.stride) * sh.c_out + lo + i.ch * W
+                  : nullptr,
+              v);
+    store_w<W>(dx + idx * W, v);
   }
 }
 
@@ -299,19 +301,18 @@ __global__ void global_avgpool_forward_kernel(int64_t total, int64_t hw, int64_t
   }
 }
 
+// W channels at a time: 1, or 4 (float4) where c % 4 == 0 and the pointers are 16-byte
+// aligned; the same quotient per element either way. total = n * hw * c / W.
+template <int W>
 __global__ void global_avgpool_backward_kernel(int64_t total, int64_t hw, int64_t c, const float* dy, float* dx) {
-  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
-    dx[idx] = dy[idx / (hw * c) * c + idx % c] / float(hw);
-}
-
-// The same 4 channels at a time (c % 4 == 0, 16-byte aligned): the same quotient per element,
-// a quarter of the index arithmetic. total4 = n * hw * c / 4.
-__global__ void global_avgpool_backward4_kernel(int64_t total4, int64_t hw, int64_t c, const float* dy, float* dx) {
-  const int64_t c4 = c / 4, image4 = hw * c4;
+  const int64_t cw = c / W, image = hw * cw;
   const float d = float(hw);
-  for (int64_t idx = global_thread_index(); idx < total4; idx += grid_stride()) {
-    const float4 g = reinterpret_cast<const float4*>(dy)[idx / image4 * c4 + idx % c4];
-    reinterpret_cast<float4*>(dx)[idx] = make_float4(g.x / d, g.y / d, g.z / d, g.w / d);
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
+    float v[W];
+    load_w<W>(dy + (idx / image * cw + idx % cw) * W, v);
+#pragma unroll
+    for (int e = 0; e < W; ++e) v[e] /= d;
+    store_w<W>(dx + idx * W, v);
   }
 }
 
@@ -550,7 +551,7 @@ void bf16_to_f32(int64_t n, const uint16_t* x, float* y, cudaStream_t stream) {
 
 // ---- Shortcut and pooling --------------------------------------------------------------------
 namespace {
-// Whether the option-A shortcut can move 4 channels at a time (see shortcut_a_forward4_kernel).
+// Whether the option-A shortcut can move 4 channels at a time (see shortcut_a_forward_kernel).
 bool shortcut_by_4(const ShortcutAShape& sh, const float* a, const float* b) {
   return sh.c_in % 4 == 0 && sh.c_out % 4 == 0 && sh.pad_lo() % 4 == 0 && all_aligned16(a, b);
 }
@@ -559,16 +560,16 @@ bool shortcut_by_4(const ShortcutAShape& sh, const float* a, const float* b) {
 void shortcut_a_forward(const ShortcutAShape& sh, const float* x, float* y, cudaStream_t stream) {
   SP_CHECK(sh.valid(), "shortcut_a_forward: invalid shape");
   if (shortcut_by_4(sh, x, y))
-    launch_elements(shortcut_a_forward4_kernel, sh.y_size() / 4, stream, sh, sh.p(), sh.q(), sh.pad_lo(), x, y);
+    launch_elements(shortcut_a_forward_kernel<4>, sh.y_size() / 4, stream, sh, sh.p(), sh.q(), sh.pad_lo(), x, y);
   else
-    launch_elements(shortcut_a_forward_kernel, sh.y_size(), stream, sh, sh.p(), sh.q(), sh.pad_lo(), x, y);
+    launch_elements(shortcut_a_forward_kernel<1>, sh.y_size(), stream, sh, sh.p(), sh.q(), sh.pad_lo(), x, y);
 }
 void shortcut_a_backward(const ShortcutAShape& sh, const float* dy, float* dx, cudaStream_t stream) {
   SP_CHECK(sh.valid(), "shortcut_a_backward: invalid shape");
   if (shortcut_by_4(sh, dy, dx))
-    launch_elements(shortcut_a_backward4_kernel, sh.x_size() / 4, stream, sh, sh.p(), sh.q(), sh.pad_lo(), dy, dx);
+    launch_elements(shortcut_a_backward_kernel<4>, sh.x_size() / 4, stream, sh, sh.p(), sh.q(), sh.pad_lo(), dy, dx);
   else
-    launch_elements(shortcut_a_backward_kernel, sh.x_size(), stream, sh, sh.p(), sh.q(), sh.pad_lo(), dy, dx);
+    launch_elements(shortcut_a_backward_kernel<1>, sh.x_size(), stream, sh, sh.p(), sh.q(), sh.pad_lo(), dy, dx);
 }
 
 namespace {
@@ -594,9 +595,9 @@ void global_avgpool_forward(int64_t n, int64_t hw, int64_t c, const float* x, fl
 }
 void global_avgpool_backward(int64_t n, int64_t hw, int64_t c, const float* dy, float* dx, cudaStream_t stream) {
   if (c % 4 == 0 && all_aligned16(dy, dx))
-    launch_elements(global_avgpool_backward4_kernel, n * hw * c / 4, stream, hw, c, dy, dx);
+    launch_elements(global_avgpool_backward_kernel<4>, n * hw * c / 4, stream, hw, c, dy, dx);
   else
-    launch_elements(global_avgpool_backward_kernel, n * hw * c, stream, hw, c, dy, dx);
+    launch_elements(global_avgpool_backward_kernel<1>, n * hw * c, stream, hw, c, dy, dx);
 }
 
 // ---- Linear: the GEMMs of the CPU reference, bias in the GEMM's epilogue ---------------------
