@@ -42,7 +42,9 @@
 // the convolutions' A operand loaded by TMA where the main loop is wgmma_tma (conv_tma.h; default
 // off until verified on a GPU; context conv_tma), --tma-wide[=0|1] the 128 x 256 tile of the
 // wgmma_tma GEMM for N >= 256 with N % 256 0 or over 128 (default off until verified; context
-// tma_wide_tile).
+// tma_wide_tile), --bn-persistent[=0|1] the persistent batch norm, one cooperative kernel per
+// training forward and backward (kernels/cuda/ops.h; default off until verified; context
+// bn_persistent).
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):
@@ -114,6 +116,7 @@ void env_init() {
   benchmark::AddCustomContext("dgrad_transposed_filter", kc::dgrad_transposed_filter() ? "yes" : "no");
   benchmark::AddCustomContext("conv_tma", kc::conv_tma() ? "yes" : "no");
   benchmark::AddCustomContext("tma_wide_tile", kc::tma_wide_tile() ? "yes" : "no");
+  benchmark::AddCustomContext("bn_persistent", kc::bn_persistent() ? "yes" : "no");
 }
 
 void env_destroy() {
@@ -1177,6 +1180,8 @@ int main(int argc, char** argv) {
       kc::set_conv_tma(arg != "--conv-tma=0");
     } else if (arg == "--tma-wide" || arg == "--tma-wide=1" || arg == "--tma-wide=0") {
       kc::set_tma_wide_tile(arg != "--tma-wide=0");
+    } else if (arg == "--bn-persistent" || arg == "--bn-persistent=1" || arg == "--bn-persistent=0") {
+      kc::set_bn_persistent(arg != "--bn-persistent=0");
     } else {
       argv[kept++] = argv[i];
     }

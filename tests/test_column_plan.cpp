@@ -4,11 +4,15 @@
 //     once, its threads' chunks start at multiples of kChunkElems (the 16-byte loads), the lanes
 //     its warp butterfly adds hold the same columns, and a warp's rows are consecutive;
 //   * the element passes' chunk cursor (batchnorm.cu) visits every chunk once and always knows
-//     its column.
+//     its column;
+//   * the persistent batch norm's grid owns every chunk of the reduction once, caches what the
+//     shared memory holds, and its element pass has each thread read back exactly the elements
+//     that thread cached in the reduction, at offsets inside its slot.
 // The plan is a function of (m, c) alone, so the order in which the sums are added is too.
 // The GPU tests (test_cuda_ops) then check the kernels' arithmetic against the CPU reference.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -124,6 +128,134 @@ TEST(ColumnPlan, TheChunkCursorVisitsEveryChunkOnceAndKnowsItsColumn) {
         for (size_t k = 0; k < seen.size(); ++k) ASSERT_EQ(seen[k], 1) << what << ": chunk " << k << " never visited";
       }
     }
+  }
+}
+
+// An H100-like device for plan_persistent: 132 SMs, 228 KiB of shared memory per SM of which a
+// block may have 227 KiB, 1 KiB reserved per block, 32 KiB of static shared memory per block
+// (the reduction's warp sums) and registers for two 256-thread blocks per SM.
+constexpr int kSms = 132;
+constexpr size_t kSmemPerSm = 228 * 1024, kStatic = 32 * 1024, kReserved = 1024;
+constexpr size_t kMaxDynamic = 227 * 1024 - kStatic;
+int modelled_occupancy(size_t dynamic_bytes) {
+  const size_t per_block = dynamic_bytes + kStatic + kReserved;
+  return int(std::min<size_t>(2, kSmemPerSm / per_block));
+}
+
+TEST(ColumnPlan, ThePersistentGridOwnsEveryChunkOnceAndCachesWhatFits) {
+  for (const auto& [m, c] : kShapes) {
+    if (m == 0) continue;  // the separate kernels handle an empty batch
+    const ColumnReducePlan p = plan_column_reduce(m, c);
+    for (const int elem_bytes : {2, 4})
+      for (const int tensors : {1, 2}) {
+        const std::string what = str(m, c) + " bytes " + std::to_string(elem_bytes) + " tensors " +
+                                 std::to_string(tensors);
+        const PersistentPlan pp = plan_persistent(p, elem_bytes, tensors, kSms, kMaxDynamic, modelled_occupancy);
+        ASSERT_EQ(pp.total, p.col_blocks * p.chunks) << what;
+        ASSERT_GE(pp.grid, 1) << what;
+        ASSERT_LE(pp.grid, pp.total) << what;
+        ASSERT_LE(pp.smem_bytes, kMaxDynamic) << what;
+        ASSERT_EQ(pp.smem_bytes, size_t(pp.slots) * size_t(pp.slot_elems) * size_t(elem_bytes * tensors)) << what;
+        // Co-resident: a cooperative launch of this grid fits.
+        ASSERT_LE(pp.grid, modelled_occupancy(pp.smem_bytes) * kSms) << what;
+        std::vector<int> owner(size_t(pp.total), -1);
+        int64_t cached = 0;
+        for (int b = 0; b < pp.grid; ++b) {
+          const int owned = owned_chunks(pp.total, pp.grid, b);
+          ASSERT_GE(owned, 1) << what << ": block " << b << " has no chunk";
+          for (int k = 0; k < owned; ++k) {
+            const int t = b + k * pp.grid;
+            ASSERT_LT(t, pp.total) << what;
+            ASSERT_EQ(owner[size_t(t)], -1) << what << ": chunk " << t << " owned twice";
+            owner[size_t(t)] = b;
+            if (k < pp.slots) ++cached;
+          }
+        }
+        for (int t = 0; t < pp.total; ++t) ASSERT_NE(owner[size_t(t)], -1) << what << ": chunk " << t << " unowned";
+        ASSERT_EQ(cached, pp.cached) << what;
+        // Two blocks per SM where any choice gives them, and then no other number of slots
+        // caches more (the search is exhaustive over what fits).
+        const auto per_sm_at = [&](int s) {
+          return modelled_occupancy(size_t(s) * size_t(pp.slot_elems) * size_t(elem_bytes * tensors));
+        };
+        ASSERT_GE(modelled_occupancy(pp.smem_bytes), kMinPersistentBlocksPerSm) << what;
+        for (int s = 0; size_t(s) * size_t(pp.slot_elems) * size_t(elem_bytes * tensors) <= kMaxDynamic &&
+                        s <= pp.total;
+             ++s) {
+          const int per_sm = per_sm_at(s);
+          if (per_sm < kMinPersistentBlocksPerSm) continue;
+          const int grid = std::min(pp.total, per_sm * kSms);
+          int64_t could = 0;
+          for (int b = 0; b < grid; ++b) could += std::min(s, owned_chunks(pp.total, grid, b));
+          ASSERT_LE(could, pp.cached) << what << ": " << s << " slots would cache more";
+        }
+      }
+  }
+  // What the ResNet shapes get on this model. ResNet-18's first stage at batch 128 in bf16
+  // (16 MiB) is cached whole for the forward; at batch 512 (64 MiB) a quarter of it, one 64 KiB
+  // chunk per block at two blocks per SM. In fp32 at batch 512 a chunk is 128 KiB: caching one
+  // would leave one block per SM, so nothing is cached (the tensor is four times the shared
+  // memory anyway) and the grid keeps two blocks per SM.
+  const ColumnReducePlan r18_128 = plan_column_reduce(128 * 32 * 32, 64);
+  const PersistentPlan whole = plan_persistent(r18_128, 2, 1, kSms, kMaxDynamic, modelled_occupancy);
+  EXPECT_EQ(whole.cached, whole.total);
+  const ColumnReducePlan r18_512 = plan_column_reduce(512 * 32 * 32, 64);
+  const PersistentPlan part = plan_persistent(r18_512, 2, 1, kSms, kMaxDynamic, modelled_occupancy);
+  EXPECT_EQ(part.grid, 2 * kSms);
+  EXPECT_EQ(part.cached, 2 * kSms);
+  EXPECT_LT(part.cached, part.total);
+  const PersistentPlan fp32 = plan_persistent(r18_512, 4, 1, kSms, kMaxDynamic, modelled_occupancy);
+  EXPECT_EQ(fp32.grid, 2 * kSms);
+  EXPECT_EQ(fp32.cached, 0);
+  // With one block per SM the only choice, it is taken.
+  const PersistentPlan single = plan_persistent(r18_512, 4, 1, kSms, kMaxDynamic, [](size_t bytes) {
+    return bytes <= 128 * 1024 ? 1 : 0;
+  });
+  EXPECT_EQ(single.grid, kSms);
+  EXPECT_EQ(single.cached, kSms);
+  // A device without room for any block gets no plan (grid 0: the separate kernels run).
+  EXPECT_EQ(plan_persistent(r18_128, 2, 1, kSms, kMaxDynamic, [](size_t) { return 0; }).grid, 0);
+}
+
+TEST(ColumnPlan, ThePersistentElementPassReadsBackWhatEachThreadCached) {
+  for (const auto& [m, c] : kShapes) {
+    if (m == 0) continue;
+    const ColumnReducePlan p = plan_column_reduce(m, c);
+    const std::string what = str(m, c);
+    std::vector<uint8_t> written(size_t(m) * size_t(c), 0);
+    for (int t = 0; t < p.col_blocks * p.chunks; ++t) {
+      const ChunkBox box = chunk_box(p, m, t);
+      const int bx = t % p.col_blocks, by = t / p.col_blocks;
+      ASSERT_EQ(box.col0, bx * p.cols_per_block()) << what;
+      ASSERT_EQ(box.row0, int64_t(by) * p.chunk_rows) << what;
+      ASSERT_LE(box.rows, p.chunk_rows) << what;
+      for (int tid = 0; tid < kReduceThreads; ++tid) {
+        const ReduceSlice rs = reduce_slice(p, m, bx, by, tid);
+        const PieceSlice ps = piece_slice(p, box, tid);
+        // The same columns and rows as the reduction thread.
+        ASSERT_EQ(ps.j0, rs.j0) << what << " chunk " << t << " tid " << tid;
+        ASSERT_EQ(ps.ncols, rs.ncols) << what;
+        ASSERT_EQ(box.row0 + ps.r0, rs.row_begin) << what;
+        ASSERT_EQ(ps.step, rs.row_step) << what;
+        ASSERT_EQ(rs.row_end, box.row0 + box.rows) << what;
+        if (ps.ncols == 0) continue;
+        for (int64_t r = ps.r0; r < box.rows; r += ps.step) {
+          const int64_t i = box.row0 + r;
+          const int64_t off = slot_offset(p.cols_per_block(), box, i, ps.j0);
+          // Inside the slot, on a 16-byte boundary for 2- and 4-byte elements.
+          ASSERT_GE(off, 0) << what;
+          ASSERT_LE(off + kChunkElems, int64_t(p.chunk_rows) * p.cols_per_block()) << what;
+          ASSERT_EQ(off % kChunkElems, 0) << what;
+          for (int e = 0; e < ps.ncols; ++e) {
+            uint8_t& hit = written[size_t(i) * size_t(c) + size_t(ps.j0 + e)];
+            ASSERT_EQ(hit, 0) << what << ": element (" << i << ", " << ps.j0 + e << ") written twice";
+            hit = 1;
+          }
+        }
+      }
+    }
+    for (size_t k = 0; k < written.size(); ++k)
+      ASSERT_EQ(written[k], 1) << what << ": element (" << k / size_t(c) << ", " << k % size_t(c) << ") never written";
   }
 }
 

@@ -27,6 +27,10 @@
 #include "engine/trainer.h"
 #include "layers/resnet.h"
 
+#if STALEPROP_WITH_CUDA
+#include "kernels/cuda/ops.h"
+#endif
+
 using namespace sp;
 
 namespace {
@@ -220,5 +224,34 @@ TEST_F(CudaNetwork, PipelineGraphReplayChangesNoBit) {
     }
   }
 }
+
+#if STALEPROP_WITH_CUDA
+// The persistent batch norm (one cooperative kernel per training forward and backward) inside
+// the pipeline: enqueued op by op and replayed from captured graphs (cooperative kernel nodes),
+// it gives the same parameters, bit for bit, as the three separate kernels.
+TEST_F(CudaNetwork, PersistentBatchNormInThePipelineChangesNoBit) {
+  const bool was = sp::kernels::cuda::bn_persistent();
+  for (DType dt : {DType::F32, DType::BF16}) {
+    int64_t replays = 0;
+    sp::kernels::cuda::set_bn_persistent(false);
+    const std::vector<float> separate = pipeline_params(false, dt, &replays);
+    sp::kernels::cuda::set_bn_persistent(true);
+    const int64_t before = sp::kernels::cuda::bn_persistent_launches();
+    const std::vector<float> eager = pipeline_params(false, dt, &replays);
+    const int64_t eager_launches = sp::kernels::cuda::bn_persistent_launches() - before;
+    const std::vector<float> replayed = pipeline_params(true, dt, &replays);
+    sp::kernels::cuda::set_bn_persistent(was);
+    EXPECT_GT(eager_launches, 0) << dtype_name(dt) << ": the persistent batch norm did not run";
+    EXPECT_GT(replays, 60) << dtype_name(dt) << ": the later epochs should mostly replay";
+    for (const auto* got : {&eager, &replayed}) {
+      ASSERT_EQ(separate.size(), got->size());
+      size_t differ = 0;
+      for (size_t i = 0; i < separate.size(); ++i) differ += separate[i] != (*got)[i];
+      EXPECT_EQ(differ, 0u) << dtype_name(dt) << (got == &eager ? " op by op" : " replayed") << ": " << differ
+                            << " of " << separate.size() << " parameters differ from the separate kernels'";
+    }
+  }
+}
+#endif
 
 }  // namespace

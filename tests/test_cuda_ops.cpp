@@ -18,6 +18,7 @@
 #include <cstring>
 #include <iterator>
 #include <limits>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -704,6 +705,154 @@ TEST_F(CudaOps, BatchNormGivesTheSameBitsFromUnalignedActivations) {
       expect_same_batchnorm(run_batchnorm<Unaligned, uint16_t>(stream_, m, c, fused, 810),
                             run_batchnorm<DeviceArray, uint16_t>(stream_, m, c, fused, 810), what + " bf16");
     }
+}
+
+// The persistent batch norm (one cooperative kernel: reduction, finalisation and element pass,
+// with the chunks it reads cached in shared memory where they fit) computes every value as the
+// three separate kernels do, in the same order: the same bits, for the plain and fused forms,
+// fp32 and bf16, the chunked and single-element paths (unaligned), shapes cached whole and in
+// part (ResNet-18's first stage at batch 512: 128 MiB in fp32), and awkward shapes.
+class BnPersistentSwitch {
+ public:
+  explicit BnPersistentSwitch(bool on) : was_(kcu::bn_persistent()) { kcu::set_bn_persistent(on); }
+  ~BnPersistentSwitch() { kcu::set_bn_persistent(was_); }
+
+ private:
+  bool was_;
+};
+
+template <template <class> class Buf, typename T>
+void expect_persistent_batchnorm_same(cudaStream_t stream, int64_t m, int64_t c, bool fused, uint32_t seed,
+                                      const std::string& what) {
+  BnOutputs<T> separate, persistent;
+  {
+    BnPersistentSwitch off(false);
+    separate = run_batchnorm<Buf, T>(stream, m, c, fused, seed);
+  }
+  const int64_t before = kcu::bn_persistent_launches();
+  {
+    BnPersistentSwitch on(true);
+    persistent = run_batchnorm<Buf, T>(stream, m, c, fused, seed);
+  }
+  // The training forward and the backward ran persistent (inference has one pass already).
+  EXPECT_EQ(kcu::bn_persistent_launches() - before, 2) << what << ": the persistent form did not run";
+  expect_same_batchnorm(separate, persistent, what);
+}
+
+// Which parts of the persistent kernels a set of shapes reached: a plan that keeps every chunk
+// in shared memory, and one that keeps some (so the element pass reads both from shared memory
+// and again from global memory), per kernel (forward/backward, fp32/bf16, chunked/single).
+struct PlanCoverage {
+  bool whole = false, part = false;
+  void add(const kcu::BnPersistentPlan& p) {
+    whole = whole || (p.grid > 0 && p.cached == p.total);
+    part = part || (p.grid > 0 && p.cached > 0 && p.cached < p.total);
+  }
+};
+
+TEST_F(CudaOps, PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels) {
+  // ResNet shapes (at batch 128 and 512; 131072 x 64 and 524288 x 64 are ResNet-18's first
+  // stage), then awkward ones. The two largest run only fused and aligned, to bound the time.
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {
+      {128 * 32 * 32, 16}, {128 * 8 * 8, 64}, {512 * 4 * 4, 512}, {128 * 32 * 32, 64}, {512 * 32 * 32, 64},
+      {1, 3},              {7, 37},           {300001, 3},        {5, 264},           {1000, 24}};
+  std::map<std::string, PlanCoverage> coverage;
+  for (const bool fused : {false, true})
+    for (const auto& [m, c] : shapes) {
+      const bool large = m * c > 4 * 1024 * 1024;
+      if (large && !fused) continue;
+      const std::string what = std::string(fused ? "fused " : "") + "batchnorm m " + std::to_string(m) + " c " +
+                                std::to_string(c) + ", persistent vs separate:";
+      expect_persistent_batchnorm_same<DeviceArray, float>(stream_, m, c, fused, 900, what + " fp32");
+      expect_persistent_batchnorm_same<DeviceArray, uint16_t>(stream_, m, c, fused, 910, what + " bf16");
+      const bool vec = c % 8 == 0;
+      for (const bool bf16 : {false, true})
+        for (const bool backward : {false, true})
+          coverage[std::string(bf16 ? "bf16" : "fp32") + (backward ? " backward" : " forward") +
+                   (vec ? " chunked" : " single")]
+              .add(kcu::bn_persistent_plan(m, c, bf16, backward, vec));
+      if (m * c >= 4096 && !large) {  // the single-element path
+        expect_persistent_batchnorm_same<Unaligned, float>(stream_, m, c, fused, 920, what + " fp32 unaligned");
+        expect_persistent_batchnorm_same<Unaligned, uint16_t>(stream_, m, c, fused, 930, what + " bf16 unaligned");
+        for (const bool bf16 : {false, true})
+          for (const bool backward : {false, true})
+            coverage[std::string(bf16 ? "bf16" : "fp32") + (backward ? " backward" : " forward") + " unaligned"]
+                .add(kcu::bn_persistent_plan(m, c, bf16, backward, false));
+      }
+    }
+  // On an H100 or H200 (228 KiB of shared memory per SM, two blocks per SM) every chunked
+  // kernel meets both a shape it caches whole and one it caches in part.
+  for (const auto& [kernel, cov] : coverage) {
+    EXPECT_TRUE(cov.whole || kernel.find("chunked") == std::string::npos) << kernel << ": no shape cached whole";
+    EXPECT_TRUE(cov.part || kernel.find("chunked") == std::string::npos) << kernel << ": no shape cached in part";
+  }
+}
+
+// The engine's residual blocks pass dy as dresidual (the gradient is consumed as it is
+// replaced): both forms must give with that aliasing what they give without it.
+TEST_F(CudaOps, BatchNormBackwardWritesTheResidualGradientOverDy) {
+  for (const bool persistent : {false, true})
+    for (const auto& [m, c] : {std::pair<int64_t, int64_t>{128 * 32 * 32, 64}, {1000, 24}}) {
+      const std::string what = std::string(persistent ? "persistent" : "separate") + " m " + std::to_string(m) +
+                               " c " + std::to_string(c);
+      BnPersistentSwitch form(persistent);
+      const size_t n = size_t(m * c), nc = size_t(c);
+      const std::vector<uint16_t> xb = activations<uint16_t>(random_vector(n, 940, -2.f, 2.f)),
+                                  yb = activations<uint16_t>(random_vector(n, 941)),
+                                  dyb = activations<uint16_t>(random_vector(n, 942));
+      DeviceArray<uint16_t> x(xb), y(yb), dy(dyb), dx(n), dres(n), dx2(n);
+      DeviceArray<float> g(random_vector(nc, 943, 0.5f, 1.5f)), sm(random_vector(nc, 944)),
+          si(random_vector(nc, 945, 0.5f, 2.f)), dg(nc), db(nc), dg2(nc), db2(nc);
+      kcu::batchnorm_backward_bf16(m, c, x.get(), y.get(), dy.get(), g.get(), sm.get(), si.get(), dx.get(), dres.get(),
+                                   dg.get(), db.get(), stream_);
+      kcu::batchnorm_backward_bf16(m, c, x.get(), y.get(), dy.get(), g.get(), sm.get(), si.get(), dx2.get(), dy.get(),
+                                   dg2.get(), db2.get(), stream_);
+      sync_and_check();
+      expect_bits_equal(dx2.download(), dx.download(), what + " dx");
+      expect_bits_equal(dy.download(), dres.download(), what + " dresidual written over dy");
+      expect_bits_equal(dg2.download(), dg.download(), what + " dgamma");
+      expect_bits_equal(db2.download(), db.download(), what + " dbeta");
+    }
+}
+
+// A shape's first persistent call may come inside a stream capture (--graphs captures a tick
+// after warm-up, but a new batch size appears only then): planning it there (occupancy, shared
+// memory opt-in) and capturing the cooperative launch must work, and the replay must give the
+// separate kernels' bits.
+TEST_F(CudaOps, PersistentBatchNormIsFirstPlannedInsideAStreamCapture) {
+  const int64_t m = 3 * 1000 + 17, c = 40;  // a shape no other test uses
+  const size_t n = size_t(m * c), nc = size_t(c);
+  const std::vector<float> xv = random_vector(n, 950, -2.f, 2.f), dyv = random_vector(n, 951);
+  const std::vector<float> gamma = random_vector(nc, 952, 0.5f, 1.5f), beta = random_vector(nc, 953);
+  auto run = [&](bool persistent, bool capture) {
+    BnPersistentSwitch form(persistent);
+    DeviceArray<float> x(xv), dy(dyv), y(n), dx(n), g(gamma), b(beta), rm(std::vector<float>(nc, 0.f)),
+        rv(std::vector<float>(nc, 1.f)), sm(nc), si(nc), dg(nc), db(nc);
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    if (capture) SP_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    kcu::batchnorm_forward_training(m, c, x.get(), g.get(), b.get(), 1e-5f, 0.1f, rm.get(), rv.get(), y.get(), sm.get(),
+                                    si.get(), stream_);
+    kcu::batchnorm_backward(m, c, x.get(), dy.get(), g.get(), sm.get(), si.get(), dx.get(), dg.get(), db.get(),
+                            stream_);
+    if (capture) {
+      SP_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+      SP_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+      SP_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+    }
+    sync_and_check();
+    if (exec) SP_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    if (graph) SP_CUDA_CHECK(cudaGraphDestroy(graph));
+    return std::vector<std::vector<float>>{y.download(), dx.download(), sm.download(), si.download(),
+                                           rm.download(), rv.download(), dg.download(), db.download()};
+  };
+  const int64_t before = kcu::bn_persistent_launches();
+  const auto captured = run(true, true);
+  EXPECT_EQ(kcu::bn_persistent_launches() - before, 2) << "the persistent form was not captured";
+  const auto separate = run(false, false);
+  const char* names[] = {"y", "dx", "save_mean", "save_invstd", "running_mean", "running_var", "dgamma", "dbeta"};
+  for (size_t k = 0; k < separate.size(); ++k)
+    expect_bits_equal(captured[k], separate[k], std::string("captured persistent vs separate: ") + names[k]);
 }
 
 // The pointwise ops and casts over n elements (8k + 5: chunks and a tail), in fp32 and bf16.

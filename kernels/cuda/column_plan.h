@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 
 #if defined(__CUDACC__)
 #define SP_PLAN_HD __host__ __device__ __forceinline__
@@ -80,6 +81,127 @@ SP_PLAN_HD ReduceSlice reduce_slice(const ColumnReducePlan& p, int64_t m, int bl
   s.row_end = last < m ? last : m;
   s.row_step = p.row_lanes;
   return s;
+}
+
+// ---- The persistent (single-launch) form of a reduction followed by an element pass ----------
+// Batch norm's training forward and backward can run as one cooperative kernel (batchnorm.cu):
+// its co-resident blocks sum the column reduction's chunks (the plan above, so the sums and
+// their order are exactly those of the separate kernels), wait at a grid barrier, finalise the
+// per-column statistics, wait again, and then run the element pass over the same chunks, each
+// block over the chunks it reduced. A block keeps the first `slots` of its chunks in shared
+// memory as it reads them, so that the element pass reads those from shared memory instead of
+// from L2 or DRAM.
+//
+// Chunk t (0 <= t < total = col_blocks * chunks) is the reduction grid's block (t % col_blocks,
+// t / col_blocks); block b of the persistent grid owns chunks b, b + grid, b + 2 grid, ...
+struct PersistentPlan {
+  int total = 0;           // chunks of the reduction plan
+  int grid = 0;            // co-resident blocks; 0: no launch fits (use the separate kernels)
+  int slots = 0;           // chunks a block caches in shared memory (its first ones)
+  int64_t slot_elems = 0;  // elements of one cached chunk of one tensor: chunk_rows * cols_per_block
+  int64_t cached = 0;      // chunks cached, over the whole grid
+  size_t smem_bytes = 0;   // dynamic shared memory per block: slots * tensors * slot_elems * elem_bytes
+};
+
+SP_PLAN_HD int owned_chunks(int total, int grid, int block) {
+  return block < total ? (total - block + grid - 1) / grid : 0;
+}
+
+// Blocks per SM a persistent plan keeps when it can: one 256-thread block per SM leaves too few
+// loads in flight to stream the uncached chunks at full bandwidth.
+constexpr int kMinPersistentBlocksPerSm = 2;
+// Larger reductions (more chunks than this) run as separate kernels.
+constexpr int64_t kMaxPersistentChunks = int64_t(1) << 24;
+
+// plan_persistent's search over the slots, keeping only choices with min_per_sm blocks per SM.
+template <class Occupancy>
+PersistentPlan plan_persistent_with(const ColumnReducePlan& p, int elem_bytes, int tensors, int sms,
+                                    size_t max_smem_bytes, const Occupancy& occupancy, int min_per_sm) {
+  PersistentPlan best;
+  best.total = p.col_blocks * p.chunks;
+  best.slot_elems = p.chunk_rows * p.cols_per_block();
+  const size_t slot_bytes = size_t(best.slot_elems) * size_t(elem_bytes) * size_t(tensors);
+  const int most_slots = int(plan_ceil_div(best.total, sms));
+  for (int s = 0; s <= most_slots; ++s) {
+    const size_t bytes = size_t(s) * slot_bytes;
+    if (bytes > max_smem_bytes) break;
+    const int per_sm = occupancy(bytes);
+    if (per_sm < min_per_sm || per_sm <= 0) continue;
+    const int64_t fit = int64_t(per_sm) * sms;
+    const int grid = int(fit < best.total ? fit : best.total);
+    const int base = best.total / grid, rem = best.total % grid;
+    const int64_t cached = int64_t(rem) * (s < base + 1 ? s : base + 1) + int64_t(grid - rem) * (s < base ? s : base);
+    if (best.grid == 0 || cached > best.cached || (cached == best.cached && grid > best.grid)) {
+      best.grid = grid;
+      best.slots = s < base + (rem > 0 ? 1 : 0) ? s : base + (rem > 0 ? 1 : 0);
+      best.cached = cached;
+      best.smem_bytes = size_t(best.slots) * slot_bytes;
+    }
+  }
+  return best;
+}
+
+// Chooses the grid and the slots: among the choices with at least kMinPersistentBlocksPerSm
+// blocks per SM (any choice where none has), the most chunks cached over the grid, then the
+// larger grid (more threads in flight), then fewer slots. occupancy(dynamic_smem_bytes) gives
+// how many blocks of the kernel fit on one SM (0: none); tensors are the tensors cached per
+// chunk, of elem_bytes each; max_smem_bytes is the most dynamic shared memory a block may have.
+template <class Occupancy>
+PersistentPlan plan_persistent(const ColumnReducePlan& p, int elem_bytes, int tensors, int sms,
+                               size_t max_smem_bytes, const Occupancy& occupancy) {
+  PersistentPlan none;
+  const int64_t total = int64_t(p.col_blocks) * p.chunks;
+  if (total > kMaxPersistentChunks || sms <= 0) return none;
+  for (const int min_per_sm : {kMinPersistentBlocksPerSm, 1}) {
+    const PersistentPlan plan = plan_persistent_with(p, elem_bytes, tensors, sms, max_smem_bytes, occupancy, min_per_sm);
+    if (plan.grid > 0) return plan;
+  }
+  return none;
+}
+
+// Where chunk t's elements are: rows [row0, row0 + rows) and columns [col0, col0 + cols_per_block)
+// (those < c).
+struct ChunkBox {
+  int64_t row0;
+  int64_t rows;  // 0 for the empty chunk of m == 0
+  int col0;
+};
+
+SP_PLAN_HD ChunkBox chunk_box(const ColumnReducePlan& p, int64_t m, int t) {
+  ChunkBox b;
+  const int bx = t % p.col_blocks, by = t / p.col_blocks;
+  b.row0 = int64_t(by) * p.chunk_rows;
+  const int64_t left = m - b.row0;
+  b.rows = left <= 0 ? 0 : (left < p.chunk_rows ? left : p.chunk_rows);
+  b.col0 = bx * p.cols_per_block();
+  return b;
+}
+
+// Thread tid's share of chunk box in the element pass: rows box.row0 + r, r = r0, r0 + step, ...
+// < box.rows, columns j0 .. j0 + ncols - 1 (ncols 0: none). These are the rows and columns the
+// thread summed in the reduction (reduce_slice), so it reads back only what it cached itself.
+struct PieceSlice {
+  int j0;
+  int ncols;
+  int64_t r0;
+  int step;
+};
+
+SP_PLAN_HD PieceSlice piece_slice(const ColumnReducePlan& p, const ChunkBox& box, int tid) {
+  PieceSlice s;
+  s.j0 = box.col0 + (tid % p.col_lanes) * kChunkElems;
+  const int left = p.c - s.j0;
+  s.ncols = left <= 0 ? 0 : (left < kChunkElems ? left : kChunkElems);
+  s.r0 = tid / p.col_lanes;
+  s.step = p.row_lanes;
+  return s;
+}
+
+// A cached chunk's layout in shared memory: element (i, j) of the chunk at
+// (i - row0) * cols_per_block + (j - col0), the same for the reduction that fills it and the
+// element pass that reads it.
+SP_PLAN_HD int64_t slot_offset(int cols_per_block, const ChunkBox& b, int64_t i, int j) {
+  return (i - b.row0) * cols_per_block + (j - b.col0);
 }
 
 // A grid-stride walk over the kChunkElems-element chunks of a row-major [rows, c] matrix with

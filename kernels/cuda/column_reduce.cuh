@@ -32,18 +32,37 @@ __device__ __forceinline__ void load_row(const typename S::Storage* base, int64_
 }
 
 // Term: a reduction's reads and arithmetic.
+//   static constexpr int kVals;                                values a row chunk yields per element
 //   using Cols = ...;                                         per-thread column constants
 //   __device__ Cols columns(int j0, int ncols) const;          read once per thread (rows exist)
-//   template <bool kVec> __device__ void operator()(int64_t i, int j0, int ncols, const Cols&,
-//                                                   double (&acc)[kSums][kChunkElems]) const;
-// adds row i's contributions for columns j0 + e, e < ncols (kVec: ncols == kChunkElems and the
-// rows may be read with chunk loads); the entries e >= ncols must stay zero.
-template <int kSums, bool kVec, class Term>
-__global__ void __launch_bounds__(kReduceThreads)
-    column_partials_kernel(int64_t m, ColumnReducePlan plan, Term term, double* partial) {
-  __shared__ double warp_sums[kSums][kReduceWarps][kMaxColLanes * kChunkElems];
+//   template <bool kVec> __device__ void load(int64_t i, int j0, int ncols,
+//                                             float (&v)[kVals][kChunkElems]) const;
+//   __device__ void add(const float (&v)[kVals][kChunkElems], const Cols&,
+//                       double (&acc)[kSums][kChunkElems]) const;
+// load reads row i's values for columns j0 + e, e < ncols (kVec: ncols == kChunkElems and the
+// rows may be read with chunk loads), zeros for e >= ncols; add adds them, leaving the entries
+// e >= ncols zero. The split lets a thread issue the loads of several rows before it adds the
+// first (kRowsInFlight), without changing the order of the additions.
+constexpr int kRowsInFlight = 4;  // row chunks a thread loads ahead, over the term's kVals values
+
+// No stash: the separate reduction kernel keeps nothing of what it reads.
+struct NoStash {
+  template <int kVals>
+  __device__ void operator()(int64_t, int, const float (&)[kVals][kChunkElems]) const {}
+};
+
+// One block's share of stage 1 for the reduction grid's block (bx, by): the sums of its rows
+// of its columns, written to partial[by][s * c + j]. stash(i, j0, v) sees every row chunk the
+// thread reads, before it is added. warp_sums is the block's shared scratch; the block leaves
+// synchronised, so the caller may reuse it at once.
+template <int kSums, bool kVec, class Term, class Stash>
+__device__ __forceinline__ void chunk_partials(int64_t m, const ColumnReducePlan& plan, const Term& term, int bx,
+                                               int by, double* partial, const Stash& stash,
+                                               double (&warp_sums)[kSums][kReduceWarps][kMaxColLanes * kChunkElems]) {
+  constexpr int kVals = Term::kVals;
+  constexpr int kAhead = kRowsInFlight / kVals > 0 ? kRowsInFlight / kVals : 1;
   const int tid = int(threadIdx.x);
-  const ReduceSlice sl = reduce_slice(plan, m, int(blockIdx.x), int(blockIdx.y), tid);
+  const ReduceSlice sl = reduce_slice(plan, m, bx, by, tid);
   double acc[kSums][kChunkElems];
 #pragma unroll
   for (int s = 0; s < kSums; ++s)
@@ -51,8 +70,24 @@ __global__ void __launch_bounds__(kReduceThreads)
     for (int e = 0; e < kChunkElems; ++e) acc[s][e] = 0.0;
   if (sl.ncols > 0 && sl.row_begin < sl.row_end) {
     const typename Term::Cols cols = term.columns(sl.j0, sl.ncols);
-    for (int64_t i = sl.row_begin; i < sl.row_end; i += sl.row_step)
-      term.template operator()<kVec>(i, sl.j0, sl.ncols, cols, acc);
+    int64_t i = sl.row_begin;
+    // kAhead rows loaded, then added in row order; then the rows left one at a time.
+    for (; i + int64_t(kAhead - 1) * sl.row_step < sl.row_end; i += int64_t(kAhead) * sl.row_step) {
+      float v[kAhead][kVals][kChunkElems];
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) term.template load<kVec>(i + int64_t(u) * sl.row_step, sl.j0, sl.ncols, v[u]);
+#pragma unroll
+      for (int u = 0; u < kAhead; ++u) {
+        stash(i + int64_t(u) * sl.row_step, sl.j0, v[u]);
+        term.add(v[u], cols, acc);
+      }
+    }
+    for (; i < sl.row_end; i += sl.row_step) {
+      float v[kVals][kChunkElems];
+      term.template load<kVec>(i, sl.j0, sl.ncols, v);
+      stash(i, sl.j0, v);
+      term.add(v, cols, acc);
+    }
   }
   // Lanes l and l ^ o (o a multiple of col_lanes) hold the same columns: add them.
   for (int o = plan.col_lanes; o < kWarpSize; o *= 2)
@@ -70,13 +105,21 @@ __global__ void __launch_bounds__(kReduceThreads)
   const int cols = plan.cols_per_block();
   for (int idx = tid; idx < kSums * cols; idx += kReduceThreads) {
     const int s = idx / cols, col = idx % cols;
-    const int j = int(blockIdx.x) * cols + col;
+    const int j = bx * cols + col;
     if (j >= plan.c) continue;
     double total = 0.0;
 #pragma unroll
     for (int w = 0; w < kReduceWarps; ++w) total += warp_sums[s][w][col];
-    partial[int64_t(blockIdx.y) * kSums * plan.c + int64_t(s) * plan.c + j] = total;
+    partial[int64_t(by) * kSums * plan.c + int64_t(s) * plan.c + j] = total;
   }
+  __syncthreads();
+}
+
+template <int kSums, bool kVec, class Term>
+__global__ void __launch_bounds__(kReduceThreads)
+    column_partials_kernel(int64_t m, ColumnReducePlan plan, Term term, double* partial) {
+  __shared__ double warp_sums[kSums][kReduceWarps][kMaxColLanes * kChunkElems];
+  chunk_partials<kSums, kVec>(m, plan, term, int(blockIdx.x), int(blockIdx.y), partial, NoStash{}, warp_sums);
 }
 
 // Launches stage 1; vec: every row may be read in chunks (c % kChunkElems == 0 and the term's

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <set>
@@ -80,6 +81,12 @@ class Workspace {
   void* ptr_ = nullptr;
   cudaStream_t stream_;
 };
+
+// ---- Process-wide on/off switches -----------------------------------------------------------
+// The value of a kernel switch kept in `slot` (-1: not chosen yet): what was set (slot 0 or 1),
+// else, at first use, the environment variable `var` ("1" on, "0" off, anything else or unset:
+// default_on), kept from then on (tensor_core_select.cu).
+bool env_switch(std::atomic<int>& slot, const char* var, bool default_on);
 
 // ---- Deterministic warp reductions ---------------------------------------------------------
 // A fixed xor butterfly: the order of the additions depends only on the lane numbers, and

@@ -82,6 +82,30 @@ void batchnorm_backward_bf16(int64_t m, int64_t c, const uint16_t* x, const uint
                              const float* gamma, const float* save_mean, const float* save_invstd, uint16_t* dx,
                              uint16_t* dresidual, float* dgamma, float* dbeta, cudaStream_t stream);
 
+// The persistent form of the training forward and the backward (fp32 and bf16, plain and
+// fused): the statistics pass, the per-channel finalisation and the element pass as one
+// cooperative kernel with two grid barriers, instead of three kernels. Its co-resident blocks
+// keep the chunks they read in shared memory where they fit (kernels/cuda/column_plan.h,
+// PersistentPlan), so the element pass reads those from shared memory rather than from L2 or
+// DRAM, and two launches are saved. Same bits as the three kernels (same reduction plan and
+// arithmetic). Written but not yet run on a GPU: off unless set, or the environment variable
+// STALEPROP_BN_PERSISTENT is 1. Where the device has no cooperative launch the three kernels run.
+void set_bn_persistent(bool on);
+bool bn_persistent();
+// How many persistent batch-norm kernels this process has enqueued, stream captures included
+// (not graph replays), so that a test can tell that the persistent form ran rather than the
+// three kernels.
+int64_t bn_persistent_launches();
+// The persistent form's plan for an [m, c] batch norm on the current device: its grid (0: the
+// three kernels run), the chunks each block keeps in shared memory, and how many of the total
+// chunks are kept. bf16 or fp32 activations, training forward or backward, chunked loads (vec:
+// c % 8 == 0 and 16-byte aligned pointers) or single elements.
+struct BnPersistentPlan {
+  int grid = 0, slots = 0;
+  int64_t cached = 0, total = 0;
+};
+BnPersistentPlan bn_persistent_plan(int64_t m, int64_t c, bool bf16, bool backward, bool vec);
+
 // ---- Elementwise -------------------------------------------------------------------------
 void relu_forward(int64_t n, const float* x, float* y, cudaStream_t stream);
 void relu_backward(int64_t n, const float* y, const float* dy, float* dx, cudaStream_t stream);

@@ -10,16 +10,18 @@ namespace {
 
 template <class S>
 struct SumTerm {
+  static constexpr int kVals = 1;
   const typename S::Storage* x;
   int c;
   struct Cols {};
   __device__ Cols columns(int, int) const { return {}; }
   template <bool kVec>
-  __device__ void operator()(int64_t i, int j0, int ncols, const Cols&, double (&acc)[1][kChunkElems]) const {
-    float v[kChunkElems];
-    load_row<S, kVec>(x, i, c, j0, ncols, v);
+  __device__ void load(int64_t i, int j0, int ncols, float (&v)[1][kChunkElems]) const {
+    load_row<S, kVec>(x, i, c, j0, ncols, v[0]);
+  }
+  __device__ void add(const float (&v)[1][kChunkElems], const Cols&, double (&acc)[1][kChunkElems]) const {
 #pragma unroll
-    for (int e = 0; e < kChunkElems; ++e) acc[0][e] += double(v[e]);
+    for (int e = 0; e < kChunkElems; ++e) acc[0][e] += double(v[0][e]);
   }
 };
 

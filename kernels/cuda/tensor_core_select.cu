@@ -83,14 +83,15 @@ MmaMainloop mma_mainloop() {
   }));
 }
 
-// An on/off switch: what was set, else at first use from `var` ("1" on, "0" off, otherwise
-// the default).
-static bool flag(std::atomic<int>& slot, const char* var, bool default_on) {
+bool detail::env_switch(std::atomic<int>& slot, const char* var, bool default_on) {
   return setting(slot, var, [default_on](const char* env) {
            if (env && std::string(env) == "1") return 1;
            if (env && std::string(env) == "0") return 0;
            return default_on ? 1 : 0;
          }) == 1;
+}
+static bool flag(std::atomic<int>& slot, const char* var, bool default_on) {
+  return detail::env_switch(slot, var, default_on);
 }
 static void set_flag(std::atomic<int>& slot, bool on) { slot.store(on ? 1 : 0, std::memory_order_relaxed); }
 
