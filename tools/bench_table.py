@@ -62,6 +62,8 @@ def kernel_rows(path):
         parts.append("TMA convolutions")
     if ctx.get("tma_wide_tile") == "yes":
         parts.append("wide TMA tile")
+    if ctx.get("bn_persistent") == "yes":
+        parts.append("persistent BN")
     label = ", ".join(parts) if parts else path.rsplit("/", 1)[-1]
     return rows, label
 
