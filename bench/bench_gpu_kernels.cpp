@@ -44,7 +44,8 @@
 // wgmma_tma GEMM for N >= 256 with N % 256 0 or over 128 (default off until verified; context
 // tma_wide_tile), --bn-persistent[=0|1] the persistent batch norm, one cooperative kernel per
 // training forward and backward (kernels/cuda/ops.h; default off until verified; context
-// bn_persistent).
+// bn_persistent), --pdl[=0|1] programmatic dependent launch of every kernel of ours
+// (kernels/cuda/common.cuh; default off until verified; context programmatic_launch).
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):
@@ -117,6 +118,7 @@ void env_init() {
   benchmark::AddCustomContext("conv_tma", kc::conv_tma() ? "yes" : "no");
   benchmark::AddCustomContext("tma_wide_tile", kc::tma_wide_tile() ? "yes" : "no");
   benchmark::AddCustomContext("bn_persistent", kc::bn_persistent() ? "yes" : "no");
+  benchmark::AddCustomContext("programmatic_launch", kc::programmatic_launch() ? "yes" : "no");
 }
 
 void env_destroy() {
@@ -1182,6 +1184,8 @@ int main(int argc, char** argv) {
       kc::set_tma_wide_tile(arg != "--tma-wide=0");
     } else if (arg == "--bn-persistent" || arg == "--bn-persistent=1" || arg == "--bn-persistent=0") {
       kc::set_bn_persistent(arg != "--bn-persistent=0");
+    } else if (arg == "--pdl" || arg == "--pdl=1" || arg == "--pdl=0") {
+      kc::set_programmatic_launch(arg != "--pdl=0");
     } else {
       argv[kept++] = argv[i];
     }

@@ -13,6 +13,7 @@
 // deterministic), in fp32 and bf16.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -250,6 +251,34 @@ TEST_F(CudaNetwork, PersistentBatchNormInThePipelineChangesNoBit) {
       EXPECT_EQ(differ, 0u) << dtype_name(dt) << (got == &eager ? " op by op" : " replayed") << ": " << differ
                             << " of " << separate.size() << " parameters differ from the separate kernels'";
     }
+  }
+}
+
+// Programmatic dependent launch (STALEPROP_PDL): each kernel may start while the one before it
+// finishes and waits for it inside. A training step and the pipeline, op by op and replayed
+// from graphs, must give the same bits with it as without.
+TEST_F(CudaNetwork, ProgrammaticDependentLaunchChangesNoBit) {
+  namespace kc = sp::kernels::cuda;
+  const bool was = kc::programmatic_launch();
+  for (DType dt : {DType::F32, DType::BF16}) {
+    kc::set_programmatic_launch(false);
+    const StepResult off = resnet20_step(Device::cuda(0), dt);
+    int64_t replays = 0;
+    const std::vector<float> pipe_off = pipeline_params(true, dt, &replays);
+    kc::set_programmatic_launch(true);
+    const StepResult on = resnet20_step(Device::cuda(0), dt);
+    const std::vector<float> pipe_on = pipeline_params(true, dt, &replays);
+    const std::vector<float> eager_on = pipeline_params(false, dt, &replays);
+    kc::set_programmatic_launch(was);
+    const auto differ = [](const std::vector<float>& a, const std::vector<float>& b) {
+      size_t n = a.size() == b.size() ? 0 : std::max(a.size(), b.size());
+      for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) n += a[i] != b[i];
+      return n;
+    };
+    EXPECT_EQ(differ(on.logits, off.logits), 0u) << dtype_name(dt) << ": logits";
+    EXPECT_EQ(differ(on.grads, off.grads), 0u) << dtype_name(dt) << ": gradients";
+    EXPECT_EQ(differ(pipe_on, pipe_off), 0u) << dtype_name(dt) << ": pipeline parameters, replayed from graphs";
+    EXPECT_EQ(differ(eager_on, pipe_off), 0u) << dtype_name(dt) << ": pipeline parameters, op by op";
   }
 }
 #endif

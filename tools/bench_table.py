@@ -64,6 +64,8 @@ def kernel_rows(path):
         parts.append("wide TMA tile")
     if ctx.get("bn_persistent") == "yes":
         parts.append("persistent BN")
+    if ctx.get("programmatic_launch") == "yes":
+        parts.append("PDL")
     label = ", ".join(parts) if parts else path.rsplit("/", 1)[-1]
     return rows, label
 

@@ -19,7 +19,9 @@
 #      ResNet-18 (batch 512) and ResNet-56 (128) with STALEPROP_CONV_TMA=0 and 1 beside PyTorch
 #      eager, and the op profile of a ResNet-18 step with them; the persistent batch norm against
 #      the three separate kernels (--bn-persistent), against the copy, and ResNet-18's bf16
-#      throughput with STALEPROP_BN_PERSISTENT=0 and 1. Each switch is measured only where
+#      throughput with STALEPROP_BN_PERSISTENT=0 and 1; ResNet-56's bf16 throughput (op by op and
+#      from graphs) and the three-kernel batch norm with programmatic dependent launch off and on
+#      (STALEPROP_PDL, --pdl). Each switch is measured only where
 #      ctest passed its GPU test (a hang there would burn every later timeout);
 #   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace);
 #   7. gpu_bench stage 1 for the pooling and shortcut kernels (rewritten since their last
@@ -99,9 +101,10 @@ passed() { grep -qE "$1 \.+ +Passed" "$OUT/ctest.log" 2> /dev/null; }
 CONV_TMA_OK=; passed 'ConvolutionsWithTmaLoads/wgmma_tma' && CONV_TMA_OK=1
 TMA_WIDE_OK=; passed 'GemmOnTheWideTmaTile/wgmma_tma' && TMA_WIDE_OK=1
 BN_PERSISTENT_OK=; passed 'PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels' && BN_PERSISTENT_OK=1
+PDL_OK=; passed 'ProgrammaticDependentLaunchChangesNoBit' && PDL_OK=1
 verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
 log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict "$TMA_WIDE_OK");" \
-  "persistent batch norm $(verdict "$BN_PERSISTENT_OK")"
+  "persistent batch norm $(verdict "$BN_PERSISTENT_OK"); programmatic launch $(verdict "$PDL_OK")"
 
 log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]
@@ -181,6 +184,21 @@ if [ -n "$CONV_TMA_OK" ]; then
       --precision bf16 --steps 10 --warmup 5 --profile-ops 5 --json "$OUT/op-profile.jsonl" >> "$OUT/op-profile.txt" 2>&1
     log "op profile exit $?"
   fi
+fi
+
+# Programmatic dependent launch against plain launches: the launch-bound small models (ResNet-56
+# at batch 128 in bf16, op by op and from graphs), and the three-kernel batch norm.
+if [ -n "$PDL_OK" ]; then
+  for graphs in "" --graphs; do
+    for v in 0 1; do
+      [ "$(left)" -gt 60 ] || break
+      STALEPROP_PDL=$v timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet56 --batch-size 128 \
+        --precision bf16 $graphs --steps 60 --warmup 15 --json "$OUT/throughput-pdl$v.jsonl" 2>&1 |
+        tee -a "$OUT/session.txt"
+      log "bench resnet56 $graphs STALEPROP_PDL=$v exit ${PIPESTATUS[0]}"
+    done
+  done
+  ab bn-pdl pdl 30 '^bn_(fwd_train|bwd)/.*n128'
 fi
 
 # Timelines of the locking study (#5): ResNet-56, bf16, 4 modules, locked bp against fdg, 40

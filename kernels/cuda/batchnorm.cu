@@ -179,6 +179,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     bn_statistics_kernel(const double* partial, int chunks, int64_t m, int c, const typename S::Storage* x,
                          const float* gamma, float eps, float momentum, float* running_mean, float* running_var,
                          float* save_mean, float* save_invstd, float* gain) {
+  pdl_prologue();
   const int j = warp_column();
   if (j >= c) return;  // the whole warp leaves together
   bn_statistics_column<S>(j, partial, chunks, m, c, x, gamma, eps, momentum, running_mean, running_var, save_mean,
@@ -188,6 +189,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
 // gain = gamma * invstd from the running variance, for inference.
 __global__ void __launch_bounds__(kElementThreads)
     bn_inference_gain_kernel(int c, const float* gamma, const float* running_var, float eps, float* gain) {
+  pdl_prologue();
   const int j = int(global_thread_index());
   if (j >= c) return;
   const float invstd = float(1.0 / sqrt(double(running_var[j]) + double(eps)));
@@ -211,6 +213,7 @@ __device__ __forceinline__ void bn_backward_finalize_column(int j, const double*
 __global__ void __launch_bounds__(kFinalizeThreads)
     bn_backward_finalize_kernel(const double* partial, int chunks, int64_t m, int c, const float* gamma,
                                 const float* save_invstd, float* dgamma, float* dbeta, float* coef) {
+  pdl_prologue();
   const int j = warp_column();
   if (j >= c) return;
   bn_backward_finalize_column(j, partial, chunks, m, c, gamma, save_invstd, dgamma, dbeta, coef);
@@ -240,6 +243,7 @@ template <class S, bool kVec>
 __global__ void bn_normalize_kernel(int64_t total, int c, const typename S::Storage* x,
                                     const typename S::Storage* residual, bool relu, const float* mean,
                                     const float* gain, const float* beta, typename S::Storage* y) {
+  pdl_prologue();
   for_each_with_channel<kVec>(total, c, [&](int64_t i, int j, auto width) {
     constexpr int W = decltype(width)::value;
     float v[W], r[W] = {}, mu[W], ga[W], be[W];
@@ -261,8 +265,8 @@ void launch_normalize(int64_t total, int c, const typename S::Storage* x, const 
   if (total == 0) return;
   const bool vec = chunk_loads_ok(c, x, residual, y) && all_aligned16(mean, gain, beta);
   auto* kernel = vec ? &bn_normalize_kernel<S, true> : &bn_normalize_kernel<S, false>;
-  kernel<<<channel_blocks(total, vec), kElementThreads, 0, stream>>>(total, c, x, residual, relu, mean, gain, beta, y);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(kernel, channel_blocks(total, vec), kElementThreads, 0, stream, total, c, x, residual, relu, mean, gain,
+                beta, y);
 }
 
 // dresidual (nullable) receives the masked gradient; it may alias dy (a thread reads its
@@ -272,6 +276,7 @@ __global__ void bn_backward_dx_kernel(int64_t total, int c, const typename S::St
                                       const typename S::Storage* y, const typename S::Storage* dy,
                                       const float* save_mean, const float* save_invstd, const float* coef,
                                       typename S::Storage* dx, typename S::Storage* dresidual) {
+  pdl_prologue();
   for_each_with_channel<kVec>(total, c, [&](int64_t i, int j, auto width) {
     constexpr int W = decltype(width)::value;
     float xv[W], g[W], mu[W], is[W], gain[W], mdy[W], mdyx[W];
@@ -436,6 +441,7 @@ struct ForwardJob {
 template <class S, bool kVec>
 __global__ void __launch_bounds__(kReduceThreads, kMinPersistentBlocksPerSm)
     bn_forward_persistent_kernel(const __grid_constant__ ForwardJob<S> a) {
+  pdl_prologue();
   using T = typename S::Storage;
   extern __shared__ __align__(16) unsigned char bn_dynamic_smem[];
   __shared__ double warp_sums[2][kReduceWarps][kMaxColLanes * kChunkElems];
@@ -490,6 +496,7 @@ struct BackwardJob {
 template <class S, bool kVec>
 __global__ void __launch_bounds__(kReduceThreads, kMinPersistentBlocksPerSm)
     bn_backward_persistent_kernel(const __grid_constant__ BackwardJob<S> a) {
+  pdl_prologue();
   using T = typename S::Storage;
   extern __shared__ __align__(16) unsigned char bn_dynamic_smem[];
   __shared__ double warp_sums[2][kReduceWarps][kMaxColLanes * kChunkElems];
@@ -663,9 +670,8 @@ void forward_training_impl(const char* op, int64_t m, int64_t c64, const typenam
                             save_mean, save_invstd, partial, gain, stream))
     return;
   column_partials<2>(m, plan, ShiftedMomentsTerm<S>{x, c}, chunk_loads_ok(c, x), partial, stream);
-  bn_statistics_kernel<S><<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(
-      partial, plan.chunks, m, c, x, gamma, eps, momentum, running_mean, running_var, save_mean, save_invstd, gain);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(bn_statistics_kernel<S>, finalize_blocks(c), kFinalizeThreads, 0, stream, partial, plan.chunks, m, c, x,
+                gamma, eps, momentum, running_mean, running_var, save_mean, save_invstd, gain);
   launch_normalize<S>(m * c, c, x, residual, relu, save_mean, gain, beta, y, stream);
 }
 
@@ -679,9 +685,8 @@ void forward_inference_impl(const char* op, int64_t m, int64_t c64, const typena
   if (total == 0) return;
   Workspace ws(sizeof(float) * size_t(c), stream);
   float* gain = ws.as<float>();
-  bn_inference_gain_kernel<<<unsigned(ceil_div(c, kElementThreads)), kElementThreads, 0, stream>>>(
-      c, gamma, running_var, eps, gain);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(bn_inference_gain_kernel, unsigned(ceil_div(c, kElementThreads)), kElementThreads, 0, stream, c, gamma,
+                running_var, eps, gain);
   launch_normalize<S>(total, c, x, residual, relu, running_mean, gain, beta, y, stream);
 }
 
@@ -704,15 +709,13 @@ void backward_impl(const char* op, int64_t m, int64_t c64, const typename S::Sto
                              stream))
     return;
   column_partials<2>(m, plan, term, vec, partial, stream);
-  bn_backward_finalize_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(partial, plan.chunks, m, c, gamma,
-                                                                                   save_invstd, dgamma, dbeta, coef);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(bn_backward_finalize_kernel, finalize_blocks(c), kFinalizeThreads, 0, stream, partial, plan.chunks, m,
+                c, gamma, save_invstd, dgamma, dbeta, coef);
   const int64_t total = m * c;
   if (total == 0) return;
   auto* kernel = vec ? &bn_backward_dx_kernel<S, true> : &bn_backward_dx_kernel<S, false>;
-  kernel<<<channel_blocks(total, vec), kElementThreads, 0, stream>>>(total, c, x, y, dy, save_mean, save_invstd, coef,
-                                                                     dx, dresidual);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(kernel, channel_blocks(total, vec), kElementThreads, 0, stream, total, c, x, y, dy, save_mean,
+                save_invstd, coef, dx, dresidual);
 }
 
 }  // namespace

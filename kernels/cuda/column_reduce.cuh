@@ -118,6 +118,7 @@ __device__ __forceinline__ void chunk_partials(int64_t m, const ColumnReducePlan
 template <int kSums, bool kVec, class Term>
 __global__ void __launch_bounds__(kReduceThreads)
     column_partials_kernel(int64_t m, ColumnReducePlan plan, Term term, double* partial) {
+  pdl_prologue();
   __shared__ double warp_sums[kSums][kReduceWarps][kMaxColLanes * kChunkElems];
   chunk_partials<kSums, kVec>(m, plan, term, int(blockIdx.x), int(blockIdx.y), partial, NoStash{}, warp_sums);
 }
@@ -129,8 +130,7 @@ void column_partials(int64_t m, const ColumnReducePlan& plan, const Term& term, 
                      cudaStream_t stream) {
   const dim3 grid(unsigned(plan.col_blocks), unsigned(plan.chunks));
   auto* kernel = vec ? &column_partials_kernel<kSums, true, Term> : &column_partials_kernel<kSums, false, Term>;
-  kernel<<<grid, kReduceThreads, 0, stream>>>(m, plan, term, partial);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(kernel, grid, kReduceThreads, 0, stream, m, plan, term, partial);
 }
 
 // Whether rows of c columns can be read in chunks from these (16-byte aligned) pointers.

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <mutex>
 #include <set>
+#include <utility>
 
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/error.h"
@@ -87,6 +88,47 @@ class Workspace {
 // else, at first use, the environment variable `var` ("1" on, "0" off, anything else or unset:
 // default_on), kept from then on (tensor_core_select.cu).
 bool env_switch(std::atomic<int>& slot, const char* var, bool default_on);
+
+// ---- Launching: every kernel of ours, with programmatic dependent launch when on -------------
+// With programmatic dependent launch (Hopper; kernels/cuda/ops.h: set_programmatic_launch, on
+// where the environment variable STALEPROP_PDL is 1) a kernel may be scheduled while the kernel
+// before it in the stream is still running, so its launch and its blocks' start overlap that
+// kernel's tail instead of following its end. For that to be safe, every kernel we launch
+// begins with pdl_prologue(): griddepcontrol.wait blocks until the previous kernel in the stream
+// has finished and its memory operations are visible, before the kernel reads or writes
+// anything, so each kernel still sees its inputs complete and no later kernel overwrites what
+// it still reads; then launch_dependents lets the next kernel be scheduled. Without the launch
+// attribute (or before sm_90) the wait returns at once. tests/test_launch_discipline.cpp checks
+// the sources: every __global__ function begins with it, and every launch goes through
+// launch_kernel (or the cooperative batch-norm launch).
+__device__ __forceinline__ void pdl_prologue() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+bool programmatic_launch_on();  // tensor_core_select.cu
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialisation attribute
+// when programmatic_launch_on(); launch errors throw.
+template <class... Params, class... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (programmatic_launch_on()) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  SP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
 
 // ---- Deterministic warp reductions ---------------------------------------------------------
 // A fixed xor butterfly: the order of the additions depends only on the lane numbers, and

@@ -41,6 +41,8 @@ using detail::element_blocks;
 using detail::global_thread_index;
 using detail::grid_stride;
 using detail::kElementThreads;
+using detail::launch_kernel;
+using detail::pdl_prologue;
 using detail::Workspace;
 using namespace detail::mma;
 
@@ -77,6 +79,7 @@ void run(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilo
 // transposed through a 32 x 32 tile of shared memory, so that both the reads (along c) and
 // the writes (along k) are coalesced. 32 x 8 threads, grid (ceil(C/32), ceil(K/32), taps).
 __global__ void transpose_filter_kernel(const uint16_t* w, uint16_t* wt, int k, int rs, int c, FilterTaps taps) {
+  pdl_prologue();
   __shared__ uint16_t tile[32][34];  // rows of 68 bytes: a column's 32 reads hit 32 banks
   const int z = int(blockIdx.z), c0 = int(blockIdx.x) * 32, k0 = int(blockIdx.y) * 32;
   const int tap = taps.tap(z);
@@ -99,8 +102,7 @@ Workspace transposed_filter(const ConvGeom& g, const uint16_t* w, const FilterTa
            g.r, " x ", g.s, " is past the transpose kernel's grid");
   Workspace wt(size_t(g.c) * size_t(taps.count) * size_t(g.k) * sizeof(uint16_t), stream);
   const dim3 grid(unsigned(g.c + 31) / 32, unsigned(g.k + 31) / 32, unsigned(taps.count));
-  transpose_filter_kernel<<<grid, dim3(32, 8), 0, stream>>>(w, wt.as<uint16_t>(), g.k, g.r * g.s, g.c, taps);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(transpose_filter_kernel, grid, dim3(32, 8), 0, stream, w, wt.as<uint16_t>(), g.k, g.r * g.s, g.c, taps);
   return wt;
 }
 
@@ -108,6 +110,7 @@ Workspace transposed_filter(const ConvGeom& g, const uint16_t* w, const FilterTa
 // (img * hc + i) * wc + j of C values; src == nullptr writes zeros (a class no tap reaches).
 __global__ void scatter_class_kernel(const uint16_t* src, uint16_t* dx, int64_t total, int c, int h, int w,
                                      int stride, int a, int b, int hc, int wc) {
+  pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
     const int64_t pix = idx / c, ni = pix / wc, img = ni / hc;
     const int ch = int(idx - pix * c), j = int(pix - ni * wc), i = int(ni - img * hc);
@@ -145,9 +148,8 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
       }
     }
     const int64_t total = rows * g.c;
-    scatter_class_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(
-        taps ? scratch.as<uint16_t>() : nullptr, dx, total, g.c, g.h, g.w, g.stride, c.a, c.b, c.hc, c.wc);
-    SP_CUDA_CHECK_LAUNCH();
+    launch_kernel(scatter_class_kernel, element_blocks(total), kElementThreads, 0, stream,
+                  taps ? scratch.as<uint16_t>() : nullptr, dx, total, g.c, g.h, g.w, g.stride, c.a, c.b, c.hc, c.wc);
   }
 }
 

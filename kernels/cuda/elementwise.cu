@@ -42,6 +42,7 @@ __device__ __forceinline__ void for_each_element(int64_t n, const Fn& fn) {
 // y = op(x) and y = op(a, b), element by element.
 template <class S, bool kVec, class Op>
 __global__ void unary_kernel(int64_t n, Op op, const typename S::Storage* x, typename S::Storage* y) {
+  pdl_prologue();
   for_each_element<kVec>(n, [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
     float v[W];
@@ -55,6 +56,7 @@ __global__ void unary_kernel(int64_t n, Op op, const typename S::Storage* x, typ
 template <class S, bool kVec, class Op>
 __global__ void binary_kernel(int64_t n, Op op, const typename S::Storage* a, const typename S::Storage* b,
                               typename S::Storage* y) {
+  pdl_prologue();
   for_each_element<kVec>(n, [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
     float u[W], v[W];
@@ -84,6 +86,7 @@ struct Scale {
 
 template <bool kVec>
 __global__ void fill_kernel(int64_t n, float value, float* y) {
+  pdl_prologue();
   for_each_element<kVec>(n, [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
     float v[W];
@@ -96,6 +99,7 @@ __global__ void fill_kernel(int64_t n, float value, float* y) {
 // Precision casts: S::load widens, S::store rounds (storage.cuh).
 template <class From, class To, bool kVec>
 __global__ void cast_kernel(int64_t n, const typename From::Storage* x, typename To::Storage* y) {
+  pdl_prologue();
   for_each_element<kVec>(n, [&](int64_t i, auto width) {
     constexpr int W = decltype(width)::value;
     float v[W];
@@ -109,8 +113,7 @@ template <class... Params, class... Args>
 void launch_elements(void (*kernel)(int64_t, Params...), int64_t n, cudaStream_t stream, Args... args) {
   SP_CHECK(n >= 0, "negative element count ", n);
   if (n == 0) return;
-  kernel<<<element_blocks(n), kElementThreads, 0, stream>>>(n, args...);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(kernel, element_blocks(n), kElementThreads, 0, stream, n, args...);
 }
 
 // Launches the chunked instance of a pointwise op when aligned, else the single-element one.
@@ -120,10 +123,9 @@ void launch_pointwise(void (*chunked)(int64_t, Params...), void (*single)(int64_
   SP_CHECK(n >= 0, "negative element count ", n);
   if (n == 0) return;
   if (aligned)
-    chunked<<<element_blocks(ceil_div(n, kChunkElems)), kElementThreads, 0, stream>>>(n, args...);
+    launch_kernel(chunked, element_blocks(ceil_div(n, kChunkElems)), kElementThreads, 0, stream, n, args...);
   else
-    single<<<element_blocks(n), kElementThreads, 0, stream>>>(n, args...);
-  SP_CUDA_CHECK_LAUNCH();
+    launch_kernel(single, element_blocks(n), kElementThreads, 0, stream, n, args...);
 }
 
 // The coordinates of element idx of an NHWC tensor [.., rows, cols, c]: its channel, column,
@@ -184,6 +186,7 @@ __device__ __forceinline__ void store_w(float* p, const float (&v)[W]) {
 template <int W>
 __global__ void shortcut_a_forward_kernel(int64_t total, ShortcutAShape sh, int p_out, int q_out, int lo,
                                           const float* x, float* y) {
+  pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
     const NhwcIndex o = nhwc_index(idx, sh.c_out / W, q_out, p_out);
     const int src = o.ch * W - lo;
@@ -199,6 +202,7 @@ __global__ void shortcut_a_forward_kernel(int64_t total, ShortcutAShape sh, int 
 template <int W>
 __global__ void shortcut_a_backward_kernel(int64_t total, ShortcutAShape sh, int p_out, int q_out, int lo,
                                            const float* dy, float* dx) {
+  pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
     const NhwcIndex i = nhwc_index(idx, sh.c_in / W, sh.w, sh.h);
     float v[W];
@@ -239,6 +243,7 @@ __device__ int window_argmax(const PoolGeom& g, const float* xi, int p, int q, i
 }
 
 __global__ void maxpool_forward_kernel(int64_t total, PoolGeom g, const float* x, float* y) {
+  pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
     const NhwcIndex o = nhwc_index(idx, g.c, g.q, g.p);
     const float* xi = x + o.img * g.h * g.w * g.c;
@@ -252,6 +257,7 @@ __global__ void maxpool_forward_kernel(int64_t total, PoolGeom g, const float* x
 // comparisons are made once, not once per element it covers (up to 4 for 3x3 stride 2, whose
 // one-pass form ran at 0.07 of the copy on an H100).
 __global__ void maxpool_argmax_kernel(int64_t total, PoolGeom g, const float* x, int* arg) {
+  pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
     const NhwcIndex o = nhwc_index(idx, g.c, g.q, g.p);
     arg[idx] = window_argmax(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch);
@@ -259,6 +265,7 @@ __global__ void maxpool_argmax_kernel(int64_t total, PoolGeom g, const float* x,
 }
 
 __global__ void maxpool_backward_gather_kernel(int64_t total, PoolGeom g, const int* arg, const float* dy, float* dx) {
+  pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
     const NhwcIndex i = nhwc_index(idx, g.c, g.w, g.h);
     const int ch = i.ch, w = i.col, h = i.row;
@@ -284,6 +291,7 @@ __global__ void maxpool_backward_gather_kernel(int64_t total, PoolGeom g, const 
 // batches of kAvgBatch before adding them (in order) to keep more of them in flight.
 constexpr int kAvgBatch = 16;
 __global__ void global_avgpool_forward_kernel(int64_t total, int64_t hw, int64_t c, const float* x, float* y) {
+  pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
     const int64_t img = idx / c, j = idx % c;
     const float* xi = x + img * hw * c + j;
@@ -305,6 +313,7 @@ __global__ void global_avgpool_forward_kernel(int64_t total, int64_t hw, int64_t
 // aligned; the same quotient per element either way. total = n * hw * c / W.
 template <int W>
 __global__ void global_avgpool_backward_kernel(int64_t total, int64_t hw, int64_t c, const float* dy, float* dx) {
+  pdl_prologue();
   const int64_t cw = c / W, image = hw * cw;
   const float d = float(hw);
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
@@ -343,6 +352,7 @@ struct ArgMax {
 __global__ void __launch_bounds__(kLossThreads)
     softmax_xent_rows_kernel(int n, int classes, const float* logits, const int32_t* labels, double q_on, double q_off,
                              double* sample_loss, int* hit, float* dlogits) {
+  pdl_prologue();
   const int row = int(blockIdx.x) * kLossWarps + int(threadIdx.x) / kWarpSize;
   const int lane = int(threadIdx.x) % kWarpSize;
   if (row >= n) return;  // the whole warp leaves together
@@ -391,6 +401,7 @@ __global__ void __launch_bounds__(kLossThreads)
 
 __global__ void __launch_bounds__(kLossThreads)
     softmax_xent_mean_kernel(int n, const double* sample_loss, const int* hit, float* loss, int32_t* correct) {
+  pdl_prologue();
   __shared__ double losses[kLossThreads];
   __shared__ int hits[kLossThreads];
   const int t = int(threadIdx.x);
@@ -458,6 +469,7 @@ __device__ __forceinline__ void sgd_update(float& param, float& mom, float grad,
 }
 
 __global__ void __launch_bounds__(kSgdThreads) sgd_kernel(const __grid_constant__ SgdLaunch launch) {
+  pdl_prologue();
   const int64_t block = blockIdx.x;
   int lo = 0, hi = launch.count - 1;  // the last tensor whose run starts at or before this block
   while (lo < hi) {
@@ -625,13 +637,11 @@ void softmax_cross_entropy(int64_t n, int64_t classes, const float* logits, cons
   double* sample_loss = ws.as<double>();
   int* hit = reinterpret_cast<int*>(sample_loss + n);
   if (n > 0) {
-    softmax_xent_rows_kernel<<<unsigned(ceil_div(n, kLossWarps)), kLossThreads, 0, stream>>>(
-        int(n), int(classes), logits, labels, q_on, q_off, sample_loss, hit, dlogits);
-    SP_CUDA_CHECK_LAUNCH();
+    launch_kernel(softmax_xent_rows_kernel, unsigned(ceil_div(n, kLossWarps)), kLossThreads, 0, stream, int(n),
+                  int(classes), logits, labels, q_on, q_off, sample_loss, hit, dlogits);
   }
   // With n == 0 the mean is 0 / 0 = NaN, as on the CPU.
-  softmax_xent_mean_kernel<<<1, kLossThreads, 0, stream>>>(int(n), sample_loss, hit, loss, correct);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(softmax_xent_mean_kernel, 1, kLossThreads, 0, stream, int(n), sample_loss, hit, loss, correct);
 }
 
 // ---- SGD -------------------------------------------------------------------------------------
@@ -642,8 +652,7 @@ void sgd_step(const std::vector<SgdTensor>& tensors, const SgdParams& p, cudaStr
   launch.grad_scale = p.grad_scale, launch.nesterov = p.nesterov;
   auto flush = [&](int64_t blocks) {
     if (launch.count == 0) return;
-    sgd_kernel<<<unsigned(blocks), kSgdThreads, 0, stream>>>(launch);
-    SP_CUDA_CHECK_LAUNCH();
+    launch_kernel(sgd_kernel, unsigned(blocks), kSgdThreads, 0, stream, launch);
     launch.count = 0;
   };
   int64_t blocks = 0;

@@ -16,6 +16,7 @@ constexpr int64_t kSplitTargetBlocks = 256;
 constexpr int kMinSliceDepth = 256;
 
 __global__ void splitk_reduce_kernel(const float* partials, int splits, int m, int n, Epilogue ep) {
+  pdl_prologue();
   const int64_t total = int64_t(m) * n;
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
     float sum = 0.f;
@@ -39,8 +40,7 @@ SplitPlan plan_split_k(int64_t tiles, int k, int k_step) {
 void splitk_reduce(const float* partials, int splits, int m, int n, const Epilogue& ep, cudaStream_t stream) {
   const int64_t total = int64_t(m) * n;
   if (total == 0) return;
-  splitk_reduce_kernel<<<element_blocks(total), kElementThreads, 0, stream>>>(partials, splits, m, n, ep);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(splitk_reduce_kernel, element_blocks(total), kElementThreads, 0, stream, partials, splits, m, n, ep);
 }
 
 void gemm_bias(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,

@@ -216,6 +216,7 @@ struct TileFetch {
 template <class Tile, class LoaderA, class LoaderB>
 __global__ void __launch_bounds__(Tile::kThreads)
     gemm_tile_kernel(LoaderA a, LoaderB b, GemmGeometry g, Epilogue ep, float* partials) {
+  pdl_prologue();
   constexpr int BM = Tile::kBM, BN = Tile::kBN, BK = Tile::kBK, PAD = Tile::kPad;
   __shared__ __align__(16) float a_tile[2][BK][BM + PAD];
   __shared__ __align__(16) float b_tile[2][BK][BN + PAD];
@@ -320,13 +321,11 @@ void run_gemm_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, con
   const GemmGeometry g{m, n, k, plan.k_per_split};
   auto* kernel = &gemm_tile_kernel<Tile, LoaderA, LoaderB>;
   if (plan.splits == 1) {
-    kernel<<<grid, Tile::kThreads, 0, stream>>>(a, b, g, ep, nullptr);
-    SP_CUDA_CHECK_LAUNCH();
+    launch_kernel(kernel, grid, Tile::kThreads, 0, stream, a, b, g, ep, nullptr);
     return;
   }
   Workspace partials(sizeof(float) * size_t(plan.splits) * size_t(m) * size_t(n), stream);
-  kernel<<<grid, Tile::kThreads, 0, stream>>>(a, b, g, ep, partials.as<float>());
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(kernel, grid, Tile::kThreads, 0, stream, a, b, g, ep, partials.as<float>());
   splitk_reduce(partials.as<float>(), plan.splits, m, n, ep, stream);
 }
 

@@ -21,6 +21,7 @@ namespace sp::kernels::cuda::detail::mma {
 // splits == 0 it writes epilogue(0) (alpha == 0 or K == 0).
 template <typename T>
 __global__ void mma_splitk_reduce_kernel(const float* partials, int splits, int m, int n, MmaEpilogue<T> ep) {
+  pdl_prologue();
   const int64_t total = int64_t(m) * n;
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
     float sum = 0.f;
@@ -34,8 +35,8 @@ void mma_splitk_reduce(const float* partials, int splits, int m, int n, const Mm
                        cudaStream_t stream) {
   const int64_t total = int64_t(m) * n;
   if (total == 0) return;
-  mma_splitk_reduce_kernel<T><<<element_blocks(total), kElementThreads, 0, stream>>>(partials, splits, m, n, ep);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(mma_splitk_reduce_kernel<T>, element_blocks(total), kElementThreads, 0, stream, partials, splits, m, n,
+                ep);
 }
 
 // Whether the wgmma main loop is selected (tensor_core.h); throws where it was selected but
@@ -86,13 +87,11 @@ void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
   if (plan.splits == 1) {
-    Kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(operands..., g, ep, nullptr);
-    SP_CUDA_CHECK_LAUNCH();
+    launch_kernel(Kernel, grid, Tile::kThreads, Tile::kSmemBytes, stream, operands..., g, ep, nullptr);
     return;
   }
   Workspace partials(sizeof(float) * size_t(plan.splits) * size_t(m) * size_t(n), stream);
-  Kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(operands..., g, ep, partials.as<float>());
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(Kernel, grid, Tile::kThreads, Tile::kSmemBytes, stream, operands..., g, ep, partials.as<float>());
   mma_splitk_reduce<T>(partials.as<float>(), plan.splits, m, n, ep, stream);
 }
 

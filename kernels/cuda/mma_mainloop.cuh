@@ -302,6 +302,7 @@ __device__ __forceinline__ void load_b_frags(uint32_t (&b0)[2], uint32_t (&b1)[2
 template <class Tile, class LoaderA, class LoaderB, typename T>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     mma_gemm_kernel(LoaderA a, LoaderB b, MmaGeometry g, MmaEpilogue<T> ep, float* partials) {
+  pdl_prologue();
   uint16_t* const a_smem = reinterpret_cast<uint16_t*>(ptx::dynamic_smem());
   uint16_t* const b_smem = a_smem + kStages * Tile::kAStage;
 

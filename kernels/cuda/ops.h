@@ -106,6 +106,14 @@ struct BnPersistentPlan {
 };
 BnPersistentPlan bn_persistent_plan(int64_t m, int64_t c, bool bf16, bool backward, bool vec);
 
+// Programmatic dependent launch (kernels/cuda/common.cuh, launch_kernel): each of our kernels
+// may be scheduled while the previous kernel in its stream finishes, and waits for it inside
+// (griddepcontrol.wait) before touching memory, which hides the gap between dependent kernels.
+// Same results (every kernel waits before its first memory access). Written but not yet run on
+// a GPU: off unless set, or the environment variable STALEPROP_PDL is 1.
+void set_programmatic_launch(bool on);
+bool programmatic_launch();
+
 // ---- Elementwise -------------------------------------------------------------------------
 void relu_forward(int64_t n, const float* x, float* y, cudaStream_t stream);
 void relu_backward(int64_t n, const float* y, const float* dy, float* dx, cudaStream_t stream);

@@ -27,6 +27,7 @@ struct SumTerm {
 
 __global__ void __launch_bounds__(kFinalizeThreads)
     column_sums_finalize_kernel(const double* partial, int chunks, int c, float* out) {
+  pdl_prologue();
   const int j = warp_column();
   if (j >= c) return;  // the whole warp leaves together
   const double total = warp_sum_chunks(partial, chunks, c, j);
@@ -40,9 +41,8 @@ void column_sums_impl(const char* op, int64_t m, int64_t c64, const typename S::
   const ColumnReducePlan plan = plan_column_reduce(m, c);
   Workspace partial(sizeof(double) * size_t(plan.chunks) * size_t(c), stream);
   column_partials<1>(m, plan, SumTerm<S>{x, c}, chunk_loads_ok(c, x), partial.as<double>(), stream);
-  column_sums_finalize_kernel<<<finalize_blocks(c), kFinalizeThreads, 0, stream>>>(partial.as<double>(), plan.chunks, c,
-                                                                                   out);
-  SP_CUDA_CHECK_LAUNCH();
+  launch_kernel(column_sums_finalize_kernel, finalize_blocks(c), kFinalizeThreads, 0, stream, partial.as<double>(),
+                plan.chunks, c, out);
 }
 
 }  // namespace

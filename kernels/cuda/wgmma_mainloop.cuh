@@ -122,6 +122,7 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BN / 2], i
 template <class Tile, class LoaderA, class LoaderB, typename T>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     wgmma_gemm_kernel(LoaderA a, LoaderB b, MmaGeometry g, MmaEpilogue<T> ep, float* partials) {
+  pdl_prologue();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using LayoutA = SwizzledLayout<Tile::kBM>;
   using LayoutB = SwizzledLayout<Tile::kBN>;

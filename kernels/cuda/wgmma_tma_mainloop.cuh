@@ -155,6 +155,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     wgmma_tma_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                           const __grid_constant__ SourceA source_a, MmaGeometry g, MmaEpilogue<T> ep,
                           float* partials) {
+  pdl_prologue();
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool ContigA = SourceA::kContigK;
   using LayoutA = SwizzledLayout<Tile::kBM>;
