@@ -80,4 +80,37 @@ TEST(CpuGemmScaling, BetaZeroIgnoresNaNInC) {
   EXPECT_LT(max_rel_error<float>(true, false, 20, 30, 40, 2.f, 0.f, 0, true), 1e-4);
 }
 
+// Narrow outputs read op(A) in place, and a single block of rows reads B's rows in place, where
+// wider or taller products pack them (gemm.cpp); every form adds the same products in the same
+// order, so a column or row of C must come out with the same bits either way. Here the same
+// A and B columns go through a narrow product (in place) and as the first columns of a wide one
+// (packed), and the same A rows through a short product and as the first rows of a tall one.
+TEST(CpuGemmScaling, InPlaceOperandsGiveTheSameBitsAsPackedOnes) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> u(-1, 1);
+  const int64_t m = 50, k = 700, narrow = 40, wide = 200, tall = 300;
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      SCOPED_TRACE(::testing::Message() << "trans_a=" << ta << " trans_b=" << tb);
+      // A: tall x k (its first m rows used alone too); B: k x wide (its first narrow columns too).
+      std::vector<float> a(size_t(tall * k)), b(size_t(k * wide));
+      for (auto& v : a) v = u(rng);
+      for (auto& v : b) v = u(rng);
+      const int64_t lda = ta ? tall : k, ldb = tb ? k : wide;
+      auto product = [&](int64_t rows, int64_t cols) {
+        std::vector<float> c(size_t(rows * cols), std::numeric_limits<float>::quiet_NaN());
+        gemm<float>(ta, tb, rows, cols, k, 1.f, a.data(), lda, b.data(), ldb, 0.f, c.data(), cols);
+        return c;
+      };
+      const std::vector<float> narrow_c = product(m, narrow), wide_c = product(m, wide);
+      const std::vector<float> short_c = product(m, wide), tall_c = product(tall, wide);
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < narrow; ++j)
+          ASSERT_EQ(narrow_c[size_t(i * narrow + j)], wide_c[size_t(i * wide + j)]) << "narrow (" << i << ", " << j << ")";
+        for (int64_t j = 0; j < wide; ++j)
+          ASSERT_EQ(short_c[size_t(i * wide + j)], tall_c[size_t(i * wide + j)]) << "short (" << i << ", " << j << ")";
+      }
+    }
+}
+
 }  // namespace

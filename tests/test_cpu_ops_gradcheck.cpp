@@ -12,6 +12,7 @@
 #include <limits>
 #include <ostream>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/ops.h"
@@ -124,12 +125,16 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CpuConvGrad,
                                            ConvCase{1, 6, 5, 2, 3, 3, 2, 1, 1},     // non-square filter
                                            ConvCase{2, 3, 3, 4, 5, 3, 3, 1, 2}));  // padding wider than needed
 
-// Shapes large enough that the column buffer is split over several chunks of images (in double,
-// one image's columns take ~5.9 MB: two images per chunk, then a remainder of one), checked against
-// the direct sums rather than finite differences.
-TEST(CpuConvChunks, ManyChunksMatchDirectSums) {
+// Shapes large enough that the column buffer is split over several chunks of images, checked
+// against the direct sums rather than finite differences. In double, one image's columns take
+// ~5.9 MB: two images per chunk, then a remainder of one. 80 input channels to 2 split the
+// forward's and the weight gradient's columns (R*S*C per pixel); 2 to 80 the stride-1 data
+// gradient's (R*S*K per input pixel).
+class CpuConvChunks : public ::testing::TestWithParam<std::pair<int, int>> {};
+
+TEST_P(CpuConvChunks, ManyChunksMatchDirectSums) {
   Conv2dShape sh;
-  sh.n = 5, sh.h = sh.w = 32, sh.c = 80, sh.k = 2, sh.r = sh.s = 3, sh.pad = 1;
+  sh.n = 5, sh.h = sh.w = 32, sh.c = GetParam().first, sh.k = GetParam().second, sh.r = sh.s = 3, sh.pad = 1;
   const std::vector<double> x = random_uniform(sh.x_size(), -1, 1, 5), w = random_uniform(sh.w_size(), -1, 1, 6),
                             dy = random_uniform(sh.y_size(), -1, 1, 7);
   std::vector<double> expect_dx(sh.x_size(), 0.0), expect_dw(sh.w_size(), 0.0);
@@ -146,6 +151,8 @@ TEST(CpuConvChunks, ManyChunksMatchDirectSums) {
   expect_all_near(dx, expect_dx, 1e-12, 1e-12, "dx");
   expect_all_near(dw, expect_dw, 1e-12, 1e-10, "dw");
 }
+
+INSTANTIATE_TEST_SUITE_P(Channels, CpuConvChunks, ::testing::Values(std::pair<int, int>{80, 2}, std::pair<int, int>{2, 80}));
 
 // ---- Batch normalisation -----------------------------------------------------------------
 

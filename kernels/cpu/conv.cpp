@@ -3,7 +3,9 @@
 // The column matrix has one row per output pixel (n, p, q) and one column per filter tap
 // (r, s, c), the order of a KRSC filter row, so the weights are used as stored:
 //   forward          y[pix, K]    = col[pix, RSC] * w[K, RSC]^T (+ bias)
-//   backward data    dcol         = dy[pix, K] * w[K, RSC], gathered back into dx
+//   backward data    dcol         = dy[pix, K] * w[K, RSC], gathered back into dx; at stride 1
+//                    instead dx = dycol[in pix, RSK] * wt[C, RSK]^T with dycol dy's columns
+//                    around each input pixel and wt the filter transposed (a forward GEMM)
 //   backward weight  dw[K, RSC]   = sum over chunks of dy[pix, K]^T * col[pix, RSC]
 // Images go through in chunks so the column buffer stays bounded whatever the batch size.
 // A 1x1, stride-1, unpadded convolution needs no im2col: x already is its column matrix.
@@ -25,22 +27,31 @@ bool is_pointwise(const Conv2dShape& sh) { return sh.r == 1 && sh.s == 1 && sh.s
 
 int64_t taps(const Conv2dShape& sh) { return int64_t(sh.r) * sh.s * sh.c; }
 
-// Depends only on the shape and T, so the chunking (and with it the summation order of the
-// weight gradient) is the same on every run and every thread count.
+// Images per chunk when each image takes row_elems elements of the column buffer. Depends only
+// on the shape and T, so the chunking (and with it the summation order of the weight gradient)
+// is the same on every run and every thread count.
+template <typename T>
+int64_t images_per_chunk(const Conv2dShape& sh, int64_t row_elems) {
+  const int64_t image_bytes = std::max<int64_t>(1, row_elems * int64_t(sizeof(T)));
+  return std::clamp<int64_t>(kColumnBudgetBytes / image_bytes, 1, sh.n);
+}
+// The forward's and the weight gradient's columns: P*Q rows of R*S*C taps per image.
 template <typename T>
 int64_t images_per_chunk(const Conv2dShape& sh) {
-  const int64_t image_bytes = int64_t(sh.p()) * sh.q() * taps(sh) * int64_t(sizeof(T));
-  return std::clamp<int64_t>(kColumnBudgetBytes / image_bytes, 1, sh.n);
+  return images_per_chunk<T>(sh, int64_t(sh.p()) * sh.q() * taps(sh));
 }
 
 // The column buffer is reused across calls on the same thread (each CPU stream is a thread):
 // allocating it afresh would page-fault megabytes on every convolution.
 template <typename T>
-T* column_buffer(const Conv2dShape& sh) {
+T* column_buffer(size_t need) {
   static thread_local std::vector<T> buf;
-  const size_t need = size_t(images_per_chunk<T>(sh) * sh.p() * sh.q() * taps(sh));
   if (buf.size() < need) buf.resize(need);
   return buf.data();
+}
+template <typename T>
+T* column_buffer(const Conv2dShape& sh) {
+  return column_buffer<T>(size_t(images_per_chunk<T>(sh) * sh.p() * sh.q() * taps(sh)));
 }
 
 // col[(i, p, q), (r, s, c)] = x[i, p*stride - pad + r, q*stride - pad + s, c], zero in the
@@ -73,28 +84,85 @@ void im2col(const Conv2dShape& sh, int64_t images, const T* x, T* col) {
 // x[i, h, w, c]. Written as a gather over input pixels rather than a scatter over output
 // pixels so that each dx element has one writer and a fixed (r, s) summation order: the
 // result is deterministic under any split, and even a single image spreads over the threads.
+// Which output rows and columns reach an input pixel depends on its row (for r) and column (for
+// s) alone, so it is worked out once per row and once per call, not per element.
 template <typename T>
 void col2im(const Conv2dShape& sh, int64_t images, const T* dcol, T* dx) {
   const int64_t P = sh.p(), Q = sh.q(), C = sh.c, rsc = taps(sh);
+  // For input column iw and tap s: the output column pw it comes from, or -1.
+  std::vector<int> col_from(size_t(sh.w) * size_t(sh.s));
+  for (int iw = 0; iw < sh.w; ++iw)
+    for (int s = 0; s < sh.s; ++s) {
+      const int pw = iw + sh.pad - s;
+      col_from[size_t(iw) * sh.s + s] = pw >= 0 && pw % sh.stride == 0 && pw / sh.stride < Q ? pw / sh.stride : -1;
+    }
   parallel_for(images * sh.h, detail::row_grain(int64_t(sh.w) * sh.r * sh.s * C), [&](int64_t b, int64_t e) {
+    std::vector<int> row_from(size_t(sh.r));
     for (int64_t row = b; row < e; ++row) {
-      const int64_t img = row / sh.h, ih = row % sh.h;
+      const int64_t img = row / sh.h;
+      const int ih = int(row % sh.h);
+      for (int r = 0; r < sh.r; ++r) {
+        const int ph = ih + sh.pad - r;
+        row_from[size_t(r)] = ph >= 0 && ph % sh.stride == 0 && ph / sh.stride < P ? ph / sh.stride : -1;
+      }
       for (int64_t iw = 0; iw < sh.w; ++iw) {
         T* out = dx + (row * sh.w + iw) * C;
         std::fill(out, out + C, T(0));
         for (int r = 0; r < sh.r; ++r) {
-          const int64_t ph = ih + sh.pad - r;
-          if (ph < 0 || ph % sh.stride != 0 || ph / sh.stride >= P) continue;
+          const int ph = row_from[size_t(r)];
+          if (ph < 0) continue;
           for (int s = 0; s < sh.s; ++s) {
-            const int64_t pw = iw + sh.pad - s;
-            if (pw < 0 || pw % sh.stride != 0 || pw / sh.stride >= Q) continue;
-            const T* src = dcol + ((img * P + ph / sh.stride) * Q + pw / sh.stride) * rsc + (r * sh.s + s) * C;
+            const int pw = col_from[size_t(iw) * sh.s + s];
+            if (pw < 0) continue;
+            const T* src = dcol + ((img * P + ph) * Q + pw) * rsc + (r * sh.s + s) * C;
             for (int64_t c = 0; c < C; ++c) out[c] += src[c];
           }
         }
       }
     }
   });
+}
+
+// The data gradient of a stride-1 convolution as a forward convolution of dy: with
+//   dcol[(i, h, w), (r, s, k)] = dy[i, h + pad - r, w + pad - s, k]   (zero outside dy)
+//   wt[c, (r, s, k)]           = w[k, r, s, c]
+// dx[(i, h, w), c] = dcol * wt^T, one GEMM with N = C (a few output columns: the in-place
+// path of gemm.cpp), instead of a GEMM into R*S*C columns and the col2im gather. Rows of input
+// pixels are independent, so any split works.
+template <typename T>
+void dgrad_im2col(const Conv2dShape& sh, int64_t images, const T* dy, T* dcol) {
+  const int64_t P = sh.p(), Q = sh.q(), K = sh.k, rsk = int64_t(sh.r) * sh.s * K;
+  parallel_for(images * sh.h, detail::row_grain(int64_t(sh.w) * rsk), [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t img = row / sh.h, h = row % sh.h;
+      const T* dyi = dy + img * P * Q * K;
+      T* dst = dcol + row * sh.w * rsk;
+      for (int64_t w = 0; w < sh.w; ++w) {
+        for (int r = 0; r < sh.r; ++r) {
+          const int64_t ph = h + sh.pad - r;
+          for (int s = 0; s < sh.s; ++s, dst += K) {
+            const int64_t pw = w + sh.pad - s;
+            if (ph < 0 || ph >= P || pw < 0 || pw >= Q)
+              std::fill(dst, dst + K, T(0));
+            else
+              std::copy_n(dyi + (ph * Q + pw) * K, K, dst);
+          }
+        }
+      }
+    }
+  });
+}
+
+// wt[c, (r, s, k)] = w[k, r, s, c] into a per-thread buffer.
+template <typename T>
+const T* transposed_filter(const Conv2dShape& sh, const T* w) {
+  static thread_local std::vector<T> wt;
+  const int64_t rs = int64_t(sh.r) * sh.s, K = sh.k, C = sh.c;
+  wt.resize(size_t(C * rs * K));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t t = 0; t < rs; ++t)
+      for (int64_t c = 0; c < C; ++c) wt[size_t((c * rs + t) * K + k)] = w[(k * rs + t) * C + c];
+  return wt.data();
 }
 
 }  // namespace
@@ -124,6 +192,18 @@ void conv2d_backward_data(const Conv2dShape& sh, const T* dy, const T* w, T* dx)
     gemm(false, false, sh.n * PQ, rsc, K, T(1), dy, K, w, rsc, T(0), dx, rsc);
     return;
   }
+  if (sh.stride == 1) {
+    const int64_t HW = int64_t(sh.h) * sh.w, rsk = int64_t(sh.r) * sh.s * K;
+    const T* wt = transposed_filter(sh, w);
+    const int64_t chunk = images_per_chunk<T>(sh, HW * rsk);
+    T* dcol = column_buffer<T>(size_t(chunk * HW * rsk));
+    for (int64_t i0 = 0; i0 < sh.n; i0 += chunk) {
+      const int64_t images = std::min<int64_t>(chunk, sh.n - i0);
+      dgrad_im2col(sh, images, dy + i0 * PQ * K, dcol);
+      gemm(false, true, images * HW, sh.c, rsk, T(1), dcol, rsk, wt, rsk, T(0), dx + i0 * HW * sh.c, sh.c);
+    }
+    return;
+  }
   const int64_t chunk = images_per_chunk<T>(sh);
   T* dcol = column_buffer<T>(sh);
   for (int64_t i0 = 0; i0 < sh.n; i0 += chunk) {
@@ -151,13 +231,20 @@ void conv2d_backward_weight(const Conv2dShape& sh, const T* x, const T* dy, T* d
     gemm(true, false, K, rsc, sh.n * PQ, T(1), dy, K, x, rsc, T(0), dw, rsc);
     return;
   }
+  // dw^T[RSC, K] = col^T * dy: the few output channels as the GEMM's N, so that it reads the
+  // column matrix in place (gemm.cpp) instead of packing a copy of it. Each sum runs over the
+  // pixels in the same blocks and order as dy^T * col would, with the products' factors swapped.
   const int64_t chunk = images_per_chunk<T>(sh);
   T* col = column_buffer<T>(sh);
+  static thread_local std::vector<T> dwt;
+  dwt.resize(size_t(rsc * K));
   for (int64_t i0 = 0; i0 < sh.n; i0 += chunk) {
     const int64_t images = std::min<int64_t>(chunk, sh.n - i0);
     im2col(sh, images, x + i0 * sh.h * sh.w * sh.c, col);
-    gemm(true, false, K, rsc, images * PQ, T(1), dy + i0 * PQ * K, K, col, rsc, i0 == 0 ? T(0) : T(1), dw, rsc);
+    gemm(true, false, rsc, K, images * PQ, T(1), col, rsc, dy + i0 * PQ * K, K, i0 == 0 ? T(0) : T(1), dwt.data(), K);
   }
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t t = 0; t < rsc; ++t) dw[k * rsc + t] = dwt[size_t(t * K + k)];
 }
 
 #define SP_INSTANTIATE_CONV(T)                                                          \

@@ -30,6 +30,7 @@ constexpr int64_t kMc = 96;    // rows of A per packed block (multiple of kMr)
 constexpr int64_t kNc = 1024;  // columns of B per packed panel (multiple of kNr)
 constexpr int64_t kSplitK = 4096;            // K chunk of the split-K path
 constexpr int64_t kSplitKMaxOutput = 1 << 16;  // outputs (m * n) small enough for split-K
+constexpr int64_t kInPlaceAMaxN = 64;          // N up to which A's rows are read in place
 
 template <typename T>
 MicroKernel<T> select_micro_kernel() {
@@ -93,10 +94,16 @@ void scale_c(int64_t m, int64_t n, T beta, T* c, int64_t ldc) {
   });
 }
 
-// C += alpha * op(A) * op(B) (C already scaled by beta).
+// C += alpha * op(A) * op(B) (C already scaled by beta), or with overwrite C = 0 + alpha * op(A) *
+// op(B) without reading C (beta == 0; the first K block overwrites, the later ones add).
+// Where N is narrow (a convolution's few output channels), the micro-kernel reads op(A) in
+// place instead of packing it (A's rows, or for a transposed A its columns): packing would copy
+// all of A to use each element for only a few columns. Likewise B's rows where op(B) is B and M is one
+// block (a weight gradient's few output channels), whose packed panel would be used once.
+// The sums are the same either way.
 template <typename T>
 void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-                     const T* b, int64_t ldb, T* c, int64_t ldc) {
+                     const T* b, int64_t ldb, T* c, int64_t ldc, bool overwrite = false) {
 
   constexpr int MR = MicroTile<T>::kMr, NR = MicroTile<T>::kNr;
   static const MicroKernel<T> micro = select_micro_kernel<T>();
@@ -104,15 +111,21 @@ void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
   std::vector<T> b_buf;
 
   const int64_t m_blocks = (m + kMc - 1) / kMc;
+  const bool a_in_place = n <= kInPlaceAMaxN;
+  const bool b_in_place = !trans_b && m_blocks == 1;
   for (int64_t p0 = 0; p0 < k; p0 += kGemmKc) {
+    const bool first = overwrite && p0 == 0;
     const int64_t kc = std::min(kGemmKc, k - p0);
     for (int64_t j0 = 0; j0 < n; j0 += kNc) {
       const int64_t nc = std::min(kNc, n - j0);
       const int64_t strips = (nc + NR - 1) / NR;
       T* bp = scratch(b_buf, size_t(strips * NR * kc));
+      // Strip s is read in place when b_in_place and it is whole; only the others are packed.
+      const auto strip_in_place = [&](int64_t s) { return b_in_place && (s + 1) * NR <= nc; };
       parallel_for(strips, 4, [&](int64_t sb, int64_t se) {
         for (int64_t s = sb; s < se; ++s)
-          pack_b_strip(trans_b, b, ldb, p0, kc, j0 + s * NR, std::min<int64_t>(NR, nc - s * NR), bp + s * NR * kc);
+          if (!strip_in_place(s))
+            pack_b_strip(trans_b, b, ldb, p0, kc, j0 + s * NR, std::min<int64_t>(NR, nc - s * NR), bp + s * NR * kc);
       });
       // Split the N panel too when there are too few M blocks to keep every thread busy.
       const int64_t want = 2 * int64_t(num_threads());
@@ -123,14 +136,23 @@ void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
           const int64_t ib = t / n_split, sb = (t % n_split) * strips_per_task;
           const int64_t se = std::min(strips, sb + strips_per_task);
           const int64_t i0 = ib * kMc, mc = std::min(kMc, m - i0);
-          T* ap = scratch(a_buf, size_t(((mc + MR - 1) / MR) * MR * kc));
-          pack_a(trans_a, a, lda, i0, mc, p0, kc, ap);
+          // Rows [0, whole) are read in place when a_in_place; the rest (all, or the last
+          // partial group of MR rows, which a packed panel pads with zeros) are packed.
+          const int64_t whole = a_in_place ? mc / MR * MR : 0;
+          T* ap = scratch(a_buf, size_t(((mc - whole + MR - 1) / MR) * MR * kc));
+          if (whole < mc) pack_a(trans_a, a, lda, i0 + whole, mc - whole, p0, kc, ap);
           for (int64_t s = sb; s < se; ++s) {
             const int64_t jj = j0 + s * NR;
             const int nr = int(std::min<int64_t>(NR, n - jj));
-            for (int64_t is = 0; is < mc; is += MR)
-              micro(kc, ap + is * kc, bp + s * NR * kc, c + (i0 + is) * ldc + jj, ldc, alpha,
-                    int(std::min<int64_t>(MR, mc - is)), nr);
+            for (int64_t is = 0; is < mc; is += MR) {
+              const bool in_place = is < whole;
+              const bool b_rows = strip_in_place(s);
+              // In place: rows of A at a + row * lda, or columns of A (trans_a) at a + k * lda + row.
+              const T* a_at = trans_a ? a + p0 * lda + (i0 + is) : a + (i0 + is) * lda + p0;
+              micro(kc, in_place ? a_at : ap + (is - whole) * kc, in_place ? (trans_a ? -lda : lda) : 0,
+                    b_rows ? b + p0 * ldb + jj : bp + s * NR * kc, b_rows ? ldb : 0, c + (i0 + is) * ldc + jj, ldc,
+                    alpha, int(std::min<int64_t>(MR, mc - is)), nr, first);
+            }
           }
         }
       });
@@ -144,10 +166,13 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
           int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
-  if (beta != T(1)) scale_c(m, n, beta, c, ldc);
+  const bool direct = k > 0 && alpha != T(0) && (k < 2 * kSplitK || m * n > kSplitKMaxOutput);
+  // beta == 0 on the direct path: the first K block overwrites C instead of a zero fill first.
+  const bool overwrite = direct && beta == T(0);
+  if (beta != T(1) && !overwrite) scale_c(m, n, beta, c, ldc);
   if (k <= 0 || alpha == T(0)) return;
-  if (k < 2 * kSplitK || m * n > kSplitKMaxOutput) {
-    gemm_accumulate(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc);
+  if (direct) {
+    gemm_accumulate(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc, overwrite);
     return;
   }
   const int64_t chunks = (k + kSplitK - 1) / kSplitK;
