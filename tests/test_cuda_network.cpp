@@ -227,21 +227,33 @@ TEST_F(CudaNetwork, PipelineGraphReplayChangesNoBit) {
 }
 
 #if STALEPROP_WITH_CUDA
+// Sets a kernel switch for a scope and puts the old value back, also when a test fails midway.
+class SwitchGuard {
+ public:
+  SwitchGuard(bool (*get)(), void (*set)(bool), bool on) : set_(set), was_(get()) { set_(on); }
+  ~SwitchGuard() { set_(was_); }
+  void operator=(bool on) { set_(on); }
+
+ private:
+  void (*set_)(bool);
+  bool was_;
+};
+
 // The persistent batch norm (one cooperative kernel per training forward and backward) inside
 // the pipeline: enqueued op by op and replayed from captured graphs (cooperative kernel nodes),
 // it gives the same parameters, bit for bit, as the three separate kernels.
 TEST_F(CudaNetwork, PersistentBatchNormInThePipelineChangesNoBit) {
-  const bool was = sp::kernels::cuda::bn_persistent();
+  namespace kc = sp::kernels::cuda;
+  SwitchGuard persistent(kc::bn_persistent, kc::set_bn_persistent, false);
   for (DType dt : {DType::F32, DType::BF16}) {
     int64_t replays = 0;
-    sp::kernels::cuda::set_bn_persistent(false);
+    persistent = false;
     const std::vector<float> separate = pipeline_params(false, dt, &replays);
-    sp::kernels::cuda::set_bn_persistent(true);
-    const int64_t before = sp::kernels::cuda::bn_persistent_launches();
+    persistent = true;
+    const int64_t before = kc::bn_persistent_launches();
     const std::vector<float> eager = pipeline_params(false, dt, &replays);
-    const int64_t eager_launches = sp::kernels::cuda::bn_persistent_launches() - before;
+    const int64_t eager_launches = kc::bn_persistent_launches() - before;
     const std::vector<float> replayed = pipeline_params(true, dt, &replays);
-    sp::kernels::cuda::set_bn_persistent(was);
     EXPECT_GT(eager_launches, 0) << dtype_name(dt) << ": the persistent batch norm did not run";
     EXPECT_GT(replays, 60) << dtype_name(dt) << ": the later epochs should mostly replay";
     for (const auto* got : {&eager, &replayed}) {
@@ -259,17 +271,17 @@ TEST_F(CudaNetwork, PersistentBatchNormInThePipelineChangesNoBit) {
 // from graphs, must give the same bits with it as without.
 TEST_F(CudaNetwork, ProgrammaticDependentLaunchChangesNoBit) {
   namespace kc = sp::kernels::cuda;
-  const bool was = kc::programmatic_launch();
+  SwitchGuard pdl(kc::programmatic_launch, kc::set_programmatic_launch, false);
   for (DType dt : {DType::F32, DType::BF16}) {
-    kc::set_programmatic_launch(false);
+    pdl = false;
     const StepResult off = resnet20_step(Device::cuda(0), dt);
     int64_t replays = 0;
     const std::vector<float> pipe_off = pipeline_params(true, dt, &replays);
-    kc::set_programmatic_launch(true);
+    pdl = true;
     const StepResult on = resnet20_step(Device::cuda(0), dt);
     const std::vector<float> pipe_on = pipeline_params(true, dt, &replays);
+    EXPECT_GT(replays, 60) << dtype_name(dt) << ": the later epochs should mostly replay";
     const std::vector<float> eager_on = pipeline_params(false, dt, &replays);
-    kc::set_programmatic_launch(was);
     const auto differ = [](const std::vector<float>& a, const std::vector<float>& b) {
       size_t n = a.size() == b.size() ? 0 : std::max(a.size(), b.size());
       for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) n += a[i] != b[i];

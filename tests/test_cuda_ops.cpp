@@ -855,6 +855,19 @@ TEST_F(CudaOps, PersistentBatchNormIsFirstPlannedInsideAStreamCapture) {
     expect_bits_equal(captured[k], separate[k], std::string("captured persistent vs separate: ") + names[k]);
 }
 
+// Programmatic dependent launch: a kernel scheduled before the previous one finishes still sees
+// everything it wrote, because every kernel waits in its prologue. The writer spins ~0.1 ms first,
+// so a reader that did not wait would see the old value.
+TEST_F(CudaOps, ProgrammaticLaunchStillOrdersDependentKernels) {
+  const bool was = kcu::programmatic_launch();
+  for (const bool on : {false, true}) {
+    kcu::set_programmatic_launch(on);
+    for (int rep = 0; rep < 20; ++rep)
+      EXPECT_TRUE(kcu::programmatic_launch_selftest(stream_)) << "with PDL " << (on ? "on" : "off") << ", run " << rep;
+  }
+  kcu::set_programmatic_launch(was);
+}
+
 // The pointwise ops and casts over n elements (8k + 5: chunks and a tail), in fp32 and bf16.
 template <template <class> class Buf>
 std::vector<std::vector<uint32_t>> run_pointwise(cudaStream_t stream, int64_t n) {

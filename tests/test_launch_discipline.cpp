@@ -20,13 +20,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// The file's text with // and /* */ comments blanked out (string literals in these files hold
-// no comment markers).
-std::string code_of(const fs::path& p) {
-  std::ifstream in(p);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string s = ss.str();
+// The text with // and /* */ comments blanked out (string literals in these files hold no
+// comment markers).
+std::string without_comments(const std::string& s) {
   std::string out = s;
   for (size_t i = 0; i < s.size(); ++i) {
     if (s.compare(i, 2, "//") == 0) {
@@ -42,13 +38,26 @@ std::string code_of(const fs::path& p) {
   return out;
 }
 
-std::vector<fs::path> cuda_sources() {
+std::string code_of(const fs::path& p) {
+  std::ifstream in(p);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return without_comments(ss.str());
+}
+
+// Every file under kernels/ (CUDA code may only live in kernels/cuda, but a kernel elsewhere
+// must follow the discipline too).
+std::vector<fs::path> kernel_sources() {
   std::vector<fs::path> files;
-  for (const auto& e : fs::directory_iterator(fs::path(STALEPROP_SOURCE_DIR) / "kernels" / "cuda")) {
-    const std::string ext = e.path().extension().string();
-    if (ext == ".cu" || ext == ".cuh" || ext == ".h") files.push_back(e.path());
-  }
+  for (const auto& e : fs::recursive_directory_iterator(fs::path(STALEPROP_SOURCE_DIR) / "kernels"))
+    if (e.is_regular_file()) files.push_back(e.path());
   return files;
+}
+
+// A kernel launch other than through launch_kernel: chevrons, or a runtime or driver launch call.
+bool has_other_launch(const std::string& code) {
+  static const std::regex launch("<<<|\\bcu(da)?Launch\\w*|\\bcudaGraphAddKernelNode|\\bcuGraphAddKernelNode");
+  return std::regex_search(code, launch);
 }
 
 // Each __global__ function of the code: its line and whether its body begins with the prologue.
@@ -68,8 +77,8 @@ std::vector<KernelStart> kernel_starts(const std::string& code) {
 }
 
 TEST(LaunchDiscipline, EveryKernelBeginsByWaitingForTheKernelBeforeIt) {
-  const std::vector<fs::path> files = cuda_sources();
-  ASSERT_GT(files.size(), 5u) << "kernels/cuda not found under " << STALEPROP_SOURCE_DIR;
+  const std::vector<fs::path> files = kernel_sources();
+  ASSERT_GT(files.size(), 5u) << "kernels/ not found under " << STALEPROP_SOURCE_DIR;
   size_t kernels = 0;
   for (const fs::path& f : files)
     for (const KernelStart& k : kernel_starts(code_of(f))) {
@@ -80,29 +89,35 @@ TEST(LaunchDiscipline, EveryKernelBeginsByWaitingForTheKernelBeforeIt) {
 }
 
 TEST(LaunchDiscipline, KernelsAreLaunchedOnlyThroughTheLaunchHelpers) {
-  for (const fs::path& f : cuda_sources()) {
-    const std::string code = code_of(f), name = f.filename().string();
-    EXPECT_EQ(code.find("<<<"), std::string::npos) << name << ": launch through launch_kernel, not <<< >>>";
-    const bool allowed = name == "common.cuh" || name == "batchnorm.cu";
-    const std::regex ex("cudaLaunch(KernelEx|CooperativeKernel|Kernel)\\b");
-    if (!allowed) EXPECT_FALSE(std::regex_search(code, ex)) << name << ": launch through launch_kernel";
+  // common.cuh holds launch_kernel; batchnorm.cu the cooperative launch (no PDL attribute).
+  for (const fs::path& f : kernel_sources()) {
+    const std::string name = f.filename().string();
+    if (name == "common.cuh" || name == "batchnorm.cu") {
+      EXPECT_EQ(code_of(f).find("<<<"), std::string::npos) << name;
+      continue;
+    }
+    EXPECT_FALSE(has_other_launch(code_of(f))) << name << ": launch through launch_kernel";
   }
 }
 
-// The scan itself: a kernel without the prologue, and a chevron launch, are seen.
-TEST(LaunchDiscipline, TheScanSeesAMissingPrologue) {
-  const fs::path dir = fs::temp_directory_path() / "staleprop_launch_discipline";
-  fs::create_directories(dir);
-  const fs::path f = dir / "bad.cu";
-  std::ofstream(f) << "// __global__ in a comment is no kernel\n"
-                      "__global__ void good(int* p) {\n  pdl_prologue();\n  *p = 1;\n}\n"
-                      "__global__ void bad(int* p) {\n  *p = 1;  /* pdl_prologue(); */\n}\n";
-  const std::vector<KernelStart> starts = kernel_starts(code_of(f));
+// The scans themselves: a kernel without the prologue, one whose prologue is only in a comment,
+// and the launches that bypass launch_kernel are seen; comments are not.
+TEST(LaunchDiscipline, TheScansSeeWhatTheyMustAndNothingElse) {
+  const std::string code = without_comments(
+      "// __global__ in a comment is no kernel, nor is k<<<1, 1>>>() here\n"
+      "__global__ void good(int* p) {\n  pdl_prologue();\n  *p = 1;\n}\n"
+      "__global__ void bad(int* p) {\n  *p = 1;  /* pdl_prologue(); */\n}\n");
+  const std::vector<KernelStart> starts = kernel_starts(code);
   ASSERT_EQ(starts.size(), 2u);
   EXPECT_TRUE(starts[0].waits);
   EXPECT_FALSE(starts[1].waits);
   EXPECT_EQ(starts[1].line, 6);
-  fs::remove_all(dir);
+  EXPECT_FALSE(has_other_launch(code));
+  for (const char* launch : {"k<<<grid, 256>>>(x);", "cudaLaunchKernelExC(&cfg, f, args);",
+                             "cudaLaunchCooperativeKernel(f, g, b, a, 0, s);", "cuLaunchKernel(f, 1, 1, 1);",
+                             "cudaGraphAddKernelNode(&n, g, nullptr, 0, &p);"})
+    EXPECT_TRUE(has_other_launch(launch)) << launch;
+  EXPECT_FALSE(has_other_launch("launch_kernel(k, grid, 256, 0, stream, x);"));
 }
 
 }  // namespace

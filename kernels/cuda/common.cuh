@@ -108,10 +108,11 @@ __device__ __forceinline__ void pdl_prologue() {
 #endif
 }
 
-bool programmatic_launch_on();  // tensor_core_select.cu
+bool programmatic_launch_on();  // launch.cu
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialisation attribute
-// when programmatic_launch_on(); launch errors throw.
+// when programmatic_launch_on() (launch.cu: the switch, on a device and build that take it);
+// launch errors throw.
 template <class... Params, class... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                    Args&&... args) {
@@ -127,7 +128,11 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
     cfg.attrs = attr;
     cfg.numAttrs = 1;
   }
-  SP_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // the launch error is thrown, not left for an unrelated later check
+    SP_CUDA_CHECK(err);
+  }
 }
 
 // ---- Deterministic warp reductions ---------------------------------------------------------

@@ -111,8 +111,15 @@ BnPersistentPlan bn_persistent_plan(int64_t m, int64_t c, bool bf16, bool backwa
 // (griddepcontrol.wait) before touching memory, which hides the gap between dependent kernels.
 // Same results (every kernel waits before its first memory access). Written but not yet run on
 // a GPU: off unless set, or the environment variable STALEPROP_PDL is 1.
+// The switch is honoured only where the device is compute capability 9.0 or later and this
+// build's kernels were compiled for it (their prologue holds the wait).
 void set_programmatic_launch(bool on);
 bool programmatic_launch();
+// Launches, through launch_kernel with the current switch, a kernel that spins for about 0.1 ms
+// and then writes a flag, and right after it one that reads the flag after its prologue; true
+// when the reader saw the write (it must, whether or not it was scheduled early). Synchronises
+// the stream.
+bool programmatic_launch_selftest(cudaStream_t stream);
 
 // ---- Elementwise -------------------------------------------------------------------------
 void relu_forward(int64_t n, const float* x, float* y, cudaStream_t stream);
