@@ -1,4 +1,6 @@
-// CPU reference GEMM throughput (fp32, row-major), reported per core.
+// CPU reference throughput (fp32), reported per core: the GEMM on square sizes, and the
+// convolutions of a CIFAR ResNet-20 (its three 3x3 same-padding shapes at batch 128: forward,
+// data gradient, weight gradient), which is where a CPU training step spends its time.
 #include <benchmark/benchmark.h>
 
 #include <random>
@@ -29,6 +31,40 @@ void BM_CpuSgemm(benchmark::State& state) {
   state.counters["threads"] = threads;
 }
 BENCHMARK(BM_CpuSgemm)->Arg(256)->Arg(512)->Arg(1024)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// ResNet-20's 3x3 stride-1 convolution with C = K = channels at 32 * 16 / channels pixels,
+// batch 128; direction 0 forward, 1 data gradient, 2 weight gradient.
+void BM_CpuConvResNet20(benchmark::State& state) {
+  const int channels = int(state.range(0)), direction = int(state.range(1));
+  sp::kernels::Conv2dShape sh{};
+  sh.n = 128, sh.h = sh.w = 32 * 16 / channels, sh.c = sh.k = channels, sh.r = sh.s = 3, sh.stride = 1, sh.pad = 1;
+  std::vector<float> x(size_t(sh.x_size())), w(size_t(sh.w_size())), y(size_t(sh.y_size())), dx(x.size()),
+      dw(w.size());
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  for (auto* v : {&x, &w, &y})
+    for (float& e : *v) e = u(rng);
+  namespace cpu = sp::kernels::cpu;
+  for (auto _ : state) {
+    if (direction == 0)
+      cpu::conv2d_forward<float>(sh, x.data(), w.data(), nullptr, y.data());
+    else if (direction == 1)
+      cpu::conv2d_backward_data<float>(sh, y.data(), w.data(), dx.data());
+    else
+      cpu::conv2d_backward_weight<float>(sh, x.data(), y.data(), dw.data(), nullptr);
+    benchmark::ClobberMemory();
+  }
+  const double flops = sh.flops();
+  const int threads = cpu::num_threads();
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s/core"] =
+      benchmark::Counter(flops * 1e-9 / threads, benchmark::Counter::kIsIterationInvariantRate);
+}
+BENCHMARK(BM_CpuConvResNet20)
+    ->ArgNames({"channels", "direction"})
+    ->ArgsProduct({{16, 32, 64}, {0, 1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 }  // namespace
 

@@ -30,7 +30,8 @@ constexpr int64_t kMc = 96;    // rows of A per packed block (multiple of kMr)
 constexpr int64_t kNc = 1024;  // columns of B per packed panel (multiple of kNr)
 constexpr int64_t kSplitK = 4096;            // K chunk of the split-K path
 constexpr int64_t kSplitKMaxOutput = 1 << 16;  // outputs (m * n) small enough for split-K
-constexpr int64_t kInPlaceAMaxN = 64;          // N up to which A's rows are read in place
+constexpr int64_t kInPlaceAMaxN = 64;          // N up to which op(A) is read in place
+constexpr int64_t kInPlaceBMaxM = 16;          // M up to which B's rows are read in place
 
 template <typename T>
 MicroKernel<T> select_micro_kernel() {
@@ -112,7 +113,7 @@ void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
 
   const int64_t m_blocks = (m + kMc - 1) / kMc;
   const bool a_in_place = n <= kInPlaceAMaxN;
-  const bool b_in_place = !trans_b && m_blocks == 1;
+  const bool b_in_place = !trans_b && m <= kInPlaceBMaxM;
   for (int64_t p0 = 0; p0 < k; p0 += kGemmKc) {
     const bool first = overwrite && p0 == 0;
     const int64_t kc = std::min(kGemmKc, k - p0);

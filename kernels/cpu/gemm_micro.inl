@@ -14,6 +14,19 @@ struct Vec32 {
 // Where the micro-kernel reads A: a packed panel, rows in place, or columns in place.
 enum class AForm { kPacked, kRows, kColumns };
 
+// v with every lane a: a single broadcast instruction (adding a to a zero vector, as in V{} + a,
+// would cost an add and a register the micro-tile needs).
+// (Written to a reference: returning a 32-byte vector by value from the generic build's
+// functions would change their ABI, which GCC warns about.)
+template <typename V, typename T>
+inline void splat(V& out, T a) {
+  const V v = {a};
+  if constexpr (Vec32<T>::kWidth == 8)
+    out = __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
+  else
+    out = __builtin_shufflevector(v, v, 0, 0, 0, 0);
+}
+
 // kA: A's form (kRows: row i at ap + i * lda; kColumns: a(i, k) at ap[k * lda + i]); kRowsB: B
 // read in place, row k at bp + k * ldb; else packed panels.
 template <AForm kA, bool kRowsB, typename T>
@@ -35,13 +48,15 @@ inline void micro_kernel_impl(int64_t kc, const T* ap, int64_t lda, const T* bp,
 #pragma GCC unroll 6
     for (int i = 0; i < MR; ++i) {
       const T a = kA == AForm::kRows ? ap[i * lda + k] : kA == AForm::kColumns ? ap[k * lda + i] : ap[k * MR + i];
-      const V ai = V{} + a;  // broadcast
+      V ai;
+      splat(ai, a);
       acc[i][0] += ai * b0;
       acc[i][1] += ai * b1;
     }
   }
   if (mr == MR && nr == Tile::kNr) {  // whole tile: row vectors
-    const V va = V{} + alpha;
+    V va;
+    splat(va, alpha);
     for (int i = 0; i < MR; ++i) {
       T* row = c + i * ldc;
       V c0 = V{}, c1 = V{};
