@@ -67,7 +67,8 @@ TEST_P(CpuGemm, MatchesTripleLoopForEveryTransposeCombination) {
 INSTANTIATE_TEST_SUITE_P(Shapes, CpuGemm,
                          ::testing::Values(Case{1, 1, 1}, Case{1, 17, 5}, Case{7, 1, 3}, Case{6, 16, 8},
                                            Case{13, 33, 29}, Case{97, 50, 257}, Case{200, 40, 600},
-                                           Case{5, 1100, 3}, Case{64, 64, 0}, Case{5, 7, 9000}));  // the last takes the split-K path
+                                           Case{5, 1100, 3}, Case{64, 64, 0}, Case{5, 7, 9000},  // split-K
+                                           Case{12, 40, 9000}, Case{16, 32, 9000}));  // split-K, read in place
 
 TEST(CpuGemmScaling, AlphaBetaAndStrides) {
   EXPECT_LT(max_rel_error<double>(false, false, 37, 45, 70, 0.5, 2.0, 3, false), 1e-12);
@@ -80,37 +81,87 @@ TEST(CpuGemmScaling, BetaZeroIgnoresNaNInC) {
   EXPECT_LT(max_rel_error<float>(true, false, 20, 30, 40, 2.f, 0.f, 0, true), 1e-4);
 }
 
-// Narrow outputs read op(A) in place, and a single block of rows reads B's rows in place, where
-// wider or taller products pack them (gemm.cpp); every form adds the same products in the same
-// order, so a column or row of C must come out with the same bits either way. Here the same
-// A and B columns go through a narrow product (in place) and as the first columns of a wide one
-// (packed), and the same A rows through a short product and as the first rows of a tall one.
-TEST(CpuGemmScaling, InPlaceOperandsGiveTheSameBitsAsPackedOnes) {
+// Narrow outputs read op(A) in place, and products of a few rows read B's whole strips in place,
+// where wider or taller products pack them (gemm.cpp); every form adds the same products in the
+// same order, so a column or row of C must come out with the same bits either way. Here the same
+// A and B columns go through a narrow product (A in place, with its last partial group of rows
+// packed) and as the first columns of a wide one (packed), and the same A rows through a short
+// product (B in place but for its last, partial strip) and as the first rows of a tall one.
+template <typename T>
+void expect_in_place_same_as_packed() {
   std::mt19937 rng(5);
-  std::uniform_real_distribution<float> u(-1, 1);
-  const int64_t m = 50, k = 700, narrow = 40, wide = 200, tall = 300;
+  std::uniform_real_distribution<T> u(-1, 1);
+  const int64_t m = 50, k = 700, narrow = 40, wide = 203, tall = 300, few = 12;
   for (bool ta : {false, true})
     for (bool tb : {false, true}) {
-      SCOPED_TRACE(::testing::Message() << "trans_a=" << ta << " trans_b=" << tb);
-      // A: tall x k (its first m rows used alone too); B: k x wide (its first narrow columns too).
-      std::vector<float> a(size_t(tall * k)), b(size_t(k * wide));
+      SCOPED_TRACE(::testing::Message() << "trans_a=" << ta << " trans_b=" << tb << " " << sizeof(T) * 8 << "-bit");
+      // A: tall x k (its first rows used alone too); B: k x wide (its first columns too).
+      std::vector<T> a(size_t(tall * k)), b(size_t(k * wide));
       for (auto& v : a) v = u(rng);
       for (auto& v : b) v = u(rng);
       const int64_t lda = ta ? tall : k, ldb = tb ? k : wide;
       auto product = [&](int64_t rows, int64_t cols) {
-        std::vector<float> c(size_t(rows * cols), std::numeric_limits<float>::quiet_NaN());
-        gemm<float>(ta, tb, rows, cols, k, 1.f, a.data(), lda, b.data(), ldb, 0.f, c.data(), cols);
+        std::vector<T> c(size_t(rows * cols), std::numeric_limits<T>::quiet_NaN());
+        gemm<T>(ta, tb, rows, cols, k, T(1), a.data(), lda, b.data(), ldb, T(0), c.data(), cols);
         return c;
       };
-      const std::vector<float> narrow_c = product(m, narrow), wide_c = product(m, wide);
-      const std::vector<float> short_c = product(m, wide), tall_c = product(tall, wide);
-      for (int64_t i = 0; i < m; ++i) {
+      const std::vector<T> narrow_c = product(m, narrow), wide_c = product(m, wide);
+      const std::vector<T> few_c = product(few, wide), tall_c = product(tall, wide);
+      for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < narrow; ++j)
           ASSERT_EQ(narrow_c[size_t(i * narrow + j)], wide_c[size_t(i * wide + j)]) << "narrow (" << i << ", " << j << ")";
+      for (int64_t i = 0; i < few; ++i)
         for (int64_t j = 0; j < wide; ++j)
-          ASSERT_EQ(short_c[size_t(i * wide + j)], tall_c[size_t(i * wide + j)]) << "short (" << i << ", " << j << ")";
-      }
+          ASSERT_EQ(few_c[size_t(i * wide + j)], tall_c[size_t(i * wide + j)]) << "few rows (" << i << ", " << j << ")";
     }
+}
+
+TEST(CpuGemmScaling, InPlaceOperandsGiveTheSameBitsAsPackedOnes) {
+  expect_in_place_same_as_packed<float>();
+  expect_in_place_same_as_packed<double>();
+}
+
+// beta == 0 overwrites C in the first K block (never reading it, so NaN there is ignored); that
+// must give the bits of C = 0 followed by C += A*B (beta == 1), over several K blocks, with whole
+// and partial tiles.
+template <typename T>
+void expect_overwrite_same_as_zero_then_add() {
+  std::mt19937 rng(6);
+  std::uniform_real_distribution<T> u(-1, 1);
+  const int64_t m = 13, n = 37, k = 700;
+  std::vector<T> a(size_t(m * k)), b(size_t(k * n));
+  for (auto& v : a) v = u(rng);
+  for (auto& v : b) v = u(rng);
+  std::vector<T> over(size_t(m * n), std::numeric_limits<T>::quiet_NaN()), added(size_t(m * n), T(0));
+  gemm<T>(false, false, m, n, k, T(0.5), a.data(), k, b.data(), n, T(0), over.data(), n);
+  gemm<T>(false, false, m, n, k, T(0.5), a.data(), k, b.data(), n, T(1), added.data(), n);
+  for (size_t i = 0; i < over.size(); ++i) ASSERT_EQ(over[i], added[i]) << "element " << i;
+}
+
+TEST(CpuGemmScaling, BetaZeroOverwritesWithTheBitsOfZeroThenAdd) {
+  expect_overwrite_same_as_zero_then_add<float>();
+  expect_overwrite_same_as_zero_then_add<double>();
+}
+
+// The convolutions' weight gradient for few output channels is computed transposed (conv.cpp):
+// col^T * dy, then transposed, must equal dy^T * col bit for bit (the same sums with the
+// factors of each product swapped), on the direct and the split-K paths.
+TEST(CpuGemmScaling, TransposedProductGivesTheSameBits) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> u(-1, 1);
+  const int64_t taps = 144, channels = 16;
+  for (const int64_t pixels : {int64_t(300), int64_t(9000)}) {
+    std::vector<float> col(size_t(pixels * taps)), dy(size_t(pixels * channels));
+    for (auto& v : col) v = u(rng);
+    for (auto& v : dy) v = u(rng);
+    std::vector<float> dw(size_t(channels * taps)), dwt(size_t(taps * channels));
+    gemm<float>(true, false, channels, taps, pixels, 1.f, dy.data(), channels, col.data(), taps, 0.f, dw.data(), taps);
+    gemm<float>(true, false, taps, channels, pixels, 1.f, col.data(), taps, dy.data(), channels, 0.f, dwt.data(),
+                channels);
+    for (int64_t kk = 0; kk < channels; ++kk)
+      for (int64_t t = 0; t < taps; ++t)
+        ASSERT_EQ(dw[size_t(kk * taps + t)], dwt[size_t(t * channels + kk)]) << pixels << " pixels, (" << kk << ", " << t << ")";
+  }
 }
 
 }  // namespace

@@ -123,13 +123,16 @@ INSTANTIATE_TEST_SUITE_P(Shapes, CpuConvGrad,
                                            ConvCase{3, 4, 5, 10, 3, 1, 1, 1, 0},    // 1x1: the no-im2col path
                                            ConvCase{2, 5, 5, 3, 10, 1, 1, 2, 0},    // 1x1 stride 2 (projection)
                                            ConvCase{1, 6, 5, 2, 3, 3, 2, 1, 1},     // non-square filter
-                                           ConvCase{2, 3, 3, 4, 5, 3, 3, 1, 2}));  // padding wider than needed
+                                           ConvCase{2, 3, 3, 4, 5, 3, 3, 1, 2},     // padding wider than needed
+                                           ConvCase{2, 6, 5, 3, 4, 3, 3, 1, 0},     // stride 1 unpadded: P < H
+                                           ConvCase{2, 4, 4, 3, 5, 1, 1, 1, 1}));  // 1x1 padded: no longer pointwise
 
 // Shapes large enough that the column buffer is split over several chunks of images, checked
 // against the direct sums rather than finite differences. In double, one image's columns take
 // ~5.9 MB: two images per chunk, then a remainder of one. 80 input channels to 2 split the
-// forward's and the weight gradient's columns (R*S*C per pixel); 2 to 80 the stride-1 data
-// gradient's (R*S*K per input pixel).
+// forward's and the weight gradient's columns (R*S*C per pixel; the weight gradient transposed,
+// K <= 32); 2 to 80 the stride-1 data gradient's (R*S*K per input pixel); 80 to 40 the weight
+// gradient as dy^T * col accumulated over the chunks.
 class CpuConvChunks : public ::testing::TestWithParam<std::pair<int, int>> {};
 
 TEST_P(CpuConvChunks, ManyChunksMatchDirectSums) {
@@ -152,7 +155,9 @@ TEST_P(CpuConvChunks, ManyChunksMatchDirectSums) {
   expect_all_near(dw, expect_dw, 1e-12, 1e-10, "dw");
 }
 
-INSTANTIATE_TEST_SUITE_P(Channels, CpuConvChunks, ::testing::Values(std::pair<int, int>{80, 2}, std::pair<int, int>{2, 80}));
+INSTANTIATE_TEST_SUITE_P(Channels, CpuConvChunks,
+                         ::testing::Values(std::pair<int, int>{80, 2}, std::pair<int, int>{2, 80},
+                                           std::pair<int, int>{80, 40}));  // more than 32 outputs: dy^T * col
 
 // ---- Batch normalisation -----------------------------------------------------------------
 

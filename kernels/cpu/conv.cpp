@@ -6,7 +6,8 @@
 //   backward data    dcol         = dy[pix, K] * w[K, RSC], gathered back into dx; at stride 1
 //                    instead dx = dycol[in pix, RSK] * wt[C, RSK]^T with dycol dy's columns
 //                    around each input pixel and wt the filter transposed (a forward GEMM)
-//   backward weight  dw[K, RSC]   = sum over chunks of dy[pix, K]^T * col[pix, RSC]
+//   backward weight  dw[K, RSC]   = sum over chunks of dy[pix, K]^T * col[pix, RSC]; for K <= 32
+//                    as dw^T = col^T * dy, transposed at the end (the same sums)
 // Images go through in chunks so the column buffer stays bounded whatever the batch size.
 // A 1x1, stride-1, unpadded convolution needs no im2col: x already is its column matrix.
 #include <algorithm>
@@ -129,8 +130,8 @@ void col2im(const Conv2dShape& sh, int64_t images, const T* dcol, T* dx) {
 // The data gradient of a stride-1 convolution as a forward convolution of dy: with
 //   dcol[(i, h, w), (r, s, k)] = dy[i, h + pad - r, w + pad - s, k]   (zero outside dy)
 //   wt[c, (r, s, k)]           = w[k, r, s, c]
-// dx[(i, h, w), c] = dcol * wt^T, one GEMM with N = C (a few output columns: the in-place
-// path of gemm.cpp), instead of a GEMM into R*S*C columns and the col2im gather. Rows of input
+// dx[(i, h, w), c] = dcol * wt^T, one GEMM with N = C (for C <= 64 it reads dcol in place:
+// gemm.cpp), instead of a GEMM into R*S*C columns and the col2im gather. Rows of input
 // pixels are independent, so any split works.
 template <typename T>
 void dgrad_im2col(const Conv2dShape& sh, int64_t images, const T* dy, T* dcol) {

@@ -4,6 +4,8 @@
 //     for each N panel (kNc wide):  pack B      lives in L2/L3, shared by all threads
 //       tasks = M blocks (kMc) x N sub-panels:  each task packs its own A block (L2)
 //         micro-tiles kMr x kNr                 registers
+// (Narrow products skip some packing: op(A) is read in place when N <= kInPlaceAMaxN, and B's
+// whole strips when M <= kInPlaceBMaxM; see gemm_accumulate.)
 // Tasks partition C, so every output element is written by one thread in a fixed order:
 // the result does not depend on the number of threads.
 //
@@ -99,9 +101,10 @@ void scale_c(int64_t m, int64_t n, T beta, T* c, int64_t ldc) {
 // op(B) without reading C (beta == 0; the first K block overwrites, the later ones add).
 // Where N is narrow (a convolution's few output channels), the micro-kernel reads op(A) in
 // place instead of packing it (A's rows, or for a transposed A its columns): packing would copy
-// all of A to use each element for only a few columns. Likewise B's rows where op(B) is B and M is one
-// block (a weight gradient's few output channels), whose packed panel would be used once.
-// The sums are the same either way.
+// all of A to use each element for only a few columns. Likewise B's whole strips where op(B)
+// is B and M is at most kInPlaceBMaxM rows (e.g. a pointwise weight gradient with few output
+// channels), whose packed panel would serve only a few micro-tiles. The sums are the same
+// either way.
 template <typename T>
 void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
                      const T* b, int64_t ldb, T* c, int64_t ldc, bool overwrite = false) {

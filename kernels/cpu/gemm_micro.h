@@ -1,8 +1,10 @@
-// GEMM micro-kernels over packed panels, declared once and compiled per instruction set.
+// GEMM micro-kernels over packed panels or operands read in place, declared once and compiled
+// per instruction set.
 //
 // A packed A panel holds kMr rows interleaved by k ({a[i0][k], ..., a[i0+kMr-1][k]} for each k),
 // a packed B panel kNr columns interleaved by k; both are zero-padded to full width, so the
-// kernel always computes a full kMr x kNr tile and stores only the valid mr x nr corner.
+// kernel always computes a full kMr x kNr tile and stores only the valid mr x nr corner. An
+// operand read in place must be whole (kMr rows of A, kNr columns of B).
 #pragma once
 
 #include <cstdint>
