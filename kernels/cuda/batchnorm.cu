@@ -437,51 +437,68 @@ struct ForwardJob {
   typename S::Storage* y;
 };
 
+// The persistent kernels' three phases for the calling block: its chunks' reduction (cached in
+// shared memory as far as the plan says), a grid barrier, finalize(j) by a warp for every
+// column j, a grid barrier, then element(t, box, slot) for its chunks in the element-pass order.
+template <class S, bool kVec, class Term, class Finalize, class Element>
+__device__ __forceinline__ void persistent_phases(const PersistentShape& sh, const Term& term, const Finalize& finalize,
+                                                  const Element& element) {
+  using T = typename S::Storage;
+  constexpr int kVals = Term::kVals;
+  extern __shared__ __align__(16) unsigned char bn_dynamic_smem[];
+  __shared__ double warp_sums[2][kReduceWarps][kMaxColLanes * kChunkElems];
+  T* cache = reinterpret_cast<T*>(bn_dynamic_smem);
+  const ColumnReducePlan& plan = sh.plan;
+  for_each_owned_chunk<S, kVals>(sh, cache, false, [&](int t, const ChunkBox& box, T* slot) {
+    chunk_partials<2, kVec>(sh.m, plan, term, t % plan.col_blocks, t / plan.col_blocks, sh.partial,
+                            SlotStash<S, kVec, kVals>{plan.cols_per_block(), box, slot, sh.slot_elems}, warp_sums);
+  });
+  cg::this_grid().sync();
+  for (int j = int(blockIdx.x) * kReduceWarps + int(threadIdx.x) / kWarpSize; j < plan.c;
+       j += int(gridDim.x) * kReduceWarps)
+    finalize(j);
+  cg::this_grid().sync();
+  for_each_owned_chunk<S, kVals>(sh, cache, true, element);
+}
+
 // Two blocks per SM (kMinPersistentBlocksPerSm) must fit by registers.
 template <class S, bool kVec>
 __global__ void __launch_bounds__(kReduceThreads, kMinPersistentBlocksPerSm)
     bn_forward_persistent_kernel(const __grid_constant__ ForwardJob<S> a) {
   pdl_prologue();
   using T = typename S::Storage;
-  extern __shared__ __align__(16) unsigned char bn_dynamic_smem[];
-  __shared__ double warp_sums[2][kReduceWarps][kMaxColLanes * kChunkElems];
-  T* cache = reinterpret_cast<T*>(bn_dynamic_smem);
   const PersistentShape& sh = a.sh;
   const ColumnReducePlan& plan = sh.plan;
   const int c = plan.c, cpb = plan.cols_per_block();
-
-  for_each_owned_chunk<S, 1>(sh, cache, false, [&](int t, const ChunkBox& box, T* slot) {
-    chunk_partials<2, kVec>(sh.m, plan, a.term, t % plan.col_blocks, t / plan.col_blocks, sh.partial,
-                            SlotStash<S, kVec, 1>{cpb, box, slot, sh.slot_elems}, warp_sums);
-  });
-  cg::this_grid().sync();
-  for (int j = int(blockIdx.x) * kReduceWarps + int(threadIdx.x) / kWarpSize; j < c;
-       j += int(gridDim.x) * kReduceWarps)
-    bn_statistics_column<S>(j, sh.partial, plan.chunks, sh.m, c, a.term.x, a.gamma, a.eps, a.momentum,
-                            a.running_mean, a.running_var, a.save_mean, a.save_invstd, a.gain);
-  cg::this_grid().sync();
   const bool add = a.residual != nullptr;
-  for_each_owned_chunk<S, 1>(sh, cache, true, [&](int, const ChunkBox& box, T* slot) {
-    float mu[kChunkElems], ga[kChunkElems], be[kChunkElems];
-    element_pass<2>(
-        plan, box,
-        [&](int j0, int ncols) {
-          load_params(a.save_mean, j0, ncols, mu), load_params(a.gain, j0, ncols, ga);
-          load_params(a.beta, j0, ncols, be);
-        },
-        [&](int64_t i, int j0, int ncols, float (&v)[2][kChunkElems]) {  // v: x, residual
-          float x[1][kChunkElems];
-          chunk_values<S, kVec>(a.term, cpb, box, slot, sh.slot_elems, i, j0, ncols, x);
+  persistent_phases<S, kVec>(
+      sh, a.term,
+      [&](int j) {
+        bn_statistics_column<S>(j, sh.partial, plan.chunks, sh.m, c, a.term.x, a.gamma, a.eps, a.momentum,
+                                a.running_mean, a.running_var, a.save_mean, a.save_invstd, a.gain);
+      },
+      [&](int, const ChunkBox& box, T* slot) {
+        float mu[kChunkElems], ga[kChunkElems], be[kChunkElems];
+        element_pass<2>(
+            plan, box,
+            [&](int j0, int ncols) {
+              load_params(a.save_mean, j0, ncols, mu), load_params(a.gain, j0, ncols, ga);
+              load_params(a.beta, j0, ncols, be);
+            },
+            [&](int64_t i, int j0, int ncols, float (&v)[2][kChunkElems]) {  // v: x, residual
+              float x[1][kChunkElems];
+              chunk_values<S, kVec>(a.term, cpb, box, slot, sh.slot_elems, i, j0, ncols, x);
 #pragma unroll
-          for (int e = 0; e < kChunkElems; ++e) v[0][e] = x[0][e], v[1][e] = 0.f;
-          if (add) load_row<S, kVec>(a.residual, i, c, j0, ncols, v[1]);
-        },
-        [&](int64_t i, int j0, int ncols, float (&v)[2][kChunkElems]) {
+              for (int e = 0; e < kChunkElems; ++e) v[0][e] = x[0][e], v[1][e] = 0.f;
+              if (add) load_row<S, kVec>(a.residual, i, c, j0, ncols, v[1]);
+            },
+            [&](int64_t i, int j0, int ncols, float (&v)[2][kChunkElems]) {
 #pragma unroll
-          for (int e = 0; e < kChunkElems; ++e) v[0][e] = bn_value(v[0][e], mu[e], ga[e], be[e], add, v[1][e], a.relu);
-          store_row<S, kVec>(a.y, i, c, j0, ncols, v[0]);
-        });
-  });
+              for (int e = 0; e < kChunkElems; ++e)
+                v[0][e] = bn_value(v[0][e], mu[e], ga[e], be[e], add, v[1][e], a.relu);
+              store_row<S, kVec>(a.y, i, c, j0, ncols, v[0]);
+            });
+      });
 }
 
 template <class S>
@@ -498,44 +515,36 @@ __global__ void __launch_bounds__(kReduceThreads, kMinPersistentBlocksPerSm)
     bn_backward_persistent_kernel(const __grid_constant__ BackwardJob<S> a) {
   pdl_prologue();
   using T = typename S::Storage;
-  extern __shared__ __align__(16) unsigned char bn_dynamic_smem[];
-  __shared__ double warp_sums[2][kReduceWarps][kMaxColLanes * kChunkElems];
-  T* cache = reinterpret_cast<T*>(bn_dynamic_smem);
   const PersistentShape& sh = a.sh;
   const ColumnReducePlan& plan = sh.plan;
   const int c = plan.c, cpb = plan.cols_per_block();
-
-  for_each_owned_chunk<S, 2>(sh, cache, false, [&](int t, const ChunkBox& box, T* slot) {
-    chunk_partials<2, kVec>(sh.m, plan, a.term, t % plan.col_blocks, t / plan.col_blocks, sh.partial,
-                            SlotStash<S, kVec, 2>{cpb, box, slot, sh.slot_elems}, warp_sums);
-  });
-  cg::this_grid().sync();
-  for (int j = int(blockIdx.x) * kReduceWarps + int(threadIdx.x) / kWarpSize; j < c;
-       j += int(gridDim.x) * kReduceWarps)
-    bn_backward_finalize_column(j, sh.partial, plan.chunks, sh.m, c, a.gamma, a.save_invstd, a.dgamma, a.dbeta,
-                                a.coef);
-  cg::this_grid().sync();
-  for_each_owned_chunk<S, 2>(sh, cache, true, [&](int, const ChunkBox& box, T* slot) {
-    float mu[kChunkElems], is[kChunkElems], gain[kChunkElems], mdy[kChunkElems], mdyx[kChunkElems];
-    element_pass<2>(
-        plan, box,
-        [&](int j0, int ncols) {
-          load_params(a.save_mean, j0, ncols, mu), load_params(a.save_invstd, j0, ncols, is);
-          load_params(a.coef, j0, ncols, gain), load_params(a.coef + c, j0, ncols, mdy);
-          load_params(a.coef + 2 * c, j0, ncols, mdyx);
-        },
-        [&](int64_t i, int j0, int ncols, float (&v)[2][kChunkElems]) {  // v: x, g
-          chunk_values<S, kVec>(a.term, cpb, box, slot, sh.slot_elems, i, j0, ncols, v);
-        },
-        [&](int64_t i, int j0, int ncols, float (&v)[2][kChunkElems]) {
-          float out[kChunkElems];
+  persistent_phases<S, kVec>(
+      sh, a.term,
+      [&](int j) {
+        bn_backward_finalize_column(j, sh.partial, plan.chunks, sh.m, c, a.gamma, a.save_invstd, a.dgamma, a.dbeta,
+                                    a.coef);
+      },
+      [&](int, const ChunkBox& box, T* slot) {
+        float mu[kChunkElems], is[kChunkElems], gain[kChunkElems], mdy[kChunkElems], mdyx[kChunkElems];
+        element_pass<2>(
+            plan, box,
+            [&](int j0, int ncols) {
+              load_params(a.save_mean, j0, ncols, mu), load_params(a.save_invstd, j0, ncols, is);
+              load_params(a.coef, j0, ncols, gain), load_params(a.coef + c, j0, ncols, mdy);
+              load_params(a.coef + 2 * c, j0, ncols, mdyx);
+            },
+            [&](int64_t i, int j0, int ncols, float (&v)[2][kChunkElems]) {  // v: x, g
+              chunk_values<S, kVec>(a.term, cpb, box, slot, sh.slot_elems, i, j0, ncols, v);
+            },
+            [&](int64_t i, int j0, int ncols, float (&v)[2][kChunkElems]) {
+              float out[kChunkElems];
 #pragma unroll
-          for (int e = 0; e < kChunkElems; ++e)
-            out[e] = bn_dx_value(v[0][e], v[1][e], mu[e], is[e], gain[e], mdy[e], mdyx[e]);
-          store_row<S, kVec>(a.dx, i, c, j0, ncols, out);
-          if (a.dresidual != nullptr) store_row<S, kVec>(a.dresidual, i, c, j0, ncols, v[1]);
-        });
-  });
+              for (int e = 0; e < kChunkElems; ++e)
+                out[e] = bn_dx_value(v[0][e], v[1][e], mu[e], is[e], gain[e], mdy[e], mdyx[e]);
+              store_row<S, kVec>(a.dx, i, c, j0, ncols, out);
+              if (a.dresidual != nullptr) store_row<S, kVec>(a.dresidual, i, c, j0, ncols, v[1]);
+            });
+      });
 }
 
 // ---- Choosing and launching the persistent form ---------------------------------------------
