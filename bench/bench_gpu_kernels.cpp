@@ -92,6 +92,35 @@ struct Env {
 };
 Env g_env;
 
+// The kernels' on/off switches: --FLAG, --FLAG=1 or --FLAG=0 on the command line, and their
+// state in the JSON context under CONTEXT.
+struct KernelSwitch {
+  const char* flag;
+  const char* context;
+  bool (*get)();
+  void (*set)(bool);
+};
+const KernelSwitch kKernelSwitches[] = {
+    {"--dgrad-classes", "dgrad_by_stride_class", kc::dgrad_by_stride_class, kc::set_dgrad_by_stride_class},
+    {"--dgrad-wt", "dgrad_transposed_filter", kc::dgrad_transposed_filter, kc::set_dgrad_transposed_filter},
+    {"--conv-tma", "conv_tma", kc::conv_tma, kc::set_conv_tma},
+    {"--tma-wide", "tma_wide_tile", kc::tma_wide_tile, kc::set_tma_wide_tile},
+    {"--bn-persistent", "bn_persistent", kc::bn_persistent, kc::set_bn_persistent},
+    {"--pdl", "programmatic_launch", kc::programmatic_launch, kc::set_programmatic_launch},
+};
+
+// Sets the switch arg names (true), or returns false when arg is no switch flag.
+bool set_kernel_switch(const std::string& arg) {
+  for (const KernelSwitch& s : kKernelSwitches) {
+    const std::string flag = s.flag;
+    if (arg == flag || arg == flag + "=1" || arg == flag + "=0") {
+      s.set(arg != flag + "=0");
+      return true;
+    }
+  }
+  return false;
+}
+
 void env_init() {
   SP_CUDA_CHECK(cudaSetDevice(0));
   int l2 = 0;
@@ -113,12 +142,7 @@ void env_init() {
   benchmark::AddCustomContext("gpu_l2_bytes", std::to_string(g_env.l2_bytes));
   benchmark::AddCustomContext("cudnn_version", std::to_string(cudnnGetVersion()));
   benchmark::AddCustomContext("tensor_core_mainloop", kc::mainloop_name(kc::effective_mma_mainloop()));
-  benchmark::AddCustomContext("dgrad_by_stride_class", kc::dgrad_by_stride_class() ? "yes" : "no");
-  benchmark::AddCustomContext("dgrad_transposed_filter", kc::dgrad_transposed_filter() ? "yes" : "no");
-  benchmark::AddCustomContext("conv_tma", kc::conv_tma() ? "yes" : "no");
-  benchmark::AddCustomContext("tma_wide_tile", kc::tma_wide_tile() ? "yes" : "no");
-  benchmark::AddCustomContext("bn_persistent", kc::bn_persistent() ? "yes" : "no");
-  benchmark::AddCustomContext("programmatic_launch", kc::programmatic_launch() ? "yes" : "no");
+  for (const KernelSwitch& s : kKernelSwitches) benchmark::AddCustomContext(s.context, s.get() ? "yes" : "no");
 }
 
 void env_destroy() {
@@ -1174,19 +1198,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "bench_gpu_kernels: %s\n", e.what());
         return 2;
       }
-    } else if (arg == "--dgrad-classes" || arg == "--dgrad-classes=1" || arg == "--dgrad-classes=0") {
-      kc::set_dgrad_by_stride_class(arg != "--dgrad-classes=0");
-    } else if (arg == "--dgrad-wt" || arg == "--dgrad-wt=1" || arg == "--dgrad-wt=0") {
-      kc::set_dgrad_transposed_filter(arg != "--dgrad-wt=0");
-    } else if (arg == "--conv-tma" || arg == "--conv-tma=1" || arg == "--conv-tma=0") {
-      kc::set_conv_tma(arg != "--conv-tma=0");
-    } else if (arg == "--tma-wide" || arg == "--tma-wide=1" || arg == "--tma-wide=0") {
-      kc::set_tma_wide_tile(arg != "--tma-wide=0");
-    } else if (arg == "--bn-persistent" || arg == "--bn-persistent=1" || arg == "--bn-persistent=0") {
-      kc::set_bn_persistent(arg != "--bn-persistent=0");
-    } else if (arg == "--pdl" || arg == "--pdl=1" || arg == "--pdl=0") {
-      kc::set_programmatic_launch(arg != "--pdl=0");
-    } else {
+    } else if (!set_kernel_switch(arg)) {
       argv[kept++] = argv[i];
     }
   }

@@ -40,6 +40,17 @@ def strip_name(name):
     return re.sub(r"/repeats:\d+.*$", "", re.sub(r"/manual_time.*$", "", name))
 
 
+# bench_gpu_kernels' switch contexts ("yes" when on) and how a table's column names them.
+SWITCH_LABELS = [
+    ("dgrad_by_stride_class", "stride classes"),
+    ("dgrad_transposed_filter", "transposed filter"),
+    ("conv_tma", "TMA convolutions"),
+    ("tma_wide_tile", "wide TMA tile"),
+    ("bn_persistent", "persistent BN"),
+    ("programmatic_launch", "PDL"),
+]
+
+
 def kernel_rows(path):
     """{name: (rate, unit, ratio, ratio_name)} of one bench_gpu_kernels JSON, and its label."""
     with open(path) as f:
@@ -54,18 +65,7 @@ def kernel_rows(path):
             rows[strip_name(b["name"])] = (b["GB/s"], "GB/s", b.get("vs_copy"), "vs_copy")
     ctx = doc.get("context", {})
     parts = [ctx[k] for k in ("tensor_core_mainloop",) if k in ctx]
-    if ctx.get("dgrad_by_stride_class") == "yes":
-        parts.append("stride classes")
-    if ctx.get("dgrad_transposed_filter") == "yes":
-        parts.append("transposed filter")
-    if ctx.get("conv_tma") == "yes":
-        parts.append("TMA convolutions")
-    if ctx.get("tma_wide_tile") == "yes":
-        parts.append("wide TMA tile")
-    if ctx.get("bn_persistent") == "yes":
-        parts.append("persistent BN")
-    if ctx.get("programmatic_launch") == "yes":
-        parts.append("PDL")
+    parts += [label for key, label in SWITCH_LABELS if ctx.get(key) == "yes"]
     label = ", ".join(parts) if parts else path.rsplit("/", 1)[-1]
     return rows, label
 
