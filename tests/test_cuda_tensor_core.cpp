@@ -550,6 +550,45 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
   }
 }
 
+TEST_P(TensorCore, ConvolutionsWithTmaLoadsOnTheWideTile) {
+  // With conv_tma() and tma_wide_tile() on, the TMA convolutions whose N fills a 256-column tile
+  // (the forward's and the weight gradient's K, the stride-1 data gradient's C: 256, 512) run on
+  // the 128 x 256 tile (mma_launch.cuh, wide_tile_for). ResNet-18's wide layers at batch 2 and 3
+  // (a part-empty last tile of output pixels), and N = 384 (its last 256-column tile half full:
+  // not wide). Against the reference; the wide-tile launch counter must grow by the passes the
+  // plans send there. On the other main loops the switches change nothing.
+  const SwitchOn tma(kcu::conv_tma, kcu::set_conv_tma), wide(kcu::tma_wide_tile, kcu::set_tma_wide_tile);
+  namespace wg = kcu::detail::wgmma;
+  const auto wide_n = [](int n) { return n >= 256 && (n % 256 == 0 || n % 256 > 128); };
+  std::vector<Conv2dShape> shapes;
+  for (const Conv2dShape& sh : conv_cases())
+    if (sh.c % 64 == 0 && (sh.k >= 256 || sh.c >= 256)) shapes.push_back(sh);
+  shapes.push_back(conv(3, 8, 8, 256, 256, 3, 1, 1));
+  shapes.push_back(conv(2, 4, 4, 512, 384, 3, 1, 1));
+  int64_t wide_total = 0;
+  uint32_t seed = 760;
+  for (const Conv2dShape& sh : shapes) {
+    int64_t expect = 0;
+    if (GetParam() == kcu::MmaMainloop::kWgmmaTma) {
+      expect += wg::plan_conv_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, 1, sh.pad,
+                                  wg::kConvTmaTileM).ok && wide_n(sh.k);
+      expect += wg::plan_conv_wgrad_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, sh.pad).ok &&
+                wide_n(sh.k);
+      expect += sh.stride == 1 &&
+                wg::plan_conv_tma(sh.n, sh.h, sh.w, sh.p(), sh.q(), sh.k, sh.r, sh.s, 1, -1, sh.pad, wg::kConvTmaTileM)
+                    .ok &&
+                wide_n(sh.c);
+    }
+    const int64_t before = kcu::tma_launches().wide_gemm;
+    check_conv(kCustomConv, stream_, sh, seed += 5);
+    EXPECT_EQ(kcu::tma_launches().wide_gemm - before, expect) << conv_str(sh) << ": passes on the wide tile";
+    wide_total += expect;
+  }
+  if (GetParam() == kcu::MmaMainloop::kWgmmaTma) {
+    EXPECT_GT(wide_total, 0) << "no pass took the wide tile";
+  }
+}
+
 TEST_P(TensorCore, ConvolutionsOnUnalignedTensors) {
   // Tensors one element into their allocation: every loader takes the element-wise path.
   uint32_t seed = 700;

@@ -107,10 +107,13 @@ struct IsMatrixLoader : std::false_type {};
 template <bool ContigK>
 struct IsMatrixLoader<MatrixLoader<ContigK>> : std::true_type {};
 
-// The wgmma_tma kernel on two plain matrices (both with vec set: TMA-addressable), M, N, K > 0.
-// The 128 x 256 tile where tma_wide_tile() (tensor_core.h) and N >= 256 fills its last column
-// tile more than half (N = 264 would compute 512 columns where 128-wide tiles compute 384),
-// else 128 x 128.
+// Whether the 128 x 256 tile runs an N-column product: where tma_wide_tile() (tensor_core.h) is
+// on and N >= 256 fills its last column tile more than half (N = 264 would compute 512 columns
+// where 128-wide tiles compute 384).
+inline bool wide_tile_for(int n) { return n >= 256 && (n % 256 == 0 || n % 256 > 128) && tma_wide_tile(); }
+
+// The wgmma_tma kernel on two plain matrices (both with vec set: TMA-addressable), M, N, K > 0:
+// on the 128 x 256 tile where wide_tile_for(N), else 128 x 128.
 template <bool ContigA, bool ContigB, typename T>
 void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& b, int m, int n, int k,
                    const MmaEpilogue<T>& ep, cudaStream_t stream) {
@@ -123,7 +126,7 @@ void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& 
     launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::PlainSource<ContigA>, ContigB, T>>(
         m, n, k, ep, stream, map_a, map_b, wgmma::PlainSource<ContigA>{});
   };
-  if (n >= 256 && (n % 256 == 0 || n % 256 > 128) && tma_wide_tile()) {
+  if (wide_tile_for(n)) {
     launch(wgmma::WgTmaTileWide{});
     count_wide_tma_launch();
   } else {
@@ -134,7 +137,7 @@ void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& 
 // A convolution's implicit GEMM on the wgmma_tma kernel: A from `src` (16-byte aligned) through
 // `source` (wgmma::ConvSource or ConvWgradSource) on the 4-D `map` (conv_tma.h), B a plain
 // matrix with vec set. M, N, K > 0 (ConvSource: K a multiple of kBK, one tap per step). The
-// 128 x 64 tile where N <= 64, else 128 x 128.
+// 128 x 64 tile where N <= 64, the 128 x 256 one where wide_tile_for(N), else 128 x 128.
 template <class Source, bool ContigB, typename T>
 void run_wgmma_tma_conv(const Source& source, const wgmma::TmaMap4d& map, const uint16_t* src,
                         const MatrixLoader<ContigB>& b, int m, int n, int k, const MmaEpilogue<T>& ep,
@@ -147,10 +150,14 @@ void run_wgmma_tma_conv(const Source& source, const wgmma::TmaMap4d& map, const 
     launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, Source, ContigB, T>>(m, n, k, ep, stream, map_a, map_b,
                                                                                  source);
   };
-  if (n <= 64)
+  if (n <= 64) {
     launch(wgmma::WgTmaTileNarrow{});
-  else
+  } else if (wide_tile_for(n)) {
+    launch(wgmma::WgTmaTileWide{});
+    count_wide_tma_launch();
+  } else {
     launch(wgmma::WgTmaTile{});
+  }
   count_conv_tma_launch();
 }
 

@@ -86,7 +86,8 @@ bool dgrad_transposed_filter();
 void set_conv_tma(bool on);
 bool conv_tma();
 // The 128 x 256 tile of the wgmma_tma GEMM (wgmma_tma_mainloop.cuh, WgTmaTileWide) for N >= 256
-// where N % 256 is 0 or more than 128, instead of 128 x 128. Written but not yet run on a GPU: off unless set, or the environment
+// where N % 256 is 0 or more than 128, instead of 128 x 128; with conv_tma() also for the TMA
+// convolutions of such N. Written but not yet run on a GPU: off unless set, or the environment
 // variable STALEPROP_TMA_WIDE is 1.
 void set_tma_wide_tile(bool on);
 bool tma_wide_tile();
