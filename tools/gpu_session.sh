@@ -117,6 +117,7 @@ CONV_TMA_OK=; passed 'ConvolutionsWithTmaLoads/wgmma_tma' && CONV_TMA_OK=1
 TMA_WIDE_OK=; passed 'GemmOnTheWideTmaTile/wgmma_tma' && TMA_WIDE_OK=1
 BN_PERSISTENT_OK=; passed 'PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels' && BN_PERSISTENT_OK=1
 PDL_OK=; passed 'ProgrammaticDependentLaunchChangesNoBit' && PDL_OK=1
+CONV_WIDE_OK=; passed 'ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' && CONV_WIDE_OK=1
 verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
 log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict "$TMA_WIDE_OK");" \
   "persistent batch norm $(verdict "$BN_PERSISTENT_OK"); programmatic launch $(verdict "$PDL_OK")"
@@ -170,6 +171,8 @@ elif [ "$(left)" -gt 120 ]; then
   log "bench_gpu_kernels r18 convolutions layer by layer (cp.async) exit $?"
 fi
 [ -n "$TMA_WIDE_OK" ] && ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
+# The TMA convolutions on the 128 x 256 tile against the 128 x 128 one (ResNet-18's wide layers).
+[ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && STALEPROP_CONV_TMA=1 ab r18-convs-wide tma-wide 50 '_bf16/r18_'
 # The persistent batch norm against the three separate kernels, both against the copy: the plain
 # forms in fp32 at both batches (the small shapes are launch-bound), the fused ones in bf16.
 if [ -n "$BN_PERSISTENT_OK" ]; then
