@@ -533,6 +533,10 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
     seed += 5;
     ConvResult tma;
     {
+      // The 128 x 128 and 128 x 64 tiles only (the wide one has its own test below), on the
+      // transposed filter whatever the environment says.
+      const SwitchOn narrow(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
+      const SwitchOn wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
       const SwitchOn on(kcu::conv_tma, kcu::set_conv_tma);
       const int64_t before = kcu::tma_launches().conv;
       tma = check_conv(kCustomConv, stream_, sh, seed);
@@ -541,6 +545,7 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
     if (GetParam() == kcu::MmaMainloop::kMmaSync) continue;
     ConvResult cp_async;
     {
+      const SwitchOn wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
       const SwitchOn off(kcu::conv_tma, kcu::set_conv_tma, false);
       cp_async = check_conv(kCustomConv, stream_, sh, seed);
     }
@@ -550,38 +555,75 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
   }
 }
 
+// Elementwise closeness of two results of the same convolution from different tiles (their
+// sums may be split differently): every element within tol of the other, relative to the
+// larger of its magnitude and the result's RMS. A wrong fragment (a few elements off by their
+// own size) fails this where an L2 norm over the whole result might not.
+template <typename T>
+void expect_close_elementwise(const std::vector<T>& got, const std::vector<T>& ref, double tol, const std::string& what) {
+  const std::vector<float> g = as_float(got), r = as_float(ref);
+  ASSERT_EQ(g.size(), r.size()) << what;
+  double sq = 0;
+  for (float v : r) sq += double(v) * v;
+  const double rms = r.empty() ? 0.0 : std::sqrt(sq / double(r.size()));
+  size_t bad = 0, first = 0;
+  for (size_t i = 0; i < g.size(); ++i)
+    if (!(std::abs(double(g[i]) - r[i]) <= tol * std::max(std::abs(double(r[i])), rms)) && bad++ == 0) first = i;
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " elements differ, the first at " << first << " (" << g[first]
+                     << " vs " << r[first] << ")";
+}
+
 TEST_P(TensorCore, ConvolutionsWithTmaLoadsOnTheWideTile) {
   // With conv_tma() and tma_wide_tile() on, the TMA convolutions whose N fills a 256-column tile
-  // (the forward's and the weight gradient's K, the stride-1 data gradient's C: 256, 512) run on
-  // the 128 x 256 tile (mma_launch.cuh, wide_tile_for). ResNet-18's wide layers at batch 2 and 3
-  // (a part-empty last tile of output pixels), and N = 384 (its last 256-column tile half full:
-  // not wide). Against the reference; the wide-tile launch counter must grow by the passes the
-  // plans send there. On the other main loops the switches change nothing.
-  const SwitchOn tma(kcu::conv_tma, kcu::set_conv_tma), wide(kcu::tma_wide_tile, kcu::set_tma_wide_tile);
+  // (the forward's and the weight gradient's K, the stride-1 data gradient's C; tensor_core.h,
+  // wide_tile_width) run on the 128 x 256 tile. ResNet-18's wide layers at batch 2 and 3 (a
+  // part-empty last tile of output pixels), a weight gradient long enough to split K at batch 8,
+  // one whose M (taps * C = 576) leaves a part-empty last tile, a 1x1 convolution with N = 448
+  // (a part-empty last column tile), and K = 384 (not wide for the forward; its data gradient,
+  // N = C = 512, is). Against the reference; against the 128 x 128 TMA tile element by element
+  // (bf16 outputs within two of their ulps, the fp32 weight gradient within 1e-4: the split of K
+  // may differ); and the wide-tile launch counter must grow by the passes the plans send there.
+  // On the other main loops the switches change nothing.
+  const SwitchOn tma(kcu::conv_tma, kcu::set_conv_tma);
+  const SwitchOn wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
   namespace wg = kcu::detail::wgmma;
-  const auto wide_n = [](int n) { return n >= 256 && (n % 256 == 0 || n % 256 > 128); };
   std::vector<Conv2dShape> shapes;
   for (const Conv2dShape& sh : conv_cases())
     if (sh.c % 64 == 0 && (sh.k >= 256 || sh.c >= 256)) shapes.push_back(sh);
   shapes.push_back(conv(3, 8, 8, 256, 256, 3, 1, 1));
+  shapes.push_back(conv(8, 8, 8, 256, 256, 3, 1, 1));
+  shapes.push_back(conv(2, 8, 8, 64, 256, 3, 1, 1));
+  shapes.push_back(conv(2, 8, 8, 256, 448, 1, 1, 0));
   shapes.push_back(conv(2, 4, 4, 512, 384, 3, 1, 1));
   int64_t wide_total = 0;
   uint32_t seed = 760;
   for (const Conv2dShape& sh : shapes) {
+    seed += 5;
     int64_t expect = 0;
     if (GetParam() == kcu::MmaMainloop::kWgmmaTma) {
       expect += wg::plan_conv_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, 1, sh.pad,
-                                  wg::kConvTmaTileM).ok && wide_n(sh.k);
+                                  wg::kConvTmaTileM).ok && kcu::wide_tile_width(sh.k);
       expect += wg::plan_conv_wgrad_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, sh.pad).ok &&
-                wide_n(sh.k);
+                kcu::wide_tile_width(sh.k);
       expect += sh.stride == 1 &&
                 wg::plan_conv_tma(sh.n, sh.h, sh.w, sh.p(), sh.q(), sh.k, sh.r, sh.s, 1, -1, sh.pad, wg::kConvTmaTileM)
                     .ok &&
-                wide_n(sh.c);
+                kcu::wide_tile_width(sh.c);
     }
-    const int64_t before = kcu::tma_launches().wide_gemm;
-    check_conv(kCustomConv, stream_, sh, seed += 5);
-    EXPECT_EQ(kcu::tma_launches().wide_gemm - before, expect) << conv_str(sh) << ": passes on the wide tile";
+    ConvResult wide, narrow;
+    {
+      const SwitchOn on(kcu::tma_wide_tile, kcu::set_tma_wide_tile);
+      const int64_t before = kcu::tma_launches().wide_gemm;
+      wide = check_conv(kCustomConv, stream_, sh, seed);
+      EXPECT_EQ(kcu::tma_launches().wide_gemm - before, expect) << conv_str(sh) << ": passes on the wide tile";
+    }
+    {
+      const SwitchOn off(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
+      narrow = check_conv(kCustomConv, stream_, sh, seed);
+    }
+    expect_close_elementwise(wide.y, narrow.y, 1.0 / 64, conv_str(sh) + ": forward, wide vs 128 x 128");
+    expect_close_elementwise(wide.dx, narrow.dx, 1.0 / 64, conv_str(sh) + ": backward data, wide vs 128 x 128");
+    expect_close_elementwise(wide.dw, narrow.dw, 1e-4, conv_str(sh) + ": backward weight, wide vs 128 x 128");
     wide_total += expect;
   }
   if (GetParam() == kcu::MmaMainloop::kWgmmaTma) {

@@ -241,6 +241,14 @@ log "gpu_bench stage 1: pooling and the shortcut, then the fused batch norm, aga
   STAGES=1 BENCH_FAMILIES="pool bn_add_relu" MIN_TIME=0.002 timeout $(( $(left) - 40 )) tools/gpu_bench.sh |
   tee -a "$OUT/session.txt"
 
+# The warp-specialised TMA kernels' SASS: each should set its warpgroups' registers twice
+# (USETMAXREG) and make no calls in the producer's 40-register region; the wide tile with the
+# convolutions' sources had not run before (tools/sass_check.sh prints both per kernel).
+CUOBJDUMP=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null | head -1)
+[ -n "$CUOBJDUMP" ] && [ -f build-gpu/kernels/libstaleprop_kernels.a ] &&
+  CUOBJDUMP="$CUOBJDUMP" bash tools/sass_check.sh build-gpu/kernels/libstaleprop_kernels.a > "$OUT/sass-tma.txt" 2>&1 &&
+  log "SASS of the TMA kernels: $(grep -c '^kernel' "$OUT/sass-tma.txt") kernels listed in sass-tma.txt"
+
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ -n "$NCU" ] && [ -n "$CONV_TMA_OK" ]; then
   SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis

@@ -107,10 +107,9 @@ struct IsMatrixLoader : std::false_type {};
 template <bool ContigK>
 struct IsMatrixLoader<MatrixLoader<ContigK>> : std::true_type {};
 
-// Whether the 128 x 256 tile runs an N-column product: where tma_wide_tile() (tensor_core.h) is
-// on and N >= 256 fills its last column tile more than half (N = 264 would compute 512 columns
-// where 128-wide tiles compute 384).
-inline bool wide_tile_for(int n) { return n >= 256 && (n % 256 == 0 || n % 256 > 128) && tma_wide_tile(); }
+// Whether the 128 x 256 tile runs an N-column product: where tma_wide_tile() is on and N fills it
+// (wide_tile_width, tensor_core.h).
+inline bool wide_tile_for(int n) { return wide_tile_width(n) && tma_wide_tile(); }
 
 // The wgmma_tma kernel on two plain matrices (both with vec set: TMA-addressable), M, N, K > 0:
 // on the 128 x 256 tile where wide_tile_for(N), else 128 x 128.

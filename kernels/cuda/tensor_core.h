@@ -91,8 +91,13 @@ bool conv_tma();
 // variable STALEPROP_TMA_WIDE is 1.
 void set_tma_wide_tile(bool on);
 bool tma_wide_tile();
-// How many kernels the TMA convolutions and the wide TMA GEMM tile have launched in this process,
-// so that a test can tell that the path it means to cover ran (rather than a fallback).
+// Whether an N-column product fills the 128 x 256 tile well enough to take it when the switch
+// is on: N >= 256 and its last 256-column tile more than half full (N = 264 would compute 512
+// columns where 128-wide tiles compute 384).
+inline bool wide_tile_width(int64_t n) { return n >= 256 && (n % 256 == 0 || n % 256 > 128); }
+// How many kernels the TMA convolutions (conv) and the wide 128 x 256 TMA tile (wide_gemm: plain
+// GEMMs and TMA convolutions alike) have launched in this process, so that a test can tell that
+// the path it means to cover ran (rather than a fallback).
 struct TmaLaunches {
   int64_t conv = 0, wide_gemm = 0;
 };
