@@ -107,10 +107,10 @@ Environment: CIFAR10_DIR (data directory), STALEPROP_NUM_THREADS (CPU threads); 
 GPU kernels: STALEPROP_MAINLOOP (the default of --mainloop), STALEPROP_DGRAD_WT=0 (data gradient
 on the gathered filter instead of the transposed one), STALEPROP_DGRAD_CLASSES=1 (strided data
 gradients by stride class), STALEPROP_CONV_TMA=1 (convolutions' operands loaded by TMA) and
-STALEPROP_TMA_WIDE=1 (128x256 tile for the TMA GEMM and convolutions), both only with the wgmma_tma main loop
-(auto on an H100/H200) and not yet run on a GPU; STALEPROP_BN_PERSISTENT=1 (batch norm's
-training forward and backward as one cooperative kernel each, fp32 and bf16) and STALEPROP_PDL=1
-(programmatic dependent launch of our kernels), both not yet run on a GPU.
+STALEPROP_TMA_WIDE=1 (128x256 tile for the TMA GEMM and convolutions), both only with the
+wgmma_tma main loop (auto on an H100/H200) and not yet run on a GPU; STALEPROP_BN_PERSISTENT=1
+(batch norm's training forward and backward as one cooperative kernel each, fp32 and bf16) and
+STALEPROP_PDL=1 (programmatic dependent launch of our kernels), both not yet run on a GPU.
 )";
 
 struct DemoOptions {
