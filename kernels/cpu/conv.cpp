@@ -58,30 +58,45 @@ T* column_buffer(const Conv2dShape& sh) {
   return column_buffer<T>(size_t(images_per_chunk<T>(sh) * sh.p() * sh.q() * taps(sh)));
 }
 
-// col[(i, p, q), (r, s, c)] = x[i, p*stride - pad + r, q*stride - pad + s, c], zero in the
-// padding, for images i < images. Rows of output pixels are independent, so any split works.
+// The columns of a convolution's implicit GEMM: for images i < images and output pixels (a, b)
+// of an out_h x out_w grid,
+//   dst[(i, a, b), (r, s, ch)] = src[i, a*step + base + dir*r, b*step + base + dir*s, ch],
+// zero where that falls outside the src_h x src_w image. Rows of output pixels are independent,
+// so any split works.
+struct PatchGeom {
+  int64_t out_h, out_w, src_h, src_w, ch;
+  int r, s, step, base, dir;
+};
+
 template <typename T>
-void im2col(const Conv2dShape& sh, int64_t images, const T* x, T* col) {
-  const int64_t P = sh.p(), Q = sh.q(), C = sh.c, rsc = taps(sh);
-  parallel_for(images * P, detail::row_grain(Q * rsc), [&](int64_t b, int64_t e) {
+void gather_patches(const PatchGeom& g, int64_t images, const T* src, T* dst) {
+  const int64_t row_elems = g.out_w * g.r * g.s * g.ch;
+  parallel_for(images * g.out_h, detail::row_grain(row_elems), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
-      const int64_t img = row / P, p = row % P;
-      const T* xi = x + img * sh.h * sh.w * C;
-      T* dst = col + row * Q * rsc;
-      for (int64_t q = 0; q < Q; ++q) {
-        for (int r = 0; r < sh.r; ++r) {
-          const int64_t ih = p * sh.stride - sh.pad + r;
-          for (int s = 0; s < sh.s; ++s, dst += C) {
-            const int64_t iw = q * sh.stride - sh.pad + s;
-            if (ih < 0 || ih >= sh.h || iw < 0 || iw >= sh.w)
-              std::fill(dst, dst + C, T(0));
+      const int64_t img = row / g.out_h, oh = row % g.out_h;
+      const T* si = src + img * g.src_h * g.src_w * g.ch;
+      T* d = dst + row * row_elems;
+      for (int64_t ow = 0; ow < g.out_w; ++ow) {
+        for (int r = 0; r < g.r; ++r) {
+          const int64_t ih = oh * g.step + g.base + g.dir * r;
+          for (int s = 0; s < g.s; ++s, d += g.ch) {
+            const int64_t iw = ow * g.step + g.base + g.dir * s;
+            if (ih < 0 || ih >= g.src_h || iw < 0 || iw >= g.src_w)
+              std::fill(d, d + g.ch, T(0));
             else
-              std::copy_n(xi + (ih * sh.w + iw) * C, C, dst);
+              std::copy_n(si + (ih * g.src_w + iw) * g.ch, g.ch, d);
           }
         }
       }
     }
   });
+}
+
+// col[(i, p, q), (r, s, c)] = x[i, p*stride - pad + r, q*stride - pad + s, c], zero in the
+// padding.
+template <typename T>
+void im2col(const Conv2dShape& sh, int64_t images, const T* x, T* col) {
+  gather_patches(PatchGeom{sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, -sh.pad, 1}, images, x, col);
 }
 
 // The adjoint of im2col: dx[i, h, w, c] = sum of every dcol entry that im2col copied from
@@ -131,30 +146,10 @@ void col2im(const Conv2dShape& sh, int64_t images, const T* dcol, T* dx) {
 //   dcol[(i, h, w), (r, s, k)] = dy[i, h + pad - r, w + pad - s, k]   (zero outside dy)
 //   wt[c, (r, s, k)]           = w[k, r, s, c]
 // dx[(i, h, w), c] = dcol * wt^T, one GEMM with N = C (for C <= 64 it reads dcol in place:
-// gemm.cpp), instead of a GEMM into R*S*C columns and the col2im gather. Rows of input
-// pixels are independent, so any split works.
+// gemm.cpp), instead of a GEMM into R*S*C columns and the col2im gather.
 template <typename T>
 void dgrad_im2col(const Conv2dShape& sh, int64_t images, const T* dy, T* dcol) {
-  const int64_t P = sh.p(), Q = sh.q(), K = sh.k, rsk = int64_t(sh.r) * sh.s * K;
-  parallel_for(images * sh.h, detail::row_grain(int64_t(sh.w) * rsk), [&](int64_t b, int64_t e) {
-    for (int64_t row = b; row < e; ++row) {
-      const int64_t img = row / sh.h, h = row % sh.h;
-      const T* dyi = dy + img * P * Q * K;
-      T* dst = dcol + row * sh.w * rsk;
-      for (int64_t w = 0; w < sh.w; ++w) {
-        for (int r = 0; r < sh.r; ++r) {
-          const int64_t ph = h + sh.pad - r;
-          for (int s = 0; s < sh.s; ++s, dst += K) {
-            const int64_t pw = w + sh.pad - s;
-            if (ph < 0 || ph >= P || pw < 0 || pw >= Q)
-              std::fill(dst, dst + K, T(0));
-            else
-              std::copy_n(dyi + (ph * Q + pw) * K, K, dst);
-          }
-        }
-      }
-    }
-  });
+  gather_patches(PatchGeom{sh.h, sh.w, sh.p(), sh.q(), sh.k, sh.r, sh.s, 1, sh.pad, -1}, images, dy, dcol);
 }
 
 // wt[c, (r, s, k)] = w[k, r, s, c] into a per-thread buffer.

@@ -148,9 +148,9 @@ void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
           for (int64_t s = sb; s < se; ++s) {
             const int64_t jj = j0 + s * NR;
             const int nr = int(std::min<int64_t>(NR, n - jj));
+            const bool b_rows = strip_in_place(s);
             for (int64_t is = 0; is < mc; is += MR) {
               const bool in_place = is < whole;
-              const bool b_rows = strip_in_place(s);
               // In place: rows of A at a + row * lda, or columns of A (trans_a) at a + k * lda + row.
               const T* a_at = trans_a ? a + p0 * lda + (i0 + is) : a + (i0 + is) * lda + p0;
               micro(kc, in_place ? a_at : ap + (is - whole) * kc, in_place ? (trans_a ? -lda : lda) : 0,

@@ -37,16 +37,16 @@ using MicroKernel = void (*)(int64_t kc, const T* ap, int64_t lda, const T* bp, 
                              T alpha, int mr, int nr, bool overwrite);
 
 namespace generic {
-void micro_kernel(int64_t kc, const float* ap, int64_t lda, const float* bp, int64_t ldb, float* c, int64_t ldc, float alpha,
-                  int mr, int nr, bool overwrite);
-void micro_kernel(int64_t kc, const double* ap, int64_t lda, const double* bp, int64_t ldb, double* c, int64_t ldc, double alpha,
-                  int mr, int nr, bool overwrite);
+void micro_kernel(int64_t kc, const float* ap, int64_t lda, const float* bp, int64_t ldb, float* c, int64_t ldc,
+                  float alpha, int mr, int nr, bool overwrite);
+void micro_kernel(int64_t kc, const double* ap, int64_t lda, const double* bp, int64_t ldb, double* c, int64_t ldc,
+                  double alpha, int mr, int nr, bool overwrite);
 }  // namespace generic
 namespace avx2 {
-void micro_kernel(int64_t kc, const float* ap, int64_t lda, const float* bp, int64_t ldb, float* c, int64_t ldc, float alpha,
-                  int mr, int nr, bool overwrite);
-void micro_kernel(int64_t kc, const double* ap, int64_t lda, const double* bp, int64_t ldb, double* c, int64_t ldc, double alpha,
-                  int mr, int nr, bool overwrite);
+void micro_kernel(int64_t kc, const float* ap, int64_t lda, const float* bp, int64_t ldb, float* c, int64_t ldc,
+                  float alpha, int mr, int nr, bool overwrite);
+void micro_kernel(int64_t kc, const double* ap, int64_t lda, const double* bp, int64_t ldb, double* c, int64_t ldc,
+                  double alpha, int mr, int nr, bool overwrite);
 }  // namespace avx2
 
 }  // namespace sp::kernels::cpu::gemm_detail
