@@ -21,9 +21,6 @@ namespace sp::detail {
                                cudaGetErrorString(sp_status_));                                    \
   } while (0)
 
-// After a kernel launch: reports launch-configuration errors at the launch site.
-#define SP_CUDA_CHECK_LAUNCH() SP_CUDA_CHECK(cudaGetLastError())
-
 #define SP_CUBLAS_CHECK(call)                                                                      \
   do {                                                                                             \
     cublasStatus_t sp_status_ = (call);                                                            \

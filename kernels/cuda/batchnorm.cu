@@ -69,6 +69,12 @@ unsigned channel_blocks(int64_t total, bool vec) { return element_blocks(vec ? t
 // Activations (x, residual, y, dy, dx, dresidual) are stored as S::Storage (fp32 or bf16) and
 // computed on in fp32; parameters, statistics and reductions are fp32/double in both cases.
 
+// The first ncols of the kChunkElems per-channel floats at p + j0, zeros after them.
+__device__ __forceinline__ void load_params(const float* p, int j0, int ncols, float (&v)[kChunkElems]) {
+#pragma unroll
+  for (int e = 0; e < kChunkElems; ++e) v[e] = e < ncols ? p[j0 + e] : 0.f;
+}
+
 // ---- Reduction terms (column_reduce.cuh's Term) ---------------------------------------------
 // The double arithmetic is written with explicit roundings (__dadd_rn, __fma_rn, ...) so that
 // the compiler cannot contract it differently in the separate and the persistent kernels: both
@@ -118,11 +124,8 @@ struct GradTerm {
   };
   __device__ Cols columns(int j0, int ncols) const {
     Cols k;
-#pragma unroll
-    for (int e = 0; e < kChunkElems; ++e) {
-      k.mean[e] = e < ncols ? mean[j0 + e] : 0.f;
-      k.invstd[e] = e < ncols ? invstd[j0 + e] : 0.f;
-    }
+    load_params(mean, j0, ncols, k.mean);
+    load_params(invstd, j0, ncols, k.invstd);
     return k;
   }
   template <bool kVec>
@@ -301,7 +304,6 @@ __global__ void bn_backward_dx_kernel(int64_t total, int c, const typename S::St
   });
 }
 
-
 // ---- Persistent form: reduction, finalisation and element pass in one cooperative kernel ----
 // column_plan.h's PersistentPlan: block b reduces chunks b, b + grid, ... exactly as the
 // separate reduction kernel's blocks would (chunk_partials, same partials), keeping the first
@@ -368,12 +370,6 @@ __device__ __forceinline__ void store_row(typename S::Storage* base, int64_t i, 
   }
 }
 
-// The first ncols of the kChunkElems per-channel floats at p + j0, zeros after them.
-__device__ __forceinline__ void load_params(const float* p, int j0, int ncols, float (&v)[kChunkElems]) {
-#pragma unroll
-  for (int e = 0; e < kChunkElems; ++e) v[e] = e < ncols ? p[j0 + e] : 0.f;
-}
-
 // What every persistent launch shares.
 struct PersistentShape {
   int64_t m;
@@ -400,29 +396,19 @@ __device__ __forceinline__ void for_each_owned_chunk(const PersistentShape& sh, 
 }
 
 // The element pass over chunk box for the calling thread (column_plan.h's piece_slice: the rows
-// and columns it summed): params(j0, ncols) once, then for its rows i, kAhead at a time so that
-// their loads are in flight together, load(i, j0, ncols, v) for all of them and then
-// finish(i, j0, ncols, v) for each in order.
+// and columns it summed): params(j0, ncols) once, then load(i, j0, ncols, v) and
+// finish(i, j0, ncols, v) for its rows i, several rows' loads in flight at a time
+// (rows_in_flight, column_reduce.cuh).
 template <int kVals, class Params, class Load, class Finish>
 __device__ __forceinline__ void element_pass(const ColumnReducePlan& plan, const ChunkBox& box, const Params& params,
                                              const Load& load, const Finish& finish) {
-  constexpr int kAhead = kRowsInFlight / kVals > 0 ? kRowsInFlight / kVals : 1;
   const PieceSlice ps = piece_slice(plan, box, int(threadIdx.x));
   if (ps.ncols == 0) return;
   params(ps.j0, ps.ncols);
-  int64_t r = ps.r0;
-  for (; r + int64_t(kAhead - 1) * ps.step < box.rows; r += int64_t(kAhead) * ps.step) {
-    float v[kAhead][kVals][kChunkElems];
-#pragma unroll
-    for (int u = 0; u < kAhead; ++u) load(box.row0 + r + int64_t(u) * ps.step, ps.j0, ps.ncols, v[u]);
-#pragma unroll
-    for (int u = 0; u < kAhead; ++u) finish(box.row0 + r + int64_t(u) * ps.step, ps.j0, ps.ncols, v[u]);
-  }
-  for (; r < box.rows; r += ps.step) {
-    float v[kVals][kChunkElems];
-    load(box.row0 + r, ps.j0, ps.ncols, v);
-    finish(box.row0 + r, ps.j0, ps.ncols, v);
-  }
+  rows_in_flight<kVals>(
+      box.row0 + ps.r0, box.row0 + box.rows, ps.step,
+      [&](int64_t i, float (&v)[kVals][kChunkElems]) { load(i, ps.j0, ps.ncols, v); },
+      [&](int64_t i, float (&v)[kVals][kChunkElems]) { finish(i, ps.j0, ps.ncols, v); });
 }
 
 template <class S>
@@ -602,17 +588,11 @@ PersistentShape persistent_shape(int64_t m, const ColumnReducePlan& p, const Per
 // capture. Other errors throw.
 template <class Job>
 bool launch_cooperative(void (*kernel)(Job), const PersistentPlan& pp, const Job& job, cudaStream_t stream) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(pp.grid));
-  cfg.blockDim = dim3(unsigned(kReduceThreads));
-  cfg.dynamicSmemBytes = pp.smem_bytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, job);
+  cudaLaunchAttribute cooperative{};
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  const cudaError_t err =
+      launch_kernel_with(kernel, pp.grid, kReduceThreads, pp.smem_bytes, stream, &cooperative, job);
   if (err == cudaErrorCooperativeLaunchTooLarge) {
     cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
     SP_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
@@ -729,7 +709,7 @@ void backward_impl(const char* op, int64_t m, int64_t c64, const typename S::Sto
 
 }  // namespace
 
-void set_bn_persistent(bool on) { g_bn_persistent.store(on ? 1 : 0, std::memory_order_relaxed); }
+void set_bn_persistent(bool on) { detail::set_switch(g_bn_persistent, on); }
 bool bn_persistent() { return detail::env_switch(g_bn_persistent, "STALEPROP_BN_PERSISTENT", false); }
 int64_t bn_persistent_launches() { return g_bn_persistent_launches.load(std::memory_order_relaxed); }
 

@@ -45,6 +45,29 @@ __device__ __forceinline__ void load_row(const typename S::Storage* base, int64_
 // first (kRowsInFlight), without changing the order of the additions.
 constexpr int kRowsInFlight = 4;  // row chunks a thread loads ahead, over the term's kVals values
 
+// A thread's walk over rows i = begin, begin + step, ... < end, each yielding kVals chunks of
+// values: load(i, v) for kRowsInFlight / kVals rows at a time, so that their loads are in flight
+// together, then use(i, v) for each of them in row order; the rows left one at a time. The rows
+// are used in order either way.
+template <int kVals, class Load, class Use>
+__device__ __forceinline__ void rows_in_flight(int64_t begin, int64_t end, int step, const Load& load,
+                                               const Use& use) {
+  constexpr int kAhead = kRowsInFlight / kVals > 0 ? kRowsInFlight / kVals : 1;
+  int64_t i = begin;
+  for (; i + int64_t(kAhead - 1) * step < end; i += int64_t(kAhead) * step) {
+    float v[kAhead][kVals][kChunkElems];
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) load(i + int64_t(u) * step, v[u]);
+#pragma unroll
+    for (int u = 0; u < kAhead; ++u) use(i + int64_t(u) * step, v[u]);
+  }
+  for (; i < end; i += step) {
+    float v[kVals][kChunkElems];
+    load(i, v);
+    use(i, v);
+  }
+}
+
 // No stash: the separate reduction kernel keeps nothing of what it reads.
 struct NoStash {
   template <int kVals>
@@ -60,7 +83,6 @@ __device__ __forceinline__ void chunk_partials(int64_t m, const ColumnReducePlan
                                                int by, double* partial, const Stash& stash,
                                                double (&warp_sums)[kSums][kReduceWarps][kMaxColLanes * kChunkElems]) {
   constexpr int kVals = Term::kVals;
-  constexpr int kAhead = kRowsInFlight / kVals > 0 ? kRowsInFlight / kVals : 1;
   const int tid = int(threadIdx.x);
   const ReduceSlice sl = reduce_slice(plan, m, bx, by, tid);
   double acc[kSums][kChunkElems];
@@ -70,24 +92,13 @@ __device__ __forceinline__ void chunk_partials(int64_t m, const ColumnReducePlan
     for (int e = 0; e < kChunkElems; ++e) acc[s][e] = 0.0;
   if (sl.ncols > 0 && sl.row_begin < sl.row_end) {
     const typename Term::Cols cols = term.columns(sl.j0, sl.ncols);
-    int64_t i = sl.row_begin;
-    // kAhead rows loaded, then added in row order; then the rows left one at a time.
-    for (; i + int64_t(kAhead - 1) * sl.row_step < sl.row_end; i += int64_t(kAhead) * sl.row_step) {
-      float v[kAhead][kVals][kChunkElems];
-#pragma unroll
-      for (int u = 0; u < kAhead; ++u) term.template load<kVec>(i + int64_t(u) * sl.row_step, sl.j0, sl.ncols, v[u]);
-#pragma unroll
-      for (int u = 0; u < kAhead; ++u) {
-        stash(i + int64_t(u) * sl.row_step, sl.j0, v[u]);
-        term.add(v[u], cols, acc);
-      }
-    }
-    for (; i < sl.row_end; i += sl.row_step) {
-      float v[kVals][kChunkElems];
-      term.template load<kVec>(i, sl.j0, sl.ncols, v);
-      stash(i, sl.j0, v);
-      term.add(v, cols, acc);
-    }
+    rows_in_flight<kVals>(
+        sl.row_begin, sl.row_end, sl.row_step,
+        [&](int64_t i, float (&v)[kVals][kChunkElems]) { term.template load<kVec>(i, sl.j0, sl.ncols, v); },
+        [&](int64_t i, const float (&v)[kVals][kChunkElems]) {
+          stash(i, sl.j0, v);
+          term.add(v, cols, acc);
+        });
   }
   // Lanes l and l ^ o (o a multiple of col_lanes) hold the same columns: add them.
   for (int o = plan.col_lanes; o < kWarpSize; o *= 2)

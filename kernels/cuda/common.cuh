@@ -88,6 +88,8 @@ class Workspace {
 // else, at first use, the environment variable `var` ("1" on, "0" off, anything else or unset:
 // default_on), kept from then on (tensor_core_select.cu).
 bool env_switch(std::atomic<int>& slot, const char* var, bool default_on);
+// Sets such a switch, overriding the environment from then on.
+inline void set_switch(std::atomic<int>& slot, bool on) { slot.store(on ? 1 : 0, std::memory_order_relaxed); }
 
 // ---- Launching: every kernel of ours, with programmatic dependent launch when on -------------
 // With programmatic dependent launch (Hopper; kernels/cuda/ops.h: set_programmatic_launch, on
@@ -100,7 +102,7 @@ bool env_switch(std::atomic<int>& slot, const char* var, bool default_on);
 // it still reads; then launch_dependents lets the next kernel be scheduled. Without the launch
 // attribute (or before sm_90) the wait returns at once. tests/test_launch_discipline.cpp checks
 // the sources: every __global__ function begins with it, and every launch goes through
-// launch_kernel (or the cooperative batch-norm launch).
+// launch_kernel (or, for the cooperative batch-norm kernels, launch_kernel_with).
 __device__ __forceinline__ void pdl_prologue() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -110,25 +112,36 @@ __device__ __forceinline__ void pdl_prologue() {
 
 bool programmatic_launch_on();  // launch.cu
 
+// kernel<<<grid, block, smem, stream>>>(args...) with the launch attribute *attr (nullable);
+// returns the launch's status (an error is left set for the caller to handle).
+template <class... Params, class... Args>
+cudaError_t launch_kernel_with(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               const cudaLaunchAttribute* attr, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute copy{};
+  if (attr != nullptr) {
+    copy = *attr;
+    cfg.attrs = &copy;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialisation attribute
 // when programmatic_launch_on() (launch.cu: the switch, on a device and build that take it);
 // launch errors throw.
 template <class... Params, class... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                    Args&&... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  if (programmatic_launch_on()) {
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-  }
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  cudaLaunchAttribute pdl{};
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  const cudaError_t err = launch_kernel_with(kernel, grid, block, smem, stream,
+                                             programmatic_launch_on() ? &pdl : nullptr, std::forward<Args>(args)...);
   if (err != cudaSuccess) {
     (void)cudaGetLastError();  // the launch error is thrown, not left for an unrelated later check
     SP_CUDA_CHECK(err);

@@ -57,7 +57,7 @@ __global__ void pdl_consumer_kernel(const int* flag, int* seen) {
 
 }  // namespace
 
-void set_programmatic_launch(bool on) { g_pdl.store(on ? 1 : 0, std::memory_order_relaxed); }
+void set_programmatic_launch(bool on) { detail::set_switch(g_pdl, on); }
 bool programmatic_launch() { return detail::env_switch(g_pdl, "STALEPROP_PDL", false); }
 bool detail::programmatic_launch_on() { return programmatic_launch() && device_takes_pdl(); }
 

@@ -90,19 +90,15 @@ bool detail::env_switch(std::atomic<int>& slot, const char* var, bool default_on
            return default_on ? 1 : 0;
          }) == 1;
 }
-static bool flag(std::atomic<int>& slot, const char* var, bool default_on) {
-  return detail::env_switch(slot, var, default_on);
-}
-static void set_flag(std::atomic<int>& slot, bool on) { slot.store(on ? 1 : 0, std::memory_order_relaxed); }
 
-void set_dgrad_by_stride_class(bool on) { set_flag(g_dgrad_classes, on); }
-bool dgrad_by_stride_class() { return flag(g_dgrad_classes, "STALEPROP_DGRAD_CLASSES", false); }
-void set_dgrad_transposed_filter(bool on) { set_flag(g_dgrad_wt, on); }
-bool dgrad_transposed_filter() { return flag(g_dgrad_wt, "STALEPROP_DGRAD_WT", true); }
-void set_conv_tma(bool on) { set_flag(g_conv_tma, on); }
-bool conv_tma() { return flag(g_conv_tma, "STALEPROP_CONV_TMA", false); }
-void set_tma_wide_tile(bool on) { set_flag(g_tma_wide, on); }
-bool tma_wide_tile() { return flag(g_tma_wide, "STALEPROP_TMA_WIDE", false); }
+void set_dgrad_by_stride_class(bool on) { detail::set_switch(g_dgrad_classes, on); }
+bool dgrad_by_stride_class() { return detail::env_switch(g_dgrad_classes, "STALEPROP_DGRAD_CLASSES", false); }
+void set_dgrad_transposed_filter(bool on) { detail::set_switch(g_dgrad_wt, on); }
+bool dgrad_transposed_filter() { return detail::env_switch(g_dgrad_wt, "STALEPROP_DGRAD_WT", true); }
+void set_conv_tma(bool on) { detail::set_switch(g_conv_tma, on); }
+bool conv_tma() { return detail::env_switch(g_conv_tma, "STALEPROP_CONV_TMA", false); }
+void set_tma_wide_tile(bool on) { detail::set_switch(g_tma_wide, on); }
+bool tma_wide_tile() { return detail::env_switch(g_tma_wide, "STALEPROP_TMA_WIDE", false); }
 
 TmaLaunches tma_launches() {
   TmaLaunches t;
