@@ -29,6 +29,22 @@
 
 namespace sp::test {
 
+// Sets a process-wide kernel switch (kernels/cuda: get/set pairs such as conv_tma/set_conv_tma)
+// for a scope, on unless told otherwise, and restores it however the scope ends; set() changes
+// it within the scope.
+class ScopedSwitch {
+ public:
+  ScopedSwitch(bool (*get)(), void (*set)(bool), bool value = true) : set_(set), before_(get()) { set_(value); }
+  ~ScopedSwitch() { set_(before_); }
+  ScopedSwitch(const ScopedSwitch&) = delete;
+  ScopedSwitch& operator=(const ScopedSwitch&) = delete;
+  void set(bool value) const { set_(value); }
+
+ private:
+  void (*set_)(bool);
+  bool before_;
+};
+
 constexpr double kTol = 1e-5;  // relative Frobenius error of fp32 results against double
 
 inline std::vector<float> random_vector(size_t n, uint32_t seed, float lo = -1.f, float hi = 1.f) {

@@ -27,6 +27,7 @@
 #include "engine/pipeline.h"
 #include "engine/trainer.h"
 #include "layers/resnet.h"
+#include "tests/gpu_testing.h"
 
 #if STALEPROP_WITH_CUDA
 #include "kernels/cuda/ops.h"
@@ -227,29 +228,17 @@ TEST_F(CudaNetwork, PipelineGraphReplayChangesNoBit) {
 }
 
 #if STALEPROP_WITH_CUDA
-// Sets a kernel switch for a scope and puts the old value back, also when a test fails midway.
-class SwitchGuard {
- public:
-  SwitchGuard(bool (*get)(), void (*set)(bool), bool on) : set_(set), was_(get()) { set_(on); }
-  ~SwitchGuard() { set_(was_); }
-  void operator=(bool on) { set_(on); }
-
- private:
-  void (*set_)(bool);
-  bool was_;
-};
-
 // The persistent batch norm (one cooperative kernel per training forward and backward) inside
 // the pipeline: enqueued op by op and replayed from captured graphs (cooperative kernel nodes),
 // it gives the same parameters, bit for bit, as the three separate kernels.
 TEST_F(CudaNetwork, PersistentBatchNormInThePipelineChangesNoBit) {
   namespace kc = sp::kernels::cuda;
-  SwitchGuard persistent(kc::bn_persistent, kc::set_bn_persistent, false);
+  const test::ScopedSwitch persistent(kc::bn_persistent, kc::set_bn_persistent, false);
   for (DType dt : {DType::F32, DType::BF16}) {
     int64_t replays = 0;
-    persistent = false;
+    persistent.set(false);
     const std::vector<float> separate = pipeline_params(false, dt, &replays);
-    persistent = true;
+    persistent.set(true);
     const int64_t before = kc::bn_persistent_launches();
     const std::vector<float> eager = pipeline_params(false, dt, &replays);
     const int64_t eager_launches = kc::bn_persistent_launches() - before;
@@ -271,13 +260,13 @@ TEST_F(CudaNetwork, PersistentBatchNormInThePipelineChangesNoBit) {
 // from graphs, must give the same bits with it as without.
 TEST_F(CudaNetwork, ProgrammaticDependentLaunchChangesNoBit) {
   namespace kc = sp::kernels::cuda;
-  SwitchGuard pdl(kc::programmatic_launch, kc::set_programmatic_launch, false);
+  const test::ScopedSwitch pdl(kc::programmatic_launch, kc::set_programmatic_launch, false);
   for (DType dt : {DType::F32, DType::BF16}) {
-    pdl = false;
+    pdl.set(false);
     const StepResult off = resnet20_step(Device::cuda(0), dt);
     int64_t replays = 0;
     const std::vector<float> pipe_off = pipeline_params(true, dt, &replays);
-    pdl = true;
+    pdl.set(true);
     const StepResult on = resnet20_step(Device::cuda(0), dt);
     const std::vector<float> pipe_on = pipeline_params(true, dt, &replays);
     EXPECT_GT(replays, 60) << dtype_name(dt) << ": the later epochs should mostly replay";

@@ -712,26 +712,17 @@ TEST_F(CudaOps, BatchNormGivesTheSameBitsFromUnalignedActivations) {
 // three separate kernels do, in the same order: the same bits, for the plain and fused forms,
 // fp32 and bf16, the chunked and single-element paths (unaligned), shapes cached whole and in
 // part (ResNet-18's first stage at batch 512: 128 MiB in fp32), and awkward shapes.
-class BnPersistentSwitch {
- public:
-  explicit BnPersistentSwitch(bool on) : was_(kcu::bn_persistent()) { kcu::set_bn_persistent(on); }
-  ~BnPersistentSwitch() { kcu::set_bn_persistent(was_); }
-
- private:
-  bool was_;
-};
-
 template <template <class> class Buf, typename T>
 void expect_persistent_batchnorm_same(cudaStream_t stream, int64_t m, int64_t c, bool fused, uint32_t seed,
                                       const std::string& what) {
   BnOutputs<T> separate, persistent;
   {
-    BnPersistentSwitch off(false);
+    const ScopedSwitch off(kcu::bn_persistent, kcu::set_bn_persistent, false);
     separate = run_batchnorm<Buf, T>(stream, m, c, fused, seed);
   }
   const int64_t before = kcu::bn_persistent_launches();
   {
-    BnPersistentSwitch on(true);
+    const ScopedSwitch on(kcu::bn_persistent, kcu::set_bn_persistent);
     persistent = run_batchnorm<Buf, T>(stream, m, c, fused, seed);
   }
   // The training forward and the backward ran persistent (inference has one pass already).
@@ -795,7 +786,7 @@ TEST_F(CudaOps, BatchNormBackwardWritesTheResidualGradientOverDy) {
     for (const auto& [m, c] : {std::pair<int64_t, int64_t>{128 * 32 * 32, 64}, {1000, 24}}) {
       const std::string what = std::string(persistent ? "persistent" : "separate") + " m " + std::to_string(m) +
                                " c " + std::to_string(c);
-      BnPersistentSwitch form(persistent);
+      const ScopedSwitch form(kcu::bn_persistent, kcu::set_bn_persistent, persistent);
       const size_t n = size_t(m * c), nc = size_t(c);
       const std::vector<uint16_t> xb = activations<uint16_t>(random_vector(n, 940, -2.f, 2.f)),
                                   yb = activations<uint16_t>(random_vector(n, 941)),
@@ -825,7 +816,7 @@ TEST_F(CudaOps, PersistentBatchNormIsFirstPlannedInsideAStreamCapture) {
   const std::vector<float> xv = random_vector(n, 950, -2.f, 2.f), dyv = random_vector(n, 951);
   const std::vector<float> gamma = random_vector(nc, 952, 0.5f, 1.5f), beta = random_vector(nc, 953);
   auto run = [&](bool persistent, bool capture) {
-    BnPersistentSwitch form(persistent);
+    const ScopedSwitch form(kcu::bn_persistent, kcu::set_bn_persistent, persistent);
     DeviceArray<float> x(xv), dy(dyv), y(n), dx(n), g(gamma), b(beta), rm(std::vector<float>(nc, 0.f)),
         rv(std::vector<float>(nc, 1.f)), sm(nc), si(nc), dg(nc), db(nc);
     cudaGraph_t graph = nullptr;
@@ -859,13 +850,12 @@ TEST_F(CudaOps, PersistentBatchNormIsFirstPlannedInsideAStreamCapture) {
 // everything it wrote, because every kernel waits in its prologue. The writer spins ~0.1 ms first,
 // so a reader that did not wait would see the old value.
 TEST_F(CudaOps, ProgrammaticLaunchStillOrdersDependentKernels) {
-  const bool was = kcu::programmatic_launch();
+  const ScopedSwitch pdl(kcu::programmatic_launch, kcu::set_programmatic_launch, false);
   for (const bool on : {false, true}) {
-    kcu::set_programmatic_launch(on);
+    pdl.set(on);
     for (int rep = 0; rep < 20; ++rep)
       EXPECT_TRUE(kcu::programmatic_launch_selftest(stream_)) << "with PDL " << (on ? "on" : "off") << ", run " << rep;
   }
-  kcu::set_programmatic_launch(was);
 }
 
 // The pointwise ops and casts over n elements (8k + 5: chunks and a tail), in fp32 and bf16.

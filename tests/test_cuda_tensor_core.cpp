@@ -350,20 +350,6 @@ TEST_P(TensorCore, ConvolutionsOnResNetAndAwkwardShapes) {
   for (const Conv2dShape& sh : conv_cases()) check_conv(kCustomConv, stream_, sh, seed += 5);
 }
 
-// Sets a process-wide kernel switch (tensor_core.h) for a scope (on unless told otherwise),
-// restoring it however the scope ends.
-class SwitchOn {
- public:
-  SwitchOn(bool (*get)(), void (*set)(bool), bool value = true) : set_(set), before_(get()) { set_(value); }
-  ~SwitchOn() { set_(before_); }
-  SwitchOn(const SwitchOn&) = delete;
-  SwitchOn& operator=(const SwitchOn&) = delete;
-
- private:
-  void (*set_)(bool);
-  bool before_;
-};
-
 TEST_P(TensorCore, GemmOnTheWideTmaTile) {
   // The 128 x 256 tile of the wgmma_tma GEMM (tma_wide_tile(), tensor_core.h) for N >= 256, its
   // warpgroups' registers rebalanced by setmaxnreg: whole tiles, tails in M, N and K, all four
@@ -372,7 +358,7 @@ TEST_P(TensorCore, GemmOnTheWideTmaTile) {
   // steps; {200, 512, 1000}: slices of 6, 6 and 4), and a repeated run. Every N here takes the
   // wide tile (N % 256 is 0 or more than 128). Against the reference; on the other main loops
   // the switch changes nothing.
-  const SwitchOn wide(kcu::tma_wide_tile, kcu::set_tma_wide_tile);
+  const ScopedSwitch wide(kcu::tma_wide_tile, kcu::set_tma_wide_tile);
   const int64_t shapes[][3] = {{256, 512, 1024}, {200, 400, 136}, {136, 448, 488}, {200, 512, 1000}, {16, 512, 8192}};
   const int64_t expect_wide = GetParam() == kcu::MmaMainloop::kWgmmaTma ? 1 : 0;
   uint32_t seed = 560;
@@ -405,7 +391,7 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
   // Off by default (tensor_core.h): on here, and for every strided shape of conv_cases() and on
   // unaligned tensors too, with the default filter form (transposed); the other tests run the
   // direct form, and ConvolutionsWithTheTransposedFilter the classes on the gathered filter.
-  const SwitchOn on(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class);
+  const ScopedSwitch on(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class);
   std::vector<Conv2dShape> shapes = {conv(2, 10, 11, 16, 24, 2, 3, 0), conv(1, 7, 8, 8, 16, 5, 3, 2),
                                      conv(2, 1, 3, 8, 8, 1, 2, 0), conv(2, 9, 7, 12, 10, 3, 2, 1),
                                      conv(2, 9, 9, 12, 16, 3, 2, 1)};
@@ -442,17 +428,17 @@ TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
     if (sh.stride > 1) strided.push_back(sh);
   uint32_t seed = 680;
   for (const bool classes : {false, true}) {
-    const SwitchOn by_class(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, classes);
+    const ScopedSwitch by_class(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, classes);
     for (const Conv2dShape& sh : classes ? strided : shapes) {
       seed += 5;
       ConvResult gathered;
       {
-        const SwitchOn off(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter, false);
+        const ScopedSwitch off(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter, false);
         gathered = check_conv(kCustomConv, stream_, sh, seed);
       }
       ConvResult wt;
       {
-        const SwitchOn on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+        const ScopedSwitch on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
         wt = check_conv(kCustomConv, stream_, sh, seed);
       }
       const std::vector<float> a = widen(wt.dx), b = widen(gathered.dx);
@@ -467,8 +453,8 @@ TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
                                  << ": elements of dx beyond one bf16 ulp of the gathered filter's";
     }
   }
-  const SwitchOn classes_off(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
-  const SwitchOn on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+  const ScopedSwitch classes_off(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
+  const ScopedSwitch on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
   check_conv(kCustomConv, stream_, conv(2, 8, 8, 16, 32, 3, 1, 1), 690, 1);
   const ConvResult a = check_conv(kCustomConv, stream_, shapes.back(), 695);
   const ConvResult b = check_conv(kCustomConv, stream_, shapes.back(), 695);
@@ -535,9 +521,9 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
     {
       // The 128 x 128 and 128 x 64 tiles only (the wide one has its own test below), on the
       // transposed filter whatever the environment says.
-      const SwitchOn narrow(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
-      const SwitchOn wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
-      const SwitchOn on(kcu::conv_tma, kcu::set_conv_tma);
+      const ScopedSwitch narrow(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
+      const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+      const ScopedSwitch on(kcu::conv_tma, kcu::set_conv_tma);
       const int64_t before = kcu::tma_launches().conv;
       tma = check_conv(kCustomConv, stream_, sh, seed);
       EXPECT_EQ(kcu::tma_launches().conv - before, tma_passes(sh)) << conv_str(sh) << ": passes launched with TMA";
@@ -545,8 +531,8 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
     if (GetParam() == kcu::MmaMainloop::kMmaSync) continue;
     ConvResult cp_async;
     {
-      const SwitchOn wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
-      const SwitchOn off(kcu::conv_tma, kcu::set_conv_tma, false);
+      const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+      const ScopedSwitch off(kcu::conv_tma, kcu::set_conv_tma, false);
       cp_async = check_conv(kCustomConv, stream_, sh, seed);
     }
     EXPECT_TRUE(bits_equal(tma.y, cp_async.y)) << conv_str(sh) << ": forward with TMA loads vs cp.async";
@@ -584,8 +570,8 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoadsOnTheWideTile) {
   // (bf16 outputs within two of their ulps, the fp32 weight gradient within 1e-4: the split of K
   // may differ); and the wide-tile launch counter must grow by the passes the plans send there.
   // On the other main loops the switches change nothing.
-  const SwitchOn tma(kcu::conv_tma, kcu::set_conv_tma);
-  const SwitchOn wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+  const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
+  const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
   namespace wg = kcu::detail::wgmma;
   std::vector<Conv2dShape> shapes;
   for (const Conv2dShape& sh : conv_cases())
@@ -612,13 +598,13 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoadsOnTheWideTile) {
     }
     ConvResult wide, narrow;
     {
-      const SwitchOn on(kcu::tma_wide_tile, kcu::set_tma_wide_tile);
+      const ScopedSwitch on(kcu::tma_wide_tile, kcu::set_tma_wide_tile);
       const int64_t before = kcu::tma_launches().wide_gemm;
       wide = check_conv(kCustomConv, stream_, sh, seed);
       EXPECT_EQ(kcu::tma_launches().wide_gemm - before, expect) << conv_str(sh) << ": passes on the wide tile";
     }
     {
-      const SwitchOn off(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
+      const ScopedSwitch off(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
       narrow = check_conv(kCustomConv, stream_, sh, seed);
     }
     expect_close_elementwise(wide.y, narrow.y, 1.0 / 64, conv_str(sh) + ": forward, wide vs 128 x 128");
