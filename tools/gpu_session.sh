@@ -148,14 +148,28 @@ if [ -n "$TRAIN_PID" ]; then
 fi
 
 # A switch of bench_gpu_kernels off and on, the benchmarks matching a filter, each run against
-# its vendor twin in that run: ab NAME FLAG SECONDS FILTER (JSON in $OUT/NAME-0.json, -1.json).
+# its vendor twin in that run: ab NAME FLAG SECONDS FILTER (JSON in $OUT/NAME-0.json, -1.json;
+# AB_VALUES="0" runs only the first).
 ab() {
-  for v in 0 1; do
+  for v in ${AB_VALUES:-0 1}; do
     [ "$(left)" -gt 60 ] || break
     timeout "$3" build-gpu/bench/bench_gpu_kernels "--$2=$v" --benchmark_min_time=0.002 --benchmark_filter="$4" \
       --benchmark_report_aggregates_only=true --benchmark_out="$OUT/$1-$v.json" --benchmark_out_format=json \
       >> "$OUT/ab.txt" 2>&1
     log "bench_gpu_kernels $1 --$2=$v exit $?"
+  done
+}
+# bf16 training throughput (staleprop bench, random device-resident batches) with the environment
+# switch VAR off and then on: throughput_ab NAME VAR MODEL BATCH [more bench flags] (JSON lines
+# in $OUT/throughput-NAME0.jsonl and -NAME1.jsonl).
+throughput_ab() {
+  local name=$1 var=$2 model=$3 batch=$4
+  shift 4
+  for v in 0 1; do
+    [ "$(left)" -gt 60 ] || break
+    env "$var=$v" timeout 40 build-gpu/tools/staleprop bench --device cuda --model "$model" --batch-size "$batch" \
+      --precision bf16 --steps 50 --warmup 10 "$@" --json "$OUT/throughput-$name$v.jsonl" 2>&1 | tee -a "$OUT/session.txt"
+    log "bench $model $* $var=$v exit ${PIPESTATUS[0]}"
   done
 }
 # The TMA convolutions (conv_tma.h) against the cp.async ones, against cuDNN; the 128 x 256 TMA
@@ -165,10 +179,7 @@ ab() {
 if [ -n "$CONV_TMA_OK" ]; then
   ab r18-convs-tma conv-tma 70 '_bf16/r18_'
 elif [ "$(left)" -gt 120 ]; then
-  timeout 40 build-gpu/bench/bench_gpu_kernels --conv-tma=0 --benchmark_min_time=0.002 --benchmark_filter='_bf16/r18_' \
-    --benchmark_report_aggregates_only=true --benchmark_out="$OUT/r18-convs-tma-0.json" --benchmark_out_format=json \
-    >> "$OUT/ab.txt" 2>&1
-  log "bench_gpu_kernels r18 convolutions layer by layer (cp.async) exit $?"
+  AB_VALUES=0 ab r18-convs-tma conv-tma 40 '_bf16/r18_'  # layer by layer, cp.async loads only
 fi
 [ -n "$TMA_WIDE_OK" ] && ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
 # The TMA convolutions on the 128 x 256 tile against the 128 x 128 one (ResNet-18's wide layers).
@@ -177,24 +188,12 @@ fi
 # forms in fp32 at both batches (the small shapes are launch-bound), the fused ones in bf16.
 if [ -n "$BN_PERSISTENT_OK" ]; then
   ab bn-persistent bn-persistent 45 '^bn_(fwd_train|bwd|add_relu_fwd_train_bf16|add_relu_bwd_bf16)/'
-  for v in 0 1; do
-    [ "$(left)" -gt 60 ] || break
-    STALEPROP_BN_PERSISTENT=$v timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet18 \
-      --batch-size 512 --precision bf16 --steps 50 --warmup 10 --json "$OUT/throughput-bn-persistent$v.jsonl" 2>&1 |
-      tee -a "$OUT/session.txt"
-    log "bench resnet18 STALEPROP_BN_PERSISTENT=$v exit ${PIPESTATUS[0]}"
-  done
+  throughput_ab bn-persistent STALEPROP_BN_PERSISTENT resnet18 512
 fi
 if [ -n "$CONV_TMA_OK" ]; then
   for cfg in "resnet18 512" "resnet56 128"; do
     set -- $cfg
-    for tma in 0 1; do
-      [ "$(left)" -gt 60 ] || break
-      STALEPROP_CONV_TMA=$tma timeout 40 build-gpu/tools/staleprop bench --device cuda --model "$1" \
-        --batch-size "$2" --precision bf16 --steps 50 --warmup 10 --json "$OUT/throughput-tma$tma.jsonl" 2>&1 |
-        tee -a "$OUT/session.txt"
-      log "bench $1 STALEPROP_CONV_TMA=$tma exit ${PIPESTATUS[0]}"
-    done
+    throughput_ab tma STALEPROP_CONV_TMA "$1" "$2"
     [ "$(left)" -gt 90 ] && timeout 60 python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" --steps 50 \
       --warmup 10 --bf16 --channels-last >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" && tail -1 "$OUT/pytorch.jsonl"
   done
@@ -209,15 +208,8 @@ fi
 # Programmatic dependent launch against plain launches: the launch-bound small models (ResNet-56
 # at batch 128 in bf16, op by op and from graphs), and the three-kernel batch norm.
 if [ -n "$PDL_OK" ]; then
-  for graphs in "" --graphs; do
-    for v in 0 1; do
-      [ "$(left)" -gt 60 ] || break
-      STALEPROP_PDL=$v timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet56 --batch-size 128 \
-        --precision bf16 $graphs --steps 60 --warmup 15 --json "$OUT/throughput-pdl$v.jsonl" 2>&1 |
-        tee -a "$OUT/session.txt"
-      log "bench resnet56 $graphs STALEPROP_PDL=$v exit ${PIPESTATUS[0]}"
-    done
-  done
+  throughput_ab pdl STALEPROP_PDL resnet56 128
+  throughput_ab pdl STALEPROP_PDL resnet56 128 --graphs
   ab bn-pdl pdl 30 '^bn_(fwd_train|bwd)/.*n128'
 fi
 
