@@ -116,6 +116,19 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   wrong.resume = first.checkpoint;
   wrong.model = "resnet32";
   EXPECT_THROW(train::run_training(wrong, train, test), Error);
+  // So is another schedule: the learning rate of every step would change under the run.
+  wrong = small_config();
+  wrong.resume = first.checkpoint;
+  wrong.epochs = 3;
+  test::expect_error([&] { train::run_training(wrong, train, test); }, {"--epochs 2, not 3", "same schedule"});
+  wrong = small_config();
+  wrong.resume = first.checkpoint;
+  wrong.schedule = "onecycle";
+  test::expect_error([&] { train::run_training(wrong, train, test); }, {"--schedule cosine, not onecycle"});
+  wrong = small_config();
+  wrong.resume = first.checkpoint;
+  wrong.lr = 0.1f;
+  test::expect_error([&] { train::run_training(wrong, train, test); }, {"--lr 0.050000001, not 0.1"});
 }
 
 TEST(Training, CheckpointHoldsPyTorchNamesAndLayouts) {

@@ -1,4 +1,4 @@
-// The staleprop command line: train, eval, bench, study and demo.
+// The staleprop command line: train, eval, bench, study, sweep and demo.
 //
 // Every flag is declared once in a table (name, value name, help, setter); --help is generated
 // from the same tables, so it cannot drift from what is parsed.
@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <random>
 #include <sstream>
@@ -20,6 +21,7 @@
 #include "kernels/cpu/parallel.h"
 #include "layers/resnet.h"
 #include "tools/bench.h"
+#include "tools/sweep.h"
 #include "tools/train.h"
 
 namespace {
@@ -99,6 +101,7 @@ commands:
   eval      report the test accuracy of a checkpoint
   bench     training throughput of one configuration on synthetic device-resident data
   study     locking study: throughput, busy time and memory of bp/ddg/fdg over K modules
+  sweep     several train runs in one process, up to N at once (they share a GPU)
   demo      train a tiny CNN on synthetic data on the CPU (no data set needed)
   help      show this text
 
@@ -248,12 +251,27 @@ int demo_main(int argc, char** argv) {
   return run_demo(o);
 }
 
-int train_main(int argc, char** argv) {
+// What `staleprop train` is given: the run's configuration and what the command line itself
+// uses (data, CPU threads, time limit). One sweep job is the same.
+struct TrainArgs {
   sp::train::TrainConfig c;
   std::string data_dir;
   int64_t train_limit = -1, test_limit = -1;
   int threads = 0;
-  const std::vector<Flag> flags = {
+  double time_limit = 0;
+};
+
+const char* kTrainWhat =
+    "Trains a CIFAR ResNet on CIFAR-10, evaluating on the test set after every epoch: standard\nbackprop, or "
+    "decoupled training over K modules (--method ddg|fdg --split K).";
+
+std::vector<Flag> train_flags(TrainArgs& a) {
+  sp::train::TrainConfig& c = a.c;
+  std::string& data_dir = a.data_dir;
+  int64_t& train_limit = a.train_limit;
+  int64_t& test_limit = a.test_limit;
+  int& threads = a.threads;
+  return {
       {"model", "NAME", model_list() + " (default resnet20)", [&](const std::string& v) { c.model = v; }},
       {"epochs", "N", "epochs (default 1)", [&](const std::string& v) { c.epochs = int(positive("epochs", std::stoll(v))); }},
       {"batch-size", "B", "images per step (default 128)", [&](const std::string& v) { c.batch_size = positive("batch-size", std::stoll(v)); }},
@@ -283,6 +301,8 @@ int train_main(int argc, char** argv) {
       {"resume", "FILE", "resume exactly from a checkpoint of the same run", [&](const std::string& v) { c.resume = v; }},
       {"metrics", "FILE", "append metrics as JSON lines to FILE", [&](const std::string& v) { c.metrics = v; }},
       {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines)", [&](const std::string& v) { c.progress = v; }},
+      {"log", "FILE", "append the banner, progress and epoch lines to FILE instead of printing them", [&](const std::string& v) { c.log = v; }},
+      {"time-limit", "SECONDS", "end the run at the first epoch boundary where the next epoch, taking as long as the last, would end later than SECONDS after the start; the epoch's checkpoint (--checkpoint) is there to --resume from", [&](const std::string& v) { a.time_limit = std::stod(v); SP_CHECK(a.time_limit > 0, "--time-limit must be positive, got ", v); }},
       {"stop-after", "STEPS", "end the run after this many steps in total", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", std::stoll(v)); }},
       {"method", "M", "bp|ddg|fdg: locked backprop, forward-locked DDG, fully decoupled FDG (default bp)", [&](const std::string& v) { c.method = v; }},
       {"split", "K", "cut the network into K modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
@@ -297,16 +317,107 @@ int train_main(int argc, char** argv) {
       {"graph-memory", "M", "planned|bump: memory of captured ticks, laid out from recorded tensor lifetimes (on the CPU emulation: about the eager peak) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
       {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
   };
-  if (!parse_flags("train", "Trains a CIFAR ResNet on CIFAR-10, evaluating on the test set after every epoch: standard\nbackprop, or decoupled training over K modules (--method ddg|fdg --split K).", flags, argc, argv)) return 0;
-  if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
-  const std::string dir = sp::data::resolve_cifar10_dir(data_dir);
-  const sp::data::Dataset train = sp::data::load_cifar10(dir, sp::data::Split::Train, train_limit);
-  const sp::data::Dataset test = sp::data::load_cifar10(dir, sp::data::Split::Test, test_limit);
+}
+
+// "runs/r56-fdg-K2.jsonl" -> "r56-fdg-K2".
+std::string file_stem(const std::string& path) {
+  std::string base = path.substr(path.find_last_of('/') + 1);
+  const size_t dot = base.find_last_of('.');
+  return dot == std::string::npos || dot == 0 ? base : base.substr(0, dot);
+}
+
+// The time limit of a run that starts now (none when 0).
+std::chrono::steady_clock::time_point deadline_after(double seconds) {
+  if (seconds <= 0) return std::chrono::steady_clock::time_point::max();
+  return std::chrono::steady_clock::now() +
+         std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(seconds));
+}
+
+int train_main(int argc, char** argv) {
+  TrainArgs a;
+  if (!parse_flags("train", kTrainWhat, train_flags(a), argc, argv)) return 0;
+  sp::train::TrainConfig& c = a.c;
+  c.deadline = deadline_after(a.time_limit);
+  if (a.threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(a.threads).c_str(), 1);
+  const std::string dir = sp::data::resolve_cifar10_dir(a.data_dir);
+  const sp::data::Dataset train = sp::data::load_cifar10(dir, sp::data::Split::Train, a.train_limit);
+  const sp::data::Dataset test = sp::data::load_cifar10(dir, sp::data::Split::Test, a.test_limit);
   const auto result = sp::train::run_training(c, train, test);
   if (!result.epochs.empty())
-    std::printf("final test accuracy %.2f%% (%s, %d epochs)\n", 100 * result.epochs.back().test_acc, c.model.c_str(),
-                result.epochs.back().epoch);
+    std::printf("%s test accuracy %.2f%% (%s, %d of %d epochs)\n", result.stopped_at_deadline ? "stopped at the time limit:" : "final",
+                100 * result.epochs.back().test_acc, c.model.c_str(), result.epochs.back().epoch, c.epochs);
   return 0;
+}
+
+int sweep_main(int argc, char** argv) {
+  std::string jobs_file;
+  int parallel = 1, threads = 0;
+  double time_limit = 0;
+  const std::vector<Flag> flags = {
+      {"jobs", "FILE", "the runs, one per line: the arguments of a staleprop train command (quoted as in a shell; blank lines and lines starting with # are skipped); required", [&](const std::string& v) { jobs_file = v; }},
+      {"parallel", "N", "runs at once, each on its own host thread and streams (default 1: one after another)", [&](const std::string& v) { parallel = int(positive("parallel", std::stoll(v))); }},
+      {"time-limit", "SECONDS", "no run starts later than SECONDS after the sweep began, and each ends at the first epoch boundary where its next epoch would end later (see train --time-limit; default none)", [&](const std::string& v) { time_limit = std::stod(v); SP_CHECK(time_limit > 0, "--time-limit must be positive, got ", v); }},
+      {"threads", "N", "CPU threads, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
+  };
+  if (!parse_flags("sweep",
+                   "Runs several staleprop train runs in one process, up to --parallel at once. On a GPU their\n"
+                   "kernels then share the device as a decoupled pipeline's modules do, so small models that\n"
+                   "leave it partly idle can train faster together than one after another; each run gives the\n"
+                   "same bits as alone. --kernels, --mainloop, --deterministic and --threads are process-wide:\n"
+                   "all runs must agree. With --parallel > 1 each run needs its own --log FILE; peak memory is\n"
+                   "then the process's. Exits 1 if a run failed (the others go on).",
+                   flags, argc, argv))
+    return 0;
+  SP_CHECK(!jobs_file.empty(), "sweep: --jobs FILE is required");
+  std::ifstream in(jobs_file);
+  SP_CHECK(in.good(), "sweep: cannot read the jobs file '", jobs_file, "'");
+  std::vector<sp::train::SweepJob> jobs;
+  std::vector<TrainArgs> args;
+  int line_no = 0;
+  for (std::string line; std::getline(in, line);) {
+    ++line_no;
+    const std::string where = jobs_file + " line " + std::to_string(line_no);
+    const size_t first = line.find_first_not_of(" \t\r");
+    if (first == std::string::npos || line[first] == '#') continue;
+    TrainArgs a;
+    try {
+      std::vector<std::string> words = sp::train::split_command_line(line);
+      if (!words.empty() && words[0] == "train") words.erase(words.begin());
+      for (const std::string& w : words) SP_CHECK(w != "--help" && w != "-h", w, " has no place in a job");
+      std::vector<char*> argv_job;
+      for (std::string& w : words) argv_job.push_back(w.data());
+      parse_flags("train", kTrainWhat, train_flags(a), int(argv_job.size()), argv_job.data());
+      // The CPU threads are the process's: jobs may name them (as train does) if they agree.
+      if (a.threads > 0) {
+        SP_CHECK(threads == 0 || threads == a.threads, "--threads ", a.threads, " differs from the sweep's ",
+                 threads, " (or an earlier job's): the CPU threads are shared by all runs");
+        threads = a.threads;
+      }
+    } catch (const std::exception& e) {
+      throw sp::Error("sweep: " + where + ": " + e.what());
+    }
+    sp::train::SweepJob j;
+    const std::string& named = !a.c.metrics.empty() ? a.c.metrics : a.c.log;
+    j.name = named.empty() ? "line " + std::to_string(line_no) : file_stem(named);
+    j.cfg = a.c;
+    j.cfg.deadline = deadline_after(a.time_limit);
+    j.data_dir = a.data_dir;
+    j.train_limit = a.train_limit;
+    j.test_limit = a.test_limit;
+    jobs.push_back(std::move(j));
+  }
+  if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
+  sp::train::SweepOptions o;
+  o.parallel = parallel;
+  o.deadline = deadline_after(time_limit);
+  std::printf("staleprop sweep: %zu runs from %s, up to %d at once%s\n", jobs.size(), jobs_file.c_str(), parallel,
+              time_limit > 0 ? (", time limit " + std::to_string(int64_t(time_limit)) + " s").c_str() : "");
+  const auto outcomes = sp::train::run_sweep(std::move(jobs), o);
+  int counts[4] = {0, 0, 0, 0};
+  for (const auto& out : outcomes) ++counts[int(out.status)];
+  std::printf("staleprop sweep: %d finished, %d stopped at the time limit, %d not started, %d failed\n", counts[0],
+              counts[1], counts[2], counts[3]);
+  return counts[int(sp::train::SweepStatus::Failed)] > 0 ? 1 : 0;
 }
 
 // Flags shared by bench and study (everything but the method and the cuts).
@@ -502,6 +613,7 @@ int main(int argc, char** argv) {
     if (cmd == "demo") return demo_main(argc - 2, argv + 2);
     if (cmd == "bench") return bench_main(argc - 2, argv + 2);
     if (cmd == "study") return study_main(argc - 2, argv + 2);
+    if (cmd == "sweep") return sweep_main(argc - 2, argv + 2);
     std::fprintf(stderr, "staleprop: unknown command '%s'\n\n%s", cmd.c_str(), kTopUsage);
     return 2;
   } catch (const std::exception& e) {

@@ -44,13 +44,34 @@ std::string fmt_duration(double s) {
   return buf;
 }
 
+// Where a run's lines go: stdout, or the file of --log (appended, so a resumed run's lines
+// follow the earlier ones).
+class Output {
+ public:
+  explicit Output(const std::string& path) {
+    if (path.empty()) return;
+    file_ = std::fopen(path.c_str(), "a");
+    SP_CHECK(file_, "cannot open the log file '", path, "'");
+  }
+  ~Output() {
+    if (file_) std::fclose(file_);
+  }
+  Output(const Output&) = delete;
+  Output& operator=(const Output&) = delete;
+  std::FILE* get() const { return file_ ? file_ : stdout; }
+
+ private:
+  std::FILE* file_ = nullptr;
+};
+
 // Progress on the terminal: a redrawn bar on a TTY, plain lines otherwise.
 class Progress {
  public:
-  Progress(const std::string& mode, int64_t steps_per_epoch, int epochs) : spe_(steps_per_epoch), epochs_(epochs) {
+  Progress(const std::string& mode, int64_t steps_per_epoch, int epochs, std::FILE* out)
+      : out_(out), spe_(steps_per_epoch), epochs_(epochs) {
     SP_CHECK(mode == "auto" || mode == "bar" || mode == "plain" || mode == "none",
              "--progress must be auto, bar, plain or none, got '", mode, "'");
-    bar_ = mode == "bar" || (mode == "auto" && isatty(STDOUT_FILENO));
+    bar_ = mode == "bar" || (mode == "auto" && isatty(fileno(out)));
     quiet_ = mode == "none";
     plain_every_ = std::max<int64_t>(1, steps_per_epoch / 10);
   }
@@ -66,21 +87,22 @@ class Progress {
     if (st) std::snprintf(stats, sizeof stats, " loss %.4f acc %5.1f%%", st->mean_loss(), 100 * st->accuracy());
     if (bar_) {
       const int width = 24, filled = int(width * (index_in_epoch + 1) / std::max<int64_t>(1, spe_));
-      std::printf("\repoch %d/%d [%s%s] %lld/%lld%s lr %.4g %.0f img/s ETA %s   ", epoch + 1, epochs_,
+      std::fprintf(out_, "\repoch %d/%d [%s%s] %lld/%lld%s lr %.4g %.0f img/s ETA %s   ", epoch + 1, epochs_,
                   std::string(size_t(filled), '#').c_str(), std::string(size_t(width - filled), '.').c_str(),
                   (long long)(index_in_epoch + 1), (long long)spe_, stats, lr, ips, fmt_duration(eta_s).c_str());
     } else {
-      std::printf("epoch %d/%d step %lld/%lld%s lr %.4g %.0f img/s ETA %s\n", epoch + 1, epochs_,
+      std::fprintf(out_, "epoch %d/%d step %lld/%lld%s lr %.4g %.0f img/s ETA %s\n", epoch + 1, epochs_,
                   (long long)(index_in_epoch + 1), (long long)spe_, stats, lr, ips, fmt_duration(eta_s).c_str());
     }
-    std::fflush(stdout);
+    std::fflush(out_);
   }
   void end_epoch() {
-    if (bar_ && !quiet_) std::printf("\n");
+    if (bar_ && !quiet_) std::fputc('\n', out_);
   }
   bool quiet() const { return quiet_; }
 
  private:
+  std::FILE* out_;
   int64_t spe_;
   int epochs_;
   bool bar_ = false, quiet_ = false;
@@ -193,6 +215,7 @@ struct Run {
   std::unique_ptr<data::BatchLoader> loader;
   int64_t spe = 0;
   LrSchedule sched;
+  Output out;
   Progress progress;
   MetricsLog metrics;
   Clock::time_point start = Clock::now();
@@ -208,7 +231,8 @@ struct Run {
         loader(make_loader(c, train)),
         spe(loader->batches_per_epoch()),
         sched(make_schedule(c, spe)),
-        progress(c.progress, spe, c.epochs),
+        out(c.log),
+        progress(c.progress, spe, c.epochs, out.get()),
         metrics(c.metrics) {
     net.to(device, *stream);
   }
@@ -228,13 +252,18 @@ struct Run {
     std::string precision = cfg.precision == "bf16" ? ", bf16 mixed precision" : "";
     if (cfg.precision == "bf16" && device.is_cuda() && cfg.kernels != "vendor")
       precision += " (" + ops::tensor_core_mainloop_in_use() + " main loop)";
-    std::printf("staleprop train: %s (%.2fM parameters) on %s, %s, %lld train / %lld test images, batch %lld, "
-                "%d epochs of %lld steps%s\n",
+    std::fprintf(out.get(),
+                 "staleprop train: %s (%.2fM parameters) on %s, %s, %lld train / %lld test images, batch %lld, "
+                 "%d epochs of %lld steps%s%s\n",
                 cfg.model.c_str(), double(net.num_parameters()) / 1e6, device.str().c_str(),
                 (method + precision).c_str(),
                 (long long)train_set.size(), (long long)test_set.size(), (long long)cfg.batch_size, cfg.epochs,
                 (long long)spe,
-                device.is_cpu() ? (", " + std::to_string(kernels::cpu::num_threads()) + " CPU threads").c_str() : "");
+                device.is_cpu() ? (", " + std::to_string(kernels::cpu::num_threads()) + " CPU threads").c_str() : "",
+                 cfg.concurrent_runs > 1
+                     ? (", up to " + std::to_string(cfg.concurrent_runs) + " runs at once in this process").c_str()
+                     : "");
+    std::fflush(out.get());
   }
 
   // Checks a checkpoint against this run and returns the global step it was written at.
@@ -244,6 +273,15 @@ struct Run {
     SP_CHECK(meta["steps_per_epoch"] == std::to_string(spe) && meta["seed"] == std::to_string(cfg.seed), "--resume: ",
              cfg.resume, " was written with other data, batch size or seed (steps/epoch ", meta["steps_per_epoch"],
              ", seed ", meta["seed"], "); resume with the same settings");
+    // The learning rate at every step follows from these: another value would silently train on
+    // another schedule than the one the run began.
+    const auto same = [&](const char* key, const std::string& now, const char* flag) {
+      SP_CHECK(!meta.count(key) || meta[key] == now, "--resume: ", cfg.resume, " was written by a run with ", flag, " ",
+               meta[key], ", not ", now, "; resume with the same schedule");
+    };
+    same("epochs", std::to_string(cfg.epochs), "--epochs");
+    same("schedule", cfg.schedule, "--schedule");
+    same("lr", json_number(cfg.lr), "--lr");
     return std::stoll(meta["step"]);
   }
 
@@ -270,19 +308,46 @@ struct Run {
     }
     er.elapsed_s = seconds_since(start);
     result.epochs.push_back(er);
-    if (!progress.quiet())
-      std::printf("epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s%s | train peak mem "
-                  "%.0f MiB | %s elapsed\n",
-                  epoch + 1, cfg.epochs, er.train_loss, 100 * er.train_acc, er.test_loss, 100 * er.test_acc,
-                  er.images_per_s, extra.c_str(), double(mem.peak_allocated_bytes) / (1 << 20),
-                  fmt_duration(er.elapsed_s).c_str());
+    // Beside other runs (staleprop sweep) the allocator's peak is the process's, not this run's.
+    const char* peak_of = cfg.concurrent_runs > 1 ? " (process)" : "";
+    if (!progress.quiet()) {
+      std::fprintf(out.get(),
+                   "epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s%s | train peak "
+                   "mem%s %.0f MiB | %s elapsed\n",
+                   epoch + 1, cfg.epochs, er.train_loss, 100 * er.train_acc, er.test_loss, 100 * er.test_acc,
+                   er.images_per_s, extra.c_str(), peak_of, double(mem.peak_allocated_bytes) / (1 << 20),
+                   fmt_duration(er.elapsed_s).c_str());
+      std::fflush(out.get());
+    }
     metrics.write("{\"event\":\"epoch\",\"epoch\":" + std::to_string(epoch + 1) + ",\"step\":" +
                   std::to_string(step) + ",\"loss\":" + json_number(er.train_loss) + ",\"train_acc\":" +
                   json_number(er.train_acc) + ",\"test_loss\":" + json_number(er.test_loss) + ",\"test_acc\":" +
                   json_number(er.test_acc) + ",\"lr\":" + json_number(sched.at(step - 1)) + ",\"images_per_s\":" +
                   json_number(er.images_per_s) + ",\"elapsed_s\":" + json_number(er.elapsed_s) +
                   ",\"peak_allocated_bytes\":" + std::to_string(mem.peak_allocated_bytes) +
-                  ",\"peak_reserved_bytes\":" + std::to_string(mem.peak_reserved_bytes) + extra_json + "}");
+                  ",\"peak_reserved_bytes\":" + std::to_string(mem.peak_reserved_bytes) +
+                  (cfg.concurrent_runs > 1 ? ",\"concurrent_runs\":" + std::to_string(cfg.concurrent_runs) : "") +
+                  extra_json + "}");
+  }
+
+  // Called after epoch `epoch` (0-based) and its checkpoint, `epoch_secs` after the epoch
+  // began: true when the run is to end here because the next epoch, taking as long, would
+  // not end before cfg.deadline. Says so, and how to go on.
+  bool stop_at_deadline(int epoch, double epoch_secs) {
+    if (epoch + 1 >= cfg.epochs || cfg.deadline == Clock::time_point::max()) return false;
+    const auto next_end = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                             std::chrono::duration<double>(epoch_secs));
+    if (next_end <= cfg.deadline) return false;
+    result.stopped_at_deadline = true;
+    if (!progress.quiet()) {
+      std::fprintf(out.get(), "stopped after epoch %d of %d: the next (about %s) would pass the time limit; %s\n",
+                   epoch + 1, cfg.epochs, fmt_duration(epoch_secs).c_str(),
+                   cfg.checkpoint.empty()
+                       ? "no --checkpoint was given, so the run cannot be resumed"
+                       : ("go on with --resume " + checkpoint_path(cfg.checkpoint, epoch + 1)).c_str());
+      std::fflush(out.get());
+    }
+    return true;
   }
 };
 
@@ -338,7 +403,7 @@ TrainResult run_backprop(Run& run) {
                   [&] { return evaluate(trainer, run.test_set, cfg.eval_batch_size); });
     if (!cfg.checkpoint.empty())
       save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
-    if (stopped) break;
+    if (stopped || run.stop_at_deadline(epoch, seconds_since(epoch_start))) break;
   }
   run.result.steps = step;
   return run.result;
@@ -502,6 +567,7 @@ TrainResult run_pipelined(Run& run) {
     if (!cfg.checkpoint.empty())
       save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, const_opts,
                       run.metadata(step, "cuts", cuts_str(pc.cuts)), *run.stream);
+    if (run.stop_at_deadline(epoch, seconds_since(epoch_start))) break;
   }
   run.result.steps = step;
   return run.result;

@@ -3,6 +3,7 @@
 // checkpoints and exact resumption.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -40,6 +41,11 @@ struct TrainConfig {
   std::string resume;                              // checkpoint to resume from
   std::string metrics;                             // JSON-lines file (appended) when set
   std::string progress = "auto";                   // auto | bar | plain | none
+  std::string log;                                 // banner, progress and epoch lines: appended here, not stdout
+  // After an epoch, the run ends (its checkpoint written) when the next epoch, taking as long
+  // as the last one, would not end before this time; --resume goes on from there.
+  std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+  int concurrent_runs = 1;                         // > 1: run beside others in one process (staleprop sweep)
   int64_t stop_after_steps = -1;                   // end the run early after this global step
   // Decoupled training (engine/pipeline.h): bp with one module is plain backprop.
   std::string method = "bp";                       // bp | ddg | fdg
@@ -64,6 +70,7 @@ struct TrainResult {
   std::vector<EpochResult> epochs;
   int64_t steps = 0;
   int64_t graph_replays = 0;  // --graphs: module units replayed from graphs over the run
+  bool stopped_at_deadline = false;  // ended before its last epoch by TrainConfig::deadline
 };
 
 // Trains on `train_set`, evaluating on `test_set` (may be empty) after each epoch.

@@ -1,0 +1,258 @@
+// staleprop sweep on the CPU: runs side by side in one process give the bits they give alone;
+// the time limit ends runs at epoch boundaries they resume from exactly; a failing run leaves
+// the others running; jobs that cannot share a process are refused before anything runs; job
+// lines split as a shell splits them. Also run under ThreadSanitizer (tools/run_tests.sh).
+#include <gtest/gtest.h>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include "engine/safetensors.h"
+#include "kernels/common/error.h"
+#include "tests/error_testing.h"
+#include "tools/cifar10.h"
+#include "tools/sweep.h"
+#include "tools/train.h"
+
+using namespace sp;
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// A directory in the official binary layout: one file of 10,000 records (class-coloured
+// noise, so the runs learn something), and the other five names linked to it.
+struct CifarDir {
+  fs::path path;
+  CifarDir() {
+    char tmpl[] = "/tmp/staleprop-sweep-XXXXXX";
+    path = mkdtemp(tmpl);
+    std::mt19937 rng(7);
+    std::uniform_int_distribution<int> noise(0, 63);
+    std::string bytes;
+    bytes.reserve(size_t(data::kCifarRecordsPerFile * data::kCifarRecordBytes));
+    for (int64_t i = 0; i < data::kCifarRecordsPerFile; ++i) {
+      const int label = int(i * 7 % 10);
+      bytes += char(label);
+      for (int64_t p = 0; p < data::kCifarImageBytes; ++p)
+        bytes += char(uint8_t(20 * label + (p / 1024 == label % 3 ? 60 : 0) + noise(rng)));
+    }
+    std::ofstream(path / "data_batch_1.bin", std::ios::binary) << bytes;
+    for (const char* name : {"data_batch_2.bin", "data_batch_3.bin", "data_batch_4.bin", "data_batch_5.bin",
+                             "test_batch.bin"})
+      fs::create_symlink(path / "data_batch_1.bin", path / name);
+  }
+  ~CifarDir() { fs::remove_all(path); }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+const CifarDir& cifar() {
+  static CifarDir d;
+  return d;
+}
+
+// A tiny run: 2 steps of 8 images per epoch, 2 epochs, evaluated on 16 images.
+train::SweepJob job(const std::string& name, const std::string& method = "bp") {
+  train::SweepJob j;
+  j.name = name;
+  j.data_dir = cifar().path.string();
+  j.train_limit = 16;
+  j.test_limit = 16;
+  train::TrainConfig& c = j.cfg;
+  c.model = "resnet20";
+  c.batch_size = 8;
+  c.epochs = 2;
+  c.lr = 0.05f;
+  c.schedule = "cosine";
+  c.seed = 5;
+  c.progress = "plain";
+  c.method = method;
+  if (method != "bp") {
+    c.split_at = "4";  // fixed cuts: measured ones could differ between runs
+    c.shrink = 0.5f;
+  }
+  c.checkpoint = cifar().file(name + ".safetensors");
+  c.metrics = cifar().file(name + ".jsonl");
+  c.log = cifar().file(name + ".log");
+  return j;
+}
+
+train::TrainResult run_alone(train::SweepJob j) {
+  const auto train_set = data::load_cifar10(j.data_dir, data::Split::Train, j.train_limit);
+  const auto test_set = data::load_cifar10(j.data_dir, data::Split::Test, j.test_limit);
+  return train::run_training(j.cfg, train_set, test_set);
+}
+
+void expect_same_tensors(const std::string& a, const std::string& b) {
+  const io::SafetensorsFile fa = io::read_safetensors(a), fb = io::read_safetensors(b);
+  ASSERT_EQ(fa.tensors.size(), fb.tensors.size());
+  for (const io::TensorRecord& r : fa.tensors) {
+    const io::TensorRecord* o = fb.find(r.name);
+    ASSERT_NE(o, nullptr) << r.name;
+    EXPECT_TRUE(r.data == o->data) << r.name << " differs between " << a << " and " << b;
+  }
+}
+
+std::string read(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+TEST(Sweep, RunsSideBySideGiveTheBitsTheyGiveAlone) {
+  // Plain backprop and FDG over two modules (three CPU streams in all), twice each with other
+  // seeds, all four at once.
+  std::vector<train::SweepJob> jobs = {job("bp-a"), job("fdg-a", "fdg"), job("bp-b"), job("fdg-b", "fdg")};
+  jobs[2].cfg.seed = jobs[3].cfg.seed = 9;
+  std::vector<train::TrainResult> alone;
+  for (train::SweepJob j : jobs) {
+    j.cfg.checkpoint = cifar().file(j.name + "-alone.safetensors");
+    j.cfg.metrics = j.cfg.log = "";
+    j.cfg.progress = "none";
+    alone.push_back(run_alone(j));
+  }
+  train::SweepOptions o;
+  o.parallel = 4;
+  o.status = nullptr;
+  const auto outcomes = train::run_sweep(jobs, o);
+  ASSERT_EQ(outcomes.size(), jobs.size());
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    SCOPED_TRACE(jobs[i].name);
+    ASSERT_EQ(outcomes[i].status, train::SweepStatus::Finished) << outcomes[i].error;
+    ASSERT_EQ(outcomes[i].result.epochs.size(), 2u);
+    for (size_t e = 0; e < 2; ++e) {
+      EXPECT_EQ(outcomes[i].result.epochs[e].train_loss, alone[i].epochs[e].train_loss) << "epoch " << e + 1;
+      EXPECT_EQ(outcomes[i].result.epochs[e].test_loss, alone[i].epochs[e].test_loss) << "epoch " << e + 1;
+    }
+    expect_same_tensors(jobs[i].cfg.checkpoint, cifar().file(jobs[i].name + "-alone.safetensors"));
+    // Each run writes its own log and metrics, and says it shared the process.
+    const std::string log = read(jobs[i].cfg.log);
+    EXPECT_NE(log.find("up to 4 runs at once in this process"), std::string::npos) << log;
+    EXPECT_NE(log.find("epoch 2/2: train loss"), std::string::npos) << log;
+    EXPECT_NE(read(jobs[i].cfg.metrics).find("\"concurrent_runs\":4"), std::string::npos);
+  }
+  // Different seeds train differently: the comparison above can tell runs apart.
+  EXPECT_NE(alone[0].epochs[1].train_loss, alone[2].epochs[1].train_loss);
+}
+
+TEST(Sweep, TheTimeLimitEndsARunAtAnEpochBoundaryItResumesFromExactly) {
+  train::SweepJob whole = job("whole");
+  whole.cfg.epochs = 3;
+  const train::TrainResult uninterrupted = run_alone(whole);
+  ASSERT_FALSE(uninterrupted.stopped_at_deadline);
+
+  // A deadline already passed: the first epoch runs (nothing to estimate from before it), then
+  // the run ends there, its checkpoint written.
+  train::SweepJob cut = job("cut");
+  cut.cfg.epochs = 3;
+  cut.cfg.deadline = Clock::now();
+  const train::TrainResult first = run_alone(cut);
+  EXPECT_TRUE(first.stopped_at_deadline);
+  ASSERT_EQ(first.epochs.size(), 1u);
+  EXPECT_EQ(io::read_safetensors(cut.cfg.checkpoint).metadata.at("step"), "2");
+  EXPECT_NE(read(cut.cfg.log).find("stopped after epoch 1 of 3"), std::string::npos) << read(cut.cfg.log);
+  EXPECT_NE(read(cut.cfg.log).find("--resume " + cut.cfg.checkpoint), std::string::npos);
+
+  train::SweepJob rest = job("rest");
+  rest.cfg.epochs = 3;
+  rest.cfg.resume = cut.cfg.checkpoint;
+  const train::TrainResult second = run_alone(rest);
+  EXPECT_FALSE(second.stopped_at_deadline);
+  ASSERT_EQ(second.epochs.size(), 2u);
+  EXPECT_EQ(second.epochs.back().test_loss, uninterrupted.epochs.back().test_loss);
+  expect_same_tensors(rest.cfg.checkpoint, whole.cfg.checkpoint);
+
+  // The same for a pipelined run (it drains at epoch boundaries).
+  train::SweepJob fdg = job("fdg-cut", "fdg");
+  fdg.cfg.deadline = Clock::now();
+  EXPECT_TRUE(run_alone(fdg).stopped_at_deadline);
+  EXPECT_EQ(io::read_safetensors(fdg.cfg.checkpoint).metadata.at("step"), "2");
+
+  // A deadline far off changes nothing; the last epoch never stops "early".
+  train::SweepJob far = job("far");
+  far.cfg.epochs = 3;
+  far.cfg.deadline = Clock::now() + std::chrono::hours(1);
+  EXPECT_FALSE(run_alone(far).stopped_at_deadline);
+  expect_same_tensors(far.cfg.checkpoint, whole.cfg.checkpoint);
+
+  // A sweep whose time limit has passed starts nothing.
+  train::SweepOptions o;
+  o.status = nullptr;
+  o.deadline = Clock::now();
+  for (const auto& out : train::run_sweep({job("late-a"), job("late-b")}, o))
+    EXPECT_EQ(out.status, train::SweepStatus::NotStarted) << out.name;
+  EXPECT_FALSE(fs::exists(cifar().file("late-a.jsonl")));
+}
+
+TEST(Sweep, AFailedRunLeavesTheOthersRunning) {
+  std::vector<train::SweepJob> jobs = {job("bad"), job("good"), job("no-data")};
+  jobs[0].cfg.model = "resnet7";
+  jobs[2].data_dir = cifar().file("missing");
+  train::SweepOptions o;
+  o.parallel = 2;
+  std::FILE* status = std::tmpfile();
+  o.status = status;
+  const auto outcomes = train::run_sweep(jobs, o);
+  EXPECT_EQ(outcomes[0].status, train::SweepStatus::Failed);
+  EXPECT_NE(outcomes[0].error.find("resnet7"), std::string::npos) << outcomes[0].error;
+  EXPECT_NE(read(jobs[0].cfg.log).find("error: "), std::string::npos);
+  EXPECT_EQ(outcomes[1].status, train::SweepStatus::Finished) << outcomes[1].error;
+  EXPECT_EQ(outcomes[2].status, train::SweepStatus::Failed);
+  EXPECT_NE(outcomes[2].error.find("missing"), std::string::npos) << outcomes[2].error;
+  // The status lines name every run and how it ended.
+  std::rewind(status);
+  std::string lines;
+  for (int c; (c = std::fgetc(status)) != EOF;) lines += char(c);
+  std::fclose(status);
+  EXPECT_NE(lines.find("sweep: [2/3] good: finished after epoch 2 of 2: test accuracy"), std::string::npos) << lines;
+  EXPECT_NE(lines.find("sweep: [1/3] bad: failed: "), std::string::npos) << lines;
+  EXPECT_NE(lines.find("sweep: [3/3] no-data: failed: "), std::string::npos) << lines;
+}
+
+TEST(Sweep, RefusesJobsThatCannotShareAProcess) {
+  train::SweepOptions two;
+  two.parallel = 2;
+  two.status = nullptr;
+  auto same_file = [&] {
+    auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
+    jobs[1].cfg.metrics = jobs[0].cfg.metrics;
+    train::run_sweep(jobs, two);
+  };
+  test::expect_error(same_file, {"x", "y", "would both write", "x.jsonl", "--metrics"});
+  auto other_kernels = [&] {
+    auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
+    jobs[1].cfg.kernels = "vendor";
+    train::run_sweep(jobs, two);
+  };
+  test::expect_error(other_kernels, {"y asks for --kernels vendor", "process-wide"});
+  auto to_stdout = [&] {
+    auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
+    jobs[1].cfg.log.clear();
+    train::run_sweep(jobs, two);
+  };
+  test::expect_error(to_stdout, {"y would print to stdout", "--log FILE"});
+  test::expect_error([&] { train::run_sweep({}, two); }, {"no jobs"});
+  EXPECT_FALSE(fs::exists(cifar().file("x.jsonl"))) << "nothing runs when the jobs are refused";
+}
+
+TEST(Sweep, SplitsJobLinesAsAShellWould) {
+  using train::split_command_line;
+  EXPECT_EQ(split_command_line("  --model resnet56\t--epochs 3 "),
+            (std::vector<std::string>{"--model", "resnet56", "--epochs", "3"}));
+  // What Python's shlex.join writes for awkward words.
+  EXPECT_EQ(split_command_line("--log 'a b.log' --data 'it'\"'\"'s' --x ''"),
+            (std::vector<std::string>{"--log", "a b.log", "--data", "it's", "--x", ""}));
+  EXPECT_EQ(split_command_line(R"(--a "say \"hi\" \n" --b a\ b)"),
+            (std::vector<std::string>{"--a", "say \"hi\" \\n", "--b", "a b"}));
+  EXPECT_TRUE(split_command_line("   ").empty());
+  test::expect_error([] { split_command_line("--log 'open"); }, {"unterminated '"});
+  test::expect_error([] { split_command_line("--log \"open"); }, {"unterminated \""});
+}
+
+}  // namespace

@@ -1,0 +1,200 @@
+#include "tools/sweep.h"
+
+#include <algorithm>
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <tuple>
+
+#include "kernels/common/error.h"
+#include "tools/cifar10.h"
+
+namespace sp::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// The files a job writes, by flag: no two jobs may name the same one.
+std::vector<std::pair<std::string, std::string>> outputs(const TrainConfig& c) {
+  std::vector<std::pair<std::string, std::string>> out;
+  if (!c.log.empty()) out.emplace_back("--log", c.log);
+  if (!c.metrics.empty()) out.emplace_back("--metrics", c.metrics);
+  if (!c.checkpoint.empty()) out.emplace_back("--checkpoint", c.checkpoint);
+  if (!c.trace.empty()) out.emplace_back("--trace", c.trace);
+  return out;
+}
+
+void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
+  SP_CHECK(opts.parallel >= 1, "sweep: --parallel must be at least 1, got ", opts.parallel);
+  SP_CHECK(!jobs.empty(), "sweep: no jobs");
+  const TrainConfig& first = jobs.front().cfg;
+  std::map<std::string, std::string> writer;  // file -> the job writing it
+  for (const SweepJob& j : jobs) {
+    // --kernels, --mainloop and --deterministic set process-wide state (engine/ops.h), so
+    // every run of one process must ask for the same.
+    SP_CHECK(j.cfg.kernels == first.kernels && j.cfg.mainloop == first.mainloop &&
+                 j.cfg.deterministic == first.deterministic,
+             "sweep: ", j.name, " asks for --kernels ", j.cfg.kernels, ", --mainloop '", j.cfg.mainloop,
+             "', --deterministic ", j.cfg.deterministic ? "on" : "off", " but ", jobs.front().name, " for --kernels ",
+             first.kernels, ", --mainloop '", first.mainloop, "', --deterministic ",
+             first.deterministic ? "on" : "off", ": these are process-wide, so the runs of one sweep must agree");
+    SP_CHECK(opts.parallel == 1 || jobs.size() == 1 || !j.cfg.log.empty() || j.cfg.progress == "none", "sweep: ",
+             j.name, " would print to stdout beside other runs: give it --log FILE (or --progress none)");
+    for (const auto& [flag, file] : outputs(j.cfg)) {
+      auto [it, fresh] = writer.emplace(file, j.name);
+      SP_CHECK(fresh, "sweep: ", j.name, " and ", it->second, " would both write ", file, " (", flag, ")");
+    }
+  }
+}
+
+// Appends a failed run's error to its log, so the log alone tells what happened.
+void log_error(const TrainConfig& c, const std::string& what) {
+  if (c.log.empty()) return;
+  if (std::FILE* f = std::fopen(c.log.c_str(), "a")) {
+    std::fprintf(f, "error: %s\n", what.c_str());
+    std::fclose(f);
+  }
+}
+
+std::string describe(const SweepOutcome& o, int epochs_wanted) {
+  char buf[160];
+  const auto& e = o.result.epochs;
+  switch (o.status) {
+    case SweepStatus::Finished:
+    case SweepStatus::StoppedAtDeadline:
+      if (e.empty()) return std::string(sweep_status_name(o.status)) + ", no epoch ended";
+      std::snprintf(buf, sizeof buf, "%s after epoch %d of %d: test accuracy %.2f%%, %.0f s",
+                    sweep_status_name(o.status), e.back().epoch, epochs_wanted, 100 * e.back().test_acc, o.seconds);
+      return buf;
+    case SweepStatus::NotStarted:
+      return "not started: the time limit had passed";
+    case SweepStatus::Failed:
+      return "failed: " + o.error;
+  }
+  return "?";
+}
+
+}  // namespace
+
+const char* sweep_status_name(SweepStatus s) {
+  switch (s) {
+    case SweepStatus::Finished: return "finished";
+    case SweepStatus::StoppedAtDeadline: return "stopped at the time limit";
+    case SweepStatus::NotStarted: return "not started";
+    case SweepStatus::Failed: return "failed";
+  }
+  return "?";
+}
+
+std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptions& opts) {
+  check_jobs(jobs, opts);
+  const size_t n = jobs.size();
+  const int concurrent = int(std::min<size_t>(size_t(opts.parallel), n));
+  std::vector<SweepOutcome> outcomes(n);
+
+  // The data, read once for all jobs that ask for the same (nodes of a map do not move).
+  using Key = std::tuple<std::string, int, int64_t>;
+  std::map<Key, data::Dataset> sets;
+  std::vector<const data::Dataset*> train_of(n, nullptr), test_of(n, nullptr);
+  for (size_t i = 0; i < n; ++i) {
+    outcomes[i].name = jobs[i].name;
+    try {
+      const std::string dir = data::resolve_cifar10_dir(jobs[i].data_dir);
+      auto get = [&](data::Split split, int64_t limit) {
+        const Key key{dir, int(split), limit};
+        auto it = sets.find(key);
+        if (it == sets.end()) it = sets.emplace(key, data::load_cifar10(dir, split, limit)).first;
+        return &it->second;
+      };
+      train_of[i] = get(data::Split::Train, jobs[i].train_limit);
+      test_of[i] = get(data::Split::Test, jobs[i].test_limit);
+    } catch (const std::exception& e) {
+      outcomes[i].status = SweepStatus::Failed;
+      outcomes[i].error = e.what();
+      log_error(jobs[i].cfg, e.what());
+    }
+  }
+
+  std::mutex print_mu;
+  auto say = [&](size_t i, const std::string& what) {
+    if (!opts.status) return;
+    std::lock_guard<std::mutex> lk(print_mu);
+    std::fprintf(opts.status, "sweep: [%zu/%zu] %s: %s\n", i + 1, n, jobs[i].name.c_str(), what.c_str());
+    std::fflush(opts.status);
+  };
+  std::atomic<size_t> next{0};
+  auto worker = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < n;) {
+      SweepOutcome& o = outcomes[i];
+      if (o.status == SweepStatus::Failed) {
+        say(i, describe(o, jobs[i].cfg.epochs));
+        continue;
+      }
+      if (Clock::now() >= opts.deadline) {
+        say(i, describe(o, jobs[i].cfg.epochs));
+        continue;
+      }
+      TrainConfig cfg = jobs[i].cfg;
+      cfg.deadline = std::min(cfg.deadline, opts.deadline);
+      cfg.concurrent_runs = concurrent;
+      say(i, "started" + (cfg.log.empty() ? std::string() : ", output in " + cfg.log));
+      const auto t0 = Clock::now();
+      try {
+        o.result = run_training(cfg, *train_of[i], *test_of[i]);
+        o.status = o.result.stopped_at_deadline ? SweepStatus::StoppedAtDeadline : SweepStatus::Finished;
+      } catch (const std::exception& e) {
+        o.status = SweepStatus::Failed;
+        o.error = e.what();
+        log_error(cfg, e.what());
+      }
+      o.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+      say(i, describe(o, cfg.epochs));
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int t = 1; t < concurrent; ++t) threads.emplace_back(worker);
+  worker();
+  for (std::thread& t : threads) t.join();
+  return outcomes;
+}
+
+std::vector<std::string> split_command_line(const std::string& line) {
+  std::vector<std::string> words;
+  std::string word;
+  bool in_word = false;
+  for (size_t i = 0; i < line.size(); ++i) {
+    const char c = line[i];
+    if (c == ' ' || c == '\t' || c == '\n' || c == '\r') {
+      if (in_word) words.push_back(word), word.clear(), in_word = false;
+    } else if (c == '\'') {
+      const size_t end = line.find('\'', i + 1);
+      SP_CHECK(end != std::string::npos, "unterminated ' in: ", line);
+      word += line.substr(i + 1, end - i - 1);
+      in_word = true;
+      i = end;
+    } else if (c == '"') {
+      in_word = true;
+      for (++i;; ++i) {
+        SP_CHECK(i < line.size(), "unterminated \" in: ", line);
+        if (line[i] == '"') break;
+        if (line[i] == '\\' && i + 1 < line.size() && std::string("\"\\$`").find(line[i + 1]) != std::string::npos)
+          ++i;
+        word += line[i];
+      }
+    } else if (c == '\\') {
+      SP_CHECK(i + 1 < line.size(), "a backslash ends: ", line);
+      word += line[++i];
+      in_word = true;
+    } else {
+      word += c;
+      in_word = true;
+    }
+  }
+  if (in_word) words.push_back(word);
+  return words;
+}
+
+}  // namespace sp::train

@@ -1,0 +1,58 @@
+// Several training runs at once in one process (`staleprop sweep`): each run on its own host
+// thread with its own streams, so on a GPU their kernels share the device the way a decoupled
+// pipeline's modules do, filling what one small model leaves idle. Runs are independent: each
+// gives the same bits as it would alone (the kernels are deterministic and no buffer is
+// shared; tests/test_sweep.cpp checks it). What they share: the process-wide settings
+// (--kernels, --mainloop, --deterministic, CPU threads), the data sets they load alike, and
+// the caching allocator, whose peak each run then reports as the process's.
+#pragma once
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "tools/train.h"
+
+namespace sp::train {
+
+// One run, as `staleprop train` would be given it.
+struct SweepJob {
+  std::string name;  // shown in the sweep's status lines
+  TrainConfig cfg;
+  std::string data_dir;  // as --data: resolved by data::resolve_cifar10_dir
+  int64_t train_limit = -1, test_limit = -1;
+};
+
+enum class SweepStatus { Finished, StoppedAtDeadline, NotStarted, Failed };
+const char* sweep_status_name(SweepStatus s);
+
+struct SweepOutcome {
+  std::string name;
+  SweepStatus status = SweepStatus::NotStarted;
+  std::string error;  // Failed: what was thrown
+  TrainResult result;
+  double seconds = 0;  // wall time of the run
+};
+
+struct SweepOptions {
+  int parallel = 1;  // runs at once
+  // No run starts at or after it, and each run ends at the first epoch boundary where its next
+  // epoch would pass it (TrainConfig::deadline), leaving its checkpoint to resume from.
+  std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+  std::FILE* status = stdout;  // a line when each run starts and ends (null: none)
+};
+
+// Runs the jobs, up to opts.parallel at once, in the order given. Throws sp::Error before any
+// run starts when the jobs cannot share a process: different process-wide settings, two jobs
+// writing the same file, or (with parallel > 1) a job printing to stdout instead of a --log.
+// A run that fails is reported in its outcome (and at the end of its --log); the others go on.
+std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptions& opts);
+
+// The words of a job line, as a POSIX shell splits them without expansions: blanks separate
+// words; '...' is literal; "..." is literal but for \" \\ \$ \`; a backslash outside quotes
+// keeps the next character. Python's shlex.join() output splits back to its words. Throws on
+// an unterminated quote.
+std::vector<std::string> split_command_line(const std::string& line);
+
+}  // namespace sp::train
