@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """The decoupled-training accuracy table: models x methods x K, beside FDG's published errors.
 
-Runs `staleprop train` once per cell (model, method, K) and keeps each cell's metrics under
-OUT, so the table can be filled over several short GPU sessions: `run` skips the cells whose
-metrics already end at the requested epoch count and stops starting new ones when its time
-budget is spent; `table` turns whatever is there into Markdown.
+Trains each cell (model, method, K) with `staleprop train` and keeps its metrics under OUT, so
+the table can be filled over several short GPU sessions: `run` skips the cells whose metrics
+already end at the requested epoch count and trains the others in one `staleprop sweep`, up to
+--parallel at once (they share the GPU, which one small model leaves partly idle). Each cell
+checkpoints every epoch under --state; a cell that the time budget stops at an epoch boundary
+resumes there on the next call, bit for bit as if it had not stopped. `table` turns whatever is
+there into Markdown.
 
     tools/accuracy_table.py run --staleprop build-gpu/tools/staleprop --out runs/r56 \\
-        --models resnet56 --splits 1,2,3,4 --methods bp,ddg,fdg --epochs 30 --budget 540 \\
+        --models resnet56 --splits 1,2,3,4 --methods bp,ddg,fdg --epochs 30 --budget 540 --parallel 7 \\
         -- --device cuda --precision bf16 --lr 0.1 --schedule cosine --weight-decay 5e-4 --nesterov
     tools/accuracy_table.py table --out runs/r56 > table.md
 
@@ -15,15 +18,16 @@ Cells: `bp` runs at K = 1 only (every method is plain backprop at K = 1, bit for
 locked pipeline computes plain backprop at any K), `ddg` and `fdg` at each K >= 2 of --splits,
 with FDG's published cut points (`--split-at fdg`) and the shrink factor --shrink (FDG: 0.5).
 Arguments after `--` go to every `staleprop train` call unchanged (device, precision, recipe).
-Each cell writes NAME.jsonl (the metrics), NAME.log (the output) and NAME.cmd (the command).
+Each cell writes NAME.jsonl (the metrics), NAME.log (the output) and NAME.cmd (the command) under
+OUT, and NAME.safetensors (its last epoch's checkpoint) under --state.
 """
 import argparse
 import json
 import os
 import shlex
+import struct
 import subprocess
 import sys
-import time
 
 # Test error (%) reported by FDG (Zhuang et al., arXiv 1906.09108) for ResNet-56 on CIFAR-10:
 # 300 epochs, shrink factor 0.5. Only the figures the project's issue quotes.
@@ -60,47 +64,92 @@ def read_epochs(path):
     return epochs
 
 
+def checkpoint_epoch(path):
+    """The epoch a staleprop checkpoint was written at (its metadata's step / steps_per_epoch), or None."""
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            meta = json.loads(f.read(n)).get("__metadata__", {})
+        return int(meta["step"]) // int(meta["steps_per_epoch"])
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+
+
+def keep_epochs(path, last):
+    """Drops the metrics records of epochs after `last` (written after the checkpoint a run resumes from)."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if event.get("epoch", 0) <= last:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
 def run(args, extra):
+    """Runs the unfinished cells in one `staleprop sweep`, up to --parallel at once, resuming each
+    cell from the checkpoint of its last finished epoch (kept under --state)."""
     os.makedirs(args.out, exist_ok=True)
-    start = time.time()
-    seconds_per_epoch = {}  # model -> seconds per epoch of the cells done in this call
-    todo = list(cells(args.models, args.splits, args.methods))
-    for model, method, k in todo:
+    state = args.state or args.out
+    os.makedirs(state, exist_ok=True)
+    jobs, names = [], []
+    for model, method, k in cells(args.models, args.splits, args.methods):
         name = cell_name(model, method, k)
-        metrics = os.path.join(args.out, name + ".jsonl")
+        metrics, log = os.path.join(args.out, name + ".jsonl"), os.path.join(args.out, name + ".log")
+        ckpt = os.path.join(state, name + ".safetensors")
         done = read_epochs(metrics)
         if done and done[-1]["epoch"] >= args.epochs:
             print(f"{name}: done ({done[-1]['epoch']} epochs), skipped", flush=True)
             continue
-        left = args.budget - (time.time() - start)
-        estimate = seconds_per_epoch.get(model, 0.0) * args.epochs
-        if left <= 0 or estimate > left:
-            print(f"{name}: not started ({left:.0f} s of the budget left, estimate {estimate:.0f} s)", flush=True)
+        if args.budget <= 0:
+            print(f"{name}: not started (no budget left)", flush=True)
             continue
-        if os.path.exists(metrics):
-            os.remove(metrics)  # a cell cut short earlier starts again
-        cmd = [args.staleprop, "train", "--model", model, "--method", method, "--split", str(k), "--epochs",
-               str(args.epochs), "--metrics", metrics, "--progress", "plain"]
+        cmd = ["train", "--model", model, "--method", method, "--split", str(k), "--epochs", str(args.epochs),
+               "--metrics", metrics, "--log", log, "--progress", "plain", "--checkpoint", ckpt]
         if k > 1:
             cmd += ["--split-at", "fdg", "--shrink", str(args.shrink)]
         cmd += extra
         with open(os.path.join(args.out, name + ".cmd"), "w") as f:
-            f.write(shlex.join(cmd) + "\n")
-        print(f"{name}: {shlex.join(cmd)}", flush=True)
-        t0 = time.time()
-        with open(os.path.join(args.out, name + ".log"), "w") as log:
-            try:
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=max(1.0, args.budget - (time.time() - start))).returncode
-            except subprocess.TimeoutExpired:
-                rc = 124  # the budget ran out: the cell stays incomplete and runs again next time
-        took = time.time() - t0
-        epochs = read_epochs(metrics)
-        if rc != 0 or not epochs or epochs[-1]["epoch"] < args.epochs:
-            print(f"{name}: failed (exit {rc}); see {name}.log", flush=True)
-            continue
-        seconds_per_epoch[model] = max(seconds_per_epoch.get(model, 0.0), took / args.epochs)
-        print(f"{name}: test accuracy {100 * epochs[-1]['test_acc']:.2f}% in {took:.0f} s", flush=True)
+            f.write(shlex.join([args.staleprop] + cmd) + "\n")
+        # Resume from the last finished epoch when its metrics are all there; else start over.
+        resumed = checkpoint_epoch(ckpt)
+        if resumed is not None and 0 < resumed < args.epochs and [e["epoch"] for e in done][:resumed] == list(
+                range(1, resumed + 1)):
+            keep_epochs(metrics, resumed)
+            cmd += ["--resume", ckpt]
+            print(f"{name}: resumes after epoch {resumed} of {args.epochs}", flush=True)
+        else:
+            for stale in (metrics, log, ckpt):
+                if os.path.exists(stale):
+                    os.remove(stale)
+        jobs.append(shlex.join(cmd))
+        names.append(name)
+    if not jobs:
+        return 0
+    jobs_file = os.path.join(state, "sweep-jobs.txt")
+    with open(jobs_file, "w") as f:
+        f.write("\n".join(jobs) + "\n")
+    sweep = [args.staleprop, "sweep", "--jobs", jobs_file, "--parallel", str(args.parallel), "--time-limit",
+             str(args.budget)]
+    print(f"{len(jobs)} cells: {shlex.join(sweep)}", flush=True)
+    try:
+        # The sweep ends runs at epoch boundaries inside the budget; the timeout only guards
+        # against a run whose single epoch outlasts it.
+        rc = subprocess.run(sweep, timeout=2 * args.budget + 60).returncode
+    except subprocess.TimeoutExpired:
+        rc = 124
+    for name in names:
+        epochs = read_epochs(os.path.join(args.out, name + ".jsonl"))
+        if epochs and epochs[-1]["epoch"] >= args.epochs:
+            print(f"{name}: test accuracy {100 * epochs[-1]['test_acc']:.2f}% after {args.epochs} epochs", flush=True)
+        elif epochs:
+            print(f"{name}: {epochs[-1]['epoch']} of {args.epochs} epochs; the next call resumes it", flush=True)
+        else:
+            print(f"{name}: no epoch finished (sweep exit {rc}); see {name}.log", flush=True)
     return 0
 
 
@@ -126,11 +175,14 @@ def table(args):
             if "--epochs" in words:
                 wanted = int(words[words.index("--epochs") + 1])
         busy = "/".join(f"{m['busy_pct']:.0f}" for m in last.get("modules", [])) or "–"
+        # Cells trained beside others (sweep --parallel) share the GPU: their img/s is their share,
+        # and the peak memory the process's.
+        shared = max(e.get("concurrent_runs", 1) for e in epochs)
         rows.append({
             "model": model, "method": method, "k": k,
             "epochs": f"{last['epoch']}" + (f" of {wanted}" if wanted and wanted != last["epoch"] else ""),
             "error": 100 * (1 - last["test_acc"]), "best": 100 * (1 - max(e["test_acc"] for e in epochs)),
-            "ips": sum(e["images_per_s"] for e in epochs) / len(epochs), "busy": busy,
+            "ips": sum(e["images_per_s"] for e in epochs) / len(epochs), "busy": busy, "shared": shared,
             "peak": last.get("peak_allocated_bytes", 0) / 2**20,
             "published": PUBLISHED_ERROR.get((model, method, k)),
         })
@@ -141,8 +193,10 @@ def table(args):
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pub = f"{r['published']:.2f}" if r["published"] is not None else "–"
+        shared = f" (up to {r['shared']} at once)" if r["shared"] > 1 else ""
+        peak = f"{r['peak']:,.0f}" + (" (process)" if r["shared"] > 1 else "")
         out.append(f"| {r['model']} | {r['method']} | {r['k']} | {r['epochs']} | {r['error']:.2f} | {r['best']:.2f} | "
-                   f"{r['ips']:,.0f} | {r['busy']} | {r['peak']:,.0f} | {pub} |")
+                   f"{r['ips']:,.0f}{shared} | {r['busy']} | {peak} | {pub} |")
     print("\n".join(out))
     return 0 if rows else 1
 
@@ -162,8 +216,14 @@ def main():
     ap.add_argument("--methods", default="bp,ddg,fdg", type=lambda s: s.split(","))
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--shrink", type=float, default=0.5, help="shrink factor of the decoupled cells (FDG: 0.5)")
-    ap.add_argument("--budget", type=float, default=540, help="seconds: no cell starts that would not end inside")
+    ap.add_argument("--budget", type=float, default=540,
+                    help="seconds: cells stop at the last epoch boundary inside it and resume on the next call")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="cells trained at once in one process (staleprop sweep), sharing the GPU")
+    ap.add_argument("--state", help="directory of the cells' checkpoints, to resume from (default: --out)")
     args = ap.parse_args(argv)
+    if args.parallel < 1:
+        ap.error("--parallel must be at least 1")
     for method in args.methods:
         if method not in ("bp", "ddg", "fdg"):
             ap.error(f"unknown method {method!r} (bp, ddg, fdg)")

@@ -2,10 +2,19 @@
 # An accuracy call on the lent GPU machine: fills cells of the decoupled accuracy table
 # (tools/accuracy_table.py) until DEADLINE seconds (default 540), on the staleprop binary that
 # tools/gpu_prepare.sh carried (.carry/bin/staleprop; STALEPROP overrides), so no build is needed.
-# Everything comes back as $OUT/table.tgz, plus the table as $OUT/table.md. To go on from an
-# earlier call, commit its cells (bench/results/...) and name that folder in FROM: its cells are
-# copied in first, and the finished ones are skipped.
-#   MODELS (resnet56), SPLITS (1,2,3,4), METHODS (bp,ddg,fdg), EPOCHS (30), SHRINK (0.5)
+#
+# The cells train PARALLEL at once in one process (staleprop sweep; default 7, every ResNet-56
+# cell), sharing the GPU. Their metrics, logs and commands live in STATE/table and their
+# checkpoints (one per cell, rewritten every epoch) in STATE/ckpt; STATE (default
+# gpu-state/table) is git-ignored, so on a warm machine it stays between calls and a cell the
+# deadline stopped resumes at its last epoch on the next call, bit for bit.
+#
+# What comes back: $OUT/table.tgz (the cells), $OUT/table.md (the table) and, when it fits the
+# 16 MiB a returned file may have (about two ResNet-56 cells), $OUT/state.tgz with the
+# checkpoints of the unfinished cells. For a later session, commit the cells (bench/results/...)
+# and name that folder in FROM, and carry state.tgz and name it in FROM_STATE: those cells then
+# resume too; the others start again.
+#   MODELS (resnet56), SPLITS (1,2,3,4), METHODS (bp,ddg,fdg), EPOCHS (30), SHRINK (0.5), PARALLEL (7)
 #   TRAIN_ARGS  the recipe, passed to every staleprop train
 #               (default: --device cuda --precision bf16 --lr 0.1 --schedule cosine
 #                --weight-decay 5e-4 --nesterov --batch-size 128 --graphs)
@@ -13,7 +22,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
-mkdir -p "$OUT/table"
+STATE=${STATE:-gpu-state/table}
+EPOCHS=${EPOCHS:-30}
+mkdir -p "$OUT" "$STATE/table" "$STATE/ckpt"
 DEADLINE=${DEADLINE:-540}
 source tools/gpu_env.sh
 if [ -z "${DATA_DIR:-}" ]; then
@@ -21,15 +32,37 @@ if [ -z "${DATA_DIR:-}" ]; then
   python3 .carry/data/unpack_cifar10.py .carry/data/cifar10-jpeg.pack.gz "$DATA_DIR" > /dev/null || exit 1
 fi
 if [ -n "${FROM:-}" ]; then
-  cp "$FROM"/*.jsonl "$FROM"/*.cmd "$OUT/table/" 2>/dev/null
-  cp "$FROM"/*.log "$OUT/table/" 2>/dev/null
+  cp "$FROM"/*.jsonl "$FROM"/*.cmd "$STATE/table/" 2>/dev/null
+  cp "$FROM"/*.log "$STATE/table/" 2>/dev/null
+fi
+if [ -n "${FROM_STATE:-}" ]; then
+  tar xzf "$FROM_STATE" -C "$STATE/ckpt" || exit 1
 fi
 TRAIN_ARGS=${TRAIN_ARGS:-"--device cuda --precision bf16 --lr 0.1 --schedule cosine --weight-decay 5e-4 --nesterov \
 --batch-size 128 --graphs"}
-# The table's own budget leaves time to pack the results.
-python3 tools/accuracy_table.py run --staleprop "${STALEPROP:-.carry/bin/staleprop}" --out "$OUT/table" \
-  --models "${MODELS:-resnet56}" --splits "${SPLITS:-1,2,3,4}" --methods "${METHODS:-bp,ddg,fdg}" \
-  --epochs "${EPOCHS:-30}" --shrink "${SHRINK:-0.5}" --budget $((DEADLINE - SECONDS - 20)) \
-  -- --data "$DATA_DIR" $TRAIN_ARGS
-python3 tools/accuracy_table.py table --out "$OUT/table" | tee "$OUT/table.md"
-tar czf "$OUT/table.tgz" -C "$OUT" table && rm -rf "${OUT:?}/table"
+# The table's own budget leaves time for one epoch past it (a run's first epoch after a start or
+# resume has nothing to be estimated from) and to pack the results.
+python3 tools/accuracy_table.py run --staleprop "${STALEPROP:-.carry/bin/staleprop}" --out "$STATE/table" \
+  --state "$STATE/ckpt" --models "${MODELS:-resnet56}" --splits "${SPLITS:-1,2,3,4}" \
+  --methods "${METHODS:-bp,ddg,fdg}" --epochs "$EPOCHS" --shrink "${SHRINK:-0.5}" --parallel "${PARALLEL:-7}" \
+  --budget $((DEADLINE - SECONDS - 45)) -- --data "$DATA_DIR" $TRAIN_ARGS
+python3 tools/accuracy_table.py table --out "$STATE/table" | tee "$OUT/table.md"
+tar czf "$OUT/table.tgz" -C "$STATE" table
+# The checkpoints of the cells still to finish (written before their last epoch).
+TOOLS_DIR=$PWD/tools
+mapfile -t unfinished < <(cd "$STATE/ckpt" && python3 -c '
+import glob, sys
+sys.path.insert(0, sys.argv[2])
+from accuracy_table import checkpoint_epoch
+for f in sorted(glob.glob("*.safetensors")):
+    e = checkpoint_epoch(f)
+    if e is not None and e < int(sys.argv[1]):
+        print(f)' "$EPOCHS" "$TOOLS_DIR")
+if [ ${#unfinished[@]} -gt 0 ]; then
+  tar czf "$OUT/state.tgz" -C "$STATE/ckpt" "${unfinished[@]}"
+  if [ "$(stat -c %s "$OUT/state.tgz")" -gt $((16 * 1024 * 1024)) ]; then
+    echo "gpu_accuracy.sh: the checkpoints of ${#unfinished[@]} unfinished cells exceed 16 MiB; they stay in" \
+      "$STATE/ckpt (on this machine while it is warm) and do not come back" >&2
+    rm -f "$OUT/state.tgz"
+  fi
+fi

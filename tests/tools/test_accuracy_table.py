@@ -3,16 +3,20 @@
 
 Writes a CIFAR-10 binary set of the official shape (5 training files and a test file of
 10,000 records; labels 0-9, flat images), runs the table's cells for ResNet-20 at K = 1, 2, 3
-with bp, ddg and fdg on 64 images for one epoch, and checks that:
+with bp, ddg and fdg on 64 images for one epoch, two at once, and checks that:
   - each cell ran once: bp at K = 1 only, ddg and fdg at K = 2 and 3 with FDG's cuts and the
     shrink factor;
-  - a second run skips the finished cells, a cell cut short runs again, and no cell starts
-    when the budget is spent;
-  - the Markdown table has one row per cell with its busy shares and FDG's published figure
-    only where one exists.
+  - a second run skips the finished cells, a cell whose metrics lost their epoch starts again,
+    and no cell starts when the budget is spent;
+  - a cell stopped after its first of two epochs resumes from its checkpoint, dropping the
+    records written after it, and ends as the uninterrupted run does;
+  - the Markdown table has one row per cell with its busy shares, its img/s marked as shared
+    with the cells beside it, and FDG's published figure only where one exists.
 """
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +32,10 @@ def write_cifar(directory):
     for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
         with open(os.path.join(directory, name), "wb") as f:
             f.write(batch)
+
+
+def read_epochs(path):
+    return [e for e in (json.loads(l) for l in open(path)) if e.get("event") == "epoch"]
 
 
 def run(*args):
@@ -50,8 +58,8 @@ def main():
                   "bp,ddg,fdg", "--epochs", "1", "--shrink", "0.5"]
         train = ["--", "--data", data, "--train-limit", "64", "--test-limit", "64", "--batch-size", "16",
                  "--threads", "2"]
-        rc, log = run("run", *common, "--budget", "600", *train)
-        check(rc == 0, "the first run succeeds", log)
+        rc, log = run("run", *common, "--budget", "600", "--parallel", "2", *train)
+        check(rc == 0 and "--parallel 2" in log, "the first run succeeds, two cells at once", log)
         cells = sorted(f[:-6] for f in os.listdir(out) if f.endswith(".jsonl"))
         check(cells == ["resnet20-bp-K1", "resnet20-ddg-K2", "resnet20-ddg-K3", "resnet20-fdg-K2", "resnet20-fdg-K3"],
               f"the cells run: {cells}", log)
@@ -62,14 +70,14 @@ def main():
         rc, log = run("run", *common, "--budget", "600", *train)
         check(rc == 0 and log.count("skipped") == 5, "a second run skips every finished cell", log)
 
-        # A cell cut short (its metrics end early) runs again; the others stay as they are.
+        # A cell whose metrics lost their epoch starts again; the others stay as they are.
         path = os.path.join(out, "resnet20-ddg-K3.jsonl")
         lines = open(path).read().splitlines()
         with open(path, "w") as f:
             f.write("\n".join(l for l in lines if json.loads(l).get("event") != "epoch") + "\n")
         rc, log = run("run", *common, "--budget", "600", *train)
-        check(rc == 0 and log.count("skipped") == 4 and "resnet20-ddg-K3: test accuracy" in log,
-              "only the incomplete cell runs again", log)
+        check(rc == 0 and log.count("skipped") == 4 and "resnet20-ddg-K3: test accuracy" in log and
+              "resumes" not in log, "only the incomplete cell runs again, from the start", log)
 
         rc, log = run("run", *common[:3], os.path.join(tmp, "empty"), *common[4:], "--budget", "0", *train)
         check(rc == 0 and log.count("not started") == 5, "no cell starts without budget", log)
@@ -83,8 +91,42 @@ def main():
         cols = [c.strip() for c in fdg[0].strip("|").split("|")]
         check(len(cols) == 10 and cols[7].count("/") == 1, "busy shares of both modules", fdg[0])
         check(0 <= float(cols[4]) <= 100 and cols[9] == "–", "an error in % and no published figure", fdg[0])
+        check(cols[6].endswith("(up to 2 at once)") and cols[8].endswith("(process)"),
+              "img/s and memory marked as shared with the other cell", fdg[0])
         rc, _ = run("table", "--out", os.path.join(tmp, "empty"))
         check(rc != 0, "an empty directory is no table")
+
+        # Resumption: the fdg K = 2 cell over two epochs, whole...
+        two = ["--staleprop", staleprop, "--models", "resnet20", "--splits", "2", "--methods", "fdg", "--epochs",
+               "2", "--shrink", "0.5", "--budget", "600"]
+        whole = os.path.join(tmp, "whole")
+        rc, log = run("run", "--out", whole, *two, *train)
+        check(rc == 0 and "test accuracy" in log, "the two-epoch cell runs", log)
+        full = read_epochs(os.path.join(whole, "resnet20-fdg-K2.jsonl"))
+        # ...then as if the budget had stopped it after epoch 1: the same command's checkpoint
+        # of epoch 1, and its metrics up to there plus a record written after the checkpoint.
+        words = shlex.split(open(os.path.join(whole, "resnet20-fdg-K2.cmd")).read())
+        parts = os.path.join(tmp, "parts")
+        os.makedirs(parts)
+        for flag, value in (("--checkpoint", os.path.join(parts, "c-{epoch}.safetensors")),
+                            ("--metrics", os.path.join(parts, "m.jsonl")), ("--log", os.path.join(parts, "l.log"))):
+            words[words.index(flag) + 1] = value
+        p = subprocess.run(words, capture_output=True, text=True)
+        check(p.returncode == 0, "the same command with a checkpoint per epoch", p.stdout + p.stderr)
+        cut, state = os.path.join(tmp, "cut"), os.path.join(tmp, "state")
+        os.makedirs(cut)
+        os.makedirs(state)
+        shutil.copy(os.path.join(parts, "c-1.safetensors"), os.path.join(state, "resnet20-fdg-K2.safetensors"))
+        with open(os.path.join(parts, "m.jsonl")) as f, open(os.path.join(cut, "resnet20-fdg-K2.jsonl"), "w") as g:
+            g.writelines(l for l in f if json.loads(l)["epoch"] == 1)
+            g.write(json.dumps({"event": "step", "epoch": 2, "step": 5, "loss": 9.0}) + "\n")
+        rc, log = run("run", "--out", cut, "--state", state, *two, *train)
+        check(rc == 0 and "resnet20-fdg-K2: resumes after epoch 1 of 2" in log, "the cell resumes", log)
+        resumed = [json.loads(l) for l in open(os.path.join(cut, "resnet20-fdg-K2.jsonl"))]
+        check([e["epoch"] for e in resumed if e["event"] == "epoch"] == [1, 2] and
+              all(e.get("loss") != 9.0 for e in resumed), "each epoch once, the stale record gone", resumed)
+        check(resumed[-1]["test_acc"] == full[-1]["test_acc"] and resumed[-1]["loss"] == full[-1]["loss"],
+              "the resumed cell ends as the whole one", f"{resumed[-1]}\n{full[-1]}")
     print("accuracy_table: all checks passed")
 
 
