@@ -106,7 +106,8 @@ commands:
   help      show this text
 
 staleprop <command> --help lists the command's options.
-Environment: CIFAR10_DIR (data directory), STALEPROP_NUM_THREADS (CPU threads); for our bf16
+Environment: CIFAR10_DIR (data directory), STALEPROP_NUM_THREADS (CPU threads), STALEPROP_DEBUG=1
+(errors also name the failed check and its source line); for our bf16
 GPU kernels: STALEPROP_MAINLOOP (the default of --mainloop), STALEPROP_DGRAD_WT=0 (data gradient
 on the gathered filter instead of the transposed one), STALEPROP_DGRAD_CLASSES=1 (strided data
 gradients by stride class), STALEPROP_CONV_TMA=1 (convolutions' operands loaded by TMA) and
@@ -394,7 +395,7 @@ int sweep_main(int argc, char** argv) {
         threads = a.threads;
       }
     } catch (const std::exception& e) {
-      throw sp::Error("sweep: " + where + ": " + e.what());
+      throw sp::Error("sweep: " + where + ": " + sp::user_message(e));
     }
     sp::train::SweepJob j;
     const std::string& named = !a.c.metrics.empty() ? a.c.metrics : a.c.log;
@@ -616,6 +617,12 @@ int main(int argc, char** argv) {
     if (cmd == "sweep") return sweep_main(argc - 2, argv + 2);
     std::fprintf(stderr, "staleprop: unknown command '%s'\n\n%s", cmd.c_str(), kTopUsage);
     return 2;
+  } catch (const sp::Error& e) {
+    // The failed check's condition and source line only with STALEPROP_DEBUG set: they help a
+    // developer, the message alone says what is wrong.
+    const char* debug = std::getenv("STALEPROP_DEBUG");
+    std::fprintf(stderr, "staleprop: error: %s\n", debug && *debug && *debug != '0' ? e.what() : e.message());
+    return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "staleprop: error: %s\n", e.what());
     return 1;

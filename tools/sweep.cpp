@@ -113,8 +113,8 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
       test_of[i] = get(data::Split::Test, jobs[i].test_limit);
     } catch (const std::exception& e) {
       outcomes[i].status = SweepStatus::Failed;
-      outcomes[i].error = e.what();
-      log_error(jobs[i].cfg, e.what());
+      outcomes[i].error = user_message(e);
+      log_error(jobs[i].cfg, outcomes[i].error);
     }
   }
 
@@ -147,8 +147,8 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
         o.status = o.result.stopped_at_deadline ? SweepStatus::StoppedAtDeadline : SweepStatus::Finished;
       } catch (const std::exception& e) {
         o.status = SweepStatus::Failed;
-        o.error = e.what();
-        log_error(cfg, e.what());
+        o.error = user_message(e);
+        log_error(cfg, o.error);
       }
       o.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
       say(i, describe(o, cfg.epochs));

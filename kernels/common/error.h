@@ -8,12 +8,20 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace sp {
 
 class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
+  // what(): the whole message; for a failed SP_CHECK that starts with the condition and the
+  // source line, and message() is the part written for the user (what the command line prints).
+  Error(const std::string& what, std::string message) : std::runtime_error(what), message_(std::move(message)) {}
+  const char* message() const noexcept { return message_.empty() ? what() : message_.c_str(); }
+
+ private:
+  std::string message_;
 };
 
 // A tensor argument of the wrong shape or dtype for an op.
@@ -34,6 +42,12 @@ class NotSupportedError : public Error {
   using Error::Error;
 };
 
+// The part of an exception's message written for the user (Error::message() for ours).
+inline const char* user_message(const std::exception& e) noexcept {
+  const auto* ours = dynamic_cast<const Error*>(&e);
+  return ours ? ours->message() : e.what();
+}
+
 namespace detail {
 template <typename... Args>
 std::string concat(const Args&... args) {
@@ -42,7 +56,7 @@ std::string concat(const Args&... args) {
   return os.str();
 }
 [[noreturn]] inline void throw_check(const char* cond, const char* file, int line, const std::string& msg) {
-  throw Error(concat("check failed: ", cond, " at ", file, ":", line, ": ", msg));
+  throw Error(concat("check failed: ", cond, " at ", file, ":", line, ": ", msg), msg);
 }
 }  // namespace detail
 
