@@ -23,7 +23,8 @@
 #      from graphs) and the three-kernel batch norm with programmatic dependent launch off and on
 #      (STALEPROP_PDL, --pdl). Each switch is measured only where
 #      ctest passed its GPU test (a hang there would burn every later timeout);
-#   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace);
+#   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace); four
+#      short ResNet-56 runs in a sweep one after another, then four at once;
 #   7. gpu_bench stage 1 for the pooling and shortcut kernels (rewritten since their last
 #      measurement), then the fused batch norm, against the copy;
 #   8. Nsight Compute sections, when ncu is there and time is left: one ResNet-18 layer's forward
@@ -226,6 +227,24 @@ if [ -d data/cifar-10-batches-bin ]; then
   done
   ls "$OUT"/trace-resnet56-*-K4.json > /dev/null 2>&1 &&
     python3 tools/trace_overlap.py "$OUT"/trace-resnet56-*-K4.json | tee -a "$OUT/session.txt"
+fi
+
+# Several runs at once in one process (staleprop sweep), which the accuracy table uses: four
+# ResNet-56 bf16 runs (seeds 1-4, 10,240 images, 2 epochs, graphs) one after another, then all at
+# once; the wall times give the gain of sharing the GPU (the runs give the same bits either way).
+if [ -d data/cifar-10-batches-bin ]; then
+  for parallel in 1 4; do
+    [ "$(left)" -gt 100 ] || break
+    jobs="$OUT/sweep-p$parallel-jobs.txt" && : > "$jobs"
+    for seed in 1 2 3 4; do
+      echo "--device cuda --model resnet56 --precision bf16 --graphs --epochs 2 --train-limit 10240" \
+        "--test-limit 2000 --seed $seed --progress plain --log $OUT/sweep-p$parallel-s$seed.log" \
+        "--metrics $OUT/sweep-p$parallel-s$seed.jsonl" >> "$jobs"
+    done
+    start=$SECONDS
+    timeout 50 build-gpu/tools/staleprop sweep --jobs "$jobs" --parallel $parallel | tee -a "$OUT/session.txt"
+    log "sweep of 4 resnet56 runs, $parallel at once: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+  done
 fi
 
 log "gpu_bench stage 1: pooling and the shortcut, then the fused batch norm, against the copy"
