@@ -38,15 +38,18 @@ void* CachingAllocator::allocate(size_t bytes, const void* stream_key) {
   std::lock_guard<std::mutex> lk(mu_);
   ++stats_.allocs;
   void* ptr = nullptr;
-  auto& pool = free_[stream_key];
-  // Best fit among cached blocks of this stream, accepting at most 2x waste.
-  auto it = pool.lower_bound(size);
-  if (it != pool.end() && it->first <= 2 * size) {
+  // Best fit among cached blocks of this stream, else among those of destroyed streams,
+  // accepting at most 2x waste.
+  auto take = [&](std::multimap<size_t, void*>& pool) {
+    auto it = pool.lower_bound(size);
+    if (it == pool.end() || it->first > 2 * size) return false;
     ptr = it->second;
     live_[ptr] = Block{it->first, stream_key};
     stats_.allocated_bytes += it->first;
     pool.erase(it);
-  } else {
+    return true;
+  };
+  if (!take(free_[stream_key]) && !take(free_[retired_key()])) {
     ptr = raw_alloc_(size);
     if (!ptr) {
       // Out of memory: give every cached block back and try once more.
@@ -73,6 +76,23 @@ void CachingAllocator::deallocate(void* ptr) {
   stats_.allocated_bytes -= it->second.size;
   free_[it->second.key].emplace(it->second.size, ptr);
   live_.erase(it);
+}
+
+const void* CachingAllocator::retired_key() {
+  static const char tag = 0;
+  return &tag;
+}
+
+void CachingAllocator::retire_stream(const void* stream_key) {
+  if (stream_key == nullptr) return;
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = free_.find(stream_key);
+  if (it != free_.end()) {
+    free_[retired_key()].merge(it->second);
+    free_.erase(it);
+  }
+  for (auto& [ptr, block] : live_)
+    if (block.key == stream_key) block.key = retired_key();
 }
 
 void CachingAllocator::empty_cache() {
@@ -134,6 +154,10 @@ std::unique_ptr<CachingAllocator> make_device_allocator(Device device) {
 }
 
 }  // namespace
+
+void retire_stream_memory(Device device, const void* stream_key) {
+  device_allocator(device).retire_stream(stream_key);
+}
 
 CachingAllocator& device_allocator(Device device) {
   static std::mutex mu;

@@ -51,12 +51,18 @@ class CachingAllocator {
   void empty_cache();  // returns every cached (unused) block to the backend
   AllocatorStats stats() const;
   void reset_peak();
+  // The stream `stream_key` is destroyed and its work done: its cached blocks, and those still
+  // handed out under it once they come back, may serve allocations of any stream (they are
+  // tried after the allocating stream's own). Keys are stream addresses, which a later stream
+  // may get again; retiring also keeps such a stream from inheriting blocks it cannot order.
+  void retire_stream(const void* stream_key);
 
   // Size classes: multiples of 512 B up to 1 MiB, then 1/8-power-of-two steps.
   static size_t round_size(size_t bytes);
 
  private:
   void release_cached_locked();  // empty_cache() with mu_ held
+  static const void* retired_key();  // the key of destroyed streams' blocks
   struct Block {
     size_t size;
     const void* key;
@@ -73,6 +79,10 @@ class CachingAllocator {
 
 // The process-wide allocator of a device (CPU memory is 64-byte aligned).
 CachingAllocator& device_allocator(Device device);
+
+// device_allocator(device).retire_stream(stream_key), called by a stream's destructor once its
+// work is done.
+void retire_stream_memory(Device device, const void* stream_key);
 
 // Memory whose addresses must repeat, for captured graphs. The scheduler resets a module's
 // arena where a captured unit of work begins, so eager runs, the capture and every replay of

@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/allocator.h"
 #include "engine/stream_impl.h"
 #include "kernels/common/error.h"
 
@@ -102,6 +103,7 @@ class CpuStream final : public Stream {
     }
     cv_.notify_all();
     worker_.join();  // like cudaStreamDestroy, pending work still completes
+    retire_stream_memory(Device::cpu(), this);
   }
 
   Device device() const override { return Device::cpu(); }

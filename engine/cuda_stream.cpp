@@ -1,4 +1,5 @@
 // CUDA streams and events behind the engine's Stream/Event API.
+#include "engine/allocator.h"
 #include "engine/stream_impl.h"
 #include "kernels/common/error.h"
 
@@ -87,7 +88,15 @@ class CudaStream final : public Stream {
     SP_CUDA_CHECK(cudaSetDevice(d.index));
     SP_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   }
-  ~CudaStream() override { cudaStreamDestroy(stream_); }
+  // Like the CPU emulation's stream, waits for the work enqueued (so that no kernel still uses
+  // memory its owner frees next, or that the caching allocator hands out again), then gives the
+  // blocks cached for it to the streams that come after it (CachingAllocator::retire_stream).
+  ~CudaStream() override {
+    cudaSetDevice(device_.index);
+    cudaStreamSynchronize(stream_);  // an error here was, or will be, reported where it arose
+    cudaStreamDestroy(stream_);
+    retire_stream_memory(device_, this);
+  }
   Device device() const override { return device_; }
 
   void enqueue_host(std::function<void()> fn) override {

@@ -135,7 +135,7 @@ TEST(Sweep, RunsSideBySideGiveTheBitsTheyGiveAlone) {
     const std::string log = read(jobs[i].cfg.log);
     EXPECT_NE(log.find("up to 4 runs at once in this process"), std::string::npos) << log;
     EXPECT_NE(log.find("epoch 2/2: train loss"), std::string::npos) << log;
-    EXPECT_NE(read(jobs[i].cfg.metrics).find("\"concurrent_runs\":4"), std::string::npos);
+    EXPECT_NE(read(jobs[i].cfg.metrics).find("\"max_concurrent_runs\":4"), std::string::npos);
   }
   // Different seeds train differently: the comparison above can tell runs apart.
   EXPECT_NE(alone[0].epochs[1].train_loss, alone[2].epochs[1].train_loss);
@@ -181,19 +181,54 @@ TEST(Sweep, TheTimeLimitEndsARunAtAnEpochBoundaryItResumesFromExactly) {
   EXPECT_FALSE(run_alone(far).stopped_at_deadline);
   expect_same_tensors(far.cfg.checkpoint, whole.cfg.checkpoint);
 
-  // A sweep whose time limit has passed starts nothing.
+  // A sweep whose time limit has passed starts nothing, and says so in the runs' logs.
   train::SweepOptions o;
   o.status = nullptr;
   o.deadline = Clock::now();
   for (const auto& out : train::run_sweep({job("late-a"), job("late-b")}, o))
     EXPECT_EQ(out.status, train::SweepStatus::NotStarted) << out.name;
   EXPECT_FALSE(fs::exists(cifar().file("late-a.jsonl")));
+  EXPECT_NE(read(cifar().file("late-b.log")).find("sweep: not started: the time limit had passed"),
+            std::string::npos);
+}
+
+// The sweep's time limit reaches runs already going, and a job's own limit counts from its start.
+TEST(Sweep, TimeLimitsReachRunningRunsAndCountFromEachRunsStart) {
+  // Each epoch takes a fraction of a second here; 500 would take minutes.
+  train::SweepJob endless = job("endless");
+  endless.cfg.epochs = 500;
+  train::SweepOptions o;
+  o.status = nullptr;
+  o.deadline = Clock::now() + std::chrono::seconds(2);
+  const auto t0 = Clock::now();
+  const auto out = train::run_sweep({endless}, o);
+  const double took = std::chrono::duration<double>(Clock::now() - t0).count();
+  ASSERT_EQ(out[0].status, train::SweepStatus::StoppedAtDeadline) << out[0].error;
+  const auto& epochs = out[0].result.epochs;
+  ASSERT_GE(epochs.size(), 1u);
+  EXPECT_LT(epochs.size(), 500u);
+  // It ended at an epoch boundary no later than one epoch past the limit.
+  EXPECT_LT(took, 2.0 + epochs.back().elapsed_s / double(epochs.size()) * 2 + 1.0);
+  EXPECT_EQ(io::read_safetensors(endless.cfg.checkpoint).metadata.at("step"), std::to_string(2 * epochs.size()));
+
+  // One after another: the second run's 3 s limit starts when it does, after the first's 3 s.
+  train::SweepJob first = job("first"), second = job("second");
+  first.cfg.epochs = second.cfg.epochs = 500;
+  first.time_limit_s = second.time_limit_s = 3;
+  o.deadline = Clock::time_point::max();
+  const auto both = train::run_sweep({first, second}, o);
+  ASSERT_EQ(both[1].status, train::SweepStatus::StoppedAtDeadline) << both[1].error;
+  EXPECT_GE(both[0].seconds, 2.0);
+  EXPECT_GE(both[1].result.epochs.size(), 2u) << "the second run had its own 3 s, not what the first left";
 }
 
 TEST(Sweep, AFailedRunLeavesTheOthersRunning) {
-  std::vector<train::SweepJob> jobs = {job("bad"), job("good"), job("no-data")};
+  // One fails before it starts, one on its data, and a pipelined one after its first epoch
+  // (its checkpoint cannot be written), with its module streams at work.
+  std::vector<train::SweepJob> jobs = {job("bad"), job("good"), job("no-data"), job("late", "fdg")};
   jobs[0].cfg.model = "resnet7";
   jobs[2].data_dir = cifar().file("missing");
+  jobs[3].cfg.checkpoint = cifar().file("no-such-dir/late.safetensors");
   train::SweepOptions o;
   o.parallel = 2;
   std::FILE* status = std::tmpfile();
@@ -205,14 +240,18 @@ TEST(Sweep, AFailedRunLeavesTheOthersRunning) {
   EXPECT_EQ(outcomes[1].status, train::SweepStatus::Finished) << outcomes[1].error;
   EXPECT_EQ(outcomes[2].status, train::SweepStatus::Failed);
   EXPECT_NE(outcomes[2].error.find("missing"), std::string::npos) << outcomes[2].error;
+  EXPECT_EQ(outcomes[3].status, train::SweepStatus::Failed);
+  EXPECT_NE(outcomes[3].error.find("no-such-dir"), std::string::npos) << outcomes[3].error;
+  EXPECT_NE(read(jobs[3].cfg.log).find("epoch 1/2: train loss"), std::string::npos) << "it failed after epoch 1";
   // The status lines name every run and how it ended.
   std::rewind(status);
   std::string lines;
   for (int c; (c = std::fgetc(status)) != EOF;) lines += char(c);
   std::fclose(status);
-  EXPECT_NE(lines.find("sweep: [2/3] good: finished after epoch 2 of 2: test accuracy"), std::string::npos) << lines;
-  EXPECT_NE(lines.find("sweep: [1/3] bad: failed: "), std::string::npos) << lines;
-  EXPECT_NE(lines.find("sweep: [3/3] no-data: failed: "), std::string::npos) << lines;
+  EXPECT_NE(lines.find("sweep: [2/4] good: finished after epoch 2 of 2: test accuracy"), std::string::npos) << lines;
+  EXPECT_NE(lines.find("sweep: [1/4] bad: failed: "), std::string::npos) << lines;
+  EXPECT_NE(lines.find("sweep: [3/4] no-data: failed: "), std::string::npos) << lines;
+  EXPECT_NE(lines.find("sweep: [4/4] late: failed: "), std::string::npos) << lines;
 }
 
 TEST(Sweep, RefusesJobsThatCannotShareAProcess) {
@@ -225,6 +264,18 @@ TEST(Sweep, RefusesJobsThatCannotShareAProcess) {
     train::run_sweep(jobs, two);
   };
   test::expect_error(same_file, {"x", "y", "would both write", "x.jsonl", "--metrics"});
+  auto same_file_spelt_otherwise = [&] {
+    auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
+    jobs[1].cfg.log = cifar().file("./sub/../x.log");
+    train::run_sweep(jobs, two);
+  };
+  test::expect_error(same_file_spelt_otherwise, {"would both write", "--log"});
+  auto resume_from_anothers_output = [&] {
+    auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
+    jobs[1].cfg.resume = jobs[0].cfg.checkpoint;
+    train::run_sweep(jobs, two);
+  };
+  test::expect_error(resume_from_anothers_output, {"y resumes from", "x.safetensors, which x writes"});
   auto other_kernels = [&] {
     auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
     jobs[1].cfg.kernels = "vendor";

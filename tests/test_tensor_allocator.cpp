@@ -94,6 +94,43 @@ TEST(CachingAllocator, BlocksAreReusedOnlyUnderTheirStreamKey) {
   EXPECT_EQ(alloc.stats().backend_allocs, 2u);
 }
 
+TEST(CachingAllocator, ADestroyedStreamsBlocksServeTheStreamsAfterIt) {
+  CountingBackend backend;
+  auto alloc = backend.make();
+  int stream_a = 0, stream_b = 0;
+  void* cached = alloc.allocate(4096, &stream_a);
+  void* held = alloc.allocate(8192, &stream_a);
+  alloc.deallocate(cached);
+  alloc.retire_stream(&stream_a);  // stream A is destroyed, its work done
+  EXPECT_EQ(alloc.allocate(4096, &stream_b), cached) << "the block A had cached goes to B";
+  alloc.deallocate(held);  // handed out under A, returned after A is gone
+  EXPECT_EQ(alloc.allocate(8192, nullptr), held);
+  EXPECT_EQ(alloc.stats().backend_allocs, 2u);
+  // A live stream's blocks still stay with it.
+  void* b_only = alloc.allocate(512, &stream_b);
+  alloc.deallocate(b_only);
+  EXPECT_NE(alloc.allocate(512, &stream_a), b_only);
+}
+
+// The streams themselves retire their keys when destroyed, after their work (CPU: the worker
+// thread's queue) has run.
+TEST(CachingAllocator, StreamsRetireTheirBlocksWhenDestroyed) {
+  CachingAllocator& alloc = device_allocator(Device::cpu());
+  const size_t odd = 3 * 512 * 1021;  // a size class no other allocation here uses
+  void* block = nullptr;
+  auto other = make_stream(Device::cpu());  // made first, so never at the address of s
+  {
+    auto s = make_stream(Device::cpu());
+    Tensor t = Tensor::empty({int64_t(odd / 4)}, DType::F32, Device::cpu(), s.get());
+    block = t.data<float>();
+    ops::fill(*s, t, 1.f);
+  }  // t goes back under s's key, then s is destroyed
+  const uint64_t before = alloc.stats().backend_allocs;
+  Tensor u = Tensor::empty({int64_t(odd / 4)}, DType::F32, Device::cpu(), other.get());
+  EXPECT_EQ(static_cast<void*>(u.data<float>()), block);
+  EXPECT_EQ(alloc.stats().backend_allocs, before);
+}
+
 TEST(CachingAllocator, PeakTracksHighWaterMarkAndResets) {
   CountingBackend backend;
   auto alloc = backend.make();

@@ -129,6 +129,30 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   wrong.resume = first.checkpoint;
   wrong.lr = 0.1f;
   test::expect_error([&] { train::run_training(wrong, train, test); }, {"--lr 0.050000001, not 0.1"});
+  wrong = small_config();
+  wrong.resume = first.checkpoint;
+  wrong.warmup_epochs = 1;
+  test::expect_error([&] { train::run_training(wrong, train, test); }, {"--warmup-epochs 0.5, not 1"});
+  // Milestones shape only a multistep schedule (small_config's is cosine): another is no change.
+  train::TrainConfig other = small_config();
+  other.resume = first.checkpoint;
+  other.milestones = {0.3, 0.6};
+  other.checkpoint = dir.file("other-milestones.safetensors");
+  train::run_training(other, train, test);
+  expect_same_tensors(full.checkpoint, other.checkpoint);
+  train::TrainConfig multistep = small_config();
+  multistep.schedule = "multistep";
+  multistep.checkpoint = dir.file("multistep.safetensors");
+  multistep.checkpoint_every = 2;
+  multistep.stop_after_steps = 2;
+  train::run_training(multistep, train, test);
+  multistep.resume = multistep.checkpoint;
+  multistep.stop_after_steps = -1;
+  multistep.milestones = {0.3, 0.6};
+  test::expect_error([&] { train::run_training(multistep, train, test); }, {"--milestones 0.5,0.75, not 0.3,0.6"});
+  multistep.milestones = {0.5, 0.75};
+  multistep.gamma = 0.2f;
+  test::expect_error([&] { train::run_training(multistep, train, test); }, {"--gamma 0.1", "not 0.2"});
 }
 
 TEST(Training, CheckpointHoldsPyTorchNamesAndLayouts) {

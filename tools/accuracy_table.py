@@ -90,6 +90,35 @@ def keep_epochs(path, last):
         f.writelines(kept)
 
 
+# Flags whose values are where a cell's files are, not how it trains.
+PLACES = ("--metrics", "--log", "--checkpoint", "--data", "--resume")
+
+
+def recipe(words):
+    """A train command without the binary and the places of its files: what must not change under a
+    cell that resumes."""
+    out, skip = [], False
+    for w in words[1:]:
+        if skip:
+            skip = False
+        elif w in PLACES:
+            skip = True
+        else:
+            out.append(w)
+    return out
+
+
+def last_error(log, offset):
+    """The last "error: ..." line written to a run's log after its first `offset` bytes, or None."""
+    if not os.path.exists(log):
+        return None
+    with open(log, "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
+    errors = [l.strip() for l in lines if l.startswith("error: ")]
+    return errors[-1] if errors else None
+
+
 def run(args, extra):
     """Runs the unfinished cells in one `staleprop sweep`, up to --parallel at once, resuming each
     cell from the checkpoint of its last finished epoch (kept under --state)."""
@@ -113,12 +142,19 @@ def run(args, extra):
         if k > 1:
             cmd += ["--split-at", "fdg", "--shrink", str(args.shrink)]
         cmd += extra
-        with open(os.path.join(args.out, name + ".cmd"), "w") as f:
+        cmd_file = os.path.join(args.out, name + ".cmd")
+        before = shlex.split(open(cmd_file).read()) if os.path.exists(cmd_file) else None
+        with open(cmd_file, "w") as f:
             f.write(shlex.join([args.staleprop] + cmd) + "\n")
-        # Resume from the last finished epoch when its metrics are all there; else start over.
+        # Resume from the last finished epoch when its metrics are all there and the recipe is the
+        # one the cell began with; else start over.
         resumed = checkpoint_epoch(ckpt)
-        if resumed is not None and 0 < resumed < args.epochs and [e["epoch"] for e in done][:resumed] == list(
-                range(1, resumed + 1)):
+        same_recipe = before is not None and recipe(before) == recipe([args.staleprop] + cmd)
+        if resumed is not None and not same_recipe:
+            why = "no record of the command" if before is None else "the recipe differs from the one"
+            print(f"{name}: {why} its checkpoint was trained with; starts again", flush=True)
+        if same_recipe and resumed is not None and 0 < resumed < args.epochs and [e["epoch"] for e in done][
+                :resumed] == list(range(1, resumed + 1)):
             keep_epochs(metrics, resumed)
             cmd += ["--resume", ckpt]
             print(f"{name}: resumes after epoch {resumed} of {args.epochs}", flush=True)
@@ -136,12 +172,16 @@ def run(args, extra):
     sweep = [args.staleprop, "sweep", "--jobs", jobs_file, "--parallel", str(args.parallel), "--time-limit",
              str(args.budget)]
     print(f"{len(jobs)} cells: {shlex.join(sweep)}", flush=True)
+    logs = {name: os.path.join(args.out, name + ".log") for name in names}
+    log_start = {name: os.path.getsize(path) if os.path.exists(path) else 0 for name, path in logs.items()}
     try:
-        # The sweep ends runs at epoch boundaries inside the budget; the timeout only guards
-        # against a run whose single epoch outlasts it.
-        rc = subprocess.run(sweep, timeout=2 * args.budget + 60).returncode
+        # The sweep ends runs at epoch boundaries inside the budget (and starts none that would not
+        # fit an epoch), but a run's first epoch is not cut short: --grace bounds that overrun.
+        rc = subprocess.run(sweep, timeout=args.budget + args.grace).returncode
     except subprocess.TimeoutExpired:
         rc = 124
+        print(f"the sweep was stopped {args.grace:.0f} s past the budget; the cells keep their last epochs",
+              flush=True)
     for name in names:
         epochs = read_epochs(os.path.join(args.out, name + ".jsonl"))
         if epochs and epochs[-1]["epoch"] >= args.epochs:
@@ -150,6 +190,9 @@ def run(args, extra):
             print(f"{name}: {epochs[-1]['epoch']} of {args.epochs} epochs; the next call resumes it", flush=True)
         else:
             print(f"{name}: no epoch finished (sweep exit {rc}); see {name}.log", flush=True)
+        error = last_error(logs[name], log_start[name])
+        if error:
+            print(f"{name}: failed: {error[len('error: '):]}", flush=True)
     return 0
 
 
@@ -177,7 +220,7 @@ def table(args):
         busy = "/".join(f"{m['busy_pct']:.0f}" for m in last.get("modules", [])) or "–"
         # Cells trained beside others (sweep --parallel) share the GPU: their img/s is their share,
         # and the peak memory the process's.
-        shared = max(e.get("concurrent_runs", 1) for e in epochs)
+        shared = max(e.get("max_concurrent_runs", 1) for e in epochs)
         rows.append({
             "model": model, "method": method, "k": k,
             "epochs": f"{last['epoch']}" + (f" of {wanted}" if wanted and wanted != last["epoch"] else ""),
@@ -218,6 +261,8 @@ def main():
     ap.add_argument("--shrink", type=float, default=0.5, help="shrink factor of the decoupled cells (FDG: 0.5)")
     ap.add_argument("--budget", type=float, default=540,
                     help="seconds: cells stop at the last epoch boundary inside it and resume on the next call")
+    ap.add_argument("--grace", type=float, default=30,
+                    help="seconds past the budget after which the sweep is stopped (its cells keep their last epochs)")
     ap.add_argument("--parallel", type=int, default=1,
                     help="cells trained at once in one process (staleprop sweep), sharing the GPU")
     ap.add_argument("--state", help="directory of the cells' checkpoints, to resume from (default: --out)")

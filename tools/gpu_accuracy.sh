@@ -32,8 +32,8 @@ if [ -z "${DATA_DIR:-}" ]; then
   python3 .carry/data/unpack_cifar10.py .carry/data/cifar10-jpeg.pack.gz "$DATA_DIR" > /dev/null || exit 1
 fi
 if [ -n "${FROM:-}" ]; then
-  cp "$FROM"/*.jsonl "$FROM"/*.cmd "$STATE/table/" 2>/dev/null
-  cp "$FROM"/*.log "$STATE/table/" 2>/dev/null
+  # Never over what a warm machine's earlier call left: that is newer.
+  cp -n "$FROM"/*.jsonl "$FROM"/*.cmd "$FROM"/*.log "$STATE/table/" 2>/dev/null
 fi
 if [ -n "${FROM_STATE:-}" ]; then
   tar xzf "$FROM_STATE" -C "$STATE/ckpt" || exit 1

@@ -327,18 +327,11 @@ std::string file_stem(const std::string& path) {
   return dot == std::string::npos || dot == 0 ? base : base.substr(0, dot);
 }
 
-// The time limit of a run that starts now (none when 0).
-std::chrono::steady_clock::time_point deadline_after(double seconds) {
-  if (seconds <= 0) return std::chrono::steady_clock::time_point::max();
-  return std::chrono::steady_clock::now() +
-         std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(seconds));
-}
-
 int train_main(int argc, char** argv) {
   TrainArgs a;
   if (!parse_flags("train", kTrainWhat, train_flags(a), argc, argv)) return 0;
   sp::train::TrainConfig& c = a.c;
-  c.deadline = deadline_after(a.time_limit);
+  c.deadline = sp::train::deadline_after(a.time_limit);
   if (a.threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(a.threads).c_str(), 1);
   const std::string dir = sp::data::resolve_cifar10_dir(a.data_dir);
   const sp::data::Dataset train = sp::data::load_cifar10(dir, sp::data::Split::Train, a.train_limit);
@@ -355,9 +348,9 @@ int sweep_main(int argc, char** argv) {
   int parallel = 1, threads = 0;
   double time_limit = 0;
   const std::vector<Flag> flags = {
-      {"jobs", "FILE", "the runs, one per line: the arguments of a staleprop train command (quoted as in a shell; blank lines and lines starting with # are skipped); required", [&](const std::string& v) { jobs_file = v; }},
+      {"jobs", "FILE", "the runs, one per line: the arguments of a staleprop train command (quoted as in a shell; blank lines and lines starting with # are skipped); a job's own --time-limit counts from its start; required", [&](const std::string& v) { jobs_file = v; }},
       {"parallel", "N", "runs at once, each on its own host thread and streams (default 1: one after another)", [&](const std::string& v) { parallel = int(positive("parallel", std::stoll(v))); }},
-      {"time-limit", "SECONDS", "no run starts later than SECONDS after the sweep began, and each ends at the first epoch boundary where its next epoch would end later (see train --time-limit; default none)", [&](const std::string& v) { time_limit = std::stod(v); SP_CHECK(time_limit > 0, "--time-limit must be positive, got ", v); }},
+      {"time-limit", "SECONDS", "every run ends at the first epoch boundary where its next epoch would end later than SECONDS after the sweep began (see train --time-limit), and a waiting run does not start when an epoch of its model, as finished runs took, would not fit; default none", [&](const std::string& v) { time_limit = std::stod(v); SP_CHECK(time_limit > 0, "--time-limit must be positive, got ", v); }},
       {"threads", "N", "CPU threads, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
   };
   if (!parse_flags("sweep",
@@ -401,7 +394,7 @@ int sweep_main(int argc, char** argv) {
     const std::string& named = !a.c.metrics.empty() ? a.c.metrics : a.c.log;
     j.name = named.empty() ? "line " + std::to_string(line_no) : file_stem(named);
     j.cfg = a.c;
-    j.cfg.deadline = deadline_after(a.time_limit);
+    j.time_limit_s = a.time_limit;  // counted from the run's start, not from now
     j.data_dir = a.data_dir;
     j.train_limit = a.train_limit;
     j.test_limit = a.test_limit;
@@ -410,7 +403,7 @@ int sweep_main(int argc, char** argv) {
   if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
   sp::train::SweepOptions o;
   o.parallel = parallel;
-  o.deadline = deadline_after(time_limit);
+  o.deadline = sp::train::deadline_after(time_limit);
   std::printf("staleprop sweep: %zu runs from %s, up to %d at once%s\n", jobs.size(), jobs_file.c_str(), parallel,
               time_limit > 0 ? (", time limit " + std::to_string(int64_t(time_limit)) + " s").c_str() : "");
   const auto outcomes = sp::train::run_sweep(std::move(jobs), o);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -27,6 +28,11 @@ std::vector<std::pair<std::string, std::string>> outputs(const TrainConfig& c) {
   return out;
 }
 
+// One spelling per file ("a.log", "./a.log" and "/cwd/a.log" are the same).
+std::string same_file(const std::string& path) {
+  return std::filesystem::absolute(std::filesystem::path(path)).lexically_normal().string();
+}
+
 void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
   SP_CHECK(opts.parallel >= 1, "sweep: --parallel must be at least 1, got ", opts.parallel);
   SP_CHECK(!jobs.empty(), "sweep: no jobs");
@@ -44,17 +50,25 @@ void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
     SP_CHECK(opts.parallel == 1 || jobs.size() == 1 || !j.cfg.log.empty() || j.cfg.progress == "none", "sweep: ",
              j.name, " would print to stdout beside other runs: give it --log FILE (or --progress none)");
     for (const auto& [flag, file] : outputs(j.cfg)) {
-      auto [it, fresh] = writer.emplace(file, j.name);
+      auto [it, fresh] = writer.emplace(same_file(file), j.name);
       SP_CHECK(fresh, "sweep: ", j.name, " and ", it->second, " would both write ", file, " (", flag, ")");
     }
   }
+  // A run must not resume from a file another run is writing.
+  for (const SweepJob& j : jobs) {
+    if (j.cfg.resume.empty()) continue;
+    auto it = writer.find(same_file(j.cfg.resume));
+    SP_CHECK(it == writer.end() || it->second == j.name, "sweep: ", j.name, " resumes from ", j.cfg.resume,
+             ", which ", it == writer.end() ? "" : it->second, " writes");
+  }
 }
 
-// Appends a failed run's error to its log, so the log alone tells what happened.
-void log_error(const TrainConfig& c, const std::string& what) {
+// Appends a line to a run's log (a failure, or why it did not start), so the log alone tells
+// what happened.
+void log_line(const TrainConfig& c, const std::string& line) {
   if (c.log.empty()) return;
   if (std::FILE* f = std::fopen(c.log.c_str(), "a")) {
-    std::fprintf(f, "error: %s\n", what.c_str());
+    std::fprintf(f, "%s\n", line.c_str());
     std::fclose(f);
   }
 }
@@ -70,7 +84,7 @@ std::string describe(const SweepOutcome& o, int epochs_wanted) {
                     sweep_status_name(o.status), e.back().epoch, epochs_wanted, 100 * e.back().test_acc, o.seconds);
       return buf;
     case SweepStatus::NotStarted:
-      return "not started: the time limit had passed";
+      return "not started: " + o.error;
     case SweepStatus::Failed:
       return "failed: " + o.error;
   }
@@ -114,7 +128,7 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
     } catch (const std::exception& e) {
       outcomes[i].status = SweepStatus::Failed;
       outcomes[i].error = user_message(e);
-      log_error(jobs[i].cfg, outcomes[i].error);
+      log_line(jobs[i].cfg, "error: " + outcomes[i].error);
     }
   }
 
@@ -125,21 +139,38 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
     std::fprintf(opts.status, "sweep: [%zu/%zu] %s: %s\n", i + 1, n, jobs[i].name.c_str(), what.c_str());
     std::fflush(opts.status);
   };
+  // Seconds per epoch of each model's finished runs (the longest), to judge whether a waiting
+  // run's first epoch would fit before the deadline.
+  std::map<std::string, double> epoch_secs;
+  std::mutex epoch_mu;
   std::atomic<size_t> next{0};
   auto worker = [&] {
     for (size_t i; (i = next.fetch_add(1)) < n;) {
       SweepOutcome& o = outcomes[i];
+      const SweepJob& job = jobs[i];
       if (o.status == SweepStatus::Failed) {
-        say(i, describe(o, jobs[i].cfg.epochs));
+        say(i, describe(o, job.cfg.epochs));
         continue;
       }
-      if (Clock::now() >= opts.deadline) {
-        say(i, describe(o, jobs[i].cfg.epochs));
+      double estimate = 0;
+      {
+        std::lock_guard<std::mutex> lk(epoch_mu);
+        if (auto it = epoch_secs.find(job.cfg.model); it != epoch_secs.end()) estimate = it->second;
+      }
+      const auto now = Clock::now();
+      if (now >= opts.deadline || now + std::chrono::duration_cast<Clock::duration>(
+                                            std::chrono::duration<double>(estimate)) > opts.deadline) {
+        o.error = now >= opts.deadline ? "the time limit had passed"
+                                       : "an epoch (about " + std::to_string(int64_t(estimate + 0.5)) +
+                                             " s, as the finished runs of " + job.cfg.model +
+                                             " took) would not end within the time limit";
+        log_line(job.cfg, "sweep: not started: " + o.error);
+        say(i, describe(o, job.cfg.epochs));
         continue;
       }
-      TrainConfig cfg = jobs[i].cfg;
-      cfg.deadline = std::min(cfg.deadline, opts.deadline);
-      cfg.concurrent_runs = concurrent;
+      TrainConfig cfg = job.cfg;
+      cfg.deadline = std::min(deadline_after(job.time_limit_s), opts.deadline);
+      cfg.max_concurrent_runs = concurrent;
       say(i, "started" + (cfg.log.empty() ? std::string() : ", output in " + cfg.log));
       const auto t0 = Clock::now();
       try {
@@ -148,9 +179,14 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
       } catch (const std::exception& e) {
         o.status = SweepStatus::Failed;
         o.error = user_message(e);
-        log_error(cfg, o.error);
+        log_line(cfg, "error: " + o.error);
       }
       o.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+      if (!o.result.epochs.empty()) {
+        std::lock_guard<std::mutex> lk(epoch_mu);
+        double& e = epoch_secs[cfg.model];
+        e = std::max(e, o.seconds / double(o.result.epochs.size()));
+      }
       say(i, describe(o, cfg.epochs));
     }
   };

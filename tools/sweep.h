@@ -22,6 +22,7 @@ struct SweepJob {
   TrainConfig cfg;
   std::string data_dir;  // as --data: resolved by data::resolve_cifar10_dir
   int64_t train_limit = -1, test_limit = -1;
+  double time_limit_s = 0;  // as train --time-limit: from the run's own start (0: none)
 };
 
 enum class SweepStatus { Finished, StoppedAtDeadline, NotStarted, Failed };
@@ -37,8 +38,10 @@ struct SweepOutcome {
 
 struct SweepOptions {
   int parallel = 1;  // runs at once
-  // No run starts at or after it, and each run ends at the first epoch boundary where its next
-  // epoch would pass it (TrainConfig::deadline), leaving its checkpoint to resume from.
+  // Each run ends at the first epoch boundary where its next epoch would pass it
+  // (TrainConfig::deadline), leaving its checkpoint to resume from. A waiting run does not start
+  // once it has passed, nor when an epoch of a finished run of the same model would not fit
+  // before it (the first epoch of a run is never cut short).
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
   std::FILE* status = stdout;  // a line when each run starts and ends (null: none)
 };

@@ -176,6 +176,12 @@ std::string checkpoint_path(const std::string& pattern, int64_t epoch) {
   return p;
 }
 
+std::string milestones_str(const std::vector<double>& milestones) {
+  std::string s;
+  for (double m : milestones) s += (s.empty() ? "" : ",") + json_number(m);
+  return s;
+}
+
 std::map<std::string, std::string> run_metadata(const TrainConfig& cfg, int64_t step, int64_t steps_per_epoch) {
   return {{"format", "staleprop-checkpoint-1"},
           {"model", cfg.model},
@@ -186,16 +192,25 @@ std::map<std::string, std::string> run_metadata(const TrainConfig& cfg, int64_t 
           {"epochs", std::to_string(cfg.epochs)},
           {"schedule", cfg.schedule},
           {"lr", json_number(cfg.lr)},
+          {"milestones", milestones_str(cfg.milestones)},
+          {"gamma", json_number(cfg.gamma)},
+          {"warmup_epochs", json_number(cfg.warmup_epochs)},
           {"augment", !cfg.augment ? "none" : cfg.cutout > 0 ? "crop,flip,cutout" + std::to_string(cfg.cutout) : "crop,flip"}};
 }
 
-// Runs the eval-mode forward over a whole data set.
-StepStats evaluate(BackpropTrainer& trainer, const data::Dataset& set, int64_t batch_size) {
+// The loader of an evaluation: the set in order, unaugmented. A run keeps one for all its
+// evaluations (with shuffle off every pass is the same), since making one takes pinned host
+// memory, whose release waits for the whole GPU: beside other runs, for their work too.
+std::unique_ptr<data::BatchLoader> make_eval_loader(const data::Dataset& set, int64_t batch_size) {
   data::LoaderOptions lo;
   lo.batch_size = batch_size;
   lo.shuffle = false;
   lo.augment = false;
-  data::BatchLoader loader(set, lo);
+  return std::make_unique<data::BatchLoader>(set, lo);
+}
+
+// Runs the eval-mode forward over one pass of `loader`.
+StepStats evaluate(BackpropTrainer& trainer, data::BatchLoader& loader) {
   for (int64_t i = 0; i < loader.batches_per_epoch(); ++i) {
     const data::Batch& b = loader.next();
     trainer.eval_step(b.images, b.labels);
@@ -213,6 +228,7 @@ struct Run {
   std::unique_ptr<Stream> stream;
   Network net;
   std::unique_ptr<data::BatchLoader> loader;
+  std::unique_ptr<data::BatchLoader> eval_loader;  // made at the first evaluation
   int64_t spe = 0;
   LrSchedule sched;
   Output out;
@@ -235,6 +251,11 @@ struct Run {
         progress(c.progress, spe, c.epochs, out.get()),
         metrics(c.metrics) {
     net.to(device, *stream);
+  }
+
+  data::BatchLoader& test_loader() {
+    if (!eval_loader) eval_loader = make_eval_loader(test_set, cfg.eval_batch_size);
+    return *eval_loader;
   }
 
   static std::unique_ptr<data::BatchLoader> make_loader(const TrainConfig& c, const data::Dataset& train) {
@@ -260,8 +281,8 @@ struct Run {
                 (long long)train_set.size(), (long long)test_set.size(), (long long)cfg.batch_size, cfg.epochs,
                 (long long)spe,
                 device.is_cpu() ? (", " + std::to_string(kernels::cpu::num_threads()) + " CPU threads").c_str() : "",
-                 cfg.concurrent_runs > 1
-                     ? (", up to " + std::to_string(cfg.concurrent_runs) + " runs at once in this process").c_str()
+                 cfg.max_concurrent_runs > 1
+                     ? (", up to " + std::to_string(cfg.max_concurrent_runs) + " runs at once in this process").c_str()
                      : "");
     std::fflush(out.get());
   }
@@ -274,7 +295,8 @@ struct Run {
              cfg.resume, " was written with other data, batch size or seed (steps/epoch ", meta["steps_per_epoch"],
              ", seed ", meta["seed"], "); resume with the same settings");
     // The learning rate at every step follows from these: another value would silently train on
-    // another schedule than the one the run began.
+    // another schedule than the one the run began. (Checkpoints from before a key was recorded
+    // are not checked on it.)
     const auto same = [&](const char* key, const std::string& now, const char* flag) {
       SP_CHECK(!meta.count(key) || meta[key] == now, "--resume: ", cfg.resume, " was written by a run with ", flag, " ",
                meta[key], ", not ", now, "; resume with the same schedule");
@@ -282,6 +304,11 @@ struct Run {
     same("epochs", std::to_string(cfg.epochs), "--epochs");
     same("schedule", cfg.schedule, "--schedule");
     same("lr", json_number(cfg.lr), "--lr");
+    if (cfg.schedule == "multistep") {  // the only schedule they shape
+      same("milestones", milestones_str(cfg.milestones), "--milestones");
+      same("gamma", json_number(cfg.gamma), "--gamma");
+    }
+    same("warmup_epochs", json_number(cfg.warmup_epochs), "--warmup-epochs");
     return std::stoll(meta["step"]);
   }
 
@@ -308,8 +335,9 @@ struct Run {
     }
     er.elapsed_s = seconds_since(start);
     result.epochs.push_back(er);
-    // Beside other runs (staleprop sweep) the allocator's peak is the process's, not this run's.
-    const char* peak_of = cfg.concurrent_runs > 1 ? " (process)" : "";
+    // Beside other runs (staleprop sweep) the allocator's peak is the process's high-water mark
+    // since it started (no run resets it then), not this run's.
+    const char* peak_of = cfg.max_concurrent_runs > 1 ? " (process)" : "";
     if (!progress.quiet()) {
       std::fprintf(out.get(),
                    "epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s%s | train peak "
@@ -326,7 +354,7 @@ struct Run {
                   json_number(er.images_per_s) + ",\"elapsed_s\":" + json_number(er.elapsed_s) +
                   ",\"peak_allocated_bytes\":" + std::to_string(mem.peak_allocated_bytes) +
                   ",\"peak_reserved_bytes\":" + std::to_string(mem.peak_reserved_bytes) +
-                  (cfg.concurrent_runs > 1 ? ",\"concurrent_runs\":" + std::to_string(cfg.concurrent_runs) : "") +
+                  (cfg.max_concurrent_runs > 1 ? ",\"max_concurrent_runs\":" + std::to_string(cfg.max_concurrent_runs) : "") +
                   extra_json + "}");
   }
 
@@ -366,7 +394,8 @@ TrainResult run_backprop(Run& run) {
   run.banner("standard backprop");
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
-    device_allocator(run.device).reset_peak();  // the epoch's training peak, evaluation excluded
+    // The epoch's training peak, evaluation excluded; beside other runs, the process's since it began.
+    if (cfg.max_concurrent_runs <= 1) device_allocator(run.device).reset_peak();
     StepStats epoch_stats;
     int64_t epoch_images = 0;
     const int64_t first_index = step % spe;
@@ -400,10 +429,12 @@ TrainResult run_backprop(Run& run) {
     run.progress.end_epoch();
     if (stopped && step % spe != 0) break;  // stopped inside an epoch: no epoch report
     run.end_epoch(epoch, step, epoch_stats, seconds_since(epoch_start), epoch_images,
-                  [&] { return evaluate(trainer, run.test_set, cfg.eval_batch_size); });
+                  [&] { return evaluate(trainer, run.test_loader()); });
     if (!cfg.checkpoint.empty())
       save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
-    if (stopped || run.stop_at_deadline(epoch, seconds_since(epoch_start))) break;
+    // An epoch resumed part-way took part of an epoch's time: the next one takes the whole.
+    if (stopped || run.stop_at_deadline(epoch, seconds_since(epoch_start) * double(spe) / double(spe - first_index)))
+      break;
   }
   run.result.steps = step;
   return run.result;
@@ -501,7 +532,8 @@ TrainResult run_pipelined(Run& run) {
 
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
-    device_allocator(run.device).reset_peak();  // the epoch's training peak, evaluation excluded
+    // The epoch's training peak, evaluation excluded; beside other runs, the process's since it began.
+    if (cfg.max_concurrent_runs <= 1) device_allocator(run.device).reset_peak();
     int64_t fed = 0, images = 0;
     const PipelineTrainer::BatchSource source = [&](Tensor* x, Tensor* y) {
       if (fed == spe) return false;
@@ -548,10 +580,7 @@ TrainResult run_pipelined(Run& run) {
     }
     run.end_epoch(epoch, step, st.train, seconds_since(epoch_start), images,
                   [&] {
-                    data::LoaderOptions lo;
-                    lo.batch_size = cfg.eval_batch_size;
-                    lo.shuffle = false;
-                    data::BatchLoader test(run.test_set, lo);
+                    data::BatchLoader& test = run.test_loader();
                     int64_t given = 0;
                     return pipe.evaluate([&](Tensor* x, Tensor* y) {
                       if (given == test.batches_per_epoch()) return false;
@@ -636,6 +665,14 @@ std::vector<double> measure_block_costs(Network& net, Stream& s, const Tensor& i
   return cost;
 }
 
+std::chrono::steady_clock::time_point deadline_after(double seconds) {
+  using namespace std::chrono;
+  const auto now = steady_clock::now();
+  // Beyond ~30 years (or inf/nan) there is no limit; duration_cast would overflow first.
+  if (!(seconds > 0) || !(seconds < 1e9)) return steady_clock::time_point::max();
+  return now + duration_cast<steady_clock::duration>(duration<double>(seconds));
+}
+
 TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set) {
   check_device_options(cfg, Device::parse(cfg.device));
   // Process-wide: gemm and convolutions on CUDA tensors go to cuBLASLt/cuDNN with --kernels
@@ -676,7 +713,7 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model,
   load_checkpoint(checkpoint, net, {}, *stream);
   Sgd unused(net.state().params, SgdConfig{}, *stream);
   BackpropTrainer trainer(net, unused, *stream, 0.f);
-  const StepStats st = evaluate(trainer, test_set, batch_size);
+  const StepStats st = evaluate(trainer, *make_eval_loader(test_set, batch_size));
   return {st.mean_loss(), st.accuracy(), st.samples};
 }
 

@@ -45,7 +45,7 @@ struct TrainConfig {
   // After an epoch, the run ends (its checkpoint written) when the next epoch, taking as long
   // as the last one, would not end before this time; --resume goes on from there.
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
-  int concurrent_runs = 1;                         // > 1: run beside others in one process (staleprop sweep)
+  int max_concurrent_runs = 1;  // > 1: run beside up to this many-1 others in one process (staleprop sweep)
   int64_t stop_after_steps = -1;                   // end the run early after this global step
   // Decoupled training (engine/pipeline.h): bp with one module is plain backprop.
   std::string method = "bp";                       // bp | ddg | fdg
@@ -72,6 +72,10 @@ struct TrainResult {
   int64_t graph_replays = 0;  // --graphs: module units replayed from graphs over the run
   bool stopped_at_deadline = false;  // ended before its last epoch by TrainConfig::deadline
 };
+
+// The deadline `seconds` from now; none (time_point::max()) for 0, and for limits too large to
+// represent.
+std::chrono::steady_clock::time_point deadline_after(double seconds);
 
 // Trains on `train_set`, evaluating on `test_set` (may be empty) after each epoch.
 TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set);

@@ -117,6 +117,7 @@ def main():
         os.makedirs(cut)
         os.makedirs(state)
         shutil.copy(os.path.join(parts, "c-1.safetensors"), os.path.join(state, "resnet20-fdg-K2.safetensors"))
+        shutil.copy(os.path.join(whole, "resnet20-fdg-K2.cmd"), cut)
         with open(os.path.join(parts, "m.jsonl")) as f, open(os.path.join(cut, "resnet20-fdg-K2.jsonl"), "w") as g:
             g.writelines(l for l in f if json.loads(l)["epoch"] == 1)
             g.write(json.dumps({"event": "step", "epoch": 2, "step": 5, "loss": 9.0}) + "\n")
@@ -127,6 +128,29 @@ def main():
               all(e.get("loss") != 9.0 for e in resumed), "each epoch once, the stale record gone", resumed)
         check(resumed[-1]["test_acc"] == full[-1]["test_acc"] and resumed[-1]["loss"] == full[-1]["loss"],
               "the resumed cell ends as the whole one", f"{resumed[-1]}\n{full[-1]}")
+
+        # The budget itself stops a long cell at an epoch boundary, and the next call resumes it.
+        long = ["--staleprop", staleprop, "--out", os.path.join(tmp, "long"), "--models", "resnet20", "--splits",
+                "2", "--methods", "fdg", "--epochs", "400", "--budget", "3"]
+        metrics = os.path.join(tmp, "long", "resnet20-fdg-K2.jsonl")
+        rc, log = run("run", *long, *train)
+        check(rc == 0 and "resnet20-fdg-K2: " in log and "of 400 epochs; the next call resumes it" in log,
+              "the budget stops the cell", log)
+        first = [e["epoch"] for e in read_epochs(metrics)]
+        rc, log = run("run", *long, *train)
+        check(rc == 0 and f"resumes after epoch {first[-1]} of 400" in log, "the next call resumes it", log)
+        again = [e["epoch"] for e in read_epochs(metrics)]
+        check(again == list(range(1, len(again) + 1)) and len(again) > len(first), "each epoch once, more of them",
+              again)
+        # Another recipe under the same cell starts it again rather than mixing the two.
+        rc, log = run("run", *long, *train, "--weight-decay", "1e-4")
+        check(rc == 0 and "the recipe differs from the one its checkpoint was trained with; starts again" in log,
+              "a changed recipe starts the cell again", log)
+        check(read_epochs(metrics)[0]["epoch"] == 1 and "--weight-decay 1e-4" in
+              open(os.path.join(tmp, "long", "resnet20-fdg-K2.cmd")).read(), "from epoch 1, on the new recipe")
+        # A cell that fails says why.
+        rc, log = run("run", *long, *train, "--cutout", "40")
+        check(rc == 0 and "resnet20-fdg-K2: failed: --cutout must be in 0..32" in log, "the failure is named", log)
     print("accuracy_table: all checks passed")
 
 
