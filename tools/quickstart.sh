@@ -2,7 +2,7 @@
 # The main job: builds staleprop, fetches CIFAR-10 into ./data (from ../shared/data when it is
 # there, else the official archive), and trains a CIFAR ResNet-20 with standard backprop.
 #
-# The default is sized for a 2-core machine without a GPU (about 5.5 minutes of training): 3
+# The default is sized for a 2-core machine without a GPU (about 5 minutes of training): 4
 # epochs over the first 20,000 training images, evaluated on all 10,000 test images. Any extra
 # arguments are passed to `staleprop train` and override the defaults, for example
 #   tools/quickstart.sh --train-limit 50000 --test-limit 10000 --epochs 30      (all data)
@@ -13,6 +13,6 @@ cd "$(dirname "$0")/.."
 staleprop_deps
 staleprop_build build staleprop  # the command line only; tools/run_tests.sh builds the rest
 tools/fetch_cifar10.sh data/cifar-10-batches-bin
-exec build/tools/staleprop train --data data/cifar-10-batches-bin --model resnet20 --epochs 3 \
+exec build/tools/staleprop train --data data/cifar-10-batches-bin --model resnet20 --epochs 4 \
   --train-limit 20000 --batch-size 128 --lr 0.1 --schedule onecycle --warmup-epochs 0.5 \
   --metrics data/quickstart-metrics.jsonl "$@"
