@@ -14,12 +14,14 @@
 
 #include "engine/safetensors.h"
 #include "kernels/common/error.h"
+#include "tests/checkpoint_testing.h"
 #include "tests/error_testing.h"
 #include "tools/cifar10.h"
 #include "tools/sweep.h"
 #include "tools/train.h"
 
 using namespace sp;
+using sp::test::expect_same_tensors;
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
@@ -86,16 +88,6 @@ train::TrainResult run_alone(train::SweepJob j) {
   const auto train_set = data::load_cifar10(j.data_dir, data::Split::Train, j.train_limit);
   const auto test_set = data::load_cifar10(j.data_dir, data::Split::Test, j.test_limit);
   return train::run_training(j.cfg, train_set, test_set);
-}
-
-void expect_same_tensors(const std::string& a, const std::string& b) {
-  const io::SafetensorsFile fa = io::read_safetensors(a), fb = io::read_safetensors(b);
-  ASSERT_EQ(fa.tensors.size(), fb.tensors.size());
-  for (const io::TensorRecord& r : fa.tensors) {
-    const io::TensorRecord* o = fb.find(r.name);
-    ASSERT_NE(o, nullptr) << r.name;
-    EXPECT_TRUE(r.data == o->data) << r.name << " differs between " << a << " and " << b;
-  }
 }
 
 std::string read(const std::string& path) {

@@ -18,9 +18,11 @@
 #include "layers/resnet.h"
 #include "tools/bench.h"
 #include "tools/train.h"
+#include "tests/checkpoint_testing.h"
 #include "tests/error_testing.h"
 
 using namespace sp;
+using sp::test::expect_same_tensors;
 namespace fs = std::filesystem;
 
 namespace {
@@ -69,17 +71,6 @@ train::TrainConfig small_config() {
   c.progress = "none";
   c.seed = 3;
   return c;
-}
-
-void expect_same_tensors(const std::string& a, const std::string& b) {
-  const io::SafetensorsFile fa = io::read_safetensors(a), fb = io::read_safetensors(b);
-  ASSERT_EQ(fa.tensors.size(), fb.tensors.size());
-  for (const io::TensorRecord& r : fa.tensors) {
-    const io::TensorRecord* o = fb.find(r.name);
-    ASSERT_NE(o, nullptr) << r.name;
-    EXPECT_EQ(r.shape, o->shape) << r.name;
-    EXPECT_TRUE(r.data == o->data) << r.name << " differs";
-  }
 }
 
 TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
