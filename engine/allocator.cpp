@@ -83,6 +83,11 @@ const void* CachingAllocator::retired_key() {
   return &tag;
 }
 
+const void* CachingAllocator::orphaned_key() {
+  static const char tag = 0;
+  return &tag;
+}
+
 void CachingAllocator::retire_stream(const void* stream_key) {
   if (stream_key == nullptr) return;
   std::lock_guard<std::mutex> lk(mu_);
@@ -91,8 +96,11 @@ void CachingAllocator::retire_stream(const void* stream_key) {
     free_[retired_key()].merge(it->second);
     free_.erase(it);
   }
+  // Blocks still in use may be read by another stream's work when they come back, and no
+  // stream orders after that: they stay cached but are handed out no more (orphaned_key()'s
+  // pool is never drawn from), until the cache is emptied.
   for (auto& [ptr, block] : live_)
-    if (block.key == stream_key) block.key = retired_key();
+    if (block.key == stream_key) block.key = orphaned_key();
 }
 
 void CachingAllocator::empty_cache() {
@@ -155,15 +163,38 @@ std::unique_ptr<CachingAllocator> make_device_allocator(Device device) {
 
 }  // namespace
 
+namespace {
+
+// The device allocators, made at first use (a stream's destructor only looks one up).
+struct Allocators {
+  std::mutex mu;
+  std::map<std::pair<int, int>, std::unique_ptr<CachingAllocator>> by_device;
+  static std::pair<int, int> key(Device d) { return {int(d.type), d.is_cpu() ? 0 : d.index}; }
+};
+Allocators& allocators() {
+  static Allocators a;
+  return a;
+}
+
+}  // namespace
+
 void retire_stream_memory(Device device, const void* stream_key) {
-  device_allocator(device).retire_stream(stream_key);
+  // From a destructor: never make an allocator (nothing of this stream's is cached if there is
+  // none), and never throw.
+  Allocators& all = allocators();
+  CachingAllocator* found = nullptr;
+  {
+    std::lock_guard<std::mutex> lk(all.mu);
+    auto it = all.by_device.find(Allocators::key(device));
+    if (it != all.by_device.end()) found = it->second.get();
+  }
+  if (found) found->retire_stream(stream_key);
 }
 
 CachingAllocator& device_allocator(Device device) {
-  static std::mutex mu;
-  static std::map<std::pair<int, int>, std::unique_ptr<CachingAllocator>> allocators;
-  std::lock_guard<std::mutex> lk(mu);
-  auto& slot = allocators[{int(device.type), device.is_cpu() ? 0 : device.index}];
+  Allocators& all = allocators();
+  std::lock_guard<std::mutex> lk(all.mu);
+  auto& slot = all.by_device[Allocators::key(device)];
   if (!slot) slot = make_device_allocator(device);
   return *slot;
 }

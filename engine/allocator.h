@@ -51,10 +51,12 @@ class CachingAllocator {
   void empty_cache();  // returns every cached (unused) block to the backend
   AllocatorStats stats() const;
   void reset_peak();
-  // The stream `stream_key` is destroyed and its work done: its cached blocks, and those still
-  // handed out under it once they come back, may serve allocations of any stream (they are
-  // tried after the allocating stream's own). Keys are stream addresses, which a later stream
-  // may get again; retiring also keeps such a stream from inheriting blocks it cannot order.
+  // The stream `stream_key` is destroyed and its work done: its cached blocks may serve
+  // allocations of any stream (tried after the allocating stream's own). Blocks still handed
+  // out under it are not reused once they come back (another stream's work may still read
+  // them, and none orders after it); empty_cache() and the out-of-memory retry return them.
+  // Keys are stream addresses, which a later stream may get again; retiring keeps such a
+  // stream from inheriting blocks it cannot order.
   void retire_stream(const void* stream_key);
 
   // Size classes: multiples of 512 B up to 1 MiB, then 1/8-power-of-two steps.
@@ -62,7 +64,8 @@ class CachingAllocator {
 
  private:
   void release_cached_locked();  // empty_cache() with mu_ held
-  static const void* retired_key();  // the key of destroyed streams' blocks
+  static const void* retired_key();   // the key of destroyed streams' cached blocks
+  static const void* orphaned_key();  // the key of blocks returned after their stream was destroyed
   struct Block {
     size_t size;
     const void* key;

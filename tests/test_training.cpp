@@ -73,6 +73,14 @@ train::TrainConfig small_config() {
   return c;
 }
 
+// The time limit's estimate of the next epoch: an epoch resumed part-way trained for only some
+// of its steps, but paid its evaluation and checkpoint whole.
+TEST(Training, TheNextEpochIsEstimatedFromTheStepsTheLastRan) {
+  EXPECT_DOUBLE_EQ(train::next_epoch_seconds(10.0, 3.0, 20, 20), 13.0);
+  EXPECT_DOUBLE_EQ(train::next_epoch_seconds(1.0, 3.0, 2, 20), 13.0);
+  EXPECT_DOUBLE_EQ(train::next_epoch_seconds(0.5, 0.0, 1, 4), 2.0);
+}
+
 TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   const data::Dataset train = synthetic_set(128, 1), test = synthetic_set(40, 2);
   TempDir dir;

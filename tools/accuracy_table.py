@@ -90,20 +90,22 @@ def keep_epochs(path, last):
         f.writelines(kept)
 
 
-# Flags whose values are where a cell's files are, not how it trains.
-PLACES = ("--metrics", "--log", "--checkpoint", "--data", "--resume")
+# Flags that say where a cell's files are and how it reports, not what it trains: they may
+# change under a cell that resumes (the others may not).
+NOT_RECIPE = ("--metrics", "--log", "--checkpoint", "--data", "--resume", "--threads", "--progress", "--time-limit",
+              "--eval-batch-size", "--trace")
 
 
 def recipe(words):
-    """A train command without the binary and the places of its files: what must not change under a
-    cell that resumes."""
+    """A train command without the binary and the flags of NOT_RECIPE (in either form, `--flag
+    value` or `--flag=value`)."""
     out, skip = [], False
     for w in words[1:]:
         if skip:
             skip = False
-        elif w in PLACES:
+        elif w in NOT_RECIPE:
             skip = True
-        else:
+        elif w.split("=", 1)[0] not in NOT_RECIPE:
             out.append(w)
     return out
 

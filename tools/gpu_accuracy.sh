@@ -36,7 +36,7 @@ if [ -n "${FROM:-}" ]; then
   cp -n "$FROM"/*.jsonl "$FROM"/*.cmd "$FROM"/*.log "$STATE/table/" 2>/dev/null
 fi
 if [ -n "${FROM_STATE:-}" ]; then
-  tar xzf "$FROM_STATE" -C "$STATE/ckpt" || exit 1
+  tar xzf "$FROM_STATE" -C "$STATE/ckpt" --skip-old-files || exit 1  # never over a warm call's newer ones
 fi
 TRAIN_ARGS=${TRAIN_ARGS:-"--device cuda --precision bf16 --lr 0.1 --schedule cosine --weight-decay 5e-4 --nesterov \
 --batch-size 128 --graphs"}

@@ -28,9 +28,23 @@ std::vector<std::pair<std::string, std::string>> outputs(const TrainConfig& c) {
   return out;
 }
 
-// One spelling per file ("a.log", "./a.log" and "/cwd/a.log" are the same).
+// One spelling per file ("a.log", "./a.log", "/cwd/a.log" and a link to it are the same).
 std::string same_file(const std::string& path) {
-  return std::filesystem::absolute(std::filesystem::path(path)).lexically_normal().string();
+  std::error_code ec;
+  const auto canonical = std::filesystem::weakly_canonical(std::filesystem::path(path), ec);
+  return ec ? std::filesystem::absolute(path).lexically_normal().string() : canonical.string();
+}
+
+// Whether `file` is, or (for a --checkpoint pattern with "{epoch}") may be, written as `output`.
+bool may_write(const std::string& output, const std::string& file) {
+  const size_t at = output.find("{epoch}");
+  if (at == std::string::npos) return output == file;
+  const std::string head = output.substr(0, at), tail = output.substr(at + 7);
+  if (file.size() <= head.size() + tail.size() || file.compare(0, head.size(), head) != 0 ||
+      file.compare(file.size() - tail.size(), tail.size(), tail) != 0)
+    return false;
+  const std::string middle = file.substr(head.size(), file.size() - head.size() - tail.size());
+  return middle.find_first_not_of("0123456789") == std::string::npos;
 }
 
 void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
@@ -55,11 +69,13 @@ void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
     }
   }
   // A run must not resume from a file another run is writing.
-  for (const SweepJob& j : jobs) {
-    if (j.cfg.resume.empty()) continue;
-    auto it = writer.find(same_file(j.cfg.resume));
-    SP_CHECK(it == writer.end() || it->second == j.name, "sweep: ", j.name, " resumes from ", j.cfg.resume,
-             ", which ", it == writer.end() ? "" : it->second, " writes");
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    if (jobs[i].cfg.resume.empty()) continue;
+    const std::string resume = same_file(jobs[i].cfg.resume);
+    for (size_t k = 0; k < jobs.size(); ++k)
+      for (const auto& [flag, file] : outputs(jobs[k].cfg))
+        SP_CHECK(k == i || !may_write(same_file(file), resume), "sweep: ", jobs[i].name, " resumes from ",
+                 jobs[i].cfg.resume, ", which ", jobs[k].name, " writes (", flag, ")");
   }
 }
 
@@ -139,9 +155,17 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
     std::fprintf(opts.status, "sweep: [%zu/%zu] %s: %s\n", i + 1, n, jobs[i].name.c_str(), what.c_str());
     std::fflush(opts.status);
   };
-  // Seconds per epoch of each model's finished runs (the longest), to judge whether a waiting
+  // Seconds per epoch of finished runs of each kind (the longest), to judge whether a waiting
   // run's first epoch would fit before the deadline.
   std::map<std::string, double> epoch_secs;
+  // What an epoch's time depends on, besides the machine and the runs beside it.
+  std::vector<std::string> kind(n);
+  for (size_t i = 0; i < n; ++i) {
+    const TrainConfig& c = jobs[i].cfg;
+    kind[i] = c.model + " " + c.device + " " + c.precision + " " + c.method + " K" + std::to_string(c.split) +
+              " batch " + std::to_string(c.batch_size) + " on " +
+              std::to_string(train_of[i] ? train_of[i]->size() : 0) + " images";
+  }
   std::mutex epoch_mu;
   std::atomic<size_t> next{0};
   auto worker = [&] {
@@ -155,14 +179,14 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
       double estimate = 0;
       {
         std::lock_guard<std::mutex> lk(epoch_mu);
-        if (auto it = epoch_secs.find(job.cfg.model); it != epoch_secs.end()) estimate = it->second;
+        if (auto it = epoch_secs.find(kind[i]); it != epoch_secs.end()) estimate = it->second;
       }
       const auto now = Clock::now();
       if (now >= opts.deadline || now + std::chrono::duration_cast<Clock::duration>(
                                             std::chrono::duration<double>(estimate)) > opts.deadline) {
         o.error = now >= opts.deadline ? "the time limit had passed"
                                        : "an epoch (about " + std::to_string(int64_t(estimate + 0.5)) +
-                                             " s, as the finished runs of " + job.cfg.model +
+                                             " s, as finished runs of " + kind[i] +
                                              " took) would not end within the time limit";
         log_line(job.cfg, "sweep: not started: " + o.error);
         say(i, describe(o, job.cfg.epochs));
@@ -184,7 +208,7 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
       o.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
       if (!o.result.epochs.empty()) {
         std::lock_guard<std::mutex> lk(epoch_mu);
-        double& e = epoch_secs[cfg.model];
+        double& e = epoch_secs[kind[i]];
         e = std::max(e, o.seconds / double(o.result.epochs.size()));
       }
       say(i, describe(o, cfg.epochs));

@@ -219,6 +219,20 @@ StepStats evaluate(BackpropTrainer& trainer, data::BatchLoader& loader) {
   return trainer.drain_stats();
 }
 
+// Waits for a stream's work when it goes out of scope, errors swallowed (they were, or are being,
+// reported): declared after what that work uses, it keeps an error that unwinds the stack from
+// freeing memory the stream's kernels still use, which the caching allocator could hand to
+// another run at once.
+struct Drain {
+  Stream& stream;
+  ~Drain() {
+    try {
+      stream.synchronize();
+    } catch (const std::exception&) {
+    }
+  }
+};
+
 // What both training paths share: the run's setup, the epoch report, metrics and checkpoints.
 struct Run {
   const TrainConfig& cfg;
@@ -227,6 +241,9 @@ struct Run {
   Device device;
   std::unique_ptr<Stream> stream;
   Network net;
+  // Destroyed before `net` and the loaders (members go in reverse order): when the run ends by
+  // an error with work still queued, that work ends before their memory goes back.
+  Drain drain_net{*stream};
   std::unique_ptr<data::BatchLoader> loader;
   std::unique_ptr<data::BatchLoader> eval_loader;  // made at the first evaluation
   int64_t spe = 0;
@@ -391,6 +408,7 @@ TrainResult run_backprop(Run& run) {
     run.loader->seek(step / spe, step % spe);
   }
   BackpropTrainer trainer(run.net, opt, s, cfg.label_smoothing, activation_dtype(cfg));
+  const Drain drain{s};  // before `trainer` and `opt` let their memory go
   run.banner("standard backprop");
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
@@ -428,12 +446,13 @@ TrainResult run_backprop(Run& run) {
     epoch_stats += trainer.drain_stats();
     run.progress.end_epoch();
     if (stopped && step % spe != 0) break;  // stopped inside an epoch: no epoch report
-    run.end_epoch(epoch, step, epoch_stats, seconds_since(epoch_start), epoch_images,
+    const double train_secs = seconds_since(epoch_start);
+    run.end_epoch(epoch, step, epoch_stats, train_secs, epoch_images,
                   [&] { return evaluate(trainer, run.test_loader()); });
     if (!cfg.checkpoint.empty())
       save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
-    // An epoch resumed part-way took part of an epoch's time: the next one takes the whole.
-    if (stopped || run.stop_at_deadline(epoch, seconds_since(epoch_start) * double(spe) / double(spe - first_index)))
+    if (stopped || run.stop_at_deadline(epoch, next_epoch_seconds(train_secs, seconds_since(epoch_start) - train_secs,
+                                                                  spe - first_index, spe)))
       break;
   }
   run.result.steps = step;
@@ -663,6 +682,10 @@ std::vector<double> measure_block_costs(Network& net, Stream& s, const Tensor& i
   for (size_t i = 0; i < st.counters.size(); ++i) *st.counters[i].second = saved_counters[i];
   s.synchronize();
   return cost;
+}
+
+double next_epoch_seconds(double train_secs, double other_secs, int64_t steps_run, int64_t steps_per_epoch) {
+  return train_secs * double(steps_per_epoch) / double(std::max<int64_t>(1, steps_run)) + other_secs;
 }
 
 std::chrono::steady_clock::time_point deadline_after(double seconds) {

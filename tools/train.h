@@ -73,6 +73,11 @@ struct TrainResult {
   bool stopped_at_deadline = false;  // ended before its last epoch by TrainConfig::deadline
 };
 
+// How long the next epoch will take, judged from the last: its training took `train_secs` for
+// `steps_run` of the `steps_per_epoch` steps (fewer in an epoch resumed part-way), and its
+// evaluation and checkpoint `other_secs`, which every epoch pays whole.
+double next_epoch_seconds(double train_secs, double other_secs, int64_t steps_run, int64_t steps_per_epoch);
+
 // The deadline `seconds` from now; none (time_point::max()) for 0, and for limits too large to
 // represent.
 std::chrono::steady_clock::time_point deadline_after(double seconds);

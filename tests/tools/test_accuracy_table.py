@@ -142,7 +142,10 @@ def main():
         again = [e["epoch"] for e in read_epochs(metrics)]
         check(again == list(range(1, len(again) + 1)) and len(again) > len(first), "each epoch once, more of them",
               again)
-        # Another recipe under the same cell starts it again rather than mixing the two.
+        # Flags of where files go and how the run reports are no change of recipe...
+        rc, log = run("run", *long, *train, "--eval-batch-size=32", "--threads", "1")
+        check(rc == 0 and "resumes after epoch" in log, "other reporting flags still resume", log)
+        # ...but another recipe under the same cell starts it again rather than mixing the two.
         rc, log = run("run", *long, *train, "--weight-decay", "1e-4")
         check(rc == 0 and "the recipe differs from the one its checkpoint was trained with; starts again" in log,
               "a changed recipe starts the cell again", log)
