@@ -97,6 +97,32 @@ TEST(CudaRuntime, CachingAllocatorStopsCallingCudaMallocAfterWarmUp) {
   EXPECT_GE(alloc.stats().peak_allocated_bytes, size_t(4) * ((3 << 20) + (1 << 20)));
 }
 
+// A destroyed stream first finishes its work, and the blocks it had cached then serve the
+// streams after it (CachingAllocator::retire_stream) instead of staying cached under its address.
+TEST(CudaRuntime, ADestroyedStreamFinishesItsWorkAndLeavesItsBlocksToLaterStreams) {
+  REQUIRE_GPU();
+  const Device gpu = Device::cuda(0);
+  CachingAllocator& alloc = device_allocator(gpu);
+  const int64_t n = (int64_t(3) << 20) + 1237;  // a size class nothing else here uses
+  auto later = make_stream(gpu);                 // made first: never at the address of `s`
+  void* block = nullptr;
+  {
+    auto s = make_stream(gpu);
+    Tensor t = Tensor::empty({n}, DType::F32, gpu, s.get());
+    block = t.data<float>();
+    for (int i = 1; i <= 200; ++i) ops::fill(*s, t, float(i));  // still queued as s goes
+  }
+  const uint64_t before = alloc.stats().backend_allocs;
+  Tensor u = Tensor::empty({n}, DType::F32, gpu, later.get());
+  EXPECT_EQ(static_cast<void*>(u.data<float>()), block);
+  EXPECT_EQ(alloc.stats().backend_allocs, before);
+  Tensor host = Tensor::empty({n}, DType::F32);
+  ops::copy(*later, u, host);
+  later->synchronize();
+  EXPECT_EQ(host.at<float>(0), 200.f) << "the last fill of the destroyed stream had ended";
+  EXPECT_EQ(host.at<float>(n - 1), 200.f);
+}
+
 TEST(CudaRuntime, PinnedBuffersArePageLocked) {
   REQUIRE_GPU();
   PinnedBuffer p(1 << 20);
