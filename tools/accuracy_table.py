@@ -22,12 +22,11 @@ Each cell writes NAME.jsonl (the metrics), NAME.log (the output) and NAME.cmd (t
 OUT, and NAME.safetensors (its last epoch's checkpoint) under --state.
 """
 import argparse
-import json
 import os
 import shlex
-import struct
-import subprocess
 import sys
+
+from resumable_runs import read_epochs, train_resumable
 
 # Test error (%) reported by FDG (Zhuang et al., arXiv 1906.09108) for ResNet-56 on CIFAR-10:
 # 300 epochs, shrink factor 0.5. Only the figures the project's issue quotes.
@@ -47,155 +46,17 @@ def cell_name(model, method, k):
     return f"{model}-{method}-K{k}"
 
 
-def read_epochs(path):
-    epochs = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut short by a killed run
-                if event.get("event") == "epoch":
-                    epochs.append(event)
-    return epochs
-
-
-def checkpoint_epoch(path):
-    """The epoch a staleprop checkpoint was written at (its metadata's step / steps_per_epoch), or None."""
-    try:
-        with open(path, "rb") as f:
-            n = struct.unpack("<Q", f.read(8))[0]
-            meta = json.loads(f.read(n)).get("__metadata__", {})
-        return int(meta["step"]) // int(meta["steps_per_epoch"])
-    except (OSError, ValueError, KeyError, struct.error):
-        return None
-
-
-def keep_epochs(path, last):
-    """Drops the metrics records of epochs after `last` (written after the checkpoint a run resumes from)."""
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if event.get("epoch", 0) <= last:
-                kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-# Flags that say where a cell's files are and how it reports, not what it trains: they may
-# change under a cell that resumes (the others may not).
-NOT_RECIPE = ("--metrics", "--log", "--checkpoint", "--data", "--resume", "--threads", "--progress", "--time-limit",
-              "--eval-batch-size", "--trace")
-
-
-def recipe(words):
-    """A train command without the binary and the flags of NOT_RECIPE (in either form, `--flag
-    value` or `--flag=value`)."""
-    out, skip = [], False
-    for w in words[1:]:
-        if skip:
-            skip = False
-        elif w in NOT_RECIPE:
-            skip = True
-        elif w.split("=", 1)[0] not in NOT_RECIPE:
-            out.append(w)
-    return out
-
-
-def last_error(log, offset):
-    """The last "error: ..." line written to a run's log after its first `offset` bytes, or None."""
-    if not os.path.exists(log):
-        return None
-    with open(log, "rb") as f:
-        f.seek(offset)
-        lines = f.read().decode(errors="replace").splitlines()
-    errors = [l.strip() for l in lines if l.startswith("error: ")]
-    return errors[-1] if errors else None
-
-
 def run(args, extra):
-    """Runs the unfinished cells in one `staleprop sweep`, up to --parallel at once, resuming each
-    cell from the checkpoint of its last finished epoch (kept under --state)."""
-    os.makedirs(args.out, exist_ok=True)
-    state = args.state or args.out
-    os.makedirs(state, exist_ok=True)
-    jobs, names = [], []
+    """Trains the unfinished cells (tools/resumable_runs.py): in one `staleprop sweep`, up to
+    --parallel at once, each resuming from the checkpoint of its last finished epoch."""
+    runs = []
     for model, method, k in cells(args.models, args.splits, args.methods):
-        name = cell_name(model, method, k)
-        metrics, log = os.path.join(args.out, name + ".jsonl"), os.path.join(args.out, name + ".log")
-        ckpt = os.path.join(state, name + ".safetensors")
-        done = read_epochs(metrics)
-        if done and done[-1]["epoch"] >= args.epochs:
-            print(f"{name}: done ({done[-1]['epoch']} epochs), skipped", flush=True)
-            continue
-        if args.budget <= 0:
-            print(f"{name}: not started (no budget left)", flush=True)
-            continue
-        cmd = ["train", "--model", model, "--method", method, "--split", str(k), "--epochs", str(args.epochs),
-               "--metrics", metrics, "--log", log, "--progress", "plain", "--checkpoint", ckpt]
+        words = ["--model", model, "--method", method, "--split", str(k), "--epochs", str(args.epochs)]
         if k > 1:
-            cmd += ["--split-at", "fdg", "--shrink", str(args.shrink)]
-        cmd += extra
-        cmd_file = os.path.join(args.out, name + ".cmd")
-        before = shlex.split(open(cmd_file).read()) if os.path.exists(cmd_file) else None
-        with open(cmd_file, "w") as f:
-            f.write(shlex.join([args.staleprop] + cmd) + "\n")
-        # Resume from the last finished epoch when its metrics are all there and the recipe is the
-        # one the cell began with; else start over.
-        resumed = checkpoint_epoch(ckpt)
-        same_recipe = before is not None and recipe(before) == recipe([args.staleprop] + cmd)
-        if resumed is not None and not same_recipe:
-            why = "no record of the command" if before is None else "the recipe differs from the one"
-            print(f"{name}: {why} its checkpoint was trained with; starts again", flush=True)
-        if same_recipe and resumed is not None and 0 < resumed < args.epochs and [e["epoch"] for e in done][
-                :resumed] == list(range(1, resumed + 1)):
-            keep_epochs(metrics, resumed)
-            cmd += ["--resume", ckpt]
-            print(f"{name}: resumes after epoch {resumed} of {args.epochs}", flush=True)
-        else:
-            for stale in (metrics, log, ckpt):
-                if os.path.exists(stale):
-                    os.remove(stale)
-        jobs.append(shlex.join(cmd))
-        names.append(name)
-    if not jobs:
-        return 0
-    jobs_file = os.path.join(state, "sweep-jobs.txt")
-    with open(jobs_file, "w") as f:
-        f.write("\n".join(jobs) + "\n")
-    sweep = [args.staleprop, "sweep", "--jobs", jobs_file, "--parallel", str(args.parallel), "--time-limit",
-             str(args.budget)]
-    print(f"{len(jobs)} cells: {shlex.join(sweep)}", flush=True)
-    logs = {name: os.path.join(args.out, name + ".log") for name in names}
-    log_start = {name: os.path.getsize(path) if os.path.exists(path) else 0 for name, path in logs.items()}
-    try:
-        # The sweep ends runs at epoch boundaries inside the budget (and starts none that would not
-        # fit an epoch), but a run's first epoch is not cut short: --grace bounds that overrun.
-        rc = subprocess.run(sweep, timeout=args.budget + args.grace).returncode
-    except subprocess.TimeoutExpired:
-        rc = 124
-        print(f"the sweep was stopped {args.grace:.0f} s past the budget; the cells keep their last epochs",
-              flush=True)
-    for name in names:
-        epochs = read_epochs(os.path.join(args.out, name + ".jsonl"))
-        if epochs and epochs[-1]["epoch"] >= args.epochs:
-            print(f"{name}: test accuracy {100 * epochs[-1]['test_acc']:.2f}% after {args.epochs} epochs", flush=True)
-        elif epochs:
-            print(f"{name}: {epochs[-1]['epoch']} of {args.epochs} epochs; the next call resumes it", flush=True)
-        else:
-            print(f"{name}: no epoch finished (sweep exit {rc}); see {name}.log", flush=True)
-        error = last_error(logs[name], log_start[name])
-        if error:
-            print(f"{name}: failed: {error[len('error: '):]}", flush=True)
-    return 0
+            words += ["--split-at", "fdg", "--shrink", str(args.shrink)]
+        runs.append((cell_name(model, method, k), words + extra, args.epochs))
+    return train_resumable(runs, args.out, args.state or args.out, args.staleprop, args.budget, args.grace,
+                           args.parallel)
 
 
 def table(args):

@@ -9,6 +9,10 @@
 # gpu-state/table) is git-ignored, so on a warm machine it stays between calls and a cell the
 # deadline stopped resumes at its last epoch on the next call, bit for bit.
 #
+# With RUNS=FILE it trains the named runs of that file instead (tools/resumable_runs.py; e.g.
+# bench/runs/resnet20-recipes.txt), the same way, and $OUT/table.md is their summary; each line
+# of the file gives its whole recipe, TRAIN_ARGS_EXTRA is added to every run.
+#
 # What comes back: $OUT/table.tgz (the cells), $OUT/table.md (the table) and, when it fits the
 # 16 MiB a returned file may have (about two ResNet-56 cells), $OUT/state.tgz with the
 # checkpoints of the unfinished cells. For a later session, commit the cells (bench/results/...)
@@ -40,24 +44,32 @@ if [ -n "${FROM_STATE:-}" ]; then
 fi
 TRAIN_ARGS=${TRAIN_ARGS:-"--device cuda --precision bf16 --lr 0.1 --schedule cosine --weight-decay 5e-4 --nesterov \
 --batch-size 128 --graphs"}
-# The table's own budget leaves time for one epoch past it (a run's first epoch after a start or
-# resume has nothing to be estimated from) and to pack the results.
-python3 tools/accuracy_table.py run --staleprop "${STALEPROP:-.carry/bin/staleprop}" --out "$STATE/table" \
-  --state "$STATE/ckpt" --models "${MODELS:-resnet56}" --splits "${SPLITS:-1,2,3,4}" \
-  --methods "${METHODS:-bp,ddg,fdg}" --epochs "$EPOCHS" --shrink "${SHRINK:-0.5}" --parallel "${PARALLEL:-7}" \
-  --budget $((DEADLINE - SECONDS - 45)) -- --data "$DATA_DIR" $TRAIN_ARGS
-python3 tools/accuracy_table.py table --out "$STATE/table" | tee "$OUT/table.md"
+# The budget leaves time for the grace a run's first epoch may take past it (a first epoch after
+# a start or resume has nothing to be estimated from) and to pack the results.
+COMMON=(--staleprop "${STALEPROP:-.carry/bin/staleprop}" --out "$STATE/table" --state "$STATE/ckpt"
+  --parallel "${PARALLEL:-7}" --budget $((DEADLINE - SECONDS - 45)) --grace 30)
+if [ -n "${RUNS:-}" ]; then
+  python3 tools/resumable_runs.py run --runs "$RUNS" "${COMMON[@]}" -- --data "$DATA_DIR" ${TRAIN_ARGS_EXTRA:-}
+  python3 tools/resumable_runs.py summary --out "$STATE/table" | tee "$OUT/table.md"
+else
+  python3 tools/accuracy_table.py run "${COMMON[@]}" --models "${MODELS:-resnet56}" --splits "${SPLITS:-1,2,3,4}" \
+    --methods "${METHODS:-bp,ddg,fdg}" --epochs "$EPOCHS" --shrink "${SHRINK:-0.5}" -- --data "$DATA_DIR" $TRAIN_ARGS
+  python3 tools/accuracy_table.py table --out "$STATE/table" | tee "$OUT/table.md"
+fi
 tar czf "$OUT/table.tgz" -C "$STATE" table
 # The checkpoints of the cells still to finish (written before their last epoch).
 TOOLS_DIR=$PWD/tools
-mapfile -t unfinished < <(cd "$STATE/ckpt" && python3 -c '
-import glob, sys
+mapfile -t unfinished < <(python3 -c '
+import glob, os, shlex, sys
 sys.path.insert(0, sys.argv[2])
-from accuracy_table import checkpoint_epoch
-for f in sorted(glob.glob("*.safetensors")):
+from resumable_runs import checkpoint_epoch, epochs_of
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "ckpt", "*.safetensors"))):
+    name = os.path.basename(f)[:-len(".safetensors")]
+    cmd = os.path.join(sys.argv[1], "table", name + ".cmd")
+    wanted = epochs_of(shlex.split(open(cmd).read())) if os.path.exists(cmd) else None
     e = checkpoint_epoch(f)
-    if e is not None and e < int(sys.argv[1]):
-        print(f)' "$EPOCHS" "$TOOLS_DIR")
+    if e is not None and wanted is not None and e < wanted:
+        print(os.path.basename(f))' "$STATE" "$TOOLS_DIR")
 if [ ${#unfinished[@]} -gt 0 ]; then
   tar czf "$OUT/state.tgz" -C "$STATE/ckpt" "${unfinished[@]}"
   if [ "$(stat -c %s "$OUT/state.tgz")" -gt $((16 * 1024 * 1024)) ]; then

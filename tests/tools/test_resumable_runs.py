@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""tools/resumable_runs.py end to end on the CPU: usage `test_resumable_runs.py STALEPROP`.
+
+Writes a CIFAR-10 binary set of the official shape, then runs a file of two named ResNet-20
+runs on 64 images, two at once, and checks that:
+  - the short run finishes and the long one (400 epochs) is stopped by the budget at an epoch
+    boundary; the next call skips the first and resumes the second, every epoch recorded once;
+  - the summary has a line per run, saying how far the stopped one got;
+  - the repository's runs files (bench/runs/) read, and a file with a run without --epochs, a
+    name used twice or a name with a slash is refused with the line named.
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..", "..")
+SCRIPT = os.path.join(ROOT, "tools", "resumable_runs.py")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from resumable_runs import read_runs  # noqa: E402
+
+
+def write_cifar(directory):
+    os.makedirs(directory)
+    records = [bytes([label]) + bytes([(17 * label) % 256]) * 3072 for label in range(10)]
+    batch = b"".join(records[i % 10] for i in range(10000))
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(batch)
+
+
+def run(*args):
+    p = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True)
+    return p.returncode, p.stdout + p.stderr
+
+
+def check(cond, what, output=""):
+    if not cond:
+        print(f"FAILED: {what}\n{output}")
+        sys.exit(1)
+
+
+def epochs(path):
+    return [e["epoch"] for e in (json.loads(l) for l in open(path)) if e.get("event") == "epoch"]
+
+
+def main():
+    staleprop = os.path.abspath(sys.argv[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out = os.path.join(tmp, "data"), os.path.join(tmp, "runs")
+        write_cifar(data)
+        runs = os.path.join(tmp, "runs.txt")
+        with open(runs, "w") as f:
+            f.write("# two runs\n"
+                    "short --model resnet20 --epochs 1 --batch-size 16\n"
+                    "long  --model resnet20 --epochs 400 --batch-size 16 --method fdg --split-at 4 --shrink 0.5\n")
+        common = ["--runs", runs, "--out", out, "--staleprop", staleprop, "--budget", "3", "--parallel", "2", "--",
+                  "--data", data, "--train-limit", "64", "--test-limit", "64", "--threads", "2"]
+        rc, log = run("run", *common)
+        check(rc == 0 and "short: test accuracy" in log and "long: " in log and
+              "of 400 epochs; the next call resumes it" in log, "the short run ends, the budget stops the long", log)
+        first = epochs(os.path.join(out, "long.jsonl"))
+        rc, table = run("summary", "--out", out)
+        lines = [l for l in table.splitlines() if l.startswith("| long ") or l.startswith("| short ")]
+        check(rc == 0 and len(lines) == 2 and f"| long | {first[-1]} of 400 |" in table and "| short | 1 |" in table,
+              "a summary line per run", table)
+        check("(up to 2 at once)" in table, "img/s marked as shared", table)
+
+        rc, log = run("run", *common)
+        check(rc == 0 and "short: done (1 epochs), skipped" in log and f"long: resumes after epoch {first[-1]} of 400"
+              in log, "the next call skips the finished run and resumes the other", log)
+        again = epochs(os.path.join(out, "long.jsonl"))
+        check(again == list(range(1, len(again) + 1)) and len(again) > len(first), "every epoch once, more of them",
+              again)
+
+        for path in ("resnet20-recipes.txt", "long-runs.txt"):
+            check(len(read_runs(os.path.join(ROOT, "bench", "runs", path))) >= 2, f"bench/runs/{path} reads")
+        for body, complaint in (("a --model resnet20\n", "a gives no --epochs"),
+                                ("a --epochs 1\na --epochs 2\n", "line 2: a second run named a"),
+                                ("x/y --epochs 1\n", "line 1: the run's name 'x/y'")):
+            with open(runs, "w") as f:
+                f.write(body)
+            rc, log = run("run", *common)
+            check(rc != 0 and complaint in log, f"refused: {complaint}", log)
+        rc, log = run("run", "--out", out)
+        check(rc != 0 and "run needs --runs FILE" in log, "run needs a runs file", log)
+    print("resumable_runs: all checks passed")
+
+
+if __name__ == "__main__":
+    main()

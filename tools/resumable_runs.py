@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Training runs that survive short GPU calls: each run checkpoints every epoch, and a run that a
+time budget stopped resumes at its last epoch on the next call, bit for bit as if it had not
+stopped. The runs of a call train in one `staleprop sweep`, up to --parallel at once (sharing
+the GPU). tools/accuracy_table.py fills its table with it; on its own it runs a file of named
+runs:
+
+    tools/resumable_runs.py run --runs bench/runs/resnet20-recipes.txt --out runs/r20 --budget 540 \\
+        --parallel 4 -- --device cuda --data data/cifar-10-batches-bin
+    tools/resumable_runs.py summary --out runs/r20 > summary.md
+
+A runs file has one run per line: a name (letters, digits, '.', '_', '-'), then the arguments
+of its `staleprop train` (quoted as in a shell, and giving --epochs); '#' starts a comment line.
+Arguments after `--` go to every run. Each run writes NAME.jsonl (metrics), NAME.log and
+NAME.cmd (the command) under --out, and NAME.safetensors (its last epoch's checkpoint) under
+--state. A run resumes only with the recipe it began with (flags of where files go and how it
+reports may change); with another, it starts again.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import struct
+import subprocess
+import sys
+
+
+def read_epochs(path):
+    epochs = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    event = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut short by a killed run
+                if event.get("event") == "epoch":
+                    epochs.append(event)
+    return epochs
+
+
+def checkpoint_epoch(path):
+    """The epoch a staleprop checkpoint was written at (its metadata's step / steps_per_epoch), or None."""
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            meta = json.loads(f.read(n)).get("__metadata__", {})
+        return int(meta["step"]) // int(meta["steps_per_epoch"])
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+
+
+def keep_epochs(path, last):
+    """Drops the metrics records of epochs after `last` (written after the checkpoint a run resumes from)."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if event.get("epoch", 0) <= last:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+# Flags that say where a cell's files are and how it reports, not what it trains: they may
+# change under a cell that resumes (the others may not).
+NOT_RECIPE = ("--metrics", "--log", "--checkpoint", "--data", "--resume", "--threads", "--progress", "--time-limit",
+              "--eval-batch-size", "--trace")
+
+
+def recipe(words):
+    """A train command without the binary and the flags of NOT_RECIPE (in either form, `--flag
+    value` or `--flag=value`)."""
+    out, skip = [], False
+    for w in words[1:]:
+        if skip:
+            skip = False
+        elif w in NOT_RECIPE:
+            skip = True
+        elif w.split("=", 1)[0] not in NOT_RECIPE:
+            out.append(w)
+    return out
+
+
+def last_error(log, offset):
+    """The last "error: ..." line written to a run's log after its first `offset` bytes, or None."""
+    if not os.path.exists(log):
+        return None
+    with open(log, "rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
+    errors = [l.strip() for l in lines if l.startswith("error: ")]
+    return errors[-1] if errors else None
+
+
+def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
+    """Trains the unfinished runs (name, train arguments without the binary, epochs wanted) in one
+    `staleprop sweep`, each resuming from the checkpoint of its last finished epoch under `state`.
+    Prints what happened to each; returns 0."""
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(state, exist_ok=True)
+    jobs, names, wanted = [], [], {}
+    for name, args, epochs in runs:
+        metrics, log = os.path.join(out, name + ".jsonl"), os.path.join(out, name + ".log")
+        ckpt = os.path.join(state, name + ".safetensors")
+        done = read_epochs(metrics)
+        if done and done[-1]["epoch"] >= epochs:
+            print(f"{name}: done ({done[-1]['epoch']} epochs), skipped", flush=True)
+            continue
+        if budget <= 0:
+            print(f"{name}: not started (no budget left)", flush=True)
+            continue
+        cmd = ["train"] + list(args) + ["--metrics", metrics, "--log", log, "--progress", "plain", "--checkpoint",
+                                        ckpt]
+        cmd_file = os.path.join(out, name + ".cmd")
+        before = shlex.split(open(cmd_file).read()) if os.path.exists(cmd_file) else None
+        with open(cmd_file, "w") as f:
+            f.write(shlex.join([staleprop] + cmd) + "\n")
+        # Resume from the last finished epoch when its metrics are all there and the recipe is the
+        # one the run began with; else start over.
+        resumed = checkpoint_epoch(ckpt)
+        same_recipe = before is not None and recipe(before) == recipe([staleprop] + cmd)
+        if resumed is not None and not same_recipe:
+            why = "no record of the command" if before is None else "the recipe differs from the one"
+            print(f"{name}: {why} its checkpoint was trained with; starts again", flush=True)
+        if same_recipe and resumed is not None and 0 < resumed < epochs and [e["epoch"] for e in done][
+                :resumed] == list(range(1, resumed + 1)):
+            keep_epochs(metrics, resumed)
+            cmd += ["--resume", ckpt]
+            print(f"{name}: resumes after epoch {resumed} of {epochs}", flush=True)
+        else:
+            for stale in (metrics, log, ckpt):
+                if os.path.exists(stale):
+                    os.remove(stale)
+        jobs.append(shlex.join(cmd))
+        names.append(name)
+        wanted[name] = epochs
+    if not jobs:
+        return 0
+    jobs_file = os.path.join(state, "sweep-jobs.txt")
+    with open(jobs_file, "w") as f:
+        f.write("\n".join(jobs) + "\n")
+    sweep = [staleprop, "sweep", "--jobs", jobs_file, "--parallel", str(parallel), "--time-limit", str(budget)]
+    print(f"{len(jobs)} runs: {shlex.join(sweep)}", flush=True)
+    logs = {name: os.path.join(out, name + ".log") for name in names}
+    log_start = {name: os.path.getsize(path) if os.path.exists(path) else 0 for name, path in logs.items()}
+    try:
+        # The sweep ends runs at epoch boundaries inside the budget (and starts none that would not
+        # fit an epoch), but a run's first epoch is not cut short: `grace` bounds that overrun.
+        rc = subprocess.run(sweep, timeout=budget + grace).returncode
+    except subprocess.TimeoutExpired:
+        rc = 124
+        print(f"the sweep was stopped {grace:.0f} s past the budget; the runs keep their last epochs", flush=True)
+    for name in names:
+        epochs = read_epochs(os.path.join(out, name + ".jsonl"))
+        if epochs and epochs[-1]["epoch"] >= wanted[name]:
+            print(f"{name}: test accuracy {100 * epochs[-1]['test_acc']:.2f}% after {wanted[name]} epochs", flush=True)
+        elif epochs:
+            print(f"{name}: {epochs[-1]['epoch']} of {wanted[name]} epochs; the next call resumes it", flush=True)
+        else:
+            print(f"{name}: no epoch finished (sweep exit {rc}); see {name}.log", flush=True)
+        error = last_error(logs[name], log_start[name])
+        if error:
+            print(f"{name}: failed: {error[len('error: '):]}", flush=True)
+    return 0
+
+
+def epochs_of(words):
+    """The --epochs of a train command (either form; the last one counts, as for staleprop), or None."""
+    found = None
+    for i, w in enumerate(words):
+        if w == "--epochs" and i + 1 < len(words):
+            found = int(words[i + 1])
+        elif w.startswith("--epochs="):
+            found = int(w.split("=", 1)[1])
+    return found
+
+
+def read_runs(path):
+    """The (name, arguments, epochs) of a runs file."""
+    runs, seen = [], set()
+    for number, line in enumerate(open(path), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        words = shlex.split(line)
+        name, args = words[0], words[1:]
+        where = f"{path} line {number}"
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise SystemExit(f"{where}: the run's name {name!r} may hold only letters, digits, '.', '_' and '-'")
+        if name in seen:
+            raise SystemExit(f"{where}: a second run named {name}")
+        seen.add(name)
+        epochs = epochs_of(args)
+        if epochs is None:
+            raise SystemExit(f"{where}: {name} gives no --epochs (needed to tell a finished run)")
+        runs.append((name, args, epochs))
+    if not runs:
+        raise SystemExit(f"{path}: no runs")
+    return runs
+
+
+def summary(out):
+    """A Markdown line per run under `out`: epochs, last and best test accuracy, img/s."""
+    rows = ["| run | epochs | test accuracy % (last) | best | img/s |", "|---|---|---|---|---|"]
+    for entry in sorted(os.listdir(out)):
+        if not entry.endswith(".jsonl"):
+            continue
+        name = entry[:-len(".jsonl")]
+        epochs = read_epochs(os.path.join(out, entry))
+        if not epochs:
+            continue
+        cmd = os.path.join(out, name + ".cmd")
+        wanted = epochs_of(shlex.split(open(cmd).read())) if os.path.exists(cmd) else None
+        last = epochs[-1]
+        shared = max(e.get("max_concurrent_runs", 1) for e in epochs)
+        ips = sum(e["images_per_s"] for e in epochs) / len(epochs)
+        rows.append(f"| {name} | {last['epoch']}" + (f" of {wanted}" if wanted and wanted != last["epoch"] else "") +
+                    f" | {100 * last['test_acc']:.2f} | {100 * max(e['test_acc'] for e in epochs):.2f} | "
+                    f"{ips:,.0f}" + (f" (up to {shared} at once)" if shared > 1 else "") + " |")
+    print("\n".join(rows))
+    return 0 if len(rows) > 2 else 1
+
+
+def main():
+    argv = sys.argv[1:]
+    extra = []
+    if "--" in argv:
+        extra = argv[argv.index("--") + 1:]
+        argv = argv[:argv.index("--")]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("verb", choices=["run", "summary"])
+    ap.add_argument("--out", required=True, help="directory of the runs' metrics, logs and commands")
+    ap.add_argument("--runs", help="the runs file (run)")
+    ap.add_argument("--staleprop", default="build/tools/staleprop", help="the staleprop binary (run)")
+    ap.add_argument("--state", help="directory of the runs' checkpoints, to resume from (default: --out)")
+    ap.add_argument("--budget", type=float, default=540,
+                    help="seconds: runs stop at the last epoch boundary inside it and resume on the next call")
+    ap.add_argument("--grace", type=float, default=30,
+                    help="seconds past the budget after which the sweep is stopped (its runs keep their last epochs)")
+    ap.add_argument("--parallel", type=int, default=1, help="runs trained at once in one process, sharing the GPU")
+    args = ap.parse_args(argv)
+    if args.verb == "summary":
+        return summary(args.out)
+    if not args.runs:
+        ap.error("run needs --runs FILE")
+    if args.parallel < 1:
+        ap.error("--parallel must be at least 1")
+    runs = [(name, words + extra, epochs_of(words + extra)) for name, words, _ in read_runs(args.runs)]
+    return train_resumable(runs, args.out, args.state or args.out, args.staleprop, args.budget, args.grace,
+                           args.parallel)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
