@@ -262,6 +262,20 @@ TEST(Sweep, RefusesJobsThatCannotShareAProcess) {
     train::run_sweep(jobs, two);
   };
   test::expect_error(same_file_spelt_otherwise, {"would both write", "--log"});
+  auto bare_and_dotted = [&] {  // relative names whose files do not exist yet
+    auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
+    jobs[0].cfg.log = "sweep-test-bare.log";
+    jobs[1].cfg.log = (fs::current_path() / "sub" / ".." / "sweep-test-bare.log").string();
+    train::run_sweep(jobs, two);
+  };
+  test::expect_error(bare_and_dotted, {"would both write", "sweep-test-bare.log"});
+  auto resume_from_a_bare_pattern = [&] {
+    auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
+    jobs[0].cfg.checkpoint = "sweep-test-c{epoch}.safetensors";
+    jobs[1].cfg.resume = "./sweep-test-c3.safetensors";
+    train::run_sweep(jobs, two);
+  };
+  test::expect_error(resume_from_a_bare_pattern, {"y resumes from", "which x writes (--checkpoint)"});
   auto resume_from_anothers_output = [&] {
     auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
     jobs[1].cfg.resume = jobs[0].cfg.checkpoint;

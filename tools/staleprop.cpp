@@ -298,13 +298,13 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"cutout", "N", "after crop and flip, zero an N x N square (clipped at the border) centred on a random pixel of each training image (Cutout, DeVries & Taylor 2017; they use 16 on CIFAR-10; default 0: none)", [&](const std::string& v) { c.cutout = int(std::clamp<long long>(std::stoll(v), -1, 33)); }},
       {"eval-batch-size", "B", "batch size of the test-set evaluation (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", std::stoll(v)); }},
       {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} in FILE: one per epoch)", [&](const std::string& v) { c.checkpoint = v; }},
-      {"checkpoint-every", "N", "also write it every N steps", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", std::stoll(v)); }},
+      {"checkpoint-every", "N", "also write it every N steps (plain backprop over one module without --graphs only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", std::stoll(v)); }},
       {"resume", "FILE", "resume exactly from a checkpoint of the same run", [&](const std::string& v) { c.resume = v; }},
       {"metrics", "FILE", "append metrics as JSON lines to FILE", [&](const std::string& v) { c.metrics = v; }},
       {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines)", [&](const std::string& v) { c.progress = v; }},
       {"log", "FILE", "append the banner, progress and epoch lines to FILE instead of printing them", [&](const std::string& v) { c.log = v; }},
       {"time-limit", "SECONDS", "end the run at the first epoch boundary where the next epoch, taking as long as the last, would end later than SECONDS after the start; the epoch's checkpoint (--checkpoint) is there to --resume from", [&](const std::string& v) { a.time_limit = std::stod(v); SP_CHECK(a.time_limit > 0, "--time-limit must be positive, got ", v); }},
-      {"stop-after", "STEPS", "end the run after this many steps in total", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", std::stoll(v)); }},
+      {"stop-after", "STEPS", "end the run after this many steps in total (plain backprop over one module without --graphs only)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", std::stoll(v)); }},
       {"method", "M", "bp|ddg|fdg: locked backprop, forward-locked DDG, fully decoupled FDG (default bp)", [&](const std::string& v) { c.method = v; }},
       {"split", "K", "cut the network into K modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
       {"split-at", "CUTS", "explicit cuts: first block of modules 2..K (\"i,j,..\"), or fdg for FDG's published splits", [&](const std::string& v) { c.split_at = v; }},
@@ -350,16 +350,18 @@ int sweep_main(int argc, char** argv) {
   const std::vector<Flag> flags = {
       {"jobs", "FILE", "the runs, one per line: the arguments of a staleprop train command (quoted as in a shell; blank lines and lines starting with # are skipped); a job's own --time-limit counts from its start; required", [&](const std::string& v) { jobs_file = v; }},
       {"parallel", "N", "runs at once, each on its own host thread and streams (default 1: one after another)", [&](const std::string& v) { parallel = int(positive("parallel", std::stoll(v))); }},
-      {"time-limit", "SECONDS", "every run ends at the first epoch boundary where its next epoch would end later than SECONDS after the sweep began (see train --time-limit), and a waiting run does not start when an epoch of its model, as finished runs took, would not fit; default none", [&](const std::string& v) { time_limit = std::stod(v); SP_CHECK(time_limit > 0, "--time-limit must be positive, got ", v); }},
+      {"time-limit", "SECONDS", "every run ends at the first epoch boundary where its next epoch would end later than SECONDS after the sweep began (see train --time-limit), and a waiting run does not start when an epoch of a run like it (model, device, precision, method, K, batch, data size), as finished runs took, would not fit; default none", [&](const std::string& v) { time_limit = std::stod(v); SP_CHECK(time_limit > 0, "--time-limit must be positive, got ", v); }},
       {"threads", "N", "CPU threads, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
   };
   if (!parse_flags("sweep",
                    "Runs several staleprop train runs in one process, up to --parallel at once. On a GPU their\n"
                    "kernels then share the device as a decoupled pipeline's modules do, so small models that\n"
-                   "leave it partly idle can train faster together than one after another; each run gives the\n"
-                   "same bits as alone. --kernels, --mainloop, --deterministic and --threads are process-wide:\n"
-                   "all runs must agree. With --parallel > 1 each run needs its own --log FILE; peak memory is\n"
-                   "then the process's. Exits 1 if a run failed (the others go on).",
+                   "leave it partly idle can train faster together than one after another. Each run gives the\n"
+                   "same bits as alone where a solo run is reproducible (not with cuts measured at run time, nor\n"
+                   "--kernels vendor without --deterministic). --kernels, --mainloop, --deterministic and\n"
+                   "--threads are process-wide: all runs must agree. With --parallel > 1 and several jobs, each\n"
+                   "needs its own --log FILE (or --progress none); peak memory is then the process's. Exits 1\n"
+                   "if a run failed (the others go on).",
                    flags, argc, argv))
     return 0;
   SP_CHECK(!jobs_file.empty(), "sweep: --jobs FILE is required");

@@ -30,9 +30,12 @@ std::vector<std::pair<std::string, std::string>> outputs(const TrainConfig& c) {
 
 // One spelling per file ("a.log", "./a.log", "/cwd/a.log" and a link to it are the same).
 std::string same_file(const std::string& path) {
+  // Absolute first: weakly_canonical leaves a relative path relative when its first part does not
+  // exist yet.
+  const auto absolute = std::filesystem::absolute(path);
   std::error_code ec;
-  const auto canonical = std::filesystem::weakly_canonical(std::filesystem::path(path), ec);
-  return ec ? std::filesystem::absolute(path).lexically_normal().string() : canonical.string();
+  const auto canonical = std::filesystem::weakly_canonical(absolute, ec);
+  return ec ? absolute.lexically_normal().string() : canonical.string();
 }
 
 // Whether `file` is, or (for a --checkpoint pattern with "{epoch}") may be, written as `output`.
