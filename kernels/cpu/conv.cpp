@@ -23,6 +23,8 @@ namespace {
 
 // Column-buffer budget per call. A single image larger than this still forms a chunk of one.
 constexpr int64_t kColumnBudgetBytes = int64_t(16) << 20;
+// The most input channels a stride-1 convolution runs framed with (conv_framed).
+constexpr int64_t kFramedMaxChannels = 32;
 // Output channels up to which the weight gradient is computed transposed (measured on the 2-core
 // development machine: 1.6x faster at 32 channels, slower at 64; bench_cpu_gemm).
 constexpr int64_t kTransposedWgradMaxK = 32;
@@ -164,6 +166,121 @@ const T* transposed_filter(const Conv2dShape& sh, const T* w) {
   return wt.data();
 }
 
+// Whether a stride-1 convolution reading `ch` channels runs framed (below) instead of through
+// columns: with few channels a column row (R*S*ch values) is short, the gather of every pixel's
+// patch costs as much as the GEMM on it, and the framed form skips it. With more channels the
+// column GEMM is already compute-bound, and the frame's extra rows and columns would cost more.
+bool framed(int r, int s, int64_t ch) { return (r > 1 || s > 1) && ch <= kFramedMaxChannels; }
+
+// A stride-1 convolution without a column buffer:
+//   dst[i, p, q, o] (+)= sum over r, s, c of src[i, p - pad + r, q - pad + s, c] * f[o, r, s, c]
+// (zero outside src; += when accumulate). The source goes once into a zero-padded frame of
+// Hp x Wp pixels per image, where the S taps of filter row r at an output position are S*C
+// consecutive values. So filter row r is one GEMM over all frame positions m, whose A rows start
+// C values apart (they overlap) at the frame's pixel m + r*Wp, into an output frame of the same
+// positions; the positions past the output's width or height are computed and dropped. The sums
+// run over r, then s and c, in a fixed order.
+// Images of h x w pixels of C channels into frames of Hp x Wp pixels, at row `top` and column
+// `left`, zero around them.
+template <typename T>
+void to_frames(int64_t images, const T* src, int64_t h, int64_t w, int64_t C, int64_t top, int64_t left, int64_t Hp,
+               int64_t Wp, T* dst) {
+  parallel_for(images * Hp, detail::row_grain(Wp * C), [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      const int64_t img = row / Hp, y = row % Hp - top;
+      T* d = dst + row * Wp * C;
+      if (y < 0 || y >= h) {
+        std::fill(d, d + Wp * C, T(0));
+        continue;
+      }
+      std::fill(d, d + left * C, T(0));
+      std::copy_n(src + (img * h + y) * w * C, w * C, d + left * C);
+      std::fill(d + (left + w) * C, d + Wp * C, T(0));
+    }
+  });
+}
+
+template <typename T>
+void conv_framed(int64_t n, const T* src, int64_t h, int64_t w, int64_t C, const T* f, int64_t O, int R, int S,
+                 int pad, T* dst, bool accumulate) {
+  const int64_t Hp = h + 2 * pad, Wp = w + 2 * pad, P = Hp - R + 1, Q = Wp - S + 1, frame = Hp * Wp;
+  const int64_t per_image = frame * (C + O);
+  const int64_t chunk = std::clamp<int64_t>(kColumnBudgetBytes / int64_t(sizeof(T)) / per_image, 1, n);
+  T* in = column_buffer<T>(size_t(chunk * per_image));
+  T* out = in + chunk * frame * C;
+  for (int64_t i0 = 0; i0 < n; i0 += chunk) {
+    const int64_t images = std::min(chunk, n - i0);
+    to_frames(images, src + i0 * h * w * C, h, w, C, pad, pad, Hp, Wp, in);
+    const int64_t M = images * frame - ((R - 1) * Wp + (S - 1));
+    for (int r = 0; r < R; ++r)
+      gemm(false, true, M, O, int64_t(S) * C, T(1), in + r * Wp * C, C, f + int64_t(r) * S * C, int64_t(R) * S * C,
+           T(r == 0 ? 0 : 1), out, O);
+    parallel_for(images * P, detail::row_grain(Q * O), [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row) {
+        const int64_t img = row / P, p = row % P;
+        const T* o = out + (img * frame + p * Wp) * O;
+        T* d = dst + ((i0 + img) * P + p) * Q * O;
+        if (accumulate)
+          for (int64_t j = 0; j < Q * O; ++j) d[j] += o[j];
+        else
+          std::copy_n(o, Q * O, d);
+      }
+    });
+  }
+}
+
+// The weight gradient of a stride-1 convolution from frames (as conv_framed): x in its padded
+// frame, dy in a frame of the same size with zeros past the output's width and height, and for
+// filter row r
+//   dw[k, (r, s, c)] = sum over frame positions m of dy_frame[m, k] * x_frame[m + r*Wp, (s, c)]
+// (x_frame's rows overlapping as in conv_framed), one GEMM per r over the positions of each
+// chunk of images, accumulated over the chunks; transposed for few output channels, as the
+// column form is (conv2d_backward_weight).
+template <typename T>
+void wgrad_framed(const Conv2dShape& sh, const T* x, const T* dy, T* dw) {
+  const int64_t R = sh.r, S = sh.s, C = sh.c, K = sh.k, pad = sh.pad;
+  const int64_t Hp = sh.h + 2 * pad, Wp = sh.w + 2 * pad, P = sh.p(), Q = sh.q(), frame = Hp * Wp;
+  const int64_t per_image = frame * (C + K), rsc = R * S * C;
+  const int64_t chunk = std::clamp<int64_t>(kColumnBudgetBytes / int64_t(sizeof(T)) / per_image, 1, sh.n);
+  T* in = column_buffer<T>(size_t(chunk * per_image));
+  T* grad = in + chunk * frame * C;
+  const bool transposed = K <= kTransposedWgradMaxK;
+  static thread_local std::vector<T> dwt;
+  if (transposed) dwt.resize(size_t(rsc * K));
+  for (int64_t i0 = 0; i0 < sh.n; i0 += chunk) {
+    const int64_t images = std::min(chunk, sh.n - i0);
+    const T beta = i0 == 0 ? T(0) : T(1);
+    to_frames(images, x + i0 * sh.h * sh.w * C, sh.h, sh.w, C, pad, pad, Hp, Wp, in);
+    to_frames(images, dy + i0 * P * Q * K, P, Q, K, 0, 0, Hp, Wp, grad);
+    const int64_t M = images * frame - ((R - 1) * Wp + (S - 1));
+    for (int64_t r = 0; r < R; ++r) {
+      const T* a = in + r * Wp * C;
+      if (transposed)
+        gemm(true, false, S * C, K, M, T(1), a, C, grad, K, beta, dwt.data() + r * S * C * K, K);
+      else
+        gemm(true, false, K, S * C, M, T(1), grad, K, a, C, beta, dw + r * S * C, rsc);
+    }
+  }
+  if (transposed)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t t = 0; t < rsc; ++t) dw[k * rsc + t] = dwt[size_t(t * K + k)];
+}
+
+// wf[c, r, s, k] = w[k, R-1-r, S-1-s, c]: the filter of the data gradient as a framed forward
+// convolution of dy (with padding R-1-pad), into a per-thread buffer.
+template <typename T>
+const T* flipped_transposed_filter(const Conv2dShape& sh, const T* w) {
+  static thread_local std::vector<T> wf;
+  const int64_t R = sh.r, S = sh.s, K = sh.k, C = sh.c;
+  wf.resize(size_t(C * R * S * K));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t s = 0; s < S; ++s)
+        for (int64_t c = 0; c < C; ++c)
+          wf[size_t(((c * R + (R - 1 - r)) * S + (S - 1 - s)) * K + k)] = w[((k * R + r) * S + s) * C + c];
+  return wf.data();
+}
+
 }  // namespace
 
 template <typename T>
@@ -173,6 +290,10 @@ void conv2d_forward(const Conv2dShape& sh, const T* x, const T* w, const T* bias
   const T beta = bias ? T(1) : T(0);
   if (is_pointwise(sh)) {
     gemm(false, true, sh.n * PQ, K, rsc, T(1), x, rsc, w, rsc, beta, y, K);
+    return;
+  }
+  if (sh.stride == 1 && framed(sh.r, sh.s, sh.c)) {
+    conv_framed(sh.n, x, sh.h, sh.w, sh.c, w, K, sh.r, sh.s, sh.pad, y, bias != nullptr);
     return;
   }
   const int64_t chunk = images_per_chunk<T>(sh);
@@ -189,6 +310,12 @@ void conv2d_backward_data(const Conv2dShape& sh, const T* dy, const T* w, T* dx)
   const int64_t PQ = int64_t(sh.p()) * sh.q(), K = sh.k, rsc = taps(sh);
   if (is_pointwise(sh)) {
     gemm(false, false, sh.n * PQ, rsc, K, T(1), dy, K, w, rsc, T(0), dx, rsc);
+    return;
+  }
+  if (sh.stride == 1 && framed(sh.r, sh.s, K) && sh.r - 1 - sh.pad >= 0 && sh.s - 1 - sh.pad >= 0 &&
+      sh.r == sh.s) {
+    conv_framed(sh.n, dy, sh.p(), sh.q(), K, flipped_transposed_filter(sh, w), int64_t(sh.c), sh.r, sh.s,
+                sh.r - 1 - sh.pad, dx, false);
     return;
   }
   if (sh.stride == 1) {
@@ -228,6 +355,10 @@ void conv2d_backward_weight(const Conv2dShape& sh, const T* x, const T* dy, T* d
   }
   if (is_pointwise(sh)) {
     gemm(true, false, K, rsc, sh.n * PQ, T(1), dy, K, x, rsc, T(0), dw, rsc);
+    return;
+  }
+  if (sh.stride == 1 && framed(sh.r, sh.s, sh.c)) {
+    wgrad_framed(sh, x, dy, dw);
     return;
   }
   // dw[K, RSC] = dy^T * col, or for few output channels (K <= kTransposedWgradMaxK) dw^T[RSC, K] =
