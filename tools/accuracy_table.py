@@ -26,7 +26,7 @@ import os
 import shlex
 import sys
 
-from resumable_runs import read_epochs, train_resumable
+from resumable_runs import add_run_options, read_epochs, split_argv, train_resumable
 
 # Test error (%) reported by FDG (Zhuang et al., arXiv 1906.09108) for ResNet-56 on CIFAR-10:
 # 300 epochs, shrink factor 0.5. Only the figures the project's issue quotes.
@@ -108,27 +108,15 @@ def table(args):
 
 
 def main():
-    argv = sys.argv[1:]
-    extra = []
-    if "--" in argv:
-        extra = argv[argv.index("--") + 1:]
-        argv = argv[:argv.index("--")]
+    argv, extra = split_argv(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("verb", choices=["run", "table"])
-    ap.add_argument("--out", required=True, help="directory of the cells' metrics, logs and commands")
-    ap.add_argument("--staleprop", default="build/tools/staleprop", help="the staleprop binary (run)")
+    add_run_options(ap, "cells")
     ap.add_argument("--models", default="resnet56", type=lambda s: s.split(","))
     ap.add_argument("--splits", default="1,2,3,4", type=lambda s: [int(k) for k in s.split(",")])
     ap.add_argument("--methods", default="bp,ddg,fdg", type=lambda s: s.split(","))
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--shrink", type=float, default=0.5, help="shrink factor of the decoupled cells (FDG: 0.5)")
-    ap.add_argument("--budget", type=float, default=540,
-                    help="seconds: cells stop at the last epoch boundary inside it and resume on the next call")
-    ap.add_argument("--grace", type=float, default=30,
-                    help="seconds past the budget after which the sweep is stopped (its cells keep their last epochs)")
-    ap.add_argument("--parallel", type=int, default=1,
-                    help="cells trained at once in one process (staleprop sweep), sharing the GPU")
-    ap.add_argument("--state", help="directory of the cells' checkpoints, to resume from (default: --out)")
     args = ap.parse_args(argv)
     if args.parallel < 1:
         ap.error("--parallel must be at least 1")

@@ -228,23 +228,32 @@ def summary(out):
     return 0 if len(rows) > 2 else 1
 
 
-def main():
-    argv = sys.argv[1:]
-    extra = []
+def split_argv(argv):
+    """The script's own arguments, and those after `--` (for every staleprop train)."""
     if "--" in argv:
-        extra = argv[argv.index("--") + 1:]
-        argv = argv[:argv.index("--")]
+        return argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    return argv, []
+
+
+def add_run_options(ap, what):
+    """The options of a `run` verb that trains through train_resumable; `what`: "runs" or "cells"."""
+    ap.add_argument("--out", required=True, help=f"directory of the {what}' metrics, logs and commands")
+    ap.add_argument("--staleprop", default="build/tools/staleprop", help="the staleprop binary (run)")
+    ap.add_argument("--state", help=f"directory of the {what}' checkpoints, to resume from (default: --out)")
+    ap.add_argument("--budget", type=float, default=540,
+                    help=f"seconds: {what} stop at the last epoch boundary inside it and resume on the next call")
+    ap.add_argument("--grace", type=float, default=30,
+                    help=f"seconds past the budget after which the sweep is stopped (its {what} keep their last epochs)")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help=f"{what} trained at once in one process (staleprop sweep), sharing the GPU")
+
+
+def main():
+    argv, extra = split_argv(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("verb", choices=["run", "summary"])
-    ap.add_argument("--out", required=True, help="directory of the runs' metrics, logs and commands")
     ap.add_argument("--runs", help="the runs file (run)")
-    ap.add_argument("--staleprop", default="build/tools/staleprop", help="the staleprop binary (run)")
-    ap.add_argument("--state", help="directory of the runs' checkpoints, to resume from (default: --out)")
-    ap.add_argument("--budget", type=float, default=540,
-                    help="seconds: runs stop at the last epoch boundary inside it and resume on the next call")
-    ap.add_argument("--grace", type=float, default=30,
-                    help="seconds past the budget after which the sweep is stopped (its runs keep their last epochs)")
-    ap.add_argument("--parallel", type=int, default=1, help="runs trained at once in one process, sharing the GPU")
+    add_run_options(ap, "runs")
     args = ap.parse_args(argv)
     if args.verb == "summary":
         return summary(args.out)

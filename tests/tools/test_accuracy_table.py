@@ -21,17 +21,11 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tooltest import check, run_script, write_cifar  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "..", "..", "tools", "accuracy_table.py")
-
-
-def write_cifar(directory):
-    os.makedirs(directory)
-    records = [bytes([label]) + bytes([(17 * label) % 256]) * 3072 for label in range(10)]
-    batch = b"".join(records[i % 10] for i in range(10000))
-    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
-        with open(os.path.join(directory, name), "wb") as f:
-            f.write(batch)
 
 
 def read_epochs(path):
@@ -39,14 +33,7 @@ def read_epochs(path):
 
 
 def run(*args):
-    p = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True)
-    return p.returncode, p.stdout + p.stderr
-
-
-def check(cond, what, output=""):
-    if not cond:
-        print(f"FAILED: {what}\n{output}")
-        sys.exit(1)
+    return run_script(SCRIPT, *args)
 
 
 def main():

@@ -11,9 +11,11 @@ runs on 64 images, two at once, and checks that:
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tooltest import check, run_script, write_cifar  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..", "..")
@@ -22,24 +24,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from resumable_runs import read_runs  # noqa: E402
 
 
-def write_cifar(directory):
-    os.makedirs(directory)
-    records = [bytes([label]) + bytes([(17 * label) % 256]) * 3072 for label in range(10)]
-    batch = b"".join(records[i % 10] for i in range(10000))
-    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
-        with open(os.path.join(directory, name), "wb") as f:
-            f.write(batch)
-
-
 def run(*args):
-    p = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True)
-    return p.returncode, p.stdout + p.stderr
-
-
-def check(cond, what, output=""):
-    if not cond:
-        print(f"FAILED: {what}\n{output}")
-        sys.exit(1)
+    return run_script(SCRIPT, *args)
 
 
 def epochs(path):

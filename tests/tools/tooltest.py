@@ -1,0 +1,27 @@
+"""What the end-to-end tests of the tools' scripts share: a CIFAR-10 set of the official shape,
+running a script, and a check that fails the test with the output that explains it."""
+import os
+import subprocess
+import sys
+
+
+def write_cifar(directory):
+    """Five training files and a test file of 10,000 records each; labels 0-9, flat images."""
+    os.makedirs(directory)
+    records = [bytes([label]) + bytes([(17 * label) % 256]) * 3072 for label in range(10)]
+    batch = b"".join(records[i % 10] for i in range(10000))
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(batch)
+
+
+def run_script(script, *args):
+    """(exit status, stdout and stderr) of a Python script."""
+    p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+    return p.returncode, p.stdout + p.stderr
+
+
+def check(cond, what, output=""):
+    if not cond:
+        print(f"FAILED: {what}\n{output}")
+        sys.exit(1)
