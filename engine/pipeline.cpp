@@ -231,12 +231,7 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
 PipelineTrainer::~PipelineTrainer() {
   // The streams' work must end before the memory it uses goes; when it failed (the error is
   // what is unwinding the stack, or was reported already), that is no reason to terminate.
-  for (auto& st : stages_) {
-    try {
-      st->stream->synchronize();
-    } catch (const std::exception&) {
-    }
-  }
+  for (auto& st : stages_) synchronize_quietly(*st->stream);
 }
 
 int PipelineTrainer::delay(int module) const {

@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 
@@ -128,5 +129,22 @@ class Event {
 std::unique_ptr<Stream> make_stream(Device device, const StreamOptions& options = {});
 // timing == false is cheaper on CUDA (cudaEventDisableTiming); elapsed_ms_since needs true.
 std::unique_ptr<Event> make_event(Device device, bool timing = false);
+
+// Waits for a stream's work, swallowing its error (reported where it arose, or being reported by
+// the exception that is unwinding the stack): for destructors, which must not throw.
+inline void synchronize_quietly(Stream& stream) noexcept {
+  try {
+    stream.synchronize();
+  } catch (const std::exception&) {
+  }
+}
+
+// synchronize_quietly() when it goes out of scope. Declared after what a stream's work uses, it
+// keeps an error that unwinds the stack from freeing memory the stream's kernels still use,
+// which the caching allocator could hand out again at once.
+struct Drain {
+  Stream& stream;
+  ~Drain() { synchronize_quietly(stream); }
+};
 
 }  // namespace sp

@@ -163,12 +163,18 @@ TEST_P(CpuConvChunks, ManyChunksMatchDirectSums) {
 // columns (conv.cpp: conv_framed, wgrad_framed), and so does the stride-1 data gradient with at
 // most 32 output channels. In double a 96 x 96 image of 16 + 32 channels takes a 3.7 MB frame:
 // four images per chunk, then a remainder of one, for the forward, the data gradient and the
-// (transposed) weight gradient alike.
-TEST(CpuConvFramed, ChunksOfFramesMatchDirectSums) {
+// (transposed) weight gradient alike; with 16 + 48 channels, 4.9 MB: three, then two, for the
+// forward and the weight gradient as dy^T * frame (more than 32 outputs).
+class CpuConvFramed : public ::testing::TestWithParam<std::pair<int, int>> {};
+
+TEST_P(CpuConvFramed, ChunksOfFramesMatchDirectSums) {
   Conv2dShape sh;
-  sh.n = 5, sh.h = sh.w = 96, sh.c = 16, sh.k = 32, sh.r = sh.s = 3, sh.pad = 1;
+  sh.n = 5, sh.h = sh.w = 96, sh.c = GetParam().first, sh.k = GetParam().second, sh.r = sh.s = 3, sh.pad = 1;
   expect_direct_sums(sh);
 }
+
+INSTANTIATE_TEST_SUITE_P(Channels, CpuConvFramed,
+                         ::testing::Values(std::pair<int, int>{16, 32}, std::pair<int, int>{16, 48}));
 
 INSTANTIATE_TEST_SUITE_P(Channels, CpuConvChunks,
                          ::testing::Values(std::pair<int, int>{80, 2}, std::pair<int, int>{2, 80},

@@ -26,7 +26,7 @@ import os
 import shlex
 import sys
 
-from resumable_runs import add_run_options, read_epochs, split_argv, train_resumable
+from resumable_runs import add_run_options, epochs_of, read_epochs, split_argv, train_resumable
 
 # Test error (%) reported by FDG (Zhuang et al., arXiv 1906.09108) for ResNet-56 on CIFAR-10:
 # 300 epochs, shrink factor 0.5. Only the figures the project's issue quotes.
@@ -75,11 +75,7 @@ def table(args):
             continue
         last = epochs[-1]
         cmd_path = os.path.join(args.out, name + ".cmd")
-        wanted = None
-        if os.path.exists(cmd_path):
-            words = shlex.split(open(cmd_path).read())
-            if "--epochs" in words:
-                wanted = int(words[words.index("--epochs") + 1])
+        wanted = epochs_of(shlex.split(open(cmd_path).read())) if os.path.exists(cmd_path) else None
         busy = "/".join(f"{m['busy_pct']:.0f}" for m in last.get("modules", [])) or "–"
         # Cells trained beside others (sweep --parallel) share the GPU: their img/s is their share,
         # and the peak memory the process's.
@@ -118,8 +114,6 @@ def main():
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--shrink", type=float, default=0.5, help="shrink factor of the decoupled cells (FDG: 0.5)")
     args = ap.parse_args(argv)
-    if args.parallel < 1:
-        ap.error("--parallel must be at least 1")
     for method in args.methods:
         if method not in ("bp", "ddg", "fdg"):
             ap.error(f"unknown method {method!r} (bp, ddg, fdg)")

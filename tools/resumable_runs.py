@@ -235,6 +235,13 @@ def split_argv(argv):
     return argv, []
 
 
+def at_least_one(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_run_options(ap, what):
     """The options of a `run` verb that trains through train_resumable; `what`: "runs" or "cells"."""
     ap.add_argument("--out", required=True, help=f"directory of the {what}' metrics, logs and commands")
@@ -244,7 +251,7 @@ def add_run_options(ap, what):
                     help=f"seconds: {what} stop at the last epoch boundary inside it and resume on the next call")
     ap.add_argument("--grace", type=float, default=30,
                     help=f"seconds past the budget after which the sweep is stopped (its {what} keep their last epochs)")
-    ap.add_argument("--parallel", type=int, default=1,
+    ap.add_argument("--parallel", type=at_least_one, default=1,
                     help=f"{what} trained at once in one process (staleprop sweep), sharing the GPU")
 
 
@@ -259,8 +266,6 @@ def main():
         return summary(args.out)
     if not args.runs:
         ap.error("run needs --runs FILE")
-    if args.parallel < 1:
-        ap.error("--parallel must be at least 1")
     runs = [(name, words + extra, epochs_of(words + extra)) for name, words, _ in read_runs(args.runs)]
     return train_resumable(runs, args.out, args.state or args.out, args.staleprop, args.budget, args.grace,
                            args.parallel)

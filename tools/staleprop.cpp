@@ -80,6 +80,12 @@ int64_t positive(const std::string& flag, int64_t v) {
   return v;
 }
 
+double positive_seconds(const std::string& flag, const std::string& v) {
+  const double s = std::stod(v);
+  SP_CHECK(s > 0, "--", flag, " must be positive, got ", v);
+  return s;
+}
+
 std::vector<double> parse_list(const std::string& v) {
   std::vector<double> out;
   std::stringstream ss(v);
@@ -303,7 +309,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"metrics", "FILE", "append metrics as JSON lines to FILE", [&](const std::string& v) { c.metrics = v; }},
       {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines)", [&](const std::string& v) { c.progress = v; }},
       {"log", "FILE", "append the banner, progress and epoch lines to FILE instead of printing them", [&](const std::string& v) { c.log = v; }},
-      {"time-limit", "SECONDS", "end the run at the first epoch boundary where the next epoch, taking as long as the last, would end later than SECONDS after the start; the epoch's checkpoint (--checkpoint) is there to --resume from", [&](const std::string& v) { a.time_limit = std::stod(v); SP_CHECK(a.time_limit > 0, "--time-limit must be positive, got ", v); }},
+      {"time-limit", "SECONDS", "end the run at the first epoch boundary where the next epoch, taking as long as the last, would end later than SECONDS after the start; the epoch's checkpoint (--checkpoint) is there to --resume from", [&](const std::string& v) { a.time_limit = positive_seconds("time-limit", v); }},
       {"stop-after", "STEPS", "end the run after this many steps in total (plain backprop over one module without --graphs only)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", std::stoll(v)); }},
       {"method", "M", "bp|ddg|fdg: locked backprop, forward-locked DDG, fully decoupled FDG (default bp)", [&](const std::string& v) { c.method = v; }},
       {"split", "K", "cut the network into K modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
@@ -350,7 +356,7 @@ int sweep_main(int argc, char** argv) {
   const std::vector<Flag> flags = {
       {"jobs", "FILE", "the runs, one per line: the arguments of a staleprop train command (quoted as in a shell; blank lines and lines starting with # are skipped); a job's own --time-limit counts from its start; required", [&](const std::string& v) { jobs_file = v; }},
       {"parallel", "N", "runs at once, each on its own host thread and streams (default 1: one after another)", [&](const std::string& v) { parallel = int(positive("parallel", std::stoll(v))); }},
-      {"time-limit", "SECONDS", "every run ends at the first epoch boundary where its next epoch would end later than SECONDS after the sweep began (see train --time-limit), and a waiting run does not start when an epoch of a run like it (model, device, precision, method, K, batch, data size), as finished runs took, would not fit; default none", [&](const std::string& v) { time_limit = std::stod(v); SP_CHECK(time_limit > 0, "--time-limit must be positive, got ", v); }},
+      {"time-limit", "SECONDS", "every run ends at the first epoch boundary where its next epoch would end later than SECONDS after the sweep began (see train --time-limit), and a waiting run does not start when an epoch of a run like it (model, device, precision, method, K, batch, data size), as finished runs took, would not fit; default none", [&](const std::string& v) { time_limit = positive_seconds("time-limit", v); }},
       {"threads", "N", "CPU threads, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
   };
   if (!parse_flags("sweep",
@@ -368,7 +374,6 @@ int sweep_main(int argc, char** argv) {
   std::ifstream in(jobs_file);
   SP_CHECK(in.good(), "sweep: cannot read the jobs file '", jobs_file, "'");
   std::vector<sp::train::SweepJob> jobs;
-  std::vector<TrainArgs> args;
   int line_no = 0;
   for (std::string line; std::getline(in, line);) {
     ++line_no;
@@ -612,14 +617,11 @@ int main(int argc, char** argv) {
     if (cmd == "sweep") return sweep_main(argc - 2, argv + 2);
     std::fprintf(stderr, "staleprop: unknown command '%s'\n\n%s", cmd.c_str(), kTopUsage);
     return 2;
-  } catch (const sp::Error& e) {
+  } catch (const std::exception& e) {
     // The failed check's condition and source line only with STALEPROP_DEBUG set: they help a
     // developer, the message alone says what is wrong.
     const char* debug = std::getenv("STALEPROP_DEBUG");
-    std::fprintf(stderr, "staleprop: error: %s\n", debug && *debug && *debug != '0' ? e.what() : e.message());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "staleprop: error: %s\n", e.what());
+    std::fprintf(stderr, "staleprop: error: %s\n", debug && *debug && *debug != '0' ? e.what() : sp::user_message(e));
     return 1;
   }
 }

@@ -54,8 +54,13 @@ void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
   SP_CHECK(opts.parallel >= 1, "sweep: --parallel must be at least 1, got ", opts.parallel);
   SP_CHECK(!jobs.empty(), "sweep: no jobs");
   const TrainConfig& first = jobs.front().cfg;
-  std::map<std::string, std::string> writer;  // file -> the job writing it
-  for (const SweepJob& j : jobs) {
+  struct Writer {
+    size_t job;
+    std::string flag;
+  };
+  std::map<std::string, Writer> writer;  // file (same_file) -> the job writing it, and by which flag
+  for (size_t index = 0; index < jobs.size(); ++index) {
+    const SweepJob& j = jobs[index];
     // --kernels, --mainloop and --deterministic set process-wide state (engine/ops.h), so
     // every run of one process must ask for the same.
     SP_CHECK(j.cfg.kernels == first.kernels && j.cfg.mainloop == first.mainloop &&
@@ -67,18 +72,18 @@ void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
     SP_CHECK(opts.parallel == 1 || jobs.size() == 1 || !j.cfg.log.empty() || j.cfg.progress == "none", "sweep: ",
              j.name, " would print to stdout beside other runs: give it --log FILE (or --progress none)");
     for (const auto& [flag, file] : outputs(j.cfg)) {
-      auto [it, fresh] = writer.emplace(same_file(file), j.name);
-      SP_CHECK(fresh, "sweep: ", j.name, " and ", it->second, " would both write ", file, " (", flag, ")");
+      auto [it, fresh] = writer.emplace(same_file(file), Writer{index, flag});
+      SP_CHECK(fresh, "sweep: ", j.name, " and ", jobs[it->second.job].name, " would both write ", file, " (", flag,
+               ")");
     }
   }
   // A run must not resume from a file another run is writing.
   for (size_t i = 0; i < jobs.size(); ++i) {
     if (jobs[i].cfg.resume.empty()) continue;
     const std::string resume = same_file(jobs[i].cfg.resume);
-    for (size_t k = 0; k < jobs.size(); ++k)
-      for (const auto& [flag, file] : outputs(jobs[k].cfg))
-        SP_CHECK(k == i || !may_write(same_file(file), resume), "sweep: ", jobs[i].name, " resumes from ",
-                 jobs[i].cfg.resume, ", which ", jobs[k].name, " writes (", flag, ")");
+    for (const auto& [file, w] : writer)
+      SP_CHECK(w.job == i || !may_write(file, resume), "sweep: ", jobs[i].name, " resumes from ", jobs[i].cfg.resume,
+               ", which ", jobs[w.job].name, " writes (", w.flag, ")");
   }
 }
 

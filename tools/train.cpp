@@ -219,20 +219,6 @@ StepStats evaluate(BackpropTrainer& trainer, data::BatchLoader& loader) {
   return trainer.drain_stats();
 }
 
-// Waits for a stream's work when it goes out of scope, errors swallowed (they were, or are being,
-// reported): declared after what that work uses, it keeps an error that unwinds the stack from
-// freeing memory the stream's kernels still use, which the caching allocator could hand to
-// another run at once.
-struct Drain {
-  Stream& stream;
-  ~Drain() {
-    try {
-      stream.synchronize();
-    } catch (const std::exception&) {
-    }
-  }
-};
-
 // What both training paths share: the run's setup, the epoch report, metrics and checkpoints.
 struct Run {
   const TrainConfig& cfg;
@@ -241,11 +227,11 @@ struct Run {
   Device device;
   std::unique_ptr<Stream> stream;
   Network net;
-  // Destroyed before `net` and the loaders (members go in reverse order): when the run ends by
-  // an error with work still queued, that work ends before their memory goes back.
-  Drain drain_net{*stream};
   std::unique_ptr<data::BatchLoader> loader;
   std::unique_ptr<data::BatchLoader> eval_loader;  // made at the first evaluation
+  // Destroyed before `net` and the loaders (members go in reverse order): when the run ends by
+  // an error with work still queued, that work ends before their memory goes back.
+  Drain drain{*stream};
   int64_t spe = 0;
   LrSchedule sched;
   Output out;

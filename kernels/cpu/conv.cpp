@@ -1,4 +1,5 @@
-// Convolution as im2col + GEMM on NHWC activations and KRSC weights.
+// Convolution on NHWC activations and KRSC weights: as im2col + GEMM, or for stride-1
+// convolutions reading few channels from padded frames.
 //
 // The column matrix has one row per output pixel (n, p, q) and one column per filter tap
 // (r, s, c), the order of a KRSC filter row, so the weights are used as stored:
@@ -8,7 +9,9 @@
 //                    around each input pixel and wt the filter transposed (a forward GEMM)
 //   backward weight  dw[K, RSC]   = sum over chunks of dy[pix, K]^T * col[pix, RSC]; for K <= 32
 //                    as dw^T = col^T * dy, transposed at the end (the same sums)
-// Images go through in chunks so the column buffer stays bounded whatever the batch size.
+// Stride-1 convolutions reading at most kFramedMaxChannels channels (the stride-1 data gradient
+// reads dy's K) skip the columns: see conv_framed and wgrad_framed.
+// Images go through in chunks so the buffer stays bounded whatever the batch size.
 // A 1x1, stride-1, unpadded convolution needs no im2col: x already is its column matrix.
 #include <algorithm>
 #include <cstdint>
@@ -23,7 +26,9 @@ namespace {
 
 // Column-buffer budget per call. A single image larger than this still forms a chunk of one.
 constexpr int64_t kColumnBudgetBytes = int64_t(16) << 20;
-// The most input channels a stride-1 convolution runs framed with (conv_framed).
+// The most channels a stride-1 convolution reads (x's C; for the data gradient dy's K) to run
+// framed (conv_framed, wgrad_framed): measured faster up to 32, slower at 64
+// (bench/results/cpu-amd-epyc-2core/2026-11-26-cpu-conv-framed.md).
 constexpr int64_t kFramedMaxChannels = 32;
 // Output channels up to which the weight gradient is computed transposed (measured on the 2-core
 // development machine: 1.6x faster at 32 channels, slower at 64; bench_cpu_gemm).
@@ -37,9 +42,13 @@ int64_t taps(const Conv2dShape& sh) { return int64_t(sh.r) * sh.s * sh.c; }
 // on the shape and T, so the chunking (and with it the summation order of the weight gradient)
 // is the same on every run and every thread count.
 template <typename T>
-int64_t images_per_chunk(const Conv2dShape& sh, int64_t row_elems) {
+int64_t images_per_chunk(int64_t n, int64_t row_elems) {
   const int64_t image_bytes = std::max<int64_t>(1, row_elems * int64_t(sizeof(T)));
-  return std::clamp<int64_t>(kColumnBudgetBytes / image_bytes, 1, sh.n);
+  return std::clamp<int64_t>(kColumnBudgetBytes / image_bytes, 1, n);
+}
+template <typename T>
+int64_t images_per_chunk(const Conv2dShape& sh, int64_t row_elems) {
+  return images_per_chunk<T>(sh.n, row_elems);
 }
 // The forward's and the weight gradient's columns: P*Q rows of R*S*C taps per image.
 template <typename T>
@@ -154,32 +163,28 @@ void dgrad_im2col(const Conv2dShape& sh, int64_t images, const T* dy, T* dcol) {
   gather_patches(PatchGeom{sh.h, sh.w, sh.p(), sh.q(), sh.k, sh.r, sh.s, 1, sh.pad, -1}, images, dy, dcol);
 }
 
-// wt[c, (r, s, k)] = w[k, r, s, c] into a per-thread buffer.
+// wt[c, (r, s, k)] = w[k, r, s, c] into a per-thread buffer; flipped, w[k, R-1-r, S-1-s, c]
+// (the data gradient as a framed forward convolution of dy).
 template <typename T>
-const T* transposed_filter(const Conv2dShape& sh, const T* w) {
+const T* transposed_filter(const Conv2dShape& sh, const T* w, bool flipped = false) {
   static thread_local std::vector<T> wt;
   const int64_t rs = int64_t(sh.r) * sh.s, K = sh.k, C = sh.c;
   wt.resize(size_t(C * rs * K));
   for (int64_t k = 0; k < K; ++k)
     for (int64_t t = 0; t < rs; ++t)
-      for (int64_t c = 0; c < C; ++c) wt[size_t((c * rs + t) * K + k)] = w[(k * rs + t) * C + c];
+      for (int64_t c = 0; c < C; ++c) wt[size_t((c * rs + (flipped ? rs - 1 - t : t)) * K + k)] = w[(k * rs + t) * C + c];
   return wt.data();
 }
 
-// Whether a stride-1 convolution reading `ch` channels runs framed (below) instead of through
-// columns: with few channels a column row (R*S*ch values) is short, the gather of every pixel's
-// patch costs as much as the GEMM on it, and the framed form skips it. With more channels the
-// column GEMM is already compute-bound, and the frame's extra rows and columns would cost more.
-bool framed(int r, int s, int64_t ch) { return (r > 1 || s > 1) && ch <= kFramedMaxChannels; }
+// Whether a convolution reading `ch` channels runs framed (below) instead of through columns:
+// at stride 1 with few channels a column row (R*S*ch values) is short, the gather of every
+// pixel's patch costs as much as the GEMM on it, and the framed form skips it. With more
+// channels the column GEMM is already compute-bound, and the frame's extra rows and columns
+// would cost more.
+bool framed(const Conv2dShape& sh, int64_t ch) {
+  return sh.stride == 1 && (sh.r > 1 || sh.s > 1) && ch <= kFramedMaxChannels;
+}
 
-// A stride-1 convolution without a column buffer:
-//   dst[i, p, q, o] (+)= sum over r, s, c of src[i, p - pad + r, q - pad + s, c] * f[o, r, s, c]
-// (zero outside src; += when accumulate). The source goes once into a zero-padded frame of
-// Hp x Wp pixels per image, where the S taps of filter row r at an output position are S*C
-// consecutive values. So filter row r is one GEMM over all frame positions m, whose A rows start
-// C values apart (they overlap) at the frame's pixel m + r*Wp, into an output frame of the same
-// positions; the positions past the output's width or height are computed and dropped. The sums
-// run over r, then s and c, in a fixed order.
 // Images of h x w pixels of C channels into frames of Hp x Wp pixels, at row `top` and column
 // `left`, zero around them.
 template <typename T>
@@ -200,17 +205,26 @@ void to_frames(int64_t images, const T* src, int64_t h, int64_t w, int64_t C, in
   });
 }
 
+// A stride-1 convolution from frames, without columns:
+//   dst[i, p, q, o] = sum over r, s, c of src[i, p - pad_h + r, q - pad_w + s, c] * f[o, r, s, c]
+//                     (+ bias[o] when bias is given)
+// (zero outside src). The source goes once into a zero-padded frame of Hp x Wp pixels per
+// image, where the S taps of filter row r at an output position are S*C consecutive values. So
+// filter row r is one GEMM over all frame positions m, whose A rows start C values apart (they
+// overlap: lda = C < S*C, which gemm allows) at the frame's pixel m + r*Wp, into an output frame
+// of the same positions; the positions past the output's width or height are computed and
+// dropped. The sums run over r, then s and c, in a fixed order. The frames live in the column
+// buffer.
 template <typename T>
 void conv_framed(int64_t n, const T* src, int64_t h, int64_t w, int64_t C, const T* f, int64_t O, int R, int S,
-                 int pad, T* dst, bool accumulate) {
-  const int64_t Hp = h + 2 * pad, Wp = w + 2 * pad, P = Hp - R + 1, Q = Wp - S + 1, frame = Hp * Wp;
-  const int64_t per_image = frame * (C + O);
-  const int64_t chunk = std::clamp<int64_t>(kColumnBudgetBytes / int64_t(sizeof(T)) / per_image, 1, n);
-  T* in = column_buffer<T>(size_t(chunk * per_image));
+                 int pad_h, int pad_w, const T* bias, T* dst) {
+  const int64_t Hp = h + 2 * pad_h, Wp = w + 2 * pad_w, P = Hp - R + 1, Q = Wp - S + 1, frame = Hp * Wp;
+  const int64_t chunk = images_per_chunk<T>(n, frame * (C + O));
+  T* in = column_buffer<T>(size_t(chunk * frame * (C + O)));
   T* out = in + chunk * frame * C;
   for (int64_t i0 = 0; i0 < n; i0 += chunk) {
     const int64_t images = std::min(chunk, n - i0);
-    to_frames(images, src + i0 * h * w * C, h, w, C, pad, pad, Hp, Wp, in);
+    to_frames(images, src + i0 * h * w * C, h, w, C, pad_h, pad_w, Hp, Wp, in);
     const int64_t M = images * frame - ((R - 1) * Wp + (S - 1));
     for (int r = 0; r < R; ++r)
       gemm(false, true, M, O, int64_t(S) * C, T(1), in + r * Wp * C, C, f + int64_t(r) * S * C, int64_t(R) * S * C,
@@ -220,8 +234,9 @@ void conv_framed(int64_t n, const T* src, int64_t h, int64_t w, int64_t C, const
         const int64_t img = row / P, p = row % P;
         const T* o = out + (img * frame + p * Wp) * O;
         T* d = dst + ((i0 + img) * P + p) * Q * O;
-        if (accumulate)
-          for (int64_t j = 0; j < Q * O; ++j) d[j] += o[j];
+        if (bias)
+          for (int64_t px = 0; px < Q; ++px)
+            for (int64_t j = 0; j < O; ++j) d[px * O + j] = o[px * O + j] + bias[j];
         else
           std::copy_n(o, Q * O, d);
       }
@@ -241,7 +256,7 @@ void wgrad_framed(const Conv2dShape& sh, const T* x, const T* dy, T* dw) {
   const int64_t R = sh.r, S = sh.s, C = sh.c, K = sh.k, pad = sh.pad;
   const int64_t Hp = sh.h + 2 * pad, Wp = sh.w + 2 * pad, P = sh.p(), Q = sh.q(), frame = Hp * Wp;
   const int64_t per_image = frame * (C + K), rsc = R * S * C;
-  const int64_t chunk = std::clamp<int64_t>(kColumnBudgetBytes / int64_t(sizeof(T)) / per_image, 1, sh.n);
+  const int64_t chunk = images_per_chunk<T>(sh.n, per_image);
   T* in = column_buffer<T>(size_t(chunk * per_image));
   T* grad = in + chunk * frame * C;
   const bool transposed = K <= kTransposedWgradMaxK;
@@ -266,34 +281,19 @@ void wgrad_framed(const Conv2dShape& sh, const T* x, const T* dy, T* dw) {
       for (int64_t t = 0; t < rsc; ++t) dw[k * rsc + t] = dwt[size_t(t * K + k)];
 }
 
-// wf[c, r, s, k] = w[k, R-1-r, S-1-s, c]: the filter of the data gradient as a framed forward
-// convolution of dy (with padding R-1-pad), into a per-thread buffer.
-template <typename T>
-const T* flipped_transposed_filter(const Conv2dShape& sh, const T* w) {
-  static thread_local std::vector<T> wf;
-  const int64_t R = sh.r, S = sh.s, K = sh.k, C = sh.c;
-  wf.resize(size_t(C * R * S * K));
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t s = 0; s < S; ++s)
-        for (int64_t c = 0; c < C; ++c)
-          wf[size_t(((c * R + (R - 1 - r)) * S + (S - 1 - s)) * K + k)] = w[((k * R + r) * S + s) * C + c];
-  return wf.data();
-}
-
 }  // namespace
 
 template <typename T>
 void conv2d_forward(const Conv2dShape& sh, const T* x, const T* w, const T* bias, T* y) {
   const int64_t PQ = int64_t(sh.p()) * sh.q(), K = sh.k, rsc = taps(sh);
+  if (framed(sh, sh.c)) {
+    conv_framed(sh.n, x, sh.h, sh.w, sh.c, w, K, sh.r, sh.s, sh.pad, sh.pad, bias, y);
+    return;
+  }
   if (bias) detail::broadcast_rows(sh.n * PQ, K, bias, y);
   const T beta = bias ? T(1) : T(0);
   if (is_pointwise(sh)) {
     gemm(false, true, sh.n * PQ, K, rsc, T(1), x, rsc, w, rsc, beta, y, K);
-    return;
-  }
-  if (sh.stride == 1 && framed(sh.r, sh.s, sh.c)) {
-    conv_framed(sh.n, x, sh.h, sh.w, sh.c, w, K, sh.r, sh.s, sh.pad, y, bias != nullptr);
     return;
   }
   const int64_t chunk = images_per_chunk<T>(sh);
@@ -312,10 +312,11 @@ void conv2d_backward_data(const Conv2dShape& sh, const T* dy, const T* w, T* dx)
     gemm(false, false, sh.n * PQ, rsc, K, T(1), dy, K, w, rsc, T(0), dx, rsc);
     return;
   }
-  if (sh.stride == 1 && framed(sh.r, sh.s, K) && sh.r - 1 - sh.pad >= 0 && sh.s - 1 - sh.pad >= 0 &&
-      sh.r == sh.s) {
-    conv_framed(sh.n, dy, sh.p(), sh.q(), K, flipped_transposed_filter(sh, w), int64_t(sh.c), sh.r, sh.s,
-                sh.r - 1 - sh.pad, dx, false);
+  // As a framed forward convolution of dy with the flipped, transposed filter, padded by R-1-pad
+  // and S-1-pad (which padding wider than the filter would make negative).
+  if (framed(sh, K) && sh.pad < sh.r && sh.pad < sh.s) {
+    conv_framed(sh.n, dy, sh.p(), sh.q(), K, transposed_filter(sh, w, true), int64_t(sh.c), sh.r, sh.s,
+                sh.r - 1 - sh.pad, sh.s - 1 - sh.pad, static_cast<const T*>(nullptr), dx);
     return;
   }
   if (sh.stride == 1) {
@@ -357,7 +358,7 @@ void conv2d_backward_weight(const Conv2dShape& sh, const T* x, const T* dy, T* d
     gemm(true, false, K, rsc, sh.n * PQ, T(1), dy, K, x, rsc, T(0), dw, rsc);
     return;
   }
-  if (sh.stride == 1 && framed(sh.r, sh.s, sh.c)) {
+  if (framed(sh, sh.c)) {
     wgrad_framed(sh, x, dy, dw);
     return;
   }

@@ -20,6 +20,8 @@ namespace sp::kernels::cpu {
 // ---- GEMM ---------------------------------------------------------------------------------
 // Row-major C[M,N] = alpha * op(A) * op(B) + beta * C, op(X) = X or X^T.
 // lda/ldb/ldc are row strides of A, B, C as stored. beta == 0 ignores C's prior contents (NaN-safe).
+// A's and B's rows may overlap (lda or ldb smaller than the row length; the framed convolutions
+// read a padded image so), since only C is written; lda/ldb must be positive.
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
           int64_t ldb, T beta, T* c, int64_t ldc);
