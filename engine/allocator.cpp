@@ -1,6 +1,7 @@
 #include "engine/allocator.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -17,6 +18,16 @@
 #endif
 
 namespace sp {
+
+namespace {
+thread_local int t_owner = 0;
+std::atomic<int> g_next_owner{1};
+}  // namespace
+
+AllocationOwner::AllocationOwner() : id_(g_next_owner.fetch_add(1)), outer_(t_owner) { t_owner = id_; }
+AllocationOwner::AllocationOwner(int id, Adopt) : id_(id), outer_(t_owner) { t_owner = id_; }
+AllocationOwner::~AllocationOwner() { t_owner = outer_; }
+int AllocationOwner::current() { return t_owner; }
 
 CachingAllocator::CachingAllocator(std::string name, RawAlloc raw_alloc, RawFree raw_free)
     : name_(std::move(name)), raw_alloc_(std::move(raw_alloc)), raw_free_(std::move(raw_free)) {}
@@ -40,11 +51,14 @@ void* CachingAllocator::allocate(size_t bytes, const void* stream_key) {
   void* ptr = nullptr;
   // Best fit among cached blocks of this stream, else among those of destroyed streams,
   // accepting at most 2x waste.
+  const int owner = t_owner;
+  size_t got = 0;
   auto take = [&](std::multimap<size_t, void*>& pool) {
     auto it = pool.lower_bound(size);
     if (it == pool.end() || it->first > 2 * size) return false;
     ptr = it->second;
-    live_[ptr] = Block{it->first, stream_key};
+    got = it->first;
+    live_[ptr] = Block{it->first, stream_key, owner};
     stats_.allocated_bytes += it->first;
     pool.erase(it);
     return true;
@@ -61,7 +75,13 @@ void* CachingAllocator::allocate(size_t bytes, const void* stream_key) {
     ++stats_.backend_allocs;
     stats_.reserved_bytes += size;
     stats_.allocated_bytes += size;
-    live_[ptr] = Block{size, stream_key};
+    live_[ptr] = Block{size, stream_key, owner};
+    got = size;
+  }
+  if (owner != 0) {
+    OwnerStats& o = owners_[owner];
+    o.allocated_bytes += got;
+    o.peak_allocated_bytes = std::max(o.peak_allocated_bytes, o.allocated_bytes);
   }
   stats_.peak_allocated_bytes = std::max(stats_.peak_allocated_bytes, stats_.allocated_bytes);
   stats_.peak_reserved_bytes = std::max(stats_.peak_reserved_bytes, stats_.reserved_bytes);
@@ -74,6 +94,7 @@ void CachingAllocator::deallocate(void* ptr) {
   auto it = live_.find(ptr);
   SP_CHECK(it != live_.end(), name_, ": deallocate of a pointer this allocator did not hand out");
   stats_.allocated_bytes -= it->second.size;
+  if (it->second.owner != 0) owners_[it->second.owner].allocated_bytes -= it->second.size;
   free_[it->second.key].emplace(it->second.size, ptr);
   live_.erase(it);
 }
@@ -121,6 +142,18 @@ void CachingAllocator::release_cached_locked() {
 AllocatorStats CachingAllocator::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
   return stats_;
+}
+
+CachingAllocator::OwnerStats CachingAllocator::owner_stats(int owner) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto it = owners_.find(owner);
+  return it == owners_.end() ? OwnerStats{} : it->second;
+}
+
+void CachingAllocator::reset_owner_peak(int owner) {
+  std::lock_guard<std::mutex> lk(mu_);
+  OwnerStats& o = owners_[owner];
+  o.peak_allocated_bytes = o.allocated_bytes;
 }
 
 void CachingAllocator::reset_peak() {

@@ -59,6 +59,15 @@ class CachingAllocator {
   // stream from inheriting blocks it cannot order.
   void retire_stream(const void* stream_key);
 
+  // Bytes handed out, and their high-water mark since reset_owner_peak(), of the blocks
+  // allocated while `owner` was the calling thread's AllocationOwner (freed from any thread):
+  // one training run's own memory when several share the allocator (staleprop sweep).
+  struct OwnerStats {
+    size_t allocated_bytes = 0, peak_allocated_bytes = 0;
+  };
+  OwnerStats owner_stats(int owner) const;
+  void reset_owner_peak(int owner);
+
   // Size classes: multiples of 512 B up to 1 MiB, then 1/8-power-of-two steps.
   static size_t round_size(size_t bytes);
 
@@ -69,7 +78,9 @@ class CachingAllocator {
   struct Block {
     size_t size;
     const void* key;
+    int owner;  // the allocating thread's AllocationOwner (0: none)
   };
+  std::unordered_map<int, OwnerStats> owners_;
   std::string name_;
   RawAlloc raw_alloc_;
   RawFree raw_free_;
@@ -82,6 +93,25 @@ class CachingAllocator {
 
 // The process-wide allocator of a device (CPU memory is 64-byte aligned).
 CachingAllocator& device_allocator(Device device);
+
+// While it lives, what the constructing thread allocates is counted for a fresh owner id as
+// well (CachingAllocator::owner_stats), so one run among several in a process can report its own
+// memory. Nests: the innermost owner counts. A CPU stream runs each closure under the owner of
+// the thread that enqueued it, so what its ops allocate on the worker counts for that owner.
+class AllocationOwner {
+ public:
+  struct Adopt {};
+  AllocationOwner();
+  AllocationOwner(int id, Adopt);  // counts for an existing owner (0: none) instead
+  ~AllocationOwner();
+  AllocationOwner(const AllocationOwner&) = delete;
+  AllocationOwner& operator=(const AllocationOwner&) = delete;
+  int id() const { return id_; }
+  static int current();  // the calling thread's innermost owner, 0 when none
+
+ private:
+  int id_, outer_;
+};
 
 // device_allocator(device).retire_stream(stream_key), called by a stream's destructor once its
 // work is done.

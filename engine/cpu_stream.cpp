@@ -109,6 +109,12 @@ class CpuStream final : public Stream {
   Device device() const override { return Device::cpu(); }
 
   void enqueue_host(std::function<void()> fn) override {
+    // What the closure allocates counts for the enqueuing thread's owner (AllocationOwner).
+    if (const int owner = AllocationOwner::current(); owner != 0)
+      fn = [owner, f = std::move(fn)] {
+        const AllocationOwner as(owner, AllocationOwner::Adopt{});
+        f();
+      };
     if (capture_) {
       capture_->nodes.push_back({CpuGraph::Kind::Host, std::move(fn), nullptr});
       return;

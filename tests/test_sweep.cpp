@@ -90,6 +90,18 @@ train::TrainResult run_alone(train::SweepJob j) {
   return train::run_training(j.cfg, train_set, test_set);
 }
 
+// A number field of the last "epoch" record of a metrics file (0 when there is none).
+double last_epoch_number(const std::string& path, const std::string& field) {
+  std::ifstream in(path);
+  double value = 0;
+  for (std::string line; std::getline(in, line);) {
+    if (line.find("\"event\":\"epoch\"") == std::string::npos) continue;
+    const size_t at = line.find("\"" + field + "\":");
+    if (at != std::string::npos) value = std::stod(line.substr(at + field.size() + 3));
+  }
+  return value;
+}
+
 std::string read(const std::string& path) {
   std::ifstream in(path);
   std::stringstream ss;
@@ -105,8 +117,8 @@ TEST(Sweep, RunsSideBySideGiveTheBitsTheyGiveAlone) {
   std::vector<train::TrainResult> alone;
   for (train::SweepJob j : jobs) {
     j.cfg.checkpoint = cifar().file(j.name + "-alone.safetensors");
-    j.cfg.metrics = j.cfg.log = "";
-    j.cfg.progress = "none";
+    j.cfg.metrics = cifar().file(j.name + "-alone.jsonl");
+    j.cfg.log = cifar().file(j.name + "-alone.log");  // progress as in the sweep: it sets how far the host runs ahead
     alone.push_back(run_alone(j));
   }
   train::SweepOptions o;
@@ -128,6 +140,13 @@ TEST(Sweep, RunsSideBySideGiveTheBitsTheyGiveAlone) {
     EXPECT_NE(log.find("up to 4 runs at once in this process"), std::string::npos) << log;
     EXPECT_NE(log.find("epoch 2/2: train loss"), std::string::npos) << log;
     EXPECT_NE(read(jobs[i].cfg.metrics).find("\"max_concurrent_runs\":4"), std::string::npos);
+    // Its peak of tensors in use is its own, not the four runs' together: about what it was
+    // alone (blocks taken from the shared cache may be up to twice the size asked for).
+    const double shared = last_epoch_number(jobs[i].cfg.metrics, "peak_allocated_bytes");
+    const double solo = last_epoch_number(cifar().file(jobs[i].name + "-alone.jsonl"), "peak_allocated_bytes");
+    EXPECT_GT(solo, 0);
+    EXPECT_GE(shared, 0.75 * solo);
+    EXPECT_LE(shared, 1.5 * solo);
   }
   // Different seeds train differently: the comparison above can tell runs apart.
   EXPECT_NE(alone[0].epochs[1].train_loss, alone[2].epochs[1].train_loss);

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <map>
 #include <random>
+#include <thread>
 
 #include "engine/allocator.h"
 #include "engine/ops.h"
@@ -135,6 +136,47 @@ TEST(CachingAllocator, StreamsRetireTheirBlocksWhenDestroyed) {
   Tensor u = Tensor::empty({int64_t(odd / 4)}, DType::F32, Device::cpu(), other.get());
   EXPECT_EQ(static_cast<void*>(u.data<float>()), block);
   EXPECT_EQ(alloc.stats().backend_allocs, before);
+}
+
+// Each owner's bytes are counted from the blocks allocated under it, wherever they are freed.
+TEST(CachingAllocator, OwnersCountTheirOwnBlocks) {
+  CountingBackend backend;
+  auto alloc = backend.make();
+  void* outside = alloc.allocate(512);  // no owner
+  int first_id = 0, second_id = 0;
+  void *a = nullptr, *b = nullptr;
+  {
+    AllocationOwner first;
+    first_id = first.id();
+    EXPECT_EQ(AllocationOwner::current(), first_id);
+    a = alloc.allocate(4096);
+    std::thread([&] {
+      AllocationOwner second;  // another run on another thread
+      second_id = second.id();
+      b = alloc.allocate(8192);
+      void* t = alloc.allocate(1 << 20);
+      alloc.deallocate(t);
+    }).join();
+    {
+      AllocationOwner nested;
+      alloc.deallocate(alloc.allocate(512));  // the innermost owner counts
+      EXPECT_EQ(alloc.owner_stats(nested.id()).peak_allocated_bytes, 512u);
+    }
+    EXPECT_EQ(AllocationOwner::current(), first_id);
+  }
+  EXPECT_EQ(AllocationOwner::current(), 0);
+  EXPECT_NE(first_id, second_id);
+  EXPECT_EQ(alloc.owner_stats(first_id).allocated_bytes, 4096u);
+  EXPECT_EQ(alloc.owner_stats(first_id).peak_allocated_bytes, 4096u);
+  EXPECT_EQ(alloc.owner_stats(second_id).allocated_bytes, 8192u);
+  EXPECT_EQ(alloc.owner_stats(second_id).peak_allocated_bytes, 8192u + (1 << 20));
+  std::thread([&] { alloc.deallocate(b); }).join();  // freed elsewhere: still the second's
+  EXPECT_EQ(alloc.owner_stats(second_id).allocated_bytes, 0u);
+  alloc.reset_owner_peak(second_id);
+  EXPECT_EQ(alloc.owner_stats(second_id).peak_allocated_bytes, 0u);
+  EXPECT_EQ(alloc.stats().allocated_bytes, 512u + 4096u) << "the process's count is all blocks";
+  alloc.deallocate(a);
+  alloc.deallocate(outside);
 }
 
 TEST(CachingAllocator, PeakTracksHighWaterMarkAndResets) {

@@ -77,8 +77,8 @@ def table(args):
         cmd_path = os.path.join(args.out, name + ".cmd")
         wanted = epochs_of(shlex.split(open(cmd_path).read())) if os.path.exists(cmd_path) else None
         busy = "/".join(f"{m['busy_pct']:.0f}" for m in last.get("modules", [])) or "–"
-        # Cells trained beside others (sweep --parallel) share the GPU: their img/s is their share,
-        # and the peak memory the process's.
+        # Cells trained beside others (sweep --parallel) share the GPU: their img/s is their share
+        # (their peak of tensors in use stays their own).
         shared = max(e.get("max_concurrent_runs", 1) for e in epochs)
         rows.append({
             "model": model, "method": method, "k": k,
@@ -96,7 +96,7 @@ def table(args):
     for r in rows:
         pub = f"{r['published']:.2f}" if r["published"] is not None else "–"
         shared = f" (up to {r['shared']} at once)" if r["shared"] > 1 else ""
-        peak = f"{r['peak']:,.0f}" + (" (process)" if r["shared"] > 1 else "")
+        peak = f"{r['peak']:,.0f}"
         out.append(f"| {r['model']} | {r['method']} | {r['k']} | {r['epochs']} | {r['error']:.2f} | {r['best']:.2f} | "
                    f"{r['ips']:,.0f}{shared} | {r['busy']} | {peak} | {pub} |")
     print("\n".join(out))

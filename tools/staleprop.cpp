@@ -366,7 +366,8 @@ int sweep_main(int argc, char** argv) {
                    "same bits as alone where a solo run is reproducible (not with cuts measured at run time, nor\n"
                    "--kernels vendor without --deterministic). --kernels, --mainloop, --deterministic and\n"
                    "--threads are process-wide: all runs must agree. With --parallel > 1 and several jobs, each\n"
-                   "needs its own --log FILE (or --progress none); peak memory is then the process's. Exits 1\n"
+                   "needs its own --log FILE (or --progress none); a run's peak reserved memory is then the\n"
+                   "process's (its peak of tensors in use stays its own). Exits 1\n"
                    "if a run failed (the others go on).",
                    flags, argc, argv))
     return 0;

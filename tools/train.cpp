@@ -221,6 +221,9 @@ StepStats evaluate(BackpropTrainer& trainer, data::BatchLoader& loader) {
 
 // What both training paths share: the run's setup, the epoch report, metrics and checkpoints.
 struct Run {
+  // What this run's thread allocates counts for it too: its own peak when it shares the
+  // allocator with other runs (staleprop sweep). Declared first, so it covers all of the run.
+  AllocationOwner owner;
   const TrainConfig& cfg;
   const data::Dataset& train_set;
   const data::Dataset& test_set;
@@ -328,9 +331,11 @@ struct Run {
                  const std::function<StepStats()>& eval, const std::string& extra = "",
                  const std::string& extra_json = "") {
     EpochResult er{epoch + 1, train.mean_loss(), train.accuracy(), NAN, NAN, double(images) / train_secs, 0};
-    // Peak memory of the device's caching allocator during the epoch's training (the caller
-    // resets the peak when the epoch starts): tensors in use, and blocks held from the backend.
-    const AllocatorStats mem = device_allocator(device).stats();
+    // Peak memory of the device's caching allocator during the epoch's training (since
+    // begin_epoch_peak()): tensors in use, and blocks held from the backend. Beside other runs,
+    // the tensors are this run's own (allocated on its thread) and the blocks the process's.
+    AllocatorStats mem = device_allocator(device).stats();
+    if (shares_allocator()) mem.peak_allocated_bytes = device_allocator(device).owner_stats(owner.id()).peak_allocated_bytes;
     if (test_set.size() > 0) {
       const StepStats t = eval();
       er.test_loss = t.mean_loss();
@@ -338,15 +343,12 @@ struct Run {
     }
     er.elapsed_s = seconds_since(start);
     result.epochs.push_back(er);
-    // Beside other runs (staleprop sweep) the allocator's peak is the process's high-water mark
-    // since it started (no run resets it then), not this run's.
-    const char* peak_of = cfg.max_concurrent_runs > 1 ? " (process)" : "";
     if (!progress.quiet()) {
       std::fprintf(out.get(),
                    "epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s%s | train peak "
-                   "mem%s %.0f MiB | %s elapsed\n",
+                   "mem %.0f MiB | %s elapsed\n",
                    epoch + 1, cfg.epochs, er.train_loss, 100 * er.train_acc, er.test_loss, 100 * er.test_acc,
-                   er.images_per_s, extra.c_str(), peak_of, double(mem.peak_allocated_bytes) / (1 << 20),
+                   er.images_per_s, extra.c_str(), double(mem.peak_allocated_bytes) / (1 << 20),
                    fmt_duration(er.elapsed_s).c_str());
       std::fflush(out.get());
     }
@@ -359,6 +361,17 @@ struct Run {
                   ",\"peak_reserved_bytes\":" + std::to_string(mem.peak_reserved_bytes) +
                   (cfg.max_concurrent_runs > 1 ? ",\"max_concurrent_runs\":" + std::to_string(cfg.max_concurrent_runs) : "") +
                   extra_json + "}");
+  }
+
+  bool shares_allocator() const { return cfg.max_concurrent_runs > 1; }
+
+  // Starts the epoch's peak memory: the allocator's, or beside other runs this run's own (the
+  // process's peak is not reset under them).
+  void begin_epoch_peak() {
+    if (shares_allocator())
+      device_allocator(device).reset_owner_peak(owner.id());
+    else
+      device_allocator(device).reset_peak();
   }
 
   // Called after epoch `epoch` (0-based) and its checkpoint, `epoch_secs` after the epoch
@@ -398,8 +411,7 @@ TrainResult run_backprop(Run& run) {
   run.banner("standard backprop");
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
-    // The epoch's training peak, evaluation excluded; beside other runs, the process's since it began.
-    if (cfg.max_concurrent_runs <= 1) device_allocator(run.device).reset_peak();
+    run.begin_epoch_peak();  // the epoch's training peak, evaluation excluded
     StepStats epoch_stats;
     int64_t epoch_images = 0;
     const int64_t first_index = step % spe;
@@ -537,8 +549,7 @@ TrainResult run_pipelined(Run& run) {
 
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
-    // The epoch's training peak, evaluation excluded; beside other runs, the process's since it began.
-    if (cfg.max_concurrent_runs <= 1) device_allocator(run.device).reset_peak();
+    run.begin_epoch_peak();  // the epoch's training peak, evaluation excluded
     int64_t fed = 0, images = 0;
     const PipelineTrainer::BatchSource source = [&](Tensor* x, Tensor* y) {
       if (fed == spe) return false;
