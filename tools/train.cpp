@@ -335,7 +335,8 @@ struct Run {
     // begin_epoch_peak()): tensors in use, and blocks held from the backend. Beside other runs,
     // the tensors are this run's own (allocated on its thread) and the blocks the process's.
     AllocatorStats mem = device_allocator(device).stats();
-    if (shares_allocator()) mem.peak_allocated_bytes = device_allocator(device).owner_stats(owner.id()).peak_allocated_bytes;
+    if (shares_allocator())
+      mem.peak_allocated_bytes = device_allocator(device).owner_stats(owner.id()).peak_allocated_bytes;
     if (test_set.size() > 0) {
       const StepStats t = eval();
       er.test_loss = t.mean_loss();
@@ -359,7 +360,9 @@ struct Run {
                   json_number(er.images_per_s) + ",\"elapsed_s\":" + json_number(er.elapsed_s) +
                   ",\"peak_allocated_bytes\":" + std::to_string(mem.peak_allocated_bytes) +
                   ",\"peak_reserved_bytes\":" + std::to_string(mem.peak_reserved_bytes) +
-                  (cfg.max_concurrent_runs > 1 ? ",\"max_concurrent_runs\":" + std::to_string(cfg.max_concurrent_runs) : "") +
+                  (cfg.max_concurrent_runs > 1
+                       ? ",\"max_concurrent_runs\":" + std::to_string(cfg.max_concurrent_runs)
+                       : "") +
                   extra_json + "}");
   }
 

@@ -172,7 +172,8 @@ const T* transposed_filter(const Conv2dShape& sh, const T* w, bool flipped = fal
   wt.resize(size_t(C * rs * K));
   for (int64_t k = 0; k < K; ++k)
     for (int64_t t = 0; t < rs; ++t)
-      for (int64_t c = 0; c < C; ++c) wt[size_t((c * rs + (flipped ? rs - 1 - t : t)) * K + k)] = w[(k * rs + t) * C + c];
+      for (int64_t c = 0; c < C; ++c)
+        wt[size_t((c * rs + (flipped ? rs - 1 - t : t)) * K + k)] = w[(k * rs + t) * C + c];
   return wt.data();
 }
 
