@@ -245,6 +245,30 @@ void conv_framed(int64_t n, const T* src, int64_t h, int64_t w, int64_t C, const
   }
 }
 
+// Where a weight gradient accumulates: dw itself, or for few output channels (K <=
+// kTransposedWgradMaxK) dw^T[RSC, K] in a per-thread buffer, which puts the channels in the
+// GEMM's N so that it reads the other operand in place (gemm.cpp); finish() then transposes it
+// into dw. Either way each sum runs over the pixels in the same blocks and order, with the
+// products' factors swapped: the same bits.
+template <typename T>
+struct WgradTarget {
+  int64_t K, rsc;
+  T* dw;
+  bool transposed = K <= kTransposedWgradMaxK;
+  T* dwt = transposed ? buffer(size_t(rsc * K)) : nullptr;
+
+  static T* buffer(size_t n) {
+    static thread_local std::vector<T> b;
+    b.resize(n);
+    return b.data();
+  }
+  void finish() const {
+    if (transposed)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t t = 0; t < rsc; ++t) dw[k * rsc + t] = dwt[t * K + k];
+  }
+};
+
 // The weight gradient of a stride-1 convolution from frames (as conv_framed): x in its padded
 // frame, dy in a frame of the same size with zeros past the output's width and height, and for
 // filter row r
@@ -260,9 +284,7 @@ void wgrad_framed(const Conv2dShape& sh, const T* x, const T* dy, T* dw) {
   const int64_t chunk = images_per_chunk<T>(sh.n, per_image);
   T* in = column_buffer<T>(size_t(chunk * per_image));
   T* grad = in + chunk * frame * C;
-  const bool transposed = K <= kTransposedWgradMaxK;
-  static thread_local std::vector<T> dwt;
-  if (transposed) dwt.resize(size_t(rsc * K));
+  const WgradTarget<T> target{K, rsc, dw};
   for (int64_t i0 = 0; i0 < sh.n; i0 += chunk) {
     const int64_t images = std::min(chunk, sh.n - i0);
     const T beta = i0 == 0 ? T(0) : T(1);
@@ -271,15 +293,13 @@ void wgrad_framed(const Conv2dShape& sh, const T* x, const T* dy, T* dw) {
     const int64_t M = images * frame - ((R - 1) * Wp + (S - 1));
     for (int64_t r = 0; r < R; ++r) {
       const T* a = in + r * Wp * C;
-      if (transposed)
-        gemm(true, false, S * C, K, M, T(1), a, C, grad, K, beta, dwt.data() + r * S * C * K, K);
+      if (target.transposed)
+        gemm(true, false, S * C, K, M, T(1), a, C, grad, K, beta, target.dwt + r * S * C * K, K);
       else
         gemm(true, false, K, S * C, M, T(1), grad, K, a, C, beta, dw + r * S * C, rsc);
     }
   }
-  if (transposed)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t t = 0; t < rsc; ++t) dw[k * rsc + t] = dwt[size_t(t * K + k)];
+  target.finish();
 }
 
 }  // namespace
@@ -363,27 +383,20 @@ void conv2d_backward_weight(const Conv2dShape& sh, const T* x, const T* dy, T* d
     wgrad_framed(sh, x, dy, dw);
     return;
   }
-  // dw[K, RSC] = dy^T * col, or for few output channels (K <= kTransposedWgradMaxK) dw^T[RSC, K] =
-  // col^T * dy, which puts them in the GEMM's N so that it reads the column matrix in place
-  // (gemm.cpp) instead of packing a copy of it. Either way each sum runs over the pixels in the
-  // same blocks and order, with the products' factors swapped: the same bits.
+  // dw[K, RSC] = dy^T * col, or dw^T[RSC, K] = col^T * dy (WgradTarget).
   const int64_t chunk = images_per_chunk<T>(sh);
   T* col = column_buffer<T>(sh);
-  const bool transposed = K <= kTransposedWgradMaxK;
-  static thread_local std::vector<T> dwt;
-  if (transposed) dwt.resize(size_t(rsc * K));
+  const WgradTarget<T> target{K, rsc, dw};
   for (int64_t i0 = 0; i0 < sh.n; i0 += chunk) {
     const int64_t images = std::min<int64_t>(chunk, sh.n - i0);
     const T beta = i0 == 0 ? T(0) : T(1);
     im2col(sh, images, x + i0 * sh.h * sh.w * sh.c, col);
-    if (transposed)
-      gemm(true, false, rsc, K, images * PQ, T(1), col, rsc, dy + i0 * PQ * K, K, beta, dwt.data(), K);
+    if (target.transposed)
+      gemm(true, false, rsc, K, images * PQ, T(1), col, rsc, dy + i0 * PQ * K, K, beta, target.dwt, K);
     else
       gemm(true, false, K, rsc, images * PQ, T(1), dy + i0 * PQ * K, K, col, rsc, beta, dw, rsc);
   }
-  if (transposed)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t t = 0; t < rsc; ++t) dw[k * rsc + t] = dwt[size_t(t * K + k)];
+  target.finish();
 }
 
 #define SP_INSTANTIATE_CONV(T)                                                          \
