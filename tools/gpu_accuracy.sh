@@ -58,18 +58,7 @@ else
 fi
 tar czf "$OUT/table.tgz" -C "$STATE" table
 # The checkpoints of the cells still to finish (written before their last epoch).
-TOOLS_DIR=$PWD/tools
-mapfile -t unfinished < <(python3 -c '
-import glob, os, shlex, sys
-sys.path.insert(0, sys.argv[2])
-from resumable_runs import checkpoint_epoch, epochs_of
-for f in sorted(glob.glob(os.path.join(sys.argv[1], "ckpt", "*.safetensors"))):
-    name = os.path.basename(f)[:-len(".safetensors")]
-    cmd = os.path.join(sys.argv[1], "table", name + ".cmd")
-    wanted = epochs_of(shlex.split(open(cmd).read())) if os.path.exists(cmd) else None
-    e = checkpoint_epoch(f)
-    if e is not None and wanted is not None and e < wanted:
-        print(os.path.basename(f))' "$STATE" "$TOOLS_DIR")
+mapfile -t unfinished < <(python3 tools/resumable_runs.py unfinished --out "$STATE/table" --state "$STATE/ckpt")
 if [ ${#unfinished[@]} -gt 0 ]; then
   tar czf "$OUT/state.tgz" -C "$STATE/ckpt" "${unfinished[@]}"
   if [ "$(stat -c %s "$OUT/state.tgz")" -gt $((16 * 1024 * 1024)) ]; then

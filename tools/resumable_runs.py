@@ -8,6 +8,7 @@ runs:
     tools/resumable_runs.py run --runs bench/runs/resnet20-recipes.txt --out runs/r20 --budget 540 \\
         --parallel 4 -- --device cuda --data data/cifar-10-batches-bin
     tools/resumable_runs.py summary --out runs/r20 > summary.md
+    tools/resumable_runs.py unfinished --out runs/r20     # checkpoints of runs still to finish
 
 A runs file has one run per line: a name (letters, digits, '.', '_', '-'), then the arguments
 of its `staleprop train` (quoted as in a shell, and giving --epochs); '#' starts a comment line.
@@ -255,15 +256,31 @@ def add_run_options(ap, what):
                     help=f"{what} trained at once in one process (staleprop sweep), sharing the GPU")
 
 
+def unfinished(out, state):
+    """Prints the checkpoints under `state` written before their run's last epoch (its .cmd under
+    `out` says how many it wants): what a later call would resume from."""
+    for f in sorted(os.listdir(state)):
+        if not f.endswith(".safetensors"):
+            continue
+        cmd = os.path.join(out, f[:-len(".safetensors")] + ".cmd")
+        wanted = epochs_of(shlex.split(open(cmd).read())) if os.path.exists(cmd) else None
+        done = checkpoint_epoch(os.path.join(state, f))
+        if done is not None and wanted is not None and done < wanted:
+            print(f)
+    return 0
+
+
 def main():
     argv, extra = split_argv(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("verb", choices=["run", "summary"])
+    ap.add_argument("verb", choices=["run", "summary", "unfinished"])
     ap.add_argument("--runs", help="the runs file (run)")
     add_run_options(ap, "runs")
     args = ap.parse_args(argv)
     if args.verb == "summary":
         return summary(args.out)
+    if args.verb == "unfinished":
+        return unfinished(args.out, args.state or args.out)
     if not args.runs:
         ap.error("run needs --runs FILE")
     runs = [(name, words + extra, epochs_of(words + extra)) for name, words, _ in read_runs(args.runs)]

@@ -5,7 +5,8 @@ Writes a CIFAR-10 binary set of the official shape, then runs a file of two name
 runs on 64 images, two at once, and checks that:
   - the short run finishes and the long one (400 epochs) is stopped by the budget at an epoch
     boundary; the next call skips the first and resumes the second, every epoch recorded once;
-  - the summary has a line per run, saying how far the stopped one got;
+  - the summary has a line per run, saying how far the stopped one got, and `unfinished` names
+    the stopped run's checkpoint alone;
   - the repository's runs files (bench/runs/) read, and a file with a run without --epochs, a
     name used twice or a name with a slash is refused with the line named.
 """
@@ -53,6 +54,8 @@ def main():
         check(rc == 0 and len(lines) == 2 and f"| long | {first[-1]} of 400 |" in table and "| short | 1 |" in table,
               "a summary line per run", table)
         check("(up to 2 at once)" in table, "img/s marked as shared", table)
+        rc, left = run("unfinished", "--out", out)
+        check(rc == 0 and left.split() == ["long.safetensors"], "only the stopped run's checkpoint is unfinished", left)
 
         rc, log = run("run", *common)
         check(rc == 0 and "short: done (1 epochs), skipped" in log and f"long: resumes after epoch {first[-1]} of 400"
