@@ -233,6 +233,33 @@ TEST(Sweep, TimeLimitsReachRunningRunsAndCountFromEachRunsStart) {
   EXPECT_GE(both[1].result.epochs.size(), 2u) << "the second run had its own 3 s, not what the first left";
 }
 
+// A waiting run does not start when an epoch of a finished run of its kind would not end before
+// the sweep's deadline; a run of another kind, with no such estimate, still starts. The clock
+// that judges the start is set to just before the deadline, so the rule is reached at once.
+TEST(Sweep, AWaitingRunStartsOnlyWhereAnEpochOfItsKindFits) {
+  train::SweepOptions o;
+  o.status = nullptr;
+  o.deadline = Clock::now() + std::chrono::hours(1);  // the runs themselves are never stopped
+  o.start_clock = [&] { return o.deadline - std::chrono::milliseconds(1); };
+  std::vector<train::SweepJob> jobs = {job("fit-a"), job("fit-b"), job("fit-other")};
+  jobs[2].cfg.batch_size = 4;  // another kind: no finished run of it to estimate from
+  auto out = train::run_sweep(jobs, o);
+  EXPECT_EQ(out[0].status, train::SweepStatus::Finished) << out[0].error;
+  EXPECT_EQ(out[1].status, train::SweepStatus::NotStarted);
+  EXPECT_NE(out[1].error.find("would not end within the time limit"), std::string::npos) << out[1].error;
+  EXPECT_NE(out[1].error.find("batch 8"), std::string::npos) << "names the kind: " << out[1].error;
+  EXPECT_FALSE(fs::exists(jobs[1].cfg.metrics)) << "it never started";
+  EXPECT_NE(read(jobs[1].cfg.log).find("sweep: not started: an epoch (about "), std::string::npos);
+  EXPECT_EQ(out[2].status, train::SweepStatus::Finished) << out[2].error;
+
+  // With ten minutes left, an epoch of either kind fits: all three run.
+  o.start_clock = [&] { return o.deadline - std::chrono::minutes(10); };
+  jobs = {job("fit10-a"), job("fit10-b"), job("fit10-other")};
+  jobs[2].cfg.batch_size = 4;
+  out = train::run_sweep(jobs, o);
+  for (const auto& r : out) EXPECT_EQ(r.status, train::SweepStatus::Finished) << r.name << ": " << r.error;
+}
+
 TEST(Sweep, AFailedRunLeavesTheOthersRunning) {
   // One fails before it starts, one on its data, and a pipelined one after its first epoch
   // (its checkpoint cannot be written), with its module streams at work.

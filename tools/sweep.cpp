@@ -189,7 +189,7 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
         std::lock_guard<std::mutex> lk(epoch_mu);
         if (auto it = epoch_secs.find(kind[i]); it != epoch_secs.end()) estimate = it->second;
       }
-      const auto now = Clock::now();
+      const auto now = opts.start_clock ? opts.start_clock() : Clock::now();
       if (now >= opts.deadline || now + std::chrono::duration_cast<Clock::duration>(
                                             std::chrono::duration<double>(estimate)) > opts.deadline) {
         o.error = now >= opts.deadline ? "the time limit had passed"
