@@ -190,6 +190,34 @@ TEST(CpuStreamEvents, DestructionDrainsPendingWork) {
   EXPECT_EQ(done.load(), 20);
 }
 
+// Drain (what ~PipelineTrainer and the training loops use while an error unwinds the stack):
+// it waits for the stream's work, and a second error, kept by the stream, neither escapes nor
+// terminates the process; the first error is the one that arrives.
+TEST(CpuStreamEvents, DrainWaitsForTheWorkAndSwallowsASecondError) {
+  auto s = make_stream(Device::cpu());
+  std::atomic<int> done{0};
+  try {
+    Drain drain{*s};
+    s->enqueue_host([] { throw std::runtime_error("second error, on the stream"); });
+    s->enqueue_host([&] {
+      std::this_thread::sleep_for(20ms);
+      ++done;
+    });
+    throw std::logic_error("first error, on the host");
+  } catch (const std::logic_error& e) {
+    EXPECT_STREQ(e.what(), "first error, on the host");
+    EXPECT_EQ(done.load(), 1) << "the stream's work had ended when the error left the scope";
+  }
+  // The stream's error was consumed by the drain: the stream is usable again.
+  s->enqueue_host([&] { ++done; });
+  EXPECT_NO_THROW(s->synchronize());
+  EXPECT_EQ(done.load(), 2);
+  // synchronize_quietly itself: the error is dropped, not thrown.
+  s->enqueue_host([] { throw std::runtime_error("dropped"); });
+  synchronize_quietly(*s);
+  EXPECT_NO_THROW(s->synchronize());
+}
+
 TEST(CpuStreamEvents, CpuStreamRejectsForeignEvents) {
   // An event of another implementation cannot be waited on by a CPU stream.
   class FakeEvent final : public Event {
