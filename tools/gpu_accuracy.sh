@@ -13,11 +13,16 @@
 # bench/runs/resnet20-recipes.txt), the same way, and $OUT/table.md is their summary; each line
 # of the file gives its whole recipe, TRAIN_ARGS_EXTRA is added to every run.
 #
-# What comes back: $OUT/table.tgz (the cells), $OUT/table.md (the table) and, when it fits the
-# 16 MiB a returned file may have (about two ResNet-56 cells), $OUT/state.tgz with the
-# checkpoints of the unfinished cells. For a later session, commit the cells (bench/results/...)
-# and name that folder in FROM, and carry state.tgz and name it in FROM_STATE: those cells then
-# resume too; the others start again.
+# What comes back: $OUT/table.tgz (the cells), $OUT/table.md (the table) and the checkpoints of
+# the unfinished cells as one gzipped tar cut into parts, $OUT/state.tgz.00, .01, ... of at most
+# PART_BYTES (15 MiB): the device tool returns 8 files of at most 16 MiB, 64 MiB together, so up
+# to 6 parts (about 8 ResNet-56 cells) come back. For a later session, commit the cells
+# (bench/results/...) and name that folder in FROM, and carry the parts: STATE_PARTS=DIR
+# ACCURACY=1 tools/gpu_prepare.sh puts them in .carry/state, which is FROM_STATE's default (a
+# folder of parts, or one state.tgz). Those cells then resume; the others start again. What a
+# call carries is 64 MiB too: beside the data (18 MB), the binary (7 MB) and the tree, about five
+# ResNet-56 cells' checkpoints fit, so train at most five ResNet-56 cells at once (PARALLEL=5)
+# when they must go on in another session.
 #   MODELS (resnet56), SPLITS (1,2,3,4), METHODS (bp,ddg,fdg), EPOCHS (30), SHRINK (0.5), PARALLEL (7)
 #   TRAIN_ARGS  the recipe, passed to every staleprop train
 #               (default: --device cuda --precision bf16 --lr 0.1 --schedule cosine
@@ -39,8 +44,12 @@ if [ -n "${FROM:-}" ]; then
   # Never over what a warm machine's earlier call left: that is newer.
   cp -n "$FROM"/*.jsonl "$FROM"/*.cmd "$FROM"/*.log "$STATE/table/" 2>/dev/null
 fi
+[ -z "${FROM_STATE:-}" ] && [ -d .carry/state ] && FROM_STATE=.carry/state
 if [ -n "${FROM_STATE:-}" ]; then
-  tar xzf "$FROM_STATE" -C "$STATE/ckpt" --skip-old-files || exit 1  # never over a warm call's newer ones
+  if [ -d "$FROM_STATE" ]; then parts=("$FROM_STATE"/state.tgz*); else parts=("$FROM_STATE"); fi
+  # Never over a warm call's newer ones.
+  cat "${parts[@]}" | tar xz -C "$STATE/ckpt" --skip-old-files || { echo "gpu_accuracy.sh: cannot unpack" \
+    "${parts[*]}" >&2; exit 1; }
 fi
 TRAIN_ARGS=${TRAIN_ARGS:-"--device cuda --precision bf16 --lr 0.1 --schedule cosine --weight-decay 5e-4 --nesterov \
 --batch-size 128 --graphs"}
@@ -57,13 +66,21 @@ else
   python3 tools/accuracy_table.py table --out "$STATE/table" | tee "$OUT/table.md"
 fi
 tar czf "$OUT/table.tgz" -C "$STATE" table
-# The checkpoints of the cells still to finish (written before their last epoch).
+# The checkpoints of the cells still to finish (written before their last epoch), in parts.
+rm -f "$OUT"/state.tgz*
 mapfile -t unfinished < <(python3 tools/resumable_runs.py unfinished --out "$STATE/table" --state "$STATE/ckpt")
 if [ ${#unfinished[@]} -gt 0 ]; then
-  tar czf "$OUT/state.tgz" -C "$STATE/ckpt" "${unfinished[@]}"
-  if [ "$(stat -c %s "$OUT/state.tgz")" -gt $((16 * 1024 * 1024)) ]; then
-    echo "gpu_accuracy.sh: the checkpoints of ${#unfinished[@]} unfinished cells exceed 16 MiB; they stay in" \
-      "$STATE/ckpt (on this machine while it is warm) and do not come back" >&2
-    rm -f "$OUT/state.tgz"
+  tar czf "$STATE/state.tgz" -C "$STATE/ckpt" "${unfinished[@]}"
+  part=${PART_BYTES:-$((15 * 1024 * 1024))}
+  size=$(stat -c %s "$STATE/state.tgz")
+  room=$((64 * 1024 * 1024 - $(cat "$OUT/table.tgz" "$OUT/table.md" | wc -c) - 1024 * 1024))
+  if [ $(((size + part - 1) / part)) -gt 6 ] || [ "$size" -gt "$room" ]; then
+    echo "gpu_accuracy.sh: the checkpoints of ${#unfinished[@]} unfinished cells ($size bytes) do not fit what the" \
+      "device tool returns; they stay in $STATE/ckpt (on this machine while it is warm) and do not come back" >&2
+  else
+    split -b "$part" -d -a 2 "$STATE/state.tgz" "$OUT/state.tgz."
+    echo "gpu_accuracy.sh: the checkpoints of ${#unfinished[@]} unfinished cells: $(ls "$OUT" | grep -c '^state\.tgz\.')" \
+      "parts, $OUT/state.tgz.*" >&2
   fi
+  rm -f "$STATE/state.tgz"
 fi

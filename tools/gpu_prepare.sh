@@ -4,30 +4,41 @@
 #   .carry/googletest   GoogleTest's sources (built there by the top-level CMakeLists.txt)
 #   .carry/benchmark    Google Benchmark's headers and shared library
 #   .carry/data         the CIFAR-10 pack and its unpack script (for accuracy runs)
-#   .carry/bin          build-cuda/tools/staleprop when that build is current (tools/gpu_session.sh
-#                       starts its accuracy run on it while the GPU machine builds)
+#   .carry/bin          build-cuda/tools/staleprop when that build is current, xz-compressed (21 MB
+#                       becomes 7 MB of the 64 MiB a call carries); tools/gpu_env.sh unpacks it there.
+#                       tools/gpu_session.sh starts its accuracy run on it while the GPU machine
+#                       builds, and tools/gpu_accuracy.sh needs no build at all
 #   .carry/commit       the commit being tested (the GPU machine gets no .git)
 #   .carry/resume       with RESUME=FILE: that checkpoint, which tools/gpu_session.sh's accuracy
 #                       run resumes (a train.safetensors an earlier session brought back; keep
 #                       such files in the git-ignored gpu-state/, never in the repository)
+#   .carry/state        with STATE_PARTS=DIR: the state.tgz.NN parts an earlier tools/gpu_accuracy.sh
+#                       call returned (unfinished cells' checkpoints), which it resumes
+# ACCURACY=1 leaves out GoogleTest and Google Benchmark, which tools/gpu_accuracy.sh does not use,
+# so that more checkpoints fit beside the binary and the data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .carry && mkdir -p .carry/benchmark/lib .carry/benchmark/include .carry/data
-cp -r /usr/src/googletest .carry/googletest
-cp -r /usr/include/benchmark .carry/benchmark/include/
-for f in /usr/lib/x86_64-linux-gnu/libbenchmark.so.*; do cp -L "$f" .carry/benchmark/lib/; done
+if [ -z "${ACCURACY:-}" ]; then
+  cp -r /usr/src/googletest .carry/googletest
+  cp -r /usr/include/benchmark .carry/benchmark/include/
+  for f in /usr/lib/x86_64-linux-gnu/libbenchmark.so.*; do cp -L "$f" .carry/benchmark/lib/; done
+fi
 if [ -f ../shared/data/cifar10-jpeg.pack.gz ]; then
   cp ../shared/data/cifar10-jpeg.pack.gz ../shared/data/unpack_cifar10.py ../shared/data/SHA256SUMS .carry/data/
 fi
 if [ -x build-cuda/tools/staleprop ] && [ -z "$(git status --porcelain --untracked-files=no)" ] &&
    ! ninja -C build-cuda -n tools/staleprop 2>/dev/null | grep -qE 'Building|Linking'; then
-  mkdir -p .carry/bin && cp build-cuda/tools/staleprop .carry/bin/
+  mkdir -p .carry/bin && xz -T0 -6 -c build-cuda/tools/staleprop > .carry/bin/staleprop.xz
 else
   echo "gpu_prepare.sh: WARNING: no current build-cuda/tools/staleprop to carry (uncommitted changes, or" \
     "the build is stale: ninja -C build-cuda tools/staleprop): the accuracy run starts only after the build" >&2
 fi
 if [ -n "${RESUME:-}" ]; then
   mkdir -p .carry/resume && cp "$RESUME" .carry/resume/train.safetensors
+fi
+if [ -n "${STATE_PARTS:-}" ]; then
+  mkdir -p .carry/state && cp "$STATE_PARTS"/state.tgz.* .carry/state/
 fi
 git rev-parse HEAD > .carry/commit
 du -sh .carry

@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""tools/gpu_accuracy.sh and tools/gpu_env.sh on the CPU: usage `test_gpu_accuracy.py STALEPROP`.
+
+What carries a long accuracy run from one GPU session to the next, checked here without a GPU:
+  - gpu_accuracy.sh (RUNS mode, the CPU binary in STALEPROP) trains a run its budget stops, and
+    returns the unfinished run's checkpoint as parts of at most PART_BYTES (state.tgz.00, ...);
+  - a second call on a fresh state (another machine), given the first call's cells (FROM) and
+    its parts (FROM_STATE, a folder), resumes the run where the first stopped;
+  - when the parts would be more than the device tool returns, none is written and it says so;
+  - gpu_env.sh unpacks the xz-compressed binary gpu_prepare.sh carries, with xz and, where xz is
+    missing, with Python's lzma.
+"""
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tooltest import check, write_cifar  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+
+def accuracy_call(staleprop, tmp, name, **env):
+    """(exit status, output, OUT folder) of one tools/gpu_accuracy.sh call."""
+    out = os.path.join(tmp, "out-" + name)
+    e = dict(os.environ, OUT=out, STATE=os.path.join(tmp, "state-" + name), DATA_DIR=os.path.join(tmp, "data"),
+             STALEPROP=staleprop, RUNS=os.path.join(tmp, "runs.txt"), PARALLEL="1",
+             TRAIN_ARGS_EXTRA="--train-limit 64 --test-limit 64 --threads 2",
+             DEADLINE="49")  # the script's budget: DEADLINE - 45 s (its grace and packing) - its start
+    e.update(env)
+    p = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_accuracy.sh")], env=e, capture_output=True,
+                       text=True)
+    return p.returncode, p.stdout + p.stderr, out
+
+
+def epochs(path):
+    return [e["epoch"] for e in (json.loads(l) for l in open(path)) if e.get("event") == "epoch"]
+
+
+def records(path):
+    return [e for e in (json.loads(l) for l in open(path)) if e.get("event") == "epoch"]
+
+
+def parts(out):
+    return sorted(f for f in os.listdir(out) if f.startswith("state.tgz"))
+
+
+def check_unpack(tmp):
+    """gpu_env.sh, sourced in a folder holding .carry/bin/staleprop.xz, leaves the binary beside it."""
+    payload = b"#!/bin/sh\necho carried\n" + os.urandom(4096)
+    for name, path in [("xz", os.environ["PATH"]), ("lzma", None)]:
+        d = os.path.join(tmp, "unpack-" + name)
+        os.makedirs(os.path.join(d, ".carry", "bin"))
+        shutil.copy(os.path.join(ROOT, "tools", "gpu_env.sh"), d)
+        with lzma.open(os.path.join(d, ".carry", "bin", "staleprop.xz"), "wb") as f:
+            f.write(payload)
+        if path is None:  # a PATH with the tools gpu_env.sh uses, but no xz
+            tools = os.path.join(d, "path")
+            os.makedirs(tools)
+            for t in ["python3", "chmod", "mv"]:
+                os.symlink(shutil.which(t), os.path.join(tools, t))
+            path = tools
+        p = subprocess.run([shutil.which("bash"), "-c", "source gpu_env.sh"], cwd=d, env=dict(os.environ, PATH=path),
+                           capture_output=True, text=True)
+        binary = os.path.join(d, ".carry", "bin", "staleprop")
+        check(p.returncode == 0 and os.path.isfile(binary), f"gpu_env.sh unpacks the binary ({name})",
+              p.stdout + p.stderr)
+        check(open(binary, "rb").read() == payload and os.access(binary, os.X_OK),
+              f"the unpacked binary is the carried one, executable ({name})")
+
+
+def main():
+    staleprop = os.path.abspath(sys.argv[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        check_unpack(tmp)
+        write_cifar(os.path.join(tmp, "data"))
+        with open(os.path.join(tmp, "runs.txt"), "w") as f:
+            f.write("long --model resnet20 --epochs 400 --batch-size 16\n")
+
+        # First session: the budget stops the run; its checkpoint comes back in parts.
+        part_bytes = 400_000
+        rc, log, out1 = accuracy_call(staleprop, tmp, "1", PART_BYTES=str(part_bytes))
+        check(rc == 0 and "of 400 epochs; the next call resumes it" in log, "the budget stops the run", log)
+        got = parts(out1)
+        sizes = [os.path.getsize(os.path.join(out1, p)) for p in got]
+        check(2 <= len(got) <= 6 and got[0] == "state.tgz.00" and max(sizes) <= part_bytes,
+              f"the checkpoint comes back in parts of at most {part_bytes} bytes: {got} {sizes}", log)
+        check(os.path.isfile(os.path.join(out1, "table.tgz")) and os.path.isfile(os.path.join(out1, "table.md")),
+              "the cells and their table come back", log)
+        first = epochs(os.path.join(tmp, "state-1", "table", "long.jsonl"))
+        check(len(first) >= 1, "the first call finished an epoch", log)
+
+        # Second session on a fresh machine: the cells from FROM, the checkpoint from the parts.
+        # Its parts would be too many (over 6), so none comes back.
+        with tarfile.open(os.path.join(out1, "table.tgz")) as t:
+            t.extractall(os.path.join(tmp, "from"))
+        rc, log, out2 = accuracy_call(staleprop, tmp, "2", FROM=os.path.join(tmp, "from", "table"),
+                                      FROM_STATE=out1, PART_BYTES="1000")
+        check(rc == 0, "the second call runs", log)
+        second = epochs(os.path.join(tmp, "state-2", "table", "long.jsonl"))
+        check(f"long: resumes after epoch {first[-1]} of 400" in log, "the second call resumes the run", log)
+        check(second[:len(first)] == first and len(second) > len(first) and
+              second[len(first):] == list(range(first[-1] + 1, second[-1] + 1)),
+              f"after epoch {first[-1]}, every epoch once: {second}", log)
+        # The first call's records are kept as they were, not trained again (a rerun would give the
+        # same losses, but not the same wall times).
+        check(records(os.path.join(tmp, "state-2", "table", "long.jsonl"))[:len(first)] ==
+              records(os.path.join(tmp, "state-1", "table", "long.jsonl")), "the first call's epochs kept", log)
+        check(parts(out2) == [] and "do not fit what the device tool returns" in log,
+              "parts that would be too many are not written, and it says so", log)
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
