@@ -1,4 +1,5 @@
 // CPU emulation of streams and events (see stream.h for the semantics kept from CUDA).
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
@@ -18,6 +19,8 @@ namespace sp {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+std::atomic<int64_t> g_jittered{0};  // cpu_stream_jittered_closures()
 
 // Shared by the event object and the closures that complete it, which may outlive it.
 struct CpuEventState {
@@ -249,9 +252,11 @@ class CpuStream final : public Stream {
         fn = std::move(queue_.front());
         queue_.pop_front();
       }
-      if (jitter_us_ > 0)
-        std::this_thread::sleep_for(std::chrono::microseconds(
-            std::uniform_int_distribution<int>(0, jitter_us_)(rng_)));
+      if (jitter_us_ > 0) {
+        const int us = std::uniform_int_distribution<int>(0, jitter_us_)(rng_);
+        std::this_thread::sleep_for(std::chrono::microseconds(us));
+        if (us > 0) g_jittered.fetch_add(1, std::memory_order_relaxed);
+      }
       std::exception_ptr err;
       try {
         fn();
@@ -295,6 +300,8 @@ void CpuGraph::launch(Stream& s) {
 }
 
 }  // namespace
+
+int64_t cpu_stream_jittered_closures() { return g_jittered.load(std::memory_order_relaxed); }
 
 std::unique_ptr<Stream> make_cpu_stream(const StreamOptions& options) { return std::make_unique<CpuStream>(options); }
 std::unique_ptr<Event> make_cpu_event(bool timing) { return std::make_unique<CpuEvent>(timing); }

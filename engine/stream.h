@@ -42,6 +42,10 @@ struct StreamOptions {
   uint64_t seed = 0;      // CPU only: seed of the jitter generator
 };
 
+// Closures the CPU streams of this process have run after a random delay (of 1 us or more):
+// lets a test see that the jitter it asked for was applied.
+int64_t cpu_stream_jittered_closures();
+
 class Stream {
  public:
   virtual ~Stream() = default;

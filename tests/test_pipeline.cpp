@@ -309,7 +309,10 @@ TEST(Pipeline, InjectedStreamDelaysChangeNoBit) {
     PipelineConfig noisy = quiet;
     noisy.stream_options.jitter_max_us = 300;
     noisy.stream_options.seed = 77;
-    const std::vector<float> a = run_pipeline(quiet, data, 2), b = run_pipeline(noisy, data, 2);
+    const std::vector<float> a = run_pipeline(quiet, data, 2);
+    const int64_t before = cpu_stream_jittered_closures();
+    const std::vector<float> b = run_pipeline(noisy, data, 2);
+    EXPECT_GT(cpu_stream_jittered_closures() - before, 100) << pipeline_method_name(m) << ": delays were injected";
     EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << pipeline_method_name(m);
   }
 }

@@ -237,6 +237,7 @@ TEST(CpuStreamEvents, CpuStreamRejectsForeignEvents) {
 // (recorded by the consumer). With the waits in place every tick's value arrives intact even
 // with random delays on both workers.
 TEST_P(CpuStreams, DoubleBufferedQueueDeliversEveryTickIntact) {
+  const int64_t jittered_before = cpu_stream_jittered_closures();
   auto producer = make_stream(Device::cpu(), jitter(GetParam(), 11));
   auto consumer = make_stream(Device::cpu(), jitter(GetParam(), 12));
   constexpr int kTicks = 200, kWidth = 64;
@@ -265,6 +266,10 @@ TEST_P(CpuStreams, DoubleBufferedQueueDeliversEveryTickIntact) {
   EXPECT_EQ(torn, 0);
   ASSERT_EQ(received.size(), size_t(kTicks));
   for (int t = 0; t < kTicks; ++t) EXPECT_EQ(received[size_t(t)], t);
+  // The delays asked for were injected (most closures wait 1 us or more).
+  if (GetParam() > 0) {
+    EXPECT_GT(cpu_stream_jittered_closures() - jittered_before, kTicks);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Jitter, CpuStreams, ::testing::Values(0, 50, 300),

@@ -2,6 +2,7 @@
 // resumption, determinism, evaluation, and loss that falls on synthetic and on real images.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -344,10 +345,14 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   c.batch_size = 8;
   c.steps = 3;
   c.warmup = 1;
+  const auto t0 = std::chrono::steady_clock::now();
   const train::BenchResult bp = train::run_bench(c);
+  const double wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(bp.modules, 1);
   EXPECT_GT(bp.images_per_s, 0);
-  EXPECT_NEAR(bp.ms_per_step * bp.images_per_s, 1e3 * double(c.batch_size), 1e-6 * bp.ms_per_step * bp.images_per_s);
+  // The timed steps lie inside the call: their time cannot exceed its wall time.
+  EXPECT_GT(bp.ms_per_step, 0);
+  EXPECT_LE(double(c.steps) * bp.ms_per_step, wall_ms);
   EXPECT_GT(bp.peak_allocated_bytes, 0u);
   EXPECT_TRUE(bp.busy_pct.empty());
 
@@ -429,18 +434,19 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
 TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
   const data::Dataset train = synthetic_set(32, 8);
   train::TrainConfig c = small_config();
+  const auto run = [&] { train::run_training(c, train, {}); };
   c.precision = "fp16";
-  EXPECT_THROW(train::run_training(c, train, {}), Error);
+  sp::test::expect_error<Error>(run, {"--precision must be fp32 or bf16, got 'fp16'"});
   c = small_config();
   c.kernels = "vendor";
-  EXPECT_THROW(train::run_training(c, train, {}), Error);
+  sp::test::expect_error<Error>(run, {"--kernels vendor", "needs a GPU"});
   c = small_config();
   c.schedule = "linear";
-  EXPECT_THROW(train::run_training(c, train, {}), Error);
+  sp::test::expect_error<Error>(run, {"unknown schedule 'linear'"});
   c = small_config();
   c.milestones = {1.5};
   c.schedule = "multistep";
-  EXPECT_THROW(train::run_training(c, train, {}), Error);
+  sp::test::expect_error<Error>(run, {"--milestones are fractions of the run in (0, 1), got 1.5"});
   c = small_config();
   c.cutout = 33;
   sp::test::expect_error<Error>([&] { train::run_training(c, train, {}); }, {"--cutout must be in 0..32"});

@@ -83,6 +83,18 @@ def main():
               "img/s marked as shared with the other cell, and the cell's own peak memory", fdg[0])
         rc, _ = run("table", "--out", os.path.join(tmp, "empty"))
         check(rc != 0, "an empty directory is no table")
+        # FDG's figures stand beside the ResNet-56 cells they were published for: the same records
+        # under those cells' names.
+        r56 = os.path.join(tmp, "r56")
+        os.makedirs(r56)
+        for src, dst in (("resnet20-fdg-K2", "resnet56-fdg-K2"), ("resnet20-ddg-K2", "resnet56-ddg-K2"),
+                         ("resnet20-bp-K1", "resnet56-bp-K1")):
+            shutil.copy(os.path.join(out, src + ".jsonl"), os.path.join(r56, dst + ".jsonl"))
+        rc, table = run("table", "--out", r56)
+        published = {tuple(c.strip() for c in l.strip("|").split("|"))[1]: l.strip("|").split("|")[9].strip()
+                     for l in table.splitlines() if l.startswith("| resnet56 ")}
+        check(rc == 0 and published == {"bp": "6.19", "fdg": "5.90", "ddg": "–"},
+              "FDG's published error beside bp K=1 and fdg K=2, none beside ddg", table)
 
         # Resumption: the fdg K = 2 cell over two epochs, whole...
         two = ["--staleprop", staleprop, "--models", "resnet20", "--splits", "2", "--methods", "fdg", "--epochs",
