@@ -323,6 +323,8 @@ TEST_F(VendorOps, EngineSwitchRoutesCudaOps) {
   const std::vector<float> via_custom = values(c);
   EXPECT_TRUE(bits_equal(via_vendor, direct_v.download())) << "Vendor backend: gemm is cuBLASLt's";
   EXPECT_TRUE(bits_equal(via_custom, direct_c.download())) << "Custom backend: gemm is ours";
+  ASSERT_FALSE(bits_equal(via_vendor, via_custom)) << "the two GEMMs gave the same bits: the checks above cannot "
+                                                      "tell which ran";
 
   // The three convolution ops.
   const Conv2dShape sh = conv(4, 16, 16, 16, 32, 3, 3, 2, 1);
@@ -343,6 +345,13 @@ TEST_F(VendorOps, EngineSwitchRoutesCudaOps) {
   EXPECT_TRUE(bits_equal(edx, vdx.download())) << "conv2d_backward_data";
   EXPECT_TRUE(bits_equal(edw, vdw.download())) << "conv2d_backward_weight";
   EXPECT_TRUE(bits_equal(edb, vdb.download())) << "bias gradient";
+  // Ours must differ somewhere, or the checks above could not tell which ran.
+  ops::set_kernel_backend(ops::KernelBackend::Custom);
+  ops::conv2d_forward(*cs, x, w, bias, y, 2, 1);
+  ops::conv2d_backward_data(*cs, dy, w, dx, 2, 1);
+  ops::conv2d_backward_weight(*cs, x, dy, dw, db, 2, 1);
+  EXPECT_FALSE(bits_equal(ey, values(y)) && bits_equal(edx, values(dx)) && bits_equal(edw, values(dw)))
+      << "our convolutions gave cuDNN's bits in all three ops";
 }
 
 }  // namespace

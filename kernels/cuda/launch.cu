@@ -60,6 +60,7 @@ __global__ void pdl_consumer_kernel(const int* flag, int* seen) {
 void set_programmatic_launch(bool on) { detail::set_switch(g_pdl, on); }
 bool programmatic_launch() { return detail::env_switch(g_pdl, "STALEPROP_PDL", false); }
 bool detail::programmatic_launch_on() { return programmatic_launch() && device_takes_pdl(); }
+bool programmatic_launch_active() { return detail::programmatic_launch_on(); }
 
 bool programmatic_launch_selftest(cudaStream_t stream) {
   int* d = nullptr;

@@ -115,6 +115,9 @@ BnPersistentPlan bn_persistent_plan(int64_t m, int64_t c, bool bf16, bool backwa
 // build's kernels were compiled for it (their prologue holds the wait).
 void set_programmatic_launch(bool on);
 bool programmatic_launch();
+// Whether launches on the current device carry the attribute now: the switch, on a device and
+// build that take it.
+bool programmatic_launch_active();
 // Launches, through launch_kernel with the current switch, a kernel that spins for about 0.1 ms
 // and then writes a flag, and right after it one that reads the flag after its prologue; true
 // when the reader saw the write (it must, whether or not it was scheduled early). Synchronises

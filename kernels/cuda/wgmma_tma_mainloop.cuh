@@ -5,8 +5,9 @@
 // Why: Nsight Compute on the cp.async wgmma loop (bench/results/nvidia-h200/
 // 2026-11-26-mainloops.md) shows the tensor cores waiting on instruction issue, the integer ALU
 // the busiest pipe. That is the address arithmetic of 256 threads' 16-byte copies. Here one
-// thread issues 2-3 bulk copies per K step, and the hardware does the addressing, the 128-byte
-// swizzle and the zero fill past the matrix's edges.
+// thread issues a few bulk copies per K step (2-3 for the GEMM; up to 6 for the wide weight
+// gradient's two 4-D activation boxes and four filter boxes: conv_tma.h), and the hardware does
+// the addressing, the 128-byte swizzle and the zero fill past the matrix's edges.
 //
 // Block: 128 x kBN tile (kBN 128; 256 for GEMMs with N >= 256 where enabled; 64 for the
 // convolutions with 64 output columns), three warpgroups (384 threads):
@@ -25,7 +26,9 @@
 // cuobjdump (CUDA 13.0, sm_90a): 90-92 registers, no stack; the SASS holds UTMALDG.2D (the TMA
 // loads), SYNCS.ARRIVE.TRANS64 / SYNCS.PHASECHK.TRANS64.TRYWAIT (the mbarriers) and
 // HGMMA.64x128x16.F32.BF16. The 128 x 128 form passed its GPU tests and compute-sanitizer on an
-// H100 (bench/results/nvidia-h100/2026-11-26-summary.md). The 128 x 256 form (WgTmaTileWide,
+// H100 (bench/results/nvidia-h100/2026-11-26-summary.md) at commit 1265bd6. Since then the kernel
+// became a template over its tile and its A source (the convolutions' 4-D boxes) and gained the
+// PDL prologue; that form has not run on a GPU yet. The 128 x 256 form (WgTmaTileWide,
 // GEMMs with N >= 256 where tma_wide_tile() is on) has not run yet: 168 registers at launch, USETMAXREG to 40 in the
 // producer and 232 in the consumers, whose code reaches R152; no stack, no local memory.
 //
