@@ -29,7 +29,7 @@
 #                --weight-decay 5e-4 --nesterov --batch-size 128 --graphs)
 #   DATA_DIR    an unpacked CIFAR-10 (default: unpack .carry/data's pack into data/)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu-out}
 STATE=${STATE:-gpu-state/table}
 EPOCHS=${EPOCHS:-30}
@@ -79,8 +79,9 @@ if [ ${#unfinished[@]} -gt 0 ]; then
       "device tool returns; they stay in $STATE/ckpt (on this machine while it is warm) and do not come back" >&2
   else
     split -b "$part" -d -a 2 "$STATE/state.tgz" "$OUT/state.tgz."
-    echo "gpu_accuracy.sh: the checkpoints of ${#unfinished[@]} unfinished cells: $(ls "$OUT" | grep -c '^state\.tgz\.')" \
-      "parts, $OUT/state.tgz.*" >&2
+    parts=("$OUT"/state.tgz.*)
+    echo "gpu_accuracy.sh: the checkpoints of ${#unfinished[@]} unfinished cells: ${#parts[@]} parts," \
+      "$OUT/state.tgz.*" >&2
   fi
   rm -f "$STATE/state.tgz"
 fi
