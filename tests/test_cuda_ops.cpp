@@ -979,32 +979,40 @@ TEST_F(CudaOps, ShortcutMatchesBitForBit) {
 }
 
 TEST_F(CudaOps, MaxPoolMatchesBitForBitIncludingTiesAndOverlap) {
-  // The last two leave pixels that no window covers (their gradient is 0): 3/2 on 8 x 8 misses
-  // the last row and column, 2/3 (stride past the window) every third.
-  const Pool2dShape shapes[] = {{2, 9, 9, 5, 3, 2, 1},    {1, 8, 8, 3, 2, 2, 0}, {2, 7, 6, 4, 3, 1, 1},
+  // Windows of 2 and 3 (unrolled) and of 1 and 4 (not). Channels a multiple of 4 move 4 at a
+  // time when aligned; each shape also runs one element into its allocations (one at a time).
+  // The last two shapes leave pixels that no window covers (their gradient is 0): 3/2 on 8 x 8
+  // misses the last row and column, 2/3 (stride past the window) every third.
+  const Pool2dShape shapes[] = {{2, 9, 9, 5, 3, 2, 1},    {1, 8, 8, 4, 2, 2, 0}, {2, 7, 6, 4, 3, 1, 1},
                                 {4, 32, 32, 16, 3, 2, 1}, {1, 1, 1, 2, 1, 1, 0}, {1, 5, 5, 3, 4, 3, 2},
-                                {1, 8, 8, 3, 3, 2, 0},    {1, 7, 7, 3, 2, 3, 0}};
+                                {1, 8, 8, 8, 3, 2, 0},    {1, 7, 7, 3, 2, 3, 0}};
   uint32_t seed = 800;
-  for (const Pool2dShape& sh : shapes) {
-    const std::string what = "maxpool " + std::to_string(sh.h) + "x" + std::to_string(sh.w) + " window " +
-                             std::to_string(sh.window) + " stride " + std::to_string(sh.stride);
-    // Values from a small set, so windows often hold several equal maxima (the first wins), and
-    // negative ones, so a window beside the padding often has a maximum below 0 (padding is no
-    // tap, not a 0).
-    std::vector<float> x = random_vector(size_t(sh.x_size()), ++seed, -4.f, 4.f);
-    for (float& v : x) v = std::floor(v);
-    const std::vector<float> dy = random_vector(size_t(sh.y_size()), ++seed);
-    DeviceArray<float> dxin(x), ddy(dy), dyout(size_t(sh.y_size())), ddx(size_t(sh.x_size()));
-    kcu::maxpool2d_forward(sh, dxin.get(), dyout.get(), stream_);
-    sync_and_check();
-    kcu::maxpool2d_backward(sh, dxin.get(), ddy.get(), ddx.get(), stream_);
-    sync_and_check();
-    std::vector<float> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size()));
-    kc::maxpool2d_forward<float>(sh, x.data(), ry.data());
-    kc::maxpool2d_backward<float>(sh, x.data(), dy.data(), rdx.data());
-    expect_bits_equal(dyout.download(), ry, what + " forward");
-    expect_bits_equal(ddx.download(), rdx, what + " backward");
-  }
+  for (const Pool2dShape& sh : shapes)
+    for (const size_t off : {size_t(0), size_t(1)}) {
+      const std::string what = "maxpool " + std::to_string(sh.h) + "x" + std::to_string(sh.w) + " c " +
+                               std::to_string(sh.c) + " window " + std::to_string(sh.window) + " stride " +
+                               std::to_string(sh.stride) + " offset " + std::to_string(off);
+      // Values from a small set, so windows often hold several equal maxima (the first wins),
+      // and negative ones, so a window beside the padding often has a maximum below 0 (padding
+      // is no tap, not a 0).
+      std::vector<float> x = random_vector(size_t(sh.x_size()), ++seed, -4.f, 4.f);
+      for (float& v : x) v = std::floor(v);
+      const std::vector<float> dy = random_vector(size_t(sh.y_size()), ++seed);
+      std::vector<float> xo(off, 0.f), dyo(off, 0.f);
+      xo.insert(xo.end(), x.begin(), x.end());
+      dyo.insert(dyo.end(), dy.begin(), dy.end());
+      DeviceArray<float> dxin(xo), ddy(dyo), dyout(off + size_t(sh.y_size())), ddx(off + size_t(sh.x_size()));
+      kcu::maxpool2d_forward(sh, dxin.get() + off, dyout.get() + off, stream_);
+      sync_and_check();
+      kcu::maxpool2d_backward(sh, dxin.get() + off, ddy.get() + off, ddx.get() + off, stream_);
+      sync_and_check();
+      std::vector<float> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size()));
+      kc::maxpool2d_forward<float>(sh, x.data(), ry.data());
+      kc::maxpool2d_backward<float>(sh, x.data(), dy.data(), rdx.data());
+      const std::vector<float> gy = dyout.download(), gdx = ddx.download();
+      expect_bits_equal(std::vector<float>(gy.begin() + long(off), gy.end()), ry, what + " forward");
+      expect_bits_equal(std::vector<float>(gdx.begin() + long(off), gdx.end()), rdx, what + " backward");
+    }
 }
 
 TEST_F(CudaOps, GlobalAvgPoolMatchesBitForBit) {

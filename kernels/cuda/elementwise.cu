@@ -222,32 +222,50 @@ struct PoolGeom {
   int h, w, c, window, stride, pad, p, q;
 };
 
-// Pixel index (ih * W + iw) of the first maximum of window (p, q), channel ch, of image xi.
-__device__ int window_argmax(const PoolGeom& g, const float* xi, int p, int q, int ch) {
-  int arg = -1;
-  float best = 0.f;
-  for (int r = 0; r < g.window; ++r) {
-    const int ih = p * g.stride - g.pad + r;
-    if (ih < 0 || ih >= g.h) continue;
-    for (int s = 0; s < g.window; ++s) {
-      const int iw = q * g.stride - g.pad + s;
-      if (iw < 0 || iw >= g.w) continue;
-      const float v = xi[(int64_t(ih) * g.w + iw) * g.c + ch];
-      if (arg < 0 || v > best) {
-        best = v;
-        arg = ih * g.w + iw;
+// The first maximum of window (p, q) in channels ch .. ch + W - 1 of image xi, per channel: its
+// value and its pixel index (ih * w + iw). W is 1, or 4 (float4 loads: c % 4 == 0 and x 16-byte
+// aligned). KW > 0 is the window's size known at compile time: its taps are unrolled, so their
+// loads issue together instead of one after another; 0 reads g.window. The taps are visited in
+// row-major order with the same comparisons either way.
+template <int W, int KW>
+__device__ __forceinline__ void window_argmax(const PoolGeom& g, const float* xi, int p, int q, int ch, int (&arg)[W],
+                                              float (&best)[W]) {
+#pragma unroll
+  for (int e = 0; e < W; ++e) arg[e] = -1, best[e] = 0.f;
+  const int h0 = p * g.stride - g.pad, w0 = q * g.stride - g.pad;
+  const auto tap = [&](int r, int s) {
+    const int ih = h0 + r, iw = w0 + s;
+    if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) return;
+    float v[W];
+    load_w<W>(xi + (int64_t(ih) * g.w + iw) * g.c + ch, v);
+#pragma unroll
+    for (int e = 0; e < W; ++e)
+      if (arg[e] < 0 || v[e] > best[e]) {
+        best[e] = v[e];
+        arg[e] = ih * g.w + iw;
       }
-    }
+  };
+  if constexpr (KW > 0) {
+#pragma unroll
+    for (int r = 0; r < KW; ++r)
+#pragma unroll
+      for (int s = 0; s < KW; ++s) tap(r, s);
+  } else {
+    for (int r = 0; r < g.window; ++r)
+      for (int s = 0; s < g.window; ++s) tap(r, s);
   }
-  return arg;
 }
 
+// total counts W-channel chunks of y.
+template <int W, int KW>
 __global__ void maxpool_forward_kernel(int64_t total, PoolGeom g, const float* x, float* y) {
   pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const NhwcIndex o = nhwc_index(idx, g.c, g.q, g.p);
-    const float* xi = x + o.img * g.h * g.w * g.c;
-    y[idx] = xi[int64_t(window_argmax(g, xi, o.row, o.col, o.ch)) * g.c + o.ch];
+    const NhwcIndex o = nhwc_index(idx, g.c / W, g.q, g.p);
+    int arg[W];
+    float best[W];
+    window_argmax<W, KW>(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch * W, arg, best);
+    store_w<W>(y + idx * W, best);
   }
 }
 
@@ -255,33 +273,54 @@ __global__ void maxpool_forward_kernel(int64_t total, PoolGeom g, const float* x
 // scratch array shaped like y, then each dx element sums dy over the windows that contain it
 // and chose it, in row-major window order (the order the CPU accumulates in). Each window's
 // comparisons are made once, not once per element it covers (up to 4 for 3x3 stride 2, whose
-// one-pass form ran at 0.07 of the copy on an H100).
+// one-pass form ran at 0.07 of the copy on an H100). Both passes move W channels at a time.
+template <int W, int KW>
 __global__ void maxpool_argmax_kernel(int64_t total, PoolGeom g, const float* x, int* arg) {
   pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const NhwcIndex o = nhwc_index(idx, g.c, g.q, g.p);
-    arg[idx] = window_argmax(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch);
+    const NhwcIndex o = nhwc_index(idx, g.c / W, g.q, g.p);
+    int a[W];
+    float best[W];
+    window_argmax<W, KW>(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch * W, a, best);
+    if constexpr (W == 4)
+      *reinterpret_cast<int4*>(arg + idx * W) = make_int4(a[0], a[1], a[2], a[3]);
+    else
+      arg[idx] = a[0];
   }
 }
 
+template <int W>
 __global__ void maxpool_backward_gather_kernel(int64_t total, PoolGeom g, const int* arg, const float* dy, float* dx) {
   pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const NhwcIndex i = nhwc_index(idx, g.c, g.w, g.h);
-    const int ch = i.ch, w = i.col, h = i.row;
+    const NhwcIndex i = nhwc_index(idx, g.c / W, g.w, g.h);
+    const int ch = i.ch * W, w = i.col, h = i.row;
     const int64_t out0 = i.img * g.p * g.q * g.c;
     const int h_lo = h + g.pad - g.window + 1, w_lo = w + g.pad - g.window + 1;
     const int p_begin = h_lo <= 0 ? 0 : (h_lo + g.stride - 1) / g.stride;
     const int q_begin = w_lo <= 0 ? 0 : (w_lo + g.stride - 1) / g.stride;
     const int p_end = min(g.p - 1, (h + g.pad) / g.stride), q_end = min(g.q - 1, (w + g.pad) / g.stride);
     const int self = h * g.w + w;
-    float sum = 0.f;
+    float sum[W];
+#pragma unroll
+    for (int e = 0; e < W; ++e) sum[e] = 0.f;
     for (int p = p_begin; p <= p_end; ++p)
       for (int q = q_begin; q <= q_end; ++q) {
         const int64_t o = out0 + (int64_t(p) * g.q + q) * g.c + ch;
-        if (arg[o] == self) sum += dy[o];
+        int a[W];
+        float d[W];
+        if constexpr (W == 4) {
+          const int4 t = *reinterpret_cast<const int4*>(arg + o);
+          a[0] = t.x, a[1] = t.y, a[2] = t.z, a[3] = t.w;
+        } else {
+          a[0] = arg[o];
+        }
+        load_w<W>(dy + o, d);
+#pragma unroll
+        for (int e = 0; e < W; ++e)
+          if (a[e] == self) sum[e] += d[e];
       }
-    dx[idx] = sum;
+    store_w<W>(dx + idx * W, sum);
   }
 }
 
@@ -316,9 +355,13 @@ __global__ void global_avgpool_backward_kernel(int64_t total, int64_t hw, int64_
   pdl_prologue();
   const int64_t cw = c / W, image = hw * cw;
   const float d = float(hw);
+  const bool narrow = image <= INT32_MAX;  // 32-bit divisions where the indices allow them
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
+    const int64_t src = narrow && idx <= INT32_MAX
+                            ? int64_t(uint32_t(idx) / uint32_t(image)) * cw + uint32_t(idx) % uint32_t(cw)
+                            : idx / image * cw + idx % cw;
     float v[W];
-    load_w<W>(dy + (idx / image * cw + idx % cw) * W, v);
+    load_w<W>(dy + src * W, v);
 #pragma unroll
     for (int e = 0; e < W; ++e) v[e] /= d;
     store_w<W>(dx + idx * W, v);
@@ -589,18 +632,48 @@ PoolGeom pool_geom(const Pool2dShape& sh) {
   SP_CHECK(sh.valid(), "maxpool2d: invalid shape");
   return PoolGeom{sh.h, sh.w, sh.c, sh.window, sh.stride, sh.pad, sh.p(), sh.q()};
 }
+
+// W channels at a time (see window_argmax), the common windows (2 x 2, 3 x 3) unrolled.
+template <int W>
+void maxpool_forward_w(const PoolGeom& g, int64_t y_size, const float* x, float* y, cudaStream_t stream) {
+  const int64_t n = y_size / W;
+  if (g.window == 3)
+    launch_elements(maxpool_forward_kernel<W, 3>, n, stream, g, x, y);
+  else if (g.window == 2)
+    launch_elements(maxpool_forward_kernel<W, 2>, n, stream, g, x, y);
+  else
+    launch_elements(maxpool_forward_kernel<W, 0>, n, stream, g, x, y);
+}
+template <int W>
+void maxpool_backward_w(const PoolGeom& g, int64_t y_size, int64_t x_size, const float* x, const float* dy, float* dx,
+                        cudaStream_t stream) {
+  const Workspace arg(size_t(y_size) * sizeof(int), stream);
+  int* a = arg.as<int>();
+  if (g.window == 3)
+    launch_elements(maxpool_argmax_kernel<W, 3>, y_size / W, stream, g, x, a);
+  else if (g.window == 2)
+    launch_elements(maxpool_argmax_kernel<W, 2>, y_size / W, stream, g, x, a);
+  else
+    launch_elements(maxpool_argmax_kernel<W, 0>, y_size / W, stream, g, x, a);
+  launch_elements(maxpool_backward_gather_kernel<W>, x_size / W, stream, g, static_cast<const int*>(a), dy, dx);
+}
 }  // namespace
 
 void maxpool2d_forward(const Pool2dShape& sh, const float* x, float* y, cudaStream_t stream) {
   const PoolGeom g = pool_geom(sh);  // checks the shape before y_size() divides by its stride
-  launch_elements(maxpool_forward_kernel, sh.y_size(), stream, g, x, y);
+  if (g.c % 4 == 0 && all_aligned16(x, y))
+    maxpool_forward_w<4>(g, sh.y_size(), x, y, stream);
+  else
+    maxpool_forward_w<1>(g, sh.y_size(), x, y, stream);
 }
 void maxpool2d_backward(const Pool2dShape& sh, const float* x, const float* dy, float* dx, cudaStream_t stream) {
   const PoolGeom g = pool_geom(sh);
   if (sh.y_size() == 0 || sh.x_size() == 0) return;
-  const Workspace arg(size_t(sh.y_size()) * sizeof(int), stream);
-  launch_elements(maxpool_argmax_kernel, sh.y_size(), stream, g, x, arg.as<int>());
-  launch_elements(maxpool_backward_gather_kernel, sh.x_size(), stream, g, static_cast<const int*>(arg.as<int>()), dy, dx);
+  // The scratch array comes from cudaMallocAsync (256-byte aligned), so its int4s are aligned.
+  if (g.c % 4 == 0 && all_aligned16(x, dy, dx))
+    maxpool_backward_w<4>(g, sh.y_size(), sh.x_size(), x, dy, dx, stream);
+  else
+    maxpool_backward_w<1>(g, sh.y_size(), sh.x_size(), x, dy, dx, stream);
 }
 
 void global_avgpool_forward(int64_t n, int64_t hw, int64_t c, const float* x, float* y, cudaStream_t stream) {
