@@ -21,7 +21,8 @@
 #      the three separate kernels (--bn-persistent), against the copy, and ResNet-18's bf16
 #      throughput with STALEPROP_BN_PERSISTENT=0 and 1; ResNet-56's bf16 throughput (op by op and
 #      from graphs) and the three-kernel batch norm with programmatic dependent launch off and on
-#      (STALEPROP_PDL, --pdl). Each switch is measured only where
+#      (STALEPROP_PDL, --pdl); ResNet-18's bf16 throughput on cuBLASLt/cuDNN (--kernels vendor)
+#      beside them. Each switch is measured only where
 #      ctest passed its GPU test (a hang there would burn every later timeout);
 #   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace); four
 #      short ResNet-56 runs in a sweep one after another, then four at once;
@@ -198,6 +199,13 @@ if [ -n "$CONV_TMA_OK" ]; then
     [ "$(left)" -gt 90 ] && timeout 60 python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" --steps 50 \
       --warmup 10 --bf16 --channels-last >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" && tail -1 "$OUT/pytorch.jsonl"
   done
+  # The same training on cuBLASLt/cuDNN (--kernels vendor): what the rest of the engine reaches
+  # against PyTorch when the convolutions are cuDNN's too.
+  if [ "$(left)" -gt 120 ]; then
+    timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet18 --batch-size 512 --precision bf16 \
+      --kernels vendor --steps 50 --warmup 10 --json "$OUT/throughput-vendor.jsonl" 2>&1 | tee -a "$OUT/session.txt"
+    log "bench resnet18 --kernels vendor exit ${PIPESTATUS[0]}"
+  fi
   if [ "$(left)" -gt 60 ]; then
     log "op profile: resnet18 batch 512 bf16, TMA convolutions"
     STALEPROP_CONV_TMA=1 timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet18 --batch-size 512 \
