@@ -9,6 +9,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <random>
 #include <sstream>
 
@@ -258,6 +259,26 @@ TEST(Sweep, AWaitingRunStartsOnlyWhereAnEpochOfItsKindFits) {
   jobs[2].cfg.batch_size = 4;
   out = train::run_sweep(jobs, o);
   for (const auto& r : out) EXPECT_EQ(r.status, train::SweepStatus::Finished) << r.name << ": " << r.error;
+}
+
+// An interrupt (staleprop sweep: SIGINT or SIGTERM) ends the running run early, keeping its
+// step, and no waiting run starts.
+TEST(Sweep, AnInterruptEndsTheRunningRunsAndStartsNoOther) {
+  train::SweepOptions o;
+  o.status = nullptr;
+  auto asked = std::make_shared<int>(0);
+  // Asked before the first run starts, then after each of its steps: true after its step 2.
+  o.interrupt = [asked] { return ++*asked >= 3; };
+  const std::vector<train::SweepJob> jobs = {job("int-a"), job("int-b"), job("int-c")};
+  const auto out = train::run_sweep(jobs, o);
+  EXPECT_EQ(out[0].status, train::SweepStatus::Interrupted) << out[0].error;
+  EXPECT_EQ(out[0].result.steps, 2);
+  EXPECT_EQ(io::read_safetensors(jobs[0].cfg.checkpoint).metadata.at("step"), "2");
+  for (size_t i : {size_t(1), size_t(2)}) {
+    EXPECT_EQ(out[i].status, train::SweepStatus::NotStarted) << out[i].name;
+    EXPECT_EQ(out[i].error, "the sweep was interrupted");
+    EXPECT_FALSE(fs::exists(jobs[i].cfg.checkpoint));
+  }
 }
 
 TEST(Sweep, AFailedRunLeavesTheOthersRunning) {

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <random>
 
 #include "engine/checkpoint.h"
@@ -153,6 +154,109 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   multistep.milestones = {0.5, 0.75};
   multistep.gamma = 0.2f;
   test::expect_error([&] { train::run_training(multistep, train, test); }, {"--gamma 0.1", "not 0.2"});
+}
+
+// An interrupt that says true from its n-th question on (TrainConfig::interrupt is asked after
+// every step of plain backprop, before every batch a pipeline is fed, and after every epoch).
+std::function<bool()> interrupt_from(int n) {
+  auto asked = std::make_shared<int>(0);
+  return [asked, n] { return ++*asked >= n; };
+}
+
+// Interrupted plain backprop keeps the step it is at: inside an epoch it writes a checkpoint
+// there, at an epoch's end the epoch's own; each resumes to the uninterrupted run's bits.
+TEST(Training, AnInterruptedRunResumesFromTheStepItStoppedAt) {
+  const data::Dataset train = synthetic_set(128, 1), test = synthetic_set(40, 2);
+  TempDir dir;
+  train::TrainConfig full = small_config();  // 2 epochs of 4 steps
+  full.checkpoint = dir.file("full.safetensors");
+  const train::TrainResult whole = train::run_training(full, train, test);
+
+  train::TrainConfig cut = small_config();
+  cut.checkpoint = dir.file("cut.safetensors");
+  cut.interrupt = interrupt_from(2);  // after step 2 of epoch 1
+  const train::TrainResult part = train::run_training(cut, train, test);
+  EXPECT_TRUE(part.interrupted);
+  EXPECT_EQ(part.steps, 2);
+  EXPECT_TRUE(part.epochs.empty()) << "an epoch cut short is not reported";
+  EXPECT_EQ(io::read_safetensors(cut.checkpoint).metadata.at("step"), "2");
+  train::TrainConfig rest = small_config();
+  rest.resume = cut.checkpoint;
+  rest.checkpoint = dir.file("rest.safetensors");
+  const train::TrainResult resumed = train::run_training(rest, train, test);
+  EXPECT_FALSE(resumed.interrupted);
+  EXPECT_EQ(resumed.steps, 8);
+  expect_same_tensors(full.checkpoint, rest.checkpoint);
+  ASSERT_EQ(resumed.epochs.size(), 2u);
+  EXPECT_EQ(resumed.epochs[1].test_acc, whole.epochs[1].test_acc);
+
+  // Asked after step 4, the last of epoch 1: the epoch ends as usual (evaluated, checkpointed),
+  // and the run stops there.
+  cut.checkpoint = dir.file("cut-at-end.safetensors");
+  cut.interrupt = interrupt_from(4);
+  const train::TrainResult at_end = train::run_training(cut, train, test);
+  EXPECT_TRUE(at_end.interrupted);
+  ASSERT_EQ(at_end.epochs.size(), 1u);
+  EXPECT_EQ(at_end.epochs[0].test_acc, whole.epochs[0].test_acc);
+  EXPECT_EQ(io::read_safetensors(cut.checkpoint).metadata.at("step"), "4");
+  rest.resume = cut.checkpoint;
+  rest.checkpoint = dir.file("rest-at-end.safetensors");
+  train::run_training(rest, train, test);
+  expect_same_tensors(full.checkpoint, rest.checkpoint);
+
+  // Without --checkpoint nothing is written, and the run still stops.
+  train::TrainConfig bare = small_config();
+  bare.interrupt = interrupt_from(1);
+  EXPECT_EQ(train::run_training(bare, train, test).steps, 1);
+}
+
+// An interrupted pipeline stops feeding, drains the batches in flight, and drops the epoch: it
+// checkpoints only at epoch boundaries, and the last one stands.
+TEST(Training, AnInterruptedPipelineDropsTheEpochItWasIn) {
+  const data::Dataset train = synthetic_set(96, 9), test = synthetic_set(30, 10);
+  TempDir dir;
+  train::TrainConfig full = small_config();  // 2 epochs of 3 steps
+  full.method = "fdg";
+  full.split_at = "4";
+  full.shrink = 0.5f;
+  full.checkpoint = dir.file("full-{epoch}.safetensors");
+  const train::TrainResult whole = train::run_training(full, train, test);
+  ASSERT_EQ(whole.epochs.size(), 2u);
+
+  train::TrainConfig cut = full;
+  cut.checkpoint = dir.file("cut-{epoch}.safetensors");
+  cut.log = dir.file("cut.log");
+  cut.progress = "plain";
+  cut.interrupt = interrupt_from(3);  // fed 2 of epoch 1's 3 batches
+  const train::TrainResult part = train::run_training(cut, train, test);
+  EXPECT_TRUE(part.interrupted);
+  EXPECT_TRUE(part.epochs.empty());
+  EXPECT_FALSE(fs::exists(dir.file("cut-1.safetensors")));
+  std::ifstream log(cut.log);
+  const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("interrupted in epoch 1 after 2 of 3 batches, which are dropped"), std::string::npos) << text;
+  EXPECT_NE(text.find("nothing was checkpointed yet: start again"), std::string::npos) << text;
+
+  // Resumed from epoch 1 and interrupted in epoch 2: epoch 1's checkpoint is where to go on.
+  train::TrainConfig again = full;
+  again.resume = dir.file("full-1.safetensors");
+  again.checkpoint = dir.file("again-{epoch}.safetensors");
+  again.log = dir.file("again.log");
+  again.progress = "plain";
+  again.interrupt = interrupt_from(2);
+  const train::TrainResult dropped = train::run_training(again, train, test);
+  EXPECT_TRUE(dropped.interrupted);
+  EXPECT_TRUE(dropped.epochs.empty());
+  EXPECT_FALSE(fs::exists(dir.file("again-2.safetensors")));
+  std::ifstream again_log(again.log);
+  const std::string again_text((std::istreambuf_iterator<char>(again_log)), std::istreambuf_iterator<char>());
+  EXPECT_NE(again_text.find("go on with --resume " + again.resume), std::string::npos) << again_text;
+  // Which gives epoch 2 as the uninterrupted run had it.
+  again.interrupt = nullptr;
+  const train::TrainResult rest = train::run_training(again, train, test);
+  ASSERT_EQ(rest.epochs.size(), 1u);
+  EXPECT_EQ(rest.epochs[0].test_acc, whole.epochs[1].test_acc);
+  expect_same_tensors(dir.file("full-2.safetensors"), dir.file("again-2.safetensors"));
 }
 
 TEST(Training, CheckpointHoldsPyTorchNamesAndLayouts) {

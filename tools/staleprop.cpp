@@ -2,6 +2,10 @@
 //
 // Every flag is declared once in a table (name, value name, help, setter); --help is generated
 // from the same tables, so it cannot drift from what is parsed.
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <algorithm>
@@ -270,7 +274,10 @@ struct TrainArgs {
 
 const char* kTrainWhat =
     "Trains a CIFAR ResNet on CIFAR-10, evaluating on the test set after every epoch: standard\nbackprop, or "
-    "decoupled training over K modules (--method ddg|fdg --split K).";
+    "decoupled training over K modules (--method ddg|fdg --split K).\n"
+    "Ctrl-C (SIGINT) or SIGTERM stops it early: standard backprop after its current step, writing a\n"
+    "checkpoint there (--checkpoint) to --resume from; a decoupled run drops the epoch it is in (it is\n"
+    "checkpointed at epoch boundaries). A second Ctrl-C quits at once. Exit status 130 or 143.";
 
 std::vector<Flag> train_flags(TrainArgs& a) {
   sp::train::TrainConfig& c = a.c;
@@ -333,6 +340,33 @@ std::string file_stem(const std::string& path) {
   return dot == std::string::npos || dot == 0 ? base : base.substr(0, dot);
 }
 
+// SIGINT and SIGTERM end a training run or sweep early, keeping what can be kept (TrainConfig::
+// interrupt: plain backprop checkpoints the step it is at); a second one ends the process at
+// once. The exit status is then 128 + the signal's number, as the shell's would be.
+std::atomic<bool> g_interrupt{false};
+std::atomic<int> g_signal{0};
+
+void on_stop_signal(int sig) {
+  if (g_interrupt.exchange(true)) {  // the second: as if no handler had been installed
+    signal(sig, SIG_DFL);
+    raise(sig);
+    return;
+  }
+  g_signal.store(sig);
+  static const char msg[] = "\nstaleprop: stopping early and keeping what can be kept (again to quit at once)\n";
+  if (write(STDERR_FILENO, msg, sizeof msg - 1) < 0) {
+  }
+}
+
+void stop_on_signals() {
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
+
 int train_main(int argc, char** argv) {
   TrainArgs a;
   if (!parse_flags("train", kTrainWhat, train_flags(a), argc, argv)) return 0;
@@ -342,11 +376,16 @@ int train_main(int argc, char** argv) {
   const std::string dir = sp::data::resolve_cifar10_dir(a.data_dir);
   const sp::data::Dataset train = sp::data::load_cifar10(dir, sp::data::Split::Train, a.train_limit);
   const sp::data::Dataset test = sp::data::load_cifar10(dir, sp::data::Split::Test, a.test_limit);
+  stop_on_signals();
+  c.interrupt = [] { return g_interrupt.load(); };
   const auto result = sp::train::run_training(c, train, test);
   if (!result.epochs.empty())
-    std::printf("%s test accuracy %.2f%% (%s, %d of %d epochs)\n", result.stopped_at_deadline ? "stopped at the time limit:" : "final",
+    std::printf("%s test accuracy %.2f%% (%s, %d of %d epochs)\n",
+                result.interrupted           ? "interrupted:"
+                : result.stopped_at_deadline ? "stopped at the time limit:"
+                                             : "final",
                 100 * result.epochs.back().test_acc, c.model.c_str(), result.epochs.back().epoch, c.epochs);
-  return 0;
+  return result.interrupted ? 128 + g_signal.load() : 0;
 }
 
 int sweep_main(int argc, char** argv) {
@@ -368,7 +407,8 @@ int sweep_main(int argc, char** argv) {
                    "--threads are process-wide: all runs must agree. With --parallel > 1 and several jobs, each\n"
                    "needs its own --log FILE (or --progress none); a run's peak reserved memory is then the\n"
                    "process's (its peak of tensors in use stays its own). Exits 1\n"
-                   "if a run failed (the others go on).",
+                   "if a run failed (the others go on). Ctrl-C (SIGINT) or SIGTERM stops the running runs as in\n"
+                   "train and starts no other (exit status 130 or 143).",
                    flags, argc, argv))
     return 0;
   SP_CHECK(!jobs_file.empty(), "sweep: --jobs FILE is required");
@@ -412,13 +452,17 @@ int sweep_main(int argc, char** argv) {
   sp::train::SweepOptions o;
   o.parallel = parallel;
   o.deadline = sp::train::deadline_after(time_limit);
+  stop_on_signals();
+  o.interrupt = [] { return g_interrupt.load(); };
   std::printf("staleprop sweep: %zu runs from %s, up to %d at once%s\n", jobs.size(), jobs_file.c_str(), parallel,
               time_limit > 0 ? (", time limit " + std::to_string(int64_t(time_limit)) + " s").c_str() : "");
   const auto outcomes = sp::train::run_sweep(std::move(jobs), o);
-  int counts[4] = {0, 0, 0, 0};
+  int counts[5] = {0, 0, 0, 0, 0};
   for (const auto& out : outcomes) ++counts[int(out.status)];
-  std::printf("staleprop sweep: %d finished, %d stopped at the time limit, %d not started, %d failed\n", counts[0],
-              counts[1], counts[2], counts[3]);
+  std::printf("staleprop sweep: %d finished, %d stopped at the time limit, %d not started, %d failed%s\n", counts[0],
+              counts[1], counts[2], counts[3],
+              g_interrupt ? (", " + std::to_string(counts[4]) + " interrupted").c_str() : "");
+  if (g_interrupt) return 128 + g_signal.load();
   return counts[int(sp::train::SweepStatus::Failed)] > 0 ? 1 : 0;
 }
 

@@ -103,6 +103,7 @@ std::string describe(const SweepOutcome& o, int epochs_wanted) {
   switch (o.status) {
     case SweepStatus::Finished:
     case SweepStatus::StoppedAtDeadline:
+    case SweepStatus::Interrupted:
       if (e.empty()) return std::string(sweep_status_name(o.status)) + ", no epoch ended";
       std::snprintf(buf, sizeof buf, "%s after epoch %d of %d: test accuracy %.2f%%, %.0f s",
                     sweep_status_name(o.status), e.back().epoch, epochs_wanted, 100 * e.back().test_acc, o.seconds);
@@ -123,6 +124,7 @@ const char* sweep_status_name(SweepStatus s) {
     case SweepStatus::StoppedAtDeadline: return "stopped at the time limit";
     case SweepStatus::NotStarted: return "not started";
     case SweepStatus::Failed: return "failed";
+    case SweepStatus::Interrupted: return "interrupted";
   }
   return "?";
 }
@@ -189,6 +191,12 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
         std::lock_guard<std::mutex> lk(epoch_mu);
         if (auto it = epoch_secs.find(kind[i]); it != epoch_secs.end()) estimate = it->second;
       }
+      if (opts.interrupt && opts.interrupt()) {
+        o.error = "the sweep was interrupted";
+        log_line(job.cfg, "sweep: not started: " + o.error);
+        say(i, describe(o, job.cfg.epochs));
+        continue;
+      }
       const auto now = opts.start_clock ? opts.start_clock() : Clock::now();
       if (now >= opts.deadline || now + std::chrono::duration_cast<Clock::duration>(
                                             std::chrono::duration<double>(estimate)) > opts.deadline) {
@@ -203,11 +211,14 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
       TrainConfig cfg = job.cfg;
       cfg.deadline = std::min(deadline_after(job.time_limit_s), opts.deadline);
       cfg.max_concurrent_runs = concurrent;
+      cfg.interrupt = opts.interrupt;
       say(i, "started" + (cfg.log.empty() ? std::string() : ", output in " + cfg.log));
       const auto t0 = Clock::now();
       try {
         o.result = run_training(cfg, *train_of[i], *test_of[i]);
-        o.status = o.result.stopped_at_deadline ? SweepStatus::StoppedAtDeadline : SweepStatus::Finished;
+        o.status = o.result.interrupted           ? SweepStatus::Interrupted
+                   : o.result.stopped_at_deadline ? SweepStatus::StoppedAtDeadline
+                                                  : SweepStatus::Finished;
       } catch (const std::exception& e) {
         o.status = SweepStatus::Failed;
         o.error = user_message(e);

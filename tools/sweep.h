@@ -26,7 +26,7 @@ struct SweepJob {
   double time_limit_s = 0;  // as train --time-limit: from the run's own start (0: none)
 };
 
-enum class SweepStatus { Finished, StoppedAtDeadline, NotStarted, Failed };
+enum class SweepStatus { Finished, StoppedAtDeadline, NotStarted, Failed, Interrupted };
 const char* sweep_status_name(SweepStatus s);
 
 struct SweepOutcome {
@@ -48,6 +48,9 @@ struct SweepOptions {
   // The time at which a waiting run's start is judged against the deadline (null: the steady
   // clock). Only that judgement reads it; tests set it to reach the rule without waiting.
   std::function<std::chrono::steady_clock::time_point()> start_clock;
+  // Once it says true, running runs end early (TrainConfig::interrupt) and waiting ones do not
+  // start. Called from the runs' threads.
+  std::function<bool()> interrupt;
 };
 
 // Runs the jobs, up to opts.parallel at once, in the order given. Throws sp::Error before any

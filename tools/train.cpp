@@ -377,6 +377,20 @@ struct Run {
       device_allocator(device).reset_peak();
   }
 
+  bool interrupted() const { return cfg.interrupt && cfg.interrupt(); }
+
+  // Ends the run on TrainConfig::interrupt: records it and says what is kept. `resume_from` is
+  // the checkpoint to go on from (empty: none was written).
+  void stop_interrupted(const std::string& what, const std::string& resume_from) {
+    result.interrupted = true;
+    if (progress.quiet()) return;
+    std::fprintf(out.get(), "interrupted %s; %s\n", what.c_str(),
+                 !resume_from.empty() ? ("go on with --resume " + resume_from).c_str()
+                 : cfg.checkpoint.empty() ? "no --checkpoint was given, so the run cannot be resumed"
+                                          : "nothing was checkpointed yet: start again");
+    std::fflush(out.get());
+  }
+
   // Called after epoch `epoch` (0-based) and its checkpoint, `epoch_secs` after the epoch
   // began: true when the run is to end here because the next epoch, taking as long, would
   // not end before cfg.deadline. Says so, and how to go on.
@@ -418,7 +432,7 @@ TrainResult run_backprop(Run& run) {
     StepStats epoch_stats;
     int64_t epoch_images = 0;
     const int64_t first_index = step % spe;
-    bool stopped = false;
+    bool stopped = false, interrupted = false;
     for (int64_t i = first_index; i < spe && !stopped; ++i) {
       const data::Batch& b = run.loader->next();
       SP_CHECK(b.epoch == epoch && b.index_in_epoch == i, "loader out of step");
@@ -440,18 +454,32 @@ TrainResult run_backprop(Run& run) {
                           ",\"images_per_s\":" + json_number(ips) + ",\"elapsed_s\":" +
                           json_number(seconds_since(run.start)) + "}");
       }
-      if (!cfg.checkpoint.empty() && cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0)
+      // Interrupted inside an epoch: a checkpoint here (at its end, the epoch's own follows).
+      interrupted = run.interrupted();
+      if (!cfg.checkpoint.empty() && ((cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) ||
+                                      (interrupted && step % spe != 0)))
         save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
-      stopped = cfg.stop_after_steps >= 0 && step >= cfg.stop_after_steps;
+      stopped = (cfg.stop_after_steps >= 0 && step >= cfg.stop_after_steps) || interrupted;
     }
     epoch_stats += trainer.drain_stats();
     run.progress.end_epoch();
-    if (stopped && step % spe != 0) break;  // stopped inside an epoch: no epoch report
+    if (stopped && step % spe != 0) {  // stopped inside an epoch: no epoch report
+      if (interrupted)
+        run.stop_interrupted("in epoch " + std::to_string(epoch + 1) + " after step " +
+                                 std::to_string(step % spe) + " of " + std::to_string(spe),
+                             cfg.checkpoint.empty() ? "" : checkpoint_path(cfg.checkpoint, epoch + 1));
+      break;
+    }
     const double train_secs = seconds_since(epoch_start);
     run.end_epoch(epoch, step, epoch_stats, train_secs, epoch_images,
                   [&] { return evaluate(trainer, run.test_loader()); });
     if (!cfg.checkpoint.empty())
       save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
+    if (run.interrupted() && epoch + 1 < cfg.epochs) {  // at the end of the epoch
+      run.stop_interrupted("after epoch " + std::to_string(epoch + 1) + " of " + std::to_string(cfg.epochs),
+                           cfg.checkpoint.empty() ? "" : checkpoint_path(cfg.checkpoint, epoch + 1));
+      break;
+    }
     if (stopped || run.stop_at_deadline(epoch, next_epoch_seconds(train_secs, seconds_since(epoch_start) - train_secs,
                                                                   spe - first_index, spe)))
       break;
@@ -550,12 +578,13 @@ TrainResult run_pipelined(Run& run) {
              (cfg.recompute ? ", recompute" : "") + (cfg.weight_stash ? ", weight stashing" : "") +
              (cfg.graphs ? ", graphs" : ""));
 
+  std::string last_saved = cfg.resume;  // the checkpoint of the last epoch boundary passed
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
     run.begin_epoch_peak();  // the epoch's training peak, evaluation excluded
     int64_t fed = 0, images = 0;
     const PipelineTrainer::BatchSource source = [&](Tensor* x, Tensor* y) {
-      if (fed == spe) return false;
+      if (fed == spe || run.interrupted()) return false;
       const data::Batch& b = run.loader->next();
       *x = b.images;
       *y = b.labels;
@@ -572,8 +601,15 @@ TrainResult run_pipelined(Run& run) {
     const PipelineGraphStats graphs_before = pipe.graph_stats();
     const PipelineEpochStats st = pipe.run_epoch(source, [&](int64_t s) { return run.sched.at(s); });
     const PipelineGraphStats graphs_after = pipe.graph_stats();
-    step += spe;
     run.progress.end_epoch();
+    if (fed < spe) {  // interrupted: the batches fed have drained; the epoch is dropped
+      run.stop_interrupted("in epoch " + std::to_string(epoch + 1) + " after " + std::to_string(fed) + " of " +
+                               std::to_string(spe) + " batches, which are dropped (a pipelined run is checkpointed "
+                               "at epoch boundaries only)",
+                           last_saved);
+      break;
+    }
+    step += spe;
     std::string busy, busy_json = ",\"modules\":[";
     for (int k = 0; k < K; ++k) {
       const double pct = 100.0 * st.busy_ms[size_t(k)] / st.wall_ms;
@@ -612,9 +648,15 @@ TrainResult run_pipelined(Run& run) {
                   extra, busy_json);
     if (!cfg.trace.empty() && run.result.epochs.size() == 1)  // the first epoch of this process
       write_trace(cfg.trace, st, K, epoch);
-    if (!cfg.checkpoint.empty())
-      save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, const_opts,
-                      run.metadata(step, "cuts", cuts_str(pc.cuts)), *run.stream);
+    if (!cfg.checkpoint.empty()) {
+      last_saved = checkpoint_path(cfg.checkpoint, epoch + 1);
+      save_checkpoint(last_saved, run.net, const_opts, run.metadata(step, "cuts", cuts_str(pc.cuts)), *run.stream);
+    }
+    if (run.interrupted() && epoch + 1 < cfg.epochs) {
+      run.stop_interrupted("after epoch " + std::to_string(epoch + 1) + " of " + std::to_string(cfg.epochs),
+                           last_saved);
+      break;
+    }
     if (run.stop_at_deadline(epoch, seconds_since(epoch_start))) break;
   }
   run.result.steps = step;

@@ -45,6 +45,13 @@ struct TrainConfig {
   // After an epoch, the run ends (its checkpoint written) when the next epoch, taking as long
   // as the last one, would not end before this time; --resume goes on from there.
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+  // Asked after every step (plain backprop) or before every batch fed (a pipeline), and at the
+  // end of every epoch; once it says true (staleprop train and sweep: after SIGINT or SIGTERM),
+  // the run ends early. Plain backprop ends after its current step and writes a checkpoint
+  // there (with --checkpoint), which --resume goes on from exactly. A pipelined run stops
+  // feeding batches, drains, and drops the epoch it was in: it is checkpointed at epoch
+  // boundaries only. Null: never. Runs of a sweep call it from their own threads.
+  std::function<bool()> interrupt;
   int max_concurrent_runs = 1;  // > 1: run beside up to this many-1 others in one process (staleprop sweep)
   int64_t stop_after_steps = -1;                   // end the run early after this global step
   // Decoupled training (engine/pipeline.h): bp with one module is plain backprop.
@@ -71,6 +78,7 @@ struct TrainResult {
   int64_t steps = 0;
   int64_t graph_replays = 0;  // --graphs: module units replayed from graphs over the run
   bool stopped_at_deadline = false;  // ended before its last epoch by TrainConfig::deadline
+  bool interrupted = false;          // ended early by TrainConfig::interrupt
 };
 
 // How long the next epoch will take, judged from the last: its training took `train_secs` for
