@@ -979,13 +979,14 @@ TEST_F(CudaOps, ShortcutMatchesBitForBit) {
 }
 
 TEST_F(CudaOps, MaxPoolMatchesBitForBitIncludingTiesAndOverlap) {
-  // Windows of 2 and 3 (unrolled) and of 1 and 4 (not). Channels a multiple of 4 move 4 at a
-  // time when aligned; each shape also runs one element into its allocations (one at a time).
+  // Windows of 2 and 3 (unrolled) and of 1 and 4 (not; the last shape 4 channels at a time).
+  // Channels a multiple of 4 move 4 at a time when aligned; each shape also runs one element into
+  // its allocations (one at a time).
   // The last two shapes leave pixels that no window covers (their gradient is 0): 3/2 on 8 x 8
   // misses the last row and column, 2/3 (stride past the window) every third.
   const Pool2dShape shapes[] = {{2, 9, 9, 5, 3, 2, 1},    {1, 8, 8, 4, 2, 2, 0}, {2, 7, 6, 4, 3, 1, 1},
                                 {4, 32, 32, 16, 3, 2, 1}, {1, 1, 1, 2, 1, 1, 0}, {1, 5, 5, 3, 4, 3, 2},
-                                {1, 8, 8, 8, 3, 2, 0},    {1, 7, 7, 3, 2, 3, 0}};
+                                {1, 8, 8, 8, 3, 2, 0},    {1, 7, 7, 3, 2, 3, 0},  {1, 5, 5, 8, 4, 3, 2}};
   uint32_t seed = 800;
   for (const Pool2dShape& sh : shapes)
     for (const size_t off : {size_t(0), size_t(1)}) {

@@ -14,15 +14,17 @@
 # of the file gives its whole recipe, TRAIN_ARGS_EXTRA is added to every run.
 #
 # What comes back: $OUT/table.tgz (the cells), $OUT/table.md (the table) and the checkpoints of
-# the unfinished cells as one gzipped tar cut into parts, $OUT/state.tgz.00, .01, ... of at most
-# PART_BYTES (15 MiB): the device tool returns 8 files of at most 16 MiB, 64 MiB together, so up
-# to 6 parts (about 8 ResNet-56 cells) come back. For a later session, commit the cells
-# (bench/results/...) and name that folder in FROM, and carry the parts: STATE_PARTS=DIR
-# ACCURACY=1 tools/gpu_prepare.sh puts them in .carry/state, which is FROM_STATE's default (a
-# folder of parts, or one state.tgz). Those cells then resume; the others start again. What a
-# call carries is 64 MiB too: beside the data (18 MB), the binary (7 MB) and the tree, about five
-# ResNet-56 cells' checkpoints fit, so train at most five ResNet-56 cells at once (PARALLEL=5)
-# when they must go on in another session.
+# the unfinished cells as one gzipped tar cut into parts, $OUT/state-ID.tgz.00, .01, ... (ID: the
+# first 8 hex digits of the tar's SHA-256) of at most PART_BYTES (15 MiB) each: the device tool
+# returns 8 files of at most 16 MiB. They come back only when the tar is at most STATE_MAX_BYTES
+# (32 MiB): what a later call can carry beside the data (19 MB), the xz-compressed binary (7 MB)
+# and the tree, within the 64 MiB a call carries; that is about five ResNet-56 cells, so train at
+# most five at once (PARALLEL=5) when they must go on in another session. For that session,
+# commit the cells (bench/results/...) and name that folder in FROM, and carry the parts:
+# STATE_PARTS=DIR ACCURACY=1 tools/gpu_prepare.sh puts them in .carry/state, which is
+# FROM_STATE's default (a folder with one state's parts, or one .tgz). They are checked against
+# their ID and unpacked aside before any is used, and never over a checkpoint already here (a
+# warm machine's is newer). Those cells then resume; the others start again.
 #   MODELS (resnet56), SPLITS (1,2,3,4), METHODS (bp,ddg,fdg), EPOCHS (30), SHRINK (0.5), PARALLEL (7)
 #   TRAIN_ARGS  the recipe, passed to every staleprop train
 #               (default: --device cuda --precision bf16 --lr 0.1 --schedule cosine
@@ -46,10 +48,25 @@ if [ -n "${FROM:-}" ]; then
 fi
 [ -z "${FROM_STATE:-}" ] && [ -d .carry/state ] && FROM_STATE=.carry/state
 if [ -n "${FROM_STATE:-}" ]; then
-  if [ -d "$FROM_STATE" ]; then parts=("$FROM_STATE"/state.tgz*); else parts=("$FROM_STATE"); fi
+  fail() { echo "gpu_accuracy.sh: FROM_STATE $FROM_STATE: $*" >&2; exit 1; }
+  whole=$FROM_STATE
+  if [ -d "$FROM_STATE" ]; then
+    ids=()
+    for f in "$FROM_STATE"/state-????????.tgz.[0-9][0-9]; do
+      [ -e "$f" ] || continue
+      id=${f##*/state-}; id=${id%%.*}
+      [[ " ${ids[*]} " == *" $id "* ]] || ids+=("$id")
+    done
+    [ ${#ids[@]} -eq 1 ] || fail "holds the parts of ${#ids[@]} states (${ids[*]}); keep one call's parts"
+    whole=$STATE/from-state.tgz
+    cat "$FROM_STATE"/state-"${ids[0]}".tgz.[0-9][0-9] > "$whole"
+    [ "$(sha256sum "$whole" | cut -c1-8)" = "${ids[0]}" ] || fail "its parts do not make state ${ids[0]}: one is missing or damaged"
+  fi
+  rm -rf "$STATE/from-state" && mkdir -p "$STATE/from-state"
+  tar xzf "$whole" -C "$STATE/from-state" || fail "cannot unpack $whole"
   # Never over a warm call's newer ones.
-  cat "${parts[@]}" | tar xz -C "$STATE/ckpt" --skip-old-files || { echo "gpu_accuracy.sh: cannot unpack" \
-    "${parts[*]}" >&2; exit 1; }
+  cp -n "$STATE"/from-state/* "$STATE/ckpt/" 2>/dev/null
+  rm -rf "$STATE/from-state" "$STATE/from-state.tgz"
 fi
 TRAIN_ARGS=${TRAIN_ARGS:-"--device cuda --precision bf16 --lr 0.1 --schedule cosine --weight-decay 5e-4 --nesterov \
 --batch-size 128 --graphs"}
@@ -67,21 +84,26 @@ else
 fi
 tar czf "$OUT/table.tgz" -C "$STATE" table
 # The checkpoints of the cells still to finish (written before their last epoch), in parts.
-rm -f "$OUT"/state.tgz*
+rm -f "$OUT"/state-*.tgz.*
 mapfile -t unfinished < <(python3 tools/resumable_runs.py unfinished --out "$STATE/table" --state "$STATE/ckpt")
 if [ ${#unfinished[@]} -gt 0 ]; then
   tar czf "$STATE/state.tgz" -C "$STATE/ckpt" "${unfinished[@]}"
   part=${PART_BYTES:-$((15 * 1024 * 1024))}
+  max=${STATE_MAX_BYTES:-$((32 * 1024 * 1024))}
   size=$(stat -c %s "$STATE/state.tgz")
-  room=$((64 * 1024 * 1024 - $(cat "$OUT/table.tgz" "$OUT/table.md" | wc -c) - 1024 * 1024))
-  if [ $(((size + part - 1) / part)) -gt 6 ] || [ "$size" -gt "$room" ]; then
-    echo "gpu_accuracy.sh: the checkpoints of ${#unfinished[@]} unfinished cells ($size bytes) do not fit what the" \
-      "device tool returns; they stay in $STATE/ckpt (on this machine while it is warm) and do not come back" >&2
+  kept="they stay in $STATE/ckpt (on this machine while it is warm) and do not come back"
+  if [ "$size" -gt "$max" ]; then
+    echo "gpu_accuracy.sh: the checkpoints of ${#unfinished[@]} unfinished cells ($size bytes) are more than a later" \
+      "call can carry ($max bytes); $kept" >&2
+  elif [ $(((size + part - 1) / part)) -gt 5 ]; then
+    echo "gpu_accuracy.sh: the checkpoints of ${#unfinished[@]} unfinished cells ($size bytes) make more than 5 parts" \
+      "of $part bytes (the device tool returns 8 files); $kept" >&2
   else
-    split -b "$part" -d -a 2 "$STATE/state.tgz" "$OUT/state.tgz."
-    parts=("$OUT"/state.tgz.*)
+    id=$(sha256sum "$STATE/state.tgz" | cut -c1-8)
+    split -b "$part" -d -a 2 "$STATE/state.tgz" "$OUT/state-$id.tgz."
+    parts=("$OUT"/state-"$id".tgz.*)
     echo "gpu_accuracy.sh: the checkpoints of ${#unfinished[@]} unfinished cells: ${#parts[@]} parts," \
-      "$OUT/state.tgz.*" >&2
+      "$OUT/state-$id.tgz.*" >&2
   fi
   rm -f "$STATE/state.tgz"
 fi

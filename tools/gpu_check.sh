@@ -63,7 +63,7 @@ for stage in $STAGES; do
     if [ -f .carry/data/cifar10-jpeg.pack.gz ]; then
       python3 .carry/data/unpack_cifar10.py .carry/data/cifar10-jpeg.pack.gz data/cifar-10-batches-bin > /dev/null
       for prec in fp32 bf16; do
-        timeout "${T_SMOKE:-240}" build-gpu/tools/staleprop train --device cuda --model resnet20 --epochs 1 \
+        timeout -k 15 "${T_SMOKE:-240}" build-gpu/tools/staleprop train --device cuda --model resnet20 --epochs 1 \
           --precision $prec --progress plain > "$OUT/train-$prec.log" 2>&1
         echo "training smoke run ($prec) exit $?: $(tail -1 "$OUT/train-$prec.log")"
       done

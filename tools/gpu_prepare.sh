@@ -12,7 +12,7 @@
 #   .carry/resume       with RESUME=FILE: that checkpoint, which tools/gpu_session.sh's accuracy
 #                       run resumes (a train.safetensors an earlier session brought back; keep
 #                       such files in the git-ignored gpu-state/, never in the repository)
-#   .carry/state        with STATE_PARTS=DIR: the state.tgz.NN parts an earlier tools/gpu_accuracy.sh
+#   .carry/state        with STATE_PARTS=DIR: the state-ID.tgz.NN parts an earlier tools/gpu_accuracy.sh
 #                       call returned (unfinished cells' checkpoints), which it resumes
 # ACCURACY=1 leaves out GoogleTest and Google Benchmark, which tools/gpu_accuracy.sh does not use,
 # so that more checkpoints fit beside the binary and the data.
@@ -38,7 +38,16 @@ if [ -n "${RESUME:-}" ]; then
   mkdir -p .carry/resume && cp "$RESUME" .carry/resume/train.safetensors
 fi
 if [ -n "${STATE_PARTS:-}" ]; then
-  mkdir -p .carry/state && cp "$STATE_PARTS"/state.tgz.* .carry/state/
+  mkdir -p .carry/state && cp "$STATE_PARTS"/state-*.tgz.* .carry/state/
 fi
 git rev-parse HEAD > .carry/commit
 du -sh .carry
+# What a call carries: the tracked and untracked-not-ignored files, and .carry (at most 64 MiB).
+travels=$(( $(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1) +
+  $(du -sb .carry | cut -f1) ))
+if [ "$travels" -gt $((64 * 1024 * 1024)) ]; then
+  echo "gpu_prepare.sh: the tree and .carry come to $travels bytes, over the 64 MiB a device call carries" \
+    "(ACCURACY=1 leaves out the test libraries; carry fewer checkpoints)" >&2
+  exit 1
+fi
+echo "gpu_prepare.sh: $travels bytes travel (at most $((64 * 1024 * 1024)))"

@@ -68,9 +68,11 @@ start_train() {
   [ -f .carry/resume/train.safetensors ] && resume=(--resume .carry/resume/train.safetensors)
   log "accuracy run on $1 for at most $limit s: staleprop train $TRAIN_ARGS ${resume[*]}"
   (
-    # The checkpoint of the last finished epoch comes back too: a run cut by the limit can be
-    # resumed in a later session (--resume), and a finished one evaluated (staleprop eval).
-    timeout "$limit" "$1" train --device cuda $TRAIN_ARGS "${resume[@]}" --progress plain \
+    # The checkpoint comes back too: a run cut by the limit can be resumed in a later session
+    # (--resume), and a finished one evaluated (staleprop eval). The limit's SIGTERM stops the run
+    # as Ctrl-C would (a pipelined run at its last epoch boundary, plain backprop at its last
+    # step, checkpointed there); -k ends it if it has not stopped 15 s later.
+    timeout -k 15 "$limit" "$1" train --device cuda $TRAIN_ARGS "${resume[@]}" --progress plain \
       --metrics "$OUT/train.jsonl" --checkpoint "$OUT/train.safetensors" > "$OUT/train.log" 2>&1
     echo "train exit $?" >> "$OUT/train.log"
   ) &
@@ -228,7 +230,7 @@ if [ -d data/cifar-10-batches-bin ]; then
   for method in bp fdg; do
     [ "$(left)" -gt 60 ] || break
     log "trace: resnet56 $method K=4"
-    timeout 40 build-gpu/tools/staleprop train --device cuda --model resnet56 --precision bf16 --method $method \
+    timeout -k 10 40 build-gpu/tools/staleprop train --device cuda --model resnet56 --precision bf16 --method $method \
       --split 4 --split-at fdg --epochs 1 --train-limit 5120 --test-limit 1000 --progress none \
       --trace "$OUT/trace-resnet56-$method-K4.json" > "$OUT/trace-resnet56-$method-K4.log" 2>&1
     log "trace exit $?"
@@ -250,7 +252,7 @@ if [ -d data/cifar-10-batches-bin ]; then
         "--metrics $OUT/sweep-p$parallel-s$seed.jsonl" >> "$jobs"
     done
     start=$SECONDS
-    timeout 50 build-gpu/tools/staleprop sweep --jobs "$jobs" --parallel $parallel | tee -a "$OUT/session.txt"
+    timeout -k 10 50 build-gpu/tools/staleprop sweep --jobs "$jobs" --parallel $parallel | tee -a "$OUT/session.txt"
     log "sweep of 4 resnet56 runs, $parallel at once: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
   done
 fi

@@ -15,7 +15,10 @@ of its `staleprop train` (quoted as in a shell, and giving --epochs); '#' starts
 Arguments after `--` go to every run. Each run writes NAME.jsonl (metrics), NAME.log and
 NAME.cmd (the command) under --out, and NAME.safetensors (its last epoch's checkpoint) under
 --state. A run resumes only with the recipe it began with (flags of where files go and how it
-reports may change); with another, it starts again.
+reports may change); with another, it starts again. A sweep stopped past the budget's grace, or
+by Ctrl-C, stops its runs as `staleprop train` does on a signal: plain backprop then keeps the
+step it was at (a checkpoint inside an epoch, which the next call resumes from), a pipeline its
+last epoch.
 """
 import argparse
 import json
@@ -44,15 +47,23 @@ def read_epochs(path):
     return epochs
 
 
-def checkpoint_epoch(path):
-    """The epoch a staleprop checkpoint was written at (its metadata's step / steps_per_epoch), or None."""
+def checkpoint_position(path):
+    """(step, steps per epoch) a staleprop checkpoint was written at (its metadata), or None. Plain
+    backprop stopped by a signal (the sweep's timeout, Ctrl-C) writes one inside an epoch."""
     try:
         with open(path, "rb") as f:
             n = struct.unpack("<Q", f.read(8))[0]
             meta = json.loads(f.read(n)).get("__metadata__", {})
-        return int(meta["step"]) // int(meta["steps_per_epoch"])
+        step, spe = int(meta["step"]), int(meta["steps_per_epoch"])
+        return (step, spe) if spe > 0 else None
     except (OSError, ValueError, KeyError, struct.error):
         return None
+
+
+def checkpoint_epoch(path):
+    """The last epoch a staleprop checkpoint holds whole, or None."""
+    pos = checkpoint_position(path)
+    return None if pos is None else pos[0] // pos[1]
 
 
 def keep_epochs(path, last):
@@ -126,16 +137,21 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
             f.write(shlex.join([staleprop] + cmd) + "\n")
         # Resume from the last finished epoch when its metrics are all there and the recipe is the
         # one the run began with; else start over.
-        resumed = checkpoint_epoch(ckpt)
+        pos = checkpoint_position(ckpt)
+        resumed = None if pos is None else pos[0] // pos[1]  # whole epochs in it
         same_recipe = before is not None and recipe(before) == recipe([staleprop] + cmd)
-        if resumed is not None and not same_recipe:
+        if pos is not None and not same_recipe:
             why = "no record of the command" if before is None else "the recipe differs from the one"
             print(f"{name}: {why} its checkpoint was trained with; starts again", flush=True)
-        if same_recipe and resumed is not None and 0 < resumed < epochs and [e["epoch"] for e in done][
+        if same_recipe and pos is not None and pos[0] > 0 and resumed < epochs and [e["epoch"] for e in done][
                 :resumed] == list(range(1, resumed + 1)):
             keep_epochs(metrics, resumed)
             cmd += ["--resume", ckpt]
-            print(f"{name}: resumes after epoch {resumed} of {epochs}", flush=True)
+            if pos[0] % pos[1]:
+                print(f"{name}: resumes at step {pos[0] % pos[1]} of {pos[1]} in epoch {resumed + 1} of {epochs} (that "
+                      f"epoch's train figures will cover its steps from there)", flush=True)
+            else:
+                print(f"{name}: resumes after epoch {resumed} of {epochs}", flush=True)
         else:
             for stale in (metrics, log, ckpt):
                 if os.path.exists(stale):
@@ -152,13 +168,29 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
     print(f"{len(jobs)} runs: {shlex.join(sweep)}", flush=True)
     logs = {name: os.path.join(out, name + ".log") for name in names}
     log_start = {name: os.path.getsize(path) if os.path.exists(path) else 0 for name, path in logs.items()}
+    proc = subprocess.Popen(sweep)
+    interrupted = False
     try:
         # The sweep ends runs at epoch boundaries inside the budget (and starts none that would not
         # fit an epoch), but a run's first epoch is not cut short: `grace` bounds that overrun.
-        rc = subprocess.run(sweep, timeout=budget + grace).returncode
+        rc = proc.wait(timeout=budget + grace)
     except subprocess.TimeoutExpired:
+        # SIGTERM stops the runs as Ctrl-C does: plain backprop keeps its last step, a pipeline its
+        # last epoch. A sweep still going 15 s later is killed.
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         rc = 124
-        print(f"the sweep was stopped {grace:.0f} s past the budget; the runs keep their last epochs", flush=True)
+        print(f"the sweep was stopped {grace:.0f} s past the budget; the runs keep their last step or epoch",
+              flush=True)
+    except KeyboardInterrupt:
+        # The sweep, in the same process group, got the same Ctrl-C and stops its runs, keeping
+        # their last step or epoch: wait for it (a second Ctrl-C ends both at once).
+        rc = proc.wait()
+        interrupted = True
     for name in names:
         epochs = read_epochs(os.path.join(out, name + ".jsonl"))
         if epochs and epochs[-1]["epoch"] >= wanted[name]:
@@ -170,6 +202,8 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
         error = last_error(logs[name], log_start[name])
         if error:
             print(f"{name}: failed: {error[len('error: '):]}", flush=True)
+    if interrupted:
+        raise KeyboardInterrupt
     return 0
 
 
@@ -251,7 +285,8 @@ def add_run_options(ap, what):
     ap.add_argument("--budget", type=float, default=540,
                     help=f"seconds: {what} stop at the last epoch boundary inside it and resume on the next call")
     ap.add_argument("--grace", type=float, default=30,
-                    help=f"seconds past the budget after which the sweep is stopped (its {what} keep their last epochs)")
+                    help=f"seconds past the budget after which the sweep is stopped, as by Ctrl-C (its {what} keep "
+                         "their last epoch, or with plain backprop their last step)")
     ap.add_argument("--parallel", type=at_least_one, default=1,
                     help=f"{what} trained at once in one process (staleprop sweep), sharing the GPU")
 
@@ -289,4 +324,7 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -276,8 +276,10 @@ const char* kTrainWhat =
     "Trains a CIFAR ResNet on CIFAR-10, evaluating on the test set after every epoch: standard\nbackprop, or "
     "decoupled training over K modules (--method ddg|fdg --split K).\n"
     "Ctrl-C (SIGINT) or SIGTERM stops it early: standard backprop after its current step, writing a\n"
-    "checkpoint there (--checkpoint) to --resume from; a decoupled run drops the epoch it is in (it is\n"
-    "checkpointed at epoch boundaries). A second Ctrl-C quits at once. Exit status 130 or 143.";
+    "checkpoint there (--checkpoint) to --resume from (at an epoch's last step, after the epoch's\n"
+    "evaluation and checkpoint); a decoupled run drops the epoch it is in (it is checkpointed at\n"
+    "epoch boundaries). It says where to go on from (unless --progress none), then ends by the signal\n"
+    "(status 130 or 143). A second Ctrl-C, or 60 s without stopping, ends it at once.";
 
 std::vector<Flag> train_flags(TrainArgs& a) {
   sp::train::TrainConfig& c = a.c;
@@ -341,18 +343,24 @@ std::string file_stem(const std::string& path) {
 }
 
 // SIGINT and SIGTERM end a training run or sweep early, keeping what can be kept (TrainConfig::
-// interrupt: plain backprop checkpoints the step it is at); a second one ends the process at
-// once. The exit status is then 128 + the signal's number, as the shell's would be.
-std::atomic<bool> g_interrupt{false};
+// interrupt: plain backprop checkpoints the step it is at). A second one ends the process at
+// once, and so does SIGALRM kStopGraceSeconds after the first, should the run be stuck. Once the
+// run has stopped, the process ends by the signal it got (so a shell sees it, and a script's loop
+// stops as it would for a program without a handler). A signal that a parent set to be ignored
+// (a background job of a script) stays ignored.
+constexpr unsigned kStopGraceSeconds = 60;
 std::atomic<int> g_signal{0};
+std::atomic<bool> g_interrupt{false};
 
 void on_stop_signal(int sig) {
-  if (g_interrupt.exchange(true)) {  // the second: as if no handler had been installed
+  if (g_interrupt.load()) {  // the second: as if no handler had been installed
     signal(sig, SIG_DFL);
     raise(sig);
     return;
   }
   g_signal.store(sig);
+  g_interrupt.store(true);
+  alarm(kStopGraceSeconds);
   static const char msg[] = "\nstaleprop: stopping early and keeping what can be kept (again to quit at once)\n";
   if (write(STDERR_FILENO, msg, sizeof msg - 1) < 0) {
   }
@@ -363,8 +371,20 @@ void stop_on_signals() {
   sa.sa_handler = on_stop_signal;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = SA_RESTART;
-  sigaction(SIGINT, &sa, nullptr);
-  sigaction(SIGTERM, &sa, nullptr);
+  for (int sig : {SIGINT, SIGTERM}) {
+    struct sigaction old {};
+    sigaction(sig, nullptr, &old);
+    if (old.sa_handler != SIG_IGN) sigaction(sig, &sa, nullptr);
+  }
+}
+
+// After a stop by signal: ends the process by that signal, its output flushed.
+void end_by_signal_if_stopped() {
+  if (!g_interrupt.load()) return;
+  std::fflush(nullptr);
+  const int sig = g_signal.load();
+  signal(sig, SIG_DFL);
+  raise(sig);
 }
 
 int train_main(int argc, char** argv) {
@@ -385,7 +405,8 @@ int train_main(int argc, char** argv) {
                 : result.stopped_at_deadline ? "stopped at the time limit:"
                                              : "final",
                 100 * result.epochs.back().test_acc, c.model.c_str(), result.epochs.back().epoch, c.epochs);
-  return result.interrupted ? 128 + g_signal.load() : 0;
+  end_by_signal_if_stopped();
+  return 0;
 }
 
 int sweep_main(int argc, char** argv) {
@@ -408,7 +429,7 @@ int sweep_main(int argc, char** argv) {
                    "needs its own --log FILE (or --progress none); a run's peak reserved memory is then the\n"
                    "process's (its peak of tensors in use stays its own). Exits 1\n"
                    "if a run failed (the others go on). Ctrl-C (SIGINT) or SIGTERM stops the running runs as in\n"
-                   "train and starts no other (exit status 130 or 143).",
+                   "train and starts no other; the sweep then ends by the signal (status 130 or 143).",
                    flags, argc, argv))
     return 0;
   SP_CHECK(!jobs_file.empty(), "sweep: --jobs FILE is required");
@@ -462,7 +483,7 @@ int sweep_main(int argc, char** argv) {
   std::printf("staleprop sweep: %d finished, %d stopped at the time limit, %d not started, %d failed%s\n", counts[0],
               counts[1], counts[2], counts[3],
               g_interrupt ? (", " + std::to_string(counts[4]) + " interrupted").c_str() : "");
-  if (g_interrupt) return 128 + g_signal.load();
+  end_by_signal_if_stopped();
   return counts[int(sp::train::SweepStatus::Failed)] > 0 ? 1 : 0;
 }
 

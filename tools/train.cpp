@@ -648,10 +648,10 @@ TrainResult run_pipelined(Run& run) {
                   extra, busy_json);
     if (!cfg.trace.empty() && run.result.epochs.size() == 1)  // the first epoch of this process
       write_trace(cfg.trace, st, K, epoch);
-    if (!cfg.checkpoint.empty()) {
-      last_saved = checkpoint_path(cfg.checkpoint, epoch + 1);
+    // Without --checkpoint, the state to go on from is no longer in any file.
+    last_saved = cfg.checkpoint.empty() ? "" : checkpoint_path(cfg.checkpoint, epoch + 1);
+    if (!last_saved.empty())
       save_checkpoint(last_saved, run.net, const_opts, run.metadata(step, "cuts", cuts_str(pc.cuts)), *run.stream);
-    }
     if (run.interrupted() && epoch + 1 < cfg.epochs) {
       run.stop_interrupted("after epoch " + std::to_string(epoch + 1) + " of " + std::to_string(cfg.epochs),
                            last_saved);

@@ -5,6 +5,8 @@ Writes a CIFAR-10 binary set of the official shape, then runs a file of two name
 runs on 64 images, two at once, and checks that:
   - the short run finishes and the long one (400 epochs) is stopped by the budget at an epoch
     boundary; the next call skips the first and resumes the second, every epoch recorded once;
+  - a plain-backprop run whose checkpoint lies inside an epoch (as a signal leaves it) is
+    unfinished, and the next call resumes it at that step, every epoch recorded once;
   - the summary has a line per run, saying how far the stopped one got, and `unfinished` names
     the stopped run's checkpoint alone;
   - the repository's runs files (bench/runs/) read, and a file with a run without --epochs, a
@@ -12,6 +14,8 @@ runs on 64 images, two at once, and checks that:
 """
 import json
 import os
+import shlex
+import subprocess
 import sys
 import tempfile
 
@@ -63,6 +67,32 @@ def main():
         again = epochs(os.path.join(out, "long.jsonl"))
         check(again == list(range(1, len(again) + 1)) and len(again) > len(first), "every epoch once, more of them",
               again)
+
+        # A run stopped inside an epoch (as a signal stops plain backprop) resumes at that step:
+        # here the same recipe run on by hand, with a checkpoint 2 steps into the next epoch.
+        bp_runs = os.path.join(tmp, "bp-runs.txt")
+        with open(bp_runs, "w") as f:
+            f.write("mid --model resnet20 --epochs 400 --batch-size 16\n")
+        mid_out = os.path.join(tmp, "mid")
+        mid_common = ["--runs", bp_runs, "--out", mid_out, "--staleprop", staleprop, "--budget", "3", "--", "--data",
+                      data, "--train-limit", "64", "--test-limit", "64", "--threads", "2"]
+        rc, log = run("run", *mid_common)
+        done = epochs(os.path.join(mid_out, "mid.jsonl"))
+        check(rc == 0 and done, "the budget stops the plain-backprop run after some epochs", log)
+        words = shlex.split(open(os.path.join(mid_out, "mid.cmd")).read())
+        ckpt = words[words.index("--checkpoint") + 1]
+        stop = 4 * done[-1] + 2  # 4 steps per epoch
+        p = subprocess.run(words + ["--resume", ckpt, "--stop-after", str(stop), "--checkpoint-every", str(stop)],
+                           capture_output=True, text=True)
+        check(p.returncode == 0, "the run goes on by hand, 2 steps into the next epoch", p.stdout + p.stderr)
+        rc, left = run("unfinished", "--out", mid_out)
+        check(rc == 0 and left.split() == ["mid.safetensors"], "a checkpoint inside an epoch is unfinished", left)
+        rc, log = run("run", *mid_common)
+        check(rc == 0 and f"mid: resumes at step 2 of 4 in epoch {done[-1] + 1} of 400" in log,
+              "the next call resumes at that step", log)
+        after = epochs(os.path.join(mid_out, "mid.jsonl"))
+        check(after == list(range(1, len(after) + 1)) and len(after) > len(done), "every epoch once, more of them",
+              after)
 
         for path in ("resnet20-recipes.txt", "long-runs.txt"):
             check(len(read_runs(os.path.join(ROOT, "bench", "runs", path))) >= 2, f"bench/runs/{path} reads")
