@@ -51,19 +51,21 @@ class ResNet(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
-        layers, cin = [], widths[0]
+        # Stages named layer1, layer2, ... as staleprop's checkpoints (and the common PyTorch CIFAR
+        # ResNets) name them, so `load_state_dict` takes a staleprop checkpoint as it is.
+        self.stages, cin = len(widths), widths[0]
         for i, (w, n) in enumerate(zip(widths, blocks)):
             stage = []
             for b in range(n):
                 stage.append(BasicBlock(cin, w, 2 if i > 0 and b == 0 else 1, option))
                 cin = w
-            layers.append(nn.Sequential(*stage))
-        self.layers = nn.Sequential(*layers)
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
         self.linear = nn.Linear(cin, classes)
 
     def forward(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layers(x)
+        for i in range(self.stages):
+            x = getattr(self, f"layer{i + 1}")(x)
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 

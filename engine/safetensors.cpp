@@ -444,9 +444,18 @@ void write_safetensors(const std::string& path, const std::vector<TensorRecord>&
     }
     header += "}";
   }
+  // The data in order of element size, largest first (stable otherwise): the buffer starts
+  // 8-byte aligned, so every tensor's data is aligned to its element size, whatever the sizes
+  // of those before it (PyTorch views the bytes as the dtype).
+  std::vector<const TensorRecord*> order;
+  for (const TensorRecord& t : tensors) order.push_back(&t);
+  std::stable_sort(order.begin(), order.end(), [](const TensorRecord* a, const TensorRecord* b) {
+    return dtype_size_or_zero(a->dtype) > dtype_size_or_zero(b->dtype);
+  });
   std::set<std::string> names;
   int64_t offset = 0;
-  for (const TensorRecord& t : tensors) {
+  for (const TensorRecord* tp : order) {
+    const TensorRecord& t = *tp;
     if (t.name.empty() || t.name == "__metadata__" || !valid_utf8(t.name)) bad("invalid tensor name '" + t.name + "'");
     if (!names.insert(t.name).second) bad("duplicate tensor name '" + t.name + "'");
     const size_t elem = dtype_size_or_zero(t.dtype);
@@ -474,7 +483,7 @@ void write_safetensors(const std::string& path, const std::vector<TensorRecord>&
   remover.path = tmp;
   write_all(out.fd, prefix, sizeof prefix, tmp);
   write_all(out.fd, header.data(), header.size(), tmp);
-  for (const TensorRecord& t : tensors) write_all(out.fd, t.data.data(), t.data.size(), tmp);
+  for (const TensorRecord* t : order) write_all(out.fd, t->data.data(), t->data.size(), tmp);
   // The data must be on disk before the rename makes it visible under the final name.
   if (::fsync(out.fd) != 0) throw Error("safetensors: fsync of '" + tmp + "' failed: " + std::strerror(errno));
   const int fd = out.fd;
@@ -490,7 +499,10 @@ void write_safetensors(const std::string& path, const std::vector<TensorRecord>&
   const int rc = ::fsync(dfd);
   const int err = errno;
   ::close(dfd);
-  if (rc != 0) throw Error("safetensors: fsync of directory '" + dir + "' failed: " + std::strerror(err));
+  // Some file systems (FUSE, network mounts) cannot sync a directory: the file is complete
+  // and renamed all the same, so only other failures are errors.
+  if (rc != 0 && err != EINVAL && err != ENOTSUP && err != EOPNOTSUPP)
+    throw Error("safetensors: fsync of directory '" + dir + "' failed: " + std::strerror(err));
 }
 
 SafetensorsFile read_safetensors(const std::string& path) {

@@ -99,7 +99,20 @@ TEST(Safetensors, RoundTripsDtypesShapesAndMetadata) {
   const SafetensorsFile f = read_safetensors(path);
   EXPECT_EQ(f.metadata, metadata);
   ASSERT_EQ(f.tensors.size(), tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) expect_same(f.tensors[i], tensors[i]);
+  for (const TensorRecord& t : tensors) {
+    ASSERT_NE(f.find(t.name), nullptr) << t.name;
+    expect_same(*f.find(t.name), t);
+  }
+  // The reader lists them in the order of their data (contiguous, it checks): largest element
+  // first, so that every tensor starts at a multiple of its element size.
+  size_t offset = 0;
+  for (size_t i = 0; i < f.tensors.size(); ++i) {
+    const size_t elem = safetensors_dtype_size(f.tensors[i].dtype);
+    if (i > 0) EXPECT_LE(elem, safetensors_dtype_size(f.tensors[i - 1].dtype)) << f.tensors[i].name;
+    EXPECT_EQ(offset % elem, 0u) << f.tensors[i].name << " at " << offset;
+    offset += f.tensors[i].data.size();
+  }
+  EXPECT_EQ(f.tensors[0].name, "steps") << "the first 8-byte tensor written";
   ASSERT_NE(f.find("scalar"), nullptr);
   EXPECT_EQ(f.find("scalar")->shape, std::vector<int64_t>{});
   EXPECT_EQ(f.find("scalar")->data.size(), 4u);

@@ -117,6 +117,20 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   wrong.resume = first.checkpoint;
   wrong.model = "resnet32";
   EXPECT_THROW(train::run_training(wrong, train, test), Error);
+  // So are other batches with as many steps per epoch: another batch size, other images, other
+  // augmentation.
+  wrong = small_config();
+  wrong.resume = first.checkpoint;
+  wrong.batch_size = 33;  // 4 steps per epoch, as 32 gives
+  test::expect_error([&] { train::run_training(wrong, train, test); }, {"--batch-size 32, not 33", "same data"});
+  wrong = small_config();
+  wrong.resume = first.checkpoint;
+  test::expect_error([&] { train::run_training(wrong, synthetic_set(120, 1), test); },
+                     {"training images (--train-limit) 128, not 120"});
+  wrong = small_config();
+  wrong.resume = first.checkpoint;
+  wrong.cutout = 8;
+  test::expect_error([&] { train::run_training(wrong, train, test); }, {"augmentation crop,flip, not crop,flip,cutout8"});
   // So is another schedule: the learning rate of every step would change under the run.
   wrong = small_config();
   wrong.resume = first.checkpoint;

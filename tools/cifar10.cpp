@@ -89,7 +89,9 @@ Dataset read_cifar10_batch_file(const std::string& path) {
                                " bytes); the file is truncated or not a CIFAR-10 binary batch"));
   std::vector<uint8_t> raw(static_cast<size_t>(kFileBytes));
   if (std::fread(raw.data(), 1, raw.size(), f.get()) != raw.size())
-    throw Error("CIFAR-10 file '" + path + "': read error: " + std::strerror(errno));
+    throw Error("CIFAR-10 file '" + path + "': " +
+                (std::ferror(f.get()) ? std::string("read error: ") + std::strerror(errno)
+                                      : std::string("shorter than its size said (changed while being read?)")));
 
   Dataset d;
   d.labels.resize(size_t(kCifarRecordsPerFile));

@@ -12,7 +12,8 @@
 #      tile's tests, memcheck on the persistent batch norm's (SAN_CAP seconds each, default 55);
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
 #      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
-#      the measurements;
+#      the measurements; evaluate its checkpoint with staleprop and, loaded into PyTorch, with
+#      bench/pytorch_load_checkpoint.py;
 #   5. the TMA convolutions against the cp.async ones: ResNet-18's bf16 convolutions at batch 512
 #      against cuDNN with --conv-tma=0 and =1; the bf16 GEMM with the 128 x 256 TMA tile against
 #      the 128 x 128 one (--tma-wide), against cuBLASLt; then bf16 training throughput of
@@ -149,6 +150,15 @@ if [ -n "$TRAIN_PID" ]; then
   log "waiting for the accuracy run"
   wait "$TRAIN_PID"
   log "$(tail -1 "$OUT/train.log")"
+  # Its checkpoint in PyTorch (strict load into bench/pytorch_baseline.py's model) beside
+  # staleprop's own evaluation of it: the two test accuracies should agree.
+  if [ -f "$OUT/train.safetensors" ] && [ -d data/cifar-10-batches-bin ]; then
+    timeout 60 build-gpu/tools/staleprop eval --device cuda --checkpoint "$OUT/train.safetensors" \
+      > "$OUT/checkpoint-eval.txt" 2>&1
+    timeout 60 python3 bench/pytorch_load_checkpoint.py --checkpoint "$OUT/train.safetensors" \
+      >> "$OUT/checkpoint-eval.txt" 2>&1
+    log "checkpoint in staleprop and in PyTorch: $(tr '\n' ' ' < "$OUT/checkpoint-eval.txt" | cut -c1-400)"
+  fi
 fi
 
 # A switch of bench_gpu_kernels off and on, the benchmarks matching a filter, each run against

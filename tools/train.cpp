@@ -182,12 +182,14 @@ std::string milestones_str(const std::vector<double>& milestones) {
   return s;
 }
 
-std::map<std::string, std::string> run_metadata(const TrainConfig& cfg, int64_t step, int64_t steps_per_epoch) {
+std::map<std::string, std::string> run_metadata(const TrainConfig& cfg, int64_t step, int64_t steps_per_epoch,
+                                                int64_t train_size) {
   return {{"format", "staleprop-checkpoint-1"},
           {"model", cfg.model},
           {"step", std::to_string(step)},
           {"steps_per_epoch", std::to_string(steps_per_epoch)},
           {"batch_size", std::to_string(cfg.batch_size)},
+          {"train_size", std::to_string(train_size)},
           {"seed", std::to_string(cfg.seed)},
           {"epochs", std::to_string(cfg.epochs)},
           {"schedule", cfg.schedule},
@@ -300,27 +302,31 @@ struct Run {
     SP_CHECK(meta["steps_per_epoch"] == std::to_string(spe) && meta["seed"] == std::to_string(cfg.seed), "--resume: ",
              cfg.resume, " was written with other data, batch size or seed (steps/epoch ", meta["steps_per_epoch"],
              ", seed ", meta["seed"], "); resume with the same settings");
-    // The learning rate at every step follows from these: another value would silently train on
-    // another schedule than the one the run began. (Checkpoints from before a key was recorded
-    // are not checked on it.)
-    const auto same = [&](const char* key, const std::string& now, const char* flag) {
+    // The batches follow from these, and the learning rate at every step from the schedule's:
+    // another value would silently train on other batches or another schedule than the run
+    // began with. (Checkpoints from before a key was recorded are not checked on it.)
+    const auto same = [&](const char* key, const std::string& now, const char* flag, const char* what) {
       SP_CHECK(!meta.count(key) || meta[key] == now, "--resume: ", cfg.resume, " was written by a run with ", flag, " ",
-               meta[key], ", not ", now, "; resume with the same schedule");
+               meta[key], ", not ", now, "; resume with the same ", what);
     };
-    same("epochs", std::to_string(cfg.epochs), "--epochs");
-    same("schedule", cfg.schedule, "--schedule");
-    same("lr", json_number(cfg.lr), "--lr");
+    same("batch_size", std::to_string(cfg.batch_size), "--batch-size", "data settings");
+    same("train_size", std::to_string(train_set.size()), "training images (--train-limit)", "data settings");
+    same("augment", run_metadata(cfg, 0, spe, train_set.size())["augment"], "augmentation", "data settings");
+    same("epochs", std::to_string(cfg.epochs), "--epochs", "schedule");
+    same("schedule", cfg.schedule, "--schedule", "schedule");
+    same("lr", json_number(cfg.lr), "--lr", "schedule");
     if (cfg.schedule == "multistep") {  // the only schedule they shape
-      same("milestones", milestones_str(cfg.milestones), "--milestones");
-      same("gamma", json_number(cfg.gamma), "--gamma");
+      same("milestones", milestones_str(cfg.milestones), "--milestones", "schedule");
+      same("gamma", json_number(cfg.gamma), "--gamma", "schedule");
     }
-    same("warmup_epochs", json_number(cfg.warmup_epochs), "--warmup-epochs");
+    same("warmup_epochs", json_number(cfg.warmup_epochs), "--warmup-epochs", "schedule");
+    SP_CHECK(meta.count("step"), "--resume: ", cfg.resume, " records no training step: not a staleprop checkpoint");
     return std::stoll(meta["step"]);
   }
 
   std::map<std::string, std::string> metadata(int64_t step, const std::string& extra_key = "",
                                               const std::string& extra_value = "") const {
-    auto m = run_metadata(cfg, step, spe);
+    auto m = run_metadata(cfg, step, spe, train_set.size());
     if (!extra_key.empty()) m[extra_key] = extra_value;
     return m;
   }
