@@ -45,8 +45,14 @@ struct PipelineTrainer::Slot {
 
 struct PipelineTrainer::Queue {
   Slot slots[2];
-  explicit Queue(Device producer) {
-    for (Slot& s : slots) s.ready = make_event(producer), s.freed = make_event(producer);
+  // `ready` is recorded by the producer's stream, `freed` by the consumer's: each on its
+  // recorder's device (a stream records only its own device's events, and waits on any).
+  Queue(Device producer, Device consumer) {
+    for (Slot& s : slots) s.ready = make_event(producer), s.freed = make_event(consumer);
+  }
+  // A new epoch's ticks start again at 0: no message of the last epoch may pass for one of its.
+  void forget_messages() {
+    for (Slot& s : slots) s.tick = -1, s.batch = -1;
   }
 };
 
@@ -220,8 +226,8 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
       ops::fill(*st->stream, st->lr, 0.f);
     }
   for (int k = 0; k + 1 < k_modules; ++k) {
-    act_.push_back(std::make_unique<Queue>(stages_[size_t(k)]->device));
-    grad_.push_back(std::make_unique<Queue>(stages_[size_t(k) + 1]->device));
+    act_.push_back(std::make_unique<Queue>(stages_[size_t(k)]->device, stages_[size_t(k) + 1]->device));
+    grad_.push_back(std::make_unique<Queue>(stages_[size_t(k) + 1]->device, stages_[size_t(k)]->device));
   }
   // The optimizers' zeroed momentum must be in place before anyone (e.g. a checkpoint being
   // restored from the host) touches it.
@@ -613,10 +619,16 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   stats.busy_ms.assign(size_t(K), 0.0);
   net_.set_training(true);
   for (auto& st : stages_) {
+    SP_CHECK(st->inflight.empty() && st->gradients.empty(), "run_epoch: module ", st->index + 1, " still holds ",
+             st->inflight.size(), " batches and ", st->gradients.size(),
+             " gradients of an earlier epoch (did that epoch fail?)");
     st->stream->record(*st->epoch_start);
     st->timed.clear();
     st->pending.clear();
   }
+  for (auto* queues : {&act_, &grad_})
+    for (auto& q : *queues) q->forget_messages();
+  ledger_.clear();
   next_batch_ = 0;
   const auto wall_start = std::chrono::steady_clock::now();
   // Activation memory held for batches in flight, measured when it peaks within a tick: after
@@ -695,6 +707,8 @@ StepStats PipelineTrainer::evaluate(const BatchSource& source) {
         Tensor moved_labels = new_activation(*s, labels.shape(), DType::I32);
         ops::copy(*s, h, moved);
         ops::copy(*s, labels, moved_labels);
+        // The copies have read h and labels before these go back to the previous stream's pool.
+        s->synchronize();
         h = moved, labels = moved_labels;
       }
       for (size_t b = st->first; b < st->last; ++b) h = net_.block(b).forward(*s, h, scratch[b]);

@@ -49,8 +49,12 @@ struct PipelineConfig {
   float label_smoothing = 0.f;
   SgdConfig sgd;
   StreamOptions stream_options;  // CPU emulation: injected jitter
-  // Stochastic staleness: each gradient a module k < K receives waits a further 0..J ticks
-  // (uniform, seeded) before its backward; gradients stay in order, one backward per tick.
+  // Stochastic staleness: each gradient a module k < K receives becomes due a further 0..J
+  // ticks (uniform, seeded) after it arrives. Gradients stay in order, one backward per tick
+  // (a module sends at most one gradient down per tick), so a gradient also waits for the one
+  // before it: in a steady stream a module's extra delay settles at the largest drawn so far
+  // (J, soon) until the epoch drains, and each module adds its own to what reaches the ones
+  // below: module k's backward comes at most (K-1-k)*J ticks (0-based k) after its delay d_k.
   int staleness_jitter = 0;
   uint64_t jitter_seed = 0;
   // Keep only each in-flight batch's module input and rebuild the saved activations by a
@@ -168,6 +172,8 @@ class PipelineTrainer {
   int graph_period(int module) const;
   PipelineGraphStats graph_stats() const;
 
+  // Every forward and backward of the last run_epoch (each run_epoch starts it afresh, so a
+  // long run does not grow it).
   const std::vector<PipelineEvent>& ledger() const { return ledger_; }
   void clear_ledger() { ledger_.clear(); }
   // Optimizer state of every module (for checkpoints).

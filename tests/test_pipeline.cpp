@@ -347,6 +347,39 @@ TEST(Pipeline, EveryBatchIsForwardedAndBackpropagatedOncePerModulePerEpoch) {
   }
 }
 
+// Epochs of different lengths, shorter than the pipeline is deep, and empty: each epoch fills
+// and drains on its own. A message of an earlier epoch never passes for one of the next, whose
+// ticks start again at 0 (a 1-batch epoch after a 4-batch one could see the old epoch's tick-3
+// activation in the slot it reads at tick 4... had the slots kept it).
+TEST(Pipeline, EpochsOfAnyLengthEachRunEveryBatchOnce) {
+  const Batches data = make_batches(4, 4, 0, 25);
+  const int lengths[] = {4, 1, 0, 3, 1, 4};
+  for (PipelineMethod m : kMethods) {
+    Network net = mini_resnet(1);
+    PipelineTrainer p(net, config(m, {1, 2, 4}));
+    const int K = p.num_modules();
+    int64_t total = 0;
+    for (const int n : lengths) {
+      p.clear_ledger();
+      Batches part;
+      part.images.assign(data.images.begin(), data.images.begin() + n);
+      part.labels.assign(data.labels.begin(), data.labels.begin() + n);
+      const PipelineEpochStats st = p.run_epoch(source_of(part), lr_at);
+      total += n;
+      EXPECT_EQ(st.train.samples, 4 * n) << pipeline_method_name(m) << ", epoch of " << n;
+      std::map<std::tuple<int, int64_t, bool>, int> seen;
+      for (const PipelineEvent& e : p.ledger()) ++seen[{e.module, e.batch, e.backward}];
+      for (int k = 0; k < K; ++k)
+        for (int64_t b = 0; b < n; ++b)
+          for (const bool bwd : {false, true})
+            EXPECT_EQ((seen[{k, b, bwd}]), 1) << pipeline_method_name(m) << ", epoch of " << n << ", module " << k
+                                              << ", batch " << b << (bwd ? " backward" : " forward");
+      EXPECT_EQ(p.ledger().size(), size_t(2 * K * n)) << pipeline_method_name(m) << ", epoch of " << n;
+    }
+    for (int k = 0; k < K; ++k) EXPECT_EQ(p.steps(k), total) << pipeline_method_name(m);
+  }
+}
+
 TEST(Pipeline, DelaysFollowTheMethod) {
   Network net = mini_resnet(1);
   PipelineTrainer fdg(net, config(PipelineMethod::FDG, {1, 2, 4}));
@@ -415,6 +448,8 @@ TEST(Pipeline, StalenessJitterDelaysGradientsWithinBoundsAndInOrder) {
     for (int64_t b = 0; b < 8; ++b) {
       const int64_t late = tick_of.at({k, b, true}) - tick_of.at({k, b, false});
       EXPECT_GE(late, p.delay(k));
+      // Each module above adds at most J (PipelineConfig::staleness_jitter).
+      EXPECT_LE(late, p.delay(k) + (p.num_modules() - 1 - k) * c.staleness_jitter) << "module " << k << " batch " << b;
       extra += late - p.delay(k);
       EXPECT_GT(tick_of.at({k, b, true}), previous) << "backwards out of order";
       previous = tick_of.at({k, b, true});

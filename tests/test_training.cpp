@@ -566,6 +566,9 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
   c.schedule = "multistep";
   sp::test::expect_error<Error>(run, {"--milestones are fractions of the run in (0, 1), got 1.5"});
   c = small_config();
+  c.shrink = 0.5f;  // bp (the default method)
+  sp::test::expect_error<Error>(run, {"--shrink applies to --method ddg and fdg"});
+  c = small_config();
   c.cutout = 33;
   sp::test::expect_error<Error>([&] { train::run_training(c, train, {}); }, {"--cutout must be in 0..32"});
   c.cutout = 8;

@@ -765,6 +765,8 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
            cfg.graph_memory, "'");
   Run run(cfg, train_set, test_set);
   SP_CHECK(cfg.staleness_jitter >= 0, "--staleness-jitter must not be negative");
+  SP_CHECK(cfg.method != "bp" || cfg.shrink == 1.f, "--shrink applies to --method ddg and fdg: with bp, whose ",
+           "gradients are not stale, it would only scale the lower modules' gradients");
   const bool pipelined = cfg.method != "bp" || cfg.split > 1 || !cfg.split_at.empty() || cfg.devices.size() > 1 ||
                          cfg.staleness_jitter > 0 || cfg.recompute || cfg.weight_stash || cfg.graphs;
   return pipelined ? run_pipelined(run) : run_backprop(run);
