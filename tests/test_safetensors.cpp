@@ -108,7 +108,9 @@ TEST(Safetensors, RoundTripsDtypesShapesAndMetadata) {
   size_t offset = 0;
   for (size_t i = 0; i < f.tensors.size(); ++i) {
     const size_t elem = safetensors_dtype_size(f.tensors[i].dtype);
-    if (i > 0) EXPECT_LE(elem, safetensors_dtype_size(f.tensors[i - 1].dtype)) << f.tensors[i].name;
+    if (i > 0) {
+      EXPECT_LE(elem, safetensors_dtype_size(f.tensors[i - 1].dtype)) << f.tensors[i].name;
+    }
     EXPECT_EQ(offset % elem, 0u) << f.tensors[i].name << " at " << offset;
     offset += f.tensors[i].data.size();
   }
