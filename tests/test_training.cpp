@@ -273,6 +273,27 @@ TEST(Training, AnInterruptedPipelineDropsTheEpochItWasIn) {
   expect_same_tensors(dir.file("full-2.safetensors"), dir.file("again-2.safetensors"));
 }
 
+// A run whose loss stops being finite ends with an error before it checkpoints the weights
+// that produced it: the last checkpoint written stays a good one.
+TEST(Training, ADivergedRunStopsBeforeCheckpointingItsWeights) {
+  const data::Dataset train = synthetic_set(128, 1), test = synthetic_set(40, 2);
+  TempDir dir;
+  for (const char* method : {"bp", "fdg"}) {
+    train::TrainConfig c = small_config();  // 2 epochs of 4 steps
+    c.method = method;
+    if (c.method == "fdg") c.split_at = "4";
+    // A learning rate 1e9 times larger from epoch 2 on.
+    c.schedule = "multistep";
+    c.milestones = {0.5};
+    c.gamma = 1e9f;
+    c.checkpoint = dir.file(std::string(method) + "-{epoch}.safetensors");
+    test::expect_error<Error>([&] { train::run_training(c, train, test); },
+                              {"the training loss is ", "(epoch 2): the run diverged"});
+    EXPECT_TRUE(fs::exists(dir.file(std::string(method) + "-1.safetensors"))) << method;
+    EXPECT_FALSE(fs::exists(dir.file(std::string(method) + "-2.safetensors"))) << method;
+  }
+}
+
 TEST(Training, CheckpointHoldsPyTorchNamesAndLayouts) {
   const data::Dataset train = synthetic_set(64, 4);
   TempDir dir;

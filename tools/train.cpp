@@ -385,6 +385,16 @@ struct Run {
 
   bool interrupted() const { return cfg.interrupt && cfg.interrupt(); }
 
+  // A loss that is no longer finite means the run diverged: it ends with an error before its
+  // weights are checkpointed, so the last checkpoint written stays a good one.
+  void check_finite(const StepStats& stats, int epoch, int64_t step) const {
+    const double loss = stats.mean_loss();
+    SP_CHECK(std::isfinite(loss), "the training loss is ", std::isnan(loss) ? "NaN" : loss > 0 ? "+inf" : "-inf",
+             " by step ", step, " (epoch ", epoch + 1,
+             "): the run diverged. Nothing from this epoch on is checkpointed; try a lower --lr, or a warm-up "
+             "(--warmup-epochs)");
+  }
+
   // Ends the run on TrainConfig::interrupt: records it and says what is kept. `resume_from` is
   // the checkpoint to go on from (empty: none was written).
   void stop_interrupted(const std::string& what, const std::string& resume_from) {
@@ -449,6 +459,7 @@ TrainResult run_backprop(Run& run) {
       epoch_images += b.images.size(0);
       if (run.progress.wants_update(i) || i + 1 == spe) {
         const StepStats window = trainer.drain_stats();
+        run.check_finite(window, epoch, step);
         epoch_stats += window;
         const double el = seconds_since(epoch_start), ips = double(epoch_images) / el;
         const double per_step = el / double(i + 1 - first_index);
@@ -463,11 +474,17 @@ TrainResult run_backprop(Run& run) {
       // Interrupted inside an epoch: a checkpoint here (at its end, the epoch's own follows).
       interrupted = run.interrupted();
       if (!cfg.checkpoint.empty() && ((cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) ||
-                                      (interrupted && step % spe != 0)))
+                                      (interrupted && step % spe != 0))) {
+        const StepStats window = trainer.drain_stats();
+        run.check_finite(window, epoch, step);
+        epoch_stats += window;
         save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
+      }
       stopped = (cfg.stop_after_steps >= 0 && step >= cfg.stop_after_steps) || interrupted;
     }
-    epoch_stats += trainer.drain_stats();
+    const StepStats rest = trainer.drain_stats();
+    run.check_finite(rest, epoch, step);
+    epoch_stats += rest;
     run.progress.end_epoch();
     if (stopped && step % spe != 0) {  // stopped inside an epoch: no epoch report
       if (interrupted)
@@ -608,6 +625,7 @@ TrainResult run_pipelined(Run& run) {
     const PipelineEpochStats st = pipe.run_epoch(source, [&](int64_t s) { return run.sched.at(s); });
     const PipelineGraphStats graphs_after = pipe.graph_stats();
     run.progress.end_epoch();
+    run.check_finite(st.train, epoch, step + fed);
     if (fed < spe) {  // interrupted: the batches fed have drained; the epoch is dropped
       run.stop_interrupted("in epoch " + std::to_string(epoch + 1) + " after " + std::to_string(fed) + " of " +
                                std::to_string(spe) + " batches, which are dropped (a pipelined run is checkpointed "
