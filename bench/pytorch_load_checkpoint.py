@@ -28,7 +28,8 @@ from pytorch_baseline import build  # noqa: E402
 
 MEAN = (0.4914, 0.4822, 0.4465)  # tools/cifar10.h: kCifar10Normalization
 STD = (0.2470, 0.2435, 0.2616)
-DTYPES = {"F32": torch.float32, "I64": torch.int64, "BF16": torch.bfloat16}
+DTYPES = {"F32": torch.float32, "F64": torch.float64, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8}
 
 
 def read_safetensors(path):
@@ -61,10 +62,14 @@ def main():
     state = {k: v for k, v in tensors.items() if not k.startswith("_optim.")}
     model = build(model_name)
     model.load_state_dict(state, strict=True)  # every name and shape must match
+    # fp32 as staleprop evaluates: no TF32 in cuDNN's convolutions or cuBLAS's GEMMs.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(dev).eval()
 
-    rec = np.frombuffer(open(os.path.join(a.data, "test_batch.bin"), "rb").read(), dtype=np.uint8).reshape(-1, 3073)
+    with open(os.path.join(a.data, "test_batch.bin"), "rb") as f:
+        rec = np.frombuffer(f.read(), dtype=np.uint8).reshape(-1, 3073)
     labels = torch.tensor(rec[:, 0].astype(np.int64), device=dev)
     images = torch.tensor(rec[:, 1:].reshape(-1, 3, 32, 32), device=dev)
     mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)

@@ -133,6 +133,17 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
                                         ckpt]
         cmd_file = os.path.join(out, name + ".cmd")
         before = shlex.split(open(cmd_file).read()) if os.path.exists(cmd_file) else None
+        # A run that diverged would diverge again from its last checkpoint: it waits for a new
+        # recipe (or the marker's removal) instead of spending every call's budget on it.
+        diverged = os.path.join(out, name + ".diverged")
+        if os.path.exists(diverged):
+            if before is not None and recipe(before) == recipe([staleprop] + cmd):
+                with open(diverged) as f:
+                    why = f.readline().strip()
+                print(f"{name}: not resumed: it diverged on an earlier call ({why}); change its recipe, or delete "
+                      f"{diverged}, to train it again", flush=True)
+                continue
+            os.remove(diverged)
         with open(cmd_file, "w") as f:
             f.write(shlex.join([staleprop] + cmd) + "\n")
         # Resume from the last finished epoch when its metrics are all there and the recipe is the
@@ -202,6 +213,9 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
         error = last_error(logs[name], log_start[name])
         if error:
             print(f"{name}: failed: {error[len('error: '):]}", flush=True)
+            if "the run diverged" in error:
+                with open(os.path.join(out, name + ".diverged"), "w") as f:
+                    f.write(error[len("error: "):] + "\n")
     if interrupted:
         raise KeyboardInterrupt
     return 0

@@ -347,6 +347,11 @@ struct Run {
       const StepStats t = eval();
       er.test_loss = t.mean_loss();
       er.test_acc = t.accuracy();
+      // The weights after the epoch's last updates (which no training loss has seen yet), before
+      // they are checkpointed.
+      SP_CHECK(std::isfinite(er.test_loss), "the test loss after epoch ", epoch + 1, " is ",
+               std::isnan(er.test_loss) ? "NaN" : "infinite", ": the run diverged. This epoch is not checkpointed; "
+               "try a lower --lr, or a warm-up (--warmup-epochs)");
     }
     er.elapsed_s = seconds_since(start);
     result.epochs.push_back(er);
@@ -781,10 +786,10 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   parse_pipeline_method(cfg.method);  // reject unknown methods before any work
   SP_CHECK(cfg.graph_memory == "planned" || cfg.graph_memory == "bump", "--graph-memory must be planned or bump, got '",
            cfg.graph_memory, "'");
-  Run run(cfg, train_set, test_set);
   SP_CHECK(cfg.staleness_jitter >= 0, "--staleness-jitter must not be negative");
   SP_CHECK(cfg.method != "bp" || cfg.shrink == 1.f, "--shrink applies to --method ddg and fdg: with bp, whose ",
            "gradients are not stale, it would only scale the lower modules' gradients");
+  Run run(cfg, train_set, test_set);
   const bool pipelined = cfg.method != "bp" || cfg.split > 1 || !cfg.split_at.empty() || cfg.devices.size() > 1 ||
                          cfg.staleness_jitter > 0 || cfg.recompute || cfg.weight_stash || cfg.graphs;
   return pipelined ? run_pipelined(run) : run_backprop(run);

@@ -7,6 +7,7 @@ runs on 64 images, two at once, and checks that:
     boundary; the next call skips the first and resumes the second, every epoch recorded once;
   - a plain-backprop run whose checkpoint lies inside an epoch (as a signal leaves it) is
     unfinished, and the next call resumes it at that step, every epoch recorded once;
+  - a run that diverged is not trained again until its recipe changes;
   - the summary has a line per run, saying how far the stopped one got, and `unfinished` names
     the stopped run's checkpoint alone;
   - the repository's runs files (bench/runs/) read, and a file with a run without --epochs, a
@@ -93,6 +94,25 @@ def main():
         after = epochs(os.path.join(mid_out, "mid.jsonl"))
         check(after == list(range(1, len(after) + 1)) and len(after) > len(done), "every epoch once, more of them",
               after)
+
+        # A run that diverges is not resumed on later calls, until its recipe changes.
+        div_runs = os.path.join(tmp, "div-runs.txt")
+        div_out = os.path.join(tmp, "div")
+        recipe_line = "boom --model resnet20 --epochs 3 --batch-size 16 --schedule multistep --milestones 0.5 --gamma {}\n"
+        with open(div_runs, "w") as f:
+            f.write(recipe_line.format("1e9"))  # the learning rate explodes in epoch 2
+        div_common = ["--runs", div_runs, "--out", div_out, "--staleprop", staleprop, "--budget", "60", "--", "--data",
+                      data, "--train-limit", "64", "--test-limit", "64", "--threads", "2"]
+        rc, log = run("run", *div_common)
+        check(rc == 0 and "boom: failed: " in log and "the run diverged" in log, "the diverging run fails", log)
+        rc, log = run("run", *div_common)
+        check(rc == 0 and "boom: not resumed: it diverged on an earlier call" in log and "1 runs:" not in log,
+              "the next call does not train it again", log)
+        with open(div_runs, "w") as f:
+            f.write(recipe_line.format("0.1"))
+        rc, log = run("run", *div_common)
+        check(rc == 0 and "boom: the recipe differs" in log and "boom: test accuracy" in log,
+              "with another recipe it trains again, from the start", log)
 
         for path in ("resnet20-recipes.txt", "long-runs.txt"):
             check(len(read_runs(os.path.join(ROOT, "bench", "runs", path))) >= 2, f"bench/runs/{path} reads")
