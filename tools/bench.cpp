@@ -121,6 +121,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
   const bool backprop = cfg.method == "backprop" && !cfg.graphs;
   const std::string method = cfg.method == "backprop" ? "bp" : cfg.method;
   parse_pipeline_method(method);  // rejects unknown methods
+  SP_CHECK(method != "bp" || cfg.shrink == 1.f, "--shrink applies to --method ddg and fdg (as in train)");
   ops::set_kernel_backend(cfg.kernels == "vendor" ? ops::KernelBackend::Vendor : ops::KernelBackend::Custom);
   if (!cfg.mainloop.empty()) {
     SP_CHECK(dev.is_cuda(), "--mainloop selects the main loop of the bf16 tensor-core kernels and needs --device cuda");

@@ -552,7 +552,7 @@ int bench_main(int argc, char** argv) {
       {"method", "M", "backprop (one stream, BackpropTrainer) or bp|ddg|fdg over --split modules (default backprop)", [&](const std::string& v) { c.method = v; }},
       {"split", "K", "modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
       {"split-at", "CUTS", "explicit cuts \"i,j,..\", or fdg for FDG's published splits", [&](const std::string& v) { c.split_at = v; }},
-      {"shrink", "BETA", "gradient shrink factor (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
+      {"shrink", "BETA", "gradient shrink factor, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used", [&](const std::string&) { c.weight_stash = true; }},
       {"profile-ops", "N", "after the timed steps, run N more with each op timed by device events and print the time per op and per shape (slower: two event records per op; not with --graphs; default 0)", [&](const std::string& v) { c.profile_ops = std::stoll(v); }},
@@ -589,7 +589,7 @@ int study_main(int argc, char** argv) {
       {"methods", "M,M", "decoupled methods to run for every K > 1 (default bp,ddg,fdg)", [&](const std::string& v) { methods = v; }},
       {"splits", "K,K", "module counts (default 1,2,3,4; K = 1 is plain backprop, run once)", [&](const std::string& v) { splits = v; }},
       {"split-at-fdg", "", "use FDG's published cuts where it has them (else balanced by measured block time)", [&](const std::string&) { fdg_cuts = true; }},
-      {"shrink", "BETA", "gradient shrink factor (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
+      {"shrink", "BETA", "gradient shrink factor of the ddg and fdg runs (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
       {"recompute", "", "recompute activations before the backward (memory for time)", [&](const std::string&) { c.recompute = true; }},
   };
   flags.insert(flags.end(), more.begin(), more.end());
@@ -622,6 +622,7 @@ int study_main(int argc, char** argv) {
         }
       }
       if (run.method == "backprop") run.recompute = false;
+      if (run.method == "backprop" || run.method == "bp") run.shrink = 1.f;  // no stale gradients to shrink
       results.push_back(sp::train::run_bench(run));
       const auto& r = results.back();
       if (m == "backprop") base = r.images_per_s;
