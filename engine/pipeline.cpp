@@ -187,6 +187,10 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
   SP_CHECK(cfg_.devices.empty() || cfg_.devices.size() == 1 || int(cfg_.devices.size()) == k_modules,
            "pipeline: give one device for all modules or one per module (", k_modules, " modules, ",
            cfg_.devices.size(), " devices)");
+  for (const Device& d : cfg_.devices)
+    SP_CHECK(d.is_cpu() == (cfg_.devices.empty() ? home : cfg_.devices[0]).is_cpu(),
+             "pipeline: the modules' devices must all be the CPU or all GPUs (their streams exchange events), got ",
+             cfg_.devices[0].str(), " and ", d.str());
   SP_CHECK(!cfg_.graphs || (cfg_.staleness_jitter == 0 && !cfg_.recompute && !cfg_.weight_stash),
            "pipeline: graphs cannot be combined with staleness jitter, recompute or weight stashing, whose work "
            "changes from tick to tick");

@@ -24,6 +24,7 @@
 #include "engine/trainer.h"
 #include "kernels/common/error.h"
 #include "layers/layers.h"
+#include "tests/error_testing.h"
 
 using namespace sp;
 using namespace sp::layers;
@@ -395,6 +396,10 @@ TEST(Pipeline, DelaysFollowTheMethod) {
   Network net3 = mini_resnet(1);
   EXPECT_THROW(PipelineTrainer(net3, config(PipelineMethod::FDG, {2, 2})), Error);
   EXPECT_THROW(PipelineTrainer(net3, config(PipelineMethod::FDG, {5})), Error);
+  // Modules on the CPU and on a GPU cannot exchange events: refused before any is made.
+  PipelineConfig mixed = config(PipelineMethod::FDG, {2});
+  mixed.devices = {Device::cpu(), Device::cuda(0)};
+  test::expect_error<Error>([&] { PipelineTrainer(net3, mixed); }, {"all be the CPU or all GPUs", "cpu and cuda:0"});
 }
 
 TEST(Pipeline, WeightStashingMatchesTheSequentialRecurrence) {
