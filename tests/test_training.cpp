@@ -108,46 +108,29 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   EXPECT_EQ(resumed.epochs[0].test_acc, whole.epochs[1].test_acc);
   EXPECT_EQ(resumed.epochs[0].test_loss, whole.epochs[1].test_loss);
 
-  // Resuming with other settings is refused with a reason.
-  train::TrainConfig wrong = small_config();
-  wrong.resume = first.checkpoint;
-  wrong.batch_size = 16;
-  EXPECT_THROW(train::run_training(wrong, train, test), Error);
-  wrong = small_config();
-  wrong.resume = first.checkpoint;
-  wrong.model = "resnet32";
-  EXPECT_THROW(train::run_training(wrong, train, test), Error);
+  // Resuming with other settings is refused with a reason: `change` applied to the run's own
+  // settings, on `set` (the run's training set unless given).
+  const auto refused = [&](const std::function<void(train::TrainConfig&)>& change,
+                           const std::vector<std::string>& reason, const data::Dataset* set = nullptr) {
+    train::TrainConfig wrong = small_config();
+    wrong.resume = first.checkpoint;
+    change(wrong);
+    test::expect_error([&] { train::run_training(wrong, set ? *set : train, test); }, reason);
+  };
+  refused([](train::TrainConfig& c) { c.batch_size = 16; }, {"was written with other data, batch size or seed"});
+  refused([](train::TrainConfig& c) { c.model = "resnet32"; }, {"was it saved from another model?"});
   // So are other batches with as many steps per epoch: another batch size, other images, other
   // augmentation.
-  wrong = small_config();
-  wrong.resume = first.checkpoint;
-  wrong.batch_size = 33;  // 4 steps per epoch, as 32 gives
-  test::expect_error([&] { train::run_training(wrong, train, test); }, {"--batch-size 32, not 33", "same data"});
-  wrong = small_config();
-  wrong.resume = first.checkpoint;
-  test::expect_error([&] { train::run_training(wrong, synthetic_set(120, 1), test); },
-                     {"training images (--train-limit) 128, not 120"});
-  wrong = small_config();
-  wrong.resume = first.checkpoint;
-  wrong.cutout = 8;
-  test::expect_error([&] { train::run_training(wrong, train, test); }, {"augmentation crop,flip, not crop,flip,cutout8"});
+  refused([](train::TrainConfig& c) { c.batch_size = 33; },  // 4 steps per epoch, as 32 gives
+          {"--batch-size 32, not 33", "same data"});
+  const data::Dataset fewer = synthetic_set(120, 1);
+  refused([](train::TrainConfig&) {}, {"training images (--train-limit) 128, not 120"}, &fewer);
+  refused([](train::TrainConfig& c) { c.cutout = 8; }, {"augmentation crop,flip, not crop,flip,cutout8"});
   // So is another schedule: the learning rate of every step would change under the run.
-  wrong = small_config();
-  wrong.resume = first.checkpoint;
-  wrong.epochs = 3;
-  test::expect_error([&] { train::run_training(wrong, train, test); }, {"--epochs 2, not 3", "same schedule"});
-  wrong = small_config();
-  wrong.resume = first.checkpoint;
-  wrong.schedule = "onecycle";
-  test::expect_error([&] { train::run_training(wrong, train, test); }, {"--schedule cosine, not onecycle"});
-  wrong = small_config();
-  wrong.resume = first.checkpoint;
-  wrong.lr = 0.1f;
-  test::expect_error([&] { train::run_training(wrong, train, test); }, {"--lr 0.050000001, not 0.1"});
-  wrong = small_config();
-  wrong.resume = first.checkpoint;
-  wrong.warmup_epochs = 1;
-  test::expect_error([&] { train::run_training(wrong, train, test); }, {"--warmup-epochs 0.5, not 1"});
+  refused([](train::TrainConfig& c) { c.epochs = 3; }, {"--epochs 2, not 3", "same schedule"});
+  refused([](train::TrainConfig& c) { c.schedule = "onecycle"; }, {"--schedule cosine, not onecycle"});
+  refused([](train::TrainConfig& c) { c.lr = 0.1f; }, {"--lr 0.050000001, not 0.1"});
+  refused([](train::TrainConfig& c) { c.warmup_epochs = 1; }, {"--warmup-epochs 0.5, not 1"});
   // Milestones shape only a multistep schedule (small_config's is cosine): another is no change.
   train::TrainConfig other = small_config();
   other.resume = first.checkpoint;
