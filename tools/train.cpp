@@ -182,6 +182,11 @@ std::string milestones_str(const std::vector<double>& milestones) {
   return s;
 }
 
+// The augmentation as a checkpoint records it.
+std::string augment_str(const TrainConfig& cfg) {
+  return !cfg.augment ? "none" : cfg.cutout > 0 ? "crop,flip,cutout" + std::to_string(cfg.cutout) : "crop,flip";
+}
+
 std::map<std::string, std::string> run_metadata(const TrainConfig& cfg, int64_t step, int64_t steps_per_epoch,
                                                 int64_t train_size) {
   return {{"format", "staleprop-checkpoint-1"},
@@ -197,7 +202,7 @@ std::map<std::string, std::string> run_metadata(const TrainConfig& cfg, int64_t 
           {"milestones", milestones_str(cfg.milestones)},
           {"gamma", json_number(cfg.gamma)},
           {"warmup_epochs", json_number(cfg.warmup_epochs)},
-          {"augment", !cfg.augment ? "none" : cfg.cutout > 0 ? "crop,flip,cutout" + std::to_string(cfg.cutout) : "crop,flip"}};
+          {"augment", augment_str(cfg)}};
 }
 
 // The loader of an evaluation: the set in order, unaugmented. A run keeps one for all its
@@ -311,7 +316,7 @@ struct Run {
     };
     same("batch_size", std::to_string(cfg.batch_size), "--batch-size", "data settings");
     same("train_size", std::to_string(train_set.size()), "training images (--train-limit)", "data settings");
-    same("augment", run_metadata(cfg, 0, spe, train_set.size())["augment"], "augmentation", "data settings");
+    same("augment", augment_str(cfg), "augmentation", "data settings");
     same("epochs", std::to_string(cfg.epochs), "--epochs", "schedule");
     same("schedule", cfg.schedule, "--schedule", "schedule");
     same("lr", json_number(cfg.lr), "--lr", "schedule");
@@ -390,8 +395,8 @@ struct Run {
 
   bool interrupted() const { return cfg.interrupt && cfg.interrupt(); }
 
-  // A loss that is no longer finite means the run diverged: it ends with an error before its
-  // weights are checkpointed, so the last checkpoint written stays a good one.
+  // A loss that is no longer finite means the run diverged: it ends with an error before the
+  // checkpoint that would follow (end_epoch checks the test loss too, for the last updates).
   void check_finite(const StepStats& stats, int epoch, int64_t step) const {
     const double loss = stats.mean_loss();
     SP_CHECK(std::isfinite(loss), "the training loss is ", std::isnan(loss) ? "NaN" : loss > 0 ? "+inf" : "-inf",
