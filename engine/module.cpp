@@ -47,4 +47,8 @@ void Module::to(Device device, Stream& s) {
   s.synchronize();  // the host copies may be released once this returns
 }
 
+double Module::forward_flops(const Shape&, Shape*) const {
+  throw Error("a " + type() + " module has no FLOPs count (Module::forward_flops)");
+}
+
 }  // namespace sp

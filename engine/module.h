@@ -78,6 +78,12 @@ class Module {
   virtual void set_training(bool training) { training_ = training; }
   bool training() const { return training_; }
 
+  // The floating-point operations of one forward on an input of shape x (a multiply-add counts
+  // two), and the output's shape in *y: a cost model, not a measurement. Convolutions and
+  // linear layers count their multiply-adds (and bias adds); elementwise work a few per element.
+  // The default throws: a module that can be a block of a network cut by FLOPs overrides it.
+  virtual double forward_flops(const Shape& x, Shape* y) const;
+
  protected:
   bool training_ = true;
 };

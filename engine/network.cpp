@@ -21,6 +21,17 @@ int64_t Network::num_parameters() const {
   return n;
 }
 
+std::vector<double> Network::block_forward_flops(const Shape& input) const {
+  std::vector<double> flops;
+  Shape x = input;
+  for (auto& [prefix, b] : blocks_) {
+    Shape y;
+    flops.push_back(b->forward_flops(x, &y));
+    x = y;
+  }
+  return flops;
+}
+
 void Network::set_training(bool training) {
   for (auto& [prefix, b] : blocks_) b->set_training(training);
 }

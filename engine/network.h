@@ -25,6 +25,9 @@ class Network {
   // State of blocks [begin, end) (all blocks by default), with PyTorch-style names.
   ModuleState state(size_t begin = 0, size_t end = SIZE_MAX) const;
   int64_t num_parameters() const;
+  // Each block's FLOPs of one forward of a batch of shape `input` (Module::forward_flops): the
+  // cost model of --split-by flops.
+  std::vector<double> block_forward_flops(const Shape& input) const;
   void set_training(bool training);
   void to(Device device, Stream& s);
 

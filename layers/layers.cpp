@@ -347,4 +347,72 @@ Bottleneck::Bottleneck(int in_channels, int mid_channels, int stride, Rng& rng) 
   make_shortcut(in_channels, out_channels, stride, Shortcut::B, rng);
 }
 
+// ---- FLOPs of one forward (Module::forward_flops) -------------------------------------------
+
+namespace {
+double numel(const Shape& sh) {
+  double n = 1;
+  for (int64_t d : sh) n *= double(d);
+  return n;
+}
+}  // namespace
+
+double Conv2d::forward_flops(const Shape& x, Shape* y) const {
+  const Shape& w = weight.value.shape();  // [K, R, S, C]
+  *y = ops::conv2d_output_shape(x, w, stride, pad);
+  return 2 * numel(*y) * double(w[1] * w[2] * w[3]) + (bias.value.defined() ? numel(*y) : 0);
+}
+
+// Statistics (a sum and a sum of squares), then scale and shift; the ReLU when fused.
+double BatchNorm2d::forward_flops(const Shape& x, Shape* y) const {
+  *y = x;
+  return (fuse_relu ? 5 : 4) * numel(x);
+}
+
+double ReLU::forward_flops(const Shape& x, Shape* y) const {
+  *y = x;
+  return numel(x);
+}
+
+double MaxPool2d::forward_flops(const Shape& x, Shape* y) const {
+  const kernels::Pool2dShape sh{int(x[0]), int(x[1]), int(x[2]), int(x[3]), window, stride, pad};
+  *y = {sh.n, sh.p(), sh.q(), sh.c};
+  return numel(*y) * window * window;
+}
+
+double GlobalAvgPool::forward_flops(const Shape& x, Shape* y) const {
+  *y = {x[0], x[3]};
+  return numel(x);
+}
+
+double Linear::forward_flops(const Shape& x, Shape* y) const {
+  *y = {x[0], weight.value.size(0)};
+  return 2 * double(x[0]) * double(weight.value.size(0)) * double(weight.value.size(1)) + numel(*y);
+}
+
+double Sequential::forward_flops(const Shape& x, Shape* y) const {
+  Shape h = x;
+  double flops = 0;
+  for (const auto& [name, m] : children_) {
+    Shape next;
+    flops += m->forward_flops(h, &next);
+    h = next;
+  }
+  *y = h;
+  return flops;
+}
+
+// The main path, the shortcut (a projection, or option A's copy into the padded channels), and
+// the output BN fused with the add and the ReLU.
+double ResidualBlock::forward_flops(const Shape& x, Shape* y) const {
+  double flops = main_.forward_flops(x, y);
+  if (proj_) {
+    Shape sc;
+    flops += proj_->forward_flops(x, &sc);
+  } else if (option_a_) {
+    flops += numel(*y);
+  }
+  return flops + 6 * numel(*y);
+}
+
 }  // namespace sp::layers

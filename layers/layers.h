@@ -22,6 +22,7 @@ class Conv2d final : public Module {
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
   void collect(const std::string& prefix, ModuleState& st) override;
+  double forward_flops(const Shape& x, Shape* y) const override;
   Parameter weight, bias;  // weight KRSC; bias undefined when disabled
   int stride, pad;
 };
@@ -36,6 +37,7 @@ class BatchNorm2d final : public Module {
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
   void collect(const std::string& prefix, ModuleState& st) override;
+  double forward_flops(const Shape& x, Shape* y) const override;
   // relu(bn(x) + residual), fused, whatever fuse_relu says.
   Tensor forward_add_relu(Stream& s, const Tensor& x, const Tensor& residual, Context& ctx);
   // Backward of forward_add_relu: returns dx and leaves the residual's gradient in dy
@@ -57,6 +59,7 @@ class ReLU final : public Module {
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
   void collect(const std::string&, ModuleState&) override {}
+  double forward_flops(const Shape& x, Shape* y) const override;
 };
 
 class MaxPool2d final : public Module {
@@ -66,6 +69,7 @@ class MaxPool2d final : public Module {
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
   void collect(const std::string&, ModuleState&) override {}
+  double forward_flops(const Shape& x, Shape* y) const override;
   int window, stride, pad;
 };
 
@@ -76,6 +80,7 @@ class GlobalAvgPool final : public Module {
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
   void collect(const std::string&, ModuleState&) override {}
+  double forward_flops(const Shape& x, Shape* y) const override;
 };
 
 class Linear final : public Module {
@@ -85,6 +90,7 @@ class Linear final : public Module {
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
   void collect(const std::string& prefix, ModuleState& st) override;
+  double forward_flops(const Shape& x, Shape* y) const override;
   Parameter weight, bias;  // weight [out, in]
 };
 
@@ -96,6 +102,7 @@ class Sequential : public Module {
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
   void collect(const std::string& prefix, ModuleState& st) override;
+  double forward_flops(const Shape& x, Shape* y) const override;
   void set_training(bool training) override;
   size_t size() const { return children_.size(); }
 
@@ -116,6 +123,7 @@ class ResidualBlock : public Module {
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
   void collect(const std::string& prefix, ModuleState& st) override;
+  double forward_flops(const Shape& x, Shape* y) const override;
   void set_training(bool training) override;
 
  protected:

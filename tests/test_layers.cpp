@@ -229,6 +229,35 @@ Vec add(const Vec& a, const Vec& b) {
   return y;
 }
 
+// The FLOPs model of --split-by flops, against the same counts written out for ResNet-20 and
+// ResNet-18 on one image: a convolution 2 * output elements * R*S*C, BN 4 per element (5 with
+// its ReLU), a residual block's tail 6 per element (BN, add, ReLU), option A's copy 1, global
+// pooling 1 per input element, the linear layer 2 * in * out plus its bias.
+TEST(ResNets, BlockFlopsFollowTheCostModel) {
+  const auto conv = [](double out_elems, double rsc) { return 2 * out_elems * rsc; };
+  const Network r20 = build_resnet("resnet20", 10, 0);
+  const std::vector<double> f20 = r20.block_forward_flops({1, 32, 32, 3});
+  ASSERT_EQ(f20.size(), 11u);  // stem, 9 blocks, head
+  const double e1 = 32 * 32 * 16, e2 = 16 * 16 * 32, e3 = 8 * 8 * 64;  // output elements per stage
+  EXPECT_EQ(f20[0], conv(e1, 27) + 5 * e1);
+  for (int b : {1, 2, 3}) EXPECT_EQ(f20[size_t(b)], 2 * conv(e1, 144) + 5 * e1 + 6 * e1) << b;
+  EXPECT_EQ(f20[4], conv(e2, 144) + conv(e2, 288) + 5 * e2 + e2 + 6 * e2);  // stride 2, option A
+  for (int b : {5, 6}) EXPECT_EQ(f20[size_t(b)], 2 * conv(e2, 288) + 5 * e2 + 6 * e2) << b;
+  EXPECT_EQ(f20[7], conv(e3, 288) + conv(e3, 576) + 5 * e3 + e3 + 6 * e3);
+  for (int b : {8, 9}) EXPECT_EQ(f20[size_t(b)], 2 * conv(e3, 576) + 5 * e3 + 6 * e3) << b;
+  EXPECT_EQ(f20[10], e3 + 2 * 64 * 10 + 10);
+  // A batch of 4 costs 4 times one image.
+  const std::vector<double> f20x4 = r20.block_forward_flops({4, 32, 32, 3});
+  for (size_t i = 0; i < f20.size(); ++i) EXPECT_EQ(f20x4[i], 4 * f20[i]) << i;
+
+  // ResNet-18: option-B projections (a 1x1 convolution and its BN) where the shape changes.
+  const Network r18 = build_resnet("resnet18", 10, 0);
+  const std::vector<double> f18 = r18.block_forward_flops({1, 32, 32, 3});
+  ASSERT_EQ(f18.size(), 10u);  // stem, 8 blocks, head
+  const double o2 = 16 * 16 * 128;
+  EXPECT_EQ(f18[3], conv(o2, 9 * 64) + conv(o2, 9 * 128) + 5 * o2 + (conv(o2, 64) + 4 * o2) + 6 * o2);
+}
+
 TEST(ResNets, ResNet20StepMatchesTheReferenceOpsComposedByHand) {
   const int N = 2, H = 16, W = 16, classes = 10;
   Network net = build_resnet("resnet20", classes, 5);

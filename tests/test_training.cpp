@@ -14,6 +14,7 @@
 #include <random>
 
 #include "engine/checkpoint.h"
+#include "engine/pipeline.h"
 #include "engine/safetensors.h"
 #include "engine/trainer.h"
 #include "kernels/common/error.h"
@@ -275,6 +276,27 @@ TEST(Training, ADivergedRunStopsBeforeCheckpointingItsWeights) {
     EXPECT_TRUE(fs::exists(dir.file(std::string(method) + "-1.safetensors"))) << method;
     EXPECT_FALSE(fs::exists(dir.file(std::string(method) + "-2.safetensors"))) << method;
   }
+}
+
+// --split-by flops: the cuts follow the counted FLOPs of the blocks, the same on every run
+// (measured block times may differ from run to run).
+TEST(Training, CutsByFlopsAreTheBalancedCutsOfTheCountedFlops) {
+  const data::Dataset train = synthetic_set(64, 3), test = synthetic_set(16, 4);
+  TempDir dir;
+  train::TrainConfig c = small_config();
+  c.method = "fdg";
+  c.split = 3;
+  c.split_by = "flops";
+  c.epochs = 1;
+  c.checkpoint = dir.file("flops.safetensors");
+  train::run_training(c, train, test);
+  const Network net = layers::build_resnet("resnet20", 10, 0);
+  std::string want;
+  for (size_t cut : balanced_cuts(net.block_forward_flops({c.batch_size, 32, 32, 3}), 3))
+    want += (want.empty() ? "" : ",") + std::to_string(cut);
+  EXPECT_EQ(io::read_safetensors(c.checkpoint).metadata.at("cuts"), want);
+  c.split_by = "params";
+  test::expect_error([&] { train::run_training(c, train, test); }, {"--split-by must be time or flops, got 'params'"});
 }
 
 TEST(Training, CheckpointHoldsPyTorchNamesAndLayouts) {

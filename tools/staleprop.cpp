@@ -321,7 +321,8 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"time-limit", "SECONDS", "end the run at the first epoch boundary where the next epoch, taking as long as the last, would end later than SECONDS after the start; the epoch's checkpoint (--checkpoint) is there to --resume from", [&](const std::string& v) { a.time_limit = positive_seconds("time-limit", v); }},
       {"stop-after", "STEPS", "end the run after this many steps in total (plain backprop over one module without --graphs only)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", std::stoll(v)); }},
       {"method", "M", "bp|ddg|fdg: locked backprop, forward-locked DDG, fully decoupled FDG (default bp)", [&](const std::string& v) { c.method = v; }},
-      {"split", "K", "cut the network into K modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
+      {"split", "K", "cut the network into K modules, balanced by --split-by (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
+      {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start (default), or by its counted forward FLOPs (the same cuts on every run and machine)", [&](const std::string& v) { c.split_by = v; }},
       {"split-at", "CUTS", "explicit cuts: first block of modules 2..K (\"i,j,..\"), or fdg for FDG's published splits", [&](const std::string& v) { c.split_at = v; }},
       {"shrink", "BETA", "gradient shrink factor applied by each module k < K, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
       {"devices", "D,D", "one device per module (default: --device for all)", [&](const std::string& v) { std::stringstream ss(v); for (std::string d; std::getline(ss, d, ',');) c.devices.push_back(d); }},
@@ -423,8 +424,9 @@ int sweep_main(int argc, char** argv) {
                    "Runs several staleprop train runs in one process, up to --parallel at once. On a GPU their\n"
                    "kernels then share the device as a decoupled pipeline's modules do, so small models that\n"
                    "leave it partly idle can train faster together than one after another. Each run gives the\n"
-                   "same bits as alone where a solo run is reproducible (not with cuts measured at run time, nor\n"
-                   "--kernels vendor without --deterministic). --kernels, --mainloop, --deterministic and\n"
+                   "same bits as alone where a solo run is reproducible (not with cuts measured at run time:\n"
+                   "--split-by flops or --split-at give fixed ones; nor --kernels vendor without\n"
+                   "--deterministic). --kernels, --mainloop, --deterministic and\n"
                    "--threads are process-wide: all runs must agree. With --parallel > 1 and several jobs, each\n"
                    "needs its own --log FILE (or --progress none); a run's peak reserved memory is then the\n"
                    "process's (its peak of tensors in use stays its own). Exits 1\n"

@@ -546,6 +546,9 @@ std::vector<size_t> resolve_cuts(Run& run) {
     return cuts;
   }
   if (cfg.split <= 1) return {};
+  if (cfg.split_by == "flops")
+    return balanced_cuts(run.net.block_forward_flops({cfg.batch_size, data::kCifarSide, data::kCifarSide, 3}),
+                         cfg.split);
   return balanced_cuts(measure_block_costs(run), cfg.split);
 }
 
@@ -622,10 +625,13 @@ TrainResult run_pipelined(Run& run) {
       *x = b.images;
       *y = b.labels;
       images += b.images.size(0);
-      if (run.progress.wants_update(fed)) {
+      // The rate of the batches fed before this one, over the time they took (none before the
+      // first: no rate to show yet).
+      if (fed > 0 && run.progress.wants_update(fed)) {
         const double el = seconds_since(epoch_start);
-        const double per_batch = el / double(std::max<int64_t>(1, fed));
-        run.progress.update(epoch, fed, nullptr, run.sched.at(step + fed), double(images) / el,
+        const double per_batch = el / double(fed);
+        run.progress.update(epoch, fed, nullptr, run.sched.at(step + fed),
+                            double(images - b.images.size(0)) / el,
                             per_batch * double(spe - fed - 1 + int64_t(cfg.epochs - epoch - 1) * spe));
       }
       ++fed;
@@ -784,6 +790,8 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
 #endif
   SP_CHECK(cfg.epochs > 0 && cfg.batch_size > 0, "--epochs and --batch-size must be positive");
   SP_CHECK(cfg.split >= 1, "--split must be at least 1");
+  SP_CHECK(cfg.split_by == "time" || cfg.split_by == "flops", "--split-by must be time or flops, got '", cfg.split_by,
+           "'");
   SP_CHECK(cfg.cutout >= 0 && cfg.cutout <= data::kCifarSide, "--cutout must be in 0..", data::kCifarSide, ", got ",
            cfg.cutout);
   SP_CHECK(cfg.cutout == 0 || cfg.augment, "--cutout is an augmentation: it does not go with --no-augment");
