@@ -188,7 +188,7 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
            "pipeline: give one device for all modules or one per module (", k_modules, " modules, ",
            cfg_.devices.size(), " devices)");
   for (const Device& d : cfg_.devices)
-    SP_CHECK(d.is_cpu() == (cfg_.devices.empty() ? home : cfg_.devices[0]).is_cpu(),
+    SP_CHECK(d.is_cpu() == cfg_.devices[0].is_cpu(),
              "pipeline: the modules' devices must all be the CPU or all GPUs (their streams exchange events), got ",
              cfg_.devices[0].str(), " and ", d.str());
   SP_CHECK(!cfg_.graphs || (cfg_.staleness_jitter == 0 && !cfg_.recompute && !cfg_.weight_stash),

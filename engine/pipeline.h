@@ -44,7 +44,8 @@ const char* pipeline_method_name(PipelineMethod m);
 struct PipelineConfig {
   PipelineMethod method = PipelineMethod::FDG;
   std::vector<size_t> cuts;     // first block of modules 2..K (ascending); empty: K = 1
-  std::vector<Device> devices;  // one per module, or one for all; empty: the network's device
+  std::vector<Device> devices;  // one per module, or one for all; empty: the network's device.
+                                // All the CPU or all GPUs: their streams exchange events.
   float shrink = 1.f;           // beta, applied to the gradient each module k < K receives
   float label_smoothing = 0.f;
   SgdConfig sgd;

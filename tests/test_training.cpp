@@ -295,6 +295,18 @@ TEST(Training, CutsByFlopsAreTheBalancedCutsOfTheCountedFlops) {
   for (size_t cut : balanced_cuts(net.block_forward_flops({c.batch_size, 32, 32, 3}), 3))
     want += (want.empty() ? "" : ",") + std::to_string(cut);
   EXPECT_EQ(io::read_safetensors(c.checkpoint).metadata.at("cuts"), want);
+  EXPECT_EQ(want, "4,7");  // stem + 3 blocks | 3 blocks | 3 blocks + head (FDG's own cuts too)
+  // A resume keeps the recorded cuts, and refuses another number of modules.
+  train::TrainConfig other = c;
+  other.resume = c.checkpoint;
+  other.checkpoint.clear();
+  other.epochs = 1;
+  other.split = 2;
+  test::expect_error([&] { train::run_training(other, train, test); },
+                     {"was written by a run over 3 modules (cuts 4,7)", "same --split/--split-at"});
+  other.split = 3;
+  other.split_at = "5,8";
+  test::expect_error([&] { train::run_training(other, train, test); }, {"over 3 modules (cuts 4,7)"});
   c.split_by = "params";
   test::expect_error([&] { train::run_training(c, train, test); }, {"--split-by must be time or flops, got 'params'"});
 }

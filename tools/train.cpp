@@ -577,8 +577,19 @@ TrainResult run_pipelined(Run& run) {
   if (!cfg.resume.empty()) resume_meta = io::read_safetensors(cfg.resume).metadata;
   PipelineConfig pc;
   pc.method = parse_pipeline_method(cfg.method);
-  // A resumed run keeps the cut points it started with (measured cuts may differ run to run).
-  pc.cuts = resume_meta.count("cuts") ? parse_cuts(resume_meta["cuts"]) : resolve_cuts(run);
+  // A resumed run keeps the cut points it started with (measured cuts may differ run to run);
+  // asked for another number of modules, or other explicit cuts, it is refused.
+  if (resume_meta.count("cuts")) {
+    pc.cuts = parse_cuts(resume_meta["cuts"]);
+    const std::vector<size_t> asked = cfg.split_at.empty() ? std::vector<size_t>()
+                                      : cfg.split_at == "fdg" ? layers::fdg_preset_cuts(cfg.model, cfg.split)
+                                                              : parse_cuts(cfg.split_at);
+    SP_CHECK(cfg.split_at.empty() ? int(pc.cuts.size()) + 1 == cfg.split : asked == pc.cuts, "--resume: ",
+             cfg.resume, " was written by a run over ", pc.cuts.size() + 1, " modules (cuts ",
+             resume_meta["cuts"].empty() ? "none" : resume_meta["cuts"], "); resume with the same --split/--split-at");
+  } else {
+    pc.cuts = resolve_cuts(run);
+  }
   for (const std::string& d : cfg.devices) pc.devices.push_back(Device::parse(d));
   pc.shrink = cfg.shrink;
   pc.label_smoothing = cfg.label_smoothing;
