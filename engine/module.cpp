@@ -48,7 +48,7 @@ void Module::to(Device device, Stream& s) {
 }
 
 double Module::forward_flops(const Shape&, Shape*) const {
-  throw Error("a " + type() + " module has no FLOPs count (Module::forward_flops)");
+  throw Error("modules of type " + type() + " have no FLOPs count (Module::forward_flops)");
 }
 
 }  // namespace sp

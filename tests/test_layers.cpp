@@ -258,6 +258,60 @@ TEST(ResNets, BlockFlopsFollowTheCostModel) {
   EXPECT_EQ(f18[3], conv(o2, 9 * 64) + conv(o2, 9 * 128) + 5 * o2 + (conv(o2, 64) + 4 * o2) + 6 * o2);
 }
 
+// Every module's FLOPs count names the output shape its forward really produces (odd sizes,
+// strides, padding, a biased convolution, pooling, both shortcuts, the bottleneck), and the
+// counts of the modules no ResNet block above covers follow the model.
+TEST(ResNets, FlopsCountsNameTheShapesTheForwardsProduce) {
+  Rng rng(9);
+  std::vector<std::pair<std::unique_ptr<Module>, Shape>> cases;
+  cases.emplace_back(std::make_unique<Conv2d>(3, 8, 3, 2, 1, true, rng), Shape{2, 9, 7, 3});
+  cases.emplace_back(std::make_unique<Conv2d>(4, 6, 1, 1, 0, false, rng), Shape{1, 5, 5, 4});
+  cases.emplace_back(std::make_unique<MaxPool2d>(3, 2, 1), Shape{2, 9, 8, 5});
+  cases.emplace_back(std::make_unique<GlobalAvgPool>(), Shape{3, 4, 4, 6});
+  cases.emplace_back(std::make_unique<Linear>(6, 10, rng), Shape{3, 6});
+  cases.emplace_back(std::make_unique<BatchNorm2d>(4, true), Shape{2, 3, 3, 4});
+  cases.emplace_back(std::make_unique<BasicBlock>(8, 16, 2, Shortcut::A, rng), Shape{2, 7, 7, 8});
+  cases.emplace_back(std::make_unique<BasicBlock>(8, 16, 2, Shortcut::B, rng), Shape{2, 7, 7, 8});
+  cases.emplace_back(std::make_unique<BasicBlock>(8, 8, 1, Shortcut::B, rng), Shape{1, 6, 6, 8});
+  cases.emplace_back(std::make_unique<Bottleneck>(16, 4, 2, rng), Shape{1, 9, 9, 16});
+  auto s = make_stream(Device::cpu());
+  std::mt19937_64 data(10);
+  for (auto& [m, x_shape] : cases) {
+    Context ctx;
+    const Tensor y = m->forward(*s, random_tensor(x_shape, data), ctx);
+    s->synchronize();
+    Shape counted;
+    const double flops = m->forward_flops(x_shape, &counted);
+    EXPECT_EQ(counted, y.shape()) << m->type();
+    EXPECT_GT(flops, 0) << m->type();
+  }
+  Shape y;
+  // A biased 3x3 stride-2 convolution, 3 -> 8 channels on 9 x 7: 5 x 4 outputs per image.
+  EXPECT_EQ(cases[0].first->forward_flops({2, 9, 7, 3}, &y), 2 * (2 * 5 * 4 * 8.0) * 27 + 2 * 5 * 4 * 8);
+  EXPECT_EQ(cases[2].first->forward_flops({2, 9, 8, 5}, &y), (2 * 5 * 4 * 5.0) * 9);  // 3x3/2 pad 1: 5 x 4
+  // The bottleneck: 1x1 16 -> 4, 3x3/2 4 -> 4 (9 -> 5), 1x1 4 -> 16, the projection 1x1/2 16 -> 16.
+  const double mid1 = 9 * 9 * 4, mid2 = 5 * 5 * 4, out = 5 * 5 * 16;
+  EXPECT_EQ(cases[9].first->forward_flops({1, 9, 9, 16}, &y),
+            2 * mid1 * 16 + 5 * mid1 + 2 * mid2 * 36 + 5 * mid2 + 2 * out * 4 + (2 * out * 16 + 4 * out) + 6 * out);
+  // A module without a count says which.
+  struct Opaque final : Module {
+    std::string type() const override { return "Opaque"; }
+    Tensor forward(Stream&, const Tensor& x, Context&) override { return x; }
+    Tensor backward(Stream&, const Tensor& dy, Context&, bool) override { return dy; }
+    void collect(const std::string&, ModuleState&) override {}
+  } opaque;
+  EXPECT_THROW(
+      {
+        try {
+          opaque.forward_flops({1}, &y);
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("modules of type Opaque have no FLOPs count"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      Error);
+}
+
 TEST(ResNets, ResNet20StepMatchesTheReferenceOpsComposedByHand) {
   const int N = 2, H = 16, W = 16, classes = 10;
   Network net = build_resnet("resnet20", classes, 5);
