@@ -305,7 +305,8 @@ TEST(ResNets, FlopsCountsNameTheShapesTheForwardsProduce) {
         try {
           opaque.forward_flops({1}, &y);
         } catch (const Error& e) {
-          EXPECT_NE(std::string(e.what()).find("modules of type Opaque have no FLOPs count"), std::string::npos) << e.what();
+          EXPECT_NE(std::string(e.what()).find("modules of type Opaque have no FLOPs count"), std::string::npos)
+              << e.what();
           throw;
         }
       },

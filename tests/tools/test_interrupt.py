@@ -78,8 +78,8 @@ def main():
         rc, out = interrupt(start(train), signal.SIGINT)
         check(rc == -signal.SIGINT, f"SIGINT: the process ends by SIGINT (status {rc})", out)
         step = stopped_step(out)
-        check(step is not None and f"go on with --resume {ckpt}" in out, "SIGINT: says where it stopped and how to go on",
-              out)
+        check(step is not None and f"go on with --resume {ckpt}" in out,
+              "SIGINT: says where it stopped and how to go on", out)
         check(checkpoint_step(ckpt) == step, f"SIGINT: the checkpoint holds step {step}, where the run stopped", out)
         p = subprocess.run(train + ["--resume", ckpt], capture_output=True, text=True)
         check(p.returncode == 0 and "final test accuracy" in p.stdout and checkpoint_step(ckpt) == 10 * STEPS,

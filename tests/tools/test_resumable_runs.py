@@ -98,7 +98,8 @@ def main():
         # A run that diverges is not resumed on later calls, until its recipe changes.
         div_runs = os.path.join(tmp, "div-runs.txt")
         div_out = os.path.join(tmp, "div")
-        recipe_line = "boom --model resnet20 --epochs 3 --batch-size 16 --schedule multistep --milestones 0.5 --gamma {}\n"
+        recipe_line = ("boom --model resnet20 --epochs 3 --batch-size 16 --schedule multistep --milestones 0.5 "
+                       "--gamma {}\n")
         with open(div_runs, "w") as f:
             f.write(recipe_line.format("1e9"))  # the learning rate explodes in epoch 2
         div_common = ["--runs", div_runs, "--out", div_out, "--staleprop", staleprop, "--budget", "60", "--", "--data",
