@@ -354,9 +354,7 @@ struct Run {
       er.test_acc = t.accuracy();
       // The weights after the epoch's last updates (which no training loss has seen yet), before
       // they are checkpointed.
-      SP_CHECK(std::isfinite(er.test_loss), "the test loss after epoch ", epoch + 1, " is ",
-               std::isnan(er.test_loss) ? "NaN" : "infinite", ": the run diverged. This epoch is not checkpointed; "
-               "try a lower --lr, or a warm-up (--warmup-epochs)");
+      check_finite(er.test_loss, epoch, -1);
     }
     er.elapsed_s = seconds_since(start);
     result.epochs.push_back(er);
@@ -396,13 +394,25 @@ struct Run {
   bool interrupted() const { return cfg.interrupt && cfg.interrupt(); }
 
   // A loss that is no longer finite means the run diverged: it ends with an error before the
-  // checkpoint that would follow (end_epoch checks the test loss too, for the last updates).
-  void check_finite(const StepStats& stats, int epoch, int64_t step) const {
-    const double loss = stats.mean_loss();
-    SP_CHECK(std::isfinite(loss), "the training loss is ", std::isnan(loss) ? "NaN" : loss > 0 ? "+inf" : "-inf",
-             " by step ", step, " (epoch ", epoch + 1,
-             "): the run diverged. Nothing from this epoch on is checkpointed; try a lower --lr, or a warm-up "
-             "(--warmup-epochs)");
+  // checkpoint that would follow. The training loss by global step `step` of epoch `epoch`, or
+  // (step -1) the test loss after it, which sees the epoch's last updates too.
+  static void check_finite(double loss, int epoch, int64_t step) {
+    if (std::isfinite(loss)) return;
+    const char* value = std::isnan(loss) ? "NaN" : loss > 0 ? "+inf" : "-inf";
+    const std::string what =
+        step < 0 ? detail::concat("the test loss after epoch ", epoch + 1, " is ", value,
+                                  ": the run diverged. This epoch is not checkpointed")
+                 : detail::concat("the training loss is ", value, " by step ", step, " (epoch ", epoch + 1,
+                                  "): the run diverged. Nothing from this epoch on is checkpointed");
+    throw Error(what + "; try a lower --lr, or a warm-up (--warmup-epochs)");
+  }
+
+  // After epoch `epoch` (0-based) and its checkpoint `saved` (empty: none): true, said, when an
+  // interrupt asks the run to end there (not after its last epoch, which ends it anyway).
+  bool interrupted_after_epoch(int epoch, const std::string& saved) {
+    if (epoch + 1 >= cfg.epochs || !interrupted()) return false;
+    stop_interrupted("after epoch " + std::to_string(epoch + 1) + " of " + std::to_string(cfg.epochs), saved);
+    return true;
   }
 
   // Ends the run on TrainConfig::interrupt: records it and says what is kept. `resume_from` is
@@ -469,7 +479,7 @@ TrainResult run_backprop(Run& run) {
       epoch_images += b.images.size(0);
       if (run.progress.wants_update(i) || i + 1 == spe) {
         const StepStats window = trainer.drain_stats();
-        run.check_finite(window, epoch, step);
+        run.check_finite(window.mean_loss(), epoch, step);
         epoch_stats += window;
         const double el = seconds_since(epoch_start), ips = double(epoch_images) / el;
         const double per_step = el / double(i + 1 - first_index);
@@ -486,14 +496,14 @@ TrainResult run_backprop(Run& run) {
       if (!cfg.checkpoint.empty() && ((cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) ||
                                       (interrupted && step % spe != 0))) {
         const StepStats window = trainer.drain_stats();
-        run.check_finite(window, epoch, step);
+        run.check_finite(window.mean_loss(), epoch, step);
         epoch_stats += window;
         save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
       }
       stopped = (cfg.stop_after_steps >= 0 && step >= cfg.stop_after_steps) || interrupted;
     }
     const StepStats rest = trainer.drain_stats();
-    run.check_finite(rest, epoch, step);
+    run.check_finite(rest.mean_loss(), epoch, step);
     epoch_stats += rest;
     run.progress.end_epoch();
     if (stopped && step % spe != 0) {  // stopped inside an epoch: no epoch report
@@ -508,11 +518,8 @@ TrainResult run_backprop(Run& run) {
                   [&] { return evaluate(trainer, run.test_loader()); });
     if (!cfg.checkpoint.empty())
       save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
-    if (run.interrupted() && epoch + 1 < cfg.epochs) {  // at the end of the epoch
-      run.stop_interrupted("after epoch " + std::to_string(epoch + 1) + " of " + std::to_string(cfg.epochs),
-                           cfg.checkpoint.empty() ? "" : checkpoint_path(cfg.checkpoint, epoch + 1));
+    if (run.interrupted_after_epoch(epoch, cfg.checkpoint.empty() ? "" : checkpoint_path(cfg.checkpoint, epoch + 1)))
       break;
-    }
     if (stopped || run.stop_at_deadline(epoch, next_epoch_seconds(train_secs, seconds_since(epoch_start) - train_secs,
                                                                   spe - first_index, spe)))
       break;
@@ -652,7 +659,7 @@ TrainResult run_pipelined(Run& run) {
     const PipelineEpochStats st = pipe.run_epoch(source, [&](int64_t s) { return run.sched.at(s); });
     const PipelineGraphStats graphs_after = pipe.graph_stats();
     run.progress.end_epoch();
-    run.check_finite(st.train, epoch, step + fed);
+    run.check_finite(st.train.mean_loss(), epoch, step + fed);
     if (fed < spe) {  // interrupted: the batches fed have drained; the epoch is dropped
       run.stop_interrupted("in epoch " + std::to_string(epoch + 1) + " after " + std::to_string(fed) + " of " +
                                std::to_string(spe) + " batches, which are dropped (a pipelined run is checkpointed "
@@ -703,11 +710,7 @@ TrainResult run_pipelined(Run& run) {
     last_saved = cfg.checkpoint.empty() ? "" : checkpoint_path(cfg.checkpoint, epoch + 1);
     if (!last_saved.empty())
       save_checkpoint(last_saved, run.net, const_opts, run.metadata(step, "cuts", cuts_str(pc.cuts)), *run.stream);
-    if (run.interrupted() && epoch + 1 < cfg.epochs) {
-      run.stop_interrupted("after epoch " + std::to_string(epoch + 1) + " of " + std::to_string(cfg.epochs),
-                           last_saved);
-      break;
-    }
+    if (run.interrupted_after_epoch(epoch, last_saved)) break;
     if (run.stop_at_deadline(epoch, seconds_since(epoch_start))) break;
   }
   run.result.steps = step;
