@@ -191,19 +191,17 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
         std::lock_guard<std::mutex> lk(epoch_mu);
         if (auto it = epoch_secs.find(kind[i]); it != epoch_secs.end()) estimate = it->second;
       }
-      if (opts.interrupt && opts.interrupt()) {
-        o.error = "the sweep was interrupted";
-        log_line(job.cfg, "sweep: not started: " + o.error);
-        say(i, describe(o, job.cfg.epochs));
-        continue;
-      }
+      // Why a waiting run does not start, if it does not.
       const auto now = opts.start_clock ? opts.start_clock() : Clock::now();
-      if (now >= opts.deadline || now + std::chrono::duration_cast<Clock::duration>(
-                                            std::chrono::duration<double>(estimate)) > opts.deadline) {
-        o.error = now >= opts.deadline ? "the time limit had passed"
-                                       : "an epoch (about " + std::to_string(int64_t(estimate + 0.5)) +
-                                             " s, as finished runs of " + kind[i] +
-                                             " took) would not end within the time limit";
+      if (opts.interrupt && opts.interrupt())
+        o.error = "the sweep was interrupted";
+      else if (now >= opts.deadline)
+        o.error = "the time limit had passed";
+      else if (now + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(estimate)) >
+               opts.deadline)
+        o.error = "an epoch (about " + std::to_string(int64_t(estimate + 0.5)) + " s, as finished runs of " +
+                  kind[i] + " took) would not end within the time limit";
+      if (!o.error.empty()) {
         log_line(job.cfg, "sweep: not started: " + o.error);
         say(i, describe(o, job.cfg.epochs));
         continue;
