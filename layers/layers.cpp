@@ -350,11 +350,7 @@ Bottleneck::Bottleneck(int in_channels, int mid_channels, int stride, Rng& rng) 
 // ---- FLOPs of one forward (Module::forward_flops) -------------------------------------------
 
 namespace {
-double numel(const Shape& sh) {
-  double n = 1;
-  for (int64_t d : sh) n *= double(d);
-  return n;
-}
+double numel(const Shape& sh) { return double(shape_numel(sh)); }
 }  // namespace
 
 double Conv2d::forward_flops(const Shape& x, Shape* y) const {
