@@ -133,11 +133,12 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
                                         ckpt]
         cmd_file = os.path.join(out, name + ".cmd")
         before = shlex.split(open(cmd_file).read()) if os.path.exists(cmd_file) else None
+        same_recipe = before is not None and recipe(before) == recipe([staleprop] + cmd)
         # A run that diverged would diverge again from its last checkpoint: it waits for a new
         # recipe (or the marker's removal) instead of spending every call's budget on it.
         diverged = os.path.join(out, name + ".diverged")
         if os.path.exists(diverged):
-            if before is not None and recipe(before) == recipe([staleprop] + cmd):
+            if same_recipe:
                 with open(diverged) as f:
                     why = f.readline().strip()
                 print(f"{name}: not resumed: it diverged on an earlier call ({why}); change its recipe, or delete "
@@ -150,7 +151,6 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
         # one the run began with; else start over.
         pos = checkpoint_position(ckpt)
         resumed = None if pos is None else pos[0] // pos[1]  # whole epochs in it
-        same_recipe = before is not None and recipe(before) == recipe([staleprop] + cmd)
         if pos is not None and not same_recipe:
             why = "no record of the command" if before is None else "the recipe differs from the one"
             print(f"{name}: {why} its checkpoint was trained with; starts again", flush=True)
