@@ -10,6 +10,7 @@
 // pool's double sum), the kernel uses the same order and matches it bit for bit.
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/column_plan.h"
 #include "kernels/cuda/common.cuh"
@@ -633,28 +634,33 @@ PoolGeom pool_geom(const Pool2dShape& sh) {
   return PoolGeom{sh.h, sh.w, sh.c, sh.window, sh.stride, sh.pad, sh.p(), sh.q()};
 }
 
-// W channels at a time (see window_argmax), the common windows (2 x 2, 3 x 3) unrolled.
+// Calls f with the window size as a compile-time constant where it is a common one (2 x 2,
+// 3 x 3: the kernels unroll it), else with 0 (the kernels read it at run time).
+template <class F>
+void with_window(int window, F&& f) {
+  if (window == 3)
+    f(std::integral_constant<int, 3>{});
+  else if (window == 2)
+    f(std::integral_constant<int, 2>{});
+  else
+    f(std::integral_constant<int, 0>{});
+}
+
+// W channels at a time (see window_argmax).
 template <int W>
 void maxpool_forward_w(const PoolGeom& g, int64_t y_size, const float* x, float* y, cudaStream_t stream) {
-  const int64_t n = y_size / W;
-  if (g.window == 3)
-    launch_elements(maxpool_forward_kernel<W, 3>, n, stream, g, x, y);
-  else if (g.window == 2)
-    launch_elements(maxpool_forward_kernel<W, 2>, n, stream, g, x, y);
-  else
-    launch_elements(maxpool_forward_kernel<W, 0>, n, stream, g, x, y);
+  with_window(g.window, [&](auto kw) {
+    launch_elements(maxpool_forward_kernel<W, decltype(kw)::value>, y_size / W, stream, g, x, y);
+  });
 }
 template <int W>
 void maxpool_backward_w(const PoolGeom& g, int64_t y_size, int64_t x_size, const float* x, const float* dy, float* dx,
                         cudaStream_t stream) {
   const Workspace arg(size_t(y_size) * sizeof(int), stream);
   int* a = arg.as<int>();
-  if (g.window == 3)
-    launch_elements(maxpool_argmax_kernel<W, 3>, y_size / W, stream, g, x, a);
-  else if (g.window == 2)
-    launch_elements(maxpool_argmax_kernel<W, 2>, y_size / W, stream, g, x, a);
-  else
-    launch_elements(maxpool_argmax_kernel<W, 0>, y_size / W, stream, g, x, a);
+  with_window(g.window, [&](auto kw) {
+    launch_elements(maxpool_argmax_kernel<W, decltype(kw)::value>, y_size / W, stream, g, x, a);
+  });
   launch_elements(maxpool_backward_gather_kernel<W>, x_size / W, stream, g, static_cast<const int*>(a), dy, dx);
 }
 }  // namespace
