@@ -278,7 +278,7 @@ std::vector<Sgd*> PipelineTrainer::optimizers() {
 }
 
 void PipelineTrainer::send(Stage& st, Queue& q, int64_t tick, int64_t batch, const Tensor& data,
-                           const Tensor& labels) {
+                           const Tensor& labels, Event* before_ready) {
   Slot& slot = q.slots[tick % 2];
   Stream& s = *st.stream;
   s.wait(*slot.freed);  // the consumer has copied out the message of two ticks ago
@@ -293,6 +293,7 @@ void PipelineTrainer::send(Stage& st, Queue& q, int64_t tick, int64_t batch, con
   }
   ops::copy(s, data, slot_view(slot.data, data.shape()));
   if (labels.defined()) ops::copy(s, labels, slot.labels.slice(0, labels.numel()));
+  if (before_ready) s.record(*before_ready);
   s.record(*slot.ready);
   slot.tick = tick, slot.batch = batch, slot.shape = data.shape();
 }
@@ -370,6 +371,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   if (k > 0) s.wait(*act_[size_t(k) - 1]->slots[(tick - activation_latency_) % 2].ready);
   s.record(*timed.start);
   if (cfg_.graphs && k == last) ops::fill(s, st.lr, lr(st.steps));  // module K steps in this unit
+  bool end_recorded = false;
   if (unit && unit->graph) {
     unit->graph->launch(s);
     replayed_forward(k, tick, in.batch, *unit);
@@ -382,7 +384,12 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     if (capture)
       for (const int64_t* c : st.counters) before.push_back(*c);
     CaptureGuard guard(s, capture);
-    enqueue_forward(k, tick, in, unit != nullptr, lr);
+    // Eagerly, a lower module's busy time ends before its output is handed over: on the CPU
+    // emulation the consumer may start before the producer's thread gets round to recording
+    // a later event, which would show the locked modules overlapping. (A captured unit keeps
+    // its end after the graph: an event recorded inside would be baked into the graph.)
+    if (!capture && k < last) end_recorded = true;
+    enqueue_forward(k, tick, in, unit != nullptr, lr, end_recorded ? timed.end.get() : nullptr);
     if (capture) {
       unit->graph = s.end_capture();
       if (k < last) st.inflight.back().from_graph = true, unit->contexts = st.inflight.back().contexts;
@@ -406,11 +413,11 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     ops::copy(s, in_arena.correct, kept.correct);
     in_arena = kept;
   }
-  s.record(*timed.end);
+  if (!end_recorded) s.record(*timed.end);
   st.timed.push_back(std::move(timed));
 }
 
-void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr) {
+void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr, Event* end) {
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
   const int last = num_modules() - 1;
@@ -435,7 +442,7 @@ void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool ste
   ledger_.push_back({tick, k, in.batch, false});
   st.inflight.push_back(std::move(f));
   if (k < last) {
-    send(st, *act_[size_t(k)], tick, in.batch, h, in.labels);
+    send(st, *act_[size_t(k)], tick, in.batch, h, in.labels, end);
     return;
   }
   // Module K: the loss and its gradient, then the backward of the same batch at once.

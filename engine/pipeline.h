@@ -198,7 +198,8 @@ class PipelineTrainer {
 
   // Producer side of a queue: waits until the consumer has copied out the slot's previous
   // message, writes this one and records the slot's ready event.
-  void send(Stage& st, Queue& q, int64_t tick, int64_t batch, const Tensor& data, const Tensor& labels);
+  void send(Stage& st, Queue& q, int64_t tick, int64_t batch, const Tensor& data, const Tensor& labels,
+            Event* before_ready = nullptr);
   // Consumer side: if a message was written into the queue at `written_tick`, waits for it,
   // copies it into tensors of this stage, records the slot's free event and returns true.
   bool receive(Stage& st, Queue& q, int64_t written_tick, bool with_labels, Tensor* data, Tensor* labels,
@@ -207,7 +208,7 @@ class PipelineTrainer {
   static const Slot* incoming(const Queue& q, int64_t written_tick);
   void forward_phase(int k, int64_t tick, const BatchSource& source, bool& source_done, const LrAt& lr);
   // The forward unit's work after the input is at hand (module 1: staged; others: received).
-  void enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr);
+  void enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr, Event* end = nullptr);
   void backward_phase(int k, int64_t tick, const LrAt& lr);
   // Back-propagates `batch` (which must be the module's oldest in flight) and steps.
   void backward_and_step(int k, int64_t tick, int64_t batch, Tensor dy, const LrAt& lr);
