@@ -167,7 +167,10 @@ namespace {
 void* host_alloc(size_t bytes) { return std::aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
 std::unique_ptr<CachingAllocator> make_device_allocator(Device device) {
-  if (device.is_cpu()) return std::make_unique<CachingAllocator>("cpu allocator", host_alloc, std::free);
+  if (device.is_cpu()) {
+    SP_CHECK(device.index >= 0 && device.index < Device::kMaxCpuDevices, "no emulated device ", device.str());
+    return std::make_unique<CachingAllocator>(device.str() + " allocator", host_alloc, std::free);
+  }
 #if STALEPROP_WITH_CUDA
   const int index = device.index;
   SP_CHECK(index >= 0 && index < cuda_device_count(), "no CUDA device ", device.str(), " (", cuda_device_count(),
@@ -202,7 +205,7 @@ namespace {
 struct Allocators {
   std::mutex mu;
   std::map<std::pair<int, int>, std::unique_ptr<CachingAllocator>> by_device;
-  static std::pair<int, int> key(Device d) { return {int(d.type), d.is_cpu() ? 0 : d.index}; }
+  static std::pair<int, int> key(Device d) { return {int(d.type), d.index}; }
 };
 Allocators& allocators() {
   static Allocators a;

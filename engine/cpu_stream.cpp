@@ -35,8 +35,9 @@ struct CpuEventState {
 
 class CpuEvent final : public Event {
  public:
-  explicit CpuEvent(bool timing) : timing_(timing), state_(std::make_shared<CpuEventState>()) {}
-  Device device() const override { return Device::cpu(); }
+  CpuEvent(bool timing, Device device)
+      : timing_(timing), device_(device), state_(std::make_shared<CpuEventState>()) {}
+  Device device() const override { return device_; }
   bool query() override {
     std::lock_guard<std::mutex> lk(state_->mu);
     return state_->done(state_->recorded);
@@ -66,6 +67,7 @@ class CpuEvent final : public Event {
 
  private:
   bool timing_;
+  Device device_;
   std::shared_ptr<CpuEventState> state_;
 };
 
@@ -94,7 +96,7 @@ class CpuGraph final : public Graph {
 
 class CpuStream final : public Stream {
  public:
-  explicit CpuStream(const StreamOptions& opt) : jitter_us_(opt.jitter_max_us), rng_(opt.seed) {
+  CpuStream(const StreamOptions& opt, Device device) : device_(device), jitter_us_(opt.jitter_max_us), rng_(opt.seed) {
     if (jitter_us_ == 0)
       if (const char* env = std::getenv("STALEPROP_CPU_STREAM_JITTER_US")) jitter_us_ = std::max(0, std::atoi(env));
     worker_ = std::thread([this] { loop(); });
@@ -106,10 +108,10 @@ class CpuStream final : public Stream {
     }
     cv_.notify_all();
     worker_.join();  // like cudaStreamDestroy, pending work still completes
-    retire_stream_memory(Device::cpu(), this);
+    retire_stream_memory(device_, this);
   }
 
-  Device device() const override { return Device::cpu(); }
+  Device device() const override { return device_; }
 
   void enqueue_host(std::function<void()> fn) override {
     // What the closure allocates counts for the enqueuing thread's owner (AllocationOwner).
@@ -137,6 +139,8 @@ class CpuStream final : public Stream {
   }
 
   void record(Event& event) override {
+    // As on CUDA, a stream records only its own device's events (it may wait on any).
+    SP_CHECK(event.device() == device_, "record: event on ", event.device().str(), ", stream on ", device_.str());
     auto state = as_cpu_event(event).state();
     if (capture_) {
       capture_->nodes.push_back({CpuGraph::Kind::Record, nullptr, state});
@@ -273,6 +277,7 @@ class CpuStream final : public Stream {
     }
   }
 
+  Device device_;
   int jitter_us_;
   std::mt19937_64 rng_;  // used only by the worker thread
   std::mutex mu_;
@@ -303,16 +308,22 @@ void CpuGraph::launch(Stream& s) {
 
 int64_t cpu_stream_jittered_closures() { return g_jittered.load(std::memory_order_relaxed); }
 
-std::unique_ptr<Stream> make_cpu_stream(const StreamOptions& options) { return std::make_unique<CpuStream>(options); }
-std::unique_ptr<Event> make_cpu_event(bool timing) { return std::make_unique<CpuEvent>(timing); }
+std::unique_ptr<Stream> make_cpu_stream(const StreamOptions& options, Device device) {
+  require_device(device);
+  return std::make_unique<CpuStream>(options, device);
+}
+std::unique_ptr<Event> make_cpu_event(bool timing, Device device) {
+  require_device(device);
+  return std::make_unique<CpuEvent>(timing, device);
+}
 
 std::unique_ptr<Stream> make_stream(Device device, const StreamOptions& options) {
-  if (device.is_cpu()) return make_cpu_stream(options);
+  if (device.is_cpu()) return make_cpu_stream(options, device);
   return make_cuda_stream(device);
 }
 
 std::unique_ptr<Event> make_event(Device device, bool timing) {
-  if (device.is_cpu()) return make_cpu_event(timing);
+  if (device.is_cpu()) return make_cpu_event(timing, device);
   return make_cuda_event(device, timing);
 }
 

@@ -11,14 +11,23 @@
 
 namespace sp {
 
-std::string Device::str() const { return is_cpu() ? std::string("cpu") : "cuda:" + std::to_string(index); }
+std::string Device::str() const {
+  if (is_cpu()) return index == 0 ? std::string("cpu") : "cpu:" + std::to_string(index);
+  return "cuda:" + std::to_string(index);
+}
 
 Device Device::parse(const std::string& s) {
   if (s == "cpu") return cpu();
   if (s == "cuda") return cuda(0);
-  if (s.rfind("cuda:", 0) == 0 && s.size() > 5 && s.find_first_not_of("0123456789", 5) == std::string::npos)
-    return cuda(std::stoi(s.substr(5)));
-  throw Error("unknown device '" + s + "' (expected cpu, cuda or cuda:N)");
+  for (const std::string prefix : {"cpu:", "cuda:"}) {
+    const size_t n = prefix.size();
+    if (s.rfind(prefix, 0) == 0 && s.size() > n && s.size() <= n + 6 &&
+        s.find_first_not_of("0123456789", n) == std::string::npos) {
+      const int index = std::stoi(s.substr(n));
+      return prefix == "cpu:" ? cpu(index) : cuda(index);
+    }
+  }
+  throw Error("unknown device '" + s + "' (expected cpu, cpu:N, cuda or cuda:N)");
 }
 
 size_t dtype_size(DType t) {
@@ -58,7 +67,12 @@ int cuda_device_count() {
 }
 
 void require_device(Device d) {
-  if (d.is_cpu()) return;
+  if (d.is_cpu()) {
+    if (d.index < 0 || d.index >= Device::kMaxCpuDevices)
+      throw Error("device " + d.str() + ": the CPU emulates devices cpu:0 to cpu:" +
+                  std::to_string(Device::kMaxCpuDevices - 1));
+    return;
+  }
   if (!cuda_built()) throw Error("device " + d.str() + ": this build has no CUDA backend (configure with a CUDA toolkit)");
   const int n = cuda_device_count();
   if (n == 0) throw Error("device " + d.str() + ": no CUDA device is visible (no GPU, or no usable driver)");
@@ -68,7 +82,9 @@ void require_device(Device d) {
 }
 
 std::string device_description(Device d) {
-  if (d.is_cpu()) return "cpu (" + std::to_string(kernels::cpu::num_threads()) + " threads)";
+  if (d.is_cpu())
+    return (d.index == 0 ? std::string("cpu (") : d.str() + ", emulated on the cpu (") +
+           std::to_string(kernels::cpu::num_threads()) + " threads)";
 #if STALEPROP_WITH_CUDA
   cudaDeviceProp p{};
   if (cudaGetDeviceProperties(&p, d.index) == cudaSuccess) {

@@ -9,18 +9,23 @@ namespace sp {
 
 enum class DeviceType { CPU, CUDA };
 
+// cpu:N (N > 0) are emulated devices: they share the host's memory and threads, but each has
+// its own allocator, and its streams keep a device's rules (a stream records only its own
+// device's events; tensors of another device are refused by ops other than copies). They let
+// the CPU run and test the code paths of several GPUs, such as a pipeline over --devices.
 struct Device {
   DeviceType type = DeviceType::CPU;
   int index = 0;
 
-  static Device cpu() { return {DeviceType::CPU, 0}; }
+  static constexpr int kMaxCpuDevices = 16;  // cpu:0 .. cpu:15
+  static Device cpu(int i = 0) { return {DeviceType::CPU, i}; }
   static Device cuda(int i = 0) { return {DeviceType::CUDA, i}; }
   bool is_cpu() const { return type == DeviceType::CPU; }
   bool is_cuda() const { return type == DeviceType::CUDA; }
-  bool operator==(const Device& o) const { return type == o.type && (type == DeviceType::CPU || index == o.index); }
+  bool operator==(const Device& o) const { return type == o.type && index == o.index; }
   bool operator!=(const Device& o) const { return !(*this == o); }
-  std::string str() const;  // "cpu" or "cuda:N"
-  // Parses "cpu", "cuda", "cuda:N"; throws sp::Error otherwise.
+  std::string str() const;  // "cpu", "cpu:N" (N > 0) or "cuda:N"
+  // Parses "cpu", "cpu:N", "cuda", "cuda:N"; throws sp::Error otherwise.
   static Device parse(const std::string& s);
 };
 
@@ -33,8 +38,8 @@ const char* dtype_name(DType t);
 bool cuda_built();
 // Number of CUDA devices visible now; 0 without a GPU or without the CUDA backend.
 int cuda_device_count();
-// Throws sp::Error, saying why, unless `d` can be used here: the CPU always; cuda:N when this
-// build has the CUDA backend and GPU N is visible.
+// Throws sp::Error, saying why, unless `d` can be used here: cpu:N for N < kMaxCpuDevices
+// always; cuda:N when this build has the CUDA backend and GPU N is visible.
 void require_device(Device d);
 // A device in words, for logs and results: "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)", or for the
 // CPU "cpu (N threads)".

@@ -381,6 +381,53 @@ TEST(Pipeline, EpochsOfAnyLengthEachRunEveryBatchOnce) {
   }
 }
 
+// --devices: each module on its own (emulated) device, none of them the one the network was
+// built on. The blocks move to their module's device, the queues copy across devices with
+// events of the right devices (a stream records only its own device's events), and the
+// evaluation hands the activations from device to device; with random stream delays, every
+// bit must equal the one-device run.
+TEST(Pipeline, ModulesOnSeparateDevicesChangeNoBit) {
+  const Batches data = make_batches(7, 4, 3, 29);
+  const Batches held_out = make_batches(3, 4, 2, 31);
+  for (PipelineMethod m : kMethods) {
+    auto run = [&](bool spread) {
+      PipelineConfig c = config(m, {1, 2, 4}, 0.5f);
+      if (spread) {
+        c.devices = {Device::cpu(1), Device::cpu(2), Device::cpu(3), Device::cpu(4)};
+        c.stream_options.jitter_max_us = 200;
+        c.stream_options.seed = 5;
+      }
+      Network net = mini_resnet(1);
+      PipelineTrainer p(net, c);
+      std::vector<float> losses;
+      for (int e = 0; e < 2; ++e) {
+        const PipelineEpochStats st = p.run_epoch(source_of(data), lr_at);
+        losses.push_back(float(st.train.loss_sum));
+      }
+      const StepStats ev = p.evaluate(source_of(held_out));
+      EXPECT_EQ(ev.samples, 4 + 4 + 2);
+      losses.push_back(float(ev.loss_sum));
+      losses.push_back(float(ev.correct));
+      if (spread)
+        for (int k = 0; k < 4; ++k) {
+          const auto [first, last] = p.blocks(k);
+          for (size_t b = first; b < last; ++b) {
+            ModuleState block;
+            net.block(b).collect("", block);
+            for (auto& [name, param] : block.params)
+              EXPECT_EQ(param->value.device(), Device::cpu(k + 1)) << name << " of module " << k + 1;
+          }
+        }
+      std::vector<float> out = flat_params(net);
+      out.insert(out.end(), losses.begin(), losses.end());
+      return out;
+    };
+    const std::vector<float> one = run(false), spread = run(true);
+    ASSERT_EQ(one.size(), spread.size());
+    EXPECT_EQ(std::memcmp(one.data(), spread.data(), one.size() * sizeof(float)), 0) << pipeline_method_name(m);
+  }
+}
+
 TEST(Pipeline, DelaysFollowTheMethod) {
   Network net = mini_resnet(1);
   PipelineTrainer fdg(net, config(PipelineMethod::FDG, {1, 2, 4}));

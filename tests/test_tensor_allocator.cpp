@@ -290,6 +290,46 @@ TEST(Tensor, DtypesAndDevices) {
   EXPECT_EQ(Device::cuda(2).str(), "cuda:2");
   EXPECT_THROW(Device::parse("gpu"), Error);
   EXPECT_THROW(Device::parse("cuda:x"), Error);
+  // Emulated CPU devices: cpu is cpu:0, and cpu:N is another device.
+  EXPECT_EQ(Device::parse("cpu:0"), Device::cpu());
+  EXPECT_EQ(Device::parse("cpu:3"), Device::cpu(3));
+  EXPECT_NE(Device::cpu(1), Device::cpu());
+  EXPECT_EQ(Device::cpu(3).str(), "cpu:3");
+  EXPECT_EQ(Device::cpu().str(), "cpu");
+  EXPECT_THROW(Device::parse("cpu:"), Error);
+  EXPECT_THROW(Device::parse("cpu:-1"), Error);
+  EXPECT_THROW(Device::parse("cpu:99999999999"), Error);
+  EXPECT_NO_THROW(require_device(Device::cpu(Device::kMaxCpuDevices - 1)));
+  test::expect_error<Error>([] { require_device(Device::parse("cpu:16")); }, {"cpu:16", "cpu:0 to cpu:15"});
+}
+
+// cpu:N keeps a device's boundaries: its own allocator, ops refuse another device's tensors,
+// copies cross, and a stream records only its own device's events (it waits on any).
+TEST(Tensor, EmulatedCpuDevicesKeepTheirBoundaries) {
+  const Device d1 = Device::cpu(1), d2 = Device::cpu(2);
+  auto s1 = make_stream(d1), s2 = make_stream(d2);
+  EXPECT_EQ(s1->device(), d1);
+  const size_t held1 = device_allocator(d1).stats().allocated_bytes;
+  const size_t held2 = device_allocator(d2).stats().allocated_bytes;
+  Tensor a = Tensor::empty({1000}, DType::F32, d1, s1.get());
+  EXPECT_EQ(a.device(), d1);
+  EXPECT_GE(device_allocator(d1).stats().allocated_bytes, held1 + 4000);
+  EXPECT_EQ(device_allocator(d2).stats().allocated_bytes, held2);
+  ops::fill(*s1, a, 2.5f);
+  // An op on cpu:2's stream refuses cpu:1's tensor, as a GPU's would another GPU's.
+  Tensor b = Tensor::empty({1000}, DType::F32, d2, s2.get());
+  test::expect_error<ShapeError>([&] { ops::scale(*s2, 2.f, a, b); }, {"not on the stream's device cpu:2", "cpu:1"});
+  // A copy crosses, ordered by an event of the producer's device.
+  auto done1 = make_event(d1);
+  s1->record(*done1);
+  s2->wait(*done1);
+  ops::copy(*s2, a, b);
+  ops::scale(*s2, 2.f, b, b);
+  s2->synchronize();
+  for (int64_t i = 0; i < b.numel(); ++i) ASSERT_EQ(b.at<float>(i), 5.f) << i;
+  // A stream cannot record another device's event.
+  test::expect_error<Error>([&] { s2->record(*done1); }, {"record: event on cpu:1, stream on cpu:2"});
+  s1->synchronize();
 }
 
 TEST(PinnedBuffer, ProvidesUsableHostMemory) {

@@ -494,6 +494,45 @@ TEST(Training, GraphsChangeNoBitOfADecoupledRun) {
   expect_same_tensors(dir.file("eager.safetensors"), dir.file("graphs.safetensors"));
 }
 
+// --devices on emulated CPU devices: the modules' weights live on three devices, the checkpoint
+// gathers them, a resume puts them back, and every bit equals the one-device run; plain backprop
+// on --device cpu:2 equals the one on cpu.
+TEST(Training, ModulesOnEmulatedDevicesTrainAndResumeAsOnOne) {
+  const data::Dataset train = synthetic_set(64, 13), test = synthetic_set(20, 14);
+  TempDir dir;
+  train::TrainConfig one = small_config();
+  one.method = "fdg";
+  one.split_at = "4,7";
+  one.shrink = 0.5f;
+  one.checkpoint = dir.file("one-{epoch}.safetensors");
+  const train::TrainResult a = train::run_training(one, train, test);
+  train::TrainConfig spread = one;
+  spread.devices = {"cpu:1", "cpu:2", "cpu:3"};
+  spread.checkpoint = dir.file("spread-{epoch}.safetensors");
+  const train::TrainResult b = train::run_training(spread, train, test);
+  ASSERT_EQ(a.epochs.size(), 2u);
+  ASSERT_EQ(b.epochs.size(), 2u);
+  for (size_t e = 0; e < 2; ++e) {
+    EXPECT_EQ(a.epochs[e].train_loss, b.epochs[e].train_loss) << "epoch " << e;
+    EXPECT_EQ(a.epochs[e].test_acc, b.epochs[e].test_acc) << "epoch " << e;
+  }
+  expect_same_tensors(dir.file("one-2.safetensors"), dir.file("spread-2.safetensors"));
+  train::TrainConfig rest = spread;
+  rest.resume = dir.file("spread-1.safetensors");
+  rest.checkpoint = dir.file("rest-{epoch}.safetensors");
+  train::run_training(rest, train, test);
+  expect_same_tensors(dir.file("one-2.safetensors"), dir.file("rest-2.safetensors"));
+
+  train::TrainConfig bp = small_config();
+  bp.epochs = 1;
+  bp.checkpoint = dir.file("bp-cpu.safetensors");
+  train::run_training(bp, train, test);
+  bp.device = "cpu:2";
+  bp.checkpoint = dir.file("bp-cpu2.safetensors");
+  train::run_training(bp, train, test);
+  expect_same_tensors(dir.file("bp-cpu.safetensors"), dir.file("bp-cpu2.safetensors"));
+}
+
 // staleprop bench / study: throughput on synthetic data, per-module busy shares, memory.
 TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   train::BenchConfig c;
