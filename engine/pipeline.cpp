@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <deque>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <set>
@@ -108,7 +109,33 @@ struct PipelineTrainer::Stage {
   std::unique_ptr<Event> tick_end[2];
   std::unique_ptr<Event> input_copied;  // module 1: the source's views may be reused after it
   std::unique_ptr<Event> epoch_start;
-  std::vector<TimedStage> timed;
+  std::deque<TimedStage> timed;                      // recorded, not read yet (in tick order)
+  std::vector<std::unique_ptr<Event>> spare_timing;  // read, to be recorded again
+  int64_t timing_events_made = 0;
+
+  // Timing events are reused once read, so a steady epoch creates none (cudaEventCreate and
+  // cudaEventDestroy per unit and tick would be host time on the pipeline's critical path).
+  std::unique_ptr<Event> timing_event() {
+    if (spare_timing.empty()) {
+      ++timing_events_made;
+      return make_event(device, true);
+    }
+    std::unique_ptr<Event> e = std::move(spare_timing.back());
+    spare_timing.pop_back();
+    return e;
+  }
+  // Reads the stages of ticks up to `through_tick`, whose work has completed, into `stats`.
+  void read_timings(int64_t through_tick, PipelineEpochStats& stats) {
+    while (!timed.empty() && timed.front().tick <= through_tick) {
+      TimedStage& t = timed.front();
+      const double start = t.start->elapsed_ms_since(*epoch_start), dur = t.end->elapsed_ms_since(*t.start);
+      stats.busy_ms[size_t(index)] += dur;
+      stats.stages.push_back({index, t.tick, t.batch, t.stage, start, dur});
+      spare_timing.push_back(std::move(t.start));
+      spare_timing.push_back(std::move(t.end));
+      timed.pop_front();
+    }
+  }
   std::vector<PendingLoss> pending;  // module K
   std::vector<Parameter*> params;     // this module's parameters
   std::vector<int64_t*> counters;     // ... and host-side counters (BN num_batches_tracked)
@@ -363,7 +390,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     arena = st.fwd_arenas[phase].get();
     if (!unit->graph) arena->reset();
   }
-  TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, in.batch,
+  TimedStage timed{st.timing_event(), st.timing_event(), tick, in.batch,
                    k == last ? "fwd+loss+bwd" : "fwd"};
   NvtxRange range("module " + std::to_string(k + 1) + " " + timed.stage + " batch " + std::to_string(in.batch));
   // The wait for the input comes before the start event, so busy time excludes it (the wait
@@ -507,7 +534,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
     const int64_t batch = slot->batch;
     const InFlight& f = oldest_inflight(k, batch);
     Unit* unit = f.steady ? &st.bwd_units[size_t(tick % st.period)] : nullptr;
-    TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, batch, "bwd"};
+    TimedStage timed{st.timing_event(), st.timing_event(), tick, batch, "bwd"};
     NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(batch));
     s.wait(*grad_[size_t(k)]->slots[(tick - gradient_latency_) % 2].ready);  // not counted as busy
     s.record(*timed.start);
@@ -561,7 +588,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
   ReceivedGradient ready = std::move(st.gradients.front());
   st.gradients.pop_front();
   oldest_inflight(k, ready.batch);  // checked before any work is enqueued
-  TimedStage timed{make_event(st.device, true), make_event(st.device, true), tick, ready.batch, "bwd"};
+  TimedStage timed{st.timing_event(), st.timing_event(), tick, ready.batch, "bwd"};
   NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(ready.batch));
   s.record(*timed.start);
   backward_and_step(k, tick, ready.batch, ready.dy, lr);
@@ -659,6 +686,7 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   for (int64_t tick = 0; !(source_done && stages_[0]->inflight.empty()); ++tick) {
     // At most two ticks of work are queued ahead of each stream.
     for (auto& st : stages_) st->tick_end[tick % 2]->synchronize();
+    for (auto& st : stages_) st->read_timings(tick - 2, stats);  // tick - 2 ended with that record
     const size_t events_before = ledger_.size();
     if (cfg_.method == PipelineMethod::FDG) {
       for (int k = 0; k + 1 < K; ++k) backward_phase(k, tick, lr);
@@ -680,13 +708,10 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   for (auto& st : stages_) st->stream->synchronize();
   stats.wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - wall_start).count();
   for (auto& st : stages_) {
-    for (const TimedStage& t : st->timed) {
-      const double start = t.start->elapsed_ms_since(*st->epoch_start), dur = t.end->elapsed_ms_since(*t.start);
-      stats.busy_ms[size_t(st->index)] += dur;
-      stats.stages.push_back({st->index, t.tick, t.batch, t.stage, start, dur});
-    }
-    st->timed.clear();
+    st->read_timings(std::numeric_limits<int64_t>::max(), stats);
     st->pending.clear();
+    stats.timing_events_made += st->timing_events_made;
+    st->timing_events_made = 0;
   }
   return stats;
 }

@@ -140,6 +140,7 @@ struct PipelineEpochStats {
   std::vector<double> busy_ms;  // per module: time spent computing (queues' waits excluded)
   std::vector<StageTiming> stages;
   size_t peak_saved_bytes = 0;  // most activation memory held for in-flight batches at once
+  int64_t timing_events_made = 0;  // events created to time stages (read ones are reused)
 };
 
 class PipelineTrainer {

@@ -428,6 +428,28 @@ TEST(Pipeline, ModulesOnSeparateDevicesChangeNoBit) {
   }
 }
 
+// Each unit of work is timed by two events; read once its tick has completed, they are recorded
+// again later, so only the first ticks create events.
+TEST(Pipeline, TimingEventsAreReusedOnceRead) {
+  const Batches data = make_batches(10, 4, 0, 37);
+  for (PipelineMethod m : kMethods) {
+    Network net = mini_resnet(1);
+    PipelineTrainer p(net, config(m, {1, 3}));
+    for (int e = 0; e < 2; ++e) {
+      const PipelineEpochStats st = p.run_epoch(source_of(data), lr_at);
+      // Every batch: a forward in each of the 3 modules and a backward in the lower 2.
+      ASSERT_EQ(st.stages.size(), 10u * 5u) << pipeline_method_name(m);
+      for (const StageTiming& t : st.stages) EXPECT_GE(t.duration_ms, 0.0);
+      // Unread while tick t is enqueued: ticks t-1 and t (it reads those up to t-2 first), at
+      // most two units per module and tick, two events each.
+      if (e == 0)
+        EXPECT_LE(st.timing_events_made, 2 * 2 * 2 * 3) << pipeline_method_name(m);
+      else
+        EXPECT_EQ(st.timing_events_made, 0) << pipeline_method_name(m);
+    }
+  }
+}
+
 TEST(Pipeline, DelaysFollowTheMethod) {
   Network net = mini_resnet(1);
   PipelineTrainer fdg(net, config(PipelineMethod::FDG, {1, 2, 4}));
