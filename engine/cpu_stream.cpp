@@ -49,7 +49,8 @@ class CpuEvent final : public Event {
   }
   float elapsed_ms_since(Event& start) override {
     auto* s = dynamic_cast<CpuEvent*>(&start);
-    SP_CHECK(s != nullptr, "elapsed_ms_since: events of different devices");
+    SP_CHECK(s != nullptr && s->device_ == device_, "elapsed_ms_since: events of different devices (",
+             start.device().str(), " and ", device_.str(), ")");
     SP_CHECK(timing_ && s->timing_, "elapsed_ms_since: both events must be created with timing = true");
     SP_CHECK(query() && s->query(), "elapsed_ms_since: both events must have completed");
     Clock::time_point a, b;
@@ -89,8 +90,10 @@ class CpuGraph final : public Graph {
     std::function<void()> fn;              // Host
     std::shared_ptr<CpuEventState> event;  // Record, Wait
   };
+  explicit CpuGraph(Device device) : device(device) {}
   void launch(Stream& s) override;
   size_t size() const override { return nodes.size(); }
+  Device device;  // of the stream it was captured on
   std::vector<Node> nodes;
 };
 
@@ -160,7 +163,7 @@ class CpuStream final : public Stream {
 
   void begin_capture() override {
     SP_CHECK(!capture_, "begin_capture: the stream is already capturing");
-    capture_ = std::make_unique<CpuGraph>();
+    capture_ = std::make_unique<CpuGraph>(device_);
     capturing_ = true;
   }
 
@@ -293,7 +296,8 @@ class CpuStream final : public Stream {
 
 void CpuGraph::launch(Stream& s) {
   auto* cs = dynamic_cast<CpuStream*>(&s);
-  SP_CHECK(cs != nullptr, "a CPU graph can only be launched on a CPU stream, not on ", s.device().str());
+  SP_CHECK(cs != nullptr && s.device() == device, "a graph captured on ", device.str(),
+           " can only be launched on a stream of that device, not on ", s.device().str());
   SP_CHECK(!cs->capturing(), "launching a graph into a capturing stream is not supported");
   for (const Node& n : nodes) {
     switch (n.kind) {

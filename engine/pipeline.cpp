@@ -413,8 +413,10 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     CaptureGuard guard(s, capture);
     // Eagerly, a lower module's busy time ends before its output is handed over: on the CPU
     // emulation the consumer may start before the producer's thread gets round to recording
-    // a later event, which would show the locked modules overlapping. (A captured unit keeps
-    // its end after the graph: an event recorded inside would be baked into the graph.)
+    // a later event, which would show the locked modules overlapping. (Captured and replayed
+    // units record their end after the graph, whose hand-over is inside it, since an event
+    // recorded in a capture is baked into the graph; on the CPU with --graphs, a preempted
+    // producer can still show such overlap. On a GPU the two records are microseconds apart.)
     if (!capture && k < last) end_recorded = true;
     enqueue_forward(k, tick, in, unit != nullptr, lr, end_recorded ? timed.end.get() : nullptr);
     if (capture) {

@@ -39,6 +39,10 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, const Strea
   Tensor t;
   t.storage_ = std::make_shared<Storage>();
   t.storage_->bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
+  // A block is keyed to a stream of its own device: that device's allocator retires it with
+  // the stream (allocator.h).
+  SP_CHECK(stream == nullptr || stream->device() == device, "Tensor::empty on ", device.str(), " keyed to a stream on ",
+           stream->device().str());
   if (Arena* arena = stream ? stream->arena() : nullptr) {
     // Graph-safe memory (allocator.h): the arena owns it and the tensor views it, or, while a
     // Planned arena records, the tensor owns a block and tells the arena when it is let go.

@@ -390,8 +390,9 @@ TEST(Pipeline, ModulesOnSeparateDevicesChangeNoBit) {
   const Batches data = make_batches(7, 4, 3, 29);
   const Batches held_out = make_batches(3, 4, 2, 31);
   for (PipelineMethod m : kMethods) {
-    auto run = [&](bool spread) {
+    auto run = [&](bool spread, bool graphs = false) {
       PipelineConfig c = config(m, {1, 2, 4}, 0.5f);
+      c.graphs = graphs;
       if (spread) {
         c.devices = {Device::cpu(1), Device::cpu(2), Device::cpu(3), Device::cpu(4)};
         c.stream_options.jitter_max_us = 200;
@@ -422,9 +423,15 @@ TEST(Pipeline, ModulesOnSeparateDevicesChangeNoBit) {
       out.insert(out.end(), losses.begin(), losses.end());
       return out;
     };
+    const int64_t jittered = cpu_stream_jittered_closures();
     const std::vector<float> one = run(false), spread = run(true);
+    EXPECT_GT(cpu_stream_jittered_closures() - jittered, 100) << "delays were injected";
     ASSERT_EQ(one.size(), spread.size());
     EXPECT_EQ(std::memcmp(one.data(), spread.data(), one.size() * sizeof(float)), 0) << pipeline_method_name(m);
+    // Captured ticks replay on their module's device.
+    const std::vector<float> replayed = run(true, true);
+    EXPECT_EQ(std::memcmp(one.data(), replayed.data(), one.size() * sizeof(float)), 0)
+        << pipeline_method_name(m) << " with graphs";
   }
 }
 

@@ -327,9 +327,22 @@ TEST(Tensor, EmulatedCpuDevicesKeepTheirBoundaries) {
   ops::scale(*s2, 2.f, b, b);
   s2->synchronize();
   for (int64_t i = 0; i < b.numel(); ++i) ASSERT_EQ(b.at<float>(i), 5.f) << i;
-  // A stream cannot record another device's event.
+  // A stream cannot record another device's event, nor key a block of another device.
   test::expect_error<Error>([&] { s2->record(*done1); }, {"record: event on cpu:1, stream on cpu:2"});
+  test::expect_error<Error>([&] { Tensor::empty({4}, DType::F32, d1, s2.get()); }, {"keyed to a stream on cpu:2"});
+  // A graph replays on its own device; timing spans one device.
+  s1->begin_capture();
+  ops::fill(*s1, a, 1.f);
+  std::unique_ptr<Graph> g = s1->end_capture();
+  test::expect_error<Error>([&] { g->launch(*s2); }, {"captured on cpu:1", "not on cpu:2"});
+  g->launch(*s1);
+  auto t1 = make_event(d1, true), t2 = make_event(d2, true);
+  s1->record(*t1);
+  s2->record(*t2);
   s1->synchronize();
+  s2->synchronize();
+  EXPECT_EQ(a.at<float>(999), 1.f);
+  test::expect_error<Error>([&] { t2->elapsed_ms_since(*t1); }, {"events of different devices"});
 }
 
 TEST(PinnedBuffer, ProvidesUsableHostMemory) {

@@ -508,20 +508,51 @@ TEST(Training, ModulesOnEmulatedDevicesTrainAndResumeAsOnOne) {
   const train::TrainResult a = train::run_training(one, train, test);
   train::TrainConfig spread = one;
   spread.devices = {"cpu:1", "cpu:2", "cpu:3"};
+  spread.device = "cpu:1";  // as the command line defaults it
   spread.checkpoint = dir.file("spread-{epoch}.safetensors");
+  spread.metrics = dir.file("spread.jsonl");
   const train::TrainResult b = train::run_training(spread, train, test);
+  // The modules' memory was on their devices, each reported.
+  std::ifstream metrics(spread.metrics);
+  std::string line, last_epoch;
+  while (std::getline(metrics, line))
+    if (line.find("\"event\":\"epoch\"") != std::string::npos) last_epoch = line;
+  for (const char* d : {"cpu:1", "cpu:2", "cpu:3"}) {
+    const size_t at = last_epoch.find("\"" + std::string(d) + "\":");
+    ASSERT_NE(at, std::string::npos) << d << " in " << last_epoch;
+    EXPECT_GT(std::stoll(last_epoch.substr(at + std::strlen(d) + 3)), 1 << 20) << d << " in " << last_epoch;
+  }
   ASSERT_EQ(a.epochs.size(), 2u);
   ASSERT_EQ(b.epochs.size(), 2u);
   for (size_t e = 0; e < 2; ++e) {
     EXPECT_EQ(a.epochs[e].train_loss, b.epochs[e].train_loss) << "epoch " << e;
+    EXPECT_EQ(a.epochs[e].test_loss, b.epochs[e].test_loss) << "epoch " << e;
     EXPECT_EQ(a.epochs[e].test_acc, b.epochs[e].test_acc) << "epoch " << e;
   }
   expect_same_tensors(dir.file("one-2.safetensors"), dir.file("spread-2.safetensors"));
+  // A checkpoint of either layout resumes in the other.
   train::TrainConfig rest = spread;
-  rest.resume = dir.file("spread-1.safetensors");
+  rest.resume = dir.file("one-1.safetensors");
   rest.checkpoint = dir.file("rest-{epoch}.safetensors");
+  rest.metrics.clear();
   train::run_training(rest, train, test);
   expect_same_tensors(dir.file("one-2.safetensors"), dir.file("rest-2.safetensors"));
+  train::TrainConfig back = one;
+  back.resume = dir.file("spread-1.safetensors");
+  back.checkpoint = dir.file("back-{epoch}.safetensors");
+  train::run_training(back, train, test);
+  expect_same_tensors(dir.file("one-2.safetensors"), dir.file("back-2.safetensors"));
+  const train::EvalResult ev = train::evaluate_checkpoint(dir.file("spread-2.safetensors"), "", "cpu:2", test, 16);
+  EXPECT_EQ(ev.accuracy, b.epochs[1].test_acc);
+
+  // The run sets up, evaluates and checkpoints through --device, which must be of the modules' kind.
+  train::TrainConfig mixed = spread;
+  mixed.device = "cpu";
+  mixed.devices = {"cuda:0", "cuda:1"};
+  test::expect_error<Error>([&] { train::run_training(mixed, train, test); },
+                            {"--devices cuda:0 and --device cpu must be the same kind", "give --device cuda:0"});
+  mixed.devices = {"cpu:2"};
+  test::expect_error<Error>([&] { train::run_training(mixed, train, test); }, {"--devices with one device is --device"});
 
   train::TrainConfig bp = small_config();
   bp.epochs = 1;

@@ -270,7 +270,13 @@ struct TrainArgs {
   int64_t train_limit = -1, test_limit = -1;
   int threads = 0;
   double time_limit = 0;
+  bool device_given = false;
 };
+
+// Without --device, a run over --devices is set up, evaluated and checkpointed on the first.
+void default_device_to_devices(TrainArgs& a) {
+  if (!a.device_given && !a.c.devices.empty()) a.c.device = a.c.devices[0];
+}
 
 const char* kTrainWhat =
     "Trains a CIFAR ResNet on CIFAR-10, evaluating on the test set after every epoch: standard\nbackprop, or "
@@ -287,6 +293,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
   int64_t& train_limit = a.train_limit;
   int64_t& test_limit = a.test_limit;
   int& threads = a.threads;
+  bool& device_given = a.device_given;
   return {
       {"model", "NAME", model_list() + " (default resnet20)", [&](const std::string& v) { c.model = v; }},
       {"epochs", "N", "epochs (default 1)", [&](const std::string& v) { c.epochs = int(positive("epochs", std::stoll(v))); }},
@@ -305,7 +312,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
       {"seed", "S", "seed of initialisation, order and augmentation (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
       {"deterministic", "", "require bit-identical runs for a seed (the CPU reference and the custom CUDA kernels always are: fixed reduction orders, no float atomics; with --kernels vendor it restricts cuDNN to deterministic algorithms)", [&](const std::string&) { c.deterministic = true; }},
-      {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device (default cpu)", [&](const std::string& v) { c.device = v; }},
+      {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device: where the network is built, evaluated and checkpointed (default the first of --devices, else cpu)", [&](const std::string& v) { c.device = v; device_given = true; }},
       {"data", "DIR", "CIFAR-10 binary directory (default $CIFAR10_DIR, else ./data/cifar-10-batches-bin)", [&](const std::string& v) { data_dir = v; }},
       {"train-limit", "N", "use only the first N training images (default all)", [&](const std::string& v) { train_limit = positive("train-limit", std::stoll(v)); }},
       {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { test_limit = positive("test-limit", std::stoll(v)); }},
@@ -392,6 +399,7 @@ int train_main(int argc, char** argv) {
   TrainArgs a;
   if (!parse_flags("train", kTrainWhat, train_flags(a), argc, argv)) return 0;
   sp::train::TrainConfig& c = a.c;
+  default_device_to_devices(a);
   c.deadline = sp::train::deadline_after(a.time_limit);
   if (a.threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(a.threads).c_str(), 1);
   const std::string dir = sp::data::resolve_cifar10_dir(a.data_dir);
@@ -452,6 +460,7 @@ int sweep_main(int argc, char** argv) {
       std::vector<char*> argv_job;
       for (std::string& w : words) argv_job.push_back(w.data());
       parse_flags("train", kTrainWhat, train_flags(a), int(argv_job.size()), argv_job.data());
+      default_device_to_devices(a);
       // The CPU threads are the process's: jobs may name them (as train does) if they agree.
       if (a.threads > 0) {
         SP_CHECK(threads == 0 || threads == a.threads, "--threads ", a.threads, " differs from the sweep's ",

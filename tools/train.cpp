@@ -152,7 +152,17 @@ LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch) {
 
 void check_device_options(const TrainConfig& cfg, Device dev) {
   require_device(dev);
-  for (const std::string& d : cfg.devices) require_device(Device::parse(d));
+  for (const std::string& d : cfg.devices) {
+    const Device m = Device::parse(d);
+    // The network is built, its cuts measured, and it is evaluated and checkpointed through
+    // --device: a stream of the modules' kind (a CUDA stream copies to and from a GPU).
+    SP_CHECK(m.type == dev.type, "--devices ", d, " and --device ", dev.str(), " must be the same kind (",
+             "the run sets up, evaluates and checkpoints the modules through --device): give --device ",
+             Device{m.type, 0}.str());
+    require_device(m);
+  }
+  SP_CHECK(cfg.devices.size() != 1 || Device::parse(cfg.devices[0]) == dev, "--devices with one device is --device ",
+           cfg.devices.empty() ? "" : cfg.devices[0], ": give that (or one device per module)");
   SP_CHECK(cfg.precision == "fp32" || cfg.precision == "bf16", "--precision must be fp32 or bf16, got '",
            cfg.precision, "'");
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
@@ -345,9 +355,21 @@ struct Run {
     // Peak memory of the device's caching allocator during the epoch's training (since
     // begin_epoch_peak()): tensors in use, and blocks held from the backend. Beside other runs,
     // the tensors are this run's own (allocated on its thread) and the blocks the process's.
-    AllocatorStats mem = device_allocator(device).stats();
-    if (shares_allocator())
-      mem.peak_allocated_bytes = device_allocator(device).owner_stats(owner.id()).peak_allocated_bytes;
+    // With --devices, each device's peak, and their sum as the run's.
+    AllocatorStats mem;
+    std::string by_device, per_device_text;
+    const std::vector<Device> devices = memory_devices();
+    for (const Device d : devices) {
+      const AllocatorStats m = device_allocator(d).stats();
+      const size_t peak =
+          shares_allocator() ? device_allocator(d).owner_stats(owner.id()).peak_allocated_bytes : m.peak_allocated_bytes;
+      mem.peak_allocated_bytes += peak;
+      mem.peak_reserved_bytes += m.peak_reserved_bytes;
+      by_device += (by_device.empty() ? "" : ",") + ("\"" + d.str() + "\":" + std::to_string(peak));
+      per_device_text += (per_device_text.empty() ? " (" : ", ") + d.str() + " " +
+                         std::to_string(std::llround(double(peak) / (1 << 20)));
+    }
+    per_device_text = devices.size() > 1 ? per_device_text + ")" : "";
     if (test_set.size() > 0) {
       const StepStats t = eval();
       er.test_loss = t.mean_loss();
@@ -361,10 +383,10 @@ struct Run {
     if (!progress.quiet()) {
       std::fprintf(out.get(),
                    "epoch %d/%d: train loss %.4f acc %.2f%% | test loss %.4f acc %.2f%% | %.0f img/s%s | train peak "
-                   "mem %.0f MiB | %s elapsed\n",
+                   "mem %.0f MiB%s | %s elapsed\n",
                    epoch + 1, cfg.epochs, er.train_loss, 100 * er.train_acc, er.test_loss, 100 * er.test_acc,
                    er.images_per_s, extra.c_str(), double(mem.peak_allocated_bytes) / (1 << 20),
-                   fmt_duration(er.elapsed_s).c_str());
+                   per_device_text.c_str(), fmt_duration(er.elapsed_s).c_str());
       std::fflush(out.get());
     }
     metrics.write("{\"event\":\"epoch\",\"epoch\":" + std::to_string(epoch + 1) + ",\"step\":" +
@@ -374,6 +396,7 @@ struct Run {
                   json_number(er.images_per_s) + ",\"elapsed_s\":" + json_number(er.elapsed_s) +
                   ",\"peak_allocated_bytes\":" + std::to_string(mem.peak_allocated_bytes) +
                   ",\"peak_reserved_bytes\":" + std::to_string(mem.peak_reserved_bytes) +
+                  (devices.size() > 1 ? ",\"peak_allocated_bytes_by_device\":{" + by_device + "}" : "") +
                   (cfg.max_concurrent_runs > 1
                        ? ",\"max_concurrent_runs\":" + std::to_string(cfg.max_concurrent_runs)
                        : "") +
@@ -382,13 +405,25 @@ struct Run {
 
   bool shares_allocator() const { return cfg.max_concurrent_runs > 1; }
 
-  // Starts the epoch's peak memory: the allocator's, or beside other runs this run's own (the
+  // The devices whose allocators hold this run's memory: --device, and each of --devices.
+  std::vector<Device> memory_devices() const {
+    std::vector<Device> out{device};
+    for (const std::string& name : cfg.devices) {
+      const Device d = Device::parse(name);
+      if (std::find(out.begin(), out.end(), d) == out.end()) out.push_back(d);
+    }
+    return out;
+  }
+
+  // Starts the epoch's peak memory: the allocators', or beside other runs this run's own (the
   // process's peak is not reset under them).
   void begin_epoch_peak() {
-    if (shares_allocator())
-      device_allocator(device).reset_owner_peak(owner.id());
-    else
-      device_allocator(device).reset_peak();
+    for (const Device d : memory_devices()) {
+      if (shares_allocator())
+        device_allocator(d).reset_owner_peak(owner.id());
+      else
+        device_allocator(d).reset_peak();
+    }
   }
 
   bool interrupted() const { return cfg.interrupt && cfg.interrupt(); }
