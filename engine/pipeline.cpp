@@ -66,10 +66,15 @@ struct ReceivedGradient {
   Tensor dy;
 };
 
+// One stage of a unit of work, timed by events on its module's stream. Eagerly run units are
+// split at their hand-over: the stage that computes the message ends just before the message
+// is marked ready (so its consumer cannot seem to start before it ends), and the optimizer
+// step after a backward is a stage of its own, "step". A captured or replayed unit (--graphs)
+// is one stage: an event recorded inside a capture would be baked into the graph.
 struct TimedStage {
   std::unique_ptr<Event> start, end;
-  int64_t tick, batch;
-  const char* stage;
+  int64_t tick = 0, batch = 0;
+  const char* stage = "";
 };
 
 }  // namespace
@@ -399,6 +404,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   s.record(*timed.start);
   if (cfg_.graphs && k == last) ops::fill(s, st.lr, lr(st.steps));  // module K steps in this unit
   bool end_recorded = false;
+  TimedStage step;  // module K's optimizer step, in an eager unit
   if (unit && unit->graph) {
     unit->graph->launch(s);
     replayed_forward(k, tick, in.batch, *unit);
@@ -411,14 +417,17 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     if (capture)
       for (const int64_t* c : st.counters) before.push_back(*c);
     CaptureGuard guard(s, capture);
-    // Eagerly, a lower module's busy time ends before its output is handed over: on the CPU
-    // emulation the consumer may start before the producer's thread gets round to recording
-    // a later event, which would show the locked modules overlapping. (Captured and replayed
-    // units record their end after the graph, whose hand-over is inside it, since an event
-    // recorded in a capture is baked into the graph; on the CPU with --graphs, a preempted
-    // producer can still show such overlap. On a GPU the two records are microseconds apart.)
-    if (!capture && k < last) end_recorded = true;
-    enqueue_forward(k, tick, in, unit != nullptr, lr, end_recorded ? timed.end.get() : nullptr);
+    // Eagerly, the stage ends before its output is handed over (see TimedStage): on the CPU
+    // emulation the consumer could otherwise start before the producer's thread gets round to
+    // recording a later event, showing locked modules overlapping. (Captured and replayed
+    // units record their end after the graph, whose hand-over is inside it; on the CPU with
+    // --graphs a preempted producer can still show such overlap. On a GPU the two records are
+    // microseconds apart.)
+    if (!capture) {
+      end_recorded = true;
+      if (k == last) step = TimedStage{st.timing_event(), st.timing_event(), tick, in.batch, "step"};
+    }
+    enqueue_forward(k, tick, in, unit != nullptr, lr, end_recorded ? timed.end.get() : nullptr, step.start.get());
     if (capture) {
       unit->graph = s.end_capture();
       if (k < last) st.inflight.back().from_graph = true, unit->contexts = st.inflight.back().contexts;
@@ -444,9 +453,14 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   }
   if (!end_recorded) s.record(*timed.end);
   st.timed.push_back(std::move(timed));
+  if (step.end) {
+    s.record(*step.end);
+    st.timed.push_back(std::move(step));
+  }
 }
 
-void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr, Event* end) {
+void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr, Event* end,
+                                      Event* step_start) {
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
   const int last = num_modules() - 1;
@@ -480,7 +494,7 @@ void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool ste
   Tensor dlogits = new_activation(s, h.shape(), h.dtype());
   ops::softmax_cross_entropy(s, h, in.labels, cfg_.label_smoothing, pl.loss, dlogits, pl.correct);
   st.pending.push_back(pl);
-  backward_and_step(k, tick, in.batch, dlogits, lr);
+  backward_and_step(k, tick, in.batch, dlogits, lr, end, step_start);
 }
 
 void PipelineTrainer::replayed_forward(int k, int64_t tick, int64_t batch, const Unit& u) {
@@ -541,6 +555,8 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
     s.wait(*grad_[size_t(k)]->slots[(tick - gradient_latency_) % 2].ready);  // not counted as busy
     s.record(*timed.start);
     ops::fill(s, st.lr, lr(st.steps));
+    bool split = false;  // an eager unit: its step timed apart
+    TimedStage step;
     if (unit && unit->graph) {
       // The batch's forward phase was captured before this unit was, and replays ever since.
       SP_CHECK(f.from_graph, "pipeline: module ", k + 1, " would replay the backward of batch ", batch,
@@ -560,7 +576,9 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
       int64_t received = -1;
       receive(st, *grad_[size_t(k)], tick - gradient_latency_, false, &dy, &unused, &received);
       if (cfg_.shrink != 1.f) ops::scale(s, cfg_.shrink, dy, dy);
-      backward_and_step(k, tick, received, dy, lr);
+      split = !capture;
+      if (split) step = TimedStage{st.timing_event(), st.timing_event(), tick, received, "step"};
+      backward_and_step(k, tick, received, dy, lr, split ? timed.end.get() : nullptr, step.start.get());
       if (capture) {
         unit->graph = s.end_capture();
         unit->sent = k > 0 ? grad_[size_t(k) - 1]->slots[tick % 2].shape : Shape();
@@ -571,8 +589,12 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
         ++graph_stats_.eager;
       }
     }
-    s.record(*timed.end);
+    if (!split) s.record(*timed.end);
     st.timed.push_back(std::move(timed));
+    if (split) {
+      s.record(*step.end);
+      st.timed.push_back(std::move(step));
+    }
     return;
   }
   // Take delivery of the gradient sent to this module (freeing its slot at once) ...
@@ -592,14 +614,17 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
   oldest_inflight(k, ready.batch);  // checked before any work is enqueued
   TimedStage timed{st.timing_event(), st.timing_event(), tick, ready.batch, "bwd"};
   NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(ready.batch));
+  TimedStage step{st.timing_event(), st.timing_event(), tick, ready.batch, "step"};
   s.record(*timed.start);
-  backward_and_step(k, tick, ready.batch, ready.dy, lr);
-  s.record(*timed.end);
+  backward_and_step(k, tick, ready.batch, ready.dy, lr, timed.end.get(), step.start.get());
+  s.record(*step.end);
   st.timed.push_back(std::move(timed));
+  st.timed.push_back(std::move(step));
   ++graph_stats_.eager;
 }
 
-void PipelineTrainer::backward_and_step(int k, int64_t tick, int64_t batch, Tensor dy, const LrAt& lr) {
+void PipelineTrainer::backward_and_step(int k, int64_t tick, int64_t batch, Tensor dy, const LrAt& lr, Event* bwd_end,
+                                        Event* step_start) {
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
   InFlight f = take_inflight(k, tick, batch);
@@ -610,9 +635,11 @@ void PipelineTrainer::backward_and_step(int k, int64_t tick, int64_t batch, Tens
   for (size_t b = st.last; b-- > st.first;)
     g = net_.block(b).backward(s, g, f.contexts[b - st.first], b > st.first || k > 0);
   for (size_t i = 0; i < f.stash.size(); ++i) std::swap(st.params[i]->value, f.stash[i]);
-  if (k > 0) {
-    send(st, *grad_[size_t(k) - 1], tick, f.batch, g, Tensor());
-  }
+  if (k > 0)
+    send(st, *grad_[size_t(k) - 1], tick, f.batch, g, Tensor(), bwd_end);
+  else if (bwd_end)
+    s.record(*bwd_end);
+  if (step_start) s.record(*step_start);
   if (cfg_.graphs)
     st.opt->step(s, st.lr);  // the rate written into st.lr before the unit
   else

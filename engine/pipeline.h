@@ -129,7 +129,9 @@ struct PipelineEvent {
 struct StageTiming {
   int module;
   int64_t tick, batch;
-  std::string stage;  // "fwd", "bwd" (module K: "fwd+loss+bwd"), with the step inside bwd
+  // "fwd", "bwd" (module K: "fwd+loss+bwd"), and "step", the optimizer step after a backward;
+  // in a captured or replayed unit (--graphs) the step stays inside "bwd" / "fwd+loss+bwd".
+  std::string stage;
   double start_ms, duration_ms;  // relative to the epoch start on the module's stream
 };
 
@@ -209,10 +211,16 @@ class PipelineTrainer {
   static const Slot* incoming(const Queue& q, int64_t written_tick);
   void forward_phase(int k, int64_t tick, const BatchSource& source, bool& source_done, const LrAt& lr);
   // The forward unit's work after the input is at hand (module 1: staged; others: received).
-  void enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr, Event* end = nullptr);
+  // `end` is recorded just before the module's output (module K: its gradient) is marked
+  // ready, `step_start` before module K's optimizer step (eagerly timed units; see TimedStage).
+  void enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr, Event* end = nullptr,
+                       Event* step_start = nullptr);
   void backward_phase(int k, int64_t tick, const LrAt& lr);
   // Back-propagates `batch` (which must be the module's oldest in flight) and steps.
-  void backward_and_step(int k, int64_t tick, int64_t batch, Tensor dy, const LrAt& lr);
+  // `bwd_end` is recorded just before the input gradient is marked ready (module 1: after the
+  // backward), `step_start` before the optimizer step.
+  void backward_and_step(int k, int64_t tick, int64_t batch, Tensor dy, const LrAt& lr, Event* bwd_end = nullptr,
+                         Event* step_start = nullptr);
   // Host bookkeeping of a replayed unit (what the enqueueing code would have recorded).
   void replayed_forward(int k, int64_t tick, int64_t batch, const Unit& u);
   void replayed_backward(int k, int64_t tick, int64_t batch, const Shape& sent);

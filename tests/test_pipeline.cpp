@@ -444,13 +444,19 @@ TEST(Pipeline, TimingEventsAreReusedOnceRead) {
     PipelineTrainer p(net, config(m, {1, 3}));
     for (int e = 0; e < 2; ++e) {
       const PipelineEpochStats st = p.run_epoch(source_of(data), lr_at);
-      // Every batch: a forward in each of the 3 modules and a backward in the lower 2.
-      ASSERT_EQ(st.stages.size(), 10u * 5u) << pipeline_method_name(m);
-      for (const StageTiming& t : st.stages) EXPECT_GE(t.duration_ms, 0.0);
+      // Every batch: a forward in each of the 3 modules, a backward in the lower 2, and an
+      // optimizer step in each.
+      ASSERT_EQ(st.stages.size(), 10u * 8u) << pipeline_method_name(m);
+      std::map<std::string, int> by_stage;
+      for (const StageTiming& t : st.stages) {
+        EXPECT_GE(t.duration_ms, 0.0);
+        ++by_stage[t.stage];
+      }
+      EXPECT_EQ(by_stage, (std::map<std::string, int>{{"fwd", 20}, {"bwd", 20}, {"fwd+loss+bwd", 10}, {"step", 30}}));
       // Unread while tick t is enqueued: ticks t-1 and t (it reads those up to t-2 first), at
-      // most two units per module and tick, two events each.
+      // most three stages per module and tick (forward, backward, step), two events each.
       if (e == 0)
-        EXPECT_LE(st.timing_events_made, 2 * 2 * 2 * 3) << pipeline_method_name(m);
+        EXPECT_LE(st.timing_events_made, 2 * 3 * 2 * 3) << pipeline_method_name(m);
       else
         EXPECT_EQ(st.timing_events_made, 0) << pipeline_method_name(m);
     }

@@ -9,18 +9,23 @@ with device events) and prints, per file, as a Markdown table row:
     turns (the locked pipeline); K means all K run at once all the time.
 
     python3 tools/trace_overlap.py trace-resnet56-bp-K4.json trace-resnet56-fdg-K4.json
+
+`--skip NAME` (repeatable) leaves out the stages whose name starts with NAME: `--skip step`
+shows the overlap without the optimizer steps (which a locked module runs while the module
+below it already back-propagates). The stage names are staleprop's: "fwd", "bwd",
+"fwd+loss+bwd" and "step" (steps of units replayed from CUDA graphs stay inside "bwd").
 """
 import json
 import sys
 
 
-def module_intervals(path):
+def module_intervals(path, skip=()):
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
     spans = {}
     for e in events:
-        if e.get("ph") == "X":
+        if e.get("ph") == "X" and not any(e.get("name", "").startswith(p) for p in skip):
             spans.setdefault(e["tid"], []).append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
     return {tid: sorted(iv) for tid, iv in spans.items()}, names
 
@@ -52,14 +57,27 @@ def overlap(intervals):
     return last - first, busy, levels
 
 
-def main(paths):
+def main(args):
+    paths, skip = [], []
+    while args:
+        a = args.pop(0)
+        if a == "--skip":
+            if not args:
+                print("--skip needs a stage name", file=sys.stderr)
+                return 2
+            skip.append(args.pop(0))
+        elif a in ("-h", "--help"):
+            print(__doc__.strip())
+            return 0
+        else:
+            paths.append(a)
     if not paths:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     rows = []
     width = 0
     for path in paths:
-        intervals, names = module_intervals(path)
+        intervals, names = module_intervals(path, skip)
         span, busy, levels = overlap(intervals)
         if span <= 0:
             print(f"{path}: no module stages in the trace", file=sys.stderr)

@@ -18,8 +18,9 @@ sys.path.insert(0, HERE)
 from test_accuracy_table import check, write_cifar  # noqa: E402
 
 
-def table_rows(*paths):
-    p = subprocess.run([sys.executable, SCRIPT, *paths], capture_output=True, text=True)
+def table_rows(*paths, skip=()):
+    args = [a for name in skip for a in ("--skip", name)]
+    p = subprocess.run([sys.executable, SCRIPT, *args, *paths], capture_output=True, text=True)
     check(p.returncode == 0, "trace_overlap succeeds", p.stdout + p.stderr)
     rows = [l for l in p.stdout.splitlines() if l.startswith("| ") and not l.startswith("| trace")]
     return [[c.strip() for c in r.strip("|").split("|")] for r in rows]
@@ -55,11 +56,15 @@ def main():
             check(abs(sum(levels) - 100) <= 2, f"the levels cover the span: {row}")
             check(1.0 <= float(row[6]) + 0.02 and float(row[6]) <= 2.0, f"concurrency within 1..K: {row}")
         # The locked modules overlap only where module 2's optimizer step runs beside module 1's
-        # backward (0-1% of the span here, also with three busy loops beside it). A forward's busy
-        # time ends before its output is handed over; when it ended after, a preempted producer
-        # thread showed up to 6% of spurious overlap on CI's loaded machine.
-        check(float(bp[5]) <= 5, f"the locked pipeline's modules take turns: {bp}")
-        check(float(fdg[5]) > float(bp[5]), f"the decoupled modules overlap more than the locked ones: {fdg}")
+        # backward (0-1% of the span here). Timed by how fast a thread records an event, that
+        # share grows when the machine is loaded, so it is bounded loosely; without the steps,
+        # the stages are ordered by the queues' events (each ends before its message is marked
+        # ready), and no overlap at all is left, however loaded the machine.
+        check(float(bp[5]) <= 10, f"the locked pipeline's modules take turns: {bp}")
+        check(float(fdg[5]) > float(bp[5]) + 20, f"the decoupled modules overlap more than the locked ones: {fdg}")
+        bp_alone, fdg_alone = table_rows(*traces, skip=["step"])
+        check(float(bp_alone[5]) == 0 and float(bp_alone[6]) <= 1.0, f"without the steps, bp's modules never overlap: {bp_alone}")
+        check(float(fdg_alone[5]) > 20, f"without the steps, fdg's modules still overlap: {fdg_alone}")
     print("trace_overlap: all checks passed")
 
 
