@@ -61,11 +61,13 @@ TEST(OpProfile, CountsEachOpPerShapeAndTimesItOnItsStream) {
   EXPECT_EQ(fill->calls, 3);
   EXPECT_EQ(fill->shapes, "f32 [10]");
   // Most expensive first; the 0.6 GFLOP convolutions dwarf a 10-element fill and the 64x
-  // smaller convolution. (Not with the race-hunting stream jitter, which sleeps inside ops.)
+  // smaller convolution. The margins leave room for a thread preempted for a few time slices
+  // on a loaded machine while still catching times given to the wrong op. (Not with the
+  // race-hunting stream jitter, which sleeps inside ops.)
   EXPECT_EQ(&times[0], big);
   if (std::getenv("STALEPROP_CPU_STREAM_JITTER_US") == nullptr) {
-    EXPECT_GT(big->ms, 20 * fill->ms);
-    EXPECT_GT(big->ms / 3, 4 * little->ms);
+    EXPECT_GT(big->ms, 3 * fill->ms);
+    EXPECT_GT(big->ms / 3, little->ms);
   }
   // One stream runs one op at a time: the op times fit in the wall time of the work.
   EXPECT_LE(total_ms(times), wall * 1.001 + 0.01);

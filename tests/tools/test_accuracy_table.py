@@ -131,7 +131,7 @@ def main():
 
         # The budget itself stops a long cell at an epoch boundary, and the next call resumes it.
         long = ["--staleprop", staleprop, "--out", os.path.join(tmp, "long"), "--models", "resnet20", "--splits",
-                "2", "--methods", "fdg", "--epochs", "400", "--budget", "3"]
+                "2", "--methods", "fdg", "--epochs", "400", "--budget", "6"]
         metrics = os.path.join(tmp, "long", "resnet20-fdg-K2.jsonl")
         rc, log = run("run", *long, *train)
         check(rc == 0 and "resnet20-fdg-K2: " in log and "of 400 epochs; the next call resumes it" in log,

@@ -91,11 +91,17 @@ def main():
         check(rc == -signal.SIGTERM and step is not None and checkpoint_step(ckpt) == step,
               f"SIGTERM: ends by SIGTERM ({rc}) after a checkpoint of the step it stopped at ({step})", out)
 
-        # Steps of 128 images (about 0.3 s here): the second signal arrives inside the step.
-        slow = list(common)
-        slow[slow.index("--batch-size") + 1] = "128"
-        slow[slow.index("--train-limit") + 1] = "2560"
-        rc, out = interrupt(start([staleprop, "train", *slow]), signal.SIGINT, twice=True)
+        # Steps of 128 images (about 0.3 s here): the second signal arrives inside the step. If the
+        # run still stopped on its own first (a stalled reader here, or a fast machine), that is
+        # the race lost, not the second signal ignored: try again with longer steps. An ignored
+        # second signal loses every time.
+        for batch in ("128", "256", "512"):
+            slow = list(common)
+            slow[slow.index("--batch-size") + 1] = batch
+            slow[slow.index("--train-limit") + 1] = str(20 * int(batch))
+            rc, out = interrupt(start([staleprop, "train", *slow]), signal.SIGINT, twice=True)
+            if not re.search(r"interrupted (in|after) epoch", out):
+                break
         check(rc == -signal.SIGINT and "interrupted" not in out.replace("stopping early", ""),
               f"a second SIGINT ends the process at once, before the run stops on its own (status {rc})", out)
 

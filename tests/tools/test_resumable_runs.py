@@ -48,7 +48,7 @@ def main():
             f.write("# two runs\n"
                     "short --model resnet20 --epochs 1 --batch-size 16\n"
                     "long  --model resnet20 --epochs 400 --batch-size 16 --method fdg --split-at 4 --shrink 0.5\n")
-        common = ["--runs", runs, "--out", out, "--staleprop", staleprop, "--budget", "3", "--parallel", "2", "--",
+        common = ["--runs", runs, "--out", out, "--staleprop", staleprop, "--budget", "6", "--parallel", "2", "--",
                   "--data", data, "--train-limit", "64", "--test-limit", "64", "--threads", "2"]
         rc, log = run("run", *common)
         check(rc == 0 and "short: test accuracy" in log and "long: " in log and
@@ -75,7 +75,7 @@ def main():
         with open(bp_runs, "w") as f:
             f.write("mid --model resnet20 --epochs 400 --batch-size 16\n")
         mid_out = os.path.join(tmp, "mid")
-        mid_common = ["--runs", bp_runs, "--out", mid_out, "--staleprop", staleprop, "--budget", "3", "--", "--data",
+        mid_common = ["--runs", bp_runs, "--out", mid_out, "--staleprop", staleprop, "--budget", "6", "--", "--data",
                       data, "--train-limit", "64", "--test-limit", "64", "--threads", "2"]
         rc, log = run("run", *mid_common)
         done = epochs(os.path.join(mid_out, "mid.jsonl"))

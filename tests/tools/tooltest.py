@@ -10,9 +10,11 @@ def write_cifar(directory):
     os.makedirs(directory)
     records = [bytes([label]) + bytes([(17 * label) % 256]) * 3072 for label in range(10)]
     batch = b"".join(records[i % 10] for i in range(10000))
-    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
-        with open(os.path.join(directory, name), "wb") as f:
-            f.write(batch)
+    # One file written (30 MB), the others links to it: tests running side by side keep /tmp small.
+    with open(os.path.join(directory, "test_batch.bin"), "wb") as f:
+        f.write(batch)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)]:
+        os.symlink("test_batch.bin", os.path.join(directory, name))
 
 
 def run_script(script, *args):
