@@ -129,11 +129,12 @@ struct PipelineTrainer::Stage {
     spare_timing.pop_back();
     return e;
   }
-  // Reads the stages of ticks up to `through_tick`, whose work has completed, into `stats`.
-  void read_timings(int64_t through_tick, PipelineEpochStats& stats) {
+  // Reads the stages of ticks up to `through_tick`, whose work has completed, into `stats`,
+  // their start times counted from `origin` (an event of this stage's device).
+  void read_timings(int64_t through_tick, Event& origin, PipelineEpochStats& stats) {
     while (!timed.empty() && timed.front().tick <= through_tick) {
       TimedStage& t = timed.front();
-      const double start = t.start->elapsed_ms_since(*epoch_start), dur = t.end->elapsed_ms_since(*t.start);
+      const double start = t.start->elapsed_ms_since(origin), dur = t.end->elapsed_ms_since(*t.start);
       stats.busy_ms[size_t(index)] += dur;
       stats.stages.push_back({index, t.tick, t.batch, t.stage, start, dur});
       spare_timing.push_back(std::move(t.start));
@@ -689,10 +690,21 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
     SP_CHECK(st->inflight.empty() && st->gradients.empty(), "run_epoch: module ", st->index + 1, " still holds ",
              st->inflight.size(), " batches and ", st->gradients.size(),
              " gradients of an earlier epoch (did that epoch fail?)");
-    st->stream->record(*st->epoch_start);
     st->timed.clear();
     st->pending.clear();
   }
+  // Stage times count from one origin per device: the first module's epoch start for the
+  // modules on its device (streams of one device share a clock; per-stream origins would
+  // shift a module's stages by however late its stream reached the epoch's start), and on
+  // other devices their own, recorded on idle streams so as to match it closely.
+  bool one_device = true;
+  for (auto& st : stages_) one_device = one_device && st->device == stages_[0]->device;
+  if (!one_device)
+    for (auto& st : stages_) st->stream->synchronize();
+  for (auto& st : stages_) st->stream->record(*st->epoch_start);
+  auto timing_origin = [&](Stage& st) -> Event& {
+    return st.device == stages_[0]->device ? *stages_[0]->epoch_start : *st.epoch_start;
+  };
   for (auto* queues : {&act_, &grad_})
     for (auto& q : *queues) q->forget_messages();
   ledger_.clear();
@@ -715,7 +727,7 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   for (int64_t tick = 0; !(source_done && stages_[0]->inflight.empty()); ++tick) {
     // At most two ticks of work are queued ahead of each stream.
     for (auto& st : stages_) st->tick_end[tick % 2]->synchronize();
-    for (auto& st : stages_) st->read_timings(tick - 2, stats);  // tick - 2 ended with that record
+    for (auto& st : stages_) st->read_timings(tick - 2, timing_origin(*st), stats);  // tick - 2 ended with that record
     const size_t events_before = ledger_.size();
     if (cfg_.method == PipelineMethod::FDG) {
       for (int k = 0; k + 1 < K; ++k) backward_phase(k, tick, lr);
@@ -737,7 +749,7 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   for (auto& st : stages_) st->stream->synchronize();
   stats.wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - wall_start).count();
   for (auto& st : stages_) {
-    st->read_timings(std::numeric_limits<int64_t>::max(), stats);
+    st->read_timings(std::numeric_limits<int64_t>::max(), timing_origin(*st), stats);
     st->pending.clear();
     stats.timing_events_made += st->timing_events_made;
     st->timing_events_made = 0;
