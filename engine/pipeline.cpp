@@ -693,17 +693,21 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
     st->timed.clear();
     st->pending.clear();
   }
-  // Stage times count from one origin per device: the first module's epoch start for the
-  // modules on its device (streams of one device share a clock; per-stream origins would
-  // shift a module's stages by however late its stream reached the epoch's start), and on
-  // other devices their own, recorded on idle streams so as to match it closely.
+  // Stage times count from one origin per device, the epoch start of the device's first
+  // module (streams of one device share a clock; per-stream origins would shift a module's
+  // stages by however late its stream reached the epoch's start). Each module's work waits on
+  // a message that leaves that first module after its epoch start, so no stage starts before
+  // it. With several devices the origins are recorded on idle streams, to match closely.
   bool one_device = true;
   for (auto& st : stages_) one_device = one_device && st->device == stages_[0]->device;
   if (!one_device)
     for (auto& st : stages_) st->stream->synchronize();
   for (auto& st : stages_) st->stream->record(*st->epoch_start);
+  for (auto& st : stages_) st->timing_events_made = 0;
   auto timing_origin = [&](Stage& st) -> Event& {
-    return st.device == stages_[0]->device ? *stages_[0]->epoch_start : *st.epoch_start;
+    for (auto& first : stages_)
+      if (first->device == st.device) return *first->epoch_start;
+    return *st.epoch_start;
   };
   for (auto* queues : {&act_, &grad_})
     for (auto& q : *queues) q->forget_messages();

@@ -132,14 +132,17 @@ struct StageTiming {
   // "fwd", "bwd" (module K: "fwd+loss+bwd"), and "step", the optimizer step after a backward;
   // in a captured or replayed unit (--graphs) the step stays inside "bwd" / "fwd+loss+bwd".
   std::string stage;
-  double start_ms, duration_ms;  // relative to the epoch start on the module's stream
+  // start_ms counts from the epoch start of the first module on the stage's device.
+  double start_ms, duration_ms;
 };
 
 struct PipelineEpochStats {
   StepStats train;
   int64_t ticks = 0;
   double wall_ms = 0;
-  std::vector<double> busy_ms;  // per module: time spent computing (queues' waits excluded)
+  // Per module: time in its stages. The wait for a message is not in it; the wait for a free
+  // queue slot at a hand-over (a consumer two ticks behind) is.
+  std::vector<double> busy_ms;
   std::vector<StageTiming> stages;
   size_t peak_saved_bytes = 0;  // most activation memory held for in-flight batches at once
   int64_t timing_events_made = 0;  // events created to time stages (read ones are reused)

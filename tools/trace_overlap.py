@@ -11,9 +11,10 @@ with device events) and prints, per file, as a Markdown table row:
     python3 tools/trace_overlap.py trace-resnet56-bp-K4.json trace-resnet56-fdg-K4.json
 
 `--skip NAME` (repeatable) leaves out the stages whose name starts with NAME: `--skip step`
-shows the overlap without the optimizer steps (which a locked module runs while the module
-below it already back-propagates). The stage names are staleprop's: "fwd", "bwd",
-"fwd+loss+bwd" and "step" (steps of units replayed from CUDA graphs stay inside "bwd").
+shows the overlap without the optimizer steps (which a locked module runs beside the next
+work of the module below it). The stage names are staleprop's: "fwd", "bwd", "fwd+loss+bwd"
+and "step" (units captured or replayed with --graphs keep their step inside "bwd" or
+"fwd+loss+bwd").
 """
 import json
 import sys
