@@ -263,6 +263,7 @@ TEST_F(CudaNetwork, PersistentBatchNormInThePipelineChangesNoBit) {
 TEST_F(CudaNetwork, ProgrammaticDependentLaunchChangesNoBit) {
   namespace kc = sp::kernels::cuda;
   const test::ScopedSwitch pdl(kc::programmatic_launch, kc::set_programmatic_launch, false);
+  const test::ScopedSwitch persistent(kc::bn_persistent, kc::set_bn_persistent, false);
   pdl.set(true);
   if (!kc::programmatic_launch_active())
     GTEST_SKIP() << "programmatic dependent launch needs a compute capability 9.0 device and a build for it";
@@ -286,6 +287,17 @@ TEST_F(CudaNetwork, ProgrammaticDependentLaunchChangesNoBit) {
     EXPECT_EQ(differ(on.grads, off.grads), 0u) << dtype_name(dt) << ": gradients";
     EXPECT_EQ(differ(pipe_on, pipe_off), 0u) << dtype_name(dt) << ": pipeline parameters, replayed from graphs";
     EXPECT_EQ(differ(eager_on, pipe_off), 0u) << dtype_name(dt) << ": pipeline parameters, op by op";
+    // With the persistent batch norm as well: a cooperative kernel then comes before kernels
+    // launched as its dependents (and, in graphs, a programmatic edge leaves a cooperative
+    // node). Its bits are the separate kernels', so the parameters stay the same.
+    persistent.set(true);
+    const int64_t before = kc::bn_persistent_launches();
+    EXPECT_EQ(differ(pipeline_params(true, dt, &replays), pipe_off), 0u)
+        << dtype_name(dt) << ": with the persistent batch norm, replayed from graphs";
+    EXPECT_EQ(differ(pipeline_params(false, dt, &replays), pipe_off), 0u)
+        << dtype_name(dt) << ": with the persistent batch norm, op by op";
+    EXPECT_GT(kc::bn_persistent_launches() - before, 0) << dtype_name(dt) << ": the persistent batch norm ran";
+    persistent.set(false);
   }
 }
 #endif

@@ -167,8 +167,9 @@ __device__ __forceinline__ double warp_sum_chunks(const double* partial, int chu
 }
 
 // c is an int inside the reduction kernels.
+// At most 2^28 columns: the kernels index per-column pairs (2 * c + j) in int.
 inline int checked_columns(const char* op, int64_t c) {
-  SP_CHECK(c > 0 && c <= (int64_t(1) << 30), op, ": unsupported column count ", c);
+  SP_CHECK(c > 0 && c <= (int64_t(1) << 28), op, ": unsupported column count ", c);
   return int(c);
 }
 
