@@ -606,6 +606,26 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
                           "\"kernel_switches\":\"none\""})
     EXPECT_NE(j.find(key), std::string::npos) << key << " in " << j;
 
+  // --devices: the modules on emulated devices, each device's peak reported and summed.
+  c.precision = "fp32";
+  c.devices = {"cpu:1", "cpu:2", "cpu:3"};
+  c.device = "cpu:1";
+  const train::BenchResult spread = train::run_bench(c);
+  EXPECT_EQ(spread.modules, 3);
+  ASSERT_EQ(spread.peak_allocated_by_device.size(), 3u);
+  size_t sum = 0;
+  for (const auto& [name, bytes] : spread.peak_allocated_by_device) {
+    EXPECT_GT(bytes, size_t(1) << 20) << name;
+    sum += bytes;
+  }
+  EXPECT_EQ(spread.peak_allocated_bytes, sum);
+  EXPECT_NE(spread.json().find("\"peak_allocated_bytes_by_device\":{\"cpu:1\":"), std::string::npos) << spread.json();
+  c.device = "cpu";
+  c.devices = {"cuda:0", "cuda:1"};
+  test::expect_error<Error>([&] { train::run_bench(c); }, {"must be the same kind", "give --device cuda:0"});
+  c.devices.clear();
+  EXPECT_TRUE(fdg.peak_allocated_by_device.empty());
+
   // Graphs: the warm-up grows until every phase is captured, then every unit of the timed
   // steps (fill and drain included) is a replay.
   c.precision = "fp32";

@@ -50,11 +50,28 @@ std::string json_num(double v) {
   return b;
 }
 
-// The peak memory of the timed steps (read before any profiled ones).
-void keep_peak(BenchResult& r, CachingAllocator& alloc) {
-  const AllocatorStats mem = alloc.stats();
-  r.peak_allocated_bytes = mem.peak_allocated_bytes;
-  r.peak_reserved_bytes = mem.peak_reserved_bytes;
+// The devices whose allocators hold the run's memory: --device, then those of --devices.
+std::vector<Device> memory_devices(Device dev, const BenchConfig& cfg) {
+  std::vector<Device> out{dev};
+  for (const std::string& name : cfg.devices)
+    if (const Device d = Device::parse(name); std::find(out.begin(), out.end(), d) == out.end()) out.push_back(d);
+  return out;
+}
+
+void reset_peaks(const std::vector<Device>& devices) {
+  for (const Device d : devices) device_allocator(d).reset_peak();
+}
+
+// The peak memory of the timed steps (read before any profiled ones), summed over the devices.
+void keep_peak(BenchResult& r, const std::vector<Device>& devices) {
+  r.peak_allocated_bytes = r.peak_reserved_bytes = 0;
+  r.peak_allocated_by_device.clear();
+  for (const Device d : devices) {
+    const AllocatorStats mem = device_allocator(d).stats();
+    r.peak_allocated_bytes += mem.peak_allocated_bytes;
+    r.peak_reserved_bytes += mem.peak_reserved_bytes;
+    if (devices.size() > 1) r.peak_allocated_by_device.emplace_back(d.str(), mem.peak_allocated_bytes);
+  }
 }
 
 // With --profile-ops: runs the profiled steps (run_ms runs them and returns their wall time in
@@ -88,6 +105,11 @@ std::string BenchResult::json() const {
   std::string busy = "[", cut_list = "[";
   for (size_t i = 0; i < busy_pct.size(); ++i) busy += (i ? "," : "") + json_num(busy_pct[i]);
   for (size_t i = 0; i < cuts.size(); ++i) cut_list += (i ? "," : "") + std::to_string(cuts[i]);
+  std::string by_device;
+  for (const auto& [name, bytes] : peak_allocated_by_device)
+    by_device += (by_device.empty() ? ",\"peak_allocated_bytes_by_device\":{" : ",") + json_str(name) + ":" +
+                 std::to_string(bytes);
+  if (!by_device.empty()) by_device += "}";
   return "{\"model\":" + json_str(c.model) + ",\"batch_size\":" + std::to_string(c.batch_size) +
          ",\"method\":" + json_str(c.method) + ",\"modules\":" + std::to_string(modules) + ",\"cuts\":" + cut_list +
          "],\"precision\":" + json_str(c.precision) + ",\"kernels\":" + json_str(c.kernels) +
@@ -95,7 +117,7 @@ std::string BenchResult::json() const {
          ",\"warmup\":" + std::to_string(c.warmup) + ",\"images_per_s\":" + json_num(images_per_s) +
          ",\"ms_per_step\":" + json_num(ms_per_step) + ",\"ticks\":" + std::to_string(ticks) +
          ",\"busy_pct\":" + busy + "],\"peak_allocated_bytes\":" + std::to_string(peak_allocated_bytes) +
-         ",\"peak_reserved_bytes\":" + std::to_string(peak_reserved_bytes) +
+         ",\"peak_reserved_bytes\":" + std::to_string(peak_reserved_bytes) + by_device +
          ",\"peak_activation_bytes\":" + std::to_string(peak_activation_bytes) +
          ",\"shrink\":" + json_num(c.shrink) + ",\"recompute\":" + (c.recompute ? "true" : "false") +
          ",\"weight_stash\":" + (c.weight_stash ? "true" : "false") + ",\"graphs\":" + (c.graphs ? "true" : "false") +
@@ -117,6 +139,15 @@ BenchResult run_bench(const BenchConfig& cfg) {
   const Device dev = Device::parse(cfg.device);
   require_device(dev);
   SP_CHECK(cfg.kernels == "custom" || dev.is_cuda(), "--kernels vendor selects cuBLAS/cuDNN and needs --device cuda");
+  for (const std::string& name : cfg.devices) {
+    const Device d = Device::parse(name);
+    SP_CHECK(d.type == dev.type, "--devices ", name, " and --device ", dev.str(),
+             " must be the same kind (the network is built and measured on --device): give --device ",
+             Device{d.type, 0}.str());
+    require_device(d);
+  }
+  SP_CHECK(cfg.devices.empty() || cfg.method != "backprop",
+           "bench: --devices places the modules of --method bp|ddg|fdg");
   const DType dt = activation_dtype(cfg.precision);
   const bool backprop = cfg.method == "backprop" && !cfg.graphs;
   const std::string method = cfg.method == "backprop" ? "bp" : cfg.method;
@@ -139,7 +170,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
   SyntheticBatches data(*s, cfg.batch_size, cfg.seed + 1);
   const SgdConfig sgd{0.9f, 5e-4f, false};
   const auto lr = [](int64_t) { return 0.01f; };  // small and constant: random labels, stable weights
-  CachingAllocator& alloc = device_allocator(dev);
+  const std::vector<Device> mem_devices = memory_devices(dev, cfg);
 
   if (backprop) {
     SP_CHECK(cfg.split == 1 && cfg.split_at.empty() && !cfg.recompute && !cfg.weight_stash,
@@ -155,13 +186,13 @@ BenchResult run_bench(const BenchConfig& cfg) {
     };
     run(cfg.warmup);
     r.warmup = cfg.warmup;
-    alloc.reset_peak();
+    reset_peaks(mem_devices);
     const auto t0 = Clock::now();
     run(cfg.steps);
     const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
     r.images_per_s = double(cfg.steps * cfg.batch_size) / (ms / 1e3);
     r.ms_per_step = ms / double(cfg.steps);
-    keep_peak(r, alloc);
+    keep_peak(r, mem_devices);
     profile_ops(cfg, r, [&] {
       const auto p0 = Clock::now();
       run(cfg.profile_ops);
@@ -184,6 +215,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
     pc.activation_dtype = dt;
     pc.graphs = cfg.graphs;
     pc.plan_graph_memory = cfg.graph_memory == "planned";
+    for (const std::string& name : cfg.devices) pc.devices.push_back(Device::parse(name));
     PipelineTrainer pipe(net, pc);
     r.modules = pipe.num_modules();
     r.cuts = pc.cuts;
@@ -212,7 +244,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
     if (warmup > 0) epoch(warmup);
     r.warmup = warmup;
     const PipelineGraphStats before = pipe.graph_stats();
-    alloc.reset_peak();
+    reset_peaks(mem_devices);
     const PipelineEpochStats st = epoch(cfg.steps);
     const PipelineGraphStats after = pipe.graph_stats();
     r.units = (after.eager + after.captured + after.replays) - (before.eager + before.captured + before.replays);
@@ -222,7 +254,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
     r.ticks = st.ticks;
     for (double b : st.busy_ms) r.busy_pct.push_back(100.0 * b / st.wall_ms);
     r.peak_activation_bytes = st.peak_saved_bytes;
-    keep_peak(r, alloc);
+    keep_peak(r, mem_devices);
     profile_ops(cfg, r, [&] { return epoch(cfg.profile_ops).wall_ms; });
   }
   ops::set_kernel_backend(ops::KernelBackend::Custom);

@@ -23,6 +23,9 @@ struct BenchConfig {
   int64_t steps = 50;   // timed steps
   int64_t warmup = 10;  // untimed steps before
   std::string device = "cpu";
+  // Decoupled methods: one device per module (as `train --devices`), of --device's kind; the
+  // network is built and measured on --device. Empty: every module on --device.
+  std::vector<std::string> devices;
   std::string precision = "fp32";  // fp32 | bf16
   std::string kernels = "custom";  // custom | vendor
   std::string mainloop;            // auto | mma_sync | wgmma | wgmma_tma (GPU); empty: $STALEPROP_MAINLOOP, else auto
@@ -56,6 +59,8 @@ struct BenchResult {
   std::vector<double> busy_pct;        // decoupled methods: per module, busy share of the wall time
   size_t peak_allocated_bytes = 0;     // device memory in tensors at the peak of the timed steps
   size_t peak_reserved_bytes = 0;      // ... and held by the caching allocator
+  // With --devices: each device's peak (the two above are their sums), in --device, --devices order.
+  std::vector<std::pair<std::string, size_t>> peak_allocated_by_device;
   size_t peak_activation_bytes = 0;    // decoupled methods: activations kept for batches in flight
   int64_t warmup = 0;                  // the warm-up steps actually run
   int64_t units = 0, replayed_units = 0;  // --graphs: module units of the timed steps, and how many were replays

@@ -558,6 +558,7 @@ int bench_main(int argc, char** argv) {
   sp::train::BenchConfig c;
   std::string json;
   int threads = 0;
+  c.device.clear();  // unless given: the first of --devices, else cpu
   std::vector<Flag> flags = bench_flags(c, json, threads);
   const std::vector<Flag> more = {
       {"method", "M", "backprop (one stream, BackpropTrainer) or bp|ddg|fdg over --split modules (default backprop)", [&](const std::string& v) { c.method = v; }},
@@ -566,11 +567,13 @@ int bench_main(int argc, char** argv) {
       {"shrink", "BETA", "gradient shrink factor, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used", [&](const std::string&) { c.weight_stash = true; }},
+      {"devices", "D,D", "one device per module, of --device's kind (default: --device for all; --device defaults to the first); cpu:1,cpu:2,.. are emulated devices", [&](const std::string& v) { std::stringstream ss(v); for (std::string d; std::getline(ss, d, ',');) c.devices.push_back(d); }},
       {"profile-ops", "N", "after the timed steps, run N more with each op timed by device events and print the time per op and per shape (slower: two event records per op; not with --graphs; default 0)", [&](const std::string& v) { c.profile_ops = std::stoll(v); }},
   };
   flags.insert(flags.end(), more.begin(), more.end());
   if (!parse_flags("bench", "Measures training throughput (images/s), peak device memory and, for the decoupled methods,\nper-module busy time, on random CIFAR-shaped batches resident on the device (as\nbench/pytorch_baseline.py does), after untimed warm-up steps.", flags, argc, argv)) return 0;
   if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
+  if (c.device.empty()) c.device = c.devices.empty() ? "cpu" : c.devices[0];  // --device not given
   const sp::train::BenchResult r = sp::train::run_bench(c);
   std::printf("%s batch %lld %s %s %s on %s: %.1f img/s, %.2f ms/step, peak memory %s MiB", c.model.c_str(),
               (long long)c.batch_size, c.precision.c_str(), c.kernels.c_str(), method_str(r).c_str(),
