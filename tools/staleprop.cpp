@@ -605,8 +605,10 @@ int study_main(int argc, char** argv) {
       {"split-at-fdg", "", "use FDG's published cuts where it has them (else balanced by measured block time)", [&](const std::string&) { fdg_cuts = true; }},
       {"shrink", "BETA", "gradient shrink factor of the ddg and fdg runs (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
       {"recompute", "", "recompute activations before the backward (memory for time)", [&](const std::string&) { c.recompute = true; }},
+      {"devices", "D,D", "module k of every K-module run on the k-th of these (at least max K of them; plain backprop on the first; cpu:1,cpu:2,.. are emulated devices); --device defaults to the first", [&](const std::string& v) { std::stringstream ss(v); for (std::string d; std::getline(ss, d, ',');) c.devices.push_back(d); }},
   };
   flags.insert(flags.end(), more.begin(), more.end());
+  c.device.clear();  // unless given: the first of --devices, else cpu
   if (!parse_flags("study", "The locking study: for K = 1 (plain backprop) and every K > 1 and method given, measures\nthroughput, per-module busy share and memory on synthetic device-resident data (as\nstaleprop bench does) and prints a table; --json keeps every run.", flags, argc, argv)) return 0;
   if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
   std::vector<std::string> method_list;
@@ -617,6 +619,11 @@ int study_main(int argc, char** argv) {
   }
   std::vector<int> k_list;
   for (double k : parse_list(splits)) k_list.push_back(int(positive("splits", int64_t(k))));
+  if (c.device.empty()) c.device = c.devices.empty() ? "cpu" : c.devices[0];  // --device not given
+  const std::vector<std::string> devices = c.devices;
+  for (int k : k_list)
+    SP_CHECK(devices.empty() || size_t(k) <= devices.size(), "study: --splits ", k, " needs ", k,
+             " devices, --devices gives ", devices.size());
   for (const std::string& m : method_list) sp::parse_pipeline_method(m);  // reject typos before any run
 
   std::vector<sp::train::BenchResult> results;
@@ -627,6 +634,9 @@ int study_main(int argc, char** argv) {
       sp::train::BenchConfig run = c;
       run.method = m;
       run.split = k;
+      run.devices.clear();
+      if (k > 1 && !devices.empty()) run.devices.assign(devices.begin(), devices.begin() + k);
+      if (k == 1 && !devices.empty()) run.device = devices[0];
       if (k > 1 && fdg_cuts) {
         try {
           (void)sp::layers::fdg_preset_cuts(c.model, k);
@@ -648,9 +658,12 @@ int study_main(int argc, char** argv) {
   const std::string loop = results.front().mainloop;
   const std::string kernels =
       c.kernels + " kernels" + (c.kernels == "custom" && c.precision == "bf16" && loop != "none" ? " (" + loop + ")" : "");
-  std::printf("\n%s, batch %d, %s, %s, on %s; %lld timed steps after %lld warm-up steps\n\n", c.model.c_str(),
+  std::string placed;
+  for (const std::string& d : devices) placed += (placed.empty() ? " (module k on " : ",") + d;
+  if (!placed.empty()) placed += ")";
+  std::printf("\n%s, batch %d, %s, %s, on %s%s; %lld timed steps after %lld warm-up steps\n\n", c.model.c_str(),
               int(c.batch_size), c.precision.c_str(), kernels.c_str(), results.front().device_name.c_str(),
-              (long long)c.steps, (long long)c.warmup);
+              placed.c_str(), (long long)c.steps, (long long)c.warmup);
   std::printf("| method | img/s | vs backprop | ms/step | busy per module | peak MiB | activations MiB |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
   for (const auto& r : results)
