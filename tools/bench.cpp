@@ -138,6 +138,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
            "--profile-ops times the ops issued one by one, and graph replays issue none: drop --graphs");
   const Device dev = Device::parse(cfg.device);
   require_device(dev);
+  const bool backprop = cfg.method == "backprop" && !cfg.graphs;
   SP_CHECK(cfg.kernels == "custom" || dev.is_cuda(), "--kernels vendor selects cuBLAS/cuDNN and needs --device cuda");
   for (const std::string& name : cfg.devices) {
     const Device d = Device::parse(name);
@@ -146,10 +147,10 @@ BenchResult run_bench(const BenchConfig& cfg) {
              Device{d.type, 0}.str());
     require_device(d);
   }
-  SP_CHECK(cfg.devices.empty() || cfg.method != "backprop",
-           "bench: --devices places the modules of --method bp|ddg|fdg");
+  SP_CHECK(cfg.devices.size() != 1 || Device::parse(cfg.devices[0]) == dev, "--devices with one device is --device ",
+           cfg.devices.empty() ? "" : cfg.devices[0], ": give that (or one device per module)");
+  SP_CHECK(cfg.devices.size() <= 1 || !backprop, "bench: --devices places the modules of --method bp|ddg|fdg");
   const DType dt = activation_dtype(cfg.precision);
-  const bool backprop = cfg.method == "backprop" && !cfg.graphs;
   const std::string method = cfg.method == "backprop" ? "bp" : cfg.method;
   parse_pipeline_method(method);  // rejects unknown methods
   SP_CHECK(method != "bp" || cfg.shrink == 1.f, "--shrink applies to --method ddg and fdg (as in train)");
@@ -206,6 +207,8 @@ BenchResult run_bench(const BenchConfig& cfg) {
     } else if (!cfg.split_at.empty()) {
       pc.cuts = parse_cuts(cfg.split_at);
     } else if (cfg.split > 1) {
+      SP_CHECK(cfg.devices.size() <= 1 || cfg.devices.size() == size_t(cfg.split), "--devices names ",
+               cfg.devices.size(), " devices for ", cfg.split, " modules: give one per module");
       pc.cuts = balanced_cuts(measure_block_costs(net, *s, data.images[0], dt), cfg.split);
     }
     pc.shrink = cfg.shrink;

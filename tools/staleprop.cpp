@@ -273,7 +273,7 @@ struct TrainArgs {
   bool device_given = false;
 };
 
-// Without --device, a run over --devices is set up, evaluated and checkpointed on the first.
+// Without --device, a run over --devices is set up and checkpointed through the first.
 void default_device_to_devices(TrainArgs& a) {
   if (!a.device_given && !a.c.devices.empty()) a.c.device = a.c.devices[0];
 }
@@ -312,7 +312,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
       {"seed", "S", "seed of initialisation, order and augmentation (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
       {"deterministic", "", "require bit-identical runs for a seed (the CPU reference and the custom CUDA kernels always are: fixed reduction orders, no float atomics; with --kernels vendor it restricts cuDNN to deterministic algorithms)", [&](const std::string&) { c.deterministic = true; }},
-      {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device: where the network is built, evaluated and checkpointed (default the first of --devices, else cpu)", [&](const std::string& v) { c.device = v; device_given = true; }},
+      {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device: where the network is built and checkpointed, and trained and evaluated without --devices (default the first of --devices, else cpu)", [&](const std::string& v) { c.device = v; device_given = true; }},
       {"data", "DIR", "CIFAR-10 binary directory (default $CIFAR10_DIR, else ./data/cifar-10-batches-bin)", [&](const std::string& v) { data_dir = v; }},
       {"train-limit", "N", "use only the first N training images (default all)", [&](const std::string& v) { train_limit = positive("train-limit", std::stoll(v)); }},
       {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { test_limit = positive("test-limit", std::stoll(v)); }},
@@ -332,7 +332,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start (default), or by its counted forward FLOPs (the same cuts on every run and machine)", [&](const std::string& v) { c.split_by = v; }},
       {"split-at", "CUTS", "explicit cuts: first block of modules 2..K (\"i,j,..\"), or fdg for FDG's published splits", [&](const std::string& v) { c.split_at = v; }},
       {"shrink", "BETA", "gradient shrink factor applied by each module k < K, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
-      {"devices", "D,D", "one device per module (default: --device for all); cpu:1,cpu:2,.. run a multi-GPU layout on emulated CPU devices", [&](const std::string& v) { std::stringstream ss(v); for (std::string d; std::getline(ss, d, ',');) c.devices.push_back(d); }},
+      {"devices", "D,D", "one device per module, of --device's kind (default: --device for all); cpu:1,cpu:2,.. run a multi-GPU layout on emulated CPU devices", [&](const std::string& v) { std::stringstream ss(v); for (std::string d; std::getline(ss, d, ',');) c.devices.push_back(d); }},
       {"trace", "FILE", "Chrome-trace/Perfetto JSON of the first epoch's module stages", [&](const std::string& v) { c.trace = v; }},
       {"staleness-jitter", "J", "each received gradient becomes due 0..J ticks after it arrives (random, seeded); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = int(std::stoll(v)); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
@@ -505,7 +505,7 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
       {"batch-size", "B", "images per step (default 128)", [&](const std::string& v) { c.batch_size = positive("batch-size", std::stoll(v)); }},
       {"steps", "N", "timed steps (default 50)", [&](const std::string& v) { c.steps = positive("steps", std::stoll(v)); }},
       {"warmup", "N", "untimed steps before them (default 10)", [&](const std::string& v) { c.warmup = std::stoll(v); }},
-      {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device (default cpu)", [&](const std::string& v) { c.device = v; }},
+      {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device (default the first of --devices, else cpu)", [&](const std::string& v) { c.device = v; }},
       {"precision", "P", "fp32|bf16 (default fp32)", [&](const std::string& v) { c.precision = v; }},
       {"kernels", "K", "custom|vendor (vendor: cuBLASLt/cuDNN for GEMM and convolutions; GPU only; default custom)", [&](const std::string& v) { c.kernels = v; }},
       {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
@@ -578,6 +578,11 @@ int bench_main(int argc, char** argv) {
   std::printf("%s batch %lld %s %s %s on %s: %.1f img/s, %.2f ms/step, peak memory %s MiB", c.model.c_str(),
               (long long)c.batch_size, c.precision.c_str(), c.kernels.c_str(), method_str(r).c_str(),
               r.device_name.c_str(), r.images_per_s, r.ms_per_step, mib(r.peak_allocated_bytes).c_str());
+  if (r.peak_allocated_by_device.size() > 1) {
+    std::string each;
+    for (const auto& [name, bytes] : r.peak_allocated_by_device) each += (each.empty() ? "" : ", ") + name + " " + mib(bytes);
+    std::printf(" (%s)", each.c_str());
+  }
   if (c.method != "backprop")
     std::printf(", busy %s, activations %s MiB", busy_str(r.busy_pct).c_str(), mib(r.peak_activation_bytes).c_str());
   if (c.graphs)

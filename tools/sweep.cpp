@@ -172,7 +172,9 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
   std::vector<std::string> kind(n);
   for (size_t i = 0; i < n; ++i) {
     const TrainConfig& c = jobs[i].cfg;
-    kind[i] = c.model + " " + c.device + " " + c.precision + " " + c.method + " K" + std::to_string(c.split) +
+    std::string devices;
+    for (const std::string& d : c.devices) devices += "," + d;
+    kind[i] = c.model + " " + c.device + devices + " " + c.precision + " " + c.method + " K" + std::to_string(c.split) +
               " batch " + std::to_string(c.batch_size) + " on " +
               std::to_string(train_of[i] ? train_of[i]->size() : 0) + " images";
   }

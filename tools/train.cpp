@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -154,11 +155,10 @@ void check_device_options(const TrainConfig& cfg, Device dev) {
   require_device(dev);
   for (const std::string& d : cfg.devices) {
     const Device m = Device::parse(d);
-    // The network is built, its cuts measured, and it is evaluated and checkpointed through
-    // --device: a stream of the modules' kind (a CUDA stream copies to and from a GPU).
+    // The network is built, its cuts measured, and it is checkpointed through --device: a
+    // stream of the modules' kind (a CUDA stream copies to and from a GPU).
     SP_CHECK(m.type == dev.type, "--devices ", d, " and --device ", dev.str(), " must be the same kind (",
-             "the run sets up, evaluates and checkpoints the modules through --device): give --device ",
-             Device{m.type, 0}.str());
+             "the run builds and checkpoints the modules through --device): give --device ", Device{m.type, 0}.str());
     require_device(m);
   }
   SP_CHECK(cfg.devices.size() != 1 || Device::parse(cfg.devices[0]) == dev, "--devices with one device is --device ",
@@ -299,7 +299,7 @@ struct Run {
     std::fprintf(out.get(),
                  "staleprop train: %s (%.2fM parameters) on %s, %s, %lld train / %lld test images, batch %lld, "
                  "%d epochs of %lld steps%s%s\n",
-                cfg.model.c_str(), double(net.num_parameters()) / 1e6, device.str().c_str(),
+                cfg.model.c_str(), double(net.num_parameters()) / 1e6, (device.str() + modules_on()).c_str(),
                 (method + precision).c_str(),
                 (long long)train_set.size(), (long long)test_set.size(), (long long)cfg.batch_size, cfg.epochs,
                 (long long)spe,
@@ -404,6 +404,13 @@ struct Run {
   }
 
   bool shares_allocator() const { return cfg.max_concurrent_runs > 1; }
+
+  // " (modules on D,D,..)" with --devices, else nothing.
+  std::string modules_on() const {
+    std::string out;
+    for (const std::string& d : cfg.devices) out += (out.empty() ? " (modules on " : ",") + d;
+    return out.empty() ? out : out + ")";
+  }
 
   // The devices whose allocators hold this run's memory: --device, and each of --devices.
   std::vector<Device> memory_devices() const {
@@ -630,6 +637,11 @@ TrainResult run_pipelined(Run& run) {
              cfg.resume, " was written by a run over ", pc.cuts.size() + 1, " modules (cuts ",
              resume_meta["cuts"].empty() ? "none" : resume_meta["cuts"], "); resume with the same --split/--split-at");
   } else {
+    // A wrong count of --devices is told before the cuts are measured.
+    const size_t modules = !cfg.split_at.empty() && cfg.split_at != "fdg" ? parse_cuts(cfg.split_at).size() + 1
+                                                                           : size_t(cfg.split);
+    SP_CHECK(cfg.devices.size() <= 1 || cfg.devices.size() == modules, "--devices names ", cfg.devices.size(),
+             " devices for ", modules, " modules: give one per module (--split K, --split-at)");
     pc.cuts = resolve_cuts(run);
   }
   for (const std::string& d : cfg.devices) pc.devices.push_back(Device::parse(d));
