@@ -81,6 +81,30 @@ void require_device(Device d) {
                 " visible");
 }
 
+bool enable_peer_access(Device from, Device to) {
+  SP_CHECK(from.type == to.type, "peer access between ", from.str(), " and ", to.str(), ": not of one kind");
+  if (from.is_cpu() || from == to) return true;
+#if STALEPROP_WITH_CUDA
+  int can = 0;
+  if (cudaDeviceCanAccessPeer(&can, from.index, to.index) != cudaSuccess || can == 0) {
+    cudaGetLastError();
+    return false;
+  }
+  int current = 0;
+  if (cudaGetDevice(&current) != cudaSuccess) current = from.index;
+  cudaSetDevice(from.index);
+  const cudaError_t st = cudaDeviceEnablePeerAccess(to.index, 0);
+  cudaSetDevice(current);
+  if (st == cudaErrorPeerAccessAlreadyEnabled || st == cudaSuccess) {
+    cudaGetLastError();  // the already-enabled status is sticky until read
+    return true;
+  }
+  throw Error(std::string("peer access from ") + from.str() + " to " + to.str() + ": " + cudaGetErrorString(st));
+#else
+  return false;
+#endif
+}
+
 std::string device_description(Device d) {
   if (d.is_cpu())
     return (d.index == 0 ? std::string("cpu (") : d.str() + ", emulated on the cpu (") +

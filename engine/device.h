@@ -41,6 +41,11 @@ int cuda_device_count();
 // Throws sp::Error, saying why, unless `d` can be used here: cpu:N for N < kMaxCpuDevices
 // always; cuda:N when this build has the CUDA backend and GPU N is visible.
 void require_device(Device d);
+// Lets work on `from` (kernels, copies issued there) read and write `to`'s memory directly: CUDA
+// peer access, enabled where the hardware allows (without it, copies between the GPUs still work,
+// staged by the driver). Returns whether the access is direct: always for one device, and for
+// the CPU's emulated devices, which share the host's memory.
+bool enable_peer_access(Device from, Device to);
 // A device in words, for logs and results: "NVIDIA H100 80GB HBM3 (sm_90, 79.1 GiB)", or for the
 // CPU "cpu (N threads)".
 std::string device_description(Device d);

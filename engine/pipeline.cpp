@@ -263,6 +263,9 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
       ops::fill(*st->stream, st->lr, 0.f);
     }
   for (int k = 0; k + 1 < k_modules; ++k) {
+    // Neighbouring modules' streams copy each other's queue slots: directly, where GPUs allow.
+    enable_peer_access(stages_[size_t(k)]->device, stages_[size_t(k) + 1]->device);
+    enable_peer_access(stages_[size_t(k) + 1]->device, stages_[size_t(k)]->device);
     act_.push_back(std::make_unique<Queue>(stages_[size_t(k)]->device, stages_[size_t(k) + 1]->device));
     grad_.push_back(std::make_unique<Queue>(stages_[size_t(k) + 1]->device, stages_[size_t(k)]->device));
   }

@@ -185,6 +185,27 @@ TEST(CudaRuntime, CpuAndCudaObjectsDoNotMix) {
   auto cpu = make_stream(Device::cpu());
   auto gpu_event = make_event(Device::cuda(0));
   EXPECT_THROW(cpu->wait(*gpu_event), Error);
+  EXPECT_THROW(enable_peer_access(Device::cpu(), Device::cuda(0)), Error);
+}
+
+// Peer access: one GPU reaches its own memory; between two, it is enabled where the hardware
+// allows, twice without error, and a copy between them then gives the bytes.
+TEST(CudaRuntime, PeerAccessBetweenTheModulesGpus) {
+  REQUIRE_GPU();
+  EXPECT_TRUE(enable_peer_access(Device::cuda(0), Device::cuda(0)));
+  if (cuda_device_count() < 2) GTEST_SKIP() << "one GPU visible: peer access between two needs two";
+  const Device a = Device::cuda(0), b = Device::cuda(1);
+  const bool direct = enable_peer_access(b, a);
+  EXPECT_EQ(enable_peer_access(b, a), direct) << "enabling again";
+  auto sa = make_stream(a), sb = make_stream(b);
+  Tensor src = Tensor::empty({1 << 20}, DType::F32, a, sa.get()), dst = Tensor::empty({1 << 20}, DType::F32, b, sb.get());
+  ops::fill(*sa, src, 3.f);
+  sa->synchronize();
+  ops::copy(*sb, src, dst);
+  Tensor host = Tensor::empty({1 << 20}, DType::F32);
+  ops::copy(*sb, dst, host);
+  sb->synchronize();
+  for (int64_t i = 0; i < host.numel(); i += 4099) ASSERT_EQ(host.at<float>(i), 3.f) << i;
 }
 
 }  // namespace

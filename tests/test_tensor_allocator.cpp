@@ -343,6 +343,8 @@ TEST(Tensor, EmulatedCpuDevicesKeepTheirBoundaries) {
   s2->synchronize();
   EXPECT_EQ(a.at<float>(999), 1.f);
   test::expect_error<Error>([&] { t2->elapsed_ms_since(*t1); }, {"events of different devices"});
+  // One host memory: direct access between emulated devices.
+  EXPECT_TRUE(enable_peer_access(d1, d2));
 }
 
 TEST(PinnedBuffer, ProvidesUsableHostMemory) {
