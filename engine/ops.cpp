@@ -181,7 +181,7 @@ class Bf16Widening {
   }
   Temp& temp_for(const Tensor& t) {
     if (const Temp* tmp = find(t)) return const_cast<Temp&>(*tmp);
-    temps_.push_back({t, Tensor::empty(t.shape(), DType::F32, t.device(), &s_)});
+    temps_.push_back({t, Tensor::empty(t.shape(), DType::F32, s_.device(), &s_)});
     return temps_.back();
   }
   Stream& s_;

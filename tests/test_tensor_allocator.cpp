@@ -319,6 +319,9 @@ TEST(Tensor, EmulatedCpuDevicesKeepTheirBoundaries) {
   // An op on cpu:2's stream refuses cpu:1's tensor, as a GPU's would another GPU's.
   Tensor b = Tensor::empty({1000}, DType::F32, d2, s2.get());
   test::expect_error<ShapeError>([&] { ops::scale(*s2, 2.f, a, b); }, {"not on the stream's device cpu:2", "cpu:1"});
+  // So does a bf16 op, which widens its inputs on the stream first.
+  const Tensor h1 = Tensor::empty({8}, DType::BF16, d1), h2 = Tensor::empty({8}, DType::BF16, d2);
+  test::expect_error<ShapeError>([&] { ops::relu_forward(*s2, h1, h2); }, {"stream's device cpu:2", "cpu:1"});
   // A copy crosses, ordered by an event of the producer's device.
   auto done1 = make_event(d1);
   s1->record(*done1);
