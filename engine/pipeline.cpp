@@ -129,6 +129,16 @@ struct PipelineTrainer::Stage {
     spare_timing.pop_back();
     return e;
   }
+  // Ends the timing of a unit: records its end unless the hand-over did (`end_recorded`), then
+  // that of its optimizer step when timed apart (`step`, see TimedStage), and keeps them to read.
+  void finish_timing(TimedStage unit, bool end_recorded, TimedStage step) {
+    if (!end_recorded) stream->record(*unit.end);
+    timed.push_back(std::move(unit));
+    if (step.end) {
+      stream->record(*step.end);
+      timed.push_back(std::move(step));
+    }
+  }
   // Reads the stages of ticks up to `through_tick`, whose work has completed, into `stats`,
   // their start times counted from `origin` (an event of this stage's device).
   void read_timings(int64_t through_tick, Event& origin, PipelineEpochStats& stats) {
@@ -455,12 +465,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     ops::copy(s, in_arena.correct, kept.correct);
     in_arena = kept;
   }
-  if (!end_recorded) s.record(*timed.end);
-  st.timed.push_back(std::move(timed));
-  if (step.end) {
-    s.record(*step.end);
-    st.timed.push_back(std::move(step));
-  }
+  st.finish_timing(std::move(timed), end_recorded, std::move(step));
 }
 
 void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr, Event* end,
@@ -593,12 +598,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
         ++graph_stats_.eager;
       }
     }
-    if (!split) s.record(*timed.end);
-    st.timed.push_back(std::move(timed));
-    if (split) {
-      s.record(*step.end);
-      st.timed.push_back(std::move(step));
-    }
+    st.finish_timing(std::move(timed), split, std::move(step));
     return;
   }
   // Take delivery of the gradient sent to this module (freeing its slot at once) ...
@@ -621,9 +621,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
   TimedStage step{st.timing_event(), st.timing_event(), tick, ready.batch, "step"};
   s.record(*timed.start);
   backward_and_step(k, tick, ready.batch, ready.dy, lr, timed.end.get(), step.start.get());
-  s.record(*step.end);
-  st.timed.push_back(std::move(timed));
-  st.timed.push_back(std::move(step));
+  st.finish_timing(std::move(timed), true, std::move(step));
   ++graph_stats_.eager;
 }
 
@@ -701,17 +699,16 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   // stages by however late its stream reached the epoch's start). Each module's work waits on
   // a message that leaves that first module after its epoch start, so no stage starts before
   // it. With several devices the origins are recorded on idle streams, to match closely.
-  bool one_device = true;
-  for (auto& st : stages_) one_device = one_device && st->device == stages_[0]->device;
-  if (!one_device)
+  if (!on_one_device())
     for (auto& st : stages_) st->stream->synchronize();
-  for (auto& st : stages_) st->stream->record(*st->epoch_start);
-  for (auto& st : stages_) st->timing_events_made = 0;
-  auto timing_origin = [&](Stage& st) -> Event& {
-    for (auto& first : stages_)
-      if (first->device == st.device) return *first->epoch_start;
-    return *st.epoch_start;
-  };
+  std::vector<Event*> origin;
+  for (auto& st : stages_) {
+    st->stream->record(*st->epoch_start);
+    st->timing_events_made = 0;
+    size_t first = 0;
+    while (stages_[first]->device != st->device) ++first;
+    origin.push_back(stages_[first]->epoch_start.get());
+  }
   for (auto* queues : {&act_, &grad_})
     for (auto& q : *queues) q->forget_messages();
   ledger_.clear();
@@ -734,7 +731,7 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   for (int64_t tick = 0; !(source_done && stages_[0]->inflight.empty()); ++tick) {
     // At most two ticks of work are queued ahead of each stream.
     for (auto& st : stages_) st->tick_end[tick % 2]->synchronize();
-    for (auto& st : stages_) st->read_timings(tick - 2, timing_origin(*st), stats);  // tick - 2 ended with that record
+    for (auto& st : stages_) st->read_timings(tick - 2, *origin[size_t(st->index)], stats);  // ended by that record
     const size_t events_before = ledger_.size();
     if (cfg_.method == PipelineMethod::FDG) {
       for (int k = 0; k + 1 < K; ++k) backward_phase(k, tick, lr);
@@ -756,10 +753,9 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   for (auto& st : stages_) st->stream->synchronize();
   stats.wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - wall_start).count();
   for (auto& st : stages_) {
-    st->read_timings(std::numeric_limits<int64_t>::max(), timing_origin(*st), stats);
+    st->read_timings(std::numeric_limits<int64_t>::max(), *origin[size_t(st->index)], stats);
     st->pending.clear();
     stats.timing_events_made += st->timing_events_made;
-    st->timing_events_made = 0;
   }
   return stats;
 }
@@ -769,8 +765,7 @@ StepStats PipelineTrainer::evaluate(const BatchSource& source) {
   // One stream for all modules when they share a device; otherwise each module's stream, with
   // the host waiting at every hand-over so no buffer is read by one stream while another
   // stream's allocator may reuse it.
-  bool one_device = true;
-  for (auto& st : stages_) one_device = one_device && st->device == stages_[0]->device;
+  const bool one_device = on_one_device();
   Stage& first = *stages_[0];
   Stage& last = *stages_.back();
   std::vector<PendingLoss> pending;
@@ -805,6 +800,12 @@ StepStats PipelineTrainer::evaluate(const BatchSource& source) {
   StepStats st = collect_losses(one_device ? *first.stream : *last.stream, pending);
   net_.set_training(true);
   return st;
+}
+
+bool PipelineTrainer::on_one_device() const {
+  for (auto& st : stages_)
+    if (st->device != stages_[0]->device) return false;
+  return true;
 }
 
 void PipelineTrainer::set_steps(int64_t steps) {

@@ -219,6 +219,7 @@ class PipelineTrainer {
   void enqueue_forward(int k, int64_t tick, Message& in, bool steady, const LrAt& lr, Event* end = nullptr,
                        Event* step_start = nullptr);
   void backward_phase(int k, int64_t tick, const LrAt& lr);
+  bool on_one_device() const;  // every module on the first one's device
   // Back-propagates `batch` (which must be the module's oldest in flight) and steps.
   // `bwd_end` is recorded just before the input gradient is marked ready (module 1: after the
   // backward), `step_start` before the optimizer step.
