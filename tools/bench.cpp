@@ -50,14 +50,6 @@ std::string json_num(double v) {
   return b;
 }
 
-// The devices whose allocators hold the run's memory: --device, then those of --devices.
-std::vector<Device> memory_devices(Device dev, const BenchConfig& cfg) {
-  std::vector<Device> out{dev};
-  for (const std::string& name : cfg.devices)
-    if (const Device d = Device::parse(name); std::find(out.begin(), out.end(), d) == out.end()) out.push_back(d);
-  return out;
-}
-
 void reset_peaks(const std::vector<Device>& devices) {
   for (const Device d : devices) device_allocator(d).reset_peak();
 }
@@ -140,15 +132,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
   require_device(dev);
   const bool backprop = cfg.method == "backprop" && !cfg.graphs;
   SP_CHECK(cfg.kernels == "custom" || dev.is_cuda(), "--kernels vendor selects cuBLAS/cuDNN and needs --device cuda");
-  for (const std::string& name : cfg.devices) {
-    const Device d = Device::parse(name);
-    SP_CHECK(d.type == dev.type, "--devices ", name, " and --device ", dev.str(),
-             " must be the same kind (the network is built and measured on --device): give --device ",
-             Device{d.type, 0}.str());
-    require_device(d);
-  }
-  SP_CHECK(cfg.devices.size() != 1 || Device::parse(cfg.devices[0]) == dev, "--devices with one device is --device ",
-           cfg.devices.empty() ? "" : cfg.devices[0], ": give that (or one device per module)");
+  check_module_devices(dev, cfg.devices);
   SP_CHECK(cfg.devices.size() <= 1 || !backprop, "bench: --devices places the modules of --method bp|ddg|fdg");
   const DType dt = activation_dtype(cfg.precision);
   const std::string method = cfg.method == "backprop" ? "bp" : cfg.method;
@@ -171,7 +155,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
   SyntheticBatches data(*s, cfg.batch_size, cfg.seed + 1);
   const SgdConfig sgd{0.9f, 5e-4f, false};
   const auto lr = [](int64_t) { return 0.01f; };  // small and constant: random labels, stable weights
-  const std::vector<Device> mem_devices = memory_devices(dev, cfg);
+  const std::vector<Device> mem_devices = devices_in_use(dev, cfg.devices);
 
   if (backprop) {
     SP_CHECK(cfg.split == 1 && cfg.split_at.empty() && !cfg.recompute && !cfg.weight_stash,

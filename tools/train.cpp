@@ -153,16 +153,7 @@ LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch) {
 
 void check_device_options(const TrainConfig& cfg, Device dev) {
   require_device(dev);
-  for (const std::string& d : cfg.devices) {
-    const Device m = Device::parse(d);
-    // The network is built, its cuts measured, and it is checkpointed through --device: a
-    // stream of the modules' kind (a CUDA stream copies to and from a GPU).
-    SP_CHECK(m.type == dev.type, "--devices ", d, " and --device ", dev.str(), " must be the same kind (",
-             "the run builds and checkpoints the modules through --device): give --device ", Device{m.type, 0}.str());
-    require_device(m);
-  }
-  SP_CHECK(cfg.devices.size() != 1 || Device::parse(cfg.devices[0]) == dev, "--devices with one device is --device ",
-           cfg.devices.empty() ? "" : cfg.devices[0], ": give that (or one device per module)");
+  check_module_devices(dev, cfg.devices);
   SP_CHECK(cfg.precision == "fp32" || cfg.precision == "bf16", "--precision must be fp32 or bf16, got '",
            cfg.precision, "'");
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
@@ -413,14 +404,7 @@ struct Run {
   }
 
   // The devices whose allocators hold this run's memory: --device, and each of --devices.
-  std::vector<Device> memory_devices() const {
-    std::vector<Device> out{device};
-    for (const std::string& name : cfg.devices) {
-      const Device d = Device::parse(name);
-      if (std::find(out.begin(), out.end(), d) == out.end()) out.push_back(d);
-    }
-    return out;
-  }
+  std::vector<Device> memory_devices() const { return devices_in_use(device, cfg.devices); }
 
   // Starts the epoch's peak memory: the allocators', or beside other runs this run's own (the
   // process's peak is not reset under them).
@@ -829,6 +813,26 @@ std::vector<double> measure_block_costs(Network& net, Stream& s, const Tensor& i
 
 double next_epoch_seconds(double train_secs, double other_secs, int64_t steps_run, int64_t steps_per_epoch) {
   return train_secs * double(steps_per_epoch) / double(std::max<int64_t>(1, steps_run)) + other_secs;
+}
+
+void check_module_devices(Device dev, const std::vector<std::string>& devices) {
+  for (const std::string& name : devices) {
+    const Device d = Device::parse(name);
+    // The network is built, its cuts measured, and it is checkpointed through --device: a
+    // stream of the modules' kind (a CUDA stream copies to and from a GPU).
+    SP_CHECK(d.type == dev.type, "--devices ", name, " and --device ", dev.str(), " must be the same kind (",
+             "the run builds and checkpoints the modules through --device): give --device ", Device{d.type, 0}.str());
+    require_device(d);
+  }
+  SP_CHECK(devices.size() != 1 || Device::parse(devices[0]) == dev, "--devices with one device is --device ",
+           devices.empty() ? "" : devices[0], ": give that (or one device per module)");
+}
+
+std::vector<Device> devices_in_use(Device dev, const std::vector<std::string>& devices) {
+  std::vector<Device> out{dev};
+  for (const std::string& name : devices)
+    if (const Device d = Device::parse(name); std::find(out.begin(), out.end(), d) == out.end()) out.push_back(d);
+  return out;
 }
 
 std::chrono::steady_clock::time_point deadline_after(double seconds) {

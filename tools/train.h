@@ -111,6 +111,12 @@ std::vector<double> measure_block_costs(Network& net, Stream& s, const Tensor& i
 // The cut points of --split-at "i,j,..." (first block of modules 2..K).
 std::vector<size_t> parse_cuts(const std::string& text);
 
+// --devices beside --device `dev`: throws unless every one is there and of dev's kind (the run
+// builds and checkpoints the modules through dev), and a single one is dev itself.
+void check_module_devices(Device dev, const std::vector<std::string>& devices);
+// The devices whose allocators hold a run's memory: dev, then those of `devices` not yet named.
+std::vector<Device> devices_in_use(Device dev, const std::vector<std::string>& devices);
+
 // The activation dtype of TrainConfig::precision ("fp32" or "bf16").
 DType activation_dtype(const std::string& precision);
 
