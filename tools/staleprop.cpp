@@ -90,11 +90,18 @@ double positive_seconds(const std::string& flag, const std::string& v) {
   return s;
 }
 
-std::vector<double> parse_list(const std::string& v) {
-  std::vector<double> out;
+// The non-empty items of "a,b,..".
+std::vector<std::string> comma_list(const std::string& v) {
+  std::vector<std::string> out;
   std::stringstream ss(v);
   for (std::string item; std::getline(ss, item, ',');)
-    if (!item.empty()) out.push_back(std::stod(item));
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+std::vector<double> parse_list(const std::string& v) {
+  std::vector<double> out;
+  for (const std::string& item : comma_list(v)) out.push_back(std::stod(item));
   return out;
 }
 
@@ -332,7 +339,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start (default), or by its counted forward FLOPs (the same cuts on every run and machine)", [&](const std::string& v) { c.split_by = v; }},
       {"split-at", "CUTS", "explicit cuts: first block of modules 2..K (\"i,j,..\"), or fdg for FDG's published splits", [&](const std::string& v) { c.split_at = v; }},
       {"shrink", "BETA", "gradient shrink factor applied by each module k < K, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
-      {"devices", "D,D", "one device per module, of --device's kind (default: --device for all); cpu:1,cpu:2,.. run a multi-GPU layout on emulated CPU devices", [&](const std::string& v) { std::stringstream ss(v); for (std::string d; std::getline(ss, d, ',');) c.devices.push_back(d); }},
+      {"devices", "D,D", "one device per module, of --device's kind (default: --device for all); cpu:1,cpu:2,.. run a multi-GPU layout on emulated CPU devices", [&](const std::string& v) { c.devices = comma_list(v); }},
       {"trace", "FILE", "Chrome-trace/Perfetto JSON of the first epoch's module stages", [&](const std::string& v) { c.trace = v; }},
       {"staleness-jitter", "J", "each received gradient becomes due 0..J ticks after it arrives (random, seeded); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = int(std::stoll(v)); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
@@ -567,7 +574,7 @@ int bench_main(int argc, char** argv) {
       {"shrink", "BETA", "gradient shrink factor, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used", [&](const std::string&) { c.weight_stash = true; }},
-      {"devices", "D,D", "one device per module, of --device's kind (default: --device for all; --device defaults to the first); cpu:1,cpu:2,.. are emulated devices", [&](const std::string& v) { std::stringstream ss(v); for (std::string d; std::getline(ss, d, ',');) c.devices.push_back(d); }},
+      {"devices", "D,D", "one device per module, of --device's kind (default: --device for all; --device defaults to the first); cpu:1,cpu:2,.. are emulated devices", [&](const std::string& v) { c.devices = comma_list(v); }},
       {"profile-ops", "N", "after the timed steps, run N more with each op timed by device events and print the time per op and per shape (slower: two event records per op; not with --graphs; default 0)", [&](const std::string& v) { c.profile_ops = std::stoll(v); }},
   };
   flags.insert(flags.end(), more.begin(), more.end());
@@ -610,18 +617,13 @@ int study_main(int argc, char** argv) {
       {"split-at-fdg", "", "use FDG's published cuts where it has them (else balanced by measured block time)", [&](const std::string&) { fdg_cuts = true; }},
       {"shrink", "BETA", "gradient shrink factor of the ddg and fdg runs (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
       {"recompute", "", "recompute activations before the backward (memory for time)", [&](const std::string&) { c.recompute = true; }},
-      {"devices", "D,D", "module k of every K-module run on the k-th of these (at least max K of them; plain backprop on the first; cpu:1,cpu:2,.. are emulated devices); --device defaults to the first", [&](const std::string& v) { std::stringstream ss(v); for (std::string d; std::getline(ss, d, ',');) c.devices.push_back(d); }},
+      {"devices", "D,D", "module k of every K-module run on the k-th of these (at least max K of them; plain backprop on the first; cpu:1,cpu:2,.. are emulated devices); --device defaults to the first", [&](const std::string& v) { c.devices = comma_list(v); }},
   };
   flags.insert(flags.end(), more.begin(), more.end());
   c.device.clear();  // unless given: the first of --devices, else cpu
   if (!parse_flags("study", "The locking study: for K = 1 (plain backprop) and every K > 1 and method given, measures\nthroughput, per-module busy share and memory on synthetic device-resident data (as\nstaleprop bench does) and prints a table; --json keeps every run.", flags, argc, argv)) return 0;
   if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
-  std::vector<std::string> method_list;
-  {
-    std::stringstream ss(methods);
-    for (std::string m; std::getline(ss, m, ',');)
-      if (!m.empty()) method_list.push_back(m);
-  }
+  const std::vector<std::string> method_list = comma_list(methods);
   std::vector<int> k_list;
   for (double k : parse_list(splits)) k_list.push_back(int(positive("splits", int64_t(k))));
   if (c.device.empty()) c.device = c.devices.empty() ? "cpu" : c.devices[0];  // --device not given
