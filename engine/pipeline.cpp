@@ -113,6 +113,9 @@ struct PipelineTrainer::Stage {
   int64_t steps = 0;
   std::unique_ptr<Event> tick_end[2];
   std::unique_ptr<Event> input_copied;  // module 1: the source's views may be reused after it
+  // Evaluation across devices: the activation this module hands on is computed / this
+  // module's copy of the one it received has read it.
+  std::unique_ptr<Event> eval_handed, eval_received;
   std::unique_ptr<Event> epoch_start;
   std::deque<TimedStage> timed;                      // recorded, not read yet (in tick order)
   std::vector<std::unique_ptr<Event>> spare_timing;  // read, to be recorded again
@@ -256,6 +259,8 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
     st->jitter_rng.seed(cfg_.jitter_seed * 1000003u + uint64_t(k));
     for (auto& e : st->tick_end) e = make_event(st->device);
     st->input_copied = make_event(st->device);
+    st->eval_handed = make_event(st->device);
+    st->eval_received = make_event(st->device);
     st->epoch_start = make_event(st->device, true);
     stages_.push_back(std::move(st));
   }
@@ -762,9 +767,9 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
 
 StepStats PipelineTrainer::evaluate(const BatchSource& source) {
   net_.set_training(false);
-  // One stream for all modules when they share a device; otherwise each module's stream, with
-  // the host waiting at every hand-over so no buffer is read by one stream while another
-  // stream's allocator may reuse it.
+  // One stream for all modules when they share a device; otherwise each module's stream, the
+  // hand-overs ordered by events: the receiver waits for the activation, and the sender waits
+  // for the receiver's copy before its later work, which may reuse the activation's memory.
   const bool one_device = on_one_device();
   Stage& first = *stages_[0];
   Stage& last = *stages_.back();
@@ -780,14 +785,20 @@ StepStats PipelineTrainer::evaluate(const BatchSource& source) {
     s->record(*first.input_copied);
     for (auto& st : stages_) {
       if (!one_device && st->index > 0) {
-        s->synchronize();
+        Stream& from = *s;
+        Stage& prev = *stages_[size_t(st->index) - 1];
+        from.record(*prev.eval_handed);
         s = st->stream.get();
+        s->wait(*prev.eval_handed);
         Tensor moved = new_activation(*s, h.shape(), h.dtype());
         Tensor moved_labels = new_activation(*s, labels.shape(), DType::I32);
         ops::copy(*s, h, moved);
         ops::copy(*s, labels, moved_labels);
-        // The copies have read h and labels before these go back to the previous stream's pool.
-        s->synchronize();
+        s->record(*st->eval_received);
+        // h and labels go back to from's pool below: its later work, which may reuse their
+        // blocks, waits for the copies. (The CPU emulation cannot show a missing wait here: its
+        // queued copies hold their tensors until they run.)
+        from.wait(*st->eval_received);
         h = moved, labels = moved_labels;
       }
       for (size_t b = st->first; b < st->last; ++b) h = net_.block(b).forward(*s, h, scratch[b]);
