@@ -249,6 +249,7 @@ if [ -d data/cifar-10-batches-bin ]; then
   if ls "$OUT"/trace-resnet56-*-K4.json > /dev/null 2>&1; then
     python3 tools/trace_overlap.py "$OUT"/trace-resnet56-*-K4.json | tee -a "$OUT/session.txt"
     python3 tools/trace_overlap.py --skip step "$OUT"/trace-resnet56-*-K4.json | tee -a "$OUT/session.txt"
+    python3 tools/trace_overlap.py --stages "$OUT"/trace-resnet56-*-K4.json | tee -a "$OUT/session.txt"
   fi
 fi
 

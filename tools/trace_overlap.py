@@ -15,20 +15,57 @@ shows the overlap without the optimizer steps (which a locked module runs beside
 work of the module below it). The stage names are staleprop's: "fwd", "bwd", "fwd+loss+bwd"
 and "step" (units captured or replayed with --graphs keep their step inside "bwd" or
 "fwd+loss+bwd").
+
+`--stages` prints instead, for each module of each trace, the milliseconds it spent in each
+kind of stage (the name before " b<batch>") and idle within the trace's span: where a locked
+module's time goes, and how much of it is the optimizer step.
 """
 import json
 import sys
 
 
-def module_intervals(path, skip=()):
+def stage_events(path, skip=()):
+    """(thread names by tid, the "X" events whose names do not start with any of skip)."""
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    kept = [e for e in events if e.get("ph") == "X" and not any(e.get("name", "").startswith(p) for p in skip)]
+    return names, kept
+
+
+def module_intervals(path, skip=()):
+    names, events = stage_events(path, skip)
     spans = {}
     for e in events:
-        if e.get("ph") == "X" and not any(e.get("name", "").startswith(p) for p in skip):
-            spans.setdefault(e["tid"], []).append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+        spans.setdefault(e["tid"], []).append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
     return {tid: sorted(iv) for tid, iv in spans.items()}, names
+
+
+STAGE_ORDER = ["fwd", "fwd+loss+bwd", "bwd", "step"]
+
+
+def stage_table(paths, skip):
+    """Each module's milliseconds per kind of stage, and idle within the trace's span."""
+    per_trace, kinds = [], set()
+    for path in paths:
+        names, events = stage_events(path, skip)
+        intervals, _ = module_intervals(path, skip)
+        span, busy, _ = overlap(intervals)
+        ms = {}
+        for e in events:
+            kind = e.get("name", "").rsplit(" b", 1)[0]
+            kinds.add(kind)
+            ms.setdefault(e["tid"], {}).setdefault(kind, 0.0)
+            ms[e["tid"]][kind] += float(e["dur"]) / 1e3
+        per_trace.append((path, names, span, busy, ms))
+    order = [k for k in STAGE_ORDER if k in kinds] + sorted(kinds - set(STAGE_ORDER))
+    head = ["trace", "module"] + [f"{k} ms" for k in order] + ["idle ms"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for path, names, span, busy, ms in per_trace:
+        for tid in sorted(ms):
+            cells = [f"{ms[tid].get(k, 0.0):.1f}" for k in order] + [f"{(span - busy[tid]) / 1e3:.1f}"]
+            print(f"| {path} | {names.get(tid, tid)} | " + " | ".join(cells) + " |")
 
 
 def overlap(intervals):
@@ -59,10 +96,12 @@ def overlap(intervals):
 
 
 def main(args):
-    paths, skip = [], []
+    paths, skip, stages = [], [], False
     while args:
         a = args.pop(0)
-        if a == "--skip":
+        if a == "--stages":
+            stages = True
+        elif a == "--skip":
             if not args:
                 print("--skip needs a stage name", file=sys.stderr)
                 return 2
@@ -75,6 +114,9 @@ def main(args):
     if not paths:
         print(__doc__.strip(), file=sys.stderr)
         return 2
+    if stages:
+        stage_table(paths, skip)
+        return 0
     rows = []
     width = 0
     for path in paths:

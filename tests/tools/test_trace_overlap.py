@@ -18,8 +18,8 @@ sys.path.insert(0, HERE)
 from test_accuracy_table import check, write_cifar  # noqa: E402
 
 
-def table_rows(*paths, skip=()):
-    args = [a for name in skip for a in ("--skip", name)]
+def table_rows(*paths, skip=(), stages=False):
+    args = [a for name in skip for a in ("--skip", name)] + (["--stages"] if stages else [])
     p = subprocess.run([sys.executable, SCRIPT, *args, *paths], capture_output=True, text=True)
     check(p.returncode == 0, "trace_overlap succeeds", p.stdout + p.stderr)
     rows = [l for l in p.stdout.splitlines() if l.startswith("| ") and not l.startswith("| trace")]
@@ -32,12 +32,18 @@ def main():
         # Module 1 busy 0-10 and 20-30 ms, module 2 busy 5-25 ms (timestamps in microseconds).
         made = os.path.join(tmp, "made.json")
         ev = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": t, "args": {"name": f"module {t}"}} for t in (1, 2)]
-        for tid, ts, dur in [(1, 0, 10000), (1, 20000, 10000), (2, 5000, 20000)]:
-            ev.append({"name": "x", "ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur})
+        for tid, name, ts, dur in [(1, "fwd b0", 0, 10000), (1, "step b0", 20000, 10000), (2, "bwd b0", 5000, 20000)]:
+            ev.append({"name": name, "ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur})
         with open(made, "w") as f:
             json.dump({"traceEvents": ev}, f)
         (row,) = table_rows(made)
         check(row[1:] == ["30.0", "67/67", "0", "67", "33", "1.33"], f"the hand-made trace: {row}")
+        # Per module and kind of stage: fwd, bwd, step, then idle within the 30 ms span.
+        rows = table_rows(made, stages=True)
+        check([r[1:] for r in rows] == [["module 1", "10.0", "0.0", "10.0", "10.0"],
+                                         ["module 2", "0.0", "20.0", "0.0", "10.0"]], f"the stage table: {rows}")
+        (row,) = table_rows(made, skip=["step"])
+        check(row[1:] == ["25.0", "40/80", "0", "80", "20", "1.20"], f"the hand-made trace without steps: {row}")
 
         data = os.path.join(tmp, "data")
         write_cifar(data)
