@@ -346,8 +346,9 @@ TEST(Tensor, EmulatedCpuDevicesKeepTheirBoundaries) {
   s2->synchronize();
   EXPECT_EQ(a.at<float>(999), 1.f);
   test::expect_error<Error>([&] { t2->elapsed_ms_since(*t1); }, {"events of different devices"});
-  // One host memory: direct access between emulated devices.
+  // One host memory: direct access between emulated devices; none between kinds.
   EXPECT_TRUE(enable_peer_access(d1, d2));
+  EXPECT_THROW(enable_peer_access(d1, Device::cuda(0)), Error);
 }
 
 TEST(PinnedBuffer, ProvidesUsableHostMemory) {

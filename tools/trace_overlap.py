@@ -33,12 +33,16 @@ def stage_events(path, skip=()):
     return names, kept
 
 
-def module_intervals(path, skip=()):
-    names, events = stage_events(path, skip)
+def intervals_of(events):
     spans = {}
     for e in events:
         spans.setdefault(e["tid"], []).append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
-    return {tid: sorted(iv) for tid, iv in spans.items()}, names
+    return {tid: sorted(iv) for tid, iv in spans.items()}
+
+
+def module_intervals(path, skip=()):
+    names, events = stage_events(path, skip)
+    return intervals_of(events), names
 
 
 STAGE_ORDER = ["fwd", "fwd+loss+bwd", "bwd", "step"]
@@ -49,14 +53,17 @@ def stage_table(paths, skip):
     per_trace, kinds = [], set()
     for path in paths:
         names, events = stage_events(path, skip)
-        intervals, _ = module_intervals(path, skip)
-        span, busy, _ = overlap(intervals)
-        ms = {}
+        span, busy, _ = overlap(intervals_of(events))
+        if span <= 0:
+            print(f"{path}: no module stages in the trace", file=sys.stderr)
+            return 1
+        ms = {tid: {} for tid in names}  # every module, also one left without stages
         for e in events:
             kind = e.get("name", "").rsplit(" b", 1)[0]
             kinds.add(kind)
             ms.setdefault(e["tid"], {}).setdefault(kind, 0.0)
             ms[e["tid"]][kind] += float(e["dur"]) / 1e3
+            busy.setdefault(e["tid"], 0.0)
         per_trace.append((path, names, span, busy, ms))
     order = [k for k in STAGE_ORDER if k in kinds] + sorted(kinds - set(STAGE_ORDER))
     head = ["trace", "module"] + [f"{k} ms" for k in order] + ["idle ms"]
@@ -64,8 +71,9 @@ def stage_table(paths, skip):
     print("|" + "---|" * len(head))
     for path, names, span, busy, ms in per_trace:
         for tid in sorted(ms):
-            cells = [f"{ms[tid].get(k, 0.0):.1f}" for k in order] + [f"{(span - busy[tid]) / 1e3:.1f}"]
+            cells = [f"{ms[tid].get(k, 0.0):.1f}" for k in order] + [f"{(span - busy.get(tid, 0.0)) / 1e3:.1f}"]
             print(f"| {path} | {names.get(tid, tid)} | " + " | ".join(cells) + " |")
+    return 0
 
 
 def overlap(intervals):
@@ -115,8 +123,7 @@ def main(args):
         print(__doc__.strip(), file=sys.stderr)
         return 2
     if stages:
-        stage_table(paths, skip)
-        return 0
+        return stage_table(paths, skip)
     rows = []
     width = 0
     for path in paths:

@@ -2,7 +2,8 @@
 """tools/trace_overlap.py: usage `test_trace_overlap.py STALEPROP`.
 
 On a hand-made trace whose answer is known, the busy shares, the time at each level of
-concurrency and the concurrency must come out exactly; on real CPU-emulation traces of
+concurrency and the concurrency must come out exactly, with and without some stages, and so
+must each module's time per kind of stage and idle (--stages); on real CPU-emulation traces of
 ResNet-20 over two modules, the locked pipeline (bp) must show the modules taking turns and
 fdg's modules overlapping more.
 """
@@ -42,6 +43,10 @@ def main():
         rows = table_rows(made, stages=True)
         check([r[1:] for r in rows] == [["module 1", "10.0", "0.0", "10.0", "10.0"],
                                          ["module 2", "0.0", "20.0", "0.0", "10.0"]], f"the stage table: {rows}")
+        # A module left without stages is all idle.
+        rows = table_rows(made, stages=True, skip=["bwd"])
+        check([r[1:] for r in rows] == [["module 1", "10.0", "10.0", "10.0"], ["module 2", "0.0", "0.0", "30.0"]],
+              f"the stage table without bwd: {rows}")
         (row,) = table_rows(made, skip=["step"])
         check(row[1:] == ["25.0", "40/80", "0", "80", "20", "1.20"], f"the hand-made trace without steps: {row}")
 
