@@ -63,6 +63,11 @@ struct TempDir {
   std::string file(const std::string& name) const { return (path / name).string(); }
 };
 
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
 train::TrainConfig small_config() {
   train::TrainConfig c;
   c.model = "resnet20";
@@ -84,12 +89,22 @@ TEST(Training, TheNextEpochIsEstimatedFromTheStepsTheLastRan) {
   EXPECT_DOUBLE_EQ(train::next_epoch_seconds(0.5, 0.0, 1, 4), 2.0);
 }
 
-TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
+// The uninterrupted plain-backprop run the resume tests compare with: 2 epochs of 4 steps on
+// 128 synthetic images, its checkpoint in full.checkpoint.
+struct WholeRun {
   const data::Dataset train = synthetic_set(128, 1), test = synthetic_set(40, 2);
   TempDir dir;
-  train::TrainConfig full = small_config();  // 2 epochs of 4 steps
-  full.checkpoint = dir.file("full.safetensors");
+  const train::TrainConfig full = [this] {
+    train::TrainConfig c = small_config();
+    c.checkpoint = dir.file("full.safetensors");
+    return c;
+  }();
   const train::TrainResult whole = train::run_training(full, train, test);
+};
+
+TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
+  WholeRun w;
+  auto& [train, test, dir, full, whole] = w;
   ASSERT_EQ(whole.steps, 8);
 
   train::TrainConfig first = small_config();  // stops in the middle of epoch 2
@@ -164,11 +179,8 @@ std::function<bool()> interrupt_from(int n) {
 // Interrupted plain backprop keeps the step it is at: inside an epoch it writes a checkpoint
 // there, at an epoch's end the epoch's own; each resumes to the uninterrupted run's bits.
 TEST(Training, AnInterruptedRunResumesFromTheStepItStoppedAt) {
-  const data::Dataset train = synthetic_set(128, 1), test = synthetic_set(40, 2);
-  TempDir dir;
-  train::TrainConfig full = small_config();  // 2 epochs of 4 steps
-  full.checkpoint = dir.file("full.safetensors");
-  const train::TrainResult whole = train::run_training(full, train, test);
+  WholeRun w;
+  auto& [train, test, dir, full, whole] = w;
 
   train::TrainConfig cut = small_config();
   cut.checkpoint = dir.file("cut.safetensors");
@@ -230,8 +242,7 @@ TEST(Training, AnInterruptedPipelineDropsTheEpochItWasIn) {
   EXPECT_TRUE(part.interrupted);
   EXPECT_TRUE(part.epochs.empty());
   EXPECT_FALSE(fs::exists(dir.file("cut-1.safetensors")));
-  std::ifstream log(cut.log);
-  const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  const std::string text = read_text(cut.log);
   EXPECT_NE(text.find("interrupted in epoch 1 after 2 of 3 batches, which are dropped"), std::string::npos) << text;
   EXPECT_NE(text.find("nothing was checkpointed yet: start again"), std::string::npos) << text;
 
@@ -246,8 +257,7 @@ TEST(Training, AnInterruptedPipelineDropsTheEpochItWasIn) {
   EXPECT_TRUE(dropped.interrupted);
   EXPECT_TRUE(dropped.epochs.empty());
   EXPECT_FALSE(fs::exists(dir.file("again-2.safetensors")));
-  std::ifstream again_log(again.log);
-  const std::string again_text((std::istreambuf_iterator<char>(again_log)), std::istreambuf_iterator<char>());
+  const std::string again_text = read_text(again.log);
   EXPECT_NE(again_text.find("go on with --resume " + again.resume), std::string::npos) << again_text;
   // Which gives epoch 2 as the uninterrupted run had it.
   again.interrupt = nullptr;
@@ -455,8 +465,7 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
   EXPECT_EQ(resumed.epochs[0].test_acc, whole.epochs[1].test_acc);
   expect_same_tensors(dir.file("full-2.safetensors"), dir.file("rest-2.safetensors"));
 
-  std::ifstream trace(full.trace);
-  const std::string json((std::istreambuf_iterator<char>(trace)), std::istreambuf_iterator<char>());
+  const std::string json = read_text(full.trace);
   EXPECT_EQ(json.rfind("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[", 0), 0u);
   EXPECT_NE(json.find("\"module 3\""), std::string::npos);
   EXPECT_NE(json.find("fwd+loss+bwd"), std::string::npos);

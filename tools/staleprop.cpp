@@ -90,6 +90,12 @@ double positive_seconds(const std::string& flag, const std::string& v) {
   return s;
 }
 
+// --device when none was given (`device` is cleared before the flags are parsed): the first of
+// --devices, through which a run over them is set up and checkpointed, else cpu.
+void default_device(std::string& device, const std::vector<std::string>& devices) {
+  if (device.empty()) device = devices.empty() ? "cpu" : devices[0];
+}
+
 // The non-empty items of "a,b,..".
 std::vector<std::string> comma_list(const std::string& v) {
   std::vector<std::string> out;
@@ -277,13 +283,8 @@ struct TrainArgs {
   int64_t train_limit = -1, test_limit = -1;
   int threads = 0;
   double time_limit = 0;
-  bool device_given = false;
+  TrainArgs() { c.device.clear(); }  // unless --device is given: default_device
 };
-
-// Without --device, a run over --devices is set up and checkpointed through the first.
-void default_device_to_devices(TrainArgs& a) {
-  if (!a.device_given && !a.c.devices.empty()) a.c.device = a.c.devices[0];
-}
 
 const char* kTrainWhat =
     "Trains a CIFAR ResNet on CIFAR-10, evaluating on the test set after every epoch: standard\nbackprop, or "
@@ -300,7 +301,6 @@ std::vector<Flag> train_flags(TrainArgs& a) {
   int64_t& train_limit = a.train_limit;
   int64_t& test_limit = a.test_limit;
   int& threads = a.threads;
-  bool& device_given = a.device_given;
   return {
       {"model", "NAME", model_list() + " (default resnet20)", [&](const std::string& v) { c.model = v; }},
       {"epochs", "N", "epochs (default 1)", [&](const std::string& v) { c.epochs = int(positive("epochs", std::stoll(v))); }},
@@ -319,7 +319,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
       {"seed", "S", "seed of initialisation, order and augmentation (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
       {"deterministic", "", "require bit-identical runs for a seed (the CPU reference and the custom CUDA kernels always are: fixed reduction orders, no float atomics; with --kernels vendor it restricts cuDNN to deterministic algorithms)", [&](const std::string&) { c.deterministic = true; }},
-      {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device: where the network is built and checkpointed, and trained and evaluated without --devices (default the first of --devices, else cpu)", [&](const std::string& v) { c.device = v; device_given = true; }},
+      {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device: where the network is built and checkpointed, and trained and evaluated without --devices (default the first of --devices, else cpu)", [&](const std::string& v) { c.device = v; }},
       {"data", "DIR", "CIFAR-10 binary directory (default $CIFAR10_DIR, else ./data/cifar-10-batches-bin)", [&](const std::string& v) { data_dir = v; }},
       {"train-limit", "N", "use only the first N training images (default all)", [&](const std::string& v) { train_limit = positive("train-limit", std::stoll(v)); }},
       {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { test_limit = positive("test-limit", std::stoll(v)); }},
@@ -406,7 +406,7 @@ int train_main(int argc, char** argv) {
   TrainArgs a;
   if (!parse_flags("train", kTrainWhat, train_flags(a), argc, argv)) return 0;
   sp::train::TrainConfig& c = a.c;
-  default_device_to_devices(a);
+  default_device(a.c.device, a.c.devices);
   c.deadline = sp::train::deadline_after(a.time_limit);
   if (a.threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(a.threads).c_str(), 1);
   const std::string dir = sp::data::resolve_cifar10_dir(a.data_dir);
@@ -467,7 +467,7 @@ int sweep_main(int argc, char** argv) {
       std::vector<char*> argv_job;
       for (std::string& w : words) argv_job.push_back(w.data());
       parse_flags("train", kTrainWhat, train_flags(a), int(argv_job.size()), argv_job.data());
-      default_device_to_devices(a);
+      default_device(a.c.device, a.c.devices);
       // The CPU threads are the process's: jobs may name them (as train does) if they agree.
       if (a.threads > 0) {
         SP_CHECK(threads == 0 || threads == a.threads, "--threads ", a.threads, " differs from the sweep's ",
@@ -565,7 +565,7 @@ int bench_main(int argc, char** argv) {
   sp::train::BenchConfig c;
   std::string json;
   int threads = 0;
-  c.device.clear();  // unless given: the first of --devices, else cpu
+  c.device.clear();  // unless given: default_device
   std::vector<Flag> flags = bench_flags(c, json, threads);
   const std::vector<Flag> more = {
       {"method", "M", "backprop (one stream, BackpropTrainer) or bp|ddg|fdg over --split modules (default backprop)", [&](const std::string& v) { c.method = v; }},
@@ -580,7 +580,7 @@ int bench_main(int argc, char** argv) {
   flags.insert(flags.end(), more.begin(), more.end());
   if (!parse_flags("bench", "Measures training throughput (images/s), peak device memory and, for the decoupled methods,\nper-module busy time, on random CIFAR-shaped batches resident on the device (as\nbench/pytorch_baseline.py does), after untimed warm-up steps.", flags, argc, argv)) return 0;
   if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
-  if (c.device.empty()) c.device = c.devices.empty() ? "cpu" : c.devices[0];  // --device not given
+  default_device(c.device, c.devices);
   const sp::train::BenchResult r = sp::train::run_bench(c);
   std::printf("%s batch %lld %s %s %s on %s: %.1f img/s, %.2f ms/step, peak memory %s MiB", c.model.c_str(),
               (long long)c.batch_size, c.precision.c_str(), c.kernels.c_str(), method_str(r).c_str(),
@@ -620,13 +620,13 @@ int study_main(int argc, char** argv) {
       {"devices", "D,D", "module k of every K-module run on the k-th of these (at least max K of them; plain backprop on the first; cpu:1,cpu:2,.. are emulated devices); --device defaults to the first", [&](const std::string& v) { c.devices = comma_list(v); }},
   };
   flags.insert(flags.end(), more.begin(), more.end());
-  c.device.clear();  // unless given: the first of --devices, else cpu
+  c.device.clear();  // unless given: default_device
   if (!parse_flags("study", "The locking study: for K = 1 (plain backprop) and every K > 1 and method given, measures\nthroughput, per-module busy share and memory on synthetic device-resident data (as\nstaleprop bench does) and prints a table; --json keeps every run.", flags, argc, argv)) return 0;
   if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
   const std::vector<std::string> method_list = comma_list(methods);
   std::vector<int> k_list;
   for (double k : parse_list(splits)) k_list.push_back(int(positive("splits", int64_t(k))));
-  if (c.device.empty()) c.device = c.devices.empty() ? "cpu" : c.devices[0];  // --device not given
+  default_device(c.device, c.devices);
   const std::vector<std::string> devices = c.devices;
   for (int k : k_list)
     SP_CHECK(devices.empty() || size_t(k) <= devices.size(), "study: --splits ", k, " needs ", k,

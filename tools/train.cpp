@@ -396,6 +396,11 @@ struct Run {
 
   bool shares_allocator() const { return cfg.max_concurrent_runs > 1; }
 
+  // The checkpoint file of epoch `epoch` (0-based; see checkpoint_path), "" without --checkpoint.
+  std::string epoch_checkpoint(int epoch) const {
+    return cfg.checkpoint.empty() ? "" : checkpoint_path(cfg.checkpoint, epoch + 1);
+  }
+
   // " (modules on D,D,..)" with --devices, else nothing.
   std::string modules_on() const {
     std::string out;
@@ -536,7 +541,7 @@ TrainResult run_backprop(Run& run) {
       if (interrupted)
         run.stop_interrupted("in epoch " + std::to_string(epoch + 1) + " after step " +
                                  std::to_string(step % spe) + " of " + std::to_string(spe),
-                             cfg.checkpoint.empty() ? "" : checkpoint_path(cfg.checkpoint, epoch + 1));
+                             run.epoch_checkpoint(epoch));
       break;
     }
     const double train_secs = seconds_since(epoch_start);
@@ -544,7 +549,7 @@ TrainResult run_backprop(Run& run) {
                   [&] { return evaluate(trainer, run.test_loader()); });
     if (!cfg.checkpoint.empty())
       save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
-    if (run.interrupted_after_epoch(epoch, cfg.checkpoint.empty() ? "" : checkpoint_path(cfg.checkpoint, epoch + 1)))
+    if (run.interrupted_after_epoch(epoch, run.epoch_checkpoint(epoch)))
       break;
     if (stopped || run.stop_at_deadline(epoch, next_epoch_seconds(train_secs, seconds_since(epoch_start) - train_secs,
                                                                   spe - first_index, spe)))
@@ -738,7 +743,7 @@ TrainResult run_pipelined(Run& run) {
     if (!cfg.trace.empty() && run.result.epochs.size() == 1)  // the first epoch of this process
       write_trace(cfg.trace, st, K, epoch);
     // Without --checkpoint, the state to go on from is no longer in any file.
-    last_saved = cfg.checkpoint.empty() ? "" : checkpoint_path(cfg.checkpoint, epoch + 1);
+    last_saved = run.epoch_checkpoint(epoch);
     if (!last_saved.empty())
       save_checkpoint(last_saved, run.net, const_opts, run.metadata(step, "cuts", cuts_str(pc.cuts)), *run.stream);
     if (run.interrupted_after_epoch(epoch, last_saved)) break;
