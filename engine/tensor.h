@@ -3,8 +3,10 @@
 // Owning tensors hold a reference to storage from the device's caching allocator; views share
 // the storage of the tensor they come from (view(), slice()), or wrap memory the caller owns
 // (from_blob(), which never frees). Copies of a Tensor are shallow: they share storage, which
-// lives until the last Tensor referring to it is gone. The engine's CPU dispatch captures
-// tensors by value in the closures it enqueues, so storage outlives the work that uses it.
+// lives until the last Tensor referring to it is gone. Work queued on a stream does not keep
+// storage alive, on the CPU emulation as on CUDA: the engine's CPU dispatch captures only the
+// memory (ops.cpp: borrow), so memory used by several streams must be kept by its owner until
+// an event orders the uses (allocator.h).
 //
 // Layout conventions: activations NHWC, conv weights KRSC (see kernels/common/shapes.h).
 #pragma once

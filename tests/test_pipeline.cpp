@@ -631,13 +631,11 @@ TEST(Pipeline, PlannedGraphMemoryChangesNoBitAndHoldsLessThanBumpArenas) {
            {PipelineMethod::BP, {}}, {PipelineMethod::FDG, {1, 2, 4}}}) {
     const std::string what = std::string(pipeline_method_name(method)) + " K=" + std::to_string(cuts.size() + 1);
     PipelineConfig eager = config(method, cuts, 0.5f);
-    // Slow streams keep the host ahead of them, so eager work holds its most memory whatever
-    // the machine's load (a starved host would find the streams drained and hold less).
-    eager.stream_options = {300, 9};
+    // Queued work holds no tensors, so what each run holds is the host's doing alone: the same
+    // whatever the streams' pace.
     PipelineConfig bump = eager, planned = eager;
     bump.graphs = planned.graphs = true;
     bump.plan_graph_memory = false;
-    bump.stream_options = {};
     std::vector<std::vector<float>> params;
     std::vector<size_t> peak, arena;
     for (const PipelineConfig* c : {&eager, &bump, &planned}) {
@@ -659,9 +657,13 @@ TEST(Pipeline, PlannedGraphMemoryChangesNoBitAndHoldsLessThanBumpArenas) {
     }
     EXPECT_EQ(params[1], params[0]) << what << ": bump arenas";
     EXPECT_EQ(params[2], params[0]) << what << ": planned arenas";
-    // Measured at 8aa36c2 (mini ResNet, 8x8 images, batch 32): bp K=1 eager 3.5 MB, bump
-    // 5.3 MB, planned 2.1 MB; fdg K=4 eager 7.1 MB, bump 98 MB (4 MiB chunks), planned 7.1 MB.
-    EXPECT_LE(double(peak[2]), 1.25 * double(peak[0])) << what << ": planned against eager";
+    // Measured (mini ResNet, 8x8 images, batch 32): bp K=1 eager 1.6 MB, bump 5.3 MB, planned
+    // 2.0 MB; fdg K=4 eager 4.2 MB, bump 98 MB (4 MiB chunks), planned 7.0 MB. Each arena plans
+    // its own temporaries, which eager units share through the caching allocator: fdg K=4 has
+    // 23 arenas. (Until queued CPU work stopped holding its tensors, eager runs here held more
+    // than a GPU's would: 3.5 and 7.1 MB.)
+    EXPECT_LE(double(peak[2]), 1.8 * double(peak[0]))
+        << what << ": planned against eager: eager " << peak[0] << ", bump " << peak[1] << ", planned " << peak[2];
     EXPECT_LT(2 * arena[2], arena[1]) << what << ": planned against bump arenas";
   }
 }
