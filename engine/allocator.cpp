@@ -95,6 +95,7 @@ void CachingAllocator::deallocate(void* ptr) {
   SP_CHECK(it != live_.end(), name_, ": deallocate of a pointer this allocator did not hand out");
   stats_.allocated_bytes -= it->second.size;
   if (it->second.owner != 0) owners_[it->second.owner].allocated_bytes -= it->second.size;
+  if (it->second.key == orphaned_key()) stats_.orphaned_bytes += it->second.size;
   free_[it->second.key].emplace(it->second.size, ptr);
   live_.erase(it);
 }
@@ -137,6 +138,7 @@ void CachingAllocator::release_cached_locked() {
       stats_.reserved_bytes -= sz;
     }
   free_.clear();
+  stats_.orphaned_bytes = 0;
 }
 
 AllocatorStats CachingAllocator::stats() const {
@@ -383,18 +385,13 @@ size_t Arena::reserved_bytes() const {
   return n;
 }
 
-ArenaScope::ArenaScope(Stream& s, Arena* arena)
-    : s_(s), previous_(s.arena()), previous_synchronous_(s.synchronous()) {
+ArenaScope::ArenaScope(Stream& s, Arena* arena) : s_(s), previous_(s.arena()) {
   SP_CHECK(arena == nullptr || arena->device() == s.device(), "an arena of ", arena ? arena->device().str() : "",
            " cannot serve a stream of ", s.device().str());
   s_.set_arena(arena);
-  if (arena && arena->recording()) s_.set_synchronous(true);
 }
 
-ArenaScope::~ArenaScope() {
-  s_.set_arena(previous_);
-  if (s_.synchronous() != previous_synchronous_) s_.set_synchronous(previous_synchronous_);
-}
+ArenaScope::~ArenaScope() { s_.set_arena(previous_); }
 
 PinnedBuffer::PinnedBuffer(size_t bytes) : bytes_(bytes) {
 #if STALEPROP_WITH_CUDA

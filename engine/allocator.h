@@ -32,6 +32,9 @@ struct AllocatorStats {
   uint64_t backend_allocs = 0;  // calls to the backend's allocate (cudaMalloc on a GPU)
   uint64_t backend_frees = 0;
   uint64_t allocs = 0;  // calls to allocate()
+  // Cached bytes that are handed out no more: blocks given back after the stream they were
+  // keyed to was destroyed (see retire_stream), until empty_cache().
+  size_t orphaned_bytes = 0;
 };
 
 class CachingAllocator {
@@ -141,10 +144,9 @@ void retire_stream_memory(Device device, const void* stream_key);
 //     must be the work the arena planned, and anything else is an error. A released
 //     tensor's bytes are reused only by allocations made after the host let go of it, which
 //     the same stream orders after all the work that used it: the caching allocator's rule.
-//     Releases are only seen as the host's own while tensors are not held by queued work:
-//     ArenaScope makes a CPU stream run its closures inline while its arena records (CUDA
-//     kernels hold no tensors). If the traces do not settle within kMaxRecordings cycles the
-//     arena falls back to Bump.
+//     The releases noted are the host's: queued work holds no tensors (CUDA kernels hold
+//     none, and the CPU emulation's closures borrow theirs, ops.cpp). If the traces do not
+//     settle within kMaxRecordings cycles the arena falls back to Bump.
 class ArenaLease;
 
 struct ArenaAllocation {
@@ -237,9 +239,7 @@ class ArenaLease {
 
 class Stream;
 
-// Routes the allocations keyed to `s` to `arena` (nullptr: none) for the scope's lifetime; while
-// the arena records (Planned), `s` runs synchronously (Stream::set_synchronous), so that the
-// releases the arena notes are those of the host.
+// Routes the allocations keyed to `s` to `arena` (nullptr: none) for the scope's lifetime.
 class ArenaScope {
  public:
   ArenaScope(Stream& s, Arena* arena);
@@ -250,7 +250,6 @@ class ArenaScope {
  private:
   Stream& s_;
   Arena* previous_;
-  bool previous_synchronous_;
 };
 
 // Page-locked host memory for asynchronous host<->device copies; ordinary aligned memory in a

@@ -127,12 +127,6 @@ class CpuStream final : public Stream {
       capture_->nodes.push_back({CpuGraph::Kind::Host, std::move(fn), nullptr});
       return;
     }
-    if (synchronous_) {
-      SP_CHECK(!inline_running_, "a closure running inline on a synchronous CPU stream enqueued work on the same "
-               "stream: it would wait for itself");
-      run_inline(std::move(fn));
-      return;
-    }
     {
       std::lock_guard<std::mutex> lk(mu_);
       queue_.push_back(std::move(fn));
@@ -222,33 +216,6 @@ class CpuStream final : public Stream {
   }
 
  private:
-  // enqueue_host() of a synchronous stream: after the queued work, on the calling thread, in
-  // stream order as far as anyone can tell (an error is kept for synchronize() as the worker
-  // keeps it).
-  void run_inline(std::function<void()> fn) {
-    {
-      std::unique_lock<std::mutex> lk(mu_);
-      const uint64_t target = enqueued_;
-      idle_.wait(lk, [&] { return completed_ >= target; });
-      ++enqueued_;
-    }
-    std::exception_ptr err;
-    inline_running_ = true;
-    try {
-      fn();
-    } catch (...) {
-      err = std::current_exception();
-    }
-    inline_running_ = false;
-    fn = nullptr;
-    {
-      std::lock_guard<std::mutex> lk(mu_);
-      if (err && !error_) error_ = err;
-      ++completed_;
-    }
-    idle_.notify_all();
-  }
-
   void loop() {
     for (;;) {
       std::function<void()> fn;
@@ -290,7 +257,6 @@ class CpuStream final : public Stream {
   std::exception_ptr error_;
   bool stop_ = false;
   std::unique_ptr<CpuGraph> capture_;  // set while capturing (touched by the host thread only)
-  bool inline_running_ = false;        // run_inline is inside a closure (host thread only)
   std::thread worker_;
 };
 

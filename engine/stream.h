@@ -3,10 +3,10 @@
 //   CUDA:  a cudaStream_t / cudaEvent_t.
 //   CPU:   a stream is a worker thread running its FIFO of closures in order; an event keeps
 //          CUDA's meaning: record() captures "all work enqueued on this stream so far",
-//          wait() makes a stream block (in stream order, not on the host; a synchronous CPU
-//          stream, see set_synchronous, blocks the host) until the most recent
-//          record made before the wait() call has completed; waiting on a never-recorded event
-//          is a no-op; query()/synchronize() look at the most recent record.
+//          wait() makes a stream block (in stream order, not on the host) until the most
+//          recent record made before the wait() call has completed; waiting on a never-recorded
+//          event is a no-op; query()/synchronize() look at the most recent record. Queued CPU
+//          work holds no tensors (ops.cpp: borrow), as CUDA kernels hold none.
 //
 // Everything above the runtime (scheduler, trainer) uses only this API, so the code that
 // drives the GPU is the code tested on the CPU. CPU streams can inject random delays before
@@ -53,8 +53,7 @@ class Stream {
   Stream& operator=(const Stream&) = delete;
 
   virtual Device device() const = 0;
-  // Runs fn on the host after all work enqueued before it (CPU: on the worker thread, or inline
-  // on the calling thread while set_synchronous(true); CUDA:
+  // Runs fn on the host after all work enqueued before it (CPU: on the worker thread; CUDA:
   // cudaLaunchHostFunc, so fn must not call CUDA). CPU kernels are dispatched this way.
   virtual void enqueue_host(std::function<void()> fn) = 0;
   virtual void record(Event& event) = 0;
@@ -79,17 +78,9 @@ class Stream {
   void set_arena(Arena* arena) { arena_ = arena; }
   Arena* arena() const { return arena_; }
 
-  // CPU: while set, enqueue_host() waits for the queued work and runs the closure on the
-  // calling thread (event waits block it), so the tensors a closure holds are released before
-  // enqueue_host() returns, as they are on CUDA, where kernels hold none. CUDA: no effect.
-  // A recording Arena asks for it (ArenaScope).
-  virtual void set_synchronous(bool on) { synchronous_ = on; }
-  bool synchronous() const { return synchronous_; }
-
  protected:
   Stream() = default;
   bool capturing_ = false;
-  bool synchronous_ = false;
 
  private:
   Arena* arena_ = nullptr;

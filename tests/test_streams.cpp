@@ -59,41 +59,6 @@ TEST_P(CpuStreams, WaitOrdersWorkAcrossStreams) {
   }
 }
 
-// Synchronous mode (what a recording arena asks for): each closure runs on the calling thread
-// after the work queued before it, and an event wait blocks the caller until the other
-// stream's record has run.
-TEST(CpuStreamEvents, SynchronousStreamsRunClosuresInlineInStreamOrder) {
-  auto a = make_stream(Device::cpu(), {2000, 1}), b = make_stream(Device::cpu(), {2000, 2});
-  auto ev = make_event(Device::cpu());
-  std::vector<int> order;
-  std::mutex mu;
-  auto push = [&](int v) {
-    std::lock_guard<std::mutex> lk(mu);
-    order.push_back(v);
-  };
-  a->enqueue_host([&] { push(1); });  // queued, run by the worker
-  b->enqueue_host([&] { push(2); });
-  b->record(*ev);
-  a->set_synchronous(true);
-  a->wait(*ev);  // blocks here until b's record ran
-  const std::thread::id host = std::this_thread::get_id();
-  std::thread::id ran_on;
-  a->enqueue_host([&] {
-    ran_on = std::this_thread::get_id();
-    push(3);
-  });
-  EXPECT_EQ(ran_on, host);
-  ASSERT_EQ(order.size(), 3u) << "the inline closure ran before the work it follows";
-  EXPECT_EQ(order[2], 3);
-  // A closure that enqueues on its own synchronous stream would wait for itself: an error.
-  a->enqueue_host([&] { a->enqueue_host([] {}); });
-  expect_error([&] { a->synchronize(); }, {"wait for itself"});
-  a->set_synchronous(false);
-  a->enqueue_host([&] { push(4); });
-  a->synchronize();
-  EXPECT_EQ(order.back(), 4);
-}
-
 TEST(CpuStreamEvents, WaitOnNeverRecordedEventIsNoOp) {
   auto s = make_stream(Device::cpu());
   auto ev = make_event(Device::cpu());

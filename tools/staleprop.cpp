@@ -345,7 +345,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
       {"graphs", "", "replay each module's steady-state tick from CUDA graphs (CPU: recorded closures); not with --staleness-jitter, --recompute, --weight-stash", [&](const std::string&) { c.graphs = true; }},
-      {"graph-memory", "M", "planned|bump: memory of captured ticks, laid out from recorded tensor lifetimes (on the CPU emulation: about the eager peak) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
+      {"graph-memory", "M", "planned|bump: memory of captured ticks, laid out from recorded tensor lifetimes (one module: about the eager peak; decoupled modules: more, see the README) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
       {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
   };
 }
