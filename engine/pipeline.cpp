@@ -266,8 +266,13 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
   }
   if (cfg_.graphs)
     for (auto& st : stages_) {
-      // d_k + 1 rounded up to even (the parity of the queue slots); one module has no queues.
-      st->period = k_modules == 1 ? 1 : (delay(st->index) + 2) / 2 * 2;
+      // As many phases as batches whose saved activations a forward must not overwrite,
+      // rounded up to even (the parity of the queue slots); one module has no queues. In a
+      // tick, fdg back-propagates batch t - d_k before it forwards batch t, which may then
+      // take that batch's arena: d_k arenas (1 for d_k = 0). ddg and bp forward first: d_k + 1.
+      const int d = delay(st->index);
+      const int sets = cfg_.method == PipelineMethod::FDG ? std::max(d, 1) : d + 1;
+      st->period = k_modules == 1 ? 1 : (sets + 1) / 2 * 2;
       const Arena::Policy policy = cfg_.plan_graph_memory ? Arena::Policy::Planned : Arena::Policy::Bump;
       for (int j = 0; j < st->period; ++j)
         st->fwd_arenas.push_back(std::make_unique<Arena>(st->device, size_t(4) << 20, policy));

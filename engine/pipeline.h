@@ -79,14 +79,17 @@ struct PipelineConfig {
 
 // Graphs. A module's work in a tick is two units: its forward (module K: forward, loss,
 // backward and step) and its backward with the optimizer step (modules k < K). Each unit is
-// captured once per phase, tick mod P_k with P_k = d_k + 1 rounded up to an even number (1 for
-// a single module, which has no queues), and replayed at every later tick of that phase, so a
+// captured once per phase, tick mod P_k, and replayed at every later tick of that phase, so a
 // replay always finds the queue slots of its tick's parity and the saved activations of the
-// batch it back-propagates at the addresses the capture used:
+// batch it back-propagates at the addresses the capture used. P_k is even (the slots' parity)
+// and at least the number of batches in flight when module k forwards: d_k + 1 for ddg and bp,
+// which forward first in a tick; d_k for fdg, which back-propagates batch t - d_k before it
+// forwards batch t (and 1 for d_k = 0); a single module, without queues, has P = 1.
 //   * every forward unit of phase j allocates from its own arena (Arena, allocator.h), reset
 //     at the unit's start, so its tensors (the saved activations among them) sit at the same
 //     addresses in eager runs, the capture and every replay, and live until the same phase
-//     comes round again, after their backward (at most d_k ticks later);
+//     comes round again, after their backward (at most d_k ticks later, before the forward in
+//     fdg's tick, which may then take the arena back);
 //   * every backward unit allocates from one per-module arena, reset at the unit's start;
 //   * the arenas are Planned (plan_graph_memory): a unit's first runs record its allocations
 //     and their lifetimes, and once two runs agree the arena lays them out in one block,

@@ -643,7 +643,7 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   c.split = 2;
   c.graphs = true;
   const train::BenchResult replayed = train::run_bench(c);
-  EXPECT_GE(replayed.warmup, 2 * 4 + 2 + 1);  // module 1: d = 2, P = 4
+  EXPECT_GE(replayed.warmup, 2 * 2 + 2 + 1);  // module 1: d = 2, P = 2
   EXPECT_EQ(replayed.units, c.steps * 3);     // per batch: 2 forward units, 1 backward unit
   EXPECT_EQ(replayed.replayed_units, replayed.units);
   c.graphs = false;
