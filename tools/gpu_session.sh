@@ -25,7 +25,8 @@
 #      (STALEPROP_PDL, --pdl); ResNet-18's bf16 throughput on cuBLASLt/cuDNN (--kernels vendor)
 #      beside them. Each switch is measured only where
 #      ctest passed its GPU test (a hang there would burn every later timeout);
-#   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace); four
+#   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace); the
+#      peak memory of fdg over 4 modules op by op and from graphs (planned, bump arenas); four
 #      short ResNet-56 runs in a sweep one after another, then four at once;
 #   7. gpu_bench stage 1 for the pooling and shortcut kernels (rewritten since their last
 #      measurement), then the fused batch norm, against the copy;
@@ -252,6 +253,17 @@ if [ -d data/cifar-10-batches-bin ]; then
     python3 tools/trace_overlap.py --stages "$OUT"/trace-resnet56-*-K4.json | tee -a "$OUT/session.txt"
   fi
 fi
+
+# Memory of captured ticks over 4 modules (fdg's phases are d_k since eded206, were d_k + 2 on
+# the H100 run of 2026-11-26: eager 1,144 MiB, planned 1,825, bump 3,784): ResNet-56, bf16.
+for memory in eager planned bump; do
+  [ "$(left)" -gt 60 ] || break
+  case $memory in eager) extra=() ;; planned) extra=(--graphs) ;; bump) extra=(--graphs --graph-memory bump) ;; esac
+  timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet56 --batch-size 128 --precision bf16 \
+    --method fdg --split 4 --split-at fdg --steps 50 --warmup 10 "${extra[@]}" --json "$OUT/graph-memory.jsonl" 2>&1 |
+    tee -a "$OUT/session.txt"
+  log "bench fdg K=4 graph memory $memory exit ${PIPESTATUS[0]}"
+done
 
 # Several runs at once in one process (staleprop sweep), which the accuracy table uses: four
 # ResNet-56 bf16 runs (seeds 1-4, 10,240 images, 2 epochs, graphs) one after another, then all at
