@@ -113,8 +113,8 @@ struct PipelineTrainer::Stage {
   int64_t steps = 0;
   std::unique_ptr<Event> tick_end[2];
   std::unique_ptr<Event> input_copied;  // module 1: the source's views may be reused after it
-  // Evaluation across devices: the activation this module hands on is computed / this
-  // module's copy of the one it received has read it.
+  // Evaluation across devices: the activation this module hands on is computed (modules
+  // k < K) / this module's copy of the one it received has read it (modules k > 1).
   std::unique_ptr<Event> eval_handed, eval_received;
   std::unique_ptr<Event> epoch_start;
   std::deque<TimedStage> timed;                      // recorded, not read yet (in tick order)
@@ -259,8 +259,8 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
     st->jitter_rng.seed(cfg_.jitter_seed * 1000003u + uint64_t(k));
     for (auto& e : st->tick_end) e = make_event(st->device);
     st->input_copied = make_event(st->device);
-    st->eval_handed = make_event(st->device);
-    st->eval_received = make_event(st->device);
+    if (k + 1 < k_modules) st->eval_handed = make_event(st->device);
+    if (k > 0) st->eval_received = make_event(st->device);
     st->epoch_start = make_event(st->device, true);
     stages_.push_back(std::move(st));
   }
@@ -801,8 +801,8 @@ StepStats PipelineTrainer::evaluate(const BatchSource& source) {
         ops::copy(*s, labels, moved_labels);
         s->record(*st->eval_received);
         // h and labels go back to from's pool below: its later work, which may reuse their
-        // blocks, waits for the copies. (The CPU emulation cannot show a missing wait here: its
-        // queued copies hold their tensors until they run.)
+        // blocks, waits for the copies (without this wait, ModulesOnSeparateDevicesChangeNoBit
+        // fails on the CPU emulation too: queued copies hold no tensors there either).
         from.wait(*st->eval_received);
         h = moved, labels = moved_labels;
       }
