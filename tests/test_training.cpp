@@ -596,7 +596,11 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
 
   c.method = "fdg";
   c.split = 3;
+  // Fixed cuts: cuts measured per run vary with the machine's load, and the fp32 and bf16 runs
+  // below must hold the same layers' activations.
+  c.split_at = "4,7";
   const train::BenchResult fdg = train::run_bench(c);
+  EXPECT_EQ(fdg.cuts, (std::vector<size_t>{4, 7}));
   EXPECT_EQ(fdg.modules, 3);
   ASSERT_EQ(fdg.cuts.size(), 2u);
   ASSERT_EQ(fdg.busy_pct.size(), 3u);
@@ -624,6 +628,7 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   c.device = "cpu:1";
   const train::BenchResult spread = train::run_bench(c);
   EXPECT_EQ(spread.modules, 3);
+  EXPECT_EQ(spread.cuts, (std::vector<size_t>{4, 7}));
   ASSERT_EQ(spread.peak_allocated_by_device.size(), 3u);
   for (const auto& [name, bytes] : spread.peak_allocated_by_device) EXPECT_GT(bytes, size_t(1) << 20) << name;
   EXPECT_NE(spread.json().find("\"peak_allocated_bytes_by_device\":{\"cpu:1\":"), std::string::npos) << spread.json();
@@ -635,6 +640,7 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   c.devices = {"cpu:2"};
   test::expect_error<Error>([&] { train::run_bench(c); }, {"--devices with one device is --device cpu:2"});
   c.devices.clear();
+  c.split_at.clear();
   EXPECT_TRUE(fdg.peak_allocated_by_device.empty());
 
   // Graphs: the warm-up grows until every phase is captured, then every unit of the timed

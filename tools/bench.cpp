@@ -186,13 +186,16 @@ BenchResult run_bench(const BenchConfig& cfg) {
   } else {
     PipelineConfig pc;
     pc.method = parse_pipeline_method(method);
+    // A wrong count of --devices is told before the cuts are measured.
+    const size_t modules = !cfg.split_at.empty() && cfg.split_at != "fdg" ? parse_cuts(cfg.split_at).size() + 1
+                                                                           : size_t(cfg.split);
+    SP_CHECK(cfg.devices.size() <= 1 || cfg.devices.size() == modules, "--devices names ", cfg.devices.size(),
+             " devices for ", modules, " modules: give one per module");
     if (cfg.split_at == "fdg") {
       pc.cuts = layers::fdg_preset_cuts(cfg.model, cfg.split);
     } else if (!cfg.split_at.empty()) {
       pc.cuts = parse_cuts(cfg.split_at);
     } else if (cfg.split > 1) {
-      SP_CHECK(cfg.devices.size() <= 1 || cfg.devices.size() == size_t(cfg.split), "--devices names ",
-               cfg.devices.size(), " devices for ", cfg.split, " modules: give one per module");
       pc.cuts = balanced_cuts(measure_block_costs(net, *s, data.images[0], dt), cfg.split);
     }
     pc.shrink = cfg.shrink;
