@@ -162,7 +162,7 @@ struct PipelineTrainer::Stage {
   std::mt19937_64 jitter_rng;
   // --graphs
   int period = 1;                                  // P_k
-  std::vector<std::unique_ptr<Arena>> fwd_arenas;  // one per phase
+  std::vector<std::unique_ptr<Arena>> fwd_arenas;  // phase j uses j mod their count
   std::unique_ptr<Arena> bwd_arena;
   std::vector<Unit> fwd_units, bwd_units;  // one per phase
   int fwd_warm = 0, bwd_warm = 0;          // steady units run eagerly so far
@@ -274,7 +274,10 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
       const int sets = cfg_.method == PipelineMethod::FDG ? std::max(d, 1) : d + 1;
       st->period = k_modules == 1 ? 1 : (sets + 1) / 2 * 2;
       const Arena::Policy policy = cfg_.plan_graph_memory ? Arena::Policy::Planned : Arena::Policy::Bump;
-      for (int j = 0; j < st->period; ++j)
+      // With one batch in flight (d_k = 0: its backward follows its forward in the same tick)
+      // the phases, which differ only in their queue slots, share one arena.
+      const int arenas = st->period % sets == 0 ? sets : st->period;
+      for (int j = 0; j < arenas; ++j)
         st->fwd_arenas.push_back(std::make_unique<Arena>(st->device, size_t(4) << 20, policy));
       st->bwd_arena = std::make_unique<Arena>(st->device, size_t(4) << 20, policy);
       st->fwd_units.resize(size_t(st->period));
@@ -396,7 +399,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
       return;
     }
     if (cfg_.graphs && (st.full_input.empty() || xs.size(0) == st.full_input[0])) {
-      arena = st.fwd_arenas[phase].get();
+      arena = st.fwd_arenas[phase % st.fwd_arenas.size()].get();
       arena->reset();
     }
     // Staged into the phase's arena, where a replayed forward expects its input.
@@ -416,7 +419,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   if (cfg_.graphs && st.full_input.empty()) st.full_input = in_shape;
   Unit* unit = cfg_.graphs && in_shape == st.full_input ? &st.fwd_units[phase] : nullptr;
   if (unit && k > 0) {
-    arena = st.fwd_arenas[phase].get();
+    arena = st.fwd_arenas[phase % st.fwd_arenas.size()].get();
     if (!unit->graph) arena->reset();
   }
   TimedStage timed{st.timing_event(), st.timing_event(), tick, in.batch,
