@@ -237,7 +237,7 @@ class CpuStream final : public Stream {
       } catch (...) {
         err = std::current_exception();
       }
-      fn = nullptr;  // release captured tensors before reporting completion
+      fn = nullptr;  // release what the closure captured before reporting completion
       {
         std::lock_guard<std::mutex> lk(mu_);
         if (err && !error_) error_ = err;

@@ -33,10 +33,12 @@ Tensor new_activation(Stream& s, const Shape& shape, DType dtype) {
 void Module::to(Device device, Stream& s) {
   ModuleState st;
   collect("", st);
+  std::vector<Tensor> old;  // kept until the copies have read them (queued work holds none)
   auto move = [&](Tensor& t) {
     if (!t.defined() || t.device() == device) return;
     Tensor moved = Tensor::empty(t.shape(), t.dtype(), device);
     ops::copy(s, t, moved);
+    old.push_back(t);
     t = moved;
   };
   for (auto& [name, p] : st.params) {
@@ -44,7 +46,7 @@ void Module::to(Device device, Stream& s) {
     move(p->grad);
   }
   for (auto& [name, b] : st.buffers) move(*b);
-  s.synchronize();  // the host copies may be released once this returns
+  s.synchronize();  // the old copies go when `old` does, after the copies ran
 }
 
 double Module::forward_flops(const Shape&, Shape*) const {

@@ -380,6 +380,17 @@ bool PipelineTrainer::receive(Stage& st, Queue& q, int64_t written_tick, bool wi
   return true;
 }
 
+Arena* PipelineTrainer::forward_arena(const Stage& st, size_t phase) const {
+  // The periods are chosen so that this never fails (see Graphs in pipeline.h); it guards the
+  // order of a tick that they rely on (fdg: the backwards before the forwards).
+  const size_t n = st.fwd_arenas.size();
+  for (const InFlight& f : st.inflight)
+    SP_CHECK(!f.steady || size_t(f.tick % st.period) % n != phase % n, "pipeline: module ", st.index + 1,
+             "'s forward of phase ", phase, " would take the arena of batch ", f.batch, " (forwarded at tick ", f.tick,
+             "), which is still in flight");
+  return st.fwd_arenas[phase % n].get();
+}
+
 void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& source, bool& source_done,
                                     const LrAt& lr) {
   Stage& st = *stages_[size_t(k)];
@@ -399,7 +410,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
       return;
     }
     if (cfg_.graphs && (st.full_input.empty() || xs.size(0) == st.full_input[0])) {
-      arena = st.fwd_arenas[phase % st.fwd_arenas.size()].get();
+      arena = forward_arena(st, phase);
       arena->reset();
     }
     // Staged into the phase's arena, where a replayed forward expects its input.
@@ -419,7 +430,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   if (cfg_.graphs && st.full_input.empty()) st.full_input = in_shape;
   Unit* unit = cfg_.graphs && in_shape == st.full_input ? &st.fwd_units[phase] : nullptr;
   if (unit && k > 0) {
-    arena = st.fwd_arenas[phase % st.fwd_arenas.size()].get();
+    arena = forward_arena(st, phase);
     if (!unit->graph) arena->reset();
   }
   TimedStage timed{st.timing_event(), st.timing_event(), tick, in.batch,
@@ -804,8 +815,9 @@ StepStats PipelineTrainer::evaluate(const BatchSource& source) {
         ops::copy(*s, labels, moved_labels);
         s->record(*st->eval_received);
         // h and labels go back to from's pool below: its later work, which may reuse their
-        // blocks, waits for the copies (without this wait, ModulesOnSeparateDevicesChangeNoBit
-        // fails on the CPU emulation too: queued copies hold no tensors there either).
+        // blocks, waits for the copies. (Queued CPU copies hold no tensors either: without
+        // this wait ModulesOnSeparateDevicesChangeNoBit fails whenever the jitter delays the
+        // receiver's copy past module 1's reuse, as it did in each of three tries.)
         from.wait(*st->eval_received);
         h = moved, labels = moved_labels;
       }

@@ -234,6 +234,8 @@ class PipelineTrainer {
   // The module's oldest batch in flight, checked to be `batch`; take_inflight() also removes
   // it and checks its delay.
   InFlight& oldest_inflight(int k, int64_t batch);
+  // The forward arena of `phase`, checked to hold no batch still in flight.
+  Arena* forward_arena(const Stage& st, size_t phase) const;
   InFlight take_inflight(int k, int64_t tick, int64_t batch);
   void drop_graphs();
   void recompute_forward(Stage& st, InFlight& f);

@@ -46,8 +46,8 @@ class BackpropTrainer {
   // Enqueues one training step on the batch (x f32 [B,H,W,C], labels i32 [B], on the host or
   // on the stream's device). Statistics are read back by drain_stats(). The host stays at most
   // two steps (training or eval) ahead of the stream: it waits for the end of the step before
-  // the previous one, so that queued work (whose closures hold their tensors on the CPU) cannot
-  // pile up memory.
+  // the previous one, so that the work queued (and the time an interrupt or a host read waits
+  // for it) stays bounded.
   void train_step(const Tensor& x, const Tensor& labels, float lr);
   // Enqueues an eval-mode forward and loss on the batch.
   void eval_step(const Tensor& x, const Tensor& labels);

@@ -483,7 +483,8 @@ TEST(ArenaPlan, ReusesWhatIsReleasedAndKeepsWhatIsNot) {
 }
 
 // One cycle of a small unit of work: a (1 KiB) is let go once b (2 KiB) exists, then c (1 KiB)
-// is made; b and c are kept (like saved activations). The fill holds a in a queued closure.
+// is made; b and c are kept (like saved activations). The queued copy still reads a when the
+// host lets go of it: only work queued after it on the stream may get a's bytes.
 struct Cycle {
   Tensor b, c;
   const void* a_data = nullptr;

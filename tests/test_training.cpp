@@ -649,7 +649,7 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   c.split = 2;
   c.graphs = true;
   const train::BenchResult replayed = train::run_bench(c);
-  EXPECT_GE(replayed.warmup, 2 * 2 + 2 + 1);  // module 1: d = 2, P = 2
+  EXPECT_EQ(replayed.warmup, 3 * 2 + 2 + 2);  // 3 P (both modules: P = 2) + d_1 (2) + K (2)
   EXPECT_EQ(replayed.units, c.steps * 3);     // per batch: 2 forward units, 1 backward unit
   EXPECT_EQ(replayed.replayed_units, replayed.units);
   c.graphs = false;

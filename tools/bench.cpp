@@ -28,6 +28,7 @@ struct SyntheticBatches {
     std::mt19937_64 rng(seed);
     std::normal_distribution<float> normal(0.f, 1.f);
     std::uniform_int_distribution<int32_t> label(0, data::kCifarClasses - 1);
+    std::vector<Tensor> host;  // kept until the copies have read them (queued work holds none)
     for (int b = 0; b < kPoolBatches; ++b) {
       Tensor x = Tensor::empty({batch, data::kCifarSide, data::kCifarSide, data::kCifarChannels}, DType::F32);
       Tensor y = Tensor::empty({batch}, DType::I32);
@@ -36,6 +37,8 @@ struct SyntheticBatches {
       Tensor xd = Tensor::empty(x.shape(), DType::F32, s.device()), yd = Tensor::empty(y.shape(), DType::I32, s.device());
       ops::copy(s, x, xd);
       ops::copy(s, y, yd);
+      host.push_back(x);
+      host.push_back(y);
       images.push_back(xd);
       labels.push_back(yd);
     }
