@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds everything (CUDA sources included when a CUDA toolkit is present) and runs every test:
 # the GoogleTest suites through ctest, then the concurrency tests (streams, pipeline, allocator and
-# arenas, op profile, runs side by side in a sweep) again under ThreadSanitizer.
+# arenas, op profile, runs side by side in a sweep, the bench's runs) again under ThreadSanitizer.
 # GPU tests skip with their reason on a machine without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,12 +21,15 @@ if [ ! -f build-tsan/build.ninja ]; then
   cmake -S . -B build-tsan -G Ninja -DSTALEPROP_CUDA=OFF -DSTALEPROP_TSAN=ON -DSTALEPROP_BUILD_BENCH=OFF \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo
 fi
-TSAN_TESTS=(test_streams test_pipeline test_tensor_allocator test_op_profile test_sweep)
+TSAN_TESTS=(test_streams test_pipeline test_tensor_allocator test_op_profile test_sweep test_training)
 cmake --build build-tsan -j "$(nproc)" --target "${TSAN_TESTS[@]}"
 for t in "${TSAN_TESTS[@]}"; do
   filter=()
   # The sweep's tests of runs side by side; its time-limit and parsing tests run one thread.
   [ "$t" = test_sweep ] && filter=(--gtest_filter='Sweep.RunsSideBySide*:Sweep.AFailedRun*')
+  # The bench's runs (synthetic data staged from the host, modules on emulated devices, graphs;
+  # about a minute); the training tests would take the better part of an hour.
+  [ "$t" = test_training ] && filter=(--gtest_filter='Bench.*')
   TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" "build-tsan/tests/$t" "${filter[@]}"
 done
 echo "== all tests passed"
