@@ -340,8 +340,9 @@ void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
   chk.shape(y, "y", conv2d_output_shape(x.shape(), w.shape(), stride, pad),
             "x " + shape_str(x.shape()) + " convolved with w " + shape_str(w.shape()));
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), w = borrow(w), y = borrow(y), bias = borrow(bias), sh] { kc::conv2d_forward<float>(sh, x.data<float>(), w.data<float>(), ptr_or_null<float>(bias),
-                                                   y.data<float>()); });
+    s.enqueue_host([x = borrow(x), w = borrow(w), y = borrow(y), bias = borrow(bias), sh] {
+      kc::conv2d_forward<float>(sh, x.data<float>(), w.data<float>(), ptr_or_null<float>(bias), y.data<float>());
+    });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -374,7 +375,9 @@ void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Te
   chk.shape(dy, "dy", conv2d_output_shape(dx.shape(), w.shape(), stride, pad),
             "dx " + shape_str(dx.shape()) + " convolved with w " + shape_str(w.shape()));
   if (on_cpu(s)) {
-    s.enqueue_host([dy = borrow(dy), w = borrow(w), dx = borrow(dx), sh] { kc::conv2d_backward_data<float>(sh, dy.data<float>(), w.data<float>(), dx.data<float>()); });
+    s.enqueue_host([dy = borrow(dy), w = borrow(w), dx = borrow(dx), sh] {
+      kc::conv2d_backward_data<float>(sh, dy.data<float>(), w.data<float>(), dx.data<float>());
+    });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -408,8 +411,10 @@ void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const 
   chk.shape(dy, "dy", conv2d_output_shape(x.shape(), dw.shape(), stride, pad),
             "x " + shape_str(x.shape()) + " convolved with dw " + shape_str(dw.shape()));
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), dy = borrow(dy), dw = borrow(dw), dbias = borrow(dbias), sh] { kc::conv2d_backward_weight<float>(sh, x.data<float>(), dy.data<float>(), dw.data<float>(),
-                                                           ptr_or_null<float>(dbias)); });
+    s.enqueue_host([x = borrow(x), dy = borrow(dy), dw = borrow(dw), dbias = borrow(dbias), sh] {
+      kc::conv2d_backward_weight<float>(sh, x.data<float>(), dy.data<float>(), dw.data<float>(),
+                                        ptr_or_null<float>(dbias));
+    });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -461,7 +466,9 @@ void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma,
   chk.tensor(y, "y", at);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), gamma = borrow(gamma), beta = borrow(beta), running_mean = borrow(running_mean), running_var = borrow(running_var), y = borrow(y), save_mean = borrow(save_mean), save_invstd = borrow(save_invstd), m = m, c = c, eps, momentum] {
+    s.enqueue_host([x = borrow(x), gamma = borrow(gamma), beta = borrow(beta), running_mean = borrow(running_mean),
+                    running_var = borrow(running_var), y = borrow(y), save_mean = borrow(save_mean),
+                    save_invstd = borrow(save_invstd), m = m, c = c, eps, momentum] {
       kc::batchnorm_forward_training<float>(m, c, x.data<float>(), gamma.data<float>(), beta.data<float>(), eps,
                                             momentum, running_mean.data<float>(), running_var.data<float>(),
                                             y.data<float>(), save_mean.data<float>(), save_invstd.data<float>());
@@ -500,7 +507,8 @@ void batchnorm_forward_inference(Stream& s, const Tensor& x, const Tensor& gamma
   chk.tensor(y, "y", at);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), gamma = borrow(gamma), beta = borrow(beta), running_mean = borrow(running_mean), running_var = borrow(running_var), y = borrow(y), m = m, c = c, eps] {
+    s.enqueue_host([x = borrow(x), gamma = borrow(gamma), beta = borrow(beta), running_mean = borrow(running_mean),
+                    running_var = borrow(running_var), y = borrow(y), m = m, c = c, eps] {
       kc::batchnorm_forward_inference<float>(m, c, x.data<float>(), gamma.data<float>(), beta.data<float>(),
                                              running_mean.data<float>(), running_var.data<float>(), eps,
                                              y.data<float>());
@@ -541,7 +549,9 @@ void batchnorm_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tens
   chk.tensor(dx, "dx", at);
   chk.shape(dx, "dx", x.shape(), "x");
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), dy = borrow(dy), gamma = borrow(gamma), save_mean = borrow(save_mean), save_invstd = borrow(save_invstd), dx = borrow(dx), dgamma = borrow(dgamma), dbeta = borrow(dbeta), m = m, c = c] {
+    s.enqueue_host([x = borrow(x), dy = borrow(dy), gamma = borrow(gamma), save_mean = borrow(save_mean),
+                    save_invstd = borrow(save_invstd), dx = borrow(dx), dgamma = borrow(dgamma), dbeta = borrow(dbeta),
+                    m = m, c = c] {
       kc::batchnorm_backward<float>(m, c, x.data<float>(), dy.data<float>(), gamma.data<float>(),
                                     save_mean.data<float>(), save_invstd.data<float>(), dx.data<float>(),
                                     dgamma.data<float>(), dbeta.data<float>());
@@ -586,7 +596,9 @@ void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tenso
   chk.tensor(y, "y", at);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), gamma = borrow(gamma), beta = borrow(beta), running_mean = borrow(running_mean), running_var = borrow(running_var), y = borrow(y), save_mean = borrow(save_mean), save_invstd = borrow(save_invstd), residual = borrow(residual), m = m, c = c, eps, momentum] {
+    s.enqueue_host([x = borrow(x), gamma = borrow(gamma), beta = borrow(beta), running_mean = borrow(running_mean),
+                    running_var = borrow(running_var), y = borrow(y), save_mean = borrow(save_mean),
+                    save_invstd = borrow(save_invstd), residual = borrow(residual), m = m, c = c, eps, momentum] {
       kc::batchnorm_add_relu_forward_training<float>(
           m, c, x.data<float>(), ptr_or_null<float>(residual), gamma.data<float>(), beta.data<float>(), eps, momentum,
           running_mean.data<float>(), running_var.data<float>(), y.data<float>(), save_mean.data<float>(),
@@ -630,7 +642,8 @@ void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tens
   chk.tensor(y, "y", at);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), gamma = borrow(gamma), beta = borrow(beta), running_mean = borrow(running_mean), running_var = borrow(running_var), y = borrow(y), residual = borrow(residual), m = m, c = c, eps] {
+    s.enqueue_host([x = borrow(x), gamma = borrow(gamma), beta = borrow(beta), running_mean = borrow(running_mean),
+                    running_var = borrow(running_var), y = borrow(y), residual = borrow(residual), m = m, c = c, eps] {
       kc::batchnorm_add_relu_forward_inference<float>(m, c, x.data<float>(), ptr_or_null<float>(residual),
                                                       gamma.data<float>(), beta.data<float>(),
                                                       running_mean.data<float>(), running_var.data<float>(), eps,
@@ -675,7 +688,9 @@ void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, co
   }
   chk.optional(dresidual, "dresidual", at, x.shape(), "x");
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), y = borrow(y), dy = borrow(dy), gamma = borrow(gamma), save_mean = borrow(save_mean), save_invstd = borrow(save_invstd), dx = borrow(dx), dgamma = borrow(dgamma), dbeta = borrow(dbeta), dresidual = borrow(dresidual), m = m, c = c] {
+    s.enqueue_host([x = borrow(x), y = borrow(y), dy = borrow(dy), gamma = borrow(gamma), save_mean = borrow(save_mean),
+                    save_invstd = borrow(save_invstd), dx = borrow(dx), dgamma = borrow(dgamma), dbeta = borrow(dbeta),
+                    dresidual = borrow(dresidual), m = m, c = c] {
       kc::batchnorm_add_relu_backward<float>(m, c, x.data<float>(), y.data<float>(), dy.data<float>(),
                                              gamma.data<float>(), save_mean.data<float>(), save_invstd.data<float>(),
                                              dx.data<float>(), ptr_or_null<float>(dresidual), dgamma.data<float>(),
@@ -713,7 +728,8 @@ void relu_forward(Stream& s, const Tensor& x, const Tensor& y) {
   chk.tensor(y, "y", dt);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), y = borrow(y)] { kc::relu_forward<float>(x.numel(), x.data<float>(), y.data<float>()); });
+    s.enqueue_host(
+        [x = borrow(x), y = borrow(y)] { kc::relu_forward<float>(x.numel(), x.data<float>(), y.data<float>()); });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -741,7 +757,9 @@ void relu_backward(Stream& s, const Tensor& y, const Tensor& dy, const Tensor& d
   chk.shape(dy, "dy", y.shape(), "y");
   chk.shape(dx, "dx", y.shape(), "y");
   if (on_cpu(s)) {
-    s.enqueue_host([y = borrow(y), dy = borrow(dy), dx = borrow(dx)] { kc::relu_backward<float>(y.numel(), y.data<float>(), dy.data<float>(), dx.data<float>()); });
+    s.enqueue_host([y = borrow(y), dy = borrow(dy), dx = borrow(dx)] {
+      kc::relu_backward<float>(y.numel(), y.data<float>(), dy.data<float>(), dx.data<float>());
+    });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -769,7 +787,9 @@ void add(Stream& s, const Tensor& a, const Tensor& b, const Tensor& y) {
   chk.shape(b, "b", a.shape(), "a");
   chk.shape(y, "y", a.shape(), "a");
   if (on_cpu(s)) {
-    s.enqueue_host([a = borrow(a), b = borrow(b), y = borrow(y)] { kc::add<float>(a.numel(), a.data<float>(), b.data<float>(), y.data<float>()); });
+    s.enqueue_host([a = borrow(a), b = borrow(b), y = borrow(y)] {
+      kc::add<float>(a.numel(), a.data<float>(), b.data<float>(), y.data<float>());
+    });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -795,7 +815,9 @@ void scale(Stream& s, float alpha, const Tensor& x, const Tensor& y) {
   chk.tensor(y, "y", dt);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), y = borrow(y), alpha] { kc::scale<float>(x.numel(), alpha, x.data<float>(), y.data<float>()); });
+    s.enqueue_host([x = borrow(x), y = borrow(y), alpha] {
+      kc::scale<float>(x.numel(), alpha, x.data<float>(), y.data<float>());
+    });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -835,7 +857,8 @@ void copy(Stream& s, const Tensor& src, const Tensor& dst) {
   const size_t bytes = src.nbytes();
   if (src.device().is_cpu() && dst.device().is_cpu()) {
     chk.require(on_cpu(s), "a host-to-host copy runs on a CPU stream");
-    s.enqueue_host([dst = borrow(dst), src = borrow(src), bytes] { std::memcpy(dst.raw_data(), src.raw_data(), bytes); });
+    s.enqueue_host(
+        [dst = borrow(dst), src = borrow(src), bytes] { std::memcpy(dst.raw_data(), src.raw_data(), bytes); });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -890,7 +913,8 @@ void shortcut_a_forward(Stream& s, const Tensor& x, const Tensor& y, int stride)
   chk.shape(y, "y", {sh.n, sh.p(), sh.q(), sh.c_out}, "x " + shape_str(x.shape()) + " with stride " +
                                                           std::to_string(stride));
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), y = borrow(y), sh] { kc::shortcut_a_forward<float>(sh, x.data<float>(), y.data<float>()); });
+    s.enqueue_host(
+        [x = borrow(x), y = borrow(y), sh] { kc::shortcut_a_forward<float>(sh, x.data<float>(), y.data<float>()); });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -914,7 +938,9 @@ void shortcut_a_backward(Stream& s, const Tensor& dy, const Tensor& dx, int stri
   chk.shape(dy, "dy", {sh.n, sh.p(), sh.q(), sh.c_out}, "dx " + shape_str(dx.shape()) + " with stride " +
                                                             std::to_string(stride));
   if (on_cpu(s)) {
-    s.enqueue_host([dy = borrow(dy), dx = borrow(dx), sh] { kc::shortcut_a_backward<float>(sh, dy.data<float>(), dx.data<float>()); });
+    s.enqueue_host([dy = borrow(dy), dx = borrow(dx), sh] {
+      kc::shortcut_a_backward<float>(sh, dy.data<float>(), dx.data<float>());
+    });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -945,7 +971,8 @@ void maxpool2d_forward(Stream& s, const Tensor& x, const Tensor& y, int window, 
   const Pool2dShape sh = pool_shape(chk, x, window, stride, pad);
   chk.shape(y, "y", {sh.n, sh.p(), sh.q(), sh.c}, "pooling x " + shape_str(x.shape()));
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), y = borrow(y), sh] { kc::maxpool2d_forward<float>(sh, x.data<float>(), y.data<float>()); });
+    s.enqueue_host(
+        [x = borrow(x), y = borrow(y), sh] { kc::maxpool2d_forward<float>(sh, x.data<float>(), y.data<float>()); });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -970,7 +997,9 @@ void maxpool2d_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tens
   chk.shape(dy, "dy", {sh.n, sh.p(), sh.q(), sh.c}, "pooling x " + shape_str(x.shape()));
   chk.shape(dx, "dx", x.shape(), "x");
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), dy = borrow(dy), dx = borrow(dx), sh] { kc::maxpool2d_backward<float>(sh, x.data<float>(), dy.data<float>(), dx.data<float>()); });
+    s.enqueue_host([x = borrow(x), dy = borrow(dy), dx = borrow(dx), sh] {
+      kc::maxpool2d_backward<float>(sh, x.data<float>(), dy.data<float>(), dx.data<float>());
+    });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -992,7 +1021,9 @@ void global_avgpool_forward(Stream& s, const Tensor& x, const Tensor& y) {
   chk.shape(y, "y", {x.size(0), x.size(3)}, "x " + shape_str(x.shape()));
   const int64_t n = x.size(0), hw = x.size(1) * x.size(2), c = x.size(3);
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), y = borrow(y), c, n, hw] { kc::global_avgpool_forward<float>(n, hw, c, x.data<float>(), y.data<float>()); });
+    s.enqueue_host([x = borrow(x), y = borrow(y), c, n, hw] {
+      kc::global_avgpool_forward<float>(n, hw, c, x.data<float>(), y.data<float>());
+    });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -1014,7 +1045,9 @@ void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx) {
   chk.shape(dy, "dy", {dx.size(0), dx.size(3)}, "dx " + shape_str(dx.shape()));
   const int64_t n = dx.size(0), hw = dx.size(1) * dx.size(2), c = dx.size(3);
   if (on_cpu(s)) {
-    s.enqueue_host([dy = borrow(dy), dx = borrow(dx), c, n, hw] { kc::global_avgpool_backward<float>(n, hw, c, dy.data<float>(), dx.data<float>()); });
+    s.enqueue_host([dy = borrow(dy), dx = borrow(dx), c, n, hw] {
+      kc::global_avgpool_backward<float>(n, hw, c, dy.data<float>(), dx.data<float>());
+    });
     return;
   }
 #if STALEPROP_WITH_CUDA
@@ -1072,7 +1105,8 @@ void linear_backward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& 
   chk.optional(dw, "dw", DType::F32, w.shape(), "w");
   chk.optional(db, "db", DType::F32, {out}, "w " + shape_str(w.shape()));
   if (on_cpu(s)) {
-    s.enqueue_host([x = borrow(x), w = borrow(w), dy = borrow(dy), dx = borrow(dx), dw = borrow(dw), db = borrow(db), n, in, out] {
+    s.enqueue_host([x = borrow(x), w = borrow(w), dy = borrow(dy), dx = borrow(dx), dw = borrow(dw), db = borrow(db), n,
+                    in, out] {
       kc::linear_backward<float>(n, in, out, x.data<float>(), w.data<float>(), dy.data<float>(), ptr_or_null<float>(dx),
                                  ptr_or_null<float>(dw), ptr_or_null<float>(db));
     });
@@ -1106,7 +1140,8 @@ void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels
   chk.shape(correct, "correct", {1}, "a scalar result");
   chk.require(smoothing >= 0.f && smoothing < 1.f, "label smoothing must lie in [0, 1)");
   if (on_cpu(s)) {
-    s.enqueue_host([logits = borrow(logits), labels = borrow(labels), loss = borrow(loss), dlogits = borrow(dlogits), correct = borrow(correct), n, smoothing, classes] {
+    s.enqueue_host([logits = borrow(logits), labels = borrow(labels), loss = borrow(loss), dlogits = borrow(dlogits),
+                    correct = borrow(correct), n, smoothing, classes] {
       int64_t hits = 0;
       kc::softmax_cross_entropy<float>(n, classes, logits.data<float>(), labels.data<int32_t>(), smoothing,
                                        loss.data<float>(), dlogits.data<float>(), &hits);

@@ -328,29 +328,40 @@ TEST_F(OpsDispatch, QueuedWorkHoldsNoStorage) {
   const auto r = [&](const Shape& shape, uint32_t seed, float lo = -1.f, float hi = 1.f) {
     return random_tensor(shape, seed, lo, hi);
   };
-  const auto e = [&](const Shape& shape, DType dt = DType::F32) { return Tensor::empty(shape, dt, Device::cpu(), s.get()); };
+  const auto e = [&](const Shape& shape, DType dt = DType::F32) {
+    return Tensor::empty(shape, dt, Device::cpu(), s.get());
+  };
   const std::vector<std::pair<const char*, std::function<void()>>> calls = {
-      {"gemm", [&] { ops::gemm(*s, false, true, 1.f, r({5, 7}, 1), r({3, 7}, 2), 0.f, e({5, 3})); }},
-      {"gemm bf16", [&] { ops::gemm(*s, false, false, 1.f, bf16_of(*s, r({5, 7}, 1)), r({7, 3}, 2), 0.f, e({5, 3})); }},
-      {"conv2d", [&] {
+      {"gemm",
+       [&] {
+         ops::gemm(*s, false, true, 1.f, r({5, 7}, 1), r({3, 7}, 2), 0.f, e({5, 3}));
+       }},
+      {"gemm bf16",
+       [&] {
+         ops::gemm(*s, false, false, 1.f, bf16_of(*s, r({5, 7}, 1)), r({7, 3}, 2), 0.f, e({5, 3}));
+       }},
+      {"conv2d",
+       [&] {
          Tensor x = r({2, 5, 5, 3}, 3), w = r({4, 3, 3, 3}, 4), dy = r({2, 5, 5, 4}, 5);
          ops::conv2d_forward(*s, x, w, r({4}, 6), e({2, 5, 5, 4}), 1, 1);
          ops::conv2d_backward_data(*s, dy, w, e(x.shape()), 1, 1);
          ops::conv2d_backward_weight(*s, x, dy, e(w.shape()), e({4}), 1, 1);
        }},
-      {"batchnorm", [&] {
+      {"batchnorm",
+       [&] {
          Tensor x = r({2, 2, 1, 3}, 7), g = r({3}, 8), b = r({3}, 9), rm = r({3}, 10), rv = r({3}, 11, 0.5f, 1.f);
          ops::batchnorm_forward_training(*s, x, g, b, rm, rv, e({2, 2, 1, 3}), e({3}), e({3}), 1e-5f, 0.1f);
          ops::batchnorm_forward_inference(*s, x, g, b, rm, rv, e({2, 2, 1, 3}), 1e-5f);
-         ops::batchnorm_backward(*s, x, r({2, 2, 1, 3}, 12), g, r({3}, 13), r({3}, 14, 0.5f, 1.f), e({2, 2, 1, 3}), e({3}),
-                                 e({3}));
-         ops::batchnorm_add_relu_forward_training(*s, x, r({2, 2, 1, 3}, 15), g, b, rm, rv, e({2, 2, 1, 3}), e({3}), e({3}),
-                                                  1e-5f, 0.1f);
+         ops::batchnorm_backward(*s, x, r({2, 2, 1, 3}, 12), g, r({3}, 13), r({3}, 14, 0.5f, 1.f), e({2, 2, 1, 3}),
+                                 e({3}), e({3}));
+         ops::batchnorm_add_relu_forward_training(*s, x, r({2, 2, 1, 3}, 15), g, b, rm, rv, e({2, 2, 1, 3}), e({3}),
+                                                  e({3}), 1e-5f, 0.1f);
          ops::batchnorm_add_relu_forward_inference(*s, x, r({2, 2, 1, 3}, 15), g, b, rm, rv, e({2, 2, 1, 3}), 1e-5f);
-         ops::batchnorm_add_relu_backward(*s, x, r({2, 2, 1, 3}, 16), r({2, 2, 1, 3}, 12), g, r({3}, 13), r({3}, 14, 0.5f, 1.f),
-                                          e({2, 2, 1, 3}), e({2, 2, 1, 3}), e({3}), e({3}));
+         ops::batchnorm_add_relu_backward(*s, x, r({2, 2, 1, 3}, 16), r({2, 2, 1, 3}, 12), g, r({3}, 13),
+                                          r({3}, 14, 0.5f, 1.f), e({2, 2, 1, 3}), e({2, 2, 1, 3}), e({3}), e({3}));
        }},
-      {"elementwise", [&] {
+      {"elementwise",
+       [&] {
          ops::relu_forward(*s, r({9}, 17), e({9}));
          ops::relu_backward(*s, r({9}, 17), r({9}, 18), e({9}));
          ops::add(*s, r({9}, 17), r({9}, 18), e({9}));
@@ -360,7 +371,8 @@ TEST_F(OpsDispatch, QueuedWorkHoldsNoStorage) {
          ops::cast(*s, bf16_of(*s, r({9}, 17)), e({9}));
          ops::add(*s, bf16_of(*s, r({9}, 17)), bf16_of(*s, r({9}, 18)), e({9}, DType::BF16));
        }},
-      {"shortcut and pooling", [&] {
+      {"shortcut and pooling",
+       [&] {
          ops::shortcut_a_forward(*s, r({2, 4, 4, 3}, 19), e({2, 2, 2, 6}), 2);
          ops::shortcut_a_backward(*s, r({2, 2, 2, 6}, 20), e({2, 4, 4, 3}), 2);
          ops::maxpool2d_forward(*s, r({2, 4, 4, 3}, 19), e({2, 2, 2, 3}), 2, 2, 0);
@@ -368,7 +380,8 @@ TEST_F(OpsDispatch, QueuedWorkHoldsNoStorage) {
          ops::global_avgpool_forward(*s, r({2, 4, 4, 3}, 19), e({2, 3}));
          ops::global_avgpool_backward(*s, r({2, 3}, 22), e({2, 4, 4, 3}));
        }},
-      {"linear and loss", [&] {
+      {"linear and loss",
+       [&] {
          Tensor x = r({4, 5}, 23), w = r({3, 5}, 24);
          ops::linear_forward(*s, x, w, r({3}, 25), e({4, 3}));
          ops::linear_backward(*s, x, w, r({4, 3}, 26), e({4, 5}), e({3, 5}), e({3}));
@@ -376,7 +389,8 @@ TEST_F(OpsDispatch, QueuedWorkHoldsNoStorage) {
          for (int i = 0; i < 4; ++i) labels.at<int32_t>(i) = i % 3;
          ops::softmax_cross_entropy(*s, r({4, 3}, 27), labels, 0.f, e({1}), e({4, 3}), e({1}, DType::I32));
        }},
-      {"sgd_step", [&] {
+      {"sgd_step",
+       [&] {
          ops::sgd_step(*s, {r({6}, 28), r({2}, 29)}, {r({6}, 30), r({2}, 31)}, {r({6}, 32), r({2}, 33)},
                        ops::SgdParams{0.1f, 0.9f, 1e-4f, false, 1.f}, r({1}, 34));
        }},
