@@ -85,11 +85,12 @@ struct PipelineConfig {
 // and at least the number of batches in flight when module k forwards: d_k + 1 for ddg and bp,
 // which forward first in a tick; d_k for fdg, which back-propagates batch t - d_k before it
 // forwards batch t (and 1 for d_k = 0); a single module, without queues, has P = 1.
-//   * every forward unit of phase j allocates from its own arena (Arena, allocator.h), reset
-//     at the unit's start, so its tensors (the saved activations among them) sit at the same
-//     addresses in eager runs, the capture and every replay, and live until the same phase
-//     comes round again, after their backward (at most d_k ticks later, before the forward in
-//     fdg's tick, which may then take the arena back);
+//   * every forward unit of phase j allocates from its own arena (Arena, allocator.h; with
+//     d_k = 0 both phases share one, as each batch's backward follows its forward in the same
+//     tick), reset at the unit's start, so its tensors (the saved activations among them) sit
+//     at the same addresses in eager runs, the capture and every replay, and live until the
+//     same phase comes round again, after their backward (at most d_k ticks later, before the
+//     forward in fdg's tick, which may then take the arena back);
 //   * every backward unit allocates from one per-module arena, reset at the unit's start;
 //   * the arenas are Planned (plan_graph_memory): a unit's first runs record its allocations
 //     and their lifetimes, and once two runs agree the arena lays them out in one block,
