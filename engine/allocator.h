@@ -51,7 +51,10 @@ class CachingAllocator {
   // memory even after the cache was emptied.
   void* allocate(size_t bytes, const void* stream_key = nullptr);
   void deallocate(void* ptr);
-  void empty_cache();  // returns every cached (unused) block to the backend
+  // Returns every cached (unused) block to the backend. cudaFree waits for the device's queued
+  // work; the CPU emulation's free does not, so on the CPU call it only with the device's
+  // streams idle (the allocator's destructor at exit; the out-of-memory retry is the exception).
+  void empty_cache();
   AllocatorStats stats() const;
   void reset_peak();
   // The stream `stream_key` is destroyed and its work done: its cached blocks may serve
