@@ -132,6 +132,10 @@ struct PipelineTrainer::Stage {
     spare_timing.pop_back();
     return e;
   }
+  // A stage of `batch` at `tick`, with its two timing events (not recorded yet).
+  TimedStage new_stage(int64_t tick, int64_t batch, const char* name) {
+    return TimedStage{timing_event(), timing_event(), tick, batch, name};
+  }
   // Ends the timing of a unit: records its end unless the hand-over did (`end_recorded`), then
   // that of its optimizer step when timed apart (`step`, see TimedStage), and keeps them to read.
   void finish_timing(TimedStage unit, bool end_recorded, TimedStage step) {
@@ -433,8 +437,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     arena = forward_arena(st, phase);
     if (!unit->graph) arena->reset();
   }
-  TimedStage timed{st.timing_event(), st.timing_event(), tick, in.batch,
-                   k == last ? "fwd+loss+bwd" : "fwd"};
+  TimedStage timed = st.new_stage(tick, in.batch, k == last ? "fwd+loss+bwd" : "fwd");
   NvtxRange range("module " + std::to_string(k + 1) + " " + timed.stage + " batch " + std::to_string(in.batch));
   // The wait for the input comes before the start event, so busy time excludes it (the wait
   // in the receive, or in a replayed graph, then finds the message there).
@@ -463,7 +466,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     // microseconds apart.)
     if (!capture) {
       end_recorded = true;
-      if (k == last) step = TimedStage{st.timing_event(), st.timing_event(), tick, in.batch, "step"};
+      if (k == last) step = st.new_stage(tick, in.batch, "step");
     }
     enqueue_forward(k, tick, in, unit != nullptr, lr, end_recorded ? timed.end.get() : nullptr, step.start.get());
     if (capture) {
@@ -583,7 +586,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
     const int64_t batch = slot->batch;
     const InFlight& f = oldest_inflight(k, batch);
     Unit* unit = f.steady ? &st.bwd_units[size_t(tick % st.period)] : nullptr;
-    TimedStage timed{st.timing_event(), st.timing_event(), tick, batch, "bwd"};
+    TimedStage timed = st.new_stage(tick, batch, "bwd");
     NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(batch));
     s.wait(*grad_[size_t(k)]->slots[(tick - gradient_latency_) % 2].ready);  // not counted as busy
     s.record(*timed.start);
@@ -610,7 +613,7 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
       receive(st, *grad_[size_t(k)], tick - gradient_latency_, false, &dy, &unused, &received);
       if (cfg_.shrink != 1.f) ops::scale(s, cfg_.shrink, dy, dy);
       split = !capture;
-      if (split) step = TimedStage{st.timing_event(), st.timing_event(), tick, received, "step"};
+      if (split) step = st.new_stage(tick, received, "step");
       backward_and_step(k, tick, received, dy, lr, split ? timed.end.get() : nullptr, step.start.get());
       if (capture) {
         unit->graph = s.end_capture();
@@ -640,9 +643,9 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
   ReceivedGradient ready = std::move(st.gradients.front());
   st.gradients.pop_front();
   oldest_inflight(k, ready.batch);  // checked before any work is enqueued
-  TimedStage timed{st.timing_event(), st.timing_event(), tick, ready.batch, "bwd"};
+  TimedStage timed = st.new_stage(tick, ready.batch, "bwd");
   NvtxRange range("module " + std::to_string(k + 1) + " bwd batch " + std::to_string(ready.batch));
-  TimedStage step{st.timing_event(), st.timing_event(), tick, ready.batch, "step"};
+  TimedStage step = st.new_stage(tick, ready.batch, "step");
   s.record(*timed.start);
   backward_and_step(k, tick, ready.batch, ready.dy, lr, timed.end.get(), step.start.get());
   st.finish_timing(std::move(timed), true, std::move(step));

@@ -189,11 +189,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
   } else {
     PipelineConfig pc;
     pc.method = parse_pipeline_method(method);
-    // A wrong count of --devices is told before the cuts are measured.
-    const size_t modules = !cfg.split_at.empty() && cfg.split_at != "fdg" ? parse_cuts(cfg.split_at).size() + 1
-                                                                           : size_t(cfg.split);
-    SP_CHECK(cfg.devices.size() <= 1 || cfg.devices.size() == modules, "--devices names ", cfg.devices.size(),
-             " devices for ", modules, " modules: give one per module");
+    check_device_count(cfg.devices, cfg.split, cfg.split_at);  // before the cuts are measured
     if (cfg.split_at == "fdg") {
       pc.cuts = layers::fdg_preset_cuts(cfg.model, cfg.split);
     } else if (!cfg.split_at.empty()) {

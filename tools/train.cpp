@@ -626,11 +626,7 @@ TrainResult run_pipelined(Run& run) {
              cfg.resume, " was written by a run over ", pc.cuts.size() + 1, " modules (cuts ",
              resume_meta["cuts"].empty() ? "none" : resume_meta["cuts"], "); resume with the same --split/--split-at");
   } else {
-    // A wrong count of --devices is told before the cuts are measured.
-    const size_t modules = !cfg.split_at.empty() && cfg.split_at != "fdg" ? parse_cuts(cfg.split_at).size() + 1
-                                                                           : size_t(cfg.split);
-    SP_CHECK(cfg.devices.size() <= 1 || cfg.devices.size() == modules, "--devices names ", cfg.devices.size(),
-             " devices for ", modules, " modules: give one per module (--split K, --split-at)");
+    check_device_count(cfg.devices, cfg.split, cfg.split_at);  // before the cuts are measured
     pc.cuts = resolve_cuts(run);
   }
   for (const std::string& d : cfg.devices) pc.devices.push_back(Device::parse(d));
@@ -831,6 +827,12 @@ void check_module_devices(Device dev, const std::vector<std::string>& devices) {
   }
   SP_CHECK(devices.size() != 1 || Device::parse(devices[0]) == dev, "--devices with one device is --device ",
            devices.empty() ? "" : devices[0], ": give that (or one device per module)");
+}
+
+void check_device_count(const std::vector<std::string>& devices, int split, const std::string& split_at) {
+  const size_t modules = !split_at.empty() && split_at != "fdg" ? parse_cuts(split_at).size() + 1 : size_t(split);
+  SP_CHECK(devices.size() <= 1 || devices.size() == modules, "--devices names ", devices.size(), " devices for ",
+           modules, " modules: give one per module (--split K, --split-at)");
 }
 
 std::vector<Device> devices_in_use(Device dev, const std::vector<std::string>& devices) {

@@ -114,6 +114,9 @@ std::vector<size_t> parse_cuts(const std::string& text);
 // --devices beside --device `dev`: throws unless every one is there and of dev's kind (the run
 // builds and checkpoints the modules through dev), and a single one is dev itself.
 void check_module_devices(Device dev, const std::vector<std::string>& devices);
+// Throws unless `devices` names one device per module of --split `split` / --split-at `split_at`
+// (or at most one): told before any cuts are measured.
+void check_device_count(const std::vector<std::string>& devices, int split, const std::string& split_at);
 // The devices whose allocators hold a run's memory: dev, then those of `devices` not yet named.
 std::vector<Device> devices_in_use(Device dev, const std::vector<std::string>& devices);
 
