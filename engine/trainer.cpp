@@ -40,7 +40,9 @@ Tensor BackpropTrainer::forward_loss(const Tensor& x, const Tensor& labels, bool
   SP_CHECK(h.dim() == 2, "the network must end in [N, classes] logits, got ", h.str());
   PendingLoss p{new_activation(s_, {1}), new_activation(s_, {1}, DType::I32), h.size(0)};
   Tensor dlogits = new_activation(s_, h.shape(), h.dtype());
-  ops::softmax_cross_entropy(s_, h, y, smoothing_, p.loss, dlogits, p.correct);
+  // Label smoothing is part of the training objective only: an evaluation reports the plain
+  // cross-entropy, as PipelineTrainer::evaluate and `staleprop eval` do.
+  ops::softmax_cross_entropy(s_, h, y, training ? smoothing_ : 0.f, p.loss, dlogits, p.correct);
   pending_.push_back(p);
   return dlogits;
 }

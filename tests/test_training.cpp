@@ -378,6 +378,7 @@ TEST(Training, EvaluationOfACheckpointMatchesTheRun) {
   train::TrainConfig c = small_config();
   c.epochs = 1;
   c.eval_batch_size = 16;  // a smaller last batch too
+  c.label_smoothing = 0.2f;  // trains on the smoothed loss; both evaluations report the plain one
   c.checkpoint = dir.file("ckpt.safetensors");
   const train::TrainResult r = train::run_training(c, train, test);
   const train::EvalResult e = train::evaluate_checkpoint(c.checkpoint, "", "cpu", test, 16);
