@@ -69,12 +69,26 @@ class ResNet(nn.Module):
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build(name):
+def build(name, init="staleprop"):
+    """The model; init="staleprop" initialises it as staleprop does (layers/layers.cpp, He et al.
+    2015): convolution and linear weights normal with std sqrt(2 / fan_in), biases 0, batch norm
+    gamma 1 and beta 0. init="pytorch" keeps PyTorch's defaults (uniform weights with std
+    1 / sqrt(3 fan_in), uniform linear bias), which start with smaller logits."""
     if name == "resnet18":
-        return ResNet([64, 128, 256, 512], [2, 2, 2, 2], "B")
-    depth = int(name.removeprefix("resnet"))
-    n = (depth - 2) // 6
-    return ResNet([16, 32, 64], [n, n, n], "A")
+        model = ResNet([64, 128, 256, 512], [2, 2, 2, 2], "B")
+    else:
+        depth = int(name.removeprefix("resnet"))
+        n = (depth - 2) // 6
+        model = ResNet([16, 32, 64], [n, n, n], "A")
+    if init == "staleprop":
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+    elif init != "pytorch":
+        raise ValueError(f"init {init!r}: staleprop or pytorch")
+    return model
 
 
 def main():

@@ -3,15 +3,19 @@
 --compile for torch.compile with CUDA graphs, which has not been run on a GPU yet).
 
 A measuring stick for `staleprop train`'s test accuracy, not part of the engine. It reads the
-CIFAR-10 binary files staleprop reads, normalises with the per-channel mean and standard
-deviation of the training images (as staleprop does), augments by a random 32x32 crop of the
+CIFAR-10 binary files staleprop reads (the first --train-limit / --test-limit images, as
+staleprop's flags of those names), normalises with staleprop's per-channel constants
+(tools/cifar10.h), augments by a random 32x32 crop of the
 image zero-padded by 4 (black, before normalising) and a horizontal flip (and --cutout's square,
 zeroed after normalising), reshuffles every
 epoch, and trains with SGD and staleprop's learning-rate schedules (per step: linear warm-up,
 then constant, multistep at fractions of the run, cosine, or onecycle's linear decay). The
-model is bench/pytorch_baseline.py's. The dataset lives on the GPU. One JSON line per epoch:
+model is bench/pytorch_baseline.py's, initialised as staleprop initialises its own (--init
+pytorch: PyTorch's defaults). The dataset lives on the device (--device: the GPU where
+there is one, else the CPU). One JSON line per epoch:
 
     python3 bench/pytorch_cifar_train.py --model resnet20 --epochs 30 --schedule cosine --bf16
+    python3 bench/pytorch_cifar_train.py --device cpu --epochs 4 --train-limit 20000   # quickstart-sized
 """
 import argparse
 import json
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pytorch_baseline import build  # noqa: E402
+from pytorch_load_checkpoint import MEAN, STD  # noqa: E402
 
 
 def read_batches(directory, names):
@@ -37,6 +42,12 @@ def read_batches(directory, names):
     return rec[:, 1:].reshape(-1, 3, 32, 32), labels
 
 
+def round_half_up(x):
+    """std::llround for x >= 0, as staleprop rounds warm-up and milestone steps (Python's round()
+    rounds halves to even: 78.5 -> 78, where staleprop takes 79)."""
+    return math.floor(x + 0.5)
+
+
 def lr_at(step, a, total, warmup):
     if warmup > 0 and step < warmup:
         return a.lr * (step + 1) / warmup
@@ -44,7 +55,7 @@ def lr_at(step, a, total, warmup):
     if a.schedule == "constant":
         return a.lr
     if a.schedule == "multistep":
-        return a.lr * a.gamma ** sum(step >= round(f * total) for f in a.milestones)
+        return a.lr * a.gamma ** sum(step >= round_half_up(f * total) for f in a.milestones)
     if a.schedule == "cosine":
         return a.lr * 0.5 * (1 + math.cos(math.pi * t))
     return a.lr * (1 - t)  # onecycle
@@ -71,21 +82,35 @@ def main():
     ap.add_argument("--cutout", type=int, default=0,
                     help="zero a square of this side centred on a random pixel after normalising (as staleprop)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default="staleprop", choices=["staleprop", "pytorch"],
+                    help="staleprop: He et al.'s normal init, as staleprop's layers (default); pytorch: PyTorch's own")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cuda or cpu (default: cuda where there is a GPU)")
+    ap.add_argument("--train-limit", type=int, default=0, help="use only the first N training images (default all)")
+    ap.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (default all)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's)")
     ap.add_argument("--metrics", help="append the JSON lines to this file too")
     a = ap.parse_args()
     if not 0 <= a.cutout <= 32:
         ap.error("--cutout must be in 0..32")
 
     torch.manual_seed(a.seed)
-    dev = torch.device("cuda")
+    dev = torch.device(a.device)
+    if a.bf16 and dev.type != "cuda":
+        ap.error("--bf16 is the GPU's autocast; on the CPU train in fp32")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     xtr, ytr = read_batches(a.data, [f"data_batch_{i}.bin" for i in range(1, 6)])
     xte, yte = read_batches(a.data, ["test_batch.bin"])
-    mean = torch.tensor(xtr.mean(axis=(0, 2, 3)) / 255.0, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(xtr.astype(np.float64).std(axis=(0, 2, 3)) / 255.0, dtype=torch.float32,
-                       device=dev).view(1, 3, 1, 1)
+    if a.train_limit:
+        xtr, ytr = xtr[:a.train_limit], ytr[:a.train_limit]
+    if a.test_limit:
+        xte, yte = xte[:a.test_limit], yte[:a.test_limit]
+    mean = torch.tensor(MEAN, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(STD, dtype=torch.float32, device=dev).view(1, 3, 1, 1)
     xtr, ytr = torch.from_numpy(xtr.copy()).to(dev), torch.from_numpy(ytr).to(dev)
     xte, yte = torch.from_numpy(xte.copy()).to(dev), torch.from_numpy(yte).to(dev)
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
@@ -115,14 +140,14 @@ def main():
         rx = (ar[None, :] >= cx - side // 2) & (ar[None, :] < cx - side // 2 + side)
         return x.masked_fill((ry[:, :, None] & rx[:, None, :])[:, None], 0.0)
 
-    model = build(a.model).to(dev).to(memory_format=fmt)
+    model = build(a.model, a.init).to(dev).to(memory_format=fmt)
     net = torch.compile(model, mode="reduce-overhead") if a.compile else model
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=a.momentum, nesterov=a.nesterov,
                           weight_decay=a.weight_decay)
     n = xtr.shape[0]
     steps_per_epoch = n // a.batch_size + (n % a.batch_size != 0)
     total = steps_per_epoch * a.epochs
-    warmup = round(a.warmup_epochs * steps_per_epoch)
+    warmup = round_half_up(a.warmup_epochs * steps_per_epoch)
     step, t0 = 0, time.time()
     out = open(a.metrics, "a") if a.metrics else None
     for epoch in range(1, a.epochs + 1):
@@ -137,7 +162,7 @@ def main():
                 x = cutout(x, a.cutout)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, a, total, warmup)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
                 if a.compile:
                     torch.compiler.cudagraph_mark_step_begin()
                 logits = net(x)
@@ -150,14 +175,14 @@ def main():
             step += 1
         model.eval()
         test_correct, test_loss = 0, 0.0
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=a.bf16):
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.bf16):
             for i in range(0, xte.shape[0], 500):
                 logits = net(prep(xte[i:i + 500])).float()
                 test_loss += F.cross_entropy(logits, yte[i:i + 500], reduction="sum").item()
                 test_correct += (logits.argmax(1) == yte[i:i + 500]).sum().item()
         line = json.dumps({
             "framework": "pytorch-compiled" if a.compile else "pytorch-eager", "torch": torch.__version__,
-            "model": a.model, "bf16": a.bf16,
+            "model": a.model, "bf16": a.bf16, "device": str(dev), "seed": a.seed, "init": a.init,
             "event": "epoch", "epoch": epoch, "step": step, "loss": loss_sum.item() / n,
             "train_acc": correct.item() / n, "test_loss": test_loss / xte.shape[0],
             "test_acc": test_correct / xte.shape[0], "lr": lr_at(step - 1, a, total, warmup),
