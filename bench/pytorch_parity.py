@@ -38,8 +38,8 @@ summary, and exits 1 when a bound fails or the two disagree about any tensor's n
     python3 bench/pytorch_parity.py --model resnet18 --batch-size 32 --steps 3 ...
 
 fp32 only: staleprop's bf16 is not PyTorch's autocast (other ops in bf16, other roundings).
-staleprop trains on the CPU, or with --device cuda on our CUDA kernels; PyTorch always computes
-on the CPU. Needs torch and numpy (CPU builds are fine).
+staleprop trains on the CPU, or with --device cuda on our CUDA kernels (not yet run on a GPU);
+PyTorch always computes on the CPU. Needs torch and numpy (CPU builds are fine).
 """
 import argparse
 import json
@@ -138,6 +138,9 @@ def main():
             events = [json.loads(line) for line in f]
         ours_steps = [e for e in events if e["event"] == "step"]
         ours_epochs = [e for e in events if e["event"] == "epoch"]
+        if len(ours_steps) != a.steps or len(ours_epochs) != a.steps:
+            raise SystemExit(f"{metrics}: {len(ours_steps)} step and {len(ours_epochs)} epoch records, "
+                             f"{a.steps} of each expected (one step per epoch)")
         init, _ = read_safetensors(os.path.join(tmp, "init.st"))
         ours = [read_safetensors(os.path.join(tmp, f"step{s}.st"))[0] for s in range(1, a.steps + 1)]
 
@@ -172,7 +175,7 @@ def main():
             after["_optim.momentum." + n] = opt.state[p]["momentum_buffer"]
         return float(loss.detach()), after
 
-    def errors(before, after, exact_before, exact):
+    def errors(before, after, exact):
         """Per tensor: relative error against the float64 step, of a parameter's update (its change
         over the step, where a wrong rule shows at full size) and of everything else as it is."""
         out = {}
@@ -182,7 +185,7 @@ def main():
             if tuple(after[k].shape) != tuple(e.shape):
                 raise SystemExit(f"{k}: shape {tuple(after[k].shape)} in ours, {tuple(e.shape)} in PyTorch's")
             if k in params:
-                out[k] = rel(after[k].double() - before[k].double(), e - exact_before[k].double())
+                out[k] = rel(after[k].double() - before[k].double(), e - before[k].double())
             else:
                 out[k] = rel(after[k], e)
         extra = set(after) - set(exact)
@@ -198,8 +201,8 @@ def main():
         before = fresh if s == 0 else ours[s - 1]
         loss64, exact = torch_step(before, torch.float64)
         loss32, theirs = torch_step(before, torch.float32)
-        e_ours = errors(before, ours[s], before, exact)
-        e_torch = errors(before, theirs, before, exact)
+        e_ours = errors(before, ours[s], exact)
+        e_torch = errors(before, theirs, exact)
         step = {"step": s + 1, "loss_ours": ours_steps[s]["loss"], "loss_torch_fp64": loss64,
                 "loss_rel_ours": abs(ours_steps[s]["loss"] - loss64) / abs(loss64),
                 "loss_rel_torch_fp32": abs(loss32 - loss64) / abs(loss64)}
