@@ -48,28 +48,27 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pytorch_baseline import build  # noqa: E402
+from pytorch_cifar_train import read_batches  # noqa: E402
 from pytorch_load_checkpoint import MEAN, STD, read_safetensors  # noqa: E402
 
 
-def load_images(path, n):
-    """First n records of a CIFAR-10 binary file, normalised to the bit as staleprop normalises
+def load_images(directory, name, n):
+    """First n images of a CIFAR-10 binary file, normalised to the bit as staleprop normalises
     them: one float32 multiply-add per value, p * (1 / (255 std)) + (-mean / std)
     (tools/cifar10.cpp, augment_normalize). PyTorch's usual (p / 255 - mean) / std rounds
     differently, which alone moves the first batch norm's running mean by ~1e-6."""
-    with open(path, "rb") as f:
-        rec = np.frombuffer(f.read(n * 3073), dtype=np.uint8).reshape(-1, 3073)
-    if len(rec) < n:
-        raise SystemExit(f"{path}: has {len(rec)} records, {n} wanted")
+    images, labels = read_batches(directory, [name])
+    if len(labels) < n:
+        raise SystemExit(f"{os.path.join(directory, name)}: has {len(labels)} records, {n} wanted")
     mean, std = torch.tensor(MEAN, dtype=torch.float32), torch.tensor(STD, dtype=torch.float32)
     scale, bias = (1.0 / (255.0 * std)).view(1, 3, 1, 1), (-mean / std).view(1, 3, 1, 1)
-    x = torch.addcmul(bias, torch.tensor(rec[:, 1:].reshape(-1, 3, 32, 32)).float(), scale)
-    return x, torch.tensor(rec[:, 0].astype(np.int64))
+    x = torch.addcmul(bias, torch.tensor(images[:n]).float(), scale)
+    return x, torch.tensor(labels[:n])
 
 
 def rel(a, b):
@@ -144,8 +143,8 @@ def main():
         init, _ = read_safetensors(os.path.join(tmp, "init.st"))
         ours = [read_safetensors(os.path.join(tmp, f"step{s}.st"))[0] for s in range(1, a.steps + 1)]
 
-    x, y = load_images(os.path.join(a.data, "data_batch_1.bin"), a.batch_size)
-    tx, ty = load_images(os.path.join(a.data, "test_batch.bin"), a.test_limit)
+    x, y = load_images(a.data, "data_batch_1.bin", a.batch_size)
+    tx, ty = load_images(a.data, "test_batch.bin", a.test_limit)
     fresh = dict(init)  # a fresh run's state: the initial weights, running statistics (0, 1, 0), no momentum
     for k, v in init.items():
         if k.endswith("running_mean") or k.endswith("num_batches_tracked"):
