@@ -112,7 +112,9 @@ struct PipelineTrainer::Stage {
   std::deque<InFlight> inflight;
   int64_t steps = 0;
   std::unique_ptr<Event> tick_end[2];
-  std::unique_ptr<Event> input_copied;  // module 1: the source's views may be reused after it
+  // Module 1: the copies of the last two batches' inputs, by batch parity (the source's views of
+  // a batch may be reused after its copy; the host waits for the copy two batches back).
+  std::unique_ptr<Event> input_copied[2];
   // Evaluation across devices: the activation this module hands on is computed (modules
   // k < K) / this module's copy of the one it received has read it (modules k > 1).
   std::unique_ptr<Event> eval_handed, eval_received;
@@ -262,7 +264,7 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
     for (auto& [name, c] : net.state(st->first, st->last).counters) st->counters.push_back(c);
     st->jitter_rng.seed(cfg_.jitter_seed * 1000003u + uint64_t(k));
     for (auto& e : st->tick_end) e = make_event(st->device);
-    st->input_copied = make_event(st->device);
+    for (auto& e : st->input_copied) e = make_event(st->device);
     if (k + 1 < k_modules) st->eval_handed = make_event(st->device);
     if (k > 0) st->eval_received = make_event(st->device);
     st->epoch_start = make_event(st->device, true);
@@ -407,7 +409,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   Shape in_shape;
   if (k == 0) {
     if (source_done) return;
-    st.input_copied->synchronize();  // the previous batch's views are no longer needed
+    st.input_copied[next_batch_ % 2]->synchronize();  // the source may reuse the views of two batches back
     Tensor xs, ys;
     if (!source(&xs, &ys)) {
       source_done = true;
@@ -422,7 +424,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     in.data = network_input(s, xs, cfg_.activation_dtype);
     in.labels = new_activation(s, ys.shape(), DType::I32);
     ops::copy(s, ys, in.labels);
-    s.record(*st.input_copied);
+    s.record(*st.input_copied[next_batch_ % 2]);
     in.batch = next_batch_++;
     in_shape = in.data.shape();
   } else {
@@ -798,13 +800,13 @@ StepStats PipelineTrainer::evaluate(const BatchSource& source) {
   std::vector<PendingLoss> pending;
   std::vector<Context> scratch(net_.size());
   Tensor xs, ys;
-  for (;;) {
-    first.input_copied->synchronize();
+  for (int64_t batch = 0;; ++batch) {
+    first.input_copied[batch % 2]->synchronize();  // the source may reuse the views of two batches back
     if (!source(&xs, &ys)) break;
     Stream* s = first.stream.get();
     Tensor h = network_input(*s, xs, cfg_.activation_dtype), labels = new_activation(*s, ys.shape(), DType::I32);
     ops::copy(*s, ys, labels);
-    s->record(*first.input_copied);
+    s->record(*first.input_copied[batch % 2]);
     for (auto& st : stages_) {
       if (!one_device && st->index > 0) {
         Stream& from = *s;

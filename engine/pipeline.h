@@ -154,8 +154,9 @@ struct PipelineEpochStats {
 
 class PipelineTrainer {
  public:
-  // The source yields the next batch (images f32 [B,H,W,C], labels i32 [B], views valid until
-  // the next call) or returns false at the end of the epoch.
+  // The source yields the next batch (images f32 [B,H,W,C], labels i32 [B]) or returns false at
+  // the end of the epoch. The views must stay valid until the second following call: the copy of
+  // a batch may still be queued while the next one is taken (BatchLoader::next's contract).
   using BatchSource = std::function<bool(Tensor* images, Tensor* labels)>;
   using LrAt = std::function<float(int64_t step)>;
 

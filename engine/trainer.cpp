@@ -23,7 +23,7 @@ BackpropTrainer::BackpropTrainer(Network& net, Sgd& opt, Stream& s, float label_
       smoothing_(label_smoothing),
       dtype_(activation_dtype),
       contexts_(net.size()),
-      input_consumed_(make_event(s.device())),
+      input_consumed_{make_event(s.device()), make_event(s.device())},
       step_end_{make_event(s.device()), make_event(s.device())} {}
 
 Tensor BackpropTrainer::input_copy(const Tensor& t) {
@@ -35,7 +35,7 @@ Tensor BackpropTrainer::input_copy(const Tensor& t) {
 Tensor BackpropTrainer::forward_loss(const Tensor& x, const Tensor& labels, bool training) {
   net_.set_training(training);
   Tensor h = network_input(s_, x, dtype_), y = input_copy(labels);
-  s_.record(*input_consumed_);
+  s_.record(*input_consumed_[steps_ % 2]);
   for (size_t i = 0; i < net_.size(); ++i) h = net_.block(i).forward(s_, h, contexts_[i]);
   SP_CHECK(h.dim() == 2, "the network must end in [N, classes] logits, got ", h.str());
   PendingLoss p{new_activation(s_, {1}), new_activation(s_, {1}, DType::I32), h.size(0)};

@@ -53,9 +53,10 @@ class BackpropTrainer {
   void eval_step(const Tensor& x, const Tensor& labels);
   // Waits for the enqueued steps and returns their statistics since the last call.
   StepStats drain_stats();
-  // Blocks the host until the last step has copied its inputs, after which the caller may
-  // reuse their memory.
-  void wait_input_consumed() { input_consumed_->synchronize(); }
+  // Blocks the host until the step before the last one has copied its inputs, after which the
+  // caller may reuse their memory: inputs are double-buffered, so that the host can enqueue a
+  // step while the one before it has not begun (its inputs' copy still queued).
+  void wait_previous_input_consumed() { input_consumed_[steps_ % 2]->synchronize(); }
 
  private:
   // A copy of t on the stream's device, owned by the step (inputs may live in reused buffers).
@@ -70,7 +71,7 @@ class BackpropTrainer {
   DType dtype_;
   std::vector<Context> contexts_;
   std::vector<PendingLoss> pending_;
-  std::unique_ptr<Event> input_consumed_;
+  std::unique_ptr<Event> input_consumed_[2];  // the last two steps' input copies, by step parity
   std::unique_ptr<Event> step_end_[2];  // the last two steps' ends
   int64_t steps_ = 0;                   // steps enqueued
   void begin_step() { step_end_[steps_ % 2]->synchronize(); }

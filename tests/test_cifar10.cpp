@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -12,6 +13,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "kernels/common/error.h"
@@ -484,6 +486,32 @@ TEST(Cifar10Loader, SameSeedSameBatchesAndMatchesSynchronousReference) {
   BatchLoader c(d, o2);
   const std::vector<BatchCopy> other = take(c, 1);
   EXPECT_NE(other[0].ids, got[0].ids);
+}
+
+// A batch stays valid until the second following next(): the trainers take the next batch while
+// the copy of the one before may still be queued. The producer is given time to fill every slot
+// it may: with one batch held, as before, it overwrote the first batch at once (checked).
+TEST(Cifar10Loader, ABatchStaysValidUntilTheSecondFollowingNext) {
+  const Dataset d = random_dataset(200, 8);
+  LoaderOptions o;
+  o.batch_size = 16;
+  o.augment = true;
+  o.seed = 5;
+  for (int prefetch : {1, 3}) {
+    o.prefetch = prefetch;
+    BatchLoader ref_loader(d, o);
+    const std::vector<BatchCopy> ref = take(ref_loader, 8);
+    BatchLoader loader(d, o);
+    const Batch* older = &loader.next();
+    for (int i = 1; i < 8; ++i) {
+      const Batch* newer = &loader.next();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the producer runs ahead
+      ASSERT_TRUE(copy_of(*older) == ref[size_t(i - 1)]) << "batch " << i - 1 << ", prefetch " << prefetch;
+      ASSERT_TRUE(copy_of(*newer) == ref[size_t(i)]) << "batch " << i << ", prefetch " << prefetch;
+      ASSERT_NE(older->images.raw_data(), newer->images.raw_data());
+      older = newer;
+    }
+  }
 }
 
 TEST(Cifar10Loader, AugmentationChangesImagesButNotLabels) {

@@ -265,8 +265,8 @@ BatchLoader::BatchLoader(const Dataset& data, const LoaderOptions& opts)
   SP_CHECK(opts.prefetch >= 1, "BatchLoader: prefetch must be at least 1, got ", opts.prefetch);
   SP_CHECK(opts.cutout >= 0 && opts.cutout <= kCifarSide, "BatchLoader: cutout ", opts.cutout, " outside 0..",
            kCifarSide);
-  // One slot more than the prefetch depth: the consumer holds one while the producer fills the rest.
-  slots_.resize(size_t(opts.prefetch) + 1);
+  // The prefetch depth plus the consumer's two: the producer fills the rest.
+  slots_.resize(size_t(opts.prefetch) + kHeld);
   const size_t image_bytes = size_t(opts.batch_size * kCifarImageBytes) * sizeof(float);
   for (size_t s = 0; s < slots_.size(); ++s) {
     slots_[s].memory = PinnedBuffer(image_bytes + size_t(opts.batch_size) * sizeof(int32_t));
@@ -334,20 +334,23 @@ void BatchLoader::produce() {
 }
 
 void BatchLoader::release_held_locked() {
-  if (held_ >= 0) free_slots_.push_back(held_);
-  held_ = -1;
+  for (int s : held_) free_slots_.push_back(s);
+  held_.clear();
 }
 
 const Batch& BatchLoader::next() {
   std::unique_lock<std::mutex> lk(mu_);
-  release_held_locked();
-  cv_.notify_all();
+  if (held_.size() == kHeld) {  // the batch before the last one given goes back to the producer
+    free_slots_.push_back(held_.front());
+    held_.pop_front();
+    cv_.notify_all();
+  }
   cv_.wait(lk, [&] { return !ready_.empty() || error_; });
   // Batches finished before a failure are still handed out in order.
   if (ready_.empty()) std::rethrow_exception(error_);
-  held_ = ready_.front();
+  held_.push_back(ready_.front());
   ready_.pop_front();
-  return slots_[size_t(held_)].batch;
+  return slots_[size_t(held_.back())].batch;
 }
 
 void BatchLoader::seek(int64_t epoch, int64_t batch_index) {

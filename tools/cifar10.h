@@ -131,8 +131,9 @@ struct Batch {
 
 // Produces the batches of epochs 0, 1, 2, ... in order, without end. A producer thread prepares
 // up to `prefetch` batches ahead in pinned host memory, so the host-to-device copy of a batch
-// can be asynchronous and overlap with training on the previous one. One consumer thread calls
-// next() and seek().
+// can be asynchronous and overlap with training on the previous one. The consumer holds the last
+// two batches it was given, so it can take the next batch while the copy of the one before is
+// still queued. One consumer thread calls next() and seek().
 class BatchLoader {
  public:
   // `data` must outlive the loader.
@@ -143,8 +144,9 @@ class BatchLoader {
 
   int64_t batches_per_epoch() const { return batches_per_epoch_; }
 
-  // The next batch. It (and the memory its tensors view) stays valid until the following
-  // next() or seek(). Rethrows an error of the producer thread.
+  // The next batch. It (and the memory its tensors view) stays valid until the second
+  // following next(), or the next seek(): a copy of it may still be pending while the consumer
+  // takes the batch after it. Rethrows an error of the producer thread.
   const Batch& next();
 
   // Makes the next call to next() return batch `batch_index` of epoch `epoch` (to resume a run).
@@ -167,7 +169,8 @@ class BatchLoader {
   std::condition_variable cv_;
   std::vector<int> free_slots_;
   std::deque<int> ready_;                          // filled slots, in batch order
-  int held_ = -1;                                  // the slot the consumer was last given
+  static constexpr size_t kHeld = 2;               // batches the consumer holds
+  std::deque<int> held_;                           // the slots it was last given, oldest first
   int64_t produce_epoch_ = 0, produce_index_ = 0;  // the next batch the producer prepares
   uint64_t generation_ = 0;                        // advanced by seek(); a fill started earlier is discarded
   std::exception_ptr error_;

@@ -222,7 +222,7 @@ StepStats evaluate(BackpropTrainer& trainer, data::BatchLoader& loader) {
   for (int64_t i = 0; i < loader.batches_per_epoch(); ++i) {
     const data::Batch& b = loader.next();
     trainer.eval_step(b.images, b.labels);
-    trainer.wait_input_consumed();  // the loader reuses the batch's memory after next()
+    trainer.wait_previous_input_consumed();  // the loader reuses that batch's memory at the next next()
   }
   return trainer.drain_stats();
 }
@@ -505,7 +505,7 @@ TrainResult run_backprop(Run& run) {
       SP_CHECK(b.epoch == epoch && b.index_in_epoch == i, "loader out of step");
       const float lr = run.sched.at(step);
       trainer.train_step(b.images, b.labels, lr);
-      trainer.wait_input_consumed();
+      trainer.wait_previous_input_consumed();  // the loader reuses that batch's memory at the next next()
       ++step;
       epoch_images += b.images.size(0);
       if (run.progress.wants_update(i) || i + 1 == spe) {
