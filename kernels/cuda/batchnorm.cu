@@ -601,6 +601,7 @@ bool launch_cooperative(void (*kernel)(Job), const PersistentPlan& pp, const Job
       return false;
     }
   }
+  if (err != cudaSuccess) (void)cudaGetLastError();  // as launch_kernel: a later check must not see it again
   SP_CUDA_CHECK(err);
   g_bn_persistent_launches.fetch_add(1, std::memory_order_relaxed);
   return true;

@@ -57,6 +57,30 @@ CUtensorMap encode_tensor_map_4d_bf16(const void* p, const wgmma::TmaMap4d& shap
 // Whether the cp.async path may read rows of ld bf16 starting at p: p 16-byte aligned, ld % 8 == 0.
 inline bool chunk_ok(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 8 == 0; }
 
+template <class Tile, class = void>
+struct RebalancesRegisters : std::false_type {};
+template <class Tile>
+struct RebalancesRegisters<Tile, std::void_t<decltype(Tile::kProducerRegs)>>
+    : std::bool_constant<(Tile::kProducerRegs > 0)> {};
+
+// A tile whose warpgroups rebalance registers (setmaxnreg) needs every thread to start with the
+// registers the consumers' increase takes from the pool: with fewer, that increase would wait
+// forever, and the launch hang. ptxas 13 gives the 128 x 256 tile's instances exactly
+// 3 x 168 / 3 = 168 (-Xptxas -v); another compiler or flags might not, which fails here instead.
+template <class Tile, class Kernel>
+void check_register_rebalance(Kernel kernel) {
+  if constexpr (RebalancesRegisters<Tile>::value) {
+    cudaFuncAttributes attr{};
+    SP_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    const int need = (Tile::kProducerRegs + 2 * Tile::kConsumerRegs + 2) / 3;
+    SP_CHECK(attr.numRegs >= need, "gemm_bf16: the ", Tile::kBM, " x ", Tile::kBN, " TMA tile was compiled with ",
+             attr.numRegs, " registers per thread, but its setmaxnreg rebalancing (", Tile::kProducerRegs, " / ",
+             Tile::kConsumerRegs, ") needs ", need, " at launch, or the launch would hang; unset STALEPROP_TMA_WIDE");
+  } else {
+    (void)kernel;
+  }
+}
+
 // Runs C = epilogue(A * B) for M x N x K: Kernel(operands..., geometry, ep, partials) on
 // Tile::kBM x Tile::kBN tiles, K split in multiples of Tile::kBK where the output has few tiles.
 // The operands are the loaders (mma_gemm_kernel, wgmma::wgmma_gemm_kernel) or the TMA maps
@@ -84,6 +108,7 @@ void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t
     // All of L1 as shared memory where it helps, so the tiles' blocks per SM (kMinBlocks) fit.
     SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                        int(cudaSharedmemCarveoutMaxShared)));
+    check_register_rebalance<Tile>(Kernel);
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
   if (plan.splits == 1) {
