@@ -225,6 +225,36 @@ TEST(Cifar10Reader, ResolvesDataDirectory) {
 
 // ---------------------------------------------------------------- normalisation, augmentation
 
+TEST(Cifar10Reader, DigestTellsDataSetsApart) {
+  const Dataset d = random_dataset(300, 1);
+  const std::string h = digest(d);
+  EXPECT_EQ(h.size(), 16u);
+  EXPECT_EQ(h.find_first_not_of("0123456789abcdef"), std::string::npos) << h;
+  EXPECT_EQ(digest(random_dataset(300, 1)), h);
+  std::set<std::string> seen{h};
+  // Any one pixel, any one label, the order, the size: each gives another digest.
+  for (size_t at : {size_t(0), size_t(3071), size_t(12345), d.images.size() - 1}) {
+    Dataset e = d;
+    e.images[at] ^= 1;
+    EXPECT_TRUE(seen.insert(digest(e)).second) << "pixel byte " << at;
+  }
+  for (size_t at : {size_t(0), size_t(299)}) {
+    Dataset e = d;
+    e.labels[at] = (e.labels[at] + 1) % 10;
+    EXPECT_TRUE(seen.insert(digest(e)).second) << "label " << at;
+  }
+  Dataset swapped = d;
+  std::swap_ranges(swapped.images.begin(), swapped.images.begin() + kCifarImageBytes,
+                   swapped.images.begin() + kCifarImageBytes);
+  std::swap(swapped.labels[0], swapped.labels[1]);
+  EXPECT_TRUE(seen.insert(digest(swapped)).second) << "two samples swapped";
+  Dataset shorter = d;
+  shorter.images.resize(shorter.images.size() - size_t(kCifarImageBytes));
+  shorter.labels.pop_back();
+  EXPECT_TRUE(seen.insert(digest(shorter)).second) << "one sample fewer";
+  EXPECT_EQ(digest(Dataset{}).size(), 16u);
+}
+
 TEST(Cifar10Normalization, ConstantsAndComputedStatistics) {
   EXPECT_FLOAT_EQ(kCifar10Normalization.mean[0], 0.4914f);
   EXPECT_FLOAT_EQ(kCifar10Normalization.mean[1], 0.4822f);

@@ -141,6 +141,13 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
           {"--batch-size 32, not 33", "same data"});
   const data::Dataset fewer = synthetic_set(120, 1);
   refused([](train::TrainConfig&) {}, {"training images (--train-limit) 128, not 120"}, &fewer);
+  // Other images, or one label changed, of the same size: the digest of the data tells them apart.
+  const data::Dataset other_images = synthetic_set(128, 3);
+  refused([](train::TrainConfig&) {},
+          {"training data of digest " + data::digest(train) + ", not " + data::digest(other_images)}, &other_images);
+  data::Dataset relabelled = train;
+  relabelled.labels[77] = (relabelled.labels[77] + 1) % 10;
+  refused([](train::TrainConfig&) {}, {"training data of digest", "resume with the same data"}, &relabelled);
   refused([](train::TrainConfig& c) { c.cutout = 8; }, {"augmentation crop,flip, not crop,flip,cutout8"});
   // So is another schedule: the learning rate of every step would change under the run.
   refused([](train::TrainConfig& c) { c.epochs = 3; }, {"--epochs 2, not 3", "same schedule"});
@@ -476,6 +483,33 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
   train::TrainConfig mid = full;
   mid.checkpoint_every = 2;
   EXPECT_THROW(train::run_training(mid, train, test), Error);
+}
+
+// --trace on plain backprop over one module: the run goes through the decoupled trainer to time
+// its stages, writes the trace, and trains the same bits as without it.
+TEST(Training, ATracedOneModuleRunWritesItsTraceAndTrainsTheSameBits) {
+  const data::Dataset train = synthetic_set(96, 13), test = synthetic_set(30, 14);
+  TempDir dir;
+  train::TrainConfig plain = small_config();
+  plain.epochs = 2;
+  plain.checkpoint = dir.file("plain.safetensors");
+  const train::TrainResult untraced = train::run_training(plain, train, test);
+  train::TrainConfig traced = plain;
+  traced.checkpoint = dir.file("traced.safetensors");
+  traced.trace = dir.file("trace.json");
+  const train::TrainResult with_trace = train::run_training(traced, train, test);
+  expect_same_tensors(plain.checkpoint, traced.checkpoint);
+  ASSERT_EQ(with_trace.epochs.size(), 2u);
+  EXPECT_EQ(with_trace.epochs[1].test_acc, untraced.epochs[1].test_acc);
+  EXPECT_EQ(with_trace.epochs[1].test_loss, untraced.epochs[1].test_loss);
+  const std::string json = read_text(traced.trace);
+  EXPECT_EQ(json.rfind("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[", 0), 0u);
+  EXPECT_NE(json.find("\"module 1\""), std::string::npos);
+  EXPECT_NE(json.find("\"fwd+loss+bwd b0\""), std::string::npos);
+  EXPECT_EQ(json.find("\"module 2\""), std::string::npos);
+  // Mid-epoch checkpoints are the plain trainer's alone: refused with --trace, with a reason.
+  traced.checkpoint_every = 2;
+  test::expect_error([&] { train::run_training(traced, train, test); }, {"--checkpoint-every", "--trace"});
 }
 
 // --graphs replays the steady-state ticks; the run (evaluation between epochs included) is the

@@ -43,6 +43,11 @@ struct Dataset {
   int64_t size() const { return int64_t(labels.size()); }
 };
 
+// A digest of the data set's labels and pixels, 16 hex digits: two sets that differ in any label
+// or pixel, or in order, almost surely differ in it (a checkpoint records the training set's, so
+// that a resumed run trains on the same data). Not cryptographic.
+std::string digest(const Dataset& data);
+
 // The file names of a split, in the order their records are concatenated.
 std::vector<std::string> cifar10_file_names(Split split);
 
@@ -104,7 +109,7 @@ struct LoaderOptions {
   int cutout = 0;  // with augment: the side of the square Cutout removes (0: none)
   uint64_t seed = 0;
   bool drop_last = false;  // false: the last batch of an epoch may be smaller
-  int prefetch = 2;        // batches the producer thread prepares ahead of the consumer (>= 1)
+  int prefetch = 2;        // batches the producer prepares beyond the two the consumer holds (>= 1)
   Normalization norm = kCifar10Normalization;
 };
 
@@ -130,10 +135,10 @@ struct Batch {
 };
 
 // Produces the batches of epochs 0, 1, 2, ... in order, without end. A producer thread prepares
-// up to `prefetch` batches ahead in pinned host memory, so the host-to-device copy of a batch
-// can be asynchronous and overlap with training on the previous one. The consumer holds the last
-// two batches it was given, so it can take the next batch while the copy of the one before is
-// still queued. One consumer thread calls next() and seek().
+// batches ahead in pinned host memory (`prefetch` beyond the two the consumer holds), so the
+// host-to-device copy of a batch can be asynchronous and overlap with training on the previous
+// one. The consumer holds the last two batches it was given, so it can take the next batch while
+// the copy of the one before is still queued. One consumer thread calls next() and seek().
 class BatchLoader {
  public:
   // `data` must outlive the loader.

@@ -189,13 +189,14 @@ std::string augment_str(const TrainConfig& cfg) {
 }
 
 std::map<std::string, std::string> run_metadata(const TrainConfig& cfg, int64_t step, int64_t steps_per_epoch,
-                                                int64_t train_size) {
+                                                int64_t train_size, const std::string& train_digest) {
   return {{"format", "staleprop-checkpoint-1"},
           {"model", cfg.model},
           {"step", std::to_string(step)},
           {"steps_per_epoch", std::to_string(steps_per_epoch)},
           {"batch_size", std::to_string(cfg.batch_size)},
           {"train_size", std::to_string(train_size)},
+          {"train_digest", train_digest},
           {"seed", std::to_string(cfg.seed)},
           {"epochs", std::to_string(cfg.epochs)},
           {"schedule", cfg.schedule},
@@ -235,6 +236,7 @@ struct Run {
   const TrainConfig& cfg;
   const data::Dataset& train_set;
   const data::Dataset& test_set;
+  const std::string train_digest;  // data::digest of train_set, which checkpoints record
   Device device;
   std::unique_ptr<Stream> stream;
   Network net;
@@ -255,6 +257,7 @@ struct Run {
       : cfg(c),
         train_set(train),
         test_set(test),
+        train_digest(data::digest(train)),
         device(Device::parse(c.device)),
         stream(make_stream(device)),
         net(layers::build_resnet(c.model, data::kCifarClasses, c.seed)),
@@ -317,6 +320,7 @@ struct Run {
     };
     same("batch_size", std::to_string(cfg.batch_size), "--batch-size", "data settings");
     same("train_size", std::to_string(train_set.size()), "training images (--train-limit)", "data settings");
+    same("train_digest", train_digest, "training data of digest", "data");
     same("augment", augment_str(cfg), "augmentation", "data settings");
     same("epochs", std::to_string(cfg.epochs), "--epochs", "schedule");
     same("schedule", cfg.schedule, "--schedule", "schedule");
@@ -332,7 +336,7 @@ struct Run {
 
   std::map<std::string, std::string> metadata(int64_t step, const std::string& extra_key = "",
                                               const std::string& extra_value = "") const {
-    auto m = run_metadata(cfg, step, spe, train_set.size());
+    auto m = run_metadata(cfg, step, spe, train_set.size(), train_digest);
     if (!extra_key.empty()) m[extra_key] = extra_value;
     return m;
   }
@@ -609,8 +613,8 @@ void write_trace(const std::string& path, const PipelineEpochStats& stats, int m
 TrainResult run_pipelined(Run& run) {
   const TrainConfig& cfg = run.cfg;
   SP_CHECK(cfg.checkpoint_every == 0 && cfg.stop_after_steps < 0,
-           "--checkpoint-every and --stop-after need --method bp with one module and no --graphs: a pipeline is "
-           "checkpointed at epoch boundaries, when it has drained");
+           "--checkpoint-every and --stop-after need --method bp with one module and no --graphs or --trace: a "
+           "pipeline is checkpointed at epoch boundaries, when it has drained");
   std::map<std::string, std::string> resume_meta;
   if (!cfg.resume.empty()) resume_meta = io::read_safetensors(cfg.resume).metadata;
   PipelineConfig pc;
@@ -875,8 +879,11 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   SP_CHECK(cfg.method != "bp" || cfg.shrink == 1.f, "--shrink applies to --method ddg and fdg: with bp, whose ",
            "gradients are not stale, it would only scale the lower modules' gradients");
   Run run(cfg, train_set, test_set);
+  // A trace times the decoupled trainer's module stages: a one-module run traced goes through it,
+  // the same training bit for bit (tests/test_pipeline.cpp: one module equals plain backprop).
   const bool pipelined = cfg.method != "bp" || cfg.split > 1 || !cfg.split_at.empty() || cfg.devices.size() > 1 ||
-                         cfg.staleness_jitter > 0 || cfg.recompute || cfg.weight_stash || cfg.graphs;
+                         cfg.staleness_jitter > 0 || cfg.recompute || cfg.weight_stash || cfg.graphs ||
+                         !cfg.trace.empty();
   return pipelined ? run_pipelined(run) : run_backprop(run);
 }
 
