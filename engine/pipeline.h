@@ -117,7 +117,8 @@ struct PipelineGraphStats {
   int64_t eager = 0;     // units enqueued op by op
   size_t arena_bytes = 0;       // memory the arenas hold now (a recording arena holds none)
   size_t arena_peak_used = 0;   // sum over the arenas of the most each handed out between resets
-  int arenas = 0;               // forward arenas (one per module and phase), modules 1..K-1's backward ones
+  int arenas = 0;               // forward arenas (one per module and phase; one for both phases where d_k = 0),
+                                // modules 1..K-1's backward ones
   int planned_arenas = 0;       // ... of which laid out from a settled plan
 };
 

@@ -236,7 +236,9 @@ TEST(Pipeline, PlainBackpropKeepsTheHostAtMostTwoStepsAhead) {
   for (size_t j = 0; j < data.images.size(); ++j) {
     bp.train_step(data.images[j], data.labels[j], 0.01f);
     // Step j - 2 ended before this returned, and with it every marker before it (i < j - 2).
-    if (j >= 2) EXPECT_GE(finished.load(), int(j) - 2) << "after step " << j;
+    if (j >= 2) {
+      EXPECT_GE(finished.load(), int(j) - 2) << "after step " << j;
+    }
     s->enqueue_host([&finished] { ++finished; });
   }
   EXPECT_FALSE(s->query()) << "the stream should still be busy: the test needs a host that could run ahead";

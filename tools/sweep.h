@@ -4,7 +4,8 @@
 // gives the same bits as it would alone (the kernels are deterministic and no buffer is
 // shared; tests/test_sweep.cpp checks it). What they share: the process-wide settings
 // (--kernels, --mainloop, --deterministic, CPU threads), the data sets they load alike, and
-// the caching allocator, whose peak each run then reports as the process's.
+// the caching allocator: each run reports the peak of what it allocated itself, and the
+// reserved peak is the process's.
 #pragma once
 
 #include <chrono>
@@ -41,8 +42,9 @@ struct SweepOptions {
   int parallel = 1;  // runs at once
   // Each run ends at the first epoch boundary where its next epoch would pass it
   // (TrainConfig::deadline), leaving its checkpoint to resume from. A waiting run does not start
-  // once it has passed, nor when an epoch of a finished run of the same model would not fit
-  // before it (the first epoch of a run is never cut short).
+  // once it has passed, nor when an epoch (as finished runs of the same model, devices,
+  // precision, method, K, batch size and training-set size took) would not fit before it (the
+  // first epoch of a run is never cut short).
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
   std::FILE* status = stdout;  // a line when each run starts and ends (null: none)
   // The time at which a waiting run's start is judged against the deadline (null: the steady
