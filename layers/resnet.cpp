@@ -76,14 +76,15 @@ std::vector<size_t> fdg_preset_cuts(const std::string& model, int k) {
       {{"resnet110", 2}, {28}},          // layer2[9:]
       {{"resnet110", 3}, {19, 37}},      // layer2 | layer3
       {{"resnet110", 4}, {14, 28, 42}},  // layer1[13:] | layer2[9:] | layer3[5:]
-      {{"resnet110", 5}, {11, 22, 33, 44}},
+      {{"resnet110", 5}, {11, 22, 33, 44}},  // layer1[10:] | layer2[3:] | layer2[14:] | layer3[7:]
       {{"resnet18", 2}, {5}},            // layer3
       {{"resnet18", 3}, {3, 6}},         // layer2 | layer3[1:]
   };
   auto it = presets.find({model, k});
   if (it == presets.end())
     throw Error("no FDG preset split of " + model + " into " + std::to_string(k) +
-                " modules (presets: resnet20 K=2,3; resnet56 K=2-4; resnet110 K=2-5; resnet18 K=2,3)");
+                " modules (presets, K given by --split: resnet20 K=2,3; resnet56 K=2-4; resnet110 K=2-5; resnet18 "
+                "K=2,3)");
   return it->second;
 }
 

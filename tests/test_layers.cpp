@@ -7,6 +7,9 @@
 #include <map>
 #include <random>
 #include <set>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "engine/network.h"
 #include "engine/ops.h"
@@ -160,6 +163,44 @@ TEST(ResNets, BlocksAndPyTorchStateNames) {
   const Tensor& wa = a.state().params[0].second->value;
   EXPECT_EQ(std::memcmp(wa.raw_data(), b.state().params[0].second->value.raw_data(), wa.nbytes()), 0);
   EXPECT_NE(std::memcmp(wa.raw_data(), c.state().params[0].second->value.raw_data(), wa.nbytes()), 0);
+}
+
+// FDG's published cuts (--split-at fdg) fall where its reference code cuts (model_list in
+// DG_models.py of github.com/ZHUANGHP/FDG): each module after the first begins at the residual
+// block named there.
+TEST(ResNets, FdgPresetCutsBeginModulesAtFdgsBlocks) {
+  const std::vector<std::tuple<std::string, int, std::vector<std::string>>> expected = {
+      {"resnet20", 2, {"layer2.1."}},
+      {"resnet20", 3, {"layer2.0.", "layer3.0."}},
+      {"resnet56", 2, {"layer2.4."}},
+      {"resnet56", 3, {"layer2.0.", "layer3.0."}},
+      {"resnet56", 4, {"layer1.6.", "layer2.4.", "layer3.2."}},
+      {"resnet110", 2, {"layer2.9."}},
+      {"resnet110", 3, {"layer2.0.", "layer3.0."}},
+      {"resnet110", 4, {"layer1.13.", "layer2.9.", "layer3.5."}},
+      {"resnet110", 5, {"layer1.10.", "layer2.3.", "layer2.14.", "layer3.7."}},
+      {"resnet18", 2, {"layer3.0."}},
+      {"resnet18", 3, {"layer2.0.", "layer3.1."}},
+  };
+  for (const auto& [model, k, starts] : expected) {
+    Network net = build_resnet(model);
+    const std::vector<size_t> cuts = fdg_preset_cuts(model, k);
+    ASSERT_EQ(cuts.size(), starts.size()) << model << " K=" << k;
+    for (size_t i = 0; i < cuts.size(); ++i) {
+      ASSERT_LT(cuts[i], net.size() - 1) << model << " K=" << k;  // the head is never a module alone
+      const std::string first = net.state(cuts[i], cuts[i] + 1).params.at(0).first;
+      EXPECT_EQ(first.rfind(starts[i], 0), 0u) << model << " K=" << k << ": module " << i + 2 << " begins at "
+                                                << first << ", not " << starts[i];
+    }
+  }
+  // No preset: the error says which exist and that K comes from --split.
+  try {
+    fdg_preset_cuts("resnet20", 1);
+    ADD_FAILURE() << "resnet20 K=1 has no preset";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("K given by --split"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("resnet56 K=2-4"), std::string::npos) << e.what();
+  }
 }
 
 // ---- ResNet-20 against the reference kernels, composed by hand -----------------------------
