@@ -68,17 +68,17 @@ std::vector<size_t> fdg_preset_cuts(const std::string& model, int k) {
   // layer2.i at 1 + n + i and layer3.i at 1 + 2n + i; ResNet-18 has layer s.i at 1 + 2(s-1) + i.
   // FDG's modules end with the pooling and linear layers, which is our head block.
   static const std::map<std::pair<std::string, int>, std::vector<size_t>> presets = {
-      {{"resnet20", 2}, {5}},            // layer2[1:]
-      {{"resnet20", 3}, {4, 7}},         // layer2 | layer3
-      {{"resnet56", 2}, {14}},           // layer2[4:]
-      {{"resnet56", 3}, {10, 19}},       // layer2 | layer3
-      {{"resnet56", 4}, {7, 14, 21}},    // layer1[6:] | layer2[4:] | layer3[2:]
-      {{"resnet110", 2}, {28}},          // layer2[9:]
-      {{"resnet110", 3}, {19, 37}},      // layer2 | layer3
-      {{"resnet110", 4}, {14, 28, 42}},  // layer1[13:] | layer2[9:] | layer3[5:]
+      {{"resnet20", 2}, {5}},                // layer2[1:]
+      {{"resnet20", 3}, {4, 7}},             // layer2 | layer3
+      {{"resnet56", 2}, {14}},               // layer2[4:]
+      {{"resnet56", 3}, {10, 19}},           // layer2 | layer3
+      {{"resnet56", 4}, {7, 14, 21}},        // layer1[6:] | layer2[4:] | layer3[2:]
+      {{"resnet110", 2}, {28}},              // layer2[9:]
+      {{"resnet110", 3}, {19, 37}},          // layer2 | layer3
+      {{"resnet110", 4}, {14, 28, 42}},      // layer1[13:] | layer2[9:] | layer3[5:]
       {{"resnet110", 5}, {11, 22, 33, 44}},  // layer1[10:] | layer2[3:] | layer2[14:] | layer3[7:]
-      {{"resnet18", 2}, {5}},            // layer3
-      {{"resnet18", 3}, {3, 6}},         // layer2 | layer3[1:]
+      {{"resnet18", 2}, {5}},                // layer3
+      {{"resnet18", 3}, {3, 6}},             // layer2 | layer3[1:]
   };
   auto it = presets.find({model, k});
   if (it == presets.end())

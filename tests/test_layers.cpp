@@ -189,8 +189,8 @@ TEST(ResNets, FdgPresetCutsBeginModulesAtFdgsBlocks) {
     for (size_t i = 0; i < cuts.size(); ++i) {
       ASSERT_LT(cuts[i], net.size() - 1) << model << " K=" << k;  // the head is never a module alone
       const std::string first = net.state(cuts[i], cuts[i] + 1).params.at(0).first;
-      EXPECT_EQ(first.rfind(starts[i], 0), 0u) << model << " K=" << k << ": module " << i + 2 << " begins at "
-                                                << first << ", not " << starts[i];
+      EXPECT_EQ(first.rfind(starts[i], 0), 0u)
+          << model << " K=" << k << ": module " << i + 2 << " begins at " << first << ", not " << starts[i];
     }
   }
   // No preset: the error says which exist and that K comes from --split.
