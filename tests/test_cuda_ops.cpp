@@ -806,22 +806,28 @@ TEST_F(CudaOps, BatchNormBackwardWritesTheResidualGradientOverDy) {
 // after warm-up, but a new batch size appears only then): planning it there (occupancy, shared
 // memory opt-in) and capturing the cooperative launch must work, and the replay must give the
 // separate kernels' bits.
+// With programmatic dependent launch on as well (STALEPROP_PDL=1 with STALEPROP_BN_PERSISTENT=1):
+// the cooperative kernels are captured beside PDL launches (the ReLUs after each), and the graph
+// gives the same bits.
 TEST_F(CudaOps, PersistentBatchNormIsFirstPlannedInsideAStreamCapture) {
   const int64_t m = 3 * 1000 + 17, c = 40;  // a shape no other test uses
   const size_t n = size_t(m * c), nc = size_t(c);
   const std::vector<float> xv = random_vector(n, 950, -2.f, 2.f), dyv = random_vector(n, 951);
   const std::vector<float> gamma = random_vector(nc, 952, 0.5f, 1.5f), beta = random_vector(nc, 953);
-  auto run = [&](bool persistent, bool capture) {
+  auto run = [&](bool persistent, bool capture, bool pdl) {
     const ScopedSwitch form(kcu::bn_persistent, kcu::set_bn_persistent, persistent);
+    const ScopedSwitch launch(kcu::programmatic_launch, kcu::set_programmatic_launch, pdl);
     DeviceArray<float> x(xv), dy(dyv), y(n), dx(n), g(gamma), b(beta), rm(std::vector<float>(nc, 0.f)),
-        rv(std::vector<float>(nc, 1.f)), sm(nc), si(nc), dg(nc), db(nc);
+        rv(std::vector<float>(nc, 1.f)), sm(nc), si(nc), dg(nc), db(nc), ry(n), rdx(n);
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
     if (capture) SP_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     kcu::batchnorm_forward_training(m, c, x.get(), g.get(), b.get(), 1e-5f, 0.1f, rm.get(), rv.get(), y.get(), sm.get(),
                                     si.get(), stream_);
+    kcu::relu_forward(int64_t(n), y.get(), ry.get(), stream_);
     kcu::batchnorm_backward(m, c, x.get(), dy.get(), g.get(), sm.get(), si.get(), dx.get(), dg.get(), db.get(),
                             stream_);
+    kcu::relu_forward(int64_t(n), dx.get(), rdx.get(), stream_);
     if (capture) {
       SP_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
       SP_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
@@ -830,16 +836,20 @@ TEST_F(CudaOps, PersistentBatchNormIsFirstPlannedInsideAStreamCapture) {
     sync_and_check();
     if (exec) SP_CUDA_CHECK(cudaGraphExecDestroy(exec));
     if (graph) SP_CUDA_CHECK(cudaGraphDestroy(graph));
-    return std::vector<std::vector<float>>{y.download(), dx.download(), sm.download(), si.download(),
-                                           rm.download(), rv.download(), dg.download(), db.download()};
+    return std::vector<std::vector<float>>{y.download(),  dx.download(), sm.download(), si.download(), rm.download(),
+                                           rv.download(), dg.download(), db.download(), ry.download(), rdx.download()};
   };
-  const int64_t before = kcu::bn_persistent_launches();
-  const auto captured = run(true, true);
-  EXPECT_EQ(kcu::bn_persistent_launches() - before, 2) << "the persistent form was not captured";
-  const auto separate = run(false, false);
-  const char* names[] = {"y", "dx", "save_mean", "save_invstd", "running_mean", "running_var", "dgamma", "dbeta"};
-  for (size_t k = 0; k < separate.size(); ++k)
-    expect_bits_equal(captured[k], separate[k], std::string("captured persistent vs separate: ") + names[k]);
+  const auto separate = run(false, false, false);
+  const char* names[] = {"y",           "dx",     "save_mean", "save_invstd", "running_mean",
+                         "running_var", "dgamma", "dbeta",     "relu(y)",     "relu(dx)"};
+  for (const bool pdl : {false, true}) {
+    const int64_t before = kcu::bn_persistent_launches();
+    const auto captured = run(true, true, pdl);
+    EXPECT_EQ(kcu::bn_persistent_launches() - before, 2) << "the persistent form was not captured";
+    for (size_t k = 0; k < separate.size(); ++k)
+      expect_bits_equal(captured[k], separate[k],
+                        std::string("captured persistent") + (pdl ? " with PDL" : "") + " vs separate: " + names[k]);
+  }
 }
 
 // Programmatic dependent launch: a kernel scheduled before the previous one finishes still sees
