@@ -223,8 +223,6 @@ TEST(Cifar10Reader, ResolvesDataDirectory) {
   fs::current_path(cwd);
 }
 
-// ---------------------------------------------------------------- normalisation, augmentation
-
 TEST(Cifar10Reader, DigestTellsDataSetsApart) {
   const Dataset d = random_dataset(300, 1);
   const std::string h = digest(d);
@@ -254,6 +252,8 @@ TEST(Cifar10Reader, DigestTellsDataSetsApart) {
   EXPECT_TRUE(seen.insert(digest(shorter)).second) << "one sample fewer";
   EXPECT_EQ(digest(Dataset{}).size(), 16u);
 }
+
+// ---------------------------------------------------------------- normalisation, augmentation
 
 TEST(Cifar10Normalization, ConstantsAndComputedStatistics) {
   EXPECT_FLOAT_EQ(kCifar10Normalization.mean[0], 0.4914f);

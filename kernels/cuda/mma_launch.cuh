@@ -73,7 +73,7 @@ void check_register_rebalance(Kernel kernel) {
     cudaFuncAttributes attr{};
     SP_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
     const int need = (Tile::kProducerRegs + 2 * Tile::kConsumerRegs + 2) / 3;
-    SP_CHECK(attr.numRegs >= need, "gemm_bf16: the ", Tile::kBM, " x ", Tile::kBN, " TMA tile was compiled with ",
+    SP_CHECK(attr.numRegs >= need, "wgmma_tma: the ", Tile::kBM, " x ", Tile::kBN, " TMA tile was compiled with ",
              attr.numRegs, " registers per thread, but its setmaxnreg rebalancing (", Tile::kProducerRegs, " / ",
              Tile::kConsumerRegs, ") needs ", need, " at launch, or the launch would hang; unset STALEPROP_TMA_WIDE");
   } else {
