@@ -6,12 +6,16 @@ the engine depends on it. It builds the model staleprop builds (CIFAR ResNet-20.
 option-A shortcuts, or the CIFAR ResNet-18), trains it with SGD (momentum 0.9, weight decay
 5e-4) on random CIFAR-shaped batches resident on the GPU, and reports images/s timed with
 CUDA events after a warm-up, plus peak GPU memory. JSON on stdout, one object per run.
+With --device cpu it runs on the CPU instead (fp32, timed with the host clock, --threads
+threads), beside `staleprop bench --device cpu`.
 
     python3 bench/pytorch_baseline.py --model resnet56 --batch-size 128
     python3 bench/pytorch_baseline.py --model resnet18 --batch-size 512 --channels-last --bf16
+    python3 bench/pytorch_baseline.py --device cpu --threads 2 --model resnet20 --steps 8 --warmup 2
 """
 import argparse
 import json
+import platform
 import time
 
 import torch
@@ -99,13 +103,21 @@ def main():
     ap.add_argument("--warmup", type=int, default=30, help="untimed steps first (default 30)")
     ap.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     ap.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where to train (default cuda)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: PyTorch's choice)")
     ap.add_argument("--tf32", action="store_true",
                     help="let cuDNN/cuBLAS use TF32 for fp32 (PyTorch's cuDNN default); off by default so fp32 "
                          "means fp32, as in staleprop")
     args = ap.parse_args()
 
-    assert torch.cuda.is_available(), "the baseline needs a GPU"
-    dev = torch.device("cuda")
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        ap.error("no GPU: CUDA is not available to this PyTorch (--device cpu runs on the CPU)")
+    if not cuda and args.bf16:
+        ap.error("--bf16 is the GPU's autocast; the CPU baseline is fp32")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    dev = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -118,7 +130,7 @@ def main():
     labels = [torch.randint(0, 10, (args.batch_size,), device=dev) for _ in range(4)]
 
     def step(i):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
             loss = F.cross_entropy(model(pool[i % 4]), labels[i % 4])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,20 +138,28 @@ def main():
 
     for i in range(args.warmup):
         step(i)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    else:
+        t0 = time.perf_counter()
     for i in range(args.steps):
         step(i)
-    stop.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(stop)
+    if cuda:
+        stop.record()
+        torch.cuda.synchronize()
+        ms = start.elapsed_time(stop)
+    else:
+        ms = (time.perf_counter() - t0) * 1e3
     print(json.dumps({
-        "framework": "pytorch-eager", "torch": torch.__version__, "device": torch.cuda.get_device_name(),
+        "framework": "pytorch-eager", "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if cuda else "cpu " + (platform.processor() or platform.machine()),
+        "threads": None if cuda else torch.get_num_threads(),
         "model": args.model, "batch_size": args.batch_size, "channels_last": args.channels_last,
         "bf16": args.bf16, "tf32": args.tf32, "steps": args.steps, "images_per_s": args.steps * args.batch_size / (ms / 1e3),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated(), "date": time.strftime("%Y-%m-%d"),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None, "date": time.strftime("%Y-%m-%d"),
     }))
 
 
