@@ -14,6 +14,7 @@
 
 #include "kernels/cuda/column_plan.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/layout_gathers.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/storage.cuh"
 
@@ -129,200 +130,48 @@ void launch_pointwise(void (*chunked)(int64_t, Params...), void (*single)(int64_
     launch_kernel(single, element_blocks(n), kElementThreads, 0, stream, n, args...);
 }
 
-// The coordinates of element idx of an NHWC tensor [.., rows, cols, c]: its channel, column,
-// row and image.
-struct NhwcIndex {
-  int ch, col, row;
-  int64_t img;
-};
-__device__ __forceinline__ NhwcIndex nhwc_index(int64_t idx, int c, int cols, int rows) {
-  NhwcIndex x;
-  if (idx <= INT32_MAX) {  // 32-bit divisions (a 64-bit one is a long call sequence)
-    uint32_t rest = uint32_t(idx) / uint32_t(c);
-    x.ch = int(uint32_t(idx) - rest * uint32_t(c));
-    uint32_t next = rest / uint32_t(cols);
-    x.col = int(rest - next * uint32_t(cols));
-    rest = next / uint32_t(rows);
-    x.row = int(next - rest * uint32_t(rows));
-    x.img = int64_t(rest);
-    return x;
-  }
-  x.ch = int(idx % c);
-  int64_t rest = idx / c;
-  x.col = int(rest % cols);
-  rest /= cols;
-  x.row = int(rest % rows);
-  x.img = rest / rows;
-  return x;
-}
-
-// W consecutive floats at p (one float4 when W is 4: p 16-byte aligned), or zeros where p is null.
-template <int W>
-__device__ __forceinline__ void load_w(const float* p, float (&v)[W]) {
-  if constexpr (W == 4) {
-    const float4 t = p ? *reinterpret_cast<const float4*>(p) : make_float4(0.f, 0.f, 0.f, 0.f);
-    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
-  } else {
-#pragma unroll
-    for (int e = 0; e < W; ++e) v[e] = p ? p[e] : 0.f;
-  }
-}
-template <int W>
-__device__ __forceinline__ void store_w(float* p, const float (&v)[W]) {
-  if constexpr (W == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-  } else {
-#pragma unroll
-    for (int e = 0; e < W; ++e) p[e] = v[e];
-  }
-}
-
 // ---- Option-A shortcut -----------------------------------------------------------------------
-// Forward gathers each y element from x (or zero in the padded channels); backward gathers
-// each dx element from dy (zero at the pixels the stride skips). W channels at a time: 1, or 4
-// (float4) where c_in, c_out and lo are multiples of 4 and the pointers 16-byte aligned, so a
-// chunk of y is all from x or all padding and a chunk of dx all from dy or all zero. total
-// counts chunks of y (forward) or of dx (backward).
-// (ShortcutAShape's helpers are host code: the output size and pad_lo come as arguments.)
+// The per-chunk gathers are layout_gathers.h's. total counts chunks of y (forward) or of dx
+// (backward). (ShortcutAShape's helpers are host code: the output size and pad_lo come as
+// arguments.)
 template <int W>
 __global__ void shortcut_a_forward_kernel(int64_t total, ShortcutAShape sh, int p_out, int q_out, int lo,
                                           const float* x, float* y) {
   pdl_prologue();
-  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const NhwcIndex o = nhwc_index(idx, sh.c_out / W, q_out, p_out);
-    const int src = o.ch * W - lo;
-    float v[W];
-    load_w<W>(src >= 0 && src < sh.c_in
-                  ? x + ((o.img * sh.h + int64_t(o.row) * sh.stride) * sh.w + int64_t(o.col) * sh.stride) * sh.c_in + src
-                  : nullptr,
-              v);
-    store_w<W>(y + idx * W, v);
-  }
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
+    shortcut_a_forward_chunk<W>(sh, p_out, q_out, lo, idx, x, y);
 }
 
 template <int W>
 __global__ void shortcut_a_backward_kernel(int64_t total, ShortcutAShape sh, int p_out, int q_out, int lo,
                                            const float* dy, float* dx) {
   pdl_prologue();
-  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const NhwcIndex i = nhwc_index(idx, sh.c_in / W, sh.w, sh.h);
-    float v[W];
-    load_w<W>(i.row % sh.stride == 0 && i.col % sh.stride == 0
-                  ? dy + ((i.img * p_out + i.row / sh.stride) * q_out + i.col / sh.stride) * sh.c_out + lo + i.ch * W
-                  : nullptr,
-              v);
-    store_w<W>(dx + idx * W, v);
-  }
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
+    shortcut_a_backward_chunk<W>(sh, p_out, q_out, lo, idx, dy, dx);
 }
 
 // ---- Max pooling -----------------------------------------------------------------------------
-// Padding acts as -infinity: taps outside the image are skipped (pad < window, so every
-// window has a tap). The maximum is the first one in row-major window order (strictly
-// greater replaces), and the backward routes to the same element, as on the CPU.
-struct PoolGeom {
-  int h, w, c, window, stride, pad, p, q;
-};
-
-// The first maximum of window (p, q) in channels ch .. ch + W - 1 of image xi, per channel: its
-// value and its pixel index (ih * w + iw). W is 1, or 4 (float4 loads: c % 4 == 0 and x 16-byte
-// aligned). KW > 0 is the window's size known at compile time: its taps are unrolled, so their
-// loads issue together instead of one after another; 0 reads g.window. The taps are visited in
-// row-major order with the same comparisons either way.
-template <int W, int KW>
-__device__ __forceinline__ void window_argmax(const PoolGeom& g, const float* xi, int p, int q, int ch, int (&arg)[W],
-                                              float (&best)[W]) {
-#pragma unroll
-  for (int e = 0; e < W; ++e) arg[e] = -1, best[e] = 0.f;
-  const int h0 = p * g.stride - g.pad, w0 = q * g.stride - g.pad;
-  const auto tap = [&](int r, int s) {
-    const int ih = h0 + r, iw = w0 + s;
-    if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) return;
-    float v[W];
-    load_w<W>(xi + (int64_t(ih) * g.w + iw) * g.c + ch, v);
-#pragma unroll
-    for (int e = 0; e < W; ++e)
-      if (arg[e] < 0 || v[e] > best[e]) {
-        best[e] = v[e];
-        arg[e] = ih * g.w + iw;
-      }
-  };
-  if constexpr (KW > 0) {
-#pragma unroll
-    for (int r = 0; r < KW; ++r)
-#pragma unroll
-      for (int s = 0; s < KW; ++s) tap(r, s);
-  } else {
-    for (int r = 0; r < g.window; ++r)
-      for (int s = 0; s < g.window; ++s) tap(r, s);
-  }
-}
-
-// total counts W-channel chunks of y.
+// The per-chunk work is layout_gathers.h's (window_argmax and the gather); total counts
+// W-channel chunks of y (forward, argmax) or of dx (gather).
 template <int W, int KW>
 __global__ void maxpool_forward_kernel(int64_t total, PoolGeom g, const float* x, float* y) {
   pdl_prologue();
-  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const NhwcIndex o = nhwc_index(idx, g.c / W, g.q, g.p);
-    int arg[W];
-    float best[W];
-    window_argmax<W, KW>(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch * W, arg, best);
-    store_w<W>(y + idx * W, best);
-  }
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
+    maxpool_forward_chunk<W, KW>(g, idx, x, y);
 }
 
-// The backward in two passes: first every window's argmax (a pixel index in its image) into a
-// scratch array shaped like y, then each dx element sums dy over the windows that contain it
-// and chose it, in row-major window order (the order the CPU accumulates in). Each window's
-// comparisons are made once, not once per element it covers (up to 4 for 3x3 stride 2, whose
-// one-pass form ran at 0.07 of the copy on an H100). Both passes move W channels at a time.
 template <int W, int KW>
 __global__ void maxpool_argmax_kernel(int64_t total, PoolGeom g, const float* x, int* arg) {
   pdl_prologue();
-  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const NhwcIndex o = nhwc_index(idx, g.c / W, g.q, g.p);
-    int a[W];
-    float best[W];
-    window_argmax<W, KW>(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch * W, a, best);
-    if constexpr (W == 4)
-      *reinterpret_cast<int4*>(arg + idx * W) = make_int4(a[0], a[1], a[2], a[3]);
-    else
-      arg[idx] = a[0];
-  }
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
+    maxpool_argmax_chunk<W, KW>(g, idx, x, arg);
 }
 
 template <int W>
 __global__ void maxpool_backward_gather_kernel(int64_t total, PoolGeom g, const int* arg, const float* dy, float* dx) {
   pdl_prologue();
-  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const NhwcIndex i = nhwc_index(idx, g.c / W, g.w, g.h);
-    const int ch = i.ch * W, w = i.col, h = i.row;
-    const int64_t out0 = i.img * g.p * g.q * g.c;
-    const int h_lo = h + g.pad - g.window + 1, w_lo = w + g.pad - g.window + 1;
-    const int p_begin = h_lo <= 0 ? 0 : (h_lo + g.stride - 1) / g.stride;
-    const int q_begin = w_lo <= 0 ? 0 : (w_lo + g.stride - 1) / g.stride;
-    const int p_end = min(g.p - 1, (h + g.pad) / g.stride), q_end = min(g.q - 1, (w + g.pad) / g.stride);
-    const int self = h * g.w + w;
-    float sum[W];
-#pragma unroll
-    for (int e = 0; e < W; ++e) sum[e] = 0.f;
-    for (int p = p_begin; p <= p_end; ++p)
-      for (int q = q_begin; q <= q_end; ++q) {
-        const int64_t o = out0 + (int64_t(p) * g.q + q) * g.c + ch;
-        int a[W];
-        float d[W];
-        if constexpr (W == 4) {
-          const int4 t = *reinterpret_cast<const int4*>(arg + o);
-          a[0] = t.x, a[1] = t.y, a[2] = t.z, a[3] = t.w;
-        } else {
-          a[0] = arg[o];
-        }
-        load_w<W>(dy + o, d);
-#pragma unroll
-        for (int e = 0; e < W; ++e)
-          if (a[e] == self) sum[e] += d[e];
-      }
-    store_w<W>(dx + idx * W, sum);
-  }
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
+    maxpool_gather_chunk<W>(g, idx, arg, dy, dx);
 }
 
 // ---- Global average pooling ------------------------------------------------------------------
@@ -350,23 +199,14 @@ __global__ void global_avgpool_forward_kernel(int64_t total, int64_t hw, int64_t
 }
 
 // W channels at a time: 1, or 4 (float4) where c % 4 == 0 and the pointers are 16-byte
-// aligned; the same quotient per element either way. total = n * hw * c / W.
+// aligned; the same quotient per element either way (layout_gathers.h). total = n * hw * c / W.
 template <int W>
 __global__ void global_avgpool_backward_kernel(int64_t total, int64_t hw, int64_t c, const float* dy, float* dx) {
   pdl_prologue();
   const int64_t cw = c / W, image = hw * cw;
-  const float d = float(hw);
   const bool narrow = image <= INT32_MAX;  // 32-bit divisions where the indices allow them
-  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const int64_t src = narrow && idx <= INT32_MAX
-                            ? int64_t(uint32_t(idx) / uint32_t(image)) * cw + uint32_t(idx) % uint32_t(cw)
-                            : idx / image * cw + idx % cw;
-    float v[W];
-    load_w<W>(dy + src * W, v);
-#pragma unroll
-    for (int e = 0; e < W; ++e) v[e] /= d;
-    store_w<W>(dx + idx * W, v);
-  }
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
+    global_avgpool_backward_chunk<W>(cw, image, narrow, float(hw), idx, dy, dx);
 }
 
 // ---- Softmax cross-entropy -------------------------------------------------------------------

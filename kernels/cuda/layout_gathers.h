@@ -1,0 +1,250 @@
+// The per-element work of the layout kernels in elementwise.cu that gather W channels at a time
+// (W = 1, or 4 with float4/int4 accesses): the option-A shortcut, max pooling (forward, the
+// backward's argmax pass and its gather) and the global average pool's backward. Each kernel is a
+// grid-stride loop calling one of the *_chunk functions below for chunk idx of its output. Plain
+// C++ that compiles for the host as well (SP_GATHER_HD; on the host the W = 4 accesses are four
+// scalar ones), so the CPU tests (tests/test_layout_gathers.cpp) run every chunk of these kernels
+// and compare them with the CPU reference bit for bit without a GPU.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/common/shapes.h"
+
+#if defined(__CUDACC__)
+#define SP_GATHER_HD __host__ __device__ __forceinline__
+#else
+#define SP_GATHER_HD inline
+#endif
+#if defined(__CUDA_ARCH__)  // nvcc's device pass (its host compiler does not know the pragma)
+#define SP_GATHER_UNROLL _Pragma("unroll")
+#else
+#define SP_GATHER_UNROLL
+#endif
+
+namespace sp::kernels::cuda::detail {
+
+// The coordinates of element idx of an NHWC tensor [.., rows, cols, c]: its channel, column,
+// row and image.
+struct NhwcIndex {
+  int ch, col, row;
+  int64_t img;
+};
+SP_GATHER_HD NhwcIndex nhwc_index(int64_t idx, int c, int cols, int rows) {
+  NhwcIndex x;
+  if (idx <= INT32_MAX) {  // 32-bit divisions (a 64-bit one is a long call sequence)
+    uint32_t rest = uint32_t(idx) / uint32_t(c);
+    x.ch = int(uint32_t(idx) - rest * uint32_t(c));
+    uint32_t next = rest / uint32_t(cols);
+    x.col = int(rest - next * uint32_t(cols));
+    rest = next / uint32_t(rows);
+    x.row = int(next - rest * uint32_t(rows));
+    x.img = int64_t(rest);
+    return x;
+  }
+  x.ch = int(idx % c);
+  int64_t rest = idx / c;
+  x.col = int(rest % cols);
+  rest /= cols;
+  x.row = int(rest % rows);
+  x.img = rest / rows;
+  return x;
+}
+
+// W consecutive floats at p (one float4 on the device when W is 4: p 16-byte aligned), or zeros
+// where p is null.
+template <int W>
+SP_GATHER_HD void load_w(const float* p, float (&v)[W]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (W == 4) {
+    const float4 t = p ? *reinterpret_cast<const float4*>(p) : make_float4(0.f, 0.f, 0.f, 0.f);
+    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+  } else
+#endif
+  {
+    SP_GATHER_UNROLL
+    for (int e = 0; e < W; ++e) v[e] = p ? p[e] : 0.f;
+  }
+}
+template <int W>
+SP_GATHER_HD void store_w(float* p, const float (&v)[W]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (W == 4) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  } else
+#endif
+  {
+    SP_GATHER_UNROLL
+    for (int e = 0; e < W; ++e) p[e] = v[e];
+  }
+}
+template <int W>
+SP_GATHER_HD void load_w(const int* p, int (&v)[W]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (W == 4) {
+    const int4 t = *reinterpret_cast<const int4*>(p);
+    v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+  } else
+#endif
+  {
+    SP_GATHER_UNROLL
+    for (int e = 0; e < W; ++e) v[e] = p[e];
+  }
+}
+template <int W>
+SP_GATHER_HD void store_w(int* p, const int (&v)[W]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (W == 4) {
+    *reinterpret_cast<int4*>(p) = make_int4(v[0], v[1], v[2], v[3]);
+  } else
+#endif
+  {
+    SP_GATHER_UNROLL
+    for (int e = 0; e < W; ++e) p[e] = v[e];
+  }
+}
+
+// ---- Option-A shortcut -----------------------------------------------------------------------
+// Forward gathers each y element from x (or zero in the padded channels); backward gathers
+// each dx element from dy (zero at the pixels the stride skips). W is 4 only where c_in, c_out
+// and lo are multiples of 4, so a chunk of y is all from x or all padding and a chunk of dx all
+// from dy or all zero. p_out, q_out and lo are ShortcutAShape's p(), q() and pad_lo() (host code).
+template <int W>
+SP_GATHER_HD void shortcut_a_forward_chunk(const ShortcutAShape& sh, int p_out, int q_out, int lo, int64_t idx,
+                                           const float* x, float* y) {
+  const NhwcIndex o = nhwc_index(idx, sh.c_out / W, q_out, p_out);
+  const int src = o.ch * W - lo;
+  float v[W];
+  load_w<W>(src >= 0 && src < sh.c_in
+                ? x + ((o.img * sh.h + int64_t(o.row) * sh.stride) * sh.w + int64_t(o.col) * sh.stride) * sh.c_in + src
+                : nullptr,
+            v);
+  store_w<W>(y + idx * W, v);
+}
+
+template <int W>
+SP_GATHER_HD void shortcut_a_backward_chunk(const ShortcutAShape& sh, int p_out, int q_out, int lo, int64_t idx,
+                                            const float* dy, float* dx) {
+  const NhwcIndex i = nhwc_index(idx, sh.c_in / W, sh.w, sh.h);
+  float v[W];
+  load_w<W>(i.row % sh.stride == 0 && i.col % sh.stride == 0
+                ? dy + ((i.img * p_out + i.row / sh.stride) * q_out + i.col / sh.stride) * sh.c_out + lo + i.ch * W
+                : nullptr,
+            v);
+  store_w<W>(dx + idx * W, v);
+}
+
+// ---- Max pooling -----------------------------------------------------------------------------
+// Padding acts as -infinity: taps outside the image are skipped (pad < window, so every
+// window has a tap). The maximum is the first one in row-major window order (strictly
+// greater replaces), and the backward routes to the same element, as on the CPU.
+struct PoolGeom {
+  int h, w, c, window, stride, pad, p, q;
+};
+
+// The first maximum of window (p, q) in channels ch .. ch + W - 1 of image xi, per channel: its
+// value and its pixel index (ih * w + iw). KW > 0 is the window's size known at compile time: its
+// taps are unrolled, so their loads issue together instead of one after another; 0 reads
+// g.window. The taps are visited in row-major order with the same comparisons either way.
+template <int W, int KW>
+SP_GATHER_HD void window_argmax(const PoolGeom& g, const float* xi, int p, int q, int ch, int (&arg)[W],
+                                float (&best)[W]) {
+  SP_GATHER_UNROLL
+  for (int e = 0; e < W; ++e) arg[e] = -1, best[e] = 0.f;
+  const int h0 = p * g.stride - g.pad, w0 = q * g.stride - g.pad;
+  const auto tap = [&](int r, int s) {
+    const int ih = h0 + r, iw = w0 + s;
+    if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) return;
+    float v[W];
+    load_w<W>(xi + (int64_t(ih) * g.w + iw) * g.c + ch, v);
+    SP_GATHER_UNROLL
+    for (int e = 0; e < W; ++e)
+      if (arg[e] < 0 || v[e] > best[e]) {
+        best[e] = v[e];
+        arg[e] = ih * g.w + iw;
+      }
+  };
+  if constexpr (KW > 0) {
+    SP_GATHER_UNROLL
+    for (int r = 0; r < KW; ++r) {
+      SP_GATHER_UNROLL
+      for (int s = 0; s < KW; ++s) tap(r, s);
+    }
+  } else {
+    for (int r = 0; r < g.window; ++r)
+      for (int s = 0; s < g.window; ++s) tap(r, s);
+  }
+}
+
+// Chunk idx of y: the window's maximum.
+template <int W, int KW>
+SP_GATHER_HD void maxpool_forward_chunk(const PoolGeom& g, int64_t idx, const float* x, float* y) {
+  const NhwcIndex o = nhwc_index(idx, g.c / W, g.q, g.p);
+  int arg[W];
+  float best[W];
+  window_argmax<W, KW>(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch * W, arg, best);
+  store_w<W>(y + idx * W, best);
+}
+
+// The backward in two passes: first every window's argmax (a pixel index in its image) into a
+// scratch array shaped like y, then each dx element sums dy over the windows that contain it
+// and chose it, in row-major window order (the order the CPU accumulates in). Each window's
+// comparisons are made once, not once per element it covers (up to 4 for 3x3 stride 2, whose
+// one-pass form ran at 0.07 of the copy on an H100).
+template <int W, int KW>
+SP_GATHER_HD void maxpool_argmax_chunk(const PoolGeom& g, int64_t idx, const float* x, int* arg) {
+  const NhwcIndex o = nhwc_index(idx, g.c / W, g.q, g.p);
+  int a[W];
+  float best[W];
+  window_argmax<W, KW>(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch * W, a, best);
+  store_w<W>(arg + idx * W, a);
+}
+
+// Chunk idx of dx: the windows containing pixel (h, w) are p in [ceil((h + pad - window + 1) /
+// stride), (h + pad) / stride] within 0..P-1, and likewise q.
+template <int W>
+SP_GATHER_HD void maxpool_gather_chunk(const PoolGeom& g, int64_t idx, const int* arg, const float* dy, float* dx) {
+  const NhwcIndex i = nhwc_index(idx, g.c / W, g.w, g.h);
+  const int ch = i.ch * W, w = i.col, h = i.row;
+  const int64_t out0 = i.img * g.p * g.q * g.c;
+  const int h_lo = h + g.pad - g.window + 1, w_lo = w + g.pad - g.window + 1;
+  const int p_begin = h_lo <= 0 ? 0 : (h_lo + g.stride - 1) / g.stride;
+  const int q_begin = w_lo <= 0 ? 0 : (w_lo + g.stride - 1) / g.stride;
+  const int p_last = (h + g.pad) / g.stride, q_last = (w + g.pad) / g.stride;
+  const int p_end = p_last < g.p - 1 ? p_last : g.p - 1, q_end = q_last < g.q - 1 ? q_last : g.q - 1;
+  const int self = h * g.w + w;
+  float sum[W];
+  SP_GATHER_UNROLL
+  for (int e = 0; e < W; ++e) sum[e] = 0.f;
+  for (int p = p_begin; p <= p_end; ++p)
+    for (int q = q_begin; q <= q_end; ++q) {
+      const int64_t o = out0 + (int64_t(p) * g.q + q) * g.c + ch;
+      int a[W];
+      float d[W];
+      load_w<W>(arg + o, a);
+      load_w<W>(dy + o, d);
+      SP_GATHER_UNROLL
+      for (int e = 0; e < W; ++e)
+        if (a[e] == self) sum[e] += d[e];
+    }
+  store_w<W>(dx + idx * W, sum);
+}
+
+// ---- Global average pool, backward -----------------------------------------------------------
+// Chunk idx of dx [n, hw, c]: dy of its image and channels over hw (the CPU's quotient). cw is
+// c / W, image hw * cw, narrow whether image fits in 32 bits (32-bit divisions where the indices
+// allow them).
+template <int W>
+SP_GATHER_HD void global_avgpool_backward_chunk(int64_t cw, int64_t image, bool narrow, float d, int64_t idx,
+                                                const float* dy, float* dx) {
+  const int64_t src = narrow && idx <= INT32_MAX
+                          ? int64_t(uint32_t(idx) / uint32_t(image)) * cw + uint32_t(idx) % uint32_t(cw)
+                          : idx / image * cw + idx % cw;
+  float v[W];
+  load_w<W>(dy + src * W, v);
+  SP_GATHER_UNROLL
+  for (int e = 0; e < W; ++e) v[e] /= d;
+  store_w<W>(dx + idx * W, v);
+}
+
+}  // namespace sp::kernels::cuda::detail
