@@ -1,5 +1,5 @@
 // The per-chunk work of the layout kernels (kernels/cuda/layout_gathers.h: the option-A
-// shortcut, max pooling's forward, argmax and gather, the global average pool's backward), run
+// shortcut, max pooling's forward, argmax and gather, the global average pool), run
 // on the CPU for every chunk as the kernels' grid-stride loops run it, one and four channels at a
 // time, against the CPU reference bit for bit. The kernels' float4/int4 accesses are scalar here;
 // everything else (indexing, window ranges, tie-breaking, the order of the sums) is the code the
@@ -148,6 +148,24 @@ void check_avgpool_backward(int64_t n, int64_t hw, int64_t c, bool narrow, const
     global_avgpool_backward_chunk<W>(cw, hw * cw, narrow, float(hw), idx, dy.data(), dx.data());
   cpu::global_avgpool_backward<float>(n, hw, c, dy.data(), dx_ref.data());
   expect_bits_equal(dx, dx_ref, what);
+}
+
+// The forward's sums in the CPU's order, with and without a tail after the batches of loads.
+TEST(LayoutGathers, GlobalAvgPoolForward) {
+  for (const auto& [n, hw, c] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {2, 64, 64}, {3, 5, 3}, {1, 1, 4}, {2, 16, 12}, {4, 49, 512}, {2, 33, 7}}) {
+    std::vector<float> x = values(size_t(n * hw * c), 6);
+    // Finite values whose sum depends on its order even in double: each +-1e30 swallows the
+    // small values added before the one that cancels it.
+    for (float& v : x)
+      if (!std::isfinite(v)) v = 1.f;
+    for (size_t i = 0; i < x.size(); i += 5) x[i] = (i / 5) % 2 ? 1e30f : -1e30f;
+    std::vector<float> y = unwritten(size_t(n * c)), y_ref(y.size());
+    for (int64_t idx = 0; idx < n * c; ++idx) global_avgpool_forward_element(hw, c, idx, x.data(), y.data());
+    cpu::global_avgpool_forward<float>(n, hw, c, x.data(), y_ref.data());
+    expect_bits_equal(
+        y, y_ref, "avgpool forward n " + std::to_string(n) + " hw " + std::to_string(hw) + " c " + std::to_string(c));
+  }
 }
 
 // With the 32-bit and the 64-bit index arithmetic.

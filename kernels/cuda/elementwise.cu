@@ -175,27 +175,11 @@ __global__ void maxpool_backward_gather_kernel(int64_t total, PoolGeom g, const 
 }
 
 // ---- Global average pooling ------------------------------------------------------------------
-// One thread per (image, channel), summing the hw pixels in order in double: the CPU's order.
-// There are few threads (n * c: 8192 for ResNet-20 at batch 128), so each issues its loads in
-// batches of kAvgBatch before adding them (in order) to keep more of them in flight.
-constexpr int kAvgBatch = 16;
+// One thread per (image, channel) (layout_gathers.h).
 __global__ void global_avgpool_forward_kernel(int64_t total, int64_t hw, int64_t c, const float* x, float* y) {
   pdl_prologue();
-  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const int64_t img = idx / c, j = idx % c;
-    const float* xi = x + img * hw * c + j;
-    double acc = 0.0;
-    int64_t i = 0;
-    for (; i + kAvgBatch <= hw; i += kAvgBatch) {
-      float v[kAvgBatch];
-#pragma unroll
-      for (int e = 0; e < kAvgBatch; ++e) v[e] = xi[(i + e) * c];
-#pragma unroll
-      for (int e = 0; e < kAvgBatch; ++e) acc += v[e];
-    }
-    for (; i < hw; ++i) acc += xi[i * c];
-    y[idx] = float(acc / double(hw));
-  }
+  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
+    global_avgpool_forward_element(hw, c, idx, x, y);
 }
 
 // W channels at a time: 1, or 4 (float4) where c % 4 == 0 and the pointers are 16-byte

@@ -1,10 +1,10 @@
-// The per-element work of the layout kernels in elementwise.cu that gather W channels at a time
-// (W = 1, or 4 with float4/int4 accesses): the option-A shortcut, max pooling (forward, the
-// backward's argmax pass and its gather) and the global average pool's backward. Each kernel is a
-// grid-stride loop calling one of the *_chunk functions below for chunk idx of its output. Plain
-// C++ that compiles for the host as well (SP_GATHER_HD; on the host the W = 4 accesses are four
-// scalar ones), so the CPU tests (tests/test_layout_gathers.cpp) run every chunk of these kernels
-// and compare them with the CPU reference bit for bit without a GPU.
+// The per-element work of the layout kernels in elementwise.cu: the option-A shortcut, max
+// pooling (forward, the backward's argmax pass and its gather) and the global average pool, the
+// gathers W channels at a time (W = 1, or 4 with float4/int4 accesses). Each kernel is a
+// grid-stride loop calling one of the functions below for chunk (element) idx of its output.
+// Plain C++ that compiles for the host as well (SP_GATHER_HD; on the host the W = 4 accesses are
+// four scalar ones), so the CPU tests (tests/test_layout_gathers.cpp) run every chunk of these
+// kernels and compare them with the CPU reference bit for bit without a GPU.
 #pragma once
 
 #include <cstdint>
@@ -230,7 +230,28 @@ SP_GATHER_HD void maxpool_gather_chunk(const PoolGeom& g, int64_t idx, const int
   store_w<W>(dx + idx * W, sum);
 }
 
-// ---- Global average pool, backward -----------------------------------------------------------
+// ---- Global average pool ---------------------------------------------------------------------
+// Element idx = (image, channel) of y [n, c]: the mean of its hw pixels, summed in order in
+// double (the CPU's order). There are few threads (n * c: 8192 for ResNet-20 at batch 128), so
+// each issues its loads in batches of kAvgBatch before adding them, in order, to keep more of them
+// in flight.
+constexpr int kAvgBatch = 16;
+SP_GATHER_HD void global_avgpool_forward_element(int64_t hw, int64_t c, int64_t idx, const float* x, float* y) {
+  const int64_t img = idx / c, j = idx % c;
+  const float* xi = x + img * hw * c + j;
+  double acc = 0.0;
+  int64_t i = 0;
+  for (; i + kAvgBatch <= hw; i += kAvgBatch) {
+    float v[kAvgBatch];
+    SP_GATHER_UNROLL
+    for (int e = 0; e < kAvgBatch; ++e) v[e] = xi[(i + e) * c];
+    SP_GATHER_UNROLL
+    for (int e = 0; e < kAvgBatch; ++e) acc += v[e];
+  }
+  for (; i < hw; ++i) acc += xi[i * c];
+  y[idx] = float(acc / double(hw));
+}
+
 // Chunk idx of dx [n, hw, c]: dy of its image and channels over hw (the CPU's quotient). cw is
 // c / W, image hw * cw, narrow whether image fits in 32 bits (32-bit divisions where the indices
 // allow them).
