@@ -51,8 +51,22 @@ SP_GATHER_HD NhwcIndex nhwc_index(int64_t idx, int c, int cols, int rows) {
   return x;
 }
 
-// W consecutive floats at p (one float4 on the device when W is 4: p 16-byte aligned), or zeros
-// where p is null.
+#if defined(__CUDA_ARCH__)
+// The 16-byte vector of four T.
+template <typename T>
+struct Vec4;
+template <>
+struct Vec4<float> {
+  using type = float4;
+};
+template <>
+struct Vec4<int> {
+  using type = int4;
+};
+#endif
+
+// W consecutive floats at p (one 16-byte access on the device when W is 4: p 16-byte aligned),
+// or zeros where p is null (the shortcut's padding and skipped pixels).
 template <int W>
 SP_GATHER_HD void load_w(const float* p, float (&v)[W]) {
 #if defined(__CUDA_ARCH__)
@@ -66,18 +80,7 @@ SP_GATHER_HD void load_w(const float* p, float (&v)[W]) {
     for (int e = 0; e < W; ++e) v[e] = p ? p[e] : 0.f;
   }
 }
-template <int W>
-SP_GATHER_HD void store_w(float* p, const float (&v)[W]) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (W == 4) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
-  } else
-#endif
-  {
-    SP_GATHER_UNROLL
-    for (int e = 0; e < W; ++e) p[e] = v[e];
-  }
-}
+// W consecutive ints at p (never null: the argmax indices).
 template <int W>
 SP_GATHER_HD void load_w(const int* p, int (&v)[W]) {
 #if defined(__CUDA_ARCH__)
@@ -91,11 +94,13 @@ SP_GATHER_HD void load_w(const int* p, int (&v)[W]) {
     for (int e = 0; e < W; ++e) v[e] = p[e];
   }
 }
-template <int W>
-SP_GATHER_HD void store_w(int* p, const int (&v)[W]) {
+// Stores W consecutive elements at p (16-byte aligned when W is 4).
+template <int W, typename T>
+SP_GATHER_HD void store_w(T* p, const T (&v)[W]) {
 #if defined(__CUDA_ARCH__)
   if constexpr (W == 4) {
-    *reinterpret_cast<int4*>(p) = make_int4(v[0], v[1], v[2], v[3]);
+    using V = typename Vec4<T>::type;
+    *reinterpret_cast<V*>(p) = V{v[0], v[1], v[2], v[3]};
   } else
 #endif
   {
