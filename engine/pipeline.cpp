@@ -409,7 +409,10 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
   Shape in_shape;
   if (k == 0) {
     if (source_done) return;
-    st.input_copied[next_batch_ % 2]->synchronize();  // the source may reuse the views of two batches back
+    // The source may reuse the views of two batches back. (Module 1 takes one batch a tick, so the
+    // wait for tick t - 2's end above has already covered that copy; this wait keeps the source's
+    // contract without relying on it.)
+    st.input_copied[next_batch_ % 2]->synchronize();
     Tensor xs, ys;
     if (!source(&xs, &ys)) {
       source_done = true;

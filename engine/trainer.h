@@ -47,16 +47,14 @@ class BackpropTrainer {
   // on the stream's device). Statistics are read back by drain_stats(). The host stays at most
   // two steps (training or eval) ahead of the stream: it waits for the end of the step before
   // the previous one, so that the work queued (and the time an interrupt or a host read waits
-  // for it) stays bounded.
+  // for it) stays bounded. Inputs are double-buffered: on return the step before this one has
+  // copied its inputs, so the caller may reuse their memory (a loader holds two batches, as
+  // data::BatchLoader does), while this step's copy may still be queued.
   void train_step(const Tensor& x, const Tensor& labels, float lr);
-  // Enqueues an eval-mode forward and loss on the batch.
+  // Enqueues an eval-mode forward and loss on the batch (inputs as train_step's).
   void eval_step(const Tensor& x, const Tensor& labels);
   // Waits for the enqueued steps and returns their statistics since the last call.
   StepStats drain_stats();
-  // Blocks the host until the step before the last one has copied its inputs, after which the
-  // caller may reuse their memory: inputs are double-buffered, so that the host can enqueue a
-  // step while the one before it has not begun (its inputs' copy still queued).
-  void wait_previous_input_consumed() { input_consumed_[steps_ % 2]->synchronize(); }
 
  private:
   // A copy of t on the stream's device, owned by the step (inputs may live in reused buffers).
@@ -75,7 +73,11 @@ class BackpropTrainer {
   std::unique_ptr<Event> step_end_[2];  // the last two steps' ends
   int64_t steps_ = 0;                   // steps enqueued
   void begin_step() { step_end_[steps_ % 2]->synchronize(); }
-  void end_step() { s_.record(*step_end_[steps_++ % 2]); }
+  // Records the step's end, then waits for the previous step's input copy (see train_step).
+  void end_step() {
+    s_.record(*step_end_[steps_++ % 2]);
+    input_consumed_[steps_ % 2]->synchronize();
+  }
 };
 
 }  // namespace sp

@@ -241,6 +241,11 @@ TEST(Cifar10Reader, DigestTellsDataSetsApart) {
     e.labels[at] = (e.labels[at] + 1) % 10;
     EXPECT_TRUE(seen.insert(digest(e)).second) << "label " << at;
   }
+  // Two changes that cancel where a word's bits only carry upwards (a multiply alone): +128 in
+  // the top byte of two words.
+  Dataset pair = d;
+  pair.images[7] += 128, pair.images[8 * 37 + 7] += 128;
+  EXPECT_TRUE(seen.insert(digest(pair)).second) << "two top-byte changes";
   Dataset swapped = d;
   std::swap_ranges(swapped.images.begin(), swapped.images.begin() + kCifarImageBytes,
                    swapped.images.begin() + kCifarImageBytes);

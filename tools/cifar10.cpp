@@ -219,12 +219,27 @@ void augment_normalize(const uint8_t* src, const Augmentation& aug, const Normal
 }
 
 std::string digest(const Dataset& data) {
-  // 64-bit words through a multiply-xor chain (FNV's prime), then a final avalanche: the 150 MB
-  // training set in 21 ms on the 2-core development machine.
-  uint64_t h = 0xcbf29ce484222325ull ^ uint64_t(data.size());
-  const auto add = [&h](uint64_t w) { h = (h ^ w) * 0x100000001b3ull; };
-  const auto add_bytes = [&add](const uint8_t* p, size_t n) {
+  // 64-bit words in four interleaved lanes, each word through xxHash64's round (multiply, rotate,
+  // multiply: every bit of a word reaches every bit of its lane, so differences cannot cancel
+  // as they can where a multiply alone carries them only upwards), the lanes merged and the
+  // result avalanched. The four lanes' chains overlap: the 150 MB training set in 21 ms on the
+  // 2-core development machine.
+  constexpr uint64_t k1 = 0x9e3779b185ebca87ull, k2 = 0xc2b2ae3d27d4eb4full;
+  const auto rotl = [](uint64_t x, int r) { return (x << r) | (x >> (64 - r)); };
+  const auto round = [&](uint64_t acc, uint64_t w) { return rotl(acc + w * k2, 31) * k1; };
+  uint64_t lane[4] = {k1 + k2, k2, 0, 0 - k1};
+  uint64_t count = 0;  // words taken
+  const auto add = [&](uint64_t w) {
+    uint64_t& l = lane[count++ % 4];
+    l = round(l, w);
+  };
+  const auto add_bytes = [&](const uint8_t* p, size_t n) {
     size_t i = 0;
+    for (; i + 32 <= n; i += 32) {  // four words, one per lane
+      uint64_t w[4];
+      std::memcpy(w, p + i, 32);
+      for (int l = 0; l < 4; ++l) add(w[l]);
+    }
     for (; i + 8 <= n; i += 8) {
       uint64_t w;
       std::memcpy(&w, p + i, 8);
@@ -234,9 +249,12 @@ std::string digest(const Dataset& data) {
     if (i < n) std::memcpy(&tail, p + i, n - i);
     add(tail ^ (uint64_t(n - i) << 56));
   };
+  add(uint64_t(data.size()));
   add_bytes(data.images.data(), data.images.size());
   add_bytes(reinterpret_cast<const uint8_t*>(data.labels.data()), data.labels.size() * sizeof(int32_t));
-  h ^= h >> 33, h *= 0xff51afd7ed558ccdull, h ^= h >> 33, h *= 0xc4ceb9fe1a85ec53ull, h ^= h >> 33;
+  uint64_t h = rotl(lane[0], 1) + rotl(lane[1], 7) + rotl(lane[2], 12) + rotl(lane[3], 18);
+  for (uint64_t l : lane) h = (h ^ round(0, l)) * k1 + 0x85ebca77c2b2ae63ull;
+  h ^= h >> 33, h *= k2, h ^= h >> 29, h *= 0x165667b19e3779f9ull, h ^= h >> 32;
   char out[17];
   std::snprintf(out, sizeof out, "%016llx", static_cast<unsigned long long>(h));
   return out;

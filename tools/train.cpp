@@ -222,8 +222,7 @@ std::unique_ptr<data::BatchLoader> make_eval_loader(const data::Dataset& set, in
 StepStats evaluate(BackpropTrainer& trainer, data::BatchLoader& loader) {
   for (int64_t i = 0; i < loader.batches_per_epoch(); ++i) {
     const data::Batch& b = loader.next();
-    trainer.eval_step(b.images, b.labels);
-    trainer.wait_previous_input_consumed();  // the loader reuses that batch's memory at the next next()
+    trainer.eval_step(b.images, b.labels);  // returns once the batch before is copied: the loader may reuse it
   }
   return trainer.drain_stats();
 }
@@ -508,8 +507,7 @@ TrainResult run_backprop(Run& run) {
       const data::Batch& b = run.loader->next();
       SP_CHECK(b.epoch == epoch && b.index_in_epoch == i, "loader out of step");
       const float lr = run.sched.at(step);
-      trainer.train_step(b.images, b.labels, lr);
-      trainer.wait_previous_input_consumed();  // the loader reuses that batch's memory at the next next()
+      trainer.train_step(b.images, b.labels, lr);  // returns once the batch before is copied (loader reuse)
       ++step;
       epoch_images += b.images.size(0);
       if (run.progress.wants_update(i) || i + 1 == spe) {
@@ -653,8 +651,10 @@ TrainResult run_pipelined(Run& run) {
   if (!cfg.resume.empty()) {
     auto meta = load_checkpoint(cfg.resume, run.net, opts, *run.stream);
     step = run.check_resume(meta);
-    SP_CHECK(step % spe == 0, "--resume: ", cfg.resume, " was written inside an epoch; pipelined runs resume at "
-             "epoch boundaries");
+    SP_CHECK(step % spe == 0, "--resume: ", cfg.resume,
+             " was written inside an epoch; a run through the decoupled "
+             "trainer (--method ddg or fdg, --split, --split-at, --devices, --graphs, --trace, ...) resumes at epoch "
+             "boundaries only");
     pipe.set_steps(step);
     run.loader->seek(step / spe, 0);
   }

@@ -72,10 +72,11 @@ void check_register_rebalance(Kernel kernel) {
   if constexpr (RebalancesRegisters<Tile>::value) {
     cudaFuncAttributes attr{};
     SP_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
-    const int need = (Tile::kProducerRegs + 2 * Tile::kConsumerRegs + 2) / 3;
-    SP_CHECK(attr.numRegs >= need, "wgmma_tma: the ", Tile::kBM, " x ", Tile::kBN, " TMA tile was compiled with ",
-             attr.numRegs, " registers per thread, but its setmaxnreg rebalancing (", Tile::kProducerRegs, " / ",
-             Tile::kConsumerRegs, ") needs ", need, " at launch, or the launch would hang; unset STALEPROP_TMA_WIDE");
+    // Registers are allocated to a thread in multiples of 8: what it starts with is numRegs so rounded.
+    const int need = (Tile::kProducerRegs + 2 * Tile::kConsumerRegs + 2) / 3, have = (attr.numRegs + 7) / 8 * 8;
+    SP_CHECK(have >= need, "wgmma_tma: the ", Tile::kBM, " x ", Tile::kBN, " TMA tile was compiled with ", attr.numRegs,
+             " registers per thread, but its setmaxnreg rebalancing (", Tile::kProducerRegs, " / ", Tile::kConsumerRegs,
+             ") needs ", need, " at launch, or the launch would hang; unset STALEPROP_TMA_WIDE");
   } else {
     (void)kernel;
   }
