@@ -181,13 +181,19 @@ SP_GATHER_HD void window_argmax(const PoolGeom& g, const float* xi, int p, int q
   }
 }
 
+// The window of chunk idx of y: window_argmax at its image, row, column and channels.
+template <int W, int KW>
+SP_GATHER_HD void chunk_argmax(const PoolGeom& g, int64_t idx, const float* x, int (&arg)[W], float (&best)[W]) {
+  const NhwcIndex o = nhwc_index(idx, g.c / W, g.q, g.p);
+  window_argmax<W, KW>(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch * W, arg, best);
+}
+
 // Chunk idx of y: the window's maximum.
 template <int W, int KW>
 SP_GATHER_HD void maxpool_forward_chunk(const PoolGeom& g, int64_t idx, const float* x, float* y) {
-  const NhwcIndex o = nhwc_index(idx, g.c / W, g.q, g.p);
   int arg[W];
   float best[W];
-  window_argmax<W, KW>(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch * W, arg, best);
+  chunk_argmax<W, KW>(g, idx, x, arg, best);
   store_w<W>(y + idx * W, best);
 }
 
@@ -198,10 +204,9 @@ SP_GATHER_HD void maxpool_forward_chunk(const PoolGeom& g, int64_t idx, const fl
 // one-pass form ran at 0.07 of the copy on an H100).
 template <int W, int KW>
 SP_GATHER_HD void maxpool_argmax_chunk(const PoolGeom& g, int64_t idx, const float* x, int* arg) {
-  const NhwcIndex o = nhwc_index(idx, g.c / W, g.q, g.p);
   int a[W];
   float best[W];
-  window_argmax<W, KW>(g, x + o.img * g.h * g.w * g.c, o.row, o.col, o.ch * W, a, best);
+  chunk_argmax<W, KW>(g, idx, x, a, best);
   store_w<W>(arg + idx * W, a);
 }
 
