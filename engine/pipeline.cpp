@@ -397,6 +397,12 @@ Arena* PipelineTrainer::forward_arena(const Stage& st, size_t phase) const {
   return st.fwd_arenas[phase % n].get();
 }
 
+void PipelineTrainer::host_wait(Event& e) {
+  const auto start = std::chrono::steady_clock::now();
+  e.synchronize();
+  host_wait_ms_ += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+}
+
 void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& source, bool& source_done,
                                     const LrAt& lr) {
   Stage& st = *stages_[size_t(k)];
@@ -412,7 +418,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     // The source may reuse the views of two batches back. (Module 1 takes one batch a tick, so the
     // wait for tick t - 2's end above has already covered that copy; this wait keeps the source's
     // contract without relying on it.)
-    st.input_copied[next_batch_ % 2]->synchronize();
+    host_wait(*st.input_copied[next_batch_ % 2]);
     Tensor xs, ys;
     if (!source(&xs, &ys)) {
       source_done = true;
@@ -745,6 +751,7 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
     for (auto& q : *queues) q->forget_messages();
   ledger_.clear();
   next_batch_ = 0;
+  host_wait_ms_ = 0;
   const auto wall_start = std::chrono::steady_clock::now();
   // Activation memory held for batches in flight, measured when it peaks within a tick: after
   // the forwards.
@@ -762,7 +769,7 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   int64_t last_active_tick = -1;
   for (int64_t tick = 0; !(source_done && stages_[0]->inflight.empty()); ++tick) {
     // At most two ticks of work are queued ahead of each stream.
-    for (auto& st : stages_) st->tick_end[tick % 2]->synchronize();
+    for (auto& st : stages_) host_wait(*st->tick_end[tick % 2]);
     for (auto& st : stages_) st->read_timings(tick - 2, *origin[size_t(st->index)], stats);  // ended by that record
     const size_t events_before = ledger_.size();
     if (cfg_.method == PipelineMethod::FDG) {
@@ -778,6 +785,7 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
     if (ledger_.size() > events_before) last_active_tick = tick;
   }
   stats.ticks = last_active_tick + 1;
+  stats.host_wait_ms = host_wait_ms_;
 
   // Read back the losses and the stage timings.
   Stage& last = *stages_.back();

@@ -148,6 +148,11 @@ struct PipelineEpochStats {
   // Per module: time in its stages. The wait for a message is not in it; the wait for a free
   // queue slot at a hand-over (a consumer two ticks behind) is.
   std::vector<double> busy_ms;
+  // Host time blocked on the streams while it enqueued the ticks: the wait for the end of the tick
+  // two back and for module 1's input copy two batches back. Near wall_ms the streams are the
+  // bottleneck (the host keeps them two ticks ahead); near 0 the host is (it enqueues no faster
+  // than they run). The final drain is not in it.
+  double host_wait_ms = 0;
   std::vector<StageTiming> stages;
   size_t peak_saved_bytes = 0;  // most activation memory held for in-flight batches at once
   int64_t timing_events_made = 0;  // events created to time stages (read ones are reused)
@@ -206,6 +211,9 @@ class PipelineTrainer {
   std::vector<PipelineEvent> ledger_;
   int activation_latency_ = 1, gradient_latency_ = 1;  // ticks an activation / gradient takes per hop
   int64_t next_batch_ = 0;
+  double host_wait_ms_ = 0;  // this epoch's PipelineEpochStats::host_wait_ms so far
+  // Blocks the host until e has completed, counting the time in host_wait_ms_.
+  void host_wait(Event& e);
   PipelineGraphStats graph_stats_;
 
   // Producer side of a queue: waits until the consumer has copied out the slot's previous

@@ -108,17 +108,19 @@ std::string BenchResult::json() const {
   return "{\"model\":" + json_str(c.model) + ",\"batch_size\":" + std::to_string(c.batch_size) +
          ",\"method\":" + json_str(c.method) + ",\"modules\":" + std::to_string(modules) + ",\"cuts\":" + cut_list +
          "],\"precision\":" + json_str(c.precision) + ",\"kernels\":" + json_str(c.kernels) +
-         ",\"mainloop\":" + json_str(mainloop) + ",\"kernel_switches\":" + json_str(switches) + ",\"device\":" + json_str(device_name) + ",\"steps\":" + std::to_string(c.steps) +
+         ",\"mainloop\":" + json_str(mainloop) + ",\"kernel_switches\":" + json_str(switches) +
+         ",\"device\":" + json_str(device_name) + ",\"steps\":" + std::to_string(c.steps) +
          ",\"warmup\":" + std::to_string(c.warmup) + ",\"images_per_s\":" + json_num(images_per_s) +
-         ",\"ms_per_step\":" + json_num(ms_per_step) + ",\"ticks\":" + std::to_string(ticks) +
-         ",\"busy_pct\":" + busy + "],\"peak_allocated_bytes\":" + std::to_string(peak_allocated_bytes) +
+         ",\"ms_per_step\":" + json_num(ms_per_step) + ",\"ticks\":" + std::to_string(ticks) + ",\"busy_pct\":" + busy +
+         "],\"host_wait_pct\":" + (host_wait_pct < 0 ? "null" : json_num(host_wait_pct)) +
+         ",\"peak_allocated_bytes\":" + std::to_string(peak_allocated_bytes) +
          ",\"peak_reserved_bytes\":" + std::to_string(peak_reserved_bytes) + by_device +
-         ",\"peak_activation_bytes\":" + std::to_string(peak_activation_bytes) +
-         ",\"shrink\":" + json_num(c.shrink) + ",\"recompute\":" + (c.recompute ? "true" : "false") +
+         ",\"peak_activation_bytes\":" + std::to_string(peak_activation_bytes) + ",\"shrink\":" + json_num(c.shrink) +
+         ",\"recompute\":" + (c.recompute ? "true" : "false") +
          ",\"weight_stash\":" + (c.weight_stash ? "true" : "false") + ",\"graphs\":" + (c.graphs ? "true" : "false") +
-         ",\"graph_memory\":" + json_str(c.graphs ? c.graph_memory : "") +
-         ",\"warmup_run\":" + std::to_string(warmup) + ",\"units\":" + std::to_string(units) +
-         ",\"replayed_units\":" + std::to_string(replayed_units) + op_profile_json() + "}";
+         ",\"graph_memory\":" + json_str(c.graphs ? c.graph_memory : "") + ",\"warmup_run\":" + std::to_string(warmup) +
+         ",\"units\":" + std::to_string(units) + ",\"replayed_units\":" + std::to_string(replayed_units) +
+         op_profile_json() + "}";
 }
 
 BenchResult run_bench(const BenchConfig& cfg) {
@@ -242,6 +244,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
     r.ms_per_step = st.wall_ms / double(cfg.steps);
     r.ticks = st.ticks;
     for (double b : st.busy_ms) r.busy_pct.push_back(100.0 * b / st.wall_ms);
+    r.host_wait_pct = 100.0 * st.host_wait_ms / st.wall_ms;
     r.peak_activation_bytes = st.peak_saved_bytes;
     keep_peak(r, mem_devices);
     profile_ops(cfg, r, [&] { return epoch(cfg.profile_ops).wall_ms; });

@@ -57,6 +57,7 @@ struct BenchResult {
   double images_per_s = 0, ms_per_step = 0;
   int64_t ticks = 0;                   // decoupled methods: ticks of the timed epoch (fill and drain included)
   std::vector<double> busy_pct;        // decoupled methods: per module, busy share of the wall time
+  double host_wait_pct = -1;           // decoupled methods: PipelineEpochStats::host_wait_ms's share (-1: none)
   size_t peak_allocated_bytes = 0;     // device memory in tensors at the peak of the timed steps
   size_t peak_reserved_bytes = 0;      // ... and held by the caching allocator
   // With --devices: each device's peak (the two above are their sums), in --device, --devices order.

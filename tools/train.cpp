@@ -713,11 +713,14 @@ TrainResult run_pipelined(Run& run) {
       busy_json += std::string(k ? "," : "") + "{\"busy_pct\":" + json_number(pct) + ",\"idle_ms\":" +
                    json_number(st.wall_ms - st.busy_ms[size_t(k)]) + "}";
     }
-    busy_json += "],\"ticks\":" + std::to_string(st.ticks) + ",\"activation_bytes\":" +
-                 std::to_string(st.peak_saved_bytes);
+    const double host_wait_pct = 100.0 * st.host_wait_ms / st.wall_ms;
+    busy_json += "],\"host_wait_pct\":" + json_number(host_wait_pct) + ",\"ticks\":" + std::to_string(st.ticks) +
+                 ",\"activation_bytes\":" + std::to_string(st.peak_saved_bytes);
     char activations[48];
     std::snprintf(activations, sizeof activations, " | activations %.0f MiB", double(st.peak_saved_bytes) / (1 << 20));
-    std::string extra = " | busy " + busy + activations;
+    char host[40];
+    std::snprintf(host, sizeof host, " | host waited %.0f%%", host_wait_pct);
+    std::string extra = " | busy " + busy + host + activations;
     if (cfg.graphs) {
       const int64_t replays = graphs_after.replays - graphs_before.replays;
       const int64_t units = replays + (graphs_after.eager - graphs_before.eager) +
