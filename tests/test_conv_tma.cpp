@@ -181,15 +181,22 @@ TEST(ConvTma, ThePlanRefusesWhatOneBoxCannotLoad) {
   // C not a multiple of 64 (the stem's 3, 96); Q not dividing the tile; P * Q neither a
   // multiple nor a divisor of the tile; a box dimension past 256; steps TMA cannot traverse; a
   // strided data gradient.
-  EXPECT_FALSE(plan_conv_tma(n, 32, 32, 32, 32, 3, 3, 3, 1, 1, 1, tile).ok);
-  EXPECT_FALSE(plan_conv_tma(n, 8, 8, 8, 8, 96, 3, 3, 1, 1, 1, tile).ok);
-  EXPECT_FALSE(plan_conv_tma(n, 6, 6, 6, 6, 64, 3, 3, 1, 1, 1, tile).ok);
-  EXPECT_FALSE(plan_conv_tma(n, 12, 4, 12, 4, 64, 3, 3, 1, 1, 1, tile).ok);  // P * Q = 48
-  EXPECT_FALSE(plan_conv_tma(n, 1, 128, 1, 512, 64, 1, 1, 4, 1, 0, tile).ok);  // box W 512
+  const auto refuses = [](const ConvTmaPlan& plan, const char* why) {
+    EXPECT_FALSE(plan.ok) << why;
+    EXPECT_STREQ(plan.why, why);
+  };
+  const char* const kChannels = "source channels not a multiple of 64";
+  const char* const kStep = "a step TMA cannot traverse";
+  refuses(plan_conv_tma(n, 32, 32, 32, 32, 3, 3, 3, 1, 1, 1, tile), kChannels);
+  refuses(plan_conv_tma(n, 8, 8, 8, 8, 96, 3, 3, 1, 1, 1, tile), kChannels);
+  refuses(plan_conv_tma(n, 6, 6, 6, 6, 64, 3, 3, 1, 1, 1, tile), "Q does not divide the tile");
+  refuses(plan_conv_tma(n, 12, 4, 12, 4, 64, 3, 3, 1, 1, 1, tile),  // P * Q = 48
+          "the tile is neither a band of whole rows of one image nor whole images");
+  refuses(plan_conv_tma(n, 1, 128, 1, 512, 64, 1, 1, 4, 1, 0, tile), "a box dimension past 256");  // box W 512
   EXPECT_TRUE(plan_conv_tma(n, 1, 128, 1, 256, 64, 1, 1, 2, 1, 0, tile).ok);   // box W 256: the limit
-  EXPECT_FALSE(plan_conv_tma(n, 4, 4, 4, 4, 64, 3, 3, 9, 1, 1, tile).ok);
-  EXPECT_FALSE(plan_conv_tma(n, 8, 8, 4, 4, 64, 3, 3, 2, -1, 1, tile).ok);
-  EXPECT_FALSE(plan_conv_tma(0, 8, 8, 8, 8, 64, 3, 3, 1, 1, 1, tile).ok);
+  refuses(plan_conv_tma(n, 4, 4, 4, 4, 64, 3, 3, 9, 1, 1, tile), kStep);
+  refuses(plan_conv_tma(n, 8, 8, 4, 4, 64, 3, 3, 2, -1, 1, tile), kStep);
+  refuses(plan_conv_tma(0, 8, 8, 8, 8, 64, 3, 3, 1, 1, 1, tile), "an empty dimension");
   // And what it takes: a band of rows of one image, and several whole images per tile.
   const ConvTmaPlan band = plan_conv_tma(n, 32, 32, 32, 32, 64, 3, 3, 1, 1, 1, tile);
   ASSERT_TRUE(band.ok);

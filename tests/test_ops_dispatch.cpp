@@ -183,7 +183,7 @@ TEST_F(OpsDispatch, BatchNormTrainingInferenceBackward) {
   EXPECT_EQ(values(dbe), rdbe);
 }
 
-TEST_F(OpsDispatch, ElementwiseShortcutPoolingLinearLossSgd) {
+TEST_F(OpsDispatch, ElementwiseShortcutPoolingLinearLoss) {
   Tensor a = random_tensor({2, 4, 4, 3}, 11), b = random_tensor({2, 4, 4, 3}, 12);
   Tensor sum = Tensor::empty(a.shape(), DType::F32), relu = Tensor::empty(a.shape(), DType::F32);
   Tensor drelu = Tensor::empty(a.shape(), DType::F32), scaled = Tensor::empty(a.shape(), DType::F32);
