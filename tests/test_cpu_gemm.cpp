@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/cpu/ops.h"
+#include "kernels/cpu/parallel.h"
 
 namespace {
 
@@ -66,9 +67,10 @@ TEST_P(CpuGemm, MatchesTripleLoopForEveryTransposeCombination) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CpuGemm,
                          ::testing::Values(Case{1, 1, 1}, Case{1, 17, 5}, Case{7, 1, 3}, Case{6, 16, 8},
-                                           Case{13, 33, 29}, Case{97, 50, 257}, Case{200, 40, 600},
-                                           Case{5, 1100, 3}, Case{64, 64, 0}, Case{5, 7, 9000},  // split-K
-                                           Case{12, 40, 9000}, Case{16, 32, 9000}));  // split-K, read in place
+                                           Case{13, 33, 29}, Case{97, 50, 257}, Case{200, 40, 600}, Case{5, 1100, 3},
+                                           Case{64, 64, 0}, Case{5, 7, 9000},       // split-K
+                                           Case{12, 40, 9000}, Case{16, 32, 9000},  // split-K, read in place
+                                           Case{9, 20, 4097}, Case{7, 70, 7232}));  // split-K in two chunks
 
 TEST(CpuGemmScaling, AlphaBetaAndStrides) {
   EXPECT_LT(max_rel_error<double>(false, false, 37, 45, 70, 0.5, 2.0, 3, false), 1e-12);
@@ -161,6 +163,28 @@ TEST(CpuGemmScaling, TransposedProductGivesTheSameBits) {
     for (int64_t kk = 0; kk < channels; ++kk)
       for (int64_t t = 0; t < taps; ++t)
         ASSERT_EQ(dw[size_t(kk * taps + t)], dwt[size_t(t * channels + kk)]) << pixels << " pixels, (" << kk << ", " << t << ")";
+  }
+}
+
+// The chunking of K and the tasks' output tiles fix every sum's order whatever the threads: the
+// same product computed on every thread of the pool and inline on one (a nested parallel_for
+// runs inline) gives the same bits, on the direct and the split-K paths.
+TEST(CpuGemmScaling, TheBitsDoNotDependOnTheThreads) {
+  if (sp::kernels::cpu::num_threads() < 2)
+    GTEST_SKIP() << "the pool has one thread (STALEPROP_NUM_THREADS or one core)";
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> u(-1, 1);
+  for (const Case& c : {Case{64, 576, 7232}, Case{16, 144, 30000}, Case{300, 64, 700}, Case{40, 1100, 300}}) {
+    const auto [m, n, k] = c;
+    std::vector<float> a(size_t(k) * m), b(size_t(k) * n);
+    for (auto& v : a) v = u(rng);
+    for (auto& v : b) v = u(rng);
+    std::vector<float> pooled(size_t(m) * n), inline_one(size_t(m) * n);
+    gemm<float>(true, false, m, n, k, 1.f, a.data(), m, b.data(), n, 0.f, pooled.data(), n);
+    sp::kernels::cpu::parallel_for(2, 1, [&](int64_t begin, int64_t) {
+      if (begin == 0) gemm<float>(true, false, m, n, k, 1.f, a.data(), m, b.data(), n, 0.f, inline_one.data(), n);
+    });
+    EXPECT_EQ(pooled, inline_one) << m << " x " << n << " x " << k;
   }
 }
 

@@ -10,9 +10,10 @@
 // the result does not depend on the number of threads.
 //
 // Small outputs with a long K (convolution weight gradients: C is K x RSC, K = N*P*Q) would
-// leave most threads idle, so K is cut into fixed chunks of kSplitK whose partial products
-// are computed in parallel and then summed in chunk order (deterministic, and independent of
-// the thread count since the chunking depends only on k).
+// leave most threads idle, or make them meet once per K block, so a K longer than kSplitK is cut
+// into ceil(K / kSplitK) chunks of about equal size whose partial products are computed in
+// parallel and then summed in chunk order (deterministic, and independent of the thread count
+// since the chunking depends only on k).
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
@@ -30,7 +31,7 @@ using gemm_detail::MicroTile;
 
 constexpr int64_t kMc = 96;    // rows of A per packed block (multiple of kMr)
 constexpr int64_t kNc = 1024;  // columns of B per packed panel (multiple of kNr)
-constexpr int64_t kSplitK = 4096;            // K chunk of the split-K path
+constexpr int64_t kSplitK = 4096;              // longest K chunk of the split-K path
 constexpr int64_t kSplitKMaxOutput = 1 << 16;  // outputs (m * n) small enough for split-K
 constexpr int64_t kInPlaceAMaxN = 64;          // N up to which op(A) is read in place
 constexpr int64_t kInPlaceBMaxM = 16;          // M up to which B's rows are read in place
@@ -170,7 +171,7 @@ template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
           int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m <= 0 || n <= 0) return;
-  const bool direct = k > 0 && alpha != T(0) && (k < 2 * kSplitK || m * n > kSplitKMaxOutput);
+  const bool direct = k > 0 && alpha != T(0) && (k <= kSplitK || m * n > kSplitKMaxOutput);
   // beta == 0 on the direct path: the first K block overwrites C instead of a zero fill first.
   const bool overwrite = direct && beta == T(0);
   if (beta != T(1) && !overwrite) scale_c(m, n, beta, c, ldc);
@@ -179,11 +180,15 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
     gemm_accumulate(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc, overwrite);
     return;
   }
-  const int64_t chunks = (k + kSplitK - 1) / kSplitK;
+  // ceil(k / kSplitK) chunks of about equal size, each a whole number of kGemmKc blocks but
+  // perhaps the last.
+  const int64_t chunks0 = (k + kSplitK - 1) / kSplitK;
+  const int64_t chunk_k = ((k + chunks0 - 1) / chunks0 + kGemmKc - 1) / kGemmKc * kGemmKc;
+  const int64_t chunks = (k + chunk_k - 1) / chunk_k;
   std::vector<T> partial(size_t(chunks * m * n), T(0));
   parallel_for(chunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t ch = cb; ch < ce; ++ch) {
-      const int64_t p0 = ch * kSplitK, kc = std::min(kSplitK, k - p0);
+      const int64_t p0 = ch * chunk_k, kc = std::min(chunk_k, k - p0);
       const T* a_chunk = trans_a ? a + p0 * lda : a + p0;
       const T* b_chunk = trans_b ? b + p0 : b + p0 * ldb;
       gemm_accumulate(trans_a, trans_b, m, n, kc, T(1), a_chunk, lda, b_chunk, ldb, partial.data() + ch * m * n, n);
