@@ -8,23 +8,25 @@
 #      finished epoch's checkpoint in train.safetensors (returned beside the archive). With
 #      .carry/resume/train.safetensors (RESUME=FILE tools/gpu_prepare.sh) it resumes that run;
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test (ctest);
-#   3. compute-sanitizer memcheck and racecheck on the TMA convolutions' and the wide TMA GEMM
-#      tile's tests, memcheck on the persistent batch norm's (SAN_CAP seconds each, default 55);
+#   3. compute-sanitizer memcheck (first) and racecheck on the TMA convolutions' and the wide TMA
+#      GEMM tile's tests, memcheck on the persistent batch norm's and the wide TMA convolutions'
+#      (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed out);
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
 #      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
 #      the measurements; evaluate its checkpoint with staleprop and, loaded into PyTorch, with
 #      bench/pytorch_load_checkpoint.py;
-#   5. the TMA convolutions against the cp.async ones: ResNet-18's bf16 convolutions at batch 512
-#      against cuDNN with --conv-tma=0 and =1; the bf16 GEMM with the 128 x 256 TMA tile against
-#      the 128 x 128 one (--tma-wide), against cuBLASLt; then bf16 training throughput of
-#      ResNet-18 (batch 512) and ResNet-56 (128) with STALEPROP_CONV_TMA=0 and 1 beside PyTorch
-#      eager, and the op profile of a ResNet-18 step with them; the persistent batch norm against
-#      the three separate kernels (--bn-persistent), against the copy, and ResNet-18's bf16
-#      throughput with STALEPROP_BN_PERSISTENT=0 and 1; ResNet-56's bf16 throughput (op by op and
-#      from graphs) and the three-kernel batch norm with programmatic dependent launch off and on
-#      (STALEPROP_PDL, --pdl); ResNet-18's bf16 throughput on cuBLASLt/cuDNN (--kernels vendor)
-#      beside them. Each switch is measured only where
-#      ctest passed its GPU test (a hang there would burn every later timeout);
+#   5. a first figure for each new path, against its vendor twin or the copy: the sums over
+#      ResNet-18's bf16 convolutions with --conv-tma=0 and =1 against cuDNN; the bf16 GEMM with
+#      the 128 x 256 TMA tile against the 128 x 128 one (--tma-wide), against cuBLASLt; the
+#      persistent batch norm against the three separate kernels (--bn-persistent), against the
+#      copy; bf16 training throughput of ResNet-18 (batch 512) and ResNet-56 (128) with every
+#      new path that passed off and on (STALEPROP_CONV_TMA, _TMA_WIDE, _BN_PERSISTENT, _PDL)
+#      beside PyTorch eager. Then each path on its own: the convolutions layer by layer, on the
+#      wide tile, ResNet-18's throughput with one switch at a time, ResNet-56's from graphs and
+#      the three-kernel batch norm with programmatic dependent launch off and on (--pdl);
+#      ResNet-18's bf16 throughput on cuBLASLt/cuDNN (--kernels vendor), and the op profile of
+#      a ResNet-18 step on the new paths. Each switch is measured only where ctest passed its
+#      GPU test (a hang there would burn every later timeout);
 #   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace); the
 #      peak memory of fdg over 4 modules op by op and from graphs (planned, bump arenas); four
 #      short ResNet-56 runs in a sweep one after another, then four at once;
@@ -35,7 +37,9 @@
 # With CTEST_LOG=FILE (an earlier call's ctest.log, carried in the tree) it skips the build
 # (when build-gpu/ is still there), the accuracy run, ctest and the sanitizers, and runs the
 # measurements of steps 5-8 for the switches that log says passed: the follow-up call on a warm
-# machine, e.g. CTEST_LOG=.carry/ctest.log NO_TRAIN=1 DEADLINE=500 bash tools/gpu_session.sh.
+# machine, e.g. CTEST_LOG=.carry/ctest.log NO_TRAIN=1 DEADLINE=500 bash tools/gpu_session.sh
+# (where the device budget has room for it: 15 minutes in all, the machine's start included,
+# leave little after one call of DEADLINE=560).
 # Everything lands in $OUT/results.tgz (the device tool brings back at most 8 files), with the
 # accuracy run's checkpoint beside it, also when the script stops early (a trap packs them).
 # Separate processes on one GPU time-slice it (no MPS): the accuracy run shares it only with the
@@ -132,7 +136,7 @@ log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict 
 san() {  # tool test filter [log-name tag]
   [ "$(left)" -gt $((SAN_CAP + 200)) ] || { log "no time for compute-sanitizer $1 '$3'"; return; }
   local log="$OUT/sanitizer-$1-$2${4:+-$4}.log"
-  timeout "$SAN_CAP" compute-sanitizer --tool "$1" --error-exitcode 1 "build-gpu/tests/$2" --gtest_filter="$3" \
+  timeout -k 10 "$SAN_CAP" compute-sanitizer --tool "$1" --error-exitcode 1 "build-gpu/tests/$2" --gtest_filter="$3" \
     > "$log" 2>&1
   local rc=$?
   log "compute-sanitizer $1 $2 '$3' exit $rc ($(grep -c '\[       OK \]' "$log") tests passed" \
@@ -140,11 +144,24 @@ san() {  # tool test filter [log-name tag]
 }
 # The other wgmma and wgmma_tma tests ran under memcheck on an H100, and racecheck finished 16 of
 # them, every GEMM test among them (bench/results/nvidia-h100/2026-11-26-sanitizers.log).
+# Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
+# hang here too, for SAN_CAP seconds each time. memcheck first, the convolutions first (they are
+# on the way to #3's and #4's targets); racecheck is slow (16 tests in 55 s last time). The
+# calls stop where less than SAN_CAP + 200 s is left.
+finished() { grep -qE "$1 \.+ *(\*\*\*)?(Passed|Failed|Exception)" "$OUT/ctest.log" 2> /dev/null; }
 if [ -z "${CTEST_LOG:-}" ]; then
-  san memcheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
-  san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
-  san racecheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma:*ConvolutionsWithTmaLoads/wgmma_tma' tma
-  san memcheck test_cuda_ops '*PersistentBatchNorm*:*ProgrammaticLaunch*' bn-persistent-pdl
+  finished 'ConvolutionsWithTmaLoads/wgmma_tma' &&
+    san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
+  finished 'GemmOnTheWideTmaTile/wgmma_tma' &&
+    san memcheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
+  finished 'PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels' &&
+    san memcheck test_cuda_ops '*PersistentBatchNorm*:*ProgrammaticLaunch*' bn-persistent-pdl
+  finished 'ConvolutionsWithTmaLoads/wgmma_tma' &&
+    san racecheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
+  finished 'GemmOnTheWideTmaTile/wgmma_tma' &&
+    san racecheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
+  finished 'ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' &&
+    san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' tma-conv-wide
 fi
 
 if [ -n "$TRAIN_PID" ]; then
@@ -187,52 +204,68 @@ throughput_ab() {
     log "bench $model $* $var=$v exit ${PIPESTATUS[0]}"
   done
 }
-# The TMA convolutions (conv_tma.h) against the cp.async ones, against cuDNN; the 128 x 256 TMA
-# GEMM tile against the 128 x 128 one, against cuBLASLt.
-# Every ResNet-18 layer on its own as well as the sums: the sums alone (2026-11-26) could not say
-# which layers hold the data gradient at 0.25 of cuDNN while the forward reaches 0.45.
-if [ -n "$CONV_TMA_OK" ]; then
-  ab r18-convs-tma conv-tma 70 '_bf16/r18_'
-elif [ "$(left)" -gt 120 ]; then
-  AB_VALUES=0 ab r18-convs-tma conv-tma 40 '_bf16/r18_'  # layer by layer, cp.async loads only
-fi
+# First one figure for each path never measured, each against its vendor twin or the copy (a
+# first pass that fits the ~230 s the measurements get): the sum over ResNet-18's bf16
+# convolutions with TMA loads against cuDNN (#3: >= 0.60); the bf16 GEMM on the 128 x 256 TMA
+# tile against cuBLASLt (#3: >= 0.70); the persistent batch norm against the copy (#3: >= 0.70);
+# then ResNet-18's bf16 training throughput with every path that passed switched on, beside
+# PyTorch eager (#4: >= 1.0x), and ResNet-56's, launch-bound, with programmatic launch.
+[ -n "$CONV_TMA_OK" ] && ab r18-convs-tma-sums conv-tma 40 '_bf16/r18_all_layers'
 [ -n "$TMA_WIDE_OK" ] && ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
-# The TMA convolutions on the 128 x 256 tile against the 128 x 128 one (ResNet-18's wide layers).
-[ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && STALEPROP_CONV_TMA=1 ab r18-convs-wide tma-wide 50 '_bf16/r18_'
-# The persistent batch norm against the three separate kernels, both against the copy: the plain
-# forms in fp32 at both batches (the small shapes are launch-bound), the fused ones in bf16.
-if [ -n "$BN_PERSISTENT_OK" ]; then
+# The plain forms in fp32 at both batches (the small shapes are launch-bound), the fused in bf16.
+[ -n "$BN_PERSISTENT_OK" ] &&
   ab bn-persistent bn-persistent 45 '^bn_(fwd_train|bwd|add_relu_fwd_train_bf16|add_relu_bwd_bf16)/'
-  throughput_ab bn-persistent STALEPROP_BN_PERSISTENT resnet18 512
-fi
-if [ -n "$CONV_TMA_OK" ]; then
+NEW_PATHS=()
+[ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
+[ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && [ -n "$TMA_WIDE_OK" ] && NEW_PATHS+=(STALEPROP_TMA_WIDE=1)
+[ -n "$BN_PERSISTENT_OK" ] && NEW_PATHS+=(STALEPROP_BN_PERSISTENT=1)
+[ -n "$PDL_OK" ] && NEW_PATHS+=(STALEPROP_PDL=1)
+if ((${#NEW_PATHS[@]})); then
   for cfg in "resnet18 512" "resnet56 128"; do
     set -- $cfg
-    throughput_ab tma STALEPROP_CONV_TMA "$1" "$2"
+    for paths in off on; do
+      [ "$(left)" -gt 60 ] || break
+      envs=(); [ $paths = on ] && envs=("${NEW_PATHS[@]}")
+      env "${envs[@]}" timeout 40 build-gpu/tools/staleprop bench --device cuda --model "$1" --batch-size "$2" \
+        --precision bf16 --steps 50 --warmup 10 --json "$OUT/throughput-new-paths-$paths.jsonl" 2>&1 |
+        tee -a "$OUT/session.txt"
+      log "bench $1 $2 bf16 with the new paths $paths (${envs[*]}) exit ${PIPESTATUS[0]}"
+    done
     [ "$(left)" -gt 90 ] && timeout 60 python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" --steps 50 \
       --warmup 10 --bf16 --channels-last >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" && tail -1 "$OUT/pytorch.jsonl"
   done
-  # The same training on cuBLASLt/cuDNN (--kernels vendor): what the rest of the engine reaches
-  # against PyTorch when the convolutions are cuDNN's too.
-  if [ "$(left)" -gt 120 ]; then
-    timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet18 --batch-size 512 --precision bf16 \
-      --kernels vendor --steps 50 --warmup 10 --json "$OUT/throughput-vendor.jsonl" 2>&1 | tee -a "$OUT/session.txt"
-    log "bench resnet18 --kernels vendor exit ${PIPESTATUS[0]}"
-  fi
-  if [ "$(left)" -gt 60 ]; then
-    log "op profile: resnet18 batch 512 bf16, TMA convolutions"
-    STALEPROP_CONV_TMA=1 timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet18 --batch-size 512 \
-      --precision bf16 --steps 10 --warmup 5 --profile-ops 5 --json "$OUT/op-profile.jsonl" >> "$OUT/op-profile.txt" 2>&1
-    log "op profile exit $?"
-  fi
 fi
 
+# Then each path on its own. The TMA convolutions layer by layer: the sums alone (2026-11-26)
+# could not say which layers hold the data gradient at 0.25 of cuDNN while the forward reaches
+# 0.45. The TMA convolutions on the 128 x 256 tile against the 128 x 128 one (the wide layers).
+if [ -n "$CONV_TMA_OK" ]; then
+  ab r18-convs-tma conv-tma 70 '_bf16/r18_[0-9]'
+elif [ "$(left)" -gt 120 ]; then
+  AB_VALUES=0 ab r18-convs-tma conv-tma 40 '_bf16/r18_[0-9]'  # layer by layer, cp.async loads only
+fi
+[ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && STALEPROP_CONV_TMA=1 ab r18-convs-wide tma-wide 50 '_bf16/r18_'
+[ -n "$BN_PERSISTENT_OK" ] && throughput_ab bn-persistent STALEPROP_BN_PERSISTENT resnet18 512
+[ -n "$CONV_TMA_OK" ] && throughput_ab tma STALEPROP_CONV_TMA resnet18 512
 # Programmatic dependent launch against plain launches: the launch-bound small models (ResNet-56
 # at batch 128 in bf16, op by op and from graphs), and the three-kernel batch norm.
 if [ -n "$PDL_OK" ]; then
-  throughput_ab pdl STALEPROP_PDL resnet56 128
   throughput_ab pdl STALEPROP_PDL resnet56 128 --graphs
   ab bn-pdl pdl 30 '^bn_(fwd_train|bwd)/.*n128'
+fi
+# The same training on cuBLASLt/cuDNN (--kernels vendor): what the rest of the engine reaches
+# against PyTorch when the convolutions are cuDNN's too; and the op profile of a ResNet-18 step on
+# the new paths.
+if [ "$(left)" -gt 120 ]; then
+  timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet18 --batch-size 512 --precision bf16 \
+    --kernels vendor --steps 50 --warmup 10 --json "$OUT/throughput-vendor.jsonl" 2>&1 | tee -a "$OUT/session.txt"
+  log "bench resnet18 --kernels vendor exit ${PIPESTATUS[0]}"
+fi
+if [ "$(left)" -gt 60 ]; then
+  log "op profile: resnet18 batch 512 bf16 with ${NEW_PATHS[*]:-no new path}"
+  env "${NEW_PATHS[@]}" timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet18 --batch-size 512 \
+    --precision bf16 --steps 10 --warmup 5 --profile-ops 5 --json "$OUT/op-profile.jsonl" >> "$OUT/op-profile.txt" 2>&1
+  log "op profile exit $?"
 fi
 
 # Timelines of the locking study (#5): ResNet-56, bf16, 4 modules, locked bp against fdg, 40
@@ -293,7 +326,7 @@ log "gpu_bench stage 1: pooling and the shortcut, then the fused batch norm, aga
 # convolutions' sources had not run before (tools/sass_check.sh prints both per kernel).
 CUOBJDUMP=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null | head -1)
 [ -n "$CUOBJDUMP" ] && [ -f build-gpu/kernels/libstaleprop_kernels.a ] &&
-  CUOBJDUMP="$CUOBJDUMP" bash tools/sass_check.sh build-gpu/kernels/libstaleprop_kernels.a > "$OUT/sass-tma.txt" 2>&1 &&
+  CUOBJDUMP="$CUOBJDUMP" timeout -k 5 30 bash tools/sass_check.sh build-gpu/kernels/libstaleprop_kernels.a > "$OUT/sass-tma.txt" 2>&1 &&
   log "SASS of the TMA kernels: $(grep -c '^kernel' "$OUT/sass-tma.txt") kernels listed in sass-tma.txt"
 
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

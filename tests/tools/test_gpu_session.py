@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""tools/gpu_session.sh on the CPU, every GPU program replaced by a stub: usage
+`test_gpu_session.py [STALEPROP]` (the argument is unused: the stubs stand in for it).
+
+The script runs once per GPU session, in 15 minutes of device time, so a mistake in its logic
+costs a whole session. Checked here, from a ctest log in which the TMA convolutions and the
+persistent batch norm passed, the wide TMA GEMM tile timed out and the programmatic-launch test
+failed:
+  - compute-sanitizer runs memcheck before racecheck, the convolutions first, and never on the
+    test that timed out (it would hang again);
+  - a switch is measured only where its GPU test passed: the wide tile's and programmatic
+    launch's benchmarks never run, the convolutions' and the batch norm's run off and on;
+  - the training throughput with "the new paths on" sets exactly the switches that passed;
+  - the script ends with exit status 0 and packs its outputs into results.tgz with session.txt.
+"""
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tooltest import check  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+# Every call of a stubbed program: its name, arguments and STALEPROP_* environment, one line.
+STUB = """#!/bin/bash
+{ printf '%s' "$(basename "$0")"; printf ' %s' "$@"; printf ' |'; env | grep -E '^STALEPROP_' | sort | tr '\\n' ' '
+  echo; } >> "$CALLS"
+case "$(basename "$0")" in
+  compute-sanitizer) echo '[       OK ] one'; echo '========= ERROR SUMMARY: 0 errors' ;;
+esac
+exit 0
+"""
+
+CTEST_LOG = """\
+  1/5 Test   #1: Mainloops/TensorCore.ConvolutionsWithTmaLoads/wgmma_tma ..............   Passed    1.00 sec
+  2/5 Test   #2: Mainloops/TensorCore.GemmOnTheWideTmaTile/wgmma_tma ..................***Timeout 120.01 sec
+  3/5 Test   #3: CudaOps.PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels ......   Passed    1.00 sec
+  4/5 Test   #4: CudaNetwork.ProgrammaticDependentLaunchChangesNoBit ..................***Failed    1.00 sec
+  5/5 Test   #5: Mainloops/TensorCore.ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma .   Passed    1.00 sec
+"""
+
+# tools/gpu_check.sh: the build does nothing, the tests write the log above.
+GPU_CHECK = """#!/bin/bash
+echo "gpu_check $STAGES |" >> "$CALLS"
+if [ "$STAGES" = test ]; then cat "$CTEST_FIXTURE" > "$OUT/ctest.log"; echo 'ctest exit 8'; fi
+"""
+
+
+def write(path, text, executable=False):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    if executable:
+        os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
+
+
+def main():
+    with tempfile.TemporaryDirectory() as tmp:
+        repo, bin_dir, calls = os.path.join(tmp, "repo"), os.path.join(tmp, "bin"), os.path.join(tmp, "calls.log")
+        for name in ("gpu_session.sh", "gpu_env.sh"):
+            write(os.path.join(repo, "tools", name), open(os.path.join(ROOT, "tools", name)).read(), True)
+        write(os.path.join(repo, "tools", "gpu_check.sh"), GPU_CHECK, True)
+        write(os.path.join(repo, "tools", "gpu_bench.sh"), STUB, True)
+        write(os.path.join(repo, "tools", "sass_check.sh"), STUB, True)
+        write(os.path.join(repo, "tools", "trace_overlap.py"), "print('overlap')\n")
+        write(os.path.join(repo, "bench", "pytorch_baseline.py"), "print('{\"model\": \"pytorch\"}')\n")
+        write(os.path.join(repo, "bench", "pytorch_load_checkpoint.py"), "print('pytorch')\n")
+        for path in ("build-gpu/tools/staleprop", "build-gpu/bench/bench_gpu_kernels",
+                     "build-gpu/tests/test_cuda_ops", "build-gpu/tests/test_cuda_tensor_core"):
+            write(os.path.join(repo, path), STUB, True)
+        write(os.path.join(repo, "build-gpu", "kernels", "libstaleprop_kernels.a"), "")
+        os.makedirs(os.path.join(repo, "data", "cifar-10-batches-bin"))
+        for name in ("compute-sanitizer", "ncu", "nvidia-smi", "nvcc", "cuobjdump"):
+            write(os.path.join(bin_dir, name), STUB, True)
+        fixture = os.path.join(tmp, "ctest.log")
+        write(fixture, CTEST_LOG)
+        out = os.path.join(tmp, "out")
+        env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ["PATH"], OUT=out, CALLS=calls,
+                   CTEST_FIXTURE=fixture, DEADLINE="560", NO_TRAIN="1")
+        env = {k: v for k, v in env.items() if not k.startswith("STALEPROP_")}
+        p = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")], env=env, capture_output=True,
+                           text=True, timeout=120)
+        log = p.stdout + p.stderr
+        check(p.returncode == 0, f"the script ends with status 0, not {p.returncode}", log)
+        lines = open(calls).read().splitlines()
+        log += "\n== calls\n" + "\n".join(lines)
+
+        san = [l for l in lines if l.startswith("compute-sanitizer ")]
+        tools_and_filters = [(l.split()[2], l.split("--gtest_filter=")[1].split()[0]) for l in san]
+        check(tools_and_filters == [("memcheck", "*ConvolutionsWithTmaLoads/wgmma_tma"),
+                                    ("memcheck", "*PersistentBatchNorm*:*ProgrammaticLaunch*"),
+                                    ("racecheck", "*ConvolutionsWithTmaLoads/wgmma_tma"),
+                                    ("memcheck", "*ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma")],
+              f"the sanitizers run memcheck first, never on the test that timed out: {tools_and_filters}", log)
+
+        bench = [l for l in lines if l.startswith("bench_gpu_kernels ")]
+        check(not any("--pdl" in l for l in bench), "programmatic launch, whose test failed, is not benchmarked", log)
+        check(not any("--tma-wide" in l and "gemm_bf16" in l for l in bench),
+              "the wide GEMM tile, whose test timed out, is not benchmarked", log)
+        for flag in ("--conv-tma", "--bn-persistent"):
+            check(any(f"{flag}=0" in l for l in bench) and any(f"{flag}=1" in l for l in bench),
+                  f"a switch whose test passed is benchmarked off and on ({flag})", log)
+        first_sums = next((i for i, l in enumerate(bench) if "r18_all_layers" in l), None)
+        first_layers = next((i for i, l in enumerate(bench) if "r18_[0-9]" in l), None)
+        check(first_sums is not None and first_layers is not None and first_sums < first_layers,
+              "the convolutions' sums are measured before the layers one by one", log)
+
+        on = [l for l in lines if "throughput-new-paths-on" in l]
+        off = [l for l in lines if "throughput-new-paths-off" in l]
+        check(len(on) == 2 and len(off) == 2, "ResNet-18 and ResNet-56 throughput with the new paths off and on", log)
+        check(all(l.split("|")[1].split() == ["STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_TMA=1"] for l in on),
+              "the new paths on are exactly the switches that passed", log)
+        check(all(l.split("|")[1].strip() == "" for l in off), "the new paths off set no switch", log)
+        check(not any("STALEPROP_PDL=" in l or "STALEPROP_TMA_WIDE=" in l for l in lines),
+              "no run switches on a path whose test did not pass", log)
+
+        results = os.path.join(out, "results.tgz")
+        check(os.path.isfile(results), "the outputs are packed into results.tgz", log)
+        with tarfile.open(results) as t:
+            names = t.getnames()
+            session = t.extractfile("./session.txt").read().decode()
+        check("./ctest.log" in names and "done" in session.splitlines()[-1],
+              f"results.tgz holds the ctest log and the whole session: {names}", log + session)
+    print("gpu_session.sh: sanitizers and measurements gated on ctest, switches as passed, outputs packed")
+
+
+if __name__ == "__main__":
+    main()
