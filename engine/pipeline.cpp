@@ -680,10 +680,11 @@ void PipelineTrainer::backward_and_step(int k, int64_t tick, int64_t batch, Tens
   else if (bwd_end)
     s.record(*bwd_end);
   if (step_start) s.record(*step_start);
+  if (cfg_.before_step) cfg_.before_step(k, s, st.params);  // timed with the step
   if (cfg_.graphs)
-    st.opt->step(s, st.lr);  // the rate written into st.lr before the unit
+    st.opt->step(s, st.lr, cfg_.grad_scale);  // the rate written into st.lr before the unit
   else
-    st.opt->step(s, lr(st.steps));
+    st.opt->step(s, lr(st.steps), cfg_.grad_scale);
   ++st.steps;
   ledger_.push_back({tick, k, f.batch, true});
 }

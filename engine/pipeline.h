@@ -67,6 +67,17 @@ struct PipelineConfig {
   // F32, or BF16 for mixed precision: bf16 activations and gradients (also in the queues),
   // bf16 weight copies, fp32 master weights.
   DType activation_dtype = DType::F32;
+  // Data parallelism's insertion point. Called on the host each time module `module`'s backward
+  // of a batch has been enqueued on its stream `s`, before its optimizer step is: the work it
+  // enqueues on `s` (e.g. an allreduce of `params`' gradients across the module's replicas)
+  // runs after the backward has written every gradient and before the step reads them. In a
+  // unit captured into a graph (`graphs`) it is called at the capture, and its work replays with
+  // the unit; host-side effects of its own happen only when it is called. Its work is timed as
+  // part of the module's "step" stage.
+  std::function<void(int module, Stream& s, const std::vector<Parameter*>& params)> before_step;
+  // Each module's gradients are multiplied by this in its optimizer step (folded into the
+  // update: e.g. the 1/N of averaging over N replicas whose gradients before_step sums).
+  float grad_scale = 1.f;
   // Launch overhead: replay each module's steady-state work from graphs (CUDA graphs on a GPU)
   // instead of enqueueing it op by op. See "Graphs" below. Not with staleness_jitter,
   // recompute or weight_stash, whose work changes from tick to tick.

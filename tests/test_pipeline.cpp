@@ -5,6 +5,8 @@
 //  (c) random delays injected into the CPU streams do not change a single bit;
 //  (e) every batch of an epoch is forwarded once and back-propagated once by every module,
 //      d_k ticks apart, across several epochs (fill and drain included);
+//  before_step, data parallelism's insertion point: its work runs between each backward and
+//      the optimizer step that follows it;
 //  graphs: replaying captured ticks (the CPU emulation of CUDA graphs: the same closures on the
 //      same arena addresses) changes no bit against enqueueing every op, in every method and
 //      K, with and without injected delays.
@@ -444,6 +446,66 @@ TEST(Pipeline, ModulesOnSeparateDevicesChangeNoBit) {
     for (size_t i = 0; i < layout.size(); ++i)
       EXPECT_EQ(device_allocator(layout[i]).stats().orphaned_bytes, orphaned[i]) << layout[i].str();
   }
+}
+
+// Data parallelism's insertion point (PipelineConfig::before_step): called once for each
+// backward of each module, with the module's parameters, and what it enqueues on the module's
+// stream runs after the backward has written the gradients and before the optimizer step reads
+// them. Here it halves every gradient, which must give the bits of the optimizer's own
+// grad_scale 0.5 (an exact scaling either way), in every method and K = 1..3, op by op with
+// injected delays and replayed from graphs. Work placed before the backward's last write or
+// after the step would not match.
+TEST(Pipeline, BeforeStepWorkRunsBetweenEachBackwardAndItsStep) {
+  const Batches data = make_batches(9, 4, 3, 41);
+  for (PipelineMethod m : kMethods)
+    for (const std::vector<size_t>& cuts : {std::vector<size_t>{}, std::vector<size_t>{2}, std::vector<size_t>{1, 3}})
+      for (bool graphs : {false, true}) {
+        SCOPED_TRACE(::testing::Message() << pipeline_method_name(m) << ", K=" << cuts.size() + 1
+                                          << (graphs ? ", graphs" : ", injected delays"));
+        PipelineConfig c = config(m, cuts);
+        c.graphs = graphs;
+        if (!graphs) {
+          c.stream_options.jitter_max_us = 200;
+          c.stream_options.seed = 3;
+        }
+        const auto run = [&](const PipelineConfig& cfg, std::map<int, int>* calls) {
+          Network net = mini_resnet(1);
+          PipelineTrainer p(net, cfg);
+          for (int e = 0; e < 2; ++e) {
+            p.run_epoch(source_of(data), lr_at);
+            if (!calls) continue;
+            // Op by op, one call per backward of the epoch; from graphs, at most that (a
+            // replayed unit does not call it again).
+            std::map<int, int> backwards;
+            for (const PipelineEvent& ev : p.ledger()) backwards[ev.module] += ev.backward;
+            for (auto& [module, n] : backwards) {
+              if (graphs) {
+                EXPECT_LE((*calls)[module], n * (e + 1)) << "module " << module + 1;
+              } else {
+                EXPECT_EQ((*calls)[module], n * (e + 1)) << "module " << module + 1;
+              }
+            }
+          }
+          if (graphs) {
+            EXPECT_GT(p.graph_stats().replays, 0);
+          }
+          return flat_params(net);
+        };
+        PipelineConfig scaled = c;
+        scaled.grad_scale = 0.5f;
+        PipelineConfig hooked = c;
+        std::map<int, int> calls;
+        hooked.before_step = [&calls](int module, Stream& s, const std::vector<Parameter*>& params) {
+          ++calls[module];
+          for (Parameter* p : params) ops::scale(s, 0.5f, p->grad, p->grad);
+        };
+        const std::vector<float> want = run(scaled, nullptr);
+        const std::vector<float> got = run(hooked, &calls);
+        EXPECT_EQ(calls.size(), cuts.size() + 1);
+        ASSERT_EQ(want.size(), got.size());
+        EXPECT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0);
+        EXPECT_NE(run(c, nullptr), want) << "halving the gradients changes the run";
+      }
 }
 
 // Each unit of work is timed by two events; read once its tick has completed, they are recorded
