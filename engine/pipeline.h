@@ -73,7 +73,10 @@ struct PipelineConfig {
   // runs after the backward has written every gradient and before the step reads them. In a
   // unit captured into a graph (`graphs`) it is called at the capture, and its work replays with
   // the unit; host-side effects of its own happen only when it is called. Its work is timed as
-  // part of the module's "step" stage.
+  // part of the module's "step" stage. For capture, work it puts on another stream must fork
+  // from `s` and join back through events, and what it allocates (from the unit's arena) must
+  // be the same at every call. BN running statistics are buffers, not parameters: not given.
+  // (Plain backprop without modules, BackpropTrainer, has no such point.)
   std::function<void(int module, Stream& s, const std::vector<Parameter*>& params)> before_step;
   // Each module's gradients are multiplied by this in its optimizer step (folded into the
   // update: e.g. the 1/N of averaging over N replicas whose gradients before_step sums).

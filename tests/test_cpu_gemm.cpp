@@ -166,25 +166,43 @@ TEST(CpuGemmScaling, TransposedProductGivesTheSameBits) {
   }
 }
 
-// The chunking of K and the tasks' output tiles fix every sum's order whatever the threads: the
-// same product computed on every thread of the pool and inline on one (a nested parallel_for
-// runs inline) gives the same bits, on the direct and the split-K paths.
+// The chunking of K and the tasks' output tiles fix every sum's order whatever the threads:
+//  - the same product computed on every thread of the pool and inline on one (a nested
+//    parallel_for runs inline) gives the same bits, on the direct and the split-K paths;
+//  - a split-K product (K > 4096, an output of at most 65536) gives the bits of its chunks'
+//    products added in chunk order, the chunks being ceil(K / 4096) runs of whole 256-deep
+//    blocks shared out evenly (each chunk's product, K <= 4096, runs direct): the chunking
+//    depends on K alone.
 TEST(CpuGemmScaling, TheBitsDoNotDependOnTheThreads) {
-  if (sp::kernels::cpu::num_threads() < 2)
-    GTEST_SKIP() << "the pool has one thread (STALEPROP_NUM_THREADS or one core)";
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> u(-1, 1);
-  for (const Case& c : {Case{64, 576, 7232}, Case{16, 144, 30000}, Case{300, 64, 700}, Case{40, 1100, 300}}) {
+  for (const Case& c :
+       {Case{64, 576, 7232}, Case{16, 144, 30000}, Case{9, 20, 69633}, Case{300, 64, 700}, Case{40, 1100, 300}}) {
     const auto [m, n, k] = c;
+    SCOPED_TRACE(::testing::Message() << m << " x " << n << " x " << k);
     std::vector<float> a(size_t(k) * m), b(size_t(k) * n);
     for (auto& v : a) v = u(rng);
     for (auto& v : b) v = u(rng);
     std::vector<float> pooled(size_t(m) * n), inline_one(size_t(m) * n);
     gemm<float>(true, false, m, n, k, 1.f, a.data(), m, b.data(), n, 0.f, pooled.data(), n);
-    sp::kernels::cpu::parallel_for(2, 1, [&](int64_t begin, int64_t) {
-      if (begin == 0) gemm<float>(true, false, m, n, k, 1.f, a.data(), m, b.data(), n, 0.f, inline_one.data(), n);
-    });
-    EXPECT_EQ(pooled, inline_one) << m << " x " << n << " x " << k;
+    if (sp::kernels::cpu::num_threads() > 1) {
+      sp::kernels::cpu::parallel_for(2, 1, [&](int64_t begin, int64_t) {
+        if (begin == 0) gemm<float>(true, false, m, n, k, 1.f, a.data(), m, b.data(), n, 0.f, inline_one.data(), n);
+      });
+      EXPECT_EQ(pooled, inline_one);
+    }
+    if (k <= 4096 || int64_t(m) * n > 65536) continue;
+    const int64_t chunks = (k + 4095) / 4096, blocks = (k + 255) / 256;
+    std::vector<float> sum(size_t(m) * n, 0.f), part(size_t(m) * n);
+    for (int64_t ch = 0; ch < chunks; ++ch) {
+      const int64_t begin = ch * blocks / chunks * 256, end = std::min<int64_t>(k, (ch + 1) * blocks / chunks * 256);
+      ASSERT_LE(end - begin, 4096);
+      gemm<float>(true, false, m, n, end - begin, 1.f, a.data() + begin * m, m, b.data() + begin * n, n, 0.f,
+                  part.data(), n);
+      for (size_t i = 0; i < sum.size(); ++i) sum[i] += part[i];
+    }
+    for (float& v : sum) v = 0.f + 1.f * v;  // C (zeroed, beta = 0) + alpha * sum
+    EXPECT_EQ(pooled, sum);
   }
 }
 

@@ -7,7 +7,8 @@
 #      binary when present (else after the build), its metrics in train.jsonl and its last
 #      finished epoch's checkpoint in train.safetensors (returned beside the archive). With
 #      .carry/resume/train.safetensors (RESUME=FILE tools/gpu_prepare.sh) it resumes that run;
-#   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test (ctest);
+#   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test but the tools/
+#      scripts' CPU tests (ctest, 120 s per test);
 #   3. compute-sanitizer memcheck (first) and racecheck on the TMA convolutions' and the wide TMA
 #      GEMM tile's tests, memcheck on the persistent batch norm's and the wide TMA convolutions'
 #      (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed out);
@@ -93,9 +94,11 @@ pack() {
     wait "$TRAIN_PID" 2> /dev/null
   fi
   rm -f "$OUT"/*.tmp.*
-  mkdir -p /tmp/pack && rm -rf /tmp/pack/*
-  [ -f "$OUT/train.safetensors" ] && mv "$OUT/train.safetensors" /tmp/pack/
-  tar czf /tmp/pack/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/pack/* "$OUT/"
+  local pack_dir
+  pack_dir=$(mktemp -d)
+  [ -f "$OUT/train.safetensors" ] && mv "$OUT/train.safetensors" "$pack_dir/"
+  tar czf "$pack_dir/results.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$pack_dir"/* "$OUT/"
+  rm -rf "$pack_dir"
 }
 trap pack EXIT
 trap 'pack; exit 143' TERM INT
@@ -155,13 +158,15 @@ if [ -z "${CTEST_LOG:-}" ]; then
   finished 'GemmOnTheWideTmaTile/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
   finished 'PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels' &&
+    finished 'PersistentBatchNormIsFirstPlannedInsideAStreamCapture' &&
+    finished 'ProgrammaticLaunchStillOrdersDependentKernels' &&
     san memcheck test_cuda_ops '*PersistentBatchNorm*:*ProgrammaticLaunch*' bn-persistent-pdl
+  finished 'ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' &&
+    san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' tma-conv-wide
   finished 'ConvolutionsWithTmaLoads/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
   finished 'GemmOnTheWideTmaTile/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
-  finished 'ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' &&
-    san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' tma-conv-wide
 fi
 
 if [ -n "$TRAIN_PID" ]; then
@@ -215,7 +220,8 @@ throughput_ab() {
 # The plain forms in fp32 at both batches (the small shapes are launch-bound), the fused in bf16.
 [ -n "$BN_PERSISTENT_OK" ] &&
   ab bn-persistent bn-persistent 45 '^bn_(fwd_train|bwd|add_relu_fwd_train_bf16|add_relu_bwd_bf16)/'
-NEW_PATHS=()
+# Every switch is set either way, so that one exported by the caller cannot turn "off" on.
+NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0)
 [ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && [ -n "$TMA_WIDE_OK" ] && NEW_PATHS+=(STALEPROP_TMA_WIDE=1)
 [ -n "$BN_PERSISTENT_OK" ] && NEW_PATHS+=(STALEPROP_BN_PERSISTENT=1)
@@ -225,11 +231,12 @@ if ((${#NEW_PATHS[@]})); then
     set -- $cfg
     for paths in off on; do
       [ "$(left)" -gt 60 ] || break
-      envs=(); [ $paths = on ] && envs=("${NEW_PATHS[@]}")
+      envs=("${OLD_PATHS[@]}"); [ $paths = on ] && envs+=("${NEW_PATHS[@]}")
       env "${envs[@]}" timeout 40 build-gpu/tools/staleprop bench --device cuda --model "$1" --batch-size "$2" \
         --precision bf16 --steps 50 --warmup 10 --json "$OUT/throughput-new-paths-$paths.jsonl" 2>&1 |
         tee -a "$OUT/session.txt"
-      log "bench $1 $2 bf16 with the new paths $paths (${envs[*]}) exit ${PIPESTATUS[0]}"
+      log "bench $1 $2 bf16 with the new paths $paths (${envs[*]}: the last setting of each counts)" \
+        "exit ${PIPESTATUS[0]}"
     done
     [ "$(left)" -gt 90 ] && timeout 60 python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" --steps 50 \
       --warmup 10 --bf16 --channels-last >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" && tail -1 "$OUT/pytorch.jsonl"
@@ -247,8 +254,9 @@ fi
 [ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && STALEPROP_CONV_TMA=1 ab r18-convs-wide tma-wide 50 '_bf16/r18_'
 [ -n "$BN_PERSISTENT_OK" ] && throughput_ab bn-persistent STALEPROP_BN_PERSISTENT resnet18 512
 [ -n "$CONV_TMA_OK" ] && throughput_ab tma STALEPROP_CONV_TMA resnet18 512
-# Programmatic dependent launch against plain launches: the launch-bound small models (ResNet-56
-# at batch 128 in bf16, op by op and from graphs), and the three-kernel batch norm.
+# Programmatic dependent launch against plain launches: the launch-bound small model (ResNet-56
+# at batch 128 in bf16) from graphs (op by op it is in the first pass above), and the
+# three-kernel batch norm.
 if [ -n "$PDL_OK" ]; then
   throughput_ab pdl STALEPROP_PDL resnet56 128 --graphs
   ab bn-pdl pdl 30 '^bn_(fwd_train|bwd)/.*n128'
@@ -263,7 +271,7 @@ if [ "$(left)" -gt 120 ]; then
 fi
 if [ "$(left)" -gt 60 ]; then
   log "op profile: resnet18 batch 512 bf16 with ${NEW_PATHS[*]:-no new path}"
-  env "${NEW_PATHS[@]}" timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet18 --batch-size 512 \
+  env "${OLD_PATHS[@]}" "${NEW_PATHS[@]}" timeout 40 build-gpu/tools/staleprop bench --device cuda --model resnet18 --batch-size 512 \
     --precision bf16 --steps 10 --warmup 5 --profile-ops 5 --json "$OUT/op-profile.jsonl" >> "$OUT/op-profile.txt" 2>&1
   log "op profile exit $?"
 fi

@@ -11,9 +11,9 @@
 //
 // Small outputs with a long K (convolution weight gradients: C is K x RSC, K = N*P*Q) would
 // leave most threads idle, or make them meet once per K block, so a K longer than kSplitK is cut
-// into ceil(K / kSplitK) chunks of about equal size whose partial products are computed in
-// parallel and then summed in chunk order (deterministic, and independent of the thread count
-// since the chunking depends only on k).
+// into ceil(K / kSplitK) chunks of whole kGemmKc blocks, shared out evenly, whose partial
+// products are computed in parallel and then summed in chunk order (deterministic, and
+// independent of the thread count since the chunking depends only on k).
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
@@ -180,15 +180,15 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
     gemm_accumulate(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc, overwrite);
     return;
   }
-  // ceil(k / kSplitK) chunks of about equal size, each a whole number of kGemmKc blocks but
-  // perhaps the last.
-  const int64_t chunks0 = (k + kSplitK - 1) / kSplitK;
-  const int64_t chunk_k = ((k + chunks0 - 1) / chunks0 + kGemmKc - 1) / kGemmKc * kGemmKc;
-  const int64_t chunks = (k + chunk_k - 1) / chunk_k;
+  // ceil(k / kSplitK) chunks; the ceil(k / kGemmKc) blocks of kGemmKc (the last perhaps
+  // shorter) shared out evenly: chunk ch takes blocks [ch * blocks / chunks, (ch + 1) * blocks /
+  // chunks), at most kSplitK / kGemmKc of them.
+  const int64_t chunks = (k + kSplitK - 1) / kSplitK, blocks = (k + kGemmKc - 1) / kGemmKc;
   std::vector<T> partial(size_t(chunks * m * n), T(0));
   parallel_for(chunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t ch = cb; ch < ce; ++ch) {
-      const int64_t p0 = ch * chunk_k, kc = std::min(chunk_k, k - p0);
+      const int64_t p0 = ch * blocks / chunks * kGemmKc;
+      const int64_t kc = std::min(k, (ch + 1) * blocks / chunks * kGemmKc) - p0;
       const T* a_chunk = trans_a ? a + p0 * lda : a + p0;
       const T* b_chunk = trans_b ? b + p0 : b + p0 * ldb;
       gemm_accumulate(trans_a, trans_b, m, n, kc, T(1), a_chunk, lda, b_chunk, ldb, partial.data() + ch * m * n, n);
