@@ -35,8 +35,9 @@ for stage in $STAGES; do
     ;;
   test)
     # A test that hangs (a GPU kernel waiting forever) fails alone after 120 s (the build's
-    # STALEPROP_TEST_TIMEOUT, set by the build stage: a build-gpu/ configured otherwise keeps its own). The tools/ scripts' tests use only the CPU and run on the
-    # development machine and in CI. timeout -k: SIGKILL if ctest has not ended 10 s after SIGTERM.
+    # STALEPROP_TEST_TIMEOUT, set by the build stage: a build-gpu/ configured otherwise keeps its
+    # own). The tools/ scripts' tests use only the CPU and run on the development machine and in
+    # CI. timeout -k: SIGKILL if ctest has not ended 10 s after SIGTERM.
     (cd build-gpu && timeout -k 10 "${T_TEST:-240}" ctest --output-on-failure -j 8 -E '^tools\.') \
       > "$OUT/ctest.log" 2>&1
     echo "ctest exit $?: $(grep -E 'tests passed|tests failed' "$OUT/ctest.log")"
