@@ -2,6 +2,7 @@
 // and names, and a whole ResNet-20 step against a plain composition of the reference kernels.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -163,6 +164,55 @@ TEST(ResNets, BlocksAndPyTorchStateNames) {
   const Tensor& wa = a.state().params[0].second->value;
   EXPECT_EQ(std::memcmp(wa.raw_data(), b.state().params[0].second->value.raw_data(), wa.nbytes()), 0);
   EXPECT_NE(std::memcmp(wa.raw_data(), c.state().params[0].second->value.raw_data(), wa.nbytes()), 0);
+}
+
+// He et al.'s initialisation: convolution and linear weights Kaiming normal with fan-in
+// (std sqrt(2 / fan_in), mean 0), each layer drawn apart; BN gamma 1 and beta 0; biases 0;
+// running statistics mean 0 and variance 1. The sample moments of each tensor are checked
+// within 4.5 standard errors (about 1 in 150,000 to fail by chance per tensor).
+TEST(ResNets, InitialisationFollowsHeEtAl) {
+  for (const std::string model : {"resnet20", "resnet18"}) {
+    SCOPED_TRACE(model);
+    Network net = build_resnet(model, 10, 11);
+    int weights = 0, gammas = 0, zeros = 0;
+    std::set<std::vector<float>> firsts;  // first elements of each weight: no two layers share a draw
+    for (auto& [name, p] : net.state().params) {
+      const Tensor& t = p->value;
+      const Shape& sh = t.shape();
+      const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+      if (sh.size() == 1) {
+        const float want = is_bias ? 0.f : 1.f;  // BN beta and linear bias 0, BN gamma 1
+        for (int64_t i = 0; i < t.numel(); ++i) ASSERT_EQ(t.at<float>(i), want) << name << " [" << i << "]";
+        (is_bias ? zeros : gammas) += 1;
+        continue;
+      }
+      ASSERT_FALSE(is_bias) << name;
+      // Conv weights are KRSC (fan-in R*S*C), linear weights [out, in] (fan-in in).
+      int64_t fan_in = 1;
+      for (size_t d = 1; d < sh.size(); ++d) fan_in *= sh[d];
+      const double n = double(t.numel()), sigma = std::sqrt(2.0 / double(fan_in));
+      double sum = 0, sq = 0;
+      for (int64_t i = 0; i < t.numel(); ++i) sum += t.at<float>(i), sq += double(t.at<float>(i)) * t.at<float>(i);
+      const double mean = sum / n, sd = std::sqrt(sq / n - mean * mean);
+      EXPECT_LT(std::fabs(mean), 4.5 * sigma / std::sqrt(n)) << name << " mean " << mean;
+      // The standard error of a normal sample's standard deviation is about sigma / sqrt(2n).
+      EXPECT_LT(std::fabs(sd - sigma), 4.5 * sigma / std::sqrt(2 * n)) << name << " std " << sd << ", want " << sigma;
+      std::vector<float> first(size_t(std::min<int64_t>(8, t.numel())));
+      for (size_t i = 0; i < first.size(); ++i) first[i] = t.at<float>(int64_t(i));
+      EXPECT_TRUE(firsts.insert(first).second) << name << " repeats another layer's draw";
+      ++weights;
+    }
+    for (auto& [name, b] : net.state().buffers) {
+      const bool var = name.find("running_var") != std::string::npos;
+      ASSERT_TRUE(var || name.find("running_mean") != std::string::npos) << name;
+      for (int64_t i = 0; i < b->numel(); ++i) ASSERT_EQ(b->at<float>(i), var ? 1.f : 0.f) << name;
+    }
+    // ResNet-20: 19 convolutions and the linear layer; 19 BNs (gamma, beta), the linear bias.
+    // ResNet-18: 17 convolutions, 3 projections and the linear layer; 20 BNs.
+    EXPECT_EQ(weights, model == "resnet20" ? 20 : 21);
+    EXPECT_EQ(gammas, model == "resnet20" ? 19 : 20);
+    EXPECT_EQ(zeros, gammas + 1);
+  }
 }
 
 // FDG's published cuts (--split-at fdg) fall where its reference code cuts (model_list in

@@ -22,12 +22,14 @@ if [ ! -f build-tsan/build.ninja ]; then
   cmake -S . -B build-tsan -G Ninja -DSTALEPROP_CUDA=OFF -DSTALEPROP_TSAN=ON -DSTALEPROP_BUILD_BENCH=OFF \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo
 fi
-TSAN_TESTS=(test_streams test_pipeline test_tensor_allocator test_op_profile test_sweep test_training)
+TSAN_TESTS=(test_streams test_pipeline test_tensor_allocator test_op_profile test_sweep test_training test_cifar10)
 cmake --build build-tsan -j "$(nproc)" --target "${TSAN_TESTS[@]}"
 for t in "${TSAN_TESTS[@]}"; do
   filter=()
   # The sweep's tests of runs side by side; its time-limit and parsing tests run one thread.
   [ "$t" = test_sweep ] && filter=(--gtest_filter='Sweep.RunsSideBySide*:Sweep.AFailedRun*')
+  # The loader's producer thread against its consumer (next, seek, errors).
+  [ "$t" = test_cifar10 ] && filter=(--gtest_filter='Cifar10Loader.*')
   # The bench's runs (synthetic data staged from the host, modules on emulated devices, graphs),
   # the training runs from graphs and on emulated devices, and a plain backprop run with its
   # evaluations (the loader's batches are reused while the streams may still copy the ones
