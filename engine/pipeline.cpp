@@ -5,11 +5,11 @@
 #include <deque>
 #include <limits>
 #include <numeric>
-#include <random>
 #include <set>
 
 #include "engine/allocator.h"
 #include "engine/ops.h"
+#include "engine/random.h"
 #include "kernels/common/error.h"
 
 #if STALEPROP_WITH_CUDA
@@ -58,6 +58,8 @@ struct PipelineTrainer::Queue {
 };
 
 namespace {
+
+constexpr uint64_t kJitterStream = 0x6a6974746572ull;  // "jitter": --staleness-jitter's draws
 
 // A gradient taken out of its queue, waiting for its tick (later than its arrival under
 // staleness jitter).
@@ -165,7 +167,6 @@ struct PipelineTrainer::Stage {
   std::vector<Parameter*> params;     // this module's parameters
   std::vector<int64_t*> counters;     // ... and host-side counters (BN num_batches_tracked)
   std::deque<ReceivedGradient> gradients;
-  std::mt19937_64 jitter_rng;
   // --graphs
   int period = 1;                                  // P_k
   std::vector<std::unique_ptr<Arena>> fwd_arenas;  // phase j uses j mod their count
@@ -262,7 +263,6 @@ PipelineTrainer::PipelineTrainer(Network& net, const PipelineConfig& config) : n
     st->opt = std::make_unique<Sgd>(net.state(st->first, st->last).params, cfg_.sgd, *st->stream);
     for (auto& [name, p] : net.state(st->first, st->last).params) st->params.push_back(p);
     for (auto& [name, c] : net.state(st->first, st->last).counters) st->counters.push_back(c);
-    st->jitter_rng.seed(cfg_.jitter_seed * 1000003u + uint64_t(k));
     for (auto& e : st->tick_end) e = make_event(st->device);
     for (auto& e : st->input_copied) e = make_event(st->device);
     if (k + 1 < k_modules) st->eval_handed = make_event(st->device);
@@ -644,8 +644,14 @@ void PipelineTrainer::backward_phase(int k, int64_t tick, const LrAt& lr) {
   Tensor unused;
   if (receive(st, *grad_[size_t(k)], tick - gradient_latency_, false, &g.dy, &unused, &g.batch)) {
     if (cfg_.shrink != 1.f) ops::scale(s, cfg_.shrink, g.dy, g.dy);
-    const int64_t extra =
-        cfg_.staleness_jitter > 0 ? std::uniform_int_distribution<int64_t>(0, cfg_.staleness_jitter)(st.jitter_rng) : 0;
+    // The draw hangs on the module and on how many gradients it has received in the run
+    // (steps taken + those waiting), not on a generator's past: a run resumed at an epoch
+    // boundary (set_steps) draws what the uninterrupted run draws.
+    const uint64_t received = uint64_t(st.steps) + st.gradients.size();
+    const int64_t extra = cfg_.staleness_jitter > 0
+                              ? int64_t(SplitMix(random_key(cfg_.jitter_seed, kJitterStream, uint64_t(k), received))
+                                            .below(uint64_t(cfg_.staleness_jitter) + 1))
+                              : 0;
     g.ready_tick = tick + extra;
     st.gradients.push_back(std::move(g));
   }

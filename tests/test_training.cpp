@@ -123,6 +123,14 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   ASSERT_EQ(resumed.epochs.size(), 1u);
   EXPECT_EQ(resumed.epochs[0].test_acc, whole.epochs[1].test_acc);
   EXPECT_EQ(resumed.epochs[0].test_loss, whole.epochs[1].test_loss);
+  EXPECT_FALSE(resumed.already_complete);
+  // Resumed from its last step, the run has nothing left to train.
+  rest.resume = rest.checkpoint;
+  const train::TrainResult again = train::run_training(rest, train, test);
+  EXPECT_TRUE(again.already_complete);
+  EXPECT_TRUE(again.epochs.empty());
+  EXPECT_EQ(again.steps, 8);
+  expect_same_tensors(full.checkpoint, rest.checkpoint);
 
   // Resuming with other settings is refused with a reason: `change` applied to the run's own
   // settings, on `set` (the run's training set unless given).
@@ -154,6 +162,14 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   refused([](train::TrainConfig& c) { c.schedule = "onecycle"; }, {"--schedule cosine, not onecycle"});
   refused([](train::TrainConfig& c) { c.lr = 0.1f; }, {"--lr 0.050000001, not 0.1"});
   refused([](train::TrainConfig& c) { c.warmup_epochs = 1; }, {"--warmup-epochs 0.5, not 1"});
+  // So is another training rule, optimizer, loss or precision: every update would change. (The
+  // decoupled rules are refused in DecoupledRunResumesExactlyAtAnEpochBoundary.)
+  refused([](train::TrainConfig& c) { c.method = "fdg"; }, {"--method bp, not fdg", "same training rule"});
+  refused([](train::TrainConfig& c) { c.momentum = 0.5f; }, {"--momentum 0.89999998, not 0.5;", "same optimizer"});
+  refused([](train::TrainConfig& c) { c.nesterov = true; }, {"--nesterov 0, not 1"});
+  refused([](train::TrainConfig& c) { c.weight_decay = 1e-4f; }, {"--weight-decay 0.00050000002, not 9.9999997e-05"});
+  refused([](train::TrainConfig& c) { c.label_smoothing = 0.1f; }, {"--label-smoothing 0, not 0.1", "same loss"});
+  refused([](train::TrainConfig& c) { c.precision = "bf16"; }, {"--precision fp32, not bf16"});
   // Milestones shape only a multistep schedule (small_config's is cosine): another is no change.
   train::TrainConfig other = small_config();
   other.resume = first.checkpoint;
@@ -326,6 +342,23 @@ TEST(Training, CutsByFlopsAreTheBalancedCutsOfTheCountedFlops) {
   test::expect_error([&] { train::run_training(other, train, test); }, {"over 3 modules (cuts 4,7)"});
   c.split_by = "params";
   test::expect_error([&] { train::run_training(c, train, test); }, {"--split-by must be time or flops, got 'params'"});
+
+  // --deterministic balances --split K's cuts by FLOPs too (measured times differ run to run),
+  // and the banner says how the cuts were chosen.
+  c.split_by = "time";
+  c.deterministic = true;
+  c.checkpoint = dir.file("deterministic.safetensors");
+  c.log = dir.file("deterministic.log");
+  c.progress = "plain";
+  train::run_training(c, train, test);
+  EXPECT_EQ(io::read_safetensors(c.checkpoint).metadata.at("cuts"), want);
+  EXPECT_NE(read_text(c.log).find("; cuts balanced by counted FLOPs (--deterministic)], shrink"), std::string::npos)
+      << read_text(c.log);
+  c.deterministic = false;
+  c.log = dir.file("measured.log");
+  c.checkpoint.clear();
+  train::run_training(c, train, test);
+  EXPECT_NE(read_text(c.log).find("; cuts balanced by measured block times]"), std::string::npos) << read_text(c.log);
 }
 
 TEST(Training, CheckpointHoldsPyTorchNamesAndLayouts) {
@@ -448,6 +481,7 @@ TEST(Training, LossFallsOnAFewHundredRealImages) {
       << "loss " << r.epochs[0].train_loss << " -> " << r.epochs[3].train_loss;
 }
 
+// Also with staleness jitter, whose draws a resumed run must make as the whole run does.
 TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
   const data::Dataset train = synthetic_set(96, 9), test = synthetic_set(30, 10);
   TempDir dir;
@@ -455,23 +489,55 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
   full.method = "fdg";
   full.split = 3;  // cuts from measured block times, kept in the checkpoint for the resume
   full.shrink = 0.5f;
-  full.epochs = 2;
-  full.checkpoint = dir.file("full-{epoch}.safetensors");
+  full.epochs = 3;
   full.trace = dir.file("trace.json");
-  const train::TrainResult whole = train::run_training(full, train, test);
-  ASSERT_EQ(whole.epochs.size(), 2u);
-  const auto meta = io::read_safetensors(dir.file("full-1.safetensors")).metadata;
-  EXPECT_EQ(meta.at("step"), "3");
-  EXPECT_EQ(std::count(meta.at("cuts").begin(), meta.at("cuts").end(), ','), 1) << meta.at("cuts");
+  for (const int jitter : {0, 2}) {
+    SCOPED_TRACE("staleness jitter " + std::to_string(jitter));
+    const std::string tag = "-j" + std::to_string(jitter);
+    full.staleness_jitter = jitter;
+    full.checkpoint = dir.file("full" + tag + "-{epoch}.safetensors");
+    const train::TrainResult whole = train::run_training(full, train, test);
+    ASSERT_EQ(whole.epochs.size(), 3u);
+    const auto meta = io::read_safetensors(dir.file("full" + tag + "-1.safetensors")).metadata;
+    EXPECT_EQ(meta.at("step"), "3");
+    EXPECT_EQ(std::count(meta.at("cuts").begin(), meta.at("cuts").end(), ','), 1) << meta.at("cuts");
 
-  train::TrainConfig rest = full;
-  rest.resume = dir.file("full-1.safetensors");
-  rest.checkpoint = dir.file("rest-{epoch}.safetensors");
-  rest.trace.clear();
-  const train::TrainResult resumed = train::run_training(rest, train, test);
-  ASSERT_EQ(resumed.epochs.size(), 1u);
-  EXPECT_EQ(resumed.epochs[0].test_acc, whole.epochs[1].test_acc);
-  expect_same_tensors(dir.file("full-2.safetensors"), dir.file("rest-2.safetensors"));
+    train::TrainConfig rest = full;
+    rest.resume = dir.file("full" + tag + "-1.safetensors");
+    rest.checkpoint = dir.file("rest" + tag + "-{epoch}.safetensors");
+    rest.trace.clear();
+    const train::TrainResult resumed = train::run_training(rest, train, test);
+    ASSERT_EQ(resumed.epochs.size(), 2u);
+    EXPECT_EQ(resumed.epochs[1].test_acc, whole.epochs[2].test_acc);
+    expect_same_tensors(dir.file("full" + tag + "-3.safetensors"), dir.file("rest" + tag + "-3.safetensors"));
+  }
+
+  // The rule of a decoupled run is its own too: resuming with another is refused.
+  const auto refused = [&](const std::function<void(train::TrainConfig&)>& change,
+                           const std::vector<std::string>& reason) {
+    train::TrainConfig wrong = full;
+    wrong.resume = dir.file("full-j2-1.safetensors");
+    wrong.checkpoint.clear();
+    wrong.trace.clear();
+    change(wrong);
+    test::expect_error([&] { train::run_training(wrong, train, test); }, reason);
+  };
+  refused([](train::TrainConfig& c) { c.method = "ddg"; }, {"--method fdg, not ddg"});
+  refused([](train::TrainConfig& c) { c.shrink = 0.25f; }, {"--shrink 0.5, not 0.25", "same training rule"});
+  refused([](train::TrainConfig& c) { c.staleness_jitter = 1; }, {"--staleness-jitter 2, not 1"});
+  refused([](train::TrainConfig& c) { c.weight_stash = true; }, {"--weight-stash 0, not 1"});
+  refused([](train::TrainConfig& c) { c.recompute = true; }, {"--recompute 0, not 1"});
+
+  // A checkpoint of the run's last step leaves nothing to train, and says so.
+  train::TrainConfig done = full;
+  done.resume = dir.file("full-j2-3.safetensors");
+  done.checkpoint = dir.file("done.safetensors");
+  done.trace.clear();
+  const train::TrainResult nothing = train::run_training(done, train, test);
+  EXPECT_TRUE(nothing.already_complete);
+  EXPECT_TRUE(nothing.epochs.empty());
+  EXPECT_EQ(nothing.steps, 9);
+  EXPECT_FALSE(fs::exists(done.checkpoint));
 
   const std::string json = read_text(full.trace);
   EXPECT_EQ(json.rfind("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[", 0), 0u);
@@ -748,6 +814,33 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
   c = small_config();
   c.shrink = 0.5f;  // bp (the default method)
   sp::test::expect_error<Error>(run, {"--shrink applies to --method ddg and fdg"});
+  // Values out of range, and flags without the one they need.
+  const std::vector<std::pair<std::function<void(train::TrainConfig&)>, std::string>> wrong = {
+      {[](train::TrainConfig& x) { x.lr = -0.1f; }, "--lr must be a finite number >= 0, got -0.1"},
+      {[](train::TrainConfig& x) { x.momentum = 1.f; }, "--momentum must be in [0, 1), got 1"},
+      {[](train::TrainConfig& x) { x.weight_decay = -1e-4f; }, "--weight-decay must be a finite number >= 0"},
+      {[](train::TrainConfig& x) { x.label_smoothing = 1.f; }, "--label-smoothing must be in [0, 1), got 1"},
+      {[](train::TrainConfig& x) { x.gamma = 0.f; }, "--gamma must be a finite number > 0, got 0"},
+      {[](train::TrainConfig& x) { x.warmup_epochs = 3; }, "--warmup-epochs must be in [0, --epochs], got 3"},
+      {[](train::TrainConfig& x) { x.checkpoint_every = 5; },
+       "--checkpoint-every says how often to write --checkpoint"},
+      {[](train::TrainConfig& x) { x.method = "fdg", x.shrink = 0.f; }, "--shrink must be in (0, 1], got 0"},
+      {[](train::TrainConfig& x) { x.method = "fdg", x.shrink = 1.5f; }, "--shrink must be in (0, 1], got 1.5"},
+      {[](train::TrainConfig& x) { x.staleness_jitter = 2; }, "--staleness-jitter applies to --method ddg and fdg"},
+      // Cuts a ResNet-20 (11 blocks) cannot have, named with the flag and the model's blocks.
+      {[](train::TrainConfig& x) { x.method = "fdg", x.split = 12; },
+       "--split 12: at most one module per block, and resnet20 has 11 blocks: 0 the stem, 10 the pooling+linear head"},
+      {[](train::TrainConfig& x) { x.method = "fdg", x.split_at = "0,4"; },
+       "--split-at 0,4: the cuts are the first blocks of modules 2..K, ascending, in 1..10 (resnet20 has 11 blocks"},
+      {[](train::TrainConfig& x) { x.method = "fdg", x.split_at = "7,4"; }, "--split-at 7,4: the cuts are"},
+      {[](train::TrainConfig& x) { x.method = "fdg", x.split_at = "3,3"; }, "--split-at 3,3: the cuts are"},
+      {[](train::TrainConfig& x) { x.method = "fdg", x.split_at = "11"; }, "--split-at 11: the cuts are"},
+  };
+  for (const auto& [change, message] : wrong) {
+    c = small_config();
+    change(c);
+    sp::test::expect_error<Error>(run, {message});
+  }
   c = small_config();
   c.cutout = 33;
   sp::test::expect_error<Error>([&] { train::run_training(c, train, {}); }, {"--cutout must be in 0..32"});

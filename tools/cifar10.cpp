@@ -10,6 +10,7 @@
 #include <cstring>
 #include <memory>
 
+#include "engine/random.h"
 #include "kernels/common/error.h"
 #include "kernels/cpu/parallel.h"
 
@@ -20,45 +21,9 @@ namespace {
 constexpr int64_t kFileBytes = kCifarRecordsPerFile * kCifarRecordBytes;
 constexpr int64_t kPlane = kCifarSide * kCifarSide;
 
-// SplitMix64's output function: a bijective 64-bit mixer. Randomness is derived from hashes of
-// (seed, epoch, position) rather than from one long generator so that any batch can be made
-// without making the ones before it (prefetching, resuming, parallel augmentation).
-uint64_t mix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
 // Distinct streams for the two uses, so an epoch's order and its augmentations are independent.
 constexpr uint64_t kOrderStream = 0x6f72646572ull;  // "order"
 constexpr uint64_t kAugmentStream = 0x617567ull;    // "aug"
-
-uint64_t key(uint64_t seed, uint64_t stream, uint64_t a, uint64_t b) {
-  return mix64(mix64(mix64(seed ^ mix64(stream)) + a) + b);
-}
-
-// SplitMix64 generator with an unbiased bounded draw. std::uniform_int_distribution is not
-// used because its output differs between standard libraries, and runs must be reproducible.
-class Rng {
- public:
-  explicit Rng(uint64_t state) : state_(state) {}
-  uint64_t next() {
-    state_ += 0x9e3779b97f4a7c15ull;
-    return mix64(state_);
-  }
-  // Uniform in [0, bound), by rejecting the top partial range of 64-bit values.
-  uint64_t below(uint64_t bound) {
-    const uint64_t limit = UINT64_MAX - UINT64_MAX % bound;
-    uint64_t r;
-    do r = next();
-    while (r >= limit);
-    return r % bound;
-  }
-
- private:
-  uint64_t state_;
-};
 
 bool is_regular_file(const std::string& path) {
   struct stat st;
@@ -169,7 +134,7 @@ Normalization compute_normalization(const Dataset& data) {
 
 Augmentation sample_augmentation(uint64_t seed, int64_t epoch, int64_t position, int cutout) {
   SP_CHECK(cutout >= 0 && cutout <= kCifarSide, "cutout ", cutout, " outside 0..", kCifarSide);
-  Rng rng(key(seed, kAugmentStream, uint64_t(epoch), uint64_t(position)));
+  SplitMix rng(random_key(seed, kAugmentStream, uint64_t(epoch), uint64_t(position)));
   Augmentation a;
   a.crop_y = int(rng.below(2 * kCifarPad + 1));
   a.crop_x = int(rng.below(2 * kCifarPad + 1));
@@ -264,7 +229,7 @@ std::vector<int64_t> epoch_order(int64_t n, bool shuffle, uint64_t seed, int64_t
   std::vector<int64_t> order(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) order[size_t(i)] = i;
   if (!shuffle) return order;
-  Rng rng(key(seed, kOrderStream, uint64_t(epoch), 0));
+  SplitMix rng(random_key(seed, kOrderStream, uint64_t(epoch), 0));
   for (int64_t i = n - 1; i > 0; --i) std::swap(order[size_t(i)], order[rng.below(uint64_t(i) + 1)]);
   return order;
 }

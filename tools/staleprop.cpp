@@ -309,7 +309,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"momentum", "M", "SGD momentum (default 0.9)", [&](const std::string& v) { c.momentum = std::stof(v); }},
       {"nesterov", "", "Nesterov momentum", [&](const std::string&) { c.nesterov = true; }},
       {"weight-decay", "WD", "L2 weight decay (default 5e-4)", [&](const std::string& v) { c.weight_decay = std::stof(v); }},
-      {"schedule", "S", "constant|multistep|cosine|onecycle (default multistep)", [&](const std::string& v) { c.schedule = v; }},
+      {"schedule", "S", "constant|multistep|cosine|onecycle (default multistep). Each begins with --warmup-epochs of linear warm-up from 0; then multistep multiplies the rate by --gamma at each milestone, cosine decays it to 0 along a half cosine, onecycle linearly to 0 (a one-cycle with --warmup-epochs > 0)", [&](const std::string& v) { c.schedule = v; }},
       {"milestones", "F,F", "multistep: lr *= gamma at these fractions of the run (default 0.5,0.75)", [&](const std::string& v) { c.milestones = parse_list(v); }},
       {"gamma", "G", "multistep decay factor (default 0.1)", [&](const std::string& v) { c.gamma = std::stof(v); }},
       {"warmup-epochs", "E", "linear warm-up from 0 over E epochs (default 0)", [&](const std::string& v) { c.warmup_epochs = std::stod(v); }},
@@ -318,7 +318,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"kernels", "K", "custom|vendor: our kernels, or the cuBLASLt/cuDNN baselines for GEMM and convolutions (GPU only; default custom)", [&](const std::string& v) { c.kernels = v; }},
       {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
       {"seed", "S", "seed of initialisation, order and augmentation (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
-      {"deterministic", "", "require bit-identical runs for a seed (the CPU reference and the custom CUDA kernels always are: fixed reduction orders, no float atomics; with --kernels vendor it restricts cuDNN to deterministic algorithms)", [&](const std::string&) { c.deterministic = true; }},
+      {"deterministic", "", "require bit-identical runs for a seed (the CPU reference and the custom CUDA kernels always are: fixed reduction orders, no float atomics; with --kernels vendor it restricts cuDNN to deterministic algorithms); --split K then balances its cuts by counted FLOPs, as measured times differ run to run", [&](const std::string&) { c.deterministic = true; }},
       {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device: where the network is built and checkpointed, and trained and evaluated without --devices (default the first of --devices, else cpu)", [&](const std::string& v) { c.device = v; }},
       {"data", "DIR", "CIFAR-10 binary directory (default $CIFAR10_DIR, else ./data/cifar-10-batches-bin)", [&](const std::string& v) { data_dir = v; }},
       {"train-limit", "N", "use only the first N training images (default all)", [&](const std::string& v) { train_limit = positive("train-limit", std::stoll(v)); }},
@@ -327,8 +327,8 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"cutout", "N", "after crop and flip, zero an N x N square (clipped at the border) centred on a random pixel of each training image (Cutout, DeVries & Taylor 2017; they use 16 on CIFAR-10; default 0: none)", [&](const std::string& v) { c.cutout = int(std::clamp<long long>(std::stoll(v), -1, 1 << 30)); }},  // checked by the run, which names any value short of 2^30
       {"eval-batch-size", "B", "batch size of the test-set evaluation (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", std::stoll(v)); }},
       {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} in FILE: one per epoch)", [&](const std::string& v) { c.checkpoint = v; }},
-      {"checkpoint-every", "N", "also write it every N steps (plain backprop over one module without --graphs or --trace only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", std::stoll(v)); }},
-      {"resume", "FILE", "resume exactly from a checkpoint of the same run", [&](const std::string& v) { c.resume = v; }},
+      {"checkpoint-every", "N", "also write --checkpoint every N steps (plain backprop over one module without --graphs or --trace only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", std::stoll(v)); }},
+      {"resume", "FILE", "resume exactly from a checkpoint of the same run; refused, saying why, when its model, data, schedule, training rule (method, shrink, jitter, recompute, weight stashing), optimizer, loss, precision or cuts differ. --device and --kernels may change (the run then goes on, but not bit for bit)", [&](const std::string& v) { c.resume = v; }},
       {"metrics", "FILE", "append metrics as JSON lines to FILE", [&](const std::string& v) { c.metrics = v; }},
       {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines)", [&](const std::string& v) { c.progress = v; }},
       {"log", "FILE", "append the banner, progress and epoch lines to FILE instead of printing them", [&](const std::string& v) { c.log = v; }},
@@ -336,12 +336,12 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"stop-after", "STEPS", "end the run after this many steps in total (plain backprop over one module without --graphs or --trace only)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", std::stoll(v)); }},
       {"method", "M", "bp|ddg|fdg: locked backprop, forward-locked DDG, fully decoupled FDG (default bp)", [&](const std::string& v) { c.method = v; }},
       {"split", "K", "cut the network into K modules, balanced by --split-by (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
-      {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start (default), or by its counted forward FLOPs (the same cuts on every run and machine)", [&](const std::string& v) { c.split_by = v; }},
-      {"split-at", "CUTS", "explicit cuts: first block of modules 2..K (\"i,j,..\"), or fdg for FDG's published cuts into --split K modules", [&](const std::string& v) { c.split_at = v; }},
-      {"shrink", "BETA", "gradient shrink factor applied by each module k < K, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
+      {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start (default; flops with --deterministic), or by its counted forward FLOPs (the same cuts on every run and machine)", [&](const std::string& v) { c.split_by = v; }},
+      {"split-at", "CUTS", "explicit cuts: first block of modules 2..K (\"i,j,..\", ascending), or fdg for FDG's published cuts into --split K modules. Block 0 is the stem, the last the pooling+linear head: resnet20 has 11 blocks, resnet32 17, resnet44 23, resnet56 29, resnet110 56, resnet18 10", [&](const std::string& v) { c.split_at = v; }},
+      {"shrink", "BETA", "gradient shrink factor in (0, 1] applied by each module k < K, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
       {"devices", "D,D", "one device per module, of --device's kind (default: --device for all); cpu:1,cpu:2,.. run a multi-GPU layout on emulated CPU devices", [&](const std::string& v) { c.devices = comma_list(v); }},
       {"trace", "FILE", "Chrome-trace/Perfetto JSON of the module stages of the first epoch this process runs (a one-module run then goes through the decoupled trainer: the same training, bit for bit, without --checkpoint-every, --stop-after or step records, and stopped early it drops the epoch it was in)", [&](const std::string& v) { c.trace = v; }},
-      {"staleness-jitter", "J", "each received gradient becomes due 0..J ticks after it arrives (random, seeded); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = int(std::stoll(v)); }},
+      {"staleness-jitter", "J", "with --method ddg or fdg: each received gradient becomes due 0..J ticks after it arrives (random, seeded by --seed, the same draws when resumed); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = int(std::stoll(v)); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
       {"graphs", "", "replay each module's steady-state tick from CUDA graphs (CPU: recorded closures); not with --staleness-jitter, --recompute, --weight-stash", [&](const std::string&) { c.graphs = true; }},
@@ -421,6 +421,10 @@ int train_main(int argc, char** argv) {
                 : result.stopped_at_deadline ? "stopped at the time limit:"
                                              : "final",
                 100 * result.epochs.back().test_acc, c.model.c_str(), result.epochs.back().epoch, c.epochs);
+  else if (result.already_complete)
+    std::printf("nothing to train: %s is the end of this %d-epoch run (step %lld). --epochs cannot change on --resume "
+                "(the schedule depends on it); staleprop eval --checkpoint %s gives its test accuracy\n",
+                c.resume.c_str(), c.epochs, (long long)result.steps, c.resume.c_str());
   end_by_signal_if_stopped();
   return 0;
 }

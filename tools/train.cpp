@@ -204,7 +204,19 @@ std::map<std::string, std::string> run_metadata(const TrainConfig& cfg, int64_t 
           {"milestones", milestones_str(cfg.milestones)},
           {"gamma", json_number(cfg.gamma)},
           {"warmup_epochs", json_number(cfg.warmup_epochs)},
-          {"augment", augment_str(cfg)}};
+          {"augment", augment_str(cfg)},
+          // The training rule: the update every step makes (a run on another device or with
+          // other kernels keeps it, though not every bit).
+          {"method", cfg.method},
+          {"shrink", json_number(cfg.shrink)},
+          {"staleness_jitter", std::to_string(cfg.staleness_jitter)},
+          {"recompute", cfg.recompute ? "1" : "0"},
+          {"weight_stash", cfg.weight_stash ? "1" : "0"},
+          {"momentum", json_number(cfg.momentum)},
+          {"nesterov", cfg.nesterov ? "1" : "0"},
+          {"weight_decay", json_number(cfg.weight_decay)},
+          {"label_smoothing", json_number(cfg.label_smoothing)},
+          {"precision", cfg.precision}};
 }
 
 // The loader of an evaluation: the set in order, unaugmented. A run keeps one for all its
@@ -329,6 +341,16 @@ struct Run {
       same("gamma", json_number(cfg.gamma), "--gamma", "schedule");
     }
     same("warmup_epochs", json_number(cfg.warmup_epochs), "--warmup-epochs", "schedule");
+    same("method", cfg.method, "--method", "training rule");
+    same("shrink", json_number(cfg.shrink), "--shrink", "training rule");
+    same("staleness_jitter", std::to_string(cfg.staleness_jitter), "--staleness-jitter", "training rule");
+    same("recompute", cfg.recompute ? "1" : "0", "--recompute", "training rule (1: on, 0: off)");
+    same("weight_stash", cfg.weight_stash ? "1" : "0", "--weight-stash", "training rule (1: on, 0: off)");
+    same("momentum", json_number(cfg.momentum), "--momentum", "optimizer");
+    same("nesterov", cfg.nesterov ? "1" : "0", "--nesterov", "optimizer (1: on, 0: off)");
+    same("weight_decay", json_number(cfg.weight_decay), "--weight-decay", "optimizer");
+    same("label_smoothing", json_number(cfg.label_smoothing), "--label-smoothing", "loss");
+    same("precision", cfg.precision, "--precision", "precision");
     SP_CHECK(meta.count("step"), "--resume: ", cfg.resume, " records no training step: not a staleprop checkpoint");
     return std::stoll(meta["step"]);
   }
@@ -491,6 +513,7 @@ TrainResult run_backprop(Run& run) {
   if (!cfg.resume.empty()) {
     auto meta = load_checkpoint(cfg.resume, run.net, {&opt}, s);
     step = run.check_resume(meta);
+    run.result.already_complete = step == int64_t(cfg.epochs) * spe;
     run.loader->seek(step / spe, step % spe);
   }
   BackpropTrainer trainer(run.net, opt, s, cfg.label_smoothing, activation_dtype(cfg));
@@ -576,19 +599,37 @@ std::vector<double> measure_block_costs(Run& run) {
   return train::measure_block_costs(run.net, *run.stream, x, activation_dtype(run.cfg));
 }
 
-std::vector<size_t> resolve_cuts(Run& run) {
+// What the model's blocks are, for the messages about cuts.
+std::string blocks_of(const std::string& model, size_t blocks) {
+  return detail::concat(model, " has ", blocks, " blocks: 0 the stem, ", blocks - 1, " the pooling+linear head");
+}
+
+// The cut points of the run's --split/--split-at, and `how` they were chosen (for the banner).
+std::vector<size_t> resolve_cuts(Run& run, std::string& how) {
   const TrainConfig& cfg = run.cfg;
+  const size_t blocks = run.net.size();
+  how = cfg.split_at == "fdg" ? "FDG's published cuts" : "cuts of --split-at";
   if (cfg.split_at == "fdg") return layers::fdg_preset_cuts(cfg.model, cfg.split);
   if (!cfg.split_at.empty()) {
     std::vector<size_t> cuts = parse_cuts(cfg.split_at);
     SP_CHECK(cfg.split == 1 || int(cuts.size()) + 1 == cfg.split, "--split ", cfg.split, " and --split-at ",
              cfg.split_at, " disagree (", cuts.size() + 1, " modules)");
+    for (size_t i = 0; i < cuts.size(); ++i)
+      SP_CHECK(cuts[i] >= 1 && cuts[i] < blocks && (i == 0 || cuts[i] > cuts[i - 1]), "--split-at ", cfg.split_at,
+               ": the cuts are the first blocks of modules 2..K, ascending, in 1..", blocks - 1, " (",
+               blocks_of(cfg.model, blocks), ")");
     return cuts;
   }
   if (cfg.split <= 1) return {};
-  if (cfg.split_by == "flops")
+  SP_CHECK(size_t(cfg.split) <= blocks, "--split ", cfg.split, ": at most one module per block, and ",
+           blocks_of(cfg.model, blocks));
+  // Measured times differ run to run, and so would the cuts: --deterministic counts FLOPs.
+  if (cfg.split_by == "flops" || cfg.deterministic) {
+    how = std::string("cuts balanced by counted FLOPs") + (cfg.split_by == "flops" ? "" : " (--deterministic)");
     return balanced_cuts(run.net.block_forward_flops({cfg.batch_size, data::kCifarSide, data::kCifarSide, 3}),
                          cfg.split);
+  }
+  how = "cuts balanced by measured block times";
   return balanced_cuts(measure_block_costs(run), cfg.split);
 }
 
@@ -619,6 +660,7 @@ TrainResult run_pipelined(Run& run) {
   pc.method = parse_pipeline_method(cfg.method);
   // A resumed run keeps the cut points it started with (measured cuts may differ run to run);
   // asked for another number of modules, or other explicit cuts, it is refused.
+  std::string cuts_how = "cuts of the checkpoint";
   if (resume_meta.count("cuts")) {
     pc.cuts = parse_cuts(resume_meta["cuts"]);
     const std::vector<size_t> asked = cfg.split_at.empty() ? std::vector<size_t>()
@@ -629,7 +671,7 @@ TrainResult run_pipelined(Run& run) {
              resume_meta["cuts"].empty() ? "none" : resume_meta["cuts"], "); resume with the same --split/--split-at");
   } else {
     check_device_count(cfg.devices, cfg.split, cfg.split_at);  // before the cuts are measured
-    pc.cuts = resolve_cuts(run);
+    pc.cuts = resolve_cuts(run, cuts_how);
   }
   for (const std::string& d : cfg.devices) pc.devices.push_back(Device::parse(d));
   pc.shrink = cfg.shrink;
@@ -656,6 +698,7 @@ TrainResult run_pipelined(Run& run) {
              "trainer (--method ddg or fdg, --split, --split-at, --devices, --graphs, --trace, ...) resumes at epoch "
              "boundaries only");
     pipe.set_steps(step);
+    run.result.already_complete = step == int64_t(cfg.epochs) * spe;
     run.loader->seek(step / spe, 0);
   }
   std::string layout;
@@ -663,7 +706,7 @@ TrainResult run_pipelined(Run& run) {
     layout += (k ? " | " : "") + std::to_string(pipe.blocks(k).second - pipe.blocks(k).first) + " blocks (d=" +
               std::to_string(pipe.delay(k)) + ")";
   run.banner(std::string(pipeline_method_name(pc.method)) + " over " + std::to_string(K) + " modules [" + layout +
-             "], shrink " + json_number(cfg.shrink) +
+             (K > 1 ? "; " + cuts_how : "") + "], shrink " + json_number(cfg.shrink) +
              (cfg.staleness_jitter ? ", staleness jitter " + std::to_string(cfg.staleness_jitter) : "") +
              (cfg.recompute ? ", recompute" : "") + (cfg.weight_stash ? ", weight stashing" : "") +
              (cfg.graphs ? ", graphs" : ""));
@@ -704,14 +747,17 @@ TrainResult run_pipelined(Run& run) {
       break;
     }
     step += spe;
-    std::string busy, busy_json = ",\"modules\":[";
+    // Each module's busy share of the epoch's wall time, and its idle (waiting) time.
+    std::string busy, idle, busy_json = ",\"modules\":[";
     for (int k = 0; k < K; ++k) {
-      const double pct = 100.0 * st.busy_ms[size_t(k)] / st.wall_ms;
+      const double pct = 100.0 * st.busy_ms[size_t(k)] / st.wall_ms, idle_ms = st.wall_ms - st.busy_ms[size_t(k)];
       char buf[96];
       std::snprintf(buf, sizeof buf, "%s%.0f%%", k ? "/" : "", pct);
       busy += buf;
-      busy_json += std::string(k ? "," : "") + "{\"busy_pct\":" + json_number(pct) + ",\"idle_ms\":" +
-                   json_number(st.wall_ms - st.busy_ms[size_t(k)]) + "}";
+      std::snprintf(buf, sizeof buf, "%s%.2f", k ? "/" : "", idle_ms / 1e3);
+      idle += buf;
+      busy_json += std::string(k ? "," : "") + "{\"busy_pct\":" + json_number(pct) +
+                   ",\"idle_ms\":" + json_number(idle_ms) + "}";
     }
     const double host_wait_pct = 100.0 * st.host_wait_ms / st.wall_ms;
     busy_json += "],\"host_wait_pct\":" + json_number(host_wait_pct) + ",\"ticks\":" + std::to_string(st.ticks) +
@@ -720,7 +766,7 @@ TrainResult run_pipelined(Run& run) {
     std::snprintf(activations, sizeof activations, " | activations %.0f MiB", double(st.peak_saved_bytes) / (1 << 20));
     char host[40];
     std::snprintf(host, sizeof host, " | host waited %.0f%%", host_wait_pct);
-    std::string extra = " | busy " + busy + host + activations;
+    std::string extra = " | busy " + busy + ", idle " + idle + " s" + host + activations;
     if (cfg.graphs) {
       const int64_t replays = graphs_after.replays - graphs_before.replays;
       const int64_t units = replays + (graphs_after.eager - graphs_before.eager) +
@@ -878,9 +924,23 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   parse_pipeline_method(cfg.method);  // reject unknown methods before any work
   SP_CHECK(cfg.graph_memory == "planned" || cfg.graph_memory == "bump", "--graph-memory must be planned or bump, got '",
            cfg.graph_memory, "'");
+  SP_CHECK(std::isfinite(cfg.lr) && cfg.lr >= 0, "--lr must be a finite number >= 0, got ", cfg.lr);
+  SP_CHECK(cfg.momentum >= 0 && cfg.momentum < 1, "--momentum must be in [0, 1), got ", cfg.momentum);
+  SP_CHECK(std::isfinite(cfg.weight_decay) && cfg.weight_decay >= 0,
+           "--weight-decay must be a finite number >= 0, got ", cfg.weight_decay);
+  SP_CHECK(cfg.label_smoothing >= 0 && cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1), got ",
+           cfg.label_smoothing);
+  SP_CHECK(std::isfinite(cfg.gamma) && cfg.gamma > 0, "--gamma must be a finite number > 0, got ", cfg.gamma);
+  SP_CHECK(std::isfinite(cfg.warmup_epochs) && cfg.warmup_epochs >= 0 && cfg.warmup_epochs <= cfg.epochs,
+           "--warmup-epochs must be in [0, --epochs], got ", cfg.warmup_epochs);
+  SP_CHECK(cfg.checkpoint_every == 0 || !cfg.checkpoint.empty(),
+           "--checkpoint-every says how often to write --checkpoint FILE: give that too");
   SP_CHECK(cfg.staleness_jitter >= 0, "--staleness-jitter must not be negative");
+  SP_CHECK(cfg.shrink > 0 && cfg.shrink <= 1, "--shrink must be in (0, 1], got ", cfg.shrink);
   SP_CHECK(cfg.method != "bp" || cfg.shrink == 1.f, "--shrink applies to --method ddg and fdg: with bp, whose ",
            "gradients are not stale, it would only scale the lower modules' gradients");
+  SP_CHECK(cfg.method != "bp" || cfg.staleness_jitter == 0, "--staleness-jitter applies to --method ddg and fdg: ",
+           "with bp, whose gradients are not stale, it would make them so");
   Run run(cfg, train_set, test_set);
   // A trace times the decoupled trainer's module stages: a one-module run traced goes through it,
   // the same training bit for bit (tests/test_pipeline.cpp: one module equals plain backprop).

@@ -80,6 +80,7 @@ struct TrainResult {
   int64_t graph_replays = 0;  // --graphs: module units replayed from graphs over the run
   bool stopped_at_deadline = false;  // ended before its last epoch by TrainConfig::deadline
   bool interrupted = false;          // ended early by TrainConfig::interrupt
+  bool already_complete = false;     // --resume from the run's last step: nothing was left to train
 };
 
 // How long the next epoch will take, judged from the last: its training took `train_secs` for
