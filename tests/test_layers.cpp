@@ -47,10 +47,12 @@ Tensor clone(const Tensor& t) {
 
 // Checks a module's backward against central finite differences of L(x, theta) = <w, f(x, theta)>
 // on sampled coordinates of the input and of every parameter. The modules compute in fp32 and
-// ReLU/max-pool are not smooth, so each coordinate is tried with h = 1e-2, 1e-3 and 1e-4 and
-// passes when one of them agrees: a kink within h of the point spoils the larger steps, fp32
-// noise the smallest. All data are seeded, so the outcome is the same on every run.
-void check_module_gradients(Module& m, const Shape& x_shape, uint64_t seed, double tol = 2e-2) {
+// ReLU/max-pool are not smooth, so each coordinate is tried with h = 1e-2, 1e-3, 1e-4 and 3e-5
+// and passes when one of them agrees: a kink within h of the point spoils the larger steps, fp32
+// noise the smallest. The tolerance is relative: `tol` times the coordinate's own derivative
+// plus the root mean square of its tensor's (a scale that small derivatives are judged by).
+// All data are seeded, so the outcome is the same on every run.
+void check_module_gradients(Module& m, const Shape& x_shape, uint64_t seed, double tol = 2e-3) {
   auto s = make_stream(Device::cpu());
   std::mt19937_64 rng(seed);
   Tensor x = random_tensor(x_shape, rng);
@@ -71,13 +73,17 @@ void check_module_gradients(Module& m, const Shape& x_shape, uint64_t seed, doub
     return dot(w, out);
   };
   auto check = [&](Tensor& z, const Tensor& grad, const std::string& what) {
-    const int64_t n = z.numel(), samples = std::min<int64_t>(n, 16);
+    const int64_t n = z.numel(), samples = std::min<int64_t>(n, 32);
+    double sq = 0;
+    for (int64_t i = 0; i < n; ++i) sq += double(grad.at<float>(i)) * grad.at<float>(i);
+    const double rms = std::sqrt(sq / double(n));
+    ASSERT_GT(rms, 0) << m.type() << ": the gradient of " << what << " is all zeros";
     for (int64_t j = 0; j < samples; ++j) {
       const int64_t i = samples == n ? j : int64_t(rng() % uint64_t(n));
       const float z0 = z.at<float>(i);
       const double analytic = grad.at<float>(i);
       double best = INFINITY;
-      for (float h : {1e-2f, 1e-3f, 1e-4f}) {
+      for (float h : {1e-2f, 1e-3f, 1e-4f, 3e-5f}) {
         z.at<float>(i) = z0 + h;
         const double plus = loss();
         z.at<float>(i) = z0 - h;
@@ -85,7 +91,7 @@ void check_module_gradients(Module& m, const Shape& x_shape, uint64_t seed, doub
         z.at<float>(i) = z0;
         best = std::min(best, std::abs((plus - minus) / (2.0 * double(h)) - analytic));
       }
-      EXPECT_LE(best, tol * (1.0 + std::abs(analytic)))
+      EXPECT_LE(best, tol * (rms + std::abs(analytic)))
           << m.type() << ": d/d " << what << "[" << i << "] = " << analytic << " disagrees with finite differences";
     }
   };
@@ -120,16 +126,21 @@ TEST(ModuleGradients, ReluPoolingLinear) {
   check_module_gradients(fc, {5, 7}, 17);
 }
 
+// A block's weights move many ReLU inputs at once, so some cross the kink at every step size
+// fp32 can resolve: blocks are held to a looser tolerance (their exact agreement with the
+// reference ops composed by hand is checked bit for bit below, on ResNet-20).
+constexpr double kBlockTol = 1e-2;
+
 TEST(ModuleGradients, ResidualBlocks) {
   Rng rng(3);
   BasicBlock identity(8, 8, 1, Shortcut::A, rng);
-  check_module_gradients(identity, {2, 6, 6, 8}, 18);
+  check_module_gradients(identity, {2, 6, 6, 8}, 18, kBlockTol);
   BasicBlock option_a(4, 8, 2, Shortcut::A, rng);
-  check_module_gradients(option_a, {2, 6, 6, 4}, 19);
+  check_module_gradients(option_a, {2, 6, 6, 4}, 19, kBlockTol);
   BasicBlock option_b(4, 8, 2, Shortcut::B, rng);
-  check_module_gradients(option_b, {2, 5, 5, 4}, 20);
+  check_module_gradients(option_b, {2, 5, 5, 4}, 20, kBlockTol);
   Bottleneck bottleneck(8, 4, 2, rng);
-  check_module_gradients(bottleneck, {2, 6, 6, 8}, 21);
+  check_module_gradients(bottleneck, {2, 6, 6, 8}, 21, kBlockTol);
 }
 
 TEST(ResNets, ParameterCountsMatchThePublishedModels) {
