@@ -10,8 +10,9 @@
 //     count in the network; the stem's backward-data left out, as training never computes
 //     it), and conv_train_bf16/r18_all_layers all three directions together,
 //   * bandwidth-bound ops (batch-norm training forward/backward, the fused BN+add+ReLU with fp32
-//     and bf16 activations, relu, add, global average and max pooling, the option-A shortcut,
-//     sgd_step) vs a device-to-device cudaMemcpyAsync moving the same number of bytes.
+//     and bf16 activations, relu, add and scale in fp32 and bf16, the fp32/bf16 casts, global
+//     average and max pooling, the option-A shortcut, sgd_step) vs a device-to-device
+//     cudaMemcpyAsync moving the same number of bytes.
 //
 // How a benchmark is timed:
 //   * Each iteration times a block of `inner` back-to-back custom calls and a block of `inner`
@@ -140,6 +141,16 @@ void env_init() {
   SP_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   benchmark::AddCustomContext("gpu", prop.name);
   benchmark::AddCustomContext("gpu_l2_bytes", std::to_string(g_env.l2_bytes));
+  benchmark::AddCustomContext("gpu_compute_capability", std::to_string(prop.major) + "." + std::to_string(prop.minor));
+  int driver = 0, runtime = 0, cublas = 0;
+  SP_CUDA_CHECK(cudaDriverGetVersion(&driver));
+  SP_CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+  SP_CUBLAS_CHECK(cublasGetVersion(g_env.cublas, &cublas));
+  // CUDA's encoding: 1000 * major + 10 * minor (13000 is 13.0); the driver's is the newest CUDA
+  // version it supports (nvidia-smi gives its own release number).
+  benchmark::AddCustomContext("cuda_driver_version", std::to_string(driver));
+  benchmark::AddCustomContext("cuda_runtime_version", std::to_string(runtime));
+  benchmark::AddCustomContext("cublas_version", std::to_string(cublas));
   benchmark::AddCustomContext("cudnn_version", std::to_string(cudnnGetVersion()));
   benchmark::AddCustomContext("tensor_core_mainloop", kc::mainloop_name(kc::effective_mma_mainloop()));
   for (const KernelSwitch& s : kKernelSwitches) benchmark::AddCustomContext(s.context, s.get() ? "yes" : "no");
@@ -650,6 +661,37 @@ class ConvSetPair : public Pair {
   std::vector<Member> members_;
 };
 
+// Every distinct convolution of the CIFAR ResNets (pad = r / 2), in fp32 and bf16 at batch 128
+// and 512.
+const ConvSpec kResNetConvs[] = {
+    // ResNet-20/56 (option-A shortcuts: no 1x1 convolutions)
+    {"r20", 32, 3, 16, 3, 1},
+    {"r20", 32, 16, 16, 3, 1},
+    {"r20", 32, 16, 32, 3, 2},
+    {"r20", 16, 32, 32, 3, 1},
+    {"r20", 16, 32, 64, 3, 2},
+    {"r20", 8, 64, 64, 3, 1},
+    // ResNet-18 (CIFAR stem: 3x3 at 32x32, no max-pool)
+    {"r18", 32, 3, 64, 3, 1},
+    {"r18", 32, 64, 64, 3, 1},
+    {"r18", 32, 64, 128, 3, 2},
+    {"r18", 16, 128, 128, 3, 1},
+    {"r18", 16, 128, 256, 3, 2},
+    {"r18", 8, 256, 256, 3, 1},
+    {"r18", 8, 256, 512, 3, 2},
+    {"r18", 4, 512, 512, 3, 1},
+    {"r18", 32, 64, 128, 1, 2},  // 1x1 stride-2 projections
+    {"r18", 16, 128, 256, 1, 2},
+    {"r18", 8, 256, 512, 1, 2},
+};
+
+// "r18_64to128_3x3_s2_32px/n512": the net, channels, filter, stride, input size and batch.
+std::string conv_label(const ConvSpec& cs, int batch) {
+  return std::string(cs.net) + "_" + std::to_string(cs.c) + "to" + std::to_string(cs.k) + "_" + std::to_string(cs.r) +
+         "x" + std::to_string(cs.r) + "_s" + std::to_string(cs.stride) + "_" + std::to_string(cs.hw) + "px/n" +
+         std::to_string(batch);
+}
+
 // ResNet-18 (CIFAR) convolutions with their count in the network: stem, 4 in layer1, then per
 // later stage a stride-2 3x3, three 3x3 at the stage's width and a 1x1 stride-2 projection.
 struct CountedSpec {
@@ -663,23 +705,21 @@ const CountedSpec kResNet18Convs[] = {
     {{"r18", 4, 512, 512, 3, 1}, 3},  {{"r18", 8, 256, 512, 1, 2}, 1},
 };
 
-constexpr int kBatch = 512;  // of the bf16 convolution benchmarks
+constexpr int kBatch = 512;  // of the bf16 sums over ResNet-18's layers
 
 void register_bf16_convs() {
   const std::pair<ConvDir, const char*> dirs[] = {{ConvDir::Fwd, "conv_fwd_bf16"},
                                                   {ConvDir::BwdData, "conv_bwd_data_bf16"},
                                                   {ConvDir::BwdWeight, "conv_bwd_weight_bf16"}};
   for (const auto& d : dirs) {
-    for (const CountedSpec& c : kResNet18Convs) {
-      const ConvSpec& cs = c.spec;
-      const Conv2dShape sh = conv_shape(cs, kBatch);
-      const std::string name = std::string(d.second) + "/" + cs.net + "_" + std::to_string(cs.c) + "to" +
-                               std::to_string(cs.k) + "_" + std::to_string(cs.r) + "x" + std::to_string(cs.r) + "_s" +
-                               std::to_string(cs.stride) + "_" + std::to_string(cs.hw) + "px/n" +
-                               std::to_string(kBatch);
-      const ConvDir dir = d.first;
-      register_pair(
-          name, [sh, dir] { return std::unique_ptr<Pair>(new ConvPair(sh, dir, true)); }, sh.flops(), Unit::Flops);
+    for (int batch : {128, 512}) {
+      for (const ConvSpec& cs : kResNetConvs) {
+        const Conv2dShape sh = conv_shape(cs, batch);
+        const ConvDir dir = d.first;
+        register_pair(
+            std::string(d.second) + "/" + conv_label(cs, batch),
+            [sh, dir] { return std::unique_ptr<Pair>(new ConvPair(sh, dir, true)); }, sh.flops(), Unit::Flops);
+      }
     }
   }
   // Sums over the network: each direction alone, then a training step's worth of all three.
@@ -706,40 +746,13 @@ void register_bf16_convs() {
 }
 
 void register_convs() {
-  // Every distinct convolution of the CIFAR ResNets (pad = r / 2).
-  const ConvSpec specs[] = {
-      // ResNet-20/56 (option-A shortcuts: no 1x1 convolutions)
-      {"r20", 32, 3, 16, 3, 1},
-      {"r20", 32, 16, 16, 3, 1},
-      {"r20", 32, 16, 32, 3, 2},
-      {"r20", 16, 32, 32, 3, 1},
-      {"r20", 16, 32, 64, 3, 2},
-      {"r20", 8, 64, 64, 3, 1},
-      // ResNet-18 (CIFAR stem: 3x3 at 32x32, no max-pool)
-      {"r18", 32, 3, 64, 3, 1},
-      {"r18", 32, 64, 64, 3, 1},
-      {"r18", 32, 64, 128, 3, 2},
-      {"r18", 16, 128, 128, 3, 1},
-      {"r18", 16, 128, 256, 3, 2},
-      {"r18", 8, 256, 256, 3, 1},
-      {"r18", 8, 256, 512, 3, 2},
-      {"r18", 4, 512, 512, 3, 1},
-      {"r18", 32, 64, 128, 1, 2},  // 1x1 stride-2 projections
-      {"r18", 16, 128, 256, 1, 2},
-      {"r18", 8, 256, 512, 1, 2},
-  };
   const std::pair<ConvDir, const char*> dirs[] = {
       {ConvDir::Fwd, "conv_fwd"}, {ConvDir::BwdData, "conv_bwd_data"}, {ConvDir::BwdWeight, "conv_bwd_weight"}};
   for (const auto& d : dirs) {
     for (int batch : {128, 512}) {
-      for (const ConvSpec& cs : specs) {
-        Conv2dShape sh;
-        sh.n = batch, sh.h = cs.hw, sh.w = cs.hw, sh.c = cs.c;
-        sh.k = cs.k, sh.r = cs.r, sh.s = cs.r, sh.stride = cs.stride, sh.pad = cs.r / 2;
-        const std::string name = std::string(d.second) + "/" + cs.net + "_" + std::to_string(cs.c) + "to" +
-                                 std::to_string(cs.k) + "_" + std::to_string(cs.r) + "x" + std::to_string(cs.r) +
-                                 "_s" + std::to_string(cs.stride) + "_" + std::to_string(cs.hw) + "px/n" +
-                                 std::to_string(batch);
+      for (const ConvSpec& cs : kResNetConvs) {
+        const Conv2dShape sh = conv_shape(cs, batch);
+        const std::string name = std::string(d.second) + "/" + conv_label(cs, batch);
         const ConvDir dir = d.first;
         register_pair(
             name, [sh, dir] { return std::unique_ptr<Pair>(new ConvPair(sh, dir)); }, sh.flops(), Unit::Flops);
@@ -886,22 +899,56 @@ class FusedBatchNormPair : public BandwidthPair {
   std::vector<DevBuf> x_, r_, y_, dy_, dx_;
 };
 
-enum class Ew { ReluFwd, ReluBwd, Add };
+// Elementwise ops as training runs them: fp32, and in bf16 mixed precision the bf16 forms and
+// the casts between the two (each bf16 step casts every weight, and every activation that goes
+// through a widened op).
+enum class Ew { ReluFwd, ReluBwd, Add, Scale, ReluFwdBf16, AddBf16, ScaleBf16, ToBf16, ToF32 };
 
 class ElementwisePair : public BandwidthPair {
  public:
-  static size_t traffic(int64_t n, Ew op) { return size_t(n) * sizeof(float) * (op == Ew::ReluFwd ? 2 : 3); }
+  // Operands read and their element size, and the output's element size.
+  struct Io {
+    int inputs;
+    size_t in_bytes, out_bytes;
+  };
+  static Io io(Ew op) {
+    switch (op) {
+      case Ew::ReluFwd:
+      case Ew::Scale:
+        return {1, 4, 4};
+      case Ew::ReluFwdBf16:
+      case Ew::ScaleBf16:
+        return {1, 2, 2};
+      case Ew::AddBf16:
+        return {2, 2, 2};
+      case Ew::ToBf16:
+        return {1, 4, 2};
+      case Ew::ToF32:
+        return {1, 2, 4};
+      case Ew::ReluBwd:
+      case Ew::Add:
+        break;
+    }
+    return {2, 4, 4};
+  }
+  static size_t traffic(int64_t n, Ew op) {
+    const Io e = io(op);
+    return size_t(n) * (size_t(e.inputs) * e.in_bytes + e.out_bytes);
+  }
   ElementwisePair(int64_t n, Ew op) : BandwidthPair(traffic(n, op)), n_(n), op_(op) {
     slots = slots_for(traffic(n, op));
+    const Io e = io(op);
+    auto input = [&] { return e.in_bytes == 4 ? random_buf(size_t(n)) : random_bf16_buf(size_t(n)); };
     for (int s = 0; s < slots; ++s) {
-      a_.push_back(random_buf(size_t(n)));
-      if (op != Ew::ReluFwd) b_.push_back(random_buf(size_t(n)));
-      out_.emplace_back(size_t(n) * sizeof(float));
+      a_.push_back(input());
+      if (e.inputs == 2) b_.push_back(input());
+      out_.emplace_back(size_t(n) * e.out_bytes);
     }
     make_copy_slots();
   }
   void custom(int s) override {
     const size_t i = size_t(s);
+    auto h = [](DevBuf& b) { return static_cast<uint16_t*>(b.get()); };
     switch (op_) {
       case Ew::ReluFwd:
         kc::relu_forward(n_, a_[i].f(), out_[i].f(), g_env.stream);
@@ -911,6 +958,24 @@ class ElementwisePair : public BandwidthPair {
         break;
       case Ew::Add:
         kc::add(n_, a_[i].f(), b_[i].f(), out_[i].f(), g_env.stream);
+        break;
+      case Ew::Scale:
+        kc::scale(n_, 0.5f, a_[i].f(), out_[i].f(), g_env.stream);
+        break;
+      case Ew::ReluFwdBf16:
+        kc::relu_forward_bf16(n_, h(a_[i]), h(out_[i]), g_env.stream);
+        break;
+      case Ew::AddBf16:
+        kc::add_bf16(n_, h(a_[i]), h(b_[i]), h(out_[i]), g_env.stream);
+        break;
+      case Ew::ScaleBf16:
+        kc::scale_bf16(n_, 0.5f, h(a_[i]), h(out_[i]), g_env.stream);
+        break;
+      case Ew::ToBf16:
+        kc::f32_to_bf16(n_, a_[i].f(), h(out_[i]), g_env.stream);
+        break;
+      case Ew::ToF32:
+        kc::bf16_to_f32(n_, h(a_[i]), out_[i].f(), g_env.stream);
         break;
     }
   }
@@ -1127,7 +1192,10 @@ void register_bandwidth() {
     }
   }
   // Elementwise ops at ResNet activation sizes (N x 32 x 32 x C).
-  const std::pair<Ew, const char*> ews[] = {{Ew::ReluFwd, "relu_fwd"}, {Ew::ReluBwd, "relu_bwd"}, {Ew::Add, "add"}};
+  const std::pair<Ew, const char*> ews[] = {
+      {Ew::ReluFwd, "relu_fwd"},          {Ew::ReluBwd, "relu_bwd"},         {Ew::Add, "add"},
+      {Ew::Scale, "scale"},               {Ew::ReluFwdBf16, "relu_fwd_bf16"}, {Ew::AddBf16, "add_bf16"},
+      {Ew::ScaleBf16, "scale_bf16"},      {Ew::ToBf16, "cast_f32_to_bf16"},   {Ew::ToF32, "cast_bf16_to_f32"}};
   for (const auto& e : ews) {
     for (int batch : {128, 512}) {
       for (int c : {16, 64}) {

@@ -1057,6 +1057,18 @@ void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx) {
 #endif
 }
 
+#if STALEPROP_WITH_CUDA
+namespace {
+// --kernels vendor runs a linear layer's GEMMs on cuBLASLt, its bias and bias gradient too: as
+// products with a column of n ones (filled by our kernel; stream-ordered, freed after the use).
+Tensor vendor_linear_ones(Stream& s, int64_t n) {
+  Tensor ones = Tensor::empty({n}, DType::F32, s.device(), &s);
+  kcu::fill(n, 1.f, ones.data<float>(), cuda_stream(s));
+  return ones;
+}
+}  // namespace
+#endif
+
 void linear_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& y) {
   OpScope scope(s, "linear_forward", {&x, &w});
   if (via_fp32(s, {&x, &w, &b}, {&y}, [&](const auto& f32) {
@@ -1080,6 +1092,18 @@ void linear_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (use_vendor()) {  // the GEMMs on cuBLASLt; see vendor_linear_ones
+    float beta = 0.f;
+    if (b.defined()) {  // y = 1 b^T (a rank-1 product), onto which x w^T is then accumulated
+      const Tensor ones = vendor_linear_ones(s, n);
+      kvd::gemm(false, false, n, out, 1, 1.f, ones.data<float>(), 1, b.data<float>(), out, 0.f, y.data<float>(), out,
+                cuda_stream(s));
+      beta = 1.f;
+    }
+    kvd::gemm(false, true, n, out, in, 1.f, x.data<float>(), in, w.data<float>(), in, beta, y.data<float>(), out,
+              cuda_stream(s));
+    return;
+  }
   kcu::linear_forward(n, in, out, x.data<float>(), w.data<float>(), ptr_or_null<float>(b), y.data<float>(),
                       cuda_stream(s));
 #else
@@ -1113,6 +1137,21 @@ void linear_backward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& 
     return;
   }
 #if STALEPROP_WITH_CUDA
+  if (use_vendor()) {  // dx = dy w, dw = dy^T x, db = dy^T 1, all on cuBLASLt
+    const cudaStream_t cs = cuda_stream(s);
+    if (dx.defined())
+      kvd::gemm(false, false, n, in, out, 1.f, dy.data<float>(), out, w.data<float>(), in, 0.f, dx.data<float>(), in,
+                cs);
+    if (dw.defined())
+      kvd::gemm(true, false, out, in, n, 1.f, dy.data<float>(), out, x.data<float>(), in, 0.f, dw.data<float>(), in,
+                cs);
+    if (db.defined()) {
+      const Tensor ones = vendor_linear_ones(s, n);
+      kvd::gemm(true, false, out, 1, n, 1.f, dy.data<float>(), out, ones.data<float>(), 1, 0.f, db.data<float>(), 1,
+                cs);
+    }
+    return;
+  }
   kcu::linear_backward(n, in, out, x.data<float>(), w.data<float>(), dy.data<float>(), ptr_or_null<float>(dx),
                        ptr_or_null<float>(dw), ptr_or_null<float>(db), cuda_stream(s));
 #else

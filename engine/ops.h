@@ -4,8 +4,8 @@
 //   CPU tensors  -> kernels/cpu (fp32), enqueued on the CPU stream (runs asynchronously;
 //                   call stream.synchronize() before reading results on the host)
 //   CUDA tensors -> kernels/cuda on the stream's cudaStream_t (ops without a CUDA kernel in
-//                   this build throw sp::NotSupportedError), or kernels/vendor for gemm and
-//                   convolutions when set_kernel_backend(KernelBackend::Vendor)
+//                   this build throw sp::NotSupportedError), or kernels/vendor for gemm,
+//                   convolutions and linear layers when set_kernel_backend(KernelBackend::Vendor)
 //
 // bf16 (mixed precision): any f32 tensor argument of the ops below except sgd_step and fill
 // may be bf16. The result is what widening every bf16 input to fp32, running the fp32 op and
@@ -35,7 +35,8 @@ using kernels::SgdParams;
 
 // ---- Kernel backend for CUDA tensors (process-wide; default Custom) --------------------------
 // Custom: our kernels (kernels/cuda). Vendor: the cuBLASLt / cuDNN baselines (kernels/vendor)
-// for gemm and the three convolutions; every other op stays on our kernels. CPU tensors always
+// for gemm, the three convolutions and the linear layer's GEMMs (its bias and bias gradient as
+// products with a column of ones); every other op stays on our kernels. CPU tensors always
 // use the CPU reference. Takes effect for ops issued after the call.
 enum class KernelBackend { Custom, Vendor };
 void set_kernel_backend(KernelBackend backend);

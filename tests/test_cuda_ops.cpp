@@ -241,6 +241,15 @@ TEST_F(CudaOps, ConvolutionOnResNetAndAwkwardShapes) {
   for (const Conv2dShape& sh : shapes) check_conv(stream_, sh, bias = !bias, seed += 5);
 }
 
+// The fp32 convolutions `--precision fp32` trains with, on every distinct layer of ResNet-20 and
+// ResNet-18 (64 to 512 channels, the 1x1 stride-2 projections) and the awkward shapes of
+// conv_cases(), half of them with a bias.
+TEST_F(CudaOps, ConvolutionOnEveryResNetLayerShape) {
+  uint32_t seed = 500;
+  bool bias = true;
+  for (const Conv2dShape& sh : conv_cases()) check_conv(stream_, sh, bias = !bias, seed += 5);
+}
+
 TEST_F(CudaOps, ConvolutionFullCifarBatch) {
   // Batch 128 at 32x32: the weight gradient reduces over 131072 pixels (split K).
   check_conv(stream_, conv(128, 32, 32, 16, 16, 3, 1, 1), true, 400);
@@ -380,6 +389,11 @@ TEST_F(CudaOps, FusedBatchNormReluOnResNetAndAwkwardShapes) {
     check_batchnorm_add_relu(stream_, 7, 37, with_residual, 630);
     check_batchnorm_add_relu(stream_, 300001, 3, with_residual, 640);
     check_batchnorm_add_relu(stream_, 1000, 24, with_residual, 650);
+    // ResNet-18's widths: batch 1 at its 4x4 tail (16 rows of 512), 128 and 256 channels.
+    // (Fewer than three rows would make dx zero in exact arithmetic: nothing to compare to.)
+    check_batchnorm_add_relu(stream_, 16, 512, with_residual, 660);
+    check_batchnorm_add_relu(stream_, 4 * 16 * 16, 128, with_residual, 670);
+    check_batchnorm_add_relu(stream_, 2 * 8 * 8, 256, with_residual, 680);
   }
 }
 
@@ -462,6 +476,8 @@ TEST_F(CudaOps, Bf16BatchNormMatchesTheWidenedFp32KernelsBitForBit) {
     check_batchnorm_bf16(stream_, 300001, 3, fused, 720);
     check_batchnorm_bf16(stream_, 1000, 24, fused, 730);
     check_batchnorm_bf16(stream_, 4096, 64, fused, 740);
+    check_batchnorm_bf16(stream_, 16, 512, fused, 750);
+    check_batchnorm_bf16(stream_, 2 * 8 * 8, 256, fused, 760);
   }
 }
 

@@ -120,7 +120,7 @@ for stage in $STAGES; do
       case $form in *wt) flags="${flags% --dgrad-wt=0} --dgrad-wt=1" ;; esac
       timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=wgmma $flags \
         --benchmark_min_time="${MIN_TIME}" --benchmark_report_aggregates_only=true \
-        --benchmark_filter="^conv_bwd_data_bf16/${BENCH_FILTER:+.*(${BENCH_FILTER})}" \
+        --benchmark_filter="^conv_bwd_data_bf16/r18_.*n512${BENCH_FILTER:+.*(${BENCH_FILTER})}" \
         --benchmark_out="$OUT/dgrad-$form.json" --benchmark_out_format=json >> "$OUT/mainloop.txt" 2>&1
       echo "bench_gpu_kernels --mainloop=wgmma data gradient per layer, $form: exit $?"
     done

@@ -247,11 +247,11 @@ fi
 # could not say which layers hold the data gradient at 0.25 of cuDNN while the forward reaches
 # 0.45. The TMA convolutions on the 128 x 256 tile against the 128 x 128 one (the wide layers).
 if [ -n "$CONV_TMA_OK" ]; then
-  ab r18-convs-tma conv-tma 70 '_bf16/r18_[0-9]'
+  ab r18-convs-tma conv-tma 70 '_bf16/r18_[0-9].*/n512'
 elif [ "$(left)" -gt 120 ]; then
-  AB_VALUES=0 ab r18-convs-tma conv-tma 40 '_bf16/r18_[0-9]'  # layer by layer, cp.async loads only
+  AB_VALUES=0 ab r18-convs-tma conv-tma 40 '_bf16/r18_[0-9].*/n512'  # layer by layer, cp.async loads only
 fi
-[ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && STALEPROP_CONV_TMA=1 ab r18-convs-wide tma-wide 50 '_bf16/r18_'
+[ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && STALEPROP_CONV_TMA=1 ab r18-convs-wide tma-wide 50 '_bf16/r18_.*/n512'
 [ -n "$BN_PERSISTENT_OK" ] && throughput_ab bn-persistent STALEPROP_BN_PERSISTENT resnet18 512
 [ -n "$CONV_TMA_OK" ] && throughput_ab tma STALEPROP_CONV_TMA resnet18 512
 # Programmatic dependent launch against plain launches: the launch-bound small model (ResNet-56
@@ -347,7 +347,7 @@ if [ -n "$NCU" ] && [ -n "$CONV_TMA_OK" ]; then
   for what in conv_fwd conv_bwd_data gemm; do
     [ "$(left)" -gt 15 ] || break
     filter='^gemm_bf16/square/m4096'
-    [ "$what" = gemm ] || filter="^${what}_bf16/r18_64to64_3x3_s1_32px/"
+    [ "$what" = gemm ] || filter="^${what}_bf16/r18_64to64_3x3_s1_32px/n512"
     log "ncu $what ($filter) with TMA loads"
     timeout $(( $(left) - 10 )) "$NCU" --kernel-name regex:'wgmma_tma_gemm_kernel' --launch-skip 2 --launch-count 1 \
       "${SECTIONS[@]}" build-gpu/bench/bench_gpu_kernels --conv-tma=1 --tma-wide=${TMA_WIDE_OK:-0} \
