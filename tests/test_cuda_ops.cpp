@@ -1330,6 +1330,112 @@ TEST_F(CudaOps, EngineOpsOnACudaStream) {
   }
 }
 
+// The ops that run widened under bf16 (max and average pooling, the option-A shortcut, the
+// linear layer, softmax cross-entropy: bf16 inputs widened to fp32, the fp32 op, outputs
+// rounded to bf16) on bf16 CUDA tensors, against the same calls on the CPU. Outputs start as
+// NaN on both devices, so an unwritten element fails. The pure data movements (max pooling's
+// forward, the shortcut) must match bit for bit; the reductions, whose fp32 sums may round
+// differently, within bf16's tolerance (relative L2 2e-2).
+TEST_F(CudaOps, WidenedBf16OpsMatchTheCpu) {
+  auto cs = make_stream(Device::cuda(0));
+  auto hs = make_stream(Device::cpu());
+  const Device gpu = Device::cuda(0);
+  struct Both {
+    Tensor cpu, gpu;
+  };
+  // Seeded values in [-1, 1) rounded to bf16 (or f32 / i32 as given), the same on both devices.
+  const auto input = [&](const Shape& shape, uint32_t seed, DType dt = DType::BF16) {
+    const Tensor f = host_tensor(shape, seed);
+    Tensor h = dt == DType::F32 ? f : Tensor::empty(shape, dt);
+    if (dt == DType::I32) {
+      for (int64_t i = 0; i < h.numel(); ++i) h.at<int32_t>(i) = int32_t((i * 7 + seed) % 10);
+    } else if (dt == DType::BF16) {
+      ops::cast(*hs, f, h);
+      hs->synchronize();
+    }
+    return Both{h, to_device(*cs, h, gpu)};
+  };
+  const auto output = [&](const Shape& shape, DType dt = DType::BF16) {
+    Both b{Tensor::empty(shape, dt), Tensor::empty(shape, dt, gpu)};
+    std::memset(b.cpu.raw_data(), 0xFF, b.cpu.nbytes());  // NaN in bf16 and f32
+    SP_CUDA_CHECK(cudaMemset(b.gpu.raw_data(), 0xFF, b.gpu.nbytes()));
+    return b;
+  };
+  // The values of a tensor of either device as f32 (the GPU's copied back first).
+  const auto values = [&](const Tensor& t) {
+    hs->synchronize();
+    const Tensor h = t.device().is_cpu() ? t : test::to_host(*cs, t);
+    if (h.dtype() == DType::F32) return host_values(h);
+    Tensor f = Tensor::empty(h.shape(), DType::F32);
+    ops::cast(*hs, h, f);
+    hs->synchronize();
+    return host_values(f);
+  };
+  const auto same_bits = [&](const Both& b, const char* what) {
+    hs->synchronize();
+    const Tensor g = test::to_host(*cs, b.gpu);
+    EXPECT_EQ(0, std::memcmp(g.raw_data(), b.cpu.raw_data(), b.cpu.nbytes())) << what;
+  };
+  const auto close = [&](const Both& b, const char* what, double tol = 2e-2) {
+    const std::vector<float> g = values(b.gpu), c = values(b.cpu);
+    EXPECT_TRUE(std::none_of(g.begin(), g.end(), [](float v) { return std::isnan(v); })) << what << ": NaN left";
+    EXPECT_LE(rel_error(g, to_double(c)), tol) << what;
+  };
+
+  // Max pooling 3x3 / 2, pad 1, with overlapping windows.
+  const Both px = input({3, 9, 9, 8}, 1800), pdy = input({3, 5, 5, 8}, 1801);
+  Both py = output({3, 5, 5, 8}), pdx = output({3, 9, 9, 8});
+  for (const bool on_gpu : {false, true}) {
+    Stream& s = on_gpu ? *cs : *hs;
+    const auto pick = [&](const Both& b) { return on_gpu ? b.gpu : b.cpu; };
+    ops::maxpool2d_forward(s, pick(px), pick(py), 3, 2, 1);
+    ops::maxpool2d_backward(s, pick(px), pick(pdy), pick(pdx), 3, 2, 1);
+  }
+  same_bits(py, "maxpool2d_forward");
+  close(pdx, "maxpool2d_backward");
+
+  // Global average pooling, and the option-A shortcut 4 -> 8 channels at stride 2.
+  const Both ax = input({3, 4, 4, 16}, 1802), ady = input({3, 16}, 1803);
+  Both ay = output({3, 16}), adx = output({3, 4, 4, 16});
+  const Both sx = input({2, 8, 8, 4}, 1804), sdy = input({2, 4, 4, 8}, 1805);
+  Both sy = output({2, 4, 4, 8}), sdx = output({2, 8, 8, 4});
+  for (const bool on_gpu : {false, true}) {
+    Stream& s = on_gpu ? *cs : *hs;
+    const auto pick = [&](const Both& b) { return on_gpu ? b.gpu : b.cpu; };
+    ops::global_avgpool_forward(s, pick(ax), pick(ay));
+    ops::global_avgpool_backward(s, pick(ady), pick(adx));
+    ops::shortcut_a_forward(s, pick(sx), pick(sy), 2);
+    ops::shortcut_a_backward(s, pick(sdy), pick(sdx), 2);
+  }
+  close(ay, "global_avgpool_forward");
+  close(adx, "global_avgpool_backward");
+  same_bits(sy, "shortcut_a_forward");
+  same_bits(sdx, "shortcut_a_backward");
+
+  // The linear layer as Linear runs it under bf16: bf16 input, weight copy and output gradient,
+  // fp32 bias and parameter gradients; then softmax cross-entropy with label smoothing.
+  const Both lx = input({5, 20}, 1806), lw = input({10, 20}, 1807), lb = input({10}, 1808, DType::F32);
+  const Both ldy = input({5, 10}, 1809);
+  Both ly = output({5, 10}), ldx = output({5, 20}), ldw = output({10, 20}, DType::F32), ldb = output({10}, DType::F32);
+  const Both logits = input({6, 10}, 1810), labels = input({6}, 1811, DType::I32);
+  Both loss = output({1}, DType::F32), dlogits = output({6, 10}), hits = output({1}, DType::I32);
+  for (const bool on_gpu : {false, true}) {
+    Stream& s = on_gpu ? *cs : *hs;
+    const auto pick = [&](const Both& b) { return on_gpu ? b.gpu : b.cpu; };
+    ops::linear_forward(s, pick(lx), pick(lw), pick(lb), pick(ly));
+    ops::linear_backward(s, pick(lx), pick(lw), pick(ldy), pick(ldx), pick(ldw), pick(ldb));
+    ops::softmax_cross_entropy(s, pick(logits), pick(labels), 0.1f, pick(loss), pick(dlogits), pick(hits));
+  }
+  sync_and_check();
+  close(ly, "linear_forward");
+  close(ldx, "linear_backward dx");
+  close(ldw, "linear_backward dw", kTol);  // fp32 outputs from the same widened inputs
+  close(ldb, "linear_backward db", kTol);
+  close(loss, "softmax_cross_entropy loss", kTol);
+  close(dlogits, "softmax_cross_entropy dlogits");
+  same_bits(hits, "softmax_cross_entropy correct");
+}
+
 }  // namespace
 
 #endif  // STALEPROP_WITH_CUDA
