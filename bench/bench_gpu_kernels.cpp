@@ -25,7 +25,9 @@
 //       TFLOP/s  (custom)  and vendor_TFLOP/s,  vs_vendor = vendor_time / custom_time, or
 //       GB/s     (custom)  and copy_GB/s,       vs_copy   = copy_time / custom_time,
 //     so a ratio > 1 means our kernel is faster than its twin (for vs_copy, the fraction of
-//     memcpy bandwidth our kernel achieves). Repetitions(5) + median aggregate damp noise.
+//     memcpy bandwidth our kernel achieves). Each benchmark runs --repetitions=N times (default
+//     5; the context records N) and reports the median: with a short --benchmark_min_time a
+//     repetition is one block, so N is the number of blocks the median is taken over.
 //   * Every call takes its operands from the next of `slots` buffer sets, with all sets
 //     together > 2.5x the L2 cache (50 MB on an H100): consecutive calls (custom or vendor)
 //     never find their inputs left in L2 by the previous call, as in a real training step where
@@ -61,6 +63,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -92,6 +95,7 @@ struct Env {
   size_t l2_bytes = 50u << 20;
 };
 Env g_env;
+int g_repetitions = 5;  // --repetitions=N: the samples each median is taken over
 
 // The kernels' on/off switches: --FLAG, --FLAG=1 or --FLAG=0 on the command line, and their
 // state in the JSON context under CONTEXT.
@@ -153,6 +157,7 @@ void env_init() {
   benchmark::AddCustomContext("cublas_version", std::to_string(cublas));
   benchmark::AddCustomContext("cudnn_version", std::to_string(cudnnGetVersion()));
   benchmark::AddCustomContext("tensor_core_mainloop", kc::mainloop_name(kc::effective_mma_mainloop()));
+  benchmark::AddCustomContext("repetitions", std::to_string(g_repetitions));
   for (const KernelSwitch& s : kKernelSwitches) benchmark::AddCustomContext(s.context, s.get() ? "yes" : "no");
 }
 
@@ -356,7 +361,7 @@ void register_pair(const std::string& name, std::function<std::unique_ptr<Pair>(
                                [name, make, work, unit](benchmark::State& st) { run_pair(st, name, make, work, unit); })
       ->UseManualTime()
       ->Unit(benchmark::kMicrosecond)
-      ->Repetitions(5)
+      ->Repetitions(g_repetitions)
       ->ReportAggregatesOnly(true);
 }
 
@@ -1264,6 +1269,12 @@ int main(int argc, char** argv) {
         kc::set_mma_mainloop(kc::parse_mainloop(arg.substr(11)));
       } catch (const std::exception& e) {
         std::fprintf(stderr, "bench_gpu_kernels: %s\n", e.what());
+        return 2;
+      }
+    } else if (arg.rfind("--repetitions=", 0) == 0) {
+      g_repetitions = std::atoi(arg.c_str() + 14);
+      if (g_repetitions < 1) {
+        std::fprintf(stderr, "bench_gpu_kernels: --repetitions must be a positive count, got '%s'\n", arg.c_str() + 14);
         return 2;
       }
     } else if (!set_kernel_switch(arg)) {
