@@ -1272,9 +1272,12 @@ int main(int argc, char** argv) {
         return 2;
       }
     } else if (arg.rfind("--repetitions=", 0) == 0) {
-      g_repetitions = std::atoi(arg.c_str() + 14);
+      char* end = nullptr;
+      const long n = std::strtol(arg.c_str() + 14, &end, 10);
+      g_repetitions = n >= 1 && n <= 10000 && *end == '\0' && end != arg.c_str() + 14 ? int(n) : 0;
       if (g_repetitions < 1) {
-        std::fprintf(stderr, "bench_gpu_kernels: --repetitions must be a positive count, got '%s'\n", arg.c_str() + 14);
+        std::fprintf(stderr, "bench_gpu_kernels: --repetitions must be a count in 1..10000, got '%s'\n",
+                     arg.c_str() + 14);
         return 2;
       }
     } else if (!set_kernel_switch(arg)) {

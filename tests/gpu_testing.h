@@ -150,7 +150,12 @@ class DeviceArray {
   DeviceArray& operator=(const DeviceArray&) = delete;
 
   T* get() const { return p_; }
-  void poison() { SP_CUDA_CHECK(cudaMemset(p_, 0xFF, bytes())); }
+  // Waits for the fill: it runs on the legacy default stream, which the engine's non-blocking
+  // streams do not wait for.
+  void poison() {
+    SP_CUDA_CHECK(cudaMemset(p_, 0xFF, bytes()));
+    SP_CUDA_CHECK(cudaDeviceSynchronize());
+  }
   void upload(const std::vector<T>& host) {
     ASSERT_EQ(host.size(), n_);
     SP_CUDA_CHECK(cudaMemcpy(p_, host.data(), bytes(), cudaMemcpyHostToDevice));

@@ -1359,6 +1359,7 @@ TEST_F(CudaOps, WidenedBf16OpsMatchTheCpu) {
     Both b{Tensor::empty(shape, dt), Tensor::empty(shape, dt, gpu)};
     std::memset(b.cpu.raw_data(), 0xFF, b.cpu.nbytes());  // NaN in bf16 and f32
     SP_CUDA_CHECK(cudaMemset(b.gpu.raw_data(), 0xFF, b.gpu.nbytes()));
+    SP_CUDA_CHECK(cudaDeviceSynchronize());  // the legacy stream's fill, before cs writes
     return b;
   };
   // The values of a tensor of either device as f32 (the GPU's copied back first).

@@ -344,9 +344,12 @@ TEST(Training, CutsByFlopsAreTheBalancedCutsOfTheCountedFlops) {
   test::expect_error([&] { train::run_training(c, train, test); }, {"--split-by must be time or flops, got 'params'"});
 
   // --deterministic balances --split K's cuts by FLOPs too (measured times differ run to run),
-  // and the banner says how the cuts were chosen.
+  // refuses measured ones asked for, and the banner says how the cuts were chosen.
   c.split_by = "time";
   c.deterministic = true;
+  test::expect_error([&] { train::run_training(c, train, test); },
+                     {"--split-by time measures the cuts", "does not go with --deterministic"});
+  c.split_by.clear();
   c.checkpoint = dir.file("deterministic.safetensors");
   c.log = dir.file("deterministic.log");
   c.progress = "plain";
@@ -527,6 +530,20 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
   refused([](train::TrainConfig& c) { c.staleness_jitter = 1; }, {"--staleness-jitter 2, not 1"});
   refused([](train::TrainConfig& c) { c.weight_stash = true; }, {"--weight-stash 0, not 1"});
   refused([](train::TrainConfig& c) { c.recompute = true; }, {"--recompute 0, not 1"});
+  // With weight stashing, recomputing rebuilds the very activations kept: a stashed run may go
+  // on with --recompute (to save memory), bit for bit.
+  train::TrainConfig stash = full;
+  stash.staleness_jitter = 0;
+  stash.weight_stash = true;
+  stash.epochs = 2;
+  stash.trace.clear();
+  stash.checkpoint = dir.file("stash-{epoch}.safetensors");
+  train::run_training(stash, train, test);
+  stash.resume = dir.file("stash-1.safetensors");
+  stash.recompute = true;
+  stash.checkpoint = dir.file("stash-recompute-{epoch}.safetensors");
+  train::run_training(stash, train, test);
+  expect_same_tensors(dir.file("stash-2.safetensors"), dir.file("stash-recompute-2.safetensors"));
 
   // A checkpoint of the run's last step leaves nothing to train, and says so.
   train::TrainConfig done = full;

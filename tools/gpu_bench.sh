@@ -18,11 +18,13 @@
 # carried Google Benchmark (Debian's) rejects the "0.005s" form). It counts the time per call that
 # bench_gpu_kernels reports, while each iteration runs a block of `inner` calls (up to 100) of
 # ours and as many of the twin: a repetition lasts about 2 x inner x MIN_TIME, and every
-# benchmark fixes 5 repetitions. At 0.02 the batch-norm family alone took 282 s on an H100
+# benchmark runs 5 repetitions (bench_gpu_kernels --repetitions). At 0.02 the batch-norm family alone took 282 s on an H100
 # (2026-11-26); at 0.002 the 28 bn_add_relu entries took 9 s, with spreads under 1%.
 # BENCH_FAMILIES the benchmark families to run (default: all, one JSON each: gemm_bf16 conv_bf16 gemm conv_fwd
-# conv_bwd_data conv_bwd_weight bn bn_add_relu elementwise pool sgd) and BENCH_FILTER a regex that
-# further narrows the names within each family. TAR=1 packs $OUT into $OUT/results.tgz at the end (the
+# conv_bwd_data conv_bwd_weight bn bn_add_relu elementwise pool sgd; conv_bf16 is ResNet-18's layers
+# at batch 512 and their sums, conv_bf16_all, not run by default, every ResNet-20/56 and ResNet-18
+# layer at batch 128 and 512) and BENCH_FILTER a regex that further narrows the names within each
+# family. TAR=1 packs $OUT into $OUT/results.tgz at the end (the
 # device tool brings back at most 8 files).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,8 +51,10 @@ for stage in $STAGES; do
     # finished (Google Benchmark writes --benchmark_out only at the end of a run).
     echo "== kernel benchmarks"
     declare -A FAM=([gemm]='^gemm/' [gemm_bf16]='^gemm_bf16/' [conv_fwd]='^conv_fwd/' [conv_bwd_data]='^conv_bwd_data/'
-      [conv_bwd_weight]='^conv_bwd_weight/' [conv_bf16]='^conv_(fwd|bwd_data|bwd_weight|train)_bf16/'
-      [bn]='^bn_(fwd_train|bwd)/' [bn_add_relu]='^bn_add_relu_' [elementwise]='^(relu_fwd|relu_bwd|add)/'
+      [conv_bwd_weight]='^conv_bwd_weight/' [conv_bf16]='^conv_(fwd|bwd_data|bwd_weight|train)_bf16/r18_.*n512'
+      [conv_bf16_all]='^conv_(fwd|bwd_data|bwd_weight|train)_bf16/'
+      [bn]='^bn_(fwd_train|bwd)/' [bn_add_relu]='^bn_add_relu_'
+      [elementwise]='^((relu_fwd|relu_bwd|add|scale)(_bf16)?|cast_(f32_to_bf16|bf16_to_f32))/'
       [pool]='^(avgpool|maxpool|shortcut)_' [sgd]='^sgd_step/')
     for fam in ${BENCH_FAMILIES:-gemm_bf16 conv_bf16 gemm conv_fwd conv_bwd_data conv_bwd_weight bn bn_add_relu \
         elementwise pool sgd}; do

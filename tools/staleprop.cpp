@@ -328,7 +328,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"eval-batch-size", "B", "batch size of the test-set evaluation (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", std::stoll(v)); }},
       {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} in FILE: one per epoch)", [&](const std::string& v) { c.checkpoint = v; }},
       {"checkpoint-every", "N", "also write --checkpoint every N steps (plain backprop over one module without --graphs or --trace only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", std::stoll(v)); }},
-      {"resume", "FILE", "resume exactly from a checkpoint of the same run; refused, saying why, when its model, data, schedule, training rule (method, shrink, jitter, recompute, weight stashing), optimizer, loss, precision or cuts differ. --device and --kernels may change (the run then goes on, but not bit for bit)", [&](const std::string& v) { c.resume = v; }},
+      {"resume", "FILE", "resume exactly from a checkpoint of the same run; refused, saying why, when its model, data, schedule, training rule (method, shrink, jitter, recompute, weight stashing), optimizer, loss, precision or cuts differ (--recompute may change with --weight-stash: it changes no bit there). --device and --kernels may change (the run then goes on, but not bit for bit)", [&](const std::string& v) { c.resume = v; }},
       {"metrics", "FILE", "append metrics as JSON lines to FILE", [&](const std::string& v) { c.metrics = v; }},
       {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines)", [&](const std::string& v) { c.progress = v; }},
       {"log", "FILE", "append the banner, progress and epoch lines to FILE instead of printing them", [&](const std::string& v) { c.log = v; }},
@@ -336,7 +336,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"stop-after", "STEPS", "end the run after this many steps in total (plain backprop over one module without --graphs or --trace only)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", std::stoll(v)); }},
       {"method", "M", "bp|ddg|fdg: locked backprop, forward-locked DDG, fully decoupled FDG (default bp)", [&](const std::string& v) { c.method = v; }},
       {"split", "K", "cut the network into K modules, balanced by --split-by (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
-      {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start (default; flops with --deterministic), or by its counted forward FLOPs (the same cuts on every run and machine)", [&](const std::string& v) { c.split_by = v; }},
+      {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start, or by its counted forward FLOPs (the same cuts on every run and machine); default time, flops with --deterministic (which refuses time)", [&](const std::string& v) { c.split_by = v; }},
       {"split-at", "CUTS", "explicit cuts: first block of modules 2..K (\"i,j,..\", ascending), or fdg for FDG's published cuts into --split K modules. Block 0 is the stem, the last the pooling+linear head: resnet20 has 11 blocks, resnet32 17, resnet44 23, resnet56 29, resnet110 56, resnet18 10", [&](const std::string& v) { c.split_at = v; }},
       {"shrink", "BETA", "gradient shrink factor in (0, 1] applied by each module k < K, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
       {"devices", "D,D", "one device per module, of --device's kind (default: --device for all); cpu:1,cpu:2,.. run a multi-GPU layout on emulated CPU devices", [&](const std::string& v) { c.devices = comma_list(v); }},
@@ -444,7 +444,7 @@ int sweep_main(int argc, char** argv) {
                    "kernels then share the device as a decoupled pipeline's modules do, so small models that\n"
                    "leave it partly idle can train faster together than one after another. Each run gives the\n"
                    "same bits as alone where a solo run is reproducible (not with cuts measured at run time:\n"
-                   "--split-by flops or --split-at give fixed ones; nor --kernels vendor without\n"
+                   "--split-by flops, --split-at or --deterministic give fixed ones; nor --kernels vendor without\n"
                    "--deterministic). --kernels, --mainloop, --deterministic and\n"
                    "--threads are process-wide: all runs must agree. With --parallel > 1 and several jobs, each\n"
                    "needs its own --log FILE (or --progress none); a run's peak reserved memory is then the\n"

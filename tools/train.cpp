@@ -344,8 +344,11 @@ struct Run {
     same("method", cfg.method, "--method", "training rule");
     same("shrink", json_number(cfg.shrink), "--shrink", "training rule");
     same("staleness_jitter", std::to_string(cfg.staleness_jitter), "--staleness-jitter", "training rule");
-    same("recompute", cfg.recompute ? "1" : "0", "--recompute", "training rule (1: on, 0: off)");
     same("weight_stash", cfg.weight_stash ? "1" : "0", "--weight-stash", "training rule (1: on, 0: off)");
+    // Recomputing through the stashed weights rebuilds the saved activations bit for bit
+    // (tests/test_pipeline.cpp), so with --weight-stash it may change; without, it changes the
+    // weights the activations are rebuilt with.
+    if (!cfg.weight_stash) same("recompute", cfg.recompute ? "1" : "0", "--recompute", "training rule (1: on, 0: off)");
     same("momentum", json_number(cfg.momentum), "--momentum", "optimizer");
     same("nesterov", cfg.nesterov ? "1" : "0", "--nesterov", "optimizer (1: on, 0: off)");
     same("weight_decay", json_number(cfg.weight_decay), "--weight-decay", "optimizer");
@@ -624,7 +627,7 @@ std::vector<size_t> resolve_cuts(Run& run, std::string& how) {
   SP_CHECK(size_t(cfg.split) <= blocks, "--split ", cfg.split, ": at most one module per block, and ",
            blocks_of(cfg.model, blocks));
   // Measured times differ run to run, and so would the cuts: --deterministic counts FLOPs.
-  if (cfg.split_by == "flops" || cfg.deterministic) {
+  if (cfg.split_by == "flops" || (cfg.split_by.empty() && cfg.deterministic)) {
     how = std::string("cuts balanced by counted FLOPs") + (cfg.split_by == "flops" ? "" : " (--deterministic)");
     return balanced_cuts(run.net.block_forward_flops({cfg.batch_size, data::kCifarSide, data::kCifarSide, 3}),
                          cfg.split);
@@ -915,8 +918,10 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
 #endif
   SP_CHECK(cfg.epochs > 0 && cfg.batch_size > 0, "--epochs and --batch-size must be positive");
   SP_CHECK(cfg.split >= 1, "--split must be at least 1");
-  SP_CHECK(cfg.split_by == "time" || cfg.split_by == "flops", "--split-by must be time or flops, got '", cfg.split_by,
-           "'");
+  SP_CHECK(cfg.split_by.empty() || cfg.split_by == "time" || cfg.split_by == "flops",
+           "--split-by must be time or flops, got '", cfg.split_by, "'");
+  SP_CHECK(!(cfg.deterministic && cfg.split_by == "time"), "--split-by time measures the cuts, which differ run to ",
+           "run: it does not go with --deterministic (give --split-by flops, or --split-at)");
   SP_CHECK(cfg.cutout >= 0 && cfg.cutout <= data::kCifarSide, "--cutout must be in 0..", data::kCifarSide, ", got ",
            cfg.cutout);
   SP_CHECK(cfg.cutout == 0 || cfg.augment, "--cutout is an augmentation: it does not go with --no-augment");

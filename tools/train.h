@@ -57,7 +57,8 @@ struct TrainConfig {
   // Decoupled training (engine/pipeline.h): bp with one module is plain backprop.
   std::string method = "bp";                       // bp | ddg | fdg
   int split = 1;                                   // K modules, balanced by split_by
-  std::string split_by = "time";                   // time (measured per block) | flops (counted: reproducible)
+  std::string split_by;  // time (measured per block) | flops (counted: reproducible); empty: flops with
+                         // --deterministic, else time
   std::string split_at;                            // explicit cut points "i,j,..." or "fdg" (presets)
   float shrink = 1.f;                              // beta: gradient shrink factor
   std::vector<std::string> devices;                // one per module (default: --device for all)
