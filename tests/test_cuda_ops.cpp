@@ -1383,51 +1383,42 @@ TEST_F(CudaOps, WidenedBf16OpsMatchTheCpu) {
     EXPECT_LE(rel_error(g, to_double(c)), tol) << what;
   };
 
-  // Max pooling 3x3 / 2, pad 1, with overlapping windows.
+  // Max pooling 3x3 / 2, pad 1, with overlapping windows; global average pooling; the option-A
+  // shortcut 4 -> 8 channels at stride 2; the linear layer as Linear runs it under bf16 (bf16
+  // input, weight copy and output gradient, fp32 bias and parameter gradients); softmax
+  // cross-entropy with label smoothing.
   const Both px = input({3, 9, 9, 8}, 1800), pdy = input({3, 5, 5, 8}, 1801);
-  Both py = output({3, 5, 5, 8}), pdx = output({3, 9, 9, 8});
+  const Both py = output({3, 5, 5, 8}), pdx = output({3, 9, 9, 8});
+  const Both ax = input({3, 4, 4, 16}, 1802), ady = input({3, 16}, 1803);
+  const Both ay = output({3, 16}), adx = output({3, 4, 4, 16});
+  const Both sx = input({2, 8, 8, 4}, 1804), sdy = input({2, 4, 4, 8}, 1805);
+  const Both sy = output({2, 4, 4, 8}), sdx = output({2, 8, 8, 4});
+  const Both lx = input({5, 20}, 1806), lw = input({10, 20}, 1807), lb = input({10}, 1808, DType::F32);
+  const Both ldy = input({5, 10}, 1809);
+  const Both ly = output({5, 10}), ldx = output({5, 20}), ldw = output({10, 20}, DType::F32);
+  const Both ldb = output({10}, DType::F32);
+  const Both logits = input({6, 10}, 1810), labels = input({6}, 1811, DType::I32);
+  const Both loss = output({1}, DType::F32), dlogits = output({6, 10}), hits = output({1}, DType::I32);
   for (const bool on_gpu : {false, true}) {
     Stream& s = on_gpu ? *cs : *hs;
-    const auto pick = [&](const Both& b) { return on_gpu ? b.gpu : b.cpu; };
-    ops::maxpool2d_forward(s, pick(px), pick(py), 3, 2, 1);
-    ops::maxpool2d_backward(s, pick(px), pick(pdy), pick(pdx), 3, 2, 1);
+    const auto at = [on_gpu](const Both& b) { return on_gpu ? b.gpu : b.cpu; };
+    ops::maxpool2d_forward(s, at(px), at(py), 3, 2, 1);
+    ops::maxpool2d_backward(s, at(px), at(pdy), at(pdx), 3, 2, 1);
+    ops::global_avgpool_forward(s, at(ax), at(ay));
+    ops::global_avgpool_backward(s, at(ady), at(adx));
+    ops::shortcut_a_forward(s, at(sx), at(sy), 2);
+    ops::shortcut_a_backward(s, at(sdy), at(sdx), 2);
+    ops::linear_forward(s, at(lx), at(lw), at(lb), at(ly));
+    ops::linear_backward(s, at(lx), at(lw), at(ldy), at(ldx), at(ldw), at(ldb));
+    ops::softmax_cross_entropy(s, at(logits), at(labels), 0.1f, at(loss), at(dlogits), at(hits));
   }
+  sync_and_check();
   same_bits(py, "maxpool2d_forward");
   close(pdx, "maxpool2d_backward");
-
-  // Global average pooling, and the option-A shortcut 4 -> 8 channels at stride 2.
-  const Both ax = input({3, 4, 4, 16}, 1802), ady = input({3, 16}, 1803);
-  Both ay = output({3, 16}), adx = output({3, 4, 4, 16});
-  const Both sx = input({2, 8, 8, 4}, 1804), sdy = input({2, 4, 4, 8}, 1805);
-  Both sy = output({2, 4, 4, 8}), sdx = output({2, 8, 8, 4});
-  for (const bool on_gpu : {false, true}) {
-    Stream& s = on_gpu ? *cs : *hs;
-    const auto pick = [&](const Both& b) { return on_gpu ? b.gpu : b.cpu; };
-    ops::global_avgpool_forward(s, pick(ax), pick(ay));
-    ops::global_avgpool_backward(s, pick(ady), pick(adx));
-    ops::shortcut_a_forward(s, pick(sx), pick(sy), 2);
-    ops::shortcut_a_backward(s, pick(sdy), pick(sdx), 2);
-  }
   close(ay, "global_avgpool_forward");
   close(adx, "global_avgpool_backward");
   same_bits(sy, "shortcut_a_forward");
   same_bits(sdx, "shortcut_a_backward");
-
-  // The linear layer as Linear runs it under bf16: bf16 input, weight copy and output gradient,
-  // fp32 bias and parameter gradients; then softmax cross-entropy with label smoothing.
-  const Both lx = input({5, 20}, 1806), lw = input({10, 20}, 1807), lb = input({10}, 1808, DType::F32);
-  const Both ldy = input({5, 10}, 1809);
-  Both ly = output({5, 10}), ldx = output({5, 20}), ldw = output({10, 20}, DType::F32), ldb = output({10}, DType::F32);
-  const Both logits = input({6, 10}, 1810), labels = input({6}, 1811, DType::I32);
-  Both loss = output({1}, DType::F32), dlogits = output({6, 10}), hits = output({1}, DType::I32);
-  for (const bool on_gpu : {false, true}) {
-    Stream& s = on_gpu ? *cs : *hs;
-    const auto pick = [&](const Both& b) { return on_gpu ? b.gpu : b.cpu; };
-    ops::linear_forward(s, pick(lx), pick(lw), pick(lb), pick(ly));
-    ops::linear_backward(s, pick(lx), pick(lw), pick(ldy), pick(ldx), pick(ldw), pick(ldb));
-    ops::softmax_cross_entropy(s, pick(logits), pick(labels), 0.1f, pick(loss), pick(dlogits), pick(hits));
-  }
-  sync_and_check();
   close(ly, "linear_forward");
   close(ldx, "linear_backward dx");
   close(ldw, "linear_backward dw", kTol);  // fp32 outputs from the same widened inputs
