@@ -89,6 +89,15 @@ TEST(Training, TheNextEpochIsEstimatedFromTheStepsTheLastRan) {
   EXPECT_DOUBLE_EQ(train::next_epoch_seconds(0.5, 0.0, 1, 4), 2.0);
 }
 
+// Resuming with `resuming` (its --resume set) changed by `change` is refused, the message holding
+// every one of `reason`.
+void expect_resume_refused(train::TrainConfig resuming, const std::function<void(train::TrainConfig&)>& change,
+                           const std::vector<std::string>& reason, const data::Dataset& train,
+                           const data::Dataset& test) {
+  change(resuming);
+  test::expect_error([&] { train::run_training(resuming, train, test); }, reason);
+}
+
 // The uninterrupted plain-backprop run the resume tests compare with: 2 epochs of 4 steps on
 // 128 synthetic images, its checkpoint in full.checkpoint.
 struct WholeRun {
@@ -134,12 +143,11 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
 
   // Resuming with other settings is refused with a reason: `change` applied to the run's own
   // settings, on `set` (the run's training set unless given).
+  train::TrainConfig resume_part = small_config();
+  resume_part.resume = first.checkpoint;
   const auto refused = [&](const std::function<void(train::TrainConfig&)>& change,
                            const std::vector<std::string>& reason, const data::Dataset* set = nullptr) {
-    train::TrainConfig wrong = small_config();
-    wrong.resume = first.checkpoint;
-    change(wrong);
-    test::expect_error([&] { train::run_training(wrong, set ? *set : train, test); }, reason);
+    expect_resume_refused(resume_part, change, reason, set ? *set : train, test);
   };
   refused([](train::TrainConfig& c) { c.batch_size = 16; }, {"was written with other data, batch size or seed"});
   refused([](train::TrainConfig& c) { c.model = "resnet32"; }, {"was it saved from another model?"});
@@ -516,14 +524,13 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
   }
 
   // The rule of a decoupled run is its own too: resuming with another is refused.
+  train::TrainConfig resume_full = full;
+  resume_full.resume = dir.file("full-j2-1.safetensors");
+  resume_full.checkpoint.clear();
+  resume_full.trace.clear();
   const auto refused = [&](const std::function<void(train::TrainConfig&)>& change,
                            const std::vector<std::string>& reason) {
-    train::TrainConfig wrong = full;
-    wrong.resume = dir.file("full-j2-1.safetensors");
-    wrong.checkpoint.clear();
-    wrong.trace.clear();
-    change(wrong);
-    test::expect_error([&] { train::run_training(wrong, train, test); }, reason);
+    expect_resume_refused(resume_full, change, reason, train, test);
   };
   refused([](train::TrainConfig& c) { c.method = "ddg"; }, {"--method fdg, not ddg"});
   refused([](train::TrainConfig& c) { c.shrink = 0.25f; }, {"--shrink 0.5, not 0.25", "same training rule"});

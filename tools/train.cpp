@@ -325,35 +325,38 @@ struct Run {
     // The batches follow from these, and the learning rate at every step from the schedule's:
     // another value would silently train on other batches or another schedule than the run
     // began with. (Checkpoints from before a key was recorded are not checked on it.)
-    const auto same = [&](const char* key, const std::string& now, const char* flag, const char* what) {
+    // The values compared are those this run's own checkpoints would record.
+    const std::map<std::string, std::string> ours = metadata(0);
+    const auto same = [&](const char* key, const char* flag, const char* what) {
+      const std::string& now = ours.at(key);
       SP_CHECK(!meta.count(key) || meta[key] == now, "--resume: ", cfg.resume, " was written by a run with ", flag, " ",
                meta[key], ", not ", now, "; resume with the same ", what);
     };
-    same("batch_size", std::to_string(cfg.batch_size), "--batch-size", "data settings");
-    same("train_size", std::to_string(train_set.size()), "training images (--train-limit)", "data settings");
-    same("train_digest", train_digest, "training data of digest", "data");
-    same("augment", augment_str(cfg), "augmentation", "data settings");
-    same("epochs", std::to_string(cfg.epochs), "--epochs", "schedule");
-    same("schedule", cfg.schedule, "--schedule", "schedule");
-    same("lr", json_number(cfg.lr), "--lr", "schedule");
+    same("batch_size", "--batch-size", "data settings");
+    same("train_size", "training images (--train-limit)", "data settings");
+    same("train_digest", "training data of digest", "data");
+    same("augment", "augmentation", "data settings");
+    same("epochs", "--epochs", "schedule");
+    same("schedule", "--schedule", "schedule");
+    same("lr", "--lr", "schedule");
     if (cfg.schedule == "multistep") {  // the only schedule they shape
-      same("milestones", milestones_str(cfg.milestones), "--milestones", "schedule");
-      same("gamma", json_number(cfg.gamma), "--gamma", "schedule");
+      same("milestones", "--milestones", "schedule");
+      same("gamma", "--gamma", "schedule");
     }
-    same("warmup_epochs", json_number(cfg.warmup_epochs), "--warmup-epochs", "schedule");
-    same("method", cfg.method, "--method", "training rule");
-    same("shrink", json_number(cfg.shrink), "--shrink", "training rule");
-    same("staleness_jitter", std::to_string(cfg.staleness_jitter), "--staleness-jitter", "training rule");
-    same("weight_stash", cfg.weight_stash ? "1" : "0", "--weight-stash", "training rule (1: on, 0: off)");
+    same("warmup_epochs", "--warmup-epochs", "schedule");
+    same("method", "--method", "training rule");
+    same("shrink", "--shrink", "training rule");
+    same("staleness_jitter", "--staleness-jitter", "training rule");
+    same("weight_stash", "--weight-stash", "training rule (1: on, 0: off)");
     // Recomputing through the stashed weights rebuilds the saved activations bit for bit
     // (tests/test_pipeline.cpp), so with --weight-stash it may change; without, it changes the
     // weights the activations are rebuilt with.
-    if (!cfg.weight_stash) same("recompute", cfg.recompute ? "1" : "0", "--recompute", "training rule (1: on, 0: off)");
-    same("momentum", json_number(cfg.momentum), "--momentum", "optimizer");
-    same("nesterov", cfg.nesterov ? "1" : "0", "--nesterov", "optimizer (1: on, 0: off)");
-    same("weight_decay", json_number(cfg.weight_decay), "--weight-decay", "optimizer");
-    same("label_smoothing", json_number(cfg.label_smoothing), "--label-smoothing", "loss");
-    same("precision", cfg.precision, "--precision", "precision");
+    if (!cfg.weight_stash) same("recompute", "--recompute", "training rule (1: on, 0: off)");
+    same("momentum", "--momentum", "optimizer");
+    same("nesterov", "--nesterov", "optimizer (1: on, 0: off)");
+    same("weight_decay", "--weight-decay", "optimizer");
+    same("label_smoothing", "--label-smoothing", "loss");
+    same("precision", "--precision", "precision");
     SP_CHECK(meta.count("step"), "--resume: ", cfg.resume, " records no training step: not a staleprop checkpoint");
     return std::stoll(meta["step"]);
   }
