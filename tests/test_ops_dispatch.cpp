@@ -476,13 +476,14 @@ TEST(TensorCoreMainloop, SelectionRoundTripsAndRefusesBadNames) {
     ops::set_tensor_core_mainloop(name);
     EXPECT_EQ(ops::tensor_core_mainloop(), name);
   }
-  // An explicit choice is what runs; auto resolves per device, and without a GPU nothing runs.
+  // An explicit choice is what runs; auto resolves per device (wgmma_tma on sm_90a, else mma_sync), and
+  // without a GPU nothing runs.
   if (cuda_device_count() == 0) {
     EXPECT_EQ(ops::tensor_core_mainloop_in_use(), "none");
   } else {
     EXPECT_EQ(ops::tensor_core_mainloop_in_use(), "mma_sync");
     ops::set_tensor_core_mainloop("auto");
-    EXPECT_EQ(ops::tensor_core_mainloop_in_use(), ops::wgmma_available() ? "wgmma" : "mma_sync");
+    EXPECT_EQ(ops::tensor_core_mainloop_in_use(), ops::wgmma_available() ? "wgmma_tma" : "mma_sync");
     ops::set_tensor_core_mainloop("mma_sync");
   }
   try {
