@@ -44,12 +44,12 @@
 // off; context dgrad_by_stride_class), --dgrad-wt[=0|1] the bf16 data gradient on the transposed
 // filter or on the gathered one (default on; context dgrad_transposed_filter), --conv-tma[=0|1]
 // the convolutions' A operand loaded by TMA where the main loop is wgmma_tma (conv_tma.h; default
-// off until verified on a GPU; context conv_tma), --tma-wide[=0|1] the 128 x 256 tile of the
-// wgmma_tma GEMM for N >= 256 with N % 256 0 or over 128 (default off until verified; context
-// tma_wide_tile), --bn-persistent[=0|1] the persistent batch norm, one cooperative kernel per
-// training forward and backward (kernels/cuda/ops.h; default off until verified; context
-// bn_persistent), --pdl[=0|1] programmatic dependent launch of every kernel of ours
-// (kernels/cuda/common.cuh; default off until verified; context programmatic_launch).
+// on; context conv_tma), --tma-wide[=0|1] the 128 x 256 tile of the wgmma_tma GEMM for N >= 256
+// with N % 256 0 or over 128 (default off; context tma_wide_tile), --bn-persistent[=0|1] the
+// persistent batch norm, one cooperative kernel per training forward and backward
+// (kernels/cuda/ops.h; default off; context bn_persistent), --pdl[=0|1] programmatic dependent
+// launch of every kernel of ours (kernels/cuda/common.cuh; default off; context
+// programmatic_launch). kernels/cuda/tensor_core.h and ops.h say why each default is what it is.
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):

@@ -96,7 +96,7 @@ bool dgrad_by_stride_class() { return detail::env_switch(g_dgrad_classes, "STALE
 void set_dgrad_transposed_filter(bool on) { detail::set_switch(g_dgrad_wt, on); }
 bool dgrad_transposed_filter() { return detail::env_switch(g_dgrad_wt, "STALEPROP_DGRAD_WT", true); }
 void set_conv_tma(bool on) { detail::set_switch(g_conv_tma, on); }
-bool conv_tma() { return detail::env_switch(g_conv_tma, "STALEPROP_CONV_TMA", false); }
+bool conv_tma() { return detail::env_switch(g_conv_tma, "STALEPROP_CONV_TMA", true); }
 void set_tma_wide_tile(bool on) { detail::set_switch(g_tma_wide, on); }
 bool tma_wide_tile() { return detail::env_switch(g_tma_wide, "STALEPROP_TMA_WIDE", false); }
 

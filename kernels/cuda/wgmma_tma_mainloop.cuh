@@ -28,9 +28,11 @@
 // HGMMA.64x128x16.F32.BF16. The 128 x 128 form passed its GPU tests and compute-sanitizer on an
 // H100 (bench/results/nvidia-h100/2026-11-26-summary.md) at commit 1265bd6. Since then the kernel
 // became a template over its tile and its A source (the convolutions' 4-D boxes) and gained the
-// PDL prologue; that form has not run on a GPU yet. The 128 x 256 form (WgTmaTileWide,
-// GEMMs with N >= 256 where tma_wide_tile() is on) has not run yet: 168 registers at launch, USETMAXREG to 40 in the
-// producer and 232 in the consumers, whose code reaches R152; no stack, no local memory.
+// PDL prologue; that form, the convolutions' sources and the 128 x 256 form (WgTmaTileWide, GEMMs with N >= 256
+// where tma_wide_tile() is on) passed their GPU tests, memcheck and racecheck on an H100 at commit a7657e6
+// (bench/results/nvidia-h100/2026-11-27-summary.md). The wide form: 168 registers at launch, USETMAXREG to 40 in
+// the producer and 232 in the consumers, whose code reaches R152; no stack, no local memory (tools/sass_check.sh
+// there: every 128 x 256 instance sets its registers twice and makes no call).
 //
 // Used for the bf16 GEMM when the wgmma_tma main loop is selected (tensor_core.h; auto selects it
 // on Hopper), both
@@ -39,7 +41,7 @@
 // The A operand comes from a source (PlainSource: a plain matrix; ConvSource: a convolution's
 // implicit-GEMM rows as 4-D boxes of its NHWC input; ConvWgradSource: the weight gradient's
 // filter-tap rows, likewise; conv_tma.h). The convolution form runs
-// only where conv_tma() is on (tensor_core.h); it has not run on a GPU yet.
+// only where conv_tma() is on (tensor_core.h; the default).
 #pragma once
 
 #include <cstdint>
