@@ -5,13 +5,16 @@
 // give zeros. For every tile and K step of each shape, the stage the model fills from the
 // plan's map and coordinates must hold, row by row, the implicit GEMM's A operand written out
 // independently here: forward x(pixel, tap, channel), backward data dy(pixel, tap, channel) on
-// the stride-1 mirror image of the window, zero in the padding and past the last image.
+// the stride-1 mirror image of the window, zero in the padding and past the last image; and the
+// data gradient of each stride class of a strided convolution, from the convolution's
+// definition (the taps that reach the class's input pixel and the output pixel each reads).
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "kernels/common/conv_stride_classes.h"
 #include "kernels/cuda/conv_tma.h"
 
 namespace {
@@ -174,6 +177,82 @@ TEST(ConvTma, WeightGradientBoxesHoldTheFilterTapRows) {
   // 64 pixels per step: Q = 32 with 2 rows, not 4; Q = 128 does not divide 64.
   EXPECT_EQ(plan_conv_wgrad_tma(2, 32, 32, 32, 32, 64, 3, 3, 1, 1).map.box[2], 2u);
   EXPECT_FALSE(plan_conv_wgrad_tma(2, 1, 128, 1, 128, 64, 1, 1, 1, 0).ok);
+}
+
+// The data gradient of stride class cl of the strided convolution t (the class path of
+// conv_bf16.cu): rows the class's input pixels (img, a + stride * i, b + stride * j) in the order
+// (img, i, j), K index (rr, ss, k) over the class's taps r = r0 + stride * rr, s = s0 + stride *
+// ss, as the class's transposed filter has them. Element (m, kk) is dy at the output pixel the
+// tap maps the input pixel to, h = p * stride - pad + r, so p = (h + pad - r) / stride (exact
+// for the class's taps), zero outside the output and past the last image.
+void check_class_case(const Case& t, const sp::kernels::StrideClass& cl) {
+  SCOPED_TRACE(name(t) + ", class (" + std::to_string(cl.a) + ", " + std::to_string(cl.b) + ")");
+  const int p = out_size(t.h, t.r, t.stride, t.pad), q = out_size(t.w, t.r, t.stride, t.pad);
+  const ConvTmaPlan plan = plan_conv_dgrad_class_tma(t.n, cl.hc, cl.wc, p, q, t.k, cl.rc, cl.sc, cl.dh, cl.dw, kTileM);
+  ASSERT_TRUE(plan.ok) << plan.why;
+  std::vector<int> dy(size_t(t.n) * p * q * t.k);
+  for (size_t i = 0; i < dy.size(); ++i) dy[i] = int(i) + 1;
+  const int rows = t.n * cl.hc * cl.wc, depth = cl.rc * cl.sc * t.k;
+  int wrong = 0;
+  for (int m0 = 0; m0 < rows; m0 += kTileM)
+    for (int k0 = 0; k0 < depth; k0 += kBK) {
+      int co[4];
+      plan.src.coords(m0, k0, co);
+      const std::vector<int> box = tma_box(plan.map, dy, co);
+      ASSERT_EQ(box.size(), size_t(kTileM) * kBK) << "a box is not one stage";
+      for (int row = 0; row < kTileM; ++row)
+        for (int ch = 0; ch < kBK; ++ch) {
+          const int m = m0 + row, kk = k0 + ch;
+          const int img = m / (cl.hc * cl.wc), i = m / cl.wc % cl.hc, j = m % cl.wc;
+          const int z = kk / t.k, k = kk % t.k, rr = z / cl.sc, ss = z % cl.sc;
+          const int r = cl.r0 + t.stride * rr, s = cl.s0 + t.stride * ss;
+          const int hn = cl.a + t.stride * i + t.pad - r, wn = cl.b + t.stride * j + t.pad - s;
+          ASSERT_EQ(hn % t.stride, 0) << "tap " << r << " does not reach row " << cl.a + t.stride * i;
+          ASSERT_EQ(wn % t.stride, 0) << "tap " << s << " does not reach column " << cl.b + t.stride * j;
+          const int pp = hn / t.stride, qq = wn / t.stride;
+          const bool inside = img < t.n && hn >= 0 && wn >= 0 && pp < p && qq < q;
+          const int expect = inside ? dy[((size_t(img) * p + pp) * q + qq) * t.k + k] : 0;
+          if (box[size_t(row) * kBK + ch] != expect && ++wrong <= 5)
+            ADD_FAILURE() << "tile m0 " << m0 << " k0 " << k0 << ": row " << row << " channel " << ch << " holds "
+                          << box[size_t(row) * kBK + ch] << ", A has " << expect;
+        }
+    }
+  EXPECT_EQ(wrong, 0);
+}
+
+TEST(ConvTma, StrideClassBoxesHoldEachClasssDataGradientRows) {
+  // ResNet-18's strided layers (3x3 and 1x1, stride 2) at batch 2, batches that leave the last
+  // tile part empty (3 images of 8 x 8 classes, 5 of 4 x 4), a 5x5 filter with pad 2 and
+  // stride 2, and pad 0: every class with a tap. The 1x1 layers' three other classes have
+  // none, and the plan refuses them (their pixels get zeros).
+  const Case cases[] = {
+      {2, 32, 32, 64, 128, 3, 2, 1, true}, {2, 16, 16, 128, 256, 3, 2, 1, true}, {2, 8, 8, 256, 512, 3, 2, 1, true},
+      {2, 32, 32, 64, 128, 1, 2, 0, true}, {2, 16, 16, 128, 256, 1, 2, 0, true}, {2, 8, 8, 256, 512, 1, 2, 0, true},
+      {3, 16, 16, 64, 64, 3, 2, 1, true},  {5, 8, 8, 64, 128, 3, 2, 1, true},    {2, 16, 16, 64, 64, 5, 2, 2, true},
+      {2, 16, 16, 64, 64, 3, 2, 0, true},
+  };
+  for (const Case& t : cases) {
+    sp::kernels::Conv2dShape sh;
+    sh.n = t.n, sh.h = t.h, sh.w = t.w, sh.c = t.c, sh.k = t.k, sh.r = t.r, sh.s = t.r, sh.stride = t.stride,
+    sh.pad = t.pad;
+    int with_taps = 0;
+    for (const sp::kernels::StrideClass& cl : sp::kernels::stride_classes(sh)) {
+      if (cl.rc * cl.sc == 0) {
+        EXPECT_FALSE(
+            plan_conv_dgrad_class_tma(t.n, cl.hc, cl.wc, sh.p(), sh.q(), t.k, cl.rc, cl.sc, cl.dh, cl.dw, kTileM).ok)
+            << name(t) << ": a class without taps";
+        continue;
+      }
+      ++with_taps;
+      check_class_case(t, cl);
+    }
+    EXPECT_EQ(with_taps, t.r == 1 ? 1 : 4) << name(t);
+  }
+  // Odd sizes give classes of different widths (9 = 5 + 4 columns), which do not divide the tile.
+  const sp::kernels::StrideClass odd = sp::kernels::stride_classes({2, 9, 9, 64, 64, 3, 3, 2, 1})[0];
+  EXPECT_EQ(odd.wc, 5);
+  EXPECT_STREQ(plan_conv_dgrad_class_tma(2, odd.hc, odd.wc, 5, 5, 64, odd.rc, odd.sc, odd.dh, odd.dw, kTileM).why,
+               "Q does not divide the tile");
 }
 
 TEST(ConvTma, ThePlanRefusesWhatOneBoxCannotLoad) {

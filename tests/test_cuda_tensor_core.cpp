@@ -30,6 +30,7 @@
 #if STALEPROP_WITH_CUDA
 #include <cuda_runtime_api.h>
 
+#include "kernels/common/conv_stride_classes.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/cuda/conv_tma.h"
 #include "kernels/cuda/tensor_core.h"
@@ -426,7 +427,7 @@ TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
   // reference (check_conv) and against the gathered filter of the same path: the same
   // products summed in the same order, so dx is expected to match bit for bit; the test allows
   // one bf16 ulp in case the two shared-memory layouts' instruction sequences accumulate
-  // differently (not yet run on a GPU). A wrong or missing filter element changes a whole
+  // differently (it matched within that on an H100, 2026-11-27). A wrong or missing filter element changes a whole
   // channel of dx by far more (about one term of its sums, a few percent).
   std::vector<Conv2dShape> shapes = conv_cases();
   shapes.push_back(conv(2, 7, 9, 40, 48, 3, 1, 1));
@@ -555,6 +556,66 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
     EXPECT_TRUE(bits_equal(tma.y, cp_async.y)) << conv_str(sh) << ": forward with TMA loads vs cp.async";
     EXPECT_TRUE(bits_equal(tma.dx, cp_async.dx)) << conv_str(sh) << ": backward data with TMA loads vs cp.async";
     EXPECT_TRUE(bits_equal(tma.dw, cp_async.dw)) << conv_str(sh) << ": backward weight with TMA loads vs cp.async";
+  }
+}
+
+TEST_P(TensorCore, ConvolutionsByStrideClassWithTmaLoads) {
+  // The data gradient by stride class with each class's A operand loaded by TMA (conv_tma.h,
+  // plan_conv_dgrad_class_tma), with dgrad_by_stride_class(), conv_tma() and the transposed
+  // filter on: ResNet-18's strided layers (3x3 and 1x1, stride 2; the 1x1 layers' classes
+  // without taps get zeros), batches that leave the last tile part empty, a 5x5 filter with
+  // pad 2, pad 0 (the last input row and column get no gradient), and 9 x 9 (classes of 5 x 5,
+  // 5 x 4 and 4 x 5 pixels, which the plan refuses, so they take the cp.async class path, beside
+  // a 4 x 4 class that takes TMA). Against the reference
+  // (check_conv); the launch counter must grow by the passes the plans send to TMA (forward,
+  // weight gradient, and each class that plans); and against the cp.async class path bit for
+  // bit (the same wgmma instructions on the same K steps in the same order, only the loads
+  // differ). On the other main loops the switch changes nothing.
+  const ScopedSwitch classes(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class);
+  const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+  const ScopedSwitch narrow(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
+  namespace wg = kcu::detail::wgmma;
+  const std::vector<Conv2dShape> shapes = {
+      conv(2, 32, 32, 64, 128, 3, 2, 1), conv(2, 16, 16, 128, 256, 3, 2, 1), conv(2, 8, 8, 256, 512, 3, 2, 1),
+      conv(2, 32, 32, 64, 128, 1, 2, 0), conv(2, 16, 16, 128, 256, 1, 2, 0), conv(2, 8, 8, 256, 512, 1, 2, 0),
+      conv(3, 16, 16, 64, 64, 3, 2, 1),  conv(5, 8, 8, 64, 128, 3, 2, 1),    conv(2, 16, 16, 64, 64, 5, 2, 2),
+      conv(2, 16, 16, 64, 64, 3, 2, 0),  conv(2, 9, 9, 64, 64, 3, 2, 1)};
+  int64_t class_passes = 0;
+  uint32_t seed = 800;
+  for (const Conv2dShape& sh : shapes) {
+    seed += 5;
+    int64_t expect = 0;
+    if (GetParam() == kcu::MmaMainloop::kWgmmaTma) {
+      expect +=
+          wg::plan_conv_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, 1, sh.pad, wg::kConvTmaTileM)
+              .ok;
+      expect += wg::plan_conv_wgrad_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, sh.pad).ok;
+      for (const sp::kernels::StrideClass& cl : sp::kernels::stride_classes(sh)) {
+        const bool ok =
+            cl.hc * cl.wc > 0 && wg::plan_conv_dgrad_class_tma(sh.n, cl.hc, cl.wc, sh.p(), sh.q(), sh.k, cl.rc, cl.sc,
+                                                               cl.dh, cl.dw, wg::kConvTmaTileM)
+                                     .ok;
+        expect += ok;
+        class_passes += ok;
+      }
+    }
+    ConvResult tma;
+    {
+      const ScopedSwitch on(kcu::conv_tma, kcu::set_conv_tma);
+      const int64_t before = kcu::tma_launches().conv;
+      tma = check_conv(kCustomConv, stream_, sh, seed);
+      EXPECT_EQ(kcu::tma_launches().conv - before, expect) << conv_str(sh) << ": passes launched with TMA";
+    }
+    if (GetParam() != kcu::MmaMainloop::kWgmmaTma) continue;
+    ConvResult cp_async;
+    {
+      const ScopedSwitch off(kcu::conv_tma, kcu::set_conv_tma, false);
+      cp_async = check_conv(kCustomConv, stream_, sh, seed);
+    }
+    EXPECT_TRUE(bits_equal(tma.dx, cp_async.dx)) << conv_str(sh) << ": classes' data gradient with TMA vs cp.async";
+  }
+  if (GetParam() == kcu::MmaMainloop::kWgmmaTma) {
+    EXPECT_EQ(class_passes, 3 * 4 + 3 * 1 + 4 + 4 + 4 + 4 + 1) << "the classes that take TMA";
   }
 }
 

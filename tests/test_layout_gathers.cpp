@@ -1,7 +1,8 @@
 // The per-chunk work of the layout kernels (kernels/cuda/layout_gathers.h: the option-A
-// shortcut, max pooling's forward, argmax and gather, the global average pool), run
-// on the CPU for every chunk as the kernels' grid-stride loops run it, one and four channels at a
-// time, against the CPU reference bit for bit. The kernels' float4/int4 accesses are scalar here;
+// shortcut, max pooling's forward, argmax and gather, the global average pool, and the scatter of
+// a stride class's data gradient), run on the CPU for every chunk as the kernels' grid-stride
+// loops run it, one and four (the scatter: eight) channels at a time, against the CPU reference
+// (the scatter: the stride classes' definition) bit for bit. The kernels' float4/int4 accesses are scalar here;
 // everything else (indexing, window ranges, tie-breaking, the order of the sums) is the code the
 // GPU runs. No GPU needed.
 #include <gtest/gtest.h>
@@ -16,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/common/conv_stride_classes.h"
 #include "kernels/common/shapes.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/layout_gathers.h"
@@ -182,6 +184,54 @@ TEST(LayoutGathers, GlobalAvgPoolBackwardOneAndFourChannelsAtATime) {
 
 // Past 2^31 elements the coordinates come from 64-bit divisions; below, from 32-bit ones. Both
 // must give the coordinates the plain arithmetic gives.
+TEST(LayoutGathers, StrideClassScatterOneAndEightChannelsAtATime) {
+  // Each class's dense rows (img, i, j), gathered here from a known dx by the classes'
+  // definition (kernels/common/conv_stride_classes.h), scattered back by scatter_class_chunk
+  // into a sentinel-filled tensor must rebuild dx exactly, every element written once; a class
+  // scattered from null writes zeros. Even and odd sizes (classes of different sizes), strides 2
+  // and 3 (a stride past the height: empty classes), 8 and 24 channels (eight at a time) and 12
+  // (one at a time only).
+  const std::tuple<int, int, int, int, int> cases[] = {// n, h, w, c, stride
+                                                       {2, 8, 8, 16, 2},
+                                                       {3, 9, 7, 24, 2},
+                                                       {2, 10, 11, 8, 3},
+                                                       {1, 2, 5, 12, 3},
+                                                       {2, 5, 5, 8, 2}};
+  for (const auto& [n, h, w, c, stride] : cases) {
+    sp::kernels::Conv2dShape sh;
+    sh.n = n, sh.h = h, sh.w = w, sh.c = c, sh.k = 8, sh.r = 3, sh.s = 3, sh.stride = stride, sh.pad = 1;
+    std::vector<uint16_t> dx(size_t(n) * h * w * c);
+    for (size_t i = 0; i < dx.size(); ++i) dx[i] = uint16_t(i % 60000 + 1);
+    for (const int width : {1, 8}) {
+      if (c % width != 0) continue;
+      const std::string what = "n" + std::to_string(n) + " " + std::to_string(h) + "x" + std::to_string(w) + "x" +
+                               std::to_string(c) + " stride " + std::to_string(stride) + ", " + std::to_string(width) +
+                               " at a time";
+      std::vector<uint16_t> got(dx.size(), uint16_t(0xFFFF)), zeros(dx.size(), uint16_t(0xFFFF));
+      for (const sp::kernels::StrideClass& cl : sp::kernels::stride_classes(sh)) {
+        std::vector<uint16_t> rows;
+        for (int img = 0; img < n; ++img)
+          for (int i = 0; i < cl.hc; ++i)
+            for (int j = 0; j < cl.wc; ++j)
+              for (int ch = 0; ch < c; ++ch)
+                rows.push_back(dx[((size_t(img) * h + cl.a + stride * i) * w + cl.b + stride * j) * c + ch]);
+        const int64_t chunks = int64_t(rows.size()) / width;
+        for (int64_t idx = 0; idx < chunks; ++idx) {
+          if (width == 8) {
+            scatter_class_chunk<8>(rows.data(), got.data(), idx, c, h, w, stride, cl.a, cl.b, cl.hc, cl.wc);
+            scatter_class_chunk<8>(nullptr, zeros.data(), idx, c, h, w, stride, cl.a, cl.b, cl.hc, cl.wc);
+          } else {
+            scatter_class_chunk<1>(rows.data(), got.data(), idx, c, h, w, stride, cl.a, cl.b, cl.hc, cl.wc);
+            scatter_class_chunk<1>(nullptr, zeros.data(), idx, c, h, w, stride, cl.a, cl.b, cl.hc, cl.wc);
+          }
+        }
+      }
+      EXPECT_EQ(got, dx) << what;
+      EXPECT_EQ(zeros, std::vector<uint16_t>(dx.size(), 0)) << what << ": null sources write zeros everywhere";
+    }
+  }
+}
+
 TEST(LayoutGathers, NhwcIndexInBothRanges) {
   const int c = 48, cols = 17, rows = 13;
   std::mt19937_64 rng(9);

@@ -16,8 +16,8 @@
 //                    M = R*S*C, N = K, K_gemm = N*P*Q (split K)       -> fp32 dw, written
 //                    transposed into dw[k, tap]
 // With conv_tma() (tensor_core.h) on the wgmma_tma main loop, the forward, the stride-1 data
-// gradient (transposed filter) and the weight gradient load A by TMA instead where the shape
-// allows (conv_tma.h), B as a plain matrix.
+// gradient (transposed filter), each stride class's data gradient (transposed filter) and the
+// weight gradient load A by TMA instead where the shape allows (conv_tma.h), B as a plain matrix.
 // The cp.async path needs 16-byte chunks of one filter tap: C % 8 == 0 for the activations
 // and the weights of the data gradient (for its transposed filter R*S*K % 8 == 0, or per stride
 // class rc*sc*K % 8 == 0), K % 8 == 0 for dy (every ResNet layer but the first,
@@ -25,12 +25,13 @@
 // deterministic double-precision column sum of dy widened to fp32 (reduce.cu).
 //
 // cuobjdump --dump-resource-usage (CUDA 13.0, sm_90a, -O3), no stack in any instance, mma.sync
-// main loop: 128 x 128 tile 128 registers, 128 x 64 tile 168-221, 128 x 32 tile 128; shared memory as in mma_mainloop.cuh. The gathers' index
-// arithmetic uses FastDivmod (IMAD.HI in the SASS, no integer-division calls).
+// main loop: 128 x 128 tile 128 registers, 128 x 64 tile 168-221, 128 x 32 tile 128; shared memory as in
+// mma_mainloop.cuh. The gathers' index arithmetic uses FastDivmod (IMAD.HI in the SASS, no integer-division calls).
 #include <algorithm>
 #include <vector>
 
 #include "kernels/common/conv_stride_classes.h"
+#include "kernels/cuda/layout_gathers.h"
 #include "kernels/cuda/mma_launch.cuh"
 #include "kernels/cuda/tensor_core.h"
 
@@ -108,20 +109,34 @@ Workspace transposed_filter(const ConvGeom& g, const uint16_t* w, const FilterTa
 
 // dx at the pixels of one stride class (a, b) from the class's dense result src, rows
 // (img * hc + i) * wc + j of C values; src == nullptr writes zeros (a class no tap reaches).
-__global__ void scatter_class_kernel(const uint16_t* src, uint16_t* dx, int64_t total, int c, int h, int w,
-                                     int stride, int a, int b, int hc, int wc) {
+// W channels per thread (layout_gathers.h, scatter_class_chunk): 8, one 16-byte access, where C %
+// 8 == 0 and the pointers are 16-byte aligned, else 1.
+template <int W>
+__global__ void scatter_class_kernel(const uint16_t* src, uint16_t* dx, int64_t chunks, int c, int h, int w, int stride,
+                                     int a, int b, int hc, int wc) {
   pdl_prologue();
-  for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride()) {
-    const int64_t pix = idx / c, ni = pix / wc, img = ni / hc;
-    const int ch = int(idx - pix * c), j = int(pix - ni * wc), i = int(ni - img * hc);
-    dx[((img * h + a + int64_t(stride) * i) * w + b + int64_t(stride) * j) * c + ch] = src ? src[idx] : uint16_t(0);
-  }
+  for (int64_t idx = global_thread_index(); idx < chunks; idx += grid_stride())
+    detail::scatter_class_chunk<W>(src, dx, idx, c, h, w, stride, a, b, hc, wc);
+}
+
+void scatter_class(const uint16_t* src, uint16_t* dx, int64_t rows, const ConvGeom& g, const StrideClass& c,
+                   cudaStream_t stream) {
+  const int64_t total = rows * g.c;
+  if (g.c % 8 == 0 && aligned16(dx) && (!src || aligned16(src)))
+    launch_kernel(scatter_class_kernel<8>, element_blocks(total / 8), kElementThreads, 0, stream, src, dx, total / 8,
+                  g.c, g.h, g.w, g.stride, c.a, c.b, c.hc, c.wc);
+  else
+    launch_kernel(scatter_class_kernel<1>, element_blocks(total), kElementThreads, 0, stream, src, dx, total, g.c, g.h,
+                  g.w, g.stride, c.a, c.b, c.hc, c.wc);
 }
 
 // Backward data of a strided convolution by stride class (kernels/common/conv_stride_classes.h):
 // per class, the dense implicit GEMM of its pixels and taps into a scratch matrix, then the
 // scatter of its rows into dx. Only the products that are not structural zeros are computed:
-// a quarter of the direct form's for a 3x3 stride-2 layer.
+// a quarter of the direct form's for a 3x3 stride-2 layer. On the transposed filter, a class's
+// A operand is loaded by TMA where conv_tma() is on and the class plans for it (conv_tma.h,
+// plan_conv_dgrad_class_tma: dy with K % 64 == 0 and a class grid whose wc divides the tile,
+// as in ResNet-18's stride-2 layers); else it is gathered by cp.async.
 void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint16_t* dy, const uint16_t* w,
                             uint16_t* dx, cudaStream_t stream) {
   const std::vector<StrideClass> classes = stride_classes(sh);
@@ -140,16 +155,22 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
       if (dgrad_transposed_filter()) {
         // The class's taps of the filter as a plain C x kc matrix (see conv2d_backward_data_bf16).
         const Workspace wt = transposed_filter(g, w, FilterTaps::of_class(g, c), stream);
-        run(a, MatrixLoader<true>{wt.as<uint16_t>(), cg.kc, g.c, cg.kc, chunk_ok(wt.as<uint16_t>(), cg.kc)}, cg.m,
-            g.c, cg.kc, ep, stream);
+        const MatrixLoader<true> b{wt.as<uint16_t>(), cg.kc, g.c, cg.kc, chunk_ok(wt.as<uint16_t>(), cg.kc)};
+        const detail::wgmma::ConvTmaPlan plan =
+            b.vec && g.c > 0 && tma_on(dy)
+                ? detail::wgmma::plan_conv_dgrad_class_tma(g.n, c.hc, c.wc, g.p, g.q, g.k, c.rc, c.sc, c.dh, c.dw,
+                                                           detail::wgmma::kConvTmaTileM)
+                : detail::wgmma::ConvTmaPlan{};
+        if (plan.ok)
+          run_wgmma_tma_conv(detail::wgmma::ConvSource{plan.src}, plan.map, dy, b, cg.m, g.c, cg.kc, ep, stream);
+        else
+          run(a, b, cg.m, g.c, cg.kc, ep, stream);
       } else {
         const BwdDataClassWeightLoader b{{w, aligned16(w) && run_allows_chunks(g.c, 8)}, cg};
         run(a, b, cg.m, g.c, cg.kc, ep, stream);
       }
     }
-    const int64_t total = rows * g.c;
-    launch_kernel(scatter_class_kernel, element_blocks(total), kElementThreads, 0, stream,
-                  taps ? scratch.as<uint16_t>() : nullptr, dx, total, g.c, g.h, g.w, g.stride, c.a, c.b, c.hc, c.wc);
+    scatter_class(taps ? scratch.as<uint16_t>() : nullptr, dx, rows, g, c, stream);
   }
 }
 

@@ -14,12 +14,17 @@
 // 128, and the tile is either a band of 128 / Q rows of one image or 128 / (P * Q) whole
 // images), the tile's K step is one box of a 4-D tensor map over the NHWC source {C, W, H, N}:
 //   box {64 channels, Q, bh, bn} pixels, traversed with element strides {1, step, step, 1};
-//   start {c0, q0 * step + dir * s + off, p0 * step + dir * r + off, n0} with q0 = 0:
+//   start {c0, q0 * step + dir * s + off_w, p0 * step + dir * r + off_h, n0} with q0 = 0:
 //     forward          source x,  step = stride, dir = +1, off = -pad: pixel (p, q) reads
 //                      x[n, p * stride - pad + r, q * stride - pad + s, c];
 //     backward data    source dy, step = 1 (stride 1 only), dir = -1, off = +pad, K index
 //                      (r, s, k) as the transposed filter wt[c, r, s, k] has it: pixel (h, w)
-//                      reads dy[n, h + pad - r, w + pad - s, k].
+//                      reads dy[n, h + pad - r, w + pad - s, k];
+//     backward data    of one stride class (a, b) of a strided convolution
+//     by stride class  (kernels/common/conv_stride_classes.h): the grid is the class's pixels
+//                      [N, hc, wc], the taps its rc x sc, source dy, step = 1, dir = -1,
+//                      off_h = dh, off_w = dw, K index (rr, ss, k) as the class's transposed
+//                      filter has it: class pixel (i, j) reads dy[n, i + dh - rr, j + dw - ss, k].
 // TMA writes the box densely, channels fastest, then W, H, N: row (i_n * bh + i_h) * Q + i_w of
 // the stage is grid pixel m0 + that, with 128 bytes of channels per row, which is the K-major
 // layout of the GEMM's A stage (TmaStage<128> with ContigK). Coordinates outside the source
@@ -50,13 +55,14 @@ struct ConvTmaSource {
   int s;      // filter width
   int step;   // source pixels per grid pixel (the stride forward; 1 for the data gradient)
   int dir;    // +1 forward, -1 backward data
-  int off;    // -pad forward, +pad backward data
+  int off_h;  // -pad forward, +pad backward data, dh of a stride class
+  int off_w;  // the same along W (dw of a stride class)
   SP_WGMMA_HD void coords(int m0, int k0, int (&co)[4]) const {
     const int tap = k0 / c, c0 = k0 - tap * c, r = tap / s, sx = tap - r * s;
     const int n0 = m0 / pq, p0 = (m0 - n0 * pq) / q;
     co[0] = c0;
-    co[1] = dir * sx + off;
-    co[2] = p0 * step + dir * r + off;
+    co[1] = dir * sx + off_w;
+    co[2] = p0 * step + dir * r + off_h;
     co[3] = n0;
   }
 };
@@ -108,11 +114,25 @@ constexpr ConvTmaPlan plan_conv_tma(int n, int p, int q, int src_h, int src_w, i
     return plan;
   }
   plan.ok = true;
-  plan.src = {int(pq), q, src_c, s, step, dir, dir == 1 ? -pad : pad};
+  plan.src = {int(pq), q, src_c, s, step, dir, dir == 1 ? -pad : pad, dir == 1 ? -pad : pad};
   plan.map = {{uint64_t(src_c), uint64_t(src_w), uint64_t(src_h), uint64_t(n)},
               {uint64_t(row), uint64_t(row) * uint64_t(src_w), uint64_t(image)},
               {uint32_t(kBK), uint32_t(box_w), uint32_t(box_h), uint32_t(bn)},
               {1u, uint32_t(step), uint32_t(step), 1u}};
+  return plan;
+}
+
+// The data gradient of stride class (a, b) of a strided convolution (see the top of this file):
+// the class's pixel grid [n, hc, wc], the output dy [n, p, q, k], the class's rc x sc taps and its
+// offsets dh, dw (StrideClass). Not ok where the shape misses a requirement (a class grid whose
+// wc does not divide the tile: odd input sizes, say), or the class has no tap.
+constexpr ConvTmaPlan plan_conv_dgrad_class_tma(int n, int hc, int wc, int p, int q, int k, int rc, int sc, int dh,
+                                                int dw, int tile_m) {
+  ConvTmaPlan plan = plan_conv_tma(n, hc, wc, p, q, k, rc, sc, 1, -1, 0, tile_m);
+  if (plan.ok) {
+    plan.src.off_h = dh;
+    plan.src.off_w = dw;
+  }
   return plan;
 }
 

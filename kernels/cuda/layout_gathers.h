@@ -1,6 +1,7 @@
 // The per-element work of the layout kernels in elementwise.cu: the option-A shortcut, max
 // pooling (forward, the backward's argmax pass and its gather) and the global average pool, the
-// gathers W channels at a time (W = 1, or 4 with float4/int4 accesses). Each kernel is a
+// gathers W channels at a time (W = 1, or 4 with float4/int4 accesses); and conv_bf16.cu's
+// scatter of a stride class's data gradient (W = 1, or 8 bf16 with uint4 accesses). Each kernel is a
 // grid-stride loop calling one of the functions below for chunk (element) idx of its output.
 // Plain C++ that compiles for the host as well (SP_GATHER_HD; on the host the W = 4 accesses are
 // four scalar ones), so the CPU tests (tests/test_layout_gathers.cpp) run every chunk of these
@@ -276,6 +277,34 @@ SP_GATHER_HD void global_avgpool_backward_chunk(int64_t cw, int64_t image, bool 
   SP_GATHER_UNROLL
   for (int e = 0; e < W; ++e) v[e] /= d;
   store_w<W>(dx + idx * W, v);
+}
+
+// ---- Stride-class scatter (conv_bf16.cu) ------------------------------------------------------
+// W consecutive bf16 (their bits) from p to q, or zeros where p is null: one 16-byte access on
+// the device when W is 8 (p and q 16-byte aligned).
+template <int W>
+SP_GATHER_HD void copy_bf16_w(const uint16_t* p, uint16_t* q) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (W == 8) {
+    *reinterpret_cast<uint4*>(q) = p ? *reinterpret_cast<const uint4*>(p) : make_uint4(0u, 0u, 0u, 0u);
+  } else
+#endif
+  {
+    SP_GATHER_UNROLL
+    for (int e = 0; e < W; ++e) q[e] = p ? p[e] : uint16_t(0);
+  }
+}
+
+// Chunk idx (W channels) of stride class (a, b)'s dense data gradient src, rows (img * hc + i) *
+// wc + j of c channels (kernels/common/conv_stride_classes.h), to its input pixel
+// (img, a + stride * i, b + stride * j) of dx [.., h, w, c]; zeros where src is null (a class no
+// tap reaches). W is 8 only where c % 8 == 0 and src and dx are 16-byte aligned.
+template <int W>
+SP_GATHER_HD void scatter_class_chunk(const uint16_t* src, uint16_t* dx, int64_t idx, int c, int h, int w, int stride,
+                                      int a, int b, int hc, int wc) {
+  const NhwcIndex o = nhwc_index(idx, c / W, wc, hc);
+  const int64_t pixel = (o.img * h + a + int64_t(stride) * o.row) * w + b + int64_t(stride) * o.col;
+  copy_bf16_w<W>(src ? src + idx * W : nullptr, dx + pixel * c + int64_t(o.ch) * W);
 }
 
 }  // namespace sp::kernels::cuda::detail
