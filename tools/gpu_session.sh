@@ -9,35 +9,36 @@
 #      .carry/resume/train.safetensors (RESUME=FILE tools/gpu_prepare.sh) it resumes that run;
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test but the tools/
 #      scripts' CPU tests (ctest, 120 s per test);
-#   3. compute-sanitizer memcheck (first) and racecheck on the TMA convolutions' and the wide TMA
-#      GEMM tile's tests, memcheck on the persistent batch norm's and the wide TMA convolutions'
+#   3. compute-sanitizer memcheck (first) and racecheck on the TMA convolutions', the stride
+#      classes' TMA data gradient's and the wide TMA GEMM tile's tests, memcheck on the
+#      persistent batch norm's and the wide TMA convolutions'
 #      (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed out);
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
 #      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
 #      the measurements; evaluate its checkpoint with staleprop and, loaded into PyTorch, with
 #      bench/pytorch_load_checkpoint.py;
 #   5. a first figure for each new path, against its vendor twin or the copy: the sums over
-#      ResNet-18's bf16 convolutions with --conv-tma=0 and =1 against cuDNN; the bf16 GEMM with
-#      the 128 x 256 TMA tile against the 128 x 128 one (--tma-wide), against cuBLASLt; the
-#      persistent batch norm against the three separate kernels (--bn-persistent), against the
-#      copy; bf16 training throughput of ResNet-18 (batch 512) and ResNet-56 (128) with every
-#      new path that passed off and on (STALEPROP_CONV_TMA, _TMA_WIDE, _BN_PERSISTENT, _PDL)
-#      beside PyTorch eager. Then each path on its own: the convolutions layer by layer, on the
+#      ResNet-18's bf16 convolutions with --conv-tma=0 and =1 against cuDNN; its stride-2 data
+#      gradients and the sums with --dgrad-classes=0 and =1; the bf16 GEMM with the 128 x 256
+#      TMA tile against the 128 x 128 one (--tma-wide), against cuBLASLt; bf16 training
+#      throughput of ResNet-18 (batch 512) and ResNet-56 (128) with every new path that passed
+#      off and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE, _BN_PERSISTENT, _PDL)
+#      beside PyTorch eager. Then gpu_bench stage 1 for the pooling and shortcut kernels
+#      (rewritten since their last measurement; at most 60 s), against the copy. Then each path
+#      on its own: the convolutions layer by layer, on the
 #      wide tile, ResNet-18's throughput with one switch at a time, ResNet-56's from graphs and
 #      the three-kernel batch norm with programmatic dependent launch off and on (--pdl);
 #      ResNet-18's bf16 throughput on cuBLASLt/cuDNN (--kernels vendor), and the op profile of
 #      a ResNet-18 step on the new paths. Each switch is measured only where ctest passed its
 #      GPU test (a hang there would burn every later timeout);
-#   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace); the
-#      peak memory of fdg over 4 modules op by op and from graphs (planned, bump arenas); four
-#      short ResNet-56 runs in a sweep one after another, then four at once;
-#   7. gpu_bench stage 1 for the pooling and shortcut kernels (rewritten since their last
-#      measurement), then the fused batch norm, against the copy;
-#   8. Nsight Compute sections, when ncu is there and time is left: one ResNet-18 layer's forward
-#      and data gradient with TMA loads, then the bf16 GEMM on the wide TMA tile.
+#   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace, lr 0.02);
+#      the peak memory of fdg over 4 modules op by op and from graphs (planned, bump arenas);
+#      four short ResNet-56 runs in a sweep one after another, then four at once;
+#   7. a SASS check of the TMA kernels, and Nsight Compute sections when ncu is there and time
+#      is left: one ResNet-18 layer's forward and data gradient with TMA loads.
 # With CTEST_LOG=FILE (an earlier call's ctest.log, carried in the tree) it skips the build
 # (when build-gpu/ is still there), the accuracy run, ctest and the sanitizers, and runs the
-# measurements of steps 5-8 for the switches that log says passed: the follow-up call on a warm
+# measurements of steps 5-7 for the switches that log says passed: the follow-up call on a warm
 # machine, e.g. CTEST_LOG=.carry/ctest.log NO_TRAIN=1 DEADLINE=500 bash tools/gpu_session.sh
 # (where the device budget has room for it: 15 minutes in all, the machine's start included,
 # leave little after one call of DEADLINE=560).
@@ -59,8 +60,10 @@ SAN_CAP=${SAN_CAP:-55}
 # took ResNet-20 to 90.22% on an H100: bench/results/nvidia-h100/2026-11-26-summary.md), replayed
 # from CUDA graphs (planned arenas; bit-identical to op by op on the H100). `bench --graphs` ran
 # ResNet-56 at 23k img/s there; training shares the GPU with the build and the tests at first,
-# so 160 epochs (8M images) take more than one call. The checkpoint of every finished epoch
-# comes back, and the next call resumes it (see 1. above).
+# so 160 epochs (8M images) take more than one call: on 2026-11-27 the 323 s it had reached
+# epoch 134 (2026-11-27-summary.md). The checkpoint of every finished epoch comes back, and the
+# next call resumes it (see 1. above): RESUME=gpu-state/2026-11-27-resnet56-bf16-e134.safetensors
+# tools/gpu_prepare.sh, where that file is kept (git-ignored) on the development machine.
 TRAIN_ARGS=${TRAIN_ARGS:-"--model resnet56 --precision bf16 --epochs 160 --batch-size 128 --lr 0.1 \
 --momentum 0.9 --nesterov --weight-decay 5e-4 --schedule cosine --warmup-epochs 2 --cutout 16 --graphs"}
 left() { echo $((DEADLINE - SECONDS)); }
@@ -131,9 +134,11 @@ TMA_WIDE_OK=; passed 'GemmOnTheWideTmaTile/wgmma_tma' && TMA_WIDE_OK=1
 BN_PERSISTENT_OK=; passed 'PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels' && BN_PERSISTENT_OK=1
 PDL_OK=; passed 'ProgrammaticDependentLaunchChangesNoBit' && PDL_OK=1
 CONV_WIDE_OK=; passed 'ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' && CONV_WIDE_OK=1
+CLASSES_TMA_OK=; passed 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' && CLASSES_TMA_OK=1
 verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
 log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict "$TMA_WIDE_OK");" \
-  "persistent batch norm $(verdict "$BN_PERSISTENT_OK"); programmatic launch $(verdict "$PDL_OK")"
+  "persistent batch norm $(verdict "$BN_PERSISTENT_OK"); programmatic launch $(verdict "$PDL_OK");" \
+  "stride-class data gradient with TMA loads $(verdict "$CLASSES_TMA_OK")"
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]
@@ -146,7 +151,9 @@ san() {  # tool test filter [log-name tag]
     "before the end or the ${SAN_CAP} s cap; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log"))"
 }
 # The other wgmma and wgmma_tma tests ran under memcheck on an H100, and racecheck finished 16 of
-# them, every GEMM test among them (bench/results/nvidia-h100/2026-11-26-sanitizers.log).
+# them, every GEMM test among them (bench/results/nvidia-h100/2026-11-26-sanitizers.log); the
+# tests below were all clean on 2026-11-27 but the stride classes' TMA data gradient, which is
+# new (and the TMA convolutions' source, which it changed).
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
 # hang here too, for SAN_CAP seconds each time. memcheck first, the convolutions first (they are
 # on the way to #3's and #4's targets); racecheck is slow (16 tests in 55 s last time). The
@@ -155,6 +162,8 @@ finished() { grep -qE "$1 \.+ *(\*\*\*)?(Passed|Failed|Exception)" "$OUT/ctest.l
 if [ -z "${CTEST_LOG:-}" ]; then
   finished 'ConvolutionsWithTmaLoads/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
+  finished 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' &&
+    san memcheck test_cuda_tensor_core '*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' tma-classes
   finished 'GemmOnTheWideTmaTile/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
   finished 'PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels' &&
@@ -165,6 +174,8 @@ if [ -z "${CTEST_LOG:-}" ]; then
     san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' tma-conv-wide
   finished 'ConvolutionsWithTmaLoads/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
+  finished 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' &&
+    san racecheck test_cuda_tensor_core '*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' tma-classes
   finished 'GemmOnTheWideTmaTile/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
 fi
@@ -209,20 +220,24 @@ throughput_ab() {
     log "bench $model $* $var=$v exit ${PIPESTATUS[0]}"
   done
 }
-# First one figure for each path never measured, each against its vendor twin or the copy (a
-# first pass that fits the ~230 s the measurements get): the sum over ResNet-18's bf16
-# convolutions with TMA loads against cuDNN (#3: >= 0.60); the bf16 GEMM on the 128 x 256 TMA
-# tile against cuBLASLt (#3: >= 0.70); the persistent batch norm against the copy (#3: >= 0.70);
+# First one figure for each path, each against its vendor twin or the copy (a first pass that
+# fits the ~230 s the measurements get): the sum over ResNet-18's bf16 convolutions with TMA
+# loads against cuDNN (#3: >= 0.60); the stride-2 data gradients by stride class (the classes'
+# A by TMA: never measured) against the direct form, and the sums with them (2026-11-27: the
+# direct form of these three layers ran at 0.15-0.19 of cuDNN, a quarter of its products on
+# structural zeros); the bf16 GEMM on the 128 x 256 TMA tile against cuBLASLt (#3: >= 0.70);
 # then ResNet-18's bf16 training throughput with every path that passed switched on, beside
-# PyTorch eager (#4: >= 1.0x), and ResNet-56's, launch-bound, with programmatic launch.
+# PyTorch eager (#4: >= 1.0x), and ResNet-56's, launch-bound, with programmatic launch. (The
+# persistent batch norm's kernels were measured on 2026-11-27: 0.76-1.17x the three kernels.)
 [ -n "$CONV_TMA_OK" ] && ab r18-convs-tma-sums conv-tma 40 '_bf16/r18_all_layers'
+[ -n "$CLASSES_TMA_OK" ] &&
+  ab r18-dgrad-classes dgrad-classes 40 '^conv_bwd_data_bf16/r18_.*_s2_.*/n512|^conv_(bwd_data|train)_bf16/r18_all_layers'
 [ -n "$TMA_WIDE_OK" ] && ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
-# The plain forms in fp32 at both batches (the small shapes are launch-bound), the fused in bf16.
-[ -n "$BN_PERSISTENT_OK" ] &&
-  ab bn-persistent bn-persistent 45 '^bn_(fwd_train|bwd|add_relu_fwd_train_bf16|add_relu_bwd_bf16)/'
 # Every switch is set either way, so that one exported by the caller cannot turn "off" on.
-NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0)
+NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0
+  STALEPROP_DGRAD_CLASSES=0)
 [ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
+[ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_CLASSES=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && [ -n "$TMA_WIDE_OK" ] && NEW_PATHS+=(STALEPROP_TMA_WIDE=1)
 [ -n "$BN_PERSISTENT_OK" ] && NEW_PATHS+=(STALEPROP_BN_PERSISTENT=1)
 [ -n "$PDL_OK" ] && NEW_PATHS+=(STALEPROP_PDL=1)
@@ -243,6 +258,14 @@ if ((${#NEW_PATHS[@]})); then
   done
 fi
 
+# The pooling and shortcut kernels, rewritten since their last measurement (they passed their GPU
+# tests on 2026-11-27 but the session ran out of time before this stage), against the copy: at
+# most 60 s, before the details below.
+if [ "$(left)" -gt 100 ]; then
+  log "gpu_bench stage 1: pooling and the shortcut against the copy"
+  STAGES=1 BENCH_FAMILIES="pool" MIN_TIME=0.002 timeout 60 tools/gpu_bench.sh | tee -a "$OUT/session.txt"
+fi
+
 # Then each path on its own. The TMA convolutions layer by layer: the sums alone (2026-11-26)
 # could not say which layers hold the data gradient at 0.25 of cuDNN while the forward reaches
 # 0.45. The TMA convolutions on the 128 x 256 tile against the 128 x 128 one (the wide layers).
@@ -252,6 +275,7 @@ elif [ "$(left)" -gt 120 ]; then
   AB_VALUES=0 ab r18-convs-tma conv-tma 40 '_bf16/r18_[0-9].*/n512'  # layer by layer, cp.async loads only
 fi
 [ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && STALEPROP_CONV_TMA=1 ab r18-convs-wide tma-wide 50 '_bf16/r18_.*/n512'
+[ -n "$CLASSES_TMA_OK" ] && throughput_ab dgrad-classes STALEPROP_DGRAD_CLASSES resnet18 512
 [ -n "$BN_PERSISTENT_OK" ] && throughput_ab bn-persistent STALEPROP_BN_PERSISTENT resnet18 512
 [ -n "$CONV_TMA_OK" ] && throughput_ab tma STALEPROP_CONV_TMA resnet18 512
 # Programmatic dependent launch against plain launches: the launch-bound small model (ResNet-56
@@ -282,8 +306,10 @@ if [ -d data/cifar-10-batches-bin ]; then
   for method in bp fdg; do
     [ "$(left)" -gt 60 ] || break
     log "trace: resnet56 $method K=4"
+    # lr 0.02: at the default 0.1, from step 0 without warm-up, fdg over four modules diverged
+    # before its 40th step on the H100 (2026-11-27).
     timeout -k 10 40 build-gpu/tools/staleprop train --device cuda --model resnet56 --precision bf16 --method $method \
-      --split 4 --split-at fdg --epochs 1 --train-limit 5120 --test-limit 1000 --progress none \
+      --split 4 --split-at fdg --epochs 1 --lr 0.02 --train-limit 5120 --test-limit 1000 --progress none \
       --trace "$OUT/trace-resnet56-$method-K4.json" > "$OUT/trace-resnet56-$method-K4.log" 2>&1
     log "trace exit $?"
   done
@@ -323,11 +349,6 @@ if [ -d data/cifar-10-batches-bin ]; then
     log "sweep of 4 resnet56 runs, $parallel at once: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
   done
 fi
-
-log "gpu_bench stage 1: pooling and the shortcut, then the fused batch norm, against the copy"
-[ "$(left)" -gt 60 ] &&
-  STAGES=1 BENCH_FAMILIES="pool bn_add_relu" MIN_TIME=0.002 timeout $(( $(left) - 40 )) tools/gpu_bench.sh |
-  tee -a "$OUT/session.txt"
 
 # The warp-specialised TMA kernels' SASS: each should set its warpgroups' registers twice
 # (USETMAXREG) and make no calls in the producer's 40-register region; the wide tile with the

@@ -4,12 +4,12 @@
 
 The script runs once per GPU session, in 15 minutes of device time, so a mistake in its logic
 costs a whole session. Checked here, from a ctest log in which the TMA convolutions and the
-persistent batch norm passed, the wide TMA GEMM tile timed out and the programmatic-launch test
-failed:
+persistent batch norm and the stride classes' TMA data gradient passed, the wide TMA GEMM tile
+timed out and the programmatic-launch test failed:
   - compute-sanitizer runs memcheck before racecheck, the convolutions first, and never on a
     test that timed out (it would hang again) or did not run;
   - a switch is measured only where its GPU test passed: the wide tile's and programmatic
-    launch's benchmarks never run, the convolutions' and the batch norm's run off and on;
+    launch's benchmarks never run, the convolutions' and the stride classes' run off and on;
   - the training throughput with "the new paths on" switches on exactly the paths that passed,
     and with them "off" switches every path off explicitly;
   - the script ends with exit status 0 and packs its outputs into results.tgz with session.txt.
@@ -38,13 +38,14 @@ exit 0
 """
 
 CTEST_LOG = """\
-  1/7 Test   #1: Mainloops/TensorCore.ConvolutionsWithTmaLoads/wgmma_tma ..............   Passed    1.00 sec
-  2/7 Test   #2: Mainloops/TensorCore.GemmOnTheWideTmaTile/wgmma_tma ..................***Timeout 120.01 sec
-  3/7 Test   #3: CudaOps.PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels ......   Passed    1.00 sec
-  4/7 Test   #4: CudaOps.PersistentBatchNormIsFirstPlannedInsideAStreamCapture ........   Passed    1.00 sec
-  5/7 Test   #5: CudaOps.ProgrammaticLaunchStillOrdersDependentKernels ................***Failed    1.00 sec
-  6/7 Test   #6: CudaNetwork.ProgrammaticDependentLaunchChangesNoBit ..................***Failed    1.00 sec
-  7/7 Test   #7: Mainloops/TensorCore.ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma .   Passed    1.00 sec
+  1/8 Test   #1: Mainloops/TensorCore.ConvolutionsWithTmaLoads/wgmma_tma ..............   Passed    1.00 sec
+  2/8 Test   #2: Mainloops/TensorCore.GemmOnTheWideTmaTile/wgmma_tma ..................***Timeout 120.01 sec
+  3/8 Test   #3: CudaOps.PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels ......   Passed    1.00 sec
+  4/8 Test   #4: CudaOps.PersistentBatchNormIsFirstPlannedInsideAStreamCapture ........   Passed    1.00 sec
+  5/8 Test   #5: CudaOps.ProgrammaticLaunchStillOrdersDependentKernels ................***Failed    1.00 sec
+  6/8 Test   #6: CudaNetwork.ProgrammaticDependentLaunchChangesNoBit ..................***Failed    1.00 sec
+  7/8 Test   #7: Mainloops/TensorCore.ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma .   Passed    1.00 sec
+  8/8 Test   #8: Mainloops/TensorCore.ConvolutionsByStrideClassWithTmaLoads/wgmma_tma .   Passed    1.00 sec
 """
 
 # tools/gpu_check.sh: the build does nothing, the tests write the log above.
@@ -96,16 +97,18 @@ def main():
         san = [l for l in lines if l.startswith("compute-sanitizer ")]
         tools_and_filters = [(l.split()[2], l.split("--gtest_filter=")[1].split()[0]) for l in san]
         check(tools_and_filters == [("memcheck", "*ConvolutionsWithTmaLoads/wgmma_tma"),
+                                    ("memcheck", "*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma"),
                                     ("memcheck", "*PersistentBatchNorm*:*ProgrammaticLaunch*"),
                                     ("memcheck", "*ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma"),
-                                    ("racecheck", "*ConvolutionsWithTmaLoads/wgmma_tma")],
+                                    ("racecheck", "*ConvolutionsWithTmaLoads/wgmma_tma"),
+                                    ("racecheck", "*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma")],
               f"the sanitizers run memcheck first, never on the test that timed out: {tools_and_filters}", log)
 
         bench = [l for l in lines if l.startswith("bench_gpu_kernels ")]
         check(not any("--pdl" in l for l in bench), "programmatic launch, whose test failed, is not benchmarked", log)
         check(not any("--tma-wide" in l and "gemm_bf16" in l for l in bench),
               "the wide GEMM tile, whose test timed out, is not benchmarked", log)
-        for flag in ("--conv-tma", "--bn-persistent"):
+        for flag in ("--conv-tma", "--dgrad-classes"):
             check(any(f"{flag}=0" in l for l in bench) and any(f"{flag}=1" in l for l in bench),
                   f"a switch whose test passed is benchmarked off and on ({flag})", log)
         first_sums = next((i for i, l in enumerate(bench) if "r18_all_layers" in l), None)
@@ -116,11 +119,13 @@ def main():
         on = [l for l in lines if "throughput-new-paths-on" in l]
         off = [l for l in lines if "throughput-new-paths-off" in l]
         check(len(on) == 2 and len(off) == 2, "ResNet-18 and ResNet-56 throughput with the new paths off and on", log)
-        check(all(l.split("|")[1].split() == ["STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_TMA=1", "STALEPROP_PDL=0",
-                                              "STALEPROP_TMA_WIDE=0"] for l in on),
+        check(all(l.split("|")[1].split() == ["STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_TMA=1",
+                                              "STALEPROP_DGRAD_CLASSES=1", "STALEPROP_PDL=0", "STALEPROP_TMA_WIDE=0"]
+                  for l in on),
               "the new paths on are exactly the switches that passed", log)
-        check(all(l.split("|")[1].split() == ["STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_TMA=0", "STALEPROP_PDL=0",
-                                              "STALEPROP_TMA_WIDE=0"] for l in off),
+        check(all(l.split("|")[1].split() == ["STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_TMA=0",
+                                              "STALEPROP_DGRAD_CLASSES=0", "STALEPROP_PDL=0", "STALEPROP_TMA_WIDE=0"]
+                  for l in off),
               "the new paths off switch every path off", log)
         check(not any("STALEPROP_PDL=1" in l or "STALEPROP_TMA_WIDE=1" in l for l in lines),
               "no run switches on a path whose test did not pass", log)
