@@ -248,11 +248,24 @@ TEST(ConvTma, StrideClassBoxesHoldEachClasssDataGradientRows) {
     }
     EXPECT_EQ(with_taps, t.r == 1 ? 1 : 4) << name(t);
   }
-  // Odd sizes give classes of different widths (9 = 5 + 4 columns), which do not divide the tile.
-  const sp::kernels::StrideClass odd = sp::kernels::stride_classes({2, 9, 9, 64, 64, 3, 3, 2, 1})[0];
-  EXPECT_EQ(odd.wc, 5);
-  EXPECT_STREQ(plan_conv_dgrad_class_tma(2, odd.hc, odd.wc, 5, 5, 64, odd.rc, odd.sc, odd.dh, odd.dw, kTileM).why,
+  // Odd sizes give classes of different sizes (9 = 5 + 4 pixels): 5 x 5, 5 x 4 and 4 x 5, which do
+  // not tile, and 4 x 4, which does: its boxes reach dy's last row and column (dh = dw = 1).
+  const Case odd = {2, 9, 9, 64, 64, 3, 2, 1, true};
+  const std::vector<sp::kernels::StrideClass> odd_classes = sp::kernels::stride_classes({2, 9, 9, 64, 64, 3, 3, 2, 1});
+  ASSERT_EQ(odd_classes.size(), 4u);
+  EXPECT_STREQ(plan_conv_dgrad_class_tma(2, 5, 5, 5, 5, 64, odd_classes[0].rc, odd_classes[0].sc, odd_classes[0].dh,
+                                         odd_classes[0].dw, kTileM)
+                   .why,
                "Q does not divide the tile");
+  EXPECT_STREQ(plan_conv_dgrad_class_tma(2, 5, 4, 5, 5, 64, odd_classes[1].rc, odd_classes[1].sc, odd_classes[1].dh,
+                                         odd_classes[1].dw, kTileM)
+                   .why,
+               "the tile is neither a band of whole rows of one image nor whole images");
+  EXPECT_EQ(odd_classes[0].wc, 5);
+  EXPECT_EQ(odd_classes[1].wc, 4);
+  EXPECT_EQ(odd_classes[3].hc * odd_classes[3].wc, 16);
+  EXPECT_EQ(odd_classes[3].dh, 1);
+  check_class_case(odd, odd_classes[3]);
 }
 
 TEST(ConvTma, ThePlanRefusesWhatOneBoxCannotLoad) {

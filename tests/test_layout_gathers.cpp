@@ -182,8 +182,6 @@ TEST(LayoutGathers, GlobalAvgPoolBackwardOneAndFourChannelsAtATime) {
     }
 }
 
-// Past 2^31 elements the coordinates come from 64-bit divisions; below, from 32-bit ones. Both
-// must give the coordinates the plain arithmetic gives.
 TEST(LayoutGathers, StrideClassScatterOneAndEightChannelsAtATime) {
   // Each class's dense rows (img, i, j), gathered here from a known dx by the classes'
   // definition (kernels/common/conv_stride_classes.h), scattered back by scatter_class_chunk
@@ -232,6 +230,8 @@ TEST(LayoutGathers, StrideClassScatterOneAndEightChannelsAtATime) {
   }
 }
 
+// Past 2^31 elements the coordinates come from 64-bit divisions; below, from 32-bit ones. Both
+// must give the coordinates the plain arithmetic gives.
 TEST(LayoutGathers, NhwcIndexInBothRanges) {
   const int c = 48, cols = 17, rows = 13;
   std::mt19937_64 rng(9);

@@ -135,8 +135,8 @@ void scatter_class(const uint16_t* src, uint16_t* dx, int64_t rows, const ConvGe
 // scatter of its rows into dx. Only the products that are not structural zeros are computed:
 // a quarter of the direct form's for a 3x3 stride-2 layer. On the transposed filter, a class's
 // A operand is loaded by TMA where conv_tma() is on and the class plans for it (conv_tma.h,
-// plan_conv_dgrad_class_tma: dy with K % 64 == 0 and a class grid whose wc divides the tile,
-// as in ResNet-18's stride-2 layers); else it is gathered by cp.async.
+// plan_conv_dgrad_class_tma: dy with K % 64 == 0 and a class grid that tiles, as in ResNet-18's
+// stride-2 layers on CIFAR); else it is gathered by cp.async.
 void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint16_t* dy, const uint16_t* w,
                             uint16_t* dx, cudaStream_t stream) {
   const std::vector<StrideClass> classes = stride_classes(sh);

@@ -124,8 +124,9 @@ constexpr ConvTmaPlan plan_conv_tma(int n, int p, int q, int src_h, int src_w, i
 
 // The data gradient of stride class (a, b) of a strided convolution (see the top of this file):
 // the class's pixel grid [n, hc, wc], the output dy [n, p, q, k], the class's rc x sc taps and its
-// offsets dh, dw (StrideClass). Not ok where the shape misses a requirement (a class grid whose
-// wc does not divide the tile: odd input sizes, say), or the class has no tap.
+// offsets dh, dw (StrideClass). Not ok where the shape misses a requirement (as for any grid: wc
+// divides the tile and hc * wc is a multiple or a divisor of it, which CIFAR's 16, 8 and 4 pixel
+// classes meet and odd input sizes or ImageNet's 28, 14 and 7 do not), or the class has no tap.
 constexpr ConvTmaPlan plan_conv_dgrad_class_tma(int n, int hc, int wc, int p, int q, int k, int rc, int sc, int dh,
                                                 int dw, int tile_m) {
   ConvTmaPlan plan = plan_conv_tma(n, hc, wc, p, q, k, rc, sc, 1, -1, 0, tile_m);

@@ -85,7 +85,8 @@ bool dgrad_transposed_filter();
 // loop is wgmma_tma (or auto on Hopper): the forward where the source has C % 64 == 0 and the
 // output rows tile by 128 (every ResNet-18 layer but the stem, ResNet-20/56/110's 64-channel
 // stage; not ImageNet's 56/28/14/7 pixel rows, which would need TMA's im2col mode), the stride-1 data gradient on the
-// transposed filter, and the weight gradient where the output pixels tile by 64. Other shapes take the cp.async
+// transposed filter, each stride class's data gradient with dgrad_by_stride_class() (below), and the weight gradient
+// where the output pixels tile by 64. Other shapes take the cp.async
 // wgmma loop. On by default: on an H100 (bench/results/nvidia-h100/2026-11-27-summary.md) its GPU tests passed,
 // compute-sanitizer memcheck and racecheck were clean, and ResNet-18's bf16 convolutions at batch 512 ran 1.39x
 // faster than on the gathers; the environment variable STALEPROP_CONV_TMA=0 turns it off.
