@@ -13,6 +13,8 @@
 #      classes' TMA data gradient's and the wide TMA GEMM tile's tests, memcheck on the
 #      persistent batch norm's and the wide TMA convolutions'
 #      (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed out);
+#      then, where time is left, racecheck over test_cuda_ops and the convolution tests
+#      (SWEEP_CAP seconds each, default 100);
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
 #      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
 #      the measurements; evaluate its checkpoint with staleprop and, loaded into PyTorch, with
@@ -141,14 +143,15 @@ log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict 
   "stride-class data gradient with TMA loads $(verdict "$CLASSES_TMA_OK")"
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
-san() {  # tool test filter [log-name tag]
-  [ "$(left)" -gt $((SAN_CAP + 200)) ] || { log "no time for compute-sanitizer $1 '$3'"; return; }
+san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call
+  local cap=${CAP:-$SAN_CAP}
+  [ "$(left)" -gt $((cap + 200)) ] || { log "no time for compute-sanitizer $1 '$3'"; return; }
   local log="$OUT/sanitizer-$1-$2${4:+-$4}.log"
-  timeout -k 10 "$SAN_CAP" compute-sanitizer --tool "$1" --error-exitcode 1 "build-gpu/tests/$2" --gtest_filter="$3" \
+  timeout -k 10 "$cap" compute-sanitizer --tool "$1" --error-exitcode 1 "build-gpu/tests/$2" --gtest_filter="$3" \
     > "$log" 2>&1
   local rc=$?
   log "compute-sanitizer $1 $2 '$3' exit $rc ($(grep -c '\[       OK \]' "$log") tests passed" \
-    "before the end or the ${SAN_CAP} s cap; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log"))"
+    "before the end or the ${cap} s cap; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log"))"
 }
 # The other wgmma and wgmma_tma tests ran under memcheck on an H100, and racecheck finished 16 of
 # them, every GEMM test among them (bench/results/nvidia-h100/2026-11-26-sanitizers.log); the
@@ -178,6 +181,13 @@ if [ -z "${CTEST_LOG:-}" ]; then
     san racecheck test_cuda_tensor_core '*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' tma-classes
   finished 'GemmOnTheWideTmaTile/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
+  # Then, where time is left, racecheck over kernels it has never run (#3 asks for memcheck and
+  # racecheck clean on the kernel tests; memcheck ran nearly all of them on 2026-11-26): every
+  # test of test_cuda_ops but the slow persistent batch norm's (25 s in ctest), whose kernels
+  # share memory for their reductions, transposes and pooling; then the convolution tests on
+  # the default main loop (racecheck ran the first ones up to the transposed filter).
+  CAP=${SWEEP_CAP:-100} san racecheck test_cuda_ops '-*PersistentBatchNormGivesTheSameBits*' sweep
+  CAP=${SWEEP_CAP:-100} san racecheck test_cuda_tensor_core '*Convolution*/wgmma_tma' sweep
 fi
 
 if [ -n "$TRAIN_PID" ]; then
