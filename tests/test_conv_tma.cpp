@@ -74,6 +74,32 @@ int a_element(const Case& t, const std::vector<int>& src, int m, int kk) {
   return src[((size_t(img) * src_h + hh) * src_w + ww) * src_c + ch];
 }
 
+// Loads every stage of an A operand of `rows` rows and `depth` K (tiles of kTileM rows, K steps
+// of kBK) from `plan` over `src` with the TMA model, and compares each element with a_at(m, kk),
+// the operand written out; reports the first few differences. Returns how many differ.
+template <class At>
+int stages_differing(const ConvTmaPlan& plan, const std::vector<int>& src, int rows, int depth, const At& a_at) {
+  int wrong = 0;
+  for (int m0 = 0; m0 < rows; m0 += kTileM)
+    for (int k0 = 0; k0 < depth; k0 += kBK) {
+      int co[4];
+      plan.src.coords(m0, k0, co);
+      const std::vector<int> box = tma_box(plan.map, src, co);
+      if (box.size() != size_t(kTileM) * kBK) {
+        ADD_FAILURE() << "a box of " << box.size() << " elements is not one stage";
+        return wrong + 1;
+      }
+      for (int row = 0; row < kTileM; ++row)
+        for (int ch = 0; ch < kBK; ++ch) {
+          const int expect = a_at(m0 + row, k0 + ch);
+          if (box[size_t(row) * kBK + ch] != expect && ++wrong <= 5)
+            ADD_FAILURE() << "tile m0 " << m0 << " k0 " << k0 << ": row " << row << " channel " << ch << " holds "
+                          << box[size_t(row) * kBK + ch] << ", A has " << expect;
+        }
+    }
+  return wrong;
+}
+
 ConvTmaPlan plan_of(const Case& t) {
   const int p = out_size(t.h, t.r, t.stride, t.pad), q = out_size(t.w, t.r, t.stride, t.pad);
   if (t.data_gradient) return plan_conv_tma(t.n, t.h, t.w, p, q, t.k, t.r, t.r, 1, -1, t.pad, kTileM);
@@ -97,21 +123,7 @@ void check_case(const Case& t) {
   ASSERT_EQ(loaded, uint32_t(kTileM * kBK)) << "a box is not one stage";
   ASSERT_EQ(plan.map.box[1] % plan.map.element_stride[1], 0u);
   ASSERT_EQ(plan.map.box[2] % plan.map.element_stride[2], 0u);
-  int wrong = 0;
-  for (int m0 = 0; m0 < rows; m0 += kTileM)
-    for (int k0 = 0; k0 < depth; k0 += kBK) {
-      int co[4];
-      plan.src.coords(m0, k0, co);
-      const std::vector<int> box = tma_box(plan.map, src, co);
-      for (int row = 0; row < kTileM; ++row)
-        for (int ch = 0; ch < kBK; ++ch) {
-          const int expect = a_element(t, src, m0 + row, k0 + ch);
-          if (box[size_t(row) * kBK + ch] != expect && ++wrong <= 5)
-            ADD_FAILURE() << "tile m0 " << m0 << " k0 " << k0 << ": row " << row << " channel " << ch << " holds "
-                          << box[size_t(row) * kBK + ch] << ", A has " << expect;
-        }
-    }
-  EXPECT_EQ(wrong, 0);
+  EXPECT_EQ(stages_differing(plan, src, rows, depth, [&](int m, int kk) { return a_element(t, src, m, kk); }), 0);
 }
 
 TEST(ConvTma, BoxesHoldTheImplicitGemmRowsOfEveryResNetLayer) {
@@ -193,31 +205,20 @@ void check_class_case(const Case& t, const sp::kernels::StrideClass& cl) {
   std::vector<int> dy(size_t(t.n) * p * q * t.k);
   for (size_t i = 0; i < dy.size(); ++i) dy[i] = int(i) + 1;
   const int rows = t.n * cl.hc * cl.wc, depth = cl.rc * cl.sc * t.k;
-  int wrong = 0;
-  for (int m0 = 0; m0 < rows; m0 += kTileM)
-    for (int k0 = 0; k0 < depth; k0 += kBK) {
-      int co[4];
-      plan.src.coords(m0, k0, co);
-      const std::vector<int> box = tma_box(plan.map, dy, co);
-      ASSERT_EQ(box.size(), size_t(kTileM) * kBK) << "a box is not one stage";
-      for (int row = 0; row < kTileM; ++row)
-        for (int ch = 0; ch < kBK; ++ch) {
-          const int m = m0 + row, kk = k0 + ch;
-          const int img = m / (cl.hc * cl.wc), i = m / cl.wc % cl.hc, j = m % cl.wc;
-          const int z = kk / t.k, k = kk % t.k, rr = z / cl.sc, ss = z % cl.sc;
-          const int r = cl.r0 + t.stride * rr, s = cl.s0 + t.stride * ss;
-          const int hn = cl.a + t.stride * i + t.pad - r, wn = cl.b + t.stride * j + t.pad - s;
-          ASSERT_EQ(hn % t.stride, 0) << "tap " << r << " does not reach row " << cl.a + t.stride * i;
-          ASSERT_EQ(wn % t.stride, 0) << "tap " << s << " does not reach column " << cl.b + t.stride * j;
-          const int pp = hn / t.stride, qq = wn / t.stride;
-          const bool inside = img < t.n && hn >= 0 && wn >= 0 && pp < p && qq < q;
-          const int expect = inside ? dy[((size_t(img) * p + pp) * q + qq) * t.k + k] : 0;
-          if (box[size_t(row) * kBK + ch] != expect && ++wrong <= 5)
-            ADD_FAILURE() << "tile m0 " << m0 << " k0 " << k0 << ": row " << row << " channel " << ch << " holds "
-                          << box[size_t(row) * kBK + ch] << ", A has " << expect;
-        }
-    }
-  EXPECT_EQ(wrong, 0);
+  // Element (m, kk) of the class's A: its input pixel (img, a + stride * i, b + stride * j), tap
+  // (r, s) and channel k, at the output pixel (p, q) the tap maps that pixel to.
+  const auto a_at = [&](int m, int kk) {
+    const int img = m / (cl.hc * cl.wc), i = m / cl.wc % cl.hc, j = m % cl.wc;
+    const int z = kk / t.k, k = kk % t.k, rr = z / cl.sc, ss = z % cl.sc;
+    const int r = cl.r0 + t.stride * rr, s = cl.s0 + t.stride * ss;
+    const int hn = cl.a + t.stride * i + t.pad - r, wn = cl.b + t.stride * j + t.pad - s;
+    EXPECT_EQ(hn % t.stride, 0) << "tap " << r << " does not reach row " << cl.a + t.stride * i;
+    EXPECT_EQ(wn % t.stride, 0) << "tap " << s << " does not reach column " << cl.b + t.stride * j;
+    const int pp = hn / t.stride, qq = wn / t.stride;
+    const bool inside = img < t.n && hn >= 0 && wn >= 0 && pp < p && qq < q;
+    return inside ? dy[((size_t(img) * p + pp) * q + qq) * t.k + k] : 0;
+  };
+  EXPECT_EQ(stages_differing(plan, dy, rows, depth, a_at), 0);
 }
 
 TEST(ConvTma, StrideClassBoxesHoldEachClasssDataGradientRows) {

@@ -473,6 +473,21 @@ TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
   EXPECT_TRUE(bits_equal(a.dx, b.dx)) << "repeated runs differ";
 }
 
+// Which passes of sh the TMA convolutions' plans accept (conv_tma.h; check_conv's tensors are
+// aligned and their row strides multiples of 8, so the plans alone decide): the forward, the
+// weight gradient and the stride-1 data gradient. The stride classes' plans are their test's.
+struct TmaPlans {
+  bool fwd, wgrad, dgrad;
+};
+TmaPlans tma_plans(const Conv2dShape& sh) {
+  namespace wg = kcu::detail::wgmma;
+  return {
+      wg::plan_conv_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, 1, sh.pad, wg::kConvTmaTileM).ok,
+      wg::plan_conv_wgrad_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, sh.pad).ok,
+      sh.stride == 1 &&
+          wg::plan_conv_tma(sh.n, sh.h, sh.w, sh.p(), sh.q(), sh.k, sh.r, sh.s, 1, -1, sh.pad, wg::kConvTmaTileM).ok};
+}
+
 TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
   // The convolutions' A operand loaded by TMA, one 4-D box of the NHWC source per tap and 64
   // channels (conv_tma.h), with conv_tma() on: on the wgmma_tma main loop the forward and the
@@ -496,18 +511,10 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
       shapes.push_back(sh);
       // These take the TMA path (so that the comparisons below are not of the cp.async path with
       // itself): the plans the kernels ask for accept them.
-      namespace wg = kcu::detail::wgmma;
-      EXPECT_TRUE(wg::plan_conv_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, 1, sh.pad,
-                                    wg::kConvTmaTileM)
-                      .ok)
-          << conv_str(sh) << ": forward";
-      EXPECT_TRUE(wg::plan_conv_wgrad_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, sh.pad).ok)
-          << conv_str(sh) << ": weight gradient";
-      if (sh.stride == 1) {
-        EXPECT_TRUE(
-            wg::plan_conv_tma(sh.n, sh.h, sh.w, sh.p(), sh.q(), sh.k, sh.r, sh.s, 1, -1, sh.pad, wg::kConvTmaTileM).ok)
-            << conv_str(sh) << ": backward data";
-      }
+      const TmaPlans plans = tma_plans(sh);
+      EXPECT_TRUE(plans.fwd) << conv_str(sh) << ": forward";
+      EXPECT_TRUE(plans.wgrad) << conv_str(sh) << ": weight gradient";
+      EXPECT_TRUE(plans.dgrad || sh.stride != 1) << conv_str(sh) << ": backward data";
     }
   shapes.push_back(conv(3, 8, 8, 64, 64, 3, 1, 1));
   shapes.push_back(conv(5, 4, 4, 128, 128, 3, 1, 1));
@@ -524,14 +531,8 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
   // grow by that many.
   const auto tma_passes = [&](const Conv2dShape& sh) {
     if (GetParam() != kcu::MmaMainloop::kWgmmaTma) return int64_t(0);
-    namespace wg = kcu::detail::wgmma;
-    return int64_t(wg::plan_conv_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, 1, sh.pad,
-                                     wg::kConvTmaTileM)
-                       .ok) +
-           int64_t(wg::plan_conv_wgrad_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, sh.pad).ok) +
-           int64_t(sh.stride == 1 &&
-                   wg::plan_conv_tma(sh.n, sh.h, sh.w, sh.p(), sh.q(), sh.k, sh.r, sh.s, 1, -1, sh.pad, wg::kConvTmaTileM)
-                       .ok);
+    const TmaPlans plans = tma_plans(sh);
+    return int64_t(plans.fwd) + int64_t(plans.wgrad) + int64_t(plans.dgrad);
   };
   uint32_t seed = 720;
   for (const Conv2dShape& sh : shapes) {
@@ -589,10 +590,8 @@ TEST_P(TensorCore, ConvolutionsByStrideClassWithTmaLoads) {
     seed += 5;
     int64_t expect = 0;
     if (GetParam() == kcu::MmaMainloop::kWgmmaTma) {
-      expect +=
-          wg::plan_conv_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, 1, sh.pad, wg::kConvTmaTileM)
-              .ok;
-      expect += wg::plan_conv_wgrad_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, sh.pad).ok;
+      const TmaPlans plans = tma_plans(sh);
+      expect += int64_t(plans.fwd) + int64_t(plans.wgrad);
       for (const sp::kernels::StrideClass& cl : sp::kernels::stride_classes(sh)) {
         const bool ok =
             cl.hc * cl.wc > 0 && wg::plan_conv_dgrad_class_tma(sh.n, cl.hc, cl.wc, sh.p(), sh.q(), sh.k, cl.rc, cl.sc,
@@ -654,7 +653,6 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoadsOnTheWideTile) {
   const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
   const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
   const ScopedSwitch direct(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
-  namespace wg = kcu::detail::wgmma;
   std::vector<Conv2dShape> shapes;
   for (const Conv2dShape& sh : conv_cases())
     if (sh.c % 64 == 0 && (sh.k >= 256 || sh.c >= 256)) shapes.push_back(sh);
@@ -669,14 +667,9 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoadsOnTheWideTile) {
     seed += 5;
     int64_t expect = 0;
     if (GetParam() == kcu::MmaMainloop::kWgmmaTma) {
-      expect += wg::plan_conv_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, 1, sh.pad,
-                                  wg::kConvTmaTileM).ok && kcu::wide_tile_width(sh.k);
-      expect += wg::plan_conv_wgrad_tma(sh.n, sh.p(), sh.q(), sh.h, sh.w, sh.c, sh.r, sh.s, sh.stride, sh.pad).ok &&
-                kcu::wide_tile_width(sh.k);
-      expect += sh.stride == 1 &&
-                wg::plan_conv_tma(sh.n, sh.h, sh.w, sh.p(), sh.q(), sh.k, sh.r, sh.s, 1, -1, sh.pad, wg::kConvTmaTileM)
-                    .ok &&
-                kcu::wide_tile_width(sh.c);
+      const TmaPlans plans = tma_plans(sh);
+      expect += (plans.fwd && kcu::wide_tile_width(sh.k)) + (plans.wgrad && kcu::wide_tile_width(sh.k)) +
+                (plans.dgrad && kcu::wide_tile_width(sh.c));
     }
     ConvResult wide, narrow;
     {
