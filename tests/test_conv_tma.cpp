@@ -7,7 +7,9 @@
 // independently here: forward x(pixel, tap, channel), backward data dy(pixel, tap, channel) on
 // the stride-1 mirror image of the window, zero in the padding and past the last image; and the
 // data gradient of each stride class of a strided convolution, from the convolution's
-// definition (the taps that reach the class's input pixel and the output pixel each reads).
+// definition (the taps that reach the class's input pixel and the output pixel each reads); and
+// the whole stride-class data gradient rebuilt from those boxes, the class's transposed filter
+// and the scatter, against the CPU reference.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -15,7 +17,10 @@
 #include <vector>
 
 #include "kernels/common/conv_stride_classes.h"
+#include "kernels/cpu/ops.h"
+#include "kernels/cuda/conv_loaders.h"
 #include "kernels/cuda/conv_tma.h"
+#include "kernels/cuda/layout_gathers.h"
 
 namespace {
 
@@ -267,6 +272,85 @@ TEST(ConvTma, StrideClassBoxesHoldEachClasssDataGradientRows) {
   EXPECT_EQ(odd_classes[3].hc * odd_classes[3].wc, 16);
   EXPECT_EQ(odd_classes[3].dh, 1);
   check_class_case(odd, odd_classes[3]);
+}
+
+TEST(ConvTma, StrideClassesRebuildTheDataGradientFromTheirBoxes) {
+  // The class path of conv_bf16.cu (backward_data_by_class with TMA loads) end to end on the
+  // CPU, with the kernel's arithmetic replaced by plain sums: for each class with taps, every A
+  // stage the TMA model loads through the class's plan, times the class's transposed filter
+  // wt[c, z * K + k] = w[k, taps.tap(z), c] (FilterTaps::of_class, as transposed_filter builds
+  // it), summed into the class's dense result rows; then scatter_class_chunk puts the rows into
+  // dx (a class without taps from null: zeros). That must be the CPU reference's data gradient
+  // exactly: small integers, exact in float and carried as 16-bit values by the scatter.
+  // ResNet-like strided layers with every class planning: 3x3 pad 1, 1x1 pad 0, 5x5 pad 2,
+  // 3x3 pad 0, a part-empty last tile (3 images of 8 x 8 classes) and classes of 16 x 16.
+  using sp::kernels::Conv2dShape;
+  namespace mma = sp::kernels::cuda::detail::mma;
+  namespace det = sp::kernels::cuda::detail;
+  std::vector<Conv2dShape> shapes(6);
+  const int dims[6][9] = {{2, 16, 16, 16, 64, 3, 3, 2, 1}, {2, 16, 16, 8, 64, 1, 1, 2, 0},
+                          {2, 16, 16, 8, 64, 5, 5, 2, 2},  {2, 16, 16, 8, 64, 3, 3, 2, 0},
+                          {3, 16, 16, 8, 64, 3, 3, 2, 1},  {1, 32, 32, 8, 64, 3, 3, 2, 1}};
+  for (int i = 0; i < 6; ++i) {
+    const int* d = dims[i];
+    shapes[size_t(i)] = Conv2dShape{d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], d[8]};
+  }
+  uint32_t seed = 1;
+  for (const Conv2dShape& sh : shapes) {
+    const std::string what = "n" + std::to_string(sh.n) + " " + std::to_string(sh.h) + "x" + std::to_string(sh.w) +
+                             "x" + std::to_string(sh.c) + " k" + std::to_string(sh.k) + " " + std::to_string(sh.r) +
+                             "x" + std::to_string(sh.s) + " pad " + std::to_string(sh.pad);
+    SCOPED_TRACE(what);
+    const int p = sh.p(), q = sh.q();
+    std::vector<int> dy(size_t(sh.n) * p * q * sh.k), w(size_t(sh.k) * sh.r * sh.s * sh.c);
+    for (int& v : dy) v = int((seed = seed * 1103515245u + 12345u) >> 16) % 4;
+    for (int& v : w) v = int((seed = seed * 1103515245u + 12345u) >> 16) % 4;
+    std::vector<float> dyf(dy.begin(), dy.end()), wf(w.begin(), w.end()), ref(size_t(sh.n) * sh.h * sh.w * sh.c);
+    sp::kernels::cpu::conv2d_backward_data<float>(sh, dyf.data(), wf.data(), ref.data());
+
+    const det::ConvDims g = det::conv_sizes(sh);
+    std::vector<uint16_t> dx(ref.size(), uint16_t(0xFFFF));
+    for (const sp::kernels::StrideClass& cl : sp::kernels::stride_classes(sh)) {
+      const int rows = sh.n * cl.hc * cl.wc;
+      std::vector<uint16_t> result(size_t(rows) * sh.c, 0);
+      const bool taps = cl.rc * cl.sc > 0;
+      if (taps) {
+        const ConvTmaPlan plan =
+            plan_conv_dgrad_class_tma(sh.n, cl.hc, cl.wc, p, q, sh.k, cl.rc, cl.sc, cl.dh, cl.dw, kTileM);
+        ASSERT_TRUE(plan.ok) << plan.why;
+        const mma::FilterTaps ft = mma::FilterTaps::of_class(g, cl);
+        const int depth = ft.count * sh.k;
+        std::vector<int64_t> sums(size_t(rows) * sh.c, 0);
+        for (int m0 = 0; m0 < rows; m0 += kTileM)
+          for (int k0 = 0; k0 < depth; k0 += kBK) {
+            int co[4];
+            plan.src.coords(m0, k0, co);
+            const std::vector<int> box = tma_box(plan.map, dy, co);
+            for (int row = 0; row < kTileM && m0 + row < rows; ++row)
+              for (int e = 0; e < kBK; ++e) {
+                const int a = box[size_t(row) * kBK + e];
+                if (a == 0) continue;
+                const int t = k0 + e, z = t / sh.k, k = t % sh.k;
+                for (int c = 0; c < sh.c; ++c)
+                  sums[size_t(m0 + row) * sh.c + c] +=
+                      int64_t(a) * w[(size_t(k) * sh.r * sh.s + size_t(ft.tap(z))) * sh.c + c];
+              }
+          }
+        for (size_t i = 0; i < sums.size(); ++i) {
+          ASSERT_LT(sums[i], 65536) << "the test's values must stay within 16 bits";
+          result[i] = uint16_t(sums[i]);
+        }
+      }
+      for (int64_t idx = 0; idx < int64_t(result.size()); ++idx)
+        det::scatter_class_chunk<1>(taps ? result.data() : nullptr, dx.data(), idx, sh.c, sh.h, sh.w, sh.stride, cl.a,
+                                    cl.b, cl.hc, cl.wc);
+    }
+    int wrong = 0;
+    for (size_t i = 0; i < ref.size(); ++i)
+      if (float(dx[i]) != ref[i] && ++wrong <= 5)
+        ADD_FAILURE() << "dx[" << i << "] = " << dx[i] << ", the reference " << ref[i];
+    EXPECT_EQ(wrong, 0);
+  }
 }
 
 TEST(ConvTma, ThePlanRefusesWhatOneBoxCannotLoad) {
