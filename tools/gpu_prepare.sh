@@ -14,6 +14,9 @@
 #                       such files in the git-ignored gpu-state/, never in the repository)
 #   .carry/state        with STATE_PARTS=DIR: the state-ID.tgz.NN parts an earlier tools/gpu_accuracy.sh
 #                       call returned (unfinished cells' checkpoints), which it resumes
+#   .carry/bin/compare.xz  with COMPARE_BIN=FILE: another commit's CUDA staleprop (say an older
+#                       build-cuda/tools/staleprop), xz-compressed; tools/gpu_session.sh times the
+#                       op-by-op fdg and backprop runs on it beside this commit's, on one machine
 # ACCURACY=1 leaves out GoogleTest and Google Benchmark, which tools/gpu_accuracy.sh does not use,
 # so that more checkpoints fit beside the binary and the data.
 set -euo pipefail
@@ -36,6 +39,9 @@ else
 fi
 if [ -n "${RESUME:-}" ]; then
   mkdir -p .carry/resume && cp "$RESUME" .carry/resume/train.safetensors
+fi
+if [ -n "${COMPARE_BIN:-}" ]; then
+  mkdir -p .carry/bin && xz -T0 -6 -c "$COMPARE_BIN" > .carry/bin/compare.xz
 fi
 if [ -n "${STATE_PARTS:-}" ]; then
   mkdir -p .carry/state && cp "$STATE_PARTS"/state-*.tgz.* .carry/state/

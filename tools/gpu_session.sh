@@ -24,7 +24,8 @@
 #      gradients and the sums with --dgrad-classes=0 and =1; the bf16 GEMM with the 128 x 256
 #      TMA tile against the 128 x 128 one (--tma-wide), against cuBLASLt; bf16 training
 #      throughput of ResNet-18 (batch 512) and ResNet-56 (128) with every new path that passed
-#      off and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE, _BN_PERSISTENT, _PDL)
+#      off and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE, _BN_PERSISTENT, _PDL); with
+#      COMPARE_BIN, ResNet-56's op-by-op fdg and backprop on this commit's binary and another's
 #      beside PyTorch eager. Then gpu_bench stage 1 for the pooling and shortcut kernels
 #      (rewritten since their last measurement; at most 60 s), against the copy. Then each path
 #      on its own: the convolutions layer by layer, on the
@@ -265,6 +266,24 @@ if ((${#NEW_PATHS[@]})); then
     done
     [ "$(left)" -gt 90 ] && timeout 60 python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" --steps 50 \
       --warmup 10 --bf16 --channels-last >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" && tail -1 "$OUT/pytorch.jsonl"
+  done
+fi
+
+# With COMPARE_BIN (tools/gpu_prepare.sh), the op-by-op fdg run over FDG's four cuts and
+# single-module backprop (ResNet-56, bf16, every switch off) on this commit's binary and then on
+# the other's, on this machine: on 2026-11-27 the fdg run was host-bound at 17.5k img/s where an
+# H100 the day before ran it at 27.1k (1265bd6), and only running both on one machine tells the
+# code from the machine.
+if [ -x .carry/bin/compare ]; then
+  for bin in build-gpu/tools/staleprop .carry/bin/compare; do
+    tag=this; [ "$bin" = .carry/bin/compare ] && tag=compare
+    for method in fdg bp; do
+      [ "$(left)" -gt 60 ] || break
+      pipeline=(); [ $method = fdg ] && pipeline=(--method fdg --split 4 --split-at fdg)
+      env "${OLD_PATHS[@]}" timeout 40 "$bin" bench --device cuda --model resnet56 --batch-size 128 --precision bf16 \
+        "${pipeline[@]}" --steps 50 --warmup 10 --json "$OUT/compare-$tag.jsonl" 2>&1 | tee -a "$OUT/session.txt"
+      log "bench resnet56 bf16 $method op by op on $bin exit ${PIPESTATUS[0]}"
+    done
   done
 fi
 

@@ -13,6 +13,7 @@ timed out and the programmatic-launch test failed:
     launch's benchmarks never run, the convolutions' and the stride classes' run off and on;
   - the training throughput with "the new paths on" switches on exactly the paths that passed,
     and with them "off" switches every path off explicitly;
+  - with a second binary carried, the op-by-op fdg and backprop runs on both;
   - the script ends with exit status 0 and packs its outputs into results.tgz with session.txt.
 """
 import os
@@ -75,7 +76,7 @@ def main():
         write(os.path.join(repo, "tools", "trace_overlap.py"), "print('overlap')\n")
         write(os.path.join(repo, "bench", "pytorch_baseline.py"), "print('{\"model\": \"pytorch\"}')\n")
         write(os.path.join(repo, "bench", "pytorch_load_checkpoint.py"), "print('pytorch')\n")
-        for path in ("build-gpu/tools/staleprop", "build-gpu/bench/bench_gpu_kernels",
+        for path in ("build-gpu/tools/staleprop", ".carry/bin/compare", "build-gpu/bench/bench_gpu_kernels",
                      "build-gpu/tests/test_cuda_ops", "build-gpu/tests/test_cuda_tensor_core"):
             write(os.path.join(repo, path), STUB, True)
         write(os.path.join(repo, "build-gpu", "kernels", "libstaleprop_kernels.a"), "")
@@ -132,6 +133,15 @@ def main():
               "the new paths off switch every path off", log)
         check(not any("STALEPROP_PDL=1" in l or "STALEPROP_TMA_WIDE=1" in l for l in lines),
               "no run switches on a path whose test did not pass", log)
+
+        # With a second binary carried (COMPARE_BIN): ResNet-56's op-by-op fdg and backprop on each,
+        # this commit's first, every switch off.
+        compared = [(l.split()[0], "fdg" if "--method fdg" in l else "bp") for l in lines
+                    if "compare-" in l and l.startswith(("staleprop ", "compare "))]
+        check(compared == [("staleprop", "fdg"), ("staleprop", "bp"), ("compare", "fdg"), ("compare", "bp")],
+              f"fdg and backprop on both binaries, this commit's first: {compared}", log)
+        check(all("STALEPROP_CONV_TMA=0" in l and "--graphs" not in l for l in lines if "compare-" in l),
+              "the compared runs are op by op with every switch off", log)
 
         results = os.path.join(out, "results.tgz")
         check(os.path.isfile(results), "the outputs are packed into results.tgz", log)
