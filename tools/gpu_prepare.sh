@@ -4,7 +4,7 @@
 #   .carry/googletest   GoogleTest's sources (built there by the top-level CMakeLists.txt)
 #   .carry/benchmark    Google Benchmark's headers and shared library
 #   .carry/data         the CIFAR-10 pack and its unpack script (for accuracy runs)
-#   .carry/bin          build-cuda/tools/staleprop when that build is current, xz-compressed (21 MB
+#   .carry/bin          build-cuda/tools/staleprop, built here first, xz-compressed (21 MB
 #                       becomes 7 MB of the 64 MiB a call carries); tools/gpu_env.sh unpacks it there.
 #                       tools/gpu_session.sh starts its accuracy run on it while the GPU machine
 #                       builds, and tools/gpu_accuracy.sh needs no build at all
@@ -30,12 +30,14 @@ fi
 if [ -f ../shared/data/cifar10-jpeg.pack.gz ]; then
   cp ../shared/data/cifar10-jpeg.pack.gz ../shared/data/unpack_cifar10.py ../shared/data/SHA256SUMS .carry/data/
 fi
-if [ -x build-cuda/tools/staleprop ] && [ -z "$(git status --porcelain --untracked-files=no)" ] &&
-   ! ninja -C build-cuda -n tools/staleprop 2>/dev/null | grep -qE 'Building|Linking'; then
+# Brought up to date here (ninja -n cannot tell: with CONFIGURE_DEPENDS globs it stops at
+# re-running CMake and lists no stale object; a build that is current takes seconds).
+if [ -d build-cuda ] && [ -z "$(git status --porcelain --untracked-files=no)" ] &&
+   ninja -C build-cuda tools/staleprop > /dev/null; then
   mkdir -p .carry/bin && xz -T0 -6 -c build-cuda/tools/staleprop > .carry/bin/staleprop.xz
 else
-  echo "gpu_prepare.sh: WARNING: no current build-cuda/tools/staleprop to carry (uncommitted changes, or" \
-    "the build is stale: ninja -C build-cuda tools/staleprop): the accuracy run starts only after the build" >&2
+  echo "gpu_prepare.sh: WARNING: no current build-cuda/tools/staleprop to carry (uncommitted changes, no" \
+    "build-cuda, or its build failed): the accuracy run starts only after the build" >&2
 fi
 if [ -n "${RESUME:-}" ]; then
   mkdir -p .carry/resume && cp "$RESUME" .carry/resume/train.safetensors
