@@ -90,7 +90,7 @@ void batchnorm_backward_bf16(int64_t m, int64_t c, const uint16_t* x, const uint
 // DRAM, and two launches are saved. Same bits as the three kernels (same reduction plan and
 // arithmetic). Off unless set, or the environment variable STALEPROP_BN_PERSISTENT is 1: on an H100
 // (bench/results/nvidia-h100/2026-11-27-summary.md) it gave the same bits, compute-sanitizer memcheck was clean
-// and it planned inside a stream capture, but it ran the benchmark's shapes 0.76x to 1.17x as fast as the three
+// and it planned inside a stream capture, but it ran the benchmark's shapes 0.76x to 1.20x as fast as the three
 // kernels (slower on ResNet-18's 128- and 256-channel layers). Where the device has no cooperative launch the
 // three kernels run.
 void set_bn_persistent(bool on);

@@ -88,15 +88,15 @@ bool dgrad_transposed_filter();
 // transposed filter, each stride class's data gradient with dgrad_by_stride_class() (below), and the weight gradient
 // where the output pixels tile by 64. Other shapes take the cp.async
 // wgmma loop. On by default: on an H100 (bench/results/nvidia-h100/2026-11-27-summary.md) its GPU tests passed,
-// compute-sanitizer memcheck and racecheck were clean, and ResNet-18's bf16 convolutions at batch 512 ran 1.39x
+// compute-sanitizer memcheck and racecheck were clean, and ResNet-18's bf16 convolutions at batch 512 ran 1.40x
 // faster than on the gathers; the environment variable STALEPROP_CONV_TMA=0 turns it off.
 void set_conv_tma(bool on);
 bool conv_tma();
 // The 128 x 256 tile of the wgmma_tma GEMM (wgmma_tma_mainloop.cuh, WgTmaTileWide) for N >= 256
 // where N % 256 is 0 or more than 128, instead of 128 x 128; with conv_tma() also for the TMA
 // convolutions of such N. Off unless set, or the environment variable STALEPROP_TMA_WIDE is 1: on an H100
-// (2026-11-27) its tests passed and compute-sanitizer was clean, and it ran the bf16 GEMM 1.04x (4096^3) and 1.24x
-// (8192^3) faster than the 128 x 128 tile, but ResNet-18's convolutions from 0.55x to 1.5x layer by layer (1.03x
+// (2026-11-27) its tests passed and compute-sanitizer was clean, and it ran the bf16 GEMM 1.05x (4096^3) and 1.22x
+// (8192^3) faster than the 128 x 128 tile, but ResNet-18's convolutions from 0.63x to 1.38x layer by layer (1.03x
 // summed), so it is not yet a default.
 void set_tma_wide_tile(bool on);
 bool tma_wide_tile();
