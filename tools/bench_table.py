@@ -8,9 +8,11 @@
       (TFLOP/s or GB/s) and its ratio to the vendor kernel (vs_vendor) or to the copy
       (vs_copy) measured in the same run. The column heading is the file's main-loop,
       data-gradient and TMA settings (its JSON context), else its name. With
-      several files, a last column gives the last file's speed against the first's, from
-      their ratios to the vendor kernel timed in each run (so the vendor's run-to-run
-      variation cancels): last vs_vendor / first vs_vendor.
+      several files, two last columns give the last file's rate against the first's (ours:
+      last rate / first rate), and the same for the vendor kernel or the copy timed beside it
+      (its rate is ours / ratio). cuDNN's rate for one layer varied by up to 1.9x between runs
+      of one H100 session while ours moved by 3% at most (bench/results/nvidia-h100/
+      2026-11-27-summary.md), so a ratio of ratios would carry the vendor's drift.
 
   train F.jsonl ...
       JSON lines of `staleprop bench --json`. One row per configuration (model, batch,
@@ -85,8 +87,8 @@ def kernels_table(paths):
     head = "| benchmark | " + " | ".join(f"{l}: rate | {l}: ratio" for l in labels)
     sep = "|---|" + "---|---|" * len(tables)
     if len(tables) > 1:
-        head += f" | {labels[-1]} vs {labels[0]}"
-        sep += "---|"
+        head += f" | {labels[-1]} vs {labels[0]} | the vendor's (or the copy's) rate, last vs first"
+        sep += "---|---|"
     out = [head + " |", sep]
     for n in names:
         cells = []
@@ -96,8 +98,10 @@ def kernels_table(paths):
         line = f"| {n} | " + " | ".join(cells)
         if len(tables) > 1:
             first, last = tables[0][0].get(n), tables[-1][0].get(n)
-            speedup = last[2] / first[2] if first and last and first[2] and last[2] else None
-            line += " | " + (fmt(speedup, 2) + "x" if speedup else "—")
+            both = first and last and first[0] and last[0]
+            speedup = last[0] / first[0] if both else None
+            twin = (last[0] / last[2]) / (first[0] / first[2]) if both and first[2] and last[2] else None
+            line += " | " + (fmt(speedup, 2) + "x" if speedup else "—") + " | " + (fmt(twin, 2) + "x" if twin else "—")
         out.append(line + " |")
     return "\n".join(out)
 
