@@ -327,36 +327,44 @@ struct Run {
     // began with. (Checkpoints from before a key was recorded are not checked on it.)
     // The values compared are those this run's own checkpoints would record.
     const std::map<std::string, std::string> ours = metadata(0);
-    const auto same = [&](const char* key, const char* flag, const char* what) {
-      const std::string& now = ours.at(key);
-      SP_CHECK(!meta.count(key) || meta[key] == now, "--resume: ", cfg.resume, " was written by a run with ", flag, " ",
-               meta[key], ", not ", now, "; resume with the same ", what);
+    // Each key in the order checked, with the flag and the kind of setting the refusal names.
+    // milestones and gamma shape only the multistep schedule. Recomputing through the stashed
+    // weights rebuilds the saved activations bit for bit (tests/test_pipeline.cpp), so with
+    // --weight-stash --recompute may change; without, it changes the weights the activations
+    // are rebuilt with.
+    struct Checked {
+      const char *key, *flag, *what;
+      bool applies;
     };
-    same("batch_size", "--batch-size", "data settings");
-    same("train_size", "training images (--train-limit)", "data settings");
-    same("train_digest", "training data of digest", "data");
-    same("augment", "augmentation", "data settings");
-    same("epochs", "--epochs", "schedule");
-    same("schedule", "--schedule", "schedule");
-    same("lr", "--lr", "schedule");
-    if (cfg.schedule == "multistep") {  // the only schedule they shape
-      same("milestones", "--milestones", "schedule");
-      same("gamma", "--gamma", "schedule");
+    const bool multistep = cfg.schedule == "multistep";
+    const Checked checked[] = {
+        {"batch_size", "--batch-size", "data settings", true},
+        {"train_size", "training images (--train-limit)", "data settings", true},
+        {"train_digest", "training data of digest", "data", true},
+        {"augment", "augmentation", "data settings", true},
+        {"epochs", "--epochs", "schedule", true},
+        {"schedule", "--schedule", "schedule", true},
+        {"lr", "--lr", "schedule", true},
+        {"milestones", "--milestones", "schedule", multistep},
+        {"gamma", "--gamma", "schedule", multistep},
+        {"warmup_epochs", "--warmup-epochs", "schedule", true},
+        {"method", "--method", "training rule", true},
+        {"shrink", "--shrink", "training rule", true},
+        {"staleness_jitter", "--staleness-jitter", "training rule", true},
+        {"weight_stash", "--weight-stash", "training rule (1: on, 0: off)", true},
+        {"recompute", "--recompute", "training rule (1: on, 0: off)", !cfg.weight_stash},
+        {"momentum", "--momentum", "optimizer", true},
+        {"nesterov", "--nesterov", "optimizer (1: on, 0: off)", true},
+        {"weight_decay", "--weight-decay", "optimizer", true},
+        {"label_smoothing", "--label-smoothing", "loss", true},
+        {"precision", "--precision", "precision", true},
+    };
+    for (const Checked& c : checked) {
+      if (!c.applies) continue;
+      const std::string& now = ours.at(c.key);
+      SP_CHECK(!meta.count(c.key) || meta[c.key] == now, "--resume: ", cfg.resume, " was written by a run with ",
+               c.flag, " ", meta[c.key], ", not ", now, "; resume with the same ", c.what);
     }
-    same("warmup_epochs", "--warmup-epochs", "schedule");
-    same("method", "--method", "training rule");
-    same("shrink", "--shrink", "training rule");
-    same("staleness_jitter", "--staleness-jitter", "training rule");
-    same("weight_stash", "--weight-stash", "training rule (1: on, 0: off)");
-    // Recomputing through the stashed weights rebuilds the saved activations bit for bit
-    // (tests/test_pipeline.cpp), so with --weight-stash it may change; without, it changes the
-    // weights the activations are rebuilt with.
-    if (!cfg.weight_stash) same("recompute", "--recompute", "training rule (1: on, 0: off)");
-    same("momentum", "--momentum", "optimizer");
-    same("nesterov", "--nesterov", "optimizer (1: on, 0: off)");
-    same("weight_decay", "--weight-decay", "optimizer");
-    same("label_smoothing", "--label-smoothing", "loss");
-    same("precision", "--precision", "precision");
     SP_CHECK(meta.count("step"), "--resume: ", cfg.resume, " records no training step: not a staleprop checkpoint");
     return std::stoll(meta["step"]);
   }
