@@ -45,7 +45,9 @@
 // filter or on the gathered one (default on; context dgrad_transposed_filter), --conv-tma[=0|1]
 // the convolutions' A operand loaded by TMA where the main loop is wgmma_tma (conv_tma.h; default
 // on; context conv_tma), --tma-wide[=0|1] the 128 x 256 tile of the wgmma_tma GEMM for N >= 256
-// with N % 256 0 or over 128 (default off; context tma_wide_tile), --bn-persistent[=0|1] the
+// with N % 256 0 or over 128 (default off; context tma_wide_tile), --tma-wide-by-shape[=0|1] that
+// tile where the shape's rule takes it (tile_plan.h, wide_tile_pays; default off; context
+// tma_wide_by_shape), --bn-persistent[=0|1] the
 // persistent batch norm, one cooperative kernel per training forward and backward
 // (kernels/cuda/ops.h; default off; context bn_persistent), --pdl[=0|1] programmatic dependent
 // launch of every kernel of ours (kernels/cuda/common.cuh; default off; context
@@ -111,6 +113,7 @@ const KernelSwitch kKernelSwitches[] = {
     {"--dgrad-wt", "dgrad_transposed_filter", kc::dgrad_transposed_filter, kc::set_dgrad_transposed_filter},
     {"--conv-tma", "conv_tma", kc::conv_tma, kc::set_conv_tma},
     {"--tma-wide", "tma_wide_tile", kc::tma_wide_tile, kc::set_tma_wide_tile},
+    {"--tma-wide-by-shape", "tma_wide_by_shape", kc::tma_wide_by_shape, kc::set_tma_wide_by_shape},
     {"--bn-persistent", "bn_persistent", kc::bn_persistent, kc::set_bn_persistent},
     {"--pdl", "programmatic_launch", kc::programmatic_launch, kc::set_programmatic_launch},
 };

@@ -692,6 +692,78 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoadsOnTheWideTile) {
   }
 }
 
+TEST_P(TensorCore, WideTileByShape) {
+  // With tma_wide_by_shape() on and tma_wide_tile() off, a product takes the 128 x 256 tile
+  // exactly where wide_tile_pays (tile_plan.h) says so, on each side of both branches of its
+  // rule. GEMMs whose 128 x 128 form splits K anyway (a long reduction takes the wide tile; a
+  // short one does not, nor does N = 384, which the tile never takes) against the reference;
+  // GEMMs whose 128 x 128 form does not split (a grid the wide tile keeps from splitting, one it
+  // would split, a short reduction), whose double-precision reference would be slow, against the
+  // 128 x 128 tile element by element; and convolutions whose weight gradient has a long
+  // reduction (takes it) while their forward and data gradient do not, against the reference.
+  // On the other main loops nothing takes the wide tile.
+  const ScopedSwitch always(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
+  const ScopedSwitch by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape);
+  const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
+  const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+  const ScopedSwitch direct(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
+  const bool on_tma = GetParam() == kcu::MmaMainloop::kWgmmaTma;
+  int64_t took = 0, left = 0;  // products the rule sent to the wide tile, and those it kept off it
+  const auto expect_launches = [&](int64_t before, int64_t expect, const std::string& what) {
+    EXPECT_EQ(kcu::tma_launches().wide_gemm - before, on_tma ? expect : 0) << what << ": wide tile launches";
+    (expect ? took : left) += expect ? expect : 1;
+  };
+  uint32_t seed = 900;
+  // {256, 256, 8192}: 4 tiles, 128 K steps (wide); {256, 256, 1024}: 16 steps (not); {200, 384,
+  // 8200}: N = 384 is not a width the wide tile takes (wide_tile_width), whatever the reduction.
+  const int64_t small[][3] = {{256, 256, 8192}, {256, 256, 1024}, {200, 384, 8200}};
+  for (const auto& sz : small) {
+    const GemmCase g{sz[0], sz[1], sz[2]};
+    const int64_t before = kcu::tma_launches().wide_gemm;
+    check_f32(&kcu::gemm_bf16, stream_, g, seed += 5);
+    expect_launches(before, kcu::detail::wide_tile_pays(g.m, g.n, g.k), gemm_str(g, "gemm_bf16"));
+  }
+  // {32768, 256, 1024}: 512 narrow and 256 wide tiles, 16 steps (wide); {16384, 256, 2048}: 256
+  // narrow but 128 wide tiles, which would split K (not); {32768, 256, 512}: 8 steps (not).
+  const int64_t large[][3] = {{32768, 256, 1024}, {16384, 256, 2048}, {32768, 256, 512}};
+  for (const auto& sz : large) {
+    const int64_t m = sz[0], n = sz[1], k = sz[2];
+    const std::string what = "gemm_bf16 " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k);
+    const DeviceArray<uint16_t> a(random_bf16(size_t(m * k), seed += 5)), b(random_bf16(size_t(k * n), seed + 1));
+    DeviceArray<float> by(size_t(m * n)), narrow(size_t(m * n));
+    const int64_t before = kcu::tma_launches().wide_gemm;
+    kcu::gemm_bf16(false, false, m, n, k, 1.f, a.get(), k, b.get(), n, 0.f, by.get(), n, nullptr, false, stream_);
+    sync_and_check();
+    expect_launches(before, kcu::detail::wide_tile_pays(m, n, k), what);
+    {
+      const ScopedSwitch off(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
+      const int64_t before_narrow = kcu::tma_launches().wide_gemm;
+      kcu::gemm_bf16(false, false, m, n, k, 1.f, a.get(), k, b.get(), n, 0.f, narrow.get(), n, nullptr, false, stream_);
+      sync_and_check();
+      EXPECT_EQ(kcu::tma_launches().wide_gemm - before_narrow, 0) << what << ": the switch off takes no wide tile";
+    }
+    expect_close_elementwise(by.download(), narrow.download(), 1e-4, what + ": by shape vs 128 x 128");
+  }
+  // A 1x1 and a 3x3 layer at batch 8 and 32 x 32 pixels: each weight gradient (M = R*S*C, N = K,
+  // a reduction over 8192 pixels: 128 steps on few tiles) takes the wide tile; the forward and
+  // the data gradient (M = 8192 pixels, so 128 or fewer narrow tiles, and 4 to 9 K steps; or N =
+  // C = 64) do not.
+  for (const Conv2dShape& sh : {conv(8, 32, 32, 256, 256, 1, 1, 0), conv(8, 32, 32, 64, 256, 3, 1, 1)}) {
+    const TmaPlans plans = tma_plans(sh);
+    const int64_t taps = int64_t(sh.r) * sh.s * sh.c, npq = int64_t(sh.n) * sh.p() * sh.q();
+    const int64_t nhw = int64_t(sh.n) * sh.h * sh.w, rsk = int64_t(sh.r) * sh.s * sh.k;
+    const bool fwd = plans.fwd && kcu::detail::wide_tile_pays(npq, sh.k, taps);
+    const bool wgrad = plans.wgrad && kcu::detail::wide_tile_pays(taps, sh.k, npq);
+    const bool dgrad = plans.dgrad && kcu::detail::wide_tile_pays(nhw, sh.c, rsk);
+    EXPECT_TRUE(plans.wgrad && wgrad && !fwd && !dgrad) << conv_str(sh) << ": the case meant here";
+    const int64_t before = kcu::tma_launches().wide_gemm;
+    check_conv(kCustomConv, stream_, sh, seed += 5);
+    expect_launches(before, int64_t(fwd) + int64_t(wgrad) + int64_t(dgrad), conv_str(sh));
+  }
+  EXPECT_GT(took, 0) << "no product took the wide tile";
+  EXPECT_GT(left, 0) << "every product took the wide tile";
+}
+
 TEST_P(TensorCore, ConvolutionsOnUnalignedTensors) {
   // Tensors one element into their allocation: every loader takes the element-wise path.
   uint32_t seed = 700;

@@ -48,6 +48,7 @@ SWITCH_LABELS = [
     ("dgrad_transposed_filter", "transposed filter"),
     ("conv_tma", "TMA convolutions"),
     ("tma_wide_tile", "wide TMA tile"),
+    ("tma_wide_by_shape", "wide tile by shape"),
     ("bn_persistent", "persistent BN"),
     ("programmatic_launch", "PDL"),
 ]

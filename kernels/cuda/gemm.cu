@@ -1,19 +1,11 @@
 // fp32 GEMM on CUDA cores: the strided-matrix instance of the main loop in gemm_mainloop.cuh,
-// plus the split-K plan and reduction that the convolutions share.
+// plus the split-K reduction that the convolutions share (the split itself: tile_plan.h).
 #include "kernels/cuda/gemm_mainloop.cuh"
 #include "kernels/cuda/ops.h"
 
 namespace sp::kernels::cuda {
 namespace detail {
 namespace {
-
-// Split K only while the output has fewer block tiles than this: about two blocks per SM on
-// an H100 (132 SMs). A constant rather than the device's SM count so that the summation
-// order, and with it the result, is the same on every GPU.
-constexpr int64_t kSplitTargetBlocks = 256;
-// Each K slice is at least this deep, so the round trip of its partial tile through memory
-// stays small next to its FMAs.
-constexpr int kMinSliceDepth = 256;
 
 __global__ void splitk_reduce_kernel(const float* partials, int splits, int m, int n, Epilogue ep) {
   pdl_prologue();
@@ -26,16 +18,6 @@ __global__ void splitk_reduce_kernel(const float* partials, int splits, int m, i
 }
 
 }  // namespace
-
-SplitPlan plan_split_k(int64_t tiles, int k, int k_step) {
-  const int k_steps = int(ceil_div(k, k_step));
-  int splits = 1;
-  if (tiles < kSplitTargetBlocks)
-    splits = int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(kSplitTargetBlocks, tiles), k / kMinSliceDepth)));
-  const int steps_per_split = int(ceil_div(k_steps, splits));
-  // Recount so that no slice is empty (e.g. 10 steps in 4 slices of 3 leave 4 slices, 3 + 3 + 3 + 1).
-  return SplitPlan{int(ceil_div(k_steps, steps_per_split)), steps_per_split * k_step};
-}
 
 void splitk_reduce(const float* partials, int splits, int m, int n, const Epilogue& ep, cudaStream_t stream) {
   const int64_t total = int64_t(m) * n;

@@ -32,6 +32,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/tile_plan.h"
 
 namespace sp::kernels::cuda::detail {
 
@@ -296,12 +297,7 @@ __global__ void __launch_bounds__(Tile::kThreads)
 }
 
 // ---- Host side -----------------------------------------------------------------------------
-struct SplitPlan {
-  int splits;       // K slices (grid.z)
-  int k_per_split;  // a multiple of the K step
-};
-// gemm.cu: the K split for an output of `tiles` block tiles (depends on the shape only).
-SplitPlan plan_split_k(int64_t tiles, int k, int k_step);
+// The K split for an output of `tiles` block tiles: plan_split_k (tile_plan.h, shape only).
 // gemm.cu: C = epilogue(sum over the slices of partials[z][M][N]); with splits == 0 it writes
 // epilogue(0), the whole result when alpha == 0 or K == 0.
 void splitk_reduce(const float* partials, int splits, int m, int n, const Epilogue& ep, cudaStream_t stream);

@@ -133,12 +133,15 @@ struct IsMatrixLoader : std::false_type {};
 template <bool ContigK>
 struct IsMatrixLoader<MatrixLoader<ContigK>> : std::true_type {};
 
-// Whether the 128 x 256 tile runs an N-column product: where tma_wide_tile() is on and N fills it
-// (wide_tile_width, tensor_core.h).
-inline bool wide_tile_for(int n) { return wide_tile_width(n) && tma_wide_tile(); }
+// Whether the 128 x 256 tile runs an M x N x K product: where N fills it (wide_tile_width) and
+// tma_wide_tile() is on, or tma_wide_by_shape() is and the shape's rule takes it (wide_tile_pays,
+// tile_plan.h).
+inline bool wide_tile_for(int m, int n, int k) {
+  return wide_tile_width(n) && (tma_wide_tile() || (tma_wide_by_shape() && wide_tile_pays(m, n, k)));
+}
 
 // The wgmma_tma kernel on two plain matrices (both with vec set: TMA-addressable), M, N, K > 0:
-// on the 128 x 256 tile where wide_tile_for(N), else 128 x 128.
+// on the 128 x 256 tile where wide_tile_for(M, N, K), else 128 x 128.
 template <bool ContigA, bool ContigB, typename T>
 void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& b, int m, int n, int k,
                    const MmaEpilogue<T>& ep, cudaStream_t stream) {
@@ -151,7 +154,7 @@ void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& 
     launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::PlainSource<ContigA>, ContigB, T>>(
         m, n, k, ep, stream, map_a, map_b, wgmma::PlainSource<ContigA>{});
   };
-  if (wide_tile_for(n)) {
+  if (wide_tile_for(m, n, k)) {
     launch(wgmma::WgTmaTileWide{});
     count_wide_tma_launch();
   } else {
@@ -162,7 +165,7 @@ void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& 
 // A convolution's implicit GEMM on the wgmma_tma kernel: A from `src` (16-byte aligned) through
 // `source` (wgmma::ConvSource or ConvWgradSource) on the 4-D `map` (conv_tma.h), B a plain
 // matrix with vec set. M, N, K > 0 (ConvSource: K a multiple of kBK, one tap per step). The
-// 128 x 64 tile where N <= 64, the 128 x 256 one where wide_tile_for(N), else 128 x 128.
+// 128 x 64 tile where N <= 64, the 128 x 256 one where wide_tile_for(M, N, K), else 128 x 128.
 template <class Source, bool ContigB, typename T>
 void run_wgmma_tma_conv(const Source& source, const wgmma::TmaMap4d& map, const uint16_t* src,
                         const MatrixLoader<ContigB>& b, int m, int n, int k, const MmaEpilogue<T>& ep,
@@ -177,7 +180,7 @@ void run_wgmma_tma_conv(const Source& source, const wgmma::TmaMap4d& map, const 
   };
   if (n <= 64) {
     launch(wgmma::WgTmaTileNarrow{});
-  } else if (wide_tile_for(n)) {
+  } else if (wide_tile_for(m, n, k)) {
     launch(wgmma::WgTmaTileWide{});
     count_wide_tma_launch();
   } else {

@@ -37,6 +37,7 @@
 #include <string>
 
 #include "kernels/common/shapes.h"
+#include "kernels/cuda/tile_plan.h"
 
 namespace sp::kernels::cuda {
 
@@ -93,17 +94,21 @@ bool dgrad_transposed_filter();
 void set_conv_tma(bool on);
 bool conv_tma();
 // The 128 x 256 tile of the wgmma_tma GEMM (wgmma_tma_mainloop.cuh, WgTmaTileWide) for N >= 256
-// where N % 256 is 0 or more than 128, instead of 128 x 128; with conv_tma() also for the TMA
-// convolutions of such N. Off unless set, or the environment variable STALEPROP_TMA_WIDE is 1: on an H100
-// (2026-11-27) its tests passed and compute-sanitizer was clean, and it ran the bf16 GEMM 1.05x (4096^3) and 1.22x
-// (8192^3) faster than the 128 x 128 tile, but ResNet-18's convolutions from 0.63x to 1.38x layer by layer (1.03x
-// summed), so it is not yet a default.
+// where N % 256 is 0 or more than 128 (wide_tile_width, tile_plan.h), instead of 128 x 128; with conv_tma() also
+// for the TMA convolutions of such N. Off unless set, or the environment variable STALEPROP_TMA_WIDE is 1: on an
+// H100 (2026-11-27) its tests passed and compute-sanitizer was clean, and it ran the bf16 GEMM 1.05x (4096^3) and
+// 1.22x (8192^3) faster than the 128 x 128 tile, but ResNet-18's convolutions from 0.63x to 1.38x layer by layer
+// (1.03x summed), so it is not a default.
 void set_tma_wide_tile(bool on);
 bool tma_wide_tile();
-// Whether an N-column product fills the 128 x 256 tile well enough to take it when the switch
-// is on: N >= 256 and its last 256-column tile more than half full (N = 264 would compute 512
-// columns where 128-wide tiles compute 384).
-inline bool wide_tile_width(int64_t n) { return n >= 256 && (n % 256 == 0 || n % 256 > 128); }
+// The 128 x 256 tile by shape: where tma_wide_tile() is off, each product wide_tile_width admits takes the wide
+// tile only where wide_tile_pays (tile_plan.h) says so, the rule that the layer-by-layer measurements above
+// suggest (the wide tile where it splits K no more than the narrow one and the reduction is not short, or where
+// both split and the reduction is long: the weight gradients). Off unless set, or the environment variable
+// STALEPROP_TMA_WIDE_BY_SHAPE is 1: not yet timed as a rule on a GPU.
+void set_tma_wide_by_shape(bool on);
+bool tma_wide_by_shape();
+using detail::wide_tile_width;
 // How many kernels the TMA convolutions (conv) and the wide 128 x 256 TMA tile (wide_gemm: plain
 // GEMMs and TMA convolutions alike) have launched in this process, so that a test can tell that
 // the path it means to cover ran (rather than a fallback).

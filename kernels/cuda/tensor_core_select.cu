@@ -15,7 +15,7 @@ namespace {
 // -1: not chosen yet (the environment decides at first use), else an MmaMainloop.
 std::atomic<int> g_mainloop{-1};
 // -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class, dgrad_transposed_filter).
-std::atomic<int> g_dgrad_classes{-1}, g_dgrad_wt{-1}, g_conv_tma{-1}, g_tma_wide{-1};
+std::atomic<int> g_dgrad_classes{-1}, g_dgrad_wt{-1}, g_conv_tma{-1}, g_tma_wide{-1}, g_tma_wide_by_shape{-1};
 std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0};
 
 // A process-wide switch's value: what was set, else at first use from_env(the environment
@@ -99,6 +99,8 @@ void set_conv_tma(bool on) { detail::set_switch(g_conv_tma, on); }
 bool conv_tma() { return detail::env_switch(g_conv_tma, "STALEPROP_CONV_TMA", true); }
 void set_tma_wide_tile(bool on) { detail::set_switch(g_tma_wide, on); }
 bool tma_wide_tile() { return detail::env_switch(g_tma_wide, "STALEPROP_TMA_WIDE", false); }
+void set_tma_wide_by_shape(bool on) { detail::set_switch(g_tma_wide_by_shape, on); }
+bool tma_wide_by_shape() { return detail::env_switch(g_tma_wide_by_shape, "STALEPROP_TMA_WIDE_BY_SHAPE", false); }
 
 TmaLaunches tma_launches() {
   TmaLaunches t;

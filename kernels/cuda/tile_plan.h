@@ -1,0 +1,75 @@
+// The host-side choices of the tensor-core GEMM launches that depend on the shape alone, as
+// plain C++ (no CUDA), so that the CPU tests (tests/test_tile_plan.cpp) check them without a
+// GPU: the split of K (every tiled GEMM and convolution), and which products the 128 x 256 TMA
+// tile takes when it is chosen by shape (tensor_core.h, tma_wide_by_shape).
+//
+// None of them reads the device (its SM count, say): the choices, and with them the order in
+// which the sums are added, are the same on every GPU, so a run is bit-reproducible across
+// machines of one architecture.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace sp::kernels::cuda::detail {
+
+// Split K only while the output has fewer block tiles than this: about two blocks per SM on
+// an H100 (132 SMs). A constant rather than the device's SM count (see above).
+constexpr int64_t kSplitTargetBlocks = 256;
+// Each K slice is at least this deep, so the round trip of its partial tile through memory
+// stays small next to its FMAs.
+constexpr int kMinSliceDepth = 256;
+
+struct SplitPlan {
+  int splits;       // K slices (grid.z)
+  int k_per_split;  // a multiple of the K step
+};
+
+inline int64_t tile_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The K split for an output of `tiles` block tiles, K = k in steps of k_step.
+inline SplitPlan plan_split_k(int64_t tiles, int k, int k_step) {
+  const int k_steps = int(tile_ceil_div(k, k_step));
+  int splits = 1;
+  if (tiles < kSplitTargetBlocks)
+    splits = int(std::max<int64_t>(1, std::min<int64_t>(tile_ceil_div(kSplitTargetBlocks, tiles), k / kMinSliceDepth)));
+  const int steps_per_split = int(tile_ceil_div(k_steps, splits));
+  // Recount so that no slice is empty (e.g. 10 steps in 4 slices of 3 leave 4 slices, 3 + 3 + 3 + 1).
+  return SplitPlan{int(tile_ceil_div(k_steps, steps_per_split)), steps_per_split * k_step};
+}
+
+// Whether an N-column product fills the 128 x 256 tile well enough to take it at all: N >= 256
+// and its last 256-column tile more than half full (N = 264 would compute 512 columns where
+// 128-wide tiles compute 384).
+inline bool wide_tile_width(int64_t n) { return n >= 256 && (n % 256 == 0 || n % 256 > 128); }
+
+// The wgmma_tma kernel's tiles: 128 rows, 128 or 256 columns, K steps of 64.
+constexpr int kTmaTileRows = 128, kTmaNarrowCols = 128, kTmaWideCols = 256, kTmaKStep = 64;
+// The rule's thresholds, in K steps (below).
+constexpr int64_t kWideMinSteps = 16, kWideSplitMinSteps = 128;
+
+// Whether the 128 x 256 tile should run an M x N x K product that wide_tile_width(N) admits, by
+// the rule the H100 measurements of 2026-11-27 suggest (bench/results/nvidia-h100/
+// 2026-11-27-summary.md, "128x256 TMA tile": ResNet-18's bf16 convolutions at batch 512 and the
+// bf16 GEMM, our own rates with the wide tile against the 128 x 128 one):
+//   * where the 128 x 128 form does not split K (at least kSplitTargetBlocks tiles), the wide
+//     tile only where it does not split K either and the reduction has at least kWideMinSteps
+//     steps. The losses were all wide forms with 128 tiles, which split K where the narrow form
+//     did not (the 256->512 s2 forward 0.63x, the 512->512 forward 0.84x and data gradient
+//     0.84x), and one reduction of 2 steps (the 128->256 1x1 forward, 0.95x); the gains had 256
+//     wide tiles and 18 or 36 steps (1.08x-1.23x), and the GEMM 4096^3 (512 tiles) 1.05x;
+//   * where the narrow form splits K anyway (few output tiles: the weight gradients), the wide
+//     tile where the reduction is long, at least kWideSplitMinSteps steps: the four 3x3 weight
+//     gradients, with 128 to 512 steps, gained 1.07x-1.38x.
+// Not measured as a rule yet: tensor_core.h keeps it behind a switch until a GPU run times it.
+inline bool wide_tile_pays(int64_t m, int64_t n, int64_t k) {
+  if (m <= 0 || k <= 0 || !wide_tile_width(n)) return false;
+  const int64_t row_tiles = tile_ceil_div(m, kTmaTileRows);
+  const int64_t narrow = row_tiles * tile_ceil_div(n, kTmaNarrowCols);
+  const int64_t wide = row_tiles * tile_ceil_div(n, kTmaWideCols);
+  const int64_t steps = tile_ceil_div(k, kTmaKStep);
+  if (narrow >= kSplitTargetBlocks) return wide >= kSplitTargetBlocks && steps >= kWideMinSteps;
+  return steps >= kWideSplitMinSteps;
+}
+
+}  // namespace sp::kernels::cuda::detail

@@ -1,0 +1,120 @@
+// The shape-only choices of the tensor-core launches (kernels/cuda/tile_plan.h), on the host:
+//   * the split of K covers the reduction with no empty slice, only for small grids;
+//   * the wide tile's rule (wide_tile_pays) at each of its boundaries, and against the
+//     measurements it was drawn from: on the H100 of 2026-11-27 (bench/results/nvidia-h100/
+//     2026-11-27-kernels-r18-convs-wide-{0,1}.json and -kernels-gemm-bf16-wide-{0,1}.json), every
+//     product that ran measurably faster on the 128 x 256 tile takes it, and none that ran slower.
+// The GPU test TensorCore.WideTileByShape checks that the launches follow the rule.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/tile_plan.h"
+
+namespace {
+
+using namespace sp::kernels::cuda::detail;
+
+std::string str(int64_t m, int64_t n, int64_t k) {
+  return std::to_string(m) + " x " + std::to_string(n) + " x " + std::to_string(k);
+}
+
+TEST(TilePlan, SplitKCoversTheReductionWithNoEmptySlice) {
+  for (int64_t tiles : {1, 2, 3, 7, 64, 128, 255, 256, 257, 1000})
+    for (int k : {1, 63, 64, 65, 255, 256, 257, 1000, 4099, 8192, 20000, 32768}) {
+      const std::string what = std::to_string(tiles) + " tiles, K = " + std::to_string(k);
+      const SplitPlan p = plan_split_k(tiles, k, 64);
+      ASSERT_GE(p.splits, 1) << what;
+      EXPECT_EQ(p.k_per_split % 64, 0) << what;
+      const int64_t steps = (k + 63) / 64;
+      EXPECT_GE(int64_t(p.splits) * p.k_per_split, k) << what << ": the slices cover K";
+      EXPECT_LT(int64_t(p.splits - 1) * p.k_per_split, k) << what << ": the last slice is not empty";
+      EXPECT_LE(int64_t(p.splits), steps) << what;
+      if (tiles >= kSplitTargetBlocks) {
+        EXPECT_EQ(p.splits, 1) << what << ": a full grid is never split";
+      }
+      if (p.splits > 1) {  // a slice is at least kMinSliceDepth deep
+        EXPECT_GE(p.k_per_split, kMinSliceDepth) << what;
+      }
+      if (tiles < kSplitTargetBlocks && k >= 2 * kMinSliceDepth) {
+        EXPECT_GT(p.splits, 1) << what << ": a small grid with a long reduction is split";
+      }
+    }
+}
+
+TEST(TilePlan, WideTileWidths) {
+  for (int64_t n : {0, 128, 255, 264, 320, 384}) EXPECT_FALSE(wide_tile_width(n)) << n;
+  for (int64_t n : {256, 400, 448, 512, 1024, 1000}) EXPECT_TRUE(wide_tile_width(n)) << n;
+  // The rule never takes a width the tile does not take, however the grid and reduction look.
+  EXPECT_FALSE(wide_tile_pays(32768, 384, 4096));
+  EXPECT_FALSE(wide_tile_pays(256, 264, 32768));
+}
+
+TEST(TilePlan, WideTileRuleAtItsBoundaries) {
+  // The 128 x 128 form does not split K (>= 256 tiles): the wide one must not split either
+  // (>= 256 wide tiles) and the reduction must have kWideMinSteps steps.
+  EXPECT_TRUE(wide_tile_pays(32768, 256, 16 * 64));      // 512 / 256 tiles, 16 steps
+  EXPECT_FALSE(wide_tile_pays(32768, 256, 15 * 64));     // 15 steps
+  EXPECT_TRUE(wide_tile_pays(32768, 256, 15 * 64 + 1));  // a part step counts
+  EXPECT_FALSE(wide_tile_pays(32767 - 127, 256, 4096));  // 255 wide tiles: it would split
+  EXPECT_TRUE(wide_tile_pays(32768 - 127, 256, 4096));   // a part-empty last row tile counts
+  EXPECT_TRUE(wide_tile_pays(16384, 512, 4608));         // 512 narrow, 256 wide tiles
+  EXPECT_FALSE(wide_tile_pays(8192, 512, 4608));         // 256 narrow, 128 wide tiles
+  // The 128 x 128 form splits K anyway (< 256 tiles): the wide tile for long reductions only.
+  EXPECT_TRUE(wide_tile_pays(256, 256, 128 * 64));
+  EXPECT_FALSE(wide_tile_pays(256, 256, 127 * 64));
+  EXPECT_TRUE(wide_tile_pays(16256, 256, 128 * 64));  // 127 x 2 = 254 narrow tiles
+  EXPECT_FALSE(wide_tile_pays(16256, 256, 127 * 64));
+  // Nothing to compute.
+  EXPECT_FALSE(wide_tile_pays(0, 256, 8192));
+  EXPECT_FALSE(wide_tile_pays(256, 256, 0));
+}
+
+// One product measured on the 128 x 256 tile and on the 128 x 128 one in the same session, by
+// our own rates: M x N x K of its implicit GEMM and the wide tile's speed-up.
+struct Measured {
+  const char* what;
+  int64_t m, n, k;
+  double speedup;
+};
+
+TEST(TilePlan, WideTileRuleTakesTheMeasuredGainsAndNoneOfTheLosses) {
+  // ResNet-18's bf16 convolutions at batch 512 on TMA loads whose N admits the wide tile
+  // (forward: M = N*P*Q, N = K, K = R*S*C; data gradient: M = N*H*W, N = C, K = R*S*K; weight
+  // gradient: M = R*S*C, N = K, K = N*P*Q), and the square bf16 GEMMs. Left out: the layers the
+  // wide tile does not reach (the strided data gradients and the 1x1 weight gradients, which do
+  // not take TMA loads: 0.97x-1.01x, the run-to-run spread), and the 256->512 1x1 forward
+  // (1.00x: K of 256 cannot be split, so both forms run alike).
+  const Measured runs[] = {
+      {"128->256 s2 forward", 32768, 256, 1152, 1.08},
+      {"256->256 forward", 32768, 256, 2304, 1.23},
+      {"256->512 s2 forward", 8192, 512, 2304, 0.63},
+      {"512->512 forward", 8192, 512, 4608, 0.83},
+      {"128->256 1x1 s2 forward", 32768, 256, 128, 0.95},
+      {"256->256 data gradient", 32768, 256, 2304, 1.16},
+      {"512->512 data gradient", 8192, 512, 4608, 0.84},
+      {"128->256 s2 weight gradient", 1152, 256, 32768, 1.07},
+      {"256->256 weight gradient", 2304, 256, 32768, 1.38},
+      {"256->512 s2 weight gradient", 2304, 512, 8192, 1.08},
+      {"512->512 weight gradient", 4608, 512, 8192, 1.26},
+      {"GEMM 4096^3", 4096, 4096, 4096, 1.05},
+      {"GEMM 8192^3", 8192, 8192, 8192, 1.22},
+  };
+  int gains = 0, losses = 0;
+  for (const Measured& r : runs) {
+    const bool wide = wide_tile_pays(r.m, r.n, r.k);
+    const std::string what = std::string(r.what) + " (" + str(r.m, r.n, r.k) + ", " + std::to_string(r.speedup) + "x)";
+    if (r.speedup >= 1.04) {
+      EXPECT_TRUE(wide) << what << ": a gain the rule leaves";
+      ++gains;
+    } else {
+      EXPECT_FALSE(wide) << what << ": a loss the rule takes";
+      ++losses;
+    }
+  }
+  EXPECT_EQ(gains, 9);
+  EXPECT_EQ(losses, 4);
+}
+
+}  // namespace
