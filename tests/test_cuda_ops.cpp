@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <iterator>
 #include <limits>
@@ -379,6 +380,31 @@ void check_batchnorm_add_relu(cudaStream_t stream, int64_t m, int64_t c, bool wi
   if (with_residual) {
     EXPECT_EQ(ddy.download(), to_float_vector(rdres)) << what << " dresidual (a mask: exact)";
   }
+}
+
+TEST_F(CudaOps, ScratchPoolKeepsItsMemoryAndInsertsNoWaitsBetweenStreams) {
+  // The kernels' stream-ordered scratch (common.cuh, Workspace; batch norm's partial sums here)
+  // comes from the device's default pool, set up at first use: freed memory stays in the pool,
+  // and cudaMallocAsync may not make one stream wait on another's work to reuse a block (that
+  // would chain the decoupled pipeline's module streams), unless STALEPROP_POOL_INTERNAL_DEPS=1.
+  const int64_t m = 64, c = 8;
+  const std::vector<float> x = random_vector(size_t(m * c), 5), ones(size_t(c), 1.f), zeros(size_t(c), 0.f);
+  DeviceArray<float> dx(x), gamma(ones), beta(zeros), rmean(zeros), rvar(ones);
+  DeviceArray<float> y{size_t(m * c)}, mean{size_t(c)}, invstd{size_t(c)};
+  kcu::batchnorm_forward_training(m, c, dx.get(), gamma.get(), beta.get(), 1e-5f, 0.1f, rmean.get(), rvar.get(),
+                                  y.get(), mean.get(), invstd.get(), stream_);
+  sync_and_check();
+  int device = 0;
+  SP_CUDA_CHECK(cudaGetDevice(&device));
+  cudaMemPool_t pool;
+  SP_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  uint64_t threshold = 0;
+  SP_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  EXPECT_EQ(threshold, UINT64_MAX) << "the pool keeps freed memory";
+  int internal = -1;
+  SP_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &internal));
+  const char* env = std::getenv("STALEPROP_POOL_INTERNAL_DEPS");
+  EXPECT_EQ(internal, env && std::string(env) == "1" ? 1 : 0) << "cross-stream waits inserted for reuse";
 }
 
 TEST_F(CudaOps, FusedBatchNormReluOnResNetAndAwkwardShapes) {

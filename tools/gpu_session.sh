@@ -24,12 +24,13 @@
 #      gradients and the sums with --dgrad-classes=0 and =1; the bf16 GEMM with the 128 x 256
 #      TMA tile against the 128 x 128 one (--tma-wide), against cuBLASLt; bf16 training
 #      throughput of ResNet-18 (batch 512) and ResNet-56 (128) with every new path that passed
-#      off and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE, _BN_PERSISTENT, _PDL); with
-#      COMPARE_BIN, ResNet-56's op-by-op fdg and backprop on this commit's binary and another's
-#      beside PyTorch eager. Then gpu_bench stage 1 for the pooling and shortcut kernels
+#      off and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE_BY_SHAPE, _BN_PERSISTENT, _PDL); with
+#      COMPARE_BIN, ResNet-56's op-by-op fdg (interleaved, twice) and backprop on this commit's
+#      binary and another's, and fdg with the transposed filter and the scratch pool's cross-stream
+#      waits. Then gpu_bench stage 1 for the pooling and shortcut kernels
 #      (rewritten since their last measurement; at most 60 s), against the copy. Then each path
 #      on its own: the convolutions layer by layer, on the
-#      wide tile, ResNet-18's throughput with one switch at a time, ResNet-56's from graphs and
+#      wide tile chosen by shape, ResNet-18's throughput with one switch at a time, ResNet-56's from graphs and
 #      the three-kernel batch norm with programmatic dependent launch off and on (--pdl);
 #      ResNet-18's bf16 throughput on cuBLASLt/cuDNN (--kernels vendor), and the op profile of
 #      a ResNet-18 step on the new paths. Each switch is measured only where ctest passed its
@@ -138,10 +139,12 @@ BN_PERSISTENT_OK=; passed 'PersistentBatchNormGivesTheSameBitsAsTheSeparateKerne
 PDL_OK=; passed 'ProgrammaticDependentLaunchChangesNoBit' && PDL_OK=1
 CONV_WIDE_OK=; passed 'ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' && CONV_WIDE_OK=1
 CLASSES_TMA_OK=; passed 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' && CLASSES_TMA_OK=1
+# The wide tile chosen by shape runs the kernels of both wide-tile tests; its own test checks the routing.
+WIDE_SHAPE_OK=; [ -n "$TMA_WIDE_OK" ] && [ -n "$CONV_WIDE_OK" ] && passed 'WideTileByShape/wgmma_tma' && WIDE_SHAPE_OK=1
 verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
 log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict "$TMA_WIDE_OK");" \
   "persistent batch norm $(verdict "$BN_PERSISTENT_OK"); programmatic launch $(verdict "$PDL_OK");" \
-  "stride-class data gradient with TMA loads $(verdict "$CLASSES_TMA_OK")"
+  "stride-class data gradient with TMA loads $(verdict "$CLASSES_TMA_OK"); wide tile by shape $(verdict "$WIDE_SHAPE_OK")"
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call
@@ -245,11 +248,13 @@ throughput_ab() {
   ab r18-dgrad-classes dgrad-classes 40 '^conv_bwd_data_bf16/r18_.*_s2_.*/n512|^conv_(bwd_data|train)_bf16/r18_all_layers'
 [ -n "$TMA_WIDE_OK" ] && ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
 # Every switch is set either way, so that one exported by the caller cannot turn "off" on.
-NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0
-  STALEPROP_DGRAD_CLASSES=0)
+# The wide tile is switched on by shape (the rule of kernels/cuda/tile_plan.h), not everywhere:
+# everywhere, it lost up to 37% on some layers (2026-11-27).
+NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_WIDE_BY_SHAPE=0
+  STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0 STALEPROP_DGRAD_CLASSES=0)
 [ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_CLASSES=1)
-[ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && [ -n "$TMA_WIDE_OK" ] && NEW_PATHS+=(STALEPROP_TMA_WIDE=1)
+[ -n "$CONV_TMA_OK" ] && [ -n "$WIDE_SHAPE_OK" ] && NEW_PATHS+=(STALEPROP_TMA_WIDE_BY_SHAPE=1)
 [ -n "$BN_PERSISTENT_OK" ] && NEW_PATHS+=(STALEPROP_BN_PERSISTENT=1)
 [ -n "$PDL_OK" ] && NEW_PATHS+=(STALEPROP_PDL=1)
 if ((${#NEW_PATHS[@]})); then
@@ -269,22 +274,37 @@ if ((${#NEW_PATHS[@]})); then
   done
 fi
 
-# With COMPARE_BIN (tools/gpu_prepare.sh), the op-by-op fdg run over FDG's four cuts and
-# single-module backprop (ResNet-56, bf16, every switch off) on this commit's binary and then on
-# the other's, on this machine: on 2026-11-27 the fdg run was host-bound at 17.5k img/s where an
-# H100 the day before ran it at 27.1k (1265bd6), and only running both on one machine tells the
-# code from the machine.
+# With COMPARE_BIN (tools/gpu_prepare.sh), ResNet-56's op-by-op fdg run over FDG's four cuts on
+# this commit's binary and on the other's, on this machine: on 2026-11-27 the fdg run was
+# host-bound at 17.5k img/s where an H100 the day before ran it at 27.1k (1265bd6), and only
+# running both on one machine tells the code from the machine. Like for like: every switch off,
+# the data gradient on the gathered filter and the wgmma main loop (1265bd6's defaults for
+# ResNet-56), its 60 steps after 15; the two binaries interleaved, twice. Then this binary with
+# the transposed filter (a default since 1265bd6: two more scratch allocations and a transpose per
+# data gradient), with the scratch pool as now (no waits inserted between streams) and as at
+# a7657e6 (STALEPROP_POOL_INTERNAL_DEPS=1: the driver's default); and single-module backprop on
+# each binary.
 if [ -x .carry/bin/compare ]; then
-  for bin in build-gpu/tools/staleprop .carry/bin/compare; do
-    tag=this; [ "$bin" = .carry/bin/compare ] && tag=compare
-    for method in fdg bp; do
-      [ "$(left)" -gt 60 ] || break
-      pipeline=(); [ $method = fdg ] && pipeline=(--method fdg --split 4 --split-at fdg)
-      env "${OLD_PATHS[@]}" timeout 40 "$bin" bench --device cuda --model resnet56 --batch-size 128 --precision bf16 \
-        "${pipeline[@]}" --steps 50 --warmup 10 --json "$OUT/compare-$tag.jsonl" 2>&1 | tee -a "$OUT/session.txt"
-      log "bench resnet56 bf16 $method op by op on $bin exit ${PIPESTATUS[0]}"
-    done
+  SAME=("${OLD_PATHS[@]}" STALEPROP_DGRAD_WT=0 STALEPROP_MAINLOOP=wgmma)
+  compare_run() {  # tag binary method [env...]
+    local tag=$1 bin=$2 method=$3
+    shift 3
+    [ "$(left)" -gt 60 ] || return
+    local pipeline=()
+    [ "$method" = fdg ] && pipeline=(--method fdg --split 4 --split-at fdg)
+    env "$@" timeout 40 "$bin" bench --device cuda --model resnet56 --batch-size 128 --precision bf16 \
+      "${pipeline[@]}" --steps 60 --warmup 15 --json "$OUT/compare-$tag.jsonl" 2>&1 | tee -a "$OUT/session.txt"
+    log "bench resnet56 bf16 $method op by op on $bin ($tag: $*) exit ${PIPESTATUS[0]}"
+  }
+  for round in 1 2; do
+    compare_run this build-gpu/tools/staleprop fdg "${SAME[@]}"
+    compare_run compare .carry/bin/compare fdg "${SAME[@]}"
   done
+  compare_run this-wt build-gpu/tools/staleprop fdg "${SAME[@]}" STALEPROP_DGRAD_WT=1
+  compare_run this-wt-pool-deps build-gpu/tools/staleprop fdg "${SAME[@]}" STALEPROP_DGRAD_WT=1 \
+    STALEPROP_POOL_INTERNAL_DEPS=1
+  compare_run this build-gpu/tools/staleprop bp "${SAME[@]}"
+  compare_run compare .carry/bin/compare bp "${SAME[@]}"
 fi
 
 # The pooling and shortcut kernels, rewritten since their last measurement (they passed their GPU
@@ -303,7 +323,10 @@ if [ -n "$CONV_TMA_OK" ]; then
 elif [ "$(left)" -gt 120 ]; then
   AB_VALUES=0 ab r18-convs-tma conv-tma 40 '_bf16/r18_[0-9].*/n512'  # layer by layer, cp.async loads only
 fi
-[ -n "$CONV_TMA_OK" ] && [ -n "$CONV_WIDE_OK" ] && STALEPROP_CONV_TMA=1 ab r18-convs-wide tma-wide 50 '_bf16/r18_.*/n512'
+# The wide tile by shape against the 128 x 128 one on every layer (2026-11-27 measured it
+# everywhere against nowhere: -kernels-r18-convs-wide-{0,1}.json), and the sums.
+[ -n "$CONV_TMA_OK" ] && [ -n "$WIDE_SHAPE_OK" ] &&
+  STALEPROP_CONV_TMA=1 ab r18-convs-wide-by-shape tma-wide-by-shape 50 '_bf16/r18_.*/n512'
 [ -n "$CLASSES_TMA_OK" ] && throughput_ab dgrad-classes STALEPROP_DGRAD_CLASSES resnet18 512
 [ -n "$BN_PERSISTENT_OK" ] && throughput_ab bn-persistent STALEPROP_BN_PERSISTENT resnet18 512
 [ -n "$CONV_TMA_OK" ] && throughput_ab tma STALEPROP_CONV_TMA resnet18 512

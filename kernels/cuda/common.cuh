@@ -8,8 +8,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <mutex>
-#include <set>
 #include <utility>
 
 #include "kernels/common/cuda_check.h"
@@ -42,27 +40,25 @@ __device__ __forceinline__ int64_t grid_stride() { return int64_t(gridDim.x) * b
 // is valid for every kernel enqueued on `stream` between construction and destruction, needs
 // no host synchronisation, and is safe when several streams run the same op concurrently.
 // The free is enqueued by the destructor, i.e. after the kernels that use the memory.
-// The current device's default pool is told to keep freed memory (its release threshold is
-// raised once per device), so after the first steps these allocations no longer reach the
-// driver: a training step then makes no device allocations of its own.
-inline void retain_default_pool_memory() {
-  static std::mutex mu;
-  static std::set<int> done;
-  int device = 0;
-  SP_CUDA_CHECK(cudaGetDevice(&device));
-  std::lock_guard<std::mutex> lk(mu);
-  if (!done.insert(device).second) return;
-  cudaMemPool_t pool;
-  SP_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
-  uint64_t keep_all = UINT64_MAX;
-  SP_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
-}
+// The current device's default pool is set up once per device (configure_scratch_pool, launch.cu):
+//   * it keeps freed memory (its release threshold raised), so after the first steps these
+//     allocations no longer reach the driver: a training step makes no device allocations of
+//     its own;
+//   * it does not insert waits between streams to reuse memory (cudaMemPoolReuseAllowInternal-
+//     Dependencies off): by default cudaMallocAsync on one stream may take a block another stream
+//     freed and make the allocating stream wait for the freeing stream's work up to that free. The
+//     decoupled pipeline's modules run on their own streams and allocate scratch every step (the
+//     transposed filters, batch norm's partial sums), so such waits would chain the modules'
+//     streams together. Without them a stream reuses its own frees, frees already finished, and
+//     frees it already waits for through events; the pool holds a little more instead. The
+//     environment variable STALEPROP_POOL_INTERNAL_DEPS=1 restores the driver's default.
+void configure_scratch_pool();
 
 class Workspace {
  public:
   Workspace(size_t bytes, cudaStream_t stream) : stream_(stream) {
     if (bytes == 0) return;
-    retain_default_pool_memory();
+    configure_scratch_pool();
     SP_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
   }
   // A destructor cannot throw: a failing free leaves its status for the next checked call.

@@ -1,6 +1,9 @@
 // Programmatic dependent launch (common.cuh, launch_kernel): the switch, the check that this
 // build's kernels and this device can take it, and a self-test of the ordering it relies on.
+// Also the set-up of the stream-ordered scratch pool (common.cuh, Workspace).
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <set>
 
@@ -73,6 +76,26 @@ bool programmatic_launch_selftest(cudaStream_t stream) {
   SP_CUDA_CHECK(cudaFreeAsync(d, stream));
   SP_CUDA_CHECK(cudaStreamSynchronize(stream));
   return seen == 1;
+}
+
+void detail::configure_scratch_pool() {
+  static std::atomic<uint64_t> done{0};  // bit d: device d set up (devices >= 64 take the lock every time)
+  int device = 0;
+  SP_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return;
+  static std::mutex mu;
+  static std::set<int> set_up;
+  std::lock_guard<std::mutex> lk(mu);
+  if (!set_up.insert(device).second) return;
+  cudaMemPool_t pool;
+  SP_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  uint64_t keep_all = UINT64_MAX;
+  SP_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all));
+  const char* env = std::getenv("STALEPROP_POOL_INTERNAL_DEPS");
+  int internal_deps = env && std::strcmp(env, "1") == 0 ? 1 : 0;
+  SP_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &internal_deps));
+  done.fetch_or(bit, std::memory_order_release);
 }
 
 }  // namespace sp::kernels::cuda
