@@ -764,6 +764,86 @@ TEST_P(TensorCore, WideTileByShape) {
   EXPECT_GT(left, 0) << "every product took the wide tile";
 }
 
+TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
+  // With tma_cluster() on, the wgmma_tma kernel's 128 x 128 and 128 x 256 tiles run in clusters
+  // of two blocks along M that load halves of each B stage and multicast them to both
+  // (wgmma_tma_mainloop.cuh, "Clusters"), where the product has an even number of 128-row
+  // tiles; the others run unclustered. The multiply and its order are the single block's, so
+  // every result must be the same bits as without clusters, and right against the reference.
+  // GEMMs: all four transposes; tails in M, N and K; a ring of stages gone round several times;
+  // split K (the blocks of a cluster share their K slice); three row tiles and one (not
+  // clustered); on both tiles. Convolutions with TMA loads: the forward and data gradient with
+  // two and four row tiles, a weight gradient with 18 (R*S*C = 2304), the wide tile, and one
+  // with an odd count. The launch counter must grow by the products with an even tile count.
+  const bool on_tma = GetParam() == kcu::MmaMainloop::kWgmmaTma;
+  const auto clustered = [&](int64_t m) { return on_tma && (m + 127) / 128 % 2 == 0 ? int64_t(1) : int64_t(0); };
+  const int64_t gemms[][3] = {{256, 512, 1024}, {200, 400, 136}, {136, 448, 488}, {256, 256, 8192},
+                              {384, 256, 1000}, {16, 512, 8192}, {512, 128, 64}};
+  uint32_t seed = 1000;
+  int64_t total = 0;
+  for (const bool wide : {false, true}) {
+    const ScopedSwitch tile(kcu::tma_wide_tile, kcu::set_tma_wide_tile, wide);
+    for (const auto& sz : gemms)
+      for (int t = 0; t < 4; ++t) {
+        GemmCase g{sz[0], sz[1], sz[2]};
+        g.ta = t & 1, g.tb = t & 2;
+        g.bias = t == 3;
+        seed += 5;
+        std::vector<float> with, without;
+        {
+          const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster);
+          const int64_t before = kcu::tma_launches().cluster;
+          with = check_f32(&kcu::gemm_bf16, stream_, g, seed);
+          EXPECT_EQ(kcu::tma_launches().cluster - before, clustered(g.m)) << gemm_str(g, "gemm_bf16") << ": clusters";
+          total += clustered(g.m);
+        }
+        {
+          const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster, false);
+          without = check_f32(&kcu::gemm_bf16, stream_, g, seed);
+        }
+        EXPECT_TRUE(bits_equal(with, without))
+            << gemm_str(g, "gemm_bf16") << (wide ? " (wide)" : "") << ": in clusters vs not";
+      }
+  }
+  // Convolutions (conv_tma on, the transposed filter, strided data gradients direct).
+  const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
+  const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+  const ScopedSwitch direct(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
+  for (const bool wide : {false, true}) {
+    const ScopedSwitch tile(kcu::tma_wide_tile, kcu::set_tma_wide_tile, wide);
+    for (const Conv2dShape& sh : {conv(4, 8, 8, 128, 128, 3, 1, 1), conv(8, 8, 8, 128, 256, 3, 1, 1),
+                                  conv(4, 8, 8, 256, 128, 3, 1, 1), conv(5, 8, 8, 128, 128, 3, 1, 1)}) {
+      seed += 5;
+      const TmaPlans plans = tma_plans(sh);
+      const int64_t npq = int64_t(sh.n) * sh.p() * sh.q(), taps = int64_t(sh.r) * sh.s * sh.c;
+      const int64_t nhw = int64_t(sh.n) * sh.h * sh.w;
+      // N > 64 (not the narrow tile) and an even number of row tiles.
+      const int64_t expect = (plans.fwd && sh.k > 64 ? clustered(npq) : 0) +
+                             (plans.wgrad && sh.k > 64 ? clustered(taps) : 0) +
+                             (plans.dgrad && sh.c > 64 ? clustered(nhw) : 0);
+      ConvResult with, without;
+      {
+        const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster);
+        const int64_t before = kcu::tma_launches().cluster;
+        with = check_conv(kCustomConv, stream_, sh, seed);
+        EXPECT_EQ(kcu::tma_launches().cluster - before, expect) << conv_str(sh) << ": passes in clusters";
+        total += expect;
+      }
+      {
+        const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster, false);
+        without = check_conv(kCustomConv, stream_, sh, seed);
+      }
+      const std::string what = conv_str(sh) + (wide ? " (wide)" : "") + ": in clusters vs not";
+      EXPECT_TRUE(bits_equal(with.y, without.y)) << what << ", forward";
+      EXPECT_TRUE(bits_equal(with.dx, without.dx)) << what << ", backward data";
+      EXPECT_TRUE(bits_equal(with.dw, without.dw)) << what << ", backward weight";
+    }
+  }
+  if (on_tma) {
+    EXPECT_GT(total, 0) << "nothing ran in clusters";
+  }
+}
+
 TEST_P(TensorCore, ConvolutionsOnUnalignedTensors) {
   // Tensors one element into their allocation: every loader takes the element-wise path.
   uint32_t seed = 700;

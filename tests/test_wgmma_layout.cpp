@@ -171,6 +171,46 @@ TEST(WgmmaLayout, TmaBoxesFillTheStagesTheDescriptorsRead) {
   check_tma_stage<64, false>("64 wide, X-contiguous");
 }
 
+// The same for a stage cut into parts (TmaStage::part_box), one per block of a cluster that
+// loads its part with multicast: the parts together write every element exactly once, where the
+// whole stage's boxes write it, and each part is the same share of the expect-tx bytes.
+template <int kX, bool ContigK, int kParts>
+void check_tma_stage_parts(const std::string& what) {
+  using S = TmaStage<kX>;
+  const int x0 = 2 * kX, k0 = 7 * kBK;
+  const TmaMapShape m = S::template part_map_shape<ContigK, kParts>(1 << 20, 1 << 20, 1 << 20);
+  EXPECT_EQ(m.box[0] * 2, 128u) << what << ": the inner box is one 128-byte swizzle row";
+  std::set<uint32_t> written;
+  for (int part = 0; part < kParts; ++part) {
+    int elements = 0;
+    for (int i = 0; i < S::template part_boxes<ContigK, kParts>(); ++i) {
+      int c0 = 0, c1 = 0;
+      uint32_t offset = 0;
+      S::template part_box<ContigK, kParts>(part, i, x0, k0, c0, c1, offset);
+      EXPECT_EQ(offset % kAtomBytes, 0u) << what << ": part " << part << " box " << i << " starts mid-atom";
+      for (uint32_t o = 0; o < m.box[1]; ++o)
+        for (uint32_t e = 0; e < m.box[0]; ++e) {
+          const int d0 = c0 + int(e), d1 = c1 + int(o);
+          const int x = (ContigK ? d1 : d0) - x0, k = (ContigK ? d0 : d1) - k0;
+          ASSERT_TRUE(x >= 0 && x < kX && k >= 0 && k < kBK) << what << ": part " << part << " leaves the stage";
+          const uint32_t at = swizzle128(offset + o * m.box[0] * 2 + e * 2);
+          EXPECT_EQ(at, (fill_stores<kX, ContigK>(0, x, k))) << what << ": element (" << x << ", " << k << ")";
+          EXPECT_TRUE(written.insert(at).second) << what << ": byte " << at << " written twice";
+          ++elements;
+        }
+    }
+    EXPECT_EQ(uint32_t(elements) * 2 * kParts, S::kBytes) << what << ": part " << part << "'s share of the bytes";
+  }
+  EXPECT_EQ(written.size(), size_t(kX) * kBK) << what << ": every element of the stage";
+}
+
+TEST(WgmmaLayout, TmaStagePartsOfAClusterFillTheWholeStage) {
+  check_tma_stage_parts<256, true, 2>("256 wide, K-contiguous, 2 parts");
+  check_tma_stage_parts<256, false, 2>("256 wide, X-contiguous, 2 parts");
+  check_tma_stage_parts<128, true, 2>("128 wide, K-contiguous, 2 parts");
+  check_tma_stage_parts<128, false, 2>("128 wide, X-contiguous, 2 parts");
+}
+
 TEST(WgmmaLayout, TmaMapsDescribeTheOperandsMemory) {
   // Row-major 300 x 200 (ld 208) read K-contiguous: dimension 0 is k; read X-contiguous
   // (the same memory as a K x X operand), dimension 0 is x. Strides in bytes, boxes within the

@@ -49,6 +49,7 @@ SWITCH_LABELS = [
     ("conv_tma", "TMA convolutions"),
     ("tma_wide_tile", "wide TMA tile"),
     ("tma_wide_by_shape", "wide tile by shape"),
+    ("tma_cluster", "clusters of two"),
     ("bn_persistent", "persistent BN"),
     ("programmatic_launch", "PDL"),
 ]

@@ -10,8 +10,7 @@
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test but the tools/
 #      scripts' CPU tests (ctest, 120 s per test);
 #   3. compute-sanitizer memcheck (first) and racecheck on the TMA convolutions', the stride
-#      classes' TMA data gradient's and the wide TMA GEMM tile's tests, memcheck on the
-#      persistent batch norm's and the wide TMA convolutions'
+#      classes' TMA data gradient's and the clusters' tests
 #      (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed out);
 #      then, where time is left, racecheck over test_cuda_ops and the convolution tests
 #      (SWEEP_CAP seconds each, default 100);
@@ -22,9 +21,11 @@
 #   5. a first figure for each new path, against its vendor twin or the copy: the sums over
 #      ResNet-18's bf16 convolutions with --conv-tma=0 and =1 against cuDNN; its stride-2 data
 #      gradients and the sums with --dgrad-classes=0 and =1; the bf16 GEMM with the 128 x 256
-#      TMA tile against the 128 x 128 one (--tma-wide), against cuBLASLt; bf16 training
+#      TMA tile against the 128 x 128 one (--tma-wide), and in clusters of two (--tma-cluster),
+#      against cuBLASLt, and the convolutions' sums in clusters; bf16 training
 #      throughput of ResNet-18 (batch 512) and ResNet-56 (128) with every new path that passed
-#      off and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE_BY_SHAPE, _BN_PERSISTENT, _PDL); with
+#      off and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER, _BN_PERSISTENT,
+#      _PDL); with
 #      COMPARE_BIN, ResNet-56's op-by-op fdg (interleaved, twice) and backprop on this commit's
 #      binary and another's, and fdg with the transposed filter and the scratch pool's cross-stream
 #      waits. Then gpu_bench stage 1 for the pooling and shortcut kernels
@@ -139,12 +140,14 @@ BN_PERSISTENT_OK=; passed 'PersistentBatchNormGivesTheSameBitsAsTheSeparateKerne
 PDL_OK=; passed 'ProgrammaticDependentLaunchChangesNoBit' && PDL_OK=1
 CONV_WIDE_OK=; passed 'ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' && CONV_WIDE_OK=1
 CLASSES_TMA_OK=; passed 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' && CLASSES_TMA_OK=1
+CLUSTER_OK=; passed 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' && CLUSTER_OK=1
 # The wide tile chosen by shape runs the kernels of both wide-tile tests; its own test checks the routing.
 WIDE_SHAPE_OK=; [ -n "$TMA_WIDE_OK" ] && [ -n "$CONV_WIDE_OK" ] && passed 'WideTileByShape/wgmma_tma' && WIDE_SHAPE_OK=1
 verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
 log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict "$TMA_WIDE_OK");" \
   "persistent batch norm $(verdict "$BN_PERSISTENT_OK"); programmatic launch $(verdict "$PDL_OK");" \
-  "stride-class data gradient with TMA loads $(verdict "$CLASSES_TMA_OK"); wide tile by shape $(verdict "$WIDE_SHAPE_OK")"
+  "stride-class data gradient with TMA loads $(verdict "$CLASSES_TMA_OK"); wide tile by shape $(verdict "$WIDE_SHAPE_OK");" \
+  "clusters of two $(verdict "$CLUSTER_OK")"
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call
@@ -158,33 +161,28 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
     "before the end or the ${cap} s cap; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log"))"
 }
 # The other wgmma and wgmma_tma tests ran under memcheck on an H100, and racecheck finished 16 of
-# them, every GEMM test among them (bench/results/nvidia-h100/2026-11-26-sanitizers.log); the
-# tests below were all clean on 2026-11-27 but the stride classes' TMA data gradient, which is
-# new (and the TMA convolutions' source, which it changed).
+# them, every GEMM test among them (bench/results/nvidia-h100/2026-11-26-sanitizers.log). On
+# 2026-11-27 memcheck and racecheck were clean on the TMA convolutions (also wide), the wide GEMM
+# tile, and memcheck on the persistent batch norm and PDL; unchanged since, they are not run
+# again. New since: the stride classes' TMA data gradient (and the TMA convolutions' source,
+# which it changed), and the wgmma_tma kernel in clusters of two (multicast, remote arrivals).
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
-# hang here too, for SAN_CAP seconds each time. memcheck first, the convolutions first (they are
-# on the way to #3's and #4's targets); racecheck is slow (16 tests in 55 s last time). The
-# calls stop where less than SAN_CAP + 200 s is left.
+# hang here too, for SAN_CAP seconds each time. memcheck first; racecheck is slow (16 tests in
+# 55 s on 2026-11-26). The calls stop where less than SAN_CAP + 200 s is left.
 finished() { grep -qE "$1 \.+ *(\*\*\*)?(Passed|Failed|Exception)" "$OUT/ctest.log" 2> /dev/null; }
 if [ -z "${CTEST_LOG:-}" ]; then
   finished 'ConvolutionsWithTmaLoads/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
   finished 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' tma-classes
-  finished 'GemmOnTheWideTmaTile/wgmma_tma' &&
-    san memcheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
-  finished 'PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels' &&
-    finished 'PersistentBatchNormIsFirstPlannedInsideAStreamCapture' &&
-    finished 'ProgrammaticLaunchStillOrdersDependentKernels' &&
-    san memcheck test_cuda_ops '*PersistentBatchNorm*:*ProgrammaticLaunch*' bn-persistent-pdl
-  finished 'ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' &&
-    san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' tma-conv-wide
+  finished 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' &&
+    san memcheck test_cuda_tensor_core '*GemmAndConvolutionsInClustersOfTwo/wgmma_tma' tma-cluster
   finished 'ConvolutionsWithTmaLoads/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
   finished 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' tma-classes
-  finished 'GemmOnTheWideTmaTile/wgmma_tma' &&
-    san racecheck test_cuda_tensor_core '*GemmOnTheWideTmaTile/wgmma_tma' tma-wide
+  finished 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' &&
+    san racecheck test_cuda_tensor_core '*GemmAndConvolutionsInClustersOfTwo/wgmma_tma' tma-cluster
   # Then, where time is left, racecheck over kernels it has never run (#3 asks for memcheck and
   # racecheck clean on the kernel tests; memcheck ran nearly all of them on 2026-11-26): every
   # test of test_cuda_ops but the slow persistent batch norm's (25 s in ctest), whose kernels
@@ -247,14 +245,21 @@ throughput_ab() {
 [ -n "$CLASSES_TMA_OK" ] &&
   ab r18-dgrad-classes dgrad-classes 40 '^conv_bwd_data_bf16/r18_.*_s2_.*/n512|^conv_(bwd_data|train)_bf16/r18_all_layers'
 [ -n "$TMA_WIDE_OK" ] && ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
+# Clusters of two sharing B (never run on a GPU): the GEMM on both tiles, and the convolutions' sums.
+if [ -n "$CLUSTER_OK" ]; then
+  ab gemm-bf16-cluster tma-cluster 30 '^gemm_bf16/square'
+  [ -n "$TMA_WIDE_OK" ] && STALEPROP_TMA_WIDE=1 ab gemm-bf16-wide-cluster tma-cluster 30 '^gemm_bf16/square'
+  [ -n "$CONV_TMA_OK" ] && ab r18-convs-cluster tma-cluster 40 '_bf16/r18_all_layers'
+fi
 # Every switch is set either way, so that one exported by the caller cannot turn "off" on.
 # The wide tile is switched on by shape (the rule of kernels/cuda/tile_plan.h), not everywhere:
 # everywhere, it lost up to 37% on some layers (2026-11-27).
 NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_WIDE_BY_SHAPE=0
-  STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0 STALEPROP_DGRAD_CLASSES=0)
+  STALEPROP_TMA_CLUSTER=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0 STALEPROP_DGRAD_CLASSES=0)
 [ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_CLASSES=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$WIDE_SHAPE_OK" ] && NEW_PATHS+=(STALEPROP_TMA_WIDE_BY_SHAPE=1)
+[ -n "$CLUSTER_OK" ] && NEW_PATHS+=(STALEPROP_TMA_CLUSTER=1)
 [ -n "$BN_PERSISTENT_OK" ] && NEW_PATHS+=(STALEPROP_BN_PERSISTENT=1)
 [ -n "$PDL_OK" ] && NEW_PATHS+=(STALEPROP_PDL=1)
 if ((${#NEW_PATHS[@]})); then
@@ -328,6 +333,7 @@ fi
 [ -n "$CONV_TMA_OK" ] && [ -n "$WIDE_SHAPE_OK" ] &&
   STALEPROP_CONV_TMA=1 ab r18-convs-wide-by-shape tma-wide-by-shape 50 '_bf16/r18_.*/n512'
 [ -n "$CLASSES_TMA_OK" ] && throughput_ab dgrad-classes STALEPROP_DGRAD_CLASSES resnet18 512
+[ -n "$CLUSTER_OK" ] && throughput_ab tma-cluster STALEPROP_TMA_CLUSTER resnet18 512
 [ -n "$BN_PERSISTENT_OK" ] && throughput_ab bn-persistent STALEPROP_BN_PERSISTENT resnet18 512
 [ -n "$CONV_TMA_OK" ] && throughput_ab tma STALEPROP_CONV_TMA resnet18 512
 # Programmatic dependent launch against plain launches: the launch-bound small model (ResNet-56

@@ -135,11 +135,12 @@ GPU kernels: STALEPROP_MAINLOOP (the default of --mainloop), STALEPROP_DGRAD_WT=
 on the gathered filter instead of the transposed one), STALEPROP_DGRAD_CLASSES=1 (strided data
 gradients by stride class), STALEPROP_CONV_TMA=0 (convolutions' operands gathered by cp.async
 instead of loaded by TMA, the default), STALEPROP_TMA_WIDE=1 (128x256 tile for the TMA GEMM
-and convolutions) and STALEPROP_TMA_WIDE_BY_SHAPE=1 (that tile only where a rule of the shape
-takes it), all only with the wgmma_tma main loop (auto on an H100/H200);
+and convolutions), STALEPROP_TMA_WIDE_BY_SHAPE=1 (that tile only where a rule of the shape
+takes it) and STALEPROP_TMA_CLUSTER=1 (the TMA tiles in clusters of two that share the B operand
+by multicast), all only with the wgmma_tma main loop (auto on an H100/H200);
 STALEPROP_BN_PERSISTENT=1 (batch norm's training forward and backward as one cooperative kernel
 each, fp32 and bf16) and STALEPROP_PDL=1 (programmatic dependent launch of our kernels). The
-README's "Tensor-core main loop" says why the last four are off by default.
+README's "Tensor-core main loop" says why the last five are off by default.
 STALEPROP_POOL_INTERNAL_DEPS=1 lets the kernels' scratch pool make one stream wait on another to
 reuse memory (the driver's default; off, so the pipeline's module streams stay independent).
 )";

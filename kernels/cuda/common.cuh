@@ -127,6 +127,36 @@ cudaError_t launch_kernel_with(void (*kernel)(Params...), dim3 grid, dim3 block,
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
+// kernel<<<grid, block, smem, stream>>>(args...) in thread-block clusters of cluster_x blocks
+// along x (grid.x a multiple of it), with the programmatic-serialisation attribute as
+// launch_kernel below; launch errors throw.
+template <class... Params, class... Args>
+void launch_kernel_in_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               unsigned cluster_x, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attrs[2]{};
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = cluster_x;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  cfg.numAttrs = 1;
+  if (programmatic_launch_on()) {
+    attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.numAttrs = 2;
+  }
+  cfg.attrs = attrs;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // thrown, not left for an unrelated later check
+    SP_CUDA_CHECK(err);
+  }
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialisation attribute
 // when programmatic_launch_on() (launch.cu: the switch, on a device and build that take it);
 // launch errors throw.

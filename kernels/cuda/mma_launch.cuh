@@ -48,6 +48,7 @@ bool use_wgmma_tma();
 // tma_launches()'s counters (tensor_core.h).
 void count_conv_tma_launch();
 void count_wide_tma_launch();
+void count_cluster_tma_launch();
 // The TMA descriptor of a bf16 matrix at p (16-byte aligned) shaped as `shape` says, with the
 // 128-byte swizzle and zero fill outside it. Throws sp::Error where the driver refuses.
 CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shape);
@@ -56,6 +57,12 @@ CUtensorMap encode_tensor_map_4d_bf16(const void* p, const wgmma::TmaMap4d& shap
 
 // Whether the cp.async path may read rows of ld bf16 starting at p: p 16-byte aligned, ld % 8 == 0.
 inline bool chunk_ok(const void* p, int64_t ld) { return reinterpret_cast<uintptr_t>(p) % 16 == 0 && ld % 8 == 0; }
+
+// Tile::kCluster where the tile has one (the wgmma_tma tiles), else 1.
+template <class Tile, class = void>
+struct TileCluster : std::integral_constant<int, 1> {};
+template <class Tile>
+struct TileCluster<Tile, std::void_t<decltype(Tile::kCluster)>> : std::integral_constant<int, Tile::kCluster> {};
 
 template <class Tile, class = void>
 struct RebalancesRegisters : std::false_type {};
@@ -112,12 +119,22 @@ void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t
     check_register_rebalance<Tile>(Kernel);
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
+  const auto go = [&](float* partials) {
+    if constexpr (TileCluster<Tile>::value > 1) {
+      SP_CHECK(m_tiles % TileCluster<Tile>::value == 0, "a clustered tile needs whole clusters of row tiles, not ",
+               m_tiles);
+      launch_kernel_in_clusters(Kernel, grid, Tile::kThreads, Tile::kSmemBytes, stream,
+                                unsigned(TileCluster<Tile>::value), operands..., g, ep, partials);
+    } else {
+      launch_kernel(Kernel, grid, Tile::kThreads, Tile::kSmemBytes, stream, operands..., g, ep, partials);
+    }
+  };
   if (plan.splits == 1) {
-    launch_kernel(Kernel, grid, Tile::kThreads, Tile::kSmemBytes, stream, operands..., g, ep, nullptr);
+    go(nullptr);
     return;
   }
   Workspace partials(sizeof(float) * size_t(plan.splits) * size_t(m) * size_t(n), stream);
-  launch_kernel(Kernel, grid, Tile::kThreads, Tile::kSmemBytes, stream, operands..., g, ep, partials.as<float>());
+  go(partials.as<float>());
   mma_splitk_reduce<T>(partials.as<float>(), plan.splits, m, n, ep, stream);
 }
 
@@ -141,31 +158,57 @@ inline bool wide_tile_for(int m, int n, int k) {
 }
 
 // The wgmma_tma kernel on two plain matrices (both with vec set: TMA-addressable), M, N, K > 0:
-// on the 128 x 256 tile where wide_tile_for(M, N, K), else 128 x 128.
+// on the tile with_tma_tile chooses (128 x 256 where wide_tile_for(M, N, K), else 128 x 128; in
+// clusters of two where cluster_for(M)).
+// B's tensor map for Tile: the whole stage's boxes, or in a cluster each block's part of them
+// (TmaStage::part_map_shape).
+template <class Tile, bool ContigB>
+CUtensorMap b_operand_map(const MatrixLoader<ContigB>& b) {
+  using Stage = wgmma::TmaStage<Tile::kBN>;
+  if constexpr (Tile::kCluster > 1)
+    return encode_tensor_map_bf16(
+        b.p, Stage::template part_map_shape<ContigB, Tile::kCluster>(b.x_extent, b.k_extent, b.ld));
+  else
+    return encode_tensor_map_bf16(b.p, Stage::template map_shape<ContigB>(b.x_extent, b.k_extent, b.ld));
+}
+
+// Whether an M-row product runs in clusters of two (tma_cluster() on, an even number of row tiles).
+inline bool cluster_for(int m) { return tma_cluster() && ceil_div(m, wgmma::WgTmaTile::kBM) % 2 == 0; }
+
+// Launches `launch` with the tile wide_tile_for and cluster_for choose for an M x N x K product
+// (128 x 256 or 128 x 128, in clusters of two or not), and counts the launch.
+template <class Launch>
+void with_tma_tile(int m, int n, int k, const Launch& launch) {
+  const bool wide = wide_tile_for(m, n, k), cluster = cluster_for(m);
+  if (wide && cluster)
+    launch(wgmma::WgTmaTileWideCluster{});
+  else if (wide)
+    launch(wgmma::WgTmaTileWide{});
+  else if (cluster)
+    launch(wgmma::WgTmaTileCluster{});
+  else
+    launch(wgmma::WgTmaTile{});
+  if (wide) count_wide_tma_launch();
+  if (cluster) count_cluster_tma_launch();
+}
+
 template <bool ContigA, bool ContigB, typename T>
 void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& b, int m, int n, int k,
                    const MmaEpilogue<T>& ep, cudaStream_t stream) {
-  const auto launch = [&](auto tile) {
+  with_tma_tile(m, n, k, [&](auto tile) {
     using Tile = decltype(tile);
     const CUtensorMap map_a = encode_tensor_map_bf16(
         a.p, wgmma::TmaStage<Tile::kBM>::template map_shape<ContigA>(a.x_extent, a.k_extent, a.ld));
-    const CUtensorMap map_b = encode_tensor_map_bf16(
-        b.p, wgmma::TmaStage<Tile::kBN>::template map_shape<ContigB>(b.x_extent, b.k_extent, b.ld));
+    const CUtensorMap map_b = b_operand_map<Tile>(b);
     launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::PlainSource<ContigA>, ContigB, T>>(
         m, n, k, ep, stream, map_a, map_b, wgmma::PlainSource<ContigA>{});
-  };
-  if (wide_tile_for(m, n, k)) {
-    launch(wgmma::WgTmaTileWide{});
-    count_wide_tma_launch();
-  } else {
-    launch(wgmma::WgTmaTile{});
-  }
+  });
 }
 
 // A convolution's implicit GEMM on the wgmma_tma kernel: A from `src` (16-byte aligned) through
 // `source` (wgmma::ConvSource or ConvWgradSource) on the 4-D `map` (conv_tma.h), B a plain
 // matrix with vec set. M, N, K > 0 (ConvSource: K a multiple of kBK, one tap per step). The
-// 128 x 64 tile where N <= 64, the 128 x 256 one where wide_tile_for(M, N, K), else 128 x 128.
+// 128 x 64 tile where N <= 64, else the tile with_tma_tile chooses.
 template <class Source, bool ContigB, typename T>
 void run_wgmma_tma_conv(const Source& source, const wgmma::TmaMap4d& map, const uint16_t* src,
                         const MatrixLoader<ContigB>& b, int m, int n, int k, const MmaEpilogue<T>& ep,
@@ -173,19 +216,14 @@ void run_wgmma_tma_conv(const Source& source, const wgmma::TmaMap4d& map, const 
   const CUtensorMap map_a = encode_tensor_map_4d_bf16(src, map);
   const auto launch = [&](auto tile) {
     using Tile = decltype(tile);
-    const CUtensorMap map_b = encode_tensor_map_bf16(
-        b.p, wgmma::TmaStage<Tile::kBN>::template map_shape<ContigB>(b.x_extent, b.k_extent, b.ld));
+    const CUtensorMap map_b = b_operand_map<Tile>(b);
     launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, Source, ContigB, T>>(m, n, k, ep, stream, map_a, map_b,
                                                                                  source);
   };
-  if (n <= 64) {
+  if (n <= 64)
     launch(wgmma::WgTmaTileNarrow{});
-  } else if (wide_tile_for(m, n, k)) {
-    launch(wgmma::WgTmaTileWide{});
-    count_wide_tma_launch();
-  } else {
-    launch(wgmma::WgTmaTile{});
-  }
+  else
+    with_tma_tile(m, n, k, launch);
   count_conv_tma_launch();
 }
 

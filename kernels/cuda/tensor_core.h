@@ -109,11 +109,19 @@ bool tma_wide_tile();
 void set_tma_wide_by_shape(bool on);
 bool tma_wide_by_shape();
 using detail::wide_tile_width;
+// The 128 x 128 and 128 x 256 tiles of the wgmma_tma kernel (GEMM and TMA convolutions) in
+// thread-block clusters of two along M that share the B operand: each block loads half of every
+// B stage and multicasts it to both, so B is read from L2 once per pair (wgmma_tma_mainloop.cuh,
+// "Clusters": L2 throughput limited the 128 x 128 GEMM on an H100). Products with an odd number
+// of 128-row tiles run unclustered. The same bits as without. Off unless set, or the environment
+// variable STALEPROP_TMA_CLUSTER is 1: not yet run on a GPU.
+void set_tma_cluster(bool on);
+bool tma_cluster();
 // How many kernels the TMA convolutions (conv) and the wide 128 x 256 TMA tile (wide_gemm: plain
 // GEMMs and TMA convolutions alike) have launched in this process, so that a test can tell that
 // the path it means to cover ran (rather than a fallback).
 struct TmaLaunches {
-  int64_t conv = 0, wide_gemm = 0;
+  int64_t conv = 0, wide_gemm = 0, cluster = 0;  // cluster: launches in clusters of two
 };
 TmaLaunches tma_launches();
 // The main loop the kernels run on the current device: the selection with auto resolved.

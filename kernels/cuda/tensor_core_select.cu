@@ -15,8 +15,9 @@ namespace {
 // -1: not chosen yet (the environment decides at first use), else an MmaMainloop.
 std::atomic<int> g_mainloop{-1};
 // -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class, dgrad_transposed_filter).
-std::atomic<int> g_dgrad_classes{-1}, g_dgrad_wt{-1}, g_conv_tma{-1}, g_tma_wide{-1}, g_tma_wide_by_shape{-1};
-std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0};
+std::atomic<int> g_dgrad_classes{-1}, g_dgrad_wt{-1}, g_conv_tma{-1}, g_tma_wide{-1}, g_tma_wide_by_shape{-1},
+    g_tma_cluster{-1};
+std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0}, g_cluster_launches{0};
 
 // A process-wide switch's value: what was set, else at first use from_env(the environment
 // variable `var`, nullptr when unset or empty), kept from then on.
@@ -101,11 +102,14 @@ void set_tma_wide_tile(bool on) { detail::set_switch(g_tma_wide, on); }
 bool tma_wide_tile() { return detail::env_switch(g_tma_wide, "STALEPROP_TMA_WIDE", false); }
 void set_tma_wide_by_shape(bool on) { detail::set_switch(g_tma_wide_by_shape, on); }
 bool tma_wide_by_shape() { return detail::env_switch(g_tma_wide_by_shape, "STALEPROP_TMA_WIDE_BY_SHAPE", false); }
+void set_tma_cluster(bool on) { detail::set_switch(g_tma_cluster, on); }
+bool tma_cluster() { return detail::env_switch(g_tma_cluster, "STALEPROP_TMA_CLUSTER", false); }
 
 TmaLaunches tma_launches() {
   TmaLaunches t;
   t.conv = g_conv_tma_launches.load(std::memory_order_relaxed);
   t.wide_gemm = g_wide_launches.load(std::memory_order_relaxed);
+  t.cluster = g_cluster_launches.load(std::memory_order_relaxed);
   return t;
 }
 
@@ -134,6 +138,7 @@ bool use_wgmma() {
 // Asked only after use_wgmma() said yes, so auto here means wgmma_available().
 void count_conv_tma_launch() { g_conv_tma_launches.fetch_add(1, std::memory_order_relaxed); }
 void count_wide_tma_launch() { g_wide_launches.fetch_add(1, std::memory_order_relaxed); }
+void count_cluster_tma_launch() { g_cluster_launches.fetch_add(1, std::memory_order_relaxed); }
 
 bool use_wgmma_tma() {
   const MmaMainloop m = mma_mainloop();

@@ -117,6 +117,38 @@ struct TmaStage {
   SP_WGMMA_HD static constexpr uint32_t box_offset(int j) {
     return ContigK ? 0u : uint32_t(j) * 64 * kBK * 2;
   }
+
+  // The stage cut into kParts parts, one per block of a cluster that shares the operand (the
+  // B operand of two blocks along M): block r loads part r and multicasts it to the others, and
+  // the parts together write what the whole stage's boxes write. K-contiguous: kParts boxes of
+  // kX / kParts rows each (the map's box is that many rows: part_map_shape), part r at row
+  // r * kX / kParts; X-contiguous: the stage's kX / 64 boxes dealt round robin, box j to part
+  // j % kParts. Part offsets stay multiples of the 1024-byte swizzle atom, so TMA swizzles each
+  // part as it would the whole box.
+  template <bool ContigK, int kParts>
+  static constexpr TmaMapShape part_map_shape(int64_t x_extent, int64_t k_extent, int64_t ld) {
+    static_assert(ContigK ? kX % (8 * kParts) == 0 : (kX / 64) % kParts == 0, "whole parts of swizzle atoms");
+    TmaMapShape m = map_shape<ContigK>(x_extent, k_extent, ld);
+    if (ContigK) m.box[1] = uint32_t(kX / kParts);
+    return m;
+  }
+  template <bool ContigK, int kParts>
+  SP_WGMMA_HD static constexpr int part_boxes() {
+    return ContigK ? 1 : kX / 64 / kParts;
+  }
+  // Box i of part `part` at (x0, k0): its coordinates and byte offset in the stage.
+  template <bool ContigK, int kParts>
+  SP_WGMMA_HD static constexpr void part_box(int part, int i, int x0, int k0, int& c0, int& c1, uint32_t& offset) {
+    if (ContigK) {
+      c0 = k0;
+      c1 = x0 + part * (kX / kParts);
+      offset = uint32_t(part) * uint32_t(kX / kParts) * kBK * 2;
+    } else {
+      const int j = i * kParts + part;
+      box_coords<false>(j, x0, k0, c0, c1);
+      offset = box_offset<false>(j);
+    }
+  }
 };
 
 }  // namespace sp::kernels::cuda::detail::wgmma

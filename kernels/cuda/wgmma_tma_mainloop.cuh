@@ -23,6 +23,29 @@
 // them, so no proxy fence is needed. Split K, the epilogue and the partials are those of
 // wgmma_gemm_kernel.
 //
+// Clusters (Tile::kCluster == 2; tma_cluster() in tensor_core.h, off by default, not yet run on
+// a GPU). Why: Nsight Compute on the 128 x 128 GEMM at 4096^3 (bench/results/nvidia-h100/
+// 2026-11-26-ncu-gemm-wgmma_tma.txt) shows L2 at 73% of its throughput with the tensor pipes
+// idle much of the time: each block reads 32 KiB of A and B from L2 per K step of 64, about
+// 64 bytes per SM cycle at the tensor cores' rate, more than L2 delivers to all SMs at once.
+// Two blocks on consecutive row tiles need the same B stage, so in a cluster of two each loads
+// half of it (TmaStage::part_box) with multicast into both blocks' shared memory: B is read once
+// per cluster, a quarter less L2 traffic for the 128 x 128 tile and a third less for 128 x 256.
+// The protocol (the one CUTLASS's cluster pipelines use):
+//   * the blocks' barriers are initialised before a cluster-wide barrier, so no multicast or
+//     remote arrival reaches a block before its barriers exist;
+//   * each block's "full" barrier expects the whole stage (its A, both halves of B); a half from
+//     the other block may land before this block's producer announces the bytes, which only
+//     leaves the transaction count negative for a while: the phase still needs the producer's
+//     arrival;
+//   * a stage's "empty" barrier counts the consumer warps of both blocks (each releases on both:
+//     mbarrier_arrive_cluster), since the producers' multicasts write into both;
+//   * the consumers also release the last stage, and each producer waits until every stage is
+//     released by both blocks before it exits (its "tail"): no arrival then reaches a block that
+//     has exited.
+// The multiply, the K order and the epilogue are those of the single block, so the results are
+// the same bits (tested: TensorCore.GemmInClustersOfTwo).
+//
 // cuobjdump (CUDA 13.0, sm_90a): 90-92 registers, no stack; the SASS holds UTMALDG.2D (the TMA
 // loads), SYNCS.ARRIVE.TRANS64 / SYNCS.PHASECHK.TRANS64.TRYWAIT (the mbarriers) and
 // HGMMA.64x128x16.F32.BF16. The 128 x 128 form passed its GPU tests and compute-sanitizer on an
@@ -60,11 +83,17 @@ namespace sp::kernels::cuda::detail::wgmma {
 // producer down to ProducerRegs and the consumers up to ConsumerRegs. The block is launched
 // with 65536 / 384 = 168 per thread; 40 + 2 x 232 = 3 x 168, so the consumers' increase is
 // exactly what the producer hands back.
-template <int BN, int Stages, int MinBlocks = 1, int ProducerRegs = 0, int ConsumerRegs = 0>
+// Cluster > 1: blocks run in clusters of Cluster along M (consecutive row tiles, the same
+// column tile and K range), which share the B operand: each block loads its part of every B
+// stage (TmaStage::part_box) and multicasts it to the cluster, so B is read from L2 once per
+// cluster instead of once per block (below, "Clusters").
+template <int BN, int Stages, int MinBlocks = 1, int ProducerRegs = 0, int ConsumerRegs = 0, int Cluster = 1>
 struct WgTmaTileOf {
   static constexpr int kBM = 128, kBN = BN, kBK = wgmma::kBK, kStages = Stages;
   static constexpr int kMinBlocks = MinBlocks;  // per SM, for __launch_bounds__
   static constexpr int kProducerRegs = ProducerRegs, kConsumerRegs = ConsumerRegs;
+  static constexpr int kCluster = Cluster;
+  static_assert(Cluster == 1 || Cluster == 2, "clusters of one or two blocks");
   // 168 = 65536 / 384 rounded down to 8: what __launch_bounds__(384, 1) gives every thread.
   static_assert(ProducerRegs == 0 || (MinBlocks == 1 && ProducerRegs % 8 == 0 && ConsumerRegs % 8 == 0 &&
                                       ProducerRegs >= 24 && ProducerRegs <= 168 && ConsumerRegs >= 168 &&
@@ -92,6 +121,9 @@ using WgTmaTileNarrow = WgTmaTileOf<64, 4, 2>;
 // wgmma.m64n256k16 reads 10 KiB of shared memory per 64 x 256 x 16 product instead of 2 x 6 KiB
 // for two m64n128k16. 128 accumulators per consumer thread: the registers are rebalanced.
 using WgTmaTileWide = WgTmaTileOf<256, 4, 1, 40, 232>;
+// The 128 x 128 and 128 x 256 tiles in clusters of two along M (tma_cluster(), tensor_core.h).
+using WgTmaTileCluster = WgTmaTileOf<128, 5, 1, 0, 0, 2>;
+using WgTmaTileWideCluster = WgTmaTileOf<256, 4, 1, 40, 232, 2>;
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // The TMA boxes of one operand's stage at (x0, k0) into `stage`, completing on `bar`.
@@ -176,22 +208,31 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   uint64_t* const full = reinterpret_cast<uint64_t*>(b_smem + kS * Tile::kBStage);
   uint64_t* const empty = full + kS;
 
+  constexpr int kCl = Tile::kCluster;
   const int m0 = int(blockIdx.x) * Tile::kBM, n0 = int(blockIdx.y) * Tile::kBN;
   const int k_begin = int(blockIdx.z) * g.k_per_split;
   const int k_end = min(g.k, k_begin + g.k_per_split);
   const int k_steps = (k_end - k_begin + kBK - 1) / kBK;  // >= 1: the host never launches an empty slice
   const int wg = int(threadIdx.x) / kWarpgroupThreads;
+  const uint32_t rank = kCl > 1 ? ptx::cluster_ctarank() : 0;
 
   if (threadIdx.x == 0) {
 #pragma unroll
     for (int s = 0; s < kS; ++s) {
-      ptx::mbarrier_init(&full[s], 1);                         // the producer's arrive (+ bytes)
-      ptx::mbarrier_init(&empty[s], Tile::kConsumerWarps);  // each consumer warp's release
+      ptx::mbarrier_init(&full[s], 1);  // the producer's arrive (+ bytes)
+      // Each consumer warp's release, of every block of the cluster: a stage is refilled only
+      // once the blocks its multicast writes into have all done with it.
+      ptx::mbarrier_init(&empty[s], Tile::kConsumerWarps * kCl);
     }
     ptx::fence_mbarrier_init();
     ptx::fence_proxy_async_shared();  // the initialised barriers, seen by TMA too
   }
-  __syncthreads();  // the last block-wide barrier: the warpgroups go their own ways below
+  // The last block-wide barrier: the warpgroups go their own ways below. In a cluster, also no
+  // block arrives on or multicasts into another before that one's barriers are initialised.
+  if constexpr (kCl > 1)
+    ptx::cluster_sync();
+  else
+    __syncthreads();
 
   if (wg == 0) {
     if constexpr (Tile::kProducerRegs > 0) ptx::setmaxnreg_dec<Tile::kProducerRegs>();  // the whole warpgroup
@@ -199,13 +240,39 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     for (int step = 0; step < k_steps; ++step) {
       const int s = step % kS;
       ptx::mbarrier_wait(&empty[s], ((step / kS) & 1) ^ 1);  // round 0 finds every stage free
+      // The whole stage lands here: this block's part of B and the other blocks' parts.
       ptx::mbarrier_arrive_expect_tx(&full[s], StageA::kBytes + StageB::kBytes);
       const int k0 = k_begin + step * kBK;
       source_a.template load<Tile::kBM>(&map_a, a_smem + s * Tile::kAStage, &full[s], m0, k0);
-      tma_load_stage<StageB, ContigB>(&map_b, b_smem + s * Tile::kBStage, &full[s], n0, k0);
+      if constexpr (kCl > 1) {
+#pragma unroll
+        for (int i = 0; i < StageB::template part_boxes<ContigB, kCl>(); ++i) {
+          int c0 = 0, c1 = 0;
+          uint32_t offset = 0;
+          StageB::template part_box<ContigB, kCl>(int(rank), i, n0, k0, c0, c1, offset);
+          ptx::tma_load_2d_multicast(reinterpret_cast<unsigned char*>(b_smem + s * Tile::kBStage) + offset, &map_b,
+                                     &full[s], c0, c1, uint16_t((1u << kCl) - 1));
+        }
+      } else {
+        tma_load_stage<StageB, ContigB>(&map_b, b_smem + s * Tile::kBStage, &full[s], n0, k0);
+      }
+    }
+    if constexpr (kCl > 1) {
+      // Stay until every block of the cluster has released every stage: their last arrivals on
+      // this block's barriers have landed, and so have this block's multicasts into theirs.
+      for (int step = k_steps; step < k_steps + kS; ++step)
+        ptx::mbarrier_wait(&empty[step % kS], ((step / kS) & 1) ^ 1);
     }
     return;
   }
+  // A consumer warp's release of stage s, on every block of the cluster.
+  const auto release = [&](int s) {
+    ptx::mbarrier_arrive(&empty[s]);
+    if constexpr (kCl > 1) {
+#pragma unroll
+      for (int r = 1; r < kCl; ++r) ptx::mbarrier_arrive_cluster(&empty[s], (rank + uint32_t(r)) % uint32_t(kCl));
+    }
+  };
 
   if constexpr (Tile::kConsumerRegs > 0) ptx::setmaxnreg_inc<Tile::kConsumerRegs>();
   const int cw = wg - 1;  // the consumer warpgroup: rows 64 cw .. 64 cw + 63 of the tile
@@ -233,10 +300,12 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     ptx::wgmma_wait<1>();  // step - 1's multiplies are done: its stage may be refilled
     ptx::fence_accumulators(acc);
     // wait_group is warp-wide: once lane 0 is past it, the whole warp's reads of step - 1 are done.
-    if (step > 0 && threadIdx.x % kWarpSize == 0) ptx::mbarrier_arrive(&empty[(step - 1) % kS]);
+    if (step > 0 && threadIdx.x % kWarpSize == 0) release((step - 1) % kS);
   }
   ptx::wgmma_wait<0>();
   ptx::fence_accumulators(acc);
+  // In a cluster the producers wait for the last stage's release too (their tail, above).
+  if (kCl > 1 && threadIdx.x % kWarpSize == 0) release((k_steps - 1) % kS);
 
   store_accumulators<Tile::kBN>(acc, m0 + cw * kWarpgroupRows, n0, g, ep, partials);
 #else
