@@ -12,8 +12,8 @@
 #   3. compute-sanitizer memcheck (first) and racecheck on the TMA convolutions', the stride
 #      classes' TMA data gradient's and the clusters' tests
 #      (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed out);
-#      then, where time is left, racecheck over test_cuda_ops and the convolution tests
-#      (SWEEP_CAP seconds each, default 100);
+#      racecheck over test_cuda_ops and the convolution tests comes after step 6 (SWEEP_CAP
+#      seconds each, default 100, as time allows);
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
 #      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
 #      the measurements; evaluate its checkpoint with staleprop and, loaded into PyTorch, with
@@ -150,9 +150,10 @@ log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict 
   "clusters of two $(verdict "$CLUSTER_OK")"
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
-san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call
-  local cap=${CAP:-$SAN_CAP}
-  [ "$(left)" -gt $((cap + 200)) ] || { log "no time for compute-sanitizer $1 '$3'"; return; }
+san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call, RESERVE=seconds
+  # the time kept for what follows (default 200: the measurements)
+  local cap=${CAP:-$SAN_CAP} reserve=${RESERVE:-200}
+  [ "$(left)" -gt $((cap + reserve)) ] || { log "no time for compute-sanitizer $1 '$3'"; return; }
   local log="$OUT/sanitizer-$1-$2${4:+-$4}.log"
   timeout -k 10 "$cap" compute-sanitizer --tool "$1" --error-exitcode 1 "build-gpu/tests/$2" --gtest_filter="$3" \
     > "$log" 2>&1
@@ -183,13 +184,6 @@ if [ -z "${CTEST_LOG:-}" ]; then
     san racecheck test_cuda_tensor_core '*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' tma-classes
   finished 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*GemmAndConvolutionsInClustersOfTwo/wgmma_tma' tma-cluster
-  # Then, where time is left, racecheck over kernels it has never run (#3 asks for memcheck and
-  # racecheck clean on the kernel tests; memcheck ran nearly all of them on 2026-11-26): every
-  # test of test_cuda_ops but the slow persistent batch norm's (25 s in ctest), whose kernels
-  # share memory for their reductions, transposes and pooling; then the convolution tests on
-  # the default main loop (racecheck ran the first ones up to the transposed filter).
-  CAP=${SWEEP_CAP:-100} san racecheck test_cuda_ops '-*PersistentBatchNormGivesTheSameBits*' sweep
-  CAP=${SWEEP_CAP:-100} san racecheck test_cuda_tensor_core '*Convolution*/wgmma_tma' sweep
 fi
 
 if [ -n "$TRAIN_PID" ]; then
@@ -406,6 +400,20 @@ if [ -d data/cifar-10-batches-bin ]; then
     timeout -k 10 50 build-gpu/tools/staleprop sweep --jobs "$jobs" --parallel $parallel | tee -a "$OUT/session.txt"
     log "sweep of 4 resnet56 runs, $parallel at once: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
   done
+fi
+
+# Last, where time is left, racecheck over kernels it has never run (#3 asks for memcheck and
+# racecheck clean on the kernel tests; memcheck ran nearly all of them on 2026-11-26): every test
+# of test_cuda_ops but the slow persistent batch norm's (25 s in ctest), whose kernels share
+# memory for their reductions, transposes and pooling; then the convolution tests on the default
+# main loop (racecheck ran the first ones up to the transposed filter). After the measurements:
+# on 2026-11-27 the first sweep's 100 s came out of the measurements' time.
+# Each runs for what is left (at most SWEEP_CAP, default 100 s), keeping 20 s to pack.
+sweep_cap() { local c=$(($(left) - 25)); [ "$c" -gt "${SWEEP_CAP:-100}" ] && c=${SWEEP_CAP:-100}; echo "$c"; }
+if [ -z "${CTEST_LOG:-}" ]; then
+  [ "$(sweep_cap)" -ge 30 ] &&
+    CAP=$(sweep_cap) RESERVE=20 san racecheck test_cuda_ops '-*PersistentBatchNormGivesTheSameBits*' sweep
+  [ "$(sweep_cap)" -ge 30 ] && CAP=$(sweep_cap) RESERVE=20 san racecheck test_cuda_tensor_core '*Convolution*/wgmma_tma' sweep
 fi
 
 # The warp-specialised TMA kernels' SASS: each should set its warpgroups' registers twice
