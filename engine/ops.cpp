@@ -254,7 +254,8 @@ std::string tensor_core_switches() {
   return std::string("dgrad_wt=") + bit(kc::dgrad_transposed_filter()) +
          ",dgrad_classes=" + bit(kc::dgrad_by_stride_class()) + ",conv_tma=" + bit(kc::conv_tma()) +
          ",tma_wide=" + bit(kc::tma_wide_tile()) + ",tma_wide_by_shape=" + bit(kc::tma_wide_by_shape()) +
-         ",bn_persistent=" + bit(kc::bn_persistent()) + ",pdl=" + bit(kc::programmatic_launch());
+         ",tma_cluster=" + bit(kc::tma_cluster()) + ",bn_persistent=" + bit(kc::bn_persistent()) +
+         ",pdl=" + bit(kc::programmatic_launch());
 #else
   return "none";
 #endif

@@ -770,11 +770,12 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
   // (wgmma_tma_mainloop.cuh, "Clusters"), where the product has an even number of 128-row
   // tiles; the others run unclustered. The multiply and its order are the single block's, so
   // every result must be the same bits as without clusters, and right against the reference.
-  // GEMMs: all four transposes; tails in M, N and K; a ring of stages gone round several times;
-  // split K (the blocks of a cluster share their K slice); three row tiles and one (not
-  // clustered); on both tiles. Convolutions with TMA loads: the forward and data gradient with
-  // two and four row tiles, a weight gradient with 18 (R*S*C = 2304), the wide tile, and one
-  // with an odd count. The launch counter must grow by the products with an even tile count.
+  // GEMMs: all four transposes; tails in M, N and K; split K (the blocks of a cluster share
+  // their K slice); three row tiles and one (not clustered); on both tiles; and long reductions
+  // whose rings of stages go round several times. Convolutions with TMA loads: the forward and
+  // data gradient with two and four row tiles, a weight gradient with 18 (R*S*C = 2304), the
+  // wide tile, and one with an odd count; and a strided data gradient by stride class. The launch
+  // counter must grow by the products with an even tile count.
   const bool on_tma = GetParam() == kcu::MmaMainloop::kWgmmaTma;
   const auto clustered = [&](int64_t m) { return on_tma && (m + 127) / 128 % 2 == 0 ? int64_t(1) : int64_t(0); };
   const int64_t gemms[][3] = {{256, 512, 1024}, {200, 400, 136}, {136, 448, 488}, {256, 256, 8192},
@@ -804,6 +805,37 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
         EXPECT_TRUE(bits_equal(with, without))
             << gemm_str(g, "gemm_bf16") << (wide ? " (wide)" : "") << ": in clusters vs not";
       }
+  }
+  // Long reductions that do not split (or split into long slices), so that the blocks go round
+  // their ring of stages several times with the other block's releases and halves in play:
+  // 2048 x 2048 x 1024 (256 tiles, 16 K steps; on the wide tile 2 slices of 8), 512 x 2048 x 4096
+  // (4 slices of 16 steps). Their double-precision reference would be slow: against the
+  // unclustered run, bit for bit.
+  const int64_t long_gemms[][3] = {{2048, 2048, 1024}, {512, 2048, 4096}};
+  for (const bool wide : {false, true}) {
+    const ScopedSwitch tile(kcu::tma_wide_tile, kcu::set_tma_wide_tile, wide);
+    for (const auto& sz : long_gemms) {
+      const int64_t m = sz[0], n = sz[1], k = sz[2];
+      const std::string what = "gemm_bf16 " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) +
+                               (wide ? " (wide)" : "");
+      const DeviceArray<uint16_t> a(random_bf16(size_t(m * k), seed += 5)), b(random_bf16(size_t(k * n), seed + 1));
+      DeviceArray<float> with(size_t(m * n)), without(size_t(m * n));
+      {
+        const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster);
+        const int64_t before = kcu::tma_launches().cluster;
+        kcu::gemm_bf16(false, true, m, n, k, 1.f, a.get(), k, b.get(), k, 0.f, with.get(), n, nullptr, false, stream_);
+        sync_and_check();
+        EXPECT_EQ(kcu::tma_launches().cluster - before, clustered(m)) << what << ": clusters";
+        total += clustered(m);
+      }
+      {
+        const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster, false);
+        kcu::gemm_bf16(false, true, m, n, k, 1.f, a.get(), k, b.get(), k, 0.f, without.get(), n, nullptr, false,
+                       stream_);
+        sync_and_check();
+      }
+      EXPECT_TRUE(bits_equal(with.download(), without.download())) << what << ": in clusters vs not";
+    }
   }
   // Convolutions (conv_tma on, the transposed filter, strided data gradients direct).
   const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
@@ -838,6 +870,30 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
       EXPECT_TRUE(bits_equal(with.dx, without.dx)) << what << ", backward data";
       EXPECT_TRUE(bits_equal(with.dw, without.dw)) << what << ", backward weight";
     }
+  }
+  // A stride-2 layer's data gradient by stride class (ResNet-18's 128->256 at batch 8): each
+  // class's product (512 rows, N = C = 128) runs in clusters where it takes TMA loads.
+  {
+    const Conv2dShape sh = conv(8, 16, 16, 128, 256, 3, 2, 1);
+    const ScopedSwitch classes(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class);
+    ConvResult with, without;
+    int64_t in_clusters = 0;
+    {
+      const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster);
+      const int64_t before = kcu::tma_launches().cluster;
+      with = check_conv(kCustomConv, stream_, sh, seed += 5);
+      in_clusters = kcu::tma_launches().cluster - before;
+    }
+    {
+      const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster, false);
+      without = check_conv(kCustomConv, stream_, sh, seed);
+    }
+    if (on_tma) {
+      EXPECT_GT(in_clusters, 0) << conv_str(sh) << ": nothing in clusters";
+    }
+    EXPECT_TRUE(bits_equal(with.dx, without.dx)) << conv_str(sh) << ": data gradient by class, in clusters vs not";
+    EXPECT_TRUE(bits_equal(with.y, without.y)) << conv_str(sh) << ": forward, in clusters vs not";
+    EXPECT_TRUE(bits_equal(with.dw, without.dw)) << conv_str(sh) << ": weight gradient, in clusters vs not";
   }
   if (on_tma) {
     EXPECT_GT(total, 0) << "nothing ran in clusters";

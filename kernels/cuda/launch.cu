@@ -87,7 +87,7 @@ void detail::configure_scratch_pool() {
   static std::mutex mu;
   static std::set<int> set_up;
   std::lock_guard<std::mutex> lk(mu);
-  if (!set_up.insert(device).second) return;
+  if (set_up.count(device)) return;
   cudaMemPool_t pool;
   SP_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
   uint64_t keep_all = UINT64_MAX;
@@ -95,6 +95,7 @@ void detail::configure_scratch_pool() {
   const char* env = std::getenv("STALEPROP_POOL_INTERNAL_DEPS");
   int internal_deps = env && std::strcmp(env, "1") == 0 ? 1 : 0;
   SP_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &internal_deps));
+  set_up.insert(device);  // only once every setting took (a throw leaves it to be tried again)
   done.fetch_or(bit, std::memory_order_release);
 }
 

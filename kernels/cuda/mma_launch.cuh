@@ -83,7 +83,8 @@ void check_register_rebalance(Kernel kernel) {
     const int need = (Tile::kProducerRegs + 2 * Tile::kConsumerRegs + 2) / 3, have = (attr.numRegs + 7) / 8 * 8;
     SP_CHECK(have >= need, "wgmma_tma: the ", Tile::kBM, " x ", Tile::kBN, " TMA tile was compiled with ", attr.numRegs,
              " registers per thread, but its setmaxnreg rebalancing (", Tile::kProducerRegs, " / ", Tile::kConsumerRegs,
-             ") needs ", need, " at launch, or the launch would hang; unset STALEPROP_TMA_WIDE");
+             ") needs ", need,
+             " at launch, or the launch would hang; unset STALEPROP_TMA_WIDE and STALEPROP_TMA_WIDE_BY_SHAPE");
   } else {
     (void)kernel;
   }

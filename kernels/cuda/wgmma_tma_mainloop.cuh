@@ -39,12 +39,14 @@
 //     leaves the transaction count negative for a while: the phase still needs the producer's
 //     arrival;
 //   * a stage's "empty" barrier counts the consumer warps of both blocks (each releases on both:
-//     mbarrier_arrive_cluster), since the producers' multicasts write into both;
+//     mbarrier_arrive_cluster), since the producers' multicasts write into both; the producer
+//     waits on it with cluster scope (mbarrier_wait_cluster), acquiring the other block's
+//     releases;
 //   * the consumers also release the last stage, and each producer waits until every stage is
 //     released by both blocks before it exits (its "tail"): no arrival then reaches a block that
 //     has exited.
 // The multiply, the K order and the epilogue are those of the single block, so the results are
-// the same bits (tested: TensorCore.GemmInClustersOfTwo).
+// the same bits (tested: TensorCore.GemmAndConvolutionsInClustersOfTwo).
 //
 // cuobjdump (CUDA 13.0, sm_90a): 90-92 registers, no stack; the SASS holds UTMALDG.2D (the TMA
 // loads), SYNCS.ARRIVE.TRANS64 / SYNCS.PHASECHK.TRANS64.TRYWAIT (the mbarriers) and
@@ -239,7 +241,11 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     if (threadIdx.x != 0) return;
     for (int step = 0; step < k_steps; ++step) {
       const int s = step % kS;
-      ptx::mbarrier_wait(&empty[s], ((step / kS) & 1) ^ 1);  // round 0 finds every stage free
+      // Round 0 finds every stage free. In a cluster the releases come from both blocks.
+      if constexpr (kCl > 1)
+        ptx::mbarrier_wait_cluster(&empty[s], ((step / kS) & 1) ^ 1);
+      else
+        ptx::mbarrier_wait(&empty[s], ((step / kS) & 1) ^ 1);
       // The whole stage lands here: this block's part of B and the other blocks' parts.
       ptx::mbarrier_arrive_expect_tx(&full[s], StageA::kBytes + StageB::kBytes);
       const int k0 = k_begin + step * kBK;
@@ -261,7 +267,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
       // Stay until every block of the cluster has released every stage: their last arrivals on
       // this block's barriers have landed, and so have this block's multicasts into theirs.
       for (int step = k_steps; step < k_steps + kS; ++step)
-        ptx::mbarrier_wait(&empty[step % kS], ((step / kS) & 1) ^ 1);
+        ptx::mbarrier_wait_cluster(&empty[step % kS], ((step / kS) & 1) ^ 1);
     }
     return;
   }
