@@ -542,6 +542,7 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoads) {
       // The 128 x 128 and 128 x 64 tiles only (the wide one has its own test below), on the
       // transposed filter whatever the environment says.
       const ScopedSwitch narrow(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
+      const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
       const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
       const ScopedSwitch on(kcu::conv_tma, kcu::set_conv_tma);
       const int64_t before = kcu::tma_launches().conv;
@@ -578,6 +579,7 @@ TEST_P(TensorCore, ConvolutionsByStrideClassWithTmaLoads) {
   const ScopedSwitch classes(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class);
   const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
   const ScopedSwitch narrow(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
+  const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
   namespace wg = kcu::detail::wgmma;
   const std::vector<Conv2dShape> shapes = {
       conv(2, 32, 32, 64, 128, 3, 2, 1), conv(2, 16, 16, 128, 256, 3, 2, 1), conv(2, 8, 8, 256, 512, 3, 2, 1),
@@ -680,6 +682,7 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoadsOnTheWideTile) {
     }
     {
       const ScopedSwitch off(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
+      const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
       narrow = check_conv(kCustomConv, stream_, sh, seed);
     }
     expect_close_elementwise(wide.y, narrow.y, 1.0 / 64, conv_str(sh) + ": forward, wide vs 128 x 128");
