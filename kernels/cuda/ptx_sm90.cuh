@@ -162,19 +162,40 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
         : "memory");
   } while (!done);
 }
-// mbarrier_wait with cluster scope: also acquires what other blocks of the cluster released
-// with their (remote) arrivals on this barrier (the empty barriers of a cluster of two).
-__device__ __forceinline__ void mbarrier_wait_cluster(uint64_t* bar, uint32_t parity) {
+// The waits of the clustered main loop give up after this many SM clock cycles (about 19 s at
+// 1.8 GHz, far beyond any wait of a working kernel, even time-sliced or under compute-sanitizer)
+// and trap: until the clustered protocol has run on a GPU, a bug in it fails its launch
+// ("unspecified launch failure") instead of hanging the process until a test's time limit.
+constexpr long long kClusterWaitCycles = 1ll << 35;
+
+// mbarrier_wait with cluster scope (Cluster) or CTA scope, bounded as above: with cluster scope
+// it also acquires what other blocks of the cluster released with their (remote) arrivals on
+// this barrier (the empty barriers of a cluster of two).
+template <bool Cluster>
+__device__ __forceinline__ void mbarrier_wait_bounded(uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
+  const long long start = clock64();
+  while (true) {
+    if constexpr (Cluster) {
+      asm volatile(
+          "{\n.reg .pred p;\n"
+          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+          "selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(smem_u32(bar)), "r"(parity)
+          : "memory");
+    } else {
+      asm volatile(
+          "{\n.reg .pred p;\n"
+          "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+          "selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(smem_u32(bar)), "r"(parity)
+          : "memory");
+    }
+    if (done) return;
+    if (clock64() - start > kClusterWaitCycles) __trap();
+  }
 }
 // TMA: the box at coordinates (c0, c1) of the 2-D tensor map `map` (a __grid_constant__ kernel
 // parameter) into shared memory at dst, completing `bar`'s transaction bytes when it lands.

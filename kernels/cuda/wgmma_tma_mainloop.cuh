@@ -40,13 +40,15 @@
 //     arrival;
 //   * a stage's "empty" barrier counts the consumer warps of both blocks (each releases on both:
 //     mbarrier_arrive_cluster), since the producers' multicasts write into both; the producer
-//     waits on it with cluster scope (mbarrier_wait_cluster), acquiring the other block's
+//     waits on it with cluster scope (mbarrier_wait_bounded<true>), acquiring the other block's
 //     releases;
 //   * the consumers also release the last stage, and each producer waits until every stage is
 //     released by both blocks before it exits (its "tail"): no arrival then reaches a block that
 //     has exited.
 // The multiply, the K order and the epilogue are those of the single block, so the results are
-// the same bits (tested: TensorCore.GemmAndConvolutionsInClustersOfTwo).
+// the same bits (tested: TensorCore.GemmAndConvolutionsInClustersOfTwo). Until the protocol has
+// run on a GPU, its waits are bounded (ptx_sm90.cuh, kClusterWaitCycles): a bug traps instead of
+// hanging.
 //
 // cuobjdump (CUDA 13.0, sm_90a): 90-92 registers, no stack; the SASS holds UTMALDG.2D (the TMA
 // loads), SYNCS.ARRIVE.TRANS64 / SYNCS.PHASECHK.TRANS64.TRYWAIT (the mbarriers) and
@@ -243,7 +245,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
       const int s = step % kS;
       // Round 0 finds every stage free. In a cluster the releases come from both blocks.
       if constexpr (kCl > 1)
-        ptx::mbarrier_wait_cluster(&empty[s], ((step / kS) & 1) ^ 1);
+        ptx::mbarrier_wait_bounded<true>(&empty[s], ((step / kS) & 1) ^ 1);
       else
         ptx::mbarrier_wait(&empty[s], ((step / kS) & 1) ^ 1);
       // The whole stage lands here: this block's part of B and the other blocks' parts.
@@ -267,7 +269,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
       // Stay until every block of the cluster has released every stage: their last arrivals on
       // this block's barriers have landed, and so have this block's multicasts into theirs.
       for (int step = k_steps; step < k_steps + kS; ++step)
-        ptx::mbarrier_wait_cluster(&empty[step % kS], ((step / kS) & 1) ^ 1);
+        ptx::mbarrier_wait_bounded<true>(&empty[step % kS], ((step / kS) & 1) ^ 1);
     }
     return;
   }
@@ -289,7 +291,10 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   constexpr int kTransA = ContigA ? 0 : 1, kTransB = ContigB ? 0 : 1;
   for (int step = 0; step < k_steps; ++step) {
     const int s = step % kS;
-    ptx::mbarrier_wait(&full[s], (step / kS) & 1);
+    if constexpr (kCl > 1)
+      ptx::mbarrier_wait_bounded<false>(&full[s], (step / kS) & 1);  // (bounded: see ptx_sm90.cuh)
+    else
+      ptx::mbarrier_wait(&full[s], (step / kS) & 1);
     const uint32_t as = ptx::smem_u32(a_smem + s * Tile::kAStage) + LayoutA::x_offset(cw * kWarpgroupRows);
     const uint32_t bs = ptx::smem_u32(b_smem + s * Tile::kBStage);
     ptx::fence_accumulators(acc);
