@@ -315,10 +315,11 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   }
   ptx::wgmma_wait<0>();
   ptx::fence_accumulators(acc);
-  // In a cluster the producers wait for the last stage's release too (their tail, above).
-  if (kCl > 1 && threadIdx.x % kWarpSize == 0) release((k_steps - 1) % kS);
-
   store_accumulators<Tile::kBN>(acc, m0 + cw * kWarpgroupRows, n0, g, ep, partials);
+  // In a cluster the producers wait for the last stage's release too (their tail, above). After
+  // the epilogue, which reads no shared memory: released between the last wait and the epilogue,
+  // ptxas serialises the main loop's wgmma (C7515).
+  if (kCl > 1 && threadIdx.x % kWarpSize == 0) release((k_steps - 1) % kS);
 #else
   // Not built for sm_90a: the host never launches this (wgmma_available() is false).
   __trap();
