@@ -33,6 +33,7 @@
 #include "kernels/common/conv_stride_classes.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/cuda/conv_tma.h"
+#include "kernels/cuda/ops.h"
 #include "kernels/cuda/tensor_core.h"
 #include "kernels/vendor/vendor.h"
 #endif
@@ -808,6 +809,26 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
         EXPECT_TRUE(bits_equal(with, without))
             << gemm_str(g, "gemm_bf16") << (wide ? " (wide)" : "") << ": in clusters vs not";
       }
+  }
+  // With programmatic dependent launch as well (both launch attributes on one launch, as
+  // STALEPROP_PDL=1 STALEPROP_TMA_CLUSTER=1 gives; where the device takes no PDL the switch sets
+  // nothing): a chain of clustered GEMMs, each reading the one before, the same bits.
+  {
+    const ScopedSwitch pdl(kcu::programmatic_launch, kcu::set_programmatic_launch);
+    const int64_t n = 256;
+    const DeviceArray<uint16_t> a(random_bf16(size_t(n * n), seed += 5)), b(random_bf16(size_t(n * n), seed + 1));
+    DeviceArray<uint16_t> c1(size_t(n * n)), c2(size_t(n * n));
+    std::vector<uint16_t> results[2];
+    for (const bool on : {true, false}) {
+      const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster, on);
+      kcu::gemm_bf16_out_bf16(false, false, n, n, n, 0.125f, a.get(), n, b.get(), n, 0.f, c1.get(), n, nullptr, false,
+                              stream_);
+      kcu::gemm_bf16_out_bf16(false, false, n, n, n, 0.125f, c1.get(), n, b.get(), n, 0.f, c2.get(), n, nullptr, false,
+                              stream_);
+      sync_and_check();
+      results[on ? 0 : 1] = c2.download();
+    }
+    EXPECT_TRUE(bits_equal(results[0], results[1])) << "a chain of GEMMs with PDL, in clusters vs not";
   }
   // Long reductions that do not split (or split into long slices), so that the blocks go round
   // their ring of stages several times with the other block's releases and halves in play:
