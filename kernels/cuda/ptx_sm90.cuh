@@ -150,17 +150,33 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
                : "memory");
 }
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+// One test of the phase of `parity` (true once it has completed), with acquire semantics at CTA
+// scope, or with Cluster at cluster scope: then it also acquires what other blocks of the
+// cluster released with their (remote) arrivals on this barrier (the empty barriers of a
+// cluster of two).
+#define SP_MBARRIER_TRY_WAIT(SEM)       \
+  asm volatile(                         \
+      "{\n.reg .pred p;\n"              \
+      "mbarrier.try_wait.parity" SEM    \
+      ".shared::cta.b64 p, [%1], %2;\n" \
+      "selp.u32 %0, 1, 0, p;\n}\n"      \
+      : "=r"(done)                      \
+      : "r"(smem_u32(bar)), "r"(parity) \
+      : "memory")
+template <bool Cluster = false>
+__device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
+  if constexpr (Cluster)
+    SP_MBARRIER_TRY_WAIT(".acquire.cluster");
+  else
+    SP_MBARRIER_TRY_WAIT("");
+  return done != 0;
+}
+#undef SP_MBARRIER_TRY_WAIT
+
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  while (!mbarrier_try_wait(bar, parity)) {
+  }
 }
 // The waits of the clustered main loop give up after this many SM clock cycles (about 19 s at
 // 1.8 GHz, far beyond any wait of a working kernel, even time-sliced or under compute-sanitizer)
@@ -168,34 +184,12 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 // ("unspecified launch failure") instead of hanging the process until a test's time limit.
 constexpr long long kClusterWaitCycles = 1ll << 35;
 
-// mbarrier_wait with cluster scope (Cluster) or CTA scope, bounded as above: with cluster scope
-// it also acquires what other blocks of the cluster released with their (remote) arrivals on
-// this barrier (the empty barriers of a cluster of two).
+// mbarrier_wait at cluster scope (Cluster) or CTA scope (mbarrier_try_wait), bounded as above.
 template <bool Cluster>
 __device__ __forceinline__ void mbarrier_wait_bounded(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
   const long long start = clock64();
-  while (true) {
-    if constexpr (Cluster) {
-      asm volatile(
-          "{\n.reg .pred p;\n"
-          "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-          "selp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(done)
-          : "r"(smem_u32(bar)), "r"(parity)
-          : "memory");
-    } else {
-      asm volatile(
-          "{\n.reg .pred p;\n"
-          "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-          "selp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(done)
-          : "r"(smem_u32(bar)), "r"(parity)
-          : "memory");
-    }
-    if (done) return;
+  while (!mbarrier_try_wait<Cluster>(bar, parity))
     if (clock64() - start > kClusterWaitCycles) __trap();
-  }
 }
 // TMA: the box at coordinates (c0, c1) of the 2-D tensor map `map` (a __grid_constant__ kernel
 // parameter) into shared memory at dst, completing `bar`'s transaction bytes when it lands.
