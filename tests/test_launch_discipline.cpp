@@ -89,8 +89,8 @@ TEST(LaunchDiscipline, EveryKernelBeginsByWaitingForTheKernelBeforeIt) {
 }
 
 TEST(LaunchDiscipline, KernelsAreLaunchedOnlyThroughTheLaunchHelpers) {
-  // common.cuh holds launch_kernel and launch_kernel_with; batchnorm.cu builds the cooperative
-  // kernels' launch attribute (no PDL attribute).
+  // common.cuh holds launch_kernel and its siblings (launch_kernel_with, _in_clusters, ...); batchnorm.cu builds the
+  // cooperative kernels' launch attribute (no PDL attribute).
   for (const fs::path& f : kernel_sources()) {
     const std::string name = f.filename().string();
     if (name == "common.cuh" || name == "batchnorm.cu") {

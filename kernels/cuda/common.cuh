@@ -108,70 +108,67 @@ __device__ __forceinline__ void pdl_prologue() {
 
 bool programmatic_launch_on();  // launch.cu
 
-// kernel<<<grid, block, smem, stream>>>(args...) with the launch attribute *attr (nullable);
+// kernel<<<grid, block, smem, stream>>>(args...) with the n launch attributes attrs[0..n);
 // returns the launch's status (an error is left set for the caller to handle).
 template <class... Params, class... Args>
-cudaError_t launch_kernel_with(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                               const cudaLaunchAttribute* attr, Args&&... args) {
+cudaError_t launch_kernel_attrs(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                cudaLaunchAttribute* attrs, unsigned n, Args&&... args) {
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute copy{};
-  if (attr != nullptr) {
-    copy = *attr;
-    cfg.attrs = &copy;
-    cfg.numAttrs = 1;
-  }
+  cfg.attrs = n > 0 ? attrs : nullptr;
+  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...) in thread-block clusters of cluster_x blocks
-// along x (grid.x a multiple of it), with the programmatic-serialisation attribute as
-// launch_kernel below; launch errors throw.
+// The same with the one launch attribute *attr (nullable).
+template <class... Params, class... Args>
+cudaError_t launch_kernel_with(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                               const cudaLaunchAttribute* attr, Args&&... args) {
+  cudaLaunchAttribute copy{};
+  if (attr != nullptr) copy = *attr;
+  return launch_kernel_attrs(kernel, grid, block, smem, stream, &copy, attr != nullptr ? 1u : 0u,
+                             std::forward<Args>(args)...);
+}
+
+// Launches with `attrs` (room for one more) plus the programmatic-serialisation attribute when
+// programmatic_launch_on() (launch.cu: the switch, on a device and build that take it); launch
+// errors throw, and are not left set for an unrelated later check.
+template <class... Params, class... Args>
+void launch_kernel_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                       cudaLaunchAttribute* attrs, unsigned n, Args&&... args) {
+  if (programmatic_launch_on()) {
+    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  const cudaError_t err = launch_kernel_attrs(kernel, grid, block, smem, stream, attrs, n, std::forward<Args>(args)...);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    SP_CUDA_CHECK(err);
+  }
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with programmatic dependent launch where on.
+template <class... Params, class... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  cudaLaunchAttribute attrs[1]{};
+  launch_kernel_pdl(kernel, grid, block, smem, stream, attrs, 0, std::forward<Args>(args)...);
+}
+
+// The same in thread-block clusters of cluster_x blocks along x (grid.x a multiple of it).
 template <class... Params, class... Args>
 void launch_kernel_in_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                                unsigned cluster_x, Args&&... args) {
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
   cudaLaunchAttribute attrs[2]{};
   attrs[0].id = cudaLaunchAttributeClusterDimension;
   attrs[0].val.clusterDim.x = cluster_x;
   attrs[0].val.clusterDim.y = 1;
   attrs[0].val.clusterDim.z = 1;
-  cfg.numAttrs = 1;
-  if (programmatic_launch_on()) {
-    attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[1].val.programmaticStreamSerializationAllowed = 1;
-    cfg.numAttrs = 2;
-  }
-  cfg.attrs = attrs;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // thrown, not left for an unrelated later check
-    SP_CUDA_CHECK(err);
-  }
-}
-
-// kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialisation attribute
-// when programmatic_launch_on() (launch.cu: the switch, on a device and build that take it);
-// launch errors throw.
-template <class... Params, class... Args>
-void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                   Args&&... args) {
-  cudaLaunchAttribute pdl{};
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
-  const cudaError_t err = launch_kernel_with(kernel, grid, block, smem, stream,
-                                             programmatic_launch_on() ? &pdl : nullptr, std::forward<Args>(args)...);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // the launch error is thrown, not left for an unrelated later check
-    SP_CUDA_CHECK(err);
-  }
+  launch_kernel_pdl(kernel, grid, block, smem, stream, attrs, 1, std::forward<Args>(args)...);
 }
 
 // ---- Deterministic warp reductions ---------------------------------------------------------

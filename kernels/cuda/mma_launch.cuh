@@ -158,9 +158,6 @@ inline bool wide_tile_for(int m, int n, int k) {
   return wide_tile_width(n) && (tma_wide_tile() || (tma_wide_by_shape() && wide_tile_pays(m, n, k)));
 }
 
-// The wgmma_tma kernel on two plain matrices (both with vec set: TMA-addressable), M, N, K > 0:
-// on the tile with_tma_tile chooses (128 x 256 where wide_tile_for(M, N, K), else 128 x 128; in
-// clusters of two where cluster_for(M)).
 // B's tensor map for Tile: the whole stage's boxes, or in a cluster each block's part of them
 // (TmaStage::part_map_shape).
 template <class Tile, bool ContigB>
@@ -193,6 +190,9 @@ void with_tma_tile(int m, int n, int k, const Launch& launch) {
   if (cluster) count_cluster_tma_launch();
 }
 
+// The wgmma_tma kernel on two plain matrices (both with vec set: TMA-addressable), M, N, K > 0:
+// on the tile with_tma_tile chooses (128 x 256 where wide_tile_for(M, N, K), else 128 x 128; in
+// clusters of two where cluster_for(M)).
 template <bool ContigA, bool ContigB, typename T>
 void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& b, int m, int n, int k,
                    const MmaEpilogue<T>& ep, cudaStream_t stream) {
