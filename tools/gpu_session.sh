@@ -167,7 +167,7 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
 # tile, and memcheck on the persistent batch norm and PDL. New since: the stride classes' TMA
 # data gradient (and the TMA convolutions' source, which it changed), and the wgmma_tma kernel in
 # clusters of two (multicast, remote arrivals). That kernel's source changed for it, so its test,
-# which runs every tile also unclustered (narrow, 128 x 128, wide) as its baseline, stands in for
+# which runs the 128 x 128 and wide tiles also unclustered as its baseline, stands in for
 # the wide tile's tests here.
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
 # hang here too, for SAN_CAP seconds each time. memcheck first; racecheck is slow (16 tests in
