@@ -254,8 +254,8 @@ std::string tensor_core_switches() {
   return std::string("dgrad_wt=") + bit(kc::dgrad_transposed_filter()) +
          ",dgrad_classes=" + bit(kc::dgrad_by_stride_class()) + ",conv_tma=" + bit(kc::conv_tma()) +
          ",tma_wide=" + bit(kc::tma_wide_tile()) + ",tma_wide_by_shape=" + bit(kc::tma_wide_by_shape()) +
-         ",tma_cluster=" + bit(kc::tma_cluster()) + ",bn_persistent=" + bit(kc::bn_persistent()) +
-         ",pdl=" + bit(kc::programmatic_launch());
+         ",tma_cluster=" + bit(kc::tma_cluster()) + ",conv_small_c=" + bit(kc::conv_small_c()) +
+         ",bn_persistent=" + bit(kc::bn_persistent()) + ",pdl=" + bit(kc::programmatic_launch());
 #else
   return "none";
 #endif

@@ -32,6 +32,7 @@
 
 #include "kernels/common/conv_stride_classes.h"
 #include "kernels/common/cuda_check.h"
+#include "kernels/cuda/conv_small_c_plan.h"
 #include "kernels/cuda/conv_tma.h"
 #include "kernels/cuda/ops.h"
 #include "kernels/cuda/tensor_core.h"
@@ -922,6 +923,45 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
   if (on_tma) {
     EXPECT_GT(total, 0) << "nothing ran in clusters";
   }
+}
+
+TEST_P(TensorCore, ConvolutionsWithFewChannelsRunDirect) {
+  // With conv_small_c() on, the forward and the weight gradient of a convolution with at most 4
+  // input channels run the direct kernels (conv_small_c_plan.h) wherever the plan takes them: the
+  // CIFAR ResNets' stems (3 -> 64 and 3 -> 16), a single channel with a 5x5 filter at stride 2,
+  // ImageNet's 7x7 stride-2 stem on odd sizes (its weight gradient, 147 x 64 sums, is too many
+  // for the direct kernel and keeps the tensor cores), no padding, batches that leave the last
+  // block of pixels part empty, and tensors one element into their allocation (y not 16-byte
+  // aligned: the element-wise stores), with and without a bias. Against the reference, with the
+  // launch counter grown by the passes the plan takes; and against the switch off.
+  const ScopedSwitch direct(kcu::conv_small_c, kcu::set_conv_small_c);
+  struct Case {
+    Conv2dShape sh;
+    int offset;
+    bool bias;
+  };
+  const Case cases[] = {{conv(2, 32, 32, 3, 64, 3, 1, 1), 0, false}, {conv(3, 32, 32, 3, 16, 3, 1, 1), 0, true},
+                        {conv(2, 9, 7, 1, 8, 5, 2, 2), 1, true},     {conv(2, 13, 11, 3, 64, 7, 2, 3), 0, true},
+                        {conv(1, 6, 6, 3, 16, 3, 1, 0), 1, false},   {conv(5, 7, 5, 2, 24, 3, 1, 1), 0, true}};
+  uint32_t seed = 1100;
+  int64_t total = 0;
+  for (const Case& cs : cases) {
+    const kcu::detail::SmallCPlan plan = kcu::detail::plan_small_c(cs.sh);
+    EXPECT_TRUE(plan.fwd) << conv_str(cs.sh) << ": the forward is meant to run direct";
+    const int64_t before = kcu::conv_small_c_launches();
+    const ConvResult with = check_conv(kCustomConv, stream_, cs.sh, seed += 5, cs.offset, cs.bias);
+    const int64_t launched = kcu::conv_small_c_launches() - before;
+    EXPECT_EQ(launched, int64_t(plan.fwd) + int64_t(plan.wgrad)) << conv_str(cs.sh) << ": direct passes";
+    total += launched;
+    ConvResult without;
+    {
+      const ScopedSwitch off(kcu::conv_small_c, kcu::set_conv_small_c, false);
+      without = check_conv(kCustomConv, stream_, cs.sh, seed, cs.offset, cs.bias);
+    }
+    expect_close_elementwise(with.y, without.y, 1.0 / 64, conv_str(cs.sh) + ": forward, direct vs tensor cores");
+    expect_close_elementwise(with.dw, without.dw, 1e-4, conv_str(cs.sh) + ": weight gradient, direct vs tensor cores");
+  }
+  EXPECT_GT(total, 0);
 }
 
 TEST_P(TensorCore, ConvolutionsOnUnalignedTensors) {

@@ -50,6 +50,7 @@ SWITCH_LABELS = [
     ("tma_wide_tile", "wide TMA tile"),
     ("tma_wide_by_shape", "wide tile by shape"),
     ("tma_cluster", "clusters of two"),
+    ("conv_small_c", "direct stem"),
     ("bn_persistent", "persistent BN"),
     ("programmatic_launch", "PDL"),
 ]

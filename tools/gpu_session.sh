@@ -24,8 +24,8 @@
 #      TMA tile against the 128 x 128 one (--tma-wide), and in clusters of two (--tma-cluster),
 #      against cuBLASLt, and the convolutions' sums in clusters; bf16 training
 #      throughput of ResNet-18 (batch 512) and ResNet-56 (128) with every new path that passed
-#      off and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER, _BN_PERSISTENT,
-#      _PDL); with
+#      off and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
+#      _CONV_SMALL_C, _BN_PERSISTENT, _PDL), the stem's direct kernels against the tensor cores; with
 #      COMPARE_BIN, ResNet-56's op-by-op fdg (interleaved, twice) and backprop on this commit's
 #      binary and another's, and fdg with the transposed filter and the scratch pool's cross-stream
 #      waits. Then gpu_bench stage 1 for the pooling and shortcut kernels
@@ -141,13 +141,14 @@ PDL_OK=; passed 'ProgrammaticDependentLaunchChangesNoBit' && PDL_OK=1
 CONV_WIDE_OK=; passed 'ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' && CONV_WIDE_OK=1
 CLASSES_TMA_OK=; passed 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' && CLASSES_TMA_OK=1
 CLUSTER_OK=; passed 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' && CLUSTER_OK=1
+SMALL_C_OK=; passed 'ConvolutionsWithFewChannelsRunDirect/wgmma_tma' && SMALL_C_OK=1
 # The wide tile chosen by shape runs the kernels of both wide-tile tests; its own test checks the routing.
 WIDE_SHAPE_OK=; [ -n "$TMA_WIDE_OK" ] && [ -n "$CONV_WIDE_OK" ] && passed 'WideTileByShape/wgmma_tma' && WIDE_SHAPE_OK=1
 verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
 log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict "$TMA_WIDE_OK");" \
   "persistent batch norm $(verdict "$BN_PERSISTENT_OK"); programmatic launch $(verdict "$PDL_OK");" \
   "stride-class data gradient with TMA loads $(verdict "$CLASSES_TMA_OK"); wide tile by shape $(verdict "$WIDE_SHAPE_OK");" \
-  "clusters of two $(verdict "$CLUSTER_OK")"
+  "clusters of two $(verdict "$CLUSTER_OK"); direct stem $(verdict "$SMALL_C_OK")"
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call, RESERVE=seconds
@@ -247,15 +248,20 @@ if [ -n "$CLUSTER_OK" ]; then
   [ -n "$TMA_WIDE_OK" ] && STALEPROP_TMA_WIDE=1 ab gemm-bf16-wide-cluster tma-cluster 30 '^gemm_bf16/square'
   [ -n "$CONV_TMA_OK" ] && ab r18-convs-cluster tma-cluster 40 '_bf16/r18_all_layers'
 fi
+# The stem's direct kernels (never run on a GPU) against the tensor cores: its three layers (the
+# data gradient is not computed in training) and the sums.
+[ -n "$SMALL_C_OK" ] && ab r18-stem-direct conv-small-c 30 '_bf16/r18_3to64.*/n512|_bf16/r18_all_layers'
 # Every switch is set either way, so that one exported by the caller cannot turn "off" on.
 # The wide tile is switched on by shape (the rule of kernels/cuda/tile_plan.h), not everywhere:
 # everywhere, it lost up to 37% on some layers (2026-11-27).
 NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_WIDE_BY_SHAPE=0
-  STALEPROP_TMA_CLUSTER=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0 STALEPROP_DGRAD_CLASSES=0)
+  STALEPROP_TMA_CLUSTER=0 STALEPROP_CONV_SMALL_C=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0
+  STALEPROP_DGRAD_CLASSES=0)
 [ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_CLASSES=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$WIDE_SHAPE_OK" ] && NEW_PATHS+=(STALEPROP_TMA_WIDE_BY_SHAPE=1)
 [ -n "$CLUSTER_OK" ] && NEW_PATHS+=(STALEPROP_TMA_CLUSTER=1)
+[ -n "$SMALL_C_OK" ] && NEW_PATHS+=(STALEPROP_CONV_SMALL_C=1)
 [ -n "$BN_PERSISTENT_OK" ] && NEW_PATHS+=(STALEPROP_BN_PERSISTENT=1)
 [ -n "$PDL_OK" ] && NEW_PATHS+=(STALEPROP_PDL=1)
 if ((${#NEW_PATHS[@]})); then
@@ -330,6 +336,7 @@ fi
   STALEPROP_CONV_TMA=1 ab r18-convs-wide-by-shape tma-wide-by-shape 50 '_bf16/r18_.*/n512'
 [ -n "$CLASSES_TMA_OK" ] && throughput_ab dgrad-classes STALEPROP_DGRAD_CLASSES resnet18 512
 [ -n "$CLUSTER_OK" ] && throughput_ab tma-cluster STALEPROP_TMA_CLUSTER resnet18 512
+[ -n "$SMALL_C_OK" ] && throughput_ab conv-small-c STALEPROP_CONV_SMALL_C resnet18 512
 [ -n "$BN_PERSISTENT_OK" ] && throughput_ab bn-persistent STALEPROP_BN_PERSISTENT resnet18 512
 [ -n "$CONV_TMA_OK" ] && throughput_ab tma STALEPROP_CONV_TMA resnet18 512
 # Programmatic dependent launch against plain launches: the launch-bound small model (ResNet-56

@@ -138,9 +138,10 @@ instead of loaded by TMA, the default), STALEPROP_TMA_WIDE=1 (128x256 tile for t
 and convolutions), STALEPROP_TMA_WIDE_BY_SHAPE=1 (that tile only where a rule of the shape
 takes it) and STALEPROP_TMA_CLUSTER=1 (the TMA tiles in clusters of two that share the B operand
 by multicast), all only with the wgmma_tma main loop (auto on an H100/H200);
+STALEPROP_CONV_SMALL_C=1 (the stem's bf16 forward and weight gradient as direct kernels);
 STALEPROP_BN_PERSISTENT=1 (batch norm's training forward and backward as one cooperative kernel
 each, fp32 and bf16) and STALEPROP_PDL=1 (programmatic dependent launch of our kernels). The
-README's "Tensor-core main loop" says why the last five are off by default.
+README's "Tensor-core main loop" says why the last six are off by default.
 STALEPROP_POOL_INTERNAL_DEPS=1 lets the kernels' scratch pool make one stream wait on another to
 reuse memory (the driver's default; off, so the pipeline's module streams stay independent).
 )";

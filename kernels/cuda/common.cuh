@@ -12,6 +12,7 @@
 
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/error.h"
+#include "kernels/common/shapes.h"
 
 namespace sp::kernels::cuda::detail {
 
@@ -187,6 +188,14 @@ __device__ __forceinline__ T warp_allreduce_sum(T v) {
 void gemm_bias(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
                const float* b, int64_t ldb, float beta, float* c, int64_t ldc, const float* bias /*nullable*/,
                cudaStream_t stream);
+
+// conv_small_c.cu: the direct bf16 forward and weight gradient of a convolution with few input
+// channels (conv_small_c_plan.h), where conv_small_c() is on and the plan takes the shape; false
+// (nothing launched) otherwise. dw as conv2d_backward_weight_bf16 writes it (no bias gradient).
+bool conv_small_c_forward(const Conv2dShape& sh, const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* y,
+                          cudaStream_t stream);
+bool conv_small_c_backward_weight(const Conv2dShape& sh, const uint16_t* x, const uint16_t* dy, float* dw,
+                                  cudaStream_t stream);
 
 // reduce.cu: out[j] = sum over the m rows of x[i * c + j] (bias gradients), accumulated in
 // double in a fixed order (column_reduce.cuh) and rounded once.

@@ -179,6 +179,7 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
 void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* y,
                          cudaStream_t stream) {
   const ConvGeom g = conv_geom(sh);
+  if (detail::conv_small_c_forward(sh, x, w, bias, y, stream)) return;
   const FwdInputLoader a{{x, aligned16(x) && run_allows_chunks(g.c, 8)}, g};
   // w[k, tap]: element (k, tap) of a K x taps matrix, contiguous along the taps.
   const MatrixLoader<true> b{w, g.taps, g.k, g.taps, chunk_ok(w, g.taps)};
@@ -224,6 +225,10 @@ void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const 
 void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* dy, float* dw,
                                  float* dbias, cudaStream_t stream) {
   const ConvGeom g = conv_geom(sh);
+  if (detail::conv_small_c_backward_weight(sh, x, dy, dw, stream)) {
+    if (dbias) column_sums_bf16(g.npq, g.k, dy, dbias, stream);
+    return;
+  }
   const BwdWeightInputLoader a{{x, aligned16(x) && run_allows_chunks(g.c, 8)}, g};
   // dy[pix, k]: element (k, pix), contiguous along k.
   const MatrixLoader<false> b{dy, g.k, g.k, g.npq, chunk_ok(dy, g.k)};

@@ -117,6 +117,16 @@ using detail::wide_tile_width;
 // variable STALEPROP_TMA_CLUSTER is 1: not yet run on a GPU.
 void set_tma_cluster(bool on);
 bool tma_cluster();
+// The bf16 forward and weight gradient of convolutions with at most 4 input channels (a
+// ResNet's stem) as direct kernels on CUDA cores (conv_small_c_plan.h, conv_small_c.cu) instead
+// of the tensor-core implicit GEMM, whose 27-deep reduction fills under half of one K step and
+// whose operands it gathers element by element there (ResNet-18's stem: 218 us forward, 302 us
+// weight gradient at batch 512 on an H100, for 1.8 GFLOP and 67 MB each). Off unless set, or the
+// environment variable STALEPROP_CONV_SMALL_C is 1: not yet run on a GPU.
+void set_conv_small_c(bool on);
+bool conv_small_c();
+// How many convolution passes the direct kernels above have run in this process.
+int64_t conv_small_c_launches();
 // How many kernels the TMA convolutions (conv) and the wide 128 x 256 TMA tile (wide_gemm: plain
 // GEMMs and TMA convolutions alike) have launched in this process, so that a test can tell that
 // the path it means to cover ran (rather than a fallback).

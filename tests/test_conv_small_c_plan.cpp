@@ -1,0 +1,98 @@
+// The plan of the direct convolutions for few input channels (kernels/cuda/conv_small_c_plan.h),
+// on the host: which shapes take them, and that the forward's blocks and the weight gradient's
+// chunks cover every output pixel exactly once, as the kernels (conv_small_c.cu) walk them.
+// The GPU test TensorCore.ConvolutionsWithFewChannelsRunDirect checks the kernels' arithmetic.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/conv_small_c_plan.h"
+
+namespace {
+
+using sp::kernels::Conv2dShape;
+using namespace sp::kernels::cuda::detail;
+
+Conv2dShape conv(int n, int h, int w, int c, int k, int r, int stride, int pad) {
+  Conv2dShape s;
+  s.n = n, s.h = h, s.w = w, s.c = c, s.k = k, s.r = r, s.s = r, s.stride = stride, s.pad = pad;
+  return s;
+}
+
+std::string str(const Conv2dShape& s) {
+  return std::to_string(s.n) + "x" + std::to_string(s.h) + "x" + std::to_string(s.w) + "x" + std::to_string(s.c) +
+         " -> " + std::to_string(s.k) + " " + std::to_string(s.r) + "x" + std::to_string(s.s) + " s" +
+         std::to_string(s.stride) + " p" + std::to_string(s.pad);
+}
+
+TEST(ConvSmallCPlan, TakesTheStemsAndLeavesTheRest) {
+  // The CIFAR stems at every batch the benchmarks and training use, and ImageNet's (its weight
+  // gradient's 147 x 64 sums are more than the kernel's threads hold).
+  for (int n : {1, 128, 512, 1024}) {
+    const SmallCPlan r18 = plan_small_c(conv(n, 32, 32, 3, 64, 3, 1, 1));
+    EXPECT_TRUE(r18.fwd && r18.wgrad) << n;
+    EXPECT_EQ(r18.taps, 27);
+    const SmallCPlan r20 = plan_small_c(conv(n, 32, 32, 3, 16, 3, 1, 1));
+    EXPECT_TRUE(r20.fwd && r20.wgrad) << n;
+  }
+  const SmallCPlan imagenet = plan_small_c(conv(8, 224, 224, 3, 64, 7, 2, 3));
+  EXPECT_TRUE(imagenet.fwd);
+  EXPECT_FALSE(imagenet.wgrad);
+  // Not taken: more than 4 channels (every other ResNet layer), K not a multiple of 8, too many
+  // taps for the forward's shared memory, an invalid shape.
+  for (const Conv2dShape& s :
+       {conv(2, 32, 32, 16, 16, 3, 1, 1), conv(2, 32, 32, 5, 64, 3, 1, 1), conv(2, 32, 32, 3, 10, 3, 1, 1),
+        conv(2, 32, 32, 4, 64, 7, 1, 3), conv(2, 4, 4, 3, 64, 7, 1, 0)}) {
+    const SmallCPlan p = plan_small_c(s);
+    EXPECT_FALSE(p.fwd || p.wgrad) << str(s);
+  }
+  // The shared memory each kernel asks for fits the default 48 KiB where it is taken.
+  for (const Conv2dShape& s : {conv(2, 32, 32, 4, 256, 3, 1, 1), conv(2, 32, 32, 3, 64, 7, 2, 3)}) {
+    const SmallCPlan p = plan_small_c(s);
+    if (p.fwd) {
+      EXPECT_LE(p.fwd_smem, 48 * 1024) << str(s);
+    }
+    if (p.wgrad) {
+      EXPECT_LE(p.wgrad_smem, 48 * 1024) << str(s);
+    }
+  }
+}
+
+TEST(ConvSmallCPlan, EveryOutputPixelIsComputedAndSummedOnce) {
+  for (const Conv2dShape& s :
+       {conv(1, 1, 1, 3, 8, 1, 1, 0), conv(1, 6, 6, 3, 16, 3, 1, 0), conv(3, 32, 32, 3, 16, 3, 1, 1),
+        conv(2, 9, 7, 1, 8, 5, 2, 2), conv(5, 7, 5, 2, 24, 3, 1, 1), conv(2, 13, 11, 3, 64, 7, 2, 3),
+        conv(512, 32, 32, 3, 64, 3, 1, 1), conv(7, 33, 31, 3, 256, 3, 1, 1)}) {
+    const SmallCPlan p = plan_small_c(s);
+    ASSERT_TRUE(p.fwd) << str(s);
+    const int64_t pixels = int64_t(s.n) * s.p() * s.q();
+    EXPECT_EQ(p.pixels, pixels) << str(s);
+    // Forward: thread t of block b computes channels 8 * (t % (K / 8)) .. + 7 of pixel
+    // b * pixels_per_block + t / (K / 8) (the kernel's indexing); every (pixel, channel) once.
+    ASSERT_EQ(p.threads_per_pixel * kSmallCOutputsPerThread, s.k) << str(s);
+    ASSERT_LE(p.pixels_per_block * p.threads_per_pixel, kSmallCThreads) << str(s);
+    std::vector<int> seen(size_t(pixels) * size_t(s.k), 0);
+    for (int64_t b = 0; b < p.fwd_blocks; ++b)
+      for (int t = 0; t < kSmallCThreads; ++t) {
+        const int local = t / p.threads_per_pixel;
+        const int64_t pixel = b * p.pixels_per_block + local;
+        if (local >= p.pixels_per_block || pixel >= pixels) continue;
+        const int k0 = (t - local * p.threads_per_pixel) * kSmallCOutputsPerThread;
+        for (int j = 0; j < kSmallCOutputsPerThread; ++j) ++seen[size_t(pixel) * size_t(s.k) + size_t(k0 + j)];
+      }
+    for (size_t i = 0; i < seen.size(); ++i) ASSERT_EQ(seen[i], 1) << str(s) << ": forward output " << i;
+    if (!p.wgrad) continue;
+    // Weight gradient: chunk b covers pixels [b * chunk, min((b + 1) * chunk, pixels)); none is
+    // empty, together they cover every pixel once, and every one of the taps * K sums has a
+    // thread (t + j * kSmallCThreads, j < kSmallCOutputsPerThread).
+    EXPECT_GE(p.wgrad_blocks, 1);
+    EXPECT_LE(p.wgrad_blocks, kSmallCWgradBlocks);
+    EXPECT_LT(int64_t(p.wgrad_blocks - 1) * p.chunk, pixels) << str(s) << ": an empty chunk";
+    EXPECT_GE(int64_t(p.wgrad_blocks) * p.chunk, pixels) << str(s) << ": pixels left out";
+    EXPECT_LE(int64_t(p.taps) * s.k, int64_t(kSmallCThreads) * kSmallCOutputsPerThread) << str(s);
+  }
+}
+
+}  // namespace
