@@ -10,7 +10,7 @@
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test but the tools/
 #      scripts' CPU tests (ctest, 120 s per test);
 #   3. compute-sanitizer memcheck (first) and racecheck on the TMA convolutions', the stride
-#      classes' TMA data gradient's and the clusters' tests
+#      classes' TMA data gradient's and the clusters' tests, memcheck on the direct stem's
 #      (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed out);
 #      racecheck over test_cuda_ops and the convolution tests comes after step 6 (SWEEP_CAP
 #      seconds each, default 100, as time allows);
@@ -166,8 +166,9 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
 # them, every GEMM test among them (bench/results/nvidia-h100/2026-11-26-sanitizers.log). On
 # 2026-11-27 memcheck and racecheck were clean on the TMA convolutions (also wide), the wide GEMM
 # tile, and memcheck on the persistent batch norm and PDL. New since: the stride classes' TMA
-# data gradient (and the TMA convolutions' source, which it changed), and the wgmma_tma kernel in
-# clusters of two (multicast, remote arrivals). That kernel's source changed for it, so its test,
+# data gradient (and the TMA convolutions' source, which it changed), the wgmma_tma kernel in
+# clusters of two (multicast, remote arrivals), and the stem's direct kernels (memcheck only:
+# their shared memory is written and read between block barriers). That kernel's source changed for it, so its test,
 # which runs the 128 x 128 and wide tiles also unclustered as its baseline, stands in for
 # the wide tile's tests here.
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
@@ -181,6 +182,8 @@ if [ -z "${CTEST_LOG:-}" ]; then
     san memcheck test_cuda_tensor_core '*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' tma-classes
   finished 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*GemmAndConvolutionsInClustersOfTwo/wgmma_tma' tma-cluster
+  finished 'ConvolutionsWithFewChannelsRunDirect/wgmma_tma' &&
+    san memcheck test_cuda_tensor_core '*ConvolutionsWithFewChannelsRunDirect/wgmma_tma' small-c
   finished 'ConvolutionsWithTmaLoads/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
   finished 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' &&
