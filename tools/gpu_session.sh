@@ -165,12 +165,13 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
 # The other wgmma and wgmma_tma tests ran under memcheck on an H100, and racecheck finished 16 of
 # them, every GEMM test among them (bench/results/nvidia-h100/2026-11-26-sanitizers.log). On
 # 2026-11-27 memcheck and racecheck were clean on the TMA convolutions (also wide), the wide GEMM
-# tile, and memcheck on the persistent batch norm and PDL. New since: the stride classes' TMA
-# data gradient (and the TMA convolutions' source, which it changed), the wgmma_tma kernel in
-# clusters of two (multicast, remote arrivals), and the stem's direct kernels (memcheck only:
-# their shared memory is written and read between block barriers). That kernel's source changed for it, so its test,
-# which runs the 128 x 128 and wide tiles also unclustered as its baseline, stands in for
-# the wide tile's tests here.
+# tile, and memcheck on the persistent batch norm and PDL. New since:
+#   * the stride classes' TMA data gradient (and the TMA convolutions' source, which it changed);
+#   * the wgmma_tma kernel in clusters of two (multicast, remote arrivals). The kernel's source
+#     changed for it, so its test, which runs the 128 x 128 and wide tiles also unclustered as its
+#     baseline, stands in for the wide tile's tests here;
+#   * the stem's direct kernels (memcheck only: their shared memory is written and read between
+#     block barriers).
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
 # hang here too, for SAN_CAP seconds each time. memcheck first; racecheck is slow (16 tests in
 # 55 s on 2026-11-26). The calls stop where less than SAN_CAP + 200 s is left.
