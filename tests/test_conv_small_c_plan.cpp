@@ -40,15 +40,17 @@ TEST(ConvSmallCPlan, TakesTheStemsAndLeavesTheRest) {
   const SmallCPlan imagenet = plan_small_c(conv(8, 224, 224, 3, 64, 7, 2, 3));
   EXPECT_TRUE(imagenet.fwd);
   EXPECT_FALSE(imagenet.wgrad);
-  // Not taken: more than 4 channels (every other ResNet layer), K not a multiple of 8, too many
-  // taps for the forward's shared memory, an invalid shape.
+  // Not taken: more than 4 channels (every other ResNet layer), K not a multiple of 8, more than
+  // kSmallCMaxTaps taps, an invalid shape.
   for (const Conv2dShape& s :
        {conv(2, 32, 32, 16, 16, 3, 1, 1), conv(2, 32, 32, 5, 64, 3, 1, 1), conv(2, 32, 32, 3, 10, 3, 1, 1),
         conv(2, 32, 32, 4, 64, 7, 1, 3), conv(2, 4, 4, 3, 64, 7, 1, 0)}) {
     const SmallCPlan p = plan_small_c(s);
     EXPECT_FALSE(p.fwd || p.wgrad) << str(s);
   }
-  // The shared memory each kernel asks for fits the default 48 KiB where it is taken.
+  // The shared memory each kernel asks for fits the default 48 KiB where it is taken; a filter of
+  // 147 taps and 96 channels (56 KiB as fp32) does not, nor a weight gradient of 147 x 64 sums.
+  EXPECT_FALSE(plan_small_c(conv(2, 32, 32, 3, 96, 7, 2, 3)).fwd);
   for (const Conv2dShape& s : {conv(2, 32, 32, 4, 256, 3, 1, 1), conv(2, 32, 32, 3, 64, 7, 2, 3)}) {
     const SmallCPlan p = plan_small_c(s);
     if (p.fwd) {
@@ -64,23 +66,28 @@ TEST(ConvSmallCPlan, EveryOutputPixelIsComputedAndSummedOnce) {
   for (const Conv2dShape& s :
        {conv(1, 1, 1, 3, 8, 1, 1, 0), conv(1, 6, 6, 3, 16, 3, 1, 0), conv(3, 32, 32, 3, 16, 3, 1, 1),
         conv(2, 9, 7, 1, 8, 5, 2, 2), conv(5, 7, 5, 2, 24, 3, 1, 1), conv(2, 13, 11, 3, 64, 7, 2, 3),
-        conv(512, 32, 32, 3, 64, 3, 1, 1), conv(7, 33, 31, 3, 256, 3, 1, 1)}) {
+        conv(128, 32, 32, 3, 64, 3, 1, 1), conv(7, 33, 31, 3, 256, 3, 1, 1), conv(2, 8, 8, 4, 256, 3, 1, 1)}) {
     const SmallCPlan p = plan_small_c(s);
     ASSERT_TRUE(p.fwd) << str(s);
     const int64_t pixels = int64_t(s.n) * s.p() * s.q();
     EXPECT_EQ(p.pixels, pixels) << str(s);
-    // Forward: thread t of block b computes channels 8 * (t % (K / 8)) .. + 7 of pixel
-    // b * pixels_per_block + t / (K / 8) (the kernel's indexing); every (pixel, channel) once.
+    // Forward: thread t of block b computes channels 8 * (t % (K / 8)) .. + 7 of pixels
+    // b * pixels_per_block + slot + j * slots, slot = t / (K / 8), j < kSmallCPixelsPerThread
+    // (the kernel's indexing); every (pixel, channel) once.
     ASSERT_EQ(p.threads_per_pixel * kSmallCOutputsPerThread, s.k) << str(s);
-    ASSERT_LE(p.pixels_per_block * p.threads_per_pixel, kSmallCThreads) << str(s);
-    std::vector<int> seen(size_t(pixels) * size_t(s.k), 0);
+    ASSERT_LE(p.slots * p.threads_per_pixel, kSmallCThreads) << str(s);
+    ASSERT_EQ(p.pixels_per_block, p.slots * kSmallCPixelsPerThread) << str(s);
+    std::vector<uint8_t> seen(size_t(pixels) * size_t(s.k), 0);
     for (int64_t b = 0; b < p.fwd_blocks; ++b)
       for (int t = 0; t < kSmallCThreads; ++t) {
-        const int local = t / p.threads_per_pixel;
-        const int64_t pixel = b * p.pixels_per_block + local;
-        if (local >= p.pixels_per_block || pixel >= pixels) continue;
-        const int k0 = (t - local * p.threads_per_pixel) * kSmallCOutputsPerThread;
-        for (int j = 0; j < kSmallCOutputsPerThread; ++j) ++seen[size_t(pixel) * size_t(s.k) + size_t(k0 + j)];
+        const int slot = t / p.threads_per_pixel;
+        if (slot >= p.slots) continue;
+        const int k0 = (t - slot * p.threads_per_pixel) * kSmallCOutputsPerThread;
+        for (int j = 0; j < kSmallCPixelsPerThread; ++j) {
+          const int64_t pixel = b * p.pixels_per_block + slot + int64_t(j) * p.slots;
+          if (pixel >= pixels) continue;
+          for (int e = 0; e < kSmallCOutputsPerThread; ++e) ++seen[size_t(pixel) * size_t(s.k) + size_t(k0 + e)];
+        }
       }
     for (size_t i = 0; i < seen.size(); ++i) ASSERT_EQ(seen[i], 1) << str(s) << ": forward output " << i;
     if (!p.wgrad) continue;
@@ -91,7 +98,26 @@ TEST(ConvSmallCPlan, EveryOutputPixelIsComputedAndSummedOnce) {
     EXPECT_LE(p.wgrad_blocks, kSmallCWgradBlocks);
     EXPECT_LT(int64_t(p.wgrad_blocks - 1) * p.chunk, pixels) << str(s) << ": an empty chunk";
     EXPECT_GE(int64_t(p.wgrad_blocks) * p.chunk, pixels) << str(s) << ": pixels left out";
-    EXPECT_LE(int64_t(p.taps) * s.k, int64_t(kSmallCThreads) * kSmallCOutputsPerThread) << str(s);
+    // Its sums o = tap * K + k: unit u (2 taps x 4 channels: taps 2 * (u / (K / 4)) + 0, 1 below
+    // taps, channels 4 * (u % (K / 4)) + 0..3), units t + j * kSmallCThreads of thread t; every
+    // sum once.
+    EXPECT_EQ(p.taps_pad % 2, 0);
+    EXPECT_GE(p.taps_pad, p.taps);
+    EXPECT_LE(p.units, kSmallCThreads * kSmallCMaxUnitsPerThread) << str(s);
+    std::vector<int> sums(size_t(p.taps) * size_t(s.k), 0);
+    for (int t = 0; t < kSmallCThreads; ++t)
+      for (int j = 0; j < kSmallCMaxUnitsPerThread; ++j) {
+        const int u = t + j * kSmallCThreads;
+        if (u >= p.units) break;
+        const int kq = s.k / 4, t0 = 2 * (u / kq), k0 = 4 * (u % kq);
+        for (int e = 0; e < 4; ++e) {
+          ++sums[size_t(t0) * size_t(s.k) + size_t(k0 + e)];
+          if (t0 + 1 < p.taps) ++sums[size_t(t0 + 1) * size_t(s.k) + size_t(k0 + e)];
+        }
+      }
+    for (size_t o = 0; o < sums.size(); ++o) ASSERT_EQ(sums[o], 1) << str(s) << ": weight-gradient sum " << o;
+    EXPECT_LE(p.wgrad_smem, kSmallCSmemLimit) << str(s);
+    EXPECT_EQ(p.wgrad_smem, small_c_wgrad_smem(p.taps_pad, s.k));
   }
 }
 
