@@ -132,8 +132,9 @@ else
   log "ctest"
   STAGES=test tools/gpu_check.sh | tee -a "$OUT/session.txt"
 fi
-# A switch is measured only where its GPU test passed in ctest.
-passed() { grep -qE "$1 \.+ +Passed" "$OUT/ctest.log" 2> /dev/null; }
+# A switch is measured only where its GPU test passed in ctest. A value-parameterised test's
+# name may carry CMake's "  # GetParam() = ..." (newer CMake), which holds no dot.
+passed() { grep -qE "$1( [^.]*)? \.+ +Passed" "$OUT/ctest.log" 2> /dev/null; }
 CONV_TMA_OK=; passed 'ConvolutionsWithTmaLoads/wgmma_tma' && CONV_TMA_OK=1
 TMA_WIDE_OK=; passed 'GemmOnTheWideTmaTile/wgmma_tma' && TMA_WIDE_OK=1
 BN_PERSISTENT_OK=; passed 'PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels' && BN_PERSISTENT_OK=1
@@ -175,7 +176,7 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
 # hang here too, for SAN_CAP seconds each time. memcheck first; racecheck is slow (16 tests in
 # 55 s on 2026-11-26). The calls stop where less than SAN_CAP + 200 s is left.
-finished() { grep -qE "$1 \.+ *(\*\*\*)?(Passed|Failed|Exception)" "$OUT/ctest.log" 2> /dev/null; }
+finished() { grep -qE "$1( [^.]*)? \.+ *(\*\*\*)?(Passed|Failed|Exception)" "$OUT/ctest.log" 2> /dev/null; }
 if [ -z "${CTEST_LOG:-}" ]; then
   finished 'ConvolutionsWithTmaLoads/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv

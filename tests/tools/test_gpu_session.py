@@ -49,7 +49,7 @@ CTEST_LOG = """\
   7/10 Test   #7: Mainloops/TensorCore.ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma .   Passed    1.00 sec
   8/10 Test   #8: Mainloops/TensorCore.ConvolutionsByStrideClassWithTmaLoads/wgmma_tma .   Passed    1.00 sec
   9/10 Test  #9: Mainloops/TensorCore.WideTileByShape/wgmma_tma .......................   Passed    1.00 sec
- 10/10 Test #10: Mainloops/TensorCore.GemmAndConvolutionsInClustersOfTwo/wgmma_tma ....   Passed    1.00 sec
+ 10/10 Test #10: Mainloops/TensorCore.GemmAndConvolutionsInClustersOfTwo/wgmma_tma  # GetParam() = 4-byte object <03-00 00-00> ....   Passed    1.00 sec
 """
 
 # tools/gpu_check.sh: the build does nothing, the tests write the log above.
