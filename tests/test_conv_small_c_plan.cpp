@@ -66,7 +66,8 @@ TEST(ConvSmallCPlan, EveryOutputPixelIsComputedAndSummedOnce) {
   for (const Conv2dShape& s :
        {conv(1, 1, 1, 3, 8, 1, 1, 0), conv(1, 6, 6, 3, 16, 3, 1, 0), conv(3, 32, 32, 3, 16, 3, 1, 1),
         conv(2, 9, 7, 1, 8, 5, 2, 2), conv(5, 7, 5, 2, 24, 3, 1, 1), conv(2, 13, 11, 3, 64, 7, 2, 3),
-        conv(128, 32, 32, 3, 64, 3, 1, 1), conv(7, 33, 31, 3, 256, 3, 1, 1), conv(2, 8, 8, 4, 256, 3, 1, 1)}) {
+        conv(128, 32, 32, 3, 64, 3, 1, 1), conv(7, 33, 31, 3, 256, 3, 1, 1), conv(2, 8, 8, 4, 256, 3, 1, 1),
+        conv(2, 8, 8, 3, 128, 3, 1, 1)}) {
     const SmallCPlan p = plan_small_c(s);
     ASSERT_TRUE(p.fwd) << str(s);
     const int64_t pixels = int64_t(s.n) * s.p() * s.q();
@@ -99,8 +100,8 @@ TEST(ConvSmallCPlan, EveryOutputPixelIsComputedAndSummedOnce) {
     EXPECT_LT(int64_t(p.wgrad_blocks - 1) * p.chunk, pixels) << str(s) << ": an empty chunk";
     EXPECT_GE(int64_t(p.wgrad_blocks) * p.chunk, pixels) << str(s) << ": pixels left out";
     // Its sums o = tap * K + k: unit u (2 taps x 4 channels: taps 2 * (u / (K / 4)) + 0, 1 below
-    // taps, channels 4 * (u % (K / 4)) + 0..3), units t + j * kSmallCThreads of thread t; every
-    // sum once.
+    // taps, channels 4 * (u % (K / 4)) + 0..3), units t + j * kSmallCThreads of thread t,
+    // j < kSmallCMaxUnitsPerThread; every sum once.
     EXPECT_EQ(p.taps_pad % 2, 0);
     EXPECT_GE(p.taps_pad, p.taps);
     EXPECT_LE(p.units, kSmallCThreads * kSmallCMaxUnitsPerThread) << str(s);
@@ -117,8 +118,11 @@ TEST(ConvSmallCPlan, EveryOutputPixelIsComputedAndSummedOnce) {
       }
     for (size_t o = 0; o < sums.size(); ++o) ASSERT_EQ(sums[o], 1) << str(s) << ": weight-gradient sum " << o;
     EXPECT_LE(p.wgrad_smem, kSmallCSmemLimit) << str(s);
-    EXPECT_EQ(p.wgrad_smem, small_c_wgrad_smem(p.taps_pad, s.k));
   }
+  // A thread with two units (448 of them: 14 tap pairs x 32 channel groups).
+  const SmallCPlan two = plan_small_c(conv(2, 8, 8, 3, 128, 3, 1, 1));
+  EXPECT_TRUE(two.wgrad);
+  EXPECT_GT(two.units, kSmallCThreads);
 }
 
 }  // namespace

@@ -931,7 +931,8 @@ TEST_P(TensorCore, ConvolutionsWithFewChannelsRunDirect) {
   // CIFAR ResNets' stems (3 -> 64 and 3 -> 16), a single channel with a 5x5 filter at stride 2,
   // ImageNet's 7x7 stride-2 stem on odd sizes (its weight gradient, 147 x 64 sums, is too many
   // for the direct kernel and keeps the tensor cores), no padding, batches that leave the last
-  // block of pixels part empty, 256 output channels (32 threads a pixel), and tensors one element
+  // block of pixels part empty, 256 output channels (32 threads a pixel), 128 (two units of the
+  // weight gradient's sums per thread), and tensors one element
   // into their allocation (y not 16-byte aligned: the element-wise stores), with and without a
   // bias; and a second run of the first, the same bits. Against the reference, with the
   // launch counter grown by the passes the plan takes; and against the switch off.
@@ -944,7 +945,7 @@ TEST_P(TensorCore, ConvolutionsWithFewChannelsRunDirect) {
   const Case cases[] = {{conv(2, 32, 32, 3, 64, 3, 1, 1), 0, false}, {conv(3, 32, 32, 3, 16, 3, 1, 1), 0, true},
                         {conv(2, 9, 7, 1, 8, 5, 2, 2), 1, true},     {conv(2, 13, 11, 3, 64, 7, 2, 3), 0, true},
                         {conv(1, 6, 6, 3, 16, 3, 1, 0), 1, false},   {conv(5, 7, 5, 2, 24, 3, 1, 1), 0, true},
-                        {conv(2, 8, 8, 4, 256, 3, 1, 1), 0, true}};
+                        {conv(2, 8, 8, 4, 256, 3, 1, 1), 0, true},   {conv(2, 8, 8, 3, 128, 3, 1, 1), 0, true}};
   uint32_t seed = 1100;
   int64_t total = 0;
   for (const Case& cs : cases) {

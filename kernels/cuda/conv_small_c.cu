@@ -55,17 +55,21 @@ __device__ __forceinline__ PixelOrigin pixel_origin(const SmallCGeom& g, int64_t
 
 // y[pixel, k0 .. k0 + 7] (+ bias) for the thread's kSmallCPixelsPerThread pixels: slot
 // thread / (K / 8), pixels b * pixels_per_block + slot + j * slots, k0 = 8 * (thread % (K / 8)).
-// The filter is staged as fp32 [tap][k] (tap = (r * S + s) * C + c, the KRSC order), read
-// contiguously from w; each tap's 8 weights are two 16-byte shared-memory reads serving 32 FMAs.
+// The filter is staged as fp32, tap by tap (tap = (r * S + s) * C + c, the KRSC order) in two
+// planes of channels; each tap's 8 weights are two 16-byte shared-memory reads serving 32 FMAs.
 // vec: y 16-byte aligned, so each pixel's 8 outputs are one 16-byte store.
 __global__ void conv_small_c_fwd_kernel(const uint16_t* x, const uint16_t* w, const float* bias, uint16_t* y,
                                         SmallCGeom g, int slots, bool vec) {
   pdl_prologue();
   extern __shared__ float4 ws4[];
   float* const ws = reinterpret_cast<float*>(ws4);
+  // Tap by tap, channels 8m .. 8m + 3 in one plane and 8m + 4 .. 8m + 7 in the other (so that a
+  // thread's two 16-byte reads are of the two planes, and a quarter warp's reads hit distinct
+  // banks); written in shared-memory order, the writes of a warp conflict-free.
   for (int i = int(threadIdx.x); i < g.taps * g.k; i += int(blockDim.x)) {
-    const int kk = i / g.taps, tap = i - kk * g.taps;
-    ws[tap * g.k + kk] = f32_from_bf16(w[i]);
+    const int tap = i / g.k, rest = i - tap * g.k, plane = rest / (g.k / 2), j = rest - plane * (g.k / 2);
+    const int kk = 8 * (j / 4) + 4 * plane + j % 4;
+    ws[i] = f32_from_bf16(w[int64_t(kk) * g.taps + tap]);
   }
   __syncthreads();
   constexpr int kP = kSmallCPixelsPerThread;
@@ -91,7 +95,7 @@ __global__ void conv_small_c_fwd_kernel(const uint16_t* x, const uint16_t* w, co
       }
       for (int c = 0; c < g.c; ++c) {
         const int tap = (r * g.s + s) * g.c + c;
-        const float4 wa = ws4[(tap * g.k + k0) / 4], wb = ws4[(tap * g.k + k0) / 4 + 1];
+        const float4 wa = ws4[tap * g.k / 4 + k0 / 8], wb = ws4[tap * g.k / 4 + g.k / 8 + k0 / 8];
         const float wv[kSmallCOutputsPerThread] = {wa.x, wa.y, wa.z, wa.w, wb.x, wb.y, wb.z, wb.w};
 #pragma unroll
         for (int j = 0; j < kP; ++j) {
@@ -122,8 +126,9 @@ __global__ void conv_small_c_fwd_kernel(const uint16_t* x, const uint16_t* w, co
 // o = tap * K + k, in units of 2 taps x 4 channels (SmallCPlan). Per round kSmallCWgradTile
 // pixels' patches (fp32 [pixel][taps_pad], the pad tap 0) and gradients ([pixel][k]) are staged
 // in shared memory, after a table of each staged pixel's origin; each tap's (r, s, c) is tabled
-// once. In the sums a warp reads one tap pair (a broadcast) and consecutive 16-byte groups of
-// channels. vec_dy: dy 16-byte aligned (K % 8 == 0 always), staged 8 values at a time.
+// once. In the sums a warp reads one tap pair (8 bytes, a broadcast) and consecutive 16-byte
+// groups of channels: two shared-memory reads per 8 FMAs. vec_dy: dy 16-byte aligned (K % 8 == 0 always), staged 8
+// values at a time.
 __global__ void conv_small_c_wgrad_kernel(const uint16_t* x, const uint16_t* dy, float* partial, SmallCGeom g,
                                           int64_t chunk, int taps_pad, int units, bool vec_dy) {
   pdl_prologue();
@@ -155,8 +160,8 @@ __global__ void conv_small_c_wgrad_kernel(const uint16_t* x, const uint16_t* dy,
       for (int i = int(threadIdx.x); i < rows * g.k / 8; i += int(blockDim.x)) {
         float v[8];
         BF16::load8(dy_rows + 8 * i, v);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dys[8 * i + e] = v[e];
+        reinterpret_cast<float4*>(dys)[2 * i] = make_float4(v[0], v[1], v[2], v[3]);
+        reinterpret_cast<float4*>(dys)[2 * i + 1] = make_float4(v[4], v[5], v[6], v[7]);
       }
     } else {
       for (int i = int(threadIdx.x); i < rows * g.k; i += int(blockDim.x)) dys[i] = f32_from_bf16(dy_rows[i]);
@@ -182,7 +187,8 @@ __global__ void conv_small_c_wgrad_kernel(const uint16_t* x, const uint16_t* dy,
 #pragma unroll
       for (int e = 0; e < 8; ++e) a[e] = acc[j][e];
       for (int row = 0; row < rows; ++row) {
-        const float x0 = xs[row * taps_pad + t0], x1 = xs[row * taps_pad + t0 + 1];
+        const float2 xp = reinterpret_cast<const float2*>(xs)[(row * taps_pad + t0) / 2];  // t0, taps_pad even
+        const float x0 = xp.x, x1 = xp.y;
         const float4 d = reinterpret_cast<const float4*>(dys)[(row * g.k + k0) / 4];
         a[0] = fmaf(x0, d.x, a[0]), a[1] = fmaf(x0, d.y, a[1]), a[2] = fmaf(x0, d.z, a[2]), a[3] = fmaf(x0, d.w, a[3]);
         a[4] = fmaf(x1, d.x, a[4]), a[5] = fmaf(x1, d.y, a[5]), a[6] = fmaf(x1, d.z, a[6]), a[7] = fmaf(x1, d.w, a[7]);
@@ -211,8 +217,17 @@ __global__ void conv_small_c_wgrad_sum_kernel(const float* partial, int blocks, 
   pdl_prologue();
   const int outputs = taps * k;
   for (int64_t o = global_thread_index(); o < outputs; o += grid_stride()) {
+    // Eight independent loads in flight at a time, still added in block order.
     float sum = 0.f;
-    for (int b = 0; b < blocks; ++b) sum += partial[int64_t(b) * outputs + o];
+    int b = 0;
+    for (; b + 8 <= blocks; b += 8) {
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = partial[int64_t(b + e) * outputs + o];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum += v[e];
+    }
+    for (; b < blocks; ++b) sum += partial[int64_t(b) * outputs + o];
     const int tap = int(o / k), kk = int(o - int64_t(tap) * k);
     dw[int64_t(kk) * taps + tap] = sum;
   }
