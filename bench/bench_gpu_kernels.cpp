@@ -41,16 +41,16 @@
 // (default: $STALEPROP_MAINLOOP, else auto: wgmma_tma where wgmma can run, else mma_sync); the
 // JSON context records the one in use as tensor_core_mainloop. --dgrad-classes[=0|1] runs the
 // bf16 data gradient of strided convolutions by stride class or not (tensor_core.h; default
-// off; context dgrad_by_stride_class), --dgrad-wt[=0|1] the bf16 data gradient on the transposed
+// on; context dgrad_by_stride_class), --dgrad-wt[=0|1] the bf16 data gradient on the transposed
 // filter or on the gathered one (default on; context dgrad_transposed_filter), --conv-tma[=0|1]
 // the convolutions' A operand loaded by TMA where the main loop is wgmma_tma (conv_tma.h; default
 // on; context conv_tma), --tma-wide[=0|1] the 128 x 256 tile of the wgmma_tma GEMM for N >= 256
 // with N % 256 0 or over 128 (default off; context tma_wide_tile), --tma-wide-by-shape[=0|1] that
-// tile where the shape's rule takes it (tile_plan.h, wide_tile_pays; default off; context
+// tile where the shape's rule takes it (tile_plan.h, wide_tile_pays; default on; context
 // tma_wide_by_shape), --tma-cluster[=0|1] the wgmma_tma kernel's 128 x 128 and 128 x 256 tiles in
 // clusters of two sharing B by multicast (default off; context tma_cluster), --conv-small-c[=0|1]
 // the direct forward and weight gradient of convolutions with at most 4 input channels (the stem;
-// default off; context conv_small_c), --bn-persistent[=0|1] the
+// default on; context conv_small_c), --bn-persistent[=0|1] the
 // persistent batch norm, one cooperative kernel per training forward and backward
 // (kernels/cuda/ops.h; default off; context bn_persistent), --pdl[=0|1] programmatic dependent
 // launch of every kernel of ours (kernels/cuda/common.cuh; default off; context

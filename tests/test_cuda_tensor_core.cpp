@@ -362,6 +362,14 @@ TEST_P(TensorCore, ConvolutionsOnResNetAndAwkwardShapes) {
   // Without a bias, as the ResNets' convolutions run: the epilogue adds none, and no bias
   // gradient is written.
   for (const Conv2dShape& sh : conv_cases()) check_conv(kCustomConv, stream_, sh, seed += 5, 0, false);
+  // The forms the defaults leave (tensor_core.h): the strided data gradients direct (not by stride
+  // class), and the convolutions with at most 4 input channels on the tensor cores (not direct).
+  const ScopedSwitch direct(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
+  const ScopedSwitch tensor_cores(kcu::conv_small_c, kcu::set_conv_small_c, false);
+  int64_t others = 0;
+  for (const Conv2dShape& sh : conv_cases())
+    if (sh.stride > 1 || sh.c <= 4) check_conv(kCustomConv, stream_, sh, seed += 5), ++others;
+  EXPECT_GE(others, 2) << "conv_cases() has strided shapes and C = 3";
 }
 
 TEST_P(TensorCore, GemmOnTheWideTmaTile) {
@@ -402,9 +410,10 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
   // (classes no tap reaches, whose dx must be zeros), stride 3 with a 5x5 filter and pad 2 on
   // odd sizes, a single input row under stride 2 (empty classes), and C = 12 / K = 10 (the
   // element-wise gathers) under stride 2, also with chunked dy beside gathered weights.
-  // Off by default (tensor_core.h): on here, and for every strided shape of conv_cases() and on
-  // unaligned tensors too, with the default filter form (transposed); the other tests run the
-  // direct form, and ConvolutionsWithTheTransposedFilter the classes on the gathered filter.
+  // On by default (tensor_core.h), and on here whatever the environment says: for every strided
+  // shape of conv_cases() and on unaligned tensors too, with the default filter form (transposed);
+  // ConvolutionsOnResNetAndAwkwardShapes runs the direct form too, and
+  // ConvolutionsWithTheTransposedFilter the classes on the gathered filter.
   const ScopedSwitch on(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class);
   std::vector<Conv2dShape> shapes = {conv(2, 10, 11, 16, 24, 2, 3, 0), conv(1, 7, 8, 8, 16, 5, 3, 2),
                                      conv(2, 1, 3, 8, 8, 1, 2, 0), conv(2, 9, 7, 12, 10, 3, 2, 1),
@@ -780,7 +789,9 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
   // whose rings of stages go round several times. Convolutions with TMA loads: the forward and
   // data gradient with two and four row tiles, a weight gradient with 18 (R*S*C = 2304), the
   // wide tile, and one with an odd count; and a strided data gradient by stride class. The launch
-  // counter must grow by the products with an even tile count.
+  // counter must grow by the products with an even tile count. Each tile as the loops below say
+  // (not chosen by shape).
+  const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
   const bool on_tma = GetParam() == kcu::MmaMainloop::kWgmmaTma;
   const auto clustered = [&](int64_t m) { return on_tma && (m + 127) / 128 % 2 == 0 ? int64_t(1) : int64_t(0); };
   const int64_t gemms[][3] = {{256, 512, 1024}, {200, 400, 136}, {136, 448, 488}, {256, 256, 8192},

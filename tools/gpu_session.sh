@@ -9,11 +9,10 @@
 #      .carry/resume/train.safetensors (RESUME=FILE tools/gpu_prepare.sh) it resumes that run;
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test but the tools/
 #      scripts' CPU tests (ctest, 120 s per test);
-#   3. compute-sanitizer memcheck (first) and racecheck on the TMA convolutions', the stride
-#      classes' TMA data gradient's and the clusters' tests, memcheck on the direct stem's
-#      (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed out);
-#      racecheck over test_cuda_ops and the convolution tests comes after step 6 (SWEEP_CAP
-#      seconds each, default 100, as time allows);
+#   3. compute-sanitizer memcheck (first) and racecheck on the clusters' test, whose barriers
+#      changed (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed
+#      out); racecheck over the convolution tests and test_cuda_network comes after step 6
+#      (SWEEP_CAP seconds each, default 100, as time allows);
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
 #      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
 #      the measurements; evaluate its checkpoint with staleprop and, loaded into PyTorch, with
@@ -59,18 +58,18 @@ export OUT
 mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-560}
 SAN_CAP=${SAN_CAP:-55}
-# Default: ResNet-56 towards #4's 93% (and the bp cell of #5's table), on this project's
-# JPEG-derived CIFAR-10, whose README expects 1-2 points below published figures: 160 epochs of
-# cosine decay after 2 warm-up epochs, Nesterov, weight decay 5e-4, Cutout 16 (the recipe that
-# took ResNet-20 to 90.22% on an H100: bench/results/nvidia-h100/2026-11-26-summary.md), replayed
-# from CUDA graphs (planned arenas; bit-identical to op by op on the H100). `bench --graphs` ran
-# ResNet-56 at 23k img/s there; training shares the GPU with the build and the tests at first,
-# so 160 epochs (8M images) take more than one call: on 2026-11-27 the 323 s it had reached
-# epoch 134 (2026-11-27-summary.md). The checkpoint of every finished epoch comes back, and the
-# next call resumes it (see 1. above): RESUME=gpu-state/2026-11-27-resnet56-bf16-e134.safetensors
-# tools/gpu_prepare.sh, where that file is kept (git-ignored) on the development machine.
+# Default: the fdg cell of #5's table at K = 4, ResNet-56 over FDG's four cuts with FDG's shrink
+# factor beta = 0.5, beside the bp cell (one module) that reached 91.80% with the same recipe on
+# an H100 (bench/results/nvidia-h100/2026-11-27b-summary.md): 160 epochs of cosine decay after 2
+# warm-up epochs, Nesterov, weight decay 5e-4, Cutout 16, replayed from CUDA graphs (fdg from
+# graphs ran ResNet-56 at 30k img/s on an H100). The warm-up matters: at lr 0.1 from step 0 an
+# fdg run over four modules diverged by step 40 (2026-11-27-summary.md). Training shares the GPU
+# with the build and the tests at first, so 160 epochs (8M images) take more than one call. The
+# checkpoint of every finished epoch comes back, and the next call resumes it (see 1. above):
+# RESUME=FILE tools/gpu_prepare.sh, with the checkpoint kept (git-ignored) under gpu-state/.
 TRAIN_ARGS=${TRAIN_ARGS:-"--model resnet56 --precision bf16 --epochs 160 --batch-size 128 --lr 0.1 \
---momentum 0.9 --nesterov --weight-decay 5e-4 --schedule cosine --warmup-epochs 2 --cutout 16 --graphs"}
+--momentum 0.9 --nesterov --weight-decay 5e-4 --schedule cosine --warmup-epochs 2 --cutout 16 --graphs \
+--method fdg --split 4 --split-at fdg --shrink 0.5"}
 left() { echo $((DEADLINE - SECONDS)); }
 log() { echo "[$(printf '%3d' $SECONDS) s] $*" | tee -a "$OUT/session.txt"; }
 source tools/gpu_env.sh
@@ -163,33 +162,18 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
   log "compute-sanitizer $1 $2 '$3' exit $rc ($(grep -c '\[       OK \]' "$log") tests passed" \
     "before the end or the ${cap} s cap; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log"))"
 }
-# The other wgmma and wgmma_tma tests ran under memcheck on an H100, and racecheck finished 16 of
-# them, every GEMM test among them (bench/results/nvidia-h100/2026-11-26-sanitizers.log). On
-# 2026-11-27 memcheck and racecheck were clean on the TMA convolutions (also wide), the wide GEMM
-# tile, and memcheck on the persistent batch norm and PDL. New since:
-#   * the stride classes' TMA data gradient (and the TMA convolutions' source, which it changed);
-#   * the wgmma_tma kernel in clusters of two (multicast, remote arrivals). The kernel's source
-#     changed for it, so its test, which runs the 128 x 128 and wide tiles also unclustered as its
-#     baseline, stands in for the wide tile's tests here;
-#   * the stem's direct kernels (memcheck only: their shared memory is written and read between
-#     block barriers).
+# Every wgmma and wgmma_tma test ran under memcheck on an H100, and racecheck finished the GEMM
+# tests, the TMA convolutions (also wide), the stride classes' TMA data gradient, the clusters,
+# and all of test_cuda_ops, with no error or hazard (bench/results/nvidia-h100/2026-11-26- and
+# 2026-11-27(b)-sanitizers.log). Changed since: the clusters' barriers (CTA-scope arrivals and
+# waits instead of cluster-scope ones), so their test runs under both tools again.
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
 # hang here too, for SAN_CAP seconds each time. memcheck first; racecheck is slow (16 tests in
 # 55 s on 2026-11-26). The calls stop where less than SAN_CAP + 200 s is left.
 finished() { grep -qE "$1( [^.]*)? \.+ *(\*\*\*)?(Passed|Failed|Exception)" "$OUT/ctest.log" 2> /dev/null; }
 if [ -z "${CTEST_LOG:-}" ]; then
-  finished 'ConvolutionsWithTmaLoads/wgmma_tma' &&
-    san memcheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
-  finished 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' &&
-    san memcheck test_cuda_tensor_core '*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' tma-classes
   finished 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*GemmAndConvolutionsInClustersOfTwo/wgmma_tma' tma-cluster
-  finished 'ConvolutionsWithFewChannelsRunDirect/wgmma_tma' &&
-    san memcheck test_cuda_tensor_core '*ConvolutionsWithFewChannelsRunDirect/wgmma_tma' small-c
-  finished 'ConvolutionsWithTmaLoads/wgmma_tma' &&
-    san racecheck test_cuda_tensor_core '*ConvolutionsWithTmaLoads/wgmma_tma' tma-conv
-  finished 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' &&
-    san racecheck test_cuda_tensor_core '*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' tma-classes
   finished 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*GemmAndConvolutionsInClustersOfTwo/wgmma_tma' tma-cluster
 fi
@@ -416,18 +400,16 @@ if [ -d data/cifar-10-batches-bin ]; then
   done
 fi
 
-# Last, where time is left, racecheck over kernels it has never run (#3 asks for memcheck and
-# racecheck clean on the kernel tests; memcheck ran nearly all of them on 2026-11-26): every test
-# of test_cuda_ops but the slow persistent batch norm's (25 s in ctest), whose kernels share
-# memory for their reductions, transposes and pooling; then the convolution tests on the default
-# main loop (racecheck ran the first ones up to the transposed filter). After the measurements:
-# on 2026-11-27 the first sweep's 100 s came out of the measurements' time.
-# Each runs for what is left (at most SWEEP_CAP, default 100 s), keeping 20 s to pack.
+# racecheck's sweeps, after the measurements (on 2026-11-27 the first sweep's 100 s came out of
+# the measurements' time): test_cuda_ops finished clean on 2026-11-27b; left are the convolution
+# tests on the default main loop (racecheck ran the first ones up to the transposed filter, and
+# the TMA, stride-class and cluster ones on their own) and the network tests (whole ResNet steps,
+# the pipeline's graphs). Each runs for what is left (at most SWEEP_CAP, default 100 s), keeping
+# 20 s to pack.
 sweep_cap() { local c=$(($(left) - 25)); [ "$c" -gt "${SWEEP_CAP:-100}" ] && c=${SWEEP_CAP:-100}; echo "$c"; }
 if [ -z "${CTEST_LOG:-}" ]; then
-  [ "$(sweep_cap)" -ge 30 ] &&
-    CAP=$(sweep_cap) RESERVE=20 san racecheck test_cuda_ops '-*PersistentBatchNormGivesTheSameBits*' sweep
   [ "$(sweep_cap)" -ge 30 ] && CAP=$(sweep_cap) RESERVE=20 san racecheck test_cuda_tensor_core '*Convolution*/wgmma_tma' sweep
+  [ "$(sweep_cap)" -ge 30 ] && CAP=$(sweep_cap) RESERVE=20 san racecheck test_cuda_network '*' sweep
 fi
 
 # The warp-specialised TMA kernels' SASS: each should set its warpgroups' registers twice

@@ -238,7 +238,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }  // namespace
 
 void set_conv_small_c(bool on) { detail::set_switch(g_small_c, on); }
-bool conv_small_c() { return detail::env_switch(g_small_c, "STALEPROP_CONV_SMALL_C", false); }
+bool conv_small_c() { return detail::env_switch(g_small_c, "STALEPROP_CONV_SMALL_C", true); }
 int64_t conv_small_c_launches() { return g_small_c_launches.load(std::memory_order_relaxed); }
 
 namespace detail {

@@ -150,29 +150,23 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
                : "memory");
 }
-// One test of the phase of `parity` (true once it has completed), with acquire semantics at CTA
-// scope, or with Cluster at cluster scope: then it also acquires what other blocks of the
-// cluster released with their (remote) arrivals on this barrier (the empty barriers of a
-// cluster of two).
-#define SP_MBARRIER_TRY_WAIT(SEM)       \
-  asm volatile(                         \
-      "{\n.reg .pred p;\n"              \
-      "mbarrier.try_wait.parity" SEM    \
-      ".shared::cta.b64 p, [%1], %2;\n" \
-      "selp.u32 %0, 1, 0, p;\n}\n"      \
-      : "=r"(done)                      \
-      : "r"(smem_u32(bar)), "r"(parity) \
-      : "memory")
-template <bool Cluster = false>
+// One test of the phase of `parity` (true once it has completed), with the default semantics
+// (acquire at CTA scope). The clustered main loop's producer waits this way too, on releases
+// that come from the other block of its cluster: they only order that block's shared-memory
+// reads before this block's TMA overwrites them, as in CUTLASS's cluster pipelines (see
+// mbarrier_arrive_cluster). `.acquire.cluster` instead compiled to an L1 invalidation
+// (CCTL.IVALL) after every successful test.
 __device__ __forceinline__ bool mbarrier_try_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;
-  if constexpr (Cluster)
-    SP_MBARRIER_TRY_WAIT(".acquire.cluster");
-  else
-    SP_MBARRIER_TRY_WAIT("");
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+      "selp.u32 %0, 1, 0, p;\n}\n"
+      : "=r"(done)
+      : "r"(smem_u32(bar)), "r"(parity)
+      : "memory");
   return done != 0;
 }
-#undef SP_MBARRIER_TRY_WAIT
 
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   while (!mbarrier_try_wait(bar, parity)) {
@@ -184,11 +178,10 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 // ("unspecified launch failure") instead of hanging the process until a test's time limit.
 constexpr long long kClusterWaitCycles = 1ll << 35;
 
-// mbarrier_wait at cluster scope (Cluster) or CTA scope (mbarrier_try_wait), bounded as above.
-template <bool Cluster>
+// mbarrier_wait, bounded as above.
 __device__ __forceinline__ void mbarrier_wait_bounded(uint64_t* bar, uint32_t parity) {
   const long long start = clock64();
-  while (!mbarrier_try_wait<Cluster>(bar, parity))
+  while (!mbarrier_try_wait(bar, parity))
     if (clock64() - start > kClusterWaitCycles) __trap();
 }
 // TMA: the box at coordinates (c0, c1) of the 2-D tensor map `map` (a __grid_constant__ kernel
@@ -226,12 +219,18 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
 // One arrival on the mbarrier at the same shared-memory offset as `bar` in block `cta` of the
-// cluster (release, cluster scope: this thread's earlier accesses are ordered before it).
+// cluster, with the default semantics (release at CTA scope), as CUTLASS's ClusterBarrier
+// arrives on a remote block. It signals that this warp's wgmma reads of a stage are done
+// (wgmma.wait_group), so that the other block's producer may multicast into it. An explicit
+// `.release.cluster` here compiled to MEMBAR.ALL.GPU, ERRBAR and CGAERRBAR on every K step of
+// every consumer warp (nvdisasm of tests/ptxas/wgmma_tma_instances.cu), a full GPU-scope fence
+// inside the main loop: on an H100 the clustered GEMM ran at 0.46x-0.67x of the unclustered
+// one (bench/results/nvidia-h100/2026-11-27b-summary.md).
 __device__ __forceinline__ void mbarrier_arrive_cluster(uint64_t* bar, uint32_t cta) {
   asm volatile(
       "{\n.reg .b32 remote;\n"
       "mapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_u32(bar)),
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_u32(bar)),
       "r"(cta)
       : "memory");
 }

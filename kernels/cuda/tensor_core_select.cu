@@ -93,7 +93,7 @@ bool detail::env_switch(std::atomic<int>& slot, const char* var, bool default_on
 }
 
 void set_dgrad_by_stride_class(bool on) { detail::set_switch(g_dgrad_classes, on); }
-bool dgrad_by_stride_class() { return detail::env_switch(g_dgrad_classes, "STALEPROP_DGRAD_CLASSES", false); }
+bool dgrad_by_stride_class() { return detail::env_switch(g_dgrad_classes, "STALEPROP_DGRAD_CLASSES", true); }
 void set_dgrad_transposed_filter(bool on) { detail::set_switch(g_dgrad_wt, on); }
 bool dgrad_transposed_filter() { return detail::env_switch(g_dgrad_wt, "STALEPROP_DGRAD_WT", true); }
 void set_conv_tma(bool on) { detail::set_switch(g_conv_tma, on); }
@@ -101,7 +101,7 @@ bool conv_tma() { return detail::env_switch(g_conv_tma, "STALEPROP_CONV_TMA", tr
 void set_tma_wide_tile(bool on) { detail::set_switch(g_tma_wide, on); }
 bool tma_wide_tile() { return detail::env_switch(g_tma_wide, "STALEPROP_TMA_WIDE", false); }
 void set_tma_wide_by_shape(bool on) { detail::set_switch(g_tma_wide_by_shape, on); }
-bool tma_wide_by_shape() { return detail::env_switch(g_tma_wide_by_shape, "STALEPROP_TMA_WIDE_BY_SHAPE", false); }
+bool tma_wide_by_shape() { return detail::env_switch(g_tma_wide_by_shape, "STALEPROP_TMA_WIDE_BY_SHAPE", true); }
 void set_tma_cluster(bool on) { detail::set_switch(g_tma_cluster, on); }
 bool tma_cluster() { return detail::env_switch(g_tma_cluster, "STALEPROP_TMA_CLUSTER", false); }
 

@@ -23,8 +23,9 @@
 // them, so no proxy fence is needed. Split K, the epilogue and the partials are those of
 // wgmma_gemm_kernel.
 //
-// Clusters (Tile::kCluster == 2; tma_cluster() in tensor_core.h, off by default, not yet run on
-// a GPU). Why: Nsight Compute on the 128 x 128 GEMM at 4096^3 (bench/results/nvidia-h100/
+// Clusters (Tile::kCluster == 2; tma_cluster() in tensor_core.h, off by default: its first form
+// passed its GPU tests but lost, see the protocol below; the present form has not run on a GPU).
+// Why: Nsight Compute on the 128 x 128 GEMM at 4096^3 (bench/results/nvidia-h100/
 // 2026-11-26-ncu-gemm-wgmma_tma.txt) shows L2 at 73% of its throughput with the tensor pipes
 // idle much of the time: each block reads 32 KiB of A and B from L2 per K step of 64, about
 // 64 bytes per SM cycle at the tensor cores' rate, more than L2 delivers to all SMs at once.
@@ -39,9 +40,11 @@
 //     leaves the transaction count negative for a while: the phase still needs the producer's
 //     arrival;
 //   * a stage's "empty" barrier counts the consumer warps of both blocks (each releases on both:
-//     mbarrier_arrive_cluster), since the producers' multicasts write into both; the producer
-//     waits on it with cluster scope (mbarrier_wait_bounded<true>), acquiring the other block's
-//     releases;
+//     mbarrier_arrive_cluster), since the producers' multicasts write into both. The remote
+//     arrivals and the producer's waits have the default (CTA-scope) semantics, as CUTLASS's:
+//     with cluster scope they compiled to a GPU-wide fence (MEMBAR.ALL.GPU, ERRBAR, CGAERRBAR) on
+//     every consumer warp's release and an L1 invalidation after every producer wait, and the
+//     clustered GEMM ran at 0.46x-0.67x of the unclustered one on an H100 (2026-11-27b);
 //   * the consumers also release the last stage, and each producer waits until every stage is
 //     released by both blocks before it exits (its "tail"): no arrival then reaches a block that
 //     has exited.
@@ -245,7 +248,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
       const int s = step % kS;
       // Round 0 finds every stage free. In a cluster the releases come from both blocks.
       if constexpr (kCl > 1)
-        ptx::mbarrier_wait_bounded<true>(&empty[s], ((step / kS) & 1) ^ 1);
+        ptx::mbarrier_wait_bounded(&empty[s], ((step / kS) & 1) ^ 1);
       else
         ptx::mbarrier_wait(&empty[s], ((step / kS) & 1) ^ 1);
       // The whole stage lands here: this block's part of B and the other blocks' parts.
@@ -269,7 +272,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
       // Stay until every block of the cluster has released every stage: their last arrivals on
       // this block's barriers have landed, and so have this block's multicasts into theirs.
       for (int step = k_steps; step < k_steps + kS; ++step)
-        ptx::mbarrier_wait_bounded<true>(&empty[step % kS], ((step / kS) & 1) ^ 1);
+        ptx::mbarrier_wait_bounded(&empty[step % kS], ((step / kS) & 1) ^ 1);
     }
     return;
   }
@@ -292,7 +295,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   for (int step = 0; step < k_steps; ++step) {
     const int s = step % kS;
     if constexpr (kCl > 1)
-      ptx::mbarrier_wait_bounded<false>(&full[s], (step / kS) & 1);  // (bounded: see ptx_sm90.cuh)
+      ptx::mbarrier_wait_bounded(&full[s], (step / kS) & 1);  // (bounded: see ptx_sm90.cuh)
     else
       ptx::mbarrier_wait(&full[s], (step / kS) & 1);
     const uint32_t as = ptx::smem_u32(a_smem + s * Tile::kAStage) + LayoutA::x_offset(cw * kWarpgroupRows);

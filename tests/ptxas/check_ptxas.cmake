@@ -2,7 +2,12 @@
 # Compiles SRC for sm_90a with ptxas's report (-Xptxas -v) and fails where ptxas serialised a
 # kernel's wgmma (C7515 "Potential Performance Loss": a main loop then runs its multiplies one
 # at a time, a silent loss of up to half its speed), where a kernel spills, or where fewer than
-# KERNELS kernels were compiled (the check would then prove nothing).
+# KERNELS kernels were compiled (the check would then prove nothing). Then compiles it to PTX and
+# fails where a memory operation has cluster-scope release or acquire semantics, but for the
+# barriers' initialisation fence (fence.mbarrier_init, once per block): on sm_90a a remote
+# mbarrier arrival with .release.cluster compiled to MEMBAR.ALL.GPU + ERRBAR + CGAERRBAR, and a
+# try_wait with .acquire.cluster to CCTL.IVALL, on every K step of the clustered main loop, which
+# then ran at 0.46x-0.67x of the unclustered one on an H100 (2026-11-27b).
 execute_process(
   COMMAND ${NVCC} -O3 --generate-code=arch=compute_90a,code=sm_90a -std=c++17 -DSTALEPROP_HAVE_SM90A=1
           -DSTALEPROP_WITH_CUDA=1 -I${ROOT} -Xptxas -v -c ${SRC} -o ${OUT}
@@ -25,4 +30,19 @@ string(REGEX MATCHALL "[1-9][0-9]* bytes spill (stores|loads)" spills "${report}
 if(spills)
   message(FATAL_ERROR "kernels spill:\n${report}")
 endif()
-message(STATUS "${n} kernels: no wgmma serialised, no spills")
+execute_process(
+  COMMAND ${NVCC} -O3 --generate-code=arch=compute_90a,code=sm_90a -std=c++17 -DSTALEPROP_HAVE_SM90A=1
+          -DSTALEPROP_WITH_CUDA=1 -I${ROOT} -ptx ${SRC} -o ${OUT}.ptx
+  RESULT_VARIABLE rc ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "nvcc -ptx failed (${rc}):\n${err}")
+endif()
+file(READ ${OUT}.ptx ptx)
+string(REGEX MATCHALL "[a-z_]+[.a-z_:0-9]*\\.(release|acquire|acq_rel)\\.cluster[.a-z_:0-9]*" scoped "${ptx}")
+list(FILTER scoped EXCLUDE REGEX "^fence\\.mbarrier_init\\.")
+if(scoped)
+  list(REMOVE_DUPLICATES scoped)
+  string(REPLACE ";" "\n" scoped "${scoped}")
+  message(FATAL_ERROR "cluster-scope memory ordering in the kernels (a GPU-wide fence or an L1 invalidation per use):\n${scoped}")
+endif()
+message(STATUS "${n} kernels: no wgmma serialised, no spills, no cluster-scope ordering but the barriers' initialisation")

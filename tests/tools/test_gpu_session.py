@@ -6,9 +6,9 @@ The script runs once per GPU session, in 15 minutes of device time, so a mistake
 costs a whole session. Checked here, from a ctest log in which the TMA convolutions and the
 persistent batch norm and the stride classes' TMA data gradient passed, the wide TMA GEMM tile
 timed out and the programmatic-launch test failed:
-  - compute-sanitizer runs memcheck before racecheck, the convolutions first, and never on a
-    test that timed out (it would hang again) or did not run; then racecheck's sweeps over the
-    kernel tests;
+  - compute-sanitizer runs memcheck before racecheck on the clusters' test (the kernels changed
+    since their last sanitizer run), never on a test that timed out (it would hang again) or did
+    not run; then racecheck's sweeps over the convolution and network tests;
   - a switch is measured only where its GPU test passed: the wide tile's and programmatic
     launch's benchmarks never run, the convolutions' and the stride classes' run off and on;
   - the training throughput with "the new paths on" switches on exactly the paths that passed,
@@ -100,15 +100,14 @@ def main():
 
         san = [l for l in lines if l.startswith("compute-sanitizer ")]
         tools_and_filters = [(l.split()[2], l.split("--gtest_filter=")[1].split()[0]) for l in san]
-        check(tools_and_filters == [("memcheck", "*ConvolutionsWithTmaLoads/wgmma_tma"),
-                                    ("memcheck", "*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma"),
-                                    ("memcheck", "*GemmAndConvolutionsInClustersOfTwo/wgmma_tma"),
-                                    ("racecheck", "*ConvolutionsWithTmaLoads/wgmma_tma"),
-                                    ("racecheck", "*ConvolutionsByStrideClassWithTmaLoads/wgmma_tma"),
+        check(tools_and_filters == [("memcheck", "*GemmAndConvolutionsInClustersOfTwo/wgmma_tma"),
                                     ("racecheck", "*GemmAndConvolutionsInClustersOfTwo/wgmma_tma"),
-                                    ("racecheck", "-*PersistentBatchNormGivesTheSameBits*"),
-                                    ("racecheck", "*Convolution*/wgmma_tma")],
-              f"the sanitizers run memcheck first, never on the test that timed out: {tools_and_filters}", log)
+                                    ("racecheck", "*Convolution*/wgmma_tma"),
+                                    ("racecheck", "*")],
+              f"the sanitizers run memcheck first, on the changed kernels' test: {tools_and_filters}", log)
+        binaries = [l.split("--gtest_filter=")[0].split()[-1] for l in san]
+        check([os.path.basename(b) for b in binaries[-2:]] == ["test_cuda_tensor_core", "test_cuda_network"],
+              f"racecheck's sweeps cover the convolution tests, then the network's: {binaries}", log)
 
         bench = [l for l in lines if l.startswith("bench_gpu_kernels ")]
         check(not any("--pdl" in l for l in bench), "programmatic launch, whose test failed, is not benchmarked", log)
@@ -161,6 +160,19 @@ def main():
         check(wt == [False] * 4 + [True, True, False, False] and deps == [False] * 5 + [True, False, False],
               f"the gathered filter but in the two runs of the new defaults, the pool's waits in the last: {wt} {deps}",
               log)
+
+        # The same session where the clusters' test timed out: no sanitizer runs it (it would hang
+        # again), and racecheck's sweeps still run.
+        timed_out = CTEST_LOG.replace("<03-00 00-00> ....   Passed    1.00 sec", "<03-00 00-00> ....***Timeout 120.01 sec")
+        check(timed_out.count("Timeout") == 2, "the second fixture has the clusters' test timed out", timed_out)
+        write(fixture, timed_out)
+        os.remove(calls)
+        out2 = os.path.join(tmp, "out2")
+        p2 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")], env=dict(env, OUT=out2),
+                            capture_output=True, text=True, timeout=120)
+        san2 = [l for l in open(calls).read().splitlines() if l.startswith("compute-sanitizer ")]
+        check(p2.returncode == 0 and not any("ClustersOfTwo" in l for l in san2) and len(san2) == 2,
+              f"a timed-out test gets no sanitizer run, the sweeps still run: {san2}", p2.stdout + p2.stderr)
 
         results = os.path.join(out, "results.tgz")
         check(os.path.isfile(results), "the outputs are packed into results.tgz", log)
