@@ -22,16 +22,15 @@
 #      gradients and the sums with --dgrad-classes=0 and =1; the bf16 GEMM with the 128 x 256
 #      TMA tile against the 128 x 128 one (--tma-wide), and in clusters of two (--tma-cluster),
 #      against cuBLASLt, and the convolutions' sums in clusters; bf16 training
-#      throughput of ResNet-18 (batch 512) and ResNet-56 (128) with every new path that passed
-#      off and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
+#      throughput of ResNet-18 (batch 512, two rounds, each beside PyTorch) and ResNet-56 (128)
+#      with every new path that passed off, as by default and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
 #      _CONV_SMALL_C, _BN_PERSISTENT, _PDL), the stem's direct kernels against the tensor cores; with
 #      COMPARE_BIN, ResNet-56's op-by-op fdg (interleaved, twice) and backprop on this commit's
 #      binary and another's, and fdg with the transposed filter and the scratch pool's cross-stream
-#      waits. Then gpu_bench stage 1 for the pooling and shortcut kernels
-#      (rewritten since their last measurement; at most 60 s), against the copy. Then each path
-#      on its own: the convolutions layer by layer, on the
-#      wide tile chosen by shape, ResNet-18's throughput with one switch at a time, ResNet-56's from graphs and
-#      the three-kernel batch norm with programmatic dependent launch off and on (--pdl);
+#      waits. Then gpu_bench stage 1 for the pooling and shortcut kernels against the copy (at
+#      most 60 s). Then each path on its own: the convolutions layer by layer as by default,
+#      ResNet-18's throughput with one switch at a time, ResNet-56's from graphs, ResNet-18's
+#      and the three-kernel batch norm with programmatic dependent launch off and on (--pdl);
 #      ResNet-18's bf16 throughput on cuBLASLt/cuDNN (--kernels vendor), and the op profile of
 #      a ResNet-18 step on the new paths. Each switch is measured only where ctest passed its
 #      GPU test (a hang there would burn every later timeout);
@@ -253,20 +252,29 @@ NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_
 [ -n "$SMALL_C_OK" ] && NEW_PATHS+=(STALEPROP_CONV_SMALL_C=1)
 [ -n "$BN_PERSISTENT_OK" ] && NEW_PATHS+=(STALEPROP_BN_PERSISTENT=1)
 [ -n "$PDL_OK" ] && NEW_PATHS+=(STALEPROP_PDL=1)
+# "defaults" runs with no switch set (the caller's unset too): what a user gets. ResNet-18 runs
+# two rounds, each beside PyTorch, whose rate varied by +-11% between rounds on 2026-11-27b.
+DEFAULTS=()
+for v in "${OLD_PATHS[@]}"; do DEFAULTS+=(-u "${v%%=*}"); done
 if ((${#NEW_PATHS[@]})); then
-  for cfg in "resnet18 512" "resnet56 128"; do
+  for cfg in "resnet18 512 2" "resnet56 128 1"; do
     set -- $cfg
-    for paths in off on; do
-      [ "$(left)" -gt 60 ] || break
-      envs=("${OLD_PATHS[@]}"); [ $paths = on ] && envs+=("${NEW_PATHS[@]}")
-      env "${envs[@]}" timeout 40 build-gpu/tools/staleprop bench --device cuda --model "$1" --batch-size "$2" \
-        --precision bf16 --steps 50 --warmup 10 --json "$OUT/throughput-new-paths-$paths.jsonl" 2>&1 |
-        tee -a "$OUT/session.txt"
-      log "bench $1 $2 bf16 with the new paths $paths (${envs[*]}: the last setting of each counts)" \
-        "exit ${PIPESTATUS[0]}"
+    for round in $(seq "$3"); do
+      for paths in off defaults on; do
+        [ "$(left)" -gt 60 ] || break
+        envs=("${OLD_PATHS[@]}")
+        [ $paths = on ] && envs+=("${NEW_PATHS[@]}")
+        [ $paths = defaults ] && envs=("${DEFAULTS[@]}")
+        env "${envs[@]}" timeout 40 build-gpu/tools/staleprop bench --device cuda --model "$1" --batch-size "$2" \
+          --precision bf16 --steps 50 --warmup 10 --json "$OUT/throughput-new-paths-$paths.jsonl" 2>&1 |
+          tee -a "$OUT/session.txt"
+        log "bench $1 $2 bf16 round $round with the new paths $paths (${envs[*]}: the last setting of each" \
+          "counts) exit ${PIPESTATUS[0]}"
+      done
+      [ "$(left)" -gt 90 ] && timeout 60 python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" \
+        --steps 50 --warmup 10 --bf16 --channels-last >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" &&
+        tail -1 "$OUT/pytorch.jsonl"
     done
-    [ "$(left)" -gt 90 ] && timeout 60 python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" --steps 50 \
-      --warmup 10 --bf16 --channels-last >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" && tail -1 "$OUT/pytorch.jsonl"
   done
 fi
 
@@ -314,15 +322,14 @@ fi
 # Then each path on its own. The TMA convolutions layer by layer: the sums alone (2026-11-26)
 # could not say which layers hold the data gradient at 0.25 of cuDNN while the forward reaches
 # 0.45. The TMA convolutions on the 128 x 256 tile against the 128 x 128 one (the wide layers).
+# Layer by layer as by default (the TMA loads, the stride classes, the wide tile by shape and the
+# direct stem; each was measured off and on on 2026-11-27b), or on the cp.async loads where the
+# TMA convolutions did not pass.
 if [ -n "$CONV_TMA_OK" ]; then
-  ab r18-convs-tma conv-tma 70 '_bf16/r18_[0-9].*/n512'
+  AB_VALUES=1 ab r18-convs-tma conv-tma 40 '_bf16/r18_[0-9].*/n512'
 elif [ "$(left)" -gt 120 ]; then
   AB_VALUES=0 ab r18-convs-tma conv-tma 40 '_bf16/r18_[0-9].*/n512'  # layer by layer, cp.async loads only
 fi
-# The wide tile by shape against the 128 x 128 one on every layer (2026-11-27 measured it
-# everywhere against nowhere: -kernels-r18-convs-wide-{0,1}.json), and the sums.
-[ -n "$CONV_TMA_OK" ] && [ -n "$WIDE_SHAPE_OK" ] &&
-  STALEPROP_CONV_TMA=1 ab r18-convs-wide-by-shape tma-wide-by-shape 50 '_bf16/r18_.*/n512'
 [ -n "$CLASSES_TMA_OK" ] && throughput_ab dgrad-classes STALEPROP_DGRAD_CLASSES resnet18 512
 [ -n "$CLUSTER_OK" ] && throughput_ab tma-cluster STALEPROP_TMA_CLUSTER resnet18 512
 [ -n "$SMALL_C_OK" ] && throughput_ab conv-small-c STALEPROP_CONV_SMALL_C resnet18 512
@@ -333,6 +340,7 @@ fi
 # three-kernel batch norm.
 if [ -n "$PDL_OK" ]; then
   throughput_ab pdl STALEPROP_PDL resnet56 128 --graphs
+  throughput_ab pdl-r18 STALEPROP_PDL resnet18 512
   ab bn-pdl pdl 30 '^bn_(fwd_train|bwd)/.*n128'
 fi
 # The same training on cuBLASLt/cuDNN (--kernels vendor): what the rest of the engine reaches

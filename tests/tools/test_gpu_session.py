@@ -12,7 +12,8 @@ timed out and the programmatic-launch test failed:
   - a switch is measured only where its GPU test passed: the wide tile's and programmatic
     launch's benchmarks never run, the convolutions' and the stride classes' run off and on;
   - the training throughput with "the new paths on" switches on exactly the paths that passed,
-    and with them "off" switches every path off explicitly;
+    with them "off" switches every path off explicitly, and "defaults" sets none; ResNet-18 in two
+    rounds, PyTorch beside each round;
   - with a second binary carried, the op-by-op fdg and backprop runs on both;
   - the script ends with exit status 0 and packs its outputs into results.tgz with session.txt.
 """
@@ -123,7 +124,11 @@ def main():
 
         on = [l for l in lines if "throughput-new-paths-on" in l]
         off = [l for l in lines if "throughput-new-paths-off" in l]
-        check(len(on) == 2 and len(off) == 2, "ResNet-18 and ResNet-56 throughput with the new paths off and on", log)
+        defaults = [l for l in lines if "throughput-new-paths-defaults" in l]
+        check(len(on) == 3 and len(off) == 3 and len(defaults) == 3,
+              "ResNet-18 (two rounds) and ResNet-56 throughput with the new paths off, as by default and on", log)
+        check(all(l.split("|")[1].split() == [] for l in defaults),
+              "the defaults' runs set no switch (the caller's unset)", log)
         check(all(l.split("|")[1].split() == ["STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_SMALL_C=0",
                                               "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_CLASSES=1", "STALEPROP_PDL=0",
                                               "STALEPROP_TMA_CLUSTER=1",
@@ -179,6 +184,8 @@ def main():
         with tarfile.open(results) as t:
             names = t.getnames()
             session = t.extractfile("./session.txt").read().decode()
+            pytorch = t.extractfile("./pytorch.jsonl").read().decode().splitlines()
+        check(len(pytorch) == 3, f"PyTorch beside each round of ResNet-18 and ResNet-56's one: {len(pytorch)}", log)
         check("./ctest.log" in names and "done" in session.splitlines()[-1],
               f"results.tgz holds the ctest log and the whole session: {names}", log + session)
     print("gpu_session.sh: sanitizers and measurements gated on ctest, switches as passed, outputs packed")
