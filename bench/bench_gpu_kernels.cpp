@@ -41,7 +41,9 @@
 // (default: $STALEPROP_MAINLOOP, else auto: wgmma_tma where wgmma can run, else mma_sync); the
 // JSON context records the one in use as tensor_core_mainloop. --dgrad-classes[=0|1] runs the
 // bf16 data gradient of strided convolutions by stride class or not (tensor_core.h; default
-// on; context dgrad_by_stride_class), --dgrad-wt[=0|1] the bf16 data gradient on the transposed
+// on; context dgrad_by_stride_class), --dgrad-class-direct[=0|1] each class's result written
+// straight into dx or through a scratch matrix and a scatter (default on; context
+// dgrad_class_direct), --dgrad-wt[=0|1] the bf16 data gradient on the transposed
 // filter or on the gathered one (default on; context dgrad_transposed_filter), --conv-tma[=0|1]
 // the convolutions' A operand loaded by TMA where the main loop is wgmma_tma (conv_tma.h; default
 // on; context conv_tma), --tma-wide[=0|1] the 128 x 256 tile of the wgmma_tma GEMM for N >= 256
@@ -113,6 +115,7 @@ struct KernelSwitch {
 };
 const KernelSwitch kKernelSwitches[] = {
     {"--dgrad-classes", "dgrad_by_stride_class", kc::dgrad_by_stride_class, kc::set_dgrad_by_stride_class},
+    {"--dgrad-class-direct", "dgrad_class_direct", kc::dgrad_class_direct, kc::set_dgrad_class_direct},
     {"--dgrad-wt", "dgrad_transposed_filter", kc::dgrad_transposed_filter, kc::set_dgrad_transposed_filter},
     {"--conv-tma", "conv_tma", kc::conv_tma, kc::set_conv_tma},
     {"--tma-wide", "tma_wide_tile", kc::tma_wide_tile, kc::set_tma_wide_tile},

@@ -84,4 +84,50 @@ TEST(ConvStrideClasses, ResNetStrideTwoLayers) {
   EXPECT_EQ(c1[3].rc * c1[3].sc, 0);
 }
 
+TEST(ConvStrideClasses, RowMapWritesEachClassRowToItsPixel) {
+  // Where class_row_map is ok, row r = (img * hc + i) * wc + j of a class lands on input pixel
+  // (img, a + stride * i, b + stride * j) of dx [N, H, W, C]: the place the scatter writes it
+  // (layout_gathers.h, scatter_class_chunk). Over strides 2 and 3, heights and widths 1-8,
+  // batches 1-3 and C 1 and 8, the map is ok exactly where H == stride * hc, and then all the
+  // classes' rows together cover every pixel once.
+  int mapped = 0, refused = 0;
+  for (int stride = 2; stride <= 3; ++stride)
+    for (int h = 1; h <= 8; ++h)
+      for (int w = 1; w <= 8; ++w)
+        for (int n = 1; n <= 3; ++n)
+          for (int ch : {1, 8}) {
+            Conv2dShape sh;
+            sh.n = n, sh.h = h, sh.w = w, sh.c = ch, sh.k = 4, sh.r = sh.s = 3, sh.stride = stride, sh.pad = 1;
+            if (!sh.valid()) continue;
+            std::set<int64_t> starts;
+            bool all_ok = true;
+            for (const auto& c : sp::kernels::stride_classes(sh)) {
+              const sp::kernels::ClassRowMap m = sp::kernels::class_row_map(sh, c);
+              const bool tiles = c.hc > 0 && c.wc > 0 && h == stride * c.hc;
+              EXPECT_EQ(m.ok, tiles) << "stride " << stride << " h " << h << " class (" << c.a << ", " << c.b << ")";
+              all_ok = all_ok && (m.ok || c.hc * c.wc == 0);
+              if (!m.ok) {
+                refused += c.hc * c.wc > 0;
+                continue;
+              }
+              ++mapped;
+              for (int img = 0; img < n; ++img)
+                for (int i = 0; i < c.hc; ++i)
+                  for (int j = 0; j < c.wc; ++j) {
+                    const int64_t r = (int64_t(img) * c.hc + i) * c.wc + j;
+                    const int64_t pixel = (int64_t(img) * h + c.a + stride * i) * w + c.b + stride * j;
+                    EXPECT_EQ(sp::kernels::class_row_offset(m, r), pixel * ch)
+                        << "stride " << stride << " " << n << "x" << h << "x" << w << " class (" << c.a << ", " << c.b
+                        << ") row " << r;
+                    starts.insert(sp::kernels::class_row_offset(m, r));
+                  }
+            }
+            if (all_ok) {
+              EXPECT_EQ(starts.size(), size_t(n * h * w)) << "every pixel once";
+            }
+          }
+  EXPECT_GT(mapped, 500);
+  EXPECT_GT(refused, 100);
+}
+
 }  // namespace

@@ -421,7 +421,28 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
   for (const Conv2dShape& sh : conv_cases())
     if (sh.stride > 1) shapes.push_back(sh);
   uint32_t seed = 650;
-  for (const Conv2dShape& sh : shapes) check_conv(kCustomConv, stream_, sh, seed += 5);
+  // Each class written into dx by its epilogue where its rows tile the height (even H here under
+  // stride 2: class_row_map), else through the scratch and the scatter: both must give the same
+  // bits (dgrad_class_direct(), on by default, off for the second run).
+  int direct_shapes = 0;
+  for (const Conv2dShape& sh : shapes) {
+    seed += 5;
+    ConvResult direct, scattered;
+    {
+      const ScopedSwitch into_dx(kcu::dgrad_class_direct, kcu::set_dgrad_class_direct);
+      direct = check_conv(kCustomConv, stream_, sh, seed);
+    }
+    {
+      const ScopedSwitch scatter(kcu::dgrad_class_direct, kcu::set_dgrad_class_direct, false);
+      scattered = check_conv(kCustomConv, stream_, sh, seed);
+    }
+    EXPECT_TRUE(bits_equal(direct.dx, scattered.dx)) << conv_str(sh) << ": dx written direct vs scattered";
+    bool any = false;
+    for (const auto& c : sp::kernels::stride_classes(sh))
+      any = any || (c.rc * c.sc > 0 && sp::kernels::class_row_map(sh, c).ok);
+    direct_shapes += any;
+  }
+  EXPECT_GE(direct_shapes, 4) << "shapes with a class written straight into dx";
   const ConvResult a = check_conv(kCustomConv, stream_, shapes.back(), 660);
   const ConvResult b = check_conv(kCustomConv, stream_, shapes.back(), 660);
   EXPECT_TRUE(bits_equal(a.dx, b.dx)) << "repeated runs differ";

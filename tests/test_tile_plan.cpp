@@ -7,6 +7,7 @@
 // The GPU test TensorCore.WideTileByShape checks that the launches follow the rule.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -24,7 +25,7 @@ TEST(TilePlan, SplitKCoversTheReductionWithNoEmptySlice) {
   for (int64_t tiles : {1, 2, 3, 7, 64, 128, 255, 256, 257, 1000})
     for (int k : {1, 63, 64, 65, 255, 256, 257, 1000, 4099, 8192, 20000, 32768}) {
       const std::string what = std::to_string(tiles) + " tiles, K = " + std::to_string(k);
-      const SplitPlan p = plan_split_k(tiles, k, 64);
+      const SplitPlan p = plan_split_k(tiles, k, 64, 0);  // the default rule, whatever the environment
       ASSERT_GE(p.splits, 1) << what;
       EXPECT_EQ(p.k_per_split % 64, 0) << what;
       const int64_t steps = (k + 63) / 64;
@@ -41,6 +42,52 @@ TEST(TilePlan, SplitKCoversTheReductionWithNoEmptySlice) {
         EXPECT_GT(p.splits, 1) << what << ": a small grid with a long reduction is split";
       }
     }
+}
+
+TEST(TilePlan, SplitWithinAMaximumOfBlocks) {
+  // STALEPROP_SPLIT_MAX_BLOCKS's rule: floor(max / tiles) slices, so the split grid never
+  // exceeds max blocks (a grid of more tiles than that is not split), still covering K with no
+  // empty slice and slices of at least kMinSliceDepth.
+  for (int64_t max_blocks : {1, 132, 264, 396})
+    for (int64_t tiles : {1, 5, 9, 18, 36, 72, 128, 133, 300})
+      for (int k : {64, 255, 1024, 8192, 32768, 131072}) {
+        const std::string what = std::to_string(max_blocks) + " blocks at most, " + std::to_string(tiles) +
+                                 " tiles, K = " + std::to_string(k);
+        const SplitPlan p = plan_split_k(tiles, k, 64, max_blocks);
+        ASSERT_GE(p.splits, 1) << what;
+        EXPECT_LE(tiles * p.splits, std::max(max_blocks, tiles)) << what;
+        EXPECT_GE(int64_t(p.splits) * p.k_per_split, k) << what;
+        EXPECT_LT(int64_t(p.splits - 1) * p.k_per_split, k) << what;
+        if (p.splits > 1) {
+          EXPECT_GE(p.k_per_split, kMinSliceDepth) << what;
+        }
+        if (2 * tiles > max_blocks) {
+          EXPECT_EQ(p.splits, 1) << what;
+        }
+      }
+  // ResNet-18's 256 -> 256 weight gradient at batch 512 on the wide tile: 18 tiles, 512 K steps.
+  // The default rule reaches past 256 blocks (15 slices, 270 blocks: a third wave of 132 SMs);
+  // at most 264 blocks, 14 slices (252: two waves); at most 132, 7 slices (126: one wave).
+  EXPECT_EQ(plan_split_k(18, 32768, 64, 0).splits, 15);
+  EXPECT_EQ(plan_split_k(18, 32768, 64, 264).splits, 14);
+  EXPECT_EQ(plan_split_k(18, 32768, 64, 132).splits, 7);
+  // An 8-pixel stride class's GEMM: 128 tiles, which the default splits in two (256 blocks).
+  EXPECT_EQ(plan_split_k(128, 8192, 64, 0).splits, 2);
+  EXPECT_EQ(plan_split_k(128, 8192, 64, 132).splits, 1);
+}
+
+TEST(TilePlan, SplitMaximumFromTheEnvironment) {
+  EXPECT_EQ(parse_split_max_blocks("132"), 132);
+  EXPECT_EQ(parse_split_max_blocks("65536"), 65536);
+  for (const char* bad : {"", "0", "-4", "65537", "12x", "abc", " 132"}) {
+    try {
+      parse_split_max_blocks(bad);
+      ADD_FAILURE() << "'" << bad << "' was accepted";
+    } catch (const sp::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("STALEPROP_SPLIT_MAX_BLOCKS"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_THROW(parse_split_max_blocks(nullptr), sp::Error);
 }
 
 TEST(TilePlan, WideTileWidths) {

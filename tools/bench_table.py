@@ -45,6 +45,7 @@ def strip_name(name):
 # bench_gpu_kernels' switch contexts ("yes" when on) and how a table's column names them.
 SWITCH_LABELS = [
     ("dgrad_by_stride_class", "stride classes"),
+    ("dgrad_class_direct", "classes into dx"),
     ("dgrad_transposed_filter", "transposed filter"),
     ("conv_tma", "TMA convolutions"),
     ("tma_wide_tile", "wide TMA tile"),

@@ -19,7 +19,9 @@
 #      bench/pytorch_load_checkpoint.py;
 #   5. a first figure for each new path, against its vendor twin or the copy: the sums over
 #      ResNet-18's bf16 convolutions with --conv-tma=0 and =1 against cuDNN; its stride-2 data
-#      gradients and the sums with --dgrad-classes=0 and =1; the bf16 GEMM with the 128 x 256
+#      gradients and the sums with --dgrad-classes=0 and =1, and with --dgrad-class-direct=0 and
+#      =1 (the classes straight into dx; the accuracy run keeps the scatter until that has run);
+#      the bf16 GEMM with the 128 x 256
 #      TMA tile against the 128 x 128 one (--tma-wide), and in clusters of two (--tma-cluster),
 #      against cuBLASLt, and the convolutions' sums in clusters; bf16 training
 #      throughput of ResNet-18 (batch 512, two rounds, each beside PyTorch) and ResNet-56 (128)
@@ -85,7 +87,10 @@ start_train() {
     # (--resume), and a finished one evaluated (staleprop eval). The limit's SIGTERM stops the run
     # as Ctrl-C would (a pipelined run at its last epoch boundary, plain backprop at its last
     # step, checkpointed there); -k ends it if it has not stopped 15 s later.
-    timeout -k 15 "$limit" "$1" train --device cuda $TRAIN_ARGS "${resume[@]}" --progress plain \
+    # The stride classes through the scatter (the same bits as straight into dx, which has not
+    # run on a GPU yet: a fault there must not cost this run).
+    STALEPROP_DGRAD_CLASS_DIRECT=0 timeout -k 15 "$limit" "$1" train --device cuda $TRAIN_ARGS "${resume[@]}" \
+      --progress plain \
       --metrics "$OUT/train.jsonl" --checkpoint "$OUT/train.safetensors" > "$OUT/train.log" 2>&1
     echo "train exit $?" >> "$OUT/train.log"
   ) &
@@ -141,6 +146,7 @@ CONV_WIDE_OK=; passed 'ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma' && CONV_
 CLASSES_TMA_OK=; passed 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' && CLASSES_TMA_OK=1
 CLUSTER_OK=; passed 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' && CLUSTER_OK=1
 SMALL_C_OK=; passed 'ConvolutionsWithFewChannelsRunDirect/wgmma_tma' && SMALL_C_OK=1
+CLASS_DIRECT_OK=; passed 'ConvolutionsByStrideClass/wgmma_tma' && CLASS_DIRECT_OK=1
 # The wide tile chosen by shape runs the kernels of both wide-tile tests; its own test checks the routing.
 WIDE_SHAPE_OK=; [ -n "$TMA_WIDE_OK" ] && [ -n "$CONV_WIDE_OK" ] && passed 'WideTileByShape/wgmma_tma' && WIDE_SHAPE_OK=1
 verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
@@ -229,6 +235,9 @@ throughput_ab() {
 [ -n "$CONV_TMA_OK" ] && ab r18-convs-tma-sums conv-tma 40 '_bf16/r18_all_layers'
 [ -n "$CLASSES_TMA_OK" ] &&
   ab r18-dgrad-classes dgrad-classes 40 '^conv_bwd_data_bf16/r18_.*_s2_.*/n512|^conv_(bwd_data|train)_bf16/r18_all_layers'
+# The stride classes written straight into dx against the scratch and the scatter (never timed).
+[ -n "$CLASS_DIRECT_OK" ] && ab r18-dgrad-class-direct dgrad-class-direct 40 \
+  '^conv_bwd_data_bf16/r18_.*_s2_.*/n512|^conv_(bwd_data|train)_bf16/r18_all_layers'
 [ -n "$TMA_WIDE_OK" ] && ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
 # Clusters of two sharing B (never run on a GPU): the GEMM on both tiles, and the convolutions' sums.
 if [ -n "$CLUSTER_OK" ]; then
@@ -239,14 +248,24 @@ fi
 # The stem's direct kernels (never run on a GPU) against the tensor cores: its three layers (the
 # data gradient is not computed in training) and the sums.
 [ -n "$SMALL_C_OK" ] && ab r18-stem-direct conv-small-c 30 '_bf16/r18_3to64.*/n512|_bf16/r18_all_layers'
+# The convolutions' sums with the split of K capped at one and at two full waves of 132 SMs
+# (STALEPROP_SPLIT_MAX_BLOCKS, kernels/cuda/tile_plan.h) against the default rule, whose
+# 270-288-block weight gradients start a third wave (r18-convs-tma-sums-1 above is the default).
+if [ -n "$CONV_TMA_OK" ]; then
+  for blocks in 132 264; do
+    STALEPROP_SPLIT_MAX_BLOCKS=$blocks AB_VALUES=1 ab r18-split-max-$blocks conv-tma 30 '_bf16/r18_all_layers'
+  done
+fi
 # Every switch is set either way, so that one exported by the caller cannot turn "off" on.
 # The wide tile is switched on by shape (the rule of kernels/cuda/tile_plan.h), not everywhere:
 # everywhere, it lost up to 37% on some layers (2026-11-27).
 NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_WIDE_BY_SHAPE=0
   STALEPROP_TMA_CLUSTER=0 STALEPROP_CONV_SMALL_C=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0
-  STALEPROP_DGRAD_CLASSES=0)
+  STALEPROP_DGRAD_CLASSES=0 STALEPROP_DGRAD_CLASS_DIRECT=0)
 [ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_CLASSES=1)
+[ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && [ -n "$CLASS_DIRECT_OK" ] &&
+  NEW_PATHS+=(STALEPROP_DGRAD_CLASS_DIRECT=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$WIDE_SHAPE_OK" ] && NEW_PATHS+=(STALEPROP_TMA_WIDE_BY_SHAPE=1)
 [ -n "$CLUSTER_OK" ] && NEW_PATHS+=(STALEPROP_TMA_CLUSTER=1)
 [ -n "$SMALL_C_OK" ] && NEW_PATHS+=(STALEPROP_CONV_SMALL_C=1)

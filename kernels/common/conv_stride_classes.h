@@ -12,6 +12,7 @@
 // Plain C++, so the CPU tests check the decomposition (tests/test_conv_stride_classes.cpp).
 #pragma once
 
+#include <cstdint>
 #include <vector>
 
 #include "kernels/common/shapes.h"
@@ -44,6 +45,37 @@ inline std::vector<StrideClass> stride_classes(const Conv2dShape& sh) {
       out.push_back(c);
     }
   return out;
+}
+
+// Where a GEMM epilogue can write class c's dense data gradient straight into dx [N, H, W, C]
+// instead of a scratch matrix that a scatter then copies: row r = (img * hc + i) * wc + j of the
+// class's result is input pixel (img, a + stride * i, b + stride * j), whose C channels start at
+//   base + (r / wc) * group_stride + (r % wc) * row_stride   (elements of dx)
+// with base = (a * W + b) * C, row_stride = stride * C and group_stride = stride * W * C. The
+// groups (img, i) follow each other at one step only where the class's rows tile the image's
+// height, H == stride * hc (an even H under stride 2, as in every CIFAR ResNet): otherwise ok is
+// false and the class keeps the scratch and the scatter.
+struct ClassRowMap {
+  bool ok = false;
+  int64_t base = 0, row_stride = 0, group_stride = 0;
+  int group = 0;  // wc: the rows of one (img, i)
+};
+
+inline ClassRowMap class_row_map(const Conv2dShape& sh, const StrideClass& c) {
+  ClassRowMap m;
+  if (c.hc <= 0 || c.wc <= 0 || sh.h != sh.stride * c.hc) return m;
+  m.ok = true;
+  m.base = (int64_t(c.a) * sh.w + c.b) * sh.c;
+  m.row_stride = int64_t(sh.stride) * sh.c;
+  m.group_stride = int64_t(sh.stride) * sh.w * sh.c;
+  m.group = c.wc;
+  return m;
+}
+
+// The offset of row r under m (the formula the epilogue applies: kernels/cuda/mma_mainloop.cuh,
+// MmaEpilogue::apply).
+inline int64_t class_row_offset(const ClassRowMap& m, int64_t r) {
+  return m.base + (r / m.group) * m.group_stride + (r % m.group) * m.row_stride;
 }
 
 }  // namespace sp::kernels

@@ -140,18 +140,27 @@ void scatter_class(const uint16_t* src, uint16_t* dx, int64_t rows, const ConvGe
 void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint16_t* dy, const uint16_t* w,
                             uint16_t* dx, cudaStream_t stream) {
   const std::vector<StrideClass> classes = stride_classes(sh);
+  // A class whose rows tile the image's height is written straight into dx by its GEMM's
+  // epilogue (class_row_map; dgrad_class_direct(), tensor_core.h); the others go through the
+  // scratch matrix and the scatter.
+  const bool direct = dgrad_class_direct();
+  const auto writes_direct = [&](const StrideClass& c) { return direct && class_row_map(sh, c).ok; };
   int64_t scratch_rows = 0;
   for (const StrideClass& c : classes)
-    if (c.rc * c.sc > 0) scratch_rows = std::max(scratch_rows, int64_t(g.n) * c.hc * c.wc);
+    if (c.rc * c.sc > 0 && !writes_direct(c)) scratch_rows = std::max(scratch_rows, int64_t(g.n) * c.hc * c.wc);
   Workspace scratch(size_t(scratch_rows) * size_t(g.c) * sizeof(uint16_t), stream);
   for (const StrideClass& c : classes) {
     const int64_t rows = int64_t(g.n) * c.hc * c.wc;
     if (rows == 0) continue;
-    const bool taps = c.rc * c.sc > 0;
+    const bool taps = c.rc * c.sc > 0, into_dx = taps && writes_direct(c);
     if (taps) {
       const ClassGeom cg = make_class_geom(g, c);
       const BwdDataClassGradLoader a{{dy, aligned16(dy) && run_allows_chunks(g.k, 8)}, cg};
-      const MmaEpilogue<uint16_t> ep{scratch.as<uint16_t>(), g.c, 1, 1.f, 0.f, nullptr, false};
+      const ClassRowMap map = class_row_map(sh, c);
+      const MmaEpilogue<uint16_t> ep =
+          into_dx ? MmaEpilogue<uint16_t>{dx + map.base, map.row_stride,  1, 1.f, 0.f, nullptr, false,
+                                          map.group,     map.group_stride}
+                  : MmaEpilogue<uint16_t>{scratch.as<uint16_t>(), g.c, 1, 1.f, 0.f, nullptr, false, 0, 0};
       if (dgrad_transposed_filter()) {
         // The class's taps of the filter as a plain C x kc matrix (see conv2d_backward_data_bf16).
         const Workspace wt = transposed_filter(g, w, FilterTaps::of_class(g, c), stream);
@@ -170,7 +179,7 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
         run(a, b, cg.m, g.c, cg.kc, ep, stream);
       }
     }
-    scatter_class(taps ? scratch.as<uint16_t>() : nullptr, dx, rows, g, c, stream);
+    if (!into_dx) scatter_class(taps ? scratch.as<uint16_t>() : nullptr, dx, rows, g, c, stream);
   }
 }
 

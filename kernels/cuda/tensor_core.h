@@ -72,6 +72,15 @@ MmaMainloop mma_mainloop();
 // step 1.07x. The environment variable STALEPROP_DGRAD_CLASSES=0 turns it off.
 void set_dgrad_by_stride_class(bool on);
 bool dgrad_by_stride_class();
+// Each stride class's result written straight into dx by its GEMM's epilogue, where the class's
+// rows tile the image's height (kernels/common/conv_stride_classes.h, class_row_map: an even H
+// under stride 2), instead of into a scratch matrix that a scatter kernel then copies into dx:
+// one kernel and a round trip of the class's result through memory fewer per class. The same
+// bits either way. On by default, not yet timed on a GPU (each class's scatter cost ResNet-18's
+// 32-pixel stride-2 layer about three passes over its 67 MB dx at batch 512); the environment
+// variable STALEPROP_DGRAD_CLASS_DIRECT=0 turns it off.
+void set_dgrad_class_direct(bool on);
+bool dgrad_class_direct();
 // The data gradient's filter operand as a plain matrix: the filter is first transposed, per
 // tap, into wt[c, r, s, k] (a small tiled-transpose kernel), so that the main loop reads it as
 // the forward reads its filter instead of gathering w[k, r, s, c] through per-chunk index

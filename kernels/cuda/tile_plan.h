@@ -10,6 +10,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "kernels/common/error.h"
 
 namespace sp::kernels::cuda::detail {
 
@@ -27,12 +31,39 @@ struct SplitPlan {
 
 inline int64_t tile_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The K split for an output of `tiles` block tiles, K = k in steps of k_step.
-inline SplitPlan plan_split_k(int64_t tiles, int k, int k_step) {
+// An experiment's knob, for timing the tensor-core launches under another split on a GPU: the
+// environment variable STALEPROP_SPLIT_MAX_BLOCKS (a whole number of blocks, 1 to 65536, read
+// once; unset or empty: 0, the default rule below). ResNet-18's three late weight gradients split
+// into 270-288 blocks by default, a third wave of an H100's 132 SMs at most a fifth full, and its
+// 8-pixel stride classes split where the unsplit grid is one wave already. A value that is not
+// such a number throws sp::Error naming the variable.
+inline int64_t parse_split_max_blocks(const char* text) {
+  char* end = nullptr;
+  const long v = text ? std::strtol(text, &end, 10) : 0;
+  if (!text || *text < '0' || *text > '9' || *end != '\0' || v < 1 || v > 65536)
+    throw Error("STALEPROP_SPLIT_MAX_BLOCKS must be a whole number of blocks from 1 to 65536, got '" +
+                std::string(text ? text : "") + "'");
+  return v;
+}
+inline int64_t split_max_blocks() {
+  static const int64_t blocks = [] {
+    const char* env = std::getenv("STALEPROP_SPLIT_MAX_BLOCKS");
+    return env && *env ? parse_split_max_blocks(env) : int64_t(0);
+  }();
+  return blocks;
+}
+
+// The K split for an output of `tiles` block tiles, K = k in steps of k_step, in slices of at
+// least kMinSliceDepth. By default (max_blocks 0) a grid of fewer than kSplitTargetBlocks tiles
+// is split into ceil(kSplitTargetBlocks / tiles) slices: the split grid reaches the target. With
+// max_blocks > 0, into floor(max_blocks / tiles) slices: the split grid stays within max_blocks
+// (132 or 264: one or two full waves of an H100's SMs for a tile of one block per SM).
+inline SplitPlan plan_split_k(int64_t tiles, int k, int k_step, int64_t max_blocks = split_max_blocks()) {
   const int k_steps = int(tile_ceil_div(k, k_step));
-  int splits = 1;
-  if (tiles < kSplitTargetBlocks)
-    splits = int(std::max<int64_t>(1, std::min<int64_t>(tile_ceil_div(kSplitTargetBlocks, tiles), k / kMinSliceDepth)));
+  const int64_t wanted = max_blocks > 0               ? max_blocks / std::max<int64_t>(tiles, 1)
+                         : tiles < kSplitTargetBlocks ? tile_ceil_div(kSplitTargetBlocks, tiles)
+                                                      : 1;
+  const int splits = int(std::max<int64_t>(1, std::min<int64_t>(wanted, k / kMinSliceDepth)));
   const int steps_per_split = int(tile_ceil_div(k_steps, splits));
   // Recount so that no slice is empty (e.g. 10 steps in 4 slices of 3 leave 4 slices, 3 + 3 + 3 + 1).
   return SplitPlan{int(tile_ceil_div(k_steps, steps_per_split)), steps_per_split * k_step};

@@ -50,7 +50,8 @@ CTEST_LOG = """\
   7/10 Test   #7: Mainloops/TensorCore.ConvolutionsWithTmaLoadsOnTheWideTile/wgmma_tma .   Passed    1.00 sec
   8/10 Test   #8: Mainloops/TensorCore.ConvolutionsByStrideClassWithTmaLoads/wgmma_tma .   Passed    1.00 sec
   9/10 Test  #9: Mainloops/TensorCore.WideTileByShape/wgmma_tma .......................   Passed    1.00 sec
- 10/10 Test #10: Mainloops/TensorCore.GemmAndConvolutionsInClustersOfTwo/wgmma_tma  # GetParam() = 4-byte object <03-00 00-00> ....   Passed    1.00 sec
+ 10/11 Test #10: Mainloops/TensorCore.GemmAndConvolutionsInClustersOfTwo/wgmma_tma  # GetParam() = 4-byte object <03-00 00-00> ....   Passed    1.00 sec
+ 11/11 Test #11: Mainloops/TensorCore.ConvolutionsByStrideClass/wgmma_tma ..........   Passed    1.00 sec
 """
 
 # tools/gpu_check.sh: the build does nothing, the tests write the log above.
@@ -114,9 +115,12 @@ def main():
         check(not any("--pdl" in l for l in bench), "programmatic launch, whose test failed, is not benchmarked", log)
         check(not any("--tma-wide" in l and "gemm_bf16" in l for l in bench),
               "the wide GEMM tile, whose test timed out, is not benchmarked", log)
-        for flag in ("--conv-tma", "--dgrad-classes", "--tma-cluster"):
+        for flag in ("--conv-tma", "--dgrad-classes", "--dgrad-class-direct", "--tma-cluster"):
             check(any(f"{flag}=0" in l for l in bench) and any(f"{flag}=1" in l for l in bench),
                   f"a switch whose test passed is benchmarked off and on ({flag})", log)
+        for blocks in ("132", "264"):
+            check(any(f"STALEPROP_SPLIT_MAX_BLOCKS={blocks}" in l.split("|")[1].split() and "r18_all_layers" in l
+                      for l in bench), f"the convolutions' sums with the split capped at {blocks} blocks", log)
         first_sums = next((i for i, l in enumerate(bench) if "r18_all_layers" in l), None)
         first_layers = next((i for i, l in enumerate(bench) if "r18_[0-9]" in l), None)
         check(first_sums is not None and first_layers is not None and first_sums < first_layers,
@@ -130,13 +134,15 @@ def main():
         check(all(l.split("|")[1].split() == [] for l in defaults),
               "the defaults' runs set no switch (the caller's unset)", log)
         check(all(l.split("|")[1].split() == ["STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_SMALL_C=0",
-                                              "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_CLASSES=1", "STALEPROP_PDL=0",
+                                              "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_CLASSES=1",
+                                              "STALEPROP_DGRAD_CLASS_DIRECT=1", "STALEPROP_PDL=0",
                                               "STALEPROP_TMA_CLUSTER=1",
                                               "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in on),
               "the new paths on are exactly the switches that passed", log)
         check(all(l.split("|")[1].split() == ["STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_SMALL_C=0",
-                                              "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_CLASSES=0", "STALEPROP_PDL=0",
+                                              "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_CLASSES=0",
+                                              "STALEPROP_DGRAD_CLASS_DIRECT=0", "STALEPROP_PDL=0",
                                               "STALEPROP_TMA_CLUSTER=0",
                                               "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in off),
