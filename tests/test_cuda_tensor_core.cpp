@@ -424,25 +424,34 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
   // Each class written into dx by its epilogue where its rows tile the height (even H here under
   // stride 2: class_row_map), else through the scratch and the scatter: both must give the same
   // bits (dgrad_class_direct(), on by default, off for the second run).
-  int direct_shapes = 0;
+  // Besides the square even shapes: an odd width at batch 3 with C = 12 (element-wise gathers),
+  // and stride 3 with H = 3 hc.
+  shapes.push_back(conv(3, 10, 7, 12, 10, 3, 2, 1));
+  shapes.push_back(conv(2, 9, 8, 8, 16, 5, 3, 2));
+  int64_t direct_total = 0;
   for (const Conv2dShape& sh : shapes) {
     seed += 5;
+    // The classes with taps whose rows tile the height: the launch counter must grow by that many.
+    int64_t expect = 0;
+    for (const auto& c : sp::kernels::stride_classes(sh))
+      expect += c.rc * c.sc > 0 && sp::kernels::class_row_map(sh, c).ok;
     ConvResult direct, scattered;
     {
       const ScopedSwitch into_dx(kcu::dgrad_class_direct, kcu::set_dgrad_class_direct);
+      const int64_t before = kcu::dgrad_class_direct_launches();
       direct = check_conv(kCustomConv, stream_, sh, seed);
+      EXPECT_EQ(kcu::dgrad_class_direct_launches() - before, expect) << conv_str(sh) << ": classes into dx";
     }
     {
       const ScopedSwitch scatter(kcu::dgrad_class_direct, kcu::set_dgrad_class_direct, false);
+      const int64_t before = kcu::dgrad_class_direct_launches();
       scattered = check_conv(kCustomConv, stream_, sh, seed);
+      EXPECT_EQ(kcu::dgrad_class_direct_launches(), before) << conv_str(sh) << ": the switch off writes none direct";
     }
     EXPECT_TRUE(bits_equal(direct.dx, scattered.dx)) << conv_str(sh) << ": dx written direct vs scattered";
-    bool any = false;
-    for (const auto& c : sp::kernels::stride_classes(sh))
-      any = any || (c.rc * c.sc > 0 && sp::kernels::class_row_map(sh, c).ok);
-    direct_shapes += any;
+    direct_total += expect;
   }
-  EXPECT_GE(direct_shapes, 4) << "shapes with a class written straight into dx";
+  EXPECT_GE(direct_total, 16) << "classes written straight into dx";
   const ConvResult a = check_conv(kCustomConv, stream_, shapes.back(), 660);
   const ConvResult b = check_conv(kCustomConv, stream_, shapes.back(), 660);
   EXPECT_TRUE(bits_equal(a.dx, b.dx)) << "repeated runs differ";

@@ -119,7 +119,7 @@ for stage in $STAGES; do
     # class, the filter gathered or transposed): one run each, each layer's vs_vendor comparing
     # them (cuDNN timed in every run; tools/bench_table.py kernels puts them side by side).
     for form in direct wt classes classes-wt; do
-      flags="--dgrad-classes=0 --dgrad-wt=0"  # explicit: the defaults are classes off, wt on
+      flags="--dgrad-classes=0 --dgrad-wt=0"  # explicit, whatever the defaults (classes on, wt on)
       case $form in *classes*) flags="--dgrad-classes=1 --dgrad-wt=0" ;; esac
       case $form in *wt) flags="${flags% --dgrad-wt=0} --dgrad-wt=1" ;; esac
       timeout "${T_LOOP:-120}" build-gpu/bench/bench_gpu_kernels --mainloop=wgmma $flags \

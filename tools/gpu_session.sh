@@ -9,9 +9,9 @@
 #      .carry/resume/train.safetensors (RESUME=FILE tools/gpu_prepare.sh) it resumes that run;
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test but the tools/
 #      scripts' CPU tests (ctest, 120 s per test);
-#   3. compute-sanitizer memcheck (first) and racecheck on the clusters' test, whose barriers
-#      changed (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed
-#      out); racecheck over the convolution tests and test_cuda_network comes after step 6
+#   3. compute-sanitizer memcheck (first) on the stride classes' test (their results now go
+#      straight into dx) and the clusters' (whose barriers changed), racecheck on the clusters'
+#      (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed out); racecheck over the convolution tests and test_cuda_network comes after step 6
 #      (SWEEP_CAP seconds each, default 100, as time allows);
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
 #      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
@@ -25,7 +25,8 @@
 #      TMA tile against the 128 x 128 one (--tma-wide), and in clusters of two (--tma-cluster),
 #      against cuBLASLt, and the convolutions' sums in clusters; bf16 training
 #      throughput of ResNet-18 (batch 512, two rounds, each beside PyTorch) and ResNet-56 (128)
-#      with every new path that passed off, as by default and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
+#      with every new path that passed off, as by default and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES,
+#      _DGRAD_CLASS_DIRECT, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
 #      _CONV_SMALL_C, _BN_PERSISTENT, _PDL), the stem's direct kernels against the tensor cores; with
 #      COMPARE_BIN, ResNet-56's op-by-op fdg (interleaved, twice) and backprop on this commit's
 #      binary and another's, and fdg with the transposed filter and the scratch pool's cross-stream
@@ -170,13 +171,16 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
 # Every wgmma and wgmma_tma test ran under memcheck on an H100, and racecheck finished the GEMM
 # tests, the TMA convolutions (also wide), the stride classes' TMA data gradient, the clusters,
 # and all of test_cuda_ops, with no error or hazard (bench/results/nvidia-h100/2026-11-26- and
-# 2026-11-27(b)-sanitizers.log). Changed since: the clusters' barriers (CTA-scope arrivals and
-# waits instead of cluster-scope ones), so their test runs under both tools again.
+# 2026-11-27(b)-sanitizers.log). Changed since: the stride classes' results written straight into
+# dx (new store addresses: memcheck) and the clusters' barriers (CTA-scope arrivals and waits
+# instead of cluster-scope ones: both tools).
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
 # hang here too, for SAN_CAP seconds each time. memcheck first; racecheck is slow (16 tests in
 # 55 s on 2026-11-26). The calls stop where less than SAN_CAP + 200 s is left.
 finished() { grep -qE "$1( [^.]*)? \.+ *(\*\*\*)?(Passed|Failed|Exception)" "$OUT/ctest.log" 2> /dev/null; }
 if [ -z "${CTEST_LOG:-}" ]; then
+  finished 'ConvolutionsByStrideClass/wgmma_tma' &&
+    san memcheck test_cuda_tensor_core '*ConvolutionsByStrideClass/wgmma_tma' class-direct
   finished 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*GemmAndConvolutionsInClustersOfTwo/wgmma_tma' tma-cluster
   finished 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' &&
@@ -245,7 +249,7 @@ if [ -n "$CLUSTER_OK" ]; then
   [ -n "$TMA_WIDE_OK" ] && STALEPROP_TMA_WIDE=1 ab gemm-bf16-wide-cluster tma-cluster 30 '^gemm_bf16/square'
   [ -n "$CONV_TMA_OK" ] && ab r18-convs-cluster tma-cluster 40 '_bf16/r18_all_layers'
 fi
-# The stem's direct kernels (never run on a GPU) against the tensor cores: its three layers (the
+# The stem's direct kernels (on by default since 2026-11-27b) against the tensor cores: its three layers (the
 # data gradient is not computed in training) and the sums.
 [ -n "$SMALL_C_OK" ] && ab r18-stem-direct conv-small-c 30 '_bf16/r18_3to64.*/n512|_bf16/r18_all_layers'
 # The convolutions' sums with the split of K capped at one and at two full waves of 132 SMs
@@ -274,7 +278,7 @@ NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_
 # "defaults" runs with no switch set (the caller's unset too): what a user gets. ResNet-18 runs
 # two rounds, each beside PyTorch, whose rate varied by +-11% between rounds on 2026-11-27b.
 DEFAULTS=()
-for v in "${OLD_PATHS[@]}"; do DEFAULTS+=(-u "${v%%=*}"); done
+for v in $(compgen -e | grep '^STALEPROP_'); do DEFAULTS+=(-u "$v"); done
 if ((${#NEW_PATHS[@]})); then
   for cfg in "resnet18 512 2" "resnet56 128 1"; do
     set -- $cfg

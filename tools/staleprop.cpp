@@ -131,17 +131,21 @@ commands:
 staleprop <command> --help lists the command's options.
 Environment: CIFAR10_DIR (data directory), STALEPROP_NUM_THREADS (CPU threads), STALEPROP_DEBUG=1
 (errors also name the failed check and its source line); for our bf16
-GPU kernels: STALEPROP_MAINLOOP (the default of --mainloop), STALEPROP_DGRAD_WT=0 (data gradient
-on the gathered filter instead of the transposed one), STALEPROP_DGRAD_CLASSES=1 (strided data
-gradients by stride class), STALEPROP_CONV_TMA=0 (convolutions' operands gathered by cp.async
-instead of loaded by TMA, the default), STALEPROP_TMA_WIDE=1 (128x256 tile for the TMA GEMM
-and convolutions), STALEPROP_TMA_WIDE_BY_SHAPE=1 (that tile only where a rule of the shape
-takes it) and STALEPROP_TMA_CLUSTER=1 (the TMA tiles in clusters of two that share the B operand
-by multicast), all only with the wgmma_tma main loop (auto on an H100/H200);
-STALEPROP_CONV_SMALL_C=1 (the stem's bf16 forward and weight gradient as direct kernels);
-STALEPROP_BN_PERSISTENT=1 (batch norm's training forward and backward as one cooperative kernel
-each, fp32 and bf16) and STALEPROP_PDL=1 (programmatic dependent launch of our kernels). The
-README's "Tensor-core main loop" says why the last six are off by default.
+GPU kernels: STALEPROP_MAINLOOP (the default of --mainloop); these turn off a default:
+STALEPROP_DGRAD_WT=0 (data gradient on the gathered filter instead of the transposed one),
+STALEPROP_DGRAD_CLASSES=0 (strided data gradients direct instead of by stride class),
+STALEPROP_DGRAD_CLASS_DIRECT=0 (each stride class through a scratch matrix and a scatter instead
+of straight into dx), STALEPROP_CONV_TMA=0 (convolutions' operands gathered by cp.async instead
+of loaded by TMA), STALEPROP_TMA_WIDE_BY_SHAPE=0 (no 128x256 tile chosen by the shape's rule),
+STALEPROP_CONV_SMALL_C=0 (the stem's bf16 forward and weight gradient on the tensor cores
+instead of direct kernels); these turn on a path that is off by default: STALEPROP_TMA_WIDE=1
+(the 128x256 tile wherever it fits), STALEPROP_TMA_CLUSTER=1 (the TMA tiles in clusters of two
+that share the B operand by multicast), STALEPROP_BN_PERSISTENT=1 (batch norm's training
+forward and backward as one cooperative kernel each, fp32 and bf16) and STALEPROP_PDL=1
+(programmatic dependent launch of our kernels). The TMA paths run only with the wgmma_tma main
+loop (auto on an H100/H200). The README's "Tensor-core main loop" says why each default is what
+it is. STALEPROP_SPLIT_MAX_BLOCKS=N (an experiment's knob) caps the split of K of the tiled GEMM
+and convolution launches at N blocks.
 STALEPROP_POOL_INTERNAL_DEPS=1 lets the kernels' scratch pool make one stream wait on another to
 reuse memory (the driver's default; off, so the pipeline's module streams stay independent).
 )";

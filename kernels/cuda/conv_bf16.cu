@@ -179,7 +179,10 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
         run(a, b, cg.m, g.c, cg.kc, ep, stream);
       }
     }
-    if (!into_dx) scatter_class(taps ? scratch.as<uint16_t>() : nullptr, dx, rows, g, c, stream);
+    if (into_dx)
+      count_class_direct_launch();
+    else
+      scatter_class(taps ? scratch.as<uint16_t>() : nullptr, dx, rows, g, c, stream);
   }
 }
 

@@ -49,6 +49,7 @@ bool use_wgmma_tma();
 void count_conv_tma_launch();
 void count_wide_tma_launch();
 void count_cluster_tma_launch();
+void count_class_direct_launch();  // dgrad_class_direct_launches() (tensor_core.h)
 // The TMA descriptor of a bf16 matrix at p (16-byte aligned) shaped as `shape` says, with the
 // 128-byte swizzle and zero fill outside it. Throws sp::Error where the driver refuses.
 CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shape);
@@ -84,7 +85,7 @@ void check_register_rebalance(Kernel kernel) {
     SP_CHECK(have >= need, "wgmma_tma: the ", Tile::kBM, " x ", Tile::kBN, " TMA tile was compiled with ", attr.numRegs,
              " registers per thread, but its setmaxnreg rebalancing (", Tile::kProducerRegs, " / ", Tile::kConsumerRegs,
              ") needs ", need,
-             " at launch, or the launch would hang; unset STALEPROP_TMA_WIDE and STALEPROP_TMA_WIDE_BY_SHAPE");
+             " at launch, or the launch would hang; set STALEPROP_TMA_WIDE=0 and STALEPROP_TMA_WIDE_BY_SHAPE=0");
   } else {
     (void)kernel;
   }

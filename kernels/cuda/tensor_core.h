@@ -81,6 +81,9 @@ bool dgrad_by_stride_class();
 // variable STALEPROP_DGRAD_CLASS_DIRECT=0 turns it off.
 void set_dgrad_class_direct(bool on);
 bool dgrad_class_direct();
+// How many stride classes' GEMMs have written straight into dx in this process (a test's proof
+// that the path ran).
+int64_t dgrad_class_direct_launches();
 // The data gradient's filter operand as a plain matrix: the filter is first transposed, per
 // tap, into wt[c, r, s, k] (a small tiled-transpose kernel), so that the main loop reads it as
 // the forward reads its filter instead of gathering w[k, r, s, c] through per-chunk index

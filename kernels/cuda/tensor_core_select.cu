@@ -17,7 +17,7 @@ std::atomic<int> g_mainloop{-1};
 // -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class, dgrad_transposed_filter).
 std::atomic<int> g_dgrad_classes{-1}, g_dgrad_class_direct{-1}, g_dgrad_wt{-1}, g_conv_tma{-1}, g_tma_wide{-1},
     g_tma_wide_by_shape{-1}, g_tma_cluster{-1};
-std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0}, g_cluster_launches{0};
+std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0}, g_cluster_launches{0}, g_class_direct_launches{0};
 
 // A process-wide switch's value: what was set, else at first use from_env(the environment
 // variable `var`, nullptr when unset or empty), kept from then on.
@@ -96,6 +96,7 @@ void set_dgrad_by_stride_class(bool on) { detail::set_switch(g_dgrad_classes, on
 bool dgrad_by_stride_class() { return detail::env_switch(g_dgrad_classes, "STALEPROP_DGRAD_CLASSES", true); }
 void set_dgrad_class_direct(bool on) { detail::set_switch(g_dgrad_class_direct, on); }
 bool dgrad_class_direct() { return detail::env_switch(g_dgrad_class_direct, "STALEPROP_DGRAD_CLASS_DIRECT", true); }
+int64_t dgrad_class_direct_launches() { return g_class_direct_launches.load(std::memory_order_relaxed); }
 void set_dgrad_transposed_filter(bool on) { detail::set_switch(g_dgrad_wt, on); }
 bool dgrad_transposed_filter() { return detail::env_switch(g_dgrad_wt, "STALEPROP_DGRAD_WT", true); }
 void set_conv_tma(bool on) { detail::set_switch(g_conv_tma, on); }
@@ -141,6 +142,7 @@ bool use_wgmma() {
 void count_conv_tma_launch() { g_conv_tma_launches.fetch_add(1, std::memory_order_relaxed); }
 void count_wide_tma_launch() { g_wide_launches.fetch_add(1, std::memory_order_relaxed); }
 void count_cluster_tma_launch() { g_cluster_launches.fetch_add(1, std::memory_order_relaxed); }
+void count_class_direct_launch() { g_class_direct_launches.fetch_add(1, std::memory_order_relaxed); }
 
 bool use_wgmma_tma() {
   const MmaMainloop m = mma_mainloop();

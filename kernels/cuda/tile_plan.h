@@ -31,7 +31,7 @@ struct SplitPlan {
 
 inline int64_t tile_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// An experiment's knob, for timing the tensor-core launches under another split on a GPU: the
+// An experiment's knob, for timing the tiled launches (tensor-core and fp32) under another split: the
 // environment variable STALEPROP_SPLIT_MAX_BLOCKS (a whole number of blocks, 1 to 65536, read
 // once; unset or empty: 0, the default rule below). ResNet-18's three late weight gradients split
 // into 270-288 blocks by default, a third wave of an H100's 132 SMs at most a fifth full, and its

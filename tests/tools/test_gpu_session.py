@@ -93,6 +93,7 @@ def main():
         env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ["PATH"], OUT=out, CALLS=calls,
                    CTEST_FIXTURE=fixture, DEADLINE="560", NO_TRAIN="1")
         env = {k: v for k, v in env.items() if not k.startswith("STALEPROP_")}
+        env["STALEPROP_DEBUG"] = "1"  # a caller's switch, which the defaults' runs must not see
         p = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")], env=env, capture_output=True,
                            text=True, timeout=120)
         log = p.stdout + p.stderr
@@ -102,7 +103,8 @@ def main():
 
         san = [l for l in lines if l.startswith("compute-sanitizer ")]
         tools_and_filters = [(l.split()[2], l.split("--gtest_filter=")[1].split()[0]) for l in san]
-        check(tools_and_filters == [("memcheck", "*GemmAndConvolutionsInClustersOfTwo/wgmma_tma"),
+        check(tools_and_filters == [("memcheck", "*ConvolutionsByStrideClass/wgmma_tma"),
+                                    ("memcheck", "*GemmAndConvolutionsInClustersOfTwo/wgmma_tma"),
                                     ("racecheck", "*GemmAndConvolutionsInClustersOfTwo/wgmma_tma"),
                                     ("racecheck", "*Convolution*/wgmma_tma"),
                                     ("racecheck", "*")],
@@ -126,25 +128,29 @@ def main():
         check(first_sums is not None and first_layers is not None and first_sums < first_layers,
               "the convolutions' sums are measured before the layers one by one", log)
 
+        def switches(line):  # the STALEPROP_* environment of a call, but the caller's STALEPROP_DEBUG
+            return [e for e in line.split("|")[1].split() if e != "STALEPROP_DEBUG=1"]
+
         on = [l for l in lines if "throughput-new-paths-on" in l]
         off = [l for l in lines if "throughput-new-paths-off" in l]
         defaults = [l for l in lines if "throughput-new-paths-defaults" in l]
         check(len(on) == 3 and len(off) == 3 and len(defaults) == 3,
               "ResNet-18 (two rounds) and ResNet-56 throughput with the new paths off, as by default and on", log)
-        check(all(l.split("|")[1].split() == [] for l in defaults),
+        check(all(l.split("|")[1].split() == [] for l in defaults) and
+              any("STALEPROP_DEBUG=1" in l.split("|")[1].split() for l in on),
               "the defaults' runs set no switch (the caller's unset)", log)
-        check(all(l.split("|")[1].split() == ["STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_SMALL_C=0",
-                                              "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_CLASSES=1",
-                                              "STALEPROP_DGRAD_CLASS_DIRECT=1", "STALEPROP_PDL=0",
-                                              "STALEPROP_TMA_CLUSTER=1",
-                                              "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
+        check(all(switches(l) == ["STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_SMALL_C=0",
+                                  "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_CLASSES=1",
+                                  "STALEPROP_DGRAD_CLASS_DIRECT=1", "STALEPROP_PDL=0",
+                                  "STALEPROP_TMA_CLUSTER=1",
+                                  "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in on),
               "the new paths on are exactly the switches that passed", log)
-        check(all(l.split("|")[1].split() == ["STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_SMALL_C=0",
-                                              "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_CLASSES=0",
-                                              "STALEPROP_DGRAD_CLASS_DIRECT=0", "STALEPROP_PDL=0",
-                                              "STALEPROP_TMA_CLUSTER=0",
-                                              "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
+        check(all(switches(l) == ["STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_SMALL_C=0",
+                                  "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_CLASSES=0",
+                                  "STALEPROP_DGRAD_CLASS_DIRECT=0", "STALEPROP_PDL=0",
+                                  "STALEPROP_TMA_CLUSTER=0",
+                                  "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in off),
               "the new paths off switch every path off", log)
         check(not any("STALEPROP_PDL=1" in l or "STALEPROP_TMA_WIDE=1" in l or "STALEPROP_TMA_WIDE_BY_SHAPE=1" in l
@@ -182,7 +188,7 @@ def main():
         p2 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")], env=dict(env, OUT=out2),
                             capture_output=True, text=True, timeout=120)
         san2 = [l for l in open(calls).read().splitlines() if l.startswith("compute-sanitizer ")]
-        check(p2.returncode == 0 and not any("ClustersOfTwo" in l for l in san2) and len(san2) == 2,
+        check(p2.returncode == 0 and not any("ClustersOfTwo" in l for l in san2) and len(san2) == 3,
               f"a timed-out test gets no sanitizer run, the sweeps still run: {san2}", p2.stdout + p2.stderr)
 
         results = os.path.join(out, "results.tgz")
