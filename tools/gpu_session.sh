@@ -243,7 +243,8 @@ throughput_ab() {
 [ -n "$CLASS_DIRECT_OK" ] && ab r18-dgrad-class-direct dgrad-class-direct 40 \
   '^conv_bwd_data_bf16/r18_.*_s2_.*/n512|^conv_(bwd_data|train)_bf16/r18_all_layers'
 [ -n "$TMA_WIDE_OK" ] && ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
-# Clusters of two sharing B (never run on a GPU): the GEMM on both tiles, and the convolutions' sums.
+# Clusters of two sharing B (the form with CTA-scope barriers never timed): the GEMM on both tiles, and the
+# convolutions' sums.
 if [ -n "$CLUSTER_OK" ]; then
   ab gemm-bf16-cluster tma-cluster 30 '^gemm_bf16/square'
   [ -n "$TMA_WIDE_OK" ] && STALEPROP_TMA_WIDE=1 ab gemm-bf16-wide-cluster tma-cluster 30 '^gemm_bf16/square'
