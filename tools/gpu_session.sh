@@ -30,7 +30,8 @@
 #      _CONV_SMALL_C, _BN_PERSISTENT, _PDL), the stem's direct kernels against the tensor cores; with
 #      COMPARE_BIN, ResNet-56's op-by-op fdg (interleaved, twice) and backprop on this commit's
 #      binary and another's, and fdg with the transposed filter and the scratch pool's cross-stream
-#      waits. With POOL=1, gpu_bench stage 1 for the pooling and shortcut kernels against the
+#      waits; ResNet-56's op-by-op fdg three times each with the default and 32 hardware
+#      connections (CUDA_DEVICE_MAX_CONNECTIONS), interleaved. With POOL=1, gpu_bench stage 1 for the pooling and shortcut kernels against the
 #      copy (at most 60 s). Then each path on its own: the convolutions layer by layer as by default,
 #      ResNet-18's throughput with one switch at a time, ResNet-56's from graphs, ResNet-18's
 #      and the three-kernel batch norm with programmatic dependent launch off and on (--pdl);
@@ -301,6 +302,22 @@ if ((${#NEW_PATHS[@]})); then
     done
   done
 fi
+
+# ResNet-56's op-by-op fdg over FDG's four cuts spread over 14k-25k img/s from run to run on one
+# H100 (2026-11-27b), its modules' streams idle together in the slow runs, while single-module
+# backprop held steady. One suspect: the device's hardware work queues (CUDA_DEVICE_MAX_CONNECTIONS,
+# 8 by default), onto which more streams than that alias, so that one stream's work can wait
+# behind another's. Three rounds, each the default and 32 connections, interleaved.
+for round in 1 2 3; do
+  for conn in default 32; do
+    [ "$(left)" -gt 70 ] || break 2
+    envs=(); [ $conn = 32 ] && envs=(CUDA_DEVICE_MAX_CONNECTIONS=32)
+    env "${envs[@]}" timeout 30 build-gpu/tools/staleprop bench --device cuda --model resnet56 --batch-size 128 \
+      --precision bf16 --method fdg --split 4 --split-at fdg --steps 60 --warmup 15 \
+      --json "$OUT/fdg-spread-$conn.jsonl" 2>&1 | tee -a "$OUT/session.txt"
+    log "bench resnet56 bf16 fdg op by op, round $round, connections $conn: exit ${PIPESTATUS[0]}"
+  done
+done
 
 # With COMPARE_BIN (tools/gpu_prepare.sh), ResNet-56's op-by-op fdg run over FDG's four cuts on
 # this commit's binary and on the other's, on this machine: on 2026-11-27 the fdg run was

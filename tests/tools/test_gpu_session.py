@@ -30,9 +30,10 @@ from tooltest import check  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-# Every call of a stubbed program: its name, arguments and STALEPROP_* environment, one line.
+# Every call of a stubbed program: its name, arguments and STALEPROP_* (and CUDA_DEVICE_MAX_CONNECTIONS)
+# environment, one line.
 STUB = """#!/bin/bash
-{ printf '%s' "$(basename "$0")"; printf ' %s' "$@"; printf ' |'; env | grep -E '^STALEPROP_' | sort | tr '\\n' ' '
+{ printf '%s' "$(basename "$0")"; printf ' %s' "$@"; printf ' |'; env | grep -E '^(STALEPROP_|CUDA_DEVICE_MAX_CONNECTIONS=)' | sort | tr '\\n' ' '
   echo; } >> "$CALLS"
 case "$(basename "$0")" in
   compute-sanitizer) echo '[       OK ] one'; echo '========= ERROR SUMMARY: 0 errors' ;;
@@ -160,6 +161,11 @@ def main():
               "the direct stem, whose test is not in the log (it did not run), is not benchmarked", log)
         check(not any("--tma-wide-by-shape" in l for l in bench),
               "the wide tile by shape, whose kernels' test timed out, is not benchmarked", log)
+
+        # The fdg spread: three rounds of the default and 32 hardware connections, interleaved.
+        spread = [l for l in lines if "fdg-spread-" in l]
+        check([("CUDA_DEVICE_MAX_CONNECTIONS=32" in l.split("|")[1].split()) for l in spread] == [False, True] * 3 and
+              all("--method fdg" in l for l in spread), f"the fdg spread's six runs: {spread}", log)
 
         # With a second binary carried (COMPARE_BIN): ResNet-56's op-by-op fdg and backprop on each,
         # this commit's first, every switch off.
