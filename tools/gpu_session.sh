@@ -30,7 +30,7 @@
 #      _CONV_SMALL_C, _BN_PERSISTENT, _PDL), the stem's direct kernels against the tensor cores; with
 #      COMPARE_BIN, ResNet-56's op-by-op fdg (interleaved, twice) and backprop on this commit's
 #      binary and another's, and fdg with the transposed filter and the scratch pool's cross-stream
-#      waits; ResNet-56's op-by-op fdg three times each with the default and 32 hardware
+#      waits; ResNet-56's op-by-op fdg twice each as is, pinned to two cores and with 32 hardware
 #      connections (CUDA_DEVICE_MAX_CONNECTIONS), interleaved. With POOL=1, gpu_bench stage 1 for the pooling and shortcut kernels against the
 #      copy (at most 60 s). Then each path on its own: the convolutions layer by layer as by default,
 #      ResNet-18's throughput with one switch at a time, ResNet-56's from graphs, ResNet-18's
@@ -304,18 +304,22 @@ if ((${#NEW_PATHS[@]})); then
 fi
 
 # ResNet-56's op-by-op fdg over FDG's four cuts spread over 14k-25k img/s from run to run on one
-# H100 (2026-11-27b), its modules' streams idle together in the slow runs, while single-module
-# backprop held steady. One suspect: the device's hardware work queues (CUDA_DEVICE_MAX_CONNECTIONS,
-# 8 by default), onto which more streams than that alias, so that one stream's work can wait
-# behind another's. Three rounds, each the default and 32 connections, interleaved.
-for round in 1 2 3; do
-  for conn in default 32; do
+# H100 (2026-11-27b), while single-module backprop held steady. Every run was bound by the host
+# issuing its work (it waited on the GPU 0.3-0.4% of the time), so the host's rate of issue
+# varied. Suspects: the issuing thread moving between cores (pinned: taskset to two cores), and
+# the device's hardware work queues (CUDA_DEVICE_MAX_CONNECTIONS, 8 by default; the pipeline has
+# five streams). Two rounds of the three, interleaved.
+last=$(($(nproc) - 1)) && pin=$((last > 0 ? last - 1 : 0)),$last  # the last two cores
+for round in 1 2; do
+  for how in default pinned connections; do
     [ "$(left)" -gt 70 ] || break 2
-    envs=(); [ $conn = 32 ] && envs=(CUDA_DEVICE_MAX_CONNECTIONS=32)
-    env "${envs[@]}" timeout 30 build-gpu/tools/staleprop bench --device cuda --model resnet56 --batch-size 128 \
-      --precision bf16 --method fdg --split 4 --split-at fdg --steps 60 --warmup 15 \
-      --json "$OUT/fdg-spread-$conn.jsonl" 2>&1 | tee -a "$OUT/session.txt"
-    log "bench resnet56 bf16 fdg op by op, round $round, connections $conn: exit ${PIPESTATUS[0]}"
+    run=(timeout 30)
+    [ $how = pinned ] && run=(taskset -c "$pin" timeout 30)
+    [ $how = connections ] && run=(env CUDA_DEVICE_MAX_CONNECTIONS=32 timeout 30)
+    "${run[@]}" build-gpu/tools/staleprop bench --device cuda --model resnet56 --batch-size 128 --precision bf16 \
+      --method fdg --split 4 --split-at fdg --steps 60 --warmup 15 --json "$OUT/fdg-spread-$how.jsonl" 2>&1 |
+      tee -a "$OUT/session.txt"
+    log "bench resnet56 bf16 fdg op by op, round $round, $how: exit ${PIPESTATUS[0]}"
   done
 done
 

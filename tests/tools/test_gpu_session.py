@@ -162,10 +162,12 @@ def main():
         check(not any("--tma-wide-by-shape" in l for l in bench),
               "the wide tile by shape, whose kernels' test timed out, is not benchmarked", log)
 
-        # The fdg spread: three rounds of the default and 32 hardware connections, interleaved.
+        # The fdg spread: two rounds of as is, pinned and 32 hardware connections, interleaved.
         spread = [l for l in lines if "fdg-spread-" in l]
-        check([("CUDA_DEVICE_MAX_CONNECTIONS=32" in l.split("|")[1].split()) for l in spread] == [False, True] * 3 and
-              all("--method fdg" in l for l in spread), f"the fdg spread's six runs: {spread}", log)
+        check([l.split("fdg-spread-")[1].split(".")[0] for l in spread] == ["default", "pinned", "connections"] * 2
+              and [("CUDA_DEVICE_MAX_CONNECTIONS=32" in l.split("|")[1].split()) for l in spread] ==
+              [False, False, True] * 2 and all("--method fdg" in l for l in spread),
+              f"the fdg spread's six runs: {spread}", log)
 
         # With a second binary carried (COMPARE_BIN): ResNet-56's op-by-op fdg and backprop on each,
         # this commit's first, every switch off.
