@@ -17,6 +17,12 @@
 
 #include "kernels/common/shapes.h"
 
+#if defined(__CUDACC__)
+#define SP_CLASS_HD __host__ __device__ __forceinline__
+#else
+#define SP_CLASS_HD inline
+#endif
+
 namespace sp::kernels {
 
 struct StrideClass {
@@ -72,10 +78,16 @@ inline ClassRowMap class_row_map(const Conv2dShape& sh, const StrideClass& c) {
   return m;
 }
 
-// The offset of row r under m (the formula the epilogue applies: kernels/cuda/mma_mainloop.cuh,
-// MmaEpilogue::apply).
+// Row i's offset in an output whose rows come in groups of `group`, the groups group_stride
+// apart and a group's rows row_stride apart; with group 0, plainly i * row_stride. The tensor-core
+// epilogue places its rows by it (kernels/cuda/mma_mainloop.cuh, MmaEpilogue::apply).
+SP_CLASS_HD int64_t grouped_row_offset(int64_t i, int64_t row_stride, int group, int64_t group_stride) {
+  return group > 0 ? (i / group) * group_stride + (i % group) * row_stride : i * row_stride;
+}
+
+// The offset of row r under m, as the epilogue computes it.
 inline int64_t class_row_offset(const ClassRowMap& m, int64_t r) {
-  return m.base + (r / m.group) * m.group_stride + (r % m.group) * m.row_stride;
+  return m.base + grouped_row_offset(r, m.row_stride, m.group, m.group_stride);
 }
 
 }  // namespace sp::kernels

@@ -144,19 +144,22 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
   // epilogue (class_row_map; dgrad_class_direct(), tensor_core.h); the others go through the
   // scratch matrix and the scatter.
   const bool direct = dgrad_class_direct();
-  const auto writes_direct = [&](const StrideClass& c) { return direct && class_row_map(sh, c).ok; };
+  std::vector<ClassRowMap> maps;
   int64_t scratch_rows = 0;
-  for (const StrideClass& c : classes)
-    if (c.rc * c.sc > 0 && !writes_direct(c)) scratch_rows = std::max(scratch_rows, int64_t(g.n) * c.hc * c.wc);
-  Workspace scratch(size_t(scratch_rows) * size_t(g.c) * sizeof(uint16_t), stream);
   for (const StrideClass& c : classes) {
+    maps.push_back(direct ? class_row_map(sh, c) : ClassRowMap{});
+    if (c.rc * c.sc > 0 && !maps.back().ok) scratch_rows = std::max(scratch_rows, int64_t(g.n) * c.hc * c.wc);
+  }
+  Workspace scratch(size_t(scratch_rows) * size_t(g.c) * sizeof(uint16_t), stream);
+  for (size_t ci = 0; ci < classes.size(); ++ci) {
+    const StrideClass& c = classes[ci];
+    const ClassRowMap& map = maps[ci];
     const int64_t rows = int64_t(g.n) * c.hc * c.wc;
     if (rows == 0) continue;
-    const bool taps = c.rc * c.sc > 0, into_dx = taps && writes_direct(c);
+    const bool taps = c.rc * c.sc > 0, into_dx = taps && map.ok;
     if (taps) {
       const ClassGeom cg = make_class_geom(g, c);
       const BwdDataClassGradLoader a{{dy, aligned16(dy) && run_allows_chunks(g.k, 8)}, cg};
-      const ClassRowMap map = class_row_map(sh, c);
       const MmaEpilogue<uint16_t> ep =
           into_dx ? MmaEpilogue<uint16_t>{dx + map.base, map.row_stride,  1, 1.f, 0.f, nullptr, false,
                                           map.group,     map.group_stride}

@@ -36,6 +36,7 @@
 
 #include <cstdint>
 
+#include "kernels/common/conv_stride_classes.h"
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/conv_geom.cuh"
 #include "kernels/cuda/conv_loaders.h"
@@ -142,8 +143,8 @@ struct MatrixLoader {
 // C(i, j) = relu?(alpha * acc + beta * C(i, j) + bias[j]), stored at c[i * row_stride +
 // j * col_stride] as fp32 (T = float) or rounded to bf16 (T = uint16_t). beta == 0 never reads C.
 // With row_group > 0, row i is stored at c[(i / row_group) * group_stride + (i % row_group) *
-// row_stride + j * col_stride] instead: a stride class's data gradient written straight into dx
-// (kernels/common/conv_stride_classes.h, class_row_map).
+// row_stride + j * col_stride] instead (grouped_row_offset): a stride class's data gradient
+// written straight into dx (kernels/common/conv_stride_classes.h, class_row_map).
 template <typename T>
 struct MmaEpilogue {
   T* c;
@@ -160,9 +161,7 @@ struct MmaEpilogue {
   __device__ static void store(uint16_t* p, float v) { *p = bf16_round(v); }
 
   __device__ void apply(int i, int j, float acc) const {
-    const int64_t row = row_group > 0 ? int64_t(i / row_group) * group_stride + int64_t(i % row_group) * row_stride
-                                      : int64_t(i) * row_stride;
-    T* out = c + row + int64_t(j) * col_stride;
+    T* out = c + grouped_row_offset(i, row_stride, row_group, group_stride) + int64_t(j) * col_stride;
     float v = alpha * acc;
     if (beta != 0.f) v += beta * load(out);
     if (bias) v += bias[j];
