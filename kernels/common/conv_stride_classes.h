@@ -80,14 +80,17 @@ inline ClassRowMap class_row_map(const Conv2dShape& sh, const StrideClass& c) {
 
 // Row i's offset in an output whose rows come in groups of `group`, the groups group_stride
 // apart and a group's rows row_stride apart; with group 0, plainly i * row_stride. The tensor-core
-// epilogue places its rows by it (kernels/cuda/mma_mainloop.cuh, MmaEpilogue::apply).
-SP_CLASS_HD int64_t grouped_row_offset(int64_t i, int64_t row_stride, int group, int64_t group_stride) {
-  return group > 0 ? (i / group) * group_stride + (i % group) * row_stride : i * row_stride;
+// epilogue places its rows by it (kernels/cuda/mma_mainloop.cuh, MmaEpilogue::row_offset), once
+// per row. The row is an int (a GEMM's M is), so that the division is a 32-bit one: a 64-bit
+// division is a called subroutine on the GPU, and evaluated per element it slowed the bf16 GEMM
+// 1.5x at 4096^3 on an H100 (bench/results/nvidia-h100/2026-11-27c-summary.md).
+SP_CLASS_HD int64_t grouped_row_offset(int i, int64_t row_stride, int group, int64_t group_stride) {
+  return group > 0 ? int64_t(i / group) * group_stride + int64_t(i % group) * row_stride : int64_t(i) * row_stride;
 }
 
-// The offset of row r under m, as the epilogue computes it.
+// The offset of row r (r < 2^31, as every GEMM's M) under m, as the epilogue computes it.
 inline int64_t class_row_offset(const ClassRowMap& m, int64_t r) {
-  return m.base + grouped_row_offset(r, m.row_stride, m.group, m.group_stride);
+  return m.base + grouped_row_offset(int(r), m.row_stride, m.group, m.group_stride);
 }
 
 }  // namespace sp::kernels

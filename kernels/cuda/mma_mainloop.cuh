@@ -145,6 +145,10 @@ struct MatrixLoader {
 // With row_group > 0, row i is stored at c[(i / row_group) * group_stride + (i % row_group) *
 // row_stride + j * col_stride] instead (grouped_row_offset): a stride class's data gradient
 // written straight into dx (kernels/common/conv_stride_classes.h, class_row_map).
+// The main loops' epilogues take a row's offset once (row_offset) and then store its columns two
+// at a time (apply_pair_at): per element, the offset's arithmetic (with a 64-bit division, before
+// 2026-11-27c) cost the bf16 GEMM 1.5x at 4096^3 on an H100, and 2-byte stores write each 32-byte
+// sector in two halves.
 template <typename T>
 struct MmaEpilogue {
   T* c;
@@ -159,16 +163,63 @@ struct MmaEpilogue {
   __device__ static float load(const uint16_t* p) { return bf16_widen(*p); }
   __device__ static void store(float* p, float v) { *p = v; }
   __device__ static void store(uint16_t* p, float v) { *p = bf16_round(v); }
+  // Two adjacent elements at p (aligned to both: pairs_aligned), as one store.
+  __device__ static void store2(float* p, float v0, float v1) { *reinterpret_cast<float2*>(p) = make_float2(v0, v1); }
+  __device__ static void store2(uint16_t* p, float v0, float v1) {
+    *reinterpret_cast<uint32_t*>(p) = uint32_t(bf16_round(v0)) | uint32_t(bf16_round(v1)) << 16;
+  }
 
-  __device__ void apply(int i, int j, float acc) const {
-    T* out = c + grouped_row_offset(i, row_stride, row_group, group_stride) + int64_t(j) * col_stride;
+  __device__ int64_t row_offset(int i) const { return grouped_row_offset(i, row_stride, row_group, group_stride); }
+  // The value stored for acc at out (column j).
+  __device__ float value(const T* out, int j, float acc) const {
     float v = alpha * acc;
     if (beta != 0.f) v += beta * load(out);
     if (bias) v += bias[j];
     if (relu) v = v > 0.f ? v : 0.f;
-    store(out, v);
+    return v;
+  }
+  // Element (i, j), where row_off = row_offset(i).
+  __device__ void apply_at(int64_t row_off, int j, float acc) const {
+    T* out = c + row_off + int64_t(j) * col_stride;
+    store(out, value(out, j, acc));
+  }
+  __device__ void apply(int i, int j, float acc) const { apply_at(row_offset(i), j, acc); }
+  // Whether columns j and j + 1 (j even) of every row are adjacent and aligned to a store of both:
+  // unit column stride, even row and group strides, and c aligned to two elements.
+  __device__ bool pairs_aligned() const {
+    return col_stride == 1 && row_stride % 2 == 0 && group_stride % 2 == 0 &&
+           reinterpret_cast<uintptr_t>(c) % (2 * sizeof(T)) == 0;
+  }
+  // Elements (i, j) and (i, j + 1), j even, as one store where `paired` (pairs_aligned()), else
+  // two; the same bits either way.
+  __device__ void apply_pair_at(int64_t row_off, int j, float acc0, float acc1, bool paired) const {
+    if (paired) {
+      T* out = c + row_off + j;
+      store2(out, value(out, j, acc0), value(out + 1, j + 1, acc1));
+    } else {
+      apply_at(row_off, j, acc0);
+      apply_at(row_off, j + 1, acc1);
+    }
   }
 };
+
+// Split K's fp32 partials: columns j and j + 1 (j even) of row `row` of slice z, paired where
+// the slice's rows have an even length n (the partials themselves come from the allocator,
+// aligned far beyond 8 bytes), the second only where j + 1 < n.
+__device__ __forceinline__ void store_partial_pair(float* partials, int z, int m, int n, int row, int j, float v0,
+                                                   float v1) {
+  float* p = partials + (int64_t(z) * m + row) * n + j;
+  if (j + 1 < n) {
+    if (n % 2 == 0 && reinterpret_cast<uintptr_t>(partials) % 8 == 0) {
+      *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+    } else {
+      p[0] = v0;
+      p[1] = v1;
+    }
+  } else {
+    p[0] = v0;
+  }
+}
 
 struct MmaGeometry {
   int m, n, k;
@@ -369,26 +420,29 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   }
   ptx::cp_async_wait<0>();  // only empty groups remain; leave none behind
 
-  // acc[i][j] = D rows (g, g + 8), columns (2t, 2t + 1) of mma tile (i, j).
+  // acc[i][j] = D rows (g, g + 8), columns (2t, 2t + 1) of mma tile (i, j): each row's offset
+  // once, then its columns in pairs (see MmaEpilogue).
   const int gr = lane / 4, tc = lane % 4 * 2;
+  const bool paired = ep.pairs_aligned();
 #pragma unroll
   for (int i = 0; i < Tile::kMI; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = m0 + wm0 + i * 16 + gr + h * 8;
       if (row >= g.m) continue;
+      const int64_t row_off = ep.row_offset(row);
 #pragma unroll
-      for (int j = 0; j < Tile::kNI; ++j)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = n0 + wn0 + j * 8 + tc + e;
-          if (col >= g.n) continue;
-          const float v = acc[i][j][2 * h + e];
-          if (partials == nullptr)
-            ep.apply(row, col, v);
-          else
-            partials[(int64_t(blockIdx.z) * g.m + row) * g.n + col] = v;
-        }
+      for (int j = 0; j < Tile::kNI; ++j) {
+        const int col = n0 + wn0 + j * 8 + tc;
+        if (col >= g.n) continue;
+        const float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
+        if (partials != nullptr)
+          store_partial_pair(partials, int(blockIdx.z), g.m, g.n, row, col, v0, v1);
+        else if (col + 1 < g.n)
+          ep.apply_pair_at(row_off, col, v0, v1, paired);
+        else
+          ep.apply_at(row_off, col, v0);
+      }
     }
 }
 

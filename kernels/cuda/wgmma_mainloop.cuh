@@ -57,6 +57,7 @@ namespace sp::kernels::cuda::detail::wgmma {
 
 using mma::MmaEpilogue;
 using mma::MmaGeometry;
+using mma::store_partial_pair;
 
 template <int BN, int Stages, int MinBlocks>
 struct WgTile {
@@ -91,29 +92,32 @@ __device__ __forceinline__ void wgmma_k16(float (&d)[BN / 2], uint64_t desc_a, u
 
 // The epilogue of a warpgroup's 64 x BN accumulators, whose first row is `row_base`:
 // acc[4i + 2h + e] = D(16 warp + lane / 4 + 8h, 8i + 2 (lane % 4) + e). Applies ep, or with
-// split K stores the fp32 partial of slice blockIdx.z.
+// split K stores the fp32 partial of slice blockIdx.z; each row's offset once, then its columns
+// in pairs (see MmaEpilogue).
 template <int BN, typename T>
 __device__ __forceinline__ void store_accumulators(const float (&acc)[BN / 2], int row_base, int n0,
                                                    const MmaGeometry& g, const MmaEpilogue<T>& ep,
                                                    float* partials) {
   const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
   const int row0 = row_base + warp * 16 + lane / 4, col0 = n0 + lane % 4 * 2;
+  const bool paired = ep.pairs_aligned();
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = row0 + 8 * h;
     if (row >= g.m) continue;
+    const int64_t row_off = ep.row_offset(row);
 #pragma unroll
-    for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = col0 + 8 * i + e;
-        if (col >= g.n) continue;
-        const float v = acc[4 * i + 2 * h + e];
-        if (partials == nullptr)
-          ep.apply(row, col, v);
-        else
-          partials[(int64_t(blockIdx.z) * g.m + row) * g.n + col] = v;
-      }
+    for (int i = 0; i < BN / 8; ++i) {
+      const int col = col0 + 8 * i;
+      if (col >= g.n) continue;
+      const float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
+      if (partials != nullptr)
+        store_partial_pair(partials, int(blockIdx.z), g.m, g.n, row, col, v0, v1);
+      else if (col + 1 < g.n)
+        ep.apply_pair_at(row_off, col, v0, v1, paired);
+      else
+        ep.apply_at(row_off, col, v0);
+    }
   }
 }
 
