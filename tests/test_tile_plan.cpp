@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/tile_plan.h"
@@ -25,7 +26,7 @@ TEST(TilePlan, SplitKCoversTheReductionWithNoEmptySlice) {
   for (int64_t tiles : {1, 2, 3, 7, 64, 128, 255, 256, 257, 1000})
     for (int k : {1, 63, 64, 65, 255, 256, 257, 1000, 4099, 8192, 20000, 32768}) {
       const std::string what = std::to_string(tiles) + " tiles, K = " + std::to_string(k);
-      const SplitPlan p = plan_split_k(tiles, k, 64, 0);  // the default rule, whatever the environment
+      const SplitPlan p = plan_split_k(tiles, k, 64, 0);  // the target rule, whatever the environment
       ASSERT_GE(p.splits, 1) << what;
       EXPECT_EQ(p.k_per_split % 64, 0) << what;
       const int64_t steps = (k + 63) / 64;
@@ -66,20 +67,36 @@ TEST(TilePlan, SplitWithinAMaximumOfBlocks) {
         }
       }
   // ResNet-18's 256 -> 256 weight gradient at batch 512 on the wide tile: 18 tiles, 512 K steps.
-  // The default rule reaches past 256 blocks (15 slices, 270 blocks: a third wave of 132 SMs);
+  // The target rule (0) reaches past 256 blocks (15 slices, 270 blocks: a third wave of 132 SMs);
   // at most 264 blocks, 14 slices (252: two waves); at most 132, 7 slices (126: one wave).
   EXPECT_EQ(plan_split_k(18, 32768, 64, 0).splits, 15);
   EXPECT_EQ(plan_split_k(18, 32768, 64, 264).splits, 14);
   EXPECT_EQ(plan_split_k(18, 32768, 64, 132).splits, 7);
-  // An 8-pixel stride class's GEMM: 128 tiles, which the default splits in two (256 blocks).
+  // An 8-pixel stride class's GEMM: 128 tiles, which the target rule splits in two (256 blocks).
   EXPECT_EQ(plan_split_k(128, 8192, 64, 0).splits, 2);
   EXPECT_EQ(plan_split_k(128, 8192, 64, 132).splits, 1);
 }
 
+TEST(TilePlan, TensorCoreLaunchesSplitWithinOneWaveByDefault) {
+  // The tensor-core launches' default (mma_launch.cuh): at most kTensorCoreSplitMaxBlocks blocks
+  // of a one-block-per-SM tile, the fp32 launches the target rule (fallback 0), unless the
+  // environment sets the cap.
+  if (std::getenv("STALEPROP_SPLIT_MAX_BLOCKS")) GTEST_SKIP() << "STALEPROP_SPLIT_MAX_BLOCKS is set";
+  EXPECT_EQ(kTensorCoreSplitMaxBlocks, 132);
+  EXPECT_EQ(split_max_blocks(kTensorCoreSplitMaxBlocks), 132);
+  EXPECT_EQ(split_max_blocks(0), 0);
+  // ResNet-18's late weight gradient (18 wide tiles, 512 K steps) and an 8-pixel stride class
+  // (128 tiles, 128 steps), as launched by default.
+  EXPECT_EQ(plan_split_k(18, 32768, 64, split_max_blocks(kTensorCoreSplitMaxBlocks)).splits, 7);
+  EXPECT_EQ(plan_split_k(128, 8192, 64, split_max_blocks(kTensorCoreSplitMaxBlocks)).splits, 1);
+  EXPECT_EQ(plan_split_k(128, 8192, 64, split_max_blocks(0)).splits, 2);
+}
+
 TEST(TilePlan, SplitMaximumFromTheEnvironment) {
+  EXPECT_EQ(parse_split_max_blocks("0"), 0);  // the target rule
   EXPECT_EQ(parse_split_max_blocks("132"), 132);
   EXPECT_EQ(parse_split_max_blocks("65536"), 65536);
-  for (const char* bad : {"", "0", "-4", "65537", "12x", "abc", " 132"}) {
+  for (const char* bad : {"", "-4", "65537", "12x", "abc", " 132"}) {
     try {
       parse_split_max_blocks(bad);
       ADD_FAILURE() << "'" << bad << "' was accepted";

@@ -9,10 +9,11 @@
 #      .carry/resume/train.safetensors (RESUME=FILE tools/gpu_prepare.sh) it resumes that run;
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test but the tools/
 #      scripts' CPU tests (ctest, 120 s per test);
-#   3. compute-sanitizer memcheck (first) on the stride classes' test (their results now go
-#      straight into dx) and the clusters' (whose barriers changed), racecheck on the clusters'
-#      (SAN_CAP seconds each, default 55; only tests that ended in ctest, none that timed out); racecheck over the convolution tests and test_cuda_network comes after step 6
-#      (SWEEP_CAP seconds each, default 100, as time allows);
+#   3. compute-sanitizer memcheck (first) on the stride classes' test (their results go straight
+#      into dx) and the split-K test of every main loop (the epilogue's paired stores), racecheck
+#      on the clusters' (SAN_CAP seconds each, default 55; only tests that ended in ctest, none
+#      that timed out); racecheck over the convolution tests and test_cuda_network comes after
+#      step 6 (SWEEP_CAP seconds each, default 100, as time allows);
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
 #      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
 #      the measurements; evaluate its checkpoint with staleprop and, loaded into PyTorch, with
@@ -61,18 +62,18 @@ export OUT
 mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-560}
 SAN_CAP=${SAN_CAP:-55}
-# Default: the fdg cell of #5's table at K = 4, ResNet-56 over FDG's four cuts with FDG's shrink
-# factor beta = 0.5, beside the bp cell (one module) that reached 91.80% with the same recipe on
-# an H100 (bench/results/nvidia-h100/2026-11-27b-summary.md): 160 epochs of cosine decay after 2
-# warm-up epochs, Nesterov, weight decay 5e-4, Cutout 16, replayed from CUDA graphs (fdg from
-# graphs ran ResNet-56 at 30k img/s on an H100). The warm-up matters: at lr 0.1 from step 0 an
-# fdg run over four modules diverged by step 40 (2026-11-27-summary.md). Training shares the GPU
-# with the build and the tests at first, so 160 epochs (8M images) take more than one call. The
-# checkpoint of every finished epoch comes back, and the next call resumes it (see 1. above):
-# RESUME=FILE tools/gpu_prepare.sh, with the checkpoint kept (git-ignored) under gpu-state/.
+# Default: the next cell of #5's accuracy table (bench/results/nvidia-h100/accuracy-table), fdg
+# over FDG's two cuts of ResNet-56 with FDG's shrink factor beta = 0.5, with the recipe of the
+# cells there (bp at K = 1: 91.80%; fdg at K = 4: 91.39%, 160 epochs in 5:15 on an H100 beside the
+# build and the tests, 2026-11-27c-summary.md): 160 epochs of cosine decay after 2 warm-up epochs,
+# Nesterov, weight decay 5e-4, Cutout 16, replayed from CUDA graphs. The warm-up matters: at lr
+# 0.1 from step 0 an fdg run over four modules diverged by step 40 (2026-11-27-summary.md). A
+# run that the limit stops comes back as its last finished epoch's checkpoint, and the next call
+# resumes it (see 1. above): RESUME=FILE tools/gpu_prepare.sh, with the checkpoint kept
+# (git-ignored) under gpu-state/.
 TRAIN_ARGS=${TRAIN_ARGS:-"--model resnet56 --precision bf16 --epochs 160 --batch-size 128 --lr 0.1 \
 --momentum 0.9 --nesterov --weight-decay 5e-4 --schedule cosine --warmup-epochs 2 --cutout 16 --graphs \
---method fdg --split 4 --split-at fdg --shrink 0.5"}
+--method fdg --split 2 --split-at fdg --shrink 0.5"}
 left() { echo $((DEADLINE - SECONDS)); }
 log() { echo "[$(printf '%3d' $SECONDS) s] $*" | tee -a "$OUT/session.txt"; }
 source tools/gpu_env.sh
@@ -89,9 +90,7 @@ start_train() {
     # (--resume), and a finished one evaluated (staleprop eval). The limit's SIGTERM stops the run
     # as Ctrl-C would (a pipelined run at its last epoch boundary, plain backprop at its last
     # step, checkpointed there); -k ends it if it has not stopped 15 s later.
-    # The stride classes through the scatter (the same bits as straight into dx, which has not
-    # run on a GPU yet: a fault there must not cost this run).
-    STALEPROP_DGRAD_CLASS_DIRECT=0 timeout -k 15 "$limit" "$1" train --device cuda $TRAIN_ARGS "${resume[@]}" \
+    timeout -k 15 "$limit" "$1" train --device cuda $TRAIN_ARGS "${resume[@]}" \
       --progress plain \
       --metrics "$OUT/train.jsonl" --checkpoint "$OUT/train.safetensors" > "$OUT/train.log" 2>&1
     echo "train exit $?" >> "$OUT/train.log"
@@ -170,11 +169,13 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
     "before the end or the ${cap} s cap; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log"))"
 }
 # Every wgmma and wgmma_tma test ran under memcheck on an H100, and racecheck finished the GEMM
-# tests, the TMA convolutions (also wide), the stride classes' TMA data gradient, the clusters,
-# and all of test_cuda_ops, with no error or hazard (bench/results/nvidia-h100/2026-11-26- and
-# 2026-11-27(b)-sanitizers.log). Changed since: the stride classes' results written straight into
-# dx (new store addresses: memcheck) and the clusters' barriers (CTA-scope arrivals and waits
-# instead of cluster-scope ones: both tools).
+# tests, the TMA convolutions (also wide), the stride classes' TMA data gradient, the clusters'
+# first form, and all of test_cuda_ops, with no error or hazard; memcheck the stride classes
+# written straight into dx and the clusters' present form (bench/results/nvidia-h100/2026-11-26-
+# and 2026-11-27(b,c)-sanitizers.log). Changed since: the epilogue of every tensor-core main loop
+# (each row's offset once, two columns per store, split K's partials in pairs: memcheck on the
+# stride classes' grouped rows and on the split-K test of every main loop), and racecheck has
+# not yet run on the clusters' present form.
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
 # hang here too, for SAN_CAP seconds each time. memcheck first; racecheck is slow (16 tests in
 # 55 s on 2026-11-26). The calls stop where less than SAN_CAP + 200 s is left.
@@ -182,8 +183,8 @@ finished() { grep -qE "$1( [^.]*)? \.+ *(\*\*\*)?(Passed|Failed|Exception)" "$OU
 if [ -z "${CTEST_LOG:-}" ]; then
   finished 'ConvolutionsByStrideClass/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*ConvolutionsByStrideClass/wgmma_tma' class-direct
-  finished 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' &&
-    san memcheck test_cuda_tensor_core '*GemmAndConvolutionsInClustersOfTwo/wgmma_tma' tma-cluster
+  finished 'GemmSplitKOnLongReductions/wgmma_tma' &&
+    san memcheck test_cuda_tensor_core '*GemmSplitKOnLongReductions/*' epilogue-pairs
   finished 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*GemmAndConvolutionsInClustersOfTwo/wgmma_tma' tma-cluster
 fi
@@ -254,11 +255,12 @@ fi
 # The stem's direct kernels (on by default since 2026-11-27b) against the tensor cores: its three layers (the
 # data gradient is not computed in training) and the sums.
 [ -n "$SMALL_C_OK" ] && ab r18-stem-direct conv-small-c 30 '_bf16/r18_3to64.*/n512|_bf16/r18_all_layers'
-# The convolutions' sums with the split of K capped at one and at two full waves of 132 SMs
-# (STALEPROP_SPLIT_MAX_BLOCKS, kernels/cuda/tile_plan.h) against the default rule, whose
-# 270-288-block weight gradients start a third wave (r18-convs-tma-sums-1 above is the default).
+# The convolutions' sums with the split of K by the earlier target rule (STALEPROP_SPLIT_MAX_BLOCKS=0,
+# at least 256 blocks, whose 270-288-block weight gradients start a third wave) and capped at two
+# full waves of 132 SMs, against the default cap of one wave (kernels/cuda/tile_plan.h;
+# r18-convs-tma-sums-1 above is the default).
 if [ -n "$CONV_TMA_OK" ]; then
-  for blocks in 132 264; do
+  for blocks in 0 264; do
     STALEPROP_SPLIT_MAX_BLOCKS=$blocks AB_VALUES=1 ab r18-split-max-$blocks conv-tma 30 '_bf16/r18_all_layers'
   done
 fi

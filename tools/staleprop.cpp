@@ -145,7 +145,8 @@ forward and backward as one cooperative kernel each, fp32 and bf16) and STALEPRO
 (programmatic dependent launch of our kernels). The TMA paths run only with the wgmma_tma main
 loop (auto on an H100/H200). The README's "Tensor-core main loop" says why each default is what
 it is. STALEPROP_SPLIT_MAX_BLOCKS=N (an experiment's knob) caps the split of K of the tiled GEMM
-and convolution launches at N blocks.
+and convolution launches at N blocks (default: one wave, 132 blocks, on the tensor cores; 0: the
+earlier rule of at least 256 blocks).
 STALEPROP_POOL_INTERNAL_DEPS=1 lets the kernels' scratch pool make one stream wait on another to
 reuse memory (the driver's default; off, so the pipeline's module streams stay independent).
 )";

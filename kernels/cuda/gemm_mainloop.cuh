@@ -297,7 +297,8 @@ __global__ void __launch_bounds__(Tile::kThreads)
 }
 
 // ---- Host side -----------------------------------------------------------------------------
-// The K split for an output of `tiles` block tiles: plan_split_k (tile_plan.h, shape only).
+// The K split for an output of `tiles` block tiles: plan_split_k (tile_plan.h, shape only), by
+// the target rule unless STALEPROP_SPLIT_MAX_BLOCKS says otherwise.
 // gemm.cu: C = epilogue(sum over the slices of partials[z][M][N]); with splits == 0 it writes
 // epilogue(0), the whole result when alpha == 0 or K == 0.
 void splitk_reduce(const float* partials, int splits, int m, int n, const Epilogue& ep, cudaStream_t stream);
@@ -312,7 +313,7 @@ void run_gemm_tiles(const LoaderA& a, const LoaderB& b, int m, int n, int k, con
   }
   const int64_t m_tiles = ceil_div(m, Tile::kBM), n_tiles = ceil_div(n, Tile::kBN);
   SP_CHECK(n_tiles <= 65535, "gemm: N = ", n, " needs ", n_tiles, " column tiles, more than grid.y allows");
-  const SplitPlan plan = plan_split_k(m_tiles * n_tiles, k, Tile::kBK);
+  const SplitPlan plan = plan_split_k(m_tiles * n_tiles, k, Tile::kBK, split_max_blocks(0));
   const dim3 grid(unsigned(m_tiles), unsigned(n_tiles), unsigned(plan.splits));
   const GemmGeometry g{m, n, k, plan.k_per_split};
   auto* kernel = &gemm_tile_kernel<Tile, LoaderA, LoaderB>;

@@ -105,7 +105,9 @@ void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t
   }
   const int64_t m_tiles = ceil_div(m, Tile::kBM), n_tiles = ceil_div(n, Tile::kBN);
   SP_CHECK(n_tiles <= 65535, "gemm_bf16: N = ", n, " needs ", n_tiles, " column tiles, more than grid.y allows");
-  const SplitPlan plan = plan_split_k(m_tiles * n_tiles, k, Tile::kBK);
+  // At most one wave of the tile's blocks by default (kTensorCoreSplitMaxBlocks per block an SM holds).
+  const SplitPlan plan =
+      plan_split_k(m_tiles * n_tiles, k, Tile::kBK, split_max_blocks(kTensorCoreSplitMaxBlocks * Tile::kMinBlocks));
   const dim3 grid(unsigned(m_tiles), unsigned(n_tiles), unsigned(plan.splits));
   const MmaGeometry g{m, n, k, plan.k_per_split};
   // More than 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device.

@@ -31,34 +31,43 @@ struct SplitPlan {
 
 inline int64_t tile_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// An experiment's knob, for timing the tiled launches (tensor-core and fp32) under another split: the
-// environment variable STALEPROP_SPLIT_MAX_BLOCKS (a whole number of blocks, 1 to 65536, read
-// once; unset or empty: 0, the default rule below). ResNet-18's three late weight gradients split
-// into 270-288 blocks by default, a third wave of an H100's 132 SMs at most a fifth full, and its
-// 8-pixel stride classes split where the unsplit grid is one wave already. A value that is not
-// such a number throws sp::Error naming the variable.
+// The tensor-core launches' cap on the split grid, by default, per block an SM holds of the tile
+// (Tile::kMinBlocks, mma_launch.cuh): one wave of an H100's (and an H200's) 132 SMs. The rule of kSplitTargetBlocks
+// instead split ResNet-18's three late weight gradients into 270-288 blocks, a third wave at most a fifth full, and its
+// 8-pixel stride classes where the unsplit grid is one wave already; capped at 132, its bf16 convolutions at batch 512
+// ran 1.03x faster summed on an H100, the weight gradients 1.05x (264 blocks: 1.00x;
+// bench/results/nvidia-h100/2026-11-27c-summary.md). A constant, like the rest of this file, so that the sums' order is
+// the same on every GPU. The fp32 tiles (several blocks per SM) keep the target rule.
+constexpr int64_t kTensorCoreSplitMaxBlocks = 132;
+
+// The environment variable STALEPROP_SPLIT_MAX_BLOCKS, for timing the tiled launches
+// (tensor-core and fp32) under another split: a whole number of blocks from 0 to 65536, read
+// once; 0 is the target rule for both. A value that is not such a number throws sp::Error
+// naming the variable.
 inline int64_t parse_split_max_blocks(const char* text) {
   char* end = nullptr;
   const long v = text ? std::strtol(text, &end, 10) : 0;
-  if (!text || *text < '0' || *text > '9' || *end != '\0' || v < 1 || v > 65536)
-    throw Error("STALEPROP_SPLIT_MAX_BLOCKS must be a whole number of blocks from 1 to 65536, got '" +
+  if (!text || *text < '0' || *text > '9' || *end != '\0' || v < 0 || v > 65536)
+    throw Error("STALEPROP_SPLIT_MAX_BLOCKS must be a whole number of blocks from 0 to 65536, got '" +
                 std::string(text ? text : "") + "'");
   return v;
 }
-inline int64_t split_max_blocks() {
-  static const int64_t blocks = [] {
+// The cap a launch uses: the environment's where it is set (and not empty), else `fallback`
+// (kTensorCoreSplitMaxBlocks for the tensor-core launches, 0 for the fp32 ones).
+inline int64_t split_max_blocks(int64_t fallback) {
+  static const int64_t from_env = [] {
     const char* env = std::getenv("STALEPROP_SPLIT_MAX_BLOCKS");
-    return env && *env ? parse_split_max_blocks(env) : int64_t(0);
+    return env && *env ? parse_split_max_blocks(env) : int64_t(-1);
   }();
-  return blocks;
+  return from_env >= 0 ? from_env : fallback;
 }
 
 // The K split for an output of `tiles` block tiles, K = k in steps of k_step, in slices of at
-// least kMinSliceDepth. By default (max_blocks 0) a grid of fewer than kSplitTargetBlocks tiles
-// is split into ceil(kSplitTargetBlocks / tiles) slices: the split grid reaches the target. With
-// max_blocks > 0, into floor(max_blocks / tiles) slices: the split grid stays within max_blocks
-// (132 or 264: one or two full waves of an H100's SMs for a tile of one block per SM).
-inline SplitPlan plan_split_k(int64_t tiles, int k, int k_step, int64_t max_blocks = split_max_blocks()) {
+// least kMinSliceDepth. With max_blocks > 0, into floor(max_blocks / tiles) slices: the split
+// grid stays within max_blocks (kTensorCoreSplitMaxBlocks: one full wave). With max_blocks 0
+// (the target rule), a grid of fewer than kSplitTargetBlocks tiles is split into
+// ceil(kSplitTargetBlocks / tiles) slices: the split grid reaches the target.
+inline SplitPlan plan_split_k(int64_t tiles, int k, int k_step, int64_t max_blocks) {
   const int k_steps = int(tile_ceil_div(k, k_step));
   const int64_t wanted = max_blocks > 0               ? max_blocks / std::max<int64_t>(tiles, 1)
                          : tiles < kSplitTargetBlocks ? tile_ceil_div(kSplitTargetBlocks, tiles)

@@ -24,7 +24,8 @@
 // wgmma_gemm_kernel.
 //
 // Clusters (Tile::kCluster == 2; tma_cluster() in tensor_core.h, off by default: its first form
-// passed its GPU tests but lost, see the protocol below; the present form has not run on a GPU).
+// passed its GPU tests but lost, see the protocol below; the present form passed them on an H100
+// and still lost a little, 0.97x-0.98x on the GEMM: 2026-11-27c).
 // Why: Nsight Compute on the 128 x 128 GEMM at 4096^3 (bench/results/nvidia-h100/
 // 2026-11-26-ncu-gemm-wgmma_tma.txt) shows L2 at 73% of its throughput with the tensor pipes
 // idle much of the time: each block reads 32 KiB of A and B from L2 per K step of 64, about

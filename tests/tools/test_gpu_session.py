@@ -6,9 +6,10 @@ The script runs once per GPU session, in 15 minutes of device time, so a mistake
 costs a whole session. Checked here, from a ctest log in which the TMA convolutions and the
 persistent batch norm and the stride classes' TMA data gradient passed, the wide TMA GEMM tile
 timed out and the programmatic-launch test failed:
-  - compute-sanitizer runs memcheck before racecheck on the clusters' test (the kernels changed
-    since their last sanitizer run), never on a test that timed out (it would hang again) or did
-    not run; then racecheck's sweeps over the convolution and network tests;
+  - compute-sanitizer runs memcheck on the stride classes' and the split-K tests (the epilogue
+    changed since their last sanitizer run), then racecheck on the clusters' test, never on a
+    test that timed out (it would hang again) or did not run; then racecheck's sweeps over the
+    convolution and network tests;
   - a switch is measured only where its GPU test passed: the wide tile's and programmatic
     launch's benchmarks never run, the convolutions' and the stride classes' run off and on;
   - the training throughput with "the new paths on" switches on exactly the paths that passed,
@@ -52,7 +53,8 @@ CTEST_LOG = """\
   8/10 Test   #8: Mainloops/TensorCore.ConvolutionsByStrideClassWithTmaLoads/wgmma_tma .   Passed    1.00 sec
   9/10 Test  #9: Mainloops/TensorCore.WideTileByShape/wgmma_tma .......................   Passed    1.00 sec
  10/11 Test #10: Mainloops/TensorCore.GemmAndConvolutionsInClustersOfTwo/wgmma_tma  # GetParam() = 4-byte object <03-00 00-00> ....   Passed    1.00 sec
- 11/11 Test #11: Mainloops/TensorCore.ConvolutionsByStrideClass/wgmma_tma ..........   Passed    1.00 sec
+ 11/12 Test #11: Mainloops/TensorCore.ConvolutionsByStrideClass/wgmma_tma ..........   Passed    1.00 sec
+ 12/12 Test #12: Mainloops/TensorCore.GemmSplitKOnLongReductions/wgmma_tma .........   Passed    1.00 sec
 """
 
 # tools/gpu_check.sh: the build does nothing, the tests write the log above.
@@ -105,7 +107,7 @@ def main():
         san = [l for l in lines if l.startswith("compute-sanitizer ")]
         tools_and_filters = [(l.split()[2], l.split("--gtest_filter=")[1].split()[0]) for l in san]
         check(tools_and_filters == [("memcheck", "*ConvolutionsByStrideClass/wgmma_tma"),
-                                    ("memcheck", "*GemmAndConvolutionsInClustersOfTwo/wgmma_tma"),
+                                    ("memcheck", "*GemmSplitKOnLongReductions/*"),
                                     ("racecheck", "*GemmAndConvolutionsInClustersOfTwo/wgmma_tma"),
                                     ("racecheck", "*Convolution*/wgmma_tma"),
                                     ("racecheck", "*")],
@@ -121,7 +123,7 @@ def main():
         for flag in ("--conv-tma", "--dgrad-classes", "--dgrad-class-direct", "--tma-cluster"):
             check(any(f"{flag}=0" in l for l in bench) and any(f"{flag}=1" in l for l in bench),
                   f"a switch whose test passed is benchmarked off and on ({flag})", log)
-        for blocks in ("132", "264"):
+        for blocks in ("0", "264"):
             check(any(f"STALEPROP_SPLIT_MAX_BLOCKS={blocks}" in l.split("|")[1].split() and "r18_all_layers" in l
                       for l in bench), f"the convolutions' sums with the split capped at {blocks} blocks", log)
         first_sums = next((i for i, l in enumerate(bench) if "r18_all_layers" in l), None)
@@ -187,7 +189,7 @@ def main():
               log)
 
         # The same session where the clusters' test timed out: no sanitizer runs it (it would hang
-        # again), and racecheck's sweeps still run.
+        # again); the two memchecks and racecheck's sweeps still run.
         timed_out = CTEST_LOG.replace("<03-00 00-00> ....   Passed    1.00 sec", "<03-00 00-00> ....***Timeout 120.01 sec")
         check(timed_out.count("Timeout") == 2, "the second fixture has the clusters' test timed out", timed_out)
         write(fixture, timed_out)
@@ -196,7 +198,7 @@ def main():
         p2 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")], env=dict(env, OUT=out2),
                             capture_output=True, text=True, timeout=120)
         san2 = [l for l in open(calls).read().splitlines() if l.startswith("compute-sanitizer ")]
-        check(p2.returncode == 0 and not any("ClustersOfTwo" in l for l in san2) and len(san2) == 3,
+        check(p2.returncode == 0 and not any("ClustersOfTwo" in l for l in san2) and len(san2) == 4,
               f"a timed-out test gets no sanitizer run, the sweeps still run: {san2}", p2.stdout + p2.stderr)
 
         results = os.path.join(out, "results.tgz")
