@@ -50,7 +50,9 @@
 // with N % 256 0 or over 128 (default off; context tma_wide_tile), --tma-wide-by-shape[=0|1] that
 // tile where the shape's rule takes it (tile_plan.h, wide_tile_pays; default on; context
 // tma_wide_by_shape), --tma-cluster[=0|1] the wgmma_tma kernel's 128 x 128 and 128 x 256 tiles in
-// clusters of two sharing B by multicast (default off; context tma_cluster), --conv-small-c[=0|1]
+// clusters of two sharing B by multicast (default off; context tma_cluster), --tma-persistent[=0|1]
+// the wgmma_tma kernel persistent, as many blocks as the SMs hold going over the tiles (default
+// off; context tma_persistent), --conv-small-c[=0|1]
 // the direct forward and weight gradient of convolutions with at most 4 input channels (the stem;
 // default on; context conv_small_c), --bn-persistent[=0|1] the
 // persistent batch norm, one cooperative kernel per training forward and backward
@@ -121,6 +123,7 @@ const KernelSwitch kKernelSwitches[] = {
     {"--tma-wide", "tma_wide_tile", kc::tma_wide_tile, kc::set_tma_wide_tile},
     {"--tma-wide-by-shape", "tma_wide_by_shape", kc::tma_wide_by_shape, kc::set_tma_wide_by_shape},
     {"--tma-cluster", "tma_cluster", kc::tma_cluster, kc::set_tma_cluster},
+    {"--tma-persistent", "tma_persistent", kc::tma_persistent, kc::set_tma_persistent},
     {"--conv-small-c", "conv_small_c", kc::conv_small_c, kc::set_conv_small_c},
     {"--bn-persistent", "bn_persistent", kc::bn_persistent, kc::set_bn_persistent},
     {"--pdl", "programmatic_launch", kc::programmatic_launch, kc::set_programmatic_launch},

@@ -255,8 +255,8 @@ std::string tensor_core_switches() {
          ",dgrad_classes=" + bit(kc::dgrad_by_stride_class()) + ",dgrad_class_direct=" + bit(kc::dgrad_class_direct()) +
          ",conv_tma=" + bit(kc::conv_tma()) + ",tma_wide=" + bit(kc::tma_wide_tile()) +
          ",tma_wide_by_shape=" + bit(kc::tma_wide_by_shape()) + ",tma_cluster=" + bit(kc::tma_cluster()) +
-         ",conv_small_c=" + bit(kc::conv_small_c()) + ",bn_persistent=" + bit(kc::bn_persistent()) +
-         ",pdl=" + bit(kc::programmatic_launch());
+         ",tma_persistent=" + bit(kc::tma_persistent()) + ",conv_small_c=" + bit(kc::conv_small_c()) +
+         ",bn_persistent=" + bit(kc::bn_persistent()) + ",pdl=" + bit(kc::programmatic_launch());
 #else
   return "none";
 #endif

@@ -306,24 +306,30 @@ const ConvFns kCustomConv{"custom", &kcu::conv2d_forward_bf16, &kcu::conv2d_back
 const ConvFns kVendorConv{"vendor", &kvd::conv2d_forward_bf16, &kvd::conv2d_backward_data_bf16,
                           &kvd::conv2d_backward_weight_bf16, kTolBf16};
 
-// All three passes of one shape through fns, checked against the double reference. offset
-// shifts every tensor by that many elements (unaligned pointers). Without a bias (as the ResNets
-// run), the bias and its gradient are null pointers, and the result's db stays NaN.
-ConvResult check_conv(const ConvFns& fns, cudaStream_t stream, const Conv2dShape& sh, uint32_t seed, int offset = 0,
-                      bool with_bias = true) {
-  const std::string what = std::string(fns.name) + " " + conv_str(sh) + " offset " + std::to_string(offset) +
-                           (with_bias ? "" : " without bias");
+// The inputs of a convolution test of `seed`: x, w, dy and the bias.
+struct ConvInputs {
+  std::vector<uint16_t> x, w, dy;
+  std::vector<float> bias;
+};
+ConvInputs conv_inputs(const Conv2dShape& sh, uint32_t seed) {
+  return {random_bf16(size_t(sh.x_size()), seed), random_bf16(size_t(sh.w_size()), seed + 1),
+          random_bf16(size_t(sh.y_size()), seed + 2), random_vector(size_t(sh.k), seed + 3)};
+}
+
+// All three passes of one shape through fns on conv_inputs(seed). offset shifts every tensor by
+// that many elements (unaligned pointers). Without a bias (as the ResNets run), the bias and its
+// gradient are null pointers, and the result's db stays NaN.
+ConvResult run_conv(const ConvFns& fns, cudaStream_t stream, const Conv2dShape& sh, uint32_t seed, int offset = 0,
+                    bool with_bias = true) {
   const size_t off = size_t(offset);
-  const std::vector<uint16_t> x = random_bf16(size_t(sh.x_size()), seed), w = random_bf16(size_t(sh.w_size()), seed + 1);
-  const std::vector<uint16_t> dy = random_bf16(size_t(sh.y_size()), seed + 2);
-  const std::vector<float> bias = random_vector(size_t(sh.k), seed + 3);
+  const ConvInputs in = conv_inputs(sh, seed);
   auto upload = [&](const std::vector<uint16_t>& h) {
     auto d = std::make_unique<DeviceArray<uint16_t>>(h.size() + off);
     SP_CUDA_CHECK(cudaMemcpy(d->get() + off, h.data(), h.size() * 2, cudaMemcpyHostToDevice));
     return d;
   };
-  const auto dx_in = upload(x), dw_in = upload(w), ddy = upload(dy);
-  DeviceArray<float> dbias(bias);
+  const auto dx_in = upload(in.x), dw_in = upload(in.w), ddy = upload(in.dy);
+  DeviceArray<float> dbias(in.bias);
   DeviceArray<uint16_t> dy_out(size_t(sh.y_size()) + off), ddx(size_t(sh.x_size()) + off);
   DeviceArray<float> ddw(size_t(sh.w_size()) + off), ddb(size_t(sh.k));
 
@@ -337,9 +343,17 @@ ConvResult check_conv(const ConvFns& fns, cudaStream_t stream, const Conv2dShape
     v.erase(v.begin(), v.begin() + std::ptrdiff_t(off));
     return v;
   };
-  ConvResult r{strip(dy_out.download()), strip(ddx.download()), strip(ddw.download()), ddb.download()};
+  return ConvResult{strip(dy_out.download()), strip(ddx.download()), strip(ddw.download()), ddb.download()};
+}
 
-  const std::vector<double> xd = widen_d(x), wd = widen_d(w), dyd = widen_d(dy), bd = to_double(bias);
+// run_conv, checked against the double reference.
+ConvResult check_conv(const ConvFns& fns, cudaStream_t stream, const Conv2dShape& sh, uint32_t seed, int offset = 0,
+                      bool with_bias = true) {
+  const std::string what = std::string(fns.name) + " " + conv_str(sh) + " offset " + std::to_string(offset) +
+                           (with_bias ? "" : " without bias");
+  const ConvResult r = run_conv(fns, stream, sh, seed, offset, with_bias);
+  const ConvInputs in = conv_inputs(sh, seed);
+  const std::vector<double> xd = widen_d(in.x), wd = widen_d(in.w), dyd = widen_d(in.dy), bd = to_double(in.bias);
   std::vector<double> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size())), rdw(size_t(sh.w_size())), rdb(size_t(sh.k));
   kc::conv2d_forward<double>(sh, xd.data(), wd.data(), with_bias ? bd.data() : nullptr, ry.data());
   kc::conv2d_backward_data<double>(sh, dyd.data(), wd.data(), rdx.data());
@@ -963,6 +977,119 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
   }
   if (on_tma) {
     EXPECT_GT(total, 0) << "nothing ran in clusters";
+  }
+}
+
+TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
+  // With tma_persistent() on, a wgmma_tma product with more tiles than the SMs hold at once runs
+  // on as many blocks as they hold, each going over tiles with one ring of stages
+  // (wgmma_tma_mainloop.cuh). Each tile is computed as by a block of its own, so every result
+  // must be the same bits as without, and right against the reference. GEMMs with tails in M, N
+  // and K, all four transposes and a bias, on both tiles (the wide tile's 96 tiles there stay a
+  // block each where the SMs hold 96 or more); larger GEMMs whose blocks take several tiles each,
+  // with rings that go round many times, against the run without; convolutions with TMA loads
+  // whose forward and data gradient have 272 row tiles on the narrow 128 x 64 tile (N = 64, two
+  // blocks an SM) or 256 on the 128 x 128 one, and a stride-2 layer whose forward and stride
+  // classes (written straight into dx) have 192 each; and a chain with programmatic dependent
+  // launch.
+  // The launch counter must grow wherever the tiles outnumber the blocks the SMs hold.
+  const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
+  const bool on_tma = GetParam() == kcu::MmaMainloop::kWgmmaTma;
+  int device = 0, sms = 0;
+  SP_CUDA_CHECK(cudaGetDevice(&device));
+  SP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  uint32_t seed = 1200;
+  int64_t total = 0;
+  // Runs fn with the switch on and off; returns both results, and adds the persistent launches.
+  const auto both = [&](const auto& fn) {
+    std::pair<decltype(fn()), decltype(fn())> r;
+    {
+      const ScopedSwitch persistent(kcu::tma_persistent, kcu::set_tma_persistent);
+      const int64_t before = kcu::tma_launches().persistent;
+      r.first = fn();
+      total += kcu::tma_launches().persistent - before;
+    }
+    {
+      const ScopedSwitch persistent(kcu::tma_persistent, kcu::set_tma_persistent, false);
+      r.second = fn();
+    }
+    return r;
+  };
+  // 1000 x 3000 x 136: 8 x 24 narrow tiles of 3 K steps (the last part empty), 8 x 12 wide;
+  // fp32 output with transposes 0 and 3 (a bias), bf16 with 1 and 2.
+  for (const bool wide : {false, true}) {
+    const ScopedSwitch tile(kcu::tma_wide_tile, kcu::set_tma_wide_tile, wide);
+    for (int t = 0; t < 4; ++t) {
+      GemmCase g{1000, 3000, 136};
+      g.ta = t & 1, g.tb = t & 2;
+      g.bias = t == 3;
+      seed += 5;
+      const std::string what = (wide ? " (wide)" : "") + std::string(": persistent vs not");
+      if (t == 0 || t == 3) {
+        const auto r = both([&] { return check_f32(&kcu::gemm_bf16, stream_, g, seed); });
+        EXPECT_TRUE(bits_equal(r.first, r.second)) << gemm_str(g, "gemm_bf16") << what;
+      } else {
+        const auto h = both([&] { return check_b16(&kcu::gemm_bf16_out_bf16, stream_, g, seed); });
+        EXPECT_TRUE(bits_equal(h.first, h.second)) << gemm_str(g, "gemm_bf16_out_bf16") << what;
+      }
+    }
+  }
+  // 4096 x 2048 x 512 (512 tiles, 256 wide: 8 K steps each), 8192 x 1024 x 1024 and
+  // 2048 x 4096 x 4160 (tiles of 65 K steps, so that the rings go round many times within and
+  // across tiles). Their double-precision reference would be slow: against the run without.
+  const int64_t long_gemms[][3] = {{4096, 2048, 512}, {8192, 1024, 1024}, {2048, 4096, 4160}};
+  for (const bool wide : {false, true}) {
+    const ScopedSwitch tile(kcu::tma_wide_tile, kcu::set_tma_wide_tile, wide);
+    for (const auto& sz : long_gemms) {
+      const int64_t m = sz[0], n = sz[1], k = sz[2];
+      const std::string what = "gemm_bf16 " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) +
+                               (wide ? " (wide)" : "");
+      const DeviceArray<uint16_t> a(random_bf16(size_t(m * k), seed += 5)), b(random_bf16(size_t(k * n), seed + 1));
+      const auto r = both([&] {
+        DeviceArray<float> c(size_t(m * n));
+        kcu::gemm_bf16(false, true, m, n, k, 1.f, a.get(), k, b.get(), k, 0.f, c.get(), n, nullptr, false, stream_);
+        sync_and_check();
+        return c.download();
+      });
+      EXPECT_TRUE(bits_equal(r.first, r.second)) << what << ": persistent vs not";
+    }
+  }
+  // Convolutions with TMA loads (conv_tma on, the transposed filter), strided data gradients by
+  // stride class; the reference would be slow at these sizes: against the run without.
+  {
+    const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
+    const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+    for (const Conv2dShape& sh : {conv(34, 32, 32, 64, 64, 3, 1, 1), conv(128, 16, 16, 128, 128, 3, 1, 1),
+                                  conv(384, 16, 16, 128, 128, 3, 2, 1)}) {
+      seed += 5;
+      const auto r = both([&] { return run_conv(kCustomConv, stream_, sh, seed, 0, false); });
+      const std::string what = conv_str(sh) + ": persistent vs not";
+      EXPECT_TRUE(bits_equal(r.first.y, r.second.y)) << what << ", forward";
+      EXPECT_TRUE(bits_equal(r.first.dx, r.second.dx)) << what << ", backward data";
+      EXPECT_TRUE(bits_equal(r.first.dw, r.second.dw)) << what << ", backward weight";
+    }
+  }
+  // A chain of GEMMs, each reading the one before, with programmatic dependent launch as well
+  // (where the device takes no PDL the switch sets nothing).
+  {
+    const ScopedSwitch pdl(kcu::programmatic_launch, kcu::set_programmatic_launch);
+    const int64_t n = 2048;
+    const DeviceArray<uint16_t> a(random_bf16(size_t(n * n), seed += 5)), b(random_bf16(size_t(n * n), seed + 1));
+    const auto r = both([&] {
+      DeviceArray<uint16_t> c1(size_t(n * n)), c2(size_t(n * n));
+      kcu::gemm_bf16_out_bf16(false, false, n, n, n, 0.03125f, a.get(), n, b.get(), n, 0.f, c1.get(), n, nullptr, false,
+                              stream_);
+      kcu::gemm_bf16_out_bf16(false, false, n, n, n, 0.03125f, c1.get(), n, b.get(), n, 0.f, c2.get(), n, nullptr,
+                              false, stream_);
+      sync_and_check();
+      return c2.download();
+    });
+    EXPECT_TRUE(bits_equal(r.first, r.second)) << "a chain of GEMMs with PDL, persistent vs not";
+  }
+  if (on_tma) {
+    EXPECT_GT(total, 0) << "nothing ran persistent on " << sms << " SMs";
+  } else {
+    EXPECT_EQ(total, 0) << "only the wgmma_tma kernel runs persistent";
   }
 }
 

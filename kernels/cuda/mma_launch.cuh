@@ -50,6 +50,8 @@ void count_conv_tma_launch();
 void count_wide_tma_launch();
 void count_cluster_tma_launch();
 void count_class_direct_launch();  // dgrad_class_direct_launches() (tensor_core.h)
+void count_persistent_tma_launch();
+int sm_count(int device);  // the device's SMs (asked once per device)
 // The TMA descriptor of a bf16 matrix at p (16-byte aligned) shaped as `shape` says, with the
 // 128-byte swizzle and zero fill outside it. Throws sp::Error where the driver refuses.
 CUtensorMap encode_tensor_map_bf16(const void* p, const wgmma::TmaMapShape& shape);
@@ -94,10 +96,11 @@ void check_register_rebalance(Kernel kernel) {
 // Runs C = epilogue(A * B) for M x N x K: Kernel(operands..., geometry, ep, partials) on
 // Tile::kBM x Tile::kBN tiles, K split in multiples of Tile::kBK where the output has few tiles.
 // The operands are the loaders (mma_gemm_kernel, wgmma::wgmma_gemm_kernel) or the TMA maps
-// (wgmma::wgmma_tma_gemm_kernel).
-template <class Tile, auto Kernel, typename T, class... Operands>
-void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream,
-                     const Operands&... operands) {
+// (wgmma::wgmma_tma_gemm_kernel). kPersistent: the kernel takes a grid of fewer blocks than
+// tiles (wgmma_tma_gemm_kernel), which it gets where tma_persistent() is on, the tile is not
+// clustered and the tiles outnumber the blocks the SMs hold (Tile::kMinBlocks each).
+template <class Tile, auto Kernel, bool kPersistent = false, typename T, class... Operands>
+void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream, const Operands&... operands) {
   if (m == 0 || n == 0) return;
   if (k == 0 || ep.alpha == 0.f) {
     mma_splitk_reduce<T>(nullptr, 0, m, n, ep, stream);
@@ -108,7 +111,7 @@ void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t
   // At most one wave of the tile's blocks by default (kTensorCoreSplitMaxBlocks per block an SM holds).
   const SplitPlan plan =
       plan_split_k(m_tiles * n_tiles, k, Tile::kBK, split_max_blocks(kTensorCoreSplitMaxBlocks * Tile::kMinBlocks));
-  const dim3 grid(unsigned(m_tiles), unsigned(n_tiles), unsigned(plan.splits));
+  dim3 grid(unsigned(m_tiles), unsigned(n_tiles), unsigned(plan.splits));
   const MmaGeometry g{m, n, k, plan.k_per_split};
   // More than 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device.
   static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (devices >= 64 always ask)
@@ -122,6 +125,21 @@ void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t
                                        int(cudaSharedmemCarveoutMaxShared)));
     check_register_rebalance<Tile>(Kernel);
     opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
+  if constexpr (kPersistent) {
+    // The kernel numbers its tiles in 32 bits (wgmma::tma_tile_work).
+    SP_CHECK(m_tiles * n_tiles * plan.splits < (int64_t(1) << 31), "gemm_bf16: ", m, " x ", n, " x ", k, " needs ",
+             m_tiles * n_tiles * plan.splits, " tiles, more than the TMA kernel numbers");
+  }
+  if constexpr (kPersistent && TileCluster<Tile>::value == 1) {
+    if (tma_persistent()) {
+      const int64_t tiles = m_tiles * n_tiles * plan.splits;
+      const int64_t resident = int64_t(sm_count(device)) * Tile::kMinBlocks;
+      if (tiles > resident) {
+        grid = dim3(unsigned(resident), 1, 1);
+        count_persistent_tma_launch();
+      }
+    }
   }
   const auto go = [&](float* partials) {
     if constexpr (TileCluster<Tile>::value > 1) {
@@ -204,7 +222,7 @@ void run_wgmma_tma(const MatrixLoader<ContigA>& a, const MatrixLoader<ContigB>& 
     const CUtensorMap map_a = encode_tensor_map_bf16(
         a.p, wgmma::TmaStage<Tile::kBM>::template map_shape<ContigA>(a.x_extent, a.k_extent, a.ld));
     const CUtensorMap map_b = b_operand_map<Tile>(b);
-    launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::PlainSource<ContigA>, ContigB, T>>(
+    launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, wgmma::PlainSource<ContigA>, ContigB, T>, true>(
         m, n, k, ep, stream, map_a, map_b, wgmma::PlainSource<ContigA>{});
   });
 }
@@ -221,8 +239,8 @@ void run_wgmma_tma_conv(const Source& source, const wgmma::TmaMap4d& map, const 
   const auto launch = [&](auto tile) {
     using Tile = decltype(tile);
     const CUtensorMap map_b = b_operand_map<Tile>(b);
-    launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, Source, ContigB, T>>(m, n, k, ep, stream, map_a, map_b,
-                                                                                 source);
+    launch_tiles_of<Tile, &wgmma::wgmma_tma_gemm_kernel<Tile, Source, ContigB, T>, true>(m, n, k, ep, stream, map_a,
+                                                                                         map_b, source);
   };
   if (n <= 64)
     launch(wgmma::WgTmaTileNarrow{});

@@ -134,6 +134,16 @@ using detail::wide_tile_width;
 // GEMM at 0.97x-0.98x, ResNet-18's convolutions 0.95x, its training step 0.98x.
 void set_tma_cluster(bool on);
 bool tma_cluster();
+// The wgmma_tma kernel persistent (wgmma_tma_mainloop.cuh): where a product has more tiles than
+// the SMs hold at once, as many blocks as they hold, each computing every gridDim.x-th tile, so
+// that a block's producer loads its next tile's first stages while its consumers store the
+// last one's results, and the last wave's tail is spread over all blocks. Short reductions gain
+// most: ResNet-18's 3x3 convolutions run 9 to 72 K steps per tile, each behind a pipeline fill
+// and an epilogue that nothing overlaps (one 128-row tile's block fills an SM's shared memory).
+// Never with clusters (tma_cluster() keeps a block per tile). The same bits as without. Off
+// unless set, or the environment variable STALEPROP_TMA_PERSISTENT is 1: not yet run on a GPU.
+void set_tma_persistent(bool on);
+bool tma_persistent();
 // The bf16 forward and weight gradient of convolutions with at most 4 input channels (a
 // ResNet's stem) as direct kernels on CUDA cores (conv_small_c_plan.h, conv_small_c.cu) instead
 // of the tensor-core implicit GEMM, whose 27-deep reduction fills under half of one K step and
@@ -151,6 +161,7 @@ int64_t conv_small_c_launches();
 // the path it means to cover ran (rather than a fallback).
 struct TmaLaunches {
   int64_t conv = 0, wide_gemm = 0, cluster = 0;  // cluster: launches in clusters of two
+  int64_t persistent = 0;                        // launches of fewer blocks than tiles (tma_persistent)
 };
 TmaLaunches tma_launches();
 // The main loop the kernels run on the current device: the selection with auto resolved.

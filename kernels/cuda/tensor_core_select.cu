@@ -16,8 +16,9 @@ namespace {
 std::atomic<int> g_mainloop{-1};
 // -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class, dgrad_transposed_filter).
 std::atomic<int> g_dgrad_classes{-1}, g_dgrad_class_direct{-1}, g_dgrad_wt{-1}, g_conv_tma{-1}, g_tma_wide{-1},
-    g_tma_wide_by_shape{-1}, g_tma_cluster{-1};
-std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0}, g_cluster_launches{0}, g_class_direct_launches{0};
+    g_tma_wide_by_shape{-1}, g_tma_cluster{-1}, g_tma_persistent{-1};
+std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0}, g_cluster_launches{0}, g_class_direct_launches{0},
+    g_persistent_launches{0};
 
 // A process-wide switch's value: what was set, else at first use from_env(the environment
 // variable `var`, nullptr when unset or empty), kept from then on.
@@ -107,12 +108,15 @@ void set_tma_wide_by_shape(bool on) { detail::set_switch(g_tma_wide_by_shape, on
 bool tma_wide_by_shape() { return detail::env_switch(g_tma_wide_by_shape, "STALEPROP_TMA_WIDE_BY_SHAPE", true); }
 void set_tma_cluster(bool on) { detail::set_switch(g_tma_cluster, on); }
 bool tma_cluster() { return detail::env_switch(g_tma_cluster, "STALEPROP_TMA_CLUSTER", false); }
+void set_tma_persistent(bool on) { detail::set_switch(g_tma_persistent, on); }
+bool tma_persistent() { return detail::env_switch(g_tma_persistent, "STALEPROP_TMA_PERSISTENT", false); }
 
 TmaLaunches tma_launches() {
   TmaLaunches t;
   t.conv = g_conv_tma_launches.load(std::memory_order_relaxed);
   t.wide_gemm = g_wide_launches.load(std::memory_order_relaxed);
   t.cluster = g_cluster_launches.load(std::memory_order_relaxed);
+  t.persistent = g_persistent_launches.load(std::memory_order_relaxed);
   return t;
 }
 
@@ -142,6 +146,20 @@ bool use_wgmma() {
 void count_conv_tma_launch() { g_conv_tma_launches.fetch_add(1, std::memory_order_relaxed); }
 void count_wide_tma_launch() { g_wide_launches.fetch_add(1, std::memory_order_relaxed); }
 void count_cluster_tma_launch() { g_cluster_launches.fetch_add(1, std::memory_order_relaxed); }
+void count_persistent_tma_launch() { g_persistent_launches.fetch_add(1, std::memory_order_relaxed); }
+
+int sm_count(int device) {
+  // Per device, asked once (devices beyond the first 64 each time).
+  static std::atomic<int> counts[64] = {};
+  if (device >= 0 && device < 64) {
+    const int known = counts[device].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int sms = 0;
+  SP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) counts[device].store(sms, std::memory_order_relaxed);
+  return sms;
+}
 void count_class_direct_launch() { g_class_direct_launches.fetch_add(1, std::memory_order_relaxed); }
 
 bool use_wgmma_tma() {

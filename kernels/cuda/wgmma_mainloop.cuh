@@ -92,12 +92,12 @@ __device__ __forceinline__ void wgmma_k16(float (&d)[BN / 2], uint64_t desc_a, u
 
 // The epilogue of a warpgroup's 64 x BN accumulators, whose first row is `row_base`:
 // acc[4i + 2h + e] = D(16 warp + lane / 4 + 8h, 8i + 2 (lane % 4) + e). Applies ep, or with
-// split K stores the fp32 partial of slice blockIdx.z; each row's offset once, then its columns
-// in pairs (see MmaEpilogue).
+// split K stores the fp32 partial of slice z; each row's offset once, then its columns in pairs
+// (see MmaEpilogue).
 template <int BN, typename T>
 __device__ __forceinline__ void store_accumulators(const float (&acc)[BN / 2], int row_base, int n0,
-                                                   const MmaGeometry& g, const MmaEpilogue<T>& ep,
-                                                   float* partials) {
+                                                   const MmaGeometry& g, const MmaEpilogue<T>& ep, float* partials,
+                                                   int z) {
   const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
   const int row0 = row_base + warp * 16 + lane / 4, col0 = n0 + lane % 4 * 2;
   const bool paired = ep.pairs_aligned();
@@ -112,7 +112,7 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BN / 2], i
       if (col >= g.n) continue;
       const float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
       if (partials != nullptr)
-        store_partial_pair(partials, int(blockIdx.z), g.m, g.n, row, col, v0, v1);
+        store_partial_pair(partials, z, g.m, g.n, row, col, v0, v1);
       else if (col + 1 < g.n)
         ep.apply_pair_at(row_off, col, v0, v1, paired);
       else
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   ptx::fence_accumulators(acc);  // the epilogue reads the accumulators only after the wait
   ptx::cp_async_wait<0>();       // only empty groups remain; leave none behind
 
-  store_accumulators<Tile::kBN>(acc, m0 + wg * kWarpgroupRows, n0, g, ep, partials);
+  store_accumulators<Tile::kBN>(acc, m0 + wg * kWarpgroupRows, n0, g, ep, partials, int(blockIdx.z));
 #else
   // Not built for sm_90a: the host never launches this (wgmma_available() is false).
   __trap();

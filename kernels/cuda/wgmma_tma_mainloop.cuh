@@ -191,10 +191,35 @@ struct ConvWgradSource {  // the weight gradient's rows (tap, channel): kX / 64 
 #endif
 };
 
-// grid = (M tiles, N tiles, K slices), Tile::kThreads threads, kSmemBytes of dynamic shared
-// memory; map_a / map_b describe A (x = M) and B (x = N): map_b as TmaStage's map_shape does,
-// map_a as SourceA's load reads it. ContigB whether B is K-contiguous. partials as in
-// mma::mma_gemm_kernel.
+// One output tile's work: tile t of the product's tiles numbered M tile fastest, then N tile,
+// then K slice (the order of a (M tiles, N tiles, K slices) grid's blocks).
+struct TmaTileWork {
+  int m0, n0, z, k_begin, k_steps;
+};
+// (32-bit: the host checks that the tiles are fewer than 2^31.)
+template <class Tile>
+__device__ __forceinline__ TmaTileWork tma_tile_work(int t, int tiles_m, int tiles_n, const MmaGeometry& g) {
+  TmaTileWork w;
+  w.m0 = t % tiles_m * Tile::kBM;
+  const int rest = t / tiles_m;
+  w.n0 = rest % tiles_n * Tile::kBN;
+  w.z = rest / tiles_n;
+  w.k_begin = w.z * g.k_per_split;
+  const int k_end = min(g.k, w.k_begin + g.k_per_split);
+  w.k_steps = (k_end - w.k_begin + kBK - 1) / kBK;  // >= 1: the host never plans an empty slice
+  return w;
+}
+
+// Tile::kThreads threads, kSmemBytes of dynamic shared memory; map_a / map_b describe A (x = M)
+// and B (x = N): map_b as TmaStage's map_shape does, map_a as SourceA's load reads it. ContigB
+// whether B is K-contiguous. partials as in mma::mma_gemm_kernel.
+// The grid: (M tiles, N tiles, K slices), a block per tile; or persistent (tma_persistent() in
+// tensor_core.h; never in clusters), a 1-D grid of as many blocks as the SMs hold, block b
+// computing tiles b, b + gridDim.x, ... in the numbering of TmaTileWork. Either way the block's
+// tiles are those numbered from its index in the grid in steps of the grid's size, and its
+// producer and consumers go round one ring of stages across them: the producer fills the next
+// tile's stages while the consumers store the last one's results. Each tile is computed as by a
+// block of its own: the same bits.
 template <class Tile, class SourceA, bool ContigB, typename T>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     wgmma_tma_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
@@ -217,10 +242,10 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   uint64_t* const empty = full + kS;
 
   constexpr int kCl = Tile::kCluster;
-  const int m0 = int(blockIdx.x) * Tile::kBM, n0 = int(blockIdx.y) * Tile::kBN;
-  const int k_begin = int(blockIdx.z) * g.k_per_split;
-  const int k_end = min(g.k, k_begin + g.k_per_split);
-  const int k_steps = (k_end - k_begin + kBK - 1) / kBK;  // >= 1: the host never launches an empty slice
+  const int tiles_m = (g.m + Tile::kBM - 1) / Tile::kBM, tiles_n = (g.n + Tile::kBN - 1) / Tile::kBN;
+  const int tiles = tiles_m * tiles_n * ((g.k + g.k_per_split - 1) / g.k_per_split);
+  const int first_tile = int(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
+  const int tile_step = int(gridDim.x * gridDim.y * gridDim.z);
   const int wg = int(threadIdx.x) / kWarpgroupThreads;
   const uint32_t rank = kCl > 1 ? ptx::cluster_ctarank() : 0;
 
@@ -245,35 +270,38 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   if (wg == 0) {
     if constexpr (Tile::kProducerRegs > 0) ptx::setmaxnreg_dec<Tile::kProducerRegs>();  // the whole warpgroup
     if (threadIdx.x != 0) return;
-    for (int step = 0; step < k_steps; ++step) {
-      const int s = step % kS;
-      // Round 0 finds every stage free. In a cluster the releases come from both blocks.
-      if constexpr (kCl > 1)
-        ptx::mbarrier_wait_bounded(&empty[s], ((step / kS) & 1) ^ 1);
-      else
-        ptx::mbarrier_wait(&empty[s], ((step / kS) & 1) ^ 1);
-      // The whole stage lands here: this block's part of B and the other blocks' parts.
-      ptx::mbarrier_arrive_expect_tx(&full[s], StageA::kBytes + StageB::kBytes);
-      const int k0 = k_begin + step * kBK;
-      source_a.template load<Tile::kBM>(&map_a, a_smem + s * Tile::kAStage, &full[s], m0, k0);
-      if constexpr (kCl > 1) {
+    int it = 0;  // the ring's position: K steps loaded so far, over the block's tiles
+    for (int t = first_tile; t < tiles; t += tile_step) {
+      const TmaTileWork w = tma_tile_work<Tile>(t, tiles_m, tiles_n, g);
+      for (int step = 0; step < w.k_steps; ++step, ++it) {
+        const int s = it % kS;
+        // Round 0 finds every stage free. In a cluster the releases come from both blocks.
+        if constexpr (kCl > 1)
+          ptx::mbarrier_wait_bounded(&empty[s], ((it / kS) & 1) ^ 1);
+        else
+          ptx::mbarrier_wait(&empty[s], ((it / kS) & 1) ^ 1);
+        // The whole stage lands here: this block's part of B and the other blocks' parts.
+        ptx::mbarrier_arrive_expect_tx(&full[s], StageA::kBytes + StageB::kBytes);
+        const int k0 = w.k_begin + step * kBK;
+        source_a.template load<Tile::kBM>(&map_a, a_smem + s * Tile::kAStage, &full[s], w.m0, k0);
+        if constexpr (kCl > 1) {
 #pragma unroll
-        for (int i = 0; i < StageB::template part_boxes<ContigB, kCl>(); ++i) {
-          int c0 = 0, c1 = 0;
-          uint32_t offset = 0;
-          StageB::template part_box<ContigB, kCl>(int(rank), i, n0, k0, c0, c1, offset);
-          ptx::tma_load_2d_multicast(reinterpret_cast<unsigned char*>(b_smem + s * Tile::kBStage) + offset, &map_b,
-                                     &full[s], c0, c1, uint16_t((1u << kCl) - 1));
+          for (int i = 0; i < StageB::template part_boxes<ContigB, kCl>(); ++i) {
+            int c0 = 0, c1 = 0;
+            uint32_t offset = 0;
+            StageB::template part_box<ContigB, kCl>(int(rank), i, w.n0, k0, c0, c1, offset);
+            ptx::tma_load_2d_multicast(reinterpret_cast<unsigned char*>(b_smem + s * Tile::kBStage) + offset, &map_b,
+                                       &full[s], c0, c1, uint16_t((1u << kCl) - 1));
+          }
+        } else {
+          tma_load_stage<StageB, ContigB>(&map_b, b_smem + s * Tile::kBStage, &full[s], w.n0, k0);
         }
-      } else {
-        tma_load_stage<StageB, ContigB>(&map_b, b_smem + s * Tile::kBStage, &full[s], n0, k0);
       }
     }
     if constexpr (kCl > 1) {
       // Stay until every block of the cluster has released every stage: their last arrivals on
       // this block's barriers have landed, and so have this block's multicasts into theirs.
-      for (int step = k_steps; step < k_steps + kS; ++step)
-        ptx::mbarrier_wait_bounded(&empty[step % kS], ((step / kS) & 1) ^ 1);
+      for (int i = it; i < it + kS; ++i) ptx::mbarrier_wait_bounded(&empty[i % kS], ((i / kS) & 1) ^ 1);
     }
     return;
   }
@@ -288,17 +316,20 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 
   if constexpr (Tile::kConsumerRegs > 0) ptx::setmaxnreg_inc<Tile::kConsumerRegs>();
   const int cw = wg - 1;  // the consumer warpgroup: rows 64 cw .. 64 cw + 63 of the tile
+  constexpr int kTransA = ContigA ? 0 : 1, kTransB = ContigB ? 0 : 1;
   float acc[Tile::kAcc];
+  int it = 0;  // the ring's position, as the producer's
+  for (int t = first_tile; t < tiles; t += tile_step) {
+    const TmaTileWork w = tma_tile_work<Tile>(t, tiles_m, tiles_n, g);
 #pragma unroll
   for (int i = 0; i < Tile::kAcc; ++i) acc[i] = 0.f;
 
-  constexpr int kTransA = ContigA ? 0 : 1, kTransB = ContigB ? 0 : 1;
-  for (int step = 0; step < k_steps; ++step) {
-    const int s = step % kS;
+  for (int step = 0; step < w.k_steps; ++step, ++it) {
+    const int s = it % kS;
     if constexpr (kCl > 1)
-      ptx::mbarrier_wait_bounded(&full[s], (step / kS) & 1);  // (bounded: see ptx_sm90.cuh)
+      ptx::mbarrier_wait_bounded(&full[s], (it / kS) & 1);  // (bounded: see ptx_sm90.cuh)
     else
-      ptx::mbarrier_wait(&full[s], (step / kS) & 1);
+      ptx::mbarrier_wait(&full[s], (it / kS) & 1);
     const uint32_t as = ptx::smem_u32(a_smem + s * Tile::kAStage) + LayoutA::x_offset(cw * kWarpgroupRows);
     const uint32_t bs = ptx::smem_u32(b_smem + s * Tile::kBStage);
     ptx::fence_accumulators(acc);
@@ -315,15 +346,16 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     ptx::wgmma_wait<1>();  // step - 1's multiplies are done: its stage may be refilled
     ptx::fence_accumulators(acc);
     // wait_group is warp-wide: once lane 0 is past it, the whole warp's reads of step - 1 are done.
-    if (step > 0 && threadIdx.x % kWarpSize == 0) release((step - 1) % kS);
+    if (step > 0 && threadIdx.x % kWarpSize == 0) release((it - 1) % kS);
   }
   ptx::wgmma_wait<0>();
   ptx::fence_accumulators(acc);
-  store_accumulators<Tile::kBN>(acc, m0 + cw * kWarpgroupRows, n0, g, ep, partials);
-  // In a cluster the producers wait for the last stage's release too (their tail, above). After
-  // the epilogue, which reads no shared memory: released between the last wait and the epilogue,
-  // ptxas serialises the main loop's wgmma (C7515).
-  if (kCl > 1 && threadIdx.x % kWarpSize == 0) release((k_steps - 1) % kS);
+  store_accumulators<Tile::kBN>(acc, w.m0 + cw * kWarpgroupRows, w.n0, g, ep, partials, w.z);
+  // The tile's last stage, for the block's next tile (and in a cluster for the producers' tail,
+  // above). After the epilogue, which reads no shared memory: released between the last wait and
+  // the epilogue, ptxas serialises the main loop's wgmma (C7515).
+  if (threadIdx.x % kWarpSize == 0) release((it - 1) % kS);
+  }
 #else
   // Not built for sm_90a: the host never launches this (wgmma_available() is false).
   __trap();
