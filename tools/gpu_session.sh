@@ -18,27 +18,25 @@
 #      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
 #      the measurements; evaluate its checkpoint with staleprop and, loaded into PyTorch, with
 #      bench/pytorch_load_checkpoint.py;
-#   5. a first figure for each new path, against its vendor twin or the copy: the sums over
-#      ResNet-18's bf16 convolutions with --conv-tma=0 and =1 against cuDNN; its stride-2 data
-#      gradients and the sums with --dgrad-classes=0 and =1, and with --dgrad-class-direct=0 and
-#      =1 (the classes straight into dx; the accuracy run keeps the scatter until that has run);
-#      the bf16 GEMM with the 128 x 256
-#      TMA tile against the 128 x 128 one (--tma-wide), and in clusters of two (--tma-cluster),
-#      against cuBLASLt, and the convolutions' sums in clusters; bf16 training
-#      throughput of ResNet-18 (batch 512, two rounds, each beside PyTorch) and ResNet-56 (128)
-#      with every new path that passed off, as by default and on (STALEPROP_CONV_TMA, _DGRAD_CLASSES,
-#      _DGRAD_CLASS_DIRECT, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
-#      _CONV_SMALL_C, _BN_PERSISTENT, _PDL), the stem's direct kernels against the tensor cores; with
-#      COMPARE_BIN, ResNet-56's op-by-op fdg (interleaved, twice) and backprop on this commit's
-#      binary and another's, and fdg with the transposed filter and the scratch pool's cross-stream
-#      waits; ResNet-56's op-by-op fdg twice each as is, pinned to two cores and with 32 hardware
-#      connections (CUDA_DEVICE_MAX_CONNECTIONS), interleaved. With POOL=1, gpu_bench stage 1 for the pooling and shortcut kernels against the
-#      copy (at most 60 s). Then each path on its own: the convolutions layer by layer as by default,
-#      ResNet-18's throughput with one switch at a time, ResNet-56's from graphs, ResNet-18's
-#      and the three-kernel batch norm with programmatic dependent launch off and on (--pdl);
-#      ResNet-18's bf16 throughput on cuBLASLt/cuDNN (--kernels vendor), and the op profile of
-#      a ResNet-18 step on the new paths. Each switch is measured only where ctest passed its
-#      GPU test (a hang there would burn every later timeout);
+#   5. a first figure for each new path, against its vendor twin: the sums over ResNet-18's bf16
+#      convolutions as by default against cuDNN; the bf16 GEMM (both TMA tiles) and the
+#      convolutions' sums with the persistent TMA kernel off and on (--tma-persistent) against
+#      cuBLASLt and cuDNN (or, where its test did not pass, the GEMM with --tma-wide=0 and =1);
+#      the convolutions' sums with the split of K by the earlier rule and capped at two waves;
+#      bf16 training throughput of ResNet-18 (batch 512, two rounds, each beside PyTorch) and
+#      ResNet-56 (128) with every new path that passed off, as by default and on
+#      (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _DGRAD_CLASS_DIRECT, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
+#      _CONV_SMALL_C, _BN_PERSISTENT, _PDL, _TMA_PERSISTENT); with COMPARE_BIN, ResNet-56's
+#      op-by-op fdg (interleaved, twice) and backprop on this commit's binary and another's, and
+#      fdg with the transposed filter and the scratch pool's cross-stream waits. With POOL=1,
+#      gpu_bench stage 1 for the pooling and shortcut kernels against the copy (at most 60 s).
+#      Then each path on its own: the convolutions layer by layer as by default, ResNet-18's
+#      and ResNet-56's (from graphs) throughput with the persistent TMA kernel off and on,
+#      ResNet-56's from graphs, ResNet-18's and the three-kernel batch norm with programmatic
+#      dependent launch off and on (--pdl); ResNet-18's bf16 throughput on cuBLASLt/cuDNN
+#      (--kernels vendor), and the op profile of a ResNet-18 step on the new paths. Each switch
+#      is measured only where ctest passed its GPU test (a hang there would burn every later
+#      timeout);
 #   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace, lr 0.02);
 #      the peak memory of fdg over 4 modules op by op and from graphs (planned, bump arenas);
 #      four short ResNet-56 runs in a sweep one after another, then four at once;
@@ -148,13 +146,15 @@ CLASSES_TMA_OK=; passed 'ConvolutionsByStrideClassWithTmaLoads/wgmma_tma' && CLA
 CLUSTER_OK=; passed 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' && CLUSTER_OK=1
 SMALL_C_OK=; passed 'ConvolutionsWithFewChannelsRunDirect/wgmma_tma' && SMALL_C_OK=1
 CLASS_DIRECT_OK=; passed 'ConvolutionsByStrideClass/wgmma_tma' && CLASS_DIRECT_OK=1
+PERSISTENT_OK=; passed 'PersistentTmaKernelGivesTheSameBits/wgmma_tma' && PERSISTENT_OK=1
 # The wide tile chosen by shape runs the kernels of both wide-tile tests; its own test checks the routing.
 WIDE_SHAPE_OK=; [ -n "$TMA_WIDE_OK" ] && [ -n "$CONV_WIDE_OK" ] && passed 'WideTileByShape/wgmma_tma' && WIDE_SHAPE_OK=1
 verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
 log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict "$TMA_WIDE_OK");" \
   "persistent batch norm $(verdict "$BN_PERSISTENT_OK"); programmatic launch $(verdict "$PDL_OK");" \
   "stride-class data gradient with TMA loads $(verdict "$CLASSES_TMA_OK"); wide tile by shape $(verdict "$WIDE_SHAPE_OK");" \
-  "clusters of two $(verdict "$CLUSTER_OK"); direct stem $(verdict "$SMALL_C_OK")"
+  "clusters of two $(verdict "$CLUSTER_OK"); direct stem $(verdict "$SMALL_C_OK");" \
+  "persistent TMA kernel $(verdict "$PERSISTENT_OK")"
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call, RESERVE=seconds
@@ -229,32 +229,21 @@ throughput_ab() {
     log "bench $model $* $var=$v exit ${PIPESTATUS[0]}"
   done
 }
-# First one figure for each path, each against its vendor twin or the copy (a first pass that
-# fits the ~230 s the measurements get): the sum over ResNet-18's bf16 convolutions with TMA
-# loads against cuDNN (#3: >= 0.60); the stride-2 data gradients by stride class (the classes'
-# A by TMA: never measured) against the direct form, and the sums with them (2026-11-27: the
-# direct form of these three layers ran at 0.15-0.19 of cuDNN, a quarter of its products on
-# structural zeros); the bf16 GEMM on the 128 x 256 TMA tile against cuBLASLt (#3: >= 0.70);
-# then ResNet-18's bf16 training throughput with every path that passed switched on, beside
-# PyTorch eager (#4: >= 1.0x), and ResNet-56's, launch-bound, with programmatic launch. (The
-# persistent batch norm's kernels were measured on 2026-11-27: 0.76-1.20x the three kernels.)
-[ -n "$CONV_TMA_OK" ] && ab r18-convs-tma-sums conv-tma 40 '_bf16/r18_all_layers'
-[ -n "$CLASSES_TMA_OK" ] &&
-  ab r18-dgrad-classes dgrad-classes 40 '^conv_bwd_data_bf16/r18_.*_s2_.*/n512|^conv_(bwd_data|train)_bf16/r18_all_layers'
-# The stride classes written straight into dx against the scratch and the scatter (never timed).
-[ -n "$CLASS_DIRECT_OK" ] && ab r18-dgrad-class-direct dgrad-class-direct 40 \
-  '^conv_bwd_data_bf16/r18_.*_s2_.*/n512|^conv_(bwd_data|train)_bf16/r18_all_layers'
-[ -n "$TMA_WIDE_OK" ] && ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
-# Clusters of two sharing B (the form with CTA-scope barriers never timed): the GEMM on both tiles, and the
-# convolutions' sums.
-if [ -n "$CLUSTER_OK" ]; then
-  ab gemm-bf16-cluster tma-cluster 30 '^gemm_bf16/square'
-  [ -n "$TMA_WIDE_OK" ] && STALEPROP_TMA_WIDE=1 ab gemm-bf16-wide-cluster tma-cluster 30 '^gemm_bf16/square'
-  [ -n "$CONV_TMA_OK" ] && ab r18-convs-cluster tma-cluster 40 '_bf16/r18_all_layers'
+# First one figure for each path, each against its vendor twin (a first pass that fits the ~230 s
+# the measurements get). The sums over ResNet-18's bf16 convolutions as by default against cuDNN
+# (#3: >= 0.60), and the bf16 GEMM on both TMA tiles against cuBLASLt (#3: >= 0.70): both slowed
+# by the epilogue's per-element 64-bit division on 2026-11-27c (the GEMM 0.64 -> 0.42 at 4096^3),
+# fixed since; the persistent TMA kernel (never run) against a block per tile, on the GEMM (both
+# tiles) and the convolutions' sums. The stride classes (also straight into dx), the clusters and
+# the direct stem were each measured off and on in 2026-11-27b and -27c.
+[ -n "$CONV_TMA_OK" ] && AB_VALUES=1 ab r18-convs-tma-sums conv-tma 40 '_bf16/r18_all_layers'
+if [ -n "$PERSISTENT_OK" ]; then
+  ab gemm-bf16-persistent tma-persistent 30 '^gemm_bf16/square'
+  [ -n "$TMA_WIDE_OK" ] && STALEPROP_TMA_WIDE=1 ab gemm-bf16-wide-persistent tma-persistent 30 '^gemm_bf16/square'
+  [ -n "$CONV_TMA_OK" ] && ab r18-convs-persistent tma-persistent 40 '_bf16/r18_all_layers'
+elif [ -n "$TMA_WIDE_OK" ]; then
+  ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
 fi
-# The stem's direct kernels (on by default since 2026-11-27b) against the tensor cores: its three layers (the
-# data gradient is not computed in training) and the sums.
-[ -n "$SMALL_C_OK" ] && ab r18-stem-direct conv-small-c 30 '_bf16/r18_3to64.*/n512|_bf16/r18_all_layers'
 # The convolutions' sums with the split of K by the earlier target rule (STALEPROP_SPLIT_MAX_BLOCKS=0,
 # at least 256 blocks, whose 270-288-block weight gradients start a third wave) and capped at two
 # full waves of 132 SMs, against the default cap of one wave (kernels/cuda/tile_plan.h;
@@ -269,7 +258,7 @@ fi
 # everywhere, it lost up to 37% on some layers (2026-11-27).
 NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_WIDE_BY_SHAPE=0
   STALEPROP_TMA_CLUSTER=0 STALEPROP_CONV_SMALL_C=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0
-  STALEPROP_DGRAD_CLASSES=0 STALEPROP_DGRAD_CLASS_DIRECT=0)
+  STALEPROP_DGRAD_CLASSES=0 STALEPROP_DGRAD_CLASS_DIRECT=0 STALEPROP_TMA_PERSISTENT=0)
 [ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_CLASSES=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && [ -n "$CLASS_DIRECT_OK" ] &&
@@ -279,6 +268,7 @@ NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_
 [ -n "$SMALL_C_OK" ] && NEW_PATHS+=(STALEPROP_CONV_SMALL_C=1)
 [ -n "$BN_PERSISTENT_OK" ] && NEW_PATHS+=(STALEPROP_BN_PERSISTENT=1)
 [ -n "$PDL_OK" ] && NEW_PATHS+=(STALEPROP_PDL=1)
+[ -n "$PERSISTENT_OK" ] && NEW_PATHS+=(STALEPROP_TMA_PERSISTENT=1)
 # "defaults" runs with no switch set (the caller's unset too): what a user gets. ResNet-18 runs
 # two rounds, each beside PyTorch, whose rate varied by +-11% between rounds on 2026-11-27b.
 DEFAULTS=()
@@ -304,26 +294,6 @@ if ((${#NEW_PATHS[@]})); then
     done
   done
 fi
-
-# ResNet-56's op-by-op fdg over FDG's four cuts spread over 14k-25k img/s from run to run on one
-# H100 (2026-11-27b), while single-module backprop held steady. Every run was bound by the host
-# issuing its work (it waited on the GPU 0.3-0.4% of the time), so the host's rate of issue
-# varied. Suspects: the issuing thread moving between cores (pinned: taskset to two cores), and
-# the device's hardware work queues (CUDA_DEVICE_MAX_CONNECTIONS, 8 by default; the pipeline has
-# five streams). Two rounds of the three, interleaved.
-last=$(($(nproc) - 1)) && pin=$((last > 0 ? last - 1 : 0)),$last  # the last two cores
-for round in 1 2; do
-  for how in default pinned connections; do
-    [ "$(left)" -gt 70 ] || break 2
-    run=(timeout 30)
-    [ $how = pinned ] && run=(taskset -c "$pin" timeout 30)
-    [ $how = connections ] && run=(env CUDA_DEVICE_MAX_CONNECTIONS=32 timeout 30)
-    "${run[@]}" build-gpu/tools/staleprop bench --device cuda --model resnet56 --batch-size 128 --precision bf16 \
-      --method fdg --split 4 --split-at fdg --steps 60 --warmup 15 --json "$OUT/fdg-spread-$how.jsonl" 2>&1 |
-      tee -a "$OUT/session.txt"
-    log "bench resnet56 bf16 fdg op by op, round $round, $how: exit ${PIPESTATUS[0]}"
-  done
-done
 
 # With COMPARE_BIN (tools/gpu_prepare.sh), ResNet-56's op-by-op fdg run over FDG's four cuts on
 # this commit's binary and on the other's, on this machine: on 2026-11-27 the fdg run was
@@ -376,11 +346,14 @@ if [ -n "$CONV_TMA_OK" ]; then
 elif [ "$(left)" -gt 120 ]; then
   AB_VALUES=0 ab r18-convs-tma conv-tma 40 '_bf16/r18_[0-9].*/n512'  # layer by layer, cp.async loads only
 fi
-[ -n "$CLASSES_TMA_OK" ] && throughput_ab dgrad-classes STALEPROP_DGRAD_CLASSES resnet18 512
-[ -n "$CLUSTER_OK" ] && throughput_ab tma-cluster STALEPROP_TMA_CLUSTER resnet18 512
-[ -n "$SMALL_C_OK" ] && throughput_ab conv-small-c STALEPROP_CONV_SMALL_C resnet18 512
-[ -n "$BN_PERSISTENT_OK" ] && throughput_ab bn-persistent STALEPROP_BN_PERSISTENT resnet18 512
-[ -n "$CONV_TMA_OK" ] && throughput_ab tma STALEPROP_CONV_TMA resnet18 512
+# The persistent TMA kernel in training: ResNet-18 (batch 512), and ResNet-56 from graphs, whose
+# 16-64-channel convolutions are the shortest reductions. (The stride classes, the clusters, the
+# direct stem, the persistent batch norm and the TMA loads were each measured in training on
+# 2026-11-27b or -27c.)
+if [ -n "$PERSISTENT_OK" ]; then
+  throughput_ab tma-persistent STALEPROP_TMA_PERSISTENT resnet18 512
+  throughput_ab tma-persistent-r56 STALEPROP_TMA_PERSISTENT resnet56 128 --graphs
+fi
 # Programmatic dependent launch against plain launches: the launch-bound small model (ResNet-56
 # at batch 128 in bf16) from graphs (op by op it is in the first pass above), and the
 # three-kernel batch norm.

@@ -11,7 +11,8 @@ timed out and the programmatic-launch test failed:
     test that timed out (it would hang again) or did not run; then racecheck's sweeps over the
     convolution and network tests;
   - a switch is measured only where its GPU test passed: the wide tile's and programmatic
-    launch's benchmarks never run, the convolutions' and the stride classes' run off and on;
+    launch's benchmarks never run, the persistent kernel's run off and on (GEMM, convolutions,
+    training); the paths measured in earlier sessions are not measured again;
   - the training throughput with "the new paths on" switches on exactly the paths that passed,
     with them "off" switches every path off explicitly, and "defaults" sets none; ResNet-18 in two
     rounds, PyTorch beside each round;
@@ -54,7 +55,8 @@ CTEST_LOG = """\
   9/10 Test  #9: Mainloops/TensorCore.WideTileByShape/wgmma_tma .......................   Passed    1.00 sec
  10/11 Test #10: Mainloops/TensorCore.GemmAndConvolutionsInClustersOfTwo/wgmma_tma  # GetParam() = 4-byte object <03-00 00-00> ....   Passed    1.00 sec
  11/12 Test #11: Mainloops/TensorCore.ConvolutionsByStrideClass/wgmma_tma ..........   Passed    1.00 sec
- 12/12 Test #12: Mainloops/TensorCore.GemmSplitKOnLongReductions/wgmma_tma .........   Passed    1.00 sec
+ 12/13 Test #12: Mainloops/TensorCore.GemmSplitKOnLongReductions/wgmma_tma .........   Passed    1.00 sec
+ 13/13 Test #13: Mainloops/TensorCore.PersistentTmaKernelGivesTheSameBits/wgmma_tma ..   Passed    1.00 sec
 """
 
 # tools/gpu_check.sh: the build does nothing, the tests write the log above.
@@ -116,13 +118,29 @@ def main():
         check([os.path.basename(b) for b in binaries[-2:]] == ["test_cuda_tensor_core", "test_cuda_network"],
               f"racecheck's sweeps cover the convolution tests, then the network's: {binaries}", log)
 
+        def switches(line):  # the STALEPROP_* environment of a call, but the caller's STALEPROP_DEBUG
+            return [e for e in line.split("|")[1].split() if e != "STALEPROP_DEBUG=1"]
+        switches_of = switches
+
         bench = [l for l in lines if l.startswith("bench_gpu_kernels ")]
         check(not any("--pdl" in l for l in bench), "programmatic launch, whose test failed, is not benchmarked", log)
         check(not any("--tma-wide" in l and "gemm_bf16" in l for l in bench),
               "the wide GEMM tile, whose test timed out, is not benchmarked", log)
-        for flag in ("--conv-tma", "--dgrad-classes", "--dgrad-class-direct", "--tma-cluster"):
-            check(any(f"{flag}=0" in l for l in bench) and any(f"{flag}=1" in l for l in bench),
-                  f"a switch whose test passed is benchmarked off and on ({flag})", log)
+        check(any("--conv-tma=1" in l and "r18_all_layers" in l for l in bench),
+              "the convolutions' sums as by default", log)
+        persistent = [l for l in bench if "--tma-persistent" in l]
+        check([("gemm_bf16" in l, "r18_all_layers" in l) for l in persistent] == [(True, False)] * 2 +
+              [(False, True)] * 2 and all("STALEPROP_TMA_WIDE=1" not in l for l in persistent) and
+              [l.split("--tma-persistent=")[1][0] for l in persistent] == ["0", "1"] * 2,
+              f"the persistent kernel, whose test passed, off and on: the GEMM (not on the wide tile, whose "
+              f"test timed out), the convolutions' sums: {persistent}", log)
+        check(not any("--tma-cluster" in l or "--dgrad-class" in l for l in bench),
+              "the paths measured in earlier sessions are not benchmarked again", log)
+        tput = [l for l in lines if "throughput-tma-persistent" in l]
+        check(len(tput) == 4 and [switches_of(l) for l in tput] == [["STALEPROP_TMA_PERSISTENT=0"],
+                                                                     ["STALEPROP_TMA_PERSISTENT=1"]] * 2 and
+              all("--graphs" in l for l in tput[2:]),
+              f"ResNet-18's and ResNet-56's (from graphs) throughput with the persistent kernel off and on: {tput}", log)
         for blocks in ("0", "264"):
             check(any(f"STALEPROP_SPLIT_MAX_BLOCKS={blocks}" in l.split("|")[1].split() and "r18_all_layers" in l
                       for l in bench), f"the convolutions' sums with the split capped at {blocks} blocks", log)
@@ -131,8 +149,6 @@ def main():
         check(first_sums is not None and first_layers is not None and first_sums < first_layers,
               "the convolutions' sums are measured before the layers one by one", log)
 
-        def switches(line):  # the STALEPROP_* environment of a call, but the caller's STALEPROP_DEBUG
-            return [e for e in line.split("|")[1].split() if e != "STALEPROP_DEBUG=1"]
 
         on = [l for l in lines if "throughput-new-paths-on" in l]
         off = [l for l in lines if "throughput-new-paths-off" in l]
@@ -145,14 +161,14 @@ def main():
         check(all(switches(l) == ["STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_SMALL_C=0",
                                   "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_CLASSES=1",
                                   "STALEPROP_DGRAD_CLASS_DIRECT=1", "STALEPROP_PDL=0",
-                                  "STALEPROP_TMA_CLUSTER=1",
+                                  "STALEPROP_TMA_CLUSTER=1", "STALEPROP_TMA_PERSISTENT=1",
                                   "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in on),
               "the new paths on are exactly the switches that passed", log)
         check(all(switches(l) == ["STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_SMALL_C=0",
                                   "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_CLASSES=0",
                                   "STALEPROP_DGRAD_CLASS_DIRECT=0", "STALEPROP_PDL=0",
-                                  "STALEPROP_TMA_CLUSTER=0",
+                                  "STALEPROP_TMA_CLUSTER=0", "STALEPROP_TMA_PERSISTENT=0",
                                   "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in off),
               "the new paths off switch every path off", log)
@@ -163,13 +179,6 @@ def main():
               "the direct stem, whose test is not in the log (it did not run), is not benchmarked", log)
         check(not any("--tma-wide-by-shape" in l for l in bench),
               "the wide tile by shape, whose kernels' test timed out, is not benchmarked", log)
-
-        # The fdg spread: two rounds of as is, pinned and 32 hardware connections, interleaved.
-        spread = [l for l in lines if "fdg-spread-" in l]
-        check([l.split("fdg-spread-")[1].split(".")[0] for l in spread] == ["default", "pinned", "connections"] * 2
-              and [("CUDA_DEVICE_MAX_CONNECTIONS=32" in l.split("|")[1].split()) for l in spread] ==
-              [False, False, True] * 2 and all("--method fdg" in l for l in spread),
-              f"the fdg spread's six runs: {spread}", log)
 
         # With a second binary carried (COMPARE_BIN): ResNet-56's op-by-op fdg and backprop on each,
         # this commit's first, every switch off.
