@@ -984,45 +984,73 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
   // With tma_persistent() on, a wgmma_tma product with more tiles than the SMs hold at once runs
   // on as many blocks as they hold, each going over tiles with one ring of stages
   // (wgmma_tma_mainloop.cuh). Each tile is computed as by a block of its own, so every result
-  // must be the same bits as without, and right against the reference. GEMMs with tails in M, N
-  // and K, all four transposes and a bias, on both tiles (the wide tile's 96 tiles there stay a
-  // block each where the SMs hold 96 or more); larger GEMMs whose blocks take several tiles each,
-  // with rings that go round many times, against the run without; convolutions with TMA loads
-  // whose forward and data gradient have 272 row tiles on the narrow 128 x 64 tile (N = 64, two
-  // blocks an SM) or 256 on the 128 x 128 one, and a stride-2 layer whose forward and stride
-  // classes (written straight into dx) have 192 each; and a chain with programmatic dependent
-  // launch.
-  // The launch counter must grow wherever the tiles outnumber the blocks the SMs hold.
+  // must be the same bits as without, and right against the reference. Each section below must
+  // launch persistent on the wgmma_tma main loop (on a GPU of up to 140 SMs), none elsewhere:
+  //   * GEMMs with tails in M, N and K, on both tiles (1000 x 4500 x 136: 8 x 36 narrow tiles,
+  //     8 x 18 wide), fp32 output with transposes 0 and 3 (a bias), bf16 with 1 (beta 0.5) and
+  //     2 (ReLU), against the reference;
+  //   * GEMMs of 512 tiles (256 wide) with rings that go round many times within and across
+  //     tiles (K up to 4160 = 65 steps), all four transposes;
+  //   * split K under the persistent grid, which the default cap of one wave never launches on
+  //     an H100 (set_split_max_blocks): 16 tiles of K = 16040 (251 steps, the last one 40 deep) in
+  //     51 slices of 5 steps but the last of 1, so a block's ring goes across slices of different
+  //     depths and the partials of slice z > 0 come from the tile's decoding;
+  //   * convolutions with TMA loads whose forward and data gradient have 272 row tiles on the
+  //     narrow 128 x 64 tile (N = 64, two blocks an SM) or 256 on the 128 x 128 one, a stride-2
+  //     layer whose forward and stride classes (written straight into dx) have 192 each; and,
+  //     with the split cap raised, their weight gradients split over more blocks than the SMs hold;
+  //   * a chain of GEMMs with programmatic dependent launch.
   const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
   const bool on_tma = GetParam() == kcu::MmaMainloop::kWgmmaTma;
   int device = 0, sms = 0;
   SP_CUDA_CHECK(cudaGetDevice(&device));
   SP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   uint32_t seed = 1200;
-  int64_t total = 0;
-  // Runs fn with the switch on and off; returns both results, and adds the persistent launches.
+  int64_t section = 0;  // persistent launches in the present section
+  // Runs fn with the switch on and off; returns both results, and counts the persistent launches.
   const auto both = [&](const auto& fn) {
     std::pair<decltype(fn()), decltype(fn())> r;
     {
       const ScopedSwitch persistent(kcu::tma_persistent, kcu::set_tma_persistent);
       const int64_t before = kcu::tma_launches().persistent;
       r.first = fn();
-      total += kcu::tma_launches().persistent - before;
+      section += kcu::tma_launches().persistent - before;
     }
     {
       const ScopedSwitch persistent(kcu::tma_persistent, kcu::set_tma_persistent, false);
+      const int64_t before = kcu::tma_launches().persistent;
       r.second = fn();
+      EXPECT_EQ(kcu::tma_launches().persistent, before) << "persistent launches with the switch off";
     }
     return r;
   };
-  // 1000 x 3000 x 136: 8 x 24 narrow tiles of 3 K steps (the last part empty), 8 x 12 wide;
-  // fp32 output with transposes 0 and 3 (a bias), bf16 with 1 and 2.
+  // Ends a section: on the wgmma_tma main loop it launched persistent, elsewhere never.
+  const auto end_section = [&](const char* what) {
+    if (on_tma) {
+      EXPECT_GT(section, 0) << what << ": nothing ran persistent on " << sms << " SMs";
+    } else {
+      EXPECT_EQ(section, 0) << what << ": only the wgmma_tma kernel runs persistent";
+    }
+    section = 0;
+  };
+  // A plain GEMM's fp32 result on the device (no reference: the run without is the check).
+  const auto gemm = [&](bool ta, bool tb, int64_t m, int64_t n, int64_t k, const DeviceArray<uint16_t>& a,
+                        const DeviceArray<uint16_t>& b) {
+    DeviceArray<float> c(size_t(m * n));
+    kcu::gemm_bf16(ta, tb, m, n, k, 1.f, a.get(), ta ? m : k, b.get(), tb ? k : n, 0.f, c.get(), n, nullptr, false,
+                   stream_);
+    sync_and_check();
+    return c.download();
+  };
+
   for (const bool wide : {false, true}) {
     const ScopedSwitch tile(kcu::tma_wide_tile, kcu::set_tma_wide_tile, wide);
     for (int t = 0; t < 4; ++t) {
-      GemmCase g{1000, 3000, 136};
+      GemmCase g{1000, 4500, 136};
       g.ta = t & 1, g.tb = t & 2;
       g.bias = t == 3;
+      g.beta = t == 1 ? 0.5f : 0.f;
+      g.relu = t == 2;
       seed += 5;
       const std::string what = (wide ? " (wide)" : "") + std::string(": persistent vs not");
       if (t == 0 || t == 3) {
@@ -1033,41 +1061,60 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
         EXPECT_TRUE(bits_equal(h.first, h.second)) << gemm_str(g, "gemm_bf16_out_bf16") << what;
       }
     }
+    end_section(wide ? "GEMMs with tails, wide tile" : "GEMMs with tails");
   }
-  // 4096 x 2048 x 512 (512 tiles, 256 wide: 8 K steps each), 8192 x 1024 x 1024 and
-  // 2048 x 4096 x 4160 (tiles of 65 K steps, so that the rings go round many times within and
-  // across tiles). Their double-precision reference would be slow: against the run without.
+  // Their double-precision reference would be slow: against the run without.
   const int64_t long_gemms[][3] = {{4096, 2048, 512}, {8192, 1024, 1024}, {2048, 4096, 4160}};
   for (const bool wide : {false, true}) {
     const ScopedSwitch tile(kcu::tma_wide_tile, kcu::set_tma_wide_tile, wide);
+    int t = 0;
     for (const auto& sz : long_gemms) {
       const int64_t m = sz[0], n = sz[1], k = sz[2];
+      const bool ta = t & 1, tb = t & 2;
+      ++t;
       const std::string what = "gemm_bf16 " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) +
-                               (wide ? " (wide)" : "");
+                               (ta ? " A^T" : "") + (tb ? " B^T" : "") + (wide ? " (wide)" : "");
       const DeviceArray<uint16_t> a(random_bf16(size_t(m * k), seed += 5)), b(random_bf16(size_t(k * n), seed + 1));
-      const auto r = both([&] {
-        DeviceArray<float> c(size_t(m * n));
-        kcu::gemm_bf16(false, true, m, n, k, 1.f, a.get(), k, b.get(), k, 0.f, c.get(), n, nullptr, false, stream_);
-        sync_and_check();
-        return c.download();
-      });
+      const auto r = both([&] { return gemm(ta, tb, m, n, k, a, b); });
       EXPECT_TRUE(bits_equal(r.first, r.second)) << what << ": persistent vs not";
     }
+    end_section(wide ? "long GEMMs, wide tile" : "long GEMMs");
+  }
+  {
+    const int64_t m = 512, n = 512, k = 16040;
+    const int64_t before = kcu::split_max_blocks_override();
+    kcu::set_split_max_blocks(4096);
+    const DeviceArray<uint16_t> a(random_bf16(size_t(m * k), seed += 5)), b(random_bf16(size_t(k * n), seed + 1));
+    for (const bool tb : {false, true}) {
+      const auto r = both([&] { return gemm(false, tb, m, n, k, a, b); });
+      EXPECT_TRUE(bits_equal(r.first, r.second))
+          << "gemm_bf16 512x512x16040 in 51 K slices" << (tb ? " B^T" : "") << ": persistent vs not";
+    }
+    kcu::set_split_max_blocks(before);
+    end_section("split K");
   }
   // Convolutions with TMA loads (conv_tma on, the transposed filter), strided data gradients by
-  // stride class; the reference would be slow at these sizes: against the run without.
+  // stride class; the reference would be slow at these sizes: against the run without. Then with
+  // the split cap raised, so that the weight gradients (5 to 9 tiles, K = N * P * Q) split over
+  // more blocks than the SMs hold.
   {
     const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
     const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
-    for (const Conv2dShape& sh : {conv(34, 32, 32, 64, 64, 3, 1, 1), conv(128, 16, 16, 128, 128, 3, 1, 1),
-                                  conv(384, 16, 16, 128, 128, 3, 2, 1)}) {
-      seed += 5;
-      const auto r = both([&] { return run_conv(kCustomConv, stream_, sh, seed, 0, false); });
-      const std::string what = conv_str(sh) + ": persistent vs not";
-      EXPECT_TRUE(bits_equal(r.first.y, r.second.y)) << what << ", forward";
-      EXPECT_TRUE(bits_equal(r.first.dx, r.second.dx)) << what << ", backward data";
-      EXPECT_TRUE(bits_equal(r.first.dw, r.second.dw)) << what << ", backward weight";
+    const int64_t before = kcu::split_max_blocks_override();
+    for (const int64_t cap : {int64_t(-1), int64_t(4096)}) {
+      kcu::set_split_max_blocks(cap);
+      for (const Conv2dShape& sh : {conv(34, 32, 32, 64, 64, 3, 1, 1), conv(128, 16, 16, 128, 128, 3, 1, 1),
+                                    conv(384, 16, 16, 128, 128, 3, 2, 1)}) {
+        seed += 5;
+        const auto r = both([&] { return run_conv(kCustomConv, stream_, sh, seed, 0, false); });
+        const std::string what = conv_str(sh) + (cap > 0 ? " (split cap raised)" : "") + ": persistent vs not";
+        EXPECT_TRUE(bits_equal(r.first.y, r.second.y)) << what << ", forward";
+        EXPECT_TRUE(bits_equal(r.first.dx, r.second.dx)) << what << ", backward data";
+        EXPECT_TRUE(bits_equal(r.first.dw, r.second.dw)) << what << ", backward weight";
+      }
+      end_section(cap > 0 ? "convolutions, split cap raised" : "convolutions");
     }
+    kcu::set_split_max_blocks(before);
   }
   // A chain of GEMMs, each reading the one before, with programmatic dependent launch as well
   // (where the device takes no PDL the switch sets nothing).
@@ -1085,11 +1132,7 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
       return c2.download();
     });
     EXPECT_TRUE(bits_equal(r.first, r.second)) << "a chain of GEMMs with PDL, persistent vs not";
-  }
-  if (on_tma) {
-    EXPECT_GT(total, 0) << "nothing ran persistent on " << sms << " SMs";
-  } else {
-    EXPECT_EQ(total, 0) << "only the wgmma_tma kernel runs persistent";
+    end_section("a chain of GEMMs with PDL");
   }
 }
 

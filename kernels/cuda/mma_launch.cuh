@@ -128,7 +128,7 @@ void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t
   }
   if constexpr (kPersistent) {
     // The kernel numbers its tiles in 32 bits (wgmma::tma_tile_work).
-    SP_CHECK(m_tiles * n_tiles * plan.splits < (int64_t(1) << 31), "gemm_bf16: ", m, " x ", n, " x ", k, " needs ",
+    SP_CHECK(m_tiles * n_tiles * plan.splits < (int64_t(1) << 30), "gemm_bf16: ", m, " x ", n, " x ", k, " needs ",
              m_tiles * n_tiles * plan.splits, " tiles, more than the TMA kernel numbers");
   }
   if constexpr (kPersistent && TileCluster<Tile>::value == 1) {

@@ -172,10 +172,10 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   while (!mbarrier_try_wait(bar, parity)) {
   }
 }
-// The waits of the clustered main loop give up after this many SM clock cycles (about 19 s at
-// 1.8 GHz, far beyond any wait of a working kernel, even time-sliced or under compute-sanitizer)
-// and trap: until the clustered protocol has run on a GPU, a bug in it fails its launch
-// ("unspecified launch failure") instead of hanging the process until a test's time limit.
+// The waits of the clustered and the persistent main loop give up after this many SM clock
+// cycles (about 19 s at 1.8 GHz, far beyond any wait of a working kernel, even time-sliced or
+// under compute-sanitizer) and trap: a bug in their protocols fails the launch ("unspecified
+// launch failure") instead of hanging the process until a test's time limit.
 constexpr long long kClusterWaitCycles = 1ll << 35;
 
 // mbarrier_wait, bounded as above.

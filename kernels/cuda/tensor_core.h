@@ -144,6 +144,16 @@ bool tma_cluster();
 // unless set, or the environment variable STALEPROP_TMA_PERSISTENT is 1: not yet run on a GPU.
 void set_tma_persistent(bool on);
 bool tma_persistent();
+// The cap on the blocks of a split grid (tile_plan.h, split_max_blocks), for the whole process:
+// blocks >= 0 overrides STALEPROP_SPLIT_MAX_BLOCKS and the defaults (0: the target rule), -1
+// restores them. For tests: a split grid larger than the SMs hold (which the defaults never
+// launch on an H100) exercises the persistent kernel's K slices.
+inline void set_split_max_blocks(int64_t blocks) {
+  detail::split_max_blocks_override().store(blocks, std::memory_order_relaxed);
+}
+inline int64_t split_max_blocks_override() {
+  return detail::split_max_blocks_override().load(std::memory_order_relaxed);
+}
 // The bf16 forward and weight gradient of convolutions with at most 4 input channels (a
 // ResNet's stem) as direct kernels on CUDA cores (conv_small_c_plan.h, conv_small_c.cu) instead
 // of the tensor-core implicit GEMM, whose 27-deep reduction fills under half of one K step and

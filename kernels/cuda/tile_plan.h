@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -52,9 +53,19 @@ inline int64_t parse_split_max_blocks(const char* text) {
                 std::string(text ? text : "") + "'");
   return v;
 }
-// The cap a launch uses: the environment's where it is set (and not empty), else `fallback`
-// (kTensorCoreSplitMaxBlocks for the tensor-core launches, 0 for the fp32 ones).
+// A process-wide cap that overrides the environment's and the defaults: -1 (as at start) for
+// none. For tests (set_split_max_blocks in tensor_core.h), which cannot set the environment
+// once it has been read.
+inline std::atomic<int64_t>& split_max_blocks_override() {
+  static std::atomic<int64_t> blocks{-1};
+  return blocks;
+}
+// The cap a launch uses: the override where set, else the environment's where it is set (and
+// not empty), else `fallback` (kTensorCoreSplitMaxBlocks for the tensor-core launches, 0 for
+// the fp32 ones).
 inline int64_t split_max_blocks(int64_t fallback) {
+  const int64_t set = split_max_blocks_override().load(std::memory_order_relaxed);
+  if (set >= 0) return set;
   static const int64_t from_env = [] {
     const char* env = std::getenv("STALEPROP_SPLIT_MAX_BLOCKS");
     return env && *env ? parse_split_max_blocks(env) : int64_t(-1);

@@ -196,7 +196,8 @@ struct ConvWgradSource {  // the weight gradient's rows (tap, channel): kX / 64 
 struct TmaTileWork {
   int m0, n0, z, k_begin, k_steps;
 };
-// (32-bit: the host checks that the tiles are fewer than 2^31.)
+// (32-bit: the host checks that the tiles are fewer than 2^30, so that t + the grid's size
+// cannot overflow either.)
 template <class Tile>
 __device__ __forceinline__ TmaTileWork tma_tile_work(int t, int tiles_m, int tiles_n, const MmaGeometry& g) {
   TmaTileWork w;
@@ -246,6 +247,15 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const int tiles = tiles_m * tiles_n * ((g.k + g.k_per_split - 1) / g.k_per_split);
   const int first_tile = int(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
   const int tile_step = int(gridDim.x * gridDim.y * gridDim.z);
+  // A persistent grid waits bounded (a protocol bug traps instead of hanging the process: see
+  // ptx_sm90.cuh); a block per tile, unclustered, keeps the plain wait.
+  const bool persistent = tile_step < tiles;
+  const auto wait_stage = [persistent](uint64_t* bar, uint32_t parity) {
+    if (persistent)
+      ptx::mbarrier_wait_bounded(bar, parity);
+    else
+      ptx::mbarrier_wait(bar, parity);
+  };
   const int wg = int(threadIdx.x) / kWarpgroupThreads;
   const uint32_t rank = kCl > 1 ? ptx::cluster_ctarank() : 0;
 
@@ -279,7 +289,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
         if constexpr (kCl > 1)
           ptx::mbarrier_wait_bounded(&empty[s], ((it / kS) & 1) ^ 1);
         else
-          ptx::mbarrier_wait(&empty[s], ((it / kS) & 1) ^ 1);
+          wait_stage(&empty[s], ((it / kS) & 1) ^ 1);
         // The whole stage lands here: this block's part of B and the other blocks' parts.
         ptx::mbarrier_arrive_expect_tx(&full[s], StageA::kBytes + StageB::kBytes);
         const int k0 = w.k_begin + step * kBK;
@@ -329,7 +339,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     if constexpr (kCl > 1)
       ptx::mbarrier_wait_bounded(&full[s], (it / kS) & 1);  // (bounded: see ptx_sm90.cuh)
     else
-      ptx::mbarrier_wait(&full[s], (it / kS) & 1);
+      wait_stage(&full[s], (it / kS) & 1);
     const uint32_t as = ptx::smem_u32(a_smem + s * Tile::kAStage) + LayoutA::x_offset(cw * kWarpgroupRows);
     const uint32_t bs = ptx::smem_u32(b_smem + s * Tile::kBStage);
     ptx::fence_accumulators(acc);
