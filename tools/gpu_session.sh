@@ -10,10 +10,11 @@
 #   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test but the tools/
 #      scripts' CPU tests (ctest, 120 s per test);
 #   3. compute-sanitizer memcheck (first) on the stride classes' test (their results go straight
-#      into dx) and the split-K test of every main loop (the epilogue's paired stores), racecheck
-#      on the clusters' (SAN_CAP seconds each, default 55; only tests that ended in ctest, none
-#      that timed out); racecheck over the convolution tests and test_cuda_network comes after
-#      step 6 (SWEEP_CAP seconds each, default 100, as time allows);
+#      into dx), the split-K test of every main loop (the epilogue's paired stores) and the
+#      persistent TMA kernel's, then racecheck on the persistent kernel's (SAN_CAP seconds each,
+#      default 55; only tests that ended in ctest, none that timed out); racecheck over the
+#      convolution tests and test_cuda_network comes after step 6 (SWEEP_CAP seconds each,
+#      default 100, as time allows);
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
 #      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
 #      the measurements; evaluate its checkpoint with staleprop and, loaded into PyTorch, with
@@ -174,8 +175,9 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
 # written straight into dx and the clusters' present form (bench/results/nvidia-h100/2026-11-26-
 # and 2026-11-27(b,c)-sanitizers.log). Changed since: the epilogue of every tensor-core main loop
 # (each row's offset once, two columns per store, split K's partials in pairs: memcheck on the
-# stride classes' grouped rows and on the split-K test of every main loop), and racecheck has
-# not yet run on the clusters' present form.
+# stride classes' grouped rows and on the split-K test of every main loop), and the persistent
+# TMA kernel has never run (memcheck, then racecheck: its ring of stages goes across tiles).
+# Racecheck has not run on the clusters' present form either, which stay off.
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
 # hang here too, for SAN_CAP seconds each time. memcheck first; racecheck is slow (16 tests in
 # 55 s on 2026-11-26). The calls stop where less than SAN_CAP + 200 s is left.
@@ -185,8 +187,10 @@ if [ -z "${CTEST_LOG:-}" ]; then
     san memcheck test_cuda_tensor_core '*ConvolutionsByStrideClass/wgmma_tma' class-direct
   finished 'GemmSplitKOnLongReductions/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*GemmSplitKOnLongReductions/*' epilogue-pairs
-  finished 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' &&
-    san racecheck test_cuda_tensor_core '*GemmAndConvolutionsInClustersOfTwo/wgmma_tma' tma-cluster
+  finished 'PersistentTmaKernelGivesTheSameBits/wgmma_tma' &&
+    san memcheck test_cuda_tensor_core '*PersistentTmaKernelGivesTheSameBits/wgmma_tma' persistent
+  finished 'PersistentTmaKernelGivesTheSameBits/wgmma_tma' &&
+    san racecheck test_cuda_tensor_core '*PersistentTmaKernelGivesTheSameBits/wgmma_tma' persistent
 fi
 
 if [ -n "$TRAIN_PID" ]; then

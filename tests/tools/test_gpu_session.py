@@ -6,10 +6,11 @@ The script runs once per GPU session, in 15 minutes of device time, so a mistake
 costs a whole session. Checked here, from a ctest log in which the TMA convolutions and the
 persistent batch norm and the stride classes' TMA data gradient passed, the wide TMA GEMM tile
 timed out and the programmatic-launch test failed:
-  - compute-sanitizer runs memcheck on the stride classes' and the split-K tests (the epilogue
-    changed since their last sanitizer run), then racecheck on the clusters' test, never on a
-    test that timed out (it would hang again) or did not run; then racecheck's sweeps over the
-    convolution and network tests;
+  - compute-sanitizer runs memcheck on the stride classes', the split-K and the persistent
+    kernel's tests (the epilogue changed since their last sanitizer run; the persistent kernel
+    never ran), then racecheck on the persistent kernel's, never on a test that timed out (it
+    would hang again) or did not run; then racecheck's sweeps over the convolution and network
+    tests;
   - a switch is measured only where its GPU test passed: the wide tile's and programmatic
     launch's benchmarks never run, the persistent kernel's run off and on (GEMM, convolutions,
     training); the paths measured in earlier sessions are not measured again;
@@ -110,7 +111,8 @@ def main():
         tools_and_filters = [(l.split()[2], l.split("--gtest_filter=")[1].split()[0]) for l in san]
         check(tools_and_filters == [("memcheck", "*ConvolutionsByStrideClass/wgmma_tma"),
                                     ("memcheck", "*GemmSplitKOnLongReductions/*"),
-                                    ("racecheck", "*GemmAndConvolutionsInClustersOfTwo/wgmma_tma"),
+                                    ("memcheck", "*PersistentTmaKernelGivesTheSameBits/wgmma_tma"),
+                                    ("racecheck", "*PersistentTmaKernelGivesTheSameBits/wgmma_tma"),
                                     ("racecheck", "*Convolution*/wgmma_tma"),
                                     ("racecheck", "*")],
               f"the sanitizers run memcheck first, on the changed kernels' test: {tools_and_filters}", log)
@@ -197,17 +199,19 @@ def main():
               f"the gathered filter but in the two runs of the new defaults, the pool's waits in the last: {wt} {deps}",
               log)
 
-        # The same session where the clusters' test timed out: no sanitizer runs it (it would hang
-        # again); the two memchecks and racecheck's sweeps still run.
-        timed_out = CTEST_LOG.replace("<03-00 00-00> ....   Passed    1.00 sec", "<03-00 00-00> ....***Timeout 120.01 sec")
-        check(timed_out.count("Timeout") == 2, "the second fixture has the clusters' test timed out", timed_out)
+        # The same session where the persistent kernel's test timed out: no sanitizer runs it (it
+        # would hang again); the two other memchecks and racecheck's sweeps still run.
+        timed_out = CTEST_LOG.replace("GivesTheSameBits/wgmma_tma ..   Passed    1.00 sec",
+                                      "GivesTheSameBits/wgmma_tma ..***Timeout 120.01 sec")
+        check(timed_out.count("Timeout") == 2, "the second fixture has the persistent kernel's test timed out",
+              timed_out)
         write(fixture, timed_out)
         os.remove(calls)
         out2 = os.path.join(tmp, "out2")
         p2 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")], env=dict(env, OUT=out2),
                             capture_output=True, text=True, timeout=120)
         san2 = [l for l in open(calls).read().splitlines() if l.startswith("compute-sanitizer ")]
-        check(p2.returncode == 0 and not any("ClustersOfTwo" in l for l in san2) and len(san2) == 4,
+        check(p2.returncode == 0 and not any("Persistent" in l for l in san2) and len(san2) == 4,
               f"a timed-out test gets no sanitizer run, the sweeps still run: {san2}", p2.stdout + p2.stderr)
 
         results = os.path.join(out, "results.tgz")
