@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "kernels/cuda/tile_plan.h"
 
@@ -105,6 +107,56 @@ TEST(TilePlan, SplitMaximumFromTheEnvironment) {
     }
   }
   EXPECT_THROW(parse_split_max_blocks(nullptr), sp::Error);
+}
+
+TEST(TilePlan, TileNumberingCoversEveryTileOnceOnEitherGrid) {
+  // tile_work's numbering (the persistent TMA kernel's): on the classic grid (M tiles, N tiles,
+  // K slices) each block's index in the grid decodes to its own (blockIdx.x, blockIdx.y,
+  // blockIdx.z); on a persistent grid of P blocks, block b's tiles b, b + P, ... cover every
+  // tile once; and each tile's K slices cover K in order, with no slice empty, as the split plan
+  // (and the kernel's reduction of the partials by slice) expects.
+  struct Shape {
+    int m, n, k;
+  };
+  for (const Shape& sh : {Shape{1000, 3000, 136}, Shape{512, 512, 16040}, Shape{128, 64, 64}, Shape{4096, 2048, 4160},
+                          Shape{130, 72, 100000}, Shape{34816, 64, 576}})
+    for (const auto& tile : {std::pair<int, int>{128, 128}, {128, 256}, {128, 64}})
+      for (const int64_t cap : {int64_t(0), int64_t(132), int64_t(4096)}) {
+        const int bm = tile.first, bn = tile.second, step = 64;
+        const int tiles_m = (sh.m + bm - 1) / bm, tiles_n = (sh.n + bn - 1) / bn;
+        const SplitPlan plan = plan_split_k(int64_t(tiles_m) * tiles_n, sh.k, step, cap);
+        const int tiles = tile_count(sh.m, sh.n, sh.k, bm, bn, plan.k_per_split);
+        const std::string what = std::to_string(sh.m) + " x " + std::to_string(sh.n) + " x " + std::to_string(sh.k) +
+                                 " on " + std::to_string(bm) + " x " + std::to_string(bn) + ", cap " +
+                                 std::to_string(cap);
+        ASSERT_EQ(tiles, tiles_m * tiles_n * plan.splits) << what;
+        // The classic grid: block (x, y, z) at index x + X (y + Y z).
+        for (int z = 0; z < plan.splits; ++z)
+          for (int y = 0; y < tiles_n; ++y)
+            for (int x = 0; x < tiles_m; x += std::max(1, tiles_m / 7)) {
+              const TileWork w =
+                  tile_work(x + tiles_m * (y + tiles_n * z), tiles_m, tiles_n, bm, bn, sh.k, plan.k_per_split, step);
+              ASSERT_EQ(w.m0, x * bm) << what;
+              ASSERT_EQ(w.n0, y * bn) << what;
+              ASSERT_EQ(w.z, z) << what;
+            }
+        // A persistent grid: every tile once; per output tile, its slices' K ranges in order.
+        for (const int blocks : {1, 132, 264}) {
+          std::vector<int> seen(size_t(tiles), 0);
+          std::vector<int> k_done(size_t(tiles_m) * tiles_n, 0);  // K covered so far, slices in order
+          for (int b = 0; b < std::min(blocks, tiles); ++b)
+            for (int t = b; t < tiles; t += blocks) ++seen[size_t(t)];
+          ASSERT_TRUE(std::all_of(seen.begin(), seen.end(), [](int v) { return v == 1; })) << what;
+          for (int t = 0; t < tiles; ++t) {  // in the numbering's order: slice z after slice z - 1
+            const TileWork w = tile_work(t, tiles_m, tiles_n, bm, bn, sh.k, plan.k_per_split, step);
+            ASSERT_GE(w.k_steps, 1) << what << ": an empty slice";
+            int& done = k_done[size_t(w.m0 / bm) + size_t(tiles_m) * size_t(w.n0 / bn)];
+            ASSERT_EQ(w.k_begin, done) << what << ": slice " << w.z;
+            done = std::min(sh.k, w.k_begin + w.k_steps * step);
+          }
+          ASSERT_TRUE(std::all_of(k_done.begin(), k_done.end(), [&](int v) { return v == sh.k; })) << what;
+        }
+      }
 }
 
 TEST(TilePlan, WideTileWidths) {

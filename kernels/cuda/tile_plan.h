@@ -16,6 +16,12 @@
 
 #include "kernels/common/error.h"
 
+#if defined(__CUDACC__)
+#define SP_TILE_HD __host__ __device__ __forceinline__
+#else
+#define SP_TILE_HD inline
+#endif
+
 namespace sp::kernels::cuda::detail {
 
 // Split K only while the output has fewer block tiles than this: about two blocks per SM on
@@ -87,6 +93,31 @@ inline SplitPlan plan_split_k(int64_t tiles, int k, int k_step, int64_t max_bloc
   const int steps_per_split = int(tile_ceil_div(k_steps, splits));
   // Recount so that no slice is empty (e.g. 10 steps in 4 slices of 3 leave 4 slices, 3 + 3 + 3 + 1).
   return SplitPlan{int(tile_ceil_div(k_steps, steps_per_split)), steps_per_split * k_step};
+}
+
+// One output tile's work in a tiled launch: tile t of the product's tiles numbered M tile fastest,
+// then N tile, then K slice, the order of a (M tiles, N tiles, K slices) grid's blocks. The
+// persistent TMA kernel (wgmma_tma_mainloop.cuh) goes over tiles by this numbering; a block per
+// tile decodes its own index to its (blockIdx.x, blockIdx.y, blockIdx.z). bm x bn tiles, K = k
+// in slices of k_per_split (a multiple of k_step; the split plan's). 32-bit: the host keeps the
+// tiles under 2^30. tests/test_tile_plan.cpp checks the numbering on the CPU.
+struct TileWork {
+  int m0, n0, z, k_begin, k_steps;
+};
+SP_TILE_HD TileWork tile_work(int t, int tiles_m, int tiles_n, int bm, int bn, int k, int k_per_split, int k_step) {
+  TileWork w;
+  w.m0 = t % tiles_m * bm;
+  const int rest = t / tiles_m;
+  w.n0 = rest % tiles_n * bn;
+  w.z = rest / tiles_n;
+  w.k_begin = w.z * k_per_split;
+  const int k_end = k < w.k_begin + k_per_split ? k : w.k_begin + k_per_split;
+  w.k_steps = (k_end - w.k_begin + k_step - 1) / k_step;  // >= 1 where the plan leaves no slice empty
+  return w;
+}
+// The tiles of a product: M tiles x N tiles x K slices.
+SP_TILE_HD int tile_count(int m, int n, int k, int bm, int bn, int k_per_split) {
+  return ((m + bm - 1) / bm) * ((n + bn - 1) / bn) * ((k + k_per_split - 1) / k_per_split);
 }
 
 // Whether an N-column product fills the 128 x 256 tile well enough to take it at all: N >= 256

@@ -75,13 +75,14 @@
 // only where conv_tma() is on (tensor_core.h; the default).
 #pragma once
 
-#include <cstdint>
-
 #include <cuda.h>  // CUtensorMap (a type only: the maps are encoded through the runtime's driver entry point)
+
+#include <cstdint>
 
 #include "kernels/cuda/conv_tma.h"
 #include "kernels/cuda/mma_mainloop.cuh"
 #include "kernels/cuda/ptx_sm90.cuh"
+#include "kernels/cuda/tile_plan.h"
 #include "kernels/cuda/wgmma_layout.h"
 #include "kernels/cuda/wgmma_mainloop.cuh"
 
@@ -191,24 +192,12 @@ struct ConvWgradSource {  // the weight gradient's rows (tap, channel): kX / 64 
 #endif
 };
 
-// One output tile's work: tile t of the product's tiles numbered M tile fastest, then N tile,
-// then K slice (the order of a (M tiles, N tiles, K slices) grid's blocks).
-struct TmaTileWork {
-  int m0, n0, z, k_begin, k_steps;
-};
-// (32-bit: the host checks that the tiles are fewer than 2^30, so that t + the grid's size
-// cannot overflow either.)
+// One output tile's work (tile_plan.h, tile_work: the numbering of a classic grid's blocks).
+// 32-bit: the host checks that the tiles are fewer than 2^30, so that t + the grid's size cannot
+// overflow either.
 template <class Tile>
-__device__ __forceinline__ TmaTileWork tma_tile_work(int t, int tiles_m, int tiles_n, const MmaGeometry& g) {
-  TmaTileWork w;
-  w.m0 = t % tiles_m * Tile::kBM;
-  const int rest = t / tiles_m;
-  w.n0 = rest % tiles_n * Tile::kBN;
-  w.z = rest / tiles_n;
-  w.k_begin = w.z * g.k_per_split;
-  const int k_end = min(g.k, w.k_begin + g.k_per_split);
-  w.k_steps = (k_end - w.k_begin + kBK - 1) / kBK;  // >= 1: the host never plans an empty slice
-  return w;
+__device__ __forceinline__ TileWork tma_tile_work(int t, int tiles_m, int tiles_n, const MmaGeometry& g) {
+  return tile_work(t, tiles_m, tiles_n, Tile::kBM, Tile::kBN, g.k, g.k_per_split, kBK);
 }
 
 // Tile::kThreads threads, kSmemBytes of dynamic shared memory; map_a / map_b describe A (x = M)
@@ -244,7 +233,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 
   constexpr int kCl = Tile::kCluster;
   const int tiles_m = (g.m + Tile::kBM - 1) / Tile::kBM, tiles_n = (g.n + Tile::kBN - 1) / Tile::kBN;
-  const int tiles = tiles_m * tiles_n * ((g.k + g.k_per_split - 1) / g.k_per_split);
+  const int tiles = tile_count(g.m, g.n, g.k, Tile::kBM, Tile::kBN, g.k_per_split);
   const int first_tile = int(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
   const int tile_step = int(gridDim.x * gridDim.y * gridDim.z);
   // A persistent grid waits bounded (a protocol bug traps instead of hanging the process: see
@@ -282,7 +271,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     if (threadIdx.x != 0) return;
     int it = 0;  // the ring's position: K steps loaded so far, over the block's tiles
     for (int t = first_tile; t < tiles; t += tile_step) {
-      const TmaTileWork w = tma_tile_work<Tile>(t, tiles_m, tiles_n, g);
+      const TileWork w = tma_tile_work<Tile>(t, tiles_m, tiles_n, g);
       for (int step = 0; step < w.k_steps; ++step, ++it) {
         const int s = it % kS;
         // Round 0 finds every stage free. In a cluster the releases come from both blocks.
@@ -330,7 +319,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   float acc[Tile::kAcc];
   int it = 0;  // the ring's position, as the producer's
   for (int t = first_tile; t < tiles; t += tile_step) {
-    const TmaTileWork w = tma_tile_work<Tile>(t, tiles_m, tiles_n, g);
+    const TileWork w = tma_tile_work<Tile>(t, tiles_m, tiles_n, g);
 #pragma unroll
   for (int i = 0; i < Tile::kAcc; ++i) acc[i] = 0.f;
 
