@@ -100,14 +100,28 @@ void check_maxpool(const Pool2dShape& sh, const std::string& what) {
   for (int64_t idx = 0; idx < sh.y_size() / W; ++idx) maxpool_forward_chunk<W, KW>(g, idx, x.data(), y.data());
   cpu::maxpool2d_forward<float>(sh, x.data(), y_ref.data());
   expect_bits_equal(y, y_ref, what + " forward");
-  std::vector<int> arg(size_t(sh.y_size()), -2);
-  for (int64_t idx = 0; idx < sh.y_size() / W; ++idx) maxpool_argmax_chunk<W, KW>(g, idx, x.data(), arg.data());
-  for (size_t i = 0; i < arg.size(); ++i)
-    ASSERT_TRUE(arg[i] >= 0 && arg[i] < sh.h * sh.w) << what << ": window " << i << " chose pixel " << arg[i];
-  std::vector<float> dx = unwritten(size_t(sh.x_size())), dx_ref(dx.size());
-  for (int64_t idx = 0; idx < sh.x_size() / W; ++idx) maxpool_gather_chunk<W>(g, idx, arg.data(), dy.data(), dx.data());
+  // The backward with the windows' tap indices as bytes (the kernels' form for windows up to
+  // 15 x 15) and as ints: each a tap of its window inside the image, and the same bits as the
+  // reference.
+  std::vector<float> dx_ref(size_t(sh.x_size()));
   cpu::maxpool2d_backward<float>(sh, x.data(), dy.data(), dx_ref.data());
-  expect_bits_equal(dx, dx_ref, what + " backward");
+  const auto backward = [&](auto tag, const std::string& form) {
+    using A = decltype(tag);
+    std::vector<A> arg(size_t(sh.y_size()), A(-2));
+    for (int64_t idx = 0; idx < sh.y_size() / W; ++idx) maxpool_argmax_chunk<W, KW>(g, idx, x.data(), arg.data());
+    for (size_t i = 0; i < arg.size(); ++i) {
+      const int tap = int(arg[i]), p = int(i / size_t(sh.c)) / sh.q() % sh.p(), q = int(i / size_t(sh.c)) % sh.q();
+      const int ih = p * sh.stride - sh.pad + tap / sh.window, iw = q * sh.stride - sh.pad + tap % sh.window;
+      ASSERT_TRUE(tap >= 0 && tap < sh.window * sh.window && ih >= 0 && ih < sh.h && iw >= 0 && iw < sh.w)
+          << what << form << ": window " << i << " chose tap " << tap;
+    }
+    std::vector<float> dx = unwritten(size_t(sh.x_size()));
+    for (int64_t idx = 0; idx < sh.x_size() / W; ++idx)
+      maxpool_gather_chunk<W>(g, idx, arg.data(), dy.data(), dx.data());
+    expect_bits_equal(dx, dx_ref, what + form + " backward");
+  };
+  backward(uint8_t{}, ", taps as bytes");
+  backward(int{}, ", taps as ints");
 }
 
 // Every window size, stride and padding up to 3 on small odd and even images, one and four

@@ -160,15 +160,15 @@ __global__ void maxpool_forward_kernel(int64_t total, PoolGeom g, const float* x
     maxpool_forward_chunk<W, KW>(g, idx, x, y);
 }
 
-template <int W, int KW>
-__global__ void maxpool_argmax_kernel(int64_t total, PoolGeom g, const float* x, int* arg) {
+template <int W, int KW, typename A>
+__global__ void maxpool_argmax_kernel(int64_t total, PoolGeom g, const float* x, A* arg) {
   pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
     maxpool_argmax_chunk<W, KW>(g, idx, x, arg);
 }
 
-template <int W>
-__global__ void maxpool_backward_gather_kernel(int64_t total, PoolGeom g, const int* arg, const float* dy, float* dx) {
+template <int W, typename A>
+__global__ void maxpool_backward_gather_kernel(int64_t total, PoolGeom g, const A* arg, const float* dy, float* dx) {
   pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
     maxpool_gather_chunk<W>(g, idx, arg, dy, dx);
@@ -477,15 +477,25 @@ void maxpool_forward_w(const PoolGeom& g, int64_t y_size, const float* x, float*
     launch_elements(maxpool_forward_kernel<W, decltype(kw)::value>, y_size / W, stream, g, x, y);
   });
 }
+// The windows' tap indices as bytes where a window has at most 225 taps (15 x 15: 255 stays
+// free for a window with no tap inside the image), else as ints (layout_gathers.h).
+template <int W, typename A>
+void maxpool_backward_taps(const PoolGeom& g, int64_t y_size, int64_t x_size, const float* x, const float* dy,
+                           float* dx, cudaStream_t stream) {
+  const Workspace arg(size_t(y_size) * sizeof(A), stream);
+  A* a = arg.as<A>();
+  with_window(g.window, [&](auto kw) {
+    launch_elements(maxpool_argmax_kernel<W, decltype(kw)::value, A>, y_size / W, stream, g, x, a);
+  });
+  launch_elements(maxpool_backward_gather_kernel<W, A>, x_size / W, stream, g, static_cast<const A*>(a), dy, dx);
+}
 template <int W>
 void maxpool_backward_w(const PoolGeom& g, int64_t y_size, int64_t x_size, const float* x, const float* dy, float* dx,
                         cudaStream_t stream) {
-  const Workspace arg(size_t(y_size) * sizeof(int), stream);
-  int* a = arg.as<int>();
-  with_window(g.window, [&](auto kw) {
-    launch_elements(maxpool_argmax_kernel<W, decltype(kw)::value>, y_size / W, stream, g, x, a);
-  });
-  launch_elements(maxpool_backward_gather_kernel<W>, x_size / W, stream, g, static_cast<const int*>(a), dy, dx);
+  if (g.window <= 15)
+    maxpool_backward_taps<W, uint8_t>(g, y_size, x_size, x, dy, dx, stream);
+  else
+    maxpool_backward_taps<W, int>(g, y_size, x_size, x, dy, dx, stream);
 }
 }  // namespace
 
@@ -499,7 +509,8 @@ void maxpool2d_forward(const Pool2dShape& sh, const float* x, float* y, cudaStre
 void maxpool2d_backward(const Pool2dShape& sh, const float* x, const float* dy, float* dx, cudaStream_t stream) {
   const PoolGeom g = pool_geom(sh);
   if (sh.y_size() == 0 || sh.x_size() == 0) return;
-  // The scratch array comes from cudaMallocAsync (256-byte aligned), so its int4s are aligned.
+  // The scratch array comes from cudaMallocAsync (256-byte aligned), so its groups of four tap
+  // indices are aligned.
   if (g.c % 4 == 0 && all_aligned16(x, dy, dx))
     maxpool_backward_w<4>(g, sh.y_size(), sh.x_size(), x, dy, dx, stream);
   else
