@@ -109,7 +109,10 @@ struct ShiftedMomentsTerm {
 };
 
 // acc[0] += g, acc[1] += g * xhat, with g the gradient reaching the normalisation: dy, or for
-// the fused variants dy where the forward output y > 0 else 0 (relu_backward's form).
+// the fused variants dy where the forward output y > 0 else 0 (relu_backward's form). With g_out
+// set (the fused BN+add+ReLU's dresidual, which is g), the reduction also stores g there as it
+// reads it, so that the element pass reads g once instead of dy and y (7 passes over the tensor
+// instead of 8). g_out may alias dy: each element is read and then written by one thread.
 template <class S>
 struct GradTerm {
   static constexpr int kVals = 2;  // x, g
@@ -119,6 +122,7 @@ struct GradTerm {
   const float* mean;
   const float* invstd;
   int c;
+  typename S::Storage* g_out = nullptr;
   struct Cols {
     float mean[kChunkElems], invstd[kChunkElems];
   };
@@ -137,6 +141,16 @@ struct GradTerm {
       load_row<S, kVec>(y, i, c, j0, ncols, yv);
 #pragma unroll
       for (int e = 0; e < kChunkElems; ++e) v[1][e] = yv[e] > 0.f ? v[1][e] : 0.f;
+    }
+    if (g_out != nullptr) {
+      typename S::Storage* p = g_out + i * c + j0;
+      if constexpr (kVec) {
+        S::store8(p, v[1]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kChunkElems; ++e)
+          if (e < ncols) p[e] = S::store(v[1][e]);
+      }
     }
   }
   __device__ void add(const float (&v)[2][kChunkElems], const Cols& k, double (&acc)[2][kChunkElems]) const {
@@ -273,19 +287,21 @@ void launch_normalize(int64_t total, int c, const typename S::Storage* x, const 
 }
 
 // dresidual (nullable) receives the masked gradient; it may alias dy (a thread reads its
-// elements of dy before it writes the same elements of dresidual).
+// elements of dy before it writes the same elements of dresidual). With g_ready, the reduction
+// has already stored it there (GradTerm's g_out): it is read from dresidual instead of from dy
+// and y.
 template <class S, bool kVec>
-__global__ void bn_backward_dx_kernel(int64_t total, int c, const typename S::Storage* x,
-                                      const typename S::Storage* y, const typename S::Storage* dy,
-                                      const float* save_mean, const float* save_invstd, const float* coef,
-                                      typename S::Storage* dx, typename S::Storage* dresidual) {
+__global__ void bn_backward_dx_kernel(int64_t total, int c, const typename S::Storage* x, const typename S::Storage* y,
+                                      const typename S::Storage* dy, const float* save_mean, const float* save_invstd,
+                                      const float* coef, typename S::Storage* dx, typename S::Storage* dresidual,
+                                      bool g_ready) {
   pdl_prologue();
   for_each_with_channel<kVec>(total, c, [&](int64_t i, int j, auto width) {
     constexpr int W = decltype(width)::value;
     float xv[W], g[W], mu[W], is[W], gain[W], mdy[W], mdyx[W];
     load_elems<S, W>(x + i, xv);
-    load_elems<S, W>(dy + i, g);
-    if (y != nullptr) {
+    load_elems<S, W>((g_ready ? dresidual : dy) + i, g);
+    if (y != nullptr && !g_ready) {
       float yv[W];
       load_elems<S, W>(y + i, yv);
 #pragma unroll
@@ -300,7 +316,7 @@ __global__ void bn_backward_dx_kernel(int64_t total, int c, const typename S::St
 #pragma unroll
     for (int e = 0; e < W; ++e) out[e] = bn_dx_value(xv[e], g[e], mu[e], is[e], gain[e], mdy[e], mdyx[e]);
     store_elems<S, W>(dx + i, out);
-    if (dresidual != nullptr) store_elems<S, W>(dresidual + i, g);
+    if (dresidual != nullptr && !g_ready) store_elems<S, W>(dresidual + i, g);
   });
 }
 
@@ -698,14 +714,17 @@ void backward_impl(const char* op, int64_t m, int64_t c64, const typename S::Sto
   if (backward_persistent<S>(m, plan, term, gamma, save_mean, save_invstd, dx, dresidual, dgamma, dbeta, partial, coef,
                              stream))
     return;
-  column_partials<2>(m, plan, term, vec, partial, stream);
+  // The fused BN+add+ReLU's dresidual (g) written by the reduction as it reads dy and y.
+  GradTerm<S> grad = term;
+  grad.g_out = dresidual;
+  column_partials<2>(m, plan, grad, vec, partial, stream);
   launch_kernel(bn_backward_finalize_kernel, finalize_blocks(c), kFinalizeThreads, 0, stream, partial, plan.chunks, m,
                 c, gamma, save_invstd, dgamma, dbeta, coef);
   const int64_t total = m * c;
   if (total == 0) return;
   auto* kernel = vec ? &bn_backward_dx_kernel<S, true> : &bn_backward_dx_kernel<S, false>;
   launch_kernel(kernel, channel_blocks(total, vec), kElementThreads, 0, stream, total, c, x, y, dy, save_mean,
-                save_invstd, coef, dx, dresidual);
+                save_invstd, coef, dx, dresidual, dresidual != nullptr);
 }
 
 }  // namespace
