@@ -136,7 +136,8 @@ def main():
               [l.split("--tma-persistent=")[1][0] for l in persistent] == ["0", "1"] * 2,
               f"the persistent kernel, whose test passed, off and on: the GEMM (not on the wide tile, whose "
               f"test timed out), the convolutions' sums: {persistent}", log)
-        check(any("^maxpool_(fwd|bwd)/" in l for l in bench), "max pooling against the copy", log)
+        check(any("^maxpool_(fwd|bwd)/|^bn_add_relu_bwd" in l for l in bench),
+              "max pooling and the fused BN backward against the copy", log)
         check(not any("--tma-cluster" in l or "--dgrad-class" in l for l in bench),
               "the paths measured in earlier sessions are not benchmarked again", log)
         tput = [l for l in lines if "throughput-tma-persistent" in l]
