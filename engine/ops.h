@@ -93,7 +93,7 @@ void batchnorm_add_relu_forward_inference(Stream& s, const Tensor& x, const Tens
                                           const Tensor& beta, const Tensor& running_mean, const Tensor& running_var,
                                           const Tensor& y, float eps);
 // Backward from the fused forward's output y: dx, dgamma, dbeta, and dresidual (optional; the
-// gradient of the residual input, which may be dy itself: dy is then consumed).
+// gradient of the residual input, which may be dy itself: dy is then consumed; never x or dx).
 void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, const Tensor& dy, const Tensor& gamma,
                                  const Tensor& save_mean, const Tensor& save_invstd, const Tensor& dx,
                                  const Tensor& dresidual, const Tensor& dgamma, const Tensor& dbeta);

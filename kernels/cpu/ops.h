@@ -63,7 +63,8 @@ void batchnorm_add_relu_forward_inference(int64_t m, int64_t c, const T* x, cons
                                           const T* gamma, const T* beta, const T* running_mean, const T* running_var,
                                           T eps, bool relu, T* y);
 // Backward of the fused forward given its output y: g = dy where y > 0 else 0, then the
-// batchnorm_backward formulas with g for dy; dresidual = g (nullable; may alias dy).
+// batchnorm_backward formulas with g for dy; dresidual = g (nullable; may alias dy, never x or
+// dx: the CUDA form writes g there first and reads it back).
 template <typename T>
 void batchnorm_add_relu_backward(int64_t m, int64_t c, const T* x, const T* y, const T* dy, const T* gamma,
                                  const T* save_mean, const T* save_invstd, T* dx, T* dresidual /*nullable*/,

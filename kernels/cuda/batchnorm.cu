@@ -14,8 +14,10 @@
 //                      channel for dgamma, dbeta and the per-channel coefficients, one element pass.
 // The fused BN+ReLU and BN+add+ReLU variants run the same passes: the residual add and the
 // ReLU happen in the forward's element pass, and the backward recomputes the ReLU mask from
-// the saved output y inside its reduction and element passes (which also write dresidual), so
-// fusion removes the separate add/relu passes and their round trips through memory.
+// the saved output y inside its reduction pass, which also writes dresidual (the masked
+// gradient g) where there is one: the element pass then reads g back instead of dy and y (else
+// it recomputes the mask). So fusion removes the separate add/relu passes and their round trips
+// through memory.
 // Every pass moves 16-byte chunks of eight elements per thread when c % 8 == 0 and the pointers
 // are 16-byte aligned (column_plan.h), else single elements; the reductions add in the same
 // order either way, so both give the same bits.

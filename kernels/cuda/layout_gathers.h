@@ -114,8 +114,8 @@ template <int W>
 SP_GATHER_HD void store_taps(uint8_t* p, const int (&v)[W]) {
 #if defined(__CUDA_ARCH__)
   if constexpr (W == 4) {
-    *reinterpret_cast<uint32_t*>(p) =
-        uint32_t(v[0]) | uint32_t(v[1]) << 8 | uint32_t(v[2]) << 16 | uint32_t(v[3]) << 24;
+    *reinterpret_cast<uint32_t*>(p) = (uint32_t(v[0]) & 0xffu) | (uint32_t(v[1]) & 0xffu) << 8 |
+                                      (uint32_t(v[2]) & 0xffu) << 16 | uint32_t(v[3]) << 24;
   } else
 #endif
   {
@@ -232,8 +232,9 @@ SP_GATHER_HD void maxpool_forward_chunk(const PoolGeom& g, int64_t idx, const fl
 // and chose it, in row-major window order (the order the CPU accumulates in). Each window's
 // comparisons are made once, not once per element it covers (up to 4 for 3x3 stride 2, whose
 // one-pass form ran at 0.07 of the copy on an H100). The tap indices are bytes where the window
-// has at most 256 taps (A = uint8_t; else int): a quarter of the scratch traffic of the pixel
-// indices they replace, 2.375 against 2.75 passes over x for 3x3 stride 2 (2.25 the least).
+// has at most 225 taps (15 x 15: A = uint8_t, 255 left for a window with no tap; else int): a
+// quarter of the scratch traffic of the pixel indices they replace, 2.375 against 2.75 passes
+// over x for 3x3 stride 2 (2.25 the least).
 template <int W, int KW, typename A>
 SP_GATHER_HD void maxpool_argmax_chunk(const PoolGeom& g, int64_t idx, const float* x, A* arg) {
   int a[W];
