@@ -140,6 +140,8 @@ def main():
               "max pooling and the fused BN backward against the copy", log)
         check(not any("--tma-cluster" in l or "--dgrad-class" in l for l in bench),
               "the paths measured in earlier sessions are not benchmarked again", log)
+        check(any("throughput-r18-b128-graphs" in l and "--graphs" in l and "--batch-size 128" in l for l in lines),
+              "ResNet-18 at batch 128 from graphs (the 95% run's rate)", log)
         tput = [l for l in lines if "throughput-tma-persistent" in l]
         check(len(tput) == 4 and [switches_of(l) for l in tput] == [["STALEPROP_TMA_PERSISTENT=0"],
                                                                      ["STALEPROP_TMA_PERSISTENT=1"]] * 2 and
