@@ -250,6 +250,16 @@ if [ -n "$PERSISTENT_OK" ]; then
 elif [ -n "$TMA_WIDE_OK" ]; then
   ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
 fi
+# The headline figures at once, in the session log (tools/bench_table.py): the GEMM and the
+# convolutions' sums as by default and persistent, each against cuBLASLt/cuDNN in its run (the
+# bf16 GEMM at 4096^3 ran 0.64 of cuBLASLt on 2026-11-27b and 0.42 on -27c, a regression that
+# only a comparison with the last session's figures showed).
+for pair in gemm-bf16-persistent gemm-bf16-wide-persistent r18-convs-persistent gemm-bf16-wide; do
+  [ -f "$OUT/$pair-0.json" ] && [ -f "$OUT/$pair-1.json" ] || continue
+  { echo "== $pair: off, on"; python3 tools/bench_table.py kernels "$OUT/$pair-0.json" "$OUT/$pair-1.json"; } \
+    >> "$OUT/headline.md" 2>&1
+done
+[ -f "$OUT/headline.md" ] && cat "$OUT/headline.md" >> "$OUT/session.txt"
 # Max pooling and the fused BN+add+ReLU backward against the copy: the max-pool backward now keeps
 # each window's choice as a one-byte tap index (0.46-0.52 of the copy with 4-byte pixel indices,
 # 2026-11-27b), the BN backward's statistics pass writes dresidual (7 passes instead of 8).
