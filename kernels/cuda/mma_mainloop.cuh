@@ -226,6 +226,21 @@ struct MmaGeometry {
   int k_per_split;  // K slice of each blockIdx.z, a multiple of kBK
 };
 
+// Columns col and col + 1 of row `row` (col even and below g.n; row_off = ep.row_offset(row)), as
+// every main loop's epilogue stores them: through ep, paired where `paired`
+// (ep.pairs_aligned()) and col + 1 < g.n, or with split K as the fp32 partials of slice z.
+template <typename T>
+__device__ __forceinline__ void store_pair(const MmaEpilogue<T>& ep, bool paired, float* partials, int z,
+                                           const MmaGeometry& g, int row, int64_t row_off, int col, float v0,
+                                           float v1) {
+  if (partials != nullptr)
+    store_partial_pair(partials, z, g.m, g.n, row, col, v0, v1);
+  else if (col + 1 < g.n)
+    ep.apply_pair_at(row_off, col, v0, v1, paired);
+  else
+    ep.apply_at(row_off, col, v0);
+}
+
 // ---- Stage fill: global -> shared ------------------------------------------------------------
 // Where element (x, k) of a stage lives (in elements from the stage's start), for an operand
 // stored K-contiguous or X-contiguous: Layout::offset<ContigK>(x, k), called for chunk starts
@@ -435,13 +450,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
       for (int j = 0; j < Tile::kNI; ++j) {
         const int col = n0 + wn0 + j * 8 + tc;
         if (col >= g.n) continue;
-        const float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
-        if (partials != nullptr)
-          store_partial_pair(partials, int(blockIdx.z), g.m, g.n, row, col, v0, v1);
-        else if (col + 1 < g.n)
-          ep.apply_pair_at(row_off, col, v0, v1, paired);
-        else
-          ep.apply_at(row_off, col, v0);
+        store_pair(ep, paired, partials, int(blockIdx.z), g, row, row_off, col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
       }
     }
 }

@@ -57,7 +57,7 @@ namespace sp::kernels::cuda::detail::wgmma {
 
 using mma::MmaEpilogue;
 using mma::MmaGeometry;
-using mma::store_partial_pair;
+using mma::store_pair;
 
 template <int BN, int Stages, int MinBlocks>
 struct WgTile {
@@ -110,13 +110,7 @@ __device__ __forceinline__ void store_accumulators(const float (&acc)[BN / 2], i
     for (int i = 0; i < BN / 8; ++i) {
       const int col = col0 + 8 * i;
       if (col >= g.n) continue;
-      const float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
-      if (partials != nullptr)
-        store_partial_pair(partials, z, g.m, g.n, row, col, v0, v1);
-      else if (col + 1 < g.n)
-        ep.apply_pair_at(row_off, col, v0, v1, paired);
-      else
-        ep.apply_at(row_off, col, v0);
+      store_pair(ep, paired, partials, z, g, row, row_off, col, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
     }
   }
 }
