@@ -205,11 +205,11 @@ __device__ __forceinline__ TileWork tma_tile_work(int t, int tiles_m, int tiles_
 // whether B is K-contiguous. partials as in mma::mma_gemm_kernel.
 // The grid: (M tiles, N tiles, K slices), a block per tile; or persistent (tma_persistent() in
 // tensor_core.h; never in clusters), a 1-D grid of as many blocks as the SMs hold, block b
-// computing tiles b, b + gridDim.x, ... in the numbering of TmaTileWork. Either way the block's
-// tiles are those numbered from its index in the grid in steps of the grid's size, and its
-// producer and consumers go round one ring of stages across them: the producer fills the next
-// tile's stages while the consumers store the last one's results. Each tile is computed as by a
-// block of its own: the same bits.
+// computing tiles b, b + gridDim.x, ... in tile_work's numbering (tile_plan.h). Either way the
+// block's tiles are those numbered from its index in the grid in steps of the grid's size, and
+// its producer and consumers go round one ring of stages across them: the producer fills the
+// next tile's stages while the consumers store the last one's results. Each tile is computed as
+// by a block of its own: the same bits.
 template <class Tile, class SourceA, bool ContigB, typename T>
 __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
     wgmma_tma_gemm_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
@@ -236,11 +236,11 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   const int tiles = tile_count(g.m, g.n, g.k, Tile::kBM, Tile::kBN, g.k_per_split);
   const int first_tile = int(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
   const int tile_step = int(gridDim.x * gridDim.y * gridDim.z);
-  // A persistent grid waits bounded (a protocol bug traps instead of hanging the process: see
-  // ptx_sm90.cuh); a block per tile, unclustered, keeps the plain wait.
-  const bool persistent = tile_step < tiles;
-  const auto wait_stage = [persistent](uint64_t* bar, uint32_t parity) {
-    if (persistent)
+  // Clusters and a persistent grid wait bounded (a protocol bug traps instead of hanging the
+  // process: see ptx_sm90.cuh); a block per tile, unclustered, keeps the plain wait.
+  const bool bounded = kCl > 1 || tile_step < tiles;
+  const auto wait_stage = [bounded](uint64_t* bar, uint32_t parity) {
+    if (bounded)
       ptx::mbarrier_wait_bounded(bar, parity);
     else
       ptx::mbarrier_wait(bar, parity);
@@ -275,10 +275,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
       for (int step = 0; step < w.k_steps; ++step, ++it) {
         const int s = it % kS;
         // Round 0 finds every stage free. In a cluster the releases come from both blocks.
-        if constexpr (kCl > 1)
-          ptx::mbarrier_wait_bounded(&empty[s], ((it / kS) & 1) ^ 1);
-        else
-          wait_stage(&empty[s], ((it / kS) & 1) ^ 1);
+        wait_stage(&empty[s], ((it / kS) & 1) ^ 1);
         // The whole stage lands here: this block's part of B and the other blocks' parts.
         ptx::mbarrier_arrive_expect_tx(&full[s], StageA::kBytes + StageB::kBytes);
         const int k0 = w.k_begin + step * kBK;
@@ -321,39 +318,36 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   for (int t = first_tile; t < tiles; t += tile_step) {
     const TileWork w = tma_tile_work<Tile>(t, tiles_m, tiles_n, g);
 #pragma unroll
-  for (int i = 0; i < Tile::kAcc; ++i) acc[i] = 0.f;
+    for (int i = 0; i < Tile::kAcc; ++i) acc[i] = 0.f;
 
-  for (int step = 0; step < w.k_steps; ++step, ++it) {
-    const int s = it % kS;
-    if constexpr (kCl > 1)
-      ptx::mbarrier_wait_bounded(&full[s], (it / kS) & 1);  // (bounded: see ptx_sm90.cuh)
-    else
+    for (int step = 0; step < w.k_steps; ++step, ++it) {
+      const int s = it % kS;
       wait_stage(&full[s], (it / kS) & 1);
-    const uint32_t as = ptx::smem_u32(a_smem + s * Tile::kAStage) + LayoutA::x_offset(cw * kWarpgroupRows);
-    const uint32_t bs = ptx::smem_u32(b_smem + s * Tile::kBStage);
-    ptx::fence_accumulators(acc);
-    ptx::wgmma_fence();
+      const uint32_t as = ptx::smem_u32(a_smem + s * Tile::kAStage) + LayoutA::x_offset(cw * kWarpgroupRows);
+      const uint32_t bs = ptx::smem_u32(b_smem + s * Tile::kBStage);
+      ptx::fence_accumulators(acc);
+      ptx::wgmma_fence();
 #pragma unroll
-    for (int j = 0; j < kBK / 16; ++j) {
-      const uint64_t da = smem_desc_sw128(as + LayoutA::template k16_offset<ContigA>(j),
-                                          LayoutA::template lbo<ContigA>(), LayoutA::kSbo);
-      const uint64_t db = smem_desc_sw128(bs + LayoutB::template k16_offset<ContigB>(j),
-                                          LayoutB::template lbo<ContigB>(), LayoutB::kSbo);
-      wgmma_k16<Tile::kBN, kTransA, kTransB>(acc, da, db);
+      for (int j = 0; j < kBK / 16; ++j) {
+        const uint64_t da = smem_desc_sw128(as + LayoutA::template k16_offset<ContigA>(j),
+                                            LayoutA::template lbo<ContigA>(), LayoutA::kSbo);
+        const uint64_t db = smem_desc_sw128(bs + LayoutB::template k16_offset<ContigB>(j),
+                                            LayoutB::template lbo<ContigB>(), LayoutB::kSbo);
+        wgmma_k16<Tile::kBN, kTransA, kTransB>(acc, da, db);
+      }
+      ptx::wgmma_commit();
+      ptx::wgmma_wait<1>();  // step - 1's multiplies are done: its stage may be refilled
+      ptx::fence_accumulators(acc);
+      // wait_group is warp-wide: once lane 0 is past it, the whole warp's reads of step - 1 are done.
+      if (step > 0 && threadIdx.x % kWarpSize == 0) release((it - 1) % kS);
     }
-    ptx::wgmma_commit();
-    ptx::wgmma_wait<1>();  // step - 1's multiplies are done: its stage may be refilled
+    ptx::wgmma_wait<0>();
     ptx::fence_accumulators(acc);
-    // wait_group is warp-wide: once lane 0 is past it, the whole warp's reads of step - 1 are done.
-    if (step > 0 && threadIdx.x % kWarpSize == 0) release((it - 1) % kS);
-  }
-  ptx::wgmma_wait<0>();
-  ptx::fence_accumulators(acc);
-  store_accumulators<Tile::kBN>(acc, w.m0 + cw * kWarpgroupRows, w.n0, g, ep, partials, w.z);
-  // The tile's last stage, for the block's next tile (and in a cluster for the producers' tail,
-  // above). After the epilogue, which reads no shared memory: released between the last wait and
-  // the epilogue, ptxas serialises the main loop's wgmma (C7515).
-  if (threadIdx.x % kWarpSize == 0) release((it - 1) % kS);
+    store_accumulators<Tile::kBN>(acc, w.m0 + cw * kWarpgroupRows, w.n0, g, ep, partials, w.z);
+    // The tile's last stage, for the block's next tile (and in a cluster for the producers' tail,
+    // above). After the epilogue, which reads no shared memory: released between the last wait and
+    // the epilogue, ptxas serialises the main loop's wgmma (C7515).
+    if (threadIdx.x % kWarpSize == 0) release((it - 1) % kS);
   }
 #else
   // Not built for sm_90a: the host never launches this (wgmma_available() is false).
