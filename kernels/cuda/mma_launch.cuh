@@ -127,13 +127,11 @@ void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
   if constexpr (kPersistent) {
-    // The kernel numbers its tiles in 32 bits (wgmma::tma_tile_work).
-    SP_CHECK(m_tiles * n_tiles * plan.splits < (int64_t(1) << 30), "gemm_bf16: ", m, " x ", n, " x ", k, " needs ",
-             m_tiles * n_tiles * plan.splits, " tiles, more than the TMA kernel numbers");
-  }
-  if constexpr (kPersistent && TileCluster<Tile>::value == 1) {
-    if (tma_persistent()) {
-      const int64_t tiles = m_tiles * n_tiles * plan.splits;
+    // The kernel numbers its tiles in 32 bits (tile_plan.h, tile_work).
+    const int64_t tiles = m_tiles * n_tiles * plan.splits;
+    SP_CHECK(tiles < (int64_t(1) << 30), "gemm_bf16: ", m, " x ", n, " x ", k, " needs ", tiles,
+             " tiles, more than the TMA kernel numbers");
+    if (TileCluster<Tile>::value == 1 && tma_persistent()) {
       const int64_t resident = int64_t(sm_count(device)) * Tile::kMinBlocks;
       if (tiles > resident) {
         grid = dim3(unsigned(resident), 1, 1);
