@@ -77,6 +77,20 @@ __device__ __forceinline__ void load_params(const float* p, int j0, int ncols, f
   for (int e = 0; e < kChunkElems; ++e) v[e] = e < ncols ? p[j0 + e] : 0.f;
 }
 
+// Row chunk i, columns j0 ... of a row-major [., c] matrix: a chunk store, or the first ncols.
+template <class S, bool kVec>
+__device__ __forceinline__ void store_row(typename S::Storage* base, int64_t i, int c, int j0, int ncols,
+                                          const float (&v)[kChunkElems]) {
+  typename S::Storage* p = base + i * c + j0;
+  if constexpr (kVec) {
+    S::store8(p, v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kChunkElems; ++e)
+      if (e < ncols) p[e] = S::store(v[e]);
+  }
+}
+
 // ---- Reduction terms (column_reduce.cuh's Term) ---------------------------------------------
 // The double arithmetic is written with explicit roundings (__dadd_rn, __fma_rn, ...) so that
 // the compiler cannot contract it differently in the separate and the persistent kernels: both
@@ -144,16 +158,7 @@ struct GradTerm {
 #pragma unroll
       for (int e = 0; e < kChunkElems; ++e) v[1][e] = yv[e] > 0.f ? v[1][e] : 0.f;
     }
-    if (g_out != nullptr) {
-      typename S::Storage* p = g_out + i * c + j0;
-      if constexpr (kVec) {
-        S::store8(p, v[1]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < kChunkElems; ++e)
-          if (e < ncols) p[e] = S::store(v[1][e]);
-      }
-    }
+    if (g_out != nullptr) store_row<S, kVec>(g_out, i, c, j0, ncols, v[1]);
   }
   __device__ void add(const float (&v)[2][kChunkElems], const Cols& k, double (&acc)[2][kChunkElems]) const {
 #pragma unroll
@@ -371,20 +376,6 @@ __device__ __forceinline__ void chunk_values(const Term& term, int cols_per_bloc
       S::load8(p + q * slot_elems, v[q]);
     else
       load_elems_partial<S>(p + q * slot_elems, ncols, v[q]);
-  }
-}
-
-// Row chunk i, columns j0 ... of a row-major [., c] matrix: a chunk store, or the first ncols.
-template <class S, bool kVec>
-__device__ __forceinline__ void store_row(typename S::Storage* base, int64_t i, int c, int j0, int ncols,
-                                          const float (&v)[kChunkElems]) {
-  typename S::Storage* p = base + i * c + j0;
-  if constexpr (kVec) {
-    S::store8(p, v);
-  } else {
-#pragma unroll
-    for (int e = 0; e < kChunkElems; ++e)
-      if (e < ncols) p[e] = S::store(v[e]);
   }
 }
 
