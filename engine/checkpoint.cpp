@@ -105,7 +105,7 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
     }
   };
   s.synchronize();  // nothing may still be using the tensors we overwrite from the host
-  for (auto& [name, p] : st.params) restore(name, p->value, p->layout);
+  for (auto& [name, p] : st.params) restore(name, p->value, p->layout), p->value_changed();
   for (auto& [name, b] : st.buffers) restore(name, *b, ParamLayout::Same);
   for (auto& [name, counter] : st.counters) {
     const io::TensorRecord& r = find(name);

@@ -44,6 +44,9 @@ void Module::to(Device device, Stream& s) {
   for (auto& [name, p] : st.params) {
     move(p->value);
     move(p->grad);
+    if (p->bf16.defined()) old.push_back(p->bf16);
+    p->bf16 = Tensor();  // allocated again on the new device at its first use there
+    p->value_changed();
   }
   for (auto& [name, b] : st.buffers) move(*b);
   s.synchronize();  // the old copies go when `old` does, after the copies ran

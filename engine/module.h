@@ -30,6 +30,15 @@ struct Parameter {
   Tensor grad;   // same shape; overwritten by each backward
   ParamLayout layout = ParamLayout::Same;
   bool decay = true;  // subject to weight decay
+
+  // Mixed precision's weight copy: value rounded to bf16. A layer running in bf16 allocates it at
+  // its first use (layers.cpp, weight_for); from then on the optimizer rewrites it in the same
+  // launch as it updates value (Sgd::step) and marks it current, so each later bf16 use reads it
+  // instead of casting value again. While it is not current, uses cast value as before. Whoever
+  // writes value other than through Sgd::step must call value_changed().
+  Tensor bf16;
+  bool bf16_current = false;
+  void value_changed() { bf16_current = false; }
 };
 
 // Named references to a module tree's state, with PyTorch-style dotted names.

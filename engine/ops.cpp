@@ -1200,7 +1200,8 @@ void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels
 }
 
 void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-              const std::vector<Tensor>& momenta, const SgdParams& config, const Tensor& lr) {
+              const std::vector<Tensor>& momenta, const SgdParams& config, const Tensor& lr,
+              const std::vector<Tensor>& params_bf16) {
   OpScope scope(s, "sgd_step", {});
   OpCheck chk("sgd_step", s);
   SgdParams p = config;
@@ -1212,6 +1213,8 @@ void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Te
   chk.require(grads.size() == params.size() && momenta.size() == params.size(),
               detail::concat(params.size(), " params, ", grads.size(), " grads and ", momenta.size(),
                              " momentum buffers"));
+  chk.require(params_bf16.empty() || params_bf16.size() == params.size(),
+              detail::concat(params.size(), " params and ", params_bf16.size(), " bf16 copies"));
   std::vector<kc::SgdTensor<float>> list;
   for (size_t i = 0; i < params.size(); ++i) {
     chk.tensor(params[i], "param", DType::F32);
@@ -1221,8 +1224,14 @@ void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Te
       chk.tensor(momenta[i], "momentum", DType::F32);
       chk.shape(momenta[i], "momentum", params[i].shape(), "its parameter");
     }
-    list.push_back({params[i].data<float>(), grads[i].data<float>(), ptr_or_null<float>(momenta[i]),
-                    params[i].numel()});
+    uint16_t* copy = nullptr;
+    if (!params_bf16.empty() && params_bf16[i].defined()) {
+      chk.tensor(params_bf16[i], "bf16 copy", DType::BF16);
+      chk.shape(params_bf16[i], "bf16 copy", params[i].shape(), "its parameter");
+      copy = params_bf16[i].data<uint16_t>();
+    }
+    list.push_back(
+        {params[i].data<float>(), grads[i].data<float>(), ptr_or_null<float>(momenta[i]), params[i].numel(), copy});
   }
   if (on_cpu(s)) {
     // Pointers only, as the CUDA launch below: the tensors' storage is stream-ordered.
@@ -1235,7 +1244,7 @@ void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Te
   // streams is kept alive by its owner until an event orders the uses.
   std::vector<kcu::SgdTensor> cuda_list;
   cuda_list.reserve(list.size());
-  for (const kc::SgdTensor<float>& t : list) cuda_list.push_back({t.param, t.grad, t.momentum, t.size});
+  for (const kc::SgdTensor<float>& t : list) cuda_list.push_back({t.param, t.grad, t.momentum, t.size, t.param_bf16});
   kcu::sgd_step(cuda_list, p, cuda_stream(s));
 #else
   chk.no_cuda_kernel();

@@ -137,8 +137,11 @@ void softmax_cross_entropy(Stream& s, const Tensor& logits, const Tensor& labels
 // One launch updates every (param, grad, momentum) triple; momentum tensors may be undefined
 // when p.momentum == 0. When `lr` is given (a one-element f32 tensor on the stream's device),
 // the update reads the learning rate from it as it runs and p.lr is ignored: a replayed graph
-// then uses the rate written into `lr` before the launch.
+// then uses the rate written into `lr` before the launch. `params_bf16`, empty or one per param
+// (each undefined or a bf16 tensor of the param's shape), receives the updated params rounded as
+// cast() rounds them: mixed precision's weight copies, written in the same launch.
 void sgd_step(Stream& s, const std::vector<Tensor>& params, const std::vector<Tensor>& grads,
-              const std::vector<Tensor>& momenta, const SgdParams& p, const Tensor& lr = Tensor());
+              const std::vector<Tensor>& momenta, const SgdParams& p, const Tensor& lr = Tensor(),
+              const std::vector<Tensor>& params_bf16 = {});
 
 }  // namespace sp::ops

@@ -20,12 +20,18 @@ void Sgd::step(Stream& s, const Tensor& lr, float grad_scale) { step(s, 0.f, lr,
 void Sgd::step(Stream& s, float lr, const Tensor& lr_device, float grad_scale) {
   // Two groups: parameters with and without weight decay.
   for (bool decay : {true, false}) {
-    std::vector<Tensor> values, grads, moms;
+    std::vector<Tensor> values, grads, moms, copies;
+    std::vector<Parameter*> copied;
     for (size_t i = 0; i < params_.size(); ++i) {
-      if (params_[i].second->decay != decay) continue;
-      values.push_back(params_[i].second->value);
-      grads.push_back(params_[i].second->grad);
+      Parameter* param = params_[i].second;
+      if (param->decay != decay) continue;
+      values.push_back(param->value);
+      grads.push_back(param->grad);
       moms.push_back(momenta_[i].second);
+      // The bf16 weight copy, where a layer has asked for one (Parameter::bf16), is rewritten
+      // from the updated value in the same launch.
+      copies.push_back(param->bf16);
+      if (param->bf16.defined()) copied.push_back(param);
     }
     if (values.empty()) continue;
     kernels::SgdParams p;
@@ -34,7 +40,8 @@ void Sgd::step(Stream& s, float lr, const Tensor& lr_device, float grad_scale) {
     p.weight_decay = decay ? config_.weight_decay : 0.f;
     p.nesterov = config_.nesterov;
     p.grad_scale = grad_scale;
-    ops::sgd_step(s, values, grads, moms, p, lr_device);
+    ops::sgd_step(s, values, grads, moms, p, lr_device, copies);
+    for (Parameter* param : copied) param->bf16_current = true;
   }
 }
 

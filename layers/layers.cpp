@@ -1,6 +1,9 @@
 #include "layers/layers.h"
 
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "engine/ops.h"
 #include "kernels/common/error.h"
@@ -27,16 +30,36 @@ void kaiming_normal(Tensor& t, int64_t fan_in, Rng& rng) {
   for (int64_t i = 0; i < t.numel(); ++i) t.at<float>(i) = n(rng);
 }
 
-// The weight in the activations' dtype: the fp32 master itself, or a bf16 copy rounded on s
-// (mixed precision: bf16 weight copies, fp32 master weights and gradients).
-Tensor weight_for(Stream& s, const Tensor& master, DType activation_dtype) {
+std::atomic<int> g_bf16_weight_copies{-1};  // -1: not read yet (the environment decides at first use)
+
+// The weight in the activations' dtype: the fp32 master itself; or in bf16 (mixed precision:
+// bf16 weight copies, fp32 master weights and gradients) the parameter's copy that the optimizer
+// keeps current (Parameter::bf16), else a copy rounded on s now. The copy is allocated here at the
+// first bf16 use outside a graph capture, for the optimizer's next step to fill.
+Tensor weight_for(Stream& s, Parameter& p, DType activation_dtype) {
+  const Tensor& master = p.value;
   if (master.dtype() == activation_dtype) return master;
+  if (activation_dtype == DType::BF16 && bf16_weight_copies()) {
+    if (p.bf16_current && p.bf16.device() == master.device()) return p.bf16;
+    if (!p.bf16.defined() && !s.capturing()) p.bf16 = Tensor::empty(master.shape(), DType::BF16, master.device());
+  }
   Tensor w = new_activation(s, master.shape(), activation_dtype);
   ops::cast(s, master, w);
   return w;
 }
 
 }  // namespace
+
+void set_bf16_weight_copies(bool on) { g_bf16_weight_copies = on ? 1 : 0; }
+bool bf16_weight_copies() {
+  int v = g_bf16_weight_copies.load();
+  if (v < 0) {
+    const char* env = std::getenv("STALEPROP_BF16_WEIGHT_COPIES");
+    v = env && std::string(env) == "0" ? 0 : 1;
+    g_bf16_weight_copies = v;
+  }
+  return v == 1;
+}
 
 // ---- Conv2d ---------------------------------------------------------------------------------
 
@@ -53,7 +76,7 @@ Conv2d::Conv2d(int in_channels, int out_channels, int kernel, int stride, int pa
 Tensor Conv2d::forward(Stream& s, const Tensor& x, Context& ctx) {
   ctx.clear();
   Tensor y = new_activation(s, ops::conv2d_output_shape(x.shape(), weight.value.shape(), stride, pad), x.dtype());
-  ops::conv2d_forward(s, x, weight_for(s, weight.value, x.dtype()), bias.value, y, stride, pad);
+  ops::conv2d_forward(s, x, weight_for(s, weight, x.dtype()), bias.value, y, stride, pad);
   if (training_) ctx.saved = {x};
   return y;
 }
@@ -65,7 +88,7 @@ Tensor Conv2d::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx)
   Tensor dx;
   if (need_dx) {
     dx = new_activation(s, x.shape(), dy.dtype());
-    ops::conv2d_backward_data(s, dy, weight_for(s, weight.value, dy.dtype()), dx, stride, pad);
+    ops::conv2d_backward_data(s, dy, weight_for(s, weight, dy.dtype()), dx, stride, pad);
   }
   return dx;
 }
@@ -215,7 +238,7 @@ Linear::Linear(int in_features, int out_features, Rng& rng) {
 Tensor Linear::forward(Stream& s, const Tensor& x, Context& ctx) {
   ctx.clear();
   Tensor y = new_activation(s, {x.size(0), weight.value.size(0)}, x.dtype());
-  ops::linear_forward(s, x, weight_for(s, weight.value, x.dtype()), bias.value, y);
+  ops::linear_forward(s, x, weight_for(s, weight, x.dtype()), bias.value, y);
   if (training_) ctx.saved = {x};
   return y;
 }
@@ -223,7 +246,7 @@ Tensor Linear::forward(Stream& s, const Tensor& x, Context& ctx) {
 Tensor Linear::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) {
   SP_CHECK(ctx.saved.size() == 1, "Linear::backward without a training-mode forward");
   Tensor dx = need_dx ? new_activation(s, ctx.saved[0].shape(), dy.dtype()) : Tensor();
-  ops::linear_backward(s, ctx.saved[0], weight_for(s, weight.value, dy.dtype()), dy, dx, weight.grad, bias.grad);
+  ops::linear_backward(s, ctx.saved[0], weight_for(s, weight, dy.dtype()), dy, dx, weight.grad, bias.grad);
   return dx;
 }
 

@@ -15,6 +15,13 @@ namespace sp::layers {
 
 using Rng = std::mt19937_64;
 
+// Mixed precision's bf16 weight copies kept by the optimizer (Parameter::bf16): on unless the
+// environment sets STALEPROP_BF16_WEIGHT_COPIES=0, which casts every weight before each bf16
+// use instead (the same bits, one more launch per weight and use). set_ overrides the
+// environment (tests, A/B runs).
+bool bf16_weight_copies();
+void set_bf16_weight_copies(bool on);
+
 class Conv2d final : public Module {
  public:
   Conv2d(int in_channels, int out_channels, int kernel, int stride, int pad, bool bias, Rng& rng);

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <random>
 #include <vector>
 
 #include "kernels/common/error.h"
@@ -350,6 +351,33 @@ TEST(CpuSgd, ZeroMomentumNeedsNoBuffer) {
   // Tensor 2: p = 2 - 0.125*0.5 = 1.9375, then 1.9375 - 0.125*0.484375 = 1.876953125.
   const SgdParams params = sgd_params(0.0f, false);
   EXPECT_EQ(run_two_sgd_steps<double>(params, false), (std::vector<double>{0.7548828125, 1.876953125}));
+}
+
+TEST(CpuSgd, WritesTheBf16CopyOfTheUpdatedParam) {
+  // Random values over many magnitudes and a size that splits over parallel_for chunks: the
+  // copy is exactly f32_to_bf16 of the updated param, and a tensor without one is updated alike.
+  const int64_t n = 40000;
+  std::mt19937 rng(7);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  std::vector<float> p(n), g(n), v(n);
+  for (int64_t i = 0; i < n; ++i)
+    p[i] = dist(rng) * std::ldexp(1.f, int(i % 40) - 20), g[i] = dist(rng), v[i] = dist(rng);
+  std::vector<float> p2 = p, v2 = v;
+  std::vector<uint16_t> copy(size_t(n), 0x7fc0);
+  SgdParams params = sgd_params(0.9f, true);
+  params.lr = 0.1f, params.weight_decay = 5e-4f;
+  cpu::SgdTensor<float> with{p.data(), g.data(), v.data(), n, copy.data()};
+  cpu::SgdTensor<float> without{p2.data(), g.data(), v2.data(), n};
+  cpu::sgd_step<float>({with, without}, params);
+  EXPECT_EQ(p, p2);
+  EXPECT_EQ(v, v2);
+  std::vector<uint16_t> want(static_cast<size_t>(n));
+  cpu::f32_to_bf16(n, p.data(), want.data());
+  EXPECT_EQ(copy, want);
+  // Only float parameters have one.
+  std::vector<double> pd = {1.0}, gd = {1.0}, vd = {0.0};
+  uint16_t one = 0;
+  EXPECT_THROW(cpu::sgd_step<double>({{pd.data(), gd.data(), vd.data(), 1, &one}}, params), sp::Error);
 }
 
 uint16_t to_bf16(uint32_t bits) {

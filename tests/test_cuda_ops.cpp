@@ -31,6 +31,7 @@
 #include "engine/ops.h"
 #include "engine/stream.h"
 #include "engine/tensor.h"
+#include "kernels/cpu/bf16.h"
 #include "kernels/cpu/ops.h"
 
 #if STALEPROP_WITH_CUDA
@@ -958,16 +959,20 @@ TEST_F(CudaOps, PointwiseOpsGiveTheSameBitsFromUnalignedPointers) {
     expect_bits_equal(u[k], a[k], std::string(names[k]) + ", unaligned vs aligned");
 }
 
-// One SGD step over tensors of 4096 + 3, 100 and 7 elements; params and momenta after it.
+// One SGD step over tensors of 4096 + 3, 100 and 7 elements, each with its bf16 weight copy;
+// per tensor, param, momentum and the copy (widened) after it.
 template <template <class> class Buf>
 std::vector<std::vector<float>> run_sgd(cudaStream_t stream, const kernels::SgdParams& p) {
   std::vector<std::unique_ptr<Buf<float>>> bufs;
+  std::vector<std::unique_ptr<Buf<uint16_t> > > copies;
   std::vector<kcu::SgdTensor> list;
   uint32_t seed = 950;
   for (const int64_t size : {int64_t(4096 + 3), int64_t(100), int64_t(7)}) {
     for (int k = 0; k < 3; ++k) bufs.push_back(std::make_unique<Buf<float>>(random_vector(size_t(size), ++seed)));
+    copies.push_back(std::make_unique<Buf<uint16_t> >(std::vector<uint16_t>(size_t(size), uint16_t(0x7fc0))));
     const size_t at = bufs.size() - 3;
-    list.push_back({bufs[at]->get(), bufs[at + 1]->get(), p.momentum != 0.f ? bufs[at + 2]->get() : nullptr, size});
+    list.push_back({bufs[at]->get(), bufs[at + 1]->get(), p.momentum != 0.f ? bufs[at + 2]->get() : nullptr, size,
+                    copies.back()->get()});
   }
   kcu::sgd_step(list, p, stream);
   sync_and_check();
@@ -975,6 +980,9 @@ std::vector<std::vector<float>> run_sgd(cudaStream_t stream, const kernels::SgdP
   for (size_t at = 0; at < bufs.size(); at += 3) {
     out.push_back(bufs[at]->download());
     out.push_back(bufs[at + 2]->download());
+    std::vector<float> copy;
+    for (uint16_t h : copies[at / 3]->download()) copy.push_back(kc::f32_from_bf16(h));
+    out.push_back(copy);
   }
   return out;
 }
@@ -982,16 +990,26 @@ std::vector<std::vector<float>> run_sgd(cudaStream_t stream, const kernels::SgdP
 TEST_F(CudaOps, SgdGivesTheSameBitsFromUnalignedTensors) {
   kernels::SgdParams p;
   p.lr = 0.1f, p.momentum = 0.9f, p.weight_decay = 5e-4f, p.grad_scale = 0.5f;
+  const char* what[] = {" param", " momentum", " bf16 copy"};
   for (const bool nesterov : {false, true})
     for (const float momentum : {0.9f, 0.f}) {
       p.nesterov = nesterov, p.momentum = momentum;
       const auto u = run_sgd<Unaligned>(stream_, p), a = run_sgd<DeviceArray>(stream_, p);
       ASSERT_EQ(u.size(), a.size());
+      const std::string setting = std::string(nesterov ? " nesterov" : "") + " momentum " + std::to_string(momentum);
       for (size_t k = 0; k < u.size(); ++k)
         expect_bits_equal(u[k], a[k],
-                          "sgd tensor " + std::to_string(k / 2) + (k % 2 ? " momentum" : " param") +
-                              (nesterov ? " nesterov" : "") + " momentum " + std::to_string(momentum) +
-                              ", unaligned vs aligned");
+                          "sgd tensor " + std::to_string(k / 3) + what[k % 3] + setting + ", unaligned vs aligned");
+      // The copy (8-byte stores when aligned, single ones when not) is the updated param rounded
+      // as f32_to_bf16 rounds it.
+      for (size_t k = 0; k < a.size(); k += 3) {
+        std::vector<uint16_t> rounded(a[k].size());
+        kc::f32_to_bf16(int64_t(a[k].size()), a[k].data(), rounded.data());
+        std::vector<float> want;
+        for (uint16_t h : rounded) want.push_back(kc::f32_from_bf16(h));
+        expect_bits_equal(a[k + 2], want,
+                          "sgd tensor " + std::to_string(k / 3) + " bf16 copy vs the rounded param" + setting);
+      }
     }
 }
 

@@ -276,6 +276,27 @@ TEST_F(OpsDispatch, SgdStepUpdatesEveryTensorInOneCall) {
   }
 }
 
+TEST_F(OpsDispatch, SgdStepWritesTheBf16CopiesItIsGiven) {
+  kernels::SgdParams p;
+  p.lr = 0.1f, p.momentum = 0.9f, p.weight_decay = 1e-3f;
+  std::vector<Tensor> params = {random_tensor({3, 4}, 40), random_tensor({7}, 41)};
+  std::vector<Tensor> grads = {random_tensor({3, 4}, 42), random_tensor({7}, 43)};
+  std::vector<Tensor> moms = {random_tensor({3, 4}, 44), random_tensor({7}, 45)};
+  // A copy for the first tensor only.
+  std::vector<Tensor> copies = {Tensor::empty({3, 4}, DType::BF16), Tensor()};
+  ops::sgd_step(*s, params, grads, moms, p, Tensor(), copies);
+  Tensor want = Tensor::empty({3, 4}, DType::BF16);
+  ops::cast(*s, params[0], want);
+  s->synchronize();
+  EXPECT_EQ(0, std::memcmp(copies[0].raw_data(), want.raw_data(), want.nbytes()));
+  // A copy of the wrong dtype or shape, or a list of the wrong length, is refused.
+  EXPECT_THROW(ops::sgd_step(*s, params, grads, moms, p, Tensor(), {Tensor::empty({3, 4}, DType::F32), Tensor()}),
+               ShapeError);
+  EXPECT_THROW(ops::sgd_step(*s, params, grads, moms, p, Tensor(), {Tensor::empty({4, 3}, DType::BF16), Tensor()}),
+               ShapeError);
+  EXPECT_THROW(ops::sgd_step(*s, params, grads, moms, p, Tensor(), {Tensor()}), ShapeError);
+}
+
 TEST_F(OpsDispatch, FillCopyCastAndGemm) {
   Tensor a = random_tensor({5, 3}, 30), b = random_tensor({5, 4}, 31), c = Tensor::empty({3, 4}, DType::F32);
   ops::gemm(*s, true, false, 2.f, a, b, 0.f, c);

@@ -16,13 +16,17 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <random>
+#include <set>
 #include <tuple>
 
-#include "engine/ops.h"
 #include "engine/allocator.h"
+#include "engine/checkpoint.h"
+#include "engine/op_profile.h"
+#include "engine/ops.h"
 #include "engine/pipeline.h"
 #include "engine/trainer.h"
 #include "kernels/common/error.h"
@@ -608,6 +612,105 @@ TEST(Pipeline, RecomputeSavesActivationMemoryAndRebuildsTheSameActivations) {
   only.recompute = true;
   EXPECT_GT(max_rel_diff(run_pipeline(only, data), run_pipeline(config(PipelineMethod::FDG, {1, 2, 4}, 0.5f), data)),
             1e-6);
+}
+
+// Mixed precision's bf16 weight copies (Parameter::bf16), written by the optimizer's step
+// instead of cast from the master before each use, change no bit: in plain backprop, in the
+// decoupled methods (with injected stream delays), with weight stashing (the stash stands in
+// for the live weights during the backward, so the copies are stale then), with recomputation,
+// with staleness jitter and replayed from graphs. Once every module has stepped, no weight is
+// cast again (counted by the op profile in the second epoch) unless stashing needs it.
+TEST(Pipeline, Bf16WeightCopiesChangeNoBitAndSaveTheCasts) {
+  const Batches data = make_batches(7, 4, 3, 43);
+  struct Case {
+    const char* name;
+    PipelineConfig c;
+    bool casts_weights;  // casts weights in a steady epoch even with copies
+  };
+  std::vector<Case> cases;
+  cases.push_back({"bp", config(PipelineMethod::BP, {}), false});
+  cases.push_back({"ddg K=3", config(PipelineMethod::DDG, {1, 3}, 0.5f), false});
+  cases.push_back({"fdg K=4", config(PipelineMethod::FDG, {1, 2, 4}, 0.5f), false});
+  cases.push_back({"fdg K=3 stash", config(PipelineMethod::FDG, {1, 3}, 0.5f), true});
+  cases.back().c.weight_stash = true;
+  cases.push_back({"fdg K=3 stash+recompute", cases.back().c, true});
+  cases.back().c.recompute = true;
+  cases.push_back({"fdg K=3 recompute", config(PipelineMethod::FDG, {1, 3}, 0.5f), false});
+  cases.back().c.recompute = true;
+  cases.push_back({"fdg K=3 jitter", config(PipelineMethod::FDG, {1, 3}, 0.5f), false});
+  cases.back().c.staleness_jitter = 2;
+  cases.push_back({"fdg K=3 graphs", config(PipelineMethod::FDG, {1, 3}, 0.5f), false});
+  cases.back().c.graphs = true;
+  // Casts of a parameter's shape from f32 (the weights; the inputs' shapes differ).
+  std::set<std::string> weight_shapes;
+  {
+    Network net = mini_resnet(1);
+    for (auto& [name, p] : net.state().params) {
+      std::string dims;
+      for (size_t d = 0; d < p->value.shape().size(); ++d) dims += (d ? "," : "") + std::to_string(p->value.shape()[d]);
+      weight_shapes.insert("f32 [" + dims + "] [" + dims + "]");
+    }
+  }
+  auto run = [&](const PipelineConfig& c, bool copies, int64_t* steady_weight_casts) {
+    set_bf16_weight_copies(copies);
+    Network net = mini_resnet(1);
+    PipelineTrainer p(net, c);
+    p.run_epoch(source_of(data), lr_at);
+    {
+      OpProfile profile;
+      p.run_epoch(source_of(data), lr_at);
+      *steady_weight_casts = 0;
+      for (const OpTime& t : profile.collect())
+        if (t.op == "cast" && weight_shapes.count(t.shapes)) *steady_weight_casts += t.calls;
+    }
+    set_bf16_weight_copies(true);
+    return flat_params(net);
+  };
+  for (Case& k : cases) {
+    k.c.activation_dtype = DType::BF16;
+    int64_t casts_off = 0, casts_on = 0;
+    const std::vector<float> off = run(k.c, false, &casts_off);
+    PipelineConfig noisy = k.c;
+    noisy.stream_options.jitter_max_us = 100;
+    noisy.stream_options.seed = 3;
+    const std::vector<float> on = run(noisy, true, &casts_on);
+    ASSERT_EQ(off.size(), on.size());
+    EXPECT_EQ(std::memcmp(off.data(), on.data(), off.size() * sizeof(float)), 0) << k.name;
+    if (k.c.graphs) continue;  // replays are not profiled
+    EXPECT_GT(casts_off, 7 * 9) << k.name << ": every batch casts the weights without copies";
+    if (k.casts_weights)
+      EXPECT_LT(casts_on, casts_off) << k.name;
+    else
+      EXPECT_EQ(casts_on, 0) << k.name;
+  }
+}
+
+// Loading a checkpoint into a network whose bf16 weight copies are current makes them stale:
+// the next bf16 pass casts the loaded weights instead of using copies of the old ones.
+TEST(Pipeline, LoadingACheckpointMakesTheBf16WeightCopiesStale) {
+  const Batches data = make_batches(3, 4, 0, 45);
+  auto s = make_stream(Device::cpu());
+  Network a = mini_resnet(1), b = mini_resnet(2);
+  auto train_then_eval = [&](Network& net, bool train) {
+    Sgd opt(net.state().params, SgdConfig{0.9f, 5e-4f, false}, *s);
+    BackpropTrainer bp(net, opt, *s, 0.f, DType::BF16);
+    for (size_t i = 0; train && i < data.images.size(); ++i) bp.train_step(data.images[i], data.labels[i], 0.1f);
+    bp.drain_stats();
+    for (size_t i = 0; i < data.images.size(); ++i) bp.eval_step(data.images[i], data.labels[i]);
+    return bp.drain_stats().loss_sum;
+  };
+  train_then_eval(a, true);
+  const double before = train_then_eval(b, true);
+  int copies = 0;  // conv and linear weights (BN's parameters stay f32)
+  for (auto& [name, p] : b.state().params) copies += p->bf16.defined() && p->bf16_current;
+  ASSERT_EQ(copies, 9);
+  const std::string path = ::testing::TempDir() + "bf16_copies.safetensors";
+  save_checkpoint(path, a, {}, {}, *s);
+  load_checkpoint(path, b, {}, *s);
+  std::remove(path.c_str());
+  const double loaded = train_then_eval(b, false), want = train_then_eval(a, false);
+  EXPECT_NE(before, want);
+  EXPECT_EQ(loaded, want);
 }
 
 TEST(Pipeline, StalenessJitterDelaysGradientsWithinBoundsAndInOrder) {

@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels/cpu/bf16.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "kernels/cpu/row_ops.h"
@@ -77,28 +78,11 @@ void shortcut_a_backward(const ShortcutAShape& sh, const T* dy, T* dx) {
 }
 
 void f32_to_bf16(int64_t n, const float* x, uint16_t* y) {
-  for_each_index(n, [&](int64_t i) {
-    uint32_t bits;
-    std::memcpy(&bits, &x[i], sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
-      // Truncating a NaN could clear every mantissa bit left and turn it into infinity;
-      // setting the quiet bit keeps it a NaN (and makes a signalling NaN quiet).
-      y[i] = uint16_t((bits >> 16) | 0x0040u);
-      return;
-    }
-    // Round to nearest, ties to even: add just under half an ulp of bf16, plus one more when
-    // the bit that will become the last kept one is odd. A carry into the exponent is the
-    // correct rounding (up to the next binade, or to infinity past the largest finite value).
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    y[i] = uint16_t(bits >> 16);
-  });
+  for_each_index(n, [&](int64_t i) { y[i] = bf16_from_f32(x[i]); });
 }
 
 void bf16_to_f32(int64_t n, const uint16_t* x, float* y) {
-  for_each_index(n, [&](int64_t i) {
-    const uint32_t bits = uint32_t(x[i]) << 16;
-    std::memcpy(&y[i], &bits, sizeof bits);
-  });
+  for_each_index(n, [&](int64_t i) { y[i] = f32_from_bf16(x[i]); });
 }
 
 #define SP_INSTANTIATE_ELEMENTWISE(T)                                            \

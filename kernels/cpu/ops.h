@@ -126,6 +126,9 @@ struct SgdTensor {
   const T* grad;
   T* momentum;  // may be null when SgdParams::momentum == 0
   int64_t size;
+  // Optional (float only): receives the updated param rounded to bf16 (f32_to_bf16's rounding),
+  // mixed precision's weight copy written by the step instead of by a cast before each use.
+  uint16_t* param_bf16 = nullptr;
 };
 // One call updates every tensor in the list (see SgdParams for the formula).
 template <typename T>

@@ -306,6 +306,7 @@ struct SgdEntry {
   float* param;
   const float* grad;
   float* momentum;
+  uint16_t* param_bf16;  // null: no bf16 copy
   int64_t size;
   int64_t first_block;
 };
@@ -353,12 +354,13 @@ __global__ void __launch_bounds__(kSgdThreads) sgd_kernel(const __grid_constant_
   const float lr = launch.lr_device ? *launch.lr_device : launch.lr, mu = launch.momentum,
               wd = launch.weight_decay, gs = launch.grad_scale;
   const bool nesterov = launch.nesterov != 0;
-  // 16-byte accesses where the tensor's arrays are aligned (begin is a multiple of 4 elements),
-  // then the last (end - begin) % 4 elements one at a time. momentum is not read when mu == 0.
+  // 16-byte accesses where the tensor's arrays are aligned (begin is a multiple of 4 elements;
+  // the bf16 copy takes 8-byte stores), then the last (end - begin) % 4 elements one at a time.
+  // momentum is not read when mu == 0.
   int64_t rest = begin;
   const uintptr_t bases = reinterpret_cast<uintptr_t>(t.param) | reinterpret_cast<uintptr_t>(t.grad) |
                           (mu != 0.f ? reinterpret_cast<uintptr_t>(t.momentum) : 0);
-  if (bases % 16 == 0) {
+  if (bases % 16 == 0 && reinterpret_cast<uintptr_t>(t.param_bf16) % 8 == 0) {
     rest = begin + (end - begin) / 4 * 4;
     for (int64_t i = begin + 4 * int64_t(threadIdx.x); i < rest; i += 4 * kSgdThreads) {
       float4 p = *reinterpret_cast<const float4*>(t.param + i);
@@ -370,12 +372,17 @@ __global__ void __launch_bounds__(kSgdThreads) sgd_kernel(const __grid_constant_
       sgd_update(p.w, m.w, g.w, lr, mu, wd, gs, nesterov);
       *reinterpret_cast<float4*>(t.param + i) = p;
       if (mu != 0.f) *reinterpret_cast<float4*>(t.momentum + i) = m;
+      if (t.param_bf16)
+        *reinterpret_cast<uint2*>(t.param_bf16 + i) =
+            make_uint2(uint32_t(bf16_from_f32(p.x)) | (uint32_t(bf16_from_f32(p.y)) << 16),
+                       uint32_t(bf16_from_f32(p.z)) | (uint32_t(bf16_from_f32(p.w)) << 16));
     }
   }
   for (int64_t i = rest + threadIdx.x; i < end; i += kSgdThreads) {
     float m = mu != 0.f ? t.momentum[i] : 0.f;
     sgd_update(t.param[i], m, t.grad[i], lr, mu, wd, gs, nesterov);
     if (mu != 0.f) t.momentum[i] = m;
+    if (t.param_bf16) t.param_bf16[i] = bf16_from_f32(t.param[i]);
   }
 }
 
@@ -585,7 +592,7 @@ void sgd_step(const std::vector<SgdTensor>& tensors, const SgdParams& p, cudaStr
              " needs a momentum buffer for every tensor");
     if (t.size == 0) continue;  // owns no block: the search must never land on it
     if (launch.count == kSgdMaxTensors) flush(blocks), blocks = 0;
-    launch.tensors[launch.count++] = SgdEntry{t.param, t.grad, t.momentum, t.size, blocks};
+    launch.tensors[launch.count++] = SgdEntry{t.param, t.grad, t.momentum, t.param_bf16, t.size, blocks};
     blocks += ceil_div(t.size, kSgdElementsPerBlock);
     SP_CHECK(blocks < (int64_t(1) << 31), "sgd_step: too many elements for one launch");
   }

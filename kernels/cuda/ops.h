@@ -172,12 +172,15 @@ struct SgdTensor {
   const float* grad;
   float* momentum;  // may be null when SgdParams::momentum == 0
   int64_t size;
+  // Optional: receives the updated param rounded to bf16, bit for bit as f32_to_bf16 would
+  // (mixed precision's weight copy, written by the step instead of by a cast before each use).
+  uint16_t* param_bf16 = nullptr;
 };
 // Updates every tensor of the list in one kernel launch (lists longer than kSgdMaxTensors
 // take one launch per kSgdMaxTensors tensors). The list is copied into the launch's
 // arguments, so it may be destroyed as soon as the call returns.
 void sgd_step(const std::vector<SgdTensor>& tensors, const SgdParams& p, cudaStream_t stream);
-constexpr int kSgdMaxTensors = 768;
+constexpr int kSgdMaxTensors = 640;
 
 // ---- Precision conversion ------------------------------------------------------------------
 // Bit-identical to the CPU conversions: round to nearest even, NaN stays (a quiet) NaN.
