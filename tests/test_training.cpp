@@ -600,6 +600,14 @@ TEST(Training, ATracedOneModuleRunWritesItsTraceAndTrainsTheSameBits) {
   // Mid-epoch checkpoints are the plain trainer's alone: refused with --trace, with a reason.
   traced.checkpoint_every = 2;
   test::expect_error([&] { train::run_training(traced, train, test); }, {"--checkpoint-every", "--trace"});
+  // So with --recompute or --weight-stash, which also send one module through the pipeline.
+  train::TrainConfig recomputed = plain;
+  recomputed.recompute = true;
+  recomputed.checkpoint_every = 2;
+  test::expect_error([&] { train::run_training(recomputed, train, test); }, {"--checkpoint-every", "--recompute"});
+  recomputed.recompute = false, recomputed.weight_stash = true;
+  recomputed.checkpoint_every = 0, recomputed.stop_after_steps = 3;
+  test::expect_error([&] { train::run_training(recomputed, train, test); }, {"--stop-after", "--weight-stash"});
 }
 
 // --graphs replays the steady-state ticks; the run (evaluation between epochs included) is the

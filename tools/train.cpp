@@ -666,8 +666,9 @@ void write_trace(const std::string& path, const PipelineEpochStats& stats, int m
 TrainResult run_pipelined(Run& run) {
   const TrainConfig& cfg = run.cfg;
   SP_CHECK(cfg.checkpoint_every == 0 && cfg.stop_after_steps < 0,
-           "--checkpoint-every and --stop-after need --method bp with one module and no --graphs or --trace: a "
-           "pipeline is checkpointed at epoch boundaries, when it has drained");
+           "--checkpoint-every and --stop-after need --method bp with one module, one device and none of --graphs, "
+           "--trace, --recompute, --weight-stash or --staleness-jitter: a pipeline is checkpointed at epoch "
+           "boundaries, when it has drained");
   std::map<std::string, std::string> resume_meta;
   if (!cfg.resume.empty()) resume_meta = io::read_safetensors(cfg.resume).metadata;
   PipelineConfig pc;
