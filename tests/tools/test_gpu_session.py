@@ -13,7 +13,8 @@ timed out and the programmatic-launch test failed:
     tests;
   - a switch is measured only where its GPU test passed: the wide tile's and programmatic
     launch's benchmarks never run, the persistent kernel's run off and on (GEMM, convolutions,
-    training); the paths measured in earlier sessions are not measured again;
+    training), so do the bf16 weight copies (training); the paths measured in earlier sessions
+    are not measured again;
   - the training throughput with "the new paths on" switches on exactly the paths that passed,
     with them "off" switches every path off explicitly, and "defaults" sets none; ResNet-18 in two
     rounds, PyTorch beside each round;
@@ -57,7 +58,8 @@ CTEST_LOG = """\
  10/11 Test #10: Mainloops/TensorCore.GemmAndConvolutionsInClustersOfTwo/wgmma_tma  # GetParam() = 4-byte object <03-00 00-00> ....   Passed    1.00 sec
  11/12 Test #11: Mainloops/TensorCore.ConvolutionsByStrideClass/wgmma_tma ..........   Passed    1.00 sec
  12/13 Test #12: Mainloops/TensorCore.GemmSplitKOnLongReductions/wgmma_tma .........   Passed    1.00 sec
- 13/13 Test #13: Mainloops/TensorCore.PersistentTmaKernelGivesTheSameBits/wgmma_tma ..   Passed    1.00 sec
+ 13/14 Test #13: Mainloops/TensorCore.PersistentTmaKernelGivesTheSameBits/wgmma_tma ..   Passed    1.00 sec
+ 14/14 Test #14: CudaOps.SgdGivesTheSameBitsFromUnalignedTensors .....................   Passed    1.00 sec
 """
 
 # tools/gpu_check.sh: the build does nothing, the tests write the log above.
@@ -147,6 +149,12 @@ def main():
                                                                      ["STALEPROP_TMA_PERSISTENT=1"]] * 2 and
               all("--graphs" in l for l in tput[2:]),
               f"ResNet-18's and ResNet-56's (from graphs) throughput with the persistent kernel off and on: {tput}", log)
+        copies = [l for l in lines if "throughput-weight-copies" in l]
+        check([switches_of(l) for l in copies] == [["STALEPROP_BF16_WEIGHT_COPIES=0"],
+                                                   ["STALEPROP_BF16_WEIGHT_COPIES=1"]] * 3 and
+              ["resnet18" in l for l in copies] == [True] * 2 + [False] * 4 and
+              ["--graphs" in l for l in copies] == [False] * 4 + [True] * 2,
+              f"the bf16 weight copies off and on: ResNet-18, ResNet-56 op by op and from graphs: {copies}", log)
         for blocks in ("0", "264"):
             check(any(f"STALEPROP_SPLIT_MAX_BLOCKS={blocks}" in l.split("|")[1].split() and "r18_all_layers" in l
                       for l in bench), f"the convolutions' sums with the split capped at {blocks} blocks", log)
@@ -164,14 +172,14 @@ def main():
         check(all(l.split("|")[1].split() == [] for l in defaults) and
               any("STALEPROP_DEBUG=1" in l.split("|")[1].split() for l in on),
               "the defaults' runs set no switch (the caller's unset)", log)
-        check(all(switches(l) == ["STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_SMALL_C=0",
+        check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=1", "STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_SMALL_C=0",
                                   "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_CLASSES=1",
                                   "STALEPROP_DGRAD_CLASS_DIRECT=1", "STALEPROP_PDL=0",
                                   "STALEPROP_TMA_CLUSTER=1", "STALEPROP_TMA_PERSISTENT=1",
                                   "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in on),
               "the new paths on are exactly the switches that passed", log)
-        check(all(switches(l) == ["STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_SMALL_C=0",
+        check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=0", "STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_SMALL_C=0",
                                   "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_CLASSES=0",
                                   "STALEPROP_DGRAD_CLASS_DIRECT=0", "STALEPROP_PDL=0",
                                   "STALEPROP_TMA_CLUSTER=0", "STALEPROP_TMA_PERSISTENT=0",
