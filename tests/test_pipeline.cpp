@@ -2,7 +2,8 @@
 //  (a) K = 1 equals plain backprop bit for bit, in every method;
 //  (b) for K = 2, 3, 4 and each method, the parameters after an epoch equal a plainly written
 //      sequential simulation of the delayed-gradient recurrence (same data order);
-//  (c) random delays injected into the CPU streams do not change a single bit;
+//  (c) random delays injected into the CPU streams do not change a single bit (also with weight
+//      stashing, recomputation and staleness jitter);
 //  (e) every batch of an epoch is forwarded once and back-propagated once by every module,
 //      d_k ticks apart, across several epochs (fill and drain included);
 //  before_step, data parallelism's insertion point: its work runs between each backward and
@@ -312,17 +313,31 @@ INSTANTIATE_TEST_SUITE_P(MethodsAndDepths, PipelineVsSimulation,
 
 TEST(Pipeline, InjectedStreamDelaysChangeNoBit) {
   const Batches data = make_batches(6, 4, 0, 23);
-  for (PipelineMethod m : kMethods) {
-    PipelineConfig quiet = config(m, {1, 2, 4}, 0.5f);
+  auto same_with_delays = [&](const PipelineConfig& quiet, const std::string& what) {
     PipelineConfig noisy = quiet;
     noisy.stream_options.jitter_max_us = 300;
     noisy.stream_options.seed = 77;
     const std::vector<float> a = run_pipeline(quiet, data, 2);
     const int64_t before = cpu_stream_jittered_closures();
     const std::vector<float> b = run_pipeline(noisy, data, 2);
-    EXPECT_GT(cpu_stream_jittered_closures() - before, 100) << pipeline_method_name(m) << ": delays were injected";
-    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << pipeline_method_name(m);
-  }
+    EXPECT_GT(cpu_stream_jittered_closures() - before, 100) << what << ": delays were injected";
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << what;
+  };
+  for (PipelineMethod m : kMethods) same_with_delays(config(m, {1, 2, 4}, 0.5f), pipeline_method_name(m));
+  // The paths with work of their own on the streams: weight stashing (copies of the weights at
+  // each forward, swapped in for the backward), recomputation (BN buffers saved and restored
+  // around the second forward) and staleness jitter (gradients held back for later ticks).
+  PipelineConfig c = config(PipelineMethod::FDG, {1, 2, 4}, 0.5f);
+  c.weight_stash = true;
+  same_with_delays(c, "fdg with weight stashing");
+  c.recompute = true;
+  same_with_delays(c, "fdg with weight stashing and recomputation");
+  c.weight_stash = false;
+  same_with_delays(c, "fdg with recomputation");
+  c = config(PipelineMethod::DDG, {1, 2, 4}, 0.5f);
+  c.staleness_jitter = 2;
+  c.jitter_seed = 9;
+  same_with_delays(c, "ddg with staleness jitter");
 }
 
 TEST(Pipeline, EveryBatchIsForwardedAndBackpropagatedOncePerModulePerEpoch) {
