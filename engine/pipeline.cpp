@@ -677,7 +677,13 @@ void PipelineTrainer::backward_and_step(int k, int64_t tick, int64_t batch, Tens
   // Weight stashing: back-propagate through the weights this batch's forward used.
   // (The bf16 weight copies follow the live weights: stale while the stash stands in.)
   for (size_t i = 0; i < f.stash.size(); ++i) std::swap(st.params[i]->value, f.stash[i]), st.params[i]->value_changed();
-  if (f.input.defined()) recompute_forward(st, f);
+  if (f.input.defined()) {
+    recompute_forward(st, f);
+    // Held until this backward has run: the stored input and every activation rebuilt from it.
+    std::set<const void*> seen = {f.input.raw_data()};
+    tick_rebuilt_bytes_ += f.input.nbytes();
+    for (const Context& c : f.contexts) tick_rebuilt_bytes_ += c.saved_bytes(&seen);
+  }
   Tensor g = dy;
   for (size_t b = st.last; b-- > st.first;)
     g = net_.block(b).backward(s, g, f.contexts[b - st.first], b > st.first || k > 0);
@@ -761,17 +767,20 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   next_batch_ = 0;
   host_wait_ms_ = 0;
   const auto wall_start = std::chrono::steady_clock::now();
-  // Activation memory held for batches in flight, measured when it peaks within a tick: after
-  // the forwards.
-  auto measure_saved = [&] {
+  // Activation memory held for batches in flight, measured where it peaks within a tick: after
+  // the forwards, and with --recompute also after the backwards, adding what they rebuilt
+  // (`extra`). The weight stashes of the batches in flight beside it.
+  auto measure_saved = [&](size_t extra) {
     std::set<const void*> seen;
-    size_t saved = 0;
+    size_t saved = extra, stashed = 0;
     for (auto& st : stages_)
       for (const InFlight& f : st->inflight) {
         for (const Context& c : f.contexts) saved += c.saved_bytes(&seen);
         if (f.input.defined() && seen.insert(f.input.raw_data()).second) saved += f.input.nbytes();
+        for (const Tensor& w : f.stash) stashed += w.nbytes();
       }
     stats.peak_saved_bytes = std::max(stats.peak_saved_bytes, saved);
+    stats.peak_stash_bytes = std::max(stats.peak_stash_bytes, stashed);
   };
   bool source_done = false;
   int64_t last_active_tick = -1;
@@ -780,14 +789,17 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
     for (auto& st : stages_) host_wait(*st->tick_end[tick % 2]);
     for (auto& st : stages_) st->read_timings(tick - 2, *origin[size_t(st->index)], stats);  // ended by that record
     const size_t events_before = ledger_.size();
+    tick_rebuilt_bytes_ = 0;
     if (cfg_.method == PipelineMethod::FDG) {
       for (int k = 0; k + 1 < K; ++k) backward_phase(k, tick, lr);
+      if (cfg_.recompute) measure_saved(tick_rebuilt_bytes_);
       for (int k = 0; k < K; ++k) forward_phase(k, tick, source, source_done, lr);
-      measure_saved();
+      measure_saved(0);
     } else {
       for (int k = 0; k < K; ++k) forward_phase(k, tick, source, source_done, lr);
-      measure_saved();
+      measure_saved(0);
       for (int k = K - 2; k >= 0; --k) backward_phase(k, tick, lr);
+      if (cfg_.recompute) measure_saved(tick_rebuilt_bytes_);
     }
     for (auto& st : stages_) st->stream->record(*st->tick_end[tick % 2]);
     if (ledger_.size() > events_before) last_active_tick = tick;

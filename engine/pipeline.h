@@ -168,7 +168,12 @@ struct PipelineEpochStats {
   // than they run). The final drain is not in it.
   double host_wait_ms = 0;
   std::vector<StageTiming> stages;
-  size_t peak_saved_bytes = 0;  // most activation memory held for in-flight batches at once
+  // Most activation memory held for in-flight batches at once: their saved tensors (with
+  // --recompute their stored module inputs, plus, during the backwards, the activations each
+  // module rebuilt for the batch it back-propagates in that tick).
+  size_t peak_saved_bytes = 0;
+  // --weight-stash: most memory held at once in the in-flight batches' copies of the weights.
+  size_t peak_stash_bytes = 0;
   int64_t timing_events_made = 0;  // events created to time stages (read ones are reused)
 };
 
@@ -226,6 +231,9 @@ class PipelineTrainer {
   int activation_latency_ = 1, gradient_latency_ = 1;  // ticks an activation / gradient takes per hop
   int64_t next_batch_ = 0;
   double host_wait_ms_ = 0;  // this epoch's PipelineEpochStats::host_wait_ms so far
+  // --recompute: bytes of the module inputs and rebuilt activations of the batches back-propagated
+  // in the current tick (every module's at once: their streams run side by side).
+  size_t tick_rebuilt_bytes_ = 0;
   // Blocks the host until e has completed, counting the time in host_wait_ms_.
   void host_wait(Event& e);
   PipelineGraphStats graph_stats_;

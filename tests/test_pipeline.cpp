@@ -621,6 +621,35 @@ TEST(Pipeline, RecomputeSavesActivationMemoryAndRebuildsTheSameActivations) {
   // BN running statistics (part of the compared state) are not updated twice.
   EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
   EXPECT_LT(recomputed * 2, kept) << "kept " << kept << " bytes, recompute " << recomputed;
+  // Recomputation's figure holds, beside the stored inputs, what the backwards rebuild. In the
+  // steady state of fdg, just after the backwards of a tick, module k < K holds d_k - 1 inputs of
+  // batches in flight plus the input and the rebuilt activations of the batch it back-propagates:
+  // sum over k < K of d_k * input_k + activations_k (per batch, measured here block by block).
+  {
+    const Batches many = make_batches(12, 4, 0, 26);
+    PipelineConfig rc = config(PipelineMethod::FDG, {1, 2, 4}, 0.5f);
+    rc.recompute = true;
+    Network net = mini_resnet(1);
+    PipelineTrainer p(net, rc);
+    const size_t peak = p.run_epoch(source_of(many), lr_at).peak_saved_bytes;
+    Network fresh = mini_resnet(1);
+    auto s = make_stream(Device::cpu());
+    Tensor h = many.images[0];
+    size_t want = 0;
+    const int K = p.num_modules();
+    for (int k = 0; k + 1 < K; ++k) {
+      const auto [first, last] = p.blocks(k);
+      std::set<const void*> seen = {h.raw_data()};
+      const size_t input = h.nbytes();
+      std::vector<Context> ctx(last - first);
+      for (size_t b = first; b < last; ++b) h = fresh.block(b).forward(*s, h, ctx[b - first]);
+      s->synchronize();
+      size_t activations = 0;
+      for (const Context& c : ctx) activations += c.saved_bytes(&seen);
+      want += size_t(2 * (K - 1 - k)) * input + activations;
+    }
+    EXPECT_EQ(peak, want);
+  }
   // Without stashing, recomputation uses the weights of the backward's moment: it trains, but
   // differently.
   PipelineConfig only = config(PipelineMethod::FDG, {1, 2, 4}, 0.5f);
@@ -726,6 +755,31 @@ TEST(Pipeline, LoadingACheckpointMakesTheBf16WeightCopiesStale) {
   const double loaded = train_then_eval(b, false), want = train_then_eval(a, false);
   EXPECT_NE(before, want);
   EXPECT_EQ(loaded, want);
+}
+
+// --weight-stash keeps a copy of a module's weights for every batch in flight: d_k = 2(K - k)
+// batches for module k < K under fdg (the last module back-propagates each batch at once),
+// reported apart from the activations.
+TEST(Pipeline, WeightStashMemoryIsReportedPerBatchInFlight) {
+  const Batches data = make_batches(8, 4, 0, 28);
+  PipelineConfig c = config(PipelineMethod::FDG, {1, 3}, 0.5f);
+  c.weight_stash = true;
+  Network net = mini_resnet(1);
+  PipelineTrainer p(net, c);
+  const PipelineEpochStats st = p.run_epoch(source_of(data), lr_at);
+  size_t want = 0;
+  for (int k = 0; k + 1 < p.num_modules(); ++k) {
+    const auto [first, last] = p.blocks(k);
+    size_t bytes = 0;
+    for (auto& [name, param] : net.state(first, last).params) bytes += param->value.nbytes();
+    want += size_t(2 * (p.num_modules() - 1 - k)) * bytes;
+  }
+  EXPECT_GT(want, 0u);
+  EXPECT_EQ(st.peak_stash_bytes, want);
+  // Without stashing there is none.
+  Network plain_net = mini_resnet(1);
+  PipelineTrainer plain(plain_net, config(PipelineMethod::FDG, {1, 3}, 0.5f));
+  EXPECT_EQ(plain.run_epoch(source_of(data), lr_at).peak_stash_bytes, 0u);
 }
 
 TEST(Pipeline, StalenessJitterDelaysGradientsWithinBoundsAndInOrder) {

@@ -545,7 +545,23 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
   stash.epochs = 2;
   stash.trace.clear();
   stash.checkpoint = dir.file("stash-{epoch}.safetensors");
+  stash.metrics = dir.file("stash.jsonl");
   train::run_training(stash, train, test);
+  {
+    // Its epoch records report the weight copies kept for batches in flight.
+    std::ifstream in(stash.metrics);
+    std::string line;
+    int epochs = 0;
+    while (std::getline(in, line))
+      if (line.find("\"event\":\"epoch\"") != std::string::npos) {
+        const size_t at = line.find("\"stash_bytes\":");
+        ASSERT_NE(at, std::string::npos) << line;
+        EXPECT_GT(std::stoll(line.substr(at + 14)), 0) << line;
+        ++epochs;
+      }
+    EXPECT_EQ(epochs, 2);
+  }
+  stash.metrics.clear();
   stash.resume = dir.file("stash-1.safetensors");
   stash.recompute = true;
   stash.checkpoint = dir.file("stash-recompute-{epoch}.safetensors");
@@ -664,6 +680,25 @@ TEST(Training, ModulesOnEmulatedDevicesTrainAndResumeAsOnOne) {
     ASSERT_NE(at, std::string::npos) << d << " in " << last_epoch;
     EXPECT_GT(std::stoll(last_epoch.substr(at + std::strlen(d) + 3)), 1 << 20) << d << " in " << last_epoch;
   }
+  // A decoupled epoch record: per-module busy share and idle time, the host's wait, the ticks
+  // and the activation memory (each a number).
+  auto number_after = [](const std::string& rec, const std::string& key) {
+    const size_t at = rec.find("\"" + key + "\":");
+    return at == std::string::npos ? -1.0 : std::stod(rec.substr(at + key.size() + 3));
+  };
+  EXPECT_GT(number_after(last_epoch, "ticks"), 0) << last_epoch;
+  EXPECT_GT(number_after(last_epoch, "activation_bytes"), 0) << last_epoch;
+  EXPECT_GE(number_after(last_epoch, "host_wait_pct"), 0) << last_epoch;
+  EXPECT_EQ(last_epoch.find("stash_bytes"), std::string::npos) << "no stash without --weight-stash";
+  size_t modules = 0;
+  for (size_t at = last_epoch.find("{\"busy_pct\":"); at != std::string::npos;
+       at = last_epoch.find("{\"busy_pct\":", at + 1)) {
+    const std::string rec = last_epoch.substr(at);
+    EXPECT_GT(number_after(rec, "busy_pct"), 0) << rec;
+    EXPECT_GE(number_after(rec, "idle_ms"), 0) << rec;
+    ++modules;
+  }
+  EXPECT_EQ(modules, 3u) << last_epoch;
   ASSERT_EQ(a.epochs.size(), 2u);
   ASSERT_EQ(b.epochs.size(), 2u);
   for (size_t e = 0; e < 2; ++e) {

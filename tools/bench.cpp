@@ -115,7 +115,8 @@ std::string BenchResult::json() const {
          "],\"host_wait_pct\":" + (host_wait_pct < 0 ? "null" : json_num(host_wait_pct)) +
          ",\"peak_allocated_bytes\":" + std::to_string(peak_allocated_bytes) +
          ",\"peak_reserved_bytes\":" + std::to_string(peak_reserved_bytes) + by_device +
-         ",\"peak_activation_bytes\":" + std::to_string(peak_activation_bytes) + ",\"shrink\":" + json_num(c.shrink) +
+         ",\"peak_activation_bytes\":" + std::to_string(peak_activation_bytes) +
+         ",\"peak_stash_bytes\":" + std::to_string(peak_stash_bytes) + ",\"shrink\":" + json_num(c.shrink) +
          ",\"recompute\":" + (c.recompute ? "true" : "false") +
          ",\"weight_stash\":" + (c.weight_stash ? "true" : "false") + ",\"graphs\":" + (c.graphs ? "true" : "false") +
          ",\"graph_memory\":" + json_str(c.graphs ? c.graph_memory : "") + ",\"warmup_run\":" + std::to_string(warmup) +
@@ -246,6 +247,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
     for (double b : st.busy_ms) r.busy_pct.push_back(100.0 * b / st.wall_ms);
     r.host_wait_pct = 100.0 * st.host_wait_ms / st.wall_ms;
     r.peak_activation_bytes = st.peak_saved_bytes;
+    r.peak_stash_bytes = st.peak_stash_bytes;
     keep_peak(r, mem_devices);
     profile_ops(cfg, r, [&] { return epoch(cfg.profile_ops).wall_ms; });
   }

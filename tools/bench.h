@@ -63,6 +63,7 @@ struct BenchResult {
   // With --devices: each device's peak (the two above are their sums), in --device, --devices order.
   std::vector<std::pair<std::string, size_t>> peak_allocated_by_device;
   size_t peak_activation_bytes = 0;    // decoupled methods: activations kept for batches in flight
+  size_t peak_stash_bytes = 0;         // --weight-stash: weight copies kept for batches in flight
   int64_t warmup = 0;                  // the warm-up steps actually run
   int64_t units = 0, replayed_units = 0;  // --graphs: module units of the timed steps, and how many were replays
   std::string device_name;

@@ -608,6 +608,7 @@ int bench_main(int argc, char** argv) {
   }
   if (c.method != "backprop")
     std::printf(", busy %s, activations %s MiB", busy_str(r.busy_pct).c_str(), mib(r.peak_activation_bytes).c_str());
+  if (c.weight_stash) std::printf(", weight stash %.1f MiB", double(r.peak_stash_bytes) / double(1 << 20));
   if (c.graphs)
     std::printf(", %lld of %lld module units replayed from graphs (%lld warm-up steps)", (long long)r.replayed_units,
                 (long long)r.units, (long long)r.warmup);

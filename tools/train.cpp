@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -14,8 +15,8 @@
 
 #include "engine/allocator.h"
 #include "engine/checkpoint.h"
-#include "engine/pipeline.h"
 #include "engine/ops.h"
+#include "engine/pipeline.h"
 #include "engine/safetensors.h"
 #include "engine/schedule.h"
 #include "engine/trainer.h"
@@ -777,8 +778,12 @@ TrainResult run_pipelined(Run& run) {
     const double host_wait_pct = 100.0 * st.host_wait_ms / st.wall_ms;
     busy_json += "],\"host_wait_pct\":" + json_number(host_wait_pct) + ",\"ticks\":" + std::to_string(st.ticks) +
                  ",\"activation_bytes\":" + std::to_string(st.peak_saved_bytes);
-    char activations[48];
+    if (cfg.weight_stash) busy_json += ",\"stash_bytes\":" + std::to_string(st.peak_stash_bytes);
+    char activations[96];
     std::snprintf(activations, sizeof activations, " | activations %.0f MiB", double(st.peak_saved_bytes) / (1 << 20));
+    if (cfg.weight_stash)
+      std::snprintf(activations + std::strlen(activations), sizeof activations - std::strlen(activations),
+                    ", weight stash %.1f MiB", double(st.peak_stash_bytes) / (1 << 20));
     char host[40];
     std::snprintf(host, sizeof host, " | host waited %.0f%%", host_wait_pct);
     std::string extra = " | busy " + busy + ", idle " + idle + " s" + host + activations;
