@@ -89,6 +89,40 @@ TEST(Training, TheNextEpochIsEstimatedFromTheStepsTheLastRan) {
   EXPECT_DOUBLE_EQ(train::next_epoch_seconds(0.5, 0.0, 1, 4), 2.0);
 }
 
+// --progress: a bar redrawn in place ('\r', the bar, images/s and ETA), plain lines (auto when
+// the output is no terminal, as a --log file is not: about ten per epoch, each with the step,
+// images/s and ETA, never a '\r'), or none; an unknown mode is refused.
+TEST(Training, ProgressIsABarPlainLinesOrNothing) {
+  const data::Dataset train = synthetic_set(320, 15), test = synthetic_set(20, 16);  // 10 steps per epoch
+  TempDir dir;
+  auto run = [&](const std::string& mode) {
+    train::TrainConfig c = small_config();
+    c.epochs = 1;
+    c.progress = mode;
+    c.log = dir.file(mode + ".log");
+    train::run_training(c, train, test);
+    return read_text(c.log);
+  };
+  const std::string bar = run("bar");
+  EXPECT_NE(bar.find("\repoch 1/1 [#"), std::string::npos) << bar;
+  EXPECT_NE(bar.find("] 10/10"), std::string::npos) << bar;
+  EXPECT_NE(bar.find(" img/s ETA "), std::string::npos) << bar;
+  for (const std::string& mode : {std::string("auto"), std::string("plain")}) {
+    const std::string text = run(mode);
+    EXPECT_EQ(text.find('\r'), std::string::npos) << mode << ": " << text;
+    int steps = 0;
+    for (size_t at = text.find("epoch 1/1 step "); at != std::string::npos; at = text.find("epoch 1/1 step ", at + 1)) {
+      const std::string line = text.substr(at, text.find('\n', at) - at);
+      EXPECT_NE(line.find(" img/s ETA "), std::string::npos) << line;
+      ++steps;
+    }
+    EXPECT_EQ(steps, 10) << mode << ": " << text;
+    EXPECT_NE(text.find("epoch 1/1 step 10/10"), std::string::npos) << text;
+  }
+  EXPECT_EQ(run("none").find("step "), std::string::npos);
+  test::expect_error<Error>([&] { run("fancy"); }, {"--progress must be auto, bar, plain or none, got 'fancy'"});
+}
+
 // Resuming with `resuming` (its --resume set) changed by `change` is refused, the message holding
 // every one of `reason`.
 void expect_resume_refused(train::TrainConfig resuming, const std::function<void(train::TrainConfig&)>& change,
