@@ -207,6 +207,10 @@ TEST_P(TensorCore, GemmAllTransposesAndEpilogues) {
       check_b16(&kcu::gemm_bf16_out_bf16, stream_, b, seed += 5);
       b.alpha = 2.f, b.beta = 1.f, b.pad = 8, b.relu = true, b.bias = false;  // padded but aligned
       check_b16(&kcu::gemm_bf16_out_bf16, stream_, b, seed += 5);
+      // ldc = N + 1: even for odd N, whose bf16 output is stored in column pairs with a single last
+      // column (for even N, ldc is odd: single columns throughout).
+      b.beta = 0.5f, b.pad = 1, b.bias = true;
+      check_b16(&kcu::gemm_bf16_out_bf16, stream_, b, seed += 5);
       GemmCase r = g;
       r.pad = 7, r.bias = true;  // ld % 8 == 0 only where the extent is 1 mod 8: cp.async of ragged chunks
       check_f32(&kcu::gemm_bf16, stream_, r, seed += 5);
@@ -442,6 +446,11 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
   // and stride 3 with H = 3 hc.
   shapes.push_back(conv(3, 10, 7, 12, 10, 3, 2, 1));
   shapes.push_back(conv(2, 9, 8, 8, 16, 5, 3, 2));
+  // Odd C written straight into dx: the epilogue stores column pairs where a class's rows start
+  // at an even offset (classes (0, 0) and (1, 0) on an even width) and single columns in the
+  // others, with an odd last column either way.
+  shapes.push_back(conv(2, 10, 8, 5, 16, 3, 2, 1));
+  shapes.push_back(conv(1, 6, 6, 7, 10, 3, 2, 1));
   int64_t direct_total = 0;
   for (const Conv2dShape& sh : shapes) {
     seed += 5;
