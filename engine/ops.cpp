@@ -362,13 +362,13 @@ void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& b
 #endif
 }
 
-void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Tensor& dx, int stride, int pad) {
+void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Tensor& dx, int stride, int pad,
+                          float beta) {
   OpScope scope(s, "conv2d_backward_data", {&dy, &w});
   const bool tc = native_bf16_tensor_core(s, {&dy, &w, &dx}, {});
-  if (!tc && via_fp32(s, {&dy, &w}, {&dx}, [&](const auto& f32) {
-        conv2d_backward_data(s, f32(dy), f32(w), f32(dx), stride, pad);
-      }))
-    return;
+  // With beta, dx is read as well as written (widened in place under bf16).
+  const auto fp32 = [&](const auto& f32) { conv2d_backward_data(s, f32(dy), f32(w), f32(dx), stride, pad, beta); };
+  if (!tc && (beta != 0.f ? via_fp32(s, {&dy, &w, &dx}, {&dx}, fp32) : via_fp32(s, {&dy, &w}, {&dx}, fp32))) return;
   OpCheck chk("conv2d_backward_data", s);
   const DType at = tc ? DType::BF16 : DType::F32;  // dy, w, dx
   chk.tensor(dy, "dy", at, 4);
@@ -378,19 +378,19 @@ void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Te
   chk.shape(dy, "dy", conv2d_output_shape(dx.shape(), w.shape(), stride, pad),
             "dx " + shape_str(dx.shape()) + " convolved with w " + shape_str(w.shape()));
   if (on_cpu(s)) {
-    s.enqueue_host([dy = borrow(dy), w = borrow(w), dx = borrow(dx), sh] {
-      kc::conv2d_backward_data<float>(sh, dy.data<float>(), w.data<float>(), dx.data<float>());
+    s.enqueue_host([dy = borrow(dy), w = borrow(w), dx = borrow(dx), sh, beta] {
+      kc::conv2d_backward_data<float>(sh, dy.data<float>(), w.data<float>(), dx.data<float>(), beta);
     });
     return;
   }
 #if STALEPROP_WITH_CUDA
   if (tc) {
     const auto run_bf16 = use_vendor() ? kvd::conv2d_backward_data_bf16 : kcu::conv2d_backward_data_bf16;
-    run_bf16(sh, dy.data<uint16_t>(), w.data<uint16_t>(), dx.data<uint16_t>(), cuda_stream(s));
+    run_bf16(sh, dy.data<uint16_t>(), w.data<uint16_t>(), dx.data<uint16_t>(), cuda_stream(s), beta);
     return;
   }
   const auto run = use_vendor() ? kvd::conv2d_backward_data : kcu::conv2d_backward_data;
-  run(sh, dy.data<float>(), w.data<float>(), dx.data<float>(), cuda_stream(s));
+  run(sh, dy.data<float>(), w.data<float>(), dx.data<float>(), cuda_stream(s), beta);
 #else
   chk.no_cuda_kernel();
 #endif

@@ -68,7 +68,10 @@ void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, c
 // ---- Convolution ---------------------------------------------------------------------------
 void conv2d_forward(Stream& s, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y, int stride,
                     int pad);
-void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Tensor& dx, int stride, int pad);
+// dx = the data gradient + beta * dx (beta == 0: dx is not read; beta == 1 accumulates, as a
+// residual block adds its main path's gradient to its shortcut's).
+void conv2d_backward_data(Stream& s, const Tensor& dy, const Tensor& w, const Tensor& dx, int stride, int pad,
+                          float beta = 0.f);
 void conv2d_backward_weight(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dw, const Tensor& dbias,
                             int stride, int pad);
 // The output shape [N, P, Q, K] of a convolution of x by w.

@@ -114,6 +114,18 @@ TEST_P(CpuConvGrad, MatchesFiniteDifferences) {
   expect_all_near(dxf, dx, kFloatRtol, kFloatAtol, "float dx");
   expect_all_near(dwf, dw, kFloatRtol, kFloatAtol, "float dw");
   expect_all_near(dbf, db, kFloatRtol, kFloatAtol, "float dbias");
+
+  // With beta the data gradient is added to beta * dx: with beta 1, the bits of the gradient
+  // then an add (a residual block's accumulation); with another beta, dgrad + beta * dx.
+  const std::vector<float> before = to_float(random_uniform(sh.x_size(), -1, 1, 8));
+  std::vector<float> added(sh.x_size()), summed = before, scaled = before;
+  cpu::add<float>(sh.x_size(), dxf.data(), before.data(), added.data());
+  cpu::conv2d_backward_data(sh, dyf.data(), wf.data(), summed.data(), 1.f);
+  EXPECT_EQ(summed, added) << "beta 1";
+  cpu::conv2d_backward_data(sh, dyf.data(), wf.data(), scaled.data(), -0.5f);
+  std::vector<float> want(sh.x_size());
+  for (size_t i = 0; i < want.size(); ++i) want[i] = dxf[i] + -0.5f * before[i];
+  EXPECT_EQ(scaled, want) << "beta -0.5";
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CpuConvGrad,

@@ -295,7 +295,7 @@ struct ConvResult {
 };
 
 using ConvFwd = void (*)(const Conv2dShape&, const uint16_t*, const uint16_t*, const float*, uint16_t*, cudaStream_t);
-using ConvBwdData = void (*)(const Conv2dShape&, const uint16_t*, const uint16_t*, uint16_t*, cudaStream_t);
+using ConvBwdData = void (*)(const Conv2dShape&, const uint16_t*, const uint16_t*, uint16_t*, cudaStream_t, float);
 using ConvBwdWeight = void (*)(const Conv2dShape&, const uint16_t*, const uint16_t*, float*, float*, cudaStream_t);
 
 struct ConvFns {
@@ -310,21 +310,25 @@ const ConvFns kCustomConv{"custom", &kcu::conv2d_forward_bf16, &kcu::conv2d_back
 const ConvFns kVendorConv{"vendor", &kvd::conv2d_forward_bf16, &kvd::conv2d_backward_data_bf16,
                           &kvd::conv2d_backward_weight_bf16, kTolBf16};
 
-// The inputs of a convolution test of `seed`: x, w, dy and the bias.
+// The inputs of a convolution test of `seed`: x, w, dy, the bias, and what dx holds before a
+// data gradient with beta adds to it.
 struct ConvInputs {
   std::vector<uint16_t> x, w, dy;
   std::vector<float> bias;
+  std::vector<uint16_t> dx0;
 };
 ConvInputs conv_inputs(const Conv2dShape& sh, uint32_t seed) {
   return {random_bf16(size_t(sh.x_size()), seed), random_bf16(size_t(sh.w_size()), seed + 1),
-          random_bf16(size_t(sh.y_size()), seed + 2), random_vector(size_t(sh.k), seed + 3)};
+          random_bf16(size_t(sh.y_size()), seed + 2), random_vector(size_t(sh.k), seed + 3),
+          random_bf16(size_t(sh.x_size()), seed + 4)};
 }
 
 // All three passes of one shape through fns on conv_inputs(seed). offset shifts every tensor by
 // that many elements (unaligned pointers). Without a bias (as the ResNets run), the bias and its
-// gradient are null pointers, and the result's db stays NaN.
+// gradient are null pointers, and the result's db stays NaN. With beta, the data gradient adds to
+// beta * dx0 (else dx starts as NaN).
 ConvResult run_conv(const ConvFns& fns, cudaStream_t stream, const Conv2dShape& sh, uint32_t seed, int offset = 0,
-                    bool with_bias = true) {
+                    bool with_bias = true, float beta = 0.f) {
   const size_t off = size_t(offset);
   const ConvInputs in = conv_inputs(sh, seed);
   auto upload = [&](const std::vector<uint16_t>& h) {
@@ -339,7 +343,8 @@ ConvResult run_conv(const ConvFns& fns, cudaStream_t stream, const Conv2dShape& 
 
   fns.fwd(sh, dx_in->get() + off, dw_in->get() + off, with_bias ? dbias.get() : nullptr, dy_out.get() + off, stream);
   sync_and_check();
-  fns.bwd_data(sh, ddy->get() + off, dw_in->get() + off, ddx.get() + off, stream);
+  if (beta != 0.f) SP_CUDA_CHECK(cudaMemcpy(ddx.get() + off, in.dx0.data(), in.dx0.size() * 2, cudaMemcpyHostToDevice));
+  fns.bwd_data(sh, ddy->get() + off, dw_in->get() + off, ddx.get() + off, stream, beta);
   sync_and_check();
   fns.bwd_weight(sh, dx_in->get() + off, ddy->get() + off, ddw.get() + off, with_bias ? ddb.get() : nullptr, stream);
   sync_and_check();
@@ -352,15 +357,16 @@ ConvResult run_conv(const ConvFns& fns, cudaStream_t stream, const Conv2dShape& 
 
 // run_conv, checked against the double reference.
 ConvResult check_conv(const ConvFns& fns, cudaStream_t stream, const Conv2dShape& sh, uint32_t seed, int offset = 0,
-                      bool with_bias = true) {
+                      bool with_bias = true, float beta = 0.f) {
   const std::string what = std::string(fns.name) + " " + conv_str(sh) + " offset " + std::to_string(offset) +
-                           (with_bias ? "" : " without bias");
-  const ConvResult r = run_conv(fns, stream, sh, seed, offset, with_bias);
+                           (with_bias ? "" : " without bias") + (beta != 0.f ? " beta " + std::to_string(beta) : "");
+  const ConvResult r = run_conv(fns, stream, sh, seed, offset, with_bias, beta);
   const ConvInputs in = conv_inputs(sh, seed);
   const std::vector<double> xd = widen_d(in.x), wd = widen_d(in.w), dyd = widen_d(in.dy), bd = to_double(in.bias);
   std::vector<double> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size())), rdw(size_t(sh.w_size())), rdb(size_t(sh.k));
   kc::conv2d_forward<double>(sh, xd.data(), wd.data(), with_bias ? bd.data() : nullptr, ry.data());
-  kc::conv2d_backward_data<double>(sh, dyd.data(), wd.data(), rdx.data());
+  if (beta != 0.f) rdx = widen_d(in.dx0);
+  kc::conv2d_backward_data<double>(sh, dyd.data(), wd.data(), rdx.data(), double(beta));
   kc::conv2d_backward_weight<double>(sh, xd.data(), dyd.data(), rdw.data(), rdb.data());
   EXPECT_LE(rel_error(widen(r.y), ry), kTolBf16) << what << " forward";
   EXPECT_LE(rel_error(widen(r.dx), rdx), kTolBf16) << what << " backward data";
@@ -380,6 +386,12 @@ TEST_P(TensorCore, ConvolutionsOnResNetAndAwkwardShapes) {
   // Without a bias, as the ResNets' convolutions run: the epilogue adds none, and no bias
   // gradient is written.
   for (const Conv2dShape& sh : conv_cases()) check_conv(kCustomConv, stream_, sh, seed += 5, 0, false);
+  // The data gradient added to dx (beta 1, as a residual block accumulates; the stride classes
+  // too), and with beta 0.5 (the strided shapes then take the direct form).
+  for (const Conv2dShape& sh : conv_cases()) {
+    check_conv(kCustomConv, stream_, sh, seed += 5, 0, false, 1.f);
+    check_conv(kCustomConv, stream_, sh, seed += 5, 1, false, 0.5f);
+  }
   // The forms the defaults leave (tensor_core.h): the strided data gradients direct (not by stride
   // class), and the convolutions with at most 4 input channels on the tensor cores (not direct).
   const ScopedSwitch direct(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
@@ -472,6 +484,18 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
       EXPECT_EQ(kcu::dgrad_class_direct_launches(), before) << conv_str(sh) << ": the switch off writes none direct";
     }
     EXPECT_TRUE(bits_equal(direct.dx, scattered.dx)) << conv_str(sh) << ": dx written direct vs scattered";
+    // Added to dx (beta 1): a class into dx adds in its epilogue, one through the scratch after
+    // gathering its pixels there: the same bits; a class no tap reaches leaves its pixels.
+    ConvResult direct_acc, scattered_acc;
+    {
+      const ScopedSwitch into_dx(kcu::dgrad_class_direct, kcu::set_dgrad_class_direct);
+      direct_acc = check_conv(kCustomConv, stream_, sh, seed, 0, true, 1.f);
+    }
+    {
+      const ScopedSwitch scatter(kcu::dgrad_class_direct, kcu::set_dgrad_class_direct, false);
+      scattered_acc = check_conv(kCustomConv, stream_, sh, seed, 0, true, 1.f);
+    }
+    EXPECT_TRUE(bits_equal(direct_acc.dx, scattered_acc.dx)) << conv_str(sh) << ": dx added to direct vs scattered";
     direct_total += expect;
   }
   EXPECT_GE(direct_total, 16) << "classes written straight into dx";
@@ -1224,6 +1248,10 @@ TEST_P(TensorCore, ConvolutionVendorBaselineAgrees) {
     EXPECT_LE(rel_error(widen(ours.dx), widen(theirs.dx)), 2 * kTolBf16) << what << " backward data";
     EXPECT_LE(rel_error(ours.dw, theirs.dw), 2 * kTolBf16) << what << " backward weight";
     EXPECT_LE(rel_error(ours.db, theirs.db), 2 * kTolBf16) << what << " backward bias";
+    // The data gradient added to dx (beta 1) by both.
+    const ConvResult ours_acc = check_conv(kCustomConv, stream_, sh, seed, 0, true, 1.f);
+    const ConvResult theirs_acc = check_conv(kVendorConv, stream_, sh, seed, 0, true, 1.f);
+    EXPECT_LE(rel_error(widen(ours_acc.dx), widen(theirs_acc.dx)), 2 * kTolBf16) << what << " backward data, beta 1";
   }
 }
 

@@ -202,7 +202,7 @@ TEST(LayoutGathers, StrideClassScatterOneAndEightChannelsAtATime) {
   // into a sentinel-filled tensor must rebuild dx exactly, every element written once; a class
   // scattered from null writes zeros. Even and odd sizes (classes of different sizes), strides 2
   // and 3 (a stride past the height: empty classes), 8 and 24 channels (eight at a time) and 12
-  // (one at a time only).
+  // (one at a time only). gather_class_chunk takes each class's rows back out of dx.
   const std::tuple<int, int, int, int, int> cases[] = {// n, h, w, c, stride
                                                        {2, 8, 8, 16, 2},
                                                        {3, 9, 7, 24, 2},
@@ -228,15 +228,20 @@ TEST(LayoutGathers, StrideClassScatterOneAndEightChannelsAtATime) {
               for (int ch = 0; ch < c; ++ch)
                 rows.push_back(dx[((size_t(img) * h + cl.a + stride * i) * w + cl.b + stride * j) * c + ch]);
         const int64_t chunks = int64_t(rows.size()) / width;
+        std::vector<uint16_t> gathered(rows.size(), uint16_t(0xFFFF));
         for (int64_t idx = 0; idx < chunks; ++idx) {
           if (width == 8) {
             scatter_class_chunk<8>(rows.data(), got.data(), idx, c, h, w, stride, cl.a, cl.b, cl.hc, cl.wc);
             scatter_class_chunk<8>(nullptr, zeros.data(), idx, c, h, w, stride, cl.a, cl.b, cl.hc, cl.wc);
+            gather_class_chunk<8>(dx.data(), gathered.data(), idx, c, h, w, stride, cl.a, cl.b, cl.hc, cl.wc);
           } else {
             scatter_class_chunk<1>(rows.data(), got.data(), idx, c, h, w, stride, cl.a, cl.b, cl.hc, cl.wc);
             scatter_class_chunk<1>(nullptr, zeros.data(), idx, c, h, w, stride, cl.a, cl.b, cl.hc, cl.wc);
+            gather_class_chunk<1>(dx.data(), gathered.data(), idx, c, h, w, stride, cl.a, cl.b, cl.hc, cl.wc);
           }
         }
+        // The reverse, gather_class_chunk, takes the class's rows out of dx.
+        EXPECT_EQ(gathered, rows) << what << ", class " << cl.a << "," << cl.b << " gathered";
       }
       EXPECT_EQ(got, dx) << what;
       EXPECT_EQ(zeros, std::vector<uint16_t>(dx.size(), 0)) << what << ": null sources write zeros everywhere";

@@ -49,7 +49,12 @@ TEST_F(OpsDispatch, ConvolutionThreeWays) {
   ops::conv2d_forward(*s, x, w, b, y, 2, 1);
   ops::conv2d_backward_data(*s, dy, w, dx, 2, 1);
   ops::conv2d_backward_weight(*s, x, dy, dw, db, 2, 1);
+  Tensor acc = random_tensor(x.shape(), 5);
+  std::vector<float> racc = values(acc);
+  ops::conv2d_backward_data(*s, dy, w, acc, 2, 1, 0.25f);
   s->synchronize();
+  kc::conv2d_backward_data<float>(sh, dy.data<float>(), w.data<float>(), racc.data(), 0.25f);
+  EXPECT_EQ(values(acc), racc);
   std::vector<float> ry(size_t(y.numel())), rdx(size_t(x.numel())), rdw(size_t(w.numel())), rdb(6);
   kc::conv2d_forward<float>(sh, x.data<float>(), w.data<float>(), b.data<float>(), ry.data());
   kc::conv2d_backward_data<float>(sh, dy.data<float>(), w.data<float>(), rdx.data());
@@ -100,6 +105,15 @@ TEST_F(OpsDispatch, Bf16TensorsAreWidenedComputedInFp32AndRounded) {
   EXPECT_EQ(widened(dx), rounded(rdx));
   EXPECT_EQ(values(dw), rdw);
   EXPECT_NE(widened(y), ry) << "the output must really be rounded to bf16";
+  // The data gradient added to dx (beta 1): dx widened in place, the sum rounded once.
+  const Tensor acc = to_bf16(random_tensor(x.shape(), 39));
+  const std::vector<float> acc0 = widened(acc);
+  ops::conv2d_backward_data(*s, dy, w, acc, 1, 1, 1.f);
+  s->synchronize();
+  std::vector<float> racc = acc0;
+  kc::conv2d_backward_data<float>(sh, dyf.data(), wf.data(), racc.data(), 1.f);
+  EXPECT_EQ(widened(acc), rounded(racc));
+  EXPECT_NE(widened(acc), rounded(rdx)) << "dx was added to";
 
   // Fused BN+add+ReLU with bf16 activations and fp32 parameters and statistics; its backward
   // writes dresidual over dy in place (one temporary shared by input and output).

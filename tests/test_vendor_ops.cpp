@@ -218,7 +218,7 @@ ConvResults run_conv(const Conv2dShape& sh, Fwd fwd, BwdData bwd_data, BwdWeight
   DeviceArray<float> y(size_t(sh.y_size())), dx(size_t(sh.x_size())), dw(size_t(sh.w_size())), db(size_t(sh.k));
   fwd(sh, dx_in.get(), dw_in.get(), dbias_in.get(), y.get(), stream);
   sync_and_check();
-  bwd_data(sh, ddy.get(), dw_in.get(), dx.get(), stream);
+  bwd_data(sh, ddy.get(), dw_in.get(), dx.get(), stream, 0.f);
   sync_and_check();
   bwd_weight(sh, dx_in.get(), ddy.get(), dw.get(), db.get(), stream);
   sync_and_check();
@@ -260,6 +260,28 @@ TEST_F(VendorOps, ConvolutionsMatchReferenceAndCustom) {
     EXPECT_LE(rel_error(v.dw, c.dw), 2 * kTol) << "vendor vs custom backward weight " << what;
     EXPECT_LE(rel_error(v.db, c.db), 2 * kTol) << "vendor vs custom bias gradient " << what;
   }
+}
+
+// dx = data gradient + beta * dx, fp32, on cuDNN and on the custom kernels: beta 1 (a residual
+// block's accumulation) and -0.5, against the reference.
+TEST_F(VendorOps, DataGradientAddsToDx) {
+  uint32_t seed = 950;
+  for (const Conv2dShape& sh : kConvCases)
+    for (const float beta : {1.f, -0.5f}) {
+      const std::vector<float> w = random_vector(size_t(sh.w_size()), seed++),
+                               dy = random_vector(size_t(sh.y_size()), seed++);
+      const std::vector<float> dx0 = random_vector(size_t(sh.x_size()), seed++);
+      std::vector<double> want = to_double(dx0);
+      const std::vector<double> wd = to_double(w), dyd = to_double(dy);
+      kc::conv2d_backward_data<double>(sh, dyd.data(), wd.data(), want.data(), double(beta));
+      DeviceArray<float> dw_in(w), ddy(dy), vdx(dx0), cdx(dx0);
+      kvd::conv2d_backward_data(sh, ddy.get(), dw_in.get(), vdx.get(), stream_, beta);
+      kcu::conv2d_backward_data(sh, ddy.get(), dw_in.get(), cdx.get(), stream_, beta);
+      sync_and_check();
+      const std::string what = conv_str(sh) + " beta " + std::to_string(beta);
+      EXPECT_LE(rel_error(vdx.download(), want), kTol) << "vendor " << what;
+      EXPECT_LE(rel_error(cdx.download(), want), kTol) << "custom " << what;
+    }
 }
 
 TEST_F(VendorOps, ConvolutionWithoutBias) {

@@ -327,7 +327,15 @@ void conv2d_forward(const Conv2dShape& sh, const T* x, const T* w, const T* bias
 }
 
 template <typename T>
-void conv2d_backward_data(const Conv2dShape& sh, const T* dy, const T* w, T* dx) {
+void conv2d_backward_data(const Conv2dShape& sh, const T* dy, const T* w, T* dx, T beta) {
+  if (beta != T(0)) {
+    std::vector<T> grad(size_t(sh.x_size()));
+    conv2d_backward_data(sh, dy, w, grad.data(), T(0));
+    parallel_for(int64_t(grad.size()), 16384, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) dx[i] = grad[size_t(i)] + beta * dx[i];
+    });
+    return;
+  }
   const int64_t PQ = int64_t(sh.p()) * sh.q(), K = sh.k, rsc = taps(sh);
   if (is_pointwise(sh)) {
     gemm(false, false, sh.n * PQ, rsc, K, T(1), dy, K, w, rsc, T(0), dx, rsc);
@@ -399,9 +407,9 @@ void conv2d_backward_weight(const Conv2dShape& sh, const T* x, const T* dy, T* d
   target.finish();
 }
 
-#define SP_INSTANTIATE_CONV(T)                                                          \
+#define SP_INSTANTIATE_CONV(T)                                                           \
   template void conv2d_forward<T>(const Conv2dShape&, const T*, const T*, const T*, T*); \
-  template void conv2d_backward_data<T>(const Conv2dShape&, const T*, const T*, T*);     \
+  template void conv2d_backward_data<T>(const Conv2dShape&, const T*, const T*, T*, T);  \
   template void conv2d_backward_weight<T>(const Conv2dShape&, const T*, const T*, T*, T*);
 SP_INSTANTIATE_CONV(float)
 SP_INSTANTIATE_CONV(double)

@@ -30,9 +30,11 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
 // y[n,p,q,k] = bias[k] + sum_{r,s,c} x[n, p*stride - pad + r, q*stride - pad + s, c] * w[k,r,s,c]
 template <typename T>
 void conv2d_forward(const Conv2dShape& sh, const T* x, const T* w, const T* bias /*nullable*/, T* y);
-// dx = d(loss)/dx given dy
+// dx = d(loss)/dx given dy, plus beta * dx (beta == 0: dx is not read). With beta, the data
+// gradient is computed whole and then added to beta * dx, element by element: beta = 1 gives
+// add(dgrad, dx)'s bits (a residual block accumulates into its shortcut's gradient so).
 template <typename T>
-void conv2d_backward_data(const Conv2dShape& sh, const T* dy, const T* w, T* dx);
+void conv2d_backward_data(const Conv2dShape& sh, const T* dy, const T* w, T* dx, T beta = T(0));
 // dw (and dbias when non-null) given x and dy
 template <typename T>
 void conv2d_backward_weight(const Conv2dShape& sh, const T* x, const T* dy, T* dw, T* dbias /*nullable*/);

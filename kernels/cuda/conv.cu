@@ -93,11 +93,12 @@ void conv2d_forward(const Conv2dShape& sh, const float* x, const float* w, const
   run(a, b, g.npq, g.k, g.taps, detail::row_major_epilogue(y, g.k, 1.f, 0.f, bias), stream);
 }
 
-void conv2d_backward_data(const Conv2dShape& sh, const float* dy, const float* w, float* dx, cudaStream_t stream) {
+void conv2d_backward_data(const Conv2dShape& sh, const float* dy, const float* w, float* dx, cudaStream_t stream,
+                          float beta) {
   const ConvGeom g = conv_geom(sh);
   const auto a = gather<detail::mma::BwdDataGradLoader>(dy, g.k, g);
   const auto b = gather<detail::mma::BwdDataWeightLoader>(w, g.c, g);
-  run(a, b, g.nhw, g.c, g.rsk, detail::row_major_epilogue(dx, g.c, 1.f, 0.f, nullptr), stream);
+  run(a, b, g.nhw, g.c, g.rsk, detail::row_major_epilogue(dx, g.c, 1.f, beta, nullptr), stream);
 }
 
 void conv2d_backward_weight(const Conv2dShape& sh, const float* x, const float* dy, float* dw, float* dbias,

@@ -130,6 +130,27 @@ void scatter_class(const uint16_t* src, uint16_t* dx, int64_t rows, const ConvGe
                   g.w, g.stride, c.a, c.b, c.hc, c.wc);
 }
 
+// The reverse: the pixels of stride class c in dx into its dense rows dst (layout_gathers.h,
+// gather_class_chunk), as scatter_class's W.
+template <int W>
+__global__ void gather_class_kernel(const uint16_t* dx, uint16_t* dst, int64_t chunks, int c, int h, int w, int stride,
+                                    int a, int b, int hc, int wc) {
+  pdl_prologue();
+  for (int64_t idx = global_thread_index(); idx < chunks; idx += grid_stride())
+    detail::gather_class_chunk<W>(dx, dst, idx, c, h, w, stride, a, b, hc, wc);
+}
+
+void gather_class(const uint16_t* dx, uint16_t* dst, int64_t rows, const ConvGeom& g, const StrideClass& c,
+                  cudaStream_t stream) {
+  const int64_t total = rows * g.c;
+  if (g.c % 8 == 0 && aligned16(dx) && aligned16(dst))
+    launch_kernel(gather_class_kernel<8>, element_blocks(total / 8), kElementThreads, 0, stream, dx, dst, total / 8,
+                  g.c, g.h, g.w, g.stride, c.a, c.b, c.hc, c.wc);
+  else
+    launch_kernel(gather_class_kernel<1>, element_blocks(total), kElementThreads, 0, stream, dx, dst, total, g.c, g.h,
+                  g.w, g.stride, c.a, c.b, c.hc, c.wc);
+}
+
 // Backward data of a strided convolution by stride class (kernels/common/conv_stride_classes.h):
 // per class, the dense implicit GEMM of its pixels and taps into a scratch matrix, then the
 // scatter of its rows into dx. Only the products that are not structural zeros are computed:
@@ -137,8 +158,12 @@ void scatter_class(const uint16_t* src, uint16_t* dx, int64_t rows, const ConvGe
 // A operand is loaded by TMA where conv_tma() is on and the class plans for it (conv_tma.h,
 // plan_conv_dgrad_class_tma: dy with K % 64 == 0 and a class grid that tiles, as in ResNet-18's
 // stride-2 layers on CIFAR); else it is gathered by cp.async.
+// accumulate (beta == 1): dx += the data gradient. A class written straight into dx adds in its
+// epilogue; one through the scratch first gathers its pixels of dx there, so that its epilogue adds
+// to them alike (the same bits either way); a class no tap reaches leaves its pixels as they are.
 void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint16_t* dy, const uint16_t* w,
-                            uint16_t* dx, cudaStream_t stream) {
+                            uint16_t* dx, bool accumulate, cudaStream_t stream) {
+  const float beta = accumulate ? 1.f : 0.f;
   const std::vector<StrideClass> classes = stride_classes(sh);
   // A class whose rows tile the image's height is written straight into dx by its GEMM's
   // epilogue (class_row_map; dgrad_class_direct(), tensor_core.h); the others go through the
@@ -157,13 +182,15 @@ void backward_data_by_class(const Conv2dShape& sh, const ConvGeom& g, const uint
     const int64_t rows = int64_t(g.n) * c.hc * c.wc;
     if (rows == 0) continue;
     const bool taps = c.rc * c.sc > 0, into_dx = taps && map.ok;
+    if (!taps && accumulate) continue;  // adds nothing
+    if (taps && !into_dx && accumulate) gather_class(dx, scratch.as<uint16_t>(), rows, g, c, stream);
     if (taps) {
       const ClassGeom cg = make_class_geom(g, c);
       const BwdDataClassGradLoader a{{dy, aligned16(dy) && run_allows_chunks(g.k, 8)}, cg};
       const MmaEpilogue<uint16_t> ep =
-          into_dx ? MmaEpilogue<uint16_t>{dx + map.base, map.row_stride,  1, 1.f, 0.f, nullptr, false,
+          into_dx ? MmaEpilogue<uint16_t>{dx + map.base, map.row_stride,  1, 1.f, beta, nullptr, false,
                                           map.group,     map.group_stride}
-                  : MmaEpilogue<uint16_t>{scratch.as<uint16_t>(), g.c, 1, 1.f, 0.f, nullptr, false, 0, 0};
+                  : MmaEpilogue<uint16_t>{scratch.as<uint16_t>(), g.c, 1, 1.f, beta, nullptr, false, 0, 0};
       if (dgrad_transposed_filter()) {
         // The class's taps of the filter as a plain C x kc matrix (see conv2d_backward_data_bf16).
         const Workspace wt = transposed_filter(g, w, FilterTaps::of_class(g, c), stream);
@@ -210,14 +237,16 @@ void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_
 }
 
 void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const uint16_t* w, uint16_t* dx,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, float beta) {
   const ConvGeom g = conv_geom(sh);
-  if (g.stride > 1 && dgrad_by_stride_class()) {
-    backward_data_by_class(sh, g, dy, w, dx, stream);
+  // The stride classes add to dx with beta 1 (a residual block's accumulation); another beta
+  // takes the direct form.
+  if (g.stride > 1 && dgrad_by_stride_class() && (beta == 0.f || beta == 1.f)) {
+    backward_data_by_class(sh, g, dy, w, dx, beta == 1.f, stream);
     return;
   }
   const BwdDataGradLoader a{{dy, aligned16(dy) && run_allows_chunks(g.k, 8)}, g};
-  const MmaEpilogue<uint16_t> ep{dx, g.c, 1, 1.f, 0.f, nullptr, false};
+  const MmaEpilogue<uint16_t> ep{dx, g.c, 1, 1.f, beta, nullptr, false};
   if (dgrad_transposed_filter()) {
     const Workspace wt = transposed_filter(g, w, FilterTaps::all(g), stream);
     // wt[c, t], t = (r * S + s) * K + k: element (c, t) of a C x R*S*K matrix, contiguous along t.

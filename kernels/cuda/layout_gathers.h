@@ -331,16 +331,30 @@ SP_GATHER_HD void copy_bf16_w(const uint16_t* p, uint16_t* q) {
   }
 }
 
-// Chunk idx (W channels) of stride class (a, b)'s dense data gradient src, rows (img * hc + i) *
-// wc + j of c channels (kernels/common/conv_stride_classes.h), to its input pixel
-// (img, a + stride * i, b + stride * j) of dx [.., h, w, c]; zeros where src is null (a class no
-// tap reaches). W is 8 only where c % 8 == 0 and src and dx are 16-byte aligned.
+// Where chunk idx (W channels) of stride class (a, b)'s dense rows, (img * hc + i) * wc + j of c
+// channels (kernels/common/conv_stride_classes.h), sits in dx [.., h, w, c]: at input pixel
+// (img, a + stride * i, b + stride * j); the element offset of its first channel.
+template <int W>
+SP_GATHER_HD int64_t class_chunk_offset(int64_t idx, int c, int h, int w, int stride, int a, int b, int hc, int wc) {
+  const NhwcIndex o = nhwc_index(idx, c / W, wc, hc);
+  const int64_t pixel = (o.img * h + a + int64_t(stride) * o.row) * w + b + int64_t(stride) * o.col;
+  return pixel * c + int64_t(o.ch) * W;
+}
+
+// Chunk idx of the class's dense data gradient src to its place in dx; zeros where src is null
+// (a class no tap reaches). W is 8 only where c % 8 == 0 and src and dx are 16-byte aligned.
 template <int W>
 SP_GATHER_HD void scatter_class_chunk(const uint16_t* src, uint16_t* dx, int64_t idx, int c, int h, int w, int stride,
                                       int a, int b, int hc, int wc) {
-  const NhwcIndex o = nhwc_index(idx, c / W, wc, hc);
-  const int64_t pixel = (o.img * h + a + int64_t(stride) * o.row) * w + b + int64_t(stride) * o.col;
-  copy_bf16_w<W>(src ? src + idx * W : nullptr, dx + pixel * c + int64_t(o.ch) * W);
+  copy_bf16_w<W>(src ? src + idx * W : nullptr, dx + class_chunk_offset<W>(idx, c, h, w, stride, a, b, hc, wc));
+}
+
+// The reverse: chunk idx of the class's pixels of dx into its dense rows dst (where a class
+// accumulates into dx through the scratch, the scratch first holds the values it adds to).
+template <int W>
+SP_GATHER_HD void gather_class_chunk(const uint16_t* dx, uint16_t* dst, int64_t idx, int c, int h, int w, int stride,
+                                     int a, int b, int hc, int wc) {
+  copy_bf16_w<W>(dx + class_chunk_offset<W>(idx, c, h, w, stride, a, b, hc, wc), dst + idx * W);
 }
 
 }  // namespace sp::kernels::cuda::detail

@@ -38,7 +38,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 // ---- Convolution (NHWC activations, KRSC weights), implicit GEMM ----------------------------
 void conv2d_forward(const Conv2dShape& sh, const float* x, const float* w, const float* bias /*nullable*/, float* y,
                     cudaStream_t stream);
-void conv2d_backward_data(const Conv2dShape& sh, const float* dy, const float* w, float* dx, cudaStream_t stream);
+// dx = data gradient + beta * dx (beta == 0: dx is not read), as the CPU reference.
+void conv2d_backward_data(const Conv2dShape& sh, const float* dy, const float* w, float* dx, cudaStream_t stream,
+                          float beta = 0.f);
 void conv2d_backward_weight(const Conv2dShape& sh, const float* x, const float* dy, float* dw,
                             float* dbias /*nullable*/, cudaStream_t stream);
 

@@ -193,8 +193,9 @@ void gemm_bf16_out_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_
 // Same semantics as the fp32 twins in ops.h; fp32 accumulation, no im2col buffer.
 void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* w, const float* bias /*nullable*/,
                          uint16_t* y, cudaStream_t stream);
+// dx = data gradient + beta * dx (dx widened; the sum rounded once; beta == 0: dx is not read).
 void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const uint16_t* w, uint16_t* dx,
-                               cudaStream_t stream);
+                               cudaStream_t stream, float beta = 0.f);
 // dw (and dbias) are fp32: they feed fp32 master weights.
 void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* dy, float* dw,
                                  float* dbias /*nullable*/, cudaStream_t stream);

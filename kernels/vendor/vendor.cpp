@@ -541,12 +541,13 @@ void conv2d_forward(const Conv2dShape& sh, const float* x, const float* w, const
   if (bias) SP_CUDNN_CHECK(cudnnAddTensor(cc.h, &kOne, p.bias, bias, &kOne, p.y, y));
 }
 
-void conv2d_backward_data(const Conv2dShape& sh, const float* dy, const float* w, float* dx, cudaStream_t stream) {
+void conv2d_backward_data(const Conv2dShape& sh, const float* dy, const float* w, float* dx, cudaStream_t stream,
+                          float beta) {
   const ConvCall cc = conv_call(sh, stream);
   const ConvPlan& p = *cc.plan;
   Workspace ws(cc.dev, p.bwd_data_ws, stream);
   SP_CUDNN_CHECK(cudnnConvolutionBackwardData(cc.h, &kOne, p.w, w, p.y, dy, p.bwd_data_conv, p.bwd_data_algo, ws.get(),
-                                              ws.size(), &kZero, p.x, dx));
+                                              ws.size(), &beta, p.x, dx));
 }
 
 void conv2d_backward_weight(const Conv2dShape& sh, const float* x, const float* dy, float* dw, float* dbias,
@@ -590,12 +591,12 @@ void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_
 }
 
 void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const uint16_t* w, uint16_t* dx,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, float beta) {
   const ConvCall cc = conv_call(sh, stream, true);
   const ConvPlan& p = *cc.plan;
   Workspace ws(cc.dev, p.bwd_data_ws, stream);
   SP_CUDNN_CHECK(cudnnConvolutionBackwardData(cc.h, &kOne, p.w, w, p.y, dy, p.bwd_data_conv, p.bwd_data_algo, ws.get(),
-                                              ws.size(), &kZero, p.x, dx));
+                                              ws.size(), &beta, p.x, dx));
 }
 
 void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* dy, float* dw,

@@ -57,7 +57,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 // ---- Convolution (cuDNN, NHWC activations, KRSC weights) --------------------------------------
 void conv2d_forward(const Conv2dShape& sh, const float* x, const float* w, const float* bias /*nullable*/, float* y,
                     cudaStream_t stream);
-void conv2d_backward_data(const Conv2dShape& sh, const float* dy, const float* w, float* dx, cudaStream_t stream);
+void conv2d_backward_data(const Conv2dShape& sh, const float* dy, const float* w, float* dx, cudaStream_t stream,
+                          float beta = 0.f);
 void conv2d_backward_weight(const Conv2dShape& sh, const float* x, const float* dy, float* dw,
                             float* dbias /*nullable*/, cudaStream_t stream);
 
@@ -71,7 +72,7 @@ void gemm_bf16_out_bf16(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_
 void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* w, const float* bias /*nullable*/,
                          uint16_t* y, cudaStream_t stream);
 void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const uint16_t* w, uint16_t* dx,
-                               cudaStream_t stream);
+                               cudaStream_t stream, float beta = 0.f);
 void conv2d_backward_weight_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_t* dy, float* dw,
                                  float* dbias /*nullable*/, cudaStream_t stream);
 
