@@ -52,6 +52,11 @@ void Module::to(Device device, Stream& s) {
   s.synchronize();  // the old copies go when `old` does, after the copies ran
 }
 
+void Module::backward_accumulate(Stream& s, const Tensor& dy, Context& ctx, const Tensor& into) {
+  const Tensor dx = backward(s, dy, ctx, true);
+  ops::add(s, into, dx, into);
+}
+
 double Module::forward_flops(const Shape&, Shape*) const {
   throw Error("modules of type " + type() + " have no FLOPs count (Module::forward_flops)");
 }

@@ -78,6 +78,11 @@ class Module {
   // Writes the parameter gradients for the forward that filled ctx and returns dx (an
   // undefined tensor when need_dx is false). dy may be consumed (overwritten).
   virtual Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) = 0;
+  // backward(.., need_dx = true), its dx added to `into` (dx's shape and dtype) instead of
+  // returned: how a residual block adds its main path's gradient to its shortcut's. The default
+  // runs backward and an add (into + dx, elementwise); a convolution (and a Sequential that
+  // starts with one) adds in its data-gradient op, without the add's pass and launch.
+  virtual void backward_accumulate(Stream& s, const Tensor& dy, Context& ctx, const Tensor& into);
   // Adds this module's state to st, names prefixed with `prefix` ("" at the top).
   virtual void collect(const std::string& prefix, ModuleState& st) = 0;
   // Moves parameters, gradients and buffers to `device` (copies issued on s, which must be a

@@ -31,6 +31,7 @@ void kaiming_normal(Tensor& t, int64_t fan_in, Rng& rng) {
 }
 
 std::atomic<int> g_bf16_weight_copies{-1};  // -1: not read yet (the environment decides at first use)
+std::atomic<int> g_dgrad_accumulates{-1};
 
 // The weight in the activations' dtype: the fp32 master itself; or in bf16 (mixed precision:
 // bf16 weight copies, fp32 master weights and gradients) the parameter's copy that the optimizer
@@ -51,6 +52,16 @@ Tensor weight_for(Stream& s, Parameter& p, DType activation_dtype) {
 }  // namespace
 
 void set_bf16_weight_copies(bool on) { g_bf16_weight_copies = on ? 1 : 0; }
+void set_dgrad_accumulates(bool on) { g_dgrad_accumulates = on ? 1 : 0; }
+bool dgrad_accumulates() {
+  int v = g_dgrad_accumulates.load();
+  if (v < 0) {
+    const char* env = std::getenv("STALEPROP_DGRAD_ACCUMULATE");
+    v = env && std::string(env) == "0" ? 0 : 1;
+    g_dgrad_accumulates = v;
+  }
+  return v == 1;
+}
 bool bf16_weight_copies() {
   int v = g_bf16_weight_copies.load();
   if (v < 0) {
@@ -91,6 +102,15 @@ Tensor Conv2d::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx)
     ops::conv2d_backward_data(s, dy, weight_for(s, weight, dy.dtype()), dx, stride, pad);
   }
   return dx;
+}
+
+// The data gradient added to `into` by the op itself (beta 1): the bits of backward + add.
+void Conv2d::backward_accumulate(Stream& s, const Tensor& dy, Context& ctx, const Tensor& into) {
+  if (!dgrad_accumulates()) return Module::backward_accumulate(s, dy, ctx, into);
+  SP_CHECK(ctx.saved.size() == 1, "Conv2d::backward without a training-mode forward");
+  const Tensor& x = ctx.saved[0];
+  ops::conv2d_backward_weight(s, x, dy, weight.grad, bias.grad, stride, pad);
+  ops::conv2d_backward_data(s, dy, weight_for(s, weight, dy.dtype()), into, stride, pad, 1.f);
 }
 
 void Conv2d::collect(const std::string& prefix, ModuleState& st) {
@@ -277,6 +297,14 @@ Tensor Sequential::backward(Stream& s, const Tensor& dy, Context& ctx, bool need
   return g;
 }
 
+void Sequential::backward_accumulate(Stream& s, const Tensor& dy, Context& ctx, const Tensor& into) {
+  SP_CHECK(ctx.children.size() == children_.size() && !children_.empty(),
+           "Sequential::backward without a training-mode forward");
+  Tensor g = dy;
+  for (size_t i = children_.size(); i-- > 1;) g = children_[i].second->backward(s, g, ctx.children[i], true);
+  children_[0].second->backward_accumulate(s, g, ctx.children[0], into);
+}
+
 void Sequential::collect(const std::string& prefix, ModuleState& st) {
   for (auto& [name, m] : children_) m->collect(join_name(prefix, name), st);
 }
@@ -318,21 +346,30 @@ Tensor ResidualBlock::forward(Stream& s, const Tensor& x, Context& ctx) {
   return bn_out_->forward_add_relu(s, h, sc, ctx.children[2]);
 }
 
+// dx is the sum of the main path's and the shortcut's gradients. The second of the two adds
+// itself to the first (Module::backward_accumulate: a convolution's data gradient with beta 1,
+// no separate add): the projection's to the main path's; the main path's to option A's shortcut
+// gradient, or to the identity's, which is dy itself after the output BN's backward.
 Tensor ResidualBlock::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) {
   SP_CHECK(ctx.children.size() == 3, "residual block backward without a training-mode forward");
   // After this, dy holds the gradient of the sum (the shortcut's gradient).
   Tensor dh = bn_out_->backward_add_relu(s, dy, ctx.children[2]);
-  Tensor dx = main_.backward(s, dh, ctx.children[0], need_dx);
-  if (proj_) {
-    Tensor dsc = proj_->backward(s, dy, ctx.children[1], need_dx);
-    if (need_dx) ops::add(s, dx, dsc, dx);
-  } else if (need_dx && option_a_) {
-    Tensor dsc = new_activation(s, ctx.shape, dy.dtype());
-    ops::shortcut_a_backward(s, dy, dsc, stride_);
-    ops::add(s, dx, dsc, dx);
-  } else if (need_dx) {
-    ops::add(s, dx, dy, dx);
+  if (!need_dx) {
+    main_.backward(s, dh, ctx.children[0], false);
+    if (proj_) proj_->backward(s, dy, ctx.children[1], false);
+    return Tensor();
   }
+  if (proj_) {
+    Tensor dx = main_.backward(s, dh, ctx.children[0], true);
+    proj_->backward_accumulate(s, dy, ctx.children[1], dx);
+    return dx;
+  }
+  Tensor dx = dy;  // identity: the shortcut's gradient is dy's
+  if (option_a_) {
+    dx = new_activation(s, ctx.shape, dy.dtype());
+    ops::shortcut_a_backward(s, dy, dx, stride_);
+  }
+  main_.backward_accumulate(s, dh, ctx.children[0], dx);
   return dx;
 }
 

@@ -21,6 +21,12 @@ using Rng = std::mt19937_64;
 // environment (tests, A/B runs).
 bool bf16_weight_copies();
 void set_bf16_weight_copies(bool on);
+// A residual block's two gradients summed by the convolution's data gradient (beta 1,
+// Conv2d::backward_accumulate): on unless STALEPROP_DGRAD_ACCUMULATE=0, which runs the data
+// gradient into its own tensor and a separate add (the same bits in fp32; in bf16 the sum is then
+// rounded twice). set_ overrides the environment (tests, A/B runs).
+bool dgrad_accumulates();
+void set_dgrad_accumulates(bool on);
 
 class Conv2d final : public Module {
  public:
@@ -28,6 +34,7 @@ class Conv2d final : public Module {
   std::string type() const override { return "Conv2d"; }
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
+  void backward_accumulate(Stream& s, const Tensor& dy, Context& ctx, const Tensor& into) override;
   void collect(const std::string& prefix, ModuleState& st) override;
   double forward_flops(const Shape& x, Shape* y) const override;
   Parameter weight, bias;  // weight KRSC; bias undefined when disabled
@@ -108,6 +115,8 @@ class Sequential : public Module {
   Sequential& add(std::string name, std::unique_ptr<Module> m);
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;
+  // The children's backwards in reverse; the first child adds its dx to `into`.
+  void backward_accumulate(Stream& s, const Tensor& dy, Context& ctx, const Tensor& into) override;
   void collect(const std::string& prefix, ModuleState& st) override;
   double forward_flops(const Shape& x, Shape* y) const override;
   void set_training(bool training) override;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "engine/network.h"
+#include "engine/op_profile.h"
 #include "engine/ops.h"
 #include "engine/trainer.h"
 #include "kernels/common/error.h"
@@ -141,6 +142,87 @@ TEST(ModuleGradients, ResidualBlocks) {
   check_module_gradients(option_b, {2, 5, 5, 4}, 20, kBlockTol);
   Bottleneck bottleneck(8, 4, 2, rng);
   check_module_gradients(bottleneck, {2, 6, 6, 8}, 21, kBlockTol);
+}
+
+// backward_accumulate adds the module's dx to its target: the bits of backward then an add,
+// the same parameter gradients. A convolution adds in its data-gradient op (beta 1), a
+// Sequential through its first module, any other module by the default backward + add.
+TEST(ModuleGradients, BackwardAccumulateAddsDxToItsTarget) {
+  Rng rng(4);
+  std::vector<std::pair<std::unique_ptr<Module>, Shape>> cases;
+  cases.emplace_back(std::make_unique<Conv2d>(3, 5, 3, 2, 1, false, rng), Shape{2, 7, 6, 3});
+  auto seq = std::make_unique<Sequential>();
+  seq->add("0", std::make_unique<Conv2d>(4, 6, 1, 2, 0, false, rng));
+  seq->add("1", std::make_unique<BatchNorm2d>(6, true));
+  cases.emplace_back(std::move(seq), Shape{2, 6, 6, 4});
+  cases.emplace_back(std::make_unique<BatchNorm2d>(4), Shape{2, 3, 3, 4});
+  auto s = make_stream(Device::cpu());
+  std::mt19937_64 data(11);
+  for (auto& [m, shape] : cases) {
+    const Tensor x = random_tensor(shape, data);
+    Context ctx;
+    const Tensor y = m->forward(*s, x, ctx);
+    const Tensor w = random_tensor(y.shape(), data), into = random_tensor(shape, data);
+    const Tensor dx = m->backward(*s, clone(w), ctx, true);
+    s->synchronize();
+    ModuleState st;
+    m->collect("", st);
+    std::vector<Tensor> grads;
+    for (auto& [name, p] : st.params) grads.push_back(clone(p->grad));
+    Tensor want = clone(into);
+    sp::kernels::cpu::add<float>(want.numel(), into.data<float>(), dx.data<float>(), want.data<float>());
+    Context again;
+    m->forward(*s, x, again);
+    m->backward_accumulate(*s, clone(w), again, into);
+    s->synchronize();
+    EXPECT_EQ(std::memcmp(into.raw_data(), want.raw_data(), want.nbytes()), 0) << m->type();
+    for (size_t i = 0; i < grads.size(); ++i)
+      EXPECT_EQ(std::memcmp(st.params[i].second->grad.raw_data(), grads[i].raw_data(), grads[i].nbytes()), 0)
+          << m->type() << " " << st.params[i].first;
+  }
+}
+
+// A residual block sums its two gradients without a separate add: every kind of shortcut adds
+// inside a convolution's data gradient (op profile of the backward). With the switch off
+// (STALEPROP_DGRAD_ACCUMULATE=0) an add runs instead, for the same fp32 bits.
+TEST(ModuleGradients, ResidualBlocksSumTheirGradientsInTheConvolutions) {
+  Rng rng(5);
+  std::vector<std::pair<std::unique_ptr<Module>, Shape>> blocks;
+  blocks.emplace_back(std::make_unique<BasicBlock>(8, 8, 1, Shortcut::A, rng), Shape{2, 6, 6, 8});
+  blocks.emplace_back(std::make_unique<BasicBlock>(4, 8, 2, Shortcut::A, rng), Shape{2, 6, 6, 4});
+  blocks.emplace_back(std::make_unique<BasicBlock>(4, 8, 2, Shortcut::B, rng), Shape{2, 6, 6, 4});
+  blocks.emplace_back(std::make_unique<Bottleneck>(8, 4, 2, rng), Shape{2, 6, 6, 8});
+  auto s = make_stream(Device::cpu());
+  std::mt19937_64 data(12);
+  for (auto& [m, shape] : blocks) {
+    const Tensor x = random_tensor(shape, data);
+    Tensor dy;
+    auto run = [&](bool accumulate, int64_t* adds) {
+      set_dgrad_accumulates(accumulate);
+      Context ctx;
+      const Tensor y = m->forward(*s, x, ctx);
+      if (!dy.defined()) dy = random_tensor(y.shape(), data);
+      s->synchronize();
+      OpProfile profile;
+      const Tensor dx = m->backward(*s, clone(dy), ctx, true);
+      s->synchronize();
+      set_dgrad_accumulates(true);
+      *adds = 0;
+      int64_t dgrads = 0;
+      for (const OpTime& t : profile.collect()) {
+        if (t.op == "add") *adds += t.calls;
+        if (t.op == "conv2d_backward_data") dgrads += t.calls;
+      }
+      EXPECT_GE(dgrads, 2) << m->type();
+      return clone(dx);
+    };
+    int64_t fused_adds = 0, separate_adds = 0;
+    const Tensor fused = run(true, &fused_adds), separate = run(false, &separate_adds);
+    EXPECT_EQ(fused.shape(), shape) << m->type();
+    EXPECT_EQ(fused_adds, 0) << m->type();
+    EXPECT_EQ(separate_adds, 1) << m->type();
+    EXPECT_EQ(std::memcmp(fused.raw_data(), separate.raw_data(), fused.nbytes()), 0) << m->type();
+  }
 }
 
 TEST(ResNets, ParameterCountsMatchThePublishedModels) {

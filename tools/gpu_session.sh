@@ -29,13 +29,14 @@
 #      bf16 training throughput of ResNet-18 (batch 512, two rounds, each beside PyTorch) and
 #      ResNet-56 (128) with every new path that passed off, as by default and on
 #      (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _DGRAD_CLASS_DIRECT, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
-#      _CONV_SMALL_C, _BN_PERSISTENT, _PDL, _TMA_PERSISTENT, _BF16_WEIGHT_COPIES); with COMPARE_BIN, ResNet-56's
+#      _CONV_SMALL_C, _BN_PERSISTENT, _PDL, _TMA_PERSISTENT, _BF16_WEIGHT_COPIES, _DGRAD_ACCUMULATE); with COMPARE_BIN, ResNet-56's
 #      op-by-op fdg (interleaved, twice) and backprop on this commit's binary and another's, and
 #      fdg with the transposed filter and the scratch pool's cross-stream waits. With POOL=1,
 #      gpu_bench stage 1 for the pooling and shortcut kernels against the copy (at most 60 s).
 #      Then each path on its own: the convolutions layer by layer as by default, ResNet-18's
 #      and ResNet-56's (from graphs) throughput with the persistent TMA kernel off and on, and
-#      with the bf16 weight copies off and on (ResNet-18, ResNet-56 op by op and from graphs),
+#      with the bf16 weight copies off and on (ResNet-18, ResNet-56 op by op and from graphs), and
+#      the residual gradients summed in the data gradient off and on (ResNet-18, ResNet-56 graphs),
 #      ResNet-56's from graphs, ResNet-18's and the three-kernel batch norm with programmatic
 #      dependent launch off and on (--pdl); ResNet-18's bf16 throughput on cuBLASLt/cuDNN
 #      (--kernels vendor), and the op profile of a ResNet-18 step on the new paths. Each switch
@@ -152,6 +153,8 @@ SMALL_C_OK=; passed 'ConvolutionsWithFewChannelsRunDirect/wgmma_tma' && SMALL_C_
 CLASS_DIRECT_OK=; passed 'ConvolutionsByStrideClass/wgmma_tma' && CLASS_DIRECT_OK=1
 PERSISTENT_OK=; passed 'PersistentTmaKernelGivesTheSameBits/wgmma_tma' && PERSISTENT_OK=1
 WEIGHT_COPIES_OK=; passed 'SgdGivesTheSameBitsFromUnalignedTensors' && WEIGHT_COPIES_OK=1
+# The data gradient added to dx (beta 1): every form in the first test, the stride classes in the second.
+DGRAD_ACC_OK=; passed 'ConvolutionsOnResNetAndAwkwardShapes/wgmma_tma' && [ -n "$CLASS_DIRECT_OK" ] && DGRAD_ACC_OK=1
 # The wide tile chosen by shape runs the kernels of both wide-tile tests; its own test checks the routing.
 WIDE_SHAPE_OK=; [ -n "$TMA_WIDE_OK" ] && [ -n "$CONV_WIDE_OK" ] && passed 'WideTileByShape/wgmma_tma' && WIDE_SHAPE_OK=1
 verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
@@ -159,7 +162,8 @@ log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict 
   "persistent batch norm $(verdict "$BN_PERSISTENT_OK"); programmatic launch $(verdict "$PDL_OK");" \
   "stride-class data gradient with TMA loads $(verdict "$CLASSES_TMA_OK"); wide tile by shape $(verdict "$WIDE_SHAPE_OK");" \
   "clusters of two $(verdict "$CLUSTER_OK"); direct stem $(verdict "$SMALL_C_OK");" \
-  "persistent TMA kernel $(verdict "$PERSISTENT_OK"); bf16 weight copies written by the step $(verdict "$WEIGHT_COPIES_OK")"
+  "persistent TMA kernel $(verdict "$PERSISTENT_OK"); bf16 weight copies written by the step $(verdict "$WEIGHT_COPIES_OK");" \
+  "residual gradients summed in the data gradient $(verdict "$DGRAD_ACC_OK")"
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call, RESERVE=seconds
@@ -287,7 +291,7 @@ fi
 NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_WIDE_BY_SHAPE=0
   STALEPROP_TMA_CLUSTER=0 STALEPROP_CONV_SMALL_C=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0
   STALEPROP_DGRAD_CLASSES=0 STALEPROP_DGRAD_CLASS_DIRECT=0 STALEPROP_TMA_PERSISTENT=0
-  STALEPROP_BF16_WEIGHT_COPIES=0)
+  STALEPROP_BF16_WEIGHT_COPIES=0 STALEPROP_DGRAD_ACCUMULATE=0)
 [ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_CLASSES=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && [ -n "$CLASS_DIRECT_OK" ] &&
@@ -299,6 +303,7 @@ NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_
 [ -n "$PDL_OK" ] && NEW_PATHS+=(STALEPROP_PDL=1)
 [ -n "$PERSISTENT_OK" ] && NEW_PATHS+=(STALEPROP_TMA_PERSISTENT=1)
 [ -n "$WEIGHT_COPIES_OK" ] && NEW_PATHS+=(STALEPROP_BF16_WEIGHT_COPIES=1)
+[ -n "$DGRAD_ACC_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_ACCUMULATE=1)
 # "defaults" runs with no switch set (the caller's unset too): what a user gets. ResNet-18 runs
 # two rounds, each beside PyTorch, whose rate varied by +-11% between rounds on 2026-11-27b.
 DEFAULTS=()
@@ -391,6 +396,12 @@ if [ -n "$WEIGHT_COPIES_OK" ]; then
   throughput_ab weight-copies STALEPROP_BF16_WEIGHT_COPIES resnet18 512
   throughput_ab weight-copies-r56 STALEPROP_BF16_WEIGHT_COPIES resnet56 128
   throughput_ab weight-copies-r56-graphs STALEPROP_BF16_WEIGHT_COPIES resnet56 128 --graphs
+fi
+# A residual block's gradients summed in the convolution's data gradient (a default, never timed)
+# against the separate add: 8 adds per ResNet-18 step, 27 per ResNet-56 step.
+if [ -n "$DGRAD_ACC_OK" ]; then
+  throughput_ab dgrad-accumulate STALEPROP_DGRAD_ACCUMULATE resnet18 512
+  throughput_ab dgrad-accumulate-r56 STALEPROP_DGRAD_ACCUMULATE resnet56 128 --graphs
 fi
 # ResNet-18 at batch 128 from graphs, as bench/runs/long-runs.txt's 200-epoch run towards 95%
 # trains it: whether that run (10M images; its 90 MB checkpoint cannot come back, so it must end

@@ -59,7 +59,8 @@ CTEST_LOG = """\
  11/12 Test #11: Mainloops/TensorCore.ConvolutionsByStrideClass/wgmma_tma ..........   Passed    1.00 sec
  12/13 Test #12: Mainloops/TensorCore.GemmSplitKOnLongReductions/wgmma_tma .........   Passed    1.00 sec
  13/14 Test #13: Mainloops/TensorCore.PersistentTmaKernelGivesTheSameBits/wgmma_tma ..   Passed    1.00 sec
- 14/14 Test #14: CudaOps.SgdGivesTheSameBitsFromUnalignedTensors .....................   Passed    1.00 sec
+ 14/15 Test #14: CudaOps.SgdGivesTheSameBitsFromUnalignedTensors .....................   Passed    1.00 sec
+ 15/15 Test #15: Mainloops/TensorCore.ConvolutionsOnResNetAndAwkwardShapes/wgmma_tma ..   Passed    1.00 sec
 """
 
 # tools/gpu_check.sh: the build does nothing, the tests write the log above.
@@ -155,6 +156,10 @@ def main():
               ["resnet18" in l for l in copies] == [True] * 2 + [False] * 4 and
               ["--graphs" in l for l in copies] == [False] * 4 + [True] * 2,
               f"the bf16 weight copies off and on: ResNet-18, ResNet-56 op by op and from graphs: {copies}", log)
+        acc = [l for l in lines if "throughput-dgrad-accumulate" in l]
+        check([switches_of(l) for l in acc] == [["STALEPROP_DGRAD_ACCUMULATE=0"], ["STALEPROP_DGRAD_ACCUMULATE=1"]] * 2
+              and ["resnet18" in l for l in acc] == [True] * 2 + [False] * 2,
+              f"the residual gradients summed in the data gradient off and on: ResNet-18, ResNet-56: {acc}", log)
         for blocks in ("0", "264"):
             check(any(f"STALEPROP_SPLIT_MAX_BLOCKS={blocks}" in l.split("|")[1].split() and "r18_all_layers" in l
                       for l in bench), f"the convolutions' sums with the split capped at {blocks} blocks", log)
@@ -173,14 +178,14 @@ def main():
               any("STALEPROP_DEBUG=1" in l.split("|")[1].split() for l in on),
               "the defaults' runs set no switch (the caller's unset)", log)
         check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=1", "STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_SMALL_C=0",
-                                  "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_CLASSES=1",
+                                  "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_ACCUMULATE=1", "STALEPROP_DGRAD_CLASSES=1",
                                   "STALEPROP_DGRAD_CLASS_DIRECT=1", "STALEPROP_PDL=0",
                                   "STALEPROP_TMA_CLUSTER=1", "STALEPROP_TMA_PERSISTENT=1",
                                   "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in on),
               "the new paths on are exactly the switches that passed", log)
         check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=0", "STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_SMALL_C=0",
-                                  "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_CLASSES=0",
+                                  "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_ACCUMULATE=0", "STALEPROP_DGRAD_CLASSES=0",
                                   "STALEPROP_DGRAD_CLASS_DIRECT=0", "STALEPROP_PDL=0",
                                   "STALEPROP_TMA_CLUSTER=0", "STALEPROP_TMA_PERSISTENT=0",
                                   "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
