@@ -329,10 +329,16 @@ void conv2d_forward(const Conv2dShape& sh, const T* x, const T* w, const T* bias
 template <typename T>
 void conv2d_backward_data(const Conv2dShape& sh, const T* dy, const T* w, T* dx, T beta) {
   if (beta != T(0)) {
-    std::vector<T> grad(size_t(sh.x_size()));
-    conv2d_backward_data(sh, dy, w, grad.data(), T(0));
-    parallel_for(int64_t(grad.size()), 16384, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) dx[i] = grad[size_t(i)] + beta * dx[i];
+    // The gradient into a buffer of this thread's (kept between calls, as the column buffer),
+    // then added.
+    // (The workers see the buffer through `grad`: a thread_local named in their lambda would be
+    // their own.)
+    static thread_local std::vector<T> buffer;
+    if (buffer.size() < size_t(sh.x_size())) buffer.resize(size_t(sh.x_size()));
+    T* const grad = buffer.data();
+    conv2d_backward_data(sh, dy, w, grad, T(0));
+    parallel_for(sh.x_size(), 16384, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) dx[i] = grad[i] + beta * dx[i];
     });
     return;
   }
