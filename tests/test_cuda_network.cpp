@@ -23,6 +23,7 @@
 #include "engine/device.h"
 #include "engine/network.h"
 #include "engine/ops.h"
+#include "layers/layers.h"
 #include "engine/stream.h"
 #include "engine/pipeline.h"
 #include "engine/trainer.h"
@@ -226,6 +227,26 @@ TEST_F(CudaNetwork, PipelineGraphReplayChangesNoBit) {
       EXPECT_EQ(differ, 0u) << dtype_name(dt) << (got == &bump ? " bump" : " planned") << ": " << differ << " of "
                             << eager.size() << " parameters differ";
     }
+  }
+}
+
+// The bf16 weight copies written by the optimizer's step (Parameter::bf16) against a cast before
+// every use: the same bits, op by op and replayed from graphs (whose captured units read the
+// copies the replayed steps rewrite).
+TEST_F(CudaNetwork, Bf16WeightCopiesChangeNoBit) {
+  int64_t replays = 0;
+  layers::set_bf16_weight_copies(false);
+  const std::vector<float> cast = pipeline_params(false, DType::BF16, &replays);
+  layers::set_bf16_weight_copies(true);
+  const std::vector<float> eager = pipeline_params(false, DType::BF16, &replays);
+  const std::vector<float> replayed = pipeline_params(true, DType::BF16, &replays);
+  EXPECT_GT(replays, 60) << "the later epochs should mostly replay";
+  for (const auto* got : {&eager, &replayed}) {
+    ASSERT_EQ(cast.size(), got->size());
+    size_t differ = 0;
+    for (size_t i = 0; i < cast.size(); ++i) differ += cast[i] != (*got)[i];
+    EXPECT_EQ(differ, 0u) << (got == &eager ? "op by op" : "replayed") << ": " << differ << " of " << cast.size()
+                          << " parameters differ from casting per use";
   }
 }
 

@@ -152,7 +152,8 @@ CLUSTER_OK=; passed 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' && CLUSTER_OK
 SMALL_C_OK=; passed 'ConvolutionsWithFewChannelsRunDirect/wgmma_tma' && SMALL_C_OK=1
 CLASS_DIRECT_OK=; passed 'ConvolutionsByStrideClass/wgmma_tma' && CLASS_DIRECT_OK=1
 PERSISTENT_OK=; passed 'PersistentTmaKernelGivesTheSameBits/wgmma_tma' && PERSISTENT_OK=1
-WEIGHT_COPIES_OK=; passed 'SgdGivesTheSameBitsFromUnalignedTensors' && WEIGHT_COPIES_OK=1
+WEIGHT_COPIES_OK=; passed 'SgdGivesTheSameBitsFromUnalignedTensors' && passed 'Bf16WeightCopiesChangeNoBit' &&
+  WEIGHT_COPIES_OK=1
 # The data gradient added to dx (beta 1): every form in the first test, the stride classes in the second.
 DGRAD_ACC_OK=; passed 'ConvolutionsOnResNetAndAwkwardShapes/wgmma_tma' && [ -n "$CLASS_DIRECT_OK" ] && DGRAD_ACC_OK=1
 # The wide tile chosen by shape runs the kernels of both wide-tile tests; its own test checks the routing.

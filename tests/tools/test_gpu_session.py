@@ -59,8 +59,9 @@ CTEST_LOG = """\
  11/12 Test #11: Mainloops/TensorCore.ConvolutionsByStrideClass/wgmma_tma ..........   Passed    1.00 sec
  12/13 Test #12: Mainloops/TensorCore.GemmSplitKOnLongReductions/wgmma_tma .........   Passed    1.00 sec
  13/14 Test #13: Mainloops/TensorCore.PersistentTmaKernelGivesTheSameBits/wgmma_tma ..   Passed    1.00 sec
- 14/15 Test #14: CudaOps.SgdGivesTheSameBitsFromUnalignedTensors .....................   Passed    1.00 sec
- 15/15 Test #15: Mainloops/TensorCore.ConvolutionsOnResNetAndAwkwardShapes/wgmma_tma ..   Passed    1.00 sec
+ 14/16 Test #14: CudaOps.SgdGivesTheSameBitsFromUnalignedTensors .....................   Passed    1.00 sec
+ 15/16 Test #15: Mainloops/TensorCore.ConvolutionsOnResNetAndAwkwardShapes/wgmma_tma ..   Passed    1.00 sec
+ 16/16 Test #16: CudaNetwork.Bf16WeightCopiesChangeNoBit ............................   Passed    1.00 sec
 """
 
 # tools/gpu_check.sh: the build does nothing, the tests write the log above.
