@@ -959,20 +959,23 @@ TEST_F(CudaOps, PointwiseOpsGiveTheSameBitsFromUnalignedPointers) {
     expect_bits_equal(u[k], a[k], std::string(names[k]) + ", unaligned vs aligned");
 }
 
-// One SGD step over tensors of 4096 + 3, 100 and 7 elements, each with its bf16 weight copy;
-// per tensor, param, momentum and the copy (widened) after it.
+// One SGD step over tensors of 4096 + 3, 100 and 7 elements, the first two with their bf16 weight
+// copies (the third without: copies and none in one launch); per tensor, param, momentum and the
+// copy (widened; NaN where there is none) after it. copy_offset starts the copies that many
+// elements into their allocations (1: not 8-byte aligned beside aligned floats).
 template <template <class> class Buf>
-std::vector<std::vector<float>> run_sgd(cudaStream_t stream, const kernels::SgdParams& p) {
+std::vector<std::vector<float>> run_sgd(cudaStream_t stream, const kernels::SgdParams& p, int copy_offset = 0) {
   std::vector<std::unique_ptr<Buf<float>>> bufs;
   std::vector<std::unique_ptr<Buf<uint16_t> > > copies;
   std::vector<kcu::SgdTensor> list;
   uint32_t seed = 950;
   for (const int64_t size : {int64_t(4096 + 3), int64_t(100), int64_t(7)}) {
     for (int k = 0; k < 3; ++k) bufs.push_back(std::make_unique<Buf<float>>(random_vector(size_t(size), ++seed)));
-    copies.push_back(std::make_unique<Buf<uint16_t> >(std::vector<uint16_t>(size_t(size), uint16_t(0x7fc0))));
+    copies.push_back(
+        std::make_unique<Buf<uint16_t>>(std::vector<uint16_t>(size_t(size + copy_offset), uint16_t(0x7fc0))));
     const size_t at = bufs.size() - 3;
     list.push_back({bufs[at]->get(), bufs[at + 1]->get(), p.momentum != 0.f ? bufs[at + 2]->get() : nullptr, size,
-                    copies.back()->get()});
+                    size == 7 ? nullptr : copies.back()->get() + copy_offset});
   }
   kcu::sgd_step(list, p, stream);
   sync_and_check();
@@ -981,7 +984,8 @@ std::vector<std::vector<float>> run_sgd(cudaStream_t stream, const kernels::SgdP
     out.push_back(bufs[at]->download());
     out.push_back(bufs[at + 2]->download());
     std::vector<float> copy;
-    for (uint16_t h : copies[at / 3]->download()) copy.push_back(kc::f32_from_bf16(h));
+    const std::vector<uint16_t> bits = copies[at / 3]->download();
+    for (size_t i = size_t(copy_offset); i < bits.size(); ++i) copy.push_back(kc::f32_from_bf16(bits[i]));
     out.push_back(copy);
   }
   return out;
@@ -995,14 +999,19 @@ TEST_F(CudaOps, SgdGivesTheSameBitsFromUnalignedTensors) {
     for (const float momentum : {0.9f, 0.f}) {
       p.nesterov = nesterov, p.momentum = momentum;
       const auto u = run_sgd<Unaligned>(stream_, p), a = run_sgd<DeviceArray>(stream_, p);
+      // Aligned floats beside copies that are not 8-byte aligned: 16-byte float accesses, single copy stores.
+      const auto mixed = run_sgd<DeviceArray>(stream_, p, 1);
       ASSERT_EQ(u.size(), a.size());
+      ASSERT_EQ(mixed.size(), a.size());
+      for (size_t k = 0; k < a.size(); ++k) expect_bits_equal(mixed[k], a[k], "sgd, copies unaligned: " + std::to_string(k));
       const std::string setting = std::string(nesterov ? " nesterov" : "") + " momentum " + std::to_string(momentum);
       for (size_t k = 0; k < u.size(); ++k)
         expect_bits_equal(u[k], a[k],
                           "sgd tensor " + std::to_string(k / 3) + what[k % 3] + setting + ", unaligned vs aligned");
       // The copy (8-byte stores when aligned, single ones when not) is the updated param rounded
-      // as f32_to_bf16 rounds it.
-      for (size_t k = 0; k < a.size(); k += 3) {
+      // as f32_to_bf16 rounds it; the tensor without one left its buffer as it was (NaN).
+      EXPECT_TRUE(std::all_of(a[8].begin(), a[8].end(), [](float v) { return std::isnan(v); }));
+      for (size_t k = 0; k + 3 < a.size(); k += 3) {
         std::vector<uint16_t> rounded(a[k].size());
         kc::f32_to_bf16(int64_t(a[k].size()), a[k].data(), rounded.data());
         std::vector<float> want;

@@ -496,6 +496,8 @@ TEST_P(TensorCore, ConvolutionsByStrideClass) {
       scattered_acc = check_conv(kCustomConv, stream_, sh, seed, 0, true, 1.f);
     }
     EXPECT_TRUE(bits_equal(direct_acc.dx, scattered_acc.dx)) << conv_str(sh) << ": dx added to direct vs scattered";
+    // And on unaligned tensors (element-wise gathers and scatters, single-column stores).
+    check_conv(kCustomConv, stream_, sh, seed, 1, true, 1.f);
     direct_total += expect;
   }
   EXPECT_GE(direct_total, 16) << "classes written straight into dx";
