@@ -22,6 +22,7 @@ struct OpRecord {
   enum : int { kIssuing = 0, kEnded = 1, kAbandoned = 2 };
   const char* op;
   std::string shapes;
+  const Stream* stream = nullptr;
   std::unique_ptr<Event> start, end;
   std::atomic<int> state{kIssuing};
 };
@@ -60,21 +61,41 @@ OpProfile::~OpProfile() {
   g_active.compare_exchange_strong(mine, nullptr);
 }
 
-std::vector<OpTime> OpProfile::collect() {
-  // Take the ended calls and drop the abandoned ones; calls still being issued stay.
+namespace {
+
+// Takes the ended calls and drops the abandoned ones; calls still being issued stay.
+std::vector<std::shared_ptr<OpRecord>> take_ended(OpProfile::State& state) {
   std::vector<std::shared_ptr<OpRecord>> done;
-  {
-    std::lock_guard<std::mutex> lk(state_->mu);
-    std::vector<std::shared_ptr<OpRecord>> keep;
-    for (std::shared_ptr<OpRecord>& r : state_->records) {
-      const int st = r->state.load();
-      if (st == OpRecord::kEnded)
-        done.push_back(std::move(r));
-      else if (st == OpRecord::kIssuing)
-        keep.push_back(std::move(r));
-    }
-    state_->records.swap(keep);
+  std::lock_guard<std::mutex> lk(state.mu);
+  std::vector<std::shared_ptr<OpRecord>> keep;
+  for (std::shared_ptr<OpRecord>& r : state.records) {
+    const int st = r->state.load();
+    if (st == OpRecord::kEnded)
+      done.push_back(std::move(r));
+    else if (st == OpRecord::kIssuing)
+      keep.push_back(std::move(r));
   }
+  state.records.swap(keep);
+  return done;
+}
+
+}  // namespace
+
+std::vector<OpSpan> OpProfile::collect_spans(const std::function<Event*(const Stream*)>& origin_of) {
+  std::vector<OpSpan> out;
+  for (const std::shared_ptr<OpRecord>& r : take_ended(*state_)) {
+    Event* origin = origin_of(r->stream);
+    if (!origin) continue;
+    r->end->synchronize();
+    out.push_back({r->stream, r->op, r->shapes, double(r->start->elapsed_ms_since(*origin)),
+                   double(r->end->elapsed_ms_since(*r->start))});
+  }
+  std::stable_sort(out.begin(), out.end(), [](const OpSpan& a, const OpSpan& b) { return a.start_ms < b.start_ms; });
+  return out;
+}
+
+std::vector<OpTime> OpProfile::collect() {
+  const std::vector<std::shared_ptr<OpRecord>> done = take_ended(*state_);
   std::map<std::pair<std::string, std::string>, OpTime> totals;
   for (const std::shared_ptr<OpRecord>& r : done) {
     r->end->synchronize();
@@ -97,6 +118,7 @@ OpScope::OpScope(Stream& s, const char* op, std::initializer_list<const Tensor*>
     auto r = std::make_shared<OpRecord>();
     r->op = op;
     r->shapes = describe(operands);
+    r->stream = &s;
     r->start = make_event(s.device(), true);
     r->end = make_event(s.device(), true);
     s.record(*r->start);

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <memory>
 #include <string>
@@ -25,8 +26,16 @@
 
 namespace sp {
 
+class Event;
 class Stream;
 class Tensor;
+
+// One timed call, for timelines: its stream, and its start counted from an origin event.
+struct OpSpan {
+  const Stream* stream = nullptr;
+  std::string op, shapes;
+  double start_ms = 0, duration_ms = 0;
+};
 
 struct OpTime {
   std::string op;      // e.g. "conv2d_forward"
@@ -47,6 +56,10 @@ class OpProfile {
   // shapes), largest time first. Those calls are consumed: a second collect() sees only later
   // ones (and calls still being issued on another thread, once they end).
   std::vector<OpTime> collect();
+  // The same calls one by one (consumed alike): each call's start counted from origin_of(its
+  // stream), an event of that stream's device recorded before the call (streams of one device
+  // share a clock); calls on a stream for which it returns nullptr are left out.
+  std::vector<OpSpan> collect_spans(const std::function<Event*(const Stream*)>& origin_of);
 
   struct State;
 

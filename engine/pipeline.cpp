@@ -8,6 +8,7 @@
 #include <set>
 
 #include "engine/allocator.h"
+#include "engine/op_profile.h"
 #include "engine/ops.h"
 #include "engine/random.h"
 #include "kernels/common/error.h"
@@ -766,6 +767,9 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   ledger_.clear();
   next_batch_ = 0;
   host_wait_ms_ = 0;
+  // Op timings: from here to the end of the epoch (after the origins, which come first on every
+  // stream).
+  std::unique_ptr<OpProfile> op_profile = trace_ops_ ? std::make_unique<OpProfile>() : nullptr;
   const auto wall_start = std::chrono::steady_clock::now();
   // Activation memory held for batches in flight, measured where it peaks within a tick: after
   // the forwards, and with --recompute also after the backwards, adding what they rebuilt
@@ -816,6 +820,20 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
     st->read_timings(std::numeric_limits<int64_t>::max(), *origin[size_t(st->index)], stats);
     st->pending.clear();
     stats.timing_events_made += st->timing_events_made;
+  }
+  if (op_profile) {
+    // Each op on a module's stream, from that module's origin (the stages'); ops on other
+    // streams (none today) are left out.
+    auto module_of = [&](const Stream* s) {
+      for (auto& st : stages_)
+        if (st->stream.get() == s) return st->index;
+      return -1;
+    };
+    for (const OpSpan& span : op_profile->collect_spans([&](const Stream* s) -> Event* {
+           const int k = module_of(s);
+           return k < 0 ? nullptr : origin[size_t(k)];
+         }))
+      stats.ops.push_back({module_of(span.stream), span.op, span.shapes, span.start_ms, span.duration_ms});
   }
   return stats;
 }

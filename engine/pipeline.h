@@ -155,6 +155,14 @@ struct StageTiming {
   double start_ms, duration_ms;
 };
 
+// One op of a module's stream (PipelineTrainer::set_trace_ops), timed with events on that stream;
+// start_ms counts from the same origin as the stages'.
+struct OpTiming {
+  int module;
+  std::string op, shapes;  // e.g. "conv2d_forward", "f32 [8,16,16,16] [16,3,3,16]"
+  double start_ms, duration_ms;
+};
+
 struct PipelineEpochStats {
   StepStats train;
   int64_t ticks = 0;
@@ -175,6 +183,9 @@ struct PipelineEpochStats {
   // --weight-stash: most memory held at once in the in-flight batches' copies of the weights.
   size_t peak_stash_bytes = 0;
   int64_t timing_events_made = 0;  // events created to time stages (read ones are reused)
+  // With set_trace_ops(true): every op the modules' streams ran, in order of start. Work
+  // replayed from graphs is not seen (ops enqueued while capturing are not timed either).
+  std::vector<OpTiming> ops;
 };
 
 class PipelineTrainer {
@@ -205,6 +216,11 @@ class PipelineTrainer {
   // Sets every module's optimizer step count (resuming at an epoch boundary).
   void set_steps(int64_t steps);
 
+  // From the next run_epoch on: time every op of the modules' streams (an OpProfile alive
+  // through the epoch, so none other may be; two events per op cost host time) into
+  // PipelineEpochStats::ops, for op-level timelines (staleprop train --trace-ops).
+  void set_trace_ops(bool on) { trace_ops_ = on; }
+
   // The phases P_k of the 0-based module's captured work (with --graphs).
   int graph_period(int module) const;
   PipelineGraphStats graph_stats() const;
@@ -234,6 +250,7 @@ class PipelineTrainer {
   // --recompute: bytes of the module inputs and rebuilt activations of the batches back-propagated
   // in the current tick (every module's at once: their streams run side by side).
   size_t tick_rebuilt_bytes_ = 0;
+  bool trace_ops_ = false;
   // Blocks the host until e has completed, counting the time in host_wait_ms_.
   void host_wait(Event& e);
   PipelineGraphStats graph_stats_;

@@ -76,6 +76,47 @@ TEST(OpProfile, CountsEachOpPerShapeAndTimesItOnItsStream) {
   EXPECT_TRUE(profile.collect().empty());
 }
 
+// collect_spans: each call on its own, on its stream, from that stream's origin, in order of start;
+// calls on a stream without an origin are left out; consumed as collect() consumes them.
+TEST(OpProfile, SpansTimeEachCallFromItsStreamsOrigin) {
+  auto a = make_stream(Device::cpu()), b = make_stream(Device::cpu()), other = make_stream(Device::cpu());
+  const Tensor x = test::host_tensor({4, 16, 16, 32}, 1), w = test::host_tensor({32, 3, 3, 32}, 2);
+  const Tensor y = Tensor::empty({4, 16, 16, 32}, DType::F32), small = Tensor::empty({10}, DType::F32);
+  auto origin = make_event(Device::cpu(), true);
+  a->record(*origin);
+  OpProfile profile;
+  ops::conv2d_forward(*a, x, w, Tensor(), y, 1, 1);
+  ops::fill(*a, small, 1.f);
+  b->wait(*origin);
+  ops::fill(*b, small, 2.f);  // after a's fill: b waits for nothing else, so order by start only
+  ops::fill(*other, Tensor::empty({3}, DType::F32), 3.f);
+  a->synchronize(), b->synchronize(), other->synchronize();
+  const std::vector<OpSpan> spans =
+      profile.collect_spans([&](const Stream* s) { return s == other.get() ? nullptr : origin.get(); });
+  ASSERT_EQ(spans.size(), 3u);
+  int on_a = 0, on_b = 0;
+  for (size_t i = 0; i < spans.size(); ++i) {
+    EXPECT_GE(spans[i].start_ms, 0.0);
+    EXPECT_GE(spans[i].duration_ms, 0.0);
+    if (i > 0) EXPECT_GE(spans[i].start_ms, spans[i - 1].start_ms);
+    on_a += spans[i].stream == a.get(), on_b += spans[i].stream == b.get();
+  }
+  EXPECT_EQ(on_a, 2);
+  EXPECT_EQ(on_b, 1);
+  // a's ops in stream order: the fill starts after the convolution has ended.
+  const OpSpan* conv = nullptr;
+  const OpSpan* fill_a = nullptr;
+  for (const OpSpan& sp : spans) {
+    if (sp.op == "conv2d_forward") conv = &sp;
+    if (sp.op == "fill" && sp.stream == a.get()) fill_a = &sp;
+  }
+  ASSERT_NE(conv, nullptr);
+  ASSERT_NE(fill_a, nullptr);
+  EXPECT_EQ(conv->shapes, "f32 [4,16,16,32] [32,3,3,32]");
+  EXPECT_GE(fill_a->start_ms, conv->start_ms + conv->duration_ms);
+  EXPECT_TRUE(profile.collect().empty());
+}
+
 TEST(OpProfile, TimesOnlyTheOutermostOpAndNothingWithoutAProfile) {
   auto s = make_stream(Device::cpu());
   // bf16 relu on the CPU runs the fp32 kernel between widening and rounding casts: one call.

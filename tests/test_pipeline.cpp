@@ -782,6 +782,48 @@ TEST(Pipeline, WeightStashMemoryIsReportedPerBatchInFlight) {
   EXPECT_EQ(plain.run_epoch(source_of(data), lr_at).peak_stash_bytes, 0u);
 }
 
+// set_trace_ops: every op of each module's stream, timed on that stream from the stages' origin,
+// lies inside one of the module's stages (its forward, backward or step) but for the hand-overs
+// between them, with injected stream delays too; every module ran its convolutions and its
+// optimizer step; none without it.
+TEST(Pipeline, OpTimingsLieInsideTheirModulesStages) {
+  const Batches data = make_batches(6, 4, 0, 44);
+  PipelineConfig c = config(PipelineMethod::FDG, {1, 2, 4}, 0.5f);
+  c.stream_options.jitter_max_us = 100;
+  c.stream_options.seed = 4;
+  Network net = mini_resnet(1);
+  PipelineTrainer p(net, c);
+  p.set_trace_ops(true);
+  const PipelineEpochStats st = p.run_epoch(source_of(data), lr_at);
+  p.set_trace_ops(false);
+  const int K = p.num_modules();
+  ASSERT_FALSE(st.ops.empty());
+  std::vector<std::set<std::string>> ops_of(static_cast<size_t>(K));
+  size_t outside = 0;
+  for (const OpTiming& o : st.ops) {
+    ASSERT_GE(o.module, 0);
+    ASSERT_LT(o.module, K);
+    ops_of[size_t(o.module)].insert(o.op);
+    bool inside = false;
+    for (const StageTiming& t : st.stages)
+      inside = inside || (t.module == o.module && o.start_ms >= t.start_ms &&
+                          o.start_ms + o.duration_ms <= t.start_ms + t.duration_ms + 1e-6);
+    // Taking delivery of a message is not part of a stage (stages exclude the wait for one):
+    // the copy out of the queue (or of module 1's staged input) and the shrink applied to a
+    // received gradient run between the stages.
+    const bool hand_over = o.op == "copy" || o.op == "scale";
+    outside += !inside && !hand_over;
+    EXPECT_GE(o.start_ms, 0.0) << o.op;
+  }
+  EXPECT_EQ(outside, 0u) << "ops outside every stage of their module, of " << st.ops.size();
+  for (int k = 0; k < K; ++k) {
+    EXPECT_TRUE(ops_of[size_t(k)].count("sgd_step")) << "module " << k + 1;
+    EXPECT_TRUE(ops_of[size_t(k)].count("conv2d_forward") || k == K - 1) << "module " << k + 1;
+  }
+  EXPECT_TRUE(ops_of[size_t(K - 1)].count("softmax_cross_entropy"));
+  EXPECT_TRUE(p.run_epoch(source_of(data), lr_at).ops.empty()) << "only while asked";
+}
+
 TEST(Pipeline, StalenessJitterDelaysGradientsWithinBoundsAndInOrder) {
   const Batches data = make_batches(8, 4, 0, 27);
   PipelineConfig c = config(PipelineMethod::FDG, {1, 2, 4}, 0.5f);

@@ -647,6 +647,20 @@ TEST(Training, ATracedOneModuleRunWritesItsTraceAndTrainsTheSameBits) {
   EXPECT_NE(json.find("\"module 1\""), std::string::npos);
   EXPECT_NE(json.find("\"fwd+loss+bwd b0\""), std::string::npos);
   EXPECT_EQ(json.find("\"module 2\""), std::string::npos);
+  EXPECT_EQ(json.find("\"cat\":\"op\""), std::string::npos) << "ops only with --trace-ops";
+  // --trace-ops adds each op of the module's stream (category "op", its shapes), the same training.
+  train::TrainConfig with_ops = traced;
+  with_ops.trace = dir.file("ops.json");
+  with_ops.trace_ops = true;
+  with_ops.checkpoint = dir.file("ops.safetensors");
+  train::run_training(with_ops, train, test);
+  expect_same_tensors(plain.checkpoint, with_ops.checkpoint);
+  const std::string ops_json = read_text(with_ops.trace);
+  for (const char* op : {"\"name\":\"conv2d_forward\",\"cat\":\"op\"", "\"name\":\"sgd_step\",\"cat\":\"op\"",
+                         "\"shapes\":\"f32 [", "\"fwd+loss+bwd b0\""})
+    EXPECT_NE(ops_json.find(op), std::string::npos) << op;
+  with_ops.trace.clear();
+  test::expect_error([&] { train::run_training(with_ops, train, test); }, {"--trace-ops", "give --trace"});
   // Mid-epoch checkpoints are the plain trainer's alone: refused with --trace, with a reason.
   traced.checkpoint_every = 2;
   test::expect_error([&] { train::run_training(traced, train, test); }, {"--checkpoint-every", "--trace"});

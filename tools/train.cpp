@@ -648,7 +648,8 @@ std::vector<size_t> resolve_cuts(Run& run, std::string& how) {
   return balanced_cuts(measure_block_costs(run), cfg.split);
 }
 
-// Chrome-trace / Perfetto JSON of one epoch's stages: one track per module.
+// Chrome-trace / Perfetto JSON of one epoch's stages: one track per module; with --trace-ops each
+// op of the module's stream inside its stages (category "op", its operand shapes as an argument).
 void write_trace(const std::string& path, const PipelineEpochStats& stats, int modules, int epoch) {
   std::ofstream out(path);
   SP_CHECK(out.good(), "cannot write the trace file '", path, "'");
@@ -660,6 +661,10 @@ void write_trace(const std::string& path, const PipelineEpochStats& stats, int m
     out << ",{\"name\":\"" << t.stage << " b" << t.batch << "\",\"cat\":\"epoch " << epoch + 1
         << "\",\"ph\":\"X\",\"pid\":1,\"tid\":" << t.module + 1 << ",\"ts\":" << json_number(t.start_ms * 1e3)
         << ",\"dur\":" << json_number(t.duration_ms * 1e3) << ",\"args\":{\"tick\":" << t.tick << "}}";
+  for (const OpTiming& o : stats.ops)
+    out << ",{\"name\":\"" << o.op << "\",\"cat\":\"op\",\"ph\":\"X\",\"pid\":1,\"tid\":" << o.module + 1
+        << ",\"ts\":" << json_number(o.start_ms * 1e3) << ",\"dur\":" << json_number(o.duration_ms * 1e3)
+        << ",\"args\":{\"shapes\":\"" << o.shapes << "\"}}";
   out << "]}\n";
   SP_CHECK(out.good(), "error writing the trace file '", path, "'");
 }
@@ -751,7 +756,10 @@ TrainResult run_pipelined(Run& run) {
       return true;
     };
     const PipelineGraphStats graphs_before = pipe.graph_stats();
+    const bool traced = !cfg.trace.empty() && run.result.epochs.empty();  // the first epoch of this process
+    pipe.set_trace_ops(traced && cfg.trace_ops);
     const PipelineEpochStats st = pipe.run_epoch(source, [&](int64_t s) { return run.sched.at(s); });
+    pipe.set_trace_ops(false);
     const PipelineGraphStats graphs_after = pipe.graph_stats();
     run.progress.end_epoch();
     run.check_finite(st.train.mean_loss(), epoch, step + fed);
@@ -809,8 +817,7 @@ TrainResult run_pipelined(Run& run) {
                     });
                   },
                   extra, busy_json);
-    if (!cfg.trace.empty() && run.result.epochs.size() == 1)  // the first epoch of this process
-      write_trace(cfg.trace, st, K, epoch);
+    if (traced) write_trace(cfg.trace, st, K, epoch);
     // Without --checkpoint, the state to go on from is no longer in any file.
     last_saved = run.epoch_checkpoint(epoch);
     if (!last_saved.empty())
@@ -959,6 +966,7 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
            "--checkpoint-every says how often to write --checkpoint FILE: give that too");
   SP_CHECK(cfg.staleness_jitter >= 0, "--staleness-jitter must not be negative");
   SP_CHECK(cfg.shrink > 0 && cfg.shrink <= 1, "--shrink must be in (0, 1], got ", cfg.shrink);
+  SP_CHECK(!cfg.trace_ops || !cfg.trace.empty(), "--trace-ops adds the ops to --trace FILE's timeline: give --trace");
   SP_CHECK(cfg.method != "bp" || cfg.shrink == 1.f, "--shrink applies to --method ddg and fdg: with bp, whose ",
            "gradients are not stale, it would only scale the lower modules' gradients");
   SP_CHECK(cfg.method != "bp" || cfg.staleness_jitter == 0, "--staleness-jitter applies to --method ddg and fdg: ",

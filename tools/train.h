@@ -63,6 +63,7 @@ struct TrainConfig {
   float shrink = 1.f;                              // beta: gradient shrink factor
   std::vector<std::string> devices;                // one per module (default: --device for all)
   std::string trace;                               // Chrome-trace JSON of the first epoch's stages
+  bool trace_ops = false;                          // and of every op in them (needs trace)
   int staleness_jitter = 0;                        // J: extra random delay 0..J ticks per gradient
   bool recompute = false;                          // rebuild saved activations before the backward
   bool weight_stash = false;                       // backward through the forward's weights
