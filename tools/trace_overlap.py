@@ -2,7 +2,7 @@
 """How much the modules of a decoupled run overlap, from `staleprop train --trace` timelines.
 
 Reads Chrome-trace JSON files (one thread per module, an "X" event per module stage, timed
-with device events) and prints, per file, as a Markdown table row:
+with device events; the ops of --trace-ops are left out) and prints, per file, as a Markdown table row:
   - the span of the trace and each module's busy share of it;
   - the share of the span during which exactly 0, 1, 2, ... modules were busy;
   - the concurrency: the modules' summed busy time over the span. 1.0 means the modules take
@@ -25,11 +25,14 @@ import sys
 
 
 def stage_events(path, skip=()):
-    """(thread names by tid, the "X" events whose names do not start with any of skip)."""
+    """(thread names by tid, the stages' "X" events whose names do not start with any of skip).
+    The ops that --trace-ops adds (category "op", nested in the stages or between them) are not
+    stages and are left out."""
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    kept = [e for e in events if e.get("ph") == "X" and not any(e.get("name", "").startswith(p) for p in skip)]
+    kept = [e for e in events if e.get("ph") == "X" and e.get("cat") != "op"
+            and not any(e.get("name", "").startswith(p) for p in skip)]
     return names, kept
 
 

@@ -35,6 +35,9 @@ def main():
         ev = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": t, "args": {"name": f"module {t}"}} for t in (1, 2)]
         for tid, name, ts, dur in [(1, "fwd b0", 0, 10000), (1, "step b0", 20000, 10000), (2, "bwd b0", 5000, 20000)]:
             ev.append({"name": name, "ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur})
+        # Ops of --trace-ops (category "op"), inside a stage and between stages: not stages.
+        for tid, ts, dur in [(1, 1000, 2000), (1, 12000, 3000), (2, 26000, 1000)]:
+            ev.append({"name": "copy", "cat": "op", "ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur})
         with open(made, "w") as f:
             json.dump({"traceEvents": ev}, f)
         (row,) = table_rows(made)
