@@ -42,7 +42,8 @@
 #      (--kernels vendor), and the op profile of a ResNet-18 step on the new paths. Each switch
 #      is measured only where ctest passed its GPU test (a hang there would burn every later
 #      timeout);
-#   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace, lr 0.02);
+#   6. Chrome-trace timelines of ResNet-56 over 4 modules, locked bp and fdg (--trace, lr 0.02),
+#      and fdg's with every op (--trace-ops);
 #      the peak memory of fdg over 4 modules op by op and from graphs (planned, bump arenas);
 #      four short ResNet-56 runs in a sweep one after another, then four at once;
 #   7. a SASS check of the TMA kernels, and Nsight Compute sections when ncu is there and time
@@ -448,6 +449,14 @@ if [ -d data/cifar-10-batches-bin ]; then
       --trace "$OUT/trace-resnet56-$method-K4.json" > "$OUT/trace-resnet56-$method-K4.log" 2>&1
     log "trace exit $?"
   done
+  # fdg's again with every op of each module's stream inside its stages (--trace-ops): which ops
+  # fill a module's tick, and where a module waits.
+  if [ "$(left)" -gt 60 ]; then
+    timeout -k 10 40 build-gpu/tools/staleprop train --device cuda --model resnet56 --precision bf16 --method fdg \
+      --split 4 --split-at fdg --epochs 1 --lr 0.02 --train-limit 5120 --test-limit 1000 --progress none \
+      --trace "$OUT/trace-ops-resnet56-fdg-K4.json" --trace-ops > "$OUT/trace-ops-resnet56-fdg-K4.log" 2>&1
+    log "trace with ops exit $?"
+  fi
   # With the optimizer steps and without them (a locked pipeline overlaps only through them).
   if ls "$OUT"/trace-resnet56-*-K4.json > /dev/null 2>&1; then
     python3 tools/trace_overlap.py "$OUT"/trace-resnet56-*-K4.json | tee -a "$OUT/session.txt"
