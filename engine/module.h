@@ -31,13 +31,14 @@ struct Parameter {
   ParamLayout layout = ParamLayout::Same;
   bool decay = true;  // subject to weight decay
 
-  // Mixed precision's weight copy: value rounded to bf16. A layer running in bf16 allocates it at
-  // its first use (layers.cpp, weight_for); from then on the optimizer rewrites it in the same
-  // launch as it updates value (Sgd::step) and marks it current, so each later bf16 use reads it
-  // instead of casting value again. While it is not current, uses cast value as before. Whoever
-  // writes value other than through Sgd::step must call value_changed().
+  // Mixed precision's weight copy: value rounded to bf16. A layer running in bf16 asks for it at
+  // its first use (layers.cpp, weight_for: bf16_wanted); the optimizer's next step allocates it,
+  // and from then on rewrites it in the same launch as it updates value (Sgd::step) and marks it
+  // current, so each later bf16 use reads it instead of casting value again. While it is not
+  // current, uses cast value as before. Whoever writes value other than through Sgd::step must
+  // call value_changed().
   Tensor bf16;
-  bool bf16_current = false;
+  bool bf16_wanted = false, bf16_current = false;
   void value_changed() { bf16_current = false; }
 };
 

@@ -29,7 +29,10 @@ void Sgd::step(Stream& s, float lr, const Tensor& lr_device, float grad_scale) {
       grads.push_back(param->grad);
       moms.push_back(momenta_[i].second);
       // The bf16 weight copy, where a layer has asked for one (Parameter::bf16), is rewritten
-      // from the updated value in the same launch.
+      // from the updated value in the same launch (allocated at the first step that can: not
+      // while the stream captures a graph, whose memory comes from its arena).
+      if (param->bf16_wanted && !param->bf16.defined() && !s.capturing())
+        param->bf16 = Tensor::empty(param->value.shape(), DType::BF16, param->value.device());
       copies.push_back(param->bf16);
       if (param->bf16.defined()) copied.push_back(param);
     }

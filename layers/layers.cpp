@@ -7,6 +7,7 @@
 
 #include "engine/ops.h"
 #include "kernels/common/error.h"
+#include "kernels/common/switches.h"
 
 namespace sp::layers {
 namespace {
@@ -30,19 +31,19 @@ void kaiming_normal(Tensor& t, int64_t fan_in, Rng& rng) {
   for (int64_t i = 0; i < t.numel(); ++i) t.at<float>(i) = n(rng);
 }
 
-std::atomic<int> g_bf16_weight_copies{-1};  // -1: not read yet (the environment decides at first use)
-std::atomic<int> g_dgrad_accumulates{-1};
+std::atomic<int> g_bf16_weight_copies{-1}, g_dgrad_accumulates{-1};  // kernels/common/switches.h
 
 // The weight in the activations' dtype: the fp32 master itself; or in bf16 (mixed precision:
 // bf16 weight copies, fp32 master weights and gradients) the parameter's copy that the optimizer
-// keeps current (Parameter::bf16), else a copy rounded on s now. The copy is allocated here at the
-// first bf16 use outside a graph capture, for the optimizer's next step to fill.
+// keeps current (Parameter::bf16), else a copy rounded on s now. A bf16 use asks for the copy
+// (Parameter::bf16_wanted), which the optimizer's next step allocates and fills: a network only
+// evaluated keeps none.
 Tensor weight_for(Stream& s, Parameter& p, DType activation_dtype) {
   const Tensor& master = p.value;
   if (master.dtype() == activation_dtype) return master;
   if (activation_dtype == DType::BF16 && bf16_weight_copies()) {
     if (p.bf16_current && p.bf16.device() == master.device()) return p.bf16;
-    if (!p.bf16.defined() && !s.capturing()) p.bf16 = Tensor::empty(master.shape(), DType::BF16, master.device());
+    p.bf16_wanted = true;
   }
   Tensor w = new_activation(s, master.shape(), activation_dtype);
   ops::cast(s, master, w);
@@ -51,26 +52,10 @@ Tensor weight_for(Stream& s, Parameter& p, DType activation_dtype) {
 
 }  // namespace
 
-void set_bf16_weight_copies(bool on) { g_bf16_weight_copies = on ? 1 : 0; }
-void set_dgrad_accumulates(bool on) { g_dgrad_accumulates = on ? 1 : 0; }
-bool dgrad_accumulates() {
-  int v = g_dgrad_accumulates.load();
-  if (v < 0) {
-    const char* env = std::getenv("STALEPROP_DGRAD_ACCUMULATE");
-    v = env && std::string(env) == "0" ? 0 : 1;
-    g_dgrad_accumulates = v;
-  }
-  return v == 1;
-}
-bool bf16_weight_copies() {
-  int v = g_bf16_weight_copies.load();
-  if (v < 0) {
-    const char* env = std::getenv("STALEPROP_BF16_WEIGHT_COPIES");
-    v = env && std::string(env) == "0" ? 0 : 1;
-    g_bf16_weight_copies = v;
-  }
-  return v == 1;
-}
+void set_bf16_weight_copies(bool on) { kernels::set_switch(g_bf16_weight_copies, on); }
+bool bf16_weight_copies() { return kernels::env_switch(g_bf16_weight_copies, "STALEPROP_BF16_WEIGHT_COPIES", true); }
+void set_dgrad_accumulates(bool on) { kernels::set_switch(g_dgrad_accumulates, on); }
+bool dgrad_accumulates() { return kernels::env_switch(g_dgrad_accumulates, "STALEPROP_DGRAD_ACCUMULATE", true); }
 
 // ---- Conv2d ---------------------------------------------------------------------------------
 
@@ -94,13 +79,8 @@ Tensor Conv2d::forward(Stream& s, const Tensor& x, Context& ctx) {
 
 Tensor Conv2d::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) {
   SP_CHECK(ctx.saved.size() == 1, "Conv2d::backward without a training-mode forward");
-  const Tensor& x = ctx.saved[0];
-  ops::conv2d_backward_weight(s, x, dy, weight.grad, bias.grad, stride, pad);
-  Tensor dx;
-  if (need_dx) {
-    dx = new_activation(s, x.shape(), dy.dtype());
-    ops::conv2d_backward_data(s, dy, weight_for(s, weight, dy.dtype()), dx, stride, pad);
-  }
+  const Tensor dx = need_dx ? new_activation(s, ctx.saved[0].shape(), dy.dtype()) : Tensor();
+  backward_into(s, dy, ctx, dx, 0.f);
   return dx;
 }
 
@@ -108,9 +88,12 @@ Tensor Conv2d::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx)
 void Conv2d::backward_accumulate(Stream& s, const Tensor& dy, Context& ctx, const Tensor& into) {
   if (!dgrad_accumulates()) return Module::backward_accumulate(s, dy, ctx, into);
   SP_CHECK(ctx.saved.size() == 1, "Conv2d::backward without a training-mode forward");
-  const Tensor& x = ctx.saved[0];
-  ops::conv2d_backward_weight(s, x, dy, weight.grad, bias.grad, stride, pad);
-  ops::conv2d_backward_data(s, dy, weight_for(s, weight, dy.dtype()), into, stride, pad, 1.f);
+  backward_into(s, dy, ctx, into, 1.f);
+}
+
+void Conv2d::backward_into(Stream& s, const Tensor& dy, Context& ctx, const Tensor& dx, float beta) {
+  ops::conv2d_backward_weight(s, ctx.saved[0], dy, weight.grad, bias.grad, stride, pad);
+  if (dx.defined()) ops::conv2d_backward_data(s, dy, weight_for(s, weight, dy.dtype()), dx, stride, pad, beta);
 }
 
 void Conv2d::collect(const std::string& prefix, ModuleState& st) {
@@ -291,18 +274,23 @@ Tensor Sequential::forward(Stream& s, const Tensor& x, Context& ctx) {
 }
 
 Tensor Sequential::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) {
-  SP_CHECK(ctx.children.size() == children_.size(), "Sequential::backward without a training-mode forward");
-  Tensor g = dy;
-  for (size_t i = children_.size(); i-- > 0;) g = children_[i].second->backward(s, g, ctx.children[i], i > 0 || need_dx);
-  return g;
+  const Tensor g = backward_to_first(s, dy, ctx);
+  return children_.empty() ? g : children_[0].second->backward(s, g, ctx.children[0], need_dx);
 }
 
 void Sequential::backward_accumulate(Stream& s, const Tensor& dy, Context& ctx, const Tensor& into) {
-  SP_CHECK(ctx.children.size() == children_.size() && !children_.empty(),
-           "Sequential::backward without a training-mode forward");
+  const Tensor g = backward_to_first(s, dy, ctx);
+  if (children_.empty())
+    Module::backward_accumulate(s, dy, ctx, into);  // dx = dy
+  else
+    children_[0].second->backward_accumulate(s, g, ctx.children[0], into);
+}
+
+Tensor Sequential::backward_to_first(Stream& s, const Tensor& dy, Context& ctx) {
+  SP_CHECK(ctx.children.size() == children_.size(), "Sequential::backward without a training-mode forward");
   Tensor g = dy;
   for (size_t i = children_.size(); i-- > 1;) g = children_[i].second->backward(s, g, ctx.children[i], true);
-  children_[0].second->backward_accumulate(s, g, ctx.children[0], into);
+  return g;
 }
 
 void Sequential::collect(const std::string& prefix, ModuleState& st) {

@@ -39,6 +39,10 @@ class Conv2d final : public Module {
   double forward_flops(const Shape& x, Shape* y) const override;
   Parameter weight, bias;  // weight KRSC; bias undefined when disabled
   int stride, pad;
+
+ private:
+  // The weight gradient, and dx = data gradient + beta * dx where dx is defined.
+  void backward_into(Stream& s, const Tensor& dy, Context& ctx, const Tensor& dx, float beta);
 };
 
 // Batch normalisation; with fuse_relu the module computes relu(bn(x)) with the fused kernels
@@ -123,6 +127,8 @@ class Sequential : public Module {
   size_t size() const { return children_.size(); }
 
  private:
+  // The backwards of every child but the first, in reverse: the gradient reaching the first.
+  Tensor backward_to_first(Stream& s, const Tensor& dy, Context& ctx);
   std::vector<std::pair<std::string, std::unique_ptr<Module>>> children_;
 };
 

@@ -148,6 +148,7 @@ TEST(ModuleGradients, ResidualBlocks) {
 // the same parameter gradients. A convolution adds in its data-gradient op (beta 1), a
 // Sequential through its first module, any other module by the default backward + add.
 TEST(ModuleGradients, BackwardAccumulateAddsDxToItsTarget) {
+  set_dgrad_accumulates(true);  // whatever the environment says
   Rng rng(4);
   std::vector<std::pair<std::unique_ptr<Module>, Shape>> cases;
   cases.emplace_back(std::make_unique<Conv2d>(3, 5, 3, 2, 1, false, rng), Shape{2, 7, 6, 3});

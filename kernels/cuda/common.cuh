@@ -13,6 +13,7 @@
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/error.h"
 #include "kernels/common/shapes.h"
+#include "kernels/common/switches.h"
 
 namespace sp::kernels::cuda::detail {
 
@@ -80,13 +81,9 @@ class Workspace {
   cudaStream_t stream_;
 };
 
-// ---- Process-wide on/off switches -----------------------------------------------------------
-// The value of a kernel switch kept in `slot` (-1: not chosen yet): what was set (slot 0 or 1),
-// else, at first use, the environment variable `var` ("1" on, "0" off, anything else or unset:
-// default_on), kept from then on (tensor_core_select.cu).
-bool env_switch(std::atomic<int>& slot, const char* var, bool default_on);
-// Sets such a switch, overriding the environment from then on.
-inline void set_switch(std::atomic<int>& slot, bool on) { slot.store(on ? 1 : 0, std::memory_order_relaxed); }
+// ---- Process-wide on/off switches (kernels/common/switches.h) ----------------------------------
+using ::sp::kernels::env_switch;
+using ::sp::kernels::set_switch;
 
 // ---- Launching: every kernel of ours, with programmatic dependent launch when on -------------
 // With programmatic dependent launch (Hopper; kernels/cuda/ops.h: set_programmatic_launch, on

@@ -85,14 +85,6 @@ MmaMainloop mma_mainloop() {
   }));
 }
 
-bool detail::env_switch(std::atomic<int>& slot, const char* var, bool default_on) {
-  return setting(slot, var, [default_on](const char* env) {
-           if (env && std::string(env) == "1") return 1;
-           if (env && std::string(env) == "0") return 0;
-           return default_on ? 1 : 0;
-         }) == 1;
-}
-
 void set_dgrad_by_stride_class(bool on) { detail::set_switch(g_dgrad_classes, on); }
 bool dgrad_by_stride_class() { return detail::env_switch(g_dgrad_classes, "STALEPROP_DGRAD_CLASSES", true); }
 void set_dgrad_class_direct(bool on) { detail::set_switch(g_dgrad_class_direct, on); }
