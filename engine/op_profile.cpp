@@ -63,16 +63,17 @@ OpProfile::~OpProfile() {
 
 namespace {
 
-// Takes the ended calls and drops the abandoned ones; calls still being issued stay.
-std::vector<std::shared_ptr<OpRecord>> take_ended(OpProfile::State& state) {
+// Takes the ended calls (with completed_only, those whose end the stream has reached) and drops
+// the abandoned ones; the others stay.
+std::vector<std::shared_ptr<OpRecord>> take_ended(OpProfile::State& state, bool completed_only = false) {
   std::vector<std::shared_ptr<OpRecord>> done;
   std::lock_guard<std::mutex> lk(state.mu);
   std::vector<std::shared_ptr<OpRecord>> keep;
   for (std::shared_ptr<OpRecord>& r : state.records) {
     const int st = r->state.load();
-    if (st == OpRecord::kEnded)
+    if (st == OpRecord::kEnded && (!completed_only || r->end->query()))
       done.push_back(std::move(r));
-    else if (st == OpRecord::kIssuing)
+    else if (st != OpRecord::kAbandoned)
       keep.push_back(std::move(r));
   }
   state.records.swap(keep);
@@ -81,9 +82,10 @@ std::vector<std::shared_ptr<OpRecord>> take_ended(OpProfile::State& state) {
 
 }  // namespace
 
-std::vector<OpSpan> OpProfile::collect_spans(const std::function<Event*(const Stream*)>& origin_of) {
+std::vector<OpSpan> OpProfile::collect_spans(const std::function<Event*(const Stream*)>& origin_of,
+                                             bool completed_only) {
   std::vector<OpSpan> out;
-  for (const std::shared_ptr<OpRecord>& r : take_ended(*state_)) {
+  for (const std::shared_ptr<OpRecord>& r : take_ended(*state_, completed_only)) {
     Event* origin = origin_of(r->stream);
     if (!origin) continue;
     r->end->synchronize();

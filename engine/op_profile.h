@@ -58,8 +58,10 @@ class OpProfile {
   std::vector<OpTime> collect();
   // The same calls one by one (consumed alike): each call's start counted from origin_of(its
   // stream), an event of that stream's device recorded before the call (streams of one device
-  // share a clock); calls on a stream for which it returns nullptr are left out.
-  std::vector<OpSpan> collect_spans(const std::function<Event*(const Stream*)>& origin_of);
+  // share a clock); calls on a stream for which it returns nullptr are left out. completed_only:
+  // only the calls whose stream has finished them, without waiting (the others stay for later),
+  // so that a long run can be read as it goes and keeps few events.
+  std::vector<OpSpan> collect_spans(const std::function<Event*(const Stream*)>& origin_of, bool completed_only = false);
 
   struct State;
 

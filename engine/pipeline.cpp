@@ -4,6 +4,7 @@
 #include <chrono>
 #include <deque>
 #include <limits>
+#include <map>
 #include <numeric>
 #include <set>
 
@@ -768,8 +769,21 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   next_batch_ = 0;
   host_wait_ms_ = 0;
   // Op timings: from here to the end of the epoch (after the origins, which come first on every
-  // stream).
+  // stream), read tick by tick as the streams finish them, so few events are held at once. Each
+  // op on a module's stream counts from that module's origin (the stages'); ops on other streams
+  // (none today) are left out.
   std::unique_ptr<OpProfile> op_profile = trace_ops_ ? std::make_unique<OpProfile>() : nullptr;
+  std::map<const Stream*, int> module_of;
+  for (auto& st : stages_) module_of[st->stream.get()] = st->index;
+  auto read_ops = [&](bool completed_only) {
+    if (!op_profile) return;
+    const auto origin_of = [&](const Stream* s) -> Event* {
+      const auto it = module_of.find(s);
+      return it == module_of.end() ? nullptr : origin[size_t(it->second)];
+    };
+    for (const OpSpan& span : op_profile->collect_spans(origin_of, completed_only))
+      stats.ops.push_back({module_of.at(span.stream), span.op, span.shapes, span.start_ms, span.duration_ms});
+  };
   const auto wall_start = std::chrono::steady_clock::now();
   // Activation memory held for batches in flight, measured where it peaks within a tick: after
   // the forwards, and with --recompute also after the backwards, adding what they rebuilt
@@ -792,6 +806,7 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
     // At most two ticks of work are queued ahead of each stream.
     for (auto& st : stages_) host_wait(*st->tick_end[tick % 2]);
     for (auto& st : stages_) st->read_timings(tick - 2, *origin[size_t(st->index)], stats);  // ended by that record
+    read_ops(true);
     const size_t events_before = ledger_.size();
     tick_rebuilt_bytes_ = 0;
     if (cfg_.method == PipelineMethod::FDG) {
@@ -821,20 +836,9 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
     st->pending.clear();
     stats.timing_events_made += st->timing_events_made;
   }
-  if (op_profile) {
-    // Each op on a module's stream, from that module's origin (the stages'); ops on other
-    // streams (none today) are left out.
-    auto module_of = [&](const Stream* s) {
-      for (auto& st : stages_)
-        if (st->stream.get() == s) return st->index;
-      return -1;
-    };
-    for (const OpSpan& span : op_profile->collect_spans([&](const Stream* s) -> Event* {
-           const int k = module_of(s);
-           return k < 0 ? nullptr : origin[size_t(k)];
-         }))
-      stats.ops.push_back({module_of(span.stream), span.op, span.shapes, span.start_ms, span.duration_ms});
-  }
+  read_ops(false);
+  std::stable_sort(stats.ops.begin(), stats.ops.end(),
+                   [](const OpTiming& a, const OpTiming& b) { return a.start_ms < b.start_ms; });
   return stats;
 }
 

@@ -732,6 +732,7 @@ TEST(Pipeline, Bf16WeightCopiesChangeNoBitAndSaveTheCasts) {
 // Loading a checkpoint into a network whose bf16 weight copies are current makes them stale:
 // the next bf16 pass casts the loaded weights instead of using copies of the old ones.
 TEST(Pipeline, LoadingACheckpointMakesTheBf16WeightCopiesStale) {
+  set_bf16_weight_copies(true);  // whatever the environment says
   const Batches data = make_batches(3, 4, 0, 45);
   auto s = make_stream(Device::cpu());
   Network a = mini_resnet(1), b = mini_resnet(2);
@@ -743,6 +744,10 @@ TEST(Pipeline, LoadingACheckpointMakesTheBf16WeightCopiesStale) {
     for (size_t i = 0; i < data.images.size(); ++i) bp.eval_step(data.images[i], data.labels[i]);
     return bp.drain_stats().loss_sum;
   };
+  // Evaluated only, a network keeps no copies (the step allocates them).
+  Network evaluated = mini_resnet(3);
+  train_then_eval(evaluated, false);
+  for (auto& [name, p] : evaluated.state().params) EXPECT_FALSE(p->bf16.defined()) << name;
   train_then_eval(a, true);
   const double before = train_then_eval(b, true);
   int copies = 0;  // conv and linear weights (BN's parameters stay f32)

@@ -335,6 +335,14 @@ TEST(Sweep, RefusesJobsThatCannotShareAProcess) {
     train::run_sweep(jobs, two);
   };
   test::expect_error(same_file, {"x", "y", "would both write", "x.jsonl", "--metrics"});
+  // --trace-ops times every op of the process: not beside other runs.
+  auto trace_ops = [&] {
+    auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
+    jobs[1].cfg.trace = jobs[1].cfg.log + ".trace.json";
+    jobs[1].cfg.trace_ops = true;
+    train::run_sweep(jobs, two);
+  };
+  test::expect_error(trace_ops, {"y asks for --trace-ops", "--parallel 1"});
   auto same_file_spelt_otherwise = [&] {
     auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
     jobs[1].cfg.log = cifar().file("./sub/../x.log");

@@ -2,12 +2,12 @@
 // resumption, determinism, evaluation, and loss that falls on synthetic and on real images.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <array>
-#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -19,10 +19,11 @@
 #include "engine/trainer.h"
 #include "kernels/common/error.h"
 #include "layers/resnet.h"
-#include "tools/bench.h"
-#include "tools/train.h"
 #include "tests/checkpoint_testing.h"
 #include "tests/error_testing.h"
+#include "tools/bench.h"
+#include "tools/json.h"
+#include "tools/train.h"
 
 using namespace sp;
 using sp::test::expect_same_tensors;
@@ -121,6 +122,12 @@ TEST(Training, ProgressIsABarPlainLinesOrNothing) {
   }
   EXPECT_EQ(run("none").find("step "), std::string::npos);
   test::expect_error<Error>([&] { run("fancy"); }, {"--progress must be auto, bar, plain or none, got 'fancy'"});
+}
+
+// The tools' JSON strings escape what JSON requires (quotes, backslashes, control characters).
+TEST(Training, JsonStringsAreEscaped) {
+  EXPECT_EQ(train::json_str("conv2d_forward"), "\"conv2d_forward\"");
+  EXPECT_EQ(train::json_str("a\"b\\c\nd\x01"), "\"a\\\"b\\\\c\\u000ad\\u0001\"");
 }
 
 // Resuming with `resuming` (its --resume set) changed by `change` is refused, the message holding
@@ -659,6 +666,9 @@ TEST(Training, ATracedOneModuleRunWritesItsTraceAndTrainsTheSameBits) {
   for (const char* op : {"\"name\":\"conv2d_forward\",\"cat\":\"op\"", "\"name\":\"sgd_step\",\"cat\":\"op\"",
                          "\"shapes\":\"f32 [", "\"fwd+loss+bwd b0\""})
     EXPECT_NE(ops_json.find(op), std::string::npos) << op;
+  with_ops.graphs = true;
+  test::expect_error([&] { train::run_training(with_ops, train, test); }, {"--trace-ops", "drop --graphs"});
+  with_ops.graphs = false;
   with_ops.trace.clear();
   test::expect_error([&] { train::run_training(with_ops, train, test); }, {"--trace-ops", "give --trace"});
   // Mid-epoch checkpoints are the plain trainer's alone: refused with --trace, with a reason.

@@ -12,6 +12,7 @@
 #include "kernels/common/error.h"
 #include "layers/resnet.h"
 #include "tools/cifar10.h"
+#include "tools/json.h"
 #include "tools/train.h"
 
 namespace sp::train {
@@ -46,7 +47,6 @@ struct SyntheticBatches {
   }
 };
 
-std::string json_str(const std::string& v) { return "\"" + v + "\""; }
 std::string json_num(double v) {
   char b[32];
   std::snprintf(b, sizeof b, "%.6g", v);

@@ -62,7 +62,9 @@ struct BenchResult {
   size_t peak_reserved_bytes = 0;      // ... and held by the caching allocator
   // With --devices: each device's peak (the two above are their sums), in --device, --devices order.
   std::vector<std::pair<std::string, size_t>> peak_allocated_by_device;
-  size_t peak_activation_bytes = 0;    // decoupled methods: activations kept for batches in flight
+  // Decoupled methods: activations kept for batches in flight (PipelineEpochStats::peak_saved_bytes:
+  // with --recompute their inputs and what the backwards rebuild).
+  size_t peak_activation_bytes = 0;
   size_t peak_stash_bytes = 0;         // --weight-stash: weight copies kept for batches in flight
   int64_t warmup = 0;                  // the warm-up steps actually run
   int64_t units = 0, replayed_units = 0;  // --graphs: module units of the timed steps, and how many were replays

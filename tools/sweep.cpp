@@ -71,6 +71,10 @@ void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
              first.deterministic ? "on" : "off", ": these are process-wide, so the runs of one sweep must agree");
     SP_CHECK(opts.parallel == 1 || jobs.size() == 1 || !j.cfg.log.empty() || j.cfg.progress == "none", "sweep: ",
              j.name, " would print to stdout beside other runs: give it --log FILE (or --progress none)");
+    // The op timings of --trace-ops come from a process-wide profile: it would time the other
+    // runs' ops too, and only one can record at a time.
+    SP_CHECK(opts.parallel == 1 || jobs.size() == 1 || !j.cfg.trace_ops, "sweep: ", j.name,
+             " asks for --trace-ops, which times every op of the process: run it with --parallel 1");
     for (const auto& [flag, file] : outputs(j.cfg)) {
       auto [it, fresh] = writer.emplace(same_file(file), Writer{index, flag});
       SP_CHECK(fresh, "sweep: ", j.name, " and ", jobs[it->second.job].name, " would both write ", file, " (", flag,

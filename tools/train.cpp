@@ -23,6 +23,7 @@
 #include "kernels/common/error.h"
 #include "kernels/cpu/parallel.h"
 #include "layers/resnet.h"
+#include "tools/json.h"
 
 #if STALEPROP_WITH_CUDA
 #include "kernels/vendor/vendor.h"
@@ -658,13 +659,13 @@ void write_trace(const std::string& path, const PipelineEpochStats& stats, int m
     out << (k ? "," : "") << "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":" << k + 1
         << ",\"args\":{\"name\":\"module " << k + 1 << "\"}}";
   for (const StageTiming& t : stats.stages)
-    out << ",{\"name\":\"" << t.stage << " b" << t.batch << "\",\"cat\":\"epoch " << epoch + 1
+    out << ",{\"name\":" << json_str(t.stage + " b" + std::to_string(t.batch)) << ",\"cat\":\"epoch " << epoch + 1
         << "\",\"ph\":\"X\",\"pid\":1,\"tid\":" << t.module + 1 << ",\"ts\":" << json_number(t.start_ms * 1e3)
         << ",\"dur\":" << json_number(t.duration_ms * 1e3) << ",\"args\":{\"tick\":" << t.tick << "}}";
   for (const OpTiming& o : stats.ops)
-    out << ",{\"name\":\"" << o.op << "\",\"cat\":\"op\",\"ph\":\"X\",\"pid\":1,\"tid\":" << o.module + 1
+    out << ",{\"name\":" << json_str(o.op) << ",\"cat\":\"op\",\"ph\":\"X\",\"pid\":1,\"tid\":" << o.module + 1
         << ",\"ts\":" << json_number(o.start_ms * 1e3) << ",\"dur\":" << json_number(o.duration_ms * 1e3)
-        << ",\"args\":{\"shapes\":\"" << o.shapes << "\"}}";
+        << ",\"args\":{\"shapes\":" << json_str(o.shapes) << "}}";
   out << "]}\n";
   SP_CHECK(out.good(), "error writing the trace file '", path, "'");
 }
@@ -673,8 +674,8 @@ TrainResult run_pipelined(Run& run) {
   const TrainConfig& cfg = run.cfg;
   SP_CHECK(cfg.checkpoint_every == 0 && cfg.stop_after_steps < 0,
            "--checkpoint-every and --stop-after need --method bp with one module, one device and none of --graphs, "
-           "--trace, --recompute, --weight-stash or --staleness-jitter: a pipeline is checkpointed at epoch "
-           "boundaries, when it has drained");
+           "--trace, --recompute or --weight-stash: a pipeline is checkpointed at epoch boundaries, when it has "
+           "drained");
   std::map<std::string, std::string> resume_meta;
   if (!cfg.resume.empty()) resume_meta = io::read_safetensors(cfg.resume).metadata;
   PipelineConfig pc;
@@ -967,6 +968,8 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   SP_CHECK(cfg.staleness_jitter >= 0, "--staleness-jitter must not be negative");
   SP_CHECK(cfg.shrink > 0 && cfg.shrink <= 1, "--shrink must be in (0, 1], got ", cfg.shrink);
   SP_CHECK(!cfg.trace_ops || !cfg.trace.empty(), "--trace-ops adds the ops to --trace FILE's timeline: give --trace");
+  SP_CHECK(!cfg.trace_ops || !cfg.graphs,
+           "--trace-ops times the ops issued one by one, and graph replays issue none: drop --graphs");
   SP_CHECK(cfg.method != "bp" || cfg.shrink == 1.f, "--shrink applies to --method ddg and fdg: with bp, whose ",
            "gradients are not stale, it would only scale the lower modules' gradients");
   SP_CHECK(cfg.method != "bp" || cfg.staleness_jitter == 0, "--staleness-jitter applies to --method ddg and fdg: ",
