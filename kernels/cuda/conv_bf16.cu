@@ -107,48 +107,43 @@ Workspace transposed_filter(const ConvGeom& g, const uint16_t* w, const FilterTa
   return wt;
 }
 
-// dx at the pixels of one stride class (a, b) from the class's dense result src, rows
-// (img * hc + i) * wc + j of C values; src == nullptr writes zeros (a class no tap reaches).
-// W channels per thread (layout_gathers.h, scatter_class_chunk): 8, one 16-byte access, where C %
-// 8 == 0 and the pointers are 16-byte aligned, else 1.
-template <int W>
-__global__ void scatter_class_kernel(const uint16_t* src, uint16_t* dx, int64_t chunks, int c, int h, int w, int stride,
-                                     int a, int b, int hc, int wc) {
+// Copies between stride class (a, b)'s dense rows, (img * hc + i) * wc + j of C values, and its
+// pixels of dx (layout_gathers.h): kGather takes them out of dx (src is dx, dst the rows), else
+// puts them in (src the rows, or nullptr for zeros: a class no tap reaches; dst is dx). W channels
+// per thread: 8, one 16-byte access, where C % 8 == 0 and the pointers are 16-byte aligned, else 1.
+template <int W, bool kGather>
+__global__ void class_copy_kernel(const uint16_t* src, uint16_t* dst, int64_t chunks, int c, int h, int w, int stride,
+                                  int a, int b, int hc, int wc) {
   pdl_prologue();
-  for (int64_t idx = global_thread_index(); idx < chunks; idx += grid_stride())
-    detail::scatter_class_chunk<W>(src, dx, idx, c, h, w, stride, a, b, hc, wc);
+  for (int64_t idx = global_thread_index(); idx < chunks; idx += grid_stride()) {
+    if constexpr (kGather)
+      detail::gather_class_chunk<W>(src, dst, idx, c, h, w, stride, a, b, hc, wc);
+    else
+      detail::scatter_class_chunk<W>(src, dst, idx, c, h, w, stride, a, b, hc, wc);
+  }
 }
 
+template <bool kGather>
+void class_copy(const uint16_t* src, uint16_t* dst, int64_t rows, const ConvGeom& g, const StrideClass& c,
+                cudaStream_t stream) {
+  const int64_t total = rows * g.c;
+  if (g.c % 8 == 0 && aligned16(dst) && (!src || aligned16(src)))
+    launch_kernel(class_copy_kernel<8, kGather>, element_blocks(total / 8), kElementThreads, 0, stream, src, dst,
+                  total / 8, g.c, g.h, g.w, g.stride, c.a, c.b, c.hc, c.wc);
+  else
+    launch_kernel(class_copy_kernel<1, kGather>, element_blocks(total), kElementThreads, 0, stream, src, dst, total,
+                  g.c, g.h, g.w, g.stride, c.a, c.b, c.hc, c.wc);
+}
+
+// dx at the pixels of class c from its dense result src (zeros where src is null).
 void scatter_class(const uint16_t* src, uint16_t* dx, int64_t rows, const ConvGeom& g, const StrideClass& c,
                    cudaStream_t stream) {
-  const int64_t total = rows * g.c;
-  if (g.c % 8 == 0 && aligned16(dx) && (!src || aligned16(src)))
-    launch_kernel(scatter_class_kernel<8>, element_blocks(total / 8), kElementThreads, 0, stream, src, dx, total / 8,
-                  g.c, g.h, g.w, g.stride, c.a, c.b, c.hc, c.wc);
-  else
-    launch_kernel(scatter_class_kernel<1>, element_blocks(total), kElementThreads, 0, stream, src, dx, total, g.c, g.h,
-                  g.w, g.stride, c.a, c.b, c.hc, c.wc);
+  class_copy<false>(src, dx, rows, g, c, stream);
 }
-
-// The reverse: the pixels of stride class c in dx into its dense rows dst (layout_gathers.h,
-// gather_class_chunk), as scatter_class's W.
-template <int W>
-__global__ void gather_class_kernel(const uint16_t* dx, uint16_t* dst, int64_t chunks, int c, int h, int w, int stride,
-                                    int a, int b, int hc, int wc) {
-  pdl_prologue();
-  for (int64_t idx = global_thread_index(); idx < chunks; idx += grid_stride())
-    detail::gather_class_chunk<W>(dx, dst, idx, c, h, w, stride, a, b, hc, wc);
-}
-
+// The reverse: class c's pixels of dx into its dense rows dst.
 void gather_class(const uint16_t* dx, uint16_t* dst, int64_t rows, const ConvGeom& g, const StrideClass& c,
                   cudaStream_t stream) {
-  const int64_t total = rows * g.c;
-  if (g.c % 8 == 0 && aligned16(dx) && aligned16(dst))
-    launch_kernel(gather_class_kernel<8>, element_blocks(total / 8), kElementThreads, 0, stream, dx, dst, total / 8,
-                  g.c, g.h, g.w, g.stride, c.a, c.b, c.hc, c.wc);
-  else
-    launch_kernel(gather_class_kernel<1>, element_blocks(total), kElementThreads, 0, stream, dx, dst, total, g.c, g.h,
-                  g.w, g.stride, c.a, c.b, c.hc, c.wc);
+  class_copy<true>(dx, dst, rows, g, c, stream);
 }
 
 // Backward data of a strided convolution by stride class (kernels/common/conv_stride_classes.h):
