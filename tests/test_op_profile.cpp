@@ -88,7 +88,8 @@ TEST(OpProfile, SpansTimeEachCallFromItsStreamsOrigin) {
   ops::conv2d_forward(*a, x, w, Tensor(), y, 1, 1);
   ops::fill(*a, small, 1.f);
   b->wait(*origin);
-  ops::fill(*b, small, 2.f);  // after a's fill: b waits for nothing else, so order by start only
+  const Tensor small_b = Tensor::empty({10}, DType::F32);
+  ops::fill(*b, small_b, 2.f);  // beside a's work (b waits for nothing else): order by start only
   ops::fill(*other, Tensor::empty({3}, DType::F32), 3.f);
   a->synchronize(), b->synchronize(), other->synchronize();
   const std::vector<OpSpan> spans =
