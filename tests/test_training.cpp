@@ -64,6 +64,12 @@ struct TempDir {
   std::string file(const std::string& name) const { return (path / name).string(); }
 };
 
+// The number after "key": in a JSON record, or -1 where the key is missing.
+double number_after(const std::string& rec, const std::string& key) {
+  const size_t at = rec.find("\"" + key + "\":");
+  return at == std::string::npos ? -1.0 : std::stod(rec.substr(at + key.size() + 3));
+}
+
 std::string read_text(const std::string& path) {
   std::ifstream in(path);
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
@@ -595,9 +601,7 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
     int epochs = 0;
     while (std::getline(in, line))
       if (line.find("\"event\":\"epoch\"") != std::string::npos) {
-        const size_t at = line.find("\"stash_bytes\":");
-        ASSERT_NE(at, std::string::npos) << line;
-        EXPECT_GT(std::stoll(line.substr(at + 14)), 0) << line;
+        EXPECT_GT(number_after(line, "stash_bytes"), 0) << line;
         ++epochs;
       }
     EXPECT_EQ(epochs, 2);
@@ -740,10 +744,6 @@ TEST(Training, ModulesOnEmulatedDevicesTrainAndResumeAsOnOne) {
   }
   // A decoupled epoch record: per-module busy share and idle time, the host's wait, the ticks
   // and the activation memory (each a number).
-  auto number_after = [](const std::string& rec, const std::string& key) {
-    const size_t at = rec.find("\"" + key + "\":");
-    return at == std::string::npos ? -1.0 : std::stod(rec.substr(at + key.size() + 3));
-  };
   EXPECT_GT(number_after(last_epoch, "ticks"), 0) << last_epoch;
   EXPECT_GT(number_after(last_epoch, "activation_bytes"), 0) << last_epoch;
   EXPECT_GE(number_after(last_epoch, "host_wait_pct"), 0) << last_epoch;
