@@ -676,9 +676,13 @@ void PipelineTrainer::backward_and_step(int k, int64_t tick, int64_t batch, Tens
   Stage& st = *stages_[size_t(k)];
   Stream& s = *st.stream;
   InFlight f = take_inflight(k, tick, batch);
-  // Weight stashing: back-propagate through the weights this batch's forward used.
-  // (The bf16 weight copies follow the live weights: stale while the stash stands in.)
-  for (size_t i = 0; i < f.stash.size(); ++i) std::swap(st.params[i]->value, f.stash[i]), st.params[i]->value_changed();
+  // Weight stashing: back-propagate through the weights this batch's forward used, swapped in and
+  // back out. (The bf16 weight copies follow the live weights: stale while the stash stands in.)
+  const auto swap_stash = [&] {
+    for (size_t i = 0; i < f.stash.size(); ++i)
+      std::swap(st.params[i]->value, f.stash[i]), st.params[i]->value_changed();
+  };
+  swap_stash();
   if (f.input.defined()) {
     recompute_forward(st, f);
     // Held until this backward has run: the stored input and every activation rebuilt from it.
@@ -689,7 +693,7 @@ void PipelineTrainer::backward_and_step(int k, int64_t tick, int64_t batch, Tens
   Tensor g = dy;
   for (size_t b = st.last; b-- > st.first;)
     g = net_.block(b).backward(s, g, f.contexts[b - st.first], b > st.first || k > 0);
-  for (size_t i = 0; i < f.stash.size(); ++i) std::swap(st.params[i]->value, f.stash[i]), st.params[i]->value_changed();
+  swap_stash();
   if (k > 0)
     send(st, *grad_[size_t(k) - 1], tick, f.batch, g, Tensor(), bwd_end);
   else if (bwd_end)

@@ -2,7 +2,6 @@
 
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <string>
 
 #include "engine/ops.h"
@@ -78,8 +77,7 @@ Tensor Conv2d::forward(Stream& s, const Tensor& x, Context& ctx) {
 }
 
 Tensor Conv2d::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) {
-  SP_CHECK(ctx.saved.size() == 1, "Conv2d::backward without a training-mode forward");
-  const Tensor dx = need_dx ? new_activation(s, ctx.saved[0].shape(), dy.dtype()) : Tensor();
+  const Tensor dx = need_dx && !ctx.saved.empty() ? new_activation(s, ctx.saved[0].shape(), dy.dtype()) : Tensor();
   backward_into(s, dy, ctx, dx, 0.f);
   return dx;
 }
@@ -87,11 +85,11 @@ Tensor Conv2d::backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx)
 // The data gradient added to `into` by the op itself (beta 1): the bits of backward + add.
 void Conv2d::backward_accumulate(Stream& s, const Tensor& dy, Context& ctx, const Tensor& into) {
   if (!dgrad_accumulates()) return Module::backward_accumulate(s, dy, ctx, into);
-  SP_CHECK(ctx.saved.size() == 1, "Conv2d::backward without a training-mode forward");
   backward_into(s, dy, ctx, into, 1.f);
 }
 
 void Conv2d::backward_into(Stream& s, const Tensor& dy, Context& ctx, const Tensor& dx, float beta) {
+  SP_CHECK(ctx.saved.size() == 1, "Conv2d::backward without a training-mode forward");
   ops::conv2d_backward_weight(s, ctx.saved[0], dy, weight.grad, bias.grad, stride, pad);
   if (dx.defined()) ops::conv2d_backward_data(s, dy, weight_for(s, weight, dy.dtype()), dx, stride, pad, beta);
 }
@@ -279,11 +277,8 @@ Tensor Sequential::backward(Stream& s, const Tensor& dy, Context& ctx, bool need
 }
 
 void Sequential::backward_accumulate(Stream& s, const Tensor& dy, Context& ctx, const Tensor& into) {
-  const Tensor g = backward_to_first(s, dy, ctx);
-  if (children_.empty())
-    Module::backward_accumulate(s, dy, ctx, into);  // dx = dy
-  else
-    children_[0].second->backward_accumulate(s, g, ctx.children[0], into);
+  if (children_.empty()) return Module::backward_accumulate(s, dy, ctx, into);  // dx = dy
+  children_[0].second->backward_accumulate(s, backward_to_first(s, dy, ctx), ctx.children[0], into);
 }
 
 Tensor Sequential::backward_to_first(Stream& s, const Tensor& dy, Context& ctx) {

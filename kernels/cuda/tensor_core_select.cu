@@ -20,18 +20,6 @@ std::atomic<int> g_dgrad_classes{-1}, g_dgrad_class_direct{-1}, g_dgrad_wt{-1}, 
 std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0}, g_cluster_launches{0}, g_class_direct_launches{0},
     g_persistent_launches{0};
 
-// A process-wide switch's value: what was set, else at first use from_env(the environment
-// variable `var`, nullptr when unset or empty), kept from then on.
-template <class FromEnv>
-int setting(std::atomic<int>& slot, const char* var, const FromEnv& from_env) {
-  const int v = slot.load(std::memory_order_relaxed);
-  if (v >= 0) return v;
-  const char* env = std::getenv(var);
-  int chosen = from_env(env && *env ? env : nullptr);
-  int expected = -1;
-  return slot.compare_exchange_strong(expected, chosen, std::memory_order_relaxed) ? chosen : expected;
-}
-
 }  // namespace
 
 const char* mainloop_name(MmaMainloop m) {
@@ -76,7 +64,7 @@ bool wgmma_available() {
 void set_mma_mainloop(MmaMainloop m) { g_mainloop.store(int(m), std::memory_order_relaxed); }
 
 MmaMainloop mma_mainloop() {
-  return MmaMainloop(setting(g_mainloop, "STALEPROP_MAINLOOP", [](const char* env) {
+  return MmaMainloop(kernels::setting(g_mainloop, "STALEPROP_MAINLOOP", [](const char* env) {
     try {
       return int(env ? parse_mainloop(env) : MmaMainloop::kAuto);
     } catch (const Error& e) {
