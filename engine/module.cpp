@@ -42,10 +42,17 @@ void Module::to(Device device, Stream& s) {
     t = moved;
   };
   for (auto& [name, p] : st.params) {
+    // A copy already on `device` stays as it is (the value it copies does not change); one
+    // elsewhere is dropped, and allocated again on the new device at its first use there.
+    // (Dropped unconditionally, a copy could go back to the allocator while another stream's
+    // queued step still wrote it.)
+    const bool stays =
+        p->value.defined() && p->value.device() == device && (!p->bf16.defined() || p->bf16.device() == device);
     move(p->value);
     move(p->grad);
+    if (stays) continue;
     if (p->bf16.defined()) old.push_back(p->bf16);
-    p->bf16 = Tensor();  // allocated again on the new device at its first use there
+    p->bf16 = Tensor();
     p->value_changed();
   }
   for (auto& [name, b] : st.buffers) move(*b);

@@ -36,7 +36,9 @@ struct Parameter {
   // and from then on rewrites it in the same launch as it updates value (Sgd::step) and marks it
   // current, so each later bf16 use reads it instead of casting value again. While it is not
   // current, uses cast value as before. Whoever writes value other than through Sgd::step must
-  // call value_changed().
+  // call value_changed(). A CUDA graph captured while the copy was current keeps reading it: such
+  // a write must also drop the trainer's graphs (nothing does so today: checkpoints are loaded
+  // before the first step, and graphs refuse --weight-stash, whose swaps write value).
   Tensor bf16;
   bool bf16_wanted = false, bf16_current = false;
   void value_changed() { bf16_current = false; }

@@ -753,6 +753,16 @@ TEST(Pipeline, LoadingACheckpointMakesTheBf16WeightCopiesStale) {
   int copies = 0;  // conv and linear weights (BN's parameters stay f32)
   for (auto& [name, p] : b.state().params) copies += p->bf16.defined() && p->bf16_current;
   ASSERT_EQ(copies, 9);
+  // Moved to the device it is on, the network keeps its copies, current: nothing moved, and a
+  // copy released there could go back to the allocator while another stream still wrote it.
+  std::vector<const void*> kept;
+  for (auto& [name, p] : b.state().params)
+    if (p->bf16.defined()) kept.push_back(p->bf16.raw_data());
+  b.to(Device::cpu(), *s);
+  std::vector<const void*> after;
+  for (auto& [name, p] : b.state().params)
+    if (p->bf16.defined() && p->bf16_current) after.push_back(p->bf16.raw_data());
+  EXPECT_EQ(after, kept);
   const std::string path = ::testing::TempDir() + "bf16_copies.safetensors";
   save_checkpoint(path, a, {}, {}, *s);
   load_checkpoint(path, b, {}, *s);
