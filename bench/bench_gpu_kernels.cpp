@@ -58,7 +58,9 @@
 // persistent batch norm, one cooperative kernel per training forward and backward
 // (kernels/cuda/ops.h; default off; context bn_persistent), --pdl[=0|1] programmatic dependent
 // launch of every kernel of ours (kernels/cuda/common.cuh; default off; context
-// programmatic_launch). kernels/cuda/tensor_core.h and ops.h say why each default is what it is.
+// programmatic_launch), --conv-halo[=0|1|2] the halo kernel of the stride-1 convolutions and its
+// mode (default 0, off; context conv_halo). kernels/cuda/tensor_core.h and ops.h say why each
+// default is what it is.
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
 // Suggested run (the full set takes ~15 min at the default min_time):
@@ -129,8 +131,13 @@ const KernelSwitch kKernelSwitches[] = {
     {"--pdl", "programmatic_launch", kc::programmatic_launch, kc::set_programmatic_launch},
 };
 
-// Sets the switch arg names (true), or returns false when arg is no switch flag.
+// Sets the switch arg names (true), or returns false when arg is no switch flag. --conv-halo takes
+// a mode: 0, 1 (--conv-halo alone) or 2.
 bool set_kernel_switch(const std::string& arg) {
+  if (arg == "--conv-halo" || arg == "--conv-halo=0" || arg == "--conv-halo=1" || arg == "--conv-halo=2") {
+    kc::set_conv_halo(arg == "--conv-halo" ? 1 : arg.back() - '0');
+    return true;
+  }
   for (const KernelSwitch& s : kKernelSwitches) {
     const std::string flag = s.flag;
     if (arg == flag || arg == flag + "=1" || arg == flag + "=0") {
@@ -174,6 +181,7 @@ void env_init() {
   benchmark::AddCustomContext("tensor_core_mainloop", kc::mainloop_name(kc::effective_mma_mainloop()));
   benchmark::AddCustomContext("repetitions", std::to_string(g_repetitions));
   for (const KernelSwitch& s : kKernelSwitches) benchmark::AddCustomContext(s.context, s.get() ? "yes" : "no");
+  benchmark::AddCustomContext("conv_halo", std::to_string(kc::conv_halo()));
 }
 
 void env_destroy() {

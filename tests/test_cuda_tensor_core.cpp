@@ -785,6 +785,80 @@ TEST_P(TensorCore, ConvolutionsWithTmaLoadsOnTheWideTile) {
   }
 }
 
+// conv_halo()'s mode for a scope (tensor_core.h), restored however the scope ends.
+class ScopedHalo {
+ public:
+  explicit ScopedHalo(int mode) : before_(kcu::conv_halo()) { kcu::set_conv_halo(mode); }
+  ~ScopedHalo() { kcu::set_conv_halo(before_); }
+  ScopedHalo(const ScopedHalo&) = delete;
+  ScopedHalo& operator=(const ScopedHalo&) = delete;
+
+ private:
+  int before_;
+};
+
+TEST_P(TensorCore, ConvolutionsByHaloPatches) {
+  // The halo kernel (conv_halo.h, wgmma_halo_mainloop.cuh) for the stride-1 same convolutions'
+  // forward and data gradient on the wgmma_tma main loop, where the TMA convolution would not
+  // split K and the plan takes the shape: ResNet-18's 64-channel 32 px layer (9 tiles of 128
+  // positions per image on the 34-wide padded rows), its data gradient adding to dx (beta 1, a
+  // residual block), two chunks of 64 channels (dy with K = 128), 128 output columns (two
+  // column tiles of 64), a 5x5 filter, 30 px rows (not a divisor of the tile: the TMA
+  // convolution's plan refuses them, and the cp.async loop is the comparison), and 16 px (a third
+  // of the rows junk: mode 2 takes it, mode 1 does not). Refused: a batch whose grid would split
+  // K, and stride 2. Against the reference (check_conv); against the same pass without the halo
+  // kernel bit for bit where both run 64-column tiles (the same wgmma on the same K steps), else
+  // within two bf16 ulps; and the launch counter must grow by the passes expected here.
+  struct Case {
+    Conv2dShape sh;
+    int mode, launches;
+    bool same_bits_fwd, same_bits_dgrad;
+    float beta;
+  };
+  const Case cases[] = {
+      {conv(20, 32, 32, 64, 64, 3, 1, 1), 1, 2, true, true, 0.f},
+      {conv(24, 32, 32, 64, 64, 3, 1, 1), 1, 2, true, true, 1.f},
+      {conv(20, 32, 32, 64, 128, 3, 1, 1), 1, 2, false, true, 0.f},
+      {conv(20, 32, 32, 64, 64, 5, 1, 2), 1, 2, true, true, 0.f},
+      {conv(40, 30, 30, 64, 64, 3, 1, 1), 1, 2, true, true, 0.f},
+      {conv(40, 16, 16, 128, 128, 3, 1, 1), 2, 2, false, false, 0.f},
+      {conv(40, 16, 16, 128, 128, 3, 1, 1), 1, 0, true, true, 0.f},
+      {conv(2, 32, 32, 64, 64, 3, 1, 1), 1, 0, true, true, 0.f},
+      {conv(20, 32, 32, 64, 64, 3, 2, 1), 1, 0, true, true, 0.f},
+  };
+  const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
+  const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+  const ScopedSwitch direct(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
+  const ScopedSwitch narrow(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
+  const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
+  const bool runs = GetParam() == kcu::MmaMainloop::kWgmmaTma;
+  uint32_t seed = 990;
+  for (const Case& c : cases) {
+    seed += 5;
+    const std::string what = conv_str(c.sh) + " mode " + std::to_string(c.mode);
+    ConvResult with, without;
+    {
+      const ScopedHalo on(c.mode);
+      const int64_t before = kcu::conv_halo_launches();
+      with = check_conv(kCustomConv, stream_, c.sh, seed, 0, false, c.beta);
+      EXPECT_EQ(kcu::conv_halo_launches() - before, runs ? c.launches : 0) << what << ": halo launches";
+    }
+    if (!runs || c.launches == 0) continue;
+    {
+      const ScopedHalo off(0);
+      without = check_conv(kCustomConv, stream_, c.sh, seed, 0, false, c.beta);
+    }
+    if (c.same_bits_fwd)
+      EXPECT_TRUE(bits_equal(with.y, without.y)) << what << ": forward, halo vs without";
+    else
+      expect_close_elementwise(with.y, without.y, 1.0 / 64, what + ": forward, halo vs without");
+    if (c.same_bits_dgrad)
+      EXPECT_TRUE(bits_equal(with.dx, without.dx)) << what << ": backward data, halo vs without";
+    else
+      expect_close_elementwise(with.dx, without.dx, 1.0 / 64, what + ": backward data, halo vs without");
+  }
+}
+
 TEST_P(TensorCore, WideTileByShape) {
   // With tma_wide_by_shape() on and tma_wide_tile() off, a product takes the 128 x 256 tile
   // exactly where wide_tile_pays (tile_plan.h) says so, on each side of both branches of its

@@ -11,7 +11,9 @@
 #      scripts' CPU tests (ctest, 120 s per test);
 #   3. compute-sanitizer memcheck (first) on the stride classes' test (their results go straight
 #      into dx), the split-K test of every main loop (the epilogue's paired stores) and the
-#      persistent TMA kernel's, then racecheck on the persistent kernel's (SAN_CAP seconds each,
+#      persistent TMA kernel's, then racecheck on the persistent kernel's, then memcheck on the
+#      halo convolutions' (where their test passed, possibly with STALEPROP_HALO_DESC_PHASE=1 on
+#      a second try) (SAN_CAP seconds each,
 #      default 55; only tests that ended in ctest, none that timed out); racecheck over the
 #      convolution tests and test_cuda_network comes after step 6 (SWEEP_CAP seconds each,
 #      default 100, as time allows);
@@ -20,7 +22,9 @@
 #      the measurements; evaluate its checkpoint with staleprop and, loaded into PyTorch, with
 #      bench/pytorch_load_checkpoint.py;
 #   5. a first figure for each new path, against its vendor twin: the sums over ResNet-18's bf16
-#      convolutions as by default against cuDNN; the bf16 GEMM (both TMA tiles) and the
+#      convolutions as by default against cuDNN; ResNet-18's stride-1 layers and the sums with the
+#      halo kernel off and in modes 1 and 2 (--conv-halo), and its training step (STALEPROP_CONV_HALO
+#      0 and 1); the bf16 GEMM (both TMA tiles) and the
 #      convolutions' sums with the persistent TMA kernel off and on (--tma-persistent) against
 #      cuBLASLt and cuDNN (or, where its test did not pass, the GEMM with --tma-wide=0 and =1);
 #      max pooling and the fused BN+add+ReLU backward against the copy (one-byte tap indices; the
@@ -29,7 +33,8 @@
 #      bf16 training throughput of ResNet-18 (batch 512, two rounds, each beside PyTorch) and
 #      ResNet-56 (128) with every new path that passed off, as by default and on
 #      (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _DGRAD_CLASS_DIRECT, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
-#      _CONV_SMALL_C, _BN_PERSISTENT, _PDL, _TMA_PERSISTENT, _BF16_WEIGHT_COPIES, _DGRAD_ACCUMULATE); with COMPARE_BIN, ResNet-56's
+#      _CONV_SMALL_C, _BN_PERSISTENT, _PDL, _TMA_PERSISTENT, _BF16_WEIGHT_COPIES, _DGRAD_ACCUMULATE,
+#      _CONV_HALO); with COMPARE_BIN, ResNet-56's
 #      op-by-op fdg (interleaved, twice) and backprop on this commit's binary and another's, and
 #      fdg with the transposed filter and the scratch pool's cross-stream waits. With POOL=1,
 #      gpu_bench stage 1 for the pooling and shortcut kernels against the copy (at most 60 s).
@@ -143,6 +148,8 @@ fi
 # A switch is measured only where its GPU test passed in ctest. A value-parameterised test's
 # name may carry CMake's "  # GetParam() = ..." (newer CMake), which holds no dot.
 passed() { grep -qE "$1( [^.]*)? \.+ +Passed" "$OUT/ctest.log" 2> /dev/null; }
+# Whether a test ended in ctest (passed or failed, not timed out).
+finished() { grep -qE "$1( [^.]*)? \.+ *(\*\*\*)?(Passed|Failed|Exception)" "$OUT/ctest.log" 2> /dev/null; }
 CONV_TMA_OK=; passed 'ConvolutionsWithTmaLoads/wgmma_tma' && CONV_TMA_OK=1
 TMA_WIDE_OK=; passed 'GemmOnTheWideTmaTile/wgmma_tma' && TMA_WIDE_OK=1
 BN_PERSISTENT_OK=; passed 'PersistentBatchNormGivesTheSameBitsAsTheSeparateKernels' && BN_PERSISTENT_OK=1
@@ -157,6 +164,16 @@ WEIGHT_COPIES_OK=; passed 'SgdGivesTheSameBitsFromUnalignedTensors' && passed 'B
   WEIGHT_COPIES_OK=1
 # The data gradient added to dx (beta 1): every form in the first test, the stride classes in the second.
 DGRAD_ACC_OK=; passed 'ConvolutionsOnResNetAndAwkwardShapes/wgmma_tma' && [ -n "$CLASS_DIRECT_OK" ] && DGRAD_ACC_OK=1
+# The halo kernel of the stride-1 convolutions (never run before): where its test fails, the test
+# once more with the A descriptors' base offset set to the start's row phase (conv_halo.h: which
+# form the hardware wants is the open question); where that passes, the halo is measured so.
+HALO_OK=; passed 'ConvolutionsByHaloPatches/wgmma_tma' && HALO_OK=1
+if [ -z "$HALO_OK" ] && finished 'ConvolutionsByHaloPatches/wgmma_tma' && [ "$(left)" -gt 300 ]; then
+  STALEPROP_HALO_DESC_PHASE=1 timeout 60 build-gpu/tests/test_cuda_tensor_core \
+    --gtest_filter='*ConvolutionsByHaloPatches/wgmma_tma' > "$OUT/halo-desc-phase.log" 2>&1 &&
+    HALO_OK=1 && export STALEPROP_HALO_DESC_PHASE=1
+  log "halo test with the descriptors' base offset set: $(tail -1 "$OUT/halo-desc-phase.log")"
+fi
 # The wide tile chosen by shape runs the kernels of both wide-tile tests; its own test checks the routing.
 WIDE_SHAPE_OK=; [ -n "$TMA_WIDE_OK" ] && [ -n "$CONV_WIDE_OK" ] && passed 'WideTileByShape/wgmma_tma' && WIDE_SHAPE_OK=1
 verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
@@ -165,7 +182,7 @@ log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict 
   "stride-class data gradient with TMA loads $(verdict "$CLASSES_TMA_OK"); wide tile by shape $(verdict "$WIDE_SHAPE_OK");" \
   "clusters of two $(verdict "$CLUSTER_OK"); direct stem $(verdict "$SMALL_C_OK");" \
   "persistent TMA kernel $(verdict "$PERSISTENT_OK"); bf16 weight copies written by the step $(verdict "$WEIGHT_COPIES_OK");" \
-  "residual gradients summed in the data gradient $(verdict "$DGRAD_ACC_OK")"
+  "residual gradients summed in the data gradient $(verdict "$DGRAD_ACC_OK"); halo convolutions $(verdict "$HALO_OK")"
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call, RESERVE=seconds
@@ -191,7 +208,6 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
 # hang here too, for SAN_CAP seconds each time. memcheck first; racecheck is slow (16 tests in
 # 55 s on 2026-11-26). The calls stop where less than SAN_CAP + 200 s is left.
-finished() { grep -qE "$1( [^.]*)? \.+ *(\*\*\*)?(Passed|Failed|Exception)" "$OUT/ctest.log" 2> /dev/null; }
 if [ -z "${CTEST_LOG:-}" ]; then
   finished 'ConvolutionsByStrideClass/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*ConvolutionsByStrideClass/wgmma_tma' class-direct
@@ -201,6 +217,7 @@ if [ -z "${CTEST_LOG:-}" ]; then
     san memcheck test_cuda_tensor_core '*PersistentTmaKernelGivesTheSameBits/wgmma_tma' persistent
   finished 'PersistentTmaKernelGivesTheSameBits/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*PersistentTmaKernelGivesTheSameBits/wgmma_tma' persistent
+  [ -n "$HALO_OK" ] && san memcheck test_cuda_tensor_core '*ConvolutionsByHaloPatches/wgmma_tma' halo
 fi
 
 if [ -n "$TRAIN_PID" ]; then
@@ -251,6 +268,14 @@ throughput_ab() {
 # tiles) and the convolutions' sums. The stride classes (also straight into dx), the clusters and
 # the direct stem were each measured off and on in 2026-11-27b and -27c.
 [ -n "$CONV_TMA_OK" ] && AB_VALUES=1 ab r18-convs-tma-sums conv-tma 40 '_bf16/r18_all_layers'
+# The halo kernel off, in mode 1 (the 32 px layers) and in mode 2 (also 16 px): ResNet-18's
+# 64- and 128-channel stride-1 layers and the sums, against cuDNN; then the training step.
+if [ -n "$HALO_OK" ]; then
+  AB_VALUES="0 1 2" ab r18-convs-halo conv-halo 40 '_bf16/r18_(64to64_3x3|128to128_3x3|all_layers)'
+  { echo "== r18-convs-halo: off, mode 1"; python3 tools/bench_table.py kernels "$OUT/r18-convs-halo-0.json" \
+      "$OUT/r18-convs-halo-1.json"; } >> "$OUT/headline.md" 2>&1
+  throughput_ab halo STALEPROP_CONV_HALO resnet18 512
+fi
 if [ -n "$PERSISTENT_OK" ]; then
   ab gemm-bf16-persistent tma-persistent 30 '^gemm_bf16/square'
   [ -n "$TMA_WIDE_OK" ] && STALEPROP_TMA_WIDE=1 ab gemm-bf16-wide-persistent tma-persistent 30 '^gemm_bf16/square'
@@ -293,7 +318,7 @@ fi
 NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_WIDE_BY_SHAPE=0
   STALEPROP_TMA_CLUSTER=0 STALEPROP_CONV_SMALL_C=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0
   STALEPROP_DGRAD_CLASSES=0 STALEPROP_DGRAD_CLASS_DIRECT=0 STALEPROP_TMA_PERSISTENT=0
-  STALEPROP_BF16_WEIGHT_COPIES=0 STALEPROP_DGRAD_ACCUMULATE=0)
+  STALEPROP_BF16_WEIGHT_COPIES=0 STALEPROP_DGRAD_ACCUMULATE=0 STALEPROP_CONV_HALO=0)
 [ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_CLASSES=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && [ -n "$CLASS_DIRECT_OK" ] &&
@@ -306,6 +331,7 @@ NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_
 [ -n "$PERSISTENT_OK" ] && NEW_PATHS+=(STALEPROP_TMA_PERSISTENT=1)
 [ -n "$WEIGHT_COPIES_OK" ] && NEW_PATHS+=(STALEPROP_BF16_WEIGHT_COPIES=1)
 [ -n "$DGRAD_ACC_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_ACCUMULATE=1)
+[ -n "$HALO_OK" ] && NEW_PATHS+=(STALEPROP_CONV_HALO=1)
 # "defaults" runs with no switch set (the caller's unset too): what a user gets. ResNet-18 runs
 # two rounds, each beside PyTorch, whose rate varied by +-11% between rounds on 2026-11-27b.
 DEFAULTS=()

@@ -62,6 +62,21 @@ detail::wgmma::ConvTmaPlan tma_plan(const void* src, int n, int p, int q, int sr
   return detail::wgmma::plan_conv_tma(n, p, q, src_h, src_w, src_c, r, s, step, dir, pad, detail::wgmma::kConvTmaTileM);
 }
 
+// The halo convolution (conv_halo.h) of a stride-1 pass with source `src` (x forward, dy backward
+// data) of src_c channels over [n, h, w], where conv_halo() is on, the TMA convolution would run
+// (tma_on) without a split of K, and the halo plan takes the shape. Returns whether it ran.
+template <typename T>
+bool halo(const void* src, const ConvGeom& g, int h, int w, int src_c, int dir, const MatrixLoader<true>& b,
+          int64_t rows, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream) {
+  if (conv_halo() == 0 || !b.vec || rows <= 0 || n <= 0 || k <= 0 || !tma_on(src)) return false;
+  const detail::wgmma::HaloConvPlan plan =
+      detail::wgmma::plan_conv_halo(g.n, h, w, src_c, g.r, g.s, g.stride, g.pad, dir,
+                                    detail::wgmma::WgHaloTile::kMaxPatchBytes, conv_halo_min_used());
+  if (!plan.ok || rows >= (int64_t(1) << 31) || !tma_conv_unsplit(int(rows), n, k)) return false;
+  run_wgmma_halo_conv(plan, static_cast<const uint16_t*>(src), b, rows, n, k, ep, stream);
+  return true;
+}
+
 // The selected main loop; mma.sync on narrow tiles for ResNet's 16/32 and 64 channels.
 template <class LoaderA, class LoaderB, typename T>
 void run(const LoaderA& a, const LoaderB& b, int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream) {
@@ -222,6 +237,7 @@ void conv2d_forward_bf16(const Conv2dShape& sh, const uint16_t* x, const uint16_
   const MatrixLoader<true> b{w, g.taps, g.k, g.taps, chunk_ok(w, g.taps)};
   const MmaEpilogue<uint16_t> ep{y, g.k, 1, 1.f, 0.f, bias, false};
   if (b.vec && g.npq > 0 && g.k > 0) {
+    if (halo(x, g, g.h, g.w, g.c, 1, b, g.npq, g.k, g.taps, ep, stream)) return;
     const detail::wgmma::ConvTmaPlan plan = tma_plan(x, g.n, g.p, g.q, g.h, g.w, g.c, g.r, g.s, g.stride, 1, g.pad);
     if (plan.ok) {
       run_wgmma_tma_conv(detail::wgmma::ConvSource{plan.src}, plan.map, x, b, g.npq, g.k, g.taps, ep, stream);
@@ -248,6 +264,7 @@ void conv2d_backward_data_bf16(const Conv2dShape& sh, const uint16_t* dy, const 
     const MatrixLoader<true> b{wt.as<uint16_t>(), g.rsk, g.c, g.rsk, chunk_ok(wt.as<uint16_t>(), g.rsk)};
     // Stride 1: dx(h, w) gathers dy(h + pad - r, w + pad - s), one box per tap (conv_tma.h).
     if (g.stride == 1 && b.vec && g.nhw > 0 && g.c > 0) {
+      if (halo(dy, g, g.p, g.q, g.k, -1, b, g.nhw, g.c, g.rsk, ep, stream)) return;
       const detail::wgmma::ConvTmaPlan plan = tma_plan(dy, g.n, g.h, g.w, g.p, g.q, g.k, g.r, g.s, 1, -1, g.pad);
       if (plan.ok) {
         run_wgmma_tma_conv(detail::wgmma::ConvSource{plan.src}, plan.map, dy, b, g.nhw, g.c, g.rsk, ep, stream);

@@ -12,6 +12,7 @@
 #include "kernels/cuda/gemm_mainloop.cuh"
 #include "kernels/cuda/mma_mainloop.cuh"
 #include "kernels/cuda/tensor_core.h"
+#include "kernels/cuda/wgmma_halo_mainloop.cuh"
 #include "kernels/cuda/wgmma_mainloop.cuh"
 #include "kernels/cuda/wgmma_tma_mainloop.cuh"
 
@@ -51,6 +52,7 @@ void count_wide_tma_launch();
 void count_cluster_tma_launch();
 void count_class_direct_launch();  // dgrad_class_direct_launches() (tensor_core.h)
 void count_persistent_tma_launch();
+void count_halo_launch();  // conv_halo_launches() (tensor_core.h)
 int sm_count(int device);  // the device's SMs (asked once per device)
 // The TMA descriptor of a bf16 matrix at p (16-byte aligned) shaped as `shape` says, with the
 // 128-byte swizzle and zero fill outside it. Throws sp::Error where the driver refuses.
@@ -245,6 +247,52 @@ void run_wgmma_tma_conv(const Source& source, const wgmma::TmaMap4d& map, const 
   else
     with_tma_tile(m, n, k, launch);
   count_conv_tma_launch();
+}
+
+// Whether the TMA convolution (run_wgmma_tma_conv) of an M x N x K product would run without a
+// split of K: on its tile (128 x 64 for N <= 64, else with_tma_tile's width; clusters do not
+// change the split), plan_split_k's split is 1.
+inline bool tma_conv_unsplit(int m, int n, int k) {
+  const auto splits = [&](auto tile) {
+    using Tile = decltype(tile);
+    return plan_split_k(ceil_div(m, Tile::kBM) * ceil_div(n, Tile::kBN), k, Tile::kBK,
+                        split_max_blocks(kTensorCoreSplitMaxBlocks * Tile::kMinBlocks))
+        .splits;
+  };
+  if (n <= 64) return splits(wgmma::WgTmaTileNarrow{}) == 1;
+  if (wide_tile_for(m, n, k)) return splits(wgmma::WgTmaTileWide{}) == 1;
+  return splits(wgmma::WgTmaTile{}) == 1;
+}
+
+// The halo convolution (wgmma_halo_mainloop.cuh) of `plan` (ok) over `src` (16-byte aligned): the
+// output's `rows` rows (n * P * Q) x N columns, K = taps x source channels, B a plain K-contiguous
+// matrix with vec set. One block per tile, no split of K.
+template <typename T>
+void run_wgmma_halo_conv(const wgmma::HaloConvPlan& plan, const uint16_t* src, const MatrixLoader<true>& b,
+                         int64_t rows, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream) {
+  using Tile = wgmma::WgHaloTile;
+  constexpr auto kernel = &wgmma::wgmma_halo_conv_kernel<Tile, T>;
+  const int64_t n_tiles = ceil_div(n, Tile::kBN);
+  SP_CHECK(plan.ok && plan.tiles < (int64_t(1) << 31) && n_tiles <= 65535 && rows < (int64_t(1) << 31),
+           "conv (halo): ", plan.tiles, " x ", n_tiles, " tiles are past the grid");
+  const int64_t smem = int64_t(plan.src.patch_bytes) * plan.src.chunks + Tile::kFixedSmemBytes;
+  SP_CHECK(smem <= 227 * 1024, "conv (halo): ", smem, " bytes of shared memory");
+  static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (devices >= 64 always ask)
+  int device = 0;
+  SP_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if ((opted_in.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
+    SP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+    SP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       int(cudaSharedmemCarveoutMaxShared)));
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const CUtensorMap map_a = encode_tensor_map_4d_bf16(src, plan.map);
+  const CUtensorMap map_b = b_operand_map<Tile>(b);
+  const MmaGeometry g{int(rows), n, k, k};
+  launch_kernel(kernel, dim3(unsigned(plan.tiles), unsigned(n_tiles), 1), Tile::kThreads, size_t(smem), stream, map_a,
+                map_b, plan.src, g, ep, halo_desc_phase() ? 1 : 0);
+  count_halo_launch();
 }
 
 // The mma.sync main loop on Tile.

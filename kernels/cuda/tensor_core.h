@@ -144,6 +144,28 @@ bool tma_cluster();
 // unless set, or the environment variable STALEPROP_TMA_PERSISTENT is 1: not yet run on a GPU.
 void set_tma_persistent(bool on);
 bool tma_persistent();
+// The halo kernel for the stride-1 "same" convolutions (conv_halo.h, wgmma_halo_mainloop.cuh):
+// the forward and the data gradient on the transposed filter, where the TMA convolution would
+// run (conv_tma() on, the wgmma_tma main loop, source channels a multiple of 64), without a split
+// of K, and the halo plan takes the shape. A tile loads its input rows once per 64 channels as a
+// patch, and every tap reads its rows of the patch in place, instead of one box per tap: a ninth
+// of the A operand's L2 traffic, which bounded ResNet-18's 64-channel 32 px layers at 0.57 of
+// cuDNN (2026-11-27). Tiles run on the padded width, so a share of their rows is junk: mode 1
+// takes plans that use at least 80% of their rows (the 32 px layers: 89%), mode 2 at least 60%
+// (16 px: 67%). The same bits as the TMA convolution. Off (0) unless set, or the environment
+// variable STALEPROP_CONV_HALO is 1 or 2: written without a GPU, not yet run on one.
+void set_conv_halo(int mode);
+int conv_halo();
+// The smallest share of used rows conv_halo()'s mode asks of a halo plan (0 when off).
+double conv_halo_min_used();
+// How many halo convolutions have been launched in this process.
+int64_t conv_halo_launches();
+// The halo kernel's A descriptors with their base offset set to the start's row within its
+// 1024-byte swizzle pattern, instead of 0 (conv_halo.h: which one the hardware wants for a start
+// that is not a multiple of 8 rows is for the GPU test to tell). Off unless set, or the
+// environment variable STALEPROP_HALO_DESC_PHASE is 1.
+void set_halo_desc_phase(bool on);
+bool halo_desc_phase();
 // The cap on the blocks of a split grid (tile_plan.h, split_max_blocks), for the whole process:
 // blocks >= 0 overrides STALEPROP_SPLIT_MAX_BLOCKS and the defaults (0: the target rule), -1
 // restores them. For tests: a split grid larger than the SMs hold (which the defaults never

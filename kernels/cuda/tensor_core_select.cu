@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "kernels/cuda/common.cuh"
@@ -16,9 +17,9 @@ namespace {
 std::atomic<int> g_mainloop{-1};
 // -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class, dgrad_transposed_filter).
 std::atomic<int> g_dgrad_classes{-1}, g_dgrad_class_direct{-1}, g_dgrad_wt{-1}, g_conv_tma{-1}, g_tma_wide{-1},
-    g_tma_wide_by_shape{-1}, g_tma_cluster{-1}, g_tma_persistent{-1};
+    g_tma_wide_by_shape{-1}, g_tma_cluster{-1}, g_tma_persistent{-1}, g_conv_halo{-1}, g_halo_desc_phase{-1};
 std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0}, g_cluster_launches{0}, g_class_direct_launches{0},
-    g_persistent_launches{0};
+    g_persistent_launches{0}, g_halo_launches{0};
 
 }  // namespace
 
@@ -91,6 +92,26 @@ bool tma_cluster() { return detail::env_switch(g_tma_cluster, "STALEPROP_TMA_CLU
 void set_tma_persistent(bool on) { detail::set_switch(g_tma_persistent, on); }
 bool tma_persistent() { return detail::env_switch(g_tma_persistent, "STALEPROP_TMA_PERSISTENT", false); }
 
+void set_conv_halo(int mode) {
+  SP_CHECK(mode >= 0 && mode <= 2, "conv_halo: mode 0 (off), 1 or 2, not ", mode);
+  g_conv_halo.store(mode, std::memory_order_relaxed);
+}
+int conv_halo() {
+  return kernels::setting(g_conv_halo, "STALEPROP_CONV_HALO", [](const char* env) {
+    if (env == nullptr || std::strcmp(env, "0") == 0) return 0;
+    if (std::strcmp(env, "1") == 0) return 1;
+    if (std::strcmp(env, "2") == 0) return 2;
+    throw Error(std::string("$STALEPROP_CONV_HALO must be 0, 1 or 2, not '") + env + "'");
+  });
+}
+double conv_halo_min_used() {
+  const int mode = conv_halo();
+  return mode == 1 ? 0.8 : mode == 2 ? 0.6 : 0.0;
+}
+int64_t conv_halo_launches() { return g_halo_launches.load(std::memory_order_relaxed); }
+void set_halo_desc_phase(bool on) { detail::set_switch(g_halo_desc_phase, on); }
+bool halo_desc_phase() { return detail::env_switch(g_halo_desc_phase, "STALEPROP_HALO_DESC_PHASE", false); }
+
 TmaLaunches tma_launches() {
   TmaLaunches t;
   t.conv = g_conv_tma_launches.load(std::memory_order_relaxed);
@@ -127,6 +148,7 @@ void count_conv_tma_launch() { g_conv_tma_launches.fetch_add(1, std::memory_orde
 void count_wide_tma_launch() { g_wide_launches.fetch_add(1, std::memory_order_relaxed); }
 void count_cluster_tma_launch() { g_cluster_launches.fetch_add(1, std::memory_order_relaxed); }
 void count_persistent_tma_launch() { g_persistent_launches.fetch_add(1, std::memory_order_relaxed); }
+void count_halo_launch() { g_halo_launches.fetch_add(1, std::memory_order_relaxed); }
 
 int sm_count(int device) {
   // Per device, asked once (devices beyond the first 64 each time).

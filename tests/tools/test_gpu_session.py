@@ -8,12 +8,14 @@ persistent batch norm and the stride classes' TMA data gradient passed, the wide
 timed out and the programmatic-launch test failed:
   - compute-sanitizer runs memcheck on the stride classes', the split-K and the persistent
     kernel's tests (the epilogue changed since their last sanitizer run; the persistent kernel
-    never ran), then racecheck on the persistent kernel's, never on a test that timed out (it
+    never ran), then racecheck on the persistent kernel's, then memcheck on the halo
+    convolutions' (never run either), never on a test that timed out (it
     would hang again) or did not run; then racecheck's sweeps over the convolution and network
     tests;
   - a switch is measured only where its GPU test passed: the wide tile's and programmatic
     launch's benchmarks never run, the persistent kernel's run off and on (GEMM, convolutions,
-    training), so do the bf16 weight copies (training); the paths measured in earlier sessions
+    training), so do the bf16 weight copies (training) and the halo convolutions (their layers in
+    modes 0, 1 and 2, and training); the paths measured in earlier sessions
     are not measured again;
   - the training throughput with "the new paths on" switches on exactly the paths that passed,
     with them "off" switches every path off explicitly, and "defaults" sets none; ResNet-18 in two
@@ -61,7 +63,8 @@ CTEST_LOG = """\
  13/14 Test #13: Mainloops/TensorCore.PersistentTmaKernelGivesTheSameBits/wgmma_tma ..   Passed    1.00 sec
  14/16 Test #14: CudaOps.SgdGivesTheSameBitsFromUnalignedTensors .....................   Passed    1.00 sec
  15/16 Test #15: Mainloops/TensorCore.ConvolutionsOnResNetAndAwkwardShapes/wgmma_tma ..   Passed    1.00 sec
- 16/16 Test #16: CudaNetwork.Bf16WeightCopiesChangeNoBit ............................   Passed    1.00 sec
+ 16/17 Test #16: CudaNetwork.Bf16WeightCopiesChangeNoBit ............................   Passed    1.00 sec
+ 17/17 Test #17: Mainloops/TensorCore.ConvolutionsByHaloPatches/wgmma_tma ............   Passed    1.00 sec
 """
 
 # tools/gpu_check.sh: the build does nothing, the tests write the log above.
@@ -117,6 +120,7 @@ def main():
                                     ("memcheck", "*GemmSplitKOnLongReductions/*"),
                                     ("memcheck", "*PersistentTmaKernelGivesTheSameBits/wgmma_tma"),
                                     ("racecheck", "*PersistentTmaKernelGivesTheSameBits/wgmma_tma"),
+                                    ("memcheck", "*ConvolutionsByHaloPatches/wgmma_tma"),
                                     ("racecheck", "*Convolution*/wgmma_tma"),
                                     ("racecheck", "*")],
               f"the sanitizers run memcheck first, on the changed kernels' test: {tools_and_filters}", log)
@@ -161,6 +165,15 @@ def main():
         check([switches_of(l) for l in acc] == [["STALEPROP_DGRAD_ACCUMULATE=0"], ["STALEPROP_DGRAD_ACCUMULATE=1"]] * 2
               and ["resnet18" in l for l in acc] == [True] * 2 + [False] * 2,
               f"the residual gradients summed in the data gradient off and on: ResNet-18, ResNet-56: {acc}", log)
+        halo = [l for l in bench if "--conv-halo" in l]
+        check([l.split("--conv-halo=")[1][0] for l in halo] == ["0", "1", "2"] and
+              all("64to64_3x3" in l and "all_layers" in l for l in halo),
+              f"the halo convolutions, whose test passed, off and in modes 1 and 2: {halo}", log)
+        halo_tput = [l for l in lines if "throughput-halo" in l]
+        check([switches_of(l) for l in halo_tput] == [["STALEPROP_CONV_HALO=0"], ["STALEPROP_CONV_HALO=1"]],
+              f"ResNet-18's throughput with the halo convolutions off and on: {halo_tput}", log)
+        check(not any("halo-desc-phase" in l or "STALEPROP_HALO_DESC_PHASE" in l for l in lines),
+              "the halo test passed: no second try with the descriptors' base offset", log)
         for blocks in ("0", "264"):
             check(any(f"STALEPROP_SPLIT_MAX_BLOCKS={blocks}" in l.split("|")[1].split() and "r18_all_layers" in l
                       for l in bench), f"the convolutions' sums with the split capped at {blocks} blocks", log)
@@ -178,15 +191,15 @@ def main():
         check(all(l.split("|")[1].split() == [] for l in defaults) and
               any("STALEPROP_DEBUG=1" in l.split("|")[1].split() for l in on),
               "the defaults' runs set no switch (the caller's unset)", log)
-        check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=1", "STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_SMALL_C=0",
-                                  "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_ACCUMULATE=1", "STALEPROP_DGRAD_CLASSES=1",
+        check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=1", "STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_HALO=1",
+                                  "STALEPROP_CONV_SMALL_C=0", "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_ACCUMULATE=1", "STALEPROP_DGRAD_CLASSES=1",
                                   "STALEPROP_DGRAD_CLASS_DIRECT=1", "STALEPROP_PDL=0",
                                   "STALEPROP_TMA_CLUSTER=1", "STALEPROP_TMA_PERSISTENT=1",
                                   "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in on),
               "the new paths on are exactly the switches that passed", log)
-        check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=0", "STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_SMALL_C=0",
-                                  "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_ACCUMULATE=0", "STALEPROP_DGRAD_CLASSES=0",
+        check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=0", "STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_HALO=0",
+                                  "STALEPROP_CONV_SMALL_C=0", "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_ACCUMULATE=0", "STALEPROP_DGRAD_CLASSES=0",
                                   "STALEPROP_DGRAD_CLASS_DIRECT=0", "STALEPROP_PDL=0",
                                   "STALEPROP_TMA_CLUSTER=0", "STALEPROP_TMA_PERSISTENT=0",
                                   "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
@@ -218,7 +231,7 @@ def main():
               log)
 
         # The same session where the persistent kernel's test timed out: no sanitizer runs it (it
-        # would hang again); the two other memchecks and racecheck's sweeps still run.
+        # would hang again); the three other memchecks and racecheck's sweeps still run.
         timed_out = CTEST_LOG.replace("GivesTheSameBits/wgmma_tma ..   Passed    1.00 sec",
                                       "GivesTheSameBits/wgmma_tma ..***Timeout 120.01 sec")
         check(timed_out.count("Timeout") == 2, "the second fixture has the persistent kernel's test timed out",
@@ -229,7 +242,7 @@ def main():
         p2 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")], env=dict(env, OUT=out2),
                             capture_output=True, text=True, timeout=120)
         san2 = [l for l in open(calls).read().splitlines() if l.startswith("compute-sanitizer ")]
-        check(p2.returncode == 0 and not any("Persistent" in l for l in san2) and len(san2) == 4,
+        check(p2.returncode == 0 and not any("Persistent" in l for l in san2) and len(san2) == 5,
               f"a timed-out test gets no sanitizer run, the sweeps still run: {san2}", p2.stdout + p2.stderr)
 
         results = os.path.join(out, "results.tgz")

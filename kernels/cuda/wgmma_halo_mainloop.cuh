@@ -1,0 +1,173 @@
+// The halo kernel of stride-1 "same" convolutions on Hopper (sm_90a): the wgmma_tma kernel's
+// multiply and B stages (wgmma_tma_mainloop.cuh), with A read from a patch of the source that
+// one TMA box per 64 channels loads once per tile, every tap's rows a descriptor into it
+// (conv_halo.h says why and how, and tests/test_conv_halo.cpp checks the addressing on the CPU).
+//
+// Block: a 128-position tile (HaloConvSource) x Tile::kBN output columns, three warpgroups:
+//   warpgroup 0   producer: one thread issues the tile's patch boxes (one per chunk of 64
+//                 channels, each completing on its own "patch" mbarrier), then runs ahead
+//                 through the ring of B stages as the wgmma_tma producer does: per K step
+//                 (tap-major, 64 channels) it waits until the stage is free ("empty"),
+//                 announces its bytes on "full" and issues the filter's box.
+//   warpgroups 1, 2  consumers: positions 64 (w - 1) .. + 63 of the tile, all kBN columns. Per
+//                 K step: wait for the step's chunk of the patch (its first tap only) and for
+//                 the B stage, 4 wgmma.m64n{kBN}k16 with A at the tap's patch rows, commit, wait
+//                 until only this step's group is pending, release the previous step's stage.
+//                 Then the epilogue, each row stored at its output position (conv_halo.h,
+//                 out_row) and the junk positions dropped.
+// One tile per block and no split of K (the host takes this kernel only where the TMA
+// convolution would not split either): each output's sum runs over the same K steps, the same
+// wgmma on the same operands, as on the TMA convolution, so the two give the same bits. The
+// waits are bounded (ptx_sm90.cuh) until the kernel has run on a GPU: a protocol bug traps
+// instead of hanging the process.
+#pragma once
+
+#include <cuda.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/conv_halo.h"
+#include "kernels/cuda/mma_mainloop.cuh"
+#include "kernels/cuda/ptx_sm90.cuh"
+#include "kernels/cuda/wgmma_layout.h"
+#include "kernels/cuda/wgmma_mainloop.cuh"
+
+namespace sp::kernels::cuda::detail::wgmma {
+
+template <int BN, int Stages, int MinBlocks>
+struct WgHaloTileOf {
+  static constexpr int kBM = kHaloTileM, kBN = BN, kBK = wgmma::kBK, kStages = Stages;
+  static constexpr int kMinBlocks = MinBlocks;
+  static constexpr int kCluster = 1;  // b_operand_map's question (mma_launch.cuh)
+  static constexpr int kConsumerThreads = 2 * kWarpgroupThreads, kConsumerWarps = kConsumerThreads / kWarpSize;
+  static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;
+  static constexpr int kBStage = kBN * kBK;  // elements
+  static constexpr int kAcc = kBN / 2;
+  // The B stages and their 2 x kStages mbarriers, room for kMaxChunks patch mbarriers, and the
+  // slack to round the start up to 1024 bytes; the patches come first, patch_bytes * chunks more.
+  static constexpr int kMaxChunks = 16;
+  static constexpr int kFixedSmemBytes = kStages * kBStage * 2 + (2 * kStages + kMaxChunks) * 8 + kAtomBytes;
+  // What the patches may take: the shared memory kMinBlocks blocks leave each.
+  static constexpr int kMaxPatchBytes = 227 * 1024 / kMinBlocks - kFixedSmemBytes;
+  static_assert(kBStage * 2 % kAtomBytes == 0, "B stages stay 1024-byte aligned");
+  static_assert(kMaxPatchBytes > 0, "room for a patch");
+};
+// 128 x 64 (ResNet-18's 64-channel layers), two blocks per SM: with the 32 px layers' 30 KiB
+// patch, 63 KiB of shared memory a block.
+using WgHaloTile = WgHaloTileOf<64, 4, 2>;
+
+// Tile::kThreads threads; dynamic shared memory: src.patch_bytes * src.chunks +
+// Tile::kFixedSmemBytes. map_a: the patch box (HaloConvPlan::map); map_b: B's stages
+// (TmaStage<kBN>, K-contiguous). grid = (n * tiles_per_image, N tiles).
+template <class Tile, typename T>
+__global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
+    wgmma_halo_conv_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                           const __grid_constant__ HaloConvSource src, MmaGeometry g, MmaEpilogue<T> ep,
+                           int desc_phase) {
+  pdl_prologue();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using LayoutB = SwizzledLayout<Tile::kBN>;
+  using StageB = TmaStage<Tile::kBN>;
+  constexpr int kS = Tile::kStages;
+
+  unsigned char* const raw = ptx::dynamic_smem();
+  const uint32_t misalign = ptx::smem_u32(raw) % kAtomBytes;
+  unsigned char* const patches = raw + (misalign ? kAtomBytes - misalign : 0);
+  uint16_t* const b_smem = reinterpret_cast<uint16_t*>(patches + size_t(src.patch_bytes) * size_t(src.chunks));
+  uint64_t* const full = reinterpret_cast<uint64_t*>(b_smem + kS * Tile::kBStage);
+  uint64_t* const empty = full + kS;
+  uint64_t* const patch_full = empty + kS;
+
+  int img = 0, o0 = 0;
+  src.tile(int(blockIdx.x), img, o0);
+  const int n0 = int(blockIdx.y) * Tile::kBN;
+  const int taps = src.s * src.s, k_steps = taps * src.chunks;
+  const int wg = int(threadIdx.x) / kWarpgroupThreads;
+
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kS; ++s) {
+      ptx::mbarrier_init(&full[s], 1);
+      ptx::mbarrier_init(&empty[s], Tile::kConsumerWarps);
+    }
+    for (int cc = 0; cc < src.chunks; ++cc) ptx::mbarrier_init(&patch_full[cc], 1);
+    ptx::fence_mbarrier_init();
+    ptx::fence_proxy_async_shared();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    if (threadIdx.x != 0) return;
+    for (int cc = 0; cc < src.chunks; ++cc) {
+      int co[4];
+      src.box_coords(img, o0, cc, co);
+      ptx::mbarrier_arrive_expect_tx(&patch_full[cc], src.box_bytes());
+      ptx::tma_load_4d(patches + size_t(cc) * src.patch_bytes, &map_a, &patch_full[cc], co[0], co[1], co[2], co[3]);
+    }
+    for (int step = 0; step < k_steps; ++step) {
+      const int s = step % kS;
+      ptx::mbarrier_wait_bounded(&empty[s], ((step / kS) & 1) ^ 1);
+      ptx::mbarrier_arrive_expect_tx(&full[s], StageB::kBytes);
+      int c0 = 0, c1 = 0;
+      StageB::template box_coords<true>(0, n0, step * kBK, c0, c1);
+      ptx::tma_load_2d(b_smem + s * Tile::kBStage, &map_b, &full[s], c0, c1);
+    }
+    return;
+  }
+
+  const int cw = wg - 1;  // the consumer warpgroup: positions 64 cw .. 64 cw + 63 of the tile
+  const uint32_t patch_base = ptx::smem_u32(patches);
+  const int patch_row0 = o0 % src.wp + cw * kWarpgroupRows;  // the warpgroup's first patch row at tap shift 0
+  HaloStepWalk walk = HaloStepWalk::start(src);
+  float acc[Tile::kAcc];
+#pragma unroll
+  for (int i = 0; i < Tile::kAcc; ++i) acc[i] = 0.f;
+  for (int step = 0; step < k_steps; ++step, walk.next(src)) {
+    const int s = step % kS;
+    if (step < src.chunks) ptx::mbarrier_wait_bounded(&patch_full[walk.cc], 0);  // the chunk's first tap
+    ptx::mbarrier_wait_bounded(&full[s], (step / kS) & 1);
+    const uint32_t as = patch_base + walk.offset(src, patch_row0);
+    const uint32_t bs = ptx::smem_u32(b_smem + s * Tile::kBStage);
+    // The descriptor's base offset: 0 (the swizzle taken from the address itself), or where
+    // halo_desc_phase() asks, the start's row within its 1024-byte pattern.
+    const uint64_t phase = desc_phase ? uint64_t((as >> 7) & 7u) << 49 : 0;
+    ptx::fence_accumulators(acc);
+    ptx::wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < kBK / 16; ++j) {
+      const uint64_t da = smem_desc_sw128(as + uint32_t(j) * 32, 16, kAtomBytes) | phase;
+      const uint64_t db =
+          smem_desc_sw128(bs + LayoutB::template k16_offset<true>(j), LayoutB::template lbo<true>(), LayoutB::kSbo);
+      wgmma_k16<Tile::kBN, 0, 0>(acc, da, db);
+    }
+    ptx::wgmma_commit();
+    ptx::wgmma_wait<1>();
+    ptx::fence_accumulators(acc);
+    if (step > 0 && threadIdx.x % kWarpSize == 0) ptx::mbarrier_arrive(&empty[(step - 1) % kS]);
+  }
+  ptx::wgmma_wait<0>();
+  ptx::fence_accumulators(acc);
+
+  // The epilogue (store_accumulators' fragment layout), rows at their output positions.
+  const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
+  const int row0 = cw * kWarpgroupRows + warp * 16 + lane / 4, col0 = n0 + lane % 4 * 2;
+  const bool paired = ep.pairs_aligned();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t out = src.out_row(img, o0, row0 + 8 * h);
+    if (out < 0) continue;
+    const int64_t row_off = out * ep.row_stride;
+#pragma unroll
+    for (int i = 0; i < Tile::kBN / 8; ++i) {
+      const int col = col0 + 8 * i;
+      if (col >= g.n) continue;
+      store_pair(ep, paired, nullptr, 0, g, int(out), row_off, col, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
+    }
+  }
+#else
+  (void)desc_phase;
+  __trap();
+#endif
+}
+
+}  // namespace sp::kernels::cuda::detail::wgmma

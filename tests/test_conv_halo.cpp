@@ -1,0 +1,184 @@
+// The halo plan of the stride-1 convolutions (kernels/cuda/conv_halo.h) against models of the
+// hardware, without a GPU. TMA: a box is written densely (dimension 0 fastest) from its start
+// coordinates, zeros outside the tensor, into a 1024-byte-aligned buffer with the 128-byte
+// swizzle (16-byte chunk bits 4-6 ^= bits 7-9 of the shared-memory address). wgmma: element
+// (x, kk) of a K-major 128-byte-swizzled operand whose descriptor starts at `start` is read at
+// swizzle(start + (x % 8) * 128 + (x / 8) * SBO + kk * 2) (tests/test_wgmma_layout.cpp checks
+// the same model against the main loops' stages). For every tile, chunk, tap, consumer
+// warpgroup and K slice the kernel hands to wgmma, each element the model reads at a real output
+// position must be the implicit GEMM's A element there, written out independently from the
+// convolution's definition; junk positions must read inside the shared memory the plan sizes;
+// and the epilogue's rows must cover every output exactly once.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/conv_halo.h"
+
+namespace {
+
+using namespace sp::kernels::cuda::detail::wgmma;
+
+uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
+
+struct Case {
+  int n, h, w, c, r;
+  int dir;  // +1 forward, -1 backward data
+};
+
+std::string name(const Case& t) {
+  return std::string(t.dir > 0 ? "forward" : "backward data") + " n" + std::to_string(t.n) + " " + std::to_string(t.h) +
+         "x" + std::to_string(t.w) + "x" + std::to_string(t.c) + " " + std::to_string(t.r) + "x" + std::to_string(t.r);
+}
+
+// A distinct nonzero value per source element (zero is the padding's).
+int source_value(const Case& t, int img, int hh, int ww, int ch) {
+  return 1 + ((img * t.h + hh) * t.w + ww) * t.c + ch;
+}
+
+// The implicit GEMM's A element at output (img, p, q) and K index (tap, channel), from the
+// convolution's definition: the forward reads x[p - pad + r, q - pad + s]; the data gradient on
+// the transposed filter dy[p + pad - r, q + pad - s]; zero outside the image.
+int a_element(const Case& t, int img, int p, int q, int tap, int ch) {
+  const int pad = (t.r - 1) / 2, r = tap / t.r, s = tap % t.r;
+  const int hh = t.dir > 0 ? p - pad + r : p + pad - r, ww = t.dir > 0 ? q - pad + s : q + pad - s;
+  if (hh < 0 || hh >= t.h || ww < 0 || ww >= t.w) return 0;
+  return source_value(t, img, hh, ww, ch);
+}
+
+// Shared memory as the kernel lays it out from a 1024-byte-aligned base: chunk cc's patch at
+// cc * patch_bytes, filled by the TMA model from the plan's map at the box's coordinates.
+// Bytes are tracked per bf16 element: -1 is never written (slack).
+std::vector<int> fill_patches(const HaloConvPlan& plan, const Case& t, int img, int o0) {
+  const HaloConvSource& src = plan.src;
+  std::vector<int> smem(size_t(src.patch_bytes) * size_t(src.chunks) / 2, -1);
+  for (int cc = 0; cc < src.chunks; ++cc) {
+    int co[4];
+    src.box_coords(img, o0, cc, co);
+    uint32_t dense = 0;  // the box's bytes written so far, densely
+    for (uint32_t i2 = 0; i2 < plan.map.box[2]; ++i2)
+      for (uint32_t i1 = 0; i1 < plan.map.box[1]; ++i1)
+        for (uint32_t i0 = 0; i0 < plan.map.box[0]; ++i0, dense += 2) {
+          const int64_t x[4] = {co[0] + int64_t(i0), co[1] + int64_t(i1), co[2] + int64_t(i2), int64_t(co[3])};
+          bool inside = true;
+          for (int d = 0; d < 4; ++d) inside = inside && x[d] >= 0 && x[d] < int64_t(plan.map.dim[d]);
+          const int v = inside ? source_value(t, int(x[3]), int(x[2]), int(x[1]), int(x[0])) : 0;
+          const uint32_t addr = swizzle128(uint32_t(cc) * src.patch_bytes + dense);
+          smem[addr / 2] = v;
+        }
+    EXPECT_EQ(dense, src.box_bytes()) << name(t) << ": the box's bytes";
+    EXPECT_LE(src.box_bytes(), src.patch_bytes) << name(t);
+  }
+  return smem;
+}
+
+// Checks every operand element of every tile; returns the number of wrong ones.
+int check_case(const Case& t, double min_used = 0.0) {
+  const int pad = (t.r - 1) / 2;
+  const HaloConvPlan plan = plan_conv_halo(t.n, t.h, t.w, t.c, t.r, t.r, 1, pad, t.dir, int64_t(1) << 30, min_used);
+  EXPECT_TRUE(plan.ok) << name(t) << ": " << plan.why;
+  if (!plan.ok) return 1;
+  const HaloConvSource& src = plan.src;
+  EXPECT_EQ(plan.tiles, int64_t(t.n) * src.tiles_per_image) << name(t);
+  const int taps = t.r * t.r;
+  std::vector<int> covered(size_t(t.n) * t.h * t.w, 0);
+  int wrong = 0;
+  for (int tile = 0; tile < plan.tiles; ++tile) {
+    int img = 0, o0 = 0;
+    src.tile(tile, img, o0);
+    const std::vector<int> smem = fill_patches(plan, t, img, o0);
+    for (int i = 0; i < kHaloTileM; ++i) {
+      const int64_t out = src.out_row(img, o0, i);
+      if (out >= 0) ++covered[size_t(out)];
+    }
+    HaloStepWalk walk = HaloStepWalk::start(src);  // the kernel's incremental form of a_offset
+    for (int step = 0; step < taps * src.chunks; ++step, walk.next(src)) {
+      const int tap = step / src.chunks, cc = step % src.chunks;
+      EXPECT_EQ(walk.cc, cc) << name(t) << ": step " << step;
+      for (int cw = 0; cw < 2; ++cw)
+        for (int j = 0; j < kBK / 16; ++j) {
+          const uint32_t walked = walk.offset(src, o0 % src.wp + cw * kWarpgroupRows);
+          if (walked != src.a_offset(o0, tap, cc, cw * kWarpgroupRows) && ++wrong <= 5)
+            ADD_FAILURE() << name(t) << ": step " << step << ": the walk's offset " << walked << ", a_offset's "
+                          << src.a_offset(o0, tap, cc, cw * kWarpgroupRows);
+          const uint32_t start = walked + uint32_t(j) * 32;
+          for (int x = 0; x < kWarpgroupRows; ++x)
+            for (int kk = 0; kk < 16; ++kk) {
+              const uint32_t addr =
+                  swizzle128(start + uint32_t(x % 8) * 128 + uint32_t(x / 8) * kAtomBytes + uint32_t(kk) * 2);
+              const int i = cw * kWarpgroupRows + x;
+              if (addr / 2 >= smem.size()) {
+                if (++wrong <= 5)
+                  ADD_FAILURE() << name(t) << ": tile " << tile << " row " << i << " tap " << tap << " reads byte "
+                                << addr << " past the " << smem.size() * 2 << " bytes of the patches";
+                continue;
+              }
+              const int64_t out = src.out_row(img, o0, i);
+              if (out < 0) continue;  // a junk position: any value, dropped by the epilogue
+              const int q = int(out % t.w), p = int(out / t.w % t.h), n = int(out / (int64_t(t.w) * t.h));
+              const int ch = cc * kBK + j * 16 + kk;
+              const int expect = a_element(t, n, p, q, tap, ch);
+              if (smem[addr / 2] != expect && ++wrong <= 5)
+                ADD_FAILURE() << name(t) << ": tile " << tile << " row " << i << " (output " << n << "," << p << ","
+                              << q << ") tap " << tap << " channel " << ch << ": wgmma reads " << smem[addr / 2]
+                              << ", A holds " << expect;
+            }
+        }
+    }
+  }
+  for (size_t o = 0; o < covered.size(); ++o)
+    if (covered[o] != 1 && ++wrong <= 5)
+      ADD_FAILURE() << name(t) << ": output row " << o << " stored by " << covered[o] << " tiles";
+  return wrong;
+}
+
+TEST(ConvHalo, WgmmaReadsTheImplicitGemmOperandFromThePatch) {
+  // ResNet-18's 64-channel 32 px layers (two images), both directions; a second chunk of 64
+  // channels; a 5x5 filter (pad 2); images whose rows do not divide the tile, a tile wider than
+  // an image (4 x 6: one tile per image, mostly junk), a single row, and 16 px.
+  const Case cases[] = {
+      {2, 32, 32, 64, 3, 1}, {2, 32, 32, 64, 3, -1}, {1, 16, 16, 128, 3, 1}, {1, 16, 16, 128, 3, -1},
+      {2, 9, 13, 64, 5, 1},  {2, 9, 13, 64, 5, -1},  {3, 4, 6, 64, 3, 1},    {2, 1, 40, 64, 3, -1},
+      {1, 7, 30, 192, 3, 1}, {1, 11, 11, 64, 1, 1},
+  };
+  for (const Case& t : cases) EXPECT_EQ(check_case(t), 0) << name(t);
+}
+
+TEST(ConvHalo, PlanTakesOnlySameConvolutionsItCanTile) {
+  const int64_t big = int64_t(1) << 30;
+  const HaloConvPlan r18 = plan_conv_halo(512, 32, 32, 64, 3, 3, 1, 1, 1, big, 0.8);
+  ASSERT_TRUE(r18.ok) << r18.why;
+  EXPECT_EQ(r18.src.wp, 34);
+  EXPECT_EQ(r18.src.tiles_per_image, 9);  // 32 x 34 = 1088 positions
+  EXPECT_EQ(r18.src.rows, 7);             // 128 positions span at most 5 rows, and the taps 2 more
+  EXPECT_EQ(r18.tiles, 512 * 9);
+  EXPECT_NEAR(r18.used, 1024.0 / 1152.0, 1e-12);
+  EXPECT_EQ(r18.src.patch_bytes % kAtomBytes, 0u);
+  EXPECT_GE(r18.src.patch_bytes, (7u * 34u + 3u) * 128u);
+  EXPECT_EQ(r18.map.box[0], 64u);
+  EXPECT_EQ(r18.map.box[1], 34u);
+  EXPECT_EQ(r18.map.box[2], 7u);
+  EXPECT_EQ(r18.map.box[3], 1u);
+  // 16 px: 16 x 18 positions make 3 tiles for 256 outputs, two thirds used.
+  const HaloConvPlan r16 = plan_conv_halo(512, 16, 16, 128, 3, 3, 1, 1, 1, big, 0.8);
+  EXPECT_FALSE(r16.ok);
+  EXPECT_STREQ(r16.why, "too many junk positions in the tiles");
+  EXPECT_TRUE(plan_conv_halo(512, 16, 16, 128, 3, 3, 1, 1, 1, big, 0.6).ok);
+  // Refused: strided, unpadded, even or non-square filters, channels not a multiple of 64,
+  // patches past the shared memory given, rows past a box.
+  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 3, 3, 2, 1, 1, big, 0).ok);
+  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 3, 3, 1, 0, 1, big, 0).ok);
+  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 2, 2, 1, 1, 1, big, 0).ok);
+  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 3, 1, 1, 1, 1, big, 0).ok);
+  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 96, 3, 3, 1, 1, 1, big, 0).ok);
+  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 3, 3, 3, 1, 1, 1, big, 0).ok);
+  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 3, 3, 1, 1, 0, big, 0).ok);
+  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 128, 3, 3, 1, 1, 1, r18.src.patch_bytes, 0).ok);
+  EXPECT_TRUE(plan_conv_halo(8, 32, 32, 128, 3, 3, 1, 1, 1, 2 * r18.src.patch_bytes, 0).ok);
+  EXPECT_FALSE(plan_conv_halo(8, 4, 300, 64, 3, 3, 1, 1, 1, big, 0).ok);
+  EXPECT_FALSE(plan_conv_halo(0, 32, 32, 64, 3, 3, 1, 1, 1, big, 0).ok);
+}
+
+}  // namespace
