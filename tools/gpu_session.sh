@@ -51,8 +51,8 @@
 #      and fdg's with every op (--trace-ops);
 #      the peak memory of fdg over 4 modules op by op and from graphs (planned, bump arenas);
 #      four short ResNet-56 runs in a sweep one after another, then four at once;
-#   7. a SASS check of the TMA kernels, and Nsight Compute sections when ncu is there and time
-#      is left: one ResNet-18 layer's forward and data gradient with TMA loads.
+#   7. a SASS check of the TMA kernels, and Nsight Compute sections (every kernel of one stride-class
+#      data gradient, the halo forward, the TMA GEMM) when ncu is there and time is left.
 # With CTEST_LOG=FILE (an earlier call's ctest.log, carried in the tree) it skips the build
 # (when build-gpu/ is still there), the accuracy run, ctest and the sanitizers, and runs the
 # measurements of steps 5-7 for the switches that log says passed: the follow-up call on a warm
@@ -545,18 +545,28 @@ if [ -n "$NCU" ] && [ -n "$CONV_TMA_OK" ]; then
   SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
     --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats
     --section SchedulerStats)
-  # One ResNet-18 layer's forward and data gradient with TMA loads (the cp.async forms were
-  # profiled on 2026-11-26: the ALU their busiest pipe), then the TMA GEMM on the wide tile.
-  for what in conv_fwd conv_bwd_data gemm; do
-    [ "$(left)" -gt 15 ] || break
-    filter='^gemm_bf16/square/m4096'
-    [ "$what" = gemm ] || filter="^${what}_bf16/r18_64to64_3x3_s1_32px/n512"
-    log "ncu $what ($filter) with TMA loads"
-    timeout $(( $(left) - 10 )) "$NCU" --kernel-name regex:'wgmma_tma_gemm_kernel' --launch-skip 2 --launch-count 1 \
-      "${SECTIONS[@]}" build-gpu/bench/bench_gpu_kernels --conv-tma=1 --tma-wide=${TMA_WIDE_OK:-0} \
-      --benchmark_filter="$filter" --benchmark_min_time=0.001 > "$OUT/ncu-$what-tma.txt" 2>&1
+  # ncu NAME KERNEL-REGEX SKIP COUNT FILTER [bench flags]: Nsight Compute on COUNT launches of our
+  # kernels matching KERNEL-REGEX (after SKIP), in bench_gpu_kernels' benchmarks matching FILTER.
+  ncu_run() {
+    local name=$1 kernels=$2 skip=$3 count=$4 filter=$5
+    shift 5
+    [ "$(left)" -gt 15 ] || return
+    log "ncu $name ($filter; $count launches of $kernels)"
+    timeout $(( $(left) - 10 )) "$NCU" --kernel-name regex:"$kernels" --launch-skip "$skip" --launch-count "$count" \
+      "${SECTIONS[@]}" build-gpu/bench/bench_gpu_kernels --conv-tma=1 "$@" \
+      --benchmark_filter="$filter" --benchmark_min_time=0.001 > "$OUT/ncu-$name.txt" 2>&1
     log "ncu exit $?"
-  done
+  }
+  # The strided data gradient by stride class, every kernel of one call (the filter's transpose
+  # and the class's GEMM, for each of the four classes): on the H100 it ran at 0.24-0.33 of cuDNN
+  # (2026-11-27b and -27c), 3x-4x what its FLOPs and bytes on the TMA kernel suggest, and no
+  # profile says where the time goes. Then the halo forward where its test passed (the TMA
+  # forms of the 64-channel layer were profiled on 2026-11-27: L2 at 76%), and the TMA GEMM.
+  ncu_run conv_bwd_data-classes 'wgmma_tma_gemm_kernel|transpose_filter_kernel|class_copy_kernel' 8 8 \
+    '^conv_bwd_data_bf16/r18_64to128_3x3_s2_32px/n512'
+  [ -n "$HALO_OK" ] && ncu_run conv_fwd-halo 'wgmma_halo_conv_kernel' 2 1 '^conv_fwd_bf16/r18_64to64_3x3_s1_32px/n512' \
+    --conv-halo=1
+  ncu_run gemm-tma 'wgmma_tma_gemm_kernel' 2 1 '^gemm_bf16/square/m4096' --tma-wide=${TMA_WIDE_OK:-0}
 else
   log "no ncu on this machine, or no TMA convolutions to profile"
 fi

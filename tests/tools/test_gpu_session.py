@@ -174,6 +174,10 @@ def main():
               f"ResNet-18's throughput with the halo convolutions off and on: {halo_tput}", log)
         check(not any("halo-desc-phase" in l or "STALEPROP_HALO_DESC_PHASE" in l for l in lines),
               "the halo test passed: no second try with the descriptors' base offset", log)
+        ncu = [l for l in lines if l.startswith("ncu ")]
+        check(len(ncu) == 3 and "r18_64to128_3x3_s2_32px" in ncu[0] and "--launch-count 8" in ncu[0] and
+              "wgmma_halo_conv_kernel" in ncu[1] and "--conv-halo=1" in ncu[1] and "gemm_bf16/square" in ncu[2],
+              f"Nsight Compute on every kernel of a stride-class data gradient, the halo forward, the GEMM: {ncu}", log)
         for blocks in ("0", "264"):
             check(any(f"STALEPROP_SPLIT_MAX_BLOCKS={blocks}" in l.split("|")[1].split() and "r18_all_layers" in l
                       for l in bench), f"the convolutions' sums with the split capped at {blocks} blocks", log)
