@@ -1,6 +1,7 @@
 // The halo plan of the stride-1 convolutions (kernels/cuda/conv_halo.h) against models of the
 // hardware, without a GPU. TMA: a box is written densely (dimension 0 fastest) from its start
-// coordinates, zeros outside the tensor, into a 1024-byte-aligned buffer with the 128-byte
+// coordinates, each element read at the map's byte strides from the NHWC source, zeros outside
+// the tensor, into a 1024-byte-aligned buffer with the 128-byte
 // swizzle (16-byte chunk bits 4-6 ^= bits 7-9 of the shared-memory address). wgmma: element
 // (x, kk) of a K-major 128-byte-swizzled operand whose descriptor starts at `start` is read at
 // swizzle(start + (x % 8) * 128 + (x / 8) * SBO + kk * 2) (tests/test_wgmma_layout.cpp checks
@@ -51,7 +52,7 @@ int a_element(const Case& t, int img, int p, int q, int tap, int ch) {
 // Shared memory as the kernel lays it out from a 1024-byte-aligned base: chunk cc's patch at
 // cc * patch_bytes, filled by the TMA model from the plan's map at the box's coordinates.
 // Bytes are tracked per bf16 element: -1 is never written (slack).
-std::vector<int> fill_patches(const HaloConvPlan& plan, const Case& t, int img, int o0) {
+std::vector<int> fill_patches(const HaloConvPlan& plan, const Case& t, const std::vector<int>& nhwc, int img, int o0) {
   const HaloConvSource& src = plan.src;
   std::vector<int> smem(size_t(src.patch_bytes) * size_t(src.chunks) / 2, -1);
   for (int cc = 0; cc < src.chunks; ++cc) {
@@ -64,7 +65,10 @@ std::vector<int> fill_patches(const HaloConvPlan& plan, const Case& t, int img, 
           const int64_t x[4] = {co[0] + int64_t(i0), co[1] + int64_t(i1), co[2] + int64_t(i2), int64_t(co[3])};
           bool inside = true;
           for (int d = 0; d < 4; ++d) inside = inside && x[d] >= 0 && x[d] < int64_t(plan.map.dim[d]);
-          const int v = inside ? source_value(t, int(x[3]), int(x[2]), int(x[1]), int(x[0])) : 0;
+          // The element at the map's byte strides in the NHWC tensor (dimension 0 contiguous).
+          const int64_t at = x[0] * 2 + x[1] * int64_t(plan.map.stride_bytes[0]) +
+                             x[2] * int64_t(plan.map.stride_bytes[1]) + x[3] * int64_t(plan.map.stride_bytes[2]);
+          const int v = inside ? nhwc[size_t(at / 2)] : 0;
           const uint32_t addr = swizzle128(uint32_t(cc) * src.patch_bytes + dense);
           smem[addr / 2] = v;
         }
@@ -83,12 +87,18 @@ int check_case(const Case& t, double min_used = 0.0) {
   const HaloConvSource& src = plan.src;
   EXPECT_EQ(plan.tiles, int64_t(t.n) * src.tiles_per_image) << name(t);
   const int taps = t.r * t.r;
+  std::vector<int> nhwc(size_t(t.n) * t.h * t.w * t.c);  // the source, NHWC
+  for (int img = 0; img < t.n; ++img)
+    for (int hh = 0; hh < t.h; ++hh)
+      for (int ww = 0; ww < t.w; ++ww)
+        for (int ch = 0; ch < t.c; ++ch)
+          nhwc[((size_t(img) * t.h + hh) * t.w + ww) * t.c + ch] = source_value(t, img, hh, ww, ch);
   std::vector<int> covered(size_t(t.n) * t.h * t.w, 0);
   int wrong = 0;
   for (int tile = 0; tile < plan.tiles; ++tile) {
     int img = 0, o0 = 0;
     src.tile(tile, img, o0);
-    const std::vector<int> smem = fill_patches(plan, t, img, o0);
+    const std::vector<int> smem = fill_patches(plan, t, nhwc, img, o0);
     for (int i = 0; i < kHaloTileM; ++i) {
       const int64_t out = src.out_row(img, o0, i);
       if (out >= 0) ++covered[size_t(out)];
@@ -141,7 +151,7 @@ TEST(ConvHalo, WgmmaReadsTheImplicitGemmOperandFromThePatch) {
   const Case cases[] = {
       {2, 32, 32, 64, 3, 1}, {2, 32, 32, 64, 3, -1}, {1, 16, 16, 128, 3, 1}, {1, 16, 16, 128, 3, -1},
       {2, 9, 13, 64, 5, 1},  {2, 9, 13, 64, 5, -1},  {3, 4, 6, 64, 3, 1},    {2, 1, 40, 64, 3, -1},
-      {1, 7, 30, 192, 3, 1}, {1, 11, 11, 64, 1, 1},
+      {1, 7, 30, 192, 3, 1}, {2, 5, 7, 128, 3, -1},
   };
   for (const Case& t : cases) EXPECT_EQ(check_case(t), 0) << name(t);
 }
@@ -161,6 +171,14 @@ TEST(ConvHalo, PlanTakesOnlySameConvolutionsItCanTile) {
   EXPECT_EQ(r18.map.box[1], 34u);
   EXPECT_EQ(r18.map.box[2], 7u);
   EXPECT_EQ(r18.map.box[3], 1u);
+  // The map's strides are the NHWC source's: a pixel of C channels, a row, an image.
+  const HaloConvPlan c128 = plan_conv_halo(4, 32, 32, 128, 3, 3, 1, 1, -1, big, 0.8);
+  ASSERT_TRUE(c128.ok) << c128.why;
+  EXPECT_EQ(c128.src.chunks, 2);
+  EXPECT_EQ(c128.map.stride_bytes[0], 256u);
+  EXPECT_EQ(c128.map.stride_bytes[1], 256u * 32u);
+  EXPECT_EQ(c128.map.stride_bytes[2], 256u * 32u * 32u);
+  EXPECT_EQ(c128.map.dim[0], 128u);
   // 16 px: 16 x 18 positions make 3 tiles for 256 outputs, two thirds used.
   const HaloConvPlan r16 = plan_conv_halo(512, 16, 16, 128, 3, 3, 1, 1, 1, big, 0.8);
   EXPECT_FALSE(r16.ok);
@@ -171,6 +189,8 @@ TEST(ConvHalo, PlanTakesOnlySameConvolutionsItCanTile) {
   EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 3, 3, 2, 1, 1, big, 0).ok);
   EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 3, 3, 1, 0, 1, big, 0).ok);
   EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 2, 2, 1, 1, 1, big, 0).ok);
+  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 1, 1, 1, 0, 1, big, 0).ok);       // 1x1: nothing to reuse
+  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64 * 17, 3, 3, 1, 1, 1, big, 0).ok);  // past kHaloMaxChunks
   EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 3, 1, 1, 1, 1, big, 0).ok);
   EXPECT_FALSE(plan_conv_halo(8, 32, 32, 96, 3, 3, 1, 1, 1, big, 0).ok);
   EXPECT_FALSE(plan_conv_halo(8, 32, 32, 3, 3, 3, 1, 1, 1, big, 0).ok);

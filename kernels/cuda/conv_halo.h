@@ -53,6 +53,8 @@ namespace sp::kernels::cuda::detail::wgmma {
 
 // The rows of a halo tile: two consumer warpgroups of 64 (wgmma's m64).
 constexpr int kHaloTileM = 128;
+// The most chunks of 64 source channels a plan takes (the kernel's patch mbarriers).
+constexpr int kHaloMaxChunks = 16;
 
 struct HaloConvSource {
   int wp;    // padded width W + 2 pad: the patch's and the tile's row length, in positions
@@ -134,8 +136,9 @@ struct HaloConvPlan {
 // filter with padding `pad`: dir +1 the forward (source x), -1 the data gradient on the
 // transposed filter (source dy, whose grid is the same for a "same" convolution). The patches of
 // all chunks must fit max_patch_bytes (what the kernel's shared memory leaves them), and at least
-// min_used of the tiles' rows must be real outputs. Not ok otherwise: the caller then takes the
-// TMA convolution.
+// min_used of the tiles' rows must be real outputs, with at most kHaloMaxChunks chunks of 64
+// channels. Not ok otherwise: the caller then takes the TMA convolution (or the cp.async loop).
+// 1x1 filters are refused: a patch of one tap is a TMA box with nothing to reuse.
 constexpr HaloConvPlan plan_conv_halo(int n, int h, int w, int src_c, int r, int s, int stride, int pad, int dir,
                                       int64_t max_patch_bytes, double min_used) {
   HaloConvPlan plan;
@@ -143,8 +146,8 @@ constexpr HaloConvPlan plan_conv_halo(int n, int h, int w, int src_c, int r, int
     plan.why = "an empty dimension";
     return plan;
   }
-  if (stride != 1 || r != s || r % 2 == 0 || 2 * pad != r - 1 || (dir != 1 && dir != -1)) {
-    plan.why = "not a stride-1 same convolution with a square odd filter";
+  if (stride != 1 || r != s || r % 2 == 0 || r < 3 || 2 * pad != r - 1 || (dir != 1 && dir != -1)) {
+    plan.why = "not a stride-1 same convolution with a square odd filter of 3 or more taps a side";
     return plan;
   }
   if (src_c <= 0 || src_c % kBK != 0) {
@@ -157,11 +160,11 @@ constexpr HaloConvPlan plan_conv_halo(int n, int h, int w, int src_c, int r, int
     plan.why = "a box dimension past 256";
     return plan;
   }
-  const int64_t row_bytes = int64_t(kBK) * 2;
+  const int64_t row_bytes = int64_t(kBK) * 2;  // a patch row: 64 channels
   // Junk positions read up to s - 1 positions past the rows: slack rows, never written.
   const int64_t patch_bytes = ((int64_t(rows) * wp + s) * row_bytes + kAtomBytes - 1) / kAtomBytes * kAtomBytes;
   const int chunks = src_c / kBK;
-  if (patch_bytes * chunks > max_patch_bytes) {
+  if (chunks > kHaloMaxChunks || patch_bytes * chunks > max_patch_bytes) {
     plan.why = "the patches do not fit the kernel's shared memory";
     return plan;
   }
@@ -172,7 +175,7 @@ constexpr HaloConvPlan plan_conv_halo(int n, int h, int w, int src_c, int r, int
     plan.why = "too many junk positions in the tiles";
     return plan;
   }
-  const int64_t image = row_bytes * w * h;
+  const int64_t pixel = int64_t(src_c) * 2, image = pixel * w * h;  // NHWC source strides
   if (image * n > (int64_t(1) << 40) || int64_t(n) * tiles_per_image >= (int64_t(1) << 30) ||
       int64_t(r) * s * src_c > (int64_t(1) << 31) - 1) {
     plan.why = "a tensor past the tensor map's or the GEMM's limits";
@@ -181,7 +184,7 @@ constexpr HaloConvPlan plan_conv_halo(int n, int h, int w, int src_c, int r, int
   plan.ok = true;
   plan.src = {wp, h, w, tiles_per_image, chunks, s, dir, pad, rows, uint32_t(patch_bytes)};
   plan.map = {{uint64_t(src_c), uint64_t(w), uint64_t(h), uint64_t(n)},
-              {uint64_t(row_bytes), uint64_t(row_bytes) * uint64_t(w), uint64_t(image)},
+              {uint64_t(pixel), uint64_t(pixel) * uint64_t(w), uint64_t(image)},
               {uint32_t(kBK), uint32_t(wp), uint32_t(rows), 1u},
               {1u, 1u, 1u, 1u}};
   plan.tiles = int64_t(n) * tiles_per_image;

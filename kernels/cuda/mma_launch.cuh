@@ -273,7 +273,8 @@ void run_wgmma_halo_conv(const wgmma::HaloConvPlan& plan, const uint16_t* src, c
   using Tile = wgmma::WgHaloTile;
   constexpr auto kernel = &wgmma::wgmma_halo_conv_kernel<Tile, T>;
   const int64_t n_tiles = ceil_div(n, Tile::kBN);
-  SP_CHECK(plan.ok && plan.tiles < (int64_t(1) << 31) && n_tiles <= 65535 && rows < (int64_t(1) << 31),
+  SP_CHECK(plan.ok && plan.src.chunks <= Tile::kMaxChunks && plan.tiles < (int64_t(1) << 31) && n_tiles <= 65535 &&
+               rows < (int64_t(1) << 31),
            "conv (halo): ", plan.tiles, " x ", n_tiles, " tiles are past the grid");
   const int64_t smem = int64_t(plan.src.patch_bytes) * plan.src.chunks + Tile::kFixedSmemBytes;
   SP_CHECK(smem <= 227 * 1024, "conv (halo): ", smem, " bytes of shared memory");

@@ -145,9 +145,10 @@ bool tma_cluster();
 void set_tma_persistent(bool on);
 bool tma_persistent();
 // The halo kernel for the stride-1 "same" convolutions (conv_halo.h, wgmma_halo_mainloop.cuh):
-// the forward and the data gradient on the transposed filter, where the TMA convolution would
-// run (conv_tma() on, the wgmma_tma main loop, source channels a multiple of 64), without a split
-// of K, and the halo plan takes the shape. A tile loads its input rows once per 64 channels as a
+// the forward and the data gradient on the transposed filter (3x3 and larger), where conv_tma()
+// is on with the wgmma_tma main loop, the source's channels are a multiple of 64, the TMA
+// convolution (or, for rows that do not tile by 128, the cp.async loop) would not split K, and
+// the halo plan takes the shape. A tile loads its input rows once per 64 channels as a
 // patch, and every tap reads its rows of the patch in place, instead of one box per tap: a ninth
 // of the A operand's L2 traffic, which bounded ResNet-18's 64-channel 32 px layers at 0.57 of
 // cuDNN (2026-11-27). Tiles run on the padded width, so a share of their rows is junk: mode 1

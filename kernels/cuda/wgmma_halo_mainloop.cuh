@@ -45,10 +45,11 @@ struct WgHaloTileOf {
   static constexpr int kAcc = kBN / 2;
   // The B stages and their 2 x kStages mbarriers, room for kMaxChunks patch mbarriers, and the
   // slack to round the start up to 1024 bytes; the patches come first, patch_bytes * chunks more.
-  static constexpr int kMaxChunks = 16;
+  static constexpr int kMaxChunks = kHaloMaxChunks;
   static constexpr int kFixedSmemBytes = kStages * kBStage * 2 + (2 * kStages + kMaxChunks) * 8 + kAtomBytes;
-  // What the patches may take: the shared memory kMinBlocks blocks leave each.
-  static constexpr int kMaxPatchBytes = 227 * 1024 / kMinBlocks - kFixedSmemBytes;
+  // What the patches may take: what an SM's 228 KiB leave each of kMinBlocks blocks, after the
+  // 1 KiB the system reserves per block and the fixed part.
+  static constexpr int kMaxPatchBytes = 228 * 1024 / kMinBlocks - 1024 - kFixedSmemBytes;
   static_assert(kBStage * 2 % kAtomBytes == 0, "B stages stay 1024-byte aligned");
   static_assert(kMaxPatchBytes > 0, "room for a patch");
 };
