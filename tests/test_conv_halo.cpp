@@ -9,13 +9,17 @@
 // warpgroup and K slice the kernel hands to wgmma, each element the model reads at a real output
 // position must be the implicit GEMM's A element there, written out independently from the
 // convolution's definition; junk positions must read inside the shared memory the plan sizes;
-// and the epilogue's rows must cover every output exactly once.
+// and the epilogue's rows must cover every output exactly once. Then the whole forward and data
+// gradient rebuilt from those reads and the filter as the library passes it, against the CPU
+// reference.
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "kernels/common/shapes.h"
+#include "kernels/cpu/ops.h"
 #include "kernels/cuda/conv_halo.h"
 
 namespace {
@@ -199,6 +203,91 @@ TEST(ConvHalo, PlanTakesOnlySameConvolutionsItCanTile) {
   EXPECT_TRUE(plan_conv_halo(8, 32, 32, 128, 3, 3, 1, 1, 1, 2 * r18.src.patch_bytes, 0).ok);
   EXPECT_FALSE(plan_conv_halo(8, 4, 300, 64, 3, 3, 1, 1, 1, big, 0).ok);
   EXPECT_FALSE(plan_conv_halo(0, 32, 32, 64, 3, 3, 1, 1, 1, big, 0).ok);
+}
+
+TEST(ConvHalo, RebuildsTheConvolutionAgainstTheCpuReference) {
+  // The whole pass rebuilt from what the kernel computes, per the models: for every tile, K step,
+  // warpgroup and K slice, the A rows wgmma reads from the patches (TMA model, the kernel's
+  // HaloStepWalk) times the B stage's columns, the filter as the library hands it to the kernel
+  // (forward: w[k, r, s, c], K index (r * S + s) * C + c; data gradient: the transposed filter
+  // wt[c, (r * S + s) * K + k] = w[k, r, s, c]), summed per K step in the kernel's order and stored
+  // at out_row. That must be the CPU reference's forward and data gradient exactly (small
+  // integers, exact in float). Shapes: ResNet-18's 32 px layer at batch 2, two chunks, 5x5, odd
+  // sizes; the source has src_c channels and the output 8 (forward: C = src_c, K = 8; data
+  // gradient: K = src_c, C = 8), to keep it quick: the output columns are independent.
+  struct Shape {
+    int n, h, w, src_c, r;
+  };
+  const Shape shapes[] = {{2, 32, 32, 64, 3}, {1, 9, 13, 128, 3}, {2, 7, 10, 64, 5}, {1, 4, 6, 64, 3}};
+  uint32_t seed = 7;
+  const auto next = [&seed] { return int((seed = seed * 1103515245u + 12345u) >> 16) % 4; };
+  for (const Shape& d : shapes)
+    for (const int dir : {1, -1}) {
+      const int pad = (d.r - 1) / 2, taps = d.r * d.r, src_c = d.src_c, out_c = 8;
+      const int c = dir > 0 ? src_c : out_c, k = dir > 0 ? out_c : src_c;
+      const sp::kernels::Conv2dShape sh{d.n, d.h, d.w, c, k, d.r, d.r, 1, pad};
+      const std::string what = std::string(dir > 0 ? "forward " : "backward data ") + std::to_string(d.n) + "x" +
+                               std::to_string(d.h) + "x" + std::to_string(d.w) + "x" + std::to_string(c) + " k" +
+                               std::to_string(k) + " " + std::to_string(d.r) + "x" + std::to_string(d.r);
+      SCOPED_TRACE(what);
+      std::vector<int> src(size_t(d.n) * d.h * d.w * src_c), w(size_t(k) * taps * c);
+      for (int& v : src) v = next();
+      for (int& v : w) v = next();
+      std::vector<float> srcf(src.begin(), src.end()), wf(w.begin(), w.end());
+      std::vector<float> ref(size_t(d.n) * d.h * d.w * out_c);
+      if (dir > 0)
+        sp::kernels::cpu::conv2d_forward<float>(sh, srcf.data(), wf.data(), nullptr, ref.data());
+      else
+        sp::kernels::cpu::conv2d_backward_data<float>(sh, srcf.data(), wf.data(), ref.data());
+      // B(column, K index) as the kernel's B stages hold it.
+      const auto b_at = [&](int col, int kk) {
+        if (dir > 0) return w[size_t(col) * taps * c + size_t(kk)];
+        const int tap = kk / k, kout = kk % k;
+        return w[(size_t(kout) * taps + size_t(tap)) * c + size_t(col)];
+      };
+      const HaloConvPlan plan = plan_conv_halo(d.n, d.h, d.w, src_c, d.r, d.r, 1, pad, dir, int64_t(1) << 30, 0.0);
+      ASSERT_TRUE(plan.ok) << plan.why;
+      const HaloConvSource& hs = plan.src;
+      const Case t{d.n, d.h, d.w, src_c, d.r, dir};
+      std::vector<double> out(ref.size(), -1e30);
+      int wrong = 0;
+      for (int tile = 0; tile < plan.tiles; ++tile) {
+        int img = 0, o0 = 0;
+        hs.tile(tile, img, o0);
+        const std::vector<int> smem = fill_patches(plan, t, src, img, o0);
+        std::vector<double> acc(size_t(kHaloTileM) * out_c, 0.0);
+        HaloStepWalk walk = HaloStepWalk::start(hs);
+        for (int step = 0; step < taps * hs.chunks; ++step, walk.next(hs))
+          for (int cw = 0; cw < 2; ++cw)
+            for (int j = 0; j < kBK / 16; ++j) {
+              const uint32_t start = walk.offset(hs, o0 % hs.wp + cw * kWarpgroupRows) + uint32_t(j) * 32;
+              for (int x = 0; x < kWarpgroupRows; ++x)
+                for (int kk = 0; kk < 16; ++kk) {
+                  const uint32_t addr =
+                      swizzle128(start + uint32_t(x % 8) * 128 + uint32_t(x / 8) * kAtomBytes + uint32_t(kk) * 2);
+                  const int a = addr / 2 < smem.size() ? smem[addr / 2] : -1;
+                  if (a < 0) {  // slack, or past the patches: only junk rows may read it
+                    if (hs.out_row(img, o0, cw * kWarpgroupRows + x) >= 0 && ++wrong <= 5)
+                      ADD_FAILURE() << "tile " << tile << " row " << cw * kWarpgroupRows + x << " reads slack";
+                    continue;
+                  }
+                  const int kglobal = step * kBK + j * 16 + kk;
+                  for (int col = 0; col < out_c; ++col)
+                    acc[size_t(cw * kWarpgroupRows + x) * out_c + size_t(col)] += double(a) * b_at(col, kglobal);
+                }
+            }
+        for (int i = 0; i < kHaloTileM; ++i) {
+          const int64_t row = hs.out_row(img, o0, i);
+          if (row < 0) continue;
+          for (int col = 0; col < out_c; ++col)
+            out[size_t(row) * out_c + size_t(col)] = acc[size_t(i) * out_c + size_t(col)];
+        }
+      }
+      for (size_t e = 0; e < ref.size(); ++e)
+        if (out[e] != double(ref[e]) && ++wrong <= 5)
+          ADD_FAILURE() << "element " << e << ": rebuilt " << out[e] << ", reference " << ref[e];
+      EXPECT_EQ(wrong, 0);
+    }
 }
 
 }  // namespace
