@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <set>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -80,18 +82,27 @@ TEST(TilePlan, SplitWithinAMaximumOfBlocks) {
 }
 
 TEST(TilePlan, TensorCoreLaunchesSplitWithinOneWaveByDefault) {
-  // The tensor-core launches' default (mma_launch.cuh): at most kTensorCoreSplitMaxBlocks blocks
-  // of a one-block-per-SM tile, the fp32 launches the target rule (fallback 0), unless the
-  // environment sets the cap.
+  // The tensor-core launches' cap (tensor_core_split_cap, which every launch in mma_launch.cuh
+  // asks): one wave, kTensorCoreSplitMaxBlocks blocks per block an SM holds of the tile (132 for
+  // the one-block tiles, 264 for the two-block narrow ones); the fp32 launches the target rule
+  // (fallback 0). Unless the override or the environment sets the cap.
   if (std::getenv("STALEPROP_SPLIT_MAX_BLOCKS")) GTEST_SKIP() << "STALEPROP_SPLIT_MAX_BLOCKS is set";
-  EXPECT_EQ(kTensorCoreSplitMaxBlocks, 132);
-  EXPECT_EQ(split_max_blocks(kTensorCoreSplitMaxBlocks), 132);
+  ASSERT_EQ(split_max_blocks_override().load(), -1);
+  EXPECT_EQ(tensor_core_split_cap(1), 132);
+  EXPECT_EQ(tensor_core_split_cap(2), 264);
   EXPECT_EQ(split_max_blocks(0), 0);
   // ResNet-18's late weight gradient (18 wide tiles, 512 K steps) and an 8-pixel stride class
-  // (128 tiles, 128 steps), as launched by default.
-  EXPECT_EQ(plan_split_k(18, 32768, 64, split_max_blocks(kTensorCoreSplitMaxBlocks)).splits, 7);
-  EXPECT_EQ(plan_split_k(128, 8192, 64, split_max_blocks(kTensorCoreSplitMaxBlocks)).splits, 1);
+  // (128 tiles, 128 steps), as launched by default on a one-block tile; the class on the narrow
+  // two-block tile (264 / 128: 2 slices); the target rule's split.
+  EXPECT_EQ(plan_split_k(18, 32768, 64, tensor_core_split_cap(1)).splits, 7);
+  EXPECT_EQ(plan_split_k(128, 8192, 64, tensor_core_split_cap(1)).splits, 1);
+  EXPECT_EQ(plan_split_k(128, 8192, 64, tensor_core_split_cap(2)).splits, 2);
   EXPECT_EQ(plan_split_k(128, 8192, 64, split_max_blocks(0)).splits, 2);
+  // The override replaces the cap for every tile.
+  split_max_blocks_override().store(500);
+  EXPECT_EQ(tensor_core_split_cap(1), 500);
+  EXPECT_EQ(tensor_core_split_cap(2), 500);
+  split_max_blocks_override().store(-1);
 }
 
 TEST(TilePlan, SplitMaximumFromTheEnvironment) {
@@ -112,9 +123,9 @@ TEST(TilePlan, SplitMaximumFromTheEnvironment) {
 TEST(TilePlan, TileNumberingCoversEveryTileOnceOnEitherGrid) {
   // tile_work's numbering (the persistent TMA kernel's): on the classic grid (M tiles, N tiles,
   // K slices) each block's index in the grid decodes to its own (blockIdx.x, blockIdx.y,
-  // blockIdx.z); on a persistent grid of P blocks, block b's tiles b, b + P, ... cover every
-  // tile once; and each tile's K slices cover K in order, with no slice empty, as the split plan
-  // (and the kernel's reduction of the partials by slice) expects.
+  // blockIdx.z); every index decodes to a distinct tile, so a persistent grid (block b taking
+  // b, b + P, ...) computes each once; and each tile's K slices cover K in order, with no slice
+  // empty, as the split plan (and the kernel's reduction of the partials by slice) expects.
   struct Shape {
     int m, n, k;
   };
@@ -140,22 +151,21 @@ TEST(TilePlan, TileNumberingCoversEveryTileOnceOnEitherGrid) {
               ASSERT_EQ(w.n0, y * bn) << what;
               ASSERT_EQ(w.z, z) << what;
             }
-        // A persistent grid: every tile once; per output tile, its slices' K ranges in order.
-        for (const int blocks : {1, 132, 264}) {
-          std::vector<int> seen(size_t(tiles), 0);
-          std::vector<int> k_done(size_t(tiles_m) * tiles_n, 0);  // K covered so far, slices in order
-          for (int b = 0; b < std::min(blocks, tiles); ++b)
-            for (int t = b; t < tiles; t += blocks) ++seen[size_t(t)];
-          ASSERT_TRUE(std::all_of(seen.begin(), seen.end(), [](int v) { return v == 1; })) << what;
-          for (int t = 0; t < tiles; ++t) {  // in the numbering's order: slice z after slice z - 1
-            const TileWork w = tile_work(t, tiles_m, tiles_n, bm, bn, sh.k, plan.k_per_split, step);
-            ASSERT_GE(w.k_steps, 1) << what << ": an empty slice";
-            int& done = k_done[size_t(w.m0 / bm) + size_t(tiles_m) * size_t(w.n0 / bn)];
-            ASSERT_EQ(w.k_begin, done) << what << ": slice " << w.z;
-            done = std::min(sh.k, w.k_begin + w.k_steps * step);
-          }
-          ASSERT_TRUE(std::all_of(k_done.begin(), k_done.end(), [&](int v) { return v == sh.k; })) << what;
+        // Any grid, persistent or not, takes tile indices 0 .. tiles - 1 once each (block b: b,
+        // b + gridDim, ...), so the numbering must decode them into distinct tiles, (m0, n0, z)
+        // each once, whose slices cover each output tile's K in order, slice z after z - 1.
+        std::set<std::tuple<int, int, int>> decoded;
+        std::vector<int> k_done(size_t(tiles_m) * tiles_n, 0);  // K covered so far, slices in order
+        for (int t = 0; t < tiles; ++t) {
+          const TileWork w = tile_work(t, tiles_m, tiles_n, bm, bn, sh.k, plan.k_per_split, step);
+          ASSERT_TRUE(decoded.insert({w.m0, w.n0, w.z}).second) << what << ": tile " << t << " decoded twice";
+          ASSERT_GE(w.k_steps, 1) << what << ": an empty slice";
+          int& done = k_done[size_t(w.m0 / bm) + size_t(tiles_m) * size_t(w.n0 / bn)];
+          ASSERT_EQ(w.k_begin, done) << what << ": slice " << w.z;
+          done = std::min(sh.k, w.k_begin + w.k_steps * step);
         }
+        ASSERT_EQ(decoded.size(), size_t(tiles)) << what;
+        ASSERT_TRUE(std::all_of(k_done.begin(), k_done.end(), [&](int v) { return v == sh.k; })) << what;
       }
 }
 

@@ -111,8 +111,7 @@ void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t
   const int64_t m_tiles = ceil_div(m, Tile::kBM), n_tiles = ceil_div(n, Tile::kBN);
   SP_CHECK(n_tiles <= 65535, "gemm_bf16: N = ", n, " needs ", n_tiles, " column tiles, more than grid.y allows");
   // At most one wave of the tile's blocks by default (kTensorCoreSplitMaxBlocks per block an SM holds).
-  const SplitPlan plan =
-      plan_split_k(m_tiles * n_tiles, k, Tile::kBK, split_max_blocks(kTensorCoreSplitMaxBlocks * Tile::kMinBlocks));
+  const SplitPlan plan = plan_split_k(m_tiles * n_tiles, k, Tile::kBK, tensor_core_split_cap(Tile::kMinBlocks));
   dim3 grid(unsigned(m_tiles), unsigned(n_tiles), unsigned(plan.splits));
   const MmaGeometry g{m, n, k, plan.k_per_split};
   // More than 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device.
@@ -256,7 +255,7 @@ inline bool tma_conv_unsplit(int m, int n, int k) {
   const auto splits = [&](auto tile) {
     using Tile = decltype(tile);
     return plan_split_k(ceil_div(m, Tile::kBM) * ceil_div(n, Tile::kBN), k, Tile::kBK,
-                        split_max_blocks(kTensorCoreSplitMaxBlocks * Tile::kMinBlocks))
+                        tensor_core_split_cap(Tile::kMinBlocks))
         .splits;
   };
   if (n <= 64) return splits(wgmma::WgTmaTileNarrow{}) == 1;

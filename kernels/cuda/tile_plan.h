@@ -79,6 +79,13 @@ inline int64_t split_max_blocks(int64_t fallback) {
   return from_env >= 0 ? from_env : fallback;
 }
 
+// The split cap of a tensor-core launch on a tile that holds min_blocks blocks per SM: one wave
+// of its blocks (kTensorCoreSplitMaxBlocks per block an SM holds), unless the override or the
+// environment sets another (split_max_blocks). Every tensor-core launch asks this.
+inline int64_t tensor_core_split_cap(int min_blocks) {
+  return split_max_blocks(kTensorCoreSplitMaxBlocks * int64_t(min_blocks));
+}
+
 // The K split for an output of `tiles` block tiles, K = k in steps of k_step, in slices of at
 // least kMinSliceDepth. With max_blocks > 0, into floor(max_blocks / tiles) slices: the split
 // grid stays within max_blocks (kTensorCoreSplitMaxBlocks: one full wave). With max_blocks 0
