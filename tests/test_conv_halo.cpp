@@ -21,10 +21,13 @@
 #include "kernels/common/shapes.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cuda/conv_halo.h"
+#include "kernels/cuda/conv_loaders.h"
 
 namespace {
 
 using namespace sp::kernels::cuda::detail::wgmma;
+namespace det = sp::kernels::cuda::detail;
+namespace mma = sp::kernels::cuda::detail::mma;
 
 uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
 
@@ -188,21 +191,29 @@ TEST(ConvHalo, PlanTakesOnlySameConvolutionsItCanTile) {
   EXPECT_FALSE(r16.ok);
   EXPECT_STREQ(r16.why, "too many junk positions in the tiles");
   EXPECT_TRUE(plan_conv_halo(512, 16, 16, 128, 3, 3, 1, 1, 1, big, 0.6).ok);
-  // Refused: strided, unpadded, even or non-square filters, channels not a multiple of 64,
-  // patches past the shared memory given, rows past a box.
-  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 3, 3, 2, 1, 1, big, 0).ok);
-  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 3, 3, 1, 0, 1, big, 0).ok);
-  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 2, 2, 1, 1, 1, big, 0).ok);
-  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 1, 1, 1, 0, 1, big, 0).ok);       // 1x1: nothing to reuse
-  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64 * 17, 3, 3, 1, 1, 1, big, 0).ok);  // past kHaloMaxChunks
-  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 3, 1, 1, 1, 1, big, 0).ok);
-  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 96, 3, 3, 1, 1, 1, big, 0).ok);
-  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 3, 3, 3, 1, 1, 1, big, 0).ok);
-  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 64, 3, 3, 1, 1, 0, big, 0).ok);
-  EXPECT_FALSE(plan_conv_halo(8, 32, 32, 128, 3, 3, 1, 1, 1, r18.src.patch_bytes, 0).ok);
+  // Refused, each for its reason: strided, unpadded, even, non-square and 1x1 filters, channels
+  // not a multiple of 64, chunks past the kernel's barriers, patches past the shared memory
+  // given, rows wider than a box, an empty batch, a direction that is neither.
+  const auto refused = [&](const HaloConvPlan& p, const char* why) {
+    EXPECT_FALSE(p.ok) << why;
+    EXPECT_STREQ(p.why, why);
+  };
+  const char* not_same = "not a stride-1 same convolution with a square odd filter of 3 or more taps a side";
+  refused(plan_conv_halo(8, 32, 32, 64, 3, 3, 2, 1, 1, big, 0), not_same);
+  refused(plan_conv_halo(8, 32, 32, 64, 3, 3, 1, 0, 1, big, 0), not_same);
+  refused(plan_conv_halo(8, 32, 32, 64, 2, 2, 1, 1, 1, big, 0), not_same);
+  refused(plan_conv_halo(8, 32, 32, 64, 3, 1, 1, 1, 1, big, 0), not_same);
+  refused(plan_conv_halo(8, 32, 32, 64, 1, 1, 1, 0, 1, big, 0), not_same);  // 1x1: nothing to reuse
+  refused(plan_conv_halo(8, 32, 32, 64, 3, 3, 1, 1, 0, big, 0), not_same);
+  refused(plan_conv_halo(8, 32, 32, 96, 3, 3, 1, 1, 1, big, 0), "source channels not a multiple of 64");
+  refused(plan_conv_halo(8, 32, 32, 3, 3, 3, 1, 1, 1, big, 0), "source channels not a multiple of 64");
+  const char* no_room = "the patches do not fit the kernel's shared memory";
+  refused(plan_conv_halo(8, 32, 32, 64 * (kHaloMaxChunks + 1), 3, 3, 1, 1, 1, big, 0),
+          "more chunks of 64 channels than the kernel has barriers for");
+  refused(plan_conv_halo(8, 32, 32, 128, 3, 3, 1, 1, 1, r18.src.patch_bytes, 0), no_room);
   EXPECT_TRUE(plan_conv_halo(8, 32, 32, 128, 3, 3, 1, 1, 1, 2 * r18.src.patch_bytes, 0).ok);
-  EXPECT_FALSE(plan_conv_halo(8, 4, 300, 64, 3, 3, 1, 1, 1, big, 0).ok);
-  EXPECT_FALSE(plan_conv_halo(0, 32, 32, 64, 3, 3, 1, 1, 1, big, 0).ok);
+  refused(plan_conv_halo(8, 4, 300, 64, 3, 3, 1, 1, 1, big, 0), "a box dimension past 256");
+  refused(plan_conv_halo(0, 32, 32, 64, 3, 3, 1, 1, 1, big, 0), "an empty dimension");
 }
 
 TEST(ConvHalo, RebuildsTheConvolutionAgainstTheCpuReference) {
@@ -239,11 +250,14 @@ TEST(ConvHalo, RebuildsTheConvolutionAgainstTheCpuReference) {
         sp::kernels::cpu::conv2d_forward<float>(sh, srcf.data(), wf.data(), nullptr, ref.data());
       else
         sp::kernels::cpu::conv2d_backward_data<float>(sh, srcf.data(), wf.data(), ref.data());
-      // B(column, K index) as the kernel's B stages hold it.
+      // B(column, K index) as the kernel's B stages hold it: the forward's w as it is; the data
+      // gradient's filter transposed over FilterTaps::all, as conv2d_backward_data_bf16 builds it
+      // (transposed_filter: wt[c, z * K + k] = w[k, taps.tap(z), c]).
+      const mma::FilterTaps all = mma::FilterTaps::all(det::conv_sizes(sh));
       const auto b_at = [&](int col, int kk) {
         if (dir > 0) return w[size_t(col) * taps * c + size_t(kk)];
-        const int tap = kk / k, kout = kk % k;
-        return w[(size_t(kout) * taps + size_t(tap)) * c + size_t(col)];
+        const int z = kk / k, kout = kk % k;
+        return w[(size_t(kout) * taps + size_t(all.tap(z))) * c + size_t(col)];
       };
       const HaloConvPlan plan = plan_conv_halo(d.n, d.h, d.w, src_c, d.r, d.r, 1, pad, dir, int64_t(1) << 30, 0.0);
       ASSERT_TRUE(plan.ok) << plan.why;

@@ -18,15 +18,16 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/device.h"
 #include "engine/network.h"
 #include "engine/ops.h"
-#include "layers/layers.h"
-#include "engine/stream.h"
 #include "engine/pipeline.h"
+#include "engine/stream.h"
 #include "engine/trainer.h"
+#include "layers/layers.h"
 #include "layers/resnet.h"
 #include "tests/gpu_testing.h"
 
@@ -158,8 +159,11 @@ TEST_F(CudaNetwork, Bf16StepTracksTheFp32Step) {
 // partial): the first epoch warms up (planned arenas record two runs of each phase) and
 // captures, some phases of module 1 are captured in the second, and the later epochs mostly
 // replay (the CPU emulation of this run: 144 of 225 units replayed).
+// copies: where given, how many parameters end with a current bf16 weight copy on the GPU, and
+// how many could have one (the convolutions' and the linear layer's weights: rank > 1).
 std::vector<float> pipeline_params(bool graphs, DType dt, int64_t* replays, bool planned = true,
-                                   size_t* arena_bytes = nullptr, int* unsettled = nullptr) {
+                                   size_t* arena_bytes = nullptr, int* unsettled = nullptr,
+                                   std::pair<int, int>* copies = nullptr) {
   const Device d = Device::cuda(0);
   const int batches = 15, N = 8, H = 16, classes = 10;
   std::mt19937_64 rng(23);
@@ -197,6 +201,13 @@ std::vector<float> pipeline_params(bool graphs, DType dt, int64_t* replays, bool
   *replays = p.graph_stats().replays;
   if (arena_bytes) *arena_bytes = p.graph_stats().arena_bytes;
   if (unsettled) *unsettled = p.graph_stats().arenas - p.graph_stats().planned_arenas;
+  if (copies) {
+    *copies = {0, 0};
+    for (auto& [name, prm] : net.state().params) {
+      copies->first += prm->bf16.defined() && prm->bf16_current && prm->bf16.device() == d;
+      copies->second += prm->value.dim() > 1;
+    }
+  }
   std::vector<float> out;
   for (auto& [name, prm] : net.state().params) {
     const Tensor h = host_copy(*s, prm->value);
@@ -235,12 +246,20 @@ TEST_F(CudaNetwork, PipelineGraphReplayChangesNoBit) {
 // copies the replayed steps rewrite).
 TEST_F(CudaNetwork, Bf16WeightCopiesChangeNoBit) {
   int64_t replays = 0;
+  std::pair<int, int> none, eager_copies, replayed_copies;
   layers::set_bf16_weight_copies(false);
-  const std::vector<float> cast = pipeline_params(false, DType::BF16, &replays);
+  const std::vector<float> cast = pipeline_params(false, DType::BF16, &replays, true, nullptr, nullptr, &none);
   layers::set_bf16_weight_copies(true);
-  const std::vector<float> eager = pipeline_params(false, DType::BF16, &replays);
-  const std::vector<float> replayed = pipeline_params(true, DType::BF16, &replays);
+  const std::vector<float> eager = pipeline_params(false, DType::BF16, &replays, true, nullptr, nullptr, &eager_copies);
+  const std::vector<float> replayed =
+      pipeline_params(true, DType::BF16, &replays, true, nullptr, nullptr, &replayed_copies);
   EXPECT_GT(replays, 60) << "the later epochs should mostly replay";
+  // The copies were made and kept current, on the GPU, for every weight that can have one (so the
+  // comparison below is of copies against casts, not of casts against casts); none without.
+  EXPECT_EQ(none.first, 0);
+  EXPECT_GT(eager_copies.second, 0);
+  EXPECT_EQ(eager_copies.first, eager_copies.second) << "op by op";
+  EXPECT_EQ(replayed_copies.first, replayed_copies.second) << "replayed";
   for (const auto* got : {&eager, &replayed}) {
     ASSERT_EQ(cast.size(), got->size());
     size_t differ = 0;

@@ -106,6 +106,13 @@ template <typename T>
 bool bits_equal(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
+// Whether every element was written: none is NaN (the outputs start as NaN: DeviceArray's poison).
+bool all_written(const std::vector<float>& v) {
+  return std::none_of(v.begin(), v.end(), [](float x) { return std::isnan(x); });
+}
+bool all_written(const std::vector<uint16_t>& v) {
+  return std::none_of(v.begin(), v.end(), [](uint16_t x) { return (x & 0x7FFF) > 0x7F80; });
+}
 
 // ---- GEMM --------------------------------------------------------------------------------
 template <typename T>
@@ -986,6 +993,8 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
     std::vector<uint16_t> results[2];
     for (const bool on : {true, false}) {
       const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster, on);
+      c1.poison();  // NaN again: the second chain must write every element itself
+      c2.poison();
       kcu::gemm_bf16_out_bf16(false, false, n, n, n, 0.125f, a.get(), n, b.get(), n, 0.f, c1.get(), n, nullptr, false,
                               stream_);
       kcu::gemm_bf16_out_bf16(false, false, n, n, n, 0.125f, c1.get(), n, b.get(), n, 0.f, c2.get(), n, nullptr, false,
@@ -994,6 +1003,7 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
       results[on ? 0 : 1] = c2.download();
     }
     EXPECT_TRUE(bits_equal(results[0], results[1])) << "a chain of GEMMs with PDL, in clusters vs not";
+    EXPECT_TRUE(all_written(results[0])) << "the chain left elements unwritten (NaN)";
   }
   // Long reductions that do not split (or split into long slices), so that the blocks go round
   // their ring of stages several times with the other block's releases and halves in play:
@@ -1093,7 +1103,9 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
   // With tma_persistent() on, a wgmma_tma product with more tiles than the SMs hold at once runs
   // on as many blocks as they hold, each going over tiles with one ring of stages
   // (wgmma_tma_mainloop.cuh). Each tile is computed as by a block of its own, so every result
-  // must be the same bits as without, and right against the reference. Each section below must
+  // must be the same bits as without, fully written (no NaN left of the poison), and right: the
+  // GEMMs with tails against the reference, the long GEMMs and split K on 64 sampled entries, the
+  // convolutions with the split cap raised against the default cap's. Each section below must
   // launch persistent on the wgmma_tma main loop (on a GPU of up to 140 SMs), none elsewhere:
   //   * GEMMs with tails in M, N and K, on both tiles (1000 x 4500 x 136: 8 x 36 narrow tiles,
   //     8 x 18 wide), fp32 output with transposes 0 and 3 (a bias), bf16 with 1 (beta 0.5) and
@@ -1172,7 +1184,24 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
     }
     end_section(wide ? "GEMMs with tails, wide tile" : "GEMMs with tails");
   }
-  // Their double-precision reference would be slow: against the run without.
+  // Against the run without, and 64 sampled entries against a double reference (the whole
+  // reference would be slow): op(A)[i, :] . op(B)[:, j], within fp32 accumulation's rounding.
+  const auto sampled = [&](bool ta, bool tb, int64_t m, int64_t n, int64_t k, const std::vector<uint16_t>& ha,
+                           const std::vector<uint16_t>& hb, const std::vector<float>& c, const std::string& what) {
+    const std::vector<float> fa = widen(ha), fb = widen(hb);
+    std::mt19937 pick(uint32_t(m * 7 + n * 3 + k));
+    for (int e = 0; e < 64; ++e) {
+      const int64_t i = int64_t(pick() % uint32_t(m)), j = int64_t(pick() % uint32_t(n));
+      double ref = 0.0, mag = 0.0;
+      for (int64_t q = 0; q < k; ++q) {
+        const double av = fa[size_t(ta ? q * m + i : i * k + q)], bv = fb[size_t(tb ? j * k + q : q * n + j)];
+        ref += av * bv;
+        mag += std::fabs(av * bv);
+      }
+      EXPECT_LE(std::fabs(double(c[size_t(i * n + j)]) - ref), 1e-5 * mag + 1e-6)
+          << what << ": entry (" << i << ", " << j << ")";
+    }
+  };
   const int64_t long_gemms[][3] = {{4096, 2048, 512}, {8192, 1024, 1024}, {2048, 4096, 4160}};
   for (const bool wide : {false, true}) {
     const ScopedSwitch tile(kcu::tma_wide_tile, kcu::set_tma_wide_tile, wide);
@@ -1183,9 +1212,12 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
       ++t;
       const std::string what = "gemm_bf16 " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) +
                                (ta ? " A^T" : "") + (tb ? " B^T" : "") + (wide ? " (wide)" : "");
-      const DeviceArray<uint16_t> a(random_bf16(size_t(m * k), seed += 5)), b(random_bf16(size_t(k * n), seed + 1));
+      const std::vector<uint16_t> ha = random_bf16(size_t(m * k), seed += 5), hb = random_bf16(size_t(k * n), seed + 1);
+      const DeviceArray<uint16_t> a(ha), b(hb);
       const auto r = both([&] { return gemm(ta, tb, m, n, k, a, b); });
       EXPECT_TRUE(bits_equal(r.first, r.second)) << what << ": persistent vs not";
+      EXPECT_TRUE(all_written(r.first)) << what << ": unwritten entries";
+      sampled(ta, tb, m, n, k, ha, hb, r.first, what);
     }
     end_section(wide ? "long GEMMs, wide tile" : "long GEMMs");
   }
@@ -1193,11 +1225,15 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
     const int64_t m = 512, n = 512, k = 16040;
     const int64_t before = kcu::split_max_blocks_override();
     kcu::set_split_max_blocks(4096);
-    const DeviceArray<uint16_t> a(random_bf16(size_t(m * k), seed += 5)), b(random_bf16(size_t(k * n), seed + 1));
+    const std::vector<uint16_t> ha = random_bf16(size_t(m * k), seed += 5), hb = random_bf16(size_t(k * n), seed + 1);
+    const DeviceArray<uint16_t> a(ha), b(hb);
     for (const bool tb : {false, true}) {
+      const std::string what = std::string("gemm_bf16 512x512x16040 in 51 K slices") + (tb ? " B^T" : "");
       const auto r = both([&] { return gemm(false, tb, m, n, k, a, b); });
-      EXPECT_TRUE(bits_equal(r.first, r.second))
-          << "gemm_bf16 512x512x16040 in 51 K slices" << (tb ? " B^T" : "") << ": persistent vs not";
+      EXPECT_TRUE(bits_equal(r.first, r.second)) << what << ": persistent vs not";
+      EXPECT_TRUE(all_written(r.first)) << what << ": unwritten entries";
+      // Sampled with B read as the flag lays it out (k x n, or n x k transposed).
+      sampled(false, tb, m, n, k, ha, hb, r.first, what);
     }
     kcu::set_split_max_blocks(before);
     end_section("split K");
@@ -1210,19 +1246,36 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
     const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
     const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
     const int64_t before = kcu::split_max_blocks_override();
+    const Conv2dShape shapes[] = {conv(34, 32, 32, 64, 64, 3, 1, 1), conv(128, 16, 16, 128, 128, 3, 1, 1),
+                                  conv(384, 16, 16, 128, 128, 3, 2, 1)};
+    std::vector<ConvResult> by_default;  // the default cap's persistent results, per shape
     for (const int64_t cap : {int64_t(-1), int64_t(4096)}) {
       kcu::set_split_max_blocks(cap);
-      for (const Conv2dShape& sh : {conv(34, 32, 32, 64, 64, 3, 1, 1), conv(128, 16, 16, 128, 128, 3, 1, 1),
-                                    conv(384, 16, 16, 128, 128, 3, 2, 1)}) {
-        seed += 5;
-        const auto r = both([&] { return run_conv(kCustomConv, stream_, sh, seed, 0, false); });
+      for (size_t i = 0; i < 3; ++i) {
+        const Conv2dShape& sh = shapes[i];
+        const uint32_t shape_seed = seed + 5 * uint32_t(i + 1);
+        const auto r = both([&] { return run_conv(kCustomConv, stream_, sh, shape_seed, 0, false); });
         const std::string what = conv_str(sh) + (cap > 0 ? " (split cap raised)" : "") + ": persistent vs not";
         EXPECT_TRUE(bits_equal(r.first.y, r.second.y)) << what << ", forward";
         EXPECT_TRUE(bits_equal(r.first.dx, r.second.dx)) << what << ", backward data";
         EXPECT_TRUE(bits_equal(r.first.dw, r.second.dw)) << what << ", backward weight";
+        EXPECT_TRUE(all_written(r.first.y) && all_written(r.first.dx) && all_written(r.first.dw))
+            << what << ": unwritten elements";
+        if (cap < 0) {
+          by_default.push_back(r.first);
+        } else {
+          // The raised cap splits the weight gradients differently: the same sums to fp32 rounding
+          // (and the same forward and data gradient), against the default cap's run (checked
+          // against the reference, for these passes, by ConvolutionsWithTmaLoads' shapes).
+          const ConvResult& d = by_default[i];
+          expect_close_elementwise(r.first.y, d.y, 1.0 / 64, what + ", forward vs the default cap");
+          expect_close_elementwise(r.first.dx, d.dx, 1.0 / 64, what + ", backward data vs the default cap");
+          expect_close_elementwise(r.first.dw, d.dw, 1e-4, what + ", backward weight vs the default cap");
+        }
       }
       end_section(cap > 0 ? "convolutions, split cap raised" : "convolutions");
     }
+    seed += 15;
     kcu::set_split_max_blocks(before);
   }
   // A chain of GEMMs, each reading the one before, with programmatic dependent launch as well
@@ -1241,6 +1294,7 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
       return c2.download();
     });
     EXPECT_TRUE(bits_equal(r.first, r.second)) << "a chain of GEMMs with PDL, persistent vs not";
+    EXPECT_TRUE(all_written(r.first)) << "a chain of GEMMs with PDL: unwritten entries";
     end_section("a chain of GEMMs with PDL");
   }
 }

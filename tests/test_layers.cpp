@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <random>
 #include <set>
@@ -172,6 +173,11 @@ TEST(ModuleGradients, BackwardAccumulateAddsDxToItsTarget) {
     for (auto& [name, p] : st.params) grads.push_back(clone(p->grad));
     Tensor want = clone(into);
     sp::kernels::cpu::add<float>(want.numel(), into.data<float>(), dx.data<float>(), want.data<float>());
+    // Every gradient poisoned: the accumulating pass must write them all again.
+    for (auto& [name, p] : st.params) {
+      float* g = p->grad.data<float>();
+      std::fill(g, g + p->grad.numel(), std::numeric_limits<float>::quiet_NaN());
+    }
     Context again;
     m->forward(*s, x, again);
     m->backward_accumulate(*s, clone(w), again, into);

@@ -750,9 +750,13 @@ TEST(Pipeline, LoadingACheckpointMakesTheBf16WeightCopiesStale) {
   for (auto& [name, p] : evaluated.state().params) EXPECT_FALSE(p->bf16.defined()) << name;
   train_then_eval(a, true);
   const double before = train_then_eval(b, true);
-  int copies = 0;  // conv and linear weights (BN's parameters stay f32)
-  for (auto& [name, p] : b.state().params) copies += p->bf16.defined() && p->bf16_current;
+  int copies = 0, weights = 0;  // conv and linear weights, rank > 1 (BN's parameters stay f32)
+  for (auto& [name, p] : b.state().params) {
+    copies += p->bf16.defined() && p->bf16_current;
+    weights += p->value.dim() > 1;
+  }
   ASSERT_EQ(copies, 9);
+  EXPECT_EQ(weights, 9);  // every weight that can have a copy has one (the GPU test counts so)
   // Moved to the device it is on, the network keeps its copies, current: nothing moved, and a
   // copy released there could go back to the allocator while another stream still wrote it.
   std::vector<const void*> kept;
@@ -814,23 +818,36 @@ TEST(Pipeline, OpTimingsLieInsideTheirModulesStages) {
   const int K = p.num_modules();
   ASSERT_FALSE(st.ops.empty());
   std::vector<std::set<std::string>> ops_of(static_cast<size_t>(K));
-  size_t outside = 0;
+  size_t outside = 0, hand_overs = 0, misplaced = 0;
   for (const OpTiming& o : st.ops) {
     ASSERT_GE(o.module, 0);
     ASSERT_LT(o.module, K);
     ops_of[size_t(o.module)].insert(o.op);
-    bool inside = false;
-    for (const StageTiming& t : st.stages)
-      inside = inside || (t.module == o.module && o.start_ms >= t.start_ms &&
-                          o.start_ms + o.duration_ms <= t.start_ms + t.duration_ms + 1e-6);
+    const double end = o.start_ms + o.duration_ms;
+    bool inside = false, overlaps = false;
+    double last_end = 0.0;  // of the module's stages
+    for (const StageTiming& t : st.stages) {
+      if (t.module != o.module) continue;
+      const double t_end = t.start_ms + t.duration_ms;
+      inside = inside || (o.start_ms >= t.start_ms && end <= t_end + 1e-6);
+      overlaps = overlaps || (o.start_ms < t_end - 1e-6 && end > t.start_ms + 1e-6);
+      last_end = std::max(last_end, t_end);
+    }
     // Taking delivery of a message is not part of a stage (stages exclude the wait for one):
     // the copy out of the queue (or of module 1's staged input) and the shrink applied to a
-    // received gradient run between the stages.
+    // received gradient may run between the module's stages. Copies and scales inside a stage
+    // (sending) lie wholly within it; none straddles a stage's edge or comes after the last.
     const bool hand_over = o.op == "copy" || o.op == "scale";
+    if (hand_over) {
+      ++hand_overs;
+      misplaced += (overlaps && !inside) || end > last_end + 1e-6;
+    }
     outside += !inside && !hand_over;
     EXPECT_GE(o.start_ms, 0.0) << o.op;
   }
   EXPECT_EQ(outside, 0u) << "ops outside every stage of their module, of " << st.ops.size();
+  EXPECT_GT(hand_overs, 0u) << "no hand-over was timed";
+  EXPECT_EQ(misplaced, 0u) << "hand-overs straddling a stage's edge or after the module's last, of " << hand_overs;
   for (int k = 0; k < K; ++k) {
     EXPECT_TRUE(ops_of[size_t(k)].count("sgd_step")) << "module " << k + 1;
     EXPECT_TRUE(ops_of[size_t(k)].count("conv2d_forward") || k == K - 1) << "module " << k + 1;

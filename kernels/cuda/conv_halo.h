@@ -164,7 +164,11 @@ constexpr HaloConvPlan plan_conv_halo(int n, int h, int w, int src_c, int r, int
   // Junk positions read up to s - 1 positions past the rows: slack rows, never written.
   const int64_t patch_bytes = ((int64_t(rows) * wp + s) * row_bytes + kAtomBytes - 1) / kAtomBytes * kAtomBytes;
   const int chunks = src_c / kBK;
-  if (chunks > kHaloMaxChunks || patch_bytes * chunks > max_patch_bytes) {
+  if (chunks > kHaloMaxChunks) {
+    plan.why = "more chunks of 64 channels than the kernel has barriers for";
+    return plan;
+  }
+  if (patch_bytes * chunks > max_patch_bytes) {
     plan.why = "the patches do not fit the kernel's shared memory";
     return plan;
   }

@@ -161,12 +161,17 @@ def main():
             params = sum(1 if not s else __import__("math").prod(s) for n, (s, d) in theirs.items()
                          if not n.endswith(("running_mean", "running_var", "num_batches_tracked")))
             check(params == count, f"{model}: {params} parameters, as He et al. / the CIFAR ResNet-18 ({count})")
-            # Every momentum buffer names a parameter, in the parameter's shape.
-            for name, rec in header.items():
-                if name.startswith("_optim.momentum."):
-                    param = name[len("_optim.momentum."):]
-                    check(param in theirs and theirs[param] == (rec["shape"], rec["dtype"]),
-                          f"{model}: momentum buffer {name} matches its parameter")
+            # One momentum buffer per parameter (SGD with momentum, the default), each in its
+            # parameter's shape; none for the BN buffers.
+            momenta = {name[len("_optim.momentum."):]: rec for name, rec in header.items()
+                       if name.startswith("_optim.momentum.")}
+            trained = {n for n in theirs if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+            check(set(momenta) == trained,
+                  f"{model}: momentum buffers for exactly the parameters; missing {sorted(trained - set(momenta))[:5]},"
+                  f" extra {sorted(set(momenta) - trained)[:5]}")
+            for param, rec in momenta.items():
+                check(theirs.get(param) == (rec["shape"], rec["dtype"]),
+                      f"{model}: momentum buffer of {param} in its parameter's shape and dtype")
     print("checkpoint names, shapes and dtypes match PyTorch's state_dict for resnet20 and resnet18")
 
 

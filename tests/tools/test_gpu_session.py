@@ -21,6 +21,8 @@ timed out and the programmatic-launch test failed:
     with them "off" switches every path off explicitly, and "defaults" sets none; ResNet-18 in two
     rounds, PyTorch beside each round;
   - with a second binary carried, the op-by-op fdg and backprop runs on both;
+  - where the halo test failed, it runs once more with STALEPROP_HALO_DESC_PHASE=1, and on
+    passing the halo is measured with it;
   - the script ends with exit status 0 and packs its outputs into results.tgz with session.txt.
 """
 import os
@@ -227,7 +229,7 @@ def main():
               log)
         check(all("STALEPROP_CONV_TMA=0" in l and "--graphs" not in l and "STALEPROP_MAINLOOP=wgmma" in l
                   for l in runs),
-              "the compared runs are op by op with every switch off, on the wgmma main loop", log)
+              "the compared runs are op by op, the TMA convolutions off, on the wgmma main loop", log)
         wt = ["STALEPROP_DGRAD_WT=1" in l.split("|")[1].split() for l in runs]
         deps = ["STALEPROP_POOL_INTERNAL_DEPS=1" in l.split("|")[1].split() for l in runs]
         check(wt == [False] * 4 + [True, True, False, False] and deps == [False] * 5 + [True, False, False],
@@ -248,6 +250,27 @@ def main():
         san2 = [l for l in open(calls).read().splitlines() if l.startswith("compute-sanitizer ")]
         check(p2.returncode == 0 and not any("Persistent" in l for l in san2) and len(san2) == 5,
               f"a timed-out test gets no sanitizer run, the sweeps still run: {san2}", p2.stdout + p2.stderr)
+
+        # The halo test failed in ctest: it runs once more with the descriptors' base offset set
+        # (the stub passes), and the halo's memcheck, benchmarks, training runs and profile then carry it.
+        halo_failed = CTEST_LOG.replace("ConvolutionsByHaloPatches/wgmma_tma ............   Passed    1.00 sec",
+                                        "ConvolutionsByHaloPatches/wgmma_tma ............***Failed    1.00 sec")
+        check("ByHaloPatches/wgmma_tma ............***Failed" in halo_failed, "the third fixture fails the halo test",
+              halo_failed)
+        write(fixture, halo_failed)
+        os.remove(calls)
+        out3 = os.path.join(tmp, "out3")
+        p3 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")], env=dict(env, OUT=out3),
+                            capture_output=True, text=True, timeout=120)
+        lines3 = open(calls).read().splitlines()
+        log3 = p3.stdout + p3.stderr + "\n== calls\n" + "\n".join(lines3)
+        retry = [l for l in lines3 if l.startswith("test_cuda_tensor_core ") and "ConvolutionsByHaloPatches" in l]
+        check(p3.returncode == 0 and len(retry) == 1 and "STALEPROP_HALO_DESC_PHASE=1" in retry[0].rsplit(" |", 1)[1],
+              f"the failed halo test runs once more with the base offset set: {retry}", log3)
+        halo3 = [l for l in lines3 if "--conv-halo" in l or "throughput-halo" in l or
+                 ("compute-sanitizer" in l and "ByHaloPatches" in l)]
+        check(len(halo3) == 7 and all("STALEPROP_HALO_DESC_PHASE=1" in l.rsplit(" |", 1)[1] for l in halo3),
+              f"the halo's memcheck, benchmarks, training runs and profile carry the base offset: {halo3}", log3)
 
         results = os.path.join(out, "results.tgz")
         check(os.path.isfile(results), "the outputs are packed into results.tgz", log)
