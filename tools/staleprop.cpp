@@ -138,7 +138,12 @@ STALEPROP_DGRAD_CLASS_DIRECT=0 (each stride class through a scratch matrix and a
 of straight into dx), STALEPROP_CONV_TMA=0 (convolutions' operands gathered by cp.async instead
 of loaded by TMA), STALEPROP_TMA_WIDE_BY_SHAPE=0 (no 128x256 tile chosen by the shape's rule),
 STALEPROP_CONV_SMALL_C=0 (the stem's bf16 forward and weight gradient on the tensor cores
-instead of direct kernels); these turn on a path that is off by default: STALEPROP_TMA_WIDE=1
+instead of direct kernels), STALEPROP_BF16_WEIGHT_COPIES=0 (bf16 layers cast their fp32 weights
+before every use instead of reading the copies the optimizer's step writes),
+STALEPROP_DGRAD_ACCUMULATE=0 (a residual block's two gradients summed by a separate add instead
+of inside the convolution's data gradient); these turn on a path that is off by default:
+STALEPROP_CONV_HALO=1 or 2 (the stride-1 3x3 convolutions' halo kernel, for 32 px rows or also
+16 px; STALEPROP_HALO_DESC_PHASE=1 sets its descriptors' base offset), STALEPROP_TMA_WIDE=1
 (the 128x256 tile wherever it fits), STALEPROP_TMA_CLUSTER=1 (the TMA tiles in clusters of two
 that share the B operand by multicast), STALEPROP_TMA_PERSISTENT=1 (the TMA kernel persistent:
 as many blocks as the SMs hold, each going over tiles), STALEPROP_BN_PERSISTENT=1 (batch norm's training
@@ -146,8 +151,8 @@ forward and backward as one cooperative kernel each, fp32 and bf16) and STALEPRO
 (programmatic dependent launch of our kernels). The TMA paths run only with the wgmma_tma main
 loop (auto on an H100/H200). The README's "Tensor-core main loop" says why each default is what
 it is. STALEPROP_SPLIT_MAX_BLOCKS=N (an experiment's knob) caps the split of K of the tiled GEMM
-and convolution launches at N blocks (default: one wave, 132 blocks, on the tensor cores; 0: the
-earlier rule of at least 256 blocks).
+and convolution launches at N blocks (default on the tensor cores: one wave, 132 blocks per block
+an SM holds of the tile; 0: the earlier rule of at least 256 blocks).
 STALEPROP_POOL_INTERNAL_DEPS=1 lets the kernels' scratch pool make one stream wait on another to
 reuse memory (the driver's default; off, so the pipeline's module streams stay independent).
 )";
@@ -328,7 +333,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"label-smoothing", "EPS", "label smoothing in [0, 1) (default 0)", [&](const std::string& v) { c.label_smoothing = std::stof(v); }},
       {"precision", "P", "fp32|bf16: bf16 = mixed precision (bf16 activations and weight copies, fp32 master weights and reductions; on the CPU it is emulated by rounding); default fp32", [&](const std::string& v) { c.precision = v; }},
       {"kernels", "K", "custom|vendor: our kernels, or the cuBLASLt/cuDNN baselines for GEMM and convolutions (GPU only; default custom)", [&](const std::string& v) { c.kernels = v; }},
-      {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
+      {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM and the convolutions TMA can address; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
       {"seed", "S", "seed of initialisation, order and augmentation (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
       {"deterministic", "", "require bit-identical runs for a seed (the CPU reference and the custom CUDA kernels always are: fixed reduction orders, no float atomics; with --kernels vendor it restricts cuDNN to deterministic algorithms); --split K then balances its cuts by counted FLOPs, as measured times differ run to run", [&](const std::string&) { c.deterministic = true; }},
       {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device: where the network is built and checkpointed, and trained and evaluated without --devices (default the first of --devices, else cpu)", [&](const std::string& v) { c.device = v; }},
@@ -532,7 +537,7 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
       {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device (default the first of --devices, else cpu)", [&](const std::string& v) { c.device = v; }},
       {"precision", "P", "fp32|bf16 (default fp32)", [&](const std::string& v) { c.precision = v; }},
       {"kernels", "K", "custom|vendor (vendor: cuBLASLt/cuDNN for GEMM and convolutions; GPU only; default custom)", [&](const std::string& v) { c.kernels = v; }},
-      {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
+      {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM and the convolutions TMA can address; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
       {"seed", "S", "seed of the weights and the synthetic data (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
       {"json", "FILE", "append each result as a JSON line to FILE (- for stdout)", [&](const std::string& v) { json = v; }},
       {"graphs", "", "replay steady-state ticks from CUDA graphs (backprop then runs as bp over one module); the warm-up grows until every phase is captured", [&](const std::string&) { c.graphs = true; }},

