@@ -242,12 +242,16 @@ def main():
                                       "GivesTheSameBits/wgmma_tma ..***Timeout 120.01 sec")
         check(timed_out.count("Timeout") == 2, "the second fixture has the persistent kernel's test timed out",
               timed_out)
-        write(fixture, timed_out)
-        os.remove(calls)
-        out2 = os.path.join(tmp, "out2")
-        p2 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")], env=dict(env, OUT=out2),
-                            capture_output=True, text=True, timeout=120)
-        san2 = [l for l in open(calls).read().splitlines() if l.startswith("compute-sanitizer ")]
+        def rerun(ctest_log, name):  # the script again on another ctest log: its result and calls
+            write(fixture, ctest_log)
+            os.remove(calls)
+            run = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")],
+                                 env=dict(env, OUT=os.path.join(tmp, name)), capture_output=True, text=True,
+                                 timeout=120)
+            return run, open(calls).read().splitlines()
+
+        p2, lines2 = rerun(timed_out, "out2")
+        san2 = [l for l in lines2 if l.startswith("compute-sanitizer ")]
         check(p2.returncode == 0 and not any("Persistent" in l for l in san2) and len(san2) == 5,
               f"a timed-out test gets no sanitizer run, the sweeps still run: {san2}", p2.stdout + p2.stderr)
 
@@ -257,12 +261,7 @@ def main():
                                         "ConvolutionsByHaloPatches/wgmma_tma ............***Failed    1.00 sec")
         check("ByHaloPatches/wgmma_tma ............***Failed" in halo_failed, "the third fixture fails the halo test",
               halo_failed)
-        write(fixture, halo_failed)
-        os.remove(calls)
-        out3 = os.path.join(tmp, "out3")
-        p3 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")], env=dict(env, OUT=out3),
-                            capture_output=True, text=True, timeout=120)
-        lines3 = open(calls).read().splitlines()
+        p3, lines3 = rerun(halo_failed, "out3")
         log3 = p3.stdout + p3.stderr + "\n== calls\n" + "\n".join(lines3)
         retry = [l for l in lines3 if l.startswith("test_cuda_tensor_core ") and "ConvolutionsByHaloPatches" in l]
         check(p3.returncode == 0 and len(retry) == 1 and "STALEPROP_HALO_DESC_PHASE=1" in retry[0].rsplit(" |", 1)[1],
