@@ -59,7 +59,8 @@
 // (kernels/cuda/ops.h; default off; context bn_persistent), --pdl[=0|1] programmatic dependent
 // launch of every kernel of ours (kernels/cuda/common.cuh; default off; context
 // programmatic_launch), --conv-halo[=0|1|2] the halo kernel of the stride-1 convolutions and its
-// mode (default 0, off; context conv_halo). kernels/cuda/tensor_core.h and ops.h say why each
+// mode (default 0, off; context conv_halo), --halo-resident[=0|1] its resident form (default off;
+// context halo_resident). kernels/cuda/tensor_core.h and ops.h say why each
 // default is what it is.
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
@@ -129,6 +130,7 @@ const KernelSwitch kKernelSwitches[] = {
     {"--conv-small-c", "conv_small_c", kc::conv_small_c, kc::set_conv_small_c},
     {"--bn-persistent", "bn_persistent", kc::bn_persistent, kc::set_bn_persistent},
     {"--pdl", "programmatic_launch", kc::programmatic_launch, kc::set_programmatic_launch},
+    {"--halo-resident", "halo_resident", kc::halo_resident, kc::set_halo_resident},
 };
 
 // Sets the switch arg names (true), or returns false when arg is no switch flag. --conv-halo takes

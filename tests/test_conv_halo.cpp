@@ -186,6 +186,14 @@ TEST(ConvHalo, PlanTakesOnlySameConvolutionsItCanTile) {
   EXPECT_EQ(c128.map.stride_bytes[1], 256u * 32u);
   EXPECT_EQ(c128.map.stride_bytes[2], 256u * 32u * 32u);
   EXPECT_EQ(c128.map.dim[0], 128u);
+  // The resident form (a column tile of 64, the whole filter in shared memory) fits the 32 px
+  // 64-channel layer: 9 stages of 8 KiB and two 30 KiB patches; not two chunks, nor 5x5.
+  EXPECT_EQ(halo_resident_smem_bytes(r18.src, 64), 9 * 8192 + 2 * int64_t(r18.src.patch_bytes) + 5 * 8 + 1024);
+  EXPECT_TRUE(halo_resident_fits(r18.src, 64));
+  EXPECT_FALSE(halo_resident_fits(c128.src, 64));
+  const HaloConvPlan r5 = plan_conv_halo(8, 32, 32, 64, 5, 5, 1, 2, 1, big, 0.8);
+  ASSERT_TRUE(r5.ok) << r5.why;
+  EXPECT_FALSE(halo_resident_fits(r5.src, 64));
   // 16 px: 16 x 18 positions make 3 tiles for 256 outputs, two thirds used.
   const HaloConvPlan r16 = plan_conv_halo(512, 16, 16, 128, 3, 3, 1, 1, 1, big, 0.8);
   EXPECT_FALSE(r16.ok);

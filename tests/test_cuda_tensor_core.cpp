@@ -32,6 +32,7 @@
 
 #include "kernels/common/conv_stride_classes.h"
 #include "kernels/common/cuda_check.h"
+#include "kernels/cuda/conv_halo.h"
 #include "kernels/cuda/conv_small_c_plan.h"
 #include "kernels/cuda/conv_tma.h"
 #include "kernels/cuda/ops.h"
@@ -804,6 +805,29 @@ class ScopedHalo {
   int before_;
 };
 
+// The halo convolutions' test cases (below): a shape, conv_halo()'s mode, how many of its two
+// passes (forward, data gradient) take the halo kernel, which of them give the same bits as
+// without it, and the data gradient's beta.
+struct HaloCase {
+  Conv2dShape sh;
+  int mode, launches;
+  bool same_bits_fwd, same_bits_dgrad;
+  float beta;
+};
+std::vector<HaloCase> halo_cases() {
+  return {
+      {conv(20, 32, 32, 64, 64, 3, 1, 1), 1, 2, true, true, 0.f},
+      {conv(24, 32, 32, 64, 64, 3, 1, 1), 1, 2, true, true, 1.f},
+      {conv(20, 32, 32, 64, 128, 3, 1, 1), 1, 2, false, true, 0.f},
+      {conv(20, 32, 32, 64, 64, 5, 1, 2), 1, 2, true, true, 0.f},
+      {conv(40, 30, 30, 64, 64, 3, 1, 1), 1, 2, true, true, 0.f},
+      {conv(40, 16, 16, 128, 128, 3, 1, 1), 2, 2, false, false, 0.f},
+      {conv(40, 16, 16, 128, 128, 3, 1, 1), 1, 0, true, true, 0.f},
+      {conv(2, 32, 32, 64, 64, 3, 1, 1), 1, 0, true, true, 0.f},
+      {conv(20, 32, 32, 64, 64, 3, 2, 1), 1, 0, true, true, 0.f},
+  };
+}
+
 TEST_P(TensorCore, ConvolutionsByHaloPatches) {
   // The halo kernel (conv_halo.h, wgmma_halo_mainloop.cuh) for the stride-1 same convolutions'
   // forward and data gradient on the wgmma_tma main loop, where the TMA convolution would not
@@ -816,23 +840,8 @@ TEST_P(TensorCore, ConvolutionsByHaloPatches) {
   // K, and stride 2. Against the reference (check_conv); against the same pass without the halo
   // kernel bit for bit where both run 64-column tiles (the same wgmma on the same K steps), else
   // within two bf16 ulps; and the launch counter must grow by the passes expected here.
-  struct Case {
-    Conv2dShape sh;
-    int mode, launches;
-    bool same_bits_fwd, same_bits_dgrad;
-    float beta;
-  };
-  const Case cases[] = {
-      {conv(20, 32, 32, 64, 64, 3, 1, 1), 1, 2, true, true, 0.f},
-      {conv(24, 32, 32, 64, 64, 3, 1, 1), 1, 2, true, true, 1.f},
-      {conv(20, 32, 32, 64, 128, 3, 1, 1), 1, 2, false, true, 0.f},
-      {conv(20, 32, 32, 64, 64, 5, 1, 2), 1, 2, true, true, 0.f},
-      {conv(40, 30, 30, 64, 64, 3, 1, 1), 1, 2, true, true, 0.f},
-      {conv(40, 16, 16, 128, 128, 3, 1, 1), 2, 2, false, false, 0.f},
-      {conv(40, 16, 16, 128, 128, 3, 1, 1), 1, 0, true, true, 0.f},
-      {conv(2, 32, 32, 64, 64, 3, 1, 1), 1, 0, true, true, 0.f},
-      {conv(20, 32, 32, 64, 64, 3, 2, 1), 1, 0, true, true, 0.f},
-  };
+  const std::vector<HaloCase> cases = halo_cases();
+  const ScopedSwitch streaming(kcu::halo_resident, kcu::set_halo_resident, false);  // its own test below
   const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
   const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
   const ScopedSwitch direct(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
@@ -840,7 +849,7 @@ TEST_P(TensorCore, ConvolutionsByHaloPatches) {
   const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
   const bool runs = GetParam() == kcu::MmaMainloop::kWgmmaTma;
   uint32_t seed = 990;
-  for (const Case& c : cases) {
+  for (const HaloCase& c : cases) {
     seed += 5;
     const std::string what = conv_str(c.sh) + " mode " + std::to_string(c.mode);
     ConvResult with, without;
@@ -863,6 +872,55 @@ TEST_P(TensorCore, ConvolutionsByHaloPatches) {
       EXPECT_TRUE(bits_equal(with.dx, without.dx)) << what << ": backward data, halo vs without";
     else
       expect_close_elementwise(with.dx, without.dx, 1.0 / 64, what + ": backward data, halo vs without");
+  }
+}
+
+TEST_P(TensorCore, ConvolutionsByHaloPatchesResident) {
+  // The halo kernel's resident form (halo_resident(), wgmma_halo_resident_kernel): a persistent
+  // block per SM keeps the filter's B operand in shared memory and streams the patches through a
+  // ring of two. On the cases above, every pass whose plan fits it (3x3 over 64 source channels)
+  // and whose tiles outnumber the SMs runs resident (the launch counter), bit for bit against
+  // the streaming kernel and right against the reference (check_conv); the others stream.
+  namespace wg = kcu::detail::wgmma;
+  const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
+  const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+  const ScopedSwitch direct(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
+  const ScopedSwitch narrow(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
+  const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
+  const bool runs = GetParam() == kcu::MmaMainloop::kWgmmaTma;
+  int device = 0, sms = 0;
+  SP_CUDA_CHECK(cudaGetDevice(&device));
+  SP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  uint32_t seed = 1090;
+  int64_t total = 0;
+  for (const HaloCase& c : halo_cases()) {
+    seed += 5;
+    if (c.launches == 0) continue;
+    const std::string what = conv_str(c.sh) + " mode " + std::to_string(c.mode);
+    int64_t expect = 0;
+    for (const int dir : {1, -1}) {
+      const wg::HaloConvPlan plan = wg::plan_conv_halo(c.sh.n, c.sh.h, c.sh.w, dir > 0 ? c.sh.c : c.sh.k, c.sh.r,
+                                                       c.sh.s, 1, c.sh.pad, dir, int64_t(1) << 30, 0.0);
+      expect += runs && plan.ok && wg::halo_resident_fits(plan.src, 64) && plan.tiles > sms;
+    }
+    const ScopedHalo on(c.mode);
+    ConvResult streaming, resident;
+    {
+      const ScopedSwitch off(kcu::halo_resident, kcu::set_halo_resident, false);
+      streaming = check_conv(kCustomConv, stream_, c.sh, seed, 0, false, c.beta);
+    }
+    {
+      const ScopedSwitch resident_on(kcu::halo_resident, kcu::set_halo_resident);
+      const int64_t before = kcu::conv_halo_resident_launches();
+      resident = check_conv(kCustomConv, stream_, c.sh, seed, 0, false, c.beta);
+      EXPECT_EQ(kcu::conv_halo_resident_launches() - before, expect) << what << ": resident launches";
+    }
+    EXPECT_TRUE(bits_equal(resident.y, streaming.y)) << what << ": forward, resident vs streaming";
+    EXPECT_TRUE(bits_equal(resident.dx, streaming.dx)) << what << ": backward data, resident vs streaming";
+    total += expect;
+  }
+  if (runs) {
+    EXPECT_GT(total, 0) << "nothing ran resident on " << sms << " SMs";
   }
 }
 

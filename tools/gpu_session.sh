@@ -12,8 +12,8 @@
 #   3. compute-sanitizer memcheck (first) on the stride classes' test (their results go straight
 #      into dx), the split-K test of every main loop (the epilogue's paired stores) and the
 #      persistent TMA kernel's, then racecheck on the persistent kernel's, then memcheck on the
-#      halo convolutions' (where their test passed, possibly with STALEPROP_HALO_DESC_PHASE=1 on
-#      a second try) (SAN_CAP seconds each,
+#      halo convolutions' tests, streaming and resident (where they passed, possibly with
+#      STALEPROP_HALO_DESC_PHASE=1 on a second try) (SAN_CAP seconds each,
 #      default 55; only tests that ended in ctest, none that timed out); racecheck over the
 #      convolution tests and test_cuda_network comes after step 6 (SWEEP_CAP seconds each,
 #      default 100, as time allows);
@@ -24,7 +24,8 @@
 #   5. a first figure for each new path, against its vendor twin: the sums over ResNet-18's bf16
 #      convolutions as by default against cuDNN; ResNet-18's stride-1 layers and the sums with the
 #      halo kernel off and in modes 1 and 2 (--conv-halo), and its training step (STALEPROP_CONV_HALO
-#      0 and 1); the bf16 GEMM (both TMA tiles) and the
+#      0 and 1), then its resident form off and on (--halo-resident, STALEPROP_HALO_RESIDENT); the
+#      bf16 GEMM (both TMA tiles) and the
 #      convolutions' sums with the persistent TMA kernel off and on (--tma-persistent) against
 #      cuBLASLt and cuDNN (or, where its test did not pass, the GEMM with --tma-wide=0 and =1);
 #      max pooling and the fused BN+add+ReLU backward against the copy (one-byte tap indices; the
@@ -34,7 +35,7 @@
 #      ResNet-56 (128) with every new path that passed off, as by default and on
 #      (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _DGRAD_CLASS_DIRECT, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
 #      _CONV_SMALL_C, _BN_PERSISTENT, _PDL, _TMA_PERSISTENT, _BF16_WEIGHT_COPIES, _DGRAD_ACCUMULATE,
-#      _CONV_HALO); with COMPARE_BIN, ResNet-56's
+#      _CONV_HALO, _HALO_RESIDENT); with COMPARE_BIN, ResNet-56's
 #      op-by-op fdg (interleaved, twice) and backprop on this commit's binary and another's, and
 #      fdg with the transposed filter and the scratch pool's cross-stream waits. With POOL=1,
 #      gpu_bench stage 1 for the pooling and shortcut kernels against the copy (at most 60 s).
@@ -168,12 +169,14 @@ DGRAD_ACC_OK=; passed 'ConvolutionsOnResNetAndAwkwardShapes/wgmma_tma' && [ -n "
 # once more with the A descriptors' base offset set to the start's row phase (conv_halo.h: which
 # form the hardware wants is the open question); where that passes, the halo is measured so.
 HALO_OK=; passed 'ConvolutionsByHaloPatches/wgmma_tma' && HALO_OK=1
+HALO_RESIDENT_OK=; passed 'ConvolutionsByHaloPatchesResident/wgmma_tma' && HALO_RESIDENT_OK=1
 if [ -z "$HALO_OK" ] && finished 'ConvolutionsByHaloPatches/wgmma_tma' && [ "$(left)" -gt 300 ]; then
   STALEPROP_HALO_DESC_PHASE=1 timeout 60 build-gpu/tests/test_cuda_tensor_core \
-    --gtest_filter='*ConvolutionsByHaloPatches/wgmma_tma' > "$OUT/halo-desc-phase.log" 2>&1 &&
-    HALO_OK=1 && export STALEPROP_HALO_DESC_PHASE=1
-  log "halo test with the descriptors' base offset set: $(tail -1 "$OUT/halo-desc-phase.log")"
+    --gtest_filter='*ConvolutionsByHaloPatches*/wgmma_tma' > "$OUT/halo-desc-phase.log" 2>&1 &&
+    HALO_OK=1 && HALO_RESIDENT_OK=1 && export STALEPROP_HALO_DESC_PHASE=1
+  log "halo tests with the descriptors' base offset set: $(tail -1 "$OUT/halo-desc-phase.log")"
 fi
+[ -n "$HALO_OK" ] || HALO_RESIDENT_OK=
 # The wide tile chosen by shape runs the kernels of both wide-tile tests; its own test checks the routing.
 WIDE_SHAPE_OK=; [ -n "$TMA_WIDE_OK" ] && [ -n "$CONV_WIDE_OK" ] && passed 'WideTileByShape/wgmma_tma' && WIDE_SHAPE_OK=1
 verdict() { [ -n "$1" ] && echo passed || echo "did not pass: not measured"; }
@@ -182,7 +185,8 @@ log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict 
   "stride-class data gradient with TMA loads $(verdict "$CLASSES_TMA_OK"); wide tile by shape $(verdict "$WIDE_SHAPE_OK");" \
   "clusters of two $(verdict "$CLUSTER_OK"); direct stem $(verdict "$SMALL_C_OK");" \
   "persistent TMA kernel $(verdict "$PERSISTENT_OK"); bf16 weight copies written by the step $(verdict "$WEIGHT_COPIES_OK");" \
-  "residual gradients summed in the data gradient $(verdict "$DGRAD_ACC_OK"); halo convolutions $(verdict "$HALO_OK")"
+  "residual gradients summed in the data gradient $(verdict "$DGRAD_ACC_OK"); halo convolutions $(verdict "$HALO_OK");" \
+  "their resident form $(verdict "$HALO_RESIDENT_OK")"
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call, RESERVE=seconds
@@ -218,6 +222,8 @@ if [ -z "${CTEST_LOG:-}" ]; then
   finished 'PersistentTmaKernelGivesTheSameBits/wgmma_tma' &&
     san racecheck test_cuda_tensor_core '*PersistentTmaKernelGivesTheSameBits/wgmma_tma' persistent
   [ -n "$HALO_OK" ] && san memcheck test_cuda_tensor_core '*ConvolutionsByHaloPatches/wgmma_tma' halo
+  [ -n "$HALO_RESIDENT_OK" ] &&
+    san memcheck test_cuda_tensor_core '*ConvolutionsByHaloPatchesResident/wgmma_tma' halo-resident
 fi
 
 if [ -n "$TRAIN_PID" ]; then
@@ -276,6 +282,12 @@ if [ -n "$HALO_OK" ]; then
       "$OUT/r18-convs-halo-1.json"; } >> "$OUT/headline.md" 2>&1
   throughput_ab halo STALEPROP_CONV_HALO resnet18 512
 fi
+# Its resident form off and on (the halo in mode 1): the 64-channel 32 px layers and the sums,
+# then the training step.
+if [ -n "$HALO_RESIDENT_OK" ]; then
+  STALEPROP_CONV_HALO=1 ab r18-convs-halo-resident halo-resident 40 '_bf16/r18_(64to64_3x3|all_layers)'
+  STALEPROP_CONV_HALO=1 throughput_ab halo-resident STALEPROP_HALO_RESIDENT resnet18 512
+fi
 if [ -n "$PERSISTENT_OK" ]; then
   ab gemm-bf16-persistent tma-persistent 30 '^gemm_bf16/square'
   [ -n "$TMA_WIDE_OK" ] && STALEPROP_TMA_WIDE=1 ab gemm-bf16-wide-persistent tma-persistent 30 '^gemm_bf16/square'
@@ -318,7 +330,7 @@ fi
 NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_WIDE_BY_SHAPE=0
   STALEPROP_TMA_CLUSTER=0 STALEPROP_CONV_SMALL_C=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0
   STALEPROP_DGRAD_CLASSES=0 STALEPROP_DGRAD_CLASS_DIRECT=0 STALEPROP_TMA_PERSISTENT=0
-  STALEPROP_BF16_WEIGHT_COPIES=0 STALEPROP_DGRAD_ACCUMULATE=0 STALEPROP_CONV_HALO=0)
+  STALEPROP_BF16_WEIGHT_COPIES=0 STALEPROP_DGRAD_ACCUMULATE=0 STALEPROP_CONV_HALO=0 STALEPROP_HALO_RESIDENT=0)
 [ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_CLASSES=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && [ -n "$CLASS_DIRECT_OK" ] &&
@@ -332,6 +344,7 @@ NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_
 [ -n "$WEIGHT_COPIES_OK" ] && NEW_PATHS+=(STALEPROP_BF16_WEIGHT_COPIES=1)
 [ -n "$DGRAD_ACC_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_ACCUMULATE=1)
 [ -n "$HALO_OK" ] && NEW_PATHS+=(STALEPROP_CONV_HALO=1)
+[ -n "$HALO_RESIDENT_OK" ] && NEW_PATHS+=(STALEPROP_HALO_RESIDENT=1)
 # "defaults" runs with no switch set (the caller's unset too): what a user gets. ResNet-18 runs
 # two rounds, each beside PyTorch, whose rate varied by +-11% between rounds on 2026-11-27b.
 DEFAULTS=()

@@ -143,7 +143,8 @@ before every use instead of reading the copies the optimizer's step writes),
 STALEPROP_DGRAD_ACCUMULATE=0 (a residual block's two gradients summed by a separate add instead
 of inside the convolution's data gradient); these turn on a path that is off by default:
 STALEPROP_CONV_HALO=1 or 2 (the stride-1 3x3 convolutions' halo kernel, for 32 px rows or also
-16 px; STALEPROP_HALO_DESC_PHASE=1 sets its descriptors' base offset), STALEPROP_TMA_WIDE=1
+16 px; STALEPROP_HALO_RESIDENT=1 its form that keeps the filter in shared memory;
+STALEPROP_HALO_DESC_PHASE=1 sets its descriptors' base offset), STALEPROP_TMA_WIDE=1
 (the 128x256 tile wherever it fits), STALEPROP_TMA_CLUSTER=1 (the TMA tiles in clusters of two
 that share the B operand by multicast), STALEPROP_TMA_PERSISTENT=1 (the TMA kernel persistent:
 as many blocks as the SMs hold, each going over tiles), STALEPROP_BN_PERSISTENT=1 (batch norm's training

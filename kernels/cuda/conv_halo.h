@@ -123,6 +123,20 @@ struct HaloStepWalk {
   }
 };
 
+// The resident form's shared memory (wgmma_halo_mainloop.cuh, wgmma_halo_resident_kernel): the
+// whole B operand of a column tile bn wide (one 64-deep stage per K step: taps * chunks of
+// them), a ring of kHaloResidentSlots patches, 1 + 2 * kHaloResidentSlots mbarriers, and the
+// slack to round the start up to 1024 bytes. It runs where that fits one block: 227 KiB.
+constexpr int kHaloResidentSlots = 2;
+constexpr int64_t kHaloResidentMaxSmem = 227 * 1024;
+SP_WGMMA_HD constexpr int64_t halo_resident_smem_bytes(const HaloConvSource& src, int bn) {
+  return int64_t(src.s) * src.s * src.chunks * bn * kBK * 2 +
+         int64_t(kHaloResidentSlots) * src.patch_bytes * src.chunks + (1 + 2 * kHaloResidentSlots) * 8 + kAtomBytes;
+}
+SP_WGMMA_HD constexpr bool halo_resident_fits(const HaloConvSource& src, int bn) {
+  return halo_resident_smem_bytes(src, bn) <= kHaloResidentMaxSmem;
+}
+
 struct HaloConvPlan {
   bool ok = false;
   const char* why = "";  // when not ok: the first requirement the shape misses

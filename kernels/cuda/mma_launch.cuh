@@ -52,7 +52,8 @@ void count_wide_tma_launch();
 void count_cluster_tma_launch();
 void count_class_direct_launch();  // dgrad_class_direct_launches() (tensor_core.h)
 void count_persistent_tma_launch();
-void count_halo_launch();  // conv_halo_launches() (tensor_core.h)
+void count_halo_launch();           // conv_halo_launches() (tensor_core.h)
+void count_halo_resident_launch();  // conv_halo_resident_launches()
 int sm_count(int device);  // the device's SMs (asked once per device)
 // The TMA descriptor of a bf16 matrix at p (16-byte aligned) shaped as `shape` says, with the
 // 128-byte swizzle and zero fill outside it. Throws sp::Error where the driver refuses.
@@ -263,35 +264,59 @@ inline bool tma_conv_unsplit(int m, int n, int k) {
   return splits(wgmma::WgTmaTile{}) == 1;
 }
 
-// The halo convolution (wgmma_halo_mainloop.cuh) of `plan` (ok) over `src` (16-byte aligned): the
-// output's `rows` rows (n * P * Q) x N columns, K = taps x source channels, B a plain K-contiguous
-// matrix with vec set. One block per tile, no split of K.
-template <typename T>
-void run_wgmma_halo_conv(const wgmma::HaloConvPlan& plan, const uint16_t* src, const MatrixLoader<true>& b,
-                         int64_t rows, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream) {
-  using Tile = wgmma::WgHaloTile;
-  constexpr auto kernel = &wgmma::wgmma_halo_conv_kernel<Tile, T>;
-  const int64_t n_tiles = ceil_div(n, Tile::kBN);
-  SP_CHECK(plan.ok && plan.src.chunks <= Tile::kMaxChunks && plan.tiles < (int64_t(1) << 31) && n_tiles <= 65535 &&
-               rows < (int64_t(1) << 31),
-           "conv (halo): ", plan.tiles, " x ", n_tiles, " tiles are past the grid");
-  const int64_t smem = int64_t(plan.src.patch_bytes) * plan.src.chunks + Tile::kFixedSmemBytes;
-  SP_CHECK(smem <= 227 * 1024, "conv (halo): ", smem, " bytes of shared memory");
+// Opts Kernel in to all of an SM's dynamic shared memory (227 KiB) and the carveout that gives
+// it, once per kernel and device.
+template <auto Kernel>
+void opt_in_shared_memory() {
   static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (devices >= 64 always ask)
   int device = 0;
   SP_CUDA_CHECK(cudaGetDevice(&device));
   const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
   if ((opted_in.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
-    SP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
-    SP_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+    SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+    SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                        int(cudaSharedmemCarveoutMaxShared)));
     opted_in.fetch_or(bit, std::memory_order_relaxed);
   }
+}
+
+// The halo convolution (wgmma_halo_mainloop.cuh) of `plan` (ok) over `src` (16-byte aligned): the
+// output's `rows` rows (n * P * Q) x N columns, K = taps x source channels, B a plain K-contiguous
+// matrix with vec set. No split of K. The resident form where halo_resident() is on, the plan's
+// filter and patch ring fit a block's shared memory and the tiles outnumber the SMs (a persistent
+// block per SM); else the streaming kernel, a block per tile.
+template <typename T>
+void run_wgmma_halo_conv(const wgmma::HaloConvPlan& plan, const uint16_t* src, const MatrixLoader<true>& b,
+                         int64_t rows, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream) {
+  using Tile = wgmma::WgHaloTile;
+  using Resident = wgmma::WgHaloResidentTile;
+  static_assert(Tile::kBN == Resident::kBN, "one B map serves both forms");
+  const int64_t n_tiles = ceil_div(n, Tile::kBN);
+  SP_CHECK(plan.ok && plan.src.chunks <= Tile::kMaxChunks && plan.tiles < (int64_t(1) << 31) && n_tiles <= 65535 &&
+               rows < (int64_t(1) << 31),
+           "conv (halo): ", plan.tiles, " x ", n_tiles, " tiles are past the grid");
   const CUtensorMap map_a = encode_tensor_map_4d_bf16(src, plan.map);
   const CUtensorMap map_b = b_operand_map<Tile>(b);
   const MmaGeometry g{int(rows), n, k, k};
-  launch_kernel(kernel, dim3(unsigned(plan.tiles), unsigned(n_tiles), 1), Tile::kThreads, size_t(smem), stream, map_a,
-                map_b, plan.src, g, ep, halo_desc_phase() ? 1 : 0);
+  const int desc_phase = halo_desc_phase() ? 1 : 0;
+  int device = 0;
+  SP_CUDA_CHECK(cudaGetDevice(&device));
+  const int64_t sms = sm_count(device);
+  if (halo_resident() && Resident::fits(plan.src) && plan.tiles > sms) {
+    constexpr auto kernel = &wgmma::wgmma_halo_resident_kernel<Resident, T>;
+    opt_in_shared_memory<kernel>();
+    launch_kernel(kernel, dim3(unsigned(sms), unsigned(n_tiles), 1), Resident::kThreads,
+                  size_t(Resident::smem_bytes(plan.src)), stream, map_a, map_b, plan.src, g, ep, int(plan.tiles),
+                  desc_phase);
+    count_halo_resident_launch();
+  } else {
+    constexpr auto kernel = &wgmma::wgmma_halo_conv_kernel<Tile, T>;
+    const int64_t smem = int64_t(plan.src.patch_bytes) * plan.src.chunks + Tile::kFixedSmemBytes;
+    SP_CHECK(smem <= 227 * 1024, "conv (halo): ", smem, " bytes of shared memory");
+    opt_in_shared_memory<kernel>();
+    launch_kernel(kernel, dim3(unsigned(plan.tiles), unsigned(n_tiles), 1), Tile::kThreads, size_t(smem), stream, map_a,
+                  map_b, plan.src, g, ep, desc_phase);
+  }
   count_halo_launch();
 }
 

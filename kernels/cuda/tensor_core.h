@@ -162,6 +162,16 @@ int conv_halo();
 double conv_halo_min_used();
 // How many halo convolutions have been launched in this process.
 int64_t conv_halo_launches();
+// The halo kernel's resident form (wgmma_halo_mainloop.cuh, wgmma_halo_resident_kernel): a
+// persistent block per SM keeps the filter's whole B operand in shared memory and streams only
+// the patches, through a ring of two, where that fits (3x3 filters over 64 source channels: B is
+// then 72 KiB). With the streaming halo kernel a tile reads 30 KiB of patch but 72 KiB of filter
+// from L2; resident, only the patch. The same bits. Off unless set, or the environment variable
+// STALEPROP_HALO_RESIDENT is 1 (with conv_halo() on): written without a GPU, not yet run on one.
+void set_halo_resident(bool on);
+bool halo_resident();
+// How many halo convolutions have run in the resident form in this process.
+int64_t conv_halo_resident_launches();
 // The halo kernel's A descriptors with their base offset set to the start's row within its
 // 1024-byte swizzle pattern, instead of 0 (conv_halo.h: which one the hardware wants for a start
 // that is not a multiple of 8 rows is for the GPU test to tell). Off unless set, or the

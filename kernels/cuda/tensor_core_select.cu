@@ -17,9 +17,10 @@ namespace {
 std::atomic<int> g_mainloop{-1};
 // -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class, dgrad_transposed_filter).
 std::atomic<int> g_dgrad_classes{-1}, g_dgrad_class_direct{-1}, g_dgrad_wt{-1}, g_conv_tma{-1}, g_tma_wide{-1},
-    g_tma_wide_by_shape{-1}, g_tma_cluster{-1}, g_tma_persistent{-1}, g_conv_halo{-1}, g_halo_desc_phase{-1};
+    g_tma_wide_by_shape{-1}, g_tma_cluster{-1}, g_tma_persistent{-1}, g_conv_halo{-1}, g_halo_desc_phase{-1},
+    g_halo_resident{-1};
 std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0}, g_cluster_launches{0}, g_class_direct_launches{0},
-    g_persistent_launches{0}, g_halo_launches{0};
+    g_persistent_launches{0}, g_halo_launches{0}, g_halo_resident_launches{0};
 
 }  // namespace
 
@@ -109,6 +110,9 @@ double conv_halo_min_used() {
   return mode == 1 ? 0.8 : mode == 2 ? 0.6 : 0.0;
 }
 int64_t conv_halo_launches() { return g_halo_launches.load(std::memory_order_relaxed); }
+void set_halo_resident(bool on) { detail::set_switch(g_halo_resident, on); }
+bool halo_resident() { return detail::env_switch(g_halo_resident, "STALEPROP_HALO_RESIDENT", false); }
+int64_t conv_halo_resident_launches() { return g_halo_resident_launches.load(std::memory_order_relaxed); }
 void set_halo_desc_phase(bool on) { detail::set_switch(g_halo_desc_phase, on); }
 bool halo_desc_phase() { return detail::env_switch(g_halo_desc_phase, "STALEPROP_HALO_DESC_PHASE", false); }
 
@@ -149,6 +153,7 @@ void count_wide_tma_launch() { g_wide_launches.fetch_add(1, std::memory_order_re
 void count_cluster_tma_launch() { g_cluster_launches.fetch_add(1, std::memory_order_relaxed); }
 void count_persistent_tma_launch() { g_persistent_launches.fetch_add(1, std::memory_order_relaxed); }
 void count_halo_launch() { g_halo_launches.fetch_add(1, std::memory_order_relaxed); }
+void count_halo_resident_launch() { g_halo_resident_launches.fetch_add(1, std::memory_order_relaxed); }
 
 int sm_count(int device) {
   // Per device, asked once (devices beyond the first 64 each time).

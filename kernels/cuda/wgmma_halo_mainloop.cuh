@@ -171,4 +171,160 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 #endif
 }
 
+// ---- The resident form (halo_resident(), tensor_core.h) ---------------------------------------
+// With the streaming kernel above a tile's L2 traffic is 30 KiB of patch but 72 KiB of filter (9
+// B stages of 8 KiB for a 64 -> 64 3x3 layer): B now dominates. Here a persistent block (one per
+// SM: as many as the SMs hold, each taking tiles b, b + gridDim.x, ...) loads the filter's whole
+// B operand for its column tile once, keeps it in shared memory, and streams only the patches,
+// through a ring of two slots, so that the producer loads the next tile's patch while the
+// consumers compute this one. Per tile only the patch crosses L2. Each tile runs the same K steps
+// and wgmma on the same operands as on the streaming kernel: the same bits.
+//   producer   one thread: every B stage of the column tile (completing on b_full), then per
+//              tile of the block, in ring slot j % 2: waits until the slot is free (patch_empty),
+//              announces and issues its chunks' boxes (patch_full).
+//   consumers  wait for B once; per tile: wait for the slot, the K steps (4 wgmma each) on the
+//              slot's patch and the resident B stage of the step, the epilogue, then release the
+//              slot (after the epilogue: released before it, ptxas serialises the wgmma, C7515).
+struct WgHaloResidentTile {
+  static constexpr int kBM = kHaloTileM, kBN = 64, kBK = wgmma::kBK;
+  static constexpr int kMinBlocks = 1;
+  static constexpr int kCluster = 1;
+  static constexpr int kConsumerThreads = 2 * kWarpgroupThreads, kConsumerWarps = kConsumerThreads / kWarpSize;
+  static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;
+  static constexpr int kBStage = kBN * kBK;  // elements of one K step's B
+  static constexpr int kAcc = kBN / 2;
+  static constexpr int kSlots = kHaloResidentSlots;  // the patch ring
+  // A plan's shared memory, and whether it fits one block (conv_halo.h): 3x3 filters of one chunk
+  // (64 source channels: 72 KiB of B and two 30 KiB patches at 32 px), not 5x5 or 128 channels.
+  SP_WGMMA_HD static constexpr int64_t smem_bytes(const HaloConvSource& src) {
+    return halo_resident_smem_bytes(src, kBN);
+  }
+  SP_WGMMA_HD static constexpr bool fits(const HaloConvSource& src) { return halo_resident_fits(src, kBN); }
+  static_assert(kBStage * 2 % kAtomBytes == 0, "B stages stay 1024-byte aligned");
+};
+
+// Tile::kThreads threads; dynamic shared memory Tile::smem_bytes(src). map_a: the patch box;
+// map_b: B's stages (TmaStage<kBN>, K-contiguous). grid = (blocks, N tiles), blocks at most the
+// M tiles (n * tiles_per_image).
+template <class Tile, typename T>
+__global__ void __launch_bounds__(Tile::kThreads, 1)
+    wgmma_halo_resident_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                               const __grid_constant__ HaloConvSource src, MmaGeometry g, MmaEpilogue<T> ep, int tiles,
+                               int desc_phase) {
+  pdl_prologue();
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using LayoutB = SwizzledLayout<Tile::kBN>;
+  using StageB = TmaStage<Tile::kBN>;
+  constexpr int kSlots = Tile::kSlots;
+
+  unsigned char* const raw = ptx::dynamic_smem();
+  const uint32_t misalign = ptx::smem_u32(raw) % kAtomBytes;
+  const int k_steps = src.s * src.s * src.chunks;
+  uint16_t* const b_smem = reinterpret_cast<uint16_t*>(raw + (misalign ? kAtomBytes - misalign : 0));
+  unsigned char* const patches = reinterpret_cast<unsigned char*>(b_smem + size_t(k_steps) * Tile::kBStage);
+  const size_t slot_bytes = size_t(src.patch_bytes) * size_t(src.chunks);
+  uint64_t* const b_full = reinterpret_cast<uint64_t*>(patches + kSlots * slot_bytes);
+  uint64_t* const patch_full = b_full + 1;
+  uint64_t* const patch_empty = patch_full + kSlots;
+
+  const int n0 = int(blockIdx.y) * Tile::kBN;
+  const int first = int(blockIdx.x), step_tiles = int(gridDim.x);
+  const int wg = int(threadIdx.x) / kWarpgroupThreads;
+
+  if (threadIdx.x == 0) {
+    ptx::mbarrier_init(b_full, 1);
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      ptx::mbarrier_init(&patch_full[i], 1);
+      ptx::mbarrier_init(&patch_empty[i], Tile::kConsumerWarps);
+    }
+    ptx::fence_mbarrier_init();
+    ptx::fence_proxy_async_shared();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    if (threadIdx.x != 0) return;
+    ptx::mbarrier_arrive_expect_tx(b_full, uint32_t(k_steps) * StageB::kBytes);
+    for (int step = 0; step < k_steps; ++step) {
+      int c0 = 0, c1 = 0;
+      StageB::template box_coords<true>(0, n0, step * kBK, c0, c1);
+      ptx::tma_load_2d(b_smem + size_t(step) * Tile::kBStage, &map_b, b_full, c0, c1);
+    }
+    int j = 0;  // the block's tiles so far: the ring's position
+    for (int t = first; t < tiles; t += step_tiles, ++j) {
+      const int slot = j % kSlots;
+      ptx::mbarrier_wait_bounded(&patch_empty[slot], ((j / kSlots) & 1) ^ 1);
+      int img = 0, o0 = 0;
+      src.tile(t, img, o0);
+      ptx::mbarrier_arrive_expect_tx(&patch_full[slot], src.box_bytes() * uint32_t(src.chunks));
+      for (int cc = 0; cc < src.chunks; ++cc) {
+        int co[4];
+        src.box_coords(img, o0, cc, co);
+        ptx::tma_load_4d(patches + slot * slot_bytes + size_t(cc) * src.patch_bytes, &map_a, &patch_full[slot], co[0],
+                         co[1], co[2], co[3]);
+      }
+    }
+    return;
+  }
+
+  const int cw = wg - 1;
+  const uint32_t b_base = ptx::smem_u32(b_smem);
+  ptx::mbarrier_wait_bounded(b_full, 0);
+  const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
+  const bool paired = ep.pairs_aligned();
+  int j = 0;
+  for (int t = first; t < tiles; t += step_tiles, ++j) {
+    const int slot = j % kSlots;
+    int img = 0, o0 = 0;
+    src.tile(t, img, o0);
+    ptx::mbarrier_wait_bounded(&patch_full[slot], (j / kSlots) & 1);
+    const uint32_t patch_base = ptx::smem_u32(patches + slot * slot_bytes);
+    const int patch_row0 = o0 % src.wp + cw * kWarpgroupRows;
+    HaloStepWalk walk = HaloStepWalk::start(src);
+    float acc[Tile::kAcc];
+#pragma unroll
+    for (int i = 0; i < Tile::kAcc; ++i) acc[i] = 0.f;
+    for (int step = 0; step < k_steps; ++step, walk.next(src)) {
+      const uint32_t as = patch_base + walk.offset(src, patch_row0);
+      const uint32_t bs = b_base + uint32_t(step) * Tile::kBStage * 2;
+      const uint64_t phase = desc_phase ? uint64_t((as >> 7) & 7u) << 49 : 0;
+      ptx::fence_accumulators(acc);
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int q = 0; q < kBK / 16; ++q) {
+        const uint64_t da = smem_desc_sw128(as + uint32_t(q) * 32, 16, kAtomBytes) | phase;
+        const uint64_t db =
+            smem_desc_sw128(bs + LayoutB::template k16_offset<true>(q), LayoutB::template lbo<true>(), LayoutB::kSbo);
+        wgmma_k16<Tile::kBN, 0, 0>(acc, da, db);
+      }
+      ptx::wgmma_commit();
+      ptx::wgmma_wait<1>();
+      ptx::fence_accumulators(acc);
+    }
+    ptx::wgmma_wait<0>();
+    ptx::fence_accumulators(acc);
+    const int row0 = cw * kWarpgroupRows + warp * 16 + lane / 4, col0 = n0 + lane % 4 * 2;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t out = src.out_row(img, o0, row0 + 8 * h);
+      if (out < 0) continue;
+      const int64_t row_off = out * ep.row_stride;
+#pragma unroll
+      for (int i = 0; i < Tile::kBN / 8; ++i) {
+        const int col = col0 + 8 * i;
+        if (col >= g.n) continue;
+        store_pair(ep, paired, nullptr, 0, g, int(out), row_off, col, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
+      }
+    }
+    // The slot's patch is read (wait<0> above): free it for the tile two ahead.
+    if (lane == 0) ptx::mbarrier_arrive(&patch_empty[slot]);
+  }
+#else
+  (void)tiles;
+  (void)desc_phase;
+  __trap();
+#endif
+}
+
 }  // namespace sp::kernels::cuda::detail::wgmma

@@ -26,11 +26,14 @@ SP_WGMMA_TMA_TILE(WgTmaTileWide)
 SP_WGMMA_TMA_TILE(WgTmaTileCluster)
 SP_WGMMA_TMA_TILE(WgTmaTileWideCluster)
 
-// The halo kernel of the stride-1 convolutions (wgmma_halo_mainloop.cuh), bf16 output.
+// The halo kernels of the stride-1 convolutions (wgmma_halo_mainloop.cuh), bf16 output: streaming and resident.
 template __global__ void wgmma_halo_conv_kernel<WgHaloTile, uint16_t>(const __grid_constant__ CUtensorMap,
                                                                       const __grid_constant__ CUtensorMap,
                                                                       const __grid_constant__ HaloConvSource,
                                                                       mma::MmaGeometry, mma::MmaEpilogue<uint16_t>,
                                                                       int);
+template __global__ void wgmma_halo_resident_kernel<WgHaloResidentTile, uint16_t>(
+    const __grid_constant__ CUtensorMap, const __grid_constant__ CUtensorMap, const __grid_constant__ HaloConvSource,
+    mma::MmaGeometry, mma::MmaEpilogue<uint16_t>, int, int);
 
 }  // namespace sp::kernels::cuda::detail::wgmma

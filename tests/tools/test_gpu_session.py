@@ -65,8 +65,9 @@ CTEST_LOG = """\
  13/14 Test #13: Mainloops/TensorCore.PersistentTmaKernelGivesTheSameBits/wgmma_tma ..   Passed    1.00 sec
  14/16 Test #14: CudaOps.SgdGivesTheSameBitsFromUnalignedTensors .....................   Passed    1.00 sec
  15/16 Test #15: Mainloops/TensorCore.ConvolutionsOnResNetAndAwkwardShapes/wgmma_tma ..   Passed    1.00 sec
- 16/17 Test #16: CudaNetwork.Bf16WeightCopiesChangeNoBit ............................   Passed    1.00 sec
- 17/17 Test #17: Mainloops/TensorCore.ConvolutionsByHaloPatches/wgmma_tma ............   Passed    1.00 sec
+ 16/18 Test #16: CudaNetwork.Bf16WeightCopiesChangeNoBit ............................   Passed    1.00 sec
+ 17/18 Test #17: Mainloops/TensorCore.ConvolutionsByHaloPatches/wgmma_tma ............   Passed    1.00 sec
+ 18/18 Test #18: Mainloops/TensorCore.ConvolutionsByHaloPatchesResident/wgmma_tma ....   Passed    1.00 sec
 """
 
 # tools/gpu_check.sh: the build does nothing, the tests write the log above.
@@ -123,6 +124,7 @@ def main():
                                     ("memcheck", "*PersistentTmaKernelGivesTheSameBits/wgmma_tma"),
                                     ("racecheck", "*PersistentTmaKernelGivesTheSameBits/wgmma_tma"),
                                     ("memcheck", "*ConvolutionsByHaloPatches/wgmma_tma"),
+                                    ("memcheck", "*ConvolutionsByHaloPatchesResident/wgmma_tma"),
                                     ("racecheck", "*Convolution*/wgmma_tma"),
                                     ("racecheck", "*")],
               f"the sanitizers run memcheck first, on the changed kernels' test: {tools_and_filters}", log)
@@ -171,9 +173,17 @@ def main():
         check([l.split("--conv-halo=")[1][0] for l in halo] == ["0", "1", "2"] and
               all("64to64_3x3" in l and "all_layers" in l for l in halo),
               f"the halo convolutions, whose test passed, off and in modes 1 and 2: {halo}", log)
-        halo_tput = [l for l in lines if "throughput-halo" in l]
+        halo_tput = [l for l in lines if "throughput-halo" in l and "throughput-halo-resident" not in l]
         check([switches_of(l) for l in halo_tput] == [["STALEPROP_CONV_HALO=0"], ["STALEPROP_CONV_HALO=1"]],
               f"ResNet-18's throughput with the halo convolutions off and on: {halo_tput}", log)
+        resident = [l for l in bench if "--halo-resident" in l]
+        check([l.split("--halo-resident=")[1][0] for l in resident] == ["0", "1"] and
+              all("STALEPROP_CONV_HALO=1" in l.rsplit(" |", 1)[1] for l in resident),
+              f"the halo's resident form off and on, the halo in mode 1: {resident}", log)
+        resident_tput = [l for l in lines if "throughput-halo-resident" in l]
+        check([switches_of(l) for l in resident_tput] == [["STALEPROP_CONV_HALO=1", "STALEPROP_HALO_RESIDENT=0"],
+                                                          ["STALEPROP_CONV_HALO=1", "STALEPROP_HALO_RESIDENT=1"]],
+              f"ResNet-18's throughput with the resident form off and on: {resident_tput}", log)
         check(not any("halo-desc-phase" in l or "STALEPROP_HALO_DESC_PHASE" in l for l in lines),
               "the halo test passed: no second try with the descriptors' base offset", log)
         ncu = [l for l in lines if l.startswith("ncu ")]
@@ -199,14 +209,14 @@ def main():
               "the defaults' runs set no switch (the caller's unset)", log)
         check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=1", "STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_HALO=1",
                                   "STALEPROP_CONV_SMALL_C=0", "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_ACCUMULATE=1", "STALEPROP_DGRAD_CLASSES=1",
-                                  "STALEPROP_DGRAD_CLASS_DIRECT=1", "STALEPROP_PDL=0",
+                                  "STALEPROP_DGRAD_CLASS_DIRECT=1", "STALEPROP_HALO_RESIDENT=1", "STALEPROP_PDL=0",
                                   "STALEPROP_TMA_CLUSTER=1", "STALEPROP_TMA_PERSISTENT=1",
                                   "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in on),
               "the new paths on are exactly the switches that passed", log)
         check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=0", "STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_HALO=0",
                                   "STALEPROP_CONV_SMALL_C=0", "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_ACCUMULATE=0", "STALEPROP_DGRAD_CLASSES=0",
-                                  "STALEPROP_DGRAD_CLASS_DIRECT=0", "STALEPROP_PDL=0",
+                                  "STALEPROP_DGRAD_CLASS_DIRECT=0", "STALEPROP_HALO_RESIDENT=0", "STALEPROP_PDL=0",
                                   "STALEPROP_TMA_CLUSTER=0", "STALEPROP_TMA_PERSISTENT=0",
                                   "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in off),
@@ -252,23 +262,24 @@ def main():
 
         p2, lines2 = rerun(timed_out, "out2")
         san2 = [l for l in lines2 if l.startswith("compute-sanitizer ")]
-        check(p2.returncode == 0 and not any("Persistent" in l for l in san2) and len(san2) == 5,
+        check(p2.returncode == 0 and not any("Persistent" in l for l in san2) and len(san2) == 6,
               f"a timed-out test gets no sanitizer run, the sweeps still run: {san2}", p2.stdout + p2.stderr)
 
         # The halo test failed in ctest: it runs once more with the descriptors' base offset set
         # (the stub passes), and the halo's memcheck, benchmarks, training runs and profile then carry it.
         halo_failed = CTEST_LOG.replace("ConvolutionsByHaloPatches/wgmma_tma ............   Passed    1.00 sec",
                                         "ConvolutionsByHaloPatches/wgmma_tma ............***Failed    1.00 sec")
+        # (the resident form's test passed: without the streaming kernel's, it is not measured either)
         check("ByHaloPatches/wgmma_tma ............***Failed" in halo_failed, "the third fixture fails the halo test",
               halo_failed)
         p3, lines3 = rerun(halo_failed, "out3")
         log3 = p3.stdout + p3.stderr + "\n== calls\n" + "\n".join(lines3)
-        retry = [l for l in lines3 if l.startswith("test_cuda_tensor_core ") and "ConvolutionsByHaloPatches" in l]
+        retry = [l for l in lines3 if l.startswith("test_cuda_tensor_core ") and "ConvolutionsByHaloPatches*/" in l]
         check(p3.returncode == 0 and len(retry) == 1 and "STALEPROP_HALO_DESC_PHASE=1" in retry[0].rsplit(" |", 1)[1],
               f"the failed halo test runs once more with the base offset set: {retry}", log3)
         halo3 = [l for l in lines3 if "--conv-halo" in l or "throughput-halo" in l or
                  ("compute-sanitizer" in l and "ByHaloPatches" in l)]
-        check(len(halo3) == 7 and all("STALEPROP_HALO_DESC_PHASE=1" in l.rsplit(" |", 1)[1] for l in halo3),
+        check(len(halo3) == 10 and all("STALEPROP_HALO_DESC_PHASE=1" in l.rsplit(" |", 1)[1] for l in halo3),
               f"the halo's memcheck, benchmarks, training runs and profile carry the base offset: {halo3}", log3)
 
         results = os.path.join(out, "results.tgz")
