@@ -188,7 +188,13 @@ TEST(ConvHalo, PlanTakesOnlySameConvolutionsItCanTile) {
   EXPECT_EQ(c128.map.dim[0], 128u);
   // The resident form (a column tile of 64, the whole filter in shared memory) fits the 32 px
   // 64-channel layer: 9 stages of 8 KiB and two 30 KiB patches; not two chunks, nor 5x5.
-  EXPECT_EQ(halo_resident_smem_bytes(r18.src, 64), 9 * 8192 + 2 * int64_t(r18.src.patch_bytes) + 5 * 8 + 1024);
+  EXPECT_EQ(halo_resident_smem_bytes(r18.src, 64), 9 * 8192 + 2 * int64_t(r18.src.patch_bytes) + (9 + 4) * 8 + 1024);
+  // ... where the tiles are at least 4 per SM: ResNet-18's 32 px layer at batch 512 (4608 tiles) on
+  // an H100's 132 SMs, not 180 tiles (one wave of the streaming kernel).
+  EXPECT_TRUE(halo_resident_pays(r18.tiles, 132));
+  EXPECT_TRUE(halo_resident_pays(528, 132));
+  EXPECT_FALSE(halo_resident_pays(527, 132));
+  EXPECT_FALSE(halo_resident_pays(180, 132));
   EXPECT_TRUE(halo_resident_fits(r18.src, 64));
   EXPECT_FALSE(halo_resident_fits(c128.src, 64));
   const HaloConvPlan r5 = plan_conv_halo(8, 32, 32, 64, 5, 5, 1, 2, 1, big, 0.8);

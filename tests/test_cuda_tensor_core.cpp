@@ -805,26 +805,33 @@ class ScopedHalo {
   int before_;
 };
 
-// The halo convolutions' test cases (below): a shape, conv_halo()'s mode, how many of its two
+// The halo convolutions' test cases (below): a shape, conv_halo()'s mode, which of its two
 // passes (forward, data gradient) take the halo kernel, which of them give the same bits as
 // without it, and the data gradient's beta.
 struct HaloCase {
   Conv2dShape sh;
-  int mode, launches;
+  int mode;
+  bool fwd, dgrad;
   bool same_bits_fwd, same_bits_dgrad;
   float beta;
+  int launches() const { return int(fwd) + int(dgrad); }
 };
 std::vector<HaloCase> halo_cases() {
   return {
-      {conv(20, 32, 32, 64, 64, 3, 1, 1), 1, 2, true, true, 0.f},
-      {conv(24, 32, 32, 64, 64, 3, 1, 1), 1, 2, true, true, 1.f},
-      {conv(20, 32, 32, 64, 128, 3, 1, 1), 1, 2, false, true, 0.f},
-      {conv(20, 32, 32, 64, 64, 5, 1, 2), 1, 2, true, true, 0.f},
-      {conv(40, 30, 30, 64, 64, 3, 1, 1), 1, 2, true, true, 0.f},
-      {conv(40, 16, 16, 128, 128, 3, 1, 1), 2, 2, false, false, 0.f},
-      {conv(40, 16, 16, 128, 128, 3, 1, 1), 1, 0, true, true, 0.f},
-      {conv(2, 32, 32, 64, 64, 3, 1, 1), 1, 0, true, true, 0.f},
-      {conv(20, 32, 32, 64, 64, 3, 2, 1), 1, 0, true, true, 0.f},
+      {conv(20, 32, 32, 64, 64, 3, 1, 1), 1, true, true, true, true, 0.f},
+      {conv(24, 32, 32, 64, 64, 3, 1, 1), 1, true, true, true, true, 1.f},
+      {conv(20, 32, 32, 64, 128, 3, 1, 1), 1, true, true, false, true, 0.f},
+      {conv(20, 32, 32, 64, 64, 5, 1, 2), 1, true, true, true, true, 0.f},
+      {conv(40, 30, 30, 64, 64, 3, 1, 1), 1, true, true, true, true, 0.f},
+      {conv(40, 16, 16, 128, 128, 3, 1, 1), 2, true, true, false, false, 0.f},
+      // Many tiles per SM (1152: the resident form's ring goes round several times per block), and
+      // 40 output channels (a column tile part past N; the data gradient's dy, of 40 channels, is
+      // no halo source).
+      {conv(128, 32, 32, 64, 64, 3, 1, 1), 1, true, true, true, true, 0.f},
+      {conv(64, 32, 32, 64, 40, 3, 1, 1), 1, true, false, true, true, 0.f},
+      {conv(40, 16, 16, 128, 128, 3, 1, 1), 1, false, false, true, true, 0.f},
+      {conv(2, 32, 32, 64, 64, 3, 1, 1), 1, false, false, true, true, 0.f},
+      {conv(20, 32, 32, 64, 64, 3, 2, 1), 1, false, false, true, true, 0.f},
   };
 }
 
@@ -857,9 +864,9 @@ TEST_P(TensorCore, ConvolutionsByHaloPatches) {
       const ScopedHalo on(c.mode);
       const int64_t before = kcu::conv_halo_launches();
       with = check_conv(kCustomConv, stream_, c.sh, seed, 0, false, c.beta);
-      EXPECT_EQ(kcu::conv_halo_launches() - before, runs ? c.launches : 0) << what << ": halo launches";
+      EXPECT_EQ(kcu::conv_halo_launches() - before, runs ? c.launches() : 0) << what << ": halo launches";
     }
-    if (!runs || c.launches == 0) continue;
+    if (!runs || c.launches() == 0) continue;
     {
       const ScopedHalo off(0);
       without = check_conv(kCustomConv, stream_, c.sh, seed, 0, false, c.beta);
@@ -879,7 +886,7 @@ TEST_P(TensorCore, ConvolutionsByHaloPatchesResident) {
   // The halo kernel's resident form (halo_resident(), wgmma_halo_resident_kernel): a persistent
   // block per SM keeps the filter's B operand in shared memory and streams the patches through a
   // ring of two. On the cases above, every pass whose plan fits it (3x3 over 64 source channels)
-  // and whose tiles outnumber the SMs runs resident (the launch counter), bit for bit against
+  // and has at least 4 tiles per SM runs resident (the launch counter), bit for bit against
   // the streaming kernel and right against the reference (check_conv); the others stream.
   namespace wg = kcu::detail::wgmma;
   const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
@@ -895,13 +902,17 @@ TEST_P(TensorCore, ConvolutionsByHaloPatchesResident) {
   int64_t total = 0;
   for (const HaloCase& c : halo_cases()) {
     seed += 5;
-    if (c.launches == 0) continue;
+    if (c.launches() == 0) continue;
     const std::string what = conv_str(c.sh) + " mode " + std::to_string(c.mode);
+    // The passes that take the halo kernel (the case says which), resident where their plan fits
+    // and pays (conv_halo.h; the plan's tiles and sizes do not depend on the limits given here).
     int64_t expect = 0;
     for (const int dir : {1, -1}) {
+      if (!(dir > 0 ? c.fwd : c.dgrad)) continue;
       const wg::HaloConvPlan plan = wg::plan_conv_halo(c.sh.n, c.sh.h, c.sh.w, dir > 0 ? c.sh.c : c.sh.k, c.sh.r,
                                                        c.sh.s, 1, c.sh.pad, dir, int64_t(1) << 30, 0.0);
-      expect += runs && plan.ok && wg::halo_resident_fits(plan.src, 64) && plan.tiles > sms;
+      ASSERT_TRUE(plan.ok) << what << ": " << plan.why;
+      expect += runs && wg::halo_resident_fits(plan.src, 64) && wg::halo_resident_pays(plan.tiles, sms);
     }
     const ScopedHalo on(c.mode);
     ConvResult streaming, resident;
@@ -911,9 +922,10 @@ TEST_P(TensorCore, ConvolutionsByHaloPatchesResident) {
     }
     {
       const ScopedSwitch resident_on(kcu::halo_resident, kcu::set_halo_resident);
-      const int64_t before = kcu::conv_halo_resident_launches();
+      const int64_t before = kcu::conv_halo_resident_launches(), halo_before = kcu::conv_halo_launches();
       resident = check_conv(kCustomConv, stream_, c.sh, seed, 0, false, c.beta);
       EXPECT_EQ(kcu::conv_halo_resident_launches() - before, expect) << what << ": resident launches";
+      EXPECT_EQ(kcu::conv_halo_launches() - halo_before, runs ? c.launches() : 0) << what << ": halo launches";
     }
     EXPECT_TRUE(bits_equal(resident.y, streaming.y)) << what << ": forward, resident vs streaming";
     EXPECT_TRUE(bits_equal(resident.dx, streaming.dx)) << what << ": backward data, resident vs streaming";

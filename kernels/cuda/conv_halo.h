@@ -125,16 +125,28 @@ struct HaloStepWalk {
 
 // The resident form's shared memory (wgmma_halo_mainloop.cuh, wgmma_halo_resident_kernel): the
 // whole B operand of a column tile bn wide (one 64-deep stage per K step: taps * chunks of
-// them), a ring of kHaloResidentSlots patches, 1 + 2 * kHaloResidentSlots mbarriers, and the
-// slack to round the start up to 1024 bytes. It runs where that fits one block: 227 KiB.
+// them), a ring of kHaloResidentSlots patches, an mbarrier per B stage and two per slot, and the
+// slack to round the start up to 1024 bytes. It runs where that fits one block (227 KiB), with
+// at most kHaloResidentMaxSteps K steps (the B stages' barriers), and where the tiles are at
+// least kHaloResidentTilesPerSm per SM: each block's one-off load of B, and the uneven last
+// round of tiles, are then small beside its tiles (at 180 tiles on 132 SMs, a block per tile of
+// the streaming kernel runs them all in one wave, while 48 persistent blocks would run two).
 constexpr int kHaloResidentSlots = 2;
+constexpr int kHaloResidentMaxSteps = 32;
+constexpr int kHaloResidentTilesPerSm = 4;
 constexpr int64_t kHaloResidentMaxSmem = 227 * 1024;
 SP_WGMMA_HD constexpr int64_t halo_resident_smem_bytes(const HaloConvSource& src, int bn) {
-  return int64_t(src.s) * src.s * src.chunks * bn * kBK * 2 +
-         int64_t(kHaloResidentSlots) * src.patch_bytes * src.chunks + (1 + 2 * kHaloResidentSlots) * 8 + kAtomBytes;
+  const int64_t steps = int64_t(src.s) * src.s * src.chunks;
+  return steps * bn * kBK * 2 + int64_t(kHaloResidentSlots) * src.patch_bytes * src.chunks +
+         (steps + 2 * kHaloResidentSlots) * 8 + kAtomBytes;
 }
 SP_WGMMA_HD constexpr bool halo_resident_fits(const HaloConvSource& src, int bn) {
-  return halo_resident_smem_bytes(src, bn) <= kHaloResidentMaxSmem;
+  return int64_t(src.s) * src.s * src.chunks <= kHaloResidentMaxSteps &&
+         halo_resident_smem_bytes(src, bn) <= kHaloResidentMaxSmem;
+}
+// Whether a plan's tiles are enough for the resident form on `sms` SMs (a persistent block each).
+SP_WGMMA_HD constexpr bool halo_resident_pays(int64_t tiles, int64_t sms) {
+  return tiles >= int64_t(kHaloResidentTilesPerSm) * sms;
 }
 
 struct HaloConvPlan {

@@ -283,8 +283,9 @@ void opt_in_shared_memory() {
 // The halo convolution (wgmma_halo_mainloop.cuh) of `plan` (ok) over `src` (16-byte aligned): the
 // output's `rows` rows (n * P * Q) x N columns, K = taps x source channels, B a plain K-contiguous
 // matrix with vec set. No split of K. The resident form where halo_resident() is on, the plan's
-// filter and patch ring fit a block's shared memory and the tiles outnumber the SMs (a persistent
-// block per SM); else the streaming kernel, a block per tile.
+// filter and patch ring fit a block's shared memory and there are enough tiles per SM
+// (conv_halo.h: halo_resident_fits, halo_resident_pays; a persistent block per SM); else the
+// streaming kernel, a block per tile.
 template <typename T>
 void run_wgmma_halo_conv(const wgmma::HaloConvPlan& plan, const uint16_t* src, const MatrixLoader<true>& b,
                          int64_t rows, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t stream) {
@@ -302,7 +303,7 @@ void run_wgmma_halo_conv(const wgmma::HaloConvPlan& plan, const uint16_t* src, c
   int device = 0;
   SP_CUDA_CHECK(cudaGetDevice(&device));
   const int64_t sms = sm_count(device);
-  if (halo_resident() && Resident::fits(plan.src) && plan.tiles > sms) {
+  if (halo_resident() && Resident::fits(plan.src) && wgmma::halo_resident_pays(plan.tiles, sms)) {
     constexpr auto kernel = &wgmma::wgmma_halo_resident_kernel<Resident, T>;
     opt_in_shared_memory<kernel>();
     launch_kernel(kernel, dim3(unsigned(sms), unsigned(n_tiles), 1), Resident::kThreads,

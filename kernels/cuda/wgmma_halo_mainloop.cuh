@@ -179,10 +179,11 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 // through a ring of two slots, so that the producer loads the next tile's patch while the
 // consumers compute this one. Per tile only the patch crosses L2. Each tile runs the same K steps
 // and wgmma on the same operands as on the streaming kernel: the same bits.
-//   producer   one thread: every B stage of the column tile (completing on b_full), then per
+//   producer   one thread: every B stage of the column tile (each on its b_full barrier), then per
 //              tile of the block, in ring slot j % 2: waits until the slot is free (patch_empty),
 //              announces and issues its chunks' boxes (patch_full).
-//   consumers  wait for B once; per tile: wait for the slot, the K steps (4 wgmma each) on the
+//   consumers  per tile: wait for the slot (and, on the block's first tile, for each B stage as
+//              its step comes), the K steps (4 wgmma each) on the
 //              slot's patch and the resident B stage of the step, the epilogue, then release the
 //              slot (after the epilogue: released before it, ptxas serialises the wgmma, C7515).
 struct WgHaloResidentTile {
@@ -223,8 +224,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   uint16_t* const b_smem = reinterpret_cast<uint16_t*>(raw + (misalign ? kAtomBytes - misalign : 0));
   unsigned char* const patches = reinterpret_cast<unsigned char*>(b_smem + size_t(k_steps) * Tile::kBStage);
   const size_t slot_bytes = size_t(src.patch_bytes) * size_t(src.chunks);
-  uint64_t* const b_full = reinterpret_cast<uint64_t*>(patches + kSlots * slot_bytes);
-  uint64_t* const patch_full = b_full + 1;
+  uint64_t* const b_full = reinterpret_cast<uint64_t*>(patches + kSlots * slot_bytes);  // one per B stage
+  uint64_t* const patch_full = b_full + k_steps;
   uint64_t* const patch_empty = patch_full + kSlots;
 
   const int n0 = int(blockIdx.y) * Tile::kBN;
@@ -232,7 +233,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   const int wg = int(threadIdx.x) / kWarpgroupThreads;
 
   if (threadIdx.x == 0) {
-    ptx::mbarrier_init(b_full, 1);
+    for (int step = 0; step < k_steps; ++step) ptx::mbarrier_init(&b_full[step], 1);
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {
       ptx::mbarrier_init(&patch_full[i], 1);
@@ -245,11 +246,13 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
 
   if (wg == 0) {
     if (threadIdx.x != 0) return;
-    ptx::mbarrier_arrive_expect_tx(b_full, uint32_t(k_steps) * StageB::kBytes);
+    // B stage by stage, each on its own barrier: the first tile's K steps start as their stages
+    // land rather than after the whole filter.
     for (int step = 0; step < k_steps; ++step) {
       int c0 = 0, c1 = 0;
       StageB::template box_coords<true>(0, n0, step * kBK, c0, c1);
-      ptx::tma_load_2d(b_smem + size_t(step) * Tile::kBStage, &map_b, b_full, c0, c1);
+      ptx::mbarrier_arrive_expect_tx(&b_full[step], StageB::kBytes);
+      ptx::tma_load_2d(b_smem + size_t(step) * Tile::kBStage, &map_b, &b_full[step], c0, c1);
     }
     int j = 0;  // the block's tiles so far: the ring's position
     for (int t = first; t < tiles; t += step_tiles, ++j) {
@@ -270,7 +273,6 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
 
   const int cw = wg - 1;
   const uint32_t b_base = ptx::smem_u32(b_smem);
-  ptx::mbarrier_wait_bounded(b_full, 0);
   const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
   const bool paired = ep.pairs_aligned();
   int j = 0;
@@ -286,6 +288,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
 #pragma unroll
     for (int i = 0; i < Tile::kAcc; ++i) acc[i] = 0.f;
     for (int step = 0; step < k_steps; ++step, walk.next(src)) {
+      if (j == 0) ptx::mbarrier_wait_bounded(&b_full[step], 0);  // the block's first tile: B landing
       const uint32_t as = patch_base + walk.offset(src, patch_row0);
       const uint32_t bs = b_base + uint32_t(step) * Tile::kBStage * 2;
       const uint64_t phase = desc_phase ? uint64_t((as >> 7) & 7u) << 49 : 0;
