@@ -187,8 +187,14 @@ TEST(ConvHalo, PlanTakesOnlySameConvolutionsItCanTile) {
   EXPECT_EQ(c128.map.stride_bytes[2], 256u * 32u * 32u);
   EXPECT_EQ(c128.map.dim[0], 128u);
   // The resident form (a column tile of 64, the whole filter in shared memory) fits the 32 px
-  // 64-channel layer: 9 stages of 8 KiB and two 30 KiB patches; not two chunks, nor 5x5.
-  EXPECT_EQ(halo_resident_smem_bytes(r18.src, 64), 9 * 8192 + 2 * int64_t(r18.src.patch_bytes) + (9 + 4) * 8 + 1024);
+  // 64-channel layer: 9 stages of 8 KiB and four 31 KiB patch slots; not two chunks, nor 5x5.
+  EXPECT_EQ(halo_resident_smem_bytes(r18.src, 64), 9 * 8192 + 4 * int64_t(r18.src.patch_bytes) + (9 + 8) * 8 + 1024);
+  // Its slots: tile i goes to warpgroup i % 2's slots, which alternate, each slot every 4 tiles.
+  for (int i = 0; i < 64; ++i) {
+    EXPECT_EQ(halo_resident_slot(i) / 2, i % 2) << i;
+    EXPECT_EQ(halo_resident_slot(i + 4), halo_resident_slot(i)) << i;
+    for (int d = 1; d < 4; ++d) EXPECT_NE(halo_resident_slot(i + d), halo_resident_slot(i)) << i << " + " << d;
+  }
   // ... where the tiles are at least 4 per SM: ResNet-18's 32 px layer at batch 512 (4608 tiles) on
   // an H100's 132 SMs, not 180 tiles (one wave of the streaming kernel).
   EXPECT_TRUE(halo_resident_pays(r18.tiles, 132));

@@ -884,9 +884,10 @@ TEST_P(TensorCore, ConvolutionsByHaloPatches) {
 
 TEST_P(TensorCore, ConvolutionsByHaloPatchesResident) {
   // The halo kernel's resident form (halo_resident(), wgmma_halo_resident_kernel): a persistent
-  // block per SM keeps the filter's B operand in shared memory and streams the patches through a
-  // ring of two. On the cases above, every pass whose plan fits it (3x3 over 64 source channels)
-  // and has at least 4 tiles per SM runs resident (the launch counter), bit for bit against
+  // block per SM keeps the filter's B operand in shared memory and streams the patches through
+  // its consumer warpgroups' slots, the warpgroups taking the tiles in turn. On the cases above,
+  // every pass whose plan fits it (3x3 over 64 source channels) and has at least 4 tiles per SM
+  // runs resident (the launch counter), bit for bit against
   // the streaming kernel and right against the reference (check_conv); the others stream.
   namespace wg = kcu::detail::wgmma;
   const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);

@@ -125,13 +125,13 @@ struct HaloStepWalk {
 
 // The resident form's shared memory (wgmma_halo_mainloop.cuh, wgmma_halo_resident_kernel): the
 // whole B operand of a column tile bn wide (one 64-deep stage per K step: taps * chunks of
-// them), a ring of kHaloResidentSlots patches, an mbarrier per B stage and two per slot, and the
+// them), kHaloResidentSlots patch slots, an mbarrier per B stage and two per slot, and the
 // slack to round the start up to 1024 bytes. It runs where that fits one block (227 KiB), with
 // at most kHaloResidentMaxSteps K steps (the B stages' barriers), and where the tiles are at
 // least kHaloResidentTilesPerSm per SM: each block's one-off load of B, and the uneven last
 // round of tiles, are then small beside its tiles (at 180 tiles on 132 SMs, a block per tile of
 // the streaming kernel runs them all in one wave, while 48 persistent blocks would run two).
-constexpr int kHaloResidentSlots = 2;
+constexpr int kHaloResidentSlots = 4;  // two per consumer warpgroup
 constexpr int kHaloResidentMaxSteps = 32;
 constexpr int kHaloResidentTilesPerSm = 4;
 constexpr int64_t kHaloResidentMaxSmem = 227 * 1024;
@@ -144,6 +144,10 @@ SP_WGMMA_HD constexpr bool halo_resident_fits(const HaloConvSource& src, int bn)
   return int64_t(src.s) * src.s * src.chunks <= kHaloResidentMaxSteps &&
          halo_resident_smem_bytes(src, bn) <= kHaloResidentMaxSmem;
 }
+// The patch slot of a resident block's tile i: consumer warpgroup i % 2 takes tiles i % 2,
+// i % 2 + 2, ..., in its two slots 2 (i % 2) and 2 (i % 2) + 1 in turn, so each slot comes round
+// every 4 tiles (its round: i / 4).
+SP_WGMMA_HD constexpr int halo_resident_slot(int i) { return 2 * (i % 2) + (i / 2) % 2; }
 // Whether a plan's tiles are enough for the resident form on `sms` SMs (a persistent block each).
 SP_WGMMA_HD constexpr bool halo_resident_pays(int64_t tiles, int64_t sms) {
   return tiles >= int64_t(kHaloResidentTilesPerSm) * sms;

@@ -164,10 +164,11 @@ double conv_halo_min_used();
 int64_t conv_halo_launches();
 // The halo kernel's resident form (wgmma_halo_mainloop.cuh, wgmma_halo_resident_kernel): a
 // persistent block per SM keeps the filter's whole B operand in shared memory and streams only
-// the patches, through a ring of two, where that fits (3x3 filters over 64 source channels: B is
-// then 72 KiB) and there are at least 4 tiles per SM (conv_halo.h, halo_resident_pays). With the streaming halo kernel a tile reads 30 KiB of patch but 72 KiB of filter
-// from L2; resident, only the patch. The same bits. Off unless set, or the environment variable
-// STALEPROP_HALO_RESIDENT is 1 (with conv_halo() on): written without a GPU, not yet run on one.
+// the patches, its two consumer warpgroups taking the tiles in turn (two patch slots each), where
+// that fits (3x3 filters over 64 source channels: B is then 72 KiB) and there are at least 4
+// tiles per SM (conv_halo.h, halo_resident_pays). With the streaming halo kernel a tile reads
+// 30 KiB of patch but 72 KiB of filter from L2; resident, only the patch. The same bits. Off unless set, or the
+// environment variable STALEPROP_HALO_RESIDENT is 1 (with conv_halo() on): written without a GPU, not yet run on one.
 void set_halo_resident(bool on);
 bool halo_resident();
 // How many halo convolutions have run in the resident form in this process.

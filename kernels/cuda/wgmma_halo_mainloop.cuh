@@ -175,28 +175,35 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 // With the streaming kernel above a tile's L2 traffic is 30 KiB of patch but 72 KiB of filter (9
 // B stages of 8 KiB for a 64 -> 64 3x3 layer): B now dominates. Here a persistent block (one per
 // SM: as many as the SMs hold, each taking tiles b, b + gridDim.x, ...) loads the filter's whole
-// B operand for its column tile once, keeps it in shared memory, and streams only the patches,
-// through a ring of two slots, so that the producer loads the next tile's patch while the
-// consumers compute this one. Per tile only the patch crosses L2. Each tile runs the same K steps
-// and wgmma on the same operands as on the streaming kernel: the same bits.
-//   producer   one thread: every B stage of the column tile (each on its b_full barrier), then per
-//              tile of the block, in ring slot j % 2: waits until the slot is free (patch_empty),
-//              announces and issues its chunks' boxes (patch_full).
-//   consumers  per tile: wait for the slot (and, on the block's first tile, for each B stage as
-//              its step comes), the K steps (4 wgmma each) on the
-//              slot's patch and the resident B stage of the step, the epilogue, then release the
-//              slot (after the epilogue: released before it, ptxas serialises the wgmma, C7515).
+// B operand for its column tile once, keeps it in shared memory, and streams only the patches.
+// Per tile only the patch crosses L2.
+// Its two consumer warpgroups take the block's tiles in turn (ping-pong), each a whole tile of
+// 128 rows (two m64 halves per K slice), so that one's epilogue overlaps the other's multiplies:
+// with one block per SM nothing else would keep the tensor cores busy while a tile is stored.
+// Each warpgroup has two patch slots, so the producer loads its next tile while it computes one.
+// Each tile runs the same K steps and wgmma (per 64-row half) on the same operands as on the
+// streaming kernel: the same bits.
+//   producer   one thread: every B stage of the column tile (each on its b_full barrier), then
+//              the block's tiles i = 0, 1, ... in order, tile i in slot 2 (i % 2) + (i / 2) % 2
+//              (warpgroup i % 2's two slots in turn): waits until the slot is free (patch_empty,
+//              round i / 4), announces and issues its chunks' boxes (patch_full).
+//   consumer   warpgroup w takes the block's tiles i = w, w + 2, ...: waits for its slot (and, on
+//   w = 0, 1   its first tile, for each B stage as its step comes), runs the K steps, stores the
+//              tile, then releases the slot (after the epilogue: released before it, ptxas
+//              serialises the wgmma, C7515).
 struct WgHaloResidentTile {
   static constexpr int kBM = kHaloTileM, kBN = 64, kBK = wgmma::kBK;
   static constexpr int kMinBlocks = 1;
   static constexpr int kCluster = 1;
-  static constexpr int kConsumerThreads = 2 * kWarpgroupThreads, kConsumerWarps = kConsumerThreads / kWarpSize;
+  static constexpr int kConsumerThreads = 2 * kWarpgroupThreads;
+  static constexpr int kWarpgroupWarps = kWarpgroupThreads / kWarpSize;  // a slot's releases
   static constexpr int kThreads = kWarpgroupThreads + kConsumerThreads;
   static constexpr int kBStage = kBN * kBK;  // elements of one K step's B
-  static constexpr int kAcc = kBN / 2;
-  static constexpr int kSlots = kHaloResidentSlots;  // the patch ring
+  static constexpr int kAcc = kBN / 2;       // per 64-row half
+  static constexpr int kSlots = kHaloResidentSlots;  // two per consumer warpgroup
+  static_assert(kSlots == 4, "two patch slots per consumer warpgroup");
   // A plan's shared memory, and whether it fits one block (conv_halo.h): 3x3 filters of one chunk
-  // (64 source channels: 72 KiB of B and two 30 KiB patches at 32 px), not 5x5 or 128 channels.
+  // (64 source channels: 72 KiB of B and four 31 KiB patch slots at 32 px), not 5x5 or 128.
   SP_WGMMA_HD static constexpr int64_t smem_bytes(const HaloConvSource& src) {
     return halo_resident_smem_bytes(src, kBN);
   }
@@ -229,7 +236,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   uint64_t* const patch_empty = patch_full + kSlots;
 
   const int n0 = int(blockIdx.y) * Tile::kBN;
-  const int first = int(blockIdx.x), step_tiles = int(gridDim.x);
+  const int first = int(blockIdx.x), stride = int(gridDim.x);
   const int wg = int(threadIdx.x) / kWarpgroupThreads;
 
   if (threadIdx.x == 0) {
@@ -237,7 +244,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {
       ptx::mbarrier_init(&patch_full[i], 1);
-      ptx::mbarrier_init(&patch_empty[i], Tile::kConsumerWarps);
+      ptx::mbarrier_init(&patch_empty[i], Tile::kWarpgroupWarps);
     }
     ptx::fence_mbarrier_init();
     ptx::fence_proxy_async_shared();
@@ -246,7 +253,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
 
   if (wg == 0) {
     if (threadIdx.x != 0) return;
-    // B stage by stage, each on its own barrier: the first tile's K steps start as their stages
+    // B stage by stage, each on its own barrier: the first tiles' K steps start as their stages
     // land rather than after the whole filter.
     for (int step = 0; step < k_steps; ++step) {
       int c0 = 0, c1 = 0;
@@ -254,10 +261,10 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
       ptx::mbarrier_arrive_expect_tx(&b_full[step], StageB::kBytes);
       ptx::tma_load_2d(b_smem + size_t(step) * Tile::kBStage, &map_b, &b_full[step], c0, c1);
     }
-    int j = 0;  // the block's tiles so far: the ring's position
-    for (int t = first; t < tiles; t += step_tiles, ++j) {
-      const int slot = j % kSlots;
-      ptx::mbarrier_wait_bounded(&patch_empty[slot], ((j / kSlots) & 1) ^ 1);
+    int i = 0;  // the block's tiles so far
+    for (int t = first; t < tiles; t += stride, ++i) {
+      const int slot = halo_resident_slot(i);
+      ptx::mbarrier_wait_bounded(&patch_empty[slot], ((i / 4) & 1) ^ 1);
       int img = 0, o0 = 0;
       src.tile(t, img, o0);
       ptx::mbarrier_arrive_expect_tx(&patch_full[slot], src.box_bytes() * uint32_t(src.chunks));
@@ -271,56 +278,67 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     return;
   }
 
-  const int cw = wg - 1;
+  const int w = wg - 1;  // this consumer warpgroup takes the block's tiles i = w, w + 2, ...
   const uint32_t b_base = ptx::smem_u32(b_smem);
   const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
   const bool paired = ep.pairs_aligned();
-  int j = 0;
-  for (int t = first; t < tiles; t += step_tiles, ++j) {
-    const int slot = j % kSlots;
+  for (int k = 0;; ++k) {
+    const int i = 2 * k + w;
+    const int64_t t64 = int64_t(first) + int64_t(i) * stride;
+    if (t64 >= tiles) break;
+    const int t = int(t64), slot = halo_resident_slot(i);
     int img = 0, o0 = 0;
     src.tile(t, img, o0);
-    ptx::mbarrier_wait_bounded(&patch_full[slot], (j / kSlots) & 1);
+    ptx::mbarrier_wait_bounded(&patch_full[slot], (i / 4) & 1);
     const uint32_t patch_base = ptx::smem_u32(patches + slot * slot_bytes);
-    const int patch_row0 = o0 % src.wp + cw * kWarpgroupRows;
+    const int row0 = o0 % src.wp;  // the tile's first patch row at tap shift 0
     HaloStepWalk walk = HaloStepWalk::start(src);
-    float acc[Tile::kAcc];
+    float acc0[Tile::kAcc], acc1[Tile::kAcc];  // rows 0-63 and 64-127 of the tile
 #pragma unroll
-    for (int i = 0; i < Tile::kAcc; ++i) acc[i] = 0.f;
+    for (int e = 0; e < Tile::kAcc; ++e) acc0[e] = acc1[e] = 0.f;
     for (int step = 0; step < k_steps; ++step, walk.next(src)) {
-      if (j == 0) ptx::mbarrier_wait_bounded(&b_full[step], 0);  // the block's first tile: B landing
-      const uint32_t as = patch_base + walk.offset(src, patch_row0);
+      if (k == 0) ptx::mbarrier_wait_bounded(&b_full[step], 0);  // the first tile: B landing
+      const uint32_t as0 = patch_base + walk.offset(src, row0);
+      const uint32_t as1 = as0 + uint32_t(kWarpgroupRows) * kBK * 2;
       const uint32_t bs = b_base + uint32_t(step) * Tile::kBStage * 2;
-      const uint64_t phase = desc_phase ? uint64_t((as >> 7) & 7u) << 49 : 0;
-      ptx::fence_accumulators(acc);
+      const uint64_t phase0 = desc_phase ? uint64_t((as0 >> 7) & 7u) << 49 : 0;
+      const uint64_t phase1 = desc_phase ? uint64_t((as1 >> 7) & 7u) << 49 : 0;
+      ptx::fence_accumulators(acc0);
+      ptx::fence_accumulators(acc1);
       ptx::wgmma_fence();
 #pragma unroll
       for (int q = 0; q < kBK / 16; ++q) {
-        const uint64_t da = smem_desc_sw128(as + uint32_t(q) * 32, 16, kAtomBytes) | phase;
         const uint64_t db =
             smem_desc_sw128(bs + LayoutB::template k16_offset<true>(q), LayoutB::template lbo<true>(), LayoutB::kSbo);
-        wgmma_k16<Tile::kBN, 0, 0>(acc, da, db);
+        wgmma_k16<Tile::kBN, 0, 0>(acc0, smem_desc_sw128(as0 + uint32_t(q) * 32, 16, kAtomBytes) | phase0, db);
+        wgmma_k16<Tile::kBN, 0, 0>(acc1, smem_desc_sw128(as1 + uint32_t(q) * 32, 16, kAtomBytes) | phase1, db);
       }
       ptx::wgmma_commit();
       ptx::wgmma_wait<1>();
-      ptx::fence_accumulators(acc);
+      ptx::fence_accumulators(acc0);
+      ptx::fence_accumulators(acc1);
     }
     ptx::wgmma_wait<0>();
-    ptx::fence_accumulators(acc);
-    const int row0 = cw * kWarpgroupRows + warp * 16 + lane / 4, col0 = n0 + lane % 4 * 2;
+    ptx::fence_accumulators(acc0);
+    ptx::fence_accumulators(acc1);
+    const int col0 = n0 + lane % 4 * 2;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t out = src.out_row(img, o0, row0 + 8 * h);
-      if (out < 0) continue;
-      const int64_t row_off = out * ep.row_stride;
+    for (int half = 0; half < 2; ++half) {
+      const float* acc = half == 0 ? acc0 : acc1;
 #pragma unroll
-      for (int i = 0; i < Tile::kBN / 8; ++i) {
-        const int col = col0 + 8 * i;
-        if (col >= g.n) continue;
-        store_pair(ep, paired, nullptr, 0, g, int(out), row_off, col, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t out = src.out_row(img, o0, half * kWarpgroupRows + warp * 16 + lane / 4 + 8 * h);
+        if (out < 0) continue;
+        const int64_t row_off = out * ep.row_stride;
+#pragma unroll
+        for (int e = 0; e < Tile::kBN / 8; ++e) {
+          const int col = col0 + 8 * e;
+          if (col >= g.n) continue;
+          store_pair(ep, paired, nullptr, 0, g, int(out), row_off, col, acc[4 * e + 2 * h], acc[4 * e + 2 * h + 1]);
+        }
       }
     }
-    // The slot's patch is read (wait<0> above): free it for the tile two ahead.
+    // The slot's patch is read (wait<0> above): free it for this warpgroup's tile two ahead.
     if (lane == 0) ptx::mbarrier_arrive(&patch_empty[slot]);
   }
 #else
