@@ -188,7 +188,8 @@ TEST(ConvHalo, PlanTakesOnlySameConvolutionsItCanTile) {
   EXPECT_EQ(c128.map.dim[0], 128u);
   // The resident form (a column tile of 64, the whole filter in shared memory) fits the 32 px
   // 64-channel layer: 9 stages of 8 KiB and four 31 KiB patch slots; not two chunks, nor 5x5.
-  EXPECT_EQ(halo_resident_smem_bytes(r18.src, 64), 9 * 8192 + 4 * int64_t(r18.src.patch_bytes) + (9 + 8) * 8 + 1024);
+  EXPECT_EQ(halo_resident_smem_bytes(r18.src, 64),
+            9 * 8192 + 4 * int64_t(r18.src.patch_bytes) + (9 + 8 + 2) * 8 + 1024);
   // Its slots: tile i goes to warpgroup i % 2's slots, which alternate, each slot every 4 tiles.
   for (int i = 0; i < 64; ++i) {
     EXPECT_EQ(halo_resident_slot(i) / 2, i % 2) << i;

@@ -125,8 +125,10 @@ struct HaloStepWalk {
 
 // The resident form's shared memory (wgmma_halo_mainloop.cuh, wgmma_halo_resident_kernel): the
 // whole B operand of a column tile bn wide (one 64-deep stage per K step: taps * chunks of
-// them), kHaloResidentSlots patch slots, an mbarrier per B stage and two per slot, and the
-// slack to round the start up to 1024 bytes. It runs where that fits one block (227 KiB), with
+// them), kHaloResidentSlots patch slots, an mbarrier per B stage, two per slot and one per
+// consumer warpgroup (the ping-pong's order), and the slack to round the start up to 1024 bytes.
+// Four slots of a 64-channel patch fit beside a 3x3 filter up to rows of about 48 px (32 px:
+// 197 KiB); ImageNet's 56 px layers would stream. It runs where that fits one block (227 KiB), with
 // at most kHaloResidentMaxSteps K steps (the B stages' barriers), and where the tiles are at
 // least kHaloResidentTilesPerSm per SM: each block's one-off load of B, and the uneven last
 // round of tiles, are then small beside its tiles (at 180 tiles on 132 SMs, a block per tile of
@@ -138,7 +140,7 @@ constexpr int64_t kHaloResidentMaxSmem = 227 * 1024;
 SP_WGMMA_HD constexpr int64_t halo_resident_smem_bytes(const HaloConvSource& src, int bn) {
   const int64_t steps = int64_t(src.s) * src.s * src.chunks;
   return steps * bn * kBK * 2 + int64_t(kHaloResidentSlots) * src.patch_bytes * src.chunks +
-         (steps + 2 * kHaloResidentSlots) * 8 + kAtomBytes;
+         (steps + 2 * kHaloResidentSlots + 2) * 8 + kAtomBytes;
 }
 SP_WGMMA_HD constexpr bool halo_resident_fits(const HaloConvSource& src, int bn) {
   return int64_t(src.s) * src.s * src.chunks <= kHaloResidentMaxSteps &&

@@ -178,8 +178,10 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 // B operand for its column tile once, keeps it in shared memory, and streams only the patches.
 // Per tile only the patch crosses L2.
 // Its two consumer warpgroups take the block's tiles in turn (ping-pong), each a whole tile of
-// 128 rows (two m64 halves per K slice), so that one's epilogue overlaps the other's multiplies:
-// with one block per SM nothing else would keep the tensor cores busy while a tile is stored.
+// 128 rows (two m64 halves per K slice), and in order: tile i's main loop starts once tile i - 1's
+// is done (math_done), so that one's epilogue overlaps the other's multiplies. With one block per
+// SM nothing else would keep the tensor cores busy while a tile is stored, and without the order
+// the two would run in step and store together.
 // Each warpgroup has two patch slots, so the producer loads its next tile while it computes one.
 // Each tile runs the same K steps and wgmma (per 64-row half) on the same operands as on the
 // streaming kernel: the same bits.
@@ -187,10 +189,11 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
 //              the block's tiles i = 0, 1, ... in order, tile i in slot 2 (i % 2) + (i / 2) % 2
 //              (warpgroup i % 2's two slots in turn): waits until the slot is free (patch_empty,
 //              round i / 4), announces and issues its chunks' boxes (patch_full).
-//   consumer   warpgroup w takes the block's tiles i = w, w + 2, ...: waits for its slot (and, on
-//   w = 0, 1   its first tile, for each B stage as its step comes), runs the K steps, stores the
-//              tile, then releases the slot (after the epilogue: released before it, ptxas
-//              serialises the wgmma, C7515).
+//   consumer   warpgroup w takes the block's tiles i = w, w + 2, ...: waits for tile i - 1's main
+//   w = 0, 1   loop (the other warpgroup's) and its slot (and, on its first tile, for each B stage
+//              as its step comes), runs the K steps, signals math_done[w], stores the tile, then
+//              releases the slot (after the epilogue: released before it, ptxas serialises the
+//              wgmma, C7515).
 struct WgHaloResidentTile {
   static constexpr int kBM = kHaloTileM, kBN = 64, kBK = wgmma::kBK;
   static constexpr int kMinBlocks = 1;
@@ -234,6 +237,7 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   uint64_t* const b_full = reinterpret_cast<uint64_t*>(patches + kSlots * slot_bytes);  // one per B stage
   uint64_t* const patch_full = b_full + k_steps;
   uint64_t* const patch_empty = patch_full + kSlots;
+  uint64_t* const math_done = patch_empty + kSlots;  // per consumer warpgroup: a main loop done
 
   const int n0 = int(blockIdx.y) * Tile::kBN;
   const int first = int(blockIdx.x), stride = int(gridDim.x);
@@ -246,6 +250,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
       ptx::mbarrier_init(&patch_full[i], 1);
       ptx::mbarrier_init(&patch_empty[i], Tile::kWarpgroupWarps);
     }
+    ptx::mbarrier_init(&math_done[0], Tile::kWarpgroupWarps);
+    ptx::mbarrier_init(&math_done[1], Tile::kWarpgroupWarps);
     ptx::fence_mbarrier_init();
     ptx::fence_proxy_async_shared();
   }
@@ -282,6 +288,22 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   const uint32_t b_base = ptx::smem_u32(b_smem);
   const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
   const bool paired = ep.pairs_aligned();
+  // Rows half * 64 .. + 63 of the tile at (img, o0) from acc (store_accumulators' fragment layout).
+  const auto store_half = [&](const float(&acc)[Tile::kAcc], int half, int img, int o0) {
+    const int col0 = n0 + lane % 4 * 2;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t out = src.out_row(img, o0, half * kWarpgroupRows + warp * 16 + lane / 4 + 8 * h);
+      if (out < 0) continue;
+      const int64_t row_off = out * ep.row_stride;
+#pragma unroll
+      for (int e = 0; e < Tile::kBN / 8; ++e) {
+        const int col = col0 + 8 * e;
+        if (col >= g.n) continue;
+        store_pair(ep, paired, nullptr, 0, g, int(out), row_off, col, acc[4 * e + 2 * h], acc[4 * e + 2 * h + 1]);
+      }
+    }
+  };
   for (int k = 0;; ++k) {
     const int i = 2 * k + w;
     const int64_t t64 = int64_t(first) + int64_t(i) * stride;
@@ -289,6 +311,11 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     const int t = int(t64), slot = halo_resident_slot(i);
     int img = 0, o0 = 0;
     src.tile(t, img, o0);
+    // The ping-pong's order: tile i's main loop starts once tile i - 1's (the other warpgroup's,
+    // its (k + w - 1)-th) is done, so that the two warpgroups take the tensor cores in turn and
+    // each one's epilogue overlaps the other's main loop. The other cannot be two main loops
+    // ahead: its next waits for this one's.
+    if (i > 0) ptx::mbarrier_wait_bounded(&math_done[1 - w], (k + w - 1) & 1);
     ptx::mbarrier_wait_bounded(&patch_full[slot], (i / 4) & 1);
     const uint32_t patch_base = ptx::smem_u32(patches + slot * slot_bytes);
     const int row0 = o0 % src.wp;  // the tile's first patch row at tap shift 0
@@ -301,8 +328,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
       const uint32_t as0 = patch_base + walk.offset(src, row0);
       const uint32_t as1 = as0 + uint32_t(kWarpgroupRows) * kBK * 2;
       const uint32_t bs = b_base + uint32_t(step) * Tile::kBStage * 2;
-      const uint64_t phase0 = desc_phase ? uint64_t((as0 >> 7) & 7u) << 49 : 0;
-      const uint64_t phase1 = desc_phase ? uint64_t((as1 >> 7) & 7u) << 49 : 0;
+      // (as1 is 8 KiB past as0: the same row phase.)
+      const uint64_t phase = desc_phase ? uint64_t((as0 >> 7) & 7u) << 49 : 0;
       ptx::fence_accumulators(acc0);
       ptx::fence_accumulators(acc1);
       ptx::wgmma_fence();
@@ -310,8 +337,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
       for (int q = 0; q < kBK / 16; ++q) {
         const uint64_t db =
             smem_desc_sw128(bs + LayoutB::template k16_offset<true>(q), LayoutB::template lbo<true>(), LayoutB::kSbo);
-        wgmma_k16<Tile::kBN, 0, 0>(acc0, smem_desc_sw128(as0 + uint32_t(q) * 32, 16, kAtomBytes) | phase0, db);
-        wgmma_k16<Tile::kBN, 0, 0>(acc1, smem_desc_sw128(as1 + uint32_t(q) * 32, 16, kAtomBytes) | phase1, db);
+        wgmma_k16<Tile::kBN, 0, 0>(acc0, smem_desc_sw128(as0 + uint32_t(q) * 32, 16, kAtomBytes) | phase, db);
+        wgmma_k16<Tile::kBN, 0, 0>(acc1, smem_desc_sw128(as1 + uint32_t(q) * 32, 16, kAtomBytes) | phase, db);
       }
       ptx::wgmma_commit();
       ptx::wgmma_wait<1>();
@@ -321,24 +348,11 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     ptx::wgmma_wait<0>();
     ptx::fence_accumulators(acc0);
     ptx::fence_accumulators(acc1);
-    const int col0 = n0 + lane % 4 * 2;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float* acc = half == 0 ? acc0 : acc1;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t out = src.out_row(img, o0, half * kWarpgroupRows + warp * 16 + lane / 4 + 8 * h);
-        if (out < 0) continue;
-        const int64_t row_off = out * ep.row_stride;
-#pragma unroll
-        for (int e = 0; e < Tile::kBN / 8; ++e) {
-          const int col = col0 + 8 * e;
-          if (col >= g.n) continue;
-          store_pair(ep, paired, nullptr, 0, g, int(out), row_off, col, acc[4 * e + 2 * h], acc[4 * e + 2 * h + 1]);
-        }
-      }
-    }
-    // The slot's patch is read (wait<0> above): free it for this warpgroup's tile two ahead.
+    if (lane == 0) ptx::mbarrier_arrive(&math_done[w]);  // the other warpgroup's next main loop may go
+    store_half(acc0, 0, img, o0);
+    store_half(acc1, 1, img, o0);
+    // The slot's patch is read (wait<0> above): free it for this warpgroup's next tile but one
+    // (the block's tile i + 4).
     if (lane == 0) ptx::mbarrier_arrive(&patch_empty[slot]);
   }
 #else
