@@ -835,6 +835,16 @@ std::vector<HaloCase> halo_cases() {
   };
 }
 
+// What the halo tests hold, whatever the environment says: the TMA convolutions and the
+// transposed filter on, the strided data gradients direct, the 128 x 64 and 128 x 128 tiles only.
+struct HaloTestSwitches {
+  const ScopedSwitch tma{kcu::conv_tma, kcu::set_conv_tma};
+  const ScopedSwitch wt{kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter};
+  const ScopedSwitch direct{kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false};
+  const ScopedSwitch narrow{kcu::tma_wide_tile, kcu::set_tma_wide_tile, false};
+  const ScopedSwitch not_by_shape{kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false};
+};
+
 TEST_P(TensorCore, ConvolutionsByHaloPatches) {
   // The halo kernel (conv_halo.h, wgmma_halo_mainloop.cuh) for the stride-1 same convolutions'
   // forward and data gradient on the wgmma_tma main loop, where the TMA convolution would not
@@ -849,11 +859,7 @@ TEST_P(TensorCore, ConvolutionsByHaloPatches) {
   // within two bf16 ulps; and the launch counter must grow by the passes expected here.
   const std::vector<HaloCase> cases = halo_cases();
   const ScopedSwitch streaming(kcu::halo_resident, kcu::set_halo_resident, false);  // its own test below
-  const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
-  const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
-  const ScopedSwitch direct(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
-  const ScopedSwitch narrow(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
-  const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
+  const HaloTestSwitches switches;
   const bool runs = GetParam() == kcu::MmaMainloop::kWgmmaTma;
   uint32_t seed = 990;
   for (const HaloCase& c : cases) {
@@ -890,11 +896,7 @@ TEST_P(TensorCore, ConvolutionsByHaloPatchesResident) {
   // runs resident (the launch counter), bit for bit against
   // the streaming kernel and right against the reference (check_conv); the others stream.
   namespace wg = kcu::detail::wgmma;
-  const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
-  const ScopedSwitch wt(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
-  const ScopedSwitch direct(kcu::dgrad_by_stride_class, kcu::set_dgrad_by_stride_class, false);
-  const ScopedSwitch narrow(kcu::tma_wide_tile, kcu::set_tma_wide_tile, false);
-  const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
+  const HaloTestSwitches switches;
   const bool runs = GetParam() == kcu::MmaMainloop::kWgmmaTma;
   int device = 0, sms = 0;
   SP_CUDA_CHECK(cudaGetDevice(&device));

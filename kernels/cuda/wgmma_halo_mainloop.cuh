@@ -34,6 +34,39 @@
 
 namespace sp::kernels::cuda::detail::wgmma {
 
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// The dynamic shared memory from its first 1024-byte boundary (the 128-byte swizzle's atom, which
+// TMA's writes and wgmma's reads take from the address): the kernels' sizes include the slack.
+__device__ __forceinline__ unsigned char* atom_aligned_smem() {
+  unsigned char* const raw = ptx::dynamic_smem();
+  const uint32_t misalign = ptx::smem_u32(raw) % kAtomBytes;
+  return raw + (misalign ? kAtomBytes - misalign : 0);
+}
+#endif
+
+// A warpgroup's 64 x BN accumulators for the tile's rows row_base .. + 63 (store_accumulators'
+// fragment layout: acc[4i + 2h + e] at row 16 warp + lane / 4 + 8h, column 8i + 2 (lane % 4) + e),
+// each row stored at its output position (HaloConvSource::out_row), junk rows dropped.
+template <int BN, typename T>
+__device__ __forceinline__ void store_halo_rows(const float (&acc)[BN / 2], const HaloConvSource& src, int img, int o0,
+                                                int row_base, int n0, const MmaGeometry& g, const MmaEpilogue<T>& ep,
+                                                bool paired) {
+  const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
+  const int col0 = n0 + lane % 4 * 2;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t out = src.out_row(img, o0, row_base + warp * 16 + lane / 4 + 8 * h);
+    if (out < 0) continue;
+    const int64_t row_off = out * ep.row_stride;
+#pragma unroll
+    for (int i = 0; i < BN / 8; ++i) {
+      const int col = col0 + 8 * i;
+      if (col >= g.n) continue;
+      store_pair(ep, paired, nullptr, 0, g, int(out), row_off, col, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
+    }
+  }
+}
+
 template <int BN, int Stages, int MinBlocks>
 struct WgHaloTileOf {
   static constexpr int kBM = kHaloTileM, kBN = BN, kBK = wgmma::kBK, kStages = Stages;
@@ -71,9 +104,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   using StageB = TmaStage<Tile::kBN>;
   constexpr int kS = Tile::kStages;
 
-  unsigned char* const raw = ptx::dynamic_smem();
-  const uint32_t misalign = ptx::smem_u32(raw) % kAtomBytes;
-  unsigned char* const patches = raw + (misalign ? kAtomBytes - misalign : 0);
+  unsigned char* const patches = atom_aligned_smem();
   uint16_t* const b_smem = reinterpret_cast<uint16_t*>(patches + size_t(src.patch_bytes) * size_t(src.chunks));
   uint64_t* const full = reinterpret_cast<uint64_t*>(b_smem + kS * Tile::kBStage);
   uint64_t* const empty = full + kS;
@@ -149,22 +180,7 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   ptx::wgmma_wait<0>();
   ptx::fence_accumulators(acc);
 
-  // The epilogue (store_accumulators' fragment layout), rows at their output positions.
-  const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
-  const int row0 = cw * kWarpgroupRows + warp * 16 + lane / 4, col0 = n0 + lane % 4 * 2;
-  const bool paired = ep.pairs_aligned();
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t out = src.out_row(img, o0, row0 + 8 * h);
-    if (out < 0) continue;
-    const int64_t row_off = out * ep.row_stride;
-#pragma unroll
-    for (int i = 0; i < Tile::kBN / 8; ++i) {
-      const int col = col0 + 8 * i;
-      if (col >= g.n) continue;
-      store_pair(ep, paired, nullptr, 0, g, int(out), row_off, col, acc[4 * i + 2 * h], acc[4 * i + 2 * h + 1]);
-    }
-  }
+  store_halo_rows<Tile::kBN>(acc, src, img, o0, cw * kWarpgroupRows, n0, g, ep, ep.pairs_aligned());
 #else
   (void)desc_phase;
   __trap();
@@ -228,10 +244,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
   using StageB = TmaStage<Tile::kBN>;
   constexpr int kSlots = Tile::kSlots;
 
-  unsigned char* const raw = ptx::dynamic_smem();
-  const uint32_t misalign = ptx::smem_u32(raw) % kAtomBytes;
   const int k_steps = src.s * src.s * src.chunks;
-  uint16_t* const b_smem = reinterpret_cast<uint16_t*>(raw + (misalign ? kAtomBytes - misalign : 0));
+  uint16_t* const b_smem = reinterpret_cast<uint16_t*>(atom_aligned_smem());
   unsigned char* const patches = reinterpret_cast<unsigned char*>(b_smem + size_t(k_steps) * Tile::kBStage);
   const size_t slot_bytes = size_t(src.patch_bytes) * size_t(src.chunks);
   uint64_t* const b_full = reinterpret_cast<uint64_t*>(patches + kSlots * slot_bytes);  // one per B stage
@@ -286,24 +300,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
 
   const int w = wg - 1;  // this consumer warpgroup takes the block's tiles i = w, w + 2, ...
   const uint32_t b_base = ptx::smem_u32(b_smem);
-  const int lane = int(threadIdx.x) % kWarpSize, warp = int(threadIdx.x) % kWarpgroupThreads / kWarpSize;
+  const int lane = int(threadIdx.x) % kWarpSize;
   const bool paired = ep.pairs_aligned();
-  // Rows half * 64 .. + 63 of the tile at (img, o0) from acc (store_accumulators' fragment layout).
-  const auto store_half = [&](const float(&acc)[Tile::kAcc], int half, int img, int o0) {
-    const int col0 = n0 + lane % 4 * 2;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t out = src.out_row(img, o0, half * kWarpgroupRows + warp * 16 + lane / 4 + 8 * h);
-      if (out < 0) continue;
-      const int64_t row_off = out * ep.row_stride;
-#pragma unroll
-      for (int e = 0; e < Tile::kBN / 8; ++e) {
-        const int col = col0 + 8 * e;
-        if (col >= g.n) continue;
-        store_pair(ep, paired, nullptr, 0, g, int(out), row_off, col, acc[4 * e + 2 * h], acc[4 * e + 2 * h + 1]);
-      }
-    }
-  };
   for (int k = 0;; ++k) {
     const int i = 2 * k + w;
     const int64_t t64 = int64_t(first) + int64_t(i) * stride;
@@ -349,8 +347,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 1)
     ptx::fence_accumulators(acc0);
     ptx::fence_accumulators(acc1);
     if (lane == 0) ptx::mbarrier_arrive(&math_done[w]);  // the other warpgroup's next main loop may go
-    store_half(acc0, 0, img, o0);
-    store_half(acc1, 1, img, o0);
+    store_halo_rows<Tile::kBN>(acc0, src, img, o0, 0, n0, g, ep, paired);
+    store_halo_rows<Tile::kBN>(acc1, src, img, o0, kWarpgroupRows, n0, g, ep, paired);
     // The slot's patch is read (wait<0> above): free it for this warpgroup's next tile but one
     // (the block's tile i + 4).
     if (lane == 0) ptx::mbarrier_arrive(&patch_empty[slot]);
