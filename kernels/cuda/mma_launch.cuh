@@ -96,6 +96,28 @@ void check_register_rebalance(Kernel kernel) {
   }
 }
 
+// Lets Kernel take `bytes` of dynamic shared memory (more than 48 KiB needs the opt-in), with
+// all of L1 as shared memory where it helps, once per kernel and device; on that first call
+// also runs first_use() (a check that throws leaves the device to be asked again).
+template <auto Kernel, class FirstUse>
+void opt_in_shared_memory(int bytes, const FirstUse& first_use) {
+  static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (devices >= 64 always ask)
+  int device = 0;
+  SP_CUDA_CHECK(cudaGetDevice(&device));
+  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
+  if ((opted_in.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
+    SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+    SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       int(cudaSharedmemCarveoutMaxShared)));
+    first_use();
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
+}
+template <auto Kernel>
+void opt_in_shared_memory(int bytes) {
+  opt_in_shared_memory<Kernel>(bytes, [] {});
+}
+
 // Runs C = epilogue(A * B) for M x N x K: Kernel(operands..., geometry, ep, partials) on
 // Tile::kBM x Tile::kBN tiles, K split in multiples of Tile::kBK where the output has few tiles.
 // The operands are the loaders (mma_gemm_kernel, wgmma::wgmma_gemm_kernel) or the TMA maps
@@ -115,25 +137,16 @@ void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t
   const SplitPlan plan = plan_split_k(m_tiles * n_tiles, k, Tile::kBK, tensor_core_split_cap(Tile::kMinBlocks));
   dim3 grid(unsigned(m_tiles), unsigned(n_tiles), unsigned(plan.splits));
   const MmaGeometry g{m, n, k, plan.k_per_split};
-  // More than 48 KiB of dynamic shared memory needs an opt-in, once per kernel and device.
-  static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (devices >= 64 always ask)
-  int device = 0;
-  SP_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  if ((opted_in.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
-    SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes));
-    // All of L1 as shared memory where it helps, so the tiles' blocks per SM (kMinBlocks) fit.
-    SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                       int(cudaSharedmemCarveoutMaxShared)));
-    check_register_rebalance<Tile>(Kernel);
-    opted_in.fetch_or(bit, std::memory_order_relaxed);
-  }
+  // All of L1 as shared memory where it helps, so the tiles' blocks per SM (kMinBlocks) fit.
+  opt_in_shared_memory<Kernel>(Tile::kSmemBytes, [] { check_register_rebalance<Tile>(Kernel); });
   if constexpr (kPersistent) {
     // The kernel numbers its tiles in 32 bits (tile_plan.h, tile_work).
     const int64_t tiles = m_tiles * n_tiles * plan.splits;
     SP_CHECK(tiles < (int64_t(1) << 30), "gemm_bf16: ", m, " x ", n, " x ", k, " needs ", tiles,
              " tiles, more than the TMA kernel numbers");
     if (TileCluster<Tile>::value == 1 && tma_persistent()) {
+      int device = 0;
+      SP_CUDA_CHECK(cudaGetDevice(&device));
       const int64_t resident = int64_t(sm_count(device)) * Tile::kMinBlocks;
       if (tiles > resident) {
         grid = dim3(unsigned(resident), 1, 1);
@@ -264,22 +277,6 @@ inline bool tma_conv_unsplit(int m, int n, int k) {
   return splits(wgmma::WgTmaTile{}) == 1;
 }
 
-// Opts Kernel in to all of an SM's dynamic shared memory (227 KiB) and the carveout that gives
-// it, once per kernel and device.
-template <auto Kernel>
-void opt_in_shared_memory() {
-  static std::atomic<uint64_t> opted_in{0};  // bit d: done on device d (devices >= 64 always ask)
-  int device = 0;
-  SP_CUDA_CHECK(cudaGetDevice(&device));
-  const uint64_t bit = device < 64 ? uint64_t(1) << device : 0;
-  if ((opted_in.load(std::memory_order_relaxed) & bit) == 0 || bit == 0) {
-    SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
-    SP_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                       int(cudaSharedmemCarveoutMaxShared)));
-    opted_in.fetch_or(bit, std::memory_order_relaxed);
-  }
-}
-
 // The halo convolution (wgmma_halo_mainloop.cuh) of `plan` (ok) over `src` (16-byte aligned): the
 // output's `rows` rows (n * P * Q) x N columns, K = taps x source channels, B a plain K-contiguous
 // matrix with vec set. No split of K. The resident form where halo_resident() is on, the plan's
@@ -305,7 +302,7 @@ void run_wgmma_halo_conv(const wgmma::HaloConvPlan& plan, const uint16_t* src, c
   const int64_t sms = sm_count(device);
   if (halo_resident() && Resident::fits(plan.src) && wgmma::halo_resident_pays(plan.tiles, sms)) {
     constexpr auto kernel = &wgmma::wgmma_halo_resident_kernel<Resident, T>;
-    opt_in_shared_memory<kernel>();
+    opt_in_shared_memory<kernel>(227 * 1024);
     launch_kernel(kernel, dim3(unsigned(sms), unsigned(n_tiles), 1), Resident::kThreads,
                   size_t(Resident::smem_bytes(plan.src)), stream, map_a, map_b, plan.src, g, ep, int(plan.tiles),
                   desc_phase);
@@ -314,7 +311,7 @@ void run_wgmma_halo_conv(const wgmma::HaloConvPlan& plan, const uint16_t* src, c
     constexpr auto kernel = &wgmma::wgmma_halo_conv_kernel<Tile, T>;
     const int64_t smem = int64_t(plan.src.patch_bytes) * plan.src.chunks + Tile::kFixedSmemBytes;
     SP_CHECK(smem <= 227 * 1024, "conv (halo): ", smem, " bytes of shared memory");
-    opt_in_shared_memory<kernel>();
+    opt_in_shared_memory<kernel>(227 * 1024);
     launch_kernel(kernel, dim3(unsigned(plan.tiles), unsigned(n_tiles), 1), Tile::kThreads, size_t(smem), stream, map_a,
                   map_b, plan.src, g, ep, desc_phase);
   }
