@@ -2,7 +2,8 @@
 # Builds everything (CUDA sources included when a CUDA toolkit is present) and runs every test:
 # the GoogleTest suites through ctest, then the concurrency tests (streams, pipeline, allocator and
 # arenas, op profile, runs side by side in a sweep, the bench's runs, training from graphs and on
-# emulated devices) again under ThreadSanitizer.
+# emulated devices) again under ThreadSanitizer, and every CPU test again under AddressSanitizer and
+# UndefinedBehaviorSanitizer.
 # GPU tests skip with their reason on a machine without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,4 +39,15 @@ for t in "${TSAN_TESTS[@]}"; do
     filter=(--gtest_filter='Bench.*:Training.GraphsChangeNoBitOfADecoupledRun:Training.ModulesOnEmulatedDevicesTrainAndResumeAsOnOne:Training.EvaluationOfACheckpointMatchesTheRun')
   TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" "build-tsan/tests/$t" "${filter[@]}"
 done
+echo "== AddressSanitizer + UndefinedBehaviorSanitizer build of every CPU test (build-asan/)"
+# Memory errors, leaks and undefined behaviour in the CPU code (the reference kernels, the engine,
+# the layers, the trainer and the tools), which an ordinary run may survive unnoticed; each is an
+# error that fails its test (-fno-sanitize-recover).
+if [ ! -f build-asan/build.ninja ]; then
+  cmake -S . -B build-asan -G Ninja -DSTALEPROP_CUDA=OFF -DSTALEPROP_ASAN=ON -DSTALEPROP_BUILD_BENCH=OFF \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo
+fi
+cmake --build build-asan -j "$(nproc)"
+(cd build-asan && ASAN_OPTIONS="detect_leaks=1:abort_on_error=0" UBSAN_OPTIONS="print_stacktrace=1" \
+  ctest --output-on-failure -j "$(nproc)")
 echo "== all tests passed"

@@ -45,12 +45,22 @@ MicroKernel<T> select_micro_kernel() {
   return static_cast<MicroKernel<T>>(&gemm_detail::generic::micro_kernel);
 }
 
-// 64-byte aligned scratch that grows as needed; one per thread so tasks never share it.
+// 64-byte aligned scratch that grows as needed in buf.
 template <typename T>
 T* scratch(std::vector<T, std::allocator<T>>& buf, size_t n) {
   if (buf.size() < n + 64 / sizeof(T)) buf.resize(n + 64 / sizeof(T));
   auto addr = reinterpret_cast<uintptr_t>(buf.data());
   return reinterpret_cast<T*>((addr + 63) & ~uintptr_t(63));
+}
+
+// The calling thread's buffer for packed panels of A, kept between calls. A function, so that
+// each thread that asks (a pool worker included) passes the declaration and so constructs its
+// own buffer and has it destroyed when the thread ends; a thread_local named directly in a
+// lambda that a worker runs would be the worker's, never constructed and never freed.
+template <typename T>
+std::vector<T>& a_panel_buffer() {
+  static thread_local std::vector<T> buf;
+  return buf;
 }
 
 template <typename T>
@@ -112,7 +122,6 @@ void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
 
   constexpr int MR = MicroTile<T>::kMr, NR = MicroTile<T>::kNr;
   static const MicroKernel<T> micro = select_micro_kernel<T>();
-  static thread_local std::vector<T> a_buf;
   std::vector<T> b_buf;
 
   const int64_t m_blocks = (m + kMc - 1) / kMc;
@@ -144,7 +153,7 @@ void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
           // Rows [0, whole) are read in place when a_in_place; the rest (all, or the last
           // partial group of MR rows, which a packed panel pads with zeros) are packed.
           const int64_t whole = a_in_place ? mc / MR * MR : 0;
-          T* ap = scratch(a_buf, size_t(((mc - whole + MR - 1) / MR) * MR * kc));
+          T* ap = scratch(a_panel_buffer<T>(), size_t(((mc - whole + MR - 1) / MR) * MR * kc));
           if (whole < mc) pack_a(trans_a, a, lda, i0 + whole, mc - whole, p0, kc, ap);
           for (int64_t s = sb; s < se; ++s) {
             const int64_t jj = j0 + s * NR;
