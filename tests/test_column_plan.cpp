@@ -108,24 +108,45 @@ TEST(ColumnPlan, ResNetShapesGetTheLayoutsTheKernelsAssume) {
   EXPECT_EQ(big.chunk_rows, 512);
 }
 
-TEST(ColumnPlan, TheChunkCursorVisitsEveryChunkOnceAndKnowsItsColumn) {
-  for (const int c : {8, 16, 24, 64, 520}) {
-    for (const int64_t rows : {int64_t(1), int64_t(3), int64_t(1000)}) {
-      const int64_t total = rows * c;
-      // Grids smaller and larger than one row, and one past a multiple of c.
-      for (const int64_t threads : {int64_t(1), int64_t(3), int64_t(256), int64_t(2048 * 8 + 1)}) {
-        const std::string what = str(rows, c) + " threads " + std::to_string(threads);
-        std::vector<uint8_t> seen(size_t(total / kChunkElems), 0);
-        for (int64_t t = 0; t < threads; ++t)
-          for (ChunkCursor k = chunk_cursor(t, threads, c); k.i < total; advance(k, c)) {
-            ASSERT_EQ(k.i % kChunkElems, 0) << what;
-            ASSERT_EQ(k.j, int(k.i % c)) << what << " at element " << k.i;
-            ASSERT_LE(k.j + kChunkElems, c) << what << ": a chunk crosses a row end";
-            uint8_t& hit = seen[size_t(k.i / kChunkElems)];
-            ASSERT_EQ(hit, 0) << what << ": chunk at " << k.i << " visited twice";
-            hit = 1;
+// The element passes' walk: every item once, with its column, never across a row end; each
+// block's range below the one before it (the pass runs from the matrix's end to its start) and
+// each thread's items descending.
+TEST(ColumnPlan, TheDescendingWalkVisitsEveryItemOnceFromTheEndAndKnowsItsColumn) {
+  for (const int width : {1, kChunkElems}) {
+    for (const int c : {8, 16, 24, 64, 520}) {
+      for (const int64_t rows : {int64_t(1), int64_t(3), int64_t(1000)}) {
+        const int64_t total = rows * c, items = total / width;
+        // One block and many; ranges shorter than a block, and blocks left without a range.
+        for (const int64_t blocks : {int64_t(1), int64_t(3), int64_t(64), std::min<int64_t>(items + 5, 2000)}) {
+          for (const int threads : {1, 3, 32, 256}) {
+            const std::string what = str(rows, c) + " width " + std::to_string(width) + " blocks " +
+                                     std::to_string(blocks) + " threads " + std::to_string(threads);
+            std::vector<uint8_t> seen(size_t(items), 0);
+            int64_t below = items;  // every item of the blocks so far is at least this
+            for (int64_t b = 0; b < blocks; ++b) {
+              int64_t lowest = below;
+              for (int t = 0; t < threads; ++t) {
+                int64_t last = items;
+                for (DescendingCursor k = descending_cursor(items, blocks, b, threads, t, width, c); more(k);
+                     retreat(k, c)) {
+                  ASSERT_GE(k.item, 0) << what;
+                  ASSERT_LT(k.item, below) << what << ": block " << b << " above a block before it";
+                  ASSERT_LT(k.item, last) << what << ": thread " << t << " of block " << b << " not descending";
+                  last = k.item;
+                  ASSERT_EQ(k.j, int(k.item * width % c)) << what << " at item " << k.item;
+                  ASSERT_LE(k.j + width, c) << what << ": an item crosses a row end";
+                  uint8_t& hit = seen[size_t(k.item)];
+                  ASSERT_EQ(hit, 0) << what << ": item " << k.item << " visited twice";
+                  hit = 1;
+                  lowest = std::min(lowest, k.item);
+                }
+              }
+              below = lowest;
+            }
+            for (size_t i = 0; i < seen.size(); ++i)
+              ASSERT_EQ(seen[i], 1) << what << ": item " << i << " never visited";
           }
-        for (size_t k = 0; k < seen.size(); ++k) ASSERT_EQ(seen[k], 1) << what << ": chunk " << k << " never visited";
+        }
       }
     }
   }

@@ -28,8 +28,8 @@
 #      bf16 GEMM (both TMA tiles) and the
 #      convolutions' sums with the persistent TMA kernel off and on (--tma-persistent) against
 #      cuBLASLt and cuDNN (or, where its test did not pass, the GEMM with --tma-wide=0 and =1);
-#      max pooling and the fused BN+add+ReLU backward against the copy (one-byte tap indices; the
-#      statistics pass writing dresidual); the convolutions' sums
+#      max pooling and the fused BN+add+ReLU against the copy (one-byte tap indices; the
+#      statistics pass writing dresidual; the element passes from the end); the convolutions' sums
 #      with the split of K by the earlier rule and capped at two waves;
 #      bf16 training throughput of ResNet-18 (batch 512, two rounds, each beside PyTorch) and
 #      ResNet-56 (128) with every new path that passed off, as by default and on
@@ -305,12 +305,14 @@ for pair in gemm-bf16-persistent gemm-bf16-wide-persistent r18-convs-persistent 
     >> "$OUT/headline.md" 2>&1
 done
 [ -f "$OUT/headline.md" ] && cat "$OUT/headline.md" >> "$OUT/session.txt"
-# Max pooling and the fused BN+add+ReLU backward against the copy: the max-pool backward now keeps
-# each window's choice as a one-byte tap index (0.46-0.52 of the copy with 4-byte pixel indices,
-# 2026-11-27b), the BN backward's statistics pass writes dresidual (7 passes instead of 8).
+# Max pooling and the fused BN+add+ReLU against the copy: the max-pool backward now keeps each
+# window's choice as a one-byte tap index (0.46-0.52 of the copy with 4-byte pixel indices,
+# 2026-11-27b), the BN backward's statistics pass writes dresidual (7 passes instead of 8), and
+# the BN element passes run from the tensor's end to its start (the rows the statistics pass read
+# last are still in L2: batch 512's tensors are larger than L2).
 if [ "$(left)" -gt 90 ]; then
   timeout 30 build-gpu/bench/bench_gpu_kernels --benchmark_min_time=0.002 \
-    --benchmark_filter='^maxpool_(fwd|bwd)/|^bn_add_relu_bwd' \
+    --benchmark_filter='^maxpool_(fwd|bwd)/|^bn_add_relu_bwd|^bn_add_relu_fwd_train.*n512' \
     --benchmark_report_aggregates_only=true --benchmark_out="$OUT/maxpool.json" --benchmark_out_format=json \
     >> "$OUT/ab.txt" 2>&1
   log "bench_gpu_kernels maxpool exit $?"

@@ -43,26 +43,19 @@ namespace {
 using namespace detail;
 namespace cg = cooperative_groups;
 
-// Grid-stride loop over the elements of a row-major [rows, c] matrix (total elements), calling
-// fn(i, j, Width<W>) for the W elements i .. i + W - 1 of row-major column j .. j + W - 1:
+// The element passes' loop over the elements of a row-major [rows, c] matrix (total elements),
+// calling fn(i, j, Width<W>) for the W elements i .. i + W - 1 of row-major column j .. j + W - 1:
 // chunks of kChunkElems (kVec: c % kChunkElems == 0, pointers 16-byte aligned) or single
-// elements. j is tracked incrementally: one 64-bit division per thread instead of one per element.
+// elements, from the matrix's end to its start (column_plan.h's DescendingCursor: the rows the
+// statistics pass read last, still in L2 where the matrix is larger, are read first). j is
+// tracked incrementally: one 64-bit division per thread instead of one per element.
 template <bool kVec, class Fn>
 __device__ __forceinline__ void for_each_with_channel(int64_t total, int c, const Fn& fn) {
-  if constexpr (kVec) {
-    for (ChunkCursor k = chunk_cursor(global_thread_index(), grid_stride(), c); k.i < total; advance(k, c))
-      fn(k.i, k.j, Width<kChunkElems>{});
-  } else {
-    const int64_t stride = grid_stride();
-    const int step = int(stride % c);
-    int64_t i = global_thread_index();
-    int j = int(i % c);
-    for (; i < total; i += stride) {
-      fn(i, j, Width<1>{});
-      j += step;
-      if (j >= c) j -= c;
-    }
-  }
+  constexpr int kWidth = kVec ? kChunkElems : 1;
+  for (DescendingCursor k =
+           descending_cursor(total / kWidth, gridDim.x, blockIdx.x, int(blockDim.x), int(threadIdx.x), kWidth, c);
+       more(k); retreat(k, c))
+    fn(k.item * kWidth, k.j, Width<kWidth>{});
 }
 
 // Blocks of a for_each_with_channel kernel over total > 0 elements.

@@ -204,29 +204,47 @@ SP_PLAN_HD int64_t slot_offset(int cols_per_block, const ChunkBox& b, int64_t i,
   return (i - b.row0) * cols_per_block + (j - b.col0);
 }
 
-// A grid-stride walk over the kChunkElems-element chunks of a row-major [rows, c] matrix with
-// c % kChunkElems == 0, tracking the column j of each chunk's first element without a division
-// per chunk (a chunk never crosses a row end).
-struct ChunkCursor {
-  int64_t i;       // first element of the current chunk
-  int j;           // its column, i % c
-  int64_t stride;  // elements between one visit and the next
-  int step;        // stride % c
+// ---- The element passes' walk -----------------------------------------------------------
+// Batch norm's element passes (batchnorm.cu) visit the items of a row-major [rows, c] matrix:
+// chunks of kChunkElems elements (width kChunkElems, with c % kChunkElems == 0: a chunk never
+// crosses a row end) or single elements (width 1). They go from the matrix's end to its start.
+// Block b of `blocks` takes the b-th range of items counted from the end (contiguous ranges of
+// ceil(items / blocks) items), and its threads walk their range downwards, `threads` items
+// apart. Blocks start in about the order of their index, so the pass reads the matrix in about
+// the reverse of the order in which the statistics pass has just read it (that pass's row
+// chunks in ascending order, column_reduce.cuh). Where the matrix is larger than L2, the rows
+// read last, which L2 still holds, are then read again first, before the pass's own traffic
+// evicts them; an ascending walk would reach them last. Every item is visited once and the
+// arithmetic is per element, so the order changes no bit of the result.
+// The column j of the item's first element is kept up to date without a division per item.
+struct DescendingCursor {
+  int64_t item;   // the current item; the walk goes on while item >= begin
+  int64_t begin;  // the first item of the block's range
+  int j;          // the column of the item's first element: item * width % c
+  int threads;    // items between one visit and the next
+  int step;       // threads * width % c
 };
 
-SP_PLAN_HD ChunkCursor chunk_cursor(int64_t thread, int64_t threads, int c) {
-  ChunkCursor k;
-  k.i = thread * kChunkElems;
-  k.j = int(k.i % c);
-  k.stride = threads * kChunkElems;
-  k.step = int(k.stride % c);
+SP_PLAN_HD DescendingCursor descending_cursor(int64_t items, int64_t blocks, int64_t block, int threads, int thread,
+                                              int width, int c) {
+  DescendingCursor k;
+  const int64_t per = plan_ceil_div(items, blocks > 0 ? blocks : 1);
+  const int64_t range = blocks - 1 - block;  // counted from the end
+  k.begin = range * per;
+  const int64_t end = (range + 1) * per < items ? (range + 1) * per : items;
+  k.item = end - 1 - thread;  // below begin where the range is empty or shorter than the block
+  k.j = k.item >= k.begin ? int(k.item * width % c) : 0;
+  k.threads = threads;
+  k.step = int(int64_t(threads) * width % c);
   return k;
 }
 
-SP_PLAN_HD void advance(ChunkCursor& k, int c) {
-  k.i += k.stride;
-  k.j += k.step;
-  if (k.j >= c) k.j -= c;
+SP_PLAN_HD bool more(const DescendingCursor& k) { return k.item >= k.begin; }
+
+SP_PLAN_HD void retreat(DescendingCursor& k, int c) {
+  k.item -= k.threads;
+  k.j -= k.step;
+  if (k.j < 0) k.j += c;
 }
 
 }  // namespace sp::kernels::cuda::detail
