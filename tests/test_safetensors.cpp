@@ -1,5 +1,6 @@
 // safetensors checkpoints: round trips, the exact bytes of a small file, files laid out by other
-// writers, rejection of corrupt files, atomic replacement, and the sp::Tensor helpers.
+// writers, rejection of corrupt files (named ones, and every truncation and byte corruption of a
+// valid file's header), atomic replacement, and the sp::Tensor helpers.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -243,6 +244,60 @@ TEST(Safetensors, RejectsCorruptFiles) {
           twelve),
       "unused bytes [4, 8)");
   rejects(raw_file(ok, twelve), "the tensors cover 8 bytes of a data buffer of 12 bytes");
+}
+
+// Every truncation of a valid file, and every byte of its length prefix and header replaced by
+// each of several values, must either read (a change the format allows, such as another dtype of
+// the same size or a changed name) or throw sp::Error naming the file: never another exception, a
+// crash or a read outside the file's bytes (the AddressSanitizer build runs this too). What does
+// read must still be consistent: every tensor's bytes as its dtype and shape say.
+TEST(Safetensors, EveryCorruptionOfAValidFileReadsOrIsRejectedByName) {
+  TempDir dir;
+  const std::string good = dir.file("good.safetensors"), bad = dir.file("bad.safetensors");
+  write_safetensors(good,
+                    {record("conv1.weight", "F32", {2, 3}, 24), record("bn.gamma", "BF16", {4}, 8),
+                     record("steps", "I64", {1}, 8), record("scalar", "F32", {}, 4), record("x\"y", "U8", {3}, 3)},
+                    {{"epoch", "3"}, {"note", "\u00fc\t"}});
+  const std::vector<uint8_t> bytes = read_bytes(good);
+  uint64_t header = 0;
+  for (int i = 0; i < 8; ++i) header |= uint64_t(bytes[size_t(i)]) << (8 * i);
+  ASSERT_LT(8 + header, bytes.size());
+  int read_ok = 0, rejected = 0;
+  const auto attempt = [&](const std::vector<uint8_t>& mutated, const std::string& what) {
+    write_bytes(bad, mutated);
+    try {
+      const SafetensorsFile f = read_safetensors(bad);
+      for (const TensorRecord& t : f.tensors) {
+        size_t numel = 1;
+        for (const int64_t d : t.shape) numel *= size_t(d);
+        ASSERT_EQ(t.data.size(), numel * safetensors_dtype_size(t.dtype)) << what << ": tensor '" << t.name << "'";
+      }
+      ++read_ok;
+    } catch (const Error& e) {
+      ASSERT_NE(std::string(e.what()).find(bad), std::string::npos) << what << ": " << e.what();
+      ++rejected;
+    } catch (const std::exception& e) {
+      FAIL() << what << ": not an sp::Error: " << e.what();
+    }
+  };
+  for (size_t n = 0; n < bytes.size(); ++n)
+    attempt(std::vector<uint8_t>(bytes.begin(), bytes.begin() + std::ptrdiff_t(n)),
+            "truncated to " + std::to_string(n) + " bytes");
+  if (HasFatalFailure()) return;
+  EXPECT_EQ(read_ok, 0) << "a truncated file read";
+  const uint8_t values[] = {0x00, 0x01, 0x7f, 0x80, 0xff, '"', '\\', '{', '}',
+                            '[',  ']',  ',',  ':',  '-',  '0', '9',  'e', ' '};
+  for (size_t at = 0; at < 8 + header; ++at) {
+    for (const uint8_t v : values) {
+      if (bytes[at] == v) continue;
+      std::vector<uint8_t> mutated = bytes;
+      mutated[at] = v;
+      attempt(mutated, "byte " + std::to_string(at) + " set to " + std::to_string(int(v)));
+    }
+    if (HasFatalFailure()) return;
+  }
+  EXPECT_GT(rejected, 0);
+  EXPECT_GT(read_ok, 0) << "no mutation read: the check of what does read was never made";
 }
 
 TEST(Safetensors, WriterRejectsInvalidRecords) {
