@@ -28,6 +28,7 @@
 #      bf16 GEMM (both TMA tiles) and the
 #      convolutions' sums with the persistent TMA kernel off and on (--tma-persistent) against
 #      cuBLASLt and cuDNN (or, where its test did not pass, the GEMM with --tma-wide=0 and =1);
+#      Nsight Compute on every kernel of one stride-class data gradient (at most 90 s);
 #      max pooling and the fused BN+add+ReLU against the copy (one-byte tap indices; the
 #      statistics pass writing dresidual; the element passes from the end); the convolutions' sums
 #      with the split of K by the earlier rule and capped at two waves;
@@ -52,8 +53,8 @@
 #      and fdg's with every op (--trace-ops);
 #      the peak memory of fdg over 4 modules op by op and from graphs (planned, bump arenas);
 #      four short ResNet-56 runs in a sweep one after another, then four at once;
-#   7. a SASS check of the TMA kernels, and Nsight Compute sections (every kernel of one stride-class
-#      data gradient, the halo forward, the TMA GEMM) when ncu is there and time is left.
+#   7. a SASS check of the TMA kernels, and Nsight Compute sections (the halo forward, the TMA
+#      GEMM) when ncu is there and time is left.
 # With CTEST_LOG=FILE (an earlier call's ctest.log, carried in the tree) it skips the build
 # (when build-gpu/ is still there), the accuracy run, ctest and the sanitizers, and runs the
 # measurements of steps 5-7 for the switches that log says passed: the follow-up call on a warm
@@ -294,6 +295,35 @@ if [ -n "$PERSISTENT_OK" ]; then
   [ -n "$CONV_TMA_OK" ] && ab r18-convs-persistent tma-persistent 40 '_bf16/r18_all_layers'
 elif [ -n "$TMA_WIDE_OK" ]; then
   ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
+fi
+# Nsight Compute, where it is there. ncu_run NAME KERNEL-REGEX SKIP COUNT FILTER [bench flags]:
+# Nsight Compute on COUNT launches of our kernels matching KERNEL-REGEX (after SKIP), in
+# bench_gpu_kernels' benchmarks matching FILTER, for at most NCU_CAP seconds (default: the time
+# left less 10 s).
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+  --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats
+  --section SchedulerStats)
+ncu_run() {
+  local name=$1 kernels=$2 skip=$3 count=$4 filter=$5 cap
+  shift 5
+  [ "$(left)" -gt 15 ] || return
+  cap=$(( $(left) - 10 ))
+  [ -n "${NCU_CAP:-}" ] && [ "$NCU_CAP" -lt "$cap" ] && cap=$NCU_CAP
+  log "ncu $name ($filter; $count launches of $kernels; at most $cap s)"
+  timeout "$cap" "$NCU" --kernel-name regex:"$kernels" --launch-skip "$skip" --launch-count "$count" \
+    "${SECTIONS[@]}" build-gpu/bench/bench_gpu_kernels --conv-tma=1 "$@" \
+    --benchmark_filter="$filter" --benchmark_min_time=0.001 > "$OUT/ncu-$name.txt" 2>&1
+  log "ncu exit $?"
+}
+# The strided data gradient by stride class, every kernel of one call (the filter's transpose
+# and the class's GEMM, for each of the four classes): on the H100 it ran at 0.24-0.33 of cuDNN
+# (2026-11-27b and -27c), 3x-4x what its FLOPs and bytes on the TMA kernel suggest, and no
+# profile says where the time goes. Profiled early (at most 90 s), since the session's later
+# stages rarely get to run.
+if [ -n "$NCU" ] && [ -n "$CONV_TMA_OK" ]; then
+  NCU_CAP=90 ncu_run conv_bwd_data-classes 'wgmma_tma_gemm_kernel|transpose_filter_kernel|class_copy_kernel' 8 8 \
+    '^conv_bwd_data_bf16/r18_64to128_3x3_s2_32px/n512'
 fi
 # The headline figures at once, in the session log (tools/bench_table.py): the GEMM and the
 # convolutions' sums as by default and persistent, each against cuBLASLt/cuDNN in its run (the
@@ -555,30 +585,9 @@ CUOBJDUMP=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null
   CUOBJDUMP="$CUOBJDUMP" timeout -k 5 30 bash tools/sass_check.sh build-gpu/kernels/libstaleprop_kernels.a > "$OUT/sass-tma.txt" 2>&1 &&
   log "SASS of the TMA kernels: $(grep -c '^kernel' "$OUT/sass-tma.txt") kernels listed in sass-tma.txt"
 
-NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+# Then the halo forward where its test passed (the TMA forms of the 64-channel layer were profiled
+# on 2026-11-27: L2 at 76%), and the TMA GEMM.
 if [ -n "$NCU" ] && [ -n "$CONV_TMA_OK" ]; then
-  SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
-    --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats
-    --section SchedulerStats)
-  # ncu NAME KERNEL-REGEX SKIP COUNT FILTER [bench flags]: Nsight Compute on COUNT launches of our
-  # kernels matching KERNEL-REGEX (after SKIP), in bench_gpu_kernels' benchmarks matching FILTER.
-  ncu_run() {
-    local name=$1 kernels=$2 skip=$3 count=$4 filter=$5
-    shift 5
-    [ "$(left)" -gt 15 ] || return
-    log "ncu $name ($filter; $count launches of $kernels)"
-    timeout $(( $(left) - 10 )) "$NCU" --kernel-name regex:"$kernels" --launch-skip "$skip" --launch-count "$count" \
-      "${SECTIONS[@]}" build-gpu/bench/bench_gpu_kernels --conv-tma=1 "$@" \
-      --benchmark_filter="$filter" --benchmark_min_time=0.001 > "$OUT/ncu-$name.txt" 2>&1
-    log "ncu exit $?"
-  }
-  # The strided data gradient by stride class, every kernel of one call (the filter's transpose
-  # and the class's GEMM, for each of the four classes): on the H100 it ran at 0.24-0.33 of cuDNN
-  # (2026-11-27b and -27c), 3x-4x what its FLOPs and bytes on the TMA kernel suggest, and no
-  # profile says where the time goes. Then the halo forward where its test passed (the TMA
-  # forms of the 64-channel layer were profiled on 2026-11-27: L2 at 76%), and the TMA GEMM.
-  ncu_run conv_bwd_data-classes 'wgmma_tma_gemm_kernel|transpose_filter_kernel|class_copy_kernel' 8 8 \
-    '^conv_bwd_data_bf16/r18_64to128_3x3_s2_32px/n512'
   [ -n "$HALO_OK" ] && ncu_run conv_fwd-halo 'wgmma_halo_conv_kernel' 2 1 '^conv_fwd_bf16/r18_64to64_3x3_s1_32px/n512' \
     --conv-halo=1
   ncu_run gemm-tma 'wgmma_tma_gemm_kernel' 2 1 '^gemm_bf16/square/m4096' --tma-wide=${TMA_WIDE_OK:-0}

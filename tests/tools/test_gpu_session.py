@@ -148,8 +148,8 @@ def main():
               [l.split("--tma-persistent=")[1][0] for l in persistent] == ["0", "1"] * 2,
               f"the persistent kernel, whose test passed, off and on: the GEMM (not on the wide tile, whose "
               f"test timed out), the convolutions' sums: {persistent}", log)
-        check(any("^maxpool_(fwd|bwd)/|^bn_add_relu_bwd" in l for l in bench),
-              "max pooling and the fused BN backward against the copy", log)
+        check(any("^maxpool_(fwd|bwd)/|^bn_add_relu_bwd|^bn_add_relu_fwd_train.*n512" in l for l in bench),
+              "max pooling and the fused BN (backward; forward at batch 512) against the copy", log)
         check(not any("--tma-cluster" in l or "--dgrad-class" in l for l in bench),
               "the paths measured in earlier sessions are not benchmarked again", log)
         check(any("throughput-r18-b128-graphs" in l and "--graphs" in l and "--batch-size 128" in l for l in lines),
@@ -190,6 +190,13 @@ def main():
         check(len(ncu) == 3 and "r18_64to128_3x3_s2_32px" in ncu[0] and "--launch-count 8" in ncu[0] and
               "wgmma_halo_conv_kernel" in ncu[1] and "--conv-halo=1" in ncu[1] and "gemm_bf16/square" in ncu[2],
               f"Nsight Compute on every kernel of a stride-class data gradient, the halo forward, the GEMM: {ncu}", log)
+        at = {name: next((i for i, l in enumerate(lines) if key(l)), None) for name, key in (
+            ("classes", lambda l: l.startswith("ncu ") and "r18_64to128_3x3_s2_32px" in l),
+            ("persistent", lambda l: "--tma-persistent" in l),
+            ("maxpool", lambda l: "maxpool_" in l and "bench_gpu_kernels" in l),
+            ("halo", lambda l: l.startswith("ncu ") and "wgmma_halo_conv_kernel" in l))}
+        check(None not in at.values() and at["persistent"] < at["classes"] < at["maxpool"] < at["halo"],
+              f"the stride classes' profile right after the persistent kernel's A/B, before the rest: {at}", log)
         for blocks in ("0", "264"):
             check(any(f"STALEPROP_SPLIT_MAX_BLOCKS={blocks}" in l.split("|")[1].split() and "r18_all_layers" in l
                       for l in bench), f"the convolutions' sums with the split capped at {blocks} blocks", log)
