@@ -14,6 +14,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -194,9 +195,12 @@ Param make_param(const sp::Shape& shape, float stddev, float constant, std::mt19
   using sp::DType;
   using sp::Tensor;
   Param p{Tensor::empty(shape, DType::F32), Tensor::empty(shape, DType::F32), Tensor::empty(shape, DType::F32)};
-  std::normal_distribution<float> n(0.f, stddev);
+  // A normal distribution needs stddev > 0 (a zero one is undefined behaviour): constant
+  // parameters make none.
+  std::optional<std::normal_distribution<float>> n;
+  if (stddev > 0) n.emplace(0.f, stddev);
   for (int64_t i = 0; i < p.value.numel(); ++i) {
-    p.value.at<float>(i) = stddev > 0 ? n(rng) : constant;
+    p.value.at<float>(i) = n ? (*n)(rng) : constant;
     p.momentum.at<float>(i) = 0.f;
   }
   return p;
