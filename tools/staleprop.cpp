@@ -80,13 +80,38 @@ bool parse_flags(const std::string& cmd, const std::string& what, const std::vec
   return true;
 }
 
+// Flag values are read whole: text after the number ("1x", "0.1.2") and a minus sign on an
+// unsigned value (which std::stoull would wrap round) are errors, which parse_flags reports as
+// "cannot parse" (std::invalid_argument) or "out of range" (std::out_of_range), as the
+// standard conversions' own failures.
+template <typename T, typename Convert>
+T whole_number(const std::string& text, const Convert& convert) {
+  size_t used = 0;
+  const T v = convert(text, &used);
+  if (used != text.size()) throw std::invalid_argument("trailing text");
+  return v;
+}
+long long to_ll(const std::string& v) {
+  return whole_number<long long>(v, [](const std::string& t, size_t* n) { return std::stoll(t, n); });
+}
+unsigned long long to_ull(const std::string& v) {
+  if (v.find('-') != std::string::npos) throw std::invalid_argument("negative");
+  return whole_number<unsigned long long>(v, [](const std::string& t, size_t* n) { return std::stoull(t, n); });
+}
+float to_f(const std::string& v) {
+  return whole_number<float>(v, [](const std::string& t, size_t* n) { return std::stof(t, n); });
+}
+double to_d(const std::string& v) {
+  return whole_number<double>(v, [](const std::string& t, size_t* n) { return std::stod(t, n); });
+}
+
 int64_t positive(const std::string& flag, int64_t v) {
   SP_CHECK(v > 0, "--", flag, " must be positive, got ", v);
   return v;
 }
 
 double positive_seconds(const std::string& flag, const std::string& v) {
-  const double s = std::stod(v);
+  const double s = to_d(v);
   SP_CHECK(s > 0, "--", flag, " must be positive, got ", v);
   return s;
 }
@@ -106,9 +131,16 @@ std::vector<std::string> comma_list(const std::string& v) {
   return out;
 }
 
-std::vector<double> parse_list(const std::string& v) {
+// The numbers of flag --name's comma-separated list v, each read whole.
+std::vector<double> parse_list(const std::string& name, const std::string& v) {
   std::vector<double> out;
-  for (const std::string& item : comma_list(v)) out.push_back(std::stod(item));
+  for (const std::string& item : comma_list(v)) {
+    try {
+      out.push_back(to_d(item));
+    } catch (const std::logic_error&) {  // std::invalid_argument and std::out_of_range
+      throw sp::Error("--" + name + ": cannot parse '" + item + "' in '" + v + "'");
+    }
+  }
   return out;
 }
 
@@ -288,10 +320,10 @@ int run_demo(const DemoOptions& o) {
 int demo_main(int argc, char** argv) {
   DemoOptions o;
   const std::vector<Flag> flags = {
-      {"steps", "N", "optimisation steps (default 60)", [&](const std::string& v) { o.steps = int(positive("steps", std::stoll(v))); }},
-      {"batch", "B", "images per step (default 64)", [&](const std::string& v) { o.batch = int(positive("batch", std::stoll(v))); }},
-      {"lr", "LR", "SGD learning rate, momentum 0.9 (default 0.05)", [&](const std::string& v) { o.lr = std::stof(v); }},
-      {"seed", "S", "seed of the data and the initial weights (default 1)", [&](const std::string& v) { o.seed = std::stoull(v); }},
+      {"steps", "N", "optimisation steps (default 60)", [&](const std::string& v) { o.steps = int(positive("steps", to_ll(v))); }},
+      {"batch", "B", "images per step (default 64)", [&](const std::string& v) { o.batch = int(positive("batch", to_ll(v))); }},
+      {"lr", "LR", "SGD learning rate, momentum 0.9 (default 0.05)", [&](const std::string& v) { o.lr = to_f(v); }},
+      {"seed", "S", "seed of the data and the initial weights (default 1)", [&](const std::string& v) { o.seed = to_ull(v); }},
   };
   if (!parse_flags("demo", "Trains a tiny CNN on a synthetic 10-class problem with the engine's ops on a CPU stream\nand prints the falling loss; exits 1 if, after 20 or more steps, it has not halved.", flags, argc, argv)) return 0;
   return run_demo(o);
@@ -325,51 +357,51 @@ std::vector<Flag> train_flags(TrainArgs& a) {
   int& threads = a.threads;
   return {
       {"model", "NAME", model_list() + " (default resnet20)", [&](const std::string& v) { c.model = v; }},
-      {"epochs", "N", "epochs (default 1)", [&](const std::string& v) { c.epochs = int(positive("epochs", std::stoll(v))); }},
-      {"batch-size", "B", "images per step (default 128)", [&](const std::string& v) { c.batch_size = positive("batch-size", std::stoll(v)); }},
-      {"lr", "LR", "peak learning rate (default 0.1)", [&](const std::string& v) { c.lr = std::stof(v); }},
-      {"momentum", "M", "SGD momentum (default 0.9)", [&](const std::string& v) { c.momentum = std::stof(v); }},
+      {"epochs", "N", "epochs (default 1)", [&](const std::string& v) { c.epochs = int(positive("epochs", to_ll(v))); }},
+      {"batch-size", "B", "images per step (default 128)", [&](const std::string& v) { c.batch_size = positive("batch-size", to_ll(v)); }},
+      {"lr", "LR", "peak learning rate (default 0.1)", [&](const std::string& v) { c.lr = to_f(v); }},
+      {"momentum", "M", "SGD momentum (default 0.9)", [&](const std::string& v) { c.momentum = to_f(v); }},
       {"nesterov", "", "Nesterov momentum", [&](const std::string&) { c.nesterov = true; }},
-      {"weight-decay", "WD", "L2 weight decay (default 5e-4)", [&](const std::string& v) { c.weight_decay = std::stof(v); }},
+      {"weight-decay", "WD", "L2 weight decay (default 5e-4)", [&](const std::string& v) { c.weight_decay = to_f(v); }},
       {"schedule", "S", "constant|multistep|cosine|onecycle (default multistep). Each begins with --warmup-epochs of linear warm-up from 0; then multistep multiplies the rate by --gamma at each milestone, cosine decays it to 0 along a half cosine, onecycle linearly to 0 (a one-cycle with --warmup-epochs > 0)", [&](const std::string& v) { c.schedule = v; }},
-      {"milestones", "F,F", "multistep: lr *= gamma at these fractions of the run (default 0.5,0.75)", [&](const std::string& v) { c.milestones = parse_list(v); }},
-      {"gamma", "G", "multistep decay factor (default 0.1)", [&](const std::string& v) { c.gamma = std::stof(v); }},
-      {"warmup-epochs", "E", "linear warm-up from 0 over E epochs (default 0)", [&](const std::string& v) { c.warmup_epochs = std::stod(v); }},
-      {"label-smoothing", "EPS", "label smoothing in [0, 1) (default 0)", [&](const std::string& v) { c.label_smoothing = std::stof(v); }},
+      {"milestones", "F,F", "multistep: lr *= gamma at these fractions of the run (default 0.5,0.75)", [&](const std::string& v) { c.milestones = parse_list("milestones", v); }},
+      {"gamma", "G", "multistep decay factor (default 0.1)", [&](const std::string& v) { c.gamma = to_f(v); }},
+      {"warmup-epochs", "E", "linear warm-up from 0 over E epochs (default 0)", [&](const std::string& v) { c.warmup_epochs = to_d(v); }},
+      {"label-smoothing", "EPS", "label smoothing in [0, 1) (default 0)", [&](const std::string& v) { c.label_smoothing = to_f(v); }},
       {"precision", "P", "fp32|bf16: bf16 = mixed precision (bf16 activations and weight copies, fp32 master weights and reductions; on the CPU it is emulated by rounding); default fp32", [&](const std::string& v) { c.precision = v; }},
       {"kernels", "K", "custom|vendor: our kernels, or the cuBLASLt/cuDNN baselines for GEMM and convolutions (GPU only; default custom)", [&](const std::string& v) { c.kernels = v; }},
       {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM and the convolutions TMA can address; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
-      {"seed", "S", "seed of initialisation, order and augmentation (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
+      {"seed", "S", "seed of initialisation, order and augmentation (default 0)", [&](const std::string& v) { c.seed = to_ull(v); }},
       {"deterministic", "", "require bit-identical runs for a seed (the CPU reference and the custom CUDA kernels always are: fixed reduction orders, no float atomics; with --kernels vendor it restricts cuDNN to deterministic algorithms); --split K then balances its cuts by counted FLOPs, as measured times differ run to run", [&](const std::string&) { c.deterministic = true; }},
       {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device: where the network is built and checkpointed, and trained and evaluated without --devices (default the first of --devices, else cpu)", [&](const std::string& v) { c.device = v; }},
       {"data", "DIR", "CIFAR-10 binary directory (default $CIFAR10_DIR, else ./data/cifar-10-batches-bin)", [&](const std::string& v) { data_dir = v; }},
-      {"train-limit", "N", "use only the first N training images (default all)", [&](const std::string& v) { train_limit = positive("train-limit", std::stoll(v)); }},
-      {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { test_limit = positive("test-limit", std::stoll(v)); }},
+      {"train-limit", "N", "use only the first N training images (default all)", [&](const std::string& v) { train_limit = positive("train-limit", to_ll(v)); }},
+      {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { test_limit = positive("test-limit", to_ll(v)); }},
       {"no-augment", "", "disable random crop and flip", [&](const std::string&) { c.augment = false; }},
-      {"cutout", "N", "after crop and flip, zero an N x N square (clipped at the border) centred on a random pixel of each training image (Cutout, DeVries & Taylor 2017; they use 16 on CIFAR-10; default 0: none)", [&](const std::string& v) { c.cutout = int(std::clamp<long long>(std::stoll(v), -1, 1 << 30)); }},  // checked by the run, which names any value short of 2^30
-      {"eval-batch-size", "B", "batch size of the test-set evaluation (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", std::stoll(v)); }},
+      {"cutout", "N", "after crop and flip, zero an N x N square (clipped at the border) centred on a random pixel of each training image (Cutout, DeVries & Taylor 2017; they use 16 on CIFAR-10; default 0: none)", [&](const std::string& v) { c.cutout = int(std::clamp<long long>(to_ll(v), -1, 1 << 30)); }},  // checked by the run, which names any value short of 2^30
+      {"eval-batch-size", "B", "batch size of the test-set evaluation (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", to_ll(v)); }},
       {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} in FILE: one per epoch)", [&](const std::string& v) { c.checkpoint = v; }},
-      {"checkpoint-every", "N", "also write --checkpoint every N steps (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", std::stoll(v)); }},
+      {"checkpoint-every", "N", "also write --checkpoint every N steps (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", to_ll(v)); }},
       {"resume", "FILE", "resume exactly from a checkpoint of the same run; refused, saying why, when its model, data, schedule, training rule (method, shrink, jitter, recompute, weight stashing), optimizer, loss, precision or cuts differ (--recompute may change with --weight-stash: it changes no bit there). --device and --kernels may change (the run then goes on, but not bit for bit)", [&](const std::string& v) { c.resume = v; }},
       {"metrics", "FILE", "append metrics as JSON lines to FILE", [&](const std::string& v) { c.metrics = v; }},
       {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines)", [&](const std::string& v) { c.progress = v; }},
       {"log", "FILE", "append the banner, progress and epoch lines to FILE instead of printing them", [&](const std::string& v) { c.log = v; }},
       {"time-limit", "SECONDS", "end the run at the first epoch boundary where the next epoch, taking as long as the last, would end later than SECONDS after the start; the epoch's checkpoint (--checkpoint) is there to --resume from", [&](const std::string& v) { a.time_limit = positive_seconds("time-limit", v); }},
-      {"stop-after", "STEPS", "end the run after this many steps in total (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", std::stoll(v)); }},
+      {"stop-after", "STEPS", "end the run after this many steps in total (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", to_ll(v)); }},
       {"method", "M", "bp|ddg|fdg: locked backprop, forward-locked DDG, fully decoupled FDG (default bp)", [&](const std::string& v) { c.method = v; }},
-      {"split", "K", "cut the network into K modules, balanced by --split-by (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
+      {"split", "K", "cut the network into K modules, balanced by --split-by (default 1)", [&](const std::string& v) { c.split = int(positive("split", to_ll(v))); }},
       {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start, or by its counted forward FLOPs (the same cuts on every run and machine); default time, flops with --deterministic (which refuses time)", [&](const std::string& v) { c.split_by = v; }},
       {"split-at", "CUTS", "explicit cuts: first block of modules 2..K (\"i,j,..\", ascending), or fdg for FDG's published cuts into --split K modules. Block 0 is the stem, the last the pooling+linear head: resnet20 has 11 blocks, resnet32 17, resnet44 23, resnet56 29, resnet110 56, resnet18 10", [&](const std::string& v) { c.split_at = v; }},
-      {"shrink", "BETA", "gradient shrink factor in (0, 1] applied by each module k < K, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
+      {"shrink", "BETA", "gradient shrink factor in (0, 1] applied by each module k < K, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = to_f(v); }},
       {"devices", "D,D", "one device per module, of --device's kind (default: --device for all); cpu:1,cpu:2,.. run a multi-GPU layout on emulated CPU devices", [&](const std::string& v) { c.devices = comma_list(v); }},
       {"trace", "FILE", "Chrome-trace/Perfetto JSON of the module stages of the first epoch this process runs (a one-module run then goes through the decoupled trainer: the same training, bit for bit, without --checkpoint-every, --stop-after or step records, and stopped early it drops the epoch it was in)", [&](const std::string& v) { c.trace = v; }},
       {"trace-ops", "", "with --trace: also every op of each module's stream in that epoch, timed with events on the stream (two per op: host time; ops replayed from --graphs are not seen)", [&](const std::string&) { c.trace_ops = true; }},
-      {"staleness-jitter", "J", "with --method ddg or fdg: each received gradient becomes due 0..J ticks after it arrives (random, seeded by --seed, the same draws when resumed); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = int(std::stoll(v)); }},
+      {"staleness-jitter", "J", "with --method ddg or fdg: each received gradient becomes due 0..J ticks after it arrives (random, seeded by --seed, the same draws when resumed); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = int(to_ll(v)); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
       {"graphs", "", "replay each module's steady-state tick from CUDA graphs (CPU: recorded closures); not with --staleness-jitter, --recompute, --weight-stash", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump: memory of captured ticks, laid out from recorded tensor lifetimes (one module: about the eager peak; decoupled modules: more, see the README) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
-      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
+      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_ll(v))); }},
   };
 }
 
@@ -458,9 +490,9 @@ int sweep_main(int argc, char** argv) {
   double time_limit = 0;
   const std::vector<Flag> flags = {
       {"jobs", "FILE", "the runs, one per line: the arguments of a staleprop train command (quoted as in a shell; blank lines and lines starting with # are skipped); a job's own --time-limit counts from its start; required", [&](const std::string& v) { jobs_file = v; }},
-      {"parallel", "N", "runs at once, each on its own host thread and streams (default 1: one after another)", [&](const std::string& v) { parallel = int(positive("parallel", std::stoll(v))); }},
+      {"parallel", "N", "runs at once, each on its own host thread and streams (default 1: one after another)", [&](const std::string& v) { parallel = int(positive("parallel", to_ll(v))); }},
       {"time-limit", "SECONDS", "every run ends at the first epoch boundary where its next epoch would end later than SECONDS after the sweep began (see train --time-limit), and a waiting run does not start when an epoch of a run like it (model, device, precision, method, K, batch, data size), as finished runs took, would not fit; default none", [&](const std::string& v) { time_limit = positive_seconds("time-limit", v); }},
-      {"threads", "N", "CPU threads, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
+      {"threads", "N", "CPU threads, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_ll(v))); }},
   };
   if (!parse_flags("sweep",
                    "Runs several staleprop train runs in one process, up to --parallel at once. On a GPU their\n"
@@ -536,18 +568,18 @@ int sweep_main(int argc, char** argv) {
 std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int& threads) {
   return {
       {"model", "NAME", model_list() + " (default resnet20)", [&](const std::string& v) { c.model = v; }},
-      {"batch-size", "B", "images per step (default 128)", [&](const std::string& v) { c.batch_size = positive("batch-size", std::stoll(v)); }},
-      {"steps", "N", "timed steps (default 50)", [&](const std::string& v) { c.steps = positive("steps", std::stoll(v)); }},
-      {"warmup", "N", "untimed steps before them (default 10)", [&](const std::string& v) { c.warmup = std::stoll(v); }},
+      {"batch-size", "B", "images per step (default 128)", [&](const std::string& v) { c.batch_size = positive("batch-size", to_ll(v)); }},
+      {"steps", "N", "timed steps (default 50)", [&](const std::string& v) { c.steps = positive("steps", to_ll(v)); }},
+      {"warmup", "N", "untimed steps before them (default 10)", [&](const std::string& v) { c.warmup = to_ll(v); }},
       {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device (default the first of --devices, else cpu)", [&](const std::string& v) { c.device = v; }},
       {"precision", "P", "fp32|bf16 (default fp32)", [&](const std::string& v) { c.precision = v; }},
       {"kernels", "K", "custom|vendor (vendor: cuBLASLt/cuDNN for GEMM and convolutions; GPU only; default custom)", [&](const std::string& v) { c.kernels = v; }},
       {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM and the convolutions TMA can address; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
-      {"seed", "S", "seed of the weights and the synthetic data (default 0)", [&](const std::string& v) { c.seed = std::stoull(v); }},
+      {"seed", "S", "seed of the weights and the synthetic data (default 0)", [&](const std::string& v) { c.seed = to_ull(v); }},
       {"json", "FILE", "append each result as a JSON line to FILE (- for stdout)", [&](const std::string& v) { json = v; }},
       {"graphs", "", "replay steady-state ticks from CUDA graphs (backprop then runs as bp over one module); the warm-up grows until every phase is captured", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump: memory of captured ticks (see train --help; default planned)", [&](const std::string& v) { c.graph_memory = v; }},
-      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", std::stoll(v))); }},
+      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_ll(v))); }},
   };
 }
 
@@ -596,13 +628,13 @@ int bench_main(int argc, char** argv) {
   std::vector<Flag> flags = bench_flags(c, json, threads);
   const std::vector<Flag> more = {
       {"method", "M", "backprop (one stream, BackpropTrainer) or bp|ddg|fdg over --split modules (default backprop)", [&](const std::string& v) { c.method = v; }},
-      {"split", "K", "modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", std::stoll(v))); }},
+      {"split", "K", "modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", to_ll(v))); }},
       {"split-at", "CUTS", "explicit cuts \"i,j,..\", or fdg for FDG's published cuts into --split K modules", [&](const std::string& v) { c.split_at = v; }},
-      {"shrink", "BETA", "gradient shrink factor, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
+      {"shrink", "BETA", "gradient shrink factor, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = to_f(v); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used", [&](const std::string&) { c.weight_stash = true; }},
       {"devices", "D,D", "one device per module, of --device's kind (default: --device for all; --device defaults to the first); cpu:1,cpu:2,.. are emulated devices", [&](const std::string& v) { c.devices = comma_list(v); }},
-      {"profile-ops", "N", "after the timed steps, run N more with each op timed by device events and print the time per op and per shape (slower: two event records per op; not with --graphs; default 0)", [&](const std::string& v) { c.profile_ops = std::stoll(v); }},
+      {"profile-ops", "N", "after the timed steps, run N more with each op timed by device events and print the time per op and per shape (slower: two event records per op; not with --graphs; default 0)", [&](const std::string& v) { c.profile_ops = to_ll(v); }},
   };
   flags.insert(flags.end(), more.begin(), more.end());
   if (!parse_flags("bench", "Measures training throughput (images/s), peak device memory and, for the decoupled methods,\nper-module busy time, on random CIFAR-shaped batches resident on the device (as\nbench/pytorch_baseline.py does), after untimed warm-up steps.", flags, argc, argv)) return 0;
@@ -643,7 +675,7 @@ int study_main(int argc, char** argv) {
       {"methods", "M,M", "decoupled methods to run for every K > 1 (default bp,ddg,fdg)", [&](const std::string& v) { methods = v; }},
       {"splits", "K,K", "module counts (default 1,2,3,4; K = 1 is plain backprop, run once)", [&](const std::string& v) { splits = v; }},
       {"split-at-fdg", "", "use FDG's published cuts where it has them (else balanced by measured block time)", [&](const std::string&) { fdg_cuts = true; }},
-      {"shrink", "BETA", "gradient shrink factor of the ddg and fdg runs (default 1)", [&](const std::string& v) { c.shrink = std::stof(v); }},
+      {"shrink", "BETA", "gradient shrink factor of the ddg and fdg runs (default 1)", [&](const std::string& v) { c.shrink = to_f(v); }},
       {"recompute", "", "recompute activations before the backward (memory for time)", [&](const std::string&) { c.recompute = true; }},
       {"devices", "D,D", "module k of every K-module run on the k-th of these (at least max K of them; plain backprop on the first; cpu:1,cpu:2,.. are emulated devices); --device defaults to the first", [&](const std::string& v) { c.devices = comma_list(v); }},
   };
@@ -653,7 +685,7 @@ int study_main(int argc, char** argv) {
   if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
   const std::vector<std::string> method_list = comma_list(methods);
   std::vector<int> k_list;
-  for (double k : parse_list(splits)) k_list.push_back(int(positive("splits", int64_t(k))));
+  for (double k : parse_list("splits", splits)) k_list.push_back(int(positive("splits", int64_t(k))));
   default_device(c.device, c.devices);
   const std::vector<std::string> devices = c.devices;
   for (int k : k_list)
@@ -717,8 +749,8 @@ int eval_main(int argc, char** argv) {
       {"model", "NAME", "model (default: the name stored in the checkpoint)", [&](const std::string& v) { model = v; }},
       {"device", "D", "cpu|cuda|cuda:N, or cpu:N, an emulated device (default cpu)", [&](const std::string& v) { device = v; }},
       {"data", "DIR", "CIFAR-10 binary directory (default $CIFAR10_DIR, else ./data/cifar-10-batches-bin)", [&](const std::string& v) { data_dir = v; }},
-      {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { limit = positive("test-limit", std::stoll(v)); }},
-      {"batch-size", "B", "evaluation batch size (default 500)", [&](const std::string& v) { batch = positive("batch-size", std::stoll(v)); }},
+      {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { limit = positive("test-limit", to_ll(v)); }},
+      {"batch-size", "B", "evaluation batch size (default 500)", [&](const std::string& v) { batch = positive("batch-size", to_ll(v)); }},
   };
   if (!parse_flags("eval", "Reports the CIFAR-10 test accuracy of a checkpoint.", flags, argc, argv)) return 0;
   SP_CHECK(!checkpoint.empty(), "eval: --checkpoint FILE is required");
