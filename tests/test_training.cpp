@@ -225,6 +225,17 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   refused([](train::TrainConfig& c) { c.weight_decay = 1e-4f; }, {"--weight-decay 0.00050000002, not 9.9999997e-05"});
   refused([](train::TrainConfig& c) { c.label_smoothing = 0.1f; }, {"--label-smoothing 0, not 0.1", "same loss"});
   refused([](train::TrainConfig& c) { c.precision = "bf16"; }, {"--precision fp32, not bf16"});
+  // A checkpoint whose recorded step is not a number (a damaged or foreign file) is refused by name.
+  for (const std::string step : {"6x", "", "-6", "99999999999999999999"}) {
+    io::SafetensorsFile damaged = io::read_safetensors(first.checkpoint);
+    damaged.metadata["step"] = step;
+    const std::string path = dir.file("damaged-step.safetensors");
+    io::write_safetensors(path, damaged.tensors, damaged.metadata);
+    train::TrainConfig from_damaged = resume_part;
+    from_damaged.resume = path;
+    test::expect_error([&] { train::run_training(from_damaged, train, test); },
+                       {path, "records the training step '" + step + "', not a number of steps"});
+  }
   // Milestones shape only a multistep schedule (small_config's is cosine): another is no change.
   train::TrainConfig other = small_config();
   other.resume = first.checkpoint;

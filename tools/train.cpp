@@ -368,7 +368,10 @@ struct Run {
                c.flag, " ", meta[c.key], ", not ", now, "; resume with the same ", c.what);
     }
     SP_CHECK(meta.count("step"), "--resume: ", cfg.resume, " records no training step: not a staleprop checkpoint");
-    return std::stoll(meta["step"]);
+    const std::string& step = meta["step"];
+    SP_CHECK(!step.empty() && step.size() <= 18 && step.find_first_not_of("0123456789") == std::string::npos,
+             "--resume: ", cfg.resume, " records the training step '", step, "', not a number of steps");
+    return std::stoll(step);
   }
 
   std::map<std::string, std::string> metadata(int64_t step, const std::string& extra_key = "",
