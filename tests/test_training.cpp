@@ -971,6 +971,12 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
       {[](train::TrainConfig& x) { x.method = "fdg", x.split_at = "7,4"; }, "--split-at 7,4: the cuts are"},
       {[](train::TrainConfig& x) { x.method = "fdg", x.split_at = "3,3"; }, "--split-at 3,3: the cuts are"},
       {[](train::TrainConfig& x) { x.method = "fdg", x.split_at = "11"; }, "--split-at 11: the cuts are"},
+      // Files written only later go to a directory that must exist: refused before any training.
+      {[](train::TrainConfig& x) { x.checkpoint = "/nonexistent-staleprop-dir/run.safetensors"; },
+       "--checkpoint /nonexistent-staleprop-dir/run.safetensors: directory '/nonexistent-staleprop-dir' does not "
+       "exist"},
+      {[](train::TrainConfig& x) { x.trace = "/nonexistent-staleprop-dir/sub/trace.json"; },
+       "--trace /nonexistent-staleprop-dir/sub/trace.json: directory '/nonexistent-staleprop-dir/sub' does not exist"},
   };
   for (const auto& [change, message] : wrong) {
     c = small_config();

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -934,6 +935,21 @@ std::chrono::steady_clock::time_point deadline_after(double seconds) {
   return now + duration_cast<steady_clock::duration>(duration<double>(seconds));
 }
 
+// A file the run writes only later (--checkpoint at the end of an epoch, --trace after the first)
+// must go to a directory that exists and takes new files: checked before any training, so that
+// a mistyped path fails at once instead of after the first epoch.
+namespace {
+void check_output_directory(const std::string& flag, const std::string& file) {
+  if (file.empty()) return;
+  const std::filesystem::path parent = std::filesystem::path(file).parent_path();
+  const std::string dir = parent.empty() ? "." : parent.string();
+  std::error_code ec;
+  SP_CHECK(std::filesystem::is_directory(dir, ec), flag, " ", file, ": directory '", dir, "' does not exist");
+  SP_CHECK(::access(dir.c_str(), W_OK | X_OK) == 0, flag, " ", file, ": cannot write in directory '", dir,
+           "': ", std::strerror(errno));
+}
+}  // namespace
+
 TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set) {
   check_device_options(cfg, Device::parse(cfg.device));
   // Process-wide: gemm and convolutions on CUDA tensors go to cuBLASLt/cuDNN with --kernels
@@ -977,6 +993,8 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
            "gradients are not stale, it would only scale the lower modules' gradients");
   SP_CHECK(cfg.method != "bp" || cfg.staleness_jitter == 0, "--staleness-jitter applies to --method ddg and fdg: ",
            "with bp, whose gradients are not stale, it would make them so");
+  check_output_directory("--checkpoint", cfg.checkpoint);
+  check_output_directory("--trace", cfg.trace);
   Run run(cfg, train_set, test_set);
   // A trace times the decoupled trainer's module stages: a one-module run traced goes through it,
   // the same training bit for bit (tests/test_pipeline.cpp: one module equals plain backprop).
