@@ -95,7 +95,11 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
   auto restore = [&](const std::string& name, const Tensor& dst, ParamLayout layout) {
     const io::TensorRecord& r = find(name);
     Tensor host = Tensor::empty(pytorch_shape(dst, layout), dst.dtype());
-    io::copy_record_to_tensor(r, host);
+    try {
+      io::copy_record_to_tensor(r, host);
+    } catch (const ShapeError& e) {  // the same names, other shapes: another width or depth
+      throw ShapeError(path + ": " + user_message(e) + " (was it saved from another model?)");
+    }
     if (layout == ParamLayout::KRSC) host = permute_conv(host, false);
     if (dst.device().is_cpu()) {
       std::memcpy(dst.raw_data(), host.raw_data(), host.nbytes());

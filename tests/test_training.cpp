@@ -198,6 +198,9 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   };
   refused([](train::TrainConfig& c) { c.batch_size = 16; }, {"was written with other data, batch size or seed"});
   refused([](train::TrainConfig& c) { c.model = "resnet32"; }, {"was it saved from another model?"});
+  // The same tensor names with other shapes (ResNet-18's stem has 64 filters, ResNet-20's 16).
+  refused([](train::TrainConfig& c) { c.model = "resnet18"; },
+          {first.checkpoint, "'conv1.weight' is F32 [16, 3, 3, 3]", "was it saved from another model?"});
   // So are other batches with as many steps per epoch: another batch size, other images, other
   // augmentation.
   refused([](train::TrainConfig& c) { c.batch_size = 33; },  // 4 steps per epoch, as 32 gives
