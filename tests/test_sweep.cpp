@@ -295,11 +295,14 @@ TEST(Sweep, AnInterruptEndsTheRunningRunsAndStartsNoOther) {
 
 TEST(Sweep, AFailedRunLeavesTheOthersRunning) {
   // One fails before it starts, one on its data, and a pipelined one after its first epoch
-  // (its checkpoint cannot be written), with its module streams at work.
+  // (its checkpoint cannot be written: a directory stands at its path, so the write's final
+  // rename fails, while its own directory passes the check before training), with its module
+  // streams at work.
   std::vector<train::SweepJob> jobs = {job("bad"), job("good"), job("no-data"), job("late", "fdg")};
   jobs[0].cfg.model = "resnet7";
   jobs[2].data_dir = cifar().file("missing");
-  jobs[3].cfg.checkpoint = cifar().file("no-such-dir/late.safetensors");
+  jobs[3].cfg.checkpoint = cifar().file("a-directory-stands-here");
+  std::filesystem::create_directories(jobs[3].cfg.checkpoint);
   train::SweepOptions o;
   o.parallel = 2;
   std::FILE* status = std::tmpfile();
@@ -312,7 +315,7 @@ TEST(Sweep, AFailedRunLeavesTheOthersRunning) {
   EXPECT_EQ(outcomes[2].status, train::SweepStatus::Failed);
   EXPECT_NE(outcomes[2].error.find("missing"), std::string::npos) << outcomes[2].error;
   EXPECT_EQ(outcomes[3].status, train::SweepStatus::Failed);
-  EXPECT_NE(outcomes[3].error.find("no-such-dir"), std::string::npos) << outcomes[3].error;
+  EXPECT_NE(outcomes[3].error.find("a-directory-stands-here"), std::string::npos) << outcomes[3].error;
   EXPECT_NE(read(jobs[3].cfg.log).find("epoch 1/2: train loss"), std::string::npos) << "it failed after epoch 1";
   // The status lines name every run and how it ended.
   std::rewind(status);
