@@ -60,7 +60,7 @@ std::vector<uint8_t> gen_batch_bytes(int file_id) {
 void write_bytes(const std::string& path, const std::vector<uint8_t>& bytes) {
   std::FILE* f = std::fopen(path.c_str(), "wb");
   ASSERT_NE(f, nullptr) << path;
-  ASSERT_EQ(std::fwrite(bytes.data(), 1, bytes.size(), f), bytes.size());
+  if (!bytes.empty()) ASSERT_EQ(std::fwrite(bytes.data(), 1, bytes.size(), f), bytes.size());  // never a null buffer
   std::fclose(f);
 }
 
@@ -163,10 +163,24 @@ TEST(Cifar10Reader, RejectsBadFilesNamingThem) {
   write_bytes(oversized, longer);
   expect_error([&] { read_cifar10_batch_file(oversized); }, {oversized, "30730001 bytes", "expected 30730000"});
 
-  const std::string bad_label = dir.file("bad_label.bin");
-  bytes[size_t(1234 * 3073)] = 10;
-  write_bytes(bad_label, bytes);
-  expect_error([&] { read_cifar10_batch_file(bad_label); }, {bad_label, "record 1234", "label 10"});
+  // Empty, and cut at a record's boundary (whole records, but too few).
+  const std::string empty = dir.file("empty.bin");
+  write_bytes(empty, {});
+  expect_error([&] { read_cifar10_batch_file(empty); }, {empty, "0 bytes", "expected 30730000"});
+  const std::string short_by_a_record = dir.file("short_by_a_record.bin");
+  write_bytes(short_by_a_record, std::vector<uint8_t>(bytes.begin(), bytes.end() - 3073));
+  expect_error([&] { read_cifar10_batch_file(short_by_a_record); },
+               {short_by_a_record, "30726927 bytes", "expected 30730000"});
+
+  // Labels just past 9 and at the byte's top, in the first, a middle and the last record.
+  for (const auto& [record, label] : {std::pair<int, int>{0, 255}, {1234, 10}, {9999, 128}}) {
+    std::vector<uint8_t> bad = bytes;
+    bad[size_t(record * 3073)] = uint8_t(label);
+    const std::string bad_label = dir.file("bad_label.bin");
+    write_bytes(bad_label, bad);
+    expect_error([&] { read_cifar10_batch_file(bad_label); },
+                 {bad_label, "record " + std::to_string(record), "label " + std::to_string(label)});
+  }
 }
 
 TEST(Cifar10Reader, LoadsSplitsInFileOrderWithLimit) {

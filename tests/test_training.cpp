@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -541,16 +542,26 @@ TEST(Training, LossFallsOnAFewHundredRealImages) {
   const std::string dir = real_data_dir();
   if (dir.empty()) GTEST_SKIP() << "CIFAR-10 not found in $CIFAR10_DIR or " STALEPROP_SOURCE_DIR "/data (see tools/fetch_cifar10.sh)";
   const data::Dataset train = data::load_cifar10(dir, data::Split::Train, 512);
+  const data::Dataset test = data::load_cifar10(dir, data::Split::Test, 500);
   train::TrainConfig c = small_config();
   c.batch_size = 64;
-  c.epochs = 4;
+  c.epochs = 5;
   c.augment = false;
   c.schedule = "constant";
   c.warmup_epochs = 0;
-  const train::TrainResult r = train::run_training(c, train, data::Dataset{});
-  ASSERT_EQ(r.epochs.size(), 4u);
-  EXPECT_LT(r.epochs[3].train_loss, 0.8 * r.epochs[0].train_loss)
-      << "loss " << r.epochs[0].train_loss << " -> " << r.epochs[3].train_loss;
+  const train::TrainResult r = train::run_training(c, train, test);
+  ASSERT_EQ(r.epochs.size(), 5u);
+  const train::EpochResult& first = r.epochs.front();
+  const train::EpochResult& last = r.epochs.back();
+  std::printf("train loss %.3f -> %.3f, train accuracy %.3f -> %.3f, held-out accuracy %.3f\n", first.train_loss,
+              last.train_loss, first.train_acc, last.train_acc, last.test_acc);
+  // Clearly below chance (ln 10 = 2.303, where a network that predicts every class alike
+  // settles), not merely below a first epoch that started above it ...
+  EXPECT_LT(last.train_loss, 0.85 * std::log(10.0)) << "loss " << first.train_loss << " -> " << last.train_loss;
+  EXPECT_LT(last.train_loss, 0.8 * first.train_loss);
+  EXPECT_GT(last.train_acc, 0.25);
+  // ... and what it learnt carries to images it never saw (chance: 10%).
+  EXPECT_GT(last.test_acc, 0.18);
 }
 
 // Also with staleness jitter, whose draws a resumed run must make as the whole run does.
