@@ -237,6 +237,24 @@ TEST(Cifar10Reader, ResolvesDataDirectory) {
   fs::current_path(cwd);
 }
 
+// Evaluation reads only the test batch: a directory holding just that serves it, and is refused
+// for training, naming the five files it lacks (and not the one it has).
+TEST(Cifar10Reader, ResolvesADirectoryForTheSplitsNeeded) {
+  EnvGuard env("CIFAR10_DIR");
+  ::unsetenv("CIFAR10_DIR");
+  TempDir test_only;
+  for (const std::string& name : cifar10_file_names(Split::Test)) write_bytes(test_only.file(name), {0});
+  EXPECT_EQ(resolve_cifar10_dir(test_only.path.string(), {Split::Test}), test_only.path.string());
+  expect_error([&] { resolve_cifar10_dir(test_only.path.string()); },
+               {"missing data_batch_1.bin, data_batch_2.bin, data_batch_3.bin, data_batch_4.bin, data_batch_5.bin."});
+  try {
+    resolve_cifar10_dir(test_only.path.string());
+  } catch (const Error& e) {
+    EXPECT_EQ(std::string(e.what()).find("test_batch.bin"), std::string::npos) << e.what();
+  }
+  expect_error([&] { resolve_cifar10_dir(test_only.path.string(), {Split::Train}); }, {"data_batch_5.bin"});
+}
+
 TEST(Cifar10Reader, DigestTellsDataSetsApart) {
   const Dataset d = random_dataset(300, 1);
   const std::string h = digest(d);

@@ -10,6 +10,7 @@
 
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
+#include "tests/error_testing.h"
 
 namespace {
 
@@ -207,3 +208,16 @@ TEST(CpuGemmScaling, TheBitsDoNotDependOnTheThreads) {
 }
 
 }  // namespace
+
+// $STALEPROP_NUM_THREADS: a whole number from 1 to 1024, or unset/empty for every core; anything
+// else is an error naming the variable (it used to fall back to every core without a word).
+TEST(CpuThreads, TheThreadCountIsAWholeNumberOrAnError) {
+  using sp::kernels::cpu::parse_num_threads;
+  EXPECT_EQ(parse_num_threads(nullptr), 0);
+  EXPECT_EQ(parse_num_threads(""), 0);
+  EXPECT_EQ(parse_num_threads("1"), 1);
+  EXPECT_EQ(parse_num_threads("16"), 16);
+  EXPECT_EQ(parse_num_threads("1024"), 1024);
+  for (const char* bad : {"0", "abc", "4x", "-2", " 4", "+4", "1025", "99999999999999999999"})
+    sp::test::expect_error([&] { parse_num_threads(bad); }, {"STALEPROP_NUM_THREADS", std::string("'") + bad + "'"});
+}

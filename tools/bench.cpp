@@ -143,7 +143,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
   const DType dt = activation_dtype(cfg.precision);
   const std::string method = cfg.method == "backprop" ? "bp" : cfg.method;
   parse_pipeline_method(method);  // rejects unknown methods
-  SP_CHECK(method != "bp" || cfg.shrink == 1.f, "--shrink applies to --method ddg and fdg (as in train)");
+  check_shrink(method, cfg.shrink);
   ops::set_kernel_backend(cfg.kernels == "vendor" ? ops::KernelBackend::Vendor : ops::KernelBackend::Custom);
   if (!cfg.mainloop.empty()) {
     SP_CHECK(dev.is_cuda(), "--mainloop selects the main loop of the bf16 tensor-core kernels and needs --device cuda");
@@ -193,13 +193,8 @@ BenchResult run_bench(const BenchConfig& cfg) {
     PipelineConfig pc;
     pc.method = parse_pipeline_method(method);
     check_device_count(cfg.devices, cfg.split, cfg.split_at);  // before the cuts are measured
-    if (cfg.split_at == "fdg") {
-      pc.cuts = layers::fdg_preset_cuts(cfg.model, cfg.split);
-    } else if (!cfg.split_at.empty()) {
-      pc.cuts = parse_cuts(cfg.split_at);
-    } else if (cfg.split > 1) {
-      pc.cuts = balanced_cuts(measure_block_costs(net, *s, data.images[0], dt), cfg.split);
-    }
+    pc.cuts = choose_cuts(cfg.model, net.size(), int(cfg.split), cfg.split_at,
+                          [&] { return measure_block_costs(net, *s, data.images[0], dt); });
     pc.shrink = cfg.shrink;
     pc.recompute = cfg.recompute;
     pc.weight_stash = cfg.weight_stash;

@@ -91,7 +91,7 @@ Dataset load_cifar10(const std::string& dir, Split split, int64_t limit) {
   return out;
 }
 
-std::string resolve_cifar10_dir(const std::string& flag_value) {
+std::string resolve_cifar10_dir(const std::string& flag_value, const std::vector<Split>& needed) {
   std::string dir, source;
   const char* env = std::getenv("CIFAR10_DIR");
   if (!flag_value.empty()) {
@@ -102,7 +102,7 @@ std::string resolve_cifar10_dir(const std::string& flag_value) {
     dir = "./data/cifar-10-batches-bin", source = "the default; set $CIFAR10_DIR or pass a directory to change it";
   }
   std::string missing;
-  for (Split split : {Split::Train, Split::Test})
+  for (Split split : needed)
     for (const std::string& name : cifar10_file_names(split))
       if (!is_regular_file(join_path(dir, name))) missing += (missing.empty() ? "" : ", ") + name;
   if (!missing.empty())

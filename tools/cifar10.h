@@ -61,8 +61,9 @@ Dataset load_cifar10(const std::string& dir, Split split, int64_t limit = -1);
 
 // The data directory: `flag_value` if non-empty, else $CIFAR10_DIR if set and non-empty, else
 // ./data/cifar-10-batches-bin. Throws sp::Error, saying how to fetch the data, when the chosen
-// directory lacks any of the six files.
-std::string resolve_cifar10_dir(const std::string& flag_value);
+// directory lacks any file of the splits `needed` (training needs all six; eval the test batch).
+std::string resolve_cifar10_dir(const std::string& flag_value,
+                                const std::vector<Split>& needed = {Split::Train, Split::Test});
 
 // Per-channel statistics of pixel values scaled to [0, 1]; normalised = (p / 255 - mean) / std.
 struct Normalization {

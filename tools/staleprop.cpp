@@ -14,6 +14,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -65,6 +66,8 @@ bool parse_flags(const std::string& cmd, const std::string& what, const std::vec
     for (const Flag& f : flags)
       if (f.name == name) flag = &f;
     SP_CHECK(flag, cmd, ": unknown option '--", name, "' (see staleprop ", cmd, " --help)");
+    SP_CHECK(!flag->value.empty() || !inline_value, cmd, ": --", name, " is a switch and takes no value (got '", a,
+             "'); leave it out to keep it off");
     if (!flag->value.empty() && !inline_value) {
       SP_CHECK(i + 1 < argc, cmd, ": --", name, " needs a value ", flag->value);
       value = argv[++i];
@@ -93,6 +96,12 @@ T whole_number(const std::string& text, const Convert& convert) {
 }
 long long to_ll(const std::string& v) {
   return whole_number<long long>(v, [](const std::string& t, size_t* n) { return std::stoll(t, n); });
+}
+// An int-valued flag: a value past int's range is "out of range", not wrapped round.
+int to_i(const std::string& v) {
+  const long long x = to_ll(v);
+  if (x < std::numeric_limits<int>::min() || x > std::numeric_limits<int>::max()) throw std::out_of_range("int");
+  return int(x);
 }
 unsigned long long to_ull(const std::string& v) {
   if (v.find('-') != std::string::npos) throw std::invalid_argument("negative");
@@ -320,8 +329,8 @@ int run_demo(const DemoOptions& o) {
 int demo_main(int argc, char** argv) {
   DemoOptions o;
   const std::vector<Flag> flags = {
-      {"steps", "N", "optimisation steps (default 60)", [&](const std::string& v) { o.steps = int(positive("steps", to_ll(v))); }},
-      {"batch", "B", "images per step (default 64)", [&](const std::string& v) { o.batch = int(positive("batch", to_ll(v))); }},
+      {"steps", "N", "optimisation steps (default 60)", [&](const std::string& v) { o.steps = int(positive("steps", to_i(v))); }},
+      {"batch", "B", "images per step (default 64)", [&](const std::string& v) { o.batch = int(positive("batch", to_i(v))); }},
       {"lr", "LR", "SGD learning rate, momentum 0.9 (default 0.05)", [&](const std::string& v) { o.lr = to_f(v); }},
       {"seed", "S", "seed of the data and the initial weights (default 1)", [&](const std::string& v) { o.seed = to_ull(v); }},
   };
@@ -357,7 +366,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
   int& threads = a.threads;
   return {
       {"model", "NAME", model_list() + " (default resnet20)", [&](const std::string& v) { c.model = v; }},
-      {"epochs", "N", "epochs (default 1)", [&](const std::string& v) { c.epochs = int(positive("epochs", to_ll(v))); }},
+      {"epochs", "N", "epochs (default 1)", [&](const std::string& v) { c.epochs = int(positive("epochs", to_i(v))); }},
       {"batch-size", "B", "images per step (default 128)", [&](const std::string& v) { c.batch_size = positive("batch-size", to_ll(v)); }},
       {"lr", "LR", "peak learning rate (default 0.1)", [&](const std::string& v) { c.lr = to_f(v); }},
       {"momentum", "M", "SGD momentum (default 0.9)", [&](const std::string& v) { c.momentum = to_f(v); }},
@@ -378,7 +387,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"train-limit", "N", "use only the first N training images (default all)", [&](const std::string& v) { train_limit = positive("train-limit", to_ll(v)); }},
       {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { test_limit = positive("test-limit", to_ll(v)); }},
       {"no-augment", "", "disable random crop and flip", [&](const std::string&) { c.augment = false; }},
-      {"cutout", "N", "after crop and flip, zero an N x N square (clipped at the border) centred on a random pixel of each training image (Cutout, DeVries & Taylor 2017; they use 16 on CIFAR-10; default 0: none)", [&](const std::string& v) { c.cutout = int(std::clamp<long long>(to_ll(v), -1, 1 << 30)); }},  // checked by the run, which names any value short of 2^30
+      {"cutout", "N", "after crop and flip, zero an N x N square (clipped at the border) centred on a random pixel of each training image (Cutout, DeVries & Taylor 2017; they use 16 on CIFAR-10; default 0: none)", [&](const std::string& v) { c.cutout = to_i(v); }},  // its range checked by the run
       {"eval-batch-size", "B", "batch size of the test-set evaluation (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", to_ll(v)); }},
       {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} in FILE: one per epoch)", [&](const std::string& v) { c.checkpoint = v; }},
       {"checkpoint-every", "N", "also write --checkpoint every N steps (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", to_ll(v)); }},
@@ -389,19 +398,19 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"time-limit", "SECONDS", "end the run at the first epoch boundary where the next epoch, taking as long as the last, would end later than SECONDS after the start; the epoch's checkpoint (--checkpoint) is there to --resume from", [&](const std::string& v) { a.time_limit = positive_seconds("time-limit", v); }},
       {"stop-after", "STEPS", "end the run after this many steps in total (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", to_ll(v)); }},
       {"method", "M", "bp|ddg|fdg: locked backprop, forward-locked DDG, fully decoupled FDG (default bp)", [&](const std::string& v) { c.method = v; }},
-      {"split", "K", "cut the network into K modules, balanced by --split-by (default 1)", [&](const std::string& v) { c.split = int(positive("split", to_ll(v))); }},
+      {"split", "K", "cut the network into K modules, balanced by --split-by (default 1)", [&](const std::string& v) { c.split = int(positive("split", to_i(v))); }},
       {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start, or by its counted forward FLOPs (the same cuts on every run and machine); default time, flops with --deterministic (which refuses time)", [&](const std::string& v) { c.split_by = v; }},
       {"split-at", "CUTS", "explicit cuts: first block of modules 2..K (\"i,j,..\", ascending), or fdg for FDG's published cuts into --split K modules. Block 0 is the stem, the last the pooling+linear head: resnet20 has 11 blocks, resnet32 17, resnet44 23, resnet56 29, resnet110 56, resnet18 10", [&](const std::string& v) { c.split_at = v; }},
       {"shrink", "BETA", "gradient shrink factor in (0, 1] applied by each module k < K, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = to_f(v); }},
       {"devices", "D,D", "one device per module, of --device's kind (default: --device for all); cpu:1,cpu:2,.. run a multi-GPU layout on emulated CPU devices", [&](const std::string& v) { c.devices = comma_list(v); }},
       {"trace", "FILE", "Chrome-trace/Perfetto JSON of the module stages of the first epoch this process runs (a one-module run then goes through the decoupled trainer: the same training, bit for bit, without --checkpoint-every, --stop-after or step records, and stopped early it drops the epoch it was in)", [&](const std::string& v) { c.trace = v; }},
-      {"trace-ops", "", "with --trace: also every op of each module's stream in that epoch, timed with events on the stream (two per op: host time; ops replayed from --graphs are not seen)", [&](const std::string&) { c.trace_ops = true; }},
-      {"staleness-jitter", "J", "with --method ddg or fdg: each received gradient becomes due 0..J ticks after it arrives (random, seeded by --seed, the same draws when resumed); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = int(to_ll(v)); }},
+      {"trace-ops", "", "with --trace: also every op of each module's stream in that epoch, timed with events on the stream (two per op: host time; not with --graphs, whose replays issue no ops)", [&](const std::string&) { c.trace_ops = true; }},
+      {"staleness-jitter", "J", "with --method ddg or fdg: each received gradient becomes due 0..J ticks after it arrives (random, seeded by --seed, the same draws when resumed); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = to_i(v); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
       {"graphs", "", "replay each module's steady-state tick from CUDA graphs (CPU: recorded closures); not with --staleness-jitter, --recompute, --weight-stash", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump: memory of captured ticks, laid out from recorded tensor lifetimes (one module: about the eager peak; decoupled modules: more, see the README) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
-      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_ll(v))); }},
+      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_i(v))); }},
   };
 }
 
@@ -490,9 +499,9 @@ int sweep_main(int argc, char** argv) {
   double time_limit = 0;
   const std::vector<Flag> flags = {
       {"jobs", "FILE", "the runs, one per line: the arguments of a staleprop train command (quoted as in a shell; blank lines and lines starting with # are skipped); a job's own --time-limit counts from its start; required", [&](const std::string& v) { jobs_file = v; }},
-      {"parallel", "N", "runs at once, each on its own host thread and streams (default 1: one after another)", [&](const std::string& v) { parallel = int(positive("parallel", to_ll(v))); }},
+      {"parallel", "N", "runs at once, each on its own host thread and streams (default 1: one after another)", [&](const std::string& v) { parallel = int(positive("parallel", to_i(v))); }},
       {"time-limit", "SECONDS", "every run ends at the first epoch boundary where its next epoch would end later than SECONDS after the sweep began (see train --time-limit), and a waiting run does not start when an epoch of a run like it (model, device, precision, method, K, batch, data size), as finished runs took, would not fit; default none", [&](const std::string& v) { time_limit = positive_seconds("time-limit", v); }},
-      {"threads", "N", "CPU threads, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_ll(v))); }},
+      {"threads", "N", "CPU threads, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_i(v))); }},
   };
   if (!parse_flags("sweep",
                    "Runs several staleprop train runs in one process, up to --parallel at once. On a GPU their\n"
@@ -538,7 +547,8 @@ int sweep_main(int argc, char** argv) {
     }
     sp::train::SweepJob j;
     const std::string& named = !a.c.metrics.empty() ? a.c.metrics : a.c.log;
-    j.name = named.empty() ? "line " + std::to_string(line_no) : file_stem(named);
+    // The line tells jobs apart where their files' stems do not (a.jsonl in two directories).
+    j.name = (named.empty() ? "" : file_stem(named) + " ") + "(line " + std::to_string(line_no) + ")";
     j.cfg = a.c;
     j.time_limit_s = a.time_limit;  // counted from the run's start, not from now
     j.data_dir = a.data_dir;
@@ -552,6 +562,13 @@ int sweep_main(int argc, char** argv) {
   o.deadline = sp::train::deadline_after(time_limit);
   stop_on_signals();
   o.interrupt = [] { return g_interrupt.load(); };
+  try {  // before the banner: a refused sweep runs nothing and says only why
+    sp::train::check_jobs(jobs, o);
+  } catch (const std::exception& e) {
+    std::string why = sp::user_message(e);
+    if (why.rfind("sweep: ", 0) == 0) why.erase(0, 7);
+    throw sp::Error("sweep: " + jobs_file + ": " + why);
+  }
   std::printf("staleprop sweep: %zu runs from %s, up to %d at once%s\n", jobs.size(), jobs_file.c_str(), parallel,
               time_limit > 0 ? (", time limit " + std::to_string(int64_t(time_limit)) + " s").c_str() : "");
   const auto outcomes = sp::train::run_sweep(std::move(jobs), o);
@@ -579,7 +596,7 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
       {"json", "FILE", "append each result as a JSON line to FILE (- for stdout)", [&](const std::string& v) { json = v; }},
       {"graphs", "", "replay steady-state ticks from CUDA graphs (backprop then runs as bp over one module); the warm-up grows until every phase is captured", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump: memory of captured ticks (see train --help; default planned)", [&](const std::string& v) { c.graph_memory = v; }},
-      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_ll(v))); }},
+      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_i(v))); }},
   };
 }
 
@@ -628,7 +645,7 @@ int bench_main(int argc, char** argv) {
   std::vector<Flag> flags = bench_flags(c, json, threads);
   const std::vector<Flag> more = {
       {"method", "M", "backprop (one stream, BackpropTrainer) or bp|ddg|fdg over --split modules (default backprop)", [&](const std::string& v) { c.method = v; }},
-      {"split", "K", "modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", to_ll(v))); }},
+      {"split", "K", "modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", to_i(v))); }},
       {"split-at", "CUTS", "explicit cuts \"i,j,..\", or fdg for FDG's published cuts into --split K modules", [&](const std::string& v) { c.split_at = v; }},
       {"shrink", "BETA", "gradient shrink factor, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = to_f(v); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
@@ -685,7 +702,11 @@ int study_main(int argc, char** argv) {
   if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
   const std::vector<std::string> method_list = comma_list(methods);
   std::vector<int> k_list;
-  for (double k : parse_list("splits", splits)) k_list.push_back(int(positive("splits", int64_t(k))));
+  for (double k : parse_list("splits", splits)) {
+    SP_CHECK(k >= 1 && k <= 1e6 && k == std::floor(k), "study: --splits: each K is a whole number of modules, got ", k);
+    k_list.push_back(int(k));
+  }
+  sp::train::check_shrink("ddg", c.shrink);  // before any run
   default_device(c.device, c.devices);
   const std::vector<std::string> devices = c.devices;
   for (int k : k_list)
@@ -754,7 +775,7 @@ int eval_main(int argc, char** argv) {
   };
   if (!parse_flags("eval", "Reports the CIFAR-10 test accuracy of a checkpoint.", flags, argc, argv)) return 0;
   SP_CHECK(!checkpoint.empty(), "eval: --checkpoint FILE is required");
-  const std::string dir = sp::data::resolve_cifar10_dir(data_dir);
+  const std::string dir = sp::data::resolve_cifar10_dir(data_dir, {sp::data::Split::Test});  // reads only the test batch
   const auto test = sp::data::load_cifar10(dir, sp::data::Split::Test, limit);
   const auto r = sp::train::evaluate_checkpoint(checkpoint, model, device, test, batch);
   std::printf("test accuracy %.2f%% (loss %.4f) on %lld images\n", 100 * r.accuracy, r.loss, (long long)r.samples);
@@ -770,6 +791,8 @@ int main(int argc, char** argv) {
       return argc < 2 ? 2 : 0;
     }
     const std::string cmd = argv[1];
+    // Told at once, not at the CPU pool's first use, which may come deep in a run (or never).
+    sp::kernels::cpu::parse_num_threads(std::getenv("STALEPROP_NUM_THREADS"));
     if (cmd == "train") return train_main(argc - 2, argv + 2);
     if (cmd == "eval") return eval_main(argc - 2, argv + 2);
     if (cmd == "demo") return demo_main(argc - 2, argv + 2);

@@ -50,6 +50,8 @@ bool may_write(const std::string& output, const std::string& file) {
   return middle.find_first_not_of("0123456789") == std::string::npos;
 }
 
+}  // namespace
+
 void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
   SP_CHECK(opts.parallel >= 1, "sweep: --parallel must be at least 1, got ", opts.parallel);
   SP_CHECK(!jobs.empty(), "sweep: no jobs");
@@ -90,6 +92,8 @@ void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
                ", which ", jobs[w.job].name, " writes (", w.flag, ")");
   }
 }
+
+namespace {
 
 // Appends a line to a run's log (a failure, or why it did not start), so the log alone tells
 // what happened.

@@ -60,6 +60,8 @@ struct SweepOptions {
 // writing the same file, or (with parallel > 1) a job printing to stdout instead of a --log.
 // A run that fails is reported in its outcome (and at the end of its --log); the others go on.
 std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptions& opts);
+// The checks run_sweep makes first, for a caller that would rather know before it says anything.
+void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts);
 
 // The words of a job line, as a POSIX shell splits them without expansions: blanks separate
 // words; '...' is literal; "..." is literal but for \" \\ \$ \`; a backslash outside quotes

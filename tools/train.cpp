@@ -627,30 +627,20 @@ std::string blocks_of(const std::string& model, size_t blocks) {
 // The cut points of the run's --split/--split-at, and `how` they were chosen (for the banner).
 std::vector<size_t> resolve_cuts(Run& run, std::string& how) {
   const TrainConfig& cfg = run.cfg;
-  const size_t blocks = run.net.size();
-  how = cfg.split_at == "fdg" ? "FDG's published cuts" : "cuts of --split-at";
-  if (cfg.split_at == "fdg") return layers::fdg_preset_cuts(cfg.model, cfg.split);
-  if (!cfg.split_at.empty()) {
-    std::vector<size_t> cuts = parse_cuts(cfg.split_at);
-    SP_CHECK(cfg.split == 1 || int(cuts.size()) + 1 == cfg.split, "--split ", cfg.split, " and --split-at ",
-             cfg.split_at, " disagree (", cuts.size() + 1, " modules)");
-    for (size_t i = 0; i < cuts.size(); ++i)
-      SP_CHECK(cuts[i] >= 1 && cuts[i] < blocks && (i == 0 || cuts[i] > cuts[i - 1]), "--split-at ", cfg.split_at,
-               ": the cuts are the first blocks of modules 2..K, ascending, in 1..", blocks - 1, " (",
-               blocks_of(cfg.model, blocks), ")");
-    return cuts;
-  }
-  if (cfg.split <= 1) return {};
-  SP_CHECK(size_t(cfg.split) <= blocks, "--split ", cfg.split, ": at most one module per block, and ",
-           blocks_of(cfg.model, blocks));
   // Measured times differ run to run, and so would the cuts: --deterministic counts FLOPs.
-  if (cfg.split_by == "flops" || (cfg.split_by.empty() && cfg.deterministic)) {
+  const bool flops = cfg.split_by == "flops" || (cfg.split_by.empty() && cfg.deterministic);
+  if (cfg.split_at == "fdg")
+    how = "FDG's published cuts";
+  else if (!cfg.split_at.empty())
+    how = "cuts of --split-at";
+  else if (flops)
     how = std::string("cuts balanced by counted FLOPs") + (cfg.split_by == "flops" ? "" : " (--deterministic)");
-    return balanced_cuts(run.net.block_forward_flops({cfg.batch_size, data::kCifarSide, data::kCifarSide, 3}),
-                         cfg.split);
-  }
-  how = "cuts balanced by measured block times";
-  return balanced_cuts(measure_block_costs(run), cfg.split);
+  else
+    how = "cuts balanced by measured block times";
+  return choose_cuts(cfg.model, run.net.size(), cfg.split, cfg.split_at, [&] {
+    return flops ? run.net.block_forward_flops({cfg.batch_size, data::kCifarSide, data::kCifarSide, 3})
+                 : measure_block_costs(run);
+  });
 }
 
 // Chrome-trace / Perfetto JSON of one epoch's stages: one track per module; with --trace-ops each
@@ -840,11 +830,36 @@ std::vector<size_t> parse_cuts(const std::string& text) {
   std::vector<size_t> cuts;
   std::stringstream ss(text);
   for (std::string item; std::getline(ss, item, ',');) {
-    SP_CHECK(!item.empty() && item.find_first_not_of("0123456789") == std::string::npos,
+    SP_CHECK(!item.empty() && item.size() <= 9 && item.find_first_not_of("0123456789") == std::string::npos,
              "--split-at expects comma-separated block indices (or 'fdg'), got '", text, "'");
     cuts.push_back(size_t(std::stoul(item)));
   }
   return cuts;
+}
+
+std::vector<size_t> choose_cuts(const std::string& model, size_t blocks, int split, const std::string& split_at,
+                                const std::function<std::vector<double>()>& block_costs) {
+  if (split_at == "fdg") return layers::fdg_preset_cuts(model, split);
+  if (!split_at.empty()) {
+    std::vector<size_t> cuts = parse_cuts(split_at);
+    SP_CHECK(split == 1 || int(cuts.size()) + 1 == split, "--split ", split, " and --split-at ", split_at,
+             " disagree (", cuts.size() + 1, " modules)");
+    for (size_t i = 0; i < cuts.size(); ++i)
+      SP_CHECK(cuts[i] >= 1 && cuts[i] < blocks && (i == 0 || cuts[i] > cuts[i - 1]), "--split-at ", split_at,
+               ": the cuts are the first blocks of modules 2..K, ascending, in 1..", blocks - 1, " (",
+               blocks_of(model, blocks), ")");
+    return cuts;
+  }
+  if (split <= 1) return {};
+  SP_CHECK(size_t(split) <= blocks, "--split ", split, ": at most one module per block, and ",
+           blocks_of(model, blocks));
+  return balanced_cuts(block_costs(), split);
+}
+
+void check_shrink(const std::string& method, float shrink) {
+  SP_CHECK(shrink > 0 && shrink <= 1, "--shrink must be in (0, 1], got ", shrink);
+  SP_CHECK(method != "bp" || shrink == 1.f, "--shrink applies to --method ddg and fdg: with bp, whose ",
+           "gradients are not stale, it would only scale the lower modules' gradients");
 }
 
 DType activation_dtype(const std::string& precision) {
@@ -985,12 +1000,10 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   SP_CHECK(cfg.checkpoint_every == 0 || !cfg.checkpoint.empty(),
            "--checkpoint-every says how often to write --checkpoint FILE: give that too");
   SP_CHECK(cfg.staleness_jitter >= 0, "--staleness-jitter must not be negative");
-  SP_CHECK(cfg.shrink > 0 && cfg.shrink <= 1, "--shrink must be in (0, 1], got ", cfg.shrink);
   SP_CHECK(!cfg.trace_ops || !cfg.trace.empty(), "--trace-ops adds the ops to --trace FILE's timeline: give --trace");
   SP_CHECK(!cfg.trace_ops || !cfg.graphs,
            "--trace-ops times the ops issued one by one, and graph replays issue none: drop --graphs");
-  SP_CHECK(cfg.method != "bp" || cfg.shrink == 1.f, "--shrink applies to --method ddg and fdg: with bp, whose ",
-           "gradients are not stale, it would only scale the lower modules' gradients");
+  check_shrink(cfg.method, cfg.shrink);
   SP_CHECK(cfg.method != "bp" || cfg.staleness_jitter == 0, "--staleness-jitter applies to --method ddg and fdg: ",
            "with bp, whose gradients are not stale, it would make them so");
   check_output_directory("--checkpoint", cfg.checkpoint);

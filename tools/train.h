@@ -113,6 +113,14 @@ std::vector<double> measure_block_costs(Network& net, Stream& s, const Tensor& i
 
 // The cut points of --split-at "i,j,..." (first block of modules 2..K).
 std::vector<size_t> parse_cuts(const std::string& text);
+// The cut points of --split `split` and --split-at `split_at` for `model` of `blocks` blocks, as
+// train and bench take them: FDG's published cuts ("fdg"), the explicit cuts (which must agree
+// with a --split other than 1, and lie ascending in 1..blocks-1), or for split > 1 cuts balanced
+// by block_costs() (called only then); none for one module.
+std::vector<size_t> choose_cuts(const std::string& model, size_t blocks, int split, const std::string& split_at,
+                                const std::function<std::vector<double>()>& block_costs);
+// --shrink `shrink` with --method `method` (bp, ddg or fdg): in (0, 1], and 1 with bp.
+void check_shrink(const std::string& method, float shrink);
 
 // --devices beside --device `dev`: throws unless every one is there and of dev's kind (the run
 // builds and checkpoints the modules through dev), and a single one is dev itself.

@@ -8,8 +8,11 @@
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
+
+#include "kernels/common/error.h"
 
 namespace sp::kernels::cpu {
 namespace {
@@ -105,11 +108,8 @@ thread_local bool Pool::in_pool_thread = false;
 thread_local bool in_parallel_region = false;
 
 int configured_threads() {
-  if (const char* env = std::getenv("STALEPROP_NUM_THREADS")) {
-    const int v = std::atoi(env);
-    if (v > 0) return v;
-  }
-  return std::max(1u, std::thread::hardware_concurrency());
+  const int v = parse_num_threads(std::getenv("STALEPROP_NUM_THREADS"));
+  return v > 0 ? v : int(std::max(1u, std::thread::hardware_concurrency()));
 }
 
 Pool& pool() {
@@ -144,6 +144,16 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     ~RegionGuard() { in_parallel_region = false; }
   } guard;
   pool().run(job);
+}
+
+int parse_num_threads(const char* text) {
+  if (!text || !*text) return 0;
+  char* end = nullptr;
+  const long v = std::strtol(text, &end, 10);
+  if (*text < '0' || *text > '9' || *end != '\0' || v < 1 || v > 1024)
+    throw Error(std::string("STALEPROP_NUM_THREADS must be a whole number of threads from 1 to 1024, got '") + text +
+                "'");
+  return int(v);
 }
 
 }  // namespace sp::kernels::cpu

@@ -14,6 +14,10 @@
 namespace sp::kernels::cpu {
 
 int num_threads();
+// $STALEPROP_NUM_THREADS's value: a whole number from 1 to 1024 (empty or null: 0, meaning every
+// core). Anything else throws sp::Error naming the variable, rather than quietly using every
+// core. The pool reads it once, at its first use.
+int parse_num_threads(const char* text);
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
 }  // namespace sp::kernels::cpu
