@@ -1,7 +1,9 @@
 // The decoupled pipeline scheduler on the CPU emulation of streams and events:
 //  (a) K = 1 equals plain backprop bit for bit, in every method;
-//  (b) for K = 2, 3, 4 and each method, the parameters after an epoch equal a plainly written
-//      sequential simulation of the delayed-gradient recurrence (same data order);
+//  (b) for K = 2, 3, 4 and each method, the parameters (BN buffers and counters included) after
+//      two epochs equal a plainly written sequential simulation of the delayed-gradient
+//      recurrence (same data order); so do runs with weight stashing, with recomputation, and
+//      with staleness jitter (the simulation taking the backward ticks from the run's ledger);
 //  (c) random delays injected into the CPU streams do not change a single bit (also with weight
 //      stashing, recomputation and staleness jitter);
 //  (e) every batch of an epoch is forwarded once and back-propagated once by every module,
