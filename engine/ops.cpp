@@ -441,6 +441,8 @@ std::pair<int64_t, int64_t> bn_dims(const OpCheck& chk, const Tensor& x, DType a
                                     std::initializer_list<std::pair<const Tensor*, const char*>> per_channel) {
   chk.tensor(x, "x", at, 4);
   const int64_t c = x.size(3);
+  // Batch statistics of no values would be 0/0, and written into the running statistics.
+  chk.require(c > 0 && x.numel() > 0, "batch norm of an empty tensor " + shape_str(x.shape()));
   for (auto& [t, name] : per_channel) {
     chk.tensor(*t, name, DType::F32, 1);
     chk.shape(*t, name, {c}, "x " + shape_str(x.shape()));

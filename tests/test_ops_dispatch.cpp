@@ -9,6 +9,7 @@
 #include <cstring>
 #include <functional>
 #include <future>
+#include <limits>
 #include <random>
 
 #include "engine/allocator.h"
@@ -267,6 +268,84 @@ TEST_F(OpsDispatch, ElementwiseShortcutPoolingLinearLoss) {
   EXPECT_EQ(loss.at<float>(0), rloss);
   EXPECT_EQ(values(dlogits), rdl);
   EXPECT_EQ(correct.at<int32_t>(0), rcorrect);
+}
+
+// Awkward inputs, each found wrong by a review: a NaN in a max-pool window wins wherever it
+// stands (PyTorch's rule; it won only as the first tap); a logit of -inf in a class with no
+// target mass adds nothing to the loss (it made 0 * -inf = NaN); a filter or window larger than
+// the padded input is refused (C++ division's rounding toward zero gave it one output); batch
+// norm of an empty tensor is refused before it writes 0/0 into the running statistics.
+TEST_F(OpsDispatch, AwkwardInputsOfPoolingLossShapesAndBatchNorm) {
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  {
+    // One image of 2 x 4 pixels (pixel i = row * 4 + column), 2 channels, 2 x 2 windows at
+    // stride 2. Channel 0: a NaN as window 0's last tap (after a 5), and in window 1 before a 9;
+    // the old rule gave 5 and 9. Channel 1: no NaN.
+    Tensor x = Tensor::empty({1, 2, 4, 2}, DType::F32);
+    const float ch0[8] = {1, 5, 2, 3, /* row 1 */ 4, nan, nan, 9};
+    const float ch1[8] = {1, 5, 2, 3, 4, 0, 7, 9};
+    for (int i = 0; i < 8; ++i) x.at<float>(2 * i) = ch0[i], x.at<float>(2 * i + 1) = ch1[i];
+    Tensor y = Tensor::empty({1, 1, 2, 2}, DType::F32), dy = Tensor::empty({1, 1, 2, 2}, DType::F32);
+    Tensor dx = Tensor::empty(x.shape(), DType::F32);
+    for (int i = 0; i < 4; ++i) dy.at<float>(i) = float(i + 1);
+    ops::maxpool2d_forward(*s, x, y, 2, 2, 0);
+    ops::maxpool2d_backward(*s, x, dy, dx, 2, 2, 0);
+    s->synchronize();
+    EXPECT_TRUE(std::isnan(y.at<float>(0))) << "a NaN as a window's last tap";
+    EXPECT_TRUE(std::isnan(y.at<float>(2))) << "a NaN before a larger value";
+    EXPECT_EQ(y.at<float>(1), 5.f);
+    EXPECT_EQ(y.at<float>(3), 9.f);
+    // The gradient goes to the NaN taps: pixel (1, 1) of window 0 and (1, 2) of window 1.
+    for (int i = 0; i < 8; ++i) {
+      EXPECT_EQ(dx.at<float>(2 * i), i == 5 ? 1.f : i == 6 ? 3.f : 0.f) << "channel 0, pixel " << i;
+      EXPECT_EQ(dx.at<float>(2 * i + 1), i == 1 ? 2.f : i == 7 ? 4.f : 0.f) << "channel 1, pixel " << i;
+    }
+  }
+  {
+    Tensor logits = Tensor::empty({1, 10}, DType::F32), labels = Tensor::empty({1}, DType::I32);
+    for (int j = 0; j < 10; ++j) logits.at<float>(j) = j == 0 ? 1.f : j == 1 ? 2.f : j == 2 ? -inf : 0.f;
+    labels.at<int32_t>(0) = 1;
+    Tensor loss = Tensor::empty({1}, DType::F32), dl = Tensor::empty({1, 10}, DType::F32);
+    Tensor correct = Tensor::empty({1}, DType::I32);
+    ops::softmax_cross_entropy(*s, logits, labels, 0.f, loss, dl, correct);
+    s->synchronize();
+    // -log softmax(z)_1 = log(e^1 + e^2 + 7) - 2.
+    EXPECT_NEAR(loss.at<float>(0), std::log(std::exp(1.0) + std::exp(2.0) + 7.0) - 2.0, 1e-6);
+    EXPECT_EQ(dl.at<float>(2), 0.f);
+    // With smoothing the -inf class has target mass: the loss is infinite, as in PyTorch.
+    ops::softmax_cross_entropy(*s, logits, labels, 0.1f, loss, dl, correct);
+    s->synchronize();
+    EXPECT_EQ(loss.at<float>(0), inf);
+  }
+  {
+    // A 4 x 4 filter over a 3 x 3 input at stride 2 and a 2 x 2 window over a 1 x 1 input:
+    // refused, as PyTorch refuses them; the same with padding that makes them fit is not.
+    Tensor x = random_tensor({1, 3, 3, 2}, 31), w = random_tensor({1, 4, 4, 2}, 32);
+    EXPECT_THROW(ops::conv2d_forward(*s, x, w, Tensor(), Tensor::empty({1, 1, 1, 1}, DType::F32), 2, 0), Error);
+    Tensor fits = Tensor::empty({1, 1, 1, 1}, DType::F32);
+    ops::conv2d_forward(*s, x, w, Tensor(), fits, 2, 1);
+    Tensor one = random_tensor({1, 1, 1, 2}, 33);
+    EXPECT_THROW(ops::maxpool2d_forward(*s, one, Tensor::empty({1, 1, 1, 2}, DType::F32), 2, 2, 0), Error);
+    s->synchronize();
+  }
+  {
+    Tensor rm = random_tensor({3}, 34), rv = random_tensor({3}, 35, 0.5f, 2.f);
+    const std::vector<float> rm0 = values(rm), rv0 = values(rv);
+    Tensor g = random_tensor({3}, 36), b = random_tensor({3}, 37), sm = Tensor::empty({3}, DType::F32);
+    Tensor si = Tensor::empty({3}, DType::F32);
+    Tensor empty = Tensor::empty({0, 4, 4, 3}, DType::F32);
+    EXPECT_THROW(ops::batchnorm_forward_training(*s, empty, g, b, rm, rv, Tensor::empty(empty.shape(), DType::F32), sm,
+                                                 si, 1e-5f, 0.1f),
+                 Error);
+    Tensor no_channels = Tensor::empty({2, 2, 2, 0}, DType::F32), none = Tensor::empty({0}, DType::F32);
+    EXPECT_THROW(
+        ops::batchnorm_forward_training(*s, no_channels, none, none, none, none,
+                                        Tensor::empty(no_channels.shape(), DType::F32), none, none, 1e-5f, 0.1f),
+        Error);
+    s->synchronize();
+    EXPECT_EQ(values(rm), rm0);
+    EXPECT_EQ(values(rv), rv0);
+  }
 }
 
 TEST_F(OpsDispatch, SgdStepUpdatesEveryTensorInOneCall) {

@@ -21,9 +21,11 @@ struct Conv2dShape {
   int64_t w_size() const { return int64_t(k) * r * s * c; }
   int64_t y_size() const { return int64_t(n) * p() * q() * k; }
   double flops() const { return 2.0 * n * p() * q() * k * double(r) * s * c; }
+  // The filter must fit the padded input (p() alone would not tell: C++ division rounds a
+  // negative numerator toward zero, so a filter 1..stride-1 too large still gave one output).
   bool valid() const {
-    return n > 0 && h > 0 && w > 0 && c > 0 && k > 0 && r > 0 && s > 0 && stride > 0 && pad >= 0 && p() > 0 &&
-           q() > 0;
+    return n > 0 && h > 0 && w > 0 && c > 0 && k > 0 && r > 0 && s > 0 && stride > 0 && pad >= 0 && h + 2 * pad >= r &&
+           w + 2 * pad >= s && p() > 0 && q() > 0;
   }
 };
 
@@ -35,9 +37,9 @@ struct Pool2dShape {
   int q() const { return (w + 2 * pad - window) / stride + 1; }
   int64_t x_size() const { return int64_t(n) * h * w * c; }
   int64_t y_size() const { return int64_t(n) * p() * q() * c; }
-  bool valid() const {
-    return n > 0 && h > 0 && w > 0 && c > 0 && window > 0 && stride > 0 && pad >= 0 && pad < window && p() > 0 &&
-           q() > 0;
+  bool valid() const {  // the window must fit the padded input, as a convolution's filter
+    return n > 0 && h > 0 && w > 0 && c > 0 && window > 0 && stride > 0 && pad >= 0 && pad < window &&
+           h + 2 * pad >= window && w + 2 * pad >= window && p() > 0 && q() > 0;
   }
 };
 

@@ -41,7 +41,9 @@ void softmax_cross_entropy(int64_t n, int64_t classes, const T* logits, const in
         const double zj = double(z[j]) - double(z[argmax]);
         shifted[j] = zj;
         sum_exp += std::exp(zj);
-        target_dot += (j == label ? q_on : q_off) * zj;
+        // A class with no target mass adds nothing, even at a logit of -inf (0 * -inf is NaN).
+        const double q = j == label ? q_on : q_off;
+        if (q != 0) target_dot += q * zj;
       }
       sample_loss[i] = std::log(sum_exp) - target_dot;
       hit[i] = argmax == label;

@@ -30,6 +30,14 @@ void for_each_tap(const Pool2dShape& sh, int64_t p, int64_t q, const Fn& fn) {
 
 }  // namespace
 
+// Whether tap value v replaces the window's best so far: a greater one (the first maximum
+// stays on ties), or a NaN (the last NaN of the window wins, and nothing after it: PyTorch's
+// `val > max || isnan(val)`). kernels/cuda/layout_gathers.h's window_argmax takes the same rule.
+template <typename T>
+bool takes_over(T v, T best) {
+  return v > best || v != v;
+}
+
 template <typename T>
 void maxpool2d_forward(const Pool2dShape& sh, const T* x, T* y) {
   const int64_t P = sh.p(), Q = sh.q(), C = sh.c;
@@ -45,9 +53,10 @@ void maxpool2d_forward(const Pool2dShape& sh, const T* x, T* y) {
             std::copy_n(src, C, out);
             return;
           }
-          // Strictly greater keeps the first maximum, matching the backward's routing.
+          // Strictly greater keeps the first maximum, matching the backward's routing; a NaN
+          // wins wherever it stands (PyTorch's rule), so a diverging run shows.
           for (int64_t c = 0; c < C; ++c)
-            if (src[c] > out[c]) out[c] = src[c];
+            if (takes_over(src[c], out[c])) out[c] = src[c];
         });
       }
     }
@@ -70,7 +79,7 @@ void maxpool2d_backward(const Pool2dShape& sh, const T* x, const T* dy, T* dx) {
         for_each_tap(sh, pq / Q, pq % Q, [&](int64_t pix, bool first) {
           const T* src = xi + pix * C;
           for (int64_t c = 0; c < C; ++c)
-            if (first || src[c] > best[c]) {
+            if (first || takes_over(src[c], best[c])) {
               best[c] = src[c];
               arg[c] = pix;
             }

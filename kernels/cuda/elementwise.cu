@@ -253,7 +253,8 @@ __global__ void __launch_bounds__(kLossThreads)
   for (int j = lane; j < classes; j += kWarpSize) {
     const double zj = double(z[j]) - zmax;
     sum_exp += exp(zj);
-    target_dot += (j == label ? q_on : q_off) * zj;
+    const double q = j == label ? q_on : q_off;
+    if (q != 0) target_dot += q * zj;  // as the CPU: no 0 * -inf
   }
   sum_exp = warp_allreduce_sum(sum_exp);
   target_dot = warp_allreduce_sum(target_dot);

@@ -194,7 +194,7 @@ SP_GATHER_HD void window_argmax(const PoolGeom& g, const float* xi, int p, int q
     load_w<W>(xi + (int64_t(ih) * g.w + iw) * g.c + ch, v);
     SP_GATHER_UNROLL
     for (int e = 0; e < W; ++e)
-      if (arg[e] < 0 || v[e] > best[e]) {
+      if (arg[e] < 0 || v[e] > best[e] || v[e] != v[e]) {  // as the CPU's takes_over: NaN wins
         best[e] = v[e];
         arg[e] = r * window + s;
       }
