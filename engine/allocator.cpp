@@ -29,13 +29,18 @@ AllocationOwner::AllocationOwner(int id, Adopt) : id_(id), outer_(t_owner) { t_o
 AllocationOwner::~AllocationOwner() { t_owner = outer_; }
 int AllocationOwner::current() { return t_owner; }
 
-CachingAllocator::CachingAllocator(std::string name, RawAlloc raw_alloc, RawFree raw_free)
-    : name_(std::move(name)), raw_alloc_(std::move(raw_alloc)), raw_free_(std::move(raw_free)) {}
+CachingAllocator::CachingAllocator(std::string name, RawAlloc raw_alloc, RawFree raw_free, bool free_waits)
+    : name_(std::move(name)),
+      raw_alloc_(std::move(raw_alloc)),
+      raw_free_(std::move(raw_free)),
+      free_waits_(free_waits) {}
 
 CachingAllocator::~CachingAllocator() { empty_cache(); }
 
 size_t CachingAllocator::round_size(size_t bytes) {
   constexpr size_t kSmall = 512, kLarge = size_t(1) << 20;
+  // No backend holds 2^62 bytes; above that the steps below would overflow.
+  SP_CHECK(bytes <= (size_t(1) << 62), "cannot allocate ", bytes, " bytes (over 2^62)");
   if (bytes == 0) bytes = 1;
   if (bytes <= kLarge) return (bytes + kSmall - 1) / kSmall * kSmall;
   size_t pow2 = kLarge;
@@ -65,13 +70,15 @@ void* CachingAllocator::allocate(size_t bytes, const void* stream_key) {
   };
   if (!take(free_[stream_key]) && !take(free_[retired_key()])) {
     ptr = raw_alloc_(size);
-    if (!ptr) {
-      // Out of memory: give every cached block back and try once more.
+    if (!ptr && free_waits_) {
+      // Out of memory: give every cached block back and try once more. Only where the backend's
+      // free waits for the work queued on the device (cudaFree does): a cached block may still
+      // be written by queued work, which the CPU emulation's free would pull from under it.
       release_cached_locked();
       ptr = raw_alloc_(size);
-      SP_CHECK(ptr != nullptr, name_, ": out of memory allocating ", bytes, " bytes (", stats_.allocated_bytes,
-               " bytes in use, ", stats_.reserved_bytes, " reserved)");
     }
+    SP_CHECK(ptr != nullptr, name_, ": out of memory allocating ", bytes, " bytes (", stats_.allocated_bytes,
+             " bytes in use, ", stats_.reserved_bytes, " reserved)");
     ++stats_.backend_allocs;
     stats_.reserved_bytes += size;
     stats_.allocated_bytes += size;
@@ -171,7 +178,7 @@ void* host_alloc(size_t bytes) { return std::aligned_alloc(64, (bytes + 63) / 64
 std::unique_ptr<CachingAllocator> make_device_allocator(Device device) {
   if (device.is_cpu()) {
     SP_CHECK(device.index >= 0 && device.index < Device::kMaxCpuDevices, "no emulated device ", device.str());
-    return std::make_unique<CachingAllocator>(device.str() + " allocator", host_alloc, std::free);
+    return std::make_unique<CachingAllocator>(device.str() + " allocator", host_alloc, std::free, false);
   }
 #if STALEPROP_WITH_CUDA
   const int index = device.index;

@@ -42,18 +42,22 @@ class CachingAllocator {
   using RawAlloc = std::function<void*(size_t)>;  // returns nullptr when out of memory
   using RawFree = std::function<void(void*)>;
 
-  CachingAllocator(std::string name, RawAlloc raw_alloc, RawFree raw_free);
+  // free_waits: raw_free waits for the work queued on the device (cudaFree does; the CPU
+  // emulation's std::free does not). Only then does an allocation the backend refuses empty
+  // the cache and try once more.
+  CachingAllocator(std::string name, RawAlloc raw_alloc, RawFree raw_free, bool free_waits = true);
   ~CachingAllocator();  // returns cached blocks; blocks still handed out are leaked by the owner
   CachingAllocator(const CachingAllocator&) = delete;
   CachingAllocator& operator=(const CachingAllocator&) = delete;
 
   // Throws sp::Error naming the size and the allocator's state when the backend is out of
-  // memory even after the cache was emptied.
+  // memory (even after the cache was emptied, where free_waits), or the size is over 2^62.
   void* allocate(size_t bytes, const void* stream_key = nullptr);
   void deallocate(void* ptr);
   // Returns every cached (unused) block to the backend. cudaFree waits for the device's queued
   // work; the CPU emulation's free does not, so on the CPU call it only with the device's
-  // streams idle (the allocator's destructor at exit; the out-of-memory retry is the exception).
+  // streams idle (the allocator's destructor at exit), which is why the out-of-memory retry
+  // needs free_waits.
   void empty_cache();
   AllocatorStats stats() const;
   void reset_peak();
@@ -90,6 +94,7 @@ class CachingAllocator {
   std::string name_;
   RawAlloc raw_alloc_;
   RawFree raw_free_;
+  bool free_waits_ = true;
   mutable std::mutex mu_;
   std::unordered_map<void*, Block> live_;
   // Cached free blocks per stream key, ordered by size for best fit.

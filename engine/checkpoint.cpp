@@ -90,9 +90,11 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
     SP_CHECK(r != nullptr, path, ": checkpoint has no tensor '", name, "' (was it saved from another model?)");
     return *r;
   };
-  // Host staging tensors stay alive until the copies to the device have completed.
-  std::vector<Tensor> staging;
-  auto restore = [&](const std::string& name, const Tensor& dst, ParamLayout layout) {
+  // Every tensor is read and checked (name, shape, dtype) into a host copy before any is
+  // written, so a checkpoint refused part-way leaves the network and optimizer as they were.
+  // The host copies stay alive until the copies to the device have completed.
+  std::vector<std::pair<Tensor, Tensor>> staged;  // (host copy, destination)
+  auto stage = [&](const std::string& name, const Tensor& dst, ParamLayout layout) {
     const io::TensorRecord& r = find(name);
     Tensor host = Tensor::empty(pytorch_shape(dst, layout), dst.dtype());
     try {
@@ -100,24 +102,29 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
     } catch (const ShapeError& e) {  // the same names, other shapes: another width or depth
       throw ShapeError(path + ": " + user_message(e) + " (was it saved from another model?)");
     }
-    if (layout == ParamLayout::KRSC) host = permute_conv(host, false);
-    if (dst.device().is_cpu()) {
-      std::memcpy(dst.raw_data(), host.raw_data(), host.nbytes());
-    } else {
-      ops::copy(s, host, dst);
-      staging.push_back(host);
-    }
+    staged.emplace_back(layout == ParamLayout::KRSC ? permute_conv(host, false) : host, dst);
   };
-  s.synchronize();  // nothing may still be using the tensors we overwrite from the host
-  for (auto& [name, p] : st.params) restore(name, p->value, p->layout), p->value_changed();
-  for (auto& [name, b] : st.buffers) restore(name, *b, ParamLayout::Same);
+  for (auto& [name, p] : st.params) stage(name, p->value, p->layout);
+  for (auto& [name, b] : st.buffers) stage(name, *b, ParamLayout::Same);
+  std::vector<int64_t> counts;
   for (auto& [name, counter] : st.counters) {
     const io::TensorRecord& r = find(name);
     SP_CHECK(r.dtype == "I64" && r.data.size() == 8, path, ": '", name, "' must be an int64 scalar");
-    std::memcpy(counter, r.data.data(), 8);
+    counts.emplace_back();
+    std::memcpy(&counts.back(), r.data.data(), 8);
   }
   for (Sgd* opt : opts)
-    for (auto& [name, m] : opt->momentum_buffers()) restore(kMomentumPrefix + name, m, layout_of(st, name));
+    for (auto& [name, m] : opt->momentum_buffers()) stage(kMomentumPrefix + name, m, layout_of(st, name));
+
+  s.synchronize();  // nothing may still be using the tensors we overwrite from the host
+  for (auto& [host, dst] : staged) {
+    if (dst.device().is_cpu())
+      std::memcpy(dst.raw_data(), host.raw_data(), host.nbytes());
+    else
+      ops::copy(s, host, dst);
+  }
+  for (auto& [name, p] : st.params) p->value_changed();
+  for (size_t i = 0; i < counts.size(); ++i) *st.counters[i].second = counts[i];
   s.synchronize();
   return file.metadata;
 }

@@ -29,13 +29,21 @@ int64_t shape_numel(const Shape& shape) {
 }
 
 namespace {
-void check_shape(const Shape& shape) {
-  for (int64_t d : shape) SP_CHECK(d >= 0, "negative dimension in shape ", shape_str(shape));
+// Dimensions are not negative, and the tensor's bytes fit in 2^62 (no element count or byte
+// size computed from the shape can overflow then).
+void check_shape(const Shape& shape, size_t element_bytes) {
+  constexpr int64_t kMaxBytes = int64_t(1) << 62;
+  int64_t n = int64_t(element_bytes);
+  for (int64_t d : shape) {
+    SP_CHECK(d >= 0, "negative dimension in shape ", shape_str(shape));
+    SP_CHECK(d == 0 || n <= kMaxBytes / d, "shape ", shape_str(shape), " is too large (over 2^62 bytes)");
+    n *= d;
+  }
 }
 }  // namespace
 
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, const Stream* stream) {
-  check_shape(shape);
+  check_shape(shape, dtype_size(dtype));
   Tensor t;
   t.storage_ = std::make_shared<Storage>();
   t.storage_->bytes = size_t(shape_numel(shape)) * dtype_size(dtype);
@@ -69,7 +77,7 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, const Strea
 }
 
 Tensor Tensor::from_blob(void* data, const Shape& shape, DType dtype, Device device) {
-  check_shape(shape);
+  check_shape(shape, dtype_size(dtype));
   SP_CHECK(data != nullptr || shape_numel(shape) == 0, "from_blob: null data for shape ", shape_str(shape));
   Tensor t;
   t.storage_ = std::make_shared<Storage>();
@@ -101,7 +109,7 @@ void Tensor::check_dtype(DType expected) const {
 }
 
 Tensor Tensor::view(const Shape& shape) const {
-  check_shape(shape);
+  check_shape(shape, 1);
   SP_SHAPE_CHECK(shape_numel(shape) == numel(), "view: cannot view ", str(), " as ", shape_str(shape));
   Tensor t = *this;
   t.shape_ = shape;
@@ -109,8 +117,8 @@ Tensor Tensor::view(const Shape& shape) const {
 }
 
 Tensor Tensor::slice(int64_t start, int64_t length) const {
-  SP_SHAPE_CHECK(dim() >= 1 && start >= 0 && length >= 0 && start + length <= shape_[0], "slice [", start, ", ",
-                 start + length, ") out of range for ", str());
+  SP_SHAPE_CHECK(dim() >= 1 && start >= 0 && length >= 0 && start <= shape_[0] && length <= shape_[0] - start,
+                 "slice of ", length, " from ", start, " out of range for ", str());
   Tensor t = *this;
   t.shape_[0] = length;
   t.offset_ += size_t(start) * (shape_[0] ? nbytes() / size_t(shape_[0]) : 0);

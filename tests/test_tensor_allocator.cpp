@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <future>
 #include <map>
 #include <random>
 #include <thread>
@@ -24,7 +25,7 @@ namespace {
 struct CountingBackend {
   size_t capacity = SIZE_MAX, in_use = 0;
   std::map<void*, size_t> live;
-  CachingAllocator make() {
+  CachingAllocator make(bool free_waits = true) {
     return CachingAllocator(
         "test allocator",
         [this](size_t n) -> void* {
@@ -38,7 +39,8 @@ struct CountingBackend {
           in_use -= live.at(p);
           live.erase(p);
           std::free(p);
-        });
+        },
+        free_waits);
   }
 };
 
@@ -219,6 +221,51 @@ TEST(CachingAllocator, OutOfMemoryFreesTheCacheThenThrows) {
     EXPECT_NE(std::string(e.what()).find("test allocator"), std::string::npos) << e.what();
   }
   alloc.deallocate(other);
+}
+
+// Where the backend's free does not wait for queued work (the CPU emulation's std::free), a
+// refused allocation must not return the cache: queued work may still write a cached block.
+TEST(CachingAllocator, WithoutAWaitingFreeTheOutOfMemoryErrorKeepsTheCache) {
+  CountingBackend backend;
+  backend.capacity = 3 << 20;
+  auto alloc = backend.make(false);
+  void* big = alloc.allocate(2 << 20);
+  alloc.deallocate(big);
+  expect_error([&] { alloc.allocate((2 << 20) + 4096); }, {"test allocator", "out of memory"});
+  EXPECT_EQ(alloc.stats().backend_frees, 0u);
+  EXPECT_EQ(backend.live.count(big), 1u) << "the cached block was freed";
+  EXPECT_EQ(alloc.allocate(2 << 20), big) << "the cached block serves what fits it";
+  alloc.deallocate(big);
+}
+
+// The CPU emulation end to end: a block written by work still queued on a stream stays valid
+// when a later allocation fails (ASan's build reported a write after free here).
+TEST(CachingAllocator, AFailedAllocationLeavesQueuedWorkItsMemory) {
+  auto s = make_stream(Device::cpu());
+  std::promise<void> gate;
+  std::shared_future<void> opened = gate.get_future().share();
+  s->enqueue_host([opened] { opened.wait(); });
+  {
+    Tensor t = Tensor::empty({1 << 16}, DType::F32, Device::cpu(), s.get());
+    ops::fill(*s, t, 1.f);  // queued behind the gate; the host lets go of t at once
+  }
+  EXPECT_THROW(Tensor::empty({int64_t(1) << 58}, DType::F32), Error);  // 2^60 bytes: refused by malloc
+  gate.set_value();
+  s->synchronize();
+}
+
+TEST(Tensor, ShapesTooLargeAndSlicesOutOfRangeAreRefused) {
+  expect_error([] { Tensor::empty({int64_t(1) << 62}, DType::F32); }, {"too large"});
+  expect_error([] { Tensor::empty({int64_t(1) << 31, int64_t(1) << 31, 4}, DType::F32); }, {"too large"});
+  EXPECT_THROW(CachingAllocator::round_size(SIZE_MAX - 10), Error);
+  Tensor t = Tensor::empty({4}, DType::F32);
+  EXPECT_THROW(t.slice(INT64_MAX, 1), ShapeError);
+  EXPECT_THROW(t.slice(1, INT64_MAX), ShapeError);
+  EXPECT_THROW(t.slice(3, 2), ShapeError);
+  EXPECT_EQ(t.slice(4, 0).numel(), 0);
+  EXPECT_EQ(t.slice(1, 3).numel(), 3);
+  // A view's shape is checked the same way.
+  EXPECT_THROW(t.view({int64_t(1) << 62, 4}), Error);
 }
 
 TEST(CachingAllocator, RejectsForeignPointers) {

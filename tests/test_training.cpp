@@ -15,6 +15,7 @@
 #include <random>
 
 #include "engine/checkpoint.h"
+#include "engine/ops.h"
 #include "engine/pipeline.h"
 #include "engine/safetensors.h"
 #include "engine/trainer.h"
@@ -475,14 +476,24 @@ TEST(Training, CheckpointHoldsPyTorchNamesAndLayouts) {
   // Saving the restored network reproduces the file's tensors.
   save_checkpoint(dir.file("again.safetensors"), net, {&opt}, meta, *s);
   expect_same_tensors(c.checkpoint, dir.file("again.safetensors"));
-  // A checkpoint of another architecture is rejected, naming the missing tensor.
+  // A checkpoint of another architecture is rejected, naming the missing tensor, before any
+  // tensor is written: the resnet32 keeps every weight, buffer, counter and momentum it had
+  // (the tensors the two share by name, conv1 and layer1.0 among them, were overwritten before).
   Network other = layers::build_resnet("resnet32", 10, 0);
+  Sgd other_opt(other.state().params, SgdConfig{0.9f, 0.f, false}, *s);
+  for (auto& [n, p] : other.state().params) ops::fill(*s, p->grad, 0.5f);
+  other_opt.step(*s, 0.1f);  // momenta of 0.5 everywhere
+  s->synchronize();
+  const std::string before = dir.file("resnet32-before.safetensors");
+  save_checkpoint(before, other, {&other_opt}, {}, *s);
   try {
-    load_checkpoint(c.checkpoint, other, {}, *s);
+    load_checkpoint(c.checkpoint, other, {&other_opt}, *s);
     FAIL() << "loaded a resnet20 checkpoint into a resnet32";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("layer1.3"), std::string::npos) << e.what();
   }
+  save_checkpoint(dir.file("resnet32-after.safetensors"), other, {&other_opt}, {}, *s);
+  expect_same_tensors(before, dir.file("resnet32-after.safetensors"));
 }
 
 TEST(Training, EvaluationOfACheckpointMatchesTheRun) {
