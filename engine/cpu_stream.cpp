@@ -28,7 +28,10 @@ struct CpuEventState {
   std::condition_variable cv;
   uint64_t recorded = 0;          // generation of the most recent record() call
   std::set<uint64_t> pending;     // generations recorded but not yet reached by their stream
-  Clock::time_point completed_at;  // time the most recent record completed
+  // When the most recent record completed (as CUDA times an event by its latest record: an
+  // older record that completes later does not move it); unset until that record completes.
+  Clock::time_point completed_at;
+  bool timed = false;
 
   bool done(uint64_t gen) const { return gen == 0 || pending.count(gen) == 0; }
 };
@@ -54,14 +57,16 @@ class CpuEvent final : public Event {
     SP_CHECK(timing_ && s->timing_, "elapsed_ms_since: both events must be created with timing = true");
     SP_CHECK(query() && s->query(), "elapsed_ms_since: both events must have completed");
     Clock::time_point a, b;
+    bool timed_a, timed_b;
     {
       std::lock_guard<std::mutex> lk(s->state_->mu);
-      a = s->state_->completed_at;
+      a = s->state_->completed_at, timed_a = s->state_->timed;
     }
     {
       std::lock_guard<std::mutex> lk(state_->mu);
-      b = state_->completed_at;
+      b = state_->completed_at, timed_b = state_->timed;
     }
+    SP_CHECK(timed_a && timed_b, "elapsed_ms_since: both events must have been recorded");
     return std::chrono::duration<float, std::milli>(b - a).count();
   }
   const std::shared_ptr<CpuEventState>& state() const { return state_; }
@@ -178,7 +183,7 @@ class CpuStream final : public Stream {
       {
         std::lock_guard<std::mutex> lk(state->mu);
         state->pending.erase(gen);
-        state->completed_at = Clock::now();
+        if (gen == state->recorded) state->completed_at = Clock::now(), state->timed = true;
       }
       state->cv.notify_all();
     });

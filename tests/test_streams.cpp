@@ -142,6 +142,31 @@ TEST(CpuStreamEvents, TimingEventsMeasureElapsedTime) {
   EXPECT_THROW(untimed->elapsed_ms_since(*start), Error);
 }
 
+// As CUDA: an event never recorded has no time (cudaEventElapsedTime fails), and an event is
+// timed by its latest record, not by an older record that completes later.
+TEST(CpuStreamEvents, AnEventIsTimedByItsLatestRecordOnly) {
+  auto start = make_event(Device::cpu(), true), never = make_event(Device::cpu(), true);
+  auto a = make_stream(Device::cpu()), b = make_stream(Device::cpu());
+  a->record(*start);
+  a->synchronize();
+  test::expect_error([&] { never->elapsed_ms_since(*start); }, {"recorded"});
+  test::expect_error([&] { start->elapsed_ms_since(*never); }, {"recorded"});
+
+  auto stop = make_event(Device::cpu(), true);
+  std::promise<void> gate;
+  std::shared_future<void> opened = gate.get_future().share();
+  a->enqueue_host([opened] { opened.wait(); });
+  a->record(*stop);  // superseded by the record on b before it completes
+  b->record(*stop);
+  b->synchronize();
+  ASSERT_TRUE(stop->query());
+  const float latest = stop->elapsed_ms_since(*start);
+  std::this_thread::sleep_for(50ms);
+  gate.set_value();
+  a->synchronize();  // the older record completes now, 50 ms later
+  EXPECT_EQ(stop->elapsed_ms_since(*start), latest);
+}
+
 TEST(CpuStreamEvents, DestructionDrainsPendingWork) {
   std::atomic<int> done{0};
   {
