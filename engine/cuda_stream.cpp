@@ -6,8 +6,10 @@
 #if STALEPROP_WITH_CUDA
 #include <cuda_runtime_api.h>
 
+#include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "kernels/common/cuda_check.h"
@@ -100,6 +102,18 @@ class CudaStream final : public Stream {
   Device device() const override { return device_; }
 
   void enqueue_host(std::function<void()> fn) override {
+    // An exception must not unwind through the driver's C callback (that ends the process): it
+    // is kept, the later work still runs, and synchronize() rethrows the first, once (as the
+    // CPU emulation's stream does). The slot is shared, so a graph's host node that runs after
+    // this stream is gone writes into it harmlessly.
+    fn = [slot = host_error_, fn = std::move(fn)] {
+      try {
+        fn();
+      } catch (...) {
+        std::lock_guard<std::mutex> lk(slot->mu);
+        if (!slot->error) slot->error = std::current_exception();
+      }
+    };
     if (capturing_) {
       // A host node runs at every launch: the graph keeps the closure.
       captured_fns_.push_back(std::make_unique<std::function<void()>>(std::move(fn)));
@@ -148,6 +162,12 @@ class CudaStream final : public Stream {
   void synchronize() override {
     SP_CHECK(!capturing_, "synchronize: the stream is capturing a graph");
     SP_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    std::exception_ptr e;
+    {
+      std::lock_guard<std::mutex> lk(host_error_->mu);
+      std::swap(e, host_error_->error);
+    }
+    if (e) std::rethrow_exception(e);
   }
   bool query() override {
     SP_CHECK(!capturing_, "query: the stream is capturing a graph");
@@ -162,6 +182,11 @@ class CudaStream final : public Stream {
   Device device_;
   cudaStream_t stream_ = nullptr;
   HostFns captured_fns_;
+  struct HostError {
+    std::mutex mu;
+    std::exception_ptr error;  // the first exception a host function threw since synchronize()
+  };
+  std::shared_ptr<HostError> host_error_ = std::make_shared<HostError>();
 };
 
 }  // namespace

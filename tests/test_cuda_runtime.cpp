@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <stdexcept>
 #include <vector>
 
 #include "engine/allocator.h"
@@ -83,6 +84,26 @@ TEST(CudaRuntime, TimingEventsMeasureDeviceWork) {
   const float ms = stop->elapsed_ms_since(*start);
   EXPECT_GT(ms, 0.f);
   EXPECT_LT(ms, 10000.f);
+}
+
+// A host function that throws on a CUDA stream does as on a CPU stream: the later work runs,
+// and synchronize() rethrows the first error, once (it used to unwind through the driver's C
+// callback, which ends the process).
+TEST(CudaRuntime, SynchronizeRethrowsTheFirstHostErrorOnce) {
+  REQUIRE_GPU();
+  auto s = make_stream(Device::cuda(0));
+  std::atomic<bool> later_ran{false};
+  s->enqueue_host([] { throw std::runtime_error("first"); });
+  s->enqueue_host([] { throw std::runtime_error("second"); });
+  s->enqueue_host([&] { later_ran = true; });
+  try {
+    s->synchronize();
+    FAIL() << "synchronize did not rethrow";
+  } catch (const std::runtime_error& e) {
+    EXPECT_STREQ(e.what(), "first");
+  }
+  EXPECT_TRUE(later_ran);
+  EXPECT_NO_THROW(s->synchronize());
 }
 
 TEST(CudaRuntime, CachingAllocatorStopsCallingCudaMallocAfterWarmUp) {
