@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstring>
 #include <deque>
+#include <limits>
 
 #include "engine/op_profile.h"
 #include "kernels/common/error.h"
@@ -45,6 +46,11 @@ class OpCheck {
       throw ShapeError(detail::concat(op_, ": ", name, " ", t.str(), " must have dtype ", dtype_name(dt)));
     if (rank >= 0 && t.dim() != rank)
       throw ShapeError(detail::concat(op_, ": ", name, " ", t.str(), " must have rank ", rank));
+    // The shape descriptors of the ops on matrices and NHWC tensors hold dimensions as int (their
+    // index arithmetic is 64-bit); flat buffers (copy, fill, the optimizer's) may be longer.
+    for (int64_t d : t.shape())
+      if (rank >= 2 && d > std::numeric_limits<int>::max())
+        throw ShapeError(detail::concat(op_, ": ", name, " ", t.str(), " has a dimension over 2^31 - 1"));
   }
   void optional(const Tensor& t, const char* name, DType dt, const Shape& expected, const std::string& why) const {
     if (t.defined()) {

@@ -17,6 +17,7 @@
 #include "engine/ops.h"
 #include "kernels/common/error.h"
 #include "kernels/cpu/ops.h"
+#include "tests/error_testing.h"
 
 using namespace sp;
 namespace kc = sp::kernels::cpu;
@@ -326,6 +327,11 @@ TEST_F(OpsDispatch, AwkwardInputsOfPoolingLossShapesAndBatchNorm) {
     ops::conv2d_forward(*s, x, w, Tensor(), fits, 2, 1);
     Tensor one = random_tensor({1, 1, 1, 2}, 33);
     EXPECT_THROW(ops::maxpool2d_forward(*s, one, Tensor::empty({1, 1, 1, 2}, DType::F32), 2, 2, 0), Error);
+    // A dimension past int's range (the kernels' shape descriptors hold ints) is refused before
+    // it could wrap round; the memory is never touched.
+    float dummy = 0.f;
+    const Tensor wide = Tensor::from_blob(&dummy, {int64_t(1) << 31, 1, 1, 1}, DType::F32, Device::cpu());
+    test::expect_error([&] { ops::maxpool2d_forward(*s, wide, wide, 1, 1, 0); }, {"over 2^31 - 1"});
     s->synchronize();
   }
   {
