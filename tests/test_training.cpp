@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <random>
 
@@ -160,6 +161,50 @@ struct WholeRun {
   const train::TrainResult whole = train::run_training(full, train, test);
 };
 
+// --stop-after alone (no --checkpoint-every) ends the run inside an epoch with a checkpoint of
+// that step, from which the run goes on bit for bit (it used to end with none).
+TEST(Training, StopAfterLeavesACheckpointToGoOnFrom) {
+  WholeRun w;
+  auto& [train, test, dir, full, whole] = w;
+  train::TrainConfig first = small_config();
+  first.checkpoint = dir.file("stopped.safetensors");
+  first.stop_after_steps = 5;
+  EXPECT_EQ(train::run_training(first, train, test).steps, 5);
+  ASSERT_TRUE(fs::exists(first.checkpoint));
+  EXPECT_EQ(io::read_safetensors(first.checkpoint).metadata.at("step"), "5");
+  train::TrainConfig rest = small_config();
+  rest.resume = first.checkpoint;
+  rest.checkpoint = dir.file("went-on.safetensors");
+  EXPECT_EQ(train::run_training(rest, train, test).steps, 8);
+  expect_same_tensors(full.checkpoint, rest.checkpoint);
+}
+
+// --metrics's step records come every tenth of an epoch whatever --progress shows: the same
+// records (but their timings) with no progress, plain lines and the bar, which collects the
+// statistics every step.
+TEST(Training, MetricsStepRecordsDoNotDependOnTheProgressDisplay) {
+  const data::Dataset train = synthetic_set(640, 11);
+  TempDir dir;
+  std::map<std::string, std::vector<std::string>> records;
+  for (const std::string mode : {"none", "plain", "bar"}) {
+    train::TrainConfig c = small_config();
+    c.epochs = 1;  // 20 steps of 32
+    c.progress = mode;
+    c.log = dir.file(mode + ".log");
+    c.metrics = dir.file(mode + ".jsonl");
+    train::run_training(c, train, data::Dataset{});
+    std::ifstream in(c.metrics);
+    for (std::string line; std::getline(in, line);) {
+      if (line.find("\"event\":\"step\"") == std::string::npos) continue;
+      records[mode].push_back(line.substr(0, line.find(",\"images_per_s\"")));  // without the timings
+    }
+  }
+  ASSERT_EQ(records["none"].size(), 10u);
+  EXPECT_NE(records["none"][0].find("\"step\":2,"), std::string::npos) << records["none"][0];
+  EXPECT_EQ(records["plain"], records["none"]);
+  EXPECT_EQ(records["bar"], records["none"]);
+}
+
 TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   WholeRun w;
   auto& [train, test, dir, full, whole] = w;
@@ -181,6 +226,10 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
   ASSERT_EQ(resumed.epochs.size(), 1u);
   EXPECT_EQ(resumed.epochs[0].test_acc, whole.epochs[1].test_acc);
   EXPECT_EQ(resumed.epochs[0].test_loss, whole.epochs[1].test_loss);
+  // The epoch's training statistics cover its steps before the resume too (the checkpoint holds
+  // them), summed in another grouping: the same up to rounding.
+  EXPECT_EQ(resumed.epochs[0].train_acc, whole.epochs[1].train_acc);
+  EXPECT_NEAR(resumed.epochs[0].train_loss, whole.epochs[1].train_loss, 1e-12 * whole.epochs[1].train_loss);
   EXPECT_FALSE(resumed.already_complete);
   // Resumed from its last step, the run has nothing left to train.
   rest.resume = rest.checkpoint;
@@ -972,6 +1021,10 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
   c.milestones = {1.5};
   c.schedule = "multistep";
   sp::test::expect_error<Error>(run, {"--milestones are fractions of the run in (0, 1), got 1.5"});
+  c.milestones = {0.75, 0.5};
+  sp::test::expect_error<Error>(run, {"--milestones must ascend, each once: 0.75 then 0.5"});
+  c.milestones = {0.5, 0.5};
+  sp::test::expect_error<Error>(run, {"--milestones must ascend"});
   c = small_config();
   c.shrink = 0.5f;  // bp (the default method)
   sp::test::expect_error<Error>(run, {"--shrink applies to --method ddg and fdg"});

@@ -371,7 +371,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"lr", "LR", "peak learning rate (default 0.1)", [&](const std::string& v) { c.lr = to_f(v); }},
       {"momentum", "M", "SGD momentum (default 0.9)", [&](const std::string& v) { c.momentum = to_f(v); }},
       {"nesterov", "", "Nesterov momentum", [&](const std::string&) { c.nesterov = true; }},
-      {"weight-decay", "WD", "L2 weight decay (default 5e-4)", [&](const std::string& v) { c.weight_decay = to_f(v); }},
+      {"weight-decay", "WD", "L2 weight decay, on every parameter (BN's and biases too) (default 5e-4)", [&](const std::string& v) { c.weight_decay = to_f(v); }},
       {"schedule", "S", "constant|multistep|cosine|onecycle (default multistep). Each begins with --warmup-epochs of linear warm-up from 0; then multistep multiplies the rate by --gamma at each milestone, cosine decays it to 0 along a half cosine, onecycle linearly to 0 (a one-cycle with --warmup-epochs > 0)", [&](const std::string& v) { c.schedule = v; }},
       {"milestones", "F,F", "multistep: lr *= gamma at these fractions of the run (default 0.5,0.75)", [&](const std::string& v) { c.milestones = parse_list("milestones", v); }},
       {"gamma", "G", "multistep decay factor (default 0.1)", [&](const std::string& v) { c.gamma = to_f(v); }},

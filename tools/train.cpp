@@ -121,6 +121,7 @@ class MetricsLog {
       SP_CHECK(out_.good(), "cannot open metrics file '", path, "'");
     }
   }
+  bool enabled() const { return out_.is_open(); }
   void write(const std::string& json) {
     if (out_.is_open()) {
       out_ << json << '\n';
@@ -147,8 +148,11 @@ LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch) {
   sch.total_steps = steps_per_epoch * cfg.epochs;
   sch.warmup_steps = int64_t(std::llround(cfg.warmup_epochs * double(steps_per_epoch)));
   sch.gamma = cfg.gamma;
-  for (double f : cfg.milestones) {
+  for (size_t i = 0; i < cfg.milestones.size(); ++i) {
+    const double f = cfg.milestones[i];
     SP_CHECK(f > 0 && f < 1, "--milestones are fractions of the run in (0, 1), got ", f);
+    SP_CHECK(i == 0 || f > cfg.milestones[i - 1], "--milestones must ascend, each once: ", cfg.milestones[i - 1],
+             " then ", f);
     sch.milestones.push_back(int64_t(std::llround(f * double(sch.total_steps))));
   }
   return sch;
@@ -524,17 +528,43 @@ struct Run {
   }
 };
 
+// A checkpoint written inside an epoch also holds the epoch's training statistics so far, so
+// that a run resumed from it reports the epoch's loss and accuracy over all its steps, not only
+// those after the resume.
+void put_epoch_stats(std::map<std::string, std::string>& meta, const StepStats& st) {
+  char sum[40];
+  std::snprintf(sum, sizeof sum, "%.17g", st.loss_sum);
+  meta["epoch_loss_sum"] = sum;
+  meta["epoch_correct"] = std::to_string(st.correct);
+  meta["epoch_samples"] = std::to_string(st.samples);
+}
+StepStats get_epoch_stats(const std::map<std::string, std::string>& meta) {
+  StepStats st;
+  const auto sum = meta.find("epoch_loss_sum"), correct = meta.find("epoch_correct"),
+             samples = meta.find("epoch_samples");
+  if (sum == meta.end() || correct == meta.end() || samples == meta.end()) return st;  // an older checkpoint
+  try {
+    st.loss_sum = std::stod(sum->second), st.correct = std::stoll(correct->second);
+    st.samples = std::stoll(samples->second);
+  } catch (const std::logic_error&) {
+    throw Error("--resume: the checkpoint's epoch statistics are not numbers");
+  }
+  return st;
+}
+
 TrainResult run_backprop(Run& run) {
   const TrainConfig& cfg = run.cfg;
   Stream& s = *run.stream;
   Sgd opt(run.net.state().params, SgdConfig{cfg.momentum, cfg.weight_decay, cfg.nesterov}, s);
   const int64_t spe = run.spe;
   int64_t step = 0;
+  StepStats resumed_epoch_stats;  // of the steps before the resume, in the epoch it resumes
   if (!cfg.resume.empty()) {
     auto meta = load_checkpoint(cfg.resume, run.net, {&opt}, s);
     step = run.check_resume(meta);
     run.result.already_complete = step == int64_t(cfg.epochs) * spe;
     run.loader->seek(step / spe, step % spe);
+    if (step % spe != 0) resumed_epoch_stats = get_epoch_stats(meta);
   }
   BackpropTrainer trainer(run.net, opt, s, cfg.label_smoothing, activation_dtype(cfg));
   const Drain drain{s};  // before `trainer` and `opt` let their memory go
@@ -543,9 +573,15 @@ TrainResult run_backprop(Run& run) {
     const auto epoch_start = Clock::now();
     run.begin_epoch_peak();  // the epoch's training peak, evaluation excluded
     StepStats epoch_stats;
+    if (step % spe != 0) std::swap(epoch_stats, resumed_epoch_stats);  // the epoch resumed inside
     int64_t epoch_images = 0;
     const int64_t first_index = step % spe;
     bool stopped = false, interrupted = false;
+    // Step records of --metrics come every tenth of an epoch (and at its end), each over the
+    // steps since the last: the same records whatever --progress shows, or whether stdout is a
+    // terminal (the bar collects every step's statistics; plain lines every tenth).
+    const int64_t metrics_every = std::max<int64_t>(1, spe / 10);
+    StepStats metrics_window;
     for (int64_t i = first_index; i < spe && !stopped; ++i) {
       const data::Batch& b = run.loader->next();
       SP_CHECK(b.epoch == epoch && b.index_in_epoch == i, "loader out of step");
@@ -553,40 +589,57 @@ TrainResult run_backprop(Run& run) {
       trainer.train_step(b.images, b.labels, lr);  // returns once the batch before is copied (loader reuse)
       ++step;
       epoch_images += b.images.size(0);
-      if (run.progress.wants_update(i) || i + 1 == spe) {
+      const bool show = run.progress.wants_update(i) || i + 1 == spe;
+      const bool record = run.metrics.enabled() && ((i + 1) % metrics_every == 0 || i + 1 == spe);
+      if (show || record) {
         const StepStats window = trainer.drain_stats();
         run.check_finite(window.mean_loss(), epoch, step);
         epoch_stats += window;
+        metrics_window += window;
         const double el = seconds_since(epoch_start), ips = double(epoch_images) / el;
         const double per_step = el / double(i + 1 - first_index);
-        run.progress.update(epoch, i, &epoch_stats, lr, ips,
-                            per_step * double(spe - i - 1 + int64_t(cfg.epochs - epoch - 1) * spe));
-        run.metrics.write("{\"event\":\"step\",\"epoch\":" + std::to_string(epoch + 1) + ",\"step\":" +
-                          std::to_string(step) + ",\"loss\":" + json_number(window.mean_loss()) +
-                          ",\"train_acc\":" + json_number(window.accuracy()) + ",\"lr\":" + json_number(lr) +
-                          ",\"images_per_s\":" + json_number(ips) + ",\"elapsed_s\":" +
-                          json_number(seconds_since(run.start)) + "}");
+        if (show)
+          run.progress.update(epoch, i, &epoch_stats, lr, ips,
+                              per_step * double(spe - i - 1 + int64_t(cfg.epochs - epoch - 1) * spe));
+        if (record) {
+          run.metrics.write("{\"event\":\"step\",\"epoch\":" + std::to_string(epoch + 1) + ",\"step\":" +
+                            std::to_string(step) + ",\"loss\":" + json_number(metrics_window.mean_loss()) +
+                            ",\"train_acc\":" + json_number(metrics_window.accuracy()) + ",\"lr\":" + json_number(lr) +
+                            ",\"images_per_s\":" + json_number(ips) +
+                            ",\"elapsed_s\":" + json_number(seconds_since(run.start)) + "}");
+          metrics_window = StepStats();
+        }
       }
       // Interrupted inside an epoch: a checkpoint here (at its end, the epoch's own follows).
       interrupted = run.interrupted();
+      // --stop-after ends the run here: a checkpoint, as on an interrupt, so that it goes on.
+      const bool stop_here = cfg.stop_after_steps >= 0 && step >= cfg.stop_after_steps;
       if (!cfg.checkpoint.empty() && ((cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) ||
-                                      (interrupted && step % spe != 0))) {
+                                      ((interrupted || stop_here) && step % spe != 0))) {
         const StepStats window = trainer.drain_stats();
         run.check_finite(window.mean_loss(), epoch, step);
         epoch_stats += window;
-        save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
+        metrics_window += window;
+        auto meta = run.metadata(step);
+        if (step % spe != 0) put_epoch_stats(meta, epoch_stats);
+        save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, meta, s);
       }
-      stopped = (cfg.stop_after_steps >= 0 && step >= cfg.stop_after_steps) || interrupted;
+      stopped = stop_here || interrupted;
     }
     const StepStats rest = trainer.drain_stats();
     run.check_finite(rest.mean_loss(), epoch, step);
     epoch_stats += rest;
     run.progress.end_epoch();
     if (stopped && step % spe != 0) {  // stopped inside an epoch: no epoch report
+      const std::string where = "in epoch " + std::to_string(epoch + 1) + " after step " + std::to_string(step % spe) +
+                                " of " + std::to_string(spe);
       if (interrupted)
-        run.stop_interrupted("in epoch " + std::to_string(epoch + 1) + " after step " +
-                                 std::to_string(step % spe) + " of " + std::to_string(spe),
-                             run.epoch_checkpoint(epoch));
+        run.stop_interrupted(where, run.epoch_checkpoint(epoch));
+      else if (!run.progress.quiet())
+        std::fprintf(run.out.get(), "stopped %s (--stop-after %lld); %s\n", where.c_str(),
+                     (long long)cfg.stop_after_steps,
+                     cfg.checkpoint.empty() ? "no --checkpoint was given, so the run cannot be resumed"
+                                            : ("go on with --resume " + run.epoch_checkpoint(epoch)).c_str());
       break;
     }
     const double train_secs = seconds_since(epoch_start);
