@@ -343,6 +343,41 @@ Pair& cached_pair(const std::string& key, const std::function<std::unique_ptr<Pa
   return *g_pair;
 }
 
+// The copy bandwidth of a large device-to-device copy (2 x 1 GiB buffers, far past L2), in GB/s
+// counting bytes read and written, measured once per process: the ceiling a bandwidth-bound
+// op's GB/s is also reported against (vs_copy_peak). A copy of the op's own size, its twin in
+// the same run, is bound by launch latency where the op is small (under ~10 us per call):
+// against that twin a small op looks better than it is.
+double copy_peak_gbps() {
+  static const double peak = [] {
+    constexpr size_t kBytes = size_t(1) << 30;
+    DevBuf src(kBytes), dst(kBytes);
+    SP_CUDA_CHECK(cudaMemsetAsync(src.get(), 1, kBytes, g_env.stream));
+    SP_CUDA_CHECK(cudaMemcpyAsync(dst.get(), src.get(), kBytes, cudaMemcpyDeviceToDevice, g_env.stream));
+    std::vector<float> ms;
+    for (int rep = 0; rep < 7; ++rep) {
+      SP_CUDA_CHECK(cudaEventRecord(g_env.ev[0], g_env.stream));
+      for (int i = 0; i < 4; ++i)
+        SP_CUDA_CHECK(cudaMemcpyAsync(i % 2 ? src.get() : dst.get(), i % 2 ? dst.get() : src.get(), kBytes,
+                                      cudaMemcpyDeviceToDevice, g_env.stream));
+      SP_CUDA_CHECK(cudaEventRecord(g_env.ev[1], g_env.stream));
+      SP_CUDA_CHECK(cudaEventSynchronize(g_env.ev[1]));
+      float t = 0.f;
+      SP_CUDA_CHECK(cudaEventElapsedTime(&t, g_env.ev[0], g_env.ev[1]));
+      ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    return 4.0 * 2.0 * double(kBytes) / (double(ms[ms.size() / 2]) * 1e-3) * 1e-9;
+  }();
+  return peak;
+}
+
+// Quantile q of v (sorted in place).
+double quantile(std::vector<double>& v, double q) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[size_t(std::lround(q * double(v.size() - 1)))];
+}
+
 void run_pair(benchmark::State& st, const std::string& key, const std::function<std::unique_ptr<Pair>()>& make,
               double work, Unit unit) {
   try {
@@ -350,6 +385,9 @@ void run_pair(benchmark::State& st, const std::string& key, const std::function<
     double custom_ms = 0, vendor_ms = 0;
     int64_t calls = 0;
     bool custom_first = true;
+    // Each block's own ratio: their median and spread say how steady the comparison is within
+    // this repetition (each repetition's figures are otherwise means over its blocks).
+    std::vector<double> block_ratio;
     for (auto _ : st) {
       const auto t = time_blocks(p, custom_first);
       custom_first = !custom_first;
@@ -357,6 +395,7 @@ void run_pair(benchmark::State& st, const std::string& key, const std::function<
       custom_ms += t.first;
       vendor_ms += t.second;
       calls += p.inner;
+      if (t.first > 0) block_ratio.push_back(double(t.second) / double(t.first));
     }
     if (calls == 0 || custom_ms <= 0 || vendor_ms <= 0) return;
     // Rates from the summed GPU times: work per call * calls / seconds.
@@ -371,7 +410,15 @@ void run_pair(benchmark::State& st, const std::string& key, const std::function<
       st.counters["GB/s"] = custom_rate;
       st.counters["copy_GB/s"] = vendor_rate;
       st.counters["vs_copy"] = vendor_ms / custom_ms;
+      st.counters["copy_peak_GB/s"] = copy_peak_gbps();
+      st.counters["vs_copy_peak"] = custom_rate / copy_peak_gbps();
+      st.counters["copy_us"] = vendor_ms * 1e3 / double(calls);  // under ~10 us: latency-bound
     }
+    const double ratio_p10 = quantile(block_ratio, 0.1), ratio_p90 = quantile(block_ratio, 0.9);
+    st.counters[unit == Unit::Flops ? "vs_vendor_block_median" : "vs_copy_block_median"] = quantile(block_ratio, 0.5);
+    st.counters["block_ratio_p10"] = ratio_p10;
+    st.counters["block_ratio_p90"] = ratio_p90;
+    st.counters["blocks"] = double(block_ratio.size());
     if (p.vendor_algo >= 0) {
       st.counters["cudnn_algo"] = p.vendor_algo;
       st.counters["cudnn_not_fma"] = p.vendor_tf32;
