@@ -367,7 +367,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
   return {
       {"model", "NAME", model_list() + " (default resnet20)", [&](const std::string& v) { c.model = v; }},
       {"epochs", "N", "epochs (default 1)", [&](const std::string& v) { c.epochs = int(positive("epochs", to_i(v))); }},
-      {"batch-size", "B", "images per step (default 128)", [&](const std::string& v) { c.batch_size = positive("batch-size", to_ll(v)); }},
+      {"batch-size", "B", "images per step; an epoch's last batch may be smaller, and is kept (default 128)", [&](const std::string& v) { c.batch_size = positive("batch-size", to_ll(v)); }},
       {"lr", "LR", "peak learning rate (default 0.1)", [&](const std::string& v) { c.lr = to_f(v); }},
       {"momentum", "M", "SGD momentum (default 0.9)", [&](const std::string& v) { c.momentum = to_f(v); }},
       {"nesterov", "", "Nesterov momentum", [&](const std::string&) { c.nesterov = true; }},
