@@ -25,7 +25,7 @@
 # FROM_STATE's default (a folder with one state's parts, or one .tgz). They are checked against
 # their ID and unpacked aside before any is used, and never over a checkpoint already here (a
 # warm machine's is newer). Those cells then resume; the others start again.
-#   MODELS (resnet56), SPLITS (1,2,3,4), METHODS (bp,ddg,fdg), EPOCHS (30), SHRINK (0.5), PARALLEL (7)
+#   MODELS (resnet56), SPLITS (1,2,3,4), METHODS (bp,ddg,fdg), EPOCHS (30), SHRINK (every fdg cell's factor; default: the one FDG published the cell with, else 0.5; ddg cells none), PARALLEL (7)
 #   TRAIN_ARGS  the recipe, passed to every staleprop train
 #               (default: --device cuda --precision bf16 --lr 0.1 --schedule cosine
 #                --weight-decay 5e-4 --nesterov --batch-size 128 --graphs)
@@ -79,7 +79,7 @@ if [ -n "${RUNS:-}" ]; then
   python3 tools/resumable_runs.py summary --out "$STATE/table" | tee "$OUT/table.md"
 else
   python3 tools/accuracy_table.py run "${COMMON[@]}" --models "${MODELS:-resnet56}" --splits "${SPLITS:-1,2,3,4}" \
-    --methods "${METHODS:-bp,ddg,fdg}" --epochs "$EPOCHS" --shrink "${SHRINK:-0.5}" -- --data "$DATA_DIR" $TRAIN_ARGS
+    --methods "${METHODS:-bp,ddg,fdg}" --epochs "$EPOCHS" ${SHRINK:+--shrink "$SHRINK"} -- --data "$DATA_DIR" $TRAIN_ARGS
   python3 tools/accuracy_table.py table --out "$STATE/table" | tee "$OUT/table.md"
 fi
 tar czf "$OUT/table.tgz" -C "$STATE" table

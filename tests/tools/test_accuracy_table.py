@@ -4,15 +4,15 @@
 Writes a CIFAR-10 binary set of the official shape (5 training files and a test file of
 10,000 records; labels 0-9, flat images), runs the table's cells for ResNet-20 at K = 1, 2, 3
 with bp, ddg and fdg on 64 images for one epoch, two at once, and checks that:
-  - each cell ran once: bp at K = 1 only, ddg and fdg at K = 2 and 3 with FDG's cuts and the
-    shrink factor;
+  - each cell ran once: bp at K = 1 only, ddg and fdg at K = 2 and 3 with FDG's cuts, the fdg
+    cells with the shrink factor given, the ddg cells with none;
   - a second run skips the finished cells, a cell whose metrics lost their epoch starts again,
     and no cell starts when the budget is spent;
   - a cell stopped after its first of two epochs resumes from its checkpoint, dropping the
     records written after it, and ends as the uninterrupted run does;
-  - the Markdown table has one row per cell with its busy shares, its img/s marked as shared
-    with the cells beside it, its own peak memory, and FDG's published figure only where one
-    exists.
+  - the Markdown table has one row per cell with its shrink factor, its busy shares, its img/s
+    marked as shared with the cells beside it, its own peak memory, and FDG's published figure
+    (with the factor it was published with) only where one exists.
 """
 import json
 import os
@@ -53,6 +53,8 @@ def main():
               f"the cells run: {cells}", log)
         cmd = open(os.path.join(out, "resnet20-fdg-K2.cmd")).read()
         check("--method fdg --split 2" in cmd and "--split-at fdg --shrink 0.5" in cmd, "the K = 2 command", cmd)
+        ddg_cmd = open(os.path.join(out, "resnet20-ddg-K2.cmd")).read()
+        check("--split-at fdg" in ddg_cmd and "--shrink" not in ddg_cmd, "ddg shrinks by default not", ddg_cmd)
         check("--split-at" not in open(os.path.join(out, "resnet20-bp-K1.cmd")).read(), "K = 1 has no cut")
 
         rc, log = run("run", *common, "--budget", "600", *train)
@@ -74,13 +76,16 @@ def main():
         check(rc == 0, "the table is made", table)
         rows = [l for l in table.splitlines() if l.startswith("| resnet20 ")]
         check(len(rows) == 5, "one row per cell", table)
-        fdg = [r for r in rows if r.startswith("| resnet20 | fdg | 2 | 1 |")]
-        check(len(fdg) == 1, "the fdg K = 2 row", table)
+        fdg = [r for r in rows if r.startswith("| resnet20 | fdg | 2 | 0.5 | 1 |")]
+        check(len(fdg) == 1, "the fdg K = 2 row, with its shrink factor", table)
         cols = [c.strip() for c in fdg[0].strip("|").split("|")]
-        check(len(cols) == 10 and cols[7].count("/") == 1, "busy shares of both modules", fdg[0])
-        check(0 <= float(cols[4]) <= 100 and cols[9] == "–", "an error in % and no published figure", fdg[0])
-        check(cols[6].endswith("(up to 2 at once)") and float(cols[8].replace(",", "")) > 0,
+        check(len(cols) == 11 and cols[8].count("/") == 1, "busy shares of both modules", fdg[0])
+        check(0 <= float(cols[5]) <= 100 and cols[10] == "7.23 (β = 0.2)",
+              "an error in %, and FDG's figure with the factor it was published with", fdg[0])
+        check(cols[7].endswith("(up to 2 at once)") and float(cols[9].replace(",", "")) > 0,
               "img/s marked as shared with the other cell, and the cell's own peak memory", fdg[0])
+        ddg3 = [r for r in rows if r.startswith("| resnet20 | ddg | 3 | 1 |")]
+        check(len(ddg3) == 1 and ddg3[0].rstrip().endswith("| – |"), "ddg K = 3: β 1, no published figure", table)
         rc, _ = run("table", "--out", os.path.join(tmp, "empty"))
         check(rc != 0, "an empty directory is no table")
         # FDG's figures stand beside the ResNet-56 cells they were published for: the same records
@@ -91,10 +96,10 @@ def main():
                          ("resnet20-bp-K1", "resnet56-bp-K1")):
             shutil.copy(os.path.join(out, src + ".jsonl"), os.path.join(r56, dst + ".jsonl"))
         rc, table = run("table", "--out", r56)
-        published = {tuple(c.strip() for c in l.strip("|").split("|"))[1]: l.strip("|").split("|")[9].strip()
+        published = {tuple(c.strip() for c in l.strip("|").split("|"))[1]: l.strip("|").split("|")[10].strip()
                      for l in table.splitlines() if l.startswith("| resnet56 ")}
-        check(rc == 0 and published == {"bp": "6.19", "fdg": "5.90", "ddg": "–"},
-              "FDG's published error beside bp K=1 and fdg K=2, none beside ddg", table)
+        check(rc == 0 and published == {"bp": "6.19", "fdg": "5.90 (β = 0.5)", "ddg": "6.89"},
+              "FDG's published errors beside bp K=1, fdg K=2 (with its β) and ddg K=2", table)
 
         # Resumption: the fdg K = 2 cell over two epochs, whole...
         two = ["--staleprop", staleprop, "--models", "resnet20", "--splits", "2", "--methods", "fdg", "--epochs",
