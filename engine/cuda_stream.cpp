@@ -55,17 +55,25 @@ using HostFns = std::vector<std::unique_ptr<std::function<void()>>>;
 class CudaGraph final : public Graph {
  public:
   CudaGraph(Device d, cudaGraph_t graph, HostFns host_fns) : device_(d), graph_(graph) {
-    if (!host_fns.empty()) {
-      auto* owned = new HostFns(std::move(host_fns));
-      cudaUserObject_t object = nullptr;
-      const cudaError_t st = cudaUserObjectCreate(
-          &object, owned, [](void* p) { delete static_cast<HostFns*>(p); }, 1, cudaUserObjectNoDestructorSync);
-      if (st != cudaSuccess) delete owned;
-      SP_CUDA_CHECK(st);
-      SP_CUDA_CHECK(cudaGraphRetainUserObject(graph_, object, 1, cudaGraphUserObjectMove));
+    try {
+      if (!host_fns.empty()) {
+        auto* owned = new HostFns(std::move(host_fns));
+        cudaUserObject_t object = nullptr;
+        const cudaError_t st = cudaUserObjectCreate(
+            &object, owned, [](void* p) { delete static_cast<HostFns*>(p); }, 1, cudaUserObjectNoDestructorSync);
+        if (st != cudaSuccess) delete owned;
+        SP_CUDA_CHECK(st);
+        const cudaError_t retained = cudaGraphRetainUserObject(graph_, object, 1, cudaGraphUserObjectMove);
+        if (retained != cudaSuccess) cudaUserObjectRelease(object, 1);  // deletes the closures
+        SP_CUDA_CHECK(retained);
+      }
+      SP_CUDA_CHECK(cudaGraphGetNodes(graph_, nullptr, &nodes_));
+      SP_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
+    } catch (...) {  // no destructor runs for a half-built object: let the graph go here
+      if (exec_) cudaGraphExecDestroy(exec_);
+      cudaGraphDestroy(graph_);
+      throw;
     }
-    SP_CUDA_CHECK(cudaGraphGetNodes(graph_, nullptr, &nodes_));
-    SP_CUDA_CHECK(cudaGraphInstantiate(&exec_, graph_, 0));
   }
   ~CudaGraph() override {
     if (exec_) cudaGraphExecDestroy(exec_);
@@ -155,9 +163,11 @@ class CudaStream final : public Stream {
   std::unique_ptr<Graph> end_capture() override {
     SP_CHECK(capturing_, "end_capture: the stream is not capturing");
     capturing_ = false;
+    HostFns fns = std::move(captured_fns_);  // none carries over into a later capture, even on failure
+    captured_fns_.clear();
     cudaGraph_t graph = nullptr;
     SP_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-    return std::make_unique<CudaGraph>(device_, graph, std::move(captured_fns_));
+    return std::make_unique<CudaGraph>(device_, graph, std::move(fns));
   }
   void synchronize() override {
     SP_CHECK(!capturing_, "synchronize: the stream is capturing a graph");
