@@ -70,11 +70,24 @@ void* CachingAllocator::allocate(size_t bytes, const void* stream_key) {
   };
   if (!take(free_[stream_key]) && !take(free_[retired_key()])) {
     ptr = raw_alloc_(size);
-    if (!ptr && free_waits_) {
-      // Out of memory: give every cached block back and try once more. Only where the backend's
-      // free waits for the work queued on the device (cudaFree does): a cached block may still
-      // be written by queued work, which the CPU emulation's free would pull from under it.
-      release_cached_locked();
+    if (!ptr) {
+      // Out of memory: give cached blocks back and try once more. Every one where the backend's
+      // free waits for the work queued on the device (cudaFree does). Otherwise (the CPU
+      // emulation's free) only those of destroyed streams, whose work is done: a block cached
+      // for a live stream may still be written by its queued work.
+      if (free_waits_) {
+        release_cached_locked();
+      } else {
+        auto retired = free_.find(retired_key());
+        if (retired != free_.end()) {
+          for (auto& [sz, p] : retired->second) {
+            raw_free_(p);
+            ++stats_.backend_frees;
+            stats_.reserved_bytes -= sz;
+          }
+          free_.erase(retired);
+        }
+      }
       ptr = raw_alloc_(size);
     }
     SP_CHECK(ptr != nullptr, name_, ": out of memory allocating ", bytes, " bytes (", stats_.allocated_bytes,

@@ -43,8 +43,9 @@ class CachingAllocator {
   using RawFree = std::function<void(void*)>;
 
   // free_waits: raw_free waits for the work queued on the device (cudaFree does; the CPU
-  // emulation's std::free does not). Only then does an allocation the backend refuses empty
-  // the cache and try once more.
+  // emulation's std::free does not). An allocation the backend refuses then empties the whole
+  // cache and tries once more; without it, only the blocks of destroyed streams (retire_stream)
+  // are given back before the second try.
   CachingAllocator(std::string name, RawAlloc raw_alloc, RawFree raw_free, bool free_waits = true);
   ~CachingAllocator();  // returns cached blocks; blocks still handed out are leaked by the owner
   CachingAllocator(const CachingAllocator&) = delete;

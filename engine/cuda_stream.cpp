@@ -113,7 +113,9 @@ class CudaStream final : public Stream {
     // An exception must not unwind through the driver's C callback (that ends the process): it
     // is kept, the later work still runs, and synchronize() rethrows the first, once (as the
     // CPU emulation's stream does). The slot is shared, so a graph's host node that runs after
-    // this stream is gone writes into it harmlessly.
+    // this stream is gone writes into it harmlessly. A captured closure's error is kept by the
+    // capturing stream, wherever its graph is launched (the pipeline launches each graph on the
+    // stream that captured it; the CPU emulation reports on the launching stream).
     fn = [slot = host_error_, fn = std::move(fn)] {
       try {
         fn();

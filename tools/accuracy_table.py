@@ -101,7 +101,12 @@ def table(args):
         cmd_path = os.path.join(args.out, name + ".cmd")
         words = shlex.split(open(cmd_path).read()) if os.path.exists(cmd_path) else []
         wanted = epochs_of(words) if words else None
-        beta = float(words[words.index("--shrink") + 1]) if "--shrink" in words else (1.0 if words else None)
+        beta = 1.0 if words else None  # the last --shrink counts, as in staleprop's flags
+        for i, w in enumerate(words):
+            if w == "--shrink" and i + 1 < len(words):
+                beta = float(words[i + 1])
+            elif w.startswith("--shrink="):
+                beta = float(w.split("=", 1)[1])
         busy = "/".join(f"{m['busy_pct']:.0f}" for m in last.get("modules", [])) or "–"
         # Cells trained beside others (sweep --parallel) share the GPU: their img/s is their share
         # (their peak of tensors in use stays their own).

@@ -159,8 +159,8 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
             keep_epochs(metrics, resumed)
             cmd += ["--resume", ckpt]
             if pos[0] % pos[1]:
-                print(f"{name}: resumes at step {pos[0] % pos[1]} of {pos[1]} in epoch {resumed + 1} of {epochs} (that "
-                      f"epoch's train figures will cover its steps from there)", flush=True)
+                print(f"{name}: resumes at step {pos[0] % pos[1]} of {pos[1]} in epoch {resumed + 1} of {epochs}",
+                      flush=True)
             else:
                 print(f"{name}: resumes after epoch {resumed} of {epochs}", flush=True)
         else:

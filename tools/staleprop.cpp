@@ -125,6 +125,20 @@ double positive_seconds(const std::string& flag, const std::string& v) {
   return s;
 }
 
+// --threads N: the CPU pool's size, as STALEPROP_NUM_THREADS takes it (1 to 1024).
+int thread_count(const std::string& v) {
+  const int n = to_i(v);
+  SP_CHECK(n >= 1 && n <= 1024, "--threads must be from 1 to 1024, got ", v);
+  return n;
+}
+
+// After a command's flags: --threads N (when given) becomes STALEPROP_NUM_THREADS, which the CPU
+// pool reads at its first use; a bad value of the variable is told now, not then (deep in a run).
+void use_threads(int threads) {
+  if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
+  sp::kernels::cpu::parse_num_threads(std::getenv("STALEPROP_NUM_THREADS"));
+}
+
 // --device when none was given (`device` is cleared before the flags are parsed): the first of
 // --devices, through which a run over them is set up and checkpointed, else cpu.
 void default_device(std::string& device, const std::vector<std::string>& devices) {
@@ -335,6 +349,7 @@ int demo_main(int argc, char** argv) {
       {"seed", "S", "seed of the data and the initial weights (default 1)", [&](const std::string& v) { o.seed = to_ull(v); }},
   };
   if (!parse_flags("demo", "Trains a tiny CNN on a synthetic 10-class problem with the engine's ops on a CPU stream\nand prints the falling loss; exits 1 if, after 20 or more steps, it has not halved.", flags, argc, argv)) return 0;
+  use_threads(0);  // a bad STALEPROP_NUM_THREADS is told before any work
   return run_demo(o);
 }
 
@@ -410,7 +425,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
       {"graphs", "", "replay each module's steady-state tick from CUDA graphs (CPU: recorded closures); not with --staleness-jitter, --recompute, --weight-stash", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump: memory of captured ticks, laid out from recorded tensor lifetimes (one module: about the eager peak; decoupled modules: more, see the README) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
-      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_i(v))); }},
+      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = thread_count(v); }},
   };
 }
 
@@ -472,7 +487,7 @@ int train_main(int argc, char** argv) {
   sp::train::TrainConfig& c = a.c;
   default_device(a.c.device, a.c.devices);
   c.deadline = sp::train::deadline_after(a.time_limit);
-  if (a.threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(a.threads).c_str(), 1);
+  use_threads(a.threads);
   const std::string dir = sp::data::resolve_cifar10_dir(a.data_dir);
   const sp::data::Dataset train = sp::data::load_cifar10(dir, sp::data::Split::Train, a.train_limit);
   const sp::data::Dataset test = sp::data::load_cifar10(dir, sp::data::Split::Test, a.test_limit);
@@ -501,7 +516,7 @@ int sweep_main(int argc, char** argv) {
       {"jobs", "FILE", "the runs, one per line: the arguments of a staleprop train command (quoted as in a shell; blank lines and lines starting with # are skipped); a job's own --time-limit counts from its start; required", [&](const std::string& v) { jobs_file = v; }},
       {"parallel", "N", "runs at once, each on its own host thread and streams (default 1: one after another)", [&](const std::string& v) { parallel = int(positive("parallel", to_i(v))); }},
       {"time-limit", "SECONDS", "every run ends at the first epoch boundary where its next epoch would end later than SECONDS after the sweep began (see train --time-limit), and a waiting run does not start when an epoch of a run like it (model, device, precision, method, K, batch, data size), as finished runs took, would not fit; default none", [&](const std::string& v) { time_limit = positive_seconds("time-limit", v); }},
-      {"threads", "N", "CPU threads, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_i(v))); }},
+      {"threads", "N", "CPU threads, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = thread_count(v); }},
   };
   if (!parse_flags("sweep",
                    "Runs several staleprop train runs in one process, up to --parallel at once. On a GPU their\n"
@@ -556,7 +571,7 @@ int sweep_main(int argc, char** argv) {
     j.test_limit = a.test_limit;
     jobs.push_back(std::move(j));
   }
-  if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
+  use_threads(threads);
   sp::train::SweepOptions o;
   o.parallel = parallel;
   o.deadline = sp::train::deadline_after(time_limit);
@@ -596,7 +611,7 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
       {"json", "FILE", "append each result as a JSON line to FILE (- for stdout)", [&](const std::string& v) { json = v; }},
       {"graphs", "", "replay steady-state ticks from CUDA graphs (backprop then runs as bp over one module); the warm-up grows until every phase is captured", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump: memory of captured ticks (see train --help; default planned)", [&](const std::string& v) { c.graph_memory = v; }},
-      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = int(positive("threads", to_i(v))); }},
+      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = thread_count(v); }},
   };
 }
 
@@ -655,7 +670,7 @@ int bench_main(int argc, char** argv) {
   };
   flags.insert(flags.end(), more.begin(), more.end());
   if (!parse_flags("bench", "Measures training throughput (images/s), peak device memory and, for the decoupled methods,\nper-module busy time, on random CIFAR-shaped batches resident on the device (as\nbench/pytorch_baseline.py does), after untimed warm-up steps.", flags, argc, argv)) return 0;
-  if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
+  use_threads(threads);
   default_device(c.device, c.devices);
   const sp::train::BenchResult r = sp::train::run_bench(c);
   std::printf("%s batch %lld %s %s %s on %s: %.1f img/s, %.2f ms/step, peak memory %s MiB", c.model.c_str(),
@@ -699,7 +714,7 @@ int study_main(int argc, char** argv) {
   flags.insert(flags.end(), more.begin(), more.end());
   c.device.clear();  // unless given: default_device
   if (!parse_flags("study", "The locking study: for K = 1 (plain backprop) and every K > 1 and method given, measures\nthroughput, per-module busy share and memory on synthetic device-resident data (as\nstaleprop bench does) and prints a table; --json keeps every run.", flags, argc, argv)) return 0;
-  if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
+  use_threads(threads);
   const std::vector<std::string> method_list = comma_list(methods);
   std::vector<int> k_list;
   for (double k : parse_list("splits", splits)) {
@@ -774,6 +789,7 @@ int eval_main(int argc, char** argv) {
       {"batch-size", "B", "evaluation batch size (default 500)", [&](const std::string& v) { batch = positive("batch-size", to_ll(v)); }},
   };
   if (!parse_flags("eval", "Reports the CIFAR-10 test accuracy of a checkpoint.", flags, argc, argv)) return 0;
+  use_threads(0);  // a bad STALEPROP_NUM_THREADS is told before any work
   SP_CHECK(!checkpoint.empty(), "eval: --checkpoint FILE is required");
   const std::string dir = sp::data::resolve_cifar10_dir(data_dir, {sp::data::Split::Test});  // reads only the test batch
   const auto test = sp::data::load_cifar10(dir, sp::data::Split::Test, limit);
@@ -791,8 +807,6 @@ int main(int argc, char** argv) {
       return argc < 2 ? 2 : 0;
     }
     const std::string cmd = argv[1];
-    // Told at once, not at the CPU pool's first use, which may come deep in a run (or never).
-    sp::kernels::cpu::parse_num_threads(std::getenv("STALEPROP_NUM_THREADS"));
     if (cmd == "train") return train_main(argc - 2, argv + 2);
     if (cmd == "eval") return eval_main(argc - 2, argv + 2);
     if (cmd == "demo") return demo_main(argc - 2, argv + 2);

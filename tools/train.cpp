@@ -544,8 +544,11 @@ StepStats get_epoch_stats(const std::map<std::string, std::string>& meta) {
              samples = meta.find("epoch_samples");
   if (sum == meta.end() || correct == meta.end() || samples == meta.end()) return st;  // an older checkpoint
   try {
-    st.loss_sum = std::stod(sum->second), st.correct = std::stoll(correct->second);
-    st.samples = std::stoll(samples->second);
+    size_t a = 0, b = 0, c = 0;
+    st.loss_sum = std::stod(sum->second, &a), st.correct = std::stoll(correct->second, &b);
+    st.samples = std::stoll(samples->second, &c);
+    if (a != sum->second.size() || b != correct->second.size() || c != samples->second.size())
+      throw std::invalid_argument("trailing text");
   } catch (const std::logic_error&) {
     throw Error("--resume: the checkpoint's epoch statistics are not numbers");
   }
@@ -577,10 +580,9 @@ TrainResult run_backprop(Run& run) {
     int64_t epoch_images = 0;
     const int64_t first_index = step % spe;
     bool stopped = false, interrupted = false;
-    // Step records of --metrics come every tenth of an epoch (and at its end), each over the
-    // steps since the last: the same records whatever --progress shows, or whether stdout is a
-    // terminal (the bar collects every step's statistics; plain lines every tenth).
-    const int64_t metrics_every = std::max<int64_t>(1, spe / 10);
+    // Step records of --metrics come at every tenth of an epoch (its last step included), each
+    // over the steps since the last: the same records whatever --progress shows, or whether
+    // stdout is a terminal (the bar collects every step's statistics; plain lines every tenth).
     StepStats metrics_window;
     for (int64_t i = first_index; i < spe && !stopped; ++i) {
       const data::Batch& b = run.loader->next();
@@ -590,7 +592,9 @@ TrainResult run_backprop(Run& run) {
       ++step;
       epoch_images += b.images.size(0);
       const bool show = run.progress.wants_update(i) || i + 1 == spe;
-      const bool record = run.metrics.enabled() && ((i + 1) % metrics_every == 0 || i + 1 == spe);
+      // At each step that ends a tenth of the epoch (the last step among them): ten records an
+      // epoch of 10 steps or more, each over a tenth (+-1 step); every step of a shorter one.
+      const bool record = run.metrics.enabled() && ((i + 1) * 10) / spe != (i * 10) / spe;
       if (show || record) {
         const StepStats window = trainer.drain_stats();
         run.check_finite(window.mean_loss(), epoch, step);

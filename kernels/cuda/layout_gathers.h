@@ -171,12 +171,13 @@ SP_GATHER_HD void shortcut_a_backward_chunk(const ShortcutAShape& sh, int p_out,
 // ---- Max pooling -----------------------------------------------------------------------------
 // Padding acts as -infinity: taps outside the image are skipped (pad < window, so every
 // window has a tap). The maximum is the first one in row-major window order (strictly
-// greater replaces), and the backward routes to the same element, as on the CPU.
+// greater replaces), unless the window holds a NaN, which wins (the last NaN: PyTorch's rule);
+// the backward routes to the same element, as on the CPU (kernels/cpu/pool.cpp, takes_over).
 struct PoolGeom {
   int h, w, c, window, stride, pad, p, q;
 };
 
-// The first maximum of window (p, q) in channels ch .. ch + W - 1 of image xi, per channel: its
+// The first maximum (or last NaN) of window (p, q) in channels ch .. ch + W - 1 of image xi, per channel: its
 // value and its tap index in the window (r * window + s). KW > 0 is the window's size known at compile time: its
 // taps are unrolled, so their loads issue together instead of one after another; 0 reads
 // g.window. The taps are visited in row-major order with the same comparisons either way.
