@@ -34,7 +34,9 @@ struct OpProfile::State {
 
 namespace {
 
-std::atomic<OpProfile::State*> g_active{nullptr};
+// The recording profile's state, read and written only with std::atomic_load/store/exchange: an
+// op on another thread holds it while it records, so the profile's end cannot free it under it.
+std::shared_ptr<OpProfile::State> g_active;
 thread_local int t_depth = 0;  // ops being run on this thread (only the outermost is timed)
 
 std::string describe(std::initializer_list<const Tensor*> operands) {
@@ -51,14 +53,15 @@ std::string describe(std::initializer_list<const Tensor*> operands) {
 
 }  // namespace
 
-OpProfile::OpProfile() : state_(std::make_unique<State>()) {
-  State* none = nullptr;
-  SP_CHECK(g_active.compare_exchange_strong(none, state_.get()), "OpProfile: another profile is already recording");
+OpProfile::OpProfile() : state_(std::make_shared<State>()) {
+  std::shared_ptr<State> none;
+  SP_CHECK(std::atomic_compare_exchange_strong(&g_active, &none, state_),
+           "OpProfile: another profile is already recording");
 }
 
 OpProfile::~OpProfile() {
-  State* mine = state_.get();
-  g_active.compare_exchange_strong(mine, nullptr);
+  std::shared_ptr<State> mine = state_;
+  std::atomic_compare_exchange_strong(&g_active, &mine, std::shared_ptr<State>());
 }
 
 namespace {
@@ -115,7 +118,7 @@ std::vector<OpTime> OpProfile::collect() {
 }
 
 OpScope::OpScope(Stream& s, const char* op, std::initializer_list<const Tensor*> operands) {
-  OpProfile::State* st = t_depth == 0 ? g_active.load() : nullptr;
+  const std::shared_ptr<OpProfile::State> st = t_depth == 0 ? std::atomic_load(&g_active) : nullptr;
   if (st != nullptr && !s.capturing()) {
     auto r = std::make_shared<OpRecord>();
     r->op = op;

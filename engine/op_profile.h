@@ -66,7 +66,9 @@ class OpProfile {
   struct State;
 
  private:
-  std::unique_ptr<State> state_;
+  // Shared with the ops being issued on other threads when the profile goes (they finish their
+  // record into a state no one reads, and the last of them frees it).
+  std::shared_ptr<State> state_;
 };
 
 // Used by the ops (ops.cpp): records the start event when a profile is alive, the stream is

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <set>
@@ -475,7 +476,10 @@ void write_safetensors(const std::string& path, const std::vector<TensorRecord>&
   uint8_t prefix[8];
   for (int i = 0; i < 8; ++i) prefix[i] = uint8_t(uint64_t(header.size()) >> (8 * i));
 
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  // Unique within the process too: runs of one sweep may write at once (into other files, but
+  // two threads saving one path must not share a temporary file either).
+  static std::atomic<uint64_t> saves{0};
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(saves++);
   TempFileRemover remover;  // declared before `out`: the descriptor is closed before the unlink
   Fd out;
   out.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

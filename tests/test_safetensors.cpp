@@ -5,12 +5,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/safetensors.h"
@@ -318,6 +320,35 @@ TEST(Safetensors, WriterRejectsInvalidRecords) {
   EXPECT_TRUE(dir.entries().empty());
   EXPECT_EQ(safetensors_dtype_size("BF16"), 2u);
   EXPECT_THROW(safetensors_dtype_size("bf16"), Error);
+}
+
+// Threads of one process (the runs of a sweep) saving at once each have their own temporary file:
+// with one per process, a rename found the other's already gone, and a file could mix both.
+TEST(Safetensors, ThreadsWritingOnePathAtOnceEachLeaveAWholeFile) {
+  TempDir dir;
+  const std::string path = dir.file("shared.safetensors");
+  std::atomic<int> failures{0};
+  auto writer = [&](uint8_t fill) {
+    for (int i = 0; i < 100; ++i) {
+      try {
+        TensorRecord r = record("t", "U8", {4096}, 4096);
+        std::fill(r.data.begin(), r.data.end(), fill);
+        write_safetensors(path, {r}, {{"by", std::to_string(fill)}});
+      } catch (const std::exception&) {
+        ++failures;
+      }
+    }
+  };
+  std::thread a(writer, uint8_t(1)), b(writer, uint8_t(2));
+  a.join();
+  b.join();
+  EXPECT_EQ(failures.load(), 0);
+  const SafetensorsFile f = read_safetensors(path);
+  ASSERT_EQ(f.tensors.size(), 1u);
+  const uint8_t by = uint8_t(std::stoi(f.metadata.at("by")));
+  EXPECT_TRUE(std::all_of(f.tensors[0].data.begin(), f.tensors[0].data.end(), [&](uint8_t v) { return v == by; }))
+      << "a file mixing both writers";
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"shared.safetensors"}) << "a temporary file left behind";
 }
 
 TEST(Safetensors, AtomicWriteReplacesTheFileAndLeavesNoTemporary) {

@@ -379,6 +379,24 @@ TEST(Sweep, RefusesJobsThatCannotShareAProcess) {
     train::run_sweep(jobs, two);
   };
   test::expect_error(resume_from_anothers_epoch, {"y resumes from", "x-12.safetensors, which x writes (--checkpoint)"});
+  // A --checkpoint pattern's files are outputs too: one of them another job's file, or another
+  // pattern's (a{epoch} and a1{epoch} both give a11); both runs used to write it.
+  auto pattern_and_file = [&] {
+    auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
+    jobs[0].cfg.checkpoint = cifar().file("ck{epoch}.safetensors");
+    jobs[1].cfg.checkpoint = cifar().file("ck3.safetensors");
+    train::run_sweep(jobs, two);
+  };
+  test::expect_error(pattern_and_file, {"y's --checkpoint", "ck3.safetensors", "x's --checkpoint",
+                                        "ck{epoch}.safetensors", "may name the same file"});
+  auto two_patterns = [&] {
+    auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
+    jobs[0].cfg.checkpoint = cifar().file("a{epoch}.safetensors");
+    jobs[1].cfg.checkpoint = cifar().file("a1{epoch}.safetensors");
+    train::run_sweep(jobs, two);
+  };
+  test::expect_error(two_patterns, {"a1{epoch}.safetensors", "a{epoch}.safetensors", "may name the same file"});
+
   auto other_kernels = [&] {
     auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
     jobs[1].cfg.kernels = "vendor";
@@ -393,6 +411,21 @@ TEST(Sweep, RefusesJobsThatCannotShareAProcess) {
   test::expect_error(to_stdout, {"y would print to stdout", "--log FILE"});
   test::expect_error([&] { train::run_sweep({}, two); }, {"no jobs"});
   EXPECT_FALSE(fs::exists(cifar().file("x.jsonl"))) << "nothing runs when the jobs are refused";
+}
+
+// Checkpoint patterns whose tails differ name no file in common: such jobs run side by side.
+TEST(Sweep, CheckpointPatternsWithOtherTailsRunSideBySide) {
+  train::SweepOptions two;
+  two.parallel = 2;
+  two.status = nullptr;
+  auto jobs = std::vector<train::SweepJob>{job("apart-a"), job("apart-b")};
+  jobs[0].cfg.checkpoint = cifar().file("apart-{epoch}.safetensors");
+  jobs[1].cfg.checkpoint = cifar().file("apart-{epoch}.st");
+  jobs[0].cfg.epochs = jobs[1].cfg.epochs = 1;
+  const auto out = train::run_sweep(jobs, two);
+  for (const auto& r : out) EXPECT_EQ(r.status, train::SweepStatus::Finished) << r.name << ": " << r.error;
+  EXPECT_TRUE(fs::exists(cifar().file("apart-1.safetensors")));
+  EXPECT_TRUE(fs::exists(cifar().file("apart-1.st")));
 }
 
 TEST(Sweep, SplitsJobLinesAsAShellWould) {

@@ -50,6 +50,21 @@ bool may_write(const std::string& output, const std::string& file) {
   return middle.find_first_not_of("0123456789") == std::string::npos;
 }
 
+// Whether outputs a and b (each a file, or a --checkpoint pattern with "{epoch}") may name the same
+// file for some epochs. Two patterns are taken to, conservatively, where one's head begins the
+// other's and one's tail ends the other's (a{epoch}.st and a1{epoch}.st both write a11.st).
+bool may_collide(const std::string& a, const std::string& b) {
+  const size_t at_a = a.find("{epoch}"), at_b = b.find("{epoch}");
+  if (at_a == std::string::npos || at_b == std::string::npos) return may_write(a, b) || may_write(b, a);
+  const std::string head_a = a.substr(0, at_a), tail_a = a.substr(at_a + 7);
+  const std::string head_b = b.substr(0, at_b), tail_b = b.substr(at_b + 7);
+  const auto starts = [](const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; };
+  const auto ends = [](const std::string& s, const std::string& t) {
+    return s.size() >= t.size() && s.compare(s.size() - t.size(), t.size(), t) == 0;
+  };
+  return (starts(head_a, head_b) || starts(head_b, head_a)) && (ends(tail_a, tail_b) || ends(tail_b, tail_a));
+}
+
 }  // namespace
 
 void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
@@ -61,6 +76,11 @@ void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
     std::string flag;
   };
   std::map<std::string, Writer> writer;  // file (same_file) -> the job writing it, and by which flag
+  struct Output {
+    size_t job;
+    std::string flag, given, file;  // file: same_file(given)
+  };
+  std::vector<Output> written;
   for (size_t index = 0; index < jobs.size(); ++index) {
     const SweepJob& j = jobs[index];
     // --kernels, --mainloop and --deterministic set process-wide state (engine/ops.h), so
@@ -81,8 +101,15 @@ void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
       auto [it, fresh] = writer.emplace(same_file(file), Writer{index, flag});
       SP_CHECK(fresh, "sweep: ", j.name, " and ", jobs[it->second.job].name, " would both write ", file, " (", flag,
                ")");
+      written.push_back({index, flag, file, it->first});
     }
   }
+  // Nor may a --checkpoint pattern's files be another output (ck{epoch}.st and ck3.st).
+  for (size_t a = 0; a < written.size(); ++a)
+    for (size_t b = a + 1; b < written.size(); ++b)
+      SP_CHECK(!may_collide(written[a].file, written[b].file), "sweep: ", jobs[written[b].job].name, "'s ",
+               written[b].flag, " ", written[b].given, " and ", jobs[written[a].job].name, "'s ", written[a].flag, " ",
+               written[a].given, " may name the same file");
   // A run must not resume from a file another run is writing.
   for (size_t i = 0; i < jobs.size(); ++i) {
     if (jobs[i].cfg.resume.empty()) continue;
