@@ -934,6 +934,7 @@ std::vector<double> measure_block_costs(Network& net, Stream& s, const Tensor& i
     ops::copy(s, *b, copy);
     saved_buffers.push_back(copy);
   }
+  const Drain drain{s};  // on an error below, no copy into saved_buffers is still queued as they go
   std::vector<int64_t> saved_counters;
   for (auto& [name, c] : st.counters) saved_counters.push_back(*c);
 
@@ -1087,8 +1088,10 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model,
   net.to(dev, *stream);
   load_checkpoint(checkpoint, net, {}, *stream);
   Sgd unused(net.state().params, SgdConfig{}, *stream);
+  const auto loader = make_eval_loader(test_set, batch_size);
   BackpropTrainer trainer(net, unused, *stream, 0.f);
-  const StepStats st = evaluate(trainer, *make_eval_loader(test_set, batch_size));
+  const Drain drain{*stream};  // an error while evaluating leaves no copy from the loader's buffers queued
+  const StepStats st = evaluate(trainer, *loader);
   return {st.mean_loss(), st.accuracy(), st.samples};
 }
 
