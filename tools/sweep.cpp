@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <exception>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -268,10 +269,37 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
       say(i, describe(o, cfg.epochs));
     }
   };
+  // Whatever escapes a worker (not a run's error, which its outcome keeps: a failure of the
+  // sweep's own bookkeeping) stops the others taking runs, is rethrown once every thread has
+  // joined, and never ends the process through a joinable thread or an exception in one.
+  std::mutex error_mu;
+  std::exception_ptr error;
+  auto guarded = [&] {
+    try {
+      worker();
+    } catch (...) {
+      next = n;
+      std::lock_guard<std::mutex> lk(error_mu);
+      if (!error) error = std::current_exception();
+    }
+  };
   std::vector<std::thread> threads;
-  for (int t = 1; t < concurrent; ++t) threads.emplace_back(worker);
-  worker();
+  struct JoinAll {
+    std::vector<std::thread>& threads;
+    ~JoinAll() {
+      for (std::thread& t : threads)
+        if (t.joinable()) t.join();
+    }
+  } join_all{threads};
+  try {
+    for (int t = 1; t < concurrent; ++t) threads.emplace_back(guarded);
+  } catch (...) {
+    next = n;  // no thread to run them: the ones started finish their runs, then JoinAll joins
+    throw;
+  }
+  guarded();
   for (std::thread& t : threads) t.join();
+  if (error) std::rethrow_exception(error);
   return outcomes;
 }
 
