@@ -1,6 +1,7 @@
-// A check shared by the CPU (test_streams) and CUDA (test_cuda_runtime) graph tests: an SGD
+// Checks shared by the CPU (test_streams) and CUDA (test_cuda_runtime) stream tests: an SGD
 // update captured into a graph, with a host function and an event record node, replayed with a
-// new learning rate written into a device scalar before each launch.
+// new learning rate written into a device scalar before each launch; and host functions that
+// throw.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -9,6 +10,7 @@
 #include <cmath>
 #include <memory>
 #include <random>
+#include <stdexcept>
 #include <vector>
 
 #include "engine/ops.h"
@@ -67,6 +69,24 @@ inline void check_sgd_graph_replays(Device device) {
     EXPECT_EQ(worst, 0.0);
   else
     EXPECT_LE(worst, 1e-6);
+}
+
+// Host functions that throw on a stream of `device`: the work after them still runs, and
+// synchronize() rethrows the first error, once.
+inline void check_host_errors_rethrown_once(Device device) {
+  auto s = make_stream(device);
+  std::atomic<bool> later_ran{false};
+  s->enqueue_host([] { throw std::runtime_error("first"); });
+  s->enqueue_host([] { throw std::runtime_error("second"); });
+  s->enqueue_host([&] { later_ran = true; });
+  try {
+    s->synchronize();
+    FAIL() << "synchronize did not rethrow";
+  } catch (const std::runtime_error& e) {
+    EXPECT_STREQ(e.what(), "first");
+  }
+  EXPECT_TRUE(later_ran);
+  EXPECT_NO_THROW(s->synchronize());
 }
 
 }  // namespace sp::test

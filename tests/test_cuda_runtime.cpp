@@ -91,19 +91,7 @@ TEST(CudaRuntime, TimingEventsMeasureDeviceWork) {
 // callback, which ends the process).
 TEST(CudaRuntime, SynchronizeRethrowsTheFirstHostErrorOnce) {
   REQUIRE_GPU();
-  auto s = make_stream(Device::cuda(0));
-  std::atomic<bool> later_ran{false};
-  s->enqueue_host([] { throw std::runtime_error("first"); });
-  s->enqueue_host([] { throw std::runtime_error("second"); });
-  s->enqueue_host([&] { later_ran = true; });
-  try {
-    s->synchronize();
-    FAIL() << "synchronize did not rethrow";
-  } catch (const std::runtime_error& e) {
-    EXPECT_STREQ(e.what(), "first");
-  }
-  EXPECT_TRUE(later_ran);
-  EXPECT_NO_THROW(s->synchronize());
+  test::check_host_errors_rethrown_once(Device::cuda(0));
 }
 
 TEST(CudaRuntime, CachingAllocatorStopsCallingCudaMallocAfterWarmUp) {
