@@ -413,19 +413,22 @@ TEST(Sweep, RefusesJobsThatCannotShareAProcess) {
   EXPECT_FALSE(fs::exists(cifar().file("x.jsonl"))) << "nothing runs when the jobs are refused";
 }
 
-// Checkpoint patterns whose tails differ name no file in common: such jobs run side by side.
+// Checkpoint patterns whose tails differ, or whose heads differ by more than digits, name no
+// file in common: such jobs run side by side.
 TEST(Sweep, CheckpointPatternsWithOtherTailsRunSideBySide) {
   train::SweepOptions two;
   two.parallel = 2;
   two.status = nullptr;
-  auto jobs = std::vector<train::SweepJob>{job("apart-a"), job("apart-b")};
+  auto jobs = std::vector<train::SweepJob>{job("apart-a"), job("apart-b"), job("apart-c")};
   jobs[0].cfg.checkpoint = cifar().file("apart-{epoch}.safetensors");
   jobs[1].cfg.checkpoint = cifar().file("apart-{epoch}.st");
-  jobs[0].cfg.epochs = jobs[1].cfg.epochs = 1;
+  jobs[2].cfg.checkpoint = cifar().file("apart-c{epoch}.st");
+  for (auto& j : jobs) j.cfg.epochs = 1;
   const auto out = train::run_sweep(jobs, two);
   for (const auto& r : out) EXPECT_EQ(r.status, train::SweepStatus::Finished) << r.name << ": " << r.error;
   EXPECT_TRUE(fs::exists(cifar().file("apart-1.safetensors")));
   EXPECT_TRUE(fs::exists(cifar().file("apart-1.st")));
+  EXPECT_TRUE(fs::exists(cifar().file("apart-c1.st")));
 }
 
 TEST(Sweep, SplitsJobLinesAsAShellWould) {

@@ -52,18 +52,25 @@ bool may_write(const std::string& output, const std::string& file) {
 }
 
 // Whether outputs a and b (each a file, or a --checkpoint pattern with "{epoch}") may name the same
-// file for some epochs. Two patterns are taken to, conservatively, where one's head begins the
-// other's and one's tail ends the other's (a{epoch}.st and a1{epoch}.st both write a11.st).
+// file for some epochs. Two patterns are taken to, conservatively, where one's head is the
+// other's followed by digits only, and one's tail digits followed by the other's (a{epoch}.st
+// and a1{epoch}.st both write a11.st; a{epoch}.st and ab{epoch}.st never meet).
 bool may_collide(const std::string& a, const std::string& b) {
   const size_t at_a = a.find("{epoch}"), at_b = b.find("{epoch}");
   if (at_a == std::string::npos || at_b == std::string::npos) return may_write(a, b) || may_write(b, a);
   const std::string head_a = a.substr(0, at_a), tail_a = a.substr(at_a + 7);
   const std::string head_b = b.substr(0, at_b), tail_b = b.substr(at_b + 7);
-  const auto starts = [](const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; };
-  const auto ends = [](const std::string& s, const std::string& t) {
-    return s.size() >= t.size() && s.compare(s.size() - t.size(), t.size(), t) == 0;
+  const auto digits = [](const std::string& s) { return s.find_first_not_of("0123456789") == std::string::npos; };
+  const auto head_digits = [&](const std::string& longer, const std::string& shorter) {
+    return longer.compare(0, shorter.size(), shorter) == 0 && digits(longer.substr(shorter.size()));
   };
-  return (starts(head_a, head_b) || starts(head_b, head_a)) && (ends(tail_a, tail_b) || ends(tail_b, tail_a));
+  const auto digits_tail = [&](const std::string& longer, const std::string& shorter) {
+    const size_t extra = longer.size() - shorter.size();
+    return longer.compare(extra, shorter.size(), shorter) == 0 && digits(longer.substr(0, extra));
+  };
+  const bool heads = head_a.size() >= head_b.size() ? head_digits(head_a, head_b) : head_digits(head_b, head_a);
+  const bool tails = tail_a.size() >= tail_b.size() ? digits_tail(tail_a, tail_b) : digits_tail(tail_b, tail_a);
+  return heads && tails;
 }
 
 }  // namespace
