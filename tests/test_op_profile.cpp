@@ -204,7 +204,9 @@ TEST(OpProfile, AProfileEndsSafelyWhileAnotherThreadIssuesOps) {
     s->synchronize();
   });
   int64_t counted = 0;
-  for (int i = 0; i < 200; ++i) {
+  // At least 200 profiles, and on until the issuer has issued 200 ops (on a loaded machine it
+  // may not have started before the first 200 are done).
+  for (int i = 0; i < 200 || issued.load() < 200; ++i) {
     OpProfile profile;
     std::this_thread::yield();
     for (const OpTime& t : profile.collect()) counted += t.calls;
