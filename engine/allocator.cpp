@@ -77,16 +77,9 @@ void* CachingAllocator::allocate(size_t bytes, const void* stream_key) {
       // for a live stream may still be written by its queued work.
       if (free_waits_) {
         release_cached_locked();
-      } else {
-        auto retired = free_.find(retired_key());
-        if (retired != free_.end()) {
-          for (auto& [sz, p] : retired->second) {
-            raw_free_(p);
-            ++stats_.backend_frees;
-            stats_.reserved_bytes -= sz;
-          }
-          free_.erase(retired);
-        }
+      } else if (auto retired = free_.find(retired_key()); retired != free_.end()) {
+        release_blocks_locked(retired->second);
+        free_.erase(retired);
       }
       ptr = raw_alloc_(size);
     }
@@ -150,13 +143,16 @@ void CachingAllocator::empty_cache() {
   release_cached_locked();
 }
 
+void CachingAllocator::release_blocks_locked(const std::multimap<size_t, void*>& blocks) {
+  for (auto& [sz, p] : blocks) {
+    raw_free_(p);
+    ++stats_.backend_frees;
+    stats_.reserved_bytes -= sz;
+  }
+}
+
 void CachingAllocator::release_cached_locked() {
-  for (auto& [key, blocks] : free_)
-    for (auto& [sz, p] : blocks) {
-      raw_free_(p);
-      ++stats_.backend_frees;
-      stats_.reserved_bytes -= sz;
-    }
+  for (auto& [key, blocks] : free_) release_blocks_locked(blocks);
   free_.clear();
   stats_.orphaned_bytes = 0;
 }

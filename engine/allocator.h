@@ -84,6 +84,7 @@ class CachingAllocator {
 
  private:
   void release_cached_locked();  // empty_cache() with mu_ held
+  void release_blocks_locked(const std::multimap<size_t, void*>& blocks);  // to the backend; mu_ held
   static const void* retired_key();   // the key of destroyed streams' cached blocks
   static const void* orphaned_key();  // the key of blocks returned after their stream was destroyed
   struct Block {

@@ -125,10 +125,11 @@ double positive_seconds(const std::string& flag, const std::string& v) {
   return s;
 }
 
-// --threads N: the CPU pool's size, as STALEPROP_NUM_THREADS takes it (1 to 1024).
+// --threads N: the CPU pool's size, as STALEPROP_NUM_THREADS takes it (1 to kMaxThreads).
 int thread_count(const std::string& v) {
   const int n = to_i(v);
-  SP_CHECK(n >= 1 && n <= 1024, "--threads must be from 1 to 1024, got ", v);
+  SP_CHECK(n >= 1 && n <= sp::kernels::cpu::kMaxThreads, "--threads must be from 1 to ",
+           sp::kernels::cpu::kMaxThreads, ", got ", v);
   return n;
 }
 

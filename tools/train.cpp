@@ -499,9 +499,15 @@ struct Run {
   // the checkpoint to go on from (empty: none was written).
   void stop_interrupted(const std::string& what, const std::string& resume_from) {
     result.interrupted = true;
+    say_stopped("interrupted " + what, resume_from);
+  }
+
+  // Says that the run ends early (`what`) and how to go on: from `resume_from`, the checkpoint
+  // written (empty: none was).
+  void say_stopped(const std::string& what, const std::string& resume_from) {
     if (progress.quiet()) return;
-    std::fprintf(out.get(), "interrupted %s; %s\n", what.c_str(),
-                 !resume_from.empty() ? ("go on with --resume " + resume_from).c_str()
+    std::fprintf(out.get(), "%s; %s\n", what.c_str(),
+                 !resume_from.empty()     ? ("go on with --resume " + resume_from).c_str()
                  : cfg.checkpoint.empty() ? "no --checkpoint was given, so the run cannot be resumed"
                                           : "nothing was checkpointed yet: start again");
     std::fflush(out.get());
@@ -639,11 +645,9 @@ TrainResult run_backprop(Run& run) {
                                 " of " + std::to_string(spe);
       if (interrupted)
         run.stop_interrupted(where, run.epoch_checkpoint(epoch));
-      else if (!run.progress.quiet())
-        std::fprintf(run.out.get(), "stopped %s (--stop-after %lld); %s\n", where.c_str(),
-                     (long long)cfg.stop_after_steps,
-                     cfg.checkpoint.empty() ? "no --checkpoint was given, so the run cannot be resumed"
-                                            : ("go on with --resume " + run.epoch_checkpoint(epoch)).c_str());
+      else
+        run.say_stopped("stopped " + where + " (--stop-after " + std::to_string(cfg.stop_after_steps) + ")",
+                        run.epoch_checkpoint(epoch));
       break;
     }
     const double train_secs = seconds_since(epoch_start);

@@ -12,7 +12,7 @@
 #include <thread>
 #include <vector>
 
-#include "kernels/common/error.h"
+#include "kernels/common/whole_number.h"
 
 namespace sp::kernels::cpu {
 namespace {
@@ -148,12 +148,7 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
 
 int parse_num_threads(const char* text) {
   if (!text || !*text) return 0;
-  char* end = nullptr;
-  const long v = std::strtol(text, &end, 10);
-  if (*text < '0' || *text > '9' || *end != '\0' || v < 1 || v > 1024)
-    throw Error(std::string("STALEPROP_NUM_THREADS must be a whole number of threads from 1 to 1024, got '") + text +
-                "'");
-  return int(v);
+  return int(parse_whole_number("STALEPROP_NUM_THREADS", "threads", text, 1, kMaxThreads));
 }
 
 }  // namespace sp::kernels::cpu

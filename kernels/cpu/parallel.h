@@ -14,7 +14,8 @@
 namespace sp::kernels::cpu {
 
 int num_threads();
-// $STALEPROP_NUM_THREADS's value: a whole number from 1 to 1024 (empty or null: 0, meaning every
+constexpr int kMaxThreads = 1024;  // the most STALEPROP_NUM_THREADS (or --threads) may ask for
+// $STALEPROP_NUM_THREADS's value: a whole number from 1 to kMaxThreads (empty or null: 0, meaning every
 // core). Anything else throws sp::Error naming the variable, rather than quietly using every
 // core. The pool reads it once, at its first use.
 int parse_num_threads(const char* text);

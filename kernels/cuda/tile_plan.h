@@ -15,6 +15,7 @@
 #include <string>
 
 #include "kernels/common/error.h"
+#include "kernels/common/whole_number.h"
 
 #if defined(__CUDACC__)
 #define SP_TILE_HD __host__ __device__ __forceinline__
@@ -52,12 +53,7 @@ constexpr int64_t kTensorCoreSplitMaxBlocks = 132;
 // once; 0 is the target rule for both. A value that is not such a number throws sp::Error
 // naming the variable.
 inline int64_t parse_split_max_blocks(const char* text) {
-  char* end = nullptr;
-  const long v = text ? std::strtol(text, &end, 10) : 0;
-  if (!text || *text < '0' || *text > '9' || *end != '\0' || v < 0 || v > 65536)
-    throw Error("STALEPROP_SPLIT_MAX_BLOCKS must be a whole number of blocks from 0 to 65536, got '" +
-                std::string(text ? text : "") + "'");
-  return v;
+  return parse_whole_number("STALEPROP_SPLIT_MAX_BLOCKS", "blocks", text, 0, 65536);
 }
 // A process-wide cap that overrides the environment's and the defaults: -1 (as at start) for
 // none. For tests (set_split_max_blocks in tensor_core.h), which cannot set the environment
