@@ -6,6 +6,7 @@
 #include <random>
 #include <vector>
 
+#include "bench/bench_main.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 
@@ -68,4 +69,4 @@ BENCHMARK(BM_CpuConvResNet20)
 
 }  // namespace
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) { return sp::bench::benchmark_main(argc, argv); }

@@ -86,6 +86,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench/bench_main.h"
 #include "engine/device.h"
 #include "kernels/common/cuda_check.h"
 #include "kernels/common/shapes.h"
@@ -167,6 +168,7 @@ void env_init() {
 
   cudaDeviceProp prop{};
   SP_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  sp::bench::add_build_context();
   benchmark::AddCustomContext("gpu", prop.name);
   benchmark::AddCustomContext("gpu_l2_bytes", std::to_string(g_env.l2_bytes));
   benchmark::AddCustomContext("gpu_compute_capability", std::to_string(prop.major) + "." + std::to_string(prop.minor));

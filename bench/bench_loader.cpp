@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "bench/bench_main.h"
 #include "kernels/cpu/parallel.h"
 #include "tools/cifar10.h"
 
@@ -91,4 +92,4 @@ BENCHMARK(BM_BatchLoader)->Apply(loader_args);
 
 }  // namespace
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) { return sp::bench::benchmark_main(argc, argv); }

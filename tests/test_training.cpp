@@ -574,17 +574,25 @@ TEST(Training, LossFallsOnSyntheticImages) {
   EXPECT_LT(r.epochs[2].train_loss, 0.5 * r.epochs[0].train_loss)
       << "loss " << r.epochs[0].train_loss << " -> " << r.epochs[2].train_loss;
   EXPECT_GT(r.epochs[2].train_acc, 0.8);
-  // Metrics: one JSON object per line, step records and one epoch record per epoch.
+  // Metrics: one JSON object per line, a start record first, then step records and one epoch
+  // record per epoch.
   std::ifstream in(c.metrics);
-  int steps = 0, epochs = 0;
+  int steps = 0, epochs = 0, starts = 0;
   for (std::string line; std::getline(in, line);) {
     ASSERT_TRUE(line.front() == '{' && line.back() == '}') << line;
+    if (line.find("\"event\":\"start\"") != std::string::npos) {
+      EXPECT_EQ(steps + epochs, 0) << "the start record comes first";
+      EXPECT_NE(line.find("\"settings\":{"), std::string::npos) << line;
+      ++starts;
+      continue;
+    }
     for (const char* key : {"\"epoch\":", "\"step\":", "\"loss\":", "\"train_acc\":", "\"lr\":",
                             "\"images_per_s\":", "\"elapsed_s\":"})
       EXPECT_NE(line.find(key), std::string::npos) << key << " missing in " << line;
     steps += line.find("\"event\":\"step\"") != std::string::npos;
     epochs += line.find("\"event\":\"epoch\"") != std::string::npos;
   }
+  EXPECT_EQ(starts, 1);
   EXPECT_EQ(epochs, 3);
   EXPECT_GE(steps, 3);
 }

@@ -11,6 +11,7 @@
 #include "engine/trainer.h"
 #include "kernels/common/error.h"
 #include "layers/resnet.h"
+#include "tools/build_info.h"
 #include "tools/cifar10.h"
 #include "tools/json.h"
 #include "tools/train.h"
@@ -105,8 +106,9 @@ std::string BenchResult::json() const {
     by_device += (by_device.empty() ? ",\"peak_allocated_bytes_by_device\":{" : ",") + json_str(name) + ":" +
                  std::to_string(bytes);
   if (!by_device.empty()) by_device += "}";
-  return "{\"model\":" + json_str(c.model) + ",\"batch_size\":" + std::to_string(c.batch_size) +
-         ",\"method\":" + json_str(c.method) + ",\"modules\":" + std::to_string(modules) + ",\"cuts\":" + cut_list +
+  return "{\"build\":" + json_str(build::describe()) + ",\"model\":" + json_str(c.model) +
+         ",\"batch_size\":" + std::to_string(c.batch_size) + ",\"method\":" + json_str(c.method) +
+         ",\"modules\":" + std::to_string(modules) + ",\"cuts\":" + cut_list +
          "],\"precision\":" + json_str(c.precision) + ",\"kernels\":" + json_str(c.kernels) +
          ",\"mainloop\":" + json_str(mainloop) + ",\"kernel_switches\":" + json_str(switches) +
          ",\"device\":" + json_str(device_name) + ",\"steps\":" + std::to_string(c.steps) +

@@ -27,6 +27,7 @@
 #include "kernels/cpu/parallel.h"
 #include "layers/resnet.h"
 #include "tools/bench.h"
+#include "tools/build_info.h"
 #include "tools/sweep.h"
 #include "tools/train.h"
 
@@ -183,6 +184,7 @@ commands:
   study     locking study: throughput, busy time and memory of bp/ddg/fdg over K modules
   sweep     several train runs in one process, up to N at once (they share a GPU)
   demo      train a tiny CNN on synthetic data on the CPU (no data set needed)
+  version   the build (version, commit, backends) and the devices this machine has
   help      show this text
 
 staleprop <command> --help lists the command's options.
@@ -799,6 +801,22 @@ int eval_main(int argc, char** argv) {
   return 0;
 }
 
+// The build and the devices it can use here: what a results file should name beside its figures.
+int version_main(int argc, char** argv) {
+  if (!parse_flags("version", "Prints the build (version, commit, build type, backends) and the devices it finds.",
+                   {}, argc, argv))
+    return 0;
+  std::printf("%s\n", sp::build::describe().c_str());
+  std::printf("%s\n", sp::device_description(sp::Device::cpu()).c_str());
+  if (sp::cuda_built()) {
+    const int n = sp::cuda_device_count();
+    if (n == 0) std::printf("cuda: no GPU found\n");
+    for (int i = 0; i < n; ++i)
+      std::printf("cuda:%d: %s\n", i, sp::device_description(sp::Device::cuda(i)).c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -808,6 +826,7 @@ int main(int argc, char** argv) {
       return argc < 2 ? 2 : 0;
     }
     const std::string cmd = argv[1];
+    if (cmd == "version" || cmd == "--version") return version_main(argc - 2, argv + 2);
     if (cmd == "train") return train_main(argc - 2, argv + 2);
     if (cmd == "eval") return eval_main(argc - 2, argv + 2);
     if (cmd == "demo") return demo_main(argc - 2, argv + 2);

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -24,6 +25,7 @@
 #include "kernels/common/error.h"
 #include "kernels/cpu/parallel.h"
 #include "layers/resnet.h"
+#include "tools/build_info.h"
 #include "tools/json.h"
 
 #if STALEPROP_WITH_CUDA
@@ -223,7 +225,9 @@ std::map<std::string, std::string> run_metadata(const TrainConfig& cfg, int64_t 
           {"nesterov", cfg.nesterov ? "1" : "0"},
           {"weight_decay", json_number(cfg.weight_decay)},
           {"label_smoothing", json_number(cfg.label_smoothing)},
-          {"precision", cfg.precision}};
+          {"precision", cfg.precision},
+          // Not checked on --resume: which build wrote the checkpoint.
+          {"staleprop_build", build::describe()}};
 }
 
 // The loader of an evaluation: the set in order, unaugmented. A run keeps one for all its
@@ -301,6 +305,30 @@ struct Run {
     lo.cutout = c.cutout;
     lo.seed = c.seed;
     return std::make_unique<data::BatchLoader>(train, lo);
+  }
+
+  // Opens the run on the log (its banner) and in --metrics: a "start" record naming the build,
+  // the device, the method and the settings its checkpoints record, so that a metrics file says
+  // what made it. A resumed run appends another, with the step it goes on from.
+  void announce(const std::string& method, int64_t step) {
+    banner(method);
+    if (!metrics.enabled()) return;
+    std::string settings;
+    for (const auto& [key, value] : metadata(step))
+      if (key != "format" && key != "step")
+        settings += (settings.empty() ? "" : ",") + json_str(key) + ":" + json_str(value);
+    std::string devices;
+    for (const std::string& d : cfg.devices) devices += (devices.empty() ? "" : ",") + json_str(d);
+    const std::time_t now = std::time(nullptr);
+    char utc[32] = "";
+    std::tm tm{};
+    if (gmtime_r(&now, &tm)) std::strftime(utc, sizeof utc, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    metrics.write("{\"event\":\"start\",\"build\":" + json_str(build::describe()) +
+                  ",\"commit\":" + json_str(build::commit()) + ",\"started_utc\":" + json_str(utc) +
+                  ",\"device\":" + json_str(device_description(device)) + ",\"devices\":[" + devices +
+                  "],\"method\":" + json_str(method) + ",\"kernels\":" + json_str(cfg.kernels) +
+                  ",\"step\":" + std::to_string(step) + ",\"steps_per_epoch\":" + std::to_string(spe) +
+                  ",\"resume\":" + json_str(cfg.resume) + ",\"settings\":{" + settings + "}}");
   }
 
   void banner(const std::string& method) const {
@@ -577,7 +605,7 @@ TrainResult run_backprop(Run& run) {
   }
   BackpropTrainer trainer(run.net, opt, s, cfg.label_smoothing, activation_dtype(cfg));
   const Drain drain{s};  // before `trainer` and `opt` let their memory go
-  run.banner("standard backprop");
+  run.announce("standard backprop", step);
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();
     run.begin_epoch_peak();  // the epoch's training peak, evaluation excluded
@@ -782,11 +810,12 @@ TrainResult run_pipelined(Run& run) {
   for (int k = 0; k < K; ++k)
     layout += (k ? " | " : "") + std::to_string(pipe.blocks(k).second - pipe.blocks(k).first) + " blocks (d=" +
               std::to_string(pipe.delay(k)) + ")";
-  run.banner(std::string(pipeline_method_name(pc.method)) + " over " + std::to_string(K) + " modules [" + layout +
-             (K > 1 ? "; " + cuts_how : "") + "], shrink " + json_number(cfg.shrink) +
-             (cfg.staleness_jitter ? ", staleness jitter " + std::to_string(cfg.staleness_jitter) : "") +
-             (cfg.recompute ? ", recompute" : "") + (cfg.weight_stash ? ", weight stashing" : "") +
-             (cfg.graphs ? ", graphs" : ""));
+  run.announce(std::string(pipeline_method_name(pc.method)) + " over " + std::to_string(K) + " modules [" + layout +
+                   (K > 1 ? "; " + cuts_how : "") + "], shrink " + json_number(cfg.shrink) +
+                   (cfg.staleness_jitter ? ", staleness jitter " + std::to_string(cfg.staleness_jitter) : "") +
+                   (cfg.recompute ? ", recompute" : "") + (cfg.weight_stash ? ", weight stashing" : "") +
+                   (cfg.graphs ? ", graphs" : ""),
+               step);
 
   std::string last_saved = cfg.resume;  // the checkpoint of the last epoch boundary passed
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {

@@ -124,7 +124,7 @@ def main():
         shutil.copy(os.path.join(parts, "c-1.safetensors"), os.path.join(state, "resnet20-fdg-K2.safetensors"))
         shutil.copy(os.path.join(whole, "resnet20-fdg-K2.cmd"), cut)
         with open(os.path.join(parts, "m.jsonl")) as f, open(os.path.join(cut, "resnet20-fdg-K2.jsonl"), "w") as g:
-            g.writelines(l for l in f if json.loads(l)["epoch"] == 1)
+            g.writelines(l for l in f if json.loads(l).get("epoch", 1) == 1)  # the start record too
             g.write(json.dumps({"event": "step", "epoch": 2, "step": 5, "loss": 9.0}) + "\n")
         rc, log = run("run", "--out", cut, "--state", state, *two, *train)
         check(rc == 0 and "resnet20-fdg-K2: resumes after epoch 1 of 2" in log, "the cell resumes", log)
