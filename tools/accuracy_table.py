@@ -78,7 +78,8 @@ def run(args, extra):
             shrink = shrink_of(model, method, k, args.shrink, args.ddg_shrink)
             if shrink != 1.0:
                 words += ["--shrink", str(shrink)]
-        runs.append((cell_name(model, method, k), words + extra, args.epochs))
+        # staleprop takes the last --epochs: one after `--` sizes the cell.
+        runs.append((cell_name(model, method, k), words + extra, epochs_of(words + extra)))
     return train_resumable(runs, args.out, args.state or args.out, args.staleprop, args.budget, args.grace,
                            args.parallel)
 

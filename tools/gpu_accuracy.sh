@@ -25,16 +25,18 @@
 # FROM_STATE's default (a folder with one state's parts, or one .tgz). They are checked against
 # their ID and unpacked aside before any is used, and never over a checkpoint already here (a
 # warm machine's is newer). Those cells then resume; the others start again.
-#   MODELS (resnet56), SPLITS (1,2,3,4), METHODS (bp,ddg,fdg), EPOCHS (30), SHRINK (every fdg cell's factor; default: the one FDG published the cell with, else 0.5; ddg cells none), PARALLEL (7)
-#   TRAIN_ARGS  the recipe, passed to every staleprop train
-#               (default: --device cuda --precision bf16 --lr 0.1 --schedule cosine
-#                --weight-decay 5e-4 --nesterov --batch-size 128 --graphs)
+#   MODELS (resnet56), SPLITS (1,2,3,4), METHODS (bp,ddg,fdg), EPOCHS (160), SHRINK (every fdg cell's factor; default: the one FDG published the cell with, else 0.5; ddg cells none), PARALLEL (7)
+#   TRAIN_ARGS  the recipe, passed to every staleprop train (default: the recipe of the cells in
+#               bench/results/nvidia-h100/accuracy-table, which FROM may name: --device cuda
+#               --precision bf16 --batch-size 128 --lr 0.1 --momentum 0.9 --nesterov --weight-decay
+#               5e-4 --schedule cosine --warmup-epochs 2 --cutout 16 --graphs). A cell resumes, or
+#               counts as done, only with the recipe it was trained with (flags in any order)
 #   DATA_DIR    an unpacked CIFAR-10 (default: unpack .carry/data's pack into data/)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/gpu-out}
 STATE=${STATE:-gpu-state/table}
-EPOCHS=${EPOCHS:-30}
+EPOCHS=${EPOCHS:-160}
 mkdir -p "$OUT" "$STATE/table" "$STATE/ckpt"
 DEADLINE=${DEADLINE:-540}
 source tools/gpu_env.sh
@@ -68,8 +70,8 @@ if [ -n "${FROM_STATE:-}" ]; then
   cp -n "$STATE"/from-state/* "$STATE/ckpt/" 2>/dev/null
   rm -rf "$STATE/from-state" "$STATE/from-state.tgz"
 fi
-TRAIN_ARGS=${TRAIN_ARGS:-"--device cuda --precision bf16 --lr 0.1 --schedule cosine --weight-decay 5e-4 --nesterov \
---batch-size 128 --graphs"}
+TRAIN_ARGS=${TRAIN_ARGS:-"--device cuda --precision bf16 --batch-size 128 --lr 0.1 --momentum 0.9 --nesterov \
+--weight-decay 5e-4 --schedule cosine --warmup-epochs 2 --cutout 16 --graphs"}
 # The budget leaves time for the grace a run's first epoch may take past it (a first epoch after
 # a start or resume has nothing to be estimated from) and to pack the results.
 COMMON=(--staleprop "${STALEPROP:-.carry/bin/staleprop}" --out "$STATE/table" --state "$STATE/ckpt"

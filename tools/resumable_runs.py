@@ -66,8 +66,11 @@ def checkpoint_epoch(path):
     return None if pos is None else pos[0] // pos[1]
 
 
-def keep_epochs(path, last):
-    """Drops the metrics records of epochs after `last` (written after the checkpoint a run resumes from)."""
+def keep_records(path, step):
+    """Drops the metrics records written after the checkpoint a run resumes from, at global step
+    `step`: the epoch and step records past it, and the start records of runs that began there or
+    later (the resumed run writes its own). A checkpoint inside an epoch keeps that epoch's step
+    records up to it, which the resumed run does not write again."""
     kept = []
     with open(path) as f:
         for line in f:
@@ -75,7 +78,8 @@ def keep_epochs(path, last):
                 event = json.loads(line)
             except json.JSONDecodeError:
                 break
-            if event.get("epoch", 0) <= last:
+            at = event.get("step", 0)
+            if at < step or (at == step and event.get("event") != "start"):
                 kept.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w") as f:
         f.writelines(kept)
@@ -88,17 +92,30 @@ NOT_RECIPE = ("--metrics", "--log", "--checkpoint", "--data", "--resume", "--thr
 
 
 def recipe(words):
-    """A train command without the binary and the flags of NOT_RECIPE (in either form, `--flag
-    value` or `--flag=value`)."""
-    out, skip = [], False
-    for w in words[1:]:
-        if skip:
-            skip = False
-        elif w in NOT_RECIPE:
-            skip = True
-        elif w.split("=", 1)[0] not in NOT_RECIPE:
-            out.append(w)
-    return out
+    """What a train command trains, comparable whatever the order of its flags: (its words before
+    the first flag, without the binary; each flag's last value, None for a switch), the flags of
+    NOT_RECIPE left out. A flag is `--flag value` (a value never starts with "--") or
+    `--flag=value`; as for staleprop, the last of a repeated flag counts."""
+    positional, flags = [], {}
+    i = 1
+    while i < len(words):
+        w = words[i]
+        if not w.startswith("--"):
+            positional.append(w)
+            i += 1
+            continue
+        if "=" in w:
+            name, value = w.split("=", 1)
+            i += 1
+        elif i + 1 < len(words) and not words[i + 1].startswith("--"):
+            name, value = w, words[i + 1]
+            i += 2
+        else:
+            name, value = w, None
+            i += 1
+        if name not in NOT_RECIPE:
+            flags[name] = value
+    return positional, flags
 
 
 def last_error(log, offset):
@@ -123,17 +140,19 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
         metrics, log = os.path.join(out, name + ".jsonl"), os.path.join(out, name + ".log")
         ckpt = os.path.join(state, name + ".safetensors")
         done = read_epochs(metrics)
-        if done and done[-1]["epoch"] >= epochs:
-            print(f"{name}: done ({done[-1]['epoch']} epochs), skipped", flush=True)
-            continue
-        if budget <= 0:
-            print(f"{name}: not started (no budget left)", flush=True)
-            continue
         cmd = ["train"] + list(args) + ["--metrics", metrics, "--log", log, "--progress", "plain", "--checkpoint",
                                         ckpt]
         cmd_file = os.path.join(out, name + ".cmd")
         before = shlex.split(open(cmd_file).read()) if os.path.exists(cmd_file) else None
         same_recipe = before is not None and recipe(before) == recipe([staleprop] + cmd)
+        # Finished, with the recipe asked for now: a run of another recipe (or of none recorded)
+        # starts again below.
+        if same_recipe and done and done[-1]["epoch"] >= epochs:
+            print(f"{name}: done ({done[-1]['epoch']} epochs), skipped", flush=True)
+            continue
+        if budget <= 0:
+            print(f"{name}: not started (no budget left)", flush=True)
+            continue
         # A run that diverged would diverge again from its last checkpoint: it waits for a new
         # recipe (or the marker's removal) instead of spending every call's budget on it.
         diverged = os.path.join(out, name + ".diverged")
@@ -156,7 +175,7 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
             print(f"{name}: {why} its checkpoint was trained with; starts again", flush=True)
         if same_recipe and pos is not None and pos[0] > 0 and resumed < epochs and [e["epoch"] for e in done][
                 :resumed] == list(range(1, resumed + 1)):
-            keep_epochs(metrics, resumed)
+            keep_records(metrics, pos[0])
             cmd += ["--resume", ckpt]
             if pos[0] % pos[1]:
                 print(f"{name}: resumes at step {pos[0] % pos[1]} of {pos[1]} in epoch {resumed + 1} of {epochs}",

@@ -7,7 +7,7 @@ with bp, ddg and fdg on 64 images for one epoch, two at once, and checks that:
   - each cell ran once: bp at K = 1 only, ddg and fdg at K = 2 and 3 with FDG's cuts, the fdg
     cells with the shrink factor given, the ddg cells with none;
   - a second run skips the finished cells, a cell whose metrics lost their epoch starts again,
-    and no cell starts when the budget is spent;
+    and no cell starts when the budget is spent; an --epochs after `--` sizes the cells;
   - a cell stopped after its first of two epochs resumes from its checkpoint, dropping the
     records written after it, and ends as the uninterrupted run does;
   - the Markdown table has one row per cell with its shrink factor, its busy shares, its img/s
@@ -68,6 +68,16 @@ def main():
         rc, log = run("run", *common, "--budget", "600", *train)
         check(rc == 0 and log.count("skipped") == 4 and "resnet20-ddg-K3: test accuracy" in log and
               "resumes" not in log, "only the incomplete cell runs again, from the start", log)
+
+        # staleprop takes the last --epochs: one after `--` sizes the cell (its end, its "done").
+        late = ["--staleprop", staleprop, "--out", os.path.join(tmp, "late"), "--models", "resnet20", "--splits", "1",
+                "--methods", "bp", "--epochs", "1", "--budget", "600"]
+        rc, log = run("run", *late, *train, "--epochs", "2")
+        check(rc == 0 and "resnet20-bp-K1: test accuracy" in log and "after 2 epochs" in log and
+              [e["epoch"] for e in read_epochs(os.path.join(tmp, "late", "resnet20-bp-K1.jsonl"))] == [1, 2],
+              "an --epochs after `--` trains the cell that long", log)
+        rc, log = run("run", *late, *train, "--epochs", "2")
+        check(rc == 0 and "resnet20-bp-K1: done (2 epochs), skipped" in log, "and then counts it done", log)
 
         rc, log = run("run", *common[:3], os.path.join(tmp, "empty"), *common[4:], "--budget", "0", *train)
         check(rc == 0 and log.count("not started") == 5, "no cell starts without budget", log)

@@ -7,7 +7,9 @@ runs on 64 images, two at once, and checks that:
     boundary; the next call skips the first and resumes the second, every epoch recorded once;
   - a plain-backprop run whose checkpoint lies inside an epoch (as a signal leaves it) is
     unfinished, and the next call resumes it at that step, every epoch recorded once;
-  - a run that diverged is not trained again until its recipe changes;
+  - a run that diverged is not trained again until its recipe changes; a finished run is done
+    with its recipe (its flags in any order), and trains again with another;
+  - a run resumed inside an epoch keeps every step record once, and each run's start record;
   - the summary has a line per run, saying how far the stopped one got, and `unfinished` names
     the stopped run's checkpoint alone;
   - the repository's runs files (bench/runs/) read, and a file with a run without --epochs, a
@@ -94,6 +96,14 @@ def main():
         after = epochs(os.path.join(mid_out, "mid.jsonl"))
         check(after == list(range(1, len(after) + 1)) and len(after) > len(done), "every epoch once, more of them",
               after)
+        # Every step has its record (4 steps an epoch: one each tenth), once: those of the steps
+        # before the checkpoint inside the epoch were kept, those written after it dropped.
+        records = [json.loads(l) for l in open(os.path.join(mid_out, "mid.jsonl"))]
+        steps = [r["step"] for r in records if r["event"] == "step"]
+        check(steps == list(range(1, len(steps) + 1)), "every step record once, in order", steps)
+        starts = [r["step"] for r in records if r["event"] == "start"]
+        check(starts[0] == 0 and stop in starts and starts == sorted(set(starts)),
+              f"a start record for each run, at the step it began (the resumed one at {stop})", starts)
 
         # A run that diverges is not resumed on later calls, until its recipe changes.
         div_runs = os.path.join(tmp, "div-runs.txt")
@@ -114,6 +124,18 @@ def main():
         rc, log = run("run", *div_common)
         check(rc == 0 and "boom: the recipe differs" in log and "boom: test accuracy" in log,
               "with another recipe it trains again, from the start", log)
+        # Finished: the same recipe, its flags in another order, is done; another recipe is not.
+        with open(div_runs, "w") as f:
+            f.write("boom --gamma=0.1 --epochs 3 --milestones 0.5 --model resnet20 --schedule multistep "
+                    "--batch-size 16\n")
+        rc, log = run("run", *div_common)
+        check(rc == 0 and "boom: done (3 epochs), skipped" in log, "a finished run is done whatever its flags' order",
+              log)
+        with open(div_runs, "w") as f:
+            f.write(recipe_line.format("0.2"))
+        rc, log = run("run", *div_common)
+        check(rc == 0 and "boom: the recipe differs" in log and "boom: test accuracy" in log,
+              "a finished run with another recipe trains again", log)
 
         for path in ("resnet20-recipes.txt", "long-runs.txt"):
             check(len(read_runs(os.path.join(ROOT, "bench", "runs", path))) >= 2, f"bench/runs/{path} reads")
