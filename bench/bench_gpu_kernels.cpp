@@ -20,14 +20,16 @@
 //     through State::SetIterationTime (the benchmarks use UseManualTime). `inner` is chosen once
 //     per benchmark so a block lasts >= ~0.3 ms: a single tiny kernel would otherwise be timed
 //     mostly as launch latency, while back-to-back launches pipeline as they do in training.
-//   * The two blocks alternate which one runs first, so neither always follows the other.
+//   * The two blocks alternate which one runs first, so neither always follows the other (the
+//     turn carries over from one repetition to the next).
 //   * Custom and vendor times are summed over the iterations; the counters are
 //       TFLOP/s  (custom)  and vendor_TFLOP/s,  vs_vendor = vendor_time / custom_time, or
 //       GB/s     (custom)  and copy_GB/s,       vs_copy   = copy_time / custom_time,
 //     so a ratio > 1 means our kernel is faster than its twin (for vs_copy, the fraction of
 //     memcpy bandwidth our kernel achieves). Each benchmark runs --repetitions=N times (default
-//     5; the context records N) and reports the median: with a short --benchmark_min_time a
-//     repetition is one block, so N is the number of blocks the median is taken over.
+//     5; the context records N) and reports the median of the repetitions. Google Benchmark
+//     counts a repetition's time per call, so a repetition of a small op holds many blocks (at
+//     min_time 0.002, a 3 us op about 667) and one of a 4 ms layer set a single block.
 //   * Every call takes its operands from the next of `slots` buffer sets, with all sets
 //     together > 2.5x the L2 cache (50 MB on an H100): consecutive calls (custom or vendor)
 //     never find their inputs left in L2 by the previous call, as in a real training step where
@@ -287,6 +289,9 @@ class Pair {
   int inner = 1;
   double vendor_algo = -1;  // cuDNN algorithm enum chosen by Find (convolutions only)
   double vendor_tf32 = 0;   // 1 if cuDNN's chosen math type was not pure FMA
+  // Which block runs first in the next iteration: flipped every iteration, and kept across the
+  // repetitions (a repetition of one iteration would otherwise always run ours first).
+  bool custom_first = true;
   int take() {
     const int s = next_;
     next_ = (next_ + 1) % slots;
@@ -374,10 +379,14 @@ double copy_peak_gbps() {
   return peak;
 }
 
-// Quantile q of v (sorted in place).
+// Quantile q of v (sorted in place), interpolated between the two nearest values (so the median
+// of an even count is the mean of the middle two, not the upper one).
 double quantile(std::vector<double>& v, double q) {
   std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[size_t(std::lround(q * double(v.size() - 1)))];
+  if (v.empty()) return 0.0;
+  const double at = q * double(v.size() - 1);
+  const size_t lo = size_t(at), hi = std::min(lo + 1, v.size() - 1);
+  return v[lo] + (at - double(lo)) * (v[hi] - v[lo]);
 }
 
 void run_pair(benchmark::State& st, const std::string& key, const std::function<std::unique_ptr<Pair>()>& make,
@@ -386,13 +395,12 @@ void run_pair(benchmark::State& st, const std::string& key, const std::function<
     Pair& p = cached_pair(key, make);
     double custom_ms = 0, vendor_ms = 0;
     int64_t calls = 0;
-    bool custom_first = true;
     // Each block's own ratio: their median and spread say how steady the comparison is within
     // this repetition (each repetition's figures are otherwise means over its blocks).
     std::vector<double> block_ratio;
     for (auto _ : st) {
-      const auto t = time_blocks(p, custom_first);
-      custom_first = !custom_first;
+      const auto t = time_blocks(p, p.custom_first);
+      p.custom_first = !p.custom_first;
       st.SetIterationTime(double(t.first) * 1e-3 / p.inner);
       custom_ms += t.first;
       vendor_ms += t.second;

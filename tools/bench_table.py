@@ -10,13 +10,18 @@
       data-gradient and TMA settings (its JSON context), else its name. With
       several files, two last columns give the last file's rate against the first's (ours:
       last rate / first rate), and the same for the vendor kernel or the copy timed beside it
-      (its rate is ours / ratio). cuDNN's rate for one layer varied by up to 1.9x between runs
+      (its own median rate, vendor_TFLOP/s or copy_GB/s; in files without it, ours / ratio). A
+      GB/s row's ratio also gives, in brackets, vs_copy_peak (our rate over the copy's at 1 GiB,
+      the bandwidth ceiling) where the file has it: a same-size copy of a small op is bound by
+      latency, so vs_copy flatters it. cuDNN's rate for one layer varied by up to 1.9x between runs
       of one H100 session while ours moved by 3% at most (bench/results/nvidia-h100/
       2026-11-27-summary.md), so a ratio of ratios would carry the vendor's drift.
 
   train F.jsonl ...
-      JSON lines of `staleprop bench --json`. One row per configuration (model, batch,
-      precision, method, modules), one column group per way of running it: op by op,
+      JSON lines of `staleprop bench --json` (other lines, such as bench/pytorch_baseline.py's,
+      are skipped, with a note on stderr). One row per configuration (model, batch, precision,
+      kernels, method, modules, and its variant: shrink factor, --recompute, --weight-stash,
+      main loop and kernel switches), one column group per way of running it: op by op,
       --graphs (planned arenas) and --graphs --graph-memory bump. Images/s and peak allocated
       MiB each, and the graphs' gain and memory against op by op. Lines without graph_memory
       (written before planned arenas existed) count as bump.
@@ -54,11 +59,15 @@ SWITCH_LABELS = [
     ("conv_small_c", "direct stem"),
     ("bn_persistent", "persistent BN"),
     ("programmatic_launch", "PDL"),
+    ("tma_persistent", "persistent TMA"),
+    ("conv_halo", "halo convolutions"),
+    ("halo_resident", "resident halo filter"),
 ]
 
 
 def kernel_rows(path):
-    """{name: (rate, unit, ratio, ratio_name)} of one bench_gpu_kernels JSON, and its label."""
+    """{name: (rate, unit, ratio, ratio to the copy's peak or None, the twin's rate or None)} of one
+    bench_gpu_kernels JSON, and its label."""
     with open(path) as f:
         doc = json.load(f)
     benches = doc.get("benchmarks", [])
@@ -66,9 +75,13 @@ def kernel_rows(path):
     rows = {}
     for b in medians or [b for b in benches if b.get("run_type", "iteration") == "iteration"]:
         if "TFLOP/s" in b:
-            rows[strip_name(b["name"])] = (b["TFLOP/s"], "TFLOP/s", b.get("vs_vendor"), "vs_vendor")
+            ratio = b.get("vs_vendor")
+            twin = b.get("vendor_TFLOP/s", b["TFLOP/s"] / ratio if ratio else None)
+            rows[strip_name(b["name"])] = (b["TFLOP/s"], "TFLOP/s", ratio, None, twin)
         elif "GB/s" in b:
-            rows[strip_name(b["name"])] = (b["GB/s"], "GB/s", b.get("vs_copy"), "vs_copy")
+            ratio = b.get("vs_copy")
+            twin = b.get("copy_GB/s", b["GB/s"] / ratio if ratio else None)
+            rows[strip_name(b["name"])] = (b["GB/s"], "GB/s", ratio, b.get("vs_copy_peak"), twin)
     ctx = doc.get("context", {})
     parts = [ctx[k] for k in ("tensor_core_mainloop",) if k in ctx]
     parts += [label for key, label in SWITCH_LABELS if ctx.get(key) == "yes"]
@@ -97,38 +110,57 @@ def kernels_table(paths):
     for n in names:
         cells = []
         for rows, _ in tables:
-            rate, unit, ratio, _ = rows.get(n, (None, "", None, ""))
-            cells += [f"{fmt(rate, 1)} {unit}".strip(), fmt(ratio, 2)]
+            rate, unit, ratio, peak, _ = rows.get(n, (None, "", None, None, None))
+            cells += [f"{fmt(rate, 1)} {unit}".strip(), fmt(ratio, 2) + (f" (peak {peak:.2f})" if peak else "")]
         line = f"| {n} | " + " | ".join(cells)
         if len(tables) > 1:
             first, last = tables[0][0].get(n), tables[-1][0].get(n)
             both = first and last and first[0] and last[0]
             speedup = last[0] / first[0] if both else None
-            twin = (last[0] / last[2]) / (first[0] / first[2]) if both and first[2] and last[2] else None
+            twin = last[4] / first[4] if both and first[4] and last[4] else None
             line += " | " + (fmt(speedup, 2) + "x" if speedup else "—") + " | " + (fmt(twin, 2) + "x" if twin else "—")
         out.append(line + " |")
     return "\n".join(out)
 
 
+def variant(r):
+    """What sets a `staleprop bench` run apart beyond model, batch, precision, kernels, method and K."""
+    parts = []
+    if r.get("shrink", 1) != 1:
+        parts.append(f"β {r['shrink']:g}")
+    parts += [name for key, name in (("recompute", "recompute"), ("weight_stash", "weight stash")) if r.get(key)]
+    parts += [r[key] for key in ("mainloop", "kernel_switches") if r.get(key) not in (None, "", "none")]
+    return ", ".join(parts) or "—"
+
+
 def train_table(paths):
-    runs = []
+    runs, others = [], 0
     for p in paths:
         with open(p) as f:
-            runs += [json.loads(line) for line in f if line.strip().startswith("{")]
+            for line in f:
+                if line.strip().startswith("{"):
+                    r = json.loads(line)
+                    if all(k in r for k in ("model", "batch_size", "precision", "method", "modules")):
+                        runs.append(r)
+                    else:
+                        others += 1
+    if others:
+        print(f"bench_table.py train: {others} lines that are not staleprop bench records skipped", file=sys.stderr)
     # Lines written before planned arenas existed have no graph_memory: their graphs were bump.
     modes = [("op by op", lambda r: not r.get("graphs")),
              ("graphs, planned", lambda r: r.get("graphs") and r.get("graph_memory") == "planned"),
              ("graphs, bump", lambda r: r.get("graphs") and r.get("graph_memory", "bump") == "bump")]
     configs = {}
     for r in runs:
-        key = (r["model"], r["batch_size"], r["precision"], r["method"], r["modules"])
+        key = (r["model"], r["batch_size"], r["precision"], r.get("kernels", "custom"), r["method"], r["modules"],
+               variant(r))
         for mode, match in modes:
             if match(r):
                 configs.setdefault(key, {})[mode] = r  # a later run of the same configuration wins
-    head = ("| model | batch | precision | method | K | "
+    head = ("| model | batch | precision | kernels | method | K | variant | "
             + " | ".join(f"{m}: img/s | {m}: peak MiB" for m, _ in modes)
             + " | planned vs op by op: speed, memory | bump vs op by op: speed, memory |")
-    out = [head, "|---|---|---|---|---|" + "---|---|" * len(modes) + "---|---|"]
+    out = [head, "|---|---|---|---|---|---|---|" + "---|---|" * len(modes) + "---|---|"]
     for key, by_mode in configs.items():
         cells = []
         for mode, _ in modes:

@@ -13,8 +13,10 @@
 #      into dx), the split-K test of every main loop (the epilogue's paired stores) and the
 #      persistent TMA kernel's, then racecheck on the persistent kernel's, then memcheck on the
 #      halo convolutions' tests, streaming and resident (where they passed, possibly with
-#      STALEPROP_HALO_DESC_PHASE=1 on a second try) (SAN_CAP seconds each,
-#      default 55; only tests that ended in ctest, none that timed out); racecheck over the
+#      STALEPROP_HALO_DESC_PHASE=1 on a second try) (SAN_CAP seconds each, default 30: each is
+#      one test, which took 1-15 s under either tool on an H100; only tests that ended in ctest,
+#      none that timed out; each runs while the accuracy run still has that long to go, or while
+#      SAN_CAP + 200 s are left); racecheck over the
 #      convolution tests and test_cuda_network comes after step 6 (SWEEP_CAP seconds each,
 #      default 100, as time allows);
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
@@ -72,7 +74,7 @@ OUT=${OUT:-$PWD/gpu-out}
 export OUT
 mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-560}
-SAN_CAP=${SAN_CAP:-55}
+SAN_CAP=${SAN_CAP:-30}
 # Default: the next cell of #5's accuracy table (bench/results/nvidia-h100/accuracy-table), fdg
 # over FDG's two cuts of ResNet-56 with FDG's shrink factor beta = 0.5, with the recipe of the
 # cells there (bp at K = 1: 91.80%; fdg at K = 4: 91.39%, 160 epochs in 5:15 on an H100 beside the
@@ -90,6 +92,7 @@ log() { echo "[$(printf '%3d' $SECONDS) s] $*" | tee -a "$OUT/session.txt"; }
 source tools/gpu_env.sh
 
 TRAIN_PID=
+TRAIN_ENDS=0  # the script's clock ($SECONDS) when the accuracy run's limit ends it
 start_train() {
   local resume=() limit=$((DEADLINE - 230 - SECONDS))
   [ "$limit" -gt "${T_TRAIN:-330}" ] && limit=${T_TRAIN:-330}
@@ -107,6 +110,7 @@ start_train() {
     echo "train exit $?" >> "$OUT/train.log"
   ) &
   TRAIN_PID=$!
+  TRAIN_ENDS=$((SECONDS + limit))
 }
 # Packs $OUT into results.tgz, the checkpoint beside it (the device tool returns 8 files of at
 # most 16 MiB), whether the script ends or is stopped.
@@ -116,12 +120,23 @@ pack() {
     pkill -TERM -P "$TRAIN_PID" 2> /dev/null
     wait "$TRAIN_PID" 2> /dev/null
   fi
+  # The headline figures on stdout too: the device tool returns the output's tail whatever
+  # becomes of the files.
+  [ -f "$OUT/headline.md" ] && { echo "== headline.md"; cat "$OUT/headline.md"; }
   rm -f "$OUT"/*.tmp.*
   local pack_dir
   pack_dir=$(mktemp -d)
   [ -f "$OUT/train.safetensors" ] && mv "$OUT/train.safetensors" "$pack_dir/"
-  tar czf "$pack_dir/results.tgz" -C "$OUT" . && rm -rf "${OUT:?}"/* && mv "$pack_dir"/* "$OUT/"
-  rm -rf "$pack_dir"
+  # The loose files go only once the archive is whole; whatever happens, the checkpoint goes
+  # back into $OUT (a failed tar used to take it with the folder).
+  if tar czf "$pack_dir/results.tgz" -C "$OUT" .; then
+    rm -rf "${OUT:?}"/*
+  else
+    echo "gpu_session.sh: packing failed; the loose files stay in $OUT" >&2
+    rm -f "$pack_dir/results.tgz"
+  fi
+  mv "$pack_dir"/* "$OUT/" 2> /dev/null
+  rmdir "$pack_dir" 2> /dev/null
 }
 trap pack EXIT
 trap 'pack; exit 143' TERM INT
@@ -142,7 +157,13 @@ if [ -n "${CTEST_LOG:-}" ]; then
   fi
 else
   log "build"
-  STAGES=build nice -n 10 tools/gpu_check.sh | tee -a "$OUT/session.txt" || exit 1
+  if ! STAGES=build nice -n 10 tools/gpu_check.sh | tee -a "$OUT/session.txt"; then
+    # The accuracy run needs no build (it runs on the carried binary): it finishes, and its
+    # results are packed, before the script gives up.
+    log "the build failed (build.log)"
+    [ -n "$TRAIN_PID" ] && log "waiting for the accuracy run" && wait "$TRAIN_PID" && log "$(tail -1 "$OUT/train.log")"
+    exit 1
+  fi
   [ -z "$TRAIN_PID" ] && [ -z "${NO_TRAIN:-}" ] && [ -d data/cifar-10-batches-bin ] && start_train build-gpu/tools/staleprop
   log "ctest"
   STAGES=test tools/gpu_check.sh | tee -a "$OUT/session.txt"
@@ -171,7 +192,8 @@ DGRAD_ACC_OK=; passed 'ConvolutionsOnResNetAndAwkwardShapes/wgmma_tma' && [ -n "
 # form the hardware wants is the open question); where that passes, the halo is measured so.
 HALO_OK=; passed 'ConvolutionsByHaloPatches/wgmma_tma' && HALO_OK=1
 HALO_RESIDENT_OK=; passed 'ConvolutionsByHaloPatchesResident/wgmma_tma' && HALO_RESIDENT_OK=1
-if [ -z "$HALO_OK" ] && finished 'ConvolutionsByHaloPatches/wgmma_tma' && [ "$(left)" -gt 300 ]; then
+# It takes at most 60 s, and mostly runs while the accuracy run holds the GPU anyway.
+if [ -z "$HALO_OK" ] && finished 'ConvolutionsByHaloPatches/wgmma_tma' && [ "$(left)" -gt 150 ]; then
   STALEPROP_HALO_DESC_PHASE=1 timeout 60 build-gpu/tests/test_cuda_tensor_core \
     --gtest_filter='*ConvolutionsByHaloPatches*/wgmma_tma' > "$OUT/halo-desc-phase.log" 2>&1 &&
     HALO_OK=1 && HALO_RESIDENT_OK=1 && export STALEPROP_HALO_DESC_PHASE=1
@@ -191,9 +213,11 @@ log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict 
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call, RESERVE=seconds
-  # the time kept for what follows (default 200: the measurements)
+  # the time kept for what follows (default 200: the measurements). It runs when it ends before
+  # the accuracy run's limit (the measurements wait for that run anyway), or leaves RESERVE.
   local cap=${CAP:-$SAN_CAP} reserve=${RESERVE:-200}
-  [ "$(left)" -gt $((cap + reserve)) ] || { log "no time for compute-sanitizer $1 '$3'"; return; }
+  [ $((SECONDS + cap)) -le "$TRAIN_ENDS" ] || [ "$(left)" -gt $((cap + reserve)) ] ||
+    { log "no time for compute-sanitizer $1 '$3'"; return; }
   local log="$OUT/sanitizer-$1-$2${4:+-$4}.log"
   timeout -k 10 "$cap" compute-sanitizer --tool "$1" --error-exitcode 1 "build-gpu/tests/$2" --gtest_filter="$3" \
     > "$log" 2>&1
@@ -212,7 +236,8 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
 # Racecheck has not run on the clusters' present form either, which stay off.
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
 # hang here too, for SAN_CAP seconds each time. memcheck first; racecheck is slow (16 tests in
-# 55 s on 2026-11-26). The calls stop where less than SAN_CAP + 200 s is left.
+# 55 s on 2026-11-26). A call runs while the accuracy run has SAN_CAP s to go, or SAN_CAP + 200 s
+# are left.
 if [ -z "${CTEST_LOG:-}" ]; then
   finished 'ConvolutionsByStrideClass/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*ConvolutionsByStrideClass/wgmma_tma' class-direct
@@ -580,10 +605,16 @@ fi
 # The warp-specialised TMA kernels' SASS: each should set its warpgroups' registers twice
 # (USETMAXREG) and make no calls in the producer's 40-register region; the wide tile with the
 # convolutions' sources had not run before (tools/sass_check.sh prints both per kernel).
+# Only the two objects that hold them (the whole archive's SASS did not end within 30 s on
+# 2026-11-27b and -27c), and only while there is time for it.
 CUOBJDUMP=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null | head -1)
-[ -n "$CUOBJDUMP" ] && [ -f build-gpu/kernels/libstaleprop_kernels.a ] &&
-  CUOBJDUMP="$CUOBJDUMP" timeout -k 5 30 bash tools/sass_check.sh build-gpu/kernels/libstaleprop_kernels.a > "$OUT/sass-tma.txt" 2>&1 &&
+TMA_OBJECTS=(build-gpu/kernels/CMakeFiles/staleprop_kernels.dir/cuda/{gemm_bf16,conv_bf16}.cu.o)
+if [ -n "$CUOBJDUMP" ] && [ -f "${TMA_OBJECTS[0]}" ] && [ "$(left)" -gt 50 ]; then
+  for obj in "${TMA_OBJECTS[@]}"; do
+    CUOBJDUMP="$CUOBJDUMP" timeout -k 5 20 bash tools/sass_check.sh "$obj" >> "$OUT/sass-tma.txt" 2>&1
+  done
   log "SASS of the TMA kernels: $(grep -c '^kernel' "$OUT/sass-tma.txt") kernels listed in sass-tma.txt"
+fi
 
 # Then the halo forward where its test passed (the TMA forms of the 64-channel layer were profiled
 # on 2026-11-27: L2 at 76%), and the TMA GEMM.

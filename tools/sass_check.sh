@@ -4,7 +4,8 @@
 # (register rebalancing between the warpgroups: 2 expected where setmaxnreg is used, 0 where the
 # tile does not rebalance), how many CALL instructions (none expected: a call in the producer's
 # 40-register region would need registers it no longer has), and local-memory accesses (LDL/STL:
-# spills). One line per kernel, "kernel <name> usetmaxreg N call N local N".
+# spills). One line per kernel, "kernel <name> usetmaxreg N call N local N", each written at once
+# (a timeout keeps the lines already found).
 set -euo pipefail
 obj=$1
 "${CUOBJDUMP:-cuobjdump}" -sass "$obj" | awk '
@@ -12,5 +13,5 @@ obj=$1
   /USETMAXREG/ { set++ }
   /[^A-Z]CALL/ { call++ }
   /[^A-Z](LDL|STL)/ { local_mem++ }
-  function print_kernel() { if (name ~ /wgmma_tma/) printf "kernel %s usetmaxreg %d call %d local %d\n", name, set, call, local_mem }
+  function print_kernel() { if (name ~ /wgmma_tma/) { printf "kernel %s usetmaxreg %d call %d local %d\n", name, set, call, local_mem; fflush() } }
   END { if (name != "") print_kernel() }'

@@ -47,12 +47,19 @@ def main():
                 bench("conv_bwd_data_bf16/a", "mean", **{"TFLOP/s": 90.0, "vs_vendor": 0.2}),
                 bench("conv_bwd_data_bf16/a", "median", **{"TFLOP/s": 100.0, "vs_vendor": 0.25}),
                 bench("bn/x", "median", **{"GB/s": 2000.0, "vs_copy": 0.5}),
+                # The vendor's median (380) is not ours over the median ratio (100 / 0.25 = 400).
+                bench("gemm/b", "median", **{"TFLOP/s": 100.0, "vs_vendor": 0.25, "vendor_TFLOP/s": 380.0}),
+                bench("max_pool/c", "median", **{"GB/s": 1000.0, "vs_copy": 0.8, "copy_GB/s": 1250.0,
+                                                  "vs_copy_peak": 0.4, "copy_peak_GB/s": 2500.0}),
                 bench("only/direct", "median", **{"TFLOP/s": 1.0, "vs_vendor": 0.1}),
             ]}, f)
         with open(wt, "w") as f:
             json.dump({"context": {"tensor_core_mainloop": "wgmma", "dgrad_transposed_filter": "yes"}, "benchmarks": [
                 bench("conv_bwd_data_bf16/a", None, **{"TFLOP/s": 150.0, "vs_vendor": 0.3}),
                 bench("bn/x", None, **{"GB/s": 2200.0, "vs_copy": 0.55}),
+                bench("gemm/b", None, **{"TFLOP/s": 110.0, "vs_vendor": 0.275, "vendor_TFLOP/s": 400.0}),
+                bench("max_pool/c", None, **{"GB/s": 1100.0, "vs_copy": 0.88, "copy_GB/s": 1250.0,
+                                             "vs_copy_peak": 0.44}),
             ]}, f)
         head, rows = table("kernels", direct, wt)
         check("wgmma: rate" in head and "wgmma, transposed filter: rate" in head, f"labels from the context: {head}")
@@ -64,6 +71,12 @@ def main():
               f"the median row, the iteration row, our speedup and the vendor's: {rows}")
         check(by_name.get("bn/x") == ["bn/x", "2000.0 GB/s", "0.50", "2200.0 GB/s", "0.55", "1.10x", "1.00x"],
               f"a bandwidth row: {rows}")
+        # The twin's own rates where the files have them: 400 / 380.
+        check(by_name.get("gemm/b") == ["gemm/b", "100.0 TFLOP/s", "0.25", "110.0 TFLOP/s", "0.28", "1.10x", "1.05x"],
+              f"the vendor's own median rate: {rows}")
+        check(by_name.get("max_pool/c") == ["max_pool/c", "1000.0 GB/s", "0.80 (peak 0.40)", "1100.0 GB/s",
+                                            "0.88 (peak 0.44)", "1.10x", "1.00x"],
+              f"a bandwidth row with the copy's peak: {rows}")
         check(by_name.get("only/direct") == ["only/direct", "1.0 TFLOP/s", "0.10", "—", "—", "—", "—"],
               f"a row one file lacks: {rows}")
 
@@ -73,11 +86,29 @@ def main():
         for extra in ([], ["--graphs"], ["--graphs", "--graph-memory", "bump"]):
             p = subprocess.run(base + extra, capture_output=True, text=True)
             check(p.returncode == 0, f"staleprop bench {extra}", p.stdout + p.stderr)
+        # Other configurations are rows of their own, not merged into the first: another shrink
+        # factor, and (hand-written) the vendor's kernels; a PyTorch line is skipped.
+        p = subprocess.run(base + ["--shrink", "0.5"], capture_output=True, text=True)
+        check(p.returncode == 0, "staleprop bench --shrink 0.5", p.stdout + p.stderr)
+        with open(runs) as f:
+            first = json.loads(f.readline())
+        with open(runs, "a") as f:
+            f.write(json.dumps(dict(first, kernels="vendor", images_per_s=1.0)) + "\n")
+            f.write(json.dumps({"framework": "pytorch-eager", "model": "resnet20", "batch_size": 4,
+                                "images_per_s": 9.0}) + "\n")
+        p = subprocess.run([sys.executable, SCRIPT, "train", runs], capture_output=True, text=True)
+        check(p.returncode == 0 and "1 lines that are not staleprop bench records skipped" in p.stderr,
+              "the PyTorch line is skipped, with a note", p.stdout + p.stderr)
         head, rows = table("train", runs)
-        check(len(rows) == 1, f"one configuration: {rows}")
+        check(len(rows) == 3, f"three configurations: {rows}")
         row = rows[0]
-        check(row[:5] == ["resnet20", "4", "fp32", "fdg", "2"], f"the configuration: {row}")
-        check("—" not in row[5:11], f"every way of running it is there: {row}")
+        check(row[:7] == ["resnet20", "4", "fp32", "custom", "fdg", "2", "—"], f"the configuration: {row}")
+        check("—" not in row[7:13], f"every way of running it is there: {row}")
+        check(rows[1][:7] == ["resnet20", "4", "fp32", "custom", "fdg", "2", "β 0.5"] and rows[1][9] == "—",
+              f"the shrink factor's row, op by op only: {rows[1]}")
+        check(rows[2][3] == "vendor" and rows[2][7] == "1" and row[7] != "1",
+              f"the vendor's row, its op-by-op rate not in the custom row: {rows}")
+        row = row[2:]  # the columns below as before the kernels and variant columns
         planned_mib, bump_mib = float(row[8]), float(row[10])
         check(planned_mib < bump_mib, f"planned arenas hold less than bump arenas: {row}")
 

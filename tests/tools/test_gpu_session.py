@@ -22,7 +22,12 @@ timed out and the programmatic-launch test failed:
     rounds, PyTorch beside each round;
   - with a second binary carried, the op-by-op fdg and backprop runs on both;
   - where the halo test failed, it runs once more with STALEPROP_HALO_DESC_PHASE=1, and on
-    passing the halo is measured with it;
+    passing the halo is measured with it; with only 240 s left after ctest that retry and the
+    single-test memchecks still run; the SASS check reads the two objects holding the TMA
+    kernels;
+  - a failed build ends the call with status 1 only after the accuracy run (on the carried
+    binary) has finished, its checkpoint beside the archive; where packing fails, the loose
+    files and the checkpoint stay;
   - the script ends with exit status 0 and packs its outputs into results.tgz with session.txt.
 """
 import os
@@ -70,10 +75,19 @@ CTEST_LOG = """\
  18/18 Test #18: Mainloops/TensorCore.ConvolutionsByHaloPatchesResident/wgmma_tma ....   Passed    1.00 sec
 """
 
-# tools/gpu_check.sh: the build does nothing, the tests write the log above.
+# tools/gpu_check.sh: the build does nothing (or fails, with FAIL_BUILD set), the tests write the log above.
 GPU_CHECK = """#!/bin/bash
 echo "gpu_check $STAGES |" >> "$CALLS"
+if [ "$STAGES" = build ] && [ -n "${FAIL_BUILD:-}" ]; then echo 'build exit 1'; exit 1; fi
 if [ "$STAGES" = test ]; then cat "$CTEST_FIXTURE" > "$OUT/ctest.log"; echo 'ctest exit 8'; fi
+"""
+
+# The carried staleprop of the accuracy run: trains for a second, then writes its checkpoint.
+CARRIED = """#!/bin/bash
+echo "carried $1 |" >> "$CALLS"
+while [ $# -gt 0 ]; do [ "$1" = --checkpoint ] && ckpt=$2; shift; done
+sleep 1
+echo weights > "$ckpt"
 """
 
 
@@ -100,6 +114,10 @@ def main():
                      "build-gpu/tests/test_cuda_ops", "build-gpu/tests/test_cuda_tensor_core"):
             write(os.path.join(repo, path), STUB, True)
         write(os.path.join(repo, "build-gpu", "kernels", "libstaleprop_kernels.a"), "")
+        objects = [os.path.join(repo, "build-gpu", "kernels", "CMakeFiles", "staleprop_kernels.dir", "cuda", f)
+                   for f in ("gemm_bf16.cu.o", "conv_bf16.cu.o")]
+        for o in objects:
+            write(o, "")
         os.makedirs(os.path.join(repo, "data", "cifar-10-batches-bin"))
         for name in ("compute-sanitizer", "ncu", "nvidia-smi", "nvcc", "cuobjdump"):
             write(os.path.join(bin_dir, name), STUB, True)
@@ -288,6 +306,49 @@ def main():
                  ("compute-sanitizer" in l and "ByHaloPatches" in l)]
         check(len(halo3) == 10 and all("STALEPROP_HALO_DESC_PHASE=1" in l.rsplit(" |", 1)[1] for l in halo3),
               f"the halo's memcheck, benchmarks, training runs and profile carry the base offset: {halo3}", log3)
+
+        # The SASS check reads the two objects that hold the TMA kernels, not the whole archive.
+        sass = [l.split()[1] for l in lines if l.startswith("sass_check.sh ")]
+        check([os.path.relpath(os.path.join(repo, x), repo) for x in sass] ==
+              [os.path.relpath(o, repo) for o in objects], f"the SASS of the TMA objects: {sass}", log)
+
+        # A short call (240 s left after ctest): the halo retry (at most 60 s) and the single-test
+        # memchecks (30 s each) still run.
+        write(fixture, halo_failed)
+        os.remove(calls)
+        p4 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")],
+                            env=dict(env, OUT=os.path.join(tmp, "out4"), DEADLINE="240"), capture_output=True,
+                            text=True, timeout=120)
+        lines4 = open(calls).read().splitlines()
+        log4 = p4.stdout + p4.stderr + "\n== calls\n" + "\n".join(lines4)
+        mem4 = [l for l in lines4 if l.startswith("compute-sanitizer --tool memcheck")]
+        check(p4.returncode == 0 and any("ConvolutionsByHaloPatches*/" in l for l in lines4) and len(mem4) >= 4,
+              f"with 240 s left the halo retry and the memchecks run: {mem4}", log4)
+
+        # The build fails while the accuracy run trains on the carried binary: the script waits
+        # for the run, packs, brings its checkpoint back, and ends with status 1.
+        write(os.path.join(repo, ".carry", "bin", "staleprop"), CARRIED, True)
+        write(os.path.join(repo, ".carry", "data", "cifar10-jpeg.pack.gz"), "")
+        write(os.path.join(repo, ".carry", "data", "unpack_cifar10.py"), "")
+        fail_env = {k: v for k, v in env.items() if k != "NO_TRAIN"}
+        for broken_tar in (False, True):
+            name = "out-build-failed" + ("-tar" if broken_tar else "")
+            run_env = dict(fail_env, OUT=os.path.join(tmp, name), FAIL_BUILD="1")
+            if broken_tar:  # and packing fails too: nothing is deleted, the checkpoint stays
+                write(os.path.join(tmp, "badtar", "tar"), "#!/bin/sh\nexit 1\n", True)
+                run_env["PATH"] = os.path.join(tmp, "badtar") + os.pathsep + run_env["PATH"]
+            p5 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")], env=run_env,
+                                capture_output=True, text=True, timeout=120)
+            log5 = p5.stdout + p5.stderr
+            got = sorted(os.listdir(run_env["OUT"]))
+            check(p5.returncode == 1 and "the build failed" in log5, f"{name}: a failed build ends the call", log5)
+            check(open(os.path.join(run_env["OUT"], "train.safetensors")).read() == "weights\n",
+                  f"{name}: the accuracy run finished and its checkpoint came back: {got}", log5)
+            if broken_tar:
+                check("results.tgz" not in got and "session.txt" in got and "packing failed" in log5,
+                      f"{name}: the loose files stay when packing fails: {got}", log5)
+            else:
+                check(got == ["results.tgz", "train.safetensors"], f"{name}: archive and checkpoint: {got}", log5)
 
         results = os.path.join(out, "results.tgz")
         check(os.path.isfile(results), "the outputs are packed into results.tgz", log)
