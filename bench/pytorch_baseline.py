@@ -80,10 +80,11 @@ def build(name, init="staleprop"):
     1 / sqrt(3 fan_in), uniform linear bias), which start with smaller logits."""
     if name == "resnet18":
         model = ResNet([64, 128, 256, 512], [2, 2, 2, 2], "B")
-    else:
-        depth = int(name.removeprefix("resnet"))
-        n = (depth - 2) // 6
+    elif name in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110"):
+        n = (int(name.removeprefix("resnet")) - 2) // 6
         model = ResNet([16, 32, 64], [n, n, n], "A")
+    else:  # as staleprop's models (layers/resnet.h)
+        raise ValueError(f"model {name!r}: resnet18, or the CIFAR resnet20, 32, 44, 56 or 110")
     if init == "staleprop":
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):

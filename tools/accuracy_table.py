@@ -29,7 +29,7 @@ import os
 import shlex
 import sys
 
-from resumable_runs import add_run_options, epochs_of, read_epochs, split_argv, train_resumable
+from resumable_runs import add_run_options, epochs_of, existing_dir, read_epochs, split_argv, train_resumable
 
 # Test error (%) on CIFAR-10 in FDG's repository (Zhuang et al., arXiv 1906.09108; github.com/
 # ZHUANGHP/FDG, README): 300 epochs, lr 0.1 divided by 10 at epochs 150, 225 and 275, momentum
@@ -157,6 +157,8 @@ def main():
     for method in args.methods:
         if method not in ("bp", "ddg", "fdg"):
             ap.error(f"unknown method {method!r} (bp, ddg, fdg)")
+    if args.verb == "table":
+        existing_dir(ap, args.out, "--out")
     return run(args, extra) if args.verb == "run" else table(args)
 
 

@@ -338,6 +338,13 @@ def unfinished(out, state):
     return 0
 
 
+def existing_dir(ap, path, what):
+    """Refuses, naming it, a directory to read that is not there."""
+    if not os.path.isdir(path):
+        ap.error(f"{what} {path}: no such directory")
+    return path
+
+
 def main():
     argv, extra = split_argv(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -346,9 +353,9 @@ def main():
     add_run_options(ap, "runs")
     args = ap.parse_args(argv)
     if args.verb == "summary":
-        return summary(args.out)
+        return summary(existing_dir(ap, args.out, "--out"))
     if args.verb == "unfinished":
-        return unfinished(args.out, args.state or args.out)
+        return unfinished(args.out, existing_dir(ap, args.state or args.out, "--state" if args.state else "--out"))
     if not args.runs:
         ap.error("run needs --runs FILE")
     runs = [(name, words + extra, epochs_of(words + extra)) for name, words, _ in read_runs(args.runs)]

@@ -135,8 +135,10 @@ def main(args):
         if span <= 0:
             print(f"{path}: no module stages in the trace", file=sys.stderr)
             return 1
-        width = max(width, len(levels))
-        shares = "/".join(f"{100 * busy[t] / span:.0f}" for t in sorted(busy))
+        # Every module of the trace, also one whose stages --skip left out (busy 0).
+        modules = sorted(set(names) | set(busy))
+        width = max(width, len(modules) + 1)
+        shares = "/".join(f"{100 * busy.get(t, 0.0) / span:.0f}" for t in modules)
         rows.append((path, span, shares, [100 * x / span for x in levels], sum(busy.values()) / span))
     head = ["trace", "span ms", "busy % per module"] + [f"{n} busy %" for n in range(width)] + ["concurrency"]
     print("| " + " | ".join(head) + " |")

@@ -98,6 +98,9 @@ def main():
         check(len(ddg3) == 1 and ddg3[0].rstrip().endswith("| – |"), "ddg K = 3: β 1, no published figure", table)
         rc, _ = run("table", "--out", os.path.join(tmp, "empty"))
         check(rc != 0, "an empty directory is no table")
+        rc, log = run("table", "--out", os.path.join(tmp, "nowhere"))
+        check(rc == 2 and "--out " + os.path.join(tmp, "nowhere") + ": no such directory" in log and
+              "Traceback" not in log, "a missing directory is named", log)
         # FDG's figures stand beside the ResNet-56 cells they were published for: the same records
         # under those cells' names.
         r56 = os.path.join(tmp, "r56")

@@ -148,6 +148,10 @@ def main():
             check(rc != 0 and complaint in log, f"refused: {complaint}", log)
         rc, log = run("run", "--out", out)
         check(rc != 0 and "run needs --runs FILE" in log, "run needs a runs file", log)
+        for verb in ("summary", "unfinished"):
+            rc, log = run(verb, "--out", os.path.join(tmp, "nowhere"))
+            check(rc == 2 and "no such directory" in log and "Traceback" not in log,
+                  f"{verb} names a missing directory", log)
     print("resumable_runs: all checks passed")
 
 

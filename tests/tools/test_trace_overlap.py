@@ -50,6 +50,9 @@ def main():
         rows = table_rows(made, stages=True, skip=["bwd"])
         check([r[1:] for r in rows] == [["module 1", "10.0", "10.0", "10.0"], ["module 2", "0.0", "0.0", "30.0"]],
               f"the stage table without bwd: {rows}")
+        # And in the overlap table: busy 0, and a column for two modules busy at once.
+        (row,) = table_rows(made, skip=["bwd"])
+        check(row[1:] == ["30.0", "67/0", "33", "67", "0", "0.67"], f"the hand-made trace without bwd: {row}")
         (row,) = table_rows(made, skip=["step"])
         check(row[1:] == ["25.0", "40/80", "0", "80", "20", "1.20"], f"the hand-made trace without steps: {row}")
 
