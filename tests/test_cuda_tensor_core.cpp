@@ -828,6 +828,13 @@ std::vector<HaloCase> halo_cases() {
       // 40 output channels (a column tile part past N; the data gradient's dy, of 40 channels, is
       // no halo source).
       {conv(128, 32, 32, 64, 64, 3, 1, 1), 1, true, true, true, true, 0.f},
+      // The same adding to dx (beta 1) where the data gradient runs resident (1152 tiles); 128
+      // output channels, the resident forward over two column tiles (gridDim.y 2); and three
+      // chunks of 64 channels (192, at 16 px in mode 2: 3 x 26 KiB of patches fit the streaming
+      // kernel's 79.8 KiB) with a data gradient over three column tiles.
+      {conv(128, 32, 32, 64, 64, 3, 1, 1), 1, true, true, true, true, 1.f},
+      {conv(128, 32, 32, 64, 128, 3, 1, 1), 1, true, true, false, true, 0.f},
+      {conv(128, 16, 16, 192, 64, 3, 1, 1), 2, true, true, false, false, 0.f},
       {conv(64, 32, 32, 64, 40, 3, 1, 1), 1, true, false, true, true, 0.f},
       {conv(40, 16, 16, 128, 128, 3, 1, 1), 1, false, false, true, true, 0.f},
       {conv(2, 32, 32, 64, 64, 3, 1, 1), 1, false, false, true, true, 0.f},
@@ -852,8 +859,10 @@ TEST_P(TensorCore, ConvolutionsByHaloPatches) {
   // positions per image on the 34-wide padded rows), its data gradient adding to dx (beta 1, a
   // residual block), two chunks of 64 channels (dy with K = 128), 128 output columns (two
   // column tiles of 64), a 5x5 filter, 30 px rows (not a divisor of the tile: the TMA
-  // convolution's plan refuses them, and the cp.async loop is the comparison), and 16 px (a third
-  // of the rows junk: mode 2 takes it, mode 1 does not). Refused: a batch whose grid would split
+  // convolution's plan refuses them, and the cp.async loop is the comparison), 16 px (a third
+  // of the rows junk: mode 2 takes it, mode 1 does not), three chunks (192 channels) and three
+  // column tiles, and batch 128 (many tiles a block in the resident test below, with beta 1 and
+  // with two column tiles). Refused: a batch whose grid would split
   // K, and stride 2. Against the reference (check_conv); against the same pass without the halo
   // kernel bit for bit where both run 64-column tiles (the same wgmma on the same K steps), else
   // within two bf16 ulps; and the launch counter must grow by the passes expected here.
