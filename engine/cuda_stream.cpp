@@ -30,7 +30,12 @@ class CudaEvent final : public Event {
   Device device() const override { return device_; }
   bool query() override {
     const cudaError_t st = cudaEventQuery(event_);
-    if (st == cudaErrorNotReady) return false;
+    if (st == cudaErrorNotReady) {
+      // Also the thread's last error: cleared, so that no later check (ours, cuBLAS's or
+      // cuDNN's) reads it as a failure.
+      (void)cudaGetLastError();
+      return false;
+    }
     SP_CUDA_CHECK(st);
     return true;
   }
@@ -103,6 +108,13 @@ class CudaStream final : public Stream {
   // blocks cached for it to the streams that come after it (CachingAllocator::retire_stream).
   ~CudaStream() override {
     cudaSetDevice(device_.index);
+    if (capturing_) {
+      // Destroyed inside a capture (an error between begin_capture and end_capture): the
+      // capture ends here and its graph goes, so that this thread is left capturing nothing.
+      cudaGraph_t graph = nullptr;
+      if (cudaStreamEndCapture(stream_, &graph) == cudaSuccess && graph != nullptr) cudaGraphDestroy(graph);
+      (void)cudaGetLastError();
+    }
     cudaStreamSynchronize(stream_);  // an error here was, or will be, reported where it arose
     cudaStreamDestroy(stream_);
     retire_stream_memory(device_, this);
@@ -184,7 +196,10 @@ class CudaStream final : public Stream {
   bool query() override {
     SP_CHECK(!capturing_, "query: the stream is capturing a graph");
     const cudaError_t st = cudaStreamQuery(stream_);
-    if (st == cudaErrorNotReady) return false;
+    if (st == cudaErrorNotReady) {
+      (void)cudaGetLastError();  // as CudaEvent::query
+      return false;
+    }
     SP_CUDA_CHECK(st);
     return true;
   }

@@ -58,8 +58,10 @@ class Stream {
   virtual void enqueue_host(std::function<void()> fn) = 0;
   virtual void record(Event& event) = 0;
   virtual void wait(Event& event) = 0;
-  // Blocks the calling thread until all enqueued work is done. On the CPU an exception thrown
-  // by an enqueued closure is rethrown here (the first one, once).
+  // Blocks the calling thread until all enqueued work is done. An exception thrown by a closure
+  // enqueue_host ran is rethrown here (the first one, once; the later work still ran). A closure
+  // captured into a graph reports to the stream that launches the graph on the CPU, and to the
+  // stream that captured it on CUDA (the pipeline launches each graph on its capturing stream).
   virtual void synchronize() = 0;
   // True when all enqueued work is done.
   virtual bool query() = 0;

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "engine/allocator.h"
@@ -84,6 +85,58 @@ TEST(CudaRuntime, TimingEventsMeasureDeviceWork) {
   const float ms = stop->elapsed_ms_since(*start);
   EXPECT_GT(ms, 0.f);
   EXPECT_LT(ms, 10000.f);
+}
+
+// A query of unfinished work answers false and leaves no error behind: cudaErrorNotReady is also
+// the thread's last error, which a later check (a test's, cuBLAS's, cuDNN's) would read as a
+// failure. The work is a host function held until the queries are done.
+TEST(CudaRuntime, QueriesOfUnfinishedWorkLeaveNoError) {
+  REQUIRE_GPU();
+#if STALEPROP_WITH_CUDA
+  auto s = make_stream(Device::cuda(0));
+  auto ev = make_event(Device::cuda(0));
+  std::atomic<bool> release{false};
+  s->enqueue_host([&] {
+    while (!release.load()) std::this_thread::yield();
+  });
+  s->record(*ev);
+  const bool stream_done = s->query(), event_done = ev->query();
+  const cudaError_t last = cudaGetLastError();
+  release = true;
+  s->synchronize();
+  EXPECT_FALSE(stream_done);
+  EXPECT_FALSE(event_done);
+  EXPECT_EQ(last, cudaSuccess) << cudaGetErrorName(last);
+  EXPECT_TRUE(s->query());
+  EXPECT_TRUE(ev->query());
+#endif
+}
+
+// A stream destroyed inside a capture (an error between begin_capture and end_capture) leaves
+// its thread capturing nothing: another stream's work, allocation and synchronisation go on.
+TEST(CudaRuntime, AStreamDestroyedWhileCapturingLeavesTheThreadFree) {
+  REQUIRE_GPU();
+#if STALEPROP_WITH_CUDA
+  const Device gpu = Device::cuda(0);
+  {
+    auto s = make_stream(gpu);
+    s->begin_capture();
+    s->enqueue_host([] {});
+  }
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  auto t = make_stream(gpu);
+  std::vector<float> host = iota(1000, 1.f), back(host.size(), 0.f);
+  Tensor h = Tensor::from_blob(host.data(), {int64_t(host.size())}, DType::F32);
+  Tensor b = Tensor::from_blob(back.data(), {int64_t(back.size())}, DType::F32);
+  Tensor d = Tensor::empty(h.shape(), DType::F32, gpu, t.get());
+  ops::copy(*t, h, d);
+  ops::copy(*t, d, b);
+  t->synchronize();
+  EXPECT_EQ(host, back);
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusActive;
+  EXPECT_EQ(cudaStreamIsCapturing(static_cast<cudaStream_t>(t->native_handle()), &status), cudaSuccess);
+  EXPECT_EQ(status, cudaStreamCaptureStatusNone);
+#endif
 }
 
 // A host function that throws on a CUDA stream does as on a CPU stream: the later work runs,
