@@ -18,6 +18,7 @@
 
 #include "kernels/common/error.h"
 #include "tests/error_testing.h"
+#include "tests/source_dir.h"
 #include "tools/cifar10.h"
 
 using namespace sp;
@@ -668,25 +669,9 @@ TEST(Cifar10Loader, RejectsBadOptions) {
 
 // ---------------------------------------------------------------- the real data set
 
-// $CIFAR10_DIR, else <repo>/data/cifar-10-batches-bin; empty when neither holds the files.
-std::string real_data_dir() {
-  std::vector<std::string> candidates;
-  if (const char* env = std::getenv("CIFAR10_DIR"); env && *env) candidates.push_back(env);
-  candidates.push_back(std::string(STALEPROP_SOURCE_DIR) + "/data/cifar-10-batches-bin");
-  for (const std::string& dir : candidates) {
-    bool all = true;
-    for (Split s : {Split::Train, Split::Test})
-      for (const std::string& name : cifar10_file_names(s)) all = all && fs::is_regular_file(fs::path(dir) / name);
-    if (all) return dir;
-  }
-  return "";
-}
-
 TEST(Cifar10RealData, SizesLabelsAndStatistics) {
-  const std::string dir = real_data_dir();
-  if (dir.empty())
-    GTEST_SKIP() << "CIFAR-10 not found in $CIFAR10_DIR or " STALEPROP_SOURCE_DIR
-                    "/data/cifar-10-batches-bin (fetch it with tools/fetch_cifar10.sh)";
+  const std::string dir = test::real_cifar10_dir();
+  if (dir.empty()) GTEST_SKIP() << test::no_cifar10_reason();
   const Dataset train = load_cifar10(dir, Split::Train), test = load_cifar10(dir, Split::Test);
   ASSERT_EQ(train.size(), 50000);
   ASSERT_EQ(test.size(), 10000);

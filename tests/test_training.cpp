@@ -24,6 +24,7 @@
 #include "layers/resnet.h"
 #include "tests/checkpoint_testing.h"
 #include "tests/error_testing.h"
+#include "tests/source_dir.h"
 #include "tools/bench.h"
 #include "tools/json.h"
 #include "tools/train.h"
@@ -597,18 +598,9 @@ TEST(Training, LossFallsOnSyntheticImages) {
   EXPECT_GE(steps, 3);
 }
 
-std::string real_data_dir() {
-  std::vector<std::string> candidates;
-  if (const char* env = std::getenv("CIFAR10_DIR"); env && *env) candidates.push_back(env);
-  candidates.push_back(std::string(STALEPROP_SOURCE_DIR) + "/data/cifar-10-batches-bin");
-  for (const std::string& d : candidates)
-    if (fs::exists(fs::path(d) / "data_batch_1.bin") && fs::exists(fs::path(d) / "test_batch.bin")) return d;
-  return "";
-}
-
 TEST(Training, LossFallsOnAFewHundredRealImages) {
-  const std::string dir = real_data_dir();
-  if (dir.empty()) GTEST_SKIP() << "CIFAR-10 not found in $CIFAR10_DIR or " STALEPROP_SOURCE_DIR "/data (see tools/fetch_cifar10.sh)";
+  const std::string dir = test::real_cifar10_dir();
+  if (dir.empty()) GTEST_SKIP() << test::no_cifar10_reason();
   const data::Dataset train = data::load_cifar10(dir, data::Split::Train, 512);
   const data::Dataset test = data::load_cifar10(dir, data::Split::Test, 500);
   train::TrainConfig c = small_config();
