@@ -7,8 +7,9 @@
 #      binary when present (else after the build), its metrics in train.jsonl and its last
 #      finished epoch's checkpoint in train.safetensors (returned beside the archive). With
 #      .carry/resume/train.safetensors (RESUME=FILE tools/gpu_prepare.sh) it resumes that run;
-#   2. build build-gpu/ (tools/gpu_check.sh build, niced) and run every test but the tools/
-#      scripts' CPU tests (ctest, 120 s per test);
+#   2. build build-gpu/ (tools/gpu_check.sh build, niced; nothing to build where gpu_prepare.sh
+#      carried the build made on the development machine, which tools/gpu_env.sh unpacks) and
+#      run every test but the tools/ scripts' CPU tests (ctest, 120 s per test);
 #   3. compute-sanitizer memcheck (first) on the stride classes' test (their results go straight
 #      into dx), the split-K test of every main loop (the epilogue's paired stores) and the
 #      persistent TMA kernel's, then racecheck on the persistent kernel's, then memcheck on the

@@ -12,8 +12,9 @@ What carries a long accuracy run from one GPU session to the next, checked here 
   - a folder with the parts of two states, or a damaged part, is refused before anything is
     unpacked;
   - gpu_env.sh unpacks the xz-compressed binary gpu_prepare.sh carries, with xz and, where xz is
-    missing, with Python's lzma.
+    missing, with Python's lzma; and the prebuilt build, once, with its CTest paths moved.
 """
+import io
 import json
 import lzma
 import os
@@ -21,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tarfile
 import tempfile
 
@@ -79,10 +81,53 @@ def check_unpack(tmp):
               f"the unpacked binary is the carried one, executable ({name})")
 
 
+def check_prebuilt(tmp):
+    """gpu_env.sh, sourced where .carry/prebuilt.tar.xz lies (tools/gpu_prepare.sh), unpacks it once
+    as build-gpu/, marked, with the CTest files' paths moved from the development machine's tree
+    to this one (also where this tree's path begins with that one's), the tree named in
+    STALEPROP_SOURCE_DIR, and its staleprop as .carry/bin/staleprop."""
+    dev = os.path.join(tmp, "dev")  # the development machine's tree: this one is inside it
+    here = os.path.join(dev, "gpu")
+    os.makedirs(os.path.join(here, ".carry"))
+    shutil.copy(os.path.join(ROOT, "tools", "gpu_env.sh"), here)
+    ctest_file = (f'include("{dev}/build-cuda/tests/t[1]_tests.cmake")\n'
+                  f'add_test(t "{dev}/build-cuda/tests/t" "{dev}/tests/data")\n')
+    with tarfile.open(os.path.join(tmp, "prebuilt.tar"), "w") as t:
+        for name, body, mode in (("tests/CTestTestfile.cmake", ctest_file, 0o644),
+                                 ("tools/staleprop", "#!/bin/sh\necho prebuilt\n", 0o755)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(body), mode
+            t.addfile(info, io.BytesIO(body.encode()))
+    with open(os.path.join(tmp, "prebuilt.tar"), "rb") as f, lzma.open(os.path.join(here, ".carry", "prebuilt.tar.xz"),
+                                                                        "wb") as g:
+        g.write(f.read())
+    with open(os.path.join(here, ".carry", "prebuilt.paths"), "w") as f:
+        f.write(f"{dev} {dev}/build-cuda\n")
+    source = [shutil.which("bash"), "-c", 'source gpu_env.sh && echo "source dir $STALEPROP_SOURCE_DIR"']
+    p = subprocess.run(source, cwd=here, capture_output=True, text=True)
+    got = open(os.path.join(here, "build-gpu", "tests", "CTestTestfile.cmake")).read()
+    want = (f'include("{here}/build-gpu/tests/t[1]_tests.cmake")\n'
+            f'add_test(t "{here}/build-gpu/tests/t" "{here}/tests/data")\n')
+    check(p.returncode == 0 and got == want, f"the CTest paths moved to this tree:\n{got}\nwant\n{want}",
+          p.stdout + p.stderr)
+    check(f"source dir {here}" in p.stdout and os.path.isfile(os.path.join(here, "build-gpu", ".prebuilt")),
+          "the tree named to the tests, the build marked prebuilt", p.stdout)
+    binary = os.path.join(here, ".carry", "bin", "staleprop")
+    check(open(binary).read() == "#!/bin/sh\necho prebuilt\n" and os.access(binary, os.X_OK),
+          "its staleprop is the accuracy run's")
+    # Sourced again (every gpu_*.sh script does), it leaves the unpacked build as it is.
+    with open(os.path.join(here, "build-gpu", "tests", "CTestTestfile.cmake"), "a") as f:
+        f.write("# kept\n")
+    subprocess.run(source, cwd=here, capture_output=True, text=True)
+    check(open(os.path.join(here, "build-gpu", "tests", "CTestTestfile.cmake")).read().endswith("# kept\n"),
+          "a second sourcing unpacks nothing")
+
+
 def main():
     staleprop = os.path.abspath(sys.argv[1])
     with tempfile.TemporaryDirectory() as tmp:
         check_unpack(tmp)
+        check_prebuilt(tmp)
         write_cifar(os.path.join(tmp, "data"))
         with open(os.path.join(tmp, "runs.txt"), "w") as f:
             f.write("long --model resnet20 --epochs 400 --batch-size 16\n")
