@@ -17,9 +17,9 @@
 #      STALEPROP_HALO_DESC_PHASE=1 on a second try) (SAN_CAP seconds each, default 30: each is
 #      one test, which took 1-15 s under either tool on an H100; only tests that ended in ctest,
 #      none that timed out; each runs while the accuracy run still has that long to go, or while
-#      SAN_CAP + 200 s are left); racecheck over the
-#      convolution tests and test_cuda_network comes after step 6 (SWEEP_CAP seconds each,
-#      default 100, as time allows);
+#      SAN_CAP + 200 s are left); then racecheck over the convolution tests and test_cuda_network
+#      (SWEEP_CAP seconds each, default 100) while the accuracy run holds the GPU, else after
+#      step 6 as time allows;
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
 #      past DEADLINE - 230 s, which the measurements keep), so that nothing shares the GPU with
 #      the measurements; evaluate its checkpoint with staleprop and, loaded into PyTorch, with
@@ -252,6 +252,34 @@ if [ -z "${CTEST_LOG:-}" ]; then
   [ -n "$HALO_RESIDENT_OK" ] &&
     san memcheck test_cuda_tensor_core '*ConvolutionsByHaloPatchesResident/wgmma_tma' halo-resident
 fi
+
+# racecheck's sweeps: test_cuda_ops finished clean on 2026-11-27b; left are the convolution tests
+# on the default main loop (racecheck ran the first ones up to the transposed filter, and the
+# TMA, stride-class and cluster ones on their own) and the network tests (whole ResNet steps, the
+# pipeline's graphs). Each runs once, for at most SWEEP_CAP s (default 100): here while the
+# accuracy run holds the GPU for 30 s or more yet (the measurements wait for it anyway), else
+# after the measurements, keeping 20 s to pack (on 2026-11-27 a sweep's 100 s came out of the
+# measurements' time).
+SWEPT=
+racecheck_sweeps() {  # CAP_FUNCTION: prints the seconds a sweep may take now
+  local pair cap
+  for pair in 'test_cuda_tensor_core *Convolution*/wgmma_tma' 'test_cuda_network *'; do
+    case " $SWEPT " in *" ${pair%% *} "*) continue ;; esac
+    cap=$($1)
+    [ "$cap" -ge 30 ] || continue
+    CAP=$cap RESERVE=20 san racecheck ${pair%% *} "${pair#* }" sweep
+    SWEPT="$SWEPT ${pair%% *}"
+  done
+}
+sweep_cap() { local c=$(($(left) - 25)); [ "$c" -gt "${SWEEP_CAP:-100}" ] && c=${SWEEP_CAP:-100}; echo "$c"; }
+# While the accuracy run is on: up to 5 s before its limit.
+train_window_cap() {
+  local c=0
+  [ -n "$TRAIN_PID" ] && kill -0 "$TRAIN_PID" 2> /dev/null && c=$((TRAIN_ENDS - SECONDS - 5))
+  [ "$c" -gt "${SWEEP_CAP:-100}" ] && c=${SWEEP_CAP:-100}
+  echo "$c"
+}
+[ -z "${CTEST_LOG:-}" ] && racecheck_sweeps train_window_cap
 
 if [ -n "$TRAIN_PID" ]; then
   log "waiting for the accuracy run"
@@ -591,17 +619,8 @@ if [ -d data/cifar-10-batches-bin ]; then
   done
 fi
 
-# racecheck's sweeps, after the measurements (on 2026-11-27 the first sweep's 100 s came out of
-# the measurements' time): test_cuda_ops finished clean on 2026-11-27b; left are the convolution
-# tests on the default main loop (racecheck ran the first ones up to the transposed filter, and
-# the TMA, stride-class and cluster ones on their own) and the network tests (whole ResNet steps,
-# the pipeline's graphs). Each runs for what is left (at most SWEEP_CAP, default 100 s), keeping
-# 20 s to pack.
-sweep_cap() { local c=$(($(left) - 25)); [ "$c" -gt "${SWEEP_CAP:-100}" ] && c=${SWEEP_CAP:-100}; echo "$c"; }
-if [ -z "${CTEST_LOG:-}" ]; then
-  [ "$(sweep_cap)" -ge 30 ] && CAP=$(sweep_cap) RESERVE=20 san racecheck test_cuda_tensor_core '*Convolution*/wgmma_tma' sweep
-  [ "$(sweep_cap)" -ge 30 ] && CAP=$(sweep_cap) RESERVE=20 san racecheck test_cuda_network '*' sweep
-fi
+# racecheck's sweeps that did not run while the accuracy run held the GPU, now as time allows.
+[ -z "${CTEST_LOG:-}" ] && racecheck_sweeps sweep_cap
 
 # The warp-specialised TMA kernels' SASS: each should set its warpgroups' registers twice
 # (USETMAXREG) and make no calls in the producer's 40-register region; the wide tile with the

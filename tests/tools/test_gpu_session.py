@@ -25,6 +25,8 @@ timed out and the programmatic-launch test failed:
     passing the halo is measured with it; with only 240 s left after ctest that retry and the
     single-test memchecks still run; the SASS check reads the two objects holding the TMA
     kernels;
+  - racecheck's sweeps run while an accuracy run holds the GPU (else after the measurements),
+    once;
   - a failed build ends the call with status 1 only after the accuracy run (on the carried
     binary) has finished, its checkpoint beside the archive; where packing fails, the loose
     files and the checkpoint stay;
@@ -82,11 +84,11 @@ if [ "$STAGES" = build ] && [ -n "${FAIL_BUILD:-}" ]; then echo 'build exit 1'; 
 if [ "$STAGES" = test ]; then cat "$CTEST_FIXTURE" > "$OUT/ctest.log"; echo 'ctest exit 8'; fi
 """
 
-# The carried staleprop of the accuracy run: trains for a second, then writes its checkpoint.
+# The carried staleprop of the accuracy run: trains for TRAIN_SECONDS (1), then writes its checkpoint.
 CARRIED = """#!/bin/bash
 echo "carried $1 |" >> "$CALLS"
 while [ $# -gt 0 ]; do [ "$1" = --checkpoint ] && ckpt=$2; shift; done
-sleep 1
+sleep ${TRAIN_SECONDS:-1}
 echo weights > "$ckpt"
 """
 
@@ -349,6 +351,21 @@ def main():
                       f"{name}: the loose files stay when packing fails: {got}", log5)
             else:
                 check(got == ["results.tgz", "train.safetensors"], f"{name}: archive and checkpoint: {got}", log5)
+
+        # With an accuracy run holding the GPU, racecheck's two sweeps run in its time, before any
+        # measurement, and not again after them.
+        os.remove(calls)
+        p6 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")],
+                            env=dict(fail_env, OUT=os.path.join(tmp, "out-train"), TRAIN_SECONDS="4"),
+                            capture_output=True, text=True, timeout=120)
+        lines6 = open(calls).read().splitlines()
+        log6 = p6.stdout + p6.stderr + "\n== calls\n" + "\n".join(lines6)
+        sweeps6 = [i for i, l in enumerate(lines6) if l.startswith("compute-sanitizer --tool racecheck") and
+                   ("test_cuda_network" in l or "*Convolution*/wgmma_tma" in l)]
+        bench6 = [i for i, l in enumerate(lines6) if l.startswith("bench_gpu_kernels ")]
+        check(p6.returncode == 0 and len(sweeps6) == 2 and bench6 and sweeps6[-1] < bench6[0] and
+              any(l.startswith("carried train") for l in lines6),
+              f"the sweeps run while the accuracy run trains, once: {sweeps6}, first benchmark {bench6[:1]}", log6)
 
         results = os.path.join(out, "results.tgz")
         check(os.path.isfile(results), "the outputs are packed into results.tgz", log)
