@@ -484,6 +484,12 @@ void end_by_signal_if_stopped() {
   raise(sig);
 }
 
+// Throws, naming it, unless --device and each of --devices is there: told before any data is read.
+void require_devices(const std::string& device, const std::vector<std::string>& devices) {
+  sp::require_device(sp::Device::parse(device));
+  for (const std::string& d : devices) sp::require_device(sp::Device::parse(d));
+}
+
 int train_main(int argc, char** argv) {
   TrainArgs a;
   if (!parse_flags("train", kTrainWhat, train_flags(a), argc, argv)) return 0;
@@ -491,6 +497,7 @@ int train_main(int argc, char** argv) {
   default_device(a.c.device, a.c.devices);
   c.deadline = sp::train::deadline_after(a.time_limit);
   use_threads(a.threads);
+  require_devices(c.device, c.devices);  // before the data is looked for and read
   const std::string dir = sp::data::resolve_cifar10_dir(a.data_dir);
   const sp::data::Dataset train = sp::data::load_cifar10(dir, sp::data::Split::Train, a.train_limit);
   const sp::data::Dataset test = sp::data::load_cifar10(dir, sp::data::Split::Test, a.test_limit);
@@ -794,6 +801,7 @@ int eval_main(int argc, char** argv) {
   if (!parse_flags("eval", "Reports the CIFAR-10 test accuracy of a checkpoint.", flags, argc, argv)) return 0;
   use_threads(0);  // a bad STALEPROP_NUM_THREADS is told before any work
   SP_CHECK(!checkpoint.empty(), "eval: --checkpoint FILE is required");
+  require_devices(device, {});
   const std::string dir = sp::data::resolve_cifar10_dir(data_dir, {sp::data::Split::Test});  // reads only the test batch
   const auto test = sp::data::load_cifar10(dir, sp::data::Split::Test, limit);
   const auto r = sp::train::evaluate_checkpoint(checkpoint, model, device, test, batch);
