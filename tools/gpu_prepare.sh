@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run on the development machine before sending the tree to the lent GPU machine: fills the
 # git-ignored .carry/ with what the GPU machine lacks (name `.carry` in the device call's carry):
-#   .carry/googletest   with NO_PREBUILT=1: GoogleTest's sources (built there by the top-level
-#                       CMakeLists.txt)
-#   .carry/benchmark    Google Benchmark's shared library (and with NO_PREBUILT=1 its headers)
+#   .carry/googletest   GoogleTest's sources (built there by the top-level CMakeLists.txt, where the
+#                       GPU machine builds: NO_PREBUILT=1, or a prebuilt build it cannot unpack)
+#   .carry/benchmark    Google Benchmark's headers and shared library
 #   .carry/data         the CIFAR-10 pack and its unpack script (for accuracy runs)
 #   .carry/prebuilt.tar.xz  the whole of build-cuda (every test, bench_gpu_kernels, staleprop,
 #                       the CTest files and the two objects of the TMA kernels), built here first
@@ -31,12 +31,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .carry && mkdir -p .carry/benchmark/lib .carry/benchmark/include .carry/data
 if [ -z "${ACCURACY:-}" ]; then
-  # The library bench_gpu_kernels loads; the sources and headers a build there needs.
+  # The library bench_gpu_kernels loads, and what a build there needs: with NO_PREBUILT, and as
+  # the fallback where the prebuilt build cannot be unpacked (4 MB).
   for f in /usr/lib/x86_64-linux-gnu/libbenchmark.so.*; do cp -L "$f" .carry/benchmark/lib/; done
-  if [ -n "${NO_PREBUILT:-}" ]; then
-    cp -r /usr/src/googletest .carry/googletest
-    cp -r /usr/include/benchmark .carry/benchmark/include/
-  fi
+  cp -r /usr/src/googletest .carry/googletest
+  cp -r /usr/include/benchmark .carry/benchmark/include/
 fi
 if [ -f ../shared/data/cifar10-jpeg.pack.gz ]; then
   cp ../shared/data/cifar10-jpeg.pack.gz ../shared/data/unpack_cifar10.py ../shared/data/SHA256SUMS .carry/data/
