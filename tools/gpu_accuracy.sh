@@ -30,7 +30,9 @@
 #               bench/results/nvidia-h100/accuracy-table, which FROM may name: --device cuda
 #               --precision bf16 --batch-size 128 --lr 0.1 --momentum 0.9 --nesterov --weight-decay
 #               5e-4 --schedule cosine --warmup-epochs 2 --cutout 16 --graphs). A cell resumes, or
-#               counts as done, only with the recipe it was trained with (flags in any order)
+#               counts as done, only with the recipe it was trained with (flags in any order, values
+#               as written); one trained with another (the fdg K = 4 cell there ran at beta 0.5,
+#               not FDG's 0.3, which is now its default) starts again, its records moved aside
 #   DATA_DIR    an unpacked CIFAR-10 (default: unpack .carry/data's pack into data/)
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1

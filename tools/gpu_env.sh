@@ -17,20 +17,6 @@ unxz_to() {  # FILE.xz OUT: decompressed, with xz or, where there is none, Pytho
     python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1" > "$2"
   fi
 }
-if [ -f .carry/prebuilt.tar.xz ] && [ ! build-gpu/.prebuilt -nt .carry/prebuilt.tar.xz ]; then
-  rm -rf build-gpu.part && mkdir build-gpu.part && unxz_to .carry/prebuilt.tar.xz build-gpu.part.tar &&
-    tar xf build-gpu.part.tar -C build-gpu.part && rm -f build-gpu.part.tar &&
-    read -r from_src from_build < .carry/prebuilt.paths &&
-    find build-gpu.part -name '*.cmake' -exec sed -i \
-      "s#$from_build#@BUILD@#g; s#$from_src#@SRC@#g; s#@BUILD@#$PWD/build-gpu#g; s#@SRC@#$PWD#g" {} + &&
-    rm -rf build-gpu && mv build-gpu.part build-gpu && touch build-gpu/.prebuilt ||
-    echo "gpu_env.sh: could not unpack .carry/prebuilt.tar.xz" >&2
-  rm -rf build-gpu.part build-gpu.part.tar
-fi
-if [ -f build-gpu/.prebuilt ]; then
-  export STALEPROP_SOURCE_DIR=$PWD
-  [ -x .carry/bin/staleprop ] || { mkdir -p .carry/bin && cp build-gpu/tools/staleprop .carry/bin/staleprop; }
-fi
 for carried in staleprop compare; do
   if [ -f .carry/bin/$carried.xz ] && [ ! .carry/bin/$carried -nt .carry/bin/$carried.xz ]; then
     unxz_to .carry/bin/$carried.xz .carry/bin/$carried.part && chmod +x .carry/bin/$carried.part &&
@@ -38,3 +24,37 @@ for carried in staleprop compare; do
       echo "gpu_env.sh: could not unpack .carry/bin/$carried.xz" >&2
   fi
 done
+# The prebuilt build, unpacked unless build-gpu/ already holds this archive of this commit (a warm
+# machine's earlier call); build-gpu/.prebuilt names the commit. A call that carries no archive
+# (NO_PREBUILT=1, ACCURACY=1) finds no marker: an earlier call's prebuilt build is not its own.
+if [ ! -f .carry/prebuilt.tar.xz ]; then
+  rm -f build-gpu/.prebuilt
+elif [ ! build-gpu/.prebuilt -nt .carry/prebuilt.tar.xz ] ||
+     [ "$(cat build-gpu/.prebuilt 2> /dev/null)" != "$(cat .carry/commit 2> /dev/null)" ]; then
+  rm -rf build-gpu.part && mkdir build-gpu.part && unxz_to .carry/prebuilt.tar.xz build-gpu.part.tar &&
+    tar xf build-gpu.part.tar -C build-gpu.part && rm -f build-gpu.part.tar &&
+    python3 - .carry/prebuilt.paths build-gpu.part "$PWD" << 'PY' &&
+import os, sys
+# The development machine's tree and build (one path a line), as its CTest files name them: here
+# this tree and build-gpu/ (the build first: it lies inside the tree).
+src, build = open(sys.argv[1]).read().splitlines()[:2]
+here = sys.argv[3]
+for d, _, files in os.walk(sys.argv[2]):
+    for f in files:
+        if f.endswith(".cmake"):
+            path = os.path.join(d, f)
+            text = open(path).read()
+            new = text.replace(build, "\0BUILD").replace(src, here).replace("\0BUILD", here + "/build-gpu")
+            if new != text:
+                open(path, "w").write(new)
+PY
+    rm -rf build-gpu && mv build-gpu.part build-gpu && cat .carry/commit > build-gpu/.prebuilt 2> /dev/null ||
+    echo "gpu_env.sh: could not unpack .carry/prebuilt.tar.xz" >&2
+  rm -rf build-gpu.part build-gpu.part.tar
+fi
+if [ -f build-gpu/.prebuilt ]; then
+  export STALEPROP_SOURCE_DIR=$PWD
+  # The accuracy run's binary is the prebuilt one (not one an earlier call left in .carry/bin).
+  cmp -s build-gpu/tools/staleprop .carry/bin/staleprop ||
+    { mkdir -p .carry/bin && rm -f .carry/bin/staleprop && cp build-gpu/tools/staleprop .carry/bin/staleprop; }
+fi

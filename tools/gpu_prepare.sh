@@ -53,7 +53,7 @@ if [ -z "${ACCURACY:-}" ] && [ -z "${NO_PREBUILT:-}" ]; then
   grep -q '^CMAKE_CUDA_ARCHITECTURES:[A-Z]*=90a$' build-cuda/CMakeCache.txt ||
     { echo "gpu_prepare.sh: build-cuda is not built for sm_90a" >&2; exit 1; }
   # Where the CTest files say the tree and the build are; tools/gpu_env.sh moves them there.
-  echo "$PWD $PWD/build-cuda" > .carry/prebuilt.paths
+  printf '%s\n%s\n' "$PWD" "$PWD/build-cuda" > .carry/prebuilt.paths
   (cd build-cuda && find . -name CTestTestfile.cmake -o -path './tests/*.cmake' -o -path './tests/test_*' -type f \
      -perm -u+x -o -path './kernels/CMakeFiles/staleprop_kernels.dir/cuda/*_bf16.cu.o' | sed 's|^\./||' |
      grep -v '^tests/CMakeFiles' | sort > ../.carry/prebuilt.list)
@@ -75,7 +75,9 @@ fi
 if [ -n "${STATE_PARTS:-}" ]; then
   mkdir -p .carry/state && cp "$STATE_PARTS"/state-*.tgz.* .carry/state/
 fi
-git rev-parse HEAD > .carry/commit
+# The commit, "-dirty" where tracked files differ from it (NO_PREBUILT=1 and ACCURACY=1 allow
+# that): a build there names it (tools/build_info.cmake), as do the logs.
+echo "$(git rev-parse HEAD)$([ -n "$clean" ] || echo -dirty)" > .carry/commit
 du -sh .carry
 # What a call carries: the tracked and untracked-not-ignored files, and .carry (at most 64 MiB).
 travels=$(( $(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1) +

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A whole GPU session in one device call (the lease is short: see ../shared/guide/gpu.md). Run
-# tools/gpu_prepare.sh here first; it also copies a current build-cuda/tools/staleprop into
-# .carry/bin/ when there is one, so the accuracy run starts at once instead of after the build.
+# tools/gpu_prepare.sh here first: it carries the build made here (tools/gpu_env.sh unpacks it as
+# build-gpu/, its staleprop as .carry/bin/staleprop), so nothing is built there and the accuracy
+# run starts at once; with NO_PREBUILT=1 it carries staleprop alone and the rest is built there.
 # Order, each step bounded so that the results are packed before DEADLINE seconds (default 560):
 #   1. unpack CIFAR-10; start the accuracy run (TRAIN_ARGS) in the background, on the carried
 #      binary when present (else after the build), its metrics in train.jsonl and its last
@@ -16,8 +17,8 @@
 #      halo convolutions' tests, streaming and resident (where they passed, possibly with
 #      STALEPROP_HALO_DESC_PHASE=1 on a second try) (SAN_CAP seconds each, default 30: each is
 #      one test, which took 1-15 s under either tool on an H100; only tests that ended in ctest,
-#      none that timed out; each runs while the accuracy run still has that long to go, or while
-#      SAN_CAP + 200 s are left); then racecheck over the convolution tests and test_cuda_network
+#      none that timed out; each runs while SAN_CAP + 200 s are left); then racecheck over the
+#      convolution tests and test_cuda_network
 #      (SWEEP_CAP seconds each, default 100) while the accuracy run holds the GPU, else after
 #      step 6 as time allows;
 #   4. wait for the accuracy run (at most T_TRAIN seconds from its start, default 330, and never
@@ -214,11 +215,9 @@ log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict 
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call, RESERVE=seconds
-  # the time kept for what follows (default 200: the measurements). It runs when it ends before
-  # the accuracy run's limit (the measurements wait for that run anyway), or leaves RESERVE.
+  # the time kept for what follows (default 200: the measurements)
   local cap=${CAP:-$SAN_CAP} reserve=${RESERVE:-200}
-  [ $((SECONDS + cap)) -le "$TRAIN_ENDS" ] || [ "$(left)" -gt $((cap + reserve)) ] ||
-    { log "no time for compute-sanitizer $1 '$3'"; return; }
+  [ "$(left)" -gt $((cap + reserve)) ] || { log "no time for compute-sanitizer $1 '$3'"; return; }
   local log="$OUT/sanitizer-$1-$2${4:+-$4}.log"
   timeout -k 10 "$cap" compute-sanitizer --tool "$1" --error-exitcode 1 "build-gpu/tests/$2" --gtest_filter="$3" \
     > "$log" 2>&1
@@ -237,8 +236,7 @@ san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for on
 # Racecheck has not run on the clusters' present form either, which stay off.
 # Only tests that ended in ctest (passed or failed, not timed out): one that hung there would
 # hang here too, for SAN_CAP seconds each time. memcheck first; racecheck is slow (16 tests in
-# 55 s on 2026-11-26). A call runs while the accuracy run has SAN_CAP s to go, or SAN_CAP + 200 s
-# are left.
+# 55 s on 2026-11-26). The calls stop where less than SAN_CAP + 200 s is left.
 if [ -z "${CTEST_LOG:-}" ]; then
   finished 'ConvolutionsByStrideClass/wgmma_tma' &&
     san memcheck test_cuda_tensor_core '*ConvolutionsByStrideClass/wgmma_tma' class-direct
@@ -271,13 +269,13 @@ racecheck_sweeps() {  # CAP_FUNCTION: prints the seconds a sweep may take now
     SWEPT="$SWEPT ${pair%% *}"
   done
 }
-sweep_cap() { local c=$(($(left) - 25)); [ "$c" -gt "${SWEEP_CAP:-100}" ] && c=${SWEEP_CAP:-100}; echo "$c"; }
+at_most_sweep_cap() { [ "$1" -gt "${SWEEP_CAP:-100}" ] && echo "${SWEEP_CAP:-100}" || echo "$1"; }
+sweep_cap() { at_most_sweep_cap $(($(left) - 25)); }
 # While the accuracy run is on: up to 5 s before its limit.
 train_window_cap() {
   local c=0
   [ -n "$TRAIN_PID" ] && kill -0 "$TRAIN_PID" 2> /dev/null && c=$((TRAIN_ENDS - SECONDS - 5))
-  [ "$c" -gt "${SWEEP_CAP:-100}" ] && c=${SWEEP_CAP:-100}
-  echo "$c"
+  at_most_sweep_cap "$c"
 }
 [ -z "${CTEST_LOG:-}" ] && racecheck_sweeps train_window_cap
 

@@ -15,10 +15,11 @@ of its `staleprop train` (quoted as in a shell, and giving --epochs); '#' starts
 Arguments after `--` go to every run. Each run writes NAME.jsonl (metrics), NAME.log and
 NAME.cmd (the command) under --out, and NAME.safetensors (its last epoch's checkpoint) under
 --state. A run resumes only with the recipe it began with (flags of where files go and how it
-reports may change); with another, it starts again. A sweep stopped past the budget's grace, or
-by Ctrl-C, stops its runs as `staleprop train` does on a signal: plain backprop then keeps the
-step it was at (a checkpoint inside an epoch, which the next call resumes from), a pipeline its
-last epoch.
+reports may change; the flags compare by name and value, in any order); with another, it starts
+again, and the records of the epochs it had are moved into --out's replaced/ folder. A sweep
+stopped past the budget's grace, or by Ctrl-C, stops its runs as `staleprop train` does on a
+signal: plain backprop then keeps the step it was at (a checkpoint inside an epoch, which the
+next call resumes from), a pipeline its last epoch.
 """
 import argparse
 import json
@@ -129,6 +130,20 @@ def last_error(log, offset):
     return errors[-1] if errors else None
 
 
+def replace_aside(out, name, paths):
+    """Moves a run's files that exist among `paths` into out/replaced/, each name given the first
+    free number (NAME.1.jsonl, NAME.1.log, ...); returns that folder."""
+    aside = os.path.join(out, "replaced")
+    os.makedirs(aside, exist_ok=True)
+    n = 1
+    while any(os.path.exists(os.path.join(aside, f"{name}.{n}{os.path.splitext(p)[1]}")) for p in paths):
+        n += 1
+    for p in paths:
+        if os.path.exists(p):
+            os.replace(p, os.path.join(aside, f"{name}.{n}{os.path.splitext(p)[1]}"))
+    return aside
+
+
 def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
     """Trains the unfinished runs (name, train arguments without the binary, epochs wanted) in one
     `staleprop sweep`, each resuming from the checkpoint of its last finished epoch under `state`.
@@ -164,6 +179,13 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
                       f"{diverged}, to train it again", flush=True)
                 continue
             os.remove(diverged)
+        if done and not same_recipe:
+            # Epochs trained with another recipe (or with none recorded) are not this run's: they
+            # are kept aside, not deleted (a changed default, say a shrink factor, would otherwise
+            # take a finished run's record without a word).
+            aside = replace_aside(out, name, [metrics, log, cmd_file])
+            why = "no record of its command" if before is None else "another recipe"
+            print(f"{name}: its {done[-1]['epoch']} epochs had {why}: kept in {aside}, starts again", flush=True)
         with open(cmd_file, "w") as f:
             f.write(shlex.join([staleprop] + cmd) + "\n")
         # Resume from the last finished epoch when its metrics are all there and the recipe is the

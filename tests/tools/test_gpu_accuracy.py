@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tarfile
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +84,8 @@ def check_prebuilt(tmp):
     """gpu_env.sh, sourced where .carry/prebuilt.tar.xz lies (tools/gpu_prepare.sh), unpacks it once
     as build-gpu/, marked, with the CTest files' paths moved from the development machine's tree
     to this one (also where this tree's path begins with that one's), the tree named in
-    STALEPROP_SOURCE_DIR, and its staleprop as .carry/bin/staleprop."""
+    STALEPROP_SOURCE_DIR, and its staleprop as .carry/bin/staleprop (over one an earlier call
+    left); a later call without an archive does not take that build for its own."""
     dev = os.path.join(tmp, "dev")  # the development machine's tree: this one is inside it
     here = os.path.join(dev, "gpu")
     os.makedirs(os.path.join(here, ".carry"))
@@ -102,7 +102,11 @@ def check_prebuilt(tmp):
                                                                         "wb") as g:
         g.write(f.read())
     with open(os.path.join(here, ".carry", "prebuilt.paths"), "w") as f:
-        f.write(f"{dev} {dev}/build-cuda\n")
+        f.write(f"{dev}\n{dev}/build-cuda\n")
+    # What an earlier call of a warm machine left: another binary where the accuracy run looks.
+    os.makedirs(os.path.join(here, ".carry", "bin"))
+    with open(os.path.join(here, ".carry", "bin", "staleprop"), "w") as f:
+        f.write("#!/bin/sh\necho earlier\n")
     source = [shutil.which("bash"), "-c", 'source gpu_env.sh && echo "source dir $STALEPROP_SOURCE_DIR"']
     p = subprocess.run(source, cwd=here, capture_output=True, text=True)
     got = open(os.path.join(here, "build-gpu", "tests", "CTestTestfile.cmake")).read()
@@ -121,6 +125,13 @@ def check_prebuilt(tmp):
     subprocess.run(source, cwd=here, capture_output=True, text=True)
     check(open(os.path.join(here, "build-gpu", "tests", "CTestTestfile.cmake")).read().endswith("# kept\n"),
           "a second sourcing unpacks nothing")
+    # A later call that carries no archive (NO_PREBUILT=1, ACCURACY=1) does not take the earlier
+    # call's build for its own: the marker goes, so tools/gpu_check.sh builds.
+    os.remove(os.path.join(here, ".carry", "prebuilt.tar.xz"))
+    p = subprocess.run(source, cwd=here, capture_output=True, text=True)
+    check(not os.path.exists(os.path.join(here, "build-gpu", ".prebuilt")) and "source dir" in p.stdout and
+          f"source dir {here}" not in p.stdout, "without an archive the earlier build is not marked prebuilt",
+          p.stdout + p.stderr)
 
 
 def main():

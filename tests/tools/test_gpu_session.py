@@ -356,7 +356,7 @@ def main():
         # measurement, and not again after them.
         os.remove(calls)
         p6 = subprocess.run(["bash", os.path.join(repo, "tools", "gpu_session.sh")],
-                            env=dict(fail_env, OUT=os.path.join(tmp, "out-train"), TRAIN_SECONDS="4"),
+                            env=dict(fail_env, OUT=os.path.join(tmp, "out-train"), TRAIN_SECONDS="10"),
                             capture_output=True, text=True, timeout=120)
         lines6 = open(calls).read().splitlines()
         log6 = p6.stdout + p6.stderr + "\n== calls\n" + "\n".join(lines6)

@@ -134,8 +134,17 @@ def main():
         with open(div_runs, "w") as f:
             f.write(recipe_line.format("0.2"))
         rc, log = run("run", *div_common)
-        check(rc == 0 and "boom: the recipe differs" in log and "boom: test accuracy" in log,
+        check(rc == 0 and "boom: its 3 epochs had another recipe: kept in" in log and "boom: test accuracy" in log,
               "a finished run with another recipe trains again", log)
+        aside = os.path.join(div_out, "replaced")
+        kept = sorted(f for f in os.listdir(aside) if f.endswith(".jsonl"))
+        check(any(epochs(os.path.join(aside, f)) == [1, 2, 3] for f in kept) and
+              any(f.endswith(".cmd") and "--gamma 0.1 " in open(os.path.join(aside, f)).read()
+                  for f in os.listdir(aside)),
+              f"the finished run's records are kept aside: {sorted(os.listdir(aside))}", log)
+        rc, table = run("summary", "--out", div_out)
+        check(rc == 0 and sum(l.startswith("| boom ") for l in table.splitlines()) == 1,
+              "the summary lists the run once, not its replaced records", table)
 
         for path in ("resnet20-recipes.txt", "long-runs.txt"):
             check(len(read_runs(os.path.join(ROOT, "bench", "runs", path))) >= 2, f"bench/runs/{path} reads")
