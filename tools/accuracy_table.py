@@ -29,7 +29,8 @@ import os
 import shlex
 import sys
 
-from resumable_runs import add_run_options, epochs_of, existing_dir, read_epochs, split_argv, train_resumable
+from resumable_runs import (add_run_options, epochs_of, existing_dir, flags_of, read_epochs, split_argv,
+                            train_resumable)
 
 # Test error (%) on CIFAR-10 in FDG's repository (Zhuang et al., arXiv 1906.09108; github.com/
 # ZHUANGHP/FDG, README): 300 epochs, lr 0.1 divided by 10 at epochs 150, 225 and 275, momentum
@@ -102,12 +103,7 @@ def table(args):
         cmd_path = os.path.join(args.out, name + ".cmd")
         words = shlex.split(open(cmd_path).read()) if os.path.exists(cmd_path) else []
         wanted = epochs_of(words) if words else None
-        beta = 1.0 if words else None  # the last --shrink counts, as in staleprop's flags
-        for i, w in enumerate(words):
-            if w == "--shrink" and i + 1 < len(words):
-                beta = float(words[i + 1])
-            elif w.startswith("--shrink="):
-                beta = float(w.split("=", 1)[1])
+        beta = float(flags_of(words)[1].get("--shrink") or 1.0) if words else None  # the last --shrink counts
         busy = "/".join(f"{m['busy_pct']:.0f}" for m in last.get("modules", [])) or "–"
         # Cells trained beside others (sweep --parallel) share the GPU: their img/s is their share
         # (their peak of tensors in use stays their own).

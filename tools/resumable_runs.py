@@ -92,13 +92,12 @@ NOT_RECIPE = ("--metrics", "--log", "--checkpoint", "--data", "--resume", "--thr
               "--eval-batch-size", "--trace")
 
 
-def recipe(words):
-    """What a train command trains, comparable whatever the order of its flags: (its words before
-    the first flag, without the binary; each flag's last value, None for a switch), the flags of
-    NOT_RECIPE left out. A flag is `--flag value` (a value never starts with "--") or
-    `--flag=value`; as for staleprop, the last of a repeated flag counts."""
+def flags_of(words):
+    """The words before the first flag, and each flag's last value (None for a switch), as
+    staleprop reads them: a flag is `--flag value` (a value never starts with "--") or
+    `--flag=value`, and the last of a repeated flag counts."""
     positional, flags = [], {}
-    i = 1
+    i = 0
     while i < len(words):
         w = words[i]
         if not w.startswith("--"):
@@ -114,9 +113,15 @@ def recipe(words):
         else:
             name, value = w, None
             i += 1
-        if name not in NOT_RECIPE:
-            flags[name] = value
+        flags[name] = value
     return positional, flags
+
+
+def recipe(words):
+    """What a train command (binary first) trains, comparable whatever the order of its flags: its
+    words before the first flag and its flags' values (flags_of), the flags of NOT_RECIPE left out."""
+    positional, flags = flags_of(words[1:])
+    return positional, {k: v for k, v in flags.items() if k not in NOT_RECIPE}
 
 
 def last_error(log, offset):
@@ -264,13 +269,8 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
 
 def epochs_of(words):
     """The --epochs of a train command (either form; the last one counts, as for staleprop), or None."""
-    found = None
-    for i, w in enumerate(words):
-        if w == "--epochs" and i + 1 < len(words):
-            found = int(words[i + 1])
-        elif w.startswith("--epochs="):
-            found = int(w.split("=", 1)[1])
-    return found
+    value = flags_of(words)[1].get("--epochs")
+    return None if value is None else int(value)
 
 
 def read_runs(path):
