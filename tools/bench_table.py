@@ -28,10 +28,10 @@
 
   ops F.jsonl ...
       JSON lines of `staleprop bench --profile-ops N --json`. One column group per profiled
-      run (model, batch, precision, kernels, method), one row per op: its device time per step
-      and its share of the summed op time; then, per run, the wall time per profiled step and
-      the time the device certainly waited for the host (wall minus op time, meaningful on one
-      stream).
+      run (model, batch, precision, kernels, method and, over several modules, K), one row per
+      op: its device time per step and its share of the summed op time; then, per run, the wall
+      time per profiled step and the time the device certainly waited for the host (wall minus
+      op time, meaningful on one stream).
 
     python3 tools/bench_table.py kernels gpu-out/dgrad-direct.json gpu-out/dgrad-wt.json
     python3 tools/bench_table.py train gpu-out/graphs.jsonl
@@ -189,7 +189,8 @@ def ops_table(paths):
         by_op = {}
         for t in r["op_profile"]:
             by_op[t["op"]] = by_op.get(t["op"], 0.0) + t["ms"] / steps
-        labels.append(f'{r["model"]} b{r["batch_size"]} {r["precision"]} {r["kernels"]} {r["method"]}')
+        k = f' K{r["modules"]}' if r.get("modules", 1) > 1 else ""
+        labels.append(f'{r["model"]} b{r["batch_size"]} {r["precision"]} {r["kernels"]} {r["method"]}{k}')
         per_op.append(by_op)
         totals.append((sum(by_op.values()), r["profile_wall_ms"] / steps))
     ops = sorted({op for by_op in per_op for op in by_op}, key=lambda op: -max(b.get(op, 0.0) for b in per_op))

@@ -308,13 +308,15 @@ struct Run {
   }
 
   // Opens the run on the log (its banner) and in --metrics: a "start" record naming the build,
-  // the device, the method and the settings its checkpoints record, so that a metrics file says
-  // what made it. A resumed run appends another, with the step it goes on from.
-  void announce(const std::string& method, int64_t step) {
+  // the device, the method and the settings its checkpoints record (with extra_key, as
+  // metadata()), so that a metrics file says what made it. A resumed run appends another, with
+  // the step it goes on from.
+  void announce(const std::string& method, int64_t step, const std::string& extra_key = "",
+                const std::string& extra_value = "") {
     banner(method);
     if (!metrics.enabled()) return;
     std::string settings;
-    for (const auto& [key, value] : metadata(step))
+    for (const auto& [key, value] : metadata(step, extra_key, extra_value))
       if (key != "format" && key != "step")
         settings += (settings.empty() ? "" : ",") + json_str(key) + ":" + json_str(value);
     std::string devices;
@@ -815,7 +817,7 @@ TrainResult run_pipelined(Run& run) {
                    (cfg.staleness_jitter ? ", staleness jitter " + std::to_string(cfg.staleness_jitter) : "") +
                    (cfg.recompute ? ", recompute" : "") + (cfg.weight_stash ? ", weight stashing" : "") +
                    (cfg.graphs ? ", graphs" : ""),
-               step);
+               step, "cuts", cuts_str(pc.cuts));
 
   std::string last_saved = cfg.resume;  // the checkpoint of the last epoch boundary passed
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {

@@ -119,7 +119,7 @@ def main():
                                capture_output=True, text=True)
             check(p.returncode == 0, f"staleprop bench --profile-ops {method}", p.stdout + p.stderr)
         head, rows = table("ops", profiles)
-        check("resnet20 b4 fp32 custom backprop: ms/step" in head and "resnet20 b4 fp32 custom fdg: ms/step" in head,
+        check("resnet20 b4 fp32 custom backprop: ms/step" in head and "resnet20 b4 fp32 custom fdg K2: ms/step" in head,
               f"one column group per run: {head}")
         by_op = {r[0]: r for r in rows}
         conv = by_op.get("conv2d_forward")

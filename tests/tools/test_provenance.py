@@ -102,8 +102,9 @@ def main():
                            "--checkpoint", os.path.join(tmp, "fdg.safetensors"))
         check(rc == 0, "an fdg run over two modules", out + err)
         s = records(metrics, "start")[-1]
-        check(s["method"].startswith("fdg over 2 modules") and s["settings"]["method"] == "fdg",
-              f"the fdg run's start record: {s['method']!r}, {s['settings'].get('method')!r}")
+        check(s["method"].startswith("fdg over 2 modules") and s["settings"]["method"] == "fdg" and
+              s["settings"].get("cuts", "").isdigit(),
+              f"the fdg run's start record, with its cut: {s['method']!r}, {s['settings']}")
 
         bench = os.path.join(tmp, "b.jsonl")
         rc, out, err = run(staleprop, "bench", "--model", "resnet20", "--batch-size", "4", "--steps", "1", "--warmup",
