@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "kernels/common/error.h"
+#include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 
 #if STALEPROP_WITH_CUDA
@@ -112,7 +113,7 @@ bool enable_peer_access(Device from, Device to) {
 std::string device_description(Device d) {
   if (d.is_cpu())
     return (d.index == 0 ? std::string("cpu (") : d.str() + ", emulated on the cpu (") +
-           std::to_string(kernels::cpu::num_threads()) + " threads)";
+           std::to_string(kernels::cpu::num_threads()) + " threads, " + kernels::cpu::gemm_kernel() + " GEMM)";
 #if STALEPROP_WITH_CUDA
   cudaDeviceProp p{};
   if (cudaGetDeviceProperties(&p, d.index) == cudaSuccess) {

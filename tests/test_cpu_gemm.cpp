@@ -1,10 +1,14 @@
 // The CPU reference GEMM against a plain triple loop in double, across transposes, strides,
-// alpha/beta, and sizes that straddle every blocking boundary (kMr, kNr, kMc, kGemmKc, kNc).
+// alpha/beta, and sizes that straddle every blocking boundary (each kernel's MR, kNr, kMc,
+// kGemmKc, kNc), with every micro-kernel this CPU can run (generic, avx2, avx512); and the
+// fused kernels (avx2, avx512) against each other, bit for bit.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -15,6 +19,19 @@
 namespace {
 
 using sp::kernels::cpu::gemm;
+
+// Runs body() once with each GEMM micro-kernel this CPU can run, then restores the one in use.
+template <typename Body>
+void with_each_kernel(const Body& body) {
+  const std::string before = sp::kernels::cpu::gemm_kernel();
+  for (const std::string& kernel : sp::kernels::cpu::gemm_kernels()) {
+    SCOPED_TRACE("GEMM kernel " + kernel);
+    sp::kernels::cpu::set_gemm_kernel(kernel);
+    ASSERT_EQ(sp::kernels::cpu::gemm_kernel(), kernel);
+    body();
+  }
+  sp::kernels::cpu::set_gemm_kernel(before);
+}
 
 template <typename T>
 double max_rel_error(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, T beta, int64_t pad, bool nan_c) {
@@ -57,31 +74,38 @@ using Case = std::tuple<int, int, int>;
 class CpuGemm : public ::testing::TestWithParam<Case> {};
 
 TEST_P(CpuGemm, MatchesTripleLoopForEveryTransposeCombination) {
-  const auto [m, n, k] = GetParam();
-  for (bool ta : {false, true})
-    for (bool tb : {false, true}) {
-      SCOPED_TRACE(::testing::Message() << "trans_a=" << ta << " trans_b=" << tb);
-      EXPECT_LT(max_rel_error<double>(ta, tb, m, n, k, 1.0, 0.0, 0, false), 1e-12);
-      EXPECT_LT(max_rel_error<float>(ta, tb, m, n, k, 1.f, 0.f, 0, false), 2e-5 * std::sqrt(double(k) + 1));
-    }
+  with_each_kernel([&] {
+    const auto [m, n, k] = GetParam();
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        SCOPED_TRACE(::testing::Message() << "trans_a=" << ta << " trans_b=" << tb);
+        EXPECT_LT(max_rel_error<double>(ta, tb, m, n, k, 1.0, 0.0, 0, false), 1e-12);
+        EXPECT_LT(max_rel_error<float>(ta, tb, m, n, k, 1.f, 0.f, 0, false), 2e-5 * std::sqrt(double(k) + 1));
+      }
+  });
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, CpuGemm,
                          ::testing::Values(Case{1, 1, 1}, Case{1, 17, 5}, Case{7, 1, 3}, Case{6, 16, 8},
-                                           Case{13, 33, 29}, Case{97, 50, 257}, Case{200, 40, 600}, Case{5, 1100, 3},
-                                           Case{64, 64, 0}, Case{5, 7, 9000},       // split-K
+                                           Case{12, 16, 8}, Case{13, 33, 29}, Case{25, 16, 300}, Case{97, 50, 257},
+                                           Case{200, 40, 600}, Case{5, 1100, 3}, Case{64, 64, 0},
+                                           Case{5, 7, 9000},                        // split-K
                                            Case{12, 40, 9000}, Case{16, 32, 9000},  // split-K, read in place
                                            Case{9, 20, 4097}, Case{7, 70, 7232}));  // split-K in two chunks
 
 TEST(CpuGemmScaling, AlphaBetaAndStrides) {
-  EXPECT_LT(max_rel_error<double>(false, false, 37, 45, 70, 0.5, 2.0, 3, false), 1e-12);
-  EXPECT_LT(max_rel_error<double>(true, true, 37, 45, 70, -1.5, 1.0, 5, false), 1e-12);
-  EXPECT_LT(max_rel_error<double>(false, true, 37, 45, 70, 1.0, -0.25, 1, false), 1e-12);
+  with_each_kernel([&] {
+    EXPECT_LT(max_rel_error<double>(false, false, 37, 45, 70, 0.5, 2.0, 3, false), 1e-12);
+    EXPECT_LT(max_rel_error<double>(true, true, 37, 45, 70, -1.5, 1.0, 5, false), 1e-12);
+    EXPECT_LT(max_rel_error<double>(false, true, 37, 45, 70, 1.0, -0.25, 1, false), 1e-12);
+  });
 }
 
 TEST(CpuGemmScaling, BetaZeroIgnoresNaNInC) {
-  EXPECT_LT(max_rel_error<double>(false, false, 20, 30, 40, 1.0, 0.0, 2, true), 1e-12);
-  EXPECT_LT(max_rel_error<float>(true, false, 20, 30, 40, 2.f, 0.f, 0, true), 1e-4);
+  with_each_kernel([&] {
+    EXPECT_LT(max_rel_error<double>(false, false, 20, 30, 40, 1.0, 0.0, 2, true), 1e-12);
+    EXPECT_LT(max_rel_error<float>(true, false, 20, 30, 40, 2.f, 0.f, 0, true), 1e-4);
+  });
 }
 
 // Narrow outputs read op(A) in place, and products of a few rows read B's whole strips in place,
@@ -120,8 +144,10 @@ void expect_in_place_same_as_packed() {
 }
 
 TEST(CpuGemmScaling, InPlaceOperandsGiveTheSameBitsAsPackedOnes) {
-  expect_in_place_same_as_packed<float>();
-  expect_in_place_same_as_packed<double>();
+  with_each_kernel([&] {
+    expect_in_place_same_as_packed<float>();
+    expect_in_place_same_as_packed<double>();
+  });
 }
 
 // beta == 0 overwrites C in the first K block (never reading it, so NaN there is ignored); that
@@ -142,29 +168,35 @@ void expect_overwrite_same_as_zero_then_add() {
 }
 
 TEST(CpuGemmScaling, BetaZeroOverwritesWithTheBitsOfZeroThenAdd) {
-  expect_overwrite_same_as_zero_then_add<float>();
-  expect_overwrite_same_as_zero_then_add<double>();
+  with_each_kernel([&] {
+    expect_overwrite_same_as_zero_then_add<float>();
+    expect_overwrite_same_as_zero_then_add<double>();
+  });
 }
 
 // The convolutions' weight gradient for few output channels is computed transposed (conv.cpp):
 // col^T * dy, then transposed, must equal dy^T * col bit for bit (the same sums with the
 // factors of each product swapped), on the direct and the split-K paths.
 TEST(CpuGemmScaling, TransposedProductGivesTheSameBits) {
-  std::mt19937 rng(7);
-  std::uniform_real_distribution<float> u(-1, 1);
-  const int64_t taps = 144, channels = 16;
-  for (const int64_t pixels : {int64_t(300), int64_t(9000)}) {
-    std::vector<float> col(size_t(pixels * taps)), dy(size_t(pixels * channels));
-    for (auto& v : col) v = u(rng);
-    for (auto& v : dy) v = u(rng);
-    std::vector<float> dw(size_t(channels * taps)), dwt(size_t(taps * channels));
-    gemm<float>(true, false, channels, taps, pixels, 1.f, dy.data(), channels, col.data(), taps, 0.f, dw.data(), taps);
-    gemm<float>(true, false, taps, channels, pixels, 1.f, col.data(), taps, dy.data(), channels, 0.f, dwt.data(),
-                channels);
-    for (int64_t kk = 0; kk < channels; ++kk)
-      for (int64_t t = 0; t < taps; ++t)
-        ASSERT_EQ(dw[size_t(kk * taps + t)], dwt[size_t(t * channels + kk)]) << pixels << " pixels, (" << kk << ", " << t << ")";
-  }
+  with_each_kernel([&] {
+    std::mt19937 rng(7);
+    std::uniform_real_distribution<float> u(-1, 1);
+    const int64_t taps = 144, channels = 16;
+    for (const int64_t pixels : {int64_t(300), int64_t(9000)}) {
+      std::vector<float> col(size_t(pixels * taps)), dy(size_t(pixels * channels));
+      for (auto& v : col) v = u(rng);
+      for (auto& v : dy) v = u(rng);
+      std::vector<float> dw(size_t(channels * taps)), dwt(size_t(taps * channels));
+      gemm<float>(true, false, channels, taps, pixels, 1.f, dy.data(), channels, col.data(), taps, 0.f, dw.data(),
+                  taps);
+      gemm<float>(true, false, taps, channels, pixels, 1.f, col.data(), taps, dy.data(), channels, 0.f, dwt.data(),
+                  channels);
+      for (int64_t kk = 0; kk < channels; ++kk)
+        for (int64_t t = 0; t < taps; ++t)
+          ASSERT_EQ(dw[size_t(kk * taps + t)], dwt[size_t(t * channels + kk)])
+              << pixels << " pixels, (" << kk << ", " << t << ")";
+    }
+  });
 }
 
 // The chunking of K and the tasks' output tiles fix every sum's order whatever the threads:
@@ -175,36 +207,125 @@ TEST(CpuGemmScaling, TransposedProductGivesTheSameBits) {
 //    blocks shared out evenly (each chunk's product, K <= 4096, runs direct): the chunking
 //    depends on K alone.
 TEST(CpuGemmScaling, TheBitsDoNotDependOnTheThreads) {
-  std::mt19937 rng(11);
-  std::uniform_real_distribution<float> u(-1, 1);
-  for (const Case& c :
-       {Case{64, 576, 7232}, Case{16, 144, 30000}, Case{9, 20, 69633}, Case{300, 64, 700}, Case{40, 1100, 300}}) {
-    const auto [m, n, k] = c;
-    SCOPED_TRACE(::testing::Message() << m << " x " << n << " x " << k);
-    std::vector<float> a(size_t(k) * m), b(size_t(k) * n);
-    for (auto& v : a) v = u(rng);
-    for (auto& v : b) v = u(rng);
-    std::vector<float> pooled(size_t(m) * n), inline_one(size_t(m) * n);
-    gemm<float>(true, false, m, n, k, 1.f, a.data(), m, b.data(), n, 0.f, pooled.data(), n);
-    if (sp::kernels::cpu::num_threads() > 1) {
-      sp::kernels::cpu::parallel_for(2, 1, [&](int64_t begin, int64_t) {
-        if (begin == 0) gemm<float>(true, false, m, n, k, 1.f, a.data(), m, b.data(), n, 0.f, inline_one.data(), n);
-      });
-      EXPECT_EQ(pooled, inline_one);
+  with_each_kernel([&] {
+    std::mt19937 rng(11);
+    std::uniform_real_distribution<float> u(-1, 1);
+    for (const Case& c :
+         {Case{64, 576, 7232}, Case{16, 144, 30000}, Case{9, 20, 69633}, Case{300, 64, 700}, Case{40, 1100, 300}}) {
+      const auto [m, n, k] = c;
+      SCOPED_TRACE(::testing::Message() << m << " x " << n << " x " << k);
+      std::vector<float> a(size_t(k) * m), b(size_t(k) * n);
+      for (auto& v : a) v = u(rng);
+      for (auto& v : b) v = u(rng);
+      std::vector<float> pooled(size_t(m) * n), inline_one(size_t(m) * n);
+      gemm<float>(true, false, m, n, k, 1.f, a.data(), m, b.data(), n, 0.f, pooled.data(), n);
+      if (sp::kernels::cpu::num_threads() > 1) {
+        sp::kernels::cpu::parallel_for(2, 1, [&](int64_t begin, int64_t) {
+          if (begin == 0) gemm<float>(true, false, m, n, k, 1.f, a.data(), m, b.data(), n, 0.f, inline_one.data(), n);
+        });
+        EXPECT_EQ(pooled, inline_one);
+      }
+      if (k <= 4096 || int64_t(m) * n > 65536) continue;
+      const int64_t chunks = (k + 4095) / 4096, blocks = (k + 255) / 256;
+      std::vector<float> sum(size_t(m) * n, 0.f), part(size_t(m) * n);
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        const int64_t begin = ch * blocks / chunks * 256, end = std::min<int64_t>(k, (ch + 1) * blocks / chunks * 256);
+        ASSERT_LE(end - begin, 4096);
+        gemm<float>(true, false, m, n, end - begin, 1.f, a.data() + begin * m, m, b.data() + begin * n, n, 0.f,
+                    part.data(), n);
+        for (size_t i = 0; i < sum.size(); ++i) sum[i] += part[i];
+      }
+      for (float& v : sum) v = 0.f + 1.f * v;  // C (zeroed, beta = 0) + alpha * sum
+      EXPECT_EQ(pooled, sum);
     }
-    if (k <= 4096 || int64_t(m) * n > 65536) continue;
-    const int64_t chunks = (k + 4095) / 4096, blocks = (k + 255) / 256;
-    std::vector<float> sum(size_t(m) * n, 0.f), part(size_t(m) * n);
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      const int64_t begin = ch * blocks / chunks * 256, end = std::min<int64_t>(k, (ch + 1) * blocks / chunks * 256);
-      ASSERT_LE(end - begin, 4096);
-      gemm<float>(true, false, m, n, end - begin, 1.f, a.data() + begin * m, m, b.data() + begin * n, n, 0.f,
-                  part.data(), n);
-      for (size_t i = 0; i < sum.size(); ++i) sum[i] += part[i];
-    }
-    for (float& v : sum) v = 0.f + 1.f * v;  // C (zeroed, beta = 0) + alpha * sum
-    EXPECT_EQ(pooled, sum);
+  });
+}
+
+// avx2 and avx512 add each element's products in the same order with the same fused
+// multiply-adds (gemm_micro.h), so they must give the same bits: on products of every form
+// (operands packed or read in place, split-K, overwriting or adding to C, partial tiles) and on
+// convolutions, which take those forms. Their tiles differ (6 x 16 and 12 x 16 for float), so a
+// slip in either one's tile or panel handling shows here as a difference.
+template <typename T>
+std::vector<T> product_with(const std::string& kernel, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T beta) {
+  std::mt19937 rng(uint32_t(m * 7 + n * 3 + k));
+  std::uniform_real_distribution<T> u(-1, 1);
+  std::vector<T> a(size_t(m * k)), b(size_t(k * n)), c(size_t(m * n));
+  for (auto* v : {&a, &b, &c})
+    for (auto& x : *v) x = u(rng);
+  sp::kernels::cpu::set_gemm_kernel(kernel);
+  gemm<T>(ta, tb, m, n, k, T(0.75), a.data(), ta ? m : k, b.data(), tb ? k : n, beta, c.data(), n);
+  return c;
+}
+
+template <typename T>
+std::vector<std::vector<T>> convolutions_with(const std::string& kernel, const sp::kernels::Conv2dShape& sh) {
+  namespace cpu = sp::kernels::cpu;
+  std::mt19937 rng(uint32_t(sh.c * 31 + sh.k + sh.stride));
+  std::uniform_real_distribution<T> u(-1, 1);
+  std::vector<T> x(size_t(sh.x_size())), w(size_t(sh.w_size())), dy(size_t(sh.y_size()));
+  for (auto* v : {&x, &w, &dy})
+    for (auto& e : *v) e = u(rng);
+  std::vector<T> y(dy.size()), dx(x.size()), dw(w.size()), db(size_t(sh.k));
+  cpu::set_gemm_kernel(kernel);
+  cpu::conv2d_forward<T>(sh, x.data(), w.data(), nullptr, y.data());
+  cpu::conv2d_backward_data<T>(sh, dy.data(), w.data(), dx.data());
+  cpu::conv2d_backward_weight<T>(sh, x.data(), dy.data(), dw.data(), db.data());
+  return {y, dx, dw, db};
+}
+
+TEST(CpuGemmKernels, Avx2AndAvx512GiveTheSameBits) {
+  const std::vector<std::string> kernels = sp::kernels::cpu::gemm_kernels();
+  const auto has = [&](const char* name) { return std::find(kernels.begin(), kernels.end(), name) != kernels.end(); };
+  if (!has("avx2") || !has("avx512")) {
+    std::string names;
+    for (const auto& k : kernels) names += " " + k;
+    GTEST_SKIP() << "this CPU cannot run both fused kernels (it runs:" << names << ")";
   }
+  const std::string before = sp::kernels::cpu::gemm_kernel();
+  for (const Case& c : {Case{13, 37, 700}, Case{50, 40, 700}, Case{12, 203, 700}, Case{25, 16, 300}, Case{9, 20, 9000},
+                        Case{97, 50, 257}, Case{300, 64, 700}, Case{1, 1, 1}})
+    for (bool ta : {false, true})
+      for (bool tb : {false, true})
+        for (double beta : {0.0, 1.5}) {
+          const auto [m, n, k] = c;
+          SCOPED_TRACE(::testing::Message()
+                       << m << " x " << n << " x " << k << " trans_a=" << ta << " trans_b=" << tb << " beta=" << beta);
+          EXPECT_EQ(product_with<float>("avx2", ta, tb, m, n, k, float(beta)),
+                    product_with<float>("avx512", ta, tb, m, n, k, float(beta)));
+          EXPECT_EQ(product_with<double>("avx2", ta, tb, m, n, k, beta),
+                    product_with<double>("avx512", ta, tb, m, n, k, beta));
+        }
+  for (const auto& [c, k, stride] : {std::tuple{16, 16, 1}, std::tuple{16, 32, 2}, std::tuple{64, 64, 1},
+                                     std::tuple{3, 16, 1}, std::tuple{32, 10, 1}}) {
+    sp::kernels::Conv2dShape sh{};
+    sh.n = 3, sh.h = sh.w = 12, sh.c = c, sh.k = k, sh.r = sh.s = 3, sh.stride = stride, sh.pad = 1;
+    SCOPED_TRACE(::testing::Message() << "conv C " << c << " K " << k << " stride " << stride);
+    EXPECT_EQ(convolutions_with<float>("avx2", sh), convolutions_with<float>("avx512", sh));
+  }
+  sp::kernels::cpu::set_gemm_kernel(before);
+}
+
+// The choice of kernel: "auto" is the widest this CPU runs; a name it cannot run, or an unknown
+// one, is refused naming the choices, and leaves the kernel in use as it was.
+TEST(CpuGemmKernels, TheChoiceIsCheckedAndKept) {
+  using namespace sp::kernels::cpu;
+  const std::vector<std::string> kernels = gemm_kernels();
+  ASSERT_FALSE(kernels.empty());
+  EXPECT_EQ(kernels.front(), "generic");
+  const std::string before = gemm_kernel();
+  set_gemm_kernel("generic");
+  EXPECT_EQ(gemm_kernel(), "generic");
+  set_gemm_kernel("auto");
+  EXPECT_EQ(gemm_kernel(), kernels.back());
+  set_gemm_kernel("generic");
+  sp::test::expect_error([] { set_gemm_kernel("avx1024"); },
+                         {"set_gemm_kernel", "unknown GEMM kernel 'avx1024'", "this CPU can run generic"});
+  for (const char* known : {"avx2", "avx512"})
+    if (std::find(kernels.begin(), kernels.end(), known) == kernels.end())
+      sp::test::expect_error([&] { set_gemm_kernel(known); }, {"cannot run the", known});
+  EXPECT_EQ(gemm_kernel(), "generic");
+  set_gemm_kernel(before);
 }
 
 }  // namespace

@@ -24,6 +24,7 @@
 #include "engine/ops.h"
 #include "engine/pipeline.h"
 #include "kernels/common/error.h"
+#include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "layers/resnet.h"
 #include "tools/bench.h"
@@ -135,10 +136,12 @@ int thread_count(const std::string& v) {
 }
 
 // After a command's flags: --threads N (when given) becomes STALEPROP_NUM_THREADS, which the CPU
-// pool reads at its first use; a bad value of the variable is told now, not then (deep in a run).
+// pool reads at its first use; a bad value of the variable (or of STALEPROP_CPU_GEMM) is told
+// now, not then (deep in a run).
 void use_threads(int threads) {
   if (threads > 0) setenv("STALEPROP_NUM_THREADS", std::to_string(threads).c_str(), 1);
   sp::kernels::cpu::parse_num_threads(std::getenv("STALEPROP_NUM_THREADS"));
+  sp::kernels::cpu::gemm_kernel();  // likewise a bad STALEPROP_CPU_GEMM
 }
 
 // --device when none was given (`device` is cleared before the flags are parsed): the first of
@@ -188,7 +191,9 @@ commands:
   help      show this text
 
 staleprop <command> --help lists the command's options.
-Environment: CIFAR10_DIR (data directory), STALEPROP_NUM_THREADS (CPU threads), STALEPROP_DEBUG=1
+Environment: CIFAR10_DIR (data directory), STALEPROP_NUM_THREADS (CPU threads),
+STALEPROP_CPU_GEMM=generic|avx2|avx512|auto (the CPU GEMM's micro-kernel; default auto: the
+widest this CPU has; avx2 and avx512 give the same bits, generic other bits), STALEPROP_DEBUG=1
 (errors also name the failed check and its source line); for our bf16
 GPU kernels: STALEPROP_MAINLOOP (the default of --mainloop); these turn off a default:
 STALEPROP_DGRAD_WT=0 (data gradient on the gathered filter instead of the transposed one),

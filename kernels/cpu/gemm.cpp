@@ -3,7 +3,7 @@
 //   for each K block (kGemmKc deep):            partial sums of at most kGemmKc terms
 //     for each N panel (kNc wide):  pack B      lives in L2/L3, shared by all threads
 //       tasks = M blocks (kMc) x N sub-panels:  each task packs its own A block (L2)
-//         micro-tiles kMr x kNr                 registers
+//         micro-tiles MR x kNr                  registers (MR: the micro-kernel's rows)
 // (Narrow products skip some packing: op(A) is read in place when N <= kInPlaceAMaxN, and B's
 // whole strips when M <= kInPlaceBMaxM; see gemm_accumulate.)
 // Tasks partition C, so every output element is written by one thread in a fixed order:
@@ -14,11 +14,19 @@
 // into ceil(K / kSplitK) chunks of whole kGemmKc blocks, shared out evenly, whose partial
 // products are computed in parallel and then summed in chunk order (deterministic, and
 // independent of the thread count since the chunking depends only on k).
+//
+// The micro-kernel is chosen by instruction set at run time (gemm_kernel()); its tile height
+// MR sets the A panels' interleave, so a GEMM reads the choice once and uses it throughout.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <memory>
+#include <string>
+#include <type_traits>
 #include <vector>
 
+#include "kernels/common/error.h"
+#include "kernels/common/switches.h"
 #include "kernels/cpu/gemm_micro.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
@@ -29,20 +37,87 @@ namespace {
 using gemm_detail::MicroKernel;
 using gemm_detail::MicroTile;
 
-constexpr int64_t kMc = 96;    // rows of A per packed block (multiple of kMr)
+constexpr int64_t kMc = 96;    // rows of A per packed block (a multiple of every kernel's MR)
 constexpr int64_t kNc = 1024;  // columns of B per packed panel (multiple of kNr)
 constexpr int64_t kSplitK = 4096;              // longest K chunk of the split-K path
 constexpr int64_t kSplitKMaxOutput = 1 << 16;  // outputs (m * n) small enough for split-K
 constexpr int64_t kInPlaceAMaxN = 64;          // N up to which op(A) is read in place
 constexpr int64_t kInPlaceBMaxM = 16;          // M up to which B's rows are read in place
 
-template <typename T>
-MicroKernel<T> select_micro_kernel() {
+// The micro-kernels, narrowest first; the default is the last this CPU supports.
+struct KernelEntry {
+  const char* name;
+  bool (*supported)();
+  MicroKernel<float> f32;
+  MicroKernel<double> f64;
+  int mr;  // the tile's rows
+};
+const std::vector<KernelEntry>& kernel_table() {
 #if defined(STALEPROP_X86_DISPATCH)
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return static_cast<MicroKernel<T>>(&gemm_detail::avx2::micro_kernel);
+  __builtin_cpu_init();  // needed where this runs before main (a static constructor's GEMM)
 #endif
-  return static_cast<MicroKernel<T>>(&gemm_detail::generic::micro_kernel);
+  static const std::vector<KernelEntry> table = {
+    {"generic", [] { return true; }, &gemm_detail::generic::micro_kernel, &gemm_detail::generic::micro_kernel,
+     gemm_detail::generic::kTileRows},
+#if defined(STALEPROP_X86_DISPATCH)
+    {"avx2", [] { return bool(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")); },
+     &gemm_detail::avx2::micro_kernel, &gemm_detail::avx2::micro_kernel, gemm_detail::avx2::kTileRows},
+    // __builtin_cpu_supports also checks that the operating system saves the AVX-512 registers.
+    {"avx512", [] { return bool(__builtin_cpu_supports("avx512f")); }, &gemm_detail::avx512::micro_kernel,
+     &gemm_detail::avx512::micro_kernel, gemm_detail::avx512::kTileRows},
+#endif
+  };
+  return table;
+}
+
+static_assert(kMc % gemm_detail::kMaxTileRows == 0 && kMc % gemm_detail::generic::kTileRows == 0,
+              "a packed A block holds whole tiles");
+
+std::string supported_names() {
+  std::string names;
+  for (const KernelEntry& e : kernel_table())
+    if (e.supported()) names += (names.empty() ? "" : ", ") + std::string(e.name);
+  return names;
+}
+
+// The entry named `name` (which this CPU must support), told as `what` in an error.
+int kernel_index(const std::string& name, const char* what) {
+  const auto& table = kernel_table();
+  for (size_t i = 0; i < table.size(); ++i)
+    if (name == table[i].name) {
+      SP_CHECK(table[i].supported(), what, ": this CPU cannot run the ", name, " GEMM kernel; it can run ",
+               supported_names());
+      return int(i);
+    }
+  throw Error(std::string(what) + ": unknown GEMM kernel '" + name + "'; this CPU can run " + supported_names());
+}
+
+int widest_supported() {
+  int best = 0;
+  for (size_t j = 0; j < kernel_table().size(); ++j)
+    if (kernel_table()[j].supported()) best = int(j);
+  return best;
+}
+
+// A name, or "auto" for the widest this CPU supports.
+int choose(const std::string& name, const char* what) {
+  return name == "auto" ? widest_supported() : kernel_index(name, what);
+}
+
+std::atomic<int> g_kernel{-1};
+
+const KernelEntry& current_kernel() {
+  const int i = setting(g_kernel, "STALEPROP_CPU_GEMM",
+                        [](const char* env) { return choose(env ? env : "auto", "STALEPROP_CPU_GEMM"); });
+  return kernel_table()[size_t(i)];
+}
+
+template <typename T>
+MicroKernel<T> kernel_function(const KernelEntry& e) {
+  if constexpr (std::is_same_v<T, float>)
+    return e.f32;
+  else
+    return e.f64;
 }
 
 // 64-byte aligned scratch that grows as needed in buf.
@@ -64,8 +139,7 @@ std::vector<T>& a_panel_buffer() {
 }
 
 template <typename T>
-void pack_a(bool trans, const T* a, int64_t lda, int64_t i0, int64_t mc, int64_t p0, int64_t kc, T* ap) {
-  constexpr int MR = MicroTile<T>::kMr;
+void pack_a(int MR, bool trans, const T* a, int64_t lda, int64_t i0, int64_t mc, int64_t p0, int64_t kc, T* ap) {
   for (int64_t is = 0; is < mc; is += MR) {
     const int64_t rows = std::min<int64_t>(MR, mc - is);
     T* dst = ap + is * kc;
@@ -118,10 +192,10 @@ void scale_c(int64_t m, int64_t n, T beta, T* c, int64_t ldc) {
 // either way.
 template <typename T>
 void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-                     const T* b, int64_t ldb, T* c, int64_t ldc, bool overwrite = false) {
-
-  constexpr int MR = MicroTile<T>::kMr, NR = MicroTile<T>::kNr;
-  static const MicroKernel<T> micro = select_micro_kernel<T>();
+                     const T* b, int64_t ldb, T* c, int64_t ldc, const KernelEntry& kernel, bool overwrite = false) {
+  constexpr int NR = MicroTile<T>::kNr;
+  const int MR = kernel.mr;
+  const MicroKernel<T> micro = kernel_function<T>(kernel);
   std::vector<T> b_buf;
 
   const int64_t m_blocks = (m + kMc - 1) / kMc;
@@ -154,7 +228,7 @@ void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
           // partial group of MR rows, which a packed panel pads with zeros) are packed.
           const int64_t whole = a_in_place ? mc / MR * MR : 0;
           T* ap = scratch(a_panel_buffer<T>(), size_t(((mc - whole + MR - 1) / MR) * MR * kc));
-          if (whole < mc) pack_a(trans_a, a, lda, i0 + whole, mc - whole, p0, kc, ap);
+          if (whole < mc) pack_a(MR, trans_a, a, lda, i0 + whole, mc - whole, p0, kc, ap);
           for (int64_t s = sb; s < se; ++s) {
             const int64_t jj = j0 + s * NR;
             const int nr = int(std::min<int64_t>(NR, n - jj));
@@ -185,8 +259,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
   const bool overwrite = direct && beta == T(0);
   if (beta != T(1) && !overwrite) scale_c(m, n, beta, c, ldc);
   if (k <= 0 || alpha == T(0)) return;
+  const KernelEntry& kernel = current_kernel();
   if (direct) {
-    gemm_accumulate(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc, overwrite);
+    gemm_accumulate(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, c, ldc, kernel, overwrite);
     return;
   }
   // ceil(k / kSplitK) chunks; the ceil(k / kGemmKc) blocks of kGemmKc (the last perhaps
@@ -200,7 +275,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
       const int64_t kc = std::min(k, (ch + 1) * blocks / chunks * kGemmKc) - p0;
       const T* a_chunk = trans_a ? a + p0 * lda : a + p0;
       const T* b_chunk = trans_b ? b + p0 : b + p0 * ldb;
-      gemm_accumulate(trans_a, trans_b, m, n, kc, T(1), a_chunk, lda, b_chunk, ldb, partial.data() + ch * m * n, n);
+      gemm_accumulate(trans_a, trans_b, m, n, kc, T(1), a_chunk, lda, b_chunk, ldb, partial.data() + ch * m * n, n,
+                      kernel);
     }
   });
   parallel_for(m, 1, [&](int64_t rb, int64_t re) {
@@ -211,6 +287,17 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, 
         c[i * ldc + j] += alpha * sum;
       }
   });
+}
+
+std::vector<std::string> gemm_kernels() {
+  std::vector<std::string> names;
+  for (const KernelEntry& e : kernel_table())
+    if (e.supported()) names.push_back(e.name);
+  return names;
+}
+std::string gemm_kernel() { return current_kernel().name; }
+void set_gemm_kernel(const std::string& name) {
+  g_kernel.store(choose(name, "set_gemm_kernel"), std::memory_order_relaxed);
 }
 
 template void gemm<float>(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t,

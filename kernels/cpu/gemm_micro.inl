@@ -1,14 +1,17 @@
-// Body of the GEMM micro-kernel; included by gemm_micro_generic.cpp and gemm_micro_avx2.cpp,
-// which compile it for different instruction sets inside their own namespace.
-// GCC vector extensions hold one 32-byte row slice; each accumulator row is two of them.
-// The including file provides <cstring> and gemm_micro.h before opening its namespace.
+// Body of the GEMM micro-kernel; included by gemm_micro_generic.cpp, gemm_micro_avx2.cpp and
+// gemm_micro_avx512.cpp, which compile it for different instruction sets inside their own
+// namespace. GCC vector extensions of kVectorBytes (32 or 64) hold one row slice; a tile row of
+// MicroTile<T>::kNr elements is kNr * sizeof(T) / kVectorBytes of them (two 32-byte vectors, or
+// one 64-byte vector), and a tile has kTileRows rows.
+// The including file provides <cstring>, gemm_micro.h and, inside its namespace before the
+// include, `constexpr int kVectorBytes` and `constexpr int kTileRows`.
 
 namespace {
 
 template <typename T>
-struct Vec32 {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int kWidth = 32 / sizeof(T);
+struct Vec {
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+  static constexpr int kWidth = kVectorBytes / sizeof(T);
 };
 
 // Where the micro-kernel reads A: a packed panel, rows in place, or columns in place.
@@ -21,7 +24,9 @@ enum class AForm { kPacked, kRows, kColumns };
 template <typename V, typename T>
 inline void splat(V& out, T a) {
   const V v = {a};
-  if constexpr (Vec32<T>::kWidth == 8)
+  if constexpr (Vec<T>::kWidth == 16)
+    out = __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  else if constexpr (Vec<T>::kWidth == 8)
     out = __builtin_shufflevector(v, v, 0, 0, 0, 0, 0, 0, 0, 0);
   else
     out = __builtin_shufflevector(v, v, 0, 0, 0, 0);
@@ -33,54 +38,52 @@ template <AForm kA, bool kRowsB, typename T>
 inline void micro_kernel_impl(int64_t kc, const T* ap, int64_t lda, const T* bp, int64_t ldb, T* c, int64_t ldc,
                               T alpha, int mr, int nr, bool overwrite) {
   using Tile = sp::kernels::cpu::gemm_detail::MicroTile<T>;
-  using V = typename Vec32<T>::type;
-  constexpr int W = Vec32<T>::kWidth;
-  constexpr int MR = Tile::kMr;
-  static_assert(Tile::kNr == 2 * W, "the micro-tile is two vectors wide");
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::kWidth;
+  constexpr int MR = kTileRows;
+  constexpr int NV = Tile::kNr / W;  // vectors per tile row
+  static_assert(NV * W == Tile::kNr && (NV == 1 || NV == 2), "a tile row is one or two vectors");
 
-  V acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = V{};
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
   for (int64_t k = 0; k < kc; ++k) {
-    V b0, b1;
+    V b[NV];
     const T* bk = bp + k * (kRowsB ? ldb : Tile::kNr);
-    std::memcpy(&b0, bk, sizeof(V));
-    std::memcpy(&b1, bk + W, sizeof(V));
-#pragma GCC unroll 6
+    for (int v = 0; v < NV; ++v) std::memcpy(&b[v], bk + v * W, sizeof(V));
+#pragma GCC unroll 12
     for (int i = 0; i < MR; ++i) {
       const T a = kA == AForm::kRows ? ap[i * lda + k] : kA == AForm::kColumns ? ap[k * lda + i] : ap[k * MR + i];
       V ai;
       splat(ai, a);
-      acc[i][0] += ai * b0;
-      acc[i][1] += ai * b1;
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * b[v];
     }
   }
-  if (mr == MR && nr == Tile::kNr) {  // whole tile: row vectors
-    V va;
-    splat(va, alpha);
-    for (int i = 0; i < MR; ++i) {
-      T* row = c + i * ldc;
-      V c0 = V{}, c1 = V{};
-      if (!overwrite) {
-        std::memcpy(&c0, row, sizeof(V));
-        std::memcpy(&c1, row + W, sizeof(V));
-      }
-      c0 += va * acc[i][0];
-      c1 += va * acc[i][1];
-      std::memcpy(row, &c0, sizeof(V));
-      std::memcpy(row + W, &c1, sizeof(V));
-    }
-    return;
-  }
+  // C += alpha * acc in row vectors, straight on C for a whole tile; for a partial one, on a copy
+  // of C's valid corner, so that its elements get the very operations (and bits) they would in a
+  // whole tile (a scalar loop there may be contracted, or vectorised, differently).
+  const bool whole = mr == MR && nr == Tile::kNr;
   T tile[MR][Tile::kNr];
-  for (int i = 0; i < MR; ++i) {
-    std::memcpy(&tile[i][0], &acc[i][0], sizeof(V));
-    std::memcpy(&tile[i][W], &acc[i][1], sizeof(V));
+  T* base = c;
+  int64_t ld = ldc;
+  if (!whole) {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < Tile::kNr; ++j) tile[i][j] = !overwrite && i < mr && j < nr ? c[i * ldc + j] : T(0);
+    base = &tile[0][0], ld = Tile::kNr;
   }
-  for (int i = 0; i < mr; ++i)
-    for (int j = 0; j < nr; ++j) {
-      T& out = c[i * ldc + j];
-      out = (overwrite ? T(0) : out) + alpha * tile[i][j];
+  V va;
+  splat(va, alpha);
+  for (int i = 0; i < MR; ++i) {
+    T* row = base + i * ld;
+    for (int v = 0; v < NV; ++v) {
+      V cv = V{};
+      if (!overwrite) std::memcpy(&cv, row + v * W, sizeof(V));
+      cv += va * acc[i][v];
+      std::memcpy(row + v * W, &cv, sizeof(V));
     }
+  }
+  if (!whole)
+    for (int i = 0; i < mr; ++i) std::memcpy(c + i * ldc, &tile[i][0], sizeof(T) * size_t(nr));
 }
 
 // micro_kernel_impl by where A (lda > 0 rows, lda < 0 columns with stride -lda, 0 packed) and B

@@ -5,5 +5,6 @@
 #include "kernels/cpu/gemm_micro.h"
 
 namespace sp::kernels::cpu::gemm_detail::avx2 {
+constexpr int kVectorBytes = 32;
 #include "kernels/cpu/gemm_micro.inl"
 }  // namespace sp::kernels::cpu::gemm_detail::avx2

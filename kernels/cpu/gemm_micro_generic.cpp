@@ -4,5 +4,6 @@
 #include "kernels/cpu/gemm_micro.h"
 
 namespace sp::kernels::cpu::gemm_detail::generic {
+constexpr int kVectorBytes = 32;
 #include "kernels/cpu/gemm_micro.inl"
 }  // namespace sp::kernels::cpu::gemm_detail::generic

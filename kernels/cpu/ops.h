@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "kernels/common/shapes.h"
@@ -25,6 +26,17 @@ namespace sp::kernels::cpu {
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
           int64_t ldb, T beta, T* c, int64_t ldc);
+
+// The GEMM's micro-kernel, by instruction set: "generic" (the target's baseline), and on x86-64
+// "avx2" (AVX2 and FMA, 6 x 16 float tiles) and "avx512" (AVX-512F, 12 x 16) where the CPU has
+// them. By default the widest this CPU has; $STALEPROP_CPU_GEMM (read at the first GEMM) or
+// set_gemm_kernel names another, or "auto" for the default. A name this CPU cannot run, or an
+// unknown one, throws sp::Error naming the variable (or set_gemm_kernel) and the choices.
+// avx2 and avx512 give the same bits (the same fused multiply-adds in the same order); generic
+// (separate multiplies and adds) does not. Every convolution and linear layer goes through it.
+std::vector<std::string> gemm_kernels();        // those this CPU can run, narrowest first
+std::string gemm_kernel();                      // the one in use
+void set_gemm_kernel(const std::string& name);  // from the next GEMM on
 
 // ---- Convolution (NHWC activations, KRSC weights) ------------------------------------------
 // y[n,p,q,k] = bias[k] + sum_{r,s,c} x[n, p*stride - pad + r, q*stride - pad + s, c] * w[k,r,s,c]
