@@ -488,6 +488,7 @@ void check_batchnorm_bf16(cudaStream_t stream, int64_t m, int64_t c, bool fused,
   expect_bits_equal(sm.download(), sm2.download(), what + " save_mean");
   expect_bits_equal(si.download(), si2.download(), what + " save_invstd");
   expect_bits_equal(rm.download(), rm2.download(), what + " running_mean");
+  expect_bits_equal(rv.download(), rv2.download(), what + " running_var");
   expect_bits_equal(y.download(), to_bf16_bits(yf.download()), what + " y");
   expect_bits_equal(yi.download(), to_bf16_bits(yif.download()), what + " inference y");
   expect_bits_equal(dx.download(), to_bf16_bits(dxf.download()), what + " dx");
@@ -1308,9 +1309,9 @@ TEST_F(CudaOps, RepeatedRunsAreBitIdentical) {
     kcu::batchnorm_backward(m, sh.c, dx.get(), ddy.get(), g.get(), sm.get(), si.get(), bdx.get(), bdg.get(), bdb.get(),
                             stream_);
     sync_and_check();
-    std::vector<std::vector<float>> out = {dw.download(), db.download(), y.download(),   sm.download(),
-                                           si.download(), rv.download(), bdx.download(), bdg.download()};
-    for (auto* a : {&dw, &db, &y, &sm, &si, &bdx, &bdg}) a->poison();
+    std::vector<std::vector<float> > out = {dw.download(), db.download(),  y.download(),   sm.download(), si.download(),
+                                            rv.download(), bdx.download(), bdg.download(), bdb.download()};
+    for (auto* a : {&dw, &db, &y, &sm, &si, &bdx, &bdg, &bdb}) a->poison();
     return out;
   };
   const auto first = run(), second = run();

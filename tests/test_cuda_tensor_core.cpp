@@ -544,12 +544,16 @@ TEST_P(TensorCore, ConvolutionsWithTheTransposedFilter) {
       ConvResult gathered;
       {
         const ScopedSwitch off(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter, false);
+        const int64_t before = kcu::dgrad_transposed_filters();
         gathered = check_conv(kCustomConv, stream_, sh, seed);
+        EXPECT_EQ(kcu::dgrad_transposed_filters(), before) << conv_str(sh) << ": switched off, yet transposed";
       }
       ConvResult wt;
       {
         const ScopedSwitch on(kcu::dgrad_transposed_filter, kcu::set_dgrad_transposed_filter);
+        const int64_t before = kcu::dgrad_transposed_filters();
         wt = check_conv(kCustomConv, stream_, sh, seed);
+        EXPECT_GT(kcu::dgrad_transposed_filters(), before) << conv_str(sh) << ": the filter was not transposed";
       }
       const std::vector<float> a = widen(wt.dx), b = widen(gathered.dx);
       ASSERT_EQ(a.size(), b.size());
@@ -1415,7 +1419,9 @@ TEST_P(TensorCore, ConvolutionsWithFewChannelsRunDirect) {
     ConvResult without;
     {
       const ScopedSwitch off(kcu::conv_small_c, kcu::set_conv_small_c, false);
+      const int64_t off_before = kcu::conv_small_c_launches();
       without = check_conv(kCustomConv, stream_, cs.sh, seed, cs.offset, cs.bias);
+      EXPECT_EQ(kcu::conv_small_c_launches(), off_before) << conv_str(cs.sh) << ": switched off, yet ran direct";
     }
     expect_close_elementwise(with.y, without.y, 1.0 / 64, conv_str(cs.sh) + ": forward, direct vs tensor cores");
     expect_close_elementwise(with.dw, without.dw, 1e-4, conv_str(cs.sh) + ": weight gradient, direct vs tensor cores");

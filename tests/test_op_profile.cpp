@@ -99,7 +99,9 @@ TEST(OpProfile, SpansTimeEachCallFromItsStreamsOrigin) {
   for (size_t i = 0; i < spans.size(); ++i) {
     EXPECT_GE(spans[i].start_ms, 0.0);
     EXPECT_GE(spans[i].duration_ms, 0.0);
-    if (i > 0) EXPECT_GE(spans[i].start_ms, spans[i - 1].start_ms);
+    if (i > 0) {
+      EXPECT_GE(spans[i].start_ms, spans[i - 1].start_ms);
+    }
     on_a += spans[i].stream == a.get(), on_b += spans[i].stream == b.get();
   }
   EXPECT_EQ(on_a, 2);
@@ -213,8 +215,8 @@ TEST(OpProfile, AProfileEndsSafelyWhileAnotherThreadIssuesOps) {
   }
   stop = true;
   issuer.join();
-  EXPECT_GT(issued.load(), 0);
-  EXPECT_LE(counted, issued.load());
+  EXPECT_GE(issued.load(), 200);
+  EXPECT_LE(counted, issued.load());  // no op counted twice, nor one that was never issued
 }
 
 TEST(OpProfile, RecordsNothingWhileAStreamCaptures) {

@@ -139,7 +139,9 @@ TEST_F(OpsDispatch, Bf16TensorsAreWidenedComputedInFp32AndRounded) {
                                                  rsi.data());
   EXPECT_EQ(widened(out), rounded(rout));
   EXPECT_EQ(values(rm), rrm);
+  EXPECT_EQ(values(rv), rrv);
   EXPECT_EQ(values(sm), rsm);
+  EXPECT_EQ(values(si), rsi);
   const std::vector<float> outf = widened(out);
   std::vector<float> rgx(size_t(m * c)), rgres(size_t(m * c)), rdg(c), rdb(c);
   kc::batchnorm_add_relu_backward<float>(m, c, yf.data(), outf.data(), gyf.data(), g.data<float>(), rsm.data(),

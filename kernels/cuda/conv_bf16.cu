@@ -119,6 +119,7 @@ Workspace transposed_filter(const ConvGeom& g, const uint16_t* w, const FilterTa
   Workspace wt(size_t(g.c) * size_t(taps.count) * size_t(g.k) * sizeof(uint16_t), stream);
   const dim3 grid(unsigned(g.c + 31) / 32, unsigned(g.k + 31) / 32, unsigned(taps.count));
   launch_kernel(transpose_filter_kernel, grid, dim3(32, 8), 0, stream, w, wt.as<uint16_t>(), g.k, g.r * g.s, g.c, taps);
+  count_transposed_filter();
   return wt;
 }
 

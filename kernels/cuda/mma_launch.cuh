@@ -51,6 +51,7 @@ void count_conv_tma_launch();
 void count_wide_tma_launch();
 void count_cluster_tma_launch();
 void count_class_direct_launch();  // dgrad_class_direct_launches() (tensor_core.h)
+void count_transposed_filter();    // dgrad_transposed_filters() (tensor_core.h)
 void count_persistent_tma_launch();
 void count_halo_launch();           // conv_halo_launches() (tensor_core.h)
 void count_halo_resident_launch();  // conv_halo_resident_launches()

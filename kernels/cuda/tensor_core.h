@@ -93,6 +93,9 @@ int64_t dgrad_class_direct_launches();
 // nvidia-h100/2026-11-26-summary.md); the environment variable STALEPROP_DGRAD_WT=0 turns it off.
 void set_dgrad_transposed_filter(bool on);
 bool dgrad_transposed_filter();
+// How many filters have been transposed for a data gradient in this process (a test's proof
+// that the path ran).
+int64_t dgrad_transposed_filters();
 // The convolutions' A operand loaded by TMA (conv_tma.h) on the wgmma_tma kernel where the main
 // loop is wgmma_tma (or auto on Hopper): the forward where the source has C % 64 == 0 and the
 // output rows tile by 128 (every ResNet-18 layer but the stem, ResNet-20/56/110's 64-channel

@@ -20,7 +20,7 @@ std::atomic<int> g_dgrad_classes{-1}, g_dgrad_class_direct{-1}, g_dgrad_wt{-1}, 
     g_tma_wide_by_shape{-1}, g_tma_cluster{-1}, g_tma_persistent{-1}, g_conv_halo{-1}, g_halo_desc_phase{-1},
     g_halo_resident{-1};
 std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0}, g_cluster_launches{0}, g_class_direct_launches{0},
-    g_persistent_launches{0}, g_halo_launches{0}, g_halo_resident_launches{0};
+    g_persistent_launches{0}, g_halo_launches{0}, g_halo_resident_launches{0}, g_transposed_filters{0};
 
 }  // namespace
 
@@ -82,6 +82,7 @@ bool dgrad_class_direct() { return detail::env_switch(g_dgrad_class_direct, "STA
 int64_t dgrad_class_direct_launches() { return g_class_direct_launches.load(std::memory_order_relaxed); }
 void set_dgrad_transposed_filter(bool on) { detail::set_switch(g_dgrad_wt, on); }
 bool dgrad_transposed_filter() { return detail::env_switch(g_dgrad_wt, "STALEPROP_DGRAD_WT", true); }
+int64_t dgrad_transposed_filters() { return g_transposed_filters.load(std::memory_order_relaxed); }
 void set_conv_tma(bool on) { detail::set_switch(g_conv_tma, on); }
 bool conv_tma() { return detail::env_switch(g_conv_tma, "STALEPROP_CONV_TMA", true); }
 void set_tma_wide_tile(bool on) { detail::set_switch(g_tma_wide, on); }
@@ -168,6 +169,7 @@ int sm_count(int device) {
   return sms;
 }
 void count_class_direct_launch() { g_class_direct_launches.fetch_add(1, std::memory_order_relaxed); }
+void count_transposed_filter() { g_transposed_filters.fetch_add(1, std::memory_order_relaxed); }
 
 bool use_wgmma_tma() {
   const MmaMainloop m = mma_mainloop();
