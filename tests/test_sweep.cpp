@@ -110,6 +110,21 @@ std::string read(const std::string& path) {
   return ss.str();
 }
 
+// --time-limit judges a waiting run by finished runs of its kind, whose module count comes from
+// --split-at's cuts as well as --split (a run given only --split-at 4,7 runs over three modules;
+// it was taken for a one-module run).
+TEST(Sweep, RunsOfAKindHaveTheSameNumberOfModules) {
+  train::TrainConfig one, cut, three;
+  one.method = cut.method = three.method = "bp";
+  cut.split_at = "4,7";
+  three.split = 3;
+  EXPECT_EQ(train::run_kind(cut, 100), train::run_kind(three, 100));
+  EXPECT_NE(train::run_kind(cut, 100), train::run_kind(one, 100));
+  EXPECT_NE(train::run_kind(three, 100), train::run_kind(three, 200));
+  three.split_at = "fdg";  // FDG's cuts for K = 3: three modules still
+  EXPECT_EQ(train::run_kind(three, 100), train::run_kind(cut, 100));
+}
+
 TEST(Sweep, RunsSideBySideGiveTheBitsTheyGiveAlone) {
   // Plain backprop and FDG over two modules (three CPU streams in all), twice each with other
   // seeds, all four at once.

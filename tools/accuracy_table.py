@@ -140,10 +140,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("verb", choices=["run", "table"])
     add_run_options(ap, "cells")
-    ap.add_argument("--models", default="resnet56", type=lambda s: s.split(","))
-    ap.add_argument("--splits", default="1,2,3,4", type=lambda s: [int(k) for k in s.split(",")])
-    ap.add_argument("--methods", default="bp,ddg,fdg", type=lambda s: s.split(","))
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--models", default="resnet56", type=lambda s: s.split(","),
+                    help="models of the table, comma-separated (default %(default)s)")
+    ap.add_argument("--splits", default="1,2,3,4", type=lambda s: [int(k) for k in s.split(",")],
+                    help="module counts K, comma-separated; K = 1 is the bp row (default %(default)s)")
+    ap.add_argument("--methods", default="bp,ddg,fdg", type=lambda s: s.split(","),
+                    help="methods of the K > 1 cells, comma-separated (default %(default)s)")
+    ap.add_argument("--epochs", type=int, default=30,
+                    help="epochs of every cell (default %(default)s; tools/gpu_accuracy.sh passes 160)")
     ap.add_argument("--shrink", type=float, default=None,
                     help="shrink factor of every fdg cell (default: the one FDG published the cell's figure with, "
                          "else 0.5)")

@@ -78,7 +78,7 @@ mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-560}
 SAN_CAP=${SAN_CAP:-30}
 # Default: the next cell of #5's accuracy table (bench/results/nvidia-h100/accuracy-table), fdg
-# over FDG's two cuts of ResNet-56 with FDG's shrink factor beta = 0.5, with the recipe of the
+# over FDG's two modules of ResNet-56 (its one cut) with FDG's shrink factor beta = 0.5, with the recipe of the
 # cells there (bp at K = 1: 91.80%; fdg at K = 4: 91.39%, 160 epochs in 5:15 on an H100 beside the
 # build and the tests, 2026-11-27c-summary.md): 160 epochs of cosine decay after 2 warm-up epochs,
 # Nesterov, weight decay 5e-4, Cutout 16, replayed from CUDA graphs. The warm-up matters: at lr

@@ -335,15 +335,16 @@ def at_least_one(text):
 def add_run_options(ap, what):
     """The options of a `run` verb that trains through train_resumable; `what`: "runs" or "cells"."""
     ap.add_argument("--out", required=True, help=f"directory of the {what}' metrics, logs and commands")
-    ap.add_argument("--staleprop", default="build/tools/staleprop", help="the staleprop binary (run)")
+    ap.add_argument("--staleprop", default="build/tools/staleprop", help="the staleprop binary (run; default %(default)s)")
     ap.add_argument("--state", help=f"directory of the {what}' checkpoints, to resume from (default: --out)")
     ap.add_argument("--budget", type=float, default=540,
-                    help=f"seconds: {what} stop at the last epoch boundary inside it and resume on the next call")
+                    help=f"seconds: {what} stop at the last epoch boundary inside it and resume on the next call "
+                         "(default %(default)s)")
     ap.add_argument("--grace", type=float, default=30,
                     help=f"seconds past the budget after which the sweep is stopped, as by Ctrl-C (its {what} keep "
-                         "their last epoch, or with plain backprop their last step)")
+                         "their last epoch, or with plain backprop their last step; default %(default)s)")
     ap.add_argument("--parallel", type=at_least_one, default=1,
-                    help=f"{what} trained at once in one process (staleprop sweep), sharing the GPU")
+                    help=f"{what} trained at once in one process (staleprop sweep), sharing the GPU (default %(default)s)")
 
 
 def unfinished(out, state):

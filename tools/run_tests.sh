@@ -2,7 +2,8 @@
 # Builds everything (CUDA sources included when a CUDA toolkit is present) and runs every test:
 # the GoogleTest suites through ctest, then the concurrency tests (streams, pipeline, allocator and
 # arenas, op profile, runs side by side in a sweep, the bench's runs, training from graphs and on
-# emulated devices) again under ThreadSanitizer, and every CPU test again under AddressSanitizer and
+# emulated devices, a plain backprop run with its evaluations, the data loader's producer thread)
+# again under ThreadSanitizer, and every CPU test again under AddressSanitizer and
 # UndefinedBehaviorSanitizer.
 # GPU tests skip with their reason on a machine without a GPU.
 set -euo pipefail

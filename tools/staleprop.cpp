@@ -1,4 +1,4 @@
-// The staleprop command line: train, eval, bench, study, sweep and demo.
+// The staleprop command line: train, eval, bench, study, sweep, demo and version.
 //
 // Every flag is declared once in a table (name, value name, help, setter); --help is generated
 // from the same tables, so it cannot drift from what is parsed.
@@ -391,14 +391,14 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"model", "NAME", model_list() + " (default resnet20)", [&](const std::string& v) { c.model = v; }},
       {"epochs", "N", "epochs (default 1)", [&](const std::string& v) { c.epochs = int(positive("epochs", to_i(v))); }},
       {"batch-size", "B", "images per step; an epoch's last batch may be smaller, and is kept (default 128)", [&](const std::string& v) { c.batch_size = positive("batch-size", to_ll(v)); }},
-      {"lr", "LR", "peak learning rate (default 0.1)", [&](const std::string& v) { c.lr = to_f(v); }},
-      {"momentum", "M", "SGD momentum (default 0.9)", [&](const std::string& v) { c.momentum = to_f(v); }},
+      {"lr", "LR", "peak learning rate, at least 0 (default 0.1)", [&](const std::string& v) { c.lr = to_f(v); }},
+      {"momentum", "M", "SGD momentum, in [0, 1) (default 0.9)", [&](const std::string& v) { c.momentum = to_f(v); }},
       {"nesterov", "", "Nesterov momentum", [&](const std::string&) { c.nesterov = true; }},
       {"weight-decay", "WD", "L2 weight decay, on every parameter (BN's and biases too) (default 5e-4)", [&](const std::string& v) { c.weight_decay = to_f(v); }},
       {"schedule", "S", "constant|multistep|cosine|onecycle (default multistep). Each begins with --warmup-epochs of linear warm-up from 0; then multistep multiplies the rate by --gamma at each milestone, cosine decays it to 0 along a half cosine, onecycle linearly to 0 (a one-cycle with --warmup-epochs > 0)", [&](const std::string& v) { c.schedule = v; }},
       {"milestones", "F,F", "multistep: lr *= gamma at these fractions of the run (default 0.5,0.75)", [&](const std::string& v) { c.milestones = parse_list("milestones", v); }},
-      {"gamma", "G", "multistep decay factor (default 0.1)", [&](const std::string& v) { c.gamma = to_f(v); }},
-      {"warmup-epochs", "E", "linear warm-up from 0 over E epochs (default 0)", [&](const std::string& v) { c.warmup_epochs = to_d(v); }},
+      {"gamma", "G", "multistep decay factor, above 0 (default 0.1)", [&](const std::string& v) { c.gamma = to_f(v); }},
+      {"warmup-epochs", "E", "linear warm-up from 0 over E epochs, at most --epochs (default 0)", [&](const std::string& v) { c.warmup_epochs = to_d(v); }},
       {"label-smoothing", "EPS", "label smoothing in [0, 1) (default 0)", [&](const std::string& v) { c.label_smoothing = to_f(v); }},
       {"precision", "P", "fp32|bf16: bf16 = mixed precision (bf16 activations and weight copies, fp32 master weights and reductions; on the CPU it is emulated by rounding); default fp32", [&](const std::string& v) { c.precision = v; }},
       {"kernels", "K", "custom|vendor: our kernels, or the cuBLASLt/cuDNN baselines for GEMM and convolutions (GPU only; default custom)", [&](const std::string& v) { c.kernels = v; }},
@@ -410,16 +410,16 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"train-limit", "N", "use only the first N training images (default all)", [&](const std::string& v) { train_limit = positive("train-limit", to_ll(v)); }},
       {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { test_limit = positive("test-limit", to_ll(v)); }},
       {"no-augment", "", "disable random crop and flip", [&](const std::string&) { c.augment = false; }},
-      {"cutout", "N", "after crop and flip, zero an N x N square (clipped at the border) centred on a random pixel of each training image (Cutout, DeVries & Taylor 2017; they use 16 on CIFAR-10; default 0: none)", [&](const std::string& v) { c.cutout = to_i(v); }},  // its range checked by the run
+      {"cutout", "N", "after crop and flip, zero an N x N square (clipped at the border) centred on a random pixel of each training image (Cutout, DeVries & Taylor 2017; they use 16 on CIFAR-10; 0 to 32, not with --no-augment; default 0: none)", [&](const std::string& v) { c.cutout = to_i(v); }},  // its range checked by the run
       {"eval-batch-size", "B", "batch size of the test-set evaluation (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", to_ll(v)); }},
       {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} in FILE: one per epoch)", [&](const std::string& v) { c.checkpoint = v; }},
-      {"checkpoint-every", "N", "also write --checkpoint every N steps (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", to_ll(v)); }},
+      {"checkpoint-every", "N", "also write --checkpoint every N steps (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only; default none: at epoch ends only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", to_ll(v)); }},
       {"resume", "FILE", "resume exactly from a checkpoint of the same run; refused, saying why, when its model, data, schedule, training rule (method, shrink, jitter, recompute, weight stashing), optimizer, loss, precision or cuts differ (--recompute may change with --weight-stash: it changes no bit there). --device and --kernels may change (the run then goes on, but not bit for bit)", [&](const std::string& v) { c.resume = v; }},
       {"metrics", "FILE", "append metrics as JSON lines to FILE", [&](const std::string& v) { c.metrics = v; }},
-      {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines)", [&](const std::string& v) { c.progress = v; }},
+      {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines; default auto)", [&](const std::string& v) { c.progress = v; }},
       {"log", "FILE", "append the banner, progress and epoch lines to FILE instead of printing them", [&](const std::string& v) { c.log = v; }},
-      {"time-limit", "SECONDS", "end the run at the first epoch boundary where the next epoch, taking as long as the last, would end later than SECONDS after the start; the epoch's checkpoint (--checkpoint) is there to --resume from", [&](const std::string& v) { a.time_limit = positive_seconds("time-limit", v); }},
-      {"stop-after", "STEPS", "end the run after this many steps in total, writing --checkpoint there to --resume from (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", to_ll(v)); }},
+      {"time-limit", "SECONDS", "end the run at the first epoch boundary where the next epoch, taking as long as the last, would end later than SECONDS after the start; the epoch's checkpoint (--checkpoint) is there to --resume from (default none)", [&](const std::string& v) { a.time_limit = positive_seconds("time-limit", v); }},
+      {"stop-after", "STEPS", "end the run after this many steps in total, writing --checkpoint there to --resume from (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only; default none)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", to_ll(v)); }},
       {"method", "M", "bp|ddg|fdg: locked backprop, forward-locked DDG, fully decoupled FDG (default bp)", [&](const std::string& v) { c.method = v; }},
       {"split", "K", "cut the network into K modules, balanced by --split-by (default 1)", [&](const std::string& v) { c.split = int(positive("split", to_i(v))); }},
       {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start, or by its counted forward FLOPs (the same cuts on every run and machine); default time, flops with --deterministic (which refuses time)", [&](const std::string& v) { c.split_by = v; }},
@@ -720,7 +720,7 @@ int study_main(int argc, char** argv) {
   std::vector<Flag> flags = bench_flags(c, json, threads);
   const std::vector<Flag> more = {
       {"methods", "M,M", "decoupled methods to run for every K > 1 (default bp,ddg,fdg)", [&](const std::string& v) { methods = v; }},
-      {"splits", "K,K", "module counts (default 1,2,3,4; K = 1 is plain backprop, run once)", [&](const std::string& v) { splits = v; }},
+      {"splits", "K,K", "module counts (default 1,2,3,4; K = 1 is plain backprop, run once, the baseline of the table's \"vs backprop\" column, which shows - without it)", [&](const std::string& v) { splits = v; }},
       {"split-at-fdg", "", "use FDG's published cuts where it has them (else balanced by measured block time)", [&](const std::string&) { fdg_cuts = true; }},
       {"shrink", "BETA", "gradient shrink factor of the ddg and fdg runs (default 1)", [&](const std::string& v) { c.shrink = to_f(v); }},
       {"recompute", "", "recompute activations before the backward (memory for time)", [&](const std::string&) { c.recompute = true; }},
@@ -784,11 +784,18 @@ int study_main(int argc, char** argv) {
               placed.c_str(), (long long)c.steps, (long long)c.warmup);
   std::printf("| method | img/s | vs backprop | ms/step | busy per module | peak MiB | activations MiB |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
-  for (const auto& r : results)
-    std::printf("| %s | %.1f | %.2fx | %.2f | %s | %s | %s |\n", method_str(r).c_str(), r.images_per_s,
-                base > 0 ? r.images_per_s / base : 0.0, r.ms_per_step, busy_str(r.busy_pct).c_str(),
+  // Without K = 1 in --splits there is no plain backprop run to compare with: "-".
+  char vs[32];
+  for (const auto& r : results) {
+    if (base > 0)
+      std::snprintf(vs, sizeof vs, "%.2fx", r.images_per_s / base);
+    else
+      std::snprintf(vs, sizeof vs, "-");
+    std::printf("| %s | %.1f | %s | %.2f | %s | %s | %s |\n", method_str(r).c_str(), r.images_per_s, vs,
+                r.ms_per_step, busy_str(r.busy_pct).c_str(),
                 mib(r.peak_allocated_bytes).c_str(),
                 r.config.method == "backprop" ? "-" : mib(r.peak_activation_bytes).c_str());
+  }
   return 0;
 }
 

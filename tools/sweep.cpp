@@ -172,6 +172,14 @@ const char* sweep_status_name(SweepStatus s) {
   return "?";
 }
 
+std::string run_kind(const TrainConfig& c, size_t train_images) {
+  std::string devices;
+  for (const std::string& d : c.devices) devices += "," + d;
+  return c.model + " " + c.device + devices + " " + c.precision + " " + c.method + " K" +
+         std::to_string(module_count(c.split, c.split_at)) + " batch " + std::to_string(c.batch_size) + " on " +
+         std::to_string(train_images) + " images";
+}
+
 std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptions& opts) {
   check_jobs(jobs, opts);
   const size_t n = jobs.size();
@@ -211,16 +219,8 @@ std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptio
   // Seconds per epoch of finished runs of each kind (the longest), to judge whether a waiting
   // run's first epoch would fit before the deadline.
   std::map<std::string, double> epoch_secs;
-  // What an epoch's time depends on, besides the machine and the runs beside it.
   std::vector<std::string> kind(n);
-  for (size_t i = 0; i < n; ++i) {
-    const TrainConfig& c = jobs[i].cfg;
-    std::string devices;
-    for (const std::string& d : c.devices) devices += "," + d;
-    kind[i] = c.model + " " + c.device + devices + " " + c.precision + " " + c.method + " K" + std::to_string(c.split) +
-              " batch " + std::to_string(c.batch_size) + " on " +
-              std::to_string(train_of[i] ? train_of[i]->size() : 0) + " images";
-  }
+  for (size_t i = 0; i < n; ++i) kind[i] = run_kind(jobs[i].cfg, train_of[i] ? train_of[i]->size() : 0);
   std::mutex epoch_mu;
   std::atomic<size_t> next{0};
   auto worker = [&] {

@@ -60,6 +60,10 @@ struct SweepOptions {
 // writing the same file, or (with parallel > 1) a job printing to stdout instead of a --log.
 // A run that fails is reported in its outcome (and at the end of its --log); the others go on.
 std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptions& opts);
+// What an epoch's time depends on, besides the machine and the runs beside it: the model,
+// devices, precision, method, number of modules (--split, or --split-at's cuts), batch size and
+// number of training images. --time-limit judges a waiting run by the finished runs of its kind.
+std::string run_kind(const TrainConfig& c, size_t train_images);
 // The checks run_sweep makes first, for a caller that would rather know before it says anything.
 void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts);
 

@@ -1022,8 +1022,12 @@ void check_module_devices(Device dev, const std::vector<std::string>& devices) {
            devices.empty() ? "" : devices[0], ": give that (or one device per module)");
 }
 
+size_t module_count(int split, const std::string& split_at) {
+  return !split_at.empty() && split_at != "fdg" ? parse_cuts(split_at).size() + 1 : size_t(split);
+}
+
 void check_device_count(const std::vector<std::string>& devices, int split, const std::string& split_at) {
-  const size_t modules = !split_at.empty() && split_at != "fdg" ? parse_cuts(split_at).size() + 1 : size_t(split);
+  const size_t modules = module_count(split, split_at);
   SP_CHECK(devices.size() <= 1 || devices.size() == modules, "--devices names ", devices.size(), " devices for ",
            modules, " modules: give one per module (--split K, --split-at)");
 }

@@ -113,6 +113,9 @@ std::vector<double> measure_block_costs(Network& net, Stream& s, const Tensor& i
 
 // The cut points of --split-at "i,j,..." (first block of modules 2..K).
 std::vector<size_t> parse_cuts(const std::string& text);
+// How many modules --split `split` and --split-at `split_at` give: one more than the explicit
+// cuts, else `split` (also for "fdg", whose cuts are FDG's for that K).
+size_t module_count(int split, const std::string& split_at);
 // The cut points of --split `split` and --split-at `split_at` for `model` of `blocks` blocks, as
 // train and bench take them: FDG's published cuts ("fdg"), the explicit cuts (which must agree
 // with a --split other than 1, and lie ascending in 1..blocks-1), or for split > 1 cuts balanced
