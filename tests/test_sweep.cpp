@@ -312,9 +312,11 @@ TEST(Sweep, AFailedRunLeavesTheOthersRunning) {
   // One fails before it starts, one on its data, and a pipelined one after its first epoch
   // (its checkpoint cannot be written: a directory stands at its path, so the write's final
   // rename fails, while its own directory passes the check before training), with its module
-  // streams at work.
-  std::vector<train::SweepJob> jobs = {job("bad"), job("good"), job("no-data"), job("late", "fdg")};
+  // streams at work; and one whose --split-at cannot be read (it ended the whole sweep, its kind
+  // being worked out before any run).
+  std::vector<train::SweepJob> jobs = {job("bad"), job("good"), job("no-data"), job("late", "fdg"), job("bad-cuts")};
   jobs[0].cfg.model = "resnet7";
+  jobs[4].cfg.split_at = "4,x";
   jobs[2].data_dir = cifar().file("missing");
   jobs[3].cfg.checkpoint = cifar().file("a-directory-stands-here");
   std::filesystem::create_directories(jobs[3].cfg.checkpoint);
@@ -332,15 +334,18 @@ TEST(Sweep, AFailedRunLeavesTheOthersRunning) {
   EXPECT_EQ(outcomes[3].status, train::SweepStatus::Failed);
   EXPECT_NE(outcomes[3].error.find("a-directory-stands-here"), std::string::npos) << outcomes[3].error;
   EXPECT_NE(read(jobs[3].cfg.log).find("epoch 1/2: train loss"), std::string::npos) << "it failed after epoch 1";
+  EXPECT_EQ(outcomes[4].status, train::SweepStatus::Failed);
+  EXPECT_NE(outcomes[4].error.find("--split-at"), std::string::npos) << outcomes[4].error;
   // The status lines name every run and how it ended.
   std::rewind(status);
   std::string lines;
   for (int c; (c = std::fgetc(status)) != EOF;) lines += char(c);
   std::fclose(status);
-  EXPECT_NE(lines.find("sweep: [2/4] good: finished after epoch 2 of 2: test accuracy"), std::string::npos) << lines;
-  EXPECT_NE(lines.find("sweep: [1/4] bad: failed: "), std::string::npos) << lines;
-  EXPECT_NE(lines.find("sweep: [3/4] no-data: failed: "), std::string::npos) << lines;
-  EXPECT_NE(lines.find("sweep: [4/4] late: failed: "), std::string::npos) << lines;
+  EXPECT_NE(lines.find("sweep: [2/5] good: finished after epoch 2 of 2: test accuracy"), std::string::npos) << lines;
+  EXPECT_NE(lines.find("sweep: [1/5] bad: failed: "), std::string::npos) << lines;
+  EXPECT_NE(lines.find("sweep: [3/5] no-data: failed: "), std::string::npos) << lines;
+  EXPECT_NE(lines.find("sweep: [4/5] late: failed: "), std::string::npos) << lines;
+  EXPECT_NE(lines.find("sweep: [5/5] bad-cuts: failed: "), std::string::npos) << lines;
 }
 
 TEST(Sweep, RefusesJobsThatCannotShareAProcess) {

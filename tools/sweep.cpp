@@ -175,9 +175,15 @@ const char* sweep_status_name(SweepStatus s) {
 std::string run_kind(const TrainConfig& c, size_t train_images) {
   std::string devices;
   for (const std::string& d : c.devices) devices += "," + d;
-  return c.model + " " + c.device + devices + " " + c.precision + " " + c.method + " K" +
-         std::to_string(module_count(c.split, c.split_at)) + " batch " + std::to_string(c.batch_size) + " on " +
-         std::to_string(train_images) + " images";
+  // A --split-at the run will refuse counts as --split here: that run fails on its own, and the
+  // others go on (a throw here would end the sweep before any run).
+  size_t modules = size_t(c.split);
+  try {
+    modules = module_count(c.split, c.split_at);
+  } catch (const Error&) {
+  }
+  return c.model + " " + c.device + devices + " " + c.precision + " " + c.method + " K" + std::to_string(modules) +
+         " batch " + std::to_string(c.batch_size) + " on " + std::to_string(train_images) + " images";
 }
 
 std::vector<SweepOutcome> run_sweep(std::vector<SweepJob> jobs, const SweepOptions& opts) {

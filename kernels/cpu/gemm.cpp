@@ -63,14 +63,20 @@ const std::vector<KernelEntry>& kernel_table() {
     {"avx2", [] { return bool(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")); },
      &gemm_detail::avx2::micro_kernel, &gemm_detail::avx2::micro_kernel, gemm_detail::avx2::kTileRows},
     // __builtin_cpu_supports also checks that the operating system saves the AVX-512 registers.
-    {"avx512", [] { return bool(__builtin_cpu_supports("avx512f")); }, &gemm_detail::avx512::micro_kernel,
-     &gemm_detail::avx512::micro_kernel, gemm_detail::avx512::kTileRows},
+    {"avx512", [] { return bool(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")); },
+     &gemm_detail::avx512::micro_kernel, &gemm_detail::avx512::micro_kernel, gemm_detail::avx512::kTileRows},
 #endif
   };
   return table;
 }
 
-static_assert(kMc % gemm_detail::kMaxTileRows == 0 && kMc % gemm_detail::generic::kTileRows == 0,
+// A packed A block holds whole tiles of every kernel, none taller than kMaxTileRows.
+template <int kRows>
+constexpr bool fits_blocks() {
+  return kMc % kRows == 0 && kRows <= gemm_detail::kMaxTileRows;
+}
+static_assert(fits_blocks<gemm_detail::generic::kTileRows>() && fits_blocks<gemm_detail::avx2::kTileRows>() &&
+                  fits_blocks<gemm_detail::avx512::kTileRows>(),
               "a packed A block holds whole tiles");
 
 std::string supported_names() {
