@@ -3,8 +3,8 @@
 // namespace. GCC vector extensions of kVectorBytes (32 or 64) hold one row slice; a tile row of
 // MicroTile<T>::kNr elements is kNr * sizeof(T) / kVectorBytes of them (two 32-byte vectors, or
 // one 64-byte vector), and a tile has kTileRows rows.
-// The including file provides <cstring>, gemm_micro.h and, inside its namespace before the
-// include, `constexpr int kVectorBytes` and `constexpr int kTileRows`.
+// The including file provides <cstring>, gemm_micro.h (which declares each namespace's
+// kTileRows) and, inside its namespace before the include, `constexpr int kVectorBytes`.
 
 namespace {
 
