@@ -1067,33 +1067,39 @@ TEST_F(CudaOps, MaxPoolMatchesBitForBitIncludingTiesAndOverlap) {
   const Pool2dShape shapes[] = {{2, 9, 9, 5, 3, 2, 1},    {1, 8, 8, 4, 2, 2, 0}, {2, 7, 6, 4, 3, 1, 1},
                                 {4, 32, 32, 16, 3, 2, 1}, {1, 1, 1, 2, 1, 1, 0}, {1, 5, 5, 3, 4, 3, 2},
                                 {1, 8, 8, 8, 3, 2, 0},    {1, 7, 7, 3, 2, 3, 0},  {1, 5, 5, 8, 4, 3, 2}};
+  // Then each shape once more with some NaN inputs, which win their windows on both devices
+  // (PyTorch's rule: the last NaN of a window wins), so that a diverging run shows.
   uint32_t seed = 800;
-  for (const Pool2dShape& sh : shapes)
-    for (const size_t off : {size_t(0), size_t(1)}) {
-      const std::string what = "maxpool " + std::to_string(sh.h) + "x" + std::to_string(sh.w) + " c " +
-                               std::to_string(sh.c) + " window " + std::to_string(sh.window) + " stride " +
-                               std::to_string(sh.stride) + " offset " + std::to_string(off);
-      // Values from a small set, so windows often hold several equal maxima (the first wins),
-      // and negative ones, so a window beside the padding often has a maximum below 0 (padding
-      // is no tap, not a 0).
-      std::vector<float> x = random_vector(size_t(sh.x_size()), ++seed, -4.f, 4.f);
-      for (float& v : x) v = std::floor(v);
-      const std::vector<float> dy = random_vector(size_t(sh.y_size()), ++seed);
-      std::vector<float> xo(off, 0.f), dyo(off, 0.f);
-      xo.insert(xo.end(), x.begin(), x.end());
-      dyo.insert(dyo.end(), dy.begin(), dy.end());
-      DeviceArray<float> dxin(xo), ddy(dyo), dyout(off + size_t(sh.y_size())), ddx(off + size_t(sh.x_size()));
-      kcu::maxpool2d_forward(sh, dxin.get() + off, dyout.get() + off, stream_);
-      sync_and_check();
-      kcu::maxpool2d_backward(sh, dxin.get() + off, ddy.get() + off, ddx.get() + off, stream_);
-      sync_and_check();
-      std::vector<float> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size()));
-      kc::maxpool2d_forward<float>(sh, x.data(), ry.data());
-      kc::maxpool2d_backward<float>(sh, x.data(), dy.data(), rdx.data());
-      const std::vector<float> gy = dyout.download(), gdx = ddx.download();
-      expect_bits_equal(std::vector<float>(gy.begin() + long(off), gy.end()), ry, what + " forward");
-      expect_bits_equal(std::vector<float>(gdx.begin() + long(off), gdx.end()), rdx, what + " backward");
-    }
+  for (const bool nans : {false, true})
+    for (const Pool2dShape& sh : shapes)
+      for (const size_t off : {size_t(0), size_t(1)}) {
+        if (nans && off == 1) continue;
+        const std::string what = "maxpool " + std::to_string(sh.h) + "x" + std::to_string(sh.w) + " c " +
+                                 std::to_string(sh.c) + " window " + std::to_string(sh.window) + " stride " +
+                                 std::to_string(sh.stride) + " offset " + std::to_string(off) + (nans ? " NaNs" : "");
+        // Values from a small set, so windows often hold several equal maxima (the first wins),
+        // and negative ones, so a window beside the padding often has a maximum below 0 (padding
+        // is no tap, not a 0).
+        std::vector<float> x = random_vector(size_t(sh.x_size()), ++seed, -4.f, 4.f);
+        for (float& v : x) v = std::floor(v);
+        if (nans)
+          for (size_t i = 3; i < x.size(); i += 7) x[i] = std::numeric_limits<float>::quiet_NaN();
+        const std::vector<float> dy = random_vector(size_t(sh.y_size()), ++seed);
+        std::vector<float> xo(off, 0.f), dyo(off, 0.f);
+        xo.insert(xo.end(), x.begin(), x.end());
+        dyo.insert(dyo.end(), dy.begin(), dy.end());
+        DeviceArray<float> dxin(xo), ddy(dyo), dyout(off + size_t(sh.y_size())), ddx(off + size_t(sh.x_size()));
+        kcu::maxpool2d_forward(sh, dxin.get() + off, dyout.get() + off, stream_);
+        sync_and_check();
+        kcu::maxpool2d_backward(sh, dxin.get() + off, ddy.get() + off, ddx.get() + off, stream_);
+        sync_and_check();
+        std::vector<float> ry(size_t(sh.y_size())), rdx(size_t(sh.x_size()));
+        kc::maxpool2d_forward<float>(sh, x.data(), ry.data());
+        kc::maxpool2d_backward<float>(sh, x.data(), dy.data(), rdx.data());
+        const std::vector<float> gy = dyout.download(), gdx = ddx.download();
+        expect_bits_equal(std::vector<float>(gy.begin() + long(off), gy.end()), ry, what + " forward");
+        expect_bits_equal(std::vector<float>(gdx.begin() + long(off), gdx.end()), rdx, what + " backward");
+      }
 }
 
 TEST_F(CudaOps, GlobalAvgPoolMatchesBitForBit) {
@@ -1198,6 +1204,37 @@ TEST_F(CudaOps, SoftmaxCrossEntropy) {
   check_softmax_xent(stream_, 37, 100, 0.f, 30.f, 1120);  // wide logits: the max shift matters
   check_softmax_xent(stream_, 3, 1000, 0.2f, 2.f, 1130);
   check_softmax_xent(stream_, 1000, 33, 0.05f, 1.f, 1140);
+}
+
+// Logits of -inf (a masked class) with no smoothing: such a class has probability 0 and no
+// target mass, so the loss and every gradient stay finite (0 * -inf must not enter the sum).
+TEST_F(CudaOps, SoftmaxCrossEntropyMinusInfinityLogits) {
+  const int64_t n = 4, classes = 10;
+  std::vector<float> logits = random_vector(size_t(n * classes), 1160, -3.f, 3.f);
+  const std::vector<int32_t> labels = {2, 7, 0, 9};
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i % 2; j < classes; j += 2)
+      if (j != labels[size_t(i)]) logits[size_t(i * classes + j)] = -inf;
+  DeviceArray<float> dlogits_in(logits), dloss(1), ddl(logits.size());
+  DeviceArray<int32_t> dlabels(labels), dcorrect(1);
+  kcu::softmax_cross_entropy(n, classes, dlogits_in.get(), dlabels.get(), 0.f, dloss.get(), ddl.get(), dcorrect.get(),
+                             stream_);
+  sync_and_check();
+  double rloss = 0.0;
+  int64_t rcorrect = 0;
+  std::vector<double> rdl(logits.size());
+  kc::softmax_cross_entropy<double>(n, classes, to_double(logits).data(), labels.data(), 0.0, &rloss, rdl.data(),
+                                    &rcorrect);
+  const float loss = dloss.download()[0];
+  ASSERT_TRUE(std::isfinite(loss) && std::isfinite(rloss)) << "loss " << loss << ", reference " << rloss;
+  EXPECT_LE(rel_error(std::vector<float>{loss}, std::vector<double>{rloss}), kTol);
+  const std::vector<float> dl = ddl.download();
+  for (size_t i = 0; i < dl.size(); ++i) ASSERT_TRUE(std::isfinite(dl[i])) << "dlogits " << i;
+  EXPECT_LE(rel_error(dl, rdl), kTol);
+  for (size_t i = 0; i < logits.size(); ++i)
+    if (std::isinf(logits[i])) EXPECT_EQ(dl[i], 0.f) << "dlogits " << i << " of a class of probability 0";
+  EXPECT_EQ(dcorrect.download()[0], rcorrect);
 }
 
 TEST_F(CudaOps, SoftmaxCrossEntropyBadLabelPoisonsTheLoss) {

@@ -874,21 +874,24 @@ TEST_P(TensorCore, ConvolutionsByHaloPatches) {
   const ScopedSwitch streaming(kcu::halo_resident, kcu::set_halo_resident, false);  // its own test below
   const HaloTestSwitches switches;
   const bool runs = GetParam() == kcu::MmaMainloop::kWgmmaTma;
+  // Every other case with a bias (the ResNets run without: the epilogue adds it to each kept row).
   uint32_t seed = 990;
+  bool bias = false;
   for (const HaloCase& c : cases) {
     seed += 5;
-    const std::string what = conv_str(c.sh) + " mode " + std::to_string(c.mode);
+    bias = !bias;
+    const std::string what = conv_str(c.sh) + " mode " + std::to_string(c.mode) + (bias ? " with bias" : "");
     ConvResult with, without;
     {
       const ScopedHalo on(c.mode);
       const int64_t before = kcu::conv_halo_launches();
-      with = check_conv(kCustomConv, stream_, c.sh, seed, 0, false, c.beta);
+      with = check_conv(kCustomConv, stream_, c.sh, seed, 0, bias, c.beta);
       EXPECT_EQ(kcu::conv_halo_launches() - before, runs ? c.launches() : 0) << what << ": halo launches";
     }
     if (!runs || c.launches() == 0) continue;
     {
       const ScopedHalo off(0);
-      without = check_conv(kCustomConv, stream_, c.sh, seed, 0, false, c.beta);
+      without = check_conv(kCustomConv, stream_, c.sh, seed, 0, bias, c.beta);
     }
     if (c.same_bits_fwd)
       EXPECT_TRUE(bits_equal(with.y, without.y)) << what << ": forward, halo vs without";
@@ -916,10 +919,12 @@ TEST_P(TensorCore, ConvolutionsByHaloPatchesResident) {
   SP_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   uint32_t seed = 1090;
   int64_t total = 0;
+  bool bias = true;  // every other case with a bias, the other cases than in the test above
   for (const HaloCase& c : halo_cases()) {
     seed += 5;
+    bias = !bias;
     if (c.launches() == 0) continue;
-    const std::string what = conv_str(c.sh) + " mode " + std::to_string(c.mode);
+    const std::string what = conv_str(c.sh) + " mode " + std::to_string(c.mode) + (bias ? " with bias" : "");
     // The passes that take the halo kernel (the case says which), resident where their plan fits
     // and pays (conv_halo.h; the plan's tiles and sizes do not depend on the limits given here).
     int64_t expect = 0;
@@ -934,12 +939,12 @@ TEST_P(TensorCore, ConvolutionsByHaloPatchesResident) {
     ConvResult streaming, resident;
     {
       const ScopedSwitch off(kcu::halo_resident, kcu::set_halo_resident, false);
-      streaming = check_conv(kCustomConv, stream_, c.sh, seed, 0, false, c.beta);
+      streaming = check_conv(kCustomConv, stream_, c.sh, seed, 0, bias, c.beta);
     }
     {
       const ScopedSwitch resident_on(kcu::halo_resident, kcu::set_halo_resident);
       const int64_t before = kcu::conv_halo_resident_launches(), halo_before = kcu::conv_halo_launches();
-      resident = check_conv(kCustomConv, stream_, c.sh, seed, 0, false, c.beta);
+      resident = check_conv(kCustomConv, stream_, c.sh, seed, 0, bias, c.beta);
       EXPECT_EQ(kcu::conv_halo_resident_launches() - before, expect) << what << ": resident launches";
       EXPECT_EQ(kcu::conv_halo_launches() - halo_before, runs ? c.launches() : 0) << what << ": halo launches";
     }
