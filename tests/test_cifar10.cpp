@@ -19,26 +19,16 @@
 #include "kernels/common/error.h"
 #include "tests/error_testing.h"
 #include "tests/source_dir.h"
+#include "tests/temp_dir.h"
 #include "tools/cifar10.h"
 
 using namespace sp;
 using namespace sp::data;
 using sp::test::expect_error;
+using sp::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
-
-// A fresh directory, removed with its contents at the end of the test.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "staleprop_cifar10_XXXXXX").string();
-    EXPECT_NE(::mkdtemp(tmpl.data()), nullptr);
-    path = tmpl;
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 // The generated contents of record r of file `file_id`: a label and a pixel value per
 // (channel, pixel index in the plane), distinct enough to catch any mix-up.
@@ -61,7 +51,9 @@ std::vector<uint8_t> gen_batch_bytes(int file_id) {
 void write_bytes(const std::string& path, const std::vector<uint8_t>& bytes) {
   std::FILE* f = std::fopen(path.c_str(), "wb");
   ASSERT_NE(f, nullptr) << path;
-  if (!bytes.empty()) ASSERT_EQ(std::fwrite(bytes.data(), 1, bytes.size(), f), bytes.size());  // never a null buffer
+  if (!bytes.empty()) {  // never a null buffer
+    ASSERT_EQ(std::fwrite(bytes.data(), 1, bytes.size(), f), bytes.size());
+  }
   std::fclose(f);
 }
 

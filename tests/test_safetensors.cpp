@@ -18,29 +18,15 @@
 #include "engine/safetensors.h"
 #include "kernels/common/error.h"
 #include "tests/error_testing.h"
+#include "tests/temp_dir.h"
 
 using namespace sp;
 using namespace sp::io;
 using sp::test::expect_error;
+using sp::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "staleprop_safetensors_XXXXXX").string();
-    EXPECT_NE(::mkdtemp(tmpl.data()), nullptr);
-    path = tmpl;
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> names;
-    for (const auto& e : fs::directory_iterator(path)) names.push_back(e.path().filename().string());
-    return names;
-  }
-};
 
 std::vector<uint8_t> read_bytes(const std::string& path) {
   std::vector<uint8_t> bytes(fs::file_size(path));
@@ -55,7 +41,9 @@ void write_bytes(const std::string& path, const std::vector<uint8_t>& bytes) {
   std::FILE* f = std::fopen(path.c_str(), "wb");
   ASSERT_NE(f, nullptr);
   // fwrite's buffer may not be null, even for no bytes (an empty vector's data() may be).
-  if (!bytes.empty()) ASSERT_EQ(std::fwrite(bytes.data(), 1, bytes.size(), f), bytes.size());
+  if (!bytes.empty()) {
+    ASSERT_EQ(std::fwrite(bytes.data(), 1, bytes.size(), f), bytes.size());
+  }
   std::fclose(f);
 }
 

@@ -25,12 +25,14 @@
 #include "tests/checkpoint_testing.h"
 #include "tests/error_testing.h"
 #include "tests/source_dir.h"
+#include "tests/temp_dir.h"
 #include "tools/bench.h"
 #include "tools/json.h"
 #include "tools/train.h"
 
 using namespace sp;
 using sp::test::expect_same_tensors;
+using sp::test::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
@@ -57,16 +59,6 @@ data::Dataset synthetic_set(int64_t n, uint64_t seed) {
   }
   return d;
 }
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    char tmpl[] = "/tmp/staleprop-train-XXXXXX";
-    path = mkdtemp(tmpl);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 // The number after "key": in a JSON record, or -1 where the key is missing.
 double number_after(const std::string& rec, const std::string& key) {
