@@ -347,6 +347,47 @@ TEST(CpuGemmKernels, TheChoiceIsCheckedAndKept) {
   EXPECT_EQ(gemm_kernel(), "generic");
 }
 
+// Under AddressSanitizer the micro-kernels run uninstrumented, and the GEMM checks each call's
+// operands against ASan's map instead (kernels/cpu/gemm.cpp, check_micro_regions): an operand
+// one element short must stop the run, naming the operand, with every kernel and each form the
+// kernels read (A's rows in place, B's rows in place, packed panels, C).
+#if defined(__SANITIZE_ADDRESS__)
+#define SP_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SP_TEST_ASAN 1
+#endif
+#endif
+TEST(CpuGemmKernelsDeathTest, AnOperandTooShortStopsTheRunUnderAsan) {
+#if !defined(SP_TEST_ASAN)
+  GTEST_SKIP() << "the micro-kernels' operand check is compiled only in AddressSanitizer builds "
+                  "(-DSTALEPROP_ASAN=ON; tools/run_tests.sh runs this test there)";
+#else
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  // m x n x k, the product's operands each one element short in turn (each a vector of its own,
+  // so the element past it is in ASan's redzone). 24 x 16 x 8: A's rows in place (n <= 64, whole
+  // tiles of 6 and 12 rows); 4 x 16 x 8: A packed (4 rows, less than a tile), B's rows in place
+  // (m <= 16), and 40 x 100 x 8: both packed.
+  struct Short {
+    int64_t m, n, k;
+    int which;  // 0: A, 1: B, 2: C
+    const char* says;
+  };
+  for (const Short& t : {Short{24, 16, 8, 0, "row of A read in place"}, Short{4, 16, 8, 1, "row of B read in place"},
+                         Short{24, 16, 8, 2, "row of C"}, Short{40, 100, 8, 2, "row of C"}})
+    with_each_kernel([&] {
+      SCOPED_TRACE(::testing::Message() << t.m << " x " << t.n << " x " << t.k << ": " << t.says);
+      std::vector<float> a(size_t(t.m * t.k - (t.which == 0))), b(size_t(t.k * t.n - (t.which == 1))),
+          c(size_t(t.m * t.n - (t.which == 2)));
+      EXPECT_DEATH(gemm<float>(false, false, t.m, t.n, t.k, 1.f, a.data(), t.k, b.data(), t.n, 0.f, c.data(), t.n),
+                   std::string("GEMM micro-kernel: its ") + t.says + " reaches unaddressable memory");
+      // Whole operands run.
+      a.resize(size_t(t.m * t.k)), b.resize(size_t(t.k * t.n)), c.resize(size_t(t.m * t.n));
+      gemm<float>(false, false, t.m, t.n, t.k, 1.f, a.data(), t.k, b.data(), t.n, 0.f, c.data(), t.n);
+    });
+#endif
+}
+
 }  // namespace
 
 // $STALEPROP_NUM_THREADS: a whole number from 1 to 1024, or unset/empty for every core; anything
