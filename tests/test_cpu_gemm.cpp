@@ -5,10 +5,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <random>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -347,15 +350,19 @@ TEST(CpuGemmKernels, TheChoiceIsCheckedAndKept) {
   EXPECT_EQ(gemm_kernel(), "generic");
 }
 
-// Under AddressSanitizer the micro-kernels run uninstrumented, and the GEMM checks each call's
-// operands against ASan's map instead (kernels/cpu/gemm.cpp, check_micro_regions): an operand
-// one element short must stop the run, naming the operand, with every kernel and each form the
-// kernels read (A's rows in place, B's rows in place, packed panels, C).
+// Under the sanitizers the micro-kernels run uninstrumented, and the GEMM tells the sanitizer of
+// each call's operands instead (kernels/cpu/gemm.cpp, sanitize_micro_call). Under AddressSanitizer
+// an operand one element short must stop the run, naming the operand, with every kernel and each
+// form the kernels read (A's rows in place, B's rows in place, packed panels, C).
 #if defined(__SANITIZE_ADDRESS__)
 #define SP_TEST_ASAN 1
+#elif defined(__SANITIZE_THREAD__)
+#define SP_TEST_TSAN 1
 #elif defined(__has_feature)
 #if __has_feature(address_sanitizer)
 #define SP_TEST_ASAN 1
+#elif __has_feature(thread_sanitizer)
+#define SP_TEST_TSAN 1
 #endif
 #endif
 TEST(CpuGemmKernelsDeathTest, AnOperandTooShortStopsTheRunUnderAsan) {
@@ -385,6 +392,38 @@ TEST(CpuGemmKernelsDeathTest, AnOperandTooShortStopsTheRunUnderAsan) {
       a.resize(size_t(t.m * t.k)), b.resize(size_t(t.k * t.n)), c.resize(size_t(t.m * t.n));
       gemm<float>(false, false, t.m, t.n, t.k, 1.f, a.data(), t.k, b.data(), t.n, 0.f, c.data(), t.n);
     });
+#endif
+}
+
+// Under ThreadSanitizer, two products written into the same C at once by two threads must be
+// reported as a race: only the GEMM's record of the micro-kernels' writes can show it, since they
+// run uninstrumented and the rest of the GEMM writes only each thread's own packing buffers. The
+// two products run in the two chunks of a parallel_for (each GEMM then runs inline, on its
+// chunk's thread), which first wait for each other through a relaxed atomic: so they run on two
+// threads at once, and nothing orders them for the race detector.
+TEST(CpuGemmKernelsDeathTest, TwoProductsIntoOneCAtOnceAreARaceUnderTsan) {
+#if !defined(SP_TEST_TSAN)
+  GTEST_SKIP() << "needs a ThreadSanitizer build (-DSTALEPROP_TSAN=ON; tools/run_tests.sh runs this test there)";
+#else
+  if (sp::kernels::cpu::num_threads() < 2) GTEST_SKIP() << "needs two CPU threads to race";
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  ::setenv("TSAN_OPTIONS", "halt_on_error=1 exitcode=66", 1);  // read by the child the death test starts
+  const int64_t m = 48, n = 32, k = 64;
+  std::vector<float> a(size_t(m * k), 1.f), b(size_t(k * n), 1.f), c(size_t(m * n));
+  const auto product = [&] { gemm<float>(false, false, m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, c.data(), n); };
+  const auto at_once = [&] {
+    std::atomic<int> arrived{0};
+    sp::kernels::cpu::parallel_for(2, 1, [&](int64_t, int64_t) {
+      arrived.fetch_add(1, std::memory_order_relaxed);
+      while (arrived.load(std::memory_order_relaxed) < 2) std::this_thread::yield();
+      product();
+    });
+  };
+  EXPECT_EXIT(at_once(), ::testing::ExitedWithCode(66), "ThreadSanitizer: data race");
+  // One after the other, the same products are no race.
+  product();
+  product();
+  EXPECT_EQ(c[0], float(k));
 #endif
 }
 

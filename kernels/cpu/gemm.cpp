@@ -32,16 +32,25 @@
 #include "kernels/cpu/parallel.h"
 
 #if defined(__SANITIZE_ADDRESS__)
-#define SP_GEMM_CHECK_REGIONS 1
+#define SP_GEMM_ASAN 1
+#elif defined(__SANITIZE_THREAD__)
+#define SP_GEMM_TSAN 1
 #elif defined(__has_feature)
 #if __has_feature(address_sanitizer)
-#define SP_GEMM_CHECK_REGIONS 1
+#define SP_GEMM_ASAN 1
+#elif __has_feature(thread_sanitizer)
+#define SP_GEMM_TSAN 1
 #endif
 #endif
-#if defined(SP_GEMM_CHECK_REGIONS)
+#if defined(SP_GEMM_ASAN)
 #include <sanitizer/asan_interface.h>
 
 #include <cstdio>
+#elif defined(SP_GEMM_TSAN)
+// ThreadSanitizer's record of a read or write of a range (exported by its runtime, which the
+// compiler's instrumentation calls; its public header does not declare them).
+extern "C" void __tsan_read_range(void* addr, unsigned long size);
+extern "C" void __tsan_write_range(void* addr, unsigned long size);
 #endif
 
 namespace sp::kernels::cpu {
@@ -50,37 +59,48 @@ namespace {
 using gemm_detail::MicroKernel;
 using gemm_detail::MicroTile;
 
-#if defined(SP_GEMM_CHECK_REGIONS)
-// Under AddressSanitizer the micro-kernels are compiled without instrumentation
-// (kernels/CMakeLists.txt): checking each of their vector loads made the sanitizer build's
-// training tests 2.5x slower. Instead, every call is checked here, before it runs, against the
-// memory gemm_micro.h's contract lets it touch: A's panel, rows or columns, B's panel or rows and
-// C's mr x nr corner must lie wholly in addressable memory, else the test stops with ASan's
-// description of the address.
-void check_region(const void* begin, size_t bytes, const char* what) {
+#if defined(SP_GEMM_ASAN) || defined(SP_GEMM_TSAN)
+// Under the sanitizers the micro-kernels run uninstrumented (kernels/CMakeLists.txt): checking
+// each of their vector loads made the sanitizer builds' training tests 2.5x slower. Instead the
+// GEMM tells the sanitizer, call by call, of the memory gemm_micro.h's contract lets the kernel
+// touch: A's panel, rows or columns and B's panel or rows (read), C's mr x nr corner (written,
+// and read unless overwritten). AddressSanitizer checks that all of it is addressable before
+// the kernel runs (else the run stops with its description of the address); ThreadSanitizer
+// records the reads and writes, so a race on them shows as it would in instrumented code.
+enum class Access { kRead, kWrite, kReadWrite };
+void sanitize_region(const void* begin, size_t bytes, Access access, const char* what) {
+#if defined(SP_GEMM_ASAN)
+  (void)access;
   if (void* bad = __asan_region_is_poisoned(const_cast<void*>(begin), bytes)) {
     std::fprintf(stderr, "GEMM micro-kernel: its %s reaches unaddressable memory at %p\n", what, bad);
     __asan_describe_address(bad);
     std::abort();
   }
+#else
+  (void)what;
+  if (access != Access::kWrite) __tsan_read_range(const_cast<void*>(begin), bytes);
+  if (access != Access::kRead) __tsan_write_range(const_cast<void*>(begin), bytes);
+#endif
 }
 
 template <typename T>
-void check_micro_regions(int64_t kc, const T* ap, int64_t lda, const T* bp, int64_t ldb, const T* c, int64_t ldc,
-                         int tile_rows, int mr, int nr) {
+void sanitize_micro_call(int64_t kc, const T* ap, int64_t lda, const T* bp, int64_t ldb, const T* c, int64_t ldc,
+                         int tile_rows, int mr, int nr, bool overwrite) {
   constexpr int NR = MicroTile<T>::kNr;
   const size_t row_bytes = sizeof(T) * size_t(kc);
+  const Access r = Access::kRead;
   if (lda == 0)
-    check_region(ap, row_bytes * size_t(tile_rows), "packed A panel");
+    sanitize_region(ap, row_bytes * size_t(tile_rows), r, "packed A panel");
   else if (lda > 0)
-    for (int i = 0; i < tile_rows; ++i) check_region(ap + i * lda, row_bytes, "row of A read in place");
+    for (int i = 0; i < tile_rows; ++i) sanitize_region(ap + i * lda, row_bytes, r, "row of A read in place");
   else
-    for (int64_t k = 0; k < kc; ++k) check_region(ap + k * -lda, sizeof(T) * size_t(tile_rows), "column of A");
+    for (int64_t k = 0; k < kc; ++k) sanitize_region(ap + k * -lda, sizeof(T) * size_t(tile_rows), r, "column of A");
   if (ldb == 0)
-    check_region(bp, row_bytes * NR, "packed B panel");
+    sanitize_region(bp, row_bytes * NR, r, "packed B panel");
   else
-    for (int64_t k = 0; k < kc; ++k) check_region(bp + k * ldb, sizeof(T) * NR, "row of B read in place");
-  for (int i = 0; i < mr; ++i) check_region(c + i * ldc, sizeof(T) * size_t(nr), "row of C");
+    for (int64_t k = 0; k < kc; ++k) sanitize_region(bp + k * ldb, sizeof(T) * NR, r, "row of B read in place");
+  for (int i = 0; i < mr; ++i)
+    sanitize_region(c + i * ldc, sizeof(T) * size_t(nr), overwrite ? Access::kWrite : Access::kReadWrite, "row of C");
 }
 #endif
 
@@ -294,9 +314,9 @@ void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
               const int64_t lda_arg = in_place ? (trans_a ? -lda : lda) : 0;
               const T* b_arg = b_rows ? b + p0 * ldb + jj : bp + s * NR * kc;
               const int mr = int(std::min<int64_t>(MR, mc - is));
-#if defined(SP_GEMM_CHECK_REGIONS)
-              check_micro_regions(kc, a_arg, lda_arg, b_arg, b_rows ? ldb : 0, c + (i0 + is) * ldc + jj, ldc, MR, mr,
-                                  nr);
+#if defined(SP_GEMM_ASAN) || defined(SP_GEMM_TSAN)
+              sanitize_micro_call(kc, a_arg, lda_arg, b_arg, b_rows ? ldb : 0, c + (i0 + is) * ldc + jj, ldc, MR, mr,
+                                  nr, first);
 #endif
               micro(kc, a_arg, lda_arg, b_arg, b_rows ? ldb : 0, c + (i0 + is) * ldc + jj, ldc, alpha, mr, nr, first);
             }
