@@ -373,24 +373,28 @@ TEST(CpuGemmKernelsDeathTest, AnOperandTooShortStopsTheRunUnderAsan) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
   // m x n x k, the product's operands each one element short in turn (each a vector of its own,
   // so the element past it is in ASan's redzone). 24 x 16 x 8: A's rows in place (n <= 64, whole
-  // tiles of 6 and 12 rows); 4 x 16 x 8: A packed (4 rows, less than a tile), B's rows in place
-  // (m <= 16), and 40 x 100 x 8: both packed.
+  // tiles of 6 and 12 rows), or with A transposed its columns in place; 4 x 16 x 8: A packed (4
+  // rows, less than a tile), B's rows in place (m <= 16); and 40 x 100 x 8: both packed. (The
+  // packed panels are the GEMM's own buffers: no caller can make them short.)
   struct Short {
     int64_t m, n, k;
+    bool trans_a;
     int which;  // 0: A, 1: B, 2: C
     const char* says;
   };
-  for (const Short& t : {Short{24, 16, 8, 0, "row of A read in place"}, Short{4, 16, 8, 1, "row of B read in place"},
-                         Short{24, 16, 8, 2, "row of C"}, Short{40, 100, 8, 2, "row of C"}})
+  for (const Short& t : {Short{24, 16, 8, false, 0, "row of A read in place"}, Short{24, 16, 8, true, 0, "column of A"},
+                         Short{4, 16, 8, false, 1, "row of B read in place"}, Short{24, 16, 8, false, 2, "row of C"},
+                         Short{40, 100, 8, false, 2, "row of C"}})
     with_each_kernel([&] {
       SCOPED_TRACE(::testing::Message() << t.m << " x " << t.n << " x " << t.k << ": " << t.says);
+      const int64_t lda = t.trans_a ? t.m : t.k;  // A is m x k, or k x m when transposed
       std::vector<float> a(size_t(t.m * t.k - (t.which == 0))), b(size_t(t.k * t.n - (t.which == 1))),
           c(size_t(t.m * t.n - (t.which == 2)));
-      EXPECT_DEATH(gemm<float>(false, false, t.m, t.n, t.k, 1.f, a.data(), t.k, b.data(), t.n, 0.f, c.data(), t.n),
+      EXPECT_DEATH(gemm<float>(t.trans_a, false, t.m, t.n, t.k, 1.f, a.data(), lda, b.data(), t.n, 0.f, c.data(), t.n),
                    std::string("GEMM micro-kernel: its ") + t.says + " reaches unaddressable memory");
       // Whole operands run.
       a.resize(size_t(t.m * t.k)), b.resize(size_t(t.k * t.n)), c.resize(size_t(t.m * t.n));
-      gemm<float>(false, false, t.m, t.n, t.k, 1.f, a.data(), t.k, b.data(), t.n, 0.f, c.data(), t.n);
+      gemm<float>(t.trans_a, false, t.m, t.n, t.k, 1.f, a.data(), lda, b.data(), t.n, 0.f, c.data(), t.n);
     });
 #endif
 }

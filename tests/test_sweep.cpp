@@ -3,7 +3,6 @@
 // the others running; jobs that cannot share a process are refused before anything runs; job
 // lines split as a shell splits them. Also run under ThreadSanitizer (tools/run_tests.sh).
 #include <gtest/gtest.h>
-
 #include <unistd.h>
 
 #include <chrono>
@@ -17,6 +16,7 @@
 #include "kernels/common/error.h"
 #include "tests/checkpoint_testing.h"
 #include "tests/error_testing.h"
+#include "tests/temp_dir.h"
 #include "tools/cifar10.h"
 #include "tools/sweep.h"
 #include "tools/train.h"
@@ -31,10 +31,9 @@ namespace {
 // A directory in the official binary layout: one file of 10,000 records (class-coloured
 // noise, so the runs learn something), and the other five names linked to it.
 struct CifarDir {
-  fs::path path;
+  sp::test::TempDir dir{"staleprop_sweep"};
+  const fs::path& path = dir.path;
   CifarDir() {
-    char tmpl[] = "/tmp/staleprop-sweep-XXXXXX";
-    path = mkdtemp(tmpl);
     std::mt19937 rng(7);
     std::uniform_int_distribution<int> noise(0, 63);
     std::string bytes;
@@ -50,7 +49,6 @@ struct CifarDir {
                              "test_batch.bin"})
       fs::create_symlink(path / "data_batch_1.bin", path / name);
   }
-  ~CifarDir() { fs::remove_all(path); }
   std::string file(const std::string& name) const { return (path / name).string(); }
 };
 
