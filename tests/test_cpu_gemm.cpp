@@ -15,6 +15,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels/common/sanitizers.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 #include "tests/error_testing.h"
@@ -353,20 +354,9 @@ TEST(CpuGemmKernels, TheChoiceIsCheckedAndKept) {
 // Under the sanitizers the micro-kernels run uninstrumented, and the GEMM tells the sanitizer of
 // each call's operands instead (kernels/cpu/gemm.cpp, sanitize_micro_call). Under AddressSanitizer
 // an operand one element short must stop the run, naming the operand, with every kernel and each
-// form the kernels read (A's rows in place, B's rows in place, packed panels, C).
-#if defined(__SANITIZE_ADDRESS__)
-#define SP_TEST_ASAN 1
-#elif defined(__SANITIZE_THREAD__)
-#define SP_TEST_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define SP_TEST_ASAN 1
-#elif __has_feature(thread_sanitizer)
-#define SP_TEST_TSAN 1
-#endif
-#endif
+// operand a caller gives (A's rows or columns read in place, B's rows read in place, C).
 TEST(CpuGemmKernelsDeathTest, AnOperandTooShortStopsTheRunUnderAsan) {
-#if !defined(SP_TEST_ASAN)
+#if !defined(SP_SANITIZE_ADDRESS)
   GTEST_SKIP() << "the micro-kernels' operand check is compiled only in AddressSanitizer builds "
                   "(-DSTALEPROP_ASAN=ON; tools/run_tests.sh runs this test there)";
 #else
@@ -406,7 +396,7 @@ TEST(CpuGemmKernelsDeathTest, AnOperandTooShortStopsTheRunUnderAsan) {
 // chunk's thread), which first wait for each other through a relaxed atomic: so they run on two
 // threads at once, and nothing orders them for the race detector.
 TEST(CpuGemmKernelsDeathTest, TwoProductsIntoOneCAtOnceAreARaceUnderTsan) {
-#if !defined(SP_TEST_TSAN)
+#if !defined(SP_SANITIZE_THREAD)
   GTEST_SKIP() << "needs a ThreadSanitizer build (-DSTALEPROP_TSAN=ON; tools/run_tests.sh runs this test there)";
 #else
   if (sp::kernels::cpu::num_threads() < 2) GTEST_SKIP() << "needs two CPU threads to race";

@@ -26,27 +26,17 @@
 #include <vector>
 
 #include "kernels/common/error.h"
+#include "kernels/common/sanitizers.h"
 #include "kernels/common/switches.h"
 #include "kernels/cpu/gemm_micro.h"
 #include "kernels/cpu/ops.h"
 #include "kernels/cpu/parallel.h"
 
-#if defined(__SANITIZE_ADDRESS__)
-#define SP_GEMM_ASAN 1
-#elif defined(__SANITIZE_THREAD__)
-#define SP_GEMM_TSAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define SP_GEMM_ASAN 1
-#elif __has_feature(thread_sanitizer)
-#define SP_GEMM_TSAN 1
-#endif
-#endif
-#if defined(SP_GEMM_ASAN)
+#if defined(SP_SANITIZE_ADDRESS)
 #include <sanitizer/asan_interface.h>
 
 #include <cstdio>
-#elif defined(SP_GEMM_TSAN)
+#elif defined(SP_SANITIZE_THREAD)
 // ThreadSanitizer's record of a read or write of a range (exported by its runtime, which the
 // compiler's instrumentation calls; its public header does not declare them).
 extern "C" void __tsan_read_range(void* addr, unsigned long size);
@@ -59,7 +49,7 @@ namespace {
 using gemm_detail::MicroKernel;
 using gemm_detail::MicroTile;
 
-#if defined(SP_GEMM_ASAN) || defined(SP_GEMM_TSAN)
+#if defined(SP_SANITIZE_ADDRESS) || defined(SP_SANITIZE_THREAD)
 // Under the sanitizers the micro-kernels run uninstrumented (kernels/CMakeLists.txt): checking
 // each of their vector loads made the sanitizer builds' training tests 2.5x slower. Instead the
 // GEMM tells the sanitizer, call by call, of the memory gemm_micro.h's contract lets the kernel
@@ -69,7 +59,7 @@ using gemm_detail::MicroTile;
 // records the reads and writes, so a race on them shows as it would in instrumented code.
 enum class Access { kRead, kWrite, kReadWrite };
 void sanitize_region(const void* begin, size_t bytes, Access access, const char* what) {
-#if defined(SP_GEMM_ASAN)
+#if defined(SP_SANITIZE_ADDRESS)
   (void)access;
   if (void* bad = __asan_region_is_poisoned(const_cast<void*>(begin), bytes)) {
     std::fprintf(stderr, "GEMM micro-kernel: its %s reaches unaddressable memory at %p\n", what, bad);
@@ -313,12 +303,13 @@ void gemm_accumulate(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k
               const T* a_arg = in_place ? a_at : ap + (is - whole) * kc;
               const int64_t lda_arg = in_place ? (trans_a ? -lda : lda) : 0;
               const T* b_arg = b_rows ? b + p0 * ldb + jj : bp + s * NR * kc;
+              const int64_t ldb_arg = b_rows ? ldb : 0;
+              T* c_at = c + (i0 + is) * ldc + jj;
               const int mr = int(std::min<int64_t>(MR, mc - is));
-#if defined(SP_GEMM_ASAN) || defined(SP_GEMM_TSAN)
-              sanitize_micro_call(kc, a_arg, lda_arg, b_arg, b_rows ? ldb : 0, c + (i0 + is) * ldc + jj, ldc, MR, mr,
-                                  nr, first);
+#if defined(SP_SANITIZE_ADDRESS) || defined(SP_SANITIZE_THREAD)
+              sanitize_micro_call(kc, a_arg, lda_arg, b_arg, ldb_arg, c_at, ldc, MR, mr, nr, first);
 #endif
-              micro(kc, a_arg, lda_arg, b_arg, b_rows ? ldb : 0, c + (i0 + is) * ldc + jj, ldc, alpha, mr, nr, first);
+              micro(kc, a_arg, lda_arg, b_arg, ldb_arg, c_at, ldc, alpha, mr, nr, first);
             }
           }
         }
