@@ -1,10 +1,12 @@
 // A fresh directory under the system's temporary directory for one test, removed with its
-// contents when the test's TempDir goes out of scope.
+// contents when the test's TempDir goes out of scope; and write_bytes, which fills files there.
 #pragma once
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -33,5 +35,16 @@ struct TempDir {
     return names;
   }
 };
+
+// Writes bytes to a new file at path (replacing one there); a failure fails the test.
+inline void write_bytes(const std::string& path, const std::vector<uint8_t>& bytes) {
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  ASSERT_NE(f, nullptr) << path;
+  // fwrite's buffer may not be null, even for no bytes (an empty vector's data() may be).
+  if (!bytes.empty()) {
+    ASSERT_EQ(std::fwrite(bytes.data(), 1, bytes.size(), f), bytes.size()) << path;
+  }
+  std::fclose(f);
+}
 
 }  // namespace sp::test

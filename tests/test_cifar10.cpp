@@ -26,6 +26,7 @@ using namespace sp;
 using namespace sp::data;
 using sp::test::expect_error;
 using sp::test::TempDir;
+using sp::test::write_bytes;
 namespace fs = std::filesystem;
 
 namespace {
@@ -46,15 +47,6 @@ std::vector<uint8_t> gen_batch_bytes(int file_id) {
       for (int64_t i = 0; i < 1024; ++i) rec[1 + c * 1024 + i] = gen_pixel(file_id, r, c, i);
   }
   return bytes;
-}
-
-void write_bytes(const std::string& path, const std::vector<uint8_t>& bytes) {
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  ASSERT_NE(f, nullptr) << path;
-  if (!bytes.empty()) {  // never a null buffer
-    ASSERT_EQ(std::fwrite(bytes.data(), 1, bytes.size(), f), bytes.size());
-  }
-  std::fclose(f);
 }
 
 // Writes all six files; file k of the order data_batch_1..5, test_batch has file_id k.

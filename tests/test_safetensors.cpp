@@ -24,6 +24,7 @@ using namespace sp;
 using namespace sp::io;
 using sp::test::expect_error;
 using sp::test::TempDir;
+using sp::test::write_bytes;
 namespace fs = std::filesystem;
 
 namespace {
@@ -35,16 +36,6 @@ std::vector<uint8_t> read_bytes(const std::string& path) {
   EXPECT_EQ(std::fread(bytes.data(), 1, bytes.size(), f), bytes.size());
   std::fclose(f);
   return bytes;
-}
-
-void write_bytes(const std::string& path, const std::vector<uint8_t>& bytes) {
-  std::FILE* f = std::fopen(path.c_str(), "wb");
-  ASSERT_NE(f, nullptr);
-  // fwrite's buffer may not be null, even for no bytes (an empty vector's data() may be).
-  if (!bytes.empty()) {
-    ASSERT_EQ(std::fwrite(bytes.data(), 1, bytes.size(), f), bytes.size());
-  }
-  std::fclose(f);
 }
 
 // A file as a foreign writer might lay it out: length prefix, header text as given, data.

@@ -51,7 +51,7 @@ using gemm_detail::MicroTile;
 
 #if defined(SP_SANITIZE_ADDRESS) || defined(SP_SANITIZE_THREAD)
 // Under the sanitizers the micro-kernels run uninstrumented (kernels/CMakeLists.txt): checking
-// each of their vector loads made the sanitizer builds' training tests 2.5x slower. Instead the
+// each of their vector loads made the ASan build's training tests 2.5x slower. Instead the
 // GEMM tells the sanitizer, call by call, of the memory gemm_micro.h's contract lets the kernel
 // touch: A's panel, rows or columns and B's panel or rows (read), C's mr x nr corner (written,
 // and read unless overwritten). AddressSanitizer checks that all of it is addressable before
