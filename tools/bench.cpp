@@ -138,10 +138,15 @@ BenchResult run_bench(const BenchConfig& cfg) {
            "--profile-ops times the ops issued one by one, and graph replays issue none: drop --graphs");
   const Device dev = Device::parse(cfg.device);
   require_device(dev);
-  const bool backprop = cfg.method == "backprop" && !cfg.graphs;
+  // --method backprop is plain backprop over one module: the backprop trainer, or with --graphs the pipeline
+  // running bp over one module (graph capture lives there).
+  const bool one_module = cfg.method == "backprop";
+  const bool backprop = one_module && !cfg.graphs;
   SP_CHECK(cfg.kernels == "custom" || dev.is_cuda(), "--kernels vendor selects cuBLAS/cuDNN and needs --device cuda");
   check_module_devices(dev, cfg.devices);
-  SP_CHECK(cfg.devices.size() <= 1 || !backprop, "bench: --devices places the modules of --method bp|ddg|fdg");
+  SP_CHECK(cfg.devices.size() <= 1 || !one_module, "bench: --devices places the modules of --method bp|ddg|fdg");
+  SP_CHECK(!one_module || (cfg.split == 1 && cfg.split_at.empty() && !cfg.recompute && !cfg.weight_stash),
+           "bench: --split, --split-at, --recompute and --weight-stash need --method bp|ddg|fdg");
   const DType dt = activation_dtype(cfg.precision);
   const std::string method = cfg.method == "backprop" ? "bp" : cfg.method;
   parse_pipeline_method(method);  // rejects unknown methods
@@ -166,8 +171,6 @@ BenchResult run_bench(const BenchConfig& cfg) {
   const std::vector<Device> mem_devices = devices_in_use(dev, cfg.devices);
 
   if (backprop) {
-    SP_CHECK(cfg.split == 1 && cfg.split_at.empty() && !cfg.recompute && !cfg.weight_stash,
-             "bench: --split, --split-at, --recompute and --weight-stash need --method bp|ddg|fdg");
     Sgd opt(net.state().params, sgd, *s);
     BackpropTrainer trainer(net, opt, *s, 0.f, dt);
     int64_t step = 0;

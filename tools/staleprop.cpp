@@ -202,10 +202,7 @@ STALEPROP_DGRAD_CLASS_DIRECT=0 (each stride class through a scratch matrix and a
 of straight into dx), STALEPROP_CONV_TMA=0 (convolutions' operands gathered by cp.async instead
 of loaded by TMA), STALEPROP_TMA_WIDE_BY_SHAPE=0 (no 128x256 tile chosen by the shape's rule),
 STALEPROP_CONV_SMALL_C=0 (the stem's bf16 forward and weight gradient on the tensor cores
-instead of direct kernels), STALEPROP_BF16_WEIGHT_COPIES=0 (bf16 layers cast their fp32 weights
-before every use instead of reading the copies the optimizer's step writes),
-STALEPROP_DGRAD_ACCUMULATE=0 (a residual block's two gradients summed by a separate add instead
-of inside the convolution's data gradient); these turn on a path that is off by default:
+instead of direct kernels); these turn on a path that is off by default:
 STALEPROP_CONV_HALO=1 or 2 (the stride-1 3x3 convolutions' halo kernel, for 32 px rows or also
 16 px; STALEPROP_HALO_RESIDENT=1 its form that keeps the filter in shared memory;
 STALEPROP_HALO_DESC_PHASE=1 sets its descriptors' base offset), STALEPROP_TMA_WIDE=1
@@ -220,6 +217,10 @@ and convolution launches at N blocks (default on the tensor cores: one wave, 132
 an SM holds of the tile; 0: the earlier rule of at least 256 blocks).
 STALEPROP_POOL_INTERNAL_DEPS=1 lets the kernels' scratch pool make one stream wait on another to
 reuse memory (the driver's default; off, so the pipeline's module streams stay independent).
+For the layers, on any device: STALEPROP_BF16_WEIGHT_COPIES=0 (bf16 layers, GPU or emulated on the
+CPU, cast their fp32 weights before every use instead of reading the copies the optimizer's step
+writes; the same bits) and STALEPROP_DGRAD_ACCUMULATE=0 (a residual block's two gradients summed by
+a separate add instead of inside the convolution's data gradient; in fp32 the same bits).
 )";
 
 struct DemoOptions {
