@@ -84,10 +84,15 @@ TEST(CpuStreamEvents, WaitRefersToTheRecordBeforeTheWaitCall) {
   b->enqueue_host([&] { EXPECT_EQ(x.load(), 1); });
   a->enqueue_host([opened] { opened.wait(); });   // a blocks until the gate opens
   a->record(*ev);                                  // record #2: pending until then
-  b->synchronize();                                // must not depend on record #2
-  EXPECT_FALSE(ev->query());                       // query looks at record #2
+  // b must finish while the gate is shut: waiting on record #2 it would not, so it is given
+  // seconds for work of microseconds, and the gate opens after the check either way.
+  std::future<void> b_done = std::async(std::launch::async, [&] { b->synchronize(); });
+  EXPECT_EQ(b_done.wait_for(5s), std::future_status::ready) << "b waits on the record made after its wait call";
+  EXPECT_FALSE(ev->query());  // query looks at record #2
   EXPECT_FALSE(a->query());
   gate.set_value();
+  b_done.get();
+  EXPECT_TRUE(b->query());
   ev->synchronize();
   EXPECT_TRUE(ev->query());
   a->synchronize();
@@ -283,6 +288,12 @@ TEST_P(CpuStreams, EventNodesActAtEachLaunchAsTheCapturedCallsWould) {
   auto producer = make_stream(Device::cpu(), jitter(GetParam(), 6));
   auto consumer = make_stream(Device::cpu(), jitter(GetParam(), 7));
   auto ready = make_event(Device::cpu()), freed = make_event(Device::cpu());
+  // ready is pending before the capture (a record on a third stream, held by a gate), so that a
+  // record made while capturing, instead of at each launch, would show as a completed event.
+  auto other = make_stream(Device::cpu());
+  std::promise<void> gate;
+  other->enqueue_host([opened = gate.get_future().share()] { opened.wait(); });
+  other->record(*ready);
   int slot = -1, tick = 0;
   std::vector<int> got;
   producer->begin_capture();
@@ -301,7 +312,10 @@ TEST_P(CpuStreams, EventNodesActAtEachLaunchAsTheCapturedCallsWould) {
   });
   consumer->record(*freed);
   std::unique_ptr<Graph> consume = consumer->end_capture();
-  EXPECT_TRUE(ready->query());  // capturing recorded nothing
+  EXPECT_FALSE(ready->query());  // capturing recorded nothing: still the third stream's pending record
+  gate.set_value();
+  other->synchronize();
+  EXPECT_TRUE(ready->query());
   for (int i = 0; i < 40; ++i) {
     produce->launch(*producer);
     consume->launch(*consumer);

@@ -31,6 +31,7 @@
 #include "tools/train.h"
 
 using namespace sp;
+using sp::test::any_tensor_differs;
 using sp::test::expect_same_tensors;
 using sp::test::TempDir;
 namespace fs = std::filesystem;
@@ -645,6 +646,17 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
     ASSERT_EQ(resumed.epochs.size(), 2u);
     EXPECT_EQ(resumed.epochs[1].test_acc, whole.epochs[2].test_acc);
     expect_same_tensors(dir.file("full" + tag + "-3.safetensors"), dir.file("rest" + tag + "-3.safetensors"));
+  }
+  // The jitter changed the run: without it, over the same cuts, the weights end otherwise.
+  {
+    train::TrainConfig plain = full;
+    plain.staleness_jitter = 0;
+    plain.split_at = io::read_safetensors(dir.file("full-j2-3.safetensors")).metadata.at("cuts");
+    plain.checkpoint = dir.file("plain-{epoch}.safetensors");
+    plain.trace.clear();
+    train::run_training(plain, train, test);
+    EXPECT_TRUE(any_tensor_differs(dir.file("plain-3.safetensors"), dir.file("full-j2-3.safetensors")))
+        << "staleness jitter 2 over cuts " << plain.split_at << " changed no weight";
   }
 
   // The rule of a decoupled run is its own too: resuming with another is refused.
