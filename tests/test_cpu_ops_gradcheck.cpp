@@ -327,10 +327,15 @@ TEST(CpuBatchNormAddRelu, BitIdenticalToTheComposedOps) {
     cpu::batchnorm_forward_inference(m, c, x.data(), gamma.data(), beta.data(), rm1.data(), rv1.data(), 1e-5f,
                                      yi1.data());
     if (with_residual) cpu::add(m * c, yi1.data(), residual.data(), yi1.data());
+    std::vector<float> yi3(m * c);
+    cpu::batchnorm_add_relu_forward_inference(m, c, x.data(), with_residual ? residual.data() : nullptr, gamma.data(),
+                                              beta.data(), rm1.data(), rv1.data(), 1e-5f, false, yi3.data());
+    EXPECT_EQ(yi3, yi1) << "without the ReLU";
     cpu::relu_forward(m * c, yi1.data(), yi1.data());
     cpu::batchnorm_add_relu_forward_inference(m, c, x.data(), with_residual ? residual.data() : nullptr, gamma.data(),
                                               beta.data(), rm1.data(), rv1.data(), 1e-5f, true, yi2.data());
     EXPECT_EQ(yi2, yi1);
+    EXPECT_NE(yi3, yi2) << "the ReLU clipped nothing";
   }
 }
 
@@ -536,6 +541,11 @@ TEST(CpuLinearGrad, MatchesFiniteDifferences) {
     std::vector<double> dw_only(out * in);
     cpu::linear_backward<double>(n, in, out, x.data(), w.data(), dy.data(), nullptr, dw_only.data(), nullptr);
     expect_all_near(dw_only, dw, 0, 0, "dw alone");
+    std::vector<double> dx_only(n * in), db_only(out);
+    cpu::linear_backward<double>(n, in, out, x.data(), w.data(), dy.data(), dx_only.data(), nullptr, nullptr);
+    expect_all_near(dx_only, dx, 0, 0, "dx alone");
+    cpu::linear_backward<double>(n, in, out, x.data(), w.data(), dy.data(), nullptr, nullptr, db_only.data());
+    expect_all_near(db_only, db, 0, 0, "db alone");
 
     const std::vector<float> xf = to_float(x), wf = to_float(w), bf = to_float(b), dyf = to_float(dy);
     std::vector<float> yf(n * out), dxf(n * in), dwf(out * in), dbf(out);

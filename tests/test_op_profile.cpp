@@ -207,8 +207,11 @@ TEST(OpProfile, AProfileEndsSafelyWhileAnotherThreadIssuesOps) {
   });
   int64_t counted = 0;
   // At least 200 profiles, and on until the issuer has issued 200 ops (on a loaded machine it
-  // may not have started before the first 200 are done).
-  for (int i = 0; i < 200 || issued.load() < 200; ++i) {
+  // may not have started before the first 200 are done) and some profile has counted one; an
+  // issuer that stalls fails the test after a minute instead of hanging it.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (int i = 0; (i < 200 || issued.load() < 200 || counted == 0) && std::chrono::steady_clock::now() < deadline;
+       ++i) {
     OpProfile profile;
     std::this_thread::yield();
     for (const OpTime& t : profile.collect()) counted += t.calls;
@@ -216,6 +219,7 @@ TEST(OpProfile, AProfileEndsSafelyWhileAnotherThreadIssuesOps) {
   stop = true;
   issuer.join();
   EXPECT_GE(issued.load(), 200);
+  EXPECT_GT(counted, 0) << "no profile saw the issuer's ops";
   EXPECT_LE(counted, issued.load());  // no op counted twice, nor one that was never issued
 }
 

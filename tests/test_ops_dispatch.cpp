@@ -149,6 +149,7 @@ TEST_F(OpsDispatch, Bf16TensorsAreWidenedComputedInFp32AndRounded) {
   EXPECT_EQ(widened(gx), rounded(rgx));
   EXPECT_EQ(widened(gy), rounded(rgres)) << "dresidual in place over dy";
   EXPECT_EQ(values(dg), rdg);
+  EXPECT_EQ(values(db), rdb);
 
   // In-place elementwise op on bf16, and the loss on bf16 logits (fp32 loss, bf16 dlogits).
   Tensor a = to_bf16(random_tensor({7, 10}, 40, -3.f, 3.f));
