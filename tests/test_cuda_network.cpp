@@ -121,8 +121,20 @@ TEST_F(CudaNetwork, Fp32StepMatchesTheCpuReference) {
     ops::set_kernel_backend(backend);
     const StepResult gpu = resnet20_step(Device::cuda(0), DType::F32);
     const char* which = backend == ops::KernelBackend::Custom ? "custom" : "vendor";
+    // The logits compose some 40 ops, each within fp32 rounding of its reference (1e-5) but in
+    // its own summation order, and batch norm rescales each layer's error: 1e-4 for the whole.
     EXPECT_LE(rel(gpu.logits, cpu.logits), 1e-4) << which;
     EXPECT_LE(rel(gpu.grads, cpu.grads), 1e-3) << which;  // fp32 summation order, amplified
+    // Each parameter's gradient on its own: the whole vector's norm is carried by the large
+    // tensors, so a small one (a BN's gamma or beta, the linear bias) could be wrong or zero (an
+    // error of 1) without moving it. A pre-activation within rounding of 0 (batch norm's beta = 0
+    // puts many there) may switch its ReLU on one device and not the other, which moves the
+    // gradients below by about 1e-3 (bench/results/cpu-amd-epyc-2core/2026-11-26-pytorch-parity.md
+    // measured ~3e-3 between PyTorch and this engine); 5e-2 leaves room for that and fails a
+    // tensor that is zero, or missing a term.
+    ASSERT_EQ(gpu.by_param.size(), cpu.by_param.size()) << which;
+    for (size_t t = 0; t < cpu.by_param.size(); ++t)
+      EXPECT_LE(rel(gpu.by_param[t].second, cpu.by_param[t].second), 5e-2) << which << " " << cpu.by_param[t].first;
   }
 }
 

@@ -330,9 +330,9 @@ TEST_F(CudaOps, BatchNormOnResNetAndAwkwardShapes) {
   check_batchnorm(stream_, 4096, 10, 30000.f, 570);
 }
 
-// Fused BN+ReLU and BN+add+ReLU. Statistics are the plain BN's (checked above); the output
-// and the gradients are checked against the double reference on the device's own statistics
-// and ReLU mask (its fp32 output y), with dresidual written over dy as the engine does.
+// Fused BN+ReLU and BN+add+ReLU. The statistics (the plain BN's, of x alone) against the double
+// reference; the output and the gradients against the double reference on the device's own
+// statistics and ReLU mask (its fp32 output y), with dresidual written over dy as the engine does.
 void check_batchnorm_add_relu(cudaStream_t stream, int64_t m, int64_t c, bool with_residual, uint32_t seed) {
   const std::string what = std::string(with_residual ? "bn+add+relu" : "bn+relu") + " m " + std::to_string(m) +
                            " c " + std::to_string(c);
@@ -359,6 +359,15 @@ void check_batchnorm_add_relu(cudaStream_t stream, int64_t m, int64_t c, bool wi
 
   const std::vector<double> xd = to_double(x), rd = to_double(res), gd = to_double(gamma), bd = to_double(beta),
                             dyd = to_double(dy);
+  {
+    std::vector<double> rrm = to_double(rm), rrv = to_double(rv), rbn(x.size()), rsm(nc), rsi(nc);
+    kc::batchnorm_forward_training<double>(m, c, xd.data(), gd.data(), bd.data(), eps, momentum, rrm.data(), rrv.data(),
+                                           rbn.data(), rsm.data(), rsi.data());
+    EXPECT_LE(rel_error(dsm.download(), rsm), kTol) << what << " save_mean";
+    EXPECT_LE(rel_error(dsi.download(), rsi), kTol) << what << " save_invstd";
+    EXPECT_LE(rel_error(drm.download(), rrm), kTol) << what << " running_mean";
+    EXPECT_LE(rel_error(drv.download(), rrv), kTol) << what << " running_var";
+  }
   const std::vector<double> sm = to_double(dsm.download()), si = to_double(dsi.download());
   const std::vector<double> rm1 = to_double(drm.download()), rv1 = to_double(drv.download());
   const std::vector<double> y_dev = to_double(dy_out.download());
@@ -658,6 +667,7 @@ class Unaligned {
     a_.upload(padded);
   }
   T* get() const { return a_.get() + 1; }
+  void poison() { a_.poison(); }
   std::vector<T> download() const {
     std::vector<T> v = a_.download();
     v.erase(v.begin());
@@ -725,8 +735,26 @@ BnOutputs<T> run_batchnorm(cudaStream_t stream, int64_t m, int64_t c, bool fused
           rm.download(), rv.download(), dg.download(), db.download()};
 }
 
+// Whether any element is NaN (the outputs' poison; the inputs hold none).
 template <typename T>
-void expect_same_batchnorm(const BnOutputs<T>& a, const BnOutputs<T>& u, const std::string& what) {
+bool any_nan(const std::vector<T>& v) {
+  return std::any_of(v.begin(), v.end(), [](T x) { return is_nan_value(x); });
+}
+
+// The two runs' outputs are bit-identical, and the baseline a has written every element (a
+// baseline left poisoned where the other run is too would otherwise pass): dresidual is written
+// by the fused form only, and left whole by the plain one.
+template <typename T>
+void expect_same_batchnorm(const BnOutputs<T>& a, const BnOutputs<T>& u, bool fused, const std::string& what) {
+  for (const auto* v : {&a.y, &a.yi, &a.dx}) EXPECT_FALSE(any_nan(*v)) << what << ": an activation left unwritten";
+  for (const auto* v : {&a.sm, &a.si, &a.rm, &a.rv, &a.dg, &a.db})
+    EXPECT_FALSE(any_nan(*v)) << what << ": a statistic or parameter gradient left unwritten";
+  if (fused) {
+    EXPECT_FALSE(any_nan(a.dres)) << what << ": dresidual left unwritten";
+  } else {
+    EXPECT_TRUE(std::all_of(a.dres.begin(), a.dres.end(), [](T x) { return is_nan_value(x); }))
+        << what << ": dresidual written without a residual";
+  }
   expect_bits_equal(u.y, a.y, what + " y");
   expect_bits_equal(u.yi, a.yi, what + " inference y");
   expect_bits_equal(u.dx, a.dx, what + " dx");
@@ -745,9 +773,9 @@ TEST_F(CudaOps, BatchNormGivesTheSameBitsFromUnalignedActivations) {
       const std::string what = std::string(fused ? "fused " : "") + "batchnorm m " + std::to_string(m) + " c " +
                                std::to_string(c) + ", unaligned vs aligned:";
       expect_same_batchnorm(run_batchnorm<Unaligned, float>(stream_, m, c, fused, 800),
-                            run_batchnorm<DeviceArray, float>(stream_, m, c, fused, 800), what + " fp32");
+                            run_batchnorm<DeviceArray, float>(stream_, m, c, fused, 800), fused, what + " fp32");
       expect_same_batchnorm(run_batchnorm<Unaligned, uint16_t>(stream_, m, c, fused, 810),
-                            run_batchnorm<DeviceArray, uint16_t>(stream_, m, c, fused, 810), what + " bf16");
+                            run_batchnorm<DeviceArray, uint16_t>(stream_, m, c, fused, 810), fused, what + " bf16");
     }
 }
 
@@ -771,7 +799,7 @@ void expect_persistent_batchnorm_same(cudaStream_t stream, int64_t m, int64_t c,
   }
   // The training forward and the backward ran persistent (inference has one pass already).
   EXPECT_EQ(kcu::bn_persistent_launches() - before, 2) << what << ": the persistent form did not run";
-  expect_same_batchnorm(separate, persistent, what);
+  expect_same_batchnorm(separate, persistent, fused, what);
 }
 
 // Which parts of the persistent kernels a set of shapes reached: a plan that keeps every chunk
@@ -886,6 +914,7 @@ TEST_F(CudaOps, PersistentBatchNormIsFirstPlannedInsideAStreamCapture) {
   const auto separate = run(false, false, false);
   const char* names[] = {"y",           "dx",     "save_mean", "save_invstd", "running_mean",
                          "running_var", "dgamma", "dbeta",     "relu(y)",     "relu(dx)"};
+  for (size_t k = 0; k < separate.size(); ++k) EXPECT_FALSE(any_nan(separate[k])) << names[k] << " left unwritten";
   for (const bool pdl : {false, true}) {
     const int64_t before = kcu::bn_persistent_launches();
     const auto captured = run(true, true, pdl);
@@ -934,18 +963,20 @@ std::vector<std::vector<uint32_t>> run_pointwise(cudaStream_t stream, int64_t n)
     sync_and_check();
     results.push_back(bits(buf.download()));
   };
-  kcu::relu_forward(n, a.get(), out.get(), stream), keep_f32(out);
-  kcu::relu_backward(n, a.get(), b.get(), out.get(), stream), keep_f32(out);
-  kcu::add(n, a.get(), b.get(), out.get(), stream), keep_f32(out);
-  kcu::scale(n, -0.375f, a.get(), out.get(), stream), keep_f32(out);
-  kcu::fill(n, 2.5f, out.get(), stream), keep_f32(out);
+  // Each output poisoned before its op, so an element an op skips fails (it would otherwise keep
+  // the op before's value, which may be right: relu_backward's 0 where relu_forward gave 0).
+  out.poison(), kcu::relu_forward(n, a.get(), out.get(), stream), keep_f32(out);
+  out.poison(), kcu::relu_backward(n, a.get(), b.get(), out.get(), stream), keep_f32(out);
+  out.poison(), kcu::add(n, a.get(), b.get(), out.get(), stream), keep_f32(out);
+  out.poison(), kcu::scale(n, -0.375f, a.get(), out.get(), stream), keep_f32(out);
+  out.poison(), kcu::fill(n, 2.5f, out.get(), stream), keep_f32(out);
   kcu::add(n, inplace.get(), b.get(), inplace.get(), stream), keep_f32(inplace);
-  kcu::f32_to_bf16(n, a.get(), hout.get(), stream), keep(hout);
-  kcu::bf16_to_f32(n, ha.get(), out.get(), stream), keep_f32(out);
-  kcu::relu_forward_bf16(n, ha.get(), hout.get(), stream), keep(hout);
-  kcu::relu_backward_bf16(n, ha.get(), hb.get(), hout.get(), stream), keep(hout);
-  kcu::add_bf16(n, ha.get(), hb.get(), hout.get(), stream), keep(hout);
-  kcu::scale_bf16(n, 0.3f, ha.get(), hout.get(), stream), keep(hout);
+  hout.poison(), kcu::f32_to_bf16(n, a.get(), hout.get(), stream), keep(hout);
+  out.poison(), kcu::bf16_to_f32(n, ha.get(), out.get(), stream), keep_f32(out);
+  hout.poison(), kcu::relu_forward_bf16(n, ha.get(), hout.get(), stream), keep(hout);
+  hout.poison(), kcu::relu_backward_bf16(n, ha.get(), hb.get(), hout.get(), stream), keep(hout);
+  hout.poison(), kcu::add_bf16(n, ha.get(), hb.get(), hout.get(), stream), keep(hout);
+  hout.poison(), kcu::scale_bf16(n, 0.3f, ha.get(), hout.get(), stream), keep(hout);
   return results;
 }
 
@@ -1232,14 +1263,18 @@ TEST_F(CudaOps, SoftmaxCrossEntropyMinusInfinityLogits) {
   const std::vector<float> dl = ddl.download();
   for (size_t i = 0; i < dl.size(); ++i) ASSERT_TRUE(std::isfinite(dl[i])) << "dlogits " << i;
   EXPECT_LE(rel_error(dl, rdl), kTol);
-  for (size_t i = 0; i < logits.size(); ++i)
-    if (std::isinf(logits[i])) EXPECT_EQ(dl[i], 0.f) << "dlogits " << i << " of a class of probability 0";
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (std::isinf(logits[i])) {
+      EXPECT_EQ(dl[i], 0.f) << "dlogits " << i << " of a class of probability 0";
+    }
+  }
   EXPECT_EQ(dcorrect.download()[0], rcorrect);
 }
 
 TEST_F(CudaOps, SoftmaxCrossEntropyBadLabelPoisonsTheLoss) {
   const std::vector<float> logits = random_vector(3 * 4, 1150);
-  DeviceArray<float> dlogits_in(logits), dloss(1), ddl(logits.size());
+  // Outputs start finite (not the usual NaN poison), so the NaNs below are the kernel's.
+  DeviceArray<float> dlogits_in(logits), dloss(std::vector<float>{0.f}), ddl(std::vector<float>(logits.size(), 0.f));
   DeviceArray<int32_t> dlabels(std::vector<int32_t>{1, 4, 0}), dcorrect(1);
   kcu::softmax_cross_entropy(3, 4, dlogits_in.get(), dlabels.get(), 0.f, dloss.get(), ddl.get(), dcorrect.get(),
                              stream_);
@@ -1352,7 +1387,10 @@ TEST_F(CudaOps, RepeatedRunsAreBitIdentical) {
     return out;
   };
   const auto first = run(), second = run();
-  for (size_t i = 0; i < first.size(); ++i) expect_bits_equal(second[i], first[i], "output " + std::to_string(i));
+  for (size_t i = 0; i < first.size(); ++i) {
+    EXPECT_FALSE(any_nan(first[i])) << "output " << i << " left unwritten";
+    expect_bits_equal(second[i], first[i], "output " + std::to_string(i));
+  }
 }
 
 // ---- Through the engine's ops:: API on a CUDA stream ---------------------------------------
@@ -1363,6 +1401,14 @@ TEST_F(CudaOps, EngineOpsOnACudaStream) {
   const Device gpu = Device::cuda(0);
   auto to_gpu = [&](const Tensor& t) { return to_device(*cs, t, gpu); };
   auto to_host = [&](const Tensor& d) { return test::to_host(*cs, d); };
+  // The GPU's outputs start as NaN (Tensor::empty may hand back a cached block holding earlier
+  // results), so an element left unwritten fails.
+  auto poisoned = [&](const Shape& shape, DType dt = DType::F32) {
+    Tensor t = Tensor::empty(shape, dt, gpu);
+    SP_CUDA_CHECK(cudaMemset(t.raw_data(), 0xFF, t.nbytes()));
+    SP_CUDA_CHECK(cudaDeviceSynchronize());  // the legacy stream's fill, before cs writes
+    return t;
+  };
 
   // Convolution with bias, then a training-mode batch norm, on both devices.
   const Tensor x = host_tensor({4, 9, 9, 8}, 1700), w = host_tensor({12, 3, 3, 8}, 1701),
@@ -1379,9 +1425,9 @@ TEST_F(CudaOps, EngineOpsOnACudaStream) {
   hs->synchronize();
 
   const Tensor xg = to_gpu(x), wg = to_gpu(w), bg = to_gpu(bias), gg = to_gpu(gamma), beg = to_gpu(beta);
-  Tensor yg = Tensor::empty(yshape, DType::F32, gpu), bng = Tensor::empty(yshape, DType::F32, gpu);
+  Tensor yg = poisoned(yshape), bng = poisoned(yshape);
   Tensor rmg = Tensor::empty({12}, DType::F32, gpu), rvg = Tensor::empty({12}, DType::F32, gpu);
-  Tensor smg = Tensor::empty({12}, DType::F32, gpu), sig = Tensor::empty({12}, DType::F32, gpu);
+  Tensor smg = poisoned({12}), sig = poisoned({12});
   ops::fill(*cs, rmg, 0.f);
   ops::fill(*cs, rvg, 1.f);
   ops::conv2d_forward(*cs, xg, wg, bg, yg, 2, 1);
@@ -1390,9 +1436,11 @@ TEST_F(CudaOps, EngineOpsOnACudaStream) {
   EXPECT_LE(rel_error(host_values(to_host(yg)), to_double(host_values(y_cpu))), kTol) << "conv2d_forward";
   EXPECT_LE(rel_error(host_values(to_host(bng)), to_double(host_values(bn_cpu))), kTol) << "batchnorm y";
   EXPECT_LE(rel_error(host_values(to_host(rvg)), to_double(host_values(rv_cpu))), kTol) << "running_var";
+  EXPECT_LE(rel_error(host_values(to_host(smg)), to_double(host_values(sm_cpu))), kTol) << "save_mean";
+  EXPECT_LE(rel_error(host_values(to_host(sig)), to_double(host_values(si_cpu))), kTol) << "save_invstd";
 
   // bf16 round trip through ops::cast is exact on both devices.
-  Tensor h16 = Tensor::empty(yshape, DType::BF16), g16 = Tensor::empty(yshape, DType::BF16, gpu);
+  Tensor h16 = Tensor::empty(yshape, DType::BF16), g16 = poisoned(yshape, DType::BF16);
   ops::cast(*hs, y_cpu, h16);
   hs->synchronize();
   ops::cast(*cs, to_gpu(y_cpu), g16);

@@ -1100,7 +1100,8 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
   // their ring of stages several times with the other block's releases and halves in play:
   // 2048 x 2048 x 1024 (256 tiles, 16 K steps; on the wide tile 2 slices of 8), 512 x 2048 x 4096
   // (4 slices of 16 steps). Their double-precision reference would be slow: against the
-  // unclustered run, bit for bit.
+  // unclustered run, bit for bit; the clustered run also written whole and, on 32 sampled
+  // entries, against a double reference (so that a region both runs got wrong alike would fail).
   const int64_t long_gemms[][3] = {{2048, 2048, 1024}, {512, 2048, 4096}};
   for (const bool wide : {false, true}) {
     const ScopedSwitch tile(kcu::tma_wide_tile, kcu::set_tma_wide_tile, wide);
@@ -1108,7 +1109,8 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
       const int64_t m = sz[0], n = sz[1], k = sz[2];
       const std::string what = "gemm_bf16 " + std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k) +
                                (wide ? " (wide)" : "");
-      const DeviceArray<uint16_t> a(random_bf16(size_t(m * k), seed += 5)), b(random_bf16(size_t(k * n), seed + 1));
+      const std::vector<uint16_t> ha = random_bf16(size_t(m * k), seed += 5), hb = random_bf16(size_t(k * n), seed + 1);
+      const DeviceArray<uint16_t> a(ha), b(hb);
       DeviceArray<float> with(size_t(m * n)), without(size_t(m * n));
       {
         const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster);
@@ -1124,7 +1126,23 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
                        stream_);
         sync_and_check();
       }
-      EXPECT_TRUE(bits_equal(with.download(), without.download())) << what << ": in clusters vs not";
+      const std::vector<float> got = with.download();
+      EXPECT_TRUE(bits_equal(got, without.download())) << what << ": in clusters vs not";
+      EXPECT_TRUE(all_written(got)) << what << ": elements left unwritten (NaN)";
+      // C = A B^T: A is m x k, B is n x k, both row-major.
+      const std::vector<float> fa = widen(ha), fb = widen(hb);
+      std::mt19937 pick(uint32_t(m * 7 + n * 3 + k));
+      for (int e = 0; e < 32; ++e) {
+        const int64_t i = int64_t(pick() % uint32_t(m)), j = int64_t(pick() % uint32_t(n));
+        double ref = 0.0, mag = 0.0;
+        for (int64_t q = 0; q < k; ++q) {
+          const double p = double(fa[size_t(i * k + q)]) * fb[size_t(j * k + q)];
+          ref += p;
+          mag += std::fabs(p);
+        }
+        EXPECT_LE(std::fabs(double(got[size_t(i * n + j)]) - ref), 1e-5 * mag + 1e-6)
+            << what << ": entry (" << i << ", " << j << ")";
+      }
     }
   }
   // Convolutions (conv_tma on, the transposed filter, strided data gradients direct).

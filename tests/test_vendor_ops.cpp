@@ -70,6 +70,9 @@ TEST(VendorBackend, SwitchLeavesCpuTensorsOnTheReference) {
   ops::conv2d_forward(*hs, x, w, Tensor(), y, 1, 1);
   hs->synchronize();
   EXPECT_TRUE(bits_equal(host_values(c_custom), host_values(c_vendor)));
+  std::vector<float> want_c(13 * 9);  // both the CPU reference's product, not merely alike
+  kc::gemm<float>(false, false, 13, 9, 7, 1.f, a.data<float>(), 7, b.data<float>(), 9, 0.f, want_c.data(), 9);
+  EXPECT_TRUE(bits_equal(host_values(c_vendor), want_c));
   Conv2dShape sh;
   sh.n = 2, sh.h = 5, sh.w = 5, sh.c = 3, sh.k = 4, sh.r = 3, sh.s = 3, sh.stride = 1, sh.pad = 1;
   std::vector<float> want(size_t(sh.y_size()));
