@@ -250,6 +250,8 @@ TEST(ColumnPlan, ThePersistentElementPassReadsBackWhatEachThreadCached) {
       ASSERT_EQ(box.col0, bx * p.cols_per_block()) << what;
       ASSERT_EQ(box.row0, int64_t(by) * p.chunk_rows) << what;
       ASSERT_LE(box.rows, p.chunk_rows) << what;
+      // The chunk's slot in shared memory: no two of its elements in one place.
+      std::vector<uint8_t> slot(size_t(p.chunk_rows) * size_t(p.cols_per_block()), 0);
       for (int tid = 0; tid < kReduceThreads; ++tid) {
         const ReduceSlice rs = reduce_slice(p, m, bx, by, tid);
         const PieceSlice ps = piece_slice(p, box, tid);
@@ -271,6 +273,10 @@ TEST(ColumnPlan, ThePersistentElementPassReadsBackWhatEachThreadCached) {
             uint8_t& hit = written[size_t(i) * size_t(c) + size_t(ps.j0 + e)];
             ASSERT_EQ(hit, 0) << what << ": element (" << i << ", " << ps.j0 + e << ") written twice";
             hit = 1;
+            uint8_t& used = slot[size_t(off + e)];
+            ASSERT_EQ(used, 0) << what << " chunk " << t << ": element (" << i << ", " << ps.j0 + e
+                               << ") cached where another element of the chunk is";
+            used = 1;
           }
         }
       }

@@ -89,6 +89,7 @@ TEST(ConvSmallCPlan, EveryOutputPixelIsComputedAndSummedOnce) {
         const int slot = t / p.threads_per_pixel;
         if (slot >= p.slots) continue;
         const int k0 = (t - slot * p.threads_per_pixel) * kSmallCOutputsPerThread;
+        ASSERT_LE(k0 + kSmallCOutputsPerThread, s.k) << str(s) << ": thread " << t << " past the channels";
         for (int j = 0; j < kSmallCPixelsPerThread; ++j) {
           const int64_t pixel = b * p.pixels_per_block + slot + int64_t(j) * p.slots;
           if (pixel >= pixels) continue;
@@ -116,6 +117,8 @@ TEST(ConvSmallCPlan, EveryOutputPixelIsComputedAndSummedOnce) {
         const int u = t + j * kSmallCThreads;
         if (u >= p.units) break;
         const int kq = s.k / 4, t0 = 2 * (u / kq), k0 = 4 * (u % kq);
+        ASSERT_LT(t0, p.taps) << str(s) << ": unit " << u << " past the taps";
+        ASSERT_LE(k0 + 4, s.k) << str(s) << ": unit " << u << " past the channels";
         for (int e = 0; e < 4; ++e) {
           ++sums[size_t(t0) * size_t(s.k) + size_t(k0 + e)];
           if (t0 + 1 < p.taps) ++sums[size_t(t0 + 1) * size_t(s.k) + size_t(k0 + e)];

@@ -131,8 +131,11 @@ def table(args):
         peak = f"{r['peak']:,.0f}"
         out.append(f"| {r['model']} | {r['method']} | {r['k']} | {beta} | {r['epochs']} | {r['error']:.2f} | "
                    f"{r['best']:.2f} | {r['ips']:,.0f}{shared} | {r['busy']} | {peak} | {pub} |")
+    if not rows:
+        print(f"{args.out}: no cells (no MODEL-METHOD-KN.jsonl with epoch records)", file=sys.stderr)
+        return 1
     print("\n".join(out))
-    return 0 if rows else 1
+    return 0
 
 
 def main():

@@ -96,8 +96,9 @@ def main():
               "img/s marked as shared with the other cell, and the cell's own peak memory", fdg[0])
         ddg3 = [r for r in rows if r.startswith("| resnet20 | ddg | 3 | 1 |")]
         check(len(ddg3) == 1 and ddg3[0].rstrip().endswith("| – |"), "ddg K = 3: β 1, no published figure", table)
-        rc, _ = run("table", "--out", os.path.join(tmp, "empty"))
-        check(rc != 0, "an empty directory is no table")
+        rc, log = run("table", "--out", os.path.join(tmp, "empty"))
+        check(rc == 1 and os.path.join(tmp, "empty") + ": no cells" in log and "Traceback" not in log,
+              "an empty directory is no table, and says so", log)
         rc, log = run("table", "--out", os.path.join(tmp, "nowhere"))
         check(rc == 2 and "--out " + os.path.join(tmp, "nowhere") + ": no such directory" in log and
               "Traceback" not in log, "a missing directory is named", log)
@@ -164,11 +165,18 @@ def main():
         rc, log = run("run", *long, *train, "--eval-batch-size=32", "--threads", "1")
         check(rc == 0 and "resumes after epoch" in log, "other reporting flags still resume", log)
         # ...but another recipe under the same cell starts it again rather than mixing the two.
+        first_recipe = [e["epoch"] for e in read_epochs(metrics)]
         rc, log = run("run", *long, *train, "--weight-decay", "1e-4")
         check(rc == 0 and "the recipe differs from the one its checkpoint was trained with; starts again" in log,
               "a changed recipe starts the cell again", log)
-        check(read_epochs(metrics)[0]["epoch"] == 1 and "--weight-decay 1e-4" in
-              open(os.path.join(tmp, "long", "resnet20-fdg-K2.cmd")).read(), "from epoch 1, on the new recipe")
+        aside = os.path.join(tmp, "long", "replaced")
+        check(f"had another recipe: kept in {aside}, starts again" in log and
+              [e["epoch"] for e in read_epochs(os.path.join(aside, "resnet20-fdg-K2.1.jsonl"))] == first_recipe,
+              "the epochs of the first recipe are kept aside, whole", log)
+        renewed = [e["epoch"] for e in read_epochs(metrics)]
+        check(renewed == list(range(1, len(renewed) + 1)) and "--weight-decay 1e-4" in
+              open(os.path.join(tmp, "long", "resnet20-fdg-K2.cmd")).read(), "from epoch 1, on the new recipe",
+              renewed)
         # A cell that fails says why.
         rc, log = run("run", *long, *train, "--cutout", "40")
         check(rc == 0 and "resnet20-fdg-K2: failed: --cutout must be in 0..32" in log, "the failure is named", log)

@@ -122,9 +122,10 @@ def check_prebuilt(tmp):
     # Sourced again (every gpu_*.sh script does), it leaves the unpacked build as it is.
     with open(os.path.join(here, "build-gpu", "tests", "CTestTestfile.cmake"), "a") as f:
         f.write("# kept\n")
-    subprocess.run(source, cwd=here, capture_output=True, text=True)
-    check(open(os.path.join(here, "build-gpu", "tests", "CTestTestfile.cmake")).read().endswith("# kept\n"),
-          "a second sourcing unpacks nothing")
+    p = subprocess.run(source, cwd=here, capture_output=True, text=True)
+    check(p.returncode == 0 and f"source dir {here}" in p.stdout and
+          open(os.path.join(here, "build-gpu", "tests", "CTestTestfile.cmake")).read().endswith("# kept\n"),
+          "a second sourcing succeeds and unpacks nothing", p.stdout + p.stderr)
     # A later call that carries no archive (NO_PREBUILT=1, ACCURACY=1) does not take the earlier
     # call's build for its own: the marker goes, so tools/gpu_check.sh builds.
     os.remove(os.path.join(here, ".carry", "prebuilt.tar.xz"))

@@ -99,11 +99,15 @@ def main():
             slow = list(common)
             slow[slow.index("--batch-size") + 1] = batch
             slow[slow.index("--train-limit") + 1] = str(20 * int(batch))
-            rc, out = interrupt(start([staleprop, "train", *slow]), signal.SIGINT, twice=True)
+            slow_ckpt = os.path.join(tmp, f"slow-{batch}.safetensors")
+            rc, out = interrupt(start([staleprop, "train", *slow, "--checkpoint", slow_ckpt]), signal.SIGINT,
+                                twice=True)
             if not re.search(r"interrupted (in|after) epoch", out):
                 break
         check(rc == -signal.SIGINT and "interrupted" not in out.replace("stopping early", ""),
               f"a second SIGINT ends the process at once, before the run stops on its own (status {rc})", out)
+        left = [f for f in os.listdir(tmp) if f.startswith(f"slow-{batch}")]
+        check(not left, f"a second SIGINT keeps nothing: no checkpoint, nor a part of one: {left}", out)
 
         jobs = os.path.join(tmp, "jobs.txt")
         with open(jobs, "w") as f:
