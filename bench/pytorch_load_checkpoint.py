@@ -6,8 +6,9 @@ It reads the safetensors file itself (no safetensors package needed), drops the 
 tensors (the optimizer's momentum), loads the rest with load_state_dict(strict=True) into
 bench/pytorch_baseline.py's model of the same name (the checkpoint's "model" metadata), which
 names its modules as the common PyTorch CIFAR ResNets do, and prints one JSON line with the test
-accuracy. `staleprop eval --checkpoint F` on the same files gives the same figure up to the
-summation order of the two implementations:
+accuracy. `staleprop eval --precision fp32 --checkpoint F` on the same files gives the same
+figure up to the summation order of the two implementations (without --precision, staleprop
+evaluates in the precision the run was trained in):
 
     python3 bench/pytorch_load_checkpoint.py --checkpoint run.safetensors --data data/cifar-10-batches-bin
 
@@ -62,7 +63,7 @@ def main():
     state = {k: v for k, v in tensors.items() if not k.startswith("_optim.")}
     model = build(model_name)
     model.load_state_dict(state, strict=True)  # every name and shape must match
-    # fp32 as staleprop evaluates: no TF32 in cuDNN's convolutions or cuBLAS's GEMMs.
+    # fp32 as `staleprop eval --precision fp32` evaluates: no TF32 in cuDNN's convolutions or cuBLAS's GEMMs.
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,5 +1,7 @@
 #include "engine/checkpoint.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "engine/ops.h"
@@ -68,6 +70,14 @@ void save_checkpoint(const std::string& path, const Network& net, const std::vec
       layouts.push_back(layout_of(st, name));
     }
   s.synchronize();
+  // A diverged run's weights are no state to go on from: nothing is written (nor replaced).
+  for (const auto& [name, t] : host) {
+    if (t.dtype() != DType::F32) continue;
+    const float* v = t.data<float>();
+    const float* bad = std::find_if(v, v + t.numel(), [](float x) { return !std::isfinite(x); });
+    SP_CHECK(bad == v + t.numel(), path, ": not written: ", name, " holds ", std::isnan(*bad) ? "NaN" : "an infinity",
+             " (element ", bad - v, "), the run diverged");
+  }
   std::vector<io::TensorRecord> records;
   for (size_t i = 0; i < host.size(); ++i) {
     const Tensor& t = layouts[i] == ParamLayout::KRSC ? permute_conv(host[i].second, true) : host[i].second;

@@ -22,7 +22,9 @@ namespace sp {
 
 // `s` issues the copies (a stream of the network's device; with several devices no stream may
 // be using the tensors); the call returns once the file is written. `opts` are the optimizers
-// whose momentum buffers are saved (one per pipeline module; none to save weights only).
+// whose momentum buffers are saved (one per pipeline module; none to save weights only). A
+// weight, buffer or momentum that holds NaN or an infinity (a diverged run) is refused, naming
+// it, and nothing is written: a file already at `path` stays as it was.
 void save_checkpoint(const std::string& path, const Network& net, const std::vector<const Sgd*>& opts,
                      const std::map<std::string, std::string>& metadata, Stream& s);
 // Restores every tensor of the network (and of the optimizers given); throws sp::Error naming

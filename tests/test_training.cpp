@@ -163,14 +163,72 @@ TEST(Training, StopAfterLeavesACheckpointToGoOnFrom) {
   train::TrainConfig first = small_config();
   first.checkpoint = dir.file("stopped.safetensors");
   first.stop_after_steps = 5;
-  EXPECT_EQ(train::run_training(first, train, test).steps, 5);
+  const train::TrainResult stopped = train::run_training(first, train, test);
+  EXPECT_EQ(stopped.steps, 5);
+  EXPECT_TRUE(stopped.stopped_at_step);
   ASSERT_TRUE(fs::exists(first.checkpoint));
   EXPECT_EQ(io::read_safetensors(first.checkpoint).metadata.at("step"), "5");
+  // Resumed there with the same --stop-after, there is no step left to take: refused, rather
+  // than one more step taken past it.
+  train::TrainConfig again = first;
+  again.resume = first.checkpoint;
+  again.checkpoint = dir.file("again.safetensors");
+  test::expect_error([&] { train::run_training(again, train, test); }, {"--stop-after 5", "is at step 5 already"});
+  EXPECT_FALSE(fs::exists(again.checkpoint));
   train::TrainConfig rest = small_config();
   rest.resume = first.checkpoint;
   rest.checkpoint = dir.file("went-on.safetensors");
-  EXPECT_EQ(train::run_training(rest, train, test).steps, 8);
+  const train::TrainResult went_on = train::run_training(rest, train, test);
+  EXPECT_EQ(went_on.steps, 8);
+  EXPECT_FALSE(went_on.stopped_at_step);
   expect_same_tensors(full.checkpoint, rest.checkpoint);
+
+  // At an epoch's end (4 steps an epoch): the epoch's evaluation and checkpoint, and the run says
+  // it stopped and where to go on from.
+  train::TrainConfig boundary = small_config();
+  boundary.checkpoint = dir.file("boundary.safetensors");
+  boundary.stop_after_steps = 4;
+  boundary.progress = "plain";
+  boundary.log = dir.file("boundary.log");
+  const train::TrainResult at_end = train::run_training(boundary, train, test);
+  EXPECT_EQ(at_end.steps, 4);
+  EXPECT_EQ(at_end.epochs.size(), 1u);
+  EXPECT_TRUE(at_end.stopped_at_step);
+  EXPECT_EQ(io::read_safetensors(boundary.checkpoint).metadata.at("step"), "4");
+  const std::string log = read_text(boundary.log);
+  EXPECT_NE(log.find("stopped after epoch 1 of 2 (--stop-after 4); go on with --resume " + boundary.checkpoint),
+            std::string::npos)
+      << log;
+}
+
+// A run that diverges writes no checkpoint of its broken weights: --checkpoint-every's saves
+// inside an epoch come before any loss has seen the last update, so the save itself refuses
+// weights that are not finite (and an epoch's end waits for the test loss).
+TEST(Training, ADivergedRunWritesNoCheckpointOfItsWeights) {
+  const data::Dataset train = synthetic_set(128, 21), test = synthetic_set(16, 22);
+  TempDir dir;
+  train::TrainConfig c = small_config();
+  c.lr = 3e38f;  // the first update overflows the weights, while its step's loss was still finite
+  c.schedule = "constant";
+  c.warmup_epochs = 0;
+  c.checkpoint = dir.file("every.safetensors");
+  c.checkpoint_every = 1;
+  test::expect_error([&] { train::run_training(c, train, test); }, {"diverged"});
+  if (fs::exists(c.checkpoint)) {  // an earlier step's, of finite weights
+    for (const io::TensorRecord& r : io::read_safetensors(c.checkpoint).tensors) {
+      if (r.dtype != "F32") continue;
+      const float* v = reinterpret_cast<const float*>(r.data.data());
+      for (size_t i = 0; i < r.data.size() / 4; ++i) ASSERT_TRUE(std::isfinite(v[i])) << r.name << " " << i;
+    }
+  }
+  // The save on its own: a NaN in one weight, and nothing is written.
+  Network net = layers::build_resnet("resnet20", 10, 0);
+  auto s = make_stream(Device::cpu());
+  net.state().params.back().second->value.data<float>()[0] = std::nanf("");
+  const std::string path = dir.file("nan.safetensors");
+  test::expect_error([&] { save_checkpoint(path, net, {}, {}, *s); },
+                     {path, "not written", "linear.bias", "holds NaN"});
+  EXPECT_FALSE(fs::exists(path));
 }
 
 // --metrics's step records come every tenth of an epoch whatever --progress shows: the same
@@ -550,8 +608,20 @@ TEST(Training, EvaluationOfACheckpointMatchesTheRun) {
   const train::TrainResult r = train::run_training(c, train, test);
   const train::EvalResult e = train::evaluate_checkpoint(c.checkpoint, "", "cpu", test, 16);
   EXPECT_EQ(e.samples, 50);
+  EXPECT_EQ(e.precision, "fp32");
   EXPECT_EQ(e.accuracy, r.epochs.back().test_acc);
   EXPECT_DOUBLE_EQ(e.loss, r.epochs.back().test_loss);
+  // A bf16 run is evaluated in bf16, as its own test passes were; in fp32 when asked.
+  c.precision = "bf16";
+  c.checkpoint = dir.file("bf16.safetensors");
+  const train::TrainResult b = train::run_training(c, train, test);
+  const train::EvalResult eb = train::evaluate_checkpoint(c.checkpoint, "", "cpu", test, 16);
+  EXPECT_EQ(eb.precision, "bf16");
+  EXPECT_EQ(eb.accuracy, b.epochs.back().test_acc);
+  EXPECT_DOUBLE_EQ(eb.loss, b.epochs.back().test_loss);
+  const train::EvalResult ef = train::evaluate_checkpoint(c.checkpoint, "", "cpu", test, 16, "fp32");
+  EXPECT_EQ(ef.precision, "fp32");
+  EXPECT_NE(ef.loss, eb.loss) << "the fp32 evaluation ran in bf16";
 }
 
 TEST(Training, LossFallsOnSyntheticImages) {

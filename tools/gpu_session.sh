@@ -284,9 +284,9 @@ if [ -n "$TRAIN_PID" ]; then
   wait "$TRAIN_PID"
   log "$(tail -1 "$OUT/train.log")"
   # Its checkpoint in PyTorch (strict load into bench/pytorch_baseline.py's model) beside
-  # staleprop's own evaluation of it: the two test accuracies should agree.
+  # staleprop's own evaluation of it, both in fp32: the two test accuracies should agree.
   if [ -f "$OUT/train.safetensors" ] && [ -d data/cifar-10-batches-bin ] && [ "$(left)" -gt 200 ]; then
-    timeout 60 build-gpu/tools/staleprop eval --device cuda --checkpoint "$OUT/train.safetensors" \
+    timeout 60 build-gpu/tools/staleprop eval --device cuda --precision fp32 --checkpoint "$OUT/train.safetensors" \
       > "$OUT/checkpoint-eval.txt" 2>&1
     timeout 60 python3 bench/pytorch_load_checkpoint.py --checkpoint "$OUT/train.safetensors" \
       >> "$OUT/checkpoint-eval.txt" 2>&1

@@ -420,7 +420,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines; default auto)", [&](const std::string& v) { c.progress = v; }},
       {"log", "FILE", "append the banner, progress and epoch lines to FILE instead of printing them", [&](const std::string& v) { c.log = v; }},
       {"time-limit", "SECONDS", "end the run at the first epoch boundary where the next epoch, taking as long as the last, would end later than SECONDS after the start; the epoch's checkpoint (--checkpoint) is there to --resume from (default none)", [&](const std::string& v) { a.time_limit = positive_seconds("time-limit", v); }},
-      {"stop-after", "STEPS", "end the run after this many steps in total, writing --checkpoint there to --resume from (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only; default none)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", to_ll(v)); }},
+      {"stop-after", "STEPS", "end the run after this many steps in total, writing --checkpoint there to --resume from (a --resume from that step or later is refused; plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only; default none)", [&](const std::string& v) { c.stop_after_steps = positive("stop-after", to_ll(v)); }},
       {"method", "M", "bp|ddg|fdg: locked backprop, forward-locked DDG, fully decoupled FDG (default bp)", [&](const std::string& v) { c.method = v; }},
       {"split", "K", "cut the network into K modules, balanced by --split-by (default 1)", [&](const std::string& v) { c.split = int(positive("split", to_i(v))); }},
       {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start, or by its counted forward FLOPs (the same cuts on every run and machine); default time, flops with --deterministic (which refuses time)", [&](const std::string& v) { c.split_by = v; }},
@@ -514,6 +514,7 @@ int train_main(int argc, char** argv) {
     std::printf("%s test accuracy %.2f%% (%s, %d of %d epochs)\n",
                 result.interrupted           ? "interrupted:"
                 : result.stopped_at_deadline ? "stopped at the time limit:"
+                : result.stopped_at_step     ? "stopped (--stop-after):"
                                              : "final",
                 100 * result.epochs.back().test_acc, c.model.c_str(), result.epochs.back().epoch, c.epochs);
   else if (result.already_complete)
@@ -801,7 +802,7 @@ int study_main(int argc, char** argv) {
 }
 
 int eval_main(int argc, char** argv) {
-  std::string checkpoint, model, device = "cpu", data_dir;
+  std::string checkpoint, model, device = "cpu", data_dir, precision;
   int64_t limit = -1, batch = 500;
   const std::vector<Flag> flags = {
       {"checkpoint", "FILE", "safetensors checkpoint written by staleprop train (required)", [&](const std::string& v) { checkpoint = v; }},
@@ -810,6 +811,7 @@ int eval_main(int argc, char** argv) {
       {"data", "DIR", "CIFAR-10 binary directory (default $CIFAR10_DIR, else ./data/cifar-10-batches-bin)", [&](const std::string& v) { data_dir = v; }},
       {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { limit = positive("test-limit", to_ll(v)); }},
       {"batch-size", "B", "evaluation batch size (default 500)", [&](const std::string& v) { batch = positive("batch-size", to_ll(v)); }},
+      {"precision", "P", "fp32|bf16: the activations' precision (default: the one the checkpoint was trained in, from its metadata; fp32 where it names none)", [&](const std::string& v) { precision = v; }},
   };
   if (!parse_flags("eval", "Reports the CIFAR-10 test accuracy of a checkpoint.", flags, argc, argv)) return 0;
   use_threads(0);  // a bad STALEPROP_NUM_THREADS is told before any work
@@ -817,8 +819,9 @@ int eval_main(int argc, char** argv) {
   require_devices(device, {});
   const std::string dir = sp::data::resolve_cifar10_dir(data_dir, {sp::data::Split::Test});  // reads only the test batch
   const auto test = sp::data::load_cifar10(dir, sp::data::Split::Test, limit);
-  const auto r = sp::train::evaluate_checkpoint(checkpoint, model, device, test, batch);
-  std::printf("test accuracy %.2f%% (loss %.4f) on %lld images\n", 100 * r.accuracy, r.loss, (long long)r.samples);
+  const auto r = sp::train::evaluate_checkpoint(checkpoint, model, device, test, batch, precision);
+  std::printf("test accuracy %.2f%% (loss %.4f) on %lld images, %s\n", 100 * r.accuracy, r.loss, (long long)r.samples,
+              r.precision.c_str());
   return 0;
 }
 

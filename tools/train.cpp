@@ -513,7 +513,7 @@ struct Run {
         step < 0 ? detail::concat("the test loss after epoch ", epoch + 1, " is ", value,
                                   ": the run diverged. This epoch is not checkpointed")
                  : detail::concat("the training loss is ", value, " by step ", step, " (epoch ", epoch + 1,
-                                  "): the run diverged. Nothing from this epoch on is checkpointed");
+                                  "): the run diverged. No checkpoint is written from here on");
     throw Error(what + "; try a lower --lr, or a warm-up (--warmup-epochs)");
   }
 
@@ -530,6 +530,13 @@ struct Run {
   void stop_interrupted(const std::string& what, const std::string& resume_from) {
     result.interrupted = true;
     say_stopped("interrupted " + what, resume_from);
+  }
+
+  // Ends the run at TrainConfig::stop_after_steps, `where` (a step inside an epoch, or after one):
+  // records it and says what is kept.
+  void stop_at_step(const std::string& where, const std::string& resume_from) {
+    result.stopped_at_step = true;
+    say_stopped("stopped " + where + " (--stop-after " + std::to_string(cfg.stop_after_steps) + ")", resume_from);
   }
 
   // Says that the run ends early (`what`) and how to go on: from `resume_from`, the checkpoint
@@ -602,6 +609,8 @@ TrainResult run_backprop(Run& run) {
     auto meta = load_checkpoint(cfg.resume, run.net, {&opt}, s);
     step = run.check_resume(meta);
     run.result.already_complete = step == int64_t(cfg.epochs) * spe;
+    SP_CHECK(run.result.already_complete || cfg.stop_after_steps < 0 || step < cfg.stop_after_steps, "--stop-after ",
+             cfg.stop_after_steps, ": ", cfg.resume, " is at step ", step, " already; give a later step to train on");
     run.loader->seek(step / spe, step % spe);
     if (step % spe != 0) resumed_epoch_stats = get_epoch_stats(meta);
   }
@@ -654,8 +663,10 @@ TrainResult run_backprop(Run& run) {
       interrupted = run.interrupted();
       // --stop-after ends the run here: a checkpoint, as on an interrupt, so that it goes on.
       const bool stop_here = cfg.stop_after_steps >= 0 && step >= cfg.stop_after_steps;
-      if (!cfg.checkpoint.empty() && ((cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) ||
-                                      ((interrupted || stop_here) && step % spe != 0))) {
+      // At an epoch's end the epoch's own checkpoint follows its evaluation (and the test loss's
+      // check for divergence), whatever asks for one here.
+      if (!cfg.checkpoint.empty() && step % spe != 0 &&
+          ((cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) || interrupted || stop_here)) {
         const StepStats window = trainer.drain_stats();
         run.check_finite(window.mean_loss(), epoch, step);
         epoch_stats += window;
@@ -676,8 +687,7 @@ TrainResult run_backprop(Run& run) {
       if (interrupted)
         run.stop_interrupted(where, run.epoch_checkpoint(epoch));
       else
-        run.say_stopped("stopped " + where + " (--stop-after " + std::to_string(cfg.stop_after_steps) + ")",
-                        run.epoch_checkpoint(epoch));
+        run.stop_at_step(where, run.epoch_checkpoint(epoch));
       break;
     }
     const double train_secs = seconds_since(epoch_start);
@@ -687,6 +697,11 @@ TrainResult run_backprop(Run& run) {
       save_checkpoint(checkpoint_path(cfg.checkpoint, epoch + 1), run.net, {&opt}, run.metadata(step), s);
     if (run.interrupted_after_epoch(epoch, run.epoch_checkpoint(epoch)))
       break;
+    if (stopped && !interrupted && epoch + 1 < cfg.epochs) {  // --stop-after at an epoch's end
+      run.stop_at_step("after epoch " + std::to_string(epoch + 1) + " of " + std::to_string(cfg.epochs),
+                       run.epoch_checkpoint(epoch));
+      break;
+    }
     if (stopped || run.stop_at_deadline(epoch, next_epoch_seconds(train_secs, seconds_since(epoch_start) - train_secs,
                                                                   spe - first_index, spe)))
       break;
@@ -1115,11 +1130,14 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
 }
 
 EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model, const std::string& device,
-                               const data::Dataset& test_set, int64_t batch_size) {
-  if (model.empty()) {
-    model = io::read_safetensors(checkpoint).metadata["model"];
+                               const data::Dataset& test_set, int64_t batch_size, std::string precision) {
+  if (model.empty() || precision.empty()) {
+    auto meta = io::read_safetensors(checkpoint).metadata;
+    if (model.empty()) model = meta["model"];
     SP_CHECK(!model.empty(), checkpoint, ": no model name in the metadata; pass --model");
+    if (precision.empty()) precision = meta["precision"].empty() ? "fp32" : meta["precision"];
   }
+  const DType dt = activation_dtype(precision);  // refuses anything but fp32 and bf16
   const Device dev = Device::parse(device);
   require_device(dev);
   auto stream = make_stream(dev);
@@ -1128,10 +1146,10 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model,
   load_checkpoint(checkpoint, net, {}, *stream);
   Sgd unused(net.state().params, SgdConfig{}, *stream);
   const auto loader = make_eval_loader(test_set, batch_size);
-  BackpropTrainer trainer(net, unused, *stream, 0.f);
+  BackpropTrainer trainer(net, unused, *stream, 0.f, dt);
   const Drain drain{*stream};  // an error while evaluating leaves no copy from the loader's buffers queued
   const StepStats st = evaluate(trainer, *loader);
-  return {st.mean_loss(), st.accuracy(), st.samples};
+  return {st.mean_loss(), st.accuracy(), st.samples, precision};
 }
 
 }  // namespace sp::train

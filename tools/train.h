@@ -82,6 +82,7 @@ struct TrainResult {
   int64_t graph_replays = 0;  // --graphs: module units replayed from graphs over the run
   bool stopped_at_deadline = false;  // ended before its last epoch by TrainConfig::deadline
   bool interrupted = false;          // ended early by TrainConfig::interrupt
+  bool stopped_at_step = false;      // ended before its last epoch by TrainConfig::stop_after_steps
   bool already_complete = false;     // --resume from the run's last step: nothing was left to train
 };
 
@@ -98,13 +99,15 @@ std::chrono::steady_clock::time_point deadline_after(double seconds);
 TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set);
 
 // Test-set accuracy and mean loss of the model in a checkpoint; an empty `model` takes the
-// name stored in the checkpoint's metadata.
+// name stored in the checkpoint's metadata, an empty `precision` (fp32|bf16) the precision the
+// run was trained in (fp32 where the metadata names none).
 struct EvalResult {
   double loss, accuracy;
   int64_t samples;
+  std::string precision;  // the activations' precision it was evaluated in
 };
 EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model, const std::string& device,
-                               const data::Dataset& test_set, int64_t batch_size);
+                               const data::Dataset& test_set, int64_t batch_size, std::string precision = "");
 
 // Per-block cost (forward + backward milliseconds) of one training step on `images` (f32
 // [B,H,W,C], any device), measured with events on s; the network's BN statistics are left
