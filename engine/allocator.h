@@ -65,7 +65,9 @@ class CachingAllocator {
   // The stream `stream_key` is destroyed and its work done: its cached blocks may serve
   // allocations of any stream (tried after the allocating stream's own). Blocks still handed
   // out under it are not reused once they come back (another stream's work may still read
-  // them, and none orders after it); empty_cache() and the out-of-memory retry return them.
+  // them, and none orders after it); empty_cache() returns them, and so does the out-of-memory
+  // retry where the backend's free waits for queued work (CUDA; the CPU emulation's retry
+  // returns only the blocks cached under retired streams).
   // Keys are stream addresses, which a later stream may get again; retiring keeps such a
   // stream from inheriting blocks it cannot order.
   void retire_stream(const void* stream_key);
