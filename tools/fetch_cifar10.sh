@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Puts the CIFAR-10 binary release (data_batch_1.bin ... data_batch_5.bin, test_batch.bin) into
-# DEST_DIR (default ./data/cifar-10-batches-bin; data/ is git-ignored: never commit data).
+# DEST_DIR (default data/cifar-10-batches-bin in the repository; data/ is git-ignored: never
+# commit data).
 #
 #   tools/fetch_cifar10.sh [DEST_DIR]
 #
@@ -10,8 +11,8 @@
 # Does nothing when DEST_DIR already holds the six files at their exact size.
 set -euo pipefail
 
-repo=$(cd "$(dirname "$0")/.." && pwd)
-dest=${1:-./data/cifar-10-batches-bin}
+repo=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
+dest=${1:-$repo/data/cifar-10-batches-bin}
 files=(data_batch_1.bin data_batch_2.bin data_batch_3.bin data_batch_4.bin data_batch_5.bin test_batch.bin)
 file_bytes=30730000  # 10000 records of 1 label byte + 3072 pixel bytes
 
@@ -34,22 +35,30 @@ if [ -f "$pack" ]; then
   echo "== unpacking $pack into $dest"
   echo "NOTE: this copy of CIFAR-10 went through JPEG compression (quality 75): the pixels differ slightly"
   echo "      from the official release, and test accuracies come out somewhat lower (about 1-2 points)."
-  # The unpack script needs Pillow: use an interpreter that has it, else install it with pip.
+  # The unpack script needs Pillow: use an interpreter that has it, else install it (Debian's
+  # python3-pil as root, else with pip).
+  has_pil() { command -v "$1" >/dev/null && "$1" -c 'import PIL' 2>/dev/null; }
   py=""
   for candidate in python3 /usr/bin/python3; do
-    if command -v "$candidate" >/dev/null && "$candidate" -c 'import PIL' 2>/dev/null; then
+    if has_pil "$candidate"; then
       py=$candidate
       break
     fi
   done
+  if [ -z "$py" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing Debian's python3-pil"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pil >/dev/null &&
+      has_pil /usr/bin/python3 && py=/usr/bin/python3
+  fi
   if [ -z "$py" ]; then
     echo "== installing Pillow with pip"
-    python3 -m pip install --quiet pillow || python3 -m pip install --quiet --user pillow || {
+    if python3 -m pip install --quiet pillow || python3 -m pip install --quiet --user pillow; then
+      py=python3
+    else
       echo "could not install Pillow; install it (python3 -m pip install pillow, or apt-get install python3-pil" >&2
       echo "and use /usr/bin/python3) and run this script again" >&2
       exit 1
-    }
-    py=python3
+    fi
   fi
   "$py" "$shared/unpack_cifar10.py" "$pack" "$dest"
 else
@@ -57,6 +66,16 @@ else
   md5=c32a1d4ab5d03f1284b67883e8d87530
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
+  if ! command -v curl >/dev/null && ! command -v wget >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "== installing Debian's curl"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl ca-certificates >/dev/null
+    fi
+    command -v curl >/dev/null || {
+      echo "no curl or wget to download $url with: install one (apt-get install curl ca-certificates)" >&2
+      exit 1
+    }
+  fi
   echo "== downloading $url"
   if command -v curl >/dev/null; then
     curl -fL --retry 3 -o "$tmp/cifar-10-binary.tar.gz" "$url"

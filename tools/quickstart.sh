@@ -8,11 +8,11 @@
 #   tools/quickstart.sh --train-limit 50000 --test-limit 10000 --epochs 30      (all data)
 # (see README.md for the full recipes, and `build/tools/staleprop train --help`).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$(readlink -f "$0")")/.."
 . tools/deps.sh
 staleprop_deps
+tools/fetch_cifar10.sh data/cifar-10-batches-bin  # first: a failure here is seen before a build of minutes
 staleprop_build build staleprop  # the command line only; tools/run_tests.sh builds the rest
-tools/fetch_cifar10.sh data/cifar-10-batches-bin
 exec build/tools/staleprop train --data data/cifar-10-batches-bin --model resnet20 --epochs 4 \
   --train-limit 20000 --batch-size 128 --lr 0.1 --schedule onecycle --warmup-epochs 0.5 \
   --metrics data/quickstart-metrics.jsonl "$@"
