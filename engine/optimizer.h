@@ -21,8 +21,9 @@ class Sgd {
  public:
   // Momentum buffers are created zeroed on each parameter's device (zeroing enqueued on s).
   Sgd(std::vector<std::pair<std::string, Parameter*>> params, const SgdConfig& config, Stream& s);
-  // p -= lr * update(grad * grad_scale); grad_scale folds in FDG's shrink factor and the 1/N
-  // of data-parallel averaging.
+  // p -= lr * update(grad * grad_scale); grad_scale can fold in the 1/N of data-parallel
+  // averaging (PipelineConfig::grad_scale). FDG's shrink factor is not applied here: the
+  // pipeline scales the gradient a module receives (its dy) instead.
   void step(Stream& s, float lr, float grad_scale = 1.f);
   // The same, reading the learning rate from a one-element f32 tensor on the stream's device
   // as the update runs (for graph replays; see ops::sgd_step).

@@ -60,7 +60,8 @@ struct ShortcutAShape {
 //   g  = grad_scale * grad + weight_decay * p
 //   v  = momentum * v + g                         (v starts at zero, so the first v equals g)
 //   p -= lr * (nesterov ? g + momentum * v : v)   (momentum == 0: p -= lr * g, v untouched)
-// grad_scale folds in the FDG shrink factor and the 1/N of data-parallel averaging.
+// grad_scale can fold in the 1/N of data-parallel averaging (FDG's shrink factor scales the
+// gradient a module receives instead, before its backward).
 struct SgdParams {
   float lr = 0.1f;
   float momentum = 0.9f;
