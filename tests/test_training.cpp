@@ -978,6 +978,7 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   EXPECT_LE(double(c.steps) * bp.ms_per_step, wall_ms);
   EXPECT_GT(bp.peak_allocated_bytes, 0u);
   EXPECT_TRUE(bp.busy_pct.empty());
+  EXPECT_EQ(bp.steady_images_per_s, bp.images_per_s);  // no fill or drain to take out
 
   c.method = "fdg";
   c.split = 3;
@@ -995,6 +996,11 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   }
   EXPECT_EQ(fdg.ticks, c.steps + 2 * (3 - 1));  // the last batch enters module 3 after 2 hops of one tick each
   EXPECT_GT(fdg.peak_activation_bytes, 0u);
+  // The steady state, from a second epoch of steps / 2 batches (its own fill and drain cancel
+  // the timed epoch's): a rate, measured (its value is the machine's).
+  EXPECT_GT(fdg.steady_images_per_s, 0);
+  std::printf("fdg K=3 on the CPU: %.1f img/s over the epoch, %.1f in the steady state\n", fdg.images_per_s,
+              fdg.steady_images_per_s);
   // bf16 mixed precision halves the activations kept for batches in flight.
   c.precision = "bf16";
   const train::BenchResult half = train::run_bench(c);
@@ -1002,9 +1008,9 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   EXPECT_GT(double(half.peak_activation_bytes), 0.4 * double(fdg.peak_activation_bytes));
 
   const std::string j = fdg.json();
-  for (const char* key : {"\"model\":\"resnet20\"", "\"method\":\"fdg\"", "\"modules\":3", "\"images_per_s\":",
-                          "\"busy_pct\":[", "\"peak_activation_bytes\":", "\"mainloop\":\"none\"",
-                          "\"kernel_switches\":\"none\""})
+  for (const char* key : {"\"model\":\"resnet20\"", "\"method\":\"fdg\"", "\"modules\":3",
+                          "\"images_per_s\":", "\"steady_images_per_s\":", "\"busy_pct\":[",
+                          "\"peak_activation_bytes\":", "\"mainloop\":\"none\"", "\"kernel_switches\":\"none\""})
     EXPECT_NE(j.find(key), std::string::npos) << key << " in " << j;
 
   // --devices: the modules on emulated devices, each device's peak reported and summed.

@@ -113,7 +113,8 @@ std::string BenchResult::json() const {
          ",\"mainloop\":" + json_str(mainloop) + ",\"kernel_switches\":" + json_str(switches) +
          ",\"device\":" + json_str(device_name) + ",\"steps\":" + std::to_string(c.steps) +
          ",\"warmup\":" + std::to_string(c.warmup) + ",\"images_per_s\":" + json_num(images_per_s) +
-         ",\"ms_per_step\":" + json_num(ms_per_step) + ",\"ticks\":" + std::to_string(ticks) + ",\"busy_pct\":" + busy +
+         ",\"ms_per_step\":" + json_num(ms_per_step) + ",\"steady_images_per_s\":" + json_num(steady_images_per_s) +
+         ",\"ticks\":" + std::to_string(ticks) + ",\"busy_pct\":" + busy +
          "],\"host_wait_pct\":" + (host_wait_pct < 0 ? "null" : json_num(host_wait_pct)) +
          ",\"peak_allocated_bytes\":" + std::to_string(peak_allocated_bytes) +
          ",\"peak_reserved_bytes\":" + std::to_string(peak_reserved_bytes) + by_device +
@@ -187,6 +188,7 @@ BenchResult run_bench(const BenchConfig& cfg) {
     run(cfg.steps);
     const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
     r.images_per_s = double(cfg.steps * cfg.batch_size) / (ms / 1e3);
+    r.steady_images_per_s = r.images_per_s;
     r.ms_per_step = ms / double(cfg.steps);
     keep_peak(r, mem_devices);
     profile_ops(cfg, r, [&] {
@@ -249,6 +251,14 @@ BenchResult run_bench(const BenchConfig& cfg) {
     r.peak_activation_bytes = st.peak_saved_bytes;
     r.peak_stash_bytes = st.peak_stash_bytes;
     keep_peak(r, mem_devices);
+    // Every epoch fills and drains the pipeline once, whatever its length: the difference of two
+    // epochs' times is that of their batches in a full pipeline.
+    if (cfg.steps >= 2) {
+      const int64_t short_steps = cfg.steps / 2;
+      const double short_ms = epoch(short_steps).wall_ms;
+      const double per_step_ms = (st.wall_ms - short_ms) / double(cfg.steps - short_steps);
+      r.steady_images_per_s = per_step_ms > 0 ? double(cfg.batch_size) / (per_step_ms / 1e3) : 0;
+    }
     profile_ops(cfg, r, [&] { return epoch(cfg.profile_ops).wall_ms; });
   }
   ops::set_kernel_backend(ops::KernelBackend::Custom);

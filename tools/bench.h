@@ -54,7 +54,13 @@ struct BenchResult {
   BenchConfig config;
   int modules = 1;
   std::vector<size_t> cuts;
+  // Over the timed steps: for the decoupled methods an epoch of `steps` batches, its fill and
+  // drain included (delay(0) ticks that carry fewer batches than modules: 2(K-1) for fdg).
   double images_per_s = 0, ms_per_step = 0;
+  // The rate of a full pipeline: the decoupled methods run a second epoch of steps / 2 batches,
+  // and the difference of the two epochs' times cancels the fill and drain each pays (0 where
+  // steps < 2); plain backprop has none to cancel: images_per_s.
+  double steady_images_per_s = 0;
   int64_t ticks = 0;                   // decoupled methods: ticks of the timed epoch (fill and drain included)
   std::vector<double> busy_pct;        // decoupled methods: per module, busy share of the wall time
   double host_wait_pct = -1;           // decoupled methods: PipelineEpochStats::host_wait_ms's share (-1: none)

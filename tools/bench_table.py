@@ -123,9 +123,14 @@ def kernels_table(paths):
     return "\n".join(out)
 
 
-def variant(r):
-    """What sets a `staleprop bench` run apart beyond model, batch, precision, kernels, method and K."""
+def variant(r, with_device=False):
+    """What sets a `staleprop bench` run apart beyond model, batch, precision, kernels, method and K
+    (the cuts of K > 1 modules; with_device: the device too)."""
     parts = []
+    if r.get("modules", 1) > 1 and r.get("cuts"):
+        parts.append("cuts " + ",".join(str(c) for c in r["cuts"]))
+    if with_device and r.get("device"):
+        parts.append(r["device"])
     if r.get("shrink", 1) != 1:
         parts.append(f"β {r['shrink']:g}")
     parts += [name for key, name in (("recompute", "recompute"), ("weight_stash", "weight stash")) if r.get(key)]
@@ -151,9 +156,11 @@ def train_table(paths):
              ("graphs, planned", lambda r: r.get("graphs") and r.get("graph_memory") == "planned"),
              ("graphs, bump", lambda r: r.get("graphs") and r.get("graph_memory", "bump") == "bump")]
     configs = {}
+    # Runs of several devices in the files given stay apart, each row naming its device.
+    many_devices = len({r.get("device") for r in runs}) > 1
     for r in runs:
         key = (r["model"], r["batch_size"], r["precision"], r.get("kernels", "custom"), r["method"], r["modules"],
-               variant(r))
+               variant(r, many_devices))
         for mode, match in modes:
             if match(r):
                 configs.setdefault(key, {})[mode] = r  # a later run of the same configuration wins

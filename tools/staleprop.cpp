@@ -698,8 +698,10 @@ int bench_main(int argc, char** argv) {
     for (const auto& [name, bytes] : r.peak_allocated_by_device) each += (each.empty() ? "" : ", ") + name + " " + mib(bytes);
     std::printf(" (%s)", each.c_str());
   }
-  if (c.method != "backprop")
+  if (c.method != "backprop") {
+    if (r.steady_images_per_s > 0) std::printf(" (steady state %.1f img/s)", r.steady_images_per_s);
     std::printf(", busy %s, activations %s MiB", busy_str(r.busy_pct).c_str(), mib(r.peak_activation_bytes).c_str());
+  }
   if (c.weight_stash) std::printf(", weight stash %.1f MiB", double(r.peak_stash_bytes) / double(1 << 20));
   if (c.graphs)
     std::printf(", %lld of %lld module units replayed from graphs (%lld warm-up steps)", (long long)r.replayed_units,
@@ -747,7 +749,7 @@ int study_main(int argc, char** argv) {
   for (const std::string& m : method_list) sp::parse_pipeline_method(m);  // reject typos before any run
 
   std::vector<sp::train::BenchResult> results;
-  double base = 0;
+  double base = 0, steady_base = 0;
   for (int k : k_list) {
     std::vector<std::string> ms = k == 1 ? std::vector<std::string>{"backprop"} : method_list;
     for (const std::string& m : ms) {
@@ -769,7 +771,7 @@ int study_main(int argc, char** argv) {
       if (run.method == "backprop" || run.method == "bp") run.shrink = 1.f;  // no stale gradients to shrink
       results.push_back(sp::train::run_bench(run));
       const auto& r = results.back();
-      if (m == "backprop") base = r.images_per_s;
+      if (m == "backprop") base = r.images_per_s, steady_base = r.steady_images_per_s;
       std::fprintf(stderr, "study: %s: %.1f img/s\n", method_str(r).c_str(), r.images_per_s);
       emit_json(json, r);
     }
@@ -781,20 +783,34 @@ int study_main(int argc, char** argv) {
   std::string placed;
   for (const std::string& d : devices) placed += (placed.empty() ? " (module k on " : ",") + d;
   if (!placed.empty()) placed += ")";
-  std::printf("\n%s, batch %d, %s, %s, on %s%s; %lld timed steps after %lld warm-up steps\n\n", c.model.c_str(),
+  std::printf("\n%s, batch %d, %s, %s, on %s%s; %lld timed steps after %lld warm-up steps%s%s\n\n", c.model.c_str(),
               int(c.batch_size), c.precision.c_str(), kernels.c_str(), results.front().device_name.c_str(),
-              placed.c_str(), (long long)c.steps, (long long)c.warmup);
-  std::printf("| method | img/s | vs backprop | ms/step | busy per module | peak MiB | activations MiB |\n");
-  std::printf("|---|---|---|---|---|---|---|\n");
-  // Without K = 1 in --splits there is no plain backprop run to compare with: "-".
-  char vs[32];
+              placed.c_str(), (long long)c.steps, (long long)c.warmup,
+              c.graphs ? " (more under --graphs, until every phase is captured: warmup_run in --json)" : "",
+              c.steps >= 2 ? ("; the steady state from a second epoch of " + std::to_string(c.steps / 2) + " steps").c_str()
+                           : "");
+  std::printf("| method | img/s | vs backprop | steady img/s | vs backprop | ms/step | busy per module | peak MiB | "
+              "activations MiB |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  // Without K = 1 in --splits there is no plain backprop run to compare with: "-". img/s is
+  // over an epoch of the timed steps (a decoupled run's fill and drain included); steady, that
+  // of a full pipeline (BenchResult::steady_images_per_s; "-" where --steps < 2).
+  char vs[32], steady[32], steady_vs[32];
   for (const auto& r : results) {
     if (base > 0)
       std::snprintf(vs, sizeof vs, "%.2fx", r.images_per_s / base);
     else
       std::snprintf(vs, sizeof vs, "-");
-    std::printf("| %s | %.1f | %s | %.2f | %s | %s | %s |\n", method_str(r).c_str(), r.images_per_s, vs,
-                r.ms_per_step, busy_str(r.busy_pct).c_str(),
+    if (r.steady_images_per_s > 0)
+      std::snprintf(steady, sizeof steady, "%.1f", r.steady_images_per_s);
+    else
+      std::snprintf(steady, sizeof steady, "-");
+    if (r.steady_images_per_s > 0 && steady_base > 0)
+      std::snprintf(steady_vs, sizeof steady_vs, "%.2fx", r.steady_images_per_s / steady_base);
+    else
+      std::snprintf(steady_vs, sizeof steady_vs, "-");
+    std::printf("| %s | %.1f | %s | %s | %s | %.2f | %s | %s | %s |\n", method_str(r).c_str(), r.images_per_s, vs,
+                steady, steady_vs, r.ms_per_step, busy_str(r.busy_pct).c_str(),
                 mib(r.peak_allocated_bytes).c_str(),
                 r.config.method == "backprop" ? "-" : mib(r.peak_activation_bytes).c_str());
   }

@@ -82,7 +82,7 @@ def main():
 
         runs = os.path.join(tmp, "graphs.jsonl")
         base = [staleprop, "bench", "--model", "resnet20", "--batch-size", "4", "--steps", "2", "--warmup", "1",
-                "--method", "fdg", "--split", "2", "--json", runs]
+                "--method", "fdg", "--split-at", "4", "--json", runs]  # fixed cuts: measured ones differ run to run
         for extra in ([], ["--graphs"], ["--graphs", "--graph-memory", "bump"]):
             p = subprocess.run(base + extra, capture_output=True, text=True)
             check(p.returncode == 0, f"staleprop bench {extra}", p.stdout + p.stderr)
@@ -94,17 +94,20 @@ def main():
             first = json.loads(f.readline())
         with open(runs, "a") as f:
             f.write(json.dumps(dict(first, kernels="vendor", images_per_s=1.0)) + "\n")
+            f.write(json.dumps(dict(first, cuts=[5], images_per_s=2.0)) + "\n")  # other cuts: a row of its own
             f.write(json.dumps({"framework": "pytorch-eager", "model": "resnet20", "batch_size": 4,
                                 "images_per_s": 9.0}) + "\n")
         p = subprocess.run([sys.executable, SCRIPT, "train", runs], capture_output=True, text=True)
         check(p.returncode == 0 and "1 lines that are not staleprop bench records skipped" in p.stderr,
               "the PyTorch line is skipped, with a note", p.stdout + p.stderr)
         head, rows = table("train", runs)
-        check(len(rows) == 3, f"three configurations: {rows}")
+        check(len(rows) == 4, f"four configurations: {rows}")
+        check([r[6] for r in rows if r[7] == "2"] == ["cuts 5"], f"the run over other cuts apart: {rows}")
         row = rows[0]
-        check(row[:7] == ["resnet20", "4", "fp32", "custom", "fdg", "2", "—"], f"the configuration: {row}")
+        cuts = "cuts " + ",".join(str(c) for c in first["cuts"])
+        check(row[:7] == ["resnet20", "4", "fp32", "custom", "fdg", "2", cuts], f"the configuration: {row}")
         check("—" not in row[7:13], f"every way of running it is there: {row}")
-        check(rows[1][:7] == ["resnet20", "4", "fp32", "custom", "fdg", "2", "β 0.5"] and rows[1][9] == "—",
+        check(rows[1][:7] == ["resnet20", "4", "fp32", "custom", "fdg", "2", cuts + ", β 0.5"] and rows[1][9] == "—",
               f"the shrink factor's row, op by op only: {rows[1]}")
         check(rows[2][3] == "vendor" and rows[2][7] == "1" and row[7] != "1",
               f"the vendor's row, its op-by-op rate not in the custom row: {rows}")
