@@ -113,7 +113,8 @@ std::string BenchResult::json() const {
          ",\"mainloop\":" + json_str(mainloop) + ",\"kernel_switches\":" + json_str(switches) +
          ",\"device\":" + json_str(device_name) + ",\"steps\":" + std::to_string(c.steps) +
          ",\"warmup\":" + std::to_string(c.warmup) + ",\"images_per_s\":" + json_num(images_per_s) +
-         ",\"ms_per_step\":" + json_num(ms_per_step) + ",\"steady_images_per_s\":" + json_num(steady_images_per_s) +
+         ",\"ms_per_step\":" + json_num(ms_per_step) +
+         ",\"steady_images_per_s\":" + (steady_images_per_s > 0 ? json_num(steady_images_per_s) : "null") +
          ",\"ticks\":" + std::to_string(ticks) + ",\"busy_pct\":" + busy +
          "],\"host_wait_pct\":" + (host_wait_pct < 0 ? "null" : json_num(host_wait_pct)) +
          ",\"peak_allocated_bytes\":" + std::to_string(peak_allocated_bytes) +
@@ -125,6 +126,11 @@ std::string BenchResult::json() const {
          ",\"graph_memory\":" + json_str(c.graphs ? c.graph_memory : "") + ",\"warmup_run\":" + std::to_string(warmup) +
          ",\"units\":" + std::to_string(units) + ",\"replayed_units\":" + std::to_string(replayed_units) +
          op_profile_json() + "}";
+}
+
+double steady_rate(double ms, int64_t steps, double short_ms, int64_t short_steps, int64_t batch, int64_t depth) {
+  if (short_steps <= depth || steps <= short_steps || !(ms > short_ms)) return 0;
+  return double(batch) * double(steps - short_steps) / ((ms - short_ms) / 1e3);
 }
 
 BenchResult run_bench(const BenchConfig& cfg) {
@@ -252,13 +258,11 @@ BenchResult run_bench(const BenchConfig& cfg) {
     r.peak_stash_bytes = st.peak_stash_bytes;
     keep_peak(r, mem_devices);
     // Every epoch fills and drains the pipeline once, whatever its length: the difference of two
-    // epochs' times is that of their batches in a full pipeline.
-    if (cfg.steps >= 2) {
-      const int64_t short_steps = cfg.steps / 2;
-      const double short_ms = epoch(short_steps).wall_ms;
-      const double per_step_ms = (st.wall_ms - short_ms) / double(cfg.steps - short_steps);
-      r.steady_images_per_s = per_step_ms > 0 ? double(cfg.batch_size) / (per_step_ms / 1e3) : 0;
-    }
+    // epochs' times is that of their batches in a full pipeline (steady_rate).
+    const int64_t short_steps = cfg.steps / 2, depth = pipe.delay(0);
+    if (short_steps > depth)
+      r.steady_images_per_s =
+          steady_rate(st.wall_ms, cfg.steps, epoch(short_steps).wall_ms, short_steps, cfg.batch_size, depth);
     profile_ops(cfg, r, [&] { return epoch(cfg.profile_ops).wall_ms; });
   }
   ops::set_kernel_backend(ops::KernelBackend::Custom);

@@ -50,6 +50,14 @@ struct BenchConfig {
   int64_t profile_ops = 0;
 };
 
+// The images/s of a full pipeline from two epochs of `steps` and `short_steps` batches of
+// `batch` images, `ms` and `short_ms` long: each epoch fills and drains the pipeline once, over
+// `depth` ticks more than its batches (PipelineTrainer::delay(0)), so the difference of their
+// times is that of steps - short_steps batches in a full pipeline. 0 where it cannot be
+// measured: the short epoch too short to fill the pipeline (short_steps <= depth), or timing
+// noise larger than the difference (not longer than the short epoch).
+double steady_rate(double ms, int64_t steps, double short_ms, int64_t short_steps, int64_t batch, int64_t depth);
+
 struct BenchResult {
   BenchConfig config;
   int modules = 1;
@@ -58,8 +66,9 @@ struct BenchResult {
   // drain included (delay(0) ticks that carry fewer batches than modules: 2(K-1) for fdg).
   double images_per_s = 0, ms_per_step = 0;
   // The rate of a full pipeline: the decoupled methods run a second epoch of steps / 2 batches,
-  // and the difference of the two epochs' times cancels the fill and drain each pays (0 where
-  // steps < 2); plain backprop has none to cancel: images_per_s.
+  // and the difference of the two epochs' times cancels the fill and drain each pays
+  // (steady_rate); 0 (null in the JSON) where it cannot be measured. Plain backprop has none to
+  // cancel: images_per_s.
   double steady_images_per_s = 0;
   int64_t ticks = 0;                   // decoupled methods: ticks of the timed epoch (fill and drain included)
   std::vector<double> busy_pct;        // decoupled methods: per module, busy share of the wall time

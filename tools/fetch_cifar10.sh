@@ -47,8 +47,10 @@ if [ -f "$pack" ]; then
   done
   if [ -z "$py" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "== installing Debian's python3-pil"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pil >/dev/null &&
-      has_pil /usr/bin/python3 && py=/usr/bin/python3
+    if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pil >/dev/null &&
+      has_pil /usr/bin/python3; then
+      py=/usr/bin/python3
+    fi
   fi
   if [ -z "$py" ]; then
     echo "== installing Pillow with pip"
@@ -69,7 +71,8 @@ else
   if ! command -v curl >/dev/null && ! command -v wget >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
       echo "== installing Debian's curl"
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl ca-certificates >/dev/null
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl ca-certificates >/dev/null ||
+        true  # said below
     fi
     command -v curl >/dev/null || {
       echo "no curl or wget to download $url with: install one (apt-get install curl ca-certificates)" >&2

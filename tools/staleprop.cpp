@@ -787,7 +787,9 @@ int study_main(int argc, char** argv) {
               int(c.batch_size), c.precision.c_str(), kernels.c_str(), results.front().device_name.c_str(),
               placed.c_str(), (long long)c.steps, (long long)c.warmup,
               c.graphs ? " (more under --graphs, until every phase is captured: warmup_run in --json)" : "",
-              c.steps >= 2 ? ("; the steady state from a second epoch of " + std::to_string(c.steps / 2) + " steps").c_str()
+              c.steps >= 2 ? ("; the steady state from a second epoch of " + std::to_string(c.steps / 2) +
+                              " steps (- where that many do not fill the pipeline)")
+                                 .c_str()
                            : "");
   std::printf("| method | img/s | vs backprop | steady img/s | vs backprop | ms/step | busy per module | peak MiB | "
               "activations MiB |\n");
