@@ -259,6 +259,23 @@ TEST_F(CudaOps, ConvolutionFullCifarBatch) {
 
 // ---- Batch normalisation -----------------------------------------------------------------
 
+// A training forward's statistics on the device (save_mean, save_invstd, and the running mean and
+// variance updated from rm0, rv0) against the double reference of the batch norm of x.
+void expect_batchnorm_statistics(int64_t m, int64_t c, const std::vector<double>& x, const std::vector<double>& gamma,
+                                 const std::vector<double>& beta, const std::vector<float>& rm0,
+                                 const std::vector<float>& rv0, float eps, float momentum, const DeviceArray<float>& sm,
+                                 const DeviceArray<float>& si, const DeviceArray<float>& rm,
+                                 const DeviceArray<float>& rv, const std::string& what) {
+  const size_t nc = static_cast<size_t>(c);
+  std::vector<double> rrm = to_double(rm0), rrv = to_double(rv0), y(x.size()), rsm(nc), rsi(nc);
+  kc::batchnorm_forward_training<double>(m, c, x.data(), gamma.data(), beta.data(), eps, momentum, rrm.data(),
+                                         rrv.data(), y.data(), rsm.data(), rsi.data());
+  EXPECT_LE(rel_error(sm.download(), rsm), kTol) << what << " save_mean";
+  EXPECT_LE(rel_error(si.download(), rsi), kTol) << what << " save_invstd";
+  EXPECT_LE(rel_error(rm.download(), rrm), kTol) << what << " running_mean";
+  EXPECT_LE(rel_error(rv.download(), rrv), kTol) << what << " running_var";
+}
+
 void check_batchnorm(cudaStream_t stream, int64_t m, int64_t c, float x_offset, uint32_t seed) {
   const std::string what = "batchnorm m " + std::to_string(m) + " c " + std::to_string(c);
   std::vector<float> x = random_vector(size_t(m * c), seed, x_offset - 2.f, x_offset + 2.f);
@@ -281,13 +298,8 @@ void check_batchnorm(cudaStream_t stream, int64_t m, int64_t c, float x_offset, 
   sync_and_check();
 
   const std::vector<double> xd = to_double(x), gd = to_double(gamma), bd = to_double(beta), dyd = to_double(dy);
-  std::vector<double> rrm = to_double(rm), rrv = to_double(rv), ry(x.size()), rsm(nc), rsi(nc);
-  kc::batchnorm_forward_training<double>(m, c, xd.data(), gd.data(), bd.data(), eps, momentum, rrm.data(), rrv.data(),
-                                         ry.data(), rsm.data(), rsi.data());
-  EXPECT_LE(rel_error(dsm.download(), rsm), kTol) << what << " save_mean";
-  EXPECT_LE(rel_error(dsi.download(), rsi), kTol) << what << " save_invstd";
-  EXPECT_LE(rel_error(drm.download(), rrm), kTol) << what << " running_mean";
-  EXPECT_LE(rel_error(drv.download(), rrv), kTol) << what << " running_var";
+  expect_batchnorm_statistics(m, c, xd, gd, bd, rm, rv, eps, momentum, dsm, dsi, drm, drv, what);
+  std::vector<double> ry(x.size());
 
   // Everything downstream of the statistics is checked on the device's own fp32 statistics,
   // as the engine uses them: the double reference's y would charge the kernel with rounding
@@ -359,15 +371,7 @@ void check_batchnorm_add_relu(cudaStream_t stream, int64_t m, int64_t c, bool wi
 
   const std::vector<double> xd = to_double(x), rd = to_double(res), gd = to_double(gamma), bd = to_double(beta),
                             dyd = to_double(dy);
-  {
-    std::vector<double> rrm = to_double(rm), rrv = to_double(rv), rbn(x.size()), rsm(nc), rsi(nc);
-    kc::batchnorm_forward_training<double>(m, c, xd.data(), gd.data(), bd.data(), eps, momentum, rrm.data(), rrv.data(),
-                                           rbn.data(), rsm.data(), rsi.data());
-    EXPECT_LE(rel_error(dsm.download(), rsm), kTol) << what << " save_mean";
-    EXPECT_LE(rel_error(dsi.download(), rsi), kTol) << what << " save_invstd";
-    EXPECT_LE(rel_error(drm.download(), rrm), kTol) << what << " running_mean";
-    EXPECT_LE(rel_error(drv.download(), rrv), kTol) << what << " running_var";
-  }
+  expect_batchnorm_statistics(m, c, xd, gd, bd, rm, rv, eps, momentum, dsm, dsi, drm, drv, what);
   const std::vector<double> sm = to_double(dsm.download()), si = to_double(dsi.download());
   const std::vector<double> rm1 = to_double(drm.download()), rv1 = to_double(drv.download());
   const std::vector<double> y_dev = to_double(dy_out.download());

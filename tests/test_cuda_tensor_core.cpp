@@ -115,6 +115,27 @@ bool all_written(const std::vector<uint16_t>& v) {
   return std::none_of(v.begin(), v.end(), [](uint16_t x) { return (x & 0x7FFF) > 0x7F80; });
 }
 
+// `count` entries of C = op(A) op(B) (bf16 operands, row-major: A m x k, or k x m with ta; B
+// k x n, or n x k with tb), sampled at random, against a double reference: op(A)[i, :] .
+// op(B)[:, j], within fp32 accumulation's rounding.
+void expect_sampled_product(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const std::vector<uint16_t>& ha,
+                            const std::vector<uint16_t>& hb, const std::vector<float>& c, int count,
+                            const std::string& what) {
+  const std::vector<float> fa = widen(ha), fb = widen(hb);
+  std::mt19937 pick(uint32_t(m * 7 + n * 3 + k));
+  for (int e = 0; e < count; ++e) {
+    const int64_t i = int64_t(pick() % uint32_t(m)), j = int64_t(pick() % uint32_t(n));
+    double ref = 0.0, mag = 0.0;
+    for (int64_t q = 0; q < k; ++q) {
+      const double av = fa[size_t(ta ? q * m + i : i * k + q)], bv = fb[size_t(tb ? j * k + q : q * n + j)];
+      ref += av * bv;
+      mag += std::fabs(av * bv);
+    }
+    EXPECT_LE(std::fabs(double(c[size_t(i * n + j)]) - ref), 1e-5 * mag + 1e-6)
+        << what << ": entry (" << i << ", " << j << ")";
+  }
+}
+
 // ---- GEMM --------------------------------------------------------------------------------
 template <typename T>
 using GemmFn = void (*)(bool, bool, int64_t, int64_t, int64_t, float, const uint16_t*, int64_t, const uint16_t*,
@@ -1129,20 +1150,7 @@ TEST_P(TensorCore, GemmAndConvolutionsInClustersOfTwo) {
       const std::vector<float> got = with.download();
       EXPECT_TRUE(bits_equal(got, without.download())) << what << ": in clusters vs not";
       EXPECT_TRUE(all_written(got)) << what << ": elements left unwritten (NaN)";
-      // C = A B^T: A is m x k, B is n x k, both row-major.
-      const std::vector<float> fa = widen(ha), fb = widen(hb);
-      std::mt19937 pick(uint32_t(m * 7 + n * 3 + k));
-      for (int e = 0; e < 32; ++e) {
-        const int64_t i = int64_t(pick() % uint32_t(m)), j = int64_t(pick() % uint32_t(n));
-        double ref = 0.0, mag = 0.0;
-        for (int64_t q = 0; q < k; ++q) {
-          const double p = double(fa[size_t(i * k + q)]) * fb[size_t(j * k + q)];
-          ref += p;
-          mag += std::fabs(p);
-        }
-        EXPECT_LE(std::fabs(double(got[size_t(i * n + j)]) - ref), 1e-5 * mag + 1e-6)
-            << what << ": entry (" << i << ", " << j << ")";
-      }
+      expect_sampled_product(false, true, m, n, k, ha, hb, got, 32, what);  // C = A B^T
     }
   }
   // Convolutions (conv_tma on, the transposed filter, strided data gradients direct).
@@ -1294,23 +1302,7 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
     end_section(wide ? "GEMMs with tails, wide tile" : "GEMMs with tails");
   }
   // Against the run without, and 64 sampled entries against a double reference (the whole
-  // reference would be slow): op(A)[i, :] . op(B)[:, j], within fp32 accumulation's rounding.
-  const auto sampled = [&](bool ta, bool tb, int64_t m, int64_t n, int64_t k, const std::vector<uint16_t>& ha,
-                           const std::vector<uint16_t>& hb, const std::vector<float>& c, const std::string& what) {
-    const std::vector<float> fa = widen(ha), fb = widen(hb);
-    std::mt19937 pick(uint32_t(m * 7 + n * 3 + k));
-    for (int e = 0; e < 64; ++e) {
-      const int64_t i = int64_t(pick() % uint32_t(m)), j = int64_t(pick() % uint32_t(n));
-      double ref = 0.0, mag = 0.0;
-      for (int64_t q = 0; q < k; ++q) {
-        const double av = fa[size_t(ta ? q * m + i : i * k + q)], bv = fb[size_t(tb ? j * k + q : q * n + j)];
-        ref += av * bv;
-        mag += std::fabs(av * bv);
-      }
-      EXPECT_LE(std::fabs(double(c[size_t(i * n + j)]) - ref), 1e-5 * mag + 1e-6)
-          << what << ": entry (" << i << ", " << j << ")";
-    }
-  };
+  // reference would be slow).
   const int64_t long_gemms[][3] = {{4096, 2048, 512}, {8192, 1024, 1024}, {2048, 4096, 4160}};
   for (const bool wide : {false, true}) {
     const ScopedSwitch tile(kcu::tma_wide_tile, kcu::set_tma_wide_tile, wide);
@@ -1326,7 +1318,7 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
       const auto r = both([&] { return gemm(ta, tb, m, n, k, a, b); });
       EXPECT_TRUE(bits_equal(r.first, r.second)) << what << ": persistent vs not";
       EXPECT_TRUE(all_written(r.first)) << what << ": unwritten entries";
-      sampled(ta, tb, m, n, k, ha, hb, r.first, what);
+      expect_sampled_product(ta, tb, m, n, k, ha, hb, r.first, 64, what);
     }
     end_section(wide ? "long GEMMs, wide tile" : "long GEMMs");
   }
@@ -1342,7 +1334,7 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
       EXPECT_TRUE(bits_equal(r.first, r.second)) << what << ": persistent vs not";
       EXPECT_TRUE(all_written(r.first)) << what << ": unwritten entries";
       // Sampled with B read as the flag lays it out (k x n, or n x k transposed).
-      sampled(false, tb, m, n, k, ha, hb, r.first, what);
+      expect_sampled_product(false, tb, m, n, k, ha, hb, r.first, 64, what);
     }
     kcu::set_split_max_blocks(before);
     end_section("split K");

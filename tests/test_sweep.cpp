@@ -184,14 +184,20 @@ TEST(Sweep, TheTimeLimitEndsARunAtAnEpochBoundaryItResumesFromExactly) {
   EXPECT_NE(read(cut.cfg.log).find("stopped after epoch 1 of 3"), std::string::npos) << read(cut.cfg.log);
   EXPECT_NE(read(cut.cfg.log).find("--resume " + cut.cfg.checkpoint), std::string::npos);
 
+  // Resumed from `stopped`'s checkpoint, `rest` trains its last `epochs` epochs to the end of
+  // the uninterrupted run, bit for bit.
+  const auto expect_resumes = [](train::SweepJob rest, const train::SweepJob& stopped, const train::SweepJob& full,
+                                 const train::TrainResult& uninterrupted, size_t epochs) {
+    rest.cfg.resume = stopped.cfg.checkpoint;
+    const train::TrainResult r = run_alone(rest);
+    EXPECT_FALSE(r.stopped_at_deadline) << rest.name;
+    ASSERT_EQ(r.epochs.size(), epochs) << rest.name;
+    EXPECT_EQ(r.epochs.back().test_loss, uninterrupted.epochs.back().test_loss) << rest.name;
+    expect_same_tensors(rest.cfg.checkpoint, full.cfg.checkpoint);
+  };
   train::SweepJob rest = job("rest");
   rest.cfg.epochs = 3;
-  rest.cfg.resume = cut.cfg.checkpoint;
-  const train::TrainResult second = run_alone(rest);
-  EXPECT_FALSE(second.stopped_at_deadline);
-  ASSERT_EQ(second.epochs.size(), 2u);
-  EXPECT_EQ(second.epochs.back().test_loss, uninterrupted.epochs.back().test_loss);
-  expect_same_tensors(rest.cfg.checkpoint, whole.cfg.checkpoint);
+  expect_resumes(rest, cut, whole, uninterrupted, 2);
 
   // The same for a pipelined run (it drains at epoch boundaries).
   train::SweepJob fdg_whole = job("fdg-whole", "fdg");
@@ -201,13 +207,7 @@ TEST(Sweep, TheTimeLimitEndsARunAtAnEpochBoundaryItResumesFromExactly) {
   fdg.cfg.deadline = Clock::now();
   EXPECT_TRUE(run_alone(fdg).stopped_at_deadline);
   EXPECT_EQ(io::read_safetensors(fdg.cfg.checkpoint).metadata.at("step"), "2");
-  train::SweepJob fdg_rest = job("fdg-rest", "fdg");
-  fdg_rest.cfg.resume = fdg.cfg.checkpoint;
-  const train::TrainResult fdg_second = run_alone(fdg_rest);
-  EXPECT_FALSE(fdg_second.stopped_at_deadline);
-  ASSERT_EQ(fdg_second.epochs.size(), 1u);
-  EXPECT_EQ(fdg_second.epochs.back().test_loss, fdg_uninterrupted.epochs.back().test_loss);
-  expect_same_tensors(fdg_rest.cfg.checkpoint, fdg_whole.cfg.checkpoint);
+  expect_resumes(job("fdg-rest", "fdg"), fdg, fdg_whole, fdg_uninterrupted, 1);
 
   // A deadline far off changes nothing; the last epoch never stops "early".
   train::SweepJob far = job("far");
