@@ -78,6 +78,12 @@ class OpCheck {
 
 bool on_cpu(const Stream& s) { return s.device().is_cpu(); }
 
+// Whether two defined tensors' bytes overlap (the same device's memory).
+bool overlaps(const Tensor& a, const Tensor& b) {
+  const char *pa = static_cast<const char*>(a.raw_data()), *pb = static_cast<const char*>(b.raw_data());
+  return pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+
 std::atomic<KernelBackend> g_backend{KernelBackend::Custom};
 #if STALEPROP_WITH_CUDA
 bool use_vendor() { return g_backend.load(std::memory_order_relaxed) == KernelBackend::Vendor; }
@@ -327,7 +333,11 @@ Shape conv2d_output_shape(const Shape& x, const Shape& w, int stride, int pad) {
   SP_SHAPE_CHECK(x.size() == 4 && w.size() == 4, "conv2d: x ", shape_str(x), " and w ", shape_str(w),
                  " must both have rank 4");
   Conv2dShape sh;
-  sh.h = int(x[1]), sh.w = int(x[2]), sh.r = int(w[1]), sh.s = int(w[2]), sh.stride = stride, sh.pad = pad;
+  sh.n = int(x[0]), sh.h = int(x[1]), sh.w = int(x[2]), sh.c = int(x[3]);
+  sh.k = int(w[0]), sh.r = int(w[1]), sh.s = int(w[2]), sh.stride = stride, sh.pad = pad;
+  SP_SHAPE_CHECK(sh.valid(), "conv2d: x ", shape_str(x), ", w ", shape_str(w), ", stride ", stride, ", pad ", pad,
+                 ": the sizes must be positive, the stride too, the pad not negative, and the filter must fit the "
+                 "padded input");
   return {x[0], sh.p(), sh.q(), w[0]};
 }
 
@@ -698,6 +708,10 @@ void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, co
     chk.shape(*t, name, x.shape(), "x");
   }
   chk.optional(dresidual, "dresidual", at, x.shape(), "x");
+  // dresidual may be dy (written as it is consumed), never x or dx: both kernels read x again, and
+  // write dx, after their pass over dresidual.
+  SP_SHAPE_CHECK(!dresidual.defined() || (!overlaps(dresidual, x) && !overlaps(dresidual, dx)),
+                 "batchnorm_add_relu_backward: dresidual may alias dy, never x or dx");
   if (on_cpu(s)) {
     s.enqueue_host([x = borrow(x), y = borrow(y), dy = borrow(dy), gamma = borrow(gamma), save_mean = borrow(save_mean),
                     save_invstd = borrow(save_invstd), dx = borrow(dx), dgamma = borrow(dgamma), dbeta = borrow(dbeta),

@@ -60,6 +60,9 @@ bool dgrad_accumulates() { return kernels::env_switch(g_dgrad_accumulates, "STAL
 
 Conv2d::Conv2d(int in_channels, int out_channels, int kernel, int stride, int pad, bool with_bias, Rng& rng)
     : stride(stride), pad(pad) {
+  SP_CHECK(in_channels > 0 && out_channels > 0 && kernel > 0 && stride > 0 && pad >= 0, "Conv2d: channels ",
+           in_channels, " -> ", out_channels, ", kernel ", kernel, ", stride ", stride, " and pad ", pad,
+           ": all must be positive (pad may be 0)");
   weight = make_param({out_channels, kernel, kernel, in_channels}, ParamLayout::KRSC);
   kaiming_normal(weight.value, int64_t(in_channels) * kernel * kernel, rng);
   if (with_bias) {
@@ -192,6 +195,11 @@ Tensor ReLU::backward(Stream& s, const Tensor& dy, Context& ctx, bool /*need_dx*
   SP_CHECK(ctx.saved.size() == 1, "ReLU::backward without a training-mode forward");
   ops::relu_backward(s, ctx.saved[0], dy, dy);  // in place: dy is consumed
   return dy;
+}
+
+MaxPool2d::MaxPool2d(int window, int stride, int pad) : window(window), stride(stride), pad(pad) {
+  SP_CHECK(window > 0 && stride > 0 && pad >= 0 && pad < window, "MaxPool2d: window ", window, ", stride ", stride,
+           " and pad ", pad, ": window and stride positive, pad in [0, window)");
 }
 
 Tensor MaxPool2d::forward(Stream& s, const Tensor& x, Context& ctx) {

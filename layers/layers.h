@@ -82,7 +82,7 @@ class ReLU final : public Module {
 
 class MaxPool2d final : public Module {
  public:
-  MaxPool2d(int window, int stride, int pad) : window(window), stride(stride), pad(pad) {}
+  MaxPool2d(int window, int stride, int pad);
   std::string type() const override { return "MaxPool2d"; }
   Tensor forward(Stream& s, const Tensor& x, Context& ctx) override;
   Tensor backward(Stream& s, const Tensor& dy, Context& ctx, bool need_dx) override;

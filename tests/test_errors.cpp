@@ -88,6 +88,39 @@ TEST(OpErrors, WrongOutputShapeNamesGivenAndRequiredShapes) {
                     "[8]");
 }
 
+// Geometry a kernel cannot take is refused before any arithmetic on it: a zero stride (a division
+// by zero), a pad that overflows the padded size, a filter larger than the padded input.
+TEST(OpErrors, ConvolutionGeometryIsCheckedBeforeItIsUsed) {
+  const Shape x{2, 8, 8, 3}, w{16, 3, 3, 3};
+  EXPECT_THROW_WITH(ops::conv2d_output_shape(x, w, 0, 1), ShapeError, "stride 0");
+  EXPECT_THROW_WITH(ops::conv2d_output_shape(x, w, 1, -1), ShapeError, "pad -1");
+  EXPECT_THROW_WITH(ops::conv2d_output_shape(x, w, 1, 2147483647), ShapeError, "pad 2147483647");
+  EXPECT_THROW_WITH(ops::conv2d_output_shape(x, {16, 11, 11, 3}, 1, 1), ShapeError, "[16, 11, 11, 3]",
+                    "the filter must fit");
+  EXPECT_EQ(ops::conv2d_output_shape(x, w, 2, 1), (Shape{2, 4, 4, 16}));
+}
+
+// The fused BN backward's dresidual may be dy, written as it is consumed, never x or dx, which
+// both kernels use after their pass over it.
+TEST(OpErrors, ResidualGradientMayAliasOnlyDy) {
+  auto s = make_stream(Device::cpu());
+  const Tensor x = Tensor::empty({2, 4, 4, 8}, DType::F32), y = Tensor::empty({2, 4, 4, 8}, DType::F32),
+               dy = Tensor::empty({2, 4, 4, 8}, DType::F32), dx = Tensor::empty({2, 4, 4, 8}, DType::F32);
+  const Tensor g = Tensor::empty({8}, DType::F32), m = Tensor::empty({8}, DType::F32),
+               i = Tensor::empty({8}, DType::F32), dg = Tensor::empty({8}, DType::F32),
+               db = Tensor::empty({8}, DType::F32);
+  for (const Tensor* bad : {&x, &dx})
+    EXPECT_THROW_WITH(ops::batchnorm_add_relu_backward(*s, x, y, dy, g, m, i, dx, *bad, dg, db), ShapeError,
+                      "dresidual may alias dy, never x or dx");
+  // A view that overlaps dx counts as dx.
+  EXPECT_THROW_WITH(ops::batchnorm_add_relu_backward(*s, x, y, dy, g, m, i, dx, dx.view({2, 4, 4, 8}), dg, db),
+                    ShapeError, "never x or dx");
+  ops::fill(*s, x, 1.f), ops::fill(*s, y, 1.f), ops::fill(*s, dy, 1.f), ops::fill(*s, g, 1.f);
+  ops::fill(*s, m, 0.f), ops::fill(*s, i, 1.f);
+  ops::batchnorm_add_relu_backward(*s, x, y, dy, g, m, i, dx, dy, dg, db);  // over dy: allowed
+  s->synchronize();
+}
+
 TEST(OpErrors, DtypeAndDeviceMismatches) {
   auto s = make_stream(Device::cpu());
   Tensor x = Tensor::empty({4, 4}, DType::F32), xi = Tensor::empty({4, 4}, DType::I32);

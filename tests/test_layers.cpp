@@ -128,6 +128,18 @@ TEST(ModuleGradients, ReluPoolingLinear) {
   check_module_gradients(fc, {5, 7}, 17);
 }
 
+// A layer's geometry is checked when it is built, not first as a division by zero in a forward.
+TEST(Layers, ConvolutionAndPoolingRefuseGeometryTheyCannotRun) {
+  Rng rng(4);
+  EXPECT_THROW(Conv2d(3, 16, 3, 0, 1, false, rng), Error);
+  EXPECT_THROW(Conv2d(3, 16, 3, 1, -1, false, rng), Error);
+  EXPECT_THROW(Conv2d(0, 16, 3, 1, 1, false, rng), Error);
+  EXPECT_THROW(MaxPool2d(3, 0, 1), Error);
+  EXPECT_THROW(MaxPool2d(3, 2, 3), Error);  // pad as large as the window
+  EXPECT_NO_THROW(Conv2d(3, 16, 1, 2, 0, false, rng));
+  EXPECT_NO_THROW(MaxPool2d(3, 2, 1));
+}
+
 // A block's weights move many ReLU inputs at once, so some cross the kink at every step size
 // fp32 can resolve: blocks are held to a looser tolerance (their exact agreement with the
 // reference ops composed by hand is checked bit for bit below, on ResNet-20).

@@ -23,9 +23,11 @@ struct Conv2dShape {
   double flops() const { return 2.0 * n * p() * q() * k * double(r) * s * c; }
   // The filter must fit the padded input (p() alone would not tell: C++ division rounds a
   // negative numerator toward zero, so a filter 1..stride-1 too large still gave one output).
+  // (The padded sizes in 64 bits first: p() and q() are computed in int.)
   bool valid() const {
-    return n > 0 && h > 0 && w > 0 && c > 0 && k > 0 && r > 0 && s > 0 && stride > 0 && pad >= 0 && h + 2 * pad >= r &&
-           w + 2 * pad >= s && p() > 0 && q() > 0;
+    return n > 0 && h > 0 && w > 0 && c > 0 && k > 0 && r > 0 && s > 0 && stride > 0 && pad >= 0 &&
+           int64_t(h) + 2 * int64_t(pad) <= INT32_MAX && int64_t(w) + 2 * int64_t(pad) <= INT32_MAX &&
+           h + 2 * pad >= r && w + 2 * pad >= s && p() > 0 && q() > 0;
   }
 };
 

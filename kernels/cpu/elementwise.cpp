@@ -65,7 +65,7 @@ void shortcut_a_forward(const ShortcutAShape& sh, const T* x, T* y) {
 template <typename T>
 void shortcut_a_backward(const ShortcutAShape& sh, const T* dy, T* dx) {
   const int64_t P = sh.p(), Q = sh.q(), lo = sh.pad_lo(), cin = sh.c_in, cout = sh.c_out;
-  parallel_for(sh.n * sh.h, detail::row_grain(int64_t(sh.w) * cin), [&](int64_t b, int64_t e) {
+  parallel_for(int64_t(sh.n) * sh.h, detail::row_grain(int64_t(sh.w) * cin), [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
       const int64_t img = row / sh.h, ih = row % sh.h;
       T* dst_row = dx + row * sh.w * cin;
