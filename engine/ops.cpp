@@ -78,10 +78,16 @@ class OpCheck {
 
 bool on_cpu(const Stream& s) { return s.device().is_cpu(); }
 
-// Whether two defined tensors' bytes overlap (the same device's memory).
+// Whether two tensors' bytes overlap: both defined, on one device.
 bool overlaps(const Tensor& a, const Tensor& b) {
+  if (!a.defined() || !b.defined() || a.device() != b.device()) return false;
   const char *pa = static_cast<const char*>(a.raw_data()), *pb = static_cast<const char*>(b.raw_data());
   return pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+// Whether two defined tensors are the same bytes (one may be a view of the other's shape).
+bool same_bytes(const Tensor& a, const Tensor& b) {
+  return a.defined() && b.defined() && a.device() == b.device() && a.raw_data() == b.raw_data() &&
+         a.nbytes() == b.nbytes();
 }
 
 std::atomic<KernelBackend> g_backend{KernelBackend::Custom};
@@ -691,6 +697,13 @@ void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, co
                                  const Tensor& save_mean, const Tensor& save_invstd, const Tensor& dx,
                                  const Tensor& dresidual, const Tensor& dgamma, const Tensor& dbeta) {
   OpScope scope(s, "batchnorm_add_relu_backward", {&x, &dresidual});
+  // dresidual may be dy itself (written as it is consumed), and may touch no other input or dx
+  // (both kernels read x, y and dy, and write dx, beside their pass over it): checked on the
+  // tensors given, before any bf16 widening gives them temporaries.
+  SP_SHAPE_CHECK(!dresidual.defined() || (same_bytes(dresidual, dy) || !overlaps(dresidual, dy)) &&
+                                             !overlaps(dresidual, x) && !overlaps(dresidual, y) &&
+                                             !overlaps(dresidual, dx),
+                 "batchnorm_add_relu_backward: dresidual may alias dy, never x, y or dx, nor part of dy");
   if (!native_bf16_batchnorm(s, {&x, &y, &dy, &dx, &dresidual}, {&gamma, &save_mean, &save_invstd, &dgamma, &dbeta}) &&
       via_fp32(s, {&x, &y, &dy, &gamma, &save_mean, &save_invstd},
                {&dx, &dresidual, &dgamma, &dbeta}, [&](const auto& f32) {
@@ -708,10 +721,6 @@ void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, co
     chk.shape(*t, name, x.shape(), "x");
   }
   chk.optional(dresidual, "dresidual", at, x.shape(), "x");
-  // dresidual may be dy (written as it is consumed), never x or dx: both kernels read x again, and
-  // write dx, after their pass over dresidual.
-  SP_SHAPE_CHECK(!dresidual.defined() || (!overlaps(dresidual, x) && !overlaps(dresidual, dx)),
-                 "batchnorm_add_relu_backward: dresidual may alias dy, never x or dx");
   if (on_cpu(s)) {
     s.enqueue_host([x = borrow(x), y = borrow(y), dy = borrow(dy), gamma = borrow(gamma), save_mean = borrow(save_mean),
                     save_invstd = borrow(save_invstd), dx = borrow(dx), dgamma = borrow(dgamma), dbeta = borrow(dbeta),

@@ -109,15 +109,27 @@ TEST(OpErrors, ResidualGradientMayAliasOnlyDy) {
   const Tensor g = Tensor::empty({8}, DType::F32), m = Tensor::empty({8}, DType::F32),
                i = Tensor::empty({8}, DType::F32), dg = Tensor::empty({8}, DType::F32),
                db = Tensor::empty({8}, DType::F32);
-  for (const Tensor* bad : {&x, &dx})
+  for (const Tensor* bad : {&x, &y, &dx})
     EXPECT_THROW_WITH(ops::batchnorm_add_relu_backward(*s, x, y, dy, g, m, i, dx, *bad, dg, db), ShapeError,
-                      "dresidual may alias dy, never x or dx");
-  // A view that overlaps dx counts as dx.
+                      "dresidual may alias dy, never x, y or dx");
+  // A view of dx counts as dx; part of dy (one image on) is no alias of it; in bf16 too, where
+  // widening gives each tensor a temporary.
   EXPECT_THROW_WITH(ops::batchnorm_add_relu_backward(*s, x, y, dy, g, m, i, dx, dx.view({2, 4, 4, 8}), dg, db),
-                    ShapeError, "never x or dx");
+                    ShapeError, "never x, y or dx");
+  const Tensor both = Tensor::empty({3, 4, 4, 8}, DType::F32);
+  EXPECT_THROW_WITH(ops::batchnorm_add_relu_backward(*s, x, y, both.slice(0, 2), g, m, i, dx, both.slice(1, 2), dg, db),
+                    ShapeError, "nor part of dy");
+  const Tensor xb = Tensor::empty({2, 4, 4, 8}, DType::BF16), yb = Tensor::empty({2, 4, 4, 8}, DType::BF16),
+               dxb = Tensor::empty({2, 4, 4, 8}, DType::BF16), bothb = Tensor::empty({3, 4, 4, 8}, DType::BF16);
+  EXPECT_THROW_WITH(
+      ops::batchnorm_add_relu_backward(*s, xb, yb, bothb.slice(0, 2), g, m, i, dxb, bothb.slice(1, 2), dg, db),
+      ShapeError, "nor part of dy");
   ops::fill(*s, x, 1.f), ops::fill(*s, y, 1.f), ops::fill(*s, dy, 1.f), ops::fill(*s, g, 1.f);
   ops::fill(*s, m, 0.f), ops::fill(*s, i, 1.f);
   ops::batchnorm_add_relu_backward(*s, x, y, dy, g, m, i, dx, dy, dg, db);  // over dy: allowed
+  const Tensor dyb = Tensor::empty({2, 4, 4, 8}, DType::BF16);
+  for (const Tensor* t : {&xb, &yb, &dyb}) ops::cast(*s, x, *t);
+  ops::batchnorm_add_relu_backward(*s, xb, yb, dyb, g, m, i, dxb, dyb, dg, db);  // in bf16 too
   s->synchronize();
 }
 
