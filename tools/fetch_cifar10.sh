@@ -12,6 +12,7 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
+. "$repo/tools/deps.sh"  # staleprop_install
 dest=${1:-$repo/data/cifar-10-batches-bin}
 files=(data_batch_1.bin data_batch_2.bin data_batch_3.bin data_batch_4.bin data_batch_5.bin test_batch.bin)
 file_bytes=30730000  # 10000 records of 1 label byte + 3072 pixel bytes
@@ -45,12 +46,8 @@ if [ -f "$pack" ]; then
       break
     fi
   done
-  if [ -z "$py" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "== installing Debian's python3-pil"
-    if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pil >/dev/null &&
-      has_pil /usr/bin/python3; then
-      py=/usr/bin/python3
-    fi
+  if [ -z "$py" ] && [ "$(id -u)" = 0 ] && staleprop_install python3-pil && has_pil /usr/bin/python3; then
+    py=/usr/bin/python3
   fi
   if [ -z "$py" ]; then
     echo "== installing Pillow with pip"
@@ -69,11 +66,7 @@ else
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   if ! command -v curl >/dev/null && ! command -v wget >/dev/null; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      echo "== installing Debian's curl"
-      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl ca-certificates >/dev/null ||
-        true  # said below
-    fi
+    staleprop_install curl ca-certificates || true  # said below
     command -v curl >/dev/null || {
       echo "no curl or wget to download $url with: install one (apt-get install curl ca-certificates)" >&2
       exit 1

@@ -794,25 +794,19 @@ int study_main(int argc, char** argv) {
   std::printf("| method | img/s | vs backprop | steady img/s | vs backprop | ms/step | busy per module | peak MiB | "
               "activations MiB |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
-  // Without K = 1 in --splits there is no plain backprop run to compare with: "-". img/s is
-  // over an epoch of the timed steps (a decoupled run's fill and drain included); steady, that
-  // of a full pipeline (BenchResult::steady_images_per_s; "-" where --steps < 2).
-  char vs[32], steady[32], steady_vs[32];
+  // img/s is over an epoch of the timed steps (a decoupled run's fill and drain included);
+  // steady, that of a full pipeline (BenchResult::steady_images_per_s). "-" for a figure not
+  // measured, and for a ratio without K = 1 in --splits (no plain backprop run to compare with).
+  const auto figure = [](const char* format, double value) {
+    char b[32];
+    std::snprintf(b, sizeof b, format, value);
+    return value > 0 ? std::string(b) : std::string("-");
+  };
+  const auto ratio = [&](double value, double to) { return figure("%.2fx", to > 0 ? value / to : 0); };
   for (const auto& r : results) {
-    if (base > 0)
-      std::snprintf(vs, sizeof vs, "%.2fx", r.images_per_s / base);
-    else
-      std::snprintf(vs, sizeof vs, "-");
-    if (r.steady_images_per_s > 0)
-      std::snprintf(steady, sizeof steady, "%.1f", r.steady_images_per_s);
-    else
-      std::snprintf(steady, sizeof steady, "-");
-    if (r.steady_images_per_s > 0 && steady_base > 0)
-      std::snprintf(steady_vs, sizeof steady_vs, "%.2fx", r.steady_images_per_s / steady_base);
-    else
-      std::snprintf(steady_vs, sizeof steady_vs, "-");
-    std::printf("| %s | %.1f | %s | %s | %s | %.2f | %s | %s | %s |\n", method_str(r).c_str(), r.images_per_s, vs,
-                steady, steady_vs, r.ms_per_step, busy_str(r.busy_pct).c_str(),
+    std::printf("| %s | %.1f | %s | %s | %s | %.2f | %s | %s | %s |\n", method_str(r).c_str(), r.images_per_s,
+                ratio(r.images_per_s, base).c_str(), figure("%.1f", r.steady_images_per_s).c_str(),
+                ratio(r.steady_images_per_s, steady_base).c_str(), r.ms_per_step, busy_str(r.busy_pct).c_str(),
                 mib(r.peak_allocated_bytes).c_str(),
                 r.config.method == "backprop" ? "-" : mib(r.peak_activation_bytes).c_str());
   }
