@@ -335,9 +335,20 @@ void gemm(Stream& s, bool trans_a, bool trans_b, float alpha, const Tensor& a, c
 #endif
 }
 
+namespace {
+// Whether every dimension fits the int of the kernels' shape descriptors.
+bool dims_fit_int(const Shape& s) {
+  for (int64_t d : s)
+    if (d > std::numeric_limits<int>::max()) return false;
+  return true;
+}
+}  // namespace
+
 Shape conv2d_output_shape(const Shape& x, const Shape& w, int stride, int pad) {
   SP_SHAPE_CHECK(x.size() == 4 && w.size() == 4, "conv2d: x ", shape_str(x), " and w ", shape_str(w),
                  " must both have rank 4");
+  SP_SHAPE_CHECK(dims_fit_int(x) && dims_fit_int(w), "conv2d: x ", shape_str(x), " or w ", shape_str(w),
+                 " has a dimension over 2^31 - 1");
   Conv2dShape sh;
   sh.n = int(x[0]), sh.h = int(x[1]), sh.w = int(x[2]), sh.c = int(x[3]);
   sh.k = int(w[0]), sh.r = int(w[1]), sh.s = int(w[2]), sh.stride = stride, sh.pad = pad;
@@ -471,6 +482,15 @@ std::pair<int64_t, int64_t> bn_dims(const OpCheck& chk, const Tensor& x, DType a
   }
   return {x.numel() / c, c};
 }
+
+// Training statistics of one value per channel normalise every output to beta and drive the
+// running variance to 0, so that evaluation divides by sqrt(eps): refused, as by PyTorch.
+void require_batch_statistics(const OpCheck& chk, const Tensor& x, int64_t m) {
+  if (m > 1) return;
+  chk.require(false, "x " + shape_str(x.shape()) +
+                         " holds one value per channel: training statistics need more than one (a larger batch "
+                         "or image)");
+}
 }  // namespace
 
 void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma, const Tensor& beta,
@@ -490,6 +510,7 @@ void batchnorm_forward_training(Stream& s, const Tensor& x, const Tensor& gamma,
   const auto [m, c] = bn_dims(chk, x, at, {{&gamma, "gamma"}, {&beta, "beta"}, {&running_mean, "running_mean"},
                                        {&running_var, "running_var"}, {&save_mean, "save_mean"},
                                        {&save_invstd, "save_invstd"}});
+  require_batch_statistics(chk, x, m);
   chk.tensor(y, "y", at);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
@@ -620,6 +641,7 @@ void batchnorm_add_relu_forward_training(Stream& s, const Tensor& x, const Tenso
                                        {&running_var, "running_var"}, {&save_mean, "save_mean"},
                                        {&save_invstd, "save_invstd"}});
   chk.optional(residual, "residual", at, x.shape(), "x");
+  require_batch_statistics(chk, x, m);
   chk.tensor(y, "y", at);
   chk.shape(y, "y", x.shape(), "x");
   if (on_cpu(s)) {
@@ -700,9 +722,9 @@ void batchnorm_add_relu_backward(Stream& s, const Tensor& x, const Tensor& y, co
   // dresidual may be dy itself (written as it is consumed), and may touch no other input or dx
   // (both kernels read x, y and dy, and write dx, beside their pass over it): checked on the
   // tensors given, before any bf16 widening gives them temporaries.
-  SP_SHAPE_CHECK(!dresidual.defined() || (same_bytes(dresidual, dy) || !overlaps(dresidual, dy)) &&
-                                             !overlaps(dresidual, x) && !overlaps(dresidual, y) &&
-                                             !overlaps(dresidual, dx),
+  SP_SHAPE_CHECK(!dresidual.defined() || ((same_bytes(dresidual, dy) || !overlaps(dresidual, dy)) &&
+                                            !overlaps(dresidual, x) && !overlaps(dresidual, y) &&
+                                            !overlaps(dresidual, dx)),
                  "batchnorm_add_relu_backward: dresidual may alias dy, never x, y or dx, nor part of dy");
   if (!native_bf16_batchnorm(s, {&x, &y, &dy, &dx, &dresidual}, {&gamma, &save_mean, &save_invstd, &dgamma, &dbeta}) &&
       via_fp32(s, {&x, &y, &dy, &gamma, &save_mean, &save_invstd},
@@ -982,6 +1004,16 @@ void shortcut_a_backward(Stream& s, const Tensor& dy, const Tensor& dx, int stri
 #else
   chk.no_cuda_kernel();
 #endif
+}
+
+Shape maxpool2d_output_shape(const Shape& x, int window, int stride, int pad) {
+  SP_SHAPE_CHECK(x.size() == 4, "maxpool2d: x ", shape_str(x), " must have rank 4");
+  SP_SHAPE_CHECK(dims_fit_int(x), "maxpool2d: x ", shape_str(x), " has a dimension over 2^31 - 1");
+  const Pool2dShape sh{int(x[0]), int(x[1]), int(x[2]), int(x[3]), window, stride, pad};
+  SP_SHAPE_CHECK(sh.valid(), "maxpool2d: x ", shape_str(x), ", window ", window, ", stride ", stride, ", pad ", pad,
+                 ": the sizes must be positive, the window and stride too, the pad in [0, window), and the window "
+                 "must fit the padded input");
+  return {x[0], sh.p(), sh.q(), x[3]};
 }
 
 namespace {

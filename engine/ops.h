@@ -121,6 +121,8 @@ void shortcut_a_backward(Stream& s, const Tensor& dy, const Tensor& dx, int stri
 void maxpool2d_forward(Stream& s, const Tensor& x, const Tensor& y, int window, int stride, int pad);
 void maxpool2d_backward(Stream& s, const Tensor& x, const Tensor& dy, const Tensor& dx, int window, int stride,
                         int pad);
+// The output shape [N, P, Q, C] of max pooling x.
+Shape maxpool2d_output_shape(const Shape& x, int window, int stride, int pad);
 // x [N,H,W,C] -> y [N,C]
 void global_avgpool_forward(Stream& s, const Tensor& x, const Tensor& y);
 void global_avgpool_backward(Stream& s, const Tensor& dy, const Tensor& dx);

@@ -204,8 +204,7 @@ MaxPool2d::MaxPool2d(int window, int stride, int pad) : window(window), stride(s
 
 Tensor MaxPool2d::forward(Stream& s, const Tensor& x, Context& ctx) {
   ctx.clear();
-  kernels::Pool2dShape sh{int(x.size(0)), int(x.size(1)), int(x.size(2)), int(x.size(3)), window, stride, pad};
-  Tensor y = new_activation(s, {sh.n, sh.p(), sh.q(), sh.c}, x.dtype());
+  Tensor y = new_activation(s, ops::maxpool2d_output_shape(x.shape(), window, stride, pad), x.dtype());
   ops::maxpool2d_forward(s, x, y, window, stride, pad);
   if (training_) ctx.saved = {x};
   return y;
@@ -422,8 +421,7 @@ double ReLU::forward_flops(const Shape& x, Shape* y) const {
 }
 
 double MaxPool2d::forward_flops(const Shape& x, Shape* y) const {
-  const kernels::Pool2dShape sh{int(x[0]), int(x[1]), int(x[2]), int(x[3]), window, stride, pad};
-  *y = {sh.n, sh.p(), sh.q(), sh.c};
+  *y = ops::maxpool2d_output_shape(x, window, stride, pad);
   return numel(*y) * window * window;
 }
 

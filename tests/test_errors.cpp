@@ -97,7 +97,23 @@ TEST(OpErrors, ConvolutionGeometryIsCheckedBeforeItIsUsed) {
   EXPECT_THROW_WITH(ops::conv2d_output_shape(x, w, 1, 2147483647), ShapeError, "pad 2147483647");
   EXPECT_THROW_WITH(ops::conv2d_output_shape(x, {16, 11, 11, 3}, 1, 1), ShapeError, "[16, 11, 11, 3]",
                     "the filter must fit");
+  EXPECT_THROW_WITH(ops::conv2d_output_shape({2, int64_t(1) << 32, 8, 3}, w, 1, 1), ShapeError, "over 2^31 - 1");
   EXPECT_EQ(ops::conv2d_output_shape(x, w, 2, 1), (Shape{2, 4, 4, 16}));
+}
+
+// Max pooling's geometry likewise (a pad near 2^31 overflowed the padded size in int, a window
+// larger than the padded input gave a negative output size).
+TEST(OpErrors, PoolingGeometryIsCheckedBeforeItIsUsed) {
+  const Shape x{2, 8, 8, 3};
+  EXPECT_THROW_WITH(ops::maxpool2d_output_shape(x, 3, 0, 1), ShapeError, "stride 0");
+  EXPECT_THROW_WITH(ops::maxpool2d_output_shape(x, 3, 1, 3), ShapeError, "pad 3", "the pad in [0, window)");
+  EXPECT_THROW_WITH(ops::maxpool2d_output_shape(x, 2147483647, 1, 2147483646), ShapeError, "pad 2147483646");
+  EXPECT_THROW_WITH(ops::maxpool2d_output_shape({2, 3, 3, 3}, 9, 1, 0), ShapeError, "window 9",
+                    "must fit the padded input");
+  EXPECT_THROW_WITH(ops::maxpool2d_output_shape({2, 8, 8}, 2, 2, 0), ShapeError, "rank 4");
+  EXPECT_THROW_WITH(ops::maxpool2d_output_shape({int64_t(1) << 32, 8, 8, 3}, 2, 2, 0), ShapeError, "over 2^31 - 1");
+  EXPECT_EQ(ops::maxpool2d_output_shape(x, 3, 2, 1), (Shape{2, 4, 4, 3}));
+  EXPECT_EQ(ops::maxpool2d_output_shape({1, 7, 5, 4}, 2, 2, 0), (Shape{1, 3, 2, 4}));
 }
 
 // The fused BN backward's dresidual may be dy, written as it is consumed, never x or dx, which

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <map>
 #include <random>
@@ -138,6 +139,20 @@ TEST(Layers, ConvolutionAndPoolingRefuseGeometryTheyCannotRun) {
   EXPECT_THROW(MaxPool2d(3, 2, 3), Error);  // pad as large as the window
   EXPECT_NO_THROW(Conv2d(3, 16, 1, 2, 0, false, rng));
   EXPECT_NO_THROW(MaxPool2d(3, 2, 1));
+  // An input smaller than the window is refused by name, before its output (of size -2) is made.
+  MaxPool2d wide(5, 1, 0);
+  auto s = make_stream(Device::cpu());
+  Context ctx;
+  try {
+    wide.forward(*s, Tensor::empty({1, 2, 2, 3}, DType::F32), ctx);
+    ADD_FAILURE() << "a 5x5 window over a 2x2 input was not refused";
+  } catch (const ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("must fit the padded input"), std::string::npos) << e.what();
+  }
+  Shape y;
+  EXPECT_THROW(wide.forward_flops({1, 2, 2, 3}, &y), ShapeError);
+  EXPECT_EQ(wide.forward_flops({1, 6, 5, 3}, &y), 2 * 1 * 3 * 25.0);  // 25 taps per output
+  EXPECT_EQ(y, (Shape{1, 2, 1, 3}));
 }
 
 // A block's weights move many ReLU inputs at once, so some cross the kink at every step size
@@ -155,6 +170,177 @@ TEST(ModuleGradients, ResidualBlocks) {
   check_module_gradients(option_b, {2, 5, 5, 4}, 20, kBlockTol);
   Bottleneck bottleneck(8, 4, 2, rng);
   check_module_gradients(bottleneck, {2, 6, 6, 8}, 21, kBlockTol);
+  Bottleneck bottleneck_identity(16, 4, 1, rng);  // in = 4 x mid, stride 1: no projection
+  check_module_gradients(bottleneck_identity, {2, 5, 5, 16}, 22, kBlockTol);
+  Bottleneck bottleneck_widening(8, 4, 1, rng);  // a projection without a stride (ResNet-50's layer1.0)
+  check_module_gradients(bottleneck_widening, {2, 5, 5, 8}, 23, kBlockTol);
+}
+
+// Every module the pipeline keeps several batches in flight through (FDG: module k backpropagates
+// the batch it forwarded 2(K - k) ticks before): forward x1, forward x2, backward of x2, backward
+// of x1 gives, bit for bit, the gradients and dx of a twin that ran x1 alone, and those of x2 of
+// a twin that ran x2 alone. So a backward uses its own batch's saved tensors and writes the
+// parameter gradients afresh (they held the other batch's).
+TEST(ModuleGradients, SeveralBatchesInFlightEachBackpropagateWithTheirOwnSavedTensors) {
+  const std::vector<std::pair<std::function<std::unique_ptr<Module>()>, Shape>> kinds = {
+      {[] {
+         Rng r(1);
+         return std::make_unique<Conv2d>(3, 5, 3, 2, 1, true, r);
+       },
+       Shape{2, 7, 6, 3}},
+      {[] { return std::make_unique<BatchNorm2d>(4); }, Shape{2, 3, 3, 4}},
+      {[] { return std::make_unique<BatchNorm2d>(4, true); }, Shape{2, 3, 3, 4}},
+      {[] { return std::make_unique<ReLU>(); }, Shape{2, 3, 3, 4}},
+      {[] { return std::make_unique<MaxPool2d>(3, 2, 1); }, Shape{2, 7, 7, 3}},
+      {[] { return std::make_unique<GlobalAvgPool>(); }, Shape{3, 4, 4, 5}},
+      {[] {
+         Rng r(2);
+         return std::make_unique<Linear>(7, 10, r);
+       },
+       Shape{5, 7}},
+      {[] {
+         Rng r(3);
+         return std::make_unique<BasicBlock>(8, 8, 1, Shortcut::A, r);
+       },
+       Shape{2, 6, 6, 8}},
+      {[] {
+         Rng r(4);
+         return std::make_unique<BasicBlock>(4, 8, 2, Shortcut::A, r);
+       },
+       Shape{2, 6, 6, 4}},
+      {[] {
+         Rng r(5);
+         return std::make_unique<BasicBlock>(4, 8, 2, Shortcut::B, r);
+       },
+       Shape{2, 5, 5, 4}},
+      {[] {
+         Rng r(6);
+         return std::make_unique<Bottleneck>(8, 4, 2, r);
+       },
+       Shape{2, 6, 6, 8}},
+      {[] {
+         Rng r(7);
+         return std::make_unique<Bottleneck>(16, 4, 1, r);
+       },
+       Shape{2, 5, 5, 16}},
+  };
+  auto s = make_stream(Device::cpu());
+  std::mt19937_64 data(13);
+  struct Result {
+    Tensor dx;
+    std::vector<Tensor> grads;
+  };
+  auto backward = [&](Module& m, const Tensor& w, Context& ctx) {
+    Result r{m.backward(*s, clone(w), ctx, true), {}};
+    s->synchronize();
+    ModuleState st;
+    m.collect("", st);
+    for (auto& [name, p] : st.params) r.grads.push_back(clone(p->grad));
+    return r;
+  };
+  auto expect_same = [](const Result& a, const Result& b, const std::string& what) {
+    ASSERT_EQ(a.dx.shape(), b.dx.shape()) << what;
+    EXPECT_EQ(std::memcmp(a.dx.raw_data(), b.dx.raw_data(), a.dx.nbytes()), 0) << what << ": dx";
+    ASSERT_EQ(a.grads.size(), b.grads.size()) << what;
+    for (size_t i = 0; i < a.grads.size(); ++i)
+      EXPECT_EQ(std::memcmp(a.grads[i].raw_data(), b.grads[i].raw_data(), a.grads[i].nbytes()), 0)
+          << what << ": gradient " << i;
+  };
+  for (const auto& [make, shape] : kinds) {
+    const Tensor x1 = random_tensor(shape, data), x2 = random_tensor(shape, data);
+    std::unique_ptr<Module> m = make(), alone1 = make(), alone2 = make();
+    Context c1, c2;
+    const Tensor y1 = m->forward(*s, x1, c1);
+    m->forward(*s, x2, c2);
+    const Tensor w1 = random_tensor(y1.shape(), data), w2 = random_tensor(y1.shape(), data);
+    const Result r2 = backward(*m, w2, c2);
+    const Result r1 = backward(*m, w1, c1);
+    Context a1, a2;
+    alone1->forward(*s, x1, a1);
+    alone2->forward(*s, x2, a2);
+    expect_same(r1, backward(*alone1, w1, a1), m->type() + ", the batch forwarded first");
+    expect_same(r2, backward(*alone2, w2, a2), m->type() + ", the batch forwarded second");
+  }
+}
+
+// In evaluation mode a network's batch norms, those inside the residual blocks' tails and
+// projections too, use their running statistics: each image's output is its own (as one image
+// alone gives it), the running statistics and counters stay, nothing is saved, and there is no
+// backward.
+TEST(ModuleGradients, EvaluationModeUsesTheRunningStatisticsAndChangesNothing) {
+  std::mt19937_64 data(14);
+  {
+    BatchNorm2d bn(3);
+    auto s = make_stream(Device::cpu());
+    bn.running_mean = random_tensor({3}, data);
+    bn.running_var = random_tensor({3}, data, 0.5f);
+    for (int64_t i = 0; i < 3; ++i) bn.running_var.at<float>(i) = 0.5f + std::fabs(bn.running_var.at<float>(i));
+    for (int64_t i = 0; i < 3; ++i) bn.gamma.value.at<float>(i) = 0.5f + 0.25f * float(i);
+    for (int64_t i = 0; i < 3; ++i) bn.beta.value.at<float>(i) = 0.1f * float(i) - 0.1f;
+    bn.set_training(false);
+    const Tensor x = random_tensor({2, 2, 2, 3}, data);
+    Context ctx;
+    const Tensor y = bn.forward(*s, x, ctx);
+    s->synchronize();
+    for (int64_t i = 0; i < x.numel(); ++i) {
+      const int64_t ch = i % 3;
+      const double want = (double(x.at<float>(i)) - bn.running_mean.at<float>(ch)) /
+                              std::sqrt(double(bn.running_var.at<float>(ch)) + 1e-5) * bn.gamma.value.at<float>(ch) +
+                          bn.beta.value.at<float>(ch);
+      EXPECT_NEAR(y.at<float>(i), want, 1e-5 * (1 + std::fabs(want))) << i;
+    }
+    EXPECT_TRUE(ctx.saved.empty());
+    EXPECT_EQ(bn.num_batches_tracked, 0);
+  }
+  Rng rng(8);
+  std::vector<std::pair<std::unique_ptr<Module>, Shape>> blocks;
+  blocks.emplace_back(std::make_unique<BasicBlock>(4, 8, 2, Shortcut::B, rng), Shape{3, 6, 6, 4});
+  blocks.emplace_back(std::make_unique<BasicBlock>(4, 8, 2, Shortcut::A, rng), Shape{3, 6, 6, 4});
+  blocks.emplace_back(std::make_unique<Bottleneck>(8, 4, 2, rng), Shape{3, 6, 6, 8});
+  auto s = make_stream(Device::cpu());
+  for (auto& [m, shape] : blocks) {
+    // Train a step first, so that the running statistics are no longer 0 and 1.
+    Context warm;
+    m->forward(*s, random_tensor(shape, data, 2.f), warm);
+    s->synchronize();
+    ModuleState st;
+    m->collect("", st);
+    std::vector<Tensor> buffers;
+    for (auto& [name, b] : st.buffers) buffers.push_back(clone(*b));
+    std::vector<int64_t> counters;
+    for (auto& [name, c] : st.counters) counters.push_back(*c);
+    ASSERT_FALSE(buffers.empty());
+
+    m->set_training(false);
+    const Tensor x = random_tensor(shape, data);
+    Context ctx;
+    const Tensor y = m->forward(*s, x, ctx);
+    Shape one = shape;
+    one[0] = 1;
+    const Tensor first = Tensor::empty(one, DType::F32);
+    std::memcpy(first.raw_data(), x.raw_data(), first.nbytes());
+    Context alone;
+    const Tensor y_first = m->forward(*s, first, alone);
+    s->synchronize();
+    for (int64_t i = 0; i < y_first.numel(); ++i)
+      ASSERT_NEAR(y_first.at<float>(i), y.at<float>(i), 1e-5 * (1 + std::fabs(y.at<float>(i))))
+          << m->type() << ": image 0 depends on the others in evaluation mode, element " << i;
+    for (size_t i = 0; i < buffers.size(); ++i)
+      EXPECT_EQ(std::memcmp(buffers[i].raw_data(), st.buffers[i].second->raw_data(), buffers[i].nbytes()), 0)
+          << m->type() << " " << st.buffers[i].first << " changed in evaluation mode";
+    for (size_t i = 0; i < counters.size(); ++i)
+      EXPECT_EQ(*st.counters[i].second, counters[i]) << m->type() << " " << st.counters[i].first;
+    EXPECT_THROW(m->backward(*s, random_tensor(y.shape(), data), ctx, true), Error) << m->type();
+    // And back in training mode the batch's statistics are used again: image 0 depends on the rest.
+    m->set_training(true);
+    Context t_all, t_one;
+    const Tensor ty = m->forward(*s, x, t_all), ty_first = m->forward(*s, first, t_one);
+    s->synchronize();
+    double diff = 0;
+    for (int64_t i = 0; i < ty_first.numel(); ++i)
+      diff = std::max(diff, double(std::fabs(ty_first.at<float>(i) - ty.at<float>(i))));
+    EXPECT_GT(diff, 1e-3) << m->type();
+  }
 }
 
 // backward_accumulate adds the module's dx to its target: the bits of backward then an add,

@@ -351,6 +351,14 @@ TEST_F(OpsDispatch, AwkwardInputsOfPoolingLossShapesAndBatchNorm) {
         ops::batchnorm_forward_training(*s, no_channels, none, none, none, none,
                                         Tensor::empty(no_channels.shape(), DType::F32), none, none, 1e-5f, 0.1f),
         Error);
+    // One value per channel (batch 1 of a 1x1 image): no statistics to train with, in either form.
+    const Tensor single = random_tensor({1, 1, 1, 3}, 38), out = Tensor::empty({1, 1, 1, 3}, DType::F32);
+    test::expect_error([&] { ops::batchnorm_forward_training(*s, single, g, b, rm, rv, out, sm, si, 1e-5f, 0.1f); },
+                       {"batchnorm_forward_training", "[1, 1, 1, 3] holds one value per channel"});
+    test::expect_error(
+        [&] { ops::batchnorm_add_relu_forward_training(*s, single, single, g, b, rm, rv, out, sm, si, 1e-5f, 0.1f); },
+        {"batchnorm_add_relu_forward_training", "one value per channel"});
+    ops::batchnorm_forward_inference(*s, single, g, b, rm, rv, out, 1e-5f);  // evaluation may
     s->synchronize();
     EXPECT_EQ(values(rm), rm0);
     EXPECT_EQ(values(rv), rv0);

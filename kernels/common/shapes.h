@@ -39,8 +39,11 @@ struct Pool2dShape {
   int q() const { return (w + 2 * pad - window) / stride + 1; }
   int64_t x_size() const { return int64_t(n) * h * w * c; }
   int64_t y_size() const { return int64_t(n) * p() * q() * c; }
-  bool valid() const {  // the window must fit the padded input, as a convolution's filter
+  // The window must fit the padded input, as a convolution's filter (the padded sizes in 64 bits
+  // first, as Conv2dShape's).
+  bool valid() const {
     return n > 0 && h > 0 && w > 0 && c > 0 && window > 0 && stride > 0 && pad >= 0 && pad < window &&
+           int64_t(h) + 2 * int64_t(pad) <= INT32_MAX && int64_t(w) + 2 * int64_t(pad) <= INT32_MAX &&
            h + 2 * pad >= window && w + 2 * pad >= window && p() > 0 && q() > 0;
   }
 };
