@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <set>
 
 #include "engine/ops.h"
 #include "engine/safetensors.h"
@@ -54,6 +56,32 @@ ParamLayout layout_of(const ModuleState& st, const std::string& param_name) {
   throw Error("optimizer state for '" + param_name + "', which is not a parameter of the network");
 }
 
+// Every checkpoint records the CRC-32 of its tensors (in the order of their names: each name, its
+// dtype and its data), so that damage to the data, which the format alone cannot see, is found.
+const char* kCrcKey = "tensors_crc32";
+
+std::string tensors_crc32(std::vector<const io::TensorRecord*> records) {
+  std::sort(records.begin(), records.end(),
+            [](const io::TensorRecord* a, const io::TensorRecord* b) { return a->name < b->name; });
+  uint32_t crc = 0;
+  for (const io::TensorRecord* r : records) {
+    crc = io::crc32(r->name.c_str(), r->name.size() + 1, crc);  // with its terminating 0
+    crc = io::crc32(r->dtype.c_str(), r->dtype.size() + 1, crc);
+    crc = io::crc32(r->data.data(), r->data.size(), crc);
+  }
+  char hex[9];
+  std::snprintf(hex, sizeof hex, "%08x", crc);
+  return hex;
+}
+
+// The first element of an f32 tensor that is NaN or an infinity, or -1.
+int64_t first_non_finite(const Tensor& t) {
+  if (t.dtype() != DType::F32) return -1;
+  const float* v = t.data<float>();
+  const float* bad = std::find_if(v, v + t.numel(), [](float x) { return !std::isfinite(x); });
+  return bad == v + t.numel() ? -1 : bad - v;
+}
+
 }  // namespace
 
 void save_checkpoint(const std::string& path, const Network& net, const std::vector<const Sgd*>& opts,
@@ -72,11 +100,10 @@ void save_checkpoint(const std::string& path, const Network& net, const std::vec
   s.synchronize();
   // A diverged run's weights are no state to go on from: nothing is written (nor replaced).
   for (const auto& [name, t] : host) {
-    if (t.dtype() != DType::F32) continue;
-    const float* v = t.data<float>();
-    const float* bad = std::find_if(v, v + t.numel(), [](float x) { return !std::isfinite(x); });
-    SP_CHECK(bad == v + t.numel(), path, ": not written: ", name, " holds ", std::isnan(*bad) ? "NaN" : "an infinity",
-             " (element ", bad - v, "), the run diverged");
+    const int64_t bad = first_non_finite(t);
+    SP_CHECK(bad < 0, path, ": not written: ", name, " holds ",
+             std::isnan(t.data<float>()[bad < 0 ? 0 : bad]) ? "NaN" : "an infinity", " (element ", bad,
+             "), the run diverged");
   }
   std::vector<io::TensorRecord> records;
   for (size_t i = 0; i < host.size(); ++i) {
@@ -88,16 +115,30 @@ void save_checkpoint(const std::string& path, const Network& net, const std::vec
     std::memcpy(r.data.data(), counter, 8);
     records.push_back(std::move(r));
   }
-  io::write_safetensors(path, records, metadata);
+  std::vector<const io::TensorRecord*> all;
+  for (const io::TensorRecord& r : records) all.push_back(&r);
+  std::map<std::string, std::string> meta = metadata;
+  meta[kCrcKey] = tensors_crc32(all);
+  io::write_safetensors(path, records, meta);
 }
 
 std::map<std::string, std::string> load_checkpoint(const std::string& path, const Network& net,
                                                    const std::vector<Sgd*>& opts, Stream& s) {
   const io::SafetensorsFile file = io::read_safetensors(path);
+  // A file written by another tool (PyTorch's save_file) has no CRC to check; ours always do.
+  if (auto it = file.metadata.find(kCrcKey); it != file.metadata.end()) {
+    std::vector<const io::TensorRecord*> all;
+    for (const io::TensorRecord& r : file.tensors) all.push_back(&r);
+    const std::string crc = tensors_crc32(all);
+    SP_CHECK(crc == it->second, path, ": the tensors' CRC-32 is ", crc, " where the file records ", it->second,
+             ": the file is damaged");
+  }
   const ModuleState st = net.state();
+  std::set<std::string> used;
   auto find = [&](const std::string& name) -> const io::TensorRecord& {
     const io::TensorRecord* r = file.find(name);
     SP_CHECK(r != nullptr, path, ": checkpoint has no tensor '", name, "' (was it saved from another model?)");
+    used.insert(name);
     return *r;
   };
   // Every tensor is read and checked (name, shape, dtype) into a host copy before any is
@@ -112,6 +153,10 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
     } catch (const ShapeError& e) {  // the same names, other shapes: another width or depth
       throw ShapeError(path + ": " + user_message(e) + " (was it saved from another model?)");
     }
+    const int64_t bad = first_non_finite(host);
+    SP_CHECK(bad < 0, path, ": '", name, "' holds ",
+             std::isnan(host.data<float>()[bad < 0 ? 0 : bad]) ? "NaN" : "an infinity", " (element ", bad,
+             "): no state to go on from");
     staged.emplace_back(layout == ParamLayout::KRSC ? permute_conv(host, false) : host, dst);
   };
   for (auto& [name, p] : st.params) stage(name, p->value, p->layout);
@@ -125,6 +170,18 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
   }
   for (Sgd* opt : opts)
     for (auto& [name, m] : opt->momentum_buffers()) stage(kMomentumPrefix + name, m, layout_of(st, name));
+  // As PyTorch's strict load_state_dict: a tensor the network does not name means another model
+  // (a deeper ResNet's names include a shallower one's). The optimizer's state is not read when no
+  // optimizer is given (evaluation).
+  std::string unexpected;
+  int n_unexpected = 0;
+  for (const io::TensorRecord& r : file.tensors) {
+    if (used.count(r.name) || (opts.empty() && r.name.rfind(kMomentumPrefix, 0) == 0)) continue;
+    if (n_unexpected++ < 3) unexpected += (unexpected.empty() ? "'" : ", '") + r.name + "'";
+  }
+  SP_CHECK(n_unexpected == 0, path, ": checkpoint has ", n_unexpected, " tensor", n_unexpected == 1 ? "" : "s",
+           " this network", opts.empty() ? "" : " and optimizer", " does not name (", unexpected,
+           n_unexpected > 3 ? ", ..." : "", "): was it saved from another model?");
 
   s.synchronize();  // nothing may still be using the tensors we overwrite from the host
   for (auto& [host, dst] : staged) {

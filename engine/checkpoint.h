@@ -8,7 +8,8 @@
 // weights with
 //     sd = {k: v for k, v in safetensors.torch.load_file(path).items() if not k.startswith("_optim.")}
 //     model.load_state_dict(sd)
-// Files are written atomically (temporary file, fsync, rename).
+// Files are written atomically (temporary file, fsync, rename). The metadata also records the
+// CRC-32 of the tensors ("tensors_crc32"), which loading checks where present.
 #pragma once
 
 #include <map>
@@ -28,7 +29,10 @@ namespace sp {
 void save_checkpoint(const std::string& path, const Network& net, const std::vector<const Sgd*>& opts,
                      const std::map<std::string, std::string>& metadata, Stream& s);
 // Restores every tensor of the network (and of the optimizers given); throws sp::Error naming
-// the file and the tensor when one is missing or has another shape. Returns the metadata.
+// the file, and the tensor where there is one, when one is missing, has another shape or holds
+// NaN or an infinity, when the file holds a tensor the network (or, where optimizers are given,
+// their momenta) does not name, as PyTorch's strict load_state_dict, or when its tensors do not
+// match the CRC-32 it records. Nothing is restored then. Returns the metadata.
 std::map<std::string, std::string> load_checkpoint(const std::string& path, const Network& net,
                                                    const std::vector<Sgd*>& opts, Stream& s);
 

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -477,13 +478,20 @@ void write_safetensors(const std::string& path, const std::vector<TensorRecord>&
   for (int i = 0; i < 8; ++i) prefix[i] = uint8_t(uint64_t(header.size()) >> (8 * i));
 
   // Unique within the process too: runs of one sweep may write at once (into other files, but
-  // two threads saving one path must not share a temporary file either).
+  // two threads saving one path must not share a temporary file either). Created exclusively and
+  // never through a link: a name taken (by a writer of another PID namespace with our pid, or a
+  // stale file or link) is another's, left alone, and the next is tried.
   static std::atomic<uint64_t> saves{0};
-  const std::string tmp = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(saves++);
+  constexpr int kNamesTried = 1 << 16;
   TempFileRemover remover;  // declared before `out`: the descriptor is closed before the unlink
   Fd out;
-  out.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (out.fd < 0) throw Error("safetensors: cannot create '" + tmp + "': " + std::strerror(errno));
+  std::string tmp;
+  for (int attempt = 0; out.fd < 0; ++attempt) {
+    tmp = path + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(saves++);
+    out.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (out.fd < 0 && (errno != EEXIST || attempt + 1 == kNamesTried))
+      throw Error("safetensors: cannot create '" + tmp + "': " + std::strerror(errno));
+  }
   remover.path = tmp;
   write_all(out.fd, prefix, sizeof prefix, tmp);
   write_all(out.fd, header.data(), header.size(), tmp);
@@ -512,7 +520,8 @@ void write_safetensors(const std::string& path, const std::vector<TensorRecord>&
 SafetensorsFile read_safetensors(const std::string& path) {
   auto bad = [&](const std::string& what) { throw Error("safetensors file '" + path + "': " + what); };
   Fd file;
-  file.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // Without blocking: opening a FIFO for reading would wait for a writer (S_ISREG refuses it).
+  file.fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (file.fd < 0) bad(std::string("cannot open: ") + std::strerror(errno));
   struct stat st;
   if (::fstat(file.fd, &st) != 0 || !S_ISREG(st.st_mode)) bad("not a regular file");
@@ -597,6 +606,22 @@ void copy_record_to_tensor(const TensorRecord& record, const Tensor& dst) {
   SP_CHECK(record.data.size() == dst.nbytes(), "safetensors tensor '", record.name, "' has ", record.data.size(),
            " bytes, expected ", dst.nbytes());
   std::memcpy(dst.raw_data(), record.data.data(), record.data.size());
+}
+
+uint32_t crc32(const void* data, size_t size, uint32_t crc) {
+  static const auto table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  const auto* p = static_cast<const uint8_t*>(data);
+  crc = ~crc;
+  for (size_t i = 0; i < size; ++i) crc = table[(crc ^ p[i]) & 0xFF] ^ (crc >> 8);
+  return ~crc;
 }
 
 }  // namespace sp::io

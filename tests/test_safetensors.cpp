@@ -2,10 +2,12 @@
 // writers, rejection of corrupt files (named ones, and every truncation and byte corruption of a
 // valid file's header), atomic replacement, and the sp::Tensor helpers.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
@@ -354,6 +356,49 @@ TEST(Safetensors, AtomicWriteReplacesTheFileAndLeavesNoTemporary) {
   write_safetensors("plain.safetensors", {}, {});
   fs::current_path(cwd);
   EXPECT_TRUE(fs::is_regular_file(dir.path / "plain.safetensors"));
+}
+
+// The temporary file is created exclusively and never through a link: names already taken (a
+// writer of another PID namespace with this pid, a stale file, a planted link) are left alone
+// and passed over.
+TEST(Safetensors, TheTemporaryFileIsNewAndNeverFollowsALink) {
+  TempDir dir;
+  const std::string path = dir.file("model.safetensors"), victim = dir.file("victim");
+  write_bytes(victim, {1, 2, 3});
+  const std::string prefix = path + ".tmp." + std::to_string(::getpid()) + ".";
+  constexpr int kTaken = 3000;  // more than the saves this test process can have made before
+  for (int n = 0; n < kTaken; ++n)
+    if (n % 2 == 0)
+      fs::create_symlink(victim, prefix + std::to_string(n));
+    else
+      write_bytes(prefix + std::to_string(n), {9});
+  write_safetensors(path, {record("t", "U8", {5}, 5)}, {{"v", "1"}});
+  EXPECT_EQ(read_bytes(victim), (std::vector<uint8_t>{1, 2, 3})) << "written through a link";
+  EXPECT_FALSE(fs::is_symlink(path));
+  const SafetensorsFile f = read_safetensors(path);
+  ASSERT_EQ(f.tensors.size(), 1u);
+  EXPECT_EQ(f.metadata.at("v"), "1");
+  EXPECT_EQ(dir.entries().size(), size_t(kTaken + 2)) << "a name taken was removed, or a temporary left";
+  EXPECT_EQ(read_bytes(prefix + "1"), std::vector<uint8_t>{9});
+}
+
+// A FIFO at the path is refused at once (opening it for reading would wait for a writer).
+TEST(Safetensors, AFifoIsRefusedNotWaitedOn) {
+  TempDir dir;
+  const std::string fifo = dir.file("pipe.safetensors");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
+  expect_error([&] { read_safetensors(fifo); }, {"pipe.safetensors", "not a regular file"});
+}
+
+// The CRC-32 that checkpoints record of their tensors: zlib's (the check value of the catalogue
+// of CRCs for "123456789"), and continued over pieces as over the whole.
+TEST(Safetensors, Crc32IsZlibsAndContinuesOverPieces) {
+  const std::string digits = "123456789";
+  EXPECT_EQ(crc32(digits.data(), digits.size()), 0xCBF43926u);
+  EXPECT_EQ(crc32(digits.data() + 4, 5, crc32(digits.data(), 4)), 0xCBF43926u);
+  EXPECT_EQ(crc32(nullptr, 0), 0u);
+  const std::string fox = "The quick brown fox jumps over the lazy dog";
+  EXPECT_EQ(crc32(fox.data(), fox.size()), 0x414FA339u);
 }
 
 TEST(Safetensors, TensorHelpersRoundTripAndCheckShapes) {

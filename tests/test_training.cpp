@@ -11,6 +11,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <limits>
 #include <map>
 #include <memory>
 #include <random>
@@ -596,6 +598,71 @@ TEST(Training, CheckpointHoldsPyTorchNamesAndLayouts) {
   }
   save_checkpoint(dir.file("resnet32-after.safetensors"), other, {&other_opt}, {}, *s);
   expect_same_tensors(before, dir.file("resnet32-after.safetensors"));
+}
+
+// A checkpoint is loaded as PyTorch's strict load_state_dict would: a deeper ResNet's file holds
+// every name of a shallower one and more, and is refused. Damage to its data, which the format
+// cannot see, is found by the CRC-32 it records; a NaN in a file without one (another writer's)
+// is refused by name. A refused file changes nothing.
+TEST(Training, LoadingRefusesAnotherModelsTensorsDamagedDataAndNonFiniteValues) {
+  TempDir dir;
+  auto s = make_stream(Device::cpu());
+  Network net = layers::build_resnet("resnet20", 10, 1);
+  Sgd opt(net.state().params, SgdConfig{}, *s);
+  const std::string ours = dir.file("resnet20.safetensors");
+  save_checkpoint(ours, net, {&opt}, {{"model", "resnet20"}}, *s);
+  const io::SafetensorsFile file = io::read_safetensors(ours);
+  ASSERT_EQ(file.metadata.count("tensors_crc32"), 1u);
+  EXPECT_EQ(file.metadata.at("tensors_crc32").size(), 8u);
+
+  Network deeper = layers::build_resnet("resnet32", 10, 2);
+  Sgd deeper_opt(deeper.state().params, SgdConfig{}, *s);
+  const std::string r32 = dir.file("resnet32.safetensors");
+  save_checkpoint(r32, deeper, {&deeper_opt}, {}, *s);
+  auto expect_refused = [&](const std::string& path, Sgd* o, std::vector<std::string> parts) {
+    try {
+      load_checkpoint(path, net, o ? std::vector<Sgd*>{o} : std::vector<Sgd*>{}, *s);
+      ADD_FAILURE() << path << " was loaded";
+    } catch (const Error& e) {
+      for (const std::string& part : parts)
+        EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << "no '" << part << "' in: " << e.what();
+    }
+    const std::string after = dir.file("after.safetensors");
+    save_checkpoint(after, net, {&opt}, {{"model", "resnet20"}}, *s);
+    expect_same_tensors(ours, after);  // the refused load changed nothing
+  };
+  expect_refused(r32, &opt, {"resnet32.safetensors", "'layer1.3.", "does not name", "another model"});
+  expect_refused(r32, nullptr, {"'layer1.3.", "this network does not name"});  // eval: weights alone
+  // Evaluation reads no momenta: the file's are no unexpected tensors then.
+  EXPECT_NO_THROW(load_checkpoint(ours, net, {}, *s));
+
+  // One flipped bit in the data.
+  std::vector<uint8_t> bytes;
+  {
+    std::ifstream in(ours, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  ASSERT_GT(bytes.size(), 1000u);
+  bytes[bytes.size() - 700] ^= 0x10;
+  const std::string damaged = dir.file("damaged.safetensors");
+  std::ofstream(damaged, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
+  expect_refused(damaged, &opt, {"damaged.safetensors", "CRC-32", "the file is damaged"});
+
+  // Another writer's file (no CRC) loads; with a NaN in it, it is refused naming the tensor.
+  io::SafetensorsFile foreign = file;
+  foreign.metadata.erase("tensors_crc32");
+  const std::string plain = dir.file("foreign.safetensors");
+  io::write_safetensors(plain, foreign.tensors, foreign.metadata);
+  EXPECT_NO_THROW(load_checkpoint(plain, net, {&opt}, *s));
+  for (io::TensorRecord& r : foreign.tensors)
+    if (r.name == "layer2.1.bn1.running_var") {
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      std::memcpy(r.data.data() + 4 * 3, &nan, 4);
+    }
+  const std::string with_nan = dir.file("nan.safetensors");
+  io::write_safetensors(with_nan, foreign.tensors, foreign.metadata);
+  expect_refused(with_nan, &opt, {"nan.safetensors", "'layer2.1.bn1.running_var' holds NaN (element 3)"});
 }
 
 TEST(Training, EvaluationOfACheckpointMatchesTheRun) {
