@@ -24,8 +24,18 @@ complete() {
   done
 }
 
+# The trainer's default is ./data/cifar-10-batches-bin from the directory it runs in: say how to
+# point it here where that is another directory.
+where_trainer_looks() {
+  if [ "$(readlink -f "$dest")" != "$(readlink -f ./data/cifar-10-batches-bin 2>/dev/null || true)" ]; then
+    echo "staleprop train finds it from $repo (its default, ./data/cifar-10-batches-bin), or anywhere with" \
+      "--data $dest or CIFAR10_DIR=$dest"
+  fi
+}
+
 if complete; then
   echo "CIFAR-10 already present in $dest"
+  where_trainer_looks
   exit 0
 fi
 mkdir -p "$dest"
@@ -93,3 +103,4 @@ if ! complete; then
   exit 1
 fi
 echo "CIFAR-10 ready in $dest"
+where_trainer_looks
