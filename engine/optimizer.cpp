@@ -1,11 +1,15 @@
 #include "engine/optimizer.h"
 
 #include "engine/ops.h"
+#include "kernels/common/error.h"
 
 namespace sp {
 
 Sgd::Sgd(std::vector<std::pair<std::string, Parameter*>> params, const SgdConfig& config, Stream& s)
     : config_(config), params_(std::move(params)) {
+  // As PyTorch's SGD: Nesterov's look-ahead is along the momentum, so it needs one.
+  SP_CHECK(!config.nesterov || config.momentum > 0, "SGD: Nesterov momentum needs a momentum > 0, got ",
+           config.momentum);
   for (auto& [name, p] : params_) {
     Tensor m = Tensor::empty(p->value.shape(), DType::F32, p->value.device());
     ops::fill(s, m, 0.f);

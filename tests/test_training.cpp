@@ -1163,6 +1163,40 @@ TEST(Bench, ThroughputBusyTimeAndMemoryOfBackpropAndDecoupledRuns) {
   EXPECT_THROW(train::run_bench(c), Error);  // a split needs a decoupled method
 }
 
+// The run's warm-up (in epochs) and milestones (fractions of the run) as steps, rounded to the
+// nearest; milestones the warm-up would hide, or that leave the base rate unused, are refused.
+TEST(Training, ScheduleStepsFollowTheRunsEpochsAndFractions) {
+  train::TrainConfig c = small_config();
+  c.schedule = "multistep", c.lr = 0.2f, c.gamma = 0.1f, c.epochs = 2;
+  c.milestones = {0.5, 0.8}, c.warmup_epochs = 0.5;
+  const LrSchedule s = train::make_schedule(c, 4);
+  EXPECT_EQ(s.kind, LrSchedule::Kind::MultiStep);
+  EXPECT_EQ(s.total_steps, 8);
+  EXPECT_EQ(s.warmup_steps, 2);
+  EXPECT_EQ(s.milestones, (std::vector<int64_t>{4, 6}));  // 0.8 of 8 steps is 6.4
+  const std::vector<float> want = {0.1f, 0.2f, 0.2f, 0.2f, 0.02f, 0.02f, 0.002f, 0.002f};
+  for (int64_t i = 0; i < 8; ++i) EXPECT_FLOAT_EQ(s.at(i), want[size_t(i)]) << "step " << i;
+  // Halves round away from zero: half an epoch of 3 steps is 2, 0.8 of 6 steps is 5.
+  const LrSchedule odd = train::make_schedule(c, 3);
+  EXPECT_EQ(odd.warmup_steps, 2);
+  EXPECT_EQ(odd.milestones, (std::vector<int64_t>{3, 5}));
+  c.warmup_epochs = 1.5;  // 6 steps of warm-up: the milestone at step 4 would be hidden
+  sp::test::expect_error<Error>([&] { train::make_schedule(c, 4); },
+                                {"--milestones: 0.5 of the run's 8 steps is step 4, inside the warm-up of 6 steps"});
+  c.schedule = "cosine";  // the milestones (here the default's) are not read
+  EXPECT_EQ(train::make_schedule(c, 4).warmup_steps, 6);
+  c.schedule = "multistep", c.warmup_epochs = 0, c.milestones = {0.05};
+  sp::test::expect_error<Error>([&] { train::make_schedule(c, 4); }, {"is step 0, its first"});
+  // Nesterov's look-ahead needs a momentum, in the optimizer too (as PyTorch's SGD).
+  Network net = layers::build_resnet("resnet20", 10, 0);
+  auto stream = make_stream(Device::cpu());
+  sp::test::expect_error<Error>(
+      [&] {
+        Sgd(net.state().params, SgdConfig{0.f, 0.f, true}, *stream);
+      },
+      {"Nesterov momentum needs a momentum > 0, got 0"});
+}
+
 TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
   const data::Dataset train = synthetic_set(32, 8);
   train::TrainConfig c = small_config();
@@ -1190,6 +1224,7 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
   const std::vector<std::pair<std::function<void(train::TrainConfig&)>, std::string>> wrong = {
       {[](train::TrainConfig& x) { x.lr = -0.1f; }, "--lr must be a finite number >= 0, got -0.1"},
       {[](train::TrainConfig& x) { x.momentum = 1.f; }, "--momentum must be in [0, 1), got 1"},
+      {[](train::TrainConfig& x) { x.momentum = 0.f, x.nesterov = true; }, "--nesterov needs a --momentum > 0"},
       {[](train::TrainConfig& x) { x.weight_decay = -1e-4f; }, "--weight-decay must be a finite number >= 0"},
       {[](train::TrainConfig& x) { x.label_smoothing = 1.f; }, "--label-smoothing must be in [0, 1), got 1"},
       {[](train::TrainConfig& x) { x.gamma = 0.f; }, "--gamma must be a finite number > 0, got 0"},

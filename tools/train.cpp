@@ -143,6 +143,8 @@ std::string json_number(double v) {
   return os.str();
 }
 
+}  // namespace
+
 LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch) {
   LrSchedule sch;
   sch.kind = LrSchedule::parse_kind(cfg.schedule);
@@ -155,10 +157,20 @@ LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch) {
     SP_CHECK(f > 0 && f < 1, "--milestones are fractions of the run in (0, 1), got ", f);
     SP_CHECK(i == 0 || f > cfg.milestones[i - 1], "--milestones must ascend, each once: ", cfg.milestones[i - 1],
              " then ", f);
-    sch.milestones.push_back(int64_t(std::llround(f * double(sch.total_steps))));
+    const int64_t step = int64_t(std::llround(f * double(sch.total_steps)));
+    // Inside the warm-up a milestone would be applied unseen, at the warm-up's end; at step 0 the
+    // base rate would never be used. (Only multistep reads them; the others ignore the default.)
+    SP_CHECK(sch.kind != LrSchedule::Kind::MultiStep || step >= std::max<int64_t>(1, sch.warmup_steps),
+             "--milestones: ", f, " of the run's ", sch.total_steps, " steps is step ", step, ", ",
+             step == 0 ? "its first" : "inside the warm-up of ",
+             step == 0 ? "" : std::to_string(sch.warmup_steps) + " steps",
+             ": a milestone must fall after the warm-up and the first step");
+    sch.milestones.push_back(step);
   }
   return sch;
 }
+
+namespace {
 
 void check_device_options(const TrainConfig& cfg, Device dev) {
   require_device(dev);
@@ -1102,6 +1114,7 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
            cfg.graph_memory, "'");
   SP_CHECK(std::isfinite(cfg.lr) && cfg.lr >= 0, "--lr must be a finite number >= 0, got ", cfg.lr);
   SP_CHECK(cfg.momentum >= 0 && cfg.momentum < 1, "--momentum must be in [0, 1), got ", cfg.momentum);
+  SP_CHECK(!cfg.nesterov || cfg.momentum > 0, "--nesterov needs a --momentum > 0 (as PyTorch's SGD)");
   SP_CHECK(std::isfinite(cfg.weight_decay) && cfg.weight_decay >= 0,
            "--weight-decay must be a finite number >= 0, got ", cfg.weight_decay);
   SP_CHECK(cfg.label_smoothing >= 0 && cfg.label_smoothing < 1, "--label-smoothing must be in [0, 1), got ",

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/network.h"
+#include "engine/schedule.h"
 #include "tools/cifar10.h"
 
 namespace sp::train {
@@ -139,5 +140,11 @@ std::vector<Device> devices_in_use(Device dev, const std::vector<std::string>& d
 
 // The activation dtype of TrainConfig::precision ("fp32" or "bf16").
 DType activation_dtype(const std::string& precision);
+
+// The learning-rate schedule of a run of cfg.epochs epochs of `steps_per_epoch` steps: the
+// warm-up and the milestones, given as epochs and as fractions of the run, become steps
+// (rounded to the nearest). Throws sp::Error for milestones out of (0, 1), not ascending, or
+// falling at the first step or inside the warm-up.
+LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch);
 
 }  // namespace sp::train
