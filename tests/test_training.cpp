@@ -679,6 +679,40 @@ TEST(Training, EvaluationOfACheckpointMatchesTheRun) {
   EXPECT_EQ(e.precision, "fp32");
   EXPECT_EQ(e.accuracy, r.epochs.back().test_acc);
   EXPECT_DOUBLE_EQ(e.loss, r.epochs.back().test_loss);
+  // Both agree with the checkpoint's network in evaluation mode run by hand over the test images
+  // in order, neither shuffled nor augmented (the two evaluations share their loader).
+  {
+    Network net = layers::build_resnet("resnet20", 10, 123);
+    auto s = make_stream(Device::cpu());
+    load_checkpoint(c.checkpoint, net, {}, *s);
+    net.set_training(false);
+    data::LoaderOptions plain;
+    plain.batch_size = 16, plain.shuffle = false, plain.augment = false;
+    const std::vector<int64_t> order = data::epoch_order(test.size(), false, 0, 0);
+    double loss_sum = 0;
+    int64_t correct = 0;
+    for (int64_t b = 0; b * 16 < test.size(); ++b) {
+      const int64_t n = std::min<int64_t>(16, test.size() - b * 16);
+      const Tensor images = Tensor::empty({n, 32, 32, 3}, DType::F32), labels = Tensor::empty({n}, DType::I32);
+      std::vector<int64_t> ids(static_cast<size_t>(n));
+      data::fill_batch(test, order, plain, 0, b, images.data<float>(), labels.data<int32_t>(), ids.data());
+      Tensor h = images;
+      std::vector<Context> ctx(net.size());
+      for (size_t i = 0; i < net.size(); ++i) h = net.block(i).forward(*s, h, ctx[i]);
+      s->synchronize();
+      for (int64_t i = 0; i < n; ++i) {
+        const float* z = h.data<float>() + i * 10;
+        const int32_t label = labels.data<int32_t>()[i];
+        double top = z[0], sum = 0;
+        for (int k = 1; k < 10; ++k) top = std::max(top, double(z[k]));
+        for (int k = 0; k < 10; ++k) sum += std::exp(double(z[k]) - top);
+        loss_sum += std::log(sum) + top - z[label];
+        correct += std::max_element(z, z + 10) - z == label;
+      }
+    }
+    EXPECT_EQ(double(correct) / double(test.size()), e.accuracy);
+    EXPECT_NEAR(loss_sum / double(test.size()), e.loss, 1e-5 * e.loss);
+  }
   // A bf16 run is evaluated in bf16, as its own test passes were; in fp32 when asked.
   c.precision = "bf16";
   c.checkpoint = dir.file("bf16.safetensors");
