@@ -47,7 +47,8 @@ def strip_name(name):
     return re.sub(r"/repeats:\d+.*$", "", re.sub(r"/manual_time.*$", "", name))
 
 
-# bench_gpu_kernels' switch contexts ("yes" when on) and how a table's column names them.
+# bench_gpu_kernels' switch contexts ("yes" when on, or a mode number, 0 off) and how a table's
+# column names them (with the mode where there is one).
 SWITCH_LABELS = [
     ("dgrad_by_stride_class", "stride classes"),
     ("dgrad_class_direct", "classes into dx"),
@@ -84,7 +85,12 @@ def kernel_rows(path):
             rows[strip_name(b["name"])] = (b["GB/s"], "GB/s", ratio, b.get("vs_copy_peak"), twin)
     ctx = doc.get("context", {})
     parts = [ctx[k] for k in ("tensor_core_mainloop",) if k in ctx]
-    parts += [label for key, label in SWITCH_LABELS if ctx.get(key) == "yes"]
+    for key, label in SWITCH_LABELS:
+        value = ctx.get(key)
+        if value == "yes":
+            parts.append(label)
+        elif value not in (None, "no", "0"):
+            parts.append(f"{label} {value}")  # a mode: conv_halo 1 or 2
     label = ", ".join(parts) if parts else path.rsplit("/", 1)[-1]
     return rows, label
 
