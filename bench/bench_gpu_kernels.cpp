@@ -66,9 +66,13 @@
 // default is what it is.
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
-// Suggested run (the full set takes ~15 min at the default min_time):
-//   bench_gpu_kernels --benchmark_min_time=0.1 --benchmark_out=gpu.json
+// Suggested run (tools/gpu_bench.sh runs it so, one family at a time):
+//   bench_gpu_kernels --benchmark_min_time=0.005 --benchmark_out=gpu.json
 //                     --benchmark_out_format=json [--benchmark_filter=conv_fwd] [--mainloop=wgmma]
+// min_time counts the time per call reported, while each iteration runs a block of `inner` calls
+// (up to 100) of ours and as many of the twin: a repetition lasts about 2 x inner x min_time, and
+// each benchmark runs --repetitions of them (default 5). At Google Benchmark's default min_time
+// (0.5 s) the whole set would take hours; the batch-norm family took 282 s at 0.02 on an H100.
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
 #include <cuda_runtime_api.h>
@@ -186,6 +190,10 @@ void env_init() {
   benchmark::AddCustomContext("cudnn_version", std::to_string(cudnnGetVersion()));
   benchmark::AddCustomContext("tensor_core_mainloop", kc::mainloop_name(kc::effective_mma_mainloop()));
   benchmark::AddCustomContext("repetitions", std::to_string(g_repetitions));
+  // What a bandwidth-bound op's GB/s counts: the minimum any implementation must move. A
+  // two-pass kernel (batch norm's statistics, then the normalisation) reads x again where it
+  // does not stay in L2, so its vs_copy is bounded below 1 on large tensors.
+  benchmark::AddCustomContext("bytes_counted", "each tensor the op reads or writes, once");
   for (const KernelSwitch& s : kKernelSwitches) benchmark::AddCustomContext(s.context, s.get() ? "yes" : "no");
   benchmark::AddCustomContext("conv_halo", std::to_string(kc::conv_halo()));
 }
@@ -426,6 +434,7 @@ void run_pair(benchmark::State& st, const std::string& key, const std::function<
       } catch (const std::exception&) {
       }
       st.counters["copy_us"] = vendor_ms * 1e3 / double(calls);  // under ~10 us: latency-bound
+      st.counters["bytes_per_call"] = work;  // as the context's bytes_counted says
     }
     const double ratio_p10 = quantile(block_ratio, 0.1), ratio_p90 = quantile(block_ratio, 0.9);
     st.counters[unit == Unit::Flops ? "vs_vendor_block_median" : "vs_copy_block_median"] = quantile(block_ratio, 0.5);
