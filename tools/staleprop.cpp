@@ -430,7 +430,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"trace", "FILE", "Chrome-trace/Perfetto JSON of the module stages of the first epoch this process runs (a one-module run then goes through the decoupled trainer: the same training, bit for bit, without --checkpoint-every, --stop-after or step records, and stopped early it drops the epoch it was in)", [&](const std::string& v) { c.trace = v; }},
       {"trace-ops", "", "with --trace: also every op of each module's stream in that epoch, timed with events on the stream (two per op: host time; not with --graphs, whose replays issue no ops)", [&](const std::string&) { c.trace_ops = true; }},
       {"staleness-jitter", "J", "with --method ddg or fdg: each received gradient becomes due 0..J ticks after it arrives (random, seeded by --seed, the same draws when resumed); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = to_i(v); }},
-      {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
+      {"recompute", "", "keep only module inputs; recompute activations before the backward, with the weights of that moment (with ddg/fdg these are newer than the forward's, so the gradient differs from saved activations'; --weight-stash recomputes with the forward's weights)", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
       {"graphs", "", "replay each module's steady-state tick from CUDA graphs (CPU: recorded closures); not with --staleness-jitter, --recompute, --weight-stash", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump: memory of captured ticks, laid out from recorded tensor lifetimes (one module: about the eager peak; decoupled modules: more, see the README) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
@@ -680,7 +680,7 @@ int bench_main(int argc, char** argv) {
       {"split", "K", "modules, balanced by measured block time (default 1)", [&](const std::string& v) { c.split = int(positive("split", to_i(v))); }},
       {"split-at", "CUTS", "explicit cuts \"i,j,..\", or fdg for FDG's published cuts into --split K modules", [&](const std::string& v) { c.split_at = v; }},
       {"shrink", "BETA", "gradient shrink factor, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = to_f(v); }},
-      {"recompute", "", "keep only module inputs; recompute activations before the backward", [&](const std::string&) { c.recompute = true; }},
+      {"recompute", "", "keep only module inputs; recompute activations before the backward, with the weights of that moment (with ddg/fdg these are newer than the forward's, so the gradient differs from saved activations'; --weight-stash recomputes with the forward's weights)", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used", [&](const std::string&) { c.weight_stash = true; }},
       {"devices", "D,D", "one device per module, of --device's kind (default: --device for all; --device defaults to the first); cpu:1,cpu:2,.. are emulated devices", [&](const std::string& v) { c.devices = comma_list(v); }},
       {"profile-ops", "N", "after the timed steps, run N more with each op timed by device events and print the time per op and per shape (slower: two event records per op; not with --graphs; default 0)", [&](const std::string& v) { c.profile_ops = to_ll(v); }},
@@ -727,7 +727,7 @@ int study_main(int argc, char** argv) {
       {"splits", "K,K", "module counts (default 1,2,3,4; K = 1 is plain backprop, run once, the baseline of the table's \"vs backprop\" column, which shows - without it)", [&](const std::string& v) { splits = v; }},
       {"split-at-fdg", "", "use FDG's published cuts where it has them (else balanced by measured block time)", [&](const std::string&) { fdg_cuts = true; }},
       {"shrink", "BETA", "gradient shrink factor of the ddg and fdg runs (default 1)", [&](const std::string& v) { c.shrink = to_f(v); }},
-      {"recompute", "", "recompute activations before the backward (memory for time)", [&](const std::string&) { c.recompute = true; }},
+      {"recompute", "", "recompute activations before the backward (memory for time; with the weights of that moment, see train --help)", [&](const std::string&) { c.recompute = true; }},
       {"devices", "D,D", "module k of every K-module run on the k-th of these (at least max K of them; plain backprop on the first; cpu:1,cpu:2,.. are emulated devices); --device defaults to the first", [&](const std::string& v) { c.devices = comma_list(v); }},
   };
   flags.insert(flags.end(), more.begin(), more.end());
