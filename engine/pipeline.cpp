@@ -532,6 +532,11 @@ void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool ste
     for (Context& c : f.contexts) c.clear();
   }
   ledger_.push_back({tick, k, in.batch, false});
+  if (k == last) {
+    std::set<const void*> seen;
+    last_module_saved_bytes_ = 0;
+    for (const Context& c : f.contexts) last_module_saved_bytes_ += c.saved_bytes(&seen);
+  }
   st.inflight.push_back(std::move(f));
   if (k < last) {
     send(st, *act_[size_t(k)], tick, in.batch, h, in.labels, end);
@@ -556,6 +561,9 @@ void PipelineTrainer::replayed_forward(int k, int64_t tick, int64_t batch, const
     out.tick = tick, out.batch = batch, out.shape = u.sent;
     return;
   }
+  std::set<const void*> seen;
+  last_module_saved_bytes_ = 0;
+  for (const Context& c : u.contexts) last_module_saved_bytes_ += c.saved_bytes(&seen);
   st.pending.push_back(u.loss);
   replayed_backward(k, tick, batch, u.sent);
 }
@@ -745,6 +753,7 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   const int K = num_modules();
   stats.busy_ms.assign(size_t(K), 0.0);
   net_.set_training(true);
+  last_module_saved_bytes_ = 0;
   for (auto& st : stages_) {
     SP_CHECK(st->inflight.empty() && st->gradients.empty(), "run_epoch: module ", st->index + 1, " still holds ",
              st->inflight.size(), " batches and ", st->gradients.size(),
@@ -791,10 +800,11 @@ PipelineEpochStats PipelineTrainer::run_epoch(const BatchSource& source, const L
   const auto wall_start = std::chrono::steady_clock::now();
   // Activation memory held for batches in flight, measured where it peaks within a tick: after
   // the forwards, and with --recompute also after the backwards, adding what they rebuilt
-  // (`extra`). The weight stashes of the batches in flight beside it.
+  // (`extra`), and the last module's (last_module_saved_bytes_). The weight stashes of the
+  // batches in flight beside it.
   auto measure_saved = [&](size_t extra) {
     std::set<const void*> seen;
-    size_t saved = extra, stashed = 0;
+    size_t saved = extra + last_module_saved_bytes_, stashed = 0;
     for (auto& st : stages_)
       for (const InFlight& f : st->inflight) {
         for (const Context& c : f.contexts) saved += c.saved_bytes(&seen);

@@ -178,7 +178,8 @@ struct PipelineEpochStats {
   std::vector<StageTiming> stages;
   // Most activation memory held for in-flight batches at once: their saved tensors (with
   // --recompute their stored module inputs, plus, during the backwards, the activations each
-  // module rebuilt for the batch it back-propagates in that tick).
+  // module rebuilt for the batch it back-propagates in that tick), and the last module's saved
+  // tensors of the batch it forwards and back-propagates within the tick.
   size_t peak_saved_bytes = 0;
   // --weight-stash: most memory held at once in the in-flight batches' copies of the weights.
   size_t peak_stash_bytes = 0;
@@ -250,6 +251,10 @@ class PipelineTrainer {
   // --recompute: bytes of the module inputs and rebuilt activations of the batches back-propagated
   // in the current tick (every module's at once: their streams run side by side).
   size_t tick_rebuilt_bytes_ = 0;
+  // Module K's saved activations of the batch it last forwarded: held only within its tick (its
+  // forward, the loss and its backward), beside the other modules' batches in flight, whose
+  // streams run side by side. Counted in every measurement of the activation memory.
+  size_t last_module_saved_bytes_ = 0;
   bool trace_ops_ = false;
   // Blocks the host until e has completed, counting the time in host_wait_ms_.
   void host_wait(Event& e);

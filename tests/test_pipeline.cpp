@@ -693,7 +693,8 @@ TEST(Pipeline, RecomputeSavesActivationMemoryAndRebuildsTheSameActivations) {
   // Recomputation's figure holds, beside the stored inputs, what the backwards rebuild. In the
   // steady state of fdg, just after the backwards of a tick, module k < K holds d_k - 1 inputs of
   // batches in flight plus the input and the rebuilt activations of the batch it back-propagates:
-  // sum over k < K of d_k * input_k + activations_k (per batch, measured here block by block).
+  // sum over k < K of d_k * input_k + activations_k (per batch, measured here block by block),
+  // and module K the activations of the batch it forwards and back-propagates within the tick.
   {
     const Batches many = make_batches(12, 4, 0, 26);
     PipelineConfig rc = config(PipelineMethod::FDG, {1, 2, 4}, 0.5f);
@@ -717,6 +718,30 @@ TEST(Pipeline, RecomputeSavesActivationMemoryAndRebuildsTheSameActivations) {
       for (const Context& c : ctx) activations += c.saved_bytes(&seen);
       want += size_t(2 * (K - 1 - k)) * input + activations;
     }
+    const auto [first, last] = p.blocks(K - 1);
+    std::vector<Context> ctx(last - first);
+    for (size_t b = first; b < last; ++b) h = fresh.block(b).forward(*s, h, ctx[b - first]);
+    s->synchronize();
+    std::set<const void*> seen;
+    for (const Context& c : ctx) want += c.saved_bytes(&seen);
+    EXPECT_EQ(peak, want);
+  }
+  // One module (plain backprop's pipeline) holds its batch's activations within each tick: they
+  // are counted (they were not: the last module's batch leaves the pipeline within its tick).
+  {
+    Network net = mini_resnet(1);
+    PipelineTrainer one(net, config(PipelineMethod::BP, {}));
+    const size_t peak = one.run_epoch(source_of(data), lr_at).peak_saved_bytes;
+    Network fresh = mini_resnet(1);
+    auto s = make_stream(Device::cpu());
+    Tensor h = data.images[0];
+    std::vector<Context> ctx(fresh.size());
+    for (size_t b = 0; b < fresh.size(); ++b) h = fresh.block(b).forward(*s, h, ctx[b]);
+    s->synchronize();
+    std::set<const void*> seen;
+    size_t want = 0;
+    for (const Context& c : ctx) want += c.saved_bytes(&seen);
+    EXPECT_GT(want, 0u);
     EXPECT_EQ(peak, want);
   }
   // Without stashing, recomputation uses the weights of the backward's moment: it trains, but
