@@ -92,8 +92,10 @@ std::vector<OpSpan> OpProfile::collect_spans(const std::function<Event*(const St
     Event* origin = origin_of(r->stream);
     if (!origin) continue;
     r->end->synchronize();
-    out.push_back({r->stream, r->op, r->shapes, double(r->start->elapsed_ms_since(*origin)),
-                   double(r->end->elapsed_ms_since(*r->start))});
+    // Start and end from the origin, as the pipeline's stages, so that rounding keeps an op
+    // inside its stage and apart from the next op.
+    const double start = r->start->elapsed_ms_since(*origin), end = r->end->elapsed_ms_since(*origin);
+    out.push_back({r->stream, r->op, r->shapes, start, std::max(0.0, end - start)});
   }
   std::stable_sort(out.begin(), out.end(), [](const OpSpan& a, const OpSpan& b) { return a.start_ms < b.start_ms; });
   return out;

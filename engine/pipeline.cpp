@@ -157,9 +157,12 @@ struct PipelineTrainer::Stage {
   void read_timings(int64_t through_tick, Event& origin, PipelineEpochStats& stats) {
     while (!timed.empty() && timed.front().tick <= through_tick) {
       TimedStage& t = timed.front();
-      const double start = t.start->elapsed_ms_since(origin), dur = t.end->elapsed_ms_since(*t.start);
-      stats.busy_ms[size_t(index)] += dur;
-      stats.stages.push_back({index, t.tick, t.batch, t.stage, start, dur});
+      // The busy time from the stage's own span (precise); its place on the timeline from the
+      // origin, end as start, so that rounding (elapsed times are floats: about 4 us steps a
+      // minute into the epoch) keeps stages back to back apart and ops inside their stages.
+      const double start = t.start->elapsed_ms_since(origin), end = t.end->elapsed_ms_since(origin);
+      stats.busy_ms[size_t(index)] += t.end->elapsed_ms_since(*t.start);
+      stats.stages.push_back({index, t.tick, t.batch, t.stage, start, std::max(0.0, end - start)});
       spare_timing.push_back(std::move(t.start));
       spare_timing.push_back(std::move(t.end));
       timed.pop_front();

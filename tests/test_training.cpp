@@ -897,6 +897,41 @@ TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
   EXPECT_THROW(train::run_training(mid, train, test), Error);
 }
 
+// The trace's times a minute into an epoch, where the elapsed times (floats) step by about 4 us:
+// a stage's end where the next one starts, and an op inside the first. Each time is written in
+// microseconds to the nanosecond, the end rounded from the origin as the start, so the stages
+// stay apart and the op inside (8 significant digits put the first stage's end 0.44 us past
+// the second's start). The file is replaced whole.
+TEST(Training, TraceTimesKeepStagesApartAndOpsInsideLateInAnEpoch) {
+  TempDir dir;
+  const std::string path = dir.file("trace.json");
+  sp::test::write_bytes(path, {'o', 'l', 'd'});
+  PipelineEpochStats st;
+  st.stages.push_back({0, 7, 3, "bwd", 65432.1015625, 65433.359375 - 65432.1015625});
+  st.stages.push_back({0, 7, 3, "step", 65433.359375, 0.5});
+  st.ops.push_back({0, "conv2d_backward_data", "f32 [1]", 65432.2109375, 0.3984375});
+  train::write_trace(path, st, 1, 0);
+  EXPECT_EQ(dir.entries(), std::vector<std::string>{"trace.json"}) << "a temporary file left";
+  const std::string json = read_text(path);
+  EXPECT_EQ(json.rfind("{\"displayTimeUnit\":\"ms\",\"traceEvents\":[", 0), 0u);
+  // Each event's start and end in whole nanoseconds, as written.
+  std::vector<std::pair<long long, long long>> spans;
+  for (size_t at = json.find("\"ts\":"); at != std::string::npos; at = json.find("\"ts\":", at + 1)) {
+    long long ts_us = 0, ts_ns = 0, dur_us = 0, dur_ns = 0;
+    ASSERT_EQ(std::sscanf(json.c_str() + at, "\"ts\":%lld.%3lld,\"dur\":%lld.%3lld", &ts_us, &ts_ns, &dur_us, &dur_ns),
+              4)
+        << json.substr(at, 60);
+    spans.emplace_back(ts_us * 1000 + ts_ns, ts_us * 1000 + ts_ns + dur_us * 1000 + dur_ns);
+  }
+  ASSERT_EQ(spans.size(), 3u) << json;
+  EXPECT_EQ(spans[0].first, 65432101563LL);
+  EXPECT_LE(spans[0].second, spans[1].first) << "the backward ends after the step starts";
+  EXPECT_EQ(spans[0].second, 65433359375LL);
+  EXPECT_GE(spans[2].first, spans[0].first);
+  EXPECT_LE(spans[2].second, spans[0].second) << "the op leaves its stage";
+  EXPECT_NE(json.find("\"ts\":65432101.563,\"dur\":1257.812"), std::string::npos) << json;
+}
+
 // --trace on plain backprop over one module: the run goes through the decoupled trainer to time
 // its stages, writes the trace, and trains the same bits as without it.
 TEST(Training, ATracedOneModuleRunWritesItsTraceAndTrainsTheSameBits) {

@@ -170,6 +170,44 @@ LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch) {
   return sch;
 }
 
+// Chrome-trace / Perfetto JSON of one epoch's stages: one track per module; with --trace-ops each
+// op of the module's stream inside its stages (category "op", its operand shapes as an argument).
+// Times are written in microseconds with 3 decimals, start and end each rounded from the
+// origin and the duration their difference, so that events back to back on a track (a stage's
+// end, the next one's start) stay apart and ops stay inside their stages: with 8 significant
+// digits, past 10 s an event's end could pass the next one's start, which Perfetto misdraws.
+// Written to a temporary file renamed over PATH, so PATH never holds half a trace.
+void write_trace(const std::string& path, const PipelineEpochStats& stats, int modules, int epoch) {
+  const auto span = [](double start_ms, double duration_ms) {
+    const long long ts = std::llround(start_ms * 1e6), end = std::llround((start_ms + duration_ms) * 1e6);
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "\"ts\":%lld.%03lld,\"dur\":%lld.%03lld", ts / 1000, ts % 1000, (end - ts) / 1000,
+                  (end - ts) % 1000);
+    return std::string(buf);
+  };
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  std::ofstream out(tmp);
+  SP_CHECK(out.good(), "cannot write the trace file '", tmp, "'");
+  out << "{\"displayTimeUnit\":\"ms\",\"traceEvents\":[";
+  for (int k = 0; k < modules; ++k)
+    out << (k ? "," : "") << "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":" << k + 1
+        << ",\"args\":{\"name\":\"module " << k + 1 << "\"}}";
+  for (const StageTiming& t : stats.stages)
+    out << ",{\"name\":" << json_str(t.stage + " b" + std::to_string(t.batch)) << ",\"cat\":\"epoch " << epoch + 1
+        << "\",\"ph\":\"X\",\"pid\":1,\"tid\":" << t.module + 1 << "," << span(t.start_ms, t.duration_ms)
+        << ",\"args\":{\"tick\":" << t.tick << "}}";
+  for (const OpTiming& o : stats.ops)
+    out << ",{\"name\":" << json_str(o.op) << ",\"cat\":\"op\",\"ph\":\"X\",\"pid\":1,\"tid\":" << o.module + 1
+        << "," << span(o.start_ms, o.duration_ms) << ",\"args\":{\"shapes\":" << json_str(o.shapes) << "}}";
+  out << "]}\n";
+  out.close();
+  if (!out.good() || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const std::string why = std::strerror(errno);
+    std::remove(tmp.c_str());
+    SP_CHECK(false, "error writing the trace file '", path, "': ", why);
+  }
+}
+
 namespace {
 
 void check_device_options(const TrainConfig& cfg, Device dev) {
@@ -761,26 +799,6 @@ std::vector<size_t> resolve_cuts(Run& run, std::string& how) {
   });
 }
 
-// Chrome-trace / Perfetto JSON of one epoch's stages: one track per module; with --trace-ops each
-// op of the module's stream inside its stages (category "op", its operand shapes as an argument).
-void write_trace(const std::string& path, const PipelineEpochStats& stats, int modules, int epoch) {
-  std::ofstream out(path);
-  SP_CHECK(out.good(), "cannot write the trace file '", path, "'");
-  out << "{\"displayTimeUnit\":\"ms\",\"traceEvents\":[";
-  for (int k = 0; k < modules; ++k)
-    out << (k ? "," : "") << "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":" << k + 1
-        << ",\"args\":{\"name\":\"module " << k + 1 << "\"}}";
-  for (const StageTiming& t : stats.stages)
-    out << ",{\"name\":" << json_str(t.stage + " b" + std::to_string(t.batch)) << ",\"cat\":\"epoch " << epoch + 1
-        << "\",\"ph\":\"X\",\"pid\":1,\"tid\":" << t.module + 1 << ",\"ts\":" << json_number(t.start_ms * 1e3)
-        << ",\"dur\":" << json_number(t.duration_ms * 1e3) << ",\"args\":{\"tick\":" << t.tick << "}}";
-  for (const OpTiming& o : stats.ops)
-    out << ",{\"name\":" << json_str(o.op) << ",\"cat\":\"op\",\"ph\":\"X\",\"pid\":1,\"tid\":" << o.module + 1
-        << ",\"ts\":" << json_number(o.start_ms * 1e3) << ",\"dur\":" << json_number(o.duration_ms * 1e3)
-        << ",\"args\":{\"shapes\":" << json_str(o.shapes) << "}}";
-  out << "]}\n";
-  SP_CHECK(out.good(), "error writing the trace file '", path, "'");
-}
 
 TrainResult run_pipelined(Run& run) {
   const TrainConfig& cfg = run.cfg;
@@ -846,6 +864,9 @@ TrainResult run_pipelined(Run& run) {
                    (cfg.graphs ? ", graphs" : ""),
                step, "cuts", cuts_str(pc.cuts));
 
+  // A trace from an earlier run would look like this one's where this one stops before its
+  // first epoch ends (interrupted, failed): it goes now, and the first epoch writes the new one.
+  if (!cfg.trace.empty()) std::remove(cfg.trace.c_str());
   std::string last_saved = cfg.resume;  // the checkpoint of the last epoch boundary passed
   for (int epoch = int(step / spe); epoch < cfg.epochs; ++epoch) {
     const auto epoch_start = Clock::now();

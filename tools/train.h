@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "engine/network.h"
+#include "engine/pipeline.h"
 #include "engine/schedule.h"
 #include "tools/cifar10.h"
 
@@ -146,5 +147,9 @@ DType activation_dtype(const std::string& precision);
 // (rounded to the nearest). Throws sp::Error for milestones out of (0, 1), not ascending, or
 // falling at the first step or inside the warm-up.
 LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch);
+
+// --trace: the Chrome-trace / Perfetto JSON of one epoch's stages (and ops, where recorded), one
+// track per module, written atomically to `path`.
+void write_trace(const std::string& path, const PipelineEpochStats& stats, int modules, int epoch);
 
 }  // namespace sp::train
