@@ -319,16 +319,16 @@ TEST(Sweep, AnInterruptEndsTheRunningRunsAndStartsNoOther) {
 
 TEST(Sweep, AFailedRunLeavesTheOthersRunning) {
   // One fails before it starts, one on its data, and a pipelined one after its first epoch
-  // (its checkpoint cannot be written: a directory stands at its path, so the write's final
-  // rename fails, while its own directory passes the check before training), with its module
-  // streams at work; and one whose --split-at cannot be read (it ended the whole sweep, its kind
-  // being worked out before any run).
+  // (its first epoch's checkpoint cannot be written: a directory stands at that path, so the
+  // write's final rename fails, while the pattern passes the check before training), with its
+  // module streams at work; and one whose --split-at cannot be read (it ended the whole sweep,
+  // its kind being worked out before any run).
   std::vector<train::SweepJob> jobs = {job("bad"), job("good"), job("no-data"), job("late", "fdg"), job("bad-cuts")};
   jobs[0].cfg.model = "resnet7";
   jobs[4].cfg.split_at = "4,x";
   jobs[2].data_dir = cifar().file("missing");
-  jobs[3].cfg.checkpoint = cifar().file("a-directory-stands-here");
-  std::filesystem::create_directories(jobs[3].cfg.checkpoint);
+  jobs[3].cfg.checkpoint = cifar().file("a-directory-stands-here{epoch}");
+  std::filesystem::create_directories(cifar().file("a-directory-stands-here1"));
   train::SweepOptions o;
   o.parallel = 2;
   std::FILE* status = std::tmpfile();

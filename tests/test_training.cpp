@@ -129,6 +129,36 @@ TEST(Training, ProgressIsABarPlainLinesOrNothing) {
   test::expect_error<Error>([&] { run("fancy"); }, {"--progress must be auto, bar, plain or none, got 'fancy'"});
 }
 
+// A decoupled run's progress shows no rate until a full tick has ended ("?": the host runs two
+// ticks ahead and the first d_1 ticks only fill the pipeline; the rate of the batches fed over
+// the time since the start was tens of times too high there), then the rate of the ticks that
+// have ended, about the epoch's own.
+TEST(Training, ADecoupledRunsProgressShowsTheRateOfTicksThatEnded) {
+  const data::Dataset train = synthetic_set(320, 15), test = synthetic_set(20, 16);  // 10 steps per epoch
+  TempDir dir;
+  train::TrainConfig c = small_config();
+  c.epochs = 1;
+  c.method = "fdg", c.split_at = "4,7";  // K = 3: d_1 = 4
+  c.progress = "plain";
+  c.log = dir.file("fdg.log");
+  const train::TrainResult r = train::run_training(c, train, test);
+  const std::string text = read_text(c.log);
+  for (int step = 2; step <= 10; ++step) {
+    const std::string head = "epoch 1/1 step " + std::to_string(step) + "/10 lr ";
+    const size_t at = text.find(head);
+    ASSERT_NE(at, std::string::npos) << text;
+    const std::string line = text.substr(at, text.find('\n', at) - at);
+    const size_t rate_at = line.find(' ', line.find(" lr ") + 4) + 1;
+    if (step <= 6) {  // batch step - 1 fed: ticks up to step - 3 ended, none of them full before tick 4
+      EXPECT_NE(line.find(" ? img/s ETA ?"), std::string::npos) << line;
+    } else {
+      const double rate = std::stod(line.substr(rate_at));
+      EXPECT_GT(rate, 0.2 * r.epochs[0].images_per_s) << line;
+      EXPECT_LT(rate, 5.0 * r.epochs[0].images_per_s) << line;
+    }
+  }
+}
+
 // The tools' JSON strings escape what JSON requires (quotes, backslashes, control characters).
 TEST(Training, JsonStringsAreEscaped) {
   EXPECT_EQ(train::json_str("conv2d_forward"), "\"conv2d_forward\"");
@@ -303,10 +333,14 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
     expect_resume_refused(resume_part, change, reason, set ? *set : train, test);
   };
   refused([](train::TrainConfig& c) { c.batch_size = 16; }, {"was written with other data, batch size or seed"});
-  refused([](train::TrainConfig& c) { c.model = "resnet32"; }, {"was it saved from another model?"});
+  // Another model's file is refused naming the model it holds (its metadata's), and why.
+  refused([](train::TrainConfig& c) { c.model = "resnet32"; },
+          {first.checkpoint + " holds a resnet20, not a resnet32", "was it saved from another model?"});
   // The same tensor names with other shapes (ResNet-18's stem has 64 filters, ResNet-20's 16).
   refused([](train::TrainConfig& c) { c.model = "resnet18"; },
-          {first.checkpoint, "'conv1.weight' is F32 [16, 3, 3, 3]", "was it saved from another model?"});
+          {first.checkpoint, "holds a resnet20, not a resnet18", "'conv1.weight' is F32 [16, 3, 3, 3]"});
+  test::expect_error<Error>([&] { train::evaluate_checkpoint(first.checkpoint, "resnet32", "cpu", test, 16); },
+                            {"holds a resnet20, not a resnet32", "'layer1.3.conv1.weight'"});
   // So are other batches with as many steps per epoch: another batch size, other images, other
   // augmentation.
   refused([](train::TrainConfig& c) { c.batch_size = 33; },  // 4 steps per epoch, as 32 gives
@@ -1315,6 +1349,7 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
       {[](train::TrainConfig& x) { x.checkpoint = "/nonexistent-staleprop-dir/run.safetensors"; },
        "--checkpoint /nonexistent-staleprop-dir/run.safetensors: directory '/nonexistent-staleprop-dir' does not "
        "exist"},
+      {[](train::TrainConfig& x) { x.checkpoint = "/tmp/."; }, "--checkpoint /tmp/.: is a directory"},
       {[](train::TrainConfig& x) { x.trace = "/nonexistent-staleprop-dir/sub/trace.json"; },
        "--trace /nonexistent-staleprop-dir/sub/trace.json: directory '/nonexistent-staleprop-dir/sub' does not exist"},
   };

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -74,6 +75,9 @@ bool parse_flags(const std::string& cmd, const std::string& what, const std::vec
       SP_CHECK(i + 1 < argc, cmd, ": --", name, " needs a value ", flag->value);
       value = argv[++i];
     }
+    // An empty value (an unset shell variable: --resume "$CKPT") would quietly mean the default.
+    SP_CHECK(flag->value.empty() || !value.empty(), cmd, ": --", name, " was given an empty value (it needs ",
+             flag->value, "); leave it out for the default");
     try {
       flag->set(value);
     } catch (const std::invalid_argument&) {
@@ -151,18 +155,23 @@ void default_device(std::string& device, const std::vector<std::string>& devices
 }
 
 // The non-empty items of "a,b,..".
-std::vector<std::string> comma_list(const std::string& v) {
+// The items of flag --name's comma-separated list v; an empty item ("1,,2", "a,") is refused
+// (parse_flags refuses an empty value), not skipped.
+std::vector<std::string> comma_list(const std::string& name, const std::string& v) {
   std::vector<std::string> out;
   std::stringstream ss(v);
-  for (std::string item; std::getline(ss, item, ',');)
-    if (!item.empty()) out.push_back(item);
+  for (std::string item; std::getline(ss, item, ',');) {
+    SP_CHECK(!item.empty(), "--", name, ": an empty item in '", v, "'");
+    out.push_back(item);
+  }
+  SP_CHECK(!out.empty() && v.back() != ',', "--", name, ": an empty item in '", v, "'");
   return out;
 }
 
 // The numbers of flag --name's comma-separated list v, each read whole.
 std::vector<double> parse_list(const std::string& name, const std::string& v) {
   std::vector<double> out;
-  for (const std::string& item : comma_list(v)) {
+  for (const std::string& item : comma_list(name, v)) {
     try {
       out.push_back(to_d(item));
     } catch (const std::logic_error&) {  // std::invalid_argument and std::out_of_range
@@ -426,7 +435,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"split-by", "COST", "time|flops: balance --split's cuts by each block's forward+backward time measured at the start, or by its counted forward FLOPs (the same cuts on every run and machine); default time, flops with --deterministic (which refuses time)", [&](const std::string& v) { c.split_by = v; }},
       {"split-at", "CUTS", "explicit cuts: first block of modules 2..K (\"i,j,..\", ascending), or fdg for FDG's published cuts into --split K modules. Block 0 is the stem, the last the pooling+linear head: resnet20 has 11 blocks, resnet32 17, resnet44 23, resnet56 29, resnet110 56, resnet18 10", [&](const std::string& v) { c.split_at = v; }},
       {"shrink", "BETA", "gradient shrink factor in (0, 1] applied by each module k < K, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = to_f(v); }},
-      {"devices", "D,D", "one device per module, of --device's kind (default: --device for all); cpu:1,cpu:2,.. run a multi-GPU layout on emulated CPU devices", [&](const std::string& v) { c.devices = comma_list(v); }},
+      {"devices", "D,D", "one device per module, of --device's kind (default: --device for all); cpu:1,cpu:2,.. run a multi-GPU layout on emulated CPU devices", [&](const std::string& v) { c.devices = comma_list("devices", v); }},
       {"trace", "FILE", "Chrome-trace/Perfetto JSON of the module stages of the first epoch this process runs (a one-module run then goes through the decoupled trainer: the same training, bit for bit, without --checkpoint-every, --stop-after or step records, and stopped early it drops the epoch it was in)", [&](const std::string& v) { c.trace = v; }},
       {"trace-ops", "", "with --trace: also every op of each module's stream in that epoch, timed with events on the stream (two per op: host time; not with --graphs, whose replays issue no ops)", [&](const std::string&) { c.trace_ops = true; }},
       {"staleness-jitter", "J", "with --method ddg or fdg: each received gradient becomes due 0..J ticks after it arrives (random, seeded by --seed, the same draws when resumed); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = to_i(v); }},
@@ -554,6 +563,8 @@ int sweep_main(int argc, char** argv) {
   SP_CHECK(in.good(), "sweep: cannot read the jobs file '", jobs_file, "'");
   std::vector<sp::train::SweepJob> jobs;
   int line_no = 0;
+  const bool sweep_threads = threads > 0;
+  size_t jobs_naming_threads = 0;
   for (std::string line; std::getline(in, line);) {
     ++line_no;
     const std::string where = jobs_file + " line " + std::to_string(line_no);
@@ -573,6 +584,7 @@ int sweep_main(int argc, char** argv) {
         SP_CHECK(threads == 0 || threads == a.threads, "--threads ", a.threads, " differs from the sweep's ",
                  threads, " (or an earlier job's): the CPU threads are shared by all runs");
         threads = a.threads;
+        ++jobs_naming_threads;
       }
     } catch (const std::exception& e) {
       throw sp::Error("sweep: " + where + ": " + sp::user_message(e));
@@ -588,6 +600,10 @@ int sweep_main(int argc, char** argv) {
     j.test_limit = a.test_limit;
     jobs.push_back(std::move(j));
   }
+  // A job without --threads would run on all cores alone: it may not quietly take another's.
+  SP_CHECK(sweep_threads || jobs_naming_threads == 0 || jobs_naming_threads == jobs.size(), "sweep: ",
+           jobs_naming_threads, " of the ", jobs.size(), " jobs name --threads ", threads,
+           " and the others do not (all cores): the CPU threads are shared by all runs, so give the sweep --threads");
   use_threads(threads);
   sp::train::SweepOptions o;
   o.parallel = parallel;
@@ -625,7 +641,7 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
       {"kernels", "K", "custom|vendor (vendor: cuBLASLt/cuDNN for GEMM and convolutions; GPU only; default custom)", [&](const std::string& v) { c.kernels = v; }},
       {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM and the convolutions TMA can address; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
       {"seed", "S", "seed of the weights and the synthetic data (default 0)", [&](const std::string& v) { c.seed = to_ull(v); }},
-      {"json", "FILE", "append each result as a JSON line to FILE (- for stdout)", [&](const std::string& v) { json = v; }},
+      {"json", "FILE", "append each result as a JSON line to FILE (- for stdout, which then holds the JSON alone: the summary goes to stderr)", [&](const std::string& v) { json = v; }},
       {"graphs", "", "replay steady-state ticks from CUDA graphs (backprop then runs as bp over one module); the warm-up grows until every phase is captured", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump: memory of captured ticks (see train --help; default planned)", [&](const std::string& v) { c.graph_memory = v; }},
       {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = thread_count(v); }},
@@ -639,7 +655,7 @@ void emit_json(const std::string& target, const sp::train::BenchResult& r) {
     return;
   }
   FILE* f = std::fopen(target.c_str(), "a");
-  SP_CHECK(f, "cannot open --json file ", target);
+  SP_CHECK(f, "cannot open --json file ", target, ": ", std::strerror(errno));
   std::fprintf(f, "%s\n", r.json().c_str());
   std::fclose(f);
 }
@@ -682,35 +698,38 @@ int bench_main(int argc, char** argv) {
       {"shrink", "BETA", "gradient shrink factor, with --method ddg or fdg (default 1)", [&](const std::string& v) { c.shrink = to_f(v); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward, with the weights of that moment (with ddg/fdg these are newer than the forward's, so the gradient differs from saved activations'; --weight-stash recomputes with the forward's weights)", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used", [&](const std::string&) { c.weight_stash = true; }},
-      {"devices", "D,D", "one device per module, of --device's kind (default: --device for all; --device defaults to the first); cpu:1,cpu:2,.. are emulated devices", [&](const std::string& v) { c.devices = comma_list(v); }},
+      {"devices", "D,D", "one device per module, of --device's kind (default: --device for all; --device defaults to the first); cpu:1,cpu:2,.. are emulated devices", [&](const std::string& v) { c.devices = comma_list("devices", v); }},
       {"profile-ops", "N", "after the timed steps, run N more with each op timed by device events and print the time per op and per shape (slower: two event records per op; not with --graphs; default 0)", [&](const std::string& v) { c.profile_ops = to_ll(v); }},
   };
   flags.insert(flags.end(), more.begin(), more.end());
   if (!parse_flags("bench", "Measures training throughput (images/s), peak device memory and, for the decoupled methods,\nper-module busy time, on random CIFAR-shaped batches resident on the device (as\nbench/pytorch_baseline.py does), after untimed warm-up steps.", flags, argc, argv)) return 0;
   use_threads(threads);
   default_device(c.device, c.devices);
+  if (json != "-") sp::train::check_output_directory("--json", json);  // before the measurement
   const sp::train::BenchResult r = sp::train::run_bench(c);
-  std::printf("%s batch %lld %s %s %s on %s: %.1f img/s, %.2f ms/step, peak memory %s MiB", c.model.c_str(),
+  // With --json - the JSON alone goes to stdout (for a pipe), the summary to stderr.
+  FILE* human = json == "-" ? stderr : stdout;
+  std::fprintf(human, "%s batch %lld %s %s %s on %s: %.1f img/s, %.2f ms/step, peak memory %s MiB", c.model.c_str(),
               (long long)c.batch_size, c.precision.c_str(), c.kernels.c_str(), method_str(r).c_str(),
               r.device_name.c_str(), r.images_per_s, r.ms_per_step, mib(r.peak_allocated_bytes).c_str());
   if (r.peak_allocated_by_device.size() > 1) {
     std::string each;
     for (const auto& [name, bytes] : r.peak_allocated_by_device) each += (each.empty() ? "" : ", ") + name + " " + mib(bytes);
-    std::printf(" (%s)", each.c_str());
+    std::fprintf(human, " (%s)", each.c_str());
   }
   if (c.method != "backprop") {
-    if (r.steady_images_per_s > 0) std::printf(" (steady state %.1f img/s)", r.steady_images_per_s);
-    std::printf(", busy %s, activations %s MiB", busy_str(r.busy_pct).c_str(), mib(r.peak_activation_bytes).c_str());
+    if (r.steady_images_per_s > 0) std::fprintf(human, " (steady state %.1f img/s)", r.steady_images_per_s);
+    std::fprintf(human, ", busy %s, activations %s MiB", busy_str(r.busy_pct).c_str(), mib(r.peak_activation_bytes).c_str());
   }
-  if (c.weight_stash) std::printf(", weight stash %.1f MiB", double(r.peak_stash_bytes) / double(1 << 20));
+  if (c.weight_stash) std::fprintf(human, ", weight stash %.1f MiB", double(r.peak_stash_bytes) / double(1 << 20));
   if (c.graphs)
-    std::printf(", %lld of %lld module units replayed from graphs (%lld warm-up steps)", (long long)r.replayed_units,
+    std::fprintf(human, ", %lld of %lld module units replayed from graphs (%lld warm-up steps)", (long long)r.replayed_units,
                 (long long)r.units, (long long)r.warmup);
-  std::printf("\n");
+  std::fprintf(human, "\n");
   if (c.profile_ops > 0) {
-    std::printf("%lld profiled steps: %.3f ms per step of wall time; ", (long long)c.profile_ops,
+    std::fprintf(human, "%lld profiled steps: %.3f ms per step of wall time; ", (long long)c.profile_ops,
                 r.profiled_wall_ms / double(c.profile_ops));
-    std::fputs(sp::format_op_profile(r.op_times, c.profile_ops).c_str(), stdout);
+    std::fputs(sp::format_op_profile(r.op_times, c.profile_ops).c_str(), human);
   }
   emit_json(json, r);
   return 0;
@@ -728,13 +747,14 @@ int study_main(int argc, char** argv) {
       {"split-at-fdg", "", "use FDG's published cuts where it has them (else balanced by measured block time)", [&](const std::string&) { fdg_cuts = true; }},
       {"shrink", "BETA", "gradient shrink factor of the ddg and fdg runs (default 1)", [&](const std::string& v) { c.shrink = to_f(v); }},
       {"recompute", "", "recompute activations before the backward (memory for time; with the weights of that moment, see train --help)", [&](const std::string&) { c.recompute = true; }},
-      {"devices", "D,D", "module k of every K-module run on the k-th of these (at least max K of them; plain backprop on the first; cpu:1,cpu:2,.. are emulated devices); --device defaults to the first", [&](const std::string& v) { c.devices = comma_list(v); }},
+      {"devices", "D,D", "module k of every K-module run on the k-th of these (at least max K of them; plain backprop on the first; cpu:1,cpu:2,.. are emulated devices); --device defaults to the first", [&](const std::string& v) { c.devices = comma_list("devices", v); }},
   };
   flags.insert(flags.end(), more.begin(), more.end());
   c.device.clear();  // unless given: default_device
   if (!parse_flags("study", "The locking study: for K = 1 (plain backprop) and every K > 1 and method given, measures\nthroughput, per-module busy share and memory on synthetic device-resident data (as\nstaleprop bench does) and prints a table; --json keeps every run.", flags, argc, argv)) return 0;
   use_threads(threads);
-  const std::vector<std::string> method_list = comma_list(methods);
+  if (json != "-") sp::train::check_output_directory("--json", json);  // before the runs
+  const std::vector<std::string> method_list = comma_list("methods", methods);
   std::vector<int> k_list;
   for (double k : parse_list("splits", splits)) {
     SP_CHECK(k >= 1 && k <= 1e6 && k == std::floor(k), "study: --splits: each K is a whole number of modules, got ", k);
@@ -776,6 +796,9 @@ int study_main(int argc, char** argv) {
       emit_json(json, r);
     }
   }
+  SP_CHECK(!results.empty(), "study: no runs (--splits and --methods name none)");
+  // With --json - the JSON alone goes to stdout (for a pipe), the table to stderr.
+  FILE* human = json == "-" ? stderr : stdout;
   // The tensor-core main loop matters only for our bf16 kernels on a GPU.
   const std::string loop = results.front().mainloop;
   const std::string kernels =
@@ -783,7 +806,7 @@ int study_main(int argc, char** argv) {
   std::string placed;
   for (const std::string& d : devices) placed += (placed.empty() ? " (module k on " : ",") + d;
   if (!placed.empty()) placed += ")";
-  std::printf("\n%s, batch %d, %s, %s, on %s%s; %lld timed steps after %lld warm-up steps%s%s\n\n", c.model.c_str(),
+  std::fprintf(human, "\n%s, batch %d, %s, %s, on %s%s; %lld timed steps after %lld warm-up steps%s%s\n\n", c.model.c_str(),
               int(c.batch_size), c.precision.c_str(), kernels.c_str(), results.front().device_name.c_str(),
               placed.c_str(), (long long)c.steps, (long long)c.warmup,
               c.graphs ? " (more under --graphs, until every phase is captured: warmup_run in --json)" : "",
@@ -791,9 +814,9 @@ int study_main(int argc, char** argv) {
                               " steps (- where that many do not fill the pipeline)")
                                  .c_str()
                            : "");
-  std::printf("| method | img/s | vs backprop | steady img/s | vs backprop | ms/step | busy per module | peak MiB | "
+  std::fprintf(human, "| method | img/s | vs backprop | steady img/s | vs backprop | ms/step | busy per module | peak MiB | "
               "activations MiB |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  std::fprintf(human, "|---|---|---|---|---|---|---|---|---|\n");
   // img/s is over an epoch of the timed steps (a decoupled run's fill and drain included);
   // steady, that of a full pipeline (BenchResult::steady_images_per_s). "-" for a figure not
   // measured, and for a ratio without K = 1 in --splits (no plain backprop run to compare with).
@@ -804,7 +827,7 @@ int study_main(int argc, char** argv) {
   };
   const auto ratio = [&](double value, double to) { return figure("%.2fx", to > 0 ? value / to : 0); };
   for (const auto& r : results) {
-    std::printf("| %s | %.1f | %s | %s | %s | %.2f | %s | %s | %s |\n", method_str(r).c_str(), r.images_per_s,
+    std::fprintf(human, "| %s | %.1f | %s | %s | %s | %.2f | %s | %s | %s |\n", method_str(r).c_str(), r.images_per_s,
                 ratio(r.images_per_s, base).c_str(), figure("%.1f", r.steady_images_per_s).c_str(),
                 ratio(r.steady_images_per_s, steady_base).c_str(), r.ms_per_step, busy_str(r.busy_pct).c_str(),
                 mib(r.peak_allocated_bytes).c_str(),

@@ -39,6 +39,14 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
+// Images per second, "?" where not known yet.
+std::string fmt_rate(double ips) {
+  if (!std::isfinite(ips) || ips < 0) return "?";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.0f", ips);
+  return buf;
+}
+
 std::string fmt_duration(double s) {
   if (!std::isfinite(s) || s < 0) return "?";
   char buf[32];
@@ -93,12 +101,14 @@ class Progress {
     if (st) std::snprintf(stats, sizeof stats, " loss %.4f acc %5.1f%%", st->mean_loss(), 100 * st->accuracy());
     if (bar_) {
       const int width = 24, filled = int(width * (index_in_epoch + 1) / std::max<int64_t>(1, spe_));
-      std::fprintf(out_, "\repoch %d/%d [%s%s] %lld/%lld%s lr %.4g %.0f img/s ETA %s   ", epoch + 1, epochs_,
-                  std::string(size_t(filled), '#').c_str(), std::string(size_t(width - filled), '.').c_str(),
-                  (long long)(index_in_epoch + 1), (long long)spe_, stats, lr, ips, fmt_duration(eta_s).c_str());
+      std::fprintf(out_, "\repoch %d/%d [%s%s] %lld/%lld%s lr %.4g %s img/s ETA %s   ", epoch + 1, epochs_,
+                   std::string(size_t(filled), '#').c_str(), std::string(size_t(width - filled), '.').c_str(),
+                   (long long)(index_in_epoch + 1), (long long)spe_, stats, lr, fmt_rate(ips).c_str(),
+                   fmt_duration(eta_s).c_str());
     } else {
-      std::fprintf(out_, "epoch %d/%d step %lld/%lld%s lr %.4g %.0f img/s ETA %s\n", epoch + 1, epochs_,
-                  (long long)(index_in_epoch + 1), (long long)spe_, stats, lr, ips, fmt_duration(eta_s).c_str());
+      std::fprintf(out_, "epoch %d/%d step %lld/%lld%s lr %.4g %s img/s ETA %s\n", epoch + 1, epochs_,
+                   (long long)(index_in_epoch + 1), (long long)spe_, stats, lr, fmt_rate(ips).c_str(),
+                   fmt_duration(eta_s).c_str());
     }
     std::fflush(out_);
   }
@@ -209,6 +219,24 @@ void write_trace(const std::string& path, const PipelineEpochStats& stats, int m
 }
 
 namespace {
+
+// load_checkpoint, whose refusal of another model's file ("no tensor 'layer1.3.conv1.weight'")
+// names the model the file's metadata records where that is not `model`.
+std::map<std::string, std::string> load_model_checkpoint(const std::string& path, const std::string& model,
+                                                         const Network& net, const std::vector<Sgd*>& opts,
+                                                         Stream& s) {
+  try {
+    return load_checkpoint(path, net, opts, s);
+  } catch (const Error& e) {
+    std::string holds;
+    try {
+      holds = io::read_safetensors(path).metadata["model"];
+    } catch (const Error&) {
+    }
+    if (holds.empty() || holds == model) throw;
+    throw Error(path + " holds a " + holds + ", not a " + model + " (" + user_message(e) + ")");
+  }
+}
 
 void check_device_options(const TrainConfig& cfg, Device dev) {
   require_device(dev);
@@ -656,7 +684,7 @@ TrainResult run_backprop(Run& run) {
   int64_t step = 0;
   StepStats resumed_epoch_stats;  // of the steps before the resume, in the epoch it resumes
   if (!cfg.resume.empty()) {
-    auto meta = load_checkpoint(cfg.resume, run.net, {&opt}, s);
+    auto meta = load_model_checkpoint(cfg.resume, cfg.model, run.net, {&opt}, s);
     step = run.check_resume(meta);
     run.result.already_complete = step == int64_t(cfg.epochs) * spe;
     SP_CHECK(run.result.already_complete || cfg.stop_after_steps < 0 || step < cfg.stop_after_steps, "--stop-after ",
@@ -843,7 +871,7 @@ TrainResult run_pipelined(Run& run) {
   const int64_t spe = run.spe;
   int64_t step = 0;
   if (!cfg.resume.empty()) {
-    auto meta = load_checkpoint(cfg.resume, run.net, opts, *run.stream);
+    auto meta = load_model_checkpoint(cfg.resume, cfg.model, run.net, opts, *run.stream);
     step = run.check_resume(meta);
     SP_CHECK(step % spe == 0, "--resume: ", cfg.resume,
              " was written inside an epoch; a run through the decoupled "
@@ -872,20 +900,27 @@ TrainResult run_pipelined(Run& run) {
     const auto epoch_start = Clock::now();
     run.begin_epoch_peak();  // the epoch's training peak, evaluation excluded
     int64_t fed = 0, images = 0;
+    // The rate of the ticks that have ended, from the first full one on. Batch t is fed at the
+    // start of tick t, when the host has seen tick t - 2 end (it runs two ticks ahead of the
+    // streams), and the first `fill` ticks fill the pipeline with less than a tick's work: the
+    // rate of the batches fed so far over the time since the start was many times too high early
+    // in an epoch (100,000 img/s on a CPU doing 400). Until a full tick has ended: no rate ("?").
+    const int64_t fill = pipe.delay(0);
+    Clock::time_point steady_start{};
     const PipelineTrainer::BatchSource source = [&](Tensor* x, Tensor* y) {
       if (fed == spe || run.interrupted()) return false;
       const data::Batch& b = run.loader->next();
       *x = b.images;
       *y = b.labels;
       images += b.images.size(0);
-      // The rate of the batches fed before this one, over the time they took (none before the
-      // first: no rate to show yet).
+      if (fed == fill + 1) steady_start = Clock::now();  // tick fill - 1 has ended: tick `fill` begins
       if (fed > 0 && run.progress.wants_update(fed)) {
-        const double el = seconds_since(epoch_start);
-        const double per_batch = el / double(fed);
-        run.progress.update(epoch, fed, nullptr, run.sched.at(step + fed),
-                            double(images - b.images.size(0)) / el,
-                            per_batch * double(spe - fed - 1 + int64_t(cfg.epochs - epoch - 1) * spe));
+        const int64_t ticks = fed - 1 - fill;  // ticks fill .. fed - 2 have ended since steady_start
+        const double el = ticks > 0 ? std::chrono::duration<double>(Clock::now() - steady_start).count() : 0.0;
+        const double per_tick = ticks > 0 && el > 0 ? el / double(ticks) : std::nan("");
+        const int64_t ticks_left = spe - fed + fill + int64_t(cfg.epochs - epoch - 1) * (spe + fill);
+        run.progress.update(epoch, fed, nullptr, run.sched.at(step + fed), double(cfg.batch_size) / per_tick,
+                            per_tick * double(ticks_left));
       }
       ++fed;
       return true;
@@ -1096,9 +1131,8 @@ std::chrono::steady_clock::time_point deadline_after(double seconds) {
 }
 
 // A file the run writes only later (--checkpoint at the end of an epoch, --trace after the first)
-// must go to a directory that exists and takes new files: checked before any training, so that
-// a mistyped path fails at once instead of after the first epoch.
-namespace {
+// must go to a directory that exists and takes new files, and not be a directory itself: checked
+// before any training, so that a mistyped path fails at once instead of after the first epoch.
 void check_output_directory(const std::string& flag, const std::string& file) {
   if (file.empty()) return;
   const std::filesystem::path parent = std::filesystem::path(file).parent_path();
@@ -1107,8 +1141,8 @@ void check_output_directory(const std::string& flag, const std::string& file) {
   SP_CHECK(std::filesystem::is_directory(dir, ec), flag, " ", file, ": directory '", dir, "' does not exist");
   SP_CHECK(::access(dir.c_str(), W_OK | X_OK) == 0, flag, " ", file, ": cannot write in directory '", dir,
            "': ", std::strerror(errno));
+  SP_CHECK(!std::filesystem::is_directory(file, ec), flag, " ", file, ": is a directory; give a file name in it");
 }
-}  // namespace
 
 TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set) {
   check_device_options(cfg, Device::parse(cfg.device));
@@ -1177,7 +1211,7 @@ EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model,
   auto stream = make_stream(dev);
   Network net = layers::build_resnet(model, data::kCifarClasses, 0);
   net.to(dev, *stream);
-  load_checkpoint(checkpoint, net, {}, *stream);
+  load_model_checkpoint(checkpoint, model, net, {}, *stream);
   Sgd unused(net.state().params, SgdConfig{}, *stream);
   const auto loader = make_eval_loader(test_set, batch_size);
   BackpropTrainer trainer(net, unused, *stream, 0.f, dt);

@@ -148,6 +148,10 @@ DType activation_dtype(const std::string& precision);
 // falling at the first step or inside the warm-up.
 LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch);
 
+// A file written only later (--checkpoint, --trace, bench's --json) must go to an existing
+// directory that takes new files, and not be a directory itself; throws sp::Error naming `flag`.
+void check_output_directory(const std::string& flag, const std::string& file);
+
 // --trace: the Chrome-trace / Perfetto JSON of one epoch's stages (and ops, where recorded), one
 // track per module, written atomically to `path`.
 void write_trace(const std::string& path, const PipelineEpochStats& stats, int modules, int epoch);
