@@ -73,8 +73,9 @@ struct BenchResult {
   int64_t ticks = 0;                   // decoupled methods: ticks of the timed epoch (fill and drain included)
   std::vector<double> busy_pct;        // decoupled methods: per module, busy share of the wall time
   double host_wait_pct = -1;           // decoupled methods: PipelineEpochStats::host_wait_ms's share (-1: none)
-  size_t peak_allocated_bytes = 0;     // device memory in tensors at the peak of the timed steps
-  size_t peak_reserved_bytes = 0;      // ... and held by the caching allocator
+  size_t peak_allocated_bytes = 0;     // device memory in the allocator's blocks handed out at the peak of the
+                                       // timed steps (whole cached blocks: at least the tensors' bytes)
+  size_t peak_reserved_bytes = 0;      // ... and held by the caching allocator (earlier runs' cache included)
   // With --devices: each device's peak (the two above are their sums), in --device, --devices order.
   std::vector<std::pair<std::string, size_t>> peak_allocated_by_device;
   // Decoupled methods: activations kept for batches in flight (PipelineEpochStats::peak_saved_bytes:
