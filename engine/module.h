@@ -62,9 +62,11 @@ struct Context {
     shape.clear();
     children.clear();
   }
-  // Bytes of distinct tensor storage referenced (an upper bound on the activation memory
-  // this batch keeps alive). Storage already in `seen` is not counted again, so one set can
-  // be passed over several contexts.
+  // Bytes of the tensors saved, each start address once (the activation memory this batch keeps
+  // alive). A view counts its own bytes, not the storage behind it: a batch that is a slice of a
+  // device-resident data set keeps the set alive, but the set is no activation; views of one
+  // storage at other offsets (no layer saves any) would count apart. An address already in
+  // `seen` is not counted again, so one set can be passed over several contexts.
   size_t saved_bytes(std::set<const void*>* seen = nullptr) const;
 };
 
