@@ -27,9 +27,14 @@ complete() {
 # The trainer's default is ./data/cifar-10-batches-bin from the directory it runs in: say how to
 # point it here where that is another directory.
 where_trainer_looks() {
-  if [ "$(readlink -f "$dest")" != "$(readlink -f ./data/cifar-10-batches-bin 2>/dev/null || true)" ]; then
+  local here
+  here=$(readlink -f "$dest")
+  [ "$here" = "$(readlink -f ./data/cifar-10-batches-bin 2>/dev/null || true)" ] && return 0
+  if [ "$here" = "$(readlink -f "$repo/data/cifar-10-batches-bin")" ]; then
     echo "staleprop train finds it from $repo (its default, ./data/cifar-10-batches-bin), or anywhere with" \
       "--data $dest or CIFAR10_DIR=$dest"
+  else
+    echo "staleprop train finds it with --data $dest or CIFAR10_DIR=$dest"
   fi
 }
 

@@ -154,7 +154,6 @@ void default_device(std::string& device, const std::vector<std::string>& devices
   if (device.empty()) device = devices.empty() ? "cpu" : devices[0];
 }
 
-// The non-empty items of "a,b,..".
 // The items of flag --name's comma-separated list v; an empty item ("1,,2", "a,") is refused
 // (parse_flags refuses an empty value), not skipped.
 std::vector<std::string> comma_list(const std::string& name, const std::string& v) {

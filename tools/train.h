@@ -145,7 +145,8 @@ DType activation_dtype(const std::string& precision);
 // The learning-rate schedule of a run of cfg.epochs epochs of `steps_per_epoch` steps: the
 // warm-up and the milestones, given as epochs and as fractions of the run, become steps
 // (rounded to the nearest). Throws sp::Error for milestones out of (0, 1), not ascending, or
-// falling at the first step or inside the warm-up.
+// (multistep only, the one schedule that reads them) falling at the first step or inside the
+// warm-up.
 LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch);
 
 // A file written only later (--checkpoint, --trace, bench's --json) must go to an existing
