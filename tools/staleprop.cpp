@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -362,7 +363,10 @@ int demo_main(int argc, char** argv) {
   const std::vector<Flag> flags = {
       {"steps", "N", "optimisation steps (default 60)", [&](const std::string& v) { o.steps = int(positive("steps", to_i(v))); }},
       {"batch", "B", "images per step (default 64)", [&](const std::string& v) { o.batch = int(positive("batch", to_i(v))); }},
-      {"lr", "LR", "SGD learning rate, momentum 0.9 (default 0.05)", [&](const std::string& v) { o.lr = to_f(v); }},
+      {"lr", "LR", "SGD learning rate, momentum 0.9 (default 0.05)", [&](const std::string& v) {
+         o.lr = to_f(v);
+         SP_CHECK(std::isfinite(o.lr) && o.lr > 0, "--lr must be a finite number > 0, got ", v);
+       }},
       {"seed", "S", "seed of the data and the initial weights (default 1)", [&](const std::string& v) { o.seed = to_ull(v); }},
   };
   if (!parse_flags("demo", "Trains a tiny CNN on a synthetic 10-class problem with the engine's ops on a CPU stream\nand prints the falling loss; exits 1 if, after 20 or more steps, it has not halved.", flags, argc, argv)) return 0;
@@ -558,6 +562,8 @@ int sweep_main(int argc, char** argv) {
                    flags, argc, argv))
     return 0;
   SP_CHECK(!jobs_file.empty(), "sweep: --jobs FILE is required");
+  std::error_code ec;
+  SP_CHECK(!std::filesystem::is_directory(jobs_file, ec), "sweep: the jobs file '", jobs_file, "' is a directory");
   std::ifstream in(jobs_file);
   SP_CHECK(in.good(), "sweep: cannot read the jobs file '", jobs_file, "'");
   std::vector<sp::train::SweepJob> jobs;
