@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import types
+import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINE = os.path.join(HERE, "..", "..", "bench", "pytorch_baseline.py")
@@ -137,6 +138,26 @@ def safetensors_header(path):
     return header
 
 
+def read_metadata(path):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)).get("__metadata__", {})
+
+
+def tensors_crc32(path):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    header.pop("__metadata__", None)
+    crc = 0
+    for name in sorted(header, key=lambda k: k.encode()):
+        begin, end = header[name]["data_offsets"]
+        crc = zlib.crc32(name.encode() + b"\0" + header[name]["dtype"].encode() + b"\0", crc)
+        crc = zlib.crc32(data[begin:end], crc)
+    return f"{crc:08x}"
+
+
 def main():
     staleprop = sys.argv[1]
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,6 +193,10 @@ def main():
             for param, rec in momenta.items():
                 check(theirs.get(param) == (rec["shape"], rec["dtype"]),
                       f"{model}: momentum buffer of {param} in its parameter's shape and dtype")
+            # The metadata's tensors_crc32, as a Python user would check it with zlib: over the
+            # tensors in the order of their names, each name, a 0 byte, its dtype, a 0 byte and its data.
+            check(tensors_crc32(path) == read_metadata(path).get("tensors_crc32"),
+                  f"{model}: the recorded CRC-32 is zlib's over the tensors by name")
     print("checkpoint names, shapes and dtypes match PyTorch's state_dict for resnet20 and resnet18")
 
 
