@@ -119,21 +119,27 @@ def main():
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
+    # cuDNN's autotuner, the usual eager practice (its choice is made in the warm-up steps); the
+    # JSON records it.
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = args.tf32
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     model = build(args.model).to(dev)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    # The optimizer staleprop bench steps (tools/bench.cpp): SGD, momentum 0.9, weight decay 5e-4,
+    # learning rate 0.01 (the rate changes no work).
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     # A pool of random batches on the GPU, rotated so no step sees the same input twice in a row.
     pool = [torch.randn(args.batch_size, 3, 32, 32, device=dev).to(memory_format=fmt) for _ in range(4)]
     labels = [torch.randint(0, 10, (args.batch_size,), device=dev) for _ in range(4)]
 
     def step(i):
+        # The gradients go before the forward, so the last step's are not held through it (they
+        # would add a copy of the parameters to the peak memory compared).
+        opt.zero_grad(set_to_none=True)
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.bf16):
             loss = F.cross_entropy(model(pool[i % 4]), labels[i % 4])
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
@@ -159,7 +165,8 @@ def main():
         "device": torch.cuda.get_device_name() if cuda else "cpu " + (platform.processor() or platform.machine()),
         "threads": None if cuda else torch.get_num_threads(),
         "model": args.model, "batch_size": args.batch_size, "channels_last": args.channels_last,
-        "bf16": args.bf16, "tf32": args.tf32, "steps": args.steps, "images_per_s": args.steps * args.batch_size / (ms / 1e3),
+        "bf16": args.bf16, "tf32": args.tf32, "cudnn_benchmark": cuda, "steps": args.steps, "warmup": args.warmup,
+        "images_per_s": args.steps * args.batch_size / (ms / 1e3),
         "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None, "date": time.strftime("%Y-%m-%d"),
     }))
 

@@ -451,6 +451,15 @@ if ((${#NEW_PATHS[@]})); then
       [ "$(left)" -gt 90 ] && timeout 60 python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" \
         --steps 50 --warmup 10 --bf16 --channels-last >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" &&
         tail -1 "$OUT/pytorch.jsonl"
+      # ResNet-56: PyTorch eager is fastest in NCHW (channels_last bf16 ran slower than fp32 NCHW on
+      # 2026-11-26), so bf16 and fp32 in NCHW too; a ratio is to PyTorch's best.
+      if [ "$1" = resnet56 ]; then
+        for flags in "--bf16" ""; do
+          [ "$(left)" -gt 90 ] && timeout 60 python3 bench/pytorch_baseline.py --model "$1" --batch-size "$2" \
+            --steps 50 --warmup 10 $flags >> "$OUT/pytorch.jsonl" 2>> "$OUT/pytorch.err" &&
+            tail -1 "$OUT/pytorch.jsonl"
+        done
+      fi
     done
   done
 fi

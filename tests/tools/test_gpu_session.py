@@ -19,7 +19,7 @@ timed out and the programmatic-launch test failed:
     are not measured again;
   - the training throughput with "the new paths on" switches on exactly the paths that passed,
     with them "off" switches every path off explicitly, and "defaults" sets none; ResNet-18 in two
-    rounds, PyTorch beside each round;
+    rounds, PyTorch beside each round (ResNet-56 in NCHW too, bf16 and fp32, PyTorch's fastest there);
   - with a second binary carried, the op-by-op fdg and backprop runs on both;
   - where the halo test failed, it runs once more with STALEPROP_HALO_DESC_PHASE=1, and on
     passing the halo is measured with it; with only 240 s left after ctest that retry and the
@@ -391,7 +391,9 @@ def main():
             names = t.getnames()
             session = t.extractfile("./session.txt").read().decode()
             pytorch = t.extractfile("./pytorch.jsonl").read().decode().splitlines()
-        check(len(pytorch) == 3, f"PyTorch beside each round of ResNet-18 and ResNet-56's one: {len(pytorch)}", log)
+        # ResNet-18: bf16 channels_last each round; ResNet-56: that, and bf16 and fp32 in NCHW (its
+        # fastest eager layout).
+        check(len(pytorch) == 5, f"PyTorch beside each round of ResNet-18 and ResNet-56's one: {len(pytorch)}", log)
         check("./ctest.log" in names and "done" in session.splitlines()[-1],
               f"results.tgz holds the ctest log and the whole session: {names}", log + session)
     print("gpu_session.sh: sanitizers and measurements gated on ctest, switches as passed, outputs packed")
