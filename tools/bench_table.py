@@ -33,9 +33,20 @@
       time per profiled step and the time the device certainly waited for the host (wall minus
       op time, meaningful on one stream).
 
+  pytorch F.jsonl ...
+      JSON lines of `staleprop bench --json` and of bench/pytorch_baseline.py, mixed. One row per
+      staleprop run of plain backprop over one module (model, batch, precision, kernels,
+      --graphs and its variant), beside PyTorch eager on the same device, model and batch: its
+      best rate in the same precision (fp32 without TF32, or bf16 autocast), in whichever
+      layout (NCHW or channels_last) ran faster, named, and our ratio to it; then PyTorch's best
+      in any setting (TF32 and the other precision included) and our ratio to that; then both
+      peaks of allocated memory (PyTorch's of its same-precision best). The latest line of a
+      setting wins.
+
     python3 tools/bench_table.py kernels gpu-out/dgrad-direct.json gpu-out/dgrad-wt.json
     python3 tools/bench_table.py train gpu-out/graphs.jsonl
     python3 tools/bench_table.py ops gpu-out/op-profile.jsonl
+    python3 tools/bench_table.py pytorch gpu-out/throughput.jsonl gpu-out/pytorch.jsonl
 """
 import json
 import re
@@ -223,8 +234,61 @@ def ops_table(paths):
     return "\n".join(out)
 
 
+def pytorch_setting(r):
+    """(precision, layout) of a bench/pytorch_baseline.py record: fp32, tf32 or bf16; NCHW or channels_last."""
+    precision = "bf16" if r.get("bf16") else "tf32" if r.get("tf32") else "fp32"
+    return precision, "channels_last" if r.get("channels_last") else "NCHW"
+
+
+def same_machine(ours, theirs):
+    """Whether a staleprop device string ("NVIDIA H100 80GB HBM3 (sm_90, 79.2 GiB)", "cpu (2 threads, ..)")
+    and a PyTorch one ("NVIDIA H100 80GB HBM3", "cpu x86_64") name the same kind of device."""
+    if ours.startswith("cpu") or theirs.startswith("cpu"):
+        return ours.startswith("cpu") and theirs.startswith("cpu")
+    return ours.startswith(theirs)
+
+
+def pytorch_table(paths):
+    ours, theirs = {}, {}
+    for p in paths:
+        with open(p) as f:
+            for line in f:
+                if not line.strip().startswith("{"):
+                    continue
+                r = json.loads(line)
+                if r.get("framework") == "pytorch-eager":
+                    theirs[(r.get("device", ""), r["model"], r["batch_size"], pytorch_setting(r))] = r
+                elif r.get("method") == "backprop" and r.get("modules", 1) == 1 and "precision" in r:
+                    graphs = "graphs" if r.get("graphs") else "op by op"
+                    ours[(r.get("device", ""), r["model"], r["batch_size"], r["precision"], r.get("kernels", "custom"),
+                          graphs, variant(r))] = r
+    out = ["| model | batch | precision | kernels | run | variant | img/s | PyTorch, same precision: img/s (layout) "
+           "| ratio | PyTorch's best: img/s (setting) | ratio | peak MiB, ours / PyTorch |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (device, model, batch, precision, kernels, graphs, var), r in ours.items():
+        mine = [(t, setting) for (d, m, b, setting), t in theirs.items()
+                if m == model and b == batch and same_machine(device, d)]
+        same = [x for x in mine if x[1][0] == precision]
+        best_same = max(same, key=lambda x: x[0]["images_per_s"], default=None)
+        best_any = max(mine, key=lambda x: x[0]["images_per_s"], default=None)
+
+        def cell(best):
+            if not best:
+                return "—", "—"
+            t, (prec, layout) = best
+            return (f"{t['images_per_s']:.0f} ({prec}, {layout})", f"{r['images_per_s'] / t['images_per_s']:.2f}")
+
+        same_cells, any_cells = cell(best_same), cell(best_any)
+        theirs_mib = fmt(best_same[0]["peak_memory_bytes"] / 2**20, 0) if best_same and best_same[0].get(
+            "peak_memory_bytes") else "—"
+        out.append(f"| {model} | {batch} | {precision} | {kernels} | {graphs} | {var} | {r['images_per_s']:.0f} | "
+                   f"{same_cells[0]} | {same_cells[1]} | {any_cells[0]} | {any_cells[1]} | "
+                   f"{fmt(r['peak_allocated_bytes'] / 2**20, 0)} / {theirs_mib} |")
+    return "\n".join(out)
+
+
 def main(argv):
-    tables = {"kernels": kernels_table, "train": train_table, "ops": ops_table}
+    tables = {"kernels": kernels_table, "train": train_table, "ops": ops_table, "pytorch": pytorch_table}
     if len(argv) < 3 or argv[1] not in tables:
         sys.stderr.write(__doc__)
         return 2

@@ -462,6 +462,10 @@ if ((${#NEW_PATHS[@]})); then
       fi
     done
   done
+  # Each run beside PyTorch's best in the same precision and in any setting (tools/bench_table.py).
+  { echo "== training throughput beside PyTorch eager"
+    python3 tools/bench_table.py pytorch "$OUT"/throughput-new-paths-*.jsonl "$OUT/pytorch.jsonl"; } \
+    >> "$OUT/vs-pytorch.md" 2>&1 && cat "$OUT/vs-pytorch.md" >> "$OUT/session.txt"
 fi
 
 # With COMPARE_BIN (tools/gpu_prepare.sh), ResNet-56's op-by-op fdg run over FDG's four cuts on

@@ -8,7 +8,9 @@ the CPU emulation, run op by op, with --graphs and with --graphs --graph-memory 
 configuration must fill all three column groups, with planned graphs holding less memory than
 bump ones. ops: on real `staleprop bench --profile-ops` lines (backprop and fdg), one column
 group per run, convolutions timed in both, a run's shares adding up to 100%, and the host
-waiting time equal to wall minus op time.
+waiting time equal to wall minus op time. pytorch: on hand-made lines of both programs, each of
+our runs beside PyTorch's best in its precision (the faster layout) and in any setting, from the
+same device, model and batch only.
 """
 import json
 import os
@@ -136,6 +138,39 @@ def main():
         op_time, wall = float(by_op["**op time**"][1]), float(by_op["**wall time**"][1])
         waiting = float(by_op["**device waiting for the host**"][1])
         check(abs(waiting - max(wall - op_time, 0.0)) < 0.002, f"waiting = wall - op time: {rows[-3:]}")
+
+        # pytorch: our plain-backprop runs beside PyTorch eager on the same device, model and batch:
+        # the same precision at its faster layout (here NCHW, as ResNet-56's fp32 ran), and its best in
+        # any setting; another device's and another batch's PyTorch lines are not matched.
+        mixed = os.path.join(tmp, "mixed.jsonl")
+        gpu = "NVIDIA H100 80GB HBM3"
+
+        def ours(precision, rate, **extra):
+            return dict({"model": "resnet56", "batch_size": 128, "method": "backprop", "modules": 1, "cuts": [],
+                         "precision": precision, "kernels": "custom", "device": gpu + " (sm_90, 79.2 GiB)",
+                         "images_per_s": rate, "peak_allocated_bytes": 570 * 2**20, "graphs": False}, **extra)
+
+        def torch(rate, bf16=False, channels_last=False, tf32=False, device=gpu, batch=128):
+            return {"framework": "pytorch-eager", "device": device, "model": "resnet56", "batch_size": batch,
+                    "bf16": bf16, "channels_last": channels_last, "tf32": tf32, "images_per_s": rate,
+                    "peak_memory_bytes": 600 * 2**20}
+
+        with open(mixed, "w") as f:
+            for r in (ours("fp32", 9870.0), ours("bf16", 21900.0), ours("bf16", 23500.0, graphs=True),
+                      torch(4460.0, channels_last=True), torch(6060.0), torch(8114.0, tf32=True),
+                      torch(4680.0, bf16=True, channels_last=True), torch(5600.0, bf16=True),
+                      torch(99999.0, device="NVIDIA H200"), torch(99999.0, batch=256)):
+                f.write(json.dumps(r) + "\n")
+        head, rows = table("pytorch", mixed)
+        by_run = {(r[2], r[4]): r for r in rows}
+        check(len(rows) == 3, f"one row per run of ours: {rows}")
+        fp32 = by_run.get(("fp32", "op by op"))
+        check(fp32 is not None and fp32[7] == "6060 (fp32, NCHW)" and fp32[8] == "1.63", f"fp32 against NCHW: {fp32}")
+        check(fp32[9] == "8114 (tf32, NCHW)" and fp32[10] == "1.22", f"fp32 against PyTorch's best (TF32): {fp32}")
+        bf16 = by_run.get(("bf16", "op by op"))
+        check(bf16 is not None and bf16[7] == "5600 (bf16, NCHW)" and bf16[8] == "3.91", f"bf16's best layout: {bf16}")
+        check(by_run.get(("bf16", "graphs"), [""] * 9)[8] == "4.20", f"the graphs' run has its own row: {rows}")
+        check(fp32[11] == "570 / 600", f"both peaks: {fp32}")
     print("bench_table: all checks passed")
 
 
