@@ -36,39 +36,62 @@ int current_device() {
   return dev;
 }
 
-// ---- Handles: one per host thread and device ---------------------------------------------------
-// Created on first use; destroyed when the thread exits (for the main thread, before the CUDA
-// runtime's own teardown at process exit). Destruction errors are ignored: a destructor cannot throw.
+// ---- Handles: one per host thread and device at a time -------------------------------------------
+// A thread takes a handle from a process-wide pool on first use (creating one, under the pool's
+// lock, where none is free: cuDNN advises against creating handles concurrently) and gives it
+// back when it exits; none is destroyed before the process ends. cudnnDestroy synchronises the
+// device: a sweep's worker thread ending while another run captures a CUDA graph would have
+// invalidated that capture (and stalled every stream).
+struct HandlePool {
+  std::mutex mu;
+  std::map<int, std::vector<cudnnHandle_t>> cudnn;
+  std::map<int, std::vector<cublasLtHandle_t>> lt;
+};
+HandlePool& handle_pool() {
+  static HandlePool* pool = new HandlePool;  // never destroyed: threads return handles at exit
+  return *pool;
+}
+
 struct ThreadHandles {
   std::map<int, cudnnHandle_t> cudnn;
   std::map<int, cublasLtHandle_t> lt;
   ~ThreadHandles() {
-    for (auto& [dev, h] : cudnn) {
-      if (cudaSetDevice(dev) == cudaSuccess) cudnnDestroy(h);
-    }
-    for (auto& [dev, h] : lt) {
-      if (cudaSetDevice(dev) == cudaSuccess) cublasLtDestroy(h);
-    }
+    HandlePool& pool = handle_pool();
+    std::lock_guard<std::mutex> lk(pool.mu);
+    for (auto& [dev, h] : cudnn) pool.cudnn[dev].push_back(h);
+    for (auto& [dev, h] : lt) pool.lt[dev].push_back(h);
   }
 };
 thread_local ThreadHandles t_handles;
 
-cudnnHandle_t cudnn_handle(int dev) {
-  auto it = t_handles.cudnn.find(dev);
-  if (it != t_handles.cudnn.end()) return it->second;
-  cudnnHandle_t h = nullptr;
-  SP_CUDNN_CHECK(cudnnCreate(&h));
-  t_handles.cudnn.emplace(dev, h);
+// This thread's handle for `dev`: its own, else a free one of the pool, else a new one.
+template <typename Handle, typename Create>
+Handle thread_handle(std::map<int, Handle>& mine, std::map<int, std::vector<Handle>> HandlePool::*free_of, int dev,
+                     const Create& create) {
+  auto it = mine.find(dev);
+  if (it != mine.end()) return it->second;
+  HandlePool& pool = handle_pool();
+  std::lock_guard<std::mutex> lk(pool.mu);
+  std::vector<Handle>& free = (pool.*free_of)[dev];
+  Handle h{};
+  if (free.empty()) {
+    create(&h);
+  } else {
+    h = free.back();
+    free.pop_back();
+  }
+  mine.emplace(dev, h);
   return h;
 }
 
+cudnnHandle_t cudnn_handle(int dev) {
+  return thread_handle(t_handles.cudnn, &HandlePool::cudnn, dev,
+                       [](cudnnHandle_t* h) { SP_CUDNN_CHECK(cudnnCreate(h)); });
+}
+
 cublasLtHandle_t lt_handle(int dev) {
-  auto it = t_handles.lt.find(dev);
-  if (it != t_handles.lt.end()) return it->second;
-  cublasLtHandle_t h = nullptr;
-  SP_CUBLAS_CHECK(cublasLtCreate(&h));
-  t_handles.lt.emplace(dev, h);
-  return h;
+  return thread_handle(t_handles.lt, &HandlePool::lt, dev,
+                       [](cublasLtHandle_t* h) { SP_CUBLAS_CHECK(cublasLtCreate(h)); });
 }
 
 // ---- Workspace: stream-ordered, from the default pool kept warm --------------------------------
@@ -105,13 +128,15 @@ class Workspace {
 };
 
 // ---- cuBLASLt GEMM plans -------------------------------------------------------------------------
-// The largest power of two (at most 256) dividing the address: the alignment class the
-// heuristic is told about, so the chosen algorithm is valid for these pointers.
+// The largest power of two (at most 256) dividing the address, down to a bf16 element's 2
+// bytes: the alignment class the heuristic is told about, so the chosen algorithm is valid for
+// these pointers (bf16 operands at an odd element were told 4). Deterministic: 16, 4 or 2, the
+// same algorithm for every pointer of a class.
 uint32_t alignment_of(const void* p) {
   const auto addr = reinterpret_cast<uintptr_t>(p);
   uint32_t a = 256;
-  while (a > 4 && (addr % a) != 0) a /= 2;
-  if (g_deterministic.load(std::memory_order_relaxed)) a = a >= 16 ? 16 : 4;
+  while (a > 2 && (addr % a) != 0) a /= 2;
+  if (g_deterministic.load(std::memory_order_relaxed)) a = a >= 16 ? 16 : a >= 4 ? 4 : 2;
   return a;
 }
 
