@@ -310,13 +310,13 @@ Arena::~Arena() {
   if (block_) backend.deallocate(block_);
 }
 
-void* Arena::bump(size_t size) {
+void* Arena::bump(size_t size, const void* stream_key) {
   // The first chunk from the current one on with room at its end; the sequence of chunks
   // visited depends only on the sequence of sizes since reset(), so addresses repeat.
   while (chunk_ < chunks_.size() && offset_ + size > chunks_[chunk_].size) ++chunk_, offset_ = 0;
   if (chunk_ == chunks_.size()) {
     const size_t chunk_size = std::max(chunk_bytes_, size);
-    chunks_.push_back({device_allocator(device_).allocate(chunk_size), chunk_size});
+    chunks_.push_back({device_allocator(device_).allocate(chunk_size, stream_key), chunk_size});
     offset_ = 0;
   }
   void* ptr = static_cast<char*>(chunks_[chunk_].data) + offset_;
@@ -347,7 +347,7 @@ ArenaAllocation Arena::allocate(size_t bytes, const void* stream_key, bool captu
     used_ = 0;
   }
   if (policy_ == Policy::Bump) {
-    a.data = bump(size);
+    a.data = bump(size, stream_key);
   } else {
     CachingAllocator& backend = device_allocator(device_);
     a.data = backend.allocate(size, stream_key);

@@ -212,7 +212,11 @@ class Arena {
   struct Trace;  // shared with the leases, which may outlive the arena
 
  private:
-  void* bump(size_t size);
+  // A bump allocation; a new chunk is a block of the caching allocator keyed to `stream_key`
+  // (so that, the arena gone, only that stream, which orders its queued work first, takes it
+  // again; under the null key another stream or the host could have had it while the arena's
+  // stream still used it).
+  void* bump(size_t size, const void* stream_key);
   struct Chunk {
     void* data;
     size_t size;
