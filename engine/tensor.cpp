@@ -1,8 +1,12 @@
 #include "engine/tensor.h"
 
+#include <atomic>
+#include <cstring>
+
 #include "engine/allocator.h"
 #include "engine/stream.h"
 #include "kernels/common/error.h"
+#include "kernels/common/switches.h"
 
 namespace sp {
 
@@ -42,6 +46,29 @@ void check_shape(const Shape& shape, size_t element_bytes) {
 }
 }  // namespace
 
+namespace {
+std::atomic<int> g_poison{-1};
+
+// STALEPROP_ALLOC_POISON=1 (the CPU emulation): every block the caching allocator hands out is
+// filled with 0xFF bytes (NaN in f32 and bf16) in the order the allocator's rule promises is
+// safe: on the stream it is keyed to, after the work queued there (the block's earlier users on
+// that stream), or at once for a block of the null key, which no queued work may still use. A
+// block reused while another stream (or the host) still reads it then reads NaN, so the tests
+// run with it see any breach of that rule as wrong values, not only as a race of timing.
+bool poison_allocations() { return kernels::env_switch(g_poison, "STALEPROP_ALLOC_POISON", false); }
+
+void poison(void* data, size_t bytes, const Stream* stream) {
+  if (bytes == 0) return;
+  if (stream == nullptr) {
+    std::memset(data, 0xFF, bytes);
+    return;
+  }
+  const_cast<Stream*>(stream)->enqueue_host([data, bytes] { std::memset(data, 0xFF, bytes); });
+}
+}  // namespace
+
+void set_allocation_poison(bool on) { kernels::set_switch(g_poison, on); }
+
 Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, const Stream* stream) {
   check_shape(shape, dtype_size(dtype));
   Tensor t;
@@ -69,6 +96,7 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, const Strea
              "graph is replayed");
     t.storage_->allocator = &device_allocator(device);
     t.storage_->data = t.storage_->allocator->allocate(t.storage_->bytes, stream);
+    if (device.is_cpu() && poison_allocations()) poison(t.storage_->data, t.storage_->bytes, stream);
   }
   t.shape_ = shape;
   t.dtype_ = dtype;

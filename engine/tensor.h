@@ -24,6 +24,10 @@ class Stream;
 using Shape = std::vector<int64_t>;
 
 std::string shape_str(const Shape& shape);
+
+// Overrides STALEPROP_ALLOC_POISON (tensor.cpp): CPU blocks of the caching allocator filled with
+// NaN bytes when handed out, in stream order, to show any reuse that breaks the allocator's rule.
+void set_allocation_poison(bool on);
 int64_t shape_numel(const Shape& shape);
 
 template <typename T>

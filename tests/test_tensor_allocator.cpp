@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <future>
@@ -513,6 +514,36 @@ TEST(Arena, ADeadArenasChunkIsReusedOnlyAfterItsStreamsWork) {
   EXPECT_NE(host.raw_data(), chunk) << "the dead arena's chunk went to the host while its stream's fill was queued";
   gate.set_value();
   s->synchronize();
+}
+
+// STALEPROP_ALLOC_POISON: a block handed out again is filled with NaN bytes in its stream's
+// order. A breach of the allocator's rule (the host drops a tensor of stream a while stream b
+// still has a read of it queued, and a takes the block again) then shows as NaN in what b reads,
+// where without the poison b would read the old values and the breach pass unseen.
+TEST(Allocator, PoisonShowsABlockReusedWhileAnotherStreamStillReadsIt) {
+  for (bool poison : {false, true}) {
+    set_allocation_poison(poison);
+    auto a = make_stream(Device::cpu()), b = make_stream(Device::cpu());
+    std::promise<void> gate;
+    std::shared_future<void> open = gate.get_future().share();
+    b->enqueue_host([open] { open.wait(); });
+    const Tensor read = Tensor::empty({256}, DType::F32);
+    void* block = nullptr;
+    {
+      const Tensor t = Tensor::empty({256}, DType::F32, Device::cpu(), a.get());
+      block = t.raw_data();
+      ops::fill(*a, t, 1.f);
+      a->synchronize();
+      ops::copy(*b, t, read);  // queued behind the gate; the host lets t go at once (the breach)
+    }
+    const Tensor again = Tensor::empty({256}, DType::F32, Device::cpu(), a.get());
+    ASSERT_EQ(again.raw_data(), block) << "the test needs the block handed out again";
+    a->synchronize();  // the poison, where on, has run
+    gate.set_value();
+    b->synchronize();
+    EXPECT_EQ(std::isnan(read.at<float>(0)), poison) << (poison ? "poisoned" : "plain") << ": " << read.at<float>(0);
+  }
+  set_allocation_poison(false);
 }
 
 TEST(Arena, AllocatingOnACapturingStreamOutsideAnArenaIsAnError) {
