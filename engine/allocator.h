@@ -215,7 +215,8 @@ class Arena {
   // A bump allocation; a new chunk is a block of the caching allocator keyed to `stream_key`
   // (so that, the arena gone, only that stream, which orders its queued work first, takes it
   // again; under the null key another stream or the host could have had it while the arena's
-  // stream still used it).
+  // stream still used it). An arena should go before its stream: chunks given back after the
+  // stream was retired stay with the retired streams' blocks, unused until empty_cache().
   void* bump(size_t size, const void* stream_key);
   struct Chunk {
     void* data;

@@ -49,12 +49,14 @@ void check_shape(const Shape& shape, size_t element_bytes) {
 namespace {
 std::atomic<int> g_poison{-1};
 
-// STALEPROP_ALLOC_POISON=1 (the CPU emulation): every block the caching allocator hands out is
-// filled with 0xFF bytes (NaN in f32 and bf16) in the order the allocator's rule promises is
-// safe: on the stream it is keyed to, after the work queued there (the block's earlier users on
-// that stream), or at once for a block of the null key, which no queued work may still use. A
-// block reused while another stream (or the host) still reads it then reads NaN, so the tests
-// run with it see any breach of that rule as wrong values, not only as a race of timing.
+// STALEPROP_ALLOC_POISON=1 (the CPU emulation): the memory of every new tensor, from the caching
+// allocator or an arena, is filled with 0xFF bytes (NaN in f32 and bf16) in the order the
+// allocator's rule promises is safe: on the stream it is keyed to, after the work queued there
+// (the memory's earlier users on that stream; in a captured unit, at each replay), or at once for
+// a block of the null key, which no queued work may still use. A block reused while another
+// stream (or the host) has yet to read it then reads NaN: the tests run with it see such a breach
+// as wrong values wherever the poison runs before the late read (without it, only where the new
+// owner's own writes do).
 bool poison_allocations() { return kernels::env_switch(g_poison, "STALEPROP_ALLOC_POISON", false); }
 
 void poison(void* data, size_t bytes, const Stream* stream) {
@@ -90,6 +92,8 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device, const Strea
     t.storage_->data = a.data;
     t.storage_->allocator = a.owner;
     t.storage_->lease = std::move(a.lease);
+    // In the stream's order (captured, where it captures, and replayed with the unit).
+    if (device.is_cpu() && poison_allocations()) poison(t.storage_->data, t.storage_->bytes, stream);
   } else {
     SP_CHECK(stream == nullptr || !stream->capturing(), "Tensor::empty ", shape_str(shape),
              ": allocation on a capturing stream outside an arena; the address would not stay valid when the "

@@ -417,25 +417,42 @@ TEST(Pipeline, InjectedStreamDelaysChangeNoBit) {
   same_with_delays(c, "ddg with staleness jitter");
 }
 
-// A queue slot grows when a larger batch follows a smaller one (here the epoch's first batch is
-// the small one): the producer waits until the slot's last read is done before it replaces the
-// buffers. With delays injected into the streams, op by op and from graphs, the run still
-// equals the sequential simulation bit for bit.
+// A queue slot grows when a larger batch comes than any before it (here one of 6 rows after
+// batches of 4, which set the graphs' full shape): the producer waits until the slot's last read
+// is done and drops the graphs that address the old buffers before it replaces them. With delays
+// injected into the streams, op by op and with graphs (captured before the growth, and again
+// after it), the run equals the sequential simulation bit for bit.
 TEST(Pipeline, QueueSlotsGrowingForALargerBatchChangeNoBit) {
-  Batches data = make_batches(1, 2, 0, 51);
-  const Batches rest = make_batches(7, 4, 3, 52);
+  Batches data = make_batches(6, 4, 0, 51);
+  const Batches big = make_batches(1, 6, 0, 52), rest = make_batches(8, 4, 3, 53);
+  data.images.insert(data.images.end(), big.images.begin(), big.images.end());
+  data.labels.insert(data.labels.end(), big.labels.begin(), big.labels.end());
   data.images.insert(data.images.end(), rest.images.begin(), rest.images.end());
   data.labels.insert(data.labels.end(), rest.labels.begin(), rest.labels.end());
   SimOptions two;
   two.epochs = 2;
   const std::vector<float> want = simulate(PipelineMethod::FDG, {1, 3}, data, 0.5f, two);
-  for (bool graphs : {false, true}) {
+  // The same run with a batch of 4 in the big one's place: no slot grows, no graph is dropped.
+  Batches even = data;
+  even.images[6] = data.images[7], even.labels[6] = data.labels[7];
+  const auto run = [&](const Batches& d, bool graphs, PipelineGraphStats* stats) {
     PipelineConfig c = config(PipelineMethod::FDG, {1, 3}, 0.5f);
     c.graphs = graphs;
     c.stream_options.jitter_max_us = 300;
     c.stream_options.seed = 5;
-    EXPECT_TRUE(same_bits(run_pipeline(c, data, 2), want)) << (graphs ? "from graphs" : "op by op");
-  }
+    Network net = mini_resnet(1);
+    PipelineTrainer p(net, c);
+    for (int e = 0; e < 2; ++e) p.run_epoch(source_of(d), lr_at);
+    if (stats) *stats = p.graph_stats();
+    return flat_params(net);
+  };
+  EXPECT_TRUE(same_bits(run(data, false, nullptr), want)) << "op by op";
+  PipelineGraphStats grown, control;
+  EXPECT_TRUE(same_bits(run(data, true, &grown), want)) << "with graphs";
+  run(even, true, &control);
+  EXPECT_GT(grown.replays, 0);
+  EXPECT_GT(control.replays, 0);
+  EXPECT_GT(grown.captured, control.captured) << "the graphs addressing the old buffers were not captured again";
 }
 
 TEST(Pipeline, EveryBatchIsForwardedAndBackpropagatedOncePerModulePerEpoch) {

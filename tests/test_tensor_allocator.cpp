@@ -498,19 +498,20 @@ TEST(Arena, StreamScopedTensorsComeFromTheArenaAndOthersDoNot) {
 // queued there on a chunk is ordered before any reuse. Under the null key a host tensor (or
 // another stream) could take the chunk while that work had yet to run.
 TEST(Arena, ADeadArenasChunkIsReusedOnlyAfterItsStreamsWork) {
-  auto s = make_stream(Device::cpu());
+  const Device dev = Device::cpu(9);  // an emulated device no other test uses: no block cached before
+  auto s = make_stream(dev);
   std::promise<void> gate;
   std::shared_future<void> open = gate.get_future().share();
   s->enqueue_host([open] { open.wait(); });
   void* chunk = nullptr;
   {
-    Arena a(Device::cpu(), size_t(1) << 20);
+    Arena a(dev, size_t(1) << 20);
     ArenaScope scope(*s, &a);
-    const Tensor t = Tensor::empty({1 << 18}, DType::F32, Device::cpu(), s.get());
+    const Tensor t = Tensor::empty({1 << 18}, DType::F32, dev, s.get());
     chunk = t.raw_data();
     ops::fill(*s, t, 1.f);  // queued behind the gate: the arena goes before it runs
   }
-  const Tensor host = Tensor::empty({1 << 18}, DType::F32);  // the null key, as parameters are
+  const Tensor host = Tensor::empty({1 << 18}, DType::F32, dev);  // the null key, as parameters are
   EXPECT_NE(host.raw_data(), chunk) << "the dead arena's chunk went to the host while its stream's fill was queued";
   gate.set_value();
   s->synchronize();

@@ -40,8 +40,9 @@
       best rate in the same precision (fp32 without TF32, or bf16 autocast), in whichever
       layout (NCHW or channels_last) ran faster, named, and our ratio to it; then PyTorch's best
       in any setting (TF32 and the other precision included) and our ratio to that; then both
-      peaks of allocated memory (PyTorch's of its same-precision best). The latest line of a
-      setting wins.
+      peaks of allocated memory (PyTorch's of its same-precision best), and the file of our run
+      (runs alike but for settings their lines do not record stay apart by file). The latest
+      line of a setting wins.
 
     python3 tools/bench_table.py kernels gpu-out/dgrad-direct.json gpu-out/dgrad-wt.json
     python3 tools/bench_table.py train gpu-out/graphs.jsonl
@@ -49,6 +50,7 @@
     python3 tools/bench_table.py pytorch gpu-out/throughput.jsonl gpu-out/pytorch.jsonl
 """
 import json
+import os
 import re
 import sys
 
@@ -260,12 +262,14 @@ def pytorch_table(paths):
                     theirs[(r.get("device", ""), r["model"], r["batch_size"], pytorch_setting(r))] = r
                 elif r.get("method") == "backprop" and r.get("modules", 1) == 1 and "precision" in r:
                     graphs = "graphs" if r.get("graphs") else "op by op"
+                    # The file too: runs that differ only in settings their lines do not record
+                    # (gpu_session.sh's paths off, on and by default) stay apart.
                     ours[(r.get("device", ""), r["model"], r["batch_size"], r["precision"], r.get("kernels", "custom"),
-                          graphs, variant(r))] = r
+                          graphs, variant(r), os.path.basename(p))] = r
     out = ["| model | batch | precision | kernels | run | variant | img/s | PyTorch, same precision: img/s (layout) "
-           "| ratio | PyTorch's best: img/s (setting) | ratio | peak MiB, ours / PyTorch |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (device, model, batch, precision, kernels, graphs, var), r in ours.items():
+           "| ratio | PyTorch's best: img/s (setting) | ratio | peak MiB, ours / PyTorch | file |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (device, model, batch, precision, kernels, graphs, var, source), r in ours.items():
         mine = [(t, setting) for (d, m, b, setting), t in theirs.items()
                 if m == model and b == batch and same_machine(device, d)]
         same = [x for x in mine if x[1][0] == precision]
@@ -283,7 +287,7 @@ def pytorch_table(paths):
             "peak_memory_bytes") else "—"
         out.append(f"| {model} | {batch} | {precision} | {kernels} | {graphs} | {var} | {r['images_per_s']:.0f} | "
                    f"{same_cells[0]} | {same_cells[1]} | {any_cells[0]} | {any_cells[1]} | "
-                   f"{fmt(r['peak_allocated_bytes'] / 2**20, 0)} / {theirs_mib} |")
+                   f"{fmt(r['peak_allocated_bytes'] / 2**20, 0)} / {theirs_mib} | {source} |")
     return "\n".join(out)
 
 

@@ -462,10 +462,16 @@ if ((${#NEW_PATHS[@]})); then
       fi
     done
   done
-  # Each run beside PyTorch's best in the same precision and in any setting (tools/bench_table.py).
-  { echo "== training throughput beside PyTorch eager"
-    python3 tools/bench_table.py pytorch "$OUT"/throughput-new-paths-*.jsonl "$OUT/pytorch.jsonl"; } \
-    >> "$OUT/vs-pytorch.md" 2>&1 && cat "$OUT/vs-pytorch.md" >> "$OUT/session.txt"
+  # Each run beside PyTorch's best in the same precision and in any setting (tools/bench_table.py),
+  # where both were measured (the budget may have skipped them).
+  if compgen -G "$OUT/throughput-new-paths-*.jsonl" > /dev/null && [ -s "$OUT/pytorch.jsonl" ]; then
+    { echo "== training throughput beside PyTorch eager"
+      python3 tools/bench_table.py pytorch "$OUT"/throughput-new-paths-*.jsonl "$OUT/pytorch.jsonl"; } \
+      >> "$OUT/vs-pytorch.md" 2>&1
+    cat "$OUT/vs-pytorch.md" >> "$OUT/session.txt"
+  else
+    log "no throughput beside PyTorch to tabulate"
+  fi
 fi
 
 # With COMPARE_BIN (tools/gpu_prepare.sh), ResNet-56's op-by-op fdg run over FDG's four cuts on

@@ -170,7 +170,13 @@ def main():
         bf16 = by_run.get(("bf16", "op by op"))
         check(bf16 is not None and bf16[7] == "5600 (bf16, NCHW)" and bf16[8] == "3.91", f"bf16's best layout: {bf16}")
         check(by_run.get(("bf16", "graphs"), [""] * 9)[8] == "4.20", f"the graphs' run has its own row: {rows}")
-        check(fp32[11] == "570 / 600", f"both peaks: {fp32}")
+        check(fp32[11] == "570 / 600" and fp32[12] == "mixed.jsonl", f"both peaks, and the file: {fp32}")
+        # Runs alike but in two files (paths off and on, which their lines may not record) stay apart.
+        other = os.path.join(tmp, "other.jsonl")
+        with open(other, "w") as f:
+            f.write(json.dumps(ours("fp32", 9000.0)) + "\n")
+        head, rows = table("pytorch", mixed, other)
+        check(sorted(r[6] for r in rows if r[2] == "fp32") == ["9000", "9870"], f"one row per file: {rows}")
     print("bench_table: all checks passed")
 
 

@@ -394,6 +394,9 @@ def main():
         # ResNet-18: bf16 channels_last each round; ResNet-56: that, and bf16 and fp32 in NCHW (its
         # fastest eager layout).
         check(len(pytorch) == 5, f"PyTorch beside each round of ResNet-18 and ResNet-56's one: {len(pytorch)}", log)
+        # The fake bench writes no throughput files: no table of them, and no traceback for it.
+        check("Traceback" not in session and "no throughput beside PyTorch to tabulate" in session,
+              "the PyTorch table is left out, saying so, where there is no throughput to tabulate", session[-2000:])
         check("./ctest.log" in names and "done" in session.splitlines()[-1],
               f"results.tgz holds the ctest log and the whole session: {names}", log + session)
     print("gpu_session.sh: sanitizers and measurements gated on ctest, switches as passed, outputs packed")
