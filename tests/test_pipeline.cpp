@@ -159,6 +159,12 @@ std::vector<float> simulate(PipelineMethod m, const std::vector<size_t>& cuts, c
   for (size_t c : cuts) first.push_back(c);
   for (int k = 0; k < K; ++k) last.push_back(k + 1 < K ? first[size_t(k) + 1] : net.size());
   auto s = make_stream(Device::cpu());
+  // Temporaries of the queued work are keyed to the stream, as the trainer's are: dropped on the
+  // host with work still queued on them, they are reused only in the stream's order (of the null
+  // key, the host's next allocation could take them first; STALEPROP_ALLOC_POISON showed it).
+  const auto temporary = [&](const Shape& shape, DType dtype) {
+    return Tensor::empty(shape, dtype, Device::cpu(), s.get());
+  };
   std::vector<std::unique_ptr<Sgd>> opt;
   std::vector<int64_t> steps(size_t(K), 0);
   for (int k = 0; k < K; ++k)
@@ -209,7 +215,7 @@ std::vector<float> simulate(PipelineMethod m, const std::vector<size_t>& cuts, c
       std::vector<Tensor> buffers;
       std::vector<int64_t> counts;
       for (auto& [name, buf] : state.buffers) {
-        buffers.push_back(Tensor::empty(buf->shape(), buf->dtype()));
+        buffers.push_back(temporary(buf->shape(), buf->dtype()));
         ops::copy(*s, *buf, buffers.back());
       }
       for (auto& [name, n] : state.counters) counts.push_back(*n);
@@ -236,15 +242,15 @@ std::vector<float> simulate(PipelineMethod m, const std::vector<size_t>& cuts, c
       input[{k, b}] = h;
       if (o.stash && k < K - 1)
         for (Parameter* p : module_params(k)) {
-          Tensor copy = Tensor::empty(p->value.shape(), DType::F32);
+          Tensor copy = temporary(p->value.shape(), DType::F32);
           ops::copy(*s, p->value, copy);
           stashed[{k, b}].push_back(copy);
         }
       h = forward(k, h, ctx[{k, b}]);
       act[{k, b}] = h;
       if (k == K - 1) {
-        Tensor loss = Tensor::empty({1}, DType::F32), correct = Tensor::empty({1}, DType::I32);
-        Tensor dlogits = Tensor::empty(h.shape(), DType::F32);
+        Tensor loss = temporary({1}, DType::F32), correct = temporary({1}, DType::I32);
+        Tensor dlogits = temporary(h.shape(), DType::F32);
         ops::softmax_cross_entropy(*s, h, data.labels[size_t(b)], 0.f, loss, dlogits, correct);
         backward(k, b, dlogits);
       }
