@@ -74,12 +74,14 @@ std::string tensors_crc32(std::vector<const io::TensorRecord*> records) {
   return hex;
 }
 
-// The first element of an f32 tensor that is NaN or an infinity, or -1.
-int64_t first_non_finite(const Tensor& t) {
-  if (t.dtype() != DType::F32) return -1;
+// "NaN (element i)" or "an infinity (element i)" for the first such element of an f32 tensor;
+// "" where there is none.
+std::string non_finite(const Tensor& t) {
+  if (t.dtype() != DType::F32) return "";
   const float* v = t.data<float>();
   const float* bad = std::find_if(v, v + t.numel(), [](float x) { return !std::isfinite(x); });
-  return bad == v + t.numel() ? -1 : bad - v;
+  if (bad == v + t.numel()) return "";
+  return detail::concat(std::isnan(*bad) ? "NaN" : "an infinity", " (element ", bad - v, ")");
 }
 
 }  // namespace
@@ -100,10 +102,8 @@ void save_checkpoint(const std::string& path, const Network& net, const std::vec
   s.synchronize();
   // A diverged run's weights are no state to go on from: nothing is written (nor replaced).
   for (const auto& [name, t] : host) {
-    const int64_t bad = first_non_finite(t);
-    SP_CHECK(bad < 0, path, ": not written: ", name, " holds ",
-             std::isnan(t.data<float>()[bad < 0 ? 0 : bad]) ? "NaN" : "an infinity", " (element ", bad,
-             "), the run diverged");
+    const std::string bad = non_finite(t);
+    SP_CHECK(bad.empty(), path, ": not written: ", name, " holds ", bad, ", the run diverged");
   }
   std::vector<io::TensorRecord> records;
   for (size_t i = 0; i < host.size(); ++i) {
@@ -153,10 +153,8 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
     } catch (const ShapeError& e) {  // the same names, other shapes: another width or depth
       throw ShapeError(path + ": " + user_message(e) + " (was it saved from another model?)");
     }
-    const int64_t bad = first_non_finite(host);
-    SP_CHECK(bad < 0, path, ": '", name, "' holds ",
-             std::isnan(host.data<float>()[bad < 0 ? 0 : bad]) ? "NaN" : "an infinity", " (element ", bad,
-             "): no state to go on from");
+    const std::string bad = non_finite(host);
+    SP_CHECK(bad.empty(), path, ": '", name, "' holds ", bad, ": no state to go on from");
     staged.emplace_back(layout == ParamLayout::KRSC ? permute_conv(host, false) : host, dst);
   };
   for (auto& [name, p] : st.params) stage(name, p->value, p->layout);

@@ -22,6 +22,13 @@ size_t Context::saved_bytes(std::set<const void*>* seen) const {
   return bytes;
 }
 
+size_t saved_bytes(const std::vector<Context>& contexts, std::set<const void*>* seen) {
+  std::set<const void*> local;
+  size_t bytes = 0;
+  for (const Context& c : contexts) bytes += c.saved_bytes(seen ? seen : &local);
+  return bytes;
+}
+
 std::string join_name(const std::string& prefix, const std::string& name) {
   return prefix.empty() ? name : prefix + "." + name;
 }

@@ -70,6 +70,9 @@ struct Context {
   size_t saved_bytes(std::set<const void*>* seen = nullptr) const;
 };
 
+// Context::saved_bytes summed over the contexts (of a module's blocks), each address counted once.
+size_t saved_bytes(const std::vector<Context>& contexts, std::set<const void*>* seen = nullptr);
+
 class Module {
  public:
   virtual ~Module() = default;

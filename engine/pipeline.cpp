@@ -535,11 +535,7 @@ void PipelineTrainer::enqueue_forward(int k, int64_t tick, Message& in, bool ste
     for (Context& c : f.contexts) c.clear();
   }
   ledger_.push_back({tick, k, in.batch, false});
-  if (k == last) {
-    std::set<const void*> seen;
-    last_module_saved_bytes_ = 0;
-    for (const Context& c : f.contexts) last_module_saved_bytes_ += c.saved_bytes(&seen);
-  }
+  if (k == last) last_module_saved_bytes_ = saved_bytes(f.contexts);
   st.inflight.push_back(std::move(f));
   if (k < last) {
     send(st, *act_[size_t(k)], tick, in.batch, h, in.labels, end);
@@ -564,9 +560,7 @@ void PipelineTrainer::replayed_forward(int k, int64_t tick, int64_t batch, const
     out.tick = tick, out.batch = batch, out.shape = u.sent;
     return;
   }
-  std::set<const void*> seen;
-  last_module_saved_bytes_ = 0;
-  for (const Context& c : u.contexts) last_module_saved_bytes_ += c.saved_bytes(&seen);
+  last_module_saved_bytes_ = saved_bytes(u.contexts);
   st.pending.push_back(u.loss);
   replayed_backward(k, tick, batch, u.sent);
 }
