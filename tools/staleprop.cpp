@@ -160,11 +160,11 @@ void default_device(std::string& device, const std::vector<std::string>& devices
 std::vector<std::string> comma_list(const std::string& name, const std::string& v) {
   std::vector<std::string> out;
   std::stringstream ss(v);
-  for (std::string item; std::getline(ss, item, ',');) {
-    SP_CHECK(!item.empty(), "--", name, ": an empty item in '", v, "'");
-    out.push_back(item);
-  }
-  SP_CHECK(!out.empty() && v.back() != ',', "--", name, ": an empty item in '", v, "'");
+  for (std::string item; std::getline(ss, item, ',');) out.push_back(item);
+  // (getline yields no item after a trailing comma: v.back() tells it.)
+  SP_CHECK(!out.empty() && v.back() != ',' && std::none_of(out.begin(), out.end(), [](const std::string& i) {
+             return i.empty();
+           }), "--", name, ": an empty item in '", v, "'");
   return out;
 }
 
@@ -653,6 +653,13 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
   };
 }
 
+// Where bench's summary and study's table go: stdout, or with --json - stderr (stdout then holds
+// the JSON alone, for a pipe). A --json file's directory is checked first, before any measurement.
+FILE* summary_out(const std::string& json) {
+  if (json != "-") sp::train::check_output_directory("--json", json);
+  return json == "-" ? stderr : stdout;
+}
+
 void emit_json(const std::string& target, const sp::train::BenchResult& r) {
   if (target.empty()) return;
   if (target == "-") {
@@ -710,10 +717,8 @@ int bench_main(int argc, char** argv) {
   if (!parse_flags("bench", "Measures training throughput (images/s), peak device memory and, for the decoupled methods,\nper-module busy time, on random CIFAR-shaped batches resident on the device (as\nbench/pytorch_baseline.py does), after untimed warm-up steps.", flags, argc, argv)) return 0;
   use_threads(threads);
   default_device(c.device, c.devices);
-  if (json != "-") sp::train::check_output_directory("--json", json);  // before the measurement
+  FILE* human = summary_out(json);
   const sp::train::BenchResult r = sp::train::run_bench(c);
-  // With --json - the JSON alone goes to stdout (for a pipe), the summary to stderr.
-  FILE* human = json == "-" ? stderr : stdout;
   std::fprintf(human, "%s batch %lld %s %s %s on %s: %.1f img/s, %.2f ms/step, peak memory %s MiB", c.model.c_str(),
               (long long)c.batch_size, c.precision.c_str(), c.kernels.c_str(), method_str(r).c_str(),
               r.device_name.c_str(), r.images_per_s, r.ms_per_step, mib(r.peak_allocated_bytes).c_str());
@@ -758,7 +763,7 @@ int study_main(int argc, char** argv) {
   c.device.clear();  // unless given: default_device
   if (!parse_flags("study", "The locking study: for K = 1 (plain backprop) and every K > 1 and method given, measures\nthroughput, per-module busy share and memory on synthetic device-resident data (as\nstaleprop bench does) and prints a table; --json keeps every run.", flags, argc, argv)) return 0;
   use_threads(threads);
-  if (json != "-") sp::train::check_output_directory("--json", json);  // before the runs
+  FILE* human = summary_out(json);
   const std::vector<std::string> method_list = comma_list("methods", methods);
   std::vector<int> k_list;
   for (double k : parse_list("splits", splits)) {
@@ -802,8 +807,6 @@ int study_main(int argc, char** argv) {
     }
   }
   SP_CHECK(!results.empty(), "study: no runs (--splits and --methods name none)");
-  // With --json - the JSON alone goes to stdout (for a pipe), the table to stderr.
-  FILE* human = json == "-" ? stderr : stdout;
   // The tensor-core main loop matters only for our bf16 kernels on a GPU.
   const std::string loop = results.front().mainloop;
   const std::string kernels =
