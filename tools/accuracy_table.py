@@ -25,6 +25,7 @@ Each cell writes NAME.jsonl (the metrics), NAME.log (the output) and NAME.cmd (t
 OUT, and NAME.safetensors (its last epoch's checkpoint) under --state.
 """
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -85,9 +86,24 @@ def run(args, extra):
                            args.parallel)
 
 
+def run_device(path):
+    """The device named by the first start record of a cell's metrics (staleprop's "NVIDIA H200 (sm_90,
+    139.8 GiB)" as "NVIDIA H200"), or None where the file has none."""
+    with open(path) as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if event.get("event") == "start" and event.get("device"):
+                return event["device"].split(" (")[0]
+    return None
+
+
 def table(args):
     rows = []
-    for entry in sorted(os.listdir(args.out)):
+    folders = [args.out] + (args.also or [])
+    for folder, entry in ((d, e) for d in folders for e in sorted(os.listdir(d))):
         if not entry.endswith(".jsonl"):
             continue
         name = entry[:-len(".jsonl")]
@@ -96,11 +112,11 @@ def table(args):
             k = int(k.lstrip("K"))
         except ValueError:
             continue
-        epochs = read_epochs(os.path.join(args.out, entry))
+        epochs = read_epochs(os.path.join(folder, entry))
         if not epochs:
             continue
         last = epochs[-1]
-        cmd_path = os.path.join(args.out, name + ".cmd")
+        cmd_path = os.path.join(folder, name + ".cmd")
         words = shlex.split(open(cmd_path).read()) if os.path.exists(cmd_path) else []
         wanted = epochs_of(words) if words else None
         beta = float(flags_of(words)[1].get("--shrink") or 1.0) if words else None  # the last --shrink counts
@@ -115,12 +131,15 @@ def table(args):
             "ips": sum(e["images_per_s"] for e in epochs) / len(epochs), "busy": busy, "shared": shared,
             "peak": last.get("peak_allocated_bytes", 0) / 2**20,
             "beta": beta, "published": PUBLISHED.get((model, method, k)),
+            "where": run_device(os.path.join(folder, entry)) or folder,
         })
     order = {"bp": 0, "ddg": 1, "fdg": 2}
     rows.sort(key=lambda r: (r["model"], r["k"], order.get(r["method"], 9)))
+    # Cells from several folders (--also: other sessions' devices) say where each ran.
+    several = len(folders) > 1
     out = ["| model | method | K | β | epochs | test error % (last) | best | img/s | busy % per module | "
-           "peak MiB | FDG's published error % (its β) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "peak MiB | FDG's published error % (its β) |" + (" device (or folder) |" if several else ""),
+           "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if several else "")]
     for r in rows:
         pub = "–"
         if r["published"] is not None:
@@ -130,9 +149,10 @@ def table(args):
         shared = f" (up to {r['shared']} at once)" if r["shared"] > 1 else ""
         peak = f"{r['peak']:,.0f}"
         out.append(f"| {r['model']} | {r['method']} | {r['k']} | {beta} | {r['epochs']} | {r['error']:.2f} | "
-                   f"{r['best']:.2f} | {r['ips']:,.0f}{shared} | {r['busy']} | {peak} | {pub} |")
+                   f"{r['best']:.2f} | {r['ips']:,.0f}{shared} | {r['busy']} | {peak} | {pub} |" +
+                   (f" {r['where']} |" if several else ""))
     if not rows:
-        print(f"{args.out}: no cells (no MODEL-METHOD-KN.jsonl with epoch records)", file=sys.stderr)
+        print(f"{', '.join(folders)}: no cells (no MODEL-METHOD-KN.jsonl with epoch records)", file=sys.stderr)
         return 1
     print("\n".join(out))
     return 0
@@ -156,12 +176,19 @@ def main():
                          "else 0.5)")
     ap.add_argument("--ddg-shrink", type=float, default=1.0,
                     help="shrink factor of the ddg cells (default 1: none, as Huo et al.'s DDG)")
+    ap.add_argument("--also", action="append", metavar="DIR",
+                    help="table: another directory of cells (another session's or device's), repeatable; the "
+                         "table then says where each cell ran")
     args = ap.parse_args(argv)
     for method in args.methods:
         if method not in ("bp", "ddg", "fdg"):
             ap.error(f"unknown method {method!r} (bp, ddg, fdg)")
     if args.verb == "table":
         existing_dir(ap, args.out, "--out")
+        for folder in args.also or []:
+            existing_dir(ap, folder, "--also")
+    elif args.also:
+        ap.error("--also is for table only")
     return run(args, extra) if args.verb == "run" else table(args)
 
 

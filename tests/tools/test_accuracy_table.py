@@ -12,7 +12,8 @@ with bp, ddg and fdg on 64 images for one epoch, two at once, and checks that:
     records written after it, and ends as the uninterrupted run does;
   - the Markdown table has one row per cell with its shrink factor, its busy shares, its img/s
     marked as shared with the cells beside it, its own peak memory, and FDG's published figure
-    (with the factor it was published with) only where one exists.
+    (with the factor it was published with) only where one exists; with --also, the cells of
+    several folders in one table, each saying the device it ran on (else its folder).
 """
 import json
 import os
@@ -114,6 +115,22 @@ def main():
                      for l in table.splitlines() if l.startswith("| resnet56 ")}
         check(rc == 0 and published == {"bp": "6.19", "fdg": "5.90 (β = 0.5)", "ddg": "6.89"},
               "FDG's published errors beside bp K=1, fdg K=2 (with its β) and ddg K=2", table)
+        # Cells of several folders (--also: other sessions, other devices) in one table, each row
+        # saying where it ran: the device of its start record, else its folder (epoch records only).
+        bare = os.path.join(tmp, "bare")
+        os.makedirs(bare)
+        with open(os.path.join(bare, "resnet56-fdg-K4.jsonl"), "w") as f:
+            for e in read_epochs(os.path.join(out, "resnet20-fdg-K2.jsonl")):
+                f.write(json.dumps(e) + "\n")
+        rc, table = run("table", "--out", r56, "--also", bare)
+        where = {tuple(c.strip() for c in l.strip("|").split("|"))[1:3]: l.strip("|").split("|")[11].strip()
+                 for l in table.splitlines() if l.startswith("| resnet56 ")}
+        check(rc == 0 and "device (or folder)" in table and
+              where == {("bp", "1"): "cpu", ("ddg", "2"): "cpu", ("fdg", "2"): "cpu", ("fdg", "4"): bare},
+              "the cells of both folders, with the device each ran on (the folder where unrecorded)", table)
+        rc, log = run("table", "--out", r56, "--also", os.path.join(tmp, "nowhere"))
+        check(rc == 2 and "--also " + os.path.join(tmp, "nowhere") + ": no such directory" in log,
+              "a missing --also directory is named", log)
 
         # Resumption: the fdg K = 2 cell over two epochs, whole...
         two = ["--staleprop", staleprop, "--models", "resnet20", "--splits", "2", "--methods", "fdg", "--epochs",
