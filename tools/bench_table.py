@@ -41,8 +41,9 @@
       layout (NCHW or channels_last) ran faster, named, and our ratio to it; then PyTorch's best
       in any setting (TF32 and the other precision included) and our ratio to that; then both
       peaks of allocated memory (PyTorch's of its same-precision best), and the file of our run
-      (runs alike but for settings their lines do not record stay apart by file). The latest
-      line of a setting wins.
+      (runs alike but for settings their lines do not record stay apart by file). Where a setting
+      ran more than once (rounds of one session), each side's fastest line counts, and the cell
+      says of how many and the slowest: PyTorch's rate can move by 15% between rounds.
 
     python3 tools/bench_table.py kernels gpu-out/dgrad-direct.json gpu-out/dgrad-wt.json
     python3 tools/bench_table.py train gpu-out/graphs.jsonl
@@ -259,18 +260,28 @@ def pytorch_table(paths):
                     continue
                 r = json.loads(line)
                 if r.get("framework") == "pytorch-eager":
-                    theirs[(r.get("device", ""), r["model"], r["batch_size"], pytorch_setting(r))] = r
+                    theirs.setdefault((r.get("device", ""), r["model"], r["batch_size"], pytorch_setting(r)),
+                                      []).append(r)
                 elif r.get("method") == "backprop" and r.get("modules", 1) == 1 and "precision" in r:
                     graphs = "graphs" if r.get("graphs") else "op by op"
                     # The file too: runs that differ only in settings their lines do not record
                     # (gpu_session.sh's paths off, on and by default) stay apart.
-                    ours[(r.get("device", ""), r["model"], r["batch_size"], r["precision"], r.get("kernels", "custom"),
-                          graphs, variant(r), os.path.basename(p))] = r
+                    ours.setdefault((r.get("device", ""), r["model"], r["batch_size"], r["precision"],
+                                     r.get("kernels", "custom"), graphs, variant(r), os.path.basename(p)), []).append(r)
+
+    def fastest(runs):
+        """The fastest of a setting's runs, and a note of how many ran and the slowest's rate."""
+        rates = [x["images_per_s"] for x in runs]
+        best = max(runs, key=lambda x: x["images_per_s"])
+        return best, (f"fastest of {len(runs)}, slowest {min(rates):.0f}" if len(runs) > 1 else "")
+
+    theirs = {key: fastest(runs) for key, runs in theirs.items()}
     out = ["| model | batch | precision | kernels | run | variant | img/s | PyTorch, same precision: img/s (layout) "
            "| ratio | PyTorch's best: img/s (setting) | ratio | peak MiB, ours / PyTorch | file |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (device, model, batch, precision, kernels, graphs, var, source), r in ours.items():
-        mine = [(t, setting) for (d, m, b, setting), t in theirs.items()
+    for (device, model, batch, precision, kernels, graphs, var, source), runs in ours.items():
+        r, repeats = fastest(runs)
+        mine = [(t, setting, note) for (d, m, b, setting), (t, note) in theirs.items()
                 if m == model and b == batch and same_machine(device, d)]
         same = [x for x in mine if x[1][0] == precision]
         best_same = max(same, key=lambda x: x[0]["images_per_s"], default=None)
@@ -279,13 +290,15 @@ def pytorch_table(paths):
         def cell(best):
             if not best:
                 return "—", "—"
-            t, (prec, layout) = best
-            return (f"{t['images_per_s']:.0f} ({prec}, {layout})", f"{r['images_per_s'] / t['images_per_s']:.2f}")
+            t, (prec, layout), note = best
+            return (f"{t['images_per_s']:.0f} ({prec}, {layout}{'; ' + note if note else ''})",
+                    f"{r['images_per_s'] / t['images_per_s']:.2f}")
 
         same_cells, any_cells = cell(best_same), cell(best_any)
         theirs_mib = fmt(best_same[0]["peak_memory_bytes"] / 2**20, 0) if best_same and best_same[0].get(
             "peak_memory_bytes") else "—"
-        out.append(f"| {model} | {batch} | {precision} | {kernels} | {graphs} | {var} | {r['images_per_s']:.0f} | "
+        rate = f"{r['images_per_s']:.0f}" + (f" ({repeats})" if repeats else "")
+        out.append(f"| {model} | {batch} | {precision} | {kernels} | {graphs} | {var} | {rate} | "
                    f"{same_cells[0]} | {same_cells[1]} | {any_cells[0]} | {any_cells[1]} | "
                    f"{fmt(r['peak_allocated_bytes'] / 2**20, 0)} / {theirs_mib} | {source} |")
     return "\n".join(out)
