@@ -450,6 +450,9 @@ NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/
 SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
   --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats
   --section SchedulerStats)
+# Each section's body too (the warp stall reasons of WarpStateStats): the headers alone could not say
+# what the bf16 GEMM's warps wait on (2026-11-28). Only where this ncu has the option.
+[ -n "$NCU" ] && "$NCU" --help 2> /dev/null | grep -q -- '--print-details' && SECTIONS+=(--print-details all)
 ncu_run() {
   local name=$1 kernels=$2 skip=$3 count=$4 filter=$5 cap
   shift 5

@@ -29,7 +29,7 @@ timed out and the programmatic-launch test failed:
   - where the halo test failed, it runs once more with STALEPROP_HALO_DESC_PHASE=1, and on
     passing the halo is measured with it; with only 240 s left after ctest that retry and the
     single-test memchecks still run; the SASS check reads the two objects holding the TMA
-    kernels;
+    kernels; Nsight Compute prints each section's body (the stall reasons) where it has the option;
   - racecheck's sweeps run while an accuracy run holds the GPU (else after the measurements),
     once;
   - a failed build ends the call with status 1 only after the accuracy run (on the carried
@@ -62,6 +62,7 @@ STUB = """#!/bin/bash
   echo; } >> "$CALLS"
 case "$(basename "$0")" in
   compute-sanitizer) echo '[       OK ] one'; echo '========= ERROR SUMMARY: 0 errors' ;;
+  ncu) [ "$1" = --help ] && echo '  --print-details arg    sections to print: header, body, all' ;;
 esac
 exit 0
 """
@@ -216,7 +217,9 @@ def main():
               f"ResNet-18's throughput with the resident form off and on: {resident_tput}", log)
         check(not any("halo-desc-phase" in l or "STALEPROP_HALO_DESC_PHASE" in l for l in lines),
               "the halo test passed: no second try with the descriptors' base offset", log)
-        ncu = [l for l in lines if l.startswith("ncu ")]
+        ncu = [l for l in lines if l.startswith("ncu ") and not l.startswith("ncu --help")]
+        check(all("--print-details all" in l for l in ncu),
+              f"the profiles print each section's body (stall reasons), this ncu having the option: {ncu}", log)
         check(len(ncu) == 3 and "r18_64to128_3x3_s2_32px" in ncu[0] and "--launch-count 8" in ncu[0] and
               "wgmma_halo_conv_kernel" in ncu[1] and "--conv-halo=1" in ncu[1] and "gemm_bf16/square" in ncu[2],
               f"Nsight Compute on every kernel of a stride-class data gradient, the halo forward, the GEMM: {ncu}", log)
