@@ -504,6 +504,26 @@ TEST(Cifar10Loader, IdentityOrderWithoutShuffleAndDropLast) {
   EXPECT_EQ(batches_per_epoch(1024, 64, true), 16);
 }
 
+// A batch size past the data set's makes one batch of the whole set, its slots sized by the set
+// (an --eval-batch-size of 50,000,000 asked for 614 GB of pinned memory for 10,000 images).
+TEST(Cifar10Loader, ABatchLargerThanTheSetIsTheWholeSet) {
+  const Dataset d = random_dataset(40, 5);
+  LoaderOptions o;
+  o.batch_size = int64_t(1) << 40;  // its slots alone would be 12.6 PB
+  o.shuffle = false;
+  BatchLoader loader(d, o);
+  ASSERT_EQ(loader.batches_per_epoch(), 1);
+  for (int epoch = 0; epoch < 2; ++epoch) {
+    const Batch& b = loader.next();
+    ASSERT_EQ(b.images.size(0), 40);
+    ASSERT_EQ(b.labels.size(0), 40);
+    for (int64_t j = 0; j < 40; ++j) {
+      ASSERT_EQ(b.sample_ids[size_t(j)], j);
+      ASSERT_EQ(b.labels.data<int32_t>()[j], d.labels[size_t(j)]) << "the labels after the slot's images";
+    }
+  }
+}
+
 TEST(Cifar10Loader, SameSeedSameBatchesAndMatchesSynchronousReference) {
   const Dataset d = random_dataset(500, 3);
   LoaderOptions o;

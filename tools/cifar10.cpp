@@ -272,11 +272,14 @@ BatchLoader::BatchLoader(const Dataset& data, const LoaderOptions& opts)
   SP_CHECK(opts.prefetch >= 1, "BatchLoader: prefetch must be at least 1, got ", opts.prefetch);
   SP_CHECK(opts.cutout >= 0 && opts.cutout <= kCifarSide, "BatchLoader: cutout ", opts.cutout, " outside 0..",
            kCifarSide);
-  // The prefetch depth plus the consumer's two: the producer fills the rest.
+  // The prefetch depth plus the consumer's two: the producer fills the rest. Each slot holds the
+  // largest batch there can be: no more than the data set (an --eval-batch-size of 50,000,000
+  // asked for 614 GB of pinned memory for 10,000 test images).
   slots_.resize(size_t(opts.prefetch) + kHeld);
-  const size_t image_bytes = size_t(opts.batch_size * kCifarImageBytes) * sizeof(float);
+  slot_batch_ = std::min<int64_t>(opts.batch_size, data.size());
+  const size_t image_bytes = size_t(slot_batch_ * kCifarImageBytes) * sizeof(float);
   for (size_t s = 0; s < slots_.size(); ++s) {
-    slots_[s].memory = PinnedBuffer(image_bytes + size_t(opts.batch_size) * sizeof(int32_t));
+    slots_[s].memory = PinnedBuffer(image_bytes + size_t(slot_batch_) * sizeof(int32_t));
     free_slots_.push_back(int(s));
   }
   producer_ = std::thread([this] { produce(); });
@@ -315,7 +318,7 @@ void BatchLoader::produce() {
       Slot& slot = slots_[size_t(s)];
       const int64_t b = std::min(opts_.batch_size, data_.size() - index * opts_.batch_size);
       auto* base = static_cast<char*>(slot.memory.data());
-      auto* labels = base + size_t(opts_.batch_size * kCifarImageBytes) * sizeof(float);
+      auto* labels = base + size_t(slot_batch_ * kCifarImageBytes) * sizeof(float);
       slot.batch.images = Tensor::from_blob(base, {b, kCifarSide, kCifarSide, kCifarChannels}, DType::F32);
       slot.batch.labels = Tensor::from_blob(labels, {b}, DType::I32);
       slot.batch.epoch = epoch;

@@ -169,6 +169,7 @@ class BatchLoader {
   const Dataset& data_;
   const LoaderOptions opts_;
   const int64_t batches_per_epoch_;
+  int64_t slot_batch_ = 0;  // the largest batch a slot holds: the batch size, at most the data set
   std::vector<Slot> slots_;
 
   std::mutex mu_;
