@@ -8,6 +8,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -318,13 +319,13 @@ TEST(Sweep, AnInterruptEndsTheRunningRunsAndStartsNoOther) {
 }
 
 TEST(Sweep, AFailedRunLeavesTheOthersRunning) {
-  // One fails before it starts, one on its data, and a pipelined one after its first epoch
+  // One fails as it starts (its --resume file is not there), one on its data, and a pipelined one after its first epoch
   // (its first epoch's checkpoint cannot be written: a directory stands at that path, so the
   // write's final rename fails, while the pattern passes the check before training), with its
   // module streams at work; and one whose --split-at cannot be read (it ended the whole sweep,
   // its kind being worked out before any run).
   std::vector<train::SweepJob> jobs = {job("bad"), job("good"), job("no-data"), job("late", "fdg"), job("bad-cuts")};
-  jobs[0].cfg.model = "resnet7";
+  jobs[0].cfg.resume = cifar().file("no-such-checkpoint.safetensors");
   jobs[4].cfg.split_at = "4,x";
   jobs[2].data_dir = cifar().file("missing");
   jobs[3].cfg.checkpoint = cifar().file("a-directory-stands-here{epoch}");
@@ -335,7 +336,7 @@ TEST(Sweep, AFailedRunLeavesTheOthersRunning) {
   o.status = status;
   const auto outcomes = train::run_sweep(jobs, o);
   EXPECT_EQ(outcomes[0].status, train::SweepStatus::Failed);
-  EXPECT_NE(outcomes[0].error.find("resnet7"), std::string::npos) << outcomes[0].error;
+  EXPECT_NE(outcomes[0].error.find("no-such-checkpoint"), std::string::npos) << outcomes[0].error;
   EXPECT_NE(read(jobs[0].cfg.log).find("error: "), std::string::npos);
   EXPECT_EQ(outcomes[1].status, train::SweepStatus::Finished) << outcomes[1].error;
   EXPECT_EQ(outcomes[2].status, train::SweepStatus::Failed);
@@ -377,6 +378,7 @@ TEST(Sweep, RefusesJobsThatCannotShareAProcess) {
   test::expect_error(trace_ops, {"y asks for --trace-ops", "--parallel 1"});
   auto same_file_spelt_otherwise = [&] {
     auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
+    fs::create_directories(cifar().file("sub"));  // a path through a missing directory is refused as such
     jobs[1].cfg.log = cifar().file("./sub/../x.log");
     train::run_sweep(jobs, two);
   };
@@ -384,7 +386,7 @@ TEST(Sweep, RefusesJobsThatCannotShareAProcess) {
   auto bare_and_dotted = [&] {  // relative names whose files do not exist yet
     auto jobs = std::vector<train::SweepJob>{job("x"), job("y")};
     jobs[0].cfg.log = "sweep-test-bare.log";
-    jobs[1].cfg.log = (fs::current_path() / "sub" / ".." / "sweep-test-bare.log").string();
+    jobs[1].cfg.log = (fs::current_path() / "." / "sweep-test-bare.log").string();
     train::run_sweep(jobs, two);
   };
   test::expect_error(bare_and_dotted, {"would both write", "sweep-test-bare.log"});
@@ -440,6 +442,27 @@ TEST(Sweep, RefusesJobsThatCannotShareAProcess) {
   test::expect_error(to_stdout, {"y would print to stdout", "--log FILE"});
   test::expect_error([&] { train::run_sweep({}, two); }, {"no jobs"});
   EXPECT_FALSE(fs::exists(cifar().file("x.jsonl"))) << "nothing runs when the jobs are refused";
+}
+
+// A job's flags are checked as its run would check them, for every job before the first runs: a
+// typo in the last job (a model, an output's directory, two outputs of one file) ran the jobs
+// before it, hours of them, and then failed.
+TEST(Sweep, AJobWithWrongFlagsRefusesTheSweepBeforeAnyRun) {
+  train::SweepOptions one;
+  one.status = nullptr;
+  const auto refused = [&](const std::function<void(train::TrainConfig&)>& change,
+                           const std::vector<std::string>& message) {
+    auto jobs = std::vector<train::SweepJob>{job("refused-first"), job("last")};
+    change(jobs[1].cfg);
+    test::expect_error([&] { train::run_sweep(jobs, one); }, message);
+    EXPECT_FALSE(fs::exists(jobs[0].cfg.metrics)) << "the first job did not run";
+  };
+  refused([](train::TrainConfig& c) { c.model = "resnet7"; }, {"sweep: last: ", "unknown model 'resnet7'"});
+  refused([](train::TrainConfig& c) { c.metrics = "/nonexistent-staleprop-dir/m.jsonl"; },
+          {"sweep: last: ", "--metrics /nonexistent-staleprop-dir/m.jsonl: directory", "does not exist"});
+  refused([](train::TrainConfig& c) { c.trace = c.log; },
+          {"sweep: last: ", "--log", "and --trace", "may name the same file"});
+  refused([](train::TrainConfig& c) { c.momentum = 1.5f; }, {"sweep: last: ", "--momentum must be in [0, 1)"});
 }
 
 // Checkpoint patterns whose tails differ, or whose heads differ by more than digits, name no

@@ -1352,6 +1352,27 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
       {[](train::TrainConfig& x) { x.checkpoint = "/tmp/."; }, "--checkpoint /tmp/.: is a directory"},
       {[](train::TrainConfig& x) { x.trace = "/nonexistent-staleprop-dir/sub/trace.json"; },
        "--trace /nonexistent-staleprop-dir/sub/trace.json: directory '/nonexistent-staleprop-dir/sub' does not exist"},
+      {[](train::TrainConfig& x) { x.metrics = "/nonexistent-staleprop-dir/m.jsonl"; },
+       "--metrics /nonexistent-staleprop-dir/m.jsonl: directory '/nonexistent-staleprop-dir' does not exist"},
+      {[](train::TrainConfig& x) { x.log = "/nonexistent-staleprop-dir/run.log"; },
+       "--log /nonexistent-staleprop-dir/run.log: directory '/nonexistent-staleprop-dir' does not exist"},
+      // Two outputs naming one file (the checkpoint, renamed over the metrics, took their place),
+      // however spelled, or a checkpoint pattern's epoch file.
+      {[](train::TrainConfig& x) { x.metrics = "/tmp/sp-same.txt", x.checkpoint = "/tmp/sp-same.txt"; },
+       "--metrics /tmp/sp-same.txt and --checkpoint /tmp/sp-same.txt may name the same file"},
+      {[](train::TrainConfig& x) { x.log = "/tmp/./sp-same.txt", x.trace = "/tmp/sp-same.txt"; },
+       "--log /tmp/./sp-same.txt and --trace /tmp/sp-same.txt may name the same file"},
+      {[](train::TrainConfig& x) { x.metrics = "/tmp/sp-e3.st", x.checkpoint = "/tmp/sp-e{epoch}.st"; },
+       "--metrics /tmp/sp-e3.st and --checkpoint /tmp/sp-e{epoch}.st may name the same file"},
+      {[](train::TrainConfig& x) { x.checkpoint = "/tmp/sp-e{epoch}-{epoch}.st"; },
+       "--checkpoint /tmp/sp-e{epoch}-{epoch}.st: {epoch} may stand once in the name"},
+      {[](train::TrainConfig& x) { x.checkpoint = "/tmp/d{epoch}/run.st"; },
+       "--checkpoint /tmp/d{epoch}/run.st: {epoch} may stand in the file's name, not in its directory"},
+      {[](train::TrainConfig& x) { x.model = "resnet7"; }, "unknown model 'resnet7' (known: resnet20,"},
+      // A jitter longer than an epoch (1 step here) only stretches the drain: of 2^31 ticks, the
+      // run could not be stopped.
+      {[](train::TrainConfig& x) { x.method = "fdg", x.split = 2, x.staleness_jitter = 2; },
+       "--staleness-jitter 2 is more ticks than an epoch has steps (1): give at most 1"},
   };
   for (const auto& [change, message] : wrong) {
     c = small_config();

@@ -19,60 +19,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-// The files a job writes, by flag: no two jobs may name the same one.
-std::vector<std::pair<std::string, std::string>> outputs(const TrainConfig& c) {
-  std::vector<std::pair<std::string, std::string>> out;
-  if (!c.log.empty()) out.emplace_back("--log", c.log);
-  if (!c.metrics.empty()) out.emplace_back("--metrics", c.metrics);
-  if (!c.checkpoint.empty()) out.emplace_back("--checkpoint", c.checkpoint);
-  if (!c.trace.empty()) out.emplace_back("--trace", c.trace);
-  return out;
-}
-
-// One spelling per file ("a.log", "./a.log", "/cwd/a.log" and a link to it are the same).
-std::string same_file(const std::string& path) {
-  // Absolute first: weakly_canonical leaves a relative path relative when its first part does not
-  // exist yet.
-  const auto absolute = std::filesystem::absolute(path);
-  std::error_code ec;
-  const auto canonical = std::filesystem::weakly_canonical(absolute, ec);
-  return ec ? absolute.lexically_normal().string() : canonical.string();
-}
-
-// Whether `file` is, or (for a --checkpoint pattern with "{epoch}") may be, written as `output`.
-bool may_write(const std::string& output, const std::string& file) {
-  const size_t at = output.find("{epoch}");
-  if (at == std::string::npos) return output == file;
-  const std::string head = output.substr(0, at), tail = output.substr(at + 7);
-  if (file.size() <= head.size() + tail.size() || file.compare(0, head.size(), head) != 0 ||
-      file.compare(file.size() - tail.size(), tail.size(), tail) != 0)
-    return false;
-  const std::string middle = file.substr(head.size(), file.size() - head.size() - tail.size());
-  return middle.find_first_not_of("0123456789") == std::string::npos;
-}
-
-// Whether outputs a and b (each a file, or a --checkpoint pattern with "{epoch}") may name the same
-// file for some epochs. Two patterns are taken to, conservatively, where one's head is the
-// other's followed by digits only, and one's tail digits followed by the other's (a{epoch}.st
-// and a1{epoch}.st both write a11.st; a{epoch}.st and ab{epoch}.st never meet).
-bool may_collide(const std::string& a, const std::string& b) {
-  const size_t at_a = a.find("{epoch}"), at_b = b.find("{epoch}");
-  if (at_a == std::string::npos || at_b == std::string::npos) return may_write(a, b) || may_write(b, a);
-  const std::string head_a = a.substr(0, at_a), tail_a = a.substr(at_a + 7);
-  const std::string head_b = b.substr(0, at_b), tail_b = b.substr(at_b + 7);
-  const auto digits = [](const std::string& s) { return s.find_first_not_of("0123456789") == std::string::npos; };
-  const auto head_digits = [&](const std::string& longer, const std::string& shorter) {
-    return longer.compare(0, shorter.size(), shorter) == 0 && digits(longer.substr(shorter.size()));
-  };
-  const auto digits_tail = [&](const std::string& longer, const std::string& shorter) {
-    const size_t extra = longer.size() - shorter.size();
-    return longer.compare(extra, shorter.size(), shorter) == 0 && digits(longer.substr(0, extra));
-  };
-  const bool heads = head_a.size() >= head_b.size() ? head_digits(head_a, head_b) : head_digits(head_b, head_a);
-  const bool tails = tail_a.size() >= tail_b.size() ? digits_tail(tail_a, tail_b) : digits_tail(tail_b, tail_a);
-  return heads && tails;
-}
-
 }  // namespace
 
 void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
@@ -105,7 +51,17 @@ void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
     // runs' ops too, and only one can record at a time.
     SP_CHECK(opts.parallel == 1 || jobs.size() == 1 || !j.cfg.trace_ops, "sweep: ", j.name,
              " asks for --trace-ops, which times every op of the process: run it with --parallel 1");
-    for (const auto& [flag, file] : outputs(j.cfg)) {
+    // Each job's flags as its run will check them (values, combinations, the model, its outputs'
+    // directories, no two of its outputs one file): a typo in the last job refuses the sweep
+    // before the first trains. What needs the data or the device's work (a missing data set, a
+    // checkpoint that cannot be read, cuts that do not parse) fails that job alone, when it runs.
+    try {
+      check_config(j.cfg);
+    } catch (const Error& e) {
+      throw Error(std::string("sweep: ") + j.name + ": " + e.what(),
+                  std::string("sweep: ") + j.name + ": " + e.message());
+    }
+    for (const auto& [flag, file] : run_outputs(j.cfg)) {
       auto [it, fresh] = writer.emplace(same_file(file), Writer{index, flag});
       SP_CHECK(fresh, "sweep: ", j.name, " and ", jobs[it->second.job].name, " would both write ", file, " (", flag,
                ")");

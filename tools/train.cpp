@@ -830,6 +830,11 @@ std::vector<size_t> resolve_cuts(Run& run, std::string& how) {
 
 TrainResult run_pipelined(Run& run) {
   const TrainConfig& cfg = run.cfg;
+  // The pipeline drains at every epoch's end, ticking until the last delayed gradient is due: a
+  // jitter of more ticks than an epoch has only stretches that drain (of 2^31 ticks, with no
+  // batch left to read an interrupt between them, it ran until killed).
+  SP_CHECK(cfg.staleness_jitter <= run.spe, "--staleness-jitter ", cfg.staleness_jitter,
+           " is more ticks than an epoch has steps (", run.spe, "): give at most ", run.spe);
   SP_CHECK(cfg.checkpoint_every == 0 && cfg.stop_after_steps < 0,
            "--checkpoint-every and --stop-after need --method bp with one module, one device and none of --graphs, "
            "--trace, --recompute or --weight-stash: a pipeline is checkpointed at epoch boundaries, when it has "
@@ -1130,9 +1135,60 @@ std::chrono::steady_clock::time_point deadline_after(double seconds) {
   return now + duration_cast<steady_clock::duration>(duration<double>(seconds));
 }
 
-// A file the run writes only later (--checkpoint at the end of an epoch, --trace after the first)
-// must go to a directory that exists and takes new files, and not be a directory itself: checked
-// before any training, so that a mistyped path fails at once instead of after the first epoch.
+std::vector<std::pair<std::string, std::string>> run_outputs(const TrainConfig& c) {
+  std::vector<std::pair<std::string, std::string>> out;
+  if (!c.log.empty()) out.emplace_back("--log", c.log);
+  if (!c.metrics.empty()) out.emplace_back("--metrics", c.metrics);
+  if (!c.checkpoint.empty()) out.emplace_back("--checkpoint", c.checkpoint);
+  if (!c.trace.empty()) out.emplace_back("--trace", c.trace);
+  return out;
+}
+
+std::string same_file(const std::string& path) {
+  // Absolute first: weakly_canonical leaves a relative path relative when its first part does not
+  // exist yet.
+  const auto absolute = std::filesystem::absolute(path);
+  std::error_code ec;
+  const auto canonical = std::filesystem::weakly_canonical(absolute, ec);
+  return ec ? absolute.lexically_normal().string() : canonical.string();
+}
+
+bool may_write(const std::string& output, const std::string& file) {
+  const size_t at = output.find("{epoch}");
+  if (at == std::string::npos) return output == file;
+  const std::string head = output.substr(0, at), tail = output.substr(at + 7);
+  if (file.size() <= head.size() + tail.size() || file.compare(0, head.size(), head) != 0 ||
+      file.compare(file.size() - tail.size(), tail.size(), tail) != 0)
+    return false;
+  const std::string middle = file.substr(head.size(), file.size() - head.size() - tail.size());
+  return middle.find_first_not_of("0123456789") == std::string::npos;
+}
+
+// Two patterns are taken to name the same file for some epochs, conservatively, where one's head is the
+// other's followed by digits only, and one's tail digits followed by the other's (a{epoch}.st
+// and a1{epoch}.st both write a11.st; a{epoch}.st and ab{epoch}.st never meet).
+bool may_collide(const std::string& a, const std::string& b) {
+  const size_t at_a = a.find("{epoch}"), at_b = b.find("{epoch}");
+  if (at_a == std::string::npos || at_b == std::string::npos) return may_write(a, b) || may_write(b, a);
+  const std::string head_a = a.substr(0, at_a), tail_a = a.substr(at_a + 7);
+  const std::string head_b = b.substr(0, at_b), tail_b = b.substr(at_b + 7);
+  const auto digits = [](const std::string& s) { return s.find_first_not_of("0123456789") == std::string::npos; };
+  const auto head_digits = [&](const std::string& longer, const std::string& shorter) {
+    return longer.compare(0, shorter.size(), shorter) == 0 && digits(longer.substr(shorter.size()));
+  };
+  const auto digits_tail = [&](const std::string& longer, const std::string& shorter) {
+    const size_t extra = longer.size() - shorter.size();
+    return longer.compare(extra, shorter.size(), shorter) == 0 && digits(longer.substr(0, extra));
+  };
+  const bool heads = head_a.size() >= head_b.size() ? head_digits(head_a, head_b) : head_digits(head_b, head_a);
+  const bool tails = tail_a.size() >= tail_b.size() ? digits_tail(tail_a, tail_b) : digits_tail(tail_b, tail_a);
+  return heads && tails;
+}
+
+// A file the run writes (--checkpoint at the end of an epoch, --trace after the first, --metrics,
+// --log) must go to a directory that exists and takes new files, and not be a directory itself:
+// checked before any training, so that a mistyped path fails at once instead of after the first
+// epoch.
 void check_output_directory(const std::string& flag, const std::string& file) {
   if (file.empty()) return;
   const std::filesystem::path parent = std::filesystem::path(file).parent_path();
@@ -1144,16 +1200,14 @@ void check_output_directory(const std::string& flag, const std::string& file) {
   SP_CHECK(!std::filesystem::is_directory(file, ec), flag, " ", file, ": is a directory; give a file name in it");
 }
 
-TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set) {
+void check_config(const TrainConfig& cfg) {
   check_device_options(cfg, Device::parse(cfg.device));
-  // Process-wide: gemm and convolutions on CUDA tensors go to cuBLASLt/cuDNN with --kernels
-  // vendor (check_device_options admits vendor only on a GPU, so only in a CUDA build).
-  const bool vendor = cfg.kernels == "vendor";
-  ops::set_kernel_backend(vendor ? ops::KernelBackend::Vendor : ops::KernelBackend::Custom);
-  if (!cfg.mainloop.empty()) ops::set_tensor_core_mainloop(cfg.mainloop);
-#if STALEPROP_WITH_CUDA
-  if (vendor) kernels::vendor::set_deterministic(cfg.deterministic);
-#endif
+  const std::vector<std::string>& models = layers::resnet_names();
+  if (std::find(models.begin(), models.end(), cfg.model) == models.end()) {
+    std::string known;
+    for (const std::string& m : models) known += (known.empty() ? "" : ", ") + m;
+    SP_CHECK(false, "unknown model '", cfg.model, "' (known: ", known, ")");
+  }
   SP_CHECK(cfg.epochs > 0 && cfg.batch_size > 0, "--epochs and --batch-size must be positive");
   SP_CHECK(cfg.split >= 1, "--split must be at least 1");
   SP_CHECK(cfg.split_by.empty() || cfg.split_by == "time" || cfg.split_by == "flops",
@@ -1163,7 +1217,6 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   SP_CHECK(cfg.cutout >= 0 && cfg.cutout <= data::kCifarSide, "--cutout must be in 0..", data::kCifarSide, ", got ",
            cfg.cutout);
   SP_CHECK(cfg.cutout == 0 || cfg.augment, "--cutout is an augmentation: it does not go with --no-augment");
-  SP_CHECK(train_set.size() > 0, "the training set is empty");
   parse_pipeline_method(cfg.method);  // reject unknown methods before any work
   SP_CHECK(cfg.graph_memory == "planned" || cfg.graph_memory == "bump", "--graph-memory must be planned or bump, got '",
            cfg.graph_memory, "'");
@@ -1186,8 +1239,36 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
   check_shrink(cfg.method, cfg.shrink);
   SP_CHECK(cfg.method != "bp" || cfg.staleness_jitter == 0, "--staleness-jitter applies to --method ddg and fdg: ",
            "with bp, whose gradients are not stale, it would make them so");
-  check_output_directory("--checkpoint", cfg.checkpoint);
-  check_output_directory("--trace", cfg.trace);
+  // The outputs: "{epoch}" once at most, in the checkpoint's file name (checkpoint_path fills in
+  // one, and a directory per epoch would have to exist beforehand); each in a directory that
+  // exists; no two naming one file (a checkpoint or trace renamed over the metrics or the log
+  // took their place, and their later lines went to an unlinked file).
+  const size_t epoch_at = cfg.checkpoint.find("{epoch}");
+  SP_CHECK(epoch_at == cfg.checkpoint.rfind("{epoch}"), "--checkpoint ", cfg.checkpoint,
+           ": {epoch} may stand once in the name");
+  SP_CHECK(epoch_at == std::string::npos ||
+               std::filesystem::path(cfg.checkpoint).parent_path().string().find("{epoch}") == std::string::npos,
+           "--checkpoint ", cfg.checkpoint, ": {epoch} may stand in the file's name, not in its directory");
+  const auto outputs = run_outputs(cfg);
+  for (const auto& [flag, file] : outputs) check_output_directory(flag, file);
+  for (size_t a = 0; a < outputs.size(); ++a)
+    for (size_t b = a + 1; b < outputs.size(); ++b)
+      SP_CHECK(!may_collide(same_file(outputs[a].second), same_file(outputs[b].second)), outputs[a].first, " ",
+               outputs[a].second, " and ", outputs[b].first, " ", outputs[b].second,
+               " may name the same file: give each output its own");
+}
+
+TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set) {
+  check_config(cfg);
+  // Process-wide: gemm and convolutions on CUDA tensors go to cuBLASLt/cuDNN with --kernels
+  // vendor (check_device_options admits vendor only on a GPU, so only in a CUDA build).
+  const bool vendor = cfg.kernels == "vendor";
+  ops::set_kernel_backend(vendor ? ops::KernelBackend::Vendor : ops::KernelBackend::Custom);
+  if (!cfg.mainloop.empty()) ops::set_tensor_core_mainloop(cfg.mainloop);
+#if STALEPROP_WITH_CUDA
+  if (vendor) kernels::vendor::set_deterministic(cfg.deterministic);
+#endif
+  SP_CHECK(train_set.size() > 0, "the training set is empty");
   Run run(cfg, train_set, test_set);
   // A trace times the decoupled trainer's module stages: a one-module run traced goes through it,
   // the same training bit for bit (tests/test_pipeline.cpp: one module equals plain backprop).

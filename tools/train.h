@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/network.h"
@@ -100,6 +101,21 @@ std::chrono::steady_clock::time_point deadline_after(double seconds);
 // Trains on `train_set`, evaluating on `test_set` (may be empty) after each epoch.
 TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set);
 
+// The checks of run_training that need no data: flag values, their combinations, the model's
+// name, the output files' directories and that no two outputs name one file. Throws sp::Error.
+// A sweep runs them for every job before the first (run_training runs them again).
+void check_config(const TrainConfig& cfg);
+
+// The files a run writes, by flag (--log, --metrics, --checkpoint, --trace), those given.
+std::vector<std::pair<std::string, std::string>> run_outputs(const TrainConfig& cfg);
+// One spelling per file ("a.log", "./a.log", "/cwd/a.log" and a link to it are the same).
+std::string same_file(const std::string& path);
+// Whether `file` is, or (for a --checkpoint pattern with "{epoch}") may be, written as `output`.
+bool may_write(const std::string& output, const std::string& file);
+// Whether outputs a and b (each a file, or a --checkpoint pattern with "{epoch}") may name the
+// same file for some epochs.
+bool may_collide(const std::string& a, const std::string& b);
+
 // Test-set accuracy and mean loss of the model in a checkpoint; an empty `model` takes the
 // name stored in the checkpoint's metadata, an empty `precision` (fp32|bf16) the precision the
 // run was trained in (fp32 where the metadata names none).
@@ -149,8 +165,9 @@ DType activation_dtype(const std::string& precision);
 // warm-up.
 LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch);
 
-// A file written only later (--checkpoint, --trace, bench's --json) must go to an existing
-// directory that takes new files, and not be a directory itself; throws sp::Error naming `flag`.
+// A file written by the run (--checkpoint, --trace, --metrics, --log, bench's --json) must go to
+// an existing directory that takes new files, and not be a directory itself; throws sp::Error
+// naming `flag`.
 void check_output_directory(const std::string& flag, const std::string& file);
 
 // --trace: the Chrome-trace / Perfetto JSON of one epoch's stages (and ops, where recorded), one

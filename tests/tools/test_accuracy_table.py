@@ -194,9 +194,11 @@ def main():
         check(renewed == list(range(1, len(renewed) + 1)) and "--weight-decay 1e-4" in
               open(os.path.join(tmp, "long", "resnet20-fdg-K2.cmd")).read(), "from epoch 1, on the new recipe",
               renewed)
-        # A cell that fails says why.
+        # A cell whose flags its run would refuse: the sweep refuses it before any run, naming the
+        # cell and why.
         rc, log = run("run", *long, *train, "--cutout", "40")
-        check(rc == 0 and "resnet20-fdg-K2: failed: --cutout must be in 0..32" in log, "the failure is named", log)
+        check(rc == 0 and "resnet20-fdg-K2 (line 1): --cutout must be in 0..32" in log and
+              "resnet20-fdg-K2: no epoch finished (sweep exit 1)" in log, "the failure is named", log)
     print("accuracy_table: all checks passed")
 
 
