@@ -114,11 +114,16 @@ unsigned long long to_ull(const std::string& v) {
   if (v.find('-') != std::string::npos) throw std::invalid_argument("negative");
   return whole_number<unsigned long long>(v, [](const std::string& t, size_t* n) { return std::stoull(t, n); });
 }
-float to_f(const std::string& v) {
-  return whole_number<float>(v, [](const std::string& t, size_t* n) { return std::stof(t, n); });
-}
 double to_d(const std::string& v) {
   return whole_number<double>(v, [](const std::string& t, size_t* n) { return std::stod(t, n); });
+}
+// Read as a double and rounded to the nearest float: a value below float's smallest normal
+// (--lr 1e-40) rounds as float arithmetic would (std::stof called it out of range); one past
+// float's largest is out of range.
+float to_f(const std::string& v) {
+  const double x = to_d(v);
+  if (std::isfinite(x) && std::fabs(x) > double(std::numeric_limits<float>::max())) throw std::out_of_range("float");
+  return float(x);
 }
 
 int64_t positive(const std::string& flag, int64_t v) {
@@ -424,10 +429,10 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"test-limit", "N", "evaluate on the first N test images (default all)", [&](const std::string& v) { test_limit = positive("test-limit", to_ll(v)); }},
       {"no-augment", "", "disable random crop and flip", [&](const std::string&) { c.augment = false; }},
       {"cutout", "N", "after crop and flip, zero an N x N square (clipped at the border) centred on a random pixel of each training image (Cutout, DeVries & Taylor 2017; they use 16 on CIFAR-10; 0 to 32, not with --no-augment; default 0: none)", [&](const std::string& v) { c.cutout = to_i(v); }},  // its range checked by the run
-      {"eval-batch-size", "B", "batch size of the test-set evaluation (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", to_ll(v)); }},
-      {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} in FILE: one per epoch)", [&](const std::string& v) { c.checkpoint = v; }},
+      {"eval-batch-size", "B", "batch size of the test-set evaluation; a larger one than the test set is the whole set (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", to_ll(v)); }},
+      {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} once in the file's name: one per epoch); no other output may name it", [&](const std::string& v) { c.checkpoint = v; }},
       {"checkpoint-every", "N", "also write --checkpoint every N steps (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only; default none: at epoch ends only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", to_ll(v)); }},
-      {"resume", "FILE", "resume exactly from a checkpoint of the same run; refused, saying why, when its model, data, schedule, training rule (method, shrink, jitter, recompute, weight stashing), optimizer, loss, precision or cuts differ (--recompute may change with --weight-stash: it changes no bit there). --device and --kernels may change (the run then goes on, but not bit for bit)", [&](const std::string& v) { c.resume = v; }},
+      {"resume", "FILE", "resume exactly from a checkpoint of the same run; refused, saying why, when its model, data, schedule, training rule (method, shrink, jitter, recompute, weight stashing), optimizer, loss, precision or cuts differ (--recompute may change with --weight-stash: it changes no bit there; a run of plain backprop over one module takes a bp checkpoint of any cuts, which compute the same bits). --device and --kernels may change (the run then goes on, but not bit for bit)", [&](const std::string& v) { c.resume = v; }},
       {"metrics", "FILE", "append metrics as JSON lines to FILE", [&](const std::string& v) { c.metrics = v; }},
       {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines; default auto)", [&](const std::string& v) { c.progress = v; }},
       {"log", "FILE", "append the banner, progress and epoch lines to FILE instead of printing them", [&](const std::string& v) { c.log = v; }},
@@ -441,12 +446,12 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"devices", "D,D", "one device per module, of --device's kind (default: --device for all); cpu:1,cpu:2,.. run a multi-GPU layout on emulated CPU devices", [&](const std::string& v) { c.devices = comma_list("devices", v); }},
       {"trace", "FILE", "Chrome-trace/Perfetto JSON of the module stages of the first epoch this process runs (a one-module run then goes through the decoupled trainer: the same training, bit for bit, without --checkpoint-every, --stop-after or step records, and stopped early it drops the epoch it was in)", [&](const std::string& v) { c.trace = v; }},
       {"trace-ops", "", "with --trace: also every op of each module's stream in that epoch, timed with events on the stream (two per op: host time; not with --graphs, whose replays issue no ops)", [&](const std::string&) { c.trace_ops = true; }},
-      {"staleness-jitter", "J", "with --method ddg or fdg: each received gradient becomes due 0..J ticks after it arrives (random, seeded by --seed, the same draws when resumed); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = to_i(v); }},
+      {"staleness-jitter", "J", "with --method ddg or fdg: each received gradient becomes due 0..J ticks after it arrives (random, seeded by --seed, the same draws when resumed; J at most the steps of an epoch); backwards stay in order, one per tick, so in a steady stream a module's extra delay settles at the largest drawn (J, soon), and modules below add theirs (default 0)", [&](const std::string& v) { c.staleness_jitter = to_i(v); }},
       {"recompute", "", "keep only module inputs; recompute activations before the backward, with the weights of that moment (with ddg/fdg these are newer than the forward's, so the gradient differs from saved activations'; --weight-stash recomputes with the forward's weights)", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
       {"graphs", "", "replay each module's steady-state tick from CUDA graphs (CPU: recorded closures); not with --staleness-jitter, --recompute, --weight-stash", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump: memory of captured ticks, laid out from recorded tensor lifetimes (one module: about the eager peak; decoupled modules: more, see the README) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
-      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = thread_count(v); }},
+      {"threads", "N", "size of the CPU thread pool that the kernels split their work over (default: all cores; same as STALEPROP_NUM_THREADS); a pipelined run's module streams are threads of their own besides", [&](const std::string& v) { threads = thread_count(v); }},
   };
 }
 
@@ -545,7 +550,7 @@ int sweep_main(int argc, char** argv) {
       {"jobs", "FILE", "the runs, one per line: the arguments of a staleprop train command (quoted as in a shell; blank lines and lines starting with # are skipped); a job's own --time-limit counts from its start; required", [&](const std::string& v) { jobs_file = v; }},
       {"parallel", "N", "runs at once, each on its own host thread and streams (default 1: one after another)", [&](const std::string& v) { parallel = int(positive("parallel", to_i(v))); }},
       {"time-limit", "SECONDS", "every run ends at the first epoch boundary where its next epoch would end later than SECONDS after the sweep began (see train --time-limit), and a waiting run does not start when an epoch of a run like it (model, device, precision, method, K, batch, data size), as finished runs took, would not fit; default none", [&](const std::string& v) { time_limit = positive_seconds("time-limit", v); }},
-      {"threads", "N", "CPU threads, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = thread_count(v); }},
+      {"threads", "N", "size of the CPU thread pool, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS); each run's module streams are threads of their own besides", [&](const std::string& v) { threads = thread_count(v); }},
   };
   if (!parse_flags("sweep",
                    "Runs several staleprop train runs in one process, up to --parallel at once. On a GPU their\n"
@@ -649,7 +654,7 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
       {"json", "FILE", "append each result as a JSON line to FILE (- for stdout, which then holds the JSON alone: the summary goes to stderr)", [&](const std::string& v) { json = v; }},
       {"graphs", "", "replay steady-state ticks from CUDA graphs (backprop then runs as bp over one module); the warm-up grows until every phase is captured", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump: memory of captured ticks (see train --help; default planned)", [&](const std::string& v) { c.graph_memory = v; }},
-      {"threads", "N", "CPU threads (default: all cores; same as STALEPROP_NUM_THREADS)", [&](const std::string& v) { threads = thread_count(v); }},
+      {"threads", "N", "size of the CPU thread pool that the kernels split their work over (default: all cores; same as STALEPROP_NUM_THREADS); a pipelined run's module streams are threads of their own besides", [&](const std::string& v) { threads = thread_count(v); }},
   };
 }
 
@@ -769,6 +774,19 @@ int study_main(int argc, char** argv) {
   for (double k : parse_list("splits", splits)) {
     SP_CHECK(k >= 1 && k <= 1e6 && k == std::floor(k), "study: --splits: each K is a whole number of modules, got ", k);
     k_list.push_back(int(k));
+  }
+  // A K named twice, or more modules than the model has blocks: refused before any run (the run
+  // of that K refused it after the runs before it).
+  for (size_t i = 0; i < k_list.size(); ++i)
+    for (size_t j = i + 1; j < k_list.size(); ++j)
+      SP_CHECK(k_list[i] != k_list[j], "study: --splits names K = ", k_list[i], " twice");
+  const size_t blocks = sp::layers::build_resnet(c.model).size();
+  for (int k : k_list) {
+    try {
+      (void)sp::train::choose_cuts(c.model, blocks, k, "", [&] { return std::vector<double>(blocks, 1.0); });
+    } catch (const sp::Error& e) {
+      throw sp::Error(std::string("study: --splits: ") + e.what(), std::string("study: --splits: ") + e.message());
+    }
   }
   sp::train::check_shrink("ddg", c.shrink);  // before any run
   default_device(c.device, c.devices);
