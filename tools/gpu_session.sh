@@ -334,12 +334,17 @@ for v in $(compgen -e | grep '^STALEPROP_'); do DEFAULTS+=(-u "$v"); done
 CANDIDATE=()
 [ -n "$PERSISTENT_OK" ] && CANDIDATE+=(STALEPROP_TMA_PERSISTENT=1)
 [ -n "$HALO_OK" ] && CANDIDATE+=(STALEPROP_CONV_HALO=1)
-if ((${#NEW_PATHS[@]})); then
+# The halo measured as its test passed: with the descriptors' base offset where only that passed.
+[ -n "$HALO_OK" ] && [ "${STALEPROP_HALO_DESC_PHASE:-}" = 1 ] && CANDIDATE+=(STALEPROP_HALO_DESC_PHASE=1)
+# The defaults, ResNet-56's fp32 and PyTorch run whether or not any new path passed (#4's ratios
+# need none); off, candidate and on only where one did.
+if true; then
   for cfg in "resnet18 512" "resnet56 128 --graphs"; do
     set -- $cfg
     for round in 1 2; do
       for paths in off defaults candidate on; do
         [ "$(left)" -gt 60 ] || break
+        [ $paths = defaults ] || ((${#NEW_PATHS[@]})) || continue
         envs=("${OLD_PATHS[@]}")
         [ $paths = on ] && envs+=("${NEW_PATHS[@]}")
         [ $paths = defaults ] && envs=("${DEFAULTS[@]}")
@@ -452,7 +457,10 @@ SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section Mem
   --section SchedulerStats)
 # Each section's body too (the warp stall reasons of WarpStateStats): the headers alone could not say
 # what the bf16 GEMM's warps wait on (2026-11-28). Only where this ncu has the option.
-[ -n "$NCU" ] && "$NCU" --help 2> /dev/null | grep -q -- '--print-details' && SECTIONS+=(--print-details all)
+# (The help is read whole first: grep -q leaving early would end ncu by SIGPIPE, which pipefail
+# takes for a failure.)
+NCU_HELP=$([ -n "$NCU" ] && "$NCU" --help 2> /dev/null)
+[[ $NCU_HELP == *--print-details* ]] && SECTIONS+=(--print-details all)
 ncu_run() {
   local name=$1 kernels=$2 skip=$3 count=$4 filter=$5 cap
   shift 5

@@ -346,6 +346,23 @@ def main():
         check(len(halo3) == 10 and all("STALEPROP_HALO_DESC_PHASE=1" in l.rsplit(" |", 1)[1] for l in halo3),
               f"the halo's memcheck, benchmarks, training runs and profile carry the base offset: {halo3}", log3)
 
+        candidate3 = [l for l in lines3 if "throughput-new-paths-candidate" in l]
+        check(candidate3 and all("STALEPROP_HALO_DESC_PHASE=1" in l.rsplit(" |", 1)[1] for l in candidate3),
+              f"the candidates' halo carries the base offset its retry passed with: {candidate3}", log3)
+
+        # No new path passed ctest: the defaults, ResNet-56's fp32 and PyTorch still run (#4's
+        # ratios need none of them); off, candidate and on do not.
+        # (The halo's tests left out: a failed one is retried, and the stub passes the retry.)
+        none_passed = "\n".join(l.replace("Passed", "***Failed") for l in CTEST_LOG.splitlines()
+                                if "ByHaloPatches" not in l) + "\n"
+        p8, lines8 = rerun(none_passed, "out8")
+        rounds8 = [l for l in lines8 if "throughput-new-paths-" in l]
+        check(p8.returncode == 0 and len(rounds8) == 6 and all("throughput-new-paths-defaults" in l for l in rounds8),
+              f"with no new path, the defaults' rounds alone (fp32 too): {rounds8}", p8.stdout + p8.stderr)
+        with tarfile.open(os.path.join(tmp, "out8", "results.tgz")) as t:
+            pytorch8 = t.extractfile("./pytorch.jsonl").read().decode().splitlines()
+        check(len(pytorch8) == 8, f"and PyTorch beside each round: {len(pytorch8)}", p8.stdout + p8.stderr)
+
         # The SASS check reads the two objects that hold the TMA kernels, not the whole archive.
         sass = [l.split()[1] for l in lines if l.startswith("sass_check.sh ")]
         check([os.path.relpath(os.path.join(repo, x), repo) for x in sass] ==
