@@ -87,8 +87,10 @@ def run(args, extra):
 
 
 def run_device(path):
-    """The device named by the first start record of a cell's metrics (staleprop's "NVIDIA H200 (sm_90,
-    139.8 GiB)" as "NVIDIA H200"), or None where the file has none."""
+    """The devices named by the start records of a cell's metrics, each once in order (staleprop's
+    "NVIDIA H200 (sm_90, 139.8 GiB)" as "NVIDIA H200"; a cell resumed on another GPU names both),
+    or None where the file has none."""
+    devices = []
     with open(path) as f:
         for line in f:
             try:
@@ -96,13 +98,18 @@ def run_device(path):
             except json.JSONDecodeError:
                 break
             if event.get("event") == "start" and event.get("device"):
-                return event["device"].split(" (")[0]
-    return None
+                name = event["device"].split(" (")[0]
+                if name not in devices:
+                    devices.append(name)
+    return ", ".join(devices) or None
 
 
 def table(args):
     rows = []
-    folders = [args.out] + (args.also or [])
+    folders = []  # each once, however spelt (a folder twice listed every cell twice)
+    for folder in [args.out] + (args.also or []):
+        if os.path.realpath(folder) not in map(os.path.realpath, folders):
+            folders.append(folder)
     for folder, entry in ((d, e) for d in folders for e in sorted(os.listdir(d))):
         if not entry.endswith(".jsonl"):
             continue

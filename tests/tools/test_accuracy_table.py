@@ -128,6 +128,20 @@ def main():
         check(rc == 0 and "device (or folder)" in table and
               where == {("bp", "1"): "cpu", ("ddg", "2"): "cpu", ("fdg", "2"): "cpu", ("fdg", "4"): bare},
               "the cells of both folders, with the device each ran on (the folder where unrecorded)", table)
+        # A folder named twice, however spelt, lists its cells once (and alone needs no device column).
+        rc, table = run("table", "--out", r56, "--also", r56 + os.sep + ".")
+        check(rc == 0 and len([l for l in table.splitlines() if l.startswith("| resnet56 ")]) == 3 and
+              "device (or folder)" not in table, "a folder named twice lists its cells once", table)
+        # A cell resumed on another device names both, in order.
+        with open(os.path.join(bare, "resnet56-ddg-K3.jsonl"), "w") as f:
+            epochs = read_epochs(os.path.join(out, "resnet20-fdg-K2.jsonl"))
+            for device, e in (("NVIDIA H100 80GB HBM3 (sm_90, 79.2 GiB)", epochs[0]),
+                              ("NVIDIA H200 (sm_90, 139.8 GiB)", epochs[-1])):
+                f.write(json.dumps({"event": "start", "device": device}) + "\n" + json.dumps(e) + "\n")
+        rc, table = run("table", "--out", r56, "--also", bare)
+        row = [l for l in table.splitlines() if l.startswith("| resnet56 | ddg | 3 ")]
+        check(rc == 0 and len(row) == 1 and row[0].rstrip().endswith("| NVIDIA H100 80GB HBM3, NVIDIA H200 |"),
+              "a cell resumed on another device names both", table)
         rc, log = run("table", "--out", r56, "--also", os.path.join(tmp, "nowhere"))
         check(rc == 2 and "--also " + os.path.join(tmp, "nowhere") + ": no such directory" in log,
               "a missing --also directory is named", log)
