@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <random>
 #include <set>
 #include <string>
@@ -210,6 +211,9 @@ TEST(Cifar10Reader, ResolvesDataDirectory) {
                {empty.path.string(), "data_batch_1.bin", "test_batch.bin", "tools/fetch_cifar10.sh"});
   ::setenv("CIFAR10_DIR", empty.path.c_str(), 1);
   expect_error([&] { resolve_cifar10_dir(""); }, {empty.path.string(), "$CIFAR10_DIR", "tools/fetch_cifar10.sh"});
+  // A file given for the directory is named as such (the fetch hint would have fetched into it).
+  const std::string file = with_files.file("data_batch_1.bin");
+  expect_error([&] { resolve_cifar10_dir(file); }, {file, "is a file, not a directory"});
 
   // The default is relative to the working directory.
   ::unsetenv("CIFAR10_DIR");
@@ -522,6 +526,9 @@ TEST(Cifar10Loader, ABatchLargerThanTheSetIsTheWholeSet) {
       ASSERT_EQ(b.labels.data<int32_t>()[j], d.labels[size_t(j)]) << "the labels after the slot's images";
     }
   }
+  // The largest batch size there is: one batch (n + batch - 1 overflowed to none).
+  EXPECT_EQ(batches_per_epoch(10000, std::numeric_limits<int64_t>::max(), false), 1);
+  EXPECT_EQ(batches_per_epoch(10000, std::numeric_limits<int64_t>::max(), true), 0);
 }
 
 TEST(Cifar10Loader, SameSeedSameBatchesAndMatchesSynchronousReference) {

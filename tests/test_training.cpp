@@ -1,6 +1,7 @@
 // End-to-end training runs on the CPU: checkpoints in PyTorch's names and layouts, exact
 // resumption, determinism, evaluation, and loss that falls on synthetic and on real images.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <array>
@@ -1369,6 +1370,12 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
       {[](train::TrainConfig& x) { x.checkpoint = "/tmp/d{epoch}/run.st"; },
        "--checkpoint /tmp/d{epoch}/run.st: {epoch} may stand in the file's name, not in its directory"},
       {[](train::TrainConfig& x) { x.model = "resnet7"; }, "unknown model 'resnet7' (known: resnet20,"},
+      // --resume is read before the run writes: only --checkpoint may name it (metrics appended to
+      // it, or a trace put in its place, destroyed the run's one copy).
+      {[](train::TrainConfig& x) { x.resume = "/tmp/sp-r.st", x.metrics = "/tmp/./sp-r.st"; },
+       "--metrics /tmp/./sp-r.st names the --resume file"},
+      {[](train::TrainConfig& x) { x.resume = "/tmp/sp-r.st", x.trace = "/tmp/sp-r.st"; },
+       "--trace /tmp/sp-r.st names the --resume file"},
       // A jitter longer than an epoch (1 step here) only stretches the drain: of 2^31 ticks, the
       // run could not be stopped.
       {[](train::TrainConfig& x) { x.method = "fdg", x.split = 2, x.staleness_jitter = 2; },
@@ -1379,6 +1386,20 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
     change(c);
     sp::test::expect_error<Error>(run, {message});
   }
+  // An output renamed into place (checkpoint, trace) must not replace a device or pipe standing
+  // there; one appended to (metrics, log) may be one, several of them the same.
+  TempDir dir;
+  const std::string fifo = dir.file("fifo");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  c = small_config();
+  c.checkpoint = fifo;
+  sp::test::expect_error<Error>(run,
+                                {"--checkpoint " + fifo + ": is not a regular file, and the run would replace it"});
+  c = small_config();
+  c.metrics = "/dev/null", c.log = "/dev/null";
+  EXPECT_NO_THROW(train::check_config(c));
+  c.resume = "/tmp/sp-r.st", c.checkpoint = "/tmp/sp-r.st";  // the checkpoint replaces the file it resumed from
+  EXPECT_NO_THROW(train::check_config(c));
   c = small_config();
   c.cutout = 33;
   sp::test::expect_error<Error>([&] { train::run_training(c, train, {}); }, {"--cutout must be in 0..32"});

@@ -101,6 +101,10 @@ std::string resolve_cifar10_dir(const std::string& flag_value, const std::vector
   } else {
     dir = "./data/cifar-10-batches-bin", source = "the default; set $CIFAR10_DIR or pass a directory to change it";
   }
+  struct stat st;
+  if (::stat(dir.c_str(), &st) == 0 && !S_ISDIR(st.st_mode))
+    throw Error("CIFAR-10: '" + dir + "' (" + source + ") is a file, not a directory: give the directory that holds " +
+                "data_batch_1.bin ... test_batch.bin");
   std::string missing;
   for (Split split : needed)
     for (const std::string& name : cifar10_file_names(split))
@@ -236,7 +240,7 @@ std::vector<int64_t> epoch_order(int64_t n, bool shuffle, uint64_t seed, int64_t
 
 int64_t batches_per_epoch(int64_t n, int64_t batch_size, bool drop_last) {
   SP_CHECK(batch_size > 0, "batch size must be positive, got ", batch_size);
-  return drop_last ? n / batch_size : (n + batch_size - 1) / batch_size;
+  return drop_last ? n / batch_size : n / batch_size + (n % batch_size != 0);  // no n + batch_size - 1: it overflows
 }
 
 void fill_batch(const Dataset& data, const std::vector<int64_t>& order, const LoaderOptions& opts, int64_t epoch,

@@ -117,12 +117,13 @@ unsigned long long to_ull(const std::string& v) {
 double to_d(const std::string& v) {
   return whole_number<double>(v, [](const std::string& t, size_t* n) { return std::stod(t, n); });
 }
-// Read as a double and rounded to the nearest float: a value below float's smallest normal
-// (--lr 1e-40) rounds as float arithmetic would (std::stof called it out of range); one past
-// float's largest is out of range.
+// Read as a double and rounded to float: a value below float's smallest normal (--lr 1e-40)
+// becomes a subnormal, as float arithmetic would give it (std::stof called it out of range); one
+// that rounds to 0, or past float's largest (from FLT_MAX + half an ulp on), is out of range.
 float to_f(const std::string& v) {
   const double x = to_d(v);
-  if (std::isfinite(x) && std::fabs(x) > double(std::numeric_limits<float>::max())) throw std::out_of_range("float");
+  if (std::isfinite(x) && std::fabs(x) >= 0x1.ffffffp127) throw std::out_of_range("float");
+  if (x != 0 && float(x) == 0) throw std::out_of_range("float");
   return float(x);
 }
 
@@ -521,6 +522,7 @@ int train_main(int argc, char** argv) {
   c.deadline = sp::train::deadline_after(a.time_limit);
   use_threads(a.threads);
   require_devices(c.device, c.devices);  // before the data is looked for and read
+  sp::train::check_config(c);            // the flags too
   const std::string dir = sp::data::resolve_cifar10_dir(a.data_dir);
   const sp::data::Dataset train = sp::data::load_cifar10(dir, sp::data::Split::Train, a.train_limit);
   const sp::data::Dataset test = sp::data::load_cifar10(dir, sp::data::Split::Test, a.test_limit);
@@ -661,7 +663,7 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
 // Where bench's summary and study's table go: stdout, or with --json - stderr (stdout then holds
 // the JSON alone, for a pipe). A --json file's directory is checked first, before any measurement.
 FILE* summary_out(const std::string& json) {
-  if (json != "-") sp::train::check_output_directory("--json", json);
+  if (json != "-") sp::train::check_append_output("--json", json);
   return json == "-" ? stderr : stdout;
 }
 

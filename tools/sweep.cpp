@@ -51,10 +51,10 @@ void check_jobs(const std::vector<SweepJob>& jobs, const SweepOptions& opts) {
     // runs' ops too, and only one can record at a time.
     SP_CHECK(opts.parallel == 1 || jobs.size() == 1 || !j.cfg.trace_ops, "sweep: ", j.name,
              " asks for --trace-ops, which times every op of the process: run it with --parallel 1");
-    // Each job's flags as its run will check them (values, combinations, the model, its outputs'
-    // directories, no two of its outputs one file): a typo in the last job refuses the sweep
-    // before the first trains. What needs the data or the device's work (a missing data set, a
-    // checkpoint that cannot be read, cuts that do not parse) fails that job alone, when it runs.
+    // Each job's flags as its run will check them (values, combinations, the model and its cuts,
+    // its devices, its outputs' directories, no two of its outputs one file): a typo in the last
+    // job refuses the sweep before the first trains. What needs the files a job reads (a missing
+    // data set, a checkpoint that cannot be read) fails that job alone, when it runs.
     try {
       check_config(j.cfg);
     } catch (const Error& e) {

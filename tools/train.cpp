@@ -835,10 +835,6 @@ TrainResult run_pipelined(Run& run) {
   // batch left to read an interrupt between them, it ran until killed).
   SP_CHECK(cfg.staleness_jitter <= run.spe, "--staleness-jitter ", cfg.staleness_jitter,
            " is more ticks than an epoch has steps (", run.spe, "): give at most ", run.spe);
-  SP_CHECK(cfg.checkpoint_every == 0 && cfg.stop_after_steps < 0,
-           "--checkpoint-every and --stop-after need --method bp with one module, one device and none of --graphs, "
-           "--trace, --recompute or --weight-stash: a pipeline is checkpointed at epoch boundaries, when it has "
-           "drained");
   std::map<std::string, std::string> resume_meta;
   if (!cfg.resume.empty()) resume_meta = io::read_safetensors(cfg.resume).metadata;
   PipelineConfig pc;
@@ -1198,7 +1194,42 @@ void check_output_directory(const std::string& flag, const std::string& file) {
   SP_CHECK(::access(dir.c_str(), W_OK | X_OK) == 0, flag, " ", file, ": cannot write in directory '", dir,
            "': ", std::strerror(errno));
   SP_CHECK(!std::filesystem::is_directory(file, ec), flag, " ", file, ": is a directory; give a file name in it");
+  // Written to a temporary file and renamed over the path: a device or pipe standing there would
+  // be replaced (--checkpoint /dev/null, run as root, replaced the system's).
+  SP_CHECK(!std::filesystem::exists(file, ec) || std::filesystem::is_regular_file(file, ec), flag, " ", file,
+           ": is not a regular file, and the run would replace it; give a file's name");
 }
+
+// --log and --metrics are appended to: an existing file we may write is enough (/dev/null, a log
+// in a directory we may not create files in); else the file is created, as the others are.
+void check_append_output(const std::string& flag, const std::string& file) {
+  std::error_code ec;
+  if (!file.empty() && std::filesystem::exists(file, ec) && !std::filesystem::is_directory(file, ec)) {
+    SP_CHECK(::access(file.c_str(), W_OK) == 0, flag, " ", file, ": cannot write to it: ", std::strerror(errno));
+    return;
+  }
+  check_output_directory(flag, file);
+}
+
+namespace {
+
+// Whether a run goes through the decoupled trainer. A trace times its module stages: a
+// one-module run traced goes through it, the same training bit for bit (tests/test_pipeline.cpp:
+// one module equals plain backprop).
+bool pipelined_run(const TrainConfig& cfg) {
+  return cfg.method != "bp" || cfg.split > 1 || !cfg.split_at.empty() || cfg.devices.size() > 1 ||
+         cfg.staleness_jitter > 0 || cfg.recompute || cfg.weight_stash || cfg.graphs || !cfg.trace.empty();
+}
+
+// Whether an output path is (or will be) a file of the run's own, not a device or pipe that
+// several outputs may share (--metrics /dev/stdout --log /dev/stderr).
+bool written_file(const std::string& path) {
+  std::error_code ec;
+  const auto st = std::filesystem::status(path, ec);
+  return ec || !std::filesystem::exists(st) || std::filesystem::is_regular_file(st);
+}
+
+}  // namespace
 
 void check_config(const TrainConfig& cfg) {
   check_device_options(cfg, Device::parse(cfg.device));
@@ -1250,12 +1281,33 @@ void check_config(const TrainConfig& cfg) {
                std::filesystem::path(cfg.checkpoint).parent_path().string().find("{epoch}") == std::string::npos,
            "--checkpoint ", cfg.checkpoint, ": {epoch} may stand in the file's name, not in its directory");
   const auto outputs = run_outputs(cfg);
-  for (const auto& [flag, file] : outputs) check_output_directory(flag, file);
+  // --resume is read before the run writes: only --checkpoint, which replaces it whole at the next
+  // checkpoint, may name it (metrics or a log appended to it, a trace put in its place, destroyed
+  // the one copy of the run).
+  for (const auto& [flag, file] : outputs)
+    SP_CHECK(cfg.resume.empty() || flag == "--checkpoint" || same_file(file) != same_file(cfg.resume), flag, " ", file,
+             " names the --resume file: give the run's ", flag, " another");
+  for (const auto& [flag, file] : outputs)
+    flag == "--log" || flag == "--metrics" ? check_append_output(flag, file) : check_output_directory(flag, file);
   for (size_t a = 0; a < outputs.size(); ++a)
     for (size_t b = a + 1; b < outputs.size(); ++b)
-      SP_CHECK(!may_collide(same_file(outputs[a].second), same_file(outputs[b].second)), outputs[a].first, " ",
-               outputs[a].second, " and ", outputs[b].first, " ", outputs[b].second,
+      SP_CHECK(!written_file(outputs[a].second) || !written_file(outputs[b].second) ||
+                   !may_collide(same_file(outputs[a].second), same_file(outputs[b].second)),
+               outputs[a].first, " ", outputs[a].second, " and ", outputs[b].first, " ", outputs[b].second,
                " may name the same file: give each output its own");
+  // What the decoupled trainer would refuse only once the data is loaded and the model built.
+  SP_CHECK(!pipelined_run(cfg) || (cfg.checkpoint_every == 0 && cfg.stop_after_steps < 0),
+           "--checkpoint-every and --stop-after need --method bp with one module, one device and none of --graphs, "
+           "--trace, --recompute or --weight-stash: a pipeline is checkpointed at epoch boundaries, when it has "
+           "drained");
+  SP_CHECK(!cfg.graphs || (cfg.staleness_jitter == 0 && !cfg.recompute && !cfg.weight_stash),
+           "--graphs does not go with --staleness-jitter, --recompute or --weight-stash, whose work changes from tick "
+           "to tick");
+  if (pipelined_run(cfg) && cfg.resume.empty()) check_device_count(cfg.devices, cfg.split, cfg.split_at);
+  if (cfg.split > 1 || !cfg.split_at.empty()) {  // the cuts the model can have (measured ones too, by count)
+    const size_t blocks = layers::build_resnet(cfg.model).size();
+    (void)choose_cuts(cfg.model, blocks, cfg.split, cfg.split_at, [&] { return std::vector<double>(blocks, 1.0); });
+  }
 }
 
 TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set) {
@@ -1270,21 +1322,25 @@ TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set,
 #endif
   SP_CHECK(train_set.size() > 0, "the training set is empty");
   Run run(cfg, train_set, test_set);
-  // A trace times the decoupled trainer's module stages: a one-module run traced goes through it,
-  // the same training bit for bit (tests/test_pipeline.cpp: one module equals plain backprop).
-  const bool pipelined = cfg.method != "bp" || cfg.split > 1 || !cfg.split_at.empty() || cfg.devices.size() > 1 ||
-                         cfg.staleness_jitter > 0 || cfg.recompute || cfg.weight_stash || cfg.graphs ||
-                         !cfg.trace.empty();
-  return pipelined ? run_pipelined(run) : run_backprop(run);
+  return pipelined_run(cfg) ? run_pipelined(run) : run_backprop(run);
 }
 
 EvalResult evaluate_checkpoint(const std::string& checkpoint, std::string model, const std::string& device,
                                const data::Dataset& test_set, int64_t batch_size, std::string precision) {
   if (model.empty() || precision.empty()) {
     auto meta = io::read_safetensors(checkpoint).metadata;
-    if (model.empty()) model = meta["model"];
-    SP_CHECK(!model.empty(), checkpoint, ": no model name in the metadata; pass --model");
-    if (precision.empty()) precision = meta["precision"].empty() ? "fp32" : meta["precision"];
+    if (model.empty()) {
+      model = meta["model"];
+      SP_CHECK(!model.empty(), checkpoint, ": no model name in the metadata; pass --model");
+      const std::vector<std::string>& known = layers::resnet_names();
+      SP_CHECK(std::find(known.begin(), known.end(), model) != known.end(), checkpoint, ": its metadata names model '",
+               model, "', which this build does not know; pass --model");
+    }
+    if (precision.empty()) {
+      precision = meta["precision"].empty() ? "fp32" : meta["precision"];
+      SP_CHECK(precision == "fp32" || precision == "bf16", checkpoint, ": its metadata names precision '", precision,
+               "' (fp32 or bf16 were expected); pass --precision");
+    }
   }
   const DType dt = activation_dtype(precision);  // refuses anything but fp32 and bf16
   const Device dev = Device::parse(device);

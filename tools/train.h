@@ -169,6 +169,10 @@ LrSchedule make_schedule(const TrainConfig& cfg, int64_t steps_per_epoch);
 // an existing directory that takes new files, and not be a directory itself; throws sp::Error
 // naming `flag`.
 void check_output_directory(const std::string& flag, const std::string& file);
+// An output appended to (--log, --metrics, bench's --json): an existing file the run may write
+// is enough (/dev/null, a log in a directory that takes no new files); else as
+// check_output_directory.
+void check_append_output(const std::string& flag, const std::string& file);
 
 // --trace: the Chrome-trace / Perfetto JSON of one epoch's stages (and ops, where recorded), one
 // track per module, written atomically to `path`.
