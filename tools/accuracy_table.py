@@ -25,13 +25,12 @@ Each cell writes NAME.jsonl (the metrics), NAME.log (the output) and NAME.cmd (t
 OUT, and NAME.safetensors (its last epoch's checkpoint) under --state.
 """
 import argparse
-import json
 import os
 import shlex
 import sys
 
-from resumable_runs import (add_run_options, epochs_of, existing_dir, flags_of, read_epochs, split_argv,
-                            train_resumable)
+from resumable_runs import (add_run_options, epochs_of, existing_dir, flags_of, read_epochs, read_records,
+                            split_argv, train_resumable)
 
 # Test error (%) on CIFAR-10 in FDG's repository (Zhuang et al., arXiv 1906.09108; github.com/
 # ZHUANGHP/FDG, README): 300 epochs, lr 0.1 divided by 10 at epochs 150, 225 and 275, momentum
@@ -91,16 +90,11 @@ def run_device(path):
     "NVIDIA H200 (sm_90, 139.8 GiB)" as "NVIDIA H200"; a cell resumed on another GPU names both),
     or None where the file has none."""
     devices = []
-    with open(path) as f:
-        for line in f:
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if event.get("event") == "start" and event.get("device"):
-                name = event["device"].split(" (")[0]
-                if name not in devices:
-                    devices.append(name)
+    for event in read_records(path):
+        if event.get("event") == "start" and event.get("device"):
+            name = event["device"].split(" (")[0]
+            if name not in devices:
+                devices.append(name)
     return ", ".join(devices) or None
 
 

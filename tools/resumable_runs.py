@@ -31,21 +31,24 @@ import subprocess
 import sys
 
 
+def read_records(path):
+    """The records of a metrics file in order (none where it is missing), up to a line cut short
+    by a killed run."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                return
+
+
 def read_epochs(path):
-    epochs = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    break  # a line cut short by a killed run
-                if event.get("event") == "epoch":
-                    epochs.append(event)
-    return epochs
+    return [event for event in read_records(path) if event.get("event") == "epoch"]
 
 
 def checkpoint_position(path):
