@@ -782,10 +782,9 @@ int study_main(int argc, char** argv) {
   for (size_t i = 0; i < k_list.size(); ++i)
     for (size_t j = i + 1; j < k_list.size(); ++j)
       SP_CHECK(k_list[i] != k_list[j], "study: --splits names K = ", k_list[i], " twice");
-  const size_t blocks = sp::layers::build_resnet(c.model).size();
   for (int k : k_list) {
     try {
-      (void)sp::train::choose_cuts(c.model, blocks, k, "", [&] { return std::vector<double>(blocks, 1.0); });
+      sp::train::check_cuts(c.model, k, "");
     } catch (const sp::Error& e) {
       throw sp::Error(std::string("study: --splits: ") + e.what(), std::string("study: --splits: ") + e.message());
     }

@@ -1032,6 +1032,12 @@ std::vector<size_t> choose_cuts(const std::string& model, size_t blocks, int spl
   return balanced_cuts(block_costs(), split);
 }
 
+void check_cuts(const std::string& model, int split, const std::string& split_at) {
+  if (split <= 1 && split_at.empty()) return;
+  const size_t blocks = layers::build_resnet(model).size();
+  (void)choose_cuts(model, blocks, split, split_at, [&] { return std::vector<double>(blocks, 1.0); });
+}
+
 void check_shrink(const std::string& method, float shrink) {
   SP_CHECK(shrink > 0 && shrink <= 1, "--shrink must be in (0, 1], got ", shrink);
   SP_CHECK(method != "bp" || shrink == 1.f, "--shrink applies to --method ddg and fdg: with bp, whose ",
@@ -1304,10 +1310,7 @@ void check_config(const TrainConfig& cfg) {
            "--graphs does not go with --staleness-jitter, --recompute or --weight-stash, whose work changes from tick "
            "to tick");
   if (pipelined_run(cfg) && cfg.resume.empty()) check_device_count(cfg.devices, cfg.split, cfg.split_at);
-  if (cfg.split > 1 || !cfg.split_at.empty()) {  // the cuts the model can have (measured ones too, by count)
-    const size_t blocks = layers::build_resnet(cfg.model).size();
-    (void)choose_cuts(cfg.model, blocks, cfg.split, cfg.split_at, [&] { return std::vector<double>(blocks, 1.0); });
-  }
+  check_cuts(cfg.model, cfg.split, cfg.split_at);
 }
 
 TrainResult run_training(const TrainConfig& cfg, const data::Dataset& train_set, const data::Dataset& test_set) {

@@ -143,6 +143,9 @@ size_t module_count(int split, const std::string& split_at);
 // by block_costs() (called only then); none for one module.
 std::vector<size_t> choose_cuts(const std::string& model, size_t blocks, int split, const std::string& split_at,
                                 const std::function<std::vector<double>()>& block_costs);
+// Throws, as choose_cuts would, unless `model` can be cut as --split `split` / --split-at
+// `split_at` say (measured cuts are checked by their count).
+void check_cuts(const std::string& model, int split, const std::string& split_at);
 // --shrink `shrink` with --method `method` (bp, ddg or fdg): in (0, 1], and 1 with bp.
 void check_shrink(const std::string& method, float shrink);
 
