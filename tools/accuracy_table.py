@@ -16,7 +16,8 @@ there into Markdown.
 
 Cells: `bp` runs at K = 1 only (every method is plain backprop at K = 1, bit for bit, and the
 locked pipeline computes plain backprop at any K), `ddg` and `fdg` at each K >= 2 of --splits,
-with FDG's published cut points (`--split-at fdg`). The fdg cells shrink by the factor FDG
+with FDG's published cut points (`--split-at fdg`; a model and K without them refuse the whole
+sweep before any cell trains, as staleprop sweep checks every job first). The fdg cells shrink by the factor FDG
 published its figure with for that model and K (ResNet-56: 0.5, 0.2 and 0.3 at K = 2, 3 and 4),
 else 0.5, unless --shrink gives one for all; the ddg cells do not shrink (Huo et al.'s DDG has
 no such factor), unless --ddg-shrink says otherwise. The table gives each cell's factor.
