@@ -92,6 +92,7 @@ struct PipelineTrainer::Message {
 struct PipelineTrainer::Unit {
   std::unique_ptr<Graph> graph;
   std::vector<Context> contexts;  // forward units of k < K: what the captured forward left
+  size_t saved_bytes = 0;         // module K: the activations its captured forward saved (within its tick)
   Shape sent;                     // the shape of the message the unit sends (empty: none)
   PendingLoss loss;               // module K: where each run leaves the loss and the hits
   std::vector<int64_t> counters;  // forward units: how far one run advances each counter
@@ -488,6 +489,7 @@ void PipelineTrainer::forward_phase(int k, int64_t tick, const BatchSource& sour
     if (capture) {
       unit->graph = s.end_capture();
       if (k < last) st.inflight.back().from_graph = true, unit->contexts = st.inflight.back().contexts;
+      if (k == last) unit->saved_bytes = last_module_saved_bytes_;  // its contexts end with the tick
       const Queue* out = k < last ? act_[size_t(k)].get() : k > 0 ? grad_[size_t(k) - 1].get() : nullptr;
       unit->sent = out ? out->slots[tick % 2].shape : Shape();
       if (k == last) unit->loss = st.pending.back();
@@ -560,7 +562,7 @@ void PipelineTrainer::replayed_forward(int k, int64_t tick, int64_t batch, const
     out.tick = tick, out.batch = batch, out.shape = u.sent;
     return;
   }
-  last_module_saved_bytes_ = saved_bytes(u.contexts);
+  last_module_saved_bytes_ = u.saved_bytes;
   st.pending.push_back(u.loss);
   replayed_backward(k, tick, batch, u.sent);
 }
