@@ -825,6 +825,34 @@ TEST(Training, LossFallsOnAFewHundredRealImages) {
 }
 
 // Also with staleness jitter, whose draws a resumed run must make as the whole run does.
+// Plain backprop computes the same bits over any cuts (Pipeline tests): its checkpoint resumes
+// over other cuts, also through the decoupled trainer (from graphs, or traced), which held it to
+// the checkpoint's cuts, and gives the uninterrupted run's weights.
+TEST(Training, APlainBackpropCheckpointResumesOverAnyCuts) {
+  const data::Dataset train = synthetic_set(64, 9), test = synthetic_set(16, 10);
+  TempDir dir;
+  train::TrainConfig plain = small_config();
+  plain.checkpoint = dir.file("plain-{epoch}.safetensors");
+  train::run_training(plain, train, test);
+  train::TrainConfig three = plain;
+  three.split_at = "3,6";
+  three.checkpoint = dir.file("three-{epoch}.safetensors");
+  train::run_training(three, train, test);
+  train::TrainConfig graphs = plain;
+  graphs.graphs = true;
+  graphs.checkpoint = dir.file("graphs-{epoch}.safetensors");
+  train::run_training(graphs, train, test);
+  // Three modules' first epoch, then one module from graphs; one module's (from graphs), then three.
+  for (const auto& [from, to] : {std::pair<std::string, train::TrainConfig>{"three", graphs},
+                                 std::pair<std::string, train::TrainConfig>{"graphs", three}}) {
+    train::TrainConfig rest = to;
+    rest.resume = dir.file(from + "-1.safetensors");
+    rest.checkpoint = dir.file(from + "-then-{epoch}.safetensors");
+    train::run_training(rest, train, test);
+    expect_same_tensors(dir.file("plain-2.safetensors"), dir.file(from + "-then-2.safetensors"));
+  }
+}
+
 TEST(Training, DecoupledRunResumesExactlyAtAnEpochBoundary) {
   const data::Dataset train = synthetic_set(96, 9), test = synthetic_set(30, 10);
   TempDir dir;
@@ -1370,6 +1398,7 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
       {[](train::TrainConfig& x) { x.checkpoint = "/tmp/d{epoch}/run.st"; },
        "--checkpoint /tmp/d{epoch}/run.st: {epoch} may stand in the file's name, not in its directory"},
       {[](train::TrainConfig& x) { x.model = "resnet7"; }, "unknown model 'resnet7' (known: resnet20,"},
+      {[](train::TrainConfig& x) { x.graph_memory = "bump"; }, "--graph-memory bump lays out the memory of --graphs'"},
       // --resume is read before the run writes: only --checkpoint may name it (metrics appended to
       // it, or a trace put in its place, destroyed the run's one copy).
       {[](train::TrainConfig& x) { x.resume = "/tmp/sp-r.st", x.metrics = "/tmp/./sp-r.st"; },

@@ -138,6 +138,8 @@ BenchResult run_bench(const BenchConfig& cfg) {
            "and --warmup not negative");
   SP_CHECK(cfg.graph_memory == "planned" || cfg.graph_memory == "bump", "--graph-memory must be planned or bump, got '",
            cfg.graph_memory, "'");
+  SP_CHECK(cfg.graphs || cfg.graph_memory == "planned", "--graph-memory ", cfg.graph_memory,
+           " lays out the memory of --graphs' captured ticks: give --graphs too");
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
            cfg.kernels, "'");
   SP_CHECK(cfg.profile_ops >= 0, "--profile-ops must not be negative");

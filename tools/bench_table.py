@@ -210,6 +210,9 @@ def ops_table(paths):
     for p in paths:
         with open(p) as f:
             runs += [r for r in (json.loads(line) for line in f if line.strip().startswith("{")) if "op_profile" in r]
+    if not runs:  # an empty table said nothing of why
+        raise SystemExit(f"bench_table ops: no run with an op profile in {', '.join(paths)} "
+                         "(staleprop bench --profile-ops N --json FILE writes them)")
     labels, per_op, totals = [], [], []
     for r in runs:
         steps = r["profile_steps"]

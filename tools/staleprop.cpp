@@ -433,7 +433,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"eval-batch-size", "B", "batch size of the test-set evaluation; a larger one than the test set is the whole set (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", to_ll(v)); }},
       {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} once in the file's name: one per epoch); no other output may name it", [&](const std::string& v) { c.checkpoint = v; }},
       {"checkpoint-every", "N", "also write --checkpoint every N steps (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only; default none: at epoch ends only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", to_ll(v)); }},
-      {"resume", "FILE", "resume exactly from a checkpoint of the same run; refused, saying why, when its model, data, schedule, training rule (method, shrink, jitter, recompute, weight stashing), optimizer, loss, precision or cuts differ (--recompute may change with --weight-stash: it changes no bit there; a run of plain backprop over one module takes a bp checkpoint of any cuts, which compute the same bits). --device and --kernels may change (the run then goes on, but not bit for bit)", [&](const std::string& v) { c.resume = v; }},
+      {"resume", "FILE", "resume exactly from a checkpoint of the same run; refused, saying why, when its model, data, schedule, training rule (method, shrink, jitter, recompute, weight stashing), optimizer, loss, precision or cuts differ (--recompute may change with --weight-stash: it changes no bit there; plain backprop (--method bp) takes a bp checkpoint of any cuts, which compute the same bits). --device and --kernels may change (the run then goes on, but not bit for bit)", [&](const std::string& v) { c.resume = v; }},
       {"metrics", "FILE", "append metrics as JSON lines to FILE", [&](const std::string& v) { c.metrics = v; }},
       {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines; default auto)", [&](const std::string& v) { c.progress = v; }},
       {"log", "FILE", "append the banner, progress and epoch lines to FILE instead of printing them", [&](const std::string& v) { c.log = v; }},
@@ -451,7 +451,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"recompute", "", "keep only module inputs; recompute activations before the backward, with the weights of that moment (with ddg/fdg these are newer than the forward's, so the gradient differs from saved activations'; --weight-stash recomputes with the forward's weights)", [&](const std::string&) { c.recompute = true; }},
       {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
       {"graphs", "", "replay each module's steady-state tick from CUDA graphs (CPU: recorded closures); not with --staleness-jitter, --recompute, --weight-stash", [&](const std::string&) { c.graphs = true; }},
-      {"graph-memory", "M", "planned|bump: memory of captured ticks, laid out from recorded tensor lifetimes (one module: about the eager peak; decoupled modules: more, see the README) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
+      {"graph-memory", "M", "planned|bump, with --graphs: memory of captured ticks, laid out from recorded tensor lifetimes (one module: about the eager peak; decoupled modules: more, see the README) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
       {"threads", "N", "size of the CPU thread pool that the kernels split their work over (default: all cores; same as STALEPROP_NUM_THREADS); a pipelined run's module streams are threads of their own besides", [&](const std::string& v) { threads = thread_count(v); }},
   };
 }
@@ -655,7 +655,7 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
       {"seed", "S", "seed of the weights and the synthetic data (default 0)", [&](const std::string& v) { c.seed = to_ull(v); }},
       {"json", "FILE", "append each result as a JSON line to FILE (- for stdout, which then holds the JSON alone: the summary goes to stderr)", [&](const std::string& v) { json = v; }},
       {"graphs", "", "replay steady-state ticks from CUDA graphs (backprop then runs as bp over one module); the warm-up grows until every phase is captured", [&](const std::string&) { c.graphs = true; }},
-      {"graph-memory", "M", "planned|bump: memory of captured ticks (see train --help; default planned)", [&](const std::string& v) { c.graph_memory = v; }},
+      {"graph-memory", "M", "planned|bump, with --graphs: memory of captured ticks (see train --help; default planned)", [&](const std::string& v) { c.graph_memory = v; }},
       {"threads", "N", "size of the CPU thread pool that the kernels split their work over (default: all cores; same as STALEPROP_NUM_THREADS); a pipelined run's module streams are threads of their own besides", [&](const std::string& v) { threads = thread_count(v); }},
   };
 }
@@ -701,7 +701,11 @@ std::string method_str(const sp::train::BenchResult& r) {
   if (r.config.method == "backprop") return "backprop" + graphs;
   std::string cuts;
   for (size_t c : r.cuts) cuts += (cuts.empty() ? "" : ",") + std::to_string(c);
-  return r.config.method + " K=" + std::to_string(r.modules) + (cuts.empty() ? "" : " [" + cuts + "]") + graphs;
+  // The settings that change the run's work beside the method: a line or row says them.
+  char shrink[32] = "";
+  if (r.config.shrink != 1.f) std::snprintf(shrink, sizeof shrink, " shrink %g", double(r.config.shrink));
+  return r.config.method + " K=" + std::to_string(r.modules) + (cuts.empty() ? "" : " [" + cuts + "]") + shrink +
+         (r.config.recompute ? " recompute" : "") + (r.config.weight_stash ? " weight-stash" : "") + graphs;
 }
 
 int bench_main(int argc, char** argv) {
@@ -796,6 +800,10 @@ int study_main(int argc, char** argv) {
     SP_CHECK(devices.empty() || size_t(k) <= devices.size(), "study: --splits ", k, " needs ", k,
              " devices, --devices gives ", devices.size());
   for (const std::string& m : method_list) sp::parse_pipeline_method(m);  // reject typos before any run
+  // As a run would refuse them, after the runs before it.
+  if (!devices.empty()) sp::train::check_module_devices(sp::Device::parse(c.device), devices);
+  SP_CHECK(!c.graphs || !c.recompute, "study: --graphs does not go with --recompute, whose work changes from tick to "
+           "tick");
 
   std::vector<sp::train::BenchResult> results;
   double base = 0, steady_base = 0;

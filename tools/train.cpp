@@ -842,7 +842,9 @@ TrainResult run_pipelined(Run& run) {
   // A resumed run keeps the cut points it started with (measured cuts may differ run to run);
   // asked for another number of modules, or other explicit cuts, it is refused.
   std::string cuts_how = "cuts of the checkpoint";
-  if (resume_meta.count("cuts")) {
+  // Plain backprop computes the same bits over any cuts: its checkpoint goes on over the cuts asked
+  // for (one module from graphs, say, after three), as a one-module run op by op takes it.
+  if (resume_meta.count("cuts") && pc.method != PipelineMethod::BP) {
     pc.cuts = parse_cuts(resume_meta["cuts"]);
     const std::vector<size_t> asked = cfg.split_at.empty() ? std::vector<size_t>()
                                       : cfg.split_at == "fdg" ? layers::fdg_preset_cuts(cfg.model, cfg.split)
@@ -1257,6 +1259,8 @@ void check_config(const TrainConfig& cfg) {
   parse_pipeline_method(cfg.method);  // reject unknown methods before any work
   SP_CHECK(cfg.graph_memory == "planned" || cfg.graph_memory == "bump", "--graph-memory must be planned or bump, got '",
            cfg.graph_memory, "'");
+  SP_CHECK(cfg.graphs || cfg.graph_memory == "planned", "--graph-memory ", cfg.graph_memory,
+           " lays out the memory of --graphs' captured ticks: give --graphs too");
   SP_CHECK(std::isfinite(cfg.lr) && cfg.lr >= 0, "--lr must be a finite number >= 0, got ", cfg.lr);
   SP_CHECK(cfg.momentum >= 0 && cfg.momentum < 1, "--momentum must be in [0, 1), got ", cfg.momentum);
   SP_CHECK(!cfg.nesterov || cfg.momentum > 0, "--nesterov needs a --momentum > 0 (as PyTorch's SGD)");

@@ -127,6 +127,10 @@ def main():
                                 "--warmup", "1", "--profile-ops", "2", "--json", profiles] + method,
                                capture_output=True, text=True)
             check(p.returncode == 0, f"staleprop bench --profile-ops {method}", p.stdout + p.stderr)
+        # A file without op profiles (bench without --profile-ops) is no table, and says so.
+        p = subprocess.run([sys.executable, SCRIPT, "ops", runs], capture_output=True, text=True)
+        check(p.returncode != 0 and "no run with an op profile in" in p.stderr and "| op |" not in p.stdout,
+              "ops on a file without profiles says so", p.stdout + p.stderr)
         head, rows = table("ops", profiles)
         check("resnet20 b4 fp32 custom backprop: ms/step" in head and "resnet20 b4 fp32 custom fdg K2: ms/step" in head,
               f"one column group per run: {head}")
