@@ -7,7 +7,7 @@ already end at the requested epoch count and trains the others in one `staleprop
 --parallel at once (they share the GPU, which one small model leaves partly idle). Each cell
 checkpoints every epoch under --state; a cell that the time budget stops at an epoch boundary
 resumes there on the next call, bit for bit as if it had not stopped. `table` turns whatever is
-there into Markdown.
+there (with --also DIR, other folders' cells too, each row naming its device) into Markdown.
 
     tools/accuracy_table.py run --staleprop build-gpu/tools/staleprop --out runs/r56 \\
         --models resnet56 --splits 1,2,3,4 --methods bp,ddg,fdg --epochs 30 --budget 540 --parallel 7 \\

@@ -31,7 +31,7 @@
       run (model, batch, precision, kernels, method and, over several modules, K), one row per
       op: its device time per step and its share of the summed op time; then, per run, the wall
       time per profiled step and the time the device certainly waited for the host (wall minus
-      op time, meaningful on one stream).
+      op time, meaningful on one stream). Files holding no op profile are refused, saying so.
 
   pytorch F.jsonl ...
       JSON lines of `staleprop bench --json` and of bench/pytorch_baseline.py, mixed. One row per
@@ -43,7 +43,7 @@
       peaks of allocated memory (PyTorch's of its same-precision best), and the file of our run
       (runs alike but for settings their lines do not record stay apart by file). Where a setting
       ran more than once (rounds of one session), each side's fastest line counts, and the cell
-      says of how many and the slowest: PyTorch's rate can move by 15% between rounds.
+      says of how many and the slowest: PyTorch's rate moved by up to 33% between rounds.
 
     python3 tools/bench_table.py kernels gpu-out/dgrad-direct.json gpu-out/dgrad-wt.json
     python3 tools/bench_table.py train gpu-out/graphs.jsonl

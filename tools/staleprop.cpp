@@ -433,7 +433,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"eval-batch-size", "B", "batch size of the test-set evaluation; a larger one than the test set is the whole set (default 500)", [&](const std::string& v) { c.eval_batch_size = positive("eval-batch-size", to_ll(v)); }},
       {"checkpoint", "FILE", "safetensors checkpoint written after every epoch ({epoch} once in the file's name: one per epoch); no other output may name it", [&](const std::string& v) { c.checkpoint = v; }},
       {"checkpoint-every", "N", "also write --checkpoint every N steps (plain backprop over one module on one device, without --graphs, --trace, --recompute or --weight-stash, only; default none: at epoch ends only)", [&](const std::string& v) { c.checkpoint_every = positive("checkpoint-every", to_ll(v)); }},
-      {"resume", "FILE", "resume exactly from a checkpoint of the same run; refused, saying why, when its model, data, schedule, training rule (method, shrink, jitter, recompute, weight stashing), optimizer, loss, precision or cuts differ (--recompute may change with --weight-stash: it changes no bit there; plain backprop (--method bp) takes a bp checkpoint of any cuts, which compute the same bits). --device and --kernels may change (the run then goes on, but not bit for bit)", [&](const std::string& v) { c.resume = v; }},
+      {"resume", "FILE", "resume exactly from a checkpoint of the same run; refused, saying why, when its model, data, schedule, training rule (method, shrink, jitter, recompute, weight stashing), optimizer, loss, precision or cuts differ (--recompute may change with --weight-stash: it changes no bit there; plain backprop (--method bp) takes a bp checkpoint of any cuts, which compute the same bits); --metrics, --log and --trace may not name FILE (--checkpoint may). --device and --kernels may change (the run then goes on, but not bit for bit)", [&](const std::string& v) { c.resume = v; }},
       {"metrics", "FILE", "append metrics as JSON lines to FILE", [&](const std::string& v) { c.metrics = v; }},
       {"progress", "MODE", "auto|bar|plain|none (auto: a bar on a terminal, else lines; default auto)", [&](const std::string& v) { c.progress = v; }},
       {"log", "FILE", "append the banner, progress and epoch lines to FILE instead of printing them", [&](const std::string& v) { c.log = v; }},
@@ -452,7 +452,7 @@ std::vector<Flag> train_flags(TrainArgs& a) {
       {"weight-stash", "", "back-propagate through the weights the batch's forward used (PipeDream)", [&](const std::string&) { c.weight_stash = true; }},
       {"graphs", "", "replay each module's steady-state tick from CUDA graphs (CPU: recorded closures); not with --staleness-jitter, --recompute, --weight-stash", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump, with --graphs: memory of captured ticks, laid out from recorded tensor lifetimes (one module: about the eager peak; decoupled modules: more, see the README) or kept whole until the tick runs again (default planned)", [&](const std::string& v) { c.graph_memory = v; }},
-      {"threads", "N", "size of the CPU thread pool that the kernels split their work over (default: all cores; same as STALEPROP_NUM_THREADS); a pipelined run's module streams are threads of their own besides", [&](const std::string& v) { threads = thread_count(v); }},
+      {"threads", "N", "size of the CPU thread pool that the kernels split their work over (default: all cores; same as STALEPROP_NUM_THREADS); on the CPU each stream (one per module) is a thread of its own besides", [&](const std::string& v) { threads = thread_count(v); }},
   };
 }
 
@@ -552,7 +552,7 @@ int sweep_main(int argc, char** argv) {
       {"jobs", "FILE", "the runs, one per line: the arguments of a staleprop train command (quoted as in a shell; blank lines and lines starting with # are skipped); a job's own --time-limit counts from its start; required", [&](const std::string& v) { jobs_file = v; }},
       {"parallel", "N", "runs at once, each on its own host thread and streams (default 1: one after another)", [&](const std::string& v) { parallel = int(positive("parallel", to_i(v))); }},
       {"time-limit", "SECONDS", "every run ends at the first epoch boundary where its next epoch would end later than SECONDS after the sweep began (see train --time-limit), and a waiting run does not start when an epoch of a run like it (model, device, precision, method, K, batch, data size), as finished runs took, would not fit; default none", [&](const std::string& v) { time_limit = positive_seconds("time-limit", v); }},
-      {"threads", "N", "size of the CPU thread pool, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS); each run's module streams are threads of their own besides", [&](const std::string& v) { threads = thread_count(v); }},
+      {"threads", "N", "size of the CPU thread pool, shared by all runs; a job may name the same (default: all cores; same as STALEPROP_NUM_THREADS); on the CPU each run's streams (one per module) are threads of their own besides", [&](const std::string& v) { threads = thread_count(v); }},
   };
   if (!parse_flags("sweep",
                    "Runs several staleprop train runs in one process, up to --parallel at once. On a GPU their\n"
@@ -563,8 +563,9 @@ int sweep_main(int argc, char** argv) {
                    "--deterministic). --kernels, --mainloop, --deterministic and\n"
                    "--threads are process-wide: all runs must agree. With --parallel > 1 and several jobs, each\n"
                    "needs its own --log FILE (or --progress none); a run's peak reserved memory is then the\n"
-                   "process's (its peak of tensors in use stays its own). Exits 1\n"
-                   "if a run failed (the others go on). Ctrl-C (SIGINT) or SIGTERM stops the running runs as in\n"
+                   "process's (its peak of tensors in use stays its own). A job whose flags train would refuse\n"
+                   "(values, model, cuts, devices, outputs) stops the sweep before any run. Exits 1 if a run\n"
+                   "failed as it ran (the others go on). Ctrl-C (SIGINT) or SIGTERM stops the running runs as in\n"
                    "train and starts no other; the sweep then ends by the signal (status 130 or 143).",
                    flags, argc, argv))
     return 0;
@@ -654,9 +655,9 @@ std::vector<Flag> bench_flags(sp::train::BenchConfig& c, std::string& json, int&
       {"mainloop", "L", "auto|mma_sync|wgmma|wgmma_tma: main loop of our bf16 tensor-core GEMM and convolutions (wgmma: Hopper, in sm_90a builds; wgmma_tma: wgmma with TMA loads for the GEMM and the convolutions TMA can address; auto: wgmma_tma where wgmma can run, else mma_sync; GPU only; default $STALEPROP_MAINLOOP, else auto)", [&](const std::string& v) { c.mainloop = v; }},
       {"seed", "S", "seed of the weights and the synthetic data (default 0)", [&](const std::string& v) { c.seed = to_ull(v); }},
       {"json", "FILE", "append each result as a JSON line to FILE (- for stdout, which then holds the JSON alone: the summary goes to stderr)", [&](const std::string& v) { json = v; }},
-      {"graphs", "", "replay steady-state ticks from CUDA graphs (backprop then runs as bp over one module); the warm-up grows until every phase is captured", [&](const std::string&) { c.graphs = true; }},
+      {"graphs", "", "replay steady-state ticks from CUDA graphs (backprop then runs as bp over one module; not with --recompute); the warm-up grows until every phase is captured", [&](const std::string&) { c.graphs = true; }},
       {"graph-memory", "M", "planned|bump, with --graphs: memory of captured ticks (see train --help; default planned)", [&](const std::string& v) { c.graph_memory = v; }},
-      {"threads", "N", "size of the CPU thread pool that the kernels split their work over (default: all cores; same as STALEPROP_NUM_THREADS); a pipelined run's module streams are threads of their own besides", [&](const std::string& v) { threads = thread_count(v); }},
+      {"threads", "N", "size of the CPU thread pool that the kernels split their work over (default: all cores; same as STALEPROP_NUM_THREADS); on the CPU each stream (one per module) is a thread of its own besides", [&](const std::string& v) { threads = thread_count(v); }},
   };
 }
 
