@@ -136,10 +136,7 @@ double steady_rate(double ms, int64_t steps, double short_ms, int64_t short_step
 BenchResult run_bench(const BenchConfig& cfg) {
   SP_CHECK(cfg.batch_size > 0 && cfg.steps > 0 && cfg.warmup >= 0, "bench: --batch-size and --steps must be positive "
            "and --warmup not negative");
-  SP_CHECK(cfg.graph_memory == "planned" || cfg.graph_memory == "bump", "--graph-memory must be planned or bump, got '",
-           cfg.graph_memory, "'");
-  SP_CHECK(cfg.graphs || cfg.graph_memory == "planned", "--graph-memory ", cfg.graph_memory,
-           " lays out the memory of --graphs' captured ticks: give --graphs too");
+  check_graph_memory(cfg.graphs, cfg.graph_memory);
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
            cfg.kernels, "'");
   SP_CHECK(cfg.profile_ops >= 0, "--profile-ops must not be negative");

@@ -1034,6 +1034,13 @@ std::vector<size_t> choose_cuts(const std::string& model, size_t blocks, int spl
   return balanced_cuts(block_costs(), split);
 }
 
+void check_graph_memory(bool graphs, const std::string& graph_memory) {
+  SP_CHECK(graph_memory == "planned" || graph_memory == "bump", "--graph-memory must be planned or bump, got '",
+           graph_memory, "'");
+  SP_CHECK(graphs || graph_memory == "planned", "--graph-memory ", graph_memory,
+           " lays out the memory of --graphs' captured ticks: give --graphs too");
+}
+
 void check_cuts(const std::string& model, int split, const std::string& split_at) {
   if (split <= 1 && split_at.empty()) return;
   const size_t blocks = layers::build_resnet(model).size();
@@ -1257,10 +1264,7 @@ void check_config(const TrainConfig& cfg) {
            cfg.cutout);
   SP_CHECK(cfg.cutout == 0 || cfg.augment, "--cutout is an augmentation: it does not go with --no-augment");
   parse_pipeline_method(cfg.method);  // reject unknown methods before any work
-  SP_CHECK(cfg.graph_memory == "planned" || cfg.graph_memory == "bump", "--graph-memory must be planned or bump, got '",
-           cfg.graph_memory, "'");
-  SP_CHECK(cfg.graphs || cfg.graph_memory == "planned", "--graph-memory ", cfg.graph_memory,
-           " lays out the memory of --graphs' captured ticks: give --graphs too");
+  check_graph_memory(cfg.graphs, cfg.graph_memory);
   SP_CHECK(std::isfinite(cfg.lr) && cfg.lr >= 0, "--lr must be a finite number >= 0, got ", cfg.lr);
   SP_CHECK(cfg.momentum >= 0 && cfg.momentum < 1, "--momentum must be in [0, 1), got ", cfg.momentum);
   SP_CHECK(!cfg.nesterov || cfg.momentum > 0, "--nesterov needs a --momentum > 0 (as PyTorch's SGD)");

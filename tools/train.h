@@ -146,6 +146,8 @@ std::vector<size_t> choose_cuts(const std::string& model, size_t blocks, int spl
 // Throws, as choose_cuts would, unless `model` can be cut as --split `split` / --split-at
 // `split_at` say (measured cuts are checked by their count).
 void check_cuts(const std::string& model, int split, const std::string& split_at);
+// --graph-memory: planned or bump, and bump only with --graphs (train and bench alike).
+void check_graph_memory(bool graphs, const std::string& graph_memory);
 // --shrink `shrink` with --method `method` (bp, ddg or fdg): in (0, 1], and 1 with bp.
 void check_shrink(const std::string& method, float shrink);
 
