@@ -1,0 +1,1 @@
+staleprop train --model resnet56 --method fdg --split 3 --split-at fdg --shrink 0.2 --device cuda --precision bf16 --epochs 160 --batch-size 128 --lr 0.1 --momentum 0.9 --nesterov --weight-decay 5e-4 --schedule cosine --warmup-epochs 2 --cutout 16 --graphs
