@@ -10,6 +10,7 @@
 #include "engine/pipeline.h"
 #include "engine/trainer.h"
 #include "kernels/common/error.h"
+#include "layers/layers.h"
 #include "layers/resnet.h"
 #include "tools/build_info.h"
 #include "tools/cifar10.h"
@@ -167,7 +168,11 @@ BenchResult run_bench(const BenchConfig& cfg) {
   r.config = cfg;
   r.device_name = device_description(dev);
   r.mainloop = dev.is_cuda() ? ops::tensor_core_mainloop_in_use() : "none";
-  r.switches = dev.is_cuda() ? ops::tensor_core_switches() : "none";
+  // Every switch that changes which kernels run: the tensor-core ones, then the layers' two.
+  r.switches = dev.is_cuda()
+                   ? ops::tensor_core_switches() + ",bf16_weight_copies=" + (layers::bf16_weight_copies() ? "1" : "0") +
+                         ",dgrad_accumulate=" + (layers::dgrad_accumulates() ? "1" : "0")
+                   : "none";
   auto s = make_stream(dev);
   Network net = layers::build_resnet(cfg.model, data::kCifarClasses, cfg.seed);
   net.to(dev, *s);
