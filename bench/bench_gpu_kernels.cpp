@@ -54,7 +54,7 @@
 // tma_wide_by_shape), --tma-cluster[=0|1] the wgmma_tma kernel's 128 x 128 and 128 x 256 tiles in
 // clusters of two sharing B by multicast (default off; context tma_cluster), --tma-persistent[=0|1]
 // the wgmma_tma kernel persistent, as many blocks as the SMs hold going over the tiles (default
-// off; context tma_persistent), --conv-small-c[=0|1]
+// on; context tma_persistent), --conv-small-c[=0|1]
 // the direct forward and weight gradient of convolutions with at most 4 input channels (the stem;
 // default on; context conv_small_c), --bn-persistent[=0|1] the
 // persistent batch norm, one cooperative kernel per training forward and backward

@@ -28,8 +28,9 @@
 #      bench/pytorch_load_checkpoint.py;
 #   5. first, training throughput beside PyTorch eager in two rounds (#4's ratios, in one call):
 #      bf16 ResNet-18 (batch 512) and ResNet-56 (128, from graphs) with every new path that passed
-#      off, as by default, as by default with the candidates for defaults (the persistent TMA
-#      kernel and the halo convolutions, each measured alone on 2026-11-28) and all on
+#      off, as by default, as by default with the candidate for a default (the halo convolutions
+#      in mode 1, measured alone on 2026-11-28, never on top of the persistent TMA kernel, a
+#      default since 2026-11-28b) and all on
 #      (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _DGRAD_CLASS_DIRECT, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
 #      _CONV_SMALL_C, _BN_PERSISTENT, _PDL, _TMA_PERSISTENT, _BF16_WEIGHT_COPIES, _DGRAD_ACCUMULATE,
 #      _CONV_HALO, _HALO_RESIDENT), ResNet-56 in fp32 as by default, PyTorch's settings beside each
@@ -42,15 +43,15 @@
 #      kernel of one stride-class data gradient (at most 90 s); max pooling and the fused
 #      BN+add+ReLU against the copy; the convolutions' sums with the split of K by the earlier
 #      rule and capped at two waves; the convolutions layer by layer; ResNet-18's and ResNet-56's
-#      throughput with the persistent TMA kernel off and on; ResNet-18 at batch 128 from graphs.
-#      With COMPARE_BIN, ResNet-56's
+#      throughput with the persistent TMA kernel off and on; ResNet-18 at batch 128 from graphs;
+#      and those first taken on 2026-11-28b: the bf16 weight copies off and on (ResNet-18,
+#      ResNet-56 op by op and from graphs), the residual gradients summed in the data gradient off
+#      and on (ResNet-18, ResNet-56 graphs). Without it, ResNet-56's fdg over four modules from
+#      graphs with the persistent TMA kernel off and on. With COMPARE_BIN, ResNet-56's
 #      op-by-op fdg (interleaved, twice) and backprop on this commit's binary and another's, and
 #      fdg with the transposed filter and the scratch pool's cross-stream waits. With POOL=1,
 #      gpu_bench stage 1 for the pooling and shortcut kernels against the copy (at most 60 s).
-#      Then each path on its own: the bf16 weight copies off and on (ResNet-18, ResNet-56 op by
-#      op and from graphs), the residual gradients summed in the data gradient off and on
-#      (ResNet-18, ResNet-56 graphs), ResNet-56's from graphs, ResNet-18's and the three-kernel
-#      batch norm with programmatic
+#      Then ResNet-56's from graphs, ResNet-18's and the three-kernel batch norm with programmatic
 #      dependent launch off and on (--pdl); ResNet-18's bf16 throughput on cuBLASLt/cuDNN
 #      (--kernels vendor), and the op profile of a ResNet-18 step on the new paths. Each switch
 #      is measured only where ctest passed its GPU test (a hang there would burn every later
@@ -80,18 +81,19 @@ mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-560}
 SAN_CAP=${SAN_CAP:-30}
 # Default: the next cell of #5's accuracy table (bench/results/nvidia-h100/accuracy-table and
-# nvidia-h200/accuracy-table), fdg over FDG's three modules of ResNet-56 with the shrink factor FDG
-# published that cell with, beta = 0.2, with the recipe of the cells there (bp at K = 1: 91.80%;
-# fdg at K = 2: 91.85%, 142 epochs in 322 s on an H200 beside the tests and the sanitizers, the
-# rest resumed in a second call, 2026-11-28-summary.md; fdg at K = 4: 91.39%): 160 epochs of
-# cosine decay after 2 warm-up epochs, Nesterov, weight decay 5e-4, Cutout 16, replayed from CUDA graphs. The warm-up matters: at lr
+# nvidia-h200/accuracy-table), ddg over FDG's two modules of ResNet-56, without a shrink factor
+# (Huo et al.'s DDG has none), with the recipe of the cells there (bp at K = 1: 91.80%; fdg at
+# K = 2: 91.85%; fdg at K = 3, beta 0.2: 91.77%, 149 epochs in 321 s on an H200 beside the tests
+# and the sanitizers, the rest resumed in a second call, 2026-11-28b-summary.md; fdg at K = 4:
+# 91.39%): 160 epochs of cosine decay after 2 warm-up epochs, Nesterov, weight decay 5e-4,
+# Cutout 16, replayed from CUDA graphs. The warm-up matters: at lr
 # 0.1 from step 0 an fdg run over four modules diverged by step 40 (2026-11-27-summary.md). A
 # run that the limit stops comes back as its last finished epoch's checkpoint, and the next call
 # resumes it (see 1. above): RESUME=FILE tools/gpu_prepare.sh, with the checkpoint kept
 # (git-ignored) under gpu-state/.
 TRAIN_ARGS=${TRAIN_ARGS:-"--model resnet56 --precision bf16 --epochs 160 --batch-size 128 --lr 0.1 \
 --momentum 0.9 --nesterov --weight-decay 5e-4 --schedule cosine --warmup-epochs 2 --cutout 16 --graphs \
---method fdg --split 3 --split-at fdg --shrink 0.2"}
+--method ddg --split 2 --split-at fdg"}
 left() { echo $((DEADLINE - SECONDS)); }
 log() { echo "[$(printf '%3d' $SECONDS) s] $*" | tee -a "$OUT/session.txt"; }
 source tools/gpu_env.sh
@@ -321,9 +323,10 @@ NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_
 [ -n "$HALO_OK" ] && NEW_PATHS+=(STALEPROP_CONV_HALO=1)
 [ -n "$HALO_RESIDENT_OK" ] && NEW_PATHS+=(STALEPROP_HALO_RESIDENT=1)
 # "defaults" runs with no switch set (the caller's unset too): what a user gets; "candidate" the
-# defaults with the paths that each gained in training on their own on 2026-11-28 (H200, ResNet-18
-# at batch 512: the persistent TMA kernel 47.7k -> 49.6k img/s, the halo convolutions in mode 1
-# 47.9k -> 48.8k), never measured together: whether they become defaults. Two rounds of each model,
+# defaults with the halo convolutions in mode 1, which gained alone on 2026-11-28 (H200, ResNet-18
+# at batch 512: 47.9k -> 48.8k img/s) and have not been measured on top of the persistent TMA
+# kernel, a default since 2026-11-28b (with the halo it ran 49.4k, the defaults then 47.6k):
+# whether the halo becomes a default too. Two rounds of each model,
 # each beside PyTorch, whose rate moved by up to 33% between rounds of one call (2026-11-28: its
 # ResNet-56 bf16 channels_last 4449 then 5904 img/s); ResNet-56 from graphs (its headline rate),
 # and in fp32 as by default too (#4's target is fp32's ratio: >= 1.5x PyTorch's best).
@@ -332,7 +335,6 @@ NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_
 DEFAULTS=()
 for v in $(compgen -e | grep '^STALEPROP_'); do DEFAULTS+=(-u "$v"); done
 CANDIDATE=()
-[ -n "$PERSISTENT_OK" ] && CANDIDATE+=(STALEPROP_TMA_PERSISTENT=1)
 [ -n "$HALO_OK" ] && CANDIDATE+=(STALEPROP_CONV_HALO=1)
 # The halo measured as its test passed: with the descriptors' base offset where only that passed.
 [ -n "$HALO_OK" ] && [ "${STALEPROP_HALO_DESC_PHASE:-}" = 1 ] && CANDIDATE+=(STALEPROP_HALO_DESC_PHASE=1)
@@ -454,7 +456,10 @@ fi
 NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
   --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats
-  --section SchedulerStats)
+  --section SchedulerStats --section SourceCounters)
+# SourceCounters samples the warps' program counters, which puts the stall cycles on instructions:
+# the 2026-11-28b profile's warp states could not tell its mbarrier waits from its tile's start
+# and end without them.
 # Each section's body too (the warp stall reasons of WarpStateStats): the headers alone could not say
 # what the bf16 GEMM's warps wait on (2026-11-28). Only where this ncu has the option.
 # (The help is read whole first: grep -q leaving early would end ncu by SIGPIPE, which pipefail
@@ -572,6 +577,11 @@ if [ -n "$PERSISTENT_OK" ] && [ -n "$REMEASURE" ]; then
   throughput_ab tma-persistent STALEPROP_TMA_PERSISTENT resnet18 512
   throughput_ab tma-persistent-r56 STALEPROP_TMA_PERSISTENT resnet56 128 --graphs
 fi
+# The persistent TMA kernel (a default since 2026-11-28b, measured in backprop only) in the
+# pipeline: ResNet-56 fdg over FDG's four modules from graphs, whose modules' kernels share the SMs
+# (a persistent grid holds every SM until its last tile).
+[ -n "$PERSISTENT_OK" ] &&
+  throughput_ab fdg4-persistent STALEPROP_TMA_PERSISTENT resnet56 128 --graphs --method fdg --split 4 --split-at fdg
 # ResNet-18 at batch 128 from graphs, as bench/runs/long-runs.txt's 200-epoch run towards 95%
 # trains it: whether that run (10M images; its 90 MB checkpoint cannot come back, so it must end
 # within one lease) fits a session.
@@ -580,17 +590,18 @@ if [ "$(left)" -gt 60 ] && [ -n "$REMEASURE" ]; then
     --steps 50 --warmup 10 --json "$OUT/throughput-r18-b128-graphs.jsonl" 2>&1 | tee -a "$OUT/session.txt"
   log "bench resnet18 128 bf16 --graphs exit ${PIPESTATUS[0]}"
 fi
-# The bf16 weight copies written by the optimizer's step (a default, never timed) against a cast
-# before every use: 41 launches fewer per ResNet-18 step, 111 per ResNet-56 step (op by op, where
-# launches cost most, and from graphs).
-if [ -n "$WEIGHT_COPIES_OK" ]; then
+# The bf16 weight copies written by the optimizer's step (a default) against a cast before every
+# use: 41 launches fewer per ResNet-18 step, 111 per ResNet-56 step (op by op, where launches cost
+# most, and from graphs); 1.02x, 1.05x and 1.03x on 2026-11-28b (H200): only with REMEASURE=1.
+if [ -n "$WEIGHT_COPIES_OK" ] && [ -n "$REMEASURE" ]; then
   throughput_ab weight-copies STALEPROP_BF16_WEIGHT_COPIES resnet18 512
   throughput_ab weight-copies-r56 STALEPROP_BF16_WEIGHT_COPIES resnet56 128
   throughput_ab weight-copies-r56-graphs STALEPROP_BF16_WEIGHT_COPIES resnet56 128 --graphs
 fi
-# A residual block's gradients summed in the convolution's data gradient (a default, never timed)
-# against the separate add: 8 adds per ResNet-18 step, 27 per ResNet-56 step.
-if [ -n "$DGRAD_ACC_OK" ]; then
+# A residual block's gradients summed in the convolution's data gradient (a default) against the
+# separate add: 8 adds per ResNet-18 step, 27 per ResNet-56 step; 1.02x and 1.01x on 2026-11-28b
+# (H200): only with REMEASURE=1.
+if [ -n "$DGRAD_ACC_OK" ] && [ -n "$REMEASURE" ]; then
   throughput_ab dgrad-accumulate STALEPROP_DGRAD_ACCUMULATE resnet18 512
   throughput_ab dgrad-accumulate-r56 STALEPROP_DGRAD_ACCUMULATE resnet56 128 --graphs
 fi

@@ -217,13 +217,13 @@ STALEPROP_DGRAD_CLASS_DIRECT=0 (each stride class through a scratch matrix and a
 of straight into dx), STALEPROP_CONV_TMA=0 (convolutions' operands gathered by cp.async instead
 of loaded by TMA), STALEPROP_TMA_WIDE_BY_SHAPE=0 (no 128x256 tile chosen by the shape's rule),
 STALEPROP_CONV_SMALL_C=0 (the stem's bf16 forward and weight gradient on the tensor cores
-instead of direct kernels); these turn on a path that is off by default:
+instead of direct kernels), STALEPROP_TMA_PERSISTENT=0 (the TMA kernel one block per tile
+instead of persistent: as many blocks as the SMs hold, each going over tiles); these turn on a path that is off by default:
 STALEPROP_CONV_HALO=1 or 2 (the stride-1 3x3 convolutions' halo kernel, for 32 px rows or also
 16 px; STALEPROP_HALO_RESIDENT=1 its form that keeps the filter in shared memory;
 STALEPROP_HALO_DESC_PHASE=1 sets its descriptors' base offset), STALEPROP_TMA_WIDE=1
 (the 128x256 tile wherever it fits), STALEPROP_TMA_CLUSTER=1 (the TMA tiles in clusters of two
-that share the B operand by multicast), STALEPROP_TMA_PERSISTENT=1 (the TMA kernel persistent:
-as many blocks as the SMs hold, each going over tiles), STALEPROP_BN_PERSISTENT=1 (batch norm's training
+that share the B operand by multicast), STALEPROP_BN_PERSISTENT=1 (batch norm's training
 forward and backward as one cooperative kernel each, fp32 and bf16) and STALEPROP_PDL=1
 (programmatic dependent launch of our kernels). The TMA paths run only with the wgmma_tma main
 loop (auto on an H100/H200). The README's "Tensor-core main loop" says why each default is what

@@ -92,7 +92,7 @@ bool tma_wide_by_shape() { return detail::env_switch(g_tma_wide_by_shape, "STALE
 void set_tma_cluster(bool on) { detail::set_switch(g_tma_cluster, on); }
 bool tma_cluster() { return detail::env_switch(g_tma_cluster, "STALEPROP_TMA_CLUSTER", false); }
 void set_tma_persistent(bool on) { detail::set_switch(g_tma_persistent, on); }
-bool tma_persistent() { return detail::env_switch(g_tma_persistent, "STALEPROP_TMA_PERSISTENT", false); }
+bool tma_persistent() { return detail::env_switch(g_tma_persistent, "STALEPROP_TMA_PERSISTENT", true); }
 
 void set_conv_halo(int mode) {
   SP_CHECK(mode >= 0 && mode <= 2, "conv_halo: mode 0 (off), 1 or 2, not ", mode);

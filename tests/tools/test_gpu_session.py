@@ -19,12 +19,13 @@ timed out and the programmatic-launch test failed:
     are not measured again;
   - the training throughput with "the new paths on" switches on exactly the paths that passed,
     with them "off" switches every path off explicitly, "defaults" sets none, and "candidate" the
-    defaults with the persistent kernel and the halo; ResNet-18 and ResNet-56 (from graphs; fp32
+    defaults (the persistent kernel among them) with the halo; ResNet-18 and ResNet-56 (from graphs; fp32
     as by default too) in two rounds, PyTorch beside each round (ResNet-56 in NCHW too, bf16 and
     fp32, PyTorch's fastest there); these rounds come before any kernel benchmark;
   - without REMEASURE=1 the figures first taken on 2026-11-28 (the halo, its resident form, the
     stride classes' profile, max pooling and BN, the split's caps, the layers one by one, the
-    persistent kernel in training, ResNet-18 at batch 128) are not taken again;
+    persistent kernel in training, ResNet-18 at batch 128), and on 2026-11-28b (the weight copies,
+    the summed data gradient) are not taken again; the persistent kernel in fdg is;
   - with a second binary carried, the op-by-op fdg and backprop runs on both;
   - where the halo test failed, it runs once more with STALEPROP_HALO_DESC_PHASE=1, and on
     passing the halo is measured with it; with only 240 s left after ctest that retry and the
@@ -190,6 +191,10 @@ def main():
                                                                      ["STALEPROP_TMA_PERSISTENT=1"]] * 2 and
               all("--graphs" in l for l in tput[2:]),
               f"ResNet-18's and ResNet-56's (from graphs) throughput with the persistent kernel off and on: {tput}", log)
+        fdg4 = [l for l in lines if "throughput-fdg4-persistent" in l]
+        check([switches_of(l) for l in fdg4] == [["STALEPROP_TMA_PERSISTENT=0"], ["STALEPROP_TMA_PERSISTENT=1"]] and
+              all("--method fdg --split 4 --split-at fdg" in l and "--graphs" in l for l in fdg4),
+              f"ResNet-56's fdg over four modules from graphs with the persistent kernel off and on: {fdg4}", log)
         copies = [l for l in lines if "throughput-weight-copies" in l]
         check([switches_of(l) for l in copies] == [["STALEPROP_BF16_WEIGHT_COPIES=0"],
                                                    ["STALEPROP_BF16_WEIGHT_COPIES=1"]] * 3 and
@@ -253,9 +258,9 @@ def main():
         check(all(l.split("|")[1].split() == [] for l in defaults) and
               any("STALEPROP_DEBUG=1" in l.split("|")[1].split() for l in on),
               "the defaults' runs set no switch (the caller's unset)", log)
-        check(all(l.split("|")[1].split() == ["STALEPROP_CONV_HALO=1", "STALEPROP_TMA_PERSISTENT=1"]
-                  for l in candidate),
-              f"the candidates: the defaults with the persistent kernel and the halo, whose tests passed: {candidate}",
+        check(all(l.split("|")[1].split() == ["STALEPROP_CONV_HALO=1"] for l in candidate),
+              f"the candidate: the defaults (the persistent kernel among them) with the halo, whose test passed: "
+              f"{candidate}",
               log)
         check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=1", "STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_HALO=1",
                                   "STALEPROP_CONV_SMALL_C=0", "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_ACCUMULATE=1", "STALEPROP_DGRAD_CLASSES=1",
@@ -441,6 +446,10 @@ def main():
               not any(key in l for l in lines7 for key in ("throughput-tma-persistent", "throughput-halo",
                                                           "throughput-r18-b128", "r18_64to128_3x3_s2_32px")),
               "without REMEASURE, nothing measured on 2026-11-28 is measured again", log7)
+        check(not any("throughput-weight-copies" in l or "throughput-dgrad-accumulate" in l for l in lines7) and
+              len([l for l in lines7 if "throughput-fdg4-persistent" in l]) == 2,
+              "without REMEASURE, the weight copies and the summed data gradient (2026-11-28b) are not measured "
+              "again; the persistent kernel in fdg is", log7)
         check([l.split("--tma-persistent=")[1][0] for l in bench7 if "--tma-persistent" in l] == ["0", "1"] * 2 and
               any("r18_all_layers" in l and "--conv-tma=1" in l for l in bench7),
               "the GEMM and the convolutions' sums with the persistent kernel off and on, and the sums as by default",
