@@ -86,7 +86,9 @@ struct BenchResult {
   int64_t units = 0, replayed_units = 0;  // --graphs: module units of the timed steps, and how many were replays
   std::string device_name;
   std::string mainloop;  // the bf16 tensor-core main loop in effect on a GPU, "none" on the CPU
-  std::string switches;  // the other tensor-core kernel switches on a GPU (ops::tensor_core_switches), else "none"
+  // On a GPU the other kernel switches: ops::tensor_core_switches, then the layers' bf16_weight_copies and
+  // dgrad_accumulate; else "none".
+  std::string switches;
   // profile_ops > 0: the device time of each (op, shapes) summed over the profiled steps, most
   // expensive first, and the wall time of those steps.
   std::vector<OpTime> op_times;

@@ -218,7 +218,11 @@ of straight into dx), STALEPROP_CONV_TMA=0 (convolutions' operands gathered by c
 of loaded by TMA), STALEPROP_TMA_WIDE_BY_SHAPE=0 (no 128x256 tile chosen by the shape's rule),
 STALEPROP_CONV_SMALL_C=0 (the stem's bf16 forward and weight gradient on the tensor cores
 instead of direct kernels), STALEPROP_TMA_PERSISTENT=0 (the TMA kernel one block per tile
-instead of persistent: as many blocks as the SMs hold, each going over tiles); these turn on a path that is off by default:
+instead of persistent: as many blocks as the SMs hold, each going over tiles),
+STALEPROP_BF16_WEIGHT_COPIES=0 (each bf16 weight cast before every use instead of the copy the
+optimizer's step writes), STALEPROP_DGRAD_ACCUMULATE=0 (a residual block's two gradients summed
+by a separate add instead of in the convolution's data gradient); these turn on a path that is
+off by default:
 STALEPROP_CONV_HALO=1 or 2 (the stride-1 3x3 convolutions' halo kernel, for 32 px rows or also
 16 px; STALEPROP_HALO_RESIDENT=1 its form that keeps the filter in shared memory;
 STALEPROP_HALO_DESC_PHASE=1 sets its descriptors' base offset), STALEPROP_TMA_WIDE=1

@@ -146,7 +146,7 @@ bool tma_cluster();
 // and an epilogue that nothing overlaps (one 128-row tile's block fills an SM's shared memory).
 // Never with clusters (tma_cluster() keeps a block per tile). The same bits as without. On unless
 // set, or the environment variable STALEPROP_TMA_PERSISTENT is 0: on an H200 its tests passed and
-// memcheck and racecheck were clean (2026-11-28, 2026-11-28b); in two sessions it ran ResNet-18's
+// memcheck was clean (2026-11-28, 2026-11-28b) and racecheck too (2026-11-28b); in two sessions it ran ResNet-18's
 // bf16 training step at batch 512 1.04x faster, ResNet-56's from graphs at the same speed, the
 // bf16 GEMM 4096^3 1.02x and ResNet-18's convolutions summed 1.05x. Not yet measured with the
 // pipelined methods, whose modules share the SMs.
@@ -162,9 +162,11 @@ bool tma_persistent();
 // cuDNN (2026-11-27). Tiles run on the padded width, so a share of their rows is junk: mode 1
 // takes plans that use at least 80% of their rows (the 32 px layers: 89%), mode 2 at least 60%
 // (16 px: 67%). The same bits as the TMA convolution. Off (0) unless set, or the environment
-// variable STALEPROP_CONV_HALO is 1 or 2: on an H200 (2026-11-28) its tests passed, memcheck and
-// racecheck were clean, and mode 1 ran ResNet-18's training step 1.02x faster, but it has not been
-// measured on top of the persistent TMA kernel.
+// variable STALEPROP_CONV_HALO is 1 or 2: on an H200 its tests passed, memcheck was clean
+// (2026-11-28, -28b) and racecheck too (2026-11-28b), and mode 1 ran ResNet-18's training step
+// 1.02x faster (2026-11-28); with the persistent TMA kernel it ran 49.4k img/s (2026-11-28b), the
+// persistent kernel alone 49.6k in another call: no A/B against the persistent kernel alone in one
+// call yet.
 void set_conv_halo(int mode);
 int conv_halo();
 // The smallest share of used rows conv_halo()'s mode asks of a halo plan (0 when off).
@@ -177,9 +179,10 @@ int64_t conv_halo_launches();
 // that fits (3x3 filters over 64 source channels: B is then 72 KiB) and there are at least 4
 // tiles per SM (conv_halo.h, halo_resident_pays). With the streaming halo kernel a tile reads
 // 30 KiB of patch but 72 KiB of filter from L2; resident, only the patch. The same bits. Off unless set, or the
-// environment variable STALEPROP_HALO_RESIDENT is 1 (with conv_halo() on): on an H200 (2026-11-28) its
-// tests passed and memcheck and racecheck were clean, but ResNet-18's training step ran slower with it
-// (45.8k img/s against 48.8k for the streaming halo kernel).
+// environment variable STALEPROP_HALO_RESIDENT is 1 (with conv_halo() on): on an H200 its tests
+// passed, memcheck was clean (2026-11-28, -28b) and racecheck too (2026-11-28b), but ResNet-18's
+// training step ran slower with it (45.8k img/s against 48.7k for the streaming halo kernel in the
+// same A/B, 2026-11-28).
 void set_halo_resident(bool on);
 bool halo_resident();
 // How many halo convolutions have run in the resident form in this process.
