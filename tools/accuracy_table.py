@@ -23,7 +23,12 @@ else 0.5, unless --shrink gives one for all; the ddg cells do not shrink (Huo et
 no such factor), unless --ddg-shrink says otherwise. The table gives each cell's factor.
 Arguments after `--` go to every `staleprop train` call unchanged (device, precision, recipe).
 Each cell writes NAME.jsonl (the metrics), NAME.log (the output) and NAME.cmd (the command) under
-OUT, and NAME.safetensors (its last epoch's checkpoint) under --state.
+OUT, and NAME.safetensors (its last epoch's checkpoint) under --state. A cell named twice (in
+--models, --splits or --methods) runs once; a choice that leaves no cell is refused. `run` exits 1
+where the sweep failed (it refused the cells, or one ended in an error), else 0 (the budget
+stopping cells, to resume later, is no failure). `table` shows every cell under OUT (and --also);
+--models, --splits and --methods, where given, choose its rows. Its peak MiB is a cell's largest
+epoch's peak of tensors in use; its img/s the mean over epochs.
 """
 import argparse
 import os
@@ -57,10 +62,15 @@ def shrink_of(model, method, k, fdg_shrink, ddg_shrink):
     return ddg_shrink if method == "ddg" else 1.0
 
 
+def unique(values):
+    """The values in order, each once (a cell named twice would be two jobs writing one file)."""
+    return list(dict.fromkeys(values))
+
+
 def cells(models, splits, methods):
-    for model in models:
-        for k in splits:
-            for method in methods:
+    for model in unique(models):
+        for k in unique(splits):
+            for method in unique(methods):
                 if (k == 1) == (method == "bp"):
                     yield model, method, k
 
@@ -72,8 +82,14 @@ def cell_name(model, method, k):
 def run(args, extra):
     """Trains the unfinished cells (tools/resumable_runs.py): in one `staleprop sweep`, up to
     --parallel at once, each resuming from the checkpoint of its last finished epoch."""
+    if not os.access(args.staleprop, os.X_OK) or os.path.isdir(args.staleprop):
+        raise SystemExit(f"accuracy_table.py run: --staleprop {args.staleprop}: not an executable file")
+    todo = list(cells(args.models, args.splits, args.methods))
+    if not todo:
+        raise SystemExit("accuracy_table.py run: no cells: bp runs at K = 1 only, ddg and fdg at K >= 2 only "
+                         f"(--splits {','.join(map(str, args.splits))}, --methods {','.join(args.methods)})")
     runs = []
-    for model, method, k in cells(args.models, args.splits, args.methods):
+    for model, method, k in todo:
         words = ["--model", model, "--method", method, "--split", str(k), "--epochs", str(args.epochs)]
         if k > 1:
             words += ["--split-at", "fdg"]
@@ -106,13 +122,17 @@ def table(args):
         if os.path.realpath(folder) not in map(os.path.realpath, folders):
             folders.append(folder)
     for folder, entry in ((d, e) for d in folders for e in sorted(os.listdir(d))):
-        if not entry.endswith(".jsonl"):
+        if not entry.endswith(".jsonl") or not os.path.isfile(os.path.join(folder, entry)):
             continue
         name = entry[:-len(".jsonl")]
         try:
             model, method, k = name.rsplit("-", 2)
             k = int(k.lstrip("K"))
         except ValueError:
+            continue
+        # --models, --splits and --methods, where given, choose the rows.
+        if ((args.models and model not in args.models) or (args.splits and k not in args.splits) or
+                (args.methods and method not in args.methods)):
             continue
         epochs = read_epochs(os.path.join(folder, entry))
         if not epochs:
@@ -131,7 +151,7 @@ def table(args):
             "epochs": f"{last['epoch']}" + (f" of {wanted}" if wanted and wanted != last["epoch"] else ""),
             "error": 100 * (1 - last["test_acc"]), "best": 100 * (1 - max(e["test_acc"] for e in epochs)),
             "ips": sum(e["images_per_s"] for e in epochs) / len(epochs), "busy": busy, "shared": shared,
-            "peak": last.get("peak_allocated_bytes", 0) / 2**20,
+            "peak": max(e.get("peak_allocated_bytes", 0) for e in epochs) / 2**20,  # the run's largest epoch
             "beta": beta, "published": PUBLISHED.get((model, method, k)),
             "where": run_device(os.path.join(folder, entry)) or folder,
         })
@@ -165,12 +185,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("verb", choices=["run", "table"])
     add_run_options(ap, "cells")
-    ap.add_argument("--models", default="resnet56", type=lambda s: s.split(","),
-                    help="models of the table, comma-separated (default %(default)s)")
-    ap.add_argument("--splits", default="1,2,3,4", type=lambda s: [int(k) for k in s.split(",")],
-                    help="module counts K, comma-separated; K = 1 is the bp row (default %(default)s)")
-    ap.add_argument("--methods", default="bp,ddg,fdg", type=lambda s: s.split(","),
-                    help="methods of the K > 1 cells, comma-separated (default %(default)s)")
+    ap.add_argument("--models", default=None, type=lambda s: s.split(","),
+                    help="models, comma-separated (run: the cells to train, default resnet56; table: the rows "
+                         "shown, default all)")
+    ap.add_argument("--splits", default=None, type=lambda s: [int(k) for k in s.split(",")],
+                    help="module counts K, comma-separated; K = 1 is the bp row (run: default 1,2,3,4; table: "
+                         "the rows shown, default all)")
+    ap.add_argument("--methods", default=None, type=lambda s: s.split(","),
+                    help="methods, comma-separated: bp (K = 1), ddg and fdg (K >= 2) (run: default bp,ddg,fdg; "
+                         "table: the rows shown, default all)")
     ap.add_argument("--epochs", type=int, default=30,
                     help="epochs of every cell (default %(default)s; tools/gpu_accuracy.sh passes 160)")
     ap.add_argument("--shrink", type=float, default=None,
@@ -182,7 +205,11 @@ def main():
                     help="table: another directory of cells (another session's or device's), repeatable; the "
                          "table then says where each cell ran")
     args = ap.parse_args(argv)
-    for method in args.methods:
+    if args.verb == "run":
+        args.models = args.models or ["resnet56"]
+        args.splits = args.splits or [1, 2, 3, 4]
+        args.methods = args.methods or ["bp", "ddg", "fdg"]
+    for method in args.methods or []:
         if method not in ("bp", "ddg", "fdg"):
             ap.error(f"unknown method {method!r} (bp, ddg, fdg)")
     if args.verb == "table":

@@ -7,7 +7,9 @@
       of its repetitions where the file has aggregates), one column group per file: our rate
       (TFLOP/s or GB/s) and its ratio to the vendor kernel (vs_vendor) or to the copy
       (vs_copy) measured in the same run. The column heading is the file's main-loop,
-      data-gradient and TMA settings (its JSON context), else its name. With
+      data-gradient and TMA settings (its JSON context), else its name (with the folders that
+      tell files of one name apart). A benchmark run once, in a file with repeated ones, gives
+      its one run. With
       several files, two last columns give the last file's rate against the first's (ours:
       last rate / first rate), and the same for the vendor kernel or the copy timed beside it
       (its own median rate, vendor_TFLOP/s or copy_GB/s; in files without it, ours / ratio). A
@@ -24,7 +26,8 @@
       main loop and kernel switches), one column group per way of running it: op by op,
       --graphs (planned arenas) and --graphs --graph-memory bump. Images/s and peak allocated
       MiB each, and the graphs' gain and memory against op by op. Lines without graph_memory
-      (written before planned arenas existed) count as bump.
+      (written before planned arenas existed) count as bump. Of repeated rounds of one cell the
+      fastest counts, its cell saying of how many and the slowest (as in pytorch below).
 
   ops F.jsonl ...
       JSON lines of `staleprop bench --profile-ops N --json`. One column group per profiled
@@ -35,15 +38,21 @@
 
   pytorch F.jsonl ...
       JSON lines of `staleprop bench --json` and of bench/pytorch_baseline.py, mixed. One row per
-      staleprop run of plain backprop over one module (model, batch, precision, kernels,
-      --graphs and its variant), beside PyTorch eager on the same device, model and batch: its
+      staleprop run of plain backprop over one module (the backprop trainer, or --method bp over
+      one module; model, batch, precision, kernels, --graphs and its variant; with runs of
+      several devices, the device), beside PyTorch eager on the same device (the same GPU model,
+      the whole name: an H200 NVL is not an H200; on the CPU the same thread count), model and
+      batch: its
       best rate in the same precision (fp32 without TF32, or bf16 autocast), in whichever
       layout (NCHW or channels_last) ran faster, named, and our ratio to it; then PyTorch's best
       in any setting (TF32 and the other precision included) and our ratio to that; then both
       peaks of allocated memory (PyTorch's of its same-precision best), and the file of our run
       (runs alike but for settings their lines do not record stay apart by file). Where a setting
       ran more than once (rounds of one session), each side's fastest line counts, and the cell
-      says of how many and the slowest: PyTorch's rate moved by up to 33% between rounds.
+      says of how many and the slowest: PyTorch's rate moved by up to 33% between rounds. Other
+      lines (the pipelined methods, bench/pytorch_cifar_train.py's epochs) are skipped with a note.
+
+  A file that cannot be read or parsed is refused, naming it.
 
     python3 tools/bench_table.py kernels gpu-out/dgrad-direct.json gpu-out/dgrad-wt.json
     python3 tools/bench_table.py train gpu-out/graphs.jsonl
@@ -54,6 +63,24 @@ import json
 import os
 import re
 import sys
+
+
+def read_json(path):
+    """One JSON document, or an error naming the file."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"bench_table: {path}: {e}")
+
+
+def read_lines(path):
+    """The JSON objects of a JSON-lines file (other lines skipped), or an error naming the file."""
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip().startswith("{")]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SystemExit(f"bench_table: {path}: {e}")
 
 
 def strip_name(name):
@@ -83,12 +110,15 @@ SWITCH_LABELS = [
 def kernel_rows(path):
     """{name: (rate, unit, ratio, ratio to the copy's peak or None, the twin's rate or None)} of one
     bench_gpu_kernels JSON, and its label."""
-    with open(path) as f:
-        doc = json.load(f)
-    benches = doc.get("benchmarks", [])
+    doc = read_json(path)
+    benches = doc.get("benchmarks", []) if isinstance(doc, dict) else []
     medians = [b for b in benches if b.get("aggregate_name") == "median"]
+    with_median = {strip_name(b["name"]) for b in medians}
+    # The median of a benchmark's repetitions, else (run once) its one iteration.
+    singles = [b for b in benches if b.get("run_type", "iteration") == "iteration" and
+               strip_name(b["name"]) not in with_median]
     rows = {}
-    for b in medians or [b for b in benches if b.get("run_type", "iteration") == "iteration"]:
+    for b in medians + singles:
         if "TFLOP/s" in b:
             ratio = b.get("vs_vendor")
             twin = b.get("vendor_TFLOP/s", b["TFLOP/s"] / ratio if ratio else None)
@@ -113,14 +143,26 @@ def fmt(v, digits):
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def distinct_names(paths):
+    """The shortest trailing parts of the paths that tell them apart (file names where they do)."""
+    parts = [os.path.normpath(os.path.abspath(p)).split(os.sep) for p in paths]
+    for n in range(1, max(len(x) for x in parts) + 1):
+        names = [os.sep.join(x[-n:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    return list(paths)
+
+
 def kernels_table(paths):
     tables = [kernel_rows(p) for p in paths]
+    if not any(rows for rows, _ in tables):  # an empty table said nothing of why
+        raise SystemExit(f"bench_table kernels: no benchmark with TFLOP/s or GB/s in {', '.join(paths)}")
     names = []
     for rows, _ in tables:
         names += [n for n in rows if n not in names]
     labels = [label for _, label in tables]
     if len(set(labels)) < len(labels):  # settings alike: tell the files apart by name
-        labels = [p.rsplit("/", 1)[-1] for p in paths]
+        labels = distinct_names(paths)
     head = "| benchmark | " + " | ".join(f"{l}: rate | {l}: ratio" for l in labels)
     sep = "|---|" + "---|---|" * len(tables)
     if len(tables) > 1:
@@ -161,14 +203,11 @@ def variant(r, with_device=False):
 def train_table(paths):
     runs, others = [], 0
     for p in paths:
-        with open(p) as f:
-            for line in f:
-                if line.strip().startswith("{"):
-                    r = json.loads(line)
-                    if all(k in r for k in ("model", "batch_size", "precision", "method", "modules")):
-                        runs.append(r)
-                    else:
-                        others += 1
+        for r in read_lines(p):
+            if all(k in r for k in ("model", "batch_size", "precision", "method", "modules")):
+                runs.append(r)
+            else:
+                others += 1
     if others:
         print(f"bench_table.py train: {others} lines that are not staleprop bench records skipped", file=sys.stderr)
     # Lines written before planned arenas existed have no graph_memory: their graphs were bump.
@@ -183,16 +222,17 @@ def train_table(paths):
                variant(r, many_devices))
         for mode, match in modes:
             if match(r):
-                configs.setdefault(key, {})[mode] = r  # a later run of the same configuration wins
+                configs.setdefault(key, {}).setdefault(mode, []).append(r)
     head = ("| model | batch | precision | kernels | method | K | variant | "
             + " | ".join(f"{m}: img/s | {m}: peak MiB" for m, _ in modes)
             + " | planned vs op by op: speed, memory | bump vs op by op: speed, memory |")
     out = [head, "|---|---|---|---|---|---|---|" + "---|---|" * len(modes) + "---|---|"]
-    for key, by_mode in configs.items():
-        cells = []
+    for key, rounds in configs.items():
+        cells, by_mode = [], {}
         for mode, _ in modes:
-            r = by_mode.get(mode)
-            cells += [fmt(r["images_per_s"], 0) if r else "—",
+            r, note = fastest(rounds[mode]) if mode in rounds else (None, "")
+            by_mode[mode] = r
+            cells += [fmt(r["images_per_s"], 0) + (f" ({note})" if note else "") if r else "—",
                       fmt(r["peak_allocated_bytes"] / 2**20, 0) if r else "—"]
         base, planned, bump = (by_mode.get(m) for m, _ in modes)
 
@@ -208,8 +248,7 @@ def train_table(paths):
 def ops_table(paths):
     runs = []
     for p in paths:
-        with open(p) as f:
-            runs += [r for r in (json.loads(line) for line in f if line.strip().startswith("{")) if "op_profile" in r]
+            runs += [r for r in read_lines(p) if "op_profile" in r]
     if not runs:  # an empty table said nothing of why
         raise SystemExit(f"bench_table ops: no run with an op profile in {', '.join(paths)} "
                          "(staleprop bench --profile-ops N --json FILE writes them)")
@@ -246,37 +285,52 @@ def pytorch_setting(r):
     return precision, "channels_last" if r.get("channels_last") else "NCHW"
 
 
-def same_machine(ours, theirs):
+def same_machine(ours, theirs, their_threads=None):
     """Whether a staleprop device string ("NVIDIA H100 80GB HBM3 (sm_90, 79.2 GiB)", "cpu (2 threads, ..)")
-    and a PyTorch one ("NVIDIA H100 80GB HBM3", "cpu x86_64") name the same kind of device."""
+    and a PyTorch one ("NVIDIA H100 80GB HBM3", "cpu x86_64"; its threads where it records them) name the
+    same kind of device: the same GPU model, whole (an "NVIDIA H200 NVL" is not an "NVIDIA H200"), or
+    CPUs with the same thread count where both say it. A record without a device matches none."""
+    if not ours or not theirs:
+        return False
     if ours.startswith("cpu") or theirs.startswith("cpu"):
-        return ours.startswith("cpu") and theirs.startswith("cpu")
-    return ours.startswith(theirs)
+        if not (ours.startswith("cpu") and theirs.startswith("cpu")):
+            return False
+        m = re.match(r"cpu \((\d+) threads?", ours)
+        return their_threads is None or m is None or int(m.group(1)) == int(their_threads)
+    return ours.split(" (", 1)[0] == theirs
+
+
+def fastest(runs):
+    """The fastest of a setting's runs, and a note of how many ran and the slowest's rate."""
+    rates = [x["images_per_s"] for x in runs]
+    best = max(runs, key=lambda x: x["images_per_s"])
+    return best, (f"fastest of {len(runs)}, slowest {min(rates):.0f}" if len(runs) > 1 else "")
 
 
 def pytorch_table(paths):
-    ours, theirs = {}, {}
+    ours, theirs, skipped = {}, {}, 0
+    names = dict(zip(paths, distinct_names(paths)))
     for p in paths:
-        with open(p) as f:
-            for line in f:
-                if not line.strip().startswith("{"):
+        for r in read_lines(p):
+            if r.get("framework") == "pytorch-eager":
+                if not all(k in r for k in ("model", "batch_size", "images_per_s")):
+                    skipped += 1  # e.g. bench/pytorch_cifar_train.py's epoch records
                     continue
-                r = json.loads(line)
-                if r.get("framework") == "pytorch-eager":
-                    theirs.setdefault((r.get("device", ""), r["model"], r["batch_size"], pytorch_setting(r)),
-                                      []).append(r)
-                elif r.get("method") == "backprop" and r.get("modules", 1) == 1 and "precision" in r:
-                    graphs = "graphs" if r.get("graphs") else "op by op"
-                    # The file too: runs that differ only in settings their lines do not record
-                    # (gpu_session.sh's paths off, on and by default) stay apart.
-                    ours.setdefault((r.get("device", ""), r["model"], r["batch_size"], r["precision"],
-                                     r.get("kernels", "custom"), graphs, variant(r), os.path.basename(p)), []).append(r)
-
-    def fastest(runs):
-        """The fastest of a setting's runs, and a note of how many ran and the slowest's rate."""
-        rates = [x["images_per_s"] for x in runs]
-        best = max(runs, key=lambda x: x["images_per_s"])
-        return best, (f"fastest of {len(runs)}, slowest {min(rates):.0f}" if len(runs) > 1 else "")
+                theirs.setdefault((r.get("device", ""), r.get("threads"), r["model"], r["batch_size"],
+                                   pytorch_setting(r)), []).append(r)
+            elif r.get("method") in ("backprop", "bp") and r.get("modules", 1) == 1 and "precision" in r:
+                # Plain backprop over one module: the backprop trainer, or --method bp --split 1.
+                graphs = "graphs" if r.get("graphs") else "op by op"
+                # The file too: runs that differ only in settings their lines do not record
+                # (gpu_session.sh's paths off, on and by default) stay apart.
+                ours.setdefault((r.get("device", ""), r["model"], r["batch_size"], r["precision"],
+                                 r.get("kernels", "custom"), graphs, variant(r), names[p]), []).append(r)
+            else:
+                skipped += 1
+    if skipped:
+        print(f"bench_table.py pytorch: {skipped} lines that are neither plain backprop over one module nor a "
+              "PyTorch throughput record skipped", file=sys.stderr)
+    devices = {key[0] for key in ours}
 
     theirs = {key: fastest(runs) for key, runs in theirs.items()}
     out = ["| model | batch | precision | kernels | run | variant | img/s | PyTorch, same precision: img/s (layout) "
@@ -284,8 +338,8 @@ def pytorch_table(paths):
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (device, model, batch, precision, kernels, graphs, var, source), runs in ours.items():
         r, repeats = fastest(runs)
-        mine = [(t, setting, note) for (d, m, b, setting), (t, note) in theirs.items()
-                if m == model and b == batch and same_machine(device, d)]
+        mine = [(t, setting, note) for (d, threads, m, b, setting), (t, note) in theirs.items()
+                if m == model and b == batch and same_machine(device, d, threads)]
         same = [x for x in mine if x[1][0] == precision]
         best_same = max(same, key=lambda x: x[0]["images_per_s"], default=None)
         best_any = max(mine, key=lambda x: x[0]["images_per_s"], default=None)
@@ -301,6 +355,8 @@ def pytorch_table(paths):
         theirs_mib = fmt(best_same[0]["peak_memory_bytes"] / 2**20, 0) if best_same and best_same[0].get(
             "peak_memory_bytes") else "—"
         rate = f"{r['images_per_s']:.0f}" + (f" ({repeats})" if repeats else "")
+        if len(devices) > 1:  # runs of several devices: each row names its own
+            var = device if var == "—" else f"{var}, {device}"
         out.append(f"| {model} | {batch} | {precision} | {kernels} | {graphs} | {var} | {rate} | "
                    f"{same_cells[0]} | {same_cells[1]} | {any_cells[0]} | {any_cells[1]} | "
                    f"{fmt(r['peak_allocated_bytes'] / 2**20, 0)} / {theirs_mib} | {source} |")
@@ -309,6 +365,9 @@ def pytorch_table(paths):
 
 def main(argv):
     tables = {"kernels": kernels_table, "train": train_table, "ops": ops_table, "pytorch": pytorch_table}
+    if len(argv) >= 2 and argv[1] in ("-h", "--help"):
+        sys.stdout.write(__doc__)
+        return 0
     if len(argv) < 3 or argv[1] not in tables:
         sys.stderr.write(__doc__)
         return 2

@@ -19,7 +19,9 @@ reports may change; the flags compare by name and value, in any order); with ano
 again, and the records of the epochs it had are moved into --out's replaced/ folder. A sweep
 stopped past the budget's grace, or by Ctrl-C, stops its runs as `staleprop train` does on a
 signal: plain backprop then keeps the step it was at (a checkpoint inside an epoch, which the
-next call resumes from), a pipeline its last epoch.
+next call resumes from), a pipeline its last epoch. `run` exits 0 where the sweep ended its runs
+(finished, or stopped by the budget to resume later) and 1 where it failed: it refused its jobs,
+or a run ended in an error (a diverged run among them).
 """
 import argparse
 import json
@@ -34,9 +36,10 @@ import sys
 def read_records(path):
     """The records of a metrics file in order (none where it is missing), up to a line cut short
     by a killed run."""
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         return
-    with open(path) as f:
+    # A line cut short may end inside a character: it is dropped as any other cut line.
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -155,7 +158,8 @@ def replace_aside(out, name, paths):
 def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
     """Trains the unfinished runs (name, train arguments without the binary, epochs wanted) in one
     `staleprop sweep`, each resuming from the checkpoint of its last finished epoch under `state`.
-    Prints what happened to each; returns 0."""
+    Prints what happened to each; returns 0, or 1 where the sweep failed (it refused its jobs, or a
+    run ended in an error) rather than ending on time or by its budget."""
     os.makedirs(out, exist_ok=True)
     os.makedirs(state, exist_ok=True)
     jobs, names, wanted = [], [], {}
@@ -257,8 +261,11 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
             print(f"{name}: test accuracy {100 * epochs[-1]['test_acc']:.2f}% after {wanted[name]} epochs", flush=True)
         elif epochs:
             print(f"{name}: {epochs[-1]['epoch']} of {wanted[name]} epochs; the next call resumes it", flush=True)
+        elif os.path.exists(logs[name]):
+            print(f"{name}: no epoch finished (sweep exit {rc}); see {logs[name]}", flush=True)
         else:
-            print(f"{name}: no epoch finished (sweep exit {rc}); see {name}.log", flush=True)
+            print(f"{name}: no epoch finished (sweep exit {rc}); the run did not start (see the sweep's message "
+                  "above)", flush=True)
         error = last_error(logs[name], log_start[name])
         if error:
             print(f"{name}: failed: {error[len('error: '):]}", flush=True)
@@ -267,7 +274,7 @@ def train_resumable(runs, out, state, staleprop, budget, grace, parallel):
                     f.write(error[len("error: "):] + "\n")
     if interrupted:
         raise KeyboardInterrupt
-    return 0
+    return 0 if rc in (0, 124) else 1
 
 
 def epochs_of(words):

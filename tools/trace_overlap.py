@@ -28,8 +28,11 @@ def stage_events(path, skip=()):
     """(thread names by tid, the stages' "X" events whose names do not start with any of skip).
     The ops that --trace-ops adds (category "op", nested in the stages or between them) are not
     stages and are left out."""
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
+    try:
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a readable Chrome trace ({type(e).__name__}: {e})")
     names = {e["tid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "thread_name"}
     kept = [e for e in events if e.get("ph") == "X" and e.get("cat") != "op"
             and not any(e.get("name", "").startswith(p) for p in skip)]
@@ -117,9 +120,14 @@ def main(args):
                 print("--skip needs a stage name", file=sys.stderr)
                 return 2
             skip.append(args.pop(0))
+        elif a.startswith("--skip="):
+            skip.append(a[len("--skip="):])
         elif a in ("-h", "--help"):
             print(__doc__.strip())
             return 0
+        elif a.startswith("-") and a != "-":
+            print(f"unknown option {a!r} (--skip NAME, --stages, --help)", file=sys.stderr)
+            return 2
         else:
             paths.append(a)
     if not paths:

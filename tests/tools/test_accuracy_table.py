@@ -211,8 +211,40 @@ def main():
         # A cell whose flags its run would refuse: the sweep refuses it before any run, naming the
         # cell and why.
         rc, log = run("run", *long, *train, "--cutout", "40")
-        check(rc == 0 and "resnet20-fdg-K2 (line 1): --cutout must be in 0..32" in log and
-              "resnet20-fdg-K2: no epoch finished (sweep exit 1)" in log, "the failure is named", log)
+        check(rc == 1 and "resnet20-fdg-K2 (line 1): --cutout must be in 0..32" in log and
+              "resnet20-fdg-K2: no epoch finished (sweep exit 1); the run did not start" in log,
+              "the failure is named, and the exit status says it", log)
+
+        # No cells asked for; one cell named twice; a --staleprop that is not a program.
+        rc, log = run("run", "--staleprop", staleprop, "--out", os.path.join(tmp, "none"), "--splits", "1",
+                      "--methods", "fdg")
+        check(rc != 0 and "no cells: bp runs at K = 1 only" in log, "a choice of no cells is refused", log)
+        rc, log = run("run", "--staleprop", os.path.join(tmp, "no-such-staleprop"), "--out", os.path.join(tmp, "x"),
+                      "--models", "resnet20", "--splits", "2", "--methods", "fdg")
+        check(rc != 0 and "not an executable file" in log and not os.path.exists(os.path.join(tmp, "x")),
+              "a missing --staleprop is named before anything is written", log)
+        twice = os.path.join(tmp, "twice")
+        rc, log = run("run", "--staleprop", staleprop, "--out", twice, "--models", "resnet20,resnet20", "--splits",
+                      "2,2", "--methods", "fdg,fdg", "--epochs", "1", "--budget", "600", *train)
+        check(rc == 0 and log.count("resnet20-fdg-K2: test accuracy") == 1, "a cell named twice trains once", log)
+
+        # table: --models, --splits and --methods choose the rows; the peak is the run's largest epoch's.
+        rc, table = run("table", "--out", out, "--methods", "fdg", "--splits", "3")
+        rows = [l for l in table.splitlines() if l.startswith("| resnet20 ")]
+        check(rc == 0 and len(rows) == 1 and rows[0].startswith("| resnet20 | fdg | 3 "), "the rows chosen", table)
+        peaks = os.path.join(tmp, "peaks")
+        os.makedirs(peaks)
+        with open(os.path.join(peaks, "resnet56-bp-K1.jsonl"), "w") as f:
+            for epoch, peak in ((1, 300), (2, 500), (3, 400)):
+                f.write(json.dumps({"event": "epoch", "epoch": epoch, "test_acc": 0.5, "images_per_s": 1.0,
+                                    "peak_allocated_bytes": peak * 2**20}) + "\n")
+        with open(os.path.join(peaks, "resnet56-bp-K1.jsonl"), "ab") as f:
+            f.write(b'{"event": "epo\xc3')  # a line cut short inside a two-byte character
+        os.makedirs(os.path.join(peaks, "resnet56-fdg-K2.jsonl"))  # a folder of that name is no cell
+        rc, table = run("table", "--out", peaks)
+        rows = [l for l in table.splitlines() if l.startswith("| resnet56 ")]
+        check(rc == 0 and len(rows) == 1 and "| 500 |" in rows[0], "the largest epoch's peak, the cut line dropped",
+              table)
     print("accuracy_table: all checks passed")
 
 

@@ -10,7 +10,11 @@ bump ones. ops: on real `staleprop bench --profile-ops` lines (backprop and fdg)
 group per run, convolutions timed in both, a run's shares adding up to 100%, and the host
 waiting time equal to wall minus op time. pytorch: on hand-made lines of both programs, each of
 our runs beside PyTorch's best in its precision (the faster layout) and in any setting, from the
-same device, model and batch only; of repeated runs, each side's fastest.
+same device, model and batch only; of repeated runs, each side's fastest. Also: another GPU model
+whose name begins alike (H200 NVL and H200) is not the same device; plain backprop run as `--method
+bp` over one module counts; PyTorch records without a batch are skipped with a note; a benchmark
+run once beside repeated ones keeps its row; files of one name in two folders are told apart; an
+empty or unreadable file is refused naming it; train keeps the fastest of repeated rounds.
 """
 import json
 import os
@@ -191,6 +195,55 @@ def main():
         check(len(rows) == 1 and rows[0][6] == "9870 (fastest of 2, slowest 9500)" and
               rows[0][7] == "6060 (fp32, NCHW; fastest of 2, slowest 5000)" and rows[0][8] == "1.63",
               f"repeated runs: the fastest of each side, with the count and the slowest: {rows}")
+
+        # Another GPU whose name begins alike is another device; a PyTorch record without a device
+        # matches none; `--method bp` over one module is plain backprop; a PyTorch line without a
+        # batch (bench/pytorch_cifar_train.py's) is skipped with a note.
+        devices = os.path.join(tmp, "devices.jsonl")
+        with open(devices, "w") as f:
+            for r in (ours("bf16", 40000.0, device="NVIDIA H200 NVL (sm_90, 140 GiB)"),
+                      ours("bf16", 50000.0, device="NVIDIA H200 (sm_90, 139.8 GiB)", method="bp"),
+                      torch(45000.0, bf16=True, device="NVIDIA H200 NVL"), torch(60000.0, bf16=True, device="NVIDIA H200"),
+                      torch(99999.0, bf16=True, device=""),
+                      {"framework": "pytorch-eager", "model": "resnet56", "epoch": 1, "test_acc": 0.5}):
+                f.write(json.dumps(r) + "\n")
+        p = subprocess.run([sys.executable, SCRIPT, "pytorch", devices], capture_output=True, text=True)
+        check(p.returncode == 0 and "1 lines that are neither" in p.stderr, "the epoch record skipped, with a note",
+              p.stdout + p.stderr)
+        rows = [[c.strip() for c in r.strip("|").split("|")] for r in p.stdout.splitlines()[2:]]
+        by_rate = {r[6]: r for r in rows}
+        check(by_rate.get("40000", [""] * 9)[8] == "0.89" and by_rate.get("50000", [""] * 9)[8] == "0.83",
+              f"each GPU beside its own PyTorch, the bp run over one module included: {rows}")
+        check(all("NVIDIA H200" in r[5] for r in rows), f"with two devices, each row names its own: {rows}")
+
+        # kernels: a benchmark run once beside repeated ones keeps its row; two files of one name and
+        # settings in two folders are told apart by their folders; an empty file is refused by name.
+        for sub in ("h100", "h200"):
+            os.makedirs(os.path.join(tmp, sub))
+            with open(os.path.join(tmp, sub, "k.json"), "w") as f:
+                json.dump({"context": {}, "benchmarks": [
+                    bench("a", "median", **{"TFLOP/s": 100.0, "vs_vendor": 0.5}),
+                    bench("b", None, **{"TFLOP/s": 50.0, "vs_vendor": 0.4})]}, f)
+        head, rows = table("kernels", os.path.join(tmp, "h100", "k.json"), os.path.join(tmp, "h200", "k.json"))
+        check([r[0] for r in rows] == ["a", "b"] and rows[1][1] == "50.0 TFLOP/s",
+              f"the benchmark run once keeps its row: {rows}")
+        check("h100/k.json: rate" in head and "h200/k.json: rate" in head, f"the files told apart: {head}")
+        empty = os.path.join(tmp, "empty.json")
+        open(empty, "w").close()
+        p = subprocess.run([sys.executable, SCRIPT, "kernels", empty], capture_output=True, text=True)
+        check(p.returncode != 0 and "empty.json" in p.stderr and "Traceback" not in p.stderr,
+              "an empty file refused, naming it", p.stdout + p.stderr)
+        p = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True)
+        check(p.returncode == 0 and "pytorch F.jsonl" in p.stdout, "--help prints the usage", p.stdout + p.stderr)
+
+        # train: of repeated rounds of one configuration, the fastest counts, saying of how many.
+        train_rounds = os.path.join(tmp, "train-rounds.jsonl")
+        with open(train_rounds, "w") as f:
+            for rate in (47586.0, 47578.0):
+                f.write(json.dumps(ours("bf16", rate)) + "\n")
+        head, rows = table("train", train_rounds)
+        check(len(rows) == 1 and rows[0][7] == "47586 (fastest of 2, slowest 47578)",
+              f"train: the fastest of the rounds: {rows}")
     print("bench_table: all checks passed")
 
 

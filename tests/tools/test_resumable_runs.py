@@ -115,7 +115,7 @@ def main():
         div_common = ["--runs", div_runs, "--out", div_out, "--staleprop", staleprop, "--budget", "60", "--", "--data",
                       data, "--train-limit", "64", "--test-limit", "64", "--threads", "2"]
         rc, log = run("run", *div_common)
-        check(rc == 0 and "boom: failed: " in log and "the run diverged" in log, "the diverging run fails", log)
+        check(rc == 1 and "boom: failed: " in log and "the run diverged" in log, "the diverging run fails", log)
         rc, log = run("run", *div_common)
         check(rc == 0 and "boom: not resumed: it diverged on an earlier call" in log and "1 runs:" not in log,
               "the next call does not train it again", log)

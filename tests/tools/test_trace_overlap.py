@@ -42,6 +42,17 @@ def main():
             json.dump({"traceEvents": ev}, f)
         (row,) = table_rows(made)
         check(row[1:] == ["30.0", "67/67", "0", "67", "33", "1.33"], f"the hand-made trace: {row}")
+        # --skip=NAME is --skip NAME; an unknown option and a file that is no trace are refused, named.
+        p = subprocess.run([sys.executable, SCRIPT, "--skip=step", made], capture_output=True, text=True)
+        check(p.returncode == 0 and "| 25.0 | 40/80 |" in p.stdout, "--skip=step: the span and shares without the step", p.stdout + p.stderr)
+        p = subprocess.run([sys.executable, SCRIPT, "--stage", made], capture_output=True, text=True)
+        check(p.returncode == 2 and "unknown option '--stage'" in p.stderr, "an unknown option", p.stdout + p.stderr)
+        bad = os.path.join(tmp, "bad.json")
+        with open(bad, "w") as f:
+            f.write("{")
+        p = subprocess.run([sys.executable, SCRIPT, bad], capture_output=True, text=True)
+        check(p.returncode != 0 and "bad.json: not a readable Chrome trace" in p.stderr and "Traceback" not in p.stderr,
+              "a file that is no trace", p.stdout + p.stderr)
         # Per module and kind of stage: fwd, bwd, step, then idle within the 30 ms span.
         rows = table_rows(made, stages=True)
         check([r[1:] for r in rows] == [["module 1", "10.0", "0.0", "10.0", "10.0"],
