@@ -203,7 +203,8 @@ def main():
         with open(devices, "w") as f:
             for r in (ours("bf16", 40000.0, device="NVIDIA H200 NVL (sm_90, 140 GiB)"),
                       ours("bf16", 50000.0, device="NVIDIA H200 (sm_90, 139.8 GiB)", method="bp"),
-                      torch(45000.0, bf16=True, device="NVIDIA H200 NVL"), torch(60000.0, bf16=True, device="NVIDIA H200"),
+                      torch(45000.0, bf16=True, device="NVIDIA H200 NVL"),
+                      torch(60000.0, bf16=True, device="NVIDIA H200"),
                       torch(99999.0, bf16=True, device=""),
                       {"framework": "pytorch-eager", "model": "resnet56", "epoch": 1, "test_acc": 0.5}):
                 f.write(json.dumps(r) + "\n")

@@ -44,7 +44,8 @@ def main():
         check(row[1:] == ["30.0", "67/67", "0", "67", "33", "1.33"], f"the hand-made trace: {row}")
         # --skip=NAME is --skip NAME; an unknown option and a file that is no trace are refused, named.
         p = subprocess.run([sys.executable, SCRIPT, "--skip=step", made], capture_output=True, text=True)
-        check(p.returncode == 0 and "| 25.0 | 40/80 |" in p.stdout, "--skip=step: the span and shares without the step", p.stdout + p.stderr)
+        check(p.returncode == 0 and "| 25.0 | 40/80 |" in p.stdout, "--skip=step: the span and shares without the step",
+              p.stdout + p.stderr)
         p = subprocess.run([sys.executable, SCRIPT, "--stage", made], capture_output=True, text=True)
         check(p.returncode == 2 and "unknown option '--stage'" in p.stderr, "an unknown option", p.stdout + p.stderr)
         bad = os.path.join(tmp, "bad.json")
