@@ -214,6 +214,11 @@ TEST(Cifar10Reader, ResolvesDataDirectory) {
   // A file given for the directory is named as such (the fetch hint would have fetched into it).
   const std::string file = with_files.file("data_batch_1.bin");
   expect_error([&] { resolve_cifar10_dir(file); }, {file, "is a file, not a directory"});
+  // A directory in a data file's place is named as such, not as missing.
+  fs::create_directory(empty.path / "test_batch.bin");
+  expect_error([&] { resolve_cifar10_dir(empty.path.string()); },
+               {(empty.path / "test_batch.bin").string(), "is not a regular file"});
+  fs::remove(empty.path / "test_batch.bin");
 
   // The default is relative to the working directory.
   ::unsetenv("CIFAR10_DIR");

@@ -2,6 +2,7 @@
 // resumption, determinism, evaluation, and loss that falls on synthetic and on real images.
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -1429,6 +1430,15 @@ TEST(Training, RejectsOptionsTheDeviceCannotHonour) {
   EXPECT_NO_THROW(train::check_config(c));
   c.resume = "/tmp/sp-r.st", c.checkpoint = "/tmp/sp-r.st";  // the checkpoint replaces the file it resumed from
   EXPECT_NO_THROW(train::check_config(c));
+  // Two hard links of one file are one file (--metrics and --log into it interleaved both).
+  const std::string first = dir.file("one.jsonl"), second = dir.file("two.jsonl");
+  std::ofstream(first).put('\n');
+  ASSERT_EQ(::link(first.c_str(), second.c_str()), 0);
+  c = small_config();
+  c.metrics = first, c.log = second;
+  sp::test::expect_error<Error>(run, {"--log " + second + " and --metrics " + first + " may name the same file"});
+  c.resume = first, c.log.clear();
+  sp::test::expect_error<Error>(run, {"--metrics " + first + " names the --resume file"});
   c = small_config();
   c.cutout = 33;
   sp::test::expect_error<Error>([&] { train::run_training(c, train, {}); }, {"--cutout must be in 0..32"});

@@ -107,8 +107,14 @@ std::string resolve_cifar10_dir(const std::string& flag_value, const std::vector
                 "data_batch_1.bin ... test_batch.bin");
   std::string missing;
   for (Split split : needed)
-    for (const std::string& name : cifar10_file_names(split))
-      if (!is_regular_file(join_path(dir, name))) missing += (missing.empty() ? "" : ", ") + name;
+    for (const std::string& name : cifar10_file_names(split)) {
+      const std::string path = join_path(dir, name);
+      struct stat file_st;
+      // Something else under that name (a directory, say) is no data file, and is named as such.
+      SP_CHECK(::stat(path.c_str(), &file_st) != 0 || S_ISREG(file_st.st_mode), "CIFAR-10: '", path, "' (", source,
+               ") is not a regular file");
+      if (!is_regular_file(path)) missing += (missing.empty() ? "" : ", ") + name;
+    }
   if (!missing.empty())
     throw Error("CIFAR-10 binary files not found in '" + dir + "' (" + source + "): missing " + missing +
                 ". Fetch them with: tools/fetch_cifar10.sh " + dir);

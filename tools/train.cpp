@@ -1,5 +1,6 @@
 #include "tools/train.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -1161,6 +1162,11 @@ std::string same_file(const std::string& path) {
   const auto absolute = std::filesystem::absolute(path);
   std::error_code ec;
   const auto canonical = std::filesystem::weakly_canonical(absolute, ec);
+  // An existing file with other hard links is named by its device and inode, which every one of
+  // its names shares (two names of one file passed as --metrics and --log interleaved both).
+  struct stat st {};
+  if (!ec && ::stat(canonical.c_str(), &st) == 0 && S_ISREG(st.st_mode) && st.st_nlink > 1)
+    return "inode " + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino);
   return ec ? absolute.lexically_normal().string() : canonical.string();
 }
 

@@ -108,7 +108,8 @@ void check_config(const TrainConfig& cfg);
 
 // The files a run writes, by flag (--log, --metrics, --checkpoint, --trace), those given.
 std::vector<std::pair<std::string, std::string>> run_outputs(const TrainConfig& cfg);
-// One spelling per file ("a.log", "./a.log", "/cwd/a.log" and a link to it are the same).
+// One spelling per file ("a.log", "./a.log", "/cwd/a.log" and a symbolic link to it are the same;
+// an existing file with hard links is named by its device and inode, which its links share).
 std::string same_file(const std::string& path);
 // Whether `file` is, or (for a --checkpoint pattern with "{epoch}") may be, written as `output`.
 bool may_write(const std::string& output, const std::string& file);
