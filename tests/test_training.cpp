@@ -381,6 +381,16 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
     test::expect_error([&] { train::run_training(from_damaged, train, test); },
                        {path, "records the training step '" + step + "', not a number of steps"});
   }
+  {  // A step past the run's end (hand-edited metadata) is refused, not taken for a finished run.
+    io::SafetensorsFile edited = io::read_safetensors(first.checkpoint);
+    edited.metadata["step"] = "100000";
+    const std::string path = dir.file("past-the-end.safetensors");
+    io::write_safetensors(path, edited.tensors, edited.metadata);
+    train::TrainConfig from_edited = resume_part;
+    from_edited.resume = path;
+    test::expect_error([&] { train::run_training(from_edited, train, test); },
+                       {path, "records step 100000, past the end of this 2-epoch run"});
+  }
   // Milestones shape only a multistep schedule (small_config's is cosine): another is no change.
   train::TrainConfig other = small_config();
   other.resume = first.checkpoint;

@@ -485,7 +485,10 @@ struct Run {
     const std::string& step = meta["step"];
     SP_CHECK(!step.empty() && step.size() <= 18 && step.find_first_not_of("0123456789") == std::string::npos,
              "--resume: ", cfg.resume, " records the training step '", step, "', not a number of steps");
-    return std::stoll(step);
+    const int64_t at = std::stoll(step), end = int64_t(cfg.epochs) * spe;
+    SP_CHECK(at <= end, "--resume: ", cfg.resume, " records step ", at, ", past the end of this ", cfg.epochs,
+             "-epoch run (step ", end, "): its metadata do not belong to this run");
+    return at;
   }
 
   std::map<std::string, std::string> metadata(int64_t step, const std::string& extra_key = "",
