@@ -134,10 +134,14 @@ double steady_rate(double ms, int64_t steps, double short_ms, int64_t short_step
   return double(batch) * double(steps - short_steps) / ((ms - short_ms) / 1e3);
 }
 
-BenchResult run_bench(const BenchConfig& cfg) {
+void check_bench_counts(const BenchConfig& cfg) {
   SP_CHECK(cfg.batch_size > 0, "--batch-size must be positive, got ", cfg.batch_size);
   SP_CHECK(cfg.steps > 0, "--steps must be positive, got ", cfg.steps);
   SP_CHECK(cfg.warmup >= 0, "--warmup must not be negative, got ", cfg.warmup);
+}
+
+BenchResult run_bench(const BenchConfig& cfg) {
+  check_bench_counts(cfg);
   check_graph_memory(cfg.graphs, cfg.graph_memory);
   SP_CHECK(cfg.kernels == "custom" || cfg.kernels == "vendor", "--kernels must be custom or vendor, got '",
            cfg.kernels, "'");

@@ -98,6 +98,9 @@ struct BenchResult {
   std::string op_profile_json() const;
 };
 
+// --batch-size and --steps positive, --warmup not negative: each refused by name (run_bench, and
+// study before its first run).
+void check_bench_counts(const BenchConfig& cfg);
 BenchResult run_bench(const BenchConfig& cfg);
 
 }  // namespace sp::train

@@ -783,9 +783,7 @@ int study_main(int argc, char** argv) {
   FILE* human = summary_out(json);
   const std::vector<std::string> method_list = comma_list("methods", methods);
   (void)sp::layers::build_resnet(c.model);  // an unknown model, named as such before any run
-  SP_CHECK(c.batch_size > 0, "--batch-size must be positive, got ", c.batch_size);
-  SP_CHECK(c.steps > 0, "--steps must be positive, got ", c.steps);
-  SP_CHECK(c.warmup >= 0, "--warmup must not be negative, got ", c.warmup);
+  sp::train::check_bench_counts(c);  // before any run, as run_bench checks them
   for (size_t i = 0; i < method_list.size(); ++i)
     for (size_t j = i + 1; j < method_list.size(); ++j)
       SP_CHECK(method_list[i] != method_list[j], "study: --methods names ", method_list[i], " twice");
