@@ -330,14 +330,15 @@ def pytorch_table(paths):
     if skipped:
         print(f"bench_table.py pytorch: {skipped} lines that are neither plain backprop over one module nor a "
               "PyTorch throughput record skipped", file=sys.stderr)
-    devices = {key[0] for key in ours}
+    several_devices = len({key[0] for key in ours}) > 1  # then each row names its own
 
     theirs = {key: fastest(runs) for key, runs in theirs.items()}
     out = ["| model | batch | precision | kernels | run | variant | img/s | PyTorch, same precision: img/s (layout) "
            "| ratio | PyTorch's best: img/s (setting) | ratio | peak MiB, ours / PyTorch | file |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (device, model, batch, precision, kernels, graphs, var, source), runs in ours.items():
+    for (device, model, batch, precision, kernels, graphs, _, source), runs in ours.items():
         r, repeats = fastest(runs)
+        var = variant(r, several_devices)
         mine = [(t, setting, note) for (d, threads, m, b, setting), (t, note) in theirs.items()
                 if m == model and b == batch and same_machine(device, d, threads)]
         same = [x for x in mine if x[1][0] == precision]
@@ -355,8 +356,6 @@ def pytorch_table(paths):
         theirs_mib = fmt(best_same[0]["peak_memory_bytes"] / 2**20, 0) if best_same and best_same[0].get(
             "peak_memory_bytes") else "—"
         rate = f"{r['images_per_s']:.0f}" + (f" ({repeats})" if repeats else "")
-        if len(devices) > 1:  # runs of several devices: each row names its own
-            var = device if var == "—" else f"{var}, {device}"
         out.append(f"| {model} | {batch} | {precision} | {kernels} | {graphs} | {var} | {rate} | "
                    f"{same_cells[0]} | {same_cells[1]} | {any_cells[0]} | {any_cells[1]} | "
                    f"{fmt(r['peak_allocated_bytes'] / 2**20, 0)} / {theirs_mib} | {source} |")

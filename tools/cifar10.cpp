@@ -25,11 +25,6 @@ constexpr int64_t kPlane = kCifarSide * kCifarSide;
 constexpr uint64_t kOrderStream = 0x6f72646572ull;  // "order"
 constexpr uint64_t kAugmentStream = 0x617567ull;    // "aug"
 
-bool is_regular_file(const std::string& path) {
-  struct stat st;
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-
 std::string join_path(const std::string& dir, const std::string& name) {
   if (dir.empty() || dir.back() == '/') return dir + name;
   return dir + "/" + name;
@@ -110,10 +105,12 @@ std::string resolve_cifar10_dir(const std::string& flag_value, const std::vector
     for (const std::string& name : cifar10_file_names(split)) {
       const std::string path = join_path(dir, name);
       struct stat file_st;
+      if (::stat(path.c_str(), &file_st) != 0) {
+        missing += (missing.empty() ? "" : ", ") + name;
+        continue;
+      }
       // Something else under that name (a directory, say) is no data file, and is named as such.
-      SP_CHECK(::stat(path.c_str(), &file_st) != 0 || S_ISREG(file_st.st_mode), "CIFAR-10: '", path, "' (", source,
-               ") is not a regular file");
-      if (!is_regular_file(path)) missing += (missing.empty() ? "" : ", ") + name;
+      SP_CHECK(S_ISREG(file_st.st_mode), "CIFAR-10: '", path, "' (", source, ") is not a regular file");
     }
   if (!missing.empty())
     throw Error("CIFAR-10 binary files not found in '" + dir + "' (" + source + "): missing " + missing +
