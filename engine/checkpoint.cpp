@@ -135,8 +135,16 @@ std::map<std::string, std::string> load_checkpoint(const std::string& path, cons
   }
   const ModuleState st = net.state();
   std::set<std::string> used;
+  // Whether the file holds any optimizer state: one without (weights alone, as PyTorch's save_file
+  // of a state_dict writes) is not another model's when only the momenta are missing.
+  const bool has_momenta = std::any_of(file.tensors.begin(), file.tensors.end(),
+                                       [](const io::TensorRecord& r) { return r.name.rfind(kMomentumPrefix, 0) == 0; });
   auto find = [&](const std::string& name) -> const io::TensorRecord& {
     const io::TensorRecord* r = file.find(name);
+    SP_CHECK(r != nullptr || has_momenta || name.rfind(kMomentumPrefix, 0) != 0, path,
+             ": checkpoint holds no optimizer state (no '", kMomentumPrefix,
+             "*' tensors): weights alone can be evaluated (staleprop eval), but training resumes only from a "
+             "checkpoint staleprop train wrote");
     SP_CHECK(r != nullptr, path, ": checkpoint has no tensor '", name, "' (was it saved from another model?)");
     used.insert(name);
     return *r;

@@ -343,6 +343,16 @@ TEST(Training, ResumedRunMatchesUninterruptedRunBitForBit) {
           {first.checkpoint, "holds a resnet20, not a resnet18", "'conv1.weight' is F32 [16, 3, 3, 3]"});
   test::expect_error<Error>([&] { train::evaluate_checkpoint(first.checkpoint, "resnet32", "cpu", test, 16); },
                             {"holds a resnet20, not a resnet32", "'layer1.3.conv1.weight'"});
+  // A file that records no run (weights as another tool writes them: no metadata) is refused as
+  // such, not as a model named "" ("holds a , not a resnet20").
+  {
+    io::SafetensorsFile bare = io::read_safetensors(first.checkpoint);
+    bare.metadata.clear();
+    const std::string bare_path = dir.file("bare.safetensors");
+    io::write_safetensors(bare_path, bare.tensors, bare.metadata);
+    refused([&](train::TrainConfig& c) { c.resume = bare_path; },
+            {"--resume: " + bare_path + " records no staleprop run", "staleprop eval"});
+  }
   // So are other batches with as many steps per epoch: another batch size, other images, other
   // augmentation.
   refused([](train::TrainConfig& c) { c.batch_size = 33; },  // 4 steps per epoch, as 32 gives
@@ -709,6 +719,19 @@ TEST(Training, LoadingRefusesAnotherModelsTensorsDamagedDataAndNonFiniteValues) 
   const std::string with_nan = dir.file("nan.safetensors");
   io::write_safetensors(with_nan, foreign.tensors, foreign.metadata);
   expect_refused(with_nan, &opt, {"nan.safetensors", "'layer2.1.bn1.running_var' holds NaN (element 3)"});
+
+  // Weights alone (PyTorch's save_file of a state_dict): evaluated, but refused for training as
+  // holding no optimizer state, not as another model's file.
+  io::SafetensorsFile weights = file;
+  weights.metadata.clear();
+  weights.tensors.erase(std::remove_if(weights.tensors.begin(), weights.tensors.end(),
+                                       [](const io::TensorRecord& r) { return r.name.rfind("_optim.", 0) == 0; }),
+                        weights.tensors.end());
+  ASSERT_LT(weights.tensors.size(), file.tensors.size());
+  const std::string weights_only = dir.file("weights.safetensors");
+  io::write_safetensors(weights_only, weights.tensors, weights.metadata);
+  EXPECT_NO_THROW(load_checkpoint(weights_only, net, {}, *s));
+  expect_refused(weights_only, &opt, {"weights.safetensors: checkpoint holds no optimizer state", "staleprop eval"});
 }
 
 TEST(Training, EvaluationOfACheckpointMatchesTheRun) {

@@ -635,7 +635,10 @@ int sweep_main(int argc, char** argv) {
     if (why.rfind("sweep: ", 0) == 0) why.erase(0, 7);
     throw sp::Error("sweep: " + jobs_file + ": " + why);
   }
-  std::printf("staleprop sweep: %zu runs from %s, up to %d at once%s\n", jobs.size(), jobs_file.c_str(), parallel,
+  // At most one run per job at once, whatever --parallel says.
+  const size_t at_once = std::min(size_t(parallel), jobs.size());
+  std::printf("staleprop sweep: %zu run%s from %s, up to %zu at once%s\n", jobs.size(), jobs.size() == 1 ? "" : "s",
+              jobs_file.c_str(), at_once,
               time_limit > 0 ? (", time limit " + std::to_string(int64_t(time_limit)) + " s").c_str() : "");
   const auto outcomes = sp::train::run_sweep(std::move(jobs), o);
   int counts[5] = {0, 0, 0, 0, 0};

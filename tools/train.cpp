@@ -433,6 +433,11 @@ struct Run {
 
   // Checks a checkpoint against this run and returns the global step it was written at.
   int64_t check_resume(std::map<std::string, std::string>& meta) const {
+    // A file another tool wrote (PyTorch's save_file) records no run to go on with.
+    SP_CHECK(meta.count("model") && meta.count("step"), "--resume: ", cfg.resume,
+             " records no staleprop run (no 'model' and 'step' in its metadata): weights alone can be evaluated "
+             "(staleprop eval --model M --checkpoint FILE), but training resumes only from a checkpoint staleprop "
+             "train wrote");
     SP_CHECK(meta["model"] == cfg.model, "--resume: ", cfg.resume, " holds a ", meta["model"], ", not a ",
              cfg.model);
     SP_CHECK(meta["steps_per_epoch"] == std::to_string(spe) && meta["seed"] == std::to_string(cfg.seed), "--resume: ",
