@@ -34,7 +34,8 @@
 #      (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _DGRAD_CLASS_DIRECT, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
 #      _CONV_SMALL_C, _BN_PERSISTENT, _PDL, _TMA_PERSISTENT, _BF16_WEIGHT_COPIES, _DGRAD_ACCUMULATE,
 #      _CONV_HALO, _HALO_RESIDENT), ResNet-56 in fp32 as by default, PyTorch's settings beside each
-#      round; then the sums over ResNet-18's bf16 convolutions as by default against cuDNN, the
+#      round; then the sums over ResNet-18's bf16 convolutions as by default against cuDNN (and with
+#      the halo convolutions in mode 1, never timed on the persistent kernel's sums), the
 #      bf16 GEMM (both TMA tiles) and the convolutions' sums with the persistent TMA kernel off and
 #      on (--tma-persistent) against cuBLASLt and cuDNN (or, where its test did not pass, the GEMM
 #      with --tma-wide=0 and =1). With REMEASURE=1 the figures first taken on 2026-11-28 again:
@@ -60,8 +61,10 @@
 #      and fdg's with every op (--trace-ops);
 #      the peak memory of fdg over 4 modules op by op and from graphs (planned, bump arenas);
 #      four short ResNet-56 runs in a sweep one after another, then four at once;
-#   7. a SASS check of the TMA kernels, and Nsight Compute sections (the halo forward, the TMA
-#      GEMM) when ncu is there and time is left.
+#   7. a SASS check of the TMA kernels, and Nsight Compute sections (the TMA GEMM with source
+#      counters; the halo forward with REMEASURE=1; then, with the bandwidth sections, each kernel
+#      of one call of the three-kernel batch norm, forward and backward, and of the max-pool
+#      backward) when ncu is there and time is left.
 # With CTEST_LOG=FILE (an earlier call's ctest.log, carried in the tree) it skips the build
 # (when build-gpu/ is still there), the accuracy run, ctest and the sanitizers, and runs the
 # measurements of steps 5-7 for the switches that log says passed: the follow-up call on a warm
@@ -434,6 +437,10 @@ throughput_ab() {
 # only with REMEASURE=1.
 REMEASURE=${REMEASURE:-}
 [ -n "$CONV_TMA_OK" ] && AB_VALUES=1 ab r18-convs-tma-sums conv-tma 40 '_bf16/r18_all_layers'
+# The same sums with the halo convolutions in mode 1 (the candidate) on the persistent TMA kernel, a
+# default since 2026-11-28b: the halo was measured only without it (0.57 of cuDNN, the persistent
+# kernel alone 0.58; #3 asks 0.60).
+[ -n "$CONV_TMA_OK" ] && [ -n "$HALO_OK" ] && AB_VALUES=1 ab r18-convs-halo-sums conv-halo 40 '_bf16/r18_all_layers'
 # The halo kernel off, in mode 1 (the 32 px layers) and in mode 2 (also 16 px): ResNet-18's
 # 64- and 128-channel stride-1 layers and the sums, against cuDNN; then the training step.
 if [ -n "$HALO_OK" ] && [ -n "$REMEASURE" ]; then
@@ -470,17 +477,22 @@ SECTIONS=(--section SpeedOfLight --section ComputeWorkloadAnalysis --section Mem
 # what the bf16 GEMM's warps wait on (2026-11-28). Only where this ncu has the option.
 # (The help is read whole first: grep -q leaving early would end ncu by SIGPIPE, which pipefail
 # takes for a failure.)
+# The bandwidth-bound kernels' profiles (NCU_BANDWIDTH=1): where the bytes go and what the warps
+# wait on, without the tensor-core kernels' instruction-level sections.
+BANDWIDTH_SECTIONS=(--section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy
+  --section LaunchStats --section WarpStateStats --section SchedulerStats)
 NCU_HELP=$([ -n "$NCU" ] && "$NCU" --help 2> /dev/null)
-[[ $NCU_HELP == *--print-details* ]] && SECTIONS+=(--print-details all)
+[[ $NCU_HELP == *--print-details* ]] && SECTIONS+=(--print-details all) && BANDWIDTH_SECTIONS+=(--print-details all)
 ncu_run() {
-  local name=$1 kernels=$2 skip=$3 count=$4 filter=$5 cap
+  local name=$1 kernels=$2 skip=$3 count=$4 filter=$5 cap sections=("${SECTIONS[@]}")
   shift 5
+  [ -n "${NCU_BANDWIDTH:-}" ] && sections=("${BANDWIDTH_SECTIONS[@]}")
   [ "$(left)" -gt 15 ] || return
   cap=$(( $(left) - 10 ))
   [ -n "${NCU_CAP:-}" ] && [ "$NCU_CAP" -lt "$cap" ] && cap=$NCU_CAP
   log "ncu $name ($filter; $count launches of $kernels; at most $cap s)"
   timeout "$cap" "$NCU" --kernel-name regex:"$kernels" --launch-skip "$skip" --launch-count "$count" \
-    "${SECTIONS[@]}" build-gpu/bench/bench_gpu_kernels --conv-tma=1 "$@" \
+    "${sections[@]}" build-gpu/bench/bench_gpu_kernels --conv-tma=1 "$@" \
     --benchmark_filter="$filter" --benchmark_min_time=0.001 > "$OUT/ncu-$name.txt" 2>&1
   log "ncu exit $?"
 }
@@ -502,6 +514,11 @@ for pair in gemm-bf16-persistent gemm-bf16-wide-persistent r18-convs-persistent 
   { echo "== $pair: off, on"; python3 tools/bench_table.py kernels "$OUT/$pair-0.json" "$OUT/$pair-1.json"; } \
     >> "$OUT/headline.md" 2>&1
 done
+if [ -f "$OUT/r18-convs-tma-sums-1.json" ] && [ -f "$OUT/r18-convs-halo-sums-1.json" ]; then
+  { echo "== r18-convs: as by default, with the halo in mode 1"
+    python3 tools/bench_table.py kernels "$OUT/r18-convs-tma-sums-1.json" "$OUT/r18-convs-halo-sums-1.json"; } \
+    >> "$OUT/headline.md" 2>&1
+fi
 [ -f "$OUT/headline.md" ] && cat "$OUT/headline.md" >> "$OUT/session.txt"
 # Max pooling and the fused BN+add+ReLU against the copy: the max-pool backward now keeps each
 # window's choice as a one-byte tap index (0.46-0.52 of the copy with 4-byte pixel indices,
@@ -714,16 +731,29 @@ if [ -n "$CUOBJDUMP" ] && [ -f "${TMA_OBJECTS[0]}" ] && [ "$(left)" -gt 50 ]; th
   log "SASS of the profiled GEMM kernel exit $? ($(wc -l < "$OUT/sass-gemm-tma.txt") lines)"
 fi
 
-# Then the halo forward where its test passed (the TMA forms of the 64-channel layer were profiled
-# on 2026-11-27: L2 at 76%), and the TMA GEMM.
+# Then the halo forward where its test passed (profiled on 2026-11-28b: only with REMEASURE=1),
+# and the TMA GEMM.
 if [ -n "$NCU" ] && [ -n "$CONV_TMA_OK" ]; then
-  [ -n "$HALO_OK" ] && ncu_run conv_fwd-halo 'wgmma_halo_conv_kernel' 2 1 '^conv_fwd_bf16/r18_64to64_3x3_s1_32px/n512' \
-    --conv-halo=1
+  [ -n "$HALO_OK" ] && [ -n "$REMEASURE" ] && ncu_run conv_fwd-halo 'wgmma_halo_conv_kernel' 2 1 \
+    '^conv_fwd_bf16/r18_64to64_3x3_s1_32px/n512' --conv-halo=1
   # A block per tile, as the 2026-11-28b profile (ncu-gemm-tma.txt) whose stall reasons this one's
   # source counters are to place; the persistent grid is a default since.
-  ncu_run gemm-tma 'wgmma_tma_gemm_kernel' 2 1 '^gemm_bf16/square/m4096' --tma-wide=${TMA_WIDE_OK:-0} \
+  NCU_CAP=120 ncu_run gemm-tma 'wgmma_tma_gemm_kernel' 2 1 '^gemm_bf16/square/m4096' --tma-wide=${TMA_WIDE_OK:-0} \
     --tma-persistent=0
 else
   log "no ncu on this machine, or no TMA convolutions to profile"
+fi
+# The three-kernel batch norm (forward: the statistics' partial sums, their finalisation, the
+# element pass; backward likewise) and the max-pool backward (its argmax and gather passes), one
+# call each of ResNet-18's 64-channel 32 px layer at batch 128 (fp32), after one call's warm-up:
+# #3 asks what keeps them under 0.70 of the copy (0.29-0.39 and 0.36-0.39 on the H200), and no
+# profile has said which pass takes the time, at what DRAM throughput and occupancy.
+if [ -n "$NCU" ]; then
+  for bw in "bn-fwd column_partials_kernel|bn_statistics_kernel|bn_normalize_kernel 3 ^bn_fwd_train/r18_c64_32px/n128" \
+            "bn-bwd column_partials_kernel|bn_backward_finalize_kernel|bn_backward_dx_kernel 3 ^bn_bwd/r18_c64_32px/n128" \
+            "maxpool-bwd maxpool_argmax_kernel|maxpool_backward_gather_kernel 2 ^maxpool_bwd/3x3_s2_c64_32px/n128"; do
+    set -- $bw
+    NCU_BANDWIDTH=1 NCU_CAP=40 ncu_run "$1" "$2" "$3" "$3" "$4"
+  done
 fi
 log "done"

@@ -30,7 +30,10 @@ timed out and the programmatic-launch test failed:
   - where the halo test failed, it runs once more with STALEPROP_HALO_DESC_PHASE=1, and on
     passing the halo is measured with it; with only 240 s left after ctest that retry and the
     single-test memchecks still run; the SASS check reads the two objects holding the TMA
-    kernels; Nsight Compute prints each section's body (the stall reasons) where it has the option;
+    kernels; Nsight Compute prints each section's body (the stall reasons) where it has the option,
+    profiles the GEMM with source counters, and then each kernel of one call of the three-kernel
+    batch norm (forward, backward) and of the max-pool backward with the memory sections (the halo
+    forward only with REMEASURE=1); the convolutions' sums run with the halo in mode 1 too;
   - racecheck's sweeps run while an accuracy run holds the GPU (else after the measurements),
     once;
   - a failed build ends the call with status 1 only after the accuracy run (on the carried
@@ -205,10 +208,16 @@ def main():
         check([switches_of(l) for l in acc] == [["STALEPROP_DGRAD_ACCUMULATE=0"], ["STALEPROP_DGRAD_ACCUMULATE=1"]] * 2
               and ["resnet18" in l for l in acc] == [True] * 2 + [False] * 2,
               f"the residual gradients summed in the data gradient off and on: ResNet-18, ResNet-56: {acc}", log)
-        halo = [l for l in bench if "--conv-halo" in l]
+        halo = [l for l in bench if "--conv-halo" in l and "64to64_3x3" in l]
         check([l.split("--conv-halo=")[1][0] for l in halo] == ["0", "1", "2"] and
-              all("64to64_3x3" in l and "all_layers" in l for l in halo),
+              all("all_layers" in l for l in halo),
               f"the halo convolutions, whose test passed, off and in modes 1 and 2: {halo}", log)
+        sums = [l for l in bench if "r18_all_layers" in l and "64to64_3x3" not in l]
+        halo_sums = [l for l in sums if "--conv-halo" in l]
+        check(len(halo_sums) == 1 and "--conv-halo=1" in halo_sums[0] and switches(halo_sums[0]) == [] and
+              sums.index(halo_sums[0]) == 1 and "--conv-tma=1" in sums[0],
+              f"the convolutions' sums with the halo in mode 1 as by default otherwise (the persistent kernel on), "
+              f"right after the defaults' sums: {sums[:2]}", log)
         halo_tput = [l for l in lines if "throughput-halo" in l and "throughput-halo-resident" not in l]
         check([switches_of(l) for l in halo_tput] == [["STALEPROP_CONV_HALO=0"], ["STALEPROP_CONV_HALO=1"]],
               f"ResNet-18's throughput with the halo convolutions off and on: {halo_tput}", log)
@@ -223,16 +232,25 @@ def main():
         check(not any("halo-desc-phase" in l or "STALEPROP_HALO_DESC_PHASE" in l for l in lines),
               "the halo test passed: no second try with the descriptors' base offset", log)
         ncu = [l for l in lines if l.startswith("ncu ") and not l.startswith("ncu --help")]
-        check(all("--print-details all" in l and "--section SourceCounters" in l for l in ncu),
-              f"the profiles print each section's body (stall reasons), this ncu having the option, and the "
-              f"source counters: {ncu}", log)
-        check(ncu and "--tma-persistent=0" in ncu[-1],
-              f"the GEMM profiled with a block per tile, as the 2026-11-28b profile: {ncu[-1:]}", log)
+        check(all("--print-details all" in l for l in ncu) and
+              all("--section SourceCounters" in l for l in ncu[:3]) and
+              all("--section MemoryWorkloadAnalysis" in l and "SourceCounters" not in l for l in ncu[3:]),
+              f"the profiles print each section's body (stall reasons), this ncu having the option; the tensor-core "
+              f"kernels' with source counters, the bandwidth-bound ones' with the memory sections: {ncu}", log)
+        check(len(ncu) > 2 and "--tma-persistent=0" in ncu[2],
+              f"the GEMM profiled with a block per tile, as the 2026-11-28b profile: {ncu[2:3]}", log)
         check(any(l.startswith("cuobjdump -sass -fun ") and "WgTmaTileOfILi256" in l for l in lines),
               "the SASS of the profiled GEMM kernel", log)
-        check(len(ncu) == 3 and "r18_64to128_3x3_s2_32px" in ncu[0] and "--launch-count 8" in ncu[0] and
+        check(len(ncu) == 6 and "r18_64to128_3x3_s2_32px" in ncu[0] and "--launch-count 8" in ncu[0] and
               "wgmma_halo_conv_kernel" in ncu[1] and "--conv-halo=1" in ncu[1] and "gemm_bf16/square" in ncu[2],
               f"Nsight Compute on every kernel of a stride-class data gradient, the halo forward, the GEMM: {ncu}", log)
+        bandwidth = [(l.split("--benchmark_filter=")[1].split()[0], l.split("--launch-count ")[1].split()[0],
+                      l.split("--launch-skip ")[1].split()[0]) for l in ncu[3:]]
+        check(bandwidth == [("^bn_fwd_train/r18_c64_32px/n128", "3", "3"), ("^bn_bwd/r18_c64_32px/n128", "3", "3"),
+                            ("^maxpool_bwd/3x3_s2_c64_32px/n128", "2", "2")] and
+              "bn_normalize_kernel" in ncu[3] and "bn_backward_dx_kernel" in ncu[4] and "maxpool_argmax_kernel" in ncu[5],
+              f"then each kernel of one call of the batch norm, forward and backward, and of the max-pool backward, "
+              f"after one call: {bandwidth}", log)
         at = {name: next((i for i, l in enumerate(lines) if key(l)), None) for name, key in (
             ("classes", lambda l: l.startswith("ncu ") and "r18_64to128_3x3_s2_32px" in l),
             ("persistent", lambda l: "--tma-persistent" in l),
@@ -353,7 +371,7 @@ def main():
               f"the failed halo test runs once more with the base offset set: {retry}", log3)
         halo3 = [l for l in lines3 if "--conv-halo" in l or "throughput-halo" in l or
                  ("compute-sanitizer" in l and "ByHaloPatches" in l)]
-        check(len(halo3) == 10 and all("STALEPROP_HALO_DESC_PHASE=1" in l.rsplit(" |", 1)[1] for l in halo3),
+        check(len(halo3) == 11 and all("STALEPROP_HALO_DESC_PHASE=1" in l.rsplit(" |", 1)[1] for l in halo3),
               f"the halo's memcheck, benchmarks, training runs and profile carry the base offset: {halo3}", log3)
 
         candidate3 = [l for l in lines3 if "throughput-new-paths-candidate" in l]
@@ -446,11 +464,18 @@ def main():
         log7 = p7.stdout + p7.stderr + "\n== calls\n" + "\n".join(lines7)
         bench7 = [l for l in lines7 if l.startswith("bench_gpu_kernels ")]
         check(p7.returncode == 0 and not any(
-            key in l for l in bench7 for key in ("--conv-halo", "--halo-resident", "maxpool_", "r18_[0-9]")) and
+            key in l for l in bench7 for key in ("64to64_3x3", "--halo-resident", "maxpool_", "r18_[0-9]")) and
               not any("STALEPROP_SPLIT_MAX_BLOCKS" in l for l in bench7) and
               not any(key in l for l in lines7 for key in ("throughput-tma-persistent", "throughput-halo",
                                                           "throughput-r18-b128", "r18_64to128_3x3_s2_32px")),
               "without REMEASURE, nothing measured on 2026-11-28 is measured again", log7)
+        check([l for l in bench7 if "--conv-halo" in l] == [l for l in bench7 if "r18-convs-halo-sums-1.json" in l] and
+              any("r18-convs-halo-sums-1.json" in l for l in bench7),
+              "the convolutions' sums with the halo on the persistent kernel are measured without REMEASURE", log7)
+        ncu7 = [l for l in lines7 if l.startswith("ncu ") and not l.startswith("ncu --help")]
+        check(len(ncu7) == 4 and "gemm_bf16/square" in ncu7[0] and not any("wgmma_halo_conv_kernel" in l for l in ncu7),
+              f"without REMEASURE the halo forward, profiled on 2026-11-28b, is not profiled again; the GEMM and the "
+              f"bandwidth-bound kernels are: {ncu7}", log7)
         check(not any("throughput-weight-copies" in l or "throughput-dgrad-accumulate" in l for l in lines7) and
               len([l for l in lines7 if "throughput-fdg4-persistent" in l]) == 2,
               "without REMEASURE, the weight copies and the summed data gradient (2026-11-28b) are not measured "
