@@ -171,8 +171,9 @@ __device__ __forceinline__ void bn_statistics_column(int j, const double* partia
                                                      const typename S::Storage* x, const float* gamma, float eps,
                                                      float momentum, float* running_mean, float* running_var,
                                                      float* save_mean, float* save_invstd, float* gain) {
-  const double sum_d = warp_sum_chunks(partial, chunks, 2 * c, j);
-  const double sum_d2 = warp_sum_chunks(partial, chunks, 2 * c, c + j);
+  double sums[2];
+  warp_sum_chunks(partial, chunks, 2 * c, {j, c + j}, sums);
+  const double sum_d = sums[0], sum_d2 = sums[1];
   if (threadIdx.x % kWarpSize != 0) return;
   // With m == 0 the statistics are NaN (0 / 0), as in the reference; x is not read.
   const double shift = m > 0 ? double(S::load(x[j])) : 0.0;
@@ -217,8 +218,9 @@ __global__ void __launch_bounds__(kElementThreads)
 __device__ __forceinline__ void bn_backward_finalize_column(int j, const double* partial, int chunks, int64_t m, int c,
                                                             const float* gamma, const float* save_invstd,
                                                             float* dgamma, float* dbeta, float* coef) {
-  const double sum_dy = warp_sum_chunks(partial, chunks, 2 * c, j);
-  const double sum_dy_xhat = warp_sum_chunks(partial, chunks, 2 * c, c + j);
+  double sums[2];
+  warp_sum_chunks(partial, chunks, 2 * c, {j, c + j}, sums);
+  const double sum_dy = sums[0], sum_dy_xhat = sums[1];
   if (threadIdx.x % kWarpSize != 0) return;
   dbeta[j] = float(sum_dy);
   dgamma[j] = float(sum_dy_xhat);

@@ -158,12 +158,44 @@ inline unsigned finalize_blocks(int columns) { return unsigned(ceil_div(columns,
 // The column of the calling warp (it may be past the last column: the warp then has nothing to do).
 __device__ __forceinline__ int warp_column() { return int(blockIdx.x) * kFinalizeWarps + int(threadIdx.x) / kWarpSize; }
 
-// Sum of column col (of width columns) over the chunks: lane l adds chunks l, l + 32, ... in
-// order, then the warp butterfly adds the lanes. Every lane gets the total; all 32 must call.
+// Chunks a lane loads before it adds the first of them (per column summed).
+constexpr int kChunksInFlight = 8;
+
+// Sums of the N columns cols[n] (of width columns) over the chunks, into sums[n]: lane l adds
+// chunks l, l + 32, ... in order, then the warp butterfly adds the lanes. Every lane gets the
+// totals; all 32 must call. A lane loads kChunksInFlight chunks of every column before it adds
+// the first: a loop that added each value as it came kept two loads in flight (cuobjdump, CUDA
+// 13.0), so a lane's 32 chunks (kMaxRowChunks) of a column took 16 round trips to L2, the two
+// columns of batch norm's statistics one after the other. The additions are the same, in the
+// same order: the sums are the same bits.
+template <int N>
+__device__ __forceinline__ void warp_sum_chunks(const double* partial, int chunks, int width, const int (&cols)[N],
+                                                double (&sums)[N]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) sums[n] = 0.0;
+  int ch = int(threadIdx.x) % kWarpSize;
+  for (; ch + (kChunksInFlight - 1) * kWarpSize < chunks; ch += kChunksInFlight * kWarpSize) {
+    double v[N][kChunksInFlight];
+#pragma unroll
+    for (int u = 0; u < kChunksInFlight; ++u)
+#pragma unroll
+      for (int n = 0; n < N; ++n) v[n][u] = partial[int64_t(ch + u * kWarpSize) * width + cols[n]];
+#pragma unroll
+    for (int u = 0; u < kChunksInFlight; ++u)
+#pragma unroll
+      for (int n = 0; n < N; ++n) sums[n] = __dadd_rn(sums[n], v[n][u]);
+  }
+  for (; ch < chunks; ch += kWarpSize)
+#pragma unroll
+    for (int n = 0; n < N; ++n) sums[n] = __dadd_rn(sums[n], partial[int64_t(ch) * width + cols[n]]);
+#pragma unroll
+  for (int n = 0; n < N; ++n) sums[n] = warp_allreduce_sum(sums[n]);
+}
+// One column's sum.
 __device__ __forceinline__ double warp_sum_chunks(const double* partial, int chunks, int width, int col) {
-  double t = 0.0;
-  for (int ch = int(threadIdx.x) % kWarpSize; ch < chunks; ch += kWarpSize) t += partial[int64_t(ch) * width + col];
-  return warp_allreduce_sum(t);
+  double sum[1];
+  warp_sum_chunks(partial, chunks, width, {col}, sum);
+  return sum[0];
 }
 
 // c is an int inside the reduction kernels.
