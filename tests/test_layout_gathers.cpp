@@ -29,13 +29,14 @@ using namespace sp::kernels::cuda::detail;
 using sp::kernels::Pool2dShape;
 using sp::kernels::ShortcutAShape;
 
-// Values from few levels, so windows hold ties (the first maximum must win), with one NaN and one
-// -infinity among them.
+// Values from few levels, so windows hold ties (the first maximum must win), with one NaN, one
+// -infinity and a few -0.0 among them (a -0.0 gradient must reach the sums as the reference's do).
 std::vector<float> values(size_t n, uint32_t seed) {
   std::mt19937 rng(seed);
   std::vector<float> v(n);
   for (float& x : v) x = float(int(rng() % 7) - 3) * 0.5f;
   if (n > 2) {
+    for (size_t k = 0; k < 1 + n / 16; ++k) v[rng() % n] = -0.0f;
     v[rng() % n] = std::numeric_limits<float>::quiet_NaN();
     v[rng() % n] = -std::numeric_limits<float>::infinity();
   }
@@ -115,10 +116,18 @@ void check_maxpool(const Pool2dShape& sh, const std::string& what) {
       ASSERT_TRUE(tap >= 0 && tap < sh.window * sh.window && ih >= 0 && ih < sh.h && iw >= 0 && iw < sh.w)
           << what << form << ": window " << i << " chose tap " << tap;
     }
+    // The gather with the windows read one after another, and (where at most two contain a
+    // pixel along each axis, the kernels' condition) with all of them loaded first.
     std::vector<float> dx = unwritten(size_t(sh.x_size()));
     for (int64_t idx = 0; idx < sh.x_size() / W; ++idx)
-      maxpool_gather_chunk<W>(g, idx, arg.data(), dy.data(), dx.data());
+      maxpool_gather_chunk<W, 0>(g, idx, arg.data(), dy.data(), dx.data());
     expect_bits_equal(dx, dx_ref, what + form + " backward");
+    if ((sh.window + sh.stride - 1) / sh.stride <= 2) {
+      dx = unwritten(size_t(sh.x_size()));
+      for (int64_t idx = 0; idx < sh.x_size() / W; ++idx)
+        maxpool_gather_chunk<W, 2>(g, idx, arg.data(), dy.data(), dx.data());
+      expect_bits_equal(dx, dx_ref, what + form + " backward, two windows per axis loaded first");
+    }
   };
   backward(uint8_t{}, ", taps as bytes");
   backward(int{}, ", taps as ints");

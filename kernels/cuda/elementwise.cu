@@ -167,11 +167,11 @@ __global__ void maxpool_argmax_kernel(int64_t total, PoolGeom g, const float* x,
     maxpool_argmax_chunk<W, KW>(g, idx, x, arg);
 }
 
-template <int W, typename A>
+template <int W, int KMax, typename A>
 __global__ void maxpool_backward_gather_kernel(int64_t total, PoolGeom g, const A* arg, const float* dy, float* dx) {
   pdl_prologue();
   for (int64_t idx = global_thread_index(); idx < total; idx += grid_stride())
-    maxpool_gather_chunk<W>(g, idx, arg, dy, dx);
+    maxpool_gather_chunk<W, KMax>(g, idx, arg, dy, dx);
 }
 
 // ---- Global average pooling ------------------------------------------------------------------
@@ -495,7 +495,12 @@ void maxpool_backward_taps(const PoolGeom& g, int64_t y_size, int64_t x_size, co
   with_window(g.window, [&](auto kw) {
     launch_elements(maxpool_argmax_kernel<W, decltype(kw)::value, A>, y_size / W, stream, g, x, a);
   });
-  launch_elements(maxpool_backward_gather_kernel<W, A>, x_size / W, stream, g, static_cast<const A*>(a), dy, dx);
+  // At most two windows along each axis contain a pixel where ceil(window / stride) <= 2 (3 x 3
+  // stride 2, 2 x 2 stride 2 or more): their loads go together (layout_gathers.h).
+  if ((g.window + g.stride - 1) / g.stride <= 2)
+    launch_elements(maxpool_backward_gather_kernel<W, 2, A>, x_size / W, stream, g, static_cast<const A*>(a), dy, dx);
+  else
+    launch_elements(maxpool_backward_gather_kernel<W, 0, A>, x_size / W, stream, g, static_cast<const A*>(a), dy, dx);
 }
 template <int W>
 void maxpool_backward_w(const PoolGeom& g, int64_t y_size, int64_t x_size, const float* x, const float* dy, float* dx,

@@ -178,37 +178,46 @@ struct PoolGeom {
 };
 
 // The first maximum (or last NaN) of window (p, q) in channels ch .. ch + W - 1 of image xi, per channel: its
-// value and its tap index in the window (r * window + s). KW > 0 is the window's size known at compile time: its
-// taps are unrolled, so their loads issue together instead of one after another; 0 reads
-// g.window. The taps are visited in row-major order with the same comparisons either way.
+// value and its tap index in the window (r * window + s). KW > 0 is the window's size known at compile time: every
+// tap inside the image is loaded before the first comparison, so the loads are in flight together (compared as
+// each came, with a branch per tap and per channel, the SASS issued them one after another: nine round trips per
+// window of 3 x 3); 0 reads g.window and loads each tap as it compares it. The taps are compared in row-major
+// order with the same comparisons either way.
 template <int W, int KW>
 SP_GATHER_HD void window_argmax(const PoolGeom& g, const float* xi, int p, int q, int ch, int (&arg)[W],
                                 float (&best)[W]) {
   SP_GATHER_UNROLL
   for (int e = 0; e < W; ++e) arg[e] = -1, best[e] = 0.f;
-  const int window = KW > 0 ? KW : g.window;
   const int h0 = p * g.stride - g.pad, w0 = q * g.stride - g.pad;
-  const auto tap = [&](int r, int s) {
-    const int ih = h0 + r, iw = w0 + s;
-    if (ih < 0 || ih >= g.h || iw < 0 || iw >= g.w) return;
-    float v[W];
-    load_w<W>(xi + (int64_t(ih) * g.w + iw) * g.c + ch, v);
+  const auto inside = [&](int r, int s) { return h0 + r >= 0 && h0 + r < g.h && w0 + s >= 0 && w0 + s < g.w; };
+  const auto tap_ptr = [&](int r, int s) { return xi + (int64_t(h0 + r) * g.w + (w0 + s)) * g.c + ch; };
+  const auto take = [&](int t, const float(&v)[W]) {
     SP_GATHER_UNROLL
     for (int e = 0; e < W; ++e)
       if (arg[e] < 0 || v[e] > best[e] || v[e] != v[e]) {  // as the CPU's takes_over: NaN wins
         best[e] = v[e];
-        arg[e] = r * window + s;
+        arg[e] = t;
       }
   };
   if constexpr (KW > 0) {
+    float v[KW * KW][W] = {};  // those outside the image are never read
+    bool in[KW * KW];
     SP_GATHER_UNROLL
-    for (int r = 0; r < KW; ++r) {
-      SP_GATHER_UNROLL
-      for (int s = 0; s < KW; ++s) tap(r, s);
+    for (int t = 0; t < KW * KW; ++t) {
+      in[t] = inside(t / KW, t % KW);
+      if (in[t]) load_w<W>(tap_ptr(t / KW, t % KW), v[t]);
     }
+    SP_GATHER_UNROLL
+    for (int t = 0; t < KW * KW; ++t)
+      if (in[t]) take(t, v[t]);
   } else {
     for (int r = 0; r < g.window; ++r)
-      for (int s = 0; s < g.window; ++s) tap(r, s);
+      for (int s = 0; s < g.window; ++s) {
+        if (!inside(r, s)) continue;
+        float v[W];
+        load_w<W>(tap_ptr(r, s), v);
+        take(r * g.window + s, v);
+      }
   }
 }
 
@@ -248,8 +257,14 @@ SP_GATHER_HD void maxpool_argmax_chunk(const PoolGeom& g, int64_t idx, const flo
 }
 
 // Chunk idx of dx: the windows containing pixel (h, w) are p in [ceil((h + pad - window + 1) /
-// stride), (h + pad) / stride] within 0..P-1, and likewise q.
-template <int W, typename A>
+// stride), (h + pad) / stride] within 0..P-1, and likewise q. KMax > 0: at most KMax windows
+// contain a pixel along each axis (ceil(window / stride) <= KMax: 2 for 3 x 3 stride 2), and the
+// taps and gradients of all of them are loaded before the first is added; summed as each came,
+// the gradient's load waited on its tap's (the SASS loaded dy only where a tap matched), window
+// after window: up to eight round trips. 0: the windows one after another. Either way the sum
+// takes the matching windows in row-major order: the same bits (a window that did not choose the
+// pixel adds 0, which leaves the sum as it was: it starts at +0 and can never be -0).
+template <int W, int KMax, typename A>
 SP_GATHER_HD void maxpool_gather_chunk(const PoolGeom& g, int64_t idx, const A* arg, const float* dy, float* dx) {
   const NhwcIndex i = nhwc_index(idx, g.c / W, g.w, g.h);
   const int ch = i.ch * W, w = i.col, h = i.row;
@@ -259,22 +274,45 @@ SP_GATHER_HD void maxpool_gather_chunk(const PoolGeom& g, int64_t idx, const A* 
   const int q_begin = w_lo <= 0 ? 0 : (w_lo + g.stride - 1) / g.stride;
   const int p_last = (h + g.pad) / g.stride, q_last = (w + g.pad) / g.stride;
   const int p_end = p_last < g.p - 1 ? p_last : g.p - 1, q_end = q_last < g.q - 1 ? q_last : g.q - 1;
+  // Window (p, q): its offset in y and this pixel's tap in it.
+  const auto offset = [&](int p, int q) { return out0 + (int64_t(p) * g.q + q) * g.c + ch; };
+  const auto self = [&](int p, int q) {
+    return (h - (p * g.stride - g.pad)) * g.window + (w - (q * g.stride - g.pad));
+  };
   float sum[W];
   SP_GATHER_UNROLL
   for (int e = 0; e < W; ++e) sum[e] = 0.f;
-  for (int p = p_begin; p <= p_end; ++p)
-    for (int q = q_begin; q <= q_end; ++q) {
-      const int64_t o = out0 + (int64_t(p) * g.q + q) * g.c + ch;
-      // This pixel's tap in window (p, q).
-      const int self = (h - (p * g.stride - g.pad)) * g.window + (w - (q * g.stride - g.pad));
-      int a[W];
-      float d[W];
-      load_w<W>(arg + o, a);
-      load_w<W>(dy + o, d);
-      SP_GATHER_UNROLL
-      for (int e = 0; e < W; ++e)
-        if (a[e] == self) sum[e] += d[e];
+  const auto add = [&](int me, const int(&a)[W], const float(&d)[W]) {
+    SP_GATHER_UNROLL
+    for (int e = 0; e < W; ++e) sum[e] += a[e] == me ? d[e] : 0.f;
+  };
+  if constexpr (KMax > 0) {
+    int a[KMax * KMax][W];
+    float d[KMax * KMax][W];
+    bool in[KMax * KMax];
+    // Without a branch: a window past the end reads the image's first one instead (its values
+    // are not used), so nothing orders the loads.
+    SP_GATHER_UNROLL
+    for (int k = 0; k < KMax * KMax; ++k) {
+      const int p = p_begin + k / KMax, q = q_begin + k % KMax;
+      in[k] = p <= p_end && q <= q_end;
+      const int64_t o = in[k] ? offset(p, q) : out0 + ch;
+      load_w<W>(arg + o, a[k]);
+      load_w<W>(dy + o, d[k]);
     }
+    SP_GATHER_UNROLL
+    for (int k = 0; k < KMax * KMax; ++k)
+      if (in[k]) add(self(p_begin + k / KMax, q_begin + k % KMax), a[k], d[k]);
+  } else {
+    for (int p = p_begin; p <= p_end; ++p)
+      for (int q = q_begin; q <= q_end; ++q) {
+        int a[W];
+        float d[W];
+        load_w<W>(arg + offset(p, q), a);
+        load_w<W>(dy + offset(p, q), d);
+        add(self(p, q), a, d);
+      }
+  }
   store_w<W>(dx + idx * W, sum);
 }
 
