@@ -61,6 +61,49 @@ __device__ __forceinline__ void for_each_with_channel(int64_t total, int c, cons
 // Blocks of a for_each_with_channel kernel over total > 0 elements.
 unsigned channel_blocks(int64_t total, bool vec) { return element_blocks(vec ? total / kChunkElems : total); }
 
+// The forward's chunked element pass where c divides kElementThreads * kChunkElems (every CIFAR
+// ResNet layer: 16 to 512 channels): a thread's items, kElementThreads apart, all lie at one
+// channel j. It then reads the per-channel parameters once, not with every item (three loads of
+// 32 bytes beside the data's one or two), and loads kNormalizeItems items before it finishes the
+// first, the grid giving each thread that many where the tensor has them (one_channel_blocks).
+// Per SM (SASS and registers from cuobjdump 13.5, CUDA 13.0 build): the per-item loop kept one
+// item's loads in flight per thread, 56 registers (four blocks of 256 threads): 32 KiB of x in
+// flight; here 118 registers (two blocks) and four items: 64 KiB (twice that with a residual).
+// The backward's element pass keeps the per-item loop: its five per-channel parameters held, a
+// thread of two items took 110 registers, fewer bytes in flight than its 48-register threads of
+// one item (five blocks). The walk and the per-element arithmetic are for_each_with_channel's:
+// the same bits.
+bool one_channel(int c, bool vec) { return vec && (int64_t(kElementThreads) * kChunkElems) % c == 0; }
+unsigned one_channel_blocks(int64_t total, int items) { return element_blocks(ceil_div(total / kChunkElems, items)); }
+
+// The walk of for_each_with_channel (chunks only) where one_channel holds: params(j) once, then
+// load(i, v) for kItems items before finish(i, v) for each, i the first element of an item, v the
+// item's Vals; the items left one at a time.
+template <int kItems, class Vals, class Params, class Load, class Finish>
+__device__ __forceinline__ void for_each_at_one_channel(int64_t total, int c, const Params& params, const Load& load,
+                                                        const Finish& finish) {
+  const DescendingCursor k =
+      descending_cursor(total / kChunkElems, gridDim.x, blockIdx.x, int(blockDim.x), int(threadIdx.x), kChunkElems, c);
+  if (!more(k)) return;
+  params(k.j);
+  const int64_t apart = k.threads;
+  int64_t item = k.item;
+  for (; item - (kItems - 1) * apart >= k.begin; item -= kItems * apart) {
+    Vals v[kItems];
+#pragma unroll
+    for (int u = 0; u < kItems; ++u) load((item - u * apart) * kChunkElems, v[u]);
+#pragma unroll
+    for (int u = 0; u < kItems; ++u) finish((item - u * apart) * kChunkElems, v[u]);
+  }
+  for (; item >= k.begin; item -= apart) {
+    Vals v;
+    load(item * kChunkElems, v);
+    finish(item * kChunkElems, v);
+  }
+}
+// Items in flight per thread of the forward's element pass.
+constexpr int kNormalizeItems = 4;
+
 // Activations (x, residual, y, dy, dx, dresidual) are stored as S::Storage (fp32 or bf16) and
 // computed on in fp32; parameters, statistics and reductions are fp32/double in both cases.
 
@@ -258,11 +301,40 @@ __device__ __forceinline__ float bn_dx_value(float x, float g, float mean, float
 }
 
 // The forward's element pass, training and inference alike: gain is gamma * invstd per channel.
-template <class S, bool kVec>
+// kOne: one_channel holds (kVec too).
+template <class S, bool kVec, bool kOne>
 __global__ void bn_normalize_kernel(int64_t total, int c, const typename S::Storage* x,
                                     const typename S::Storage* residual, bool relu, const float* mean,
                                     const float* gain, const float* beta, typename S::Storage* y) {
   pdl_prologue();
+  if constexpr (kOne) {
+    constexpr int W = kChunkElems;
+    float mu[W], ga[W], be[W];
+    struct Vals {
+      float x[W], r[W];
+    };
+    for_each_at_one_channel<kNormalizeItems, Vals>(
+        total, c,
+        [&](int j) {
+          load_elems<F32, W>(mean + j, mu);
+          load_elems<F32, W>(gain + j, ga);
+          load_elems<F32, W>(beta + j, be);
+        },
+        [&](int64_t i, Vals& v) {
+          load_elems<S, W>(x + i, v.x);
+          if (residual != nullptr)
+            load_elems<S, W>(residual + i, v.r);
+          else
+#pragma unroll
+            for (int e = 0; e < W; ++e) v.r[e] = 0.f;
+        },
+        [&](int64_t i, Vals& v) {
+#pragma unroll
+          for (int e = 0; e < W; ++e) v.x[e] = bn_value(v.x[e], mu[e], ga[e], be[e], residual != nullptr, v.r[e], relu);
+          store_elems<S, W>(y + i, v.x);
+        });
+    return;
+  }
   for_each_with_channel<kVec>(total, c, [&](int64_t i, int j, auto width) {
     constexpr int W = decltype(width)::value;
     float v[W], r[W] = {}, mu[W], ga[W], be[W];
@@ -283,9 +355,12 @@ void launch_normalize(int64_t total, int c, const typename S::Storage* x, const 
                       cudaStream_t stream) {
   if (total == 0) return;
   const bool vec = chunk_loads_ok(c, x, residual, y) && all_aligned16(mean, gain, beta);
-  auto* kernel = vec ? &bn_normalize_kernel<S, true> : &bn_normalize_kernel<S, false>;
-  launch_kernel(kernel, channel_blocks(total, vec), kElementThreads, 0, stream, total, c, x, residual, relu, mean, gain,
-                beta, y);
+  const bool one = one_channel(c, vec);
+  auto* kernel = one   ? &bn_normalize_kernel<S, true, true>
+                 : vec ? &bn_normalize_kernel<S, true, false>
+                       : &bn_normalize_kernel<S, false, false>;
+  launch_kernel(kernel, one ? one_channel_blocks(total, kNormalizeItems) : channel_blocks(total, vec), kElementThreads,
+                0, stream, total, c, x, residual, relu, mean, gain, beta, y);
 }
 
 // dresidual (nullable) receives the masked gradient; it may alias dy (a thread reads its
