@@ -150,6 +150,7 @@ struct ShiftedMomentsTerm {
   __device__ void load(int64_t i, int j0, int ncols, float (&v)[1][kChunkElems]) const {
     load_row<S, kVec>(x, i, c, j0, ncols, v[0]);
   }
+  __device__ void prefetch(int64_t i, int j0) const { prefetch_l2(x + i * c + j0); }
   __device__ void add(const float (&v)[1][kChunkElems], const Cols& k, double (&acc)[2][kChunkElems]) const {
 #pragma unroll
     for (int e = 0; e < kChunkElems; ++e) {
@@ -195,6 +196,11 @@ struct GradTerm {
       for (int e = 0; e < kChunkElems; ++e) v[1][e] = yv[e] > 0.f ? v[1][e] : 0.f;
     }
     if (g_out != nullptr) store_row<S, kVec>(g_out, i, c, j0, ncols, v[1]);
+  }
+  __device__ void prefetch(int64_t i, int j0) const {
+    prefetch_l2(x + i * c + j0);
+    prefetch_l2(dy + i * c + j0);
+    if (y != nullptr) prefetch_l2(y + i * c + j0);
   }
   __device__ void add(const float (&v)[2][kChunkElems], const Cols& k, double (&acc)[2][kChunkElems]) const {
 #pragma unroll
@@ -486,8 +492,8 @@ __device__ __forceinline__ void element_pass(const ColumnReducePlan& plan, const
   params(ps.j0, ps.ncols);
   rows_in_flight<kVals>(
       box.row0 + ps.r0, box.row0 + box.rows, ps.step,
-      [&](int64_t i, float (&v)[kVals][kChunkElems]) { load(i, ps.j0, ps.ncols, v); },
-      [&](int64_t i, float (&v)[kVals][kChunkElems]) { finish(i, ps.j0, ps.ncols, v); });
+      [&](int64_t i, float(&v)[kVals][kChunkElems]) { load(i, ps.j0, ps.ncols, v); },
+      [&](int64_t i, float(&v)[kVals][kChunkElems]) { finish(i, ps.j0, ps.ncols, v); }, [](int64_t) {});
 }
 
 template <class S>

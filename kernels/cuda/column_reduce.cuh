@@ -39,22 +39,38 @@ __device__ __forceinline__ void load_row(const typename S::Storage* base, int64_
 //                                             float (&v)[kVals][kChunkElems]) const;
 //   __device__ void add(const float (&v)[kVals][kChunkElems], const Cols&,
 //                       double (&acc)[kSums][kChunkElems]) const;
+//   __device__ void prefetch(int64_t i, int j0) const;           asks L2 for row i's chunks
 // load reads row i's values for columns j0 + e, e < ncols (kVec: ncols == kChunkElems and the
 // rows may be read with chunk loads), zeros for e >= ncols; add adds them, leaving the entries
 // e >= ncols zero. The split lets a thread issue the loads of several rows before it adds the
 // first (kRowsInFlight), without changing the order of the additions.
 constexpr int kRowsInFlight = 4;  // row chunks a thread loads ahead, over the term's kVals values
 
+// Asks L2 for the line holding p, no register waiting on it (prefetch.global.L2).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 // A thread's walk over rows i = begin, begin + step, ... < end, each yielding kVals chunks of
 // values: load(i, v) for kRowsInFlight / kVals rows at a time, so that their loads are in flight
 // together, then use(i, v) for each of them in row order; the rows left one at a time. The rows
-// are used in order either way.
-template <int kVals, class Load, class Use>
-__device__ __forceinline__ void rows_in_flight(int64_t begin, int64_t end, int step, const Load& load,
-                                               const Use& use) {
+// are used in order either way. prefetch(i) (may do nothing) asks L2 for row i: every row but the
+// first is asked for a batch ahead of its load. ptxas moves a batch's later loads below the first
+// row's arithmetic (SASS of the statistics pass, cuobjdump 13.5: one row's loads in flight per
+// thread, where the PTX issues the batch's together), so without the prefetches the rows' trips to
+// DRAM would follow one another.
+template <int kVals, class Load, class Use, class Prefetch>
+__device__ __forceinline__ void rows_in_flight(int64_t begin, int64_t end, int step, const Load& load, const Use& use,
+                                               const Prefetch& prefetch) {
   constexpr int kAhead = kRowsInFlight / kVals > 0 ? kRowsInFlight / kVals : 1;
+  // Rows begin + step .. up to the second batch's last.
+#pragma unroll
+  for (int u = 1; u < 2 * kAhead; ++u)
+    if (begin + int64_t(u) * step < end) prefetch(begin + int64_t(u) * step);
   int64_t i = begin;
   for (; i + int64_t(kAhead - 1) * step < end; i += int64_t(kAhead) * step) {
+    // The batch after the next one's rows.
+#pragma unroll
+    for (int u = 2 * kAhead; u < 3 * kAhead; ++u)
+      if (i + int64_t(u) * step < end) prefetch(i + int64_t(u) * step);
     float v[kAhead][kVals][kChunkElems];
 #pragma unroll
     for (int u = 0; u < kAhead; ++u) load(i + int64_t(u) * step, v[u]);
@@ -94,11 +110,12 @@ __device__ __forceinline__ void chunk_partials(int64_t m, const ColumnReducePlan
     const typename Term::Cols cols = term.columns(sl.j0, sl.ncols);
     rows_in_flight<kVals>(
         sl.row_begin, sl.row_end, sl.row_step,
-        [&](int64_t i, float (&v)[kVals][kChunkElems]) { term.template load<kVec>(i, sl.j0, sl.ncols, v); },
-        [&](int64_t i, const float (&v)[kVals][kChunkElems]) {
+        [&](int64_t i, float(&v)[kVals][kChunkElems]) { term.template load<kVec>(i, sl.j0, sl.ncols, v); },
+        [&](int64_t i, const float(&v)[kVals][kChunkElems]) {
           stash(i, sl.j0, v);
           term.add(v, cols, acc);
-        });
+        },
+        [&](int64_t i) { term.prefetch(i, sl.j0); });
   }
   // Lanes l and l ^ o (o a multiple of col_lanes) hold the same columns: add them.
   for (int o = plan.col_lanes; o < kWarpSize; o *= 2)

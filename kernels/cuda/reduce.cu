@@ -19,6 +19,7 @@ struct SumTerm {
   __device__ void load(int64_t i, int j0, int ncols, float (&v)[1][kChunkElems]) const {
     load_row<S, kVec>(x, i, c, j0, ncols, v[0]);
   }
+  __device__ void prefetch(int64_t i, int j0) const { prefetch_l2(x + i * c + j0); }
   __device__ void add(const float (&v)[1][kChunkElems], const Cols&, double (&acc)[1][kChunkElems]) const {
 #pragma unroll
     for (int e = 0; e < kChunkElems; ++e) acc[0][e] += double(v[0][e]);
