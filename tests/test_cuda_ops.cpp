@@ -772,9 +772,13 @@ void expect_same_batchnorm(const BnOutputs<T>& a, const BnOutputs<T>& u, bool fu
   expect_bits_equal(u.db, a.db, what + " dbeta");
 }
 
+// Where c divides 2048 the aligned forward runs its one-channel walk (batchnorm.cu): one item a
+// thread (4096 x 64), three or four with the loop's tail (131072 x 16, 200003 x 64, 4099 x 1024),
+// few (777 x 8); 1000 x 24 takes the per-item walk.
 TEST_F(CudaOps, BatchNormGivesTheSameBitsFromUnalignedActivations) {
   for (const bool fused : {false, true})
-    for (const auto& [m, c] : {std::pair<int64_t, int64_t>{4096, 64}, {1000, 24}, {131072, 16}}) {
+    for (const auto& [m, c] :
+         {std::pair<int64_t, int64_t>{4096, 64}, {1000, 24}, {131072, 16}, {200003, 64}, {4099, 1024}, {777, 8}}) {
       const std::string what = std::string(fused ? "fused " : "") + "batchnorm m " + std::to_string(m) + " c " +
                                std::to_string(c) + ", unaligned vs aligned:";
       expect_same_batchnorm(run_batchnorm<Unaligned, float>(stream_, m, c, fused, 800),

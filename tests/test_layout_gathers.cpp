@@ -116,17 +116,24 @@ void check_maxpool(const Pool2dShape& sh, const std::string& what) {
       ASSERT_TRUE(tap >= 0 && tap < sh.window * sh.window && ih >= 0 && ih < sh.h && iw >= 0 && iw < sh.w)
           << what << form << ": window " << i << " chose tap " << tap;
     }
-    // The gather with the windows read one after another, and (where at most two contain a
-    // pixel along each axis, the kernels' condition) with all of them loaded first.
+    // The gather with the windows read one after another, and (where at most two, or one, contain
+    // a pixel along each axis: the kernels' conditions) with all of them loaded first.
     std::vector<float> dx = unwritten(size_t(sh.x_size()));
     for (int64_t idx = 0; idx < sh.x_size() / W; ++idx)
       maxpool_gather_chunk<W, 0>(g, idx, arg.data(), dy.data(), dx.data());
     expect_bits_equal(dx, dx_ref, what + form + " backward");
-    if ((sh.window + sh.stride - 1) / sh.stride <= 2) {
+    const int per_axis = (sh.window + sh.stride - 1) / sh.stride;
+    if (per_axis <= 2) {
       dx = unwritten(size_t(sh.x_size()));
       for (int64_t idx = 0; idx < sh.x_size() / W; ++idx)
         maxpool_gather_chunk<W, 2>(g, idx, arg.data(), dy.data(), dx.data());
       expect_bits_equal(dx, dx_ref, what + form + " backward, two windows per axis loaded first");
+    }
+    if (per_axis <= 1) {
+      dx = unwritten(size_t(sh.x_size()));
+      for (int64_t idx = 0; idx < sh.x_size() / W; ++idx)
+        maxpool_gather_chunk<W, 1>(g, idx, arg.data(), dy.data(), dx.data());
+      expect_bits_equal(dx, dx_ref, what + form + " backward, the one window per axis loaded first");
     }
   };
   backward(uint8_t{}, ", taps as bytes");

@@ -74,7 +74,14 @@ unsigned channel_blocks(int64_t total, bool vec) { return element_blocks(vec ? t
 // one item (five blocks). The walk and the per-element arithmetic are for_each_with_channel's:
 // the same bits.
 bool one_channel(int c, bool vec) { return vec && (int64_t(kElementThreads) * kChunkElems) % c == 0; }
-unsigned one_channel_blocks(int64_t total, int items) { return element_blocks(ceil_div(total / kChunkElems, items)); }
+// kItems items a thread, but at least kMinOneChannelBlocks blocks where the tensor has an item for
+// each of their threads: a small layer's grid (ResNet-20's 8 px layers at batch 128: 64 blocks of
+// four items a thread) would leave most SMs idle.
+constexpr int64_t kMinOneChannelBlocks = 264;  // two 256-thread blocks (118 registers) on each of 132 SMs
+unsigned one_channel_blocks(int64_t total, int items) {
+  const int64_t chunks = total / kChunkElems;
+  return element_blocks(std::max(ceil_div(chunks, items), std::min(chunks, kMinOneChannelBlocks * kElementThreads)));
+}
 
 // The walk of for_each_with_channel (chunks only) where one_channel holds: params(j) once, then
 // load(i, v) for kItems items before finish(i, v) for each, i the first element of an item, v the

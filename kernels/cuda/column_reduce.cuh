@@ -46,17 +46,19 @@ __device__ __forceinline__ void load_row(const typename S::Storage* base, int64_
 // first (kRowsInFlight), without changing the order of the additions.
 constexpr int kRowsInFlight = 4;  // row chunks a thread loads ahead, over the term's kVals values
 
-// Asks L2 for the line holding p, no register waiting on it (prefetch.global.L2).
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+// Asks L2 for the line holding p (a global address), no register waiting on it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)));
+}
 
 // A thread's walk over rows i = begin, begin + step, ... < end, each yielding kVals chunks of
 // values: load(i, v) for kRowsInFlight / kVals rows at a time, so that their loads are in flight
 // together, then use(i, v) for each of them in row order; the rows left one at a time. The rows
-// are used in order either way. prefetch(i) (may do nothing) asks L2 for row i: every row but the
-// first is asked for a batch ahead of its load. ptxas moves a batch's later loads below the first
-// row's arithmetic (SASS of the statistics pass, cuobjdump 13.5: one row's loads in flight per
-// thread, where the PTX issues the batch's together), so without the prefetches the rows' trips to
-// DRAM would follow one another.
+// are used in order either way. prefetch(i) (may do nothing) asks L2 for row i: the first two
+// batches' rows but the first at the start, every later row two batches before its load. ptxas
+// moves a batch's later loads below the first row's arithmetic (SASS of the statistics pass,
+// cuobjdump 13.5: one row's loads in flight per thread, where the PTX issues the batch's
+// together), so without the prefetches the rows' trips to DRAM would follow one another.
 template <int kVals, class Load, class Use, class Prefetch>
 __device__ __forceinline__ void rows_in_flight(int64_t begin, int64_t end, int step, const Load& load, const Use& use,
                                                const Prefetch& prefetch) {
@@ -115,7 +117,9 @@ __device__ __forceinline__ void chunk_partials(int64_t m, const ColumnReducePlan
           stash(i, sl.j0, v);
           term.add(v, cols, acc);
         },
-        [&](int64_t i) { term.prefetch(i, sl.j0); });
+        [&](int64_t i) {
+          if constexpr (kVec) term.prefetch(i, sl.j0);  // (the single-element path: 128 -> 143 registers with them)
+        });
   }
   // Lanes l and l ^ o (o a multiple of col_lanes) hold the same columns: add them.
   for (int o = plan.col_lanes; o < kWarpSize; o *= 2)

@@ -495,12 +495,14 @@ void maxpool_backward_taps(const PoolGeom& g, int64_t y_size, int64_t x_size, co
   with_window(g.window, [&](auto kw) {
     launch_elements(maxpool_argmax_kernel<W, decltype(kw)::value, A>, y_size / W, stream, g, x, a);
   });
-  // At most two windows along each axis contain a pixel where ceil(window / stride) <= 2 (3 x 3
-  // stride 2, 2 x 2 stride 2 or more): their loads go together (layout_gathers.h).
-  if ((g.window + g.stride - 1) / g.stride <= 2)
-    launch_elements(maxpool_backward_gather_kernel<W, 2, A>, x_size / W, stream, g, static_cast<const A*>(a), dy, dx);
-  else
-    launch_elements(maxpool_backward_gather_kernel<W, 0, A>, x_size / W, stream, g, static_cast<const A*>(a), dy, dx);
+  // At most ceil(window / stride) windows along each axis contain a pixel: one where the windows
+  // do not overlap (2 x 2 stride 2), two for 3 x 3 stride 2; their loads go together
+  // (layout_gathers.h).
+  const int per_axis = (g.window + g.stride - 1) / g.stride;
+  const auto gather = per_axis <= 1   ? maxpool_backward_gather_kernel<W, 1, A>
+                      : per_axis <= 2 ? maxpool_backward_gather_kernel<W, 2, A>
+                                      : maxpool_backward_gather_kernel<W, 0, A>;
+  launch_elements(gather, x_size / W, stream, g, static_cast<const A*>(a), dy, dx);
 }
 template <int W>
 void maxpool_backward_w(const PoolGeom& g, int64_t y_size, int64_t x_size, const float* x, const float* dy, float* dx,
