@@ -41,14 +41,15 @@
 #      with --tma-wide=0 and =1). With REMEASURE=1 the figures first taken on 2026-11-28 again:
 #      ResNet-18's stride-1 layers and the sums with the halo kernel off and in modes 1 and 2
 #      (--conv-halo) and its training step, its resident form off and on; Nsight Compute on every
-#      kernel of one stride-class data gradient (at most 90 s); max pooling and the fused
-#      BN+add+ReLU against the copy; the convolutions' sums with the split of K by the earlier
-#      rule and capped at two waves; the convolutions layer by layer; ResNet-18's and ResNet-56's
+#      kernel of one stride-class data gradient (at most 90 s); the convolutions' sums with the
+#      split of K by the earlier rule and capped at two waves; the convolutions layer by layer;
+#      ResNet-18's and ResNet-56's
 #      throughput with the persistent TMA kernel off and on; ResNet-18 at batch 128 from graphs;
 #      and those first taken on 2026-11-28b: the bf16 weight copies off and on (ResNet-18,
 #      ResNet-56 op by op and from graphs), the residual gradients summed in the data gradient off
 #      and on (ResNet-18, ResNet-56 graphs). With or without it, ResNet-56's fdg over four modules
-#      from graphs with the persistent TMA kernel off and on. With COMPARE_BIN, ResNet-56's
+#      from graphs with the persistent TMA kernel off and on, and max pooling and the fused
+#      BN+add+ReLU against the copy (their kernels changed on 2026-11-28c). With COMPARE_BIN, ResNet-56's
 #      op-by-op fdg (interleaved, twice) and backprop on this commit's binary and another's, and
 #      fdg with the transposed filter and the scratch pool's cross-stream waits. With POOL=1,
 #      gpu_bench stage 1 for the pooling and shortcut kernels against the copy (at most 60 s).
@@ -520,12 +521,12 @@ if [ -f "$OUT/r18-convs-tma-sums-1.json" ] && [ -f "$OUT/r18-convs-halo-sums-1.j
     >> "$OUT/headline.md" 2>&1
 fi
 [ -f "$OUT/headline.md" ] && cat "$OUT/headline.md" >> "$OUT/session.txt"
-# Max pooling and the fused BN+add+ReLU against the copy: the max-pool backward now keeps each
-# window's choice as a one-byte tap index (0.46-0.52 of the copy with 4-byte pixel indices,
-# 2026-11-27b), the BN backward's statistics pass writes dresidual (7 passes instead of 8), and
-# the BN element passes run from the tensor's end to its start (the rows the statistics pass read
-# last are still in L2: batch 512's tensors are larger than L2).
-if [ "$(left)" -gt 90 ] && [ -n "$REMEASURE" ]; then
+# Max pooling and the fused BN+add+ReLU against the copy (2026-11-28: 0.69-0.73 / 0.36-0.39 for
+# max pooling, 0.28-0.65 for the fused BN): since then (2026-11-28c, never timed) the max-pool
+# argmax loads a window's taps together and its gather its windows' taps and gradients together,
+# the BN finalisation 8 chunks a lane at a time, its statistics pass prefetches its rows, and its
+# forward element pass loads four items a thread and the channel's parameters once.
+if [ "$(left)" -gt 90 ]; then
   timeout 30 build-gpu/bench/bench_gpu_kernels --benchmark_min_time=0.002 \
     --benchmark_filter='^maxpool_(fwd|bwd)/|^bn_add_relu_bwd|^bn_add_relu_fwd_train.*n512' \
     --benchmark_report_aggregates_only=true --benchmark_out="$OUT/maxpool.json" --benchmark_out_format=json \
