@@ -62,7 +62,9 @@
 // launch of every kernel of ours (kernels/cuda/common.cuh; default off; context
 // programmatic_launch), --conv-halo[=0|1|2] the halo kernel of the stride-1 convolutions and its
 // mode (default 0, off; context conv_halo), --halo-resident[=0|1] its resident form (default off;
-// context halo_resident). kernels/cuda/tensor_core.h and ops.h say why each
+// context halo_resident), --tma-l2-prefetch[=0|1] the wgmma_tma kernel's producer asking L2 for
+// the stage it loads next (default off; context tma_l2_prefetch). kernels/cuda/tensor_core.h and
+// ops.h say why each
 // default is what it is.
 //
 // Without a CUDA device the program prints a message and exits 0 before registering anything.
@@ -138,6 +140,7 @@ const KernelSwitch kKernelSwitches[] = {
     {"--bn-persistent", "bn_persistent", kc::bn_persistent, kc::set_bn_persistent},
     {"--pdl", "programmatic_launch", kc::programmatic_launch, kc::set_programmatic_launch},
     {"--halo-resident", "halo_resident", kc::halo_resident, kc::set_halo_resident},
+    {"--tma-l2-prefetch", "tma_l2_prefetch", kc::tma_l2_prefetch, kc::set_tma_l2_prefetch},
 };
 
 // Sets the switch arg names (true), or returns false when arg is no switch flag. --conv-halo takes

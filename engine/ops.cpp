@@ -275,7 +275,8 @@ std::string tensor_core_switches() {
          ",tma_wide_by_shape=" + bit(kc::tma_wide_by_shape()) + ",tma_cluster=" + bit(kc::tma_cluster()) +
          ",tma_persistent=" + bit(kc::tma_persistent()) + ",conv_small_c=" + bit(kc::conv_small_c()) +
          ",bn_persistent=" + bit(kc::bn_persistent()) + ",pdl=" + bit(kc::programmatic_launch()) +
-         ",conv_halo=" + std::to_string(kc::conv_halo()) + ",halo_resident=" + bit(kc::halo_resident());
+         ",conv_halo=" + std::to_string(kc::conv_halo()) + ",halo_resident=" + bit(kc::halo_resident()) +
+         ",tma_l2_prefetch=" + bit(kc::tma_l2_prefetch());
 #else
   return "none";
 #endif

@@ -58,8 +58,8 @@ bool wgmma_available();  // this build has sm_90a code and the current GPU is co
 // The other kernel switches (kernels/cuda/tensor_core.h, and the persistent batch norm of
 // kernels/cuda/ops.h; set from the environment), as
 // "dgrad_wt=1,dgrad_classes=1,dgrad_class_direct=1,conv_tma=1,tma_wide=0,tma_wide_by_shape=1,tma_cluster=0,
-// tma_persistent=1,conv_small_c=1,bn_persistent=0,pdl=0,conv_halo=0,halo_resident=0" by default; "none" without
-// CUDA.
+// tma_persistent=1,conv_small_c=1,bn_persistent=0,pdl=0,conv_halo=0,halo_resident=0,tma_l2_prefetch=0" by default;
+// "none" without CUDA.
 std::string tensor_core_switches();
 
 // C = alpha * op(A) * op(B) + beta * C for 2-D tensors (row-major).

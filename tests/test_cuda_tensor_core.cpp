@@ -1403,6 +1403,62 @@ TEST_P(TensorCore, PersistentTmaKernelGivesTheSameBits) {
   }
 }
 
+TEST_P(TensorCore, TmaL2PrefetchChangesNoBit) {
+  // With tma_l2_prefetch() on, the wgmma_tma kernel's producer asks L2 for the stage it loads next
+  // into each slot of its ring (wgmma_tma_mainloop.cuh): a hint that moves no data into shared
+  // memory, so every result must be the same bits as without, and right. Reductions long enough
+  // for the prefetches to run (more K steps than stages): GEMMs with tails on both tiles, one
+  // block per tile and persistent, all four transposes, against the reference; one in clusters
+  // of two; the TMA convolutions' forward, data gradient (stride classes for the stride-2 layer)
+  // and weight gradient, on the narrow, plain and wide tiles. Elsewhere the switch changes nothing.
+  const ScopedSwitch not_by_shape(kcu::tma_wide_by_shape, kcu::set_tma_wide_by_shape, false);
+  uint32_t seed = 1300;
+  const auto both = [&](const auto& fn) {
+    std::pair<decltype(fn()), decltype(fn())> r;
+    {
+      const ScopedSwitch prefetch(kcu::tma_l2_prefetch, kcu::set_tma_l2_prefetch);
+      r.first = fn();
+    }
+    {
+      const ScopedSwitch prefetch(kcu::tma_l2_prefetch, kcu::set_tma_l2_prefetch, false);
+      r.second = fn();
+    }
+    return r;
+  };
+  for (const bool wide : {false, true})
+    for (const bool persistent : {false, true}) {
+      const ScopedSwitch tile(kcu::tma_wide_tile, kcu::set_tma_wide_tile, wide);
+      const ScopedSwitch grid(kcu::tma_persistent, kcu::set_tma_persistent, persistent);
+      for (int t = 0; t < 4; ++t) {
+        GemmCase g{1000, 4500, 1000};  // 16 K steps, the last 40 deep
+        g.ta = t & 1, g.tb = t & 2;
+        g.bias = t == 3;
+        seed += 5;
+        const auto r = both([&] { return check_f32(&kcu::gemm_bf16, stream_, g, seed); });
+        EXPECT_TRUE(bits_equal(r.first, r.second)) << gemm_str(g, "gemm_bf16") << (wide ? " (wide)" : "")
+                                                   << (persistent ? " (persistent)" : "") << ": L2 prefetch vs not";
+      }
+    }
+  {
+    const ScopedSwitch cluster(kcu::tma_cluster, kcu::set_tma_cluster);
+    GemmCase g{1024, 2048, 1000};  // eight row tiles: whole clusters of two
+    const auto r = both([&] { return check_f32(&kcu::gemm_bf16, stream_, g, seed += 5); });
+    EXPECT_TRUE(bits_equal(r.first, r.second)) << gemm_str(g, "gemm_bf16") << " (clusters): L2 prefetch vs not";
+  }
+  const ScopedSwitch tma(kcu::conv_tma, kcu::set_conv_tma);
+  for (const Conv2dShape& sh : {conv(34, 32, 32, 64, 64, 3, 1, 1), conv(128, 16, 16, 128, 128, 3, 1, 1),
+                                conv(64, 8, 8, 256, 256, 3, 1, 1), conv(384, 16, 16, 128, 128, 3, 2, 1)}) {
+    const uint32_t shape_seed = seed += 5;
+    const auto r = both([&] { return run_conv(kCustomConv, stream_, sh, shape_seed, 0, false); });
+    const std::string what = conv_str(sh) + ": L2 prefetch vs not";
+    EXPECT_TRUE(bits_equal(r.first.y, r.second.y)) << what << ", forward";
+    EXPECT_TRUE(bits_equal(r.first.dx, r.second.dx)) << what << ", backward data";
+    EXPECT_TRUE(bits_equal(r.first.dw, r.second.dw)) << what << ", backward weight";
+    EXPECT_TRUE(all_written(r.first.y) && all_written(r.first.dx) && all_written(r.first.dw))
+        << what << ": unwritten elements";
+  }
+}
+
 TEST_P(TensorCore, ConvolutionsWithFewChannelsRunDirect) {
   // With conv_small_c() on, the forward and the weight gradient of a convolution with at most 4
   // input channels run the direct kernels (conv_small_c_plan.h) wherever the plan takes them: the

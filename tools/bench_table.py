@@ -104,6 +104,7 @@ SWITCH_LABELS = [
     ("tma_persistent", "persistent TMA"),
     ("conv_halo", "halo convolutions"),
     ("halo_resident", "resident halo filter"),
+    ("tma_l2_prefetch", "TMA L2 prefetch"),
 ]
 
 

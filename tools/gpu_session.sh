@@ -33,12 +33,13 @@
 #      alone in one call; that kernel is a default since 2026-11-28b) and all on
 #      (STALEPROP_CONV_TMA, _DGRAD_CLASSES, _DGRAD_CLASS_DIRECT, _TMA_WIDE_BY_SHAPE, _TMA_CLUSTER,
 #      _CONV_SMALL_C, _BN_PERSISTENT, _PDL, _TMA_PERSISTENT, _BF16_WEIGHT_COPIES, _DGRAD_ACCUMULATE,
-#      _CONV_HALO, _HALO_RESIDENT), ResNet-56 in fp32 as by default, PyTorch's settings beside each
+#      _CONV_HALO, _HALO_RESIDENT, _TMA_L2_PREFETCH), ResNet-56 in fp32 as by default, PyTorch's settings beside each
 #      round; then the sums over ResNet-18's bf16 convolutions as by default against cuDNN (and with
 #      the halo convolutions in mode 1, never timed on the persistent kernel's sums), the
 #      bf16 GEMM (both TMA tiles) and the convolutions' sums with the persistent TMA kernel off and
 #      on (--tma-persistent) against cuBLASLt and cuDNN (or, where its test did not pass, the GEMM
-#      with --tma-wide=0 and =1). With REMEASURE=1 the figures first taken on 2026-11-28 again:
+#      with --tma-wide=0 and =1), and the same with the TMA kernel's L2 prefetch off and on
+#      (--tma-l2-prefetch, never timed), with ResNet-18's training step. With REMEASURE=1 the figures first taken on 2026-11-28 again:
 #      ResNet-18's stride-1 layers and the sums with the halo kernel off and in modes 1 and 2
 #      (--conv-halo) and its training step, its resident form off and on; Nsight Compute on every
 #      kernel of one stride-class data gradient (at most 90 s); the convolutions' sums with the
@@ -194,6 +195,7 @@ CLUSTER_OK=; passed 'GemmAndConvolutionsInClustersOfTwo/wgmma_tma' && CLUSTER_OK
 SMALL_C_OK=; passed 'ConvolutionsWithFewChannelsRunDirect/wgmma_tma' && SMALL_C_OK=1
 CLASS_DIRECT_OK=; passed 'ConvolutionsByStrideClass/wgmma_tma' && CLASS_DIRECT_OK=1
 PERSISTENT_OK=; passed 'PersistentTmaKernelGivesTheSameBits/wgmma_tma' && PERSISTENT_OK=1
+PREFETCH_OK=; passed 'TmaL2PrefetchChangesNoBit/wgmma_tma' && PREFETCH_OK=1
 WEIGHT_COPIES_OK=; passed 'SgdGivesTheSameBitsFromUnalignedTensors' && passed 'Bf16WeightCopiesChangeNoBit' &&
   WEIGHT_COPIES_OK=1
 # The data gradient added to dx (beta 1): every form in the first test, the stride classes in the second.
@@ -220,7 +222,7 @@ log "ctest: TMA convolutions $(verdict "$CONV_TMA_OK"); wide TMA tile $(verdict 
   "clusters of two $(verdict "$CLUSTER_OK"); direct stem $(verdict "$SMALL_C_OK");" \
   "persistent TMA kernel $(verdict "$PERSISTENT_OK"); bf16 weight copies written by the step $(verdict "$WEIGHT_COPIES_OK");" \
   "residual gradients summed in the data gradient $(verdict "$DGRAD_ACC_OK"); halo convolutions $(verdict "$HALO_OK");" \
-  "their resident form $(verdict "$HALO_RESIDENT_OK")"
+  "their resident form $(verdict "$HALO_RESIDENT_OK"); TMA L2 prefetch $(verdict "$PREFETCH_OK")"
 
 [ -z "${CTEST_LOG:-}" ] && log "compute-sanitizer"
 san() {  # tool test filter [log-name tag]; CAP=seconds overrides SAN_CAP for one call, RESERVE=seconds
@@ -317,7 +319,8 @@ fi
 NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_WIDE_BY_SHAPE=0
   STALEPROP_TMA_CLUSTER=0 STALEPROP_CONV_SMALL_C=0 STALEPROP_BN_PERSISTENT=0 STALEPROP_PDL=0
   STALEPROP_DGRAD_CLASSES=0 STALEPROP_DGRAD_CLASS_DIRECT=0 STALEPROP_TMA_PERSISTENT=0
-  STALEPROP_BF16_WEIGHT_COPIES=0 STALEPROP_DGRAD_ACCUMULATE=0 STALEPROP_CONV_HALO=0 STALEPROP_HALO_RESIDENT=0)
+  STALEPROP_BF16_WEIGHT_COPIES=0 STALEPROP_DGRAD_ACCUMULATE=0 STALEPROP_CONV_HALO=0 STALEPROP_HALO_RESIDENT=0
+  STALEPROP_TMA_L2_PREFETCH=0)
 [ -n "$CONV_TMA_OK" ] && NEW_PATHS+=(STALEPROP_CONV_TMA=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_CLASSES=1)
 [ -n "$CONV_TMA_OK" ] && [ -n "$CLASSES_TMA_OK" ] && [ -n "$CLASS_DIRECT_OK" ] &&
@@ -332,6 +335,7 @@ NEW_PATHS=() OLD_PATHS=(STALEPROP_CONV_TMA=0 STALEPROP_TMA_WIDE=0 STALEPROP_TMA_
 [ -n "$DGRAD_ACC_OK" ] && NEW_PATHS+=(STALEPROP_DGRAD_ACCUMULATE=1)
 [ -n "$HALO_OK" ] && NEW_PATHS+=(STALEPROP_CONV_HALO=1)
 [ -n "$HALO_RESIDENT_OK" ] && NEW_PATHS+=(STALEPROP_HALO_RESIDENT=1)
+[ -n "$PREFETCH_OK" ] && NEW_PATHS+=(STALEPROP_TMA_L2_PREFETCH=1)
 # "defaults" runs with no switch set (the caller's unset too): what a user gets; "candidate" the
 # defaults with the halo convolutions in mode 1, which gained alone on 2026-11-28 (H200, ResNet-18
 # at batch 512: 47.9k -> 48.8k img/s); on top of the persistent TMA kernel, a default since
@@ -463,6 +467,14 @@ if [ -n "$PERSISTENT_OK" ]; then
 elif [ -n "$TMA_WIDE_OK" ]; then
   ab gemm-bf16-wide tma-wide 30 '^gemm_bf16/square'
 fi
+# The TMA kernel's producer asking L2 for each stage one round of the ring ahead (off by default;
+# written on 2026-11-28c without a GPU): the GEMM and the convolutions' sums off and on, and
+# ResNet-18's training step, where its test passed.
+if [ -n "$PREFETCH_OK" ]; then
+  ab gemm-bf16-l2-prefetch tma-l2-prefetch 30 '^gemm_bf16/square'
+  [ -n "$CONV_TMA_OK" ] && ab r18-convs-l2-prefetch tma-l2-prefetch 40 '_bf16/r18_all_layers'
+  throughput_ab tma-l2-prefetch STALEPROP_TMA_L2_PREFETCH resnet18 512
+fi
 # Nsight Compute, where it is there. ncu_run NAME KERNEL-REGEX SKIP COUNT FILTER [bench flags]:
 # Nsight Compute on COUNT launches of our kernels matching KERNEL-REGEX (after SKIP), in
 # bench_gpu_kernels' benchmarks matching FILTER, for at most NCU_CAP seconds (default: the time
@@ -510,7 +522,8 @@ fi
 # convolutions' sums as by default and persistent, each against cuBLASLt/cuDNN in its run (the
 # bf16 GEMM at 4096^3 ran 0.64 of cuBLASLt on 2026-11-27b and 0.42 on -27c, a regression that
 # only a comparison with the last session's figures showed).
-for pair in gemm-bf16-persistent gemm-bf16-wide-persistent r18-convs-persistent gemm-bf16-wide; do
+for pair in gemm-bf16-persistent gemm-bf16-wide-persistent r18-convs-persistent gemm-bf16-wide gemm-bf16-l2-prefetch \
+  r18-convs-l2-prefetch; do
   [ -f "$OUT/$pair-0.json" ] && [ -f "$OUT/$pair-1.json" ] || continue
   { echo "== $pair: off, on"; python3 tools/bench_table.py kernels "$OUT/$pair-0.json" "$OUT/$pair-1.json"; } \
     >> "$OUT/headline.md" 2>&1

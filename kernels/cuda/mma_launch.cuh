@@ -137,7 +137,8 @@ void launch_tiles_of(int m, int n, int k, const MmaEpilogue<T>& ep, cudaStream_t
   // At most one wave of the tile's blocks by default (kTensorCoreSplitMaxBlocks per block an SM holds).
   const SplitPlan plan = plan_split_k(m_tiles * n_tiles, k, Tile::kBK, tensor_core_split_cap(Tile::kMinBlocks));
   dim3 grid(unsigned(m_tiles), unsigned(n_tiles), unsigned(plan.splits));
-  const MmaGeometry g{m, n, k, plan.k_per_split};
+  MmaGeometry g{m, n, k, plan.k_per_split};
+  if constexpr (kPersistent) g.l2_prefetch = tma_l2_prefetch() ? 1 : 0;  // the TMA kernel's producer
   // All of L1 as shared memory where it helps, so the tiles' blocks per SM (kMinBlocks) fit.
   opt_in_shared_memory<Kernel>(Tile::kSmemBytes, [] { check_register_rebalance<Tile>(Kernel); });
   if constexpr (kPersistent) {

@@ -224,6 +224,9 @@ __device__ __forceinline__ void store_partial_pair(float* partials, int z, int m
 struct MmaGeometry {
   int m, n, k;
   int k_per_split;  // K slice of each blockIdx.z, a multiple of kBK
+  // wgmma_tma_gemm_kernel: its producer asks L2 for the stage it will load next into the slot it
+  // has just filled (tma_l2_prefetch() in tensor_core.h); the other main loops ignore it.
+  int l2_prefetch = 0;
 };
 
 // Columns col and col + 1 of row `row` (col even and below g.n; row_off = ep.row_offset(row)), as

@@ -205,6 +205,22 @@ __device__ __forceinline__ void tma_load_4d(void* dst, const void* map, uint64_t
       : "memory");
 }
 
+// Asks L2 for the 2-D box of `map` at {c0, c1}: no shared memory, no barrier, nothing waits on it;
+// a tma_load_2d of the box later finds it in L2 (cp.async.bulk.prefetch.tensor).
+__device__ __forceinline__ void tma_prefetch_2d(const void* map, int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.prefetch.tensor.2d.L2.global.tile [%0, {%1, %2}];\n" ::"l"(reinterpret_cast<uint64_t>(map)),
+      "r"(c0), "r"(c1)
+      : "memory");
+}
+// The same for a 4-D box.
+__device__ __forceinline__ void tma_prefetch_4d(const void* map, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
+
 // ---- Thread-block clusters (the wgmma_tma main loop's clusters of two along M) ---------------
 // This block's rank in its cluster (0 .. cluster size - 1).
 __device__ __forceinline__ uint32_t cluster_ctarank() {

@@ -152,6 +152,12 @@ bool tma_cluster();
 // pipelined methods, whose modules share the SMs.
 void set_tma_persistent(bool on);
 bool tma_persistent();
+// The wgmma_tma kernel's producer asks L2 (cp.async.bulk.prefetch.tensor) for the stage it will
+// load next into the slot it has just filled, kStages steps ahead within the tile
+// (STALEPROP_TMA_L2_PREFETCH; off by default: never timed). Not in the 128 x 256 tile's
+// convolutions, whose 40-register producer spilled with it. The bits do not change.
+void set_tma_l2_prefetch(bool on);
+bool tma_l2_prefetch();
 // The halo kernel for the stride-1 "same" convolutions (conv_halo.h, wgmma_halo_mainloop.cuh):
 // the forward and the data gradient on the transposed filter (3x3 and larger), where conv_tma()
 // is on with the wgmma_tma main loop, the source's channels are a multiple of 64, the TMA

@@ -17,8 +17,8 @@ namespace {
 std::atomic<int> g_mainloop{-1};
 // -1: not chosen yet, else 0 / 1 (dgrad_by_stride_class, dgrad_transposed_filter).
 std::atomic<int> g_dgrad_classes{-1}, g_dgrad_class_direct{-1}, g_dgrad_wt{-1}, g_conv_tma{-1}, g_tma_wide{-1},
-    g_tma_wide_by_shape{-1}, g_tma_cluster{-1}, g_tma_persistent{-1}, g_conv_halo{-1}, g_halo_desc_phase{-1},
-    g_halo_resident{-1};
+    g_tma_wide_by_shape{-1}, g_tma_cluster{-1}, g_tma_persistent{-1}, g_tma_l2_prefetch{-1}, g_conv_halo{-1},
+    g_halo_desc_phase{-1}, g_halo_resident{-1};
 std::atomic<int64_t> g_conv_tma_launches{0}, g_wide_launches{0}, g_cluster_launches{0}, g_class_direct_launches{0},
     g_persistent_launches{0}, g_halo_launches{0}, g_halo_resident_launches{0}, g_transposed_filters{0};
 
@@ -93,6 +93,8 @@ void set_tma_cluster(bool on) { detail::set_switch(g_tma_cluster, on); }
 bool tma_cluster() { return detail::env_switch(g_tma_cluster, "STALEPROP_TMA_CLUSTER", false); }
 void set_tma_persistent(bool on) { detail::set_switch(g_tma_persistent, on); }
 bool tma_persistent() { return detail::env_switch(g_tma_persistent, "STALEPROP_TMA_PERSISTENT", true); }
+void set_tma_l2_prefetch(bool on) { detail::set_switch(g_tma_l2_prefetch, on); }
+bool tma_l2_prefetch() { return detail::env_switch(g_tma_l2_prefetch, "STALEPROP_TMA_L2_PREFETCH", false); }
 
 void set_conv_halo(int mode) {
   SP_CHECK(mode >= 0 && mode <= 2, "conv_halo: mode 0 (off), 1 or 2, not ", mode);

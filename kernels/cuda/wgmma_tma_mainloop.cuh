@@ -147,22 +147,40 @@ __device__ __forceinline__ void tma_load_stage(const CUtensorMap* map, uint16_t*
                      c1);
   }
 }
+
+// The L2 prefetches of what tma_load_stage loads.
+template <class Stage, bool ContigK>
+__device__ __forceinline__ void tma_prefetch_stage(const CUtensorMap* map, int x0, int k0) {
+#pragma unroll
+  for (int j = 0; j < Stage::template boxes<ContigK>(); ++j) {
+    int c0 = 0, c1 = 0;
+    Stage::template box_coords<ContigK>(j, x0, k0, c0, c1);
+    ptx::tma_prefetch_2d(map, c0, c1);
+  }
+}
 #endif
 
 // The A operand of the kernel below: load() issues the TMA boxes of A's stage for rows x0..
-// and K index k0 on `map`, completing on `bar` with TmaStage<kX>::kBytes in all.
+// and K index k0 on `map`, completing on `bar` with TmaStage<kX>::kBytes in all; prefetch() asks
+// L2 for the same boxes.
 template <bool ContigK>
 struct PlainSource {  // a plain matrix, TmaStage's boxes of a 2-D map
   static constexpr bool kContigK = ContigK;
+  static constexpr bool kPlain = true;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   template <int kX>
   __device__ __forceinline__ void load(const CUtensorMap* map, uint16_t* stage, uint64_t* bar, int x0, int k0) const {
     tma_load_stage<TmaStage<kX>, ContigK>(map, stage, bar, x0, k0);
   }
+  template <int kX>
+  __device__ __forceinline__ void prefetch(const CUtensorMap* map, int x0, int k0) const {
+    tma_prefetch_stage<TmaStage<kX>, ContigK>(map, x0, k0);
+  }
 #endif
 };
 struct ConvSource {  // a convolution's implicit-GEMM rows: one 4-D box per stage (conv_tma.h)
   static constexpr bool kContigK = true;
+  static constexpr bool kPlain = false;
   ConvTmaSource src;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   template <int kX>
@@ -172,11 +190,18 @@ struct ConvSource {  // a convolution's implicit-GEMM rows: one 4-D box per stag
     src.coords(x0, k0, co);
     ptx::tma_load_4d(stage, map, bar, co[0], co[1], co[2], co[3]);
   }
+  template <int kX>
+  __device__ __forceinline__ void prefetch(const CUtensorMap* map, int x0, int k0) const {
+    int co[4];
+    src.coords(x0, k0, co);
+    ptx::tma_prefetch_4d(map, co[0], co[1], co[2], co[3]);
+  }
 #endif
 };
 
 struct ConvWgradSource {  // the weight gradient's rows (tap, channel): kX / 64 boxes per stage
   static constexpr bool kContigK = false;
+  static constexpr bool kPlain = false;
   ConvWgradTmaSource src;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   template <int kX>
@@ -187,6 +212,15 @@ struct ConvWgradSource {  // the weight gradient's rows (tap, channel): kX / 64 
       src.coords(x0 + 64 * j, k0, co);
       ptx::tma_load_4d(reinterpret_cast<unsigned char*>(stage) + TmaStage<kX>::template box_offset<false>(j), map, bar,
                        co[0], co[1], co[2], co[3]);
+    }
+  }
+  template <int kX>
+  __device__ __forceinline__ void prefetch(const CUtensorMap* map, int x0, int k0) const {
+#pragma unroll
+    for (int j = 0; j < kX / 64; ++j) {
+      int co[4];
+      src.coords(x0 + 64 * j, k0, co);
+      ptx::tma_prefetch_4d(map, co[0], co[1], co[2], co[3]);
     }
   }
 #endif
@@ -232,6 +266,9 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   uint64_t* const empty = full + kS;
 
   constexpr int kCl = Tile::kCluster;
+  // The L2 prefetches (g.l2_prefetch) where they fit the producer's registers: not the
+  // convolutions' 4-D coordinates within the 128 x 256 tile's 40 (ptxas spilled there).
+  constexpr bool kL2Prefetch = Tile::kProducerRegs == 0 || SourceA::kPlain;
   const int tiles_m = (g.m + Tile::kBM - 1) / Tile::kBM, tiles_n = (g.n + Tile::kBN - 1) / Tile::kBN;
   const int tiles = tile_count(g.m, g.n, g.k, Tile::kBM, Tile::kBN, g.k_per_split);
   const int first_tile = int(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z));
@@ -291,6 +328,12 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
           }
         } else {
           tma_load_stage<StageB, ContigB>(&map_b, b_smem + s * Tile::kBStage, &full[s], w.n0, k0);
+        }
+        // The step this slot takes next, asked of L2 now: its loads, issued once the consumers free
+        // the slot (about kS - 2 steps on), then find it there instead of in DRAM.
+        if (kL2Prefetch && g.l2_prefetch && step + kS < w.k_steps) {
+          source_a.template prefetch<Tile::kBM>(&map_a, w.m0, k0 + kS * kBK);
+          tma_prefetch_stage<StageB, ContigB>(&map_b, w.n0, k0 + kS * kBK);
         }
       }
     }

@@ -34,7 +34,9 @@ timed out and the programmatic-launch test failed:
     kernels; Nsight Compute prints each section's body (the stall reasons) where it has the option,
     profiles the GEMM with source counters, and then each kernel of one call of the three-kernel
     batch norm (forward, backward) and of the max-pool backward with the memory sections (the halo
-    forward only with REMEASURE=1); the convolutions' sums run with the halo in mode 1 too;
+    forward only with REMEASURE=1); the convolutions' sums run with the halo in mode 1 too; the TMA
+    kernel's L2 prefetch, whose test passed, runs off and on (GEMM, convolutions' sums, ResNet-18's
+    step), and nowhere where its test failed;
   - racecheck's sweeps run while an accuracy run holds the GPU (else after the measurements),
     once;
   - a failed build ends the call with status 1 only after the accuracy run (on the carried
@@ -90,7 +92,8 @@ CTEST_LOG = """\
  15/16 Test #15: Mainloops/TensorCore.ConvolutionsOnResNetAndAwkwardShapes/wgmma_tma ..   Passed    1.00 sec
  16/18 Test #16: CudaNetwork.Bf16WeightCopiesChangeNoBit ............................   Passed    1.00 sec
  17/18 Test #17: Mainloops/TensorCore.ConvolutionsByHaloPatches/wgmma_tma ............   Passed    1.00 sec
- 18/18 Test #18: Mainloops/TensorCore.ConvolutionsByHaloPatchesResident/wgmma_tma ....   Passed    1.00 sec
+ 18/19 Test #18: Mainloops/TensorCore.ConvolutionsByHaloPatchesResident/wgmma_tma ....   Passed    1.00 sec
+ 19/19 Test #19: Mainloops/TensorCore.TmaL2PrefetchChangesNoBit/wgmma_tma ............   Passed    1.00 sec
 """
 
 # tools/gpu_check.sh: the build does nothing (or fails, with FAIL_BUILD set), the tests write the log above.
@@ -209,6 +212,15 @@ def main():
         check([switches_of(l) for l in acc] == [["STALEPROP_DGRAD_ACCUMULATE=0"], ["STALEPROP_DGRAD_ACCUMULATE=1"]] * 2
               and ["resnet18" in l for l in acc] == [True] * 2 + [False] * 2,
               f"the residual gradients summed in the data gradient off and on: ResNet-18, ResNet-56: {acc}", log)
+        prefetch = [l for l in bench if "--tma-l2-prefetch" in l]
+        check([(l.split("--tma-l2-prefetch=")[1][0], "gemm_bf16/square" in l, "r18_all_layers" in l) for l in prefetch]
+              == [("0", True, False), ("1", True, False), ("0", False, True), ("1", False, True)],
+              f"the TMA kernel's L2 prefetch, whose test passed, off and on: the GEMM, the convolutions' sums: {prefetch}",
+              log)
+        prefetch_tput = [l for l in lines if "throughput-tma-l2-prefetch" in l]
+        check([switches_of(l) for l in prefetch_tput] == [["STALEPROP_TMA_L2_PREFETCH=0"],
+                                                          ["STALEPROP_TMA_L2_PREFETCH=1"]],
+              f"ResNet-18's throughput with the L2 prefetch off and on: {prefetch_tput}", log)
         halo = [l for l in bench if "--conv-halo" in l and "64to64_3x3" in l]
         check([l.split("--conv-halo=")[1][0] for l in halo] == ["0", "1", "2"] and
               all("all_layers" in l for l in halo),
@@ -289,14 +301,14 @@ def main():
         check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=1", "STALEPROP_BN_PERSISTENT=1", "STALEPROP_CONV_HALO=1",
                                   "STALEPROP_CONV_SMALL_C=0", "STALEPROP_CONV_TMA=1", "STALEPROP_DGRAD_ACCUMULATE=1", "STALEPROP_DGRAD_CLASSES=1",
                                   "STALEPROP_DGRAD_CLASS_DIRECT=1", "STALEPROP_HALO_RESIDENT=1", "STALEPROP_PDL=0",
-                                  "STALEPROP_TMA_CLUSTER=1", "STALEPROP_TMA_PERSISTENT=1",
+                                  "STALEPROP_TMA_CLUSTER=1", "STALEPROP_TMA_L2_PREFETCH=1", "STALEPROP_TMA_PERSISTENT=1",
                                   "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in on),
               "the new paths on are exactly the switches that passed", log)
         check(all(switches(l) == ["STALEPROP_BF16_WEIGHT_COPIES=0", "STALEPROP_BN_PERSISTENT=0", "STALEPROP_CONV_HALO=0",
                                   "STALEPROP_CONV_SMALL_C=0", "STALEPROP_CONV_TMA=0", "STALEPROP_DGRAD_ACCUMULATE=0", "STALEPROP_DGRAD_CLASSES=0",
                                   "STALEPROP_DGRAD_CLASS_DIRECT=0", "STALEPROP_HALO_RESIDENT=0", "STALEPROP_PDL=0",
-                                  "STALEPROP_TMA_CLUSTER=0", "STALEPROP_TMA_PERSISTENT=0",
+                                  "STALEPROP_TMA_CLUSTER=0", "STALEPROP_TMA_L2_PREFETCH=0", "STALEPROP_TMA_PERSISTENT=0",
                                   "STALEPROP_TMA_WIDE=0", "STALEPROP_TMA_WIDE_BY_SHAPE=0"]
                   for l in off),
               "the new paths off switch every path off", log)
@@ -339,6 +351,12 @@ def main():
                                  timeout=120)
             return run, open(calls).read().splitlines()
 
+        # Where the L2 prefetch's test failed, nothing runs with it on.
+        p_nf, lines_nf = rerun(CTEST_LOG.replace("TmaL2PrefetchChangesNoBit/wgmma_tma ............   Passed",
+                                                 "TmaL2PrefetchChangesNoBit/wgmma_tma ............***Failed"), "out-nf")
+        check(p_nf.returncode == 0 and not any("--tma-l2-prefetch" in l or "STALEPROP_TMA_L2_PREFETCH=1" in l
+                                               for l in lines_nf),
+              "the L2 prefetch, whose test failed, runs nowhere", p_nf.stdout + p_nf.stderr)
         p2, lines2 = rerun(timed_out, "out2")
         san2 = [l for l in lines2 if l.startswith("compute-sanitizer ")]
         check(p2.returncode == 0 and not any("Persistent" in l for l in san2) and len(san2) == 6,
