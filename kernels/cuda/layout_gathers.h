@@ -259,10 +259,10 @@ SP_GATHER_HD void maxpool_argmax_chunk(const PoolGeom& g, int64_t idx, const flo
 // Chunk idx of dx: the windows containing pixel (h, w) are p in [ceil((h + pad - window + 1) /
 // stride), (h + pad) / stride] within 0..P-1, and likewise q. KMax > 0: at most KMax windows
 // contain a pixel along each axis (ceil(window / stride) <= KMax: 2 for 3 x 3 stride 2, 1 where
-// the windows do not overlap), and the
-// taps and gradients of all of them are loaded before the first is added; summed as each came,
-// the gradient's load waited on its tap's (the SASS loaded dy only where a tap matched), window
-// after window: up to eight round trips. 0: the windows one after another. Either way the sum
+// the windows do not overlap), and the taps and gradients of all of them are loaded before the
+// first is added; summed as each came, a window's tap and gradient were loaded together but the
+// next window's only once that tap had arrived and been compared (SASS): one round trip per
+// window, up to four. 0: the windows one after another. Either way the sum
 // takes the matching windows in row-major order: the same bits (a window that did not choose the
 // pixel adds 0, which leaves the sum as it was: it starts at +0 and can never be -0, since a sum
 // rounded to nearest is -0 only when both terms are; this needs subnormals kept, not flushed to
