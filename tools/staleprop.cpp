@@ -228,7 +228,7 @@ STALEPROP_CONV_HALO=1 or 2 (the stride-1 3x3 convolutions' halo kernel, for 32 p
 STALEPROP_HALO_DESC_PHASE=1 sets its descriptors' base offset), STALEPROP_TMA_WIDE=1
 (the 128x256 tile wherever it fits), STALEPROP_TMA_CLUSTER=1 (the TMA tiles in clusters of two
 that share the B operand by multicast), STALEPROP_TMA_L2_PREFETCH=1 (the TMA kernel's producer
-asks L2 for each stage one round of the ring before it loads it), STALEPROP_BN_PERSISTENT=1 (batch norm's training
+asks L2 for each K step one round of its ring before it loads it, but a tile's first), STALEPROP_BN_PERSISTENT=1 (batch norm's training
 forward and backward as one cooperative kernel each, fp32 and bf16) and STALEPROP_PDL=1
 (programmatic dependent launch of our kernels). The TMA paths run only with the wgmma_tma main
 loop (auto on an H100/H200). The README's "Tensor-core main loop" says why each default is what

@@ -332,8 +332,20 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
         // The step this slot takes next, asked of L2 now: its loads, issued once the consumers free
         // the slot (about kS - 2 steps on), then find it there instead of in DRAM.
         if (kL2Prefetch && g.l2_prefetch && step + kS < w.k_steps) {
-          source_a.template prefetch<Tile::kBM>(&map_a, w.m0, k0 + kS * kBK);
-          tma_prefetch_stage<StageB, ContigB>(&map_b, w.n0, k0 + kS * kBK);
+          const int k_next = k0 + kS * kBK;
+          source_a.template prefetch<Tile::kBM>(&map_a, w.m0, k_next);
+          if constexpr (kCl > 1) {
+            // This block's part of B, as it loads it (the cluster's map has the part's box).
+#pragma unroll
+            for (int i = 0; i < StageB::template part_boxes<ContigB, kCl>(); ++i) {
+              int c0 = 0, c1 = 0;
+              uint32_t offset = 0;
+              StageB::template part_box<ContigB, kCl>(int(rank), i, w.n0, k_next, c0, c1, offset);
+              ptx::tma_prefetch_2d(&map_b, c0, c1);
+            }
+          } else {
+            tma_prefetch_stage<StageB, ContigB>(&map_b, w.n0, k_next);
+          }
         }
       }
     }
