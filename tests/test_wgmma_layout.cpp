@@ -212,6 +212,11 @@ TEST(WgmmaLayout, TmaStagePartsOfAClusterFillTheWholeStage) {
   check_tma_stage_parts<256, false, 2>("256 wide, X-contiguous, 2 parts");
   check_tma_stage_parts<128, true, 2>("128 wide, K-contiguous, 2 parts");
   check_tma_stage_parts<128, false, 2>("128 wide, X-contiguous, 2 parts");
+  // One part is the whole stage: the unclustered kernel loads B through part_box too.
+  check_tma_stage_parts<256, true, 1>("256 wide, K-contiguous, 1 part");
+  check_tma_stage_parts<256, false, 1>("256 wide, X-contiguous, 1 part");
+  check_tma_stage_parts<128, true, 1>("128 wide, K-contiguous, 1 part");
+  check_tma_stage_parts<128, false, 1>("128 wide, X-contiguous, 1 part");
 }
 
 TEST(WgmmaLayout, TmaMapsDescribeTheOperandsMemory) {

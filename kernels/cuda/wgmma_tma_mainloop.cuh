@@ -303,6 +303,19 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
   else
     __syncthreads();
 
+  // The boxes of B's stage at (n0, k0) that this block loads: fn(c0, c1, offset in the stage) for
+  // each; in a cluster its part (TmaStage::part_box: the cluster's map has the part's box), which
+  // it multicasts.
+  const auto b_boxes = [&](int n0, int k0, const auto& fn) {
+#pragma unroll
+    for (int i = 0; i < StageB::template part_boxes<ContigB, kCl>(); ++i) {
+      int c0 = 0, c1 = 0;
+      uint32_t offset = 0;
+      StageB::template part_box<ContigB, kCl>(int(rank), i, n0, k0, c0, c1, offset);
+      fn(c0, c1, offset);
+    }
+  };
+
   if (wg == 0) {
     if constexpr (Tile::kProducerRegs > 0) ptx::setmaxnreg_dec<Tile::kProducerRegs>();  // the whole warpgroup
     if (threadIdx.x != 0) return;
@@ -317,35 +330,19 @@ __global__ void __launch_bounds__(Tile::kThreads, Tile::kMinBlocks)
         ptx::mbarrier_arrive_expect_tx(&full[s], StageA::kBytes + StageB::kBytes);
         const int k0 = w.k_begin + step * kBK;
         source_a.template load<Tile::kBM>(&map_a, a_smem + s * Tile::kAStage, &full[s], w.m0, k0);
-        if constexpr (kCl > 1) {
-#pragma unroll
-          for (int i = 0; i < StageB::template part_boxes<ContigB, kCl>(); ++i) {
-            int c0 = 0, c1 = 0;
-            uint32_t offset = 0;
-            StageB::template part_box<ContigB, kCl>(int(rank), i, w.n0, k0, c0, c1, offset);
-            ptx::tma_load_2d_multicast(reinterpret_cast<unsigned char*>(b_smem + s * Tile::kBStage) + offset, &map_b,
-                                       &full[s], c0, c1, uint16_t((1u << kCl) - 1));
-          }
-        } else {
-          tma_load_stage<StageB, ContigB>(&map_b, b_smem + s * Tile::kBStage, &full[s], w.n0, k0);
-        }
+        unsigned char* const b_stage = reinterpret_cast<unsigned char*>(b_smem + s * Tile::kBStage);
+        b_boxes(w.n0, k0, [&](int c0, int c1, uint32_t offset) {
+          if constexpr (kCl > 1)
+            ptx::tma_load_2d_multicast(b_stage + offset, &map_b, &full[s], c0, c1, uint16_t((1u << kCl) - 1));
+          else
+            ptx::tma_load_2d(b_stage + offset, &map_b, &full[s], c0, c1);
+        });
         // The step this slot takes next, asked of L2 now: its loads, issued once the consumers free
         // the slot (about kS - 2 steps on), then find it there instead of in DRAM.
         if (kL2Prefetch && g.l2_prefetch && step + kS < w.k_steps) {
           const int k_next = k0 + kS * kBK;
           source_a.template prefetch<Tile::kBM>(&map_a, w.m0, k_next);
-          if constexpr (kCl > 1) {
-            // This block's part of B, as it loads it (the cluster's map has the part's box).
-#pragma unroll
-            for (int i = 0; i < StageB::template part_boxes<ContigB, kCl>(); ++i) {
-              int c0 = 0, c1 = 0;
-              uint32_t offset = 0;
-              StageB::template part_box<ContigB, kCl>(int(rank), i, w.n0, k_next, c0, c1, offset);
-              ptx::tma_prefetch_2d(&map_b, c0, c1);
-            }
-          } else {
-            tma_prefetch_stage<StageB, ContigB>(&map_b, w.n0, k_next);
-          }
+          b_boxes(w.n0, k_next, [&](int c0, int c1, uint32_t) { ptx::tma_prefetch_2d(&map_b, c0, c1); });
         }
       }
     }
